@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vlscale",
+    version="0.1.0",
+    description="Parameter-efficient vision-and-language training (VL-Adapter) scaled with DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlscale", "vlscale.*"]),
+    package_data={"vlscale": ["configs/**/*.yaml", "configs/*.yaml", "registry/**/*.json",
+                              "registry/*.json", "assets/**/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.57,<6",
+        "open_clip_torch>=2.24",
+        "deepspeed>=0.16",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "datasets>=2.19",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tensorboard>=2.15",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "metrics": ["pycocoevalcap>=1.2"],
+        "plot": ["matplotlib>=3.8"],
+        "kernels": ["triton>=3.0"],
+    },
+)

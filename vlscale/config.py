@@ -1,0 +1,427 @@
+"""Run configuration: typed dataclasses, YAML presets, dotted ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig` with four sections (``model``, ``peft``, ``data``,
+``train``) and a few top-level keys. Presets are YAML files shipped in ``vlscale/configs`` and are
+selected by name (``paper/clip_bart_single_adapter``) or by path. A preset may name another with
+``base:``; its keys are merged on top. Overrides use dotted keys (``train.max_steps=10``); values
+are parsed as YAML scalars/lists. Unknown keys and bad values raise :class:`ConfigError` naming the
+key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "default"
+
+PEFT_METHODS = ("adapter", "hyperformer", "compacter", "lora", "prompt", "none")
+SHARING_MODES = ("multiple", "half_shared", "single")
+PRECISIONS = ("fp32", "bf16", "fp16")
+IMAGE_TASKS = ("vqa", "gqa", "nlvr2", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
+ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+def _check_choice(section: str, name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    """The V&L model: CLIP visual encoder, visual projection, encoder-decoder language model."""
+
+    backbone: str = "tiny-t5"
+    """Registry name of the language model (``t5-small``, ``google-t5/t5-11b``, ``bart-base``, ...)."""
+    backbone_path: Optional[str] = None
+    """Where weights load from (hub id or local directory); ``None`` uses the registry's hub id."""
+    pretrained: bool = False
+    """Load the backbone's pretrained weights (``from_pretrained``); False builds it randomly."""
+    vision: str = "tiny-clip-rn"
+    """open_clip model name (``RN101``, ``ViT-B-32``, ``ViT-L-14``) or a tiny test name."""
+    vision_pretrained: Optional[str] = None
+    """open_clip ``pretrained=`` tag or local checkpoint file; ``None`` means random weights."""
+    feature_source: str = "images"
+    """``images``: encode with the frozen CLIP on the fly; ``cache``: read precomputed features."""
+    pool_size: int = 6
+    """Grid features are adaptive-max-pooled to pool_size x pool_size tokens (RN101: 7x7 -> 6x6)."""
+    max_frames: int = 64
+    """Video inputs: at most this many frame features."""
+    extra_special_tokens: int = 0
+    """Extra ``<extra_id_N>``-style tokens added to the vocabulary (200 in the paper's BART setup)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer name or path; ``None`` uses the backbone's (or the synthetic world's for tiny models)."""
+    dropout: Optional[float] = None
+    """Override the backbone's dropout rate; ``None`` keeps the config's value."""
+
+    def __post_init__(self):
+        _check_choice("model", "feature_source", self.feature_source, ("images", "cache"))
+        _check_positive("model", "pool_size", self.pool_size)
+        _check_positive("model", "max_frames", self.max_frames)
+        if self.max_frames > 64:
+            raise ConfigError(f"model.max_frames={self.max_frames} exceeds the supported 64 frames")
+        _check_positive("model", "extra_special_tokens", self.extra_special_tokens, allow_zero=True)
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+
+
+@dataclass
+class PeftConfig:
+    """Which parameter-efficient method is inserted into the language model, and what trains."""
+
+    method: str = "adapter"
+    """One of adapter, hyperformer, compacter, lora, prompt, none."""
+    sharing: str = "single"
+    """``multiple`` (one set per task), ``half_shared`` (share one projection), ``single`` (one set)."""
+    half_shared: str = "down"
+    """With sharing=half_shared: which projection is shared across tasks (``down`` or ``up``)."""
+    reduction_factor: int = 8
+    """Bottleneck adapters / Compacter: hidden = d_model // reduction_factor."""
+    fused: bool = True
+    """Bottleneck adapters run through vlscale.kernels.fused_adapter where supported."""
+    activation: str = "gelu"
+    """Adapter non-linearity: ``gelu`` (exact) or ``gelu_tanh``."""
+    # Hyperformer
+    task_embedding_dim: int = 512
+    layer_embedding_dim: int = 512
+    hypernet_hidden_dim: int = 128
+    hypernet_projected_dim: int = 8
+    # Compacter
+    phm_dim: int = 2
+    """Compacter: number n of Kronecker terms (W = sum_i A_i kron B_i)."""
+    shared_phm_rule: bool = False
+    """Compacter: share the A_i ("rule") matrices across all layers (off in the paper)."""
+    factorized_phm: bool = False
+    """Compacter: low-rank factorisation of the B_i matrices (off in the paper)."""
+    phm_rank: int = 1
+    # LoRA
+    lora_rank: int = 128
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_train_bias: bool = True
+    """The reference code also trains the biases of the adapted projections (BART)."""
+    # Prompt tuning
+    n_prompts: int = 40
+    prompt_hidden_dim: int = 800
+    extra_prompts: bool = False
+    """Add task-specific encoder prompts on top of another method (adapters + prompts)."""
+    # Trainable set
+    train_layer_norms: bool = True
+    """Every layer norm of the language model trains (the paper's default)."""
+    train_projection: bool = True
+    train_lm: bool = False
+    """Full fine-tuning of the language model (output layer included)."""
+    train_vision: bool = False
+    """Full fine-tuning of the CLIP visual encoder (needs feature_source=images)."""
+
+    def __post_init__(self):
+        _check_choice("peft", "method", self.method, PEFT_METHODS)
+        _check_choice("peft", "sharing", self.sharing, SHARING_MODES)
+        _check_choice("peft", "half_shared", self.half_shared, ("down", "up"))
+        _check_choice("peft", "activation", self.activation, ("gelu", "gelu_tanh"))
+        for name in ("reduction_factor", "phm_dim", "phm_rank", "lora_rank", "n_prompts",
+                     "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
+                     "hypernet_hidden_dim", "hypernet_projected_dim"):
+            _check_positive("peft", name, getattr(self, name))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"peft.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.sharing == "half_shared" and self.method not in ("adapter", "compacter", "lora", "none"):
+            raise ConfigError(
+                f"peft.sharing=half_shared applies to adapter, compacter and lora, not peft.method={self.method!r}")
+
+
+@dataclass
+class DataConfig:
+    """Tasks, where their data comes from, and how batches are drawn."""
+
+    tasks: list[str] = field(default_factory=lambda: list(IMAGE_TASKS))
+    source: str = "synthetic"
+    """``synthetic`` (the embedded world, no download) or ``real`` (files under ``root``)."""
+    root: Optional[str] = None
+    """Root folder of real datasets (layout in the README)."""
+    feature_cache: Optional[str] = None
+    """Folder of precomputed CLIP features (launchers/extract_features.py)."""
+    synthetic_train: int = 600
+    """Synthetic world: training examples per task."""
+    synthetic_eval: int = 100
+    """Synthetic world: validation and test examples per task."""
+    synthetic_seed: int = 0
+    image_size: int = 64
+    """Synthetic world: image side in pixels (resized to the CLIP input size)."""
+    sampling: str = "proportional"
+    """``proportional`` to task size (the reference round-robin) or ``temperature``."""
+    temperature: float = 1.0
+    max_input_length: int = 40
+    max_target_length: int = 20
+    skip_bad_records: bool = False
+    """Skip malformed records (counted and reported) instead of failing."""
+    hf_dataset: Optional[str] = None
+    """Any HF ``datasets`` dataset (name or local path) with image and text columns."""
+    hf_columns: dict = field(default_factory=dict)
+    """Column mapping for hf_dataset, e.g. {image: img, question: q, answer: a}."""
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ConfigError("data.tasks is empty; name at least one of " + str(list(ALL_TASKS)))
+        for t in self.tasks:
+            _check_choice("data", "tasks", t, ALL_TASKS)
+        _check_choice("data", "source", self.source, ("synthetic", "real"))
+        _check_choice("data", "sampling", self.sampling, ("proportional", "temperature"))
+        _check_positive("data", "temperature", self.temperature)
+        _check_positive("data", "synthetic_train", self.synthetic_train)
+        _check_positive("data", "synthetic_eval", self.synthetic_eval)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision and the loop's schedule."""
+
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr: Optional[float] = None
+    """``None``: the method's default (1e-3 for PEFT methods, 1e-4 for full fine-tuning)."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-6
+    clip_grad_norm: float = 5.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_batch_size: int = 32
+    eval_max_examples: Optional[int] = None
+    log_every: int = 1
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    zero_stage: Optional[int] = None
+    """Override the DeepSpeed file's ZeRO stage."""
+
+    def __post_init__(self):
+        _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_positive("train", "max_steps", self.max_steps)
+        _check_positive("train", "micro_batch_size", self.micro_batch_size)
+        _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_positive("train", "lr", self.lr)
+        _check_positive("train", "eval_batch_size", self.eval_batch_size)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if self.zero_stage is not None:
+            _check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas={self.adam_betas!r} must hold two numbers")
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``name`` is the preset it came from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+    name: str = DEFAULT_PRESET
+    description: str = ""
+
+    def __post_init__(self):
+        if self.peft.train_vision and self.model.feature_source == "cache":
+            raise ConfigError("peft.train_vision=true needs model.feature_source=images "
+                              "(cached features cannot be fine-tuned)")
+        video = [t for t in self.data.tasks if t in VIDEO_TASKS]
+        if video and len(video) != len(self.data.tasks):
+            raise ConfigError(f"data.tasks={self.data.tasks} mixes image and video tasks; train them separately")
+
+    @property
+    def lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 1e-4 if (self.peft.train_lm or self.peft.train_vision) else 1e-3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp, True
+    return tp, False
+
+
+def _coerce(key: str, tp, value):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [v.strip() for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [v if inner is Any else _coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return dict(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' in ' + prefix if prefix else ''}: {names}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "hf_columns":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+
+
+def _preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    q = PRESET_DIR / f"{name_or_path}.yaml"
+    if q.exists():
+        return q
+    if p.exists():
+        return p
+    raise ConfigError(f"no preset or file named {name_or_path!r}; shipped presets: {list_presets()}")
+
+
+def _load_yaml(name_or_path: str, seen: tuple = ()) -> dict:
+    path = _preset_path(name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"preset {path} includes itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base:
+        data = _deep_merge(_load_yaml(base, seen + (str(path),)), data)
+    return data
+
+
+def parse_overrides(overrides) -> dict:
+    """``["train.max_steps=5", "data.tasks=[vqa,gqa]"]`` -> nested dict."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        d = nested
+        for part in parts[:-1]:
+            d = d.setdefault(part, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        d[parts[-1]] = value
+    return nested
+
+
+def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig:
+    """Load a preset by name or path (default: the embedded default) and apply overrides."""
+    name = name_or_path or DEFAULT_PRESET
+    data = _load_yaml(name)
+    data = _deep_merge(data, parse_overrides(overrides))
+    data.setdefault("name", str(name))
+    return _build(RunConfig, data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, dict(data))
+
+
+def save_config(cfg: RunConfig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
