@@ -1,0 +1,143 @@
+"""Offline architecture registry: the configs (never the weights) of every supported backbone.
+
+Parameter counts and memory plans for t5-11b must work on a laptop with no network, so the HF
+configs of the supported language models ship here and models are built from them on the ``meta``
+device in seconds. Weights load only for training and evaluation, through ``from_pretrained``
+(a hub id or a local directory). CLIP configs come from open_clip's own shipped model configs,
+plus the tiny test models registered by :mod:`vlscale.modeling.vision`.
+
+Names are hub ids (``google-t5/t5-11b``, ``facebook/bart-base``, ``google/flan-t5-xxl``); the
+short forms (``t5-11b``, ``bart-base``, ``flan-t5-xxl``) are accepted too. ``tiny-t5`` and
+``tiny-bart`` are small random architectures for tests and the embedded default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+# Values are the published configs of each checkpoint (architecture fields only).
+_T5_V1 = dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128, d_kv=64,
+              relative_attention_num_buckets=32, dropout_rate=0.1, layer_norm_epsilon=1e-6,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+_FLAN = dict(_T5_V1, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+             relative_attention_max_distance=128)
+_BART = dict(vocab_size=50265, max_position_embeddings=1024, activation_function="gelu",
+             dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
+             pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+             forced_eos_token_id=2, tie_word_embeddings=True)
+
+
+def _t5(d_model, d_ff, heads, layers, d_kv=64, base=_T5_V1):
+    return dict(base, model_type="t5", d_model=d_model, d_ff=d_ff, num_heads=heads,
+                num_layers=layers, num_decoder_layers=layers, d_kv=d_kv)
+
+
+def _bart(d_model, ffn, heads, layers):
+    return dict(_BART, model_type="bart", d_model=d_model, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                encoder_attention_heads=heads, decoder_attention_heads=heads,
+                encoder_layers=layers, decoder_layers=layers)
+
+
+LM_REGISTRY: dict[str, dict] = {
+    "google-t5/t5-small": _t5(512, 2048, 8, 6),
+    "google-t5/t5-base": _t5(768, 3072, 12, 12),
+    "google-t5/t5-large": _t5(1024, 4096, 16, 24),
+    "google-t5/t5-3b": _t5(1024, 16384, 32, 24, d_kv=128),
+    "google-t5/t5-11b": _t5(1024, 65536, 128, 24, d_kv=128),
+    "google/flan-t5-small": _t5(512, 1024, 6, 8, base=_FLAN),
+    "google/flan-t5-base": _t5(768, 2048, 12, 12, base=_FLAN),
+    "google/flan-t5-large": _t5(1024, 2816, 16, 24, base=_FLAN),
+    "google/flan-t5-xl": _t5(2048, 5120, 32, 24, base=_FLAN),
+    "google/flan-t5-xxl": _t5(4096, 10240, 64, 24, base=_FLAN),
+    "facebook/bart-base": _bart(768, 3072, 12, 6),
+    "facebook/bart-large": _bart(1024, 4096, 16, 12),
+    # Tiny random architectures (tests, the embedded default). Vocabulary is resized to the
+    # tokenizer's length when the model is built.
+    "tiny-t5": _t5(64, 128, 4, 2, d_kv=16, base=dict(_T5_V1, vocab_size=1100, dropout_rate=0.0)),
+    "tiny-bart": dict(_bart(64, 128, 4, 2), vocab_size=1100, max_position_embeddings=256,
+                      dropout=0.0, pad_token_id=0, bos_token_id=3, eos_token_id=1,
+                      decoder_start_token_id=1, forced_eos_token_id=1),
+}
+
+_SHORT = {name.split("/")[-1]: name for name in LM_REGISTRY}
+
+
+def canonical_lm_name(name: str) -> str:
+    """``t5-11b`` -> ``google-t5/t5-11b``; hub ids and tiny names map to themselves."""
+    if name in LM_REGISTRY:
+        return name
+    if name in _SHORT:
+        return _SHORT[name]
+    if name.startswith("t5-") and f"google-t5/{name}" in LM_REGISTRY:
+        return f"google-t5/{name}"
+    raise KeyError(f"unknown backbone {name!r}; registry: {sorted(_SHORT)} (or their hub ids)")
+
+
+def hub_id(name: str) -> str:
+    return canonical_lm_name(name)
+
+
+def is_tiny(name: str) -> bool:
+    return canonical_lm_name(name).startswith("tiny-")
+
+
+def lm_config(name: str, **overrides):
+    """The HF config of a registry backbone (offline)."""
+    from transformers import BartConfig, T5Config
+
+    data = dict(LM_REGISTRY[canonical_lm_name(name)])
+    data.update(overrides)
+    model_type = data.pop("model_type")
+    cls = T5Config if model_type == "t5" else BartConfig
+    cfg = cls(**data)
+    cfg.name_or_path = canonical_lm_name(name)
+    return cfg
+
+
+def lm_class(config):
+    from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration if config.model_type == "t5" else BartForConditionalGeneration
+
+
+def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             config_overrides: Optional[dict] = None):
+    """Build a registry backbone.
+
+    ``pretrained=False``: random weights from the shipped config (on ``device``; ``meta`` builds in
+    seconds whatever the size). ``pretrained=True``: ``from_pretrained(path or hub id)``; a local
+    directory with (sharded) safetensors works offline. Under an active ``deepspeed.zero.Init``
+    context, ``from_pretrained`` partitions as it loads so no rank holds the whole model.
+    """
+    config = lm_config(name, **(config_overrides or {}))
+    cls = lm_class(config)
+    if pretrained:
+        source = path or hub_id(name)
+        if path is not None and not os.path.exists(path) and os.sep in path:
+            raise FileNotFoundError(f"model.backbone_path={path!r} does not exist")
+        kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
+        model = cls.from_pretrained(source, **kwargs, **(config_overrides or {}))
+        return model
+    ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
+    with ctx:
+        model = cls(config)
+    if str(device) != "meta":
+        model = model.to(device=device, dtype=dtype)
+    elif dtype != torch.float32:
+        model = model.to(dtype=dtype)
+    return model
+
+
+def _new_dtype_kwarg() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def list_backbones() -> list[str]:
+    return sorted(LM_REGISTRY)

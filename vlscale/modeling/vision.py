@@ -1,0 +1,211 @@
+"""The frozen CLIP visual encoder (open_clip) and its image transform.
+
+RN models give the grid of the last conv stage (RN101 at 224 px: 7 x 7 x 2048), which the V&L
+model adaptive-max-pools to ``pool_size``^2 tokens; ViT models give their patch tokens; video
+frames use the CLIP image embedding (ViT-B/32: 512-d). Only the visual tower is kept. Weights load
+through open_clip's ``pretrained=`` (a tag, or a local checkpoint file); without it the tower is
+random (tests, counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (configs shipped in
+``vlscale/registry/open_clip``) are registered with open_clip so they build by name like the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_REGISTRY_DIR = Path(__file__).resolve().parent.parent / "registry" / "open_clip"
+_registered = False
+
+
+def register_tiny_models() -> None:
+    """Make the tiny CLIP configs known to open_clip (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(_REGISTRY_DIR)
+    _registered = True
+
+
+def clip_config(name: str) -> dict:
+    """open_clip's model config (offline: shipped with open_clip or with vlscale)."""
+    import open_clip
+
+    register_tiny_models()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        known = [n for n in open_clip.list_models() if n.startswith(("RN", "ViT", "tiny"))]
+        raise KeyError(f"unknown vision model {name!r}; e.g. {known[:20]}")
+    return cfg
+
+
+def vision_dims(name: str) -> dict:
+    """Image size, grid/patch feature width and token count, global embedding width (offline)."""
+    cfg = clip_config(name)
+    v = cfg["vision_cfg"]
+    size = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
+    if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet
+        grid_dim = v.get("width", 64) * 32
+        side = size // 32
+    else:
+        grid_dim = v["width"]
+        side = size // v["patch_size"]
+    return {"image_size": size, "grid_dim": grid_dim, "grid_side": side, "grid_tokens": side * side,
+            "embed_dim": cfg["embed_dim"], "is_resnet": isinstance(v["layers"], (list, tuple))}
+
+
+class VisionEncoder(nn.Module):
+    """Frozen CLIP visual tower: ``encode_grid`` (RN grid / ViT patches) and ``encode_global``."""
+
+    def __init__(self, name: str, visual: nn.Module, mean, std):
+        super().__init__()
+        self.name = name
+        self.visual = visual
+        dims = vision_dims(name)
+        self.image_size = dims["image_size"]
+        self.grid_dim = dims["grid_dim"]
+        self.grid_side = dims["grid_side"]
+        self.embed_dim = dims["embed_dim"]
+        self.is_resnet = dims["is_resnet"]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def encode_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, T, D): the RN's last conv stage, or the ViT's patch tokens."""
+        x = pixel_values.to(self._dtype())
+        if self.is_resnet:
+            v = self.visual
+            x = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
+            return x.flatten(2).transpose(1, 2)
+        self.visual.output_tokens = True
+        _, tokens = self.visual(x)
+        return tokens
+
+    def encode_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, E): the CLIP image embedding (used for video frames)."""
+        self.visual.output_tokens = False
+        return self.visual(pixel_values.to(self._dtype()))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encode_grid(pixel_values)
+
+    def _dtype(self):
+        return next(self.visual.parameters()).dtype
+
+
+def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cpu",
+                         dtype: torch.dtype = torch.float32) -> VisionEncoder:
+    """Build the visual tower of an open_clip model by name.
+
+    ``pretrained``: an open_clip tag (needs the hub) or a local checkpoint file (offline); a full
+    CLIP checkpoint or one of only the visual tower (keys prefixed ``visual.``) both load.
+    """
+    import open_clip
+
+    register_tiny_models()
+    clip_config(name)  # clear error for unknown names
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
+        raise FileNotFoundError(f"model.vision_pretrained={pretrained!r}: no such file")
+    if str(device) == "meta":
+        with torch.device("meta"):
+            model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
+    else:
+        load_file = pretrained and Path(pretrained).exists()
+        with _quiet_open_clip(pretrained):
+            model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
+        if load_file:
+            _load_visual_checkpoint(model, pretrained)
+    visual = model.visual
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    enc = VisionEncoder(name, visual, mean, std)
+    del model
+    enc.requires_grad_(False).eval()
+    if str(device) != "meta":
+        enc = enc.to(device=device, dtype=dtype)
+    return enc
+
+
+class _quiet_open_clip:
+    """open_clip warns at the root logger when no weights are asked for; that is our intent."""
+
+    def __init__(self, pretrained):
+        self.active = not pretrained
+
+    def __enter__(self):
+        if self.active:
+            self.level = logging.root.level
+            logging.root.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        if self.active:
+            logging.root.setLevel(self.level)
+
+
+def _load_visual_checkpoint(model: nn.Module, path: str) -> None:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("visual.") for k in state):
+        raise ValueError(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing_visual = [k for k in missing if k.startswith("visual.")]
+    if missing_visual:
+        raise ValueError(f"{path}: visual tower keys missing from checkpoint: {missing_visual[:5]}")
+
+
+def image_transform(name: str):
+    """Callable: list of uint8 (H, W, 3) arrays or PIL images -> (N, 3, S, S) CLIP-normalised.
+
+    Bicubic resize of the whole image to S x S (the synthetic world's images are square; real
+    images are centre-cropped first, as CLIP's own transform does).
+    """
+    import open_clip
+    from PIL import Image
+
+    size = vision_dims(name)["image_size"]
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+
+    def transform(images: Sequence) -> torch.Tensor:
+        out = []
+        for img in images:
+            if isinstance(img, np.ndarray):
+                img = Image.fromarray(img)
+            img = img.convert("RGB")
+            w, h = img.size
+            if w != h:
+                s = min(w, h)
+                img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            out.append((t - mean) / std)
+        return torch.stack(out) if out else torch.zeros(0, 3, size, size)
+
+    return transform
+
+
+def pool_grid(feats: torch.Tensor, side: int, pool_size: int) -> torch.Tensor:
+    """(N, side*side, D) grid -> (N, pool_size^2, D) by adaptive max pooling (RN101: 7x7 -> 6x6)."""
+    n, t, d = feats.shape
+    if t != side * side:
+        raise ValueError(f"grid has {t} tokens, expected {side}x{side}")
+    if side == pool_size:
+        return feats
+    x = feats.transpose(1, 2).reshape(n, d, side, side)
+    x = torch.nn.functional.adaptive_max_pool2d(x, pool_size)
+    return x.flatten(2).transpose(1, 2)

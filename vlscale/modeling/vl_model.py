@@ -1,0 +1,163 @@
+"""The V&L model: frozen CLIP (or cached features) -> projection -> encoder-decoder LM + PEFT.
+
+    encoder input = [prompts (prompt tuning)] + [projected visual tokens] + [text embeddings]
+
+Visual tokens: images give the CLIP grid adaptive-max-pooled to pool_size^2 tokens (RN101: 6x6 =
+36) or ViT patch tokens, one block per image with an image-order embedding (NLVR2: two images);
+videos give one token per frame (CLIP image embedding, up to 64 frames, padded frames masked).
+Every task is text generation: ``forward`` returns the LM's output with the cross-entropy loss,
+``generate`` decodes. The batch's task selects the per-task PEFT modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlscale.config import VIDEO_TASKS, RunConfig
+from vlscale.modeling.backbones import build_lm
+from vlscale.modeling.projector import VisualProjector, frame_boxes, grid_boxes
+from vlscale.modeling.vision import build_vision_encoder, pool_grid, vision_dims
+
+
+class VLModel(nn.Module):
+    def __init__(self, cfg: RunConfig, lm: nn.Module, vision: Optional[nn.Module]):
+        super().__init__()
+        from vlscale.peft import apply_peft
+
+        self.cfg = cfg
+        self.video = any(t in VIDEO_TASKS for t in cfg.data.tasks)
+        dims = vision_dims(cfg.model.vision)
+        self.grid_side = dims["grid_side"]
+        self.is_resnet = dims["is_resnet"]
+        self.pool_size = min(cfg.model.pool_size, self.grid_side) if self.is_resnet else self.grid_side
+        self.feat_dim = dims["embed_dim"] if self.video else dims["grid_dim"]
+        self.lm = lm
+        self.vision = vision
+        self.d_model = lm.config.d_model
+        param = next(lm.parameters())
+        self.projector = VisualProjector(self.feat_dim, self.d_model, n_images=2).to(
+            device=param.device, dtype=param.dtype)
+        self.peft = apply_peft(lm, cfg.peft, list(cfg.data.tasks))
+
+    # ------------------------------------------------------------------ visual side
+    @property
+    def visual_tokens_per_image(self) -> int:
+        return self.cfg.model.max_frames if self.video else self.pool_size ** 2
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3, S, S) images or (B, 1, F, 3, S, S) video frames -> raw features (B, N, T, D)."""
+        if self.vision is None:
+            raise ValueError("the batch holds pixel_values but the model was built without a vision "
+                             "encoder (model.feature_source=cache); pass vis_feats instead")
+        lead = pixel_values.shape[:-3]
+        flat = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        ctx = contextlib.nullcontext() if self.cfg.peft.train_vision else torch.no_grad()
+        with ctx:
+            out = self.vision.encode_global(flat) if self.video else self.vision.encode_grid(flat)
+        return out.reshape(*lead, *out.shape[1:])
+
+    def visual_embeds(self, batch: dict):
+        """-> (B, N*V, d_model) projected visual tokens and their (B, N*V) mask."""
+        if batch.get("vis_feats") is not None:
+            feats = batch["vis_feats"]
+        elif batch.get("pixel_values") is not None:
+            feats = self.encode_images(batch["pixel_values"])
+        else:
+            raise KeyError("batch has neither 'vis_feats' nor 'pixel_values'")
+        if self.video:
+            if feats.dim() == 3:
+                feats = feats[:, None]
+            b, n, f, _ = feats.shape
+            if f > self.cfg.model.max_frames:
+                raise ValueError(f"video has {f} frames; model.max_frames={self.cfg.model.max_frames}")
+            boxes = frame_boxes(f)
+        else:
+            b, n, t, d = feats.shape
+            if t != self.grid_side ** 2:
+                raise ValueError(f"visual features have {t} tokens per image; {self.cfg.model.vision} "
+                                 f"gives {self.grid_side}x{self.grid_side} (wrong feature cache?)")
+            if d != self.feat_dim:
+                raise ValueError(f"visual features are {d}-d; {self.cfg.model.vision} gives {self.feat_dim}-d")
+            if self.is_resnet:
+                feats = pool_grid(feats.reshape(b * n, t, d), self.grid_side, self.pool_size).reshape(b, n, -1, d)
+            boxes = grid_boxes(self.pool_size if self.is_resnet else self.grid_side)
+        v = feats.shape[2]
+        boxes = boxes.to(feats.device)[None, None].expand(b, n, v, 5)
+        embeds = self.projector(feats, boxes, torch.arange(n, device=feats.device))
+        mask = batch.get("vis_mask")
+        if mask is None:
+            mask = torch.ones(b, n, v, dtype=torch.long, device=feats.device)
+        return embeds.reshape(b, n * v, -1), mask.reshape(b, n * v).to(torch.long)
+
+    # ------------------------------------------------------------------ encoder inputs
+    def encoder_inputs(self, batch: dict):
+        input_ids = batch["input_ids"]
+        text = self.lm.get_encoder().embed_tokens(input_ids)
+        vis, vis_mask = self.visual_embeds(batch)
+        parts, masks = [vis.to(text.dtype)], [vis_mask]
+        prompts = self.peft.prompts(input_ids.shape[0], text.dtype)
+        if prompts is not None:
+            parts.insert(0, prompts.to(text.device))
+            masks.insert(0, torch.ones(prompts.shape[:2], dtype=torch.long, device=text.device))
+        parts.append(text)
+        masks.append(batch["attention_mask"].to(torch.long))
+        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+
+    def forward(self, batch: dict):
+        self.peft.set_task(batch["task"])
+        embeds, mask = self.encoder_inputs(batch)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=batch.get("labels"),
+                       use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, **generate_kwargs) -> torch.Tensor:
+        self.peft.set_task(batch["task"])
+        embeds, mask = self.encoder_inputs(batch)
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vision is not None and not self.cfg.peft.train_vision:
+            self.vision.eval()  # frozen CLIP (its BatchNorms too) stays in eval mode
+        return self
+
+
+def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
+                dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None) -> VLModel:
+    """Build the V&L model of a run config and decide what trains.
+
+    ``device="meta"`` builds without memory (parameter counts, memory plans) and never loads weights.
+    ``vocab_size``: the tokenizer's length; the embeddings are resized when it is larger (extra
+    special tokens) and tiny random backbones are built with exactly that vocabulary.
+    """
+    from vlscale.modeling.backbones import is_tiny, lm_config
+    from vlscale.peft.trainable import configure_trainable
+
+    meta = str(device) == "meta"
+    pretrained = cfg.model.pretrained if load_weights is None else load_weights
+    pretrained = pretrained and not meta
+    overrides = {}
+    if cfg.model.dropout is not None:
+        key = "dropout_rate" if lm_config(cfg.model.backbone).model_type == "t5" else "dropout"
+        overrides[key] = cfg.model.dropout
+    if vocab_size and not pretrained and (is_tiny(cfg.model.backbone) or
+                                          vocab_size > lm_config(cfg.model.backbone).vocab_size):
+        overrides["vocab_size"] = vocab_size
+    lm = build_lm(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
+                  device=device, dtype=dtype, config_overrides=overrides)
+    if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(vocab_size)
+    vision = None
+    if cfg.model.feature_source == "images":
+        vision = build_vision_encoder(cfg.model.vision, None if meta else cfg.model.vision_pretrained,
+                                      device=device, dtype=dtype)
+    model = VLModel(cfg, lm, vision)
+    configure_trainable(model, cfg.peft)
+    if cfg.train.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    return model
