@@ -1,0 +1,110 @@
+"""Where each module of a V&L model went, and how many parameters train.
+
+    python launchers/inspect_model.py --config paper/clip_bart_single_adapter [key=value ...] [--json]
+
+Builds the model on the ``meta`` device (no weights, no network, seconds even for t5-11b) and
+prints: the PEFT sites (which LM sublayer each method attaches to), parameter counts by group
+(trainable or frozen), and ``updated_pct`` = trainable / total without the vision encoder (the
+paper's convention when features are precomputed) beside ``updated_pct_with_vision``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vlscale.config import ConfigError, load_config  # noqa: E402
+
+
+def numel(p) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _vocab_size(cfg) -> int | None:
+    """Tokenizer length without loading a tokenizer: registry vocab + extra special tokens."""
+    from vlscale.modeling.backbones import is_tiny, lm_config
+
+    if is_tiny(cfg.model.backbone):
+        return None
+    base = lm_config(cfg.model.backbone).vocab_size
+    return base + cfg.model.extra_special_tokens if cfg.model.extra_special_tokens else None
+
+
+def inspect(cfg) -> dict:
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.peft.trainable import count_parameters
+
+    model = build_model(cfg, vocab_size=_vocab_size(cfg), device="meta")
+    counts = count_parameters(model)
+    # Placement: every top-level component, its parameters and how many of them train.
+    placement = defaultdict(lambda: {"params": 0, "trainable": 0})
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "lm":
+            key = ".".join(parts[:3]) if parts[1] in ("encoder", "decoder", "model") else ".".join(parts[:2])
+        elif parts[0] == "peft":
+            key = ".".join(parts[:2])
+        else:
+            key = parts[0]
+        placement[key]["params"] += numel(p)
+        placement[key]["trainable"] += numel(p) if p.requires_grad else 0
+    sites = list(model.peft.sites)
+    return {
+        "config": cfg.name,
+        "backbone": cfg.model.backbone,
+        "vision": cfg.model.vision,
+        "feature_source": cfg.model.feature_source,
+        "peft_method": cfg.peft.method,
+        "peft_sharing": cfg.peft.sharing,
+        "tasks": list(cfg.data.tasks),
+        "peft_sites": sites,
+        "placement": dict(placement),
+        **counts,
+    }
+
+
+def print_report(r: dict) -> None:
+    print(f"{r['config']}: {r['backbone']} + CLIP {r['vision']} ({r['feature_source']}), "
+          f"peft={r['peft_method']}/{r['peft_sharing']}, tasks={','.join(r['tasks'])}")
+    sites = r["peft_sites"]
+    print(f"\nPEFT sites ({len(sites)}):")
+    shown = sites if len(sites) <= 12 else sites[:6] + ["..."] + sites[-6:]
+    for s in shown:
+        print(f"  {s}")
+    print(f"\n{'module':<40} {'params':>15} {'trainable':>15}")
+    for k, v in sorted(r["placement"].items()):
+        print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
+    print(f"\n{'group':<40} {'params':>15}")
+    for k, v in sorted(r.get("groups", {}).items()):
+        print(f"{k:<40} {v if isinstance(v, int) else v.get('params', v):>15,}")
+    print(f"\ntrainable {r['trainable']:,} / total {r['total']:,} "
+          f"(without vision {r['total_without_vision']:,})")
+    print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = inspect(cfg)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
