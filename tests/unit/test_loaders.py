@@ -1,0 +1,369 @@
+"""Real-dataset loaders on the tiny fixtures in tests/fixtures (made by make_fixtures.py): fields,
+counts, restval merge, references, visual sources, HF datasets, and bad input (errors that name
+file, record and key; skip mode that counts)."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlscale.config import DataConfig, ModelConfig, RunConfig
+from vlscale.data.real import DataError, DataFileNotFound, RecordError, load_real_examples, real_visual_source
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ROOT = FIXTURES / "real_data"
+HF = FIXTURES / "hf_multi"
+IMAGE_TASKS = ("vqa", "gqa", "nlvr2", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
+COUNTS = {"vqa": (3, 2, 1), "gqa": (3, 2, 1), "nlvr2": (4, 2, 1), "caption": (7, 1, 1),
+          "tvqa": (3, 2, 1), "how2qa": (2, 1, 1), "tvc": (3, 1, 1), "yc2c": (2, 1, 1)}
+
+
+def make_cfg(root=ROOT, tasks=("vqa",), **data):
+    tasks = list(tasks)
+    return RunConfig(data=DataConfig(tasks=tasks, source="real", root=str(root), **data))
+
+
+def by_uid(examples):
+    return {e.uid: e for e in examples}
+
+
+# ----------------------------------------------------------------------------- every loader
+
+@pytest.mark.parametrize("task", IMAGE_TASKS + VIDEO_TASKS)
+def test_every_task_and_split_loads_with_well_formed_examples(task):
+    cfg = make_cfg(tasks=[task])
+    for split, n in zip(("train", "val", "test"), COUNTS[task]):
+        examples = load_real_examples(cfg, task, split)
+        assert len(examples) == n and examples.skipped == 0
+        assert len({e.uid for e in examples}) == n
+        for e in examples:
+            assert e.task == task and e.target and e.references and e.image_ids
+            assert Path(e.source).is_file()
+            assert not e.text.startswith(task)  # no task prefix
+
+
+def test_vqa_targets_references_and_ties():
+    ex = by_uid(load_real_examples(make_cfg(), "vqa", "train"))
+    assert ex["9001"].target == "2"                 # highest label score
+    assert ex["9001"].text == "How many plates are there?"
+    assert ex["9001"].image_ids == ["COCO_train2014_000000000009"]
+    assert ex["9001"].references == ["2"] * 8 + ["3", "two"]  # the 10 raw answers, in order
+    assert ex["9001"].extra["label"] == {"2": 1.0, "3": 0.3}
+    assert ex["9001"].extra["answer_type"] == "number"
+    assert ex["25001"].target == "blue"             # score tie red/blue: blue given 5 times, red 4
+    assert ex["42001"].target == "no"               # empty label: most frequent raw answer (strings)
+    assert len(ex["42001"].references) == 10
+
+
+def test_gqa_references_are_the_gold_answer():
+    ex = by_uid(load_real_examples(make_cfg(), "gqa", "val"))
+    assert ex["201206"].target == "no" and ex["201206"].references == ["no"]
+    assert ex["201206"].image_ids == ["2368326"]
+
+
+def test_nlvr2_two_images_bool_targets_and_official_groups():
+    ex = load_real_examples(make_cfg(), "nlvr2", "train")
+    e = by_uid(ex)["nlvr2_train_0"]
+    assert e.image_ids == ["train-10-0-img0", "train-10-0-img1"]
+    assert e.target == "true" and e.references == ["true"]
+    assert by_uid(ex)["nlvr2_train_1"].target == "false"
+    groups = {e.extra["identifier"]: e.extra["group"] for e in ex}
+    # Same sentence (set 10, sentence 0) on two image pairs -> one group; the pair field is blanked.
+    assert groups["train-10-0-0"] == groups["train-10-1-0"] == "train-10--0"
+    assert groups["train-10-0-1"] == "train-10--1"
+
+
+def test_coco_karpathy_restval_merged_into_train_one_example_per_caption():
+    train = load_real_examples(make_cfg(), "caption", "train")
+    per_image = {}
+    for e in train:
+        per_image.setdefault(e.image_ids[0], []).append(e)
+    assert {k: len(v) for k, v in per_image.items()} == {
+        "COCO_train2014_000000000009": 3, "COCO_train2014_000000000025": 2, "COCO_val2014_000000000042": 2}
+    restval = per_image["COCO_val2014_000000000042"]
+    assert {e.extra["karpathy_split"] for e in restval} == {"restval"}
+    assert [e.target for e in restval] == ["A dog on a couch.", "A brown dog lying down."]
+    assert all(e.references == ["A dog on a couch.", "A brown dog lying down."] for e in restval)
+    assert all(e.text == "" for e in train)
+    (val,) = load_real_examples(make_cfg(), "caption", "val")
+    assert val.uid == "COCO_val2014_000000000073" and len(val.references) == 3 and val.extra["cocoid"] == 73
+    (test,) = load_real_examples(make_cfg(), "caption", "test")
+    assert test.image_ids == ["COCO_val2014_000000000074"] and len(test.references) == 2
+    from vlscale.data.caption import load_coco_karpathy
+
+    with pytest.raises(DataError, match="'restval2'"):
+        load_coco_karpathy(ROOT / "coco" / "dataset_coco.json", "restval2")
+
+
+def test_video_qa_text_subtitles_within_ts_and_targets():
+    ex = by_uid(load_real_examples(make_cfg(tasks=["tvqa"]), "tvqa", "train"))
+    e = ex["1"]
+    assert e.target == "a1" and e.references == ["a1"] and e.extra["answer_text"] == "Hi."
+    assert e.text.startswith("What did Ross say first? a0: Bye. a1: Hi. a2: Hello there.")
+    assert "subtitle: (Ross:) Hi. (Rachel:) Hey, how are you?" in e.text
+    assert "monkey" not in e.text                   # that line is outside ts 0-5 s
+    assert e.extra["ts"] == (0.0, 5.0)
+    assert "monkey" in ex["2"].text and ex["2"].extra["ts"] is None   # "NaN-NaN": whole video
+    assert ex["3"].extra["ts"] == (0.0, 4.0)       # ts given as a list
+    how2 = load_real_examples(make_cfg(tasks=["how2qa"]), "how2qa", "train")  # *_release.jsonl names
+    assert len(how2[0].extra["candidates"]) == 4 and how2[0].target == "a1"
+    assert how2[0].text.endswith("subtitle: and chop the onions finely")
+
+
+def test_video_captions_splits_and_missing_subtitles(caplog):
+    train = load_real_examples(make_cfg(tasks=["tvc"]), "tvc", "train")
+    assert [e.uid for e in train] == ["1#0", "1#1", "2#0"]
+    assert train[0].references == ["Ross greets Rachel.", "Ross says hi to Rachel."]
+    assert train[0].text == "(Ross:) Hi. (Rachel:) Hey, how are you?"
+    (val,) = load_real_examples(make_cfg(tasks=["tvc"]), "tvc", "val")
+    assert val.uid == "11" and len(val.references) == 2 and val.text == "(Ross:) I got a monkey."
+    from vlscale.data import real
+
+    real._WARNED_NO_SUBTITLES.clear()
+    with caplog.at_level(logging.WARNING):
+        yc = load_real_examples(make_cfg(tasks=["yc2c"]), "yc2c", "train")
+    assert "yc2c: no subtitles file" in caplog.text
+    assert [e.text for e in yc] == ["", ""] and yc[0].image_ids == ["yc_a"]
+
+
+# ----------------------------------------------------------------------------- visual sources
+
+@pytest.mark.parametrize("task", IMAGE_TASKS)
+def test_image_sources_hold_every_fixture_image(task):
+    cfg = make_cfg(tasks=[task])
+    for split in ("train", "val", "test"):
+        source = real_visual_source(cfg, task, split)
+        assert source.kind == "images"
+        for e in load_real_examples(cfg, task, split):
+            for image_id in e.image_ids:
+                img = source[image_id]
+                assert img.dtype == np.uint8 and img.shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("task", VIDEO_TASKS)
+def test_video_sources_hold_every_fixture_video(task):
+    cfg = make_cfg(tasks=[task])
+    source = real_visual_source(cfg, task, "train")
+    assert source.kind == "features"
+    for split in ("train", "val", "test"):
+        for e in load_real_examples(cfg, task, split):
+            feats = source[e.image_ids[0]]
+            assert feats.dtype == torch.float32 and feats.ndim == 2 and feats.shape[1] == 512
+
+
+def test_video_feature_folder_npy_safetensors_and_subsampling():
+    from vlscale.data.video import VideoFeatureFolder
+
+    raw = np.load(ROOT / "tvqa" / "features" / "friends_s01e01_seg01_clip_00.npy")
+    full = VideoFeatureFolder(ROOT / "tvqa" / "features")["friends_s01e01_seg01_clip_00"]
+    assert torch.equal(full, torch.from_numpy(raw).float())
+    sub = VideoFeatureFolder(ROOT / "tvqa" / "features", max_frames=3)["friends_s01e01_seg01_clip_00"]
+    assert torch.equal(sub, full[[0, 2, 3]])       # evenly spaced: linspace(0, 3, 3) rounded
+    st = VideoFeatureFolder(ROOT / "how2qa" / "features")
+    assert st["how2_v001"].shape == (4, 512) and "how2_v002" in st and "nope" not in st
+    with pytest.raises(KeyError, match="nope"):
+        st["nope"]
+
+
+def test_feature_source_cache_needs_a_cache_folder():
+    cfg = RunConfig(model=ModelConfig(feature_source="cache"),
+                    data=DataConfig(tasks=["vqa"], source="real", root=str(ROOT)))
+    with pytest.raises(DataError, match="data.feature_cache"):
+        real_visual_source(cfg, "vqa", "train")
+
+
+# ----------------------------------------------------------------------------- HF datasets
+
+VQA_COLUMNS = {"image": "image", "image_id": "image_name", "question": "question", "answers": "answers",
+               "id": "qid"}
+
+
+def test_hf_vqa_examples_and_image_source():
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    ex, source = load_hf_examples("vqa", str(HF), "train", VQA_COLUMNS)
+    assert [e.uid for e in ex] == ["1", "2", "3"]
+    e = ex[1]
+    assert e.text == "How many dogs?" and e.references == ["1"] * 7 + ["one"] * 3
+    assert e.target == "1"                             # most frequent of the answers
+    assert e.image_ids == ["img_a"] and ex[0].image_ids == ["img_a"]
+    assert len(source) == 2 and source.kind == "images"
+    img = source["img_a"]
+    assert img.dtype == np.uint8 and img.shape == (8, 8, 3)
+    val, _ = load_hf_examples("vqa", str(HF), "val", dict(VQA_COLUMNS, answer="multiple_choice_answer"))
+    assert [e.target for e in val] == ["no", "pizza"]  # "val" is the dataset's "validation" split
+
+
+def test_hf_caption_gqa_and_nlvr2_mappings():
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    caps, _ = load_hf_examples("caption", str(HF), "train", {"image": "image", "captions": "captions"})
+    assert len(caps) == 6 and caps[0].uid == "train-0#0" and caps[0].references == ["A dog on grass.", "A small dog."]
+    caps_val, _ = load_hf_examples("caption", str(HF), "val", {"image": "image", "captions": "captions"})
+    assert len(caps_val) == 2 and caps_val[0].uid == "val-0"
+    gqa, _ = load_hf_examples("gqa", str(HF), "train", {"image": "image", "question": "question",
+                                                        "answer": "multiple_choice_answer"})
+    assert gqa[2].references == ["red"]
+    nl, src = load_hf_examples("nlvr2", str(HF), "val", {"image": ["image", "image2"], "text": "question",
+                                                         "label": "label"})
+    assert [e.target for e in nl] == ["false", "true"] and nl[0].image_ids == ["val/0/0", "val/0/1"]
+    assert not np.array_equal(src["val/0/0"], src["val/0/1"])
+
+
+def test_hf_through_the_config():
+    cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset=str(HF), hf_columns=VQA_COLUMNS))
+    assert len(load_real_examples(cfg, "vqa", "train")) == 3
+    assert real_visual_source(cfg, "vqa", "train")["img_a"].shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("columns, match", [
+    ({"image": "image", "questions": "question", "answers": "answers"}, "unknown role 'questions'"),
+    ({"image": "image", "question": "prompt", "answers": "answers"}, "'prompt' is not a column"),
+    ({"image": "image", "question": "question"}, "needs answer or answers"),
+])
+def test_hf_bad_column_mappings(columns, match):
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    with pytest.raises(DataError, match=match):
+        load_hf_examples("vqa", str(HF), "train", columns)
+    with pytest.raises(DataError, match="supports tasks"):
+        load_hf_examples("tvqa", str(HF), "train", VQA_COLUMNS)
+    with pytest.raises(DataError, match="no split for 'test'"):
+        load_hf_examples("vqa", str(HF), "test", VQA_COLUMNS)
+
+
+def test_hf_bad_rows_name_the_row_and_skip_mode_counts(tmp_path):
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    ds = datasets.load_from_disk(str(HF))
+    train = ds["train"].map(lambda row, i: {"question": "" if i == 1 else row["question"]}, with_indices=True)
+    path = tmp_path / "hf_bad"
+    datasets.DatasetDict({"train": train}).save_to_disk(str(path))
+    with pytest.raises(RecordError, match=r"hf_bad\[train\]: row 1 \(id 2\): key 'question' is an empty string"):
+        load_hf_examples("vqa", str(path), "train", VQA_COLUMNS)
+    ex, _ = load_hf_examples("vqa", str(path), "train", VQA_COLUMNS, skip_bad_records=True)
+    assert [e.uid for e in ex] == ["1", "3"] and ex.skipped == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def copy_root(tmp_path, *folders):
+    root = tmp_path / "root"
+    for f in folders:
+        shutil.copytree(ROOT / f, root / f)
+    return root
+
+
+def rewrite_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_missing_annotation_file_and_root(tmp_path):
+    (tmp_path / "vqa").mkdir()
+    with pytest.raises(DataFileNotFound, match=r"karpathy_val\.json does not exist"):
+        load_real_examples(make_cfg(tmp_path), "vqa", "val")
+    with pytest.raises(DataFileNotFound, match="none of .*tvqa/val.jsonl"):
+        load_real_examples(make_cfg(tmp_path, tasks=["tvqa"]), "tvqa", "val")
+    with pytest.raises(DataError, match="data.root is not set"):
+        load_real_examples(RunConfig(data=DataConfig(source="real")), "vqa", "train")
+    with pytest.raises(KeyError, match="unknown task 'vqa3'"):
+        load_real_examples(make_cfg(), "vqa3", "train")
+
+
+@pytest.mark.parametrize("task, file, edit, match", [
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("sent"),
+     r"karpathy_train\.json: record 1 \(id 25001\): key 'sent' is missing"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label=["2"]),
+     r"record 0 \(id 9001\): key 'label' must be an object, got list"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[2].update(answers=[]),
+     r"record 2 \(id 42001\): key 'answers' is empty"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[2].update(question_id=9001),
+     r"record 2 \(id 9001\): key 'question_id' gives uid '9001' again \(first from record 0\)"),
+    ("gqa", "gqa/train.json", lambda d: d[1].update(label={}),
+     r"train\.json: record 1 \(id '07333408'\): key 'label' is empty"),
+    ("gqa", "gqa/train.json", lambda d: d[0].update(label={"yes": "high"}),
+     r"record 0 .*key 'label' score of answer 'yes' must be a number"),
+    ("nlvr2", "nlvr2/train.json", lambda d: d[3].update(label=2),
+     r"record 3 \(id 'nlvr2_train_3'\): key 'label' must be 0/1"),
+    ("nlvr2", "nlvr2/train.json", lambda d: d[0].pop("img1"), r"record 0 .*key 'img1' is missing"),
+    ("caption", "coco/dataset_coco.json", lambda d: d["images"][2].update(split="holdout"),
+     r"dataset_coco\.json: images\[2\] \(id 'COCO_val2014_000000000042.jpg'\): key 'split' must be one of"),
+    ("caption", "coco/dataset_coco.json", lambda d: d["images"][0]["sentences"][1].pop("raw"),
+     r"images\[0\] .*key 'sentences' item 1 needs a non-empty string 'raw'"),
+])
+def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
+    root = copy_root(tmp_path, file.split("/")[0])
+    rewrite_json(root / file, edit)
+    with pytest.raises(RecordError, match=match) as info:
+        load_real_examples(make_cfg(root, tasks=[task]), task, "train")
+    assert str(root / file) in str(info.value)
+    good = COUNTS[task][0]
+    with caplog.at_level(logging.WARNING):
+        examples = load_real_examples(make_cfg(root, tasks=[task], skip_bad_records=True), task, "train")
+    assert examples.skipped == 1
+    assert f"skipped 1 malformed record" in caplog.text and str(root / file) in caplog.text
+    if task == "caption":  # a skipped image drops all of its captions
+        assert len(examples) < good
+    else:
+        assert len(examples) == good - 1
+
+
+def test_jsonl_bad_line_and_bad_fields(tmp_path, caplog):
+    root = copy_root(tmp_path, "tvqa")
+    path = root / "tvqa" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["answer_idx"] = 7
+    path.write_text("\n".join([lines[0], "{not json", json.dumps(bad)]) + "\n")
+    cfg = make_cfg(root, tasks=["tvqa"])
+    with pytest.raises(RecordError, match=r"train\.jsonl: line 2: is not valid JSON"):
+        load_real_examples(cfg, "tvqa", "train")
+    ex = load_real_examples(make_cfg(root, tasks=["tvqa"], skip_bad_records=True), "tvqa", "train")
+    assert len(ex) == 1 and ex.skipped == 2
+    assert any("line 3 (id 3): key 'answer_idx' must be an option index 0..4, got 7" in m for m in ex.skip_messages)
+    path.write_text(lines[0].replace('"0.0-5.0"', '"soon"') + "\n")
+    with pytest.raises(RecordError, match=r"line 1 \(id 1\): key 'ts' must be 'start-end'"):
+        load_real_examples(cfg, "tvqa", "train")
+
+
+def test_bad_subtitles_and_top_level_shapes(tmp_path):
+    root = copy_root(tmp_path, "tvc", "vqa")
+    (root / "tvc" / "subtitles.jsonl").write_text(json.dumps({"vid_name": "v", "sub": [{"text": "hi"}]}) + "\n")
+    with pytest.raises(RecordError, match=r"subtitles\.jsonl: line 1 \(id 'v'\): key 'sub' item 0 needs"):
+        load_real_examples(make_cfg(root, tasks=["tvc"]), "tvc", "train")
+    assert len(load_real_examples(make_cfg(root, tasks=["tvc"], skip_bad_records=True), "tvc", "train")) == 3
+    (root / "vqa" / "karpathy_val.json").write_text('{"questions": []}')
+    with pytest.raises(DataError, match=r"karpathy_val\.json: expected a JSON list of records, got dict"):
+        load_real_examples(make_cfg(root), "vqa", "val")
+    (root / "vqa" / "karpathy_test.json").write_text("[{")
+    with pytest.raises(DataError, match=r"karpathy_test\.json: not valid JSON"):
+        load_real_examples(make_cfg(root), "vqa", "test")
+
+
+def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
+    # VL-T5 / VL-Adapter's datasets/ layout: GQA/, nlvr/, COCO/ with images in train2014/ val2014/.
+    root = tmp_path / "datasets"
+    shutil.copytree(ROOT / "gqa", root / "GQA")
+    shutil.copytree(ROOT / "vqa", root / "vqa")
+    shutil.copytree(ROOT / "coco", root / "COCO", ignore=shutil.ignore_patterns("images"))
+    for img in (ROOT / "coco" / "images").iterdir():
+        sub = "train2014" if "train2014" in img.name else "val2014"
+        (root / "COCO" / "images" / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(img, root / "COCO" / "images" / sub / img.name)
+    cfg = make_cfg(root, tasks=["vqa", "gqa", "caption"])
+    assert len(load_real_examples(cfg, "gqa", "train")) == 3
+    assert len(load_real_examples(cfg, "caption", "train")) == 7
+    source = real_visual_source(cfg, "vqa", "train")
+    for e in load_real_examples(cfg, "vqa", "train"):  # train2014 and val2014 (restval) images
+        assert source[e.image_ids[0]].shape == (8, 8, 3)
+    with pytest.raises(KeyError, match="COCO_val2014_000000999999"):
+        source["COCO_val2014_000000999999"]

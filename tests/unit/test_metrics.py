@@ -1,0 +1,226 @@
+"""Metrics: the official VQA normalisation and leave-one-out accuracy on hand-checked cases, CIDEr-D
+on hand-computed cases and against pycocoevalcap, caption metrics with and without Java, and
+score_task for every task."""
+
+import logging
+import math
+import random
+
+import pytest
+
+from vlscale.data.tasks import TASKS
+from vlscale.metrics import (accuracy, caption_scores, cider, cider_per_image, consistency, exact_match,
+                             normalize_answer, normalize_vqa_answer, score_task, vqa_score)
+from vlscale.metrics import captioning
+from vlscale.metrics.cider import tokenize
+
+
+# ----------------------------------------------------------------------------- VQA normalisation
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("Two", "2"),                       # number words -> digits, after lowercasing
+    ("none", "0"),
+    ("a dog", "dog"),                   # articles dropped
+    ("The Cat", "cat"),
+    ("yes.", "yes"),                    # a period not followed by a digit is removed
+    ("3.5", "3.5"),                     # ... one before a digit stays
+    ("1,000", "1000"),                  # comma between digits: punctuation deleted, not spaced
+    ("yes, it is", "yes it is"),        # punctuation touching a space is deleted
+    ("black-and-white", "black and white"),  # otherwise replaced by a space
+    ("red/blue", "red blue"),
+    ("hot dog!", "hot dog"),
+    ("dont", "don't"),                  # contractions get their apostrophe back
+    ("couldnt've", "couldn't've"),
+    ("  Tennis\tracket ", "tennis racket"),
+])
+def test_vqa_normalisation(raw, normalised):
+    assert normalize_vqa_answer(raw) == normalised
+
+
+def test_vqa_normalisation_comma_rule_applies_to_all_punctuation():
+    # A digit,digit comma anywhere makes every punctuation mark vanish without a space.
+    assert normalize_vqa_answer("1,000-ish") == "1000ish"
+    assert normalize_vqa_answer("1000-ish") == "1000 ish"
+
+
+@pytest.mark.parametrize("k, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (5, 1.0), (10, 1.0)])
+def test_vqa_leave_one_out(k, expected):
+    # k of the 10 answers match. Each matching answer left out leaves k-1 matches, each other one
+    # leaves k: acc = (k * min(1, (k-1)/3) + (10-k) * min(1, k/3)) / 10.
+    # k=2: (2 * 1/3 + 8 * 2/3) / 10 = 0.6;  k=3: (3 * 2/3 + 7 * 1) / 10 = 0.9.
+    answers = ["cat"] * k + ["dog", "bird", "cow", "fish", "ant", "bee", "owl", "yak", "elk", "emu"][: 10 - k]
+    assert vqa_score("cat", answers) == pytest.approx(expected)
+
+
+def test_vqa_score_normalises_both_sides():
+    assert vqa_score("Two", ["2"] * 10) == 1.0
+    assert vqa_score("2", ["two", "two", "2"] + ["3"] * 7) == pytest.approx(0.9)
+    assert vqa_score("a dog", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+    assert vqa_score("yes.", ["yes"] * 10) == 1.0
+    assert vqa_score("1000", ["1,000"] * 2 + ["100"] * 8) == pytest.approx(0.6)
+    assert vqa_score("no", ["yes"] * 10) == 0.0
+
+
+def test_vqa_official_quirk_skips_normalisation_when_answers_agree():
+    # The official script normalises nothing when all 10 answers are identical.
+    assert vqa_score("yes.", ["yes"] * 10, official_quirks=True) == 0.0
+    assert vqa_score("yes.", ["yes"] * 9 + ["no"], official_quirks=True) == 1.0
+
+
+def test_vqa_score_edge_cases():
+    assert vqa_score("Dog", ["dog"]) == 1.0  # one answer: exact match after normalisation
+    with pytest.raises(ValueError, match="no reference answers"):
+        vqa_score("dog", [])
+    with pytest.raises(TypeError):
+        vqa_score("dog", "dog")
+
+
+# ----------------------------------------------------------------------------- CIDEr-D
+
+def test_cider_hand_computed():
+    # Two images, one reference each; N = 2 so every reference n-gram has idf log(2) (df = 1) and
+    # so has an unseen candidate n-gram (df 0 -> log(max(1, 0)) = 0).
+    # Image 1: candidate == reference "a b": cos = 1 for n = 1, 2; no 3-, 4-grams -> 0.
+    #          score = 10 * (1 + 1 + 0 + 0) / 4 = 5.
+    # Image 2: "c e" vs "c d": unigram dot = L^2 (only c shared), norms sqrt(2) L each -> 0.5;
+    #          bigrams differ -> 0. score = 10 * 0.5 / 4 = 1.25.  CIDEr-D = (5 + 1.25) / 2 = 3.125.
+    preds = {"img1": "a b", "img2": "c e"}
+    refs = {"img1": ["a b"], "img2": ["c d"]}
+    per = cider_per_image(preds, refs)
+    assert per["img1"] == pytest.approx(5.0)
+    assert per["img2"] == pytest.approx(1.25)
+    assert cider(preds, refs) == pytest.approx(3.125)
+
+
+def test_cider_clipping_and_length_penalty():
+    # Clipping: "a a" vs "a b". Unigram candidate weights {a: 2L}, reference {a: L, b: L}:
+    # dot = min(2L, L) * L = L^2 over norms 2L * sqrt(2) L -> 1 / (2 sqrt 2) (unclipped: 1 / sqrt 2).
+    # Bigrams: "a a" vs "a b" share none. Lengths equal (1 bigram each): no penalty.
+    per = cider_per_image({"x": "a a", "y": "c d"}, {"x": ["a b"], "y": ["c d"]})
+    assert per["x"] == pytest.approx(10 * (1 / (2 * math.sqrt(2))) / 4)
+    # Length penalty: "a b c" vs "a b": unigram cos 2 / sqrt(6), bigram cos 1 / sqrt(2), lengths
+    # 2 vs 1 bigrams -> exp(-1 / 72).
+    per = cider_per_image({"x": "a b c", "y": "d e"}, {"x": ["a b"], "y": ["d e"]})
+    assert per["x"] == pytest.approx(10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72))
+
+
+def test_cider_tokenisation_ignores_case_and_punctuation():
+    assert tokenize("A Man's dog, running!") == ["a", "man", "s", "dog", "running"]
+    assert cider({1: "A dog.", 2: "Cats"}, {1: ["a dog"], 2: ["cats"]}) == \
+        pytest.approx(cider({1: "a dog", 2: "cats"}, {1: ["a dog"], 2: ["cats"]}))
+
+
+def test_cider_matches_pycocoevalcap():
+    Cider = pytest.importorskip("pycocoevalcap.cider.cider").Cider
+    rng = random.Random(0)
+    vocab = "a man dog cat on the red ball with sitting runs table two".split()
+    for trial in range(6):
+        n = rng.randint(2, 6)
+        preds = {i: " ".join(rng.choices(vocab, k=rng.randint(1, 9))) for i in range(n)}
+        refs = {i: [" ".join(rng.choices(vocab, k=rng.randint(1, 9))) for _ in range(rng.randint(1, 5))]
+                for i in range(n)}
+        theirs, per_theirs = Cider().compute_score({k: [" ".join(tokenize(r)) for r in v] for k, v in refs.items()},
+                                                   {k: [" ".join(tokenize(v))] for k, v in preds.items()})
+        assert cider(preds, refs) == pytest.approx(float(theirs), abs=1e-9)
+        assert list(cider_per_image(preds, refs).values()) == pytest.approx(list(per_theirs), abs=1e-9)
+
+
+def test_cider_errors():
+    with pytest.raises(KeyError, match="'b'"):
+        cider({"a": "x", "b": "y"}, {"a": ["x"]})
+    with pytest.raises(ValueError, match="no predictions"):
+        cider({}, {})
+    with pytest.raises(ValueError, match="non-empty list"):
+        cider({"a": "x"}, {"a": []})
+
+
+# ----------------------------------------------------------------------------- caption metrics
+
+PREDS = {1: "a man riding a horse", 2: "two dogs playing in the grass"}
+REFS = {1: ["A man rides a horse.", "a person on a horse"], 2: ["Two dogs playing in the grass.", "dogs playing"]}
+
+
+def test_caption_scores_without_java_omits_meteor(monkeypatch, caplog):
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
+    with caplog.at_level(logging.WARNING):
+        out = caption_scores(PREDS, REFS)
+    assert set(out) == {"cider", "bleu4", "rouge_l"}
+    assert "METEOR needs Java" in caplog.text
+    assert out["cider"] == pytest.approx(cider(PREDS, REFS))
+    assert 0.0 < out["rouge_l"] <= 1.0 and 0.0 <= out["bleu4"] <= 1.0
+
+
+@pytest.mark.skipif(not captioning.java_available(), reason="needs java (METEOR, PTB tokenizer)")
+def test_caption_scores_with_java():
+    pytest.importorskip("pycocoevalcap")
+    # One call (each starts JVMs): image 1 is a reference verbatim, image 2 a near miss.
+    preds = {1: REFS[1][0], 2: "dogs playing on grass"}
+    out = caption_scores(preds, REFS)
+    assert set(out) == {"cider", "bleu4", "meteor", "rouge_l"}
+    assert 0.3 < out["meteor"] < 1.0 and 0.5 < out["rouge_l"] < 1.0 and 0.0 < out["bleu4"] < 1.0
+    assert out["cider"] == pytest.approx(cider(preds, REFS))
+
+
+# ----------------------------------------------------------------------------- exact match family
+
+def test_exact_match_accuracy_consistency():
+    assert normalize_answer("  Yes. ") == "yes"
+    preds = {"q1": "Yes.", "q2": "red car", "q3": "blue"}
+    refs = {"q1": ["yes"], "q2": ["Red car"], "q3": ["green"]}
+    assert exact_match(preds, refs) == pytest.approx(2 / 3)
+    assert accuracy(preds, refs) == pytest.approx(2 / 3)
+    groups = {"q1": "g1", "q2": "g1", "q3": "g2"}
+    assert consistency(preds, refs, groups) == pytest.approx(0.5)  # g1 all right, g2 wrong
+    with pytest.raises(KeyError, match="q9"):
+        exact_match({"q9": "x"}, refs)
+    with pytest.raises(KeyError, match="no group"):
+        consistency(preds, refs, {"q1": "g1"})
+
+
+# ----------------------------------------------------------------------------- score_task
+
+def _has_pycocoevalcap():
+    try:
+        import pycocoevalcap.bleu.bleu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TASK_CASES = {
+    "vqa": ({"1": "Two", "2": "cat"}, {"1": ["2"] * 10, "2": ["dog"] * 10}, {"vqa_score": 0.5}),
+    "gqa": ({"1": "Yes", "2": "cup"}, {"1": ["yes"], "2": ["table"]}, {"exact_match": 0.5}),
+    "nlvr2": ({"1": "true", "2": "false", "3": "true"}, {"1": ["true"], "2": ["true"], "3": ["true"]},
+              {"accuracy": 2 / 3, "consistency": 0.5}),
+    "tvqa": ({"1": "a1", "2": "a3"}, {"1": ["a1"], "2": ["a0"]}, {"accuracy": 0.5}),
+    "how2qa": ({"1": "a2"}, {"1": ["a2"]}, {"accuracy": 1.0}),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_CASES))
+def test_score_task_classification_tasks(task):
+    preds, refs, expected = TASK_CASES[task]
+    groups = {"1": "g1", "2": "g1", "3": "g2"} if task == "nlvr2" else None
+    out = score_task(task, preds, refs, groups)
+    assert out == pytest.approx(expected)
+    assert TASKS[task].metric in out
+
+
+@pytest.mark.parametrize("task", ["caption", "tvc", "yc2c"])
+def test_score_task_caption_tasks(task):
+    out = score_task(task, {"1": "a b", "2": "c e"}, {"1": ["a b"], "2": ["c d"]})
+    assert set(out) == {"cider", "bleu4", "rouge_l"} if _has_pycocoevalcap() else {"cider"}
+    assert out["cider"] == pytest.approx(3.125)  # the hand-computed case above
+
+
+def test_score_task_errors_and_partial_references(caplog):
+    with pytest.raises(KeyError, match="unknown task 'vqa2'"):
+        score_task("vqa2", {"1": "x"}, {"1": ["x"]})
+    with pytest.raises(KeyError, match="'7'"):
+        score_task("gqa", {"7": "x"}, {"1": ["x"]})
+    with pytest.raises(ValueError, match="no predictions"):
+        score_task("gqa", {}, {"1": ["x"]})
+    with caplog.at_level(logging.WARNING):
+        out = score_task("gqa", {"1": "x"}, {"1": ["x"], "2": ["y"]})
+    assert out == {"exact_match": 1.0} and "1 reference ids have no prediction" in caplog.text

@@ -1,0 +1,265 @@
+"""Any Hugging Face ``datasets`` dataset with image and text columns, through a column mapping.
+
+``data.hf_dataset`` is a local folder written by ``DatasetDict.save_to_disk`` (read with
+``load_from_disk``), a local folder of data files, or a hub name (``load_dataset``; that needs the
+network or the local HF cache). It must have splits: ``train``; ``val`` = validation / val /
+valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
+
+    image      the image column (an ``Image`` feature, image bytes/path dicts, or file paths);
+               NLVR2: a list of two columns
+    image_id   optional: a column naming the image (rows sharing an image share its id and its
+               cached features); default "<split>/<row>" (NLVR2 "<split>/<row>/<k>")
+    question | text            the text input (vqa, gqa, nlvr2)
+    answer | answers           vqa / gqa: one gold answer and/or the list of human answers
+                               (strings or {"answer": ...}); VQA's target is ``answer`` or the most
+                               frequent of ``answers``, its references are ``answers``
+    caption | captions         caption: one caption or a list (train: one example per caption)
+    label                      nlvr2: 0/1, true/false
+    id                         optional: the uid column (default "<split>-<row>")
+    group                      optional, nlvr2: the consistency-group column
+
+The images become a :class:`HFImageSource` (a VisualSource of kind "images"): ``source[image_id]``
+decodes that row's image to a uint8 (H, W, 3) RGB array on demand from the memory-mapped Arrow table, so nothing is held twice in memory.
+Video tasks are not supported through this path.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from vlscale.data.real import DataError, ExampleList, Record, best_answer, parse_records
+from vlscale.data.tasks import Example, get_task
+
+logger = logging.getLogger(__name__)
+
+COLUMN_ROLES = ("image", "image_id", "question", "text", "answer", "answers", "caption", "captions",
+                "label", "id", "group")
+SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
+HF_TASKS = ("vqa", "gqa", "caption", "nlvr2")
+
+
+def open_hf_split(name_or_path: str, split: str):
+    """The ``datasets.Dataset`` of one of our splits, and the dataset's own split name."""
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"data.hf_dataset={name_or_path!r} is a file; give a dataset folder or a hub name")
+        try:
+            obj = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            obj = datasets.load_dataset(str(path))
+    else:
+        try:
+            obj = datasets.load_dataset(name_or_path)
+        except Exception as e:
+            raise DataError(f"data.hf_dataset={name_or_path!r}: not a local folder, and "
+                            f"datasets.load_dataset failed ({type(e).__name__}: {e})") from e
+    if isinstance(obj, datasets.Dataset):
+        raise DataError(f"data.hf_dataset={name_or_path!r} holds one Dataset without splits; save a "
+                        "DatasetDict with train / validation / test splits")
+    names = SPLIT_NAMES.get(split, (split,))
+    for name in names:
+        if name in obj:
+            return obj[name], name
+    raise DataError(f"data.hf_dataset={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
+                    f"its splits: {list(obj)}")
+
+
+def _roles(task: str, columns: dict, dataset_columns: list[str]) -> dict[str, Any]:
+    if task not in HF_TASKS:
+        raise DataError(f"data.hf_dataset supports tasks {list(HF_TASKS)}, not {task!r}")
+    unknown = [k for k in columns if k not in COLUMN_ROLES]
+    if unknown:
+        raise DataError(f"data.hf_columns has unknown role {unknown[0]!r}; valid roles: {list(COLUMN_ROLES)}")
+    roles = dict(columns)
+    need = {"vqa": [("image",), ("question", "text"), ("answer", "answers")],
+            "gqa": [("image",), ("question", "text"), ("answer", "answers")],
+            "caption": [("image",), ("caption", "captions")],
+            "nlvr2": [("image",), ("question", "text"), ("label", "answer")]}[task]
+    for options in need:
+        if not any(roles.get(o) for o in options):
+            raise DataError(f"data.hf_columns for task {task!r} needs {' or '.join(options)}; got {columns}")
+    images = roles["image"]
+    n_images = get_task(task).n_images
+    images = [images] if isinstance(images, str) else list(images)
+    if len(images) != n_images:
+        raise DataError(f"data.hf_columns.image for task {task!r} must name {n_images} column(s), got {roles['image']!r}")
+    roles["image"] = images
+    if n_images > 1 and roles.get("image_id"):
+        raise DataError("data.hf_columns.image_id applies to single-image tasks only")
+    for role, col in roles.items():
+        for c in (col if isinstance(col, list) else [col]):
+            if c not in dataset_columns:
+                raise DataError(f"data.hf_columns.{role}={c!r} is not a column of the dataset; "
+                                f"its columns: {dataset_columns}")
+    return roles
+
+
+class HFImageSource:
+    """VisualSource over image columns of an HF dataset: ``source[image_id]`` -> uint8 (H, W, 3)."""
+
+    kind = "images"
+
+    def __init__(self, dataset, locations: dict[str, tuple[int, str]]):
+        self.dataset = dataset
+        self.locations = locations
+        self._columns: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.locations
+
+    def ids(self) -> list[str]:
+        return list(self.locations)
+
+    def __repr__(self) -> str:
+        return f"HFImageSource({len(self.locations)} images)"
+
+    def __getitem__(self, image_id: str):
+        try:
+            row, column = self.locations[image_id]
+        except KeyError:
+            raise KeyError(f"image id {image_id!r} is not in this HF dataset split") from None
+        if column not in self._columns:
+            self._columns[column] = self.dataset.select_columns([column])
+        return decode_image(self._columns[column][row][column], f"row {row}, column {column!r}")
+
+
+def decode_image(value, where: str = ""):
+    """An HF image cell (PIL image, {bytes|path} dict, file path or array) -> uint8 (H, W, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        img = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        img = Image.open(value["path"])
+    elif isinstance(value, str) and value:
+        img = Image.open(value)
+    elif hasattr(value, "__array__"):
+        img = Image.fromarray(np.asarray(value))
+    else:
+        raise DataError(f"HF dataset {where}: cannot read an image from {type(value).__name__} {value!r:.60}")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _image_present(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, dict):
+        return bool(value.get("bytes") or value.get("path"))
+    if isinstance(value, str):
+        return bool(value)
+    return True
+
+
+def _strings(rec: Record, key: str, inner: tuple = ("answer",)) -> list[str]:
+    """A list column of strings (or of objects holding the string under one of ``inner``)."""
+    items = rec.get(key, list)
+    if not items:
+        raise rec.error(key, "is empty")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            item = next((item[k] for k in inner if isinstance(item.get(k), str)), None)
+        if not isinstance(item, str) or not item.strip():
+            raise rec.error(key, f"item {i} must be a non-empty string, got {items[i]!r:.60}")
+        out.append(item.strip())
+    return out
+
+
+def load_hf_examples(task: str, name_or_path: str, split: str, columns: dict,
+                     skip_bad_records: bool = False) -> tuple[ExampleList, HFImageSource]:
+    """Examples of ``task`` from one split of an HF dataset, and the VisualSource of its images."""
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (columns or {}).items()))
+    examples, source = _load_cached(task, str(name_or_path), split, frozen, bool(skip_bad_records))
+    out = ExampleList(examples, source=examples.source)
+    out.merge_skips(examples)
+    return out, source
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: bool):
+    import datasets
+
+    columns = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
+    ds, hf_split = open_hf_split(name_or_path, split)
+    roles = _roles(task, columns, list(ds.column_names))
+    needed = sorted({c for v in roles.values() for c in (v if isinstance(v, list) else [v])})
+    raw = ds.select_columns(needed)
+    for col in roles["image"]:
+        if isinstance(raw.features[col], datasets.Image):
+            raw = raw.cast_column(col, datasets.Image(decode=False))
+    source_name = f"{name_or_path}[{hf_split}]"
+    locations: dict[str, tuple[int, str]] = {}
+    train = split == "train"
+    current = {"row": -1}  # set by records() just before parse_records parses that row
+
+    def parse(rec: Record) -> list[Example]:
+        row = current["row"]
+        for col in roles["image"]:
+            if not _image_present(rec.data.get(col)):
+                raise rec.error(col, "has no image")
+        uid = rec.ident(roles["id"]) if roles.get("id") else f"{split}-{row}"
+        if roles.get("image_id"):
+            image_ids = [rec.ident(roles["image_id"])]
+        elif len(roles["image"]) == 1:
+            image_ids = [f"{split}/{row}"]
+        else:
+            image_ids = [f"{split}/{row}/{k}" for k in range(len(roles["image"]))]
+        text_col = roles.get("question") or roles.get("text")
+        extra: dict = {"row": row}
+        if task in ("vqa", "gqa"):
+            text = rec.text(text_col)
+            answers = _strings(rec, roles["answers"]) if roles.get("answers") else None
+            if roles.get("answer"):
+                target = rec.text(roles["answer"])
+            else:
+                counts = Counter(answers)
+                target = best_answer({a: float(c) for a, c in counts.items()})
+            refs = answers if (task == "vqa" and answers) else [target]
+            examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
+                                references=refs, extra=extra, source=source_name)]
+        elif task == "nlvr2":
+            from vlscale.data.nlvr2 import parse_bool_label
+
+            text = rec.text(text_col)
+            target = "true" if parse_bool_label(rec, roles.get("label") or roles["answer"]) else "false"
+            extra["group"] = rec.ident(roles["group"]) if roles.get("group") else uid
+            examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
+                                references=[target], extra=extra, source=source_name)]
+        else:  # caption
+            if roles.get("captions"):
+                captions = _strings(rec, roles["captions"], inner=("raw", "caption", "text"))
+            else:
+                captions = [rec.text(roles["caption"])]
+            if train:
+                examples = [Example(task=task, uid=f"{uid}#{k}", text="", target=c, image_ids=image_ids,
+                                    references=list(captions), extra=dict(extra), source=source_name)
+                            for k, c in enumerate(captions)]
+            else:
+                examples = [Example(task=task, uid=uid, text="", target=captions[0], image_ids=image_ids,
+                                    references=captions, extra=extra, source=source_name)]
+        for iid, col in zip(image_ids, roles["image"]):
+            locations.setdefault(iid, (row, col))
+        return examples
+
+    def records():
+        for row, data in enumerate(raw):
+            current["row"] = row
+            yield f"row {row}", data
+
+    examples = parse_records(source_name, records(), parse, skip, (roles.get("id") or "id",))
+    logger.info(f"{source_name}: {len(examples)} {task} examples, {len(locations)} images")
+    return examples, HFImageSource(ds, locations)

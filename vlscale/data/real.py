@@ -1,0 +1,428 @@
+"""Real datasets: the on-disk layout, the dispatch by task, and the record checks every loader shares.
+
+``load_real_examples(cfg, task, split)`` and ``real_visual_source(cfg, task, split)`` read under
+``cfg.data.root`` (or from ``cfg.data.hf_dataset``); split names are ``train``/``val``/``test``
+and map to each dataset's own file names (a name that is not one of the three is used as the
+file stem, e.g. ``split="minival"`` reads ``vqa/minival.json``)::
+
+    root/vqa/karpathy_{train,val,test}.json        VQAv2, Karpathy splits (VL-T5 release)
+    root/gqa/{train,valid,testdev}.json            GQA (VL-T5 release)
+    root/nlvr2/{train,valid,test}.json             NLVR2 (VL-T5 release)
+    root/coco/dataset_coco.json                    COCO captions, Karpathy split (restval -> train)
+    root/coco/images/[train2014|val2014/]<id>.jpg  COCO images (vqa and caption)
+    root/gqa/images/<img_id>.jpg                   GQA images
+    root/nlvr2/images/[train|dev|test1/]<id>.png   NLVR2 images, e.g. dev-850-0-img0.png
+    root/<video task>/{train,val,test}.jsonl       VALUE annotations (or <task>_<split>[_release].jsonl)
+    root/<video task>/subtitles.jsonl              subtitles (or tv_/how2_/yc2_subtitles.jsonl)
+    root/<video task>/features/<vid_name>.npy      per-video frame features, L x D (.safetensors too)
+
+Images go through ``vlscale.data.visual.ImageFolder``; with ``model.feature_source=cache`` (or,
+for video, ``data.feature_cache`` set) features come from ``vlscale.data.features.FeatureCache``.
+VL-T5 / VL-Adapter's own ``datasets/`` folder works as the root too (``GQA``, ``nlvr``, ``COCO``
+are accepted for ``gqa``, ``nlvr2``, ``coco``). Video frames may also be
+``root/<video task>/frames/<vid_name>/*.jpg`` (``ImageFolder(video=True)``).
+See docs/datasets.md for every format and where to download it.
+
+Bad input never disappears silently: a missing file, or a malformed record (missing key, wrong
+type, bad value, duplicate id), raises :class:`DataError` naming the file, the record (index or
+line, and its id) and the key. With ``data.skip_bad_records=true`` malformed records are skipped,
+counted in the returned list's ``skipped`` attribute and reported in a logged warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from vlscale.data.tasks import Example, get_task
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------- errors
+
+class DataError(ValueError):
+    """A dataset file or record is missing or malformed; the message names the file and record."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """An annotation, subtitle or feature file is not where the layout says."""
+
+
+class RecordError(DataError):
+    """One record is malformed. ``path``, ``where`` (record index / line), ``record_id``, ``key``."""
+
+    def __init__(self, path, where: str, record_id, key: Optional[str], problem: str):
+        self.path, self.where, self.record_id, self.key, self.problem = str(path), where, record_id, key, problem
+        rid = f" (id {record_id!r})" if record_id is not None else ""
+        what = f"key {key!r} {problem}" if key else problem
+        super().__init__(f"{path}: {where}{rid}: {what}")
+
+
+class ExampleList(list):
+    """A ``list[Example]`` that also says which file it came from and how many records were skipped."""
+
+    def __init__(self, items: Iterable = (), source: Optional[str] = None):
+        super().__init__(items)
+        self.source = source
+        self.skipped = 0
+        self.skip_messages: list[str] = []
+
+    def note_skip(self, err: DataError) -> None:
+        self.skipped += 1
+        if len(self.skip_messages) < 20:
+            self.skip_messages.append(str(err))
+
+    def merge_skips(self, other: "ExampleList") -> None:
+        self.skipped += other.skipped
+        self.skip_messages.extend(other.skip_messages[: max(0, 20 - len(self.skip_messages))])
+
+    def report(self) -> None:
+        if self.skipped:
+            logger.warning(f"{self.source}: skipped {self.skipped} malformed record(s) "
+                           f"(data.skip_bad_records=true); first: {self.skip_messages[0]}")
+
+
+# ----------------------------------------------------------------------------- records
+
+_REQUIRED = object()
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               bool: "true/false"}
+
+
+class Record:
+    """One raw record plus where it came from, so every check can name file, record and key."""
+
+    def __init__(self, path, where: str, data: Any, id_keys: tuple = ()):
+        self.path, self.where, self.data = str(path), where, data
+        self.record_id = None
+        if isinstance(data, dict):
+            for k in id_keys:
+                if isinstance(data.get(k), (str, int)) and not isinstance(data.get(k), bool):
+                    self.record_id = data[k]
+                    break
+
+    def error(self, key: Optional[str], problem: str) -> RecordError:
+        return RecordError(self.path, self.where, self.record_id, key, problem)
+
+    def get(self, key: str, types=str, default=_REQUIRED):
+        """``data[key]`` checked to be of ``types``; missing -> ``default`` or an error."""
+        if not isinstance(self.data, dict):
+            raise self.error(None, f"is {type(self.data).__name__}, expected a JSON object")
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, "is missing")
+            return default
+        value = self.data[key]
+        types = types if isinstance(types, tuple) else (types,)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise self.error(key, f"must be {names}, got {type(value).__name__} {_short(value)}")
+        return value
+
+    def text(self, key: str, default=_REQUIRED) -> str:
+        """A non-empty string field."""
+        value = self.get(key, str, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        if not value.strip():
+            raise self.error(key, "is an empty string")
+        return value.strip()
+
+    def ident(self, key: str, default=_REQUIRED) -> str:
+        """An id field (string or integer), returned as a string."""
+        value = self.get(key, (str, int), default)
+        return value if value is default and default is not _REQUIRED else str(value)
+
+    def score_map(self, key: str, allow_empty: bool) -> dict[str, float]:
+        """An ``{answer: score}`` object with finite numeric scores."""
+        label = self.get(key, dict)
+        if not label and not allow_empty:
+            raise self.error(key, "is empty")
+        for a, s in label.items():
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise self.error(key, f"score of answer {a!r} must be a number, got {_short(s)}")
+        return {str(a): float(s) for a, s in label.items()}
+
+
+def _short(value, n: int = 60) -> str:
+    s = repr(value)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def best_answer(scores: dict[str, float], counts: Optional[dict[str, int]] = None) -> str:
+    """Highest score; ties go to the answer given most often, then to the alphabetically first."""
+    counts = counts or {}
+    return min(scores, key=lambda a: (-scores[a], -counts.get(a, 0), a))
+
+
+def parse_records(path, records: Iterable[tuple[str, Any]], parse: Callable[[Record], list[Example]],
+                  skip_bad_records: bool, id_keys: tuple = ()) -> ExampleList:
+    """Run ``parse`` over ``(where, data)`` records with error context, skip mode and uid checks.
+
+    ``data`` may be a :class:`RecordError` (e.g. a JSONL line that is not JSON); it counts as bad.
+    """
+    out = ExampleList(source=str(path))
+    seen: dict[str, str] = {}
+    for where, data in records:
+        rec = Record(path, where, data, id_keys)
+        try:
+            if isinstance(data, RecordError):
+                raise data
+            examples = parse(rec)
+            for ex in examples:
+                if ex.uid in seen:
+                    raise rec.error(id_keys[0] if id_keys else None,
+                                    f"gives uid {ex.uid!r} again (first from {seen[ex.uid]})")
+        except RecordError as e:
+            if not skip_bad_records:
+                raise
+            out.note_skip(e)
+            continue
+        for ex in examples:
+            seen[ex.uid] = where
+        out.extend(examples)
+    out.report()
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+def require_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileNotFound(f"{what}: {path} does not exist (layout: docs/datasets.md)")
+    return path
+
+
+def read_json(path, what: str = "annotation file") -> Any:
+    path = require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_json_list(path, what: str = "annotation file") -> list[tuple[str, Any]]:
+    """A JSON file holding a list of records -> ``[("record i", data), ...]``."""
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"record {i}", d) for i, d in enumerate(data)]
+
+
+def read_jsonl(path, what: str = "annotation file") -> Iterator[tuple[str, Any]]:
+    """A JSON-lines file -> ``("line n", data)``; a line that is not JSON yields a RecordError."""
+    path = require_file(path, what)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {n}", RecordError(path, f"line {n}", None, None, f"is not valid JSON ({e})")
+
+
+# ----------------------------------------------------------------------------- layout
+
+# Dataset folders under root; the second spelling is VL-T5 / VL-Adapter's ``datasets/`` layout.
+FOLDERS = {"vqa": ("vqa",), "gqa": ("gqa", "GQA"), "nlvr2": ("nlvr2", "nlvr"), "caption": ("coco", "COCO")}
+ANNOTATIONS = {
+    "vqa": {"train": "karpathy_train.json", "val": "karpathy_val.json", "test": "karpathy_test.json"},
+    "gqa": {"train": "train.json", "val": "valid.json", "test": "testdev.json"},
+    "nlvr2": {"train": "train.json", "val": "valid.json", "test": "test.json"},
+}
+# (folder names, pattern, sub-folders also searched: COCO's train2014/val2014, NLVR2's splits)
+IMAGE_FOLDERS = {"vqa": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014")),
+                 "caption": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014")),
+                 "gqa": (("gqa", "GQA"), "{id}.jpg", ()),
+                 "nlvr2": (("nlvr2", "nlvr"), "{id}.png", ("train", "dev", "test1"))}
+SUBTITLE_FILES = {"tvqa": "tv_subtitles.jsonl", "tvc": "tv_subtitles.jsonl",
+                  "how2qa": "how2_subtitles.jsonl", "yc2c": "yc2_subtitles.jsonl"}
+
+
+def _root(cfg) -> Path:
+    if not cfg.data.root:
+        raise DataError("data.root is not set; point it at the folder of real datasets "
+                        "(layout in docs/datasets.md) or set data.hf_dataset")
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        raise DataFileNotFound(f"data.root={cfg.data.root!r} is not a directory")
+    return root
+
+
+def dataset_dir(root: Path, names: tuple) -> Path:
+    """The first of ``root/<name>`` that exists (else the first, for the error message)."""
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return root / names[0]
+
+
+def _check_split(split: str) -> None:
+    if not isinstance(split, str) or not split or "/" in split or split.startswith("."):
+        raise DataError(f"split {split!r} is not valid; use one of {list(SPLITS)} or a file stem")
+
+
+def video_annotation_candidates(task: str, split: str) -> list[str]:
+    names = [f"{split}.jsonl", f"{task}_{split}.jsonl", f"{task}_{split}_release.jsonl"]
+    if split == "test":
+        names += [f"{task}_test_public.jsonl", f"{task}_test_public_release.jsonl"]
+    return names
+
+
+def annotation_path(cfg, task: str, split: str) -> Path:
+    """The annotation file of ``task``/``split`` under ``data.root`` (must exist)."""
+    get_task(task)
+    _check_split(split)
+    root = _root(cfg)
+    if task in ANNOTATIONS:
+        name = ANNOTATIONS[task].get(split, f"{split}.json")
+        return require_file(dataset_dir(root, FOLDERS[task]) / name, f"{task} {split} annotations")
+    if task == "caption":
+        return require_file(dataset_dir(root, FOLDERS[task]) / "dataset_coco.json", "COCO Karpathy captions")
+    candidates = [root / task / n for n in video_annotation_candidates(task, split)]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise DataFileNotFound(f"{task} {split} annotations: none of {[str(p) for p in candidates]} exists "
+                           "(layout: docs/datasets.md)")
+
+
+_WARNED_NO_SUBTITLES: set = set()
+
+
+def subtitle_path(cfg, task: str) -> Optional[Path]:
+    root = _root(cfg)
+    for name in ("subtitles.jsonl", SUBTITLE_FILES[task]):
+        if (root / task / name).is_file():
+            return root / task / name
+    if (root, task) not in _WARNED_NO_SUBTITLES:
+        _WARNED_NO_SUBTITLES.add((root, task))
+        logger.warning(f"{task}: no subtitles file ({root / task / 'subtitles.jsonl'} or "
+                       f"{SUBTITLE_FILES[task]}); inputs will have no subtitle text")
+    return None
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def load_real_examples(cfg, task: str, split: str) -> ExampleList:
+    """Examples of ``task``/``split`` from the real data the config names (files or an HF dataset)."""
+    get_task(task)  # unknown task -> KeyError listing the known ones
+    _check_split(split)
+    skip = cfg.data.skip_bad_records
+    if cfg.data.hf_dataset:
+        from vlscale.data.hf_dataset import load_hf_examples
+
+        return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns, skip)[0]
+    path = annotation_path(cfg, task, split)
+    if task == "vqa":
+        from vlscale.data.vqa import load_vqa
+
+        return load_vqa(path, skip)
+    if task == "gqa":
+        from vlscale.data.gqa import load_gqa
+
+        return load_gqa(path, skip)
+    if task == "nlvr2":
+        from vlscale.data.nlvr2 import load_nlvr2
+
+        return load_nlvr2(path, skip)
+    if task == "caption":
+        from vlscale.data.caption import load_coco_karpathy
+
+        return load_coco_karpathy(path, split, skip)
+    from vlscale.data import video
+
+    subs = subtitle_path(cfg, task)
+    subtitles = video.load_subtitles(subs, skip) if subs else {}
+    if get_task(task).target == "choice":
+        return video.load_video_qa(task, path, subtitles, skip)
+    return video.load_video_captions(task, path, split, subtitles, skip)
+
+
+def _feature_cache(cfg, kind: str):
+    from vlscale.data.features import FeatureCache
+
+    return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision,
+                        pretrained=cfg.model.vision_pretrained, expect_kind=kind)
+
+
+def real_visual_source(cfg, task: str, split: str):
+    """The VisualSource whose ``[image_id]`` gives the inputs of ``load_real_examples``' examples.
+
+    Video: ``data.feature_cache`` if set, else ``root/<task>/features/`` (per-video L x D files,
+    :class:`~vlscale.data.video.VideoFeatureFolder`), else ``root/<task>/frames/<vid_name>/``
+    (frame images, ``ImageFolder(video=True)``). Images: ``FeatureCache`` with
+    ``model.feature_source=cache``, else the HF dataset's images, else the dataset's image folder.
+    """
+    spec = get_task(task)
+    _check_split(split)
+    if spec.modality == "video":
+        if cfg.data.feature_cache:
+            return _feature_cache(cfg, "frames")
+        from vlscale.data.video import VideoFeatureFolder
+        from vlscale.data.visual import ImageFolder
+
+        features, frames = _root(cfg) / task / "features", _root(cfg) / task / "frames"
+        if features.is_dir():
+            return VideoFeatureFolder(features, max_frames=cfg.model.max_frames)
+        if frames.is_dir():
+            return ImageFolder(frames, pattern="{id}", video=True)
+        raise DataFileNotFound(f"{task}: neither a frame-features folder {features} nor a frames folder "
+                               f"{frames} exists, and data.feature_cache is not set; layout: docs/datasets.md")
+    if cfg.model.feature_source == "cache":
+        if not cfg.data.feature_cache:
+            raise DataError("model.feature_source=cache needs data.feature_cache (the folder written by "
+                            "launchers/extract_features.py)")
+        return _feature_cache(cfg, "grid")
+    if cfg.data.hf_dataset:
+        from vlscale.data.hf_dataset import load_hf_examples
+
+        return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns,
+                                cfg.data.skip_bad_records)[1]
+    names, pattern, subfolders = IMAGE_FOLDERS[task]
+    path = dataset_dir(_root(cfg), names) / "images"
+    if not path.is_dir():
+        raise DataFileNotFound(f"{task}: image folder {path} does not exist; layout: docs/datasets.md")
+    from vlscale.data.visual import ImageFolder
+
+    folders = [ImageFolder(path, pattern=pattern)]
+    folders += [ImageFolder(path / sub, pattern=pattern) for sub in subfolders if (path / sub).is_dir()]
+    return folders[0] if len(folders) == 1 else FirstOf(folders)
+
+
+class FirstOf:
+    """A VisualSource over several others: an id comes from the first source that holds it."""
+
+    def __init__(self, sources: list):
+        kinds = {s.kind for s in sources}
+        if len(kinds) != 1:
+            raise ValueError(f"FirstOf: sources of different kinds {sorted(kinds)}")
+        self.sources = list(sources)
+        self.kind = kinds.pop()
+
+    def __contains__(self, image_id: str) -> bool:
+        return any(image_id in s for s in self.sources)
+
+    def __getitem__(self, image_id: str):
+        for s in self.sources:
+            if image_id in s:
+                return s[image_id]
+        raise KeyError(f"image id {image_id!r} is in none of {self.sources}")
+
+    def ids(self) -> list[str]:
+        return sorted({i for s in self.sources for i in s.ids()})
+
+    def __repr__(self) -> str:
+        return f"FirstOf({self.sources})"

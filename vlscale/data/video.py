@@ -1,0 +1,231 @@
+"""Video tasks in the VALUE benchmark format: TVQA, How2QA (multiple-choice QA), TVC, YC2C (captioning).
+
+Annotations are JSON lines, one record per line::
+
+    TVQA / How2QA  {"qid": 7, "q": "What did Ross do?", "a0": "...", ..., "a4": "...",
+                    "answer_idx": 2, "vid_name": "friends_s01e01_seg01_clip_00",
+                    "ts": "12.3-18.9" or [12.3, 18.9], ...}          (How2QA: a0..a3)
+    TVC / YC2C     {"clip_id": 3, "vid_name": "...", "ts": [12.3, 18.9],
+                    "descs": [{"desc": "Ross hugs Rachel."}, ...], ...}
+
+Subtitles (optional, one JSON line per video)::
+
+    {"vid_name": "friends_s01e01_seg01_clip_00", "sub": [{"text": "Hi.", "start": 0.5, "end": 1.2}, ...]}
+
+Inputs follow the synthetic world's format: QA ``text`` is
+``"<q> a0: <a0> a1: <a1> ... subtitle: <sub>"`` and ``target`` is the right option's name ("a2"),
+scored by accuracy; captioning ``text`` is ``<sub>`` (empty without subtitles). ``<sub>`` joins
+the subtitle lines overlapping ``ts`` (all lines when ``ts`` is absent or "NaN-NaN"); it comes
+last so it is what truncation cuts. Caption splits work as COCO's: ``train`` gives one example
+per description (``uid`` "<clip_id>#<k>"), val/test one per clip (``uid`` = ``clip_id``, else
+``vid_name``) with all descriptions as ``references``. ``image_ids`` = ``[vid_name]``; ``extra``
+keeps ``ts`` (seconds), ``subtitle`` and, for QA, ``question``, ``candidates``, ``answer_text``.
+
+Frame features: :class:`VideoFeatureFolder` (a VisualSource of kind "features") reads
+``dir/<vid_name>.npy`` (an L x D array) or ``dir/<vid_name>.safetensors`` (tensor ``features``,
+or its only tensor) and returns a float32 tensor (L, D), evenly subsampled to ``max_frames``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from vlscale.data.real import (DataError, ExampleList, Record, RecordError, parse_records, read_jsonl)
+from vlscale.data.tasks import Example
+
+Subtitles = dict[str, list[tuple[float, float, str]]]
+
+
+# ----------------------------------------------------------------------------- subtitles
+
+def load_subtitles(path, skip_bad_records: bool = False) -> Subtitles:
+    """``vid_name -> [(start, end, text), ...]`` sorted by start time."""
+    subs: Subtitles = {}
+    bad = ExampleList(source=str(path))
+    for where, data in read_jsonl(path, "subtitles"):
+        rec = Record(path, where, data, ("vid_name",))
+        try:
+            if isinstance(data, RecordError):
+                raise data
+            vid = rec.text("vid_name")
+            lines = []
+            for i, item in enumerate(rec.get("sub", list)):
+                ok = isinstance(item, dict) and isinstance(item.get("text"), str) and all(
+                    isinstance(item.get(k), (int, float)) and not isinstance(item.get(k), bool)
+                    for k in ("start", "end"))
+                if not ok:
+                    raise rec.error("sub", f"item {i} needs 'text' (string), 'start' and 'end' (numbers), "
+                                           f"got {item!r:.80}")
+                lines.append((float(item["start"]), float(item["end"]), item["text"].strip()))
+            if vid in subs:
+                raise rec.error("vid_name", "appears twice in the subtitles file")
+        except RecordError as e:
+            if not skip_bad_records:
+                raise
+            bad.note_skip(e)
+            continue
+        subs[vid] = sorted(lines)
+    bad.report()
+    return subs
+
+
+def parse_ts(rec: Record) -> Optional[tuple[float, float]]:
+    """``ts`` as "start-end" or [start, end]; None when absent or NaN."""
+    value = rec.get("ts", (str, list), None)
+    if value is None:
+        return None
+    try:
+        parts = value.split("-") if isinstance(value, str) else value
+        if len(parts) != 2 or any(isinstance(p, bool) for p in parts):
+            raise ValueError
+        start, end = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise rec.error("ts", f"must be 'start-end' or [start, end] in seconds, got {value!r}") from None
+    if math.isnan(start) or math.isnan(end):
+        return None
+    if end < start:
+        raise rec.error("ts", f"ends before it starts: {value!r}")
+    return start, end
+
+
+def subtitle_text(lines: list[tuple[float, float, str]], ts: Optional[tuple[float, float]]) -> str:
+    if ts is not None:
+        lines = [ln for ln in lines if ln[1] >= ts[0] and ln[0] <= ts[1]]
+    return " ".join(t for _, _, t in lines if t)
+
+
+# ----------------------------------------------------------------------------- QA
+
+def _options(rec: Record) -> list[str]:
+    options = []
+    while f"a{len(options)}" in (rec.data if isinstance(rec.data, dict) else {}):
+        options.append(rec.text(f"a{len(options)}"))
+    if len(options) < 2:
+        raise rec.error("a0" if not options else "a1", "is missing (need answer options a0, a1, ...)")
+    return options
+
+
+def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool = False) -> ExampleList:
+    """TVQA / How2QA: one example per question; target = the right option's name ("a0".."a4")."""
+
+    def parse(rec: Record) -> list[Example]:
+        qid = rec.ident("qid")
+        question = rec.text("q")
+        options = _options(rec)
+        answer = rec.get("answer_idx", (int, str))
+        if isinstance(answer, str) and answer.strip().isdigit():
+            answer = int(answer)
+        if not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise rec.error("answer_idx", f"must be an option index 0..{len(options) - 1}, got {answer!r}")
+        vid = rec.text("vid_name")
+        ts = parse_ts(rec)
+        text = question + " " + " ".join(f"a{i}: {o}" for i, o in enumerate(options))
+        sub = subtitle_text(subtitles.get(vid, []), ts)
+        if sub:
+            text += f" subtitle: {sub}"
+        label = f"a{answer}"
+        return [Example(task=task, uid=qid, text=text, target=label, image_ids=[vid], references=[label],
+                        extra={"ts": ts, "question": question, "candidates": options,
+                               "answer_text": options[answer], "subtitle": sub},
+                        source=rec.path)]
+
+    return parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",))
+
+
+# ----------------------------------------------------------------------------- captioning
+
+def _descriptions(rec: Record) -> list[str]:
+    descs = rec.get("descs", list)
+    if not descs:
+        raise rec.error("descs", "is empty")
+    out = []
+    for i, d in enumerate(descs):
+        text = d.get("desc") if isinstance(d, dict) else d
+        if not isinstance(text, str) or not text.strip():
+            raise rec.error("descs", f"item {i} needs a non-empty string 'desc', got {d!r:.80}")
+        out.append(text.strip())
+    return out
+
+
+def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
+                        skip_bad_records: bool = False) -> ExampleList:
+    """TVC / YC2C: one example per description (train) or per clip with all descriptions (val/test)."""
+    train = split == "train"
+
+    def parse(rec: Record) -> list[Example]:
+        vid = rec.text("vid_name")
+        clip = rec.ident("clip_id", None) or vid
+        descs = _descriptions(rec)
+        ts = parse_ts(rec)
+        sub = subtitle_text(subtitles.get(vid, []), ts)
+        text = sub
+        extra = {"ts": ts, "clip_id": clip, "subtitle": sub}
+        if train:
+            return [Example(task=task, uid=f"{clip}#{k}", text=text, target=d, image_ids=[vid],
+                            references=list(descs), extra=dict(extra), source=rec.path)
+                    for k, d in enumerate(descs)]
+        return [Example(task=task, uid=clip, text=text, target=descs[0], image_ids=[vid],
+                        references=descs, extra=extra, source=rec.path)]
+
+    return parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records,
+                         ("clip_id", "vid_name"))
+
+
+# ----------------------------------------------------------------------------- frame features
+
+class VideoFeatureFolder:
+    """VisualSource of per-video frame features: ``source[vid_name]`` -> float32 tensor (L, D)."""
+
+    kind = "features"
+
+    def __init__(self, root, max_frames: Optional[int] = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"video features folder {self.root} does not exist")
+        self.max_frames = max_frames
+
+    def _path(self, vid: str) -> Optional[Path]:
+        for suffix in (".npy", ".safetensors"):
+            p = self.root / f"{vid}{suffix}"
+            if p.is_file():
+                return p
+        return None
+
+    def __contains__(self, vid: str) -> bool:
+        return self._path(vid) is not None
+
+    def ids(self) -> list[str]:
+        return sorted({p.stem for p in self.root.iterdir() if p.suffix in (".npy", ".safetensors")})
+
+    def __repr__(self) -> str:
+        return f"VideoFeatureFolder({str(self.root)!r}, max_frames={self.max_frames})"
+
+    def __getitem__(self, vid: str):
+        import numpy as np
+        import torch
+
+        path = self._path(vid)
+        if path is None:
+            raise KeyError(f"no frame features for video {vid!r}: neither {self.root / (vid + '.npy')} "
+                           "nor .safetensors exists")
+        if path.suffix == ".npy":
+            feats = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if "features" in tensors:
+                feats = tensors["features"]
+            elif len(tensors) == 1:
+                feats = next(iter(tensors.values()))
+            else:
+                raise DataError(f"{path}: holds tensors {sorted(tensors)}; expected one named 'features'")
+        if feats.ndim != 2 or feats.shape[0] == 0:
+            raise DataError(f"{path}: frame features must be a non-empty L x D matrix, got shape {tuple(feats.shape)}")
+        feats = feats.float()
+        if self.max_frames and feats.shape[0] > self.max_frames:
+            idx = torch.linspace(0, feats.shape[0] - 1, self.max_frames).round().long()
+            feats = feats[idx]
+        return feats

@@ -1,0 +1,65 @@
+"""VQAv2 in the VL-T5 / VL-Adapter release format (Karpathy splits: ``karpathy_{train,val,test}.json``).
+
+Each file is a JSON list of questions::
+
+    {"img_id": "COCO_val2014_000000393225", "sent": "What is the man holding?",
+     "question_id": 393225001, "label": {"bat": 1.0, "stick": 0.3},
+     "answer_type": "other", "question_type": "what is the",
+     "answers": [{"answer": "bat", ...}, ... 10 raw human answers, or plain strings]}
+
+``target`` is the highest-scoring ``label`` answer (ties: the answer given most often among the
+raw answers, then the alphabetically first); an empty ``label`` (no answer in the vocabulary)
+falls back to the most frequent raw answer. ``references`` are the raw answers, which the official
+scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
+``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
+``nominival.json`` if they carry ``answers``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from vlscale.data.real import ExampleList, Record, best_answer, parse_records, read_json_list
+from vlscale.data.tasks import Example
+
+ID_KEYS = ("question_id",)
+
+
+def raw_answers(rec: Record, key: str = "answers") -> list[str]:
+    """The human answers, given as ``{"answer": str}`` objects or as strings."""
+    answers = rec.get(key, list)
+    if not answers:
+        raise rec.error(key, "is empty (the VQA scorer needs the human answers)")
+    out = []
+    for i, a in enumerate(answers):
+        if isinstance(a, dict):
+            a = a.get("answer")
+        if not isinstance(a, str):
+            raise rec.error(key, f"item {i} must be a string or an object with a string 'answer', got {answers[i]!r}")
+        out.append(a.strip())
+    return out
+
+
+def parse_vqa(rec: Record) -> list[Example]:
+    img_id = rec.text("img_id")
+    question = rec.text("sent")
+    qid = rec.ident("question_id")
+    label = rec.score_map("label", allow_empty=True)
+    answers = raw_answers(rec)
+    counts = Counter(answers)
+    if label:
+        target = best_answer(label, counts)
+    else:
+        target = best_answer({a: float(c) for a, c in counts.items()})
+    extra = {"label": label}
+    for key in ("answer_type", "question_type"):
+        value = rec.get(key, str, None)
+        if value is not None:
+            extra[key] = value
+    return [Example(task="vqa", uid=qid, text=question, target=target, image_ids=[img_id],
+                    references=answers, extra=extra, source=rec.path)]
+
+
+def load_vqa(path, skip_bad_records: bool = False) -> ExampleList:
+    """All questions of one VQA file, one :class:`Example` each."""
+    return parse_records(path, read_json_list(path, "VQA annotations"), parse_vqa, skip_bad_records, ID_KEYS)

@@ -1,0 +1,116 @@
+"""Captioning metrics: CIDEr-D (ours, pure Python) plus BLEU-4, METEOR and ROUGE-L from pycocoevalcap.
+
+``caption_scores`` follows coco-caption: sentences go through the Stanford PTB tokenizer
+(lowercased, punctuation tokens removed) before BLEU, METEOR and ROUGE-L. The tokenizer and
+METEOR are Java programs shipped inside pycocoevalcap. Without ``java`` on the PATH (or
+``use_java=False``) a warning names what is affected: BLEU and ROUGE-L then use our simple Python
+tokenisation and METEOR is left out of the result (never a crash, never a made-up number). CIDEr
+always uses :func:`vlscale.metrics.cider.tokenize` on the raw strings, so it is the same number
+with or without Java.
+
+pycocoevalcap comes with the ``metrics`` extra (``pip install 'vlscale[metrics]'``).
+Scores are on coco-caption's scale (BLEU/METEOR/ROUGE-L in [0, 1], CIDEr ~1 for good models);
+papers report them x100.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Hashable, Optional
+
+from .cider import cider, tokenize
+
+logger = logging.getLogger(__name__)
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def _check(predictions: dict, references: dict) -> None:
+    if not predictions:
+        raise ValueError("caption_scores: no predictions to score")
+    for k in predictions:
+        if k not in references:
+            raise KeyError(f"caption_scores: prediction id {k!r} is not in the references")
+        refs = references[k]
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"caption_scores: references[{k!r}] must be a non-empty list of strings")
+
+
+def _simple_tokenized(predictions: dict, references: dict):
+    res = {k: [" ".join(tokenize(predictions[k]))] for k in predictions}
+    gts = {k: [" ".join(tokenize(r)) for r in references[k]] for k in predictions}
+    return res, gts
+
+
+def _ptb_tokenized(predictions: dict, references: dict):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # One Java run for candidates and references; keyed by position so any hashable id works.
+    keys = list(predictions)
+    batch = {f"p{i}": [{"caption": str(predictions[k])}] for i, k in enumerate(keys)}
+    batch.update({f"r{i}": [{"caption": str(r)} for r in references[k]] for i, k in enumerate(keys)})
+    out = PTBTokenizer().tokenize(batch)
+    if len(out) != len(batch) or any(len(out[b]) != len(batch[b]) for b in batch):
+        raise RuntimeError("the PTB tokenizer returned a different number of sentences than it was given")
+    return ({k: out[f"p{i}"] for i, k in enumerate(keys)}, {k: out[f"r{i}"] for i, k in enumerate(keys)})
+
+
+def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
+                   use_java: Optional[bool] = None) -> dict[str, float]:
+    """``{"cider", "bleu4", "meteor", "rouge_l"}`` of the predicted ids (``meteor`` needs Java).
+
+    ``use_java``: None = use Java when ``java`` is on the PATH; False = never (no METEOR).
+    """
+    _check(predictions, references)
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError as e:
+        raise ImportError("caption_scores needs pycocoevalcap for BLEU, METEOR and ROUGE-L: "
+                          "pip install 'vlscale[metrics]' (vlscale.metrics.cider needs nothing)") from e
+
+    java = java_available() if use_java is None else use_java
+    if use_java and not java_available():
+        logger.warning("caption_scores: use_java=True but no 'java' on the PATH")
+        java = False
+    if not java:
+        logger.warning("caption_scores: METEOR needs Java (no 'java' on the PATH or use_java=False): "
+                       "METEOR is omitted; BLEU-4 and ROUGE-L use simple Python tokenisation instead "
+                       "of the Java PTB tokenizer")
+    out = {"cider": cider(predictions, references)}
+    res = gts = None
+    if java:
+        try:
+            res, gts = _ptb_tokenized(predictions, references)
+        except Exception as e:  # Java present but the tokenizer failed: say so, fall back.
+            logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); BLEU-4 and ROUGE-L "
+                           "use simple Python tokenisation")
+    if res is None:
+        res, gts = _simple_tokenized(predictions, references)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out["bleu4"] = float(bleu[3])
+    out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    if java:
+        try:
+            out["meteor"] = _meteor(gts, res)
+        except Exception as e:
+            logger.warning(f"caption_scores: METEOR (Java) failed ({e}); METEOR is omitted")
+    return out
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        score, _ = scorer.compute_score(gts, res)
+    finally:
+        # Stop the JVM now rather than at garbage collection (Meteor.__del__ repeats this harmlessly).
+        with scorer.lock:
+            scorer.meteor_p.stdin.close()
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+    return float(score)

@@ -1,0 +1,68 @@
+"""Exact-match metrics: GQA answers, NLVR2 true/false (+ consistency), video QA choices.
+
+All compare a normalised prediction with normalised references (lowercase, punctuation to
+spaces, whitespace collapsed: "Yes." == "yes", "T-shirt" == "t shirt"); a prediction is right
+when it equals any of its references. NLVR2 consistency (Suhr et al. 2019) is the fraction of
+groups (one sentence across its image pairs) whose examples are all right.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Hashable, Optional
+
+_PUNCT = re.compile(r"[^\w\s']|_")
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation (except apostrophes) to spaces, collapse whitespace."""
+    return " ".join(_PUNCT.sub(" ", str(text).lower()).split())
+
+
+def correct(prediction: str, references: list[str]) -> bool:
+    if isinstance(references, str):
+        references = [references]
+    if not references:
+        raise ValueError(f"no references to compare prediction {prediction!r} with")
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(r) for r in references)
+
+
+def _check_ids(predictions: dict, references: dict, metric: str) -> None:
+    if not predictions:
+        raise ValueError(f"{metric}: no predictions to score")
+    for k in predictions:
+        if k not in references:
+            raise KeyError(f"{metric}: prediction id {k!r} is not in the references")
+
+
+def exact_match(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
+    """Fraction of predictions equal (normalised) to one of their references (GQA)."""
+    _check_ids(predictions, references, "exact_match")
+    return sum(correct(predictions[k], references[k]) for k in predictions) / len(predictions)
+
+
+def accuracy(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
+    """Classification accuracy (NLVR2 true/false, video QA choice index); same rule as exact_match."""
+    _check_ids(predictions, references, "accuracy")
+    return sum(correct(predictions[k], references[k]) for k in predictions) / len(predictions)
+
+
+def consistency(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
+                groups: dict[Hashable, str]) -> float:
+    """Fraction of groups in which every predicted example is right (NLVR2 consistency)."""
+    _check_ids(predictions, references, "consistency")
+    all_right: dict[str, bool] = {}
+    for k in predictions:
+        if k not in groups:
+            raise KeyError(f"consistency: prediction id {k!r} has no group")
+        g = groups[k]
+        all_right[g] = all_right.get(g, True) and correct(predictions[k], references[k])
+    return sum(all_right.values()) / len(all_right)
+
+
+def nlvr2_scores(predictions: dict, references: dict, groups: Optional[dict] = None) -> dict[str, float]:
+    out = {"accuracy": accuracy(predictions, references)}
+    if groups is not None:
+        out["consistency"] = consistency(predictions, references, groups)
+    return out
