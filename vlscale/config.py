@@ -158,7 +158,7 @@ class DataConfig:
     source: str = "synthetic"
     """``synthetic`` (the embedded world, no download) or ``real`` (files under ``root``)."""
     root: Optional[str] = None
-    """Root folder of real datasets (layout in the README)."""
+    """Root folder of real datasets (layout and formats: docs/datasets.md)."""
     feature_cache: Optional[str] = None
     """Folder of precomputed CLIP features (launchers/extract_features.py)."""
     synthetic_train: int = 600
