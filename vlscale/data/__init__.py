@@ -1,1 +1,169 @@
+"""Data for the training engine: examples, visual sources, the multitask train loader, eval batches.
 
+    from vlscale.data import build_tokenizer, load_examples, build_visual_source, build_train_loader, eval_batches
+
+    tok = build_tokenizer(cfg)
+    loader = build_train_loader(cfg, tok, rank, world_size)
+    batch = next(loader)            # one micro-batch for this rank; the gradient_accumulation_steps
+                                    # micro-batches of an optimizer step share the step's task
+    loader.step                     # optimizer steps consumed; loader.state_dict() / load_state_dict()
+    for batch in eval_batches(cfg, tok, "vqa", "val", 32, rank, world_size):
+        ...                         # batch["valid"]: False for padding (every rank gets as many batches)
+
+Examples come from the synthetic world (``data.source=synthetic``, vlscale.data.synthetic) or the
+real datasets (vlscale.data.real); the batch dict is documented in vlscale.data.collate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+
+from vlscale.data.collate import Collator, fetch_visuals
+from vlscale.data.multitask import MultitaskSampler, shard
+from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
+from vlscale.data.tokenizer import build_tokenizer
+
+__all__ = ["build_tokenizer", "load_examples", "build_visual_source", "build_train_loader", "eval_batches",
+           "TrainLoader", "Collator", "MultitaskSampler", "shard", "Example", "TaskSpec", "TASKS", "get_task"]
+
+
+def load_examples(cfg, task: str, split: str) -> list[Example]:
+    """The examples of ``task`` / ``split`` (``train``, ``val``, ``test``) from the run's data source."""
+    get_task(task)
+    if cfg.data.source == "synthetic":
+        from vlscale.data.synthetic import synthetic_split
+
+        return synthetic_split(cfg, task, split).examples
+    from vlscale.data.real import load_real_examples
+
+    return load_real_examples(cfg, task, split)
+
+
+def build_visual_source(cfg, task: str, split: str):
+    """Where ``task`` / ``split``'s image ids resolve: synthetic images, a feature cache, real files."""
+    spec = get_task(task)
+    if cfg.data.source != "synthetic":
+        from vlscale.data.real import real_visual_source
+
+        return real_visual_source(cfg, task, split)
+    if cfg.model.feature_source == "cache":
+        from vlscale.data.features import FeatureCache
+
+        if not cfg.data.feature_cache:
+            raise ValueError("model.feature_source=cache needs data.feature_cache=DIR (make it with "
+                             "python launchers/extract_features.py --synthetic --out DIR)")
+        return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
+                            expect_kind="frames" if spec.modality == "video" else "grid")
+    from vlscale.data.synthetic import synthetic_split
+    from vlscale.data.visual import SyntheticImages
+
+    return SyntheticImages(synthetic_split(cfg, task, split).visuals, name=f"synthetic world ({task}/{split})")
+
+
+class TrainLoader:
+    """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
+
+    def __init__(self, cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.micro = cfg.train.micro_batch_size
+        self.accum = cfg.train.gradient_accumulation_steps
+        self.examples = {t: load_examples(cfg, t, "train") for t in cfg.data.tasks}
+        for t, ex in self.examples.items():
+            if not ex:
+                raise ValueError(f"task {t!r} has no training examples (data.source={cfg.data.source})")
+        self.sources = {t: build_visual_source(cfg, t, "train") for t in cfg.data.tasks}
+        self.collator = Collator(tokenizer, cfg, vision_transform)
+        self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
+                                        self.micro * world_size * self.accum, seed=cfg.train.seed,
+                                        sampling=cfg.data.sampling, temperature=cfg.data.temperature)
+        self.step = 0  # optimizer steps fully consumed
+        self._micro_index = 0  # micro-batches of the current step already handed out
+        self._current: Optional[tuple[str, list[list[int]]]] = None
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.sampler.global_batch_size
+
+    def current_task(self) -> str:
+        """The task of the step the next micro-batch belongs to."""
+        return self.sampler.task_at(self.step)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._current is None:
+            task, indices = self.sampler.step(self.step)
+            self._current = (task, shard(indices, self.rank, self.world_size, self.micro, self.accum))
+        task, parts = self._current
+        examples = [self.examples[task][i] for i in parts[self._micro_index]]
+        batch = self.collator(examples, fetch_visuals(self.sources[task], examples))
+        self._micro_index += 1
+        if self._micro_index == self.accum:
+            self.step += 1
+            self._micro_index = 0
+            self._current = None
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro_index": self._micro_index, "sampler": self.sampler.state_dict(),
+                "world_size": self.world_size, "accum": self.accum}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume exactly; across world sizes too when the global batch is the same (at a step boundary)."""
+        sampler_state = dict(state["sampler"], position=state["step"])
+        self.sampler.load_state_dict(sampler_state)
+        if state.get("micro_index", 0) and (state.get("world_size"), state.get("accum")) != (self.world_size, self.accum):
+            raise ValueError(f"TrainLoader.load_state_dict: saved mid-step (micro-batch {state['micro_index']}) with "
+                             f"world_size={state.get('world_size')}, accum={state.get('accum')}; resume with those, "
+                             "or from a step boundary")
+        self.step = int(state["step"])
+        self._micro_index = int(state.get("micro_index", 0))
+        self._current = None
+        if self._micro_index:
+            task, indices = self.sampler.step(self.step)
+            self._current = (task, shard(indices, self.rank, self.world_size, self.micro, self.accum))
+
+
+def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None) -> TrainLoader:
+    """The multitask train loader over ``cfg.data.tasks`` (see :class:`TrainLoader`)."""
+    return TrainLoader(cfg, tokenizer, rank, world_size, vision_transform)
+
+
+def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_examples: Optional[int] = None, vision_transform=None) -> Iterator[dict]:
+    """Batches of this rank's share (strided) of ``task`` / ``split``; ``batch["valid"]`` marks real examples.
+
+    Every rank gets the same number of equally sized batches: short shards are padded by repeating
+    examples, flagged ``valid=False``, so synchronised generation on all ranks never hangs.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"eval batch_size={batch_size} must be > 0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    examples = load_examples(cfg, task, split)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    if not examples:
+        raise ValueError(f"{task}/{split}: no examples to evaluate")
+    source = build_visual_source(cfg, task, split)
+    collator = Collator(tokenizer, cfg, vision_transform)
+    per_rank = math.ceil(len(examples) / world_size)
+    mine = list(range(rank, len(examples), world_size))
+    fill = mine or [0]
+    order = mine + [fill[k % len(fill)] for k in range(per_rank - len(mine))]
+    valid = [True] * len(mine) + [False] * (per_rank - len(mine))
+
+    def generate():
+        for start in range(0, per_rank, batch_size):
+            chunk = [examples[i] for i in order[start:start + batch_size]]
+            batch = collator(chunk, fetch_visuals(source, chunk))
+            batch["valid"] = torch.tensor(valid[start:start + batch_size], dtype=torch.bool)
+            yield batch
+
+    return generate()

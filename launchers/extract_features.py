@@ -1,0 +1,174 @@
+"""Precompute frozen-CLIP features into a feature cache (then train with model.feature_source=cache).
+
+    python launchers/extract_features.py --vision RN101 [--pretrained TAG_OR_FILE] \\
+        (--images DIR | --synthetic [--config NAME] [key=value ...] | --hf-dataset NAME_OR_PATH --image-column COL) \\
+        --out DIR [--batch-size N] [--video] [--fp16] [--device cpu|cuda]
+
+Images give the raw grid of the RN's last conv stage (RN101 at 224 px: 49 x 2048) or a ViT's
+patch tokens; videos (``--video``) give one CLIP image embedding per frame (F, E). Sources:
+``--images DIR`` (ids = file names without suffix; with ``--video`` each sub-folder is a video of
+frame images), ``--synthetic`` (every split of the config's tasks in the synthetic world; video
+tasks switch ``--video`` on), ``--hf-dataset`` (a HF ``datasets`` dataset by name or a
+``save_to_disk`` folder; ids from ``--id-column`` or the row number). Resumable: ids already in
+``--out`` are skipped; shards are written atomically. Format: see vlscale/data/features.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--vision", help="open_clip model name (RN101, ViT-B-32, tiny-clip-rn, ...); "
+                                     "default with --synthetic: the config's model.vision")
+    ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file "
+                                                       "(default with --synthetic: model.vision_pretrained)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", type=Path, help="folder of images (or, with --video, of frame folders)")
+    src.add_argument("--synthetic", action="store_true", help="the synthetic world of --config")
+    src.add_argument("--hf-dataset", help="HF datasets name or save_to_disk folder")
+    ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic)")
+    ap.add_argument("--image-column", default=None, help="--hf-dataset: the image column")
+    ap.add_argument("--id-column", default=None, help="--hf-dataset: the id column (default: row number)")
+    ap.add_argument("--split", default="train", help="--hf-dataset: which split (default train)")
+    ap.add_argument("--pattern", default=None, help="--images: file name pattern with {id} (default: any image)")
+    ap.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed when present)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
+    ap.add_argument("--shard-size", type=int, default=512, help="ids per safetensors shard")
+    ap.add_argument("--video", action="store_true", help="per-frame global embeddings (F, E)")
+    ap.add_argument("--fp16", action="store_true", help="store features in fp16 (read back as fp32)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.overrides and not args.synthetic:
+        ap.error(f"config overrides {args.overrides} only apply with --synthetic")
+    if args.hf_dataset and not args.image_column:
+        ap.error("--hf-dataset needs --image-column")
+    if not args.synthetic and not args.vision:
+        ap.error("--vision is required (e.g. --vision RN101)")
+    return args
+
+
+def image_folder_jobs(args):
+    """[(source, ids, video)] for --images DIR."""
+    from vlscale.data.visual import IMAGE_SUFFIXES, ImageFolder
+
+    if not args.images.is_dir():
+        raise SystemExit(f"--images {args.images}: no such folder")
+    if args.video:
+        source = ImageFolder(args.images, args.pattern or "{id}", video=True)
+        return [(source, source.ids(), True)]
+    if args.pattern:
+        source = ImageFolder(args.images, args.pattern)
+        return [(source, source.ids(), False)]
+    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"--images {args.images}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    by_suffix: dict = {}
+    for p in files:
+        by_suffix.setdefault(p.suffix, []).append(p.stem)
+    return [(ImageFolder(args.images, "{id}" + suffix), stems, False) for suffix, stems in by_suffix.items()]
+
+
+def synthetic_jobs(args, cfg):
+    from vlscale.data.synthetic import SPLITS, synthetic_split
+    from vlscale.data.tasks import get_task
+    from vlscale.data.visual import SyntheticImages
+
+    modalities = {get_task(t).modality for t in cfg.data.tasks}
+    video = modalities == {"video"}
+    if args.video and not video:
+        raise SystemExit(f"--video, but data.tasks={cfg.data.tasks} are image tasks")
+    jobs = []
+    for task in cfg.data.tasks:
+        for split in SPLITS:
+            data = synthetic_split(cfg, task, split)
+            jobs.append((SyntheticImages(data.visuals, f"synthetic {task}/{split}"), list(data.visuals), video))
+    return jobs
+
+
+class _HFImages:
+    kind = "images"
+
+    def __init__(self, ds, column, ids):
+        self.ds, self.column, self.row = ds, column, {i: r for r, i in enumerate(ids)}
+
+    def __getitem__(self, image_id):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        img = self.ds[self.row[image_id]][self.column]
+        if isinstance(img, dict):  # undecoded {"bytes", "path"}
+            img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+        elif isinstance(img, str):
+            img = Image.open(img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+    def __contains__(self, image_id):
+        return image_id in self.row
+
+
+def hf_jobs(args):
+    import datasets
+
+    path = Path(args.hf_dataset)
+    if args.video:
+        raise SystemExit("--video is not supported with --hf-dataset (use --images DIR with frame folders)")
+    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(args.hf_dataset)
+    if isinstance(ds, datasets.DatasetDict):
+        if args.split not in ds:
+            raise SystemExit(f"--hf-dataset {args.hf_dataset}: no split {args.split!r}; splits: {list(ds)}")
+        ds = ds[args.split]
+    for col in (args.image_column, args.id_column):
+        if col and col not in ds.column_names:
+            raise SystemExit(f"--hf-dataset {args.hf_dataset}: no column {col!r}; columns: {ds.column_names}")
+    ids = [str(i) for i in ds[args.id_column]] if args.id_column else [str(i) for i in range(len(ds))]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"--id-column {args.id_column!r} has duplicate ids")
+    return [(_HFImages(ds, args.image_column, ids), ids, False)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from vlscale.config import ConfigError, load_config
+    from vlscale.data.features import extract_features
+    from vlscale.modeling.vision import build_vision_encoder, image_transform
+
+    pretrained = args.pretrained
+    if args.synthetic:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise SystemExit(f"config error: {e}") from None
+        vision = args.vision or cfg.model.vision
+        pretrained = pretrained if pretrained is not None else cfg.model.vision_pretrained
+        jobs = synthetic_jobs(args, cfg)
+    else:
+        vision = args.vision
+        jobs = image_folder_jobs(args) if args.images else hf_jobs(args)
+    encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
+    transform = image_transform(vision)
+    total = {"total": 0, "skipped": 0, "written": 0}
+    for source, ids, video in jobs:
+        stats = extract_features(encoder, transform, source, ids, args.out, vision=vision, pretrained=pretrained,
+                                 video=video or args.video, batch_size=args.batch_size, shard_size=args.shard_size,
+                                 dtype="float16" if args.fp16 else "float32", progress=not args.quiet,
+                                 device=args.device)
+        for k in total:
+            total[k] += stats[k]
+    print(f"feature cache {args.out}: {total['written']} written, {total['skipped']} already there, "
+          f"{total['total']} ids in all. Train with: model.feature_source=cache data.feature_cache={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

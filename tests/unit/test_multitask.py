@@ -1,0 +1,174 @@
+"""Multitask sampling and the train / eval loaders: same task on every rank, world-size independent,
+deterministic, exactly resumable."""
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from vlscale.config import load_config
+from vlscale.data import build_train_loader, build_tokenizer, eval_batches, load_examples
+from vlscale.data.multitask import MultitaskSampler, shard, task_probabilities
+
+SIZES = {"vqa": 50, "gqa": 30, "nlvr2": 13}
+
+
+def test_same_task_on_every_rank_and_world_size_independent():
+    sampler = MultitaskSampler(SIZES, global_batch_size=8, seed=0)
+    for i in range(40):
+        task, indices = sampler.step(i)
+        assert len(indices) == 8 and all(0 <= x < SIZES[task] for x in indices)
+        for world, micro, accum in ((1, 2, 4), (2, 2, 2), (4, 2, 1), (8, 1, 1), (2, 1, 4)):
+            # every rank computes the step itself: the task is the same, the examples differ
+            per_rank = [MultitaskSampler(SIZES, 8, seed=0).step(i) for _ in range(world)]
+            assert {t for t, _ in per_rank} == {task}
+            parts = [shard(idx, r, world, micro, accum) for r, (_, idx) in enumerate(per_rank)]
+            assert all(len(p) == accum and all(len(m) == micro for m in p) for p in parts)
+            union = [x for p in parts for m in p for x in m]
+            assert sorted(union) == sorted(indices)  # the global batch, whatever the world size
+            if world > 1:
+                assert parts[0] != parts[1]
+
+
+def test_deterministic_from_seed():
+    a = [MultitaskSampler(SIZES, 8, seed=5).step(i) for i in range(30)]
+    b = [MultitaskSampler(SIZES, 8, seed=5).step(i) for i in range(30)]
+    c = [MultitaskSampler(SIZES, 8, seed=6).step(i) for i in range(30)]
+    assert a == b and a != c
+    # random access gives what sequential iteration gives, also past a chunk of task draws
+    s = MultitaskSampler(SIZES, 8, seed=5)
+    seq = [next(s) for _ in range(5000)]
+    assert MultitaskSampler(SIZES, 8, seed=5).step(4999) == seq[4999]
+    assert MultitaskSampler(SIZES, 8, seed=5).step(4096) == seq[4096]
+
+
+def test_epochs_without_replacement_and_reshuffled():
+    sampler = MultitaskSampler({"vqa": 12, "gqa": 7}, 4, seed=1)
+    stream = collections.defaultdict(list)
+    for i in range(200):
+        task, idx = sampler.step(i)
+        stream[task].extend(idx)
+    for task, n in (("vqa", 12), ("gqa", 7)):
+        epochs = [stream[task][k:k + n] for k in range(0, len(stream[task]) - n + 1, n)]
+        assert len(epochs) >= 3
+        assert all(sorted(e) == list(range(n)) for e in epochs)
+        assert len({tuple(e) for e in epochs}) > 1  # a fresh shuffle each epoch
+
+
+def test_task_probabilities():
+    p = task_probabilities({"a": 300, "b": 100})
+    assert p == pytest.approx({"a": 0.75, "b": 0.25})
+    t = task_probabilities({"a": 300, "b": 100}, "temperature", 2.0)
+    assert t["a"] == pytest.approx(300 ** 0.5 / (300 ** 0.5 + 100 ** 0.5))
+    s = MultitaskSampler({"a": 300, "b": 100}, 4, seed=0)
+    counts = collections.Counter(s.step(i)[0] for i in range(4000))
+    assert counts["a"] / 4000 == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ValueError, match="sampling='round_robin'"):
+        task_probabilities({"a": 1}, "round_robin")
+    with pytest.raises(ValueError, match="task 'b' has 0 examples"):
+        MultitaskSampler({"a": 3, "b": 0}, 4)
+    with pytest.raises(ValueError, match="global batch of 8 indices != micro 2 x world_size 2 x accum 1"):
+        shard(list(range(8)), 0, 2, 2, 1)
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        shard(list(range(8)), 2, 2, 2, 2)
+
+
+def test_sampler_resumes_exactly_mid_epoch():
+    full = MultitaskSampler(SIZES, 8, seed=2)
+    expected = [next(full) for _ in range(25)]
+    first = MultitaskSampler(SIZES, 8, seed=2)
+    head = [next(first) for _ in range(11)]
+    state = first.state_dict()
+    resumed = MultitaskSampler(SIZES, 8, seed=2)
+    resumed.load_state_dict(state)
+    assert head + [next(resumed) for _ in range(14)] == expected
+    with pytest.raises(ValueError, match="global_batch_size"):
+        MultitaskSampler(SIZES, 16, seed=2).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vlscale_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("VLSCALE_CACHE", str(cache_dir))
+
+
+def _plain_transform(images):
+    """Stand-in for the CLIP transform (fast): uint8 HWC -> float CHW."""
+    return torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 255).permute(2, 0, 1) for i in images])
+
+
+def _cfg(*extra):
+    return load_config(None, ["data.synthetic_train=24", "data.synthetic_eval=10", "data.image_size=16",
+                              "data.tasks=[vqa,gqa,nlvr2]", *extra])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(load_config(None))
+
+
+def _uids(loader, n):
+    out = []
+    for _ in range(n):
+        b = next(loader)
+        out.append((b["task"], tuple(b["uids"])))
+    return out
+
+
+def test_train_loader_ranks_share_the_task_and_split_the_global_batch(tok):
+    one = build_train_loader(_cfg("train.micro_batch_size=2", "train.gradient_accumulation_steps=4"), tok,
+                             vision_transform=_plain_transform)
+    two = [build_train_loader(_cfg("train.micro_batch_size=2", "train.gradient_accumulation_steps=2"), tok,
+                              rank=r, world_size=2, vision_transform=_plain_transform) for r in range(2)]
+    assert one.global_batch_size == two[0].global_batch_size == 8
+    for step in range(6):
+        single = _uids(one, 4)
+        ranks = [_uids(loader, 2) for loader in two]
+        tasks = {t for t, _ in single} | {t for r in ranks for t, _ in r}
+        assert len(tasks) == 1  # one task per step, on every rank and micro-batch
+        assert sorted(u for _, b in single for u in b) == sorted(u for r in ranks for _, b in r for u in b)
+        assert one.step == two[0].step == two[1].step == step + 1
+
+
+def test_train_loader_batches_and_resume(tok):
+    cfg = _cfg("train.micro_batch_size=3", "train.gradient_accumulation_steps=2")
+    loader = build_train_loader(cfg, tok, vision_transform=_plain_transform)
+    b = next(loader)
+    assert b["pixel_values"].shape[0] == 3 and b["pixel_values"].shape[2:] == (3, 16, 16)
+    assert b["pixel_values"].shape[1] == (2 if b["task"] == "nlvr2" else 1)
+    assert loader.step == 0  # one of two micro-batches of step 0
+    expected = _uids(loader, 9)
+
+    again = build_train_loader(cfg, tok, vision_transform=_plain_transform)
+    _uids(again, 4)  # stop mid-step (after 2 steps and 0 micro-batches + 2 more = mid step 2)
+    _uids(again, 1)
+    state = again.state_dict()
+    assert state["micro_index"] == 1
+    resumed = build_train_loader(cfg, tok, vision_transform=_plain_transform)
+    resumed.load_state_dict(state)
+    assert _uids(resumed, 5) == expected[4:]
+    with pytest.raises(ValueError, match="mid-step"):
+        build_train_loader(_cfg("train.micro_batch_size=3", "train.gradient_accumulation_steps=1"), tok,
+                           rank=0, world_size=2, vision_transform=_plain_transform).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_eval_batches_cover_every_example_once_with_equal_counts(tok, world):
+    cfg = _cfg()
+    n = len(load_examples(cfg, "nlvr2", "val"))
+    per_rank = [list(eval_batches(cfg, tok, "nlvr2", "val", 2, r, world, vision_transform=_plain_transform))
+                for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
+    assert len({tuple(len(x["uids"]) for x in b) for b in per_rank}) == 1
+    valid = [u for batches in per_rank for x in batches for u, v in zip(x["uids"], x["valid"].tolist()) if v]
+    assert sorted(valid) == sorted(e.uid for e in load_examples(cfg, "nlvr2", "val")) and len(valid) == n
+    limited = list(eval_batches(cfg, tok, "vqa", "val", 4, max_examples=5, vision_transform=_plain_transform))
+    assert [len(x["uids"]) for x in limited] == [4, 1] and all(x["valid"].all() for x in limited)
+    assert all(len(r) == 10 for x in limited for r in x["references"])

@@ -1,0 +1,220 @@
+"""The synthetic world: deterministic, cached, image-dependent tasks; its tokenizer."""
+
+import collections
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlscale.config import load_config
+from vlscale.data import load_examples
+from vlscale.data import synthetic as syn
+from vlscale.data.synthetic import (ANSWER_SPACES, COLORS, answer_prior_baseline, chance_level, generate_split,
+                                    load_split, split_cache_dir, split_params)
+from vlscale.data.tasks import Example
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSCALE_CACHE", str(tmp_path / "cache"))
+
+
+def _same(a, b):
+    assert [asdict(e) for e in a.examples] == [asdict(e) for e in b.examples]
+    assert list(a.visuals) == list(b.visuals)
+    for k in a.visuals:
+        va, vb = a.visuals[k], b.visuals[k]
+        if isinstance(va, list):
+            assert len(va) == len(vb) and all(np.array_equal(x, y) for x, y in zip(va, vb))
+        else:
+            assert np.array_equal(va, vb)
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "tvqa"])
+def test_generation_is_deterministic_and_seeded(task):
+    a, b = generate_split(task, "train", 12, seed=3), generate_split(task, "train", 12, seed=3)
+    _same(a, b)
+    other = generate_split(task, "train", 12, seed=4)
+    assert [e.text for e in other.examples] != [e.text for e in a.examples]
+    # each example has its own seed: the first n do not depend on how many are asked for
+    _same(generate_split(task, "train", 8, seed=3), type(a)(task, "train", a.examples[:8],
+                                                            {k: a.visuals[k] for e in a.examples[:8] for k in e.image_ids}))
+    # splits differ
+    assert [e.text for e in generate_split(task, "val", 12, seed=3).examples] != [e.text for e in a.examples]
+
+
+@pytest.mark.parametrize("task", ["gqa", "how2qa"])
+def test_disk_cache_gives_the_same_data(task, monkeypatch):
+    fresh = generate_split(task, "val", 10, seed=1, image_size=32)
+    params = split_params(task, "val", 10, 1, 32)
+    path = split_cache_dir(params)
+    assert not path.exists()
+    first = load_split(task, "val", 10, seed=1, image_size=32)
+    assert (path / "params.json").exists() and (path / "visual.npz").exists()
+    _same(fresh, first)
+
+    def boom(*a, **k):
+        raise AssertionError("regenerated although the cache exists")
+
+    monkeypatch.setattr(syn, "generate_split", boom)
+    _same(fresh, load_split(task, "val", 10, seed=1, image_size=32))
+    # another size / seed / image size is another cache entry
+    assert split_cache_dir(split_params(task, "val", 10, 2, 32)) != path
+    assert split_cache_dir(split_params(task, "val", 10, 1, 64)) != path
+
+
+def test_shapes_and_record_structure():
+    vqa = generate_split("vqa", "train", 40)
+    for e in vqa.examples:
+        img = vqa.visuals[e.image_ids[0]]
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert len(e.references) == 10
+        counts = collections.Counter(e.references)
+        assert counts[e.target] >= 7 and len(counts) <= 2 and e.target in ANSWER_SPACES[e.extra["qtype"]]
+    nlvr = generate_split("nlvr2", "train", 16)
+    groups = collections.defaultdict(list)
+    for e in nlvr.examples:
+        assert e.target in ("true", "false") and len(e.image_ids) == 2
+        groups[e.extra["group"]].append(e)
+    assert all(len(g) == 4 and len({tuple(x.image_ids) for x in g}) == 1 for g in groups.values())
+    assert all(len({x.text for x in g}) == 4 for g in groups.values())
+    cap = generate_split("caption", "train", 10)
+    assert all(len(e.references) == 5 and len(set(e.references)) >= 4 and e.target == e.references[0]
+               for e in cap.examples)
+    for task in ("tvqa", "how2qa"):
+        sp = generate_split(task, "train", 20)
+        for e in sp.examples:
+            frames = sp.visuals[e.image_ids[0]]
+            assert 4 <= len(frames) <= 8 and frames[0].shape == (64, 64, 3)
+            assert len(e.extra["candidates"]) == 5 and e.target in [f"a{i}" for i in range(5)]
+            assert e.extra["candidates"][int(e.target[1])] == e.extra["answer_text"]
+            assert "subtitle:" in e.text
+    for task, has_text in (("tvc", True), ("yc2c", False)):
+        for e in generate_split(task, "train", 5).examples:
+            assert len(e.references) == 5 and bool(e.text) == has_text
+
+
+def _oracle(e: Example) -> str:
+    """Answer a question from the scene alone (the generator's ground truth), independently."""
+    objs = [dict(zip(("color", "shape", "size", "row", "col"), o)) for o in e.extra["scene"][0]]
+    words = e.text.rstrip("?").split()
+    q = e.extra["qtype"]
+    if q == "color":
+        return next(o["color"] for o in objs if o["shape"] == words[-1])
+    if q == "shape":
+        return next(o["shape"] for o in objs if o["color"] == words[-2])
+    if q == "count":
+        return str(sum(o["shape"] + "s" == words[2] for o in objs))
+    if q == "exist":
+        return "yes" if any((o["color"], o["shape"]) == (words[-2], words[-1]) for o in objs) else "no"
+    ref = next(o for o in objs if (o["color"], o["shape"]) == (words[-2], words[-1]))
+    test = {"left": lambda o: o["col"] < ref["col"], "right": lambda o: o["col"] > ref["col"],
+            "above": lambda o: o["row"] < ref["row"], "below": lambda o: o["row"] > ref["row"]}[e.extra["relation"]]
+    (hit,) = [o for o in objs if test(o)]  # exactly one object stands in the relation
+    return hit["color"] if q == "rel_color" else hit["shape"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "gqa"])
+def test_the_scene_determines_the_answer(task):
+    sp = generate_split(task, "test", 200)
+    for e in sp.examples:
+        assert _oracle(e) == e.target, e
+    # and the pixels show it: a colour answer's colour is drawn in the image
+    for e in sp.examples:
+        if e.extra["qtype"] in ("color", "rel_color"):
+            img = sp.visuals[e.image_ids[0]].reshape(-1, 3)
+            assert (np.abs(img.astype(int) - COLORS[e.target]).sum(1) < 20).sum() >= 20, e.uid
+
+
+def test_nlvr2_statements_are_true_of_their_images():
+    sp = generate_split("nlvr2", "test", 80)
+    for e in sp.examples:
+        left, right = ([dict(zip(("color", "shape", "size", "row", "col"), o)) for o in s] for s in e.extra["scene"])
+        params, fn, text = syn.NLVR_TEMPLATES[e.extra["template"]]
+        (p,) = [p for p in params if text(p) == e.text]
+        assert fn(left, right, p) == (e.target == "true")
+
+
+@pytest.mark.parametrize("task", ["vqa", "gqa", "nlvr2", "tvqa", "how2qa"])
+def test_text_only_baseline_is_near_chance(task):
+    train = generate_split(task, "train", 1200).examples
+    test = generate_split(task, "test", 400).examples
+    base, chance = answer_prior_baseline(train, test, task), chance_level(test, task)
+    assert base <= chance + 0.06, (task, base, chance)
+    # no question type gives its answer away either (large sample, answer frequencies per type)
+    by_type = collections.defaultdict(collections.Counter)
+    for e in train:
+        key = e.extra.get("question", e.text).split()[:3]
+        by_type[(e.extra["qtype"], tuple(key))][e.target] += 1
+    for (qtype, key), counts in by_type.items():
+        n = sum(counts.values())
+        if n >= 100:
+            assert max(counts.values()) / n <= 1 / len(ANSWER_SPACES[qtype]) + 0.12, (task, key, counts)
+
+
+def test_baseline_catches_a_leak():
+    """The baseline is not blind: answers written into the question are found."""
+    train = generate_split("gqa", "train", 300).examples
+    test = generate_split("gqa", "test", 100).examples
+    leak = lambda ex: [Example(e.task, e.uid, f"{e.text} {e.target}", e.target, e.image_ids, e.references, e.extra)
+                       for e in ex]
+    assert answer_prior_baseline(leak(train), leak(test), "gqa") > 0.6
+    assert answer_prior_baseline(train, test, "gqa") < 0.35
+
+
+def test_load_examples_from_config_and_errors():
+    cfg = load_config(None, ["data.synthetic_train=12", "data.synthetic_eval=6", "data.image_size=32"])
+    ex = load_examples(cfg, "vqa", "train")
+    assert len(ex) == 12 and len(load_examples(cfg, "vqa", "val")) == 6
+    with pytest.raises(KeyError, match="unknown task 'vqa2'"):
+        load_examples(cfg, "vqa2", "train")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        generate_split("vqa", "dev", 5)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_synthetic_tokenizer_ids_and_world_text():
+    from vlscale.data.synthetic import world_corpus
+    from vlscale.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(load_config(None))
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
+    assert 600 <= len(tok) <= 1100
+    assert tok.convert_tokens_to_ids("<extra_id_0>") == len(tok) - 1
+    for line in world_corpus(30, seed=99):
+        ids = tok(line)["input_ids"]
+        assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids, line
+        assert tok.decode(ids, skip_special_tokens=True) == line
+    # whole words of the world are single pieces
+    assert len(tok("what color is the diamond?")["input_ids"]) == 7
+    bart = build_tokenizer(load_config(None, ["model.backbone=tiny-bart", "model.extra_special_tokens=3"]))
+    assert len(bart) == len(tok) + 3 and bart.bos_token_id == 3
+    ids = bart.convert_tokens_to_ids(["<vis_extra_id_2>", "<vis_extra_id_0>"])
+    assert ids == [len(tok), len(tok) + 2]
+    assert bart("<vis_extra_id_1> red")["input_ids"][0] == len(tok) + 1
+
+
+def test_tokenizer_errors_name_the_source(tmp_path):
+    from vlscale.data.tokenizer import build_tokenizer
+
+    cfg = load_config(None, [f"model.tokenizer={tmp_path / 'nope'}"])
+    with pytest.raises(OSError, match="model.tokenizer="):
+        build_tokenizer(cfg)
+
+
+def test_shipped_tokenizer_covers_the_world():
+    """Every word the generator writes is one piece of the shipped model (re-run
+    scripts/make_tokenizer.py after changing the generator's wording)."""
+    import sentencepiece as spm
+
+    from vlscale.data.synthetic import world_corpus
+    from vlscale.data.tokenizer import SYNTHETIC_SPM
+
+    sp = spm.SentencePieceProcessor(model_file=str(SYNTHETIC_SPM))
+    words = {w.strip(".,:?!") for line in world_corpus(60, seed=7) for w in line.split()}
+    split = sorted(w for w in words if w and not any(c.isdigit() for c in w) and len(sp.encode(w)) > 1)
+    assert not split, f"words split into several pieces: {split[:20]}"

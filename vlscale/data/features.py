@@ -1,0 +1,244 @@
+"""The feature cache: frozen-CLIP features computed once, read back as a visual source.
+
+Layout of a cache folder (written by launchers/extract_features.py through :func:`extract_features`):
+
+    meta.json                   {"vision", "pretrained", "kind": "grid" | "frames", "tokens",
+                                 "grid_shape", "dim", "dtype", "image_size", "format"}
+    index.json                  {image_id: shard file name}
+    shard_00000.safetensors     one tensor per id: (T, D) raw grid / patch tokens of an image,
+    shard_00001.safetensors     or (F, E) per-frame CLIP embeddings of a video
+
+Shards and the index are written to a temporary name and renamed, so an interrupted extraction
+leaves a valid cache; a re-run skips the ids already in the index. Features are stored in fp32 (or
+fp16 on request) and always read back as fp32. :class:`FeatureCache` checks ``meta.json`` against
+the run's vision model, so features of one CLIP model are never fed to a model built for another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+META_FILE = "meta.json"
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_UNSET = object()
+
+
+def _same_pretrained(a, b) -> bool:
+    """Tags compare as given; checkpoint paths by file name (the cache may be read from elsewhere)."""
+    norm = [None if x in (None, "") else (Path(x).name if ("/" in str(x) or Path(str(x)).suffix) else str(x))
+            for x in (a, b)]
+    return norm[0] == norm[1]
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"feature cache {path.parent}: {path.name} is missing "
+                                f"({what}); make the cache with launchers/extract_features.py") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"feature cache {path}: not valid JSON ({e})") from e
+
+
+class FeatureCache:
+    """A :class:`~vlscale.data.visual.VisualSource` of kind ``"features"`` over a cache folder.
+
+    ``vision`` (and ``pretrained``, when given) must match what the cache was made with.
+    """
+
+    kind = "features"
+
+    def __init__(self, root, vision: Optional[str] = None, pretrained=_UNSET, expect_kind: Optional[str] = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"feature cache folder {self.root} does not exist; make it with "
+                                    "launchers/extract_features.py (data.feature_cache)")
+        self.meta = _read_json(self.root / META_FILE, "what model made the features")
+        self.index = _read_json(self.root / INDEX_FILE, "which shard holds each id")
+        meta_file = self.root / META_FILE
+        if vision is not None and self.meta.get("vision") != vision:
+            raise ValueError(f"feature cache {meta_file}: features are from vision={self.meta.get('vision')!r}, "
+                             f"but the run uses model.vision={vision!r}; extract features for {vision!r} "
+                             "or point data.feature_cache at a matching cache")
+        if pretrained is not _UNSET and not _same_pretrained(self.meta.get("pretrained"), pretrained):
+            raise ValueError(f"feature cache {meta_file}: features are from pretrained="
+                             f"{self.meta.get('pretrained')!r}, but the run uses "
+                             f"model.vision_pretrained={pretrained!r}")
+        if expect_kind is not None and self.meta.get("kind") != expect_kind:
+            raise ValueError(f"feature cache {meta_file}: holds kind={self.meta.get('kind')!r} features, "
+                             f"the task needs {expect_kind!r} ('grid' for images, 'frames' for video)")
+        self._handles: dict = {}
+
+    @property
+    def name(self) -> str:
+        return f"feature cache {self.root}"
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def ids(self) -> list[str]:
+        return list(self.index)
+
+    def __getitem__(self, image_id: str) -> torch.Tensor:
+        try:
+            shard = self.index[image_id]
+        except KeyError:
+            raise KeyError(f"{self.name}: no features for id {image_id!r} ({len(self.index)} ids cached; "
+                           "run launchers/extract_features.py over this split)") from None
+        handle = self._handles.get(shard)
+        if handle is None:
+            from safetensors import safe_open
+
+            path = self.root / shard
+            if not path.exists():
+                raise FileNotFoundError(f"{self.name}: shard {path} named in {INDEX_FILE} is missing")
+            handle = self._handles[shard] = safe_open(str(path), framework="pt")
+        return handle.get_tensor(image_id).float()
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.root)!r}, vision={self.meta.get('vision')!r}, {len(self.index)} ids)"
+
+
+class FeatureWriter:
+    """Appends features to a cache folder shard by shard (atomic writes; resumable)."""
+
+    def __init__(self, root, meta: dict, shard_size: int = 512):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if meta.get("dtype") not in DTYPES:
+            raise ValueError(f"feature dtype {meta.get('dtype')!r} is not one of {list(DTYPES)}")
+        meta = dict(meta, format=FORMAT_VERSION)
+        meta_path = self.root / META_FILE
+        if meta_path.exists():
+            old = _read_json(meta_path, "what model made the features")
+            diff = {k: (old.get(k), v) for k, v in meta.items() if k not in ("tokens", "dim", "grid_shape")
+                    and old.get(k) != v}
+            if diff:
+                raise ValueError(f"feature cache {meta_path} was made with different settings "
+                                 f"(key: (cached, now)) {diff}; use another --out folder")
+            self.meta = old
+        else:
+            self.meta = meta
+        index_path = self.root / INDEX_FILE
+        self.index: dict = _read_json(index_path, "") if index_path.exists() else {}
+        self.shard_size = shard_size
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._next = 1 + max([int(p.stem.split("_")[1]) for p in self.root.glob("shard_*.safetensors")],
+                             default=-1)
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.index or image_id in self._buffer
+
+    def add(self, image_id: str, feats: torch.Tensor) -> None:
+        if feats.dim() != 2:
+            raise ValueError(f"features for {image_id!r} must be 2-d (T, D) or (F, E), got {tuple(feats.shape)}")
+        for key, value in (("dim", feats.shape[1]),) + ((("tokens", feats.shape[0]),)
+                                                          if self.meta["kind"] == "grid" else ()):
+            if self.meta.get(key) is None:
+                self.meta[key] = int(value)
+            elif self.meta[key] != value:
+                raise ValueError(f"features for {image_id!r}: {key}={value}, the cache holds {key}={self.meta[key]}")
+        self._buffer[image_id] = feats.detach().to("cpu", DTYPES[self.meta["dtype"]]).contiguous()
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        from safetensors.torch import save_file
+
+        name = f"shard_{self._next:05d}.safetensors"
+        tmp = self.root / (name + ".tmp")
+        save_file(self._buffer, str(tmp))
+        os.replace(tmp, self.root / name)
+        self._next += 1
+        self.index.update({k: name for k in self._buffer})
+        self._buffer = {}
+        _write_json_atomic(self.root / META_FILE, self.meta)
+        _write_json_atomic(self.root / INDEX_FILE, self.index)
+
+    def close(self) -> None:
+        self.flush()
+        if not (self.root / META_FILE).exists():
+            _write_json_atomic(self.root / META_FILE, self.meta)
+            _write_json_atomic(self.root / INDEX_FILE, self.index)
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
+                     vision: str, pretrained: Optional[str] = None, video: bool = False,
+                     batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
+                     progress: bool = True, device="cpu") -> dict:
+    """Encode ``source[id]`` for every id into the cache at ``out_dir``; ids already there are skipped.
+
+    Images: ``encoder.encode_grid(transform(images))`` -> (T, D) each. Video (``video=True``):
+    ``encoder.encode_global(transform(frames))`` -> (F, E) per video. ``batch_size`` counts images
+    (video: frames; a video longer than that is one batch of its own).
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    grid_side = getattr(encoder, "grid_side", None)
+    meta = {"vision": vision, "pretrained": pretrained, "kind": "frames" if video else "grid",
+            "dtype": dtype, "image_size": int(getattr(encoder, "image_size", 0)) or None,
+            "grid_shape": None if video or grid_side is None else [int(grid_side), int(grid_side)],
+            "dim": getattr(encoder, "embed_dim" if video else "grid_dim", None),
+            "tokens": None if video or grid_side is None else int(grid_side) ** 2}
+    writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
+    todo = list(dict.fromkeys(i for i in ids if i not in writer))
+    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}
+    bar = tqdm(total=len(todo), desc=f"features {vision} -> {out_dir}", unit="video" if video else "img",
+               disable=not progress)
+    try:
+        if video:
+            group, frames = [], []
+            for vid in todo + [None]:
+                item = source[vid] if vid is not None else None
+                if group and (vid is None or len(frames) + len(item) > batch_size):
+                    emb = encoder.encode_global(transform(frames).to(device)).float().cpu()
+                    start = 0
+                    for gid, n in group:
+                        writer.add(gid, emb[start:start + n])
+                        start += n
+                    stats["written"] += len(group)
+                    bar.update(len(group))
+                    group, frames = [], []
+                if vid is not None:
+                    group.append((vid, len(item)))
+                    frames.extend(item)
+        else:
+            for chunk in _batches(todo, batch_size):
+                pixels = transform([source[i] for i in chunk]).to(device)
+                feats = encoder.encode_grid(pixels).float().cpu()
+                for i, f in zip(chunk, feats):
+                    writer.add(i, f)
+                stats["written"] += len(chunk)
+                bar.update(len(chunk))
+    finally:
+        writer.close()
+        bar.close()
+    return stats

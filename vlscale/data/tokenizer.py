@@ -1,0 +1,93 @@
+"""Tokenizers: the backbone's own, a named one, or the synthetic world's small SentencePiece model.
+
+:func:`build_tokenizer` picks, in order: ``cfg.model.tokenizer`` (hub name or local directory,
+through ``AutoTokenizer``); for tiny backbones (``tiny-t5``, ``tiny-bart``) the synthetic world's
+vocabulary shipped in ``vlscale/assets/synthetic_spm.model`` (made by scripts/make_tokenizer.py);
+otherwise the backbone's tokenizer (``cfg.model.backbone_path`` or the registry's hub id). It then
+adds ``cfg.model.extra_special_tokens`` tokens ``<vis_extra_id_N>`` (the reference code's extra
+visual sentinels). The synthetic tokenizer follows T5 (pad=0, eos=1, unk=2, 100 ``<extra_id_N>``
+sentinels at the end) and also has ``<s>`` (id 3) as bos, so tiny BART models use it as well.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+SYNTHETIC_SPM = Path(__file__).resolve().parent.parent / "assets" / "synthetic_spm.model"
+SYNTHETIC_EXTRA_IDS = 100
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_base(path: str):
+    from transformers import T5Tokenizer
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"synthetic tokenizer model {path} is missing; "
+                                "regenerate it with: python scripts/make_tokenizer.py")
+    kwargs = dict(vocab_file=path, extra_ids=SYNTHETIC_EXTRA_IDS, bos_token="<s>", legacy=False)
+    if hasattr(T5Tokenizer, "convert_to_native_format"):  # transformers >= 5: build the fast backend
+        kwargs = T5Tokenizer.convert_to_native_format(**kwargs)
+    tok = T5Tokenizer(**kwargs)
+    ids = (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id)
+    if ids != (0, 1, 2, 3):
+        raise ValueError(f"{path}: expected pad/eos/unk/bos ids (0, 1, 2, 3), got {ids}")
+    return tok
+
+
+def synthetic_tokenizer(path: str | Path = SYNTHETIC_SPM):
+    """The synthetic world's tokenizer (a fresh copy: callers may add tokens to it)."""
+    import copy
+
+    return copy.deepcopy(_synthetic_base(str(path)))
+
+
+def _backbone_source(cfg) -> str:
+    if cfg.model.backbone_path:
+        return cfg.model.backbone_path
+    try:
+        from vlscale.modeling.backbones import hub_id
+    except ImportError:
+        return cfg.model.backbone
+    try:
+        return hub_id(cfg.model.backbone)
+    except KeyError:
+        return cfg.model.backbone
+
+
+def _is_tiny(name: str) -> bool:
+    try:
+        from vlscale.modeling.backbones import is_tiny
+        return is_tiny(name)
+    except (ImportError, KeyError):
+        return name.startswith("tiny-")
+
+
+def _auto(source: str, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
+                      f"or a local HF cache; a local directory needs its tokenizer files): {e}") from e
+
+
+def add_visual_sentinels(tok, n: int):
+    """Add ``<vis_extra_id_{n-1}> ... <vis_extra_id_0>`` as special tokens (reference order)."""
+    if n > 0:
+        tok.add_tokens([f"<vis_extra_id_{i}>" for i in range(n - 1, -1, -1)], special_tokens=True)
+    return tok
+
+
+def build_tokenizer(cfg):
+    """The run's tokenizer (see the module docstring for the order of choices)."""
+    if cfg.model.tokenizer:
+        tok = _auto(cfg.model.tokenizer, "model.tokenizer")
+    elif _is_tiny(cfg.model.backbone):
+        tok = synthetic_tokenizer()
+    else:
+        tok = _auto(_backbone_source(cfg), "model.backbone_path" if cfg.model.backbone_path else "model.backbone")
+    if tok.pad_token_id is None:
+        raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', tok)!r} has no pad token")
+    return add_visual_sentinels(tok, cfg.model.extra_special_tokens)
