@@ -1,0 +1,275 @@
+"""Tests of vlscale.kernels.adapter: reference, PyTorch recompute path, Triton kernels (interpreter
+on CPU, compiled on CUDA), saved-tensor memory and dispatch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlscale.kernels import adapter as ka
+from vlscale.kernels import adapter_reference, fused_adapter, select_backend
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = ["h", "dx", "dw_down", "db_down", "dw_up", "db_up"]
+
+
+def _inputs(tokens_shape, d_model, hidden, dtype=torch.float32, bias=True, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    x = rand(*tokens_shape, d_model)
+    w_down, w_up = rand(hidden, d_model, scale=d_model**-0.5), rand(d_model, hidden, scale=hidden**-0.5)
+    b_down = rand(hidden, scale=0.5) if bias else None
+    b_up = rand(d_model, scale=0.5) if bias else None
+    dh = rand(*tokens_shape, d_model)
+    return [x, w_down, b_down, w_up, b_up], dh
+
+
+def _run(fn, args, dh, **kw):
+    """Output and gradients (None for absent biases) of fn(*args) with upstream gradient dh."""
+    args = [a.detach().clone().requires_grad_(True) if a is not None else None for a in args]
+    h = fn(*args, **kw)
+    present = [a for a in args if a is not None]
+    grads = iter(torch.autograd.grad(h, present, dh))
+    return [h.detach()] + [next(grads) if a is not None else None for a in args]
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_reference_matches_fp64_and_the_formula(activation):
+    args, dh = _inputs((3, 7), 32, 8)
+    x, wd, bd, wu, bu = [a.double() for a in args]
+    z = x @ wd.T + bd
+    if activation == "gelu":
+        act = 0.5 * z * (1 + torch.erf(z / 2**0.5))
+    else:  # HF gelu_new
+        act = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+    expected = x + act @ wu.T + bu
+    out32 = adapter_reference(*args, activation=activation)
+    assert out32.dtype == torch.float32 and out32.shape == (3, 7, 32)
+    assert _max_err(out32, expected) < 1e-5
+    assert _max_err(adapter_reference(x, wd, bd, wu, bu, activation), expected) < 1e-12
+    assert _max_err(out32, args[0]) > 0.1  # not the identity
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_activation_grad_matches_autograd(activation):
+    z = torch.linspace(-12, 12, 2001, dtype=torch.float64, requires_grad=True)
+    (dz,) = torch.autograd.grad(ka._activation(z, activation).sum(), z)
+    act, dact = ka._activation_and_grad(z.detach(), activation)
+    assert _max_err(act, ka._activation(z.detach(), activation)) < 1e-12
+    assert _max_err(dact, dz) < 1e-12
+
+
+# ------------------------------------------------------------------------------- torch path
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_recompute_path_matches_reference(activation, bias):
+    args, dh = _inputs((2, 13), 48, 12, bias=bias)
+    ref = _run(adapter_reference, args, dh, activation=activation)
+    got = _run(fused_adapter, args, dh, activation=activation, backend="torch")
+    for name, r, o in zip(NAMES, ref, got):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.shape == r.shape and o.dtype == r.dtype, name
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=name)
+    assert _max_err(ref[0], args[0]) > 0.1
+
+
+def test_torch_path_handles_noncontiguous_input_and_frozen_weights():
+    args, dh = _inputs((16,), 24, 8)
+    x = torch.randn(24, 16).T  # non-contiguous (16, 24)
+    x_ref, x_f = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    h_ref = adapter_reference(x_ref, *args[1:])
+    h_f = fused_adapter(x_f, *args[1:], backend="torch")  # weights do not require grad
+    torch.testing.assert_close(h_f, h_ref)
+    (g_ref,) = torch.autograd.grad(h_ref, x_ref, dh)
+    (g_f,) = torch.autograd.grad(h_f, x_f, dh)
+    torch.testing.assert_close(g_f, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_path_low_precision_two_x_rule(dtype):
+    args, dh = _inputs((257,), 64, 16)
+    exact = _run(adapter_reference, args, dh)
+    lp = [a.to(dtype) if a is not None else None for a in args]
+    ref_lp = _run(adapter_reference, lp, dh.to(dtype))
+    got = _run(fused_adapter, lp, dh.to(dtype), backend="torch")
+    for name, e, r, o in zip(NAMES, exact, ref_lp, got):
+        assert o.dtype == dtype, name
+        assert _max_err(o, e) <= 2 * _max_err(r, e) + 1e-5, name
+
+
+# ------------------------------------------------------------------------------- saved memory
+def _saved_storages(fn):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = fn()
+    return h, storages
+
+
+def test_recompute_path_saves_fewer_bytes_than_reference():
+    tokens, d_model, hidden = 300, 64, 16
+    args, _ = _inputs((tokens,), d_model, hidden)
+    args = [a.requires_grad_(True) for a in args]
+    _, ref = _saved_storages(lambda: adapter_reference(*args))
+    _, fused = _saved_storages(lambda: fused_adapter(*args, backend="torch"))
+    assert sum(fused.values()) < sum(ref.values())
+    input_ptrs = {a.untyped_storage().data_ptr() for a in args}
+    ref_act = sum(n for p, n in ref.items() if p not in input_ptrs)
+    fused_act = sum(n for p, n in fused.items() if p not in input_ptrs)
+    z_bytes = tokens * hidden * 4
+    assert fused_act == z_bytes  # only z beyond the inputs
+    assert ref_act == 2 * z_bytes  # the reference also keeps act(z)
+
+
+# ------------------------------------------------------------------------------- dispatch
+def test_auto_dispatch_on_cpu_uses_torch_path_and_logs_reason(caplog, monkeypatch):
+    monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ka._LOGGED.clear()
+    args, _ = _inputs((5,), 16, 4)
+    path, reason = select_backend(args[0])
+    assert path == "torch" and reason
+    with caplog.at_level(logging.INFO, logger=ka.__name__):
+        fused_adapter(*args)
+        fused_adapter(*args)
+    msgs = [r.getMessage() for r in caplog.records if "fused_adapter" in r.getMessage()]
+    assert len(msgs) == 1 and "PyTorch recompute path" in msgs[0]
+
+
+def test_dispatch_errors_are_clear(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args, _ = _inputs((5,), 16, 4)
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        fused_adapter(*args, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        fused_adapter(*args, backend="cuda")
+    monkeypatch.setenv(ka.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match=ka.BACKEND_ENV):
+        fused_adapter(*args)
+    monkeypatch.setenv(ka.BACKEND_ENV, "torch")
+    assert select_backend(args[0]) == ("torch", "requested")
+
+
+def test_input_validation_names_the_argument():
+    args, _ = _inputs((5,), 16, 4)
+    x, wd, bd, wu, bu = args
+    with pytest.raises(ValueError, match="activation='relu'"):
+        fused_adapter(*args, activation="relu")
+    with pytest.raises(ValueError, match=r"x of shape \(5, 15\)"):
+        fused_adapter(x[:, :15], wd, bd, wu, bu)
+    with pytest.raises(ValueError, match="w_up has shape"):
+        fused_adapter(x, wd, bd, wu.T, bu)
+    with pytest.raises(ValueError, match="b_down has shape"):
+        fused_adapter(x, wd, bu, wu, bu)
+    with pytest.raises(ValueError, match="w_up has dtype"):
+        fused_adapter(x, wd, bd, wu.double(), bu)
+
+
+# ------------------------------------------------------------------------------- Triton interpreter
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter, select_backend
+    torch.manual_seed(0)
+    assert select_backend(torch.zeros(1), "auto")[0] == "triton"
+    results = []
+    small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
+                 up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
+                 bwd_stages=1)
+    configs = {"default": None, "small_fused": KernelConfig(**small),
+               "small_cublas_dwd": KernelConfig(**small, bwd_fuse_dwd=False),
+               "small_unfused": KernelConfig(**small, bwd_fused=False)}
+    for tokens, d_model, hidden in ((37, 40, 24), (19, 32, 16)):
+        for activation in ("gelu", "gelu_tanh"):
+            for bias in (True, False):
+                for cname, cfg in configs.items():
+                    x = torch.randn(tokens, d_model, dtype=torch.float64)
+                    wd = torch.randn(hidden, d_model, dtype=torch.float64) / d_model ** 0.5
+                    wu = torch.randn(d_model, hidden, dtype=torch.float64) / hidden ** 0.5
+                    bd = torch.randn(hidden, dtype=torch.float64) if bias else None
+                    bu = torch.randn(d_model, dtype=torch.float64) if bias else None
+                    dh = torch.randn(tokens, d_model, dtype=torch.float64)
+                    args64 = [t.requires_grad_(True) if t is not None else None for t in (x, wd, bd, wu, bu)]
+                    ref = adapter_reference(*args64, activation=activation)
+                    present64 = [t for t in args64 if t is not None]
+                    gref = torch.autograd.grad(ref, present64, dh)
+                    args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
+                    out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
+                    present32 = [t for t in args32 if t is not None]
+                    g = torch.autograd.grad(out, present32, dh.float())
+                    errs = [(out.double() - ref).abs().max().item()]
+                    errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
+                    scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
+                    results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
+                                    "dtype": str(out.dtype), "errs": errs, "scale": scale})
+    print(json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop(ka.BACKEND_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(REPO)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_triton_kernels_under_interpreter_match_fp64(interpreter_results):
+    # 2 shapes x 2 activations x with/without bias x 4 configs: multi-block grids, hidden split
+    # across programs, several row groups in the fused backward, masked rows/columns, and the
+    # cuBLAS weight-gradient variants.
+    assert len(interpreter_results) == 32
+    for r in interpreter_results:
+        assert r["dtype"] == "torch.float32"
+        assert len(r["errs"]) == (6 if r["case"][4] else 4)
+        for err, scale in zip(r["errs"], r["scale"]):
+            assert err <= 1e-5 * max(1.0, scale), r
+
+
+# ------------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_cuda_two_x_rule(dtype, activation, bias):
+    pytest.importorskip("triton")
+    args, dh = _inputs((3, 333), 256, 40, bias=bias, device="cuda")
+    exact = _run(adapter_reference, [a.double() if a is not None else None for a in args], dh.double(),
+                 activation=activation)
+    lp = [a.to(dtype) if a is not None else None for a in args]
+    assert select_backend(lp[0])[0] == "triton"
+    ref_lp = _run(adapter_reference, lp, dh.to(dtype), activation=activation)
+    got = _run(fused_adapter, lp, dh.to(dtype), activation=activation)
+    atol = {torch.bfloat16: 1e-5, torch.float16: 1e-6, torch.float32: 1e-5}[dtype]
+    for name, e, r, o in zip(NAMES, exact, ref_lp, got):
+        if e is None:
+            assert o is None, name
+            continue
+        assert o.dtype == dtype and o.shape == e.shape, name
+        assert _max_err(o, e) <= 2 * _max_err(r, e) + atol, (name, _max_err(o, e), _max_err(r, e))
