@@ -3,19 +3,24 @@
 Each :class:`TaskSpec` names the prefix, whether inputs are images or video, how many images an
 example has (NLVR2: two), the target format, the generation settings used at evaluation and the
 metric. Loaders (``vlscale.data.<source>``) turn files into :class:`Example` records; the collator
-turns examples into a batch dict (see ``vlscale.data.collate``):
+turns examples into a batch dict (``vlscale.data.collate`` has the full layout):
 
     batch = {
         "task": str,                       # one task per batch
         "input_ids": LongTensor (B, L),    # "<prefix> <text>" tokenised, padded
         "attention_mask": LongTensor (B, L),
-        "labels": LongTensor (B, T),       # target ids, pad = -100 (absent at generation)
-        "vis_feats": FloatTensor (B, N_img, V, D)   # precomputed features, or
-        "pixel_values": FloatTensor (B, N_img, 3, H, W)  # images, encoded by frozen CLIP on the fly
-        "vis_boxes": FloatTensor (B, N_img, V, 5),  # normalised x1, y1, x2, y2, area (grid/frames)
-        "vis_mask": LongTensor (B, N_img, V),       # 1 for real visual tokens (video: frames present)
-        "uids": list[str], "references": list[list[str]] | list[str]  # for scoring
+        "labels": LongTensor (B, T),       # target ids + eos, pad = -100
+        # images: raw CLIP grid/patch features from a cache, or images encoded on the fly
+        "vis_feats": FloatTensor (B, N_img, T, D)  |  "pixel_values": FloatTensor (B, N_img, 3, S, S),
+        # video: per-frame CLIP embeddings, or the frames themselves; padded frames masked
+        "vis_feats": FloatTensor (B, 1, F, E)  |  "pixel_values": FloatTensor (B, 1, F, 3, S, S),
+        "vis_mask": LongTensor (B, 1, F),  # video only
+        "uids": list[str], "targets": list[str], "references": list[list[str]],
+        "groups": list[str] | None,        # NLVR2 consistency groups
+        "valid": BoolTensor (B,),          # evaluation: False for padding examples
     }
+
+The model pools grids and computes visual positions itself (no boxes in the batch).
 """
 
 from __future__ import annotations

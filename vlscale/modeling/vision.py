@@ -119,7 +119,10 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
             model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
     else:
         load_file = pretrained and Path(pretrained).exists()
-        with _quiet_open_clip(pretrained):
+        # Random towers are seeded so that every build of the same name is the same model: a
+        # feature cache made from a random tiny CLIP then matches encoding on the fly.
+        with _quiet_open_clip(pretrained), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
         if load_file:
             _load_visual_checkpoint(model, pretrained)
@@ -192,9 +195,11 @@ def image_transform(name: str):
                 img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BICUBIC)
-            t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-            out.append((t - mean) / std)
-        return torch.stack(out) if out else torch.zeros(0, 3, size, size)
+            out.append(np.asarray(img, dtype=np.uint8))
+        if not out:
+            return torch.zeros(0, 3, size, size)
+        batch = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div_(255.0)
+        return batch.sub_(mean).div_(std)
 
     return transform
 
