@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -77,8 +78,15 @@ def canonical_lm_name(name: str) -> str:
     raise KeyError(f"unknown backbone {name!r}; registry: {sorted(_SHORT)} (or their hub ids)")
 
 
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "backbones"
+
+
 def hub_id(name: str) -> str:
-    return canonical_lm_name(name)
+    """Where ``from_pretrained`` finds a registry backbone: the hub id, or for the miniature
+    backbones the project makes and ships, their folder in ``vlscale/assets/backbones``."""
+    canon = canonical_lm_name(name)
+    local = ASSET_DIR / canon
+    return str(local) if local.is_dir() else canon
 
 
 def is_tiny(name: str) -> bool:

@@ -112,6 +112,14 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
 
     register_tiny_models()
     clip_config(name)  # clear error for unknown names
+    if pretrained == "synthetic":  # the miniature CLIPs the project trains and ships
+        from vlscale.modeling.backbones import ASSET_DIR
+
+        asset = ASSET_DIR / f"{name}.safetensors"
+        if not asset.exists():
+            raise FileNotFoundError(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
+                                    f"(expected {asset}; made by scripts/pretrain_backbones.py)")
+        pretrained = str(asset)
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"model.vision_pretrained={pretrained!r}: no such file")
     if str(device) == "meta":
