@@ -37,10 +37,13 @@ def _vocab_size(cfg) -> int | None:
 
 def inspect(cfg) -> dict:
     from vlscale.modeling.vl_model import build_model
-    from vlscale.peft.trainable import count_parameters
+    from vlscale.peft.trainable import count_parameters, parameter_groups
 
     model = build_model(cfg, vocab_size=_vocab_size(cfg), device="meta")
     counts = count_parameters(model)
+    groups = {g: {"params": sum(numel(p) for _, p in ps),
+                  "trainable": sum(numel(p) for _, p in ps if p.requires_grad)}
+              for g, ps in parameter_groups(model).items() if ps}
     # Placement: every top-level component, its parameters and how many of them train.
     placement = defaultdict(lambda: {"params": 0, "trainable": 0})
     for name, p in model.named_parameters():
@@ -62,8 +65,10 @@ def inspect(cfg) -> dict:
         "peft_method": cfg.peft.method,
         "peft_sharing": cfg.peft.sharing,
         "tasks": list(cfg.data.tasks),
+        "vocab_size": model.lm.get_input_embeddings().num_embeddings,
         "peft_sites": sites,
         "placement": dict(placement),
+        "groups": groups,
         **counts,
     }
 
@@ -79,9 +84,9 @@ def print_report(r: dict) -> None:
     print(f"\n{'module':<40} {'params':>15} {'trainable':>15}")
     for k, v in sorted(r["placement"].items()):
         print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
-    print(f"\n{'group':<40} {'params':>15}")
-    for k, v in sorted(r.get("groups", {}).items()):
-        print(f"{k:<40} {v if isinstance(v, int) else v.get('params', v):>15,}")
+    print(f"\n{'group':<40} {'params':>15} {'trainable':>15}")
+    for k, v in sorted(r["groups"].items()):
+        print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
     print(f"\ntrainable {r['trainable']:,} / total {r['total']:,} "
           f"(without vision {r['total_without_vision']:,})")
     print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
