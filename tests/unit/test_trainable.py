@@ -1,0 +1,222 @@
+"""Tests of vlscale.peft.trainable: the exact trainable set for every method x sharing mode, the
+switches of the paper's tables, gradients after one backward, and counts (ZeRO-3, meta device)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+from vlscale.config import PeftConfig
+from vlscale.peft import apply_peft
+from vlscale.peft.trainable import GROUPS, configure_trainable, count_parameters
+
+TASKS = ["vqa", "gqa"]
+D = 32
+
+
+def make_t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=100, d_model=D, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+
+
+def make_bart():
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=100, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+
+
+BACKBONES = {"t5": make_t5, "bart": make_bart}
+
+
+def peft_cfg(method="adapter", sharing="single", **kw):
+    small = dict(lora_rank=4, n_prompts=3, prompt_hidden_dim=16, task_embedding_dim=8, layer_embedding_dim=8,
+                 hypernet_hidden_dim=16, hypernet_projected_dim=4, lora_dropout=0.0)
+    return PeftConfig(method=method, sharing=sharing, **{**small, **kw})
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 100, (2, 7), generator=g), torch.randint(3, 100, (2, 5), generator=g)
+
+
+def perturb(module, std=0.3):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+ALL = [("adapter", "multiple"), ("adapter", "half_shared"), ("adapter", "single"),
+       ("compacter", "multiple"), ("compacter", "half_shared"), ("compacter", "single"),
+       ("lora", "multiple"), ("lora", "half_shared"), ("lora", "single"),
+       ("hyperformer", "single"), ("prompt", "multiple"), ("prompt", "single"), ("none", "single")]
+LN = re.compile(r"layer_?norm")  # T5 layer_norm / final_layer_norm; BART *_layer_norm, layernorm_embedding
+LORA_BIAS = re.compile(r"(self_attn|encoder_attn)\.(q_proj|v_proj)\.bias$")
+
+
+class StandIn(nn.Module):
+    """The VLModel's shape: a tiny CNN 'vision encoder', a projection, the LM and its PEFT controller."""
+
+    def __init__(self, backbone: str, cfg, device=None):
+        super().__init__()
+        with torch.device(device or "cpu"):
+            self.lm = BACKBONES[backbone]()
+            self.vision = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(2), nn.Flatten(2))
+            self.projector = nn.Sequential(nn.Linear(4, D), nn.LayerNorm(D))
+        self.peft = apply_peft(self.lm, cfg, TASKS)
+
+    def forward(self, task: str):
+        self.peft.set_task(task)
+        enc, dec = inputs()
+        feats = self.vision(torch.randn(2, 3, 6, 6)).transpose(1, 2)  # (B, 4 tokens, 4)
+        parts = [self.projector(feats), self.lm.get_input_embeddings()(enc)]
+        prompts = self.peft.prompts(2)
+        if prompts is not None:
+            parts.insert(0, prompts)
+        return self.lm(inputs_embeds=torch.cat(parts, 1), decoder_input_ids=dec).logits
+
+
+def expected_trainable(model, cfg):
+    """The rules of DESIGN.md, written out on parameter names."""
+    names = set()
+    for n, _ in model.named_parameters():
+        lm_name = n[len("lm."):] if n.startswith("lm.") else None
+        if n.startswith("peft."):
+            names.add(n)
+        elif n.startswith("projector.") and cfg.train_projection:
+            names.add(n)
+        elif n.startswith("vision.") and cfg.train_vision:
+            names.add(n)
+        elif lm_name is not None and (cfg.train_lm or (cfg.train_layer_norms and LN.search(lm_name)) or
+                                      (cfg.method == "lora" and cfg.lora_train_bias and LORA_BIAS.search(lm_name))):
+            names.add(n)
+    return names
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart"])
+@pytest.mark.parametrize("method,sharing", ALL)
+def test_default_trainable_set_and_gradients(backbone, method, sharing):
+    cfg = peft_cfg(method, sharing)
+    model = StandIn(backbone, cfg)
+    counts = configure_trainable(model, cfg)
+    assert set(counts) == set(GROUPS)
+    assert trainable_names(model) == expected_trainable(model, cfg)
+    assert not model.lm.get_input_embeddings().weight.requires_grad  # tied output layer stays frozen
+    assert not model.lm.lm_head.weight.requires_grad
+    perturb(model.peft)
+    model.train()
+    for task in TASKS:  # per-task modules only get gradients from their own task
+        model(task).square().mean().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{n} trains but got no gradient"
+        else:
+            assert p.grad is None, f"{n} is frozen but got a gradient"
+
+
+def test_lora_biases_follow_lora_train_bias():
+    cfg = peft_cfg("lora", "single")
+    model = StandIn("bart", cfg)
+    counts = configure_trainable(model, cfg)
+    biases = {n for n in trainable_names(model) if LORA_BIAS.search(n)}
+    assert len(biases) == 12 and counts["lora_bias"]["tensors"] == 12
+    assert counts["lora_bias"]["trainable"] == 12 * D
+    assert not any("k_proj.bias" in n or "out_proj.bias" in n for n in trainable_names(model))
+    cfg = peft_cfg("lora", "single", lora_train_bias=False)
+    model = StandIn("bart", cfg)
+    counts = configure_trainable(model, cfg)
+    assert not any(LORA_BIAS.search(n) for n in trainable_names(model))
+    assert counts["lora_bias"]["trainable"] == 0 and counts["lora_bias"]["total"] == 12 * D
+    t5 = StandIn("t5", peft_cfg("lora"))
+    assert configure_trainable(t5, peft_cfg("lora"))["lora_bias"]["tensors"] == 0  # T5 q/v have no bias
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart"])
+@pytest.mark.parametrize("switches", [
+    dict(train_lm=True), dict(train_vision=True), dict(train_projection=False),
+    dict(train_layer_norms=False), dict(method="none"), dict(method="none", train_layer_norms=False),
+    dict(train_lm=True, train_vision=True, train_layer_norms=False)])
+def test_switches(backbone, switches):
+    cfg = peft_cfg(**{"method": "adapter", **switches})
+    model = StandIn(backbone, cfg)
+    configure_trainable(model, cfg)
+    names = trainable_names(model)
+    assert names == expected_trainable(model, cfg)
+    lm_names = {f"lm.{n}" for n, _ in model.lm.named_parameters()}
+    if cfg.train_lm:
+        assert lm_names <= names and model.lm.lm_head.weight.requires_grad
+    if switches == dict(method="none", train_layer_norms=False):  # Table 5 "projection only"
+        assert names == {n for n, _ in model.named_parameters() if n.startswith("projector.")}
+    if switches == dict(method="none"):  # Table 5 "projection + layer norms"
+        assert names - {n for n in names if n.startswith("projector.")} == {n for n in lm_names if LN.search(n)}
+
+
+def test_counts_by_group_add_up():
+    cfg = peft_cfg("adapter", "multiple")
+    model = StandIn("t5", cfg)
+    counts = configure_trainable(model, cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(c["total"] for c in counts.values()) == total
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(c["trainable"] for c in counts.values()) == trainable
+    assert counts["peft"]["total"] == model.peft.num_parameters() > 0
+    assert counts["projection"]["total"] == sum(p.numel() for p in model.projector.parameters())
+    assert counts["vision"]["trainable"] == 0 and counts["lm"]["trainable"] == 0
+    # T5: 2 x 2 encoder + 2 x 3 decoder sublayer norms + 2 final norms, D each
+    assert counts["layer_norm"]["total"] == counts["layer_norm"]["trainable"] == 12 * D
+
+    stats = count_parameters(model)
+    vision = sum(p.numel() for p in model.vision.parameters())
+    assert stats["total"] == total and stats["trainable"] == trainable
+    assert stats["total_without_vision"] == total - vision
+    assert stats["updated_pct"] == pytest.approx(100 * trainable / (total - vision))
+    assert stats["updated_pct_with_vision"] == pytest.approx(100 * trainable / total)
+    assert stats["updated_pct"] > stats["updated_pct_with_vision"]
+
+
+def test_counts_under_zero3_partitioning_and_on_meta():
+    cfg = peft_cfg("lora", "multiple")
+    ref = configure_trainable(StandIn("bart", cfg), cfg)
+    ref_stats = count_parameters(StandIn("bart", cfg))
+
+    meta = StandIn("bart", cfg, device="meta")
+    assert configure_trainable(meta, cfg) == ref
+
+    model = StandIn("bart", cfg)
+    for p in model.parameters():  # a ZeRO-3 rank's view: 0-size data, the full size in ds_numel
+        p.ds_numel, p.ds_shape = p.numel(), p.shape
+        p.data = torch.empty(0)
+    assert configure_trainable(model, cfg) == ref
+    assert count_parameters(model)["total"] == ref_stats["total"]
+
+
+def test_parameter_outside_the_known_parts_is_an_error():
+    cfg = peft_cfg("adapter")
+    model = StandIn("t5", cfg)
+    model.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="extra.weight"):
+        configure_trainable(model, cfg)
+
+
+def test_model_without_vision_encoder():
+    cfg = peft_cfg("adapter")
+    model = StandIn("t5", cfg)
+    model.vision = None
+    counts = configure_trainable(model, cfg)
+    assert counts["vision"] == {"total": 0, "trainable": 0, "tensors": 0}
+    stats = count_parameters(model)
+    assert stats["updated_pct"] == pytest.approx(stats["updated_pct_with_vision"])

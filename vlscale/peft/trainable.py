@@ -1,0 +1,120 @@
+"""What trains: the one place that sets ``requires_grad`` on every parameter of the V&L model.
+
+The model exposes ``lm`` (HF T5/BART), ``vision`` (CLIP visual encoder or None), ``projector``
+(the visual projection) and ``peft`` (the PeftController). Every parameter falls in one group:
+
+    group        what                                                   trains when
+    peft         every parameter of model.peft                          always
+    layer_norm   every layer norm inside model.lm (T5LayerNorm, LayerNorm)  train_layer_norms or train_lm
+    lora_bias    biases of the LoRA-adapted q/v projections (BART)      method=lora and lora_train_bias, or train_lm
+    lm           the rest of model.lm (tied embeddings/output layer too) train_lm
+    projection   model.projector                                        train_projection
+    vision       model.vision                                           train_vision
+
+The paper's Table 5 "projection only" is method=none with train_layer_norms=false; "projection +
+layer norms" is method=none. Counts use ``ds_numel`` where DeepSpeed ZeRO-3 partitioned a
+parameter and work on the meta device. ``updated_pct`` follows the paper: trainable parameters
+over all parameters except the vision encoder's (features precomputed), in percent.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from vlscale.peft.sites import param_numel
+
+GROUPS = ("peft", "layer_norm", "lora_bias", "lm", "projection", "vision")
+_NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
+
+
+def is_layer_norm(module: nn.Module) -> bool:
+    """nn.LayerNorm, T5LayerNorm and other *LayerNorm / *RMSNorm modules (apex's FusedRMSNorm too)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(_NORM_SUFFIXES)
+
+
+def _named(module, prefix: str) -> Iterator[tuple[str, nn.Parameter]]:
+    if module is None:
+        return iter(())
+    return ((f"{prefix}.{n}", p) for n, p in module.named_parameters())
+
+
+def parameter_groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Each parameter of the model, once, in its group (names as in the model: ``lm.encoder...``)."""
+    groups: dict[str, list] = {g: [] for g in GROUPS}
+    seen: set[int] = set()
+
+    def put(group: str, name: str, p: nn.Parameter) -> None:
+        if id(p) not in seen:
+            seen.add(id(p))
+            groups[group].append((name, p))
+
+    lm = model.lm
+    peft = getattr(model, "peft", None)
+    for name, p in _named(peft, "peft"):
+        put("peft", name, p)
+    if peft is not None:
+        for name, p in peft.lora_bias_parameters():
+            put("lora_bias", f"lm.{name}", p)
+    for mod_name, module in lm.named_modules():
+        if is_layer_norm(module):
+            for n, p in module.named_parameters(recurse=False):
+                put("layer_norm", f"lm.{mod_name}.{n}" if mod_name else f"lm.{n}", p)
+    for name, p in _named(lm, "lm"):
+        put("lm", name, p)
+    for name, p in _named(getattr(model, "projector", None), "projector"):
+        put("projection", name, p)
+    for name, p in _named(getattr(model, "vision", None), "vision"):
+        put("vision", name, p)
+    if isinstance(model, nn.Module):
+        stray = [n for n, p in model.named_parameters() if id(p) not in seen]
+        if stray:
+            raise ValueError(f"configure_trainable: parameter {stray[0]!r} (and {len(stray) - 1} more) belongs to "
+                             "none of model.lm / vision / projector / peft; vlscale/peft/trainable.py must be "
+                             "told which group it is in")
+    return groups
+
+
+def _trains(group: str, cfg) -> bool:
+    return {
+        "peft": True,
+        "layer_norm": cfg.train_layer_norms or cfg.train_lm,
+        "lora_bias": (cfg.method == "lora" and cfg.lora_train_bias) or cfg.train_lm,
+        "lm": cfg.train_lm,
+        "projection": cfg.train_projection,
+        "vision": cfg.train_vision,
+    }[group]
+
+
+def configure_trainable(model, peft_cfg) -> dict[str, dict]:
+    """Set ``requires_grad`` on every parameter; -> {group: {"total": n, "trainable": n, "tensors": k}}."""
+    counts = {}
+    for group, params in parameter_groups(model).items():
+        on = _trains(group, peft_cfg)
+        total = 0
+        for _, p in params:
+            p.requires_grad_(on)
+            total += param_numel(p)
+        counts[group] = {"total": total, "trainable": total if on else 0, "tensors": len(params)}
+    return counts
+
+
+def count_parameters(model) -> dict:
+    """trainable / total / total_without_vision counts and updated_pct (percent, the paper's convention)."""
+    groups = parameter_groups(model)
+    total = trainable = vision = 0
+    for group, params in groups.items():
+        for _, p in params:
+            n = param_numel(p)
+            total += n
+            trainable += n if p.requires_grad else 0
+            vision += n if group == "vision" else 0
+    without = total - vision
+    return {
+        "trainable": trainable,
+        "total": total,
+        "total_without_vision": without,
+        "updated_pct": 100.0 * trainable / without if without else 0.0,
+        "updated_pct_with_vision": 100.0 * trainable / total if total else 0.0,
+    }
