@@ -70,7 +70,8 @@ class ModelConfig:
     extra_special_tokens: int = 0
     """Extra ``<extra_id_N>``-style tokens added to the vocabulary (200 in the paper's BART setup)."""
     tokenizer: Optional[str] = None
-    """Tokenizer name or path; ``None`` uses the backbone's (or the synthetic world's for tiny models)."""
+    """Tokenizer name or path, or ``synthetic`` (the synthetic world's, offline: e.g. random-weight
+    runs of real architectures); ``None`` uses the backbone's (the synthetic one for tiny/mini models)."""
     dropout: Optional[float] = None
     """Override the backbone's dropout rate; ``None`` keeps the config's value."""
 

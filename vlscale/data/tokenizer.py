@@ -82,7 +82,9 @@ def add_visual_sentinels(tok, n: int):
 
 def build_tokenizer(cfg):
     """The run's tokenizer (see the module docstring for the order of choices)."""
-    if cfg.model.tokenizer:
+    if cfg.model.tokenizer == "synthetic":
+        tok = synthetic_tokenizer()
+    elif cfg.model.tokenizer:
         tok = _auto(cfg.model.tokenizer, "model.tokenizer")
     elif _is_tiny(cfg.model.backbone):
         tok = synthetic_tokenizer()

@@ -62,6 +62,13 @@ LM_REGISTRY: dict[str, dict] = {
     "tiny-bart": dict(_bart(64, 128, 4, 2), vocab_size=1100, max_position_embeddings=256,
                       dropout=0.0, pad_token_id=0, bos_token_id=3, eos_token_id=1,
                       decoder_start_token_id=1, forced_eos_token_id=1),
+    # Miniature pretrained backbones the project makes and ships (scripts/pretrain_backbones.py,
+    # weights in vlscale/assets/backbones/<name>/): 4+4 layers, d_model 128, the synthetic world's
+    # 721-token vocabulary (621 SentencePiece pieces + 100 <extra_id_N>). Dropout as in T5 / BART.
+    "mini-t5": _t5(128, 512, 4, 4, d_kv=32, base=dict(_T5_V1, vocab_size=721)),
+    "mini-bart": dict(_bart(128, 512, 4, 4), vocab_size=721, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=3, eos_token_id=1, decoder_start_token_id=1,
+                      forced_eos_token_id=1),
 }
 
 _SHORT = {name.split("/")[-1]: name for name in LM_REGISTRY}
@@ -90,7 +97,9 @@ def hub_id(name: str) -> str:
 
 
 def is_tiny(name: str) -> bool:
-    return canonical_lm_name(name).startswith("tiny-")
+    """The project's own small backbones (``tiny-*`` random, ``mini-*`` shipped pretrained): they
+    use the synthetic world's tokenizer."""
+    return canonical_lm_name(name).startswith(("tiny-", "mini-"))
 
 
 def lm_config(name: str, **overrides):

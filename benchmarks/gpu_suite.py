@@ -1,0 +1,135 @@
+"""The project's one GPU benchmark: everything only a GPU can show, in one short run.
+
+    python benchmarks/gpu_suite.py [--out DIR] [--budget-s 180]
+
+Sections, each in its own process so one failure does not hide the others, skipped when the
+time budget left is too small:
+  train_fp16   the main command (launchers/train.py, ZeRO-3, one GPU) in fp16 with dynamic loss
+               scaling: losses, loss scale behaviour, step time, allocator peak (run_summary.json)
+  train_bf16   the same run in bf16, for comparison
+  full_ft_ckpt full fine-tuning with gradient checkpointing, bf16: memory of the other regime
+  kernels      the fused adapter kernels vs the reference (benchmarks/gpu_kernels_section.py)
+  profiler     predicted vs allocator peak (vlscale.profiling.measure.run_gpu_section), when present
+Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it.
+Random weights, the synthetic world: no downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+COMMON = ["model.backbone=t5-small", "model.vision=tiny-clip-rn", "model.tokenizer=synthetic", "data.synthetic_train=256",
+          "data.synthetic_eval=32", "train.eval_max_examples=32", "train.micro_batch_size=32",
+          "train.eval_batch_size=32", "train.save_every=0"]
+TRAIN_RUNS = {
+    "train_fp16": ["train.precision=fp16", "train.max_steps=30"],
+    "train_bf16": ["train.precision=bf16", "train.max_steps=30"],
+    "full_ft_ckpt": ["train.precision=bf16", "train.max_steps=10", "peft.method=none", "peft.train_lm=true",
+                     "train.gradient_checkpointing=true"],
+}
+
+
+def run_training(name: str, extra: list[str], out_dir: Path, timeout: float) -> dict:
+    run_dir = out_dir / name
+    cmd = [sys.executable, str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3.json"),
+           "--no-progress", f"output_dir={run_dir}", *COMMON, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    res = {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        return res
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    res["losses"] = [round(r["loss"], 4) for r in log]
+    res["loss_first5_mean"] = sum(res["losses"][:5]) / min(5, len(res["losses"]))
+    res["loss_last5_mean"] = sum(res["losses"][-5:]) / min(5, len(res["losses"]))
+    res["all_finite"] = all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
+    for key in ("loss_scale", "skipped_steps"):
+        vals = [r[key] for r in log if key in r]
+        if vals:
+            res[key] = vals if key == "loss_scale" else vals[-1]
+    res["summary"] = {k: summary.get(k) for k in (
+        "world_size", "zero_stage", "precision", "trainable_params", "total_params", "param_bytes_per_rank",
+        "grad_bytes_per_rank", "optimizer_state_bytes_per_rank", "peak_memory_bytes", "step_time_s",
+        "gradient_checkpointing", "device", "final_scores")}
+    res["stdout_tail"] = proc.stdout[-1500:]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_suite"))
+    ap.add_argument("--budget-s", type=float, default=180.0, help="stop starting sections after this")
+    ap.add_argument("--sections", default="train_fp16,train_bf16,full_ft_ckpt,kernels,profiler")
+    ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
+    args = ap.parse_args()
+    if args.smoke:
+        COMMON[:2] = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn"]
+        for extra in TRAIN_RUNS.values():
+            extra[:] = [e for e in extra if not e.startswith("train.max_steps")] + ["train.max_steps=2"]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLSCALE_CACHE", "/tmp/vlscale_cache")
+    t_start = time.perf_counter()
+    results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+    try:
+        import torch
+
+        results["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        results["torch"] = torch.__version__
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        results["device_error"] = repr(e)
+    needs = {"train_fp16": 60, "train_bf16": 45, "full_ft_ckpt": 40, "kernels": 35, "profiler": 60}
+
+    def save():
+        (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
+
+    for name in args.sections.split(","):
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < needs.get(name, 30) * 0.6:
+            results["sections"][name] = {"skipped": f"time budget: {left:.0f}s left"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            if name in TRAIN_RUNS:
+                results["sections"][name] = run_training(name, TRAIN_RUNS[name], out_dir / "runs", timeout=left)
+            elif name == "kernels":
+                sys.path.insert(0, str(ROOT / "benchmarks"))
+                import gpu_kernels_section
+
+                sec: dict = {}
+                gpu_kernels_section.run(sec)
+                results["sections"][name] = sec.get("kernels", sec)
+            elif name == "profiler":
+                sys.path.insert(0, str(ROOT))
+                from vlscale.profiling import measure
+
+                if not hasattr(measure, "run_gpu_section"):
+                    results["sections"][name] = {"skipped": "vlscale.profiling.measure.run_gpu_section missing"}
+                    continue
+                sec = {}
+                measure.run_gpu_section(sec)
+                results["sections"][name] = sec
+        except Exception as e:  # noqa: BLE001 - one section's failure is recorded, the rest still run
+            import traceback
+
+            results["sections"][name] = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}
+        results["sections"][name]["section_s"] = round(time.perf_counter() - t0, 1)
+        save()
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(json.dumps(results, indent=1)[-20000:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
