@@ -1,0 +1,121 @@
+"""Evaluate a trained adapter on a split: batched generation, predictions, scores.
+
+    python launchers/evaluate.py --adapter runs/default/adapter [--split val|test] [--out DIR] [key=value ...]
+    torchrun --nproc_per_node N launchers/evaluate.py --adapter ...   (data-parallel replicas)
+
+Rebuilds the model from the adapter's ``adapter_config.json`` (the whole run config; random-weight
+backbones are rebuilt from its ``train.seed``, pretrained ones load from ``model.backbone_path`` or
+the hub id), loads ``adapter_model.safetensors`` strictly (names and shapes), and runs the same
+evaluation code as training's periodic evaluation (vlscale/engine/evaluation.py). Overrides apply
+on top of the saved config (e.g. ``data.synthetic_eval=500``, ``train.eval_batch_size=64``,
+``train.eval_max_examples=100``, ``data.root=...``); ones that change the model are refused.
+
+Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``;
+``DIR`` defaults to ``<adapter's parent>/eval_<split>``. Prints the per-task scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL_SECTIONS = ("model", "peft")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", required=True, help="an adapter/ directory written by launchers/train.py")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
+    p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_run_config(adapter_dir, overrides):
+    """The adapter's run config with evaluation overrides; refuses overrides that change the model."""
+    from vlscale.config import config_from_dict, parse_overrides
+    from vlscale.engine.checkpoint import read_adapter_config
+
+    meta = read_adapter_config(adapter_dir)
+    saved = meta["run_config"]
+    cfg = config_from_dict(_deep_merge(saved, parse_overrides(overrides)))
+    new = cfg.to_dict()
+    fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s]] + [("data", "tasks"), ("train", "seed")]
+    for section, key in fixed:
+        if new[section][key] != saved[section][key]:
+            raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
+                             f"was trained with ({section}.{key}={saved[section][key]!r}); use --tasks to "
+                             f"evaluate a subset of tasks")
+    return cfg, meta
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from vlscale.data import build_tokenizer
+    from vlscale.engine.checkpoint import load_adapter
+    from vlscale.engine.evaluation import evaluate, format_scores
+    from vlscale.engine.trainer import DTYPES, seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    # --- setup
+    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vlscale.engine.distributed import init_distributed
+
+        dist = init_distributed()
+        rank, world, device = dist.rank, dist.world_size, dist.device
+    cfg, meta = load_run_config(args.adapter, args.overrides)
+    tokenizer = build_tokenizer(cfg)
+    if len(tokenizer) != meta["vocab_size"]:
+        raise ValueError(f"the rebuilt tokenizer has {len(tokenizer)} tokens; the adapter was trained with "
+                         f"{meta['vocab_size']} ({meta.get('tokenizer')}); check model.tokenizer / extra tokens")
+    dtype = DTYPES[cfg.train.precision]
+    if dtype == torch.float16 and device.type == "cpu":
+        dtype = torch.float32  # no fp16 kernels on CPU; fp32 holds the fp16-trained weights exactly
+    seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
+    model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
+    load_adapter(model, args.adapter)
+    tasks = cfg.data.tasks if not args.tasks else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in cfg.data.tasks]
+    if unknown:
+        raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
+    out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"eval_{args.split}"
+    # --- evaluate
+    scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
+                      float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions")
+    # --- report
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"adapter": str(Path(args.adapter).resolve()), "split": args.split, "step": meta.get("step"),
+                  "tasks": scores}
+        (out / "eval_metrics.json").write_text(json.dumps(report, indent=1))
+        print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
+        print(f"predictions and eval_metrics.json in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        print(f"evaluate.py: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,116 @@
+"""Train a V&L model parameter-efficiently with DeepSpeed.
+
+    deepspeed [--num_gpus N] launchers/train.py --deepspeed ds_configs/zero3.json [--config NAME|PATH] [key=value ...] [--resume]
+    torchrun --nproc_per_node N launchers/train.py ...
+    python launchers/train.py ...                      (one process)
+
+Supports: every launcher above (multi-node through DeepSpeed's hostfile); no GPU (DeepSpeed's CPU
+accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe offload
+(``ds_configs/``); fp32, bf16 and fp16 (dynamic loss scaling, GPU only); gradient checkpointing;
+multitask batches with per-task or shared PEFT modules; periodic and final evaluation with
+synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM leaving a resumable
+checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default
+(the synthetic world, tiny CLIP + T5, one shared adapter).
+
+Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
+tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.
+Exit codes: 0 done (or stopped by --stop-after-steps), 1 error, 3 a hung rank (watchdog),
+130/143 stopped by SIGINT/SIGTERM after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero3.json"), metavar="JSON",
+                   help="DeepSpeed config file (default: ds_configs/zero3.json)")
+    p.add_argument("--config", default=None, help="preset name (e.g. paper/clip_bart_single_adapter) or YAML path; "
+                                                  "default: the embedded default")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
+                   help="stop after optimizer step K as if interrupted, leaving a resumable checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
+    return p.parse_args(argv)
+
+
+def resolve_ds_file(path: str) -> str:
+    """A relative path that does not exist from the working directory is tried from the repo root."""
+    if not os.path.exists(path) and not os.path.isabs(path) and (ROOT / path).exists():
+        return str(ROOT / path)
+    return path
+
+
+def quiet_library_warnings() -> None:
+    """DeepSpeed calls collectives that torch marks deprecated, once per bucket: hide that noise."""
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_library_warnings()
+    # --- setup
+    from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads
+
+    dist = init_distributed()
+    from vlscale.config import load_config
+    from vlscale.engine import trainer
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+
+    run = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_config = build_deepspeed_config(resolve_ds_file(args.deepspeed), cfg, dist.world_size,
+                                           device_type=dist.device_type)
+        if dist.is_main:
+            print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "
+                  f"{dist.backend}) | ZeRO-{trainer.zero_stage(ds_config)} | {cfg.train.precision} | global batch "
+                  f"{ds_config['train_batch_size']} | {cfg.train.max_steps} steps | peft={cfg.peft.method}/"
+                  f"{cfg.peft.sharing}", flush=True)
+        run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)
+        # --- train
+        trainer.train(run, stop_after_steps=args.stop_after_steps)
+        trainer.finish(run)
+        code = 0
+    except trainer.RunStopped as stop:
+        trainer.finish(run, completed=False)
+        if dist.is_main:
+            print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)
+        code = 0 if stop.signum is None else 128 + int(stop.signum)
+    except Exception as e:  # one readable line per rank, the traceback once
+        if dist.is_main:
+            traceback.print_exc()
+        print(f"vlscale: rank {dist.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    except KeyboardInterrupt as e:
+        print(f"vlscale: rank {dist.rank}: aborted ({e})", file=sys.stderr, flush=True)
+        code = 128 + signal.SIGINT
+    # --- cleanup
+    trainer.close(run)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code != 0 and dist.world_size > 1:
+        os._exit(code)  # peers may be gone: do not wait in process-group teardown
+    from vlscale.engine.distributed import destroy
+
+    destroy()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

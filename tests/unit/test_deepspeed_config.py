@@ -1,0 +1,169 @@
+"""build_deepspeed_config: batch arithmetic, precision, conflicts named, no "auto" left, fp16 on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlscale.config import load_config
+from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
+                                             model_widths)
+
+DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+SHIPPED = ["zero2.json", "zero3.json", "zero3_offload.json", "zero3_nvme.json"]
+
+
+def cfg_with(*overrides):
+    return load_config(None, list(overrides))
+
+
+def walk(d, prefix=""):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, d
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_files_resolve_completely(name, monkeypatch):
+    monkeypatch.setenv("VLSCALE_NVME_PATH", "/tmp/nvme")
+    ds = build_deepspeed_config(DS_DIR / name, cfg_with("train.micro_batch_size=3"), 4, device_type="cuda")
+    assert [k for k, v in walk(ds) if v == "auto"] == []
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 3
+    raw = json.loads((DS_DIR / name).read_text())
+    assert raw["train_batch_size"] == "auto", "batch sizes are never typed in the shipped files"
+    assert ds["zero_optimization"]["stage"] == (2 if name == "zero2.json" else 3)
+    if "nvme" in name:
+        assert ds["zero_optimization"]["offload_param"]["nvme_path"] == "/tmp/nvme"
+
+
+def test_deepspeed_accepts_the_result():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.micro_batch_size=2",
+                                                                "train.gradient_accumulation_steps=3"), 1,
+                                device_type="cpu")
+    parsed = DeepSpeedConfig(ds)
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu,
+            parsed.gradient_accumulation_steps) == (6, 2, 3)
+    assert parsed.zero_optimization_stage == 3
+
+
+@pytest.mark.parametrize("micro,world,accum", [(1, 1, 1), (16, 2, 1), (4, 8, 3), (7, 3, 5)])
+def test_batch_arithmetic(micro, world, accum):
+    cfg = cfg_with(f"train.micro_batch_size={micro}", f"train.gradient_accumulation_steps={accum}")
+    ds = build_deepspeed_config(DS_DIR / "zero2.json", cfg, world, device_type="cpu")
+    assert ds["train_batch_size"] == micro * world * accum
+    assert ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["gradient_accumulation_steps"] == accum
+
+
+def test_conflicting_batch_size_names_key_and_values():
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["train_batch_size"] = 64
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(raw, cfg_with("train.micro_batch_size=16"), 2, device_type="cpu")
+    msg = str(e.value)
+    assert "train_batch_size=64" in msg and "32" in msg and "train.micro_batch_size=16" in msg
+
+
+def test_matching_concrete_values_are_accepted():
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw.update(train_batch_size=32, train_micro_batch_size_per_gpu=16, gradient_clipping=5.0)
+    ds = build_deepspeed_config(raw, cfg_with("train.micro_batch_size=16"), 2, device_type="cpu")
+    assert ds["train_batch_size"] == 32
+
+
+def test_conflicting_precision_block_is_named():
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["fp16"]["enabled"] = True
+    with pytest.raises(DeepSpeedConfigError, match=r"fp16\.enabled=True conflicts .*False.*train\.precision='bf16'"):
+        build_deepspeed_config(raw, cfg_with("train.precision=bf16"), 1, device_type="cuda")
+
+
+def test_conflicting_clipping_and_lr_are_named():
+    raw = json.loads((DS_DIR / "zero2.json").read_text())
+    raw["gradient_clipping"] = 1.0
+    with pytest.raises(DeepSpeedConfigError, match=r"gradient_clipping=1\.0 .* 5\.0 \(train\.clip_grad_norm\)"):
+        build_deepspeed_config(raw, cfg_with("train.clip_grad_norm=5.0"), 1, device_type="cpu")
+    raw = json.loads((DS_DIR / "zero2.json").read_text())
+    raw["optimizer"]["params"]["lr"] = 0.5
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer\.params\.lr=0\.5"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_blocks(precision):
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(f"train.precision={precision}"), 2,
+                                device_type="cuda")
+    assert ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["bf16"]["enabled"] is (precision == "bf16")
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0, "fp16 uses dynamic loss scaling"
+        assert ds["fp16"]["initial_scale_power"] > 0
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
+    assert str(e.value) == CPU_FP16_ERROR
+
+
+def test_optimizer_and_clipping_come_from_the_run_config():
+    cfg = cfg_with("train.clip_grad_norm=2.5", "train.weight_decay=0.1", "train.adam_eps=1e-8")
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg, 1, device_type="cpu")
+    assert ds["gradient_clipping"] == 2.5
+    params = ds["optimizer"]["params"]
+    assert params["lr"] == cfg.lr == 1e-3
+    assert (params["weight_decay"], params["eps"], params["betas"]) == (0.1, 1e-8, [0.9, 0.999])
+    full_ft = cfg_with("peft.method=none", "peft.train_lm=true")
+    assert build_deepspeed_config(DS_DIR / "zero3.json", full_ft, 1, device_type="cpu")["optimizer"]["params"]["lr"] == 1e-4
+
+
+def test_bucket_sizes_follow_the_composite_model():
+    cfg = cfg_with("model.backbone=t5-large", "model.vision=RN101")
+    d_model, visual = model_widths(cfg)
+    assert (d_model, visual) == (1024, 2048)
+    zero = build_deepspeed_config(DS_DIR / "zero3.json", cfg, 8, device_type="cuda")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 2048 * 2048
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
+    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+
+
+def test_zero_stage_override_and_offload_checks():
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.zero_stage=2"), 2, device_type="cpu")
+    assert ds["zero_optimization"]["stage"] == 2
+    with pytest.raises(DeepSpeedConfigError, match="offload_param needs ZeRO stage 3"):
+        build_deepspeed_config(DS_DIR / "zero3_offload.json", cfg_with("train.zero_stage=2"), 2, device_type="cuda")
+    off = build_deepspeed_config(DS_DIR / "zero3_offload.json", cfg_with(), 2, device_type="cuda")
+    assert off["optimizer"]["params"]["torch_adam"] is False, "offloaded optimizer runs DeepSpeed's CPU Adam"
+    assert build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(), 2, device_type="cpu")[
+        "optimizer"]["params"]["torch_adam"] is True
+
+
+def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
+    monkeypatch.delenv("VLSCALE_NVME_PATH", raising=False)
+    with pytest.raises(DeepSpeedConfigError, match="nvme_path is \"auto\"; set VLSCALE_NVME_PATH"):
+        build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 1, device_type="cuda")
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimization"]["sub_group_size"] = "auto"
+    with pytest.raises(DeepSpeedConfigError, match=r"unresolved for \['zero_optimization\.sub_group_size'\]"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    with pytest.raises(DeepSpeedConfigError, match="does not exist"):
+        build_deepspeed_config(tmp_path / "nope.json", cfg_with(), 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match="bad.json: not valid JSON"):
+        build_deepspeed_config(bad, cfg_with(), 1)
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["scheduler"] = {"type": "WarmupLR"}
+    with pytest.raises(DeepSpeedConfigError, match="'scheduler' block"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
+def test_input_dict_is_not_modified():
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    before = json.dumps(raw, sort_keys=True)
+    build_deepspeed_config(raw, cfg_with(), 2, device_type="cpu")
+    assert json.dumps(raw, sort_keys=True) == before

@@ -1,0 +1,394 @@
+"""What a run writes to keep: the trained adapter, and the resumable training checkpoint.
+
+``output_dir/adapter/``: the trainable parameters only, gathered to their full shapes on rank 0
+(under ZeRO-3 a rank holds a 1/world slice, or a 0-size placeholder, of each parameter; saving
+those is the classic "empty adapter" bug), as ``adapter_model.safetensors``, plus
+``adapter_config.json`` with the whole RunConfig, the vocabulary size, the tokenizer's identity
+and every tensor's name and shape: all that :func:`load_adapter` needs on a freshly built model.
+
+``output_dir/checkpoints/``: DeepSpeed's own checkpoint (module, ZeRO-partitioned optimizer, LR
+scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step, data-loader
+position, python/numpy/torch RNG states). A checkpoint is written to ``.tmp-step<N>/`` and
+renamed into place, then the ``latest`` file is replaced atomically, so a crash while saving
+leaves the previous checkpoint intact. Older checkpoints beyond the last ``keep`` are removed.
+
+Nothing is unpickled: the adapter is safetensors, client state is JSON, and DeepSpeed's files are
+read by :class:`SafeTorchCheckpointEngine` with ``torch.load(weights_only=True)``, allowing only
+the few DeepSpeed classes its state dicts contain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "vlscale-adapter"
+ADAPTER_FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or adapter directory is missing, incomplete, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- ZeRO helpers
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable parameter, each shared parameter once, in module order."""
+    seen, out = set(), []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _gathered(params: list, modifier_rank: Optional[int]):
+    import contextlib
+
+    zero = [p for p in params if is_partitioned(p)]
+    if not zero:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank)
+
+
+def gather_trainable_state_dict(model: torch.nn.Module, rank: int = 0, chunk_elements: int = 50_000_000
+                                ) -> dict[str, torch.Tensor]:
+    """Full-shape CPU copies of the trainable parameters on rank 0 ({} elsewhere).
+
+    A collective under ZeRO-3: every rank must call it. Parameters are gathered in chunks of at most
+    ``chunk_elements`` elements so no rank ever holds more than one chunk beyond its partition.
+    """
+    named = trainable_parameters(model)
+    out: dict[str, torch.Tensor] = {}
+    chunk: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def flush():
+        params = [p for _, p in chunk]
+        with _gathered(params, modifier_rank=None):
+            if rank == 0:
+                for name, p in chunk:
+                    t = p.detach().to("cpu", copy=True).contiguous()
+                    if tuple(t.shape) != full_shape(p) or (t.numel() == 0 and np.prod(full_shape(p)) != 0):
+                        raise CheckpointError(f"parameter {name} gathered to shape {tuple(t.shape)}, expected "
+                                              f"{full_shape(p)}; refusing to save a partitioned tensor")
+                    out[name] = t
+
+    for name, p in named:
+        n = int(np.prod(full_shape(p)))
+        if chunk and size + n > chunk_elements:
+            flush()
+            chunk, size = [], 0
+        chunk.append((name, p))
+        size += n
+    if chunk:
+        flush()
+    return out
+
+
+# ----------------------------------------------------------------------------- adapter/
+
+def tokenizer_info(tokenizer) -> dict:
+    if tokenizer is None:
+        return {}
+    return {"class": type(tokenizer).__name__, "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "length": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": getattr(tokenizer, "bos_token_id", None)}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab_size: Optional[int] = None,
+                 rank: int = 0, extra: Optional[dict] = None) -> Optional[Path]:
+    """Write ``adapter_dir`` (see the module docstring). Collective under ZeRO-3; rank 0 writes."""
+    from safetensors.torch import save_file
+
+    state = gather_trainable_state_dict(model, rank=rank)
+    if rank != 0:
+        return None
+    adapter_dir = Path(adapter_dir)
+    tmp = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
+    meta = {
+        "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
+        "run_config": cfg.to_dict(),
+        "vocab_size": int(vocab_size if vocab_size is not None else len(tokenizer)),
+        "tokenizer": tokenizer_info(tokenizer),
+        "build_seed": cfg.train.seed,
+        "trainable_params": int(sum(t.numel() for t in state.values())),
+        "parameters": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                       for name, t in state.items()},
+    }
+    meta.update(extra or {})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
+    _replace_dir(tmp, adapter_dir)
+    return adapter_dir
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{adapter_dir} is not an adapter directory: {ADAPTER_CONFIG} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: format={meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version={meta['format_version']} is newer than this vlscale "
+                              f"({ADAPTER_FORMAT_VERSION})")
+    for key in ("run_config", "vocab_size"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: key {key!r} is missing")
+    return meta
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
+    """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes).
+
+    Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
+    Returns the adapter's config dict.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_config(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
+    state = load_file(str(weights))
+    named = dict(trainable_parameters(model))
+    missing = sorted(set(named) - set(state))
+    unexpected = sorted(set(state) - set(named))
+    bad_shape = [f"{n}: file {tuple(state[n].shape)} vs model {full_shape(named[n])}"
+                 for n in sorted(set(named) & set(state)) if tuple(state[n].shape) != full_shape(named[n])]
+    empty = [n for n, t in state.items() if t.numel() == 0 and n in named and np.prod(full_shape(named[n])) != 0]
+    if missing or unexpected or bad_shape or empty:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} trainable parameters missing from the file (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors in the file that are not trainable parameters of the model "
+                         f"(e.g. {unexpected[:3]})")
+        if bad_shape:
+            parts.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
+        if empty:
+            parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
+        raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
+                              ". Build the model from the adapter's adapter_config.json run_config.")
+    params = list(named.values())
+    with torch.no_grad(), _gathered(params, modifier_rank=0):
+        for name, p in named.items():
+            p.data.copy_(state[name].to(dtype=p.dtype, device=p.device))
+    return meta
+
+
+# ----------------------------------------------------------------------------- RNG and JSON state
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": obj.cpu().tolist(), "dtype": str(obj.dtype).replace("torch.", "")}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_jsonable(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            return {"__dict_items__": [[_to_jsonable(k), _to_jsonable(v)] for k, v in obj.items()]}
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a JSON checkpoint")
+
+
+def _from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return torch.tensor(obj["__tensor__"], dtype=getattr(torch, obj["dtype"]))
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__tuple__" in obj:
+            return tuple(_from_jsonable(v) for v in obj["__tuple__"])
+        if "__dict_items__" in obj:
+            return {_from_jsonable(k): _from_jsonable(v) for k, v in obj["__dict_items__"]}
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- checkpoints/
+
+class SafeTorchCheckpointEngine:
+    """DeepSpeed checkpoint engine that loads with ``weights_only=True`` (no arbitrary unpickling)."""
+
+    @staticmethod
+    def safe_globals() -> list:
+        out = []
+        try:
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+            out.append(ZeroStageEnum)
+        except ImportError:  # pragma: no cover - depends on the DeepSpeed version
+            pass
+        try:
+            from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+            out += [LossScaler, DynamicLossScaler]
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            from deepspeed.utils.tensor_fragment import fragment_address
+            out.append(fragment_address)
+        except ImportError:  # pragma: no cover
+            pass
+        return out
+
+
+def install_safe_loading(engine) -> None:
+    """Make ``engine.load_checkpoint`` read files with ``torch.load(weights_only=True)``."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None or getattr(ce, "_vlscale_safe", False):
+        return
+    allowed = SafeTorchCheckpointEngine.safe_globals()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # pickle.UnpicklingError names the refused global
+                raise CheckpointError(f"{path}: refused to load with weights_only=True ({e}). vlscale never "
+                                      f"unpickles arbitrary objects from checkpoints.") from e
+
+    ce.load = load
+    ce._vlscale_safe = True
+
+
+def latest_tag(ckpt_root) -> Optional[str]:
+    path = Path(ckpt_root) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not tag or not (Path(ckpt_root) / tag).is_dir():
+        raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}")
+    return tag
+
+
+def check_output_dir(output_dir, resume: bool) -> Optional[str]:
+    """Refuse to overwrite another run; with ``resume``, the tag to resume from."""
+    ckpt_root = Path(output_dir) / "checkpoints"
+    tag = latest_tag(ckpt_root)
+    if tag is not None and not resume:
+        raise CheckpointError(
+            f"output_dir {str(output_dir)!r} already holds a run's checkpoint ({ckpt_root / tag}); pass --resume "
+            f"to continue it or choose another output_dir (output_dir=...)")
+    if resume and tag is None:
+        raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file); "
+                              f"drop --resume to start a new run")
+    return tag
+
+
+def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int, keep: int = 2) -> str:
+    """Write ``checkpoints/step<N>`` atomically (collective: every rank calls it). Returns the tag."""
+    from vlscale.engine.distributed import barrier
+
+    root = Path(output_dir) / "checkpoints"
+    tag = f"step{step}"
+    tmp = root / f".tmp-{tag}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False)
+    state = dict(client_state, rng=rng_state())
+    (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
+    barrier()
+    if rank == 0:
+        _replace_dir(tmp / tag, root / tag)
+        shutil.rmtree(tmp)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, root / LATEST)
+        tags = sorted((p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                      key=lambda p: int(p.name[4:]))
+        for old in tags[:-keep] if keep > 0 else []:
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def load_checkpoint(engine, output_dir, rank: int, world_size: int) -> dict:
+    """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state."""
+    root = Path(output_dir) / "checkpoints"
+    tag = latest_tag(root)
+    if tag is None:
+        raise CheckpointError(f"no checkpoint in {root}")
+    client_file = root / tag / f"client_state_rank{rank}.json"
+    saved_world = len(list((root / tag).glob("client_state_rank*.json")))
+    if not client_file.is_file() or saved_world != world_size:
+        raise CheckpointError(f"{root / tag} was written by {saved_world} ranks; this run has {world_size}. "
+                              f"Resume with the same number of ranks (ZeRO partitions are per rank).")
+    install_safe_loading(engine)
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {root / tag}")
+    state = _from_jsonable(json.loads(client_file.read_text()))
+    set_rng_state(state.pop("rng"))
+    state["tag"] = tag
+    return state

@@ -1,0 +1,247 @@
+"""The DeepSpeed config of a run, derived in one place from a JSON file and the RunConfig.
+
+The files in ``ds_configs/`` say *how* to scale (ZeRO stage, offload, communication overlap); the
+run config says *what* to train (batch sizes, precision, clipping, learning rate). Every value
+the run config owns is written as ``"auto"`` in the files and filled in here, so nothing is typed
+twice::
+
+    train_batch_size = train.micro_batch_size x world_size x train.gradient_accumulation_steps
+    fp16 / bf16      = train.precision   (fp16: dynamic loss scaling)
+    gradient_clipping = train.clip_grad_norm
+    optimizer        = AdamW(lr=cfg.lr, betas, eps, weight_decay)   (the schedule is the trainer's)
+    ZeRO buckets     = composite model: h = max(LM d_model, visual feature width entering the
+                       projector); reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h,
+                       stage3_param_persistence_threshold = 10*d_model (norms and biases stay whole)
+
+A concrete value in the file that disagrees with the run config is an error naming the key and
+both values; an ``"auto"`` that nothing resolves is an error too. ``nvme_path: "auto"`` (ZeRO-
+Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from vlscale.config import RunConfig
+
+AUTO = "auto"
+CPU_FP16_ERROR = ("DeepSpeed's CPU accelerator does not support fp16; use train.precision=bf16 or fp32 "
+                  "(fp16 runs on GPU)")
+FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1}
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed file is unreadable, conflicts with the run config, or leaves a value unresolved."""
+
+
+def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
+    """-> (a deep copy of the config dict, a name for messages)."""
+    if isinstance(ds_file_or_dict, dict):
+        return copy.deepcopy(ds_file_or_dict), "<DeepSpeed config dict>"
+    path = Path(ds_file_or_dict)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} does not exist "
+                                   f"(shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DeepSpeedConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(data).__name__}")
+    return data, str(path)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class _Resolver:
+    """Fills keys of the DeepSpeed dict, refusing values that disagree with the run config."""
+
+    def __init__(self, ds: dict, source: str):
+        self.ds, self.source = ds, source
+
+    def section(self, *path: str) -> dict:
+        d = self.ds
+        for i, key in enumerate(path):
+            if d.get(key) is None:
+                d[key] = {}
+            if not isinstance(d[key], dict):
+                raise DeepSpeedConfigError(f"{self.source}: {'.'.join(path[:i + 1])} must be an object, "
+                                           f"got {d[key]!r}")
+            d = d[key]
+        return d
+
+    def set(self, path: str, value: Any, why: str) -> None:
+        *parents, key = path.split(".")
+        d = self.section(*parents) if parents else self.ds
+        if key not in d or d[key] == AUTO:
+            d[key] = value
+        elif not _same(d[key], value):
+            raise DeepSpeedConfigError(
+                f"{self.source}: {path}={d[key]!r} conflicts with the run config's value {value!r} ({why}); "
+                f"remove the key or set it to \"auto\"")
+
+    def default(self, path: str, value: Any) -> None:
+        *parents, key = path.split(".")
+        d = self.section(*parents) if parents else self.ds
+        if key not in d or d[key] == AUTO:
+            d[key] = value
+
+
+def model_widths(cfg: RunConfig) -> tuple[int, int]:
+    """(language model d_model, widest visual feature entering the projector), from the offline registry."""
+    from vlscale.modeling.backbones import lm_config
+    from vlscale.modeling.vision import vision_dims
+
+    d_model = int(lm_config(cfg.model.backbone).d_model)
+    dims = vision_dims(cfg.model.vision)
+    return d_model, int(max(dims.get("grid_dim", 0), dims.get("embed_dim", 0)))
+
+
+def _find_auto(d: Any, prefix: str = "") -> list[str]:
+    found = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            found += _find_auto(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            found += _find_auto(v, f"{prefix}[{i}]")
+    elif d == AUTO:
+        found.append(prefix)
+    return found
+
+
+def default_device_type() -> str:
+    """``cpu`` when DeepSpeed runs on its CPU accelerator, else the accelerator's name (``cuda``)."""
+    forced = os.environ.get("DS_ACCELERATOR")
+    if forced:
+        return forced
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig, world_size: int,
+                           *, device_type: Optional[str] = None, hidden_size: Optional[int] = None) -> dict:
+    """The final DeepSpeed config dict of a run (see the module docstring for what comes from where).
+
+    ``device_type``: ``cpu`` or ``cuda`` (default: detected); fp16 on ``cpu`` is refused.
+    ``hidden_size``: the width the ZeRO bucket sizes derive from (default: from the model's registry).
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise DeepSpeedConfigError(f"world_size={world_size!r} must be a positive integer")
+    ds, source = load_ds_file(ds_file_or_dict)
+    r = _Resolver(ds, source)
+    t = cfg.train
+    device_type = device_type or default_device_type()
+
+    # Batch arithmetic: the one place the global batch is computed.
+    micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
+    global_batch = micro * world_size * accum
+    r.set("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size")
+    r.set("gradient_accumulation_steps", accum, "train.gradient_accumulation_steps")
+    r.set("train_batch_size", global_batch,
+          f"train.micro_batch_size={micro} x world_size={world_size} x train.gradient_accumulation_steps={accum}")
+
+    # Precision.
+    if t.precision == "fp16" and device_type == "cpu":
+        raise DeepSpeedConfigError(CPU_FP16_ERROR)
+    if "bfloat16" in ds:  # DeepSpeed's alias of "bf16"
+        if "bf16" in ds:
+            raise DeepSpeedConfigError(f"{source}: has both 'bf16' and its alias 'bfloat16'; keep one")
+        ds["bf16"] = ds.pop("bfloat16")
+    if isinstance(ds.get("amp"), dict) and ds["amp"].get("enabled") not in (False, AUTO, None):
+        raise DeepSpeedConfigError(f"{source}: amp.enabled={ds['amp']['enabled']!r} is not supported; "
+                                   f"precision comes from train.precision (fp32, bf16, fp16)")
+    ds.pop("amp", None)
+    r.set("fp16.enabled", t.precision == "fp16", f"train.precision={t.precision!r}")
+    r.set("bf16.enabled", t.precision == "bf16", f"train.precision={t.precision!r}")
+    if t.precision == "fp16":
+        for key, value in FP16_DEFAULTS.items():
+            r.default(f"fp16.{key}", value)
+    else:  # only the enabled flag matters for a disabled block; drop leftovers (and their "auto"s)
+        ds["fp16"] = {"enabled": False}
+    if t.precision != "bf16":
+        ds["bf16"] = {"enabled": False}
+
+    r.set("gradient_clipping", float(t.clip_grad_norm), "train.clip_grad_norm")
+
+    # ZeRO.
+    zero = r.section("zero_optimization")
+    if t.zero_stage is not None:
+        zero["stage"] = t.zero_stage  # an explicit override of the file's stage, not a conflict
+    r.default("zero_optimization.stage", 0)
+    stage = zero["stage"]
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    if hidden_size is not None:
+        d_model = h = hidden_size
+    else:
+        d_model, visual = model_widths(cfg)
+        h = max(d_model, visual)  # composite model: the projector's input can be wider than the LM
+    r.default("zero_optimization.reduce_bucket_size", h * h)
+    stage3_keys = {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * d_model}
+    if stage < 3:
+        r.default("zero_optimization.allgather_bucket_size", max(h * h, 2 * 10 ** 8))
+        for key in stage3_keys:  # unused below stage 3 (e.g. zero3.json with train.zero_stage=2)
+            if zero.get(key) == AUTO:
+                del zero[key]
+    else:
+        for key, value in stage3_keys.items():
+            r.default(f"zero_optimization.{key}", value)
+    offload = {}
+    for key in ("offload_optimizer", "offload_param"):
+        block = zero.get(key)
+        if isinstance(block, dict) and block.get("device") not in (None, "none"):
+            if stage < 2 and key == "offload_optimizer" or stage < 3 and key == "offload_param":
+                raise DeepSpeedConfigError(f"{source}: zero_optimization.{key} needs ZeRO stage "
+                                           f"{3 if key == 'offload_param' else 2}+, the run uses stage {stage}")
+            offload[key] = block["device"]
+            if block["device"] == "nvme" and block.get("nvme_path", AUTO) == AUTO:
+                path = os.environ.get("VLSCALE_NVME_PATH")
+                if not path:
+                    raise DeepSpeedConfigError(
+                        f"{source}: zero_optimization.{key}.nvme_path is \"auto\"; set VLSCALE_NVME_PATH to a "
+                        f"directory on a fast local NVMe drive or write the path into the file")
+                block["nvme_path"] = path
+
+    # Optimizer: AdamW over the trainable parameters; the LR schedule is the trainer's (warmup+decay).
+    if "scheduler" in ds:
+        raise DeepSpeedConfigError(f"{source}: has a 'scheduler' block; the schedule comes from the run "
+                                   f"config (train.warmup_ratio, train.max_steps), remove the block")
+    opt = r.section("optimizer")
+    r.default("optimizer.type", "AdamW")
+    if str(opt["type"]).lower() not in ("adamw", "adam"):
+        raise DeepSpeedConfigError(f"{source}: optimizer.type={opt['type']!r}; vlscale trains with AdamW")
+    r.set("optimizer.params.lr", float(cfg.lr), "train.lr or the method's default")
+    r.set("optimizer.params.betas", [float(b) for b in t.adam_betas], "train.adam_betas")
+    r.set("optimizer.params.eps", float(t.adam_eps), "train.adam_eps")
+    r.set("optimizer.params.weight_decay", float(t.weight_decay), "train.weight_decay")
+    # Off-loaded optimizers need DeepSpeed's CPU Adam; otherwise torch's AdamW (no compiled op).
+    r.default("optimizer.params.torch_adam", "offload_optimizer" not in offload)
+
+    r.default("steps_per_print", 10 ** 6)
+    r.default("wall_clock_breakdown", False)
+
+    left = _find_auto(ds)
+    if left:
+        raise DeepSpeedConfigError(f"{source}: \"auto\" left unresolved for {left}; vlscale resolves "
+                                   f"batch sizes, precision, clipping, optimizer and ZeRO bucket sizes only")
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,251 @@
+"""Process-group set-up for every way a run starts, plus the guards that keep ranks from hanging.
+
+Launch modes, all through :func:`init_distributed`:
+
+* ``deepspeed [--num_gpus N] launchers/train.py ...`` (one node, or several through a hostfile),
+* ``torchrun --nproc_per_node N launchers/train.py ...``,
+* ``python launchers/train.py ...``: one process; a 1-rank process group is created on a free
+  local port so DeepSpeed runs unchanged,
+* any launcher that exports ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+
+Without a GPU, DeepSpeed's CPU accelerator (``DS_ACCELERATOR=cpu``) and the gloo backend are
+selected automatically; this must happen before ``deepspeed`` is first imported.
+
+Guards: collectives time out after ``VLSCALE_DIST_TIMEOUT`` seconds (default 300), and a
+:class:`Watchdog` thread ends a rank that makes no progress for ``VLSCALE_WATCHDOG_TIMEOUT``
+seconds (default: the collective timeout + 60 s), so a rank that died cannot leave the others
+waiting forever. :class:`StopSignal` turns the first Ctrl-C / SIGTERM into a request to stop at
+the end of the current step (every rank agrees, then a resumable checkpoint is written); a second
+one aborts at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+EXIT_HUNG = 3
+DEFAULT_DIST_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    device_type: str  # "cpu" or "cuda" (DeepSpeed's accelerator name)
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_accelerator() -> str:
+    """Pick DeepSpeed's accelerator before deepspeed is imported: ``cpu`` when there is no GPU."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        if "deepspeed" in sys.modules:
+            from deepspeed.accelerator import get_accelerator
+
+            name = get_accelerator().device_name()
+            if name != "cpu":
+                raise RuntimeError(f"deepspeed was imported before vlscale could select its CPU accelerator "
+                                   f"and picked {name!r}; set DS_ACCELERATOR=cpu")
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return os.environ.get("DS_ACCELERATOR", "cuda")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_timeout_s() -> float:
+    raw = os.environ.get("VLSCALE_DIST_TIMEOUT", str(DEFAULT_DIST_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"VLSCALE_DIST_TIMEOUT={raw!r} must be a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"VLSCALE_DIST_TIMEOUT={raw!r} must be > 0")
+    return value
+
+
+def watchdog_timeout_s() -> float:
+    raw = os.environ.get("VLSCALE_WATCHDOG_TIMEOUT")
+    if raw is None:
+        return dist_timeout_s() + 60.0
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"VLSCALE_WATCHDOG_TIMEOUT={raw!r} must be a number of seconds") from None
+
+
+def _single_process_env() -> None:
+    """No launcher: a 1-rank group on a free local port."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def share_cpu_cores() -> int:
+    """CPU ranks on one node split its cores (unless OMP_NUM_THREADS says otherwise): no oversubscription.
+
+    torchrun sets OMP_NUM_THREADS=1; the deepspeed launcher and plain python set nothing.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, local))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
+    """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
+    device_type = select_accelerator()
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        _single_process_env()
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "gloo" if device_type == "cpu" else None  # None: the accelerator's (nccl on CUDA)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
+                                   timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device_type == "cpu":
+        share_cpu_cores()
+        device = torch.device("cpu")
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(local_rank)
+        device = torch.device(get_accelerator().device_name(local_rank))
+    return DistInfo(rank, world, local_rank, device, device_type, dist.get_backend())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over all ranks (one collective)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank leaves together: a peer's teardown must not find others mid-collective
+        dist.destroy_process_group()
+
+
+class Watchdog:
+    """Ends this process when :meth:`beat` has not been called for ``timeout_s`` seconds.
+
+    A rank whose peer died may block in a collective that the backend does not time out (or times
+    out only much later); the watchdog prints where it was, dumps every thread's stack and exits
+    with code 3 so the launcher tears the job down.
+    """
+
+    def __init__(self, timeout_s: float, rank: int = 0):
+        self.timeout_s, self.rank = float(timeout_s), rank
+        self._last = time.monotonic()
+        self._where = "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlscale-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def beat(self, where: str = "") -> None:
+        self._last = time.monotonic()
+        if where:
+            self._where = where
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        period = max(0.5, min(5.0, self.timeout_s / 10))
+        while not self._stop.wait(period):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                sys.stderr.write(
+                    f"[vlscale] rank {self.rank}: no progress for {idle:.0f}s (last: {self._where}); another "
+                    f"rank probably died or hung. Exiting (VLSCALE_WATCHDOG_TIMEOUT={self.timeout_s:.0f}s).\n")
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_HUNG)
+
+
+class StopSignal:
+    """First SIGINT/SIGTERM: ask to stop after the current step; another one (more than
+    ``DEBOUNCE_S`` later, so a launcher forwarding the terminal's Ctrl-C does not count): abort."""
+
+    DEBOUNCE_S = 3.0
+
+    def __init__(self):
+        self._first = 0.0
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+
+    def install(self) -> "StopSignal":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            if time.monotonic() - self._first < self.DEBOUNCE_S:
+                return  # the same request forwarded by a launcher (torchrun/deepspeed re-send the terminal's)
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
+        self.requested, self.signum, self._first = True, signum, time.monotonic()
+        sys.stderr.write(f"\n[vlscale] {signal.Signals(signum).name} received: stopping after this step and "
+                         f"writing a resumable checkpoint (send it again to abort at once)\n")
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

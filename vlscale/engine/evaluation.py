@@ -1,0 +1,165 @@
+"""Batched generation and scoring of a split: one code path for training's periodic evaluation
+and for ``launchers/evaluate.py``.
+
+Every rank decodes its share of the split (``vlscale.data.eval_batches`` gives every rank the same
+number of batches; padding rows are marked invalid), predictions are gathered on rank 0, scored
+with ``vlscale.metrics.score_task`` and broadcast back, so every rank returns the same scores.
+Under ZeRO-3 with several ranks, generation runs with ``synced_gpus=True``: a rank whose batch
+finished keeps running forward passes until every rank is done, so the parameter all-gathers stay
+matched. Generation settings (beams, max new tokens) come from the task registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from vlscale.data.tasks import get_task
+
+
+def to_device(batch: dict, device, float_dtype: Optional[torch.dtype] = None) -> dict:
+    """Tensors of a batch to ``device``; floating-point ones to ``float_dtype`` when given."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if float_dtype is not None and v.is_floating_point():
+                v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+def _valid_rows(batch: dict, n: int) -> list[bool]:
+    valid = batch.get("valid")
+    if valid is None:
+        return [True] * n
+    if isinstance(valid, torch.Tensor):
+        valid = valid.tolist()
+    return [bool(v) for v in valid]
+
+
+def generation_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "references", "valid", "groups")}
+
+
+@torch.no_grad()
+def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=None, synced_gpus: bool = False,
+                 progress=None, heartbeat: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Decode this rank's batches -> [{uid, prediction, references[, group]}] for valid rows."""
+    spec = get_task(task)
+    records = []
+    for i, batch in enumerate(batches):
+        if batch.get("task", task) != task:
+            raise ValueError(f"evaluation batch of task {batch.get('task')!r} in the {task!r} stream")
+        uids = list(batch["uids"])
+        valid = _valid_rows(batch, len(uids))
+        refs = batch.get("references", [[] for _ in uids])
+        groups = batch.get("groups")
+        inputs = to_device(generation_inputs(batch), device, float_dtype)
+        ids = model.generate(inputs, max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams,
+                             synced_gpus=synced_gpus)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for j, uid in enumerate(uids):
+            if not valid[j]:
+                continue
+            r = refs[j]
+            rec = {"uid": str(uid), "prediction": texts[j].strip(),
+                   "references": [r] if isinstance(r, str) else list(r)}
+            if groups is not None:
+                rec["group"] = groups[j]
+            records.append(rec)
+        if progress is not None:
+            progress.update(1)
+        if heartbeat is not None:
+            heartbeat(f"evaluating {task} batch {i}")
+    return records
+
+
+def _gather_records(records: list[dict], world_size: int) -> list[dict]:
+    if world_size <= 1:
+        return records
+    import torch.distributed as dist
+
+    parts = [None] * world_size
+    dist.all_gather_object(parts, records)
+    merged, seen = [], set()
+    for part in parts:
+        for rec in part:
+            if rec["uid"] not in seen:
+                seen.add(rec["uid"])
+                merged.append(rec)
+    return merged
+
+
+def score_records(task: str, records: list[dict]) -> dict[str, float]:
+    from vlscale.metrics import score_task
+
+    preds = {r["uid"]: r["prediction"] for r in records}
+    refs = {r["uid"]: r["references"] for r in records}
+    groups = {r["uid"]: r["group"] for r in records if "group" in r} or None
+    if not records:
+        raise ValueError(f"no {task} examples were evaluated")
+    return score_task(task, preds, refs, groups=groups)
+
+
+def write_predictions(path, records: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Sequence[str]] = None, rank: int = 0,
+             world_size: int = 1, device="cpu", float_dtype=None, synced_gpus: bool = False,
+             batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
+             predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None) -> dict[str, dict]:
+    """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
+
+    ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
+    writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references).
+    """
+    from tqdm import tqdm
+
+    from vlscale.data import eval_batches
+    from vlscale.engine.distributed import broadcast_object
+
+    tasks = list(tasks or cfg.data.tasks)
+    batch_size = batch_size or cfg.train.eval_batch_size
+    max_examples = max_examples if max_examples is not None else cfg.train.eval_max_examples
+    was_training = model.training
+    model.eval()
+    scores: dict[str, dict] = {}
+    try:
+        for task in tasks:
+            batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples)
+            total = len(batches) if hasattr(batches, "__len__") else None
+            bar = tqdm(total=total, desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
+                       leave=False, dynamic_ncols=True)
+            records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
+                                   synced_gpus=synced_gpus, progress=bar, heartbeat=heartbeat)
+            bar.close()
+            records = _gather_records(records, world_size)
+            if rank == 0:
+                records.sort(key=lambda r: r["uid"])
+                scores[task] = score_records(task, records)
+                if predictions_dir is not None:
+                    write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
+    finally:
+        model.train(was_training)
+    return broadcast_object(scores)
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """One line per task: headline metric first, x100 like the papers."""
+    lines = []
+    for task, metrics in scores.items():
+        head = get_task(task).metric
+        ordered = [head] + [k for k in metrics if k != head] if head in metrics else list(metrics)
+        lines.append(f"  {task:8s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered))
+    return "\n".join(lines)

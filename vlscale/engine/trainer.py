@@ -1,0 +1,488 @@
+"""The DeepSpeed training run: setup, the loop, logging, evaluation, checkpoints, the run summary.
+
+``launchers/train.py`` reads ``setup_run -> train -> finish``; everything the loop needs is a named
+function here. What one optimizer step does (k = train.gradient_accumulation_steps, W = world size):
+
+    k micro-batches of one task (the multitask sampler draws the same task on every rank)
+    N = all-reduce(number of target tokens in the global batch)
+    per micro-batch: sum of token cross-entropies, backward of sum * W*k/N  (DeepSpeed divides by
+        k and averages over W, so the gradient is that of the global per-token mean: runs on 1 and
+        on W ranks see the same examples and give the same losses and updates)
+    loss = all-reduce(sums) / N; a NaN/inf stops the run before the update
+    DeepSpeed step: gradient clipping, AdamW over the trainable parameters only, LR schedule
+        (linear warm-up over train.warmup_ratio of the steps, then linear decay)
+
+Model building under ZeRO-3: pretrained backbones load through ``from_pretrained`` with an
+``HfDeepSpeedConfig`` alive, so transformers wraps loading in ``deepspeed.zero.Init`` and no rank
+ever holds the whole language model. Random-weight backbones (tests, the tiny default) are built
+whole from ``train.seed`` (so ``launchers/evaluate.py`` rebuilds the very same frozen weights) and
+partitioned by ``deepspeed.initialize``. Frozen parameters get no fp32 master copy, gradient or
+Adam state: only ``requires_grad`` parameters are handed to the optimizer.
+
+Files (rank 0): ``train_log.jsonl`` (per step: step, task, loss, lr, samples_per_s, grad_norm),
+``metrics.json`` (per evaluation), ``predictions/<task>.jsonl`` (the final evaluation's),
+``run_summary.json``, ``run_config.yaml``, ``tensorboard/``,
+``adapter/`` and ``checkpoints/`` (see :mod:`vlscale.engine.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vlscale.config import RunConfig, load_config, save_config
+from vlscale.engine import checkpoint as ckpt
+from vlscale.engine.deepspeed_config import zero_stage
+from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
+                                        broadcast_object, watchdog_timeout_s)
+from vlscale.engine.evaluation import evaluate, format_scores, to_device
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IGNORE_INDEX = -100
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every",
+                     "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss of a step is NaN or infinite; the run stops before applying the update."""
+
+
+class RunStopped(Exception):
+    """The run stopped early on request (signal or --stop-after-steps) after writing a checkpoint."""
+
+    def __init__(self, step: int, reason: str, signum: Optional[int] = None):
+        super().__init__(f"stopped at step {step} ({reason})")
+        self.step, self.reason, self.signum = step, reason, signum
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    ds_config: dict
+    dist: DistInfo
+    tokenizer: Any
+    engine: Any
+    loader: Any
+    out: Path
+    dtype: torch.dtype
+    step: int = 0
+    watchdog: Optional[Watchdog] = None
+    stop: Optional[StopSignal] = None
+    writer: Any = None
+    step_times: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    last_scores: dict = field(default_factory=dict)
+    show_progress: bool = True
+    hf_ds_config: Any = None  # keeps transformers' ZeRO-3 awareness alive while the run exists
+
+    @property
+    def model(self):
+        return self.engine.module
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.ds_config["train_batch_size"])
+
+
+# ----------------------------------------------------------------------------- setup
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_multiplier(total_steps: int, warmup_ratio: float):
+    """Linear warm-up to 1 over ceil(warmup_ratio * total) steps, then linear decay towards 0.
+
+    ``f(s)`` scales the learning rate of update ``s`` (0-based); no update runs at lr 0.
+    """
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+
+    return f
+
+
+def optimizer_groups(model) -> list[dict]:
+    """Trainable parameters only: weight decay on matrices, none on biases / norms / vectors."""
+    decay, no_decay = [], []
+    for _, p in ckpt.trainable_parameters(model):
+        (decay if len(ckpt.full_shape(p)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (check peft.method and the peft.train_* flags)")
+    return groups
+
+
+def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype: torch.dtype):
+    """-> (model, HfDeepSpeedConfig or None). See the module docstring for ZeRO-3 construction."""
+    from vlscale.modeling.vl_model import build_model
+
+    hf_ds = None
+    if zero_stage(ds_config) == 3 and cfg.model.pretrained:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
+    return model, hf_ds
+
+
+def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
+        return out
+
+    a, b = flat(saved.to_dict()), flat(cfg.to_dict())
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    if diff:
+        k = diff[0]
+        raise ValueError(f"--resume: {k}={b.get(k)!r} differs from the checkpointed run's {k}={a.get(k)!r} "
+                         f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
+
+
+def _truncate_logs(out: Path, step: int) -> None:
+    """After a resume, drop log lines of steps past the checkpoint (they will be redone)."""
+    log = out / "train_log.jsonl"
+    if log.exists():
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        log.write_text("".join(ln + "\n" for ln in lines))
+    metrics = out / "metrics.json"
+    if metrics.exists():
+        _write_json(metrics, [m for m in json.loads(metrics.read_text()) if m["step"] <= step])
+
+
+def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool = False,
+              show_progress: bool = True) -> Run:
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from vlscale.data import build_tokenizer, build_train_loader
+
+    out = Path(cfg.output_dir)
+    error = None
+    if dist.is_main:
+        try:
+            ckpt.check_output_dir(out, resume)
+            if resume and (out / "run_config.yaml").exists():
+                _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
+        except (ckpt.CheckpointError, ValueError) as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ckpt.CheckpointError(error)
+
+    dtype = DTYPES[cfg.train.precision]
+    tokenizer = build_tokenizer(cfg)
+    model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
+    schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config,
+                                           lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+    loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
+    run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
+              hf_ds_config=hf_ds)
+    if resume:
+        state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size)
+        run.loader.load_state_dict(state["loader"])
+        run.step = int(state["step"])
+        run.step_times = list(state.get("step_times", []))
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "run_config.yaml")
+        if resume:
+            _truncate_logs(out, run.step)
+        else:
+            for name in ("train_log.jsonl", "metrics.json", "run_summary.json"):
+                (out / name).unlink(missing_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.writer = SummaryWriter(str(out / "tensorboard"), purge_step=run.step + 1 if resume else None)
+    barrier()
+    run.stop = StopSignal().install()
+    run.watchdog = Watchdog(watchdog_timeout_s(), dist.rank).start()
+    return run
+
+
+# ----------------------------------------------------------------------------- one step
+
+def _token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
+    """Forward/backward the step's micro-batches, check the loss, update. -> (mean loss, stop requested)."""
+    engine, k, world = run.engine, len(batches), run.dist.world_size
+    task = batches[0]["task"]
+    if any(b["task"] != task for b in batches):
+        raise RuntimeError(f"step {run.step + 1}: the micro-batches of one step mix tasks "
+                           f"{sorted({b['task'] for b in batches})}; the loader must keep one task per step")
+    local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+    (n_tokens,) = all_reduce_sum([local_tokens], run.dist.device)
+    scale = world * k / max(n_tokens, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.dist.device)
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, run.dist.device, run.dtype)
+        out = engine(batch)
+        ce = _token_cross_entropy_sum(out.logits, batch["labels"])
+        engine.backward(ce * scale)
+        loss_sum += ce.detach().double()
+        if i < k - 1:
+            engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
+    total, stop = all_reduce_sum([loss_sum.item(), float(run.stop.requested)], run.dist.device)
+    loss = total / max(n_tokens, 1.0)
+    if not math.isfinite(loss):
+        tag = ckpt.latest_tag(run.out / "checkpoints") if (run.out / "checkpoints").exists() else None
+        keep = (f"the last good checkpoint is {run.out / 'checkpoints' / tag} (resume with --resume, e.g. with a "
+                f"lower train.lr)") if tag else "no checkpoint had been written yet"
+        raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1} (task {task!r}); stopping before the update; "
+                            f"{keep}")
+    if not run.memory:
+        run.memory["grad_bytes_per_rank"] = gradient_bytes(engine, run.stage)
+    engine.step()
+    return loss, stop > 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
+    """Train to ``train.max_steps`` (from ``run.step``), evaluating and checkpointing on schedule.
+
+    Returns the final evaluation's scores. Raises :class:`RunStopped` after writing a checkpoint
+    when a stop was requested (Ctrl-C/SIGTERM on any rank, or ``stop_after_steps``).
+    """
+    from tqdm import tqdm
+
+    t = run.cfg.train
+    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
+               disable=not (run.is_main and run.show_progress))
+    while run.step < t.max_steps:
+        start = time.perf_counter()
+        batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
+        lr = run.engine.get_lr()[0]
+        loss, stop = train_step(run, batches)
+        run.step += 1
+        run.step_times.append(time.perf_counter() - start)
+        run.watchdog.beat(f"step {run.step}")
+        log_step(run, batches[0]["task"], loss, lr, bar)
+        if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
+            run_evaluation(run)
+        if stop or run.step == stop_after_steps:
+            save_training_state(run)
+            bar.close()
+            raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", run.stop.signum)
+        if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
+            save_training_state(run)
+    bar.close()
+    save_training_state(run)
+    return run_evaluation(run, final=True)
+
+
+def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
+    grad_norm = run.engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
+              "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm}
+    if not run.is_main:
+        return
+    with open(run.out / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    bar.update(1)
+    bar.set_postfix(task=task, loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    if run.writer is not None and run.step % max(1, run.cfg.train.log_every) == 0:
+        for key in ("loss", "lr", "samples_per_s", "grad_norm"):
+            if record[key] is not None:
+                run.writer.add_scalar(f"train/{key}", record[key], run.step)
+        run.writer.add_scalar(f"train/loss_{task}", loss, run.step)
+
+
+def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
+    """Generate and score ``split``; append to metrics.json. The final one also writes predictions/."""
+    synced = run.dist.world_size > 1 and run.stage == 3
+    scores = evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
+                      world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
+                      synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
+                      predictions_dir=run.out / "predictions" if final else None)
+    run.last_scores = scores
+    if run.is_main:
+        path = run.out / "metrics.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        history.append({"step": run.step, "split": split, "tasks": scores})
+        _write_json(path, history)
+        if run.writer is not None:
+            for task, metrics in scores.items():
+                for name, value in metrics.items():
+                    run.writer.add_scalar(f"eval_{split}/{task}/{name}", value, run.step)
+            run.writer.flush()
+    return scores
+
+
+def save_training_state(run: Run) -> None:
+    """Resumable checkpoint + the adapter (both collective)."""
+    run.watchdog.beat(f"saving checkpoint at step {run.step}")
+    state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
+             "step_times": run.step_times}
+    ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
+    ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
+                      extra={"step": run.step})
+    run.watchdog.beat(f"saved checkpoint at step {run.step}")
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def _unique_storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of parameters this rank holds: ZeRO-3 partitions (``ds_tensor``), plus full copies kept."""
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if ckpt.is_partitioned(p):
+            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            if getattr(p, "ds_persist", False):
+                total += p.numel() * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def gradient_bytes(engine, stage: int) -> int:
+    """Bytes of gradient buffers this rank holds at the accumulation boundary (before the update)."""
+    opt = engine.optimizer
+    if stage == 3 and getattr(opt, "grad_partitions_flat_buffer", None) is not None:
+        return _unique_storage_bytes([opt.grad_partitions_flat_buffer])
+    if stage in (1, 2) and getattr(opt, "averaged_gradients", None):
+        tensors = [g for grads in opt.averaged_gradients.values() for g in (grads or [])]
+        if tensors:
+            return _unique_storage_bytes(tensors)
+    return _unique_storage_bytes(p.grad for p in engine.module.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(engine, stage: int) -> int:
+    """Bytes of fp32 master partitions and Adam moments this rank holds."""
+    opt = engine.optimizer
+    masters = []
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        masters += [t for t in (getattr(opt, attr, None) or []) if isinstance(t, torch.Tensor)]
+    state = [v for s in _inner_optimizer(engine).state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return _unique_storage_bytes(masters) + _unique_storage_bytes(state)
+
+
+def peak_memory_bytes(device) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_rss_bytes": int(rss)}
+    return {"peak_memory_bytes": int(rss), "peak_rss_bytes": int(rss)}
+
+
+def run_summary(run: Run, completed: bool = True) -> dict:
+    """Measured per-rank figures (collective: gathers every rank's numbers)."""
+    local = {"param_bytes_per_rank": parameter_bytes(run.model),
+             "grad_bytes_per_rank": run.memory.get("grad_bytes_per_rank", 0),
+             "optimizer_state_bytes_per_rank": optimizer_state_bytes(run.engine, run.stage),
+             **peak_memory_bytes(run.dist.device)}
+    per_rank = [local]
+    if run.dist.world_size > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * run.dist.world_size
+        dist.all_gather_object(per_rank, local)
+    counts = _full_counts(run.model)
+    summary = {"world_size": run.dist.world_size, "zero_stage": run.stage, "precision": run.cfg.train.precision,
+               "trainable_params": counts["trainable"], "total_params": counts["total"],
+               "global_batch": run.global_batch, "steps": run.step, "completed": completed,
+               "step_time_s": statistics.median(run.step_times) if run.step_times else None,
+               "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
+               "device": run.dist.device_type}
+    for key in local:
+        summary[key] = max(r[key] for r in per_rank)
+        summary[f"{key.replace('_per_rank', '')}_by_rank"] = [r[key] for r in per_rank]
+    summary["final_scores"] = run.last_scores
+    return summary
+
+
+def _full_counts(model) -> dict:
+    """Parameter counts by full shape (partitioned parameters included)."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = int(np.prod(ckpt.full_shape(p)))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def finish(run: Run, completed: bool = True) -> dict:
+    """Write run_summary.json; print the per-task scores (rank 0)."""
+    summary = run_summary(run, completed)
+    if run.is_main:
+        _write_json(run.out / "run_summary.json", summary)
+        if run.last_scores:
+            print(f"final scores (val, step {run.step}):\n{format_scores(run.last_scores)}", flush=True)
+    return summary
+
+
+def close(run: Optional[Run]) -> None:
+    if run is None:
+        return
+    if run.watchdog is not None:
+        run.watchdog.stop()
+    if run.stop is not None:
+        run.stop.uninstall()
+    if run.writer is not None:
+        run.writer.close()
