@@ -1,0 +1,142 @@
+"""Shared helpers for end-to-end runs of launchers/train.py: 1 process, or 2 CPU ranks (gloo).
+
+Runs are tiny (tiny CLIP-RN + tiny T5, 64 synthetic examples per task, a few steps) and cached
+for the whole session (:func:`runs`), so several tests read the same run's files. Two-rank runs use
+``torchrun --standalone`` or DeepSpeed's own launcher, both with DeepSpeed's CPU accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = str(ROOT / "launchers" / "train.py")
+EVALUATE = str(ROOT / "launchers" / "evaluate.py")
+RUN_TIMEOUT_S = 420
+
+# The tiny world every engine test trains on (only the batch layout varies). Seed 3: the sampler
+# draws both tasks within the 6 steps (gqa vqa gqa gqa vqa vqa), so per-task modules all train.
+TINY = ["data.tasks=[vqa,gqa]", "data.synthetic_train=64", "data.synthetic_eval=8", "train.eval_batch_size=8",
+        "train.max_steps=6", "train.warmup_ratio=0.2", "train.seed=3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(nproc: int = 1, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLSCALE_DIST_TIMEOUT="120", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def command(args: list[str], nproc: int = 1, launcher: str = "torchrun", script: str = TRAIN) -> list[str]:
+    if nproc == 1 and launcher != "deepspeed":
+        return [sys.executable, script, "--no-progress", *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                script, "--no-progress", *args]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                str(free_port()), script, "--no-progress", *args]
+    raise ValueError(f"unknown launcher {launcher!r}")
+
+
+def launch(args: list[str], nproc: int = 1, launcher: str = "torchrun", check: bool = True,
+           timeout: float = RUN_TIMEOUT_S, env: dict | None = None, script: str = TRAIN) -> subprocess.CompletedProcess:
+    """Run to completion; output (stdout+stderr) in ``.stdout``; ``check`` asserts exit code 0."""
+    start = time.monotonic()
+    proc = subprocess.run(command(args, nproc, launcher, script), cwd=ROOT, env=env or base_env(nproc),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc.wall_s = time.monotonic() - start
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def start(args: list[str], nproc: int = 1, launcher: str = "torchrun", env: dict | None = None,
+          log_path: Path | None = None) -> subprocess.Popen:
+    """Start in the background (its own process group); output to ``log_path``."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc), stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(read_log(out_dir)) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before logging {n} steps")
+        time.sleep(0.5)
+    raise AssertionError(f"no {n} logged steps in {out_dir} after {timeout}s")
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    path = Path(out_dir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_log(out_dir)]
+
+
+# name -> (overrides, nproc, launcher). Runs compared with each other share data, seed and global batch.
+RUN_SPECS = {
+    # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks with 2 each
+    "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "python"),
+    "single_2r": (TINY + ["train.micro_batch_size=2"], 2, "torchrun"),
+    "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true"], 2, "torchrun"),
+    # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks, DeepSpeed's launcher
+    "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
+                 1, "python"),
+    "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
+}
+
+
+class RunCache:
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: dict[str, Path] = {}
+        self.procs: dict[str, subprocess.CompletedProcess] = {}
+
+    def __call__(self, name: str) -> Path:
+        if name not in self.done:
+            overrides, nproc, launcher = RUN_SPECS[name]
+            out = self.root / name
+            self.procs[name] = launch(overrides + [f"output_dir={out}"], nproc=nproc, launcher=launcher)
+            self.done[name] = out
+        return self.done[name]
+
+
+@pytest.fixture(scope="session")
+def h():
+    """This module's helpers (launch, start, read_log, TINY, RUN_SPECS, ...) for the tests."""
+    return sys.modules[__name__]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> RunCache:
+    """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS."""
+    return RunCache(tmp_path_factory.mktemp("engine_runs"))

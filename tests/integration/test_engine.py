@@ -1,0 +1,244 @@
+"""End-to-end runs of launchers/train.py and launchers/evaluate.py on the tiny model (CPU).
+
+Interrupt + refuse + resume, adapter files and their reload, evaluation reproducing training's
+predictions, NaN stop, a dead rank, gradient checkpointing, the watchdog, and learning beyond the
+text-only baseline. Shared runs come from conftest.RUN_SPECS.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlscale.config import config_from_dict, load_config
+from vlscale.engine import checkpoint as ckpt
+
+
+# ----------------------------------------------------------------------------- interrupt / resume
+
+@pytest.fixture(scope="module")
+def interrupted(runs, h, tmp_path_factory):
+    """``single_2r``'s run stopped by Ctrl-C (SIGINT to the launcher's process group) after step 1.
+
+    -> (output_dir, the step it stopped at, a copy of adapter/ as written at that step).
+    """
+    out = tmp_path_factory.mktemp("interrupt") / "run"
+    overrides, nproc, launcher = h.RUN_SPECS["single_2r"]
+    proc = h.start(overrides + [f"output_dir={out}"], nproc=nproc, launcher=launcher, log_path=out.parent / "log.txt")
+    try:
+        h.wait_for_steps(out, 1, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (out.parent / "log.txt").read_text()
+    assert code != 0, log[-3000:]
+    tag = ckpt.latest_tag(out / "checkpoints")
+    assert tag is not None, f"no checkpoint after Ctrl-C:\n{log[-3000:]}"
+    step = int(tag[4:])
+    assert 1 <= step < 6, f"stopped at step {step}"
+    assert [r["step"] for r in h.read_log(out)] == list(range(1, step + 1))
+    adapter_copy = out.parent / "adapter_at_stop"
+    shutil.copytree(out / "adapter", adapter_copy)
+    return out, step, adapter_copy
+
+
+def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs, interrupted, h):
+    out, step, _ = interrupted
+    overrides, nproc, launcher = h.RUN_SPECS["single_2r"]
+    args = overrides + [f"output_dir={out}"]
+    # Without --resume the run is refused, and the checkpoint is left alone.
+    refused = h.launch(args, nproc=nproc, launcher=launcher, check=False)
+    assert refused.returncode != 0
+    assert f"output_dir {str(out)!r} already holds a run's checkpoint" in refused.stdout
+    assert "pass --resume" in refused.stdout and "choose another output_dir" in refused.stdout
+    assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
+    # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
+    h.launch(args + ["--resume"], nproc=nproc, launcher=launcher)
+    resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(reference, resumed):
+        assert b["task"] == a["task"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+    assert h.read_json(out / "run_summary.json")["completed"] is True
+    assert ckpt.latest_tag(out / "checkpoints") == "step6"
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["latest", f"step{step}", "step6"] or kept == ["latest", "step6"] or len(kept) <= 3
+
+
+def test_checkpoint_files_load_without_unpickling(interrupted, h):
+    out, step, _ = interrupted
+    files = sorted((out / "checkpoints").glob("step*/*.pt"))
+    assert files, "DeepSpeed's files are there"
+    allowed = ckpt.SafeTorchCheckpointEngine.safe_globals()
+    for f in files:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(f, weights_only=True)
+    for f in (out / "checkpoints").glob("step*/client_state_rank*.json"):
+        state = json.loads(f.read_text())
+        assert {"step", "loader", "rng"} <= set(state)
+
+
+# ----------------------------------------------------------------------------- adapter/
+
+def test_adapter_has_full_shapes_and_reloads_to_the_trained_outputs(runs, interrupted, h):
+    """The 2-rank ZeRO-3 adapter at step k, loaded onto a freshly built plain model, gives the loss the
+    uninterrupted run logged at step k+1 (computed by the trained model on that step's batch)."""
+    from safetensors.torch import load_file
+
+    from vlscale.data import build_tokenizer, build_train_loader
+    from vlscale.engine.trainer import _token_cross_entropy_sum, seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    _, step, adapter = interrupted
+    meta = ckpt.read_adapter_config(adapter)
+    assert meta["step"] == step
+    tensors = load_file(str(adapter / ckpt.ADAPTER_WEIGHTS))
+    assert tensors and all(t.numel() > 0 for t in tensors.values()), "no 0-size partitions saved"
+    assert {n: list(t.shape) for n, t in tensors.items()} == {n: v["shape"] for n, v in meta["parameters"].items()}
+    assert meta["trainable_params"] == h.read_json(runs("single_2r") / "run_summary.json")["trainable_params"]
+
+    cfg = config_from_dict(meta["run_config"])
+    tok = build_tokenizer(cfg)
+    assert len(tok) == meta["vocab_size"]
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, vocab_size=meta["vocab_size"])
+    fresh = {n: p.detach().clone() for n, p in model.named_parameters() if n in tensors}
+    ckpt.load_adapter(model, adapter)
+    assert any(not torch.equal(fresh[n], p) for n, p in model.named_parameters() if n in fresh), "weights changed"
+    model.train()
+    whole = load_config(None, h.TINY + ["train.micro_batch_size=4"])  # the global batch on one rank
+    loader = build_train_loader(whole, tok, 0, 1)
+    for _ in range(step):
+        next(loader)
+    batch = next(loader)
+    with torch.no_grad():
+        out = model(batch)
+    loss = (_token_cross_entropy_sum(out.logits, batch["labels"]) / (batch["labels"] != -100).sum()).item()
+    logged = h.read_log(runs("single_2r"))[step]
+    assert logged["step"] == step + 1 and batch["task"] == logged["task"]
+    assert loss == pytest.approx(logged["loss"], rel=1e-5)
+
+
+def test_load_adapter_is_strict(tmp_path, runs, h):
+    from vlscale.engine.trainer import seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    adapter = runs("single_2r") / "adapter"
+    meta = ckpt.read_adapter_config(adapter)
+    other = dict(meta["run_config"], peft=dict(meta["run_config"]["peft"], reduction_factor=2))
+    seed_everything(0)
+    model = build_model(config_from_dict(other), vocab_size=meta["vocab_size"])
+    with pytest.raises(ckpt.CheckpointError, match=r"shape mismatches .*peft\.adapter"):
+        ckpt.load_adapter(model, adapter)
+    multi = dict(meta["run_config"], peft=dict(meta["run_config"]["peft"], sharing="multiple"))
+    model = build_model(config_from_dict(multi), vocab_size=meta["vocab_size"])
+    with pytest.raises(ckpt.CheckpointError, match="missing from the file"):
+        ckpt.load_adapter(model, adapter)
+    with pytest.raises(ckpt.CheckpointError, match="adapter_config.json is missing"):
+        ckpt.load_adapter(model, tmp_path)
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+def test_evaluate_reproduces_training_predictions(runs, tmp_path, h):
+    """evaluate.py rebuilds the model in one plain process from adapter/ and decodes exactly what the
+    2-rank ZeRO-3 run's final (synced-rank) evaluation decoded."""
+    run = runs("single_2r")
+    proc = h.launch(["--adapter", str(run / "adapter"), "--out", str(tmp_path)], script=h.EVALUATE)
+    assert "vqa_score=" in proc.stdout and "exact_match=" in proc.stdout
+    for task in ("vqa", "gqa"):
+        mine = [json.loads(x) for x in (tmp_path / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        trained = [json.loads(x) for x in (run / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(mine) == 8 and {"uid", "prediction", "references"} <= set(mine[0])
+        assert mine == trained
+    report = h.read_json(tmp_path / "eval_metrics.json")
+    final = h.read_json(run / "metrics.json")[-1]
+    assert report["split"] == "val" and report["step"] == final["step"] == 6
+    assert report["tasks"] == final["tasks"]
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
+    out = tmp_path / "nan"
+    proc = h.launch(h.TINY + ["train.micro_batch_size=4", "train.lr=1e30", "train.warmup_ratio=0", "train.save_every=1",
+                          f"output_dir={out}"], check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    log = h.read_log(out)
+    bad = len(log) + 1
+    assert f"at step {bad} (task '" in proc.stdout and "stopping before the update" in proc.stdout
+    assert f"the last good checkpoint is {out / 'checkpoints' / f'step{len(log)}'}" in proc.stdout
+    assert ckpt.latest_tag(out / "checkpoints") == f"step{len(log)}"
+    assert all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
+
+
+def test_a_dead_rank_makes_the_other_exit(tmp_path, h):
+    """Two ranks started by hand (no launcher to clean up); rank 1 is killed; rank 0 must not hang."""
+    out = tmp_path / "dead"
+    port = h.free_port()
+    procs = []
+    for rank in (0, 1):
+        env = h.base_env(2, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, VLSCALE_DIST_TIMEOUT=30, VLSCALE_WATCHDOG_TIMEOUT=60)
+        procs.append(h.start(h.TINY + ["train.micro_batch_size=2", "train.max_steps=500", f"output_dir={out}"], env=env,
+                           launcher="python", log_path=tmp_path / f"rank{rank}.txt"))
+    try:
+        h.wait_for_steps(out, 1, procs[0])
+        procs[1].kill()
+        t0 = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert code != 0
+    assert waited < 100, f"rank 0 took {waited:.0f}s to give up"
+
+
+def test_watchdog_ends_a_stuck_process(h):
+    code = ("import time; from vlscale.engine.distributed import Watchdog; w = Watchdog(1.0, rank=5).start(); "
+            "time.sleep(30)")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=h.ROOT, env=h.base_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3 and time.monotonic() - t0 < 20
+    assert "rank 5: no progress" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+def test_gradient_checkpointing_gives_the_same_gradients(h):
+    from vlscale.data import build_tokenizer, build_train_loader
+    from vlscale.engine.trainer import seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    grads = []
+    for gc in (False, True):
+        cfg = load_config(None, h.TINY + ["train.micro_batch_size=4", f"train.gradient_checkpointing={gc}"])
+        tok = build_tokenizer(cfg)
+        seed_everything(0)
+        model = build_model(cfg, vocab_size=len(tok))
+        with torch.no_grad():  # away from the identity init, so the adapters' own gradients matter
+            for n, p in model.named_parameters():
+                if p.requires_grad and "peft" in n:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        batch = next(build_train_loader(cfg, tok, 0, 1))
+        model(batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert model.lm.is_gradient_checkpointing == gc
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert any(g.abs().sum() > 0 for n, g in grads[0].items() if "peft" in n)
