@@ -1,0 +1,201 @@
+"""Per-GPU memory of a run before spending GPU hours: predicted, measured, and a plan for a budget.
+
+    python launchers/profile_memory.py --config NAME --world-size N [--zero-stage S] [--deepspeed FILE]
+        [--budget SIZE] [--measure] [--json] [--plot FILE.png] [--write-config FILE] [key=value ...]
+
+* default: the analytic prediction per rank (params, grads, optimizer, activations, buffers, peak)
+  for the run config and its DeepSpeed file (stage 3 -> ds_configs/zero3.json, else zero2.json);
+* ``--measure``: also run ``--steps`` real training steps (GPU when there is one, else DeepSpeed's
+  CPU accelerator; several ranks through torchrun) and print measured beside predicted with the
+  relative error of each component;
+* ``--budget 24GiB``: search ZeRO stage, offload, checkpointing, micro-batch and precision for the
+  fastest setting that fits (see vlscale/profiling/planner.py for what "fastest" assumes), print
+  the ranked options; ``--write-config FILE`` writes the chosen DeepSpeed JSON and prints the
+  overrides to pass to launchers/train.py;
+* ``--json``: one JSON object ``{"predicted": {...}, "measured": {...}, "errors": {...}, "plan": [...]}``
+  (byte counts per rank; ``measured`` and ``plan`` only when asked for);
+* ``--plot FILE.png``: stacked bars per component (predicted, measured, or the top plan options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vlscale.config import ConfigError, load_config  # noqa: E402
+
+COMPONENTS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
+    p.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="override the DeepSpeed file's ZeRO stage (same as train.zero_stage=S)")
+    p.add_argument("--deepspeed", default=None,
+                   help="DeepSpeed JSON (default, as launchers/train.py: ds_configs/zero3.json; zero2.json for stage 0-2)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="predict for GPU (default) or DeepSpeed's CPU accelerator (default with --measure on CPU)")
+    p.add_argument("--budget", default=None, help="per-GPU memory budget, e.g. 24GiB or 80GB: run the planner")
+    p.add_argument("--headroom", default=None, help="memory kept free by the planner (default 5%% + 0.5 GiB)")
+    p.add_argument("--write-config", default=None, help="with --budget: write the chosen DeepSpeed JSON here")
+    p.add_argument("--measure", action="store_true", help="also measure real training steps")
+    p.add_argument("--steps", type=int, default=3, help="steps of the measured run")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--plot", default=None, help="write stacked bars per component to this PNG (matplotlib)")
+    p.add_argument("--top", type=int, default=15, help="plan options to print / plot")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+def rel_errors(pred: dict, meas: dict) -> dict:
+    return {k: (pred[k] - meas[k]) / meas[k] if meas.get(k) else None for k in COMPONENTS if k in meas}
+
+
+def component_table(pred: dict, meas=None) -> str:
+    from vlscale.profiling.analytic import fmt_bytes
+
+    head = f"{'component':12s} {'predicted':>12}" + (f" {'measured':>12} {'error':>8}" if meas else "")
+    lines = [head]
+    for k in COMPONENTS:
+        line = f"{k:12s} {fmt_bytes(pred[k]):>12}"
+        if meas:
+            m = meas.get(k)
+            err = (pred[k] - m) / m if m else None
+            line += f" {fmt_bytes(m) if m is not None else '-':>12} {f'{err:+.1%}' if err is not None else '-':>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def at_peak(components: dict, activations_at_peak, grads_at_peak) -> dict:
+    """The components live at the peak moment (they add up to the peak), for stacked bars."""
+    out = dict(components)
+    if activations_at_peak is not None:
+        out["activations"] = activations_at_peak
+    if grads_at_peak is not None:
+        out["grads"] = grads_at_peak
+    return out
+
+
+def plot(path: str, bars: dict) -> None:
+    """``bars``: label -> components live at the peak; one stacked bar per label (the bar's top is the peak)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(bars)
+    top = max(bars[lab].get("peak", 0) for lab in labels)
+    unit, scale = ("GiB", 2 ** 30) if top >= 2 ** 30 else ("MiB", 2 ** 20)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 2), 5))
+    bottom = [0.0] * len(labels)
+    for comp in COMPONENTS[:-1]:
+        vals = [max(0, bars[lab].get(comp, 0)) / scale for lab in labels]
+        ax.bar(range(len(labels)), vals, bottom=bottom, label=comp)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{unit} per rank at the peak")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.zero_stage is not None:
+        overrides.append(f"train.zero_stage={args.zero_stage}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.world_size < 1:
+        print(f"error: --world-size={args.world_size} must be >= 1", file=sys.stderr)
+        return 2
+    import torch
+
+    from vlscale.profiling.analytic import estimate_memory, fmt_bytes, parse_size, resolve_ds_config
+
+    device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
+    try:
+        ds = resolve_ds_config(cfg, args.world_size, args.deepspeed, device_type=device)
+        est = estimate_memory(cfg, args.world_size, ds, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict()}
+    bars = {"predicted": at_peak(est.components, est.at_peak["activations"], est.at_peak["grads"])}
+    if args.measure:
+        from vlscale.profiling.measure import measure_memory
+
+        meas = measure_memory(cfg, args.world_size, ds, steps=args.steps)
+        out["measured"] = meas
+        out["errors"] = rel_errors(est.components, meas)
+        bars["measured"] = at_peak({k: meas.get(k) or 0 for k in COMPONENTS}, meas.get("activations_at_peak"),
+                                   meas.get("grads_at_peak"))
+    options = None
+    if args.budget:
+        from vlscale.profiling.planner import format_table, plan, write_ds_config
+
+        try:
+            budget = parse_size(args.budget)
+            headroom = parse_size(args.headroom) if args.headroom else None
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device)
+        out["plan"] = [o.to_dict() for o in options[: args.top]]
+        out["budget"] = budget
+        if args.write_config:
+            best = next((o for o in options if o.fits), None)
+            if best is None:
+                print(f"error: no setting fits {fmt_bytes(budget)}; nothing written to {args.write_config}",
+                      file=sys.stderr)
+                return 1
+            write_ds_config(best, args.write_config, ds_file=args.deepspeed)
+            out["written"] = {"deepspeed": args.write_config, "overrides": best.overrides()}
+        bars = {o.label().replace(" offload=", "\noffload="): at_peak(o.estimate.components,
+                                                                      o.estimate.at_peak["activations"],
+                                                                      o.estimate.at_peak["grads"])
+                for o in options[: args.top] if o.fits} or bars
+    if args.plot:
+        plot(args.plot, bars)
+        out["plot"] = args.plot
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    s = est.settings
+    print(f"{cfg.name}: {s['backbone']} + {s['vision']}, peft={s['peft']}{' + full LM' if s['train_lm'] else ''}, "
+          f"ZeRO-{s['zero_stage']}, {args.world_size} rank(s), {s['precision']}, micro-batch {s['micro_batch_size']}, "
+          f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, device {device}")
+    print(f"trainable {est.detail['trainable_params']:,} of {est.detail['total_params']:,} parameters; "
+          f"encoder {s['encoder_length']} tokens, decoder {s['decoder_length']}")
+    print(component_table(est.components, out.get("measured")))
+    print(f"peak phase: {est.peak_phase}" + (f" (measured: {out['measured'].get('peak_phase')})"
+                                             if args.measure else ""))
+    if est.host or est.nvme:
+        print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}")
+    if args.measure and out["measured"].get("rss_peak"):
+        print(f"process peak RSS (rank max): {fmt_bytes(out['measured']['rss_peak'])}")
+    if options is not None:
+        print()
+        print(format_table(options, out["budget"], args.top))
+        if "written" in out:
+            print(f"wrote {args.write_config}; train with: deepspeed --num_gpus {args.world_size} launchers/train.py "
+                  f"--deepspeed {args.write_config} --config {args.config or 'default'} "
+                  + " ".join(out["written"]["overrides"]))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Memory profiler: the analytic model against real tensors on tiny models (CPU).
+
+* activations: the op-by-op tape against the bytes autograd really saves (saved_tensors_hooks,
+  unique storages) for T5/BART, fp32/bf16, checkpointing, frozen/trainable backbones, every PEFT
+  method, with and without ZeRO-3's memory-efficient linear;
+* DeepSpeed's partition arithmetic, the tools (live-tensor tracker, saved-tensor counter), the
+  planner and the launcher's JSON.
+Measured DeepSpeed runs (1 rank ZeRO-2, 2-rank ZeRO-3, the engine's run_summary.json) are in
+tests/integration/test_profile_measure.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlscale.config import load_config
+from vlscale.profiling import analytic
+from vlscale.profiling.analytic import (TapeOptions, ZeroSettings, activation_report, default_vocab_size,
+                                        engine_state, estimate_memory, parse_size, resolve_ds_config, run_shapes)
+from vlscale.profiling.measure import LiveTensorTracker, SavedTensorCounter, synthetic_batch
+
+SMALL = ["train.micro_batch_size=3", "data.max_input_length=18", "data.max_target_length=7"]
+
+
+def _measured_saved(cfg, dtype, zero3_linear=False):
+    from vlscale.modeling.vl_model import build_model
+
+    torch.manual_seed(0)
+    vocab = default_vocab_size(cfg)
+    model = build_model(cfg, vocab_size=vocab, dtype=dtype)
+    model.train()
+    batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab, dtype=dtype)
+    import torch.nn.functional as F
+
+    original = F.linear
+    if zero3_linear:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        F.linear = zero3_linear_wrap
+    try:
+        with SavedTensorCounter([model]) as counter:
+            loss = model(batch).loss
+    finally:
+        F.linear = original
+    assert torch.isfinite(loss)
+    return counter.alive_bytes(), model.lm.get_input_embeddings().num_embeddings
+
+
+CASES = [
+    [],
+    ["model.dropout=0.1"],
+    ["train.gradient_checkpointing=true"],
+    ["peft.train_lm=true", "model.dropout=0.1"],
+    ["peft.train_lm=true", "train.gradient_checkpointing=true"],
+    ["model.backbone=tiny-bart"],
+    ["model.backbone=tiny-bart", "train.gradient_checkpointing=true", "model.dropout=0.1"],
+    ["peft.method=lora", "model.dropout=0.1"],
+    ["peft.method=none", "peft.train_layer_norms=false"],
+    ["peft.method=prompt"],
+    ["peft.method=hyperformer"],
+    ["peft.method=compacter"],
+    ["peft.fused=false"],
+    ["model.feature_source=cache", "model.backbone=tiny-bart"],
+]
+
+
+@pytest.mark.parametrize("extra", CASES, ids=lambda e: ",".join(e) or "default")
+def test_activation_tape_matches_autograd(extra):
+    """The tape predicts the bytes autograd saves (fp32, CPU) within 1% (it is byte-exact today)."""
+    cfg = load_config(None, SMALL + extra)
+    measured, vocab = _measured_saved(cfg, torch.float32)
+    rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=4))
+    assert measured > 0
+    assert abs(rep.saved - measured) <= 0.01 * measured, (rep.saved, measured, rep.by_part)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.1"], ["model.backbone=tiny-bart", "peft.method=lora"],
+                                   ["train.gradient_checkpointing=true"]],
+                         ids=lambda e: ",".join(e) or "default")
+@pytest.mark.parametrize("zero3", [False, True], ids=["torch-linear", "zero3-linear"])
+def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
+    """bf16 (T5's fp32 norm statistics, the CPU math path's fp32 attention) and ZeRO-3's linear,
+    which keeps every input even of frozen layers."""
+    pytest.importorskip("deepspeed") if zero3 else None
+    cfg = load_config(None, SMALL + extra)
+    measured, vocab = _measured_saved(cfg, torch.bfloat16, zero3_linear=zero3)
+    rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=2, zero3_linear=zero3))
+    assert abs(rep.saved - measured) <= 0.01 * measured, (rep.saved, measured)
+
+
+def test_frozen_prefix_saves_nothing():
+    """With a frozen projection, frozen layer norms and LoRA only on attention, the encoder input
+    needs no grad: the projection and the first norms keep nothing (but LoRA's inputs are kept)."""
+    cfg = load_config(None, SMALL + ["peft.method=lora", "peft.train_projection=false",
+                                     "peft.train_layer_norms=false"])
+    rep = activation_report(cfg, run_shapes(cfg, 721), TapeOptions(device="cpu", b=4))
+    assert rep.by_part.get("projection", 0) == 0
+    measured, vocab = _measured_saved(cfg, torch.float32)
+    rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=4))
+    assert abs(rep.saved - measured) <= 0.01 * measured
+
+
+def test_checkpointing_and_batch_scale_activations():
+    cfg = load_config(None, SMALL)
+    s = run_shapes(cfg, 721)
+    full = activation_report(cfg, s, TapeOptions()).saved
+    cfg.train.gradient_checkpointing = True
+    ckpt = activation_report(cfg, s, TapeOptions())
+    assert ckpt.saved < full / 2 and ckpt.block_peak > 0
+    s2 = run_shapes(cfg, 721, micro_batch_size=6)
+    assert activation_report(cfg, s2, TapeOptions()).saved == pytest.approx(2 * ckpt.saved, rel=0.05)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed arithmetic
+
+def _inv(numels, trainable, ndims=None):
+    n = len(numels)
+    return analytic.ParamInventory([f"p{i}" for i in range(n)], list(numels), list(ndims or [2] * n),
+                                   list(trainable), ["lm"] * n, 100)
+
+
+def test_zero_partition_arithmetic():
+    inv = _inv([10, 7, 5, 1000], [True, True, False, False], [2, 1, 2, 2])
+    z0 = engine_state(inv, ZeroSettings(stage=0), 4, "fp32", "cpu")
+    assert z0.params == 1022 * 4 and z0.grads == 17 * 4
+    assert z0.optimizer == (2 * 10 * 4 + 4) + (2 * 7 * 4 + 4)  # moments + a step counter per parameter
+    z0b = engine_state(inv, ZeroSettings(stage=0), 4, "bf16", "cpu")
+    assert z0b.params == 1022 * 2 and z0b.optimizer == (3 * 10 * 4 + 4) + (3 * 7 * 4 + 4)  # fp32 masters too
+    # stage 2, 4 ranks: groups [10] and [7] padded to multiples of 2*4 = 8 -> 16 and 8, partitions 4 and 2
+    z2 = engine_state(inv, ZeroSettings(stage=2), 4, "fp32", "cpu")
+    assert z2.optimizer == (4 * 12 + 4) + (2 * 12 + 4)
+    assert z2.params == 1022 * 4
+    # stage 3: ceil(n / 4) per parameter; persistence threshold 5 keeps the 5-element one whole
+    z3 = engine_state(inv, ZeroSettings(stage=3, param_persistence_threshold=5), 4, "bf16", "cpu")
+    assert z3.params == (3 + 2 + 2 + 250) * 2 + 5 * 2
+    assert z3.grads == (3 + 2) * 2 and z3.optimizer == (3 * 12 + 4) + (2 * 12 + 4)
+
+
+def test_zero_settings_from_ds_config_and_errors():
+    z = ZeroSettings.from_ds_config({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000,
+        "offload_optimizer": {"device": "cpu"}, "stage3_max_reuse_distance": 0}})
+    assert (z.stage, z.prefetch_bucket_size, z.offload_optimizer, z.max_reuse_distance) == (3, 1000, "cpu", 0)
+    assert z.reduce_bucket_size == 500_000_000  # DeepSpeed's default for "auto"
+    with pytest.raises(ValueError, match="offload_param needs stage 3"):
+        ZeroSettings(stage=2, offload_param="cpu")
+    with pytest.raises(ValueError, match="stage=5"):
+        ZeroSettings(stage=5)
+    assert parse_size("24GiB") == 24 * 2 ** 30 and parse_size("80GB") == 80 * 10 ** 9
+    with pytest.raises(ValueError, match="24 gigs"):
+        parse_size("24 gigs")
+
+
+def test_offload_moves_state_off_the_device():
+    cfg = load_config(None, ["train.zero_stage=3", "peft.train_lm=true"])
+    base = resolve_ds_config(cfg, 2, None, device_type="cuda")
+    plain = estimate_memory(cfg, 2, base)
+    ds = json.loads(json.dumps(base))
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    off = estimate_memory(cfg, 2, ds)
+    assert off.components["optimizer"] == 0 and off.components["grads"] == 0
+    assert off.host >= plain.components["optimizer"] + plain.components["grads"]
+    assert off.components["peak"] < plain.components["peak"]
+
+
+def test_every_registry_backbone_offline():
+    """t5-11b, flan-t5-xxl ... with ViT-L-14 images: estimated on the meta device, no download."""
+    from vlscale.modeling.backbones import list_backbones
+
+    peaks = {}
+    for name in list_backbones():
+        cfg = load_config(None, [f"model.backbone={name}", "model.vision=ViT-L-14", "data.tasks=[vqa]",
+                                 "train.precision=bf16", "train.zero_stage=3", "train.micro_batch_size=8"])
+        est = estimate_memory(cfg, 8)
+        c = est.components
+        assert all(c[k] >= 0 for k in ("params", "grads", "optimizer", "activations", "buffers")), (name, c)
+        assert c["peak"] >= c["params"] + c["optimizer"]
+        peaks[name] = c["peak"]
+    assert peaks["google-t5/t5-11b"] > peaks["google-t5/t5-3b"] > peaks["google-t5/t5-base"]
+    assert peaks["google/flan-t5-xxl"] > peaks["google/flan-t5-xl"]
+
+
+# ----------------------------------------------------------------------------- tools
+
+def test_live_tensor_tracker_follows_allocations_and_frees():
+    with LiveTensorTracker("cpu") as tr:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(500)  # 2000 B
+        del a
+        c = torch.empty(250)  # 1000 B
+        v = c.view(25, 10)  # a view: no new storage
+    assert tr.peak == 6000 and tr.current == 3000
+    del b, c, v
+    assert tr.current == 0
+
+
+def test_saved_tensor_counter_counts_storages_once_and_skips_parameters():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter([lin]) as counter:
+        y = torch.relu(lin(x))  # addmm keeps x (weight: a parameter); relu keeps its result
+        z = (y * y).sum()  # keeps y once
+    assert counter.alive_bytes() == x.numel() * 4 + y.numel() * 4
+    z.backward()
+    del y, z
+    assert counter.alive_bytes() == x.numel() * 4  # the graph is gone; x is still alive
+
+
+# ----------------------------------------------------------------------------- planner / launcher
+
+def test_planner_ranks_and_writes_config(tmp_path):
+    from vlscale.profiling.planner import plan, write_ds_config
+
+    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"])
+    roomy = plan(cfg, "80GiB", 4, micro_batches=[8, 32], precisions=["bf16"])
+    best = roomy[0]
+    assert best.fits and best.offload == "none" and not best.gradient_checkpointing and best.micro_batch_size == 32
+    tight = plan(cfg, "1GiB", 4, micro_batches=[8], precisions=["bf16"])
+    assert not any(o.fits for o in tight)
+    path = tmp_path / "ds.json"
+    write_ds_config(best, path)
+    ds = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] == best.zero_stage
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+
+    run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"] + best.overrides())
+    resolved = build_deepspeed_config(path, run, 4, device_type="cuda")
+    assert resolved["train_micro_batch_size_per_gpu"] == 32
+
+
+def test_launcher_json(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "profile_memory", Path(__file__).resolve().parents[2] / "launchers" / "profile_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--world-size", "2", "--zero-stage", "3", "--json", "train.micro_batch_size=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("params", "grads", "optimizer", "activations", "buffers", "peak"):
+        assert isinstance(out["predicted"][key], int)
+    assert out["predicted"]["settings"]["zero_stage"] == 3
+    assert mod.main(["--world-size", "0"]) == 2

@@ -1,0 +1,707 @@
+"""Measured memory: run real training steps and report the analytic model's components from tensors.
+
+    params      bytes of the parameters a rank holds (ZeRO-3: the ``ds_tensor`` partitions, plus the
+                small persistent parameters kept whole)
+    grads       the engine's gradient buffers at the accumulation boundary (stage 0: ``param.grad``;
+                1/2: the gradient partition buffer; 3: the flat gradient-partition buffer)
+    optimizer   fp32 master partitions (when they are a separate copy) + Adam's exp_avg/exp_avg_sq
+    activations unique storages autograd saves for backward during one forward
+                (``torch.autograd.graph.saved_tensors_hooks``; parameters excluded)
+    peak        GPU: ``torch.cuda.max_memory_allocated``; CPU: the peak of live tensor bytes seen by
+                :class:`LiveTensorTracker` (a TorchDispatchMode that follows every storage an ATen op
+                returns until it dies), with the process's peak RSS beside it
+    buffers     peak - params - grads - optimizer - activations: what else was live at the peak
+
+The parameter, gradient and optimizer figures are read exactly the way the engine's
+``run_summary.json`` reads them. 2-rank runs go through ``torchrun`` (see ``measure_memory``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from typing import Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _storage(t) -> Optional[torch.UntypedStorage]:
+    if not isinstance(t, torch.Tensor) or t.is_sparse or t.layout != torch.strided:
+        return None
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and not isinstance(t, torch.nn.Parameter):
+        return None  # tensor subclasses (DTensor, fake tensors) hold no memory of their own here
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Live and peak bytes of tensor storages on one device type, following every ATen op's outputs.
+
+    Storages are keyed by their Python object (PyTorch preserves one per storage), sized when
+    first seen and re-sized when an op returns them changed (``resize_``); a weak reference drops
+    them when they die. ``track(tensors)`` registers storages that existed before the mode started
+    (the model's parameters). ``phase(name)`` labels the peak.
+    """
+
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__()
+        self.device_type = device_type
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_phase = ""
+        self.phase_name = "start"
+        self.phase_peaks: dict[str, int] = {}
+        self.on_peak = None  # called at every new peak (e.g. to read what is live then)
+        self.phase_starts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _dead(self, key: int) -> None:
+        size = self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+        self.current -= size
+
+    def _see(self, st: torch.UntypedStorage) -> None:
+        if st.device.type != self.device_type:
+            return
+        key = id(st)
+        size = st.nbytes()
+        old = self._sizes.get(key)
+        if old is None:
+            ref = self._refs.get(key)
+            if ref is not None and ref() is not st:  # id reused before the callback ran
+                self._dead(key)
+            self._sizes[key] = size
+            self._refs[key] = weakref.ref(st, lambda _r, k=key: self._dead(k))
+            self.current += size
+        elif old != size:
+            self._sizes[key] = size
+            self.current += size - old
+        else:
+            return
+        self._bump()
+
+    def _bump(self) -> None:
+        if self.current > self.phase_peaks.get(self.phase_name, -1):
+            self.phase_peaks[self.phase_name] = self.current
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_phase = self.phase_name
+            if self.on_peak is not None:
+                self.on_peak()
+
+    def track(self, tensors: Iterable) -> None:
+        for t in tensors:
+            st = _storage(t)
+            if st is not None:
+                self._see(st)
+
+    def phase(self, name: str) -> None:
+        self.phase_name = name
+        self.phase_peaks.setdefault(name, self.current)
+        self.phase_starts[name] = self.current
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.peak_phase = self.phase_name
+        self.phase_peaks = {self.phase_name: self.current}
+
+    def live_bytes(self) -> int:
+        return self.current
+
+    # ------------------------------------------------------------------ the mode
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            st = _storage(t)
+            if st is not None:
+                self._see(st)
+        if func is torch.ops.aten.resize_.default or func is torch.ops.aten.set_.source_Storage:
+            flat_in, _ = tree_flatten(args)
+            for t in flat_in:
+                st = _storage(t)
+                if st is not None:
+                    self._see(st)
+        return out
+
+
+@contextlib.contextmanager
+def _patched_storage_resize(tracker: LiveTensorTracker):
+    """``UntypedStorage.resize_`` bypasses the dispatcher; follow it while tracking."""
+    original = torch.UntypedStorage.resize_
+
+    def resize_(self, size):
+        result = original(self, size)
+        tracker._see(self)
+        return result
+
+    torch.UntypedStorage.resize_ = resize_
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original
+
+
+class SavedTensorCounter:
+    """Bytes autograd saves for backward inside the context, counting each storage once.
+
+    Storages of module parameters and buffers (also ZeRO-3's gathered copies, which are the
+    parameters' data while a module runs) are not activations and are left out. ``alive_bytes()``
+    sums the saved storages still alive (freed graph branches drop out).
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module] = ()):
+        self.modules = list(modules)
+        self._seen: dict[int, tuple[weakref.ref, int, str]] = {}
+        self._ctx = None
+
+    def _param_storage_ids(self) -> set[int]:
+        ids = set()
+        for m in self.modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.numel() > 0:
+                    ids.add(t.untyped_storage().data_ptr())
+        return ids
+
+    def _pack(self, t):
+        if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
+            return t  # ZeRO-3 swaps a parameter's data: keep the parameter, as autograd does
+        self._record(t)
+        # a tensor saved by the node that produced it would hold that node: a reference cycle that
+        # outlives the graph (autograd itself saves outputs without their grad_fn); an alias does not
+        return t.detach() if t.grad_fn is not None else t
+
+    def _record(self, t) -> None:
+        st = _storage(t)
+        if st is None or st.nbytes() == 0:
+            return
+        key = id(st)
+        entry = self._seen.get(key)
+        if entry is None or entry[0]() is not st:
+            if st.data_ptr() in self._param_ids():
+                return
+            self._seen[key] = (weakref.ref(st, lambda _r, k=key: self._seen.pop(k, None)), st.nbytes(),
+                               st.device.type)
+
+    def _param_ids(self):
+        if self._cached is None:
+            self._cached = self._param_storage_ids()
+        return self._cached
+
+    def __enter__(self):
+        self._cached = None
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._cached = None
+        return False
+
+    def alive_bytes(self, device_type: Optional[str] = None) -> int:
+        return sum(n for ref, n, dev in self._seen.values()
+                   if ref() is not None and (device_type is None or dev == device_type))
+
+
+def synthetic_batch(cfg, batch_size: int, vocab_size: int, *, device="cpu", dtype=torch.float32,
+                    padded: bool = True, seed: int = 0, task: Optional[str] = None) -> dict:
+    """A batch of the run's worst-case shapes (the batch dict contract of vlscale.data.tasks).
+
+    Text is ``data.max_input_length`` tokens, targets ``data.max_target_length``; with ``padded``
+    the first example's text ends in 3 padding positions, so attention masks are per example.
+    Images (``feature_source=images``) or cached features (``cache``) of the vision model's shape.
+    """
+    from vlscale.data.tasks import get_task
+    from vlscale.modeling.vision import vision_dims
+
+    g = torch.Generator().manual_seed(seed)
+    task = task or max(cfg.data.tasks, key=lambda t: get_task(t).n_images)
+    n_img = get_task(task).n_images
+    L, T = cfg.data.max_input_length, cfg.data.max_target_length
+    dims = vision_dims(cfg.model.vision)
+    high = max(5, min(vocab_size, 1000))
+    batch = {"task": task,
+             "input_ids": torch.randint(4, high, (batch_size, L), generator=g),
+             "attention_mask": torch.ones(batch_size, L, dtype=torch.long),
+             "labels": torch.randint(4, high, (batch_size, T), generator=g)}
+    if padded and L > 3:
+        batch["attention_mask"][0, -3:] = 0
+    video = get_task(task).modality == "video"
+    if cfg.model.feature_source == "images":
+        s = dims["image_size"]
+        shape = (batch_size, 1, cfg.model.max_frames, 3, s, s) if video else (batch_size, n_img, 3, s, s)
+        batch["pixel_values"] = torch.randn(*shape, generator=g).to(dtype)
+    else:
+        if video:
+            shape = (batch_size, 1, cfg.model.max_frames, dims["embed_dim"])
+        else:
+            shape = (batch_size, n_img, dims["grid_tokens"], dims["grid_dim"])
+        batch["vis_feats"] = torch.randn(*shape, generator=g).to(dtype)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- engine accounting
+# The same readings as the engine's run_summary.json (vlscale/engine/trainer.py); kept here so the
+# profiler also works where the trainer is not importable.
+
+def _unique_storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+def parameter_bytes(model) -> int:
+    """Parameters this rank holds: ZeRO-3 partitions (``ds_tensor``) plus full copies it keeps."""
+    total, seen = 0, set()
+    for prm in model.parameters():
+        if id(prm) in seen:
+            continue
+        seen.add(id(prm))
+        if hasattr(prm, "ds_id"):
+            total += prm.ds_tensor.numel() * prm.ds_tensor.element_size()
+            if getattr(prm, "ds_persist", False):
+                total += prm.numel() * prm.element_size()
+        else:
+            total += prm.numel() * prm.element_size()
+    return total
+
+
+def gradient_bytes(engine, stage: int) -> int:
+    """Gradient buffers at the accumulation boundary (before the update)."""
+    opt = engine.optimizer
+    if stage == 3 and getattr(opt, "grad_partitions_flat_buffer", None) is not None:
+        return _unique_storage_bytes([opt.grad_partitions_flat_buffer])
+    averaged = getattr(opt, "averaged_gradients", None)
+    if stage in (1, 2) and averaged:
+        tensors = [g for grads in averaged.values() for g in (grads or [])]
+        if tensors:
+            return _unique_storage_bytes(tensors)
+    return _unique_storage_bytes(prm.grad for prm in engine.module.parameters() if prm.grad is not None)
+
+
+_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                 "fp32_groups_flat", "fp32_groups")
+
+
+def optimizer_state_bytes(engine) -> int:
+    """fp32 master copies (stage 0 half precision: per parameter) and every optimizer state tensor."""
+    opt = engine.optimizer
+    masters = []
+    for attr in _MASTER_ATTRS:
+        for item in getattr(opt, attr, None) or []:
+            masters += list(item) if isinstance(item, (list, tuple)) else [item]
+    inner = getattr(opt, "optimizer", opt)
+    state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    params = {id(p) for p in engine.module.parameters()}
+    masters = [t for t in masters if isinstance(t, torch.Tensor) and id(t) not in params]
+    return _unique_storage_bytes(masters) + _unique_storage_bytes(state)
+
+
+
+# ----------------------------------------------------------------------------- a measured run
+
+LOSS_MODES = ("trainer", "model")
+
+
+def _trainer_loss(out, labels):
+    """The engine's loss (vlscale.engine.trainer): a token-sum cross-entropy on the fp32-upcast logits."""
+    try:
+        from vlscale.engine.trainer import _token_cross_entropy_sum
+    except ImportError:
+        def _token_cross_entropy_sum(logits, labels):
+            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return _token_cross_entropy_sum(out.logits, labels)
+
+
+def _optimizer_groups(model):
+    try:
+        from vlscale.engine.trainer import optimizer_groups
+    except ImportError:
+        optimizer_groups = None
+    if optimizer_groups is not None:
+        return optimizer_groups(model)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    flat = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [g for g in ({"params": decay}, {"params": flat, "weight_decay": 0.0}) if g["params"]]
+
+
+def _rss_peak_bytes() -> int:
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3, loss_mode: str = "trainer",
+                       padded: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+    """Build the model and the DeepSpeed engine as the trainer does, run ``steps`` optimizer steps on
+    worst-case batches and read every component from the real tensors (one rank's view).
+
+    Must run inside an initialised process group (``deepspeed.init_distributed``).
+    """
+    import deepspeed
+
+    from vlscale.modeling.vl_model import build_model
+
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"loss_mode={loss_mode!r}: use one of {LOSS_MODES}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    device_type = "cuda" if cuda else "cpu"
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
+    tracker = LiveTensorTracker(device_type)
+    tracker.track(list(model.parameters()) + list(model.buffers()))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    B = cfg.train.micro_batch_size
+    result = {"stage": stage, "world_size": world_size, "device": device_type, "steps": steps}
+    counter_peak = {"activations": 0, "grads": 0}
+    counter = None
+
+    def grad_probe() -> int:
+        tensors = [p.grad for p in model.parameters() if p.grad is not None]
+        opt = engine.optimizer
+        for attr in ("grad_partitions_flat_buffer", "grads_in_partition"):
+            t = getattr(opt, attr, None)
+            if isinstance(t, torch.Tensor):
+                tensors.append(t)
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+            for t in getattr(opt, attr, None) or []:
+                if isinstance(t, torch.Tensor) and t.grad is not None:
+                    tensors.append(t.grad)
+        averaged = getattr(opt, "averaged_gradients", None)
+        if isinstance(averaged, dict):
+            for grads in averaged.values():
+                tensors += [g for g in (grads or []) if isinstance(g, torch.Tensor)]
+        return _unique_storage_bytes(t for t in tensors if t.device.type == device_type)
+
+    def on_peak():
+        counter_peak["activations"] = counter.alive_bytes(device_type) if counter is not None else 0
+        counter_peak["grads"] = grad_probe() if engine is not None else 0
+
+    engine = None
+    ctx = contextlib.nullcontext() if cuda else tracker
+    with ctx, (contextlib.nullcontext() if cuda else _patched_storage_resize(tracker)):
+        tracker.phase("init")
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=_optimizer_groups(model), config=ds_config)
+        device = engine.device
+        init_peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
+        result["init_peak"] = int(init_peak)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            tracker.reset_peak()
+            tracker.on_peak = on_peak
+        activations, grads = 0, None
+        for step in range(steps):
+            batch = synthetic_batch(cfg, B, vocab_size, device=device, dtype=dtype, padded=padded,
+                                    seed=1000 * step + rank)
+            tracker.phase(f"forward{step}")
+            counter = SavedTensorCounter([engine.module])
+            with counter:
+                out = engine(batch)
+                loss = _trainer_loss(out, batch["labels"]) if loss_mode == "trainer" else out.loss
+            activations = max(activations, counter.alive_bytes(device_type))
+            if loss_mode == "model":
+                del out
+            tracker.phase(f"backward{step}")
+            engine.backward(loss)
+            if grads is None:
+                grads = gradient_bytes(engine, stage)
+            tracker.phase(f"step{step}")
+            engine.step()
+            del loss, batch
+            if loss_mode == "trainer":
+                del out
+        peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
+    peak_phase = None if cuda else tracker.peak_phase
+    if init_peak > peak:  # DeepSpeed's set-up can be the run's peak (ZeRO-3 partitions a whole model)
+        peak, peak_phase = init_peak, "init"
+        counter_peak.update(activations=0, grads=0)
+    # read as run_summary.json does, after training (ZeRO-3 keeps small parameters whole from step 1 on)
+    result.update(params=parameter_bytes(engine.module), optimizer=optimizer_state_bytes(engine), grads=int(grads or 0),
+                  activations=int(activations), peak=int(peak),
+                  peak_phase=peak_phase,
+                  activations_at_peak=None if cuda else int(counter_peak["activations"]),
+                  grads_at_peak=None if cuda else int(counter_peak["grads"]),
+                  rss_peak=_rss_peak_bytes(), phase_peaks=None if cuda else dict(tracker.phase_peaks),
+                  phase_starts=None if cuda else dict(tracker.phase_starts))
+    return result
+
+
+def _worker(spec_path: str, out_path: str) -> None:
+    """One rank of a measured run (started by :func:`measure_memory`)."""
+    import importlib
+    import json
+
+    import deepspeed
+
+    from vlscale.config import config_from_dict
+
+    spec = json.loads(open(spec_path).read())
+    cfg = config_from_dict(spec["cfg"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    importlib.import_module("torch._dynamo")  # before DeepSpeed patches tensor creation (ZeRO-3)
+
+    result = run_measured_steps(cfg, spec["ds_config"], vocab_size=spec["vocab_size"], steps=spec["steps"],
+                                loss_mode=spec["loss_mode"], padded=spec["padded"], rank=rank, world_size=world)
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump(result, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *, vocab_size: Optional[int] = None,
+                   steps: int = 3, loss_mode: str = "trainer", padded: bool = True, timeout_s: int = 600,
+                   threads: int = 1) -> dict:
+    """Run ``steps`` real training steps in a fresh process group (``torchrun`` for several ranks; on
+    a machine without GPU DeepSpeed's CPU accelerator with gloo) and return the measured components
+    per rank: the maximum over ranks, and ``by_rank`` lists.
+
+    ``ds_config``: a resolved DeepSpeed dict (``build_deepspeed_config``); default: ZeRO stage
+    ``train.zero_stage`` (0 when unset) with DeepSpeed's defaults.
+    """
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
+
+    ds = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size, None)
+    spec = {"cfg": cfg.to_dict(), "ds_config": ds, "vocab_size": vocab_size or default_vocab_size(cfg),
+            "steps": steps, "loss_mode": loss_mode, "padded": padded, "threads": threads}
+    tmp = tempfile.mkdtemp(prefix="vlscale_measure_")
+    try:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        args = ["-m", "vlscale.profiling.measure", "--worker", spec_path, out_path]
+        port = _free_port()
+        if world_size > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port)] + args
+        else:
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            cmd = [sys.executable] + args
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"measured run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        ranks = [json.loads(open(f"{out_path}.rank{r}").read()) for r in range(world_size)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = dict(ranks[0])
+    for key in ("params", "grads", "optimizer", "activations", "peak", "rss_peak", "init_peak",
+                "activations_at_peak", "grads_at_peak"):
+        values = [r.get(key) for r in ranks]
+        if all(v is not None for v in values):
+            out[key] = max(values)
+            out[f"{key}_by_rank"] = values
+    top = max(ranks, key=lambda r: r["peak"])
+    out["peak_phase"] = top.get("peak_phase")
+    if out.get("activations_at_peak") is not None:
+        out["activations_at_peak"] = top["activations_at_peak"]
+        out["grads_at_peak"] = top["grads_at_peak"]
+        # what else was live at the peak (the batch, logits, gathered parameters, buckets...)
+        out["buffers"] = (top["peak"] - top["params"] - top["optimizer"] - top["activations_at_peak"]
+                          - top["grads_at_peak"])
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - the worker entry point
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit("usage: python -m vlscale.profiling.measure --worker SPEC.json OUT.json")
+
+
+# ----------------------------------------------------------------------------- the GPU section
+
+GPU_CONFIGS = (
+    # (name, overrides): random weights, images encoded on the fly by ViT-B-32 (49 tokens) + 47 text
+    # tokens = 96 encoder tokens, 32 decoder tokens (multiples of 16: no SDPA mask padding)
+    ("t5-base adapters", ["model.backbone=t5-base", "train.micro_batch_size=32"]),
+    ("t5-base adapters ckpt", ["model.backbone=t5-base", "train.micro_batch_size=32",
+                               "train.gradient_checkpointing=true"]),
+    ("t5-large full-FT ckpt", ["model.backbone=t5-large", "train.micro_batch_size=16", "peft.train_lm=true",
+                               "train.gradient_checkpointing=true"]),
+)
+GPU_COMMON = ["model.vision=ViT-B-32", "model.feature_source=images", "data.tasks=[vqa]",
+              "data.max_input_length=47", "data.max_target_length=32", "train.precision=bf16", "train.zero_stage=0",
+              "peft.method=adapter", "peft.sharing=single"]
+
+
+class _Bf16MasterAdamW:
+    """Plain-PyTorch stand-in for DeepSpeed's stage-0 bf16 optimizer (FP16_UnfusedOptimizer): bf16
+    weights, per-parameter fp32 masters and AdamW (torch, foreach) on them; the fp32 gradients are
+    made at the step and dropped after it."""
+
+    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in self.params]
+        decay = [m for m in self.masters if m.dim() >= 2]  # the engine's groups: matrices, then the rest
+        flat = [m for m in self.masters if m.dim() < 2]
+        groups = [g for g in ({"params": decay}, {"params": flat, "weight_decay": 0.0}) if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def step(self) -> None:
+        for m, p in zip(self.masters, self.params):
+            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
+        self.opt.step()
+        with torch.no_grad():
+            for m, p in zip(self.masters, self.params):
+                p.copy_(m)
+                m.grad = None
+                p.grad = None
+
+
+def _gpu_measure_torch(cfg, vocab_size: int, steps: int) -> dict:
+    from vlscale.modeling.vl_model import build_model
+
+    dev = torch.device("cuda")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=torch.bfloat16).to(dev)
+    model.train()
+    opt = _Bf16MasterAdamW(model.parameters(), cfg.lr, cfg.train.adam_betas, cfg.train.adam_eps,
+                           cfg.train.weight_decay)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    activations = 0
+    phases = {}
+    peak = 0
+
+    def mark(name):  # per-phase allocator peaks of the last step (where the peak happens)
+        nonlocal peak
+        torch.cuda.synchronize()
+        peak = max(peak, torch.cuda.max_memory_allocated())
+        phases[name] = {"peak": int(torch.cuda.max_memory_allocated()), "now": int(torch.cuda.memory_allocated())}
+        torch.cuda.reset_peak_memory_stats()
+
+    for step in range(steps):
+        batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab_size, device=dev, dtype=torch.bfloat16,
+                                seed=step)
+        mark("batch")
+        with SavedTensorCounter([model]) as counter:
+            out = model(batch)
+            loss = _trainer_loss(out, batch["labels"])
+        activations = max(activations, counter.alive_bytes("cuda"))
+        mark("forward")
+        loss.backward()
+        mark("backward")
+        opt.step()
+        mark("step")
+        del out, loss, batch
+    torch.cuda.synchronize()
+    peak = max(peak, torch.cuda.max_memory_allocated())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = sum(m.numel() * 4 for m in opt.masters) + sum(
+        v.numel() * v.element_size() for s in opt.opt.state.values() for v in s.values() if torch.is_tensor(v))
+    return {"engine": "torch (bf16 weights, fp32 masters, AdamW foreach)", "peak": int(peak),
+            "params": int(params), "optimizer": int(optimizer), "activations": int(activations),
+            "resident_after_setup": int(base), "last_step_phases": phases}
+
+
+def run_gpu_section(out: dict, steps: int = 3) -> dict:
+    """Predicted vs allocator peak on one CUDA GPU for :data:`GPU_CONFIGS` (bf16, random weights).
+
+    Uses DeepSpeed (stage 0, one process) when it imports, else plain PyTorch with the same memory
+    layout (bf16 weights, fp32 masters and AdamW moments for the trainable parameters); records
+    which in ``out["profile_memory"]["engine"]``. Fills and returns ``out["profile_memory"]``.
+    """
+    import time
+
+    from vlscale.config import load_config
+    from vlscale.profiling.analytic import default_vocab_size, estimate_memory, resolve_ds_config
+
+    section = out.setdefault("profile_memory", {})
+    if not torch.cuda.is_available():
+        section["skipped"] = "no CUDA device"
+        return section
+    try:
+        import deepspeed  # noqa: F401
+
+        engine = "deepspeed"
+    except Exception as e:  # noqa: BLE001 - any import failure means the plain-PyTorch path
+        engine = "torch"
+        section["deepspeed_import_error"] = f"{type(e).__name__}: {e}"[:300]
+    section["engine"] = engine
+    section["device"] = torch.cuda.get_device_name()
+    rows = []
+    for name, overrides in GPU_CONFIGS:
+        t0 = time.time()
+        cfg = load_config(None, GPU_COMMON + overrides)
+        vocab = default_vocab_size(cfg)
+        ds = resolve_ds_config(cfg, 1, None, device_type="cuda")
+        est = estimate_memory(cfg, 1, ds, device="cuda", vocab_size=vocab)
+        row = {"config": name, "overrides": GPU_COMMON + overrides, "predicted": dict(est.components),
+               "predicted_phase": est.peak_phase}
+        try:
+            if engine == "deepspeed":
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", "29555")
+                for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                    os.environ.setdefault(k, v)
+                import deepspeed
+
+                if not torch.distributed.is_initialized():
+                    deepspeed.init_distributed(dist_backend="nccl")
+                meas = run_measured_steps(cfg, ds, vocab_size=vocab, steps=steps)
+                meas["engine"] = "deepspeed stage 0"
+            else:
+                meas = _gpu_measure_torch(cfg, vocab, steps)
+        except Exception as e:  # noqa: BLE001 - report the failure of one config, keep the others
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            rows.append(row)
+            torch.cuda.empty_cache()
+            continue
+        row["measured"] = meas
+        row["errors"] = {k: (est.components[k] - meas[k]) / meas[k] for k in ("peak", "params", "optimizer",
+                                                                              "activations") if meas.get(k)}
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    section["configs"] = rows
+    return section

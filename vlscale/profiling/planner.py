@@ -1,0 +1,238 @@
+"""Memory planner: the fastest ZeRO / offload / checkpointing / micro-batch / precision setting that fits.
+
+For a run config, a per-GPU memory budget and a world size, every combination of
+
+    ZeRO stage 0-3 x offload (none; optimizer to CPU; optimizer + parameters to CPU; NVMe)
+    x gradient checkpointing off/on x micro-batch 1, 2, 4, ... x precision (bf16, fp32; fp16 on request)
+
+is estimated with :func:`vlscale.profiling.analytic.estimate_memory` (peak per rank), the ones whose
+peak plus a headroom fit the budget are kept and ranked by a throughput model. "Fastest" assumes
+(all figures per optimizer step of one rank, then per sample; the constants are options):
+
+* compute: forward = 2 x (language-model + projection parameters) x tokens FLOPs, backward = the
+  forward again for input gradients plus the trainable fraction again for weight gradients; the
+  frozen CLIP tower (images encoded on the fly) costs a forward only; gradient checkpointing
+  repeats the forward (about +33% of forward + backward for a frozen backbone it is +50%);
+  fp32 runs at ``fp32_speed`` (0.5) of bf16's rate (TF32 tensor cores vs bf16);
+* utilisation grows with the micro-batch: a GPU runs at tokens / (tokens + ``half_util_tokens``) of
+  its peak (``peak_tflops``), so tiny micro-batches are penalised;
+* communication at ``link_gbps`` (GB/s, per direction): stage 0-2 reduce the trainable gradients
+  (all-reduce: 2x their 16/32-bit size), ZeRO-3 also all-gathers every parameter twice per step
+  (forward and backward) - the frozen backbone too;
+* offload at ``pcie_gbps``: optimizer offload moves the gradient partition to the CPU and the
+  updated parameters back each step and runs Adam there (``cpu_adam_params_per_s``); parameter
+  offload streams the parameter partitions in for forward and backward; NVMe at ``nvme_gbps``.
+
+The model is coarse; what it gets right is the ordering most people want: no offload and no
+recompute when memory allows, larger micro-batches first, ZeRO-3's all-gathers and offload's
+PCIe traffic only when they buy the memory needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from vlscale.config import RunConfig
+from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
+                                        fmt_bytes, parameter_inventory, parse_size, resolve_ds_config)
+
+OFFLOADS = {
+    "none": ("none", "none"),
+    "opt_cpu": ("cpu", "none"),
+    "opt_param_cpu": ("cpu", "cpu"),
+    "opt_nvme": ("nvme", "none"),
+    "opt_param_nvme": ("nvme", "nvme"),
+}
+
+
+@dataclass
+class CostModel:
+    """Assumptions of the throughput model (see the module docstring)."""
+
+    peak_tflops: float = 400.0
+    fp32_speed: float = 0.5
+    half_util_tokens: int = 2048
+    link_gbps: float = 100.0
+    pcie_gbps: float = 20.0
+    nvme_gbps: float = 3.0
+    cpu_adam_params_per_s: float = 1.0e9
+
+
+@dataclass
+class PlanOption:
+    zero_stage: int
+    offload: str
+    gradient_checkpointing: bool
+    micro_batch_size: int
+    precision: str
+    peak: int
+    fits: bool
+    samples_per_s: float
+    estimate: MemoryEstimate = field(repr=False)
+
+    def label(self) -> str:
+        return (f"zero{self.zero_stage} offload={self.offload} ckpt={'on' if self.gradient_checkpointing else 'off'} "
+                f"mbs={self.micro_batch_size} {self.precision}")
+
+    global_batch: int = 0
+    """The run config's global batch (micro x world x accumulation), kept by the overrides."""
+    world_size: int = 1
+
+    def overrides(self) -> list[str]:
+        accum = max(1, -(-self.global_batch // (self.micro_batch_size * self.world_size)))
+        return [f"train.zero_stage={self.zero_stage}", f"train.micro_batch_size={self.micro_batch_size}",
+                f"train.gradient_accumulation_steps={accum}",
+                f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+                f"train.precision={self.precision}"]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "estimate"}
+        d["components"] = dict(self.estimate.components)
+        d["peak_phase"] = self.estimate.peak_phase
+        d["host_bytes"] = self.estimate.host
+        d["nvme_bytes"] = self.estimate.nvme
+        return d
+
+
+def _ds_for(base_ds: dict, stage: int, offload: str) -> dict:
+    ds = copy.deepcopy(base_ds)
+    z = ds.setdefault("zero_optimization", {})
+    z["stage"] = stage
+    opt_dev, par_dev = OFFLOADS[offload]
+    for key, dev in (("offload_optimizer", opt_dev), ("offload_param", par_dev)):
+        if dev == "none":
+            z.pop(key, None)
+        else:
+            block = {"device": dev, "pin_memory": True}
+            if dev == "nvme":
+                block["nvme_path"] = "auto"
+            z[key] = block
+    return ds
+
+
+def throughput(cfg: RunConfig, est: MemoryEstimate, world_size: int, offload: str, cost: CostModel) -> float:
+    """Predicted samples per second per rank under :class:`CostModel`."""
+    s = est.settings
+    inv_total = est.detail["total_params"]
+    trainable = est.detail["trainable_params"]
+    vision = est.detail.get("vision_params", 0)
+    lm = max(1, inv_total - vision)
+    mbs = s["micro_batch_size"]
+    tokens = mbs * (s["encoder_length"] + s["decoder_length"])
+    fwd = 2.0 * lm * tokens
+    bwd = fwd * (1.0 + trainable / lm)
+    flops = fwd + bwd + (fwd if s["gradient_checkpointing"] else 0.0)
+    if cfg.model.feature_source == "images":
+        flops += 2.0 * vision * mbs * est.detail.get("vision_tokens", 50)
+    speed = cost.peak_tflops * 1e12 * (cost.fp32_speed if s["precision"] == "fp32" else 1.0)
+    util = tokens / (tokens + cost.half_util_tokens)
+    t = flops / (speed * util)
+    b = DTYPE_BYTES[s["precision"]]
+    W = world_size
+    if W > 1:
+        comm = 2.0 * trainable * b * (W - 1) / W
+        if s["zero_stage"] == 3:
+            comm += 2.0 * inv_total * b * (W - 1) / W
+        t += comm / (cost.link_gbps * 1e9) / 1.0
+    opt_dev, par_dev = OFFLOADS[offload]
+    if opt_dev != "none":
+        moved = 2.0 * trainable / W * 4
+        bw = cost.pcie_gbps if opt_dev == "cpu" else min(cost.pcie_gbps, cost.nvme_gbps)
+        t += moved / (bw * 1e9) + trainable / W / cost.cpu_adam_params_per_s
+        if opt_dev == "nvme":
+            t += 2.0 * 12 * trainable / W / (cost.nvme_gbps * 1e9)
+    if par_dev != "none":
+        bw = cost.pcie_gbps if par_dev == "cpu" else min(cost.pcie_gbps, cost.nvme_gbps)
+        t += 2.0 * inv_total * b / W / (bw * 1e9)
+    # the optimizer step's time is per step; everything above is per micro-batch
+    return mbs / t
+
+
+def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: Iterable[int] = (0, 1, 2, 3),
+         offloads: Iterable[str] = ("none", "opt_cpu", "opt_param_cpu"), checkpointing: Iterable[bool] = (False, True),
+         micro_batches: Optional[Iterable[int]] = None, precisions: Iterable[str] = ("bf16", "fp32"),
+         headroom: Optional[float] = None, cost: Optional[CostModel] = None,
+         device: str = "cuda") -> list[PlanOption]:
+    """Every setting estimated, fitting ones first, fastest first.
+
+    ``budget``: bytes or a size string (``"24GiB"``). ``headroom``: bytes kept free for the CUDA
+    context, allocator fragmentation and NCCL buffers (default 5% of the budget + 0.5 GiB).
+    """
+    budget = parse_size(budget)
+    headroom = int(0.05 * budget + 0.5 * GiB) if headroom is None else int(headroom)
+    cost = cost or CostModel()
+    mbs_list = list(micro_batches) if micro_batches is not None else [1, 2, 4, 8, 16, 32, 64]
+    if micro_batches is None and cfg.train.micro_batch_size not in mbs_list:
+        mbs_list.append(cfg.train.micro_batch_size)
+    global_batch = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
+    inv = parameter_inventory(cfg)
+    base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)
+    options = []
+    for precision in precisions:
+        for stage in stages:
+            for offload in offloads:
+                opt_dev, par_dev = OFFLOADS[offload]
+                if (opt_dev != "none" and stage < 2) or (par_dev != "none" and stage < 3):
+                    continue
+                for ckpt in checkpointing:
+                    for mbs in mbs_list:
+                        c = copy.deepcopy(cfg)
+                        c.train.precision, c.train.zero_stage = precision, stage
+                        c.train.gradient_checkpointing, c.train.micro_batch_size = ckpt, mbs
+                        ds = _ds_for(base_ds, stage, offload)
+                        est = estimate_memory(c, world_size, ds, device=device, inventory=inv)
+                        est.detail["vision_params"] = inv.vision_params
+                        peak = est.components["peak"]
+                        options.append(PlanOption(stage, offload, ckpt, mbs, precision, peak,
+                                                  peak + headroom <= budget,
+                                                  throughput(c, est, world_size, offload, cost), est,
+                                                  global_batch, world_size))
+    # fitting first, fastest first (ties: the smaller peak); then the rest by peak
+    options.sort(key=lambda o: (not o.fits, -float(f"{o.samples_per_s:.4g}") if o.fits else 0, o.peak))
+    return options
+
+
+def write_ds_config(option: PlanOption, path, *, ds_file=None, cfg: Optional[RunConfig] = None) -> dict:
+    """Write the option's DeepSpeed JSON: the shipped file's settings with the chosen ZeRO stage and
+    offload; batch sizes and precision stay ``"auto"`` (the run config fills them: pass
+    ``option.overrides()``)."""
+    if ds_file is None:
+        root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
+        ds_file = root / ("zero3.json" if option.zero_stage == 3 else "zero2.json")
+    if Path(ds_file).exists():
+        base = json.loads(Path(ds_file).read_text())
+    else:
+        base = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                          "weight_decay": "auto"}},
+                "zero_optimization": {}}
+    ds = _ds_for(base, option.zero_stage, option.offload)
+    z = ds["zero_optimization"]
+    if option.zero_stage < 3:
+        for key in list(z):
+            if key.startswith("stage3_") or key == "sub_group_size":
+                z.pop(key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds, indent=2) + "\n")
+    return ds
+
+
+def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str:
+    lines = [f"{'#':>3} {'setting':52s} {'peak/rank':>12} {'host/rank':>11} {'fits':>5} {'samples/s':>10}"]
+    for i, o in enumerate(options[:limit], 1):
+        lines.append(f"{i:>3} {o.label():52s} {fmt_bytes(o.peak):>12} {fmt_bytes(o.estimate.host):>11} "
+                     f"{'yes' if o.fits else 'no':>5} {o.samples_per_s:>10.1f}")
+    n_fit = sum(o.fits for o in options)
+    lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (after headroom)")
+    return "\n".join(lines)
+
+
+__all__ = ["CostModel", "PlanOption", "plan", "throughput", "write_ds_config", "format_table", "OFFLOADS",
+           "ZeroSettings"]
