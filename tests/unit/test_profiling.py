@@ -210,6 +210,22 @@ def test_saved_tensor_counter_counts_storages_once_and_skips_parameters():
     assert counter.alive_bytes() == x.numel() * 4  # the graph is gone; x is still alive
 
 
+# ----------------------------------------------------------------------------- measured (in process)
+
+def test_plain_torch_bf16_path_matches_stage0_model():
+    """The GPU section's plain-PyTorch stand-in for DeepSpeed stage 0 bf16 (bf16 weights, fp32 masters,
+    AdamW), measured on CPU with the live-tensor tracker: the same layout the analytic model predicts."""
+    from vlscale.profiling.measure import measure_torch_bf16
+
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.precision=bf16", "train.zero_stage=0",
+                             "train.gradient_checkpointing=true"])
+    meas = measure_torch_bf16(cfg, default_vocab_size(cfg), steps=2, device="cpu")
+    pred = estimate_memory(cfg, 1, resolve_ds_config(cfg, 1, None, device_type="cpu"), device="cpu").components
+    for key in ("params", "optimizer", "activations"):
+        assert pred[key] == meas[key], (key, pred[key], meas[key])
+    assert abs(pred["peak"] - meas["peak"]) <= 0.10 * meas["peak"], (pred["peak"], meas["peak"])
+
+
 # ----------------------------------------------------------------------------- planner / launcher
 
 def test_planner_ranks_and_writes_config(tmp_path):

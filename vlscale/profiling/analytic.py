@@ -1046,8 +1046,13 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         phase("backward_first_reduce", base + A * (1 - f) + kept_in_backward + st.grads + st.comm_backward
               + in_flight + st.gathered, A * (1 - f), st.grads)
     init = st.params + (0 if st.optimizer_lazy else st.optimizer) + st.init_transient + st.comm_persistent + g_persist
-    if z.stage == 3:  # the engine builds the whole model on each rank; DeepSpeed partitions it at initialize
-        init = max(init, inv.total * b)
+    if z.stage == 3 and z.offload_param == "none":
+        # without deepspeed.zero.Init the engine builds the whole model on each rank and DeepSpeed
+        # moves it to the device before partitioning it; pretrained backbones load under zero.Init
+        # (HfDeepSpeedConfig), so only the rest (CLIP, projection, PEFT) arrives whole
+        whole = inv.total if not cfg.model.pretrained else sum(
+            n for n, g in zip(inv.numels, inv.groups) if g in ("vision", "projection", "peft"))
+        init = max(init, whole * b + (st.params if cfg.model.pretrained else 0))
     phase("init", init, 0, g_persist)
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]

@@ -597,51 +597,61 @@ class _Bf16MasterAdamW:
                 p.grad = None
 
 
-def _gpu_measure_torch(cfg, vocab_size: int, steps: int) -> dict:
+def measure_torch_bf16(cfg, vocab_size: int, steps: int = 3, device: str = "cuda") -> dict:
+    """Measure the plain-PyTorch stand-in of DeepSpeed stage 0 bf16 (:class:`_Bf16MasterAdamW`) in this
+    process: the allocator's peak on CUDA, :class:`LiveTensorTracker`'s on CPU (after the model is built)."""
     from vlscale.modeling.vl_model import build_model
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=torch.bfloat16).to(dev)
     model.train()
-    opt = _Bf16MasterAdamW(model.parameters(), cfg.lr, cfg.train.adam_betas, cfg.train.adam_eps,
-                           cfg.train.weight_decay)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    activations = 0
+    tracker = LiveTensorTracker(dev.type)
+    tracker.track(list(model.parameters()) + list(model.buffers()))
     phases = {}
-    peak = 0
+    activations = 0
+    with (contextlib.nullcontext() if cuda else tracker):
+        opt = _Bf16MasterAdamW(model.parameters(), cfg.lr, cfg.train.adam_betas, cfg.train.adam_eps,
+                               cfg.train.weight_decay)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else tracker.current
+        peak = 0
 
-    def mark(name):  # per-phase allocator peaks of the last step (where the peak happens)
-        nonlocal peak
-        torch.cuda.synchronize()
-        peak = max(peak, torch.cuda.max_memory_allocated())
-        phases[name] = {"peak": int(torch.cuda.max_memory_allocated()), "now": int(torch.cuda.memory_allocated())}
-        torch.cuda.reset_peak_memory_stats()
+        def mark(name):  # per-phase peaks of the last step (where the peak happens)
+            nonlocal peak
+            if cuda:
+                torch.cuda.synchronize()
+                now, top = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                now, top = tracker.current, tracker.peak
+                tracker.reset_peak()
+            peak = max(peak, top)
+            phases[name] = {"peak": int(top), "now": int(now)}
 
-    for step in range(steps):
-        batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab_size, device=dev, dtype=torch.bfloat16,
-                                seed=step)
-        mark("batch")
-        with SavedTensorCounter([model]) as counter:
-            out = model(batch)
-            loss = _trainer_loss(out, batch["labels"])
-        activations = max(activations, counter.alive_bytes("cuda"))
-        mark("forward")
-        loss.backward()
-        mark("backward")
-        opt.step()
-        mark("step")
-        del out, loss, batch
-    torch.cuda.synchronize()
-    peak = max(peak, torch.cuda.max_memory_allocated())
+        for step in range(steps):
+            batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab_size, device=dev, dtype=torch.bfloat16,
+                                    seed=step)
+            mark("batch")
+            with SavedTensorCounter([model]) as counter:
+                out = model(batch)
+                loss = _trainer_loss(out, batch["labels"])
+            activations = max(activations, counter.alive_bytes(dev.type))
+            mark("forward")
+            loss.backward()
+            mark("backward")
+            opt.step()
+            mark("step")
+            del out, loss, batch
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     optimizer = sum(m.numel() * 4 for m in opt.masters) + sum(
         v.numel() * v.element_size() for s in opt.opt.state.values() for v in s.values() if torch.is_tensor(v))
-    return {"engine": "torch (bf16 weights, fp32 masters, AdamW foreach)", "peak": int(peak),
-            "params": int(params), "optimizer": int(optimizer), "activations": int(activations),
-            "resident_after_setup": int(base), "last_step_phases": phases}
+    return {"engine": "torch (bf16 weights, fp32 masters, AdamW)", "peak": int(peak), "params": int(params),
+            "optimizer": int(optimizer), "activations": int(activations), "resident_after_setup": int(base),
+            "last_step_phases": phases}
 
 
 def run_gpu_section(out: dict, steps: int = 3) -> dict:
@@ -691,7 +701,7 @@ def run_gpu_section(out: dict, steps: int = 3) -> dict:
                 meas = run_measured_steps(cfg, ds, vocab_size=vocab, steps=steps)
                 meas["engine"] = "deepspeed stage 0"
             else:
-                meas = _gpu_measure_torch(cfg, vocab, steps)
+                meas = measure_torch_bf16(cfg, vocab, steps, "cuda")
         except Exception as e:  # noqa: BLE001 - report the failure of one config, keep the others
             row["error"] = f"{type(e).__name__}: {e}"[:500]
             rows.append(row)
