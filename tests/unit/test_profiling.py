@@ -64,6 +64,7 @@ CASES = [
     ["peft.method=compacter"],
     ["peft.fused=false"],
     ["model.feature_source=cache", "model.backbone=tiny-bart"],
+    ["data.tasks=[tvqa]", "model.max_frames=8"],  # video: frame embeddings on the fly
 ]
 
 

@@ -545,6 +545,10 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
     tp.part = "projection"
     nv = B * s.visual_tokens
     feats = tp.new(nv * s.feat_dim, False)
+    if s.video and s.vision_on_the_fly and s.vision_resnet:
+        # a ResNet's frame embeddings are row 0 of its attention pool's (grid + 1)-token output: the
+        # linear keeps that whole storage
+        feats = tp.new(nv * (s.vision_tokens_per_image + 1) * s.feat_dim, False)
     x_feat = tp.layer_norm(tp.linear(feats, nv * d, proj_rg), nv, proj_rg)
     # the boxes are one image's grid expanded over the batch: F.linear reshapes them into a copy,
     # ZeRO-3's linear keeps the expanded view (the small grid) unless a dtype cast copied it
