@@ -24,8 +24,18 @@ RUN_TIMEOUT_S = 420
 
 # The tiny world every engine test trains on (only the batch layout varies). Seed 3: the sampler
 # draws both tasks within the 6 steps (gqa vqa gqa gqa vqa vqa), so per-task modules all train.
-TINY = ["data.tasks=[vqa,gqa]", "data.synthetic_train=64", "data.synthetic_eval=8", "train.eval_batch_size=8",
+# The model is pinned (not taken from the default preset): random tiny backbones without dropout, so
+# runs on 1 and 2 ranks draw no random numbers that depend on the rank.
+TINY = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false", "model.vision_pretrained=null",
+        "model.dropout=0.0", "model.feature_source=images", "peft.method=adapter", "peft.reduction_factor=4",
+        "train.precision=fp32", "train.lr=1e-3", "train.gradient_accumulation_steps=1",
+        "data.tasks=[vqa,gqa]", "data.synthetic_train=64", "data.synthetic_eval=8", "train.eval_batch_size=8",
         "train.max_steps=6", "train.warmup_ratio=0.2", "train.seed=3"]
+# The shipped miniature pretrained backbones (from_pretrained under ZeRO-3), dropout off for exact comparison.
+MINI = ["model.backbone=mini-t5", "model.pretrained=true", "model.vision=mini-clip-rn",
+        "model.vision_pretrained=synthetic", "model.dropout=0.0", "peft.method=adapter", "train.precision=fp32",
+        "data.tasks=[vqa,gqa]", "data.synthetic_train=64", "data.synthetic_eval=8", "train.eval_batch_size=8",
+        "train.max_steps=2", "train.seed=3"]
 
 
 def free_port() -> int:
@@ -112,6 +122,8 @@ RUN_SPECS = {
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
                  1, "python"),
     "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
+    # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
+    "mini_2r": (MINI + ["train.micro_batch_size=2"], 2, "torchrun"),
 }
 
 

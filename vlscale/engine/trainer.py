@@ -207,6 +207,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config,
                                            lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+    engine.train()  # from_pretrained returns modules in eval mode: dropout must be on (VLModel keeps CLIP in eval)
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds)
