@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import statistics
@@ -148,7 +147,12 @@ def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype:
     if zero_stage(ds_config) == 3 and cfg.model.pretrained:
         from transformers.integrations import HfDeepSpeedConfig
 
-        hf_ds = HfDeepSpeedConfig(ds_config)
+        try:
+            hf_ds = HfDeepSpeedConfig(ds_config)
+        except ImportError as e:  # PackageNotFoundError is an ImportError
+            raise RuntimeError("model.pretrained=true under ZeRO-3 loads through transformers' DeepSpeed "
+                               "integration, which needs the 'accelerate' package: pip install 'accelerate>=1.1'"
+                               ) from e
     seed_everything(cfg.train.seed)
     model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
     return model, hf_ds
