@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tensorboard>=2.15",
+        "accelerate>=1.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
