@@ -1,0 +1,468 @@
+"""Build the V&L model under ZeRO-3 ``zero.Init`` and load sharded safetensors rank by rank.
+
+No rank ever holds the whole language model:
+
+* **Construction**: the language model is built inside ``deepspeed.zero.Init``, so each module's
+  parameters are partitioned as soon as the module exists (a rank keeps ceil(numel / W) elements
+  of each). The frozen CLIP tower, the projection and the PEFT modules are small next to the LM and
+  are built whole; ``deepspeed.initialize`` partitions them.
+* **Random weights** (``model.pretrained=false``) are *the same values* a whole build gives with
+  the same seed (so ``launchers/evaluate.py`` rebuilds the frozen backbone a ZeRO-3 run trained
+  on): modules run their default initialisation on full tensors before being partitioned, and
+  transformers' ``post_init`` weight initialisation, which would only see empty partitions, runs
+  on each module's parameters gathered (``GatheredParameters``, modifier rank 0) in the order a
+  whole build runs it, on every rank so random-number streams stay in step.
+* **Pretrained weights** (``model.pretrained=true``) come from a local Hugging Face directory with
+  ``model.safetensors`` or sharded ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``.
+  The model is built without initialisation, then :func:`load_sharded_safetensors` reads, file by
+  file and tensor by tensor, only the rows of each tensor that overlap this rank's flat partition
+  (``safe_open(...).get_slice``) and copies them into ``param.ds_tensor``: no gather, no
+  communication, and a rank reads about 1/W of the checkpoint. Peak host memory is the rank's
+  partition plus one tensor's slice. (transformers' own ZeRO-3 path reads every file whole on
+  rank 0 and scatters module by module.)
+
+Entry point for the trainer: :func:`build_model_zero3` (same result as
+``vlscale.modeling.vl_model.build_model``, returns the ``HfDeepSpeedConfig`` that must stay alive
+while the model is used, and the load report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class ShardedLoadError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, or does not fit the model; the message names it."""
+
+
+@dataclass
+class LoadReport:
+    """What one rank read (bytes are the checkpoint's bytes actually read from the files)."""
+
+    directory: str
+    files: int
+    tensors: int
+    rank: int
+    world_size: int
+    bytes_read: int
+    checkpoint_bytes: int
+    partition_bytes: int
+    """Bytes of this rank's parameter partitions that were filled (in the model's dtype)."""
+    seconds: float
+    rss_before_bytes: int
+    peak_rss_bytes: int
+    """Peak resident memory of this process while loading (VmHWM, reset before loading where the
+    kernel allows it; otherwise the process's peak so far)."""
+    unexpected_keys: list = field(default_factory=list)
+    """Checkpoint tensors the model has no place for (ignored, as transformers does)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def checkpoint_files(directory) -> dict[str, list[str]]:
+    """-> {file path: [tensor names]} of a Hugging Face safetensors checkpoint directory."""
+    from safetensors import safe_open
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ShardedLoadError(f"checkpoint directory {str(d)!r} does not exist (model.backbone_path)")
+    index = d / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ShardedLoadError(f"{index}: not a safetensors index (no 'weight_map'): {e}") from e
+        files: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(str(d / fname), []).append(key)
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ShardedLoadError(f"{index} names shard {Path(missing[0]).name!r}, which is not in {d}")
+        return dict(sorted(files.items()))
+    single = d / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {str(single): list(f.keys())}
+    bins = sorted(p.name for p in d.glob("*.bin"))
+    hint = (f"; it holds {bins[:3]} (PyTorch pickles): convert them once with "
+            f"`transformers` save_pretrained(..., safe_serialization=True)") if bins else ""
+    raise ShardedLoadError(f"{d} has neither {INDEX_FILE} nor {SINGLE_FILE}{hint}")
+
+
+def _rss_bytes(field_name: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _aliases(module: torch.nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it is registered under (tied weights have several)."""
+    out: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
+
+
+def _partition_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int, Optional[torch.Tensor]]:
+    """(start, end) of this rank's slice of the flattened parameter, and the tensor to fill."""
+    if not hasattr(p, "ds_id"):
+        return 0, p.numel(), p.data.view(-1)
+    target = p.ds_tensor
+    location = getattr(target, "final_location", None)
+    if location is not None and "nvme" in str(location).lower():
+        raise ShardedLoadError(f"parameter {p.ds_id}: its partition lives on NVMe (offload_param.device=nvme); "
+                               f"sharded loading fills CPU/GPU partitions only: load with zero3_offload.json "
+                               f"(offload to cpu) and save a checkpoint, or use transformers' from_pretrained")
+    part = target.numel()
+    start = min(rank * part, p.ds_numel)
+    end = min(start + part, p.ds_numel)
+    return start, end, target.data.view(-1)
+
+
+def _read_flat_range(f, key: str, start: int, end: int) -> tuple[torch.Tensor, int]:
+    """Elements [start, end) of the flattened tensor ``key``, reading only the rows that hold them.
+    -> (tensor, bytes read)."""
+    sl = f.get_slice(key)
+    shape = list(sl.get_shape())
+    if not shape:
+        t = f.get_tensor(key).reshape(1)
+        return t[start:end], t.element_size()
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if row == 0 or end <= start:
+        return torch.empty(0), 0
+    r0, r1 = start // row, -(-end // row)
+    rows = sl[r0:r1].reshape(-1)
+    return rows[start - r0 * row:end - r0 * row], rows.numel() * rows.element_size()
+
+
+def load_sharded_safetensors(module: torch.nn.Module, directory, *, rank: Optional[int] = None,
+                             world_size: Optional[int] = None, prefix: Optional[str] = None) -> LoadReport:
+    """Fill ``module``'s parameters (ZeRO-3 partitions, or whole tensors) and buffers from a
+    safetensors checkpoint directory, reading only what this rank keeps.
+
+    Every parameter must be found (under any of its tied names, with or without the model's
+    ``base_model_prefix`` / ``prefix``), with its full shape; checkpoint tensors the model lacks are
+    listed in the report. Not a collective: ranks read independently.
+    """
+    from safetensors import safe_open
+
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        ready = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if ready else 0 if rank is None else rank
+        world_size = dist.get_world_size() if ready else 1 if world_size is None else world_size
+    files = checkpoint_files(directory)
+    prefix = prefix if prefix is not None else getattr(module, "base_model_prefix", "") or ""
+
+    def candidates(name: str) -> list[str]:
+        out = [name]
+        if prefix:
+            out += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None]
+        return [c for c in out if c]
+
+    where = {key: path for path, keys in files.items() for key in keys}
+    plan: dict[str, list[tuple[str, torch.Tensor, bool]]] = {}  # file -> [(key, tensor, is_param)]
+    missing, used = [], set()
+    aliases = _aliases(module)
+    for p in {id(q): q for q in module.parameters()}.values():
+        names = aliases[id(p)]
+        key = next((c for n in names for c in candidates(n) if c in where), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        plan.setdefault(where[key], []).append((key, p, True))
+        used.update(c for n in names for c in candidates(n) if c in where)
+    if missing:
+        raise ShardedLoadError(f"{directory}: no tensor for parameter(s) {missing[:5]}"
+                               f"{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''} "
+                               f"(checkpoint of another architecture? it holds e.g. {sorted(where)[:3]})")
+    for name, buf in module.named_buffers():
+        key = next((c for c in candidates(name) if c in where), None)
+        if key is not None and buf is not None:
+            plan.setdefault(where[key], []).append((key, buf, False))
+            used.add(key)
+    unexpected = sorted(set(where) - used)
+
+    rss_before = _rss_bytes("VmRSS")
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    bytes_read = checkpoint_bytes = filled = tensors = 0
+    with torch.no_grad():
+        for path, items in plan.items():
+            with safe_open(path, framework="pt") as f:
+                for key, target, is_param in items:
+                    shape = list(f.get_slice(key).get_shape())
+                    full = list(target.ds_shape) if hasattr(target, "ds_shape") else list(target.shape)
+                    if shape != full:
+                        raise ShardedLoadError(f"{path}: tensor {key!r} has shape {shape}, the model expects {full}")
+                    if is_param:
+                        start, end, flat = _partition_range(target, rank)
+                    else:
+                        start, end, flat = 0, target.numel(), target.view(-1)
+                    part, nbytes = _read_flat_range(f, key, start, end)
+                    if part.numel():
+                        flat[:end - start].copy_(part)
+                    bytes_read += nbytes
+                    filled += (end - start) * flat.element_size()
+                    tensors += 1
+        for path, keys in files.items():
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    sl = f.get_slice(key)
+                    checkpoint_bytes += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    seconds = time.perf_counter() - t0
+    return LoadReport(str(directory), len(files), tensors, rank, world_size, int(bytes_read), int(checkpoint_bytes),
+                      int(filled), seconds, rss_before, _rss_bytes("VmHWM"), unexpected)
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_bytes: int = 2 * 2 ** 30,
+                             rank: Optional[int] = None) -> list[str]:
+    """Write ``module``'s parameters (full shapes, each tied tensor once) and persistent buffers as a
+    Hugging Face sharded safetensors checkpoint (+ ``config.json`` when the module has a config).
+
+    A collective under ZeRO-3 (every rank calls it): parameters are gathered one at a time and rank 0
+    holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
+    """
+    import deepspeed
+    from safetensors.torch import save_file
+
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    d = Path(directory)
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[str, list[str]]] = []
+    size = total = 0
+
+    def flush():
+        nonlocal shard, size
+        if rank == 0 and shard:
+            tmp = d / f".shard-{len(written):05d}.safetensors"
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            written.append((str(tmp), list(shard)))
+        shard, size = {}, 0
+
+    seen = set()
+    tensors = [(n, p) for n, p in module.named_parameters() if not (id(p) in seen or seen.add(id(p)))]
+    persistent = {n for n, _ in module.state_dict(keep_vars=True).items()}
+    tensors += [(n, b) for n, b in module.named_buffers() if b is not None and n in persistent]
+    for name, t in tensors:
+        ctx = (deepspeed.zero.GatheredParameters([t], modifier_rank=None) if hasattr(t, "ds_id")
+               else contextlib.nullcontext())
+        with ctx:
+            if rank == 0:
+                shard[name] = t.detach().to("cpu", copy=True).contiguous()
+                nbytes = t.numel() * t.element_size()
+                size += nbytes
+                total += nbytes
+        if size >= max_shard_bytes:
+            flush()
+    flush()
+    if rank != 0:
+        return []
+    n = len(written)
+    names, weight_map = [], {}
+    for i, (tmp, keys) in enumerate(written, 1):
+        final = d / (SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+        os.replace(tmp, final)
+        names.append(str(final))
+        weight_map.update({k: final.name for k in keys})
+    if n > 1:
+        (d / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2) + "\n")
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(str(d))
+    return names
+
+
+# ----------------------------------------------------------------------------- construction
+
+@contextlib.contextmanager
+def gathered_hf_init():
+    """While active, transformers' ``post_init`` weight initialisation of models built under
+    ``zero.Init`` runs on each module's parameters gathered, in the order of a whole build, on every
+    rank (rank 0's values are kept): the result equals a whole build's values for the same seed."""
+    import deepspeed
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = PreTrainedModel.initialize_weights
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        custom = self.is_custom_code()
+
+        def visit(mod, fn):  # transformers' smart_apply: children first, sub-models with their own fn
+            for child in mod.children():
+                visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+            params = list(mod.parameters(recurse=False))
+            for child in mod.children():  # _init_weights also touches direct children's parameters
+                if not isinstance(child, PreTrainedModel):
+                    params += list(child.parameters(recurse=False))
+            params = [p for p in dict.fromkeys(params) if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+                fn(mod, custom)
+
+        visit(self, self._initialize_weights)
+
+    PreTrainedModel.initialize_weights = initialize_weights
+    try:
+        yield
+    finally:
+        PreTrainedModel.initialize_weights = original
+
+
+def _no_init():
+    from transformers import initialization
+
+    return initialization.no_init_weights()
+
+
+def pretrained_config(name: str, source: str, overrides: Optional[dict] = None):
+    """The HF config of a local checkpoint directory (what ``from_pretrained`` would use), checked
+    against the registry's model type."""
+    from transformers import AutoConfig
+
+    from vlscale.modeling.backbones import lm_config
+
+    if not Path(source).is_dir():
+        raise ShardedLoadError(
+            f"model.backbone_path={source!r} is not a local directory; under ZeRO-3 the weights load rank by rank "
+            f"from a local Hugging Face folder with safetensors (download it once, e.g. `huggingface-cli download "
+            f"{name} --local-dir DIR`, and set model.backbone_path=DIR)")
+    config = AutoConfig.from_pretrained(source, **(overrides or {}))
+    expected = lm_config(name).model_type
+    if config.model_type != expected:
+        raise ShardedLoadError(f"{Path(source) / 'config.json'}: model_type={config.model_type!r}, but "
+                               f"model.backbone={name!r} is a {expected!r} model")
+    return config
+
+
+def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pretrained: bool = False,
+                   dtype: torch.dtype = torch.float32, config_overrides: Optional[dict] = None,
+                   reports: Optional[list] = None, **_ignored):
+    """``vlscale.modeling.backbones.build_lm`` under ZeRO-3: partitioned at construction; random
+    weights equal to a whole build's, pretrained ones read partition by partition. ``reports``
+    receives the :class:`LoadReport` of a pretrained load."""
+    import deepspeed
+
+    from vlscale.modeling.backbones import hub_id, lm_class, lm_config
+
+    _check_dtype(ds_config, dtype)
+    # dtype=None: zero.Init takes it from the config (an explicit dtype is ignored on accelerators
+    # without fp16, DeepSpeed's CPU one included, which then partitions in bf16 whatever was asked)
+    if pretrained:
+        source = path or hub_id(name)
+        config = pretrained_config(name, source, config_overrides)
+        with _no_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            lm = lm_class(config)(config)
+        lm.tie_weights()  # skipped with the initialisation; the load fills the shared tensor once
+        report = load_sharded_safetensors(lm, source)
+        if reports is not None:
+            reports.append(report)
+        return lm
+    config = lm_config(name, **(config_overrides or {}))
+    with gathered_hf_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        lm = lm_class(config)(config)
+    return lm
+
+
+def _check_dtype(ds_config: dict, dtype: torch.dtype) -> None:
+    enabled = {name: bool((ds_config.get(name) or {}).get("enabled")) for name in ("bf16", "fp16")}
+    expected = torch.bfloat16 if enabled["bf16"] else torch.float16 if enabled["fp16"] else torch.float32
+    if dtype != expected:
+        raise ValueError(f"dtype={dtype} disagrees with the DeepSpeed config (bf16.enabled={enabled['bf16']}, "
+                         f"fp16.enabled={enabled['fp16']}: parameters are partitioned in {expected})")
+
+
+def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype = torch.float32):
+    """``build_model`` with the language model built under ``zero.Init`` (see the module docstring).
+
+    -> (model, HfDeepSpeedConfig, LoadReport or None). Keep the ``HfDeepSpeedConfig`` alive as long
+    as the model is used (transformers' ZeRO-3 awareness: embedding resizing, generation). Needs an
+    initialised process group and ``zero_optimization.stage == 3``.
+    """
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from vlscale.modeling import vl_model
+
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage != 3:
+        raise ValueError(f"build_model_zero3 needs zero_optimization.stage=3, the DeepSpeed config has {stage}")
+    if not dist.is_initialized():
+        raise RuntimeError("build_model_zero3 needs an initialised process group (vlscale.engine.distributed."
+                           "init_distributed)")
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    reports: list = []
+
+    def zero3_build_lm(name, **kwargs):
+        kwargs.pop("device", None)
+        return build_lm_zero3(name, ds_config=ds_config, reports=reports, **kwargs)
+
+    original = vl_model.build_lm
+    vl_model.build_lm = zero3_build_lm  # build_model resolves build_lm from its module at call time
+    try:
+        model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
+    finally:
+        vl_model.build_lm = original
+    return model, hf_ds, (reports[0] if reports else None)
+
+
+def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full-shape CPU copies of every parameter and buffer (a collective under ZeRO-3: call on every
+    rank). Parameters are gathered one at a time; for tests and small models."""
+    import deepspeed
+
+    out = {}
+    for name, p in module.named_parameters():
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.data.detach().cpu().clone()
+        else:
+            out[name] = p.detach().cpu().clone()
+    for name, b in module.named_buffers():
+        out[name] = b.detach().cpu().clone()
+    return out
