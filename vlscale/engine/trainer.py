@@ -386,8 +386,8 @@ def parameter_bytes(model) -> int:
         seen.add(id(p))
         if ckpt.is_partitioned(p):
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
-            if getattr(p, "ds_persist", False):  # kept whole on every rank; count its full size even
-                total += p.ds_numel * p.element_size()  # when released (0-size) after evaluation
+            if getattr(p, "ds_persist", False):
+                total += p.numel() * p.element_size()
         else:
             total += p.numel() * p.element_size()
     return total
