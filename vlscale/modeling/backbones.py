@@ -65,10 +65,12 @@ LM_REGISTRY: dict[str, dict] = {
     # Miniature pretrained backbones the project makes and ships (scripts/pretrain_backbones.py,
     # weights in vlscale/assets/backbones/<name>/): 4+4 layers, d_model 128, the synthetic world's
     # 721-token vocabulary (621 SentencePiece pieces + 100 <extra_id_N>). Dropout as in T5 / BART.
+    # mini-bart's init_std is BART-base's 0.02 relative to width (0.02 * sqrt(768 / 128)); with
+    # 0.02 its decoder learns to ignore the encoder during pretraining (T5 scales its init itself).
     "mini-t5": _t5(128, 512, 4, 4, d_kv=32, base=dict(_T5_V1, vocab_size=721)),
     "mini-bart": dict(_bart(128, 512, 4, 4), vocab_size=721, max_position_embeddings=128,
                       pad_token_id=0, bos_token_id=3, eos_token_id=1, decoder_start_token_id=1,
-                      forced_eos_token_id=1),
+                      forced_eos_token_id=1, init_std=0.05),
 }
 
 _SHORT = {name.split("/")[-1]: name for name in LM_REGISTRY}

@@ -1,0 +1,173 @@
+"""Replicate the VL-Adapter paper's Tables 1, 3 and 5 in miniature, offline, on the synthetic world.
+
+    python launchers/replicate.py --table 1|3|5 [--methods a,b,...] [--seed S] [--out DIR] [--steps N]
+                                  [--parallel N] [--threads-per-run T] [--set key=value ...] [--dry-run]
+
+Table 1: every method of the paper (full_ft, multiple_adapters, half_shared_adapters, single_adapter,
+hyperformer, multiple_compacters, single_compacter, multiple_lora, single_lora, multiple_prompts,
+single_prompt) trained multi-task on the four image tasks with the project's pretrained miniature
+CLIP-BART (preset mini/clip_bart), then evaluated on the test split. Table 5: projection only,
++ layer norms, + single adapter. Table 3: CLIP frozen or fine-tuned x BART fine-tuned or frozen
+with a single adapter (CLIP runs in the loop). Rows and their settings: vlscale/replicate.py.
+
+Writes to DIR (default runs/replicate/table<N>): results.json
+(``{"methods": {name: {"updated_pct", "scores": {task: s}, "avg", ...}}, ...}``), table<N>.md,
+table<N>.png (average score against updated parameters %), runs/<name>/ (each training's
+output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--parallel``
+trainings at once (default: CPU cores // threads per run), shows progress, and is resumable:
+rows with a result are skipped, interrupted trainings resume from their last checkpoint
+(Ctrl-C stops the running trainings with a checkpoint). Exit code 1 if a row failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=["1", "3", "5"], help="which of the paper's tables")
+    p.add_argument("--methods", default=None, help="comma-separated rows (default: all rows of the table)")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every row (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate/table<N>)")
+    p.add_argument("--steps", type=int, default=None, help="train.max_steps of every row (default: the preset's)")
+    p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: cores // threads)")
+    p.add_argument("--threads-per-run", type=int, default=1, help="torch threads of each training (default 1)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="key=value",
+                   help="an override for every row, e.g. --set data.synthetic_train=500 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print each row's updated params %% and command; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps <= 0:
+        p.error(f"--steps {args.steps} must be > 0")
+    if args.parallel is not None and args.parallel <= 0:
+        p.error(f"--parallel {args.parallel} must be > 0")
+    if args.threads_per_run <= 0:
+        p.error(f"--threads-per-run {args.threads_per_run} must be > 0")
+    return args
+
+
+def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) -> None:
+    """The frozen mini-clip-rn's grid features of every synthetic split, once (resumable)."""
+    from vlscale.replicate import MINI_PRESET, python_cmd, subprocess_env, tail
+
+    cache.mkdir(parents=True, exist_ok=True)
+    stamp = cache / "replicate_backbones.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("backbones") != fingerprint:
+        raise SystemExit(f"replicate: the feature cache {cache} was made with other CLIP weights; delete it "
+                         f"(or choose another --out)")
+    stamp.write_text(json.dumps({"backbones": fingerprint}) + "\n")
+    log_path = cache.parent / "features.log"
+    cmd = python_cmd("extract_features.py", "--synthetic", "--config", MINI_PRESET, "--out", str(cache), "--quiet",
+                     "--batch-size", "64", *extra)
+    log(f"feature cache: {cache} (log {log_path})")
+    with open(log_path, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"replicate: feature extraction failed (exit {rc}); last lines of {log_path}:\n"
+                         f"{tail(log_path)}")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every finished child process (trainings, evaluations, features)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from vlscale.config import ConfigError
+    from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, backbone_fingerprint, default_parallel,
+                                   get_table, make_result, plan_job, row_config, row_overrides, select_rows,
+                                   train_command, updated_params, uses_cache, write_json, write_outputs)
+
+    log = print
+    # --- setup: rows, their settings, what is left to do
+    try:
+        table = get_table(args.table)
+        rows = select_rows(table, [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+        out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
+        cache = out / "features"
+        plans = {r.name: row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
+                 for r in rows}
+        configs = {name: row_config(ov) for name, ov in plans.items()}
+        if args.dry_run:
+            for r in rows:
+                counts = updated_params(configs[r.name])
+                log(f"{r.name}: updated {counts['updated_pct']:.2f}% (with CLIP {counts['updated_pct_with_vision']:.2f}%)"
+                    f", {counts['trainable']:,} of {counts['total']:,} parameters, lr {configs[r.name].lr:g}\n  "
+                    + shlex.join(train_command(plans[r.name], out / "runs" / r.name, resume=False)))
+            return 0
+        fingerprints = {name: backbone_fingerprint(cfg) for name, cfg in configs.items()}
+        jobs = [plan_job(r, plans[r.name], out / "runs" / r.name, fingerprints[r.name]) for r in rows]
+    except (ReplicationError, ConfigError) as e:
+        print(f"replicate: {e}", file=sys.stderr)
+        return 2
+    parallel = args.parallel or default_parallel(args.threads_per_run)
+    todo = [j for j in jobs if j.phase != "done"]
+    any_cfg = configs[rows[0].name]
+    log(f"replicate: Table {table.number}, {len(rows)} rows ({len(jobs) - len(todo)} already done) -> {out}; "
+        f"{any_cfg.train.max_steps} steps x batch {any_cfg.train.micro_batch_size} each, {parallel} at a time, "
+        f"{args.threads_per_run} thread(s) each")
+    start, cpu_start = time.time(), children_cpu_s()
+    needs_cache = [j for j in todo if j.commands and any(c[0] == "train" for c in j.commands) and uses_cache(j.overrides)]
+    if needs_cache:
+        make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
+                           backbone_fingerprint(configs[needs_cache[0].row.name], vision_only=True), log)
+
+    # --- train and evaluate
+    def on_done(job):
+        seconds = time.time() - job.started if job.started else None
+        write_json(job.run_dir / RESULT_FILE,
+                   make_result(job.row, table, job.overrides, job.run_dir, seconds, round(job.cpu_s, 1)))
+
+    try:
+        Runner(jobs, parallel, args.threads_per_run, on_done, progress=not args.no_progress).run()
+    except KeyboardInterrupt:
+        print(f"\nreplicate: interrupted; rerun the same command to resume ({out})", file=sys.stderr)
+        return 130
+    elapsed, cpu = time.time() - start, children_cpu_s() - cpu_start
+
+    # --- tables, plot
+    results = {}
+    for r in rows:
+        path = out / "runs" / r.name / RESULT_FILE
+        if path.exists():
+            res = json.loads(path.read_text())
+            results[r.name] = res
+    previous = out / "results.json"
+    invocations = json.loads(previous.read_text()).get("invocations", []) if previous.exists() else []
+    invocations.append({"command": "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                        "rows_run_now": [j.row.name for j in todo], "elapsed_s": round(elapsed, 1),
+                        "cpu_s": round(cpu, 1), "parallel": parallel, "threads_per_run": args.threads_per_run,
+                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    meta = {"steps": any_cfg.train.max_steps, "seed": args.seed, "test_examples": any_cfg.data.synthetic_eval,
+            "invocations": invocations}
+    written = write_outputs(table, out, results, meta)
+    print((out / f"table{table.number}.md").read_text())
+    log(f"replicate: {len(results)}/{len(rows)} rows in {elapsed / 60:.1f} min; " +
+        ", ".join(f"{k}: {v}" for k, v in written.items()))
+    failed = [j for j in jobs if j.phase == "failed"]
+    if failed:
+        print("replicate: failed rows: " + ", ".join(f"{j.row.name} ({j.error}; log {j.log})" for j in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""launchers/replicate.py end to end on a tiny budget, and the row settings behind it.
+
+The end-to-end test trains two Table 1 rows for a few steps on a few examples (real subprocesses:
+feature extraction, launchers/train.py, launchers/evaluate.py), checks results.json / the
+Markdown table / the PNG, then reruns the command to check that finished rows are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlscale.config import load_config
+from vlscale.replicate import (TABLE1_METHODS, TABLES, ReplicationError, Row, average, get_table, headline_scores,
+                               markdown_table, paper_claims, plan_job, row_config, row_overrides, scale_peft_widths,
+                               select_rows, updated_params)
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "vlscale" / "assets" / "backbones"
+needs_assets = pytest.mark.skipif(not (ASSETS / "mini-bart").is_dir() or not (ASSETS / "mini-clip-rn.safetensors").exists(),
+                                  reason="miniature backbones not made (python scripts/pretrain_backbones.py)")
+
+
+# ----------------------------------------------------------------------------- rows and settings
+
+def test_table1_rows_are_the_paper_presets():
+    names = [r.name for r in TABLES[1].rows]
+    assert names == list(TABLE1_METHODS)
+    for r in TABLES[1].rows:
+        assert load_config(r.peft_preset).name == f"paper/clip_bart_{r.name}"
+
+
+def test_unknown_table_and_method_are_named():
+    with pytest.raises(ReplicationError, match="choose one of"):
+        get_table(2)
+    with pytest.raises(ReplicationError, match="single_adaptr"):
+        select_rows(get_table(1), ["single_adaptr"])
+    assert [r.name for r in select_rows(get_table(1), ["single_prompt", "full_ft"])] == ["full_ft", "single_prompt"]
+
+
+def test_widths_scale_with_d_model_and_lora_keeps_alpha_over_rank():
+    paper = load_config("paper/clip_bart_single_lora").peft.__dict__
+    mini = scale_peft_widths(paper, 128)
+    assert mini["lora_rank"] == round(128 * 128 / 768) == 21
+    assert mini["lora_alpha"] / mini["lora_rank"] == pytest.approx(paper["lora_alpha"] / paper["lora_rank"])
+    assert mini["prompt_hidden_dim"] == round(800 * 128 / 768)
+    assert mini["task_embedding_dim"] == round(512 * 128 / 768)
+    for kept in ("reduction_factor", "n_prompts", "phm_dim", "hypernet_projected_dim", "method", "sharing"):
+        assert mini[kept] == paper[kept]
+    assert scale_peft_widths(paper, 768) == paper
+
+
+def test_row_overrides_take_the_paper_peft_section_and_the_row_switches():
+    t1 = {r.name: r for r in TABLES[1].rows}
+    ov = row_overrides(t1["half_shared_adapters"], feature_cache="/tmp/cache", seed=3, steps=7)
+    cfg = row_config(ov)
+    assert (cfg.peft.method, cfg.peft.sharing, cfg.peft.half_shared) == ("adapter", "half_shared", "up")
+    assert cfg.model.backbone == "mini-bart" and cfg.model.pretrained and cfg.model.feature_source == "cache"
+    assert (cfg.data.feature_cache, cfg.train.seed, cfg.train.max_steps) == ("/tmp/cache", 3, 7)
+    full = row_config(row_overrides(t1["full_ft"], feature_cache="/tmp/cache"))
+    assert full.peft.method == "none" and full.peft.train_lm and full.lr == pytest.approx(1e-4)
+    t3 = {r.name: r for r in TABLES[3].rows}
+    clip = row_config(row_overrides(t3["clip_ft_single_adapter"]))  # images: no cache needed
+    assert clip.model.feature_source == "images" and clip.peft.train_vision and clip.peft.method == "adapter"
+    t5 = {r.name: r for r in TABLES[5].rows}
+    proj = row_config(row_overrides(t5["projection_only"], feature_cache="/tmp/cache"))
+    assert proj.peft.method == "none" and not proj.peft.train_layer_norms and not proj.peft.train_lm
+    with pytest.raises(ReplicationError, match="feature cache"):
+        row_overrides(t1["single_adapter"])
+    with pytest.raises(ReplicationError, match="--set train.seed"):
+        row_overrides(t1["single_adapter"], feature_cache="/c", extra=["train.seed=5"])
+
+
+def test_parameter_regime_of_the_miniature():
+    """The paper's regime: a single adapter updates < 10 %; sharing saves parameters; full FT is 100 %."""
+    t1 = {r.name: r for r in TABLES[1].rows}
+    pct = {n: updated_params(row_config(row_overrides(t1[n], feature_cache="/c")))["updated_pct"]
+           for n in ("full_ft", "multiple_adapters", "half_shared_adapters", "single_adapter", "single_prompt")}
+    assert pct["full_ft"] == pytest.approx(100.0)
+    assert pct["single_adapter"] < 10.0
+    assert pct["single_adapter"] < pct["half_shared_adapters"] < pct["multiple_adapters"]
+    assert pct["single_prompt"] < pct["single_adapter"]
+
+
+def test_scores_and_markdown():
+    metrics = {"tasks": {"vqa": {"vqa_score": 0.5}, "gqa": {"exact_match": 0.25}, "nlvr2": {"accuracy": 0.75,
+               "consistency": 0.5}, "caption": {"cider": 1.2, "bleu4": 0.3}}}
+    scores = headline_scores(metrics)
+    assert scores == {"vqa": 50.0, "gqa": 25.0, "nlvr2": 75.0, "caption": 120.0}
+    assert average(scores) == pytest.approx(67.5)
+    with pytest.raises(ReplicationError, match="lacks its metric"):
+        headline_scores({"tasks": {"vqa": {"accuracy": 1.0}}})
+    md = markdown_table(TABLES[1], {"single_adapter": {"updated_pct": 7.4, "scores": scores, "avg": 67.5}}, ["a note"])
+    assert "| Single Adapter (`single_adapter`) | 7.40 | 50.00 | 25.00 | 75.00 | 120.00 | 67.50 |" in md
+    assert md.rstrip().endswith("- a note")
+
+
+def test_paper_claims_are_checked_both_ways():
+    def r(avg, pct=5.0):
+        return {"avg": avg, "updated_pct": pct, "scores": {}}
+
+    good = {"full_ft": r(80.0, 100.0), "single_adapter": r(78.0, 7.4), "multiple_adapters": r(77.0, 17.0),
+            "single_prompt": r(60.0)}
+    checks = paper_claims(TABLES[1], good)
+    assert [c["holds"] for c in checks] == [True, True, True]
+    bad = dict(good, single_adapter=r(70.0, 7.4), single_prompt=r(75.0))
+    assert [c["holds"] for c in paper_claims(TABLES[1], bad)] == [False, False, False]
+    assert paper_claims(TABLES[1], {"full_ft": r(1.0)}) == []
+    t5 = paper_claims(TABLES[5], {"projection_only": r(50.0), "projection_layer_norms": r(55.0),
+                                  "single_adapter": r(54.0)})
+    assert [c["holds"] for c in t5] == [True, False]
+
+
+def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    ov = row_overrides(row, feature_cache=str(tmp_path / "f"))
+    run = tmp_path / "runs" / "single_adapter"
+    job = plan_job(row, ov, run)
+    assert [c[0] for c in job.commands] == ["train", "eval"] and "--resume" not in job.commands[0][1]
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step5")
+    assert "--resume" in plan_job(row, ov, run).commands[0][1]
+    (run / "run_summary.json").write_text(json.dumps({"completed": True}))
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    assert [c[0] for c in plan_job(row, ov, run).commands] == ["eval"]
+    (run / "result.json").write_text(json.dumps({"overrides": ov, "backbones": "aaaa"}))
+    assert plan_job(row, ov, run, "aaaa").phase == "done"
+    with pytest.raises(ReplicationError, match="other settings"):
+        plan_job(row, ov[:-1] + ["train.seed=9"], run)
+    with pytest.raises(ReplicationError, match="other backbone weights"):
+        plan_job(row, ov, run, "bbbb")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@needs_assets
+def test_tiny_replication_end_to_end(tmp_path):
+    out = tmp_path / "table1"
+    cmd = [sys.executable, str(ROOT / "launchers" / "replicate.py"), "--table", "1",
+           "--methods", "single_adapter,single_prompt", "--steps", "3", "--out", str(out), "--no-progress",
+           "--set", "data.synthetic_train=16", "--set", "data.synthetic_eval=4", "--set", "train.eval_batch_size=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    data = json.loads((out / "results.json").read_text())
+    assert data["table"] == 1 and set(data["methods"]) == {"single_adapter", "single_prompt"}
+    for name, r in data["methods"].items():
+        assert set(r["scores"]) == {"vqa", "gqa", "nlvr2", "caption"}
+        assert all(0.0 <= s <= 1000.0 for s in r["scores"].values())
+        assert r["avg"] == pytest.approx(sum(r["scores"].values()) / 4)
+        assert 0.0 < r["updated_pct"] < 10.0
+        assert (out / "runs" / name / "eval_test" / "eval_metrics.json").exists()
+        log = [json.loads(line) for line in (out / "runs" / name / "train_log.jsonl").read_text().splitlines()]
+        assert [rec["step"] for rec in log] == [1, 2, 3]
+    assert data["methods"]["single_prompt"]["updated_pct"] < data["methods"]["single_adapter"]["updated_pct"]
+    md = (out / "table1.md").read_text()
+    assert "| Single Adapter (`single_adapter`) |" in md and "| Single Prompt (`single_prompt`) |" in md
+    png = out / "table1.png"
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resumable: a rerun finds both rows done and trains nothing
+    before = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]}
+    start = time.time()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 rows (2 already done)" in again.stdout
+    assert {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]} == before
+    assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
+    assert time.time() - start < 120

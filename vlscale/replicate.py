@@ -1,0 +1,602 @@
+"""The miniature VL-Adapter replication: the runs behind the paper's Tables 1, 3 and 5 on the
+synthetic world, how each is configured, run, scored and tabulated (``launchers/replicate.py``
+is the command line).
+
+Every row is one multi-task training of the miniature CLIP-BART (preset ``mini/clip_bart``: the
+project's pretrained mini-clip-rn and mini-bart) with a paper method, then a test-split evaluation:
+
+    row overrides = peft section of paper/clip_bart_<method>       (the paper's method settings)
+                    with absolute widths scaled by d_model / 768   (see scale_peft_widths)
+                  + the row's switches (Table 3: train CLIP / LM; Table 5: projection, layer norms)
+                  + data.feature_cache (rows on cached CLIP features) + train.seed [+ train.max_steps]
+
+    python launchers/train.py --deepspeed ds_configs/zero2.json --config mini/clip_bart <overrides> output_dir=OUT/runs/<row>
+    python launchers/evaluate.py --adapter OUT/runs/<row>/adapter --split test --out OUT/runs/<row>/eval_test
+
+Scores are each task's headline metric x 100 (VQA score, GQA exact match, NLVR2 accuracy, caption
+CIDEr), ``avg`` their mean, ``updated_pct`` the trainable share of all parameters but CLIP's (the
+paper's convention with precomputed features; Table 3, where CLIP is in the model, counts CLIP in
+both). A row's ``result.json`` marks it done; a rerun skips it (resumable), resumes an
+interrupted training from its checkpoint, or only evaluates a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI_PRESET = "mini/clip_bart"
+PAPER_D_MODEL = 768
+"""Width of the paper's BART-base; absolute PEFT widths are scaled by d_model / PAPER_D_MODEL."""
+WIDTH_KEYS = ("lora_rank", "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
+              "hypernet_hidden_dim")
+"""PEFT settings that are absolute widths in the paper (BART-base); ratios (reduction_factor),
+counts (n_prompts, phm_dim) and the hypernetwork's 8-d code are kept as they are. lora_alpha
+scales with lora_rank so that alpha / rank (the LoRA output scale, 0.25 in the paper) is kept."""
+TASKS = ("vqa", "gqa", "nlvr2", "caption")
+TASK_HEADERS = {"vqa": "VQA", "gqa": "GQA", "nlvr2": "NLVR2", "caption": "COCO cap. (CIDEr)"}
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One training of a table: ``peft_preset``'s peft section plus ``switches`` on ``mini/clip_bart``."""
+
+    name: str
+    label: str
+    peft_preset: str
+    switches: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Table:
+    number: int
+    title: str
+    rows: tuple[Row, ...]
+    count_vision: bool = False
+    """updated_pct counts CLIP's parameters (Table 3: CLIP is part of the trained model)."""
+
+
+TABLE1_METHODS = ("full_ft", "multiple_adapters", "half_shared_adapters", "single_adapter", "hyperformer",
+                  "multiple_compacters", "single_compacter", "multiple_lora", "single_lora",
+                  "multiple_prompts", "single_prompt")
+_LABELS = {"full_ft": "Full fine-tuning", "multiple_adapters": "Multiple Adapters",
+           "half_shared_adapters": "Half-shared Adapters", "single_adapter": "Single Adapter",
+           "hyperformer": "Hyperformer", "multiple_compacters": "Multiple Compacters",
+           "single_compacter": "Single Compacter", "multiple_lora": "Multiple LoRA",
+           "single_lora": "Single LoRA", "multiple_prompts": "Multiple Prompts", "single_prompt": "Single Prompt"}
+_IMAGES = "model.feature_source=images"
+_TRAIN_CLIP = "peft.train_vision=true"
+
+TABLES: dict[int, Table] = {
+    1: Table(1, "Table 1: parameter-efficient methods, multi-task on the four image tasks",
+             tuple(Row(m, _LABELS[m], f"paper/clip_bart_{m}") for m in TABLE1_METHODS)),
+    3: Table(3, "Table 3: freezing or training CLIP and the language model (CLIP runs in the loop)", (
+        Row("clip_frozen_lm_ft", "CLIP frozen, BART fine-tuned", "paper/clip_bart_full_ft", (_IMAGES,)),
+        Row("clip_ft_lm_ft", "CLIP fine-tuned, BART fine-tuned", "paper/clip_bart_full_ft", (_IMAGES, _TRAIN_CLIP)),
+        Row("clip_frozen_single_adapter", "CLIP frozen, BART frozen + single adapter",
+            "paper/clip_bart_single_adapter", (_IMAGES,)),
+        Row("clip_ft_single_adapter", "CLIP fine-tuned, BART frozen + single adapter",
+            "paper/clip_bart_single_adapter", (_IMAGES, _TRAIN_CLIP)),
+    ), count_vision=True),
+    5: Table(5, "Table 5: what trains besides the adapter (visual projection, layer norms)", (
+        Row("projection_only", "Visual projection only", "paper/clip_bart_single_adapter",
+            ("peft.method=none", "peft.train_layer_norms=false")),
+        Row("projection_layer_norms", "+ Layer norms", "paper/clip_bart_single_adapter", ("peft.method=none",)),
+        Row("single_adapter", "+ Single Adapter", "paper/clip_bart_single_adapter"),
+    )),
+}
+
+
+class ReplicationError(RuntimeError):
+    """A replication setting or an earlier result does not fit; the message says which."""
+
+
+def get_table(number) -> Table:
+    try:
+        return TABLES[int(number)]
+    except (KeyError, ValueError):
+        raise ReplicationError(f"--table {number!r}: choose one of {sorted(TABLES)}") from None
+
+
+def select_rows(table: Table, names: Optional[Sequence[str]]) -> list[Row]:
+    """The table's rows, or those named (in the table's order); unknown names are an error."""
+    if not names:
+        return list(table.rows)
+    valid = [r.name for r in table.rows]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ReplicationError(f"--methods {unknown} are not rows of Table {table.number}; valid: {valid}")
+    return [r for r in table.rows if r.name in names]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def scale_peft_widths(peft: dict, d_model: int, reference: int = PAPER_D_MODEL) -> dict:
+    """The paper's absolute PEFT widths (set for BART-base, d_model 768) scaled to ``d_model``."""
+    out = dict(peft)
+    ratio = d_model / reference
+    for key in WIDTH_KEYS:
+        out[key] = max(1, int(round(peft[key] * ratio)))
+    if peft["lora_rank"]:
+        out["lora_alpha"] = float(peft["lora_alpha"]) * out["lora_rank"] / peft["lora_rank"]
+    return out
+
+
+def _value(v) -> str:
+    """A value as parse_overrides reads it back (YAML): bare words where they stay strings."""
+    import yaml
+
+    if isinstance(v, str) and yaml.safe_load(v) == v:
+        return v
+    return json.dumps(v)  # JSON scalars and lists are YAML too
+
+
+def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 0, steps: Optional[int] = None,
+                  extra: Sequence[str] = (), preset: str = MINI_PRESET) -> list[str]:
+    """Every ``key=value`` a row's training gets on top of ``preset`` (output_dir excluded)."""
+    from vlscale.config import load_config, parse_overrides
+    from vlscale.modeling.backbones import lm_config
+
+    base = load_config(preset, list(extra))
+    paper = dataclasses.asdict(load_config(row.peft_preset).peft)
+    peft = scale_peft_widths(paper, lm_config(base.model.backbone).d_model)
+    out = [f"peft.{k}={_value(v)}" for k, v in peft.items()]
+    out += list(row.switches)
+    switched = load_config(preset, list(extra) + out)
+    if switched.model.feature_source == "cache":
+        if not feature_cache:
+            raise ReplicationError(f"row {row.name!r} trains on cached CLIP features; a feature cache is needed")
+        out.append(f"data.feature_cache={feature_cache}")
+    out.append(f"train.seed={int(seed)}")
+    if steps is not None:
+        out.append(f"train.max_steps={int(steps)}")
+    user_keys = set(_flat_keys(parse_overrides(list(extra))))
+    clash = sorted(user_keys & set(_flat_keys(parse_overrides(out))))
+    if clash:
+        raise ReplicationError(f"--set {clash[0]} conflicts with a setting the replication decides per row "
+                               f"({row.name}); use --steps / --seed, or change the row in vlscale/replicate.py")
+    return list(extra) + out
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
+
+
+def backbone_fingerprint(cfg, vision_only: bool = False) -> str:
+    """sha256 (16 hex) of the pretrained weight files a run config loads (``vision_only``: CLIP's):
+    results and feature caches made from other weights must not be mixed with new ones."""
+    import hashlib
+
+    from vlscale.modeling.backbones import ASSET_DIR, hub_id
+
+    files = []
+    if cfg.model.pretrained and not vision_only:
+        lm_dir = Path(cfg.model.backbone_path or hub_id(cfg.model.backbone))
+        files += sorted(lm_dir.glob("*.safetensors")) if lm_dir.is_dir() else []
+    vp = cfg.model.vision_pretrained
+    if vp == "synthetic":
+        files.append(ASSET_DIR / f"{cfg.model.vision}.safetensors")
+    elif vp and Path(vp).is_file():
+        files.append(Path(vp))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def row_config(overrides: Sequence[str], preset: str = MINI_PRESET):
+    from vlscale.config import load_config
+
+    return load_config(preset, list(overrides))
+
+
+def updated_params(cfg) -> dict:
+    """Trainable / total parameter counts of a run config (built on the meta device, no weights)."""
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.peft.trainable import count_parameters
+
+    return count_parameters(build_model(cfg, device="meta"))
+
+
+def uses_cache(overrides: Sequence[str], preset: str = MINI_PRESET) -> bool:
+    return row_config([o for o in overrides if not o.startswith("data.feature_cache=")], preset).model.feature_source \
+        == "cache"
+
+
+# ----------------------------------------------------------------------------- results
+
+def headline_scores(eval_metrics: dict) -> dict[str, float]:
+    """``eval_metrics.json`` -> {task: headline metric x 100}."""
+    from vlscale.data.tasks import get_task
+
+    tasks = eval_metrics.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ReplicationError(f"eval_metrics.json has no per-task scores: keys {sorted(eval_metrics)}")
+    out = {}
+    for task, metrics in tasks.items():
+        metric = get_task(task).metric
+        if metric not in metrics:
+            raise ReplicationError(f"eval_metrics.json: task {task!r} lacks its metric {metric!r} ({sorted(metrics)})")
+        out[task] = 100.0 * float(metrics[metric])
+    return out
+
+
+def average(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def make_result(row: Row, table: Table, overrides: Sequence[str], run_dir: Path, seconds: Optional[float],
+                cpu_seconds: Optional[float] = None) -> dict:
+    """The row's entry of results.json, from its run directory."""
+    cfg = row_config(overrides)
+    counts = updated_params(cfg)
+    test = json.loads((run_dir / "eval_test" / "eval_metrics.json").read_text())
+    scores = headline_scores(test)
+    result = {"label": row.label, "peft_preset": row.peft_preset,
+              "updated_pct": counts["updated_pct_with_vision"] if table.count_vision else counts["updated_pct"],
+              "updated_pct_without_vision": counts["updated_pct"],
+              "updated_pct_with_vision": counts["updated_pct_with_vision"],
+              "trainable_params": counts["trainable"], "total_params": counts["total"],
+              "scores": scores, "avg": average(scores), "split": "test",
+              "train_eval_seconds": seconds, "cpu_seconds": cpu_seconds, "overrides": list(overrides),
+              "backbones": backbone_fingerprint(cfg)}
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        history = json.loads(metrics.read_text())
+        if history:
+            val = headline_scores(history[-1])
+            result["val_scores"], result["val_avg"] = val, average(val)
+    summary = run_dir / "run_summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        result["steps"], result["step_time_s"] = s.get("steps"), s.get("step_time_s")
+    return result
+
+
+ADAPTER_ROWS = ("multiple_adapters", "half_shared_adapters", "single_adapter")
+PROMPT_ROWS = ("multiple_prompts", "single_prompt")
+
+
+def paper_claims(table: Table, results: dict) -> list[dict]:
+    """The paper's headline claims for a table, checked on the miniature's results (rows present only).
+
+    Table 1: a single adapter reaches >= 97 % of full fine-tuning's average with < 10 % of the
+    parameters updated; prompt tuning lands below every adapter variant; sharing one adapter does
+    not lose to one adapter per task. Table 5: each addition (layer norms, then the adapter) helps.
+    """
+    avg = {n: r["avg"] for n, r in results.items()}
+    out = []
+
+    def claim(text, value, holds):
+        out.append({"claim": text, "value": value, "holds": bool(holds)})
+
+    if table.number == 1:
+        if {"single_adapter", "full_ft"} <= avg.keys():
+            ratio = avg["single_adapter"] / avg["full_ft"] if avg["full_ft"] else float("nan")
+            pct = results["single_adapter"]["updated_pct"]
+            claim("single adapter >= 97% of full fine-tuning's average, < 10% parameters updated",
+                  f"{100 * ratio:.1f}% of full FT at {pct:.2f}% updated", ratio >= 0.97 and pct < 10.0)
+        adapters = [n for n in ADAPTER_ROWS if n in avg]
+        prompts = [n for n in PROMPT_ROWS if n in avg]
+        if adapters and prompts:
+            best_p, worst_a = max(prompts, key=avg.get), min(adapters, key=avg.get)
+            claim("prompt tuning below every adapter variant",
+                  f"best prompt {best_p} {avg[best_p]:.2f} vs worst adapter {worst_a} {avg[worst_a]:.2f}",
+                  avg[best_p] < avg[worst_a])
+        if {"single_adapter", "multiple_adapters"} <= avg.keys():
+            claim("a single shared adapter does not lose to one adapter per task",
+                  f"{avg['single_adapter']:.2f} vs {avg['multiple_adapters']:.2f}",
+                  avg["single_adapter"] >= avg["multiple_adapters"])
+    if table.number == 5:
+        order = [n for n in ("projection_only", "projection_layer_norms", "single_adapter") if n in avg]
+        for a, b in zip(order, order[1:]):
+            claim(f"{b} improves on {a}", f"{avg[b]:.2f} vs {avg[a]:.2f}", avg[b] > avg[a])
+    return out
+
+
+def markdown_table(table: Table, results: dict, notes: Sequence[str] = ()) -> str:
+    """The table as Markdown: method, updated params %, per-task scores, average."""
+    tasks = [t for t in TASKS if any(t in r["scores"] for r in results.values())]
+    head = ["Method", "Updated params (%)"] + [TASK_HEADERS.get(t, t) for t in tasks] + ["Avg"]
+    lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in table.rows:
+        r = results.get(row.name)
+        if r is None:
+            continue
+        cells = [f"{row.label} (`{row.name}`)", f"{r['updated_pct']:.2f}"]
+        cells += [f"{r['scores'][t]:.2f}" if t in r["scores"] else "-" for t in tasks]
+        cells.append(f"{r['avg']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    checks = paper_claims(table, results)
+    if checks:
+        lines += ["", "Paper claims on the miniature:", ""]
+        lines += [f"- {'holds' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} ({c['value']})" for c in checks]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: Table, results: dict, path: Path) -> Optional[str]:
+    """Average score against updated parameters (%), one labelled point per row. -> None or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[plot]'); no plot written"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in table.rows:
+        r = results.get(row.name)
+        if r is None:
+            continue
+        ax.scatter(r["updated_pct"], r["avg"], s=36)
+        ax.annotate(row.name, (r["updated_pct"], r["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("updated parameters (%, log scale)")
+    ax.set_ylabel("average test score")
+    ax.set_title(f"Miniature VL-Adapter, Table {table.number}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return None
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:
+    """results.json, table<N>.md and table<N>.png in ``out``; -> {name: path or note}."""
+    notes = [f"Miniature: preset `{MINI_PRESET}`, {meta.get('steps')} steps per training, seed {meta.get('seed')}, "
+             f"test split ({meta.get('test_examples')} examples per task); scores are each task's metric x 100."
+             if meta.get("steps") else None,
+             "Updated params: trainable / all parameters" + (" including CLIP's." if table.count_vision else
+                                                             " except CLIP's (features precomputed).")]
+    for inv in meta.get("invocations", []):
+        if inv.get("rows_run_now"):
+            notes.append(f"`{inv['command']}`: {inv['elapsed_s'] / 60:.1f} min wall, {inv.get('parallel')} trainings at "
+                         f"a time, {inv['cpu_s'] / 60:.1f} CPU-minutes, for {', '.join(inv['rows_run_now'])}.")
+    data = {"table": table.number, "title": table.title, **meta, "methods": results,
+            "paper_claims": paper_claims(table, results)}
+    write_json(out / "results.json", data)
+    md = out / f"table{table.number}.md"
+    md.write_text(markdown_table(table, results, [n for n in notes if n]))
+    png = out / f"table{table.number}.png"
+    why = plot(table, results, png) if results else "no results to plot"
+    return {"results": str(out / "results.json"), "markdown": str(md), "plot": str(png) if why is None else why}
+
+
+# ----------------------------------------------------------------------------- running
+
+@dataclass
+class Job:
+    """One row: a queue of commands (features are made before any job starts), then the result."""
+
+    row: Row
+    overrides: list[str]
+    run_dir: Path
+    commands: deque = field(default_factory=deque)
+    proc: Optional[subprocess.Popen] = None
+    phase: str = "queued"
+    started: Optional[float] = None
+    error: Optional[str] = None
+    log: Optional[Path] = None
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of the job's finished commands."""
+    _log_file: object = None
+
+
+def python_cmd(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launchers" / script), *args]
+
+
+def train_command(overrides: Sequence[str], run_dir: Path, resume: bool) -> list[str]:
+    cmd = python_cmd("train.py", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--config", MINI_PRESET,
+                     "--no-progress")
+    if resume:
+        cmd.append("--resume")
+    return cmd + list(overrides) + [f"output_dir={run_dir}"]
+
+
+def eval_command(run_dir: Path) -> list[str]:
+    return python_cmd("evaluate.py", "--adapter", str(run_dir / "adapter"), "--split", "test", "--no-progress",
+                      "--out", str(run_dir / "eval_test"))
+
+
+def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optional[str] = None) -> Job:
+    """Which commands a row still needs (resumption): none, evaluate, resume + evaluate, or all.
+
+    A finished row whose settings or backbone weights (``fingerprint``) differ is an error."""
+    job = Job(row, overrides, run_dir)
+    if (run_dir / RESULT_FILE).exists():
+        saved = json.loads((run_dir / RESULT_FILE).read_text())
+        if saved.get("overrides") != list(overrides):
+            diff = sorted(set(saved.get("overrides", [])) ^ set(overrides))
+            raise ReplicationError(f"{run_dir / RESULT_FILE} was made with other settings ({diff[:4]}); "
+                                   f"choose another --out or delete {run_dir}")
+        if fingerprint is not None and saved.get("backbones") != fingerprint:
+            raise ReplicationError(f"{run_dir / RESULT_FILE} was made with other backbone weights "
+                                   f"({saved.get('backbones')} vs {fingerprint} now); choose another --out or "
+                                   f"delete {run_dir}")
+        job.phase = "done"
+        return job
+    if (run_dir / "eval_test" / "eval_metrics.json").exists():
+        job.phase = "collect"
+        return job
+    summary = run_dir / "run_summary.json"
+    finished = summary.exists() and json.loads(summary.read_text()).get("completed") and \
+        (run_dir / "adapter" / "adapter_config.json").exists()
+    if not finished:
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        if not resume and run_dir.exists():
+            _clear_partial(run_dir)
+        job.commands.append(("train", train_command(overrides, run_dir, resume)))
+    job.commands.append(("eval", eval_command(run_dir)))
+    return job
+
+
+def _clear_partial(run_dir: Path) -> None:
+    """A run that stopped before its first checkpoint: remove its files so train.py starts afresh."""
+    import shutil
+
+    for p in run_dir.iterdir():
+        if p.name in ("train.log", "eval.log"):
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def subprocess_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def default_parallel(threads: int = 1) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, threads))
+
+
+def run_status(job: Job) -> str:
+    """One short status of a running job: its training step and loss, or its phase."""
+    if job.phase != "train":
+        return f"{job.row.name}: {job.phase}"
+    log = job.run_dir / "train_log.jsonl"
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 400))
+            last = f.read().decode(errors="ignore").strip().splitlines()[-1]
+        rec = json.loads(last)
+        return f"{job.row.name}: step {rec['step']} loss {rec['loss']:.3f}"
+    except (OSError, IndexError, ValueError, KeyError):
+        return f"{job.row.name}: starting"
+
+
+def tail(path: Optional[Path], n: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="ignore").splitlines()[-n:])
+
+
+class Runner:
+    """Runs jobs ``parallel`` at a time (each command a subprocess with ``threads`` torch threads)."""
+
+    def __init__(self, jobs: list[Job], parallel: int, threads: int, on_done: Callable[[Job], None],
+                 progress: bool = True, poll_s: float = 2.0, echo: Callable[[str], None] = print):
+        self.pending = deque(j for j in jobs if j.phase != "done")
+        self.jobs, self.parallel, self.threads = jobs, max(1, parallel), threads
+        self.on_done, self.progress, self.poll_s, self.echo = on_done, progress, poll_s, echo
+        self.running: list[Job] = []
+        self.env = subprocess_env(threads)
+
+    def _start_next_command(self, job: Job) -> None:
+        phase, cmd = job.commands.popleft()
+        job.phase, job.log = phase, job.run_dir / f"{phase}.log"
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        job._log_file = open(job.log, "a")
+        job._log_file.write(f"$ {' '.join(cmd)}\n")
+        job._log_file.flush()
+        job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=self.env, stdout=job._log_file,
+                                    stderr=subprocess.STDOUT)
+
+    @staticmethod
+    def _poll(job: Job) -> Optional[int]:
+        """The command's exit code once it ended (None while it runs); adds its CPU time to the job."""
+        pid, status, usage = os.wait4(job.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        job.cpu_s += usage.ru_utime + usage.ru_stime
+        job.proc.returncode = os.waitstatus_to_exitcode(status)
+        return job.proc.returncode
+
+    def _finish(self, job: Job, bar) -> None:
+        try:
+            self.on_done(job)
+            job.phase = "done"
+            msg = f"{job.row.name}: done"
+        except Exception as e:  # a bad result must not stop the other rows
+            job.phase, job.error = "failed", f"{type(e).__name__}: {e}"
+            msg = f"{job.row.name}: FAILED collecting the result: {job.error}"
+        self.running.remove(job)
+        if bar is not None:
+            bar.update(1)
+            bar.write(msg)
+        else:
+            self.echo(msg)
+
+    def run(self) -> list[Job]:
+        from tqdm import tqdm
+
+        total = len(self.jobs)
+        bar = tqdm(total=total, initial=total - len(self.pending), desc="trainings", unit="run", dynamic_ncols=True) \
+            if self.progress else None
+        try:
+            while self.pending or self.running:
+                while self.pending and len(self.running) < self.parallel:
+                    job = self.pending.popleft()
+                    job.started = time.time()
+                    self.running.append(job)
+                    if job.commands:
+                        self._start_next_command(job)
+                        note = f"{job.row.name}: {job.phase} started (log {job.log})"
+                        bar.write(note) if bar is not None else self.echo(note)
+                for job in list(self.running):
+                    if job.proc is None:  # nothing left to run: collect
+                        self._finish(job, bar)
+                        continue
+                    rc = self._poll(job)
+                    if rc is None:
+                        continue
+                    job._log_file.close()
+                    job.proc = None
+                    if rc != 0:
+                        job.phase, job.error = "failed", f"{job.log.name} exited with {rc}"
+                        self.running.remove(job)
+                        msg = f"{job.row.name}: FAILED ({job.error}); last lines of {job.log}:\n{tail(job.log)}"
+                        bar.write(msg) if bar is not None else self.echo(msg)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    if job.commands:
+                        self._start_next_command(job)
+                    else:
+                        self._finish(job, bar)
+                if bar is not None:
+                    bar.set_postfix_str(" | ".join(run_status(j) for j in self.running), refresh=True)
+                if self.pending or self.running:
+                    time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            for job in self.running:
+                if job.proc is not None:
+                    job.proc.terminate()  # train.py checkpoints on SIGTERM; a rerun resumes
+            for job in self.running:
+                if job.proc is not None:
+                    job.proc.wait()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.jobs
