@@ -81,8 +81,8 @@ def _toy():
 
 def test_frozen_aware_accounting_by_hand():
     calls, info = _toy()
-    p = _toy_padded = {k: 3 * math.ceil(v.numel / 3) for k, v in info.items()}  # W=3 padding
-    assert p["emb"] == 1002 and p["ad"] == 303 and _toy_padded["ln"] == 12
+    p = {k: 3 * math.ceil(v.numel / 3) for k, v in info.items()}  # what ZeRO-3 gathers on 3 ranks
+    assert p["emb"] == 1002 and p["ad"] == 303 and p["ln"] == 12
     pred = zero3_comm_accounting(calls, info, 3, param_bytes=2, grad_bytes=4, micro_batches=2,
                                  param_persistence_threshold=10)
     forward = p["vis"] + p["emb"] + p["w1"] + p["ad"] + p["w2"] + p["emb"]

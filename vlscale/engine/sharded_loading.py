@@ -29,6 +29,7 @@ while the model is used, and the load report).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -141,12 +142,20 @@ def _partition_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int, Option
     """(start, end) of this rank's slice of the flattened parameter, and the tensor to fill."""
     if not hasattr(p, "ds_id"):
         return 0, p.numel(), p.data.view(-1)
+    if p.data.numel() == p.ds_numel and p.ds_numel > p.ds_tensor.numel():
+        raise ShardedLoadError(f"parameter {p.ds_id} is gathered (a persistent or in-use ZeRO-3 parameter): load "
+                               f"checkpoints right after construction, before deepspeed.initialize")
     target = p.ds_tensor
     location = getattr(target, "final_location", None)
     if location is not None and "nvme" in str(location).lower():
         raise ShardedLoadError(f"parameter {p.ds_id}: its partition lives on NVMe (offload_param.device=nvme); "
                                f"sharded loading fills CPU/GPU partitions only: load with zero3_offload.json "
                                f"(offload to cpu) and save a checkpoint, or use transformers' from_pretrained")
+    group = getattr(p, "ds_process_group", None)
+    if group is not None:  # the rank within the group the parameter is partitioned over
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=group)
     part = target.numel()
     start = min(rank * part, p.ds_numel)
     end = min(start + part, p.ds_numel)
@@ -329,10 +338,12 @@ def gathered_hf_init():
     from transformers.modeling_utils import PreTrainedModel
 
     original = PreTrainedModel.initialize_weights
+    # transformers 5 passes is_custom_code to _initialize_weights, 4.x only the module
+    two_args = len(inspect.signature(PreTrainedModel._initialize_weights).parameters) > 2
 
     @torch.no_grad()
     def initialize_weights(self):
-        custom = self.is_custom_code()
+        custom = self.is_custom_code() if hasattr(self, "is_custom_code") else False
 
         def visit(mod, fn):  # transformers' smart_apply: children first, sub-models with their own fn
             for child in mod.children():
@@ -343,7 +354,7 @@ def gathered_hf_init():
                     params += list(child.parameters(recurse=False))
             params = [p for p in dict.fromkeys(params) if hasattr(p, "ds_id")]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
-                fn(mod, custom)
+                fn(mod, custom) if two_args else fn(mod)
 
         visit(self, self._initialize_weights)
 
@@ -355,9 +366,12 @@ def gathered_hf_init():
 
 
 def _no_init():
-    from transformers import initialization
-
-    return initialization.no_init_weights()
+    """transformers' context that skips weight initialisation (5.x: ``transformers.initialization``)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def pretrained_config(name: str, source: str, overrides: Optional[dict] = None):
@@ -382,7 +396,7 @@ def pretrained_config(name: str, source: str, overrides: Optional[dict] = None):
 
 def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pretrained: bool = False,
                    dtype: torch.dtype = torch.float32, config_overrides: Optional[dict] = None,
-                   reports: Optional[list] = None, **_ignored):
+                   reports: Optional[list] = None):
     """``vlscale.modeling.backbones.build_lm`` under ZeRO-3: partitioned at construction; random
     weights equal to a whole build's, pretrained ones read partition by partition. ``reports``
     receives the :class:`LoadReport` of a pretrained load."""
