@@ -442,7 +442,9 @@ def main(argv=None) -> int:
         return plan_presets(check=args.check)
     if args.worker:
         worker(args)
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # results are written; skip C++ static teardown, where gloo rarely aborts
     result = launch(args, argv)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
