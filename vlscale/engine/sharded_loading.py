@@ -456,12 +456,7 @@ def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype 
         kwargs.pop("device", None)
         return build_lm_zero3(name, ds_config=ds_config, reports=reports, **kwargs)
 
-    original = vl_model.build_lm
-    vl_model.build_lm = zero3_build_lm  # build_model resolves build_lm from its module at call time
-    try:
-        model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
-    finally:
-        vl_model.build_lm = original
+    model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype, lm_builder=zero3_build_lm)
     return model, hf_ds, (reports[0] if reports else None)
 
 

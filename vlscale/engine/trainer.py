@@ -12,11 +12,11 @@ function here. What one optimizer step does (k = train.gradient_accumulation_ste
     DeepSpeed step: gradient clipping, AdamW over the trainable parameters only, LR schedule
         (linear warm-up over train.warmup_ratio of the steps, then linear decay)
 
-Model building under ZeRO-3: pretrained backbones load through ``from_pretrained`` with an
-``HfDeepSpeedConfig`` alive, so transformers wraps loading in ``deepspeed.zero.Init`` and no rank
-ever holds the whole language model. Random-weight backbones (tests, the tiny default) are built
-whole from ``train.seed`` (so ``launchers/evaluate.py`` rebuilds the very same frozen weights) and
-partitioned by ``deepspeed.initialize``. Frozen parameters get no fp32 master copy, gradient or
+Model building under ZeRO-3 (:func:`vlscale.engine.sharded_loading.build_model_zero3`): the
+language model is built inside ``deepspeed.zero.Init``, so no rank ever holds it whole; pretrained
+weights are read from the local safetensors rank by rank (each reads only its partition's rows);
+random weights equal a whole build's from ``train.seed`` (so ``launchers/evaluate.py`` rebuilds the
+very same frozen weights). Stages 0-2 build the model whole on every rank. Frozen parameters get no fp32 master copy, gradient or
 Adam state: only ``requires_grad`` parameters are handed to the optimizer.
 
 Files (rank 0): ``train_log.jsonl`` (per step: step, task, loss, lr, samples_per_s, grad_norm),
@@ -143,19 +143,19 @@ def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype:
     """-> (model, HfDeepSpeedConfig or None). See the module docstring for ZeRO-3 construction."""
     from vlscale.modeling.vl_model import build_model
 
-    hf_ds = None
-    if zero_stage(ds_config) == 3 and cfg.model.pretrained:
-        from transformers.integrations import HfDeepSpeedConfig
+    seed_everything(cfg.train.seed)
+    if zero_stage(ds_config) == 3:
+        from vlscale.engine.sharded_loading import build_model_zero3
 
         try:
-            hf_ds = HfDeepSpeedConfig(ds_config)
+            model, hf_ds, _ = build_model_zero3(cfg, ds_config, vocab_size, dtype)
         except ImportError as e:  # PackageNotFoundError is an ImportError
-            raise RuntimeError("model.pretrained=true under ZeRO-3 loads through transformers' DeepSpeed "
-                               "integration, which needs the 'accelerate' package: pip install 'accelerate>=1.1'"
-                               ) from e
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
-    return model, hf_ds
+            if "accelerate" not in str(e):
+                raise
+            raise RuntimeError("building under ZeRO-3 goes through transformers' DeepSpeed integration, which "
+                               "needs the 'accelerate' package: pip install 'accelerate>=1.1'") from e
+        return model, hf_ds
+    return build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype), None
 
 
 def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:

@@ -127,12 +127,15 @@ class VLModel(nn.Module):
 
 
 def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
-                dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None) -> VLModel:
+                dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None,
+                lm_builder=None) -> VLModel:
     """Build the V&L model of a run config and decide what trains.
 
     ``device="meta"`` builds without memory (parameter counts, memory plans) and never loads weights.
     ``vocab_size``: the tokenizer's length; the embeddings are resized when it is larger (extra
     special tokens) and tiny random backbones are built with exactly that vocabulary.
+    ``lm_builder``: replaces :func:`~vlscale.modeling.backbones.build_lm` (same keyword arguments);
+    the ZeRO-3 build (:func:`vlscale.engine.sharded_loading.build_model_zero3`) passes its own.
     """
     from vlscale.modeling.backbones import is_tiny, lm_config
     from vlscale.peft.trainable import configure_trainable
@@ -147,7 +150,7 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     if vocab_size and not pretrained and (is_tiny(cfg.model.backbone) or
                                           vocab_size > lm_config(cfg.model.backbone).vocab_size):
         overrides["vocab_size"] = vocab_size
-    lm = build_lm(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
+    lm = (lm_builder or build_lm)(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
                   device=device, dtype=dtype, config_overrides=overrides)
     if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(vocab_size)
