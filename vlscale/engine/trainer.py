@@ -378,7 +378,10 @@ def _unique_storage_bytes(tensors) -> int:
 
 
 def parameter_bytes(model) -> int:
-    """Bytes of parameters this rank holds: ZeRO-3 partitions (``ds_tensor``), plus full copies kept."""
+    """Bytes of parameters this rank holds while training: ZeRO-3 partitions (``ds_tensor``), plus the full
+    copy of every persistent parameter (``ds_persist``: under ``stage3_param_persistence_threshold``
+    elements, kept whole on every rank beside its partition). A persistent parameter counts at its full
+    size even while released (``numel() == 0``, e.g. after generation): the next step gathers it again."""
     total, seen = 0, set()
     for p in model.parameters():
         if id(p) in seen:
@@ -387,7 +390,7 @@ def parameter_bytes(model) -> int:
         if ckpt.is_partitioned(p):
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
             if getattr(p, "ds_persist", False):
-                total += p.numel() * p.element_size()
+                total += p.ds_numel * p.element_size()
         else:
             total += p.numel() * p.element_size()
     return total
