@@ -129,7 +129,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
         load_file = pretrained and Path(pretrained).exists()
         # Random towers are seeded so that every build of the same name is the same model: a
         # feature cache made from a random tiny CLIP then matches encoding on the fly.
-        with _quiet_open_clip(pretrained), torch.random.fork_rng(devices=[]):
+        with _quiet_open_clip(pretrained and not load_file), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
         if load_file:
@@ -146,7 +146,8 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
 
 
 class _quiet_open_clip:
-    """open_clip warns at the root logger when no weights are asked for; that is our intent."""
+    """open_clip warns at the root logger when no weights are asked for: our intent for a random tower,
+    and misleading when a local checkpoint is loaded right after."""
 
     def __init__(self, pretrained):
         self.active = not pretrained
