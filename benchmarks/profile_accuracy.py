@@ -44,7 +44,7 @@ def run_one(name: str, world: int, overrides: list[str], steps: int) -> dict:
     from vlscale.profiling.analytic import estimate_memory, resolve_ds_config
     from vlscale.profiling.measure import measure_memory
 
-    cfg = load_config(None, overrides)
+    cfg = load_config("tiny", overrides)
     ds = resolve_ds_config(cfg, world, None, device_type="cpu")
     t0 = time.time()
     meas = measure_memory(cfg, world, ds, steps=steps)

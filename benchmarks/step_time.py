@@ -178,7 +178,7 @@ def run_config(args, method: str, **peft):
                  f"peft.lora_alpha={args.lora_alpha}", f"peft.lora_dropout={args.lora_dropout}",
                  f"peft.activation={args.activation}"]
     overrides += [f"peft.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in peft.items()]
-    return load_config(None, overrides)
+    return load_config("tiny", overrides)
 
 
 def make_batches(args, lm, seed: int = 1) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ RUN_TIMEOUT_S = 420
 
 # The tiny world every engine test trains on (only the batch layout varies). Seed 3: the sampler
 # draws both tasks within the 6 steps (gqa vqa gqa gqa vqa vqa), so per-task modules all train.
-# The model is pinned (not taken from the default preset): random tiny backbones without dropout, so
+# The model is pinned (on top of the tiny preset): random tiny backbones without dropout, so
 # runs on 1 and 2 ranks draw no random numbers that depend on the rank.
 TINY = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false", "model.vision_pretrained=null",
         "model.dropout=0.0", "model.feature_source=images", "peft.method=adapter", "peft.reduction_factor=4",
@@ -55,6 +55,8 @@ def base_env(nproc: int = 1, **extra) -> dict:
 
 
 def command(args: list[str], nproc: int = 1, launcher: str = "torchrun", script: str = TRAIN) -> list[str]:
+    if script == TRAIN and "--config" not in args:
+        args = ["--config", "tiny", *args]  # the tiny preset; TINY / MINI then pin the model
     if nproc == 1 and launcher != "deepspeed":
         return [sys.executable, script, "--no-progress", *args]
     if launcher == "torchrun":

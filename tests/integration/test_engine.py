@@ -115,7 +115,7 @@ def test_adapter_has_full_shapes_and_reloads_to_the_trained_outputs(runs, interr
     ckpt.load_adapter(model, adapter)
     assert any(not torch.equal(fresh[n], p) for n, p in model.named_parameters() if n in fresh), "weights changed"
     model.train()
-    whole = load_config(None, h.TINY + ["train.micro_batch_size=4"])  # the global batch on one rank
+    whole = load_config("tiny", h.TINY + ["train.micro_batch_size=4"])  # the global batch on one rank
     loader = build_train_loader(whole, tok, 0, 1)
     for _ in range(step):
         next(loader)
@@ -224,7 +224,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(h):
 
     grads = []
     for gc in (False, True):
-        cfg = load_config(None, h.TINY + ["train.micro_batch_size=4", f"train.gradient_checkpointing={gc}"])
+        cfg = load_config("tiny", h.TINY + ["train.micro_batch_size=4", f"train.gradient_checkpointing={gc}"])
         tok = build_tokenizer(cfg)
         seed_everything(0)
         model = build_model(cfg, vocab_size=len(tok))

@@ -37,18 +37,18 @@ def _check(cfg, world):
 
 
 def test_zero3_two_ranks_adapters():
-    pred, meas = _check(load_config(None, ["train.zero_stage=3", "train.micro_batch_size=4"]), 2)
-    one_rank_params = parameter_inventory(load_config(None, [])).total * 4
+    pred, meas = _check(load_config("tiny", ["train.zero_stage=3", "train.micro_batch_size=4"]), 2)
+    one_rank_params = parameter_inventory(load_config("tiny", [])).total * 4
     assert meas["params"] < 0.6 * one_rank_params  # each rank holds about half
 
 
 def test_zero3_two_ranks_full_finetuning_checkpointing():
-    _check(load_config(None, ["train.zero_stage=3", "train.micro_batch_size=2", "peft.train_lm=true",
+    _check(load_config("tiny", ["train.zero_stage=3", "train.micro_batch_size=2", "peft.train_lm=true",
                               "train.gradient_checkpointing=true"]), 2)
 
 
 def test_zero2_one_rank():
-    _check(load_config(None, ["train.zero_stage=2", "train.micro_batch_size=4"]), 1)
+    _check(load_config("tiny", ["train.zero_stage=2", "train.micro_batch_size=4"]), 1)
 
 
 def test_engine_run_summary_accounting(runs):

@@ -40,7 +40,7 @@ base = ["train.micro_batch_size=2", "data.tasks=[vqa]"]
 result = {}
 
 # 1. pretrained: the sharded checkpoint loads partition by partition
-cfg = load_config(None, base + ["model.pretrained=true", f"model.backbone_path={ckpt}"])
+cfg = load_config("tiny", base + ["model.pretrained=true", f"model.backbone_path={ckpt}"])
 ds = build_deepspeed_config(str(sys.argv[1]) + "/ds_configs/zero3.json", cfg, d.world_size, device_type="cpu")
 seed_everything(0)
 model, hf_ds, report = build_model_zero3(cfg, ds, vocab, torch.float32)
@@ -67,7 +67,7 @@ result["loss"] = float(loss)
 # 3. random weights: equal to a whole build with the same seed (several PEFT methods)
 result["random_mismatch"] = {}
 for method in ("adapter", "lora", "prompt"):
-    c = load_config(None, base + [f"peft.method={method}"])
+    c = load_config("tiny", base + [f"peft.method={method}"])
     dsc = build_deepspeed_config(str(sys.argv[1]) + "/ds_configs/zero3.json", c, d.world_size, device_type="cpu")
     seed_everything(3)
     whole = build_model(c, vocab_size=vocab)

@@ -105,7 +105,7 @@ def test_pretrained_backbone_loads_partitioned_and_matches_a_plain_build(runs, h
     first = h.read_log(out)[0]
 
     def first_loss(pretrained: bool) -> float:
-        cfg = load_config(None, h.MINI + ["train.micro_batch_size=4", f"model.pretrained={pretrained}"])
+        cfg = load_config("tiny", h.MINI + ["train.micro_batch_size=4", f"model.pretrained={pretrained}"])
         tok = build_tokenizer(cfg)
         seed_everything(cfg.train.seed)
         model = build_model(cfg, vocab_size=len(tok)).train()

@@ -126,7 +126,7 @@ def test_meta_trace_of_the_real_model():
     from vlscale.modeling.vl_model import build_model
     from vlscale.profiling.measure import synthetic_batch
 
-    cfg = load_config(None, ["train.micro_batch_size=2"])
+    cfg = load_config("tiny", ["train.micro_batch_size=2"])
     model = build_model(cfg, vocab_size=700, device="meta")
     calls, info = trace_module_calls(model, synthetic_batch(cfg, 1, 700, device="meta"))
     by_module = {}

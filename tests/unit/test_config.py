@@ -31,14 +31,14 @@ def test_preset_inheritance_and_method_lr():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.max_steps=7", "data.tasks=[vqa,gqa]", "train.lr=3e-4",
+    cfg = load_config("tiny", ["train.max_steps=7", "data.tasks=[vqa,gqa]", "train.lr=3e-4",
                              "peft.method=lora", "train.gradient_checkpointing=true"])
     assert cfg.train.max_steps == 7
     assert cfg.data.tasks == ["vqa", "gqa"]
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.peft.method == "lora"
     assert cfg.train.gradient_checkpointing is True
-    assert load_config(None, ["data.tasks=vqa,nlvr2"]).data.tasks == ["vqa", "nlvr2"]
+    assert load_config("tiny", ["data.tasks=vqa,nlvr2"]).data.tasks == ["vqa", "nlvr2"]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -53,7 +53,7 @@ def test_overrides_are_typed():
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
-        load_config(None, override)
+        load_config("tiny", override)
     for w in words:
         assert w in str(e.value)
 
@@ -69,7 +69,7 @@ def test_unknown_preset_lists_choices(tmp_path):
 
 def test_preset_from_path(tmp_path):
     p = tmp_path / "mine.yaml"
-    p.write_text("base: default\ntrain:\n  max_steps: 3\npeft:\n  method: lora\n")
+    p.write_text("base: tiny\ntrain:\n  max_steps: 3\npeft:\n  method: lora\n")
     cfg = load_config(str(p))
     assert cfg.train.max_steps == 3 and cfg.peft.method == "lora" and cfg.model.backbone == "tiny-t5"
 
@@ -78,7 +78,7 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="train_vision"):
         load_config("paper/clip_bart_single_adapter", ["peft.train_vision=true"])
     with pytest.raises(ConfigError, match="mixes image and video"):
-        load_config(None, ["data.tasks=[vqa,tvqa]"])
+        load_config("tiny", ["data.tasks=[vqa,tvqa]"])
 
 
 def test_parse_overrides_nested():

@@ -14,7 +14,7 @@ SHIPPED = ["zero2.json", "zero3.json", "zero3_offload.json", "zero3_nvme.json"]
 
 
 def cfg_with(*overrides):
-    return load_config(None, list(overrides))
+    return load_config("tiny", list(overrides))
 
 
 def walk(d, prefix=""):

@@ -27,7 +27,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer(load_config(None))
+    return build_tokenizer(load_config("tiny"))
 
 
 def _plain_transform(images):
@@ -35,7 +35,7 @@ def _plain_transform(images):
 
 
 def _collator(tok, *overrides):
-    return Collator(tok, load_config(None, list(overrides)), vision_transform=_plain_transform)
+    return Collator(tok, load_config("tiny", list(overrides)), vision_transform=_plain_transform)
 
 
 # ----------------------------------------------------------------------------- collation
@@ -208,7 +208,7 @@ def test_cache_errors_are_clear(encoder, tmp_path):
         FeatureCache(tmp_path / "none")
     with pytest.raises(ValueError, match="different settings"):
         FeatureWriter(out, {"vision": "RN50", "pretrained": "tag1", "kind": "grid", "dtype": "float32"})
-    cfg = load_config(None, ["model.feature_source=cache"])
+    cfg = load_config("tiny", ["model.feature_source=cache"])
     with pytest.raises(ValueError, match="data.feature_cache"):
         build_visual_source(cfg, "vqa", "val")
 
@@ -244,11 +244,11 @@ def test_launcher_cache_equals_on_the_fly_features(encoder, weights, tmp_path, t
     out = tmp_path / "feats"
     assert launcher.main(["--synthetic", "--vision", VISION, "--pretrained", weights, "--out", str(out),
                           "--batch-size", "64", "--quiet", *overrides]) == 0
-    cfg = load_config(None, overrides + ["model.feature_source=cache", f"data.feature_cache={out}",
+    cfg = load_config("tiny", overrides + ["model.feature_source=cache", f"data.feature_cache={out}",
                                          f"model.vision_pretrained={weights}", "train.micro_batch_size=4"])
     cache = build_visual_source(cfg, "nlvr2", "train")
     assert isinstance(cache, FeatureCache)
-    on_the_fly = build_visual_source(load_config(None, overrides), "nlvr2", "train")
+    on_the_fly = build_visual_source(load_config("tiny", overrides), "nlvr2", "train")
     ids = on_the_fly.ids()
     # the same images in the same forward pass: bit-identical in fp32
     assert torch.equal(torch.stack([cache[i] for i in ids]), enc.encode_grid(tf([on_the_fly[i] for i in ids])))
@@ -276,4 +276,4 @@ def test_launcher_cache_equals_on_the_fly_features(encoder, weights, tmp_path, t
 
 
 def on_the_fly_source(cfg, overrides, task):
-    return build_visual_source(load_config(None, overrides), task, "train")
+    return build_visual_source(load_config("tiny", overrides), task, "train")

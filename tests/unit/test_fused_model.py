@@ -40,7 +40,7 @@ def one_thread():
 
 
 def make_config(backbone: str, sharing: str, fused: bool, half_shared: str = "down"):
-    return load_config(None, [f"model.backbone={backbone}", "model.feature_source=cache",
+    return load_config("tiny", [f"model.backbone={backbone}", "model.feature_source=cache",
                               "model.vision=tiny-clip-rn", f"data.tasks=[{','.join(TASKS)}]",
                               "peft.method=adapter", f"peft.sharing={sharing}", f"peft.half_shared={half_shared}",
                               "peft.reduction_factor=4", f"peft.fused={str(fused).lower()}"])
@@ -160,7 +160,7 @@ def test_fused_model_matches_unfused(backbone, sharing, half_shared):
 
 
 def test_fused_is_the_default():
-    cfg = load_config(None, ["model.feature_source=cache"])
+    cfg = load_config("tiny", ["model.feature_source=cache"])
     assert cfg.peft.method == "adapter" and cfg.peft.fused is True
     torch.manual_seed(0)
     model = build_model(cfg)

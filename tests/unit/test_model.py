@@ -19,7 +19,7 @@ VOCAB = 120
 
 
 def _cfg(*overrides, tasks="[vqa,nlvr2]"):
-    return load_config(None, [f"data.tasks={tasks}", *overrides])
+    return load_config("tiny", [f"data.tasks={tasks}", *overrides])
 
 
 def _batch(cfg, task="vqa", b=3, n_img=1, text_len=5, pixel=True, frames=None):

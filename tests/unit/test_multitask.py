@@ -105,13 +105,13 @@ def _plain_transform(images):
 
 
 def _cfg(*extra):
-    return load_config(None, ["data.synthetic_train=24", "data.synthetic_eval=10", "data.image_size=16",
+    return load_config("tiny", ["data.synthetic_train=24", "data.synthetic_eval=10", "data.image_size=16",
                               "data.tasks=[vqa,gqa,nlvr2]", *extra])
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer(load_config(None))
+    return build_tokenizer(load_config("tiny"))
 
 
 def _uids(loader, n):

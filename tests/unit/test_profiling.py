@@ -71,7 +71,7 @@ CASES = [
 @pytest.mark.parametrize("extra", CASES, ids=lambda e: ",".join(e) or "default")
 def test_activation_tape_matches_autograd(extra):
     """The tape predicts the bytes autograd saves (fp32, CPU) within 1% (it is byte-exact today)."""
-    cfg = load_config(None, SMALL + extra)
+    cfg = load_config("tiny", SMALL + extra)
     measured, vocab = _measured_saved(cfg, torch.float32)
     rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=4))
     assert measured > 0
@@ -86,7 +86,7 @@ def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
     """bf16 (T5's fp32 norm statistics, the CPU math path's fp32 attention) and ZeRO-3's linear,
     which keeps every input even of frozen layers."""
     pytest.importorskip("deepspeed") if zero3 else None
-    cfg = load_config(None, SMALL + extra)
+    cfg = load_config("tiny", SMALL + extra)
     measured, vocab = _measured_saved(cfg, torch.bfloat16, zero3_linear=zero3)
     rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=2, zero3_linear=zero3))
     assert abs(rep.saved - measured) <= 0.01 * measured, (rep.saved, measured)
@@ -95,7 +95,7 @@ def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
 def test_frozen_prefix_saves_nothing():
     """With a frozen projection, frozen layer norms and LoRA only on attention, the encoder input
     needs no grad: the projection and the first norms keep nothing (but LoRA's inputs are kept)."""
-    cfg = load_config(None, SMALL + ["peft.method=lora", "peft.train_projection=false",
+    cfg = load_config("tiny", SMALL + ["peft.method=lora", "peft.train_projection=false",
                                      "peft.train_layer_norms=false"])
     rep = activation_report(cfg, run_shapes(cfg, 721), TapeOptions(device="cpu", b=4))
     assert rep.by_part.get("projection", 0) == 0
@@ -105,7 +105,7 @@ def test_frozen_prefix_saves_nothing():
 
 
 def test_checkpointing_and_batch_scale_activations():
-    cfg = load_config(None, SMALL)
+    cfg = load_config("tiny", SMALL)
     s = run_shapes(cfg, 721)
     full = activation_report(cfg, s, TapeOptions()).saved
     cfg.train.gradient_checkpointing = True
@@ -156,7 +156,7 @@ def test_zero_settings_from_ds_config_and_errors():
 
 
 def test_offload_moves_state_off_the_device():
-    cfg = load_config(None, ["train.zero_stage=3", "peft.train_lm=true"])
+    cfg = load_config("tiny", ["train.zero_stage=3", "peft.train_lm=true"])
     base = resolve_ds_config(cfg, 2, None, device_type="cuda")
     plain = estimate_memory(cfg, 2, base)
     ds = json.loads(json.dumps(base))
@@ -174,7 +174,7 @@ def test_every_registry_backbone_offline():
 
     peaks = {}
     for name in list_backbones():
-        cfg = load_config(None, [f"model.backbone={name}", "model.vision=ViT-L-14", "data.tasks=[vqa]",
+        cfg = load_config("tiny", [f"model.backbone={name}", "model.vision=ViT-L-14", "data.tasks=[vqa]",
                                  "train.precision=bf16", "train.zero_stage=3", "train.micro_batch_size=8"])
         est = estimate_memory(cfg, 8)
         c = est.components
@@ -218,7 +218,7 @@ def test_plain_torch_bf16_path_matches_stage0_model():
     AdamW), measured on CPU with the live-tensor tracker: the same layout the analytic model predicts."""
     from vlscale.profiling.measure import measure_torch_bf16
 
-    cfg = load_config(None, ["train.micro_batch_size=2", "train.precision=bf16", "train.zero_stage=0",
+    cfg = load_config("tiny", ["train.micro_batch_size=2", "train.precision=bf16", "train.zero_stage=0",
                              "train.gradient_checkpointing=true"])
     meas = measure_torch_bf16(cfg, default_vocab_size(cfg), steps=2, device="cpu")
     pred = estimate_memory(cfg, 1, resolve_ds_config(cfg, 1, None, device_type="cpu"), device="cpu").components

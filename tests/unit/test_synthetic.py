@@ -166,7 +166,7 @@ def test_baseline_catches_a_leak():
 
 
 def test_load_examples_from_config_and_errors():
-    cfg = load_config(None, ["data.synthetic_train=12", "data.synthetic_eval=6", "data.image_size=32"])
+    cfg = load_config("tiny", ["data.synthetic_train=12", "data.synthetic_eval=6", "data.image_size=32"])
     ex = load_examples(cfg, "vqa", "train")
     assert len(ex) == 12 and len(load_examples(cfg, "vqa", "val")) == 6
     with pytest.raises(KeyError, match="unknown task 'vqa2'"):
@@ -181,7 +181,7 @@ def test_synthetic_tokenizer_ids_and_world_text():
     from vlscale.data.synthetic import world_corpus
     from vlscale.data.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(load_config(None))
+    tok = build_tokenizer(load_config("tiny"))
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
     assert 600 <= len(tok) <= 1100
     assert tok.convert_tokens_to_ids("<extra_id_0>") == len(tok) - 1
@@ -191,7 +191,7 @@ def test_synthetic_tokenizer_ids_and_world_text():
         assert tok.decode(ids, skip_special_tokens=True) == line
     # whole words of the world are single pieces
     assert len(tok("what color is the diamond?")["input_ids"]) == 7
-    bart = build_tokenizer(load_config(None, ["model.backbone=tiny-bart", "model.extra_special_tokens=3"]))
+    bart = build_tokenizer(load_config("tiny", ["model.backbone=tiny-bart", "model.extra_special_tokens=3"]))
     assert len(bart) == len(tok) + 3 and bart.bos_token_id == 3
     ids = bart.convert_tokens_to_ids(["<vis_extra_id_2>", "<vis_extra_id_0>"])
     assert ids == [len(tok), len(tok) + 2]
@@ -201,7 +201,7 @@ def test_synthetic_tokenizer_ids_and_world_text():
 def test_tokenizer_errors_name_the_source(tmp_path):
     from vlscale.data.tokenizer import build_tokenizer
 
-    cfg = load_config(None, [f"model.tokenizer={tmp_path / 'nope'}"])
+    cfg = load_config("tiny", [f"model.tokenizer={tmp_path / 'nope'}"])
     with pytest.raises(OSError, match="model.tokenizer="):
         build_tokenizer(cfg)
 

@@ -682,7 +682,7 @@ def run_gpu_section(out: dict, steps: int = 3) -> dict:
     rows = []
     for name, overrides in GPU_CONFIGS:
         t0 = time.time()
-        cfg = load_config(None, GPU_COMMON + overrides)
+        cfg = load_config("tiny", GPU_COMMON + overrides)
         vocab = default_vocab_size(cfg)
         ds = resolve_ds_config(cfg, 1, None, device_type="cuda")
         est = estimate_memory(cfg, 1, ds, device="cuda", vocab_size=vocab)
