@@ -1,0 +1,79 @@
+"""The embedded default learns: a short run on the synthetic world, scored against each task's best
+text-only answer prior (:func:`vlscale.data.synthetic.answer_prior_baseline`, which picks the best of
+several priors with the evaluation labels, so it is an optimistic bar).
+
+One training of the default preset (pretrained mini CLIP-RN + mini BART, one shared adapter) on
+precomputed CLIP features, 1 process, 450 steps; about 1.5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+
+from vlscale.config import load_config
+from vlscale.data import load_examples
+from vlscale.data.synthetic import ANSWER_SPACES, answer_prior_baseline
+
+STEPS = ["train.max_steps=450", "train.micro_batch_size=32", "train.lr=3e-3", "train.save_every=0"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, h):
+    root = tmp_path_factory.mktemp("learning")
+    cache = root / "features"
+    subprocess.run([sys.executable, str(h.ROOT / "launchers" / "extract_features.py"), "--synthetic", "--quiet",
+                    "--out", str(cache)], cwd=h.ROOT, env=h.base_env(), check=True, timeout=300)
+    out = root / "run"
+    overrides = ["--config", "default", "model.feature_source=cache", f"data.feature_cache={cache}",
+                 f"output_dir={out}", *STEPS]
+    proc = h.launch(overrides)
+    cfg = load_config(str(out / "run_config.yaml"))
+    scores = h.read_json(out / "metrics.json")[-1]
+    assert scores["split"] == "val" and scores["step"] == 450
+    return {"out": out, "cfg": cfg, "scores": scores["tasks"], "stdout": proc.stdout}
+
+
+def _score_and_baseline(run, task: str) -> tuple[float, float]:
+    cfg = run["cfg"]
+    metric = {"vqa": "vqa_score", "gqa": "exact_match", "nlvr2": "accuracy", "caption": "cider"}[task]
+    base = answer_prior_baseline(load_examples(cfg, task, "train"), load_examples(cfg, task, "val"), task)
+    return run["scores"][task][metric], base
+
+
+def test_the_run_prints_per_task_scores(short_run):
+    assert "final scores (val, step 450)" in short_run["stdout"]
+    for task in ("vqa", "gqa", "nlvr2", "caption"):
+        assert f"\n  {task} " in short_run["stdout"]
+
+
+@pytest.mark.parametrize("task,margin", [("gqa", 0.05), ("caption", 0.5), ("vqa", 0.0)])
+def test_short_run_beats_the_text_only_baseline(short_run, task, margin):
+    score, base = _score_and_baseline(short_run, task)
+    assert score > base + margin, f"{task}: {score:.3f} vs text-only baseline {base:.3f}"
+
+
+def test_vqa_reads_the_image(short_run):
+    """Colour questions (the image alone decides the answer) far above uniform guessing. Colour is what
+    450 steps learn first (measured: colour 0.62, shape 0.19 against chance 0.17 / 0.25; shape reaches
+    ~0.98 after 1500 steps with more data)."""
+    cfg = short_run["cfg"]
+    examples = {e.uid: e for e in load_examples(cfg, "vqa", "val")}
+    right = defaultdict(list)
+    for line in (short_run["out"] / "predictions" / "vqa.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        e = examples[p["uid"]]
+        right[e.extra["qtype"]].append(p["prediction"] == e.target)
+    acc = sum(right["color"]) / len(right["color"])
+    assert acc > 2.5 / len(ANSWER_SPACES["color"]), acc
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the miniature does not learn NLVR2 (nor VQA's exist/count "
+                                       "questions) in short runs, even with full fine-tuning; see BENCHMARKS.md")
+def test_short_run_beats_the_nlvr2_baseline(short_run):
+    score, base = _score_and_baseline(short_run, "nlvr2")
+    assert score > base + 0.05, f"nlvr2: {score:.3f} vs text-only baseline {base:.3f}"
