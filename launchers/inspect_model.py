@@ -88,7 +88,7 @@ def print_report(r: dict) -> None:
     for k, v in sorted(r["groups"].items()):
         print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
     print(f"\ntrainable {r['trainable']:,} / total {r['total']:,} "
-          f"(without vision {r['total_without_vision']:,})")
+          f"(without the frozen CLIP {r['total_without_vision']:,})")
     print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
 
 

@@ -123,7 +123,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"model.vision_pretrained={pretrained!r}: no such file")
     if str(device) == "meta":
-        with torch.device("meta"):
+        with torch.device("meta"), _quiet_open_clip(None):
             model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
     else:
         load_file = pretrained and Path(pretrained).exists()

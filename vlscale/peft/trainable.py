@@ -101,16 +101,17 @@ def configure_trainable(model, peft_cfg) -> dict[str, dict]:
 
 
 def count_parameters(model) -> dict:
-    """trainable / total / total_without_vision counts and updated_pct (percent, the paper's convention)."""
+    """trainable / total / total_without_vision counts and updated_pct (percent, the paper's convention:
+    a frozen CLIP is not counted; a trained one is, so the figure never exceeds 100)."""
     groups = parameter_groups(model)
-    total = trainable = vision = 0
+    total = trainable = frozen_vision = 0
     for group, params in groups.items():
         for _, p in params:
             n = param_numel(p)
             total += n
             trainable += n if p.requires_grad else 0
-            vision += n if group == "vision" else 0
-    without = total - vision
+            frozen_vision += n if group == "vision" and not p.requires_grad else 0
+    without = total - frozen_vision
     return {
         "trainable": trainable,
         "total": total,
