@@ -220,3 +220,14 @@ def test_model_without_vision_encoder():
     assert counts["vision"] == {"total": 0, "trainable": 0, "tensors": 0}
     stats = count_parameters(model)
     assert stats["updated_pct"] == pytest.approx(stats["updated_pct_with_vision"])
+
+
+def test_updated_pct_counts_a_trained_clip():
+    """A frozen CLIP is left out of the denominator (the paper's convention); a trained one is in it,
+    so fine-tuning everything is 100 %, not more (Table 3's CLIP-trained rows)."""
+    cfg = peft_cfg(method="none", train_lm=True, train_vision=True)
+    model = StandIn("t5", cfg)
+    configure_trainable(model, cfg)
+    stats = count_parameters(model)
+    assert stats["updated_pct"] == pytest.approx(100.0) == stats["updated_pct_with_vision"]
+    assert stats["total_without_vision"] == stats["total"]
