@@ -236,11 +236,8 @@ def train_clip(args, tokenizer, log) -> dict:
     model = build_clip(args.seed)
     transform = image_transform(CLIP_NAME)
     loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.clip_lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(args.clip_steps, warmup=args.clip_steps // 20))
+    opt, sched = adamw_cosine(model, lambda n, p: p.ndim >= 2 and "logit_scale" not in n, 0.1, args.clip_lr,
+                              args.clip_steps)
     start, losses = time.time(), []
     model.train()
     for step in range(args.clip_steps):
@@ -289,6 +286,17 @@ def load_clip(path: Path, seed: int = 0):
     model = build_clip(seed)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.float().eval()
+
+
+def adamw_cosine(model, decays, weight_decay: float, lr: float, steps: int):
+    """AdamW (betas 0.9/0.98, weight decay only where ``decays(name, param)``) + 5 % warm-up, cosine."""
+    import torch
+
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, warmup=steps // 20))
 
 
 # ----------------------------------------------------------------------------- LM denoising
@@ -494,11 +502,7 @@ def train_lm(kind: str, args, tokenizer, log) -> dict:
                          f"{len(tokenizer)} (vlscale/modeling/backbones.py)")
     random_loss = denoising_loss(lm, kind, tokenizer, args.seed)
     stream = TextStream(tokenizer, args.seed, "lm-train", args.lm_max_len)
-    decay = [p for n, p in lm.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in lm.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lm_lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(args.lm_steps, warmup=args.lm_steps // 20))
+    opt, sched = adamw_cosine(lm, lambda n, p: p.ndim >= 2, 0.01, args.lm_lr, args.lm_steps)
     start, losses = time.time(), []
     lm.train()
     for step in range(args.lm_steps):

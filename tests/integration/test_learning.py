@@ -18,6 +18,7 @@ import pytest
 from vlscale.config import load_config
 from vlscale.data import load_examples
 from vlscale.data.synthetic import ANSWER_SPACES, answer_prior_baseline
+from vlscale.data.tasks import get_task
 
 STEPS = ["train.micro_batch_size=32", "train.save_every=0"]  # the default's global batch on 1 process
 
@@ -40,7 +41,7 @@ def short_run(tmp_path_factory, h):
 
 def _score_and_baseline(run, task: str) -> tuple[float, float]:
     cfg = run["cfg"]
-    metric = {"vqa": "vqa_score", "gqa": "exact_match", "nlvr2": "accuracy", "caption": "cider"}[task]
+    metric = get_task(task).metric
     base = answer_prior_baseline(load_examples(cfg, task, "train"), load_examples(cfg, task, "val"), task)
     return run["scores"][task][metric], base
 
