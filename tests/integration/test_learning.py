@@ -75,7 +75,7 @@ def test_vqa_reads_the_image(short_run):
 
 @pytest.mark.xfail(strict=True, reason="known gap: NLVR2 (like VQA's yes/no and counting questions) needs "
                                        "aggregation over objects, which the seq2seq model learns only after a "
-                                       "~1,000-step loss plateau of such questions alone (benchmarks/"
+                                       "500-1,000-step loss plateau of such questions alone (benchmarks/"
                                        "aggregation_probe.py); a short multi-task run does not leave it")
 def test_short_run_beats_the_nlvr2_baseline(short_run):
     score, base = _score_and_baseline(short_run, "nlvr2")
