@@ -109,6 +109,21 @@ def ensure_features(cache: Path) -> None:
                     "--out", str(cache), *OVERRIDES], check=True)
 
 
+def train_curve(step_loss, accuracy, params, lr: float, steps: int, every: int) -> list[dict]:
+    """AdamW on ``step_loss()`` for ``steps`` steps; mean loss and ``accuracy()`` every ``every`` steps."""
+    opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
+    curve, losses = [], []
+    for step in range(1, steps + 1):
+        loss = step_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % every == 0:
+            curve.append({"step": step, "loss": sum(losses[-every:]) / every, "val_acc": accuracy()})
+    return curve
+
+
 def run_cls(train, val, source, steps: int, batch: int, lr: float, every: int) -> list[dict]:
     torch.manual_seed(0)
     answers = sorted({e.target for e in train + val})
@@ -122,22 +137,19 @@ def run_cls(train, val, source, steps: int, batch: int, lr: float, every: int) -
     mu, sd = xt.mean((0, 1)), xt.std((0, 1)) + 1e-5
     xt, xv = (xt - mu) / sd, (xv - mu) / sd
     model = ClsProbe(xt.shape[-1], len(answers))
-    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.01)
-    curve, losses = [], []
-    for step in range(1, steps + 1):
+
+    def step_loss():
         i = torch.randint(len(xt), (batch,))
-        loss = nn.functional.cross_entropy(model(xt[i], qt[i]), yt[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % every == 0:
-            model.eval()
-            with torch.no_grad():
-                acc = (model(xv, qv).argmax(1) == yv).float().mean().item()
-            model.train()
-            curve.append({"step": step, "loss": sum(losses[-every:]) / every, "val_acc": acc})
-    return curve
+        return nn.functional.cross_entropy(model(xt[i], qt[i]), yt[i])
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        model.eval()
+        acc = (model(xv, qv).argmax(1) == yv).float().mean().item()
+        model.train()
+        return acc
+
+    return train_curve(step_loss, accuracy, model.parameters(), lr, steps, every)
 
 
 def run_vl(cfg, train, val, source, steps: int, batch: int, lr: float, every: int) -> list[dict]:
@@ -149,32 +161,24 @@ def run_vl(cfg, train, val, source, steps: int, batch: int, lr: float, every: in
     tok = build_tokenizer(cfg)
     model = build_model(cfg, vocab_size=len(tok))
     collate = Collator(tok, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr, weight_decay=0.01)
 
+    def step_loss():
+        ex = rng.sample(train, batch)
+        return model(collate(ex, fetch_visuals(source, ex))).loss
+
+    @torch.no_grad()
     def accuracy() -> float:
         model.eval()
         right = 0
-        with torch.no_grad():
-            for i in range(0, len(val), 100):
-                ex = val[i:i + 100]
-                out = tok.batch_decode(model.generate(collate(ex, fetch_visuals(source, ex)), max_new_tokens=5),
-                                       skip_special_tokens=True)
-                right += sum(o.strip() == e.target for o, e in zip(out, ex))
+        for i in range(0, len(val), 100):
+            ex = val[i:i + 100]
+            out = tok.batch_decode(model.generate(collate(ex, fetch_visuals(source, ex)), max_new_tokens=5),
+                                   skip_special_tokens=True)
+            right += sum(o.strip() == e.target for o, e in zip(out, ex))
         model.train()
         return right / len(val)
 
-    curve, losses = [], []
-    for step in range(1, steps + 1):
-        ex = rng.sample(train, batch)
-        loss = model(collate(ex, fetch_visuals(source, ex))).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % every == 0:
-            curve.append({"step": step, "loss": sum(losses[-every:]) / every, "val_acc": accuracy()})
-    return curve
+    return train_curve(step_loss, accuracy, [p for p in model.parameters() if p.requires_grad], lr, steps, every)
 
 
 def main(argv=None) -> int:
@@ -203,8 +207,7 @@ def main(argv=None) -> int:
     clip = FeatureCache(cache)
     feat_dim = clip[train[0].image_ids[0]].shape[-1]
     oracle = OracleFeatures(load_examples(cfg0, "vqa", "train") + load_examples(cfg0, "vqa", "val"), feat_dim)
-    majority = max(ANSWER_SPACES[args.qtype], key=lambda a: sum(e.target == a for e in val)) \
-        if args.qtype in ANSWER_SPACES else None
+    majority = max(ANSWER_SPACES[args.qtype], key=lambda a: sum(e.target == a for e in val))
     result = {"qtype": args.qtype, "train_examples": len(train), "val_examples": len(val), "batch": args.batch,
               "steps": args.steps, "val_majority_acc": sum(e.target == majority for e in val) / len(val),
               "chance": 1 / len(ANSWER_SPACES[args.qtype]), "rows": {}}
