@@ -10,7 +10,7 @@ accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe 
 multitask batches with per-task or shared PEFT modules; periodic and final evaluation with
 synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM leaving a resumable
 checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default
-(the synthetic world, tiny CLIP + T5, one shared adapter).
+(the synthetic world, the shipped mini CLIP-RN + mini BART, one shared adapter).
 
 Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
 tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.

@@ -205,6 +205,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     if error:
         raise ckpt.CheckpointError(error)
 
+    if not show_progress:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     dtype = DTYPES[cfg.train.precision]
     tokenizer = build_tokenizer(cfg)
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
