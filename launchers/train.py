@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     dist = init_distributed()
     from vlscale.config import load_config
     from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note
 
     run = None
     try:
@@ -82,6 +82,9 @@ def main(argv=None) -> int:
                   f"{dist.backend}) | ZeRO-{trainer.zero_stage(ds_config)} | {cfg.train.precision} | global batch "
                   f"{ds_config['train_batch_size']} | {cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
+            note = single_process_note(ds_config, dist.world_size)
+            if note:
+                print(f"vlscale: {note}", flush=True)
         run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)
         # --- train
         trainer.train(run, stop_after_steps=args.stop_after_steps)

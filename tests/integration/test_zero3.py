@@ -46,6 +46,8 @@ def test_each_rank_holds_half_the_parameters(runs, h):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["total_params"] == two["total_params"] and one["trainable_params"] == two["trainable_params"]
     assert one["trainable_params"] < 0.1 * one["total_params"]
+    assert "ZeRO-3 on one process without offload partitions nothing" in runs.procs["single_1p"].stdout
+    assert "partitions nothing" not in runs.procs["single_2r"].stdout
     # fp32, one rank: every parameter's partition (the whole tensor), plus a second full copy of the
     # persistent ones (under stage3_param_persistence_threshold; counted independently from the config)
     from vlscale.config import load_config

@@ -7,7 +7,7 @@ import pytest
 
 from vlscale.config import load_config
 from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
-                                             model_widths)
+                                             model_widths, single_process_note)
 
 DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 SHIPPED = ["zero2.json", "zero3.json", "zero3_offload.json", "zero3_nvme.json"]
@@ -167,3 +167,16 @@ def test_input_dict_is_not_modified():
     before = json.dumps(raw, sort_keys=True)
     build_deepspeed_config(raw, cfg_with(), 2, device_type="cpu")
     assert json.dumps(raw, sort_keys=True) == before
+
+
+@pytest.mark.parametrize("name,world,stage,noted", [
+    ("zero3.json", 1, None, True), ("zero3.json", 2, None, False), ("zero3.json", 1, 0, False),
+    ("zero3_offload.json", 1, None, False), ("zero2.json", 1, None, False)])
+def test_single_process_zero3_note(name, world, stage, noted):
+    """ZeRO-3 on one process without offload partitions nothing: the launcher prints a note saying so."""
+    extra = [] if stage is None else [f"train.zero_stage={stage}"]
+    ds = build_deepspeed_config(DS_DIR / name, cfg_with(*extra), world, device_type="cpu")
+    note = single_process_note(ds, world)
+    assert (note is not None) == noted
+    if noted:
+        assert "train.zero_stage=0" in note
