@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
         """The update (alpha/r) B A dropout(x), in x's dtype."""
         a, b = self.factors(task)
         h = F.dropout(x.to(a.dtype), self.dropout, training=training and self.dropout > 0)
-        out = F.linear(F.linear(h, a), b) * self.scale
+        out = F.linear(F.linear(h, a) * self.scale, b)  # scaled at rank width, not at the output's
         anchor = zero3_unused_anchor(self, (a, b))
         return (out if anchor is None else out + anchor).to(x.dtype)
 
