@@ -156,12 +156,16 @@ def run_cls(train, val, source, steps: int, batch: int, lr: float, every: int) -
     return train_curve(step_loss, accuracy, model.parameters(), lr, steps, every)
 
 
-def text_first_inputs(model, batch: dict):
-    """VL-T5's encoder input order, [text; visual tokens] (no prompts: the probe's rows have none)."""
-    text = model.lm.get_encoder().embed_tokens(batch["input_ids"])
-    vis, vis_mask = model.visual_embeds(batch)
-    return (torch.cat([text, vis.to(text.dtype)], dim=1),
-            torch.cat([batch["attention_mask"].to(torch.long), vis_mask], dim=1))
+def use_text_first(model) -> None:
+    """Reorder ``model.encoder_inputs`` to VL-T5's [text; visual tokens] (the probe's rows have no prompts)."""
+    visual_first = model.encoder_inputs
+
+    def encoder_inputs(batch: dict):
+        embeds, mask = visual_first(batch)
+        v = mask.shape[1] - batch["input_ids"].shape[1]  # the visual tokens in front
+        return torch.cat([embeds[:, v:], embeds[:, :v]], dim=1), torch.cat([mask[:, v:], mask[:, :v]], dim=1)
+
+    model.encoder_inputs = encoder_inputs
 
 
 def run_vl(cfg, train, val, source, steps: int, batch: int, lr: float, every: int,
@@ -174,7 +178,7 @@ def run_vl(cfg, train, val, source, steps: int, batch: int, lr: float, every: in
     tok = build_tokenizer(cfg)
     model = build_model(cfg, vocab_size=len(tok))
     if text_first:
-        model.encoder_inputs = lambda b: text_first_inputs(model, b)
+        use_text_first(model)
     collate = Collator(tok, cfg)
 
     def step_loss():
