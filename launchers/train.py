@@ -61,9 +61,33 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def refused_before_start(args: argparse.Namespace) -> str | None:
+    """Why this run must not start, found on every rank before the process group and DeepSpeed load:
+    an output_dir holding another run's checkpoint (without --resume), or --resume with none, fails in
+    a second instead of after start-up. A config error is left to the full start-up, which reports it
+    with its context; so are ranks that see another filesystem (rank 0's check after start-up decides)."""
+    from vlscale.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception:
+        return None
+    from vlscale.engine.checkpoint import CheckpointError, check_output_dir
+
+    try:
+        check_output_dir(cfg.output_dir, args.resume)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_library_warnings()
+    refusal = refused_before_start(args)
+    if refusal:
+        print(f"vlscale: rank {os.environ.get('RANK', '0')}: CheckpointError: {refusal}", file=sys.stderr, flush=True)
+        return 1
     # --- setup
     from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads
 

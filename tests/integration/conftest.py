@@ -19,7 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "launchers" / "train.py")
-EVALUATE = str(ROOT / "launchers" / "evaluate.py")
 RUN_TIMEOUT_S = 420
 
 # The tiny world every engine test trains on (only the batch layout varies). Seed 3: the sampler
@@ -54,25 +53,25 @@ def base_env(nproc: int = 1, **extra) -> dict:
     return env
 
 
-def command(args: list[str], nproc: int = 1, launcher: str = "torchrun", script: str = TRAIN) -> list[str]:
-    if script == TRAIN and "--config" not in args:
+def command(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+    if "--config" not in args:
         args = ["--config", "tiny", *args]  # the tiny preset; TINY / MINI then pin the model
     if nproc == 1 and launcher != "deepspeed":
-        return [sys.executable, script, "--no-progress", *args]
+        return [sys.executable, TRAIN, "--no-progress", *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                script, "--no-progress", *args]
+                TRAIN, "--no-progress", *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-                str(free_port()), script, "--no-progress", *args]
+                str(free_port()), TRAIN, "--no-progress", *args]
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
 def launch(args: list[str], nproc: int = 1, launcher: str = "torchrun", check: bool = True,
-           timeout: float = RUN_TIMEOUT_S, env: dict | None = None, script: str = TRAIN) -> subprocess.CompletedProcess:
+           timeout: float = RUN_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run to completion; output (stdout+stderr) in ``.stdout``; ``check`` asserts exit code 0."""
     start = time.monotonic()
-    proc = subprocess.run(command(args, nproc, launcher, script), cwd=ROOT, env=env or base_env(nproc),
+    proc = subprocess.run(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     proc.wall_s = time.monotonic() - start
     if check and proc.returncode != 0:

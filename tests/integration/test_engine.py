@@ -149,12 +149,13 @@ def test_load_adapter_is_strict(tmp_path, runs, h):
 
 # ----------------------------------------------------------------------------- evaluate.py
 
-def test_evaluate_reproduces_training_predictions(runs, tmp_path, h):
-    """evaluate.py rebuilds the model in one plain process from adapter/ and decodes exactly what the
-    2-rank ZeRO-3 run's final (synced-rank) evaluation decoded."""
+def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, capsys, h):
+    """evaluate.py rebuilds the model in one plain process (this one) from adapter/ and decodes exactly
+    what the 2-rank ZeRO-3 run's final (synced-rank) evaluation decoded."""
     run = runs("single_2r")
-    proc = h.launch(["--adapter", str(run / "adapter"), "--out", str(tmp_path)], script=h.EVALUATE)
-    assert "vqa_score=" in proc.stdout and "exact_match=" in proc.stdout
+    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--out", str(tmp_path), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "vqa_score=" in stdout and "exact_match=" in stdout
     for task in ("vqa", "gqa"):
         mine = [json.loads(x) for x in (tmp_path / "predictions" / f"{task}.jsonl").read_text().splitlines()]
         trained = [json.loads(x) for x in (run / "predictions" / f"{task}.jsonl").read_text().splitlines()]

@@ -12,8 +12,6 @@ against 0.115 s on this 2 M-parameter model; partitioning has its own tests (tes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -28,11 +26,10 @@ STEPS = ["train.micro_batch_size=32", "train.save_every=0",  # the default's glo
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, h):
+def short_run(tmp_path_factory, h, launcher):
     root = tmp_path_factory.mktemp("learning")
     cache = root / "features"
-    subprocess.run([sys.executable, str(h.ROOT / "launchers" / "extract_features.py"), "--synthetic", "--quiet",
-                    "--out", str(cache)], cwd=h.ROOT, env=h.base_env(), check=True, timeout=300)
+    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache)]) == 0
     out = root / "run"
     overrides = ["--config", "default", "model.feature_source=cache", f"data.feature_cache={cache}",
                  f"output_dir={out}", *STEPS]

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from vlscale.config import DataConfig, ModelConfig, RunConfig
-from vlscale.data.real import DataError, DataFileNotFound, RecordError, load_real_examples, real_visual_source
+from vlscale.data.real import (
+    DataError,
+    DataFileNotFound,
+    RecordError,
+    load_real_examples,
+    real_visual_source,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ROOT = FIXTURES / "real_data"
@@ -310,7 +316,7 @@ def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_pat
     with caplog.at_level(logging.WARNING):
         examples = load_real_examples(make_cfg(root, tasks=[task], skip_bad_records=True), task, "train")
     assert examples.skipped == 1
-    assert f"skipped 1 malformed record" in caplog.text and str(root / file) in caplog.text
+    assert "skipped 1 malformed record" in caplog.text and str(root / file) in caplog.text
     if task == "caption":  # a skipped image drops all of its captions
         assert len(examples) < good
     else:

@@ -1,11 +1,7 @@
 """The V&L model: visual tokens before the text, two-image and video inputs, loading, counting."""
 
-import importlib.util
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +11,6 @@ from vlscale.modeling.backbones import build_lm, list_backbones, lm_config
 from vlscale.modeling.vision import build_vision_encoder, vision_dims
 from vlscale.modeling.vl_model import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 120
 
 
@@ -170,17 +165,9 @@ def _independent_adapter_count(name: str, reduction: int, d_feat: int, tasks: in
     ("paper/clip_bart_multiple_adapters", "facebook/bart-base", 4),
     ("paper/clip_bart_single_adapter", "t5-base", 1),
 ])
-def test_inspect_model_counts_match_independent_count(preset, backbone, tasks, capsys):
-    args = ["--config", preset, f"model.backbone={backbone}", "--json"]
-    if tasks == 4:  # one case through the real command line, the others in-process (no 10 s of imports)
-        out = subprocess.run([sys.executable, str(ROOT / "launchers/inspect_model.py"), *args],
-                             capture_output=True, text=True, check=True).stdout
-    else:
-        spec = importlib.util.spec_from_file_location("inspect_model", ROOT / "launchers" / "inspect_model.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        assert mod.main(args) == 0
-        out = capsys.readouterr().out
+def test_inspect_model_counts_match_independent_count(preset, backbone, tasks, capsys, launcher):
+    assert launcher("inspect_model").main(["--config", preset, f"model.backbone={backbone}", "--json"]) == 0
+    out = capsys.readouterr().out
     report = json.loads(out)
     cfg = load_config(preset)
     expected = _independent_adapter_count(backbone, cfg.peft.reduction_factor,

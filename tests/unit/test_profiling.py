@@ -249,17 +249,11 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert resolved["train_micro_batch_size_per_gpu"] == 32
 
 
-def test_launcher_json(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "profile_memory", Path(__file__).resolve().parents[2] / "launchers" / "profile_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--world-size", "2", "--zero-stage", "3", "--json", "train.micro_batch_size=2"]) == 0
+def test_launcher_json(capsys, launcher):
+    profile_memory = launcher("profile_memory")
+    assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "--json", "train.micro_batch_size=2"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("params", "grads", "optimizer", "activations", "buffers", "peak"):
         assert isinstance(out["predicted"][key], int)
     assert out["predicted"]["settings"]["zero_stage"] == 3
-    assert mod.main(["--world-size", "0"]) == 2
+    assert profile_memory.main(["--world-size", "0"]) == 2
