@@ -17,7 +17,6 @@ Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
 
     from vlscale.data import build_tokenizer
     from vlscale.engine.checkpoint import load_adapter
-    from vlscale.engine.evaluation import evaluate, format_scores
+    from vlscale.engine.evaluation import evaluate, format_scores, write_eval_report
     from vlscale.engine.trainer import DTYPES, seed_everything
     from vlscale.modeling.vl_model import build_model
 
@@ -104,10 +103,7 @@ def main(argv=None) -> int:
                       float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions")
     # --- report
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        report = {"adapter": str(Path(args.adapter).resolve()), "split": args.split, "step": meta.get("step"),
-                  "tasks": scores}
-        (out / "eval_metrics.json").write_text(json.dumps(report, indent=1))
+        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores)
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")
     return 0

@@ -214,6 +214,9 @@ class TrainConfig:
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
     eval_max_examples: Optional[int] = None
+    test_eval: bool = False
+    """After the final validation, also evaluate the test split in the same process, writing what
+    ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""
     log_every: int = 1
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: only at the end)."""

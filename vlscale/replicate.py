@@ -413,11 +413,12 @@ def python_cmd(script: str, *args: str) -> list[str]:
 
 
 def train_command(overrides: Sequence[str], run_dir: Path, resume: bool) -> list[str]:
+    """Training, then the test split evaluated in the same process (eval_test/, train.test_eval)."""
     cmd = python_cmd("train.py", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--config", MINI_PRESET,
                      "--no-progress")
     if resume:
         cmd.append("--resume")
-    return cmd + list(overrides) + [f"output_dir={run_dir}"]
+    return cmd + list(overrides) + [f"output_dir={run_dir}", "train.test_eval=true"]
 
 
 def eval_command(run_dir: Path) -> list[str]:
@@ -426,7 +427,8 @@ def eval_command(run_dir: Path) -> list[str]:
 
 
 def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optional[str] = None) -> Job:
-    """Which commands a row still needs (resumption): none, evaluate, resume + evaluate, or all.
+    """Which commands a row still needs (resumption): none, evaluate the test split, resume, or train
+    (training evaluates the test split at its end).
 
     A finished row whose settings or backbone weights (``fingerprint``) differ is an error."""
     job = Job(row, overrides, run_dir)
@@ -448,12 +450,13 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
     summary = run_dir / "run_summary.json"
     finished = summary.exists() and json.loads(summary.read_text()).get("completed") and \
         (run_dir / "adapter" / "adapter_config.json").exists()
-    if not finished:
-        resume = (run_dir / "checkpoints" / "latest").exists()
-        if not resume and run_dir.exists():
-            _clear_partial(run_dir)
-        job.commands.append(("train", train_command(overrides, run_dir, resume)))
-    job.commands.append(("eval", eval_command(run_dir)))
+    if finished:  # trained, but its test split was not evaluated (stopped in between)
+        job.commands.append(("eval", eval_command(run_dir)))
+        return job
+    resume = (run_dir / "checkpoints" / "latest").exists()
+    if not resume and run_dir.exists():
+        _clear_partial(run_dir)
+    job.commands.append(("train", train_command(overrides, run_dir, resume)))  # evaluates the test split too
     return job
 
 

@@ -151,20 +151,28 @@ def test_load_adapter_is_strict(tmp_path, runs, h):
 
 def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, capsys, h):
     """evaluate.py rebuilds the model in one plain process (this one) from adapter/ and decodes exactly
-    what the 2-rank ZeRO-3 run's final (synced-rank) evaluation decoded."""
+    what the 2-rank ZeRO-3 run decoded: its final (synced-rank) validation, and the test split it
+    evaluated after training (``train.test_eval``, eval_test/) with the report evaluate.py writes."""
     run = runs("single_2r")
-    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--out", str(tmp_path), "--no-progress"]) == 0
-    stdout = capsys.readouterr().out
-    assert "vqa_score=" in stdout and "exact_match=" in stdout
-    for task in ("vqa", "gqa"):
-        mine = [json.loads(x) for x in (tmp_path / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        trained = [json.loads(x) for x in (run / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        assert len(mine) == 8 and {"uid", "prediction", "references"} <= set(mine[0])
-        assert mine == trained
-    report = h.read_json(tmp_path / "eval_metrics.json")
     final = h.read_json(run / "metrics.json")[-1]
-    assert report["split"] == "val" and report["step"] == final["step"] == 6
-    assert report["tasks"] == final["tasks"]
+    for split, trained_dir in (("val", run), ("test", run / "eval_test")):
+        out = tmp_path / split
+        assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", split, "--out", str(out),
+                                          "--no-progress"]) == 0
+        stdout = capsys.readouterr().out
+        assert "vqa_score=" in stdout and "exact_match=" in stdout
+        for task in ("vqa", "gqa"):
+            mine = [json.loads(x) for x in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+            trained = [json.loads(x) for x in (trained_dir / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+            assert len(mine) == 8 and {"uid", "prediction", "references"} <= set(mine[0])
+            assert mine == trained
+        report = h.read_json(out / "eval_metrics.json")
+        assert report["split"] == split and report["step"] == final["step"] == 6
+        if split == "val":
+            assert report["tasks"] == final["tasks"]
+        else:
+            assert h.read_json(run / "eval_test" / "eval_metrics.json") == report
+    assert "test scores (step 6" in runs.procs["single_2r"].stdout
 
 
 # ----------------------------------------------------------------------------- failures

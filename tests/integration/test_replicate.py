@@ -121,7 +121,8 @@ def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
     ov = row_overrides(row, feature_cache=str(tmp_path / "f"))
     run = tmp_path / "runs" / "single_adapter"
     job = plan_job(row, ov, run)
-    assert [c[0] for c in job.commands] == ["train", "eval"] and "--resume" not in job.commands[0][1]
+    assert [c[0] for c in job.commands] == ["train"] and "--resume" not in job.commands[0][1]
+    assert "train.test_eval=true" in job.commands[0][1]  # the test split is evaluated by the training process
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step5")
     assert "--resume" in plan_job(row, ov, run).commands[0][1]

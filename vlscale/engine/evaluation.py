@@ -155,6 +155,16 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     return broadcast_object(scores)
 
 
+def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict]) -> Path:
+    """``<out_dir>/eval_metrics.json`` (adapter, split, step, per-task scores), beside ``predictions/``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"adapter": str(Path(adapter_dir).resolve()), "split": split, "step": step, "tasks": scores}
+    path = out_dir / "eval_metrics.json"
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
 def format_scores(scores: dict[str, dict]) -> str:
     """One line per task: headline metric first, x100 like the papers."""
     lines = []

@@ -46,7 +46,7 @@ from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.deepspeed_config import zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
-from vlscale.engine.evaluation import evaluate, format_scores, to_device
+from vlscale.engine.evaluation import evaluate, format_scores, to_device, write_eval_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
@@ -84,6 +84,7 @@ class Run:
     step_times: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)
     last_scores: dict = field(default_factory=dict)
+    test_scores: dict = field(default_factory=dict)
     show_progress: bool = True
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 awareness alive while the run exists
 
@@ -312,7 +313,10 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
             save_training_state(run)
     bar.close()
     save_training_state(run)
-    return run_evaluation(run, final=True)
+    scores = run_evaluation(run, final=True)
+    if t.test_eval:
+        run_test_evaluation(run)
+    return scores
 
 
 def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
@@ -333,13 +337,27 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
         run.writer.add_scalar(f"train/loss_{task}", loss, run.step)
 
 
+def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
+    synced = run.dist.world_size > 1 and run.stage == 3
+    return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
+                    world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
+                    synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
+                    predictions_dir=predictions_dir)
+
+
+def run_test_evaluation(run: Run) -> dict:
+    """``train.test_eval``: the test split into eval_test/, as launchers/evaluate.py --split test writes it
+    (the same evaluation code on the trained model, without a second process rebuilding it)."""
+    out = run.out / "eval_test"
+    run.test_scores = _evaluate(run, "test", out / "predictions")
+    if run.is_main:
+        write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores)
+    return run.test_scores
+
+
 def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
     """Generate and score ``split``; append to metrics.json. The final one also writes predictions/."""
-    synced = run.dist.world_size > 1 and run.stage == 3
-    scores = evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
-                      world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
-                      synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                      predictions_dir=run.out / "predictions" if final else None)
+    scores = _evaluate(run, split, run.out / "predictions" if final else None)
     run.last_scores = scores
     if run.is_main:
         path = run.out / "metrics.json"
@@ -485,6 +503,9 @@ def finish(run: Run, completed: bool = True) -> dict:
         _write_json(run.out / "run_summary.json", summary)
         if run.last_scores:
             print(f"final scores (val, step {run.step}):\n{format_scores(run.last_scores)}", flush=True)
+        if run.test_scores:
+            print(f"test scores (step {run.step}, {run.out / 'eval_test'}):\n{format_scores(run.test_scores)}",
+                  flush=True)
     return summary
 
 
