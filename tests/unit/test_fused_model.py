@@ -11,12 +11,6 @@ path (``_TorchAdapterFn``); one case repeats this with the Triton kernels under 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +18,6 @@ import torch
 from vlscale.config import load_config
 from vlscale.modeling.vl_model import build_model
 
-REPO = Path(__file__).resolve().parents[2]
 TASKS = ["vqa", "gqa"]
 BATCH, TEXT_LEN, TARGET_LEN = 3, 7, 5
 RTOL, ATOL = 1e-5, 1e-5  # fp32: same math, different op order (addmm vs matmul + add)
@@ -170,29 +163,8 @@ def test_fused_is_the_default():
 
 
 # ------------------------------------------------------------------------------- Triton interpreter
-_INTERPRETER_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    sys.path.insert(0, sys.argv[1])
-    sys.path.insert(0, sys.argv[2])
-    import test_fused_model as t
-    from vlscale.kernels.adapter import select_backend
-    assert select_backend(torch.zeros(1), "auto")[0] == "triton"
-    fused, plain = t.build_pair("tiny-t5", "multiple")
-    f, p = t.run_steps(fused, ["gqa"]), t.run_steps(plain, ["gqa"])
-    t.assert_same(f, p)
-    names = t.graph_node_names(fused(t.make_batch(fused, "gqa", seed=10)).loss)
-    print(json.dumps({"triton_nodes": sum("_TritonAdapterFn" in n for n in names),
-                      "fused_nodes": f["fused_nodes"], "sites": len(fused.peft.sites)}))
-""")
-
-
-def test_fused_model_under_triton_interpreter_matches_unfused():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("VLSCALE_ADAPTER_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(REPO), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_fused_model_under_triton_interpreter_matches_unfused(triton_interpreter):
+    """tests/unit/triton_interpreter_checks.py: fused_model_check (asserts the match inside)."""
+    result = triton_interpreter["fused_model"]
     assert result["triton_nodes"] == result["sites"] == 10
     assert result["fused_nodes"] == [10]

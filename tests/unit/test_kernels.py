@@ -3,13 +3,7 @@ on CPU, compiled on CUDA), saved-tensor memory and dispatch."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +11,6 @@ import torch
 from vlscale.kernels import adapter as ka
 from vlscale.kernels import adapter_reference, fused_adapter, select_backend
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = ["h", "dx", "dw_down", "db_down", "dw_up", "db_up"]
 
 
@@ -189,63 +182,13 @@ def test_input_validation_names_the_argument():
 
 
 # ------------------------------------------------------------------------------- Triton interpreter
-_INTERPRETER_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    sys.path.insert(0, sys.argv[1])
-    from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter, select_backend
-    torch.manual_seed(0)
-    assert select_backend(torch.zeros(1), "auto")[0] == "triton"
-    results = []
-    small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
-                 up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
-                 bwd_stages=1)
-    configs = {"default": None, "small_fused": KernelConfig(**small),
-               "small_cublas_dwd": KernelConfig(**small, bwd_fuse_dwd=False),
-               "small_unfused": KernelConfig(**small, bwd_fused=False)}
-    for tokens, d_model, hidden in ((37, 40, 24), (19, 32, 16)):
-        for activation in ("gelu", "gelu_tanh"):
-            for bias in (True, False):
-                for cname, cfg in configs.items():
-                    x = torch.randn(tokens, d_model, dtype=torch.float64)
-                    wd = torch.randn(hidden, d_model, dtype=torch.float64) / d_model ** 0.5
-                    wu = torch.randn(d_model, hidden, dtype=torch.float64) / hidden ** 0.5
-                    bd = torch.randn(hidden, dtype=torch.float64) if bias else None
-                    bu = torch.randn(d_model, dtype=torch.float64) if bias else None
-                    dh = torch.randn(tokens, d_model, dtype=torch.float64)
-                    args64 = [t.requires_grad_(True) if t is not None else None for t in (x, wd, bd, wu, bu)]
-                    ref = adapter_reference(*args64, activation=activation)
-                    present64 = [t for t in args64 if t is not None]
-                    gref = torch.autograd.grad(ref, present64, dh)
-                    args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
-                    out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
-                    present32 = [t for t in args32 if t is not None]
-                    g = torch.autograd.grad(out, present32, dh.float())
-                    errs = [(out.double() - ref).abs().max().item()]
-                    errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
-                    scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
-                    results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
-                                    "dtype": str(out.dtype), "errs": errs, "scale": scale})
-    print(json.dumps(results))
-""")
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop(ka.BACKEND_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(REPO)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_triton_kernels_under_interpreter_match_fp64(interpreter_results):
+def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
     # 2 shapes x 2 activations x with/without bias x 4 configs: multi-block grids, hidden split
     # across programs, several row groups in the fused backward, masked rows/columns, and the
-    # cuBLAS weight-gradient variants.
-    assert len(interpreter_results) == 32
-    for r in interpreter_results:
+    # cuBLAS weight-gradient variants (tests/unit/triton_interpreter_checks.py: kernel_cases).
+    results = triton_interpreter["kernels"]
+    assert len(results) == 32
+    for r in results:
         assert r["dtype"] == "torch.float32"
         assert len(r["errs"]) == (6 if r["case"][4] else 4)
         for err, scale in zip(r["errs"], r["scale"]):

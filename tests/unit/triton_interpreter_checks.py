@@ -1,0 +1,77 @@
+"""The Triton kernels under Triton's CPU interpreter, in one process for the whole test session.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so these checks run in a subprocess
+(started once by the ``triton_interpreter`` fixture of tests/unit/conftest.py) and print their raw
+results as one JSON line; test_kernels.py and test_fused_model.py assert on them.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def kernel_cases() -> list[dict]:
+    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs."""
+    from vlscale.kernels.adapter import (
+        KernelConfig,
+        adapter_reference,
+        fused_adapter,
+        select_backend,
+    )
+
+    torch.manual_seed(0)
+    assert select_backend(torch.zeros(1), "auto")[0] == "triton"
+    results = []
+    small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
+                 up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
+                 bwd_stages=1)
+    configs = {"default": None, "small_fused": KernelConfig(**small),
+               "small_cublas_dwd": KernelConfig(**small, bwd_fuse_dwd=False),
+               "small_unfused": KernelConfig(**small, bwd_fused=False)}
+    for tokens, d_model, hidden in ((37, 40, 24), (19, 32, 16)):
+        for activation in ("gelu", "gelu_tanh"):
+            for bias in (True, False):
+                for cname, cfg in configs.items():
+                    x = torch.randn(tokens, d_model, dtype=torch.float64)
+                    wd = torch.randn(hidden, d_model, dtype=torch.float64) / d_model ** 0.5
+                    wu = torch.randn(d_model, hidden, dtype=torch.float64) / hidden ** 0.5
+                    bd = torch.randn(hidden, dtype=torch.float64) if bias else None
+                    bu = torch.randn(d_model, dtype=torch.float64) if bias else None
+                    dh = torch.randn(tokens, d_model, dtype=torch.float64)
+                    args64 = [t.requires_grad_(True) if t is not None else None for t in (x, wd, bd, wu, bu)]
+                    ref = adapter_reference(*args64, activation=activation)
+                    present64 = [t for t in args64 if t is not None]
+                    gref = torch.autograd.grad(ref, present64, dh)
+                    args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
+                    out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
+                    present32 = [t for t in args32 if t is not None]
+                    g = torch.autograd.grad(out, present32, dh.float())
+                    errs = [(out.double() - ref).abs().max().item()]
+                    errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
+                    scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
+                    results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
+                                    "dtype": str(out.dtype), "errs": errs, "scale": scale})
+    return results
+
+
+def fused_model_check() -> dict:
+    """The tiny T5 with per-task adapters on the Triton path against the unfused model (asserts inside)."""
+    import test_fused_model as t
+
+    from vlscale.kernels.adapter import select_backend
+
+    assert select_backend(torch.zeros(1), "auto")[0] == "triton"
+    fused, plain = t.build_pair("tiny-t5", "multiple")
+    f, p = t.run_steps(fused, ["gqa"]), t.run_steps(plain, ["gqa"])
+    t.assert_same(f, p)
+    names = t.graph_node_names(fused(t.make_batch(fused, "gqa", seed=10)).loss)
+    return {"triton_nodes": sum("_TritonAdapterFn" in n for n in names), "fused_nodes": f["fused_nodes"],
+            "sites": len(fused.peft.sites)}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check()}))
