@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,17 @@ def launcher():
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter() -> dict:
+    """Raw results of tests/unit/triton_interpreter_checks.py under ``TRITON_INTERPRET=1`` (one process)."""
+    pytest.importorskip("triton")
+    from vlscale.kernels import adapter as ka
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop(ka.BACKEND_ENV, None)
+    script = Path(__file__).parent / "unit" / "triton_interpreter_checks.py"
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

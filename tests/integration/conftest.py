@@ -143,10 +143,13 @@ class RunCache:
         return self.done[name]
 
 
+_THIS = sys.modules[__name__]  # taken now: pytest imports every conftest.py as "conftest" (the last one wins)
+
+
 @pytest.fixture(scope="session")
 def h():
     """This module's helpers (launch, start, read_log, TINY, RUN_SPECS, ...) for the tests."""
-    return sys.modules[__name__]
+    return _THIS
 
 
 @pytest.fixture(scope="session")

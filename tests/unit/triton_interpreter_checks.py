@@ -1,7 +1,7 @@
 """The Triton kernels under Triton's CPU interpreter, in one process for the whole test session.
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so these checks run in a subprocess
-(started once by the ``triton_interpreter`` fixture of tests/unit/conftest.py) and print their raw
+(started once by the ``triton_interpreter`` fixture of tests/conftest.py) and print their raw
 results as one JSON line; test_kernels.py and test_fused_model.py assert on them.
 """
 
