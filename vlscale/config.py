@@ -222,6 +222,9 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     zero_stage: Optional[int] = None
     """Override the DeepSpeed file's ZeRO stage."""
+    zero3_leaf_layers: bool = True
+    """ZeRO-3: gather each LM layer's parameters as one unit (DeepSpeed leaf modules) instead of module
+    by module (``vlscale.engine.sharded_loading.mark_zero3_leaf_layers``)."""
 
     def __post_init__(self):
         _check_choice("train", "precision", self.precision, PRECISIONS)

@@ -118,7 +118,9 @@ RUN_SPECS = {
     # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks with 2 each
     "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "python"),
     "single_2r": (TINY + ["train.micro_batch_size=2", "train.test_eval=true"], 2, "torchrun"),
-    "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true"], 2, "torchrun"),
+    # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
+    "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
+                             "train.zero3_leaf_layers=false"], 2, "torchrun"),
     # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks, DeepSpeed's launcher
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
                  1, "python"),

@@ -214,3 +214,24 @@ def test_loader_errors_name_what_is_wrong(sharded_ckpt, tmp_path):
               str(bad / "model.safetensors"))
     with pytest.raises(ShardedLoadError, match=r"shared\.weight.*\[100, 64\].*\[96, 64\]"):
         load_sharded_safetensors(tiny_t5(), bad, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("backbone, layers", [("tiny-t5", ["T5Block"]),
+                                              ("tiny-bart", ["BartDecoderLayer", "BartEncoderLayer"])])
+def test_lm_layers_are_marked_as_zero3_units(backbone, layers):
+    """Exactly the LM's transformer layers become DeepSpeed leaf modules (gathered as one unit); CLIP,
+    the projection and the modules inside a layer (its adapters) stay unmarked."""
+    from deepspeed.utils import z3_leaf_module
+
+    from vlscale.config import load_config
+    from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
+    from vlscale.modeling.vl_model import build_model
+
+    model = build_model(load_config("tiny", [f"model.backbone={backbone}"]), vocab_size=VOCAB)
+    assert mark_zero3_leaf_layers(model) == layers
+    marked = [name for name, m in model.named_modules() if z3_leaf_module(m)]
+    cfg = model.lm.config
+    n_layers = cfg.num_layers + cfg.num_decoder_layers if backbone == "tiny-t5" else \
+        cfg.encoder_layers + cfg.decoder_layers
+    assert len(marked) == n_layers and all(type(model.get_submodule(n)).__name__ in layers for n in marked)
+    assert all(n.startswith("lm.") for n in marked)

@@ -80,7 +80,9 @@ def test_optimizer_state_only_for_trainable_parameters(runs, h, name, world):
 
 
 def test_gradient_checkpointing_under_zero3_gives_the_same_gradients(runs, h):
-    """Same data and updates with and without checkpointing: equal losses and global gradient norms."""
+    """Same data and updates with and without checkpointing: equal losses and global gradient norms.
+    The checkpointed run also gathers module by module (``train.zero3_leaf_layers=false``) where the
+    other gathers each LM layer as one unit: neither changes what is computed."""
     plain, ckpt = h.read_log(runs("single_2r")), h.read_log(runs("single_2r_gc"))
     assert h.read_json(runs("single_2r_gc") / "run_summary.json")["gradient_checkpointing"] is True
     for a, b in zip(plain, ckpt):

@@ -457,7 +457,25 @@ def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype 
         return build_lm_zero3(name, ds_config=ds_config, reports=reports, **kwargs)
 
     model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype, lm_builder=zero3_build_lm)
+    if cfg.train.zero3_leaf_layers:
+        mark_zero3_leaf_layers(model)
     return model, hf_ds, (reports[0] if reports else None)
+
+
+def mark_zero3_leaf_layers(model: torch.nn.Module) -> list[str]:
+    """Make each transformer layer of the LM one ZeRO-3 unit (DeepSpeed's ``set_z3_leaf_modules``): its
+    parameters, the PEFT modules inside included, are gathered once when the layer starts and released
+    when it ends, instead of every linear / norm / adapter paying its own gather and release hooks.
+    The layers are the LM's ``_no_split_modules`` (transformers' own unit, e.g. ``T5Block``,
+    ``BartEncoderLayer``); the gathered working set is one layer, as with DeepSpeed's prefetching.
+    Speed: ``benchmarks/zero3_leaf.py`` (BENCHMARKS.md). -> the marked class names."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    lm = model.lm if hasattr(model, "lm") else model
+    classes = sorted(getattr(lm, "_no_split_modules", None) or [])
+    if classes:
+        set_z3_leaf_modules(lm, classes)
+    return classes
 
 
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

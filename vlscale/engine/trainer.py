@@ -51,8 +51,9 @@ from vlscale.engine.evaluation import evaluate, format_scores, to_device, write_
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 # Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every",
-                     "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples")
+RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every", "train.test_eval",
+                     "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
+                     "train.zero3_leaf_layers")
 
 
 class NonFiniteLoss(RuntimeError):
