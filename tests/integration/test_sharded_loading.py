@@ -220,7 +220,7 @@ def test_loader_errors_name_what_is_wrong(sharded_ckpt, tmp_path):
                                               ("tiny-bart", ["BartDecoderLayer", "BartEncoderLayer"])])
 def test_lm_layers_are_marked_as_zero3_units(backbone, layers):
     """Exactly the LM's transformer layers become DeepSpeed leaf modules (gathered as one unit); CLIP,
-    the projection and the modules inside a layer (its adapters) stay unmarked."""
+    the projection, the PEFT modules and the modules inside a layer stay unmarked."""
     from deepspeed.utils import z3_leaf_module
 
     from vlscale.config import load_config

@@ -464,8 +464,9 @@ def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype 
 
 def mark_zero3_leaf_layers(model: torch.nn.Module) -> list[str]:
     """Make each transformer layer of the LM one ZeRO-3 unit (DeepSpeed's ``set_z3_leaf_modules``): its
-    parameters, the PEFT modules inside included, are gathered once when the layer starts and released
-    when it ends, instead of every linear / norm / adapter paying its own gather and release hooks.
+    frozen weights and norms are gathered once when the layer starts and released when it ends, instead
+    of every linear and norm paying its own gather and release hooks. The PEFT modules live outside the
+    LM (``VLModel.peft``, called from hooks) and keep their own.
     The layers are the LM's ``_no_split_modules`` (transformers' own unit, e.g. ``T5Block``,
     ``BartEncoderLayer``); the gathered working set is one layer, as with DeepSpeed's prefetching.
     Speed: ``benchmarks/zero3_leaf.py`` (BENCHMARKS.md). -> the marked class names."""
