@@ -277,3 +277,34 @@ def test_launcher_cache_equals_on_the_fly_features(encoder, weights, tmp_path, t
 
 def on_the_fly_source(cfg, overrides, task):
     return build_visual_source(load_config("tiny", overrides), task, "train")
+
+
+def test_a_second_writer_waits_for_the_first_and_skips_what_it_wrote(tmp_path, capfd):
+    """Two extractions into one cache (e.g. two processes started together): the second writer waits
+    on the folder's lock while the first writes, then sees its index; no shard is overwritten."""
+    import threading
+
+    meta = {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32"}
+    first = FeatureWriter(tmp_path / "c", meta, shard_size=1)
+    first.add("a", torch.ones(4, 3))  # flushed: shard_00000
+    second = {}
+    thread = threading.Thread(target=lambda: second.setdefault("w", FeatureWriter(tmp_path / "c", meta, shard_size=1)))
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive(), "the second writer did not wait for the first"
+    first.add("b", 2 * torch.ones(4, 3))
+    first.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert "another extraction is writing it; waiting" in capfd.readouterr().err
+    w = second["w"]
+    assert "a" in w and "b" in w
+    w.add("c", 3 * torch.ones(4, 3))
+    w.close()
+    cache = FeatureCache(tmp_path / "c", vision=VISION)
+    for i, v in (("a", 1), ("b", 2), ("c", 3)):
+        torch.testing.assert_close(cache[i], v * torch.ones(4, 3))
+    # a writer refused for other settings leaves the lock free
+    with pytest.raises(ValueError, match="different settings"):
+        FeatureWriter(tmp_path / "c", dict(meta, vision="RN50"))
+    FeatureWriter(tmp_path / "c", meta).close()

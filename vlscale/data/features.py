@@ -9,7 +9,9 @@ Layout of a cache folder (written by launchers/extract_features.py through :func
     shard_00001.safetensors     or (F, E) per-frame CLIP embeddings of a video
 
 Shards and the index are written to a temporary name and renamed, so an interrupted extraction
-leaves a valid cache; a re-run skips the ids already in the index. Features are stored in fp32 (or
+leaves a valid cache; a re-run skips the ids already in the index. One writer at a time per folder
+(an exclusive lock on ``.lock``): a second extraction into the same cache waits for the first to
+finish, then skips what it wrote. Features are stored in fp32 (or
 fp16 on request) and always read back as fp32. :class:`FeatureCache` checks ``meta.json`` against
 the run's vision model, so features of one CLIP model are never fed to a model built for another.
 """
@@ -25,6 +27,7 @@ import torch
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _UNSET = object()
@@ -117,12 +120,37 @@ class FeatureCache:
         return f"FeatureCache({str(self.root)!r}, vision={self.meta.get('vision')!r}, {len(self.index)} ids)"
 
 
+def _lock_folder(root: Path):
+    """Hold ``root/.lock`` exclusively (released by closing the returned file); wait, saying so, while
+    another process holds it."""
+    import fcntl
+    import sys
+
+    f = open(root / LOCK_FILE, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"feature cache {root}: another extraction is writing it; waiting for it to finish",
+              file=sys.stderr, flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 class FeatureWriter:
-    """Appends features to a cache folder shard by shard (atomic writes; resumable)."""
+    """Appends features to a cache folder shard by shard (atomic writes; resumable). Holds the folder's
+    lock from construction to :meth:`close`, so its index and shard numbers are its own."""
 
     def __init__(self, root, meta: dict, shard_size: int = 512):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_folder(self.root)
+        try:
+            self._open(meta, shard_size)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, meta: dict, shard_size: int) -> None:
         if meta.get("dtype") not in DTYPES:
             raise ValueError(f"feature dtype {meta.get('dtype')!r} is not one of {list(DTYPES)}")
         meta = dict(meta, format=FORMAT_VERSION)
@@ -176,10 +204,13 @@ class FeatureWriter:
         _write_json_atomic(self.root / INDEX_FILE, self.index)
 
     def close(self) -> None:
-        self.flush()
-        if not (self.root / META_FILE).exists():
-            _write_json_atomic(self.root / META_FILE, self.meta)
-            _write_json_atomic(self.root / INDEX_FILE, self.index)
+        try:
+            self.flush()
+            if not (self.root / META_FILE).exists():
+                _write_json_atomic(self.root / META_FILE, self.meta)
+                _write_json_atomic(self.root / INDEX_FILE, self.index)
+        finally:
+            self._lock.close()  # releases the lock
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
