@@ -16,7 +16,8 @@ mini-CLIP-RN grid features (3 x 3 x 512, made with launchers/extract_features.py
   one-hot colour and shape), ``vl-random-*`` a randomly initialised mini BART, ``*-dropout0``
   without dropout (the mini BART's is 0.1), ``*-textfirst`` with VL-T5's encoder layout
   [text; visual tokens] instead of DESIGN.md's [visual tokens; text] (the text then keeps the
-  positions it was pretrained at).
+  positions it was pretrained at), ``vl-t5-*`` the pretrained mini T5 (pre-LN, relative position
+  buckets) in place of the mini BART (post-LN, learned positions).
 
 Figures go to BENCHMARKS.md ("What the miniature does not learn, and why").
 """
@@ -58,6 +59,9 @@ ROWS = {
     "vl-random-ft-3e-4": ("vl", 3e-4, ["peft.train_lm=true", "model.pretrained=false"], False),
     "vl-ft-3e-4-textfirst": ("vl-textfirst", 3e-4, ["peft.train_lm=true"], False),
     "vl-adapter-1e-3-textfirst": ("vl-textfirst", 1e-3, ["peft.method=adapter"], False),
+    # the project's pretrained mini-t5 (pre-LN, relative positions) in place of mini-bart (post-LN)
+    "vl-t5-ft-3e-4": ("vl", 3e-4, ["peft.train_lm=true", "model.backbone=mini-t5"], False),
+    "vl-t5-adapter-1e-3": ("vl", 1e-3, ["peft.method=adapter", "model.backbone=mini-t5"], False),
 }
 DEFAULT_ROWS = ("cls", "vl-ft-1e-4", "vl-ft-3e-4", "vl-ft-1e-3", "vl-adapter-1e-3", "vl-oracle-ft-1e-3",
                 "vl-oracle-ft-3e-4")

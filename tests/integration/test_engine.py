@@ -224,6 +224,22 @@ def test_watchdog_ends_a_stuck_process(h):
     assert "rank 5: no progress" in proc.stderr
 
 
+def test_a_single_process_group_needs_no_port(monkeypatch):
+    """Without a launcher the 1-rank group rendezvous through a file store in a fresh folder, so runs
+    started together (replicate.py's rows) cannot race for one "free" TCP port (EADDRINUSE seen in CI).
+    Every 1-process run of this suite (single_1p, multi_1p, the NaN run, the learning run) uses it."""
+    from vlscale.engine.distributed import _single_process_env
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    first, second = _single_process_env(), _single_process_env()
+    assert first.startswith("file://") and first != second
+    for url in (first, second):
+        folder = os.path.dirname(url[len("file://"):])
+        assert os.path.isdir(folder) and not os.listdir(folder)
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+
+
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 def test_gradient_checkpointing_gives_the_same_gradients(h):

@@ -92,13 +92,23 @@ def watchdog_timeout_s() -> float:
         raise ValueError(f"VLSCALE_WATCHDOG_TIMEOUT={raw!r} must be a number of seconds") from None
 
 
-def _single_process_env() -> None:
-    """No launcher: a 1-rank group on a free local port."""
+def _single_process_env() -> str:
+    """No launcher: a 1-rank group. -> its ``init_method``: a file store in a fresh temporary folder
+    rather than a TCP port (runs started together, as replicate.py's rows are, could be handed the same
+    "free" port, and one then failed with EADDRINUSE). The launcher variables are set as well
+    (DeepSpeed requires them)."""
+    import atexit
+    import shutil
+    import tempfile
+
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    folder = tempfile.mkdtemp(prefix="vlscale_group_")
+    atexit.register(shutil.rmtree, folder, True)
+    return f"file://{folder}/store"
 
 
 def share_cpu_cores() -> int:
@@ -118,15 +128,16 @@ def share_cpu_cores() -> int:
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
+    single = {}
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        _single_process_env()
+        single = {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
     import deepspeed
     import torch.distributed as dist
 
     backend = "gloo" if device_type == "cpu" else None  # None: the accelerator's (nccl on CUDA)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
-                                   timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()))
+                                   timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if device_type == "cpu":
