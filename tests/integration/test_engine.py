@@ -230,8 +230,9 @@ def test_a_single_process_group_needs_no_port(monkeypatch):
     Every 1-process run of this suite (single_1p, multi_1p, the NaN run, the learning run) uses it."""
     from vlscale.engine.distributed import _single_process_env
 
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    # a copy of the environment for this test: what the function sets must not reach later launches
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in launcher_vars})
     first, second = _single_process_env(), _single_process_env()
     assert first.startswith("file://") and first != second
     for url in (first, second):

@@ -138,6 +138,18 @@ def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
         plan_job(row, ov, run, "bbbb")
 
 
+def test_rows_run_as_their_own_jobs(monkeypatch):
+    """Launcher variables of the calling process (run under torchrun, an MPI job...) do not reach a row's
+    commands, which are one-process jobs each."""
+    from vlscale.replicate import subprocess_env
+
+    for var, value in (("RANK", "3"), ("WORLD_SIZE", "8"), ("MASTER_PORT", "29500"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(var, value)
+    env = subprocess_env(2)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK"} & set(env)
+    assert env["OMP_NUM_THREADS"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @needs_assets
