@@ -61,21 +61,15 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def refused_before_start(args: argparse.Namespace) -> str | None:
+def refused_before_start(cfg, resume: bool) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
     an output_dir holding another run's checkpoint (without --resume), or --resume with none, fails in
-    a second instead of after start-up. A config error is left to the full start-up, which reports it
-    with its context; so are ranks that see another filesystem (rank 0's check after start-up decides)."""
-    from vlscale.config import load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except Exception:
-        return None
+    a second instead of after start-up. Ranks that see another filesystem are left to rank 0's check
+    after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
 
     try:
-        check_output_dir(cfg.output_dir, args.resume)
+        check_output_dir(cfg.output_dir, resume)
     except CheckpointError as e:
         return str(e)
     return None
@@ -84,7 +78,13 @@ def refused_before_start(args: argparse.Namespace) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_library_warnings()
-    refusal = refused_before_start(args)
+    from vlscale.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except Exception:
+        cfg = None  # loaded again after start-up, where the error is reported with its context
+    refusal = cfg is not None and refused_before_start(cfg, args.resume)
     if refusal:
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: CheckpointError: {refusal}", file=sys.stderr, flush=True)
         return 1
@@ -92,13 +92,12 @@ def main(argv=None) -> int:
     from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads
 
     dist = init_distributed()
-    from vlscale.config import load_config
     from vlscale.engine import trainer
     from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note
 
     run = None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = cfg or load_config(args.config, args.overrides)
         ds_config = build_deepspeed_config(resolve_ds_file(args.deepspeed), cfg, dist.world_size,
                                            device_type=dist.device_type)
         if dist.is_main:

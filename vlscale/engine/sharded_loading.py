@@ -457,20 +457,23 @@ def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype 
         return build_lm_zero3(name, ds_config=ds_config, reports=reports, **kwargs)
 
     model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype, lm_builder=zero3_build_lm)
-    if cfg.train.zero3_leaf_layers:
-        mark_zero3_leaf_layers(model)
+    mark_zero3_leaf_layers(model, cfg)
     return model, hf_ds, (reports[0] if reports else None)
 
 
-def mark_zero3_leaf_layers(model: torch.nn.Module) -> list[str]:
+def mark_zero3_leaf_layers(model: torch.nn.Module, cfg=None) -> list[str]:
     """Make each transformer layer of the LM one ZeRO-3 unit (DeepSpeed's ``set_z3_leaf_modules``): its
     frozen weights and norms are gathered once when the layer starts and released when it ends, instead
     of every linear and norm paying its own gather and release hooks. The PEFT modules live outside the
     LM (``VLModel.peft``, called from hooks) and keep their own.
     The layers are the LM's ``_no_split_modules`` (transformers' own unit, e.g. ``T5Block``,
     ``BartEncoderLayer``); the gathered working set is one layer, as with DeepSpeed's prefetching.
-    Speed: ``benchmarks/zero3_leaf.py`` (BENCHMARKS.md). -> the marked class names."""
+    Speed: ``benchmarks/zero3_leaf.py`` (BENCHMARKS.md). Nothing when ``cfg.train.zero3_leaf_layers``
+    is off. -> the marked class names."""
     from deepspeed.utils import set_z3_leaf_modules
+
+    if cfg is not None and not cfg.train.zero3_leaf_layers:
+        return []
 
     lm = model.lm if hasattr(model, "lm") else model
     classes = sorted(getattr(lm, "_no_split_modules", None) or [])

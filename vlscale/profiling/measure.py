@@ -367,10 +367,10 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
     device_type = "cuda" if cuda else "cpu"
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
-    if stage == 3 and cfg.train.zero3_leaf_layers:
+    if stage == 3:
         from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
 
-        mark_zero3_leaf_layers(model)  # as the trainer's build_model_zero3
+        mark_zero3_leaf_layers(model, cfg)  # as the trainer's build_model_zero3
     tracker = LiveTensorTracker(device_type)
     tracker.track(list(model.parameters()) + list(model.buffers()))
     if cuda:
