@@ -1,6 +1,7 @@
 """Predicted vs measured per-rank memory on CPU (DeepSpeed's CPU accelerator, gloo), by component.
 
     python benchmarks/profile_accuracy.py [--json] [--only NAME ...] [--steps 3]
+    python benchmarks/profile_accuracy.py --knobs [--json] [--only NAME ...]
 
 Eight configurations of the tiny CLIP-RN + T5/BART world: one process and 2-rank ZeRO-3, adapters,
 LoRA and full fine-tuning, checkpointing on and off, two micro-batch sizes, fp32 and bf16. For each:
@@ -9,6 +10,13 @@ run of 3 training steps (vlscale.profiling.measure.measure_memory: parameter/gra
 bytes read from the engine's tensors, activations from saved_tensors_hooks, the peak of live tensor
 bytes from a TorchDispatchMode, the process RSS beside it), with the relative error of each.
 Acceptance: params/grads/optimizer exact, activations/buffers/peak within 10%.
+
+``--knobs``: the ZeRO-3 settings users turn to fit a large model (stage3_max_reuse_distance,
+stage3_prefetch_bucket_size, stage3_max_live_parameters; LM layers as leaf units or not; CLIP on the
+fly or cached features) on 2 ranks, fp32, micro-batch 1, with t5-small and tiny-t5-wide (T5-3B's
+proportions: a layer outweighs the embedding). Compared: the peak of the training steps after the
+first (DeepSpeed's trace is complete then), without the set-up, against the estimate's largest
+training phase.
 """
 
 from __future__ import annotations
@@ -38,6 +46,53 @@ CONFIGS = [
 ]
 KEYS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
 
+KNOBS = {"default": {}, "reuse 0, no prefetch": {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+         "reuse 0": {"stage3_max_reuse_distance": 0}, "prefetch 5e7": {"stage3_prefetch_bucket_size": 50_000_000}}
+KNOB_ROWS = ([("t5-small", "images", k) for k in KNOBS] + [("t5-small", "cache", "reuse 0")]
+             + [("tiny-t5-wide", "images", k) for k in KNOBS]
+             + [("tiny-t5-wide", "images", "live 1e6"), ("tiny-t5-wide", "images", "live 1e6, reuse 0")])
+KNOBS.update({"live 1e6": {"stage3_max_live_parameters": 1_000_000},
+              "live 1e6, reuse 0": {"stage3_max_live_parameters": 1_000_000, "stage3_max_reuse_distance": 0}})
+
+
+def run_knob(backbone: str, features: str, knob: str, leaf: bool, steps: int) -> dict:
+    from vlscale.config import load_config
+    from vlscale.profiling.analytic import estimate_memory, resolve_ds_config
+    from vlscale.profiling.measure import measure_memory
+
+    cfg = load_config("tiny", [f"model.backbone={backbone}", f"model.feature_source={features}", "train.zero_stage=3",
+                               "train.micro_batch_size=1", f"train.zero3_leaf_layers={str(leaf).lower()}"])
+    ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
+    ds["zero_optimization"].update(KNOBS[knob])
+    t0 = time.time()
+    meas = measure_memory(cfg, 2, ds, steps=steps)
+    est = estimate_memory(cfg, 2, ds, device="cpu")
+    measured = max(v for k, v in meas["phase_peaks"].items() if k[-1].isdigit() and not k.endswith("0"))
+    train = {k: v for k, v in est.phases.items() if k != "init"}
+    phase = max(train, key=train.get)
+    return {"backbone": backbone, "features": features, "knob": knob, "zero_optimization": KNOBS[knob],
+            "leaf_layers": leaf, "measured_train_peak": measured, "predicted_train_peak": train[phase],
+            "predicted_phase": phase, "error": (train[phase] - measured) / measured,
+            "zero3_gathered": est.detail["zero3_gathered"], "wall_s": round(time.time() - t0, 1)}
+
+
+def knobs_main(args) -> int:
+    rows = []
+    for backbone, features, knob in KNOB_ROWS:
+        for leaf in (True, False):
+            label = f"{backbone} {features} {knob} {'leaf' if leaf else 'module'}"
+            if args.only and not any(s in label for s in args.only):
+                continue
+            rows.append(run_knob(backbone, features, knob, leaf, args.steps))
+            r = rows[-1]
+            if not args.json:
+                print(f"{label:48s} measured {r['measured_train_peak'] / 2**20:8.2f} MiB  predicted "
+                      f"{r['predicted_train_peak'] / 2**20:8.2f} MiB ({r['error']:+.1%}, {r['predicted_phase']})"
+                      f"  [{r['wall_s']}s]", flush=True)
+    if args.json:
+        print(json.dumps({"knobs": rows}, indent=1))
+    return 0
+
 
 def run_one(name: str, world: int, overrides: list[str], steps: int) -> dict:
     from vlscale.config import load_config
@@ -64,7 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help="substrings of configuration names to run")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--knobs", action="store_true", help="the ZeRO-3 settings table instead (training-step peaks)")
     args = p.parse_args(argv)
+    if args.knobs:
+        return knobs_main(args)
     from vlscale.profiling.analytic import fmt_bytes
 
     rows = []

@@ -7,8 +7,8 @@ device in seconds. Weights load only for training and evaluation, through ``from
 plus the tiny test models registered by :mod:`vlscale.modeling.vision`.
 
 Names are hub ids (``google-t5/t5-11b``, ``facebook/bart-base``, ``google/flan-t5-xxl``); the
-short forms (``t5-11b``, ``bart-base``, ``flan-t5-xxl``) are accepted too. ``tiny-t5`` and
-``tiny-bart`` are small random architectures for tests and the embedded default.
+short forms (``t5-11b``, ``bart-base``, ``flan-t5-xxl``) are accepted too. ``tiny-t5``,
+``tiny-t5-wide`` and ``tiny-bart`` are small random architectures for tests and the embedded default.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ LM_REGISTRY: dict[str, dict] = {
     # Tiny random architectures (tests, the embedded default). Vocabulary is resized to the
     # tokenizer's length when the model is built.
     "tiny-t5": _t5(64, 128, 4, 2, d_kv=16, base=dict(_T5_V1, vocab_size=1100, dropout_rate=0.0)),
+    # T5-3B's proportions (d_ff = 16 d_model, heads x d_kv = 4 d_model): a layer outweighs the
+    # embedding, as in t5-3b / t5-11b, for the ZeRO-3 memory profiler's tests.
+    "tiny-t5-wide": _t5(128, 2048, 4, 2, d_kv=128, base=dict(_T5_V1, vocab_size=1100, dropout_rate=0.0)),
     "tiny-bart": dict(_bart(64, 128, 4, 2), vocab_size=1100, max_position_embeddings=256,
                       dropout=0.0, pad_token_id=0, bos_token_id=3, eos_token_id=1,
                       decoder_start_token_id=1, forced_eos_token_id=1),

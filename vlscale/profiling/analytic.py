@@ -733,7 +733,9 @@ class StateReport:
     init_transient: int = 0  # DeepSpeed's set-up (flattening, state initialisation)
     comm_persistent: int = 0  # ZeRO-3's reduce bucket (allocated once)
     comm_backward: int = 0  # reduce buckets live during backward
-    gathered: int = 0  # ZeRO-3: parameters gathered for the running module + prefetch
+    gathered: int = 0  # ZeRO-3: parameters gathered at the end of forward (kept by reuse distance, prefetched)
+    gathered_backward: int = 0  # ZeRO-3: gathered while backward runs the layers (prefetched, or the unit)
+    gather_transient: int = 0  # ZeRO-3: a flat all-gather buffer beside ``gathered`` mid-forward
     optimizer_lazy: bool = False  # torch's AdamW creates its moments at the first step
     detail: dict = field(default_factory=dict)
 
@@ -743,7 +745,8 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: str,
-                 device: str = "cuda", foreach: Optional[bool] = None) -> StateReport:
+                 device: str = "cuda", foreach: Optional[bool] = None, leaf_layers: bool = False,
+                 prefetch_fills: bool = True) -> StateReport:
     """Bytes of parameters, gradients and optimizer state per rank, following DeepSpeed's layout:
 
     * stage 0: the engine's torch AdamW holds per-parameter moments (fp32 runs update the
@@ -778,7 +781,8 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
                 budget += n
         out.persistent_params = persist
         out.params = sum(_ceil_div(n, W) for n in inv.numels) * b + persist
-        out.gathered = _zero3_gathered_numel(inv, z, W) * b
+        gathered, backward, transient = _zero3_gathered_numel(inv, z, W, leaf_layers, prefetch_fills)
+        out.gathered, out.gathered_backward, out.gather_transient = gathered * b, backward * b, transient * b
     if st == 0:
         if precision == "fp32":
             out.optimizer = sum(2 * n * 4 + 4 for n in tr_numels)
@@ -867,31 +871,83 @@ def _forward_position(name: str, n_enc: int, tied: bool) -> float:
     return 1e9  # decoder final norm, output layer, hypernetworks shared by every site
 
 
-def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int) -> int:
-    """Elements of ZeRO-3 parameters held whole (beyond their partitions) at the end of forward.
+_LM_LAYER = re.compile(r"^(lm\.(?:model\.)?(?:encoder|decoder)\.(?:block|layers)\.\d+)\.")
 
-    A gathered parameter is released after its module runs unless its next use comes within
-    ``stage3_max_reuse_distance`` elements of fetched parameters; at the end of forward the next
-    use is in backward (distance ~ 2x the parameters used after it), so the last modules' weights
-    stay gathered (all of a small model's). On one rank gathering aliases the partition: nothing.
+
+def _gather_units(inv: ParamInventory, threshold: int, leaf_layers: bool, skip=frozenset()) -> list[list[int]]:
+    """The ZeRO-3 gathering units outside CLIP, each a list of its gathered (non-persistent) element counts:
+    an LM layer when ``train.zero3_leaf_layers`` makes it a DeepSpeed leaf module, otherwise each
+    module's own parameters. Parameters named in ``skip`` are left out."""
+    units: dict[str, list[int]] = {}
+    for name, n in zip(inv.names, inv.numels):
+        if name.startswith("vision.") or n <= threshold or name in skip:
+            continue
+        m = _LM_LAYER.match(name) if leaf_layers else None
+        units.setdefault(m.group(1) if m else name.rsplit(".", 1)[0], []).append(n)
+    return list(units.values())
+
+
+def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_layers: bool = False,
+                          prefetch_fills: bool = True) -> tuple[int, int, int]:
+    """ZeRO-3 parameters held whole (beyond their partitions): at the end of forward and the start of
+    backward; while backward runs the layers; and the flat all-gather buffer beside them mid-forward.
+    Element counts; on one rank gathering aliases the partition: nothing.
+
+    How DeepSpeed behaves (``PartitionedParameterCoordinator``, measured with the live-tensor tracker
+    on 2 CPU ranks, ``benchmarks/profile_accuracy.py``'s ZeRO-knob rows):
+
+    * a parameter is released after its module runs unless its next use comes within
+      ``stage3_max_reuse_distance`` elements of fetched parameters; at the end of forward the next use
+      is in backward (distance ~ 2x the parameters used after it), so the last modules' weights stay
+      gathered (all of a small model's). ``stage3_max_live_parameters`` does not limit this. In
+      backward a unit's parameters are released after its use (they do not come back before the
+      step ends);
+    * with prefetching on (``stage3_prefetch_bucket_size`` > 0) each module call gathers up to a bucket
+      ahead while fewer than ``stage3_max_live_parameters`` elements are gathered. Every module call
+      prefetches, parameterless ones too; where the calls outnumber the parameters (module-by-module
+      hooks, or CLIP's many modules run first) the prefetch runs ahead of use and the gathered set
+      fills up to that limit whatever the reuse distance (``prefetch_fills``). With the LM's layers
+      as leaf units and cached features one call consumes a whole layer and it does not (measured:
+      22.9 M of t5-small's 64.6 M elements gathered with reuse distance 0, against all without leaf
+      units);
+    * a unit that prefetching did not bring (none, or no room under the limit beside what is kept) is
+      gathered on demand; with several parameters (an LM layer when it is a leaf module) the flat
+      all-gather buffer and the parameters' copies exist at once (2x the unit);
+    * a prefetch's flat buffer lives until the last of its parameters is used: up to one bucket.
     """
     if W == 1:
-        return 0
+        return 0, 0, 0
     n_enc = sum(1 for n in inv.names if re.search(r"encoder(\.block\.|\.layers\.)\d+\.", n) and
                 n.endswith(("q.weight", "q_proj.weight")) and "EncDec" not in n and "encoder_attn" not in n)
     tied = not any(n.startswith("lm.lm_head") for n in inv.names)
-    entries = sorted(((_forward_position(nm, n_enc, tied), n) for nm, n in zip(inv.names, inv.numels)
+    thr = z.param_persistence_threshold
+    entries = sorted(((_forward_position(nm, n_enc, tied), n, nm) for nm, n in zip(inv.names, inv.numels)
                       if not nm.startswith("vision.")), key=lambda e: -e[0])
-    kept, after = 0, 0
+    gatherable = sum(n for _, n, _ in entries if n > thr)
+    kept, after, kept_names = 0, 0, set()
     i = 0
     while i < len(entries):  # parameters of one position share their distance
         pos = entries[i][0]
-        same = [n for q, n in entries[i:] if q == pos]
+        same = [(n, nm) for q, n, nm in entries[i:] if q == pos]
         if 2 * after <= z.max_reuse_distance:
-            kept += sum(n for n in same if n > z.param_persistence_threshold)
-        after += sum(same)
+            kept += sum(n for n, _ in same if n > thr)
+            kept_names.update(nm for _, nm in same)
+        after += sum(n for n, _ in same)
         i += len(same)
-    return min(kept, z.max_live_parameters)
+    prefetch = z.prefetch_bucket_size > 0
+    unit = max(_gather_units(inv, thr, leaf_layers, kept_names), key=lambda u: sum(u) * (2 if len(u) > 1 else 1),
+               default=[])  # the largest unit that is not kept from forward to backward
+    running, flat = sum(unit), (sum(unit) if len(unit) > 1 else 0)
+    fill = min(z.max_live_parameters, gatherable) if prefetch and prefetch_fills else 0
+    gathered = min(max(kept, fill), gatherable)
+    # backward releases each unit after its use (it does not come back before the step ends)
+    if prefetch and running <= z.max_live_parameters:
+        backward = max(fill, running)
+    else:
+        backward = min(max(running + flat, fill), gatherable + flat)
+    on_demand_fwd = not prefetch or kept + running > z.max_live_parameters
+    transient = max(min(z.prefetch_bucket_size, gatherable) if prefetch else 0, flat if on_demand_fwd else 0)
+    return gathered, backward, transient
 
 
 def _sub_groups(numels: list[int], W: int, sub_group_size: int) -> list[list[int]]:
@@ -1002,7 +1058,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     shapes = run_shapes(cfg, inv.vocab_size)
     zero3_linear = z.stage == 3 and z.memory_efficient_linear
     act = activation_report(cfg, shapes, TapeOptions(device=device, b=b, zero3_linear=zero3_linear, padded=padded))
-    st = engine_state(inv, z, world_size, precision, device)
+    leaf = cfg.train.zero3_leaf_layers
+    st = engine_state(inv, z, world_size, precision, device, leaf_layers=leaf,
+                      prefetch_fills=not leaf or shapes.vision_on_the_fly)
 
     N, V = shapes.batch * shapes.dec_len, shapes.vocab
     L = act.logits
@@ -1033,13 +1091,19 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
 
     vision_gathered = 0
     if z.stage == 3 and world_size > 1 and shapes.vision_on_the_fly:
-        vision_gathered = min(z.max_live_parameters, inv.vision_params + z.prefetch_bucket_size) * b
+        vision_gathered = inv.vision_params * b + st.gather_transient
     phase("vision_forward", base + g_persist + act.vision_transient + vision_gathered, 0, g_persist)
+    if st.gather_transient:  # late in forward, before the logits: a flat all-gather buffer beside the gathered
+        phase("forward_gather", base + g_persist + A + act.encoder_output + st.gathered + st.gather_transient,
+              A, g_persist)
     phase("forward_end", base + g_persist + A + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
     phase("backward_start", base + g_persist + A + kept_in_backward + head_grads + st.gathered, A, g_persist)
+    if z.stage == 3:  # backward's first layers: the head's gradients gone, its weight released
+        phase("backward_gather", base + g_persist + A + kept_in_backward + st.gathered_backward, A, g_persist)
     if cfg.train.gradient_checkpointing:
-        phase("backward_recompute", base + g_persist + A + act.block_peak + kept_in_backward + st.gathered
-              + st.comm_backward, A + act.block_peak, g_persist)
+        # the last layer's recompute: what forward kept is still there, or a unit gathered on demand later
+        phase("backward_recompute", base + g_persist + A + act.block_peak + kept_in_backward
+              + max(st.gathered, st.gathered_backward) + st.comm_backward, A + act.block_peak, g_persist)
     phase("backward_end", base + st.grads + st.comm_backward + kept_after_backward, 0, st.grads)
     phase("optimizer_step", base + st.grads + st.step_transient + kept_after_backward, 0, st.grads)
     if z.stage in (1, 2):
@@ -1073,7 +1137,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     detail = {"trainable_params": inv.n_trainable, "total_params": inv.total, "vocab_size": inv.vocab_size,
               "activation_parts": act.by_part, "block_recompute_peak": act.block_peak, "logits": L,
               "log_probs": act.log_probs, "batch": act.batch_bytes, "vision_transient": act.vision_transient,
-              "zero3_gathered": st.gathered, "zero3_persistent_params": st.persistent_params,
+              "zero3_gathered": st.gathered, "zero3_gathered_backward": st.gathered_backward,
+              "zero3_gather_transient": st.gather_transient,
+              "zero3_persistent_params": st.persistent_params,
               "comm_buckets": st.comm_persistent + st.comm_backward, "step_transient": st.step_transient,
               "init_transient": st.init_transient, "vision_params": inv.vision_params,
               "vision_tokens": shapes.vision_tokens_per_image + (0 if shapes.vision_resnet else 1)}
