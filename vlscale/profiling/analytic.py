@@ -935,18 +935,23 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
         after += sum(n for n, _ in same)
         i += len(same)
     prefetch = z.prefetch_bucket_size > 0
-    unit = max(_gather_units(inv, thr, leaf_layers, kept_names), key=lambda u: sum(u) * (2 if len(u) > 1 else 1),
-               default=[])  # the largest unit that is not kept from forward to backward
-    running, flat = sum(unit), (sum(unit) if len(unit) > 1 else 0)
+
+    def sizes(units):  # the largest unit, the most an on-demand gather holds (2x with several parameters), a flat buffer
+        return (max((sum(u) for u in units), default=0),
+                max((sum(u) * (2 if len(u) > 1 else 1) for u in units), default=0),
+                max((sum(u) for u in units if len(u) > 1), default=0))
+
+    running, work, flat = sizes(_gather_units(inv, thr, leaf_layers, kept_names))  # not kept into backward
+    first, _, first_flat = sizes(_gather_units(inv, thr, leaf_layers))  # forward gathers every unit once
     fill = min(z.max_live_parameters, gatherable) if prefetch and prefetch_fills else 0
     gathered = min(max(kept, fill), gatherable)
     # backward releases each unit after its use (it does not come back before the step ends)
     if prefetch and running <= z.max_live_parameters:
         backward = max(fill, running)
     else:
-        backward = min(max(running + flat, fill), gatherable + flat)
-    on_demand_fwd = not prefetch or kept + running > z.max_live_parameters
-    transient = max(min(z.prefetch_bucket_size, gatherable) if prefetch else 0, flat if on_demand_fwd else 0)
+        backward = min(max(work, fill), gatherable + flat)
+    on_demand_fwd = not prefetch or kept + first > z.max_live_parameters
+    transient = max(min(z.prefetch_bucket_size, gatherable) if prefetch else 0, first_flat if on_demand_fwd else 0)
     return gathered, backward, transient
 
 
