@@ -466,7 +466,11 @@ def _worker(spec_path: str, out_path: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(int(spec.get("threads", 1)))
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    from vlscale.engine.distributed import _single_process_env
+
+    # one rank: a file store, no port (measure_memory starts it without launcher variables)
+    single = {} if "RANK" in os.environ else {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
+    deepspeed.init_distributed(dist_backend=backend, **single)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     importlib.import_module("torch._dynamo")  # before DeepSpeed patches tensor creation (ZeRO-3)
@@ -477,14 +481,6 @@ def _worker(spec_path: str, out_path: str) -> None:
         json.dump(result, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *, vocab_size: Optional[int] = None,
@@ -503,6 +499,7 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
     import sys
     import tempfile
 
+    from vlscale.engine.distributed import LAUNCHER_VARS, free_port
     from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
 
     ds = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size, None)
@@ -520,12 +517,11 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         args = ["-m", "vlscale.profiling.measure", "--worker", spec_path, out_path]
-        port = _free_port()
+        env = {k: v for k, v in env.items() if k not in LAUNCHER_VARS}  # a fresh group of its own
         if world_size > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
-                   "--master_addr", "127.0.0.1", "--master_port", str(port)] + args
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
         else:
-            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             cmd = [sys.executable] + args
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
