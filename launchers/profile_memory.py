@@ -181,6 +181,17 @@ def main(argv=None) -> int:
     print(component_table(est.components, out.get("measured")))
     print(f"peak phase: {est.peak_phase}" + (f" (measured: {out['measured'].get('peak_phase')})"
                                              if args.measure else ""))
+    if s["zero_stage"] == 3 and args.world_size > 1:
+        from vlscale.profiling.analytic import ZeroSettings
+
+        z = ZeroSettings.from_ds_config(ds, stage=3)
+        d = est.detail
+        print(f"ZeRO-3 gathered parameters per rank: {fmt_bytes(d['zero3_gathered'])} at the end of forward, "
+              f"{fmt_bytes(d['zero3_gathered_backward'])} while backward runs the layers, "
+              f"+{fmt_bytes(d['zero3_gather_transient'])} all-gather buffer mid-forward "
+              f"(stage3_max_reuse_distance {z.max_reuse_distance:.3g}, stage3_prefetch_bucket_size "
+              f"{z.prefetch_bucket_size:.3g}, stage3_max_live_parameters {z.max_live_parameters:.3g}, LM layers "
+              f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
     if est.host or est.nvme:
         print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}")
     if args.measure and out["measured"].get("rss_peak"):

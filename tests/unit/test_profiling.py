@@ -256,4 +256,7 @@ def test_launcher_json(capsys, launcher):
     for key in ("params", "grads", "optimizer", "activations", "buffers", "peak"):
         assert isinstance(out["predicted"][key], int)
     assert out["predicted"]["settings"]["zero_stage"] == 3
+    assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.micro_batch_size=2"]) == 0
+    text = capsys.readouterr().out
+    assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
     assert profile_memory.main(["--world-size", "0"]) == 2
