@@ -13,8 +13,8 @@ Acceptance: params/grads/optimizer exact, activations/buffers/peak within 10%.
 
 ``--knobs``: the ZeRO-3 settings users turn to fit a large model (stage3_max_reuse_distance,
 stage3_prefetch_bucket_size, stage3_max_live_parameters; LM layers as leaf units or not; CLIP on the
-fly or cached features) on 2 ranks, fp32, micro-batch 1, with t5-small and tiny-t5-wide (T5-3B's
-proportions: a layer outweighs the embedding). Compared: the peak of the training steps after the
+fly or cached features) on 2 ranks, fp32, micro-batch 1, with t5-small, t5-base (one setting) and
+tiny-t5-wide (T5-3B's proportions: a layer outweighs the embedding). Compared: the peak of the training steps after the
 first (DeepSpeed's trace is complete then), without the set-up, against the estimate's largest
 training phase.
 """
@@ -48,7 +48,7 @@ KEYS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
 
 KNOBS = {"default": {}, "reuse 0, no prefetch": {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
          "reuse 0": {"stage3_max_reuse_distance": 0}, "prefetch 5e7": {"stage3_prefetch_bucket_size": 50_000_000}}
-KNOB_ROWS = ([("t5-small", "images", k) for k in KNOBS] + [("t5-small", "cache", "reuse 0")]
+KNOB_ROWS = ([("t5-small", "images", k) for k in KNOBS] + [("t5-small", "cache", "reuse 0"), ("t5-base", "images", "reuse 0")]
              + [("tiny-t5-wide", "images", k) for k in KNOBS]
              + [("tiny-t5-wide", "images", "live 1e6"), ("tiny-t5-wide", "images", "live 1e6, reuse 0")])
 KNOBS.update({"live 1e6": {"stage3_max_live_parameters": 1_000_000},
