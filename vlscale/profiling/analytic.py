@@ -874,16 +874,16 @@ def _forward_position(name: str, n_enc: int, tied: bool) -> float:
 _LM_LAYER = re.compile(r"^(lm\.(?:model\.)?(?:encoder|decoder)\.(?:block|layers)\.\d+)\.")
 
 
-def _gather_units(inv: ParamInventory, threshold: int, leaf_layers: bool, skip=frozenset()) -> list[list[int]]:
-    """The ZeRO-3 gathering units outside CLIP, each a list of its gathered (non-persistent) element counts:
-    an LM layer when ``train.zero3_leaf_layers`` makes it a DeepSpeed leaf module, otherwise each
-    module's own parameters. Parameters named in ``skip`` are left out."""
-    units: dict[str, list[int]] = {}
+def _gather_units(inv: ParamInventory, threshold: int, leaf_layers: bool) -> list[list[tuple[str, int]]]:
+    """The ZeRO-3 gathering units outside CLIP, each a list of its gathered (non-persistent) parameters
+    (name, elements): an LM layer when ``train.zero3_leaf_layers`` makes it a DeepSpeed leaf module,
+    otherwise each module's own parameters."""
+    units: dict[str, list[tuple[str, int]]] = {}
     for name, n in zip(inv.names, inv.numels):
-        if name.startswith("vision.") or n <= threshold or name in skip:
+        if name.startswith("vision.") or n <= threshold:
             continue
         m = _LM_LAYER.match(name) if leaf_layers else None
-        units.setdefault(m.group(1) if m else name.rsplit(".", 1)[0], []).append(n)
+        units.setdefault(m.group(1) if m else name.rsplit(".", 1)[0], []).append((name, n))
     return list(units.values())
 
 
@@ -941,8 +941,9 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
                 max((sum(u) * (2 if len(u) > 1 else 1) for u in units), default=0),
                 max((sum(u) for u in units if len(u) > 1), default=0))
 
-    running, work, flat = sizes(_gather_units(inv, thr, leaf_layers, kept_names))  # not kept into backward
-    first, _, first_flat = sizes(_gather_units(inv, thr, leaf_layers))  # forward gathers every unit once
+    units = _gather_units(inv, thr, leaf_layers)
+    first, _, first_flat = sizes([[n for _, n in u] for u in units])  # forward gathers every unit once
+    running, work, flat = sizes([[n for nm, n in u if nm not in kept_names] for u in units])  # not kept into backward
     fill = min(z.max_live_parameters, gatherable) if prefetch and prefetch_fills else 0
     gathered = min(max(kept, fill), gatherable)
     # backward releases each unit after its use (it does not come back before the step ends)

@@ -456,23 +456,15 @@ def _worker(spec_path: str, out_path: str) -> None:
     import importlib
     import json
 
-    import deepspeed
-
     from vlscale.config import config_from_dict
+    from vlscale.engine.distributed import init_distributed
 
     spec = json.loads(open(spec_path).read())
     cfg = config_from_dict(spec["cfg"])
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun's ranks, or one rank through a file store (measure_memory passes no launcher variables)
+    dist = init_distributed()
+    rank, world = dist.rank, dist.world_size
     torch.set_num_threads(int(spec.get("threads", 1)))
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else "gloo"
-    from vlscale.engine.distributed import _single_process_env
-
-    # one rank: a file store, no port (measure_memory starts it without launcher variables)
-    single = {} if "RANK" in os.environ else {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
-    deepspeed.init_distributed(dist_backend=backend, **single)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     importlib.import_module("torch._dynamo")  # before DeepSpeed patches tensor creation (ZeRO-3)
 
     result = run_measured_steps(cfg, spec["ds_config"], vocab_size=spec["vocab_size"], steps=spec["steps"],
