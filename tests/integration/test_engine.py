@@ -54,8 +54,9 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     out, step, _ = interrupted
     overrides, nproc, launcher = h.RUN_SPECS["single_2r"]
     args = overrides + [f"output_dir={out}"]
-    # Without --resume the run is refused, and the checkpoint is left alone.
-    refused = h.launch(args, nproc=nproc, launcher=launcher, check=False)
+    # Without --resume the run is refused, and the checkpoint is left alone (every rank runs this check
+    # before the process group, so one process shows it without paying for a 2-rank start-up).
+    refused = h.launch(args, nproc=1, launcher="python", check=False)
     assert refused.returncode != 0
     assert f"output_dir {str(out)!r} already holds a run's checkpoint" in refused.stdout
     assert "pass --resume" in refused.stdout and "choose another output_dir" in refused.stdout

@@ -11,7 +11,10 @@ against 0.115 s on this 2 M-parameter model; partitioning has its own tests (tes
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 from collections import defaultdict
 
 import pytest
@@ -31,13 +34,22 @@ def short_run(tmp_path_factory, h, launcher):
     cache = root / "features"
     assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache)]) == 0
     out = root / "run"
-    overrides = ["--config", "default", "model.feature_source=cache", f"data.feature_cache={cache}",
-                 f"output_dir={out}", *STEPS]
-    proc = h.launch(overrides)
+    args = ["--no-progress", "--config", "default", "model.feature_source=cache", f"data.feature_cache={cache}",
+            f"output_dir={out}", *STEPS]
+    # In this process (as `python launchers/train.py ...`, one rank on a file store): a subprocess
+    # would pay ~10 s of imports again. The launcher variables it sets are taken back afterwards.
+    env, printed = dict(os.environ), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = launcher("train").main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    assert code == 0, printed.getvalue()[-6000:]
     cfg = load_config(str(out / "run_config.yaml"))
     scores = h.read_json(out / "metrics.json")[-1]
     assert scores["split"] == "val" and scores["step"] == 450
-    return {"out": out, "cfg": cfg, "scores": scores["tasks"], "stdout": proc.stdout}
+    return {"out": out, "cfg": cfg, "scores": scores["tasks"], "stdout": printed.getvalue()}
 
 
 def _score_and_baseline(run, task: str) -> tuple[float, float]:

@@ -452,7 +452,9 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
 
 
 def _worker(spec_path: str, out_path: str) -> None:
-    """One rank of a measured run (started by :func:`measure_memory`)."""
+    """One rank of a measured run (started by :func:`measure_memory_cases`): each case in turn, in one
+    process group, the previous case's engine and model freed first."""
+    import gc
     import importlib
     import json
 
@@ -460,17 +462,22 @@ def _worker(spec_path: str, out_path: str) -> None:
     from vlscale.engine.distributed import init_distributed
 
     spec = json.loads(open(spec_path).read())
-    cfg = config_from_dict(spec["cfg"])
     # torchrun's ranks, or one rank through a file store (measure_memory passes no launcher variables)
     dist = init_distributed()
     rank, world = dist.rank, dist.world_size
     torch.set_num_threads(int(spec.get("threads", 1)))
     importlib.import_module("torch._dynamo")  # before DeepSpeed patches tensor creation (ZeRO-3)
 
-    result = run_measured_steps(cfg, spec["ds_config"], vocab_size=spec["vocab_size"], steps=spec["steps"],
-                                loss_mode=spec["loss_mode"], padded=spec["padded"], rank=rank, world_size=world)
+    results = []
+    for case in spec["cases"]:
+        gc.collect()
+        torch.distributed.barrier()
+        results.append(run_measured_steps(config_from_dict(case["cfg"]), case["ds_config"],
+                                          vocab_size=case["vocab_size"], steps=case["steps"],
+                                          loss_mode=case["loss_mode"], padded=case["padded"], rank=rank,
+                                          world_size=world))
     with open(f"{out_path}.rank{rank}", "w") as f:
-        json.dump(result, f)
+        json.dump(results, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -485,6 +492,16 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
     ``ds_config``: a resolved DeepSpeed dict (``build_deepspeed_config``); default: ZeRO stage
     ``train.zero_stage`` (0 when unset) with DeepSpeed's defaults.
     """
+    case = dict(cfg=cfg, ds_config=ds_config, vocab_size=vocab_size, steps=steps, loss_mode=loss_mode, padded=padded)
+    return measure_memory_cases([case], world_size, timeout_s=timeout_s, threads=threads)[0]
+
+
+def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: int = 600, threads: int = 1) -> list[dict]:
+    """:func:`measure_memory` for several runs on the same number of ranks, one after the other in one
+    process group (the start-up and its imports paid once). Each case: a dict with ``cfg`` and the
+    optional ``ds_config``, ``vocab_size``, ``steps`` (3), ``loss_mode`` ("trainer"), ``padded`` (True).
+    Every figure is the case's own (its tensors, tracked from its model's build on), except ``rss_peak``:
+    the process's high-water mark so far, so a later case reports at least an earlier one's."""
     import json
     import shutil
     import subprocess
@@ -494,14 +511,23 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
     from vlscale.engine.distributed import LAUNCHER_VARS, free_port
     from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
 
-    ds = ds_config if ds_config is not None else resolve_ds_config(cfg, world_size, None)
-    spec = {"cfg": cfg.to_dict(), "ds_config": ds, "vocab_size": vocab_size or default_vocab_size(cfg),
-            "steps": steps, "loss_mode": loss_mode, "padded": padded, "threads": threads}
+    unknown = [sorted(set(c) - {"cfg", "ds_config", "vocab_size", "steps", "loss_mode", "padded"}) for c in cases]
+    if any(unknown):
+        raise ValueError(f"measure_memory_cases: unknown keys {unknown}")
+    specs = []
+    for c in cases:
+        cfg = c["cfg"]
+        ds = c.get("ds_config") if c.get("ds_config") is not None else resolve_ds_config(cfg, world_size, None)
+        loss_mode = c.get("loss_mode", "trainer")
+        if loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode={loss_mode!r}: use one of {LOSS_MODES}")
+        specs.append({"cfg": cfg.to_dict(), "ds_config": ds, "vocab_size": c.get("vocab_size") or default_vocab_size(cfg),
+                      "steps": c.get("steps", 3), "loss_mode": loss_mode, "padded": c.get("padded", True)})
     tmp = tempfile.mkdtemp(prefix="vlscale_measure_")
     try:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_path, "w") as f:
-            json.dump(spec, f)
+            json.dump({"cases": specs, "threads": threads}, f)
         env = dict(os.environ)
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
@@ -522,6 +548,12 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
         ranks = [json.loads(open(f"{out_path}.rank{r}").read()) for r in range(world_size)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return [_over_ranks([r[i] for r in ranks]) for i in range(len(specs))]
+
+
+def _over_ranks(ranks: list[dict]) -> dict:
+    """One case's per-rank results -> the maximum over ranks, ``<key>_by_rank`` lists, and the buffers
+    (what else was live at the peak) of the rank with the highest peak."""
     out = dict(ranks[0])
     for key in ("params", "grads", "optimizer", "activations", "peak", "rss_peak", "init_peak",
                 "activations_at_peak", "grads_at_peak"):
