@@ -213,6 +213,16 @@ def test_saved_tensor_counter_counts_storages_once_and_skips_parameters():
 
 # ----------------------------------------------------------------------------- measured (in process)
 
+def test_measured_cases_refuse_bad_keys_before_starting():
+    from vlscale.profiling.measure import measure_memory_cases
+
+    cfg = load_config("tiny", [])
+    with pytest.raises(ValueError, match=r"case 1: unknown keys \['step'\]"):
+        measure_memory_cases([{"cfg": cfg}, {"cfg": cfg, "step": 2}], 2)
+    with pytest.raises(ValueError, match="loss_mode='sum'"):
+        measure_memory_cases([{"cfg": cfg, "loss_mode": "sum"}], 2)
+
+
 def test_plain_torch_bf16_path_matches_stage0_model():
     """The GPU section's plain-PyTorch stand-in for DeepSpeed stage 0 bf16 (bf16 weights, fp32 masters,
     AdamW), measured on CPU with the live-tensor tracker: the same layout the analytic model predicts."""

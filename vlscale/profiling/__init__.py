@@ -6,7 +6,8 @@
   transient buffers, and the peak over the phases of a step. ``estimate_memory(cfg, world_size)``.
 * :mod:`vlscale.profiling.measure` - the same components read from a real run (DeepSpeed engine
   tensors, saved_tensors_hooks, a live-tensor TorchDispatchMode on CPU, the allocator peak on GPU):
-  ``measure_memory(cfg, world_size)``; ``run_gpu_section(out)`` for the GPU benchmark script.
+  ``measure_memory(cfg, world_size)`` (``measure_memory_cases`` for several runs in one start-up);
+  ``run_gpu_section(out)`` for the GPU benchmark script.
 * :mod:`vlscale.profiling.planner` - the fastest ZeRO stage / offload / checkpointing / micro-batch /
   precision that fits a budget: ``plan(cfg, "24GiB", world_size)``.
 

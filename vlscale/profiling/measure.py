@@ -511,9 +511,11 @@ def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: i
     from vlscale.engine.distributed import LAUNCHER_VARS, free_port
     from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
 
-    unknown = [sorted(set(c) - {"cfg", "ds_config", "vocab_size", "steps", "loss_mode", "padded"}) for c in cases]
-    if any(unknown):
-        raise ValueError(f"measure_memory_cases: unknown keys {unknown}")
+    known = ("cfg", "ds_config", "vocab_size", "steps", "loss_mode", "padded")
+    for i, c in enumerate(cases):
+        if set(c) - set(known) or "cfg" not in c:
+            raise ValueError(f"measure_memory_cases: case {i}: unknown keys {sorted(set(c) - set(known))} or no "
+                             f"'cfg' (a case takes {', '.join(known)})")
     specs = []
     for c in cases:
         cfg = c["cfg"]
