@@ -16,7 +16,8 @@ stage3_prefetch_bucket_size, stage3_max_live_parameters; LM layers as leaf units
 fly or cached features) on 2 ranks, fp32, micro-batch 1, with t5-small, t5-base (one setting) and
 tiny-t5-wide (T5-3B's proportions: a layer outweighs the embedding). Compared: the peak of the training steps after the
 first (DeepSpeed's trace is complete then), without the set-up, against the estimate's largest
-training phase.
+training phase. The rows of one backbone and feature source run one after the other in one 2-rank
+start-up (``measure_memory_cases``; ``wall_s`` is then the group's time per row).
 """
 
 from __future__ import annotations
@@ -55,35 +56,49 @@ KNOBS.update({"live 1e6": {"stage3_max_live_parameters": 1_000_000},
               "live 1e6, reuse 0": {"stage3_max_live_parameters": 1_000_000, "stage3_max_reuse_distance": 0}})
 
 
-def run_knob(backbone: str, features: str, knob: str, leaf: bool, steps: int) -> dict:
+def knob_case(backbone: str, features: str, knob: str, leaf: bool, steps: int) -> dict:
     from vlscale.config import load_config
-    from vlscale.profiling.analytic import estimate_memory, resolve_ds_config
-    from vlscale.profiling.measure import measure_memory
+    from vlscale.profiling.analytic import resolve_ds_config
 
     cfg = load_config("tiny", [f"model.backbone={backbone}", f"model.feature_source={features}", "train.zero_stage=3",
                                "train.micro_batch_size=1", f"train.zero3_leaf_layers={str(leaf).lower()}"])
     ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
     ds["zero_optimization"].update(KNOBS[knob])
-    t0 = time.time()
-    meas = measure_memory(cfg, 2, ds, steps=steps)
-    est = estimate_memory(cfg, 2, ds, device="cpu")
+    return {"cfg": cfg, "ds_config": ds, "steps": steps}
+
+
+def knob_row(backbone: str, features: str, knob: str, leaf: bool, case: dict, meas: dict, wall_s: float) -> dict:
+    from vlscale.profiling.analytic import estimate_memory
+
+    est = estimate_memory(case["cfg"], 2, case["ds_config"], device="cpu")
     measured = max(v for k, v in meas["phase_peaks"].items() if k[-1].isdigit() and not k.endswith("0"))
     train = {k: v for k, v in est.phases.items() if k != "init"}
     phase = max(train, key=train.get)
     return {"backbone": backbone, "features": features, "knob": knob, "zero_optimization": KNOBS[knob],
             "leaf_layers": leaf, "measured_train_peak": measured, "predicted_train_peak": train[phase],
             "predicted_phase": phase, "error": (train[phase] - measured) / measured,
-            "zero3_gathered": est.detail["zero3_gathered"], "wall_s": round(time.time() - t0, 1)}
+            "zero3_gathered": est.detail["zero3_gathered"], "wall_s": round(wall_s, 1)}
 
 
 def knobs_main(args) -> int:
-    rows = []
+    """The rows of one backbone and feature source are measured in one 2-rank start-up
+    (measure_memory_cases: the same figures as separate runs, within their run-to-run noise)."""
+    from vlscale.profiling.measure import measure_memory_cases
+
+    groups: dict[tuple, list] = {}
     for backbone, features, knob in KNOB_ROWS:
         for leaf in (True, False):
             label = f"{backbone} {features} {knob} {'leaf' if leaf else 'module'}"
-            if args.only and not any(s in label for s in args.only):
-                continue
-            rows.append(run_knob(backbone, features, knob, leaf, args.steps))
+            if not args.only or any(s in label for s in args.only):
+                groups.setdefault((backbone, features), []).append((label, backbone, features, knob, leaf))
+    rows = []
+    for members in groups.values():
+        cases = [knob_case(b, f, k, leaf, args.steps) for _, b, f, k, leaf in members]
+        t0 = time.time()
+        measured = measure_memory_cases(cases, 2)
+        wall = (time.time() - t0) / len(cases)
+        for (label, b, f, k, leaf), case, meas in zip(members, cases, measured):
+            rows.append(knob_row(b, f, k, leaf, case, meas, wall))
             r = rows[-1]
             if not args.json:
                 print(f"{label:48s} measured {r['measured_train_peak'] / 2**20:8.2f} MiB  predicted "
