@@ -103,6 +103,13 @@ def test_wrong_feature_shape_is_named():
         model(_batch(cfg))
 
 
+def test_unknown_model_names_name_their_key():
+    with pytest.raises(KeyError, match=r"unknown backbone 't5-huge' \(model.backbone\); registry: .*'t5-small'"):
+        lm_config("t5-huge")
+    with pytest.raises(KeyError, match=r"unknown vision model 'RN999' \(model.vision\)"):
+        vision_dims("RN999")
+
+
 def test_every_registry_backbone_builds_on_meta_fast():
     for name in list_backbones():
         t = time.time()

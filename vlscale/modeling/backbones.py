@@ -87,7 +87,8 @@ def canonical_lm_name(name: str) -> str:
         return _SHORT[name]
     if name.startswith("t5-") and f"google-t5/{name}" in LM_REGISTRY:
         return f"google-t5/{name}"
-    raise KeyError(f"unknown backbone {name!r}; registry: {sorted(_SHORT)} (or their hub ids)")
+    raise KeyError(f"unknown backbone {name!r} (model.backbone); registry: {sorted(_SHORT)} (or their hub ids; "
+                   f"weights from elsewhere: model.backbone_path)")
 
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "backbones"

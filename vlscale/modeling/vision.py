@@ -43,7 +43,7 @@ def clip_config(name: str) -> dict:
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         known = [n for n in open_clip.list_models() if n.startswith(("RN", "ViT", "tiny"))]
-        raise KeyError(f"unknown vision model {name!r}; e.g. {known[:20]}")
+        raise KeyError(f"unknown vision model {name!r} (model.vision); e.g. {known[:20]}")
     return cfg
 
 
