@@ -83,8 +83,12 @@ def start(args: list[str], nproc: int = 1, launcher: str = "torchrun", env: dict
           log_path: Path | None = None) -> subprocess.Popen:
     """Start in the background (its own process group); output to ``log_path``."""
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc), stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_path:
+            out.close()  # the child has its own descriptor
 
 
 def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -135,14 +139,41 @@ class RunCache:
         self.root = root
         self.done: dict[str, Path] = {}
         self.procs: dict[str, subprocess.CompletedProcess] = {}
+        self.started: dict[str, tuple] = {}
+
+    def start(self, *names: str) -> None:
+        """Start these runs in the background (one-process runs spend most of their ~15 s importing on
+        one core, so two started together use both)."""
+        for name in names:
+            if name in self.done or name in self.started:
+                continue
+            overrides, nproc, launcher = RUN_SPECS[name]
+            log = self.root / f"{name}.log"
+            proc = start(overrides + [f"output_dir={self.root / name}"], nproc=nproc, launcher=launcher, log_path=log)
+            self.started[name] = (proc, log, time.monotonic())
 
     def __call__(self, name: str) -> Path:
         if name not in self.done:
-            overrides, nproc, launcher = RUN_SPECS[name]
-            out = self.root / name
-            self.procs[name] = launch(overrides + [f"output_dir={out}"], nproc=nproc, launcher=launcher)
-            self.done[name] = out
+            self.start(name)
+            proc, log, t0 = self.started.pop(name)
+            try:
+                code = proc.wait(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                raise AssertionError(f"run {name} did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
+            done = subprocess.CompletedProcess(proc.args, code, log.read_text())
+            done.wall_s = time.monotonic() - t0
+            if code != 0:
+                raise AssertionError(f"{' '.join(proc.args)} exited {code}:\n{done.stdout[-6000:]}")
+            self.procs[name], self.done[name] = done, self.root / name
         return self.done[name]
+
+    def close(self) -> None:
+        """Stop runs started but never waited for."""
+        for proc, _, _ in self.started.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
 
 
 _THIS = sys.modules[__name__]  # taken now: pytest imports every conftest.py as "conftest" (the last one wins)
@@ -156,5 +187,8 @@ def h():
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> RunCache:
-    """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS."""
-    return RunCache(tmp_path_factory.mktemp("engine_runs"))
+    """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS. ``runs.start(...)``
+    starts runs ahead of their first use."""
+    cache = RunCache(tmp_path_factory.mktemp("engine_runs"))
+    yield cache
+    cache.close()

@@ -13,6 +13,12 @@ import pytest
 REL = 1e-5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_process_runs_together(runs):
+    """The two one-process runs start together: their imports (most of their time) take a core each."""
+    runs.start("single_1p", "multi_1p")
+
+
 def assert_same_curve(a, b, rel=REL):
     assert len(a) == len(b) == 6
     for step, (x, y) in enumerate(zip(a, b), start=1):
