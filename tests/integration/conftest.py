@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -159,7 +160,7 @@ class RunCache:
             try:
                 code = proc.wait(timeout=RUN_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
                 raise AssertionError(f"run {name} did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
             done = subprocess.CompletedProcess(proc.args, code, log.read_text())
             done.wall_s = time.monotonic() - t0
@@ -172,7 +173,7 @@ class RunCache:
         """Stop runs started but never waited for."""
         for proc, _, _ in self.started.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 

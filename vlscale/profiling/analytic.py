@@ -917,8 +917,7 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
     """
     if W == 1:
         return 0, 0, 0
-    n_enc = sum(1 for n in inv.names if re.search(r"encoder(\.block\.|\.layers\.)\d+\.", n) and
-                n.endswith(("q.weight", "q_proj.weight")) and "EncDec" not in n and "encoder_attn" not in n)
+    n_enc = len({m.group(1) for n in inv.names if (m := _LM_LAYER.match(n)) and ".encoder." in m.group(1)})
     tied = not any(n.startswith("lm.lm_head") for n in inv.names)
     thr = z.param_persistence_threshold
     entries = sorted(((_forward_position(nm, n_enc, tied), n, nm) for nm, n in zip(inv.names, inv.numels)

@@ -512,12 +512,11 @@ def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: i
     from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
 
     known = ("cfg", "ds_config", "vocab_size", "steps", "loss_mode", "padded")
+    specs = []
     for i, c in enumerate(cases):
         if set(c) - set(known) or "cfg" not in c:
             raise ValueError(f"measure_memory_cases: case {i}: unknown keys {sorted(set(c) - set(known))} or no "
                              f"'cfg' (a case takes {', '.join(known)})")
-    specs = []
-    for c in cases:
         cfg = c["cfg"]
         ds = c.get("ds_config") if c.get("ds_config") is not None else resolve_ds_config(cfg, world_size, None)
         loss_mode = c.get("loss_mode", "trainer")
