@@ -1,8 +1,11 @@
 """Shared helpers for end-to-end runs of launchers/train.py: 1 process, or 2 CPU ranks (gloo).
 
 Runs are tiny (tiny CLIP-RN + tiny T5, 64 synthetic examples per task, a few steps) and cached
-for the whole session (:func:`runs`), so several tests read the same run's files. Two-rank runs use
-``torchrun --standalone`` or DeepSpeed's own launcher, both with DeepSpeed's CPU accelerator.
+for the whole session (:func:`runs`), so several tests read the same run's files. Launchers:
+``torchrun --standalone``, DeepSpeed's own launcher, plain ``python`` (all with DeepSpeed's CPU
+accelerator), and ``preloaded``: the same script forked from the suite's preloaded server
+(tests/preloaded.py; 1 process, or ranks started as torchrun starts them), without ~8 s of imports
+per process. Runs that test a launcher use that launcher; the others use ``preloaded``.
 """
 
 from __future__ import annotations
@@ -54,35 +57,47 @@ def base_env(nproc: int = 1, **extra) -> dict:
     return env
 
 
-def command(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+def train_args(args: list[str]) -> list[str]:
     if "--config" not in args:
         args = ["--config", "tiny", *args]  # the tiny preset; TINY / MINI then pin the model
-    if nproc == 1 and launcher != "deepspeed":
-        return [sys.executable, TRAIN, "--no-progress", *args]
+    return ["--no-progress", *args]
+
+
+def command(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+    args = train_args(args)
+    if launcher == "python" and nproc == 1:
+        return [sys.executable, TRAIN, *args]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                TRAIN, "--no-progress", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN, *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-                str(free_port()), TRAIN, "--no-progress", *args]
-    raise ValueError(f"unknown launcher {launcher!r}")
+                str(free_port()), TRAIN, *args]
+    raise ValueError(f"unknown launcher {launcher!r} for {nproc} process(es)")
 
 
-def launch(args: list[str], nproc: int = 1, launcher: str = "torchrun", check: bool = True,
+def launch(args: list[str], nproc: int = 1, launcher: str = "preloaded", check: bool = True,
            timeout: float = RUN_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run to completion; output (stdout+stderr) in ``.stdout``; ``check`` asserts exit code 0."""
     start = time.monotonic()
-    proc = subprocess.run(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if launcher == "preloaded":
+        proc = preloaded.run(TRAIN, train_args(args), nproc=nproc, env=env or base_env(nproc), cwd=ROOT,
+                             timeout=timeout)
+    else:
+        proc = subprocess.run(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     proc.wall_s = time.monotonic() - start
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
 
 
-def start(args: list[str], nproc: int = 1, launcher: str = "torchrun", env: dict | None = None,
-          log_path: Path | None = None) -> subprocess.Popen:
-    """Start in the background (its own process group); output to ``log_path``."""
+def start(args: list[str], nproc: int = 1, launcher: str = "preloaded", env: dict | None = None,
+          log_path: Path | None = None):
+    """Start in the background (its own process group); output to ``log_path``. -> a subprocess.Popen,
+    or for ``preloaded`` a handle with the same pid / poll / wait / kill."""
+    if launcher == "preloaded":
+        return preloaded.start(TRAIN, train_args(args), nproc=nproc, env=env or base_env(nproc), cwd=ROOT,
+                               log_path=log_path)
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     try:
         return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc), stdout=out,
@@ -120,18 +135,18 @@ def losses(out_dir: Path) -> list[float]:
 
 # name -> (overrides, nproc, launcher). Runs compared with each other share data, seed and global batch.
 RUN_SPECS = {
-    # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks with 2 each
-    "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "python"),
+    # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks (torchrun) with 2 each
+    "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "preloaded"),
     "single_2r": (TINY + ["train.micro_batch_size=2", "train.test_eval=true"], 2, "torchrun"),
     # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
     "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
-                             "train.zero3_leaf_layers=false"], 2, "torchrun"),
+                             "train.zero3_leaf_layers=false"], 2, "preloaded"),
     # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks, DeepSpeed's launcher
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
-                 1, "python"),
+                 1, "preloaded"),
     "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
     # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
-    "mini_2r": (MINI + ["train.micro_batch_size=2"], 2, "torchrun"),
+    "mini_2r": (MINI + ["train.micro_batch_size=2"], 2, "preloaded"),
 }
 
 
@@ -178,16 +193,18 @@ class RunCache:
 
 
 _THIS = sys.modules[__name__]  # taken now: pytest imports every conftest.py as "conftest" (the last one wins)
+preloaded = None  # the session's PreloadedServer, set by the h fixture
 
 
 @pytest.fixture(scope="session")
-def h():
+def h(preloaded):
     """This module's helpers (launch, start, read_log, TINY, RUN_SPECS, ...) for the tests."""
+    _THIS.preloaded = preloaded
     return _THIS
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> RunCache:
+def runs(tmp_path_factory, h) -> RunCache:
     """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS. ``runs.start(...)``
     starts runs ahead of their first use."""
     cache = RunCache(tmp_path_factory.mktemp("engine_runs"))

@@ -24,7 +24,8 @@ from vlscale.engine import checkpoint as ckpt
 
 @pytest.fixture(scope="module")
 def interrupted(runs, h, tmp_path_factory):
-    """``single_2r``'s run stopped by Ctrl-C (SIGINT to the launcher's process group) after step 1.
+    """``single_2r``'s run (under torchrun) stopped by Ctrl-C (SIGINT to the launcher's process group)
+    after step 1; the resume below runs forked from the preloaded server.
 
     -> (output_dir, the step it stopped at, a copy of adapter/ as written at that step).
     """
@@ -56,13 +57,13 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     args = overrides + [f"output_dir={out}"]
     # Without --resume the run is refused, and the checkpoint is left alone (every rank runs this check
     # before the process group, so one process shows it without paying for a 2-rank start-up).
-    refused = h.launch(args, nproc=1, launcher="python", check=False)
+    refused = h.launch(args, nproc=1, check=False)
     assert refused.returncode != 0
     assert f"output_dir {str(out)!r} already holds a run's checkpoint" in refused.stdout
     assert "pass --resume" in refused.stdout and "choose another output_dir" in refused.stdout
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
     # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
-    h.launch(args + ["--resume"], nproc=nproc, launcher=launcher)
+    h.launch(args + ["--resume"], nproc=nproc)
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(reference, resumed):
@@ -192,7 +193,7 @@ def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
 
 
 def test_a_dead_rank_makes_the_other_exit(tmp_path, h):
-    """Two ranks started by hand (no launcher to clean up); rank 1 is killed; rank 0 must not hang."""
+    """Two ranks started as two separate runs (no launcher to clean up); rank 1 is killed; rank 0 must not hang."""
     out = tmp_path / "dead"
     port = h.free_port()
     procs = []
@@ -200,7 +201,7 @@ def test_a_dead_rank_makes_the_other_exit(tmp_path, h):
         env = h.base_env(2, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=port, VLSCALE_DIST_TIMEOUT=30, VLSCALE_WATCHDOG_TIMEOUT=60)
         procs.append(h.start(h.TINY + ["train.micro_batch_size=2", "train.max_steps=500", f"output_dir={out}"], env=env,
-                           launcher="python", log_path=tmp_path / f"rank{rank}.txt"))
+                           log_path=tmp_path / f"rank{rank}.txt"))
     try:
         h.wait_for_steps(out, 1, procs[0])
         procs[1].kill()

@@ -8,8 +8,6 @@ step. In one process: the loader's errors name the directory, the tensor and the
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -105,16 +103,12 @@ def sharded_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(sharded_ckpt, tmp_path_factory):
+def two_ranks(sharded_ckpt, tmp_path_factory, preloaded):
     out = tmp_path_factory.mktemp("sharded_run")
     script = out / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLSCALE_DIST_TIMEOUT="120")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(ROOT), str(sharded_ckpt), str(out), str(VOCAB)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
+    env = dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120")
+    proc = preloaded.run(script, [ROOT, sharded_ckpt, out, VOCAB], nproc=2, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-6000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

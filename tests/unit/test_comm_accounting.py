@@ -49,12 +49,11 @@ def env():
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLSCALE_DIST_TIMEOUT="120")
 
 
-def test_counter_convention_on_real_collectives(tmp_path):
+def test_counter_convention_on_real_collectives(tmp_path, preloaded):
     script = tmp_path / "worker.py"
     script.write_text(COUNTER_WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(ROOT), str(tmp_path / "snap")], env=env(), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = preloaded.run(script, [ROOT, tmp_path / "snap"], nproc=2, env=dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120"),
+                         cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:]
     for r in range(2):
         snap = json.loads((tmp_path / f"snap.{r}").read_text())

@@ -569,30 +569,22 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_zero3_matches_plain_pytorch_with_per_task_modules(tmp_path):
+def test_zero3_matches_plain_pytorch_with_per_task_modules(tmp_path, preloaded):
     """Under ZeRO-3, modules of the task a step does not use must get a zero gradient, not the
     stale one of their last step (DeepSpeed 0.19); hooks must work with partitioned parameters."""
     pytest.importorskip("deepspeed")
     import json
-    import os
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     script = tmp_path / "zero3_probe.py"
     script.write_text(ZERO3_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+    proc = preloaded.run(script, [], env=env, cwd=tmp_path, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:]
     for method, (plain, zero3) in json.loads(lines[-1][len("RESULT "):]).items():
         assert len(plain) == len(zero3) == 4
         assert max(abs(a - b) for a, b in zip(plain, zero3)) < 1e-5, (method, plain, zero3)

@@ -1,0 +1,73 @@
+"""The suite's fork server (tests/preloaded.py) gives a run what a new interpreter would: argv, path,
+working directory, environment, threads, exit code, torchrun's rank variables, one process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+SCRIPT = '''
+import json, os, sys, time
+import torch
+rank = int(os.environ.get("RANK", "0"))
+json.dump({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "threads": torch.get_num_threads(),
+           "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                 "MASTER_ADDR", "MASTER_PORT", "PROBE")},
+           "pgid": os.getpgid(0)}, open(sys.argv[1] + f".{rank}", "w"))
+print(f"rank {rank} says hello")
+mode = sys.argv[2]
+if mode == "fail" and rank == 1:
+    sys.exit(3)
+if mode in ("fail", "sleep"):
+    time.sleep(60)
+'''
+
+
+@pytest.fixture()
+def script(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_two_ranks_see_torchruns_variables(preloaded, script, tmp_path):
+    out = tmp_path / "seen"
+    done = preloaded.run(script, [out, "ok"], nproc=2, env=dict(preloaded.env, PROBE="x"), cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout
+    seen = [json.loads((tmp_path / f"seen.{r}").read_text()) for r in range(2)]
+    for rank, s in enumerate(seen):
+        assert s["argv"] == [str(script), str(out), "ok"]
+        assert s["path0"] == str(tmp_path) and s["cwd"] == str(tmp_path)
+        assert s["threads"] == 1  # OMP_NUM_THREADS=1, as torchrun sets it
+        assert s["env"]["RANK"] == s["env"]["LOCAL_RANK"] == str(rank)
+        assert s["env"]["WORLD_SIZE"] == s["env"]["LOCAL_WORLD_SIZE"] == "2" and s["env"]["PROBE"] == "x"
+    assert seen[0]["env"]["MASTER_PORT"] == seen[1]["env"]["MASTER_PORT"]
+    assert seen[0]["pgid"] == seen[1]["pgid"] != os.getpgid(0)
+    assert "rank 0 says hello" in done.stdout and "rank 1 says hello" in done.stdout
+
+
+def test_a_failing_rank_stops_the_other_and_sets_the_code(preloaded, script, tmp_path):
+    t0 = time.monotonic()
+    done = preloaded.run(script, [tmp_path / "seen", "fail"], nproc=2, cwd=tmp_path, timeout=60)
+    assert done.returncode == 3 and time.monotonic() - t0 < 30, done.stdout
+
+
+def test_one_process_keeps_its_environment_and_dies_with_its_group(preloaded, script, tmp_path):
+    run = preloaded.start(script, [tmp_path / "seen", "sleep"], cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "seen.0").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen = json.loads((tmp_path / "seen.0").read_text())
+    assert seen["env"]["RANK"] is None  # one process: no launcher variables
+    assert run.poll() is None and seen["pgid"] == run.pid
+    os.killpg(run.pid, signal.SIGKILL)
+    assert run.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_an_import_time_variable_cannot_change(preloaded, script, tmp_path):
+    with pytest.raises(ValueError, match="DS_ACCELERATOR='cuda' differs"):
+        preloaded.start(script, [tmp_path / "seen", "ok"], env=dict(preloaded.env, DS_ACCELERATOR="cuda"))
