@@ -8,13 +8,14 @@ imports and never computes, so its children start with no thread pool or process
 
 What a run sees is what a new interpreter given the same command sees: its own process group
 (``os.killpg(run.pid, ...)`` reaches all its ranks, as with a launcher's), the environment it was
-given, ``sys.argv`` and ``sys.path[0]`` of ``python SCRIPT ARGS``, stdout and stderr in a log file,
-``OMP_NUM_THREADS`` applied, atexit handlers run at exit. ``nproc > 1`` starts the ranks as
-``torchrun --standalone`` does (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT,
-OMP_NUM_THREADS=1; when a rank fails the others get SIGTERM, then SIGKILL after 30 s). Variables read
-while modules import (``IMPORT_TIME_VARS``) cannot change per run: a run asking for another value is
-refused. ``sys.path`` past its first entry is the server's (its PYTHONPATH holds the repository root).
-Tests of the launchers themselves (torchrun, DeepSpeed's launcher, plain ``python``) launch those.
+given, the ``sys.argv`` and ``sys.path[0]`` of ``python SCRIPT ARGS`` or ``python -m MODULE ARGS``,
+stdout and stderr in a log file, ``OMP_NUM_THREADS`` applied, atexit handlers run at exit.
+``nproc > 1`` starts the ranks as ``torchrun --standalone`` does (RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, OMP_NUM_THREADS=1; when a rank fails the others get SIGTERM,
+then SIGKILL after 30 s). Variables read while modules import (``IMPORT_TIME_VARS``) are the
+server's: a run that does not set one gets the server's value, one asking for another is refused.
+``sys.path`` past its first entry is the server's (its PYTHONPATH holds the repository root). Tests
+of the launchers themselves (torchrun, DeepSpeed's launcher, plain ``python``) launch those.
 
     server: python tests/preloaded.py SOCKET_PATH
     client: PreloadedServer(folder, env) -> .start(script, args, nproc=, env=, log_path=) -> PreloadedRun
@@ -94,11 +95,14 @@ def _rank(req: dict, env: dict, log_fd: int) -> None:
             import torch
 
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-        script = req["argv"][0]
-        sys.argv = list(req["argv"])
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        argv = list(req["argv"])
         try:
-            runpy.run_path(script, run_name="__main__")
+            if argv[0] == "-m":  # python -m MODULE ARGS
+                sys.argv, sys.path[0] = argv[1:], os.getcwd()
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:  # python SCRIPT ARGS
+                sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+                runpy.run_path(argv[0], run_name="__main__")
             code = 0
         except SystemExit as e:
             code = _exit_code(e)
@@ -268,12 +272,15 @@ class PreloadedServer:
 
     def start(self, script: str, args: list[str], nproc: int = 1, env: dict | None = None, cwd: str | None = None,
               log_path: Path | None = None) -> PreloadedRun:
+        """``python SCRIPT ARGS`` (or ``python -m MODULE ARGS`` with script "-m" and the module first in args)."""
         env = dict(self.env if env is None else env)
         for key in IMPORT_TIME_VARS:
-            if env.get(key) != self.env.get(key):
-                raise ValueError(f"{key}={env.get(key)!r} differs from the preloaded server's "
+            if key in env and env[key] != self.env.get(key):
+                raise ValueError(f"{key}={env[key]!r} differs from the preloaded server's "
                                  f"{self.env.get(key)!r}, which its modules read while importing: "
                                  "launch this run in a new interpreter")
+            if key in self.env:
+                env[key] = self.env[key]  # what the run's modules were imported with
         if log_path is None:
             self._count += 1
             log_path = self.folder / f"run{self._count}.log"

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vlscale.config import load_config
@@ -32,13 +34,33 @@ def _check(meas, world):
     return pred, meas
 
 
-def _measure(cases: dict, world: int) -> dict:
-    """name -> (cfg, ds_config, steps) measured one after the other in one process group (one start-up)."""
+def _measure(cases: dict, world: int, preloaded) -> dict:
+    """name -> (cfg, ds_config, steps) measured one after the other in one process group (one start-up),
+    its ranks forked from the suite's preloaded server (the default launch, torchrun: test_measure_launch)."""
     from vlscale.profiling.measure import measure_memory_cases
 
+    def launch(args, world_size, env, cwd, timeout_s):
+        done = preloaded.run(args[0], args[1:], nproc=world_size, env=env, cwd=cwd, timeout=timeout_s)
+        return done.returncode, done.stdout
+
     results = measure_memory_cases([dict(cfg=cfg, ds_config=ds, steps=steps) for cfg, ds, steps in cases.values()],
-                                   world)
+                                   world, launch=launch)
     return {name: dict(r, cfg=cases[name][0], ds_config=cases[name][1]) for name, r in zip(cases, results)}
+
+
+def test_measure_launch(tmp_path):
+    """measure_memory_cases' own launch: torchrun for 2 ranks (its variables, one group of its own), plain
+    python for one; the exit code and the output come back."""
+    from vlscale.profiling.measure import _launch
+
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\nprint('rank', os.environ.get('RANK'), 'of', os.environ.get('WORLD_SIZE'))\n"
+                      "sys.exit(int(os.environ.get('RANK', '0')) + 4 if len(sys.argv) > 1 else 0)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    code, out = _launch([str(script)], 2, env, str(tmp_path), 120)
+    assert code == 0 and "rank 0 of 2" in out and "rank 1 of 2" in out, out
+    code, out = _launch([str(script), "fail"], 1, env, str(tmp_path), 60)
+    assert code == 4 and "rank None of None" in out, out
 
 
 def _knobs_case():
@@ -55,12 +77,12 @@ def _zero3_case(overrides):
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    """The 2-rank ZeRO-3 runs of this file, measured in one torchrun start-up."""
+def two_ranks(preloaded):
+    """The 2-rank ZeRO-3 runs of this file, measured in one start-up."""
     return _measure({"adapters": _zero3_case(["train.micro_batch_size=4"]),
                      "full_ft_ckpt": _zero3_case(["train.micro_batch_size=2", "peft.train_lm=true",
                                                   "train.gradient_checkpointing=true"]),
-                     "knobs": _knobs_case()}, 2)
+                     "knobs": _knobs_case()}, 2, preloaded)
 
 
 def test_zero3_two_ranks_adapters(two_ranks):
@@ -74,9 +96,9 @@ def test_zero3_two_ranks_full_finetuning_checkpointing(two_ranks):
     _check(two_ranks["full_ft_ckpt"], 2)
 
 
-def test_zero2_one_rank():
+def test_zero2_one_rank(preloaded):
     cfg = load_config("tiny", ["train.zero_stage=2", "train.micro_batch_size=4"])
-    _check(_measure({"zero2": (cfg, resolve_ds_config(cfg, 1, None, device_type="cpu"), 3)}, 1)["zero2"], 1)
+    _check(_measure({"zero2": (cfg, resolve_ds_config(cfg, 1, None, device_type="cpu"), 3)}, 1, preloaded)["zero2"], 1)
 
 
 def test_engine_run_summary_accounting(runs):

@@ -496,19 +496,21 @@ def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *
     return measure_memory_cases([case], world_size, timeout_s=timeout_s, threads=threads)[0]
 
 
-def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: int = 600, threads: int = 1) -> list[dict]:
+def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: int = 600, threads: int = 1,
+                         launch=None) -> list[dict]:
     """:func:`measure_memory` for several runs on the same number of ranks, one after the other in one
     process group (the start-up and its imports paid once). Each case: a dict with ``cfg`` and the
     optional ``ds_config``, ``vocab_size``, ``steps`` (3), ``loss_mode`` ("trainer"), ``padded`` (True).
     Every figure is the case's own (its tensors, tracked from its model's build on), except ``rss_peak``:
-    the process's high-water mark so far, so a later case reports at least an earlier one's."""
+    the process's high-water mark so far, so a later case reports at least an earlier one's.
+
+    ``launch(python_args, world_size, env, cwd, timeout_s) -> (exit code, output)`` starts the ranks
+    (``python_args`` is what follows ``python``); default: torchrun, or one plain process."""
     import json
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
-    from vlscale.engine.distributed import LAUNCHER_VARS, free_port
+    from vlscale.engine.distributed import LAUNCHER_VARS
     from vlscale.profiling.analytic import default_vocab_size, resolve_ds_config
 
     known = ("cfg", "ds_config", "vocab_size", "steps", "loss_mode", "padded")
@@ -537,19 +539,30 @@ def measure_memory_cases(cases: list[dict], world_size: int = 1, *, timeout_s: i
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         args = ["-m", "vlscale.profiling.measure", "--worker", spec_path, out_path]
         env = {k: v for k, v in env.items() if k not in LAUNCHER_VARS}  # a fresh group of its own
-        if world_size > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
-        else:
-            cmd = [sys.executable] + args
-        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"measured run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        code, output = (launch or _launch)(args, world_size, env, root, timeout_s)
+        if code != 0:
+            raise RuntimeError(f"measured run failed (exit {code}): python {' '.join(args)} on {world_size} "
+                               f"rank(s)\n{output[-8000:]}")
         ranks = [json.loads(open(f"{out_path}.rank{r}").read()) for r in range(world_size)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [_over_ranks([r[i] for r in ranks]) for i in range(len(specs))]
+
+
+def _launch(args: list[str], world_size: int, env: dict, cwd: str, timeout_s: float) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from vlscale.engine.distributed import free_port
+
+    if world_size > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
+    else:
+        cmd = [sys.executable] + args
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout_s)
+    return proc.returncode, proc.stdout
 
 
 def _over_ranks(ranks: list[dict]) -> dict:
