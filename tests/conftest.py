@@ -64,15 +64,92 @@ def launcher():
     return load
 
 
-@pytest.fixture(scope="session")
-def triton_interpreter() -> dict:
-    """Raw results of tests/unit/triton_interpreter_checks.py under ``TRITON_INTERPRET=1`` (one process)."""
-    pytest.importorskip("triton")
+# ----------------------------------------------------------------------------- background jobs
+# Long runs whose tests only read their results start as soon as collection is done, one thread each,
+# beside the serial suite: it leaves ~40% of 2 cores idle (single-threaded imports and unit tests).
+# A job starts only if a collected test uses its fixture; the fixture waits for it.
+
+class Job:
+    def __init__(self, proc, log_path: Path, timeout_s: float):
+        self.proc, self.log_path, self.timeout_s = proc, Path(log_path), timeout_s
+        self.folder = self.log_path.parent
+
+    def output(self) -> str:
+        """Wait for the job; its output (stdout and stderr), asserting it exited 0."""
+        try:
+            code = self.proc.wait(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"{self.proc.args} did not finish in {self.timeout_s} s:\n"
+                                 f"{self.log_path.read_text()[-4000:]}")
+        text = self.log_path.read_text()
+        assert code == 0, f"{self.proc.args} exited {code}:\n{text[-6000:]}"
+        return text
+
+
+def _start_triton_job(config) -> Job | None:
+    """tests/unit/triton_interpreter_checks.py under TRITON_INTERPRET=1: a new interpreter (triton reads
+    the variable when it defines kernels)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
     from vlscale.kernels import adapter as ka
 
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     env.pop(ka.BACKEND_ENV, None)
-    script = Path(__file__).parent / "unit" / "triton_interpreter_checks.py"
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    folder = Path(tempfile.mkdtemp(prefix="triton_", dir=config._vlscale_preloaded.folder))
+    with open(folder / "out.json", "w") as out, open(folder / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "unit" / "triton_interpreter_checks.py")],
+                                env=env, stdout=out, stderr=log, stdin=subprocess.DEVNULL)
+    return Job(proc, folder / "log.txt", 600)
+
+
+def _start_learning_job(config) -> Job:
+    """tests/integration/learning_run.py (the embedded default's short training), forked from the
+    preloaded server with one torch thread."""
+    server = config._vlscale_preloaded
+    folder = Path(tempfile.mkdtemp(prefix="learning_", dir=server.folder))
+    run = server.start(ROOT / "tests" / "integration" / "learning_run.py", [folder],
+                       env=dict(server.env, OMP_NUM_THREADS="1"), cwd=ROOT, log_path=folder / "log.txt")
+    return Job(run, folder / "log.txt", 900)
+
+
+BACKGROUND_JOBS = {"triton_interpreter": _start_triton_job, "learning_job": _start_learning_job}
+
+
+def pytest_collection_modifyitems(items):
+    """Unit tests first: the background jobs run beside them (mostly one busy core), not beside the
+    integration tests' 2-rank runs, which keep both cores busy."""
+    items.sort(key=lambda item: 0 if "/tests/unit/" in str(item.path) else 1)  # stable: file order kept
+
+
+def pytest_collection_finish(session):
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    session.config._vlscale_jobs = {name: start(session.config) for name, start in BACKGROUND_JOBS.items()
+                                    if name in used}
+
+
+def _job(config, name: str) -> Job | None:
+    jobs = config.__dict__.setdefault("_vlscale_jobs", {})
+    if name not in jobs:
+        jobs[name] = BACKGROUND_JOBS[name](config)
+    return jobs[name]
+
+
+@pytest.fixture(scope="session")
+def triton_interpreter(pytestconfig) -> dict:
+    """Raw results of tests/unit/triton_interpreter_checks.py under ``TRITON_INTERPRET=1`` (one process,
+    a background job)."""
+    job = _job(pytestconfig, "triton_interpreter")
+    if job is None:
+        pytest.skip("triton is not installed")
+    job.output()
+    return json.loads((job.folder / "out.json").read_text().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def learning_job(pytestconfig) -> Job:
+    """The finished short training of tests/integration/learning_run.py (a background job): its folder
+    holds run/ (the output_dir); ``.output()`` is what it printed."""
+    job = _job(pytestconfig, "learning_job")
+    job.output()
+    return job

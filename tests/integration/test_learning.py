@@ -3,7 +3,8 @@ text-only answer prior (:func:`vlscale.data.synthetic.answer_prior_baseline`, wh
 several priors with the evaluation labels, so it is an optimistic bar).
 
 One training of the default preset (pretrained mini CLIP-RN + mini BART, one shared adapter) on
-precomputed CLIP features, 1 process, its 450 steps at lr 3e-3; about 1.5 minutes on 2 CPU cores.
+precomputed CLIP features, 1 process, its 450 steps at lr 3e-3 (tests/integration/learning_run.py;
+about 2 minutes on one core, beside the rest of the suite).
 It runs at ZeRO stage 0: on one process ZeRO-3 partitions nothing and computes the same updates (the
 same scores to the last digit, measured), but its per-module gather/release hooks cost 0.43 s a step
 against 0.115 s on this 2 M-parameter model; partitioning has its own tests (test_zero3.py).
@@ -11,10 +12,7 @@ against 0.115 s on this 2 M-parameter model; partitioning has its own tests (tes
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 from collections import defaultdict
 
 import pytest
@@ -24,32 +22,15 @@ from vlscale.data import load_examples
 from vlscale.data.synthetic import ANSWER_SPACES, answer_prior_baseline
 from vlscale.data.tasks import get_task
 
-STEPS = ["train.micro_batch_size=32", "train.save_every=0",  # the default's global batch on 1 process
-         "train.zero_stage=0"]
-
-
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory, h, launcher):
-    root = tmp_path_factory.mktemp("learning")
-    cache = root / "features"
-    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache)]) == 0
-    out = root / "run"
-    args = ["--no-progress", "--config", "default", "model.feature_source=cache", f"data.feature_cache={cache}",
-            f"output_dir={out}", *STEPS]
-    # In this process (as `python launchers/train.py ...`, one rank on a file store): a subprocess
-    # would pay ~10 s of imports again. The launcher variables it sets are taken back afterwards.
-    env, printed = dict(os.environ), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            code = launcher("train").main(args)
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
-    assert code == 0, printed.getvalue()[-6000:]
+def short_run(learning_job, h):
+    """tests/integration/learning_run.py's training: a background job of the suite (one process, one
+    torch thread, forked from the preloaded server), started when collection ends (tests/conftest.py)."""
+    out = learning_job.folder / "run"
     cfg = load_config(str(out / "run_config.yaml"))
     scores = h.read_json(out / "metrics.json")[-1]
     assert scores["split"] == "val" and scores["step"] == 450
-    return {"out": out, "cfg": cfg, "scores": scores["tasks"], "stdout": printed.getvalue()}
+    return {"out": out, "cfg": cfg, "scores": scores["tasks"], "stdout": learning_job.output()}
 
 
 def _score_and_baseline(run, task: str) -> tuple[float, float]:
