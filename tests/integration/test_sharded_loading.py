@@ -25,6 +25,7 @@ sys.path.insert(0, sys.argv[1])
 from vlscale.engine.distributed import init_distributed
 d = init_distributed()
 import deepspeed
+from deepspeed.comm import comm as ds_comm
 from safetensors.torch import load_file
 from vlscale.config import load_config
 from vlscale.engine.deepspeed_config import build_deepspeed_config
@@ -35,7 +36,7 @@ from vlscale.profiling.measure import synthetic_batch
 
 ckpt, out, vocab = sys.argv[2], sys.argv[3], int(sys.argv[4])
 base = ["train.micro_batch_size=2", "data.tasks=[vqa]"]
-result = {}
+result = {"shm_kernel": ds_comm.cdb.shm_comm_op is not None}
 
 # 1. pretrained: the sharded checkpoint loads partition by partition
 cfg = load_config("tiny", base + ["model.pretrained=true", f"model.backbone_path={ckpt}"])
@@ -111,6 +112,13 @@ def two_ranks(sharded_ckpt, tmp_path_factory, preloaded):
     proc = preloaded.run(script, [ROOT, sharded_ckpt, out, VOCAB], nproc=2, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-6000:]
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_cpu_process_group_skips_deepspeeds_inference_kernel(two_ranks):
+    """init_distributed keeps DeepSpeed from building its shared-memory all-reduce (53 s of C++ on a
+    machine without the build cache; used only by DeepSpeed-Inference): vlscale.engine.distributed."""
+    _, ranks = two_ranks
+    assert [r["shm_kernel"] for r in ranks] == [False, False]
 
 
 def test_sharded_checkpoint_loads_into_partitions_on_two_ranks(sharded_ckpt, two_ranks):

@@ -130,6 +130,23 @@ def share_cpu_cores() -> int:
     return threads
 
 
+def skip_inference_shm_kernel() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce when it starts a CPU process group.
+
+    The kernel (a C++ extension built on first use: 53 s on a machine without the build cache,
+    measured; then ~0.15 s a process to load) serves only ``inference_all_reduce``, which
+    DeepSpeed-Inference's tensor parallelism calls and training never does; every collective of a
+    training goes through the gloo process group either way. DeepSpeed builds it only when its
+    ``deepspeed.ops.__compatible_ops__`` table (probed once per process, then a plain dict) marks it
+    compatible, so it is marked not."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
@@ -140,6 +157,8 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
     import torch.distributed as dist
 
     backend = "gloo" if device_type == "cpu" else None  # None: the accelerator's (nccl on CUDA)
+    if device_type == "cpu":
+        skip_inference_shm_kernel()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
                                    timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
