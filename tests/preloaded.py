@@ -182,8 +182,16 @@ def serve(sock_path: str) -> None:
     server.listen(16)
     os.rename(sock_path + ".tmp", sock_path)  # clients see the path only once it accepts
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped automatically
+    parent = os.getppid()
+    server.settimeout(5)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            if os.getppid() != parent:  # the test session is gone (killed): so is the server
+                return
+            continue
+        conn.settimeout(None)
         req = json.loads(_read_line(conn))
         if req.get("stop"):
             conn.close()
