@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -260,6 +262,8 @@ class PreloadedServer:
     def __init__(self, folder: Path, env: dict):
         self.folder, self.env = Path(folder), dict(env)
         self.sock_path = str(self.folder / "server.sock")
+        if len(self.sock_path) > 100:  # AF_UNIX paths hold 107 bytes: a long TMPDIR falls back to /tmp
+            self.sock_path = os.path.join(tempfile.mkdtemp(prefix="vlp_", dir="/tmp"), "server.sock")
         self._log = open(self.folder / "server.log", "w")
         self.proc = subprocess.Popen([sys.executable, __file__, self.sock_path], env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.folder)
@@ -319,6 +323,9 @@ class PreloadedServer:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        sock_dir = os.path.dirname(self.sock_path)
+        if sock_dir != str(self.folder):
+            shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
