@@ -19,21 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ROOT / "launchers"
 
 
-def launch_env(**extra) -> dict:
+def launch_env() -> dict:
     """The environment of the suite's launched runs: CPU accelerator, no hub, the repository importable."""
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def pytest_configure(config):
     # Started before collection, so its imports overlap the suite's own (see tests/preloaded.py).
-    config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env())
+    if not config.option.collectonly:
+        config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env())
 
 
 def pytest_unconfigure(config):
+    for job in getattr(config, "_vlscale_jobs", {}).values():
+        if job is not None:
+            job.stop()  # a session ended early (-x, Ctrl-C) leaves no job running
     server = getattr(config, "_vlscale_preloaded", None)
     if server is not None:
         server.close()
@@ -86,6 +89,11 @@ class Job:
         assert code == 0, f"{self.proc.args} exited {code}:\n{text[-6000:]}"
         return text
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def _start_triton_job(config) -> Job | None:
     """tests/unit/triton_interpreter_checks.py under TRITON_INTERPRET=1: a new interpreter (triton reads
@@ -123,6 +131,8 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     session.config._vlscale_jobs = {name: start(session.config) for name, start in BACKGROUND_JOBS.items()
                                     if name in used}
