@@ -13,18 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from preloaded import PreloadedServer
+from preloaded import PreloadedServer, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ROOT / "launchers"
-
-
-def launch_env() -> dict:
-    """The environment of the suite's launched runs: CPU accelerator, no hub, the repository importable."""
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return env
 
 
 def pytest_configure(config):

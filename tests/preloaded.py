@@ -41,6 +41,17 @@ READY_TIMEOUT_S = 180
 KILL_GRACE_S = 30
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_env() -> dict:
+    """The environment of the suite's launched runs: CPU accelerator, no hub, the repository importable."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
 # ----------------------------------------------------------------------------- server side
 
 def _preload() -> None:
@@ -124,19 +135,15 @@ def _rank(req: dict, env: dict, log_fd: int) -> None:
         os._exit(code)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _monitor(conn: socket.socket, req: dict) -> None:
     """The run's process-group leader: start its ranks, report the pid, then the exit code; never returns."""
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     nproc = int(req["nproc"])
     log_fd = os.open(req["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    port = _free_port()
+    from vlscale.engine.distributed import free_port
+
+    port = free_port()
     ranks = []
     for rank in range(nproc):
         env = dict(req["env"])

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from preloaded import launch_env
+from vlscale.engine.distributed import free_port  # noqa: F401  (h.free_port for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "launchers" / "train.py")
@@ -41,16 +44,9 @@ MINI = ["model.backbone=mini-t5", "model.pretrained=true", "model.vision=mini-cl
         "train.max_steps=2", "train.seed=3"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(nproc: int = 1, **extra) -> dict:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLSCALE_DIST_TIMEOUT="120", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env = launch_env()
+    env["VLSCALE_DIST_TIMEOUT"] = "120"
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
@@ -78,17 +74,13 @@ def command(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list
 def launch(args: list[str], nproc: int = 1, launcher: str = "preloaded", check: bool = True,
            timeout: float = RUN_TIMEOUT_S, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run to completion; output (stdout+stderr) in ``.stdout``; ``check`` asserts exit code 0."""
-    start = time.monotonic()
-    if launcher == "preloaded":
-        proc = preloaded.run(TRAIN, train_args(args), nproc=nproc, env=env or base_env(nproc), cwd=ROOT,
-                             timeout=timeout)
-    else:
-        proc = subprocess.run(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    proc.wall_s = time.monotonic() - start
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
-    return proc
+    fd, log = tempfile.mkstemp(prefix="vlscale_launch_", suffix=".log")
+    os.close(fd)
+    try:
+        t0 = time.monotonic()
+        return finish(start(args, nproc, launcher, env, Path(log)), Path(log), t0, timeout, check)
+    finally:
+        os.unlink(log)
 
 
 def start(args: list[str], nproc: int = 1, launcher: str = "preloaded", env: dict | None = None,
@@ -105,6 +97,23 @@ def start(args: list[str], nproc: int = 1, launcher: str = "preloaded", env: dic
     finally:
         if log_path:
             out.close()  # the child has its own descriptor
+
+
+def finish(proc, log_path: Path, t0: float, timeout: float = RUN_TIMEOUT_S,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a run from :func:`start` -> CompletedProcess with its log as ``.stdout`` and ``.wall_s``
+    from ``t0``; a run past ``timeout`` is killed (its whole group) and reported; ``check`` asserts exit 0."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{' '.join(map(str, proc.args))} did not finish in {timeout} s:\n"
+                             f"{log_path.read_text()[-6000:]}")
+    done = subprocess.CompletedProcess(proc.args, code, log_path.read_text())
+    done.wall_s = time.monotonic() - t0
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(map(str, proc.args))} exited {code}:\n{done.stdout[-6000:]}")
+    return done
 
 
 def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -158,8 +167,8 @@ class RunCache:
         self.started: dict[str, tuple] = {}
 
     def start(self, *names: str) -> None:
-        """Start these runs in the background (one-process runs spend most of their ~15 s importing on
-        one core, so two started together use both)."""
+        """Start these runs in the background, ahead of their first use (two one-process runs started
+        together use both cores)."""
         for name in names:
             if name in self.done or name in self.started:
                 continue
@@ -172,16 +181,7 @@ class RunCache:
         if name not in self.done:
             self.start(name)
             proc, log, t0 = self.started.pop(name)
-            try:
-                code = proc.wait(timeout=RUN_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise AssertionError(f"run {name} did not finish in {RUN_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
-            done = subprocess.CompletedProcess(proc.args, code, log.read_text())
-            done.wall_s = time.monotonic() - t0
-            if code != 0:
-                raise AssertionError(f"{' '.join(proc.args)} exited {code}:\n{done.stdout[-6000:]}")
-            self.procs[name], self.done[name] = done, self.root / name
+            self.procs[name], self.done[name] = finish(proc, log, t0), self.root / name
         return self.done[name]
 
     def close(self) -> None:

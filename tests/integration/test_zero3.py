@@ -15,7 +15,7 @@ REL = 1e-5
 
 @pytest.fixture(scope="module", autouse=True)
 def one_process_runs_together(runs):
-    """The two one-process runs start together: their imports (most of their time) take a core each."""
+    """The two one-process runs start together, a core each."""
     runs.start("single_1p", "multi_1p")
 
 

@@ -575,12 +575,11 @@ def test_zero3_matches_plain_pytorch_with_per_task_modules(tmp_path, preloaded):
     stale one of their last step (DeepSpeed 0.19); hooks must work with partitioned parameters."""
     pytest.importorskip("deepspeed")
     import json
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    from vlscale.engine.distributed import free_port
+
+    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1")
     script = tmp_path / "zero3_probe.py"
     script.write_text(ZERO3_SCRIPT)
     proc = preloaded.run(script, [], env=env, cwd=tmp_path, timeout=600)
