@@ -128,7 +128,13 @@ def test_bucket_sizes_follow_the_composite_model():
     zero = build_deepspeed_config(DS_DIR / "zero3.json", cfg, 8, device_type="cuda")["zero_optimization"]
     assert zero["reduce_bucket_size"] == 2048 * 2048
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
-    assert zero["stage3_param_persistence_threshold"] == 10 * 1024
+    # each LM layer gathered as one unit (the default): no persistent parameters, DeepSpeed would
+    # re-gather each of them after every step; module by module, norms and biases stay whole
+    assert zero["stage3_param_persistence_threshold"] == 0
+    module = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("model.backbone=t5-large", "model.vision=RN101",
+                                                                    "train.zero3_leaf_layers=false"), 8,
+                                    device_type="cuda")["zero_optimization"]
+    assert module["stage3_param_persistence_threshold"] == 10 * 1024
 
 
 def test_zero_stage_override_and_offload_checks():

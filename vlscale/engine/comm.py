@@ -28,7 +28,10 @@ so a frozen parameter costs an all-gather in forward and, when gradients pass th
 (frozen linear layers inside the encoder/decoder), one in backward, and never a reduce-scatter;
 frozen embeddings (integer inputs) and the ``no_grad`` vision encoder are gathered in forward only.
 Persistent parameters (``numel <= stage3_param_persistence_threshold``, within
-``stage3_model_persistence_threshold``) stay whole and are not gathered per use.
+``stage3_model_persistence_threshold``) stay whole and are not gathered per use. A ZeRO-3 leaf
+module (each LM layer with ``train.zero3_leaf_layers``) is one module here: all its parameters are
+gathered for a call, and again in backward when the layer's output needs a gradient, also those of
+its submodules whose own output does not (T5's relative position bias).
 
 A gathered parameter is released after its module ran unless DeepSpeed sees it used again within
 ``stage3_max_reuse_distance`` elements of the step's module trace (forward calls, then the calls
@@ -169,8 +172,11 @@ class _MetaScalars(TorchDispatchMode):
 
 def trace_module_calls(model: torch.nn.Module, batch: dict, forward=None) -> tuple[list[ModuleCall], dict]:
     """Run one training-mode forward (``forward(model, batch)``, default ``model(batch)``) and record
-    every call of a module with direct parameters. -> (calls, {param name: ParamInfo}) with each
-    shared parameter under its first name, in ``named_parameters`` order."""
+    every call of a module with direct parameters. A ZeRO-3 leaf module (``set_z3_leaf_modules``, e.g.
+    an LM layer with ``train.zero3_leaf_layers``) is one call with all the parameters under it, and
+    its descendants are not recorded: DeepSpeed gathers the whole unit, in backward too when the
+    unit's output needs a gradient. -> (calls, {param name: ParamInfo}) with each shared parameter
+    under its first name, in ``named_parameters`` order."""
     names: dict[int, str] = {}
     info: dict[str, ParamInfo] = {}
     for name, p in model.named_parameters():
@@ -178,9 +184,14 @@ def trace_module_calls(model: torch.nn.Module, batch: dict, forward=None) -> tup
         info[name] = ParamInfo(int(getattr(p, "ds_numel", p.numel())), bool(p.requires_grad))
     calls: list[ModuleCall] = []
     mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)]
+    inside_leaf = {id(d) for m in leaves for d in m.modules() if d is not m}
 
     def hook(mod, args, out):
-        own = [names[id(p)] for p in mod.parameters(recurse=False) if id(p) in names]
+        if id(mod) in inside_leaf:
+            return
+        leaf = getattr(mod, "_z3_leaf", False)
+        own = [names[id(p)] for p in dict.fromkeys(mod.parameters(recurse=leaf)) if id(p) in names]
         if not own:
             return
         flat, _ = tree_flatten(out)
@@ -338,6 +349,9 @@ def predict_zero3_comm(cfg, ds_config: dict, world_size: int, *, vocab_size: Opt
         meta_cfg = copy.deepcopy(cfg)
         meta_cfg.train.gradient_checkpointing = False
         model = build_model(meta_cfg, vocab_size=vocab, device="meta")
+        from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
+
+        mark_zero3_leaf_layers(model, cfg)  # as the trainer's build_model_zero3
     device = next(model.parameters()).device
     batch = synthetic_batch(cfg, 1, vocab, device=device, dtype=next(model.parameters()).dtype)
     calls, info = trace_module_calls(model, batch)

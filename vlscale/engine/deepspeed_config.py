@@ -10,8 +10,16 @@ twice::
     gradient_clipping = train.clip_grad_norm
     optimizer        = AdamW(lr=cfg.lr, betas, eps, weight_decay)   (the schedule is the trainer's)
     ZeRO buckets     = composite model: h = max(LM d_model, visual feature width entering the
-                       projector); reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h,
-                       stage3_param_persistence_threshold = 10*d_model (norms and biases stay whole)
+                       projector); reduce_bucket_size = h*h, stage3_prefetch_bucket_size = 0.9*h*h
+    persistence      = stage3_param_persistence_threshold: 0 with train.zero3_leaf_layers (the
+                       default), else 10*d_model (norms and biases stay whole)
+
+Why no persistent parameters with leaf layers: DeepSpeed releases every persistent parameter at
+each optimizer step and gathers them all again after it, one collective per parameter, the frozen
+ones included. With each LM layer gathered as one unit, a layer's norms and biases travel in the
+layer's one gather anyway, so persistence saves no collective there and costs one per parameter
+per step (the default model on 2 CPU ranks: 0.66 -> 0.47 s a step, per-round ratio 0.77,
+``benchmarks/zero3_leaf.py``; the comm accounting of ``vlscale.engine.comm`` counts that re-gather).
 
 A concrete value in the file that disagrees with the run config is an error naming the key and
 both values; an ``"auto"`` that nothing resolves is an error too. ``nvme_path: "auto"`` (ZeRO-
@@ -193,7 +201,8 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         d_model, visual = model_widths(cfg)
         h = max(d_model, visual)  # composite model: the projector's input can be wider than the LM
     r.default("zero_optimization.reduce_bucket_size", h * h)
-    stage3_keys = {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * d_model}
+    persistence = 0 if t.zero3_leaf_layers else 10 * d_model  # why: the module docstring
+    stage3_keys = {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": persistence}
     if stage < 3:
         r.default("zero_optimization.allgather_bucket_size", max(h * h, 2 * 10 ** 8))
         for key in stage3_keys:  # unused below stage 3 (e.g. zero3.json with train.zero_stage=2)
