@@ -215,7 +215,7 @@ def worker(args) -> None:
     from torch.optim.lr_scheduler import LambdaLR
 
     from vlscale.data import build_tokenizer, build_train_loader
-    from vlscale.engine import trainer
+    from vlscale.engine import accounting, trainer
     from vlscale.engine.comm import CommCounter, predict_zero3_comm
     from vlscale.engine.distributed import StopSignal
     from vlscale.engine.sharded_loading import (_rss_bytes, build_model_zero3, reset_peak_rss,
@@ -277,8 +277,8 @@ def worker(args) -> None:
         counts["total"] += n
         counts["trainable"] += n if p.requires_grad else 0
         counts["bytes"] += n * p.element_size()
-    local = {"param_bytes_per_rank": trainer.parameter_bytes(engine.module),
-             "optimizer_state_bytes_per_rank": trainer.optimizer_state_bytes(engine, 3),
+    local = {"param_bytes_per_rank": accounting.parameter_bytes(engine.module),
+             "optimizer_state_bytes_per_rank": accounting.optimizer_state_bytes(engine),
              "grad_bytes_per_rank": run.memory.get("grad_bytes_per_rank", 0),
              "peak_rss_bytes": _rss_bytes("VmHWM"), "rss_start_bytes": rss_start,
              "peak_tensor_bytes": int(tracker.peak), "peak_tensor_phase": tracker.peak_phase,

@@ -43,6 +43,7 @@ import torch
 
 from vlscale.config import RunConfig, load_config, save_config
 from vlscale.engine import checkpoint as ckpt
+from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
@@ -386,65 +387,6 @@ def save_training_state(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- accounting
 
-def _unique_storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
-
-
-def parameter_bytes(model) -> int:
-    """Bytes of parameters this rank holds while training: ZeRO-3 partitions (``ds_tensor``), plus the full
-    copy of every persistent parameter (``ds_persist``: under ``stage3_param_persistence_threshold``
-    elements, kept whole on every rank beside its partition). A persistent parameter counts at its full
-    size even while released (``numel() == 0``, e.g. after generation): the next step gathers it again."""
-    total, seen = 0, set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if ckpt.is_partitioned(p):
-            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
-            if getattr(p, "ds_persist", False):
-                total += p.ds_numel * p.element_size()
-        else:
-            total += p.numel() * p.element_size()
-    return total
-
-
-def _inner_optimizer(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
-def gradient_bytes(engine, stage: int) -> int:
-    """Bytes of gradient buffers this rank holds at the accumulation boundary (before the update)."""
-    opt = engine.optimizer
-    if stage == 3 and getattr(opt, "grad_partitions_flat_buffer", None) is not None:
-        return _unique_storage_bytes([opt.grad_partitions_flat_buffer])
-    if stage in (1, 2) and getattr(opt, "averaged_gradients", None):
-        tensors = [g for grads in opt.averaged_gradients.values() for g in (grads or [])]
-        if tensors:
-            return _unique_storage_bytes(tensors)
-    return _unique_storage_bytes(p.grad for p in engine.module.parameters() if p.grad is not None)
-
-
-def optimizer_state_bytes(engine, stage: int) -> int:
-    """Bytes of fp32 master partitions and Adam moments this rank holds."""
-    opt = engine.optimizer
-    masters = []
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-        masters += [t for t in (getattr(opt, attr, None) or []) if isinstance(t, torch.Tensor)]
-    state = [v for s in _inner_optimizer(engine).state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return _unique_storage_bytes(masters) + _unique_storage_bytes(state)
-
-
 def peak_memory_bytes(device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     if device.type == "cuda":
@@ -456,7 +398,7 @@ def run_summary(run: Run, completed: bool = True) -> dict:
     """Measured per-rank figures (collective: gathers every rank's numbers)."""
     local = {"param_bytes_per_rank": parameter_bytes(run.model),
              "grad_bytes_per_rank": run.memory.get("grad_bytes_per_rank", 0),
-             "optimizer_state_bytes_per_rank": optimizer_state_bytes(run.engine, run.stage),
+             "optimizer_state_bytes_per_rank": optimizer_state_bytes(run.engine),
              **peak_memory_bytes(run.dist.device)}
     per_rank = [local]
     if run.dist.world_size > 1:

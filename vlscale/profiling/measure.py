@@ -12,8 +12,8 @@
                 returns until it dies), with the process's peak RSS beside it
     buffers     peak - params - grads - optimizer - activations: what else was live at the peak
 
-The parameter, gradient and optimizer figures are read exactly the way the engine's
-``run_summary.json`` reads them. 2-rank runs go through ``torchrun`` (see ``measure_memory``).
+The parameter, gradient and optimizer figures are read by ``vlscale.engine.accounting``, as the
+engine's ``run_summary.json`` reads them. 2-rank runs go through ``torchrun`` (see ``measure_memory``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Iterable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes, unique_storage_bytes
 
 
 def _storage(t) -> Optional[torch.UntypedStorage]:
@@ -248,71 +250,6 @@ def synthetic_batch(cfg, batch_size: int, vocab_size: int, *, device="cpu", dtyp
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------- engine accounting
-# The same readings as the engine's run_summary.json (vlscale/engine/trainer.py); kept here so the
-# profiler also works where the trainer is not importable.
-
-def _unique_storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
-
-
-def parameter_bytes(model) -> int:
-    """Parameters this rank holds: ZeRO-3 partitions (``ds_tensor``) plus full copies it keeps."""
-    total, seen = 0, set()
-    for prm in model.parameters():
-        if id(prm) in seen:
-            continue
-        seen.add(id(prm))
-        if hasattr(prm, "ds_id"):
-            total += prm.ds_tensor.numel() * prm.ds_tensor.element_size()
-            if getattr(prm, "ds_persist", False):
-                total += prm.numel() * prm.element_size()
-        else:
-            total += prm.numel() * prm.element_size()
-    return total
-
-
-def gradient_bytes(engine, stage: int) -> int:
-    """Gradient buffers at the accumulation boundary (before the update)."""
-    opt = engine.optimizer
-    if stage == 3 and getattr(opt, "grad_partitions_flat_buffer", None) is not None:
-        return _unique_storage_bytes([opt.grad_partitions_flat_buffer])
-    averaged = getattr(opt, "averaged_gradients", None)
-    if stage in (1, 2) and averaged:
-        tensors = [g for grads in averaged.values() for g in (grads or [])]
-        if tensors:
-            return _unique_storage_bytes(tensors)
-    return _unique_storage_bytes(prm.grad for prm in engine.module.parameters() if prm.grad is not None)
-
-
-_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
-                 "fp32_groups_flat", "fp32_groups")
-
-
-def optimizer_state_bytes(engine) -> int:
-    """fp32 master copies (stage 0 half precision: per parameter) and every optimizer state tensor."""
-    opt = engine.optimizer
-    masters = []
-    for attr in _MASTER_ATTRS:
-        for item in getattr(opt, attr, None) or []:
-            masters += list(item) if isinstance(item, (list, tuple)) else [item]
-    inner = getattr(opt, "optimizer", opt)
-    state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    params = {id(p) for p in engine.module.parameters()}
-    masters = [t for t in masters if isinstance(t, torch.Tensor) and id(t) not in params]
-    return _unique_storage_bytes(masters) + _unique_storage_bytes(state)
-
-
-
 # ----------------------------------------------------------------------------- a measured run
 
 LOSS_MODES = ("trainer", "model")
@@ -320,12 +257,8 @@ LOSS_MODES = ("trainer", "model")
 
 def _trainer_loss(out, labels):
     """The engine's loss (vlscale.engine.trainer): a token-sum cross-entropy on the fp32-upcast logits."""
-    try:
-        from vlscale.engine.trainer import _token_cross_entropy_sum
-    except ImportError:
-        def _token_cross_entropy_sum(logits, labels):
-            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                     labels.reshape(-1), ignore_index=-100, reduction="sum")
+    from vlscale.engine.trainer import _token_cross_entropy_sum
+
     return _token_cross_entropy_sum(out.logits, labels)
 
 
@@ -395,7 +328,7 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         if isinstance(averaged, dict):
             for grads in averaged.values():
                 tensors += [g for g in (grads or []) if isinstance(g, torch.Tensor)]
-        return _unique_storage_bytes(t for t in tensors if t.device.type == device_type)
+        return unique_storage_bytes(t for t in tensors if t.device.type == device_type)
 
     def on_peak():
         counter_peak["activations"] = counter.alive_bytes(device_type) if counter is not None else 0
