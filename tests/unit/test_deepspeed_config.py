@@ -186,3 +186,27 @@ def test_single_process_zero3_note(name, world, stage, noted):
     assert (note is not None) == noted
     if noted:
         assert "train.zero_stage=0" in note
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_nvme_offload_without_async_io_is_a_clear_error(monkeypatch, tmp_path, available):
+    """ZeRO-Infinity needs DeepSpeed's async_io op (libaio): without it the run stops before the model is
+    built, naming the key, the missing library and the CPU-offload alternative; CPU offload is not checked."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from vlscale.engine.deepspeed_config import check_nvme_support
+
+    calls = []
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: calls.append(1) or available)
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    nvme = build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda")
+    if available:
+        check_nvme_support(nvme)
+    else:
+        with pytest.raises(DeepSpeedConfigError, match=r"offload_\w+\.device='nvme'.*libaio.*zero3_offload\.json"):
+            check_nvme_support(nvme)
+    assert calls
+    calls.clear()
+    check_nvme_support(build_deepspeed_config(DS_DIR / "zero3_offload.json", cfg_with(), 2, device_type="cuda"))
+    assert not calls, "CPU offload needs no async_io"

@@ -252,6 +252,24 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     return ds
 
 
+def check_nvme_support(ds_config: dict) -> None:
+    """ZeRO-Infinity (``"device": "nvme"`` offload) runs on DeepSpeed's ``async_io`` op, which needs libaio.
+    Checked before the model is built, so a machine without it gets this reason instead of DeepSpeed's
+    "Unable to JIT load the async_io op" from inside ``deepspeed.initialize``."""
+    zero = ds_config.get("zero_optimization") or {}
+    nvme = [k for k in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
+    if not nvme:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise DeepSpeedConfigError(
+            f"zero_optimization.{nvme[0]}.device='nvme' (ZeRO-Infinity) needs DeepSpeed's async_io op, which "
+            f"cannot be built here: it needs libaio's headers and library (Debian/Ubuntu: apt install "
+            f"libaio-dev, then reinstall deepspeed). Without it, offload to CPU: ds_configs/zero3_offload.json")
+
+
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 

@@ -44,7 +44,7 @@ import torch
 from vlscale.config import RunConfig, load_config, save_config
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
-from vlscale.engine.deepspeed_config import zero_stage
+from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import evaluate, format_scores, to_device, write_eval_report
@@ -207,6 +207,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     error = broadcast_object(error)
     if error:
         raise ckpt.CheckpointError(error)
+    check_nvme_support(ds_config)
 
     if not show_progress:
         import transformers
