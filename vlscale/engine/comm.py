@@ -149,7 +149,8 @@ class ModuleCall:
 
     module: str
     params: list[str]
-    """Names (first registered name) of the module's own parameters (``recurse=False``)."""
+    """Names (first registered name) of the module's own parameters (``recurse=False``; a ZeRO-3 leaf
+    module's: all the parameters under it)."""
     backward: bool
     """Some output needs a gradient: ZeRO-3 gathers the parameters again in backward."""
 
@@ -191,7 +192,7 @@ def trace_module_calls(model: torch.nn.Module, batch: dict, forward=None) -> tup
         if id(mod) in inside_leaf:
             return
         leaf = getattr(mod, "_z3_leaf", False)
-        own = [names[id(p)] for p in dict.fromkeys(mod.parameters(recurse=leaf)) if id(p) in names]
+        own = [names[id(p)] for p in mod.parameters(recurse=leaf) if id(p) in names]
         if not own:
             return
         flat, _ = tree_flatten(out)
