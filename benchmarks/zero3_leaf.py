@@ -105,23 +105,20 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)
     base = settings[0]
-    runs, ratios = [], {s: [] for s in settings[1:]}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="vlscale_zero3_leaf_") as tmp:
         files = {s: ds_file(s, cfg, Path(tmp)) for s in settings}
         for r in range(args.repeats):
             order = settings[r % len(settings):] + settings[:r % len(settings)]
-            step = {}
             for s in order:
                 res = run_once(args, s, files[s], Path(tmp) / f"r{r}_{s}")
                 runs.append(dict(res, round=r))
-                step[s] = res["step_time_s"]
                 if not args.json:
                     print(f"round {r}: {s:12s} {res['step_time_s']:.3f} s/step ({res['wall_s']:.0f} s wall)",
                           flush=True)
-            for s in settings[1:]:
-                ratios[s].append(step[s] / step[base])
     by = {s: [r for r in runs if r["setting"] == s] for s in settings}
     pairs = pairwise(runs, settings)
+    ratios = {s: pairs[f"{s} / {base}"]["rounds"] for s in settings[1:]}
     max_loss_diff = max(abs(a - b) for s in settings[1:] for ra, rb in zip(by[base], by[s])
                         for a, b in zip(ra["losses"], rb["losses"]))
     result = {
