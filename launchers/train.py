@@ -6,7 +6,7 @@
 
 Supports: every launcher above (multi-node through DeepSpeed's hostfile); no GPU (DeepSpeed's CPU
 accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe offload
-(``ds_configs/``); fp32, bf16 and fp16 (dynamic loss scaling, GPU only); gradient checkpointing;
+(``ds_configs/``); fp32, bf16 and fp16 (dynamic loss scaling; GPU, or CPU with VLSCALE_CPU_FP16=1 to check it); gradient checkpointing;
 multitask batches with per-task or shared PEFT modules; periodic and final evaluation with
 synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM leaving a resumable
 checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default

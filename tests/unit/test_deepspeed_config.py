@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from vlscale.config import load_config
-from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
+from vlscale.engine.deepspeed_config import (CPU_FP16_ENV, CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
                                              model_widths, single_process_note)
 
 DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -104,10 +104,18 @@ def test_precision_blocks(precision):
         assert ds["fp16"]["initial_scale_power"] > 0
 
 
-def test_fp16_on_cpu_is_a_clear_error():
+def test_fp16_on_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(CPU_FP16_ENV, raising=False)
     with pytest.raises(DeepSpeedConfigError) as e:
         build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
-    assert str(e.value) == CPU_FP16_ERROR
+    assert str(e.value) == CPU_FP16_ERROR and f"{CPU_FP16_ENV}=1" in CPU_FP16_ERROR
+    # VLSCALE_CPU_FP16=1 lets it through (tests/integration/test_half_precision.py trains that way)
+    monkeypatch.setenv(CPU_FP16_ENV, "1")
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    monkeypatch.setenv(CPU_FP16_ENV, "yes")
+    with pytest.raises(DeepSpeedConfigError, match=f"{CPU_FP16_ENV}='yes' must be 0 or 1"):
+        build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
 
 
 def test_optimizer_and_clipping_come_from_the_run_config():

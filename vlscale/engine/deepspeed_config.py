@@ -38,14 +38,30 @@ from typing import Any, Optional, Union
 from vlscale.config import RunConfig
 
 AUTO = "auto"
+CPU_FP16_ENV = "VLSCALE_CPU_FP16"
 CPU_FP16_ERROR = ("DeepSpeed's CPU accelerator does not support fp16; use train.precision=bf16 or fp32 "
-                  "(fp16 runs on GPU)")
+                  f"(fp16 runs on GPU; {CPU_FP16_ENV}=1 runs DeepSpeed's fp16 path on CPU to check it, slowly)")
 FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
 
 
 class DeepSpeedConfigError(ValueError):
     """The DeepSpeed file is unreadable, conflicts with the run config, or leaves a value unresolved."""
+
+
+def cpu_fp16_enabled() -> bool:
+    """``VLSCALE_CPU_FP16=1``: let fp16 runs through on DeepSpeed's CPU accelerator.
+
+    That accelerator does not declare fp16, so DeepSpeed refuses it; with the variable set,
+    :func:`vlscale.engine.distributed.init_distributed` declares it and the run goes through
+    DeepSpeed's real fp16 optimizers (dynamic loss scaling, skipped overflow steps, the scaler's
+    state in checkpoints) with torch's CPU half-precision kernels. It exists to check that code path
+    without a GPU (the test suite does); it is slow and says nothing about a GPU's fp16 numerics.
+    """
+    raw = os.environ.get(CPU_FP16_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise DeepSpeedConfigError(f"{CPU_FP16_ENV}={raw!r} must be 0 or 1")
+    return raw == "1"
 
 
 def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
@@ -165,7 +181,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
           f"train.micro_batch_size={micro} x world_size={world_size} x train.gradient_accumulation_steps={accum}")
 
     # Precision.
-    if t.precision == "fp16" and device_type == "cpu":
+    if t.precision == "fp16" and device_type == "cpu" and not cpu_fp16_enabled():
         raise DeepSpeedConfigError(CPU_FP16_ERROR)
     if "bfloat16" in ds:  # DeepSpeed's alias of "bf16"
         if "bf16" in ds:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlscale.engine.deepspeed_config import cpu_fp16_enabled
+
 EXIT_HUNG = 3
 DEFAULT_DIST_TIMEOUT_S = 300.0
 
@@ -147,6 +149,18 @@ def skip_inference_shm_kernel() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+def declare_cpu_fp16() -> None:
+    """Make DeepSpeed's CPU accelerator declare fp16 (``VLSCALE_CPU_FP16=1``, see
+    :func:`vlscale.engine.deepspeed_config.cpu_fp16_enabled`); DeepSpeed's engine checks the
+    declaration and nothing else."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    dtypes = list(accelerator.supported_dtypes())
+    accelerator.is_fp16_supported = lambda: True
+    accelerator.supported_dtypes = lambda: [*dtypes, torch.float16]
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
@@ -159,6 +173,8 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
     backend = "gloo" if device_type == "cpu" else None  # None: the accelerator's (nccl on CUDA)
     if device_type == "cpu":
         skip_inference_shm_kernel()
+        if cpu_fp16_enabled():
+            declare_cpu_fp16()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
                                    timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)

@@ -19,7 +19,11 @@ random weights equal a whole build's from ``train.seed`` (so ``launchers/evaluat
 very same frozen weights). Stages 0-2 build the model whole on every rank. Frozen parameters get no fp32 master copy, gradient or
 Adam state: only ``requires_grad`` parameters are handed to the optimizer.
 
-Files (rank 0): ``train_log.jsonl`` (per step: step, task, loss, lr, samples_per_s, grad_norm),
+Half precision: ZeRO stage 0's fp16 / bf16 optimizer wrappers get the corrections of
+:mod:`vlscale.engine.half_precision` (set up in :func:`setup_run`, applied in :func:`train_step`).
+
+Files (rank 0): ``train_log.jsonl`` (per step: step, task, loss, lr, samples_per_s, grad_norm,
+skipped, and under fp16 loss_scale; see :func:`log_step`),
 ``metrics.json`` (per evaluation), ``predictions/<task>.jsonl`` (the final evaluation's),
 ``run_summary.json``, ``run_config.yaml``, ``tensorboard/``,
 ``adapter/`` and ``checkpoints/`` (see :mod:`vlscale.engine.checkpoint`).
@@ -48,6 +52,8 @@ from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import evaluate, format_scores, to_device, write_eval_report
+from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
+                                           unscaled_grad_norm)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
@@ -89,6 +95,8 @@ class Run:
     test_scores: dict = field(default_factory=dict)
     show_progress: bool = True
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 awareness alive while the run exists
+    scale_loss: bool = False  # multiply the loss by the fp16 loss scale here (vlscale.engine.half_precision)
+    loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
 
     @property
     def model(self):
@@ -219,9 +227,12 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config,
                                            lr_scheduler=lambda opt: LambdaLR(opt, schedule))
     engine.train()  # from_pretrained returns modules in eval mode: dropout must be on (VLModel keeps CLIP in eval)
+    undo_initial_step(engine)
+    scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
+                  and not engine_scales_fp16_loss(engine))
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
-              hf_ds_config=hf_ds)
+              hf_ds_config=hf_ds, scale_loss=scale_loss)
     if resume:
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size)
         run.loader.load_state_dict(state["loader"])
@@ -262,6 +273,9 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     (n_tokens,) = all_reduce_sum([local_tokens], run.dist.device)
     scale = world * k / max(n_tokens, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.dist.device)
+    run.loss_scale = float(engine.optimizer.loss_scale) if run.cfg.train.precision == "fp16" else None
+    if run.scale_loss:
+        scale *= run.loss_scale
     for i, batch in enumerate(batches):
         batch = to_device(batch, run.dist.device, run.dtype)
         out = engine(batch)
@@ -276,6 +290,8 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
         tag = ckpt.latest_tag(run.out / "checkpoints") if (run.out / "checkpoints").exists() else None
         keep = (f"the last good checkpoint is {run.out / 'checkpoints' / tag} (resume with --resume, e.g. with a "
                 f"lower train.lr)") if tag else "no checkpoint had been written yet"
+        if run.cfg.train.precision == "fp16":  # loss scaling protects the gradients, not the forward pass
+            keep += "; under fp16 the forward pass itself can overflow: train.precision=bf16 or fp32 cannot"
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1} (task {task!r}); stopping before the update; "
                             f"{keep}")
     if not run.memory:
@@ -323,19 +339,33 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
 
 
 def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
-    grad_norm = run.engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
+    """One ``train_log.jsonl`` line (strict JSON), the bar's postfix and the TensorBoard scalars.
+
+    ``skipped``: the update was dropped because the gradients overflowed (fp16's dynamic loss
+    scaling; DeepSpeed then lowers the scale, after ``fp16.hysteresis`` overflows in a row at ZeRO
+    stages 1-3, and does not advance the schedule); ``grad_norm`` (unscaled) is null there.
+    ``loss_scale`` (fp16 only): the scale this step's backward used.
+    """
+    engine = run.engine
+    skipped = not engine.was_step_applied()
+    grad_norm = None if skipped else unscaled_grad_norm(engine, run.loss_scale)
     record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
-              "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm}
+              "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm,
+              "skipped": skipped}
+    if run.loss_scale is not None:
+        record["loss_scale"] = run.loss_scale
     if not run.is_main:
         return
     with open(run.out / "train_log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
     bar.update(1)
-    bar.set_postfix(task=task, loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    postfix = {"task": task, "loss": f"{loss:.4f}", "samples_s": f"{record['samples_per_s']:.1f}"}
+    if "loss_scale" in record:
+        postfix["scale"] = f"{record['loss_scale']:g}"
+    bar.set_postfix(**postfix)
     if run.writer is not None and run.step % max(1, run.cfg.train.log_every) == 0:
-        for key in ("loss", "lr", "samples_per_s", "grad_norm"):
-            if record[key] is not None:
+        for key in ("loss", "lr", "samples_per_s", "grad_norm", "loss_scale"):
+            if record.get(key) is not None:
                 run.writer.add_scalar(f"train/{key}", record[key], run.step)
         run.writer.add_scalar(f"train/loss_{task}", loss, run.step)
 
@@ -411,6 +441,7 @@ def run_summary(run: Run, completed: bool = True) -> dict:
     summary = {"world_size": run.dist.world_size, "zero_stage": run.stage, "precision": run.cfg.train.precision,
                "trainable_params": counts["trainable"], "total_params": counts["total"],
                "global_batch": run.global_batch, "steps": run.step, "completed": completed,
+               "skipped_steps": int(run.engine.skipped_steps),
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
                "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
                "device": run.dist.device_type}
