@@ -6,6 +6,8 @@ Sections, each in its own process so one failure does not hide the others, skipp
 time budget left is too small:
   train_fp16   the main command (launchers/train.py, ZeRO-3, one GPU) in fp16 with dynamic loss
                scaling: losses, loss scale behaviour, step time, allocator peak (run_summary.json)
+  train_fp16_z0 the same fp16 run at ZeRO stage 0 (DeepSpeed's fused FP16_Optimizer on a GPU), with
+               vlscale.engine.half_precision's corrections; its losses beside train_fp16's
   train_bf16   the same run in bf16, for comparison
   full_ft_ckpt full fine-tuning with gradient checkpointing, bf16: memory of the other regime
   kernels      the fused adapter kernels vs the reference (benchmarks/gpu_kernels_section.py)
@@ -26,11 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-COMMON = ["model.backbone=t5-small", "model.vision=tiny-clip-rn", "model.tokenizer=synthetic", "data.synthetic_train=256",
+COMMON = ["model.backbone=t5-small", "model.vision=tiny-clip-rn", "model.pretrained=false", "model.vision_pretrained=null",
+          "model.tokenizer=synthetic", "data.synthetic_train=256",
           "data.synthetic_eval=32", "train.eval_max_examples=32", "train.micro_batch_size=32",
           "train.eval_batch_size=32", "train.save_every=0"]
 TRAIN_RUNS = {
     "train_fp16": ["train.precision=fp16", "train.max_steps=30"],
+    "train_fp16_z0": ["train.precision=fp16", "train.max_steps=30", "train.zero_stage=0"],
     "train_bf16": ["train.precision=bf16", "train.max_steps=30"],
     "full_ft_ckpt": ["train.precision=bf16", "train.max_steps=10", "peft.method=none", "peft.train_lm=true",
                      "train.gradient_checkpointing=true"],
@@ -53,14 +57,13 @@ def run_training(name: str, extra: list[str], out_dir: Path, timeout: float) -> 
     res["loss_first5_mean"] = sum(res["losses"][:5]) / min(5, len(res["losses"]))
     res["loss_last5_mean"] = sum(res["losses"][-5:]) / min(5, len(res["losses"]))
     res["all_finite"] = all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
-    for key in ("loss_scale", "skipped_steps"):
-        vals = [r[key] for r in log if key in r]
-        if vals:
-            res[key] = vals if key == "loss_scale" else vals[-1]
+    if any("loss_scale" in r for r in log):
+        res["loss_scale"] = [r.get("loss_scale") for r in log]
+        res["skipped"] = [r["step"] for r in log if r.get("skipped")]
     res["summary"] = {k: summary.get(k) for k in (
         "world_size", "zero_stage", "precision", "trainable_params", "total_params", "param_bytes_per_rank",
         "grad_bytes_per_rank", "optimizer_state_bytes_per_rank", "peak_memory_bytes", "step_time_s",
-        "gradient_checkpointing", "device", "final_scores")}
+        "gradient_checkpointing", "device", "final_scores", "skipped_steps")}
     res["stdout_tail"] = proc.stdout[-1500:]
     return res
 
@@ -69,7 +72,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_suite"))
     ap.add_argument("--budget-s", type=float, default=180.0, help="stop starting sections after this")
-    ap.add_argument("--sections", default="train_fp16,train_bf16,full_ft_ckpt,kernels,profiler")
+    ap.add_argument("--sections", default="train_fp16,train_fp16_z0,train_bf16,full_ft_ckpt,kernels,profiler")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
     if args.smoke:
@@ -88,7 +91,7 @@ def main() -> int:
         results["torch"] = torch.__version__
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         results["device_error"] = repr(e)
-    needs = {"train_fp16": 60, "train_bf16": 45, "full_ft_ckpt": 40, "kernels": 35, "profiler": 60}
+    needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "full_ft_ckpt": 40, "kernels": 35, "profiler": 60}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))

@@ -54,7 +54,9 @@ def test_measure_launch(tmp_path):
     from vlscale.profiling.measure import _launch
 
     script = tmp_path / "probe.py"
-    script.write_text("import os, sys\nprint('rank', os.environ.get('RANK'), 'of', os.environ.get('WORLD_SIZE'))\n"
+    # one write per rank: with unbuffered output (PYTHONUNBUFFERED) print writes its pieces one by one,
+    # and two ranks' pieces interleaved in the shared pipe ("rankrank 0 of 2")
+    script.write_text("import os, sys\nos.write(1, f\"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}\\n\".encode())\n"
                       "sys.exit(int(os.environ.get('RANK', '0')) + 4 if len(sys.argv) > 1 else 0)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     code, out = _launch([str(script)], 2, env, str(tmp_path), 120)
