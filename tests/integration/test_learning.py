@@ -46,6 +46,15 @@ def test_the_run_prints_per_task_scores(short_run):
         assert f"\n  {task} " in short_run["stdout"]
 
 
+def test_every_step_is_logged_with_its_gradient_norm(short_run):
+    """At ZeRO stage 0 in fp32 DeepSpeed keeps no gradient norm (a plain torch optimizer); the trainer
+    takes it itself (before clipping, as DeepSpeed's optimizers report theirs)."""
+    lines = (short_run["out"] / "train_log.jsonl").read_text().splitlines()
+    log = [json.loads(line, parse_constant=lambda token: pytest.fail(f"non-JSON literal {token}")) for line in lines]
+    assert [r["step"] for r in log] == list(range(1, 451))
+    assert all(r["skipped"] is False and isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in log)
+
+
 @pytest.mark.parametrize("task,margin", [("gqa", 0.05), ("caption", 0.5), ("vqa", 0.0)])
 def test_short_run_beats_the_text_only_baseline(short_run, task, margin):
     score, base = _score_and_baseline(short_run, task)

@@ -97,6 +97,7 @@ class Run:
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 awareness alive while the run exists
     scale_loss: bool = False  # multiply the loss by the fp16 loss scale here (vlscale.engine.half_precision)
     loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
+    grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
 
     @property
     def model(self):
@@ -296,6 +297,15 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
                             f"{keep}")
     if not run.memory:
         run.memory["grad_bytes_per_rank"] = gradient_bytes(engine, run.stage)
+    run.grad_norm = None
+    if not hasattr(engine.optimizer, "_global_grad_norm"):
+        # A plain torch optimizer (ZeRO stage 0 in fp32): DeepSpeed computes the norm only to clip, and
+        # drops it. The gradients are already averaged over ranks here; the norm is taken before clipping,
+        # as DeepSpeed's optimizers report theirs.
+        grads = [p.grad for _, p in ckpt.trainable_parameters(run.model) if p.grad is not None]
+        if grads:
+            run.grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                                        for g in grads])))
     engine.step()
     return loss, stop > 0
 
@@ -348,7 +358,8 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
     """
     engine = run.engine
     skipped = not engine.was_step_applied()
-    grad_norm = None if skipped else unscaled_grad_norm(engine, run.loss_scale)
+    grad_norm = None if skipped else run.grad_norm if run.grad_norm is not None else \
+        unscaled_grad_norm(engine, run.loss_scale)
     record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
               "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm,
               "skipped": skipped}
