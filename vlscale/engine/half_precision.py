@@ -13,9 +13,9 @@ updates in exact arithmetic):
    the engine; the trainer then multiplies the loss by the scale itself.
 2. Both wrappers run one optimizer step with zero gradients when they are built
    (``initialize_optimizer_states``), so Adam's step counter starts at 1: the bias corrections are
-   off by a step for the whole run and the first update is 0.74x the size it should be (measured:
-   update norm 0.0502 against ZeRO-1's 0.0679, bf16 and fp16 alike). :func:`undo_initial_step`
-   forgets that step.
+   off by a step for the whole run and the first update is 0.74x the size it should be
+   (``benchmarks/half_precision_stage0.py``; BENCHMARKS.md). :func:`undo_initial_step` forgets that
+   step.
 3. ``FP16_UnfusedOptimizer`` reports the norm of the *scaled* gradients (the fused one and the ZeRO
    optimizers divide by the scale): :func:`unscaled_grad_norm`.
 
