@@ -297,17 +297,19 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
                             f"{keep}")
     if not run.memory:
         run.memory["grad_bytes_per_rank"] = gradient_bytes(engine, run.stage)
-    run.grad_norm = None
-    if not hasattr(engine.optimizer, "_global_grad_norm"):
-        # A plain torch optimizer (ZeRO stage 0 in fp32): DeepSpeed computes the norm only to clip, and
-        # drops it. The gradients are already averaged over ranks here; the norm is taken before clipping,
-        # as DeepSpeed's optimizers report theirs.
-        grads = [p.grad for _, p in ckpt.trainable_parameters(run.model) if p.grad is not None]
-        if grads:
-            run.grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                                        for g in grads])))
+    run.grad_norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run.model)
     engine.step()
     return loss, stop > 0
+
+
+def _plain_grad_norm(model) -> Optional[float]:
+    """The gradient norm under a plain torch optimizer (ZeRO stage 0 in fp32), where DeepSpeed computes
+    it only to clip and drops it. Taken before the step: averaged over ranks, not yet clipped, as
+    DeepSpeed's own optimizers report theirs."""
+    grads = [p.grad for _, p in ckpt.trainable_parameters(model) if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -358,8 +360,12 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
     """
     engine = run.engine
     skipped = not engine.was_step_applied()
-    grad_norm = None if skipped else run.grad_norm if run.grad_norm is not None else \
-        unscaled_grad_norm(engine, run.loss_scale)
+    if skipped:
+        grad_norm = None
+    elif run.grad_norm is not None:
+        grad_norm = run.grad_norm
+    else:
+        grad_norm = unscaled_grad_norm(engine, run.loss_scale)
     record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
               "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm,
               "skipped": skipped}
