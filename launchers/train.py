@@ -63,13 +63,15 @@ def quiet_library_warnings() -> None:
 
 def refused_before_start(cfg, resume: bool) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
-    an output_dir holding another run's checkpoint (without --resume), or --resume with none, fails in
-    a second instead of after start-up. Ranks that see another filesystem are left to rank 0's check
-    after start-up."""
+    an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
+    written by another number of ranks, fails in a second instead of after start-up. Ranks that see
+    another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
 
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+    world_size = int(world) if world else (1 if "RANK" not in os.environ else None)  # None: not known yet
     try:
-        check_output_dir(cfg.output_dir, resume)
+        check_output_dir(cfg.output_dir, resume, world_size)
     except CheckpointError as e:
         return str(e)
     return None

@@ -62,6 +62,12 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     assert f"output_dir {str(out)!r} already holds a run's checkpoint" in refused.stdout
     assert "pass --resume" in refused.stdout and "choose another output_dir" in refused.stdout
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
+    # --resume with another number of ranks is refused before start-up too (ZeRO partitions are per rank)
+    refused = h.launch(args + ["--resume"], nproc=1, check=False)
+    assert refused.returncode != 0
+    assert f"{out / 'checkpoints' / f'step{step}'} was written by 2 ranks; this run has 1" in refused.stdout
+    assert "Traceback" not in refused.stdout, "refused by the launcher's check, not after building the model"
+    assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
     # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
     h.launch(args + ["--resume"], nproc=nproc)
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))

@@ -327,8 +327,9 @@ def latest_tag(ckpt_root) -> Optional[str]:
     return tag
 
 
-def check_output_dir(output_dir, resume: bool) -> Optional[str]:
-    """Refuse to overwrite another run; with ``resume``, the tag to resume from."""
+def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None) -> Optional[str]:
+    """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``,
+    a checkpoint written by another number of ranks is refused too (before anything is built)."""
     ckpt_root = Path(output_dir) / "checkpoints"
     tag = latest_tag(ckpt_root)
     if tag is not None and not resume:
@@ -338,7 +339,16 @@ def check_output_dir(output_dir, resume: bool) -> Optional[str]:
     if resume and tag is None:
         raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file); "
                               f"drop --resume to start a new run")
+    if resume and world_size is not None:
+        _check_world_size(ckpt_root / tag, world_size)
     return tag
+
+
+def _check_world_size(ckpt_dir: Path, world_size: int) -> None:
+    saved = len(list(ckpt_dir.glob("client_state_rank*.json")))
+    if saved != world_size:
+        raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks; this run has {world_size}. "
+                              f"Resume with the same number of ranks (ZeRO partitions are per rank).")
 
 
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int, keep: int = 2) -> str:
@@ -379,10 +389,9 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int) -> dict:
     if tag is None:
         raise CheckpointError(f"no checkpoint in {root}")
     client_file = root / tag / f"client_state_rank{rank}.json"
-    saved_world = len(list((root / tag).glob("client_state_rank*.json")))
-    if not client_file.is_file() or saved_world != world_size:
-        raise CheckpointError(f"{root / tag} was written by {saved_world} ranks; this run has {world_size}. "
-                              f"Resume with the same number of ranks (ZeRO partitions are per rank).")
+    _check_world_size(root / tag, world_size)
+    if not client_file.is_file():
+        raise CheckpointError(f"{root / tag} holds no state for rank {rank} ({client_file.name} is missing)")
     install_safe_loading(engine)
     path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)

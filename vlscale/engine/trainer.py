@@ -208,7 +208,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     error = None
     if dist.is_main:
         try:
-            ckpt.check_output_dir(out, resume)
+            ckpt.check_output_dir(out, resume, dist.world_size)
             if resume and (out / "run_config.yaml").exists():
                 _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
         except (ckpt.CheckpointError, ValueError) as e:
