@@ -71,8 +71,9 @@ def test_overflowing_fp16_steps_are_skipped_and_logged(fp16, h):
 def test_stage0_fp16_computes_the_updates_zero3_does(fp16, h):
     """Stage 0 (DeepSpeed's FP16_UnfusedOptimizer) against ZeRO-3 on the same data: the same skipped
     steps and scales, and losses / gradient norms equal to fp16 precision. Measured: losses within
-    1.7e-4, norms within 0.15 %. Without vlscale.engine.half_precision's corrections (DeepSpeed 0.19.8)
-    stage 0 never overflows, clips nothing and its losses are 0.07 apart by step 4."""
+    2.6e-4, norms within 0.05 %. Without vlscale.engine.half_precision's loss scaling (DeepSpeed 0.19.8)
+    stage 0 never overflows, so the skipped steps differ; without only its undoing of the initial
+    optimizer step, the losses are 0.013 apart at step 3."""
     z0, z3 = strict_records(fp16["z0"]), strict_records(fp16["z3"])
     assert [(r["skipped"], r["loss_scale"], r["lr"]) for r in z0] == [(r["skipped"], r["loss_scale"], r["lr"]) for r in z3]
     for a, b in zip(z0, z3):
