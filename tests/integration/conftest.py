@@ -2,7 +2,8 @@
 
 Runs are tiny (tiny CLIP-RN + tiny T5, 64 synthetic examples per task, a few steps) and cached
 for the whole session (:func:`runs`), so several tests read the same run's files. Launchers:
-``torchrun --standalone``, DeepSpeed's own launcher, plain ``python`` (all with DeepSpeed's CPU
+``torchrun --standalone``, DeepSpeed's own launcher (one node, or several through a hostfile whose
+nodes are this machine), plain ``python`` (all with DeepSpeed's CPU
 accelerator), and ``preloaded``: the same script forked from the suite's preloaded server
 (tests/preloaded.py; 1 process, or ranks started as torchrun starts them), without ~8 s of imports
 per process. Runs that test a launcher use that launcher; the others use ``preloaded``.
@@ -10,8 +11,10 @@ per process. Runs that test a launcher use that launcher; the others use ``prelo
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from vlscale.engine.distributed import free_port  # noqa: F401  (h.free_port for
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "launchers" / "train.py")
 RUN_TIMEOUT_S = 420
+MULTINODE_BIN = ROOT / "tests" / "fixtures" / "multinode"  # pdsh and ssh that run each "node" on this machine
 
 # The tiny world every engine test trains on (only the batch layout varies). Seed 3: the sampler
 # draws both tasks within the 6 steps (gqa vqa gqa gqa vqa vqa), so per-task modules all train.
@@ -68,6 +72,12 @@ def command(args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
                 str(free_port()), TRAIN, *args]
+    if launcher == "deepspeed_hostfile":  # nproc nodes of one rank each, through DeepSpeed's multi-node runner
+        hostfile = Path(tempfile.mkdtemp(prefix="vlscale_hosts_")) / "hostfile"
+        atexit.register(shutil.rmtree, hostfile.parent, True)
+        hostfile.write_text("".join(f"node{i} slots=1\n" for i in range(nproc)))
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port()), TRAIN, *args]
     raise ValueError(f"unknown launcher {launcher!r} for {nproc} process(es)")
 
 
@@ -90,9 +100,12 @@ def start(args: list[str], nproc: int = 1, launcher: str = "preloaded", env: dic
     if launcher == "preloaded":
         return preloaded.start(TRAIN, train_args(args), nproc=nproc, env=env or base_env(nproc), cwd=ROOT,
                                log_path=log_path)
+    env = env or base_env(nproc)
+    if launcher == "deepspeed_hostfile":  # the runner reaches the "nodes" through stand-ins for pdsh and ssh
+        env = dict(env, PATH=f"{MULTINODE_BIN}{os.pathsep}{env.get('PATH', '')}")
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env or base_env(nproc), stdout=out,
+        return subprocess.Popen(command(args, nproc, launcher), cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         if log_path:
@@ -154,6 +167,9 @@ RUN_SPECS = {
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
                  1, "preloaded"),
     "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
+    # single_2r's run on 2 nodes of one rank each: DeepSpeed's hostfile launch (runner -> pdsh -> launch.py
+    # on each node), the nodes being this machine (MULTINODE_BIN)
+    "single_2n": (TINY + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),
     # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
     "mini_2r": (MINI + ["train.micro_batch_size=2"], 2, "preloaded"),
 }

@@ -33,6 +33,21 @@ def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
     assert lr[0] < lr[1] and lr[-1] < lr[1], f"warm-up then decay, got {lr}"
 
 
+def test_two_nodes_through_a_hostfile_match_one_node(runs, h):
+    """Multi-node: DeepSpeed's runner reads a hostfile of 2 nodes of one slot each, reaches them through
+    pdsh (tests/fixtures/multinode: stand-ins for pdsh and ssh that run each node's command on this
+    machine), and launch.py starts one rank per node (LOCAL_RANK 0 on both). The same losses as
+    single_2r's 2 ranks on one node, and the files written once."""
+    out, proc = runs("single_2n"), runs.procs["single_2n"]
+    for node in (0, 1):
+        assert f"node_rank={node}" in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("nnodes=2, num_local_procs=1") == 2, proc.stdout[-3000:]
+    assert h.losses(out) == h.losses(runs("single_2r"))  # the same partitions, collectives and order
+    assert [r["step"] for r in h.read_log(out)] == list(range(1, 7))
+    summary = h.read_json(out / "run_summary.json")
+    assert summary["completed"] and summary["world_size"] == 2
+
+
 def test_multiple_adapters_same_losses_and_no_hang(runs, h):
     """Per-task adapters: 2 ranks (DeepSpeed launcher, different examples per rank, same task per step)
     finish and match 1 process accumulating the same global batch in 2 micro-batches."""
