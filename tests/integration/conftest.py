@@ -155,6 +155,15 @@ def losses(out_dir: Path) -> list[float]:
     return [r["loss"] for r in read_log(out_dir)]
 
 
+def tb_scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's TensorBoard scalars as TensorBoard reads them (every event file, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(out_dir) / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 # name -> (overrides, nproc, launcher). Runs compared with each other share data, seed and global batch.
 RUN_SPECS = {
     # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks (torchrun) with 2 each

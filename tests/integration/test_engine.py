@@ -77,6 +77,19 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
     assert h.read_json(out / "run_summary.json")["completed"] is True
+    # TensorBoard, across the two processes' event files: each step once, the logged values
+    tb = h.tb_scalars(out)
+    for key in ("loss", "lr", "grad_norm"):
+        assert [s for s, _ in tb[f"train/{key}"]] == list(range(1, 7)), key
+        assert [v for _, v in tb[f"train/{key}"]] == pytest.approx([r[key] for r in resumed], rel=1e-6), key
+    for task in ("vqa", "gqa"):
+        steps = [r["step"] for r in resumed if r["task"] == task]
+        assert [s for s, _ in tb[f"train/loss_{task}"]] == steps
+    final = h.read_json(out / "metrics.json")[-1]
+    assert final["step"] == 6
+    for task, scores in final["tasks"].items():
+        for name, value in scores.items():
+            assert tb[f"eval_val/{task}/{name}"][-1] == (6, pytest.approx(value, rel=1e-6))
     assert ckpt.latest_tag(out / "checkpoints") == "step6"
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["latest", f"step{step}", "step6"] or kept == ["latest", "step6"] or len(kept) <= 3
