@@ -57,9 +57,14 @@ def base_env(nproc: int = 1, **extra) -> dict:
     return env
 
 
+WITH_PROGRESS = "<with progress bar>"  # in a run's args: keep the progress bar (runs go without it)
+
+
 def train_args(args: list[str]) -> list[str]:
     if "--config" not in args:
         args = ["--config", "tiny", *args]  # the tiny preset; TINY / MINI then pin the model
+    if WITH_PROGRESS in args:
+        return [a for a in args if a != WITH_PROGRESS]
     return ["--no-progress", *args]
 
 

@@ -34,6 +34,7 @@ def fp16(h, tmp_path_factory):
               "train.clip_grad_norm=0.1", f"train.max_steps={STEPS}", "train.save_every=0"]
     args = {name: common + [f"train.zero_stage={stage}", f"output_dir={root / name}"]
             for name, stage in (("z0", 0), ("z3", 3), ("z3_resumed", 3))}
+    args["z3"].append(h.WITH_PROGRESS)
     started = {name: h.start(args[name] + (["--stop-after-steps", "2"] if name == "z3_resumed" else []), env=env,
                              log_path=root / f"{name}.log") for name in args}
     t0 = time.monotonic()
@@ -51,7 +52,11 @@ def strict_records(out) -> list[dict]:
 
 
 def test_overflowing_fp16_steps_are_skipped_and_logged(fp16, h):
+    """... and shown: the progress bar's postfix has the task, loss, samples/s and the loss scale."""
     log = strict_records(fp16["z3"])
+    bar = (fp16["z3"].parent / "z3.log").read_text()
+    assert "train: 100%|" in bar and f"{STEPS}/{STEPS}" in bar, bar[-2000:]
+    assert "task=" in bar and "loss=" in bar and "samples_s=" in bar and "scale=32768" in bar, bar[-2000:]
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     skipped = [r for r in log if r["skipped"]]
     assert skipped, f"no step overflowed at loss scale {log[0]['loss_scale']} (this test needs one): {log}"
