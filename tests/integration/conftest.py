@@ -171,9 +171,10 @@ def tb_scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 # name -> (overrides, nproc, launcher). Runs compared with each other share data, seed and global batch.
 RUN_SPECS = {
-    # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks (torchrun) with 2 each
+    # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks (torchrun) with 2 each,
+    # which also evaluate mid-run (synced-rank generation under ZeRO-3 between training steps)
     "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "preloaded"),
-    "single_2r": (TINY + ["train.micro_batch_size=2", "train.test_eval=true"], 2, "torchrun"),
+    "single_2r": (TINY + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3"], 2, "torchrun"),
     # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
     "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
                              "train.zero3_leaf_layers=false"], 2, "preloaded"),

@@ -26,8 +26,13 @@ def assert_same_curve(a, b, rel=REL):
 
 
 def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
+    """... the 2 ranks evaluating after step 3 as well (train.eval_every=3): generation under ZeRO-3
+    between two training steps leaves the training as it was."""
     one, two = h.losses(runs("single_1p")), h.losses(runs("single_2r"))
     assert_same_curve(one, two)
+    evaluations = h.read_json(runs("single_2r") / "metrics.json")
+    assert [(m["step"], m["split"]) for m in evaluations] == [(3, "val"), (6, "val")]
+    assert [m["step"] for m in h.read_json(runs("single_1p") / "metrics.json")] == [6]  # the final one only
     assert one[0] != one[-1], "the loss moved: the comparison covers real updates"
     lr = [r["lr"] for r in h.read_log(runs("single_2r"))]
     assert lr[0] < lr[1] and lr[-1] < lr[1], f"warm-up then decay, got {lr}"
