@@ -83,3 +83,11 @@ def test_cross_field_checks():
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_train_without_config_trains_the_embedded_default(launcher):
+    """launchers/train.py with no --config (the Quickstart's command) builds the embedded default."""
+    args = launcher("train").parse_args([])
+    assert args.config is None and args.overrides == [] and args.deepspeed.endswith("ds_configs/zero3.json")
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.name == "default" and cfg.to_dict() == load_config("default").to_dict()
