@@ -245,6 +245,27 @@ def test_watchdog_ends_a_stuck_process(h):
     assert "rank 5: no progress" in proc.stderr
 
 
+def test_sigterm_asks_to_stop_like_ctrl_c_and_a_second_one_aborts(capsys):
+    """SIGTERM (a scheduler's preemption) takes the Ctrl-C path that the end-to-end test above runs:
+    the first asks to stop after the step (with a checkpoint); a repeat within the debounce window is
+    the launcher forwarding the same request; a later one aborts."""
+    from vlscale.engine.distributed import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopSignal().install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        assert "SIGTERM received: stopping after this step" in capsys.readouterr().err
+        signal.raise_signal(signal.SIGTERM)  # forwarded by a launcher: the same request
+        stop.DEBOUNCE_S = 0.0
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM: aborting"):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_single_process_group_needs_no_port(monkeypatch):
     """Without a launcher the 1-rank group rendezvous through a file store in a fresh folder, so runs
     started together (replicate.py's rows) cannot race for one "free" TCP port (EADDRINUSE seen in CI).
