@@ -359,8 +359,9 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     tag = f"step{step}"
     tmp = root / f".tmp-{tag}"
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # what an earlier save that died left: its half-written folder, or a replaced one not yet removed
+        for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old")]:
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False)

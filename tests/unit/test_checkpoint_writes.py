@@ -1,0 +1,61 @@
+"""checkpoints/ is written atomically (vlscale.engine.checkpoint.save_checkpoint): a save that dies half
+way leaves the previous checkpoint whole and still ``latest``; the next save, of any step, clears what
+it left; the last ``keep`` checkpoints stay. One process, an engine that writes a file per tag (DeepSpeed's own
+writing is the end-to-end tests')."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlscale.engine import checkpoint as ckpt
+
+
+class FilesEngine:
+    """Writes ``<dir>/<tag>/model_states.pt`` as DeepSpeed's save_checkpoint would; ``die`` makes the
+    write stop half way with an error (a full disk, a killed process)."""
+
+    def __init__(self):
+        self.die = False
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model_states.pt").write_bytes(b"half" if self.die else b"whole " + tag.encode())
+        if self.die:
+            raise OSError(28, "No space left on device")
+        assert save_latest is False, "the 'latest' pointer is vlscale's to write, after the files"
+
+
+def test_a_save_that_dies_leaves_the_previous_checkpoint(tmp_path):
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    assert ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0) == "step2"
+    assert ckpt.latest_tag(root) == "step2"
+
+    engine.die = True
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save_checkpoint(engine, tmp_path, 4, {"step": 4}, rank=0)
+    assert ckpt.latest_tag(root) == "step2"
+    assert (root / "step2" / "model_states.pt").read_bytes() == b"whole step2"
+    assert json.loads((root / "step2" / "client_state_rank0.json").read_text())["step"] == 2
+    assert not (root / "step4").exists()
+    assert ckpt.check_output_dir(tmp_path, resume=True, world_size=1) == "step2"
+
+    assert (root / ".tmp-step4").is_dir(), "the dead save's half-written folder"
+    engine.die = False
+    for step in (6, 8):  # not step 4 again: the leftover must go all the same (it is a whole checkpoint's size)
+        ckpt.save_checkpoint(engine, tmp_path, step, {"step": step}, rank=0, keep=2)
+    assert ckpt.latest_tag(root) == "step8"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step6", "step8"]
+    assert (root / "step8" / "model_states.pt").read_bytes() == b"whole step8"
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    """A resumed run that reaches a step it had saved before (Ctrl-C at step k, resumed, saved at k
+    again on a later stop) replaces that folder as a whole."""
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3, "run": "first"}, rank=0)
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3, "run": "second"}, rank=0)
+    assert ckpt.latest_tag(root) == "step3"
+    assert json.loads((root / "step3" / "client_state_rank0.json").read_text())["run"] == "second"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
