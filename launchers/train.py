@@ -67,11 +67,10 @@ def refused_before_start(cfg, resume: bool) -> str | None:
     written by another number of ranks, fails in a second instead of after start-up. Ranks that see
     another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
+    from vlscale.engine.distributed import launcher_world_size
 
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
-    world_size = int(world) if world else (1 if "RANK" not in os.environ else None)  # None: not known yet
     try:
-        check_output_dir(cfg.output_dir, resume, world_size)
+        check_output_dir(cfg.output_dir, resume, launcher_world_size())
     except CheckpointError as e:
         return str(e)
     return None

@@ -18,6 +18,8 @@ from typing import Iterable
 
 import torch
 
+from vlscale.engine.checkpoint import is_partitioned
+
 # fp32 master copies by DeepSpeed optimizer: stage 3, stages 1/2, bf16 (stage 0/1), fp16 (stage 0,
 # flat and per parameter)
 _MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
@@ -47,7 +49,7 @@ def parameter_bytes(model: torch.nn.Module) -> int:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        if hasattr(p, "ds_id"):  # ZeRO-3
+        if is_partitioned(p):  # ZeRO-3
             total += p.ds_tensor.numel() * p.ds_tensor.element_size()
             if getattr(p, "ds_persist", False):
                 total += p.ds_numel * p.element_size()

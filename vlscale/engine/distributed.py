@@ -161,11 +161,25 @@ def declare_cpu_fp16() -> None:
     accelerator.supported_dtypes = lambda: [*dtypes, torch.float16]
 
 
+def _launched() -> bool:
+    """A launcher (torchrun, deepspeed, MPI) started this process; otherwise it is a 1-rank group."""
+    return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def launcher_world_size() -> int | None:
+    """The number of ranks the launcher started, read before any process group exists (1 without a
+    launcher); None where a launcher set no size."""
+    if not _launched():
+        return 1
+    size = os.environ.get("WORLD_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+    return int(size) if size else None
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
     single = {}
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    if not _launched():
         single = {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
     import deepspeed
     import torch.distributed as dist
