@@ -95,7 +95,31 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     assert kept == ["latest", f"step{step}", "step6"] or kept == ["latest", "step6"] or len(kept) <= 3
 
 
-def test_checkpoint_files_load_without_unpickling(interrupted, h):
+def checkpoint_parameters(ckpt_dir, run_config) -> tuple[dict, set, set]:
+    """-> ({file name: the module-state tensors' names that are parameters}, trainable names, frozen
+    names) of a DeepSpeed checkpoint, the files read with weights_only=True, the names from the run's
+    model built again (every alias of a tied parameter)."""
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config(str(run_config))
+    model = build_model(cfg, vocab_size=cfg_vocab(run_config.parent), device="meta")
+    names = dict(model.named_parameters(remove_duplicate=False))
+    trainable = {n for n, p in names.items() if p.requires_grad}
+    allowed = ckpt.SafeTorchCheckpointEngine.safe_globals()
+    found = {}
+    for f in sorted(ckpt_dir.glob("*model_states.pt")):
+        with torch.serialization.safe_globals(allowed):
+            state = torch.load(f, weights_only=True)
+        assert not state.get("frozen_param_fragments"), f"{f.name}: DeepSpeed's copy of the frozen weights"
+        found[f.name] = {k for k in state["module"] if k in names}
+    return found, trainable, set(names) - trainable
+
+
+def cfg_vocab(out) -> int:
+    return json.loads((out / "adapter" / ckpt.ADAPTER_CONFIG).read_text())["vocab_size"]
+
+
+def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h):
     out, step, _ = interrupted
     files = sorted((out / "checkpoints").glob("step*/*.pt"))
     assert files, "DeepSpeed's files are there"
@@ -105,7 +129,58 @@ def test_checkpoint_files_load_without_unpickling(interrupted, h):
             torch.load(f, weights_only=True)
     for f in (out / "checkpoints").glob("step*/client_state_rank*.json"):
         state = json.loads(f.read_text())
-        assert {"step", "loader", "rng"} <= set(state)
+        assert {"step", "loader", "rng", "frozen"} <= set(state)
+    # ZeRO-3 on 2 ranks: each rank's module state names the trainable parameters (their data is in the
+    # optimizer's partitions) and no frozen one; the frozen weights are fingerprinted, not written
+    found, trainable, frozen = checkpoint_parameters(out / "checkpoints" / f"step{step}", out / "run_config.yaml")
+    assert len(found) == 2
+    for name, params in found.items():
+        assert params == trainable, name
+    saved = json.loads((out / "checkpoints" / f"step{step}" / "client_state_rank0.json").read_text())["frozen"]
+    assert saved and set(saved) <= frozen
+
+
+def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_path, h):
+    """Stage 0, one process, the pretrained mini T5 loaded from a local copy: a checkpoint holds the
+    trainable parameters and nothing frozen (DeepSpeed would write the whole model); --resume rebuilds
+    the backbone from its files and continues as the uninterrupted run; a backbone file changed since
+    the run started is refused, naming the tensor, and the checkpoint is left alone."""
+    backbone = tmp_path / "mini-t5"
+    shutil.copytree(h.ROOT / "vlscale/assets/backbones/mini-t5", backbone)
+    args = h.MINI + [f"model.backbone_path={backbone}", "train.zero_stage=0", "train.micro_batch_size=4",
+                     "train.max_steps=4", "train.lr=1e-3"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    h.launch(args + [f"output_dir={whole}"])
+    h.launch(args + [f"output_dir={stopped}", "--stop-after-steps", "2"])
+
+    found, trainable, frozen = checkpoint_parameters(stopped / "checkpoints" / "step2", stopped / "run_config.yaml")
+    assert list(found.values()) == [trainable]
+    size = sum(f.stat().st_size for f in (stopped / "checkpoints" / "step2").iterdir())
+    backbone_bytes = (backbone / "model.safetensors").stat().st_size
+    assert size < backbone_bytes, f"checkpoint {size} B vs the frozen backbone's file {backbone_bytes} B"
+
+    # change one frozen tensor of the backbone's file: refused, naming it
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(backbone / "model.safetensors"))
+    original = {k: v.clone() for k, v in weights.items()}
+    weights["encoder.block.1.layer.1.DenseReluDense.wo.weight"][0, 0] += 0.01
+    save_file(weights, str(backbone / "model.safetensors"), metadata={"format": "pt"})
+    refused = h.launch(args + [f"output_dir={stopped}", "--resume"], check=False)
+    assert refused.returncode != 0
+    assert "the frozen weights built now are not those of the run" in refused.stdout
+    assert "lm.encoder.block.1.layer.1.DenseReluDense.wo.weight differs" in refused.stdout
+    assert ckpt.latest_tag(stopped / "checkpoints") == "step2"
+    assert [r["step"] for r in h.read_log(stopped)] == [1, 2]
+
+    # the same files again: the resumed run continues as the uninterrupted one
+    save_file(original, str(backbone / "model.safetensors"), metadata={"format": "pt"})
+    h.launch(args + [f"output_dir={stopped}", "--resume"])
+    resumed, reference = h.read_log(stopped), h.read_log(whole)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(reference, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), f"step {a['step']}"
 
 
 # ----------------------------------------------------------------------------- adapter/

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlscale.engine import checkpoint as ckpt
 
@@ -17,8 +18,9 @@ class FilesEngine:
 
     def __init__(self):
         self.die = False
+        self.module = torch.nn.Linear(2, 2)
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "model_states.pt").write_bytes(b"half" if self.die else b"whole " + tag.encode())

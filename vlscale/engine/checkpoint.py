@@ -6,11 +6,19 @@ those is the classic "empty adapter" bug), as ``adapter_model.safetensors``, plu
 ``adapter_config.json`` with the whole RunConfig, the vocabulary size, the tokenizer's identity
 and every tensor's name and shape: all that :func:`load_adapter` needs on a freshly built model.
 
-``output_dir/checkpoints/``: DeepSpeed's own checkpoint (module, ZeRO-partitioned optimizer, LR
-scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step, data-loader
-position, python/numpy/torch RNG states). A checkpoint is written to ``.tmp-step<N>/`` and
-renamed into place, then the ``latest`` file is replaced atomically, so a crash while saving
-leaves the previous checkpoint intact. Older checkpoints beyond the last ``keep`` are removed.
+``output_dir/checkpoints/``: DeepSpeed's own checkpoint (trainable parameters, ZeRO-partitioned
+optimizer, LR scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step,
+data-loader position, python/numpy/torch RNG states, a fingerprint of the frozen weights). A
+checkpoint is written to ``.tmp-step<N>/`` and renamed into place, then the ``latest`` file is
+replaced atomically, so a crash while saving leaves the previous checkpoint intact. Older
+checkpoints beyond the last ``keep`` are removed.
+
+The frozen weights (the backbone, CLIP) are left out of ``checkpoints/``: a resumed run builds them
+again from ``model.*`` as it did at the start, so each checkpoint holds only what training changed
+(DeepSpeed's default writes the whole model: at ZeRO-3 each rank's partition of it as well, which
+no load reads). :func:`frozen_fingerprint` (per frozen tensor, this rank's sums of squares and of
+absolute values) is saved instead, and a resume whose freshly built frozen weights differ from the
+run's is refused, naming the first tensor that differs.
 
 Nothing is unpickled: the adapter is safetensors, client state is JSON, and DeepSpeed's files are
 read by :class:`SafeTorchCheckpointEngine` with ``torch.load(weights_only=True)``, allowing only
@@ -19,6 +27,7 @@ the few DeepSpeed classes its state dicts contain.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,8 +70,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
 
 
 def _gathered(params: list, modifier_rank: Optional[int]):
-    import contextlib
-
     zero = [p for p in params if is_partitioned(p)]
     if not zero:
         return contextlib.nullcontext()
@@ -272,6 +279,77 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ----------------------------------------------------------------------------- frozen weights
+
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """Every state-dict name of a frozen parameter, tied aliases included (an embedding shared by the
+    encoder, the decoder and the LM head is one parameter under three names)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@contextlib.contextmanager
+def frozen_left_out(model: torch.nn.Module):
+    """While open, ``model.state_dict()`` leaves out the frozen parameters under every name.
+    (DeepSpeed's ``exclude_frozen_parameters`` drops each one under its first name only.)"""
+    names = frozen_names(model)
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in names]:
+            del state_dict[key]
+
+    handle = model.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def load_module_state(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's ``custom_load_fn``: load a checkpoint's module state, which may lack exactly the
+    frozen parameters (they are the freshly built ones, see :func:`frozen_fingerprint`)."""
+    result = dst.load_state_dict(src, strict=False)
+    missing = [k for k in result.missing_keys if k not in frozen_names(dst)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"the checkpoint's module state does not fit the model: {len(missing)} trainable "
+                              f"parameters or buffers missing (e.g. {missing[:3]}), {len(result.unexpected_keys)} "
+                              f"unexpected (e.g. {result.unexpected_keys[:3]})")
+
+
+def frozen_fingerprint(model: torch.nn.Module, chunk_elements: int = 1 << 24) -> dict[str, list[float]]:
+    """{name: [sum of squares, sum of absolute values]} of each frozen parameter as this rank holds it
+    (its ZeRO-3 partition, or the whole tensor), in float64. One pass over the frozen weights."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                continue
+            t = p.ds_tensor if is_partitioned(p) else p
+            if t.numel() == 0:  # a partition swapped out to NVMe, or a 0-size parameter
+                continue
+            squares = absolute = 0.0
+            for chunk in t.detach().reshape(-1).split(chunk_elements):
+                chunk = chunk.double()
+                squares += float(chunk.square().sum())
+                absolute += float(chunk.abs().sum())
+            out[name] = [squares, absolute]
+    return out
+
+
+def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9) -> Optional[str]:
+    """Why the frozen weights built now are not the checkpointed run's, or None. ``saved`` None: a
+    checkpoint from before fingerprints (vlscale then wrote the frozen weights into it)."""
+    if saved is None:
+        return None
+    for name in sorted(set(saved) | set(now)):
+        a, b = saved.get(name), now.get(name)
+        if a is None or b is None:
+            return f"{name} is frozen {'now' if a is None else 'in the checkpointed run'} only"
+        if any(abs(x - y) > rtol * max(abs(x), abs(y)) for x, y in zip(a, b)):
+            return (f"{name} differs (sum of squares {b[0]:.10g} now, {a[0]:.10g} in the checkpointed run; "
+                    f"sum of |w| {b[1]:.10g} vs {a[1]:.10g})")
+    return None
+
+
 # ----------------------------------------------------------------------------- checkpoints/
 
 class SafeTorchCheckpointEngine:
@@ -364,7 +442,9 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False)
+    with frozen_left_out(engine.module):
+        engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
     state = dict(client_state, rng=rng_state())
     (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
     barrier()
@@ -383,8 +463,11 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     return tag
 
 
-def load_checkpoint(engine, output_dir, rank: int, world_size: int) -> dict:
-    """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state."""
+def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Optional[dict] = None) -> dict:
+    """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state.
+
+    ``frozen``: :func:`frozen_fingerprint` of the model as built now; a checkpoint whose run had other
+    frozen weights is refused on every rank (collective)."""
     root = Path(output_dir) / "checkpoints"
     tag = latest_tag(root)
     if tag is None:
@@ -395,10 +478,21 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int) -> dict:
         raise CheckpointError(f"{root / tag} holds no state for rank {rank} ({client_file.name} is missing)")
     install_safe_loading(engine)
     path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+                                     load_lr_scheduler_states=True, custom_load_fn=load_module_state)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
     state = _from_jsonable(json.loads(client_file.read_text()))
+    if frozen is not None:
+        from vlscale.engine.distributed import all_reduce_sum
+
+        problem = frozen_mismatch(state.get("frozen"), frozen)
+        if all_reduce_sum([float(problem is not None)], engine.device)[0]:
+            raise CheckpointError(
+                f"--resume: the frozen weights built now are not those of the run in {root / tag}"
+                f"{': ' + problem if problem else ' (found on another rank)'}. Checkpoints hold only the trained "
+                f"parameters; the frozen ones are built again from model.* as at the run's start, and what that "
+                f"gives has changed (the weight files, or a library version initialising random weights "
+                f"otherwise). Restore them, or start a new run.")
     set_rng_state(state.pop("rng"))
     state["tag"] = tag
     return state

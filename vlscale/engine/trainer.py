@@ -98,6 +98,7 @@ class Run:
     scale_loss: bool = False  # multiply the loss by the fp16 loss scale here (vlscale.engine.half_precision)
     loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
+    frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
 
     @property
     def model(self):
@@ -233,9 +234,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   and not engine_scales_fp16_loss(engine))
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
-              hf_ds_config=hf_ds, scale_loss=scale_loss)
+              hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module))
     if resume:
-        state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size)
+        state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
         run.step = int(state["step"])
         run.step_times = list(state.get("step_times", []))
@@ -426,7 +427,7 @@ def save_training_state(run: Run) -> None:
     """Resumable checkpoint + the adapter (both collective)."""
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
-             "step_times": run.step_times}
+             "step_times": run.step_times, "frozen": run.frozen}
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
                       extra={"step": run.step})
