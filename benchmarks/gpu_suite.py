@@ -13,6 +13,8 @@ budget left is too small:
                losses and loss scales beside train_fp16's
   profiler     predicted vs allocator peak (vlscale.profiling.measure.run_gpu_section)
   train_bf16   the same run as train_fp16 in bf16, for comparison
+  train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
+               end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
   full_ft_ckpt full fine-tuning with gradient checkpointing, bf16: memory of the other regime
 Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it.
 Random weights, the synthetic world: no downloads.
@@ -38,6 +40,7 @@ TRAIN_RUNS = {
     "train_fp16": ["train.precision=fp16", "train.max_steps=30"],
     "train_fp16_z0": ["train.precision=fp16", "train.max_steps=30", "train.zero_stage=0"],
     "train_bf16": ["train.precision=bf16", "train.max_steps=30"],
+    "train_bf16_unfused": ["train.precision=bf16", "train.max_steps=30", "peft.fused=false"],
     "full_ft_ckpt": ["train.precision=bf16", "train.max_steps=10", "peft.method=none", "peft.train_lm=true",
                      "train.gradient_checkpointing=true"],
 }
@@ -76,7 +79,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting sections after this")
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
-    ap.add_argument("--sections", default="kernels,train_fp16,train_fp16_z0,profiler,train_bf16,full_ft_ckpt")
+    ap.add_argument("--sections",
+                    default="kernels,train_fp16,train_fp16_z0,profiler,train_bf16,train_bf16_unfused,full_ft_ckpt")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
     if args.smoke:
@@ -95,7 +99,8 @@ def main() -> int:
         results["torch"] = torch.__version__
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         results["device_error"] = repr(e)
-    needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "full_ft_ckpt": 40, "kernels": 35, "profiler": 60}
+    needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
+             "kernels": 35, "profiler": 60}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -132,6 +137,10 @@ def main() -> int:
             results["sections"][name] = {"error": repr(e), "traceback": traceback.format_exc()[-3000:]}
         results["sections"][name]["section_s"] = round(time.perf_counter() - t0, 1)
         save()
+    fused, plain = (results["sections"].get(k, {}).get("summary", {}).get("step_time_s")
+                    for k in ("train_bf16", "train_bf16_unfused"))
+    if fused and plain:
+        results["fused_over_unfused_step_time"] = round(fused / plain, 4)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     save()
     print(json.dumps(results, indent=1)[-20000:])
