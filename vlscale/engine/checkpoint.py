@@ -308,7 +308,8 @@ def load_module_state(src: dict, dst: torch.nn.Module) -> None:
     """DeepSpeed's ``custom_load_fn``: load a checkpoint's module state, which may lack exactly the
     frozen parameters (they are the freshly built ones, see :func:`frozen_fingerprint`)."""
     result = dst.load_state_dict(src, strict=False)
-    missing = [k for k in result.missing_keys if k not in frozen_names(dst)]
+    frozen = frozen_names(dst)
+    missing = [k for k in result.missing_keys if k not in frozen]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"the checkpoint's module state does not fit the model: {len(missing)} trainable "
                               f"parameters or buffers missing (e.g. {missing[:3]}), {len(result.unexpected_keys)} "
@@ -324,8 +325,8 @@ def frozen_fingerprint(model: torch.nn.Module, chunk_elements: int = 1 << 24) ->
             if p.requires_grad:
                 continue
             t = p.ds_tensor if is_partitioned(p) else p
-            if t.numel() == 0:  # a partition swapped out to NVMe, or a 0-size parameter
-                continue
+            if getattr(t, "status", None) is not None and t.status.name != "AVAILABLE":
+                continue  # a ZeRO-Infinity partition out on NVMe: not read (its tensor is a placeholder)
             squares = absolute = 0.0
             for chunk in t.detach().reshape(-1).split(chunk_elements):
                 chunk = chunk.double()
@@ -336,14 +337,14 @@ def frozen_fingerprint(model: torch.nn.Module, chunk_elements: int = 1 << 24) ->
 
 
 def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9) -> Optional[str]:
-    """Why the frozen weights built now are not the checkpointed run's, or None. ``saved`` None: a
-    checkpoint from before fingerprints (vlscale then wrote the frozen weights into it)."""
+    """Why the frozen weights built now are not the checkpointed run's, or None. Tensors fingerprinted
+    on one side only (a partition on NVMe) are not compared; which parameters are frozen is the run
+    config's, checked before. ``saved`` None: a checkpoint from before fingerprints (vlscale then wrote
+    the frozen weights into it)."""
     if saved is None:
         return None
-    for name in sorted(set(saved) | set(now)):
-        a, b = saved.get(name), now.get(name)
-        if a is None or b is None:
-            return f"{name} is frozen {'now' if a is None else 'in the checkpointed run'} only"
+    for name in sorted(set(saved) & set(now)):
+        a, b = saved[name], now[name]
         if any(abs(x - y) > rtol * max(abs(x), abs(y)) for x, y in zip(a, b)):
             return (f"{name} differs (sum of squares {b[0]:.10g} now, {a[0]:.10g} in the checkpointed run; "
                     f"sum of |w| {b[1]:.10g} vs {a[1]:.10g})")
