@@ -46,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--fp16", action="store_true", help="store features in fp16 (read back as fp32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.overrides and not args.synthetic:
         ap.error(f"config overrides {args.overrides} only apply with --synthetic")
     if args.hf_dataset and not args.image_column:

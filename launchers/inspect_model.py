@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="write stacked bars per component to this PNG (matplotlib)")
     p.add_argument("--top", type=int, default=15, help="plan options to print / plot")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def rel_errors(pred: dict, meas: dict) -> dict:

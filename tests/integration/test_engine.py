@@ -142,9 +142,10 @@ def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(int
 
 def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_path, h):
     """Stage 0, one process, the pretrained mini T5 loaded from a local copy: a checkpoint holds the
-    trainable parameters and nothing frozen (DeepSpeed would write the whole model); --resume rebuilds
-    the backbone from its files and continues as the uninterrupted run; a backbone file changed since
-    the run started is refused, naming the tensor, and the checkpoint is left alone."""
+    trainable parameters and nothing frozen (DeepSpeed would write the whole model); a backbone file
+    changed since the run started is refused, naming the tensor, and the checkpoint is left alone;
+    --resume from the same weights moved to another folder rebuilds the backbone from there and
+    continues as the uninterrupted run."""
     backbone = tmp_path / "mini-t5"
     shutil.copytree(h.ROOT / "vlscale/assets/backbones/mini-t5", backbone)
     args = h.MINI + [f"model.backbone_path={backbone}", "train.zero_stage=0", "train.micro_batch_size=4",
@@ -173,9 +174,12 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
     assert ckpt.latest_tag(stopped / "checkpoints") == "step2"
     assert [r["step"] for r in h.read_log(stopped)] == [1, 2]
 
-    # the same files again: the resumed run continues as the uninterrupted one
-    save_file(original, str(backbone / "model.safetensors"), metadata={"format": "pt"})
-    h.launch(args + [f"output_dir={stopped}", "--resume"])
+    # the same weights again, in another folder (the run's files moved; model.backbone_path may change):
+    # the resumed run continues as the uninterrupted one
+    moved = tmp_path / "moved" / "mini-t5"
+    shutil.copytree(backbone, moved)
+    save_file(original, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    h.launch(args + [f"output_dir={stopped}", "--resume", f"model.backbone_path={moved}"])
     resumed, reference = h.read_log(stopped), h.read_log(whole)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(reference, resumed):

@@ -91,3 +91,12 @@ def test_train_without_config_trains_the_embedded_default(launcher):
     assert args.config is None and args.overrides == [] and args.deepspeed.endswith("ds_configs/zero3.json")
     cfg = load_config(args.config, args.overrides)
     assert cfg.name == "default" and cfg.to_dict() == load_config("default").to_dict()
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "profile_memory"])
+def test_overrides_may_come_before_and_after_flags(launcher, name):
+    """``train.py key=value --resume key=value`` (argparse's plain parse refuses the second override)."""
+    flag = {"train": "--resume", "evaluate": "--no-progress", "profile_memory": "--json"}[name]
+    base = ["--adapter", "runs/x/adapter"] if name == "evaluate" else ["--config", "tiny"]
+    args = launcher(name).parse_args(base + ["train.seed=1", flag, "train.lr=0.1"])
+    assert args.overrides == ["train.seed=1", "train.lr=0.1"]

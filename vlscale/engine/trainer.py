@@ -57,10 +57,11 @@ from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_ha
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
-# Keys that may change between a run and its resumption.
+# Keys that may change between a run and its resumption. Where the frozen weights load from may (the
+# same files moved, another cache): the resume compares what it builds with the checkpoint's fingerprint.
 RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every", "train.test_eval",
                      "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
-                     "train.zero3_leaf_layers")
+                     "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained")
 
 
 class NonFiniteLoss(RuntimeError):
