@@ -64,13 +64,15 @@ def quiet_library_warnings() -> None:
 def refused_before_start(cfg, resume: bool) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
-    written by another number of ranks, fails in a second instead of after start-up. Ranks that see
-    another filesystem are left to rank 0's check after start-up."""
+    written by another number of ranks with another global batch, fails in a second instead of after
+    start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.distributed import launcher_world_size
 
     try:
-        check_output_dir(cfg.output_dir, resume, launcher_world_size())
+        world = launcher_world_size()
+        check_output_dir(cfg.output_dir, resume, world,
+                         cfg.train.micro_batch_size * world * cfg.train.gradient_accumulation_steps)
     except CheckpointError as e:
         return str(e)
     return None

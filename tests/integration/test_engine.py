@@ -62,12 +62,27 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     assert f"output_dir {str(out)!r} already holds a run's checkpoint" in refused.stdout
     assert "pass --resume" in refused.stdout and "choose another output_dir" in refused.stdout
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
-    # --resume with another number of ranks is refused before start-up too (ZeRO partitions are per rank)
+    # --resume on another number of ranks with another global batch is refused before start-up (the data
+    # order would change), saying which settings keep it
     refused = h.launch(args + ["--resume"], nproc=1, check=False)
     assert refused.returncode != 0
-    assert f"{out / 'checkpoints' / f'step{step}'} was written by 2 ranks; this run has 1" in refused.stdout
+    assert f"{out / 'checkpoints' / f'step{step}'} was written by 2 ranks with a global batch of 4" in refused.stdout
+    assert "this run has 1 rank and a global batch of 2" in refused.stdout
+    assert "train.micro_batch_size=4 train.gradient_accumulation_steps=1" in refused.stdout
     assert "Traceback" not in refused.stdout, "refused by the launcher's check, not after building the model"
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
+    # ... and with the same global batch it continues on one process (a copy of the run: the ZeRO-3
+    # partitions of 2 ranks read through DeepSpeed's universal format) as the uninterrupted 2 ranks do
+    # (1e-5: the 1-vs-2-rank tolerance of test_zero3.py)
+    one = out.parent / "resumed_on_one_process"
+    shutil.copytree(out, one)
+    h.launch(overrides + [f"output_dir={one}", "train.micro_batch_size=4", "--resume"], nproc=1)
+    resumed, reference = h.read_log(one), h.read_log(runs("single_2r"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(reference, resumed):
+        assert b["task"] == a["task"] and b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
+    assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
     # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
     h.launch(args + ["--resume"], nproc=nproc)
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
@@ -117,6 +132,47 @@ def checkpoint_parameters(ckpt_dir, run_config) -> tuple[dict, set, set]:
 
 def cfg_vocab(out) -> int:
     return json.loads((out / "adapter" / ckpt.ADAPTER_CONFIG).read_text())["vocab_size"]
+
+
+UNIVERSAL_PROBE = """
+import json, sys
+from vlscale.config import load_config
+from vlscale.engine.distributed import init_distributed
+dist = init_distributed()
+from vlscale.engine import trainer
+from vlscale.engine.deepspeed_config import build_deepspeed_config
+cfg = load_config("tiny", sys.argv[2:])
+run = trainer.setup_run(cfg, build_deepspeed_config(sys.argv[1], cfg, 1, device_type="cpu"), dist, resume=True,
+                        show_progress=False)
+opt = run.engine.optimizer.optimizer
+print("RESULT " + json.dumps({"weight_decay": [g["weight_decay"] for g in opt.param_groups], "step": run.step,
+                              "adam_steps": [float(s["step"]) for s in opt.state.values()],
+                              "step_tensors": len({id(s["step"]) for s in opt.state.values()})}))
+trainer.close(run)
+"""
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_each_param_groups_optimizer_state(interrupted, h, preloaded,
+                                                                                       tmp_path):
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group group 0's hyperparameters and one
+    shared Adam step tensor; after vlscale's resume of 2 ranks' checkpoint on one process, the no-decay
+    group has no weight decay again and each group counts its own steps."""
+    out, step, _ = interrupted
+    one = tmp_path / "run"
+    shutil.copytree(out, one)
+    overrides, _, _ = h.RUN_SPECS["single_2r"]
+    script = tmp_path / "probe.py"
+    script.write_text(UNIVERSAL_PROBE)
+    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1")
+    proc = preloaded.run(script, [str(h.ROOT / "ds_configs" / "zero3.json"), *overrides, f"output_dir={one}",
+                                  "train.micro_batch_size=4"], env=env, cwd=h.ROOT, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["step"] == step
+    assert got["weight_decay"] == [load_config("tiny").train.weight_decay, 0.0]
+    assert got["adam_steps"] == [step] * 2 and got["step_tensors"] == 2
 
 
 def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h):

@@ -20,6 +20,13 @@ no load reads). :func:`frozen_fingerprint` (per frozen tensor, this rank's sums 
 absolute values) is saved instead, and a resume whose freshly built frozen weights differ from the
 run's is refused, naming the first tensor that differs.
 
+A checkpoint resumes on another number of ranks when the global batch (ranks x micro-batch x
+accumulation) is the same, so the data order continues (:func:`check_output_dir` says which
+settings keep it). Under ZeRO the checkpoint is converted to DeepSpeed's universal format first
+(``deepspeed.checkpoint.ds_to_universal``, every file read with ``weights_only=True``) into
+``.universal-step<N>/``, loaded, and removed; two defects of DeepSpeed 0.19.8's ZeRO-3 universal
+load are mended after it (see :func:`load_checkpoint`). Stage 0 checkpoints are whole on rank 0.
+
 Nothing is unpickled: the adapter is safetensors, client state is JSON, and DeepSpeed's files are
 read by :class:`SafeTorchCheckpointEngine` with ``torch.load(weights_only=True)``, allowing only
 the few DeepSpeed classes its state dicts contain.
@@ -316,31 +323,42 @@ def load_module_state(src: dict, dst: torch.nn.Module) -> None:
                               f"unexpected (e.g. {result.unexpected_keys[:3]})")
 
 
-def frozen_fingerprint(model: torch.nn.Module, chunk_elements: int = 1 << 24) -> dict[str, list[float]]:
-    """{name: [sum of squares, sum of absolute values]} of each frozen parameter as this rank holds it
-    (its ZeRO-3 partition, or the whole tensor), in float64. One pass over the frozen weights."""
-    out = {}
+def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int = 1 << 24) -> dict[str, list[float]]:
+    """{name: [sum of squares, sum of absolute values]} of each frozen parameter, in float64.
+
+    Collective under ZeRO-3: each rank sums its partition (padding adds 0) and one all-reduce makes
+    the whole tensor's sums, the same on every rank and for any number of ranks. A parameter with a
+    partition out on NVMe (ZeRO-Infinity; its tensor is then a placeholder) on some rank is left out.
+    """
+    from vlscale.engine.distributed import all_reduce_sum
+
+    names, rows, partitioned = [], [], []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
                 continue
             t = p.ds_tensor if is_partitioned(p) else p
-            if getattr(t, "status", None) is not None and t.status.name != "AVAILABLE":
-                continue  # a ZeRO-Infinity partition out on NVMe: not read (its tensor is a placeholder)
+            away = getattr(t, "status", None) is not None and t.status.name != "AVAILABLE"
             squares = absolute = 0.0
-            for chunk in t.detach().reshape(-1).split(chunk_elements):
+            for chunk in ([] if away else t.detach().reshape(-1).split(chunk_elements)):
                 chunk = chunk.double()
                 squares += float(chunk.square().sum())
                 absolute += float(chunk.abs().sum())
-            out[name] = [squares, absolute]
-    return out
+            names.append(name)
+            rows.append([squares, absolute, float(away)])
+            partitioned.append(is_partitioned(p))
+    if any(partitioned):
+        flat = all_reduce_sum([x for row in rows for x in row], device if device is not None else "cpu")
+        sums = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+        rows = [total if part else mine for total, mine, part in zip(sums, rows, partitioned)]
+    return {name: row[:2] for name, row in zip(names, rows) if not row[2]}
 
 
 def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9) -> Optional[str]:
     """Why the frozen weights built now are not the checkpointed run's, or None. Tensors fingerprinted
     on one side only (a partition on NVMe) are not compared; which parameters are frozen is the run
     config's, checked before. ``saved`` None: a checkpoint from before fingerprints (vlscale then wrote
-    the frozen weights into it)."""
+    the frozen weights into it). The sums are over whole tensors, so any number of ranks compares."""
     if saved is None:
         return None
     for name in sorted(set(saved) & set(now)):
@@ -377,23 +395,66 @@ class SafeTorchCheckpointEngine:
         return out
 
 
+def _safe_load(load, path, *args, **kwargs):
+    """``load`` (torch.load) with ``weights_only=True`` and only DeepSpeed's few state classes allowed."""
+    kwargs["weights_only"] = True
+    with torch.serialization.safe_globals(SafeTorchCheckpointEngine.safe_globals()):
+        try:
+            return load(path, *args, **kwargs)
+        except Exception as e:  # pickle.UnpicklingError names the refused global
+            raise CheckpointError(f"{path}: refused to load with weights_only=True ({e}). vlscale never "
+                                  f"unpickles arbitrary objects from checkpoints.") from e
+
+
 def install_safe_loading(engine) -> None:
     """Make ``engine.load_checkpoint`` read files with ``torch.load(weights_only=True)``."""
     ce = getattr(engine, "checkpoint_engine", None)
     if ce is None or getattr(ce, "_vlscale_safe", False):
         return
-    allowed = SafeTorchCheckpointEngine.safe_globals()
-
-    def load(path, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # pickle.UnpicklingError names the refused global
-                raise CheckpointError(f"{path}: refused to load with weights_only=True ({e}). vlscale never "
-                                      f"unpickles arbitrary objects from checkpoints.") from e
-
-    ce.load = load
+    ce.load = lambda path, map_location=None: _safe_load(torch.load, path, map_location=map_location)
     ce._vlscale_safe = True
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """While open, every ``torch.load`` reads with ``weights_only=True``: DeepSpeed's universal
+    checkpoint code (conversion and loading) calls ``torch.load(weights_only=False)`` itself."""
+    original = torch.load
+    torch.load = lambda path, *args, **kwargs: _safe_load(original, path, *args, **kwargs)
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _to_universal(root: Path, tag: str, rank: int) -> Path:
+    """Rank 0 converts ``root/tag`` into DeepSpeed's universal format (full-shape fp32 weights and
+    optimizer state per parameter, for any number of ranks) under ``root/.universal-<tag>/<tag>``;
+    every rank waits for it. -> the folder to load ``tag`` from."""
+    import argparse
+
+    from vlscale.engine.distributed import barrier
+
+    out = root / f".universal-{tag}"
+    if rank == 0:
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(out / tag), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with weights_only_loads():
+            ds_to_universal.main(args)
+    barrier()
+    return out
+
+
+def needs_universal(output_dir, world_size: int) -> bool:
+    """Whether resuming ``output_dir`` on ``world_size`` ranks reads another number of ranks' ZeRO
+    partitions (then the engine must be built with ``checkpoint.load_universal``)."""
+    root = Path(output_dir) / "checkpoints"
+    tag = latest_tag(root)
+    return tag is not None and saved_world_size(root / tag) != world_size
 
 
 def latest_tag(ckpt_root) -> Optional[str]:
@@ -406,9 +467,11 @@ def latest_tag(ckpt_root) -> Optional[str]:
     return tag
 
 
-def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None) -> Optional[str]:
-    """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``,
-    a checkpoint written by another number of ranks is refused too (before anything is built)."""
+def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
+                     global_batch: Optional[int] = None) -> Optional[str]:
+    """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``
+    and ``global_batch``, a resume that cannot continue the run's data order is refused too (before
+    anything is built): another number of ranks is fine when the global batch is the same."""
     ckpt_root = Path(output_dir) / "checkpoints"
     tag = latest_tag(ckpt_root)
     if tag is not None and not resume:
@@ -419,15 +482,36 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None)
         raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file); "
                               f"drop --resume to start a new run")
     if resume and world_size is not None:
-        _check_world_size(ckpt_root / tag, world_size)
+        _check_world_size(ckpt_root / tag, world_size, global_batch)
     return tag
 
 
-def _check_world_size(ckpt_dir: Path, world_size: int) -> None:
-    saved = len(list(ckpt_dir.glob("client_state_rank*.json")))
-    if saved != world_size:
-        raise CheckpointError(f"{ckpt_dir} was written by {saved} ranks; this run has {world_size}. "
-                              f"Resume with the same number of ranks (ZeRO partitions are per rank).")
+def saved_world_size(ckpt_dir) -> int:
+    """How many ranks wrote the checkpoint in ``ckpt_dir`` (one client state file each)."""
+    return len(list(Path(ckpt_dir).glob("client_state_rank*.json")))
+
+
+def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[int]) -> None:
+    saved = saved_world_size(ckpt_dir)
+    if saved == world_size:
+        return
+    state = json.loads((ckpt_dir / "client_state_rank0.json").read_text())
+    loader = state.get("loader", {})
+    saved_batch = loader.get("sampler", {}).get("global_batch_size")
+    if global_batch is not None and saved_batch == global_batch:
+        return
+    micro = saved_batch // (saved * loader.get("accum", 1)) if saved_batch else "?"
+    hint = ""
+    if saved_batch:
+        fits = [f"train.micro_batch_size={saved_batch // (world_size * a)} train.gradient_accumulation_steps={a}"
+                for a in range(1, saved_batch + 1) if saved_batch % (world_size * a) == 0][:2]
+        hint = f" (e.g. {' or '.join(fits)})" if fits else ""
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    raise CheckpointError(
+        f"{ckpt_dir} was written by {saved} ranks with a global batch of {saved_batch} ({saved} ranks x micro-batch "
+        f"{micro} x accumulation {loader.get('accum', '?')}); this run has {ranks} and a global batch of "
+        f"{global_batch}. Resuming on another number of ranks needs the same global batch, ranks x "
+        f"train.micro_batch_size x train.gradient_accumulation_steps{hint}, so that the data order continues.")
 
 
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int, keep: int = 2) -> str:
@@ -439,7 +523,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     tmp = root / f".tmp-{tag}"
     if rank == 0:
         # what an earlier save that died left: its half-written folder, or a replaced one not yet removed
-        for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old")]:
+        for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old"), *root.glob(".universal-step*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
@@ -467,25 +551,56 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
 def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Optional[dict] = None) -> dict:
     """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state.
 
+    On another number of ranks than the checkpoint's (same global batch): under ZeRO the checkpoint
+    is converted to DeepSpeed's universal format first (the engine must have been built with
+    ``checkpoint.load_universal``, see :func:`needs_universal`); a rank the checkpoint has no state
+    for takes rank 0's data position and seeds its RNGs from the step and its rank.
     ``frozen``: :func:`frozen_fingerprint` of the model as built now; a checkpoint whose run had other
     frozen weights is refused on every rank (collective)."""
+    from vlscale.engine.distributed import all_reduce_sum, barrier
+
     root = Path(output_dir) / "checkpoints"
     tag = latest_tag(root)
     if tag is None:
         raise CheckpointError(f"no checkpoint in {root}")
-    client_file = root / tag / f"client_state_rank{rank}.json"
-    _check_world_size(root / tag, world_size)
+    _check_world_size(root / tag, world_size, int(engine.train_batch_size()))
+    resized = saved_world_size(root / tag) != world_size
+    own = root / tag / f"client_state_rank{rank}.json"
+    client_file = own if own.is_file() or not resized else root / tag / "client_state_rank0.json"
     if not client_file.is_file():
         raise CheckpointError(f"{root / tag} holds no state for rank {rank} ({client_file.name} is missing)")
+    universal = resized and engine.zero_optimization()
+    if universal and not engine.load_universal_checkpoint():
+        raise CheckpointError(f"{root / tag} was written by {saved_world_size(root / tag)} ranks: build the engine "
+                              f"with ds_config['checkpoint']['load_universal'] = True to resume it on {world_size}")
     install_safe_loading(engine)
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, custom_load_fn=load_module_state)
+    load_dir = _to_universal(root, tag, rank) if universal else root
+    # Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load, mended after it: it gives every param group
+    # group 0's hyperparameters (the no-decay group would decay; the run's own, from the same config,
+    # are put back), and one Adam step-count tensor to every group, which each group's step then
+    # advances in place (group g would count g+1 steps per step: a wrong bias correction)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
+    try:
+        with weights_only_loads() if universal else contextlib.nullcontext():
+            path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True,
+                                             custom_load_fn=load_module_state)
+    finally:
+        if universal:
+            barrier()
+            if rank == 0:
+                shutil.rmtree(load_dir, ignore_errors=True)
+    if universal:
+        for group, kept in zip(inner.param_groups, groups):
+            group.update(kept)
+        for param_state in inner.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
     state = _from_jsonable(json.loads(client_file.read_text()))
     if frozen is not None:
-        from vlscale.engine.distributed import all_reduce_sum
-
         problem = frozen_mismatch(state.get("frozen"), frozen)
         if all_reduce_sum([float(problem is not None)], engine.device)[0]:
             raise CheckpointError(
@@ -494,6 +609,13 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
                 f"parameters; the frozen ones are built again from model.* as at the run's start, and what that "
                 f"gives has changed (the weight files, or a library version initialising random weights "
                 f"otherwise). Restore them, or start a new run.")
-    set_rng_state(state.pop("rng"))
+    rng = state.pop("rng")
+    if client_file == own:
+        set_rng_state(rng)
+    else:
+        seed = (int(state["step"]) * 1_000_003 + rank) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     state["tag"] = tag
     return state

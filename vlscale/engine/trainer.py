@@ -59,9 +59,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 # Keys that may change between a run and its resumption. Where the frozen weights load from may (the
 # same files moved, another cache): the resume compares what it builds with the checkpoint's fingerprint.
+# The micro-batch and accumulation may, as long as ranks x micro-batch x accumulation (the global batch,
+# and with it the data order) stays the checkpoint's: checkpoint.check_output_dir checks.
 RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every", "train.test_eval",
                      "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
-                     "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained")
+                     "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained",
+                     "train.micro_batch_size", "train.gradient_accumulation_steps")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -210,7 +213,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     error = None
     if dist.is_main:
         try:
-            ckpt.check_output_dir(out, resume, dist.world_size)
+            ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]))
             if resume and (out / "run_config.yaml").exists():
                 _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
         except (ckpt.CheckpointError, ValueError) as e:
@@ -226,6 +229,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     dtype = DTYPES[cfg.train.precision]
     tokenizer = build_tokenizer(cfg)
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
+    if resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size):
+        # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
+        ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config,
                                            lr_scheduler=lambda opt: LambdaLR(opt, schedule))
@@ -235,7 +241,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   and not engine_scales_fp16_loss(engine))
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
-              hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module))
+              hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device))
     if resume:
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
