@@ -27,7 +27,8 @@ def interrupted(runs, h, tmp_path_factory):
     """``single_2r``'s run (under torchrun) stopped by Ctrl-C (SIGINT to the launcher's process group)
     after step 1; the resume below runs forked from the preloaded server.
 
-    -> (output_dir, the step it stopped at, a copy of adapter/ as written at that step).
+    -> (output_dir, the step it stopped at, a copy of adapter/ as written at that step); the whole
+    output_dir as it was then is copied to ``run_at_stop`` beside it.
     """
     out = tmp_path_factory.mktemp("interrupt") / "run"
     overrides, nproc, launcher = h.RUN_SPECS["single_2r"]
@@ -48,6 +49,7 @@ def interrupted(runs, h, tmp_path_factory):
     assert [r["step"] for r in h.read_log(out)] == list(range(1, step + 1))
     adapter_copy = out.parent / "adapter_at_stop"
     shutil.copytree(out / "adapter", adapter_copy)
+    shutil.copytree(out, out.parent / "run_at_stop")  # for resuming otherwise than the test below does
     return out, step, adapter_copy
 
 
@@ -71,18 +73,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     assert "train.micro_batch_size=4 train.gradient_accumulation_steps=1" in refused.stdout
     assert "Traceback" not in refused.stdout, "refused by the launcher's check, not after building the model"
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
-    # ... and with the same global batch it continues on one process (a copy of the run: the ZeRO-3
-    # partitions of 2 ranks read through DeepSpeed's universal format) as the uninterrupted 2 ranks do
-    # (1e-5: the 1-vs-2-rank tolerance of test_zero3.py)
-    one = out.parent / "resumed_on_one_process"
-    shutil.copytree(out, one)
-    h.launch(overrides + [f"output_dir={one}", "train.micro_batch_size=4", "--resume"], nproc=1)
-    resumed, reference = h.read_log(one), h.read_log(runs("single_2r"))
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(reference, resumed):
-        assert b["task"] == a["task"] and b["lr"] == pytest.approx(a["lr"], rel=1e-12)
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
-    assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
+    # (with the same global batch it continues on one process: the next test)
     # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
     h.launch(args + ["--resume"], nproc=nproc)
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
@@ -145,34 +136,44 @@ cfg = load_config("tiny", sys.argv[2:])
 run = trainer.setup_run(cfg, build_deepspeed_config(sys.argv[1], cfg, 1, device_type="cpu"), dist, resume=True,
                         show_progress=False)
 opt = run.engine.optimizer.optimizer
-print("RESULT " + json.dumps({"weight_decay": [g["weight_decay"] for g in opt.param_groups], "step": run.step,
-                              "adam_steps": [float(s["step"]) for s in opt.state.values()],
-                              "step_tensors": len({id(s["step"]) for s in opt.state.values()})}))
+got = {"weight_decay": [g["weight_decay"] for g in opt.param_groups], "step": run.step,
+       "adam_steps": [float(s["step"]) for s in opt.state.values()],
+       "step_tensors": len({id(s["step"]) for s in opt.state.values()})}
+trainer.train(run)
 trainer.close(run)
+print("RESULT " + json.dumps(got))
 """
 
 
-def test_a_resume_on_another_number_of_ranks_keeps_each_param_groups_optimizer_state(interrupted, h, preloaded,
-                                                                                       tmp_path):
-    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group group 0's hyperparameters and one
-    shared Adam step tensor; after vlscale's resume of 2 ranks' checkpoint on one process, the no-decay
-    group has no weight decay again and each group counts its own steps."""
+def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted, h, preloaded, tmp_path):
+    """single_2r's 2-rank ZeRO-3 checkpoint (interrupted) resumed on one process with the same global
+    batch (micro-batch 4): the 2 ranks' partitions are read through DeepSpeed's universal format, and
+    the run continues as the uninterrupted 2 ranks do (1e-5: the 1-vs-2-rank tolerance of
+    test_zero3.py). DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group group 0's
+    hyperparameters and one shared Adam step tensor: after vlscale's resume the no-decay group has no
+    weight decay again and each group counts its own steps."""
     out, step, _ = interrupted
     one = tmp_path / "run"
-    shutil.copytree(out, one)
+    shutil.copytree(out.parent / "run_at_stop", one)
     overrides, _, _ = h.RUN_SPECS["single_2r"]
     script = tmp_path / "probe.py"
     script.write_text(UNIVERSAL_PROBE)
     env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1")
-    proc = preloaded.run(script, [str(h.ROOT / "ds_configs" / "zero3.json"), *overrides, f"output_dir={one}",
-                                  "train.micro_batch_size=4"], env=env, cwd=h.ROOT, timeout=300)
+    args = [*overrides, f"output_dir={one}", "train.micro_batch_size=4", "train.eval_every=0", "train.test_eval=false"]
+    proc = preloaded.run(script, [str(h.ROOT / "ds_configs" / "zero3.json"), *args], env=env, cwd=h.ROOT, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
     assert got["step"] == step
     assert got["weight_decay"] == [load_config("tiny").train.weight_decay, 0.0]
     assert got["adam_steps"] == [step] * 2 and got["step_tensors"] == 2
+    resumed, reference = h.read_log(one), h.read_log(runs("single_2r"))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(reference, resumed):
+        assert b["task"] == a["task"] and b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
+    assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
 
 
 def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h):
