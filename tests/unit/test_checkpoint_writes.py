@@ -1,7 +1,7 @@
 """checkpoints/ is written atomically (vlscale.engine.checkpoint.save_checkpoint): a save that dies half
 way leaves the previous checkpoint whole and still ``latest``; the next save, of any step, clears what
 it left; the last ``keep`` checkpoints stay. One process, an engine that writes a file per tag (DeepSpeed's own
-writing is the end-to-end tests')."""
+writing is the end-to-end tests'). And which resumes a checkpoint allows: its global batch, on any number of ranks."""
 
 import json
 from pathlib import Path
@@ -61,3 +61,32 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path):
     assert ckpt.latest_tag(root) == "step3"
     assert json.loads((root / "step3" / "client_state_rank0.json").read_text())["run"] == "second"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
+
+
+def _written_by(root, ranks: int, micro: int, accum: int = 1):
+    """A checkpoint folder as ``ranks`` ranks leave it: one client state each, with the loader's state."""
+    folder = root / "checkpoints" / "step4"
+    folder.mkdir(parents=True)
+    for r in range(ranks):
+        state = {"step": 4, "loader": {"step": 4, "micro_index": 0, "world_size": ranks, "accum": accum,
+                                       "sampler": {"global_batch_size": ranks * micro * accum, "position": 4}}}
+        (folder / f"client_state_rank{r}.json").write_text(json.dumps(state))
+    (root / "checkpoints" / "latest").write_text("step4")
+
+
+@pytest.mark.parametrize("world, batch, ok", [(2, 8, True), (1, 8, True), (4, 8, True), (1, 4, False),
+                                               (2, 16, False)])
+def test_resume_needs_the_global_batch_on_any_number_of_ranks(tmp_path, world, batch, ok):
+    """Written by 2 ranks x micro-batch 4: a resume with the same global batch (8) goes on any number
+    of ranks; another global batch is refused (it would change the data order), naming settings that
+    keep it."""
+    _written_by(tmp_path, ranks=2, micro=4)
+    if ok:
+        assert ckpt.check_output_dir(tmp_path, True, world, batch) == "step4"
+        return
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_output_dir(tmp_path, True, world, batch)
+    msg = str(e.value)
+    assert "written by 2 ranks with a global batch of 8 (2 ranks x micro-batch 4 x accumulation 1)" in msg
+    assert f"global batch of {batch}" in msg
+    assert f"train.micro_batch_size={8 // world} train.gradient_accumulation_steps=1" in msg

@@ -16,8 +16,8 @@ checkpoints beyond the last ``keep`` are removed.
 The frozen weights (the backbone, CLIP) are left out of ``checkpoints/``: a resumed run builds them
 again from ``model.*`` as it did at the start, so each checkpoint holds only what training changed
 (DeepSpeed's default writes the whole model: at ZeRO-3 each rank's partition of it as well, which
-no load reads). :func:`frozen_fingerprint` (per frozen tensor, this rank's sums of squares and of
-absolute values) is saved instead, and a resume whose freshly built frozen weights differ from the
+no load reads). :func:`frozen_fingerprint` (per frozen tensor, the whole tensor's sums of squares and
+of absolute values) is saved instead, and a resume whose freshly built frozen weights differ from the
 run's is refused, naming the first tensor that differs.
 
 A checkpoint resumes on another number of ranks when the global batch (ranks x micro-batch x
@@ -492,13 +492,13 @@ def saved_world_size(ckpt_dir) -> int:
 
 
 def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[int]) -> None:
+    """A resume on ``world_size`` ranks with ``global_batch`` continues the data order of the run in
+    ``ckpt_dir`` only with its global batch (on any number of ranks); refused otherwise."""
     saved = saved_world_size(ckpt_dir)
-    if saved == world_size:
-        return
-    state = json.loads((ckpt_dir / "client_state_rank0.json").read_text())
+    state = json.loads((ckpt_dir / "client_state_rank0.json").read_text()) if saved else {}
     loader = state.get("loader", {})
     saved_batch = loader.get("sampler", {}).get("global_batch_size")
-    if global_batch is not None and saved_batch == global_batch:
+    if (saved == world_size) if global_batch is None else (saved_batch == global_batch):
         return
     micro = saved_batch // (saved * loader.get("accum", 1)) if saved_batch else "?"
     hint = ""
@@ -510,7 +510,7 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
     raise CheckpointError(
         f"{ckpt_dir} was written by {saved} ranks with a global batch of {saved_batch} ({saved} ranks x micro-batch "
         f"{micro} x accumulation {loader.get('accum', '?')}); this run has {ranks} and a global batch of "
-        f"{global_batch}. Resuming on another number of ranks needs the same global batch, ranks x "
+        f"{global_batch}. Resuming (on any number of ranks) needs the same global batch, ranks x "
         f"train.micro_batch_size x train.gradient_accumulation_steps{hint}, so that the data order continues.")
 
 
