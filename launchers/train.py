@@ -67,12 +67,12 @@ def refused_before_start(cfg, resume: bool) -> str | None:
     written by another number of ranks with another global batch, fails in a second instead of after
     start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
+    from vlscale.engine.deepspeed_config import global_batch_size
     from vlscale.engine.distributed import launcher_world_size
 
     try:
         world = launcher_world_size()
-        check_output_dir(cfg.output_dir, resume, world,
-                         cfg.train.micro_batch_size * world * cfg.train.gradient_accumulation_steps)
+        check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world))
     except CheckpointError as e:
         return str(e)
     return None

@@ -158,6 +158,11 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def global_batch_size(cfg, world_size: int) -> int:
+    """The batch arithmetic, in one place: train.micro_batch_size x world_size x accumulation steps."""
+    return cfg.train.micro_batch_size * world_size * cfg.train.gradient_accumulation_steps
+
+
 def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig, world_size: int,
                            *, device_type: Optional[str] = None, hidden_size: Optional[int] = None) -> dict:
     """The final DeepSpeed config dict of a run (see the module docstring for what comes from where).
@@ -172,9 +177,8 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     t = cfg.train
     device_type = device_type or default_device_type()
 
-    # Batch arithmetic: the one place the global batch is computed.
     micro, accum = t.micro_batch_size, t.gradient_accumulation_steps
-    global_batch = micro * world_size * accum
+    global_batch = global_batch_size(cfg, world_size)
     r.set("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size")
     r.set("gradient_accumulation_steps", accum, "train.gradient_accumulation_steps")
     r.set("train_batch_size", global_batch,

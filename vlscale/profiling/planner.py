@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vlscale.config import RunConfig
+from vlscale.engine.deepspeed_config import global_batch_size
 from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
                                         fmt_bytes, parameter_inventory, parse_size, resolve_ds_config)
 
@@ -168,7 +169,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     mbs_list = list(micro_batches) if micro_batches is not None else [1, 2, 4, 8, 16, 32, 64]
     if micro_batches is None and cfg.train.micro_batch_size not in mbs_list:
         mbs_list.append(cfg.train.micro_batch_size)
-    global_batch = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
+    global_batch = global_batch_size(cfg, world_size)
     inv = parameter_inventory(cfg)
     base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)
     options = []
