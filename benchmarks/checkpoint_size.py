@@ -15,10 +15,12 @@ optimizer state exists, then per round both writers into fresh folders, alternat
 Figures: bytes on disk of each folder, and save wall time (median over ``--repeats``, rank 0's
 clock between two barriers). Random weights, the synthetic world: no downloads.
 
-Model part (``--presets``): for each ``scale/*`` preset, the model built on the ``meta`` device,
-bytes = frozen parameters x the precision's bytes (what vlscale no longer writes, per checkpoint) and
-what both write (trainable parameters in the precision + fp32 master weights and Adam's two moments).
-The measured rows print the same model's prediction beside the measurement.
+Model part (``--presets``): for each ``scale/*`` preset on 8 ranks, the model built on the ``meta``
+device, bytes = frozen parameters x the precision's bytes (what vlscale no longer writes, per
+checkpoint) and what vlscale writes, as the memory profiler predicts it
+(``vlscale.profiling.analytic.checkpoint_bytes``: the trainable parameters in the precision at ZeRO
+0-2, fp32 master weights and Adam's two moments, client state). The measured rows print the same
+prediction beside the measurement.
 
     python benchmarks/checkpoint_size.py [--stages 1,3] [--nproc 2] [--repeats 3] [--presets]
         [--json] [--out FILE] [key=value ...]
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -39,28 +40,30 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 BASE = ["model.backbone=t5-base", "model.pretrained=false", "model.tokenizer=synthetic", "model.vision=RN101",
         "model.vision_pretrained=null", "peft.method=adapter", "peft.sharing=single", "peft.reduction_factor=8",
         "train.precision=bf16", "train.micro_batch_size=2", "data.synthetic_train=32", "data.synthetic_eval=8",
         "train.save_every=0", "train.max_steps=10"]
 DS_FILES = {0: "zero2.json", 1: "zero2.json", 2: "zero2.json", 3: "zero3.json"}
-ADAM_BYTES = 12  # fp32 master copy + exp_avg + exp_avg_sq per trainable parameter
+PRESET_WORLD = 8  # the scale presets' figures are for 8 GPUs (the total barely depends on it: padding)
 
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def predicted_bytes(model, precision: str) -> dict:
-    """{'frozen': what only DeepSpeed's default writes, 'trainable': what both write} for ``model``."""
-    from vlscale.engine.checkpoint import full_shape
+def predicted_bytes(cfg, ds_config: dict, world: int, vocab_size=None) -> dict:
+    """{'frozen': what only DeepSpeed's default writes (frozen parameters x the precision's bytes),
+    'vlscale': what vlscale writes, the profiler's ``analytic.checkpoint_bytes``} for ``cfg``."""
+    from vlscale.profiling.analytic import DTYPE_BYTES, estimate_checkpoint, parameter_inventory
 
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
-    sizes = [(math.prod(full_shape(p)), p.requires_grad) for p in model.parameters()]  # ZeRO-3: full sizes
-    frozen = sum(n for n, trains in sizes if not trains)
-    trainable = sum(n for n, trains in sizes if trains)
-    return {"frozen_params": frozen, "trainable_params": trainable, "frozen": frozen * width,
-            "trainable": trainable * (width + ADAM_BYTES)}
+    inv = parameter_inventory(cfg, vocab_size)
+    disk = estimate_checkpoint(cfg, world, ds_config, inventory=inv)
+    frozen = inv.total - inv.n_trainable
+    return {"frozen_params": frozen, "trainable_params": inv.n_trainable,
+            "frozen": frozen * DTYPE_BYTES[cfg.train.precision], "vlscale": disk.total,
+            "vlscale_by_rank": disk.file_bytes, "adapter": disk.adapter}
 
 
 # ----------------------------------------------------------------------------- worker (one rank)
@@ -109,7 +112,9 @@ def worker(args) -> None:
         result = {"stage": args.stage, "world_size": dist.world_size, "precision": cfg.train.precision,
                   "backbone": cfg.model.backbone, "vision": cfg.model.vision,
                   "bytes": sizes, "save_s": {k: statistics.median(v) for k, v in times.items()},
-                  "save_s_all": times, "predicted": predicted_bytes(run.model, cfg.train.precision)}
+                  "save_s_all": times, "zero_stage": trainer.zero_stage(ds_config),
+                  "predicted": predicted_bytes(cfg, ds_config, dist.world_size,
+                                               run.model.lm.get_input_embeddings().num_embeddings)}
         (out / "result.json").write_text(json.dumps(result, indent=1))
     trainer.close(run)
 
@@ -136,13 +141,15 @@ def measure(args) -> list[dict]:
 
 def presets() -> list[dict]:
     from vlscale.config import list_presets, load_config
-    from vlscale.modeling.vl_model import build_model
+    from vlscale.profiling.analytic import ZeroSettings, resolve_ds_config
 
     rows = []
     for name in [p for p in list_presets() if p.startswith("scale/")]:
         cfg = load_config(name)
-        model = build_model(cfg, device="meta")
-        rows.append({"preset": name, "precision": cfg.train.precision, **predicted_bytes(model, cfg.train.precision)})
+        ds = resolve_ds_config(cfg, PRESET_WORLD, None)
+        rows.append({"preset": name, "precision": cfg.train.precision, "world_size": PRESET_WORLD,
+                     "zero_stage": ZeroSettings.from_ds_config(ds, stage=cfg.train.zero_stage).stage,
+                     **predicted_bytes(cfg, ds, PRESET_WORLD)})
     return rows
 
 
@@ -173,10 +180,12 @@ def main() -> int:
         print(f"ZeRO-{r['stage']} x{r['world_size']} {r['backbone']} + {r['vision']} {r['precision']}: "
               f"deepspeed {gib(b['deepspeed'])} in {s['deepspeed']:.2f} s, vlscale {gib(b['vlscale'])} in "
               f"{s['vlscale']:.2f} s: bytes x{b['vlscale'] / b['deepspeed']:.3f}, time x{s['vlscale'] / s['deepspeed']:.3f}"
-              f" (predicted: frozen {gib(p['frozen'])}, trainable state {gib(p['trainable'])})")
+              f" (predicted: frozen {gib(p['frozen'])}, vlscale {gib(p['vlscale'])}, "
+              f"{(p['vlscale'] - b['vlscale']) / b['vlscale']:+.2%})")
     for r in result["presets"]:
-        print(f"{r['preset']:48s} {r['precision']}: no longer written {gib(r['frozen'])} per checkpoint; "
-              f"written {gib(r['trainable'])} ({r['trainable_params'] / 1e6:.1f} M trainable)")
+        print(f"{r['preset']:48s} {r['precision']} ZeRO-{r['zero_stage']} x{r['world_size']}: no longer written "
+              f"{gib(r['frozen'])} per checkpoint; written {gib(r['vlscale'])} ({r['trainable_params'] / 1e6:.1f} M "
+              f"trainable; adapter/ {gib(r['adapter'])})")
     if args.json:
         print(json.dumps(result, indent=1))
     if args.out:

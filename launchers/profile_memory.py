@@ -4,7 +4,8 @@
         [--budget SIZE] [--measure] [--json] [--plot FILE.png] [--write-config FILE] [key=value ...]
 
 * default: the analytic prediction per rank (params, grads, optimizer, activations, buffers, peak)
-  for the run config and its DeepSpeed file (stage 3 -> ds_configs/zero3.json, else zero2.json);
+  for the run config and its DeepSpeed file (stage 3 -> ds_configs/zero3.json, else zero2.json), and
+  the disk a checkpoint takes (``checkpoints/`` per save and rank, ``adapter/``, output_dir's peak);
 * ``--measure``: also run ``--steps`` real training steps (GPU when there is one, else DeepSpeed's
   CPU accelerator; several ranks through torchrun) and print measured beside predicted with the
   relative error of each component;
@@ -12,8 +13,8 @@
   fastest setting that fits (see vlscale/profiling/planner.py for what "fastest" assumes), print
   the ranked options; ``--write-config FILE`` writes the chosen DeepSpeed JSON and prints the
   overrides to pass to launchers/train.py;
-* ``--json``: one JSON object ``{"predicted": {...}, "measured": {...}, "errors": {...}, "plan": [...]}``
-  (byte counts per rank; ``measured`` and ``plan`` only when asked for);
+* ``--json``: one JSON object ``{"predicted": {...}, "checkpoint": {...}, "measured": {...}, "errors": {...},
+  "plan": [...]}`` (byte counts per rank; ``measured`` and ``plan`` only when asked for);
 * ``--plot FILE.png``: stacked bars per component (predicted, measured, or the top plan options).
 """
 
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from vlscale.profiling.analytic import estimate_memory, fmt_bytes, parse_size, resolve_ds_config
+    from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
+                                            resolve_ds_config)
 
     device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
     try:
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict()}
+    disk = estimate_checkpoint(cfg, args.world_size, ds)
+    out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict(), "checkpoint": disk.to_dict()}
     bars = {"predicted": at_peak(est.components, est.at_peak["activations"], est.at_peak["grads"])}
     if args.measure:
         from vlscale.profiling.measure import measure_memory
@@ -194,6 +197,13 @@ def main(argv=None) -> int:
               f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
     if est.host or est.nvme:
         print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}")
+    ranks = f", {fmt_bytes(max(disk.file_bytes))} from the largest rank" if args.world_size > 1 else ""
+    print(f"disk: a checkpoint writes {fmt_bytes(disk.total)}{ranks}, adapter/ {fmt_bytes(disk.adapter)}; "
+          f"output_dir holds up to {fmt_bytes(disk.peak_on_disk)} while saving ({disk.kept} kept + the one written)")
+    written = out.get("measured", {}).get("checkpoint_file_bytes_by_rank")
+    if written:
+        print(f"disk measured: the checkpoint wrote {fmt_bytes(sum(written))} (predicted {fmt_bytes(disk.total)}, "
+              f"{(disk.total - sum(written)) / sum(written):+.1%}); per rank " + ", ".join(map(fmt_bytes, written)))
     if args.measure and out["measured"].get("rss_peak"):
         print(f"process peak RSS (rank max): {fmt_bytes(out['measured']['rss_peak'])}")
     if options is not None:

@@ -78,6 +78,16 @@ def refused_before_start(cfg, resume: bool) -> str | None:
     return None
 
 
+def user_errors() -> tuple:
+    """Errors that say what to change in the run's input (a config value, the output_dir, the
+    checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
+    from vlscale.config import ConfigError
+    from vlscale.engine.checkpoint import CheckpointError
+    from vlscale.engine.trainer import NonFiniteLoss
+
+    return ConfigError, CheckpointError, NonFiniteLoss
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_library_warnings()
@@ -121,8 +131,8 @@ def main(argv=None) -> int:
         if dist.is_main:
             print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)
         code = 0 if stop.signum is None else 128 + int(stop.signum)
-    except Exception as e:  # one readable line per rank, the traceback once
-        if dist.is_main:
+    except Exception as e:  # one readable line per rank, and the traceback once where it is a fault
+        if dist.is_main and not isinstance(e, user_errors()):
             traceback.print_exc()
         print(f"vlscale: rank {dist.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         code = 1

@@ -18,6 +18,7 @@ import torch
 
 from vlscale.config import config_from_dict, load_config
 from vlscale.engine import checkpoint as ckpt
+from vlscale.profiling.analytic import estimate_checkpoint, resolve_ds_config
 
 
 # ----------------------------------------------------------------------------- interrupt / resume
@@ -195,6 +196,19 @@ def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(int
         assert params == trainable, name
     saved = json.loads((out / "checkpoints" / f"step{step}" / "client_state_rank0.json").read_text())["frozen"]
     assert saved and set(saved) <= frozen
+    assert_disk_as_predicted(out / "checkpoints" / f"step{step}", out, 2)
+
+
+def assert_disk_as_predicted(step_dir, out, world):
+    """What each rank wrote is what launchers/profile_memory.py's "disk" line predicts: the tensors
+    exactly, the files within 5%."""
+    cfg = load_config(str(out / "run_config.yaml"))
+    disk = estimate_checkpoint(cfg, world, resolve_ds_config(cfg, world, None, device_type="cpu"),
+                               vocab_size=cfg_vocab(out))
+    written = ckpt.written_bytes(step_dir)
+    assert written["tensors"] == disk.tensor_bytes
+    for r, (p, m) in enumerate(zip(disk.file_bytes, written["files"], strict=True)):
+        assert abs(p - m) <= 0.05 * m, f"rank {r}: predicted {p} B, written {m} B"
 
 
 def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_path, h):
@@ -216,6 +230,7 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
     size = sum(f.stat().st_size for f in (stopped / "checkpoints" / "step2").iterdir())
     backbone_bytes = (backbone / "model.safetensors").stat().st_size
     assert size < backbone_bytes, f"checkpoint {size} B vs the frozen backbone's file {backbone_bytes} B"
+    assert_disk_as_predicted(stopped / "checkpoints" / "step2", stopped, 1)
 
     # change one frozen tensor of the backbone's file: refused, naming it
     from safetensors.torch import load_file, save_file
@@ -228,6 +243,7 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
     assert refused.returncode != 0
     assert "the frozen weights built now are not those of the run" in refused.stdout
     assert "lm.encoder.block.1.layer.1.DenseReluDense.wo.weight differs" in refused.stdout
+    assert "Traceback" not in refused.stdout, "a refusal is its message, not a fault's traceback"
     assert ckpt.latest_tag(stopped / "checkpoints") == "step2"
     assert [r["step"] for r in h.read_log(stopped)] == [1, 2]
 

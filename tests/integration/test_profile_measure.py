@@ -4,6 +4,8 @@
   parameter / gradient / optimizer bytes equal the prediction, activations, buffers and the peak
   within 10%; also with full fine-tuning + gradient checkpointing;
 * 1-rank ZeRO-2: the same;
+* each run's training checkpoint, saved after the steps: the tensors each rank writes equal the
+  prediction (``analytic.checkpoint_bytes``), the files within 5%;
 * the engine's own run_summary.json (launchers/train.py on 2 ranks): gradient and optimizer bytes
   equal the prediction exactly; parameter bytes up to ZeRO-3's persistent (small, kept whole)
   parameters, which the summary counts only while they are gathered when it is written.
@@ -16,7 +18,8 @@ import os
 import pytest
 
 from vlscale.config import load_config
-from vlscale.profiling.analytic import ZeroSettings, estimate_memory, parameter_inventory, resolve_ds_config
+from vlscale.profiling.analytic import (ZeroSettings, estimate_checkpoint, estimate_memory, parameter_inventory,
+                                        resolve_ds_config)
 
 pytest.importorskip("deepspeed")
 
@@ -31,7 +34,17 @@ def _check(meas, world):
     for key in CLOSE:
         err = (pred[key] - meas[key]) / meas[key]
         assert abs(err) <= 0.10, f"{key}: predicted {pred[key]}, measured {meas[key]} ({err:+.1%})"
+    _check_checkpoint(meas, world)
     return pred, meas
+
+
+def _check_checkpoint(meas, world):
+    """The checkpoint saved after the steps (as the trainer saves it): each rank's tensors exactly as
+    predicted, its files (headers, client state) within 5%."""
+    disk = estimate_checkpoint(meas["cfg"], world, meas["ds_config"])
+    assert meas["checkpoint_tensor_bytes_by_rank"] == disk.tensor_bytes
+    for r, (p, m) in enumerate(zip(disk.file_bytes, meas["checkpoint_file_bytes_by_rank"], strict=True)):
+        assert abs(p - m) <= 0.05 * m, f"rank {r}: predicted {p} B on disk, written {m} B"
 
 
 def _measure(cases: dict, world: int, preloaded) -> dict:

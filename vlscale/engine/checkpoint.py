@@ -486,6 +486,39 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
     return tag
 
 
+def written_bytes(ckpt_dir) -> dict[str, list[int]]:
+    """What each rank wrote into one checkpoint folder (``checkpoints/step<N>``): ``{"files": bytes on
+    disk per rank, "tensors": bytes of the tensors in them per rank}``, read with weights_only=True.
+    DeepSpeed's ``mp_rank_00_model_states.pt`` is rank 0's, ``zero_pp_rank_<R>_*`` and
+    ``client_state_rank<R>.json`` rank R's."""
+    ckpt_dir = Path(ckpt_dir)
+    world = saved_world_size(ckpt_dir)
+    files, tensors = [0] * world, [0] * world
+    for f in sorted(ckpt_dir.iterdir()):
+        if f.name.startswith("client_state_rank"):
+            rank = int(f.name[len("client_state_rank"):-len(".json")])
+        elif f.name.startswith("zero_pp_rank_"):
+            rank = int(f.name[len("zero_pp_rank_"):].split("_")[0])
+        else:
+            rank = 0
+        files[rank] += f.stat().st_size
+        if f.suffix == ".pt":
+            state = _safe_load(torch.load, f, map_location="cpu")
+            tensors[rank] += sum(t.numel() * t.element_size() for t in _tensors_in(state))
+    return {"files": files, "tensors": tensors}
+
+
+def _tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
 def saved_world_size(ckpt_dir) -> int:
     """How many ranks wrote the checkpoint in ``ckpt_dir`` (one client state file each)."""
     return len(list(Path(ckpt_dir).glob("client_state_rank*.json")))

@@ -33,6 +33,7 @@ in the encoder, ``data.max_target_length`` in the decoder; ``padded=True`` assum
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,12 @@ class ParamInventory:
     vocab_size: int
     lm_head_numel: int = 0
     """The output layer's weight (the tied embedding for T5 v1.0 / BART): gathered at the loss."""
+    buffers: list[tuple[int, int]] = field(default_factory=list)
+    """The module's persistent buffers (CLIP's batch-norm statistics...): (numel, bytes per element,
+    0 for a floating buffer, which takes the run's precision)."""
+
+    def buffer_bytes(self, b: int) -> int:
+        return sum(n * (size or b) for n, size in self.buffers)
 
     @property
     def total(self) -> int:
@@ -223,9 +230,12 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
         trainable.append(bool(prm.requires_grad))
         groups.append(group_of.get(id(prm), "lm"))
     head = model.lm.get_output_embeddings()
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [(t.numel(), 0 if t.is_floating_point() else t.element_size())
+               for name, t in model.state_dict(keep_vars=True).items() if name not in aliases]
     inv = ParamInventory(names, numels, ndims, trainable, groups,
                          int(model.lm.get_input_embeddings().num_embeddings),
-                         int(head.weight.numel()) if head is not None else 0)
+                         int(head.weight.numel()) if head is not None else 0, buffers)
     _INVENTORY_CACHE[key] = inv
     return inv
 
@@ -1009,6 +1019,92 @@ class MemoryEstimate:
                 "activations_at_peak": self.at_peak["activations"], "grads_at_peak": self.at_peak["grads"],
                 "host_bytes": self.host, "nvme_bytes": self.nvme, "settings": self.settings,
                 "detail": self.detail}
+
+
+# ----------------------------------------------------------------------------- checkpoints on disk
+
+CHECKPOINTS_KEPT = 2  # vlscale.engine.checkpoint.save_checkpoint's ``keep``
+# What the files add to their tensors' bytes (pickle and safetensors headers, names, JSON), fitted on
+# tiny runs of every stage and precision (DeepSpeed 0.19.8): per file, per module-state entry (its
+# name, twice with param_shapes), per stage-0 optimizer tensor; a rank's client state (its RNG
+# states as JSON) and, per frozen tensor, the fingerprint's name and two numbers. Within 3% of the
+# files of those runs; the tensors' bytes are exact.
+_FILE_OVERHEAD, _OPTIMIZER_ENTRY = 4096, 300
+_MODULE_ENTRY = {0: 400, 1: 400, 2: 400, 3: 500}  # stage 3: each entry also carries ZeRO's metadata
+_CLIENT_STATE, _FINGERPRINT_ENTRY, _ADAPTER_ENTRY = 35_000, 50, 200
+
+
+@dataclass
+class CheckpointEstimate:
+    """Disk bytes of one save: ``checkpoints/step<N>/`` per rank, and ``adapter/`` (rank 0)."""
+
+    tensor_bytes: list[int]
+    """per rank, the tensors it writes (exact: the layout :func:`engine_state` follows)"""
+    file_bytes: list[int]
+    """per rank, the files it writes (tensors + estimated headers and client state)"""
+    adapter: int
+    kept: int = CHECKPOINTS_KEPT
+
+    @property
+    def total(self) -> int:
+        return sum(self.file_bytes)
+
+    @property
+    def peak_on_disk(self) -> int:
+        """output_dir's checkpoints at the peak of a save: the kept ones plus the one being written,
+        and the adapter's old and new copy while it is replaced."""
+        return (self.kept + 1) * self.total + 2 * self.adapter
+
+    def to_dict(self) -> dict:
+        return {"tensor_bytes_by_rank": self.tensor_bytes, "file_bytes_by_rank": self.file_bytes,
+                "total": self.total, "adapter": self.adapter, "kept": self.kept, "peak_on_disk": self.peak_on_disk}
+
+
+def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision: str) -> CheckpointEstimate:
+    """What vlscale's ``save_checkpoint`` writes (trainable state only, ``exclude_frozen_parameters``):
+
+    * module state (stage 0-2: rank 0; stage 3: every rank): the trainable parameters in the run's
+      precision (stage 3: 0-size placeholders, their data is in the optimizer partitions) and the
+      persistent buffers
+    * optimizer state, as held in memory (offloaded or not): stage 0 on rank 0, per-parameter fp32
+      moments (+ fp32 masters in bf16/fp16); stage 1-3 each rank's fp32 master partition and moments
+    * ``client_state_rank<R>.json``: data position, RNG states, the frozen weights' fingerprint
+    """
+    b = DTYPE_BYTES[precision]
+    W = max(1, int(world))
+    on_device = dataclasses.replace(z, offload_optimizer="none", offload_param="none")
+    opt = engine_state(inv, on_device, W, precision, device="cpu").optimizer
+    tr = [n for n, t in zip(inv.names, inv.trainable) if t]
+    module = inv.n_trainable * b if z.stage < 3 else 0
+    module += inv.buffer_bytes(b)
+    module_entries = len(tr) + len(inv.buffers)
+    fingerprint = sum(len(n) + _FINGERPRINT_ENTRY for n, t in zip(inv.names, inv.trainable) if not t)
+    client = _CLIENT_STATE + fingerprint
+    tensors, files = [], []
+    for r in range(W):
+        if z.stage == 0:  # one file on rank 0: module and optimizer
+            t = module + opt if r == 0 else 0
+            entries = (module_entries + len(tr) * (3 if precision == "fp32" else 4)) if r == 0 else 0
+            f = (_FILE_OVERHEAD + module_entries * _MODULE_ENTRY[0]
+                 + (entries - module_entries) * _OPTIMIZER_ENTRY) if r == 0 else 0
+        else:  # an optimizer partition per rank; the module state on rank 0 (stage 1/2) or every rank
+            has_module = z.stage == 3 or r == 0
+            t = opt + (module if has_module else 0)
+            f = _FILE_OVERHEAD + (_FILE_OVERHEAD + module_entries * _MODULE_ENTRY[z.stage] if has_module else 0)
+        tensors.append(t)
+        files.append(t + f + client)
+    adapter = inv.n_trainable * b + 2 * _FILE_OVERHEAD + len(tr) * _ADAPTER_ENTRY  # safetensors + its JSON
+    return CheckpointEstimate(tensors, files, adapter)
+
+
+def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
+                        vocab_size: Optional[int] = None,
+                        inventory: Optional[ParamInventory] = None) -> CheckpointEstimate:
+    """:func:`checkpoint_bytes` for ``cfg`` on ``world_size`` ranks (``ds_config`` as :func:`estimate_memory`)."""
+    if ds_config is None:
+        ds_config = resolve_ds_config(cfg, world_size, None)
+    z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
+    return checkpoint_bytes(inventory or parameter_inventory(cfg, vocab_size), z, world_size, cfg.train.precision)
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:

@@ -11,6 +11,8 @@
                 :class:`LiveTensorTracker` (a TorchDispatchMode that follows every storage an ATen op
                 returns until it dies), with the process's peak RSS beside it
     buffers     peak - params - grads - optimizer - activations: what else was live at the peak
+    checkpoint  after the steps, the training checkpoint saved as the trainer saves it: the bytes each
+                rank wrote (files, and the tensors in them), against ``analytic.checkpoint_bytes``
 
 The parameter, gradient and optimizer figures are read by ``vlscale.engine.accounting``, as the
 engine's ``run_summary.json`` reads them. 2-rank runs go through ``torchrun`` (see ``measure_memory``).
@@ -282,9 +284,15 @@ def _rss_peak_bytes() -> int:
 
 
 def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3, loss_mode: str = "trainer",
-                       padded: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+                       padded: bool = True, rank: int = 0, world_size: int = 1,
+                       checkpoint_dir: Optional[str] = None) -> dict:
     """Build the model and the DeepSpeed engine as the trainer does, run ``steps`` optimizer steps on
     worst-case batches and read every component from the real tensors (one rank's view).
+
+    ``checkpoint_dir`` (the same folder on every rank): then also save the training checkpoint there
+    as the trainer does (``vlscale.engine.checkpoint.save_checkpoint``) and report, on rank 0, the
+    bytes each rank wrote (``checkpoint_file_bytes_by_rank``, ``checkpoint_tensor_bytes_by_rank``);
+    the folder is removed afterwards.
 
     Must run inside an initialised process group (``deepspeed.init_distributed``).
     """
@@ -373,6 +381,8 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
     if init_peak > peak:  # DeepSpeed's set-up can be the run's peak (ZeRO-3 partitions a whole model)
         peak, peak_phase = init_peak, "init"
         counter_peak.update(activations=0, grads=0)
+    if checkpoint_dir is not None:
+        result.update(_measured_checkpoint(engine, checkpoint_dir, steps, rank))
     # read as run_summary.json does, after training (ZeRO-3 keeps small parameters whole from step 1 on)
     result.update(params=parameter_bytes(engine.module), optimizer=optimizer_state_bytes(engine), grads=int(grads or 0),
                   activations=int(activations), peak=int(peak),
@@ -382,6 +392,24 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                   rss_peak=_rss_peak_bytes(), phase_peaks=None if cuda else dict(tracker.phase_peaks),
                   phase_starts=None if cuda else dict(tracker.phase_starts))
     return result
+
+
+def _measured_checkpoint(engine, root: str, step: int, rank: int) -> dict:
+    """Save ``engine``'s checkpoint as the trainer does (collective) and read back what each rank wrote."""
+    import shutil
+
+    from vlscale.engine import checkpoint as ckpt
+
+    state = {"step": step, "frozen": ckpt.frozen_fingerprint(engine.module, engine.device)}
+    tag = ckpt.save_checkpoint(engine, root, step, state, rank)
+    out = {}
+    if rank == 0:
+        written = ckpt.written_bytes(os.path.join(root, "checkpoints", tag))
+        out = {"checkpoint_file_bytes_by_rank": written["files"], "checkpoint_tensor_bytes_by_rank": written["tensors"]}
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
 def _worker(spec_path: str, out_path: str) -> None:
@@ -402,13 +430,13 @@ def _worker(spec_path: str, out_path: str) -> None:
     importlib.import_module("torch._dynamo")  # before DeepSpeed patches tensor creation (ZeRO-3)
 
     results = []
-    for case in spec["cases"]:
+    for i, case in enumerate(spec["cases"]):
         gc.collect()
         torch.distributed.barrier()
         results.append(run_measured_steps(config_from_dict(case["cfg"]), case["ds_config"],
                                           vocab_size=case["vocab_size"], steps=case["steps"],
                                           loss_mode=case["loss_mode"], padded=case["padded"], rank=rank,
-                                          world_size=world))
+                                          world_size=world, checkpoint_dir=f"{out_path}.checkpoint{i}"))
     with open(f"{out_path}.rank{rank}", "w") as f:
         json.dump(results, f)
     torch.distributed.barrier()
