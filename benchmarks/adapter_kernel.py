@@ -33,6 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlscale.kernels.adapter import adapter_reference, fused_adapter, select_backend  # noqa: E402
+from vlscale.profiling.measure import saved_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_GRID = [(16384, 1024, h) for h in (64, 128, 256)] + [(16384, d, 64) for d in (512, 768)]
@@ -138,24 +139,6 @@ def make_inputs(tokens: int, d_model: int, hidden: int, dtype: torch.dtype, devi
     w_up, b_up = rand(d_model, hidden, scale=hidden**-0.5), rand(d_model, scale=0.1)
     dh = torch.randn(tokens, d_model, generator=g).to(device=device, dtype=dtype)
     return (x, w_down, b_down, w_up, b_up), dh
-
-
-def saved_bytes(fn, inputs) -> dict:
-    """Bytes autograd saves while running ``fn()`` (unique storages): all, and activations only
-    (storages other than the op's inputs)."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
-    return {"all": sum(storages.values()),
-            "activations": sum(n for p, n in storages.items() if p not in input_ptrs)}
 
 
 def bench_case(tokens, d_model, hidden, dtype, device, activation, floors) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from vlscale.kernels import adapter as ka
 from vlscale.kernels import adapter_reference, fused_adapter, select_backend
+from vlscale.profiling.measure import saved_bytes
 
 NAMES = ["h", "dx", "dw_down", "db_down", "dw_up", "db_up"]
 
@@ -109,32 +110,16 @@ def test_torch_path_low_precision_two_x_rule(dtype):
 
 
 # ------------------------------------------------------------------------------- saved memory
-def _saved_storages(fn):
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = fn()
-    return h, storages
-
-
 def test_recompute_path_saves_fewer_bytes_than_reference():
     tokens, d_model, hidden = 300, 64, 16
     args, _ = _inputs((tokens,), d_model, hidden)
     args = [a.requires_grad_(True) for a in args]
-    _, ref = _saved_storages(lambda: adapter_reference(*args))
-    _, fused = _saved_storages(lambda: fused_adapter(*args, backend="torch"))
-    assert sum(fused.values()) < sum(ref.values())
-    input_ptrs = {a.untyped_storage().data_ptr() for a in args}
-    ref_act = sum(n for p, n in ref.items() if p not in input_ptrs)
-    fused_act = sum(n for p, n in fused.items() if p not in input_ptrs)
+    ref = saved_bytes(lambda: adapter_reference(*args), args)
+    fused = saved_bytes(lambda: fused_adapter(*args, backend="torch"), args)
+    assert fused["all"] < ref["all"]
     z_bytes = tokens * hidden * 4
-    assert fused_act == z_bytes  # only z beyond the inputs
-    assert ref_act == 2 * z_bytes  # the reference also keeps act(z)
+    assert fused["activations"] == z_bytes  # only z beyond the inputs
+    assert ref["activations"] == 2 * z_bytes  # the reference also keeps act(z)
 
 
 # ------------------------------------------------------------------------------- dispatch

@@ -153,6 +153,25 @@ def _patched_storage_resize(tracker: LiveTensorTracker):
         torch.UntypedStorage.resize_ = original
 
 
+def saved_bytes(fn, inputs=()) -> dict:
+    """Bytes autograd saves for backward while ``fn()`` runs, each storage once: ``all``, and
+    ``activations``, the storages other than those of ``inputs`` (the op's arguments, which the caller
+    keeps anyway). Counted as they are saved, whether or not the graph is still alive afterwards."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    return {"all": sum(storages.values()),
+            "activations": sum(n for ptr, n in storages.items() if ptr not in input_ptrs)}
+
+
 class SavedTensorCounter:
     """Bytes autograd saves for backward inside the context, counting each storage once.
 
