@@ -5,7 +5,8 @@ engine's ``run_summary.json``, the memory profiler's measured runs (``vlscale.pr
     params     ZeRO-3: each parameter's partition (``ds_tensor``), plus the full copy of a persistent
                one (``ds_persist``); otherwise the parameter itself
     grads      the gradient buffers at the accumulation boundary (stage 3: the flat partition buffer;
-               1/2: the averaged gradient partitions; 0: ``param.grad``)
+               1/2: the averaged gradient partitions; 0: ``param.grad``); ``live_gradient_bytes``:
+               every gradient storage alive at any moment of a step (the profiler's peak)
     optimizer  fp32 master copies that are not the parameters themselves, and every optimizer state
                tensor (Adam's moments): nothing for frozen parameters, which are not in the optimizer
 
@@ -69,6 +70,27 @@ def gradient_bytes(engine, stage: int) -> int:
         if tensors:
             return unique_storage_bytes(tensors)
     return unique_storage_bytes(p.grad for p in engine.module.parameters() if p.grad is not None)
+
+
+def live_gradient_bytes(engine, device_type: str) -> int:
+    """Bytes of every gradient storage alive on ``device_type`` now, at any moment of a step (the
+    memory profiler reads it at the peak): ``param.grad``, ZeRO's flat and partitioned gradient
+    buffers, the fp32 masters' gradients, stage 1/2's averaged partitions."""
+    opt = engine.optimizer
+    tensors = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    for attr in ("grad_partitions_flat_buffer", "grads_in_partition"):
+        t = getattr(opt, attr, None)
+        if isinstance(t, torch.Tensor):
+            tensors.append(t)
+    for attr in _MASTER_ATTRS[:3]:  # the flat fp32 partitions, whose .grad the step reads
+        for t in getattr(opt, attr, None) or []:
+            if isinstance(t, torch.Tensor) and t.grad is not None:
+                tensors.append(t.grad)
+    averaged = getattr(opt, "averaged_gradients", None)
+    if isinstance(averaged, dict):
+        for grads in averaged.values():
+            tensors += [g for g in (grads or []) if isinstance(g, torch.Tensor)]
+    return unique_storage_bytes(t for t in tensors if t.device.type == device_type)
 
 
 def optimizer_state_bytes(engine) -> int:

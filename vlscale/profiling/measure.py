@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes, unique_storage_bytes
+from vlscale.engine.accounting import gradient_bytes, live_gradient_bytes, optimizer_state_bytes, parameter_bytes
 
 
 def _storage(t) -> Optional[torch.UntypedStorage]:
@@ -340,26 +340,9 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
     counter_peak = {"activations": 0, "grads": 0}
     counter = None
 
-    def grad_probe() -> int:
-        tensors = [p.grad for p in model.parameters() if p.grad is not None]
-        opt = engine.optimizer
-        for attr in ("grad_partitions_flat_buffer", "grads_in_partition"):
-            t = getattr(opt, attr, None)
-            if isinstance(t, torch.Tensor):
-                tensors.append(t)
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-            for t in getattr(opt, attr, None) or []:
-                if isinstance(t, torch.Tensor) and t.grad is not None:
-                    tensors.append(t.grad)
-        averaged = getattr(opt, "averaged_gradients", None)
-        if isinstance(averaged, dict):
-            for grads in averaged.values():
-                tensors += [g for g in (grads or []) if isinstance(g, torch.Tensor)]
-        return unique_storage_bytes(t for t in tensors if t.device.type == device_type)
-
     def on_peak():
         counter_peak["activations"] = counter.alive_bytes(device_type) if counter is not None else 0
-        counter_peak["grads"] = grad_probe() if engine is not None else 0
+        counter_peak["grads"] = live_gradient_bytes(engine, device_type) if engine is not None else 0
 
     engine = None
     ctx = contextlib.nullcontext() if cuda else tracker
