@@ -64,8 +64,8 @@ def quiet_library_warnings() -> None:
 def refused_before_start(cfg, resume: bool) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
-    written by another number of ranks with another global batch, fails in a second instead of after
-    start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
+    written by another number of ranks with another global batch, or an output_dir that cannot be
+    created, fails in a second instead of after start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import global_batch_size
     from vlscale.engine.distributed import launcher_world_size
@@ -74,18 +74,23 @@ def refused_before_start(cfg, resume: bool) -> str | None:
         world = launcher_world_size()
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world))
     except CheckpointError as e:
-        return str(e)
+        return f"CheckpointError: {e}"
+    try:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {e.strerror or e}"
     return None
 
 
 def user_errors() -> tuple:
-    """Errors that say what to change in the run's input (a config value, the output_dir, the
-    checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
+    """Errors that say what to change in the run's input (a config value, the DeepSpeed file, the
+    output_dir, the checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
     from vlscale.config import ConfigError
     from vlscale.engine.checkpoint import CheckpointError
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError
     from vlscale.engine.trainer import NonFiniteLoss
 
-    return ConfigError, CheckpointError, NonFiniteLoss
+    return ConfigError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
 
 
 def main(argv=None) -> int:
@@ -99,7 +104,7 @@ def main(argv=None) -> int:
         cfg = None  # loaded again after start-up, where the error is reported with its context
     refusal = cfg is not None and refused_before_start(cfg, args.resume)
     if refusal:
-        print(f"vlscale: rank {os.environ.get('RANK', '0')}: CheckpointError: {refusal}", file=sys.stderr, flush=True)
+        print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
         return 1
     # --- setup
     from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads

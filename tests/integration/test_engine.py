@@ -363,6 +363,23 @@ def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
 
 
+def test_input_errors_are_their_message_without_a_traceback(tmp_path, h):
+    """A DeepSpeed file that is not JSON (found after start-up) and an output_dir that cannot be created
+    (found before it) end the run with one line naming the file or folder, and no traceback."""
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}')
+    proc = h.launch(["--deepspeed", str(bad), *h.TINY, f"output_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 1
+    assert f"DeepSpeedConfigError: {bad}: not valid JSON" in proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = h.launch([*h.TINY, f"output_dir={blocker / 'run'}"], check=False)
+    assert proc.returncode == 1
+    assert f"output_dir {str(blocker / 'run')!r} cannot be created" in proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+
+
 def test_a_dead_rank_makes_the_other_exit(tmp_path, h):
     """Two ranks started as two separate runs (no launcher to clean up); rank 1 is killed; rank 0 must not hang."""
     out = tmp_path / "dead"
