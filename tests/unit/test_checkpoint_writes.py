@@ -90,3 +90,19 @@ def test_resume_needs_the_global_batch_on_any_number_of_ranks(tmp_path, world, b
     assert "written by 2 ranks with a global batch of 8 (2 ranks x micro-batch 4 x accumulation 1)" in msg
     assert f"global batch of {batch}" in msg
     assert f"train.micro_batch_size={8 // world} train.gradient_accumulation_steps=1" in msg
+
+
+def test_written_bytes_attributes_deepspeeds_files_to_their_rank(tmp_path):
+    """DeepSpeed's names: rank 0's module state (stage 0-2), each rank's ZeRO files, with the bf16
+    optimizer's ``bf16_`` prefix too, and vlscale's client state per rank."""
+    files = {"mp_rank_00_model_states.pt": (0, 10), "zero_pp_rank_1_mp_rank_00_model_states.pt": (1, 3),
+             "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": (0, 7),
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": (1, 5)}
+    for name, (_, n) in files.items():
+        torch.save({"state": {"exp_avg": torch.zeros(n)}, "step": 4}, tmp_path / name)
+    for r in (0, 1):
+        (tmp_path / f"client_state_rank{r}.json").write_text("{}")
+    written = ckpt.written_bytes(tmp_path)
+    assert written["tensors"] == [4 * (10 + 7), 4 * (3 + 5)]
+    sizes = [sum((tmp_path / n).stat().st_size for n, (r, _) in files.items() if r == rank) + 2 for rank in (0, 1)]
+    assert written["files"] == sizes

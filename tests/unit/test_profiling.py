@@ -266,7 +266,11 @@ def test_launcher_json(capsys, launcher):
     for key in ("params", "grads", "optimizer", "activations", "buffers", "peak"):
         assert isinstance(out["predicted"][key], int)
     assert out["predicted"]["settings"]["zero_stage"] == 3
+    disk = out["checkpoint"]  # ZeRO-3: both ranks write the same, their optimizer partition and buffers
+    assert len(disk["file_bytes_by_rank"]) == 2 and disk["tensor_bytes_by_rank"][0] == disk["tensor_bytes_by_rank"][1]
+    assert disk["peak_on_disk"] == 3 * disk["total"] + 2 * disk["adapter"]
     assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.micro_batch_size=2"]) == 0
     text = capsys.readouterr().out
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
+    assert "disk: a checkpoint writes" in text and "(2 kept + the one written)" in text
     assert profile_memory.main(["--world-size", "0"]) == 2

@@ -497,8 +497,8 @@ def written_bytes(ckpt_dir) -> dict[str, list[int]]:
     for f in sorted(ckpt_dir.iterdir()):
         if f.name.startswith("client_state_rank"):
             rank = int(f.name[len("client_state_rank"):-len(".json")])
-        elif f.name.startswith("zero_pp_rank_"):
-            rank = int(f.name[len("zero_pp_rank_"):].split("_")[0])
+        elif "zero_pp_rank_" in f.name:  # zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt, bf16_zero_pp_rank_R_...
+            rank = int(f.name.split("zero_pp_rank_")[1].split("_")[0])
         else:
             rank = 0
         files[rank] += f.stat().st_size

@@ -1074,6 +1074,9 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
     W = max(1, int(world))
     on_device = dataclasses.replace(z, offload_optimizer="none", offload_param="none")
     opt = engine_state(inv, on_device, W, precision, device="cpu").optimizer
+    if z.offload_optimizer != "none":  # DeepSpeedCPUAdam counts steps in a Python int, not a 4-byte tensor
+        groups = inv.optimizer_groups()
+        opt -= 4 * (sum(len(_sub_groups(g, W, z.sub_group_size)) for g in groups) if z.stage == 3 else len(groups))
     tr = [n for n, t in zip(inv.names, inv.trainable) if t]
     module = inv.n_trainable * b if z.stage < 3 else 0
     module += inv.buffer_bytes(b)
