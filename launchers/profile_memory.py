@@ -137,8 +137,16 @@ def main(argv=None) -> int:
     out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict(), "checkpoint": disk.to_dict()}
     bars = {"predicted": at_peak(est.components, est.at_peak["activations"], est.at_peak["grads"])}
     if args.measure:
-        from vlscale.profiling.measure import measure_memory
+        from vlscale.profiling.measure import available_host_bytes, measure_memory, measured_run_host_bytes
 
+        need, have = measured_run_host_bytes(est, args.world_size), available_host_bytes()
+        if have is not None and need > have:
+            print(f"error: --measure builds the whole model ({est.detail['total_params']:,} parameters) on each of "
+                  f"the {args.world_size} rank(s) before DeepSpeed partitions it{' and trains on the CPU' if device == 'cpu' else ''}: "
+                  f"about {fmt_bytes(need)} of host memory, and this machine has {fmt_bytes(have)} available. "
+                  f"Measure a smaller backbone with the same method, or fewer ranks; without --measure the prediction needs no run.",
+                  file=sys.stderr)
+            return 2
         meas = measure_memory(cfg, args.world_size, ds, steps=args.steps)
         out["measured"] = meas
         out["errors"] = rel_errors(est.components, meas)

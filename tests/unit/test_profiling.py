@@ -259,6 +259,25 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert resolved["train_micro_batch_size_per_gpu"] == 32
 
 
+def test_launcher_refuses_a_measured_run_the_host_cannot_hold(capsys, launcher, monkeypatch):
+    """--measure builds the whole model on every rank: a model the machine's memory cannot hold is
+    refused before any rank starts, with the sizes, instead of swapping or being killed."""
+    from vlscale.profiling import measure
+
+    profile_memory = launcher("profile_memory")
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.setattr(measure, "available_host_bytes", lambda: 3 * 2 ** 30)
+    assert profile_memory.main(["--config", "scale/clip_t5_3b_single_adapter", "--world-size", "2", "--measure",
+                                "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "builds the whole model (2,8" in err and "on each of the 2 rank(s)" in err
+    assert "3.00 GiB available" in err and not started
+    # what the machine holds is measured (the run itself stubbed here: tests/integration/test_profile_measure.py)
+    assert profile_memory.main(["--world-size", "1", "--measure", "--device", "cpu", "--json"]) == 0
+    assert len(started) == 1
+
+
 def test_launcher_json(capsys, launcher):
     profile_memory = launcher("profile_memory")
     assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "--json", "train.micro_batch_size=2"]) == 0

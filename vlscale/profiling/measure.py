@@ -445,6 +445,32 @@ def _worker(spec_path: str, out_path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+PROCESS_BYTES = 2 * 1024 ** 3  # a rank's own footprint: torch, DeepSpeed, transformers (~1 GiB measured) x2
+
+
+def measured_run_host_bytes(est, world_size: int) -> int:
+    """Host memory a measured run of ``est``'s config needs on this machine: each rank builds the whole
+    model (``run_measured_steps``) before DeepSpeed partitions it, on the CPU accelerator trains there
+    (the predicted peak), and carries its process footprint."""
+    b = {"fp32": 4, "bf16": 2, "fp16": 2}[est.settings["precision"]]
+    per_rank = est.detail["total_params"] * b + PROCESS_BYTES
+    if est.settings["device"] == "cpu":
+        per_rank += est.components["peak"] + est.host
+    return int(world_size) * per_rank
+
+
+def available_host_bytes() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def measure_memory(cfg, world_size: int = 1, ds_config: Optional[dict] = None, *, vocab_size: Optional[int] = None,
                    steps: int = 3, loss_mode: str = "trainer", padded: bool = True, timeout_s: int = 600,
                    threads: int = 1) -> dict:
