@@ -13,7 +13,9 @@ optimizer state exists, then per round both writers into fresh folders, alternat
                rank's copy of its frozen parameters (``frozen_param_fragments``) that no load reads
 
 Figures: bytes on disk of each folder, and save wall time (median over ``--repeats``, rank 0's
-clock between two barriers). Random weights, the synthetic world: no downloads.
+clock between two barriers). At ZeRO 1-3 also the universal copy a resume on another number of ranks
+converts the checkpoint to first (``vlscale.engine.checkpoint._to_universal``, once): its bytes and
+time. Random weights, the synthetic world: no downloads.
 
 Model part (``--presets``): for each ``scale/*`` preset on 8 ranks, the model built on the ``meta``
 device, bytes = frozen parameters x the precision's bytes (what vlscale no longer writes, per
@@ -63,7 +65,7 @@ def predicted_bytes(cfg, ds_config: dict, world: int, vocab_size=None) -> dict:
     frozen = inv.total - inv.n_trainable
     return {"frozen_params": frozen, "trainable_params": inv.n_trainable,
             "frozen": frozen * DTYPE_BYTES[cfg.train.precision], "vlscale": disk.total,
-            "vlscale_by_rank": disk.file_bytes, "adapter": disk.adapter}
+            "vlscale_by_rank": disk.file_bytes, "adapter": disk.adapter, "universal": disk.universal}
 
 
 # ----------------------------------------------------------------------------- worker (one rank)
@@ -108,6 +110,16 @@ def worker(args) -> None:
                 sizes[name] = folder_bytes(target / "checkpoints")
                 shutil.rmtree(target)
             barrier()
+    if args.stage > 0:  # a resume on another number of ranks converts the checkpoint to the universal format first
+        target = out / "universal"
+        writers["vlscale"](target)
+        t0 = time.perf_counter()
+        folder = ckpt._to_universal(target / "checkpoints", "step1", dist.rank)
+        times["universal"] = [time.perf_counter() - t0]
+        if dist.is_main:
+            sizes["universal"] = folder_bytes(folder)
+            shutil.rmtree(target)
+        barrier()
     if dist.is_main:
         result = {"stage": args.stage, "world_size": dist.world_size, "precision": cfg.train.precision,
                   "backbone": cfg.model.backbone, "vision": cfg.model.vision,
@@ -181,7 +193,9 @@ def main() -> int:
               f"deepspeed {gib(b['deepspeed'])} in {s['deepspeed']:.2f} s, vlscale {gib(b['vlscale'])} in "
               f"{s['vlscale']:.2f} s: bytes x{b['vlscale'] / b['deepspeed']:.3f}, time x{s['vlscale'] / s['deepspeed']:.3f}"
               f" (predicted: frozen {gib(p['frozen'])}, vlscale {gib(p['vlscale'])}, "
-              f"{(p['vlscale'] - b['vlscale']) / b['vlscale']:+.2%})")
+              f"{(p['vlscale'] - b['vlscale']) / b['vlscale']:+.2%})"
+              + (f"; universal copy {gib(b['universal'])} in {s['universal']:.2f} s (predicted {gib(p['universal'])}, "
+                 f"{(p['universal'] - b['universal']) / b['universal']:+.2%})" if "universal" in b else ""))
     for r in result["presets"]:
         print(f"{r['preset']:48s} {r['precision']} ZeRO-{r['zero_stage']} x{r['world_size']}: no longer written "
               f"{gib(r['frozen'])} per checkpoint; written {gib(r['vlscale'])} ({r['trainable_params'] / 1e6:.1f} M "

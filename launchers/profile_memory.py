@@ -208,6 +208,9 @@ def main(argv=None) -> int:
     ranks = f", {fmt_bytes(max(disk.file_bytes))} from the largest rank" if args.world_size > 1 else ""
     print(f"disk: a checkpoint writes {fmt_bytes(disk.total)}{ranks}, adapter/ {fmt_bytes(disk.adapter)}; "
           f"output_dir holds up to {fmt_bytes(disk.peak_on_disk)} while saving ({disk.kept} kept + the one written)")
+    if disk.universal:
+        print(f"disk: a resume on another number of ranks first converts the checkpoint to DeepSpeed's universal "
+              f"format: {fmt_bytes(disk.universal)} more while it loads")
     written = out.get("measured", {}).get("checkpoint_file_bytes_by_rank")
     if written:
         print(f"disk measured: the checkpoint wrote {fmt_bytes(sum(written))} (predicted {fmt_bytes(disk.total)}, "

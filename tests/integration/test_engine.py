@@ -177,7 +177,7 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
 
 
-def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h):
+def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h, tmp_path):
     out, step, _ = interrupted
     files = sorted((out / "checkpoints").glob("step*/*.pt"))
     assert files, "DeepSpeed's files are there"
@@ -196,7 +196,13 @@ def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(int
         assert params == trainable, name
     saved = json.loads((out / "checkpoints" / f"step{step}" / "client_state_rank0.json").read_text())["frozen"]
     assert saved and set(saved) <= frozen
-    assert_disk_as_predicted(out / "checkpoints" / f"step{step}", out, 2)
+    disk = assert_disk_as_predicted(out / "checkpoints" / f"step{step}", out, 2)
+    # the universal copy a resume on another number of ranks converts it to first, as predicted (5%)
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(out / "checkpoints", copy)
+    universal = ckpt._to_universal(copy, f"step{step}", 0)
+    written = sum(f.stat().st_size for f in universal.rglob("*") if f.is_file())
+    assert abs(disk.universal - written) <= 0.05 * written, (disk.universal, written)
 
 
 def assert_disk_as_predicted(step_dir, out, world):
@@ -209,6 +215,7 @@ def assert_disk_as_predicted(step_dir, out, world):
     assert written["tensors"] == disk.tensor_bytes
     for r, (p, m) in enumerate(zip(disk.file_bytes, written["files"], strict=True)):
         assert abs(p - m) <= 0.05 * m, f"rank {r}: predicted {p} B, written {m} B"
+    return disk
 
 
 def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_path, h):

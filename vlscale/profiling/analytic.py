@@ -1031,7 +1031,7 @@ CHECKPOINTS_KEPT = 2  # vlscale.engine.checkpoint.save_checkpoint's ``keep``
 # files of those runs; the tensors' bytes are exact.
 _FILE_OVERHEAD, _OPTIMIZER_ENTRY = 4096, 300
 _MODULE_ENTRY = {0: 400, 1: 400, 2: 400, 3: 500}  # stage 3: each entry also carries ZeRO's metadata
-_CLIENT_STATE, _FINGERPRINT_ENTRY, _ADAPTER_ENTRY = 35_000, 50, 200
+_CLIENT_STATE, _FINGERPRINT_ENTRY, _ADAPTER_ENTRY, _UNIVERSAL_FILE = 35_000, 50, 200, 1550
 
 
 @dataclass
@@ -1043,6 +1043,9 @@ class CheckpointEstimate:
     file_bytes: list[int]
     """per rank, the files it writes (tensors + estimated headers and client state)"""
     adapter: int
+    universal: int = 0
+    """ZeRO 1-3: the universal copy (``checkpoints/.universal-stepN``) a resume on another number of
+    ranks writes before loading and removes after (estimated)"""
     kept: int = CHECKPOINTS_KEPT
 
     @property
@@ -1057,7 +1060,8 @@ class CheckpointEstimate:
 
     def to_dict(self) -> dict:
         return {"tensor_bytes_by_rank": self.tensor_bytes, "file_bytes_by_rank": self.file_bytes,
-                "total": self.total, "adapter": self.adapter, "kept": self.kept, "peak_on_disk": self.peak_on_disk}
+                "total": self.total, "adapter": self.adapter, "kept": self.kept, "peak_on_disk": self.peak_on_disk,
+                "universal": self.universal}
 
 
 def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision: str) -> CheckpointEstimate:
@@ -1097,7 +1101,18 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
         tensors.append(t)
         files.append(t + f + client)
     adapter = inv.n_trainable * b + 2 * _FILE_OVERHEAD + len(tr) * _ADAPTER_ENTRY  # safetensors + its JSON
-    return CheckpointEstimate(tensors, files, adapter)
+    # DeepSpeed's universal format: per trainable parameter, full-shape fp32 weights and both moments in
+    # a file each (stage 1/2 also a step count each, and the buffers' fp32 copies); the module-state
+    # files copied as they are, at stage 3 also one rank's optimizer file
+    universal = 0
+    if z.stage > 0:
+        universal = 12 * inv.n_trainable + 3 * len(tr) * _UNIVERSAL_FILE
+        if z.stage < 3:
+            universal += len(tr) * (_UNIVERSAL_FILE + 4) + len(inv.buffers) * _UNIVERSAL_FILE + inv.buffer_bytes(4)
+            universal += files[0] - client - opt - _FILE_OVERHEAD  # rank 0's module-state file
+        else:
+            universal += W * (files[0] - client - opt - _FILE_OVERHEAD) + opt + _FILE_OVERHEAD
+    return CheckpointEstimate(tensors, files, adapter, universal)
 
 
 def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
