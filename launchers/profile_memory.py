@@ -215,6 +215,9 @@ def main(argv=None) -> int:
     if written:
         print(f"disk measured: the checkpoint wrote {fmt_bytes(sum(written))} (predicted {fmt_bytes(disk.total)}, "
               f"{(disk.total - sum(written)) / sum(written):+.1%}); per rank " + ", ".join(map(fmt_bytes, written)))
+    if args.measure and out["measured"].get("skipped_steps"):
+        print(f"measured: {out['measured']['skipped_steps']} step(s) overflowed and were skipped (fp16 loss scaling) "
+              f"before the {args.steps} measured")
     if args.measure and out["measured"].get("rss_peak"):
         print(f"process peak RSS (rank max): {fmt_bytes(out['measured']['rss_peak'])}")
     if options is not None:

@@ -111,6 +111,23 @@ def test_zero3_two_ranks_full_finetuning_checkpointing(two_ranks):
     _check(two_ranks["full_ft_ckpt"], 2)
 
 
+def test_fp16_counts_applied_steps(preloaded, monkeypatch):
+    """fp16 at stage 0 (DeepSpeed's fp16 wrapper on the CPU accelerator, VLSCALE_CPU_FP16=1), with the
+    trainer's loss scaling: the first steps overflow and are skipped, leaving Adam's moments uncreated.
+    The measured run counts applied steps only, so its optimizer state and checkpoint are training's
+    (before: the unscaled backward never overflowed; with scaling and a fixed step count the optimizer
+    state read 3x low)."""
+    monkeypatch.setenv("VLSCALE_CPU_FP16", "1")
+    cfg = load_config("tiny", ["train.zero_stage=0", "train.micro_batch_size=2", "train.precision=fp16"])
+    ds = resolve_ds_config(cfg, 1, None, device_type="cpu")
+    meas = _measure({"fp16": (cfg, ds, 2)}, 1, preloaded)["fp16"]
+    assert meas["skipped_steps"] > 0, "the loss is scaled as in training, so the first steps overflow"
+    pred = estimate_memory(cfg, 1, ds, device="cpu").components
+    for key in EXACT:
+        assert pred[key] == meas[key], (key, pred[key], meas[key])
+    _check_checkpoint(meas, 1)
+
+
 def test_zero2_one_rank(preloaded):
     cfg = load_config("tiny", ["train.zero_stage=2", "train.micro_batch_size=4"])
     _check(_measure({"zero2": (cfg, resolve_ds_config(cfg, 1, None, device_type="cpu"), 3)}, 1, preloaded)["zero2"], 1)

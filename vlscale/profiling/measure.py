@@ -302,11 +302,16 @@ def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+FP16_SKIPS = 32  # overflowed steps a measured fp16 run may skip while the loss scale comes down (2^16 -> 2^-16)
+
+
 def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3, loss_mode: str = "trainer",
                        padded: bool = True, rank: int = 0, world_size: int = 1,
                        checkpoint_dir: Optional[str] = None) -> dict:
     """Build the model and the DeepSpeed engine as the trainer does, run ``steps`` optimizer steps on
-    worst-case batches and read every component from the real tensors (one rank's view).
+    worst-case batches and read every component from the real tensors (one rank's view). Under fp16,
+    steps that overflow (skipped by the dynamic loss scaling; ``skipped_steps``) do not count: until
+    a step is applied Adam's moments do not exist, and the optimizer state would read low.
 
     ``checkpoint_dir`` (the same folder on every rank): then also save the training checkpoint there
     as the trainer does (``vlscale.engine.checkpoint.save_checkpoint``) and report, on rank 0, the
@@ -350,6 +355,12 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         tracker.phase("init")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=_optimizer_groups(model), config=ds_config)
         device = engine.device
+        # the trainer's corrections of DeepSpeed's stage-0 half-precision wrapper (its updates, not its memory)
+        from vlscale.engine.half_precision import engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step
+
+        undo_initial_step(engine)
+        scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
+                      and not engine_scales_fp16_loss(engine))
         init_peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
         result["init_peak"] = int(init_peak)
         if cuda:
@@ -358,7 +369,13 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
             tracker.reset_peak()
             tracker.on_peak = on_peak
         activations, grads = 0, None
-        for step in range(steps):
+        # fp16: a step whose gradients overflow is skipped and leaves Adam's state uncreated; measure
+        # ``steps`` applied steps, after the dynamic loss scale has come down (at most FP16_SKIPS more)
+        applied, skipped, step = 0, 0, 0
+        while applied < steps:
+            if skipped > (FP16_SKIPS if cfg.train.precision == "fp16" else 0):
+                raise RuntimeError(f"{skipped} of {step} measured steps overflowed and were skipped (fp16 loss scale "
+                                   f"{float(engine.optimizer.loss_scale):g}); measure in bf16 or fp32")
             batch = synthetic_batch(cfg, B, vocab_size, device=device, dtype=dtype, padded=padded,
                                     seed=1000 * step + rank)
             tracker.phase(f"forward{step}")
@@ -370,7 +387,7 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
             if loss_mode == "model":
                 del out
             tracker.phase(f"backward{step}")
-            engine.backward(loss)
+            engine.backward(loss * float(engine.optimizer.loss_scale) if scale_loss else loss)
             if grads is None:
                 grads = gradient_bytes(engine, stage)
             tracker.phase(f"step{step}")
@@ -378,6 +395,9 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
             del loss, batch
             if loss_mode == "trainer":
                 del out
+            was_applied = bool(engine.was_step_applied())
+            applied, skipped, step = applied + was_applied, skipped + (not was_applied), step + 1
+        result["skipped_steps"] = skipped
         peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
     peak_phase = None if cuda else tracker.peak_phase
     if init_peak > peak:  # DeepSpeed's set-up can be the run's peak (ZeRO-3 partitions a whole model)
