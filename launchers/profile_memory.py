@@ -7,8 +7,10 @@
   for the run config and its DeepSpeed file (stage 3 -> ds_configs/zero3.json, else zero2.json), and
   the disk a checkpoint takes (``checkpoints/`` per save and rank, ``adapter/``, output_dir's peak);
 * ``--measure``: also run ``--steps`` real training steps (GPU when there is one, else DeepSpeed's
-  CPU accelerator; several ranks through torchrun) and print measured beside predicted with the
-  relative error of each component;
+  CPU accelerator; several ranks through torchrun; under fp16 steps skipped for overflow do not
+  count) and print measured beside predicted with the relative error of each component, and what
+  the run's checkpoint wrote beside the disk prediction; refused up front when this machine's
+  memory cannot hold it (every rank builds the whole model before DeepSpeed partitions it);
 * ``--budget 24GiB``: search ZeRO stage, offload, checkpointing, micro-batch and precision for the
   fastest setting that fits (see vlscale/profiling/planner.py for what "fastest" assumes), print
   the ranked options; ``--write-config FILE`` writes the chosen DeepSpeed JSON and prints the
