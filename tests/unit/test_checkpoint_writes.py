@@ -106,3 +106,39 @@ def test_written_bytes_attributes_deepspeeds_files_to_their_rank(tmp_path):
     assert written["tensors"] == [4 * (10 + 7), 4 * (3 + 5)]
     sizes = [sum((tmp_path / n).stat().st_size for n, (r, _) in files.items() if r == rank) + 2 for rank in (0, 1)]
     assert written["files"] == sizes
+
+
+def test_a_run_whose_output_dir_cannot_hold_its_checkpoints_is_refused(tmp_path, monkeypatch):
+    """Before the model is built (trainer.setup_run), not at the first save: the need is the profiler's
+    (three checkpoints at once for a run that saves five times, two copies of adapter/), with 5 %
+    margin; a resume needs the next checkpoint only."""
+    import shutil
+    from collections import namedtuple
+
+    from vlscale.config import load_config
+    from vlscale.engine import trainer
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.profiling.analytic import default_vocab_size, estimate_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "not" / "yet" / "run"  # the nearest existing folder's file system is asked
+    cfg = load_config("tiny", [f"output_dir={out}", "train.max_steps=10", "train.save_every=2"])
+    ds = build_deepspeed_config(root / "ds_configs" / "zero3.json", cfg, 2, device_type="cpu")
+    vocab = default_vocab_size(cfg)
+    disk = estimate_checkpoint(cfg, 2, ds, vocab_size=vocab)
+    need = 3 * disk.total + 2 * disk.adapter
+    asked = []
+    usage = namedtuple("usage", "total used free")
+
+    def free(n):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: asked.append(Path(p)) or usage(10 ** 15, 0, n))
+
+    free(int(need * 1.06))
+    trainer.check_disk_space(cfg, ds, 2, vocab, out)
+    assert asked[-1] == tmp_path
+    free(need)
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        trainer.check_disk_space(cfg, ds, 2, vocab, out)
+    message = str(refused.value)
+    assert f"output_dir {str(out)!r}" in message and "3 checkpoint(s)" in message and "5 save(s)" in message
+    trainer.check_disk_space(cfg, ds, 2, vocab, out, resume=True)  # the kept checkpoints are on disk already

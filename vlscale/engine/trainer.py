@@ -202,6 +202,46 @@ def _truncate_logs(out: Path, step: int) -> None:
         _write_json(metrics, [m for m in json.loads(metrics.read_text()) if m["step"] <= step])
 
 
+DISK_MARGIN = 1.05  # over the predicted checkpoint bytes (files within 3 % of the prediction)
+
+
+def check_disk_space(cfg: RunConfig, ds_config: dict, world_size: int, vocab_size: int, out: Path,
+                     resume: bool = False) -> None:
+    """Refuse a run whose output_dir cannot hold its checkpoints, which would otherwise fail at its
+    first save, possibly hours in. The need is the memory profiler's (``analytic.checkpoint_bytes``,
+    as ``launchers/profile_memory.py`` prints it): up to ``kept + 1`` checkpoints at once (fewer when
+    the run saves fewer times), or on ``--resume`` the one written next (and the universal copy when it
+    resumes on another number of ranks), and ``adapter/`` twice while it is replaced."""
+    import shutil
+
+    from vlscale.profiling.analytic import estimate_checkpoint, fmt_bytes
+
+    disk = estimate_checkpoint(cfg, world_size, ds_config, vocab_size=vocab_size)
+    t = cfg.train
+    saves = 1 + ((t.max_steps - 1) // t.save_every if t.save_every else 0)
+    if resume:
+        converting = zero_stage(ds_config) > 0 and ckpt.needs_universal(out, world_size)
+        need = disk.total + (disk.universal if converting else 0)
+        what = f"the next checkpoint {fmt_bytes(disk.total)}" + (
+            f" and the universal copy a resume on another number of ranks converts it to, {fmt_bytes(disk.universal)}"
+            if converting else "")
+    else:
+        held = min(saves, disk.kept + 1)
+        need = held * disk.total
+        what = f"{held} checkpoint(s) of {fmt_bytes(disk.total)} at once ({saves} save(s), {disk.kept} kept + the one written)"
+    need += 2 * disk.adapter
+    root = out
+    while not root.exists() and root != root.parent:
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    if free < need * DISK_MARGIN:
+        raise ckpt.CheckpointError(
+            f"output_dir {str(out)!r}: {fmt_bytes(free)} free on its file system, and this run needs about "
+            f"{fmt_bytes(need)} there: {what}, and adapter/ ({fmt_bytes(disk.adapter)}) twice while it is replaced "
+            f"(launchers/profile_memory.py prints the same). Free space, choose another output_dir, or save less "
+            f"often (train.save_every)")
+
+
 def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool = False,
               show_progress: bool = True) -> Run:
     import deepspeed
@@ -228,6 +268,15 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     dtype = DTYPES[cfg.train.precision]
     tokenizer = build_tokenizer(cfg)
+    error = None
+    if dist.is_main:
+        try:
+            check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume)
+        except ckpt.CheckpointError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ckpt.CheckpointError(error)
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
     if resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size):
         # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
