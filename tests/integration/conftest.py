@@ -223,6 +223,15 @@ class RunCache:
                 proc.wait()
 
 
+def assert_checkpoint_as_predicted(disk, tensors: list[int], files: list[int]) -> None:
+    """What each rank wrote into a checkpoint against the profiler's prediction (``disk``, an
+    ``analytic.CheckpointEstimate``; launchers/profile_memory.py's "disk" line): the tensors exactly,
+    the files (headers, client state: estimated) within 5%."""
+    assert tensors == disk.tensor_bytes
+    for r, (p, m) in enumerate(zip(disk.file_bytes, files, strict=True)):
+        assert abs(p - m) <= 0.05 * m, f"rank {r}: predicted {p} B on disk, written {m} B"
+
+
 _THIS = sys.modules[__name__]  # taken now: pytest imports every conftest.py as "conftest" (the last one wins)
 preloaded = None  # the session's PreloadedServer, set by the h fixture
 

@@ -196,7 +196,7 @@ def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(int
         assert params == trainable, name
     saved = json.loads((out / "checkpoints" / f"step{step}" / "client_state_rank0.json").read_text())["frozen"]
     assert saved and set(saved) <= frozen
-    disk = assert_disk_as_predicted(out / "checkpoints" / f"step{step}", out, 2)
+    disk = assert_disk_as_predicted(out / "checkpoints" / f"step{step}", out, 2, h)
     # the universal copy a resume on another number of ranks converts it to first, as predicted (5%)
     copy = tmp_path / "checkpoints"
     shutil.copytree(out / "checkpoints", copy)
@@ -205,16 +205,13 @@ def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(int
     assert abs(disk.universal - written) <= 0.05 * written, (disk.universal, written)
 
 
-def assert_disk_as_predicted(step_dir, out, world):
-    """What each rank wrote is what launchers/profile_memory.py's "disk" line predicts: the tensors
-    exactly, the files within 5%."""
+def assert_disk_as_predicted(step_dir, out, world, h):
+    """What each rank wrote is what launchers/profile_memory.py's "disk" line predicts (-> the prediction)."""
     cfg = load_config(str(out / "run_config.yaml"))
     disk = estimate_checkpoint(cfg, world, resolve_ds_config(cfg, world, None, device_type="cpu"),
                                vocab_size=cfg_vocab(out))
     written = ckpt.written_bytes(step_dir)
-    assert written["tensors"] == disk.tensor_bytes
-    for r, (p, m) in enumerate(zip(disk.file_bytes, written["files"], strict=True)):
-        assert abs(p - m) <= 0.05 * m, f"rank {r}: predicted {p} B, written {m} B"
+    h.assert_checkpoint_as_predicted(disk, written["tensors"], written["files"])
     return disk
 
 
@@ -237,7 +234,7 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
     size = sum(f.stat().st_size for f in (stopped / "checkpoints" / "step2").iterdir())
     backbone_bytes = (backbone / "model.safetensors").stat().st_size
     assert size < backbone_bytes, f"checkpoint {size} B vs the frozen backbone's file {backbone_bytes} B"
-    assert_disk_as_predicted(stopped / "checkpoints" / "step2", stopped, 1)
+    assert_disk_as_predicted(stopped / "checkpoints" / "step2", stopped, 1, h)
 
     # change one frozen tensor of the backbone's file: refused, naming it
     from safetensors.torch import load_file, save_file

@@ -44,6 +44,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_flatten
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -503,20 +504,9 @@ def written_bytes(ckpt_dir) -> dict[str, list[int]]:
             rank = 0
         files[rank] += f.stat().st_size
         if f.suffix == ".pt":
-            state = _safe_load(torch.load, f, map_location="cpu")
-            tensors[rank] += sum(t.numel() * t.element_size() for t in _tensors_in(state))
+            leaves, _ = tree_flatten(_safe_load(torch.load, f, map_location="cpu"))
+            tensors[rank] += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
     return {"files": files, "tensors": tensors}
-
-
-def _tensors_in(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v)
 
 
 def saved_world_size(ckpt_dir) -> int:

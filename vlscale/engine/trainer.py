@@ -206,12 +206,12 @@ DISK_MARGIN = 1.05  # over the predicted checkpoint bytes (files within 3 % of t
 
 
 def check_disk_space(cfg: RunConfig, ds_config: dict, world_size: int, vocab_size: int, out: Path,
-                     resume: bool = False) -> None:
+                     resume: bool = False, universal: bool = False) -> None:
     """Refuse a run whose output_dir cannot hold its checkpoints, which would otherwise fail at its
     first save, possibly hours in. The need is the memory profiler's (``analytic.checkpoint_bytes``,
     as ``launchers/profile_memory.py`` prints it): up to ``kept + 1`` checkpoints at once (fewer when
     the run saves fewer times), or on ``--resume`` the one written next (and the universal copy when it
-    resumes on another number of ranks), and ``adapter/`` twice while it is replaced."""
+    resumes on another number of ranks: ``universal``), and ``adapter/`` twice while it is replaced."""
     import shutil
 
     from vlscale.profiling.analytic import estimate_checkpoint, fmt_bytes
@@ -220,11 +220,10 @@ def check_disk_space(cfg: RunConfig, ds_config: dict, world_size: int, vocab_siz
     t = cfg.train
     saves = 1 + ((t.max_steps - 1) // t.save_every if t.save_every else 0)
     if resume:
-        converting = zero_stage(ds_config) > 0 and ckpt.needs_universal(out, world_size)
-        need = disk.total + (disk.universal if converting else 0)
+        need = disk.total + (disk.universal if universal else 0)
         what = f"the next checkpoint {fmt_bytes(disk.total)}" + (
             f" and the universal copy a resume on another number of ranks converts it to, {fmt_bytes(disk.universal)}"
-            if converting else "")
+            if universal else "")
     else:
         held = min(saves, disk.kept + 1)
         need = held * disk.total
@@ -250,12 +249,16 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from vlscale.data import build_tokenizer, build_train_loader
 
     out = Path(cfg.output_dir)
+    tokenizer = build_tokenizer(cfg)
+    # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
+    universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
     error = None
     if dist.is_main:
         try:
             ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]))
             if resume and (out / "run_config.yaml").exists():
                 _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
+            check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
         except (ckpt.CheckpointError, ValueError) as e:
             error = str(e)
     error = broadcast_object(error)
@@ -267,19 +270,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         import transformers
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     dtype = DTYPES[cfg.train.precision]
-    tokenizer = build_tokenizer(cfg)
-    error = None
-    if dist.is_main:
-        try:
-            check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume)
-        except ckpt.CheckpointError as e:
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise ckpt.CheckpointError(error)
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
-    if resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size):
-        # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
+    if universal:
         ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config,

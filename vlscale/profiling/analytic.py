@@ -1084,22 +1084,19 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
     tr = [n for n, t in zip(inv.names, inv.trainable) if t]
     module = inv.n_trainable * b if z.stage < 3 else 0
     module += inv.buffer_bytes(b)
-    module_entries = len(tr) + len(inv.buffers)
+    module_file = module + _FILE_OVERHEAD + (len(tr) + len(inv.buffers)) * _MODULE_ENTRY[z.stage]
+    opt_file = opt + _FILE_OVERHEAD
+    if z.stage == 0:  # the optimizer state is in rank 0's module file, per parameter
+        opt_file = opt + len(tr) * (3 if precision == "fp32" else 4) * _OPTIMIZER_ENTRY
     fingerprint = sum(len(n) + _FINGERPRINT_ENTRY for n, t in zip(inv.names, inv.trainable) if not t)
     client = _CLIENT_STATE + fingerprint
     tensors, files = [], []
     for r in range(W):
-        if z.stage == 0:  # one file on rank 0: module and optimizer
-            t = module + opt if r == 0 else 0
-            entries = (module_entries + len(tr) * (3 if precision == "fp32" else 4)) if r == 0 else 0
-            f = (_FILE_OVERHEAD + module_entries * _MODULE_ENTRY[0]
-                 + (entries - module_entries) * _OPTIMIZER_ENTRY) if r == 0 else 0
-        else:  # an optimizer partition per rank; the module state on rank 0 (stage 1/2) or every rank
-            has_module = z.stage == 3 or r == 0
-            t = opt + (module if has_module else 0)
-            f = _FILE_OVERHEAD + (_FILE_OVERHEAD + module_entries * _MODULE_ENTRY[z.stage] if has_module else 0)
-        tensors.append(t)
-        files.append(t + f + client)
+        # stage 0: one file on rank 0; else an optimizer partition per rank, the module state on rank 0
+        # (stage 1/2) or on every rank (stage 3)
+        has_module, has_opt = (r == 0, r == 0) if z.stage == 0 else (z.stage == 3 or r == 0, True)
+        tensors.append(has_module * module + has_opt * opt)
+        files.append(has_module * module_file + has_opt * opt_file + client)
     adapter = inv.n_trainable * b + 2 * _FILE_OVERHEAD + len(tr) * _ADAPTER_ENTRY  # safetensors + its JSON
     # DeepSpeed's universal format: per trainable parameter, full-shape fp32 weights and both moments in
     # a file each (stage 1/2 also a step count each, and the buffers' fp32 copies); the module-state
@@ -1109,9 +1106,9 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
         universal = 12 * inv.n_trainable + 3 * len(tr) * _UNIVERSAL_FILE
         if z.stage < 3:
             universal += len(tr) * (_UNIVERSAL_FILE + 4) + len(inv.buffers) * _UNIVERSAL_FILE + inv.buffer_bytes(4)
-            universal += files[0] - client - opt - _FILE_OVERHEAD  # rank 0's module-state file
+            universal += module_file
         else:
-            universal += W * (files[0] - client - opt - _FILE_OVERHEAD) + opt + _FILE_OVERHEAD
+            universal += W * module_file + opt_file
     return CheckpointEstimate(tensors, files, adapter, universal)
 
 
