@@ -1,6 +1,6 @@
 """Evaluate a trained adapter on a split: batched generation, predictions, scores.
 
-    python launchers/evaluate.py --adapter runs/default/adapter [--split val|test] [--out DIR] [key=value ...]
+    python launchers/evaluate.py --adapter runs/default/adapter [--split val|test|STEM] [--out DIR] [key=value ...]
     torchrun --nproc_per_node N launchers/evaluate.py --adapter ...   (data-parallel replicas)
 
 Rebuilds the model from the adapter's ``adapter_config.json`` (the whole run config; random-weight
@@ -30,7 +30,9 @@ MODEL_SECTIONS = ("model", "peft")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="an adapter/ directory written by launchers/train.py")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val",
+                   help="train, val or test; with real data also any file stem (docs/datasets.md: "
+                        "--split minival reads vqa/minival.json)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
     p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
     p.add_argument("--no-progress", action="store_true")

@@ -83,14 +83,15 @@ def refused_before_start(cfg, resume: bool) -> str | None:
 
 
 def user_errors() -> tuple:
-    """Errors that say what to change in the run's input (a config value, the DeepSpeed file, the
-    output_dir, the checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
+    """Errors that say what to change in the run's input (a config value, a data file, the DeepSpeed
+    file, the output_dir, the checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
     from vlscale.config import ConfigError
+    from vlscale.data.real import DataError
     from vlscale.engine.checkpoint import CheckpointError
     from vlscale.engine.deepspeed_config import DeepSpeedConfigError
     from vlscale.engine.trainer import NonFiniteLoss
 
-    return ConfigError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
+    return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
 
 
 def main(argv=None) -> int:

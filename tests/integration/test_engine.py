@@ -7,6 +7,7 @@ text-only baseline. Shared runs come from conftest.RUN_SPECS.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -322,6 +323,11 @@ def test_load_adapter_is_strict(tmp_path, runs, h):
         ckpt.load_adapter(model, adapter)
     with pytest.raises(ckpt.CheckpointError, match="adapter_config.json is missing"):
         ckpt.load_adapter(model, tmp_path)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(adapter, corrupt)
+    (corrupt / ckpt.ADAPTER_WEIGHTS).write_bytes(b"\x08")
+    with pytest.raises(ckpt.CheckpointError, match=rf"{ckpt.ADAPTER_WEIGHTS}: not a readable safetensors file"):
+        ckpt.load_adapter(model, corrupt)
 
 
 # ----------------------------------------------------------------------------- evaluate.py
@@ -350,6 +356,16 @@ def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, caps
         else:
             assert h.read_json(run / "eval_test" / "eval_metrics.json") == report
     assert "test scores (step 6" in runs.procs["single_2r"].stdout
+    # real data: any split name is a file stem (docs/datasets.md), here vqa/minival.json
+    root = tmp_path / "data"
+    for task in ("vqa", "coco"):
+        shutil.copytree(h.ROOT / "tests/fixtures/real_data" / task, root / task)
+    (root / "vqa" / "karpathy_val.json").rename(root / "vqa" / "minival.json")
+    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", "minival", "--tasks", "vqa",
+                                      "--out", str(tmp_path / "minival"), "--no-progress", "data.source=real",
+                                      f"data.root={root}"]) == 0
+    mine = (tmp_path / "minival" / "predictions" / "vqa.jsonl").read_text().splitlines()
+    assert len(mine) == len(json.loads((root / "vqa" / "minival.json").read_text()))
 
 
 # ----------------------------------------------------------------------------- failures
@@ -382,6 +398,16 @@ def test_input_errors_are_their_message_without_a_traceback(tmp_path, h):
     assert proc.returncode == 1
     assert f"output_dir {str(blocker / 'run')!r} cannot be created" in proc.stdout
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    # a validation file missing: refused at start-up, not after the training it would end
+    root = tmp_path / "data"
+    shutil.copytree(h.ROOT / "tests/fixtures/real_data/gqa", root / "gqa")
+    (root / "gqa" / "valid.json").unlink()
+    proc = h.launch([*h.TINY, "data.source=real", f"data.root={root}", "data.tasks=[gqa]",
+                     f"output_dir={tmp_path / 'noval'}"], check=False)
+    assert proc.returncode == 1
+    assert re.search(r"DataFileNotFound: gqa val annotations: .*valid\.json", proc.stdout), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert not (tmp_path / "noval" / "train_log.jsonl").exists()
 
 
 def test_a_dead_rank_makes_the_other_exit(tmp_path, h):

@@ -85,10 +85,64 @@ def test_video_frames_masked_and_limited():
     batch = _batch(cfg, task="tvqa", frames=6)
     embeds, mask = model.encoder_inputs(batch)
     assert embeds.shape[1] == 6 + 5
-    assert mask[0, 3:6].sum() == 0 and mask[1, :6].sum() == 6
+    # example 0 has 3 frames: its 3 padding slots are masked and moved behind its 5 text tokens
+    assert mask[0].tolist() == [1] * 8 + [0] * 3 and mask[1].sum() == 11
+    text = model.lm.get_encoder().embed_tokens(batch["input_ids"])
+    torch.testing.assert_close(embeds[0, 3:8], text[0])
     assert torch.isfinite(model(batch).loss)
     with pytest.raises(ValueError, match="max_frames"):
         model(_batch(cfg, task="tvqa", frames=9))
+
+
+@pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
+def test_a_videos_output_does_not_depend_on_its_batch(backbone):
+    """A 3-frame video with 4 text tokens gives the same logits and generation alone as beside a
+    7-frame video with 6 text tokens (its frame positions and its text's positions are its own)."""
+    cfg = _cfg(f"model.backbone={backbone}", "model.vision=tiny-clip-vit", "model.max_frames=8",
+               tasks="[tvqa,tvc]")
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    g = torch.Generator().manual_seed(1)
+    dim = vision_dims("tiny-clip-vit")["embed_dim"]
+    feats = torch.randn(2, 1, 7, dim, generator=g)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=g)
+    text_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    vis_mask = torch.tensor([[[1, 1, 1, 0, 0, 0, 0]], [[1] * 7]])
+    labels = torch.randint(3, VOCAB, (2, 4), generator=g)
+    pair = {"task": "tvqa", "input_ids": ids, "attention_mask": text_mask, "labels": labels,
+            "vis_feats": feats * vis_mask[..., None], "vis_mask": vis_mask}
+    alone = {"task": "tvqa", "input_ids": ids[:1, :4], "attention_mask": text_mask[:1, :4],
+             "labels": labels[:1], "vis_feats": feats[:1, :, :3], "vis_mask": vis_mask[:1, :, :3]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(pair).logits[:1], model(alone).logits, atol=1e-5, rtol=1e-5)
+    gen = {"max_new_tokens": 4, "num_beams": 1, "do_sample": False}
+    assert model.generate(pair, **gen)[0].tolist()[:model.generate(alone, **gen).shape[1]] == \
+        model.generate(alone, **gen)[0].tolist()
+
+
+def test_frame_features_of_another_width_are_named():
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.feature_source=cache", tasks="[tvqa]")
+    model = build_model(cfg, vocab_size=VOCAB)
+    batch = _batch(cfg, task="tvqa", frames=4)
+    batch["vis_feats"] = torch.randn(3, 1, 4, model.feat_dim + 3)
+    with pytest.raises(ValueError, match=rf"frame features are {model.feat_dim + 3}-d; tiny-clip-vit gives "
+                                         rf"{model.feat_dim}-d"):
+        model(batch)
+
+
+def test_an_input_longer_than_barts_positions_is_refused_at_build():
+    from vlscale.config import ConfigError
+
+    video = ("model.backbone=tiny-bart", "model.vision=tiny-clip-vit", "model.max_frames=64")
+    assert lm_config("tiny-bart").max_position_embeddings == 256
+    build_model(_cfg(*video, "data.max_input_length=192", tasks="[tvqa]"), device="meta")  # 64 + 192 fit
+    with pytest.raises(ConfigError, match=r"264 tokens long \(model.max_frames=64 frames \+ data.max_input_length"
+                                          r"=200\), more than tiny-bart's 256 positions"):
+        build_model(_cfg(*video, "data.max_input_length=200", tasks="[tvqa]"), device="meta")
+    with pytest.raises(ConfigError, match=r"2 x 16 visual tokens .* \+ peft.n_prompts=40 .* more than"):
+        build_model(_cfg("model.backbone=tiny-bart", "peft.method=prompt", "data.max_input_length=190"),
+                    device="meta")
+    build_model(_cfg("model.backbone=tiny-t5", "data.max_input_length=1000"), device="meta")  # relative positions
 
 
 def test_wrong_feature_shape_is_named():

@@ -199,6 +199,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
     Returns the adapter's config dict.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -206,7 +207,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
     named = dict(trainable_parameters(model))
     missing = sorted(set(named) - set(state))
     unexpected = sorted(set(state) - set(named))

@@ -259,12 +259,15 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             if resume and (out / "run_config.yaml").exists():
                 _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
+            check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
-            error = str(e)
+            error = e
     error = broadcast_object(error)
     if error:
-        raise ckpt.CheckpointError(error)
+        raise error  # on every rank, as the class it is (ConfigError, DataError, CheckpointError...)
     check_nvme_support(ds_config)
+    # the training data before the model: a bad file or id fails here, not after minutes of loading
+    loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
 
     if not show_progress:
         import transformers
@@ -280,7 +283,6 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     undo_initial_step(engine)
     scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
                   and not engine_scales_fp16_loss(engine))
-    loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device))
     if resume:
@@ -434,6 +436,24 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
             if record.get(key) is not None:
                 run.writer.add_scalar(f"train/{key}", record[key], run.step)
         run.writer.add_scalar(f"train/loss_{task}", loss, run.step)
+
+
+def check_eval_data(cfg: RunConfig) -> None:
+    """Every task's validation split (and test split with ``train.test_eval``) loads, holds examples,
+    and has a visual source, before training: a missing or empty file would otherwise show at the first
+    evaluation, possibly at the end of the run. The synthetic world's images cannot be missing."""
+    from vlscale.data import build_visual_source, load_examples
+    from vlscale.data.real import DataError
+
+    if cfg.data.source == "synthetic" and cfg.model.feature_source == "images":
+        return
+    for split in ("val", "test") if cfg.train.test_eval else ("val",):
+        for task in cfg.data.tasks:
+            if not load_examples(cfg, task, split)[:cfg.train.eval_max_examples]:
+                raise DataError(f"{task}/{split}: no examples to evaluate (data.source={cfg.data.source}); "
+                                "every task is evaluated on its val split" +
+                                (" and, with train.test_eval=true, its test split" if cfg.train.test_eval else ""))
+            build_visual_source(cfg, task, split)
 
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:

@@ -36,8 +36,14 @@ def grid_boxes(side: int) -> torch.Tensor:
     return torch.stack([x1, y1, x1 + w, y1 + w, w * w], dim=-1)
 
 
-def frame_boxes(n_frames: int) -> torch.Tensor:
-    """(F, 5) positions of F frames along time: (t0, 0, t1, 1, duration)."""
-    t = torch.arange(n_frames, dtype=torch.float32) / max(n_frames, 1)
-    d = torch.full_like(t, 1.0 / max(n_frames, 1))
-    return torch.stack([t, torch.zeros_like(t), t + d, torch.ones_like(t), d], dim=-1)
+def frame_boxes(n_frames: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(F, 5) positions of F frames along time: (t0, 0, t1, 1, duration).
+
+    With ``lengths`` (B,), each video's frames are placed along its own length: (B, F, 5), so a
+    video's positions do not depend on the longest video of its batch (slots past a video's length,
+    its padding, get positions past 1 and are masked)."""
+    n = torch.tensor([[float(max(n_frames, 1))]]) if lengths is None else lengths.float().clamp(min=1)[:, None]
+    t = torch.arange(n_frames, dtype=torch.float32, device=n.device) / n
+    d = (1.0 / n).expand_as(t)
+    out = torch.stack([t, torch.zeros_like(t), t + d, torch.ones_like(t), d], dim=-1)
+    return out[0] if lengths is None else out

@@ -4,7 +4,8 @@
 
 Visual tokens: images give the CLIP grid adaptive-max-pooled to pool_size^2 tokens (RN101: 6x6 =
 36) or ViT patch tokens, one block per image with an image-order embedding (NLVR2: two images);
-videos give one token per frame (CLIP image embedding, up to 64 frames, padded frames masked).
+videos give one token per frame (CLIP image embedding, up to 64 frames; a shorter video's padding slots are
+masked and moved behind its text, so an example's output does not depend on its batch).
 Every task is text generation: ``forward`` returns the LM's output with the cross-entropy loss,
 ``generate`` decodes. The batch's task selects the per-task PEFT modules.
 """
@@ -42,6 +43,33 @@ class VLModel(nn.Module):
         self.projector = VisualProjector(self.feat_dim, self.d_model, n_images=2).to(
             device=param.device, dtype=param.dtype)
         self.peft = apply_peft(lm, cfg.peft, list(cfg.data.tasks))
+        self._check_positions()
+
+    def _check_positions(self) -> None:
+        """Learned absolute positions (BART) bound the encoder's input: prompts + visual tokens + text.
+        Refused here, naming the settings, instead of an index error inside the LM's first forward."""
+        from vlscale.config import ConfigError
+        from vlscale.data.tasks import get_task
+
+        limit = getattr(self.lm.config, "max_position_embeddings", None)
+        if not limit:
+            return  # T5: relative positions
+        m, d, p = self.cfg.model, self.cfg.data, self.cfg.peft
+        prompts = p.n_prompts if (p.method == "prompt" or p.extra_prompts) else 0
+        images = max(get_task(t).n_images for t in d.tasks)
+        visual = images * self.visual_tokens_per_image
+        need = prompts + visual + d.max_input_length
+        what = (f"model.max_frames={m.max_frames} frames" if self.video else
+                f"{images} x {self.visual_tokens_per_image} visual tokens (model.pool_size={m.pool_size})")
+        if need > limit:
+            raise ConfigError(
+                f"the encoder's input can be {need} tokens long ({what}"
+                + (f" + peft.n_prompts={prompts}" if prompts else "") + f" + data.max_input_length="
+                f"{d.max_input_length}), more than {m.backbone}'s {limit} positions "
+                "(max_position_embeddings); lower one of them")
+        if d.max_target_length + 1 > limit:
+            raise ConfigError(f"data.max_target_length={d.max_target_length} (+1 for the start token) exceeds "
+                              f"{m.backbone}'s {limit} positions (max_position_embeddings)")
 
     # ------------------------------------------------------------------ visual side
     @property
@@ -71,10 +99,15 @@ class VLModel(nn.Module):
         if self.video:
             if feats.dim() == 3:
                 feats = feats[:, None]
-            b, n, f, _ = feats.shape
+            b, n, f, d = feats.shape
             if f > self.cfg.model.max_frames:
                 raise ValueError(f"video has {f} frames; model.max_frames={self.cfg.model.max_frames}")
-            boxes = frame_boxes(f)
+            if d != self.feat_dim:
+                raise ValueError(f"frame features are {d}-d; {self.cfg.model.vision} gives {self.feat_dim}-d "
+                                 "image embeddings (frame features of another model?)")
+            mask = batch.get("vis_mask")
+            lengths = mask.reshape(b * n, f).sum(1) if mask is not None else torch.full((b * n,), f)
+            boxes = frame_boxes(f, lengths.to(feats.device)).reshape(b, n, f, 5)
         else:
             b, n, t, d = feats.shape
             if t != self.grid_side ** 2:
@@ -86,7 +119,8 @@ class VLModel(nn.Module):
                 feats = pool_grid(feats.reshape(b * n, t, d), self.grid_side, self.pool_size).reshape(b, n, -1, d)
             boxes = grid_boxes(self.pool_size if self.is_resnet else self.grid_side)
         v = feats.shape[2]
-        boxes = boxes.to(feats.device)[None, None].expand(b, n, v, 5)
+        if boxes.dim() == 2:
+            boxes = boxes.to(feats.device)[None, None].expand(b, n, v, 5)
         embeds = self.projector(feats, boxes, torch.arange(n, device=feats.device))
         mask = batch.get("vis_mask")
         if mask is None:
@@ -105,7 +139,15 @@ class VLModel(nn.Module):
             masks.insert(0, torch.ones(prompts.shape[:2], dtype=torch.long, device=text.device))
         parts.append(text)
         masks.append(batch["attention_mask"].to(torch.long))
-        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        embeds, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        if batch.get("vis_mask") is not None:
+            # Videos of a batch differ in length: move each example's padded frame slots behind its
+            # text, so its tokens' positions (BART's absolute, T5's relative) do not depend on the
+            # longest video of the batch. A stable sort keeps the order of the unmasked tokens.
+            order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+            embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+            mask = mask.gather(1, order)
+        return embeds, mask
 
     def forward(self, batch: dict):
         self.peft.set_task(batch["task"])
