@@ -6,11 +6,16 @@
 
 Images give the raw grid of the RN's last conv stage (RN101 at 224 px: 49 x 2048) or a ViT's
 patch tokens; videos (``--video``) give one CLIP image embedding per frame (F, E). Sources:
-``--images DIR`` (ids = file names without suffix; with ``--video`` each sub-folder is a video of
-frame images), ``--synthetic`` (every split of the config's tasks in the synthetic world; video
-tasks switch ``--video`` on), ``--hf-dataset`` (a HF ``datasets`` dataset by name or a
-``save_to_disk`` folder; ids from ``--id-column`` or the row number). Resumable: ids already in
-``--out`` are skipped; shards are written atomically. Format: see vlscale/data/features.py.
+``--images DIR`` (ids = file names without suffix, so ``x.jpg`` and ``x.png`` in one folder are
+refused; with ``--video`` each sub-folder is a video of frame images), ``--synthetic`` (every split
+of the config's tasks in the synthetic world, recorded in the cache with the seed and image size
+that decide its images; video tasks switch ``--video`` on), ``--hf-dataset`` (a HF ``datasets``
+dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's
+``data.hf_dataset`` path names them: ``<split>/<row>``, or the ``--id-column`` naming each row's
+image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once). Resumable:
+ids already in ``--out`` are skipped; shards are written atomically. Bad input (an unreadable
+image, a cache made with other settings) ends with one line naming the file. Format: see
+vlscale/data/features.py.
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic)")
     ap.add_argument("--image-column", default=None, help="--hf-dataset: the image column")
-    ap.add_argument("--id-column", default=None, help="--hf-dataset: the id column (default: row number)")
-    ap.add_argument("--split", default="train", help="--hf-dataset: which split (default train)")
+    ap.add_argument("--id-column", default=None,
+                    help="--hf-dataset: the column naming each row's image, as data.hf_columns.image_id (rows "
+                         "sharing an id share one image, extracted once; default: <split>/<row>, as training)")
+    ap.add_argument("--split", default="train", help="--hf-dataset: which split, train / val / test or the "
+                                                      "dataset's own name (validation, ...); default train")
     ap.add_argument("--pattern", default=None, help="--images: file name pattern with {id} (default: any image)")
     ap.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed when present)")
     ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
@@ -53,24 +61,38 @@ def parse_args(argv=None):
         ap.error("--hf-dataset needs --image-column")
     if not args.synthetic and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
+    for flag in ("batch_size", "shard_size"):
+        if getattr(args, flag) <= 0:
+            ap.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     return args
 
 
 def image_folder_jobs(args):
     """[(source, ids, video)] for --images DIR."""
+    from vlscale.data.real import DataError
     from vlscale.data.visual import IMAGE_SUFFIXES, ImageFolder
 
     if not args.images.is_dir():
         raise SystemExit(f"--images {args.images}: no such folder")
     if args.video:
         source = ImageFolder(args.images, args.pattern or "{id}", video=True)
+        if not source.ids():
+            raise DataError(f"--images {args.images} --video: no sub-folders (one per video, of frame images)")
         return [(source, source.ids(), True)]
     if args.pattern:
         source = ImageFolder(args.images, args.pattern)
+        if not source.ids():
+            raise DataError(f"--images {args.images}: no files match --pattern {args.pattern!r}")
         return [(source, source.ids(), False)]
-    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise SystemExit(f"--images {args.images}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    by_stem: dict = {}
+    for p in files:
+        if p.stem in by_stem:
+            raise DataError(f"--images {args.images}: {by_stem[p.stem].name} and {p.name} would both be id "
+                            f"{p.stem!r}; keep one of them (or choose with --pattern)")
+        by_stem[p.stem] = p
     by_suffix: dict = {}
     for p in files:
         by_suffix.setdefault(p.suffix, []).append(p.stem)
@@ -94,77 +116,77 @@ def synthetic_jobs(args, cfg):
     return jobs
 
 
-class _HFImages:
-    kind = "images"
-
-    def __init__(self, ds, column, ids):
-        self.ds, self.column, self.row = ds, column, {i: r for r, i in enumerate(ids)}
-
-    def __getitem__(self, image_id):
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        img = self.ds[self.row[image_id]][self.column]
-        if isinstance(img, dict):  # undecoded {"bytes", "path"}
-            img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
-        elif isinstance(img, str):
-            img = Image.open(img)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-    def __contains__(self, image_id):
-        return image_id in self.row
-
-
 def hf_jobs(args):
-    import datasets
+    """[(source, ids, video)] for --hf-dataset: the split training reads for ``--split``, with its ids."""
+    from vlscale.data.hf_dataset import SPLIT_NAMES, HFImageSource, open_hf_split
+    from vlscale.data.real import DataError
 
-    path = Path(args.hf_dataset)
     if args.video:
         raise SystemExit("--video is not supported with --hf-dataset (use --images DIR with frame folders)")
-    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(args.hf_dataset)
-    if isinstance(ds, datasets.DatasetDict):
-        if args.split not in ds:
-            raise SystemExit(f"--hf-dataset {args.hf_dataset}: no split {args.split!r}; splits: {list(ds)}")
-        ds = ds[args.split]
+    split = next((ours for ours, names in SPLIT_NAMES.items() if args.split in (ours, *names)), args.split)
+    ds, hf_split = open_hf_split(args.hf_dataset, split)
+    name = f"{args.hf_dataset}[{hf_split}]"
     for col in (args.image_column, args.id_column):
         if col and col not in ds.column_names:
-            raise SystemExit(f"--hf-dataset {args.hf_dataset}: no column {col!r}; columns: {ds.column_names}")
-    ids = [str(i) for i in ds[args.id_column]] if args.id_column else [str(i) for i in range(len(ds))]
-    if len(set(ids)) != len(ids):
-        raise SystemExit(f"--id-column {args.id_column!r} has duplicate ids")
-    return [(_HFImages(ds, args.image_column, ids), ids, False)]
+            raise DataError(f"--hf-dataset {name}: no column {col!r}; columns: {ds.column_names}")
+    if args.id_column:  # training's image_id role: rows sharing an image share its id, extracted once
+        locations: dict = {}
+        for row, value in enumerate(ds.select_columns([args.id_column])[args.id_column]):
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+                raise DataError(f"--hf-dataset {name}: row {row}: --id-column {args.id_column!r} must hold a "
+                                f"non-empty string or integer id, got {value!r:.60}")
+            locations.setdefault(str(value), (row, args.image_column))
+    else:  # the ids training gives rows without an image_id column
+        locations = {f"{split}/{row}": (row, args.image_column) for row in range(len(ds))}
+    base = Path(args.hf_dataset).expanduser()
+    source = HFImageSource(ds, locations, name, base if base.is_dir() else None)
+    return [(source, list(locations), False)]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config
     from vlscale.data.features import extract_features
-    from vlscale.modeling.vision import build_vision_encoder, image_transform
+    from vlscale.data.real import DataError
+    from vlscale.modeling.vision import build_vision_encoder, image_transform, vision_dims
 
-    pretrained = args.pretrained
+    pretrained, synthetic = args.pretrained, None
     if args.synthetic:
+        from vlscale.data.synthetic import content_params
+
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as e:
             raise SystemExit(f"config error: {e}") from None
         vision = args.vision or cfg.model.vision
         pretrained = pretrained if pretrained is not None else cfg.model.vision_pretrained
-        jobs = synthetic_jobs(args, cfg)
+        synthetic = content_params(cfg)
     else:
         vision = args.vision
-        jobs = image_folder_jobs(args) if args.images else hf_jobs(args)
-    encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
-    transform = image_transform(vision)
-    total = {"total": 0, "skipped": 0, "written": 0}
-    for source, ids, video in jobs:
-        stats = extract_features(encoder, transform, source, ids, args.out, vision=vision, pretrained=pretrained,
-                                 video=video or args.video, batch_size=args.batch_size, shard_size=args.shard_size,
-                                 dtype="float16" if args.fp16 else "float32", progress=not args.quiet,
-                                 device=args.device)
-        for k in total:
-            total[k] += stats[k]
+    try:
+        vision_dims(vision)
+    except KeyError as e:
+        raise SystemExit(f"--vision: {e.args[0]}") from None
+    try:
+        if args.synthetic:
+            jobs = synthetic_jobs(args, cfg)
+        else:
+            jobs = image_folder_jobs(args) if args.images else hf_jobs(args)
+        try:
+            encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--pretrained: {e}") from None
+        transform = image_transform(vision)
+        total = {"total": 0, "skipped": 0, "written": 0}
+        for source, ids, video in jobs:
+            stats = extract_features(encoder, transform, source, ids, args.out, vision=vision, pretrained=pretrained,
+                                     video=video or args.video, batch_size=args.batch_size,
+                                     shard_size=args.shard_size, dtype="float16" if args.fp16 else "float32",
+                                     progress=not args.quiet, device=args.device, synthetic=synthetic)
+            for k in total:
+                total[k] += stats[k]
+    except DataError as e:
+        raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
     print(f"feature cache {args.out}: {total['written']} written, {total['skipped']} already there, "
           f"{total['total']} ids in all. Train with: model.feature_source=cache data.feature_cache={args.out}")
     return 0

@@ -2,10 +2,13 @@
 
     python launchers/inspect_model.py --config paper/clip_bart_single_adapter [key=value ...] [--json]
 
-Builds the model on the ``meta`` device (no weights, no network, seconds even for t5-11b) and
-prints: the PEFT sites (which LM sublayer each method attaches to), parameter counts by group
-(trainable or frozen), and ``updated_pct`` = trainable / total without the vision encoder (the
-paper's convention when features are precomputed) beside ``updated_pct_with_vision``.
+Builds the model on the ``meta`` device (no weights, no network, seconds even for t5-11b) with the
+vocabulary the trainer gives it, the tokenizer's length, where the tokenizer loads offline (the
+synthetic world's ships with the package: tiny/mini backbones, ``model.tokenizer=synthetic``); else
+with the registry's vocabulary, and says so. It prints: the PEFT sites (which LM sublayer each
+method attaches to), parameter counts by group (trainable or frozen), and ``updated_pct`` =
+trainable / total without the vision encoder (the paper's convention when features are
+precomputed) beside ``updated_pct_with_vision``.
 """
 
 from __future__ import annotations
@@ -25,21 +28,43 @@ def numel(p) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
-def _vocab_size(cfg) -> int | None:
-    """Tokenizer length without loading a tokenizer: registry vocab + extra special tokens."""
-    from vlscale.modeling.backbones import is_tiny, lm_config
+def _offline_tokenizer(cfg) -> bool:
+    """Whether the run's tokenizer loads without the network: the synthetic world's, which ships with the
+    package (model.tokenizer=synthetic, or the default of tiny/mini backbones), or a local folder."""
+    from vlscale.modeling.backbones import is_tiny
 
-    if is_tiny(cfg.model.backbone):
-        return None
-    base = lm_config(cfg.model.backbone).vocab_size
-    return base + cfg.model.extra_special_tokens if cfg.model.extra_special_tokens else None
+    tok = cfg.model.tokenizer
+    if tok:
+        return tok == "synthetic" or Path(tok).is_dir()
+    return is_tiny(cfg.model.backbone) or bool(cfg.model.backbone_path and Path(cfg.model.backbone_path).is_dir())
+
+
+def _vocab_size(cfg) -> tuple[int | None, str]:
+    """(the vocabulary the model is built with, where it comes from). As the trainer: the tokenizer's
+    length, where the tokenizer loads offline; else the registry's vocabulary + extra special tokens."""
+    from vlscale.modeling.backbones import lm_config
+
+    why = "is not loaded offline"
+    if _offline_tokenizer(cfg):
+        from vlscale.data import build_tokenizer
+
+        try:
+            return len(build_tokenizer(cfg)), "the run's tokenizer"
+        except OSError as e:  # a local folder without usable tokenizer files
+            why = f"did not load: {e}"
+    base, extra = lm_config(cfg.model.backbone).vocab_size, cfg.model.extra_special_tokens
+    note = (f"the registry's {base:,}{f' + {extra} extra tokens' if extra else ''}; the tokenizer "
+            f"({cfg.model.tokenizer or cfg.model.backbone_path or cfg.model.backbone}) {why}, "
+            f"so a trained model's vocabulary may differ")
+    return (base + extra if extra else None), note
 
 
 def inspect(cfg) -> dict:
     from vlscale.modeling.vl_model import build_model
     from vlscale.peft.trainable import count_parameters, parameter_groups
 
-    model = build_model(cfg, vocab_size=_vocab_size(cfg), device="meta")
+    vocab_size, vocab_source = _vocab_size(cfg)
+    model = build_model(cfg, vocab_size=vocab_size, device="meta")
     counts = count_parameters(model)
     groups = {g: {"params": sum(numel(p) for _, p in ps),
                   "trainable": sum(numel(p) for _, p in ps if p.requires_grad)}
@@ -66,6 +91,7 @@ def inspect(cfg) -> dict:
         "peft_sharing": cfg.peft.sharing,
         "tasks": list(cfg.data.tasks),
         "vocab_size": model.lm.get_input_embeddings().num_embeddings,
+        "vocab_source": vocab_source,
         "peft_sites": sites,
         "placement": dict(placement),
         "groups": groups,
@@ -87,7 +113,8 @@ def print_report(r: dict) -> None:
     print(f"\n{'group':<40} {'params':>15} {'trainable':>15}")
     for k, v in sorted(r["groups"].items()):
         print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
-    print(f"\ntrainable {r['trainable']:,} / total {r['total']:,} "
+    print(f"\nvocabulary {r['vocab_size']:,} ({r['vocab_source']})")
+    print(f"trainable {r['trainable']:,} / total {r['total']:,} "
           f"(without the frozen CLIP {r['total_without_vision']:,})")
     print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
 

@@ -27,7 +27,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from vlscale.config import ConfigError, load_config  # noqa: E402
 
@@ -54,6 +55,25 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=15, help="plan options to print / plot")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_intermixed_args(argv)
+
+
+def check_args(args) -> str | None:
+    """What is wrong with the command line's own values (the run config is checked by load_config)."""
+    for flag, value in (("--world-size", args.world_size), ("--steps", args.steps), ("--top", args.top)):
+        if value < 1:
+            return f"{flag}={value} must be >= 1"
+    if args.write_config and not args.budget:
+        return (f"--write-config {args.write_config} writes the setting the planner picks for a memory budget; "
+                f"give --budget SIZE too (e.g. --budget 24GiB)")
+    return None
+
+
+def resolve_ds_file(path: str) -> str:
+    """As launchers/train.py: a relative path that does not exist from the working directory is tried from
+    the repo root."""
+    if not Path(path).exists() and not Path(path).is_absolute() and (ROOT / path).exists():
+        return str(ROOT / path)
+    return path
 
 
 def rel_errors(pred: dict, meas: dict) -> dict:
@@ -120,16 +140,32 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.world_size < 1:
-        print(f"error: --world-size={args.world_size} must be >= 1", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     import torch
 
+    from vlscale.engine.deepspeed_config import load_ds_file
     from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
                                             resolve_ds_config)
 
+    budget = headroom = None
+    if args.budget:  # before the prediction and any measured run
+        try:
+            budget = parse_size(args.budget)
+            headroom = parse_size(args.headroom) if args.headroom else None
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if budget <= 0:
+            print(f"error: --budget={args.budget!r} must be a positive size, e.g. 24GiB", file=sys.stderr)
+            return 2
     device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
     try:
+        if args.deepspeed is not None:  # refused as by launchers/train.py when missing or unreadable
+            args.deepspeed = resolve_ds_file(args.deepspeed)
+            load_ds_file(args.deepspeed)
         ds = resolve_ds_config(cfg, args.world_size, args.deepspeed, device_type=device)
         est = estimate_memory(cfg, args.world_size, ds, device=device)
     except (ValueError, FileNotFoundError) as e:
@@ -158,12 +194,6 @@ def main(argv=None) -> int:
     if args.budget:
         from vlscale.profiling.planner import format_table, plan, write_ds_config
 
-        try:
-            budget = parse_size(args.budget)
-            headroom = parse_size(args.headroom) if args.headroom else None
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device)
         out["plan"] = [o.to_dict() for o in options[: args.top]]
         out["budget"] = budget

@@ -3,15 +3,19 @@
 A run is described by one :class:`RunConfig` with four sections (``model``, ``peft``, ``data``,
 ``train``) and a few top-level keys. Presets are YAML files shipped in ``vlscale/configs`` and are
 selected by name (``paper/clip_bart_single_adapter``) or by path. A preset may name another with
-``base:``; its keys are merged on top. Overrides use dotted keys (``train.max_steps=10``); values
-are parsed as YAML scalars/lists. Unknown keys and bad values raise :class:`ConfigError` naming the
-key and the valid choices.
+``base:`` (a path, relative to the naming file's folder, or a preset name); its keys are merged on top.
+Overrides use dotted keys (``train.max_steps=10``); values are parsed as YAML scalars/lists. Unknown
+keys and bad values raise :class:`ConfigError` naming the key and the valid choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import importlib.util
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +51,35 @@ def _check_positive(section: str, name: str, value, allow_zero: bool = False) ->
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _did_you_mean(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def registry_backbones() -> tuple[str, ...]:
+    """Every name ``model.backbone`` may take (``vlscale.modeling.backbones``, importable without torch):
+    hub ids, tiny/mini names and the short forms (``t5-small``). Even with model.backbone_path the
+    architecture comes from the registry."""
+    from vlscale.modeling.backbones import LM_REGISTRY
+
+    return tuple(sorted(set(LM_REGISTRY) | {n.split("/")[-1] for n in LM_REGISTRY}))
+
+
+@functools.lru_cache(maxsize=None)
+def registry_visions() -> tuple[str, ...]:
+    """Every model config name open_clip builds offline (``vlscale.modeling.vision.clip_config``): the
+    configs open_clip ships and those in ``vlscale/registry/open_clip``, found without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return ()  # open_clip missing: building the model says so
+    folders = [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    folders.append(Path(__file__).parent / "registry" / "open_clip")
+    return tuple(sorted({f.stem for folder in folders for f in folder.glob("*.json")}))
+
+
+CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names that load from elsewhere
+
+
 @dataclass
 class ModelConfig:
     """The V&L model: CLIP visual encoder, visual projection, encoder-decoder language model."""
@@ -76,6 +109,18 @@ class ModelConfig:
     """Override the backbone's dropout rate; ``None`` keeps the config's value."""
 
     def __post_init__(self):
+        backbones = registry_backbones()
+        if self.backbone not in backbones:
+            short = [b for b in backbones if "/" not in b]
+            raise ConfigError(f"model.backbone={self.backbone!r} is not in the registry; "
+                              f"{_did_you_mean(self.backbone, backbones)}valid: {short} or their hub ids "
+                              f"(weights from elsewhere: one of these plus model.backbone_path)")
+        visions = registry_visions()
+        if visions and self.vision not in visions and not self.vision.startswith(CLIP_SCHEMAS):
+            shown = [v for v in visions if re.fullmatch(r"RN\d+(x\d+)?|ViT-\w+-\d+|(tiny|mini)-.*", v)]
+            raise ConfigError(f"model.vision={self.vision!r} is not an open_clip model; "
+                              f"{_did_you_mean(self.vision, visions)}valid: {shown}, {len(visions) - len(shown)} more "
+                              f"(open_clip.list_models()), or 'hf-hub:ID' / 'local-dir:PATH'")
         _check_choice("model", "feature_source", self.feature_source, ("images", "cache"))
         _check_positive("model", "pool_size", self.pool_size)
         _check_positive("model", "max_frames", self.max_frames)
@@ -144,6 +189,7 @@ class PeftConfig:
                      "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
                      "hypernet_hidden_dim", "hypernet_projected_dim"):
             _check_positive("peft", name, getattr(self, name))
+        _check_positive("peft", "lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"peft.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         if self.sharing == "half_shared" and self.method not in ("adapter", "compacter", "lora", "none"):
@@ -159,7 +205,7 @@ class DataConfig:
     source: str = "synthetic"
     """``synthetic`` (the embedded world, no download) or ``real`` (files under ``root``)."""
     root: Optional[str] = None
-    """Root folder of real datasets (layout and formats: docs/datasets.md)."""
+    """Root folder of real datasets (layout and formats: docs/datasets.md); needs source=real."""
     feature_cache: Optional[str] = None
     """Folder of precomputed CLIP features (launchers/extract_features.py)."""
     synthetic_train: int = 600
@@ -177,7 +223,7 @@ class DataConfig:
     skip_bad_records: bool = False
     """Skip malformed records (counted and reported) instead of failing."""
     hf_dataset: Optional[str] = None
-    """Any HF ``datasets`` dataset (name or local path) with image and text columns."""
+    """Any HF ``datasets`` dataset (name or local path) with image and text columns; needs source=real."""
     hf_columns: dict = field(default_factory=dict)
     """Column mapping for hf_dataset, e.g. {image: img, question: q, answer: a}."""
 
@@ -186,11 +232,29 @@ class DataConfig:
             raise ConfigError("data.tasks is empty; name at least one of " + str(list(ALL_TASKS)))
         for t in self.tasks:
             _check_choice("data", "tasks", t, ALL_TASKS)
+        repeated = [t for i, t in enumerate(self.tasks) if t in self.tasks[:i]]
+        if repeated:
+            raise ConfigError(f"data.tasks={self.tasks} names {repeated[0]!r} twice; list each task once")
         _check_choice("data", "source", self.source, ("synthetic", "real"))
+        if self.source == "synthetic":
+            for name in ("root", "hf_dataset"):
+                if getattr(self, name):
+                    raise ConfigError(f"data.{name}={getattr(self, name)!r} is ignored with data.source=synthetic "
+                                      f"(the embedded world); set data.source=real to train on it, or data.{name}=null")
         _check_choice("data", "sampling", self.sampling, ("proportional", "temperature"))
         _check_positive("data", "temperature", self.temperature)
         _check_positive("data", "synthetic_train", self.synthetic_train)
         _check_positive("data", "synthetic_eval", self.synthetic_eval)
+        for name in ("image_size", "max_input_length", "max_target_length"):
+            _check_positive("data", name, getattr(self, name))
+
+    def check_source(self) -> None:
+        """data.source=real needs data.root or data.hf_dataset. Checked when a run's config is loaded
+        (:func:`load_config`, :func:`config_from_dict`), not in ``__post_init__``: code may build a
+        DataConfig first and set its root later (the loaders' tests build one without, to see their error)."""
+        if self.source == "real" and not self.root and not self.hf_dataset:
+            raise ConfigError("data.source=real needs data.root (a folder in the layout of docs/datasets.md) "
+                              "or data.hf_dataset; neither is set")
 
 
 @dataclass
@@ -207,6 +271,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-6
     clip_grad_norm: float = 5.0
+    """Clip the global gradient norm to this (DeepSpeed's gradient_clipping; 0: no clipping)."""
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -214,10 +279,12 @@ class TrainConfig:
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
     eval_max_examples: Optional[int] = None
+    """Score at most this many examples per task (``None``: all)."""
     test_eval: bool = False
     """After the final validation, also evaluate the test split in the same process, writing what
     ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""
     log_every: int = 1
+    """Log every N steps."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     zero_stage: Optional[int] = None
@@ -233,12 +300,19 @@ class TrainConfig:
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive("train", "lr", self.lr)
         _check_positive("train", "eval_batch_size", self.eval_batch_size)
+        _check_positive("train", "eval_max_examples", self.eval_max_examples)
+        _check_positive("train", "log_every", self.log_every)
+        for name in ("eval_every", "save_every", "weight_decay", "clip_grad_norm"):
+            _check_positive("train", name, getattr(self, name), allow_zero=True)
+        _check_positive("train", "adam_eps", self.adam_eps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.zero_stage is not None:
             _check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas={self.adam_betas!r} must hold two numbers")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas={self.adam_betas!r}: each must be in [0, 1)")
 
 
 @dataclass
@@ -254,6 +328,9 @@ class RunConfig:
     description: str = ""
 
     def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError(f"output_dir={self.output_dir!r} is empty; name the run's folder "
+                              f"(e.g. output_dir=runs/{self.name})")
         if self.peft.train_vision and self.model.feature_source == "cache":
             raise ConfigError("peft.train_vision=true needs model.feature_source=images "
                               "(cached features cannot be fine-tuned)")
@@ -383,6 +460,9 @@ def _load_yaml(name_or_path: str, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base:
+        beside = path.parent / str(base)  # a relative base is first looked up beside the file naming it
+        if not Path(str(base)).is_absolute() and beside.is_file():
+            base = str(beside)
         data = _deep_merge(_load_yaml(base, seen + (str(path),)), data)
     return data
 
@@ -417,11 +497,15 @@ def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig
     data = _load_yaml(name)
     data = _deep_merge(data, parse_overrides(overrides))
     data.setdefault("name", str(name))
-    return _build(RunConfig, data)
+    cfg = _build(RunConfig, data)
+    cfg.data.check_source()
+    return cfg
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    return _build(RunConfig, dict(data))
+    cfg = _build(RunConfig, dict(data))
+    cfg.data.check_source()
+    return cfg
 
 
 def save_config(cfg: RunConfig, path) -> None:

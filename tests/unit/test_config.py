@@ -2,7 +2,8 @@
 
 import pytest
 
-from vlscale.config import ConfigError, RunConfig, list_presets, load_config, parse_overrides
+from vlscale.config import (ConfigError, RunConfig, config_from_dict, list_presets, load_config, parse_overrides,
+                            registry_backbones, registry_visions)
 
 
 def test_every_shipped_preset_loads():
@@ -50,12 +51,74 @@ def test_overrides_are_typed():
     (["train.max_steps=abc"], ["train.max_steps", "integer"]),
     (["modle.backbone=t5-small"], ["modle", "model"]),
     (["train.max_steps"], ["key=value"]),
+    (["train.eval_max_examples=0"], ["train.eval_max_examples=0", "> 0"]),
+    (["train.eval_max_examples=-1"], ["train.eval_max_examples=-1", "> 0"]),
+    (["train.save_every=-1"], ["train.save_every=-1", ">= 0"]),
+    (["train.eval_every=-5"], ["train.eval_every=-5", ">= 0"]),
+    (["train.log_every=0"], ["train.log_every=0", "> 0"]),
+    (["data.max_target_length=-1"], ["data.max_target_length=-1", "> 0"]),
+    (["data.max_input_length=0"], ["data.max_input_length=0", "> 0"]),
+    (["data.image_size=0"], ["data.image_size=0", "> 0"]),
+    (["train.adam_betas=[1.5,2]"], ["train.adam_betas=[1.5, 2.0]", "[0, 1)"]),
+    (["train.adam_betas=[0.9,-0.1]"], ["train.adam_betas", "[0, 1)"]),
+    (["train.weight_decay=-0.01"], ["train.weight_decay=-0.01", ">= 0"]),
+    (["train.adam_eps=0"], ["train.adam_eps=0.0", "> 0"]),
+    (["train.clip_grad_norm=-1"], ["train.clip_grad_norm=-1.0", ">= 0"]),
+    (["peft.lora_alpha=-32"], ["peft.lora_alpha=-32.0", "> 0"]),
+    (["output_dir="], ["output_dir=''", "empty"]),
+    (["data.tasks=[vqa,gqa,vqa]"], ["data.tasks", "'vqa' twice"]),
+    (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?", "bart-base", "hub ids"]),
+    (["model.vision=RN1O1"], ["model.vision='RN1O1'", "did you mean 'RN101'?", "ViT-B-32", "tiny-clip-rn"]),
+    (["data.hf_dataset=/data/vqa_hf"], ["data.hf_dataset='/data/vqa_hf'", "data.source=synthetic", "data.source=real"]),
+    (["data.root=/data"], ["data.root='/data'", "data.source=synthetic", "data.source=real"]),
+    (["data.source=real"], ["data.source=real", "data.root", "data.hf_dataset"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", override)
     for w in words:
         assert w in str(e.value)
+
+
+def test_valid_edges_stay_accepted():
+    """0 keeps its documented meaning (no clipping, no periodic eval or save, no decay); registry names in
+    either form, and open_clip's hub/local-dir schemas, pass; real data with a root or an HF dataset passes."""
+    cfg = load_config("tiny", ["train.clip_grad_norm=0", "train.save_every=0", "train.eval_every=0",
+                               "train.weight_decay=0", "train.eval_max_examples=5", "train.adam_betas=[0,0.99]"])
+    assert (cfg.train.clip_grad_norm, cfg.train.eval_max_examples) == (0.0, 5)
+    for backbone in ("t5-small", "google-t5/t5-small", "facebook/bart-base", "flan-t5-xl", "mini-bart"):
+        assert load_config("tiny", [f"model.backbone={backbone}"]).model.backbone == backbone
+    assert load_config("tiny", ["model.backbone=t5-base", "model.backbone_path=/ckpt/t5", "model.pretrained=true"])
+    for vision in ("RN101", "ViT-L-14", "tiny-clip-vit", "hf-hub:timm/some-clip", "local-dir:/models/clip"):
+        assert load_config("tiny", [f"model.vision={vision}"]).model.vision == vision
+    assert load_config("tiny", ["data.source=real", "data.root=/data"]).data.root == "/data"
+    assert load_config("tiny", ["data.source=real", "data.hf_dataset=/data/hf"]).data.hf_dataset == "/data/hf"
+    # a paper preset (real data under data.root) switched to the synthetic world drops its root
+    assert load_config("paper/clip_bart_single_adapter", ["data.source=synthetic", "data.root=null"]).data.root is None
+
+
+def test_real_source_without_data_is_refused_for_saved_configs_too():
+    """evaluate.py rebuilds a run from its saved dict (config_from_dict): the same check applies."""
+    saved = load_config("tiny").to_dict()
+    saved["data"]["source"] = "real"
+    with pytest.raises(ConfigError, match="data.source=real needs data.root"):
+        config_from_dict(saved)
+
+
+def test_registry_names_match_the_registries():
+    """config.py reads the names without importing torch or open_clip; they must be exactly what the
+    registries accept."""
+    import open_clip
+
+    from vlscale.modeling.backbones import canonical_lm_name, list_backbones
+    from vlscale.modeling.vision import register_tiny_models
+
+    full = set(list_backbones())
+    assert set(registry_backbones()) == full | {n.split("/")[-1] for n in full}
+    for name in registry_backbones():
+        canonical_lm_name(name)  # KeyError if the registry refused it
+    register_tiny_models()
+    assert set(registry_visions()) == set(open_clip.list_models())
 
 
 def test_unknown_preset_lists_choices(tmp_path):
@@ -72,6 +135,23 @@ def test_preset_from_path(tmp_path):
     p.write_text("base: tiny\ntrain:\n  max_steps: 3\npeft:\n  method: lora\n")
     cfg = load_config(str(p))
     assert cfg.train.max_steps == 3 and cfg.peft.method == "lora" and cfg.model.backbone == "tiny-t5"
+
+
+def test_relative_base_resolves_from_the_including_file(tmp_path, monkeypatch):
+    """``base: parent.yaml`` names the file beside the child, wherever the command runs from."""
+    folder = tmp_path / "cfg"
+    (folder / "common").mkdir(parents=True)
+    (folder / "relbase_parent.yaml").write_text("base: common/grand.yaml\ntrain:\n  max_steps: 4\n")
+    (folder / "common" / "grand.yaml").write_text("base: tiny\npeft:\n  method: lora\n")
+    (folder / "relbase_child.yaml").write_text("base: relbase_parent.yaml\ntrain:\n  seed: 3\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd in (folder, elsewhere):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(str(folder / "relbase_child.yaml"))
+        assert (cfg.train.max_steps, cfg.train.seed, cfg.peft.method, cfg.model.backbone) == (4, 3, "lora", "tiny-t5")
+    monkeypatch.chdir(tmp_path)
+    assert load_config("cfg/relbase_child.yaml").train.max_steps == 4  # a relative path to the child too
 
 
 def test_cross_field_checks():

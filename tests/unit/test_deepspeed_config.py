@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from vlscale.config import load_config
-from vlscale.engine.deepspeed_config import (CPU_FP16_ENV, CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
-                                             model_widths, single_process_note)
+from vlscale.engine.deepspeed_config import (CPU_FP16_ENV, CPU_FP16_ERROR, DEEPSPEED_KEYS, DeepSpeedConfigError,
+                                             build_deepspeed_config, model_widths, single_process_note)
 
 DS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 SHIPPED = ["zero2.json", "zero3.json", "zero3_offload.json", "zero3_nvme.json"]
@@ -174,6 +174,90 @@ def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
     raw["scheduler"] = {"type": "WarmupLR"}
     with pytest.raises(DeepSpeedConfigError, match="'scheduler' block"):
         build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
+def test_unknown_top_level_key_names_the_file(tmp_path):
+    """DeepSpeed ignores a top-level key it does not read: a misspelt zero_optimization trained at ZeRO-0."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimizaton"] = raw.pop("zero_optimization")
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(path, cfg_with(), 1, device_type="cpu")
+    msg = str(e.value)
+    assert str(path) in msg and "'zero_optimizaton'" in msg and "did you mean 'zero_optimization'?" in msg
+    assert "\n" not in msg
+
+
+def test_deepspeed_reads_no_top_level_key_outside_the_list():
+    """DEEPSPEED_KEYS holds every top-level key DeepSpeedConfig looks up (recorded as it parses a config),
+    so no key DeepSpeed accepts is refused; a DeepSpeed upgrade that reads a new one fails here."""
+    from deepspeed.runtime import config as ds_config_module
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    read = set()
+
+    class Keys:
+        def __init__(self, d):
+            self.d = d
+
+        def __contains__(self, k):
+            read.add(k)
+            return k in self.d
+
+        def __iter__(self):
+            return iter(self.d)
+
+    class Recording(dict):
+        def get(self, k, *default):
+            read.add(k)
+            return super().get(k, *default)
+
+        def __getitem__(self, k):
+            read.add(k)
+            return super().__getitem__(k)
+
+        def __contains__(self, k):
+            read.add(k)
+            return super().__contains__(k)
+
+        def keys(self):
+            return Keys(dict(self))
+
+        def __copy__(self):
+            return self
+
+    ds = build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(), 1, device_type="cpu")
+    DeepSpeedConfig(Recording(ds))
+    assert len(read) > 40 and "zero_optimization" in read
+    removed = set(getattr(ds_config_module, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))  # DeepSpeed refuses these
+    assert read - removed <= DEEPSPEED_KEYS, sorted(read - removed - DEEPSPEED_KEYS)
+    # and the list holds no key DeepSpeed does not read (initialize's mesh sizes, the boolean ZeRO form's
+    # allgather_size, and the amp block and bfloat16 alias build_deepspeed_config turns into bf16, aside)
+    extra = {"data_parallel_size", "sequence_parallel_size", "allgather_size", "amp", "bfloat16"}
+    assert DEEPSPEED_KEYS - extra <= read - removed, sorted(DEEPSPEED_KEYS - extra - read)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda z: z.update(stage3_prefetch_bucketsize=10), ["zero_optimization.stage3_prefetch_bucketsize",
+                                                         "did you mean 'stage3_prefetch_bucket_size'?"]),
+    (lambda z: z.update(offload_param={"device": "cpu", "pin_memroy": True}),
+     ["zero_optimization.offload_param.pin_memroy", "did you mean 'pin_memory'?"]),
+    (lambda z: z.update(overlap_comm="sometimes"), ["zero_optimization.overlap_comm='sometimes'", "boolean"]),
+])
+def test_zero_block_is_validated_before_the_model_is_built(tmp_path, edit, words):
+    """DeepSpeed's own DeepSpeedZeroConfig refuses these only inside deepspeed.initialize, after the build,
+    as a pydantic traceback without the file's name; here they are named up front."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    edit(raw["zero_optimization"])
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(path, cfg_with(), 2, device_type="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    for w in words:
+        assert w in msg
 
 
 def test_input_dict_is_not_modified():

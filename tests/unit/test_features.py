@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlscale.config import load_config
-from vlscale.data import build_tokenizer, build_train_loader, build_visual_source, load_examples
+from vlscale.data import build_tokenizer, build_train_loader, build_visual_source, eval_batches, load_examples
 from vlscale.data.collate import Collator, fetch_visuals, frame_indices
 from vlscale.data.features import FeatureCache, FeatureWriter, extract_features
 from vlscale.data.synthetic import generate_split
@@ -308,3 +308,159 @@ def test_a_second_writer_waits_for_the_first_and_skips_what_it_wrote(tmp_path, c
     with pytest.raises(ValueError, match="different settings"):
         FeatureWriter(tmp_path / "c", dict(meta, vision="RN50"))
     FeatureWriter(tmp_path / "c", meta).close()
+
+
+# ----------------------------------------------------------------------------- cache checks
+
+TINY = ["data.tasks=[vqa,nlvr2]", "data.synthetic_train=4", "data.synthetic_eval=2", "data.image_size=16"]
+
+
+def test_synthetic_cache_records_the_world_and_refuses_other_settings(weights, tmp_path):
+    """A cache of the synthetic world holds the images of one seed / image size: the same ids name
+    other images under other settings, so such a run is refused (and so is resuming the extraction)."""
+    import extract_features as launcher
+
+    from vlscale.data.features import META_FILE
+    from vlscale.data.real import DataError
+    from vlscale.data.synthetic import GENERATOR_VERSION
+
+    out = tmp_path / "feats"
+    args = ["--synthetic", "--vision", VISION, "--pretrained", weights, "--out", str(out), "--quiet"]
+    assert launcher.main(args + TINY) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["synthetic"] == {"generator": GENERATOR_VERSION, "seed": 0, "image_size": 16}
+
+    def run(*more):
+        return load_config("tiny", TINY + ["model.feature_source=cache", f"data.feature_cache={out}",
+                                           f"model.vision_pretrained={weights}", *more])
+
+    for task in ("vqa", "nlvr2"):
+        assert isinstance(build_visual_source(run(), task, "val"), FeatureCache)
+    with pytest.raises(DataError, match=r"meta\.json: was made from other synthetic-world images "
+                                        r"\(data\.synthetic_seed: cached 0, run 5\)"):
+        build_visual_source(run("data.synthetic_seed=5"), "nlvr2", "train")
+    with pytest.raises(DataError, match=r"data\.image_size: cached 16, run 32"):
+        build_visual_source(run("data.image_size=32"), "vqa", "train")
+    # more examples than were extracted: found when the loader is built, not at the first batch that needs one
+    with pytest.raises(DataError, match=r"vqa/train: 2 visual id\(s\) named by 2 of 6 examples are not in "
+                                        r"FeatureCache.*first \['vqa_train_000004', 'vqa_train_000005'\]"):
+        build_train_loader(run("data.synthetic_train=6"), None)
+    loader = build_train_loader(run("data.synthetic_train=6", "data.skip_bad_records=true"), None)
+    assert {t: len(e) for t, e in loader.examples.items()} == {"vqa": 4, "nlvr2": 4}
+    # the real-data path refuses a synthetic cache; resuming the extraction with another seed is refused
+    real = load_config("tiny", ["data.source=real", "data.root=.", "data.tasks=[vqa]", "model.feature_source=cache",
+                                f"data.feature_cache={out}", f"model.vision_pretrained={weights}"])
+    with pytest.raises(DataError, match="holds synthetic-world features .* but the run reads real data"):
+        build_visual_source(real, "vqa", "train")
+    with pytest.raises(SystemExit, match=r"DataError: .*different settings .*'seed': 3"):
+        launcher.main(args + TINY + ["data.synthetic_seed=3"])
+    # a cache from before the world was recorded: refused for the synthetic world, fine for real data
+    (out / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "synthetic"}))
+    with pytest.raises(DataError, match="does not record which synthetic world .* Re-extract it"):
+        build_visual_source(run(), "vqa", "train")
+    assert isinstance(build_visual_source(real, "vqa", "train"), FeatureCache)
+
+
+def test_cache_content_is_checked_and_errors_name_the_cache(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlscale.data.real import DataError, DataFileNotFound
+
+    meta = {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32"}
+    w = FeatureWriter(tmp_path / "c", meta)
+    w.add("a", torch.ones(16, 64))
+    w.close()
+    # meta.json claims tiny-clip-rn (256-d grid) but holds 64-d features: refused when opened for the run
+    cfg = load_config("tiny", ["data.source=real", "data.root=.", "data.tasks=[vqa]", "model.feature_source=cache",
+                               f"data.feature_cache={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match=r"feature cache .*c/meta\.json: holds 64-d features, but "
+                                        r"model\.vision='tiny-clip-rn' takes 256-d"):
+        build_visual_source(cfg, "vqa", "val")
+    # a tensor that disagrees with meta.json, or is not 2-d: named with the cache, shard and id
+    save_file({"a": torch.ones(16, 32), "b": torch.ones(2, 16, 64)}, str(tmp_path / "c" / "shard_00000.safetensors"))
+    index = {"a": "shard_00000.safetensors", "b": "shard_00000.safetensors", "gone": "shard_00000.safetensors",
+             "lost": "shard_00009.safetensors"}
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    cache = FeatureCache(tmp_path / "c", vision=VISION)
+    with pytest.raises(DataError, match=r"feature cache .*c: the features of id 'a' in shard "
+                                        r".*shard_00000\.safetensors is 32-d, but meta\.json says dim=64"):
+        cache["a"]
+    with pytest.raises(DataError, match=r"id 'b' .* has shape \(2, 16, 64\), expected a non-empty 2-d"):
+        cache["b"]
+    with pytest.raises(DataError, match=r"feature cache .*c: cannot read the features of id 'gone' from shard "):
+        cache["gone"]
+    with pytest.raises(DataFileNotFound, match=r"shard .*shard_00009\.safetensors named in index\.json is missing"):
+        cache["lost"]
+    (tmp_path / "c" / "shard_00000.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(DataError, match=r"cannot read the features of id 'a' from shard .*SafetensorError"):
+        FeatureCache(tmp_path / "c")["a"]
+    # meta.json / index.json that are not JSON objects
+    (tmp_path / "c" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"c/meta\.json: expected a JSON object .*got list"):
+        FeatureCache(tmp_path / "c")
+    with pytest.raises(DataError, match=r"c/meta\.json: expected a JSON object"):
+        FeatureWriter(tmp_path / "c", meta)
+
+
+# ----------------------------------------------------------------------------- extract_features.py input
+
+def _save_images(folder, names):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        Image.fromarray(np.full((16, 16, 3), 40 * k, np.uint8)).save(folder / name)
+
+
+def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
+    import extract_features as launcher
+
+    from vlscale.data.visual import ImageFolder
+
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet"]
+    _save_images(tmp_path / "dup", ["x.jpg", "x.png"])
+    with pytest.raises(SystemExit, match=r"dup: x\.jpg and x\.png would both be id 'x'"):
+        launcher.main(base + ["--images", str(tmp_path / "dup"), "--out", str(tmp_path / "f0")])
+    # y.JPG is id y, and training's {id}.jpg finds it
+    _save_images(tmp_path / "imgs", ["y.JPG", "z.png"])
+    assert launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f1")]) == 0
+    assert sorted(FeatureCache(tmp_path / "f1").ids()) == ["y", "z"] and "y" in ImageFolder(tmp_path / "imgs")
+    with pytest.raises(SystemExit, match=r"--video: no sub-folders"):
+        launcher.main(base + ["--images", str(tmp_path / "imgs"), "--video", "--out", str(tmp_path / "f2")])
+    assert not (tmp_path / "f2" / "index.json").exists()
+    with pytest.raises(SystemExit, match=r"--vision: unknown vision model 'RN999'"):
+        launcher.main(["--vision", "RN999", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f3")])
+    with pytest.raises(SystemExit) as info:
+        launcher.main(base + ["--images", str(tmp_path / "imgs"), "--batch-size", "0", "--out", str(tmp_path / "f3")])
+    assert info.value.code == 2 and "--batch-size must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"DataError: feature cache .*f1/meta\.json was made with different settings"):
+        launcher.main(["--vision", "tiny-clip-vit", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f1"),
+                       "--quiet"])
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"DataError: image 'broken': cannot read image .*imgs/broken\.jpg"):
+        launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
+
+
+def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
+    """Features extracted from each split of an HF dataset land under the ids training looks up
+    (``<split>/<row>``, or the image_id column whose rows share an image)."""
+    import extract_features as launcher
+
+    hf = str(ROOT / "tests" / "fixtures" / "hf_multi")
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--hf-dataset", hf, "--image-column", "image"]
+    rows, named = tmp_path / "rows", tmp_path / "named"
+    for split in ("train", "validation"):  # the dataset's split name or ours (val): the same ids
+        assert launcher.main(base + ["--split", split, "--out", str(rows)]) == 0
+    assert sorted(FeatureCache(rows).ids()) == ["train/0", "train/1", "train/2", "val/0", "val/1"]
+    for split in ("train", "val"):
+        assert launcher.main(base + ["--split", split, "--id-column", "image_name", "--out", str(named)]) == 0
+    assert sorted(FeatureCache(named).ids()) == ["img_a", "img_b", "img_c", "img_d"]  # img_a: 2 rows, once
+    columns = {rows: "{image: image, question: question, answers: answers, id: qid}",
+               named: "{image: image, image_id: image_name, question: question, answers: answers, id: qid}"}
+    for cache, mapping in columns.items():
+        cfg = load_config("tiny", ["data.source=real", "data.tasks=[vqa]", f"data.hf_dataset={hf}",
+                                   f"data.hf_columns={mapping}", "model.feature_source=cache",
+                                   f"data.feature_cache={cache}", f"model.vision_pretrained={weights}"])
+        for split, n in (("train", 3), ("val", 2)):
+            batch = next(eval_batches(cfg, tok, "vqa", split, 8))
+            assert batch["vis_feats"].shape[:2] == (n, 1)

@@ -154,6 +154,7 @@ def test_image_sources_hold_every_fixture_image(task):
 @pytest.mark.parametrize("task", VIDEO_TASKS)
 def test_video_sources_hold_every_fixture_video(task):
     cfg = make_cfg(tasks=[task])
+    cfg.model.vision = "ViT-B-32"  # the fixtures' frame features are 512-d CLIP ViT-B/32 embeddings
     source = real_visual_source(cfg, task, "train")
     assert source.kind == "features"
     for split in ("train", "val", "test"):
@@ -305,6 +306,12 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"dataset_coco\.json: images\[2\] \(id 'COCO_val2014_000000000042.jpg'\): key 'split' must be one of"),
     ("caption", "coco/dataset_coco.json", lambda d: d["images"][0]["sentences"][1].pop("raw"),
      r"images\[0\] .*key 'sentences' item 1 needs a non-empty string 'raw'"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label={"2": -1.0}),
+     r"record 0 \(id 9001\): key 'label' score of answer '2' must be >= 0, got -1.0"),
+    ("gqa", "gqa/train.json", lambda d: d[0].update(label={"yes": 0.0, "no": 0}),
+     r"record 0 .*key 'label' has no answer with a score above 0"),
+    ("nlvr2", "nlvr2/train.json", lambda d: d[1].update(uid=" "),
+     r"record 1 .*key 'uid' is an empty string"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])
@@ -341,6 +348,19 @@ def test_jsonl_bad_line_and_bad_fields(tmp_path, caplog):
         load_real_examples(cfg, "tvqa", "train")
 
 
+def test_video_qa_options_after_a_gap_are_refused(tmp_path):
+    root = copy_root(tmp_path, "tvqa")
+    path = root / "tvqa" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    gap = json.loads(lines[0])
+    del gap["a2"]
+    path.write_text("\n".join([json.dumps(gap)] + lines[1:]) + "\n")
+    with pytest.raises(RecordError, match=r"train\.jsonl: line 1 \(id 1\): key 'a2' is missing but a3 is present"):
+        load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")
+    skipped = load_real_examples(make_cfg(root, tasks=["tvqa"], skip_bad_records=True), "tvqa", "train")
+    assert len(skipped) == COUNTS["tvqa"][0] - 1 and skipped.skipped == 1
+
+
 def test_bad_subtitles_and_top_level_shapes(tmp_path):
     root = copy_root(tmp_path, "tvc", "vqa")
     (root / "tvc" / "subtitles.jsonl").write_text(json.dumps({"vid_name": "v", "sub": [{"text": "hi"}]}) + "\n")
@@ -373,3 +393,210 @@ def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
         assert source[e.image_ids[0]].shape == (8, 8, 3)
     with pytest.raises(KeyError, match="COCO_val2014_000000999999"):
         source["COCO_val2014_000000999999"]
+
+
+# ----------------------------------------------------------------------------- visual ids, up front
+
+def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_skipped(tmp_path, caplog):
+    from vlscale.data import build_train_loader, check_visual_ids, eval_batches
+
+    root = copy_root(tmp_path, "vqa", "coco")
+    (root / "coco" / "images" / "COCO_train2014_000000000025.jpg").unlink()
+    cfg = make_cfg(root)
+    with pytest.raises(DataError, match=r"vqa/train: 1 visual id\(s\) named by 1 of 3 examples .*karpathy_train\.json.*"
+                                        r"ImageFolder\('.*coco/images'.*first \['COCO_train2014_000000000025'\]"):
+        build_train_loader(cfg, tokenizer=None)  # at construction, before any batch
+    with caplog.at_level(logging.WARNING):
+        loader = build_train_loader(make_cfg(root, skip_bad_records=True), tokenizer=None)
+    assert [e.uid for e in loader.examples["vqa"]] == ["9001", "42001"]
+    assert loader.examples["vqa"].skipped == 1 and "dropped those 1 examples" in caplog.text
+    # eval: the same check when the batches are made
+    val = load_real_examples(cfg, "vqa", "val")
+    (root / "coco" / "images" / f"{val[0].image_ids[0]}.jpg").unlink()
+    with pytest.raises(DataError, match=r"vqa/val: 1 visual id"):
+        eval_batches(cfg, None, "vqa", "val", 2)
+    with pytest.raises(DataError, match=r"task 'vqa' has no examples to evaluate in split 'val'.*all 1 dropped"):
+        eval_batches(make_cfg(root, skip_bad_records=True), None, "vqa", "val", 2, max_examples=1)
+    # every kind of source answers in bulk: NLVR2's two images, video feature folders
+    nl = load_real_examples(make_cfg(tasks=["nlvr2"]), "nlvr2", "train")
+    bad = [type(e)(e.task, e.uid, e.text, e.target, [e.image_ids[0], "nope"]) for e in nl[:1]] + list(nl[1:])
+    src = real_visual_source(make_cfg(tasks=["nlvr2"]), "nlvr2", "train")
+    assert check_visual_ids(make_cfg(tasks=["nlvr2"]), "nlvr2", "train", list(nl), src) == list(nl)
+    with pytest.raises(DataError, match=r"nlvr2/train: 1 visual id\(s\) named by 1 of 4 examples.*\['nope'\]"):
+        check_visual_ids(make_cfg(tasks=["nlvr2"]), "nlvr2", "train", bad, src)
+    tv = make_cfg(tasks=["tvqa"])
+    tv.model.vision = "ViT-B-32"
+    ex = load_real_examples(tv, "tvqa", "train")
+    vids = real_visual_source(tv, "tvqa", "train")
+    moved = [type(e)(e.task, e.uid, e.text, e.target, ["no_such_video"]) for e in ex[:2]] + list(ex[2:])
+    with pytest.raises(DataError, match=r"tvqa/train: 1 visual id\(s\) named by 2 of 3 .*VideoFeatureFolder"):
+        check_visual_ids(tv, "tvqa", "train", moved, vids)
+
+
+def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
+    from PIL import Image
+
+    from vlscale.data.collate import fetch_visuals
+    from vlscale.data.real import FirstOf
+    from vlscale.data.visual import ImageFolder, missing_ids
+
+    img = np.full((8, 8, 3), 7, np.uint8)
+    Image.fromarray(img).save(tmp_path / "upper.JPG", format="JPEG")
+    Image.fromarray(img).save(tmp_path / "good.jpg")
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image")
+    raw = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "sub").mkdir()
+    folder = ImageFolder(tmp_path)
+    # x.JPG is id x for extract_features.py; the {id}.jpg lookup finds it too
+    assert "upper" in folder and folder["upper"].shape == (8, 8, 3) and "upper" in folder.ids()
+    assert missing_ids(folder, ["good", "upper", "nope", "good", "sub"]) == ["nope", "sub"]
+    assert missing_ids(FirstOf([ImageFolder(tmp_path / "sub"), folder]), ["good", "nope"]) == ["nope"]
+    for name in ("garbage", "cut"):
+        with pytest.raises(DataError, match=rf"image '{name}': cannot read image .*{name}\.jpg"):
+            folder[name]
+    examples = load_real_examples(make_cfg(), "gqa", "train")[:1]
+    e = type(examples[0])("gqa", "q1", "text", "yes", ["garbage"], source="ann.json")
+    with pytest.raises(DataError, match=r"gqa example 'q1' \(from ann\.json\): image 'garbage': cannot read image"):
+        fetch_visuals(folder, [e])
+    with pytest.raises(DataFileNotFound, match=r"gqa example 'q1'.*image 'gone': file .*gone\.jpg does not exist"):
+        fetch_visuals(folder, [type(e)("gqa", "q1", "text", "yes", ["gone"], source="ann.json")])
+
+
+def test_video_feature_files_bad_content_names_the_file_and_video(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlscale.data.video import VideoFeatureFolder
+
+    good = np.ones((3, 8), np.float32)
+    np.save(tmp_path / "ok.npy", good)
+    np.save(tmp_path / "ints.npy", np.ones((3, 8), np.int16))
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "flags.npy", np.ones((3, 8), bool))
+    np.save(tmp_path / "cplx.npy", np.ones((3, 8), np.complex64))
+    np.save(tmp_path / "both.npy", good)
+    save_file({"features": torch.ones(3, 8)}, str(tmp_path / "both.safetensors"))
+    save_file({"features": torch.ones(3, 8, dtype=torch.bool)}, str(tmp_path / "st_bool.safetensors"))
+    (tmp_path / "st_bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    folder = VideoFeatureFolder(tmp_path)
+    assert torch.equal(folder["ints"], torch.ones(3, 8))
+    for vid, match in [("corrupt", "cannot read frame features"), ("pickled", "cannot read frame features"),
+                       ("flags", "dtype bool, expected real numbers"), ("cplx", "dtype complex64"),
+                       ("st_bool", "dtype torch.bool"), ("st_bad", "cannot read frame features")]:
+        with pytest.raises(DataError, match=rf"{vid}\.(npy|safetensors) \(video '{vid}'\): .*{match}"):
+            folder[vid]
+    with pytest.raises(DataError, match=r"video 'both': both .*both\.npy and .*both\.safetensors exist"):
+        folder["both"]
+    with pytest.raises(DataError, match=r"video 'both': both"):  # the up-front check finds it too
+        folder.missing(["ok", "both"])
+    with pytest.raises(DataError, match=r"ok\.npy \(video 'ok'\): frame features are 8-d, but the run's model\.vision "
+                                        r"embeds frames in 512-d"):
+        VideoFeatureFolder(tmp_path, expect_dim=512)["ok"]
+    # through the config: the width model.vision's CLIP embeds frames in (tiny-clip-rn: 64)
+    with pytest.raises(DataError, match=r"friends_s01e01_seg01_clip_00\.npy .*512-d, but .* 64-d"):
+        real_visual_source(make_cfg(tasks=["tvqa"]), "tvqa", "train")["friends_s01e01_seg01_clip_00"]
+
+
+def test_features_holding_nan_are_named_when_fetched(tmp_path):
+    from vlscale.data.collate import fetch_visuals
+    from vlscale.data.tasks import Example
+    from vlscale.data.video import VideoFeatureFolder
+
+    bad = np.ones((3, 8), np.float32)
+    bad[1, 2] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    np.save(tmp_path / "ok.npy", np.ones((3, 8), np.float32))
+    folder = VideoFeatureFolder(tmp_path)
+    ex = [Example(task="tvqa", uid=f"q{v}", text="", target="0", image_ids=[v]) for v in ("ok", "nan")]
+    assert len(fetch_visuals(folder, ex[:1])) == 1
+    with pytest.raises(DataError, match=r"tvqa example 'qnan': the features of 'nan' in .* hold NaN or inf"):
+        fetch_visuals(folder, ex)
+
+
+def test_empty_training_file_is_named(tmp_path):
+    from vlscale.data import build_train_loader
+
+    root = copy_root(tmp_path, "gqa")
+    (root / "gqa" / "train.json").write_text("[]")
+    with pytest.raises(DataError, match=r"task 'gqa' has no training examples in split 'train' \(data\.source=real, "
+                                        r"read from .*gqa/train\.json\): the file holds none"):
+        build_train_loader(make_cfg(root, tasks=["gqa"]), tokenizer=None)
+
+
+# ----------------------------------------------------------------------------- HF datasets: bad input
+
+def _hf_dict(path, columns: dict, features=None, splits=("train", "validation")):
+    import datasets
+
+    datasets.DatasetDict({s: datasets.Dataset.from_dict(columns, features=features) for s in splits}).save_to_disk(
+        str(path))
+    return str(path)
+
+
+def test_hf_unreadable_images_name_dataset_split_row_and_column(tmp_path):
+    import datasets
+
+    from vlscale.data.collate import fetch_visuals
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    cols = {"image": "image", "question": "q", "answer": "a"}
+    rows = {"q": ["a?", "b?"], "a": ["x", "y"]}
+    raw = datasets.Features({"image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                             "q": datasets.Value("string"), "a": datasets.Value("string")})
+    garbage = _hf_dict(tmp_path / "garbage", dict(rows, image=[{"bytes": b"garbage", "path": None}] * 2), raw)
+    ex, src = load_hf_examples("gqa", garbage, "train", cols)
+    with pytest.raises(DataError, match=r"garbage\[train\]: row 0, column 'image' \(image id 'train/0'\): cannot read "
+                                        r"an image from 7 bytes \(UnidentifiedImageError"):
+        src["train/0"]
+    with pytest.raises(DataError, match=r"gqa example 'train-1' .*garbage\[train\]: row 1"):
+        fetch_visuals(src, ex[1:])
+    as_image = _hf_dict(tmp_path / "as_image", dict(rows, image=[{"bytes": b"garbage", "path": None}] * 2),
+                        datasets.Features(dict(raw, image=datasets.Image())))
+    with pytest.raises(DataError, match=r"as_image\[validation\]: row 1, column 'image'"):
+        load_hf_examples("gqa", as_image, "val", cols)[1]["val/1"]
+    paths = _hf_dict(tmp_path / "paths", dict(rows, image=["/nonexistent/a.png"] * 2))
+    with pytest.raises(DataFileNotFound, match=r"paths\[train\]: row 0, column 'image' .*'/nonexistent/a\.png', which "
+                                               r"is neither image data nor an existing image file"):
+        load_hf_examples("gqa", paths, "train", cols)[1]["train/0"]
+    with pytest.raises(DataFileNotFound, match=r"paths\[train\]: row 1, column 'q' .*holds 'b\?', which is neither"):
+        load_hf_examples("gqa", paths, "train", dict(cols, image="q"))[1]["train/1"]
+
+
+def test_hf_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.full((6, 6, 3), 9, np.uint8)).save(tmp_path / "imgs" / "a.png")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    for split in ("train", "validation"):
+        (ds / f"{split}.jsonl").write_text(json.dumps({"img": "../imgs/a.png", "q": "what?", "a": "x"}) + "\n")
+    elsewhere = tmp_path / "run" / "here"  # ../imgs from here is not tmp_path/imgs
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    _, src = load_hf_examples("gqa", str(ds), "train", {"image": "img", "question": "q", "answer": "a"})
+    assert src["train/0"].shape == (6, 6, 3) and (src["train/0"] == 9).all()
+
+
+def test_hf_datasets_library_errors_become_data_errors(tmp_path):
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    cols = {"image": "image", "question": "q", "answer": "a"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"hf_dataset='.*empty': the datasets library cannot load it "
+                                        r"\(EmptyDatasetError.*holds nothing \(an empty folder\)"):
+        load_hf_examples("gqa", str(tmp_path / "empty"), "train", cols)
+    no_rows = _hf_dict(tmp_path / "no_rows", {"image": [], "q": [], "a": []})
+    with pytest.raises(DataError, match=r"no_rows': the datasets library cannot load it .*a saved DatasetDict with "
+                                        r"splits 'train' \(0 data files\)"):
+        load_hf_examples("gqa", no_rows, "train", cols)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "train.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
+    (mixed / "validation.csv").write_text("image,q,a\na.png,q,a\n")
+    with pytest.raises(DataError, match=r"mixed': the datasets library cannot load it \(ValueError: Couldn't infer "
+                                        r"the same data file format.*2 entries \['train\.jsonl', 'validation\.csv'\]"):
+        load_hf_examples("gqa", str(mixed), "train", cols)

@@ -169,13 +169,22 @@ def test_offload_moves_state_off_the_device():
 
 
 def test_every_registry_backbone_offline():
-    """t5-11b, flan-t5-xxl ... with ViT-L-14 images: estimated on the meta device, no download."""
-    from vlscale.modeling.backbones import list_backbones
+    """t5-11b, flan-t5-xxl ... with ViT-L-14 images: estimated on the meta device, no download. A BART
+    with fewer learned positions than ViT-L-14's 256 tokens + the text (mini-bart: 128) is refused with
+    it, and estimated with ViT-B-32 (49 tokens)."""
+    from vlscale.config import ConfigError
+    from vlscale.modeling.backbones import list_backbones, lm_config
 
     peaks = {}
     for name in list_backbones():
-        cfg = load_config("tiny", [f"model.backbone={name}", "model.vision=ViT-L-14", "data.tasks=[vqa]",
-                                 "train.precision=bf16", "train.zero_stage=3", "train.micro_batch_size=8"])
+        args = [f"model.backbone={name}", "data.tasks=[vqa]", "train.precision=bf16", "train.zero_stage=3",
+                "train.micro_batch_size=8"]
+        vision = "ViT-L-14"
+        if getattr(lm_config(name), "max_position_embeddings", 1e9) < 256 + 40:
+            with pytest.raises(ConfigError, match=f"more than {name}'s"):
+                estimate_memory(load_config("tiny", [*args, f"model.vision={vision}"]), 8)
+            vision = "ViT-B-32"
+        cfg = load_config("tiny", [*args, f"model.vision={vision}"])
         est = estimate_memory(cfg, 8)
         c = est.components
         assert all(c[k] >= 0 for k in ("params", "grads", "optimizer", "activations", "buffers")), (name, c)
@@ -293,3 +302,60 @@ def test_launcher_json(capsys, launcher):
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
     assert "disk: a checkpoint writes" in text and "(2 kept + the one written)" in text
     assert profile_memory.main(["--world-size", "0"]) == 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--deepspeed", "/nonexistent.json"], ["DeepSpeed config file '/nonexistent.json' does not exist"]),
+    (["--write-config", "ds.json"], ["--write-config ds.json", "--budget"]),
+    (["--steps", "0", "--measure"], ["--steps=0 must be >= 1"]),
+    (["--budget", "0"], ["--budget='0' must be a positive size"]),
+    (["--top", "-1", "--budget", "80GiB"], ["--top=-1 must be >= 1"]),
+    (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?"]),
+])
+def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path, argv, words):
+    """Each was accepted before: a missing --deepspeed fell back to a built-in dict, --write-config without
+    --budget wrote nothing and said nothing, --steps 0 "measured" nothing, --top -1 printed every row."""
+    from vlscale.profiling import measure
+
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.chdir(tmp_path)
+    assert launcher("profile_memory").main(["--config", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not started
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "ds.json").exists()
+
+
+def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, launcher, monkeypatch, tmp_path):
+    """As launchers/train.py: ds_configs/zero2.json works from any directory (it was silently replaced by
+    the built-in dict, at ZeRO-3, when run from elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    assert launcher("profile_memory").main(["--config", "tiny", "--deepspeed", "ds_configs/zero2.json", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["zero_stage"] == 2
+
+
+def test_inspect_model_counts_the_model_the_trainer_builds(capsys, launcher):
+    """The trainer sizes the vocabulary by the tokenizer (the synthetic world's 721 tokens for tiny backbones),
+    not the registry's 1100: inspect_model counts the same model."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine.trainer import build_model_for_run
+    from vlscale.peft.trainable import count_parameters
+
+    for overrides in ([], ["model.backbone=tiny-bart", "model.extra_special_tokens=3"]):
+        cfg = load_config("tiny", overrides)
+        model, _ = build_model_for_run(cfg, {"zero_optimization": {"stage": 0}}, len(build_tokenizer(cfg)),
+                                       torch.float32)
+        trained = count_parameters(model)
+        assert launcher("inspect_model").main(["--config", "tiny", *overrides, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["vocab_size"] == model.lm.get_input_embeddings().num_embeddings
+        assert report["vocab_source"] == "the run's tokenizer"
+        for key in ("trainable", "total", "total_without_vision"):
+            assert report[key] == trained[key], key
+    assert report["vocab_size"] == 721 + 3
+    # a hub backbone's tokenizer is not loaded offline: the registry's vocabulary, said so
+    assert launcher("inspect_model").main(["--config", "tiny", "model.backbone=t5-small"]) == 0
+    assert "vocabulary 32,128 (the registry's 32,128; the tokenizer (t5-small) is not loaded offline" in \
+        capsys.readouterr().out

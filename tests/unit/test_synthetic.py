@@ -66,6 +66,17 @@ def test_disk_cache_gives_the_same_data(task, monkeypatch):
     assert split_cache_dir(split_params(task, "val", 10, 1, 64)) != path
 
 
+def test_content_params_name_what_decides_an_ids_image():
+    """Feature caches of the world record content_params: every generator input but those the id
+    carries (task, split, index) and the split size (the first n examples do not depend on it)."""
+    cfg = load_config("tiny", ["data.synthetic_seed=3", "data.image_size=32", "data.synthetic_train=7"])
+    assert syn.content_params(cfg) == {"generator": syn.GENERATOR_VERSION, "seed": 3, "image_size": 32}
+    assert set(split_params("vqa", "train", 7, 3, 32)) - {"task", "split", "n"} == {"version", "seed", "image_size"}
+    one = generate_split("vqa", "train", 1, seed=3, image_size=32).visuals["vqa_train_000000"]
+    assert not np.array_equal(one, generate_split("vqa", "train", 1, seed=4, image_size=32).visuals["vqa_train_000000"])
+    assert one.shape != generate_split("vqa", "train", 1, seed=3, image_size=16).visuals["vqa_train_000000"].shape
+
+
 def test_shapes_and_record_structure():
     vqa = generate_split("vqa", "train", 40)
     for e in vqa.examples:

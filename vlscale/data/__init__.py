@@ -11,11 +11,15 @@
         ...                         # batch["valid"]: False for padding (every rank gets as many batches)
 
 Examples come from the synthetic world (``data.source=synthetic``, vlscale.data.synthetic) or the
-real datasets (vlscale.data.real); the batch dict is documented in vlscale.data.collate.
+real datasets (vlscale.data.real); the batch dict is documented in vlscale.data.collate. Before
+the first batch, :func:`check_visual_ids` checks that every example's visual ids resolve in its
+source (files exist, ids are in the cache index; nothing is decoded), so missing images or
+features stop the run at start-up, not mid-training.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator, Optional
 
@@ -26,8 +30,11 @@ from vlscale.data.multitask import MultitaskSampler, shard
 from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
 from vlscale.data.tokenizer import build_tokenizer
 
-__all__ = ["build_tokenizer", "load_examples", "build_visual_source", "build_train_loader", "eval_batches",
-           "TrainLoader", "Collator", "MultitaskSampler", "shard", "Example", "TaskSpec", "TASKS", "get_task"]
+__all__ = ["build_tokenizer", "load_examples", "build_visual_source", "check_visual_ids", "build_train_loader",
+           "eval_examples", "eval_batches", "TrainLoader", "Collator", "MultitaskSampler", "shard", "Example", "TaskSpec", "TASKS",
+           "get_task"]
+
+logger = logging.getLogger(__name__)
 
 
 def load_examples(cfg, task: str, split: str) -> list[Example]:
@@ -50,17 +57,71 @@ def build_visual_source(cfg, task: str, split: str):
 
         return real_visual_source(cfg, task, split)
     if cfg.model.feature_source == "cache":
-        from vlscale.data.features import FeatureCache
+        from vlscale.data.features import FeatureCache, model_feature_dim
+        from vlscale.data.synthetic import content_params
 
         if not cfg.data.feature_cache:
             raise ValueError("model.feature_source=cache needs data.feature_cache=DIR (make it with "
                              "python launchers/extract_features.py --synthetic --out DIR)")
+        kind = "frames" if spec.modality == "video" else "grid"
         return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
-                            expect_kind="frames" if spec.modality == "video" else "grid")
+                            expect_kind=kind, synthetic=content_params(cfg), expect_dim=model_feature_dim(cfg, kind))
     from vlscale.data.synthetic import synthetic_split
     from vlscale.data.visual import SyntheticImages
 
     return SyntheticImages(synthetic_split(cfg, task, split).visuals, name=f"synthetic world ({task}/{split})")
+
+
+def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list:
+    """``examples``, after checking that ``source`` holds every visual id they name.
+
+    Only existence is checked (one folder listing, or index lookups; nothing is decoded). Missing
+    ids raise DataError naming the task, split, how many, the first few and where they were looked
+    for; with ``data.skip_bad_records=true`` the examples naming them are dropped instead, with a
+    logged count (an ExampleList keeps counting them in ``skipped``).
+    """
+    from vlscale.data.real import DataError, ExampleList
+    from vlscale.data.visual import missing_ids
+
+    missing = missing_ids(source, (i for e in examples for i in e.image_ids))
+    if not missing:
+        return examples
+    lost = set(missing)
+    bad = [e for e in examples if any(i in lost for i in e.image_ids)]
+    files = sorted({e.source for e in bad if e.source})
+    what = (f"{task}/{split}: {len(missing)} visual id(s) named by {len(bad)} of {len(examples)} examples "
+            f"{'(' + ', '.join(files[:3]) + ') ' if files else ''}are not in {source!r}: "
+            f"first {missing[:5]}")
+    if not cfg.data.skip_bad_records:
+        raise DataError(f"{what}; add them (a feature cache: run launchers/extract_features.py over this split), "
+                        "or set data.skip_bad_records=true to drop those examples")
+    logger.warning(f"{what}; dropped those {len(bad)} examples (data.skip_bad_records=true)")
+    kept = [e for e in examples if not any(i in lost for i in e.image_ids)]
+    if isinstance(examples, ExampleList):
+        out = ExampleList(kept, source=examples.source)
+        out.merge_skips(examples)
+        out.skipped += len(bad)
+        if len(out.skip_messages) < 20:
+            out.skip_messages.append(what)
+        return out
+    return kept
+
+
+def _no_examples(cfg, task: str, split: str, examples: list, loaded: int) -> Exception:
+    """The error for a split with no (usable) examples, naming the file it was read from."""
+    from vlscale.data.real import DataError
+
+    where = f"data.source={cfg.data.source}"
+    if getattr(examples, "source", None):
+        where += f", read from {examples.source}"
+    if loaded:
+        why = f"all {loaded} dropped (data.skip_bad_records=true: their images/features are missing)"
+    elif getattr(examples, "skipped", 0):
+        why = f"{examples.skipped} malformed record(s) skipped, none left"
+    else:
+        why = "the file holds none" if getattr(examples, "source", None) else "none"
+    what = "training examples" if split == "train" else "examples to evaluate"
+    return DataError(f"task {task!r} has no {what} in split {split!r} ({where}): {why}")
 
 
 class TrainLoader:
@@ -75,8 +136,12 @@ class TrainLoader:
         self.examples = {t: load_examples(cfg, t, "train") for t in cfg.data.tasks}
         for t, ex in self.examples.items():
             if not ex:
-                raise ValueError(f"task {t!r} has no training examples (data.source={cfg.data.source})")
+                raise _no_examples(cfg, t, "train", ex, 0)
         self.sources = {t: build_visual_source(cfg, t, "train") for t in cfg.data.tasks}
+        for t, ex in self.examples.items():
+            self.examples[t] = check_visual_ids(cfg, t, "train", ex, self.sources[t])
+            if not self.examples[t]:
+                raise _no_examples(cfg, t, "train", self.examples[t], len(ex))
         self.collator = Collator(tokenizer, cfg, vision_transform)
         self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
                                         self.micro * world_size * self.accum, seed=cfg.train.seed,
@@ -135,6 +200,22 @@ def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, visio
     return TrainLoader(cfg, tokenizer, rank, world_size, vision_transform)
 
 
+def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None) -> tuple[list, object]:
+    """The (first ``max_examples``) examples of ``task`` / ``split`` to evaluate and their visual source,
+    checked: some examples, every visual id present (:func:`check_visual_ids`). The trainer calls it at
+    start-up for the splits it will evaluate, so a bad file shows before training, not after."""
+    examples = load_examples(cfg, task, split)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    if not examples:
+        raise _no_examples(cfg, task, split, examples, 0)
+    source = build_visual_source(cfg, task, split)
+    loaded, examples = len(examples), check_visual_ids(cfg, task, split, examples, source)
+    if not examples:
+        raise _no_examples(cfg, task, split, examples, loaded)
+    return examples, source
+
+
 def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  max_examples: Optional[int] = None, vision_transform=None) -> Iterator[dict]:
     """Batches of this rank's share (strided) of ``task`` / ``split``; ``batch["valid"]`` marks real examples.
@@ -146,12 +227,7 @@ def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: i
         raise ValueError(f"eval batch_size={batch_size} must be > 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    examples = load_examples(cfg, task, split)
-    if max_examples is not None:
-        examples = examples[:max_examples]
-    if not examples:
-        raise ValueError(f"{task}/{split}: no examples to evaluate")
-    source = build_visual_source(cfg, task, split)
+    examples, source = eval_examples(cfg, task, split, max_examples)
     collator = Collator(tokenizer, cfg, vision_transform)
     per_rank = math.ceil(len(examples) / world_size)
     mine = list(range(rank, len(examples), world_size))

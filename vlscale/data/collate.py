@@ -142,12 +142,23 @@ class Collator:
 
 
 def fetch_visuals(source, examples: Sequence[Example]) -> list[list]:
-    """``[[source[id] for id in e.image_ids] for e in examples]``, with the example named on failure."""
+    """``[[source[id] for id in e.image_ids] for e in examples]``, with the example named on failure
+    (a missing id: KeyError; an unreadable file: the source's DataError, the example added). Features
+    holding NaN or inf are refused here, naming them, rather than as a non-finite loss later."""
+    from vlscale.data.real import DataError, DataFileNotFound
+
     out = []
     for e in examples:
+        where = f"{e.task} example {e.uid!r}" + (f" (from {e.source})" if e.source else "")
         try:
-            out.append([source[i] for i in e.image_ids])
+            items = [source[i] for i in e.image_ids]
         except KeyError as err:
-            raise KeyError(f"{e.task} example {e.uid!r}" + (f" (from {e.source})" if e.source else "")
-                           + f": {err.args[0] if err.args else err}") from None
+            raise KeyError(f"{where}: {err.args[0] if err.args else err}") from None
+        except DataError as err:
+            cls = DataFileNotFound if isinstance(err, FileNotFoundError) else DataError
+            raise cls(f"{where}: {err}") from err
+        for i, x in zip(e.image_ids, items):
+            if _is_features(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise DataError(f"{where}: the features of {i!r} in {source!r} hold NaN or inf")
+        out.append(items)
     return out

@@ -3,7 +3,8 @@
 Layout of a cache folder (written by launchers/extract_features.py through :func:`extract_features`):
 
     meta.json                   {"vision", "pretrained", "kind": "grid" | "frames", "tokens",
-                                 "grid_shape", "dim", "dtype", "image_size", "format"}
+                                 "grid_shape", "dim", "dtype", "image_size", "format",
+                                 "synthetic": null | {"generator", "seed", "image_size"}}
     index.json                  {image_id: shard file name}
     shard_00000.safetensors     one tensor per id: (T, D) raw grid / patch tokens of an image,
     shard_00001.safetensors     or (F, E) per-frame CLIP embeddings of a video
@@ -13,7 +14,12 @@ leaves a valid cache; a re-run skips the ids already in the index. One writer at
 (an exclusive lock on ``.lock``): a second extraction into the same cache waits for the first to
 finish, then skips what it wrote. Features are stored in fp32 (or
 fp16 on request) and always read back as fp32. :class:`FeatureCache` checks ``meta.json`` against
-the run's vision model, so features of one CLIP model are never fed to a model built for another.
+the run's vision model, so features of one CLIP model are never fed to a model built for another,
+and (``synthetic``) against the synthetic world's settings that decide what an id's image is
+(generator version, ``data.synthetic_seed``, ``data.image_size``): the world's ids name different
+images under other settings. A cache made before ``synthetic`` was recorded is refused for the
+synthetic world (re-extract it) and accepted for real data. Every problem with a cache raises
+``DataError`` (``DataFileNotFound`` for missing files) naming the cache folder or file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from vlscale.data.real import DataError, DataFileNotFound
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
@@ -47,44 +56,89 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _read_json(path: Path, what: str):
+def _read_json(path: Path, what: str) -> dict:
+    """A cache's JSON object file (meta.json, index.json)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"feature cache {path.parent}: {path.name} is missing "
-                                f"({what}); make the cache with launchers/extract_features.py") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"feature cache {path}: not valid JSON ({e})") from e
+        raise DataFileNotFound(f"feature cache {path.parent}: {path.name} is missing "
+                               f"({what}); make the cache with launchers/extract_features.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"feature cache {path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise DataError(f"feature cache {path}: expected a JSON object ({what}), got {type(data).__name__} "
+                        f"{json.dumps(data)[:60]}; make the cache with launchers/extract_features.py")
+    return data
+
+
+def _synthetic_problem(cached, now) -> Optional[str]:
+    """Why features made for the synthetic world ``cached`` (None: real images) don't fit ``now``."""
+    if cached == now:
+        return None
+    if now is None:
+        return f"holds synthetic-world features ({cached}) but the run reads real data"
+    if cached is None:
+        return f"holds features of real images but the run uses the synthetic world ({now})"
+    names = {"seed": "data.synthetic_seed", "image_size": "data.image_size", "generator": "generator version"}
+    diff = ", ".join(f"{names.get(k, k)}: cached {cached.get(k)!r}, run {now.get(k)!r}"
+                     for k in now if cached.get(k) != now.get(k))
+    return f"was made from other synthetic-world images ({diff or cached})"
 
 
 class FeatureCache:
     """A :class:`~vlscale.data.visual.VisualSource` of kind ``"features"`` over a cache folder.
 
-    ``vision`` (and ``pretrained``, when given) must match what the cache was made with.
+    ``vision`` (and ``pretrained``, ``synthetic``, when given) must match what the cache was made
+    with; ``synthetic`` is the world's :func:`~vlscale.data.synthetic.content_params`, or None for
+    real data. ``expect_dim``: the feature width the model takes (checked against ``meta.json`` here
+    and against each tensor as it is read, with its shape).
     """
 
     kind = "features"
 
-    def __init__(self, root, vision: Optional[str] = None, pretrained=_UNSET, expect_kind: Optional[str] = None):
+    def __init__(self, root, vision: Optional[str] = None, pretrained=_UNSET, expect_kind: Optional[str] = None,
+                 synthetic=_UNSET, expect_dim: Optional[int] = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"feature cache folder {self.root} does not exist; make it with "
-                                    "launchers/extract_features.py (data.feature_cache)")
+            raise DataFileNotFound(f"feature cache folder {self.root} does not exist; make it with "
+                                   "launchers/extract_features.py (data.feature_cache)")
         self.meta = _read_json(self.root / META_FILE, "what model made the features")
         self.index = _read_json(self.root / INDEX_FILE, "which shard holds each id")
         meta_file = self.root / META_FILE
         if vision is not None and self.meta.get("vision") != vision:
-            raise ValueError(f"feature cache {meta_file}: features are from vision={self.meta.get('vision')!r}, "
-                             f"but the run uses model.vision={vision!r}; extract features for {vision!r} "
-                             "or point data.feature_cache at a matching cache")
+            raise DataError(f"feature cache {meta_file}: features are from vision={self.meta.get('vision')!r}, "
+                            f"but the run uses model.vision={vision!r}; extract features for {vision!r} "
+                            "or point data.feature_cache at a matching cache")
         if pretrained is not _UNSET and not _same_pretrained(self.meta.get("pretrained"), pretrained):
-            raise ValueError(f"feature cache {meta_file}: features are from pretrained="
-                             f"{self.meta.get('pretrained')!r}, but the run uses "
-                             f"model.vision_pretrained={pretrained!r}")
+            raise DataError(f"feature cache {meta_file}: features are from pretrained="
+                            f"{self.meta.get('pretrained')!r}, but the run uses "
+                            f"model.vision_pretrained={pretrained!r}")
         if expect_kind is not None and self.meta.get("kind") != expect_kind:
-            raise ValueError(f"feature cache {meta_file}: holds kind={self.meta.get('kind')!r} features, "
-                             f"the task needs {expect_kind!r} ('grid' for images, 'frames' for video)")
+            raise DataError(f"feature cache {meta_file}: holds kind={self.meta.get('kind')!r} features, "
+                            f"the task needs {expect_kind!r} ('grid' for images, 'frames' for video)")
+        if synthetic is not _UNSET:
+            if "synthetic" not in self.meta and synthetic is not None:
+                raise DataError(f"feature cache {meta_file}: does not record which synthetic world it was made "
+                                f"from (made by an older vlscale); the run's is {synthetic}. Re-extract it: "
+                                "python launchers/extract_features.py --synthetic ... --out NEW_DIR")
+            problem = _synthetic_problem(self.meta.get("synthetic"), synthetic)
+            if problem:
+                raise DataError(f"feature cache {meta_file}: {problem}; re-extract with launchers/"
+                                "extract_features.py for this run's data, or point data.feature_cache elsewhere")
+        for key in ("dim", "tokens"):
+            value = self.meta.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise DataError(f"feature cache {meta_file}: {key}={value!r} must be a positive integer")
+        self.expect_dim = expect_dim
+        if expect_dim is not None and self.meta.get("dim") not in (None, expect_dim):
+            raise DataError(f"feature cache {meta_file}: holds {self.meta['dim']}-d features, but "
+                            f"model.vision={self.meta.get('vision')!r} takes {expect_dim}-d ones; the cache "
+                            "was not made by launchers/extract_features.py for this model, re-extract it")
+        bad = next((k for k, v in self.index.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise DataError(f"feature cache {self.root / INDEX_FILE}: id {bad!r} maps to {self.index[bad]!r}, "
+                            "expected a shard file name")
         self._handles: dict = {}
 
     @property
@@ -106,18 +160,60 @@ class FeatureCache:
         except KeyError:
             raise KeyError(f"{self.name}: no features for id {image_id!r} ({len(self.index)} ids cached; "
                            "run launchers/extract_features.py over this split)") from None
+        path = self.root / shard
         handle = self._handles.get(shard)
-        if handle is None:
-            from safetensors import safe_open
+        try:
+            if handle is None:
+                if not path.exists():
+                    raise DataFileNotFound(f"{self.name}: shard {path} named in {INDEX_FILE} is missing")
+                handle = self._handles[shard] = safe_open(str(path), framework="pt")
+            feats = handle.get_tensor(image_id)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{self.name}: cannot read the features of id {image_id!r} from shard {path} "
+                            f"({type(e).__name__}: {e}); re-extract the cache") from e
+        self._check(feats, image_id, path)
+        return feats.float()
 
-            path = self.root / shard
-            if not path.exists():
-                raise FileNotFoundError(f"{self.name}: shard {path} named in {INDEX_FILE} is missing")
-            handle = self._handles[shard] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(image_id).float()
+    def _check(self, feats: torch.Tensor, image_id: str, path: Path) -> None:
+        """A (T, D) grid or (F, E) frame matrix of real numbers, of the width meta.json (and the model) say."""
+        want = {"dim": self.meta.get("dim"), "tokens": self.meta.get("tokens") if self.meta.get("kind") == "grid"
+                else None}
+        problem = None
+        if feats.dim() != 2 or 0 in feats.shape:
+            problem = f"has shape {tuple(feats.shape)}, expected a non-empty 2-d (tokens, dim) matrix"
+        elif not (feats.is_floating_point() or feats.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
+                                                               torch.int64)):
+            problem = f"has dtype {feats.dtype}, expected real numbers"
+        elif want["dim"] is not None and feats.shape[1] != want["dim"]:
+            problem = f"is {feats.shape[1]}-d, but {META_FILE} says dim={want['dim']}"
+        elif self.expect_dim is not None and feats.shape[1] != self.expect_dim:
+            problem = f"is {feats.shape[1]}-d, but model.vision={self.meta.get('vision')!r} takes {self.expect_dim}-d"
+        elif want["tokens"] is not None and feats.shape[0] != want["tokens"]:
+            problem = f"has {feats.shape[0]} tokens, but {META_FILE} says tokens={want['tokens']}"
+        if problem:
+            raise DataError(f"{self.name}: the features of id {image_id!r} in shard {path} {problem}")
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r}, vision={self.meta.get('vision')!r}, {len(self.index)} ids)"
+
+
+def model_feature_dim(cfg, kind: str) -> Optional[int]:
+    """The feature width the V&L model built from ``cfg`` takes: the CLIP embedding (video frames) or
+    grid width (images) of ``model.vision``; None when unknown here (the model's own check applies)."""
+    from vlscale.data.tasks import get_task
+
+    video = any(get_task(t).modality == "video" for t in cfg.data.tasks)
+    if kind == "grid" and video:  # the model then takes one width for all its tasks: leave it to the model
+        return None
+    try:
+        from vlscale.modeling.vision import vision_dims
+
+        dims = vision_dims(cfg.model.vision)
+    except (KeyError, ImportError):
+        return None
+    return int(dims["embed_dim"] if kind == "frames" else dims["grid_dim"])
 
 
 def _lock_folder(root: Path):
@@ -160,8 +256,8 @@ class FeatureWriter:
             diff = {k: (old.get(k), v) for k, v in meta.items() if k not in ("tokens", "dim", "grid_shape")
                     and old.get(k) != v}
             if diff:
-                raise ValueError(f"feature cache {meta_path} was made with different settings "
-                                 f"(key: (cached, now)) {diff}; use another --out folder")
+                raise DataError(f"feature cache {meta_path} was made with different settings "
+                                f"(key: (cached, now)) {diff}; use another --out folder")
             self.meta = old
         else:
             self.meta = meta
@@ -222,12 +318,14 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
-                     progress: bool = True, device="cpu") -> dict:
+                     progress: bool = True, device="cpu", synthetic: Optional[dict] = None) -> dict:
     """Encode ``source[id]`` for every id into the cache at ``out_dir``; ids already there are skipped.
 
     Images: ``encoder.encode_grid(transform(images))`` -> (T, D) each. Video (``video=True``):
     ``encoder.encode_global(transform(frames))`` -> (F, E) per video. ``batch_size`` counts images
-    (video: frames; a video longer than that is one batch of its own).
+    (video: frames; a video longer than that is one batch of its own). ``synthetic``: the synthetic
+    world's :func:`~vlscale.data.synthetic.content_params` when the images are the world's (recorded
+    in meta.json, checked by :class:`FeatureCache`), None for real images.
     """
     from tqdm.auto import tqdm
 
@@ -238,7 +336,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
             "dtype": dtype, "image_size": int(getattr(encoder, "image_size", 0)) or None,
             "grid_shape": None if video or grid_side is None else [int(grid_side), int(grid_side)],
             "dim": getattr(encoder, "embed_dim" if video else "grid_dim", None),
-            "tokens": None if video or grid_side is None else int(grid_side) ** 2}
+            "tokens": None if video or grid_side is None else int(grid_side) ** 2, "synthetic": synthetic}
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}

@@ -7,7 +7,7 @@ Each file is a JSON list of questions::
 
 ``target`` is the highest-scoring ``label`` answer (ties: alphabetically first), ``references``
 is ``[target]`` (GQA is scored by exact match), ``extra["label"]`` keeps the scores. A record
-without a non-empty ``label`` is malformed (the unlabeled submission split is not supported).
+without a non-empty ``label`` with a positive score is malformed (the unlabeled submission split is not supported).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def parse_gqa(rec: Record) -> list[Example]:
     question = rec.text("sent")
     qid = rec.ident("question_id")
     label = rec.score_map("label", allow_empty=False)
+    if max(label.values()) <= 0:
+        raise rec.error("label", f"has no answer with a score above 0: {label}")
     gold = best_answer(label)
     return [Example(task="gqa", uid=qid, text=question, target=gold, image_ids=[img_id],
                     references=[gold], extra={"label": label}, source=rec.path)]

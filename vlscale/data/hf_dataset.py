@@ -20,7 +20,9 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
 
 The images become a :class:`HFImageSource` (a VisualSource of kind "images"): ``source[image_id]``
 decodes that row's image to a uint8 (H, W, 3) RGB array on demand from the memory-mapped Arrow table, so nothing is held twice in memory.
-Video tasks are not supported through this path.
+Relative image paths in a local dataset resolve against its folder (then the current directory).
+An image that cannot be read raises DataError naming the dataset, split, row and column. Video
+tasks are not supported through this path.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlscale.data.real import DataError, ExampleList, Record, best_answer, parse_records
+from vlscale.data.real import DataError, DataFileNotFound, ExampleList, Record, best_answer, parse_records
 from vlscale.data.tasks import Example, get_task
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,28 @@ COLUMN_ROLES = ("image", "image_id", "question", "text", "answer", "answers", "c
                 "label", "id", "group")
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 HF_TASKS = ("vqa", "gqa", "caption", "nlvr2")
+
+
+def _folder_contents(path: Path) -> str:
+    """What a local dataset folder holds, for error messages: its splits and their data files, or its files."""
+    import json
+
+    info = path / "dataset_dict.json"
+    if info.is_file():
+        try:
+            splits = json.loads(info.read_text()).get("splits", [])
+        except (ValueError, AttributeError):
+            splits = []
+        parts = []
+        for name in splits:
+            try:
+                n = len(json.loads((path / name / "state.json").read_text()).get("_data_files", []))
+            except (OSError, ValueError, AttributeError):
+                n = "?"
+            parts.append(f"{name!r} ({n} data file{'' if n == 1 else 's'})")
+        return "a saved DatasetDict with splits " + (", ".join(parts) or "none")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    return f"{len(names)} entries {names[:10]}" if names else "nothing (an empty folder)"
 
 
 def open_hf_split(name_or_path: str, split: str):
@@ -52,9 +76,13 @@ def open_hf_split(name_or_path: str, split: str):
         if not path.is_dir():
             raise DataError(f"data.hf_dataset={name_or_path!r} is a file; give a dataset folder or a hub name")
         try:
-            obj = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            obj = datasets.load_dataset(str(path))
+            try:
+                obj = datasets.load_from_disk(str(path))
+            except FileNotFoundError:  # not a save_to_disk folder: a folder of data files
+                obj = datasets.load_dataset(str(path))
+        except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
+            raise DataError(f"data.hf_dataset={name_or_path!r}: the datasets library cannot load it "
+                            f"({type(e).__name__}: {e}); the folder holds {_folder_contents(path)}") from e
     else:
         try:
             obj = datasets.load_dataset(name_or_path)
@@ -103,13 +131,20 @@ def _roles(task: str, columns: dict, dataset_columns: list[str]) -> dict[str, An
 
 
 class HFImageSource:
-    """VisualSource over image columns of an HF dataset: ``source[image_id]`` -> uint8 (H, W, 3)."""
+    """VisualSource over image columns of an HF dataset: ``source[image_id]`` -> uint8 (H, W, 3).
+
+    ``name`` (e.g. ``path[train]``) and ``base_dir`` (a local dataset's folder, against which relative
+    image paths resolve) come into error messages and path lookups.
+    """
 
     kind = "images"
 
-    def __init__(self, dataset, locations: dict[str, tuple[int, str]]):
+    def __init__(self, dataset, locations: dict[str, tuple[int, str]], name: str = "HF dataset",
+                 base_dir=None):
         self.dataset = dataset
         self.locations = locations
+        self.name = name
+        self.base_dir = base_dir
         self._columns: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -130,28 +165,57 @@ class HFImageSource:
         except KeyError:
             raise KeyError(f"image id {image_id!r} is not in this HF dataset split") from None
         if column not in self._columns:
-            self._columns[column] = self.dataset.select_columns([column])
-        return decode_image(self._columns[column][row][column], f"row {row}, column {column!r}")
+            import datasets
+
+            data = self.dataset.select_columns([column])
+            if isinstance(data.features[column], datasets.Image):  # decode here, where errors get context
+                data = data.cast_column(column, datasets.Image(decode=False))
+            self._columns[column] = data
+        return decode_image(self._columns[column][row][column],
+                            f"{self.name}: row {row}, column {column!r} (image id {image_id!r})", self.base_dir)
 
 
-def decode_image(value, where: str = ""):
-    """An HF image cell (PIL image, {bytes|path} dict, file path or array) -> uint8 (H, W, 3)."""
+def decode_image(value, where: str = "", base_dir=None):
+    """An HF image cell (PIL image, {bytes|path} dict, file path or array) -> uint8 (H, W, 3).
+
+    Relative paths resolve against ``base_dir`` when given (then the current directory). Anything
+    unreadable raises DataError starting with ``where`` (the dataset, split, row and column).
+    """
     import numpy as np
     from PIL import Image
 
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        img = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        img = Image.open(value["path"])
-    elif isinstance(value, str) and value:
-        img = Image.open(value)
-    elif hasattr(value, "__array__"):
-        img = Image.fromarray(np.asarray(value))
-    else:
-        raise DataError(f"HF dataset {where}: cannot read an image from {type(value).__name__} {value!r:.60}")
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    where = where or "HF dataset"
+
+    def open_path(p: str):
+        tries = [Path(base_dir) / p] if base_dir is not None and not Path(p).is_absolute() else []
+        tries.append(Path(p))
+        full = next((t for t in tries if t.is_file()), None)
+        if full is None:
+            raise DataFileNotFound(f"{where}: holds {p!r}, which is neither image data nor an existing image "
+                                   f"file (looked for {' and '.join(map(str, tries))})")
+        return Image.open(full)
+
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            img = open_path(value["path"])
+        elif isinstance(value, str) and value:
+            img = open_path(value)
+        elif isinstance(value, (bytes, bytearray)) and value:
+            img = Image.open(io.BytesIO(value))
+        elif hasattr(value, "__array__"):
+            img = Image.fromarray(np.asarray(value))
+        else:
+            raise DataError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.60}")
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
+        what = f"{len(value['bytes'])} bytes" if isinstance(value, dict) and value.get("bytes") else f"{value!r:.60}"
+        raise DataError(f"{where}: cannot read an image from {what} ({type(e).__name__}: {e})") from e
 
 
 def _image_present(value) -> bool:
@@ -262,4 +326,5 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
 
     examples = parse_records(source_name, records(), parse, skip, (roles.get("id") or "id",))
     logger.info(f"{source_name}: {len(examples)} {task} examples, {len(locations)} images")
-    return examples, HFImageSource(ds, locations)
+    base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
+    return examples, HFImageSource(ds, locations, source_name, base_dir)

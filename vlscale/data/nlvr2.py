@@ -7,7 +7,8 @@ Each file is a JSON list of statements about a pair of images::
      "label": 0, "uid": "nlvr2_dev_0"}
 
 ``label`` is 0/1 (true/false and "True"/"False" are accepted too); ``target`` is "true" or
-"false"; ``image_ids`` are ``[img0, img1]``; ``uid`` is the record's ``uid`` (else the identifier).
+"false"; ``image_ids`` are ``[img0, img1]``; ``uid`` is the record's ``uid`` (else, when the key
+is absent, the identifier; an empty ``uid`` is malformed).
 
 Consistency groups: an identifier is ``split-set-pair-sentence``; the official NLVR2 evaluation
 (lil-lab/nlvr ``nlvr2/eval/metrics.py``) groups the examples of one *sentence* across its image
@@ -48,7 +49,10 @@ def parse_nlvr2(rec: Record) -> list[Example]:
     images = [rec.text("img0"), rec.text("img1")]
     sent = rec.text("sent")
     label = parse_bool_label(rec)
-    uid = rec.ident("uid", None) or identifier
+    uid = rec.ident("uid", None)
+    if uid is not None and not uid.strip():
+        raise rec.error("uid", "is an empty string (leave it out to use the identifier)")
+    uid = uid or identifier
     target = "true" if label else "false"
     return [Example(task="nlvr2", uid=uid, text=sent, target=target, image_ids=images,
                     references=[target],

@@ -143,13 +143,15 @@ class Record:
         return value if value is default and default is not _REQUIRED else str(value)
 
     def score_map(self, key: str, allow_empty: bool) -> dict[str, float]:
-        """An ``{answer: score}`` object with finite numeric scores."""
+        """An ``{answer: score}`` object with finite, non-negative numeric scores."""
         label = self.get(key, dict)
         if not label and not allow_empty:
             raise self.error(key, "is empty")
         for a, s in label.items():
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise self.error(key, f"score of answer {a!r} must be a number, got {_short(s)}")
+            if s < 0:
+                raise self.error(key, f"score of answer {a!r} must be >= 0, got {_short(s)}")
         return {str(a): float(s) for a, s in label.items()}
 
 
@@ -352,10 +354,10 @@ def load_real_examples(cfg, task: str, split: str) -> ExampleList:
 
 
 def _feature_cache(cfg, kind: str):
-    from vlscale.data.features import FeatureCache
+    from vlscale.data.features import FeatureCache, model_feature_dim
 
-    return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision,
-                        pretrained=cfg.model.vision_pretrained, expect_kind=kind)
+    return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
+                        expect_kind=kind, synthetic=None, expect_dim=model_feature_dim(cfg, kind))
 
 
 def real_visual_source(cfg, task: str, split: str):
@@ -371,12 +373,14 @@ def real_visual_source(cfg, task: str, split: str):
     if spec.modality == "video":
         if cfg.data.feature_cache:
             return _feature_cache(cfg, "frames")
+        from vlscale.data.features import model_feature_dim
         from vlscale.data.video import VideoFeatureFolder
         from vlscale.data.visual import ImageFolder
 
         features, frames = _root(cfg) / task / "features", _root(cfg) / task / "frames"
         if features.is_dir():
-            return VideoFeatureFolder(features, max_frames=cfg.model.max_frames)
+            return VideoFeatureFolder(features, max_frames=cfg.model.max_frames,
+                                      expect_dim=model_feature_dim(cfg, "frames"))
         if frames.is_dir():
             return ImageFolder(frames, pattern="{id}", video=True)
         raise DataFileNotFound(f"{task}: neither a frame-features folder {features} nor a frames folder "
@@ -423,6 +427,14 @@ class FirstOf:
 
     def ids(self) -> list[str]:
         return sorted({i for s in self.sources for i in s.ids()})
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """Ids none of the sources holds (each answers in bulk, for the ids still missing)."""
+        from vlscale.data.visual import missing_ids
+
+        for s in self.sources:
+            ids = missing_ids(s, ids) if ids else ids
+        return ids
 
     def __repr__(self) -> str:
         return f"FirstOf({self.sources})"

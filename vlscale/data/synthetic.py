@@ -582,6 +582,14 @@ def load_split(task: str, split: str, n: int, seed: int = 0, image_size: int = 6
     return data
 
 
+def content_params(cfg) -> dict:
+    """What decides the image (or video) behind a synthetic id: the generator version, the seed and
+    the image size (not the split sizes: the first ``n`` examples do not depend on ``n``). Feature
+    caches record it, and one made with other values is refused (vlscale.data.features)."""
+    return {"generator": GENERATOR_VERSION, "seed": int(cfg.data.synthetic_seed),
+            "image_size": int(cfg.data.image_size)}
+
+
 def split_size(cfg, split: str) -> int:
     return cfg.data.synthetic_train if split == "train" else cfg.data.synthetic_eval
 

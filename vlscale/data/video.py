@@ -22,13 +22,16 @@ per description (``uid`` "<clip_id>#<k>"), val/test one per clip (``uid`` = ``cl
 keeps ``ts`` (seconds), ``subtitle`` and, for QA, ``question``, ``candidates``, ``answer_text``.
 
 Frame features: :class:`VideoFeatureFolder` (a VisualSource of kind "features") reads
-``dir/<vid_name>.npy`` (an L x D array) or ``dir/<vid_name>.safetensors`` (tensor ``features``,
-or its only tensor) and returns a float32 tensor (L, D), evenly subsampled to ``max_frames``.
+``dir/<vid_name>.npy`` (an L x D array of real numbers) or ``dir/<vid_name>.safetensors`` (tensor
+``features``, or its only tensor) and returns a float32 tensor (L, D), evenly subsampled to
+``max_frames``. Both files for one video is ambiguous and refused; with ``expect_dim`` (the
+run's CLIP embedding width) D is checked as each file is read.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -99,11 +102,16 @@ def subtitle_text(lines: list[tuple[float, float, str]], ts: Optional[tuple[floa
 # ----------------------------------------------------------------------------- QA
 
 def _options(rec: Record) -> list[str]:
+    data = rec.data if isinstance(rec.data, dict) else {}
     options = []
-    while f"a{len(options)}" in (rec.data if isinstance(rec.data, dict) else {}):
+    while f"a{len(options)}" in data:
         options.append(rec.text(f"a{len(options)}"))
     if len(options) < 2:
         raise rec.error("a0" if not options else "a1", "is missing (need answer options a0, a1, ...)")
+    later = sorted(int(k[1:]) for k in data if k[:1] == "a" and k[1:].isdigit() and int(k[1:]) > len(options))
+    if later:
+        raise rec.error(f"a{len(options)}", f"is missing but a{later[0]} is present (answer options must be "
+                                            "a0, a1, ... without gaps)")
     return options
 
 
@@ -180,21 +188,38 @@ class VideoFeatureFolder:
 
     kind = "features"
 
-    def __init__(self, root, max_frames: Optional[int] = None):
+    SUFFIXES = (".npy", ".safetensors")
+
+    def __init__(self, root, max_frames: Optional[int] = None, expect_dim: Optional[int] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"video features folder {self.root} does not exist")
         self.max_frames = max_frames
+        self.expect_dim = expect_dim
+
+    def _ambiguous(self, vid: str, found: list) -> DataError:
+        return DataError(f"video {vid!r}: both {found[0]} and {found[1]} exist; keep one of them")
 
     def _path(self, vid: str) -> Optional[Path]:
-        for suffix in (".npy", ".safetensors"):
-            p = self.root / f"{vid}{suffix}"
-            if p.is_file():
-                return p
-        return None
+        found = [p for p in (self.root / f"{vid}{s}" for s in self.SUFFIXES) if p.is_file()]
+        if len(found) > 1:
+            raise self._ambiguous(vid, found)
+        return found[0] if found else None
 
     def __contains__(self, vid: str) -> bool:
         return self._path(vid) is not None
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """Videos without a features file, from one listing of the folder (two files for one: DataError)."""
+        names = {n for n in os.listdir(self.root) if n.endswith(self.SUFFIXES)}
+        out = []
+        for vid in ids:
+            found = [self.root / f"{vid}{s}" for s in self.SUFFIXES if f"{vid}{s}" in names]
+            if len(found) > 1:
+                raise self._ambiguous(vid, found)
+            if not found:
+                out.append(vid)
+        return out
 
     def ids(self) -> list[str]:
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in (".npy", ".safetensors")})
@@ -205,25 +230,44 @@ class VideoFeatureFolder:
     def __getitem__(self, vid: str):
         import numpy as np
         import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         path = self._path(vid)
         if path is None:
             raise KeyError(f"no frame features for video {vid!r}: neither {self.root / (vid + '.npy')} "
                            "nor .safetensors exists")
-        if path.suffix == ".npy":
-            feats = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(path))
-            if "features" in tensors:
-                feats = tensors["features"]
-            elif len(tensors) == 1:
-                feats = next(iter(tensors.values()))
+        try:
+            if path.suffix == ".npy":
+                array = np.load(path, allow_pickle=False)
+                if not isinstance(array, np.ndarray):
+                    raise DataError(f"{path} (video {vid!r}): holds {type(array).__name__}, expected one L x D array")
+                if array.dtype.kind not in "fiu":
+                    raise DataError(f"{path} (video {vid!r}): frame features have dtype {array.dtype}, expected "
+                                    "real numbers (a float or integer array)")
+                feats = torch.from_numpy(array)
             else:
-                raise DataError(f"{path}: holds tensors {sorted(tensors)}; expected one named 'features'")
+                tensors = load_file(str(path))
+                if "features" in tensors:
+                    feats = tensors["features"]
+                elif len(tensors) == 1:
+                    feats = next(iter(tensors.values()))
+                else:
+                    raise DataError(f"{path}: holds tensors {sorted(tensors)}; expected one named 'features'")
+                if feats.is_complex() or feats.dtype == torch.bool:
+                    raise DataError(f"{path} (video {vid!r}): frame features have dtype {feats.dtype}, expected "
+                                    "real numbers")
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, SafetensorError) as e:
+            raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
         if feats.ndim != 2 or feats.shape[0] == 0:
-            raise DataError(f"{path}: frame features must be a non-empty L x D matrix, got shape {tuple(feats.shape)}")
+            raise DataError(f"{path} (video {vid!r}): frame features must be a non-empty L x D matrix, got shape "
+                            f"{tuple(feats.shape)}")
+        if self.expect_dim is not None and feats.shape[1] != self.expect_dim:
+            raise DataError(f"{path} (video {vid!r}): frame features are {feats.shape[1]}-d, but the run's "
+                            f"model.vision embeds frames in {self.expect_dim}-d; extract the features with that "
+                            "CLIP model, or set model.vision to the one that made them")
         feats = feats.float()
         if self.max_frames and feats.shape[0] > self.max_frames:
             idx = torch.linspace(0, feats.shape[0] - 1, self.max_frames).round().long()

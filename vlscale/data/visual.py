@@ -9,15 +9,20 @@ A :class:`VisualSource` maps an image id to
 Implementations: :class:`SyntheticImages` (the synthetic world), :class:`ImageFolder` (files on
 disk, read with PIL) and :class:`~vlscale.data.features.FeatureCache`. An id the source does not
 hold raises ``KeyError`` naming the source and the id; an id whose file is missing raises
-``FileNotFoundError`` naming the file and the id.
+``DataFileNotFound`` (a ``FileNotFoundError``) and a file that cannot be decoded ``DataError``,
+both naming the file and the id. :func:`missing_ids` finds the ids a source lacks in bulk (file
+existence / index membership, nothing decoded): the loaders check every example's ids up front.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
+
+from vlscale.data.real import DataError, DataFileNotFound
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -60,18 +65,44 @@ class SyntheticImages:
         return f"SyntheticImages({self.name!r}, {len(self.visuals)} ids)"
 
 
-def load_image(path: Path) -> np.ndarray:
+def missing_ids(source, ids: Iterable[str]) -> list[str]:
+    """The distinct ids of ``ids`` that ``source`` does not hold, in first-seen order (nothing is read).
+
+    Sources with a ``missing(ids)`` method answer in bulk (one folder listing instead of a stat per
+    id); any other source is asked ``id in source``.
+    """
+    ids = list(dict.fromkeys(ids))
+    if hasattr(source, "missing"):
+        return source.missing(ids)
+    return [i for i in ids if i not in source]
+
+
+def fold_suffix(name: str) -> str:
+    """``name`` with an image suffix lower-cased (``x.JPG`` -> ``x.jpg``): how ImageFolder matches files."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.{suffix.lower()}" if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
+
+
+def load_image(path: Path, what: str = "") -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3); an unreadable file raises DataError naming it (and ``what``)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataFileNotFound(f"{what + ': ' if what else ''}file {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{what + ': ' if what else ''}cannot read image {path} "
+                        f"({type(e).__name__}: {e})") from e
 
 
 class ImageFolder:
     """Images in a folder: ``root / pattern.format(id=image_id)``, read with PIL as RGB uint8.
 
     With ``video=True`` the pattern names a folder of frame images (sorted by file name) and an
-    item is the list of frames.
+    item is the list of frames. Image suffixes match in any case (``{id}.jpg`` finds ``x.JPG``),
+    as launchers/extract_features.py names ``x.JPG`` id ``x``.
     """
 
     kind = "images"
@@ -84,29 +115,54 @@ class ImageFolder:
             raise ValueError(f"ImageFolder pattern {pattern!r} must contain '{{id}}'")
         self.pattern = pattern if not (video and pattern == "{id}.jpg") else "{id}"
         self.video = video
+        self._folded = None  # fold_suffix(file name) -> file name, listed on the first miss
+
+    def _listing(self) -> tuple[set, dict]:
+        """One scan of ``root``: the names of its entries of our kind, and their suffix-folded names."""
+        with os.scandir(self.root) as it:
+            names = {e.name for e in it if (e.is_dir() if self.video else e.is_file())}
+        return names, {fold_suffix(n): n for n in names}
 
     def path(self, image_id: str) -> Path:
-        return self.root / self.pattern.format(id=image_id)
+        path = self.root / self.pattern.format(id=image_id)
+        if self.video or path.is_file() or path.parent != self.root:
+            return path
+        if self._folded is None:
+            self._folded = self._listing()[1]
+        name = self._folded.get(fold_suffix(path.name))
+        return self.root / name if name else path
 
     def __getitem__(self, image_id: str):
         path = self.path(image_id)
         if self.video:
             if not path.is_dir():
-                raise FileNotFoundError(f"video {image_id!r}: frame folder {path} does not exist")
+                raise DataFileNotFound(f"video {image_id!r}: frame folder {path} does not exist")
             frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not frames:
-                raise FileNotFoundError(f"video {image_id!r}: no frame images ({IMAGE_SUFFIXES}) in {path}")
-            return [load_image(p) for p in frames]
+                raise DataFileNotFound(f"video {image_id!r}: no frame images ({IMAGE_SUFFIXES}) in {path}")
+            return [load_image(p, f"video {image_id!r}") for p in frames]
         if not path.is_file():
-            raise FileNotFoundError(f"image {image_id!r}: file {path} does not exist")
-        try:
-            return load_image(path)
-        except OSError as e:
-            raise OSError(f"image {image_id!r}: cannot read {path}: {e}") from e
+            raise DataFileNotFound(f"image {image_id!r}: file {path} does not exist")
+        return load_image(path, f"image {image_id!r}")
 
     def __contains__(self, image_id: str) -> bool:
         path = self.path(image_id)
         return path.is_dir() if self.video else path.is_file()
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """Ids without a file (video: a frame folder), from one listing of ``root``."""
+        names, folded = self._listing()
+        self._folded = folded
+        out = []
+        for i in ids:
+            name = self.pattern.format(id=i)
+            if "/" in name:
+                found = i in self
+            else:
+                found = name in names or (not self.video and fold_suffix(name) in folded)
+            if not found:
+                out.append(i)
+        return out
 
     def ids(self) -> list[str]:
         """Ids found on disk (for patterns ``{id}<suffix>``, or folders with ``video``)."""
@@ -115,8 +171,10 @@ class ImageFolder:
         prefix, _, suffix = self.pattern.partition("{id}")
         if "/" in prefix or "{" in suffix:
             raise ValueError(f"cannot list ids for pattern {self.pattern!r}")
-        return sorted(p.name[len(prefix):len(p.name) - len(suffix)] for p in self.root.iterdir()
-                      if p.is_file() and p.name.startswith(prefix) and p.name.endswith(suffix))
+        suffix = fold_suffix("x" + suffix)[1:]
+        names = (fold_suffix(n) for n in self._listing()[0])
+        return sorted(n[len(prefix):len(n) - len(suffix)] for n in names
+                      if n.startswith(prefix) and n.endswith(suffix) and len(n) > len(prefix) + len(suffix))
 
     def __repr__(self) -> str:
         return f"ImageFolder({str(self.root)!r}, pattern={self.pattern!r}, video={self.video})"

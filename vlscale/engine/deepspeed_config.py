@@ -22,16 +22,20 @@ per step (the default model on 2 CPU ranks: 0.66 -> 0.47 s a step, per-round rat
 ``benchmarks/zero3_leaf.py``; the comm accounting of ``vlscale.engine.comm`` counts that re-gather).
 
 A concrete value in the file that disagrees with the run config is an error naming the key and
-both values; an ``"auto"`` that nothing resolves is an error too. ``nvme_path: "auto"`` (ZeRO-
-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
+both values; an ``"auto"`` that nothing resolves is an error too. So are a top-level key DeepSpeed
+does not read (it would ignore it: ``zero_optimizaton`` trains at ZeRO-0) and a ZeRO block that
+DeepSpeed's own ``DeepSpeedZeroConfig`` refuses, named here rather than in ``deepspeed.initialize``.
+``nvme_path: "auto"`` (ZeRO-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -47,6 +51,78 @@ FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window"
 
 class DeepSpeedConfigError(ValueError):
     """The DeepSpeed file is unreadable, conflicts with the run config, or leaves a value unresolved."""
+
+
+# The top-level keys DeepSpeed (0.19) reads: those deepspeed.runtime.config.DeepSpeedConfig and the configs
+# it builds look up, less the ones it now refuses as removed features (elasticity, sparse_attention, ...),
+# plus deepspeed.initialize's mesh sizes, the old boolean ZeRO form's allgather_size, and "amp", which
+# build_deepspeed_config handles itself (as it does the "bfloat16" alias). DeepSpeed keeps no such list:
+# tests/unit/test_deepspeed_config.py records the keys DeepSpeedConfig reads and checks them against this
+# set, so a DeepSpeed upgrade that reads a new one fails there instead of a user's file being refused.
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "allgather_size", "amp", "autotuning", "bf16", "bfloat16", "checkpoint",
+    "comet", "comms_logger", "communication_data_type", "compile", "csv_monitor", "data_efficiency",
+    "data_parallel_size", "data_types", "dataloader_drop_last", "datastates_ckpt", "disable_allgather",
+    "disable_python_gc", "dump_state", "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps",
+    "gradient_allreduce_op", "gradient_clipping", "gradient_predivide_factor", "hybrid_engine", "log_level",
+    "managed_gradient_accumulation", "memory_breakdown", "optimizer", "pipeline", "prescale_gradients",
+    "scheduler", "seq_parallel_communication_data_type", "sequence_parallel_size", "steps_per_print",
+    "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size",
+    "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+
+
+def _did_you_mean(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def check_top_level_keys(ds: dict, source: str) -> None:
+    """Refuse a top-level key DeepSpeed does not read (it would be ignored without a word) or no longer
+    supports (refused only inside ``deepspeed.initialize``, after the model is built)."""
+    unknown = [k for k in ds if k not in DEEPSPEED_KEYS]
+    if unknown:
+        raise DeepSpeedConfigError(f"{source}: unknown top-level key {unknown[0]!r} (DeepSpeed would ignore or "
+                                   f"refuse it); {_did_you_mean(unknown[0], DEEPSPEED_KEYS)}"
+                                   f"valid: {sorted(DEEPSPEED_KEYS)}")
+
+
+def _model_keys(model, loc) -> list[str]:
+    """The keys the pydantic ``model`` accepts at ``loc``, a path through its nested config models."""
+    from pydantic import BaseModel
+
+    for part in loc:
+        fields = model.model_fields
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        inner = [] if field is None else [a for a in typing.get_args(field.annotation) or (field.annotation,)
+                                          if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def check_zero_block(zero: dict, source: str) -> None:
+    """Validate the ZeRO block with DeepSpeed's own model (``DeepSpeedZeroConfig``) before the model is built:
+    a misspelt key or a bad value is named with its file here, instead of a pydantic traceback from
+    ``deepspeed.initialize`` after the build."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from pydantic import ValidationError
+    except ImportError:  # no DeepSpeed here (the planner on a laptop): nothing to validate against
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(["zero_optimization", *map(str, err["loc"])])
+        if err["type"] == "extra_forbidden":
+            valid = _model_keys(DeepSpeedZeroConfig, err["loc"][:-1])
+            raise DeepSpeedConfigError(f"{source}: unknown key {where}; {_did_you_mean(str(err['loc'][-1]), valid)}"
+                                       f"valid: {valid}") from None
+        raise DeepSpeedConfigError(f"{source}: {where}={err.get('input')!r}: {err['msg']}") from None
 
 
 def cpu_fp16_enabled() -> bool:
@@ -65,9 +141,11 @@ def cpu_fp16_enabled() -> bool:
 
 
 def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
-    """-> (a deep copy of the config dict, a name for messages)."""
+    """-> (a deep copy of the config dict, a name for messages). Unknown top-level keys are refused."""
     if isinstance(ds_file_or_dict, dict):
-        return copy.deepcopy(ds_file_or_dict), "<DeepSpeed config dict>"
+        data = copy.deepcopy(ds_file_or_dict)
+        check_top_level_keys(data, "<DeepSpeed config dict>")
+        return data, "<DeepSpeed config dict>"
     path = Path(ds_file_or_dict)
     if not path.is_file():
         raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} does not exist "
@@ -78,6 +156,7 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, 
         raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise DeepSpeedConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(data).__name__}")
+    check_top_level_keys(data, str(path))
     return data, str(path)
 
 
@@ -269,6 +348,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     if left:
         raise DeepSpeedConfigError(f"{source}: \"auto\" left unresolved for {left}; vlscale resolves "
                                    f"batch sizes, precision, clipping, optimizer and ZeRO bucket sizes only")
+    check_zero_block(zero, source)
     return ds
 
 

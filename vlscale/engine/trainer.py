@@ -440,20 +440,16 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
 
 def check_eval_data(cfg: RunConfig) -> None:
     """Every task's validation split (and test split with ``train.test_eval``) loads, holds examples,
-    and has a visual source, before training: a missing or empty file would otherwise show at the first
-    evaluation, possibly at the end of the run. The synthetic world's images cannot be missing."""
-    from vlscale.data import build_visual_source, load_examples
-    from vlscale.data.real import DataError
+    and has every visual id it names, before training (``vlscale.data.eval_examples``): a missing or
+    empty file would otherwise show at the first evaluation, possibly at the end of the run. The
+    synthetic world's images cannot be missing."""
+    from vlscale.data import eval_examples
 
     if cfg.data.source == "synthetic" and cfg.model.feature_source == "images":
         return
     for split in ("val", "test") if cfg.train.test_eval else ("val",):
         for task in cfg.data.tasks:
-            if not load_examples(cfg, task, split)[:cfg.train.eval_max_examples]:
-                raise DataError(f"{task}/{split}: no examples to evaluate (data.source={cfg.data.source}); "
-                                "every task is evaluated on its val split" +
-                                (" and, with train.test_eval=true, its test split" if cfg.train.test_eval else ""))
-            build_visual_source(cfg, task, split)
+            eval_examples(cfg, task, split, cfg.train.eval_max_examples)
 
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:

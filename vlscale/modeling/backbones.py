@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Values are the published configs of each checkpoint (architecture fields only).
 _T5_V1 = dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128, d_kv=64,
@@ -128,7 +129,7 @@ def lm_class(config):
 
 
 def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
-             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
              config_overrides: Optional[dict] = None):
     """Build a registry backbone.
 
@@ -136,7 +137,11 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     seconds whatever the size). ``pretrained=True``: ``from_pretrained(path or hub id)``; a local
     directory with (sharded) safetensors works offline. Under an active ``deepspeed.zero.Init``
     context, ``from_pretrained`` partitions as it loads so no rank holds the whole model.
+    ``dtype`` defaults to float32.
     """
+    import torch
+
+    dtype = dtype or torch.float32
     config = lm_config(name, **(config_overrides or {}))
     cls = lm_class(config)
     if pretrained:
