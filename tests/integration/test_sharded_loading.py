@@ -188,6 +188,46 @@ def test_loader_fills_a_whole_model_like_from_pretrained(sharded_ckpt):
     assert report.bytes_read == report.checkpoint_bytes == report.partition_bytes
 
 
+def test_an_output_layer_of_its_own_is_kept_and_loaded(tmp_path):
+    """T5 v1.1 / Flan-T5 (config tie_word_embeddings: false) have an lm_head apart from the shared
+    embedding. transformers 5's T5Config forces tying, and only its from_pretrained unties a separate
+    lm_head it finds: vlscale's builds (counts, plans) and its ZeRO-3 loader must keep it apart too."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+    from vlscale.modeling.backbones import build_lm, lm_class, lm_config
+
+    # the registry's Flan-T5: the published parameter counts (lm_head counted once, embeddings shared)
+    counts = {"flan-t5-small": 76_961_152, "flan-t5-xl": 2_849_757_184, "flan-t5-xxl": 11_135_332_352,
+              "t5-small": 60_506_624}
+    for name, n in counts.items():
+        lm = build_lm(name, device="meta")
+        assert sum(p.numel() for p in lm.parameters()) == n, name
+        assert (lm.lm_head.weight is lm.shared.weight) == (name == "t5-small"), name
+        assert lm.encoder.embed_tokens.weight is lm.shared.weight
+    # a checkpoint whose lm_head differs from its shared embedding
+    config = lm_config("tiny-t5", vocab_size=VOCAB, tie_word_embeddings=False, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in lm_class(config)(config).state_dict().items()
+             if not k.endswith("embed_tokens.weight")}
+    state["shared.weight"].fill_(1.0)
+    state["lm_head.weight"] = torch.full_like(state["shared.weight"], 7.0)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    config.to_json_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace(
+        '"tie_word_embeddings": true', '"tie_word_embeddings": false'))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    target = lm_class(loaded)(loaded)
+    load_sharded_safetensors(target, tmp_path, rank=0, world_size=1)
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    for lm in (target, ref):
+        assert float(lm.lm_head.weight.detach().mean()) == 7.0 and float(lm.shared.weight.detach().mean()) == 1.0
+    x = torch.randint(0, VOCAB, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(target(input_ids=x, labels=x).logits, ref(input_ids=x, labels=x).logits)
+
+
 def test_loader_errors_name_what_is_wrong(sharded_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -14,6 +14,7 @@ short forms (``t5-11b``, ``bart-base``, ``flan-t5-xxl``) are accepted too. ``tin
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -123,9 +124,29 @@ def lm_config(name: str, **overrides):
 
 
 def lm_class(config):
+    """The HF class of a backbone config. T5 v1.1 / Flan-T5 (configs with ``tie_word_embeddings: false``)
+    have an output layer of their own: transformers 5's T5Config forces ``tie_word_embeddings=True``
+    (keeping the false as ``scale_decoder_outputs=False``), and only its ``from_pretrained`` unties a
+    separate ``lm_head`` it finds in a checkpoint. :class:`T5WithOwnHead` keeps it untied on every
+    build, so parameter counts, memory plans and vlscale's ZeRO-3 loading see and load it."""
     from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration if config.model_type == "t5" else BartForConditionalGeneration
+    if config.model_type != "t5":
+        return BartForConditionalGeneration
+    return T5ForConditionalGeneration if getattr(config, "scale_decoder_outputs", True) else t5_with_own_head()
+
+
+@functools.lru_cache(maxsize=None)
+def t5_with_own_head():
+    from transformers import T5ForConditionalGeneration
+
+    class T5WithOwnHead(T5ForConditionalGeneration):
+        """T5 whose encoder and decoder embeddings are the shared one, and whose lm_head is not."""
+
+        _tied_weights_keys = {k: v for k, v in T5ForConditionalGeneration._tied_weights_keys.items()
+                              if k != "lm_head.weight"}
+
+    return T5WithOwnHead
 
 
 def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
