@@ -251,7 +251,7 @@ def test_plain_torch_bf16_path_matches_stage0_model():
 def test_planner_ranks_and_writes_config(tmp_path):
     from vlscale.profiling.planner import plan, write_ds_config
 
-    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"])
+    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large", "train.micro_batch_size=64"])
     roomy = plan(cfg, "80GiB", 4, micro_batches=[8, 32], precisions=["bf16"])
     best = roomy[0]
     assert best.fits and best.offload == "none" and not best.gradient_checkpointing and best.micro_batch_size == 32
@@ -264,8 +264,28 @@ def test_planner_ranks_and_writes_config(tmp_path):
     from vlscale.engine.deepspeed_config import build_deepspeed_config
 
     run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"] + best.overrides())
+    assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 4 == 256
     resolved = build_deepspeed_config(path, run, 4, device_type="cuda")
     assert resolved["train_micro_batch_size_per_gpu"] == 32
+
+
+def test_planner_keeps_the_global_batch():
+    """Every option's micro-batch x accumulation x ranks is the run's global batch (tiny: 16 x 1 x 2 = 32):
+    micro-batches 64 (and 32 on 2 ranks) would change it, so they are not offered."""
+    from vlscale.profiling.planner import plan
+
+    cfg = load_config("tiny")
+    options = plan(cfg, "1GiB", 2, precisions=["fp32"], stages=[2], offloads=["none"], checkpointing=[False])
+    assert sorted(o.micro_batch_size for o in options) == [1, 2, 4, 8, 16]
+    # the paper's batch (500 a rank): its divisors up to 64, and 500 itself
+    paper = plan(load_config("paper/clip_t5_single_adapter"), "80GiB", 4, precisions=["bf16"], stages=[2],
+                 offloads=["none"], checkpointing=[False])
+    assert sorted(o.micro_batch_size for o in paper) == [1, 2, 4, 5, 10, 20, 25, 50, 500]
+    for o in options:
+        run = load_config("tiny", o.overrides())
+        assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 2 == 32, o.overrides()
+    with pytest.raises(ValueError, match=r"no micro-batch in \[64\] divides the global batch 32 over 2 ranks"):
+        plan(cfg, "1GiB", 2, micro_batches=[64])
 
 
 def test_launcher_refuses_a_measured_run_the_host_cannot_hold(capsys, launcher, monkeypatch):

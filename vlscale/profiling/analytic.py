@@ -1197,7 +1197,13 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         kept_after_backward = 0
         kept_in_backward = 0
     base = st.params + st.optimizer + st.comm_persistent + act.batch_bytes
+    # gradients held between optimizer steps: the engine's persistent buffers, or with accumulation the
+    # previous micro-batches' gradients through the next one's forward and backward (ZeRO-0/1: every
+    # trainable parameter's .grad, reduced at the boundary; ZeRO-2: the partition)
     g_persist = st.grads if st.grads_persist else 0
+    if cfg.train.gradient_accumulation_steps > 1 and not st.grads_persist:
+        n_trainable = sum(n for n, t in zip(inv.numels, inv.trainable) if t)
+        g_persist = n_trainable * b if z.stage in (0, 1) else st.grads
     phases = {}
     atp = {}
 

@@ -371,13 +371,15 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         activations, grads = 0, None
         # fp16: a step whose gradients overflow is skipped and leaves Adam's state uncreated; measure
         # ``steps`` applied steps, after the dynamic loss scale has come down (at most FP16_SKIPS more)
-        applied, skipped, step = 0, 0, 0
+        # with gradient accumulation an optimizer step is ``accum`` micro-batches; it counts at its boundary
+        accum = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+        applied, skipped, step, micro = 0, 0, 0, 0
         while applied < steps:
             if skipped > (FP16_SKIPS if cfg.train.precision == "fp16" else 0):
                 raise RuntimeError(f"{skipped} of {step} measured steps overflowed and were skipped (fp16 loss scale "
-                                   f"{float(engine.optimizer.loss_scale):g}); measure in bf16 or fp32")
+                                   f"{getattr(engine.optimizer, 'loss_scale', None)}); measure in bf16 or fp32")
             batch = synthetic_batch(cfg, B, vocab_size, device=device, dtype=dtype, padded=padded,
-                                    seed=1000 * step + rank)
+                                    seed=1000 * micro + rank)
             tracker.phase(f"forward{step}")
             counter = SavedTensorCounter([engine.module])
             with counter:
@@ -395,8 +397,10 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
             del loss, batch
             if loss_mode == "trainer":
                 del out
-            was_applied = bool(engine.was_step_applied())
-            applied, skipped, step = applied + was_applied, skipped + (not was_applied), step + 1
+            micro += 1
+            if micro % accum == 0:
+                was_applied = bool(engine.was_step_applied())
+                applied, skipped, step = applied + was_applied, skipped + (not was_applied), step + 1
         result["skipped_steps"] = skipped
         peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
     peak_phase = None if cuda else tracker.peak_phase

@@ -84,7 +84,7 @@ class PlanOption:
     world_size: int = 1
 
     def overrides(self) -> list[str]:
-        accum = max(1, -(-self.global_batch // (self.micro_batch_size * self.world_size)))
+        accum = self.global_batch // (self.micro_batch_size * self.world_size)  # exact: plan() keeps divisors
         return [f"train.zero_stage={self.zero_stage}", f"train.micro_batch_size={self.micro_batch_size}",
                 f"train.gradient_accumulation_steps={accum}",
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
@@ -166,10 +166,18 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     budget = parse_size(budget)
     headroom = int(0.05 * budget + 0.5 * GiB) if headroom is None else int(headroom)
     cost = cost or CostModel()
-    mbs_list = list(micro_batches) if micro_batches is not None else [1, 2, 4, 8, 16, 32, 64]
-    if micro_batches is None and cfg.train.micro_batch_size not in mbs_list:
-        mbs_list.append(cfg.train.micro_batch_size)
+    # the run's global batch is kept: a micro-batch x the ranks divides it, accumulation makes up the rest
     global_batch = global_batch_size(cfg, world_size)
+    per_rank = global_batch // world_size
+    if micro_batches is None:  # the divisors up to 64, and the config's own
+        mbs_list = sorted({m for m in range(1, min(per_rank, 64) + 1) if per_rank % m == 0}
+                          | {cfg.train.micro_batch_size})
+    else:
+        mbs_list = [m for m in micro_batches if m > 0 and per_rank % m == 0]
+        if not mbs_list:
+            raise ValueError(f"no micro-batch in {list(micro_batches)} divides the global batch {global_batch} "
+                             f"over {world_size} ranks (train.micro_batch_size x train.gradient_accumulation_steps "
+                             f"x ranks)")
     inv = parameter_inventory(cfg)
     base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)
     options = []
