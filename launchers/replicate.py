@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     # --- setup: rows, their settings, what is left to do
     try:
         table = get_table(args.table)
-        rows = select_rows(table, [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+        names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+        if names == []:
+            raise ReplicationError(f"--methods {args.methods!r} names no row; omit it for every row of the table")
+        rows = select_rows(table, names)
         out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
         cache = out / "features"
         plans = {r.name: row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)

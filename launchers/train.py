@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        p.error(f"--stop-after-steps {args.stop_after_steps}: K must be >= 1 (the optimizer step to stop after)")
+    return args
 
 
 def resolve_ds_file(path: str) -> str:

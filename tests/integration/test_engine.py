@@ -370,6 +370,18 @@ def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, caps
 
 # ----------------------------------------------------------------------------- failures
 
+def test_a_non_finite_gradient_norm_with_a_finite_loss_stops_the_run(tmp_path, h):
+    """lr 3000 on the tiny model: at step 11 the loss is finite but the gradient norm is not (it used to
+    crash writing train_log.jsonl: 'Out of range float values are not JSON compliant')."""
+    out = tmp_path / "gn"
+    proc = h.launch(h.TINY + ["train.zero_stage=0", "train.max_steps=30", "train.save_every=2", "train.lr=3000",
+                              f"output_dir={out}"], check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert re.search(r"NonFiniteLoss: the gradient norm is (nan|inf) at step \d+ \(task '\w+'\) while the loss is",
+                     proc.stdout), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and f"the last good checkpoint is {out / 'checkpoints'}" in proc.stdout
+
+
 def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
     out = tmp_path / "nan"
     proc = h.launch(h.TINY + ["train.micro_batch_size=4", "train.lr=1e30", "train.warmup_ratio=0", "train.save_every=1",

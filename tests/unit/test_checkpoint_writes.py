@@ -142,3 +142,24 @@ def test_a_run_whose_output_dir_cannot_hold_its_checkpoints_is_refused(tmp_path,
     message = str(refused.value)
     assert f"output_dir {str(out)!r}" in message and "3 checkpoint(s)" in message and "5 save(s)" in message
     trainer.check_disk_space(cfg, ds, 2, vocab, out, resume=True)  # the kept checkpoints are on disk already
+
+
+def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
+    """A second run (or a resume) in an output_dir another run is using is refused, naming its pid;
+    a finished run's adapter/ or step folders are not overwritten when its checkpoint's 'latest' is gone."""
+    import os
+
+    held = ckpt.lock_output_dir(tmp_path / "run")
+    with pytest.raises(ckpt.CheckpointError, match=rf"is in use by another vlscale run \(pid {os.getpid()} on "):
+        ckpt.lock_output_dir(tmp_path / "run")
+    held.close()
+    ckpt.lock_output_dir(tmp_path / "run").close()  # free again
+
+    done = tmp_path / "done"
+    (done / "adapter").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"holds another run's \['adapter'\]"):
+        ckpt.check_output_dir(done, resume=False)
+    (done / "checkpoints" / "step9").mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"no 'latest' file\); it holds \['step9'\]: write the one"):
+        ckpt.check_output_dir(done, resume=True)
+    assert ckpt.check_output_dir(tmp_path / "fresh", resume=False) is None

@@ -180,3 +180,14 @@ def test_overrides_may_come_before_and_after_flags(launcher, name):
     base = ["--adapter", "runs/x/adapter"] if name == "evaluate" else ["--config", "tiny"]
     args = launcher(name).parse_args(base + ["train.seed=1", flag, "train.lr=0.1"])
     assert args.overrides == ["train.seed=1", "train.lr=0.1"]
+
+
+def test_launchers_refuse_empty_step_and_row_choices(launcher, capsys, tmp_path):
+    """--stop-after-steps 0 or -1 (the run trained on to the end) and --methods naming no row (an empty
+    variable: every row ran) are refused."""
+    for k in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            launcher("train").parse_args(["--stop-after-steps", k])
+        assert "K must be >= 1" in capsys.readouterr().err
+    assert launcher("replicate").main(["--table", "1", "--methods", ",,,", "--dry-run", "--out", str(tmp_path)]) != 0
+    assert "--methods ',,,' names no row" in capsys.readouterr().err

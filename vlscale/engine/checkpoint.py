@@ -39,6 +39,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -472,6 +473,35 @@ def latest_tag(ckpt_root) -> Optional[str]:
     return tag
 
 
+LOCK_FILE = ".vlscale.lock"
+
+
+def lock_output_dir(output_dir):
+    """Hold an exclusive lock on ``output_dir/.vlscale.lock`` (an open file; released when it is closed or
+    the process ends): two runs writing one output_dir (a second start, a resume while the first still
+    runs) would interleave their logs and overwrite each other's checkpoints. The holder's pid and
+    start time are written in the file and named in the refusal."""
+    import datetime
+    import fcntl
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise CheckpointError(f"output_dir {str(out)!r} is in use by another vlscale run ({holder}); wait for it "
+                              "to end or choose another output_dir (output_dir=...)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    f.flush()
+    return f
+
+
 def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
                      global_batch: Optional[int] = None) -> Optional[str]:
     """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``
@@ -479,13 +509,21 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
     anything is built): another number of ranks is fine when the global batch is the same."""
     ckpt_root = Path(output_dir) / "checkpoints"
     tag = latest_tag(ckpt_root)
+    steps = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir()) if ckpt_root.is_dir() else []
     if tag is not None and not resume:
         raise CheckpointError(
             f"output_dir {str(output_dir)!r} already holds a run's checkpoint ({ckpt_root / tag}); pass --resume "
             f"to continue it or choose another output_dir (output_dir=...)")
     if resume and tag is None:
-        raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file); "
-                              f"drop --resume to start a new run")
+        hint = (f"; it holds {steps}: write the one to resume into {ckpt_root / LATEST}" if steps
+                else "; drop --resume to start a new run")
+        raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file){hint}")
+    if not resume:  # another run's results, even without its checkpoint's 'latest': not overwritten either
+        held = (["adapter"] if (Path(output_dir) / "adapter").is_dir() else []) + steps
+        if held:
+            raise CheckpointError(f"output_dir {str(output_dir)!r} holds another run's {held} (its checkpoint "
+                                  "is gone or has no 'latest'); choose another output_dir (output_dir=...) or move "
+                                  "them away")
     if resume and world_size is not None:
         _check_world_size(ckpt_root / tag, world_size, global_batch)
     return tag

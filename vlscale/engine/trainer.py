@@ -45,7 +45,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vlscale.config import RunConfig, load_config, save_config
+from vlscale.config import ConfigError, RunConfig, load_config, save_config
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
@@ -103,6 +103,7 @@ class Run:
     loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
+    lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
 
     @property
     def model(self):
@@ -187,8 +188,9 @@ def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
     if diff:
         k = diff[0]
-        raise ValueError(f"--resume: {k}={b.get(k)!r} differs from the checkpointed run's {k}={a.get(k)!r} "
-                         f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
+        note = " (null: the --deepspeed file's stage)" if k == "train.zero_stage" else ""
+        raise ConfigError(f"--resume: {k}={b.get(k)!r} differs from the checkpointed run's {k}={a.get(k)!r}{note} "
+                          f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
 
 
 def _truncate_logs(out: Path, step: int) -> None:
@@ -252,16 +254,19 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
     universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
-    error = None
+    error, lock = None, None
     if dist.is_main:
         try:
+            lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
             ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]))
             if resume and (out / "run_config.yaml").exists():
                 _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
-            error = e
+            from vlscale.data.real import DataError
+
+            error = e if isinstance(e, (ConfigError, DataError, ckpt.CheckpointError)) else ckpt.CheckpointError(str(e))
     error = broadcast_object(error)
     if error:
         raise error  # on every rank, as the class it is (ConfigError, DataError, CheckpointError...)
@@ -284,7 +289,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
                   and not engine_scales_fp16_loss(engine))
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
-              hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device))
+              hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
+              lock=lock)
     if resume:
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
@@ -339,18 +345,24 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     total, stop = all_reduce_sum([loss_sum.item(), float(run.stop.requested)], run.dist.device)
     loss = total / max(n_tokens, 1.0)
     if not math.isfinite(loss):
-        tag = ckpt.latest_tag(run.out / "checkpoints") if (run.out / "checkpoints").exists() else None
-        keep = (f"the last good checkpoint is {run.out / 'checkpoints' / tag} (resume with --resume, e.g. with a "
-                f"lower train.lr)") if tag else "no checkpoint had been written yet"
-        if run.cfg.train.precision == "fp16":  # loss scaling protects the gradients, not the forward pass
-            keep += "; under fp16 the forward pass itself can overflow: train.precision=bf16 or fp32 cannot"
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1} (task {task!r}); stopping before the update; "
-                            f"{keep}")
+                            f"{_last_good(run)}")
     if not run.memory:
         run.memory["grad_bytes_per_rank"] = gradient_bytes(engine, run.stage)
     run.grad_norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run.model)
     engine.step()
     return loss, stop > 0
+
+
+def _last_good(run: Run) -> str:
+    """What a diverged run leaves: its last checkpoint, and what to change."""
+    tag = ckpt.latest_tag(run.out / "checkpoints") if (run.out / "checkpoints").exists() else None
+    keep = (f"the last good checkpoint is {run.out / 'checkpoints' / tag} (--resume continues from it with the "
+            "same settings; a run that diverges needs a lower train.lr, a new run in another output_dir)"
+            ) if tag else "no checkpoint had been written yet"
+    if run.cfg.train.precision == "fp16":  # loss scaling protects the gradients, not the forward pass
+        keep += "; under fp16 the forward pass itself can overflow: train.precision=bf16 or fp32 cannot"
+    return keep
 
 
 def _plain_grad_norm(model) -> Optional[float]:
@@ -417,6 +429,10 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
         grad_norm = run.grad_norm
     else:
         grad_norm = unscaled_grad_norm(engine, run.loss_scale)
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise NonFiniteLoss(f"the gradient norm is {grad_norm} at step {run.step} (task {task!r}) while the loss is "
+                            f"{loss:.4g}; the update was applied, so the weights may no longer be finite; "
+                            f"{_last_good(run)}")
     record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
               "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm,
               "skipped": skipped}
@@ -575,3 +591,5 @@ def close(run: Optional[Run]) -> None:
         run.stop.uninstall()
     if run.writer is not None:
         run.writer.close()
+    if run.lock is not None:
+        run.lock.close()  # output_dir free for the next run
