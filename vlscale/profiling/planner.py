@@ -192,6 +192,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                         c = copy.deepcopy(cfg)
                         c.train.precision, c.train.zero_stage = precision, stage
                         c.train.gradient_checkpointing, c.train.micro_batch_size = ckpt, mbs
+                        c.train.gradient_accumulation_steps = per_rank // mbs  # held gradients (estimate_memory)
                         ds = _ds_for(base_ds, stage, offload)
                         est = estimate_memory(c, world_size, ds, device=device, inventory=inv)
                         est.detail["vision_params"] = inv.vision_params
