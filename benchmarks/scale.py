@@ -142,6 +142,7 @@ def preset_text(model: str, hardware: str, rec: dict) -> str:
                 "precision"):
         value = t[key]
         lines.append(f"  {key}: {str(value).lower() if isinstance(value, bool) else value}")
+    lines.append(f"  deepspeed: {rec['deepspeed']}  # when --deepspeed is not given")
     if hardware == "8x80gb":
         lines.append(f"  max_steps: {88000 * 500 // GLOBAL_BATCH}  # the paper's 20 epochs at a global batch of "
                      f"{GLOBAL_BATCH}")

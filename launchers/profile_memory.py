@@ -163,6 +163,7 @@ def main(argv=None) -> int:
             return 2
     device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
     try:
+        args.deepspeed = args.deepspeed or cfg.train.deepspeed  # a preset's own file (scale/*_8x24gb)
         if args.deepspeed is not None:  # refused as by launchers/train.py when missing or unreadable
             args.deepspeed = resolve_ds_file(args.deepspeed)
             load_ds_file(args.deepspeed)

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero3.json"), metavar="JSON",
-                   help="DeepSpeed config file (default: ds_configs/zero3.json)")
+    p.add_argument("--deepspeed", default=None, metavar="JSON",
+                   help="DeepSpeed config file (default: the config's train.deepspeed, else ds_configs/zero3.json)")
     p.add_argument("--config", default=None, help="preset name (e.g. paper/clip_bart_single_adapter) or YAML path; "
                                                   "default: the embedded default")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     run = None
     try:
         cfg = cfg or load_config(args.config, args.overrides)
-        ds_config = build_deepspeed_config(resolve_ds_file(args.deepspeed), cfg, dist.world_size,
+        ds_file = args.deepspeed or cfg.train.deepspeed or str(ROOT / "ds_configs" / "zero3.json")
+        ds_config = build_deepspeed_config(resolve_ds_file(ds_file), cfg, dist.world_size,
                                            device_type=dist.device_type)
         if dist.is_main:
             print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "

@@ -24,6 +24,8 @@ PRESETS = [(m, h) for m in scale.MODELS for h in scale.HARDWARE]
 def _deepspeed_file(cfg) -> str:
     m = re.search(r"--deepspeed (\S+)", cfg.description)
     assert m, f"{cfg.name}: the description names no --deepspeed file: {cfg.description!r}"
+    # the launchers use the preset's train.deepspeed when --deepspeed is not given: the same file
+    assert cfg.train.deepspeed == m.group(1), (cfg.name, cfg.train.deepspeed, m.group(1))
     return m.group(1)
 
 
@@ -83,3 +85,16 @@ def test_t5_large_preset_is_the_planner_recommendation(hardware):
         assert getattr(cfg.train, key) == value, key
     text = (scale.PRESET_DIR / f"{scale.preset_name('t5-large', hardware).split('/', 1)[1]}.yaml").read_text()
     assert text == scale.preset_text("t5-large", hardware, rec)
+
+
+def test_a_presets_deepspeed_file_is_used_without_the_flag(launcher, capsys):
+    """scale/clip_flan_t5_xxl_single_adapter_8x24gb fits 24 GiB only with zero3_offload.json: profiled (or
+    trained) without --deepspeed it used zero3.json's plan before (25.44 GiB predicted, over its budget)."""
+    import json
+
+    name = "scale/clip_flan_t5_xxl_single_adapter_8x24gb"
+    peaks = []
+    for flag in ([], ["--deepspeed", "ds_configs/zero3_offload.json"]):
+        assert launcher("profile_memory").main(["--config", name, "--world-size", "8", "--json", *flag]) == 0
+        peaks.append(json.loads(capsys.readouterr().out)["predicted"]["peak"])
+    assert peaks[0] == peaks[1] < 22.3 * 2 ** 30
