@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--headroom", default=None, help="memory kept free by the planner (default 5%% + 0.5 GiB)")
     p.add_argument("--write-config", default=None, help="with --budget: write the chosen DeepSpeed JSON here")
     p.add_argument("--measure", action="store_true", help="also measure real training steps")
-    p.add_argument("--steps", type=int, default=3, help="steps of the measured run")
+    p.add_argument("--steps", type=int, default=None, help="steps of the measured run (default 3; needs --measure)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", default=None, help="write stacked bars per component to this PNG (matplotlib)")
     p.add_argument("--top", type=int, default=15, help="plan options to print / plot")
@@ -59,6 +59,9 @@ def parse_args(argv=None):
 
 def check_args(args) -> str | None:
     """What is wrong with the command line's own values (the run config is checked by load_config)."""
+    if args.steps is not None and not args.measure:
+        return f"--steps={args.steps} is the length of the measured run; it needs --measure"
+    args.steps = 3 if args.steps is None else args.steps
     for flag, value in (("--world-size", args.world_size), ("--steps", args.steps), ("--top", args.top)):
         if value < 1:
             return f"{flag}={value} must be >= 1"
@@ -204,7 +207,11 @@ def main(argv=None) -> int:
                 print(f"error: no setting fits {fmt_bytes(budget)}; nothing written to {args.write_config}",
                       file=sys.stderr)
                 return 1
-            write_ds_config(best, args.write_config, ds_file=args.deepspeed)
+            try:
+                write_ds_config(best, args.write_config, ds_file=args.deepspeed)
+            except OSError as e:
+                print(f"error: --write-config {args.write_config}: cannot write it ({e.strerror or e})", file=sys.stderr)
+                return 2
             out["written"] = {"deepspeed": args.write_config, "overrides": best.overrides()}
         bars = {o.label().replace(" offload=", "\noffload="): at_peak(o.estimate.components,
                                                                       o.estimate.at_peak["activations"],

@@ -331,6 +331,9 @@ def test_launcher_json(capsys, launcher):
     (["--budget", "0"], ["--budget='0' must be a positive size"]),
     (["--top", "-1", "--budget", "80GiB"], ["--top=-1 must be >= 1"]),
     (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?"]),
+    (["--budget", "1e400"], ["memory size '1e400' is not a finite size"]),
+    (["--steps", "5"], ["--steps=5 is the length of the measured run; it needs --measure"]),
+    (["--budget", "80GiB", "--write-config", "a_file/ds.json"], ["--write-config a_file/ds.json: cannot write it"]),
 ])
 def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path, argv, words):
     """Each was accepted before: a missing --deepspeed fell back to a built-in dict, --write-config without
@@ -340,6 +343,7 @@ def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path,
     started = []
     monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
     assert launcher("profile_memory").main(["--config", "tiny", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and not started

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -53,11 +54,15 @@ _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 
 def parse_size(text) -> int:
     """``"24GiB"``, ``"80GB"``, ``"512MiB"``, ``1e9`` -> bytes (GB = 10^9, GiB = 2^30)."""
     if isinstance(text, (int, float)):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"memory size {text!r} is not understood; write e.g. 24GiB, 80GB, 512MiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory size {text!r} is not understood; write e.g. 24GiB, 80GB, 512MiB or a byte count")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"memory size {text!r} is not a finite size")
+    return int(value)
 
 
 def fmt_bytes(n: float) -> str:
