@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -560,6 +562,11 @@ class Runner:
         total = len(self.jobs)
         bar = tqdm(total=total, initial=total - len(self.pending), desc="trainings", unit="run", dynamic_ncols=True) \
             if self.progress else None
+        # SIGTERM (a scheduler's or kill's) stops the trainings as Ctrl-C does: they checkpoint, a rerun resumes;
+        # before, this process ended and its trainings ran on orphaned
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             while self.pending or self.running:
                 while self.pending and len(self.running) < self.parallel:
@@ -604,6 +611,12 @@ class Runner:
                     job.proc.wait()
             raise
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if bar is not None:
                 bar.close()
         return self.jobs
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -187,3 +187,33 @@ def test_tiny_replication_end_to_end(tmp_path):
     assert {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]} == before
     assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
     assert time.time() - start < 120
+
+
+def test_sigterm_stops_the_running_trainings(tmp_path):
+    """SIGTERM to replicate.py ends its trainings as Ctrl-C does (they checkpoint on SIGTERM); it used to
+    leave them running, orphaned. (This process's own SIGTERM handler, while the test runs, fails the test
+    instead of ending the suite if the Runner installs none.)"""
+    import os
+    import signal
+    import sys
+    import threading
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner
+
+    def unhandled(signum, frame):
+        raise AssertionError("the Runner left SIGTERM unhandled")
+
+    job = Job(row=get_table(1).rows[0], overrides=[], run_dir=tmp_path,
+              commands=deque([("train", [sys.executable, "-c", "import time; time.sleep(20)"])]))
+    original = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(KeyboardInterrupt):
+            Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.1, echo=lambda m: None).run()
+        assert job.proc.poll() == -signal.SIGTERM  # the training got SIGTERM and ended
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
+    finally:
+        signal.signal(signal.SIGTERM, original)
+        if job.proc is not None and job.proc.poll() is None:
+            job.proc.kill()
