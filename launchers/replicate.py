@@ -147,11 +147,14 @@ def main(argv=None) -> int:
 
     # --- tables, plot
     results = {}
-    for r in rows:
+    for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
         path = out / "runs" / r.name / RESULT_FILE
         if path.exists():
             res = json.loads(path.read_text())
             results[r.name] = res
+    earlier = sorted(set(results) - {r.name for r in rows})
+    if earlier:
+        log(f"replicate: the table also holds {earlier}, finished earlier under {out} (their own result.json)")
     previous = out / "results.json"
     invocations = json.loads(previous.read_text()).get("invocations", []) if previous.exists() else []
     invocations.append({"command": "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
             "invocations": invocations}
     written = write_outputs(table, out, results, meta)
     print((out / f"table{table.number}.md").read_text())
-    log(f"replicate: {len(results)}/{len(rows)} rows in {elapsed / 60:.1f} min; " +
+    log(f"replicate: {len(results) - len(earlier)}/{len(rows)} rows in {elapsed / 60:.1f} min; " +
         ", ".join(f"{k}: {v}" for k, v in written.items()))
     failed = [j for j in jobs if j.phase == "failed"]
     if failed:

@@ -187,6 +187,12 @@ def test_tiny_replication_end_to_end(tmp_path):
     assert {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]} == before
     assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
     assert time.time() - start < 120
+    # a rerun of one row keeps the other finished row in the table (it was dropped from results.json and the md)
+    one = [a if a != "single_adapter,single_prompt" else "single_prompt" for a in cmd]
+    again = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
+    assert "| Single Adapter (`single_adapter`) |" in (out / "table1.md").read_text()
 
 
 def test_sigterm_stops_the_running_trainings(tmp_path):
