@@ -163,3 +163,18 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"no 'latest' file\); it holds \['step9'\]: write the one"):
         ckpt.check_output_dir(done, resume=True)
     assert ckpt.check_output_dir(tmp_path / "fresh", resume=False) is None
+
+
+def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
+    """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    monkeypatch.setattr(trainer, "_evaluate", lambda run, split, pred: {"vqa": {"vqa_score": run.step / 10}})
+    run = SimpleNamespace(step=5, is_main=True, out=tmp_path, writer=None, last_scores=None)
+    for step in (5, 10, 10):
+        run.step = step
+        trainer.run_evaluation(run, "val")
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    assert [(h["step"], h["split"]) for h in history] == [(5, "val"), (10, "val")]

@@ -493,6 +493,8 @@ def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
     if run.is_main:
         path = run.out / "metrics.json"
         history = json.loads(path.read_text()) if path.exists() else []
+        # one entry per step and split: a resumed finished run evaluates its last step again
+        history = [h for h in history if (h["step"], h["split"]) != (run.step, split)]
         history.append({"step": run.step, "split": split, "tasks": scores})
         _write_json(path, history)
         if run.writer is not None:
