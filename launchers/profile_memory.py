@@ -71,14 +71,6 @@ def check_args(args) -> str | None:
     return None
 
 
-def resolve_ds_file(path: str) -> str:
-    """As launchers/train.py: a relative path that does not exist from the working directory is tried from
-    the repo root."""
-    if not Path(path).exists() and not Path(path).is_absolute() and (ROOT / path).exists():
-        return str(ROOT / path)
-    return path
-
-
 def rel_errors(pred: dict, meas: dict) -> dict:
     return {k: (pred[k] - meas[k]) / meas[k] if meas.get(k) else None for k in COMPONENTS if k in meas}
 
@@ -149,7 +141,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from vlscale.engine.deepspeed_config import load_ds_file
+    from vlscale.engine.deepspeed_config import load_ds_file, resolve_ds_file
     from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
                                             resolve_ds_config)
 

@@ -51,13 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resolve_ds_file(path: str) -> str:
-    """A relative path that does not exist from the working directory is tried from the repo root."""
-    if not os.path.exists(path) and not os.path.isabs(path) and (ROOT / path).exists():
-        return str(ROOT / path)
-    return path
-
-
 def quiet_library_warnings() -> None:
     """DeepSpeed calls collectives that torch marks deprecated, once per bucket: hide that noise."""
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -115,7 +108,7 @@ def main(argv=None) -> int:
 
     dist = init_distributed()
     from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, resolve_ds_file, single_process_note
 
     run = None
     try:

@@ -51,7 +51,7 @@ def _check_positive(section: str, name: str, value, allow_zero: bool = False) ->
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def _did_you_mean(value, choices) -> str:
+def did_you_mean(value, choices) -> str:
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     return f"did you mean {close[0]!r}? " if close else ""
 
@@ -113,13 +113,13 @@ class ModelConfig:
         if self.backbone not in backbones:
             short = [b for b in backbones if "/" not in b]
             raise ConfigError(f"model.backbone={self.backbone!r} is not in the registry; "
-                              f"{_did_you_mean(self.backbone, backbones)}valid: {short} or their hub ids "
+                              f"{did_you_mean(self.backbone, backbones)}valid: {short} or their hub ids "
                               f"(weights from elsewhere: one of these plus model.backbone_path)")
         visions = registry_visions()
         if visions and self.vision not in visions and not self.vision.startswith(CLIP_SCHEMAS):
             shown = [v for v in visions if re.fullmatch(r"RN\d+(x\d+)?|ViT-\w+-\d+|(tiny|mini)-.*", v)]
             raise ConfigError(f"model.vision={self.vision!r} is not an open_clip model; "
-                              f"{_did_you_mean(self.vision, visions)}valid: {shown}, {len(visions) - len(shown)} more "
+                              f"{did_you_mean(self.vision, visions)}valid: {shown}, {len(visions) - len(shown)} more "
                               f"(open_clip.list_models()), or 'hf-hub:ID' / 'local-dir:PATH'")
         _check_choice("model", "feature_source", self.feature_source, ("images", "cache"))
         _check_positive("model", "pool_size", self.pool_size)

@@ -31,7 +31,6 @@ DeepSpeed's own ``DeepSpeedZeroConfig`` refuses, named here rather than in ``dee
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from vlscale.config import RunConfig
+from vlscale.config import RunConfig, did_you_mean
 
 AUTO = "auto"
 CPU_FP16_ENV = "VLSCALE_CPU_FP16"
@@ -74,18 +73,13 @@ DEEPSPEED_KEYS = frozenset({
 })
 
 
-def _did_you_mean(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
 def check_top_level_keys(ds: dict, source: str) -> None:
     """Refuse a top-level key DeepSpeed does not read (it would be ignored without a word) or no longer
     supports (refused only inside ``deepspeed.initialize``, after the model is built)."""
     unknown = [k for k in ds if k not in DEEPSPEED_KEYS]
     if unknown:
         raise DeepSpeedConfigError(f"{source}: unknown top-level key {unknown[0]!r} (DeepSpeed would ignore or "
-                                   f"refuse it); {_did_you_mean(unknown[0], DEEPSPEED_KEYS)}"
+                                   f"refuse it); {did_you_mean(unknown[0], DEEPSPEED_KEYS)}"
                                    f"valid: {sorted(DEEPSPEED_KEYS)}")
 
 
@@ -120,7 +114,7 @@ def check_zero_block(zero: dict, source: str) -> None:
         where = ".".join(["zero_optimization", *map(str, err["loc"])])
         if err["type"] == "extra_forbidden":
             valid = _model_keys(DeepSpeedZeroConfig, err["loc"][:-1])
-            raise DeepSpeedConfigError(f"{source}: unknown key {where}; {_did_you_mean(str(err['loc'][-1]), valid)}"
+            raise DeepSpeedConfigError(f"{source}: unknown key {where}; {did_you_mean(str(err['loc'][-1]), valid)}"
                                        f"valid: {valid}") from None
         raise DeepSpeedConfigError(f"{source}: {where}={err.get('input')!r}: {err['msg']}") from None
 
@@ -138,6 +132,17 @@ def cpu_fp16_enabled() -> bool:
     if raw not in ("", "0", "1"):
         raise DeepSpeedConfigError(f"{CPU_FP16_ENV}={raw!r} must be 0 or 1")
     return raw == "1"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_ds_file(path: str) -> str:
+    """``ds_configs/zero3.json`` from any working directory: a relative path that does not exist from it
+    is tried from the repository root (the launchers' ``--deepspeed`` and a preset's ``train.deepspeed``)."""
+    if not os.path.exists(path) and not os.path.isabs(path) and (REPO_ROOT / path).exists():
+        return str(REPO_ROOT / path)
+    return path
 
 
 def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
