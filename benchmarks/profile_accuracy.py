@@ -44,6 +44,10 @@ CONFIGS = [
                                        "train.gradient_checkpointing=true"]),
     ("2r zero3 bart lora bf16 mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "model.backbone=tiny-bart",
                                          "peft.method=lora", "train.precision=bf16", "model.dropout=0.1"]),
+    # ds_configs/zero3_offload.json (optimizer and parameters offloaded to the host, DeepSpeedCPUAdam): on the
+    # CPU accelerator the host is the device, so the offloaded bytes count in its peak
+    ("1r zero3 offload adapter mbs4", 1, ["train.deepspeed=ds_configs/zero3_offload.json", "train.micro_batch_size=4"]),
+    ("2r zero3 offload adapter mbs4", 2, ["train.deepspeed=ds_configs/zero3_offload.json", "train.micro_batch_size=4"]),
 ]
 KEYS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
 

@@ -236,7 +236,9 @@ def main(argv=None) -> int:
               f"{z.prefetch_bucket_size:.3g}, stage3_max_live_parameters {z.max_live_parameters:.3g}, LM layers "
               f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
     if est.host or est.nvme:
-        print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}")
+        print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}"
+              + (" (on the CPU accelerator the host is the device: its host bytes are in the peak)"
+                 if device == "cpu" and est.host else ""))
     ranks = f", {fmt_bytes(max(disk.file_bytes))} from the largest rank" if args.world_size > 1 else ""
     print(f"disk: a checkpoint writes {fmt_bytes(disk.total)}{ranks}, adapter/ {fmt_bytes(disk.adapter)}; "
           f"output_dir holds up to {fmt_bytes(disk.peak_on_disk)} while saving ({disk.kept} kept + the one written)")

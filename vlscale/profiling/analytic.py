@@ -839,17 +839,29 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         out.step_transient = largest_sub * 4 + largest_sub * b + adam_temp
         out.init_transient = largest_sub_full * 4  # initialize_optimizer_states' zero gradient buffer
         out.detail["partition"] = part_total
-    # offload: what leaves the device
+    # offload: what leaves the device. On DeepSpeed's CPU accelerator the device is host memory: what
+    # is offloaded to "cpu" stays in it (reported as host bytes too), and only the NVMe part leaves.
     if z.offload_optimizer != "none":
+        stays = device == "cpu" and z.offload_optimizer == "cpu"
+        # DeepSpeedCPUAdam counts steps in a Python int: no 4-byte step tensor per group / sub-group
+        out.optimizer -= 4 * (sum(len(_sub_groups(g, W, z.sub_group_size)) for g in groups) if st == 3 else len(groups))
         moved = out.optimizer
+        out.step_transient = 0  # DeepSpeedCPUAdam updates in place
         if st == 3:
             moved += out.grads
-            out.grads_persist = False
-            out.grads = 0
+            if not stays:
+                out.grads_persist = False
+                out.grads = 0
         else:
-            out.grads = min(out.grads, z.reduce_bucket_size * b)
-        out.optimizer = 0
-        out.step_transient = 0
+            # stage 1/2 keep on the host an fp32 gradient partition, a model-dtype copy of the parameter
+            # partition and a staging buffer of the largest parameter; the device its twin staging buffer
+            part = out.detail["partition"]
+            staged = part * 4 + part * b + largest_tr * b
+            moved += staged
+            out.comm_persistent += largest_tr * b + (staged if stays else 0)
+            out.grads = min(out.grads, z.reduce_bucket_size * b)  # gradients leave through the bucket
+        if not stays:
+            out.optimizer = 0
         if z.offload_optimizer == "cpu":
             out.host += moved
         else:
@@ -857,12 +869,13 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
             out.host += 2 * largest_tr * 4  # pinned swap buffers
     if z.offload_param != "none":
         moved = out.params - out.persistent_params
-        out.params = out.persistent_params
         if z.offload_param == "cpu":
             out.host += moved
         else:
             out.nvme += moved
             out.host += 2 * out.gathered
+        if not (device == "cpu" and z.offload_param == "cpu"):
+            out.params = out.persistent_params
     return out
 
 
@@ -1130,10 +1143,14 @@ def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional
 def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:
     """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on ``ds_file``, or a
     minimal equivalent when the engine package is not importable. Default file, as launchers/train.py:
-    the shipped zero3.json, or zero2.json when ``train.zero_stage`` asks for stage 0, 1 or 2."""
+    the config's ``train.deepspeed``, else the shipped zero3.json, or zero2.json when ``train.zero_stage``
+    asks for stage 0, 1 or 2."""
     from pathlib import Path
 
     stage = cfg.train.zero_stage
+    if ds_file is None and cfg.train.deepspeed:
+        from vlscale.engine.deepspeed_config import resolve_ds_file
+        ds_file = resolve_ds_file(cfg.train.deepspeed)
     if ds_file is None:
         root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
         ds_file = root / ("zero3.json" if stage in (None, 3) else "zero2.json")

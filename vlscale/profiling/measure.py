@@ -475,11 +475,11 @@ PROCESS_BYTES = 2 * 1024 ** 3  # a rank's own footprint: torch, DeepSpeed, trans
 def measured_run_host_bytes(est, world_size: int) -> int:
     """Host memory a measured run of ``est``'s config needs on this machine: each rank builds the whole
     model (``run_measured_steps``) before DeepSpeed partitions it, on the CPU accelerator trains there
-    (the predicted peak), and carries its process footprint."""
+    (the predicted peak, which there holds the host-offloaded bytes too), and carries its process footprint."""
     b = {"fp32": 4, "bf16": 2, "fp16": 2}[est.settings["precision"]]
     per_rank = est.detail["total_params"] * b + PROCESS_BYTES
     if est.settings["device"] == "cpu":
-        per_rank += est.components["peak"] + est.host
+        per_rank += est.components["peak"]
     return int(world_size) * per_rank
 
 
