@@ -1,7 +1,8 @@
 """Precompute frozen-CLIP features into a feature cache (then train with model.feature_source=cache).
 
     python launchers/extract_features.py --vision RN101 [--pretrained TAG_OR_FILE] \\
-        (--images DIR | --synthetic [--config NAME] [key=value ...] | --hf-dataset NAME_OR_PATH --image-column COL) \\
+        (--images DIR | --synthetic [--config NAME] [key=value ...] |
+         --hf-dataset NAME_OR_PATH --image-column COL [COL2] [--split S] [--id-column COL] [--skip-bad-records]) \\
         --out DIR [--batch-size N] [--video] [--fp16] [--device cpu|cuda]
 
 Images give the raw grid of the RN's last conv stage (RN101 at 224 px: 49 x 2048) or a ViT's
@@ -12,10 +13,13 @@ of the config's tasks in the synthetic world, recorded in the cache with the see
 that decide its images; video tasks switch ``--video`` on), ``--hf-dataset`` (a HF ``datasets``
 dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's
 ``data.hf_dataset`` path names them: ``<split>/<row>``, or the ``--id-column`` naming each row's
-image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once). Resumable:
-ids already in ``--out`` are skipped; shards are written atomically. Bad input (an unreadable
-image, a cache made with other settings) ends with one line naming the file. Format: see
-vlscale/data/features.py.
+image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once; NLVR2's two
+image columns, given in ``data.hf_columns.image``'s order, ``<split>/<row>/0`` and ``/1``). A row
+without an image is an error naming the dataset, split, row and column, or with
+``--skip-bad-records`` skipped, as training's ``data.skip_bad_records=true`` skips it, and counted
+at the end. Resumable: ids already in ``--out`` are skipped; shards are written atomically. Bad
+input (an unreadable image, a cache made with other settings) ends with one line naming the file.
+Format: see vlscale/data/features.py.
 """
 
 from __future__ import annotations
@@ -40,12 +44,17 @@ def parse_args(argv=None):
     src.add_argument("--hf-dataset", help="HF datasets name or save_to_disk folder")
     ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic)")
-    ap.add_argument("--image-column", default=None, help="--hf-dataset: the image column")
+    ap.add_argument("--image-column", nargs="+", default=None, metavar="COL",
+                    help="--hf-dataset: the image column, or NLVR2's two (left right, in data.hf_columns.image's "
+                         "order; ids <split>/<row>/0 and /1)")
     ap.add_argument("--id-column", default=None,
                     help="--hf-dataset: the column naming each row's image, as data.hf_columns.image_id (rows "
                          "sharing an id share one image, extracted once; default: <split>/<row>, as training)")
     ap.add_argument("--split", default="train", help="--hf-dataset: which split, train / val / test or the "
                                                       "dataset's own name (validation, ...); default train")
+    ap.add_argument("--skip-bad-records", action="store_true",
+                    help="--hf-dataset: skip rows without an image (by default an error), as training's "
+                         "data.skip_bad_records=true does; the count and the first rows are reported at the end")
     ap.add_argument("--pattern", default=None, help="--images: file name pattern with {id} (default: any image)")
     ap.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed when present)")
     ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
@@ -59,6 +68,8 @@ def parse_args(argv=None):
         ap.error(f"config overrides {args.overrides} only apply with --synthetic")
     if args.hf_dataset and not args.image_column:
         ap.error("--hf-dataset needs --image-column")
+    if args.skip_bad_records and not args.hf_dataset:
+        ap.error("--skip-bad-records applies to --hf-dataset only")
     if not args.synthetic and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):
@@ -117,30 +128,59 @@ def synthetic_jobs(args, cfg):
 
 
 def hf_jobs(args):
-    """[(source, ids, video)] for --hf-dataset: the split training reads for ``--split``, with its ids."""
-    from vlscale.data.hf_dataset import SPLIT_NAMES, HFImageSource, open_hf_split
+    """([(source, ids, video)], report) for --hf-dataset: the split training reads for ``--split``, with
+    its ids; ``report["skipped"]``: ``[(row, why)]`` of the rows --skip-bad-records left out."""
+    from vlscale.data.hf_dataset import SPLIT_NAMES, HFImageSource, open_hf_split, rows_without_image
     from vlscale.data.real import DataError
 
     if args.video:
         raise SystemExit("--video is not supported with --hf-dataset (use --images DIR with frame folders)")
+    columns = args.image_column
+    if len(columns) > 2:
+        raise SystemExit(f"--image-column takes one column, or NLVR2's two (as data.hf_columns.image), got {columns}")
+    if args.id_column and len(columns) > 1:
+        raise SystemExit("--id-column applies to one --image-column only (as data.hf_columns.image_id: "
+                         "single-image tasks); NLVR2's two images are <split>/<row>/0 and <split>/<row>/1")
     split = next((ours for ours, names in SPLIT_NAMES.items() if args.split in (ours, *names)), args.split)
     ds, hf_split = open_hf_split(args.hf_dataset, split)
     name = f"{args.hf_dataset}[{hf_split}]"
-    for col in (args.image_column, args.id_column):
+    for col in (*columns, args.id_column):
         if col and col not in ds.column_names:
             raise DataError(f"--hf-dataset {name}: no column {col!r}; columns: {ds.column_names}")
+    # rows without an image: training's loader refuses them ("has no image"), or skips them with
+    # data.skip_bad_records=true; here the same, with --skip-bad-records
+    no_image = rows_without_image(ds, columns)
+    if no_image and not args.skip_bad_records:
+        row, col = no_image[0]
+        raise DataError(f"--hf-dataset {name}: row {row}, column {col!r} has no image ({len(no_image)} such "
+                        f"row(s), first {[r for r, _ in no_image[:5]]}); skip them with --skip-bad-records "
+                        "(and train with data.skip_bad_records=true)")
+    skipped = [(row, f"column {col!r} has no image") for row, col in no_image]
+    bad_rows = {row for row, _ in no_image}
+    locations: dict = {}
     if args.id_column:  # training's image_id role: rows sharing an image share its id, extracted once
-        locations: dict = {}
         for row, value in enumerate(ds.select_columns([args.id_column])[args.id_column]):
+            if row in bad_rows:
+                continue
             if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-                raise DataError(f"--hf-dataset {name}: row {row}: --id-column {args.id_column!r} must hold a "
-                                f"non-empty string or integer id, got {value!r:.60}")
-            locations.setdefault(str(value), (row, args.image_column))
-    else:  # the ids training gives rows without an image_id column
-        locations = {f"{split}/{row}": (row, args.image_column) for row in range(len(ds))}
+                if not args.skip_bad_records:
+                    raise DataError(f"--hf-dataset {name}: row {row}: --id-column {args.id_column!r} must hold a "
+                                    f"non-empty string or integer id, got {value!r:.60}")
+                skipped.append((row, f"--id-column {args.id_column!r} holds {value!r:.40}"))
+                continue
+            locations.setdefault(str(value), (row, columns[0]))
+        skipped.sort()
+    elif len(columns) == 1:  # the ids training gives rows without an image_id column
+        locations = {f"{split}/{row}": (row, columns[0]) for row in range(len(ds)) if row not in bad_rows}
+    else:  # NLVR2: training's ids <split>/<row>/<k>, k the column's place in data.hf_columns.image
+        locations = {f"{split}/{row}/{k}": (row, col) for row in range(len(ds)) if row not in bad_rows
+                     for k, col in enumerate(columns)}
+    if not locations:
+        raise DataError(f"--hf-dataset {name}: none of its {len(ds)} rows has an image to extract"
+                        + (f" (first skipped: row {skipped[0][0]}, {skipped[0][1]})" if skipped else ""))
     base = Path(args.hf_dataset).expanduser()
     source = HFImageSource(ds, locations, name, base if base.is_dir() else None)
-    return [(source, list(locations), False)]
+    return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped}
 
 
 def main(argv=None) -> int:
@@ -168,10 +208,13 @@ def main(argv=None) -> int:
     except KeyError as e:
         raise SystemExit(f"--vision: {e.args[0]}") from None
     try:
+        hf_report = None
         if args.synthetic:
             jobs = synthetic_jobs(args, cfg)
+        elif args.images:
+            jobs = image_folder_jobs(args)
         else:
-            jobs = image_folder_jobs(args) if args.images else hf_jobs(args)
+            jobs, hf_report = hf_jobs(args)
         try:
             encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
         except FileNotFoundError as e:
@@ -189,6 +232,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
     print(f"feature cache {args.out}: {total['written']} written, {total['skipped']} already there, "
           f"{total['total']} ids in all. Train with: model.feature_source=cache data.feature_cache={args.out}")
+    if hf_report and hf_report["skipped"]:
+        skipped = hf_report["skipped"]
+        print(f"--skip-bad-records: skipped {len(skipped)} of {hf_report['rows']} rows of {hf_report['name']}, "
+              f"first: {'; '.join(f'row {row} ({why})' for row, why in skipped[:5])}. Train with "
+              "data.skip_bad_records=true, which skips the same rows")
     return 0
 
 

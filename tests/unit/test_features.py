@@ -464,3 +464,117 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
         for split, n in (("train", 3), ("val", 2)):
             batch = next(eval_batches(cfg, tok, "vqa", split, 8))
             assert batch["vis_feats"].shape[:2] == (n, 1)
+
+
+def _pairs_hf(path, none=()):
+    """A local NLVR2-style DatasetDict (two Image columns per row) saved with ``save_to_disk``: train 4 rows,
+    validation 2; ``none``: ``(split, row, column)`` cells left without an image."""
+    import datasets
+    from PIL import Image
+
+    def split(name, n, seed):
+        cells = {col: [None if (name, r, col) in none else
+                       Image.fromarray(np.random.default_rng(seed + 10 * r + k).integers(0, 256, (8, 8, 3), np.uint8))
+                       for r in range(n)] for k, col in enumerate(("left_image", "right_image"))}
+        return datasets.Dataset.from_dict(
+            dict(cells, sentence=[f"claim {name} {r}" for r in range(n)], label=[r % 2 for r in range(n)],
+                 answer=[f"a{r}" for r in range(n)]),
+            features=datasets.Features({"left_image": datasets.Image(), "right_image": datasets.Image(),
+                                        "sentence": datasets.Value("string"), "label": datasets.Value("int64"),
+                                        "answer": datasets.Value("string")}))
+
+    datasets.DatasetDict({"train": split("train", 4, 0), "validation": split("validation", 2, 100)}).save_to_disk(
+        str(path))
+    return str(path)
+
+
+NLVR2_COLUMNS = "{image: [left_image, right_image], text: sentence, label: label}"
+
+
+def _hf_cfg(hf, task, columns, cache, weights, *more):
+    return load_config("tiny", ["data.source=real", f"data.tasks=[{task}]", f"data.hf_dataset={hf}",
+                                f"data.hf_columns={columns}", "model.feature_source=cache",
+                                f"data.feature_cache={cache}", f"model.vision_pretrained={weights}", *more])
+
+
+def test_launcher_hf_nlvr2_extracts_both_images_under_trainings_ids(tmp_path, encoder, weights, tok):
+    """NLVR2's two image columns: each row's images land under training's ``<split>/<row>/<k>`` (k: the
+    column's place in data.hf_columns.image), and training's loaders resolve every id from the cache."""
+    import extract_features as launcher
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    hf = _pairs_hf(tmp_path / "pairs")
+    cache = tmp_path / "cache"
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--hf-dataset", hf, "--out", str(cache)]
+    for split in ("train", "validation"):
+        assert launcher.main(base + ["--split", split, "--image-column", "left_image", "right_image"]) == 0
+    cfg = _hf_cfg(hf, "nlvr2", NLVR2_COLUMNS, cache, weights)
+    wanted = {i for split in ("train", "val") for e in load_examples(cfg, "nlvr2", split) for i in e.image_ids}
+    assert sorted(FeatureCache(cache).ids()) == sorted(wanted) and len(wanted) == 12
+    # the cached features are those of training's own images, left = 0, right = 1
+    enc, tf = encoder
+    _, images = load_hf_examples("nlvr2", hf, "train", {"image": ["left_image", "right_image"], "text": "sentence",
+                                                        "label": "label"})
+    for iid in ("train/3/0", "train/3/1"):
+        assert torch.allclose(FeatureCache(cache)[iid], enc.encode_grid(tf([images[iid]]))[0].float(), atol=1e-5)
+    for split, n in (("train", 4), ("val", 2)):
+        batch = next(eval_batches(cfg, tok, "nlvr2", split, 8))
+        assert batch["vis_feats"].shape[:2] == (n, 2)
+    train_batch = next(iter(build_train_loader(cfg, tok)))
+    assert train_batch["vis_feats"].shape[1] == 2
+    with pytest.raises(SystemExit, match=r"--id-column applies to one --image-column only"):
+        launcher.main(base + ["--image-column", "left_image", "right_image", "--id-column", "sentence"])
+    with pytest.raises(SystemExit, match=r"--image-column takes one column, or NLVR2's two"):
+        launcher.main(base + ["--image-column", "left_image", "right_image", "sentence"])
+
+
+def test_launcher_hf_rows_without_an_image_error_or_skip_as_training(tmp_path, weights, tok, capsys):
+    """A row without an image stops extraction with one line naming the dataset, split, row and column;
+    ``--skip-bad-records`` skips it (counted, first rows reported) and training with
+    data.skip_bad_records=true drops the same examples, every other id resolving from the cache."""
+    import extract_features as launcher
+
+    from vlscale.data.real import DataError
+
+    hf = _pairs_hf(tmp_path / "holes", none={("train", 1, "left_image"), ("train", 3, "left_image"),
+                                             ("train", 2, "right_image")})
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--hf-dataset", hf]
+    with pytest.raises(SystemExit, match=r"^extract_features\.py: DataError: --hf-dataset .*holes\[train\]: row 1, "
+                                         r"column 'left_image' has no image \(2 such row\(s\), first \[1, 3\]\); "
+                                         r"skip them with --skip-bad-records"):
+        launcher.main(base + ["--image-column", "left_image", "--out", str(one)])
+    assert not (one / "index.json").exists()
+    with pytest.raises(SystemExit, match=r"holes\[train\]: row 1, column 'left_image' has no image \(3 such"):
+        launcher.main(base + ["--image-column", "left_image", "right_image", "--out", str(two)])
+    capsys.readouterr()
+    for split in ("train", "val"):
+        assert launcher.main(base + ["--image-column", "left_image", "--skip-bad-records", "--split", split,
+                                     "--out", str(one)]) == 0
+        assert launcher.main(base + ["--image-column", "left_image", "right_image", "--skip-bad-records",
+                                     "--split", split, "--out", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert ("--skip-bad-records: skipped 2 of 4 rows of " in out and "holes[train], first: row 1 (column "
+            "'left_image' has no image); row 3 (column 'left_image' has no image)" in out)
+    assert "skipped 3 of 4 rows" in out and "row 2 (column 'right_image' has no image); row 3" in out
+    assert out.count("--skip-bad-records: skipped") == 2  # nothing skipped in the validation split
+    assert sorted(FeatureCache(one).ids()) == ["train/0", "train/2", "val/0", "val/1"]
+    named = tmp_path / "named"
+    assert launcher.main(base + ["--image-column", "left_image", "--id-column", "answer", "--skip-bad-records",
+                                 "--out", str(named)]) == 0
+    assert sorted(FeatureCache(named).ids()) == ["a0", "a2"]
+    assert sorted(FeatureCache(two).ids()) == ["train/0/0", "train/0/1", "val/0/0", "val/0/1", "val/1/0", "val/1/1"]
+    # training skips the same rows, and every id it then names is in the cache: nothing more is dropped
+    for task, columns, cache, rows in (("gqa", "{image: left_image, question: sentence, answer: answer}", one,
+                                        [0, 2]), ("nlvr2", NLVR2_COLUMNS, two, [0])):
+        cfg = _hf_cfg(hf, task, columns, cache, weights, "data.skip_bad_records=true")
+        train = load_examples(cfg, task, "train")
+        assert [e.extra["row"] for e in train] == rows and train.skipped == 4 - len(rows)
+        assert next(eval_batches(cfg, tok, task, "train", 8))["vis_feats"].shape[0] == len(rows)
+        assert next(eval_batches(cfg, tok, task, "val", 8))["vis_feats"].shape[0] == 2
+        with pytest.raises(DataError, match=r"holes\[train\]: row 1: key 'left_image' has no image"):
+            load_examples(_hf_cfg(hf, task, columns, cache, weights), task, "train")
+    with pytest.raises(SystemExit) as info:
+        launcher.main(["--vision", VISION, "--images", str(tmp_path), "--skip-bad-records", "--out", str(one)])
+    assert info.value.code == 2 and "--skip-bad-records applies to --hf-dataset only" in capsys.readouterr().err

@@ -563,6 +563,34 @@ def test_hf_unreadable_images_name_dataset_split_row_and_column(tmp_path):
         load_hf_examples("gqa", paths, "train", dict(cols, image="q"))[1]["train/1"]
 
 
+@pytest.mark.parametrize("kind", ["struct", "string", "binary"])
+def test_hf_rows_without_image_are_the_rows_training_skips(tmp_path, kind):
+    """extract_features' Arrow scan (``rows_without_image``) finds exactly the rows training's loader
+    refuses as "has no image" (and skips with data.skip_bad_records), for each way a cell can hold none."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples, rows_without_image
+
+    path = str(sorted((FIXTURES / "real_data" / "gqa" / "images").glob("*.jpg"))[0])
+    cells = {"struct": [{"bytes": None, "path": path}, None, {"bytes": None, "path": None}, {"bytes": b"", "path": ""},
+                        {"bytes": b"x", "path": None}, {"bytes": None, "path": ""}],
+             "string": [path, None, "", path, path, ""],
+             "binary": [b"x", None, b"x", b"x", b"", None]}[kind]
+    n = len(cells)
+    kinds = {"struct": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+             "string": datasets.Value("string"), "binary": datasets.Value("binary")}
+    features = datasets.Features({"image": kinds[kind], "q": datasets.Value("string"), "a": datasets.Value("string")})
+    hf = _hf_dict(tmp_path / kind, {"image": cells, "q": ["q?"] * n, "a": ["a"] * n}, features)
+    ex, _ = load_hf_examples("gqa", hf, "train", {"image": "image", "question": "q", "answer": "a"},
+                             skip_bad_records=True)
+    kept = {e.extra["row"] for e in ex}
+    ds = datasets.load_from_disk(hf)["train"]
+    for batch_size in (4, 10_000):
+        assert rows_without_image(ds, ["image"], batch_size=batch_size) == [
+            (r, "image") for r in range(n) if r not in kept]
+    assert ex.skipped == n - len(kept) and 0 < ex.skipped < n
+
+
 def test_hf_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, monkeypatch):
     from PIL import Image
 

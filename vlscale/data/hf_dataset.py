@@ -228,6 +228,56 @@ def _image_present(value) -> bool:
     return True
 
 
+def _no_image_mask(column):
+    """Per cell of an Arrow array: True where :func:`_image_present` finds no image, read from the
+    Arrow data without decoding; None for a type not handled here (then check the Python values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def is_text(t) -> bool:
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t))
+
+    def blank(a):  # None, "" or b"" (a falsy str / dict value)
+        return pc.fill_null(pc.equal(pc.binary_length(a), 0), True)
+
+    t = column.type
+    if pa.types.is_struct(t):  # {bytes, path} dicts (the Image feature's storage): no image unless one is set
+        mask = pa.array([True] * len(column))
+        for field in ("bytes", "path"):
+            if t.get_field_index(field) >= 0:
+                value = pc.struct_field(column, field)
+                if not (is_text(value.type) or pa.types.is_null(value.type)):
+                    return None
+                mask = pc.and_(mask, pc.is_null(value) if pa.types.is_null(value.type) else blank(value))
+        return pc.or_(pc.is_null(column), mask)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return blank(column)
+    return pc.is_null(column)  # bytes, arrays, lists: only None is no image
+
+
+def rows_without_image(dataset, columns, batch_size: int = 10_000) -> list[tuple[int, str]]:
+    """``(row, column)`` for each row of ``dataset`` where one of ``columns`` holds no image (the first
+    such column): the rows training's loader refuses with "has no image" (and skips with
+    ``data.skip_bad_records=true``). Read from the Arrow data in batches, nothing decoded."""
+    import numpy as np
+
+    columns = list(columns)
+    out: list[tuple[int, str]] = []
+    start = 0
+    for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
+        first = np.full(table.num_rows, -1)
+        for k in reversed(range(len(columns))):
+            column = table.column(columns[k]).combine_chunks()
+            mask = _no_image_mask(column)
+            missing = (np.array([not _image_present(v) for v in column.to_pylist()], bool) if mask is None
+                       else mask.to_numpy(zero_copy_only=False).astype(bool))
+            first[missing] = k
+        out.extend((start + int(r), columns[first[r]]) for r in np.flatnonzero(first >= 0))
+        start += table.num_rows
+    return out
+
+
 def _strings(rec: Record, key: str, inner: tuple = ("answer",)) -> list[str]:
     """A list column of strings (or of objects holding the string under one of ``inner``)."""
     items = rec.get(key, list)
