@@ -312,6 +312,8 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"record 0 .*key 'label' has no answer with a score above 0"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[1].update(uid=" "),
      r"record 1 .*key 'uid' is an empty string"),
+    ("gqa", "gqa/train.json", lambda d: d[1].update(question_id=""),
+     r"train\.json: record 1 .*key 'question_id' is an empty string"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])

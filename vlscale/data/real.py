@@ -140,7 +140,11 @@ class Record:
     def ident(self, key: str, default=_REQUIRED) -> str:
         """An id field (string or integer), returned as a string."""
         value = self.get(key, (str, int), default)
-        return value if value is default and default is not _REQUIRED else str(value)
+        if value is default and default is not _REQUIRED:
+            return value
+        if not str(value).strip():
+            raise self.error(key, "is an empty string")
+        return str(value)
 
     def score_map(self, key: str, allow_empty: bool) -> dict[str, float]:
         """An ``{answer: score}`` object with finite, non-negative numeric scores."""
