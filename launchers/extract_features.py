@@ -68,8 +68,13 @@ def parse_args(argv=None):
         ap.error(f"config overrides {args.overrides} only apply with --synthetic")
     if args.hf_dataset and not args.image_column:
         ap.error("--hf-dataset needs --image-column")
-    if args.skip_bad_records and not args.hf_dataset:
-        ap.error("--skip-bad-records applies to --hf-dataset only")
+    for flag in ("skip_bad_records", "image_column", "id_column"):
+        if getattr(args, flag) and not args.hf_dataset:
+            ap.error(f"--{flag.replace('_', '-')} applies to --hf-dataset only")
+    if args.split != "train" and not args.hf_dataset:
+        ap.error("--split applies to --hf-dataset only (--synthetic extracts every split of the config's tasks)")
+    if args.pattern and not args.images:
+        ap.error("--pattern applies to --images only")
     if not args.synthetic and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):

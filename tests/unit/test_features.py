@@ -578,3 +578,11 @@ def test_launcher_hf_rows_without_an_image_error_or_skip_as_training(tmp_path, w
     with pytest.raises(SystemExit) as info:
         launcher.main(["--vision", VISION, "--images", str(tmp_path), "--skip-bad-records", "--out", str(one)])
     assert info.value.code == 2 and "--skip-bad-records applies to --hf-dataset only" in capsys.readouterr().err
+    # the other source-specific flags are refused where they would be ignored
+    for flags, says in ((["--images", str(tmp_path), "--image-column", "image"], "--image-column applies"),
+                        (["--images", str(tmp_path), "--id-column", "name"], "--id-column applies"),
+                        (["--images", str(tmp_path), "--split", "val"], "--split applies"),
+                        (["--synthetic", "--pattern", "{id}.jpg"], "--pattern applies")):
+        with pytest.raises(SystemExit) as info:
+            launcher.main(["--vision", VISION, *flags, "--out", str(one)])
+        assert info.value.code == 2 and says in capsys.readouterr().err, flags
