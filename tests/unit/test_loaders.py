@@ -250,7 +250,8 @@ def test_hf_bad_rows_name_the_row_and_skip_mode_counts(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 
     ds = datasets.load_from_disk(str(HF))
-    train = ds["train"].map(lambda row, i: {"question": "" if i == 1 else row["question"]}, with_indices=True)
+    train = ds["train"].map(lambda row, i: {"question": "" if i == 1 else row["question"]}, with_indices=True,
+                            keep_in_memory=True)  # no cache file written into the fixture
     path = tmp_path / "hf_bad"
     datasets.DatasetDict({"train": train}).save_to_disk(str(path))
     with pytest.raises(RecordError, match=r"hf_bad\[train\]: row 1 \(id 2\): key 'question' is an empty string"):
