@@ -16,7 +16,11 @@ table<N>.png (average score against updated parameters %), runs/<name>/ (each tr
 output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--parallel``
 trainings at once (default: CPU cores // threads per run), shows progress, and is resumable:
 rows with a result are skipped, interrupted trainings resume from their last checkpoint
-(Ctrl-C stops the running trainings with a checkpoint). Exit code 1 if a row failed.
+(Ctrl-C stops the running trainings with a checkpoint), and rows finished earlier under DIR stay in
+the table. Earlier work made with other settings (another --steps, --seed or --set) is refused
+before anything runs, naming the row and the setting: resuming it would mix two runs in one
+result, keeping it would put incomparable rows in one table. Exit code 1 if a row failed, 2 if
+refused.
 """
 
 from __future__ import annotations
@@ -91,9 +95,10 @@ def children_cpu_s() -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError
-    from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, backbone_fingerprint, default_parallel,
-                                   get_table, make_result, plan_job, row_config, row_overrides, select_rows,
-                                   train_command, updated_params, uses_cache, write_json, write_outputs)
+    from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, backbone_fingerprint, check_result,
+                                   default_parallel, get_table, make_result, plan_job, row_config, row_overrides,
+                                   select_rows, train_command, updated_params, uses_cache, write_json,
+                                   write_outputs)
 
     log = print
     # --- setup: rows, their settings, what is left to do
@@ -117,6 +122,10 @@ def main(argv=None) -> int:
             return 0
         fingerprints = {name: backbone_fingerprint(cfg) for name, cfg in configs.items()}
         jobs = [plan_job(r, plans[r.name], out / "runs" / r.name, fingerprints[r.name]) for r in rows]
+        for r in table.rows:  # rows finished earlier stay in the table: only if made with this run's settings
+            if r not in rows and (out / "runs" / r.name / RESULT_FILE).exists():
+                ov = row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
+                check_result(r, ov, out / "runs" / r.name, backbone_fingerprint(row_config(ov)), kept=True)
     except (ReplicationError, ConfigError) as e:
         print(f"replicate: {e}", file=sys.stderr)
         return 2

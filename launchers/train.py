@@ -93,6 +93,9 @@ def user_errors() -> tuple:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_library_warnings()
+    from vlscale.engine.distributed import watch_launcher
+
+    watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
     from vlscale.config import load_config
 
     try:

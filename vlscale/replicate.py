@@ -17,7 +17,8 @@ Scores are each task's headline metric x 100 (VQA score, GQA exact match, NLVR2 
 CIDEr), ``avg`` their mean, ``updated_pct`` the trainable share of all parameters but CLIP's (the
 paper's convention with precomputed features; Table 3, where CLIP is in the model, counts CLIP in
 both). A row's ``result.json`` marks it done; a rerun skips it (resumable), resumes an
-interrupted training from its checkpoint, or only evaluates a finished one.
+interrupted training from its checkpoint, or only evaluates a finished one, each only if it was made
+with the rerun's settings (``plan_job``, ``check_result``).
 """
 
 from __future__ import annotations
@@ -432,34 +433,133 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
     """Which commands a row still needs (resumption): none, evaluate the test split, resume, or train
     (training evaluates the test split at its end).
 
-    A finished row whose settings or backbone weights (``fingerprint``) differ is an error."""
+    A row's earlier work is used only if it was made with this run's settings: a finished row whose
+    settings or backbone weights (``fingerprint``) differ, and an interrupted or unevaluated training
+    that ran with other settings (another ``--steps`` would mix two learning-rate schedules in one
+    result), are a ReplicationError naming the row, the setting, its two values and the ways on."""
     job = Job(row, overrides, run_dir)
     if (run_dir / RESULT_FILE).exists():
-        saved = json.loads((run_dir / RESULT_FILE).read_text())
-        if saved.get("overrides") != list(overrides):
-            diff = sorted(set(saved.get("overrides", [])) ^ set(overrides))
-            raise ReplicationError(f"{run_dir / RESULT_FILE} was made with other settings ({diff[:4]}); "
-                                   f"choose another --out or delete {run_dir}")
-        if fingerprint is not None and saved.get("backbones") != fingerprint:
-            raise ReplicationError(f"{run_dir / RESULT_FILE} was made with other backbone weights "
-                                   f"({saved.get('backbones')} vs {fingerprint} now); choose another --out or "
-                                   f"delete {run_dir}")
+        check_result(row, overrides, run_dir, fingerprint)
         job.phase = "done"
-        return job
-    if (run_dir / "eval_test" / "eval_metrics.json").exists():
-        job.phase = "collect"
         return job
     summary = run_dir / "run_summary.json"
     finished = summary.exists() and json.loads(summary.read_text()).get("completed") and \
         (run_dir / "adapter" / "adapter_config.json").exists()
+    resume = (run_dir / "checkpoints" / "latest").exists()
+    evaluated = (run_dir / "eval_test" / "eval_metrics.json").exists()
+    if evaluated or finished or resume:
+        what = "training" if evaluated or finished else \
+            f"interrupted training (checkpoint {(run_dir / 'checkpoints' / 'latest').read_text().strip()})"
+        check_trained_settings(row, overrides, run_dir, what)
+    if evaluated:
+        job.phase = "collect"
+        return job
     if finished:  # trained, but its test split was not evaluated (stopped in between)
         job.commands.append(("eval", eval_command(run_dir)))
         return job
-    resume = (run_dir / "checkpoints" / "latest").exists()
     if not resume and run_dir.exists():
         _clear_partial(run_dir)
     job.commands.append(("train", train_command(overrides, run_dir, resume)))  # evaluates the test split too
     return job
+
+
+# Settings a row's earlier work may differ in: where it is (a moved --out), the preset's labels, and what
+# leaves the trained model and its scores alone (how often it logged and saved; train.test_eval: rows
+# finished before the test split was evaluated by the training itself).
+SAME_ROW_KEYS = ("output_dir", "name", "description", "train.test_eval", "train.log_every", "train.save_every")
+_UNSET = object()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
+    return out
+
+
+def _setting(key: str, value) -> str:
+    return f"no {key} override (the preset's)" if value is _UNSET else f"{key}={_value(value)}"
+
+
+def _differences(old: dict, new: dict, ignore: Sequence[str] = SAME_ROW_KEYS) -> list[tuple[str, object, object]]:
+    return [(k, old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k, _UNSET) != new.get(k, _UNSET)]
+
+
+def _how_on(diff: list, run_dir: Path, use: str, why: str = "") -> str:
+    """'k=a, this run gives k=b (and N more: ...)[ (why)]; <the ways on>' for a list of (key, old, new)."""
+    key, old, new = diff[0]
+    more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:4])}{', ...' if len(diff) > 4 else ''})" \
+        if len(diff) > 1 else ""
+    flag = {"train.max_steps": "--steps", "train.seed": "--seed"}.get(key)
+    same = f" ({flag} {_value(old)})" if flag and old is not _UNSET else ""
+    return (f"{_setting(key, old)}, this run gives {_setting(key, new)}{more}{f' ({why})' if why else ''}; rerun "
+            f"with the settings it was made with{same} {use}, choose another --out, or delete {run_dir} to train "
+            f"the row again")
+
+
+def trained_settings(run_dir: Path) -> Optional[dict]:
+    """The settings the training in ``run_dir`` ran with, flat (``train.max_steps``: 300, ...): its
+    run_config.yaml, else its adapter's; None when neither is there."""
+    from vlscale.config import ConfigError, config_from_dict, load_config
+
+    path = run_dir / "run_config.yaml"
+    adapter = run_dir / "adapter" / "adapter_config.json"
+    try:
+        if path.exists():
+            return _flat(load_config(str(path)).to_dict())
+        if adapter.exists():
+            path = adapter
+            return _flat(config_from_dict(json.loads(adapter.read_text())["run_config"]).to_dict())
+    except (ConfigError, ValueError, KeyError, TypeError) as e:
+        raise ReplicationError(f"{path} cannot be read ({type(e).__name__}: {e}): the settings of the training in "
+                               f"{run_dir} are unknown; delete {run_dir} to train the row again") from None
+    return None
+
+
+def check_trained_settings(row: Row, overrides: Sequence[str], run_dir: Path, what: str = "training",
+                           role: str = "") -> None:
+    """Refuse to resume, evaluate or collect a training in ``run_dir`` that ran with other settings than
+    this row's now (``--steps``, ``--seed``, ``--set``, the row's or the preset's)."""
+    saved = trained_settings(run_dir)
+    if saved is None:
+        raise ReplicationError(f"row {row.name}: the {what} in {run_dir} has no run_config.yaml, so its settings "
+                               f"cannot be checked against this run's; delete {run_dir} to train the row again")
+    now = _flat(row_config([*overrides, f"output_dir={run_dir}", "train.test_eval=true"]).to_dict())
+    diff = _differences(saved, now)
+    if diff:
+        interrupted = what.startswith("interrupted")
+        raise ReplicationError(f"row {row.name}: {role}the {what} in {run_dir} ran with other settings: "
+                               + _how_on(diff, run_dir, "to finish it" if interrupted else "to use it",
+                                         "resuming it would mix both in one result" if interrupted else ""))
+
+
+def check_result(row: Row, overrides: Sequence[str], run_dir: Path, fingerprint: Optional[str] = None,
+                 kept: bool = False) -> None:
+    """A finished row's ``result.json`` may be used (skipped, or ``kept`` in the table while other rows
+    run) only if it was made with these settings and backbone weights; otherwise a ReplicationError."""
+    saved = json.loads((run_dir / RESULT_FILE).read_text())
+    who = f"row {row.name} is in the table this run writes, but" if kept else f"row {row.name}:"
+
+    def pairs(ov):
+        import yaml
+
+        return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in ov)}
+
+    if saved.get("overrides") != list(overrides):
+        diff = _differences(pairs(saved.get("overrides", [])), pairs(overrides), ignore=())
+        if not diff:  # the same key=value pairs in another order or repeated
+            diff = [("overrides", saved.get("overrides"), list(overrides))]
+        raise ReplicationError(f"{who} {run_dir / RESULT_FILE} was made with other settings: "
+                               + _how_on(diff, run_dir, "to use it"))
+    if fingerprint is not None and saved.get("backbones") != fingerprint:
+        raise ReplicationError(f"{who} {run_dir / RESULT_FILE} was made with other backbone weights "
+                               f"({saved.get('backbones')} vs {fingerprint} now); choose another --out or "
+                               f"delete {run_dir}")
+    if (run_dir / "run_config.yaml").exists():  # what it trained with (the preset's or the row's values then)
+        check_trained_settings(row, overrides, run_dir, role="its result is in the table this run writes, but "
+                               if kept else "")
 
 
 def _clear_partial(run_dir: Path) -> None:

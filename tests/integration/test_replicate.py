@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlscale.config import load_config
+from vlscale.config import load_config, save_config
 from vlscale.replicate import (TABLE1_METHODS, TABLES, ReplicationError, Row, average, get_table, headline_scores,
                                markdown_table, paper_claims, plan_job, row_config, row_overrides, scale_peft_widths,
                                select_rows, updated_params)
@@ -125,6 +125,7 @@ def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
     assert "train.test_eval=true" in job.commands[0][1]  # the test split is evaluated by the training process
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step5")
+    save_config(row_config([*ov, f"output_dir={run}", "train.test_eval=true"]), run / "run_config.yaml")  # train.py's
     assert "--resume" in plan_job(row, ov, run).commands[0][1]
     (run / "run_summary.json").write_text(json.dumps({"completed": True}))
     (run / "adapter").mkdir()
@@ -136,6 +137,125 @@ def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
         plan_job(row, ov[:-1] + ["train.seed=9"], run)
     with pytest.raises(ReplicationError, match="other backbone weights"):
         plan_job(row, ov, run, "bbbb")
+
+
+def _trained(run: Path, overrides: list[str], step: int = 2, evaluated: bool = False) -> None:
+    """What launchers/train.py leaves in a row's run folder: run_config.yaml, a checkpoint, and once
+    finished run_summary.json, adapter/ and (train.test_eval) eval_test/."""
+    save_config(row_config([*overrides, f"output_dir={run}", "train.test_eval=true"]), run / "run_config.yaml")
+    (run / "checkpoints" / f"step{step}").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(f"step{step}")
+    if evaluated:
+        (run / "run_summary.json").write_text(json.dumps({"completed": True}))
+        (run / "adapter").mkdir()
+        (run / "adapter" / "adapter_config.json").write_text("{}")
+        (run / "eval_test").mkdir()
+        (run / "eval_test" / "eval_metrics.json").write_text("{}")
+
+
+def test_an_interrupted_row_is_not_resumed_under_other_settings(tmp_path):
+    """A row stopped mid-training (a checkpoint in its folder) and rerun with another --steps was resumed
+    under the new train.max_steps (train.py's --resume lets max_steps change, to extend a run): one result
+    from two learning-rate schedules. Now refused, naming the row, the setting, both values and the ways on."""
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    cache = str(tmp_path / "features")
+    run = tmp_path / "runs" / "single_adapter"
+    _trained(run, row_overrides(row, feature_cache=cache, steps=300))
+    assert "--resume" in plan_job(row, row_overrides(row, feature_cache=cache, steps=300), run).commands[0][1]
+    with pytest.raises(ReplicationError) as e:
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=100), run)
+    msg = str(e.value)
+    assert msg.startswith(f"row single_adapter: the interrupted training (checkpoint step2) in {run} ran with other "
+                          f"settings: train.max_steps=300, this run gives train.max_steps=100")
+    assert "--steps 300" in msg and "choose another --out" in msg and f"delete {run}" in msg
+    assert "\n" not in msg
+    # no --steps now (the preset's 2500); --seed; --set
+    with pytest.raises(ReplicationError, match=r"train.max_steps=300, this run gives train.max_steps=2500"):
+        plan_job(row, row_overrides(row, feature_cache=cache), run)
+    with pytest.raises(ReplicationError, match=r"train.seed=0, this run gives train.seed=1 .*--seed 0"):
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=300, seed=1), run)
+    with pytest.raises(ReplicationError, match=r"data.synthetic_train=1000, this run gives data.synthetic_train=16"):
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=300, extra=["data.synthetic_train=16"]), run)
+    # settings that leave the model alone may differ; a run folder moved with its --out too
+    assert "--resume" in plan_job(row, row_overrides(row, feature_cache=cache, steps=300,
+                                                     extra=["train.log_every=7"]), run).commands[0][1]
+    # a checkpoint without run_config.yaml (train.py writes it before any): its settings are unknown
+    (run / "run_config.yaml").unlink()
+    with pytest.raises(ReplicationError, match="has no run_config.yaml"):
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=300), run)
+
+
+def test_a_trained_row_is_not_evaluated_or_collected_under_other_settings(tmp_path):
+    """A finished training whose result.json was not written yet (stopped before or during its test
+    evaluation) is only evaluated or collected by a rerun, under the rerun's settings: refused too."""
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    cache = str(tmp_path / "features")
+    run = tmp_path / "runs" / "single_adapter"
+    _trained(run, row_overrides(row, feature_cache=cache, steps=300), evaluated=True)
+    assert plan_job(row, row_overrides(row, feature_cache=cache, steps=300), run).phase == "collect"
+    with pytest.raises(ReplicationError, match=r"the training in .* ran with other settings: train.max_steps=300, "
+                                               r"this run gives train.max_steps=100.*to use it"):
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=100), run)
+    (run / "eval_test" / "eval_metrics.json").unlink()
+    assert [c[0] for c in plan_job(row, row_overrides(row, feature_cache=cache, steps=300), run).commands] == ["eval"]
+    with pytest.raises(ReplicationError, match=r"train.max_steps=300, this run gives train.max_steps=100"):
+        plan_job(row, row_overrides(row, feature_cache=cache, steps=100), run)
+    # a finished row's result.json made with the same overrides but trained otherwise (the preset changed)
+    ov = row_overrides(row, feature_cache=cache, steps=100)
+    (run / "result.json").write_text(json.dumps({"overrides": ov}))
+    with pytest.raises(ReplicationError, match=r"train.max_steps=300, this run gives train.max_steps=100"):
+        plan_job(row, ov, run)
+
+
+def _finished(out: Path, name: str, overrides: list[str]) -> None:
+    """A row's result.json as launchers/replicate.py writes it (the scores made up)."""
+    from vlscale.replicate import backbone_fingerprint, write_json
+
+    scores = {"vqa": 50.0, "gqa": 40.0, "nlvr2": 50.0, "caption": 100.0}
+    write_json(out / "runs" / name / "result.json",
+               {"label": name, "updated_pct": 5.0, "scores": scores, "avg": average(scores), "overrides": overrides,
+                "backbones": backbone_fingerprint(row_config(overrides))})
+
+
+@needs_assets
+def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, launcher, capsys):
+    """A rerun of some rows keeps the rows finished earlier under --out in the table: made with another
+    --steps, they were kept beside the new ones as if comparable. Now the rerun is refused before anything
+    runs, naming the row and the setting."""
+    t1 = {r.name: r for r in TABLES[1].rows}
+    out = tmp_path / "table1"
+    cache = str(out / "features")
+    _finished(out, "single_adapter", row_overrides(t1["single_adapter"], feature_cache=cache, steps=3))
+    _finished(out, "single_prompt", row_overrides(t1["single_prompt"], feature_cache=cache, steps=5))
+    replicate = launcher("replicate")
+    args = ["--table", "1", "--methods", "single_prompt", "--out", str(out), "--no-progress"]
+    assert replicate.main(args + ["--steps", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"replicate: row single_adapter is in the table this run writes, but "
+                   f"{out / 'runs' / 'single_adapter' / 'result.json'} was made with other settings: "
+                   f"train.max_steps=3, this run gives train.max_steps=5; rerun with the settings it was made with "
+                   f"(--steps 3) to use it, choose another --out, or delete {out / 'runs' / 'single_adapter'} to "
+                   f"train the row again")
+    assert not (out / "results.json").exists() and not (out / "features").exists()
+    # the same settings: both rows in the table, nothing trained
+    _finished(out, "single_prompt", row_overrides(t1["single_prompt"], feature_cache=cache, steps=3))
+    assert replicate.main(args + ["--steps", "3"]) == 0
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"single_adapter", "single_prompt"}
+
+
+@needs_assets
+def test_an_interrupted_row_under_other_steps_is_refused_before_anything_runs(tmp_path, launcher, capsys):
+    t1 = {r.name: r for r in TABLES[1].rows}
+    out = tmp_path / "table1"
+    run = out / "runs" / "single_adapter"
+    _trained(run, row_overrides(t1["single_adapter"], feature_cache=str(out / "features"), steps=3))
+    code = launcher("replicate").main(["--table", "1", "--methods", "single_adapter", "--out", str(out), "--steps",
+                                       "5", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"replicate: row single_adapter: the interrupted training (checkpoint step2) in {run} ran with other " \
+           f"settings: train.max_steps=3, this run gives train.max_steps=5" in err
+    assert not (out / "features").exists() and not (run / "train.log").exists()  # nothing started
 
 
 def test_rows_run_as_their_own_jobs(monkeypatch):

@@ -16,7 +16,8 @@ Guards: collectives time out after ``VLSCALE_DIST_TIMEOUT`` seconds (default 300
 seconds (default: the collective timeout + 60 s), so a rank that died cannot leave the others
 waiting forever. :class:`StopSignal` turns the first Ctrl-C / SIGTERM into a request to stop at
 the end of the current step (every rank agrees, then a resumable checkpoint is written); a second
-one aborts at once.
+one aborts at once. :class:`LauncherWatch` sends that SIGTERM to a rank whose launcher is gone
+(DeepSpeed's runner killed: on one node it passes no signal on; or the rank's launcher killed).
 """
 
 from __future__ import annotations
@@ -286,6 +287,9 @@ class StopSignal:
     ``DEBOUNCE_S`` later, so a launcher forwarding the terminal's Ctrl-C does not count): abort."""
 
     DEBOUNCE_S = 3.0
+    requested_at: float | None = None
+    """When a StopSignal of this process was first asked to stop (monotonic s): a LauncherWatch then
+    stays quiet (a Ctrl-C ends DeepSpeed's runner too; its SIGTERM after the debounce would abort)."""
 
     def __init__(self):
         self._first = 0.0
@@ -307,6 +311,7 @@ class StopSignal:
                 return  # the same request forwarded by a launcher (torchrun/deepspeed re-send the terminal's)
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
         self.requested, self.signum, self._first = True, signum, time.monotonic()
+        StopSignal.requested_at = self._first
         sys.stderr.write(f"\n[vlscale] {signal.Signals(signum).name} received: stopping after this step and "
                          f"writing a resumable checkpoint (send it again to abort at once)\n")
 
@@ -314,3 +319,130 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# ----------------------------------------------------------------------------- launcher ancestry
+
+DEEPSPEED_RUNNERS = ("deepspeed.launcher.runner", "deepspeed", "ds", "deepspeed.pt")
+"""What DeepSpeed's runner runs as: the module, or its console scripts."""
+DEEPSPEED_LAUNCH = ("deepspeed.launcher.launch",)
+TORCHRUN = ("torch.distributed.run", "torch.distributed.launch", "torchrun")
+WATCH_PERIOD_S = 1.0
+
+
+def entry_point(cmdline: list[str]) -> str:
+    """What a process runs: ``python [options] -m MODULE`` -> MODULE, ``python [options] SCRIPT`` (a
+    console script such as ``deepspeed`` or ``torchrun``) -> the script's file name, ``python -c ...``
+    -> "-c", anything else -> the executable's file name ("" for none)."""
+    if not cmdline:
+        return ""
+    if not os.path.basename(cmdline[0]).startswith("python"):
+        return os.path.basename(cmdline[0])
+    args = iter(cmdline[1:])
+    for a in args:
+        if a == "-m":
+            return next(args, "")
+        if a in ("-c", "-"):
+            return a
+        if a in ("-W", "-X"):
+            next(args, None)  # the option's value
+        elif not a.startswith("-"):
+            return os.path.basename(a)
+    return ""
+
+
+class LauncherWatch:
+    """Sends this rank SIGTERM (a resumable checkpoint after the current step, as on Ctrl-C) when the
+    launcher that started it is gone.
+
+    ``deepspeed launchers/train.py`` runs as three generations: DeepSpeed's runner, its child
+    ``deepspeed.launcher.launch``, and the ranks. On one node the runner passes no signal on (it does
+    only for pdsh): SIGTERM to it (a scheduler's, ``kill PID``) ends it alone, and the ranks trained
+    on with nobody waiting for them. So a rank checks once a ``period_s``, in a daemon thread (a few
+    system calls), that its parent is still the launcher it started under (DeepSpeed's or torchrun's,
+    which a SIGKILL also ends alone) and, under DeepSpeed's runner, that the runner is alive (by pid
+    and start time) and still the launcher's parent.
+
+    :meth:`for_this_process` gives None, and nothing is watched, for a process whose parent is no such
+    launcher: ``python launchers/train.py``, a test, a rank forked by anything else. A launcher with no
+    DeepSpeed runner above it (started on its own, or on another node through pdsh, where the runner
+    passes signals on) is watched itself, not what is above it."""
+
+    def __init__(self, launcher, runner=None, rank=None, period_s: float = WATCH_PERIOD_S, log=None):
+        self.launcher, self.runner = launcher, runner  # psutil.Process objects, taken at start
+        self.launcher_name = entry_point(launcher.cmdline())
+        self.rank = os.environ.get("RANK", "0") if rank is None else rank
+        self.period_s = period_s
+        self.log = log or (lambda line: (sys.stderr.write(line + "\n"), sys.stderr.flush()))
+        self.fired: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vlscale-launcher-watch", daemon=True)
+
+    @classmethod
+    def for_this_process(cls, **kwargs) -> "LauncherWatch | None":
+        """A watch of this process's launcher, or None where no launcher is its parent (see the class)."""
+        if not _launched():
+            return None
+        try:
+            import psutil  # a DeepSpeed requirement
+        except ImportError:
+            return None
+        try:
+            launcher = psutil.Process(os.getppid())
+            entry = entry_point(launcher.cmdline())
+            if entry not in DEEPSPEED_LAUNCH + TORCHRUN:
+                return None
+            runner = None
+            if entry in DEEPSPEED_LAUNCH:
+                above = launcher.parent()
+                if above is not None and entry_point(above.cmdline()) in DEEPSPEED_RUNNERS:
+                    runner = above
+            if launcher.pid != os.getppid() or (runner is not None and launcher.ppid() != runner.pid):
+                return None  # it changed while we looked: nothing sure to compare with
+            return cls(launcher, runner, **kwargs)
+        except (OSError, psutil.Error):
+            return None
+
+    def start(self) -> "LauncherWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def gone(self) -> str | None:
+        """Why this rank is left behind (its launcher, or DeepSpeed's runner, is gone); None while both live."""
+        import psutil
+
+        if os.getppid() != self.launcher.pid or not self.launcher.is_running():
+            return f"its launcher {self.launcher_name} (pid {self.launcher.pid}) is gone"
+        if self.runner is not None:
+            try:
+                moved = self.launcher.ppid() != self.runner.pid
+            except psutil.Error:
+                moved = True
+            if moved or not self.runner.is_running():
+                return (f"DeepSpeed's runner (pid {self.runner.pid}) is gone, and it passes no signal on to the "
+                        f"ranks")
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                why = self.gone()
+            except Exception:  # a watch that cannot look must not stop the run
+                continue
+            if why and StopSignal.requested_at is not None:
+                return  # stopping already (Ctrl-C reaches the runner as well, and ends it)
+            if why:
+                self.fired = why
+                self.log(f"[vlscale] rank {self.rank}: {why}: stopping as on SIGTERM (a resumable checkpoint "
+                         f"after this step, then exit)")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+def watch_launcher() -> LauncherWatch | None:
+    """Start a :class:`LauncherWatch` for this rank where a launcher is its parent (None elsewhere)."""
+    watch = LauncherWatch.for_this_process()
+    return watch.start() if watch is not None else None
