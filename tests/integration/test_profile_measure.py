@@ -126,17 +126,22 @@ def test_fp16_counts_applied_steps(preloaded, monkeypatch, h):
 
 
 def test_zero2_one_rank(preloaded, h):
-    """ZeRO-2, and stage 0 with gradient accumulation: an optimizer step is 2 micro-batches, counted at its
+    """ZeRO-2, and stage 0 and 1 with gradient accumulation: an optimizer step is 2 micro-batches, counted at its
     boundary (before: every micro-batch without a step counted as an overflow, and the run raised), and the
     first micro-batch's gradients are held through the second's forward and backward."""
     cfg = load_config("tiny", ["train.zero_stage=2", "train.micro_batch_size=4"])
     accum = load_config("tiny", ["train.zero_stage=0", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
+    zero1 = load_config("tiny", ["train.zero_stage=1", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2"])
     meas = _measure({"zero2": (cfg, resolve_ds_config(cfg, 1, None, device_type="cpu"), 3),
-                     "accum": (accum, resolve_ds_config(accum, 1, None, device_type="cpu"), 2)}, 1, preloaded)
+                     "accum": (accum, resolve_ds_config(accum, 1, None, device_type="cpu"), 2),
+                     "zero1_accum": (zero1, resolve_ds_config(zero1, 1, None, device_type="cpu"), 2)}, 1, preloaded)
     _check(meas["zero2"], 1, h)
-    pred, _ = _check(meas["accum"], 1, h)
-    assert meas["accum"]["skipped_steps"] == 0
-    assert abs(pred["peak"] - meas["accum"]["peak"]) <= 0.01 * meas["accum"]["peak"], (pred["peak"], meas["accum"]["peak"])
+    # ZeRO-1 also keeps its two reduce buckets from one micro-batch to the next (released at the boundary
+    # only): -5.1% before they were modelled
+    for case in ("accum", "zero1_accum"):
+        pred, _ = _check(meas[case], 1, h)
+        assert meas[case]["skipped_steps"] == 0
+        assert abs(pred["peak"] - meas[case]["peak"]) <= 0.01 * meas[case]["peak"], (case, pred["peak"], meas[case]["peak"])
 
 
 def test_engine_run_summary_accounting(runs):

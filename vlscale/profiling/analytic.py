@@ -1226,6 +1226,12 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     if cfg.train.gradient_accumulation_steps > 1 and not st.grads_persist:
         n_trainable = sum(n for n, t in zip(inv.numels, inv.trainable) if t)
         g_persist = n_trainable * b if z.stage in (0, 1) else st.grads
+    # ZeRO-1 releases its reduce buckets (two with overlap_comm) only at the accumulation boundary: the
+    # buffers the first micro-batch's backward allocated stay through the next ones
+    ipg_held = 0
+    if cfg.train.gradient_accumulation_steps > 1 and z.stage == 1 and z.contiguous_gradients:
+        ipg_held = (2 if z.overlap_comm else 1) * z.reduce_bucket_size * b
+    held = g_persist + ipg_held
     phases = {}
     atp = {}
 
@@ -1236,17 +1242,17 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     vision_gathered = 0
     if z.stage == 3 and world_size > 1 and shapes.vision_on_the_fly:
         vision_gathered = inv.vision_params * b + st.gather_transient
-    phase("vision_forward", base + g_persist + act.vision_transient + vision_gathered, 0, g_persist)
+    phase("vision_forward", base + held + act.vision_transient + vision_gathered, 0, g_persist)
     if st.gather_transient:  # late in forward, before the logits: a flat all-gather buffer beside the gathered
-        phase("forward_gather", base + g_persist + A + act.encoder_output + st.gathered + st.gather_transient,
+        phase("forward_gather", base + held + A + act.encoder_output + st.gathered + st.gather_transient,
               A, g_persist)
-    phase("forward_end", base + g_persist + A + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
-    phase("backward_start", base + g_persist + A + kept_in_backward + head_grads + st.gathered, A, g_persist)
+    phase("forward_end", base + held + A + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
+    phase("backward_start", base + held + A + kept_in_backward + head_grads + st.gathered, A, g_persist)
     if z.stage == 3:  # backward's first layers: the head's gradients gone, its weight released
-        phase("backward_gather", base + g_persist + A + kept_in_backward + st.gathered_backward, A, g_persist)
+        phase("backward_gather", base + held + A + kept_in_backward + st.gathered_backward, A, g_persist)
     if cfg.train.gradient_checkpointing:
         # the last layer's recompute: what forward kept is still there, or a unit gathered on demand later
-        phase("backward_recompute", base + g_persist + A + act.block_peak + kept_in_backward
+        phase("backward_recompute", base + held + A + act.block_peak + kept_in_backward
               + max(st.gathered, st.gathered_backward) + st.comm_backward, A + act.block_peak, g_persist)
     phase("backward_end", base + st.grads + st.comm_backward + kept_after_backward, 0, st.grads)
     phase("optimizer_step", base + st.grads + st.step_transient + kept_after_backward, 0, st.grads)
