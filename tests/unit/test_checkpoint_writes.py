@@ -30,20 +30,29 @@ class FilesEngine:
 
 
 def test_a_save_that_dies_leaves_the_previous_checkpoint(tmp_path):
+    """A write that fails (a full disk) is one line naming the step, the reason and the folder; the
+    previous checkpoint stays whole and ``latest``, and the half-written folder is removed."""
     engine, root = FilesEngine(), tmp_path / "checkpoints"
     assert ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0) == "step2"
     assert ckpt.latest_tag(root) == "step2"
 
     engine.die = True
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ckpt.CheckpointError) as failed:
         ckpt.save_checkpoint(engine, tmp_path, 4, {"step": 4}, rank=0)
+    message = str(failed.value)
+    assert message.startswith(f"the checkpoint at step 4 could not be written to {root} (No space left on device; ")
+    assert f"the previous checkpoint {root / 'step2'} is intact (--resume continues from it)" in message
+    assert "the temporary folder .tmp-step4 is removed" in message and "\n" not in message
     assert ckpt.latest_tag(root) == "step2"
     assert (root / "step2" / "model_states.pt").read_bytes() == b"whole step2"
     assert json.loads((root / "step2" / "client_state_rank0.json").read_text())["step"] == 2
     assert not (root / "step4").exists()
     assert ckpt.check_output_dir(tmp_path, resume=True, world_size=1) == "step2"
+    assert not (root / ".tmp-step4").exists(), "the dead save's half-written folder is removed"
 
-    assert (root / ".tmp-step4").is_dir(), "the dead save's half-written folder"
+    # what a save killed outright leaves (no exception handler ran): cleared by the next save
+    (root / ".tmp-step4" / "step4").mkdir(parents=True)
+    (root / ".tmp-step4" / "step4" / "model_states.pt").write_bytes(b"half")
     engine.die = False
     for step in (6, 8):  # not step 4 again: the leftover must go all the same (it is a whole checkpoint's size)
         ckpt.save_checkpoint(engine, tmp_path, step, {"step": step}, rank=0, keep=2)
@@ -178,3 +187,71 @@ def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
         trainer.run_evaluation(run, "val")
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert [(h["step"], h["split"]) for h in history] == [(5, "val"), (10, "val")]
+
+
+class TorchWriterEngine(FilesEngine):
+    """Writes its file with torch.save, as DeepSpeed's TorchCheckpointEngine does; ``fail`` replaces the
+    writer's error by one a full disk gives."""
+
+    fail = None
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fail is not None:
+            (folder / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half")
+            raise self.fail
+        torch.save({"module": self.module.state_dict()}, folder / "mp_rank_00_model_states.pt")
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368"),
+     "RuntimeError: [enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368")])
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, error, reason):
+    """torch's writer on a full disk raises RuntimeError("... unexpected pos N vs M"); an OSError(ENOSPC)
+    where Python writes. Either is the checkpoint's step, the reason, the free space and the folder; the
+    previous checkpoint is still 'latest' and whole (its files as written), the temporary folder gone."""
+    engine, root = TorchWriterEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3, "loader": {}, "world_size": 1}, rank=0)
+    before = {f.name: f.read_bytes() for f in (root / "step3").iterdir()}
+    engine.fail = error
+    with pytest.raises(ckpt.CheckpointError) as failed:
+        ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6, "loader": {}, "world_size": 1}, rank=0)
+    message = str(failed.value)
+    assert f"the checkpoint at step 6 could not be written to {root} ({reason}; " in message
+    assert " free on its file system)" in message and "\n" not in message
+    assert f"the previous checkpoint {root / 'step3'} is intact" in message
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
+    assert {f.name: f.read_bytes() for f in (root / "step3").iterdir()} == before
+    ckpt.check_checkpoint_files(root / "step3")  # every file the size it was written at
+
+    # a RuntimeError that is not a write's is not dressed up as one
+    engine.fail = RuntimeError("Connection closed by peer")
+    with pytest.raises(RuntimeError, match="^Connection closed by peer$"):
+        ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)
+
+
+def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from vlscale.config import load_config
+
+    model, cfg = torch.nn.Linear(2, 2), load_config("tiny")
+    ckpt.save_adapter(model, tmp_path / "adapter", cfg, vocab_size=10, extra={"step": 2})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError) as failed:
+        ckpt.save_adapter(model, tmp_path / "adapter", cfg, vocab_size=10, extra={"step": 4})
+    message = str(failed.value)
+    assert message.startswith(f"the adapter at step 4 could not be written to {tmp_path / 'adapter'} "
+                              "(No space left on device; ")
+    assert "the previous adapter/ is intact and the temporary folder is removed" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert ckpt.read_adapter_config(tmp_path / "adapter")["step"] == 2
+

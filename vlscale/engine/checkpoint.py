@@ -11,7 +11,11 @@ optimizer, LR scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R
 data-loader position, python/numpy/torch RNG states, a fingerprint of the frozen weights). A
 checkpoint is written to ``.tmp-step<N>/`` and renamed into place, then the ``latest`` file is
 replaced atomically, so a crash while saving leaves the previous checkpoint intact. Older
-checkpoints beyond the last ``keep`` are removed.
+checkpoints beyond the last ``keep`` are removed. A save that fails while writing (a full disk) removes
+its temporary folder and is a :class:`CheckpointError` naming the step, the reason and the folder.
+Rank 0's client state also records the ZeRO stage and the names and sizes of DeepSpeed's files, so a
+resume at another stage, or of a checkpoint missing a file, is refused before DeepSpeed reads it
+(:func:`check_checkpoint_files`).
 
 The frozen weights (the backbone, CLIP) are left out of ``checkpoints/``: a resumed run builds them
 again from ``model.*`` as it did at the start, so each checkpoint holds only what training changed
@@ -147,8 +151,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab_size: Optional[int] = None,
                  rank: int = 0, extra: Optional[dict] = None) -> Optional[Path]:
     """Write ``adapter_dir`` (see the module docstring). Collective under ZeRO-3; rank 0 writes."""
-    from safetensors.torch import save_file
-
     state = gather_trainable_state_dict(model, rank=rank)
     if rank != 0:
         return None
@@ -156,6 +158,22 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     tmp = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_adapter(state, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
+    except (OSError, RuntimeError) as e:
+        if not is_write_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        at = f" at step {extra['step']}" if extra and "step" in extra else ""
+        kept = "the previous adapter/ is intact" if adapter_dir.is_dir() else "no earlier adapter/ exists"
+        raise CheckpointError(f"the adapter{at} could not be written to {adapter_dir} "
+                              f"({write_failure_reason(e, tmp)}); {kept} and the temporary folder is removed") from e
+    return adapter_dir
+
+
+def _write_adapter(state: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size, extra) -> None:
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
     meta = {
@@ -171,7 +189,6 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     meta.update(extra or {})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
     _replace_dir(tmp, adapter_dir)
-    return adapter_dir
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -403,13 +420,20 @@ class SafeTorchCheckpointEngine:
 
 def _safe_load(load, path, *args, **kwargs):
     """``load`` (torch.load) with ``weights_only=True`` and only DeepSpeed's few state classes allowed."""
+    import pickle
+
     kwargs["weights_only"] = True
     with torch.serialization.safe_globals(SafeTorchCheckpointEngine.safe_globals()):
         try:
             return load(path, *args, **kwargs)
-        except Exception as e:  # pickle.UnpicklingError names the refused global
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} is missing ({e.strerror})") from e
+        except pickle.UnpicklingError as e:  # names the refused global
             raise CheckpointError(f"{path}: refused to load with weights_only=True ({e}). vlscale never "
                                   f"unpickles arbitrary objects from checkpoints.") from e
+        except Exception as e:  # a truncated or corrupt file: torch's zip reader fails
+            raise CheckpointError(f"{path}: not a readable checkpoint file, truncated or corrupt "
+                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
 
 
 def install_safe_loading(engine) -> None:
@@ -503,10 +527,12 @@ def lock_output_dir(output_dir):
 
 
 def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
-                     global_batch: Optional[int] = None) -> Optional[str]:
+                     global_batch: Optional[int] = None, zero_stage: Optional[int] = None) -> Optional[str]:
     """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``
     and ``global_batch``, a resume that cannot continue the run's data order is refused too (before
-    anything is built): another number of ranks is fine when the global batch is the same."""
+    anything is built): another number of ranks is fine when the global batch is the same. A resume
+    of a checkpoint with a corrupt client state or missing files, or (with ``zero_stage``, this run's)
+    one written at a ZeRO stage that does not load into this run's, is refused as well."""
     ckpt_root = Path(output_dir) / "checkpoints"
     tag = latest_tag(ckpt_root)
     steps = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir()) if ckpt_root.is_dir() else []
@@ -526,7 +552,144 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
                                   "them away")
     if resume and world_size is not None:
         _check_world_size(ckpt_root / tag, world_size, global_batch)
+    if resume:
+        check_checkpoint_files(ckpt_root / tag, zero_stage)
     return tag
+
+
+def _step_number(name: str) -> Optional[int]:
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
+
+
+def earlier_checkpoint_hint(ckpt_dir) -> str:
+    """What to do when the checkpoint in ``ckpt_dir`` (``checkpoints/step<N>``) cannot be resumed: point
+    ``latest`` at the newest earlier step folder kept beside it, or start anew if there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    root, now = ckpt_dir.parent, _step_number(ckpt_dir.name)
+    earlier = sorted((p for p in root.glob("step*") if p.is_dir() and _step_number(p.name) is not None
+                      and (now is None or _step_number(p.name) < now)), key=lambda p: _step_number(p.name))
+    if earlier:
+        return (f"the previous checkpoint is {earlier[-1]}: write '{earlier[-1].name}' into {root / LATEST} to "
+                f"resume from it")
+    return f"no earlier checkpoint is kept in {root}: start a new run (another output_dir)"
+
+
+def read_client_state(path) -> dict:
+    """A ``client_state_rank<R>.json`` as stored (JSON, not yet decoded by :func:`_from_jsonable`). A file
+    that is not valid JSON (truncated, a full disk) or holds no step is a CheckpointError naming it and
+    the earlier checkpoint to resume instead."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; {earlier_checkpoint_hint(path.parent)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON, truncated or corrupt ({e}); "
+                              f"{earlier_checkpoint_hint(path.parent)}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a client state (no 'step'); {earlier_checkpoint_hint(path.parent)}")
+    return state
+
+
+def _zero_family(stage) -> str:
+    """DeepSpeed checkpoints load into the engines of one family: stage 0; stages 1 and 2 (the same
+    optimizer and files); stage 3."""
+    return {0: "0", 1: "1-2", 2: "1-2", 3: "3"}.get(stage, str(stage))
+
+
+def _saved_stage(ckpt_dir: Path, state: dict) -> Optional[int]:
+    """The ZeRO stage that wrote ``ckpt_dir``: recorded in rank 0's client state, or (a checkpoint of an
+    earlier vlscale) in the DeepSpeed config its model-states file holds (read memory-mapped: its tensors
+    stay on disk); None when that file is gone or unreadable (DeepSpeed's load then says so)."""
+    if state.get("zero_stage") is not None:
+        return int(state["zero_stage"])
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (ckpt_dir / name).is_file():
+            try:
+                saved = _safe_load(torch.load, ckpt_dir / name, map_location="cpu", mmap=True)
+            except CheckpointError:  # not zip-serialised (no mmap), or truncated
+                return 3 if name.startswith("zero_pp_rank_") else None
+            stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+            return int(stage) if stage is not None else None
+    return None
+
+
+def _expected_deepspeed_files(ckpt_dir: Path, stage, world: int) -> list[str]:
+    """DeepSpeed's file names for a checkpoint of ``stage`` written by ``world`` ranks (a checkpoint of an
+    earlier vlscale, which did not record them). Optimizer files carry DeepSpeed's "bf16_" prefix under bf16."""
+    names = {p.name for p in ckpt_dir.iterdir()}
+    prefix = "bf16_" if any(n.startswith("bf16_zero_pp_rank_") for n in names) else ""
+    files = ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3
+             else ["mp_rank_00_model_states.pt"])
+    if stage not in (0, None):
+        files += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    return files
+
+
+def check_checkpoint_files(ckpt_dir, zero_stage: Optional[int] = None, every_state: bool = True) -> None:
+    """Refuse, before DeepSpeed reads it (its refusals are an empty AssertionError or a None deep inside), a
+    checkpoint written at a ZeRO stage that does not load into ``zero_stage`` (this run's; None: not
+    compared), or one whose files are missing or not the size they were written at. ``every_state``:
+    every rank's client state is read too (rank 0's check before anything is built), so no rank finds
+    its own corrupt once the others are inside DeepSpeed's collectives."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_client_state(ckpt_dir / "client_state_rank0.json")
+    saved = _saved_stage(ckpt_dir, state)
+    if zero_stage is not None and saved is not None and _zero_family(saved) != _zero_family(zero_stage):
+        raise CheckpointError(
+            f"{ckpt_dir} was written at ZeRO stage {saved} and this run is at ZeRO stage {zero_stage}: DeepSpeed's "
+            f"checkpoints of stage 0, of stages 1-2 and of stage 3 do not load into one another. Resume at the run's "
+            f"stage (its --deepspeed file, or train.zero_stage={saved})")
+    world = int(state.get("world_size") or saved_world_size(ckpt_dir))
+    problems = [f"client_state_rank{r}.json is missing" for r in range(world)
+                if not (ckpt_dir / f"client_state_rank{r}.json").is_file()]
+    if every_state:
+        for r in range(1, world):
+            if (ckpt_dir / f"client_state_rank{r}.json").is_file():
+                read_client_state(ckpt_dir / f"client_state_rank{r}.json")
+    recorded = state.get("deepspeed_files")
+    if recorded is None:  # written by an earlier vlscale: DeepSpeed's names for the stage, where it is known
+        stage = saved if saved is not None else zero_stage
+        recorded = {n: None for n in _expected_deepspeed_files(ckpt_dir, stage, world)} if stage is not None else {}
+    for name, size in sorted(recorded.items()):
+        f = ckpt_dir / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif size is not None and f.stat().st_size != size:
+            problems.append(f"{name} is {f.stat().st_size} bytes, {size} when written")
+    if problems:
+        raise CheckpointError(f"{ckpt_dir} is incomplete ({'; '.join(problems)}); {earlier_checkpoint_hint(ckpt_dir)}")
+
+
+WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter", "No space left", "Disk quota",
+                  "Input/output error")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """An error of writing a file: any OSError, or torch's writer failing (a full disk shows as
+    RuntimeError "unexpected pos N vs M" or "PytorchStreamWriter failed writing file")."""
+    if isinstance(e, CheckpointError):
+        return False
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(w in str(e) for w in WRITE_FAILURES))
+
+
+def write_failure_reason(e: BaseException, folder: Path) -> str:
+    """The error of a failed write in one line, with the free space where it wrote."""
+    if isinstance(e, OSError) and e.strerror:
+        reason = f"{e.strerror}{': ' + str(e.filename) if e.filename else ''}"
+    else:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        reason = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        from vlscale.profiling.analytic import fmt_bytes
+
+        reason += f"; {fmt_bytes(shutil.disk_usage(where).free)} free on its file system"
+    except Exception:  # the reason stands without it
+        pass
+    return reason
 
 
 def written_bytes(ckpt_dir) -> dict[str, list[int]]:
@@ -560,7 +723,7 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
     """A resume on ``world_size`` ranks with ``global_batch`` continues the data order of the run in
     ``ckpt_dir`` only with its global batch (on any number of ranks); refused otherwise."""
     saved = saved_world_size(ckpt_dir)
-    state = json.loads((ckpt_dir / "client_state_rank0.json").read_text()) if saved else {}
+    state = read_client_state(ckpt_dir / "client_state_rank0.json") if saved else {}
     loader = state.get("loader", {})
     saved_batch = loader.get("sampler", {}).get("global_batch_size")
     if (saved == world_size) if global_batch is None else (saved_batch == global_batch):
@@ -586,24 +749,46 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     root = Path(output_dir) / "checkpoints"
     tag = f"step{step}"
     tmp = root / f".tmp-{tag}"
+    try:
+        previous = latest_tag(root)
+    except CheckpointError:
+        previous = None
+    try:
+        if rank == 0:
+            # what an earlier save that died left: its half-written folder, or a replaced one not yet removed
+            for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old"), *root.glob(".universal-step*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        with frozen_left_out(engine.module):
+            engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
+                                   exclude_frozen_parameters=True)
+        state = dict(client_state, rng=rng_state())
+        stage = getattr(engine, "zero_optimization_stage", None)
+        if stage is not None:
+            state["zero_stage"] = int(stage())
+        if rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are written
+            state["deepspeed_files"] = {f.name: f.stat().st_size for f in sorted((tmp / tag).iterdir())
+                                        if f.is_file() and not f.name.startswith("client_state_rank")}
+        (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
+        barrier()
+        if rank == 0:
+            _replace_dir(tmp / tag, root / tag)
+            shutil.rmtree(tmp)
+            pointer = root / f".{LATEST}.tmp"
+            pointer.write_text(tag)
+            os.replace(pointer, root / LATEST)
+    except (OSError, RuntimeError) as e:
+        if not is_write_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"the checkpoint at step {step} could not be written to {root} "
+                              f"({write_failure_reason(e, root)}); {kept}, and the temporary folder {tmp.name} "
+                              f"is removed") from e
     if rank == 0:
-        # what an earlier save that died left: its half-written folder, or a replaced one not yet removed
-        for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old"), *root.glob(".universal-step*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    with frozen_left_out(engine.module):
-        engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-    state = dict(client_state, rng=rng_state())
-    (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
-    barrier()
-    if rank == 0:
-        _replace_dir(tmp / tag, root / tag)
-        shutil.rmtree(tmp)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, root / LATEST)
         tags = sorted((p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
                       key=lambda p: int(p.name[4:]))
         for old in tags[:-keep] if keep > 0 else []:
@@ -629,11 +814,14 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
     if tag is None:
         raise CheckpointError(f"no checkpoint in {root}")
     _check_world_size(root / tag, world_size, int(engine.train_batch_size()))
+    stage = getattr(engine, "zero_optimization_stage", None)
+    check_checkpoint_files(root / tag, int(stage()) if stage is not None else None, every_state=False)
     resized = saved_world_size(root / tag) != world_size
     own = root / tag / f"client_state_rank{rank}.json"
     client_file = own if own.is_file() or not resized else root / tag / "client_state_rank0.json"
     if not client_file.is_file():
         raise CheckpointError(f"{root / tag} holds no state for rank {rank} ({client_file.name} is missing)")
+    client_state = read_client_state(client_file)  # before DeepSpeed loads: a corrupt file changes nothing
     universal = resized and engine.zero_optimization()
     if universal and not engine.load_universal_checkpoint():
         raise CheckpointError(f"{root / tag} was written by {saved_world_size(root / tag)} ranks: build the engine "
@@ -664,7 +852,7 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
                 param_state["step"] = param_state["step"].clone()
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
-    state = _from_jsonable(json.loads(client_file.read_text()))
+    state = _from_jsonable(client_state)
     if frozen is not None:
         problem = frozen_mismatch(state.get("frozen"), frozen)
         if all_reduce_sum([float(problem is not None)], engine.device)[0]:

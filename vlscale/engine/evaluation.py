@@ -7,6 +7,9 @@ with ``vlscale.metrics.score_task`` and broadcast back, so every rank returns th
 Under ZeRO-3 with several ranks, generation runs with ``synced_gpus=True``: a rank whose batch
 finished keeps running forward passes until every rank is done, so the parameter all-gathers stay
 matched. Generation settings (beams, max new tokens) come from the task registry.
+
+``should_stop`` (a callable, the same answer on every rank) is asked before each batch; when it says
+stop, :class:`EvaluationInterrupted` is raised and nothing is scored or written for the task.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlscale.data.tasks import get_task
+
+
+class EvaluationInterrupted(Exception):
+    """A stop was requested (``should_stop``) while a split was evaluated: it stopped before batch
+    ``done`` (of ``total``, None if unknown) of ``task``."""
+
+    def __init__(self, split: str, task: str, done: int, total: Optional[int]):
+        of = f" of {total}" if total is not None else ""
+        super().__init__(f"evaluation of {split} stopped in task {task} after {done}{of} batches")
+        self.split, self.task, self.done, self.total = split, task, done, total
 
 
 def to_device(batch: dict, device, float_dtype: Optional[torch.dtype] = None) -> dict:
@@ -47,11 +60,16 @@ def generation_inputs(batch: dict) -> dict:
 
 @torch.no_grad()
 def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=None, synced_gpus: bool = False,
-                 progress=None, heartbeat: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Decode this rank's batches -> [{uid, prediction, references[, group]}] for valid rows."""
+                 progress=None, heartbeat: Optional[Callable[[str], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None, split: str = "val") -> list[dict]:
+    """Decode this rank's batches -> [{uid, prediction, references[, group]}] for valid rows.
+    ``should_stop`` (collective when it is): asked before each batch; True raises EvaluationInterrupted."""
     spec = get_task(task)
     records = []
+    total = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches):
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted(split, task, i, total)
         if batch.get("task", task) != task:
             raise ValueError(f"evaluation batch of task {batch.get('task')!r} in the {task!r} stream")
         uids = list(batch["uids"])
@@ -118,11 +136,13 @@ def write_predictions(path, records: list[dict]) -> None:
 def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Sequence[str]] = None, rank: int = 0,
              world_size: int = 1, device="cpu", float_dtype=None, synced_gpus: bool = False,
              batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
-             predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None) -> dict[str, dict]:
+             predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> dict[str, dict]:
     """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
 
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
-    writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references).
+    writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references). ``should_stop``: see
+    the module docstring (raises EvaluationInterrupted).
     """
     from tqdm import tqdm
 
@@ -141,9 +161,12 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
             total = len(batches) if hasattr(batches, "__len__") else None
             bar = tqdm(total=total, desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
                        leave=False, dynamic_ncols=True)
-            records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
-                                   synced_gpus=synced_gpus, progress=bar, heartbeat=heartbeat)
-            bar.close()
+            try:
+                records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
+                                       synced_gpus=synced_gpus, progress=bar, heartbeat=heartbeat,
+                                       should_stop=should_stop, split=split)
+            finally:
+                bar.close()
             records = _gather_records(records, world_size)
             if rank == 0:
                 records.sort(key=lambda r: r["uid"])

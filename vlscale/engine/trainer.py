@@ -45,13 +45,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vlscale.config import ConfigError, RunConfig, load_config, save_config
+from vlscale.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
-from vlscale.engine.evaluation import evaluate, format_scores, to_device, write_eval_report
+from vlscale.engine.evaluation import EvaluationInterrupted, evaluate, format_scores, to_device, write_eval_report
 from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
                                            unscaled_grad_norm)
 
@@ -104,6 +104,8 @@ class Run:
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
+    final_evaluation: bool = False  # the evaluations after the last step (a stop request ends them)
+    interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
 
     @property
     def model(self):
@@ -193,6 +195,30 @@ def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
                           f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
 
 
+def saved_settings(out: Path, tag: str) -> tuple[RunConfig, Path]:
+    """The settings of the run a ``--resume`` continues -> (RunConfig, the file they come from): those rank 0
+    recorded in the checkpoint's client state, else ``run_config.yaml``, else ``adapter/adapter_config.json``
+    (a checkpoint of an earlier vlscale). With none of them, changed settings could not be checked: refused."""
+    client = out / "checkpoints" / tag / "client_state_rank0.json"
+    yaml_file, adapter = out / "run_config.yaml", out / "adapter" / ckpt.ADAPTER_CONFIG
+    recorded = ckpt.read_client_state(client).get("run_config")
+    try:
+        if recorded is not None:
+            return config_from_dict(ckpt._from_jsonable(recorded)), client
+        if yaml_file.is_file():
+            return load_config(str(yaml_file)), yaml_file
+        if adapter.is_file():
+            return config_from_dict(ckpt.read_adapter_config(adapter.parent)["run_config"]), adapter
+    except (ConfigError, ckpt.CheckpointError, OSError) as e:
+        path = client if recorded is not None else yaml_file if yaml_file.is_file() else adapter
+        raise ConfigError(f"--resume: the run's settings in {path} do not load ({e}); restore the file, or start "
+                          f"a new run in another output_dir") from e
+    raise ConfigError(f"--resume: {yaml_file} is missing, and neither {client} nor {adapter} records the run's "
+                      f"settings, so changed settings cannot be checked against them; restore run_config.yaml "
+                      f"(the run's settings, which vlscale writes at its start), or start a new run in another "
+                      f"output_dir")
+
+
 def _truncate_logs(out: Path, step: int) -> None:
     """After a resume, drop log lines of steps past the checkpoint (they will be redone)."""
     log = out / "train_log.jsonl"
@@ -258,9 +284,11 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     if dist.is_main:
         try:
             lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
-            ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]))
-            if resume and (out / "run_config.yaml").exists():
-                _check_resumable(load_config(str(out / "run_config.yaml")), cfg, out / "run_config.yaml")
+            tag = ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]),
+                                        zero_stage(ds_config))
+            if resume:
+                saved, source = saved_settings(out, tag)
+                _check_resumable(saved, cfg, source)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
@@ -381,13 +409,16 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
     """Train to ``train.max_steps`` (from ``run.step``), evaluating and checkpointing on schedule.
 
     Returns the final evaluation's scores. Raises :class:`RunStopped` after writing a checkpoint
-    when a stop was requested (Ctrl-C/SIGTERM on any rank, or ``stop_after_steps``).
+    when a stop was requested (Ctrl-C/SIGTERM on any rank, or ``stop_after_steps``); during the final
+    evaluation (the last step checkpointed) at its next batch, recorded in ``run.interrupted_evaluation``.
+    A resumed run whose steps were all done skips the save it already has and evaluates.
     """
     from tqdm import tqdm
 
     t = run.cfg.train
     bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (run.is_main and run.show_progress))
+    first_step = run.step
     while run.step < t.max_steps:
         start = time.perf_counter()
         batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
@@ -406,11 +437,52 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
             save_training_state(run)
     bar.close()
-    save_training_state(run)
-    scores = run_evaluation(run, final=True)
-    if t.test_eval:
-        run_test_evaluation(run)
+    if run.step > first_step or not _saved_at_this_step(run):
+        save_training_state(run)
+    elif run.is_main:
+        print(f"vlscale: the run's {run.step} steps are trained and checkpointed; running its final evaluation",
+              flush=True)
+    # The training is complete and checkpointed: a stop request (Ctrl-C, SIGTERM) now ends the evaluations
+    # at the next batch, and a --resume runs them again.
+    run.final_evaluation = True
+    try:
+        scores = run_evaluation(run, final=True)
+        if t.test_eval:
+            run_test_evaluation(run)
+    except EvaluationInterrupted as e:
+        run.interrupted_evaluation = {"step": run.step, "split": e.split, "task": e.task, "batches_done": e.done,
+                                      "batches": e.total}
+        if e.split == "val":
+            run.last_scores = {}  # not the final evaluation's: there is none
+        name = signal_name(run.stop.signum)
+        raise RunStopped(run.step, f"{name} during the final evaluation ({e}); the training is complete and "
+                                   f"checkpointed, and --resume runs the final evaluation again",
+                         run.stop.signum) from None
+    finally:
+        run.final_evaluation = False
     return scores
+
+
+def signal_name(signum: Optional[int]) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except (TypeError, ValueError):
+        return "a stop request"
+
+
+def _saved_at_this_step(run: Run) -> bool:
+    """Whether the checkpoint and adapter/ of ``run.step`` are written (a --resume of a run whose steps were
+    all done: its final evaluation was interrupted, or it is evaluated again). Rank 0's answer, on every rank."""
+    saved = False
+    if run.is_main:
+        try:
+            saved = (ckpt.latest_tag(run.out / "checkpoints") == f"step{run.step}"
+                     and ckpt.read_adapter_config(run.out / "adapter").get("step") == run.step)
+        except ckpt.CheckpointError:
+            saved = False
+    return bool(broadcast_object(saved))
 
 
 def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
@@ -470,10 +542,12 @@ def check_eval_data(cfg: RunConfig) -> None:
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
     synced = run.dist.world_size > 1 and run.stage == 3
+    should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
+                   ) if run.final_evaluation and run.stop is not None else None
     return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
                     world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
                     synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                    predictions_dir=predictions_dir)
+                    predictions_dir=predictions_dir, should_stop=should_stop)
 
 
 def run_test_evaluation(run: Run) -> dict:
@@ -510,6 +584,8 @@ def save_training_state(run: Run) -> None:
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen}
+    if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
+        state["run_config"] = run.cfg.to_dict()
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
                       extra={"step": run.step})
@@ -549,6 +625,8 @@ def run_summary(run: Run, completed: bool = True) -> dict:
         summary[key] = max(r[key] for r in per_rank)
         summary[f"{key.replace('_per_rank', '')}_by_rank"] = [r[key] for r in per_rank]
     summary["final_scores"] = run.last_scores
+    # a stop request during the final evaluation: {step, split, task, batches_done, batches}; --resume evaluates
+    summary["interrupted_evaluation"] = run.interrupted_evaluation
     return summary
 
 

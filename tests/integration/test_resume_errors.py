@@ -1,0 +1,208 @@
+"""What a --resume, a save and a stop do when something is wrong: one line naming the folder or file
+and what to do, never DeepSpeed's empty AssertionError or a JSON traceback.
+
+One tiny run at ZeRO-2 stopped after step 2 of 3 (checkpoints step1 and step2) is copied for each
+case: a resume at another ZeRO stage, a checkpoint missing DeepSpeed's files, a truncated client
+state (the previous step folder is named, and resuming from it works), ``run_config.yaml`` gone.
+A save that fails while writing (a full disk) and Ctrl-C during the final evaluation run through
+launchers/train.py with the failure injected (a probe script forked from the preloaded server).
+"""
+
+import json
+import shutil
+import signal
+
+import pytest
+
+from vlscale.engine import checkpoint as ckpt
+from vlscale.engine import trainer
+
+ARGS = ["train.micro_batch_size=4", "train.max_steps=3", "train.save_every=1"]
+ZERO2 = ["--deepspeed", "ds_configs/zero2.json"]
+
+
+@pytest.fixture(scope="module")
+def stopped(h, tmp_path_factory):
+    """A ZeRO-2 run (the ds file's stage; train.zero_stage null) stopped after step 2 of 3."""
+    out = tmp_path_factory.mktemp("resume_errors") / "run"
+    h.launch([*ZERO2, *h.TINY, *ARGS, f"output_dir={out}", "--stop-after-steps", "2"])
+    assert ckpt.latest_tag(out / "checkpoints") == "step2"
+    assert (out / "checkpoints" / "step1").is_dir()
+    return out
+
+
+@pytest.fixture
+def run_copy(stopped, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    (out / ckpt.LOCK_FILE).unlink(missing_ok=True)
+    return out
+
+
+def refused(h, flags, out, *overrides) -> str:
+    """Launch a resume that must be refused: exit 1, one line, no traceback, the checkpoint left alone."""
+    proc = h.launch([*flags, *h.TINY, *ARGS, f"output_dir={out}", "--resume", *overrides], check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert ckpt.latest_tag(out / "checkpoints") == "step2"
+    return proc.stdout
+
+
+def client_state(out, tag="step2") -> dict:
+    return json.loads((out / "checkpoints" / tag / "client_state_rank0.json").read_text())
+
+
+def test_a_checkpoint_of_another_zero_stage_or_missing_a_file_is_refused_naming_it(h, run_copy):
+    out, step2 = run_copy, run_copy / "checkpoints" / "step2"
+    # the default DeepSpeed file (ZeRO-3): refused before the model is built (was DeepSpeed's empty AssertionError)
+    log = refused(h, [], out)
+    assert (f"CheckpointError: {step2} was written at ZeRO stage 2 and this run is at ZeRO stage 3: DeepSpeed's "
+            f"checkpoints of stage 0, of stages 1-2 and of stage 3 do not load into one another. Resume at the run's "
+            f"stage (its --deepspeed file, or train.zero_stage=2)") in log
+    assert client_state(out)["zero_stage"] == 2  # rank 0 records the stage and DeepSpeed's files
+    assert set(client_state(out)["deepspeed_files"]) == {"mp_rank_00_model_states.pt",
+                                                         "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
+    with pytest.raises(ckpt.CheckpointError, match="written at ZeRO stage 2 and this run is at ZeRO stage 0"):
+        ckpt.check_output_dir(out, True, 1, 4, zero_stage=0)
+    assert ckpt.check_output_dir(out, True, 1, 4, zero_stage=1) == "step2"  # stages 1 and 2 share their files
+
+    # a deleted model-states file: named, with the earlier checkpoint to resume instead
+    (step2 / "mp_rank_00_model_states.pt").unlink()
+    log = refused(h, ZERO2, out)
+    assert (f"CheckpointError: {step2} is incomplete (mp_rank_00_model_states.pt is missing); the previous "
+            f"checkpoint is {out / 'checkpoints' / 'step1'}: write 'step1' into {out / 'checkpoints' / 'latest'} to "
+            f"resume from it") in log
+    (step2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK")  # and a truncated one
+    with pytest.raises(ckpt.CheckpointError, match=r"\(mp_rank_00_model_states\.pt is missing; zero_pp_rank_0_mp_"
+                                                   r"rank_00_optim_states\.pt is 2 bytes, \d+ when written\)"):
+        ckpt.check_output_dir(out, True, 1, 4, zero_stage=2)
+
+    # a checkpoint of an earlier vlscale (no stage or file list recorded): the stage DeepSpeed's model-states
+    # file holds, the files DeepSpeed names for it
+    step1 = out / "checkpoints" / "step1"
+    state = client_state(out, "step1")
+    del state["zero_stage"], state["deepspeed_files"]
+    (step1 / "client_state_rank0.json").write_text(json.dumps(state))
+    (out / "checkpoints" / "latest").write_text("step1")
+    with pytest.raises(ckpt.CheckpointError, match=f"^{step1} was written at ZeRO stage 2 and this run is at ZeRO "
+                                                   "stage 3"):
+        ckpt.check_output_dir(out, True, 1, 4, zero_stage=3)
+    (step1 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"step1 is incomplete \(zero_pp_rank_0_mp_rank_00_optim_states"
+                                                   r"\.pt is missing\); no earlier checkpoint is kept"):
+        ckpt.check_output_dir(out, True, 1, 4, zero_stage=2)
+
+
+def test_a_corrupt_client_state_names_the_file_and_the_checkpoint_before_it(h, run_copy):
+    out, step2 = run_copy, run_copy / "checkpoints" / "step2"
+    text = (step2 / "client_state_rank0.json").read_text()
+    (step2 / "client_state_rank0.json").write_text(text[:len(text) // 2])  # a save cut short
+    log = refused(h, ZERO2, out)  # was a JSONDecodeError traceback
+    assert f"CheckpointError: {step2 / 'client_state_rank0.json'} is not valid JSON, truncated or corrupt (" in log
+    assert (f"the previous checkpoint is {out / 'checkpoints' / 'step1'}: write 'step1' into "
+            f"{out / 'checkpoints' / 'latest'} to resume from it") in log
+    # what it says works: the run continues from step 1
+    (out / "checkpoints" / "latest").write_text("step1")
+    h.launch([*ZERO2, *h.TINY, *ARGS, f"output_dir={out}", "--resume"])
+    assert [r["step"] for r in h.read_log(out)] == [1, 2, 3]
+    assert h.read_json(out / "run_summary.json")["completed"] is True
+
+
+def test_settings_are_checked_without_run_config_yaml(h, run_copy):
+    """The checkpoint records the run's settings (rank 0's client state); a checkpoint of an earlier vlscale
+    falls back on adapter/adapter_config.json; with neither, the resume is refused naming the missing file."""
+    out = run_copy
+    (out / "run_config.yaml").unlink()
+    log = refused(h, ZERO2, out, "train.lr=0.5")  # was resumed with the changed learning rate
+    assert (f"ConfigError: --resume: train.lr=0.5 differs from the checkpointed run's train.lr=0.001 "
+            f"({out / 'checkpoints' / 'step2' / 'client_state_rank0.json'})") in log
+
+    state = client_state(out)
+    del state["run_config"]
+    (out / "checkpoints" / "step2" / "client_state_rank0.json").write_text(json.dumps(state))
+    saved, source = trainer.saved_settings(out, "step2")
+    assert source == out / "adapter" / ckpt.ADAPTER_CONFIG and saved.train.lr == 0.001
+    shutil.rmtree(out / "adapter")
+    with pytest.raises(trainer.ConfigError) as no_settings:
+        trainer.saved_settings(out, "step2")
+    assert str(no_settings.value).startswith(f"--resume: {out / 'run_config.yaml'} is missing, and neither ")
+    assert "restore run_config.yaml" in str(no_settings.value)
+
+
+FULL_DISK_PROBE = """
+import runpy, sys, torch
+real = torch.save
+def save(obj, f, *args, **kwargs):  # DeepSpeed's TorchCheckpointEngine writes with torch.save
+    if ".tmp-step2" in str(f):  # torch's error when the disk fills while it writes
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368")
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_disk_filling_during_a_save_is_one_line_and_the_previous_checkpoint_is_kept(h, preloaded, tmp_path):
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(FULL_DISK_PROBE)
+    args = ["--no-progress", "--config", "tiny", *h.TINY, *ARGS, "train.zero_stage=0", f"output_dir={out}"]
+    proc = preloaded.run(script, [h.TRAIN, *args], env=h.base_env(), cwd=h.ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    root = out / "checkpoints"
+    assert (f"CheckpointError: the checkpoint at step 2 could not be written to {root} (RuntimeError: [enforce fail at "
+            f"inline_container.cc:664] . unexpected pos 4480 vs 4368; ") in proc.stdout, proc.stdout[-3000:]
+    assert (f"the previous checkpoint {root / 'step1'} is intact (--resume continues from it), and the temporary "
+            f"folder .tmp-step2 is removed") in proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step1"]
+    assert ckpt.check_output_dir(out, True, 1, 4, zero_stage=0) == "step1"
+
+
+EVAL_INTERRUPT_PROBE = """
+import os, runpy, signal, sys
+from vlscale.engine.distributed import Watchdog
+beat = Watchdog.beat
+def beat_then_interrupt(self, where=""):  # Ctrl-C once the final evaluation's first batch is done
+    beat(self, where)
+    if where.startswith("evaluating") and not getattr(Watchdog, "interrupted", False):
+        Watchdog.interrupted = True
+        os.kill(os.getpid(), signal.SIGINT)
+Watchdog.beat = beat_then_interrupt
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_the_final_evaluation_stops_it_and_resume_evaluates(h, preloaded, tmp_path):
+    """The final evaluation (4 batches of each of 2 tasks) stops after the batch the signal came in, with
+    the interrupt's exit code, run_summary.json saying what was interrupted; --resume of the run, whose steps
+    are all trained and checkpointed, evaluates without saving the checkpoint again."""
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(EVAL_INTERRUPT_PROBE)
+    args = [*h.TINY, *ARGS, "train.zero_stage=0", "train.eval_batch_size=2", f"output_dir={out}"]
+    proc = preloaded.run(script, [h.TRAIN, "--no-progress", "--config", "tiny", *args], env=h.base_env(), cwd=h.ROOT,
+                         timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stdout[-3000:]  # was 0: the evaluation ran to its end
+    assert ("vlscale: stopped at step 3 (SIGINT during the final evaluation (evaluation of val stopped in task vqa "
+            "after 1 batches); the training is complete and checkpointed, and --resume runs the final evaluation "
+            "again); resume with --resume") in proc.stdout, proc.stdout[-3000:]
+    summary = h.read_json(out / "run_summary.json")
+    assert summary["completed"] is False and summary["final_scores"] == {}
+    assert summary["interrupted_evaluation"] == {"step": 3, "split": "val", "task": "vqa", "batches_done": 1,
+                                                 "batches": None}
+    assert not (out / "metrics.json").exists()
+    assert ckpt.latest_tag(out / "checkpoints") == "step3"
+    written = {f.name: f.stat().st_mtime_ns for f in (out / "checkpoints" / "step3").iterdir()}
+
+    done = h.launch([*args, "--resume"])
+    assert "the run's 3 steps are trained and checkpointed; running its final evaluation" in done.stdout
+    assert [(m["step"], m["split"], sorted(m["tasks"])) for m in h.read_json(out / "metrics.json")] == [
+        (3, "val", ["gqa", "vqa"])]
+    summary = h.read_json(out / "run_summary.json")
+    assert summary["completed"] is True and summary["interrupted_evaluation"] is None
+    assert sorted(summary["final_scores"]) == ["gqa", "vqa"]
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["gqa.jsonl", "vqa.jsonl"]
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "checkpoints" / "step3").iterdir()} == written
+    assert [r["step"] for r in h.read_log(out)] == [1, 2, 3]
