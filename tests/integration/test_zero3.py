@@ -72,11 +72,21 @@ def test_each_rank_holds_half_the_parameters(runs, h):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["total_params"] == two["total_params"] and one["trainable_params"] == two["trainable_params"]
     assert one["trainable_params"] < 0.1 * one["total_params"]
+    # the paper's updated % (a frozen CLIP left out), as inspect_model.py prints it for the same settings
+    from vlscale.config import load_config
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.peft.trainable import count_parameters
+
+    cfg = load_config(str(runs("single_2r") / "run_config.yaml"))
+    counts = count_parameters(build_model(cfg, vocab_size=h.read_json(runs("single_2r") / "adapter" /
+                                                                       "adapter_config.json")["vocab_size"]))
+    for s in (one, two):
+        assert s["total_params_without_frozen_vision"] == counts["total_without_vision"] < s["total_params"]
+        assert s["updated_pct"] == round(counts["updated_pct"], 4)
     assert "ZeRO-3 on one process without offload partitions nothing" in runs.procs["single_1p"].stdout
     assert "partitions nothing" not in runs.procs["single_2r"].stdout
     # fp32, one rank: every parameter's partition (the whole tensor); with the LM's layers as gathering
     # units (the default) no parameter is persistent (deepspeed_config's "auto" threshold is 0)
-    from vlscale.config import load_config
     from vlscale.profiling.analytic import ZeroSettings, engine_state, parameter_inventory, resolve_ds_config
 
     def persistent_bytes(name, world):

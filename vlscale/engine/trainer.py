@@ -613,9 +613,14 @@ def run_summary(run: Run, completed: bool = True) -> dict:
 
         per_rank = [None] * run.dist.world_size
         dist.all_gather_object(per_rank, local)
-    counts = _full_counts(run.model)
+    from vlscale.peft.trainable import count_parameters
+
+    counts = count_parameters(run.model)  # full shapes, partitioned parameters included
     summary = {"world_size": run.dist.world_size, "zero_stage": run.stage, "precision": run.cfg.train.precision,
                "trainable_params": counts["trainable"], "total_params": counts["total"],
+               # the paper's convention (a frozen CLIP is not counted), as inspect_model.py and replicate.py
+               "total_params_without_frozen_vision": counts["total_without_vision"],
+               "updated_pct": round(counts["updated_pct"], 4),
                "global_batch": run.global_batch, "steps": run.step, "completed": completed,
                "skipped_steps": int(run.engine.skipped_steps),
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
@@ -628,19 +633,6 @@ def run_summary(run: Run, completed: bool = True) -> dict:
     # a stop request during the final evaluation: {step, split, task, batches_done, batches}; --resume evaluates
     summary["interrupted_evaluation"] = run.interrupted_evaluation
     return summary
-
-
-def _full_counts(model) -> dict:
-    """Parameter counts by full shape (partitioned parameters included)."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = int(np.prod(ckpt.full_shape(p)))
-        total += n
-        trainable += n if p.requires_grad else 0
-    return {"total": total, "trainable": trainable}
 
 
 def _write_json(path: Path, data) -> None:
