@@ -206,3 +206,23 @@ def test_ctrl_c_during_the_final_evaluation_stops_it_and_resume_evaluates(h, pre
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["gqa.jsonl", "vqa.jsonl"]
     assert {f.name: f.stat().st_mtime_ns for f in (out / "checkpoints" / "step3").iterdir()} == written
     assert [r["step"] for r in h.read_log(out)] == [1, 2, 3]
+
+
+def test_ctrl_c_during_a_mid_run_evaluation_stops_it_with_a_checkpoint(h, preloaded, tmp_path):
+    """Ctrl-C in the evaluation of step 2 (train.eval_every=2) ends it after the batch it came in
+    (before: the whole evaluation ran, then another training step): step 2 is checkpointed, and
+    --resume trains step 3 without that evaluation."""
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(EVAL_INTERRUPT_PROBE)
+    args = [*h.TINY, *ARGS, "train.zero_stage=0", "train.eval_batch_size=2", "train.eval_every=2",
+            f"output_dir={out}"]
+    proc = preloaded.run(script, [h.TRAIN, "--no-progress", "--config", "tiny", *args], env=h.base_env(), cwd=h.ROOT,
+                         timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stdout[-3000:]
+    assert "vlscale: stopped at step 2 (SIGINT during the evaluation at step 2" in proc.stdout, proc.stdout[-3000:]
+    assert ckpt.latest_tag(out / "checkpoints") == "step2"
+    assert [r["step"] for r in h.read_log(out)] == [1, 2]
+    done = h.launch([*args, "--resume"])
+    assert [r["step"] for r in h.read_log(out)] == [1, 2, 3], done.stdout[-2000:]
+    assert [(m["step"], m["split"]) for m in h.read_json(out / "metrics.json")] == [(3, "val")]

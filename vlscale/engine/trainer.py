@@ -104,7 +104,7 @@ class Run:
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
-    final_evaluation: bool = False  # the evaluations after the last step (a stop request ends them)
+    stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
 
     @property
@@ -429,7 +429,17 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         run.watchdog.beat(f"step {run.step}")
         log_step(run, batches[0]["task"], loss, lr, bar)
         if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
-            run_evaluation(run)
+            run.stoppable_evaluation = True
+            try:
+                run_evaluation(run)
+            except EvaluationInterrupted as e:  # Ctrl-C/SIGTERM mid-evaluation: checkpoint the step and stop
+                save_training_state(run)
+                bar.close()
+                raise RunStopped(run.step, f"{signal_name(run.stop.signum)} during the evaluation at step {run.step} "
+                                           f"({e}); step {run.step} is checkpointed, and --resume continues "
+                                           f"training without that evaluation", run.stop.signum) from None
+            finally:
+                run.stoppable_evaluation = False
         if stop or run.step == stop_after_steps:
             save_training_state(run)
             bar.close()
@@ -444,7 +454,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
               flush=True)
     # The training is complete and checkpointed: a stop request (Ctrl-C, SIGTERM) now ends the evaluations
     # at the next batch, and a --resume runs them again.
-    run.final_evaluation = True
+    run.stoppable_evaluation = True
     try:
         scores = run_evaluation(run, final=True)
         if t.test_eval:
@@ -459,7 +469,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
                                    f"checkpointed, and --resume runs the final evaluation again",
                          run.stop.signum) from None
     finally:
-        run.final_evaluation = False
+        run.stoppable_evaluation = False
     return scores
 
 
@@ -543,7 +553,7 @@ def check_eval_data(cfg: RunConfig) -> None:
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
     synced = run.dist.world_size > 1 and run.stage == 3
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
-                   ) if run.final_evaluation and run.stop is not None else None
+                   ) if run.stoppable_evaluation and run.stop is not None else None
     return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
                     world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
                     synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
