@@ -226,3 +226,17 @@ def test_ctrl_c_during_a_mid_run_evaluation_stops_it_with_a_checkpoint(h, preloa
     done = h.launch([*args, "--resume"])
     assert [r["step"] for r in h.read_log(out)] == [1, 2, 3], done.stdout[-2000:]
     assert [(m["step"], m["split"]) for m in h.read_json(out / "metrics.json")] == [(3, "val")]
+
+
+def test_a_resume_with_other_max_steps_says_the_schedule_changes(capsys):
+    """train.max_steps may change on --resume (to extend a run); the learning-rate schedule then changes
+    with it, which the resume says (before: not a word)."""
+    from vlscale.config import load_config
+    from vlscale.engine.trainer import _note_new_schedule
+
+    saved = load_config("tiny", ["train.max_steps=3", "train.lr=0.001", "train.warmup_ratio=0.05"])
+    _note_new_schedule(saved, load_config("tiny", ["train.max_steps=3", "train.lr=0.001"]), 2)
+    assert capsys.readouterr().out == ""
+    _note_new_schedule(saved, load_config("tiny", ["train.max_steps=4", "train.lr=0.001"]), 2)
+    assert ("--resume with train.max_steps=4 (the run had 3): the learning-rate schedule is recomputed for 4 "
+            "steps; the lr of step 3 is 0.000667 (it would have been 0.0005)") in capsys.readouterr().out

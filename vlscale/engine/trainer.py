@@ -195,6 +195,19 @@ def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
                           f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
 
 
+def _note_new_schedule(saved: RunConfig, cfg: RunConfig, step: Optional[int]) -> None:
+    """A --resume with another train.max_steps (to extend or shorten a run) recomputes the learning-rate
+    schedule (warm-up, then linear decay to 0 at max_steps): say so, with the lr jump it makes."""
+    old, new = saved.train.max_steps, cfg.train.max_steps
+    if old == new or step is None:
+        return
+    lr, warm = cfg.lr, cfg.train.warmup_ratio
+    before, after = lr * lr_multiplier(old, warm)(step), lr * lr_multiplier(new, warm)(step)
+    print(f"vlscale: --resume with train.max_steps={new} (the run had {old}): the learning-rate schedule is "
+          f"recomputed for {new} steps; the lr of step {step + 1} is {after:.3g} (it would have been {before:.3g})",
+          flush=True)
+
+
 def saved_settings(out: Path, tag: str) -> tuple[RunConfig, Path]:
     """The settings of the run a ``--resume`` continues -> (RunConfig, the file they come from): those rank 0
     recorded in the checkpoint's client state, else ``run_config.yaml``, else ``adapter/adapter_config.json``
@@ -289,6 +302,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             if resume:
                 saved, source = saved_settings(out, tag)
                 _check_resumable(saved, cfg, source)
+                _note_new_schedule(saved, cfg, int(tag[4:]) if tag and tag[4:].isdigit() else None)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
