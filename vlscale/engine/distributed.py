@@ -312,8 +312,9 @@ class StopSignal:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
         self.requested, self.signum, self._first = True, signum, time.monotonic()
         StopSignal.requested_at = self._first
-        sys.stderr.write(f"\n[vlscale] {signal.Signals(signum).name} received: stopping after this step and "
-                         f"writing a resumable checkpoint (send it again to abort at once)\n")
+        sys.stderr.write(f"\n[vlscale] {signal.Signals(signum).name} received: stopping after this step (in an "
+                         f"evaluation: after this batch) with a resumable checkpoint (send it again to abort at "
+                         f"once)\n")
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
