@@ -2,9 +2,13 @@
 
 ``output_dir/adapter/``: the trainable parameters only, gathered to their full shapes on rank 0
 (under ZeRO-3 a rank holds a 1/world slice, or a 0-size placeholder, of each parameter; saving
-those is the classic "empty adapter" bug), as ``adapter_model.safetensors``, plus
-``adapter_config.json`` with the whole RunConfig, the vocabulary size, the tokenizer's identity
-and every tensor's name and shape: all that :func:`load_adapter` needs on a freshly built model.
+those is the classic "empty adapter" bug), and the buffers training changes (:func:`trained_buffers`:
+the persistent buffers of every module that holds a trainable parameter, e.g. the BatchNorm running
+statistics of a CLIP ResNet trained with ``peft.train_vision``; rank 0's), as
+``adapter_model.safetensors``, plus ``adapter_config.json`` with the whole RunConfig, the vocabulary
+size, the tokenizer's identity and every tensor's name and shape (``parameters``; ``buffers`` since
+format_version 2, not counted in ``trainable_params``): all that :func:`load_adapter` needs on a
+freshly built model.
 
 ``output_dir/checkpoints/``: DeepSpeed's own checkpoint (trainable parameters, ZeRO-partitioned
 optimizer, LR scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step,
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -54,8 +59,10 @@ from torch.utils._pytree import tree_flatten
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "vlscale-adapter"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: the buffers of trained modules too (config key "buffers"); 1: parameters only
 LATEST = "latest"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -79,6 +86,38 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             out.append((name, p))
+    return out
+
+
+def trained_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, buffer) of the persistent buffers of every module that itself holds a trainable
+    parameter, each buffer once, in module order: what training changes besides the parameters (a
+    trained BatchNorm's running_mean, running_var and num_batches_tracked). Decided by trainability
+    alone, so a freshly built model of the same config names the same buffers."""
+    seen, out = set(), []
+    for prefix, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        for name, b in module.named_buffers(prefix=prefix, recurse=False):
+            if b is not None and name.rsplit(".", 1)[-1] not in module._non_persistent_buffers_set \
+                    and id(b) not in seen:
+                seen.add(id(b))
+                out.append((name, b))
+    return out
+
+
+def gather_trained_buffers(model: torch.nn.Module, rank: int = 0) -> dict[str, torch.Tensor]:
+    """CPU copies of :func:`trained_buffers` on rank 0 ({} elsewhere). ZeRO-3 partitions parameters, not
+    buffers: every rank holds each buffer whole (its own: BatchNorm statistics of its own batches), so
+    rank 0's are taken, without a collective; a partitioned one would be refused."""
+    if rank != 0:
+        return {}
+    out = {}
+    for name, b in trained_buffers(model):
+        if is_partitioned(b):
+            raise CheckpointError(f"buffer {name} is ZeRO-partitioned (shape {tuple(b.shape)}, full "
+                                  f"{full_shape(b)}); refusing to save a partition")
+        out[name] = b.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -152,6 +191,7 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
                  rank: int = 0, extra: Optional[dict] = None) -> Optional[Path]:
     """Write ``adapter_dir`` (see the module docstring). Collective under ZeRO-3; rank 0 writes."""
     state = gather_trainable_state_dict(model, rank=rank)
+    buffers = gather_trained_buffers(model, rank=rank)
     if rank != 0:
         return None
     adapter_dir = Path(adapter_dir)
@@ -159,7 +199,7 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _write_adapter(state, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
+        _write_adapter(state, buffers, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
     except (OSError, RuntimeError) as e:
         if not is_write_failure(e):
             raise
@@ -171,11 +211,15 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     return adapter_dir
 
 
-def _write_adapter(state: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size, extra) -> None:
+def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size,
+                   extra) -> None:
     from safetensors.torch import save_file
 
+    clash = sorted(set(state) & set(buffers))
+    if clash:
+        raise CheckpointError(f"names both a trainable parameter and a buffer: {clash[:3]}")
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
+    save_file({**state, **buffers}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
     meta = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
         "run_config": cfg.to_dict(),
@@ -185,6 +229,8 @@ def _write_adapter(state: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vo
         "trainable_params": int(sum(t.numel() for t in state.values())),
         "parameters": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for name, t in state.items()},
+        "buffers": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                    for name, t in buffers.items()},
     }
     meta.update(extra or {})
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
@@ -212,10 +258,12 @@ def read_adapter_config(adapter_dir) -> dict:
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
-    """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes).
+    """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
+    the same buffers of trained modules, :func:`trained_buffers`).
 
     Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
-    Returns the adapter's config dict.
+    An adapter of format_version 1 holds no buffers: the model keeps its freshly built ones, with a
+    warning where it has buffers of trained modules. Returns the adapter's config dict.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -230,17 +278,26 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
     named = dict(trainable_parameters(model))
-    missing = sorted(set(named) - set(state))
-    unexpected = sorted(set(state) - set(named))
-    bad_shape = [f"{n}: file {tuple(state[n].shape)} vs model {full_shape(named[n])}"
-                 for n in sorted(set(named) & set(state)) if tuple(state[n].shape) != full_shape(named[n])]
+    buffers = dict(trained_buffers(model))
+    with_buffers = "buffers" in meta  # format_version >= 2
+    expected = {**named, **buffers} if with_buffers else named
+    missing = sorted(set(expected) - set(state))
+    missing_params = [n for n in missing if n in named]
+    missing_buffers = [n for n in missing if n not in named]
+    unexpected = sorted(set(state) - set(expected))
+    bad_shape = [f"{n}: file {tuple(state[n].shape)} vs model {full_shape(expected[n])}"
+                 for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != full_shape(expected[n])]
     empty = [n for n, t in state.items() if t.numel() == 0 and n in named and np.prod(full_shape(named[n])) != 0]
     if missing or unexpected or bad_shape or empty:
         parts = []
-        if missing:
-            parts.append(f"{len(missing)} trainable parameters missing from the file (e.g. {missing[:3]})")
+        if missing_params:
+            parts.append(f"{len(missing_params)} trainable parameters missing from the file (e.g. {missing_params[:3]})")
+        if missing_buffers:
+            parts.append(f"{len(missing_buffers)} buffers of trained modules missing from the file "
+                         f"(e.g. {missing_buffers[:3]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} tensors in the file that are not trainable parameters of the model "
+            what = "trainable parameters or buffers of trained modules" if with_buffers else "trainable parameters"
+            parts.append(f"{len(unexpected)} tensors in the file that are not {what} of the model "
                          f"(e.g. {unexpected[:3]})")
         if bad_shape:
             parts.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
@@ -248,10 +305,19 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
             parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
         raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
                               ". Build the model from the adapter's adapter_config.json run_config.")
+    if buffers and not with_buffers:
+        logger.warning(f"{adapter_dir} was written by an earlier vlscale (format_version "
+                       f"{meta.get('format_version', 0)}) that saved no buffers: the {len(buffers)} buffers of "
+                       f"trained modules (e.g. {list(buffers)[:3]}: BatchNorm statistics of a trained vision "
+                       f"tower) keep their freshly built values, so the outputs can differ from the trained "
+                       f"model's")
     params = list(named.values())
     with torch.no_grad(), _gathered(params, modifier_rank=0):
         for name, p in named.items():
             p.data.copy_(state[name].to(dtype=p.dtype, device=p.device))
+    with torch.no_grad():
+        for name, b in (buffers.items() if with_buffers else ()):
+            b.copy_(state[name].to(dtype=b.dtype, device=b.device))
     return meta
 
 
