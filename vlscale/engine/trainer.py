@@ -564,7 +564,22 @@ def check_eval_data(cfg: RunConfig) -> None:
             eval_examples(cfg, task, split, cfg.train.eval_max_examples)
 
 
+def sync_trained_buffers(run: Run) -> None:
+    """Average the running statistics that training changes (a trained CLIP ResNet's batch norms) over
+    the ranks. DeepSpeed syncs no buffers: each rank's follow its own batches, so without this the ranks
+    evaluated with different statistics and adapter/ kept rank 0's. Before every evaluation and save."""
+    import torch.distributed as dist
+
+    if run.dist.world_size < 2:
+        return
+    for _, b in ckpt.trained_buffers(run.model):
+        if b.is_floating_point():  # num_batches_tracked is the same count on every rank
+            dist.all_reduce(b.data, op=dist.ReduceOp.SUM)
+            b.data.div_(run.dist.world_size)
+
+
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
+    sync_trained_buffers(run)
     synced = run.dist.world_size > 1 and run.stage == 3
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
                    ) if run.stoppable_evaluation and run.stop is not None else None
@@ -606,6 +621,7 @@ def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
 def save_training_state(run: Run) -> None:
     """Resumable checkpoint + the adapter (both collective)."""
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
+    sync_trained_buffers(run)
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen}
     if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
