@@ -189,7 +189,7 @@ def test_a_resume_restores_the_batchnorm_statistics(tmp_path, preloaded):
 
 def test_two_ranks_evaluate_and_save_the_same_statistics(h, tmp_path):
     """DeepSpeed syncs no buffers: each rank's batch-norm statistics follow its own batches. The trainer
-    averages them over the ranks before every evaluation and save (trainer.sync_trained_buffers), so both
+    averages them over the ranks after every step (trainer.sync_trained_buffers), so both
     ranks' module states in the ZeRO-3 checkpoint hold the same statistics (before: they differed)."""
     out = tmp_path / "run"
     h.launch([*h.TINY, "peft.train_vision=true", "train.micro_batch_size=2", "train.max_steps=2",

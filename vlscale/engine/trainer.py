@@ -104,6 +104,7 @@ class Run:
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
+    trained_stats: Optional[list] = None  # sync_trained_buffers' tensors, found once
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
 
@@ -438,6 +439,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
         lr = run.engine.get_lr()[0]
         loss, stop = train_step(run, batches)
+        sync_trained_buffers(run)
         run.step += 1
         run.step_times.append(time.perf_counter() - start)
         run.watchdog.beat(f"step {run.step}")
@@ -566,20 +568,27 @@ def check_eval_data(cfg: RunConfig) -> None:
 
 def sync_trained_buffers(run: Run) -> None:
     """Average the running statistics that training changes (a trained CLIP ResNet's batch norms) over
-    the ranks. DeepSpeed syncs no buffers: each rank's follow its own batches, so without this the ranks
-    evaluated with different statistics and adapter/ kept rank 0's. Before every evaluation and save."""
+    the ranks, in one collective. DeepSpeed syncs no buffers: each rank's followed its own batches, so
+    ranks evaluated with different statistics and adapter/ kept rank 0's. After every step, so a run's
+    statistics do not depend on where it stopped and resumed."""
     import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     if run.dist.world_size < 2:
         return
-    for _, b in ckpt.trained_buffers(run.model):
-        if b.is_floating_point():  # num_batches_tracked is the same count on every rank
-            dist.all_reduce(b.data, op=dist.ReduceOp.SUM)
-            b.data.div_(run.dist.world_size)
+    if run.trained_stats is None:  # num_batches_tracked is the same count on every rank
+        run.trained_stats = [b for _, b in ckpt.trained_buffers(run.model) if b.is_floating_point()]
+    stats = run.trained_stats
+    if not stats:
+        return
+    flat = _flatten_dense_tensors([b.data for b in stats])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(run.dist.world_size)
+    for b, avg in zip(stats, _unflatten_dense_tensors(flat, [b.data for b in stats])):
+        b.data.copy_(avg)
 
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
-    sync_trained_buffers(run)
     synced = run.dist.world_size > 1 and run.stage == 3
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
                    ) if run.stoppable_evaluation and run.stop is not None else None
@@ -621,7 +630,6 @@ def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
 def save_training_state(run: Run) -> None:
     """Resumable checkpoint + the adapter (both collective)."""
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
-    sync_trained_buffers(run)
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen}
     if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
