@@ -60,9 +60,10 @@ def load_run_config(adapter_dir, overrides):
     fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s]] + [("data", "tasks"), ("train", "seed")]
     for section, key in fixed:
         if new[section][key] != saved[section][key]:
+            hint = ("use --tasks to evaluate a subset of tasks" if (section, key) == ("data", "tasks") else
+                    "drop the override: an adapter is evaluated on the model it was trained with")
             raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
-                             f"was trained with ({section}.{key}={saved[section][key]!r}); use --tasks to "
-                             f"evaluate a subset of tasks")
+                             f"was trained with ({section}.{key}={saved[section][key]!r}); {hint}")
     return cfg, meta
 
 

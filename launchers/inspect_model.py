@@ -8,7 +8,8 @@ synthetic world's ships with the package: tiny/mini backbones, ``model.tokenizer
 with the registry's vocabulary, and says so. It prints: the PEFT sites (which LM sublayer each
 method attaches to), parameter counts by group (trainable or frozen), and ``updated_pct`` =
 trainable / total without the vision encoder (the paper's convention when features are
-precomputed) beside ``updated_pct_with_vision``.
+precomputed) beside ``updated_pct_with_vision`` = trainable / total with CLIP (where the features
+come from a cache the model holds no CLIP; the registry's ``model.vision`` is then counted).
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ def _vocab_size(cfg) -> tuple[int | None, str]:
     return (base + extra if extra else None), note
 
 
+def _with_registry_vision(cfg, model, counts: dict) -> dict:
+    """``updated_pct_with_vision`` counts CLIP also where the model holds none (model.feature_source=cache:
+    the features come from a cache, so no vision encoder is built): its parameters are then counted on the
+    registry's tower (model.vision), built on the meta device as vlscale.profiling.analytic does."""
+    if model.vision is not None:
+        return {"total_with_vision": counts["total"], "vision_source": "the model's vision encoder"}
+    from vlscale.modeling.vision import build_vision_encoder
+
+    clip = sum(numel(p) for p in build_vision_encoder(cfg.model.vision, device="meta").parameters())
+    total = counts["total"] + clip
+    return {"total_with_vision": total,
+            "updated_pct_with_vision": 100.0 * counts["trainable"] / total if total else 0.0,
+            "vision_source": f"the registry's {cfg.model.vision}, not built with "
+                             f"model.feature_source={cfg.model.feature_source}"}
+
+
 def inspect(cfg) -> dict:
     from vlscale.modeling.vl_model import build_model
     from vlscale.peft.trainable import count_parameters, parameter_groups
@@ -66,6 +83,7 @@ def inspect(cfg) -> dict:
     vocab_size, vocab_source = _vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     counts = count_parameters(model)
+    counts.update(_with_registry_vision(cfg, model, counts))
     groups = {g: {"params": sum(numel(p) for _, p in ps),
                   "trainable": sum(numel(p) for _, p in ps if p.requires_grad)}
               for g, ps in parameter_groups(model).items() if ps}
@@ -115,7 +133,8 @@ def print_report(r: dict) -> None:
         print(f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}")
     print(f"\nvocabulary {r['vocab_size']:,} ({r['vocab_source']})")
     print(f"trainable {r['trainable']:,} / total {r['total']:,} "
-          f"(without the frozen CLIP {r['total_without_vision']:,})")
+          f"(without the frozen CLIP {r['total_without_vision']:,}; with CLIP {r['total_with_vision']:,}: "
+          f"{r['vision_source']})")
     print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
 
 

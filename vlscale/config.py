@@ -192,6 +192,11 @@ class PeftConfig:
         _check_positive("peft", "lora_alpha", self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"peft.lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.method == "hyperformer" and self.sharing != "single":
+            raise ConfigError(
+                f"peft.sharing={self.sharing} does not apply to peft.method=hyperformer: Hyperformer shares one "
+                "hypernetwork across tasks by construction (each task's adapters come from its task embedding); "
+                "set peft.sharing=single (the default)")
         if self.sharing == "half_shared" and self.method not in ("adapter", "compacter", "lora", "none"):
             raise ConfigError(
                 f"peft.sharing=half_shared applies to adapter, compacter and lora, not peft.method={self.method!r}")

@@ -96,8 +96,13 @@ def test_an_adapter_without_buffers_still_loads_with_a_warning(trained, tmp_path
     tensors = load_file(str(adapter / ckpt.ADAPTER_WEIGHTS))
     old = tmp_path / "v1"
     old.mkdir()
-    save_file({n: t for n, t in tensors.items() if n in meta["parameters"]}, str(old / ckpt.ADAPTER_WEIGHTS),
-              metadata={"format": ckpt.ADAPTER_FORMAT})
+    # written by an earlier vlscale: no buffers, and CLIP's attention pool, which image tasks never run,
+    # trained (without effect) and saved
+    pool = {n: torch.zeros(p.shape) for n, p in model.vision.named_parameters(prefix="vision")
+            if ".attnpool." in n}
+    assert pool
+    save_file({**{n: t for n, t in tensors.items() if n in meta["parameters"]}, **pool},
+              str(old / ckpt.ADAPTER_WEIGHTS), metadata={"format": ckpt.ADAPTER_FORMAT})
     v1 = {k: v for k, v in meta.items() if k != "buffers"}
     (old / ckpt.ADAPTER_CONFIG).write_text(json.dumps(dict(v1, format_version=1)))
     fresh = build(cfg)
@@ -105,6 +110,7 @@ def test_an_adapter_without_buffers_still_loads_with_a_warning(trained, tmp_path
     with caplog.at_level(logging.WARNING, logger="vlscale.engine.checkpoint"):
         ckpt.load_adapter(fresh, old)
     assert "saved no buffers" in caplog.text and "running_mean" in caplog.text
+    assert f"holds {len(pool)} parameters the model's visual path never runs" in caplog.text
     assert all(torch.equal(before[n], b) for n, b in bn_buffers(fresh).items()), "freshly built statistics kept"
     name = next(iter(meta["parameters"]))
     assert torch.equal(dict(fresh.named_parameters())[name], dict(model.named_parameters())[name])

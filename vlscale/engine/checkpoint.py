@@ -280,6 +280,14 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     named = dict(trainable_parameters(model))
     buffers = dict(trained_buffers(model))
     with_buffers = "buffers" in meta  # format_version >= 2
+    from vlscale.peft.trainable import unused_vision_parameters
+
+    unused = unused_vision_parameters(model)
+    never_run = sorted(n for n, p in model.named_parameters() if id(p) in unused and n in state)
+    if never_run:  # an earlier vlscale trained them (CLIP's attention pool under image tasks) without effect
+        logger.warning(f"{weights} holds {len(never_run)} parameters the model's visual path never runs (e.g. "
+                       f"{never_run[:2]}), trained without effect by an earlier vlscale: left out")
+        state = {n: t for n, t in state.items() if n not in never_run}
     expected = {**named, **buffers} if with_buffers else named
     missing = sorted(set(expected) - set(state))
     missing_params = [n for n in missing if n in named]

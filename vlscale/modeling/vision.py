@@ -94,6 +94,28 @@ class VisionEncoder(nn.Module):
         self.visual.output_tokens = False
         return self.visual(pixel_values.to(self._dtype()))
 
+    def unused_parameter_names(self, video: bool) -> list[str]:
+        """Names (as in ``self.named_parameters()``) of the parameters the path a run takes never runs:
+        ``encode_grid`` (image tasks) stops at an RN's last conv stage (its attention pool is left out)
+        and takes a ViT's patch tokens (its output projection, and whatever pools only the class token,
+        are left out); ``encode_global`` (video) runs the whole tower. Such parameters get no gradient,
+        so they cannot train (see vlscale/peft/trainable.py)."""
+        if video:
+            return []
+        v = self.visual
+        if self.is_resnet:
+            unused = ["attnpool"]
+        else:
+            unused = ["proj"]
+            if getattr(v, "attn_pool", None) is not None:
+                if getattr(v, "attn_pool_contrastive", None) is not None:
+                    unused.append("attn_pool_contrastive")  # pools the class embedding only
+            elif getattr(v, "final_ln_after_pool", False):
+                unused.append("ln_post")  # normalises the pooled embedding only
+        names = {f"visual.{u}" for u in unused}
+        return [n for n, _ in self.named_parameters()
+                if n in names or any(n.startswith(f"{u}.") for u in names)]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encode_grid(pixel_values)
 

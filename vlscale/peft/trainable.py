@@ -11,6 +11,12 @@ The model exposes ``lm`` (HF T5/BART), ``vision`` (CLIP visual encoder or None),
     projection   model.projector                                        train_projection
     vision       model.vision                                           train_vision
 
+Parameters the run's visual path never runs stay frozen whatever the switches say: image tasks take
+the CLIP grid (``encode_grid``), which leaves out an RN's attention pool and a ViT's output
+projection; video tasks take the CLIP image embedding, which runs them
+(``VisionEncoder.unused_parameter_names``). They would get no gradient, only optimizer state, a place
+in adapter/ and a share of ``updated_pct``.
+
 The paper's Table 5 "projection only" is method=none with train_layer_norms=false; "projection +
 layer norms" is method=none. Counts use ``ds_numel`` where DeepSpeed ZeRO-3 partitioned a
 parameter and work on the meta device. ``updated_pct`` follows the paper: trainable parameters
@@ -19,11 +25,14 @@ over all parameters except the vision encoder's (features precomputed), in perce
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 from torch import nn
 
 from vlscale.peft.sites import param_numel
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("peft", "layer_norm", "lora_bias", "lm", "projection", "vision")
 _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -87,16 +96,44 @@ def _trains(group: str, cfg) -> bool:
     }[group]
 
 
+def unused_vision_parameters(model) -> set[int]:
+    """ids of model.vision's parameters the run's visual path never runs (grid features of image tasks:
+    an RN's attention pool, a ViT's output projection); empty for video tasks and without a vision encoder."""
+    vision = getattr(model, "vision", None)
+    if vision is None or not hasattr(vision, "unused_parameter_names"):
+        return set()
+    names = set(vision.unused_parameter_names(video=bool(getattr(model, "video", False))))
+    return {id(p) for n, p in vision.named_parameters() if n in names}
+
+
+def _warn_lora_rank(model, peft_cfg) -> None:
+    """A LoRA rank above the adapted projections' width adds parameters (and updated %) but no capacity:
+    B A of rank r has rank at most min(in, out). Said once per build, in one line."""
+    lora = getattr(getattr(model, "peft", None), "lora", None) if peft_cfg.method == "lora" else None
+    sites = list(getattr(lora, "sites", {}).values()) if lora is not None else []
+    if not sites:
+        return
+    width = min(min(s.in_features, s.out_features) for s in sites)
+    if peft_cfg.lora_rank > width:
+        log.warning("peft.lora_rank=%d exceeds the width of the LoRA-adapted projections (%d): B A has rank at most "
+                    "%d, so the extra rank only adds parameters (and updated %%); set peft.lora_rank <= %d",
+                    peft_cfg.lora_rank, width, width, width)
+
+
 def configure_trainable(model, peft_cfg) -> dict[str, dict]:
     """Set ``requires_grad`` on every parameter; -> {group: {"total": n, "trainable": n, "tensors": k}}."""
+    _warn_lora_rank(model, peft_cfg)
     counts = {}
+    unused = unused_vision_parameters(model)
     for group, params in parameter_groups(model).items():
         on = _trains(group, peft_cfg)
-        total = 0
+        total = trainable = 0
         for _, p in params:
-            p.requires_grad_(on)
+            trains = on and id(p) not in unused
+            p.requires_grad_(trains)
             total += param_numel(p)
-        counts[group] = {"total": total, "trainable": total if on else 0, "tensors": len(params)}
+            trainable += param_numel(p) if trains else 0
+        counts[group] = {"total": total, "trainable": trainable, "tensors": len(params)}
     return counts
 
 

@@ -1,0 +1,150 @@
+"""What trains and what is counted as updated: a trained CLIP's parameters that the run's visual path
+never runs stay frozen (image tasks: an RN's attention pool, a ViT's output projection; video runs
+them); inspect_model counts CLIP for ``updated_pct_with_vision`` also with cached features; settings
+that would be silently ignored or meaningless are said (Hyperformer's sharing, a LoRA rank above the
+projections' width, evaluate.py's refusal of model overrides)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from vlscale.config import ConfigError, load_config
+from vlscale.modeling.vision import build_vision_encoder
+from vlscale.modeling.vl_model import build_model
+from vlscale.peft.trainable import configure_trainable, count_parameters
+
+VOCAB = 1100
+UNUSED_ON_GRIDS = {"tiny-clip-rn": "vision.visual.attnpool.", "tiny-clip-vit": "vision.visual.proj"}
+
+
+def _model(vision: str, *overrides: str):
+    cfg = load_config("tiny", [f"model.vision={vision}", "model.feature_source=images", "peft.train_vision=true",
+                               "model.dropout=0.0", *overrides])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, vocab_size=VOCAB)
+
+
+def _reachable(model) -> None:
+    """Random values for the trainable parameters initialised to zero (adapters' up-projections, the RN
+    blocks' last BatchNorm scale): at init they block the gradient of what comes before them, which
+    would hide whether a parameter is on the path at all."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _backward(model, batch) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(batch).loss.backward()
+
+
+@pytest.mark.parametrize("vision", sorted(UNUSED_ON_GRIDS))
+def test_image_tasks_train_only_what_gets_a_gradient(vision):
+    cfg, model = _model(vision, "data.tasks=[vqa]")
+    size = model.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"task": "vqa", "input_ids": torch.randint(5, 100, (2, 8), generator=g),
+             "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "pixel_values": torch.rand(2, 1, 3, size, size, generator=g),
+             "labels": torch.randint(5, 100, (2, 4), generator=g)}
+    _reachable(model)
+    _backward(model, batch)
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # the invariant: whatever trains gets a gradient
+            assert p.grad is not None and p.grad.any(), f"{n} trains but got no gradient"
+        else:
+            assert p.grad is None, f"{n} is frozen but got a gradient"
+    unused = {n for n, _ in model.named_parameters() if n.startswith(UNUSED_ON_GRIDS[vision])}
+    assert unused and not any(dict(model.named_parameters())[n].requires_grad for n in unused)
+    # ... and is not counted as updated; the rest of CLIP is
+    vision_total = sum(p.numel() for p in model.vision.parameters())
+    unused_numel = sum(p.numel() for n, p in model.named_parameters() if n in unused)
+    counts = configure_trainable(model, cfg.peft)
+    assert counts["vision"] == {"total": vision_total, "trainable": vision_total - unused_numel,
+                                "tensors": len(list(model.vision.parameters()))}
+    stats = count_parameters(model)
+    assert stats["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert stats["updated_pct_with_vision"] == pytest.approx(100 * stats["trainable"] / stats["total"])
+
+
+def test_video_runs_and_trains_the_attention_pool():
+    cfg, model = _model("tiny-clip-rn", "data.tasks=[tvqa]", "model.max_frames=3")
+    assert model.video
+    assert all(p.requires_grad for p in model.vision.parameters())  # the whole tower, attnpool too
+    size = model.vision.image_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"task": "tvqa", "input_ids": torch.randint(5, 100, (2, 8), generator=g),
+             "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "pixel_values": torch.rand(2, 1, 3, 3, size, size, generator=g),
+             "labels": torch.randint(5, 100, (2, 4), generator=g)}
+    _reachable(model)
+    _backward(model, batch)
+    pool = dict(model.vision.visual.attnpool.named_parameters())
+    assert pool and all(p.grad is not None and p.grad.any() for p in pool.values())
+    counts = configure_trainable(model, cfg.peft)
+    assert counts["vision"]["trainable"] == counts["vision"]["total"]
+
+
+def test_meta_build_counts_the_same():
+    """replicate.py and inspect_model.py count on the meta device: the same trainable set."""
+    cfg = load_config("tiny", ["model.feature_source=images", "peft.train_vision=true"])
+    meta, real = build_model(cfg, vocab_size=VOCAB, device="meta"), build_model(cfg, vocab_size=VOCAB)
+    assert count_parameters(meta) == count_parameters(real)
+    attnpool = sum(p.numel() for p in real.vision.visual.attnpool.parameters())
+    frozen_clip = count_parameters(build_model(load_config("tiny", ["model.feature_source=images"]),
+                                               vocab_size=VOCAB, device="meta"))
+    vision = sum(p.numel() for p in real.vision.parameters())
+    assert count_parameters(meta)["trainable"] == frozen_clip["trainable"] + vision - attnpool
+
+
+def test_inspect_model_counts_clip_with_cached_features(capsys, launcher):
+    assert launcher("inspect_model").main(["--config", "mini/clip_bart", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["feature_source"] == "cache" and "vision" not in report["groups"]
+    clip = sum(p.numel() for p in build_vision_encoder(report["vision"], device="meta").parameters())
+    assert report["total_with_vision"] == report["total"] + clip
+    assert report["updated_pct_with_vision"] == pytest.approx(100 * report["trainable"] / (report["total"] + clip))
+    assert report["updated_pct_with_vision"] < report["updated_pct"]
+
+
+@pytest.mark.parametrize("sharing", ["multiple", "half_shared"])
+def test_hyperformer_refuses_a_sharing_it_would_ignore(sharing):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["peft.method=hyperformer", f"peft.sharing={sharing}"])
+    for word in (f"peft.sharing={sharing}", "hyperformer", "one hypernetwork across tasks", "peft.sharing=single"):
+        assert word in str(e.value)
+    assert load_config("paper/clip_bart_hyperformer").peft.sharing == "single"
+    assert load_config("tiny", ["peft.method=hyperformer"]).peft.sharing == "single"  # the default
+
+
+@pytest.mark.parametrize("override, hint, not_hint", [
+    ("data.tasks=[vqa]", "use --tasks", "drop the override"),
+    ("model.backbone=tiny-bart", "drop the override", "--tasks"),
+    ("peft.reduction_factor=8", "drop the override", "--tasks"),
+])
+def test_evaluate_refusal_hint_fits_the_override(override, hint, not_hint, launcher, monkeypatch):
+    from vlscale.engine import checkpoint
+
+    saved = load_config("tiny").to_dict()
+    monkeypatch.setattr(checkpoint, "read_adapter_config", lambda _: {"run_config": saved})
+    with pytest.raises(ValueError) as e:
+        launcher("evaluate").load_run_config("unused", [override])
+    assert override.split("=")[0] in str(e.value) and hint in str(e.value) and not_hint not in str(e.value)
+
+
+def test_lora_rank_above_the_projection_width_is_said(caplog):
+    with caplog.at_level(logging.WARNING, logger="vlscale.peft.trainable"):
+        build_model(load_config("tiny", ["peft.method=lora"]), vocab_size=VOCAB, device="meta")
+    said = [r.getMessage() for r in caplog.records if "peft.lora_rank" in r.getMessage()]
+    assert len(said) == 1 and "peft.lora_rank=128" in said[0] and "(64)" in said[0] and "\n" not in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlscale.peft.trainable"):
+        build_model(load_config("tiny", ["peft.method=lora", "peft.lora_rank=64"]), vocab_size=VOCAB, device="meta")
+    assert not [r for r in caplog.records if "peft.lora_rank" in r.getMessage()]
