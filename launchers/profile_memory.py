@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="override the DeepSpeed file's ZeRO stage (same as train.zero_stage=S)")
     p.add_argument("--deepspeed", default=None,
-                   help="DeepSpeed JSON (default, as launchers/train.py: ds_configs/zero3.json; zero2.json for stage 0-2)")
+                   help="DeepSpeed JSON (default, as launchers/train.py: the config's train.deepspeed, else ds_configs/zero3.json)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="predict for GPU (default) or DeepSpeed's CPU accelerator (default with --measure on CPU)")
     p.add_argument("--budget", default=None, help="per-GPU memory budget, e.g. 24GiB or 80GB: run the planner")
