@@ -39,6 +39,11 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+class SourceError(ConfigError, OSError):
+    """A model or tokenizer the config names cannot be loaded (a hub id without network or local cache,
+    a folder without the files): the key and its value are the report."""
+
+
 def _check_choice(section: str, name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {list(choices)}")

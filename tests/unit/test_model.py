@@ -204,6 +204,12 @@ def test_from_pretrained_local_dirs(tmp_path):
     bad = _cfg("model.pretrained=true", f"model.backbone_path={tmp_path / 'missing'}")
     with pytest.raises((FileNotFoundError, OSError)):
         build_model(bad, vocab_size=VOCAB)
+    # a folder without weights: a ConfigError naming the key (train.py prints one line, no traceback)
+    from vlscale.config import SourceError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"weights for model.backbone_path=.*empty.*no file named"):
+        build_model(_cfg("model.pretrained=true", f"model.backbone_path={tmp_path / 'empty'}"), vocab_size=VOCAB)
 
 
 def _independent_adapter_count(name: str, reduction: int, d_feat: int, tasks: int = 1) -> int:

@@ -69,8 +69,11 @@ def _auto(source: str, what: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
-                      f"or a local HF cache; a local directory needs its tokenizer files): {e}") from e
+        from vlscale.config import SourceError
+
+        raise SourceError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
+                          f"or a local HF cache; a local directory needs its tokenizer files): "
+                          f"{' '.join(str(e).split())}") from e
 
 
 def add_visual_sentinels(tok, n: int):

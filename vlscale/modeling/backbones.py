@@ -170,8 +170,15 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
         if path is not None and not os.path.exists(path) and os.sep in path:
             raise FileNotFoundError(f"model.backbone_path={path!r} does not exist")
         kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
-        model = cls.from_pretrained(source, **kwargs, **(config_overrides or {}))
-        return model
+        try:
+            return cls.from_pretrained(source, **kwargs, **(config_overrides or {}))
+        except OSError as e:
+            from vlscale.config import SourceError
+
+            key = "model.backbone_path" if path is not None else "model.backbone"
+            raise SourceError(f"cannot load the weights for {key}={source!r} (a hub id needs the network or a "
+                              f"local HF cache; a local directory needs config.json and the weights): "
+                              f"{' '.join(str(e).split())}") from e
     ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
     with ctx:
         model = cls(config)
