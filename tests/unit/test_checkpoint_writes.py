@@ -255,3 +255,20 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_one(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert ckpt.read_adapter_config(tmp_path / "adapter")["step"] == 2
 
+
+
+def test_an_eval_report_of_a_task_subset_keeps_the_other_tasks(tmp_path):
+    """evaluate.py --tasks vqa into the eval_test/ that train.test_eval wrote kept only vqa's scores
+    (the others' predictions stayed, their scores were gone); now the same adapter, split and step merge,
+    and a report of another step is replaced."""
+    import json
+
+    from vlscale.engine.evaluation import write_eval_report
+
+    adapter = tmp_path / "adapter"
+    write_eval_report(tmp_path, adapter, "test", 6, {"vqa": {"vqa_score": 0.1}, "gqa": {"exact_match": 0.2}})
+    write_eval_report(tmp_path, adapter, "test", 6, {"vqa": {"vqa_score": 0.3}})
+    report = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"vqa": {"vqa_score": 0.3}, "gqa": {"exact_match": 0.2}}
+    write_eval_report(tmp_path, adapter, "test", 9, {"vqa": {"vqa_score": 0.4}})
+    assert json.loads((tmp_path / "eval_metrics.json").read_text())["tasks"] == {"vqa": {"vqa_score": 0.4}}

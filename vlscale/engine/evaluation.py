@@ -179,11 +179,20 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
 
 
 def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict]) -> Path:
-    """``<out_dir>/eval_metrics.json`` (adapter, split, step, per-task scores), beside ``predictions/``."""
+    """``<out_dir>/eval_metrics.json`` (adapter, split, step, per-task scores), beside ``predictions/``.
+    A report there of the same adapter, split and step keeps the scores of the tasks not evaluated now
+    (``evaluate.py --tasks`` on a subset); one of another adapter, split or step is replaced."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"adapter": str(Path(adapter_dir).resolve()), "split": split, "step": step, "tasks": scores}
     path = out_dir / "eval_metrics.json"
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and all(old.get(k) == report[k] for k in ("adapter", "split", "step")) \
+            and isinstance(old.get("tasks"), dict):
+        report["tasks"] = {**old["tasks"], **scores}
     path.write_text(json.dumps(report, indent=1))
     return path
 
