@@ -246,11 +246,12 @@ def worker(args) -> None:
             dist.barrier()
         tracker.phase("initialize")
         schedule = trainer.lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainer.optimizer_groups(model),
+        engine, _, _, _ = deepspeed.initialize(model=model,
+                                               model_parameters=trainer.optimizer_groups(model, cfg.data.tasks),
                                                config=ds, lr_scheduler=lambda opt: LambdaLR(opt, schedule))
         loader = build_train_loader(cfg, tokenizer, rank, world)
         run = trainer.Run(cfg, ds, dist_info, tokenizer, engine, loader, Path(cfg.output_dir), dtype,
-                          show_progress=False, hf_ds_config=hf_ds)
+                          show_progress=False, hf_ds_config=hf_ds, task_steps=trainer.TaskSteps.install(engine))
         run.stop = StopSignal()
         phases["initialize_s"] = time.perf_counter() - t0 - phases["build_s"]
         phases["rss_after_initialize_bytes"] = _rss_bytes("VmRSS")

@@ -96,6 +96,29 @@ def _trains(group: str, cfg) -> bool:
     }[group]
 
 
+def task_of(name: str, tasks) -> "str | None":
+    """The task whose own weight set the parameter ``name`` is (a PEFT ``..._<task>`` under sharing
+    multiple / half_shared, a task's prompt), else None (shared, backbone, projection)."""
+    if not name.startswith("peft."):
+        return None
+    suffix = name.rsplit("_", 1)[-1]
+    return suffix if suffix in tasks else None
+
+
+def optimizer_group_layout(names, ndims, tasks) -> list[tuple["str | None", bool, list[int]]]:
+    """How the trainable parameters (``names``/``ndims`` of them, module order) form optimizer groups:
+    ``[(task, decay, [indices])]``. Matrices (weight decay) then vectors; shared parameters first, then
+    each task's own weight sets in groups of their own, so that a step of one task can leave the other
+    tasks' groups out of the optimizer, as the reference trainer's AdamW skips parameters without a
+    gradient (``vlscale.engine.trainer.TaskSteps``). The engine (``trainer.optimizer_groups``) and the
+    memory model (``ParamInventory.optimizer_groups``) both build their groups from this."""
+    order = [None, *tasks]
+    slots: dict = {}
+    for i, (name, nd) in enumerate(zip(names, ndims)):
+        slots.setdefault((task_of(name, tasks), nd >= 2), []).append(i)
+    return [(t, d, slots[(t, d)]) for t in order for d in (True, False) if (t, d) in slots]
+
+
 def unused_vision_parameters(model) -> set[int]:
     """ids of model.vision's parameters the run's visual path never runs (grid features of image tasks:
     an RN's attention pool, a ViT's output projection); empty for video tasks and without a vision encoder."""

@@ -165,6 +165,8 @@ class ParamInventory:
     buffers: list[tuple[int, int]] = field(default_factory=list)
     """The module's persistent buffers (CLIP's batch-norm statistics...): (numel, bytes per element,
     0 for a floating buffer, which takes the run's precision)."""
+    tasks: tuple = ()
+    """The run's tasks: each task's own PEFT weight sets form optimizer groups of their own."""
 
     def buffer_bytes(self, b: int) -> int:
         return sum(n * (size or b) for n, size in self.buffers)
@@ -182,11 +184,14 @@ class ParamInventory:
         return sum(n for n, g in zip(self.numels, self.groups) if g == "vision")
 
     def optimizer_groups(self) -> list[list[int]]:
-        """Trainable element counts per optimizer group, as the engine builds them: matrices (weight
-        decay) first, then vectors; module order inside each group."""
-        decay = [n for n, t, k in zip(self.numels, self.trainable, self.ndims) if t and k >= 2]
-        flat = [n for n, t, k in zip(self.numels, self.trainable, self.ndims) if t and k < 2]
-        return [g for g in (decay, flat) if g]
+        """Trainable element counts per optimizer group, as the engine builds them
+        (``vlscale.peft.trainable.optimizer_group_layout``: matrices then vectors, shared parameters
+        first, then each task's own weight sets; module order inside each group)."""
+        from vlscale.peft.trainable import optimizer_group_layout
+
+        tr = [i for i, t in enumerate(self.trainable) if t]
+        layout = optimizer_group_layout([self.names[i] for i in tr], [self.ndims[i] for i in tr], self.tasks)
+        return [[self.numels[tr[j]] for j in idx] for _, _, idx in layout]
 
 
 def default_vocab_size(cfg: RunConfig) -> int:
@@ -240,7 +245,7 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
                for name, t in model.state_dict(keep_vars=True).items() if name not in aliases]
     inv = ParamInventory(names, numels, ndims, trainable, groups,
                          int(model.lm.get_input_embeddings().num_embeddings),
-                         int(head.weight.numel()) if head is not None else 0, buffers)
+                         int(head.weight.numel()) if head is not None else 0, buffers, tuple(cfg.data.tasks))
     _INVENTORY_CACHE[key] = inv
     return inv
 
