@@ -9,7 +9,10 @@ on stage 0 and 3: identical losses) gives them a zero gradient instead, and Adam
 their stale moments and decays them. This runs the tiny model (4 image tasks, per-task adapters,
 the trainer's batches) in a plain PyTorch loop both ways, the same batches and initial weights, and
 prints the losses side by side. Figures (2026-12-02, 60 steps, adapter): mean loss of the last 20
-steps 6.586 (reference: skipped) vs 6.034 (zero gradient, vlscale's engine today).
+steps 6.586 (reference: skipped) vs 6.034 (zero gradient: vlscale's engine before
+``vlscale.engine.trainer.TaskSteps``, which now leaves those groups out of the step;
+tests/unit/test_peft.py::test_zero3_matches_plain_pytorch_with_per_task_modules checks the engine
+against the skipping loop at ZeRO 0, 2 and 3).
 """
 
 from __future__ import annotations
