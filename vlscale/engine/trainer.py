@@ -181,6 +181,8 @@ class TaskSteps:
     torch optimizer (under DeepSpeed's ZeRO / mixed-precision wrappers, which step it a group at a
     time or all at once), it steps only the untagged groups and those of ``task``."""
 
+    _wrapped_by_lr_sched = True  # it calls the step the LR scheduler wrapped: no "overridden" warning
+
     def __init__(self, optimizer):
         self.optimizer, self.task = optimizer, None
         self._step = optimizer.step
