@@ -240,3 +240,22 @@ def test_a_resume_with_other_max_steps_says_the_schedule_changes(capsys):
     _note_new_schedule(saved, load_config("tiny", ["train.max_steps=4", "train.lr=0.001"]), 2)
     assert ("--resume with train.max_steps=4 (the run had 3): the learning-rate schedule is recomputed for 4 "
             "steps; the lr of step 3 is 0.000667 (it would have been 0.0005)") in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_per_task_optimizer_groups_is_refused_naming_it(h, tmp_path):
+    """Per-task weights (sharing=multiple) have optimizer groups of their own since TaskSteps; a checkpoint
+    written before (no task_groups in its client state) holds 2 groups' state: refused in one line, not
+    inside DeepSpeed's optimizer load. The same checkpoint with the record resumes."""
+    out = tmp_path / "run"
+    multi = [*h.TINY, *ARGS, "peft.sharing=multiple", "train.zero_stage=0", f"output_dir={out}"]
+    h.launch([*multi, "--stop-after-steps", "2"])
+    path = out / "checkpoints" / "step2" / "client_state_rank0.json"
+    state = json.loads(path.read_text())
+    assert state["task_groups"] is True
+    path.write_text(json.dumps({k: v for k, v in state.items() if k != "task_groups"}))
+    proc = h.launch([*multi, "--resume"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert "was written by a vlscale that stepped every task's weights in every step" in proc.stdout
+    path.write_text(json.dumps(state))
+    h.launch([*multi, "--resume"])
+    assert [r["step"] for r in h.read_log(out)] == [1, 2, 3]

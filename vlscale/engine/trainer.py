@@ -387,6 +387,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
               lock=lock, task_steps=task_steps)
     if resume:
+        _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
         run.step = int(state["step"])
@@ -620,6 +621,19 @@ def check_eval_data(cfg: RunConfig) -> None:
             eval_examples(cfg, task, split, cfg.train.eval_max_examples)
 
 
+def _check_task_groups(out: Path, task_groups: bool) -> None:
+    """A checkpoint of a run with per-task weights written before each task's weights had optimizer
+    groups of their own (no ``task_groups`` in its client state) holds 2 groups' optimizer state where
+    this run has more: refused here, naming it, instead of inside DeepSpeed's optimizer load."""
+    tag = ckpt.latest_tag(out / "checkpoints")
+    saved = ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("task_groups")
+    if task_groups and saved is None:
+        raise ckpt.CheckpointError(
+            f"{out / 'checkpoints' / tag} was written by a vlscale that stepped every task's weights in every step "
+            f"(before per-task optimizer groups, 2026-12-02): its optimizer state does not fit this run's groups. "
+            f"Finish it with that version, or start a new run in another output_dir")
+
+
 def sync_trained_buffers(run: Run) -> None:
     """Average the running statistics that training changes (a trained CLIP ResNet's batch norms) over
     the ranks, in one collective. DeepSpeed syncs no buffers: each rank's followed its own batches, so
@@ -685,7 +699,7 @@ def save_training_state(run: Run) -> None:
     """Resumable checkpoint + the adapter (both collective)."""
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
-             "step_times": run.step_times, "frozen": run.frozen}
+             "step_times": run.step_times, "frozen": run.frozen, "task_groups": run.task_steps is not None}
     if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
         state["run_config"] = run.cfg.to_dict()
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
