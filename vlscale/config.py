@@ -44,6 +44,15 @@ class SourceError(ConfigError, OSError):
     a folder without the files): the key and its value are the report."""
 
 
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """A config dict as ``{"train.max_steps": 300, ...}`` (``data.hf_columns`` kept whole: a mapping value)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flat_settings(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
+    return out
+
+
 def _check_choice(section: str, name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{section}.{name}={value!r} is not valid; choose one of {list(choices)}")

@@ -470,14 +470,6 @@ SAME_ROW_KEYS = ("output_dir", "name", "description", "train.test_eval", "train.
 _UNSET = object()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
-    return out
-
-
 def _setting(key: str, value) -> str:
     return f"no {key} override (the preset's)" if value is _UNSET else f"{key}={_value(value)}"
 
@@ -502,16 +494,16 @@ def _how_on(diff: list, run_dir: Path, use: str, why: str = "") -> str:
 def trained_settings(run_dir: Path) -> Optional[dict]:
     """The settings the training in ``run_dir`` ran with, flat (``train.max_steps``: 300, ...): its
     run_config.yaml, else its adapter's; None when neither is there."""
-    from vlscale.config import ConfigError, config_from_dict, load_config
+    from vlscale.config import ConfigError, config_from_dict, flat_settings, load_config
 
     path = run_dir / "run_config.yaml"
     adapter = run_dir / "adapter" / "adapter_config.json"
     try:
         if path.exists():
-            return _flat(load_config(str(path)).to_dict())
+            return flat_settings(load_config(str(path)).to_dict())
         if adapter.exists():
             path = adapter
-            return _flat(config_from_dict(json.loads(adapter.read_text())["run_config"]).to_dict())
+            return flat_settings(config_from_dict(json.loads(adapter.read_text())["run_config"]).to_dict())
     except (ConfigError, ValueError, KeyError, TypeError) as e:
         raise ReplicationError(f"{path} cannot be read ({type(e).__name__}: {e}): the settings of the training in "
                                f"{run_dir} are unknown; delete {run_dir} to train the row again") from None
@@ -526,7 +518,9 @@ def check_trained_settings(row: Row, overrides: Sequence[str], run_dir: Path, wh
     if saved is None:
         raise ReplicationError(f"row {row.name}: the {what} in {run_dir} has no run_config.yaml, so its settings "
                                f"cannot be checked against this run's; delete {run_dir} to train the row again")
-    now = _flat(row_config([*overrides, f"output_dir={run_dir}", "train.test_eval=true"]).to_dict())
+    from vlscale.config import flat_settings
+
+    now = flat_settings(row_config([*overrides, f"output_dir={run_dir}", "train.test_eval=true"]).to_dict())
     diff = _differences(saved, now)
     if diff:
         interrupted = what.startswith("interrupted")

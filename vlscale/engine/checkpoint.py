@@ -631,7 +631,7 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
     return tag
 
 
-def _step_number(name: str) -> Optional[int]:
+def step_number(name: str) -> Optional[int]:
     return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
 
 
@@ -639,9 +639,9 @@ def earlier_checkpoint_hint(ckpt_dir) -> str:
     """What to do when the checkpoint in ``ckpt_dir`` (``checkpoints/step<N>``) cannot be resumed: point
     ``latest`` at the newest earlier step folder kept beside it, or start anew if there is none."""
     ckpt_dir = Path(ckpt_dir)
-    root, now = ckpt_dir.parent, _step_number(ckpt_dir.name)
-    earlier = sorted((p for p in root.glob("step*") if p.is_dir() and _step_number(p.name) is not None
-                      and (now is None or _step_number(p.name) < now)), key=lambda p: _step_number(p.name))
+    root, now = ckpt_dir.parent, step_number(ckpt_dir.name)
+    earlier = sorted((p for p in root.glob("step*") if p.is_dir() and step_number(p.name) is not None
+                      and (now is None or step_number(p.name) < now)), key=lambda p: step_number(p.name))
     if earlier:
         return (f"the previous checkpoint is {earlier[-1]}: write '{earlier[-1].name}' into {root / LATEST} to "
                 f"resume from it")
@@ -863,8 +863,8 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
                               f"({write_failure_reason(e, root)}); {kept}, and the temporary folder {tmp.name} "
                               f"is removed") from e
     if rank == 0:
-        tags = sorted((p for p in root.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
-                      key=lambda p: int(p.name[4:]))
+        tags = sorted((p for p in root.glob("step*") if p.is_dir() and step_number(p.name) is not None),
+                      key=lambda p: step_number(p.name))
         for old in tags[:-keep] if keep > 0 else []:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)

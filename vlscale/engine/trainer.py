@@ -45,7 +45,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vlscale.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from vlscale.config import ConfigError, RunConfig, config_from_dict, flat_settings, load_config, save_config
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
@@ -231,14 +231,7 @@ def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype:
 
 
 def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            out.update(flat(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
-        return out
-
-    a, b = flat(saved.to_dict()), flat(cfg.to_dict())
+    a, b = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
     if diff:
         k = diff[0]
@@ -354,7 +347,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             if resume:
                 saved, source = saved_settings(out, tag)
                 _check_resumable(saved, cfg, source)
-                _note_new_schedule(saved, cfg, int(tag[4:]) if tag and tag[4:].isdigit() else None)
+                _note_new_schedule(saved, cfg, ckpt.step_number(tag) if tag else None)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
