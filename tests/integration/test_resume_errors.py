@@ -129,6 +129,30 @@ def test_settings_are_checked_without_run_config_yaml(h, run_copy):
     assert "restore run_config.yaml" in str(no_settings.value)
 
 
+def test_a_checkpoint_that_trained_other_parameters_is_refused_naming_them(h, run_copy):
+    """A checkpoint whose run trained another set of parameters (before 4fe43e5 a CLIP-training image run
+    also trained CLIP's never-run attention pool) is refused in one line naming them, before DeepSpeed's
+    optimizer load fails on a size mismatch. The set is read from DeepSpeed's own model-states file, so a
+    checkpoint of any earlier vlscale is checked."""
+    import torch
+
+    out, step2 = run_copy, run_copy / "checkpoints" / "step2"
+    states = step2 / "mp_rank_00_model_states.pt"
+    saved = ckpt.saved_trained_shapes(step2)
+    assert len(saved) == 61 and saved["projector.feat.0.weight"] == (64, 256)
+    model = torch.load(states, map_location="cpu", weights_only=False)
+    model["param_shapes"][0]["clip.visual.attnpool.positional_embedding"] = torch.Size([50, 64])
+    del model["param_shapes"][1]["lm.decoder.final_layer_norm.weight"]
+    torch.save(model, states)
+    state = client_state(out)
+    state["deepspeed_files"]["mp_rank_00_model_states.pt"] = states.stat().st_size
+    (step2 / "client_state_rank0.json").write_text(json.dumps(state))
+    log = refused(h, ZERO2, out)
+    assert (f"CheckpointError: {step2} was written by a run that trained other parameters than this one does: "
+            f"1 trained then, frozen or absent now (clip.visual.attnpool.positional_embedding); 1 trained now, not "
+            f"then (lm.decoder.final_layer_norm.weight). Its optimizer state does not fit this run") in log
+
+
 FULL_DISK_PROBE = """
 import runpy, sys, torch
 real = torch.save

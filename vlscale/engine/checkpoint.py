@@ -671,21 +671,70 @@ def _zero_family(stage) -> str:
     return {0: "0", 1: "1-2", 2: "1-2", 3: "3"}.get(stage, str(stage))
 
 
-def _saved_stage(ckpt_dir: Path, state: dict) -> Optional[int]:
-    """The ZeRO stage that wrote ``ckpt_dir``: recorded in rank 0's client state, or (a checkpoint of an
-    earlier vlscale) in the DeepSpeed config its model-states file holds (read memory-mapped: its tensors
-    stay on disk); None when that file is gone or unreadable (DeepSpeed's load then says so)."""
-    if state.get("zero_stage") is not None:
-        return int(state["zero_stage"])
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def _model_states(ckpt_dir: Path) -> tuple[Optional[str], Optional[dict]]:
+    """(file name, contents) of rank 0's DeepSpeed model-states file in ``ckpt_dir``, read memory-mapped
+    (its tensors stay on disk); (name, None) when it is not readable that way, (None, None) when absent."""
+    for name in MODEL_STATES:
         if (ckpt_dir / name).is_file():
             try:
-                saved = _safe_load(torch.load, ckpt_dir / name, map_location="cpu", mmap=True)
+                return name, _safe_load(torch.load, ckpt_dir / name, map_location="cpu", mmap=True)
             except CheckpointError:  # not zip-serialised (no mmap), or truncated
-                return 3 if name.startswith("zero_pp_rank_") else None
-            stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
-            return int(stage) if stage is not None else None
-    return None
+                return name, None
+    return None, None
+
+
+def _saved_stage(ckpt_dir: Path, state: dict) -> Optional[int]:
+    """The ZeRO stage that wrote ``ckpt_dir``: recorded in rank 0's client state, or (a checkpoint of an
+    earlier vlscale) in the DeepSpeed config its model-states file holds; None when that file is gone or
+    unreadable (DeepSpeed's load then says so)."""
+    if state.get("zero_stage") is not None:
+        return int(state["zero_stage"])
+    name, saved = _model_states(ckpt_dir)
+    if saved is None:
+        return 3 if name is not None and name.startswith("zero_pp_rank_") else None
+    stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+    return int(stage) if stage is not None else None
+
+
+def saved_trained_shapes(ckpt_dir) -> Optional[dict[str, tuple[int, ...]]]:
+    """name -> full shape of each parameter the checkpoint's run trained: DeepSpeed's ``param_shapes``
+    (ZeRO 1-3, one dict per optimizer group), or the saved module's non-buffer entries (stage 0, whose
+    module state holds only what trained); None when the model-states file is unreadable."""
+    _, saved = _model_states(Path(ckpt_dir))
+    if saved is None:
+        return None
+    if saved.get("param_shapes"):
+        return {n: tuple(shape) for group in saved["param_shapes"] for n, shape in group.items()}
+    buffers = set(saved.get("buffer_names") or ())
+    return {n: tuple(t.shape) for n, t in (saved.get("module") or {}).items() if n not in buffers}
+
+
+def check_trained_parameters(ckpt_dir, model: torch.nn.Module) -> None:
+    """Refuse, before DeepSpeed loads it (its refusal is a size mismatch deep in the optimizer load), a
+    checkpoint whose run trained other parameters than ``model`` trains: a vlscale that decided the
+    trainable set otherwise wrote it (before 2026-12-02 a CLIP-training image run also trained CLIP's
+    attention pool, which the image path never runs)."""
+    saved = saved_trained_shapes(ckpt_dir)
+    if saved is None:
+        return
+    now = {name: full_shape(p) for name, p in trainable_parameters(model)}
+    gone, new = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+    reshaped = sorted(n for n in set(saved) & set(now) if saved[n] != now[n])
+    if not (gone or new or reshaped):
+        return
+
+    def some(names, what):
+        return f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    problems = [some(names, what) for names, what in (
+        (gone, "trained then, frozen or absent now"), (new, "trained now, not then"),
+        (reshaped, "of another shape now")) if names]
+    raise CheckpointError(
+        f"{ckpt_dir} was written by a run that trained other parameters than this one does: "
+        f"{'; '.join(problems)}. Its optimizer state does not fit this run (a vlscale that chose the trainable "
+        f"parameters otherwise wrote it). Finish it with that version, or start a new run in another output_dir")
 
 
 def _expected_deepspeed_files(ckpt_dir: Path, stage, world: int) -> list[str]:
@@ -890,6 +939,7 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
     _check_world_size(root / tag, world_size, int(engine.train_batch_size()))
     stage = getattr(engine, "zero_optimization_stage", None)
     check_checkpoint_files(root / tag, int(stage()) if stage is not None else None, every_state=False)
+    check_trained_parameters(root / tag, engine.module)
     resized = saved_world_size(root / tag) != world_size
     own = root / tag / f"client_state_rank{rank}.json"
     client_file = own if own.is_file() or not resized else root / tag / "client_state_rank0.json"
