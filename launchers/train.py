@@ -57,18 +57,24 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def refused_before_start(cfg, resume: bool) -> str | None:
+def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
-    written by another number of ranks with another global batch, or an output_dir that cannot be
-    created, fails in a second instead of after start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
+    written by another number of ranks with another global batch or at a ZeRO stage that does not load
+    into this run's, or an output_dir that cannot be created, fails in a second instead of after
+    start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
-    from vlscale.engine.deepspeed_config import global_batch_size
+    from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
     from vlscale.engine.distributed import launcher_world_size
 
+    try:  # a DeepSpeed file at fault is reported after start-up, with its context
+        stage = cfg.train.zero_stage if cfg.train.zero_stage is not None else zero_stage(
+            load_ds_file(resolve_ds_file(ds_file))[0])
+    except Exception:
+        stage = None
     try:
         world = launcher_world_size()
-        check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world))
+        check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
     except CheckpointError as e:
         return f"CheckpointError: {e}"
     try:
@@ -76,6 +82,11 @@ def refused_before_start(cfg, resume: bool) -> str | None:
     except OSError as e:
         return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {e.strerror or e}"
     return None
+
+
+def deepspeed_file(args, cfg) -> str:
+    """The run's DeepSpeed file: --deepspeed, else the preset's train.deepspeed, else ZeRO-3."""
+    return args.deepspeed or cfg.train.deepspeed or str(ROOT / "ds_configs" / "zero3.json")
 
 
 def user_errors() -> tuple:
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except Exception:
         cfg = None  # loaded again after start-up, where the error is reported with its context
-    refusal = cfg is not None and refused_before_start(cfg, args.resume)
+    refusal = cfg is not None and refused_before_start(cfg, args.resume, deepspeed_file(args, cfg))
     if refusal:
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
         return 1
@@ -116,8 +127,7 @@ def main(argv=None) -> int:
     run = None
     try:
         cfg = cfg or load_config(args.config, args.overrides)
-        ds_file = args.deepspeed or cfg.train.deepspeed or str(ROOT / "ds_configs" / "zero3.json")
-        ds_config = build_deepspeed_config(resolve_ds_file(ds_file), cfg, dist.world_size,
+        ds_config = build_deepspeed_config(resolve_ds_file(deepspeed_file(args, cfg)), cfg, dist.world_size,
                                            device_type=dist.device_type)
         if dist.is_main:
             print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "

@@ -59,6 +59,7 @@ def test_a_checkpoint_of_another_zero_stage_or_missing_a_file_is_refused_naming_
     assert (f"CheckpointError: {step2} was written at ZeRO stage 2 and this run is at ZeRO stage 3: DeepSpeed's "
             f"checkpoints of stage 0, of stages 1-2 and of stage 3 do not load into one another. Resume at the run's "
             f"stage (its --deepspeed file, or train.zero_stage=2)") in log
+    assert "vlscale: rank 0: CheckpointError" in log and " -> " not in log  # before start-up: no run banner
     assert client_state(out)["zero_stage"] == 2  # rank 0 records the stage and DeepSpeed's files
     assert set(client_state(out)["deepspeed_files"]) == {"mp_rank_00_model_states.pt",
                                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt"}
