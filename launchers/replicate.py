@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     from vlscale.config import ConfigError
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, backbone_fingerprint, check_result,
                                    default_parallel, get_table, make_result, plan_job, row_config, row_overrides,
-                                   select_rows, train_command, updated_params, uses_cache, write_json,
+                                   select_rows, updated_params, uses_cache, write_json,
                                    write_outputs)
 
     log = print
@@ -113,19 +113,22 @@ def main(argv=None) -> int:
         plans = {r.name: row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
                  for r in rows}
         configs = {name: row_config(ov) for name, ov in plans.items()}
-        if args.dry_run:
-            for r in rows:
-                counts = updated_params(configs[r.name])
-                log(f"{r.name}: updated {counts['updated_pct']:.2f}% (with CLIP {counts['updated_pct_with_vision']:.2f}%)"
-                    f", {counts['trainable']:,} of {counts['total']:,} parameters, lr {configs[r.name].lr:g}\n  "
-                    + shlex.join(train_command(plans[r.name], out / "runs" / r.name, resume=False)))
-            return 0
         fingerprints = {name: backbone_fingerprint(cfg) for name, cfg in configs.items()}
-        jobs = [plan_job(r, plans[r.name], out / "runs" / r.name, fingerprints[r.name]) for r in rows]
+        jobs = [plan_job(r, plans[r.name], out / "runs" / r.name, fingerprints[r.name], dry_run=args.dry_run)
+                for r in rows]
         for r in table.rows:  # rows finished earlier stay in the table: only if made with this run's settings
             if r not in rows and (out / "runs" / r.name / RESULT_FILE).exists():
                 ov = row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
                 check_result(r, ov, out / "runs" / r.name, backbone_fingerprint(row_config(ov)), kept=True)
+        if args.dry_run:
+            for job in jobs:
+                counts = updated_params(configs[job.row.name])
+                said = {"done": "done: its result is kept", "collect": "trained and evaluated: its result is collected"}
+                log(f"{job.row.name}: updated {counts['updated_pct']:.2f}% (with CLIP "
+                    f"{counts['updated_pct_with_vision']:.2f}%), {counts['trainable']:,} of {counts['total']:,} "
+                    f"parameters, lr {configs[job.row.name].lr:g}; "
+                    + (said.get(job.phase) or "; ".join(f"{kind}: {shlex.join(cmd)}" for kind, cmd in job.commands)))
+            return 0
     except (ReplicationError, ConfigError) as e:
         print(f"replicate: {e}", file=sys.stderr)
         return 2

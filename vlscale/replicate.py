@@ -208,11 +208,14 @@ def row_config(overrides: Sequence[str], preset: str = MINI_PRESET):
 
 
 def updated_params(cfg) -> dict:
-    """Trainable / total parameter counts of a run config (built on the meta device, no weights)."""
+    """Trainable / total parameter counts of a run config (built on the meta device, no weights); with
+    CLIP counted from the registry where the run reads cached features (as inspect_model.py counts)."""
     from vlscale.modeling.vl_model import build_model
-    from vlscale.peft.trainable import count_parameters
+    from vlscale.peft.trainable import count_parameters, with_registry_vision
 
-    return count_parameters(build_model(cfg, device="meta"))
+    model = build_model(cfg, device="meta")
+    counts = count_parameters(model)
+    return dict(counts, **with_registry_vision(cfg, model, counts))
 
 
 def uses_cache(overrides: Sequence[str], preset: str = MINI_PRESET) -> bool:
@@ -429,14 +432,17 @@ def eval_command(run_dir: Path) -> list[str]:
                       "--out", str(run_dir / "eval_test"))
 
 
-def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optional[str] = None) -> Job:
+def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optional[str] = None,
+             dry_run: bool = False) -> Job:
     """Which commands a row still needs (resumption): none, evaluate the test split, resume, or train
     (training evaluates the test split at its end).
 
     A row's earlier work is used only if it was made with this run's settings: a finished row whose
     settings or backbone weights (``fingerprint``) differ, and an interrupted or unevaluated training
     that ran with other settings (another ``--steps`` would mix two learning-rate schedules in one
-    result), are a ReplicationError naming the row, the setting, its two values and the ways on."""
+    result), are a ReplicationError naming the row, the setting, its two values and the ways on.
+    ``dry_run``: the same plan and checks, with nothing removed (a run that stopped before its first
+    checkpoint is cleared before training it again)."""
     job = Job(row, overrides, run_dir)
     if (run_dir / RESULT_FILE).exists():
         check_result(row, overrides, run_dir, fingerprint)
@@ -457,7 +463,7 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
     if finished:  # trained, but its test split was not evaluated (stopped in between)
         job.commands.append(("eval", eval_command(run_dir)))
         return job
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and not dry_run:
         _clear_partial(run_dir)
     job.commands.append(("train", train_command(overrides, run_dir, resume)))  # evaluates the test split too
     return job

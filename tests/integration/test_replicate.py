@@ -229,8 +229,11 @@ def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, l
     _finished(out, "single_prompt", row_overrides(t1["single_prompt"], feature_cache=cache, steps=5))
     replicate = launcher("replicate")
     args = ["--table", "1", "--methods", "single_prompt", "--out", str(out), "--no-progress"]
+    assert replicate.main(args + ["--steps", "5", "--dry-run"]) == 2  # --dry-run refuses what the run would
+    dry = capsys.readouterr().err.strip()
     assert replicate.main(args + ["--steps", "5"]) == 2
     err = capsys.readouterr().err.strip()
+    assert dry == err
     assert err == (f"replicate: row single_adapter is in the table this run writes, but "
                    f"{out / 'runs' / 'single_adapter' / 'result.json'} was made with other settings: "
                    f"train.max_steps=3, this run gives train.max_steps=5; rerun with the settings it was made with "
@@ -239,6 +242,8 @@ def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, l
     assert not (out / "results.json").exists() and not (out / "features").exists()
     # the same settings: both rows in the table, nothing trained
     _finished(out, "single_prompt", row_overrides(t1["single_prompt"], feature_cache=cache, steps=3))
+    assert replicate.main(args + ["--steps", "3", "--dry-run"]) == 0
+    assert "single_prompt: updated 5.39% " in capsys.readouterr().out  # and says the row is done
     assert replicate.main(args + ["--steps", "3"]) == 0
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"single_adapter", "single_prompt"}
 
@@ -249,8 +254,13 @@ def test_an_interrupted_row_under_other_steps_is_refused_before_anything_runs(tm
     out = tmp_path / "table1"
     run = out / "runs" / "single_adapter"
     _trained(run, row_overrides(t1["single_adapter"], feature_cache=str(out / "features"), steps=3))
-    code = launcher("replicate").main(["--table", "1", "--methods", "single_adapter", "--out", str(out), "--steps",
-                                       "5", "--no-progress"])
+    args = ["--table", "1", "--methods", "single_adapter", "--out", str(out), "--no-progress"]
+    assert launcher("replicate").main([*args, "--steps", "5", "--dry-run"]) == 2
+    assert "ran with other settings: train.max_steps=3, this run gives train.max_steps=5" in capsys.readouterr().err
+    assert launcher("replicate").main([*args, "--steps", "3", "--dry-run"]) == 0  # resumed, and said so
+    assert (f"single_adapter: updated 7.40% (with CLIP 4.51%), 157,632 of 2,129,472 parameters, lr 0.001; train: "
+            in capsys.readouterr().out) and (run / "checkpoints").is_dir()
+    code = launcher("replicate").main([*args, "--steps", "5"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"replicate: row single_adapter: the interrupted training (checkpoint step2) in {run} ran with other " \

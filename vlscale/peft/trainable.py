@@ -179,3 +179,20 @@ def count_parameters(model) -> dict:
         "updated_pct": 100.0 * trainable / without if without else 0.0,
         "updated_pct_with_vision": 100.0 * trainable / total if total else 0.0,
     }
+
+
+def with_registry_vision(cfg, model, counts: dict) -> dict:
+    """:func:`count_parameters`' ``updated_pct_with_vision`` counting CLIP also where the model holds none
+    (model.feature_source=cache: the features come from a cache, so no vision encoder is built): its
+    parameters are then those of the registry's tower (model.vision), built on the meta device as
+    vlscale.profiling.analytic does. -> the keys to update ``counts`` with."""
+    if model.vision is not None:
+        return {"total_with_vision": counts["total"], "vision_source": "the model's vision encoder"}
+    from vlscale.modeling.vision import build_vision_encoder
+
+    clip = sum(param_numel(p) for p in build_vision_encoder(cfg.model.vision, device="meta").parameters())
+    total = counts["total"] + clip
+    return {"total_with_vision": total,
+            "updated_pct_with_vision": 100.0 * counts["trainable"] / total if total else 0.0,
+            "vision_source": f"the registry's {cfg.model.vision}, not built with "
+                             f"model.feature_source={cfg.model.feature_source}"}
