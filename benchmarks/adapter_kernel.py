@@ -246,15 +246,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--activation", choices=("gelu", "gelu_tanh"), default="gelu")
-    p.add_argument("--tokens", type=int, nargs="+", help="override the grid's token counts")
-    p.add_argument("--d-model", type=int, nargs="+", help="override the grid's d_model values")
-    p.add_argument("--hidden", type=int, nargs="+", help="override the grid's hidden sizes")
+    p.add_argument("--tokens", type=_positive_int, nargs="+", help="override the grid's token counts")
+    p.add_argument("--d-model", type=_positive_int, nargs="+", help="override the grid's d_model values")
+    p.add_argument("--hidden", type=_positive_int, nargs="+", help="override the grid's hidden sizes")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")

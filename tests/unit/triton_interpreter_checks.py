@@ -29,8 +29,8 @@ def kernel_cases() -> list[dict]:
     small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
                  up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
                  bwd_stages=1)
-    configs = {"default": None, "small_fused": KernelConfig(**small),
-               "small_cublas_dwd": KernelConfig(**small, bwd_fuse_dwd=False),
+    configs = {"default": None, "small_fused": KernelConfig(**small, bwd_fused=True),
+               "small_cublas_dwd": KernelConfig(**small, bwd_fused=True, bwd_fuse_dwd=False),
                "small_unfused": KernelConfig(**small, bwd_fused=False)}
     for tokens, d_model, hidden in ((37, 40, 24), (19, 32, 16)):
         for activation in ("gelu", "gelu_tanh"):
@@ -73,5 +73,41 @@ def fused_model_check() -> dict:
             "sites": len(fused.peft.sites)}
 
 
+def edge_cases() -> dict:
+    """Strided biases, double backward and the dispatch of bf16 on the Triton path (fp32 errors
+    against the reference in fp64; test_kernels_edge_cases.py asserts on them)."""
+    from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter, select_backend
+
+    g = torch.Generator().manual_seed(3)
+    tokens, d_model, hidden = 9, 32, 8
+    x = torch.randn(tokens, d_model, generator=g, dtype=torch.float64)
+    wd = torch.randn(hidden, d_model, generator=g, dtype=torch.float64) / d_model ** 0.5
+    wu = torch.randn(d_model, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
+    # every other element of a longer vector: strided views, as a slice of stacked per-task biases is
+    bd_all = torch.randn(2 * hidden, generator=g, dtype=torch.float64)
+    bu_all = torch.randn(2 * d_model, generator=g, dtype=torch.float64)
+    dh = torch.randn(tokens, d_model, generator=g, dtype=torch.float64)
+    cfg = KernelConfig(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
+                       up_block_n=16, up_block_k=16, up_stages=1)
+    out = {}
+
+    def run(dtype, fn, **kw):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (x, wd, bd_all, wu, bu_all)]
+        xx, w1, b1, w2, b2 = leaves
+        h = fn(xx, w1, b1[::2], w2, b2[::2], **kw)
+        grads = torch.autograd.grad(h, leaves, dh.to(dtype), create_graph=True)
+        # second order: d/d(w_down) of |dx|^2
+        (ggw,) = torch.autograd.grad(grads[0].pow(2).sum(), w1)
+        return [h] + list(grads) + [ggw]
+
+    ref = run(torch.float64, adapter_reference)
+    got = run(torch.float32, fused_adapter, backend="triton", config=cfg)
+    out["strided_bias_double_backward"] = {
+        "errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
+        "scale": [b.abs().max().item() for b in ref]}
+    out["bf16_path"] = select_backend(torch.zeros(1, dtype=torch.bfloat16))[0]
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check()}))
+    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check(), "edge": edge_cases()}))

@@ -31,6 +31,11 @@ from z there; the plain autograd graph of :func:`adapter_reference` also keeps a
   Accumulation is fp32 inside the kernels for fp32, bf16 and fp16 inputs.
 * PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
 
+Both Functions' backward under ``create_graph=True`` (double backward, gradient penalties)
+differentiates the reference graph instead, z recomputed, so higher-order gradients are exact.
+Under ``torch.autocast`` to a dtype other than x's, ``fused_adapter`` runs the reference graph
+(autocast's casts, the residual add in x's dtype), logged once; ``backend="triton"`` is refused there.
+
 :func:`fused_adapter` dispatches (``backend="auto"|"triton"|"torch"``, or the environment variable
 ``VLSCALE_ADAPTER_BACKEND`` for ``auto``) and logs its choice and the reason once.
 """
@@ -130,6 +135,23 @@ def _check_inputs(x, w_down, b_down, w_up, b_up, activation) -> None:
 # --------------------------------------------------------------------------------------------
 # PyTorch recompute path
 # --------------------------------------------------------------------------------------------
+def _create_graph_backward(ctx, dh, n_extra: int):
+    """Gradients for ``backward(create_graph=True)``: autograd through the reference on the saved
+    inputs (z recomputed), so that second-order gradients are exact. The recompute kernels'
+    backward is built from z, which carries no graph: differentiating it again would silently
+    drop every path through z."""
+    x2d, _, w_down, w_up, b_down, b_up = ctx.saved_tensors
+    inputs = (x2d, w_down, b_down, w_up, b_up)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        h = adapter_reference(*inputs, ctx.activation)
+        grads = torch.autograd.grad(h, [inputs[i] for i in wanted], dh, create_graph=True, allow_unused=True)
+    out = [None] * (5 + n_extra)
+    for i, g in zip(wanted, grads):
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(out)
+
+
 class _TorchAdapterFn(torch.autograd.Function):
     """Saves x, z and the weights; recomputes act(z) and act'(z) in backward."""
 
@@ -140,15 +162,17 @@ class _TorchAdapterFn(torch.autograd.Function):
         h += x2d
         ctx.activation = activation
         ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x2d, z, w_down, w_up)
+        ctx.save_for_backward(x2d, z, w_down, w_up, b_down, b_up)  # the biases are inputs: no extra memory
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        x2d, z, w_down, w_up = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
+            return _create_graph_backward(ctx, dh, 1)
+        x2d, z, w_down, w_up, _, _ = ctx.saved_tensors
         need_x, need_wd, need_bd, need_wu, need_bu, _ = ctx.needs_input_grad
         act, dact = _activation_and_grad(z, ctx.activation)
-        dz = (torch.mm(dh, w_up).float() * dact).to(dh.dtype)
+        dz = (torch.mm(dh, w_up).to(dact.dtype) * dact).to(dh.dtype)  # fp32 (fp64 for fp64) product
         dx = torch.addmm(dh, dz, w_down) if need_x else None
         dwd = torch.mm(dz.t(), x2d) if need_wd else None
         dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
@@ -437,16 +461,21 @@ class _TritonAdapterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, w_down, b_down, w_up, b_up, activation, config):
         cfg = config or default_config(x2d.shape[1], w_down.shape[0], x2d.dtype)
-        z, act = _launch_down(x2d, w_down.t(), b_down, None, activation, False, cfg)
-        h = _launch_up(act, w_up.t(), b_up, x2d, False, cfg)
+        # the kernels index the biases as contiguous vectors (a strided view would be read wrongly)
+        bd = b_down.contiguous() if b_down is not None else None
+        bu = b_up.contiguous() if b_up is not None else None
+        z, act = _launch_down(x2d, w_down.t(), bd, None, activation, False, cfg)
+        h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
         ctx.activation, ctx.cfg = activation, cfg
         ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x2d, z, w_down, w_up)
+        ctx.save_for_backward(x2d, z, w_down, w_up, b_down, b_up)  # the biases are inputs: no extra memory
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        x2d, z, w_down, w_up = ctx.saved_tensors
+        if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
+            return _create_graph_backward(ctx, dh, 2)
+        x2d, z, w_down, w_up, _, _ = ctx.saved_tensors
         need_x, need_wd, need_bd, need_wu, need_bu, _, _ = ctx.needs_input_grad
         cfg, dtype = ctx.cfg, dh.dtype
         dh = dh.contiguous()
@@ -483,6 +512,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast would compute x's matmuls in, where that is not x's own; else None."""
+    try:
+        if not torch.is_autocast_enabled(x.device.type):
+            return None
+        dtype = torch.get_autocast_dtype(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return dtype if dtype != x.dtype else None
+
+
 def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     """Which path ``fused_adapter`` takes for ``x``: ``("triton"|"torch", reason)``.
 
@@ -507,6 +547,11 @@ def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
         problem = "TRITON_INTERPRET=1 runs kernels on CPU tensors only, but x is on CUDA"
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         problem = f"dtype {x.dtype} is not supported by the kernels (fp32, fp16, bf16)"
+    elif _interpreting() and x.dtype == torch.bfloat16:
+        problem = "the Triton interpreter computes bf16 wrongly (numpy has no bfloat16); it runs fp32 and fp16"
+    elif _autocast_dtype(x) is not None:
+        problem = (f"torch.autocast is on for {x.device.type} ({_autocast_dtype(x)}, x is {x.dtype}); the "
+                   "kernels compute in the input dtype")
     if problem is None:
         where = "the Triton interpreter" if _interpreting() else x.device.type
         return "triton", f"using Triton kernels on {where}"
@@ -524,6 +569,13 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
     lead, d_model = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_model)
     if x2d.shape[0] == 0:
+        return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        # autocast casts the matmuls' inputs and leaves the residual add in x's dtype: the plain graph
+        # does exactly that (the recompute Function would return, and round the residual to, autocast's
+        # dtype, and fail in a backward run outside autocast)
+        _log_once(f"fused_adapter: using the reference graph, torch.autocast is on ({autocast}, x is {x.dtype})")
         return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()

@@ -1,0 +1,121 @@
+"""fused_adapter beyond the plain first-order fp32 call: fp64 gradients, double backward,
+torch.autocast, strided biases and bf16 on the Triton path (interpreter results from
+tests/unit/triton_interpreter_checks.py: edge_cases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlscale.kernels import adapter_reference, fused_adapter
+from vlscale.kernels import adapter as ka
+
+
+def _args(dtype=torch.float64, tokens=6, d_model=12, hidden=4, scale_x=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d_model, generator=g, dtype=torch.float64) * scale_x
+    wd = torch.randn(hidden, d_model, generator=g, dtype=torch.float64) * 0.4
+    bd = torch.randn(hidden, generator=g, dtype=torch.float64)
+    wu = torch.randn(d_model, hidden, generator=g, dtype=torch.float64) * 0.4
+    bu = torch.randn(d_model, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, wd, bd, wu, bu)]
+
+
+def _torch_path(*args, **kw):
+    return fused_adapter(*args, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_fp64_gradients_are_fp64_exact(activation):
+    args = _args(tokens=40, d_model=48, hidden=12)
+    dh = torch.randn(40, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (adapter_reference, _torch_path):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        grads.append(torch.autograd.grad(fn(*leaves, activation=activation), leaves, dh))
+    for name, r, f in zip(["dx", "dw_down", "db_down", "dw_up", "db_up"], *grads):
+        assert (r - f).abs().max().item() < 1e-12, name  # not fp32-rounded (~1e-7)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_double_backward_matches_reference(activation):
+    args = _args()
+    results = []
+    for fn in (adapter_reference, _torch_path):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        out = fn(*leaves, activation=activation)
+        (dx,) = torch.autograd.grad(out.pow(2).sum(), leaves[0], create_graph=True)
+        results.append(torch.autograd.grad(dx.pow(2).sum(), leaves))
+    for name, r, f in zip(["x", "w_down", "b_down", "w_up", "b_up"], *results):
+        torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    leaves = tuple(t.clone().requires_grad_(True) for t in _args(tokens=3, d_model=5, hidden=2))
+    assert torch.autograd.gradgradcheck(lambda *t: _torch_path(*t, activation=activation), leaves)
+
+
+def test_double_backward_with_only_some_inputs_requiring_grad():
+    x, wd, bd, wu, bu = _args()
+    x.requires_grad_(True)
+    wd.requires_grad_(True)
+    grads = []
+    for fn in (adapter_reference, _torch_path):
+        (dx,) = torch.autograd.grad(fn(x, wd, bd, wu, bu).pow(2).sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad(dx.sum(), wd)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch):
+    monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
+    args = _args(torch.float32, scale_x=100.0)  # a large residual: rounding it to bf16 would show
+    outs, grads = [], []
+    for fn in (adapter_reference, fused_adapter, _torch_path):
+        leaves = [t.clone().requires_grad_(True) for t in args]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        out.pow(2).sum().backward()  # outside autocast, as torch.autocast's docs advise
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    for out, g in zip(outs[1:], grads[1:]):
+        assert out.dtype == torch.float32  # as the reference: the residual add in x's dtype
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # autocast to x's own dtype changes nothing: the recompute path runs
+    x = args[0].bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = _torch_path(x, *[t.bfloat16() for t in args[1:]])
+    assert any(type(fn).__name__.startswith("_TorchAdapterFn") for fn, _ in h.grad_fn.next_functions)
+
+
+# ------------------------------------------------------------------------------- Triton interpreter
+def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpreter):
+    edge = triton_interpreter["edge"]
+    case = edge["strided_bias_double_backward"]
+    assert len(case["errs"]) == 7  # h, 5 gradients, one second-order gradient
+    for err, scale in zip(case["errs"], case["scale"]):
+        assert err <= 1e-5 * max(1.0, scale), case
+    # the interpreter has no bfloat16 arithmetic (its results are garbage): the PyTorch path runs bf16
+    assert edge["bf16_path"] == "torch"
+
+
+# ------------------------------------------------------------------------------- benchmark
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "adapter_kernel.py"
+    spec = importlib.util.spec_from_file_location("adapter_kernel_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cost_model_and_size_arguments(capsys):
+    ak = _benchmark_module()
+    cost = ak.op_cost(tokens=10, d_model=8, hidden=2, itemsize=2)
+    big, low, weights = 10 * 8 * 2, 10 * 2 * 2, (2 * 8 * 2 + 8 + 2) * 2
+    assert cost["fwd"] == {"bytes": 2 * big + low + weights, "flops": 2 * 2 * 10 * 8 * 2}
+    assert cost["fwd_bwd"] == {"bytes": 5 * big + 2 * low + 3 * weights, "flops": 6 * 2 * 10 * 8 * 2}
+    for bad in (["--tokens", "-5"], ["--hidden", "0"], ["--d-model", "x"]):
+        with pytest.raises(SystemExit):
+            ak.main(["--device", "cpu", *bad])
+        assert "is not a positive integer" in capsys.readouterr().err
