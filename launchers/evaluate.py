@@ -8,7 +8,9 @@ backbones are rebuilt from its ``train.seed``, pretrained ones load from ``model
 the hub id), loads ``adapter_model.safetensors`` strictly (names and shapes), and runs the same
 evaluation code as training's periodic evaluation (vlscale/engine/evaluation.py). Overrides apply
 on top of the saved config (e.g. ``data.synthetic_eval=500``, ``train.eval_batch_size=64``,
-``train.eval_max_examples=100``, ``data.root=...``); ones that change the model are refused.
+``train.eval_max_examples=100``, ``data.root=...``); ones that change the model are refused, except
+where the same frozen weights are found now (``model.backbone_path``, ``model.vision_pretrained``: the run's
+files moved), which are checked against the fingerprint the run's checkpoint recorded, as ``--resume`` does.
 
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``;
 ``DIR`` defaults to ``<adapter's parent>/eval_<split>``. Prints the per-task scores.
@@ -25,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODEL_SECTIONS = ("model", "peft")
+# Where the frozen weights load from may change (the same files elsewhere), as on --resume (trainer.RESUMABLE_CHANGES):
+# the weights built from there are compared with the fingerprint in the run's checkpoint (frozen_weights_problem).
+RELOCATABLE = (("model", "backbone_path"), ("model", "vision_pretrained"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,23 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_run_config(adapter_dir, overrides):
     """The adapter's run config with evaluation overrides; refuses overrides that change the model."""
-    from vlscale.config import config_from_dict, parse_overrides
+    from vlscale.config import _deep_merge, config_from_dict, parse_overrides
     from vlscale.engine.checkpoint import read_adapter_config
 
     meta = read_adapter_config(adapter_dir)
     saved = meta["run_config"]
     cfg = config_from_dict(_deep_merge(saved, parse_overrides(overrides)))
     new = cfg.to_dict()
-    fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s]] + [("data", "tasks"), ("train", "seed")]
+    meta["relocated"] = [f"{s}.{k}" for s, k in RELOCATABLE if k in saved[s] and new[s][k] != saved[s][k]]
+    fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s] if (s, k) not in RELOCATABLE] + \
+        [("data", "tasks"), ("train", "seed")]
     for section, key in fixed:
         if new[section][key] != saved[section][key]:
             hint = ("use --tasks to evaluate a subset of tasks" if (section, key) == ("data", "tasks") else
@@ -65,6 +65,32 @@ def load_run_config(adapter_dir, overrides):
             raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
                              f"was trained with ({section}.{key}={saved[section][key]!r}); {hint}")
     return cfg, meta
+
+
+def frozen_weights_problem(model, adapter_dir, meta) -> str | None:
+    """With model.backbone_path / model.vision_pretrained changed: why the frozen weights built now are not
+    the training run's (compared with the fingerprint its latest checkpoint recorded), or None. Without a
+    checkpoint to compare with, a note says the weights are not checked."""
+    from vlscale.engine import checkpoint as ckpt
+
+    saved = meta.get("frozen")
+    root = Path(adapter_dir).resolve().parent / "checkpoints"
+    if saved is None:
+        try:
+            tag = ckpt.latest_tag(root)
+            saved = ckpt.read_client_state(root / tag / "client_state_rank0.json").get("frozen") if tag else None
+        except ckpt.CheckpointError:
+            saved = None
+    changed = ", ".join(meta["relocated"])
+    if not saved:
+        print(f"evaluate.py: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
+              f"weights against: they are assumed to be the training run's", file=sys.stderr)
+        return None
+    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model))
+    if problem:
+        return (f"{changed} changed, and the frozen weights built from there are not the training run's: "
+                f"{problem}; point them at the weights the adapter was trained on")
+    return None
 
 
 def main(argv=None) -> int:
@@ -96,6 +122,10 @@ def main(argv=None) -> int:
     seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
     model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
     load_adapter(model, args.adapter)
+    if meta["relocated"] and dtype == DTYPES[cfg.train.precision]:  # fingerprints are of the run's dtype
+        problem = frozen_weights_problem(model, args.adapter, meta)
+        if problem:
+            raise ValueError(problem)
     tasks = cfg.data.tasks if not args.tasks else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in cfg.data.tasks]
     if unknown:

@@ -25,6 +25,7 @@ Format: see vlscale/data/features.py.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -224,6 +225,12 @@ def main(argv=None) -> int:
             encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
         except FileNotFoundError as e:
             raise SystemExit(f"--pretrained: {e}") from None
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # open_clip: an unknown tag, no
+            # network for a hub tag; torch.load / safetensors: a file that is no checkpoint
+            first = ("not a checkpoint torch.load reads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
+                     else " ".join(str(e).split("\n\n")[0].split()))
+            raise SystemExit(f"--pretrained {pretrained!r} for {vision}: cannot load it ({type(e).__name__}: {first}); "
+                             f"give an open_clip tag its cache holds or a local CLIP checkpoint file") from None
         transform = image_transform(vision)
         total = {"total": 0, "skipped": 0, "written": 0}
         for source, ids, video in jobs:

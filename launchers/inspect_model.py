@@ -60,30 +60,14 @@ def _vocab_size(cfg) -> tuple[int | None, str]:
     return (base + extra if extra else None), note
 
 
-def _with_registry_vision(cfg, model, counts: dict) -> dict:
-    """``updated_pct_with_vision`` counts CLIP also where the model holds none (model.feature_source=cache:
-    the features come from a cache, so no vision encoder is built): its parameters are then counted on the
-    registry's tower (model.vision), built on the meta device as vlscale.profiling.analytic does."""
-    if model.vision is not None:
-        return {"total_with_vision": counts["total"], "vision_source": "the model's vision encoder"}
-    from vlscale.modeling.vision import build_vision_encoder
-
-    clip = sum(numel(p) for p in build_vision_encoder(cfg.model.vision, device="meta").parameters())
-    total = counts["total"] + clip
-    return {"total_with_vision": total,
-            "updated_pct_with_vision": 100.0 * counts["trainable"] / total if total else 0.0,
-            "vision_source": f"the registry's {cfg.model.vision}, not built with "
-                             f"model.feature_source={cfg.model.feature_source}"}
-
-
 def inspect(cfg) -> dict:
     from vlscale.modeling.vl_model import build_model
-    from vlscale.peft.trainable import count_parameters, parameter_groups
+    from vlscale.peft.trainable import count_parameters, parameter_groups, with_registry_vision
 
     vocab_size, vocab_source = _vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     counts = count_parameters(model)
-    counts.update(_with_registry_vision(cfg, model, counts))
+    counts.update(with_registry_vision(cfg, model, counts))
     groups = {g: {"params": sum(numel(p) for _, p in ps),
                   "trainable": sum(numel(p) for _, p in ps if p.requires_grad)}
               for g, ps in parameter_groups(model).items() if ps}

@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import json
+import math
 import os
 import re
 import types
@@ -61,6 +63,8 @@ def _check_choice(section: str, name: str, value: Any, choices) -> None:
 def _check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if not math.isfinite(value):  # .nan / .inf in YAML: NaN passes every comparison below
+        raise ConfigError(f"{section}.{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -77,6 +81,56 @@ def registry_backbones() -> tuple[str, ...]:
     from vlscale.modeling.backbones import LM_REGISTRY
 
     return tuple(sorted(set(LM_REGISTRY) | {n.split("/")[-1] for n in LM_REGISTRY}))
+
+
+# The fields of an HF config.json that fix a backbone's architecture (vocabulary, dropout and token ids
+# are not among them: the embeddings are resized, dropout is model.dropout).
+_ARCH_KEYS = ("model_type", "d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers",
+              "feed_forward_proj", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+              "encoder_attention_heads", "decoder_attention_heads")
+
+
+def _folder_config(path) -> Optional[dict]:
+    """The ``config.json`` of a local model folder, or None when there is none to read."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file}: not a readable JSON config ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a model config must be a JSON object")
+    if data.get("num_layers") is not None and data.get("num_decoder_layers") is None:
+        data["num_decoder_layers"] = data["num_layers"]  # T5Config's default
+    return data
+
+
+def _arch_differences(name: str, folder: dict) -> list[str]:
+    """``key: folder value vs registry value`` for each architecture field the folder's config sets
+    differently from registry backbone ``name``."""
+    from vlscale.modeling.backbones import LM_REGISTRY, canonical_lm_name
+
+    entry = LM_REGISTRY[canonical_lm_name(name)]
+    return [f"{k}={folder[k]!r} (registry {entry[k]!r})" for k in _ARCH_KEYS
+            if k in entry and k in folder and folder[k] != entry[k]]
+
+
+def matching_backbones(folder: dict) -> list[str]:
+    """The registry backbones (short names) whose architecture is the one of a folder's ``config.json``."""
+    from vlscale.modeling.backbones import LM_REGISTRY
+
+    return [n.split("/")[-1] for n, e in LM_REGISTRY.items()
+            if e.get("model_type") == folder.get("model_type") and not _arch_differences(n, folder)]
+
+
+def _folder_hint(folder: dict) -> str:
+    match = matching_backbones(folder)
+    if match:
+        return f"its config.json is the registry's {match[0]!r}"
+    dims = ", ".join(f"{k}={folder[k]}" for k in _ARCH_KEYS if k in folder)
+    return (f"its config.json ({dims}) is no registry backbone's architecture (vlscale builds, counts and "
+            f"plans memory for those of vlscale/modeling/backbones.py only)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,11 +178,26 @@ class ModelConfig:
 
     def __post_init__(self):
         backbones = registry_backbones()
+        if self.backbone not in backbones and Path(self.backbone).is_dir():
+            folder = _folder_config(self.backbone)
+            match = matching_backbones(folder) if folder else []
+            use = match[0] if match else "NAME"
+            raise ConfigError(
+                f"model.backbone={self.backbone!r} is a folder; model.backbone names a registry architecture and "
+                f"the weights load from model.backbone_path with model.pretrained=true: "
+                + (f"{_folder_hint(folder)}, so set " if folder else "its config.json is missing; set ")
+                + f"model.backbone={use} model.backbone_path={self.backbone} model.pretrained=true")
         if self.backbone not in backbones:
             short = [b for b in backbones if "/" not in b]
             raise ConfigError(f"model.backbone={self.backbone!r} is not in the registry; "
                               f"{did_you_mean(self.backbone, backbones)}valid: {short} or their hub ids "
-                              f"(weights from elsewhere: one of these plus model.backbone_path)")
+                              f"(weights from elsewhere: one of these plus model.backbone_path=DIR "
+                              f"model.pretrained=true)")
+        if self.backbone_path and not self.pretrained:
+            raise ConfigError(f"model.backbone_path={self.backbone_path!r} is read only with model.pretrained=true; "
+                              f"model.pretrained=false builds {self.backbone} with random weights. Set "
+                              f"model.pretrained=true to train on its weights, or model.backbone_path=null "
+                              f"(a tokenizer from a folder: model.tokenizer=DIR)")
         visions = registry_visions()
         if visions and self.vision not in visions and not self.vision.startswith(CLIP_SCHEMAS):
             shown = [v for v in visions if re.fullmatch(r"RN\d+(x\d+)?|ViT-\w+-\d+|(tiny|mini)-.*", v)]
@@ -143,6 +212,25 @@ class ModelConfig:
         _check_positive("model", "extra_special_tokens", self.extra_special_tokens, allow_zero=True)
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+
+    def check_backbone_path(self) -> None:
+        """A local model.backbone_path holds model.backbone's architecture. Training loads the folder's
+        own config.json, while inspect_model, profile_memory and the checkpoint-size check build the
+        registry's: a folder of another architecture would train one model and report another. Checked
+        when a run's config is loaded (:func:`load_config`, :func:`config_from_dict`); a folder that is
+        not there (yet) or has no config.json is left to the loader's error."""
+        if not (self.pretrained and self.backbone_path and Path(self.backbone_path).is_dir()):
+            return
+        folder = _folder_config(self.backbone_path)
+        if folder is None:
+            return
+        diff = _arch_differences(self.backbone, folder)
+        if diff:
+            match = matching_backbones(folder)
+            fix = (f"set model.backbone={match[0]}" if match else
+                   f"point model.backbone_path at a {self.backbone} checkpoint")
+            raise ConfigError(f"model.backbone_path={self.backbone_path!r} is not a {self.backbone} checkpoint: "
+                              f"{', '.join(diff)}; {_folder_hint(folder)}; {fix}")
 
 
 @dataclass
@@ -471,22 +559,59 @@ def _preset_path(name_or_path: str) -> Path:
     raise ConfigError(f"no preset or file named {name_or_path!r}; shipped presets: {list_presets()}")
 
 
-def _load_yaml(name_or_path: str, seen: tuple = ()) -> dict:
-    path = _preset_path(name_or_path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: later keys override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own error names an unhashable key
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (the first would be ignored)",
+                    key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    return f"{where}{what}" + (f" ({' '.join(context.split())})" if context else "")
+
+
+def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = None) -> dict:
+    try:
+        path = _preset_path(name_or_path)
+    except ConfigError as e:
+        if named_by is None:
+            raise
+        raise ConfigError(f"{named_by}: base {name_or_path!r}: {e}") from None
     if str(path) in seen:
         raise ConfigError(f"preset {path} includes itself through 'base'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a YAML preset ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base={base!r} must be one preset name or YAML path")
     if base:
         beside = path.parent / str(base)  # a relative base is first looked up beside the file naming it
         if not Path(str(base)).is_absolute() and beside.is_file():
             base = str(beside)
-        data = _deep_merge(_load_yaml(base, seen + (str(path),)), data)
+        data = _deep_merge(_load_yaml(base, seen + (str(path),), named_by=path), data)
     return data
 
 
@@ -522,12 +647,14 @@ def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig
     data.setdefault("name", str(name))
     cfg = _build(RunConfig, data)
     cfg.data.check_source()
+    cfg.model.check_backbone_path()
     return cfg
 
 
 def config_from_dict(data: dict) -> RunConfig:
     cfg = _build(RunConfig, dict(data))
     cfg.data.check_source()
+    cfg.model.check_backbone_path()
     return cfg
 
 

@@ -1,0 +1,148 @@
+"""Where a run's weights come from, as the config says it (model.backbone / backbone_path / pretrained), and
+numbers that are not numbers: each wrong setting is one ConfigError naming the key, before anything builds."""
+
+import json
+
+import pytest
+import torch
+
+from vlscale.config import ConfigError, config_from_dict, load_config
+from vlscale.modeling.backbones import LM_REGISTRY
+
+
+def _folder(path, name, **changed):
+    """A local model folder as save_pretrained writes it, reduced to its config.json (all the check reads)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(dict(LM_REGISTRY[name], vocab_size=721, **changed)))
+    return path
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.lr=.inf", "train.weight_decay=.nan",
+                                      "train.clip_grad_norm=.inf", "train.adam_eps=.nan", "peft.lora_alpha=.nan",
+                                      "data.temperature=.inf"])
+def test_non_finite_numbers_are_refused(override):
+    """NaN passes every `< 0` / `== 0` comparison: a YAML .nan learning rate trained until the loss went NaN."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=(nan|inf) must be a finite number$"):
+        load_config("tiny", [override])
+
+
+def test_a_backbone_path_without_pretrained_is_refused(tmp_path):
+    """model.pretrained=false (tiny's default) built random weights and ignored the folder, without a word."""
+    folder = _folder(tmp_path / "t5", "tiny-t5")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [f"model.backbone_path={folder}"])
+    for word in (f"model.backbone_path={str(folder)!r}", "model.pretrained=true", "random weights"):
+        assert word in str(e.value)
+    assert load_config("tiny", [f"model.backbone_path={folder}", "model.pretrained=true"]).model.pretrained
+
+
+@pytest.mark.parametrize("backbone, folder_of, changed, words", [
+    ("tiny-t5", "tiny-t5", {"d_model": 32}, ["d_model=32 (registry 64)", "no registry backbone's architecture"]),
+    ("tiny-t5", "tiny-bart", {}, ["model_type='bart' (registry 't5')", "set model.backbone=tiny-bart"]),
+    ("bart-base", "google-t5/t5-small", {}, ["is not a bart-base checkpoint", "set model.backbone=t5-small"]),
+    ("t5-small", "google/flan-t5-small", {}, ["feed_forward_proj='gated-gelu'", "set model.backbone=flan-t5-small"]),
+])
+def test_a_backbone_folder_of_another_architecture_is_refused(tmp_path, backbone, folder_of, changed, words):
+    """Training loads the folder's own config.json, inspect_model / profile_memory build the registry's:
+    a folder of another architecture trained one model and reported another (or, T5 weights under a BART
+    name, died in from_pretrained with a traceback)."""
+    folder = _folder(tmp_path / "lm", folder_of, **changed)
+    overrides = [f"model.backbone={backbone}", f"model.backbone_path={folder}", "model.pretrained=true"]
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert f"model.backbone_path={str(folder)!r}" in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+    # the saved config of a run (evaluate.py, --resume) is checked the same way
+    saved = load_config("tiny").to_dict()
+    saved["model"].update(backbone=backbone, backbone_path=str(folder), pretrained=True)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        config_from_dict(saved)
+    if not changed:  # named as what it is, the folder passes
+        load_config("tiny", [f"model.backbone={folder_of}", f"model.backbone_path={folder}", "model.pretrained=true"])
+
+
+def test_matching_and_absent_folders_pass(tmp_path):
+    """A folder of the named architecture (sharded or not: only config.json is read), a hub id, and a
+    folder not there (the loader names it when the run builds) are not refused here."""
+    folder = _folder(tmp_path / "t5", "google-t5/t5-small")
+    for path in (folder, "google-t5/t5-small", tmp_path / "absent"):
+        cfg = load_config("tiny", ["model.backbone=t5-small", f"model.backbone_path={path}", "model.pretrained=true"])
+        assert cfg.model.backbone_path == str(path)
+
+
+def test_a_folder_as_model_backbone_says_the_overrides_to_use(tmp_path):
+    folder = _folder(tmp_path / "bart", "tiny-bart")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [f"model.backbone={folder}"])
+    assert f"model.backbone=tiny-bart model.backbone_path={folder} model.pretrained=true" in str(e.value)
+
+
+def test_evaluate_accepts_moved_weights_and_checks_them(tmp_path, launcher, monkeypatch, capsys):
+    """evaluate.py refused model.backbone_path=NEW as "would change the model": an adapter whose backbone folder
+    moved could not be evaluated. It is allowed (as on --resume) and the weights built from there are compared
+    with the fingerprint in the run's checkpoint."""
+    from vlscale.engine import checkpoint as ckpt
+
+    evaluate = launcher("evaluate")
+    saved = load_config("tiny", ["model.backbone_path=/old/t5", "model.pretrained=true"]).to_dict()
+    monkeypatch.setattr(ckpt, "read_adapter_config", lambda _: {"run_config": saved})
+    cfg, meta = evaluate.load_run_config("unused", ["model.backbone_path=/new/t5"])
+    assert cfg.model.backbone_path == "/new/t5" and meta["relocated"] == ["model.backbone_path"]
+    with pytest.raises(ValueError, match="would change the model"):  # the architecture still may not change
+        evaluate.load_run_config("unused", ["model.backbone=t5-small"])
+
+    frozen = torch.nn.Linear(3, 2).requires_grad_(False)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step4").mkdir(parents=True)
+    (run / "checkpoints" / ckpt.LATEST).write_text("step4")
+    (run / "checkpoints" / "step4" / "client_state_rank0.json").write_text(
+        json.dumps({"step": 4, "frozen": ckpt.frozen_fingerprint(frozen)}))
+    assert evaluate.frozen_weights_problem(frozen, run / "adapter", meta) is None
+    with torch.no_grad():
+        frozen.weight[0, 0] += 0.5
+    problem = evaluate.frozen_weights_problem(frozen, run / "adapter", meta)
+    assert "model.backbone_path changed" in problem and "weight differs" in problem
+    # no checkpoint to compare with: evaluated, with a note
+    assert evaluate.frozen_weights_problem(frozen, tmp_path / "other" / "adapter", meta) is None
+    assert "are assumed to be the training run's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pretrained, words", [
+    ("no-such-tag", ["'no-such-tag'", "not a known tag"]),
+    ("bad.pt", ["bad.pt", "weights_only=True"]),
+])
+def test_extract_features_names_a_clip_checkpoint_it_cannot_load(tmp_path, launcher, pretrained, words):
+    """An open_clip tag that is not there (offline) or a file that is no checkpoint printed open_clip's or
+    torch.load's traceback."""
+    if pretrained == "bad.pt":
+        pretrained = str(tmp_path / "bad.pt")
+        (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        launcher("extract_features").main(["--synthetic", "--config", "tiny", "--out", str(tmp_path / "cache"),
+                                            "--pretrained", pretrained, "data.tasks=[vqa]"])
+    assert str(e.value).startswith(f"--pretrained {pretrained!r} for tiny-clip-rn: cannot load it")
+    assert "\n" not in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("base: tiny\ntrain:\n  max_steps: 3\n  max_steps: 5\n", ["line 4, column 3", "'max_steps' appears twice"]),
+    ("base: tiny\ntrain:\n  lr: [1e-3\n", ["not valid YAML: line", "expected ',' or ']'"]),
+    ("base: [tiny]\n", ["base=['tiny'] must be one preset name"]),
+    ("base: tinny\n", ["user.yaml: base 'tinny': no preset or file named 'tinny'"]),
+])
+def test_a_users_preset_file_errors_in_one_line(tmp_path, text, words):
+    """A key given twice kept the last one silently; a list as base was a TypeError traceback; YAML's own
+    message spanned lines; a missing base did not say which file named it."""
+    (tmp_path / "user.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "user.yaml"))
+    assert "\n" not in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+    # YAML merge keys still work, a later key overriding a merged one
+    (tmp_path / "merge.yaml").write_text("base: tiny\ntrain:\n  <<: {max_steps: 3, lr: 1.0e-3}\n  max_steps: 4\n")
+    assert load_config(str(tmp_path / "merge.yaml")).train.max_steps == 4
