@@ -129,6 +129,16 @@ def test_optimizer_and_clipping_come_from_the_run_config():
     assert build_deepspeed_config(DS_DIR / "zero3.json", full_ft, 1, device_type="cpu")["optimizer"]["params"]["lr"] == 1e-4
 
 
+def test_adam_with_l2_weight_decay_is_refused():
+    """DeepSpeed's "Adam" with adam_w_mode=false is torch.optim.Adam: weight decay added to the gradient (and
+    scaled by Adam's normalisation) instead of AdamW's decoupled decay, which was accepted without a word."""
+    ds = {"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}}
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer\.params\.adam_w_mode=false .*remove the key"):
+        build_deepspeed_config(ds, cfg_with(), 1, device_type="cpu")
+    ds = {"optimizer": {"type": "Adam", "params": {"adam_w_mode": True}}}  # AdamW under another name: fine
+    assert build_deepspeed_config(ds, cfg_with(), 1, device_type="cpu")["optimizer"]["params"]["adam_w_mode"] is True
+
+
 def test_bucket_sizes_follow_the_composite_model():
     cfg = cfg_with("model.backbone=t5-large", "model.vision=RN101")
     d_model, visual = model_widths(cfg)

@@ -339,6 +339,10 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     r.default("optimizer.type", "AdamW")
     if str(opt["type"]).lower() not in ("adamw", "adam"):
         raise DeepSpeedConfigError(f"{source}: optimizer.type={opt['type']!r}; vlscale trains with AdamW")
+    if (opt.get("params") or {}).get("adam_w_mode") is False:  # DeepSpeed's Adam would add the decay to the gradient
+        raise DeepSpeedConfigError(f"{source}: optimizer.params.adam_w_mode=false turns the weight decay into an L2 "
+                                   f"term of Adam's gradient; vlscale trains with AdamW (decoupled decay, "
+                                   f"train.weight_decay): remove the key")
     r.set("optimizer.params.lr", float(cfg.lr), "train.lr or the method's default")
     r.set("optimizer.params.betas", [float(b) for b in t.adam_betas], "train.adam_betas")
     r.set("optimizer.params.eps", float(t.adam_eps), "train.adam_eps")

@@ -166,8 +166,21 @@ def optimizer_groups(model, tasks=()) -> list[dict]:
             group["task"] = task
         groups.append(group)
     if not groups:
-        raise ValueError("the model has no trainable parameters (check peft.method and the peft.train_* flags)")
+        raise ConfigError("the model has no trainable parameters (check peft.method and the peft.train_* flags)")
     return groups
+
+
+NOTHING_TRAINS = ("peft.method=none adds no PEFT modules (nor peft.extra_prompts) and peft.train_layer_norms, "
+                  "peft.train_projection, peft.train_lm and peft.train_vision are all false; choose a PEFT method or "
+                  "set one of them true")
+
+
+def check_something_trains(cfg: RunConfig) -> None:
+    """Refuse a run that would train nothing, before data and model load (optimizer_groups checks the model)."""
+    p = cfg.peft
+    if p.method == "none" and not (p.extra_prompts or p.train_layer_norms or p.train_projection or p.train_lm
+                                   or p.train_vision):
+        raise ConfigError(f"nothing to train: {NOTHING_TRAINS}")
 
 
 class TaskSteps:
@@ -334,6 +347,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
 
     from vlscale.data import build_tokenizer, build_train_loader
 
+    check_something_trains(cfg)
     out = Path(cfg.output_dir)
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
