@@ -3,8 +3,10 @@
     python benchmarks/profile_accuracy.py [--json] [--only NAME ...] [--steps 3]
     python benchmarks/profile_accuracy.py --knobs [--json] [--only NAME ...]
 
-Eight configurations of the tiny CLIP-RN + T5/BART world: one process and 2-rank ZeRO-3, adapters,
-LoRA and full fine-tuning, checkpointing on and off, two micro-batch sizes, fp32 and bf16. For each:
+Configurations of the tiny CLIP-RN + T5/BART world: one process and 2-rank ZeRO-3, adapters,
+LoRA and full fine-tuning, checkpointing on and off, two micro-batch sizes, fp32 and bf16, offload;
+prompt tuning, Hyperformer, Compacter, per-task weights (multiple, half_shared), video frames, a
+trained CLIP. For each:
 the analytic prediction (vlscale.profiling.analytic.estimate_memory, device=cpu) beside a measured
 run of 3 training steps (vlscale.profiling.measure.measure_memory: parameter/gradient/optimizer
 bytes read from the engine's tensors, activations from saved_tensors_hooks, the peak of live tensor
@@ -44,6 +46,21 @@ CONFIGS = [
                                        "train.gradient_checkpointing=true"]),
     ("2r zero3 bart lora bf16 mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "model.backbone=tiny-bart",
                                          "peft.method=lora", "train.precision=bf16", "model.dropout=0.1"]),
+    # PEFT methods and inputs beyond adapters: prompts lengthen the encoder input; Hyperformer's shared
+    # hypernetwork accumulates its gradients site after site in backward; per-task weight sets give the
+    # tasks a step does not train zero gradients at ZeRO-1/2's boundary; a video is max_frames images in
+    # the batch; a trained CLIP keeps its own activations (batch-norm statistics, the images)
+    ("1r zero2 prompt mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.method=prompt"]),
+    ("1r zero2 hyperformer mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.method=hyperformer"]),
+    ("2r zero3 hyperformer mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "peft.method=hyperformer"]),
+    ("1r zero2 compacter mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.method=compacter"]),
+    ("1r zero2 multiple adapters mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.sharing=multiple"]),
+    ("1r zero2 half_shared mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.sharing=half_shared"]),
+    ("2r zero3 multiple adapters mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "peft.sharing=multiple"]),
+    ("1r zero2 tvqa frames mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "data.tasks=[tvqa]"]),
+    ("2r zero3 tvqa frames mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "data.tasks=[tvqa]"]),
+    ("1r zero2 train CLIP mbs4", 1, ["train.zero_stage=2", "train.micro_batch_size=4", "peft.train_vision=true"]),
+    ("2r zero3 train CLIP mbs4", 2, ["train.zero_stage=3", "train.micro_batch_size=4", "peft.train_vision=true"]),
     # ds_configs/zero3_offload.json (optimizer and parameters offloaded to the host, DeepSpeedCPUAdam): on the
     # CPU accelerator the host is the device, so the offloaded bytes count in its peak
     ("1r zero3 offload adapter mbs4", 1, ["train.deepspeed=ds_configs/zero3_offload.json", "train.micro_batch_size=4"]),

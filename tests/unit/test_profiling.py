@@ -65,6 +65,9 @@ CASES = [
     ["peft.fused=false"],
     ["model.feature_source=cache", "model.backbone=tiny-bart"],
     ["data.tasks=[tvqa]", "model.max_frames=8"],  # video: frame embeddings on the fly
+    ["peft.train_vision=true"],  # a trained CLIP keeps its activations (train-mode batch norms, the images)
+    ["peft.train_vision=true", "data.tasks=[tvqa]", "model.max_frames=8"],
+    ["peft.train_vision=true", "model.vision=tiny-clip-vit"],
 ]
 
 

@@ -187,11 +187,15 @@ class ParamInventory:
         """Trainable element counts per optimizer group, as the engine builds them
         (``vlscale.peft.trainable.optimizer_group_layout``: matrices then vectors, shared parameters
         first, then each task's own weight sets; module order inside each group)."""
+        return [g for _, g in self.tagged_optimizer_groups()]
+
+    def tagged_optimizer_groups(self) -> list[tuple]:
+        """:meth:`optimizer_groups` with each group's task (None: shared by every task)."""
         from vlscale.peft.trainable import optimizer_group_layout
 
         tr = [i for i, t in enumerate(self.trainable) if t]
         layout = optimizer_group_layout([self.names[i] for i in tr], [self.ndims[i] for i in tr], self.tasks)
-        return [[self.numels[tr[j]] for j in idx] for _, _, idx in layout]
+        return [(task, [self.numels[tr[j]] for j in idx]) for task, _, idx in layout]
 
 
 def default_vocab_size(cfg: RunConfig) -> int:
@@ -531,6 +535,70 @@ def vision_forward_peak(name: str, n_images: int, b: int, video: bool = False) -
     return int(tracker.peak - base)
 
 
+@functools.lru_cache(maxsize=64)
+def vision_trained_forward(name: str, n_images: int, b: int, video: bool = False,
+                           pool_size: int = 0) -> tuple[int, int, bool]:
+    """A trained CLIP's forward (``peft.train_vision``: grad on, train mode, its BatchNorms on batch
+    statistics) encoding ``n_images``, as the V&L model runs it (``encode_global`` for video frames;
+    ``encode_grid`` and, for an RN, the adaptive max pooling to ``pool_size``): -> (the bytes autograd
+    saves for backward, unique storages, parameters and buffers left out; the peak bytes it allocates
+    beyond its input, what it saves included; whether the input images themselves are saved).
+
+    Simulated on the meta device, op by op (PyTorch's own derivative formulas decide what is saved;
+    :class:`vlscale.profiling.measure.LiveTensorTracker` follows sizes and deaths), attention as a
+    fused kernel that keeps q, k, v and its output.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from vlscale.modeling.vision import build_vision_encoder, pool_grid
+    from vlscale.profiling.measure import LiveTensorTracker
+
+    dtype = {4: torch.float32, 2: torch.bfloat16}[b]
+    enc = build_vision_encoder(name, device="meta").to(dtype)
+    unused = set(enc.unused_parameter_names(video))
+    for n, prm in enc.named_parameters():
+        prm.requires_grad_(n not in unused)
+    enc.train()
+    x = torch.empty(n_images, 3, enc.image_size, enc.image_size, device="meta", dtype=dtype)
+    own = {id(t.untyped_storage()) for t in list(enc.parameters()) + list(enc.buffers())}
+    saved: dict[int, tuple] = {}
+
+    def pack(t):
+        if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
+            return t
+        st = t.untyped_storage()
+        if id(st) not in own:
+            saved[id(st)] = (st, st.nbytes())  # holding the storage keeps its id unique
+        return t
+
+    tracker = LiveTensorTracker("meta")
+    tracker.track(list(enc.parameters()) + list(enc.buffers()) + [x])
+    base = tracker.current
+    original = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        # the fused kernel (CPU's flash attention): keeps q, k, v, its output and the log-sum-exp
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+            if video:
+                out = enc.encode_global(x)
+            else:
+                out = enc.encode_grid(x)
+                if enc.is_resnet:
+                    out = pool_grid(out, enc.grid_side, min(pool_size or enc.grid_side, enc.grid_side))
+    finally:
+        F.scaled_dot_product_attention = original
+    total = sum(n for _, n in saved.values())
+    input_saved = id(x.untyped_storage()) in saved
+    del out
+    return int(total), int(tracker.peak - base), input_saved
+
+
 @dataclass
 class ActivationReport:
     """What one micro-batch forward costs in activations (bytes per rank)."""
@@ -547,6 +615,9 @@ class ActivationReport:
     batch_bytes: int
     encoder_output: int = 0
     """The encoder's last hidden state when autograd does not keep it (the model output holds it)."""
+    batch_saved: int = 0
+    """Bytes of the batch autograd keeps itself (a trained CLIP's first convolution keeps the images):
+    in both ``saved`` and ``batch_bytes``, held once."""
 
 
 def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> ActivationReport:
@@ -562,13 +633,21 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
     tp = _Tape(opt)
 
     # ------------------------------------------------------------ projection (and prompts)
-    tp.part = "projection"
     nv = B * s.visual_tokens
-    feats = tp.new(nv * s.feat_dim, False)
+    n_img = B * s.n_images
+    frames = cfg.model.max_frames if s.video else 1
+    vision_rg = p.train_vision and s.vision_on_the_fly
+    vision_trained = (0, 0, False)
+    if vision_rg:  # CLIP under grad: what its own ops keep (see vision_trained_forward)
+        tp.part = "vision"
+        vision_trained = vision_trained_forward(cfg.model.vision, n_img * frames, opt.b, s.video, cfg.model.pool_size)
+        tp.save(_T(vision_trained[0], True))
+    tp.part = "projection"
+    feats = tp.new(nv * s.feat_dim, vision_rg)
     if s.video and s.vision_on_the_fly and s.vision_resnet:
         # a ResNet's frame embeddings are row 0 of its attention pool's (grid + 1)-token output: the
         # linear keeps that whole storage
-        feats = tp.new(nv * (s.vision_tokens_per_image + 1) * s.feat_dim, False)
+        feats = tp.new(nv * (s.vision_tokens_per_image + 1) * s.feat_dim, vision_rg)
     x_feat = tp.layer_norm(tp.linear(feats, nv * d, proj_rg), nv, proj_rg)
     # the boxes are one image's grid expanded over the batch: F.linear reshapes them into a copy,
     # ZeRO-3's linear keeps the expanded view (the small grid) unless a dtype cast copied it
@@ -719,20 +798,21 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
     log_probs = tp.cross_entropy(logits, B * Ld, s.vocab)
 
     # ------------------------------------------------------------ CLIP under no_grad (transient)
-    n_img = B * s.n_images
     vision_transient = 0
-    if s.vision_on_the_fly:
-        frames = cfg.model.max_frames if s.video else 1
+    if vision_rg:  # its working set holds what it saves
+        vision_transient = vision_trained[1]
+    elif s.vision_on_the_fly:
         vision_transient = vision_forward_peak(cfg.model.vision, n_img * frames, opt.b, s.video)
-    if s.vision_on_the_fly:
-        pixels = n_img * 3 * s.image_size ** 2 * opt.b
+    if s.vision_on_the_fly:  # a video is max_frames images
+        pixels = n_img * frames * 3 * s.image_size ** 2 * opt.b
     else:
         pixels = nv * s.feat_dim * opt.b
     batch_bytes = pixels + 8 * B * (2 * s.text_len + s.dec_len)
     out = ActivationReport(saved=tp.total(), by_part=dict(tp.by_part), block_peak=tp.block_peak,
                            logits=logits.nbytes, log_probs=log_probs.nbytes,
                            vision_transient=vision_transient, batch_bytes=batch_bytes,
-                           encoder_output=0 if id(enc_out) in tp.saved else enc_out.nbytes)
+                           encoder_output=0 if id(enc_out) in tp.saved else enc_out.nbytes,
+                           batch_saved=pixels if vision_trained[2] else 0)
     return out
 
 
@@ -758,6 +838,10 @@ class StateReport:
     gather_transient: int = 0  # ZeRO-3: a flat all-gather buffer beside ``gathered`` mid-forward
     optimizer_lazy: bool = False  # torch's AdamW creates its moments at the first step
     detail: dict = field(default_factory=dict)
+
+
+SHARED_PEFT = ("peft.hyperformer.",)
+"""Trainable parameters every adapter site uses (their gradients accumulate through backward)."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -821,8 +905,12 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
             part = padded // W
             part_total += part
             opt += part * 4 * 3 + 4
-        # gradient partition: the whole elements of every parameter touching this rank's slice
-        grads = _params_in_partition_numel(groups, W) * b
+        # gradient partition: the whole elements of every parameter touching this rank's slice; at the
+        # boundary DeepSpeed gives each of them that got no gradient (another task's own weights, when
+        # each task has its own: a step trains one task) a zero gradient of its whole size beside it
+        tagged = inv.tagged_optimizer_groups()
+        grads = max(_params_in_partition_numel(groups, W, [t not in (None, task) for t, _ in tagged]) * b
+                    for task in (inv.tasks if any(t is not None for t, _ in tagged) else (None,)))
         out.optimizer, out.grads = opt, grads
         out.step_transient = part_total * 4 + (part_total * b) + adam_temp
         out.comm_backward = min(z.reduce_bucket_size, n_tr) * b  # the reduce bucket
@@ -1002,18 +1090,19 @@ def _sub_groups(numels: list[int], W: int, sub_group_size: int) -> list[list[int
     return subs
 
 
-def _params_in_partition_numel(groups: list[list[int]], W: int) -> int:
+def _params_in_partition_numel(groups: list[list[int]], W: int, idle: Optional[list[bool]] = None) -> int:
     """Stage 1/2: the gradient partition buffer holds every parameter that overlaps a rank's slice
-    (whole); the largest over ranks (run summaries report the maximum)."""
+    (whole); the largest over ranks (run summaries report the maximum). ``idle[i]``: group ``i``'s
+    parameters get no gradient this step, so each also gets a zero gradient of its own."""
     best = 0
     for rank in range(W):
         total = 0
-        for g in groups:
+        for i, g in enumerate(groups):
             part = _ceil_div(sum(g), 2 * W) * 2 * W // W
             lo, hi, start = rank * part, (rank + 1) * part, 0
             for n in g:
                 if start < hi and start + n > lo:
-                    total += n
+                    total += n * (2 if idle and idle[i] else 1)
                 start += n
         best = max(best, total)
     return best
@@ -1247,17 +1336,28 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     vision_gathered = 0
     if z.stage == 3 and world_size > 1 and shapes.vision_on_the_fly:
         vision_gathered = inv.vision_params * b + st.gather_transient
+    Ah = A - act.batch_saved  # the activations beyond what the batch (in ``base``) holds already
     phase("vision_forward", base + held + act.vision_transient + vision_gathered, 0, g_persist)
     if st.gather_transient:  # late in forward, before the logits: a flat all-gather buffer beside the gathered
-        phase("forward_gather", base + held + A + act.encoder_output + st.gathered + st.gather_transient,
+        phase("forward_gather", base + held + Ah + act.encoder_output + st.gathered + st.gather_transient,
               A, g_persist)
-    phase("forward_end", base + held + A + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
-    phase("backward_start", base + held + A + kept_in_backward + head_grads + st.gathered, A, g_persist)
+    phase("forward_end", base + held + Ah + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
+    phase("backward_start", base + held + Ah + kept_in_backward + head_grads + st.gathered, A, g_persist)
+    # parameters every adapter site uses (Hyperformer's hypernetwork): backward accumulates their
+    # gradients site after site from its first layers on (the head's gradients consumed, the reduce
+    # buckets allocated); a second site's gradient and the out-of-place sum with the first (ZeRO's
+    # hooks hold the .grad) live beside the .grad
+    shared = [n for n, nm, t in zip(inv.numels, inv.names, inv.trainable) if t and nm.startswith(SHARED_PEFT)]
+    if shared:
+        buckets = st.comm_backward * (2 if z.stage in (1, 2) and z.overlap_comm else 1)
+        acc = (sum(shared) + 2 * max(shared)) * b
+        phase("backward_shared_grads", base + held + Ah + kept_in_backward + st.gathered + acc
+              + buckets, A, g_persist + sum(shared) * b)
     if z.stage == 3:  # backward's first layers: the head's gradients gone, its weight released
-        phase("backward_gather", base + held + A + kept_in_backward + st.gathered_backward, A, g_persist)
+        phase("backward_gather", base + held + Ah + kept_in_backward + st.gathered_backward, A, g_persist)
     if cfg.train.gradient_checkpointing:
         # the last layer's recompute: what forward kept is still there, or a unit gathered on demand later
-        phase("backward_recompute", base + held + A + act.block_peak + kept_in_backward
+        phase("backward_recompute", base + held + Ah + act.block_peak + kept_in_backward
               + max(st.gathered, st.gathered_backward) + st.comm_backward, A + act.block_peak, g_persist)
     phase("backward_end", base + st.grads + st.comm_backward + kept_after_backward, 0, st.grads)
     phase("optimizer_step", base + st.grads + st.step_transient + kept_after_backward, 0, st.grads)
@@ -1266,7 +1366,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         # way through backward: activations of that fraction are gone, the whole partition is there
         f = st.detail["flush_fraction"]
         in_flight = head_grads // 2 + max((n for n, t in zip(inv.numels, inv.trainable) if t), default=0) * b
-        phase("backward_first_reduce", base + A * (1 - f) + kept_in_backward + st.grads + st.comm_backward
+        phase("backward_first_reduce", base + max(A * (1 - f) - act.batch_saved, 0) + kept_in_backward + st.grads + st.comm_backward
               + in_flight + st.gathered, A * (1 - f), st.grads)
     init = st.params + (0 if st.optimizer_lazy else st.optimizer) + st.init_transient + st.comm_persistent + g_persist
     if z.stage == 3 and z.offload_param == "none":
