@@ -568,9 +568,11 @@ def run(cfg, zero3):
 from vlscale.engine.distributed import init_distributed
 init_distributed()  # gloo on the CPU accelerator
 out = {}
-for method, extra in [("adapter", {}), ("lora", {"train_layer_norms": False}), ("prompt", {})]:
-    cfg = PeftConfig(method=method, sharing="multiple", lora_rank=4, lora_dropout=0.0, n_prompts=3,
-                     prompt_hidden_dim=16, **extra)
+for method, extra in [("adapter", {}), ("lora", {"train_layer_norms": False}), ("prompt", {}),
+                      ("hyperformer", {"sharing": "single"})]:  # its task embeddings are per task
+    cfg = PeftConfig(method=method, **{"sharing": "multiple", **extra}, lora_rank=4, lora_dropout=0.0, n_prompts=3,
+                     prompt_hidden_dim=16, task_embedding_dim=8, layer_embedding_dim=8, hypernet_hidden_dim=8,
+                     hypernet_projected_dim=4)
     out[method] = [run(cfg, None), run(cfg, 3), run(cfg, 0), run(cfg, 2)]
 print("RESULT " + json.dumps(out))
 '''

@@ -257,6 +257,23 @@ def read_adapter_config(adapter_dir) -> dict:
     return meta
 
 
+def _from_earlier_layouts(state: dict, named: dict, meta: dict, weights: Path) -> dict:
+    """Tensors an earlier vlscale saved in another layout, renamed to the model's: Hyperformer's one
+    (n_tasks, dim) task-embedding table (before 2026-12-02) becomes each task's ``task_embedding_<task>``
+    row, in the run's ``data.tasks`` order (the table's). Anything else is left to the strict check."""
+    tasks = list(((meta.get("run_config") or {}).get("data") or {}).get("tasks") or [])
+    for name in [n for n in state if n.endswith("hypernet.task_embedding.weight") and n not in named]:
+        prefix, table = name[:-len("task_embedding.weight")], state[name]
+        rows = {f"{prefix}task_embedding_{t}": table[i:i + 1].clone() for i, t in enumerate(tasks)}
+        if table.shape[0] != len(tasks) or not set(rows) <= set(named):
+            continue
+        del state[name]
+        state.update(rows)
+        logger.info(f"{weights}: Hyperformer's task-embedding table {name} (an earlier vlscale's layout) read as "
+                    f"{len(rows)} per-task embeddings")
+    return state
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
     the same buffers of trained modules, :func:`trained_buffers`).
@@ -278,6 +295,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
     named = dict(trainable_parameters(model))
+    state = _from_earlier_layouts(state, named, meta, weights)
     buffers = dict(trained_buffers(model))
     with_buffers = "buffers" in meta  # format_version >= 2
     from vlscale.peft.trainable import unused_vision_parameters

@@ -12,6 +12,12 @@ The up-generators G_uw, G_ub start at zero, so every generated W_u, b_u is zero 
 are the identity at init (the generators still get gradients through z). Tasks share everything
 but their task embedding, so ``peft.sharing`` does not apply. The site embedding distinguishes
 encoder/decoder, layer and sublayer (self-attn / cross-attn / FFN).
+
+Each task's embedding is a parameter of its own (``task_embedding_<task>``, as the reference's
+ParameterDict of task embeddings): a step of one task gives the others no gradient, and the trainer
+leaves them out of its update (their own optimizer group, vlscale.peft.trainable.task_of), as the
+reference trainer's AdamW skips them. One (n_tasks, dim) table had every row moved and decayed in
+every step. Shape (1, dim) keeps it in the weight-decay group, as the table was.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from vlscale.peft.sites import Site
 class HyperNetwork(nn.Module):
     """[task emb; site emb] -> projector -> LayerNorm -> (W_d, b_d, W_u, b_u) in nn.Linear layout."""
 
-    def __init__(self, n_tasks: int, n_sites: int, d_model: int, hidden: int, task_embedding_dim: int,
+    def __init__(self, tasks: Sequence[str], n_sites: int, d_model: int, hidden: int, task_embedding_dim: int,
                  layer_embedding_dim: int, hypernet_hidden_dim: int, projected_dim: int,
                  generator_std: float = 1e-2, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.hidden = d_model, hidden
-        self.task_embedding = nn.Embedding(n_tasks, task_embedding_dim, **kw)
+        for task in tasks:  # N(0, 1), as nn.Embedding and the reference's randn
+            self.register_parameter(f"task_embedding_{task}",
+                                    nn.Parameter(nn.init.normal_(torch.empty(1, task_embedding_dim, **kw))))
         self.site_embedding = nn.Embedding(n_sites, layer_embedding_dim, **kw)
         self.projector = nn.Sequential(
             nn.Linear(task_embedding_dim + layer_embedding_dim, hypernet_hidden_dim, **kw), nn.ReLU(),
@@ -52,8 +60,8 @@ class HyperNetwork(nn.Module):
             nn.init.zeros_(gen.weight)
             nn.init.zeros_(gen.bias)
 
-    def forward(self, task_index: torch.Tensor, site_index: torch.Tensor):
-        e = torch.cat([self.task_embedding(task_index), self.site_embedding(site_index)], dim=-1)
+    def forward(self, task: str, site_index: torch.Tensor):
+        e = torch.cat([getattr(self, f"task_embedding_{task}")[0], self.site_embedding(site_index)], dim=-1)
         z = self.norm(self.projector(e))
         return (self.down_weight(z).view(self.hidden, self.d_model), self.down_bias(z).view(self.hidden),
                 self.up_weight(z).view(self.d_model, self.hidden), self.up_bias(z).view(self.d_model))
@@ -69,10 +77,9 @@ class HyperformerLayers(nn.Module):
         self.tasks = tuple(tasks)
         self.site_keys = tuple(s.key for s in sites)
         self._site_index = {k: i for i, k in enumerate(self.site_keys)}
-        self._task_index = {t: i for i, t in enumerate(self.tasks)}
         self.activation, self.fused = cfg.activation, cfg.fused
         self.hypernet = HyperNetwork(
-            len(self.tasks), len(self.site_keys), d_model, adapter_hidden(d_model, cfg.reduction_factor),
+            self.tasks, len(self.site_keys), d_model, adapter_hidden(d_model, cfg.reduction_factor),
             cfg.task_embedding_dim, cfg.layer_embedding_dim, cfg.hypernet_hidden_dim,
             cfg.hypernet_projected_dim, device=device, dtype=dtype)
 
@@ -80,12 +87,10 @@ class HyperformerLayers(nn.Module):
         """The generated (w_down, b_down, w_up, b_up) of one site for one task."""
         if task is None:
             raise RuntimeError(f"hyperformer: no task selected; call peft.set_task(name) with one of {list(self.tasks)}")
-        if task not in self._task_index:
+        if task not in self.tasks:
             raise KeyError(f"hyperformer: unknown task {task!r}; known tasks: {list(self.tasks)}")
-        device = device if device is not None else self.hypernet.task_embedding.weight.device
-        t = torch.tensor(self._task_index[task], device=device)
-        s = torch.tensor(self._site_index[site_key], device=device)
-        return self.hypernet(t, s)
+        device = device if device is not None else self.hypernet.site_embedding.weight.device
+        return self.hypernet(task, torch.tensor(self._site_index[site_key], device=device))
 
     def forward(self, x: torch.Tensor, site_key: str, task: Optional[str]) -> torch.Tensor:
         return apply_adapter(x, *self.weights(site_key, task, x.device), self.activation, self.fused)
