@@ -391,7 +391,7 @@ class TrainConfig:
     """After the final validation, also evaluate the test split in the same process, writing what
     ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""
     log_every: int = 1
-    """Log every N steps."""
+    """Write the TensorBoard training scalars every N steps; ``train_log.jsonl`` gets every step."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: only at the end)."""
     zero_stage: Optional[int] = None

@@ -289,6 +289,8 @@ def test_adapter_has_full_shapes_and_reloads_to_the_trained_outputs(runs, interr
     assert len(tok) == meta["vocab_size"]
     seed_everything(cfg.train.seed)
     model = build_model(cfg, vocab_size=meta["vocab_size"])
+    # the frozen weights' fingerprint travels with the adapter (evaluate.py checks moved weights by it)
+    assert ckpt.frozen_mismatch(meta["frozen"], ckpt.frozen_fingerprint(model)) is None
     fresh = {n: p.detach().clone() for n, p in model.named_parameters() if n in tensors}
     ckpt.load_adapter(model, adapter)
     assert any(not torch.equal(fresh[n], p) for n, p in model.named_parameters() if n in fresh), "weights changed"

@@ -711,7 +711,7 @@ def save_training_state(run: Run) -> None:
         state["run_config"] = run.cfg.to_dict()
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
-                      extra={"step": run.step})
+                      extra={"step": run.step, "frozen": run.frozen})  # evaluate.py checks moved weights by it
     run.watchdog.beat(f"saved checkpoint at step {run.step}")
 
 
