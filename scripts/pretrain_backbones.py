@@ -29,9 +29,10 @@ synthetic tokenizer, so ``AutoTokenizer`` loads it from the folder) and ``pretra
 (settings, losses, held-out scores, times). Weights are stored in fp16 to keep the files small;
 the configs say float32 and every loader casts them to fp32 on load.
 
-``--check`` recomputes the held-out scores of the files in ``--out``: CLIP image->text retrieval
-accuracy among 100 held-out pairs (chance 1 %) and each LM's denoising loss next to that of the
-same architecture with random weights.
+``--check`` recomputes the held-out scores of the files in ``--out`` (the parts ``--only`` names; a
+missing one fails): CLIP image->text retrieval accuracy among 100 held-out pairs (chance 1 %) and
+each LM's denoising loss next to that of the same architecture with the random weights its
+pretraining started from. The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -274,8 +275,31 @@ def save_fp16_state(state: dict, path: Path, metadata: dict) -> None:
     tensors = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in state.items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+    _sort_safetensors_metadata(tmp)
     tmp.replace(path)
     path.chmod(0o644)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Write the header's ``__metadata__`` with sorted keys, in place (same length: the same pairs).
+
+    safetensors writes metadata in hash-map order, which changes from process to process: the same
+    weights would give files of other bytes, hence other sha256 fingerprints (vlscale.replicate
+    refuses feature caches and results made from "other" weights)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n).decode("utf-8")
+        key = '"__metadata__":'
+        start = header.find(key)
+        if start < 0:
+            return
+        start += len(key)
+        meta, end = json.JSONDecoder().raw_decode(header, start)
+        canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        if len(canonical.encode("utf-8")) != len(header[start:end].encode("utf-8")):
+            raise RuntimeError(f"{path}: unexpected safetensors header layout; cannot sort its metadata")
+        f.seek(8 + len(header[:start].encode("utf-8")))
+        f.write(canonical.encode("utf-8"))
 
 
 def load_clip(path: Path, seed: int = 0):
@@ -313,7 +337,9 @@ def cosine_schedule(total: int, warmup: int):
 class TextStream:
     """Packed sequences of scene paragraphs (token ids without eos), of random lengths <= max_len."""
 
-    def __init__(self, tokenizer, seed: int, stream: str, max_len: int, min_len: int = 12):
+    MIN_LEN = 12
+
+    def __init__(self, tokenizer, seed: int, stream: str, max_len: int, min_len: int = MIN_LEN):
         self.tok, self.seed, self.stream = tokenizer, seed, stream
         self.max_len, self.min_len = max_len, min_len
 
@@ -405,6 +431,12 @@ def bart_text_infilling(ids: list[int], bounds: list[int], rng, mask_id: int, eo
     return inp + [eos], list(ids) + [eos]
 
 
+def bart_positions() -> int:
+    from vlscale.modeling.backbones import LM_REGISTRY
+
+    return LM_REGISTRY[LM_NAMES["bart"]]["max_position_embeddings"]
+
+
 def lm_batch(kind: str, stream: TextStream, start: int, n: int, tokenizer, seed: int):
     import torch
 
@@ -415,8 +447,13 @@ def lm_batch(kind: str, stream: TextStream, start: int, n: int, tokenizer, seed:
     for i in range(start, start + n):
         ids, bounds = stream.sequence(i)
         rng = np.random.default_rng([seed, 7, i])
-        pairs.append(t5_span_corruption(ids, rng, sentinels, eos) if kind == "t5"
-                     else bart_text_infilling(ids, bounds, rng, mask_id, eos))
+        if kind == "t5":
+            pairs.append(t5_span_corruption(ids, rng, sentinels, eos))
+            continue
+        inp, tgt = bart_text_infilling(ids, bounds, rng, mask_id, eos)
+        if len(inp) > bart_positions():  # masks inserted into a long text: cut it to BART's positions
+            inp = inp[:bart_positions() - 1] + [eos]
+        pairs.append((inp, tgt))
     li, lt = max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs)
     input_ids = torch.zeros(n, li, dtype=torch.long)
     attention = torch.zeros(n, li, dtype=torch.long)
@@ -486,16 +523,24 @@ def encoder_use(lm, kind: str, tokenizer, seed: int, n: int = 64) -> dict:
     return {"own_input": own, "swapped_input": other}
 
 
-def train_lm(kind: str, args, tokenizer, log) -> dict:
+def initial_lm(kind: str, seed: int):
+    """The LM pretraining starts from (its random-weight baseline, in training and in ``--check``)."""
     import torch
 
     from vlscale.modeling.backbones import build_lm
 
-    name = LM_NAMES[kind]
-    torch.manual_seed(args.seed)
-    lm = build_lm(name)
+    torch.manual_seed(seed)
+    lm = build_lm(LM_NAMES[kind])
     if kind == "bart":
         sinusoidal_positions_(lm, scale=0.1)
+    return lm
+
+
+def train_lm(kind: str, args, tokenizer, log) -> dict:
+    import torch
+
+    name = LM_NAMES[kind]
+    lm = initial_lm(kind, args.seed)
     if lm.config.vocab_size != len(tokenizer):
         raise ValueError(f"{name}: registry vocab_size {lm.config.vocab_size} != synthetic tokenizer length "
                          f"{len(tokenizer)} (vlscale/modeling/backbones.py)")
@@ -551,30 +596,31 @@ def save_lm(lm, tokenizer, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def check(out: Path, seed: int, log) -> dict:
-    """Held-out scores of the files in ``out`` (what tests/unit/test_pretrained_assets.py asserts)."""
-    import torch
-
+def check(out: Path, seed: int, log, parts=("clip", "t5", "bart")) -> dict:
+    """Held-out scores of the files in ``out`` (what tests/unit/test_pretrained_assets.py asserts), for
+    each of ``parts`` present there; the random-weight baselines start as training does."""
     from vlscale.data.tokenizer import synthetic_tokenizer
     from vlscale.modeling.backbones import build_lm
 
     tok = synthetic_tokenizer()
     report = {}
     clip_file = out / f"{CLIP_NAME}.safetensors"
-    if clip_file.exists():
+    if "clip" in parts and clip_file.exists():
         report["clip"] = clip_retrieval_accuracy(load_clip(clip_file), tok, seed)
         log(f"{CLIP_NAME}: {report['clip']}")
     for kind, name in LM_NAMES.items():
-        if not (out / name).is_dir():
+        if kind not in parts or not (out / name).is_dir():
             continue
         lm = build_lm(name, path=str(out / name), pretrained=True)
-        torch.manual_seed(seed)
-        rand = build_lm(name)
         report[kind] = {"heldout_loss": denoising_loss(lm, kind, tok, seed),
-                        "heldout_loss_random_weights": denoising_loss(rand, kind, tok, seed),
+                        "heldout_loss_random_weights": denoising_loss(initial_lm(kind, seed), kind, tok, seed),
                         "encoder_use": encoder_use(lm, kind, tok, seed)}
         log(f"{name}: {report[kind]}")
     return report
+
+
+def expected_files(out: Path, parts) -> list[Path]:
+    return [out / (f"{CLIP_NAME}.safetensors" if p == "clip" else LM_NAMES[p]) for p in parts]
 
 
 def parse_args(argv=None):
@@ -594,11 +640,28 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--check", action="store_true", help="only report held-out scores of the files in --out")
     args = ap.parse_args(argv)
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    parts = list(dict.fromkeys(p.strip() for p in args.only.split(",") if p.strip()))
     bad = [p for p in parts if p not in ("clip", "t5", "bart")]
     if bad or not parts:
         ap.error(f"--only {args.only!r}: choose from clip, t5, bart")
     args.parts = parts
+    least = {"--clip-steps": 1, "--lm-steps": 1, "--log-every": 1, "--lm-batch": 1,
+             "--clip-batch": 2,  # a contrastive loss needs other pairs in the batch: batch 1 is a loss of 0
+             "--lm-max-len": TextStream.MIN_LEN}
+    for flag, low in least.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < low:
+            ap.error(f"{flag} {value}: must be at least {low}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be at least 1")
+    for flag in ("--clip-lr", "--lm-lr"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not (math.isfinite(value) and value > 0):
+            ap.error(f"{flag} {value}: must be a positive number")
+    positions = bart_positions()
+    if "bart" in parts and args.lm_max_len + 1 > positions:  # the target is the text and eos
+        ap.error(f"--lm-max-len {args.lm_max_len}: {LM_NAMES['bart']} has {positions} learned positions, "
+                 f"so at most {positions - 1} tokens of text (and eos)")
     return args
 
 
@@ -614,7 +677,12 @@ def main(argv=None) -> int:
         print(f"[pretrain] {msg}", flush=True)
 
     if args.check:
-        print(json.dumps(check(args.out, args.seed, log), indent=1))
+        missing = [str(f) for f in expected_files(args.out, args.parts) if not f.exists()]
+        if missing:
+            print(f"pretrain_backbones.py --check: missing {', '.join(missing)} (--out {args.out}; --only "
+                  f"{','.join(args.parts)}: name the parts made there)", file=sys.stderr)
+            return 1
+        print(json.dumps(check(args.out, args.seed, log, args.parts), indent=1))
         return 0
     tokenizer = synthetic_tokenizer()
     args.out.mkdir(parents=True, exist_ok=True)

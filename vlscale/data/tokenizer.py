@@ -25,6 +25,7 @@ def _synthetic_base(path: str):
     if not Path(path).exists():
         raise FileNotFoundError(f"synthetic tokenizer model {path} is missing; "
                                 "regenerate it with: python scripts/make_tokenizer.py")
+    _check_sentencepiece(path)
     kwargs = dict(vocab_file=path, extra_ids=SYNTHETIC_EXTRA_IDS, bos_token="<s>", legacy=False)
     if hasattr(T5Tokenizer, "convert_to_native_format"):  # transformers >= 5: build the fast backend
         kwargs = T5Tokenizer.convert_to_native_format(**kwargs)
@@ -33,6 +34,21 @@ def _synthetic_base(path: str):
     if ids != (0, 1, 2, 3):
         raise ValueError(f"{path}: expected pad/eos/unk/bos ids (0, 1, 2, 3), got {ids}")
     return tok
+
+
+def _check_sentencepiece(path: str) -> None:
+    """One line naming the file when it is no SentencePiece model (transformers would fall back to
+    other formats and report a missing ``tiktoken`` instead)."""
+    if not Path(path).is_file():
+        raise ValueError(f"synthetic tokenizer model {path} is not a file (a SentencePiece .model file is needed)")
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError on a corrupt or truncated file
+        raise ValueError(f"synthetic tokenizer model {path} is not a readable SentencePiece model "
+                         f"({' '.join(str(e).split())}); truncated or corrupt? regenerate it with: "
+                         f"python scripts/make_tokenizer.py") from None
 
 
 def synthetic_tokenizer(path: str | Path = SYNTHETIC_SPM):

@@ -19,8 +19,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from vlscale.config import SourceError
+
 if TYPE_CHECKING:
     import torch
+
+
+class MissingWeights(SourceError, FileNotFoundError):
+    """Pretrained weights the config asks for do not exist (a ConfigError: the launchers print its line)."""
 
 # Values are the published configs of each checkpoint (architecture fields only).
 _T5_V1 = dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128, d_kv=64,
@@ -104,6 +110,66 @@ def hub_id(name: str) -> str:
     return str(local) if local.is_dir() else canon
 
 
+def is_shipped(name: str) -> bool:
+    """The miniature pretrained backbones whose weights ship in ``vlscale/assets/backbones`` (not on the hub)."""
+    return canonical_lm_name(name).startswith("mini-")
+
+
+def pretrained_source(name: str, path: Optional[str] = None) -> str:
+    """Where ``from_pretrained`` reads registry backbone ``name``: ``path`` (model.backbone_path), else
+    :func:`hub_id`. A shipped miniature whose folder is gone is an error here: it is on no hub."""
+    if path:
+        return path
+    source = hub_id(name)
+    if canonical_lm_name(name).startswith("tiny-"):
+        raise MissingWeights(f"model.backbone={name} is a random test architecture with no pretrained weights "
+                             f"(on no hub): set model.pretrained=false, or model.backbone_path to a folder")
+    if is_shipped(name) and not Path(source).is_dir():
+        raise MissingWeights(f"model.backbone={name}: no shipped weights (expected {ASSET_DIR / canonical_lm_name(name)}/; "
+                             f"made by scripts/pretrain_backbones.py), and {name!r} is not on the hub")
+    return source
+
+
+def check_local_checkpoint(name: str, folder, key: str = "model.backbone_path") -> None:
+    """A local ``from_pretrained`` folder that cannot give registry backbone ``name`` its weights, as one
+    line naming the file: no config.json (transformers would build a default architecture), a config
+    of another model type (it would load nothing and leave the model random), or a safetensors file
+    whose header does not parse (truncated or corrupt). Headers only: the tensors are not read."""
+    import json
+
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if weights:  # (without weights either, from_pretrained's own message says what is missing)
+            raise SourceError(f"{key}={str(folder)!r} has weights ({', '.join(weights[:2])}) but no config.json "
+                              f"(a save_pretrained folder is needed)")
+        return
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SourceError(f"{cfg_file}: not a readable JSON model config ({' '.join(str(e).split())})") from e
+    want = LM_REGISTRY[canonical_lm_name(name)]["model_type"]
+    if model_type != want:
+        raise SourceError(f"{key}={str(folder)!r}: its config.json is a {model_type!r} model, model.backbone={name} "
+                          f"is a {want!r} one")
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # safetensors' SafetensorError: a truncated or corrupt file
+            raise SourceError(f"{f}: not a readable safetensors file ({' '.join(str(e).split())}); "
+                              f"truncated or corrupt? ({key}={str(folder)!r})") from None
+
+
+def _missing_parameters(model, info: dict) -> list[str]:
+    """Parameters ``from_pretrained`` found no tensor for (and so left at their random initialisation)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return sorted(k for k in info.get("missing_keys") or () if k in params)
+
+
 def is_tiny(name: str) -> bool:
     """The project's own small backbones (``tiny-*`` random, ``mini-*`` shipped pretrained): they
     use the synthetic world's tokenizer."""
@@ -166,19 +232,26 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     config = lm_config(name, **(config_overrides or {}))
     cls = lm_class(config)
     if pretrained:
-        source = path or hub_id(name)
         if path is not None and not os.path.exists(path) and os.sep in path:
-            raise FileNotFoundError(f"model.backbone_path={path!r} does not exist")
+            raise MissingWeights(f"model.backbone_path={path!r} does not exist")
+        source = pretrained_source(name, path)
+        key = "model.backbone_path" if path is not None else "model.backbone"
+        if os.path.isdir(source):
+            check_local_checkpoint(name, source, key)
         kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
         try:
-            return cls.from_pretrained(source, **kwargs, **(config_overrides or {}))
-        except OSError as e:
-            from vlscale.config import SourceError
-
-            key = "model.backbone_path" if path is not None else "model.backbone"
+            model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True)
+        except (OSError, RuntimeError) as e:  # RuntimeError: tensors whose shapes disagree with config.json
             raise SourceError(f"cannot load the weights for {key}={source!r} (a hub id needs the network or a "
                               f"local HF cache; a local directory needs config.json and the weights): "
                               f"{' '.join(str(e).split())}") from e
+        missing = _missing_parameters(model, info)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise SourceError(f"{key}={source!r}: the checkpoint has no tensor for {len(missing)} parameter(s) "
+                              f"({', '.join(missing[:3])}{more}), which would stay random; an incomplete file or "
+                              f"another architecture's checkpoint")
+        return model
     ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
     with ctx:
         model = cls(config)

@@ -139,11 +139,18 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
 
         asset = ASSET_DIR / f"{name}.safetensors"
         if not asset.exists():
-            raise FileNotFoundError(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
+            from vlscale.modeling.backbones import MissingWeights
+
+            raise MissingWeights(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
                                     f"(expected {asset}; made by scripts/pretrain_backbones.py)")
         pretrained = str(asset)
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
-        raise FileNotFoundError(f"model.vision_pretrained={pretrained!r}: no such file")
+        from vlscale.modeling.backbones import MissingWeights
+
+        raise MissingWeights(f"model.vision_pretrained={pretrained!r}: no such file")
+    if pretrained and Path(pretrained).is_dir():
+        raise _source_error(f"model.vision_pretrained={pretrained!r} is a directory; give the checkpoint file "
+                                f"in it (.safetensors, or a .pt/.bin state dict) or an open_clip tag")
     if str(device) == "meta":
         with torch.device("meta"), _quiet_open_clip(None):
             model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
@@ -155,7 +162,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
             torch.manual_seed(0)
             model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
         if load_file:
-            _load_visual_checkpoint(model, pretrained)
+            _load_visual_checkpoint(model, pretrained, name)
     visual = model.visual
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
@@ -184,21 +191,60 @@ class _quiet_open_clip:
             logging.root.setLevel(self.level)
 
 
-def _load_visual_checkpoint(model: nn.Module, path: str) -> None:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _source_error(msg: str):
+    from vlscale.config import SourceError
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+    return SourceError(msg)
+
+
+def _read_checkpoint(path: str) -> dict:
+    """The tensors of a checkpoint file; one line naming the file when it cannot be read."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+    except Exception as e:  # safetensors' SafetensorError, pickle/zip errors of torch.load, OSError
+        first = " ".join(str(e).split("\n")[0].split()) or repr(e)
+        raise _source_error(f"model.vision_pretrained={path!r}: cannot read the checkpoint "
+                            f"({type(e).__name__}: {first}); is the file truncated or corrupt? (a .safetensors "
+                            f"file, or a .pt/.bin state dict torch.load reads with weights_only=True)") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _source_error(f"model.vision_pretrained={path!r}: not a state dict of tensors "
+                            f"(got {type(state).__name__})")
+    return state
+
+
+def _load_visual_checkpoint(model: nn.Module, path: str, name: str = "") -> None:
+    """Load the ``visual.*`` tensors of a CLIP checkpoint (full, or visual tower only) into ``model.visual``.
+
+    Only the visual tower is kept, so the text tower of the file is not read. The file must be the
+    visual tower of this architecture: a missing, extra or differently shaped tensor is an error
+    naming the file (a checkpoint of another CLIP would otherwise load partly, or not at all)."""
+    state = _read_checkpoint(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if not any(k.startswith("visual.") for k in state):
-        raise ValueError(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing_visual = [k for k in missing if k.startswith("visual.")]
-    if missing_visual:
-        raise ValueError(f"{path}: visual tower keys missing from checkpoint: {missing_visual[:5]}")
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise _source_error(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint (model.vision_pretrained)")
+    expected = model.visual.state_dict()
+    optional = ("num_batches_tracked",)  # BatchNorm counters: not part of the model's function
+    missing = [k for k in expected if k not in visual and not k.endswith(optional)]
+    unexpected = [k for k in visual if k not in expected and not k.endswith(optional)]
+    shapes = [f"visual.{k} {list(v.shape)} (model {list(expected[k].shape)})"
+              for k, v in visual.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{label}: {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
+                         for label, items in (("shapes differ", shapes),
+                                              ("missing", [f"visual.{k}" for k in missing]),
+                                              ("not in the model", [f"visual.{k}" for k in unexpected]))
+                         if items)
+        raise _source_error(f"model.vision_pretrained={path!r} is not a checkpoint of {name or 'this model'}'s "
+                            f"visual tower ({what}); model.vision must name the architecture it was trained with")
+    model.visual.load_state_dict({k: v for k, v in visual.items() if k in expected}, strict=False)
 
 
 def image_transform(name: str):
