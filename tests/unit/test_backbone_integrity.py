@@ -137,6 +137,28 @@ def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch)
     _one_line(e, str(tmp_path / "gone" / "mini-bart"), "scripts/pretrain_backbones.py")
 
 
+
+def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
+    """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub and
+    gave a bare SafetensorError for a truncated file: the same one-line errors as build_lm now."""
+    from vlscale.config import ConfigError
+    from vlscale.engine.sharded_loading import ShardedLoadError, build_lm_zero3, checkpoint_files
+
+    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    with pytest.raises(ConfigError) as e:
+        build_lm_zero3("tiny-t5", ds_config=ds, pretrained=True)
+    _one_line(e, "model.backbone=tiny-t5", "model.pretrained=false")
+    d = tmp_path / "truncated"
+    shutil.copytree(ASSETS / "mini-t5", d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(ConfigError) as e:
+        build_lm_zero3("mini-t5", ds_config=ds, path=str(d), pretrained=True)
+    _one_line(e, str(weights), "truncated or corrupt")
+    with pytest.raises(ShardedLoadError) as e:
+        checkpoint_files(d)
+    _one_line(e, str(weights), "truncated or corrupt")
+
 # ----------------------------------------------------------------------------- the tokenizer
 
 def test_corrupt_sentencepiece_model_is_named(tmp_path):

@@ -99,8 +99,12 @@ def checkpoint_files(directory) -> dict[str, list[str]]:
         return dict(sorted(files.items()))
     single = d / SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {str(single): list(f.keys())}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {str(single): list(f.keys())}
+        except Exception as e:  # safetensors' SafetensorError: a truncated or corrupt file
+            raise ShardedLoadError(f"{single}: not a readable safetensors file ({' '.join(str(e).split())}); "
+                                   f"truncated or corrupt?") from None
     bins = sorted(p.name for p in d.glob("*.bin"))
     hint = (f"; it holds {bins[:3]} (PyTorch pickles): convert them once with "
             f"`transformers` save_pretrained(..., safe_serialization=True)") if bins else ""
@@ -402,13 +406,15 @@ def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pr
     receives the :class:`LoadReport` of a pretrained load."""
     import deepspeed
 
-    from vlscale.modeling.backbones import hub_id, lm_class, lm_config
+    from vlscale.modeling.backbones import check_local_checkpoint, lm_class, lm_config, pretrained_source
 
     _check_dtype(ds_config, dtype)
     # dtype=None: zero.Init takes it from the config (an explicit dtype is ignored on accelerators
     # without fp16, DeepSpeed's CPU one included, which then partitions in bf16 whatever was asked)
     if pretrained:
-        source = path or hub_id(name)
+        source = pretrained_source(name, path)  # a miniature whose folder is gone: not looked up on the hub
+        if os.path.isdir(source):
+            check_local_checkpoint(name, source, "model.backbone_path" if path else "model.backbone")
         config = pretrained_config(name, source, config_overrides)
         with _no_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             lm = lm_class(config)(config)
