@@ -172,3 +172,28 @@ def test_eval_batches_cover_every_example_once_with_equal_counts(tok, world):
     limited = list(eval_batches(cfg, tok, "vqa", "val", 4, max_examples=5, vision_transform=_plain_transform))
     assert [len(x["uids"]) for x in limited] == [4, 1] and all(x["valid"].all() for x in limited)
     assert all(len(r) == 10 for x in limited for r in x["references"])
+
+
+def test_temperature_sampling_does_not_overflow_with_real_sizes_and_a_small_temperature():
+    sizes = {"vqa": 443_757, "gqa": 943_000, "nlvr2": 86_373}  # the real training sets
+    p = task_probabilities(sizes, "temperature", 0.01)  # sharpened: n^100 overflows float64
+    assert all(np.isfinite(list(p.values()))) and sum(p.values()) == pytest.approx(1.0)
+    assert p["gqa"] == pytest.approx(1.0)
+    s = MultitaskSampler(sizes, 8, sampling="temperature", temperature=0.01)
+    assert {s.step(i)[0] for i in range(50)} == {"gqa"}
+
+
+def test_sampler_state_of_other_training_data_is_a_one_line_data_error():
+    from vlscale.data.real import DataError
+
+    state = MultitaskSampler({"vqa": 50, "gqa": 30}, 8).state_dict()
+    with pytest.raises(DataError, match="the tasks were in the order"):  # another order draws other tasks
+        MultitaskSampler({"gqa": 30, "vqa": 50}, 8).load_state_dict(state)
+    with pytest.raises(DataError, match="'gqa' had 30 examples, now 29"):  # a record more or less
+        MultitaskSampler({"vqa": 50, "gqa": 29}, 8).load_state_dict(state)
+
+
+def test_a_task_smaller_than_the_global_batch_is_logged(caplog):
+    with caplog.at_level("WARNING", logger="vlscale.data.multitask"):
+        MultitaskSampler({"vqa": 50, "nlvr2": 3}, 8)
+    assert "{'nlvr2': 3}" in caplog.text and "global batch of 8" in caplog.text

@@ -20,11 +20,17 @@ or tensors). No ``vis_boxes``: the model computes grid / frame positions itself.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import logging
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from vlscale.data.tasks import Example, get_task
+
+logger = logging.getLogger(__name__)
+_WARNED_TRUNCATION: set = set()  # (task, data.<key>, max length) already logged in this process
 
 
 def frame_indices(n: int, max_frames: int) -> list[int]:
@@ -45,6 +51,7 @@ class Collator:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self._transform = vision_transform
+        self.truncated = collections.Counter()  # (task, "max_input_length" | "max_target_length") -> examples cut
 
     @property
     def transform(self) -> Callable:
@@ -55,13 +62,47 @@ class Collator:
         return self._transform
 
     # ------------------------------------------------------------------ text
+    @contextlib.contextmanager
+    def _right_sides(self):
+        """Pad and truncate on the right whatever the tokenizer's own settings: labels padded on the
+        left would shift every target token's decoder context, and inputs cut on the left lose the
+        task prefix. The tokenizer's settings are restored afterwards."""
+        tok = self.tokenizer
+        saved = {k: getattr(tok, k) for k in ("padding_side", "truncation_side") if getattr(tok, k, "right") != "right"}
+        for k in saved:
+            setattr(tok, k, "right")
+        try:
+            yield tok
+        finally:
+            for k, v in saved.items():
+                setattr(tok, k, v)
+
+    def _tokenize(self, texts: list[str], examples: Sequence[Example], task: str, key: str) -> dict:
+        """``texts`` tokenised, padded to the longest and cut at ``data.<key>`` tokens; a cut is counted in
+        ``self.truncated`` and logged once per task (the text is longer than the model will see)."""
+        max_length = getattr(self.cfg.data, key)
+        with self._right_sides() as tok:
+            enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+            at_limit = [i for i, n in enumerate(enc["attention_mask"].sum(1).tolist()) if n >= max_length]
+            lengths = [len(ids) for ids in tok([texts[i] for i in at_limit])["input_ids"]] if at_limit else []
+        cut = [(i, n) for i, n in zip(at_limit, lengths) if n > max_length]
+        if cut:
+            self.truncated[(task, key)] += len(cut)
+            if (task, key, max_length) not in _WARNED_TRUNCATION:
+                _WARNED_TRUNCATION.add((task, key, max_length))
+                i, n = cut[0]
+                what = "inputs" if key == "max_input_length" else "targets"
+                logger.warning(f"{task}: {len(cut)} of {len(texts)} {what} in a batch are longer than "
+                               f"data.{key}={max_length} tokens and are cut to it (e.g. example "
+                               f"{examples[i].uid!r}: {n} tokens); raise data.{key} to keep them whole "
+                               f"(logged once per task; Collator.truncated counts them)")
+        return enc
+
     def encode_text(self, examples: Sequence[Example], task: str) -> dict:
         prefix = get_task(task).prefix
         texts = [f"{prefix} {e.text}" if e.text else prefix for e in examples]
-        enc = self.tokenizer(texts, padding="longest", truncation=True,
-                             max_length=self.cfg.data.max_input_length, return_tensors="pt")
-        lab = self.tokenizer([e.target for e in examples], padding="longest", truncation=True,
-                             max_length=self.cfg.data.max_target_length, return_tensors="pt")
+        enc = self._tokenize(texts, examples, task, "max_input_length")
+        lab = self._tokenize([e.target for e in examples], examples, task, "max_target_length")
         labels = lab["input_ids"].masked_fill(lab["attention_mask"] == 0, -100)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 

@@ -1,13 +1,19 @@
 """Multitask sampling: one task per optimizer step, the same on every rank, drawn globally.
 
-Each step draws ONE task (``proportional``: p_t ∝ n_t, the reference's round-robin over the
-concatenated data; ``temperature``: p_t ∝ n_t^(1/T)) and ``global_batch_size`` example indices of
-that task. Indices come from a per-task stream of epoch-wise permutations (no replacement within
-an epoch, a fresh shuffle each epoch), consumed in order by the steps that drew the task. The
+Each step draws ONE task, independently of the other steps (``proportional``: p_t ∝ n_t, the
+reference's round-robin in expectation; ``temperature``: p_t ∝ n_t^(1/T)) and ``global_batch_size``
+example indices of that task. The reference gives each task exactly its batches per epoch; here the
+epochs a task has seen by step i vary around i x global_batch_size x p_t / n_t (``epoch_of``).
+Indices come from a per-task stream of epoch-wise permutations (no replacement within an epoch, a
+fresh shuffle each epoch), consumed in order by the steps that drew the task. The
 whole sequence is a pure function of ``(task_sizes, global_batch_size, seed, sampling,
 temperature)``: every rank computes the same step (ZeRO-3 needs the same modules on every rank)
 and :func:`shard` hands each rank its part, so the global batch does not depend on the world
 size, and resuming needs only the step number.
+
+A step that reaches the end of a task's epoch takes the rest of that epoch and the start of the
+next, so it can hold an example twice; a task with fewer examples than the global batch always
+does (its batches cycle through it, logged once when the sampler is built).
 
     sampler = MultitaskSampler({"vqa": 600, "gqa": 600}, global_batch_size=32, seed=0)
     task, indices = sampler.step(i)                   # 32 indices into task's examples
@@ -16,8 +22,12 @@ size, and resuming needs only the step number.
 
 from __future__ import annotations
 
+import logging
 import zlib
+
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 4096  # task draws are generated in chunks of this many steps
 
@@ -29,8 +39,9 @@ def task_probabilities(task_sizes: dict[str, int], sampling: str = "proportional
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
     w = np.array([float(n) for n in task_sizes.values()])
-    if sampling == "temperature":
-        w = w ** (1.0 / temperature)
+    if sampling == "temperature":  # n^(1/T) in log space: a small T would overflow to inf (and NaN)
+        logw = np.log(w) / temperature
+        w = np.exp(logw - logw.max())
     return dict(zip(task_sizes, (w / w.sum()).tolist()))
 
 
@@ -58,6 +69,10 @@ class MultitaskSampler:
         self._chunk_totals = [np.zeros(len(self.tasks), dtype=np.int64)]  # draws per task before each chunk
         self._perms: dict = {}
         self.position = 0  # next step for iteration / state_dict
+        small = {t: n for t, n in self.task_sizes.items() if n < self.global_batch_size}
+        if small:
+            logger.warning(f"MultitaskSampler: task(s) {small} have fewer training examples than the global batch "
+                           f"of {self.global_batch_size}; each of their steps repeats examples within the batch")
 
     # ------------------------------------------------------------------ task draws
     def _extend(self, upto: int) -> None:
@@ -139,11 +154,27 @@ class MultitaskSampler:
         return dict(self._signature(), position=self.position)
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state["position"]``; refused when the sequence would differ: another seed, batch or
+        sampling (ValueError), or other training data (DataError: a task's size or the tasks' order)."""
         mine = self._signature()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "task_sizes" and state.get(k) != v}
         if diff:
             raise ValueError(f"MultitaskSampler.load_state_dict: the checkpoint's sampler differs "
                              f"(key: (checkpoint, now)) {diff}; resuming would change the data order")
+        saved = dict(state.get("task_sizes") or {})
+        if list(saved.items()) != list(self.task_sizes.items()):  # in order: it decides each step's task
+            from vlscale.data.real import DataError
+
+            changed = [f"{t!r} had {saved[t]} examples, now {n}" for t, n in self.task_sizes.items()
+                       if t in saved and saved[t] != n]
+            if sorted(saved) != sorted(self.task_sizes):
+                changed.append(f"the tasks were {list(saved)}, now {self.tasks}")
+            elif not changed:
+                changed.append(f"the tasks were in the order {list(saved)}, now {self.tasks}")
+            raise DataError(f"resume: the training data differ from the checkpoint's: {'; '.join(changed)} "
+                            f"(the training files changed, or data.skip_bad_records dropped other records); "
+                            f"the steps would draw other examples: restore the checkpoint's training data, "
+                            f"or start a new run in another output_dir")
         self.position = int(state["position"])
 
 

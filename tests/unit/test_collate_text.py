@@ -1,0 +1,54 @@
+"""The collator's text side: right padding and truncation whatever the tokenizer says, labels masked
+on padding only with EOS kept, and cuts at data.max_*_length counted and logged."""
+
+import pytest
+
+from vlscale.config import load_config
+from vlscale.data import build_tokenizer
+from vlscale.data import collate
+from vlscale.data.collate import Collator
+from vlscale.data.tasks import Example
+
+EXAMPLES = [Example("vqa", "a", "what color is the cube", "red", ["i"]),
+            Example("vqa", "b", "what", "a big red cube on the left side of the blue one", ["i"])]
+
+
+@pytest.fixture()
+def setup(monkeypatch):
+    monkeypatch.setattr(collate, "_WARNED_TRUNCATION", set(), raising=False)
+    cfg = load_config("tiny", ["data.max_input_length=8", "data.max_target_length=6"])
+    return cfg, build_tokenizer(cfg)
+
+
+def test_padding_and_truncation_are_on_the_right_whatever_the_tokenizer_says(setup):
+    cfg, tok = setup
+    right = Collator(tok, cfg).encode_text(EXAMPLES, "vqa")
+    tok.padding_side = tok.truncation_side = "left"  # e.g. a tokenizer saved for decoder-only generation
+    left = Collator(tok, cfg).encode_text(EXAMPLES, "vqa")
+    assert (tok.padding_side, tok.truncation_side) == ("left", "left")  # restored
+    for k in right:
+        assert left[k].tolist() == right[k].tolist(), k
+    prefix = tok("vqa:", add_special_tokens=False)["input_ids"]
+    ids, labels = left["input_ids"], left["labels"]
+    assert all(row[:len(prefix)] == prefix for row in ids.tolist())  # the task prefix survives the cut
+    eos = tok.eos_token_id
+    for row, mask in zip(labels.tolist(), (labels != -100).tolist()):
+        n = sum(mask)
+        assert mask == [True] * n + [False] * (len(mask) - n)  # -100 only after the target
+        assert row[n - 1] == eos  # EOS kept, also in the cut target
+
+
+def test_cut_texts_are_counted_and_logged_once_per_task(setup, caplog):
+    cfg, tok = setup
+    c = Collator(tok, cfg)
+    with caplog.at_level("WARNING", logger="vlscale.data.collate"):
+        c.encode_text(EXAMPLES, "vqa")
+        c.encode_text(EXAMPLES, "vqa")
+    assert c.truncated == {("vqa", "max_input_length"): 2, ("vqa", "max_target_length"): 2}
+    assert caplog.text.count("data.max_input_length=8") == 1 and caplog.text.count("data.max_target_length=6") == 1
+    assert "example 'b'" in caplog.text
+    caplog.clear()
+    short = [Example("vqa", "c", "what", "red", ["i"])]
+    with caplog.at_level("WARNING", logger="vlscale.data.collate"):
+        c.encode_text(short, "gqa")
+    assert "gqa" not in caplog.text and ("gqa", "max_input_length") not in c.truncated
