@@ -12,8 +12,11 @@ on top of the saved config (e.g. ``data.synthetic_eval=500``, ``train.eval_batch
 where the same frozen weights are found now (``model.backbone_path``, ``model.vision_pretrained``: the run's
 files moved), which are checked against the fingerprint the run's checkpoint recorded, as ``--resume`` does.
 
-Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``;
-``DIR`` defaults to ``<adapter's parent>/eval_<split>``. Prints the per-task scores.
+Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
+(scores, examples scored per task, and the data settings they come from: a report there of the same
+adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults to
+``<adapter's parent>/eval_<split>``. Prints the per-task scores. ``--java-metrics`` scores the caption
+tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--split minival reads vqa/minival.json)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
     p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
+    p.add_argument("--java-metrics", action="store_true",
+                   help="caption tasks: BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation, plus METEOR "
+                        "(needs java on the PATH; default: Python tokenisation, no METEOR)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -93,14 +99,28 @@ def frozen_weights_problem(model, adapter_dir, meta) -> str | None:
     return None
 
 
+def java_metrics_problem() -> None:
+    """--java-metrics needs Java and pycocoevalcap: refused before the model is built, not after decoding."""
+    from vlscale.metrics.captioning import java_available
+
+    if not java_available():
+        raise RuntimeError("--java-metrics: no 'java' on the PATH (METEOR and the PTB tokenizer are Java "
+                           "programs); install a JRE or leave the flag out")
+    try:
+        import pycocoevalcap.bleu.bleu  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--java-metrics needs pycocoevalcap: pip install 'vlscale[metrics]'") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from vlscale.data import build_tokenizer
+    from vlscale.data.tasks import get_task
     from vlscale.engine.checkpoint import load_adapter
-    from vlscale.engine.evaluation import evaluate, format_scores, write_eval_report
+    from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
     from vlscale.engine.trainer import DTYPES, seed_everything
     from vlscale.modeling.vl_model import build_model
 
@@ -112,6 +132,12 @@ def main(argv=None) -> int:
         dist = init_distributed()
         rank, world, device = dist.rank, dist.world_size, dist.device
     cfg, meta = load_run_config(args.adapter, args.overrides)
+    tasks = cfg.data.tasks if not args.tasks else list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in cfg.data.tasks]
+    if unknown:
+        raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
+    if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
+        java_metrics_problem()
     tokenizer = build_tokenizer(cfg)
     if len(tokenizer) != meta["vocab_size"]:
         raise ValueError(f"the rebuilt tokenizer has {len(tokenizer)} tokens; the adapter was trained with "
@@ -126,17 +152,14 @@ def main(argv=None) -> int:
         problem = frozen_weights_problem(model, args.adapter, meta)
         if problem:
             raise ValueError(problem)
-    tasks = cfg.data.tasks if not args.tasks else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in cfg.data.tasks]
-    if unknown:
-        raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
     out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"eval_{args.split}"
     # --- evaluate
     scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
-                      float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions")
+                      float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",
+                      java_metrics=args.java_metrics)
     # --- report
     if rank == 0:
-        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores)
+        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores, settings=eval_settings(cfg.to_dict()))
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")
     return 0

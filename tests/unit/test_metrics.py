@@ -61,10 +61,16 @@ def test_vqa_score_normalises_both_sides():
     assert vqa_score("no", ["yes"] * 10) == 0.0
 
 
-def test_vqa_official_quirk_skips_normalisation_when_answers_agree():
-    # The official script normalises nothing when all 10 answers are identical.
-    assert vqa_score("yes.", ["yes"] * 10, official_quirks=True) == 0.0
+def test_vqa_official_quirks_normalise_the_answers_as_the_script_does():
+    # The official script (GT-Vision-Lab vqaEval.py, and VL-T5's VQAEvaluator.evaluate_raw) always
+    # normalises the prediction fully, leaves 10 identical answers as they are, and gives differing
+    # ones the punctuation pass only (no number words, articles or contractions).
+    assert vqa_score("yes.", ["yes"] * 10, official_quirks=True) == 1.0   # the prediction is normalised
+    assert vqa_score("yes", ["Yes"] * 10, official_quirks=True) == 0.0    # identical answers are not
     assert vqa_score("yes.", ["yes"] * 9 + ["no"], official_quirks=True) == 1.0
+    assert vqa_score("two", ["two"] * 3 + ["cat"] * 7, official_quirks=True) == 0.0  # "two" -> "2" only on the prediction
+    assert vqa_score("two", ["two"] * 3 + ["cat"] * 7) == pytest.approx(0.9)        # vlscale's default: both sides
+    assert vqa_score("black and white", ["black-and-white"] * 3 + ["cat"] * 7, official_quirks=True) == pytest.approx(0.9)
 
 
 def test_vqa_score_edge_cases():

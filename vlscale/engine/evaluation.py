@@ -112,7 +112,8 @@ def _gather_records(records: list[dict], world_size: int) -> list[dict]:
     return merged
 
 
-def score_records(task: str, records: list[dict]) -> dict[str, float]:
+def score_records(task: str, records: list[dict], java_metrics: bool = False) -> dict[str, float]:
+    """Score gathered records (``java_metrics``: see :func:`vlscale.metrics.score_task`)."""
     from vlscale.metrics import score_task
 
     preds = {r["uid"]: r["prediction"] for r in records}
@@ -120,7 +121,7 @@ def score_records(task: str, records: list[dict]) -> dict[str, float]:
     groups = {r["uid"]: r["group"] for r in records if "group" in r} or None
     if not records:
         raise ValueError(f"no {task} examples were evaluated")
-    return score_task(task, preds, refs, groups=groups)
+    return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics)
 
 
 def write_predictions(path, records: list[dict]) -> None:
@@ -137,12 +138,13 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
              world_size: int = 1, device="cpu", float_dtype=None, synced_gpus: bool = False,
              batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
              predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> dict[str, dict]:
+             should_stop: Optional[Callable[[], bool]] = None, java_metrics: bool = False) -> dict[str, dict]:
     """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
 
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
     writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references). ``should_stop``: see
-    the module docstring (raises EvaluationInterrupted).
+    the module docstring (raises EvaluationInterrupted). ``java_metrics``: caption tasks are scored as
+    coco-caption scores them (PTB tokenizer, METEOR; Java), see :func:`vlscale.metrics.score_task`.
     """
     from tqdm import tqdm
 
@@ -170,7 +172,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
             records = _gather_records(records, world_size)
             if rank == 0:
                 records.sort(key=lambda r: r["uid"])
-                scores[task] = score_records(task, records)
+                scores[task] = score_records(task, records, java_metrics)
                 if predictions_dir is not None:
                     write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
     finally:
@@ -178,21 +180,60 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     return broadcast_object(scores)
 
 
-def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict]) -> Path:
-    """``<out_dir>/eval_metrics.json`` (adapter, split, step, per-task scores), beside ``predictions/``.
-    A report there of the same adapter, split and step keeps the scores of the tasks not evaluated now
-    (``evaluate.py --tasks`` on a subset); one of another adapter, split or step is replaced."""
+def eval_settings(run_config: dict) -> dict:
+    """What decides which examples a report's scores come from: a run config's ``data`` section (but its
+    task list) and ``train.eval_max_examples``, normalised as :func:`vlscale.config.config_from_dict` gives them."""
+    from vlscale.config import config_from_dict
+
+    cfg = config_from_dict(run_config).to_dict()
+    data = {k: v for k, v in cfg["data"].items() if k != "tasks"}
+    return json.loads(json.dumps({"data": data, "eval_max_examples": cfg["train"]["eval_max_examples"]}))
+
+
+def _adapter_eval_settings(adapter_dir) -> Optional[dict]:
+    try:
+        from vlscale.engine.checkpoint import read_adapter_config
+
+        return eval_settings(read_adapter_config(adapter_dir)["run_config"])
+    except Exception:  # no adapter (yet), or a config this vlscale does not read: settings unknown
+        return None
+
+
+def _count_predictions(predictions_dir: Path, tasks) -> dict[str, int]:
+    counts = {}
+    for task in tasks:
+        path = predictions_dir / f"{task}.jsonl"
+        if path.is_file():
+            with open(path) as f:
+                counts[task] = sum(1 for line in f if line.strip())
+    return counts
+
+
+def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict],
+                      settings: Optional[dict] = None) -> Path:
+    """``<out_dir>/eval_metrics.json`` (adapter, split, step, evaluation settings, per-task scores and
+    number of examples scored, counted in ``<out_dir>/predictions/<task>.jsonl``), beside ``predictions/``.
+
+    ``settings``: :func:`eval_settings` of the config the scores were computed with (default: the adapter's
+    run config). A report there of the same adapter, split, step and settings keeps the scores of the tasks
+    not evaluated now (``evaluate.py --tasks`` on a subset); one of another adapter, split, step or settings
+    (other data, ``train.eval_max_examples``) is replaced, so one report never mixes scores of other data."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"adapter": str(Path(adapter_dir).resolve()), "split": split, "step": step, "tasks": scores}
+    if settings is None:
+        settings = _adapter_eval_settings(adapter_dir)
+    report = {"adapter": str(Path(adapter_dir).resolve()), "split": split, "step": step, "settings": settings,
+              "tasks": scores, "examples": _count_predictions(out_dir / "predictions", scores)}
     path = out_dir / "eval_metrics.json"
     try:
         old = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         old = None
-    if isinstance(old, dict) and all(old.get(k) == report[k] for k in ("adapter", "split", "step")) \
+    if isinstance(old, dict) and all(old.get(k) == report[k] for k in ("adapter", "split", "step", "settings")) \
             and isinstance(old.get("tasks"), dict):
         report["tasks"] = {**old["tasks"], **scores}
+        old_counts = old.get("examples") if isinstance(old.get("examples"), dict) else {}
+        report["examples"] = {**{t: n for t, n in old_counts.items() if t in report["tasks"]}, **report["examples"]}
     path.write_text(json.dumps(report, indent=1))
     return path
 

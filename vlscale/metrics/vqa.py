@@ -15,9 +15,12 @@ A prediction is then scored against the 10 human answers as the mean, over the 1
 leave one answer out, of ``min(1, #matches among the other 9 / 3)``; k matching answers give
 0.0, 0.3, 0.6, 0.9, 1.0 for k = 0..4 (and 1.0 above).
 
-Deviation from the script, on purpose: it normalises nothing when all 10 answers are the same
-string (so "yes." scores 0 against ten "yes"); we always normalise both sides. Pass
-``official_quirks=True`` to reproduce the script exactly in that case.
+Deviation from the script, on purpose: the script always normalises the prediction (both passes) but
+the human answers only partly: pass 1 alone, and only when they are not all the same string (so a
+prediction "two" scores 0 against ten "two", and "yes" 0 against ten "Yes"); we normalise both sides
+fully. On human answers already in normal form the two agree. Pass
+``official_quirks=True`` to treat the human answers as the script does. (Its contraction table also
+lacks a few spellings this one restores, e.g. "shes", "lets"; those are not reproduced.)
 """
 
 from __future__ import annotations
@@ -95,19 +98,21 @@ def vqa_score(prediction: str, answers: list[str], official_quirks: bool = False
     """VQA accuracy of one prediction against the human answers (normally 10).
 
     Mean over the leave-one-out subsets of ``min(1, #matches / 3)``. With a single answer there is
-    no leave-one-out subset; the score is then exact match after normalisation.
+    no leave-one-out subset; the score is then exact match after normalisation. ``official_quirks``:
+    normalise the answers as the official script does (see the module docstring).
     """
     if isinstance(answers, str) or not isinstance(answers, (list, tuple)):
         raise TypeError(f"vqa_score: answers must be a list of strings, got {type(answers).__name__}")
     if not answers:
         raise ValueError(f"vqa_score: no reference answers for prediction {prediction!r}")
     raw = [str(a).replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    pred = str(prediction).replace("\n", " ").replace("\t", " ").strip()
-    if official_quirks and len(set(raw)) == 1:
-        refs = raw
-    else:
+    pred = normalize_vqa_answer(str(prediction))
+    if not official_quirks:
         refs = [normalize_vqa_answer(a) for a in raw]
-        pred = normalize_vqa_answer(pred)
+    elif len(set(raw)) == 1:  # the script: identical answers are compared as they are
+        refs = raw
+    else:  # ... and differing ones after the punctuation pass only
+        refs = [process_punctuation(a) for a in raw]
     if len(refs) == 1:
         return float(refs[0] == pred)
     matches = [r == pred for r in refs]

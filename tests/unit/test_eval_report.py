@@ -1,0 +1,72 @@
+"""eval_metrics.json: what its scores come from (examples per task, data settings), merging only reports
+of the same data; evaluate.py's --java-metrics refused up front without Java."""
+
+import json
+
+import pytest
+import torch
+
+from vlscale.config import load_config
+from vlscale.engine import checkpoint as ckpt
+from vlscale.engine.evaluation import eval_settings, write_eval_report
+
+
+def _predictions(out, task, n):
+    folder = out / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"uid": str(i), "prediction": "x", "references": ["x"]}) for i in range(n)]
+    (folder / f"{task}.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def test_a_report_of_other_data_replaces_rather_than_merges(tmp_path):
+    """evaluate.py on all tasks, then ``--tasks caption train.eval_max_examples=2`` into the same folder kept
+    the other tasks' full-split scores beside caption's 2-example one, with nothing saying so."""
+    cfg = load_config("tiny")
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, cfg, vocab_size=10, extra={"step": 2})
+    full = eval_settings(cfg.to_dict())
+    assert full["eval_max_examples"] is None and "tasks" not in full["data"]
+    out = tmp_path / "eval_val"
+    for task in ("vqa", "caption"):
+        _predictions(out, task, 5)
+    # the trainer's call (no settings) records the adapter's run config's: the same as evaluate.py's
+    write_eval_report(out, adapter, "val", 2, {"vqa": {"vqa_score": 0.5}, "caption": {"cider": 0.7}})
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert report["settings"] == full and report["examples"] == {"vqa": 5, "caption": 5}
+
+    # a subset with the same settings merges (counts too)
+    _predictions(out, "vqa", 5)
+    write_eval_report(out, adapter, "val", 2, {"vqa": {"vqa_score": 0.6}}, settings=full)
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"vqa": {"vqa_score": 0.6}, "caption": {"cider": 0.7}}
+    assert report["examples"] == {"vqa": 5, "caption": 5}
+
+    # fewer examples (train.eval_max_examples) or other data: replaced, not mixed
+    cfg.train.eval_max_examples = 2
+    _predictions(out, "caption", 2)
+    write_eval_report(out, adapter, "val", 2, {"caption": {"cider": 1.6}}, settings=eval_settings(cfg.to_dict()))
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"caption": {"cider": 1.6}} and report["examples"] == {"caption": 2}
+    assert report["settings"]["eval_max_examples"] == 2
+    cfg.train.eval_max_examples = None
+    cfg.data.synthetic_eval = 500
+    write_eval_report(out, adapter, "val", 2, {"vqa": {"vqa_score": 0.1}}, settings=eval_settings(cfg.to_dict()))
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"vqa": {"vqa_score": 0.1}} and report["settings"]["data"]["synthetic_eval"] == 500
+
+
+def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path, launcher, monkeypatch):
+    from vlscale.metrics import captioning
+
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, load_config("tiny"), vocab_size=10, extra={"step": 2})
+    monkeypatch.setattr(captioning, "java_available", lambda: False)
+    evaluate = launcher("evaluate")
+    import vlscale.modeling.vl_model as vl_model
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(vl_model, "build_model", no_build)
+    with pytest.raises(RuntimeError, match=r"^--java-metrics: no 'java' on the PATH"):
+        evaluate.main(["--adapter", str(adapter), "--java-metrics", "--no-progress"])
