@@ -258,7 +258,7 @@ def test_an_interrupted_row_under_other_steps_is_refused_before_anything_runs(tm
     assert launcher("replicate").main([*args, "--steps", "5", "--dry-run"]) == 2
     assert "ran with other settings: train.max_steps=3, this run gives train.max_steps=5" in capsys.readouterr().err
     assert launcher("replicate").main([*args, "--steps", "3", "--dry-run"]) == 0  # resumed, and said so
-    assert (f"single_adapter: updated 7.40% (with CLIP 4.51%), 157,632 of 2,129,472 parameters, lr 0.001; train: "
+    assert ("single_adapter: updated 7.40% (with CLIP 4.51%), 157,632 of 2,129,472 parameters, lr 0.001; train: "
             in capsys.readouterr().out) and (run / "checkpoints").is_dir()
     code = launcher("replicate").main([*args, "--steps", "5"])
     err = capsys.readouterr().err
