@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import json
 import math
+import numbers
 import os
 import re
 import types
@@ -67,6 +68,17 @@ def _check_positive(section: str, name: str, value, allow_zero: bool = False) ->
         raise ConfigError(f"{section}.{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{section}.{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+SEED_RANGE = 2**32  # np.random.seed takes [0, 2**32) only; default_rng refuses negatives, torch wraps them
+
+
+def _check_seed(section: str, name: str, value) -> int:
+    """A seed numpy takes as it is (``seed_everything``, the sampler's and the synthetic world's generators)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < SEED_RANGE:
+        raise ConfigError(f"{section}.{name}={value!r} is not a seed numpy takes; set an integer from 0 to "
+                          f"{SEED_RANGE - 1} (2**32 - 1), e.g. {section}.{name}=0")
+    return int(value)
 
 
 def did_you_mean(value, choices) -> str:
@@ -320,11 +332,13 @@ class DataConfig:
     synthetic_eval: int = 100
     """Synthetic world: validation and test examples per task."""
     synthetic_seed: int = 0
+    """Synthetic world: the seed of every example (an integer in [0, 2**32))."""
     image_size: int = 64
     """Synthetic world: image side in pixels (resized to the CLIP input size)."""
     sampling: str = "proportional"
     """``proportional`` to task size (the reference round-robin) or ``temperature``."""
     temperature: float = 1.0
+    """``sampling=temperature`` only: p_t ∝ n_t^(1/T) (refused with ``proportional``, which would ignore it)."""
     max_input_length: int = 40
     max_target_length: int = 20
     skip_bad_records: bool = False
@@ -350,6 +364,11 @@ class DataConfig:
                                       f"(the embedded world); set data.source=real to train on it, or data.{name}=null")
         _check_choice("data", "sampling", self.sampling, ("proportional", "temperature"))
         _check_positive("data", "temperature", self.temperature)
+        if self.temperature != 1.0 and self.sampling != "temperature":
+            raise ConfigError(f"data.temperature={self.temperature!r} is ignored with data.sampling={self.sampling!r} "
+                              f"(tasks drawn in proportion to their size); set data.sampling=temperature to sample "
+                              f"with p ~ n^(1/T), or leave data.temperature at 1.0")
+        self.synthetic_seed = _check_seed("data", "synthetic_seed", self.synthetic_seed)
         _check_positive("data", "synthetic_train", self.synthetic_train)
         _check_positive("data", "synthetic_eval", self.synthetic_eval)
         for name in ("image_size", "max_input_length", "max_target_length"):
@@ -382,6 +401,8 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     seed: int = 0
+    """Seeds python, numpy and torch (random frozen weights, dropout) and the multitask sampler; an integer
+    in [0, 2**32)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
@@ -416,6 +437,7 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "weight_decay", "clip_grad_norm"):
             _check_positive("train", name, getattr(self, name), allow_zero=True)
         _check_positive("train", "adam_eps", self.adam_eps)
+        self.seed = _check_seed("train", "seed", self.seed)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.zero_stage is not None:

@@ -340,6 +340,37 @@ def check_disk_space(cfg: RunConfig, ds_config: dict, world_size: int, vocab_siz
             f"often (train.save_every)")
 
 
+def check_resumed_data(out: Path, tag: str, loader) -> None:
+    """--resume: refuse a checkpoint whose run trained on other data (a task's size, the tasks' order) as soon
+    as the loader is built, before the model is and DeepSpeed reads the checkpoint: the loader's sampler
+    compares itself with the one rank 0's client state records (``MultitaskSampler.load_state_dict``, a
+    DataError) on a copy, so the loader keeps its position until :func:`setup_run` restores it."""
+    import copy
+
+    if tag is None:
+        return  # --resume with no checkpoint yet: a fresh start
+    saved = ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("loader") or {}
+    if "sampler" not in saved:
+        return  # no sampler recorded: the loader's own load_state_dict reports it after the checkpoint loads
+    state = ckpt._from_jsonable(saved)
+    copy.copy(loader.sampler).load_state_dict(dict(state["sampler"], position=state.get("step", 0)))
+
+
+def _as_input_error(e: Exception) -> Exception:
+    """A check's failure as the error it reports: ConfigError, DataError, CheckpointError as they are,
+    any other ValueError as a CheckpointError (the checkpoint is what does not fit)."""
+    from vlscale.data.real import DataError
+
+    return e if isinstance(e, (ConfigError, DataError, ckpt.CheckpointError)) else ckpt.CheckpointError(str(e))
+
+
+def _raise_on_every_rank(error: Optional[Exception]) -> None:
+    """Collective: rank 0's ``error`` (None: none) raised on every rank, as the class it is."""
+    error = broadcast_object(error)
+    if error:
+        raise error
+
+
 def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool = False,
               show_progress: bool = True) -> Run:
     import deepspeed
@@ -352,7 +383,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
     universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
-    error, lock = None, None
+    error, lock, tag = None, None, None
     if dist.is_main:
         try:
             lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
@@ -365,15 +396,19 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
-            from vlscale.data.real import DataError
-
-            error = e if isinstance(e, (ConfigError, DataError, ckpt.CheckpointError)) else ckpt.CheckpointError(str(e))
-    error = broadcast_object(error)
-    if error:
-        raise error  # on every rank, as the class it is (ConfigError, DataError, CheckpointError...)
+            error = _as_input_error(e)
+    _raise_on_every_rank(error)
     check_nvme_support(ds_config)
     # the training data before the model: a bad file or id fails here, not after minutes of loading
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
+    if resume:  # ... and other training data than the checkpoint's too (every rank loads the same examples)
+        error = None
+        if dist.is_main:
+            try:
+                check_resumed_data(out, tag, loader)
+            except (ckpt.CheckpointError, ValueError) as e:
+                error = _as_input_error(e)
+        _raise_on_every_rank(error)
 
     if not show_progress:
         import transformers
