@@ -132,6 +132,10 @@ def main(argv=None) -> int:
         dist = init_distributed()
         rank, world, device = dist.rank, dist.world_size, dist.device
     cfg, meta = load_run_config(args.adapter, args.overrides)
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     tasks = cfg.data.tasks if not args.tasks else list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     unknown = [t for t in tasks if t not in cfg.data.tasks]
     if unknown:

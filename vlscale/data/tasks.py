@@ -39,6 +39,11 @@ class TaskSpec:
     num_beams: int
     max_new_tokens: int
     metric: str  # name of the headline metric in vlscale.metrics
+    choices: tuple[str, ...] = ()
+    """Evaluation picks one of these targets instead of generating freely: the one whose first token
+    (where the targets' tokenisations part) has the highest logit after one decoder step, as VL-T5 /
+    VL-Adapter score NLVR2 (``true_logit > false_logit``). Listed so that a tie picks the reference's
+    answer (argmax takes the first maximum; the reference says "false" on a tie)."""
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -46,7 +51,7 @@ TASKS: dict[str, TaskSpec] = {
     for t in [
         TaskSpec("vqa", "vqa:", "image", 1, "answer", 1, 10, "vqa_score"),
         TaskSpec("gqa", "gqa:", "image", 1, "answer", 1, 10, "exact_match"),
-        TaskSpec("nlvr2", "nlvr:", "image", 2, "bool", 1, 3, "accuracy"),
+        TaskSpec("nlvr2", "nlvr:", "image", 2, "bool", 1, 3, "accuracy", choices=("false", "true")),
         TaskSpec("caption", "caption:", "image", 1, "caption", 5, 20, "cider"),
         TaskSpec("tvqa", "tvqa:", "video", 1, "choice", 1, 3, "accuracy"),
         TaskSpec("how2qa", "how2qa:", "video", 1, "choice", 1, 3, "accuracy"),

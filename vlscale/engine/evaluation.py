@@ -6,7 +6,9 @@ number of batches; padding rows are marked invalid), predictions are gathered on
 with ``vlscale.metrics.score_task`` and broadcast back, so every rank returns the same scores.
 Under ZeRO-3 with several ranks, generation runs with ``synced_gpus=True``: a rank whose batch
 finished keeps running forward passes until every rank is done, so the parameter all-gathers stay
-matched. Generation settings (beams, max new tokens) come from the task registry.
+matched. Generation settings (beams, max new tokens) come from the task registry. A task with
+``choices`` (NLVR2's "true"/"false") is not generated: one decoder step scores the choices' first
+tokens and the highest is the prediction, as the reference scores NLVR2 (:func:`choice_tokens`).
 
 ``should_stop`` (a callable, the same answer on every rank) is asked before each batch; when it says
 stop, :class:`EvaluationInterrupted` is raised and nothing is scored or written for the task.
@@ -58,6 +60,21 @@ def generation_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "references", "valid", "groups")}
 
 
+def choice_tokens(tokenizer, choices) -> tuple[list[int], list[int]]:
+    """The target ids the choices share (``prefix``: BART's ``<s>``; none for T5) and, for each choice,
+    its token at the first position where they part: the tokens :func:`predict_task` compares. The choices
+    are tokenised as training tokenises targets (the collator's labels)."""
+    ids = [list(tokenizer(c)["input_ids"]) for c in choices]
+    k = 0
+    while all(len(x) > k for x in ids) and len({x[k] for x in ids}) == 1:
+        k += 1
+    firsts = [x[k] if len(x) > k else None for x in ids]
+    if None in firsts or len(set(firsts)) != len(firsts):
+        raise ValueError(f"answer choices {list(choices)} cannot be told apart by one token with this tokenizer "
+                         f"(target ids {ids})")
+    return ids[0][:k], firsts
+
+
 @torch.no_grad()
 def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=None, synced_gpus: bool = False,
                  progress=None, heartbeat: Optional[Callable[[str], None]] = None,
@@ -65,6 +82,8 @@ def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=No
     """Decode this rank's batches -> [{uid, prediction, references[, group]}] for valid rows.
     ``should_stop`` (collective when it is): asked before each batch; True raises EvaluationInterrupted."""
     spec = get_task(task)
+    if spec.choices:
+        prefix, choice_ids = choice_tokens(tokenizer, spec.choices)
     records = []
     total = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches):
@@ -77,9 +96,13 @@ def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=No
         refs = batch.get("references", [[] for _ in uids])
         groups = batch.get("groups")
         inputs = to_device(generation_inputs(batch), device, float_dtype)
-        ids = model.generate(inputs, max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams,
-                             synced_gpus=synced_gpus)
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        if spec.choices:  # one forward pass on every rank: the ZeRO-3 gathers stay matched
+            picked = model.next_token_logits(inputs, prefix)[:, choice_ids].argmax(1).tolist()
+            texts = [spec.choices[i] for i in picked]
+        else:
+            ids = model.generate(inputs, max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams,
+                                 synced_gpus=synced_gpus)
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for j, uid in enumerate(uids):
             if not valid[j]:
                 continue

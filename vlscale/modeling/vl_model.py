@@ -156,6 +156,18 @@ class VLModel(nn.Module):
                        use_cache=False)
 
     @torch.no_grad()
+    def next_token_logits(self, batch: dict, target_prefix: list[int]) -> torch.Tensor:
+        """(B, vocab) logits of the target token that follows ``target_prefix`` (target ids as the labels
+        hold them: BART's ``<s>``, nothing for T5), from one decoder pass after the decoder start token."""
+        self.peft.set_task(batch["task"])
+        embeds, mask = self.encoder_inputs(batch)
+        start = self.lm.config.decoder_start_token_id
+        decoder_ids = torch.tensor([start, *target_prefix], dtype=torch.long, device=embeds.device)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                      decoder_input_ids=decoder_ids.expand(embeds.shape[0], -1))
+        return out.logits[:, -1]
+
+    @torch.no_grad()
     def generate(self, batch: dict, **generate_kwargs) -> torch.Tensor:
         self.peft.set_task(batch["task"])
         embeds, mask = self.encoder_inputs(batch)

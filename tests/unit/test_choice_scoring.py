@@ -1,0 +1,58 @@
+"""NLVR2 is scored as VL-T5 / VL-Adapter score it: after one decoder step, "true" if the logit of the
+true token beats the false token's (nlvr_model.py: ``pred_true = true_logit > false_logit``, the logits
+at the answer's first position: T5 after the start token, BART after start + ``<s>``), never by free
+generation (which can produce neither word and is then scored wrong)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlscale.config import load_config
+from vlscale.data import build_tokenizer, eval_batches
+from vlscale.engine.evaluation import choice_tokens, predict_task
+from vlscale.modeling.vl_model import build_model
+
+
+@pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
+def test_nlvr2_predictions_are_the_first_token_comparison_of_true_and_false(backbone):
+    cfg = load_config("tiny", ["data.tasks=[nlvr2]", f"model.backbone={backbone}", "data.synthetic_eval=24"])
+    tokenizer = build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=len(tokenizer)).eval()
+    prefix, (false_id, true_id) = choice_tokens(tokenizer, ("false", "true"))
+    assert prefix == []  # the synthetic world's SentencePiece targets: "▁true </s>" for both backbones
+    batches = list(eval_batches(cfg, tokenizer, "nlvr2", "val", batch_size=8))
+    records = predict_task(model, tokenizer, batches, "nlvr2", device="cpu")
+    assert len(records) == 24
+    # independently: teacher-force the target "true" through the training forward (labels shifted right
+    # by the LM itself) and compare the two logits where the answer's first token is predicted
+    expected = []
+    with torch.no_grad():
+        for batch in batches:
+            b = batch["input_ids"].shape[0]
+            labels = torch.tensor(tokenizer("true")["input_ids"]).repeat(b, 1)
+            logits = model({k: v for k, v in batch.items() if k != "labels"} | {"labels": labels}).logits
+            at = logits[:, 0]
+            expected += ["true" if t > f else "false" for t, f in zip(at[:, true_id], at[:, false_id])]
+    assert [r["prediction"] for r in records] == expected[:24]
+    assert {r["prediction"] for r in records} <= {"true", "false"}
+
+
+def test_choice_tokens_skip_the_targets_shared_start():
+    """A BART tokenizer starts every target with <s> (labels "<s> true </s>"): the answer's first token is
+    predicted after decoder start + <s>, where the reference (VLBartNLVR) reads it."""
+    vocab = {"<s>": 0, "</s>": 2, "true": 7, "false": 9, "yes": 11}
+
+    def bart_like(text):
+        return {"input_ids": [0, *[vocab[w] for w in text.split()], 2]}
+
+    assert choice_tokens(bart_like, ("false", "true")) == ([0], [9, 7])
+    assert choice_tokens(bart_like, ("yes true", "yes false")) == ([0, 11], [7, 9])
+
+
+def test_choices_that_one_token_cannot_tell_apart_are_refused():
+    cfg = load_config("tiny", ["data.tasks=[nlvr2]"])
+    tokenizer = build_tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"answer choices \['true', 'true'\] cannot be told apart"):
+        choice_tokens(tokenizer, ("true", "true"))
