@@ -2,6 +2,8 @@
 
     python launchers/evaluate.py --adapter runs/default/adapter [--split val|test|STEM] [--out DIR] [key=value ...]
     torchrun --nproc_per_node N launchers/evaluate.py --adapter ...   (data-parallel replicas)
+    deepspeed --num_gpus N launchers/evaluate.py --deepspeed ds_configs/zero3.json --adapter ...
+                                    (ZeRO-3: the model sharded over the ranks, for one no device holds)
 
 Rebuilds the model from the adapter's ``adapter_config.json`` (the whole run config; random-weight
 backbones are rebuilt from its ``train.seed``, pretrained ones load from ``model.backbone_path`` or
@@ -15,7 +17,12 @@ files moved), which are checked against the fingerprint the run's checkpoint rec
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the data settings they come from: a report there of the same
 adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults to
-``<adapter's parent>/eval_<split>``. Prints the per-task scores. ``--java-metrics`` scores the caption
+``<adapter's parent>/eval_<split>``. Prints the per-task scores.
+
+``--deepspeed FILE`` builds the model as training does (ZeRO-3: under ``zero.Init``, the pretrained frozen
+weights loaded shard by shard, so no rank materialises the whole model) and evaluates with synced-rank
+generation, as training's own evaluation; the file's optimizer is not built. Without it every rank holds
+the whole model. ``--java-metrics`` scores the caption
 tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
 """
 
@@ -46,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--java-metrics", action="store_true",
                    help="caption tasks: BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation, plus METEOR "
                         "(needs java on the PATH; default: Python tokenisation, no METEOR)")
+    p.add_argument("--deepspeed", default=None, metavar="JSON",
+                   help="shard the model over the ranks with this DeepSpeed file (ds_configs/zero3.json: each rank "
+                        "holds 1/N of the parameters); default: every rank holds the whole model")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -73,7 +83,7 @@ def load_run_config(adapter_dir, overrides):
     return cfg, meta
 
 
-def frozen_weights_problem(model, adapter_dir, meta) -> str | None:
+def frozen_weights_problem(model, adapter_dir, meta, device=None) -> str | None:
     """With model.backbone_path / model.vision_pretrained changed: why the frozen weights built now are not
     the training run's (compared with the fingerprint its latest checkpoint recorded), or None. Without a
     checkpoint to compare with, a note says the weights are not checked."""
@@ -92,7 +102,7 @@ def frozen_weights_problem(model, adapter_dir, meta) -> str | None:
         print(f"evaluate.py: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
               f"weights against: they are assumed to be the training run's", file=sys.stderr)
         return None
-    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model))
+    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model, device))
     if problem:
         return (f"{changed} changed, and the frozen weights built from there are not the training run's: "
                 f"{problem}; point them at the weights the adapter was trained on")
@@ -112,9 +122,38 @@ def java_metrics_problem() -> None:
         raise RuntimeError("--java-metrics needs pycocoevalcap: pip install 'vlscale[metrics]'") from None
 
 
+def build_sharded(cfg, ds_file: str, dist, vocab_size: int, dtype):
+    """-> (module, keep_alive, ZeRO stage): the model built as training builds it under ``ds_file``
+    (:func:`vlscale.engine.trainer.build_model_for_run`), in a DeepSpeed engine without the file's optimizer
+    (its ZeRO-3 hooks gather each module's parameters for the forward pass)."""
+    import deepspeed
+
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, resolve_ds_file
+    from vlscale.engine.trainer import build_model_for_run, zero_stage
+
+    ds_config = build_deepspeed_config(resolve_ds_file(ds_file), cfg, dist.world_size, device_type=dist.device_type)
+    ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    model, hf_ds = build_model_for_run(cfg, ds_config, vocab_size, dtype)
+    engine = deepspeed.initialize(model=model, config=ds_config)[0]
+    engine.module.eval()
+    return engine.module, (engine, hf_ds), zero_stage(ds_config)
+
+
+def held_parameters(model) -> tuple[int, int]:
+    """(elements this rank holds, elements of the model): a ZeRO-3 parameter counts its partition."""
+    held = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else n
+    return held, total
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlscale.engine.distributed import quiet_library_warnings
+
+    quiet_library_warnings()
     import torch
 
     from vlscale.data import build_tokenizer
@@ -126,7 +165,7 @@ def main(argv=None) -> int:
 
     # --- setup
     rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.deepspeed:
         from vlscale.engine.distributed import init_distributed
 
         dist = init_distributed()
@@ -147,20 +186,30 @@ def main(argv=None) -> int:
         raise ValueError(f"the rebuilt tokenizer has {len(tokenizer)} tokens; the adapter was trained with "
                          f"{meta['vocab_size']} ({meta.get('tokenizer')}); check model.tokenizer / extra tokens")
     dtype = DTYPES[cfg.train.precision]
+    run_dtype = dtype
     if dtype == torch.float16 and device.type == "cpu":
         dtype = torch.float32  # no fp16 kernels on CPU; fp32 holds the fp16-trained weights exactly
-    seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
-    model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
-    load_adapter(model, args.adapter)
-    if meta["relocated"] and dtype == DTYPES[cfg.train.precision]:  # fingerprints are of the run's dtype
-        problem = frozen_weights_problem(model, args.adapter, meta)
+        cfg.train.precision = "fp32"
+    stage, keep_alive = 0, None
+    if args.deepspeed:
+        model, keep_alive, stage = build_sharded(cfg, args.deepspeed, dist, meta["vocab_size"], dtype)
+        held, total = held_parameters(model)
+        if rank == 0:
+            print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
+                  f"{total:,} parameters", flush=True)
+    else:
+        seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
+        model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
+    load_adapter(model, args.adapter)  # collective under ZeRO-3
+    if meta["relocated"] and dtype == run_dtype:  # fingerprints are of the run's dtype
+        problem = frozen_weights_problem(model, args.adapter, meta, device)
         if problem:
             raise ValueError(problem)
     out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"eval_{args.split}"
     # --- evaluate
     scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
                       float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",
-                      java_metrics=args.java_metrics)
+                      java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3)
     # --- report
     if rank == 0:
         write_eval_report(out, args.adapter, args.split, meta.get("step"), scores, settings=eval_settings(cfg.to_dict()))

@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         p.error(f"--stop-after-steps {args.stop_after_steps}: K must be >= 1 (the optimizer step to stop after)")
     return args
-
-
-def quiet_library_warnings() -> None:
-    """DeepSpeed calls collectives that torch marks deprecated, once per bucket: hide that noise."""
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
@@ -103,8 +96,9 @@ def user_errors() -> tuple:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from vlscale.engine.distributed import quiet_library_warnings, watch_launcher
+
     quiet_library_warnings()
-    from vlscale.engine.distributed import watch_launcher
 
     watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
     from vlscale.config import load_config

@@ -370,6 +370,26 @@ def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, caps
     assert len(mine) == len(json.loads((root / "vqa" / "minival.json").read_text()))
 
 
+def test_evaluate_sharded_with_zero3_on_two_ranks(runs, tmp_path, h):
+    """evaluate.py --deepspeed ds_configs/zero3.json on 2 ranks builds the model as training does (each rank
+    holds half of it: a model no device holds can be evaluated) and decodes exactly what the 2-rank ZeRO-3
+    run's final evaluation decoded."""
+    run = runs("single_2r")
+    out = tmp_path / "sharded"
+    proc = h.preloaded.run(str(h.ROOT / "launchers" / "evaluate.py"),
+                           ["--deepspeed", "ds_configs/zero3.json", "--adapter", str(run / "adapter"), "--split",
+                            "val", "--out", str(out), "--no-progress"],
+                           timeout=h.RUN_TIMEOUT_S, nproc=2, env=h.base_env(2), cwd=str(h.ROOT))
+    assert proc.returncode == 0, proc.stdout
+    found = re.search(r"ZeRO-3 over 2 rank\(s\): rank 0 holds ([\d,]+) of the model's ([\d,]+) parameters", proc.stdout)
+    assert found, proc.stdout
+    held, total = (int(x.replace(",", "")) for x in found.groups())
+    assert 0.45 < held / total < 0.55, (held, total)
+    for task in ("vqa", "gqa"):
+        assert (out / "predictions" / f"{task}.jsonl").read_text() == (run / "predictions" / f"{task}.jsonl").read_text()
+    assert h.read_json(out / "eval_metrics.json")["tasks"] == h.read_json(run / "metrics.json")[-1]["tasks"]
+
+
 # ----------------------------------------------------------------------------- failures
 
 def test_a_non_finite_gradient_norm_with_a_finite_loss_stops_the_run(tmp_path, h):

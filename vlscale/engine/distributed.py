@@ -176,6 +176,14 @@ def launcher_world_size() -> int | None:
     return int(size) if size else None
 
 
+def quiet_library_warnings() -> None:
+    """DeepSpeed calls collectives that torch marks deprecated, once per bucket: hide that noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
