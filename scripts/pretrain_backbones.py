@@ -27,7 +27,9 @@ open_clip state dict, ``visual.*`` and the text tower), ``mini-t5/`` and ``mini-
 (``save_pretrained`` folders: config.json, model.safetensors, generation_config.json and the
 synthetic tokenizer, so ``AutoTokenizer`` loads it from the folder) and ``pretraining.json``
 (settings, losses, held-out scores, times). Weights are stored in fp16 to keep the files small;
-the configs say float32 and every loader casts them to fp32 on load.
+the configs say float32 and every loader casts them to fp32 on load. Into the shipped folder only
+the shipped files' settings (pretraining.json) run, remaking the same bytes; other settings there
+are refused without ``--replace-shipped`` (an experiment goes to ``--out DIR``).
 
 ``--check`` recomputes the held-out scores of the files in ``--out`` (the parts ``--only`` names; a
 missing one fails): CLIP image->text retrieval accuracy among 100 held-out pairs (chance 1 %) and
@@ -639,6 +641,8 @@ def parse_args(argv=None):
     ap.add_argument("--lm-max-len", type=int, default=100, help="longest packed pretraining text, tokens")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--check", action="store_true", help="only report held-out scores of the files in --out")
+    ap.add_argument("--replace-shipped", action="store_true",
+                    help="allow other settings than the shipped files' when --out is the shipped folder")
     args = ap.parse_args(argv)
     parts = list(dict.fromkeys(p.strip() for p in args.only.split(",") if p.strip()))
     bad = [p for p in parts if p not in ("clip", "t5", "bart")]
@@ -665,8 +669,42 @@ def parse_args(argv=None):
     return args
 
 
+def settings_of(part: str, args) -> dict:
+    """The settings of ``part`` as pretraining.json records them (what decides the weights, threads aside)."""
+    if part == "clip":
+        return {"steps": args.clip_steps, "batch": args.clip_batch, "lr": args.clip_lr, "seed": args.seed}
+    return {"steps": args.lm_steps, "batch": args.lm_batch, "lr": args.lm_lr, "max_len": args.lm_max_len,
+            "seed": args.seed}
+
+
+def shipped_overwrite_problem(args) -> str | None:
+    """Making parts into the shipped folder with other settings than the shipped files' would replace the
+    backbones every run and test loads: refused without --replace-shipped (the same settings remake them)."""
+    if args.replace_shipped or args.out.resolve() != DEFAULT_OUT.resolve():
+        return None
+    path = DEFAULT_OUT / "pretraining.json"
+    shipped = json.loads(path.read_text()) if path.is_file() else {}
+    for part in args.parts:
+        name = CLIP_NAME if part == "clip" else LM_NAMES[part]
+        want, had = settings_of(part, args), shipped.get(name)
+        if had is None:
+            continue
+        diff = {k: (had.get(k), v) for k, v in want.items() if had.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {v} (shipped: {h})" for k, (h, v) in diff.items())
+            return (f"--out is the shipped folder {DEFAULT_OUT.relative_to(ROOT)}, whose {name} the embedded default "
+                    f"and the tests load, and this run's {said} differ from the shipped file's ({path.name}): pass "
+                    f"--out DIR to make an experiment's backbones, or --replace-shipped to replace the shipped ones")
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.check:
+        problem = shipped_overwrite_problem(args)
+        if problem:
+            print(f"pretrain_backbones.py: {problem}", file=sys.stderr)
+            return 2
     import torch
 
     if args.threads:

@@ -164,3 +164,19 @@ def test_noising_functions(pretrain):
     assert 720 in inp and len(inp) < len(tgt)
     kept = [t for t in inp[:-1] if t != 720]
     assert len(kept) >= len(ids) - round(0.3 * len(ids))
+
+
+def test_other_settings_do_not_replace_the_shipped_backbones(pretrain, tmp_path, capsys):
+    """The default --out is the shipped folder: a quick experiment (--lm-steps 10) would have replaced the
+    mini-t5 every run and test loads. Refused before anything is made; the shipped settings, another --out
+    or --replace-shipped pass."""
+    shipped = {p: p.read_bytes() for p in (pretrain.DEFAULT_OUT / "mini-t5").iterdir()}
+    assert pretrain.main(["--only", "t5", "--lm-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "mini-t5 the embedded default and the tests load" in err and "steps 10 (shipped: 800)" in err
+    assert {p: p.read_bytes() for p in (pretrain.DEFAULT_OUT / "mini-t5").iterdir()} == shipped
+    parse = pretrain.parse_args
+    assert pretrain.shipped_overwrite_problem(parse(["--only", "clip,t5,bart"])) is None  # the shipped settings
+    assert pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-steps", "10", "--out", str(tmp_path)])) is None
+    assert pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-steps", "10", "--replace-shipped"])) is None
+    assert "clip-rn" in pretrain.shipped_overwrite_problem(parse(["--only", "clip", "--clip-lr", "0.01"]))
