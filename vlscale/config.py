@@ -400,6 +400,11 @@ class TrainConfig:
     """Clip the global gradient norm to this (DeepSpeed's gradient_clipping; 0: no clipping)."""
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    loss_reduction: str = "token"
+    """``token``: the cross-entropy's mean over the global batch's target tokens; ``example``: each
+    example's mean over its tokens, then the mean over the global batch's examples, as VL-T5 /
+    VL-Adapter's ``train_step`` reduces it (short targets weigh more). VL-Adapter's VQA loss also
+    multiplies each example by its answer's soft score, which neither reduction does."""
     seed: int = 0
     """Seeds python, numpy and torch (random frozen weights, dropout) and the multitask sampler; an integer
     in [0, 2**32)."""
@@ -427,6 +432,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_choice("train", "loss_reduction", self.loss_reduction, ("token", "example"))
         _check_positive("train", "max_steps", self.max_steps)
         _check_positive("train", "micro_batch_size", self.micro_batch_size)
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)

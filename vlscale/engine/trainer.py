@@ -458,6 +458,19 @@ def _token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torc
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _example_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum over examples of each example's mean token cross-entropy (an example without target
+    tokens adds 0, as the reference's ``clamp(min=1)`` makes it)."""
+    tokens = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    return (tokens.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)).sum()
+
+
+def _loss_terms(batch: dict, reduction: str) -> int:
+    """What the step's loss is a mean over, in this micro-batch: target tokens, or examples."""
+    return int(batch["labels"].shape[0]) if reduction == "example" else int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     """Forward/backward the step's micro-batches, check the loss, update. -> (mean loss, stop requested)."""
     engine, k, world = run.engine, len(batches), run.dist.world_size
@@ -465,9 +478,10 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     if any(b["task"] != task for b in batches):
         raise RuntimeError(f"step {run.step + 1}: the micro-batches of one step mix tasks "
                            f"{sorted({b['task'] for b in batches})}; the loader must keep one task per step")
-    local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-    (n_tokens,) = all_reduce_sum([local_tokens], run.dist.device)
-    scale = world * k / max(n_tokens, 1.0)
+    reduction = run.cfg.train.loss_reduction
+    cross_entropy_sum = _example_cross_entropy_sum if reduction == "example" else _token_cross_entropy_sum
+    (n_terms,) = all_reduce_sum([sum(_loss_terms(b, reduction) for b in batches)], run.dist.device)
+    scale = world * k / max(n_terms, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.dist.device)
     run.loss_scale = float(engine.optimizer.loss_scale) if run.cfg.train.precision == "fp16" else None
     if run.scale_loss:
@@ -475,13 +489,13 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     for i, batch in enumerate(batches):
         batch = to_device(batch, run.dist.device, run.dtype)
         out = engine(batch)
-        ce = _token_cross_entropy_sum(out.logits, batch["labels"])
+        ce = cross_entropy_sum(out.logits, batch["labels"])
         engine.backward(ce * scale)
         loss_sum += ce.detach().double()
         if i < k - 1:
             engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
     total, stop = all_reduce_sum([loss_sum.item(), float(run.stop.requested)], run.dist.device)
-    loss = total / max(n_tokens, 1.0)
+    loss = total / max(n_terms, 1.0)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1} (task {task!r}); stopping before the update; "
                             f"{_last_good(run)}")
