@@ -21,8 +21,13 @@ adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` de
 
 ``--deepspeed FILE`` builds the model as training does (ZeRO-3: under ``zero.Init``, the pretrained frozen
 weights loaded shard by shard, so no rank materialises the whole model) and evaluates with synced-rank
-generation, as training's own evaluation; the file's optimizer is not built. Without it every rank holds
-the whole model. ``--java-metrics`` scores the caption
+generation, as training's own evaluation; the file's optimizer is not built, and its training-only keys (batch
+sizes, clipping, optimizer) are not checked against the run, so the run's own file serves on any number of ranks.
+The stage is the file's (``train.zero_stage=N`` here overrides it; the run's saved ``train.zero_stage`` does not).
+ZeRO-1/2 shard only optimizer state and gradients: with such a file every rank holds the whole model, as without
+``--deepspeed``. In bf16, ZeRO-3's linear layers (DeepSpeed's ``zero3_linear_wrap``: the bias added after the
+matmul, one more rounding) make the logits differ slightly from the unsharded model's (about one bf16 step), as
+training under ZeRO-3 computed them; in fp32 the predictions are identical. ``--java-metrics`` scores the caption
 tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
 """
 
@@ -55,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(needs java on the PATH; default: Python tokenisation, no METEOR)")
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="shard the model over the ranks with this DeepSpeed file (ds_configs/zero3.json: each rank "
-                        "holds 1/N of the parameters); default: every rank holds the whole model")
+                        "holds 1/N of the parameters; its ZeRO stage, not the run's train.zero_stage); default: "
+                        "every rank holds the whole model")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -122,21 +128,57 @@ def java_metrics_problem() -> None:
         raise RuntimeError("--java-metrics needs pycocoevalcap: pip install 'vlscale[metrics]'") from None
 
 
-def build_sharded(cfg, ds_file: str, dist, vocab_size: int, dtype):
-    """-> (module, keep_alive, ZeRO stage): the model built as training builds it under ``ds_file``
-    (:func:`vlscale.engine.trainer.build_model_for_run`), in a DeepSpeed engine without the file's optimizer
-    (its ZeRO-3 hooks gather each module's parameters for the forward pass)."""
+# Keys of a DeepSpeed file that only training reads (batch arithmetic, clipping, the optimizer and its off-load):
+# evaluation builds no optimizer and takes no step, so they are neither filled in nor checked against the run
+# config (a file holding the training run's concrete batch sizes also serves on another number of ranks).
+TRAINING_ONLY_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                      "gradient_clipping", "optimizer", "scheduler")
+DICT_SOURCE = "<DeepSpeed config dict>"  # deepspeed_config.load_ds_file's name for a dict, replaced by the file's
+
+
+def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, zero_stage_override=None) -> dict:
+    """The DeepSpeed config evaluation runs under: ``ds_file`` resolved against the run config as training resolves
+    it (precision, ZeRO block and bucket sizes), less :data:`TRAINING_ONLY_KEYS` and ``offload_optimizer``. The ZeRO
+    stage is the file's: the run's ``train.zero_stage`` (how it trained, e.g. a scale preset's stage 1 with
+    zero2.json) does not override the file asked for now; ``zero_stage_override`` (``train.zero_stage=N`` on
+    evaluate's command line) does. ZeRO-Infinity's async_io op is checked before the model is built."""
+    import dataclasses
+
+    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
+                                                 load_ds_file, resolve_ds_file)
+
+    ds, source = load_ds_file(resolve_ds_file(ds_file))
+    for key in TRAINING_ONLY_KEYS:
+        ds.pop(key, None)
+    if isinstance(ds.get("zero_optimization"), dict):
+        ds["zero_optimization"].pop("offload_optimizer", None)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=zero_stage_override))
+    try:
+        ds = build_deepspeed_config(ds, cfg, world_size, device_type=device_type)
+    except DeepSpeedConfigError as e:
+        raise DeepSpeedConfigError(str(e).replace(DICT_SOURCE, source)) from None
+    ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+    check_nvme_support(ds)
+    return ds
+
+
+def build_sharded(cfg, ds_config: dict, vocab_size: int, dtype):
+    """-> (module, keep_alive, ZeRO stage): the model built as training builds it under ``ds_config``
+    (:func:`vlscale.engine.trainer.build_model_for_run`), in a DeepSpeed engine without an optimizer (its ZeRO-3
+    hooks gather each module's parameters for the forward pass). ZeRO-1/2 partition only optimizer state and
+    gradients, which evaluation has none of: the model is built whole, as training builds it there, in an engine
+    at stage 0 (DeepSpeed refuses stages 1-2 without an optimizer)."""
     import deepspeed
 
-    from vlscale.engine.deepspeed_config import build_deepspeed_config, resolve_ds_file
     from vlscale.engine.trainer import build_model_for_run, zero_stage
 
-    ds_config = build_deepspeed_config(resolve_ds_file(ds_file), cfg, dist.world_size, device_type=dist.device_type)
-    ds_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    stage = zero_stage(ds_config)
+    if stage < 3:
+        ds_config = dict(ds_config, zero_optimization={"stage": 0})
     model, hf_ds = build_model_for_run(cfg, ds_config, vocab_size, dtype)
     engine = deepspeed.initialize(model=model, config=ds_config)[0]
     engine.module.eval()
-    return engine.module, (engine, hf_ds), zero_stage(ds_config)
+    return engine.module, (engine, hf_ds), stage
 
 
 def held_parameters(model) -> tuple[int, int]:
@@ -156,6 +198,26 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     import torch
 
+    # --- setup
+    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.deepspeed:
+        from vlscale.engine.distributed import init_distributed
+
+        dist = init_distributed()
+        rank, world, device = dist.rank, dist.world_size, dist.device
+    code = evaluate_adapter(args, rank, world, device, dist)
+    if dist is not None:  # every rank leaves together: a group left to the interpreter's exit aborted a rank at
+        from vlscale.engine.distributed import destroy  # times (gloo: "terminate called without an active exception")
+
+        destroy()
+    return code
+
+
+def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
+    import torch
+
+    from vlscale.config import parse_overrides
     from vlscale.data import build_tokenizer
     from vlscale.data.tasks import get_task
     from vlscale.engine.checkpoint import load_adapter
@@ -163,13 +225,6 @@ def main(argv=None) -> int:
     from vlscale.engine.trainer import DTYPES, seed_everything
     from vlscale.modeling.vl_model import build_model
 
-    # --- setup
-    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.deepspeed:
-        from vlscale.engine.distributed import init_distributed
-
-        dist = init_distributed()
-        rank, world, device = dist.rank, dist.world_size, dist.device
     cfg, meta = load_run_config(args.adapter, args.overrides)
     if args.no_progress:
         import transformers
@@ -190,13 +245,21 @@ def main(argv=None) -> int:
     if dtype == torch.float16 and device.type == "cpu":
         dtype = torch.float32  # no fp16 kernels on CPU; fp32 holds the fp16-trained weights exactly
         cfg.train.precision = "fp32"
+        if rank == 0:
+            print("evaluate.py: note: the adapter was trained in fp16, which has no CPU kernels: evaluating in fp32",
+                  file=sys.stderr, flush=True)
     stage, keep_alive = 0, None
     if args.deepspeed:
-        model, keep_alive, stage = build_sharded(cfg, args.deepspeed, dist, meta["vocab_size"], dtype)
+        given = parse_overrides(args.overrides).get("train")
+        override = cfg.train.zero_stage if isinstance(given, dict) and "zero_stage" in given else None
+        ds_config = evaluation_ds_config(args.deepspeed, cfg, world, dist.device_type, override)
+        model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
         held, total = held_parameters(model)
         if rank == 0:
+            why = "ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage else ""
+            whole = "" if stage == 3 else f" ({why}every rank holds the whole model; a ZeRO-3 file shards it)"
             print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
-                  f"{total:,} parameters", flush=True)
+                  f"{total:,} parameters{whole}", flush=True)
     else:
         seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
         model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
@@ -218,9 +281,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_after_error(code: int) -> None:
+    """Leave after an error: with several ranks at once (``os._exit``), not through the process group's teardown,
+    where a peer that is gone or still inside a collective can leave this rank hanging or aborting."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         print(f"evaluate.py: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_after_error(1)
