@@ -248,6 +248,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         if rank == 0:
             print("evaluate.py: note: the adapter was trained in fp16, which has no CPU kernels: evaluating in fp32",
                   file=sys.stderr, flush=True)
+    # a file that does not fit is named before the model is built (minutes for a large one): on the meta device
+    load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), args.adapter, check_only=True)
     stage, keep_alive = 0, None
     if args.deepspeed:
         given = parse_overrides(args.overrides).get("train")

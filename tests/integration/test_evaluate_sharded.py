@@ -178,3 +178,25 @@ def test_an_fp16_adapter_on_cpu_is_evaluated_in_fp32_and_says_so(stage2_run, tmp
     assert "trained in fp16, which has no CPU kernels: evaluating in fp32" in capsys.readouterr().err
     assert (tmp_path / "out" / "predictions" / "nlvr2.jsonl").read_text() == \
         (stage2_run / "predictions" / "nlvr2.jsonl").read_text()
+
+
+def test_an_adapter_that_does_not_fit_is_named_before_the_model_is_built(stage2_run, tmp_path, launcher, monkeypatch):
+    """A file missing a tensor is refused from a meta-device build (names and shapes only), before the real
+    model is built: for a large sharded model that build takes minutes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import vlscale.modeling.vl_model as vl_model
+    from vlscale.engine.checkpoint import ADAPTER_WEIGHTS, CheckpointError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(stage2_run / "adapter", adapter)
+    state = load_file(str(adapter / ADAPTER_WEIGHTS))
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(adapter / ADAPTER_WEIGHTS))
+    built, build = [], vl_model.build_model
+    monkeypatch.setattr(vl_model, "build_model", lambda *a, **kw: built.append(str(kw.get("device"))) or build(*a, **kw))
+    with pytest.raises(CheckpointError, match=rf"does not fit the model: 1 trainable parameters missing .*{re.escape(dropped)}"):
+        launcher("evaluate").main(["--adapter", str(adapter), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert built == ["meta"]

@@ -274,9 +274,10 @@ def _from_earlier_layouts(state: dict, named: dict, meta: dict, weights: Path) -
     return state
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
+def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
-    the same buffers of trained modules, :func:`trained_buffers`).
+    the same buffers of trained modules, :func:`trained_buffers`). ``check_only``: only compare names and
+    shapes (a model built on the meta device will do), raising as the load would, and copy nothing.
 
     Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
     An adapter of format_version 1 holds no buffers: the model keeps its freshly built ones, with a
@@ -302,7 +303,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
 
     unused = unused_vision_parameters(model)
     never_run = sorted(n for n, p in model.named_parameters() if id(p) in unused and n in state)
-    if never_run:  # an earlier vlscale trained them (CLIP's attention pool under image tasks) without effect
+    if never_run and not check_only:  # an earlier vlscale trained them (CLIP's attention pool under image tasks) without effect
         logger.warning(f"{weights} holds {len(never_run)} parameters the model's visual path never runs (e.g. "
                        f"{never_run[:2]}), trained without effect by an earlier vlscale: left out")
         state = {n: t for n, t in state.items() if n not in never_run}
@@ -331,6 +332,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> dict:
             parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
         raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
                               ". Build the model from the adapter's adapter_config.json run_config.")
+    if check_only:
+        return meta
     if buffers and not with_buffers:
         logger.warning(f"{adapter_dir} was written by an earlier vlscale (format_version "
                        f"{meta.get('format_version', 0)}) that saved no buffers: the {len(buffers)} buffers of "
