@@ -341,6 +341,12 @@ class DataConfig:
     """``sampling=temperature`` only: p_t ∝ n_t^(1/T) (refused with ``proportional``, which would ignore it)."""
     max_input_length: int = 40
     max_target_length: int = 20
+    vqa_targets: str = "best"
+    """VQA training targets: ``best``, the highest-scoring answer of each question's soft ``label`` at full
+    weight; ``sampled``, as VL-T5 / VL-Adapter train VQA: each time a question is drawn, one answer drawn in
+    proportion to its score, the example's loss multiplied by that score (no scored answer: weight 0).
+    Needs ``train.loss_reduction=example``. Questions without a ``label`` (the synthetic world's) keep
+    their target at weight 1."""
     skip_bad_records: bool = False
     """Skip malformed records (counted and reported) instead of failing."""
     hf_dataset: Optional[str] = None
@@ -363,6 +369,7 @@ class DataConfig:
                     raise ConfigError(f"data.{name}={getattr(self, name)!r} is ignored with data.source=synthetic "
                                       f"(the embedded world); set data.source=real to train on it, or data.{name}=null")
         _check_choice("data", "sampling", self.sampling, ("proportional", "temperature"))
+        _check_choice("data", "vqa_targets", self.vqa_targets, ("best", "sampled"))
         _check_positive("data", "temperature", self.temperature)
         if self.temperature != 1.0 and self.sampling != "temperature":
             raise ConfigError(f"data.temperature={self.temperature!r} is ignored with data.sampling={self.sampling!r} "
@@ -476,6 +483,10 @@ class RunConfig:
         video = [t for t in self.data.tasks if t in VIDEO_TASKS]
         if video and len(video) != len(self.data.tasks):
             raise ConfigError(f"data.tasks={self.data.tasks} mixes image and video tasks; train them separately")
+        if self.data.vqa_targets == "sampled" and self.train.loss_reduction != "example":
+            raise ConfigError("data.vqa_targets=sampled weighs each example's loss by its answer's score, which "
+                              f"needs per-example losses: set train.loss_reduction=example (it is "
+                              f"{self.train.loss_reduction!r}), as VL-T5 / VL-Adapter train")
 
     @property
     def lr(self) -> float:

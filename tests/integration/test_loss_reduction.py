@@ -48,3 +48,29 @@ def test_an_unknown_reduction_is_refused():
 
     with pytest.raises(ConfigError, match="train.loss_reduction"):
         load_config("tiny", ["train.loss_reduction=mean"])
+
+
+def test_sampled_vqa_targets_weigh_the_logged_loss_by_the_answers_scores(tmp_path, h):
+    """data.vqa_targets=sampled on the real-format VQA fixture (soft labels {"2": 1.0, "3": 0.3},
+    {"red": 1.0, "blue": 1.0} and one without a scored answer): the first step's logged loss is the mean over
+    the batch of each example's token mean times its drawn answer's score."""
+    root = h.ROOT / "tests" / "fixtures" / "real_data"
+    args = [*h.TINY, "data.source=real", f"data.root={root}", "data.tasks=[vqa]", "train.zero_stage=0",
+            "train.micro_batch_size=3", "train.max_steps=1", "train.loss_reduction=example",
+            "data.vqa_targets=sampled"]
+    cfg = load_config("tiny", args)
+    tok = build_tokenizer(cfg)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, vocab_size=len(tok)).train()
+    batch = next(build_train_loader(cfg, tok, 0, 1))
+    weights = batch.pop("loss_weights")
+    assert sorted(weights.tolist()) != [1.0, 1.0, 1.0]
+    with torch.no_grad():
+        logits = model(batch).logits
+    total = 0.0
+    for row_logits, row_labels, w in zip(logits, batch["labels"], weights):
+        keep = row_labels != -100
+        total += float(w) * torch.nn.functional.cross_entropy(row_logits[keep].float(), row_labels[keep]).item()
+    out = tmp_path / "run"
+    h.launch(args + [f"output_dir={out}"])
+    assert h.read_log(out)[0]["loss"] == pytest.approx(total / 3, rel=1e-5)

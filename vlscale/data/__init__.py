@@ -23,6 +23,7 @@ import logging
 import math
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from vlscale.data.collate import Collator, fetch_visuals
@@ -124,6 +125,34 @@ def _no_examples(cfg, task: str, split: str, examples: list, loaded: int) -> Exc
     return DataError(f"task {task!r} has no {what} in split {split!r} ({where}): {why}")
 
 
+def sampled_vqa_targets(examples, seed: int, step: int) -> tuple[list, list[float]]:
+    """``data.vqa_targets=sampled``: each example's target drawn from its soft ``label`` in proportion to the
+    scores, and the score as its loss weight (VL-T5's VQA dataset and train_step). Keyed by (seed, step,
+    uid): the same on every rank, for any number of ranks and after a resume. No scored answer: target
+    "" at weight 0, as the reference; no ``label`` at all: the example as it is, weight 1."""
+    import dataclasses
+    import zlib
+
+    out, weights = [], []
+    for e in examples:
+        label = e.extra.get("label")
+        if label is None:
+            out.append(e)
+            weights.append(1.0)
+            continue
+        answers = [a for a, s in label.items() if s > 0]
+        if not answers:
+            out.append(dataclasses.replace(e, target=""))
+            weights.append(0.0)
+            continue
+        scores = np.array([label[a] for a in answers], dtype=np.float64)
+        rng = np.random.default_rng([seed, step, zlib.crc32(str(e.uid).encode())])
+        k = int(rng.choice(len(answers), p=scores / scores.sum()))
+        out.append(dataclasses.replace(e, target=answers[k]))
+        weights.append(float(scores[k]))
+    return out, weights
+
+
 class TrainLoader:
     """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
 
@@ -167,7 +196,12 @@ class TrainLoader:
             self._current = (task, shard(indices, self.rank, self.world_size, self.micro, self.accum))
         task, parts = self._current
         examples = [self.examples[task][i] for i in parts[self._micro_index]]
+        weights = None
+        if task == "vqa" and self.cfg.data.vqa_targets == "sampled":
+            examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, self.step)
         batch = self.collator(examples, fetch_visuals(self.sources[task], examples))
+        if weights is not None:
+            batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
         self._micro_index += 1
         if self._micro_index == self.accum:
             self.step += 1

@@ -18,6 +18,7 @@ turns examples into a batch dict (``vlscale.data.collate`` has the full layout):
         "uids": list[str], "targets": list[str], "references": list[list[str]],
         "groups": list[str] | None,        # NLVR2 consistency groups
         "valid": BoolTensor (B,),          # evaluation: False for padding examples
+        "loss_weights": FloatTensor (B,),  # training VQA with data.vqa_targets=sampled: the answers' scores
     }
 
 The model pools grids and computes visual positions itself (no boxes in the batch).

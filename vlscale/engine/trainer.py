@@ -458,12 +458,17 @@ def _token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torc
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _example_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _example_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The sum over examples of each example's mean token cross-entropy (an example without target
-    tokens adds 0, as the reference's ``clamp(min=1)`` makes it)."""
+    tokens adds 0, as the reference's ``clamp(min=1)`` makes it), each times its weight when given
+    (``data.vqa_targets=sampled``: the answer's soft score)."""
     tokens = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
-    return (tokens.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)).sum()
+    per_example = tokens.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+    if weights is not None:
+        per_example = per_example * weights.to(per_example)
+    return per_example.sum()
 
 
 def _loss_terms(batch: dict, reduction: str) -> int:
@@ -487,9 +492,11 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     if run.scale_loss:
         scale *= run.loss_scale
     for i, batch in enumerate(batches):
-        batch = to_device(batch, run.dist.device, run.dtype)
+        weights = batch.get("loss_weights")  # fp32, not cast to the run's precision with the batch
+        batch = to_device({k: v for k, v in batch.items() if k != "loss_weights"}, run.dist.device, run.dtype)
         out = engine(batch)
-        ce = cross_entropy_sum(out.logits, batch["labels"])
+        ce = (_example_cross_entropy_sum(out.logits, batch["labels"], weights) if weights is not None
+              else cross_entropy_sum(out.logits, batch["labels"]))
         engine.backward(ce * scale)
         loss_sum += ce.detach().double()
         if i < k - 1:

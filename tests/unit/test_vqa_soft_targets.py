@@ -1,0 +1,69 @@
+"""``data.vqa_targets=sampled``: VQA targets drawn from the soft label in proportion to the scores, the
+score as the example's loss weight (VL-T5's VQA dataset + train_step)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlscale.config import ConfigError, DataConfig, RunConfig, TrainConfig, load_config
+from vlscale.data import build_tokenizer, build_train_loader, sampled_vqa_targets
+from vlscale.data.tasks import Example
+from vlscale.engine.trainer import _example_cross_entropy_sum
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
+
+
+def _vqa(uid, label):
+    extra = {} if label is None else {"label": label}
+    return Example("vqa", uid, "q?", "best", ["img"], ["best"], extra)
+
+
+def test_targets_are_drawn_in_proportion_to_the_scores_with_the_score_as_weight():
+    examples = [_vqa("a", {"2": 1.0, "3": 0.3}), _vqa("b", {}), _vqa("c", None), _vqa("d", {"x": 0.0, "y": 0.6})]
+    drawn = Counter()
+    for step in range(3000):
+        out, weights = sampled_vqa_targets(examples, seed=0, step=step)
+        assert [e.uid for e in out] == ["a", "b", "c", "d"]
+        assert weights[0] == {"2": 1.0, "3": 0.3}[out[0].target]
+        assert (out[1].target, weights[1]) == ("", 0.0)  # no scored answer: weight 0, as the reference
+        assert (out[2].target, weights[2]) == ("best", 1.0)  # no label (the synthetic world): unchanged
+        assert (out[3].target, weights[3]) == ("y", 0.6)  # a 0-score answer is never drawn
+        drawn[out[0].target] += 1
+    assert drawn["2"] / 3000 == pytest.approx(1.0 / 1.3, abs=0.025)
+    assert sampled_vqa_targets(examples, 0, 7) == sampled_vqa_targets(examples, 0, 7)  # keyed: same on every rank
+
+
+def test_a_real_vqa_batch_carries_the_weights_of_its_drawn_answers():
+    cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", root=str(ROOT), vqa_targets="sampled"),
+                    train=TrainConfig(loss_reduction="example", micro_batch_size=3))
+    loader = build_train_loader(cfg, build_tokenizer(cfg))
+    labels = {e.uid: e.extra["label"] for e in loader.examples["vqa"]}
+    seen = set()
+    for _ in range(6):
+        batch = next(loader)
+        assert batch["loss_weights"].shape == (3,)
+        for uid, target, w in zip(batch["uids"], batch["targets"], batch["loss_weights"].tolist()):
+            assert w == pytest.approx(labels[uid].get(target, 0.0)), (uid, target, w)
+            seen.add(target)
+    assert {"", "2", "red"} <= seen or {"", "2", "blue"} <= seen
+
+
+def test_weights_multiply_each_examples_mean_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 11, generator=g)
+    labels = torch.tensor([[1, 2, -100, -100], [3, 4, 5, 6], [-100, -100, -100, -100]])
+    w = torch.tensor([0.3, 1.0, 0.0])
+    means = [torch.nn.functional.cross_entropy(logits[i][labels[i] != -100], labels[i][labels[i] != -100])
+             for i in range(2)]
+    expected = 0.3 * means[0] + 1.0 * means[1]
+    torch.testing.assert_close(_example_cross_entropy_sum(logits, labels, w), expected)
+
+
+def test_sampled_targets_need_per_example_losses():
+    with pytest.raises(ConfigError, match="data.vqa_targets=sampled .* set train.loss_reduction=example"):
+        load_config("tiny", ["data.vqa_targets=sampled"])
+    load_config("tiny", ["data.vqa_targets=sampled", "train.loss_reduction=example"])
