@@ -1,7 +1,7 @@
 """Precompute frozen-CLIP features into a feature cache (then train with model.feature_source=cache).
 
     python launchers/extract_features.py --vision RN101 [--pretrained TAG_OR_FILE] \\
-        (--images DIR | --synthetic [--config NAME] [key=value ...] |
+        (--images DIR | --synthetic [--config NAME] [key=value ...] | --real --config NAME [key=value ...] |
          --hf-dataset NAME_OR_PATH --image-column COL [COL2] [--split S] [--id-column COL] [--skip-bad-records]) \\
         --out DIR [--batch-size N] [--video] [--fp16] [--device cpu|cuda]
 
@@ -10,7 +10,12 @@ patch tokens; videos (``--video``) give one CLIP image embedding per frame (F, E
 ``--images DIR`` (ids = file names without suffix, so ``x.jpg`` and ``x.png`` in one folder are
 refused; with ``--video`` each sub-folder is a video of frame images), ``--synthetic`` (every split
 of the config's tasks in the synthetic world, recorded in the cache with the seed and image size
-that decide its images; video tasks switch ``--video`` on), ``--hf-dataset`` (a HF ``datasets``
+that decide its images; video tasks switch ``--video`` on), ``--real`` (the real datasets of
+``--config`` under its ``data.root``, e.g. ``paper/clip_bart_single_adapter data.root=DIR``: every
+split's images that its image tasks name, found where training finds them (COCO's ``train2014/``
+and ``val2014/``, NLVR2's ``train/``, ``dev/``, ``test1/``), under the ids training looks up; a split
+without its annotation file is skipped and said; images missing for some examples are an error, or
+dropped with ``data.skip_bad_records=true`` as training drops them), ``--hf-dataset`` (a HF ``datasets``
 dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's
 ``data.hf_dataset`` path names them: ``<split>/<row>``, or the ``--id-column`` naming each row's
 image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once; NLVR2's two
@@ -36,15 +41,18 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--vision", help="open_clip model name (RN101, ViT-B-32, tiny-clip-rn, ...); "
-                                     "default with --synthetic: the config's model.vision")
+                                     "default with --synthetic / --real: the config's model.vision")
     ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file "
-                                                       "(default with --synthetic: model.vision_pretrained)")
+                                                       "(default with --synthetic / --real: model.vision_pretrained)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images (or, with --video, of frame folders)")
     src.add_argument("--synthetic", action="store_true", help="the synthetic world of --config")
+    src.add_argument("--real", action="store_true",
+                     help="the real datasets of --config (data.root): every split's images its image tasks name, "
+                          "under training's ids")
     src.add_argument("--hf-dataset", help="HF datasets name or save_to_disk folder")
-    ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic)")
-    ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic)")
+    ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic or --real)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic or --real)")
     ap.add_argument("--image-column", nargs="+", default=None, metavar="COL",
                     help="--hf-dataset: the image column, or NLVR2's two (left right, in data.hf_columns.image's "
                          "order; ids <split>/<row>/0 and /1)")
@@ -65,8 +73,15 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_intermixed_args(argv)
-    if args.overrides and not args.synthetic:
-        ap.error(f"config overrides {args.overrides} only apply with --synthetic")
+    if args.overrides and not (args.synthetic or args.real):
+        ap.error(f"config overrides {args.overrides} only apply with --synthetic or --real")
+    if args.config and not (args.synthetic or args.real):
+        ap.error("--config applies with --synthetic or --real only")
+    if args.real and not args.config:
+        ap.error("--real needs --config (the preset that trains on the data, e.g. "
+                 "--config paper/clip_bart_single_adapter data.root=DIR)")
+    if args.real and args.video:
+        ap.error("--video does not apply with --real (image tasks); extract video frames with --images DIR --video")
     if args.hf_dataset and not args.image_column:
         ap.error("--hf-dataset needs --image-column")
     for flag in ("skip_bad_records", "image_column", "id_column"):
@@ -76,7 +91,7 @@ def parse_args(argv=None):
         ap.error("--split applies to --hf-dataset only (--synthetic extracts every split of the config's tasks)")
     if args.pattern and not args.images:
         ap.error("--pattern applies to --images only")
-    if not args.synthetic and not args.vision:
+    if not (args.synthetic or args.real) and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):
         if getattr(args, flag) <= 0:
@@ -131,6 +146,42 @@ def synthetic_jobs(args, cfg):
             data = synthetic_split(cfg, task, split)
             jobs.append((SyntheticImages(data.visuals, f"synthetic {task}/{split}"), list(data.visuals), video))
     return jobs
+
+
+def real_jobs(cfg):
+    """([(source, ids, video)], notes) for --real: each image task's and split's images, from the
+    source training reads them from (``model.feature_source=images``), under the ids it looks up;
+    ``notes``: the splits left out (no annotation file)."""
+    from vlscale.data import check_visual_ids, load_examples
+    from vlscale.data.real import SPLITS, DataError, DataFileNotFound, real_visual_source
+    from vlscale.data.tasks import get_task
+
+    if cfg.data.source != "real":
+        raise DataError(f"--real: the config's data.source is {cfg.data.source!r}; set data.source=real and "
+                        "data.root=DIR (or use --synthetic)")
+    video = [t for t in cfg.data.tasks if get_task(t).modality == "video"]
+    if video:
+        raise DataError(f"--real extracts image tasks; data.tasks has video task(s) {video}: give data.tasks the "
+                        "image tasks only, and use the VALUE release's frame features (or --images DIR --video) "
+                        "for video")
+    jobs, notes, seen = [], [], set()
+    for task in cfg.data.tasks:
+        for split in SPLITS:
+            try:
+                examples = load_examples(cfg, task, split)
+            except DataFileNotFound as e:
+                notes.append(f"{task}/{split} skipped ({e})")
+                continue
+            source = real_visual_source(cfg, task, split)
+            examples = check_visual_ids(cfg, task, split, examples, source)
+            ids = [i for i in dict.fromkeys(i for e in examples for i in e.image_ids) if i not in seen]
+            seen.update(ids)
+            if ids:
+                jobs.append((source, ids, False))
+    if not jobs:
+        raise DataError(f"--real: no images to extract for data.tasks={cfg.data.tasks} under data.root="
+                        f"{cfg.data.root}" + (f" ({notes[0]})" if notes else ""))
+    return jobs, notes
 
 
 def hf_jobs(args):
@@ -197,16 +248,19 @@ def main(argv=None) -> int:
     from vlscale.modeling.vision import build_vision_encoder, image_transform, vision_dims
 
     pretrained, synthetic = args.pretrained, None
-    if args.synthetic:
-        from vlscale.data.synthetic import content_params
-
+    if args.synthetic or args.real:
+        # --real reads the images training would read without a cache, whatever the config's feature_source
+        overrides = args.overrides + (["model.feature_source=images"] if args.real else [])
         try:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, overrides)
         except ConfigError as e:
             raise SystemExit(f"config error: {e}") from None
         vision = args.vision or cfg.model.vision
         pretrained = pretrained if pretrained is not None else cfg.model.vision_pretrained
-        synthetic = content_params(cfg)
+        if args.synthetic:
+            from vlscale.data.synthetic import content_params
+
+            synthetic = content_params(cfg)
     else:
         vision = args.vision
     try:
@@ -214,9 +268,11 @@ def main(argv=None) -> int:
     except KeyError as e:
         raise SystemExit(f"--vision: {e.args[0]}") from None
     try:
-        hf_report = None
+        hf_report, notes = None, []
         if args.synthetic:
             jobs = synthetic_jobs(args, cfg)
+        elif args.real:
+            jobs, notes = real_jobs(cfg)
         elif args.images:
             jobs = image_folder_jobs(args)
         else:
@@ -242,6 +298,8 @@ def main(argv=None) -> int:
                 total[k] += stats[k]
     except DataError as e:
         raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
+    for note in notes:
+        print(f"--real: {note}")
     print(f"feature cache {args.out}: {total['written']} written, {total['skipped']} already there, "
           f"{total['total']} ids in all. Train with: model.feature_source=cache data.feature_cache={args.out}")
     if hf_report and hf_report["skipped"]:

@@ -153,6 +153,18 @@ def sampled_vqa_targets(examples, seed: int, step: int) -> tuple[list, list[floa
     return out, weights
 
 
+def _warn_unlabeled_vqa(examples) -> None:
+    """Real VQA training examples without a soft ``label`` (a ``data.hf_dataset``'s rows carry none) train
+    on their one target at weight 1 under ``data.vqa_targets=sampled``: said once, not silently."""
+    unlabeled = sum(1 for e in examples if e.extra.get("label") is None)
+    if unlabeled:
+        where = getattr(examples, "source", None)
+        logger.warning(f"data.vqa_targets=sampled: {unlabeled} of {len(examples)} vqa training examples"
+                       f"{' (' + str(where) + ')' if where else ''} have no soft 'label' (VL-T5's VQA files do; "
+                       "data.hf_dataset rows do not), so they train on their target at weight 1, as "
+                       "data.vqa_targets=best does")
+
+
 class TrainLoader:
     """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
 
@@ -171,6 +183,8 @@ class TrainLoader:
             self.examples[t] = check_visual_ids(cfg, t, "train", ex, self.sources[t])
             if not self.examples[t]:
                 raise _no_examples(cfg, t, "train", self.examples[t], len(ex))
+        if cfg.data.vqa_targets == "sampled" and cfg.data.source != "synthetic" and "vqa" in self.examples:
+            _warn_unlabeled_vqa(self.examples["vqa"])
         self.collator = Collator(tokenizer, cfg, vision_transform)
         self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
                                         self.micro * world_size * self.accum, seed=cfg.train.seed,
