@@ -398,6 +398,28 @@ def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
         source["COCO_val2014_000000999999"]
 
 
+def test_nlvr2_training_images_in_the_releases_numbered_folders(tmp_path):
+    """The NLVR2 release keeps training images in train/0 ... train/99 (the record's "directory"), the
+    others in dev/ and test1/: every split's images are found there (train/ alone missed them all)."""
+    from vlscale.data import check_visual_ids
+
+    root = tmp_path / "data"
+    shutil.copytree(ROOT / "nlvr2", root / "nlvr2", ignore=shutil.ignore_patterns("images"))
+    for img in (ROOT / "nlvr2" / "images").iterdir():
+        split, number = img.name.split("-")[:2]
+        folder = root / "nlvr2" / "images" / split / (str(int(number) % 2) if split == "train" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(img, folder / img.name)
+    assert sorted(p.name for p in (root / "nlvr2" / "images" / "train").iterdir()) == ["0", "1"]
+    cfg = make_cfg(root, tasks=["nlvr2"])
+    for split in ("train", "val", "test"):
+        examples = load_real_examples(cfg, "nlvr2", split)
+        source = real_visual_source(cfg, "nlvr2", split)
+        assert check_visual_ids(cfg, "nlvr2", split, examples, source) == examples
+        for e in examples:
+            assert all(source[i].shape[-1] == 3 for i in e.image_ids)
+
+
 # ----------------------------------------------------------------------------- visual ids, up front
 
 def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_skipped(tmp_path, caplog):

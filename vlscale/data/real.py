@@ -406,7 +406,12 @@ def real_visual_source(cfg, task: str, split: str):
     from vlscale.data.visual import ImageFolder
 
     folders = [ImageFolder(path, pattern=pattern)]
-    folders += [ImageFolder(path / sub, pattern=pattern) for sub in subfolders if (path / sub).is_dir()]
+    for sub in subfolders:
+        if (path / sub).is_dir():
+            folders.append(ImageFolder(path / sub, pattern=pattern))
+            # NLVR2's release keeps its training images in numbered folders: train/0 ... train/99
+            folders += [ImageFolder(d, pattern=pattern) for d in sorted((path / sub).iterdir(), key=lambda d: d.name)
+                        if d.is_dir() and d.name.isdigit()]
     return folders[0] if len(folders) == 1 else FirstOf(folders)
 
 
