@@ -112,17 +112,26 @@ def test_the_preset_trains_from_that_cache_and_resumes_to_the_same_losses(real, 
 
 
 def test_sampled_targets_say_when_real_vqa_examples_have_no_soft_label(real, caplog):
-    """The preset's data.vqa_targets=sampled needs VL-T5's soft labels; an HF dataset's VQA rows have none and
-    would train on one answer at weight 1 without a word: the loader says so (VL-T5's files: nothing said)."""
+    """The preset's data.vqa_targets=sampled needs soft labels: VL-T5's files carry them, an HF dataset's VQA
+    rows get them from their human answers (vqa_soft_label), and rows with one answer only would train on it at
+    weight 1 without a word: the loader says so for those alone."""
     root, _ = real
     hf = FIXTURE.parent / "hf_multi"
     common = ["data.tasks=[vqa]", "model.feature_source=images", "train.micro_batch_size=2"]
     with caplog.at_level("WARNING", logger="vlscale.data"):
         cfg = preset(root, "", *common)
         build_train_loader(cfg, build_tokenizer(cfg))
-        assert "no soft 'label'" not in caplog.text
         cfg = preset(root, "", *common, f"data.hf_dataset={hf}",
                      "data.hf_columns={image: image, question: question, answers: answers, id: qid}")
+        loader = build_train_loader(cfg, build_tokenizer(cfg))
+        batch = next(loader)
+        assert "no soft 'label'" not in caplog.text
+        labels = {e.uid: e.extra["label"] for e in loader.examples["vqa"]}
+        assert labels["2"] == {"1": 1.0}  # 7 x "1" and 3 x "one", normalised as the official scorer does
+        for uid, target, w in zip(batch["uids"], batch["targets"], batch["loss_weights"].tolist()):
+            assert w == labels[uid][target]
+        cfg = preset(root, "", *common, f"data.hf_dataset={hf}",
+                     "data.hf_columns={image: image, question: question, answer: multiple_choice_answer, id: qid}")
         batch = next(build_train_loader(cfg, build_tokenizer(cfg)))
     assert batch["loss_weights"].tolist() == [1.0, 1.0]
     assert ("data.vqa_targets=sampled: 3 of 3 vqa training examples" in caplog.text

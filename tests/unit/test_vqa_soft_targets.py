@@ -67,3 +67,11 @@ def test_sampled_targets_need_per_example_losses():
     with pytest.raises(ConfigError, match="data.vqa_targets=sampled .* set train.loss_reduction=example"):
         load_config("tiny", ["data.vqa_targets=sampled"])
     load_config("tiny", ["data.vqa_targets=sampled", "train.loss_reduction=example"])
+
+
+def test_soft_labels_from_human_answers_score_as_lxmert_and_vlt5():
+    from vlscale.data.vqa import vqa_soft_label
+
+    answers = ["red"] * 5 + ["Red."] + ["blue"] * 2 + ["three"] + ["dark red"]
+    assert vqa_soft_label(answers) == {"red": 1.0, "blue": 0.6, "3": 0.3, "dark red": 0.3}
+    assert vqa_soft_label(["yes"] * 3) == {"yes": 0.9}

@@ -161,7 +161,7 @@ def _warn_unlabeled_vqa(examples) -> None:
         where = getattr(examples, "source", None)
         logger.warning(f"data.vqa_targets=sampled: {unlabeled} of {len(examples)} vqa training examples"
                        f"{' (' + str(where) + ')' if where else ''} have no soft 'label' (VL-T5's VQA files do; "
-                       "data.hf_dataset rows do not), so they train on their target at weight 1, as "
+                       "data.hf_dataset rows without an answers column do not), so they train on their target at weight 1, as "
                        "data.vqa_targets=best does")
 
 

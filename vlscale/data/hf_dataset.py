@@ -12,7 +12,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     question | text            the text input (vqa, gqa, nlvr2)
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
                                (strings or {"answer": ...}); VQA's target is ``answer`` or the most
-                               frequent of ``answers``, its references are ``answers``
+                               frequent of ``answers``, its references are ``answers``, and its soft
+                               ``label`` (data.vqa_targets=sampled) is scored from them
     caption | captions         caption: one caption or a list (train: one example per caption)
     label                      nlvr2: 0/1, true/false
     id                         optional: the uid column (default "<split>-<row>")
@@ -343,6 +344,10 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
                 counts = Counter(answers)
                 target = best_answer({a: float(c) for a, c in counts.items()})
             refs = answers if (task == "vqa" and answers) else [target]
+            if task == "vqa" and answers:  # for data.vqa_targets=sampled, as VL-T5's files carry one
+                from vlscale.data.vqa import vqa_soft_label
+
+                extra["label"] = vqa_soft_label(answers)
             examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
                                 references=refs, extra=extra, source=source_name)]
         elif task == "nlvr2":

@@ -26,6 +26,16 @@ from vlscale.data.tasks import Example
 ID_KEYS = ("question_id",)
 
 
+def vqa_soft_label(answers: list[str]) -> dict[str, float]:
+    """A soft ``label`` from the human answers, as LXMERT / VL-T5 made theirs: each distinct answer, after the
+    official normalisation, scores 0.3, 0.6, 0.9 for 1, 2, 3 annotators and 1.0 for 4 or more. (Theirs also
+    drops answers outside the 3,129-answer vocabulary; here every answer is kept.)"""
+    from vlscale.metrics.vqa import normalize_vqa_answer
+
+    counts = Counter(a for a in (normalize_vqa_answer(x) for x in answers) if a)
+    return {a: (0.0, 0.3, 0.6, 0.9)[c] if c < 4 else 1.0 for a, c in counts.items()}
+
+
 def raw_answers(rec: Record, key: str = "answers") -> list[str]:
     """The human answers, given as ``{"answer": str}`` objects or as strings."""
     answers = rec.get(key, list)
