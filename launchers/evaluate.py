@@ -133,7 +133,6 @@ def java_metrics_problem() -> None:
 # config (a file holding the training run's concrete batch sizes also serves on another number of ranks).
 TRAINING_ONLY_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                       "gradient_clipping", "optimizer", "scheduler")
-DICT_SOURCE = "<DeepSpeed config dict>"  # deepspeed_config.load_ds_file's name for a dict, replaced by the file's
 
 
 def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, zero_stage_override=None) -> dict:
@@ -144,8 +143,7 @@ def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, z
     evaluate's command line) does. ZeRO-Infinity's async_io op is checked before the model is built."""
     import dataclasses
 
-    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
-                                                 load_ds_file, resolve_ds_file)
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, check_nvme_support, load_ds_file, resolve_ds_file
 
     ds, source = load_ds_file(resolve_ds_file(ds_file))
     for key in TRAINING_ONLY_KEYS:
@@ -153,10 +151,7 @@ def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, z
     if isinstance(ds.get("zero_optimization"), dict):
         ds["zero_optimization"].pop("offload_optimizer", None)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=zero_stage_override))
-    try:
-        ds = build_deepspeed_config(ds, cfg, world_size, device_type=device_type)
-    except DeepSpeedConfigError as e:
-        raise DeepSpeedConfigError(str(e).replace(DICT_SOURCE, source)) from None
+    ds = build_deepspeed_config(ds, cfg, world_size, device_type=device_type, source=source)
     ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
     check_nvme_support(ds)
     return ds

@@ -145,12 +145,13 @@ def resolve_ds_file(path: str) -> str:
     return path
 
 
-def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict]) -> tuple[dict, str]:
-    """-> (a deep copy of the config dict, a name for messages). Unknown top-level keys are refused."""
+def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optional[str] = None) -> tuple[dict, str]:
+    """-> (a deep copy of the config dict, a name for messages). Unknown top-level keys are refused.
+    ``source``: the name of a dict in messages (e.g. the file it was read from)."""
     if isinstance(ds_file_or_dict, dict):
-        data = copy.deepcopy(ds_file_or_dict)
-        check_top_level_keys(data, "<DeepSpeed config dict>")
-        return data, "<DeepSpeed config dict>"
+        data, source = copy.deepcopy(ds_file_or_dict), source or "<DeepSpeed config dict>"
+        check_top_level_keys(data, source)
+        return data, source
     path = Path(ds_file_or_dict)
     if not path.is_file():
         raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} does not exist "
@@ -248,15 +249,17 @@ def global_batch_size(cfg, world_size: int) -> int:
 
 
 def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig, world_size: int,
-                           *, device_type: Optional[str] = None, hidden_size: Optional[int] = None) -> dict:
+                           *, device_type: Optional[str] = None, hidden_size: Optional[int] = None,
+                           source: Optional[str] = None) -> dict:
     """The final DeepSpeed config dict of a run (see the module docstring for what comes from where).
 
     ``device_type``: ``cpu`` or ``cuda`` (default: detected); fp16 on ``cpu`` is refused.
     ``hidden_size``: the width the ZeRO bucket sizes derive from (default: from the model's registry).
+    ``source``: the name of a dict in messages (:func:`load_ds_file`).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise DeepSpeedConfigError(f"world_size={world_size!r} must be a positive integer")
-    ds, source = load_ds_file(ds_file_or_dict)
+    ds, source = load_ds_file(ds_file_or_dict, source)
     r = _Resolver(ds, source)
     t = cfg.train
     device_type = device_type or default_device_type()

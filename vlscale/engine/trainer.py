@@ -347,8 +347,6 @@ def check_resumed_data(out: Path, tag: str, loader) -> None:
     DataError) on a copy, so the loader keeps its position until :func:`setup_run` restores it."""
     import copy
 
-    if tag is None:
-        return  # --resume with no checkpoint yet: a fresh start
     saved = ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("loader") or {}
     if "sampler" not in saved:
         return  # no sampler recorded: the loader's own load_state_dict reports it after the checkpoint loads
@@ -484,7 +482,6 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
         raise RuntimeError(f"step {run.step + 1}: the micro-batches of one step mix tasks "
                            f"{sorted({b['task'] for b in batches})}; the loader must keep one task per step")
     reduction = run.cfg.train.loss_reduction
-    cross_entropy_sum = _example_cross_entropy_sum if reduction == "example" else _token_cross_entropy_sum
     (n_terms,) = all_reduce_sum([sum(_loss_terms(b, reduction) for b in batches)], run.dist.device)
     scale = world * k / max(n_terms, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.dist.device)
@@ -495,8 +492,8 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
         weights = batch.get("loss_weights")  # fp32, not cast to the run's precision with the batch
         batch = to_device({k: v for k, v in batch.items() if k != "loss_weights"}, run.dist.device, run.dtype)
         out = engine(batch)
-        ce = (_example_cross_entropy_sum(out.logits, batch["labels"], weights) if weights is not None
-              else cross_entropy_sum(out.logits, batch["labels"]))
+        ce = (_example_cross_entropy_sum(out.logits, batch["labels"], weights) if reduction == "example"
+              else _token_cross_entropy_sum(out.logits, batch["labels"]))  # weights come with "example" only
         engine.backward(ce * scale)
         loss_sum += ce.detach().double()
         if i < k - 1:
