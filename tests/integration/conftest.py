@@ -149,7 +149,9 @@ def read_log(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / "train_log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    # a run may be writing its next line while this reads: only whole lines count
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def read_json(path: Path):

@@ -14,10 +14,14 @@ SCRIPT = '''
 import json, os, sys, time
 import torch
 rank = int(os.environ.get("RANK", "0"))
-json.dump({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "threads": torch.get_num_threads(),
-           "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                                 "MASTER_ADDR", "MASTER_PORT", "PROBE")},
-           "pgid": os.getpgid(0)}, open(sys.argv[1] + f".{rank}", "w"))
+seen = {"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                              "MASTER_ADDR", "MASTER_PORT", "PROBE")},
+        "pgid": os.getpgid(0)}
+# written whole, then renamed: the test polls for the file while this process is still running
+with open(sys.argv[1] + f".{rank}.tmp", "w") as f:
+    json.dump(seen, f)
+os.replace(sys.argv[1] + f".{rank}.tmp", sys.argv[1] + f".{rank}")
 print(f"rank {rank} says hello")
 mode = sys.argv[2]
 if mode == "fail" and rank == 1:
