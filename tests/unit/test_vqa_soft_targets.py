@@ -75,3 +75,27 @@ def test_soft_labels_from_human_answers_score_as_lxmert_and_vlt5():
     answers = ["red"] * 5 + ["Red."] + ["blue"] * 2 + ["three"] + ["dark red"]
     assert vqa_soft_label(answers) == {"red": 1.0, "blue": 0.6, "3": 0.3, "dark red": 0.3}
     assert vqa_soft_label(["yes"] * 3) == {"yes": 0.9}
+
+
+def _step_targets(world_size: int, steps: int) -> list[list[tuple[str, str]]]:
+    """Each step's (uid, drawn target) pairs, gathered from every rank (global batch 12 of 3 questions)."""
+    cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", root=str(ROOT), vqa_targets="sampled"),
+                    train=TrainConfig(loss_reduction="example", micro_batch_size=12 // world_size))
+    loaders = [build_train_loader(cfg, build_tokenizer(cfg), rank, world_size) for rank in range(world_size)]
+    out = []
+    for _ in range(steps):
+        pairs = []
+        for loader in loaders:
+            batch = next(loader)
+            pairs += list(zip(batch["uids"], batch["targets"]))
+        out.append(sorted(pairs))
+    return out
+
+
+def test_a_question_repeated_in_one_step_gets_a_draw_per_copy_the_same_on_any_number_of_ranks():
+    """3 questions in a global batch of 12: each comes 4 times a step. The reference draws an answer for
+    every copy; keyed by uid alone, every copy of "red"/"blue" (scores 1.0/1.0) said the same."""
+    one, two = _step_targets(1, 6), _step_targets(2, 6)
+    assert one == two
+    mixed = [len({t for uid, t in step if t in ("red", "blue")}) == 2 for step in one]
+    assert any(mixed), one

@@ -125,16 +125,18 @@ def _no_examples(cfg, task: str, split: str, examples: list, loaded: int) -> Exc
     return DataError(f"task {task!r} has no {what} in split {split!r} ({where}): {why}")
 
 
-def sampled_vqa_targets(examples, seed: int, step: int) -> tuple[list, list[float]]:
+def sampled_vqa_targets(examples, seed: int, step: int, copies: Optional[list[int]] = None) -> tuple[list, list[float]]:
     """``data.vqa_targets=sampled``: each example's target drawn from its soft ``label`` in proportion to the
     scores, and the score as its loss weight (VL-T5's VQA dataset and train_step). Keyed by (seed, step,
-    uid): the same on every rank, for any number of ranks and after a resume. No scored answer: target
+    uid, copy): the same on every rank, for any number of ranks and after a resume; ``copies[i]`` says how
+    many times example i's question came earlier in the step's global batch (a task smaller than the
+    batch repeats questions), so each copy gets its own draw, as the reference's. No scored answer: target
     "" at weight 0, as the reference; no ``label`` at all: the example as it is, weight 1."""
     import dataclasses
     import zlib
 
     out, weights = [], []
-    for e in examples:
+    for e, copy in zip(examples, copies or [0] * len(examples), strict=True):
         label = e.extra.get("label")
         if label is None:
             out.append(e)
@@ -146,7 +148,7 @@ def sampled_vqa_targets(examples, seed: int, step: int) -> tuple[list, list[floa
             weights.append(0.0)
             continue
         scores = np.array([label[a] for a in answers], dtype=np.float64)
-        rng = np.random.default_rng([seed, step, zlib.crc32(str(e.uid).encode())])
+        rng = np.random.default_rng([seed, step, zlib.crc32(str(e.uid).encode())] + ([copy] if copy else []))
         k = int(rng.choice(len(answers), p=scores / scores.sum()))
         out.append(dataclasses.replace(e, target=answers[k]))
         weights.append(float(scores[k]))
@@ -191,7 +193,7 @@ class TrainLoader:
                                         sampling=cfg.data.sampling, temperature=cfg.data.temperature)
         self.step = 0  # optimizer steps fully consumed
         self._micro_index = 0  # micro-batches of the current step already handed out
-        self._current: Optional[tuple[str, list[list[int]]]] = None
+        self._current: Optional[tuple[str, list[list[tuple[int, int]]]]] = None
 
     @property
     def global_batch_size(self) -> int:
@@ -206,13 +208,13 @@ class TrainLoader:
 
     def __next__(self) -> dict:
         if self._current is None:
-            task, indices = self.sampler.step(self.step)
-            self._current = (task, shard(indices, self.rank, self.world_size, self.micro, self.accum))
+            self._current = self._step_parts(self.step)
         task, parts = self._current
-        examples = [self.examples[task][i] for i in parts[self._micro_index]]
+        examples = [self.examples[task][i] for i, _ in parts[self._micro_index]]
         weights = None
         if task == "vqa" and self.cfg.data.vqa_targets == "sampled":
-            examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, self.step)
+            examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, self.step,
+                                                    [copy for _, copy in parts[self._micro_index]])
         batch = self.collator(examples, fetch_visuals(self.sources[task], examples))
         if weights is not None:
             batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
@@ -222,6 +224,17 @@ class TrainLoader:
             self._micro_index = 0
             self._current = None
         return batch
+
+    def _step_parts(self, step: int) -> tuple[str, list[list[tuple[int, int]]]]:
+        """Step ``step``'s task and this rank's micro-batches of (index, copy): copy counts the index's
+        earlier occurrences in the step's global batch (the same for any number of ranks)."""
+        task, indices = self.sampler.step(step)
+        seen: dict[int, int] = {}
+        pairs = []
+        for i in indices:
+            pairs.append((i, seen.get(i, 0)))
+            seen[i] = pairs[-1][1] + 1
+        return task, shard(pairs, self.rank, self.world_size, self.micro, self.accum)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "micro_index": self._micro_index, "sampler": self.sampler.state_dict(),
@@ -239,8 +252,7 @@ class TrainLoader:
         self._micro_index = int(state.get("micro_index", 0))
         self._current = None
         if self._micro_index:
-            task, indices = self.sampler.step(self.step)
-            self._current = (task, shard(indices, self.rank, self.world_size, self.micro, self.accum))
+            self._current = self._step_parts(self.step)
 
 
 def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None) -> TrainLoader:
