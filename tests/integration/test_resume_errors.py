@@ -184,6 +184,52 @@ def test_a_disk_filling_during_a_save_is_one_line_and_the_previous_checkpoint_is
     assert ckpt.check_output_dir(out, True, 1, 4, zero_stage=0) == "step1"
 
 
+ONE_RANK_FULL_PROBE = """
+import os, runpy, sys, safetensors.torch, torch
+rank, what = os.environ["RANK"], os.environ["PROBE_FAIL"]
+real_save, real_file = torch.save, safetensors.torch.save_file
+def save(obj, f, *args, **kwargs):  # DeepSpeed's TorchCheckpointEngine writes with torch.save
+    if what == "checkpoint" and rank == "1" and ".tmp-step2" in str(f):  # one node's local disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368")
+    return real_save(obj, f, *args, **kwargs)
+calls = []
+def save_file(tensors, f, *args, **kwargs):  # the adapter is rank 0's to write; its second save is step 2's
+    calls.append(f)
+    if what == "adapter" and rank == "0" and len(calls) == 2:
+        raise OSError(28, "No space left on device")
+    return real_file(tensors, f, *args, **kwargs)
+torch.save, safetensors.torch.save_file = save, save_file
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "adapter"])
+def test_a_write_failing_on_one_rank_is_the_same_one_line_on_every_rank(h, preloaded, tmp_path, what):
+    """Rank 1's part of the checkpoint (its ZeRO-3 optimizer partition) or rank 0's adapter cannot be
+    written at step 2 of 3. Every rank stops with the failing rank's reason; raised on that rank alone, the
+    other ended inside DeepSpeed's barrier on gloo's "Connection closed by peer", with a traceback."""
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(ONE_RANK_FULL_PROBE)
+    args = ["--no-progress", "--config", "tiny", *h.TINY, *ARGS, f"output_dir={out}"]
+    proc = preloaded.run(script, [h.TRAIN, *args], nproc=2, env=dict(h.base_env(), PROBE_FAIL=what), cwd=h.ROOT,
+                         timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "Connection closed" not in proc.stdout, proc.stdout[-3000:]
+    root = out / "checkpoints"
+    if what == "checkpoint":
+        line = (f"CheckpointError: the checkpoint at step 2 could not be written to {root} (rank 1: RuntimeError: "
+                f"[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4368; ")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step1"]
+    else:
+        line = (f"CheckpointError: the adapter at step 2 could not be written to {out / 'adapter'} (rank 0: No space "
+                f"left on device; ")
+        assert ckpt.read_adapter_config(out / "adapter")["step"] == 1
+    for rank in (0, 1):
+        assert f"vlscale: rank {rank}: {line}" in proc.stdout, proc.stdout[-3000:]
+
+
 EVAL_INTERRUPT_PROBE = """
 import os, runpy, signal, sys
 from vlscale.engine.distributed import Watchdog

@@ -16,7 +16,8 @@ data-loader position, python/numpy/torch RNG states, a fingerprint of the frozen
 checkpoint is written to ``.tmp-step<N>/`` and renamed into place, then the ``latest`` file is
 replaced atomically, so a crash while saving leaves the previous checkpoint intact. Older
 checkpoints beyond the last ``keep`` are removed. A save that fails while writing (a full disk) removes
-its temporary folder and is a :class:`CheckpointError` naming the step, the reason and the folder.
+its temporary folder and is a :class:`CheckpointError` naming the step, the reason and the folder, on
+every rank (with the rank that failed), whichever rank's write failed.
 Rank 0's client state also records the ZeRO stage and the names and sizes of DeepSpeed's files, so a
 resume at another stage, or of a checkpoint missing a file, is refused before DeepSpeed reads it
 (:func:`check_checkpoint_files`).
@@ -189,26 +190,27 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab_size: Optional[int] = None,
                  rank: int = 0, extra: Optional[dict] = None) -> Optional[Path]:
-    """Write ``adapter_dir`` (see the module docstring). Collective under ZeRO-3; rank 0 writes."""
+    """Write ``adapter_dir`` (see the module docstring). Collective (every rank calls it); rank 0 writes,
+    and a write that fails is the same :class:`CheckpointError` on every rank."""
     state = gather_trainable_state_dict(model, rank=rank)
     buffers = gather_trained_buffers(model, rank=rank)
-    if rank != 0:
-        return None
     adapter_dir = Path(adapter_dir)
     tmp = adapter_dir.with_name(f".tmp-{adapter_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        _write_adapter(state, buffers, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
-    except (OSError, RuntimeError) as e:
-        if not is_write_failure(e):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    writes = _Writes(tmp)
+    if rank == 0:
+        with writes:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            _write_adapter(state, buffers, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
+    reason = writes.agree()
+    if reason is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         at = f" at step {extra['step']}" if extra and "step" in extra else ""
         kept = "the previous adapter/ is intact" if adapter_dir.is_dir() else "no earlier adapter/ exists"
-        raise CheckpointError(f"the adapter{at} could not be written to {adapter_dir} "
-                              f"({write_failure_reason(e, tmp)}); {kept} and the temporary folder is removed") from e
-    return adapter_dir
+        raise CheckpointError(f"the adapter{at} could not be written to {adapter_dir} ({reason}); {kept} and the "
+                              "temporary folder is removed") from writes.error
+    return adapter_dir if rank == 0 else None
 
 
 def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size,
@@ -886,8 +888,65 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
         f"train.micro_batch_size x train.gradient_accumulation_steps{hint}, so that the data order continues.")
 
 
+class _Writes:
+    """One rank's file writes during a collective save. A write failure (:func:`is_write_failure`) is kept,
+    not raised, and later writes are skipped, so the rank goes on through the save's collectives with the
+    others; :meth:`agree` (collective) then tells every rank which ranks failed. Raised at once, a failure
+    on one rank (a full local disk on one node) left the others in DeepSpeed's barrier, to end on a gloo
+    error ("Connection closed by peer") instead of the reason."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.error: Optional[BaseException] = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is None or not isinstance(error, (OSError, RuntimeError)) or not is_write_failure(error):
+            return False
+        self.error = self.error or error
+        return True
+
+    def guard(self, fn):
+        def guarded(*args, **kwargs):
+            if self.error is None:
+                with self:
+                    return fn(*args, **kwargs)
+        return guarded
+
+    @contextlib.contextmanager
+    def inside(self, engine):
+        """DeepSpeed's own writes during ``engine.save_checkpoint`` (its checkpoint engine's ``save`` and
+        ``makedirs``, the recovery script's copy) go through :meth:`guard`."""
+        writer = getattr(engine, "checkpoint_engine", None)
+        patched = [(obj, name, getattr(obj, name), name in vars(obj)) for obj, name in
+                   ((writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script"))
+                   if obj is not None and hasattr(obj, name)]
+        for obj, name, fn, _ in patched:
+            setattr(obj, name, self.guard(fn))
+        try:
+            with self:
+                yield
+        finally:
+            for obj, name, fn, own in patched:
+                setattr(obj, name, fn) if own else delattr(obj, name)
+
+    def agree(self) -> Optional[str]:
+        """Collective: None when every rank wrote its part, else each failed rank's reason."""
+        from vlscale.engine.distributed import all_gather_object
+
+        mine = write_failure_reason(self.error, self.folder) if self.error is not None else None
+        reasons = all_gather_object(mine)
+        failed = [(r, why) for r, why in enumerate(reasons) if why is not None]
+        if not failed:
+            return None
+        return "; ".join(why if len(reasons) == 1 else f"rank {r}: {why}" for r, why in failed)
+
+
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int, keep: int = 2) -> str:
-    """Write ``checkpoints/step<N>`` atomically (collective: every rank calls it). Returns the tag."""
+    """Write ``checkpoints/step<N>`` atomically (collective: every rank calls it). Returns the tag. A write
+    failure on any rank is the same :class:`CheckpointError` on every rank, naming the rank and reason."""
     from vlscale.engine.distributed import barrier
 
     root = Path(output_dir) / "checkpoints"
@@ -897,41 +956,49 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
         previous = latest_tag(root)
     except CheckpointError:
         previous = None
-    try:
+    writes = _Writes(root)
+
+    def check() -> None:
+        reason = writes.agree()
+        if reason is None:
+            return
         if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+        kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"the checkpoint at step {step} could not be written to {root} ({reason}); {kept}, "
+                              f"and the temporary folder {tmp.name} is removed") from writes.error
+
+    if rank == 0:
+        with writes:
             # what an earlier save that died left: its half-written folder, or a replaced one not yet removed
             for stale in [*root.glob(".tmp-step*"), *root.glob("step*.old"), *root.glob(".universal-step*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
-        barrier()
-        with frozen_left_out(engine.module):
-            engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
-                                   exclude_frozen_parameters=True)
-        state = dict(client_state, rng=rng_state())
-        stage = getattr(engine, "zero_optimization_stage", None)
-        if stage is not None:
-            state["zero_stage"] = int(stage())
-        if rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are written
-            state["deepspeed_files"] = {f.name: f.stat().st_size for f in sorted((tmp / tag).iterdir())
-                                        if f.is_file() and not f.name.startswith("client_state_rank")}
-        (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
-        barrier()
-        if rank == 0:
+    check()
+    with frozen_left_out(engine.module), writes.inside(engine):
+        engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+    state = dict(client_state, rng=rng_state())
+    stage = getattr(engine, "zero_optimization_stage", None)
+    if stage is not None:
+        state["zero_stage"] = int(stage())
+    with writes:
+        if writes.error is None:
+            if rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are written
+                state["deepspeed_files"] = {f.name: f.stat().st_size for f in sorted((tmp / tag).iterdir())
+                                            if f.is_file() and not f.name.startswith("client_state_rank")}
+            (tmp / tag / f"client_state_rank{rank}.json").write_text(json.dumps(_to_jsonable(state)))
+    check()
+    if rank == 0:
+        with writes:
             _replace_dir(tmp / tag, root / tag)
             shutil.rmtree(tmp)
             pointer = root / f".{LATEST}.tmp"
             pointer.write_text(tag)
             os.replace(pointer, root / LATEST)
-    except (OSError, RuntimeError) as e:
-        if not is_write_failure(e):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        (root / f".{LATEST}.tmp").unlink(missing_ok=True)
-        kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
-                else "no earlier checkpoint exists")
-        raise CheckpointError(f"the checkpoint at step {step} could not be written to {root} "
-                              f"({write_failure_reason(e, root)}); {kept}, and the temporary folder {tmp.name} "
-                              f"is removed") from e
+    check()
     if rank == 0:
         tags = sorted((p for p in root.glob("step*") if p.is_dir() and step_number(p.name) is not None),
                       key=lambda p: step_number(p.name))

@@ -231,6 +231,17 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (one collective; ``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     import torch.distributed as dist
 
