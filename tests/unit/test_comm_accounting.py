@@ -160,3 +160,109 @@ def test_counted_bytes_match_the_accounting_on_two_ranks(tmp_path, preloaded):
     assert r["comm_bytes_per_step"]["all_gather"] > 10 * r["comm_bytes_per_step"]["reduce_scatter"], \
         "the frozen backbone dominates the traffic"
     assert 0.48 < r["param_bytes_per_rank"] / r["total_param_bytes"] < 0.56
+
+
+def test_recompute_and_backward_nesting_by_hand():
+    """DeepSpeed's rules the checkpointed trace needs (``_replay_zero3``): a unit gathered for backward
+    stays gathered while a recompute runs inside its backward (the adapter ``a2``: not gathered again);
+    a trainable unit the recompute runs is released after it as in forward (``a1``: gathered again for
+    its own backward); a frozen parameter the recompute gathers is held by the backward unit running
+    then (``wi`` under ``a2``), so its own backward finds it and it is released with ``a2``."""
+    from vlscale.engine.comm import Zero3Trace, Zero3Unit
+
+    info = {"w": ParamInfo(1000, False), "wi": ParamInfo(500, False), "a1": ParamInfo(30, True),
+            "a2": ParamInfo(40, True)}
+    units = [Zero3Unit("block", True, [], ["w"]), Zero3Unit("wi", False, ["wi"], ["wi"]),
+             Zero3Unit("a1", False, ["a1"], ["a1"]), Zero3Unit("a2", False, ["a2"], ["a2"])]
+    block, wi, a1, a2 = range(4)
+    fwd = [("fetch", block, "forward"), ("fetch", wi, "forward"), ("release", wi, "forward"),
+           ("fetch", a1, "forward"), ("release", a1, "forward"), ("fetch", a2, "forward"),
+           ("release", a2, "forward"), ("release", block, "forward")]
+    bwd = [("fetch", block, "backward"), ("fetch", a2, "backward"),
+           ("fetch", wi, "recompute"), ("release", wi, "forward"), ("fetch", a1, "recompute"),
+           ("release", a1, "forward"), ("fetch", a2, "recompute"),  # stopped early: no release
+           ("release", a2, "backward"), ("fetch", a1, "backward"), ("release", a1, "backward"),
+           ("fetch", wi, "backward"), ("release", wi, "backward"), ("release", block, "backward"),
+           ("backward_end", None, None)]
+    pred = zero3_comm_accounting(Zero3Trace(units, fwd + bwd, info), info, 2, param_bytes=4,
+                                 param_persistence_threshold=0)
+    d = pred.detail
+    assert d["forward_all_gather"] == {"frozen": 4 * (1000 + 500), "trainable": 4 * (30 + 40)}
+    assert d["recompute_all_gather"] == {"frozen": 4 * 500, "trainable": 4 * 30}
+    # a2 gathered once for backward; a1 again after the recompute released it; wi only when a2 let go
+    assert d["backward_all_gather"] == {"frozen": 4 * (1000 + 500), "trainable": 4 * (40 + 30)}
+    assert pred.all_gather == 4 * (2 * 1500 + 500 + 2 * 70 + 30)
+    # wi's backward fetch inside a2's backward: still held, no gather
+    moved = bwd[:7] + [("fetch", wi, "backward"), ("release", wi, "backward")] + \
+        [e for e in bwd[7:] if e[1] != wi]
+    held = zero3_comm_accounting(Zero3Trace(units, fwd + moved, info), info, 2, param_bytes=4,
+                                 param_persistence_threshold=0)
+    assert pred.all_gather - held.all_gather == 4 * 500
+
+
+def test_checkpointed_trace_of_the_real_model():
+    """The tiny CLIP-T5 with gradient checkpointing, traced forward and backward on the meta device:
+    the leaf T5 blocks are not fetched again in backward's recompute (transformers checkpoints their
+    ``forward``, inside their hooks) but the adapters their sublayers call are; a model whose
+    checkpointing differs from the config is refused."""
+    from vlscale.config import load_config
+    from vlscale.engine.comm import trace_zero3_step
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.profiling.measure import synthetic_batch
+
+    cfg = load_config("tiny", ["train.micro_batch_size=2", "train.gradient_checkpointing=true"])
+    model = build_model(cfg, vocab_size=700, device="meta")
+    mark_zero3_leaf_layers(model, cfg)
+    trace = trace_zero3_step(model, synthetic_batch(cfg, 1, 700, device="meta"))
+    recomputed = [trace.units[u].name for kind, u, phase in trace.events if kind == "fetch" and phase == "recompute"]
+    assert recomputed and not any(".block." in n for n in recomputed)
+    assert all(n.startswith("peft.") for n in recomputed), recomputed
+    end_of_forward = max(i for i, e in enumerate(trace.events) if e[2] == "forward" and e[0] == "fetch")
+    assert all(i > end_of_forward for i, e in enumerate(trace.events) if e[2] == "recompute")
+    assert all(p.grad is None for p in model.parameters())  # the trace leaves no gradients behind
+    ds = build_deepspeed_config(str(ROOT / "ds_configs" / "zero3.json"), cfg, 2, device_type="cpu")
+    ds["zero_optimization"]["stage3_max_reuse_distance"] = 0
+    pred = predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model)
+    assert pred.detail["gradient_checkpointing"] and pred.detail["recompute_all_gather"]["trainable"] > 0
+    cfg.train.gradient_checkpointing = False
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model)
+
+
+def _scale_prediction(args: list[str]):
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale
+
+    from vlscale.data import build_tokenizer
+
+    a = scale.parse_args(args)
+    cfg = scale.bench_config(a)
+    return predict_zero3_comm(cfg, scale.bench_ds_config(a, cfg, 2), 2, vocab_size=len(build_tokenizer(cfg)))
+
+
+def test_counted_bytes_match_the_accounting_with_gradient_checkpointing(tmp_path, preloaded):
+    """As above with train.gradient_checkpointing=true (the 8 x 24 GiB ZeRO-3 presets' setting): in
+    backward each checkpointed T5 block runs its forward again, and the adapters its sublayers call
+    are gathered again for it, except one still gathered for its own backward; the embeddings'
+    output needs a gradient (transformers' enable_input_require_grads), so they are gathered in
+    backward too. Counted all-gather and reduce-scatter bytes of steps 2-3 equal the accounting."""
+    out = tmp_path / "r.json"
+    args = ["--model", "tiny-t5", "--vision", "tiny-clip-rn", "--steps", "3", "--reuse-distance", "0"]
+    proc = preloaded.run(ROOT / "benchmarks" / "scale.py",
+                         ["--worker", "--result", out, "--workdir", tmp_path / "run", *args, "--quiet",
+                          "train.gradient_checkpointing=true"],
+                         nproc=2, env=dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120"), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    r = json.loads(out.read_text())
+    predicted = r["predicted_comm_bytes_per_step"]
+    for kind in ("all_gather", "reduce_scatter"):
+        counted = [step[kind] for step in r["comm_bytes_by_step"][1:]]
+        assert counted == [predicted[kind]] * len(counted), (kind, counted, predicted[kind])
+    assert predicted["detail"]["gradient_checkpointing"]
+    assert predicted["detail"]["recompute_all_gather"]["trainable"] > 0
+    without = _scale_prediction(args + ["--workdir", str(tmp_path / "plain")])
+    assert predicted["all_gather"] > without.all_gather  # the recompute's gathers are counted
+    assert predicted["reduce_scatter"] == without.reduce_scatter
