@@ -19,6 +19,7 @@ import torch
 
 from vlscale.config import config_from_dict, load_config
 from vlscale.engine import checkpoint as ckpt
+from vlscale.modeling.vl_model import is_checkpointing
 from vlscale.profiling.analytic import estimate_checkpoint, resolve_ds_config
 
 
@@ -537,7 +538,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(h):
         batch = next(build_train_loader(cfg, tok, 0, 1))
         model(batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        assert model.lm.is_gradient_checkpointing == gc
+        assert is_checkpointing(model.lm) == gc
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -8,6 +8,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from vlscale.config import PeftConfig
+from vlscale.modeling.vl_model import set_checkpointing
 from vlscale.peft import PeftController, apply_peft
 from vlscale.peft.adapter import adapter_ref
 from vlscale.peft.sites import SHARED, adapter_sites, lora_sites
@@ -443,10 +444,7 @@ def test_zero3_partitioned_parameters_are_counted_in_full():
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 def _grads(lm, peft, checkpointing):
-    if checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        lm.gradient_checkpointing_disable()
+    set_checkpointing(lm, checkpointing)
     lm.train()
     peft.zero_grad(set_to_none=True)
     enc, dec = inputs()
@@ -503,6 +501,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 from vlscale.config import PeftConfig
 from vlscale.peft import apply_peft, configure_trainable
+from vlscale.modeling.vl_model import set_checkpointing
 
 torch.set_num_threads(1)
 
@@ -536,7 +535,7 @@ def batches():
 def run(cfg, zero3):
     model = Model(cfg)
     configure_trainable(model, cfg)
-    model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_checkpointing(model.lm, True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []

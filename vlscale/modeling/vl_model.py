@@ -180,6 +180,25 @@ class VLModel(nn.Module):
         return self
 
 
+def set_checkpointing(lm, on: bool) -> None:
+    """Non-reentrant activation checkpointing of the LM's layers on or off (transformers 5.x names it
+    ``activation_checkpointing_*`` and warns on 4.57's ``gradient_checkpointing_*``, which it still has)."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        if on:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.activation_checkpointing_disable()
+    elif on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_disable()
+
+
+def is_checkpointing(lm) -> bool:
+    return lm.is_activation_checkpointing if hasattr(type(lm), "is_activation_checkpointing") \
+        else lm.is_gradient_checkpointing
+
+
 def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
                 dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None,
                 lm_builder=None) -> VLModel:
@@ -215,6 +234,6 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     model = VLModel(cfg, lm, vision)
     configure_trainable(model, cfg.peft)
     if cfg.train.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(lm, True)
         lm.config.use_cache = False
     return model
