@@ -15,7 +15,12 @@ that decide its images; video tasks switch ``--video`` on), ``--real`` (the real
 split's images that its image tasks name, found where training finds them (COCO's ``train2014/``
 and ``val2014/``, NLVR2's ``train/``, ``dev/``, ``test1/``), under the ids training looks up; a split
 without its annotation file is skipped and said; images missing for some examples are an error, or
-dropped with ``data.skip_bad_records=true`` as training drops them), ``--hf-dataset`` (a HF ``datasets``
+dropped with ``data.skip_bad_records=true`` as training drops them; video tasks, e.g.
+``paper/video_clip_bart_single_adapter``: every video the splits name, from where training without a
+cache reads it, under its ``vid_name``: ``root/<task>/frames/<vid_name>/`` frame images are encoded,
+``root/<task>/features/<vid_name>.npy`` / ``.safetensors`` precomputed frame features (the VALUE
+release's) are copied as they are, every frame, checked to be ``model.vision``'s width; no CLIP is
+built when nothing is to be encoded), ``--hf-dataset`` (a HF ``datasets``
 dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's
 ``data.hf_dataset`` path names them: ``<split>/<row>``, or the ``--id-column`` naming each row's
 image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once; NLVR2's two
@@ -48,8 +53,8 @@ def parse_args(argv=None):
     src.add_argument("--images", type=Path, help="folder of images (or, with --video, of frame folders)")
     src.add_argument("--synthetic", action="store_true", help="the synthetic world of --config")
     src.add_argument("--real", action="store_true",
-                     help="the real datasets of --config (data.root): every split's images its image tasks name, "
-                          "under training's ids")
+                     help="the real datasets of --config (data.root): every split's images its image tasks name "
+                          "(video tasks: every video's frames or precomputed frame features), under training's ids")
     src.add_argument("--hf-dataset", help="HF datasets name or save_to_disk folder")
     ap.add_argument("--config", default=None, help="preset name or YAML path (with --synthetic or --real)")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (with --synthetic or --real)")
@@ -80,8 +85,6 @@ def parse_args(argv=None):
     if args.real and not args.config:
         ap.error("--real needs --config (the preset that trains on the data, e.g. "
                  "--config paper/clip_bart_single_adapter data.root=DIR)")
-    if args.real and args.video:
-        ap.error("--video does not apply with --real (image tasks); extract video frames with --images DIR --video")
     if args.hf_dataset and not args.image_column:
         ap.error("--hf-dataset needs --image-column")
     for flag in ("skip_bad_records", "image_column", "id_column"):
@@ -148,10 +151,11 @@ def synthetic_jobs(args, cfg):
     return jobs
 
 
-def real_jobs(cfg):
-    """([(source, ids, video)], notes) for --real: each image task's and split's images, from the
-    source training reads them from (``model.feature_source=images``), under the ids it looks up;
-    ``notes``: the splits left out (no annotation file)."""
+def real_jobs(cfg, video_flag: bool = False):
+    """([(source, ids, video)], notes) for --real: each task's and split's images (video tasks: videos), from the
+    source training reads them from without a cache (``model.feature_source=images``, ``data.feature_cache``
+    unset), under the ids it looks up; ``notes``: the splits left out (no annotation file). A video task's
+    source is a folder of frame images (encoded) or of precomputed frame features (kind "features": copied)."""
     from vlscale.data import check_visual_ids, load_examples
     from vlscale.data.real import SPLITS, DataError, DataFileNotFound, real_visual_source
     from vlscale.data.tasks import get_task
@@ -159,11 +163,9 @@ def real_jobs(cfg):
     if cfg.data.source != "real":
         raise DataError(f"--real: the config's data.source is {cfg.data.source!r}; set data.source=real and "
                         "data.root=DIR (or use --synthetic)")
-    video = [t for t in cfg.data.tasks if get_task(t).modality == "video"]
-    if video:
-        raise DataError(f"--real extracts image tasks; data.tasks has video task(s) {video}: give data.tasks the "
-                        "image tasks only, and use the VALUE release's frame features (or --images DIR --video) "
-                        "for video")
+    video = any(get_task(t).modality == "video" for t in cfg.data.tasks)  # a config holds one kind
+    if video_flag and not video:
+        raise DataError(f"--video, but data.tasks={cfg.data.tasks} are image tasks")
     jobs, notes, seen = [], [], set()
     for task in cfg.data.tasks:
         for split in SPLITS:
@@ -176,12 +178,45 @@ def real_jobs(cfg):
             examples = check_visual_ids(cfg, task, split, examples, source)
             ids = [i for i in dict.fromkeys(i for e in examples for i in e.image_ids) if i not in seen]
             seen.update(ids)
+            if ids and getattr(source, "kind", None) == "features":  # precomputed frame features: copied whole
+                from vlscale.data.video import VideoFeatureFolder
+
+                source = VideoFeatureFolder(source.root, max_frames=None, expect_dim=source.expect_dim)
+                notes.append(f"{task}/{split}: {len(ids)} video(s)' precomputed frame features copied from "
+                             f"{source.root}")
             if ids:
-                jobs.append((source, ids, False))
+                jobs.append((source, ids, video))
     if not jobs:
-        raise DataError(f"--real: no images to extract for data.tasks={cfg.data.tasks} under data.root="
-                        f"{cfg.data.root}" + (f" ({notes[0]})" if notes else ""))
+        raise DataError(f"--real: no {'videos' if video else 'images'} to extract for data.tasks={cfg.data.tasks} "
+                        f"under data.root={cfg.data.root}" + (f" ({notes[0]})" if notes else ""))
     return jobs, notes
+
+
+def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str, shard_size: int,
+                        progress: bool) -> dict:
+    """Copy precomputed per-video frame features (a VideoFeatureFolder) into the cache at ``out``, under the
+    meta.json an extraction of frames with ``vision`` writes (so both kinds of video share one cache); ids
+    already there are skipped. -> {"total", "skipped", "written"}."""
+    from tqdm.auto import tqdm
+
+    from vlscale.data.features import FeatureWriter
+    from vlscale.modeling.vision import vision_dims
+
+    dims = vision_dims(vision)
+    # the meta vlscale.data.features.extract_features writes for video=True with this CLIP's encoder
+    meta = {"vision": vision, "pretrained": pretrained, "kind": "frames", "dtype": dtype,
+            "image_size": int(dims["image_size"]) or None, "grid_shape": None, "dim": int(dims["embed_dim"]),
+            "tokens": None, "synthetic": None}
+    writer = FeatureWriter(out, meta, shard_size=shard_size)
+    todo = list(dict.fromkeys(i for i in ids if i not in writer))
+    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}
+    try:
+        for vid in tqdm(todo, desc=f"frame features {source.root} -> {out}", unit="video", disable=not progress):
+            writer.add(vid, source[vid])
+            stats["written"] += 1
+    finally:
+        writer.close()
+    return stats
 
 
 def hf_jobs(args):
@@ -240,17 +275,34 @@ def hf_jobs(args):
     return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped}
 
 
+def load_encoder(vision: str, pretrained, device):
+    """The frozen CLIP tower; a checkpoint that cannot be loaded ends the run with one line."""
+    from vlscale.modeling.vision import build_vision_encoder
+
+    try:
+        return build_vision_encoder(vision, pretrained=pretrained, device=device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--pretrained: {e}") from None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # open_clip: an unknown tag, no
+        # network for a hub tag; torch.load / safetensors: a file that is no checkpoint
+        first = ("not a checkpoint torch.load reads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
+                 else " ".join(str(e).split("\n\n")[0].split()))
+        raise SystemExit(f"--pretrained {pretrained!r} for {vision}: cannot load it ({type(e).__name__}: {first}); "
+                         f"give an open_clip tag its cache holds or a local CLIP checkpoint file") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config
     from vlscale.data.features import extract_features
     from vlscale.data.real import DataError
-    from vlscale.modeling.vision import build_vision_encoder, image_transform, vision_dims
+    from vlscale.modeling.vision import image_transform, vision_dims
 
     pretrained, synthetic = args.pretrained, None
     if args.synthetic or args.real:
-        # --real reads the images training would read without a cache, whatever the config's feature_source
-        overrides = args.overrides + (["model.feature_source=images"] if args.real else [])
+        # --real reads the images (videos) training would read without a cache, whatever the config's
+        # feature_source and feature_cache
+        overrides = args.overrides + (["model.feature_source=images", "data.feature_cache=null"] if args.real else [])
         try:
             cfg = load_config(args.config, overrides)
         except ConfigError as e:
@@ -272,28 +324,26 @@ def main(argv=None) -> int:
         if args.synthetic:
             jobs = synthetic_jobs(args, cfg)
         elif args.real:
-            jobs, notes = real_jobs(cfg)
+            jobs, notes = real_jobs(cfg, args.video)
         elif args.images:
             jobs = image_folder_jobs(args)
         else:
             jobs, hf_report = hf_jobs(args)
-        try:
-            encoder = build_vision_encoder(vision, pretrained=pretrained, device=args.device)
-        except FileNotFoundError as e:
-            raise SystemExit(f"--pretrained: {e}") from None
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # open_clip: an unknown tag, no
-            # network for a hub tag; torch.load / safetensors: a file that is no checkpoint
-            first = ("not a checkpoint torch.load reads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
-                     else " ".join(str(e).split("\n\n")[0].split()))
-            raise SystemExit(f"--pretrained {pretrained!r} for {vision}: cannot load it ({type(e).__name__}: {first}); "
-                             f"give an open_clip tag its cache holds or a local CLIP checkpoint file") from None
-        transform = image_transform(vision)
+        # --real's precomputed frame features are copied, not encoded: no CLIP (nor its weights) is needed for them
+        encoder = transform = None
+        if any(getattr(source, "kind", None) != "features" for source, _, _ in jobs):
+            encoder, transform = load_encoder(vision, pretrained, args.device), image_transform(vision)
         total = {"total": 0, "skipped": 0, "written": 0}
+        dtype = "float16" if args.fp16 else "float32"
         for source, ids, video in jobs:
-            stats = extract_features(encoder, transform, source, ids, args.out, vision=vision, pretrained=pretrained,
-                                     video=video or args.video, batch_size=args.batch_size,
-                                     shard_size=args.shard_size, dtype="float16" if args.fp16 else "float32",
-                                     progress=not args.quiet, device=args.device, synthetic=synthetic)
+            if getattr(source, "kind", None) == "features":
+                stats = copy_frame_features(source, ids, args.out, vision=vision, pretrained=pretrained, dtype=dtype,
+                                            shard_size=args.shard_size, progress=not args.quiet)
+            else:
+                stats = extract_features(encoder, transform, source, ids, args.out, vision=vision,
+                                         pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
+                                         shard_size=args.shard_size, dtype=dtype, progress=not args.quiet,
+                                         device=args.device, synthetic=synthetic)
             for k in total:
                 total[k] += stats[k]
     except DataError as e:

@@ -87,7 +87,8 @@ def test_extract_real_says_what_it_skips_and_refuses_what_it_cannot_do(real, tmp
     assert "2354786" not in FeatureCache(tmp_path / "c2").ids()
     with pytest.raises(SystemExit, match=r"DataError: --real: the config's data.source is 'synthetic'"):
         extract(["--real", "--config", "tiny", "--out", str(tmp_path / "c3")])
-    with pytest.raises(SystemExit, match=r"DataError: --real extracts image tasks; .*\['tvqa'\]"):
+    with pytest.raises(SystemExit, match=r"DataError: --real: no videos to extract for data.tasks=\['tvqa'\] .*"
+                                         r"tvqa/train skipped"):
         extract(base[:-2] + ["data.tasks=[tvqa]", f"data.root={data}", "--quiet", "--out", str(tmp_path / "c3")])
     with pytest.raises(SystemExit) as info:
         extract(["--real", "--out", str(tmp_path / "c3")])

@@ -375,17 +375,26 @@ def real_visual_source(cfg, task: str, split: str):
     spec = get_task(task)
     _check_split(split)
     if spec.modality == "video":
+        features, frames = _root(cfg) / task / "features", _root(cfg) / task / "frames"
         if cfg.data.feature_cache:
+            if not Path(cfg.data.feature_cache).is_dir() and features.is_dir():
+                raise DataFileNotFound(f"data.feature_cache={cfg.data.feature_cache} is not a folder, and {features} "
+                                       "holds precomputed frame features: train from them with "
+                                       "data.feature_cache=null, or copy them into the cache with "
+                                       "launchers/extract_features.py --real --config ... data.root=...")
             return _feature_cache(cfg, "frames")
         from vlscale.data.features import model_feature_dim
         from vlscale.data.video import VideoFeatureFolder
         from vlscale.data.visual import ImageFolder
 
-        features, frames = _root(cfg) / task / "features", _root(cfg) / task / "frames"
         if features.is_dir():
             return VideoFeatureFolder(features, max_frames=cfg.model.max_frames,
                                       expect_dim=model_feature_dim(cfg, "frames"))
         if frames.is_dir():
+            if cfg.model.feature_source == "cache":
+                raise DataError(f"{task}: {frames} holds frame images, but model.feature_source=cache builds no "
+                                "CLIP to encode them; make a cache (launchers/extract_features.py --real --config "
+                                "... data.root=...) and set data.feature_cache, or set model.feature_source=images")
             return ImageFolder(frames, pattern="{id}", video=True)
         raise DataFileNotFound(f"{task}: neither a frame-features folder {features} nor a frames folder "
                                f"{frames} exists, and data.feature_cache is not set; layout: docs/datasets.md")

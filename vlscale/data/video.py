@@ -16,20 +16,28 @@ Inputs follow the synthetic world's format: QA ``text`` is
 ``"<q> a0: <a0> a1: <a1> ... subtitle: <sub>"`` and ``target`` is the right option's name ("a2"),
 scored by accuracy; captioning ``text`` is ``<sub>`` (empty without subtitles). ``<sub>`` joins
 the subtitle lines overlapping ``ts`` (all lines when ``ts`` is absent or "NaN-NaN"); it comes
-last so it is what truncation cuts. Caption splits work as COCO's: ``train`` gives one example
-per description (``uid`` "<clip_id>#<k>"), val/test one per clip (``uid`` = ``clip_id``, else
-``vid_name``) with all descriptions as ``references``. ``image_ids`` = ``[vid_name]``; ``extra``
-keeps ``ts`` (seconds), ``subtitle`` and, for QA, ``question``, ``candidates``, ``answer_text``.
+last so it is what truncation cuts. Examples whose video has no entry in a subtitles file are
+counted and logged once per annotation file (a subtitles file keyed by other video names would
+otherwise leave every input without its subtitles, silently). Caption splits work as COCO's:
+``train`` gives one example per description (``uid`` "<clip_id>#<k>"), val/test one per clip
+(``uid`` = ``clip_id``, else ``vid_name``) with all descriptions as ``references``. ``image_ids`` =
+``[vid_name]``; ``extra`` keeps ``ts`` (seconds), ``subtitle`` and, for QA, ``question``,
+``candidates``, ``answer_text``.
 
 Frame features: :class:`VideoFeatureFolder` (a VisualSource of kind "features") reads
 ``dir/<vid_name>.npy`` (an L x D array of real numbers) or ``dir/<vid_name>.safetensors`` (tensor
-``features``, or its only tensor) and returns a float32 tensor (L, D), evenly subsampled to
-``max_frames``. Both files for one video is ambiguous and refused; with ``expect_dim`` (the
-run's CLIP embedding width) D is checked as each file is read.
+``features``, or its only tensor) and returns a float32 tensor (L, D); a video of more than
+``max_frames`` frames gives ``max_frames`` of them, the frames the collator picks from a feature
+cache or a folder of frame images (:func:`vlscale.data.collate.frame_indices`, the centre of each
+of ``max_frames`` equal segments), so the three sources give the same batches. Both files for one
+video is ambiguous and refused; with ``expect_dim`` (the run's CLIP embedding width) D is checked
+as each file is read, and by :meth:`VideoFeatureFolder.missing` (the start-up check) on the first
+video's file header, so features of another CLIP model stop a run before its first step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -38,14 +46,42 @@ from typing import Optional
 from vlscale.data.real import (DataError, ExampleList, Record, RecordError, parse_records, read_jsonl)
 from vlscale.data.tasks import Example
 
-Subtitles = dict[str, list[tuple[float, float, str]]]
+logger = logging.getLogger(__name__)
+
+
+class Subtitles(dict):
+    """``vid_name -> [(start, end, text), ...]``; ``source``: the file they were read from (None: none)."""
+
+    def __init__(self, *args, source: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+_WARNED_UNCOVERED: set = set()  # (annotation file, subtitles file) already reported in this process
+
+
+def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
+    """Log (once per annotation and subtitles file) how many examples name a video the subtitles file has no
+    entry for: their inputs carry no subtitle text."""
+    source = getattr(subtitles, "source", None)
+    if not source or not examples:
+        return
+    lost = [e for e in examples if e.image_ids[0] not in subtitles]
+    key = (str(path), str(source))
+    if not lost or key in _WARNED_UNCOVERED:
+        return
+    _WARNED_UNCOVERED.add(key)
+    vids = list(dict.fromkeys(e.image_ids[0] for e in lost))
+    logger.warning(f"{task}: {len(lost)} of {len(examples)} examples of {path} name a video that {source} has no "
+                   f"subtitles for ({len(vids)} video(s), first {vids[:3]}); their inputs carry no subtitle text "
+                   "(check that both files name videos alike)")
 
 
 # ----------------------------------------------------------------------------- subtitles
 
 def load_subtitles(path, skip_bad_records: bool = False) -> Subtitles:
-    """``vid_name -> [(start, end, text), ...]`` sorted by start time."""
-    subs: Subtitles = {}
+    """``vid_name -> [(start, end, text), ...]`` sorted by start time (a :class:`Subtitles` naming ``path``)."""
+    subs = Subtitles(source=str(path))
     bad = ExampleList(source=str(path))
     for where, data in read_jsonl(path, "subtitles"):
         rec = Record(path, where, data, ("vid_name",))
@@ -139,7 +175,9 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
                                "answer_text": options[answer], "subtitle": sub},
                         source=rec.path)]
 
-    return parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",))
+    examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",))
+    report_uncovered(task, path, examples, subtitles)
+    return examples
 
 
 # ----------------------------------------------------------------------------- captioning
@@ -177,8 +215,10 @@ def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
         return [Example(task=task, uid=clip, text=text, target=descs[0], image_ids=[vid],
                         references=descs, extra=extra, source=rec.path)]
 
-    return parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records,
-                         ("clip_id", "vid_name"))
+    examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records,
+                             ("clip_id", "vid_name"))
+    report_uncovered(task, path, examples, subtitles)
+    return examples
 
 
 # ----------------------------------------------------------------------------- frame features
@@ -210,16 +250,51 @@ class VideoFeatureFolder:
         return self._path(vid) is not None
 
     def missing(self, ids: list[str]) -> list[str]:
-        """Videos without a features file, from one listing of the folder (two files for one: DataError)."""
+        """Videos without a features file, from one listing of the folder (two files for one: DataError).
+
+        The first video found also has its file's header read (no data): a matrix of the width the run
+        takes, or DataError, so features of another CLIP model stop a run at start-up, not at its batch."""
         names = {n for n in os.listdir(self.root) if n.endswith(self.SUFFIXES)}
-        out = []
+        out, first = [], None
         for vid in ids:
             found = [self.root / f"{vid}{s}" for s in self.SUFFIXES if f"{vid}{s}" in names]
             if len(found) > 1:
                 raise self._ambiguous(vid, found)
             if not found:
                 out.append(vid)
+            elif first is None:
+                first = (vid, found[0])
+        if first is not None:
+            vid, path = first
+            self._check_shape(path, vid, self._header_shape(path, vid))
         return out
+
+    def _header_shape(self, path: Path, vid: str) -> tuple:
+        """The shape of ``path``'s frame features from its header alone."""
+        import numpy as np
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            if path.suffix == ".npy":
+                return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+            with safe_open(str(path), framework="numpy") as f:
+                keys = list(f.keys())
+                if "features" not in keys and len(keys) != 1:
+                    raise DataError(f"{path}: holds tensors {sorted(keys)}; expected one named 'features'")
+                return tuple(f.get_slice("features" if "features" in keys else keys[0]).get_shape())
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, SafetensorError) as e:
+            raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
+
+    def _check_shape(self, path: Path, vid: str, shape: tuple) -> None:
+        if len(shape) != 2 or shape[0] == 0:
+            raise DataError(f"{path} (video {vid!r}): frame features must be a non-empty L x D matrix, got shape "
+                            f"{tuple(shape)}")
+        if self.expect_dim is not None and shape[1] != self.expect_dim:
+            raise DataError(f"{path} (video {vid!r}): frame features are {shape[1]}-d, but the run's "
+                            f"model.vision embeds frames in {self.expect_dim}-d; extract the features with that "
+                            "CLIP model, or set model.vision to the one that made them")
 
     def ids(self) -> list[str]:
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in (".npy", ".safetensors")})
@@ -232,6 +307,8 @@ class VideoFeatureFolder:
         import torch
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from vlscale.data.collate import frame_indices
 
         path = self._path(vid)
         if path is None:
@@ -261,15 +338,8 @@ class VideoFeatureFolder:
             raise
         except (OSError, ValueError, EOFError, SafetensorError) as e:
             raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
-        if feats.ndim != 2 or feats.shape[0] == 0:
-            raise DataError(f"{path} (video {vid!r}): frame features must be a non-empty L x D matrix, got shape "
-                            f"{tuple(feats.shape)}")
-        if self.expect_dim is not None and feats.shape[1] != self.expect_dim:
-            raise DataError(f"{path} (video {vid!r}): frame features are {feats.shape[1]}-d, but the run's "
-                            f"model.vision embeds frames in {self.expect_dim}-d; extract the features with that "
-                            "CLIP model, or set model.vision to the one that made them")
-        feats = feats.float()
+        self._check_shape(path, vid, tuple(feats.shape))
         if self.max_frames and feats.shape[0] > self.max_frames:
-            idx = torch.linspace(0, feats.shape[0] - 1, self.max_frames).round().long()
-            feats = feats[idx]
-        return feats
+            # the frames the collator takes from a feature cache or from frame images (same batches)
+            feats = feats[frame_indices(feats.shape[0], self.max_frames)]
+        return feats.float()
