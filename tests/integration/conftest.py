@@ -188,7 +188,8 @@ RUN_SPECS = {
     # on each node), the nodes being this machine (MULTINODE_BIN)
     "single_2n": (TINY + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),
     # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
-    "mini_2r": (MINI + ["train.micro_batch_size=2"], 2, "preloaded"),
+    # extra tokens: the pretrained vocabulary is resized (under ZeRO-3 inside zero.Init), as the paper presets do
+    "mini_2r": (MINI + ["train.micro_batch_size=2", "model.extra_special_tokens=8"], 2, "preloaded"),
 }
 
 

@@ -226,7 +226,10 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     lm = (lm_builder or build_lm)(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
                   device=device, dtype=dtype, config_overrides=overrides)
     if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(vocab_size)
+        # on a forked RNG: under zero.Init transformers also initialises the untied lm_head's new rows, so
+        # the draws differ from a plain build's, and the adapters built next must not start elsewhere
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            lm.resize_token_embeddings(vocab_size)
     vision = None
     if cfg.model.feature_source == "images":
         vision = build_vision_encoder(cfg.model.vision, None if meta else cfg.model.vision_pretrained,
