@@ -343,7 +343,8 @@ def test_synthetic_cache_records_the_world_and_refuses_other_settings(weights, t
         build_visual_source(run("data.image_size=32"), "vqa", "train")
     # more examples than were extracted: found when the loader is built, not at the first batch that needs one
     with pytest.raises(DataError, match=r"vqa/train: 2 visual id\(s\) named by 2 of 6 examples are not in "
-                                        r"FeatureCache.*first \['vqa_train_000004', 'vqa_train_000005'\]"):
+                                        r"FeatureCache.*first \['vqa_train_000004', 'vqa_train_000005'\]; extract them "
+                                        r"into the cache \(launchers/extract_features.py over this split\)"):
         build_train_loader(run("data.synthetic_train=6"), None)
     loader = build_train_loader(run("data.synthetic_train=6", "data.skip_bad_records=true"), None)
     assert {t: len(e) for t, e in loader.examples.items()} == {"vqa": 4, "nlvr2": 4}

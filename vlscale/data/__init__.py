@@ -94,8 +94,11 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
             f"{'(' + ', '.join(files[:3]) + ') ' if files else ''}are not in {source!r}: "
             f"first {missing[:5]}")
     if not cfg.data.skip_bad_records:
-        raise DataError(f"{what}; add them (a feature cache: run launchers/extract_features.py over this split), "
-                        "or set data.skip_bad_records=true to drop those examples")
+        from vlscale.data.features import FeatureCache
+
+        add = ("extract them into the cache (launchers/extract_features.py over this split)"
+               if isinstance(source, FeatureCache) else "add their files")
+        raise DataError(f"{what}; {add}, or set data.skip_bad_records=true to drop those examples")
     logger.warning(f"{what}; dropped those {len(bad)} examples (data.skip_bad_records=true)")
     kept = [e for e in examples if not any(i in lost for i in e.image_ids)]
     if isinstance(examples, ExampleList):
