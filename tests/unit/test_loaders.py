@@ -653,3 +653,20 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"mixed': the datasets library cannot load it \(ValueError: Couldn't infer "
                                         r"the same data file format.*2 entries \['train\.jsonl', 'validation\.csv'\]"):
         load_hf_examples("gqa", str(mixed), "train", cols)
+
+
+def test_frame_images_are_taken_in_number_order(tmp_path):
+    """Frames named 1.jpg ... 10.jpg (no zero padding) came as 1, 10, 2, ... (plain name order): the video's
+    frames silently out of order. Numbers in names compare by value; zero-padded names keep their order."""
+    from PIL import Image
+
+    from vlscale.data.visual import ImageFolder
+
+    for k in (1, 2, 10, 11):
+        (tmp_path / "v").mkdir(exist_ok=True)
+        Image.fromarray(np.full((4, 4, 3), k * 10, dtype=np.uint8)).save(tmp_path / "v" / f"{k}.png")
+        (tmp_path / "w").mkdir(exist_ok=True)
+        Image.fromarray(np.full((4, 4, 3), k * 10, dtype=np.uint8)).save(tmp_path / "w" / f"{k:05d}.png")
+    for vid in ("v", "w"):
+        frames = ImageFolder(tmp_path, video=True)[vid]
+        assert [int(f[0, 0, 0]) for f in frames] == [10, 20, 100, 110], vid

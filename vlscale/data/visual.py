@@ -17,6 +17,7 @@ existence / index membership, nothing decoded): the loaders check every example'
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, runtime_checkable
 
@@ -97,10 +98,17 @@ def load_image(path: Path, what: str = "") -> np.ndarray:
                         f"({type(e).__name__}: {e})") from e
 
 
+def frame_order(path: Path) -> list:
+    """Sort key of a frame image: its name with every run of digits compared as a number, so ``2.jpg``
+    comes before ``10.jpg`` (plain name order put frame 10 between 1 and 2) and zero-padded names keep
+    their order."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 class ImageFolder:
     """Images in a folder: ``root / pattern.format(id=image_id)``, read with PIL as RGB uint8.
 
-    With ``video=True`` the pattern names a folder of frame images (sorted by file name) and an
+    With ``video=True`` the pattern names a folder of frame images (in :func:`frame_order`) and an
     item is the list of frames. Image suffixes match in any case (``{id}.jpg`` finds ``x.JPG``),
     as launchers/extract_features.py names ``x.JPG`` id ``x``.
     """
@@ -137,7 +145,7 @@ class ImageFolder:
         if self.video:
             if not path.is_dir():
                 raise DataFileNotFound(f"video {image_id!r}: frame folder {path} does not exist")
-            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            frames = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
             if not frames:
                 raise DataFileNotFound(f"video {image_id!r}: no frame images ({IMAGE_SUFFIXES}) in {path}")
             return [load_image(p, f"video {image_id!r}") for p in frames]
