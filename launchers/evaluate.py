@@ -1,6 +1,7 @@
 """Evaluate a trained adapter on a split: batched generation, predictions, scores.
 
     python launchers/evaluate.py --adapter runs/default/adapter [--split val|test|STEM] [--out DIR] [key=value ...]
+    python launchers/evaluate.py --adapter ... --split test --predict-only   (answers withheld: leaderboard files)
     torchrun --nproc_per_node N launchers/evaluate.py --adapter ...   (data-parallel replicas)
     deepspeed --num_gpus N launchers/evaluate.py --deepspeed ds_configs/zero3.json --adapter ...
                                     (ZeRO-3: the model sharded over the ranks, for one no device holds)
@@ -29,6 +30,13 @@ ZeRO-1/2 shard only optimizer state and gradients: with such a file every rank h
 matmul, one more rounding) make the logits differ slightly from the unsharded model's (about one bf16 step), as
 training under ZeRO-3 computed them; in fp32 the predictions are identical. ``--java-metrics`` scores the caption
 tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
+
+``--predict-only`` (a split whose answers are withheld, for a leaderboard): its records are read without
+requiring answers (every other check stays; without the flag such a split is refused, as training refuses it),
+predicted as an evaluation predicts them, and not scored: ``DIR/predictions/<task>.jsonl`` as above and, for
+the image tasks, ``DIR/submission/`` in the leaderboards' formats (``vqa.json`` for EvalAI, ``gqa.json``,
+``nlvr2.csv``, ``caption.json`` for the COCO server: vlscale.engine.evaluation.write_submission); the video tasks
+get none. No ``eval_metrics.json`` is written or changed; ``DIR`` defaults to ``<adapter's parent>/predict_<split>``.
 """
 
 from __future__ import annotations
@@ -62,10 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shard the model over the ranks with this DeepSpeed file (ds_configs/zero3.json: each rank "
                         "holds 1/N of the parameters; its ZeRO stage, not the run's train.zero_stage); default: "
                         "every rank holds the whole model")
+    p.add_argument("--predict-only", action="store_true",
+                   help="a split whose answers are withheld (a leaderboard's test split): read it without answers, "
+                        "predict, write predictions/ and the image tasks' submission files in submission/; "
+                        "nothing is scored (default out: <adapter parent>/predict_<split>)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.predict_only and args.java_metrics:
+        p.error("--java-metrics scores captions; --predict-only scores nothing: leave one of them out")
+    return args
 
 
 def load_run_config(adapter_dir, overrides):
@@ -265,13 +280,20 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         problem = frozen_weights_problem(model, args.adapter, meta, device)
         if problem:
             raise ValueError(problem)
-    out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"eval_{args.split}"
+    kind = "predict" if args.predict_only else "eval"
+    out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"{kind}_{args.split}"
     # --- evaluate
     scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
                       float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",
-                      java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3)
+                      java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
+                      predict_only=args.predict_only, submission_dir=out / "submission" if args.predict_only else None)
     # --- report
-    if rank == 0:
+    if rank == 0 and args.predict_only:
+        print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")
+        for task, done in scores.items():
+            where = done["submission"] or "no submission file (this task's leaderboard format is not verified here)"
+            print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; {where}")
+    elif rank == 0:
         write_eval_report(out, args.adapter, args.split, meta.get("step"), scores, settings=eval_settings(cfg.to_dict()))
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")

@@ -38,8 +38,11 @@ __all__ = ["build_tokenizer", "load_examples", "build_visual_source", "check_vis
 logger = logging.getLogger(__name__)
 
 
-def load_examples(cfg, task: str, split: str) -> list[Example]:
-    """The examples of ``task`` / ``split`` (``train``, ``val``, ``test``) from the run's data source."""
+def load_examples(cfg, task: str, split: str, require_answers: bool = True) -> list[Example]:
+    """The examples of ``task`` / ``split`` (``train``, ``val``, ``test``) from the run's data source.
+    ``require_answers=False``, for ``launchers/evaluate.py --predict-only`` alone: real records without their
+    answers are read too, as examples with an empty ``target`` and no ``references`` (the synthetic world's
+    all have answers); training and scoring always require them."""
     get_task(task)
     if cfg.data.source == "synthetic":
         from vlscale.data.synthetic import synthetic_split
@@ -47,7 +50,7 @@ def load_examples(cfg, task: str, split: str) -> list[Example]:
         return synthetic_split(cfg, task, split).examples
     from vlscale.data.real import load_real_examples
 
-    return load_real_examples(cfg, task, split)
+    return load_real_examples(cfg, task, split, require_answers)
 
 
 def build_visual_source(cfg, task: str, split: str):
@@ -263,11 +266,13 @@ def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, visio
     return TrainLoader(cfg, tokenizer, rank, world_size, vision_transform)
 
 
-def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None) -> tuple[list, object]:
+def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None,
+                  require_answers: bool = True) -> tuple[list, object]:
     """The (first ``max_examples``) examples of ``task`` / ``split`` to evaluate and their visual source,
     checked: some examples, every visual id present (:func:`check_visual_ids`). The trainer calls it at
-    start-up for the splits it will evaluate, so a bad file shows before training, not after."""
-    examples = load_examples(cfg, task, split)
+    start-up for the splits it will evaluate, so a bad file shows before training, not after.
+    ``require_answers``: see :func:`load_examples`."""
+    examples = load_examples(cfg, task, split, require_answers)
     if max_examples is not None:
         examples = examples[:max_examples]
     if not examples:
@@ -280,8 +285,10 @@ def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None
 
 
 def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 max_examples: Optional[int] = None, vision_transform=None) -> Iterator[dict]:
+                 max_examples: Optional[int] = None, vision_transform=None,
+                 require_answers: bool = True) -> Iterator[dict]:
     """Batches of this rank's share (strided) of ``task`` / ``split``; ``batch["valid"]`` marks real examples.
+    ``require_answers``: see :func:`load_examples`.
 
     Every rank gets the same number of equally sized batches: short shards are padded by repeating
     examples, flagged ``valid=False``, so synchronised generation on all ranks never hangs.
@@ -290,7 +297,7 @@ def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: i
         raise ValueError(f"eval batch_size={batch_size} must be > 0")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-    examples, source = eval_examples(cfg, task, split, max_examples)
+    examples, source = eval_examples(cfg, task, split, max_examples, require_answers)
     collator = Collator(tokenizer, cfg, vision_transform)
     per_rank = math.ceil(len(examples) / world_size)
     mine = list(range(rank, len(examples), world_size))

@@ -16,7 +16,12 @@ The image id is the file name without its extension (the same ids as the VQA fil
 - ``split="val"`` / ``"test"``: one example per image (``uid`` = image id) with every caption in
   ``references`` (``target`` = the first, for a validation loss).
 
-``text`` is empty: the task prefix ("caption:") is the whole text input.
+``text`` is empty: the task prefix ("caption:") is the whole text input. ``extra`` keeps ``cocoid``
+(the COCO caption server's ``image_id``), ``imgid``, ``filename``, ``filepath`` and the record's split.
+
+An image without ``sentences`` is malformed, except for ``launchers/evaluate.py --predict-only``
+(``require_answers=False``: images to caption for a submission): one example per image, in any split,
+with an empty ``target`` and no ``references``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _captions(rec: Record) -> list[str]:
     return out
 
 
-def load_coco_karpathy(path, split: str, skip_bad_records: bool = False) -> ExampleList:
+def load_coco_karpathy(path, split: str, skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
     """Examples of one Karpathy split (``train`` includes restval)."""
     if split not in KARPATHY_SPLITS:
         raise DataError(f"{path}: COCO Karpathy split {split!r} is not one of {list(KARPATHY_SPLITS)}")
@@ -62,7 +67,7 @@ def load_coco_karpathy(path, split: str, skip_bad_records: bool = False) -> Exam
             return []
         filename = rec.text("filename")
         image_id = PurePosixPath(filename).stem
-        captions = _captions(rec)
+        captions = _captions(rec) if rec.answers("sentences") else []
         extra = {"karpathy_split": record_split, "filename": filename}
         for key in ("cocoid", "imgid"):
             value = rec.get(key, int, None)
@@ -70,6 +75,9 @@ def load_coco_karpathy(path, split: str, skip_bad_records: bool = False) -> Exam
                 extra[key] = value
         if rec.get("filepath", str, None):
             extra["filepath"] = rec.data["filepath"]
+        if not captions:
+            return [Example(task="caption", uid=image_id, text="", target="", image_ids=[image_id], extra=extra,
+                            source=rec.path)]
         if train:
             return [Example(task="caption", uid=f"{image_id}#{k}", text="", target=c, image_ids=[image_id],
                             references=list(captions), extra=dict(extra), source=rec.path)
@@ -78,4 +86,4 @@ def load_coco_karpathy(path, split: str, skip_bad_records: bool = False) -> Exam
                         references=captions, extra=extra, source=rec.path)]
 
     records = [(f"images[{i}]", d) for i, d in enumerate(data["images"])]
-    return parse_records(path, records, parse, skip_bad_records, ID_KEYS)
+    return parse_records(path, records, parse, skip_bad_records, ID_KEYS, require_answers)

@@ -8,7 +8,10 @@ Each file is a JSON list of statements about a pair of images::
 
 ``label`` is 0/1 (true/false and "True"/"False" are accepted too); ``target`` is "true" or
 "false"; ``image_ids`` are ``[img0, img1]``; ``uid`` is the record's ``uid`` (else, when the key
-is absent, the identifier; an empty ``uid`` is malformed).
+is absent, the identifier; an empty ``uid`` is malformed); ``extra["identifier"]`` keeps the identifier
+(the key of a leaderboard submission). A record without ``label`` is malformed, except for
+``launchers/evaluate.py --predict-only`` (``require_answers=False``): an example with an empty
+``target`` and no ``references``.
 
 Consistency groups: an identifier is ``split-set-pair-sentence``; the official NLVR2 evaluation
 (lil-lab/nlvr ``nlvr2/eval/metrics.py``) groups the examples of one *sentence* across its image
@@ -48,18 +51,18 @@ def parse_nlvr2(rec: Record) -> list[Example]:
     identifier = rec.text("identifier")
     images = [rec.text("img0"), rec.text("img1")]
     sent = rec.text("sent")
-    label = parse_bool_label(rec)
+    target = ("true" if parse_bool_label(rec) else "false") if rec.answers("label") else ""
     uid = rec.ident("uid", None)
     if uid is not None and not uid.strip():
         raise rec.error("uid", "is an empty string (leave it out to use the identifier)")
     uid = uid or identifier
-    target = "true" if label else "false"
     return [Example(task="nlvr2", uid=uid, text=sent, target=target, image_ids=images,
-                    references=[target],
+                    references=[target] if target else [],
                     extra={"identifier": identifier, "group": consistency_group(identifier)},
                     source=rec.path)]
 
 
-def load_nlvr2(path, skip_bad_records: bool = False) -> ExampleList:
+def load_nlvr2(path, skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
     """All statements of one NLVR2 file, one :class:`Example` each."""
-    return parse_records(path, read_json_list(path, "NLVR2 annotations"), parse_nlvr2, skip_bad_records, ID_KEYS)
+    return parse_records(path, read_json_list(path, "NLVR2 annotations"), parse_nlvr2, skip_bad_records, ID_KEYS,
+                         require_answers)

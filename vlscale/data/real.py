@@ -27,6 +27,12 @@ Bad input never disappears silently: a missing file, or a malformed record (miss
 type, bad value, duplicate id), raises :class:`DataError` naming the file, the record (index or
 line, and its id) and the key. With ``data.skip_bad_records=true`` malformed records are skipped,
 counted in the returned list's ``skipped`` attribute and reported in a logged warning.
+
+Answers (a record's ``label``, ``answers``, ``sentences``, ``answer_idx``, ``descs``) are required, as
+training and scoring need them, unless the caller passes ``require_answers=False``, which
+``launchers/evaluate.py --predict-only`` alone does (a leaderboard's split whose answers are withheld):
+then a record without its answer keys gives an example with an empty ``target`` and no ``references``
+(:meth:`Record.answers` decides this for every parser); every other check stays.
 """
 
 from __future__ import annotations
@@ -98,8 +104,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a l
 class Record:
     """One raw record plus where it came from, so every check can name file, record and key."""
 
-    def __init__(self, path, where: str, data: Any, id_keys: tuple = ()):
+    def __init__(self, path, where: str, data: Any, id_keys: tuple = (), require_answers: bool = True):
         self.path, self.where, self.data = str(path), where, data
+        self.require_answers = require_answers
         self.record_id = None
         if isinstance(data, dict):
             for k in id_keys:
@@ -109,6 +116,19 @@ class Record:
 
     def error(self, key: Optional[str], problem: str) -> RecordError:
         return RecordError(self.path, self.where, self.record_id, key, problem)
+
+    def answers(self, *keys: str) -> bool:
+        """Whether the record carries its answers (any of ``keys``): if it does, the parser reads and checks them
+        as ever. If none is there: False where answers are not required (``evaluate.py --predict-only``: the
+        parser makes an example without target or references), else a RecordError naming the first key."""
+        if not isinstance(self.data, dict):
+            raise self.error(None, f"is {type(self.data).__name__}, expected a JSON object")
+        if any(k in self.data for k in keys):
+            return True
+        if self.require_answers:
+            raise self.error(keys[0], "is missing (a split without its answers, such as a leaderboard's test "
+                                      "split, can only be predicted: launchers/evaluate.py --predict-only)")
+        return False
 
     def get(self, key: str, types=str, default=_REQUIRED):
         """``data[key]`` checked to be of ``types``; missing -> ``default`` or an error."""
@@ -171,15 +191,16 @@ def best_answer(scores: dict[str, float], counts: Optional[dict[str, int]] = Non
 
 
 def parse_records(path, records: Iterable[tuple[str, Any]], parse: Callable[[Record], list[Example]],
-                  skip_bad_records: bool, id_keys: tuple = ()) -> ExampleList:
-    """Run ``parse`` over ``(where, data)`` records with error context, skip mode and uid checks.
+                  skip_bad_records: bool, id_keys: tuple = (), require_answers: bool = True) -> ExampleList:
+    """Run ``parse`` over ``(where, data)`` records with error context, skip mode and uid checks;
+    ``require_answers``: see :meth:`Record.answers`.
 
     ``data`` may be a :class:`RecordError` (e.g. a JSONL line that is not JSON); it counts as bad.
     """
     out = ExampleList(source=str(path))
     seen: dict[str, str] = {}
     for where, data in records:
-        rec = Record(path, where, data, id_keys)
+        rec = Record(path, where, data, id_keys, require_answers)
         try:
             if isinstance(data, RecordError):
                 raise data
@@ -322,11 +343,13 @@ def subtitle_path(cfg, task: str) -> Optional[Path]:
 
 # ----------------------------------------------------------------------------- dispatch
 
-def load_real_examples(cfg, task: str, split: str) -> ExampleList:
-    """Examples of ``task``/``split`` from the real data the config names (files or an HF dataset)."""
+def load_real_examples(cfg, task: str, split: str, require_answers: bool = True) -> ExampleList:
+    """Examples of ``task``/``split`` from the real data the config names (files or an HF dataset).
+    ``require_answers=False`` (``evaluate.py --predict-only`` only): records without answers are read too
+    (:meth:`Record.answers`); an HF dataset's rows are read as ever."""
     get_task(task)  # unknown task -> KeyError listing the known ones
     _check_split(split)
-    skip = cfg.data.skip_bad_records
+    skip, need = cfg.data.skip_bad_records, require_answers
     if cfg.data.hf_dataset:
         from vlscale.data.hf_dataset import load_hf_examples
 
@@ -335,26 +358,26 @@ def load_real_examples(cfg, task: str, split: str) -> ExampleList:
     if task == "vqa":
         from vlscale.data.vqa import load_vqa
 
-        return load_vqa(path, skip)
+        return load_vqa(path, skip, need)
     if task == "gqa":
         from vlscale.data.gqa import load_gqa
 
-        return load_gqa(path, skip)
+        return load_gqa(path, skip, need)
     if task == "nlvr2":
         from vlscale.data.nlvr2 import load_nlvr2
 
-        return load_nlvr2(path, skip)
+        return load_nlvr2(path, skip, need)
     if task == "caption":
         from vlscale.data.caption import load_coco_karpathy
 
-        return load_coco_karpathy(path, split, skip)
+        return load_coco_karpathy(path, split, skip, need)
     from vlscale.data import video
 
     subs = subtitle_path(cfg, task)
     subtitles = video.load_subtitles(subs, skip) if subs else {}
     if get_task(task).target == "choice":
-        return video.load_video_qa(task, path, subtitles, skip)
-    return video.load_video_captions(task, path, split, subtitles, skip)
+        return video.load_video_qa(task, path, subtitles, skip, need)
+    return video.load_video_captions(task, path, split, subtitles, skip, need)
 
 
 def _feature_cache(cfg, kind: str):

@@ -22,7 +22,9 @@ otherwise leave every input without its subtitles, silently). Caption splits wor
 ``train`` gives one example per description (``uid`` "<clip_id>#<k>"), val/test one per clip
 (``uid`` = ``clip_id``, else ``vid_name``) with all descriptions as ``references``. ``image_ids`` =
 ``[vid_name]``; ``extra`` keeps ``ts`` (seconds), ``subtitle`` and, for QA, ``question``,
-``candidates``, ``answer_text``.
+``candidates``, ``answer_text``. A record without its answer (``answer_idx``, ``descs``) is malformed,
+except for ``launchers/evaluate.py --predict-only`` (``require_answers=False``): one example per
+question or clip, in any split, with an empty ``target`` and no ``references``.
 
 Frame features: :class:`VideoFeatureFolder` (a VisualSource of kind "features") reads
 ``dir/<vid_name>.npy`` (an L x D array of real numbers) or ``dir/<vid_name>.safetensors`` (tensor
@@ -151,17 +153,18 @@ def _options(rec: Record) -> list[str]:
     return options
 
 
-def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool = False) -> ExampleList:
+def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool = False,
+                  require_answers: bool = True) -> ExampleList:
     """TVQA / How2QA: one example per question; target = the right option's name ("a0".."a4")."""
 
     def parse(rec: Record) -> list[Example]:
         qid = rec.ident("qid")
         question = rec.text("q")
         options = _options(rec)
-        answer = rec.get("answer_idx", (int, str))
+        answer = rec.get("answer_idx", (int, str)) if rec.answers("answer_idx") else None
         if isinstance(answer, str) and answer.strip().isdigit():
             answer = int(answer)
-        if not isinstance(answer, int) or not 0 <= answer < len(options):
+        if answer is not None and (not isinstance(answer, int) or not 0 <= answer < len(options)):
             raise rec.error("answer_idx", f"must be an option index 0..{len(options) - 1}, got {answer!r}")
         vid = rec.text("vid_name")
         ts = parse_ts(rec)
@@ -169,13 +172,15 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
         sub = subtitle_text(subtitles.get(vid, []), ts)
         if sub:
             text += f" subtitle: {sub}"
+        extra = {"ts": ts, "question": question, "candidates": options, "subtitle": sub}
+        if answer is None:
+            return [Example(task=task, uid=qid, text=text, target="", image_ids=[vid], extra=extra, source=rec.path)]
         label = f"a{answer}"
         return [Example(task=task, uid=qid, text=text, target=label, image_ids=[vid], references=[label],
-                        extra={"ts": ts, "question": question, "candidates": options,
-                               "answer_text": options[answer], "subtitle": sub},
-                        source=rec.path)]
+                        extra={**extra, "answer_text": options[answer]}, source=rec.path)]
 
-    examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",))
+    examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",),
+                             require_answers)
     report_uncovered(task, path, examples, subtitles)
     return examples
 
@@ -196,18 +201,20 @@ def _descriptions(rec: Record) -> list[str]:
 
 
 def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
-                        skip_bad_records: bool = False) -> ExampleList:
+                        skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
     """TVC / YC2C: one example per description (train) or per clip with all descriptions (val/test)."""
     train = split == "train"
 
     def parse(rec: Record) -> list[Example]:
         vid = rec.text("vid_name")
         clip = rec.ident("clip_id", None) or vid
-        descs = _descriptions(rec)
+        descs = _descriptions(rec) if rec.answers("descs") else []
         ts = parse_ts(rec)
         sub = subtitle_text(subtitles.get(vid, []), ts)
         text = sub
         extra = {"ts": ts, "clip_id": clip, "subtitle": sub}
+        if not descs:
+            return [Example(task=task, uid=clip, text=text, target="", image_ids=[vid], extra=extra, source=rec.path)]
         if train:
             return [Example(task=task, uid=f"{clip}#{k}", text=text, target=d, image_ids=[vid],
                             references=list(descs), extra=dict(extra), source=rec.path)
@@ -216,7 +223,7 @@ def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
                         references=descs, extra=extra, source=rec.path)]
 
     examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records,
-                             ("clip_id", "vid_name"))
+                             ("clip_id", "vid_name"), require_answers)
     report_uncovered(task, path, examples, subtitles)
     return examples
 

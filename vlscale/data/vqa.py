@@ -13,7 +13,10 @@ falls back to the most frequent raw answer. With ``data.vqa_targets=sampled`` tr
 target from ``label`` instead, as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
 scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
-``nominival.json`` if they carry ``answers``.
+``nominival.json`` if they carry ``answers``. Records without ``label`` and ``answers`` (VL-T5's
+``test.json``, whose answers EvalAI holds) are refused, except for ``launchers/evaluate.py
+--predict-only`` (``require_answers=False``): an example with an empty ``target`` and no ``references``.
+``uid`` is the ``question_id`` (the EvalAI submission's key).
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def parse_vqa(rec: Record) -> list[Example]:
     img_id = rec.text("img_id")
     question = rec.text("sent")
     qid = rec.ident("question_id")
+    extra = {key: rec.get(key, str) for key in ("answer_type", "question_type") if key in rec.data}
+    if not rec.answers("label", "answers"):
+        return [Example(task="vqa", uid=qid, text=question, target="", image_ids=[img_id], extra=extra,
+                        source=rec.path)]
     label = rec.score_map("label", allow_empty=True)
     answers = raw_answers(rec)
     counts = Counter(answers)
@@ -62,15 +69,12 @@ def parse_vqa(rec: Record) -> list[Example]:
         target = best_answer(label, counts)
     else:
         target = best_answer({a: float(c) for a, c in counts.items()})
-    extra = {"label": label}
-    for key in ("answer_type", "question_type"):
-        value = rec.get(key, str, None)
-        if value is not None:
-            extra[key] = value
+    extra = {"label": label, **extra}
     return [Example(task="vqa", uid=qid, text=question, target=target, image_ids=[img_id],
                     references=answers, extra=extra, source=rec.path)]
 
 
-def load_vqa(path, skip_bad_records: bool = False) -> ExampleList:
+def load_vqa(path, skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
     """All questions of one VQA file, one :class:`Example` each."""
-    return parse_records(path, read_json_list(path, "VQA annotations"), parse_vqa, skip_bad_records, ID_KEYS)
+    return parse_records(path, read_json_list(path, "VQA annotations"), parse_vqa, skip_bad_records, ID_KEYS,
+                         require_answers)

@@ -12,11 +12,17 @@ tokens and the highest is the prediction, as the reference scores NLVR2 (:func:`
 
 ``should_stop`` (a callable, the same answer on every rank) is asked before each batch; when it says
 stop, :class:`EvaluationInterrupted` is raised and nothing is scored or written for the task.
+
+``predict_only`` (``launchers/evaluate.py --predict-only``, for splits whose answers are withheld): the
+split is read without requiring answers, predicted the same way, and not scored; with
+``submission_dir`` the image tasks' predictions are also written in their leaderboards' formats
+(:func:`write_submission`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -157,21 +163,70 @@ def write_predictions(path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
+SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json"}
+"""The tasks whose leaderboard format is established here, and their file names; the video tasks have none."""
+
+
+def _number_or_text(value: str):
+    """``"393225001"`` -> 393225001; an id that is not a plain number stays a string."""
+    return int(value) if value.isascii() and value.isdigit() else value
+
+
+def write_submission(directory, task: str, records: list[dict], examples) -> Optional[Path]:
+    """``records`` (uid, prediction) as ``task``'s leaderboard expects them, in ``<directory>/SUBMISSION_FILES[task]``
+    (None for a task without one: the video tasks); ``examples`` (those predicted, or more) give the ids:
+
+    - vqa (EvalAI, as LXMERT / VL-T5's ``dump_result``): ``[{"question_id": int, "answer": str}]``
+    - gqa (as LXMERT / VL-T5): ``[{"questionId": str, "prediction": str}]``
+    - nlvr2 (as LXMERT's ``dump_result``): one line ``<identifier>,True`` or ``<identifier>,False`` per example
+    - caption (the COCO caption server): ``[{"image_id": <cocoid>, "caption": str}]`` (without a ``cocoid``: the
+      number the image's name ends in)"""
+    name = SUBMISSION_FILES.get(task)
+    if name is None:
+        return None
+    by_uid = {str(e.uid): e for e in examples}
+    missing = [r["uid"] for r in records if r["uid"] not in by_uid]
+    if missing:
+        raise ValueError(f"{task} submission: predictions for uids the split does not hold: first {missing[:3]}")
+    rows = [(by_uid[r["uid"]], r["prediction"]) for r in records]
+    if task == "nlvr2":
+        text = "".join(f"{e.extra.get('identifier', e.uid)},{'True' if p == 'true' else 'False'}\n" for e, p in rows)
+    else:
+        if task == "vqa":
+            entries = [{"question_id": _number_or_text(str(e.uid)), "answer": p} for e, p in rows]
+        elif task == "gqa":
+            entries = [{"questionId": str(e.uid), "prediction": p} for e, p in rows]
+        else:
+            entries = [{"image_id": e.extra["cocoid"] if isinstance(e.extra.get("cocoid"), int) else
+                        _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
+        text = json.dumps(entries)
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Sequence[str]] = None, rank: int = 0,
              world_size: int = 1, device="cpu", float_dtype=None, synced_gpus: bool = False,
              batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
              predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None,
-             should_stop: Optional[Callable[[], bool]] = None, java_metrics: bool = False) -> dict[str, dict]:
+             should_stop: Optional[Callable[[], bool]] = None, java_metrics: bool = False,
+             predict_only: bool = False, submission_dir=None) -> dict[str, dict]:
     """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
 
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
     writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references). ``should_stop``: see
     the module docstring (raises EvaluationInterrupted). ``java_metrics``: caption tasks are scored as
     coco-caption scores them (PTB tokenizer, METEOR; Java), see :func:`vlscale.metrics.score_task`.
+    ``predict_only``: records without answers are read too (a leaderboard's test split), nothing is scored,
+    and the result is {task: {"examples": n, "submission": path or None}}, the path of the file
+    :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).
     """
     from tqdm import tqdm
 
-    from vlscale.data import eval_batches
+    from vlscale.data import eval_batches, load_examples
     from vlscale.engine.distributed import broadcast_object
 
     tasks = list(tasks or cfg.data.tasks)
@@ -182,7 +237,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     scores: dict[str, dict] = {}
     try:
         for task in tasks:
-            batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples)
+            batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
+                                   require_answers=not predict_only)
             total = len(batches) if hasattr(batches, "__len__") else None
             bar = tqdm(total=total, desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
                        leave=False, dynamic_ncols=True)
@@ -195,7 +251,15 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
             records = _gather_records(records, world_size)
             if rank == 0:
                 records.sort(key=lambda r: r["uid"])
-                scores[task] = score_records(task, records, java_metrics)
+                if predict_only:  # the examples again for their ids and references (the batches carry neither)
+                    examples = {str(e.uid): e for e in load_examples(cfg, task, split, require_answers=False)}
+                    for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
+                        r["references"] = list(examples[r["uid"]].references)
+                    path = write_submission(submission_dir, task, records, examples.values()) \
+                        if submission_dir is not None else None
+                    scores[task] = {"examples": len(records), "submission": str(path) if path else None}
+                else:
+                    scores[task] = score_records(task, records, java_metrics)
                 if predictions_dir is not None:
                     write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
     finally:
