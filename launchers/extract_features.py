@@ -199,14 +199,13 @@ def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str
     already there are skipped. -> {"total", "skipped", "written"}."""
     from tqdm.auto import tqdm
 
-    from vlscale.data.features import FeatureWriter
+    from vlscale.data.features import FeatureWriter, feature_meta
     from vlscale.modeling.vision import vision_dims
 
     dims = vision_dims(vision)
-    # the meta vlscale.data.features.extract_features writes for video=True with this CLIP's encoder
-    meta = {"vision": vision, "pretrained": pretrained, "kind": "frames", "dtype": dtype,
-            "image_size": int(dims["image_size"]) or None, "grid_shape": None, "dim": int(dims["embed_dim"]),
-            "tokens": None, "synthetic": None}
+    # the meta an extraction of frames with this CLIP's encoder writes
+    meta = feature_meta(vision, pretrained, video=True, dtype=dtype, image_size=dims["image_size"], grid_side=None,
+                        dim=int(dims["embed_dim"]))
     writer = FeatureWriter(out, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}

@@ -315,6 +315,15 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 @torch.no_grad()
+def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size, grid_side, dim,
+                 synthetic: Optional[dict] = None) -> dict:
+    """The ``meta.json`` of a cache of ``vision``'s features: per-frame embeddings (``video``) or grids."""
+    return {"vision": vision, "pretrained": pretrained, "kind": "frames" if video else "grid",
+            "dtype": dtype, "image_size": int(image_size or 0) or None,
+            "grid_shape": None if video or grid_side is None else [int(grid_side), int(grid_side)],
+            "dim": dim, "tokens": None if video or grid_side is None else int(grid_side) ** 2, "synthetic": synthetic}
+
+
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
@@ -331,12 +340,9 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    grid_side = getattr(encoder, "grid_side", None)
-    meta = {"vision": vision, "pretrained": pretrained, "kind": "frames" if video else "grid",
-            "dtype": dtype, "image_size": int(getattr(encoder, "image_size", 0)) or None,
-            "grid_shape": None if video or grid_side is None else [int(grid_side), int(grid_side)],
-            "dim": getattr(encoder, "embed_dim" if video else "grid_dim", None),
-            "tokens": None if video or grid_side is None else int(grid_side) ** 2, "synthetic": synthetic}
+    meta = feature_meta(vision, pretrained, video=video, dtype=dtype, image_size=getattr(encoder, "image_size", 0),
+                        grid_side=getattr(encoder, "grid_side", None),
+                        dim=getattr(encoder, "embed_dim" if video else "grid_dim", None), synthetic=synthetic)
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}

@@ -230,6 +230,15 @@ def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
 
 # ----------------------------------------------------------------------------- frame features
 
+def _features_key(path, keys: list[str]) -> str:
+    """The frame features' tensor in a ``.safetensors`` file: ``features``, or its only tensor."""
+    if "features" in keys:
+        return "features"
+    if len(keys) != 1:
+        raise DataError(f"{path}: holds tensors {sorted(keys)}; expected one named 'features'")
+    return keys[0]
+
+
 class VideoFeatureFolder:
     """VisualSource of per-video frame features: ``source[vid_name]`` -> float32 tensor (L, D)."""
 
@@ -285,10 +294,7 @@ class VideoFeatureFolder:
             if path.suffix == ".npy":
                 return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
             with safe_open(str(path), framework="numpy") as f:
-                keys = list(f.keys())
-                if "features" not in keys and len(keys) != 1:
-                    raise DataError(f"{path}: holds tensors {sorted(keys)}; expected one named 'features'")
-                return tuple(f.get_slice("features" if "features" in keys else keys[0]).get_shape())
+                return tuple(f.get_slice(_features_key(path, list(f.keys()))).get_shape())
         except DataError:
             raise
         except (OSError, ValueError, EOFError, SafetensorError) as e:
@@ -332,12 +338,7 @@ class VideoFeatureFolder:
                 feats = torch.from_numpy(array)
             else:
                 tensors = load_file(str(path))
-                if "features" in tensors:
-                    feats = tensors["features"]
-                elif len(tensors) == 1:
-                    feats = next(iter(tensors.values()))
-                else:
-                    raise DataError(f"{path}: holds tensors {sorted(tensors)}; expected one named 'features'")
+                feats = tensors[_features_key(path, list(tensors))]
                 if feats.is_complex() or feats.dtype == torch.bool:
                     raise DataError(f"{path} (video {vid!r}): frame features have dtype {feats.dtype}, expected "
                                     "real numbers")
