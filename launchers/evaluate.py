@@ -33,10 +33,11 @@ tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
 
 ``--predict-only`` (a split whose answers are withheld, for a leaderboard): its records are read without
 requiring answers (every other check stays; without the flag such a split is refused, as training refuses it),
-predicted as an evaluation predicts them, and not scored: ``DIR/predictions/<task>.jsonl`` as above and, for
-the image tasks, ``DIR/submission/`` in the leaderboards' formats (``vqa.json`` for EvalAI, ``gqa.json``,
-``nlvr2.csv``, ``caption.json`` for the COCO server: vlscale.engine.evaluation.write_submission); the video tasks
-get none. No ``eval_metrics.json`` is written or changed; ``DIR`` defaults to ``<adapter's parent>/predict_<split>``.
+predicted as an evaluation predicts them, and not scored: ``DIR/predictions/<task>.jsonl`` as above and
+``DIR/submission/`` in the leaderboards' formats (``vqa.json`` for EvalAI, ``gqa.json``, ``nlvr2.csv``,
+``caption.json`` for the COCO server; VALUE's ``<task>/<task>_<split>_predictions.json[l]`` for the video tasks:
+vlscale.engine.evaluation.write_submission). No ``eval_metrics.json`` is written or changed; ``DIR`` defaults to
+``<adapter's parent>/predict_<split>``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "every rank holds the whole model")
     p.add_argument("--predict-only", action="store_true",
                    help="a split whose answers are withheld (a leaderboard's test split): read it without answers, "
-                        "predict, write predictions/ and the image tasks' submission files in submission/; "
+                        "predict, write predictions/ and each task's leaderboard file in submission/; "
                         "nothing is scored (default out: <adapter parent>/predict_<split>)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -291,8 +292,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     if rank == 0 and args.predict_only:
         print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")
         for task, done in scores.items():
-            where = done["submission"] or "no submission file (this task's leaderboard format is not verified here)"
-            print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; {where}")
+            print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; "
+                  f"{done['submission']}")
     elif rank == 0:
         write_eval_report(out, args.adapter, args.split, meta.get("step"), scores, settings=eval_settings(cfg.to_dict()))
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")

@@ -167,6 +167,30 @@ def test_evaluate_decodes_trainings_final_predictions_for_every_video_task(runs,
     assert report["examples"] == {"tvqa": 2, "how2qa": 1, "tvc": 1, "yc2c": 1}
 
 
+def test_predict_only_writes_the_value_submission_files(runs, tmp_path, launcher, capsys):
+    """``--predict-only`` on the test split: the predictions as written, and VALUE's files (How2QA's test is
+    ``test_public`` there): QA ids to option indices, one caption line per clip (the formats, in detail:
+    tests/unit/test_value_submission.py)."""
+    out = tmp_path / "p"
+    assert launcher("evaluate").main(["--adapter", str(runs / "whole" / "adapter"), "--split", "test", "--out",
+                                      str(out), "--predict-only", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    files = {"tvqa": "tvqa/tvqa_test_predictions.json", "how2qa": "how2qa/how2qa_test_public_predictions.json",
+             "tvc": "tvc/tvc_test_predictions.jsonl", "yc2c": "yc2c/yc2c_test_predictions.jsonl"}
+    for task, name in files.items():
+        predicted = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        assert f"{task:8s} {len(predicted)} examples: {out / 'predictions' / (task + '.jsonl')}; " \
+               f"{out / 'submission' / name}" in printed
+        text = (out / "submission" / name).read_text()
+        if task in ("tvqa", "how2qa"):
+            assert {k: type(v) for k, v in json.loads(text).items()} == {r["uid"]: int for r in predicted}
+        else:
+            lines = [json.loads(line) for line in text.splitlines()]
+            assert [(str(c["clip_id"]), c["descs"]) for c in lines] == [
+                (r["uid"], [{"desc": r["prediction"]}]) for r in predicted]
+    assert not (out / "eval_metrics.json").exists()
+
+
 def loader(data_root, *more):
     cfg = preset(data_root, "data.feature_cache=null", "train.micro_batch_size=2", *more)
     return build_train_loader(cfg, build_tokenizer(cfg))

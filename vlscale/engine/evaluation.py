@@ -15,13 +15,14 @@ stop, :class:`EvaluationInterrupted` is raised and nothing is scored or written 
 
 ``predict_only`` (``launchers/evaluate.py --predict-only``, for splits whose answers are withheld): the
 split is read without requiring answers, predicted the same way, and not scored; with
-``submission_dir`` the image tasks' predictions are also written in their leaderboards' formats
-(:func:`write_submission`).
+``submission_dir`` the predictions are also written in each task's leaderboard format (:func:`write_submission`:
+EvalAI, GQA, NLVR2, the COCO caption server, VALUE for the video tasks).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -29,6 +30,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlscale.data.tasks import get_task
+
+logger = logging.getLogger(__name__)
 
 
 class EvaluationInterrupted(Exception):
@@ -163,8 +166,16 @@ def write_predictions(path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json"}
-"""The tasks whose leaderboard format is established here, and their file names; the video tasks have none."""
+SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json",
+                    "tvqa": "tvqa/tvqa_{split}_predictions.json", "how2qa": "how2qa/how2qa_{split}_predictions.json",
+                    "tvc": "tvc/tvc_{split}_predictions.jsonl", "yc2c": "yc2c/yc2c_{split}_predictions.jsonl"}
+"""Each task's submission file under ``submission/``: the image tasks' leaderboards take one file each; VALUE (the
+video tasks) takes one zip of ``<task>/<task>_<split>_predictions.json[l]`` for val and test together."""
+VALUE_SPLITS = {"val": {}, "test": {"how2qa": "test_public"}}
+"""A split's name in VALUE's file names where it differs from ours (VALUE's scorer: How2QA's test is
+``test_public``, the other three tasks' is ``test``); a split not listed keeps its own name."""
+
+_OPTION = re.compile(r"^\s*a(\d)\s*$")
 
 
 def _number_or_text(value: str):
@@ -172,15 +183,32 @@ def _number_or_text(value: str):
     return int(value) if value.isascii() and value.isdigit() else value
 
 
-def write_submission(directory, task: str, records: list[dict], examples) -> Optional[Path]:
+def _option_index(prediction: str, candidates: list[str]) -> Optional[int]:
+    """A multiple-choice prediction as the option's index: its name (``"a2"``, the target) or, failing that, an
+    option's text; None when it names none."""
+    m = _OPTION.match(prediction)
+    if m and int(m.group(1)) < len(candidates):
+        return int(m.group(1))
+    texts = [c.strip().lower() for c in candidates]
+    return texts.index(prediction.strip().lower()) if prediction.strip().lower() in texts else None
+
+
+def write_submission(directory, task: str, records: list[dict], examples, split: str = "test") -> Optional[Path]:
     """``records`` (uid, prediction) as ``task``'s leaderboard expects them, in ``<directory>/SUBMISSION_FILES[task]``
-    (None for a task without one: the video tasks); ``examples`` (those predicted, or more) give the ids:
+    (None for a task without one); ``examples`` (those predicted, or more) give the ids:
 
     - vqa (EvalAI, as LXMERT / VL-T5's ``dump_result``): ``[{"question_id": int, "answer": str}]``
     - gqa (as LXMERT / VL-T5): ``[{"questionId": str, "prediction": str}]``
     - nlvr2 (as LXMERT's ``dump_result``): one line ``<identifier>,True`` or ``<identifier>,False`` per example
     - caption (the COCO caption server): ``[{"image_id": <cocoid>, "caption": str}]`` (without a ``cocoid``: the
-      number the image's name ends in)"""
+      number the image's name ends in)
+    - tvqa, how2qa (VALUE's scorer, as VL-Adapter's ``multitask_video.py``): ``{"<qid>": option index}``; a
+      prediction naming no option (neither ``a0``.. nor an option's text) is written as 0, as the reference
+      does, and counted in a logged warning
+    - tvc, yc2c (VALUE): one JSON line per clip, ``{"vid_name", "clip_id", "ts", "descs": [{"desc"}]}`` for TVC,
+      ``{"video_id", "clip_id", "descs": [{"desc"}]}`` for YC2C (VALUE's sample files)
+
+    ``split`` names the video tasks' files (VALUE's name for it: :data:`VALUE_SPLITS`)."""
     name = SUBMISSION_FILES.get(task)
     if name is None:
         return None
@@ -189,8 +217,23 @@ def write_submission(directory, task: str, records: list[dict], examples) -> Opt
     if missing:
         raise ValueError(f"{task} submission: predictions for uids the split does not hold: first {missing[:3]}")
     rows = [(by_uid[r["uid"]], r["prediction"]) for r in records]
+    name = name.format(split=VALUE_SPLITS.get(split, {}).get(task, split))
     if task == "nlvr2":
         text = "".join(f"{e.extra.get('identifier', e.uid)},{'True' if p == 'true' else 'False'}\n" for e, p in rows)
+    elif task in ("tvqa", "how2qa"):
+        picked = {str(e.uid): _option_index(p, e.extra["candidates"]) for e, p in rows}
+        unnamed = [uid for uid, k in picked.items() if k is None]
+        if unnamed:
+            logger.warning(f"{task} submission: {len(unnamed)} of {len(rows)} predictions name no option "
+                           f"(first qids {unnamed[:3]}); written as option 0, as VL-Adapter's reference does")
+        text = json.dumps({uid: k or 0 for uid, k in picked.items()})
+    elif task in ("tvc", "yc2c"):
+        def line(e, p):
+            clip = _number_or_text(str(e.extra.get("clip_id", e.uid)))
+            if task == "tvc":
+                return {"vid_name": e.image_ids[0], "clip_id": clip, "ts": e.extra.get("ts"), "descs": [{"desc": p}]}
+            return {"video_id": e.image_ids[0], "clip_id": clip, "descs": [{"desc": p}]}
+        text = "".join(json.dumps(line(e, p)) + "\n" for e, p in rows)
     else:
         if task == "vqa":
             entries = [{"question_id": _number_or_text(str(e.uid)), "answer": p} for e, p in rows]
@@ -255,7 +298,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
                     examples = {str(e.uid): e for e in load_examples(cfg, task, split, require_answers=False)}
                     for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
                         r["references"] = list(examples[r["uid"]].references)
-                    path = write_submission(submission_dir, task, records, examples.values()) \
+                    path = write_submission(submission_dir, task, records, examples.values(), split) \
                         if submission_dir is not None else None
                     scores[task] = {"examples": len(records), "submission": str(path) if path else None}
                 else:

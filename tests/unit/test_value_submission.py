@@ -1,0 +1,76 @@
+"""The video tasks' submission files (``evaluate.py --predict-only``) in VALUE's formats, read back the way VALUE's
+scorer reads them: QA ``{qid: option index}`` with every question's id (How2QA's scorer requires exactly the
+ground truth's), captions one JSON line per clip keyed by a ``clip_id`` of the ground truth's type; file names
+``<task>/<task>_<split>_predictions.json[l]`` with VALUE's split names (How2QA's test is ``test_public``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from vlscale.config import load_config
+from vlscale.data import load_examples
+from vlscale.engine.evaluation import write_submission
+
+QA = [  # TVQA ids are numbers, as VALUE's
+    {"qid": 137292, "q": "Where are they?", "a0": "A cafe", "a1": "A park", "a2": "A car", "a3": "A bus",
+     "a4": "A plane", "vid_name": "friends_s01e01_seg01_clip_00", "ts": "0.0-12.0"},
+    {"qid": 137304, "q": "Who sits?", "a0": "Ross", "a1": "Monica", "a2": "Joey", "a3": "Rachel", "a4": "Phoebe",
+     "vid_name": "friends_s01e01_seg01_clip_00", "ts": "2.5-7.0"},
+    {"qid": 137321, "q": "What opens?", "a0": "A door", "a1": "A box", "a2": "A book", "a3": "A window",
+     "a4": "A bag", "vid_name": "friends_s01e01_seg01_clip_01", "ts": "NaN-NaN"},
+    {"qid": 137341, "q": "Why?", "a0": "No", "a1": "Yes", "a2": "Maybe", "a3": "Never", "a4": "Later",
+     "vid_name": "friends_s01e01_seg01_clip_01", "ts": "1.0-3.0"},
+]
+CAPTIONS = [
+    {"clip_id": 102866, "vid_name": "friends_s10e10_seg02_clip_19", "ts": [80.64, 85.28]},
+    {"clip_id": 103592, "vid_name": "friends_s10e10_seg02_clip_19", "ts": [81.22, 116.02]},
+    {"clip_id": "yc_b_1", "vid_name": "yc_b", "ts": [8.0, 20.0]},  # an id that is not a number stays a string
+]
+
+
+def write_split(root, task, name, rows):
+    (root / task).mkdir(parents=True, exist_ok=True)
+    (root / task / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def examples(root, task, split):
+    cfg = load_config("tiny", ["data.source=real", f"data.root={root}", f"data.tasks=[{task}]"])
+    return load_examples(cfg, task, split, require_answers=False)
+
+
+def test_multiple_choice_predictions_become_option_indices_for_every_question(tmp_path, caplog):
+    write_split(tmp_path, "tvqa", "test.jsonl", QA)
+    write_split(tmp_path, "how2qa", "how2qa_test_public_release.jsonl",
+                [{k: v for k, v in r.items() if k != "a4"} for r in QA])
+    predicted = ["a3", " a1 ", "a9", "yes"]  # a name, a padded name, no such option, an option's text
+    for task, file, wanted in (("tvqa", "tvqa/tvqa_test_predictions.json", [3, 1, 0, 1]),
+                               ("how2qa", "how2qa/how2qa_test_public_predictions.json", [3, 1, 0, 1])):
+        ex = examples(tmp_path, task, "test")
+        records = [{"uid": str(e.uid), "prediction": p} for e, p in zip(ex, predicted)]
+        with caplog.at_level(logging.WARNING, logger="vlscale.engine.evaluation"):
+            caplog.clear()
+            path = write_submission(tmp_path / "sub", task, records, ex, "test")
+        assert path == tmp_path / "sub" / file
+        read = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}  # as VALUE's scorer
+        assert read == {r["qid"]: k for r, k in zip(QA, wanted)}
+        assert f"{task} submission: 1 of 4 predictions name no option (first qids ['137321'])" in caplog.text
+    # "a4" is no option of How2QA's four; val keeps its name
+    ex = examples(tmp_path, "how2qa", "test")
+    path = write_submission(tmp_path / "sub", "how2qa", [{"uid": str(ex[0].uid), "prediction": "a4"}], ex, "val")
+    assert path.name == "how2qa_val_predictions.json" and json.loads(path.read_text()) == {"137292": 0}
+
+
+def test_caption_predictions_are_one_line_per_clip_keyed_as_the_ground_truth(tmp_path):
+    for task in ("tvc", "yc2c"):
+        write_split(tmp_path, task, "test.jsonl", CAPTIONS)
+        ex = examples(tmp_path, task, "test")
+        records = [{"uid": str(e.uid), "prediction": f"caption {k}"} for k, e in enumerate(ex)]
+        path = write_submission(tmp_path / "sub", task, records, ex, "test")
+        assert path == tmp_path / "sub" / task / f"{task}_test_predictions.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        by_clip = {c["clip_id"]: c["descs"][0]["desc"] for c in lines}  # VALUE's scorer: clip_id -> descs[0]
+        assert by_clip == {r["clip_id"]: f"caption {k}" for k, r in enumerate(CAPTIONS)}
+        video = "vid_name" if task == "tvc" else "video_id"
+        assert [(c[video], c.get("ts")) for c in lines] == [
+            (r["vid_name"], r["ts"] if task == "tvc" else None) for r in CAPTIONS]
