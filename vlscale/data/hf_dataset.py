@@ -19,6 +19,13 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     id                         optional: the uid column (default "<split>-<row>")
     group                      optional, nlvr2: the consistency-group column
 
+A row whose answer columns (answer / answers, label, caption / captions: those the task reads) hold
+nothing (None, "" or an empty list; a label of -1, the datasets convention for a withheld label), or a
+split without those columns, has no answers: refused unless ``require_answers=False``
+(``launchers/evaluate.py --predict-only``, a leaderboard's test split), which reads it as the JSON loaders
+read a record without its answer keys (:meth:`Record.answers` decides): one example per row (captions: per
+image) with an empty ``target``, no ``references`` and no soft ``label``. Every other check stays.
+
 The images become a :class:`HFImageSource` (a VisualSource of kind "images"): ``source[image_id]``
 decodes that row's image to a uint8 (H, W, 3) RGB array on demand from the memory-mapped Arrow table, so nothing is held twice in memory.
 Relative image paths in a local dataset resolve against its folder (then the current directory).
@@ -44,6 +51,7 @@ COLUMN_ROLES = ("image", "image_id", "question", "text", "answer", "answers", "c
                 "label", "id", "group")
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 HF_TASKS = ("vqa", "gqa", "caption", "nlvr2")
+ANSWER_ROLES = ("answer", "answers", "caption", "captions", "label")
 
 
 def _folder_contents(path: Path) -> str:
@@ -101,7 +109,10 @@ def open_hf_split(name_or_path: str, split: str):
                     f"its splits: {list(obj)}")
 
 
-def _roles(task: str, columns: dict, dataset_columns: list[str]) -> dict[str, Any]:
+def _roles(task: str, columns: dict, dataset_columns: list[str], require_answers: bool = True,
+           where: str = "the dataset") -> dict[str, Any]:
+    """The checked column mapping. An answer role's column may be missing from the split (``where``) only
+    where answers are not required (its rows then have none); else the error names ``--predict-only``."""
     if task not in HF_TASKS:
         raise DataError(f"data.hf_dataset supports tasks {list(HF_TASKS)}, not {task!r}")
     unknown = [k for k in columns if k not in COLUMN_ROLES]
@@ -125,10 +136,33 @@ def _roles(task: str, columns: dict, dataset_columns: list[str]) -> dict[str, An
         raise DataError("data.hf_columns.image_id applies to single-image tasks only")
     for role, col in roles.items():
         for c in (col if isinstance(col, list) else [col]):
-            if c not in dataset_columns:
-                raise DataError(f"data.hf_columns.{role}={c!r} is not a column of the dataset; "
-                                f"its columns: {dataset_columns}")
+            if c in dataset_columns or (role in ANSWER_ROLES and not require_answers):
+                continue
+            if role in ANSWER_ROLES:
+                raise DataError(f"data.hf_columns.{role}={c!r} is not a column of {where} (its columns: "
+                                f"{dataset_columns}); a split without its answers, such as a leaderboard's test "
+                                "split, can only be predicted: launchers/evaluate.py --predict-only")
+            raise DataError(f"data.hf_columns.{role}={c!r} is not a column of the dataset; "
+                            f"its columns: {dataset_columns}")
     return roles
+
+
+def _answer_columns(task: str, roles: dict) -> list[str]:
+    """The columns the task reads its answers from (as :func:`_load_cached`'s parser reads them)."""
+    if task in ("vqa", "gqa"):
+        return [roles[r] for r in ("answers", "answer") if roles.get(r)]
+    if task == "nlvr2":
+        return [roles.get("label") or roles["answer"]]
+    return [roles.get("captions") or roles["caption"]]
+
+
+def _has_answer(value) -> bool:
+    """Whether an answer cell holds anything: not None, "", an empty list, or -1 (a withheld ClassLabel)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == -1):
+        return False
+    if isinstance(value, (str, list, tuple, dict)):
+        return bool(value.strip() if isinstance(value, str) else value)
+    return True
 
 
 class HFImageSource:
@@ -294,32 +328,44 @@ def _strings(rec: Record, key: str, inner: tuple = ("answer",)) -> list[str]:
     return out
 
 
-def load_hf_examples(task: str, name_or_path: str, split: str, columns: dict,
-                     skip_bad_records: bool = False) -> tuple[ExampleList, HFImageSource]:
-    """Examples of ``task`` from one split of an HF dataset, and the VisualSource of its images."""
+_ANSWERED: set = set()  # the _load_cached keys whose read requiring answers found every row's answers
+
+
+def load_hf_examples(task: str, name_or_path: str, split: str, columns: dict, skip_bad_records: bool = False,
+                     require_answers: bool = True) -> tuple[ExampleList, HFImageSource]:
+    """Examples of ``task`` from one split of an HF dataset, and the VisualSource of its images.
+    ``require_answers=False`` (``evaluate.py --predict-only`` only): rows without answers are read too (see the
+    module docstring)."""
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (columns or {}).items()))
-    examples, source = _load_cached(task, str(name_or_path), split, frozen, bool(skip_bad_records))
+    key = (task, str(name_or_path), split, frozen, bool(skip_bad_records))
+    # A split whose rows all have their answers reads the same either way: the read that required them (training's,
+    # evaluation's) serves a later one that does not (their visual source's) without reading every row again.
+    need = bool(require_answers) or key in _ANSWERED
+    examples, source = _load_cached(*key, need)
+    if need and not examples.unanswered:
+        _ANSWERED.add(key)
     out = ExampleList(examples, source=examples.source)
     out.merge_skips(examples)
     return out, source
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: bool):
+def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: bool, require_answers: bool):
     import datasets
 
     columns = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
     ds, hf_split = open_hf_split(name_or_path, split)
-    roles = _roles(task, columns, list(ds.column_names))
-    needed = sorted({c for v in roles.values() for c in (v if isinstance(v, list) else [v])})
+    source_name = f"{name_or_path}[{hf_split}]"
+    roles = _roles(task, columns, list(ds.column_names), require_answers, source_name)
+    answer_columns = _answer_columns(task, roles)
+    needed = sorted({c for v in roles.values() for c in (v if isinstance(v, list) else [v]) if c in ds.column_names})
     raw = ds.select_columns(needed)
     for col in roles["image"]:
         if isinstance(raw.features[col], datasets.Image):
             raw = raw.cast_column(col, datasets.Image(decode=False))
-    source_name = f"{name_or_path}[{hf_split}]"
     locations: dict[str, tuple[int, str]] = {}
     train = split == "train"
-    current = {"row": -1}  # set by records() just before parse_records parses that row
+    current = {"row": -1, "unanswered": 0}  # set by records() just before parse_records parses that row
 
     def parse(rec: Record) -> list[Example]:
         row = current["row"]
@@ -335,8 +381,13 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             image_ids = [f"{split}/{row}/{k}" for k in range(len(roles["image"]))]
         text_col = roles.get("question") or roles.get("text")
         extra: dict = {"row": row}
-        if task in ("vqa", "gqa"):
-            text = rec.text(text_col)
+        text = rec.text(text_col) if task != "caption" else ""
+        if task == "nlvr2":
+            extra["group"] = rec.ident(roles["group"]) if roles.get("group") else uid
+        if not rec.answers(*answer_columns):  # withheld (evaluate.py --predict-only): no target, no references
+            examples = [Example(task=task, uid=uid, text=text, target="", image_ids=image_ids, extra=extra,
+                                source=source_name)]
+        elif task in ("vqa", "gqa"):
             answers = _strings(rec, roles["answers"]) if roles.get("answers") else None
             if roles.get("answer"):
                 target = rec.text(roles["answer"])
@@ -353,9 +404,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
         elif task == "nlvr2":
             from vlscale.data.nlvr2 import parse_bool_label
 
-            text = rec.text(text_col)
             target = "true" if parse_bool_label(rec, roles.get("label") or roles["answer"]) else "false"
-            extra["group"] = rec.ident(roles["group"]) if roles.get("group") else uid
             examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
                                 references=[target], extra=extra, source=source_name)]
         else:  # caption
@@ -377,9 +426,15 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     def records():
         for row, data in enumerate(raw):
             current["row"] = row
+            if not any(_has_answer(data.get(c)) for c in answer_columns):
+                # no answers: the record leaves their (empty) cells out, as a JSON record without its answer
+                # keys, so Record.answers decides (refused, naming --predict-only, where answers are required)
+                current["unanswered"] += 1
+                data = {k: v for k, v in data.items() if k not in answer_columns}
             yield f"row {row}", data
 
-    examples = parse_records(source_name, records(), parse, skip, (roles.get("id") or "id",))
+    examples = parse_records(source_name, records(), parse, skip, (roles.get("id") or "id",), require_answers)
+    examples.unanswered = current["unanswered"]  # rows without answers (read, or skipped as bad records)
     logger.info(f"{source_name}: {len(examples)} {task} examples, {len(locations)} images")
     base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
     return examples, HFImageSource(ds, locations, source_name, base_dir)

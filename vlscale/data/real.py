@@ -346,14 +346,14 @@ def subtitle_path(cfg, task: str) -> Optional[Path]:
 def load_real_examples(cfg, task: str, split: str, require_answers: bool = True) -> ExampleList:
     """Examples of ``task``/``split`` from the real data the config names (files or an HF dataset).
     ``require_answers=False`` (``evaluate.py --predict-only`` only): records without answers are read too
-    (:meth:`Record.answers`); an HF dataset's rows are read as ever."""
+    (:meth:`Record.answers`; an HF dataset's rows with empty answer cells too)."""
     get_task(task)  # unknown task -> KeyError listing the known ones
     _check_split(split)
     skip, need = cfg.data.skip_bad_records, require_answers
     if cfg.data.hf_dataset:
         from vlscale.data.hf_dataset import load_hf_examples
 
-        return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns, skip)[0]
+        return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns, skip, need)[0]
     path = annotation_path(cfg, task, split)
     if task == "vqa":
         from vlscale.data.vqa import load_vqa
@@ -429,8 +429,9 @@ def real_visual_source(cfg, task: str, split: str):
     if cfg.data.hf_dataset:
         from vlscale.data.hf_dataset import load_hf_examples
 
+        # every row's images, answered or not (which rows are examples is load_real_examples' call)
         return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns,
-                                cfg.data.skip_bad_records)[1]
+                                cfg.data.skip_bad_records, require_answers=False)[1]
     names, pattern, subfolders = IMAGE_FOLDERS[task]
     path = dataset_dir(_root(cfg), names) / "images"
     if not path.is_dir():
