@@ -170,7 +170,7 @@ def real_jobs(cfg, video_flag: bool = False):
     for task in cfg.data.tasks:
         for split in SPLITS:
             try:
-                examples = load_examples(cfg, task, split)
+                examples = load_examples(cfg, task, split, require_answers=False)  # images only: a withheld split too
             except DataFileNotFound as e:
                 notes.append(f"{task}/{split} skipped ({e})")
                 continue

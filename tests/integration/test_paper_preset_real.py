@@ -7,6 +7,7 @@ sub-folders), then training with the preset's objective (``train.loss_reduction=
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -80,6 +81,13 @@ def test_extract_real_says_what_it_skips_and_refuses_what_it_cannot_do(real, tmp
     out = capsys.readouterr().out
     assert "--real: gqa/test skipped (" in out and "testdev.json" in out
     assert len(FeatureCache(tmp_path / "c1").ids()) == 3
+    # a leaderboard's test split (answers withheld, for evaluate.py --predict-only) is extracted like the others
+    shutil.copy(root / "gqa" / "testdev.json", data / "gqa" / "testdev.json")
+    rows = json.loads((data / "gqa" / "testdev.json").read_text())
+    (data / "gqa" / "testdev.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "label"} for r in rows]))
+    assert extract(base + [f"data.root={data}", "--out", str(tmp_path / "c0")]) == 0
+    assert len(FeatureCache(tmp_path / "c0").ids()) == 4
+    (data / "gqa" / "testdev.json").unlink()
     (data / "gqa" / "images" / "2354786.jpg").unlink()  # named by a training record
     with pytest.raises(SystemExit, match=r"^extract_features\.py: DataError: gqa/train: 1 visual id\(s\) .*2354786"):
         extract(base + [f"data.root={data}", "--out", str(tmp_path / "c2")])
