@@ -137,6 +137,25 @@ def _job(config, name: str) -> Job | None:
     return jobs[name]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_beside_the_background_jobs(pytestconfig):
+    """While a background job runs (one busy core each, beside the unit tests), this process's torch computes
+    on one thread: two threads beside them oversubscribe the 2 cores, and OpenMP's barriers then wait on a
+    descheduled thread (measured: test_choice_scoring's tests 0.5 s alone, 12-13 s beside the jobs)."""
+    jobs = getattr(pytestconfig, "_vlscale_jobs", None) or {}
+    if not any(job is not None and job.proc.poll() is None for job in jobs.values()):
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def triton_interpreter(pytestconfig) -> dict:
     """Raw results of tests/unit/triton_interpreter_checks.py under ``TRITON_INTERPRET=1`` (one process,
