@@ -74,3 +74,25 @@ def test_caption_predictions_are_one_line_per_clip_keyed_as_the_ground_truth(tmp
         video = "vid_name" if task == "tvc" else "video_id"
         assert [(c[video], c.get("ts")) for c in lines] == [
             (r["vid_name"], r["ts"] if task == "tvc" else None) for r in CAPTIONS]
+
+
+def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
+    """EvalAI, the COCO server and VALUE read these ids as integers: ids that are not numbers (an HF dataset's
+    "<split>-<row>" without data.hf_columns.id) are said in a warning; numbers, and GQA's string ids, pass."""
+    from vlscale.data.tasks import Example
+
+    def ex(task, uid, **extra):
+        return Example(task=task, uid=uid, text="", target="", image_ids=[f"img-{uid}"], extra=extra)
+
+    cases = [("vqa", [ex("vqa", "test-0"), ex("vqa", "393225001")], "question_ids are not numbers (first ['test-0'])"),
+             ("caption", [ex("caption", "test-7x")], "image_ids are not numbers (first ['test-7x'])"),
+             ("tvqa", [ex("tvqa", "h21", candidates=["a", "b"])], "qids are not numbers (first ['h21'])"),
+             ("gqa", [ex("gqa", "n161313")], None), ("vqa", [ex("vqa", "393225001")], None)]
+    for task, examples, said in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlscale.engine.evaluation"):
+            write_submission(tmp_path, task, [{"uid": e.uid, "prediction": "a0"} for e in examples], examples)
+        if said:
+            assert f"{task} submission: 1 of {len(examples)} {said}" in caplog.text
+        else:
+            assert "not numbers" not in caplog.text

@@ -193,6 +193,30 @@ def _option_index(prediction: str, candidates: list[str]) -> Optional[int]:
     return texts.index(prediction.strip().lower()) if prediction.strip().lower() in texts else None
 
 
+NUMERIC_IDS = {"vqa": ("question_id", "EvalAI"), "caption": ("image_id", "the COCO caption server"),
+               "tvqa": ("qid", "VALUE's scorer"), "how2qa": ("qid", "VALUE's scorer"),
+               "tvc": ("clip_id", "VALUE's scorer"), "yc2c": ("clip_id", "VALUE's scorer")}
+"""The submissions whose leaderboard reads the ids as integers: the id's name there, and who reads it."""
+
+
+def _warn_non_numeric_ids(task: str, text: str) -> None:
+    """Log a warning when ``task``'s submission (its file's ``text``) holds ids its leaderboard cannot read as
+    integers (an HF dataset without ``data.hf_columns.id`` gives ``<split>-<row>``)."""
+    if task not in NUMERIC_IDS:
+        return
+    key, reader = NUMERIC_IDS[task]
+    if task in ("tvqa", "how2qa"):
+        ids = list(json.loads(text))
+    elif task in ("tvc", "yc2c"):
+        ids = [json.loads(line)[key] for line in text.splitlines()]
+    else:
+        ids = [entry[key] for entry in json.loads(text)]
+    bad = [i for i in ids if not (isinstance(i, int) or (isinstance(i, str) and i.isascii() and i.isdigit()))]
+    if bad:
+        logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
+                       f"{reader} reads them as integers (an HF dataset: map data.hf_columns.id to the id column)")
+
+
 def write_submission(directory, task: str, records: list[dict], examples, split: str = "test") -> Optional[Path]:
     """``records`` (uid, prediction) as ``task``'s leaderboard expects them, in ``<directory>/SUBMISSION_FILES[task]``
     (None for a task without one); ``examples`` (those predicted, or more) give the ids:
@@ -243,6 +267,7 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
             entries = [{"image_id": e.extra["cocoid"] if isinstance(e.extra.get("cocoid"), int) else
                         _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
         text = json.dumps(entries)
+    _warn_non_numeric_ids(task, text)
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
