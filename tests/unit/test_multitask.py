@@ -163,9 +163,12 @@ def test_train_loader_batches_and_resume(tok):
 def test_eval_batches_cover_every_example_once_with_equal_counts(tok, world):
     cfg = _cfg()
     n = len(load_examples(cfg, "nlvr2", "val"))
-    per_rank = [list(eval_batches(cfg, tok, "nlvr2", "val", 2, r, world, vision_transform=_plain_transform))
-                for r in range(world)]
-    assert len({len(b) for b in per_rank}) == 1  # same number of batches on every rank
+    made = [eval_batches(cfg, tok, "nlvr2", "val", 2, r, world, vision_transform=_plain_transform)
+            for r in range(world)]
+    counts = [len(b) for b in made]  # known before iterating (an evaluation progress bar's total)
+    assert all(b.examples == made[0].examples for b in made) and len(made[0].examples) == n
+    per_rank = [list(b) for b in made]
+    assert [len(b) for b in per_rank] == counts and len(set(counts)) == 1  # same number of batches on every rank
     assert len({tuple(len(x["uids"]) for x in b) for b in per_rank}) == 1
     valid = [u for batches in per_rank for x in batches for u, v in zip(x["uids"], x["valid"].tolist()) if v]
     assert sorted(valid) == sorted(e.uid for e in load_examples(cfg, "nlvr2", "val")) and len(valid) == n

@@ -284,9 +284,26 @@ def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None
     return examples, source
 
 
+class EvalBatches:
+    """:func:`eval_batches`' result: an iterator over this rank's batches with ``len()`` (their number, for a
+    progress bar's total) and ``examples``: every example of the split evaluated, on all ranks."""
+
+    def __init__(self, examples: list, batches: Iterator[dict], count: int):
+        self.examples, self._batches, self._count = examples, batches, count
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._batches)
+
+    def __len__(self) -> int:
+        return self._count
+
+
 def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  max_examples: Optional[int] = None, vision_transform=None,
-                 require_answers: bool = True) -> Iterator[dict]:
+                 require_answers: bool = True) -> EvalBatches:
     """Batches of this rank's share (strided) of ``task`` / ``split``; ``batch["valid"]`` marks real examples.
     ``require_answers``: see :func:`load_examples`.
 
@@ -312,4 +329,4 @@ def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: i
             batch["valid"] = torch.tensor(valid[start:start + batch_size], dtype=torch.bool)
             yield batch
 
-    return generate()
+    return EvalBatches(examples, generate(), math.ceil(per_rank / batch_size))

@@ -294,7 +294,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     """
     from tqdm import tqdm
 
-    from vlscale.data import eval_batches, load_examples
+    from vlscale.data import eval_batches
     from vlscale.engine.distributed import broadcast_object
 
     tasks = list(tasks or cfg.data.tasks)
@@ -307,8 +307,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
         for task in tasks:
             batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
                                    require_answers=not predict_only)
-            total = len(batches) if hasattr(batches, "__len__") else None
-            bar = tqdm(total=total, desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
+            bar = tqdm(total=len(batches), desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
                        leave=False, dynamic_ncols=True)
             try:
                 records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
@@ -319,8 +318,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
             records = _gather_records(records, world_size)
             if rank == 0:
                 records.sort(key=lambda r: r["uid"])
-                if predict_only:  # the examples again for their ids and references (the batches carry neither)
-                    examples = {str(e.uid): e for e in load_examples(cfg, task, split, require_answers=False)}
+                if predict_only:  # the examples' ids and references (the batches carry neither)
+                    examples = {str(e.uid): e for e in batches.examples}
                     for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
                         r["references"] = list(examples[r["uid"]].references)
                     path = write_submission(submission_dir, task, records, examples.values(), split) \
