@@ -257,12 +257,12 @@ def test_ctrl_c_during_the_final_evaluation_stops_it_and_resume_evaluates(h, pre
                          timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, proc.stdout[-3000:]  # was 0: the evaluation ran to its end
     assert ("vlscale: stopped at step 3 (SIGINT during the final evaluation (evaluation of val stopped in task vqa "
-            "after 1 batches); the training is complete and checkpointed, and --resume runs the final evaluation "
+            "after 1 of 4 batches); the training is complete and checkpointed, and --resume runs the final evaluation "
             "again); resume with --resume") in proc.stdout, proc.stdout[-3000:]
     summary = h.read_json(out / "run_summary.json")
     assert summary["completed"] is False and summary["final_scores"] == {}
     assert summary["interrupted_evaluation"] == {"step": 3, "split": "val", "task": "vqa", "batches_done": 1,
-                                                 "batches": None}
+                                                 "batches": 4}
     assert not (out / "metrics.json").exists()
     assert ckpt.latest_tag(out / "checkpoints") == "step3"
     written = {f.name: f.stat().st_mtime_ns for f in (out / "checkpoints" / "step3").iterdir()}
