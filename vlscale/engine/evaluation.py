@@ -156,14 +156,18 @@ def score_records(task: str, records: list[dict], java_metrics: bool = False) ->
     return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics)
 
 
-def write_predictions(path, records: list[dict]) -> None:
+def _write_text(path, text: str) -> Path:
+    """``text`` into ``path`` (its folder made) through a temporary file: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+    return path
+
+
+def write_predictions(path, records: list[dict]) -> None:
+    _write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json",
@@ -171,7 +175,7 @@ SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", 
                     "tvc": "tvc/tvc_{split}_predictions.jsonl", "yc2c": "yc2c/yc2c_{split}_predictions.jsonl"}
 """Each task's submission file under ``submission/``: the image tasks' leaderboards take one file each; VALUE (the
 video tasks) takes one zip of ``<task>/<task>_<split>_predictions.json[l]`` for val and test together."""
-VALUE_SPLITS = {"val": {}, "test": {"how2qa": "test_public"}}
+VALUE_SPLITS = {"test": {"how2qa": "test_public"}}
 """A split's name in VALUE's file names where it differs from ours (VALUE's scorer: How2QA's test is
 ``test_public``, the other three tasks' is ``test``); a split not listed keeps its own name."""
 
@@ -199,19 +203,13 @@ NUMERIC_IDS = {"vqa": ("question_id", "EvalAI"), "caption": ("image_id", "the CO
 """The submissions whose leaderboard reads the ids as integers: the id's name there, and who reads it."""
 
 
-def _warn_non_numeric_ids(task: str, text: str) -> None:
-    """Log a warning when ``task``'s submission (its file's ``text``) holds ids its leaderboard cannot read as
+def _warn_non_numeric_ids(task: str, ids: list) -> None:
+    """Log a warning when ``task``'s submission holds ids (as written) that its leaderboard cannot read as
     integers (an HF dataset without ``data.hf_columns.id`` gives ``<split>-<row>``)."""
     if task not in NUMERIC_IDS:
         return
     key, reader = NUMERIC_IDS[task]
-    if task in ("tvqa", "how2qa"):
-        ids = list(json.loads(text))
-    elif task in ("tvc", "yc2c"):
-        ids = [json.loads(line)[key] for line in text.splitlines()]
-    else:
-        ids = [entry[key] for entry in json.loads(text)]
-    bad = [i for i in ids if not (isinstance(i, int) or (isinstance(i, str) and i.isascii() and i.isdigit()))]
+    bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
         logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
                        f"{reader} reads them as integers (an HF dataset: map data.hf_columns.id to the id column)")
@@ -244,20 +242,22 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
     name = name.format(split=VALUE_SPLITS.get(split, {}).get(task, split))
     if task == "nlvr2":
         text = "".join(f"{e.extra.get('identifier', e.uid)},{'True' if p == 'true' else 'False'}\n" for e, p in rows)
+        ids: list = []  # identifiers are strings there
     elif task in ("tvqa", "how2qa"):
         picked = {str(e.uid): _option_index(p, e.extra["candidates"]) for e, p in rows}
         unnamed = [uid for uid, k in picked.items() if k is None]
         if unnamed:
             logger.warning(f"{task} submission: {len(unnamed)} of {len(rows)} predictions name no option "
                            f"(first qids {unnamed[:3]}); written as option 0, as VL-Adapter's reference does")
-        text = json.dumps({uid: k or 0 for uid, k in picked.items()})
+        text, ids = json.dumps({uid: k or 0 for uid, k in picked.items()}), list(picked)
     elif task in ("tvc", "yc2c"):
         def line(e, p):
             clip = _number_or_text(str(e.extra.get("clip_id", e.uid)))
             if task == "tvc":
                 return {"vid_name": e.image_ids[0], "clip_id": clip, "ts": e.extra.get("ts"), "descs": [{"desc": p}]}
             return {"video_id": e.image_ids[0], "clip_id": clip, "descs": [{"desc": p}]}
-        text = "".join(json.dumps(line(e, p)) + "\n" for e, p in rows)
+        lines = [line(e, p) for e, p in rows]
+        text, ids = "".join(json.dumps(c) + "\n" for c in lines), [c["clip_id"] for c in lines]
     else:
         if task == "vqa":
             entries = [{"question_id": _number_or_text(str(e.uid)), "answer": p} for e, p in rows]
@@ -266,14 +266,10 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
         else:
             entries = [{"image_id": e.extra["cocoid"] if isinstance(e.extra.get("cocoid"), int) else
                         _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
-        text = json.dumps(entries)
-    _warn_non_numeric_ids(task, text)
-    path = Path(directory) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+        key = NUMERIC_IDS.get(task, (None,))[0]
+        text, ids = json.dumps(entries), [entry[key] for entry in entries] if key else []
+    _warn_non_numeric_ids(task, ids)
+    return _write_text(Path(directory) / name, text)
 
 
 def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Sequence[str]] = None, rank: int = 0,
