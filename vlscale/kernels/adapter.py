@@ -66,11 +66,6 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton",
     tl = None
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_TANH_C = 0.044715
-
 
 # --------------------------------------------------------------------------------------------
 # Reference
@@ -83,20 +78,9 @@ def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
 
 
-def _activation_and_grad(z: torch.Tensor, activation: str):
-    """act(z) and act'(z), computed in fp32 (fp64 for fp64 z)."""
-    z = z.double() if z.dtype == torch.float64 else z.float()
-    if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * _INV_SQRT_2))
-        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        return z * cdf, cdf + z * pdf
-    if activation == "gelu_tanh":
-        # 0.5 * (1 + tanh(u)) == sigmoid(2u): stable for large |z|.
-        u2 = 2.0 * _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
-        s = torch.sigmoid(u2)
-        du2 = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
-        return z * s, s + z * s * (1.0 - s) * du2
-    raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
+def _gelu_approximate(activation: str) -> str:
+    """``approximate`` of torch's GELU ops for an activation name."""
+    return "tanh" if activation == "gelu_tanh" else "none"
 
 
 def adapter_reference(x, w_down, b_down, w_up, b_up, activation: str = "gelu") -> torch.Tensor:
@@ -171,12 +155,13 @@ class _TorchAdapterFn(torch.autograd.Function):
             return _create_graph_backward(ctx, dh, 1)
         x2d, z, w_down, w_up, _, _ = ctx.saved_tensors
         need_x, need_wd, need_bd, need_wu, need_bu, _ = ctx.needs_input_grad
-        act, dact = _activation_and_grad(z, ctx.activation)
-        dz = (torch.mm(dh, w_up).to(dact.dtype) * dact).to(dh.dtype)  # fp32 (fp64 for fp64) product
+        # act(z) and dz = (dh W_u) * act'(z) recomputed from z, each in one of torch's own GELU kernels
+        # (half precision computed in fp32 inside them, as the Triton epilogues do)
+        dz = torch.ops.aten.gelu_backward(torch.mm(dh, w_up), z, approximate=_gelu_approximate(ctx.activation))
         dx = torch.addmm(dh, dz, w_down) if need_x else None
         dwd = torch.mm(dz.t(), x2d) if need_wd else None
         dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
-        dwu = torch.mm(dh.t(), act.to(dh.dtype)) if need_wu else None
+        dwu = torch.mm(dh.t(), _activation(z, ctx.activation)) if need_wu else None
         dbu = dh.sum(0) if need_bu and ctx.has_b[1] else None
         return dx, dwd, dbd, dwu, dbu, None
 
