@@ -34,19 +34,11 @@ import step_time as st  # noqa: E402  (benchmarks/step_time.py)
 SECTIONS = ("ops", "overhead", "backbone")
 
 
-def _base(args):
-    torch.manual_seed(0)
-    base = st.build_lm("t5-small", config_overrides=st.arch_overrides(args)).train()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base, st.make_batches(args, base)[1]
-
-
 def ops_section(steps: int, top: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     args = st.parse_args([])
-    base, batch = _base(args)
+    base, _, batch = st.build_base(args)
     ours = st.ours_adapter_variant(args, base, batch)
     peer = st.adapterhub_variant(args, base, batch, ours)
     pair = (ours, peer)
@@ -72,7 +64,7 @@ def ops_section(steps: int, top: int = 12) -> dict:
 def overhead_section(rounds: int) -> dict:
     args = st.parse_args(["--batch", "1", "--text-len", "2", "--target-len", "2", "--d-model", "64",
                           "--d-ff", "128", "--heads", "2", "--d-kv", "32"])
-    base, batch = _base(args)
+    base, _, batch = st.build_base(args)
     ours = st.ours_adapter_variant(args, base, batch)
     variants = [ours, st.ours_adapter_variant(args, base, batch, fused=False),
                 st.adapterhub_variant(args, base, batch, ours)]
@@ -84,7 +76,7 @@ def backbone_section(rounds: int) -> dict:
     import adapters
 
     args = st.parse_args([])
-    base, batch = _base(args)
+    base, _, batch = st.build_base(args)
 
     def layer_norms_only(name, lm):
         for n, p in lm.named_parameters():

@@ -61,6 +61,7 @@ import copy
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -195,6 +196,15 @@ def make_batches(args, lm, seed: int = 1) -> tuple[dict, dict]:
     lm_batch = {"inputs_embeds": torch.randn(b, n_tokens, lm.config.d_model, generator=g),
                 "attention_mask": torch.ones(b, n_tokens, dtype=torch.long), "labels": labels}
     return vl, lm_batch
+
+
+def build_base(args) -> tuple[nn.Module, dict, dict]:
+    """(the frozen T5 every variant copies, the VLModel batch, the LM-only batch), seeded by ``--seed``."""
+    torch.manual_seed(args.seed)
+    base_lm = build_lm("t5-small", config_overrides=arch_overrides(args)).train()
+    for p in base_lm.parameters():
+        p.requires_grad_(False)
+    return (base_lm, *make_batches(args, base_lm))
 
 
 def vl_variant(name: str, args, base_lm, projector_state, batch) -> Variant:
@@ -375,9 +385,14 @@ def measure(variants: list[Variant], repeats: int, warmup: int) -> None:
             v.step(record=r >= warmup)
 
 
+def round_ratios(num: Variant, den: Variant, clock: str) -> list[float]:
+    """num/den step time within each round (drift between rounds cancels)."""
+    return [a / b for a, b in zip(num.times[clock]["step"], den.times[clock]["step"])]
+
+
 def paired_ratio(num: Variant, den: Variant, clock: str) -> float:
-    """Median over rounds of num/den within the same round (drift between rounds cancels)."""
-    return statistics.median(a / b for a, b in zip(num.times[clock]["step"], den.times[clock]["step"]))
+    """Median over rounds of :func:`round_ratios`."""
+    return statistics.median(round_ratios(num, den, clock))
 
 
 def paired_ratio_ci(num: Variant, den: Variant, clock: str, level: float = 0.95, draws: int = 2000,
@@ -385,9 +400,7 @@ def paired_ratio_ci(num: Variant, den: Variant, clock: str, level: float = 0.95,
     """Bootstrap interval of :func:`paired_ratio` (rounds resampled with replacement, percentile
     interval): how far the median ratio moves with which rounds happened to be drawn. A ratio whose
     interval holds 1.0 does not tell the two variants apart on this machine."""
-    import random
-
-    ratios = [a / b for a, b in zip(num.times[clock]["step"], den.times[clock]["step"])]
+    ratios = round_ratios(num, den, clock)
     rng = random.Random(seed)
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
     lo = medians[int((1 - level) / 2 * draws)]
@@ -519,11 +532,7 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 4.57 deprecation notes
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    base_lm = build_lm("t5-small", config_overrides=arch_overrides(args)).train()
-    for p in base_lm.parameters():
-        p.requires_grad_(False)
-    vl_batch, lm_batch = make_batches(args, base_lm)
+    base_lm, vl_batch, lm_batch = build_base(args)
     info = {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
             "repeats": args.repeats, "warmup": args.warmup, "optimizer": f"torch AdamW ({args.optimizer})",
             "skipped": {}, "parity_max_abs_diff": {},

@@ -70,17 +70,15 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton",
 # --------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------
-def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
-
-
 def _gelu_approximate(activation: str) -> str:
-    """``approximate`` of torch's GELU ops for an activation name."""
+    """``approximate`` of torch's GELU ops (``F.gelu``, ``aten.gelu_backward``) for an activation name."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {list(ACTIVATIONS)}")
     return "tanh" if activation == "gelu_tanh" else "none"
+
+
+def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.gelu(z, approximate=_gelu_approximate(activation))
 
 
 def adapter_reference(x, w_down, b_down, w_up, b_up, activation: str = "gelu") -> torch.Tensor:
