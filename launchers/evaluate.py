@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from vlscale.log import logs_to_console  # noqa: E402
 
 MODEL_SECTIONS = ("model", "peft")
 # Where the frozen weights load from may change (the same files elsewhere), as on --resume (trainer.RESUMABLE_CHANGES):
@@ -202,6 +203,7 @@ def held_parameters(model) -> tuple[int, int]:
     return held, total
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.engine.distributed import quiet_library_warnings

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -290,6 +291,7 @@ def load_encoder(vision: str, pretrained, device):
                          f"give an open_clip tag its cache holds or a local CLIP checkpoint file") from None
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config

@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vlscale.log import logs_to_console  # noqa: E402
 
 from vlscale.config import ConfigError, load_config  # noqa: E402
 
@@ -122,6 +123,7 @@ def print_report(r: dict) -> None:
     print(f"updated_pct {r['updated_pct']:.2f}%   updated_pct_with_vision {r['updated_pct_with_vision']:.2f}%")
 
 
+@logs_to_console
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from vlscale.log import logs_to_console  # noqa: E402
 
 from vlscale.config import ConfigError, load_config  # noqa: E402
 
@@ -125,6 +126,7 @@ def plot(path: str, bars: dict) -> None:
     plt.close(fig)
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,6 +93,7 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,6 +95,7 @@ def user_errors() -> tuple:
     return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.engine.distributed import quiet_library_warnings, watch_launcher

@@ -38,6 +38,16 @@ def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
     assert lr[0] < lr[1] and lr[-1] < lr[1], f"warm-up then decay, got {lr}"
 
 
+def test_two_ranks_print_the_run_s_messages_once(runs):
+    """vlscale's log records are the run's, printed by rank 0 (vlscale.log): the adapter kernel's
+    dispatch reason, INFO, once in the 2-rank run as in the 1-process one."""
+    runs("single_1p"), runs("single_2r")
+    for name in ("single_1p", "single_2r"):
+        printed = runs.procs[name].stdout.splitlines()
+        dispatch = [line for line in printed if line.startswith("vlscale: fused_adapter: ")]
+        assert len(dispatch) == 1, (name, dispatch)
+
+
 def test_two_nodes_through_a_hostfile_match_one_node(runs, h):
     """Multi-node: DeepSpeed's runner reads a hostfile of 2 nodes of one slot each, reaches them through
     pdsh (tests/fixtures/multinode: stand-ins for pdsh and ssh that run each node's command on this

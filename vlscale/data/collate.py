@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlscale.data.tasks import Example, get_task
+from vlscale.log import ALL_RANKS
 
 logger = logging.getLogger(__name__)
 _WARNED_TRUNCATION: set = set()  # (task, data.<key>, max length) already logged in this process
@@ -95,7 +96,8 @@ class Collator:
                 logger.warning(f"{task}: {len(cut)} of {len(texts)} {what} in a batch are longer than "
                                f"data.{key}={max_length} tokens and are cut to it (e.g. example "
                                f"{examples[i].uid!r}: {n} tokens); raise data.{key} to keep them whole "
-                               f"(logged once per task; Collator.truncated counts them)")
+                               f"(logged once per task and rank; Collator.truncated counts them)",
+                               extra=ALL_RANKS)  # each rank cuts its own batches
         return enc
 
     def encode_text(self, examples: Sequence[Example], task: str) -> dict:

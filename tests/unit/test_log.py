@@ -1,0 +1,58 @@
+"""vlscale.log: the launchers' console logging prints a record once per run, not once per rank."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from vlscale.log import ALL_RANKS, console_logging, logs_to_console
+
+log = logging.getLogger("vlscale.data.example")  # a module's logger under vlscale's
+
+
+def _printed(rank: int, world_size: int) -> list[str]:
+    stream = io.StringIO()
+    with console_logging(rank, world_size, stream=stream):
+        log.info("loaded 12 examples")
+        log.warning("skipped 1 malformed record")
+        log.warning("2 inputs in a batch are cut", extra=ALL_RANKS)
+        log.debug("not shown")
+    return stream.getvalue().splitlines()
+
+
+def test_one_process_prints_info_and_warnings_without_a_rank():
+    assert _printed(0, 1) == ["vlscale: loaded 12 examples", "vlscale: warning: skipped 1 malformed record",
+                              "vlscale: warning: 2 inputs in a batch are cut"]
+
+
+def test_rank_0_of_two_prints_the_run_s_records_and_names_itself_on_its_own():
+    assert _printed(0, 2) == ["vlscale: loaded 12 examples", "vlscale: warning: skipped 1 malformed record",
+                              "vlscale: rank 0: warning: 2 inputs in a batch are cut"]
+
+
+def test_other_ranks_print_only_their_own_records():
+    assert _printed(1, 2) == ["vlscale: rank 1: warning: 2 inputs in a batch are cut"]
+
+
+def test_rank_and_world_size_come_from_the_launcher_s_environment(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+
+    @logs_to_console
+    def main(argv=None) -> int:
+        log.warning("every rank says this")
+        log.warning("only this rank has this", extra=ALL_RANKS)
+        return 7
+
+    assert main() == 7
+    assert capsys.readouterr().err.splitlines() == ["vlscale: rank 3: warning: only this rank has this"]
+
+
+def test_the_logger_is_restored_afterwards(caplog):
+    logger = logging.getLogger("vlscale")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    _printed(0, 1)
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    with caplog.at_level(logging.WARNING, logger="vlscale"):
+        log.warning("seen by the root's handlers again")
+    assert "seen by the root's handlers again" in caplog.text

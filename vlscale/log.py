@@ -1,0 +1,90 @@
+"""Console logging for the launchers: vlscale's records once per run, not once per rank.
+
+Every rank of a run loads the same config, data and checkpoint, so what one rank has to say about
+them (a skipped record, a missing subtitles file, the adapter kernel's dispatch) every rank says
+alike. Under :func:`console_logging` rank 0 prints vlscale's INFO and above; the other ranks print
+only records marked as their own (``logger.warning(..., extra=ALL_RANKS)``: what depends on the
+rank's share of the data, such as a batch's truncated inputs), prefixed with their rank.
+
+Library code only logs (``logging.getLogger(__name__)``); whoever embeds vlscale configures logging
+as they like. The launchers call :func:`console_logging` around their work and restore the logger
+afterwards (the test suite calls some of them in-process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+
+ALL_RANKS = {"all_ranks": True}  # extra= of a record that every rank prints (its content is the rank's own)
+
+
+class _TqdmSafeHandler(logging.StreamHandler):
+    """Writes through tqdm.write, so a line does not break a progress bar drawn on the same stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or bool(getattr(record, "all_ranks", False))
+
+
+def _formatter(rank: int, world_size: int) -> logging.Formatter:
+    who = f"rank {rank}: " if world_size > 1 else ""
+
+    class _Formatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
+            mine = who if getattr(record, "all_ranks", False) or rank != 0 else ""
+            return f"vlscale: {mine}{level}{record.getMessage()}"
+
+    return _Formatter()
+
+
+@contextlib.contextmanager
+def console_logging(rank: int | None = None, world_size: int | None = None, level: int = logging.INFO, stream=None):
+    """Print the ``vlscale`` logger's records at ``level`` and above on ``stream`` (stderr) for the
+    duration, rank 0's all and the other ranks' :data:`ALL_RANKS` ones; the logger is restored after.
+    ``rank`` / ``world_size`` default to the launcher's RANK / WORLD_SIZE (0 / 1 without one)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    logger = logging.getLogger("vlscale")
+    handler = _TqdmSafeHandler(stream or sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(_formatter(rank, world_size))
+    handler.addFilter(_RankFilter(rank))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    logger.propagate = False  # not again through a root handler (or logging's last resort)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def logs_to_console(main):
+    """A launcher's ``main`` under :func:`console_logging` (the launcher's rank and world size)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        with console_logging():
+            return main(*args, **kwargs)
+
+    return wrapper
