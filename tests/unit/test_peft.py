@@ -10,7 +10,7 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 from vlscale.config import PeftConfig
 from vlscale.modeling.vl_model import set_checkpointing
 from vlscale.peft import PeftController, apply_peft
-from vlscale.peft.adapter import adapter_ref
+from vlscale.kernels.adapter import adapter_reference
 from vlscale.peft.sites import SHARED, adapter_sites, lora_sites
 
 TASKS = ["vqa", "gqa"]
@@ -175,7 +175,7 @@ def test_adapter_site_math():
     wd, bd, wu, bu = site.weights("gqa")
     expected = x + (torch.nn.functional.gelu(x @ wd.T + bd, approximate="tanh") @ wu.T + bu)
     torch.testing.assert_close(site(x, "gqa"), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(adapter_ref(x, wd, bd, wu, bu, "gelu_tanh"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter_reference(x, wd, bd, wu, bu, "gelu_tanh"), expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- tasks and sharing
@@ -288,7 +288,7 @@ def test_compacter_weight_is_sum_of_kronecker_products(factorized, shared_rule):
         torch.testing.assert_close(w.T, expected, rtol=1e-6, atol=1e-6)
     assert wd.shape == (D // 4, D) and wu.shape == (D, D // 4)
     x = torch.randn(3, D)
-    torch.testing.assert_close(site(x, "gqa", rule), adapter_ref(x, wd, bd, wu, bu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(site(x, "gqa", rule), adapter_reference(x, wd, bd, wu, bu), rtol=1e-5, atol=1e-5)
     # fewer parameters than the dense adapter it replaces
     dense = apply_peft(make_t5(), peft_cfg("adapter", "multiple", reduction_factor=4), TASKS)
     assert peft.num_parameters() < dense.num_parameters()

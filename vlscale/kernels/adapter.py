@@ -77,14 +77,15 @@ def _gelu_approximate(activation: str) -> str:
     return "tanh" if activation == "gelu_tanh" else "none"
 
 
-def _activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The adapter's activation by name (``ACTIVATIONS``), through torch's GELU kernels."""
     return F.gelu(z, approximate=_gelu_approximate(activation))
 
 
 def adapter_reference(x, w_down, b_down, w_up, b_up, activation: str = "gelu") -> torch.Tensor:
     """Plain PyTorch bottleneck adapter: ``x + up(act(down(x)))`` with nn.Linear-layout weights."""
     _check_inputs(x, w_down, b_down, w_up, b_up, activation)
-    return x + F.linear(_activation(F.linear(x, w_down, b_down), activation), w_up, b_up)
+    return x + F.linear(activate(F.linear(x, w_down, b_down), activation), w_up, b_up)
 
 
 def _check_inputs(x, w_down, b_down, w_up, b_up, activation) -> None:
@@ -140,7 +141,7 @@ class _TorchAdapterFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, w_down, b_down, w_up, b_up, activation):
         z = F.linear(x2d, w_down, b_down)
-        h = F.linear(_activation(z, activation), w_up, b_up)
+        h = F.linear(activate(z, activation), w_up, b_up)
         h += x2d
         ctx.activation = activation
         ctx.has_b = (b_down is not None, b_up is not None)
@@ -159,7 +160,7 @@ class _TorchAdapterFn(torch.autograd.Function):
         dx = torch.addmm(dh, dz, w_down) if need_x else None
         dwd = torch.mm(dz.t(), x2d) if need_wd else None
         dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
-        dwu = torch.mm(dh.t(), _activation(z, ctx.activation)) if need_wu else None
+        dwu = torch.mm(dh.t(), activate(z, ctx.activation)) if need_wu else None
         dbu = dh.sum(0) if need_bu and ctx.has_b[1] else None
         return dx, dwd, dbd, dwu, dbu, None
 

@@ -11,9 +11,9 @@ d_model // reduction_factor and back, with a skip connection:
 
 W_u and b_u start at zero, so a(h) = h exactly at init: inserting adapters leaves the backbone's
 output unchanged. With ``peft.fused`` the math runs in ``vlscale.kernels.adapter.fused_adapter``
-(weights in nn.Linear layout); otherwise, on the meta device, or when the kernel is not there,
-in :func:`adapter_ref`. Sharing: each projection holds one weight set per key (``shared`` or a task
-name, see ``sites.weight_keys``); half-shared adapters share one projection object across tasks.
+(weights in nn.Linear layout); otherwise, or on the meta device, in its ``adapter_reference``.
+Sharing: each projection holds one weight set per key (``shared`` or a task name, see
+``sites.weight_keys``); half-shared adapters share one projection object across tasks.
 """
 
 from __future__ import annotations
@@ -25,37 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlscale.kernels.adapter import ACTIVATIONS, activate, adapter_reference, fused_adapter
 from vlscale.peft.sites import Site, select_key, weight_keys, zero3_unused_anchor
-
-ACTIVATIONS = ("gelu", "gelu_tanh")
-_KERNEL = None  # vlscale.kernels.adapter.fused_adapter once looked up; False when absent
-
-
-def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    raise ValueError(f"peft.activation={activation!r} is not one of {list(ACTIVATIONS)}")
-
-
-def adapter_ref(x, w_down, b_down, w_up, b_up, activation: str = "gelu") -> torch.Tensor:
-    """x + up(act(down(x))) with nn.Linear-layout weights; the reference for every adapter-like method."""
-    return x + F.linear(activate(F.linear(x, w_down, b_down), activation), w_up, b_up)
-
-
-def fused_kernel():
-    """``vlscale.kernels.adapter.fused_adapter`` or None when that module does not exist."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from vlscale.kernels.adapter import fused_adapter
-        except ModuleNotFoundError as e:
-            if e.name != "vlscale.kernels.adapter":
-                raise
-            fused_adapter = False
-        _KERNEL = fused_adapter
-    return _KERNEL or None
 
 
 def apply_adapter(x, w_down, b_down, w_up, b_up, activation: str, fused: bool) -> torch.Tensor:
@@ -64,10 +35,9 @@ def apply_adapter(x, w_down, b_down, w_up, b_up, activation: str, fused: bool) -
         # e.g. T5 keeps `wo` in fp32 under bf16 weights: compute the branch in the adapter's dtype
         h = activate(F.linear(x.to(w_down.dtype), w_down, b_down), activation)
         return x + F.linear(h, w_up, b_up).to(x.dtype)
-    kernel = fused_kernel() if fused and x.device.type != "meta" else None
-    if kernel is not None:
-        return kernel(x, w_down, b_down, w_up, b_up, activation)
-    return adapter_ref(x, w_down, b_down, w_up, b_up, activation)
+    if fused and x.device.type != "meta":
+        return fused_adapter(x, w_down, b_down, w_up, b_up, activation)
+    return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
 
 
 def init_linear_(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
