@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from vlscale.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 MINI_PRESET = "mini/clip_bart"
 PAPER_D_MODEL = 768
@@ -367,10 +369,7 @@ def plot(table: Table, results: dict, path: Path) -> Optional[str]:
 
 
 def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:

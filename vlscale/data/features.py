@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vlscale.data.real import DataError, DataFileNotFound
+from vlscale.files import write_text_atomic
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
@@ -47,13 +48,6 @@ def _same_pretrained(a, b) -> bool:
     norm = [None if x in (None, "") else (Path(x).name if ("/" in str(x) or Path(str(x)).suffix) else str(x))
             for x in (a, b)]
     return norm[0] == norm[1]
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -296,15 +290,15 @@ class FeatureWriter:
         self._next += 1
         self.index.update({k: name for k in self._buffer})
         self._buffer = {}
-        _write_json_atomic(self.root / META_FILE, self.meta)
-        _write_json_atomic(self.root / INDEX_FILE, self.index)
+        write_text_atomic(self.root / META_FILE, json.dumps(self.meta))
+        write_text_atomic(self.root / INDEX_FILE, json.dumps(self.index))
 
     def close(self) -> None:
         try:
             self.flush()
             if not (self.root / META_FILE).exists():
-                _write_json_atomic(self.root / META_FILE, self.meta)
-                _write_json_atomic(self.root / INDEX_FILE, self.index)
+                write_text_atomic(self.root / META_FILE, json.dumps(self.meta))
+                write_text_atomic(self.root / INDEX_FILE, json.dumps(self.index))
         finally:
             self._lock.close()  # releases the lock
 

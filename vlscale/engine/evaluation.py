@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlscale.data.tasks import get_task
+from vlscale.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +157,8 @@ def score_records(task: str, records: list[dict], java_metrics: bool = False) ->
     return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics)
 
 
-def _write_text(path, text: str) -> Path:
-    """``text`` into ``path`` (its folder made) through a temporary file: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
 def write_predictions(path, records: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
+    write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json",
@@ -269,7 +260,7 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
         key = NUMERIC_IDS.get(task, (None,))[0]
         text, ids = json.dumps(entries), [entry[key] for entry in entries] if key else []
     _warn_non_numeric_ids(task, ids)
-    return _write_text(Path(directory) / name, text)
+    return write_text_atomic(Path(directory) / name, text)
 
 
 def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Sequence[str]] = None, rank: int = 0,

@@ -54,6 +54,7 @@ from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_redu
 from vlscale.engine.evaluation import EvaluationInterrupted, evaluate, format_scores, to_device, write_eval_report
 from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
                                            unscaled_grad_norm)
+from vlscale.files import write_text_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
@@ -298,7 +299,7 @@ def _truncate_logs(out: Path, step: int) -> None:
         log.write_text("".join(ln + "\n" for ln in lines))
     metrics = out / "metrics.json"
     if metrics.exists():
-        _write_json(metrics, [m for m in json.loads(metrics.read_text()) if m["step"] <= step])
+        write_text_atomic(metrics, json.dumps([m for m in json.loads(metrics.read_text()) if m["step"] <= step], indent=1))
 
 
 DISK_MARGIN = 1.05  # over the predicted checkpoint bytes (files within 3 % of the prediction)
@@ -746,7 +747,7 @@ def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
         # one entry per step and split: a resumed finished run evaluates its last step again
         history = [h for h in history if (h["step"], h["split"]) != (run.step, split)]
         history.append({"step": run.step, "split": split, "tasks": scores})
-        _write_json(path, history)
+        write_text_atomic(path, json.dumps(history, indent=1))
         if run.writer is not None:
             for task, metrics in scores.items():
                 for name, value in metrics.items():
@@ -811,17 +812,11 @@ def run_summary(run: Run, completed: bool = True) -> dict:
     return summary
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def finish(run: Run, completed: bool = True) -> dict:
     """Write run_summary.json; print the per-task scores (rank 0)."""
     summary = run_summary(run, completed)
     if run.is_main:
-        _write_json(run.out / "run_summary.json", summary)
+        write_text_atomic(run.out / "run_summary.json", json.dumps(summary, indent=1))
         if run.last_scores:
             print(f"final scores (val, step {run.step}):\n{format_scores(run.last_scores)}", flush=True)
         if run.test_scores:
