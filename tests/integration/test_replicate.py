@@ -283,11 +283,13 @@ def test_rows_run_as_their_own_jobs(monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 @needs_assets
-def test_tiny_replication_end_to_end(tmp_path):
+def test_tiny_replication_end_to_end(tmp_path, launcher, capsys):
+    """The first run from the command line; the reruns, which train nothing, in this process."""
     out = tmp_path / "table1"
-    cmd = [sys.executable, str(ROOT / "launchers" / "replicate.py"), "--table", "1",
-           "--methods", "single_adapter,single_prompt", "--steps", "3", "--out", str(out), "--no-progress",
-           "--set", "data.synthetic_train=16", "--set", "data.synthetic_eval=4", "--set", "train.eval_batch_size=8"]
+    args = ["--table", "1", "--methods", "single_adapter,single_prompt", "--steps", "3", "--out", str(out),
+            "--no-progress", "--set", "data.synthetic_train=16", "--set", "data.synthetic_eval=4",
+            "--set", "train.eval_batch_size=8"]
+    cmd = [sys.executable, str(ROOT / "launchers" / "replicate.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -311,16 +313,16 @@ def test_tiny_replication_end_to_end(tmp_path):
     # resumable: a rerun finds both rows done and trains nothing
     before = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]}
     start = time.time()
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 rows (2 already done)" in again.stdout
+    replicate = launcher("replicate")
+    capsys.readouterr()
+    assert replicate.main(args) == 0, capsys.readouterr().err[-3000:]
+    assert "2 rows (2 already done)" in capsys.readouterr().out
     assert {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]} == before
     assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
     assert time.time() - start < 120
     # a rerun of one row keeps the other finished row in the table (it was dropped from results.json and the md)
-    one = [a if a != "single_adapter,single_prompt" else "single_prompt" for a in cmd]
-    again = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    one = [a if a != "single_adapter,single_prompt" else "single_prompt" for a in args]
+    assert replicate.main(one) == 0, capsys.readouterr().err[-3000:]
     assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
     assert "| Single Adapter (`single_adapter`) |" in (out / "table1.md").read_text()
 
