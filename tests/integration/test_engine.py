@@ -27,15 +27,16 @@ from vlscale.profiling.analytic import estimate_checkpoint, resolve_ds_config
 
 @pytest.fixture(scope="module")
 def interrupted(runs, h, tmp_path_factory):
-    """``single_2r``'s run (under torchrun) stopped by Ctrl-C (SIGINT to the launcher's process group)
-    after step 1; the resume below runs forked from the preloaded server.
+    """``single_2r``'s run (2 ranks) stopped by Ctrl-C (SIGINT to the run's process group, as a terminal
+    sends it) after step 1. Forked from the preloaded server like the resume below: ``single_2r`` itself
+    runs under torchrun, and test_runner_sigterm.py stops a run through DeepSpeed's launcher.
 
     -> (output_dir, the step it stopped at, a copy of adapter/ as written at that step); the whole
     output_dir as it was then is copied to ``run_at_stop`` beside it.
     """
     out = tmp_path_factory.mktemp("interrupt") / "run"
-    overrides, nproc, launcher = h.RUN_SPECS["single_2r"]
-    proc = h.start(overrides + [f"output_dir={out}"], nproc=nproc, launcher=launcher, log_path=out.parent / "log.txt")
+    overrides, nproc, _ = h.RUN_SPECS["single_2r"]
+    proc = h.start(overrides + [f"output_dir={out}"], nproc=nproc, log_path=out.parent / "log.txt")
     try:
         h.wait_for_steps(out, 1, proc)
         os.killpg(proc.pid, signal.SIGINT)
