@@ -19,40 +19,32 @@ import logging
 import os
 import sys
 
+from tqdm import tqdm
+
 ALL_RANKS = {"all_ranks": True}  # extra= of a record that every rank prints (its content is the rank's own)
 
 
-class _TqdmSafeHandler(logging.StreamHandler):
-    """Writes through tqdm.write, so a line does not break a progress bar drawn on the same stream."""
+class _Handler(logging.StreamHandler):
+    """``vlscale: [rank R: ][level: ]message`` through tqdm.write (a line does not break a progress bar
+    drawn on the same stream); on ranks other than 0 only :data:`ALL_RANKS` records."""
+
+    def __init__(self, stream, rank: int, world_size: int):
+        super().__init__(stream)
+        self.rank, self.who = rank, f"rank {rank}: " if world_size > 1 else ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) and (self.rank == 0 or getattr(record, "all_ranks", False))
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = self.who if getattr(record, "all_ranks", False) else ""
+        level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
+        return f"vlscale: {who}{level}{record.getMessage()}"
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
-
-
-class _RankFilter(logging.Filter):
-    def __init__(self, rank: int):
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.rank == 0 or bool(getattr(record, "all_ranks", False))
-
-
-def _formatter(rank: int, world_size: int) -> logging.Formatter:
-    who = f"rank {rank}: " if world_size > 1 else ""
-
-    class _Formatter(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
-            mine = who if getattr(record, "all_ranks", False) or rank != 0 else ""
-            return f"vlscale: {mine}{level}{record.getMessage()}"
-
-    return _Formatter()
 
 
 @contextlib.contextmanager
@@ -63,10 +55,8 @@ def console_logging(rank: int | None = None, world_size: int | None = None, leve
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     logger = logging.getLogger("vlscale")
-    handler = _TqdmSafeHandler(stream or sys.stderr)
+    handler = _Handler(stream or sys.stderr, rank, world_size)
     handler.setLevel(level)
-    handler.setFormatter(_formatter(rank, world_size))
-    handler.addFilter(_RankFilter(rank))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(min(level, logger.getEffectiveLevel()))
