@@ -26,17 +26,26 @@ ALL_RANKS = {"all_ranks": True}  # extra= of a record that every rank prints (it
 
 class _Handler(logging.StreamHandler):
     """``vlscale: [rank R: ][level: ]message`` through tqdm.write (a line does not break a progress bar
-    drawn on the same stream); on ranks other than 0 only :data:`ALL_RANKS` records."""
+    drawn on the same stream); on ranks other than 0 only :data:`ALL_RANKS` records. Without a given
+    rank and world size, RANK / WORLD_SIZE as they are when the record comes (DeepSpeed's MPI and SLURM
+    discovery sets them while the process group starts), else 0 / 1."""
 
-    def __init__(self, stream, rank: int, world_size: int):
+    def __init__(self, stream, rank: int | None = None, world_size: int | None = None):
         super().__init__(stream)
-        self.rank, self.who = rank, f"rank {rank}: " if world_size > 1 else ""
+        self.given = (rank, world_size)
+
+    def _where(self) -> tuple[int, int]:
+        rank, world = self.given
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+        return rank, world
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return super().filter(record) and (self.rank == 0 or getattr(record, "all_ranks", False))
+        return super().filter(record) and (self._where()[0] == 0 or getattr(record, "all_ranks", False))
 
     def format(self, record: logging.LogRecord) -> str:
-        who = self.who if getattr(record, "all_ranks", False) else ""
+        rank, world = self._where()
+        who = f"rank {rank}: " if world > 1 and getattr(record, "all_ranks", False) else ""
         level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
         return f"vlscale: {who}{level}{record.getMessage()}"
 
@@ -51,9 +60,7 @@ class _Handler(logging.StreamHandler):
 def console_logging(rank: int | None = None, world_size: int | None = None, level: int = logging.INFO, stream=None):
     """Print the ``vlscale`` logger's records at ``level`` and above on ``stream`` (stderr) for the
     duration, rank 0's all and the other ranks' :data:`ALL_RANKS` ones; the logger is restored after.
-    ``rank`` / ``world_size`` default to the launcher's RANK / WORLD_SIZE (0 / 1 without one)."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    ``rank`` / ``world_size`` default to the launcher's RANK / WORLD_SIZE (read at each record)."""
     logger = logging.getLogger("vlscale")
     handler = _Handler(stream or sys.stderr, rank, world_size)
     handler.setLevel(level)

@@ -35,17 +35,23 @@ def test_other_ranks_print_only_their_own_records():
 
 
 def test_rank_and_world_size_come_from_the_launcher_s_environment(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    """... as it is when a record comes: DeepSpeed's MPI / SLURM discovery sets RANK and WORLD_SIZE while
+    the process group starts, after a launcher's main began."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     @logs_to_console
     def main(argv=None) -> int:
+        log.warning("before the process group")
+        monkeypatch.setenv("RANK", "3")
+        monkeypatch.setenv("WORLD_SIZE", "4")
         log.warning("every rank says this")
         log.warning("only this rank has this", extra=ALL_RANKS)
         return 7
 
     assert main() == 7
-    assert capsys.readouterr().err.splitlines() == ["vlscale: rank 3: warning: only this rank has this"]
+    assert capsys.readouterr().err.splitlines() == ["vlscale: warning: before the process group",
+                                                    "vlscale: rank 3: warning: only this rank has this"]
 
 
 def test_the_logger_is_restored_afterwards(caplog):
