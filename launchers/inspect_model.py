@@ -21,9 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vlscale.log import logs_to_console  # noqa: E402
-
 from vlscale.config import ConfigError, load_config  # noqa: E402
+from vlscale.log import logs_to_console  # noqa: E402
 
 
 def numel(p) -> int:

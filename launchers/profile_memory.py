@@ -29,9 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from vlscale.log import logs_to_console  # noqa: E402
-
 from vlscale.config import ConfigError, load_config  # noqa: E402
+from vlscale.log import logs_to_console  # noqa: E402
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
 
