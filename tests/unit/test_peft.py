@@ -259,8 +259,14 @@ def test_hyperformer_generates_per_task_and_site():
     assert wu.abs().max() == 0 and bu.abs().max() == 0  # identity at init
     assert (wd - hyper.weights("encoder_0_ffn", "gqa")[0]).abs().max() > 0
     assert (wd - hyper.weights("decoder_0_ffn", "vqa")[0]).abs().max() > 0
-    # one hypernetwork for every site and task
-    assert {n.split(".")[1] for n, _ in peft.named_parameters()} == {"hypernet"}
+    assert (wd - hyper.weights("encoder_1_ffn", "vqa")[0]).abs().max() > 0  # the layer embedding
+    assert (wd - hyper.weights("encoder_0_self_attn", "vqa")[0]).abs().max() > 0  # the kind's generator
+    # the reference's layout: task embeddings shared by one hypernetwork per stack, a generator per sublayer kind
+    assert {n.split(".")[1] for n, _ in peft.named_parameters()} == {"task_embeddings", "hypernets"}
+    assert {stack: list(h.generators) for stack, h in hyper.hypernets.items()} == {
+        "encoder": ["self_attn", "ffn"], "decoder": ["self_attn", "cross_attn", "ffn"]}
+    assert {stack: h.layer_embedding.num_embeddings for stack, h in hyper.hypernets.items()} == {
+        "encoder": lm.config.num_layers, "decoder": lm.config.num_decoder_layers}
     with pytest.raises(RuntimeError, match="no task selected"):
         logits(lm)
 

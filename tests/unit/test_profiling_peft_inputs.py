@@ -33,7 +33,7 @@ def test_per_task_weights_get_zero_gradients_at_the_boundary(extra, grads):
 @pytest.mark.parametrize("extra,peak,rel", [
     (["data.tasks=[tvqa]"], 162_093_996, 0.01),  # the batch holds max_frames (64) images per video
     (["peft.train_vision=true"], 27_340_132, 0.02),  # CLIP's own activations (batch norms, the images)
-    (["peft.method=hyperformer"], 13_470_916, 0.05),  # the hypernetwork's gradients accumulate in backward
+    (["peft.method=hyperformer"], 16_817_484, 0.05),  # the decoder hypernetwork's gradients accumulate in backward
 ], ids=["video-frames", "trained-clip", "hyperformer"])
 def test_peak_of_frames_trained_clip_and_hypernetwork(extra, peak, rel):
     assert _estimate(extra)["peak"] == pytest.approx(peak, rel=rel)

@@ -259,21 +259,16 @@ def read_adapter_config(adapter_dir) -> dict:
     return meta
 
 
-def _from_earlier_layouts(state: dict, named: dict, meta: dict, weights: Path) -> dict:
-    """Tensors an earlier vlscale saved in another layout, renamed to the model's: Hyperformer's one
-    (n_tasks, dim) task-embedding table (before 2026-12-02) becomes each task's ``task_embedding_<task>``
-    row, in the run's ``data.tasks`` order (the table's). Anything else is left to the strict check."""
-    tasks = list(((meta.get("run_config") or {}).get("data") or {}).get("tasks") or [])
-    for name in [n for n in state if n.endswith("hypernet.task_embedding.weight") and n not in named]:
-        prefix, table = name[:-len("task_embedding.weight")], state[name]
-        rows = {f"{prefix}task_embedding_{t}": table[i:i + 1].clone() for i, t in enumerate(tasks)}
-        if table.shape[0] != len(tasks) or not set(rows) <= set(named):
-            continue
-        del state[name]
-        state.update(rows)
-        logger.info(f"{weights}: Hyperformer's task-embedding table {name} (an earlier vlscale's layout) read as "
-                    f"{len(rows)} per-task embeddings")
-    return state
+def _check_earlier_layouts(state: dict, named: dict, weights: Path) -> None:
+    """Refuse, naming the cause, a file of a layout an earlier vlscale saved that today's model cannot take:
+    Hyperformer's single hypernetwork with a site embedding (before 2026-12-03; today one per stack, the
+    reference's), whose weights do not map onto the per-stack generators."""
+    old = "peft.hyperformer.hypernet."
+    if any(n.startswith(old) for n in state) and not any(n.startswith(old) for n in named):
+        raise CheckpointError(f"{weights}: a Hyperformer adapter of an earlier vlscale's layout (one hypernetwork "
+                              "with a site embedding for every site, before 2026-12-03); this vlscale builds the "
+                              "reference's layout (a hypernetwork per stack, a generator per sublayer kind), which "
+                              "those weights do not convert to: train the adapter again")
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) -> dict:
@@ -298,7 +293,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) 
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
     named = dict(trainable_parameters(model))
-    state = _from_earlier_layouts(state, named, meta, weights)
+    _check_earlier_layouts(state, named, weights)
     buffers = dict(trained_buffers(model))
     with_buffers = "buffers" in meta  # format_version >= 2
     from vlscale.peft.trainable import unused_vision_parameters

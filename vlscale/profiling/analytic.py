@@ -681,7 +681,7 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
             tp.save(tp.new(tokens * r, True))  # the reference path also keeps act(z)
         if p.method != "adapter":
             tp.save(tp.new(2 * d * r, True))  # weights generated / built from Kronecker products
-        if p.method == "hyperformer":  # [task emb; site emb] -> Linear -> ReLU -> Linear -> LayerNorm
+        if p.method == "hyperformer":  # [task emb; layer emb] -> Linear -> ReLU -> Linear -> LayerNorm
             tp.save(tp.new(p.task_embedding_dim + p.layer_embedding_dim, True), tp.new(p.hypernet_hidden_dim, True),
                     tp.new(p.hypernet_projected_dim, True), tp.new(2, False, 4), tp.new(2, False, 8))
         return tp.new(tokens * d, True)
@@ -841,7 +841,9 @@ class StateReport:
 
 
 SHARED_PEFT = ("peft.hyperformer.",)
-"""Trainable parameters every adapter site uses (their gradients accumulate through backward)."""
+"""Trainable parameters every adapter site of a stack uses (their gradients accumulate through backward)."""
+ENCODER_SHARED_PEFT = ("peft.hyperformer.hypernets.encoder.",)
+"""Those of them only the encoder's sites use."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -980,6 +982,8 @@ def _forward_position(name: str, n_enc: int, tied: bool) -> float:
         return 0
     if name.startswith("peft.prompt"):
         return 1
+    if name.startswith("peft.hyperformer."):  # a stack's hypernetwork serves each of its layers; the task
+        return 10 + n_enc - 1 if ".encoder." in name else 1e9  # embeddings serve both stacks
     m = re.search(r"(encoder|decoder)(?:\.block\.|\.layers\.|_)(\d+)", name)
     if m:
         return 10 + int(m.group(2)) + (0 if m.group(1) == "encoder" else n_enc + 10)
@@ -989,7 +993,7 @@ def _forward_position(name: str, n_enc: int, tied: bool) -> float:
         return 10 + n_enc + 9
     if "encoder" in name:
         return 10 + n_enc + 5 if ("final" in name or "layer_norm" in name) and "embed" not in name else 5
-    return 1e9  # decoder final norm, output layer, hypernetworks shared by every site
+    return 1e9  # decoder final norm, output layer
 
 
 _LM_LAYER = re.compile(r"^(lm\.(?:model\.)?(?:encoder|decoder)\.(?:block|layers)\.\d+)\.")
@@ -1343,11 +1347,13 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
               A, g_persist)
     phase("forward_end", base + held + Ah + L + act.encoder_output + extra_fwd + st.gathered, A, g_persist)
     phase("backward_start", base + held + Ah + kept_in_backward + head_grads + st.gathered, A, g_persist)
-    # parameters every adapter site uses (Hyperformer's hypernetwork): backward accumulates their
-    # gradients site after site from its first layers on (the head's gradients consumed, the reduce
-    # buckets allocated); a second site's gradient and the out-of-place sum with the first (ZeRO's
-    # hooks hold the .grad) live beside the .grad
-    shared = [n for n, nm, t in zip(inv.numels, inv.names, inv.trainable) if t and nm.startswith(SHARED_PEFT)]
+    # parameters every adapter site of the decoder uses (Hyperformer's decoder hypernetwork and task
+    # embeddings): backward accumulates their gradients site after site from its first layers on (the
+    # head's gradients consumed, the reduce buckets allocated); a second site's gradient and the
+    # out-of-place sum with the first (ZeRO's hooks hold the .grad) live beside the .grad. The encoder's
+    # hypernetwork gets its gradients only once backward reaches the encoder, the decoder's activations freed.
+    shared = [n for n, nm, t in zip(inv.numels, inv.names, inv.trainable)
+              if t and nm.startswith(SHARED_PEFT) and not nm.startswith(ENCODER_SHARED_PEFT)]
     if shared:
         buckets = st.comm_backward * (2 if z.stage in (1, 2) and z.overlap_comm else 1)
         acc = (sum(shared) + 2 * max(shared)) * b
