@@ -279,7 +279,8 @@ class PeftConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_train_bias: bool = True
-    """The reference code also trains the biases of the adapted projections (BART)."""
+    """Train the LoRA-adapted projections' biases (BART). The reference trains every parameter named "bias" under
+    LoRA, and no layer-norm weight (BENCHMARKS.md, updated parameters)."""
     # Prompt tuning
     n_prompts: int = 40
     prompt_hidden_dim: int = 800
