@@ -983,7 +983,7 @@ def _forward_position(name: str, n_enc: int, tied: bool) -> float:
     if name.startswith("peft.prompt"):
         return 1
     if name.startswith("peft.hyperformer."):  # a stack's hypernetwork serves each of its layers; the task
-        return 10 + n_enc - 1 if ".encoder." in name else 1e9  # embeddings serve both stacks
+        return 10 + n_enc - 1 if name.startswith(ENCODER_SHARED_PEFT) else 1e9  # embeddings serve both stacks
     m = re.search(r"(encoder|decoder)(?:\.block\.|\.layers\.|_)(\d+)", name)
     if m:
         return 10 + int(m.group(2)) + (0 if m.group(1) == "encoder" else n_enc + 10)
