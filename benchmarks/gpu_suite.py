@@ -16,7 +16,9 @@ budget left is too small:
   train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
                end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
   full_ft_ckpt full fine-tuning with gradient checkpointing, bf16: memory of the other regime
-Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it.
+Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it; the trainings'
+output_dirs go to DIR/runs/<start time>/<section>, so a second run into the same DIR is not refused by
+the first one's checkpoints (train.py keeps another run's output_dir from being overwritten).
 Random weights, the synthetic world: no downloads.
 """
 
@@ -92,6 +94,7 @@ def main() -> int:
     os.environ.setdefault("VLSCALE_CACHE", "/tmp/vlscale_cache")
     t_start = time.perf_counter()
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
+    runs_dir = out_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
     try:
         import torch
 
@@ -113,7 +116,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             if name in TRAIN_RUNS:
-                results["sections"][name] = run_training(name, TRAIN_RUNS[name], out_dir / "runs", timeout=left)
+                results["sections"][name] = run_training(name, TRAIN_RUNS[name], runs_dir, timeout=left)
             elif name == "kernels":
                 sys.path.insert(0, str(ROOT / "benchmarks"))
                 import gpu_kernels_section
