@@ -15,6 +15,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import logging
 import math
 import numbers
 import os
@@ -27,11 +28,14 @@ from typing import Any, Optional
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "default"
 
 PEFT_METHODS = ("adapter", "hyperformer", "compacter", "lora", "prompt", "none")
 SHARING_MODES = ("multiple", "half_shared", "single")
+BIAS_CHOICES = ("none", "lora_only", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_TASKS = ("vqa", "gqa", "nlvr2", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
@@ -278,9 +282,13 @@ class PeftConfig:
     lora_rank: int = 128
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
-    lora_train_bias: bool = True
-    """Train the LoRA-adapted projections' biases (BART). The reference trains every parameter named "bias" under
-    LoRA, and no layer-norm weight (BENCHMARKS.md, updated parameters)."""
+    # Biases (HF PEFT's LoraConfig.bias)
+    bias: str = "lora_only"
+    """Which biases of the language model train besides the groups below: ``none``; ``lora_only``, the biases of
+    the LoRA-adapted projections (BART's q_proj / v_proj; T5's have none) under peft.method=lora; ``all``, every
+    bias of its linear layers and layer norms (BitFit's set; with train_layer_norms=false the layer norms' biases
+    train without their weights). The paper's LoRA presets take ``all``: the reference trains every parameter
+    named "bias" under LoRA and no layer-norm weight (BENCHMARKS.md, updated parameters)."""
     # Prompt tuning
     n_prompts: int = 40
     prompt_hidden_dim: int = 800
@@ -295,11 +303,28 @@ class PeftConfig:
     train_vision: bool = False
     """Full fine-tuning of the CLIP visual encoder (needs feature_source=images)."""
 
+    @staticmethod
+    def upgrade_earlier_keys(data: dict, prefix: str) -> dict:
+        """Read the keys of earlier versions (saved run configs, adapter_config.json) as today's:
+        ``lora_train_bias: true|false`` is ``bias: lora_only|none``."""
+        if "lora_train_bias" not in data:
+            return data
+        data = dict(data)
+        old = _coerce(f"{prefix}.lora_train_bias", bool, data.pop("lora_train_bias"))
+        if "bias" in data:
+            raise ConfigError(f"{prefix}.lora_train_bias (an earlier name) and {prefix}.bias are both given; "
+                              f"keep {prefix}.bias")
+        data["bias"] = "lora_only" if old else "none"
+        log.warning("%s.lora_train_bias=%s is an earlier name: read as %s.bias=%s", prefix, str(old).lower(),
+                    prefix, data["bias"])
+        return data
+
     def __post_init__(self):
         _check_choice("peft", "method", self.method, PEFT_METHODS)
         _check_choice("peft", "sharing", self.sharing, SHARING_MODES)
         _check_choice("peft", "half_shared", self.half_shared, ("down", "up"))
         _check_choice("peft", "activation", self.activation, ("gelu", "gelu_tanh"))
+        _check_choice("peft", "bias", self.bias, BIAS_CHOICES)
         for name in ("reduction_factor", "phm_dim", "phm_rank", "lora_rank", "n_prompts",
                      "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
                      "hypernet_hidden_dim", "hypernet_projected_dim"):
@@ -558,6 +583,9 @@ def _coerce(key: str, tp, value):
 
 
 def _build(cls, data: dict, prefix: str = ""):
+    upgrade = getattr(cls, "upgrade_earlier_keys", None)
+    if upgrade is not None:
+        data = upgrade(data, prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]

@@ -65,6 +65,9 @@ def test_overrides_are_typed():
     (["train.adam_eps=0"], ["train.adam_eps=0.0", "> 0"]),
     (["train.clip_grad_norm=-1"], ["train.clip_grad_norm=-1.0", ">= 0"]),
     (["peft.lora_alpha=-32"], ["peft.lora_alpha=-32.0", "> 0"]),
+    (["peft.bias=lora"], ["peft.bias", "lora_only", "all"]),
+    (["peft.lora_train_bias=maybe"], ["peft.lora_train_bias", "maybe"]),
+    (["peft.lora_train_bias=true", "peft.bias=all"], ["peft.lora_train_bias", "peft.bias", "both"]),
     (["output_dir="], ["output_dir=''", "empty"]),
     (["data.tasks=[vqa,gqa,vqa]"], ["data.tasks", "'vqa' twice"]),
     (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?", "bart-base", "hub ids"]),
@@ -95,6 +98,18 @@ def test_valid_edges_stay_accepted():
     assert load_config("tiny", ["data.source=real", "data.hf_dataset=/data/hf"]).data.hf_dataset == "/data/hf"
     # a paper preset (real data under data.root) switched to the synthetic world drops its root
     assert load_config("paper/clip_bart_single_adapter", ["data.source=synthetic", "data.root=null"]).data.root is None
+
+
+def test_earlier_lora_train_bias_key_reads_as_peft_bias(caplog):
+    """Run configs saved before peft.bias (adapter_config.json, run_config.yaml) still load, the key read as what
+    it meant, and say so."""
+    saved = load_config("tiny").to_dict()
+    for old, new in ((True, "lora_only"), (False, "none")):
+        data = {**saved, "peft": {k: v for k, v in saved["peft"].items() if k != "bias"} | {"lora_train_bias": old}}
+        with caplog.at_level("WARNING", logger="vlscale.config"):
+            assert config_from_dict(data).peft.bias == new
+        assert f"peft.lora_train_bias={str(old).lower()} is an earlier name: read as peft.bias={new}" in caplog.text
+    assert load_config("tiny", ["peft.lora_train_bias=false"]).peft.bias == "none"
 
 
 def test_real_source_without_data_is_refused_for_saved_configs_too():

@@ -242,5 +242,6 @@ def test_inspect_model_counts_match_independent_count(preset, backbone, tasks, c
     assert report["trainable"] == expected
     total_lm = sum(p.numel() for p in build_lm(backbone, device="meta",
                                                config_overrides={"vocab_size": report["vocab_size"]}).parameters())
-    assert report["total_without_vision"] == total_lm + expected - (report["groups"]["layer_norm"]["params"])
+    norms = report["groups"]["layer_norm"]["params"] + report["groups"].get("layer_norm_bias", {"params": 0})["params"]
+    assert report["total_without_vision"] == total_lm + expected - norms
     assert report["updated_pct"] == pytest.approx(100 * expected / report["total_without_vision"])

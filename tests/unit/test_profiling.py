@@ -58,6 +58,11 @@ CASES = [
     ["model.backbone=tiny-bart"],
     ["model.backbone=tiny-bart", "train.gradient_checkpointing=true", "model.dropout=0.1"],
     ["peft.method=lora", "model.dropout=0.1"],
+    # the paper's LoRA set: every bias, no layer-norm weight (BART's norms keep their inputs for their biases)
+    ["model.backbone=tiny-bart", "peft.method=lora", "peft.bias=all", "peft.train_layer_norms=false"],
+    ["model.backbone=tiny-bart", "peft.method=lora", "peft.bias=all", "peft.train_layer_norms=false",
+     "peft.train_projection=false"],
+    ["peft.method=lora", "peft.bias=all", "peft.train_layer_norms=false"],  # T5: no biases, frozen norms
     ["peft.method=none", "peft.train_layer_norms=false"],
     ["peft.method=prompt"],
     ["peft.method=hyperformer"],

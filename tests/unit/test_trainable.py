@@ -97,10 +97,20 @@ def expected_trainable(model, cfg):
             names.add(n)
         elif n.startswith("vision.") and cfg.train_vision:
             names.add(n)
-        elif lm_name is not None and (cfg.train_lm or (cfg.train_layer_norms and LN.search(lm_name)) or
-                                      (cfg.method == "lora" and cfg.lora_train_bias and LORA_BIAS.search(lm_name))):
+        elif lm_name is not None and (cfg.train_lm or lm_rule(lm_name, cfg)):
             names.add(n)
     return names
+
+
+def lm_rule(lm_name, cfg):
+    """A frozen-LM parameter trains: layer-norm weights with train_layer_norms, their biases also with bias=all,
+    the LoRA-adapted q/v biases with bias=lora_only|all, every other bias with bias=all."""
+    is_bias = lm_name.endswith(".bias")
+    if LN.search(lm_name):
+        return cfg.train_layer_norms or (is_bias and cfg.bias == "all")
+    if cfg.method == "lora" and LORA_BIAS.search(lm_name):
+        return cfg.bias != "none"
+    return is_bias and cfg.bias == "all"
 
 
 def trainable_names(model):
@@ -128,15 +138,16 @@ def test_default_trainable_set_and_gradients(backbone, method, sharing):
             assert p.grad is None, f"{n} is frozen but got a gradient"
 
 
-def test_lora_biases_follow_lora_train_bias():
-    cfg = peft_cfg("lora", "single")
+def test_lora_biases_follow_peft_bias():
+    cfg = peft_cfg("lora", "single")  # bias=lora_only, the default
     model = StandIn("bart", cfg)
     counts = configure_trainable(model, cfg)
     biases = {n for n in trainable_names(model) if LORA_BIAS.search(n)}
     assert len(biases) == 12 and counts["lora_bias"]["tensors"] == 12
     assert counts["lora_bias"]["trainable"] == 12 * D
     assert not any("k_proj.bias" in n or "out_proj.bias" in n for n in trainable_names(model))
-    cfg = peft_cfg("lora", "single", lora_train_bias=False)
+    assert counts["bias"]["trainable"] == 0 and counts["bias"]["tensors"] > 0
+    cfg = peft_cfg("lora", "single", bias="none")
     model = StandIn("bart", cfg)
     counts = configure_trainable(model, cfg)
     assert not any(LORA_BIAS.search(n) for n in trainable_names(model))
@@ -145,11 +156,33 @@ def test_lora_biases_follow_lora_train_bias():
     assert configure_trainable(t5, peft_cfg("lora"))["lora_bias"]["tensors"] == 0  # T5 q/v have no bias
 
 
+def test_the_reference_lora_set_is_every_bias_and_no_layer_norm_weight():
+    """The paper's LoRA presets (bias=all, train_layer_norms=false): VL-Adapter's trainer makes every parameter
+    whose name holds "bias" trainable under --use_lora and passes no --unfreeze_layer_norms in its LoRA scripts."""
+    cfg = peft_cfg("lora", "single", bias="all", train_layer_norms=False)
+    model = StandIn("bart", cfg)
+    counts = configure_trainable(model, cfg)
+    lm_trained = {n for n in trainable_names(model) if n.startswith("lm.")}
+    lm_biases = {f"lm.{n}" for n, _ in model.lm.named_parameters() if n.endswith(".bias")}
+    assert lm_trained == lm_biases and len(lm_biases) > 24  # every linear's and every layer norm's bias
+    assert not any(LN.search(n) and n.endswith(".weight") for n in trainable_names(model))
+    assert counts["layer_norm"]["trainable"] == 0 < counts["layer_norm"]["total"]
+    assert counts["layer_norm_bias"]["trainable"] == counts["layer_norm_bias"]["total"] == counts["layer_norm"]["total"]
+    assert counts["lora_bias"]["trainable"] == 12 * D and counts["bias"]["trainable"] == counts["bias"]["total"]
+    # T5 has no biases and no layer-norm biases: the LoRA matrices and the projection train, nothing of the LM
+    t5 = StandIn("t5", cfg)
+    configure_trainable(t5, cfg)
+    assert not any(n.startswith("lm.") for n in trainable_names(t5))
+    assert not t5.lm.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad
+
+
 @pytest.mark.parametrize("backbone", ["t5", "bart"])
 @pytest.mark.parametrize("switches", [
     dict(train_lm=True), dict(train_vision=True), dict(train_projection=False),
     dict(train_layer_norms=False), dict(method="none"), dict(method="none", train_layer_norms=False),
-    dict(train_lm=True, train_vision=True, train_layer_norms=False)])
+    dict(train_lm=True, train_vision=True, train_layer_norms=False), dict(bias="all"),
+    dict(bias="all", train_layer_norms=False), dict(method="lora", bias="none"), dict(method="lora", bias="all"),
+    dict(method="none", bias="all", train_layer_norms=False)])
 def test_switches(backbone, switches):
     cfg = peft_cfg(**{"method": "adapter", **switches})
     model = StandIn(backbone, cfg)

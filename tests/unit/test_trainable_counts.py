@@ -155,16 +155,17 @@ TABLE1_UPDATED_PCT = {"full_ft": 100.00, "multiple_adapters": 12.22, "half_share
                       "single_adapter": 4.18, "hyperformer": 5.79, "multiple_compacters": 7.05,
                       "single_compacter": 2.70, "multiple_lora": 17.72, "single_lora": 5.93,
                       "multiple_prompts": 4.53, "single_prompt": 2.00}
-# LoRA, in points: the reference trains every parameter named "bias" under LoRA (BENCHMARKS.md), we the
-# adapted projections' biases and the layer norms
-NOT_TO_THE_DIGIT = {"multiple_lora": 0.03, "single_lora": 0.04}
+# In points: multiple LoRA counts 17.71% with the reference's trainable set (every bias, no layer-norm weight);
+# the paper prints 17.72 (BENCHMARKS.md: the 0.01 is not explained)
+NOT_TO_THE_DIGIT = {"multiple_lora": 0.01}
 
 
 def test_the_paper_presets_update_table_1s_share_of_the_parameters(launcher, capsys):
     """inspect_model's updated % of each paper/clip_bart_<method> preset against the paper's Table 1: to the
     digit for full fine-tuning, the adapters, Hyperformer (the reference's per-stack hypernetworks; one shared
-    hypernetwork gave 2.18%), Compacter and prompts (layer norms frozen, as the reference's prompt scripts leave
-    them: 2.03% / 4.57% trained); LoRA within the difference BENCHMARKS.md states."""
+    hypernetwork gave 2.18%), Compacter, prompts (layer norms frozen, as the reference's prompt scripts leave
+    them: 2.03% / 4.57% trained) and single LoRA (every bias, no layer-norm weight, as the reference's trainer
+    and LoRA scripts: 5.89% / 17.69% with the q/v biases and the layer norms); multiple LoRA within 0.01."""
     for method, paper in TABLE1_UPDATED_PCT.items():
         assert launcher("inspect_model").main(["--config", f"paper/clip_bart_{method}", "--json"]) == 0
         ours = round(json.loads(capsys.readouterr().out)["updated_pct"], 2)  # the paper's two decimals

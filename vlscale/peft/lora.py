@@ -5,8 +5,8 @@ A frozen projection y = W x (+ b) gets a trainable low-rank update (rank r = pef
     y = W x (+ b) + (alpha / r) * B A dropout(x)          A: r x in, B: out x r
 
 LoRA sites are encoder self-attention, decoder self-attention and decoder cross-attention q and v
-(T5 ``.q``/``.v``; BART ``q_proj``/``v_proj``, whose biases train too with peft.lora_train_bias,
-decided in trainable.py). A starts as nn.Linear's default init and B at zero, so the update is
+(T5 ``.q``/``.v``; BART ``q_proj``/``v_proj``, whose biases train too with peft.bias=lora_only, the default,
+or all: decided in trainable.py). A starts as nn.Linear's default init and B at zero, so the update is
 zero at init. Dropout follows the hooked projection's train/eval mode. ``merge`` folds
 W <- W + (alpha/r) B A of the current task into the base weight and the hook stops adding the
 update; ``unmerge`` subtracts it again. Under ZeRO-3 both gather the parameters they touch.

@@ -3,13 +3,19 @@
 The model exposes ``lm`` (HF T5/BART), ``vision`` (CLIP visual encoder or None), ``projector``
 (the visual projection) and ``peft`` (the PeftController). Every parameter falls in one group:
 
-    group        what                                                   trains when
-    peft         every parameter of model.peft                          always
-    layer_norm   every layer norm inside model.lm (T5LayerNorm, LayerNorm)  train_layer_norms or train_lm
-    lora_bias    biases of the LoRA-adapted q/v projections (BART)      method=lora and lora_train_bias, or train_lm
-    lm           the rest of model.lm (tied embeddings/output layer too) train_lm
-    projection   model.projector                                        train_projection
-    vision       model.vision                                           train_vision
+    group            what                                                 trains when
+    peft             every parameter of model.peft                        always
+    layer_norm       the weights of model.lm's layer norms (T5LayerNorm, LayerNorm)  train_layer_norms or train_lm
+    layer_norm_bias  their biases (BART; T5's norms have none)            train_layer_norms, bias=all or train_lm
+    lora_bias        biases of the LoRA-adapted q/v projections (BART)    method=lora and bias=lora_only|all, or train_lm
+    bias             every other bias of model.lm's modules (BART)         bias=all or train_lm
+    lm               the rest of model.lm (tied embeddings/output layer too)  train_lm
+    projection       model.projector                                      train_projection
+    vision           model.vision                                         train_vision
+
+``bias`` is a module's own ``bias`` parameter; T5's relative-position table (``relative_attention_bias.weight``)
+is an embedding's weight and stays in ``lm`` (the reference's name match, ``"bias" in name``, would train it
+under LoRA; its BART scripts, the paper's Table 1, have no such table).
 
 Parameters the run's visual path never runs stay frozen whatever the switches say: image tasks take
 the CLIP grid (``encode_grid``), which leaves out an RN's attention pool and a ViT's output
@@ -34,7 +40,7 @@ from vlscale.peft.sites import param_numel
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("peft", "layer_norm", "lora_bias", "lm", "projection", "vision")
+GROUPS = ("peft", "layer_norm", "layer_norm_bias", "lora_bias", "bias", "lm", "projection", "vision")
 _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 
@@ -67,9 +73,11 @@ def parameter_groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
         for name, p in peft.lora_bias_parameters():
             put("lora_bias", f"lm.{name}", p)
     for mod_name, module in lm.named_modules():
-        if is_layer_norm(module):
-            for n, p in module.named_parameters(recurse=False):
-                put("layer_norm", f"lm.{mod_name}.{n}" if mod_name else f"lm.{n}", p)
+        norm = is_layer_norm(module)
+        for n, p in module.named_parameters(recurse=False):
+            if norm or n == "bias":
+                group = ("layer_norm_bias" if n == "bias" else "layer_norm") if norm else "bias"
+                put(group, f"lm.{mod_name}.{n}" if mod_name else f"lm.{n}", p)
     for name, p in _named(lm, "lm"):
         put("lm", name, p)
     for name, p in _named(getattr(model, "projector", None), "projector"):
@@ -89,7 +97,9 @@ def _trains(group: str, cfg) -> bool:
     return {
         "peft": True,
         "layer_norm": cfg.train_layer_norms or cfg.train_lm,
-        "lora_bias": (cfg.method == "lora" and cfg.lora_train_bias) or cfg.train_lm,
+        "layer_norm_bias": cfg.train_layer_norms or cfg.bias == "all" or cfg.train_lm,
+        "lora_bias": (cfg.method == "lora" and cfg.bias != "none") or cfg.train_lm,
+        "bias": cfg.bias == "all" or cfg.train_lm,
         "lm": cfg.train_lm,
         "projection": cfg.train_projection,
         "vision": cfg.train_vision,
