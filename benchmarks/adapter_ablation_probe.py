@@ -1,0 +1,171 @@
+"""What makes the miniature's single adapter fall short of full fine-tuning, and Hyperformer not? One row of the
+miniature Table 1 trained with one thing changed.
+
+The row trains as ``launchers/replicate.py`` trains it (``vlscale.replicate.row_overrides``: same preset, steps,
+seed and feature cache), in this process, with the model changed right after vlscale builds it, and its test
+split is scored as the table scores it. Variants:
+
+``table``
+    nothing changed (the control: the table's row).
+``reference-init``
+    the adapters as the reference code starts them. DESIGN.md starts every PEFT method as the identity
+    (vlscale's adapters draw the down-projection as nn.Linear does and zero the up-projection and its bias).
+    VL-Adapter's BART (``VLBartModel.__init__``, VL-T5/src) calls ``init_weights()`` after building its layers,
+    and the transformers it pins (4.2) then draws every ``nn.Linear`` in the model from N(0, init_std = 0.02)
+    with a zero bias, the adapters' down- and up-projections included.
+``reference-init+projection``
+    the same for the visual projection's linears and embedding too (inside the reference's JointEncoder).
+``task-blind``
+    Hyperformer with every task reading the first task's embedding: the generated adapters then differ per
+    layer and sublayer kind, no longer per task.
+
+The re-drawn weights come from a generator seeded by ``--seed``, so the run's other random draws (dropout, data
+order) stay those of the table's run.
+
+    python benchmarks/adapter_ablation_probe.py --variant reference-init --seed 0 --feature-cache DIR --out RUN_DIR
+        [--row single_adapter] [--json FILE]
+
+It prints the row's scores and average next to full fine-tuning's and the unchanged row's of the same seed, where
+``benchmarks/results/replicate_table1_seeds.json`` / ``replicate_table1_hyperformer_seeds.json`` hold them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind")
+DEFAULT_ROW = {"task-blind": "hyperformer"}
+STD = 0.02  # BartConfig.init_std
+
+
+def redraw(model, variant: str, seed: int, std: float = STD) -> int:
+    """The reference's BART initialisation of the adapters (and the projection): weights N(0, std), biases 0.
+    -> the number of parameters re-drawn."""
+    import torch
+    from torch import nn
+
+    from vlscale.peft.adapter import BottleneckAdapter
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for module in model.peft.modules():
+        if isinstance(module, BottleneckAdapter):
+            tensors += list(module.named_parameters(recurse=False))
+    if not tensors:
+        raise SystemExit(f"--variant {variant}: the model has no bottleneck adapter to re-draw (peft.method?)")
+    if variant == "reference-init+projection":
+        for module in model.projector.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                tensors += list(module.named_parameters(recurse=False))
+    with torch.no_grad():
+        for name, p in tensors:
+            if name.endswith("bias") or "_bias_" in name:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return sum(p.numel() for _, p in tensors)
+
+
+def blind_to_tasks(model) -> int:
+    """Every task reads the first task's Hyperformer embedding (the others get no gradient). -> parameters of the
+    embedding every task now reads."""
+    from vlscale.peft.hyperformer import TaskEmbeddings
+
+    tables = [m for m in model.peft.modules() if isinstance(m, TaskEmbeddings)]
+    if not tables:
+        raise SystemExit("--variant task-blind: the model has no Hyperformer task embeddings (peft.method?)")
+    for table in tables:
+        first = next(iter(table._parameters))
+        table.forward = lambda task, table=table, first=first: getattr(table, first)[0]
+    return sum(getattr(t, next(iter(t._parameters))).numel() for t in tables)
+
+
+def same_seed_averages(row: str, seed: int) -> tuple:
+    """(full fine-tuning's, the unchanged row's) average test score of ``seed`` where the results files hold them."""
+    results = ROOT / "benchmarks" / "results"
+    full = row_avg = None
+    seeds = json.loads((results / "replicate_table1_seeds.json").read_text())
+    for run in seeds["runs"]:
+        if run["seed"] == seed:
+            full = run["methods"]["full_ft"]["avg"]
+            row_avg = run["methods"].get(row, {}).get("avg")
+    if row == "hyperformer":
+        hyper = json.loads((results / "replicate_table1_hyperformer_seeds.json").read_text())
+        row_avg = next((r["hyperformer"]["avg"] for r in hyper["runs"] if r["seed"] == seed), None)
+    return full, row_avg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, help="train this many steps instead of the table's (a smoke test)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="settings on top of the row's (e.g. train.lr=0.01); not the keys the row decides")
+    ap.add_argument("--row", help="the Table 1 row (default: single_adapter; hyperformer for task-blind)")
+    ap.add_argument("--feature-cache", required=True, help="the miniature's feature cache (replicate.py OUT/features)")
+    ap.add_argument("--out", required=True, type=Path, help="the training's output_dir (must not hold another run)")
+    ap.add_argument("--json", type=Path, help="also write the result to this file as JSON")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)
+    row_name = args.row or DEFAULT_ROW.get(args.variant, "single_adapter")
+
+    import vlscale.modeling.vl_model as vl_model
+    from vlscale.replicate import average, get_table, headline_scores, row_overrides, select_rows
+
+    (row,) = select_rows(get_table(1), [row_name])
+    overrides = row_overrides(row, feature_cache=args.feature_cache, seed=args.seed, steps=args.steps,
+                              extra=args.set)
+    changed = {}
+    if args.variant != "table":
+        build = vl_model.build_model
+
+        def build_and_change(cfg, *a, **kw):
+            model = build(cfg, *a, **kw)
+            if kw.get("device") != "meta":
+                changed["params"] = (blind_to_tasks(model) if args.variant == "task-blind" else
+                                     redraw(model, args.variant, args.seed))
+            return model
+
+        vl_model.build_model = build_and_change
+    start = time.time()
+    sys.argv = [str(ROOT / "launchers" / "train.py"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
+                "--config", "mini/clip_bart", "--no-progress", *overrides, f"output_dir={args.out}",
+                "train.test_eval=true"]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    if args.variant != "table" and "params" not in changed:
+        raise SystemExit("the training built no model this probe could change")
+    scores = headline_scores(json.loads((args.out / "eval_test" / "eval_metrics.json").read_text()))
+    full_avg, row_avg = same_seed_averages(row_name, args.seed) if args.steps is None else (None, None)
+    if args.set:
+        row_avg = None  # the unchanged row is not this one
+    avg = average(scores)
+    result = {"row": row_name, "variant": args.variant, "set": args.set, "seed": args.seed,
+              "steps": args.steps or "the table's",
+              "changed_params": changed.get("params", 0),
+              "scores": scores, "avg": avg, "full_ft_avg": full_avg, "table_row_avg": row_avg,
+              "over_full_ft_pct": 100 * avg / full_avg if full_avg else None, "wall_s": round(time.time() - start, 1),
+              "command": "python benchmarks/adapter_ablation_probe.py " + " ".join(argv)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{row_name}, {args.variant}, seed {args.seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) +
+          f"; avg {avg:.2f}" + (f" = {result['over_full_ft_pct']:.1f}% of full fine-tuning's {full_avg:.2f}"
+                                 if full_avg else "") +
+          (f" (the table's {row_name}, this seed: {row_avg:.2f})" if row_avg is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
