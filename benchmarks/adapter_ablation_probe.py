@@ -82,10 +82,10 @@ def blind_to_tasks(model) -> int:
     tables = [m for m in model.peft.modules() if isinstance(m, TaskEmbeddings)]
     if not tables:
         raise SystemExit("--variant task-blind: the model has no Hyperformer task embeddings (peft.method?)")
-    for table in tables:
-        first = next(iter(table._parameters))
-        table.forward = lambda task, table=table, first=first: getattr(table, first)[0]
-    return sum(getattr(t, next(iter(t._parameters))).numel() for t in tables)
+    firsts = [next(table.parameters()) for table in tables]
+    for table, first in zip(tables, firsts):
+        table.forward = lambda task, first=first: first[0]
+    return sum(first.numel() for first in firsts)
 
 
 def same_seed_averages(row: str, seed: int) -> tuple:

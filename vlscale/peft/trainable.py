@@ -75,9 +75,13 @@ def parameter_groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
     for mod_name, module in lm.named_modules():
         norm = is_layer_norm(module)
         for n, p in module.named_parameters(recurse=False):
-            if norm or n == "bias":
-                group = ("layer_norm_bias" if n == "bias" else "layer_norm") if norm else "bias"
-                put(group, f"lm.{mod_name}.{n}" if mod_name else f"lm.{n}", p)
+            if norm:
+                group = "layer_norm_bias" if n == "bias" else "layer_norm"
+            elif n == "bias":
+                group = "bias"
+            else:
+                continue
+            put(group, f"lm.{mod_name}.{n}" if mod_name else f"lm.{n}", p)
     for name, p in _named(lm, "lm"):
         put("lm", name, p)
     for name, p in _named(getattr(model, "projector", None), "projector"):

@@ -623,16 +623,17 @@ class ActivationReport:
 def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> ActivationReport:
     """Trace one micro-batch forward of the V&L model symbolically (see :class:`_Tape`)."""
     p = cfg.peft
-    lm_rg, ln_rg, proj_rg = p.train_lm, p.train_layer_norms or p.train_lm, p.train_projection
-    # BART's layer norms also train with peft.bias=all (their biases: the output needs a gradient, the saved set is
-    # the same); a linear's trained bias saves nothing, and in BART every linear reads a trained norm's output
-    ln_rg_bart = ln_rg or p.bias == "all"
+    lm_rg, proj_rg = p.train_lm, p.train_projection
     adapter_like = p.method in ("adapter", "hyperformer", "compacter")
     lora_on = p.method == "lora"
     ckpt = cfg.train.gradient_checkpointing
     B, d, Le, Ld, H, dk, inner = s.batch, s.d_model, s.enc_len, s.dec_len, s.heads, s.d_kv, s.inner
     r = max(1, d // p.reduction_factor)
     t5 = s.family == "t5"
+    # BART's layer norms also train with peft.bias=all (their biases: the output needs a gradient, the saved set is
+    # the same; T5's norms have no bias); a linear's trained bias saves nothing, and in BART every linear reads a
+    # trained norm's output
+    ln_rg = p.train_layer_norms or p.train_lm or (p.bias == "all" and not t5)
     tp = _Tape(opt)
 
     # ------------------------------------------------------------ projection (and prompts)
@@ -673,7 +674,7 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
     mask_b = B if opt.padded else 1
 
     def norm(x: _T, rows: int) -> _T:
-        return tp.t5_norm(x, rows, ln_rg) if t5 else tp.layer_norm(x, rows, ln_rg_bart)
+        return tp.t5_norm(x, rows, ln_rg) if t5 else tp.layer_norm(x, rows, ln_rg)
 
     def site(x: _T, tokens: int) -> _T:
         """Adapter / Hyperformer / Compacter on a sublayer output (fused: keeps x and z)."""
@@ -773,7 +774,7 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
         h = tp.dropout(norm(h, B * Le), s.dropout)
     else:
         enc_mask = tp.new(B * Le * Le, False, 1) if opt.padded else None  # boolean
-        h = tp.dropout(tp.layer_norm(tp.add(embeds), B * Le, ln_rg_bart), s.dropout)  # + learned positions
+        h = tp.dropout(tp.layer_norm(tp.add(embeds), B * Le, ln_rg), s.dropout)  # + learned positions
         h = stack(h, s.enc_layers, Le, False, None, lambda i: (enc_mask,))
     enc_out = h
 
@@ -792,7 +793,7 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
         if s.tied_scale:
             h = tp.new(B * Ld * d, h.rg)  # * d_model ** -0.5 before the tied head
     else:
-        h = tp.dropout(tp.layer_norm(tp.add(dec_emb), B * Ld, ln_rg_bart), s.dropout)
+        h = tp.dropout(tp.layer_norm(tp.add(dec_emb), B * Ld, ln_rg), s.dropout)
         h = stack(h, s.dec_layers, Ld, True, enc_out, lambda i: (enc_out,))
 
     # ------------------------------------------------------------ head and loss
