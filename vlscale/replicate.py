@@ -340,7 +340,8 @@ def markdown_table(table: Table, results: dict, notes: Sequence[str] = ()) -> st
 
 
 def plot(table: Table, results: dict, path: Path) -> Optional[str]:
-    """Average score against updated parameters (%), one labelled point per row. -> None or why not."""
+    """Average score against updated parameters (%), one point per row, named in a legend with both figures.
+    -> None or why not."""
     try:
         import matplotlib
 
@@ -348,18 +349,19 @@ def plot(table: Table, results: dict, path: Path) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[plot]'); no plot written"
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for row in table.rows:
-        r = results.get(row.name)
-        if r is None:
-            continue
-        ax.scatter(r["updated_pct"], r["avg"], s=36)
-        ax.annotate(row.name, (r["updated_pct"], r["avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # a legend, not labels at the points: the adapter-like rows sit within a few % and points of each other
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vPX*"
+    for i, row in enumerate(r for r in table.rows if r.name in results):
+        r = results[row.name]
+        ax.scatter(r["updated_pct"], r["avg"], s=40, color=colours[i % len(colours)], marker=markers[i % len(markers)],
+                   label=f"{row.name} ({r['updated_pct']:.2f} %, {r['avg']:.1f})", edgecolors="black", linewidths=0.4)
     ax.set_xscale("log")
     ax.set_xlabel("updated parameters (%, log scale)")
     ax.set_ylabel("average test score")
     ax.set_title(f"Miniature VL-Adapter, Table {table.number}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
