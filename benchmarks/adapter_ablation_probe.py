@@ -18,6 +18,13 @@ split is scored as the table scores it. Variants:
 ``task-blind``
     Hyperformer with every task reading the first task's embedding: the generated adapters then differ per
     layer and sublayer kind, no longer per task.
+``fixed-code``
+    ``task-blind``, and each layer's code z (the hypernetwork's LayerNorm output) fixed at its initial value: only
+    the generators train, so each site's weights are W = G z_l + c over fixed random codes z_l.
+``stack-shared``
+    one adapter per stack (encoder, decoder) and sublayer kind (self-attention, cross-attention, FFN), shared by
+    all the stack's layers: layer 0's adapters stand in for every layer's, as the shared part c of Hyperformer's
+    generated weights W = G z + c does.
 
 The re-drawn weights come from a generator seeded by ``--seed``, so the run's other random draws (dropout, data
 order) stay those of the table's run.
@@ -41,8 +48,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind")
-DEFAULT_ROW = {"task-blind": "hyperformer"}
+VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind", "fixed-code", "stack-shared")
+DEFAULT_ROW = {"task-blind": "hyperformer", "fixed-code": "hyperformer"}
 STD = 0.02  # BartConfig.init_std
 
 
@@ -88,6 +95,73 @@ def blind_to_tasks(model) -> int:
     return sum(first.numel() for first in firsts)
 
 
+def fix_codes(model) -> int:
+    """task-blind, and every layer's code z computed once (no gradient) and kept. -> parameters no longer used."""
+    import torch
+
+    from vlscale.peft.hyperformer import HyperformerLayers
+
+    blind_to_tasks(model)
+    unused = 0
+    for layers in [m for m in model.peft.modules() if isinstance(m, HyperformerLayers)]:
+        task_embedding = layers.task_embeddings(layers.tasks[0])
+        unused += task_embedding.numel()
+        for net in layers.hypernets.values():
+            table = net.layer_embedding.weight
+            with torch.no_grad():
+                codes = net.norm(net.projector(torch.cat([task_embedding.expand(len(table), -1), table], -1)))
+            net.forward = lambda _task_embedding, layer, kind, net=net, codes=codes: net.generators[kind](codes[layer])
+            unused += sum(p.numel() for m in (net.layer_embedding, net.projector, net.norm) for p in m.parameters())
+    return unused
+
+
+def share_across_layers(model) -> int:
+    """Every layer of a stack uses layer 0's adapter of the same sublayer kind. -> adapter parameters left."""
+    from vlscale.peft.adapter import AdapterLayers
+    from vlscale.peft.sites import adapter_sites
+
+    owners = [m for m in model.peft.modules() if isinstance(m, AdapterLayers)]
+    if not owners:
+        raise SystemExit("--variant stack-shared: the model has no bottleneck adapters (peft.method?)")
+    for owner in owners:
+        first = {}
+        for site in adapter_sites(model.lm):
+            kept = first.setdefault((site.stack, site.kind), owner.sites[site.key])
+            owner.sites[site.key] = kept
+    return sum(p.numel() for owner in owners for p in owner.parameters())
+
+
+def site_weights(model) -> dict:
+    """{site key: (W_d, W_u)} the first task's adapter of every site uses (generated ones for Hyperformer),
+    detached copies."""
+    import torch
+
+    from vlscale.peft.adapter import AdapterLayers
+    from vlscale.peft.hyperformer import HyperformerLayers
+
+    task, out = model.peft.tasks[0], {}
+    with torch.no_grad():
+        for m in model.peft.modules():
+            if isinstance(m, (AdapterLayers, HyperformerLayers)):
+                for key in m.sites:
+                    generated = isinstance(m, HyperformerLayers)
+                    w_d, _, w_u, _ = m.weights(key, task) if generated else m.sites[key].weights(task)
+                    out[key] = (w_d.detach().clone(), w_u.detach().clone())
+    return out
+
+
+def weight_motion(start: dict, end: dict) -> dict:
+    """How far training moved the adapters' weights: the RMS per entry of W - W_start, mean over sites."""
+    if not start:
+        return {"down_rms_change": float("nan"), "up_rms_change": float("nan"), "down_rms_start": float("nan"),
+                "sites": 0}
+    rms = lambda a, b: float((a - b).pow(2).mean().sqrt())  # noqa: E731
+    return {"down_rms_change": sum(rms(end[k][0], w[0]) for k, w in start.items()) / len(start),
+            "up_rms_change": sum(rms(end[k][1], w[1]) for k, w in start.items()) / len(start),
+            "down_rms_start": sum(rms(w[0], 0 * w[0]) for w in start.values()) / len(start),
+            "sites": len(start)}
+
+
 def same_seed_averages(row: str, seed: int) -> tuple:
     """(full fine-tuning's, the unchanged row's) average test score of ``seed`` where the results files hold them."""
     results = ROOT / "benchmarks" / "results"
@@ -125,17 +199,19 @@ def main(argv=None) -> int:
     overrides = row_overrides(row, feature_cache=args.feature_cache, seed=args.seed, steps=args.steps,
                               extra=args.set)
     changed = {}
-    if args.variant != "table":
-        build = vl_model.build_model
+    build = vl_model.build_model
 
-        def build_and_change(cfg, *a, **kw):
-            model = build(cfg, *a, **kw)
-            if kw.get("device") != "meta":
-                changed["params"] = (blind_to_tasks(model) if args.variant == "task-blind" else
-                                     redraw(model, args.variant, args.seed))
-            return model
+    def build_and_change(cfg, *a, **kw):
+        model = build(cfg, *a, **kw)
+        if kw.get("device") != "meta":
+            change = {"task-blind": blind_to_tasks, "fixed-code": fix_codes,
+                      "stack-shared": share_across_layers}.get(args.variant)
+            if args.variant != "table":
+                changed["params"] = change(model) if change else redraw(model, args.variant, args.seed)
+            changed["model"], changed["start"] = model, site_weights(model)
+        return model
 
-        vl_model.build_model = build_and_change
+    vl_model.build_model = build_and_change
     start = time.time()
     sys.argv = [str(ROOT / "launchers" / "train.py"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
                 "--config", "mini/clip_bart", "--no-progress", *overrides, f"output_dir={args.out}",
@@ -145,8 +221,9 @@ def main(argv=None) -> int:
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-    if args.variant != "table" and "params" not in changed:
+    if "model" not in changed:
         raise SystemExit("the training built no model this probe could change")
+    motion = weight_motion(changed["start"], site_weights(changed["model"]))
     scores = headline_scores(json.loads((args.out / "eval_test" / "eval_metrics.json").read_text()))
     full_avg, row_avg = same_seed_averages(row_name, args.seed) if args.steps is None else (None, None)
     if args.set:
@@ -155,6 +232,8 @@ def main(argv=None) -> int:
     result = {"row": row_name, "variant": args.variant, "set": args.set, "seed": args.seed,
               "steps": args.steps or "the table's",
               "changed_params": changed.get("params", 0),
+              "updated_pct": json.loads((args.out / "run_summary.json").read_text())["updated_pct"],
+              "weight_motion": motion,
               "scores": scores, "avg": avg, "full_ft_avg": full_avg, "table_row_avg": row_avg,
               "over_full_ft_pct": 100 * avg / full_avg if full_avg else None, "wall_s": round(time.time() - start, 1),
               "command": "python benchmarks/adapter_ablation_probe.py " + " ".join(argv)}
@@ -163,7 +242,9 @@ def main(argv=None) -> int:
     print(f"{row_name}, {args.variant}, seed {args.seed}: " + ", ".join(f"{t} {s:.2f}" for t, s in scores.items()) +
           f"; avg {avg:.2f}" + (f" = {result['over_full_ft_pct']:.1f}% of full fine-tuning's {full_avg:.2f}"
                                  if full_avg else "") +
-          (f" (the table's {row_name}, this seed: {row_avg:.2f})" if row_avg is not None else ""))
+          (f" (the table's {row_name}, this seed: {row_avg:.2f})" if row_avg is not None else "") +
+          f"; adapter weights moved (RMS per entry, mean over sites): down {motion['down_rms_change']:.4f}, "
+          f"up {motion['up_rms_change']:.4f}")
     return 0
 
 

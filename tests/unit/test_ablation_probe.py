@@ -1,0 +1,88 @@
+"""benchmarks/adapter_ablation_probe.py changes the model as its variants say (its figures rest on that)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlscale.config import load_config
+from vlscale.modeling.vision import vision_dims
+from vlscale.modeling.vl_model import build_model
+from vlscale.peft.adapter import BottleneckAdapter
+from vlscale.peft.sites import adapter_sites
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 120
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("adapter_ablation_probe", ROOT / "benchmarks" /
+                                                  "adapter_ablation_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model(*overrides):
+    torch.manual_seed(0)
+    cfg = load_config("tiny", ["data.tasks=[vqa,gqa]", "model.backbone=tiny-bart", *overrides])
+    return build_model(cfg, vocab_size=VOCAB)
+
+
+def _loss(model, task="vqa"):
+    g = torch.Generator().manual_seed(1)
+    side = vision_dims(model.cfg.model.vision)["image_size"]
+    batch = {"task": task, "input_ids": torch.randint(3, VOCAB, (2, 5), generator=g),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.randint(3, VOCAB, (2, 3), generator=g),
+             "pixel_values": torch.randn(2, 1, 3, side, side, generator=g)}
+    return model(batch).loss
+
+
+def test_stack_shared_leaves_one_adapter_per_stack_and_kind(probe):
+    model = _model("peft.method=adapter", "peft.sharing=single")
+    before = {id(m) for m in model.peft.modules() if isinstance(m, BottleneckAdapter)}
+    left = probe.share_across_layers(model)
+    after = {id(m) for m in model.peft.modules() if isinstance(m, BottleneckAdapter)}
+    kinds = {(s.stack, s.kind) for s in adapter_sites(model.lm)}
+    assert len(after) == len(kinds) == 5 and len(before) > len(after)  # encoder: 2 kinds, decoder: 3
+    assert left == sum(p.numel() for m in model.peft.modules() if isinstance(m, BottleneckAdapter)
+                       for p in m.parameters(recurse=False))
+    weights = probe.site_weights(model)
+    for key, (w_d, w_u) in weights.items():  # every layer reads its stack's layer-0 adapter
+        stack, _, kind = key.split("_", 2)
+        assert torch.equal(w_d, weights[f"{stack}_0_{kind}"][0])
+    _loss(model).backward()
+
+
+def test_fixed_code_trains_only_the_generators_and_keeps_every_layers_code(probe):
+    model = _model("peft.method=hyperformer")
+    layers = model.peft.hyperformer
+    net = layers.hypernets["encoder"]
+    site = next(k for k in layers.sites if k.startswith("encoder_1_"))
+    unused = probe.fix_codes(model)
+    assert unused > 0
+    first = probe.site_weights(model)
+    _loss(model, "gqa").backward()
+    assert all(p.grad is None for m in (net.layer_embedding, net.projector, net.norm) for p in m.parameters())
+    assert all(p.grad is None for p in layers.task_embeddings.parameters() if p is not
+               next(layers.task_embeddings.parameters()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.generators.parameters())
+    # the codes do not depend on the (untrained) hypernetwork: moving it changes no generated weight
+    with torch.no_grad():
+        for p in net.projector.parameters():
+            p.add_(1.0)
+    assert torch.equal(probe.site_weights(model)[site][0], first[site][0])
+    # tasks are blind: both tasks get the same generated weights
+    w_vqa = layers.weights(site, "vqa")[0]
+    assert torch.equal(w_vqa, layers.weights(site, "gqa")[0])
+
+
+def test_weight_motion_is_the_rms_change_per_entry(probe):
+    start = {"a": (torch.zeros(2, 4), torch.zeros(4, 2)), "b": (torch.ones(2, 4), torch.zeros(4, 2))}
+    end = {"a": (torch.full((2, 4), 0.5), torch.zeros(4, 2)), "b": (torch.ones(2, 4), torch.full((4, 2), 2.0))}
+    motion = probe.weight_motion(start, end)
+    assert motion["down_rms_change"] == pytest.approx(0.25) and motion["up_rms_change"] == pytest.approx(1.0)
+    assert motion["down_rms_start"] == pytest.approx(0.5) and motion["sites"] == 2
