@@ -33,7 +33,9 @@ order) stay those of the table's run.
         [--row single_adapter] [--json FILE]
 
 It prints the row's scores and average next to full fine-tuning's and the unchanged row's of the same seed, where
-``benchmarks/results/replicate_table1_seeds.json`` / ``replicate_table1_hyperformer_seeds.json`` hold them.
+``benchmarks/results/replicate_table1_seeds.json`` / ``replicate_table1_hyperformer_seeds.json`` hold them, and how
+far training moved the adapters' weights (``weight_motion``: the RMS per entry of W - W_start of the first task's
+down- and up-projection, generated ones for Hyperformer, mean over the sites).
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def weight_motion(start: dict, end: dict) -> dict:
     if not start:
         return {"down_rms_change": float("nan"), "up_rms_change": float("nan"), "down_rms_start": float("nan"),
                 "sites": 0}
-    rms = lambda a, b: float((a - b).pow(2).mean().sqrt())  # noqa: E731
+    def rms(a, b):
+        return float((a - b).pow(2).mean().sqrt())
+
     return {"down_rms_change": sum(rms(end[k][0], w[0]) for k, w in start.items()) / len(start),
             "up_rms_change": sum(rms(end[k][1], w[1]) for k, w in start.items()) / len(start),
             "down_rms_start": sum(rms(w[0], 0 * w[0]) for w in start.values()) / len(start),
