@@ -21,6 +21,10 @@ split is scored as the table scores it. Variants:
 ``fixed-code``
     ``task-blind``, and each layer's code z (the hypernetwork's LayerNorm output) fixed at its initial value: only
     the generators train, so each site's weights are W = G z_l + c over fixed random codes z_l.
+``fixed-code-per-layer``
+    ``fixed-code`` with a copy of the generators for each layer (all starting as the shared ones): W_l = G_l z_l + c_l,
+    each site's weights as freely set as a single adapter's but over-parameterised by the code's width + 1, and no
+    longer coupled across layers.
 ``stack-shared``
     one adapter per stack (encoder, decoder) and sublayer kind (self-attention, cross-attention, FFN), shared by
     all the stack's layers: layer 0's adapters stand in for every layer's, as the shared part c of Hyperformer's
@@ -50,8 +54,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind", "fixed-code", "stack-shared")
-DEFAULT_ROW = {"task-blind": "hyperformer", "fixed-code": "hyperformer"}
+VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind", "fixed-code", "fixed-code-per-layer",
+            "stack-shared")
+DEFAULT_ROW = {"task-blind": "hyperformer", "fixed-code": "hyperformer", "fixed-code-per-layer": "hyperformer"}
 STD = 0.02  # BartConfig.init_std
 
 
@@ -97,9 +102,13 @@ def blind_to_tasks(model) -> int:
     return sum(first.numel() for first in firsts)
 
 
-def fix_codes(model) -> int:
-    """task-blind, and every layer's code z computed once (no gradient) and kept. -> parameters no longer used."""
+def fix_codes(model, per_layer: bool = False) -> int:
+    """task-blind, and every layer's code z computed once (no gradient) and kept; ``per_layer``: each layer gets its
+    own copy of the generators. -> parameters no longer used."""
+    import copy
+
     import torch
+    from torch import nn
 
     from vlscale.peft.hyperformer import HyperformerLayers
 
@@ -112,8 +121,15 @@ def fix_codes(model) -> int:
             table = net.layer_embedding.weight
             with torch.no_grad():
                 codes = net.norm(net.projector(torch.cat([task_embedding.expand(len(table), -1), table], -1)))
-            net.forward = lambda _task_embedding, layer, kind, net=net, codes=codes: net.generators[kind](codes[layer])
             unused += sum(p.numel() for m in (net.layer_embedding, net.projector, net.norm) for p in m.parameters())
+            if per_layer:
+                net.layer_generators = nn.ModuleList(copy.deepcopy(net.generators) for _ in range(len(table)))
+                unused += sum(p.numel() for p in net.generators.parameters())
+                net.forward = (lambda _task_embedding, layer, kind, net=net, codes=codes:
+                               net.layer_generators[int(layer)][kind](codes[layer]))
+            else:
+                net.forward = (lambda _task_embedding, layer, kind, net=net, codes=codes:
+                               net.generators[kind](codes[layer]))
     return unused
 
 
@@ -209,6 +225,7 @@ def main(argv=None) -> int:
         model = build(cfg, *a, **kw)
         if kw.get("device") != "meta":
             change = {"task-blind": blind_to_tasks, "fixed-code": fix_codes,
+                      "fixed-code-per-layer": lambda m: fix_codes(m, per_layer=True),
                       "stack-shared": share_across_layers}.get(args.variant)
             if args.variant != "table":
                 changed["params"] = change(model) if change else redraw(model, args.variant, args.seed)

@@ -85,3 +85,25 @@ def test_weight_motion_is_the_rms_change_per_entry(probe):
     motion = probe.weight_motion(start, end)
     assert motion["down_rms_change"] == pytest.approx(0.25) and motion["up_rms_change"] == pytest.approx(1.0)
     assert motion["down_rms_start"] == pytest.approx(0.5) and motion["sites"] == 2
+
+
+def test_fixed_code_per_layer_gives_each_layer_its_own_generators(probe):
+    shared = probe.fix_codes(_model("peft.method=hyperformer"))
+    model = _model("peft.method=hyperformer")
+    nets = model.peft.hyperformer.hypernets
+    net = nets["decoder"]
+    start = probe.site_weights(model)
+    generators = sum(p.numel() for n in nets.values() for p in n.generators.parameters())
+    assert probe.fix_codes(model, per_layer=True) == shared + generators  # the shared generators are unused now
+    assert len(net.layer_generators) == net.layer_embedding.num_embeddings
+    # the same start as Hyperformer's (the codes computed for all layers at once: equal up to rounding)
+    fixed = probe.site_weights(model)
+    assert all(torch.allclose(a, b, atol=1e-6) for key in start for a, b in zip(start[key], fixed[key]))
+    _loss(model).backward()
+    assert all(p.grad is None for p in net.generators.parameters())  # the shared ones are no longer read
+    assert all(p.grad is not None for g in net.layer_generators for p in g.parameters())
+    with torch.no_grad():  # layer 0's generators make layer 0's weights only
+        for p in net.layer_generators[0].parameters():
+            p.add_(1.0)
+    moved = {key for key, (w_d, _) in probe.site_weights(model).items() if not torch.equal(w_d, fixed[key][0])}
+    assert moved == {key for key in start if key.startswith("decoder_0_")}
