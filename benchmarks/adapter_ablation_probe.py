@@ -30,6 +30,11 @@ split is scored as the table scores it. Variants:
     all the stack's layers: layer 0's adapters stand in for every layer's, as the shared part c of Hyperformer's
     generated weights W = G z + c does.
 
+``--adapter-lr-scale S`` (any variant with bottleneck adapters) trains each adapter weight W as S * W' with W' = W / S
+the parameter: Adam's step on W' is scale-free, so W moves as under S times the learning rate while the layer norms
+and the visual projection keep theirs (decoupled weight decay stays relative; Adam's eps is S times smaller in
+effect).
+
 The re-drawn weights come from a generator seeded by ``--seed``, so the run's other random draws (dropout, data
 order) stay those of the table's run.
 
@@ -182,6 +187,24 @@ def weight_motion(start: dict, end: dict) -> dict:
             "sites": len(start)}
 
 
+def scale_adapter_lr(model, scale: float) -> int:
+    """Every bottleneck adapter weight W becomes scale * W' (W' = W / scale the parameter). -> parameters scaled."""
+    import torch
+
+    from vlscale.peft.adapter import BottleneckAdapter
+
+    adapters = [m for m in model.peft.modules() if isinstance(m, BottleneckAdapter)]
+    if not adapters:
+        raise SystemExit("--adapter-lr-scale: the model has no bottleneck adapters (peft.method?)")
+    for adapter in adapters:
+        with torch.no_grad():
+            for p in adapter.parameters(recurse=False):
+                p.div_(scale)
+        weights = adapter.weights
+        adapter.weights = lambda task, weights=weights: tuple(scale * w for w in weights(task))
+    return sum(p.numel() for a in adapters for p in a.parameters(recurse=False))
+
+
 def same_seed_averages(row: str, seed: int) -> tuple:
     """(full fine-tuning's, the unchanged row's) average test score of ``seed`` where the results files hold them."""
     results = ROOT / "benchmarks" / "results"
@@ -204,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="train this many steps instead of the table's (a smoke test)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="settings on top of the row's (e.g. train.lr=0.01); not the keys the row decides")
+    ap.add_argument("--adapter-lr-scale", type=float, default=1.0, metavar="S",
+                    help="the bottleneck adapters' weights move as under S times the learning rate (see above)")
     ap.add_argument("--row", help="the Table 1 row (default: single_adapter; hyperformer for task-blind)")
     ap.add_argument("--feature-cache", required=True, help="the miniature's feature cache (replicate.py OUT/features)")
     ap.add_argument("--out", required=True, type=Path, help="the training's output_dir (must not hold another run)")
@@ -229,6 +254,8 @@ def main(argv=None) -> int:
                       "stack-shared": share_across_layers}.get(args.variant)
             if args.variant != "table":
                 changed["params"] = change(model) if change else redraw(model, args.variant, args.seed)
+            if args.adapter_lr_scale != 1.0:
+                changed["lr_scaled_params"] = scale_adapter_lr(model, args.adapter_lr_scale)
             changed["model"], changed["start"] = model, site_weights(model)
         return model
 
@@ -247,12 +274,12 @@ def main(argv=None) -> int:
     motion = weight_motion(changed["start"], site_weights(changed["model"]))
     scores = headline_scores(json.loads((args.out / "eval_test" / "eval_metrics.json").read_text()))
     full_avg, row_avg = same_seed_averages(row_name, args.seed) if args.steps is None else (None, None)
-    if args.set:
+    if args.set or args.adapter_lr_scale != 1.0:
         row_avg = None  # the unchanged row is not this one
     avg = average(scores)
     result = {"row": row_name, "variant": args.variant, "set": args.set, "seed": args.seed,
               "steps": args.steps or "the table's",
-              "changed_params": changed.get("params", 0),
+              "changed_params": changed.get("params", 0), "adapter_lr_scale": args.adapter_lr_scale,
               "updated_pct": json.loads((args.out / "run_summary.json").read_text())["updated_pct"],
               "weight_motion": motion,
               "scores": scores, "avg": avg, "full_ft_avg": full_avg, "table_row_avg": row_avg,

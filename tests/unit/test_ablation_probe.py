@@ -107,3 +107,25 @@ def test_fixed_code_per_layer_gives_each_layer_its_own_generators(probe):
             p.add_(1.0)
     moved = {key for key, (w_d, _) in probe.site_weights(model).items() if not torch.equal(w_d, fixed[key][0])}
     assert moved == {key for key in start if key.startswith("decoder_0_")}
+
+
+def test_adapter_lr_scale_moves_the_adapters_as_a_larger_learning_rate_would(probe):
+    """Adam's step on W' = W / S is scale-free, so W = S W' moves S times as far; the start is unchanged."""
+    plain, scaled = _model("peft.method=adapter", "peft.sharing=single"), _model("peft.method=adapter",
+                                                                                  "peft.sharing=single")
+    start = probe.site_weights(plain)
+    assert probe.scale_adapter_lr(scaled, 10.0) > 0
+    assert all(torch.allclose(a, b) for key in start for a, b in zip(start[key], probe.site_weights(scaled)[key]))
+    moved = []
+    for model in (plain, scaled):
+        adapters = [p for m in model.peft.modules() if isinstance(m, BottleneckAdapter)
+                    for p in m.parameters(recurse=False)]
+        opt = torch.optim.Adam(adapters, lr=1e-3, eps=1e-12)
+        model.eval()  # no dropout: the same gradients in both
+        _loss(model).backward()  # one step: a second would start from different weights
+        opt.step()
+        now = probe.site_weights(model)
+        moved.append(torch.cat([(now[k][i] - start[k][i]).flatten() for k in start for i in (0, 1)]))
+    assert moved[0].abs().max() > 0  # the up-projections (the down-projections get no gradient while W_u = 0)
+    # equal but where a gradient is near Adam's eps (2 of 20,480 entries here, 0.2 % off)
+    assert torch.allclose(moved[1], 10.0 * moved[0], rtol=1e-2, atol=1e-6)
