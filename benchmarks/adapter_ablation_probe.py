@@ -59,10 +59,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("table", "reference-init", "reference-init+projection", "task-blind", "fixed-code", "fixed-code-per-layer",
-            "stack-shared")
 DEFAULT_ROW = {"task-blind": "hyperformer", "fixed-code": "hyperformer", "fixed-code-per-layer": "hyperformer"}
 STD = 0.02  # BartConfig.init_std
+
+
+def peft_modules(model, kind) -> list:
+    """The model's PEFT modules of one class."""
+    return [m for m in model.peft.modules() if isinstance(m, kind)]
 
 
 def redraw(model, variant: str, seed: int, std: float = STD) -> int:
@@ -74,10 +77,7 @@ def redraw(model, variant: str, seed: int, std: float = STD) -> int:
     from vlscale.peft.adapter import BottleneckAdapter
 
     g = torch.Generator().manual_seed(seed)
-    tensors = []
-    for module in model.peft.modules():
-        if isinstance(module, BottleneckAdapter):
-            tensors += list(module.named_parameters(recurse=False))
+    tensors = [t for module in peft_modules(model, BottleneckAdapter) for t in module.named_parameters(recurse=False)]
     if not tensors:
         raise SystemExit(f"--variant {variant}: the model has no bottleneck adapter to re-draw (peft.method?)")
     if variant == "reference-init+projection":
@@ -98,7 +98,7 @@ def blind_to_tasks(model) -> int:
     embedding every task now reads."""
     from vlscale.peft.hyperformer import TaskEmbeddings
 
-    tables = [m for m in model.peft.modules() if isinstance(m, TaskEmbeddings)]
+    tables = peft_modules(model, TaskEmbeddings)
     if not tables:
         raise SystemExit("--variant task-blind: the model has no Hyperformer task embeddings (peft.method?)")
     firsts = [next(table.parameters()) for table in tables]
@@ -119,7 +119,7 @@ def fix_codes(model, per_layer: bool = False) -> int:
 
     blind_to_tasks(model)
     unused = 0
-    for layers in [m for m in model.peft.modules() if isinstance(m, HyperformerLayers)]:
+    for layers in peft_modules(model, HyperformerLayers):
         task_embedding = layers.task_embeddings(layers.tasks[0])
         unused += task_embedding.numel()
         for net in layers.hypernets.values():
@@ -143,7 +143,7 @@ def share_across_layers(model) -> int:
     from vlscale.peft.adapter import AdapterLayers
     from vlscale.peft.sites import adapter_sites
 
-    owners = [m for m in model.peft.modules() if isinstance(m, AdapterLayers)]
+    owners = peft_modules(model, AdapterLayers)
     if not owners:
         raise SystemExit("--variant stack-shared: the model has no bottleneck adapters (peft.method?)")
     for owner in owners:
@@ -164,12 +164,11 @@ def site_weights(model) -> dict:
 
     task, out = model.peft.tasks[0], {}
     with torch.no_grad():
-        for m in model.peft.modules():
-            if isinstance(m, (AdapterLayers, HyperformerLayers)):
-                for key in m.sites:
-                    generated = isinstance(m, HyperformerLayers)
-                    w_d, _, w_u, _ = m.weights(key, task) if generated else m.sites[key].weights(task)
-                    out[key] = (w_d.detach().clone(), w_u.detach().clone())
+        for m in peft_modules(model, (AdapterLayers, HyperformerLayers)):
+            for key in m.sites:
+                generated = isinstance(m, HyperformerLayers)
+                w_d, _, w_u, _ = m.weights(key, task) if generated else m.sites[key].weights(task)
+                out[key] = (w_d.detach().clone(), w_u.detach().clone())
     return out
 
 
@@ -193,7 +192,7 @@ def scale_adapter_lr(model, scale: float) -> int:
 
     from vlscale.peft.adapter import BottleneckAdapter
 
-    adapters = [m for m in model.peft.modules() if isinstance(m, BottleneckAdapter)]
+    adapters = peft_modules(model, BottleneckAdapter)
     if not adapters:
         raise SystemExit("--adapter-lr-scale: the model has no bottleneck adapters (peft.method?)")
     for adapter in adapters:
@@ -203,6 +202,18 @@ def scale_adapter_lr(model, scale: float) -> int:
         weights = adapter.weights
         adapter.weights = lambda task, weights=weights: tuple(scale * w for w in weights(task))
     return sum(p.numel() for a in adapters for p in a.parameters(recurse=False))
+
+
+# variant -> change(model, seed) -> parameters changed (each function's docstring says which)
+CHANGES = {
+    "reference-init": lambda model, seed: redraw(model, "reference-init", seed),
+    "reference-init+projection": lambda model, seed: redraw(model, "reference-init+projection", seed),
+    "task-blind": lambda model, seed: blind_to_tasks(model),
+    "fixed-code": lambda model, seed: fix_codes(model),
+    "fixed-code-per-layer": lambda model, seed: fix_codes(model, per_layer=True),
+    "stack-shared": lambda model, seed: share_across_layers(model),
+}
+VARIANTS = ("table", *CHANGES)
 
 
 def same_seed_averages(row: str, seed: int) -> tuple:
@@ -249,11 +260,8 @@ def main(argv=None) -> int:
     def build_and_change(cfg, *a, **kw):
         model = build(cfg, *a, **kw)
         if kw.get("device") != "meta":
-            change = {"task-blind": blind_to_tasks, "fixed-code": fix_codes,
-                      "fixed-code-per-layer": lambda m: fix_codes(m, per_layer=True),
-                      "stack-shared": share_across_layers}.get(args.variant)
-            if args.variant != "table":
-                changed["params"] = change(model) if change else redraw(model, args.variant, args.seed)
+            if args.variant in CHANGES:
+                changed["params"] = CHANGES[args.variant](model, args.seed)
             if args.adapter_lr_scale != 1.0:
                 changed["lr_scaled_params"] = scale_adapter_lr(model, args.adapter_lr_scale)
             changed["model"], changed["start"] = model, site_weights(model)

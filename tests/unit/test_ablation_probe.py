@@ -43,12 +43,12 @@ def _loss(model, task="vqa"):
 
 def test_stack_shared_leaves_one_adapter_per_stack_and_kind(probe):
     model = _model("peft.method=adapter", "peft.sharing=single")
-    before = {id(m) for m in model.peft.modules() if isinstance(m, BottleneckAdapter)}
+    before = {id(m) for m in probe.peft_modules(model, BottleneckAdapter)}
     left = probe.share_across_layers(model)
-    after = {id(m) for m in model.peft.modules() if isinstance(m, BottleneckAdapter)}
+    after = {id(m) for m in probe.peft_modules(model, BottleneckAdapter)}
     kinds = {(s.stack, s.kind) for s in adapter_sites(model.lm)}
     assert len(after) == len(kinds) == 5 and len(before) > len(after)  # encoder: 2 kinds, decoder: 3
-    assert left == sum(p.numel() for m in model.peft.modules() if isinstance(m, BottleneckAdapter)
+    assert left == sum(p.numel() for m in probe.peft_modules(model, BottleneckAdapter)
                        for p in m.parameters(recurse=False))
     weights = probe.site_weights(model)
     for key, (w_d, w_u) in weights.items():  # every layer reads its stack's layer-0 adapter
@@ -118,8 +118,7 @@ def test_adapter_lr_scale_moves_the_adapters_as_a_larger_learning_rate_would(pro
     assert all(torch.allclose(a, b) for key in start for a, b in zip(start[key], probe.site_weights(scaled)[key]))
     moved = []
     for model in (plain, scaled):
-        adapters = [p for m in model.peft.modules() if isinstance(m, BottleneckAdapter)
-                    for p in m.parameters(recurse=False)]
+        adapters = [p for m in probe.peft_modules(model, BottleneckAdapter) for p in m.parameters(recurse=False)]
         opt = torch.optim.Adam(adapters, lr=1e-3, eps=1e-12)
         model.eval()  # no dropout: the same gradients in both
         _loss(model).backward()  # one step: a second would start from different weights
