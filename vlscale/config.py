@@ -425,6 +425,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: Optional[float] = None
     """``None``: the method's default (1e-3 for PEFT methods, 1e-4 for full fine-tuning)."""
+    peft_lr: Optional[float] = None
+    """The learning rate of the PEFT method's own weights (every parameter of ``model.peft``: adapters,
+    Hyperformer, Compacter, LoRA, prompts); the layer norms, the visual projection and any backbone
+    weights keep ``train.lr``. ``None``: ``train.lr`` for everything, as the paper trains. Both follow
+    the same warm-up and decay."""
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -470,6 +475,7 @@ class TrainConfig:
         _check_positive("train", "micro_batch_size", self.micro_batch_size)
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check_positive("train", "lr", self.lr)
+        _check_positive("train", "peft_lr", self.peft_lr)
         _check_positive("train", "eval_batch_size", self.eval_batch_size)
         _check_positive("train", "eval_max_examples", self.eval_max_examples)
         _check_positive("train", "log_every", self.log_every)
@@ -506,6 +512,9 @@ class RunConfig:
         if self.peft.train_vision and self.model.feature_source == "cache":
             raise ConfigError("peft.train_vision=true needs model.feature_source=images "
                               "(cached features cannot be fine-tuned)")
+        if self.train.peft_lr is not None and self.peft.method == "none" and not self.peft.extra_prompts:
+            raise ConfigError(f"train.peft_lr={self.train.peft_lr!r} sets the learning rate of the PEFT weights, and "
+                              "peft.method=none adds none (nor peft.extra_prompts): drop train.peft_lr, or set train.lr")
         video = [t for t in self.data.tasks if t in VIDEO_TASKS]
         if video and len(video) != len(self.data.tasks):
             raise ConfigError(f"data.tasks={self.data.tasks} mixes image and video tasks; train them separately")

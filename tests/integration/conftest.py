@@ -41,6 +41,7 @@ TINY = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained
         "train.precision=fp32", "train.lr=1e-3", "train.gradient_accumulation_steps=1",
         "data.tasks=[vqa,gqa]", "data.synthetic_train=64", "data.synthetic_eval=8", "train.eval_batch_size=8",
         "train.max_steps=6", "train.warmup_ratio=0.2", "train.seed=3"]
+SINGLE = TINY + ["train.peft_lr=3e-3"]
 # The shipped miniature pretrained backbones (from_pretrained under ZeRO-3), dropout off for exact comparison.
 MINI = ["model.backbone=mini-t5", "model.pretrained=true", "model.vision=mini-clip-rn",
         "model.vision_pretrained=synthetic", "model.dropout=0.0", "peft.method=adapter", "train.precision=fp32",
@@ -175,10 +176,12 @@ def tb_scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
 RUN_SPECS = {
     # one shared adapter: 1 process with the whole global batch of 4 vs 2 ranks (torchrun) with 2 each,
     # which also evaluate mid-run (synced-rank generation under ZeRO-3 between training steps)
-    "single_1p": (TINY + ["train.micro_batch_size=4"], 1, "preloaded"),
-    "single_2r": (TINY + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3"], 2, "torchrun"),
+    # (the adapter's weights at 3x train.lr, train.peft_lr: their optimizer groups apart from the layer
+    # norms' and the projection's, through ZeRO-3 partitioning, resume and the memory model)
+    "single_1p": (SINGLE + ["train.micro_batch_size=4"], 1, "preloaded"),
+    "single_2r": (SINGLE + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3"], 2, "torchrun"),
     # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
-    "single_2r_gc": (TINY + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
+    "single_2r_gc": (SINGLE + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
                              "train.zero3_leaf_layers=false"], 2, "preloaded"),
     # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks, DeepSpeed's launcher
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
@@ -186,7 +189,7 @@ RUN_SPECS = {
     "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
     # single_2r's run on 2 nodes of one rank each: DeepSpeed's hostfile launch (runner -> pdsh -> launch.py
     # on each node), the nodes being this machine (MULTINODE_BIN)
-    "single_2n": (TINY + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),
+    "single_2n": (SINGLE + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),
     # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
     # extra tokens: the pretrained vocabulary is resized (under ZeRO-3 inside zero.Init), as the paper presets do
     "mini_2r": (MINI + ["train.micro_batch_size=2", "model.extra_special_tokens=8"], 2, "preloaded"),

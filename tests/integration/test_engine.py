@@ -85,7 +85,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     for a, b in zip(reference, resumed):
         assert b["task"] == a["task"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
-        assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12)
     assert h.read_json(out / "run_summary.json")["completed"] is True
     # TensorBoard, across the two processes' event files: each step once, the logged values
     tb = h.tb_scalars(out)
@@ -154,8 +154,9 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     batch (micro-batch 4): the 2 ranks' partitions are read through DeepSpeed's universal format, and
     the run continues as the uninterrupted 2 ranks do (1e-5: the 1-vs-2-rank tolerance of
     test_zero3.py). DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group group 0's
-    hyperparameters and one shared Adam step tensor: after vlscale's resume the no-decay group has no
-    weight decay again and each group counts its own steps."""
+    hyperparameters and one shared Adam step tensor: after vlscale's resume the no-decay groups have no
+    weight decay again, the adapter's groups their own learning rate (train.peft_lr) and each group counts
+    its own steps."""
     out, step, _ = interrupted
     one = tmp_path / "run"
     shutil.copytree(out.parent / "run_at_stop", one)
@@ -170,12 +171,14 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     assert proc.returncode == 0 and lines, proc.stdout[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
     assert got["step"] == step
-    assert got["weight_decay"] == [load_config("tiny").train.weight_decay, 0.0]
-    assert got["adam_steps"] == [step] * 2 and got["step_tensors"] == 2
+    decay = load_config("tiny").train.weight_decay  # groups: matrices (adapter's, others'), then vectors (the same)
+    assert got["weight_decay"] == [decay, decay, 0.0, 0.0]
+    assert got["adam_steps"] == [step] * 4 and got["step_tensors"] == 4
     resumed, reference = h.read_log(one), h.read_log(runs("single_2r"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(reference, resumed):
-        assert b["task"] == a["task"] and b["lr"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["task"] == a["task"]
+        assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12), f"step {a['step']}"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
     assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
 

@@ -34,8 +34,11 @@ def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
     assert [(m["step"], m["split"]) for m in evaluations] == [(3, "val"), (6, "val")]
     assert [m["step"] for m in h.read_json(runs("single_1p") / "metrics.json")] == [6]  # the final one only
     assert one[0] != one[-1], "the loss moved: the comparison covers real updates"
-    lr = [r["lr"] for r in h.read_log(runs("single_2r"))]
+    log = h.read_log(runs("single_2r"))
+    lr = [r["lr"] for r in log]
     assert lr[0] < lr[1] and lr[-1] < lr[1], f"warm-up then decay, got {lr}"
+    # train.peft_lr=3e-3 (train.lr 1e-3): the adapter's groups follow the same schedule at 3x
+    assert [r["peft_lr"] for r in log] == pytest.approx([3 * x for x in lr], rel=1e-12)
 
 
 def test_two_ranks_print_the_run_s_messages_once(runs):

@@ -1037,7 +1037,8 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
     load_dir = _to_universal(root, tag, rank) if universal else root
     # Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load, mended after it: it gives every param group
     # group 0's hyperparameters (the no-decay group would decay; the run's own, from the same config,
-    # are put back), and one Adam step-count tensor to every group, which each group's step then
+    # are put back, and each group's current lr from the loaded scheduler: train.peft_lr's groups have
+    # their own), and one Adam step-count tensor to every group, which each group's step then
     # advances in place (group g would count g+1 steps per step: a wrong bias correction)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
@@ -1052,8 +1053,11 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
             if rank == 0:
                 shutil.rmtree(load_dir, ignore_errors=True)
     if universal:
-        for group, kept in zip(inner.param_groups, groups):
+        last_lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+        for i, (group, kept) in enumerate(zip(inner.param_groups, groups)):
             group.update(kept)
+            if last_lrs is not None:
+                group["lr"] = last_lrs[i]
         for param_state in inner.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
                 param_state["step"] = param_state["step"].clone()

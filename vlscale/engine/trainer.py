@@ -107,6 +107,7 @@ class Run:
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
     trained_stats: Optional[list] = None  # sync_trained_buffers' tensors, found once
     task_steps: Optional["TaskSteps"] = None  # per-task optimizer groups: only the step's task is updated
+    lr_groups: dict = field(default_factory=lambda: {"lr": 0})  # train_log key -> the optimizer group it reads
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
 
@@ -150,21 +151,25 @@ def lr_multiplier(total_steps: int, warmup_ratio: float):
     return f
 
 
-def optimizer_groups(model, tasks=()) -> list[dict]:
+def optimizer_groups(model, tasks=(), peft_lr: Optional[float] = None) -> list[dict]:
     """Trainable parameters only: weight decay on matrices, none on biases / norms / vectors; each task's
     own PEFT weight sets (sharing multiple / half_shared) in groups of their own, tagged ``task``
-    (:func:`vlscale.peft.trainable.optimizer_group_layout`), for :class:`TaskSteps`."""
+    (:func:`vlscale.peft.trainable.optimizer_group_layout`), for :class:`TaskSteps`. ``peft_lr``
+    (``train.peft_lr``): the PEFT weights in groups of their own at that learning rate, tagged ``peft``."""
     from vlscale.peft.trainable import optimizer_group_layout
 
     named = ckpt.trainable_parameters(model)
-    layout = optimizer_group_layout([n for n, _ in named], [len(ckpt.full_shape(p)) for _, p in named], tasks)
+    layout = optimizer_group_layout([n for n, _ in named], [len(ckpt.full_shape(p)) for _, p in named], tasks,
+                                    split_peft=peft_lr is not None)
     groups = []
-    for task, decay, idx in layout:
+    for task, decay, peft, idx in layout:
         group = {"params": [named[i][1] for i in idx]}
         if not decay:
             group["weight_decay"] = 0.0
         if task is not None:
             group["task"] = task
+        if peft:
+            group["lr"], group["peft"] = float(peft_lr), True
         groups.append(group)
     if not groups:
         raise ConfigError("the model has no trainable parameters (check peft.method and the peft.train_* flags)")
@@ -417,8 +422,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     if universal:
         ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.data.tasks),
-                                           config=ds_config, lr_scheduler=lambda opt: LambdaLR(opt, schedule))
+    groups = optimizer_groups(model, cfg.data.tasks, cfg.train.peft_lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                           lr_scheduler=lambda opt: LambdaLR(opt, schedule))
     task_steps = TaskSteps.install(engine)
     engine.train()  # from_pretrained returns modules in eval mode: dropout must be on (VLModel keeps CLIP in eval)
     undo_initial_step(engine)
@@ -426,7 +432,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   and not engine_scales_fp16_loss(engine))
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
-              lock=lock, task_steps=task_steps)
+              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups))
     if resume:
         _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
@@ -553,7 +559,8 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
     while run.step < t.max_steps:
         start = time.perf_counter()
         batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
-        lr = run.engine.get_lr()[0]
+        lrs = run.engine.get_lr()
+        lr = {key: None if i is None else lrs[i] for key, i in run.lr_groups.items()}
         loss, stop = train_step(run, batches)
         sync_trained_buffers(run)
         run.step += 1
@@ -627,8 +634,18 @@ def _saved_at_this_step(run: Run) -> bool:
     return bool(broadcast_object(saved))
 
 
-def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
+def logged_lr_groups(groups: list[dict]) -> dict:
+    """Which optimizer group's learning rate ``train_log.jsonl`` records: ``lr`` (train.lr's groups; None
+    where only PEFT weights train and train.peft_lr is set) and, with train.peft_lr, ``peft_lr``."""
+    base = next((i for i, g in enumerate(groups) if not g.get("peft")), None)
+    peft = next((i for i, g in enumerate(groups) if g.get("peft")), None)
+    return {"lr": base} if peft is None else {"lr": base, "peft_lr": peft}
+
+
+def log_step(run: Run, task: str, loss: float, lr: dict, bar) -> None:
     """One ``train_log.jsonl`` line (strict JSON), the bar's postfix and the TensorBoard scalars.
+
+    ``lr``: the learning rate of this step's update, ``{"lr": x}`` (and ``"peft_lr"``, :func:`logged_lr_groups`).
 
     ``skipped``: the update was dropped because the gradients overflowed (fp16's dynamic loss
     scaling; DeepSpeed then lowers the scale, after ``fp16.hysteresis`` overflows in a row at ZeRO
@@ -647,7 +664,7 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
         raise NonFiniteLoss(f"the gradient norm is {grad_norm} at step {run.step} (task {task!r}) while the loss is "
                             f"{loss:.4g}; the update was applied, so the weights may no longer be finite; "
                             f"{_last_good(run)}")
-    record = {"step": run.step, "task": task, "loss": loss, "lr": lr,
+    record = {"step": run.step, "task": task, "loss": loss, **lr,
               "samples_per_s": run.global_batch / run.step_times[-1], "grad_norm": grad_norm,
               "skipped": skipped}
     if run.loss_scale is not None:
@@ -662,7 +679,7 @@ def log_step(run: Run, task: str, loss: float, lr: float, bar) -> None:
         postfix["scale"] = f"{record['loss_scale']:g}"
     bar.set_postfix(**postfix)
     if run.writer is not None and run.step % max(1, run.cfg.train.log_every) == 0:
-        for key in ("loss", "lr", "samples_per_s", "grad_norm", "loss_scale"):
+        for key in ("loss", "lr", "peft_lr", "samples_per_s", "grad_norm", "loss_scale"):
             if record.get(key) is not None:
                 run.writer.add_scalar(f"train/{key}", record[key], run.step)
         run.writer.add_scalar(f"train/loss_{task}", loss, run.step)

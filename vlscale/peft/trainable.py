@@ -119,18 +119,22 @@ def task_of(name: str, tasks) -> "str | None":
     return suffix if suffix in tasks else None
 
 
-def optimizer_group_layout(names, ndims, tasks) -> list[tuple["str | None", bool, list[int]]]:
+def optimizer_group_layout(names, ndims, tasks, split_peft: bool = False) -> list[tuple]:
     """How the trainable parameters (``names``/``ndims`` of them, module order) form optimizer groups:
-    ``[(task, decay, [indices])]``. Matrices (weight decay) then vectors; shared parameters first, then
+    ``[(task, decay, peft, [indices])]``. Matrices (weight decay) then vectors; shared parameters first, then
     each task's own weight sets in groups of their own, so that a step of one task can leave the other
     tasks' groups out of the optimizer, as the reference trainer's AdamW skips parameters without a
-    gradient (``vlscale.engine.trainer.TaskSteps``). The engine (``trainer.optimizer_groups``) and the
+    gradient (``vlscale.engine.trainer.TaskSteps``). ``split_peft`` (``train.peft_lr`` is set): the PEFT
+    weights (``peft.*``, ``peft`` True) and the rest (False) apart, each kind before the other in its slot;
+    otherwise ``peft`` is None and they share groups. The engine (``trainer.optimizer_groups``) and the
     memory model (``ParamInventory.optimizer_groups``) both build their groups from this."""
     order = [None, *tasks]
     slots: dict = {}
     for i, (name, nd) in enumerate(zip(names, ndims)):
-        slots.setdefault((task_of(name, tasks), nd >= 2), []).append(i)
-    return [(t, d, slots[(t, d)]) for t in order for d in (True, False) if (t, d) in slots]
+        peft = name.startswith("peft.") if split_peft else None
+        slots.setdefault((task_of(name, tasks), nd >= 2, peft), []).append(i)
+    kinds = (True, False) if split_peft else (None,)
+    return [(t, d, k, slots[(t, d, k)]) for t in order for d in (True, False) for k in kinds if (t, d, k) in slots]
 
 
 def unused_vision_parameters(model) -> set[int]:

@@ -167,6 +167,8 @@ class ParamInventory:
     0 for a floating buffer, which takes the run's precision)."""
     tasks: tuple = ()
     """The run's tasks: each task's own PEFT weight sets form optimizer groups of their own."""
+    split_peft: bool = False
+    """``train.peft_lr`` is set: the PEFT weights form optimizer groups of their own."""
 
     def buffer_bytes(self, b: int) -> int:
         return sum(n * (size or b) for n, size in self.buffers)
@@ -194,8 +196,9 @@ class ParamInventory:
         from vlscale.peft.trainable import optimizer_group_layout
 
         tr = [i for i, t in enumerate(self.trainable) if t]
-        layout = optimizer_group_layout([self.names[i] for i in tr], [self.ndims[i] for i in tr], self.tasks)
-        return [(task, [self.numels[tr[j]] for j in idx]) for task, _, idx in layout]
+        layout = optimizer_group_layout([self.names[i] for i in tr], [self.ndims[i] for i in tr], self.tasks,
+                                        self.split_peft)
+        return [(task, [self.numels[tr[j]] for j in idx]) for task, _, _, idx in layout]
 
 
 def default_vocab_size(cfg: RunConfig) -> int:
@@ -221,7 +224,8 @@ _INVENTORY_CACHE: dict[str, ParamInventory] = {}
 def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> ParamInventory:
     """Build the model on the meta device (seconds, no memory) and list its parameters.
 
-    Cached per (model, peft, tasks, vocabulary): the planner asks for many settings of one model.
+    Cached per (model, peft, tasks, vocabulary, train.peft_lr set): the planner asks for many settings of
+    one model.
     """
     import json
 
@@ -229,7 +233,8 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
     from vlscale.peft.trainable import parameter_groups
 
     vocab = vocab_size or default_vocab_size(cfg)
-    key = json.dumps([asdict(cfg.model), asdict(cfg.peft), list(cfg.data.tasks), vocab], sort_keys=True)
+    split_peft = cfg.train.peft_lr is not None
+    key = json.dumps([asdict(cfg.model), asdict(cfg.peft), list(cfg.data.tasks), vocab, split_peft], sort_keys=True)
     if key in _INVENTORY_CACHE:
         return _INVENTORY_CACHE[key]
     meta_cfg = copy.deepcopy(cfg)
@@ -249,7 +254,8 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
                for name, t in model.state_dict(keep_vars=True).items() if name not in aliases]
     inv = ParamInventory(names, numels, ndims, trainable, groups,
                          int(model.lm.get_input_embeddings().num_embeddings),
-                         int(head.weight.numel()) if head is not None else 0, buffers, tuple(cfg.data.tasks))
+                         int(head.weight.numel()) if head is not None else 0, buffers, tuple(cfg.data.tasks),
+                         split_peft)
     _INVENTORY_CACHE[key] = inv
     return inv
 

@@ -283,16 +283,16 @@ def _trainer_loss(out, labels):
     return _token_cross_entropy_sum(out.logits, labels)
 
 
-def _optimizer_groups(model, tasks=()):
-    """The trainer's groups (each task's own weight sets apart). Its TaskSteps is not installed: a
-    measured run steps every group, so every optimizer state exists, as in training once each task has
-    had a step."""
+def _optimizer_groups(model, tasks=(), peft_lr=None):
+    """The trainer's groups (each task's own weight sets apart; the PEFT weights apart with a peft_lr). Its
+    TaskSteps is not installed: a measured run steps every group, so every optimizer state exists, as in
+    training once each task has had a step."""
     try:
         from vlscale.engine.trainer import optimizer_groups
     except ImportError:
         optimizer_groups = None
     if optimizer_groups is not None:
-        return optimizer_groups(model, tasks)
+        return optimizer_groups(model, tasks, peft_lr)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     flat = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [g for g in ({"params": decay}, {"params": flat, "weight_decay": 0.0}) if g["params"]]
@@ -356,8 +356,8 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
     ctx = contextlib.nullcontext() if cuda else tracker
     with ctx, (contextlib.nullcontext() if cuda else _patched_storage_resize(tracker)):
         tracker.phase("init")
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=_optimizer_groups(model, cfg.data.tasks),
-                                          config=ds_config)
+        groups = _optimizer_groups(model, cfg.data.tasks, cfg.train.peft_lr)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         device = engine.device
         # the trainer's corrections of DeepSpeed's stage-0 half-precision wrapper (its updates, not its memory)
         from vlscale.engine.half_precision import engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step
