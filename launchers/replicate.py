@@ -1,6 +1,6 @@
 """Replicate the VL-Adapter paper's Tables 1, 3 and 5 in miniature, offline, on the synthetic world.
 
-    python launchers/replicate.py --table 1|3|5 [--methods a,b,...] [--seed S] [--out DIR] [--steps N]
+    python launchers/replicate.py --table 1|3|5 [--methods a,b,...] [--seed S|S1,S2,..|A-B] [--out DIR] [--steps N]
                                   [--parallel N] [--threads-per-run T] [--set key=value ...] [--dry-run]
 
 Table 1: every method of the paper (full_ft, multiple_adapters, half_shared_adapters, single_adapter,
@@ -17,7 +17,11 @@ output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--p
 trainings at once (default: CPU cores // threads per run), shows progress, and is resumable:
 rows with a result are skipped, interrupted trainings resume from their last checkpoint
 (Ctrl-C stops the running trainings with a checkpoint), and rows finished earlier under DIR stay in
-the table. Earlier work made with other settings (another --steps, --seed or --set) is refused
+the table. Several seeds (``--seed 0-4``): every row once per seed, all as jobs of one queue; each seed's
+rows, results.json and table in DIR/seed<S>/ as above (one feature cache, DIR/features), and in DIR the
+table over the seeds: each task's mean, the average's mean ± its sample standard deviation, and
+``avg_by_seed`` per row in results.json (rows some seed has not finished are left out, and named).
+Earlier work made with other settings (another --steps, --seed or --set) is refused
 before anything runs, naming the row and the setting: resuming it would mix two runs in one
 result, keeping it would put incomparable rows in one table. Exit code 1 if a row failed, 2 if
 refused.
@@ -43,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, choices=["1", "3", "5"], help="which of the paper's tables")
     p.add_argument("--methods", default=None, help="comma-separated rows (default: all rows of the table)")
-    p.add_argument("--seed", type=int, default=0, help="train.seed of every row (default 0)")
+    p.add_argument("--seed", default="0", metavar="S",
+                   help="train.seed of every row (default 0); several (0,1,2 or 0-4): each row once per seed, the "
+                        "table over them (mean, ± sd) in --out and each seed's in --out/seed<S>/")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate/table<N>)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps of every row (default: the preset's)")
     p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: cores // threads)")
@@ -85,6 +91,10 @@ def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) 
                          f"{tail(log_path)}")
 
 
+def peft_lr(cfg) -> str:
+    return "" if cfg.train.peft_lr is None else f" (PEFT weights {cfg.train.peft_lr:g})"
+
+
 def children_cpu_s() -> float:
     """CPU seconds (user + system) of every finished child process (trainings, evaluations, features)."""
     import resource
@@ -97,38 +107,50 @@ def children_cpu_s() -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError
-    from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, backbone_fingerprint, check_result,
-                                   default_parallel, get_table, make_result, plan_job, row_config, row_overrides,
-                                   select_rows, updated_params, uses_cache, write_json,
-                                   write_outputs)
+    from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
+                                   check_layout, check_result, default_parallel, get_table, make_result, parse_seeds,
+                                   plan_job, row_config, row_overrides, seed_dir, select_rows, updated_params,
+                                   uses_cache, write_json, write_outputs)
 
     log = print
-    # --- setup: rows, their settings, what is left to do
+    # --- setup: rows and seeds, their settings, what is left to do
     try:
         table = get_table(args.table)
         names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
         if names == []:
             raise ReplicationError(f"--methods {args.methods!r} names no row; omit it for every row of the table")
         rows = select_rows(table, names)
+        seeds = parse_seeds(args.seed)
         out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
-        cache = out / "features"
-        plans = {r.name: row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
-                 for r in rows}
-        configs = {name: row_config(ov) for name, ov in plans.items()}
-        fingerprints = {name: backbone_fingerprint(cfg) for name, cfg in configs.items()}
-        jobs = [plan_job(r, plans[r.name], out / "runs" / r.name, fingerprints[r.name], dry_run=args.dry_run)
-                for r in rows]
-        for r in table.rows:  # rows finished earlier stay in the table: only if made with this run's settings
-            if r not in rows and (out / "runs" / r.name / RESULT_FILE).exists():
-                ov = row_overrides(r, feature_cache=str(cache), seed=args.seed, steps=args.steps, extra=args.extra)
-                check_result(r, ov, out / "runs" / r.name, backbone_fingerprint(row_config(ov)), kept=True)
+        check_layout(out, seeds)
+        cache = out / "features"  # the frozen CLIP's features: one cache for every seed
+
+        def overrides(row, seed):
+            return row_overrides(row, feature_cache=str(cache), seed=seed, steps=args.steps, extra=args.extra)
+
+        plans = {(seed, r.name): overrides(r, seed) for seed in seeds for r in rows}
+        configs = {key: row_config(ov) for key, ov in plans.items()}
+        fingerprints = {name: backbone_fingerprint(configs[(seeds[0], name)]) for name in (r.name for r in rows)}
+        jobs = []
+        for seed in seeds:
+            for r in rows:
+                job = plan_job(r, plans[(seed, r.name)], seed_dir(out, seed, seeds) / "runs" / r.name,
+                               fingerprints[r.name], dry_run=args.dry_run)
+                job.seed = seed if len(seeds) > 1 else None
+                jobs.append(job)
+            for r in table.rows:  # rows finished earlier stay in the table: only if made with this run's settings
+                run_dir = seed_dir(out, seed, seeds) / "runs" / r.name
+                if r not in rows and (run_dir / RESULT_FILE).exists():
+                    ov = overrides(r, seed)
+                    check_result(r, ov, run_dir, backbone_fingerprint(row_config(ov)), kept=True)
         if args.dry_run:
             for job in jobs:
-                counts = updated_params(configs[job.row.name])
+                cfg = configs[(job.seed if job.seed is not None else seeds[0], job.row.name)]
+                counts = updated_params(cfg)
                 said = {"done": "done: its result is kept", "collect": "trained and evaluated: its result is collected"}
-                log(f"{job.row.name}: updated {counts['updated_pct']:.2f}% (with CLIP "
+                log(f"{job.name}: updated {counts['updated_pct']:.2f}% (with CLIP "
                     f"{counts['updated_pct_with_vision']:.2f}%), {counts['trainable']:,} of {counts['total']:,} "
-                    f"parameters, lr {configs[job.row.name].lr:g}; "
+                    f"parameters, lr {cfg.lr:g}{peft_lr(cfg)}; "
                     + (said.get(job.phase) or "; ".join(f"{kind}: {shlex.join(cmd)}" for kind, cmd in job.commands)))
             return 0
     except (ReplicationError, ConfigError) as e:
@@ -136,15 +158,16 @@ def main(argv=None) -> int:
         return 2
     parallel = args.parallel or default_parallel(args.threads_per_run)
     todo = [j for j in jobs if j.phase != "done"]
-    any_cfg = configs[rows[0].name]
-    log(f"replicate: Table {table.number}, {len(rows)} rows ({len(jobs) - len(todo)} already done) -> {out}; "
+    any_cfg = configs[(seeds[0], rows[0].name)]
+    over = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
+    log(f"replicate: Table {table.number}, {len(rows)} rows{over} ({len(jobs) - len(todo)} already done) -> {out}; "
         f"{any_cfg.train.max_steps} steps x batch {any_cfg.train.micro_batch_size} each, {parallel} at a time, "
         f"{args.threads_per_run} thread(s) each")
     start, cpu_start = time.time(), children_cpu_s()
     needs_cache = [j for j in todo if j.commands and any(c[0] == "train" for c in j.commands) and uses_cache(j.overrides)]
     if needs_cache:
         make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
-                           backbone_fingerprint(configs[needs_cache[0].row.name], vision_only=True), log)
+                           backbone_fingerprint(row_config(needs_cache[0].overrides), vision_only=True), log)
 
     # --- train and evaluate
     def on_done(job):
@@ -159,34 +182,51 @@ def main(argv=None) -> int:
         return 130
     elapsed, cpu = time.time() - start, children_cpu_s() - cpu_start
 
-    # --- tables, plot
-    results = {}
-    for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
-        path = out / "runs" / r.name / RESULT_FILE
-        if path.exists():
-            res = json.loads(path.read_text())
-            results[r.name] = res
-    earlier = sorted(set(results) - {r.name for r in rows})
+    # --- tables, plot: each seed's (in its folder), then over the seeds
+    command = "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    per_seed, earlier = {}, set()
+    for seed in seeds:
+        where = seed_dir(out, seed, seeds)
+        results = {}
+        for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
+            path = where / "runs" / r.name / RESULT_FILE
+            if path.exists():
+                results[r.name] = json.loads(path.read_text())
+        per_seed[seed] = results
+        earlier |= set(results) - {r.name for r in rows}
+        ran = [j.row.name for j in todo if j.seed in (seed, None)]
+        meta = {"steps": any_cfg.train.max_steps, "seed": seed, "test_examples": any_cfg.data.synthetic_eval,
+                "invocations": invocation_log(where, command, ran, elapsed, cpu, parallel, args.threads_per_run)}
+        written = write_outputs(table, where, results, meta)
+    if len(seeds) > 1:
+        results, partial = aggregate_seeds(per_seed)
+        meta = {"steps": any_cfg.train.max_steps, "seeds": seeds, "test_examples": any_cfg.data.synthetic_eval,
+                "partial_rows": partial,
+                "invocations": invocation_log(out, command, sorted({j.name for j in todo}), elapsed, cpu, parallel,
+                                              args.threads_per_run)}
+        written = write_outputs(table, out, results, meta)
     if earlier:
-        log(f"replicate: the table also holds {earlier}, finished earlier under {out} (their own result.json)")
-    previous = out / "results.json"
-    invocations = json.loads(previous.read_text()).get("invocations", []) if previous.exists() else []
-    invocations.append({"command": "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                        "rows_run_now": [j.row.name for j in todo], "elapsed_s": round(elapsed, 1),
-                        "cpu_s": round(cpu, 1), "parallel": parallel, "threads_per_run": args.threads_per_run,
-                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    meta = {"steps": any_cfg.train.max_steps, "seed": args.seed, "test_examples": any_cfg.data.synthetic_eval,
-            "invocations": invocations}
-    written = write_outputs(table, out, results, meta)
+        log(f"replicate: the table also holds {sorted(earlier)}, finished earlier under {out} (their own result.json)")
     print((out / f"table{table.number}.md").read_text())
-    log(f"replicate: {len(results) - len(earlier)}/{len(rows)} rows in {elapsed / 60:.1f} min; " +
+    log(f"replicate: {len(todo)} of {len(jobs)} trainings run now, in {elapsed / 60:.1f} min; " +
         ", ".join(f"{k}: {v}" for k, v in written.items()))
     failed = [j for j in jobs if j.phase == "failed"]
     if failed:
-        print("replicate: failed rows: " + ", ".join(f"{j.row.name} ({j.error}; log {j.log})" for j in failed),
+        print("replicate: failed rows: " + ", ".join(f"{j.name} ({j.error}; log {j.log})" for j in failed),
               file=sys.stderr)
         return 1
     return 0
+
+
+def invocation_log(where: Path, command: str, ran: list, elapsed: float, cpu: float, parallel: int,
+                   threads: int) -> list:
+    """results.json's ``invocations`` in ``where``: the earlier ones, and this one."""
+    previous = where / "results.json"
+    invocations = json.loads(previous.read_text()).get("invocations", []) if previous.exists() else []
+    invocations.append({"command": command, "rows_run_now": ran, "elapsed_s": round(elapsed, 1),
+                        "cpu_s": round(cpu, 1), "parallel": parallel, "threads_per_run": threads,
+                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return invocations
 
 
 if __name__ == "__main__":

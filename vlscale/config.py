@@ -427,9 +427,9 @@ class TrainConfig:
     """``None``: the method's default (1e-3 for PEFT methods, 1e-4 for full fine-tuning)."""
     peft_lr: Optional[float] = None
     """The learning rate of the PEFT method's own weights (every parameter of ``model.peft``: adapters,
-    Hyperformer, Compacter, LoRA, prompts); the layer norms, the visual projection and any backbone
-    weights keep ``train.lr``. ``None``: ``train.lr`` for everything, as the paper trains. Both follow
-    the same warm-up and decay."""
+    Hyperformer, Compacter, LoRA's A and B, prompts); the layer norms, the visual projection and any backbone
+    weights (LoRA's trained q/v biases too: they are the backbone's) keep ``train.lr``. ``None``: ``train.lr``
+    for everything, as the paper trains. Both follow the same warm-up and decay."""
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -149,7 +150,7 @@ def _value(v) -> str:
 def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 0, steps: Optional[int] = None,
                   extra: Sequence[str] = (), preset: str = MINI_PRESET) -> list[str]:
     """Every ``key=value`` a row's training gets on top of ``preset`` (output_dir excluded)."""
-    from vlscale.config import load_config, parse_overrides
+    from vlscale.config import ConfigError, load_config, parse_overrides
     from vlscale.modeling.backbones import lm_config
 
     base = load_config(preset, list(extra))
@@ -157,7 +158,13 @@ def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 
     peft = scale_peft_widths(paper, lm_config(base.model.backbone).d_model)
     out = [f"peft.{k}={_value(v)}" for k, v in peft.items()]
     out += list(row.switches)
-    switched = load_config(preset, list(extra) + out)
+    try:
+        switched = load_config(preset, list(extra) + out)
+    except ConfigError as e:
+        if not extra:
+            raise
+        raise ReplicationError(f"row {row.name!r} with --set {' --set '.join(extra)}: {e} (--set applies to every "
+                               f"row; leave this one out of --methods)") from e
     if switched.model.feature_source == "cache":
         if not feature_cache:
             raise ReplicationError(f"row {row.name!r} trains on cached CLIP features; a feature cache is needed")
@@ -223,6 +230,77 @@ def updated_params(cfg) -> dict:
 def uses_cache(overrides: Sequence[str], preset: str = MINI_PRESET) -> bool:
     return row_config([o for o in overrides if not o.startswith("data.feature_cache=")], preset).model.feature_source \
         == "cache"
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def parse_seeds(text) -> list[int]:
+    """``--seed``: one seed (``3``), several (``0,1,2``) or ranges (``0-4``, ``0-2,7``); each once, in that order."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if not lo or first < 0 or last < first:
+                raise ValueError(part)
+        except ValueError:
+            raise ReplicationError(f"--seed {text}: {part!r} is not a seed (an integer >= 0) or a range a-b with a <= b; "
+                                   f"e.g. --seed 0, --seed 0,1,2, --seed 0-4") from None
+        for seed in range(first, last + 1):
+            if seed in seeds:
+                raise ReplicationError(f"--seed {text}: seed {seed} is given twice")
+            seeds.append(seed)
+    return seeds
+
+
+def seed_dir(out: Path, seed: int, seeds: Sequence[int]) -> Path:
+    """Where one seed's rows go (``runs/<row>/``, its own results.json and table): ``out`` itself for one seed,
+    ``out/seed<S>`` for several (``out`` then holds the table over the seeds)."""
+    return Path(out) if len(seeds) == 1 else Path(out) / f"seed{seed}"
+
+
+def check_layout(out: Path, seeds: Sequence[int]) -> None:
+    """One ``--out`` holds either one seed's replication (``runs/``) or several seeds' (``seed<S>/runs/``):
+    a table over seeds must not take in rows of a one-seed run there, nor the reverse."""
+    out = Path(out)
+    several = sorted(p.name for p in out.glob("seed*") if (p / "runs").is_dir())
+    if len(seeds) == 1 and several:
+        raise ReplicationError(f"{out} holds a replication over several seeds ({', '.join(several)}); pass those "
+                               f"seeds to --seed to add to it, or choose another --out for one seed")
+    if len(seeds) > 1 and (out / "runs").is_dir():
+        raise ReplicationError(f"{out} holds a one-seed replication ({out / 'runs'}); choose another --out for "
+                               f"several seeds")
+
+
+SUMMARY_KEYS = ("label", "peft_preset", "updated_pct", "updated_pct_without_vision", "updated_pct_with_vision",
+                "trainable_params", "total_params")
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> tuple[dict[str, dict], list[str]]:
+    """{seed: {row: result}} -> ({row: its mean over the seeds}, rows missing from some seed's results).
+
+    A row's entry keeps results.json's keys (``scores``: each task's mean; ``avg``: the mean average) and adds
+    ``avg_sd`` (the sample standard deviation of the average over the seeds), ``scores_sd`` and ``avg_by_seed``.
+    Only rows every seed finished are averaged."""
+    seeds = list(per_seed)
+    names = [n for n in per_seed[seeds[0]] if all(n in per_seed[s] for s in seeds)]
+    partial = sorted({n for s in seeds for n in per_seed[s]} - set(names))
+    out = {}
+    for name in names:
+        rs = [per_seed[s][name] for s in seeds]
+        tasks = [t for t in rs[0]["scores"] if all(t in r["scores"] for r in rs)]
+        avgs = [r["avg"] for r in rs]
+
+        def sd(values):
+            return statistics.stdev(values) if len(values) > 1 else 0.0
+
+        out[name] = {**{k: rs[0][k] for k in SUMMARY_KEYS if k in rs[0]},
+                     "scores": {t: statistics.mean(r["scores"][t] for r in rs) for t in tasks},
+                     "scores_sd": {t: sd([r["scores"][t] for r in rs]) for t in tasks},
+                     "avg": statistics.mean(avgs), "avg_sd": sd(avgs),
+                     "avg_by_seed": {str(s): a for s, a in zip(seeds, avgs)}}
+    return out, partial
 
 
 # ----------------------------------------------------------------------------- results
@@ -296,8 +374,12 @@ def paper_claims(table: Table, results: dict) -> list[dict]:
         if {"single_adapter", "full_ft"} <= avg.keys():
             ratio = avg["single_adapter"] / avg["full_ft"] if avg["full_ft"] else float("nan")
             pct = results["single_adapter"]["updated_pct"]
+            by_seed = [(s, a, results["full_ft"].get("avg_by_seed", {}).get(s))
+                       for s, a in results["single_adapter"].get("avg_by_seed", {}).items()]
+            seeds = "; per seed " + ", ".join(f"{100 * a / f:.1f}%" for _, a, f in by_seed) if by_seed and all(
+                f for *_, f in by_seed) else ""
             claim("single adapter >= 97% of full fine-tuning's average, < 10% parameters updated",
-                  f"{100 * ratio:.1f}% of full FT at {pct:.2f}% updated", ratio >= 0.97 and pct < 10.0)
+                  f"{100 * ratio:.1f}% of full FT at {pct:.2f}% updated{seeds}", ratio >= 0.97 and pct < 10.0)
         adapters = [n for n in ADAPTER_ROWS if n in avg]
         prompts = [n for n in PROMPT_ROWS if n in avg]
         if adapters and prompts:
@@ -328,7 +410,7 @@ def markdown_table(table: Table, results: dict, notes: Sequence[str] = ()) -> st
             continue
         cells = [f"{row.label} (`{row.name}`)", f"{r['updated_pct']:.2f}"]
         cells += [f"{r['scores'][t]:.2f}" if t in r["scores"] else "-" for t in tasks]
-        cells.append(f"{r['avg']:.2f}")
+        cells.append(f"{r['avg']:.2f}" + (f" ± {r['avg_sd']:.2f}" if "avg_sd" in r else ""))
         lines.append("| " + " | ".join(cells) + " |")
     checks = paper_claims(table, results)
     if checks:
@@ -354,8 +436,13 @@ def plot(table: Table, results: dict, path: Path) -> Optional[str]:
     colours, markers = plt.get_cmap("tab20").colors, "osD^vPX*"
     for i, row in enumerate(r for r in table.rows if r.name in results):
         r = results[row.name]
+        spread = f" ± {r['avg_sd']:.1f}" if "avg_sd" in r else ""
         ax.scatter(r["updated_pct"], r["avg"], s=40, color=colours[i % len(colours)], marker=markers[i % len(markers)],
-                   label=f"{row.name} ({r['updated_pct']:.2f} %, {r['avg']:.1f})", edgecolors="black", linewidths=0.4)
+                   label=f"{row.name} ({r['updated_pct']:.2f} %, {r['avg']:.1f}{spread})", edgecolors="black",
+                   linewidths=0.4, zorder=3)
+        if "avg_sd" in r:
+            ax.errorbar(r["updated_pct"], r["avg"], yerr=r["avg_sd"], fmt="none", ecolor=colours[i % len(colours)],
+                        capsize=3, linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("updated parameters (%, log scale)")
     ax.set_ylabel("average test score")
@@ -376,11 +463,16 @@ def write_json(path: Path, data) -> None:
 
 def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:
     """results.json, table<N>.md and table<N>.png in ``out``; -> {name: path or note}."""
-    notes = [f"Miniature: preset `{MINI_PRESET}`, {meta.get('steps')} steps per training, seed {meta.get('seed')}, "
+    seeds = meta.get("seeds")
+    seed = (f"seeds {', '.join(map(str, seeds))} (the mean over them; Avg ± the sample standard deviation of the "
+            f"average over the seeds; each seed's table in seed<S>/)") if seeds else f"seed {meta.get('seed')}"
+    notes = [f"Miniature: preset `{MINI_PRESET}`, {meta.get('steps')} steps per training, {seed}, "
              f"test split ({meta.get('test_examples')} examples per task); scores are each task's metric x 100."
              if meta.get("steps") else None,
              "Updated params: trainable / all parameters" + (" including CLIP's." if table.count_vision else
                                                              " except CLIP's (features precomputed).")]
+    if meta.get("partial_rows"):
+        notes.append(f"Left out: {', '.join(meta['partial_rows'])} (not finished for every seed).")
     for inv in meta.get("invocations", []):
         if inv.get("rows_run_now"):
             notes.append(f"`{inv['command']}`: {inv['elapsed_s'] / 60:.1f} min wall, {inv.get('parallel')} trainings at "
@@ -412,7 +504,13 @@ class Job:
     log: Optional[Path] = None
     cpu_s: float = 0.0
     """CPU seconds (user + system) of the job's finished commands."""
+    seed: Optional[int] = None
+    """Set where the replication runs several seeds: the job is named ``<row> (seed S)``."""
     _log_file: object = None
+
+    @property
+    def name(self) -> str:
+        return self.row.name if self.seed is None else f"{self.row.name} (seed {self.seed})"
 
 
 def python_cmd(script: str, *args: str) -> list[str]:
@@ -593,16 +691,16 @@ def default_parallel(threads: int = 1) -> int:
 def run_status(job: Job) -> str:
     """One short status of a running job: its training step and loss, or its phase."""
     if job.phase != "train":
-        return f"{job.row.name}: {job.phase}"
+        return f"{job.name}: {job.phase}"
     log = job.run_dir / "train_log.jsonl"
     try:
         with open(log, "rb") as f:
             f.seek(max(0, log.stat().st_size - 400))
             last = f.read().decode(errors="ignore").strip().splitlines()[-1]
         rec = json.loads(last)
-        return f"{job.row.name}: step {rec['step']} loss {rec['loss']:.3f}"
+        return f"{job.name}: step {rec['step']} loss {rec['loss']:.3f}"
     except (OSError, IndexError, ValueError, KeyError):
-        return f"{job.row.name}: starting"
+        return f"{job.name}: starting"
 
 
 def tail(path: Optional[Path], n: int = 15) -> str:
@@ -646,10 +744,10 @@ class Runner:
         try:
             self.on_done(job)
             job.phase = "done"
-            msg = f"{job.row.name}: done"
+            msg = f"{job.name}: done"
         except Exception as e:  # a bad result must not stop the other rows
             job.phase, job.error = "failed", f"{type(e).__name__}: {e}"
-            msg = f"{job.row.name}: FAILED collecting the result: {job.error}"
+            msg = f"{job.name}: FAILED collecting the result: {job.error}"
         self.running.remove(job)
         if bar is not None:
             bar.update(1)
@@ -676,7 +774,7 @@ class Runner:
                     self.running.append(job)
                     if job.commands:
                         self._start_next_command(job)
-                        note = f"{job.row.name}: {job.phase} started (log {job.log})"
+                        note = f"{job.name}: {job.phase} started (log {job.log})"
                         bar.write(note) if bar is not None else self.echo(note)
                 for job in list(self.running):
                     if job.proc is None:  # nothing left to run: collect
@@ -690,7 +788,7 @@ class Runner:
                     if rc != 0:
                         job.phase, job.error = "failed", f"{job.log.name} exited with {rc}"
                         self.running.remove(job)
-                        msg = f"{job.row.name}: FAILED ({job.error}); last lines of {job.log}:\n{tail(job.log)}"
+                        msg = f"{job.name}: FAILED ({job.error}); last lines of {job.log}:\n{tail(job.log)}"
                         bar.write(msg) if bar is not None else self.echo(msg)
                         if bar is not None:
                             bar.update(1)

@@ -8,6 +8,7 @@ Markdown table / the PNG, then reruns the command to check that finished rows ar
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from vlscale.config import load_config, save_config
-from vlscale.replicate import (TABLE1_METHODS, TABLES, ReplicationError, Row, average, get_table, headline_scores,
-                               markdown_table, paper_claims, plan_job, row_config, row_overrides, scale_peft_widths,
-                               select_rows, updated_params)
+from vlscale.replicate import (TABLE1_METHODS, TABLES, ReplicationError, Row, aggregate_seeds, average, get_table,
+                               headline_scores, markdown_table, paper_claims, parse_seeds, plan_job, row_config,
+                               row_overrides, scale_peft_widths, seed_dir, select_rows, updated_params)
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "vlscale" / "assets" / "backbones"
@@ -74,6 +75,12 @@ def test_row_overrides_take_the_paper_peft_section_and_the_row_switches():
         row_overrides(t1["single_adapter"])
     with pytest.raises(ReplicationError, match="--set train.seed"):
         row_overrides(t1["single_adapter"], feature_cache="/c", extra=["train.seed=5"])
+    # a --set that only some rows take (the PEFT weights' own rate): the row that cannot is named
+    tuned = row_config(row_overrides(t1["single_adapter"], feature_cache="/c", extra=["train.peft_lr=3e-3"]))
+    assert (tuned.lr, tuned.train.peft_lr) == (pytest.approx(1e-3), pytest.approx(3e-3))
+    with pytest.raises(ReplicationError, match=r"row 'full_ft' with --set train\.peft_lr=3e-3: .*peft\.method=none "
+                                               r".*leave this one out of --methods"):
+        row_overrides(t1["full_ft"], feature_cache="/c", extra=["train.peft_lr=3e-3"])
 
 
 def test_parameter_regime_of_the_miniature():
@@ -207,11 +214,11 @@ def test_a_trained_row_is_not_evaluated_or_collected_under_other_settings(tmp_pa
         plan_job(row, ov, run)
 
 
-def _finished(out: Path, name: str, overrides: list[str]) -> None:
+def _finished(out: Path, name: str, overrides: list[str], scores: dict | None = None) -> None:
     """A row's result.json as launchers/replicate.py writes it (the scores made up)."""
     from vlscale.replicate import backbone_fingerprint, write_json
 
-    scores = {"vqa": 50.0, "gqa": 40.0, "nlvr2": 50.0, "caption": 100.0}
+    scores = scores or {"vqa": 50.0, "gqa": 40.0, "nlvr2": 50.0, "caption": 100.0}
     write_json(out / "runs" / name / "result.json",
                {"label": name, "updated_pct": 5.0, "scores": scores, "avg": average(scores), "overrides": overrides,
                 "backbones": backbone_fingerprint(row_config(overrides))})
@@ -266,6 +273,87 @@ def test_an_interrupted_row_under_other_steps_is_refused_before_anything_runs(tm
     assert f"replicate: row single_adapter: the interrupted training (checkpoint step2) in {run} ran with other " \
            f"settings: train.max_steps=3, this run gives train.max_steps=5" in err
     assert not (out / "features").exists() and not (run / "train.log").exists()  # nothing started
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+def test_seeds_are_parsed_and_named_when_wrong():
+    assert parse_seeds("3") == [3] and parse_seeds(4) == [4]
+    assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2]
+    assert parse_seeds("5, 0-1") == [5, 0, 1]
+    for bad, said in (("x", "'x' is not a seed"), ("-1", "'-1' is not a seed"), ("3-1", "'3-1' is not a seed"),
+                      ("0,,1", "'' is not a seed"), ("0-2,1", "seed 1 is given twice")):
+        with pytest.raises(ReplicationError, match=f"--seed {re.escape(bad)}: {re.escape(said)}"):
+            parse_seeds(bad)
+    assert seed_dir(Path("/o"), 3, [3]) == Path("/o") and seed_dir(Path("/o"), 3, [1, 3]) == Path("/o/seed3")
+
+
+def test_rows_over_seeds_are_averaged_with_their_spread():
+    def r(avg, **scores):
+        return {"label": "x", "updated_pct": 7.4, "scores": scores, "avg": avg, "overrides": ["o"], "cpu_seconds": 1}
+
+    per_seed = {0: {"full_ft": r(200.0, vqa=60.0, gqa=340.0), "single_adapter": r(190.0, vqa=50.0, gqa=330.0),
+                    "single_prompt": r(10.0, vqa=0.0, gqa=20.0)},
+                1: {"full_ft": r(220.0, vqa=80.0, gqa=360.0), "single_adapter": r(216.0, vqa=72.0, gqa=360.0)}}
+    rows, partial = aggregate_seeds(per_seed)
+    assert list(rows) == ["full_ft", "single_adapter"] and partial == ["single_prompt"]
+    single = rows["single_adapter"]
+    assert single["scores"] == {"vqa": 61.0, "gqa": 345.0} and single["avg"] == 203.0
+    assert single["avg_sd"] == pytest.approx(18.384776, rel=1e-6)  # the sample sd of 190 and 216
+    assert single["scores_sd"]["vqa"] == pytest.approx(15.556349, rel=1e-6)
+    assert single["avg_by_seed"] == {"0": 190.0, "1": 216.0}
+    assert single["updated_pct"] == 7.4 and "overrides" not in single and "cpu_seconds" not in single
+    md = markdown_table(TABLES[1], rows)
+    assert "| Single Adapter (`single_adapter`) | 7.40 | 61.00 | 345.00 | 203.00 ± 18.38 |" in md
+    # the claim on the means (203 / 210 = 96.7 %), each seed's ratio beside it
+    (claim,) = [c for c in paper_claims(TABLES[1], rows) if "97%" in c["claim"]]
+    assert claim["value"] == "96.7% of full FT at 7.40% updated; per seed 95.0%, 98.2%" and not claim["holds"]
+    assert aggregate_seeds({4: per_seed[0]})[0]["single_adapter"]["avg_sd"] == 0.0
+
+
+@needs_assets
+def test_a_replication_over_seeds_tabulates_each_seed_and_their_mean(tmp_path, launcher, capsys):
+    """Rows finished under --out/seed<S>/ (no training here): each seed's table in its folder, the table over
+    the seeds in --out; a seed not yet run is planned beside the finished ones; one --out does not mix a
+    one-seed replication with one over seeds."""
+    t1 = {r.name: r for r in TABLES[1].rows}
+    out = tmp_path / "table1"
+    cache = str(out / "features")
+    for seed, (full, single) in {0: (200.0, 188.0), 1: (240.0, 236.0)}.items():
+        for name, avg in (("full_ft", full), ("single_adapter", single)):
+            _finished(out / f"seed{seed}", name, row_overrides(t1[name], feature_cache=cache, seed=seed, steps=3),
+                      {"vqa": avg, "gqa": avg})
+    replicate = launcher("replicate")
+    args = ["--table", "1", "--methods", "full_ft,single_adapter", "--steps", "3", "--out", str(out), "--no-progress"]
+    assert replicate.main(args + ["--seed", "0-1"]) == 0, capsys.readouterr().err[-3000:]
+    printed = capsys.readouterr().out
+    assert "2 rows x 2 seeds (4 already done)" in printed and "0 of 4 trainings run now" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0, 1] and data["partial_rows"] == []
+    single = data["methods"]["single_adapter"]
+    assert (single["avg"], single["avg_by_seed"]) == (212.0, {"0": 188.0, "1": 236.0})
+    assert single["avg_sd"] == pytest.approx(33.941125, rel=1e-6)
+    assert "| Single Adapter (`single_adapter`) | 5.00 | 212.00 | 212.00 | 212.00 ± 33.94 |" in \
+        (out / "table1.md").read_text()
+    assert "per seed 94.0%, 98.3%" in data["paper_claims"][0]["value"]
+    for seed, avg in ((0, 188.0), (1, 236.0)):  # each seed's own table, as a one-seed run writes it
+        own = json.loads((out / f"seed{seed}" / "results.json").read_text())
+        assert own["seed"] == seed and own["methods"]["single_adapter"]["avg"] == avg
+        assert (out / f"seed{seed}" / "table1.md").exists()
+    # another seed: planned (trained), the finished ones kept
+    assert replicate.main(args + ["--seed", "0-2", "--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in plan] == [f"{n} (seed {s})" for s in (0, 1, 2) for n in
+                                                      ("full_ft", "single_adapter")]
+    assert [("done: its result is kept" in line) for line in plan] == [True] * 4 + [False] * 2
+    assert f"output_dir={out / 'seed2' / 'runs' / 'single_adapter'}" in plan[-1] and "train.seed=2" in plan[-1]
+    # one seed into a folder of several, and several into a one-seed folder: refused
+    assert replicate.main(args + ["--seed", "0"]) == 2
+    assert "holds a replication over several seeds (seed0, seed1)" in capsys.readouterr().err
+    _finished(tmp_path / "one", "single_adapter", row_overrides(t1["single_adapter"], feature_cache=cache, steps=3))
+    assert replicate.main(["--table", "1", "--methods", "single_adapter", "--out", str(tmp_path / "one"),
+                           "--seed", "0,1", "--steps", "3"]) == 2
+    assert "holds a one-seed replication" in capsys.readouterr().err
 
 
 def test_rows_run_as_their_own_jobs(monkeypatch):

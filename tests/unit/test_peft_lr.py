@@ -57,7 +57,8 @@ def test_the_peft_weights_and_only_they_train_at_peft_lr(sharing):
     assert logged_lr_groups(plain) == {"lr": 0}
 
 
-@pytest.mark.parametrize("extra", [[], ["train.peft_lr=3e-3"], ["peft.sharing=multiple", "train.peft_lr=3e-3"]])
+@pytest.mark.parametrize("extra", [[], ["train.peft_lr=3e-3"], ["peft.sharing=multiple", "train.peft_lr=3e-3"],
+                                   ["model.backbone=tiny-bart", "peft.method=lora", "train.peft_lr=3e-3"]])
 def test_the_memory_model_groups_the_parameters_as_the_engine_does(extra):
     """The optimizer state's padding and Adam's temporaries are per group: the profiler's groups must be
     the engine's, element for element."""
