@@ -283,6 +283,9 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> tuple[dict[str, dic
     A row's entry keeps results.json's keys (``scores``: each task's mean; ``avg``: the mean average) and adds
     ``avg_sd`` (the sample standard deviation of the average over the seeds), ``scores_sd`` and ``avg_by_seed``.
     Only rows every seed finished are averaged."""
+    def sd(values):
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
     seeds = list(per_seed)
     names = [n for n in per_seed[seeds[0]] if all(n in per_seed[s] for s in seeds)]
     partial = sorted({n for s in seeds for n in per_seed[s]} - set(names))
@@ -291,10 +294,6 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict]]) -> tuple[dict[str, dic
         rs = [per_seed[s][name] for s in seeds]
         tasks = [t for t in rs[0]["scores"] if all(t in r["scores"] for r in rs)]
         avgs = [r["avg"] for r in rs]
-
-        def sd(values):
-            return statistics.stdev(values) if len(values) > 1 else 0.0
-
         out[name] = {**{k: rs[0][k] for k in SUMMARY_KEYS if k in rs[0]},
                      "scores": {t: statistics.mean(r["scores"][t] for r in rs) for t in tasks},
                      "scores_sd": {t: sd([r["scores"][t] for r in rs]) for t in tasks},
