@@ -130,22 +130,31 @@ def main(argv=None) -> int:
 
         plans = {(seed, r.name): overrides(r, seed) for seed in seeds for r in rows}
         configs = {key: row_config(ov) for key, ov in plans.items()}
-        fingerprints = {name: backbone_fingerprint(configs[(seeds[0], name)]) for name in (r.name for r in rows)}
+        fingerprints = {}  # a row's backbone weights (hashed from their files once): the same for every seed
+
+        def fingerprint(row, cfg):
+            if row.name not in fingerprints:
+                fingerprints[row.name] = backbone_fingerprint(cfg)
+            return fingerprints[row.name]
+
+        def config_of(job):
+            return configs[(seeds[0] if job.seed is None else job.seed, job.row.name)]
+
         jobs = []
         for seed in seeds:
             for r in rows:
                 job = plan_job(r, plans[(seed, r.name)], seed_dir(out, seed, seeds) / "runs" / r.name,
-                               fingerprints[r.name], dry_run=args.dry_run)
+                               fingerprint(r, configs[(seed, r.name)]), dry_run=args.dry_run)
                 job.seed = seed if len(seeds) > 1 else None
                 jobs.append(job)
             for r in table.rows:  # rows finished earlier stay in the table: only if made with this run's settings
                 run_dir = seed_dir(out, seed, seeds) / "runs" / r.name
                 if r not in rows and (run_dir / RESULT_FILE).exists():
                     ov = overrides(r, seed)
-                    check_result(r, ov, run_dir, backbone_fingerprint(row_config(ov)), kept=True)
+                    check_result(r, ov, run_dir, fingerprint(r, row_config(ov)), kept=True)
         if args.dry_run:
             for job in jobs:
-                cfg = configs[(job.seed if job.seed is not None else seeds[0], job.row.name)]
+                cfg = config_of(job)
                 counts = updated_params(cfg)
                 said = {"done": "done: its result is kept", "collect": "trained and evaluated: its result is collected"}
                 log(f"{job.name}: updated {counts['updated_pct']:.2f}% (with CLIP "
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
     needs_cache = [j for j in todo if j.commands and any(c[0] == "train" for c in j.commands) and uses_cache(j.overrides)]
     if needs_cache:
         make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
-                           backbone_fingerprint(row_config(needs_cache[0].overrides), vision_only=True), log)
+                           backbone_fingerprint(config_of(needs_cache[0]), vision_only=True), log)
 
     # --- train and evaluate
     def on_done(job):

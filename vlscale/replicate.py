@@ -373,10 +373,10 @@ def paper_claims(table: Table, results: dict) -> list[dict]:
         if {"single_adapter", "full_ft"} <= avg.keys():
             ratio = avg["single_adapter"] / avg["full_ft"] if avg["full_ft"] else float("nan")
             pct = results["single_adapter"]["updated_pct"]
-            by_seed = [(s, a, results["full_ft"].get("avg_by_seed", {}).get(s))
-                       for s, a in results["single_adapter"].get("avg_by_seed", {}).items()]
-            seeds = "; per seed " + ", ".join(f"{100 * a / f:.1f}%" for _, a, f in by_seed) if by_seed and all(
-                f for *_, f in by_seed) else ""
+            full_by_seed = results["full_ft"].get("avg_by_seed", {})
+            by_seed = [(a, full_by_seed.get(s)) for s, a in results["single_adapter"].get("avg_by_seed", {}).items()]
+            seeds = "; per seed " + ", ".join(f"{100 * a / f:.1f}%" for a, f in by_seed) \
+                if by_seed and all(f for _, f in by_seed) else ""
             claim("single adapter >= 97% of full fine-tuning's average, < 10% parameters updated",
                   f"{100 * ratio:.1f}% of full FT at {pct:.2f}% updated{seeds}", ratio >= 0.97 and pct < 10.0)
         adapters = [n for n in ADAPTER_ROWS if n in avg]
