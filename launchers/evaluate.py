@@ -18,7 +18,9 @@ files moved), which are checked against the fingerprint the run's checkpoint rec
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the data settings they come from: a report there of the same
 adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults to
-``<adapter's parent>/eval_<split>``. Prints the per-task scores.
+``<adapter's parent>/eval_<split>``. Prints the per-task scores. A ``DIR`` holding a training run's output or
+``--predict-only``'s (and, for ``--predict-only``, an evaluation's) is refused before anything is built: its files
+stay as they are (``output_clash``).
 
 ``--deepspeed FILE`` builds the model as training does (ZeRO-3: under ``zero.Init``, the pretrained frozen
 weights loaded shard by shard, so no rank materialises the whole model) and evaluates with synced-rank
@@ -239,6 +241,11 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.modeling.vl_model import build_model
 
     cfg, meta = load_run_config(args.adapter, args.overrides)
+    kind = "predict" if args.predict_only else "eval"
+    out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"{kind}_{args.split}"
+    clash = output_clash(out, args.predict_only)
+    if clash:
+        raise ValueError(clash)
     if args.no_progress:
         import transformers
 
@@ -283,8 +290,6 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         problem = frozen_weights_problem(model, args.adapter, meta, device)
         if problem:
             raise ValueError(problem)
-    kind = "predict" if args.predict_only else "eval"
-    out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"{kind}_{args.split}"
     # --- evaluate
     scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
                       float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",
@@ -301,6 +306,24 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")
     return 0
+
+
+def output_clash(out: Path, predict_only: bool) -> str | None:
+    """Why ``out`` must not take this command's ``predictions/``, or None. It refuses a training run's output_dir
+    (its predictions/ belong to the metrics.json beside them) and the other mode's folder: ``--predict-only``
+    into an evaluation's (its eval_metrics.json would no longer match the predictions) and an evaluation into
+    ``--predict-only``'s (its submission/ would no longer match them). The same mode again replaces its files,
+    as a rerun should."""
+    for name in ("run_summary.json", "train_log.jsonl", "checkpoints"):
+        if (out / name).exists():
+            return (f"--out {out} holds a training run ({out / name}); its predictions/ belong to that run's "
+                    f"metrics.json and would be overwritten: choose another --out")
+    other = out / ("eval_metrics.json" if predict_only else "submission")
+    if other.exists():
+        mode, this = ("an evaluation", "--predict-only") if predict_only else ("--predict-only", "an evaluation")
+        return (f"--out {out} holds the output of {mode} ({other}), which {this} would make stale by replacing "
+                f"its predictions/: choose another --out")
+    return None
 
 
 def exit_after_error(code: int) -> None:

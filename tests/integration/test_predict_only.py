@@ -119,6 +119,28 @@ def test_predict_only_writes_the_normal_evaluations_predictions_and_the_submissi
                        {"image_id": 73, "caption": answer["caption"]["COCO_val2014_000000000073"]}]
 
 
+def test_an_out_folder_holding_other_output_is_refused_and_kept(setup, launcher, tmp_path):
+    """--out never makes another command's files stale: --predict-only into an evaluation's folder (its
+    eval_metrics.json was scored on the predictions/ there), an evaluation into --predict-only's (its submission/),
+    either into a training run's output_dir; the same mode again replaces its own files, as a rerun should."""
+    labelled, unlabelled, run = setup
+    scored, pred = tmp_path / "eval", tmp_path / "pred"
+    assert evaluate(launcher, run, labelled, scored, "--tasks", "vqa") == 0
+    assert evaluate(launcher, run, unlabelled, pred, "--tasks", "vqa", "--predict-only") == 0
+    before = {p: p.read_bytes() for p in (*scored.rglob("*"), *pred.rglob("*"), *run.rglob("*")) if p.is_file()}
+    with pytest.raises(ValueError, match=rf"--out {scored} holds the output of an evaluation \({scored}/eval_metrics"
+                                         r"\.json\), which --predict-only would make stale"):
+        evaluate(launcher, run, unlabelled, scored, "--tasks", "vqa", "--predict-only")
+    with pytest.raises(ValueError, match=rf"--out {pred} holds the output of --predict-only \({pred}/submission\)"):
+        evaluate(launcher, run, labelled, pred, "--tasks", "vqa")
+    for mode in ((), ("--predict-only",)):
+        with pytest.raises(ValueError, match=rf"--out {run} holds a training run \({run}/run_summary\.json\); "
+                                             r"its predictions/ belong to that run's metrics\.json"):
+            evaluate(launcher, run, labelled, run, "--tasks", "vqa", *mode)
+    assert {p: p.read_bytes() for p in before} == before
+    assert evaluate(launcher, run, labelled, scored, "--tasks", "vqa") == 0  # a rerun into its own folder
+
+
 def test_an_unlabelled_split_is_refused_without_the_flag_and_for_training(setup, launcher, tmp_path):
     labelled, unlabelled, run = setup
     with pytest.raises(DataError, match=r"karpathy_val\.json: record 0 \(id 73001\): key 'label' is missing \(.*"
