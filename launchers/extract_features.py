@@ -239,16 +239,18 @@ def hf_jobs(args):
     for col in (*columns, args.id_column):
         if col and col not in ds.column_names:
             raise DataError(f"--hf-dataset {name}: no column {col!r}; columns: {ds.column_names}")
-    # rows without an image: training's loader refuses them ("has no image"), or skips them with
-    # data.skip_bad_records=true; here the same, with --skip-bad-records
-    no_image = rows_without_image(ds, columns)
+    # rows without an image (or naming an image file that is not there): training's loader refuses them, or skips
+    # them with data.skip_bad_records=true; here the same, with --skip-bad-records
+    base = Path(args.hf_dataset).expanduser()
+    base = base if base.is_dir() else None
+    no_image = rows_without_image(ds, columns, base_dir=base)
     if no_image and not args.skip_bad_records:
-        row, col = no_image[0]
-        raise DataError(f"--hf-dataset {name}: row {row}, column {col!r} has no image ({len(no_image)} such "
-                        f"row(s), first {[r for r, _ in no_image[:5]]}); skip them with --skip-bad-records "
+        row, col, why = no_image[0]
+        raise DataError(f"--hf-dataset {name}: row {row}, column {col!r} {why} ({len(no_image)} such "
+                        f"row(s), first {[r for r, _, _ in no_image[:5]]}); skip them with --skip-bad-records "
                         "(and train with data.skip_bad_records=true)")
-    skipped = [(row, f"column {col!r} has no image") for row, col in no_image]
-    bad_rows = {row for row, _ in no_image}
+    skipped = [(row, f"column {col!r} {why}") for row, col, why in no_image]
+    bad_rows = {row for row, _, _ in no_image}
     locations: dict = {}
     if args.id_column:  # training's image_id role: rows sharing an image share its id, extracted once
         for row, value in enumerate(ds.select_columns([args.id_column])[args.id_column]):
@@ -270,8 +272,7 @@ def hf_jobs(args):
     if not locations:
         raise DataError(f"--hf-dataset {name}: none of its {len(ds)} rows has an image to extract"
                         + (f" (first skipped: row {skipped[0][0]}, {skipped[0][1]})" if skipped else ""))
-    base = Path(args.hf_dataset).expanduser()
-    source = HFImageSource(ds, locations, name, base if base.is_dir() else None)
+    source = HFImageSource(ds, locations, name, base)
     return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped}
 
 

@@ -581,11 +581,20 @@ def test_hf_unreadable_images_name_dataset_split_row_and_column(tmp_path):
     with pytest.raises(DataError, match=r"as_image\[validation\]: row 1, column 'image'"):
         load_hf_examples("gqa", as_image, "val", cols)[1]["val/1"]
     paths = _hf_dict(tmp_path / "paths", dict(rows, image=["/nonexistent/a.png"] * 2))
-    with pytest.raises(DataFileNotFound, match=r"paths\[train\]: row 0, column 'image' .*'/nonexistent/a\.png', which "
+    # a path to no file is found when the split is read (test_hf_image_files_that_are_not_there_...)
+    with pytest.raises(RecordError, match=r"paths\[train\]: row 0: key 'image' holds '/nonexistent/a\.png', which "
+                                          r"is neither image data nor an existing image file"):
+        load_hf_examples("gqa", paths, "train", cols)
+    with pytest.raises(RecordError, match=r"paths\[train\]: row 0: key 'q' holds 'a\?', which is neither"):
+        load_hf_examples("gqa", paths, "train", dict(cols, image="q"))
+    real = str(sorted((FIXTURES / "real_data" / "gqa" / "images").glob("*.jpg"))[0])
+    moved = _hf_dict(tmp_path / "moved", dict(rows, image=[real, real + ".gone"]))
+    ex, src = load_hf_examples("gqa", moved, "train", cols, skip_bad_records=True)
+    assert ex.skipped == 1 and src["train/0"].ndim == 3
+    src.locations["train/1"] = (1, "image")  # a file gone after the split was read: named when it is decoded
+    with pytest.raises(DataFileNotFound, match=r"moved\[train\]: row 1, column 'image' .*\.gone', which "
                                                r"is neither image data nor an existing image file"):
-        load_hf_examples("gqa", paths, "train", cols)[1]["train/0"]
-    with pytest.raises(DataFileNotFound, match=r"paths\[train\]: row 1, column 'q' .*holds 'b\?', which is neither"):
-        load_hf_examples("gqa", paths, "train", dict(cols, image="q"))[1]["train/1"]
+        src["train/1"]
 
 
 @pytest.mark.parametrize("kind", ["struct", "string", "binary"])
@@ -612,8 +621,41 @@ def test_hf_rows_without_image_are_the_rows_training_skips(tmp_path, kind):
     ds = datasets.load_from_disk(hf)["train"]
     for batch_size in (4, 10_000):
         assert rows_without_image(ds, ["image"], batch_size=batch_size) == [
-            (r, "image") for r in range(n) if r not in kept]
+            (r, "image", "has no image") for r in range(n) if r not in kept]
     assert ex.skipped == n - len(kept) and 0 < ex.skipped < n
+
+
+@pytest.mark.parametrize("cell", ["string", "struct"])
+def test_hf_image_files_that_are_not_there_are_found_when_the_split_is_read(tmp_path, monkeypatch, cell):
+    """A path cell naming a missing file is refused when the split is read (not when a batch reaches it, after
+    training), naming the row, column and the places looked at; data.skip_bad_records drops and counts it, and
+    extract_features' scan (``rows_without_image``) finds the same rows."""
+    import datasets
+    from PIL import Image
+
+    from vlscale.data.hf_dataset import load_hf_examples, rows_without_image
+
+    (tmp_path / "images").mkdir()
+    for i in (0, 2):
+        Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    as_cell = (lambda p: p) if cell == "string" else (lambda p: {"bytes": None, "path": p})
+    rows = [{"img": as_cell(f"../images/{i}.png"), "q": f"q{i}?", "a": "x"} for i in range(3)]
+    (ds / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cols = {"image": "img", "question": "q", "answer": "a"}
+    with pytest.raises(RecordError, match=r"ds\[train\]: row 1: key 'img' holds '\.\./images/1\.png', which is "
+                                          r"neither image data nor an existing image file \(looked for .*ds/\.\./images/"
+                                          r"1\.png and "):
+        load_hf_examples("gqa", str(ds), "train", cols)
+    ex, src = load_hf_examples("gqa", str(ds), "train", cols, skip_bad_records=True)
+    assert [e.extra["row"] for e in ex] == [0, 2] and ex.skipped == 1
+    assert src["train/2"].shape == (6, 6, 3) and "train/1" not in src
+    split = datasets.load_dataset("json", data_files=str(ds / "train.jsonl"), split="train")
+    [(row, column, why)] = rows_without_image(split, ["img"], base_dir=ds)
+    assert (row, column) == (1, "img") and why.startswith("holds '../images/1.png', which is neither image data nor")
+    monkeypatch.chdir(tmp_path)  # without the dataset's folder, ../images/ from here is nowhere
+    assert [r for r, _, _ in rows_without_image(split, ["img"])] == [0, 1, 2]
 
 
 def test_hf_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, monkeypatch):

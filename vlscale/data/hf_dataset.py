@@ -28,7 +28,9 @@ image) with an empty ``target``, no ``references`` and no soft ``label``. Every 
 
 The images become a :class:`HFImageSource` (a VisualSource of kind "images"): ``source[image_id]``
 decodes that row's image to a uint8 (H, W, 3) RGB array on demand from the memory-mapped Arrow table, so nothing is held twice in memory.
-Relative image paths in a local dataset resolve against its folder (then the current directory).
+Relative image paths in a local dataset resolve against its folder (then the current directory); a row whose
+image cell names a file that is not there is refused when the split is read (at start-up), or skipped and counted
+with ``data.skip_bad_records=true``, as a row without an image is.
 An image that cannot be read raises DataError naming the dataset, split, row and column. Video
 tasks are not supported through this path.
 """
@@ -222,9 +224,7 @@ def decode_image(value, where: str = "", base_dir=None):
     where = where or "HF dataset"
 
     def open_path(p: str):
-        tries = [Path(base_dir) / p] if base_dir is not None and not Path(p).is_absolute() else []
-        tries.append(Path(p))
-        full = next((t for t in tries if t.is_file()), None)
+        full, tries = find_image_file(p, base_dir)
         if full is None:
             raise DataFileNotFound(f"{where}: holds {p!r}, which is neither image data nor an existing image "
                                    f"file (looked for {' and '.join(map(str, tries))})")
@@ -251,6 +251,38 @@ def decode_image(value, where: str = "", base_dir=None):
     except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
         what = f"{len(value['bytes'])} bytes" if isinstance(value, dict) and value.get("bytes") else f"{value!r:.60}"
         raise DataError(f"{where}: cannot read an image from {what} ({type(e).__name__}: {e})") from e
+
+
+def find_image_file(path: str, base_dir=None) -> tuple[Path | None, list[Path]]:
+    """(the file an image cell's path names, or None; the places looked at): a relative path against
+    ``base_dir`` (a local dataset's folder) first, then the current directory."""
+    tries = [Path(base_dir) / path] if base_dir is not None and not Path(path).is_absolute() else []
+    tries.append(Path(path))
+    return next((t for t in tries if t.is_file()), None), tries
+
+
+def _path_only(value) -> str | None:
+    """The file path an image cell names when it holds no image data itself (a path string, or a
+    ``{bytes, path}`` dict without bytes), else None."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str) and value["path"]:
+        return value["path"]
+    return None
+
+
+def missing_image_file(value, base_dir=None) -> str | None:
+    """Why an image cell that names a file cannot be read (the file is not there), or None: checked when the
+    split is read, so a missing file stops the run at start-up (or its row is skipped with
+    data.skip_bad_records=true) instead of failing when a batch reaches it."""
+    path = _path_only(value)
+    if path is None:
+        return None
+    found, tries = find_image_file(path, base_dir)
+    if found is not None:
+        return None
+    return (f"holds {path!r}, which is neither image data nor an existing image file "
+            f"(looked for {' and '.join(map(str, tries))})")
 
 
 def _image_present(value) -> bool:
@@ -291,24 +323,35 @@ def _no_image_mask(column):
     return pc.is_null(column)  # bytes, arrays, lists: only None is no image
 
 
-def rows_without_image(dataset, columns, batch_size: int = 10_000) -> list[tuple[int, str]]:
-    """``(row, column)`` for each row of ``dataset`` where one of ``columns`` holds no image (the first
-    such column): the rows training's loader refuses with "has no image" (and skips with
-    ``data.skip_bad_records=true``). Read from the Arrow data in batches, nothing decoded."""
+def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None) -> list[tuple[int, str, str]]:
+    """``(row, column, why)`` for each row of ``dataset`` where one of ``columns`` holds no image, or names an
+    image file that is not there (the first such column): the rows training's loader refuses (and skips with
+    ``data.skip_bad_records=true``). Read from the Arrow data in batches, nothing decoded; only cells that
+    name a file are looked up on disk (``base_dir`` as :func:`find_image_file`)."""
     import numpy as np
+    import pyarrow as pa
 
     columns = list(columns)
-    out: list[tuple[int, str]] = []
+    out: list[tuple[int, str, str]] = []
     start = 0
     for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
         first = np.full(table.num_rows, -1)
+        why: dict[int, str] = {}
         for k in reversed(range(len(columns))):
             column = table.column(columns[k]).combine_chunks()
             mask = _no_image_mask(column)
             missing = (np.array([not _image_present(v) for v in column.to_pylist()], bool) if mask is None
                        else mask.to_numpy(zero_copy_only=False).astype(bool))
+            t = column.type
+            if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_struct(t):  # may name files
+                for r, value in enumerate(column.to_pylist()):
+                    problem = None if missing[r] else missing_image_file(value, base_dir)
+                    if problem:
+                        first[r], why[r] = k, problem
             first[missing] = k
-        out.extend((start + int(r), columns[first[r]]) for r in np.flatnonzero(first >= 0))
+            for r in np.flatnonzero(missing):
+                why[int(r)] = "has no image"
+        out.extend((start + int(r), columns[first[r]], why[int(r)]) for r in np.flatnonzero(first >= 0))
         start += table.num_rows
     return out
 
@@ -366,12 +409,16 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     locations: dict[str, tuple[int, str]] = {}
     train = split == "train"
     current = {"row": -1, "unanswered": 0}  # set by records() just before parse_records parses that row
+    base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
 
     def parse(rec: Record) -> list[Example]:
         row = current["row"]
         for col in roles["image"]:
             if not _image_present(rec.data.get(col)):
                 raise rec.error(col, "has no image")
+            problem = missing_image_file(rec.data.get(col), base_dir)
+            if problem:
+                raise rec.error(col, problem)
         uid = rec.ident(roles["id"]) if roles.get("id") else f"{split}-{row}"
         if roles.get("image_id"):
             image_ids = [rec.ident(roles["image_id"])]
@@ -436,5 +483,4 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     examples = parse_records(source_name, records(), parse, skip, (roles.get("id") or "id",), require_answers)
     examples.unanswered = current["unanswered"]  # rows without answers (read, or skipped as bad records)
     logger.info(f"{source_name}: {len(examples)} {task} examples, {len(locations)} images")
-    base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
     return examples, HFImageSource(ds, locations, source_name, base_dir)
