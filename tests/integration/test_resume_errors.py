@@ -313,6 +313,25 @@ def test_a_resume_with_other_max_steps_says_the_schedule_changes(capsys):
             "steps; the lr of step 3 is 0.000667 (it would have been 0.0005)") in capsys.readouterr().out
 
 
+def test_a_resume_with_other_max_steps_runs_its_first_step_at_the_new_schedules_lr(h, run_copy):
+    """The run stopped at step 2 of 3 resumed with train.max_steps=6: every resumed step (the first too) at the
+    new schedule's lr, as the note says. The loaded optimizer groups held the old schedule's lr after step 2;
+    the first resumed step ran at it (with max_steps=2 extended: at lr 0, a step that changed nothing)."""
+    from vlscale.config import load_config
+    from vlscale.engine.trainer import lr_multiplier
+
+    out = run_copy
+    proc = h.launch([*ZERO2, *h.TINY, *ARGS, f"output_dir={out}", "--resume", "train.max_steps=6"])
+    cfg = load_config(str(out / "run_config.yaml"))
+    new, old = lr_multiplier(6, cfg.train.warmup_ratio), lr_multiplier(3, cfg.train.warmup_ratio)
+    assert new(2) != old(2)
+    assert f"the lr of step 3 is {cfg.lr * new(2):.3g} (it would have been {cfg.lr * old(2):.3g})" in proc.stdout
+    log = h.read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in log] == pytest.approx([cfg.lr * old(s) for s in (0, 1)] + [cfg.lr * new(s) for s in
+                                                                                          range(2, 6)], rel=1e-9)
+
+
 def test_a_checkpoint_from_before_per_task_optimizer_groups_is_refused_naming_it(h, tmp_path):
     """Per-task weights (sharing=multiple) have optimizer groups of their own since TaskSteps; a checkpoint
     written before (no task_groups in its client state) holds 2 groups' state: refused in one line, not

@@ -1004,6 +1004,19 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     return tag
 
 
+def scheduled_lrs(scheduler) -> Optional[list[float]]:
+    """Each param group's lr at the scheduler's current step, from its own multipliers (a LambdaLR: the
+    multipliers are this run's functions; ``base_lrs`` and ``last_epoch`` come from the checkpoint), set as its
+    last lr too; None without a scheduler, another kind's saved last lr."""
+    if scheduler is None:
+        return None
+    if not hasattr(scheduler, "lr_lambdas"):
+        return list(scheduler.get_last_lr())
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    scheduler._last_lr = list(lrs)
+    return lrs
+
+
 def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Optional[dict] = None) -> dict:
     """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state.
 
@@ -1052,12 +1065,16 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
             barrier()
             if rank == 0:
                 shutil.rmtree(load_dir, ignore_errors=True)
+    # Each group's lr from this run's schedule at the loaded step. The loaded groups hold the lr the checkpointed
+    # run's schedule gave after its last step; with another train.max_steps (a run extended or shortened) that
+    # is the old schedule's (0 at its end), and the first resumed step would run at it.
+    lrs = scheduled_lrs(engine.lr_scheduler)
+    for i, group in enumerate(inner.param_groups):
+        if universal:
+            group.update(groups[i])
+        if lrs is not None:
+            group["lr"] = lrs[i]
     if universal:
-        last_lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
-        for i, (group, kept) in enumerate(zip(inner.param_groups, groups)):
-            group.update(kept)
-            if last_lrs is not None:
-                group["lr"] = last_lrs[i]
         for param_state in inner.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
                 param_state["step"] = param_state["step"].clone()
