@@ -166,6 +166,22 @@ def test_zero_stage_override_and_offload_checks():
         "optimizer"]["params"]["torch_adam"] is True
 
 
+def test_a_file_of_the_other_zero_family_resolves_as_that_stage_needs():
+    """zero2.json at train.zero_stage=3 (and zero3.json at 2) resolves completely: the other family's "auto"
+    keys are dropped (allgather_bucket_size was left unresolved at stage 3, though nothing at stage 3 reads it)
+    and this stage's are filled as the stage's own file fills them."""
+    for name, stage, other in (("zero2.json", 3, "zero3.json"), ("zero3.json", 2, "zero2.json")):
+        cfg = cfg_with(f"train.zero_stage={stage}")
+        ds = build_deepspeed_config(DS_DIR / name, cfg, 2, device_type="cpu")
+        assert not [k for k, v in walk(ds) if v == "auto"], name
+        own = build_deepspeed_config(DS_DIR / other, cfg, 2, device_type="cpu")["zero_optimization"]
+        z = ds["zero_optimization"]
+        keys = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold") if stage == 3 else (
+            "allgather_bucket_size",)
+        assert z["stage"] == stage and {k: z[k] for k in keys} == {k: own[k] for k in keys}, name
+        assert ("allgather_bucket_size" in z) == (stage < 3), name
+
+
 def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
     monkeypatch.delenv("VLSCALE_NVME_PATH", raising=False)
     with pytest.raises(DeepSpeedConfigError, match="nvme_path is \"auto\"; set VLSCALE_NVME_PATH"):

@@ -12,6 +12,7 @@ tests/integration/test_profile_measure.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,6 +286,32 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 4 == 256
     resolved = build_deepspeed_config(path, run, 4, device_type="cuda")
     assert resolved["train_micro_batch_size_per_gpu"] == 32
+
+
+def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_it(tmp_path):
+    """A preset's zero2.json planned at stage 3 (profile_memory.py's default search) is estimated with the
+    stage-3 settings the run will resolve (those zero3.json resolves to), not DeepSpeed's defaults; and the
+    file --write-config writes for it trains: it resolved with allgather_bucket_size "auto" left before."""
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.profiling.planner import plan, write_ds_config
+
+    ds_dir = Path(__file__).resolve().parents[2] / "ds_configs"
+    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large", "train.micro_batch_size=64"])
+    kw = dict(micro_batches=[8], precisions=["bf16"], stages=[3], offloads=["none", "opt_param_cpu"],
+              checkpointing=[True])
+    from_two = plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero2.json"), **kw)
+    from_three = plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero3.json"), **kw)
+    assert [(o.label(), o.peak) for o in from_two] == [(o.label(), o.peak) for o in from_three]
+    for o in from_two:
+        path = tmp_path / f"{o.offload}.json"
+        write_ds_config(o, path, ds_file=str(ds_dir / "zero2.json"))
+        run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"] + o.overrides())
+        z = build_deepspeed_config(path, run, 4, device_type="cuda")["zero_optimization"]
+        assert z["stage"] == 3 and "allgather_bucket_size" not in z
+    # and a stage-2 plan from zero3.json is estimated as zero2.json's
+    kw.update(stages=[2], offloads=["none"])
+    assert ([o.peak for o in plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero3.json"), **kw)]
+            == [o.peak for o in plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero2.json"), **kw)])
 
 
 def test_planner_keeps_the_global_batch():

@@ -316,6 +316,8 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
             if zero.get(key) == AUTO:
                 del zero[key]
     else:
+        if zero.get("allgather_bucket_size") == AUTO:  # unused at stage 3 (e.g. zero2.json with train.zero_stage=3)
+            del zero["allgather_bucket_size"]
         for key, value in stage3_keys.items():
             r.default(f"zero_optimization.{key}", value)
     offload = {}

@@ -1248,6 +1248,20 @@ def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional
     return checkpoint_bytes(inventory or parameter_inventory(cfg, vocab_size), z, world_size, cfg.train.precision)
 
 
+def default_ds_file(cfg: RunConfig, ds_file=None):
+    """``ds_file`` if given, else as launchers/train.py: the config's ``train.deepspeed``, else the shipped
+    zero3.json, or zero2.json when ``train.zero_stage`` asks for stage 0, 1 or 2."""
+    from pathlib import Path
+
+    if ds_file is None and cfg.train.deepspeed:
+        from vlscale.engine.deepspeed_config import resolve_ds_file
+        ds_file = resolve_ds_file(cfg.train.deepspeed)
+    if ds_file is None:
+        root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
+        ds_file = root / ("zero3.json" if cfg.train.zero_stage in (None, 3) else "zero2.json")
+    return ds_file
+
+
 def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:
     """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on ``ds_file``, or a
     minimal equivalent when the engine package is not importable. Default file, as launchers/train.py:
@@ -1255,13 +1269,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type
     asks for stage 0, 1 or 2."""
     from pathlib import Path
 
-    stage = cfg.train.zero_stage
-    if ds_file is None and cfg.train.deepspeed:
-        from vlscale.engine.deepspeed_config import resolve_ds_file
-        ds_file = resolve_ds_file(cfg.train.deepspeed)
-    if ds_file is None:
-        root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
-        ds_file = root / ("zero3.json" if stage in (None, 3) else "zero2.json")
+    ds_file = default_ds_file(cfg, ds_file)
     try:
         from vlscale.engine.deepspeed_config import build_deepspeed_config
     except ImportError:

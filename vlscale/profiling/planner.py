@@ -39,7 +39,8 @@ from typing import Iterable, Optional
 from vlscale.config import RunConfig
 from vlscale.engine.deepspeed_config import global_batch_size
 from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
-                                        fmt_bytes, parameter_inventory, parse_size, resolve_ds_config)
+                                        default_ds_file, fmt_bytes, parameter_inventory, parse_size,
+                                        resolve_ds_config)
 
 OFFLOADS = {
     "none": ("none", "none"),
@@ -179,7 +180,29 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                              f"over {world_size} ranks (train.micro_batch_size x train.gradient_accumulation_steps "
                              f"x ranks)")
     inv = parameter_inventory(cfg)
-    base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)
+    base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)  # a bad file: refused here
+    bases: dict[bool, dict] = {}
+
+    def base_for(stage: int) -> dict:
+        """The file resolved as a run at ``stage`` resolves it: ZeRO-3's bucket and persistence settings differ
+        from ZeRO-0/1/2's (zero2.json at stage 3 gets stage3_prefetch_bucket_size and persistence as
+        zero3.json does, not DeepSpeed's own defaults)."""
+        family = stage == 3
+        if (base_ds.get("zero_optimization", {}).get("stage", 0) == 3) == family:
+            return base_ds
+        if family not in bases:
+            path = default_ds_file(cfg, ds_file)
+            if isinstance(path, dict) or Path(path).exists():
+                raw = copy.deepcopy(path) if isinstance(path, dict) else json.loads(Path(path).read_text())
+                if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway)
+                    raw.setdefault("zero_optimization", {}).pop("offload_param", None)
+                c = copy.deepcopy(cfg)
+                c.train.zero_stage = 3 if family else 2
+                bases[family] = resolve_ds_config(c, world_size, raw, device_type=device)
+            else:
+                bases[family] = base_ds
+        return bases[family]
+
     options = []
     for precision in precisions:
         for stage in stages:
@@ -193,7 +216,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                         c.train.precision, c.train.zero_stage = precision, stage
                         c.train.gradient_checkpointing, c.train.micro_batch_size = ckpt, mbs
                         c.train.gradient_accumulation_steps = per_rank // mbs  # held gradients (estimate_memory)
-                        ds = _ds_for(base_ds, stage, offload)
+                        ds = _ds_for(base_for(stage), stage, offload)
                         est = estimate_memory(c, world_size, ds, device=device, inventory=inv)
                         est.detail["vision_params"] = inv.vision_params
                         peak = est.components["peak"]
