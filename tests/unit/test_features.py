@@ -138,6 +138,16 @@ def test_image_folder(tmp_path):
     assert len(frames) == 3 and np.array_equal(frames[2], img + 2)
     with pytest.raises(FileNotFoundError, match="video 'v9'"):
         video["v9"]
+    # a frame folder without frame images is missing at the start-up check (check_visual_ids), not found
+    # when its batch is built; a frame with an upper-case suffix counts
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "notes.txt").write_text("no frames here")
+    (tmp_path / "v3").mkdir()
+    Image.fromarray(img).save(tmp_path / "v3" / "1.PNG")
+    assert video.missing(["v1", "v2", "v3", "v9"]) == ["v2", "v9"]
+    assert "v1" in video and "v2" not in video and "v3" in video
+    with pytest.raises(FileNotFoundError, match=r"video 'v2': no frame images \(\.jpg, \.jpeg, \.png, \.bmp, \.webp\)"):
+        video["v2"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolder(tmp_path / "missing")
 

@@ -105,6 +105,15 @@ def frame_order(path: Path) -> list:
     return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
 
 
+def has_frames(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds a frame image (a file with one of IMAGE_SUFFIXES, any case)."""
+    try:
+        with os.scandir(folder) as it:
+            return any(Path(e.name).suffix.lower() in IMAGE_SUFFIXES and e.is_file() for e in it)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 class ImageFolder:
     """Images in a folder: ``root / pattern.format(id=image_id)``, read with PIL as RGB uint8.
 
@@ -147,7 +156,7 @@ class ImageFolder:
                 raise DataFileNotFound(f"video {image_id!r}: frame folder {path} does not exist")
             frames = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
             if not frames:
-                raise DataFileNotFound(f"video {image_id!r}: no frame images ({IMAGE_SUFFIXES}) in {path}")
+                raise DataFileNotFound(f"video {image_id!r}: no frame images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
             return [load_image(p, f"video {image_id!r}") for p in frames]
         if not path.is_file():
             raise DataFileNotFound(f"image {image_id!r}: file {path} does not exist")
@@ -155,10 +164,11 @@ class ImageFolder:
 
     def __contains__(self, image_id: str) -> bool:
         path = self.path(image_id)
-        return path.is_dir() if self.video else path.is_file()
+        return has_frames(path) if self.video else path.is_file()
 
     def missing(self, ids: list[str]) -> list[str]:
-        """Ids without a file (video: a frame folder), from one listing of ``root``."""
+        """Ids without a file (video: a frame folder holding at least one frame image), from one listing of
+        ``root`` (and, for videos, one of each frame folder)."""
         names, folded = self._listing()
         self._folded = folded
         out = []
@@ -166,8 +176,10 @@ class ImageFolder:
             name = self.pattern.format(id=i)
             if "/" in name:
                 found = i in self
+            elif self.video:
+                found = name in names and has_frames(self.root / name)
             else:
-                found = name in names or (not self.video and fold_suffix(name) in folded)
+                found = name in names or fold_suffix(name) in folded
             if not found:
                 out.append(i)
         return out
