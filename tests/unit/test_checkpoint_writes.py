@@ -272,3 +272,32 @@ def test_an_eval_report_of_a_task_subset_keeps_the_other_tasks(tmp_path):
     assert report["tasks"] == {"vqa": {"vqa_score": 0.3}, "gqa": {"exact_match": 0.2}}
     write_eval_report(tmp_path, adapter, "test", 9, {"vqa": {"vqa_score": 0.4}})
     assert json.loads((tmp_path / "eval_metrics.json").read_text())["tasks"] == {"vqa": {"vqa_score": 0.4}}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_safetensors_files_take_the_umask_like_every_other_file(tmp_path, umask):
+    """safetensors creates its files 0600: an adapter or a feature cache shard shared with colleagues could not
+    be read by them, while the JSON beside it could. vlscale.files.save_safetensors gives them 0666 less the
+    umask, as open() gives any file; the feature cache writes its shards through it."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from vlscale.data.features import FeatureWriter
+    from vlscale.files import save_safetensors
+
+    old = os.umask(umask)
+    try:
+        path = save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors", metadata={"format": "pt"})
+        cache = FeatureWriter(tmp_path / "cache", {"vision": "RN50", "pretrained": None, "kind": "grid",
+                                                   "dtype": "float32"})
+        cache.add("img", torch.zeros(3, 4))
+        cache.close()
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask
+    shards = list((tmp_path / "cache").glob("shard_*.safetensors"))
+    assert shards and all(p.stat().st_mode & 0o777 == mode for p in [path, *shards])
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2))

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vlscale.data.real import DataError, DataFileNotFound
-from vlscale.files import write_text_atomic
+from vlscale.files import save_safetensors, write_text_atomic
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
@@ -281,11 +281,10 @@ class FeatureWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
-        from safetensors.torch import save_file
 
         name = f"shard_{self._next:05d}.safetensors"
         tmp = self.root / (name + ".tmp")
-        save_file(self._buffer, str(tmp))
+        save_safetensors(self._buffer, tmp)
         os.replace(tmp, self.root / name)
         self._next += 1
         self.index.update({k: name for k in self._buffer})

@@ -215,13 +215,13 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
 
 def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size,
                    extra) -> None:
-    from safetensors.torch import save_file
+    from vlscale.files import save_safetensors
 
     clash = sorted(set(state) & set(buffers))
     if clash:
         raise CheckpointError(f"names both a trainable parameter and a buffer: {clash[:3]}")
     tmp.mkdir(parents=True)
-    save_file({**state, **buffers}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": ADAPTER_FORMAT})
+    save_safetensors({**state, **buffers}, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     meta = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
         "run_config": cfg.to_dict(),

@@ -276,7 +276,7 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
     holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
     """
     import deepspeed
-    from safetensors.torch import save_file
+    from vlscale.files import save_safetensors
 
     if rank is None:
         import torch.distributed as dist
@@ -293,7 +293,7 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
         nonlocal shard, size
         if rank == 0 and shard:
             tmp = d / f".shard-{len(written):05d}.safetensors"
-            save_file(shard, str(tmp), metadata={"format": "pt"})
+            save_safetensors(shard, tmp, metadata={"format": "pt"})
             written.append((str(tmp), list(shard)))
         shard, size = {}, 0
 
