@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, help="an adapter/ directory written by launchers/train.py")
     p.add_argument("--split", default="val",
                    help="train, val or test; with real data also any file stem (docs/datasets.md: "
-                        "--split minival reads vqa/minival.json)")
+                        "--split minival reads vqa/minival.json; COCO captions: train, val, test only)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
     p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
     p.add_argument("--java-metrics", action="store_true",
@@ -314,6 +314,8 @@ def output_clash(out: Path, predict_only: bool) -> str | None:
     into an evaluation's (its eval_metrics.json would no longer match the predictions) and an evaluation into
     ``--predict-only``'s (its submission/ would no longer match them). The same mode again replaces its files,
     as a rerun should."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; the evaluation writes a folder (predictions/ and its reports)"
     for name in ("run_summary.json", "train_log.jsonl", "checkpoints"):
         if (out / name).exists():
             return (f"--out {out} holds a training run ({out / name}); its predictions/ belong to that run's "

@@ -95,6 +95,11 @@ def parse_args(argv=None):
         ap.error("--split applies to --hf-dataset only (--synthetic extracts every split of the config's tasks)")
     if args.pattern and not args.images:
         ap.error("--pattern applies to --images only")
+    if args.pattern and "{id}" not in args.pattern:
+        ap.error(f"--pattern {args.pattern!r} must contain {{id}} where the id stands in the file name (e.g. "
+                 "'COCO_val2014_{id}.jpg')")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file; the feature cache is a folder (created, or resumed when present)")
     if not (args.synthetic or args.real) and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):

@@ -139,6 +139,11 @@ def test_an_out_folder_holding_other_output_is_refused_and_kept(setup, launcher,
             evaluate(launcher, run, labelled, run, "--tasks", "vqa", *mode)
     assert {p: p.read_bytes() for p in before} == before
     assert evaluate(launcher, run, labelled, scored, "--tasks", "vqa") == 0  # a rerun into its own folder
+    a_file = tmp_path / "f.pt"
+    a_file.write_bytes(b"kept")
+    with pytest.raises(ValueError, match=rf"--out {a_file} is a file; the evaluation writes a folder"):
+        evaluate(launcher, run, labelled, a_file, "--tasks", "vqa")  # was a traceback after the generation
+    assert a_file.read_bytes() == b"kept"
 
 
 def test_an_unlabelled_split_is_refused_without_the_flag_and_for_training(setup, launcher, tmp_path):

@@ -444,6 +444,15 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     with pytest.raises(SystemExit) as info:
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--batch-size", "0", "--out", str(tmp_path / "f3")])
     assert info.value.code == 2 and "--batch-size must be > 0, got 0" in capsys.readouterr().err
+    (tmp_path / "f.pt").write_bytes(b"kept")
+    for more, words in ((["--pattern", "img.jpg", "--out", str(tmp_path / "f3")], "--pattern 'img.jpg' must contain "
+                         "{id} where the id stands"),  # was a traceback
+                        (["--out", str(tmp_path / "f.pt")], f"--out {tmp_path / 'f.pt'} is a file; the feature cache "
+                         "is a folder")):
+        with pytest.raises(SystemExit) as info:
+            launcher.main(base + ["--images", str(tmp_path / "imgs"), *more])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+    assert (tmp_path / "f.pt").read_bytes() == b"kept" and not (tmp_path / "f3").exists()
     with pytest.raises(SystemExit, match=r"DataError: feature cache .*f1/meta\.json was made with different settings"):
         launcher.main(["--vision", "tiny-clip-vit", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f1"),
                        "--quiet"])
