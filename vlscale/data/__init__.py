@@ -65,7 +65,9 @@ def build_visual_source(cfg, task: str, split: str):
         from vlscale.data.synthetic import content_params
 
         if not cfg.data.feature_cache:
-            raise ValueError("model.feature_source=cache needs data.feature_cache=DIR (make it with "
+            from vlscale.data.real import DataError
+
+            raise DataError("model.feature_source=cache needs data.feature_cache=DIR (make it with "
                              "python launchers/extract_features.py --synthetic --out DIR)")
         kind = "frames" if spec.modality == "video" else "grid"
         return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
