@@ -157,6 +157,14 @@ def main(argv=None) -> int:
         if budget <= 0:
             print(f"error: --budget={args.budget!r} must be a positive size, e.g. 24GiB", file=sys.stderr)
             return 2
+        if budget < 2 ** 26 and not any(c.isalpha() for c in str(args.budget)):  # "--budget 24": 24 bytes
+            print(f"error: --budget={args.budget!r} is {budget} bytes per GPU; give a unit, e.g. {args.budget}GiB",
+                  file=sys.stderr)
+            return 2
+        if headroom is not None and headroom >= budget:
+            print(f"error: --headroom {args.headroom} is not less than --budget {args.budget}: nothing could fit",
+                  file=sys.stderr)
+            return 2
     device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
     try:
         args.deepspeed = args.deepspeed or cfg.train.deepspeed  # a preset's own file (scale/*_8x24gb)
@@ -194,6 +202,7 @@ def main(argv=None) -> int:
         options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device)
         out["plan"] = [o.to_dict() for o in options[: args.top]]
         out["budget"] = budget
+        out["settings_searched"], out["settings_fit"] = len(options), sum(o.fits for o in options)
         if args.write_config:
             best = next((o for o in options if o.fits), None)
             if best is None:

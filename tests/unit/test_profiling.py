@@ -367,6 +367,21 @@ def test_launcher_json(capsys, launcher):
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
     assert "disk: a checkpoint writes" in text and "(2 kept + the one written)" in text
     assert profile_memory.main(["--world-size", "0"]) == 2
+    # a plan: the global batch and each row's accumulation shown (a row's mbs alone hid a 4x larger batch),
+    # and in --json how many settings were searched and fit
+    capsys.readouterr()
+    assert profile_memory.main(["--world-size", "2", "--budget", "35MiB", "--headroom", "0", "--top", "3",
+                                "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["settings_fit"] < out["settings_searched"] == 140, out["settings_fit"]
+    assert all(o["micro_batch_size"] * o["gradient_accumulation_steps"] * 2 == o["global_batch"] == 32
+               for o in out["plan"])
+    assert profile_memory.main(["--world-size", "2", "--budget", "1GiB", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "global batch 32 = micro-batch (mbs) x accumulation (accum) x 2 ranks" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
+    mbs = int(row.split("mbs=")[1].split()[0])
+    assert int(row.split()[6]) == 32 // (2 * mbs), row
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -374,6 +389,8 @@ def test_launcher_json(capsys, launcher):
     (["--write-config", "ds.json"], ["--write-config ds.json", "--budget"]),
     (["--steps", "0", "--measure"], ["--steps=0 must be >= 1"]),
     (["--budget", "0"], ["--budget='0' must be a positive size"]),
+    (["--budget", "24"], ["--budget='24' is 24 bytes per GPU; give a unit, e.g. 24GiB"]),
+    (["--budget", "1GiB", "--headroom", "2GiB"], ["--headroom 2GiB is not less than --budget 1GiB"]),
     (["--top", "-1", "--budget", "80GiB"], ["--top=-1 must be >= 1"]),
     (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?"]),
     (["--budget", "1e400"], ["memory size '1e400' is not a finite size"]),

@@ -84,10 +84,14 @@ class PlanOption:
     """The run config's global batch (micro x world x accumulation), kept by the overrides."""
     world_size: int = 1
 
+    @property
+    def accumulation(self) -> int:
+        """Gradient accumulation steps that keep the global batch (exact: plan() offers divisors only)."""
+        return max(1, self.global_batch // (self.micro_batch_size * self.world_size))
+
     def overrides(self) -> list[str]:
-        accum = self.global_batch // (self.micro_batch_size * self.world_size)  # exact: plan() keeps divisors
         return [f"train.zero_stage={self.zero_stage}", f"train.micro_batch_size={self.micro_batch_size}",
-                f"train.gradient_accumulation_steps={accum}",
+                f"train.gradient_accumulation_steps={self.accumulation}",
                 f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
                 f"train.precision={self.precision}"]
 
@@ -97,6 +101,7 @@ class PlanOption:
         d["peak_phase"] = self.estimate.peak_phase
         d["host_bytes"] = self.estimate.host
         d["nvme_bytes"] = self.estimate.nvme
+        d["gradient_accumulation_steps"] = self.accumulation
         return d
 
 
@@ -258,12 +263,19 @@ def write_ds_config(option: PlanOption, path, *, ds_file=None, cfg: Optional[Run
 
 
 def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str:
-    lines = [f"{'#':>3} {'setting':52s} {'peak/rank':>12} {'host/rank':>11} {'fits':>5} {'samples/s':>10}"]
+    lines = []
+    if options:  # every option keeps the run's global batch: micro-batch x accumulation x ranks
+        o = options[0]
+        lines.append(f"global batch {o.global_batch} = micro-batch (mbs) x accumulation (accum) x {o.world_size} "
+                     f"rank{'s' if o.world_size != 1 else ''}")
+    lines.append(f"{'#':>3} {'setting':52s} {'accum':>5} {'peak/rank':>12} {'host/rank':>11} {'fits':>5} "
+                 f"{'samples/s':>10}")
     for i, o in enumerate(options[:limit], 1):
-        lines.append(f"{i:>3} {o.label():52s} {fmt_bytes(o.peak):>12} {fmt_bytes(o.estimate.host):>11} "
-                     f"{'yes' if o.fits else 'no':>5} {o.samples_per_s:>10.1f}")
+        lines.append(f"{i:>3} {o.label():52s} {o.accumulation:>5} {fmt_bytes(o.peak):>12} "
+                     f"{fmt_bytes(o.estimate.host):>11} {'yes' if o.fits else 'no':>5} {o.samples_per_s:>10.1f}")
     n_fit = sum(o.fits for o in options)
-    lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (after headroom)")
+    lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (the budget; headroom kept "
+                 f"free within it)")
     return "\n".join(lines)
 
 
