@@ -311,6 +311,28 @@ def test_a_resume_with_other_max_steps_says_the_schedule_changes(capsys):
     _note_new_schedule(saved, load_config("tiny", ["train.max_steps=4", "train.lr=0.001"]), 2)
     assert ("--resume with train.max_steps=4 (the run had 3): the learning-rate schedule is recomputed for 4 "
             "steps; the lr of step 3 is 0.000667 (it would have been 0.0005)") in capsys.readouterr().out
+    _note_new_schedule(saved, load_config("tiny", ["train.max_steps=2", "train.lr=0.001"]), 2)  # no lr to speak of
+    assert capsys.readouterr().out == ("vlscale: --resume with train.max_steps=2 (the run had 3): the checkpoint is "
+                                       "at step 2, so no step is left to train\n")
+
+
+def test_a_resume_into_another_runs_folder_names_the_model_first_and_counts_the_rest(tmp_path):
+    """Another preset's run resumed into this folder: its backbone is the headline (the keys were named in
+    alphabetical order: data.* first), the count and the next differences follow; an unset train.lr shows the
+    method's default it stands for."""
+    from vlscale.config import ConfigError, load_config
+    from vlscale.engine.trainer import _check_resumable
+
+    saved = load_config("tiny")
+    other = load_config("tiny", ["model.backbone=mini-bart", "data.synthetic_eval=7", "peft.sharing=multiple"])
+    with pytest.raises(ConfigError, match=r"--resume: model\.backbone='mini-bart' differs from the checkpointed run's "
+                                          r"model\.backbone='tiny-t5' \(.*run_config\.yaml\); 2 more setting\(s\) "
+                                          r"differ: \['peft\.sharing', 'data\.synthetic_eval'\]"):
+        _check_resumable(saved, other, tmp_path / "run_config.yaml")
+    assert saved.train.lr is None
+    with pytest.raises(ConfigError, match=r"train\.lr=0\.01 differs from the checkpointed run's train\.lr=None \(the "
+                                          r"method's default, 0\.001\)"):
+        _check_resumable(saved, load_config("tiny", ["train.lr=0.01"]), tmp_path / "run_config.yaml")
 
 
 def test_a_resume_with_other_max_steps_runs_its_first_step_at_the_new_schedules_lr(h, run_copy):

@@ -250,13 +250,28 @@ def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype:
 
 
 def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
+    """Refuse a --resume whose settings differ from the checkpointed run's (but RESUMABLE_CHANGES), naming the
+    most telling difference first (the model, then the method, the data, the training) and how many more."""
     a, b = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    order = ("model.", "peft.", "data.", "train.")
+
+    def rank(key: str) -> tuple:
+        return next((i for i, prefix in enumerate(order) if key.startswith(prefix)), len(order)), key
+
+    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES), key=rank)
     if diff:
         k = diff[0]
+
+        def shown(conf: RunConfig, flat: dict) -> str:
+            if k == "train.lr" and flat.get(k) is None:
+                return f"None (the method's default, {conf.lr:g})"
+            return repr(flat.get(k))
+
         note = " (null: the --deepspeed file's stage)" if k == "train.zero_stage" else ""
-        raise ConfigError(f"--resume: {k}={b.get(k)!r} differs from the checkpointed run's {k}={a.get(k)!r}{note} "
-                          f"({path}); resume with the same settings (only {list(RESUMABLE_CHANGES)} may change)")
+        more = f"; {len(diff) - 1} more setting(s) differ: {diff[1:6]}" if len(diff) > 1 else ""
+        raise ConfigError(f"--resume: {k}={shown(cfg, b)} differs from the checkpointed run's {k}={shown(saved, a)}"
+                          f"{note} ({path}){more}; resume with the same settings (only {list(RESUMABLE_CHANGES)} "
+                          f"may change)")
 
 
 def _note_new_schedule(saved: RunConfig, cfg: RunConfig, step: Optional[int]) -> None:
@@ -264,6 +279,10 @@ def _note_new_schedule(saved: RunConfig, cfg: RunConfig, step: Optional[int]) ->
     schedule (warm-up, then linear decay to 0 at max_steps): say so, with the lr jump it makes."""
     old, new = saved.train.max_steps, cfg.train.max_steps
     if old == new or step is None:
+        return
+    if new <= step:
+        print(f"vlscale: --resume with train.max_steps={new} (the run had {old}): the checkpoint is at step {step}, "
+              f"so no step is left to train", flush=True)
         return
     lr, warm = cfg.lr, cfg.train.warmup_ratio
     before, after = lr * lr_multiplier(old, warm)(step), lr * lr_multiplier(new, warm)(step)
