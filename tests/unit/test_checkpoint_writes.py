@@ -301,3 +301,18 @@ def test_safetensors_files_take_the_umask_like_every_other_file(tmp_path, umask)
     shards = list((tmp_path / "cache").glob("shard_*.safetensors"))
     assert shards and all(p.stat().st_mode & 0o777 == mode for p in [path, *shards])
     assert torch.equal(load_file(str(path))["w"], torch.ones(2))
+
+
+def test_an_adapter_path_that_is_not_one_says_what_it_is(tmp_path):
+    """evaluate.py --adapter: a path that does not exist, a run's output_dir (its adapter/ one level down)
+    and a folder without adapter_config.json each get their own message."""
+    with pytest.raises(ckpt.CheckpointError, match=r"/nowhere does not exist \(an adapter directory is a run's "
+                                                   r"output_dir/adapter\)"):
+        ckpt.read_adapter_config(tmp_path / "nowhere")
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / ckpt.ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match=rf"{tmp_path / 'run'} is a run's output_dir, not an adapter "
+                                                   rf"directory: pass {tmp_path / 'run' / 'adapter'}$"):
+        ckpt.read_adapter_config(tmp_path / "run")
+    with pytest.raises(ckpt.CheckpointError, match=r"is not an adapter directory: adapter_config\.json is missing"):
+        ckpt.read_adapter_config(tmp_path)

@@ -243,6 +243,11 @@ def read_adapter_config(adapter_dir) -> dict:
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
+        if not adapter_dir.exists():
+            raise CheckpointError(f"{adapter_dir} does not exist (an adapter directory is a run's output_dir/adapter)")
+        if (adapter_dir / "adapter" / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"{adapter_dir} is a run's output_dir, not an adapter directory: pass "
+                                  f"{adapter_dir / 'adapter'}")
         raise CheckpointError(f"{adapter_dir} is not an adapter directory: {ADAPTER_CONFIG} is missing")
     try:
         meta = json.loads(path.read_text())
@@ -876,8 +881,9 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
                 for a in range(1, saved_batch + 1) if saved_batch % (world_size * a) == 0][:2]
         hint = f" (e.g. {' or '.join(fits)})" if fits else ""
     ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    by = f"{saved} rank{'s' if saved != 1 else ''}"
     raise CheckpointError(
-        f"{ckpt_dir} was written by {saved} ranks with a global batch of {saved_batch} ({saved} ranks x micro-batch "
+        f"{ckpt_dir} was written by {by} with a global batch of {saved_batch} ({by} x micro-batch "
         f"{micro} x accumulation {loader.get('accum', '?')}); this run has {ranks} and a global batch of "
         f"{global_batch}. Resuming (on any number of ranks) needs the same global batch, ranks x "
         f"train.micro_batch_size x train.gradient_accumulation_steps{hint}, so that the data order continues.")
