@@ -600,7 +600,10 @@ def _build(cls, data: dict, prefix: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' in ' + prefix if prefix else ''}: {names}")
+        error = ConfigError(f"unknown key {where}{unknown[0]}; {did_you_mean(unknown[0], names)}"
+                            f"valid keys{' in ' + prefix if prefix else ''}: {names}")
+        error.key = f"{where}{unknown[0]}"
+        raise error
     kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, hints[k], v) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -719,10 +722,18 @@ def parse_overrides(overrides) -> dict:
 def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig:
     """Load a preset by name or path (default: the embedded default) and apply overrides."""
     name = name_or_path or DEFAULT_PRESET
-    data = _load_yaml(name)
-    data = _deep_merge(data, parse_overrides(overrides))
+    from_file = _load_yaml(name)
+    given = parse_overrides(overrides)
+    data = _deep_merge(from_file, given)
     data.setdefault("name", str(name))
-    cfg = _build(RunConfig, data)
+    try:
+        cfg = _build(RunConfig, data)
+    except ConfigError as e:  # an unknown key: say where it was written
+        key = getattr(e, "key", None)
+        if key is None or any(k == key or k.startswith(key + ".") for k in flat_settings(given)):
+            raise
+        head, rest = str(e).split("; ", 1)
+        raise ConfigError(f"{head} (written in --config {name}, or a preset it builds on); {rest}") from None
     cfg.data.check_source()
     cfg.model.check_backbone_path()
     return cfg

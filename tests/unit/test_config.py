@@ -75,6 +75,8 @@ def test_overrides_are_typed():
     (["data.hf_dataset=/data/vqa_hf"], ["data.hf_dataset='/data/vqa_hf'", "data.source=synthetic", "data.source=real"]),
     (["data.root=/data"], ["data.root='/data'", "data.source=synthetic", "data.source=real"]),
     (["data.source=real"], ["data.source=real", "data.root", "data.hf_dataset"]),
+    (["train.max_stpes=3"], ["unknown key train.max_stpes; did you mean 'max_steps'?", "valid keys in train"]),
+    (["trian.max_steps=3"], ["unknown key trian; did you mean 'train'?"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
@@ -143,6 +145,11 @@ def test_unknown_preset_lists_choices(tmp_path):
     bad.write_text("train:\n  max_steps: [1\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(str(bad))
+    typo = tmp_path / "typo.yaml"  # an unknown key in a file names the file (an override's does not)
+    typo.write_text("base: tiny\ntrain:\n  max_stpes: 3\n")
+    with pytest.raises(ConfigError, match=rf"^unknown key train\.max_stpes \(written in --config {typo}, or a preset it "
+                                          r"builds on\); did you mean 'max_steps'\?"):
+        load_config(str(typo))
 
 
 def test_preset_from_path(tmp_path):
