@@ -8,6 +8,8 @@ up over a few steps, so 1e-5 relative leaves headroom while catching any real di
 gradient scale or a lost micro-batch changes the losses by >1e-3 by step 2).
 """
 
+import json
+
 import pytest
 
 REL = 1e-5
@@ -75,6 +77,9 @@ def test_multiple_adapters_same_losses_and_no_hang(runs, h):
     assert_same_curve([r["loss"] for r in one], [r["loss"] for r in two])
     summary = h.read_json(runs("multi_2r") / "run_summary.json")
     assert summary["completed"] and summary["world_size"] == 2 and summary["zero_stage"] == 3
+    zero = summary["zero_optimization"]  # the resolved ZeRO block of ds_configs/zero3.json: no offload
+    assert zero["stage"] == 3 and "offload_param" not in zero and "offload_optimizer" not in zero
+    assert isinstance(zero["stage3_prefetch_bucket_size"], int) and "auto" not in json.dumps(zero)
     single = h.read_json(runs("single_2r") / "run_summary.json")
     assert summary["trainable_params"] > single["trainable_params"], "one adapter per task is more parameters"
 

@@ -31,6 +31,7 @@ skipped, and under fp16 loss_scale; see :func:`log_step`),
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -838,7 +839,11 @@ def run_summary(run: Run, completed: bool = True) -> dict:
                "skipped_steps": int(run.engine.skipped_steps),
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
                "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
-               "device": run.dist.device_type}
+               "device": run.dist.device_type,
+               # the resolved ZeRO block (stage, buckets, persistence, offload devices): which DeepSpeed file the
+               # run used is not in run_config.yaml (--deepspeed is a flag), and an offloaded run looked like a
+               # plain one here
+               "zero_optimization": copy.deepcopy(run.ds_config.get("zero_optimization", {}))}
     for key in local:
         summary[key] = max(r[key] for r in per_rank)
         summary[f"{key.replace('_per_rank', '')}_by_rank"] = [r[key] for r in per_rank]
