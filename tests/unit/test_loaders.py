@@ -16,6 +16,7 @@ from vlscale.data.real import (
     DataError,
     DataFileNotFound,
     RecordError,
+    annotation_path,
     load_real_examples,
     real_visual_source,
 )
@@ -396,6 +397,30 @@ def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
         assert source[e.image_ids[0]].shape == (8, 8, 3)
     with pytest.raises(KeyError, match="COCO_val2014_000000999999"):
         source["COCO_val2014_000000999999"]
+    # both spellings of a folder: one read silently was a guess; a link of one to the other is one folder
+    (root / "gqa").symlink_to(root / "GQA")
+    assert len(load_real_examples(cfg, "gqa", "train")) == 3
+    (root / "gqa").unlink()
+    shutil.copytree(ROOT / "gqa", root / "gqa")
+    with pytest.raises(DataError, match=rf"the gqa data folder: both {root / 'gqa'} and {root / 'GQA'} exist as "
+                                        r"two folders; keep one of them"):
+        load_real_examples(cfg, "gqa", "train")
+
+
+def test_two_video_annotation_files_of_one_split_are_refused(tmp_path):
+    """tvqa/train.jsonl beside tvqa/tvqa_train_release.jsonl: which one trains was a silent pick."""
+    root = tmp_path / "data"
+    shutil.copytree(ROOT / "tvqa", root / "tvqa")
+    cfg = make_cfg(root, tasks=["tvqa"])
+    first = sorted((root / "tvqa").glob("*train*.jsonl"))
+    assert len(first) == 1, first
+    other = root / "tvqa" / ("tvqa_train_release.jsonl" if first[0].name == "train.jsonl" else "train.jsonl")
+    other.write_text(first[0].read_text())
+    with pytest.raises(DataError, match=r"tvqa train annotations: both .* and .* exist as two files; keep one of them"):
+        annotation_path(cfg, "tvqa", "train")
+    other.unlink()
+    other.symlink_to(first[0])
+    assert annotation_path(cfg, "tvqa", "train") in (first[0], other)
 
 
 def test_nlvr2_training_images_in_the_releases_numbered_folders(tmp_path):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -288,12 +289,23 @@ def _root(cfg) -> Path:
     return root
 
 
+def only_one(paths: list, what: str) -> Optional[Path]:
+    """The one of ``paths`` that exists (None if none does); two that are different files (not one folder
+    under two spellings, as on a case-insensitive file system, nor a link to the other) are ambiguous: refused,
+    naming them, rather than one read silently."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    for other in found[1:]:
+        if not os.path.samefile(found[0], other):
+            kind = "folders" if found[0].is_dir() else "files"
+            raise DataError(f"{what}: both {found[0]} and {other} exist as two {kind}; keep one of them (or link one "
+                            f"to the other)")
+    return found[0] if found else None
+
+
 def dataset_dir(root: Path, names: tuple) -> Path:
-    """The first of ``root/<name>`` that exists (else the first, for the error message)."""
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    return root / names[0]
+    """The one of ``root/<name>`` that exists (else the first, for the error message); two are refused."""
+    found = only_one([root / name for name in names if (root / name).is_dir()], f"the {names[0]} data folder")
+    return found if found is not None else root / names[0]
 
 
 def _check_split(split: str) -> None:
@@ -319,9 +331,9 @@ def annotation_path(cfg, task: str, split: str) -> Path:
     if task == "caption":
         return require_file(dataset_dir(root, FOLDERS[task]) / "dataset_coco.json", "COCO Karpathy captions")
     candidates = [root / task / n for n in video_annotation_candidates(task, split)]
-    for p in candidates:
-        if p.is_file():
-            return p
+    found = only_one([p for p in candidates if p.is_file()], f"{task} {split} annotations")
+    if found is not None:
+        return found
     raise DataFileNotFound(f"{task} {split} annotations: none of {[str(p) for p in candidates]} exists "
                            "(layout: docs/datasets.md)")
 
@@ -331,9 +343,10 @@ _WARNED_NO_SUBTITLES: set = set()
 
 def subtitle_path(cfg, task: str) -> Optional[Path]:
     root = _root(cfg)
-    for name in ("subtitles.jsonl", SUBTITLE_FILES[task]):
-        if (root / task / name).is_file():
-            return root / task / name
+    found = only_one([root / task / n for n in ("subtitles.jsonl", SUBTITLE_FILES[task]) if (root / task / n).is_file()],
+                     f"{task} subtitles")
+    if found is not None:
+        return found
     if (root, task) not in _WARNED_NO_SUBTITLES:
         _WARNED_NO_SUBTITLES.add((root, task))
         logger.warning(f"{task}: no subtitles file ({root / task / 'subtitles.jsonl'} or "
