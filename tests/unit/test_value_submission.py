@@ -94,5 +94,7 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
             write_submission(tmp_path, task, [{"uid": e.uid, "prediction": "a0"} for e in examples], examples)
         if said:
             assert f"{task} submission: 1 of {len(examples)} {said}" in caplog.text
+            # the HF-dataset hint only where an HF dataset can be the source (image tasks)
+            assert ("map data.hf_columns.id" in caplog.text) == (task != "tvqa"), caplog.text
         else:
             assert "not numbers" not in caplog.text

@@ -202,8 +202,11 @@ def _warn_non_numeric_ids(task: str, ids: list) -> None:
     key, reader = NUMERIC_IDS[task]
     bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
+        from vlscale.data.hf_dataset import HF_TASKS
+
+        hint = " (an HF dataset: map data.hf_columns.id to the id column)" if task in HF_TASKS else ""
         logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
-                       f"{reader} reads them as integers (an HF dataset: map data.hf_columns.id to the id column)")
+                       f"{reader} reads them as integers{hint}")
 
 
 def write_submission(directory, task: str, records: list[dict], examples, split: str = "test") -> Optional[Path]:
