@@ -357,8 +357,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
     for note in notes:
         print(f"--real: {note}")
-    print(f"feature cache {args.out}: {total['written']} written, {total['skipped']} already there, "
-          f"{total['total']} ids in all. Train with: model.feature_source=cache data.feature_cache={args.out}")
+    import json
+
+    from vlscale.data.features import INDEX_FILE
+
+    held = len(json.loads((args.out / INDEX_FILE).read_text())) if (args.out / INDEX_FILE).is_file() else 0
+    print(f"feature cache {args.out}: of the {total['total']} ids asked for, {total['written']} written, "
+          f"{total['skipped']} already there; the cache holds {held}. Train with: model.feature_source=cache "
+          f"data.feature_cache={args.out}")
     if hf_report and hf_report["skipped"]:
         skipped = hf_report["skipped"]
         print(f"--skip-bad-records: skipped {len(skipped)} of {hf_report['rows']} rows of {hf_report['name']}, "
