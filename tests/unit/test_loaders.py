@@ -300,7 +300,7 @@ def test_missing_annotation_file_and_root(tmp_path):
     ("gqa", "gqa/train.json", lambda d: d[1].update(label={}),
      r"train\.json: record 1 \(id '07333408'\): key 'label' is empty"),
     ("gqa", "gqa/train.json", lambda d: d[0].update(label={"yes": "high"}),
-     r"record 0 .*key 'label' score of answer 'yes' must be a number"),
+     r"record 0 .*key 'label' score of answer 'yes' must be a finite number"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[3].update(label=2),
      r"record 3 \(id 'nlvr2_train_3'\): key 'label' must be 0/1"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[0].pop("img1"), r"record 0 .*key 'img1' is missing"),

@@ -174,7 +174,7 @@ class Record:
             raise self.error(key, "is empty")
         for a, s in label.items():
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                raise self.error(key, f"score of answer {a!r} must be a number, got {_short(s)}")
+                raise self.error(key, f"score of answer {a!r} must be a finite number, got {_short(s)}")
             if s < 0:
                 raise self.error(key, f"score of answer {a!r} must be >= 0, got {_short(s)}")
         return {str(a): float(s) for a, s in label.items()}
