@@ -229,6 +229,18 @@ def test_hf_through_the_config():
     assert real_visual_source(cfg, "vqa", "train")["img_a"].shape == (8, 8, 3)
 
 
+def test_hf_roles_a_task_does_not_read_are_said_once(caplog):
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    columns = {**VQA_COLUMNS, "label": VQA_COLUMNS["question"], "group": VQA_COLUMNS["question"]}
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.hf_dataset"):
+        for split in ("train", "val"):
+            assert len(load_hf_examples("vqa", str(HF), split, columns)[0]) > 0
+    said = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
+    assert said == ["data.hf_columns: task 'vqa' does not read the role(s) ['group', 'label'] (its roles: "
+                    "['image', 'image_id', 'question', 'text', 'answer', 'answers', 'id']); they are ignored"]
+
+
 @pytest.mark.parametrize("columns, match", [
     ({"image": "image", "questions": "question", "answers": "answers"}, "unknown role 'questions'"),
     ({"image": "image", "question": "prompt", "answers": "answers"}, "'prompt' is not a column"),

@@ -54,6 +54,12 @@ COLUMN_ROLES = ("image", "image_id", "question", "text", "answer", "answers", "c
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 HF_TASKS = ("vqa", "gqa", "caption", "nlvr2")
 ANSWER_ROLES = ("answer", "answers", "caption", "captions", "label")
+TASK_ROLES = {"vqa": ("image", "image_id", "question", "text", "answer", "answers", "id"),
+              "gqa": ("image", "image_id", "question", "text", "answer", "answers", "id"),
+              "caption": ("image", "image_id", "caption", "captions", "id"),
+              "nlvr2": ("image", "image_id", "question", "text", "label", "answer", "id", "group")}
+"""The roles each task reads (nlvr2's image_id is refused with a message of its own)."""
+_WARNED_UNREAD: set = set()
 
 
 def _folder_contents(path: Path) -> str:
@@ -121,6 +127,11 @@ def _roles(task: str, columns: dict, dataset_columns: list[str], require_answers
     if unknown:
         raise DataError(f"data.hf_columns has unknown role {unknown[0]!r}; valid roles: {list(COLUMN_ROLES)}")
     roles = dict(columns)
+    unread = [r for r in roles if r not in TASK_ROLES[task]]
+    if unread and (task, tuple(unread)) not in _WARNED_UNREAD:
+        _WARNED_UNREAD.add((task, tuple(unread)))
+        logger.warning(f"data.hf_columns: task {task!r} does not read the role(s) {unread} "
+                       f"(its roles: {list(TASK_ROLES[task])}); they are ignored")
     need = {"vqa": [("image",), ("question", "text"), ("answer", "answers")],
             "gqa": [("image",), ("question", "text"), ("answer", "answers")],
             "caption": [("image",), ("caption", "captions")],
