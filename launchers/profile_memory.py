@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="steps of the measured run (default 3; needs --measure)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", default=None, help="write stacked bars per component to this PNG (matplotlib)")
-    p.add_argument("--top", type=int, default=15, help="plan options to print / plot")
+    p.add_argument("--top", type=int, default=None, help="with --budget: plan options to print / plot (default 15)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_intermixed_args(argv)
 
@@ -63,11 +63,18 @@ def check_args(args) -> str | None:
         return f"--steps={args.steps} is the length of the measured run; it needs --measure"
     args.steps = 3 if args.steps is None else args.steps
     for flag, value in (("--world-size", args.world_size), ("--steps", args.steps), ("--top", args.top)):
-        if value < 1:
+        if value is not None and value < 1:
             return f"{flag}={value} must be >= 1"
     if args.write_config and not args.budget:
         return (f"--write-config {args.write_config} writes the setting the planner picks for a memory budget; "
                 f"give --budget SIZE too (e.g. --budget 24GiB)")
+    if args.top is not None and not args.budget:
+        return f"--top={args.top} is how many of the planner's settings to show; it needs --budget SIZE"
+    args.top = 15 if args.top is None else args.top
+    stages = {o.split("=", 1)[1].strip() for o in args.overrides if o.split("=", 1)[0].strip() == "train.zero_stage"}
+    if args.zero_stage is not None and stages - {str(args.zero_stage)}:
+        return (f"--zero-stage {args.zero_stage} and train.zero_stage={sorted(stages)[0]} disagree; give one of "
+                f"them")
     return None
 
 

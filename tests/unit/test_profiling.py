@@ -390,6 +390,8 @@ def test_launcher_json(capsys, launcher):
     (["--steps", "0", "--measure"], ["--steps=0 must be >= 1"]),
     (["--budget", "0"], ["--budget='0' must be a positive size"]),
     (["--budget", "24"], ["--budget='24' is 24 bytes per GPU; give a unit, e.g. 24GiB"]),
+    (["--top", "3"], ["--top=3 is how many of the planner's settings to show; it needs --budget"]),
+    (["--zero-stage", "1", "train.zero_stage=3"], ["--zero-stage 1 and train.zero_stage=3 disagree"]),
     (["--budget", "1GiB", "--headroom", "2GiB"], ["--headroom 2GiB is not less than --budget 1GiB"]),
     (["--top", "-1", "--budget", "80GiB"], ["--top=-1 must be >= 1"]),
     (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?"]),
