@@ -66,6 +66,14 @@ def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
             load_ds_file(resolve_ds_file(ds_file))[0])
     except Exception:
         stage = None
+    if resume:  # another run's settings (another preset) are the headline, before the global batch they change
+        from vlscale.config import ConfigError
+        from vlscale.engine.trainer import check_settings_early
+
+        try:
+            check_settings_early(Path(cfg.output_dir), cfg)
+        except ConfigError as e:
+            return f"ConfigError: {e}"
     try:
         world = launcher_world_size()
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)

@@ -354,6 +354,14 @@ def test_a_resume_with_other_max_steps_runs_its_first_step_at_the_new_schedules_
                                                                                           range(2, 6)], rel=1e-9)
 
 
+def test_another_runs_settings_are_the_headline_before_its_global_batch(h, run_copy):
+    """A resume of another preset into this folder: its model is named, not the global batch it also changes
+    (which came first, before the settings were compared)."""
+    log = refused(h, ZERO2, run_copy, "model.backbone=mini-bart", "train.micro_batch_size=2")
+    assert "--resume: model.backbone='mini-bart' differs from the checkpointed run's model.backbone='tiny-t5'" in log
+    assert "global batch" not in log
+
+
 def test_a_checkpoint_from_before_per_task_optimizer_groups_is_refused_naming_it(h, tmp_path):
     """Per-task weights (sharing=multiple) have optimizer groups of their own since TaskSteps; a checkpoint
     written before (no task_groups in its client state) holds 2 groups' state: refused in one line, not

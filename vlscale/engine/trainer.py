@@ -292,6 +292,19 @@ def _note_new_schedule(saved: RunConfig, cfg: RunConfig, step: Optional[int]) ->
           flush=True)
 
 
+def check_settings_early(out: Path, cfg: RunConfig) -> None:
+    """``_check_resumable`` against the latest checkpoint's settings when they can be read; a checkpoint that
+    cannot be read is left to ``check_output_dir``, which names what is wrong with it."""
+    try:
+        tag = ckpt.latest_tag(out / "checkpoints")
+        if tag is None:
+            return
+        saved, source = saved_settings(out, tag)
+    except (ckpt.CheckpointError, ValueError, OSError):
+        return
+    _check_resumable(saved, cfg, source)
+
+
 def saved_settings(out: Path, tag: str) -> tuple[RunConfig, Path]:
     """The settings of the run a ``--resume`` continues -> (RunConfig, the file they come from): those rank 0
     recorded in the checkpoint's client state, else ``run_config.yaml``, else ``adapter/adapter_config.json``
@@ -411,6 +424,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     if dist.is_main:
         try:
             lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
+            if resume:  # another run's settings (another preset) first: its global batch would be the headline
+                check_settings_early(out, cfg)
             tag = ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]),
                                         zero_stage(ds_config))
             if resume:
