@@ -48,11 +48,14 @@ def test_a_report_of_other_data_replaces_rather_than_merges(tmp_path):
     report = json.loads((out / "eval_metrics.json").read_text())
     assert report["tasks"] == {"caption": {"cider": 1.6}} and report["examples"] == {"caption": 2}
     assert report["settings"]["eval_max_examples"] == 2
+    # the replaced report's vqa predictions, unscored beside this one, went with it
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["caption.jsonl"]
     cfg.train.eval_max_examples = None
     cfg.data.synthetic_eval = 500
     write_eval_report(out, adapter, "val", 2, {"vqa": {"vqa_score": 0.1}}, settings=eval_settings(cfg.to_dict()))
     report = json.loads((out / "eval_metrics.json").read_text())
     assert report["tasks"] == {"vqa": {"vqa_score": 0.1}} and report["settings"]["data"]["synthetic_eval"] == 500
+    assert not (out / "predictions" / "caption.jsonl").exists()
 
 
 def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path, launcher, monkeypatch):

@@ -361,7 +361,8 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
     ``settings``: :func:`eval_settings` of the config the scores were computed with (default: the adapter's
     run config). A report there of the same adapter, split, step and settings keeps the scores of the tasks
     not evaluated now (``evaluate.py --tasks`` on a subset); one of another adapter, split, step or settings
-    (other data, ``train.eval_max_examples``) is replaced, so one report never mixes scores of other data."""
+    (other data, ``train.eval_max_examples``) is replaced, so one report never mixes scores of other data, and
+    the replaced report's predictions of tasks not evaluated now are removed with it (said in a warning)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if settings is None:
@@ -378,6 +379,15 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
         report["tasks"] = {**old["tasks"], **scores}
         old_counts = old.get("examples") if isinstance(old.get("examples"), dict) else {}
         report["examples"] = {**{t: n for t, n in old_counts.items() if t in report["tasks"]}, **report["examples"]}
+    elif isinstance(old, dict) and isinstance(old.get("tasks"), dict):
+        # the replaced report's predictions of tasks not evaluated now would sit beside this report unscored
+        stale = [t for t in old["tasks"] if t not in scores and (out_dir / "predictions" / f"{t}.jsonl").is_file()]
+        for task in stale:
+            (out_dir / "predictions" / f"{task}.jsonl").unlink()
+        if stale:
+            logger.warning(f"{path}: replaced the earlier report (adapter {old.get('adapter')}, split "
+                           f"{old.get('split')}, step {old.get('step')}); its predictions of {stale}, which this "
+                           f"evaluation did not make, were removed with it")
     path.write_text(json.dumps(report, indent=1))
     return path
 
