@@ -567,10 +567,12 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
     return job
 
 
-# Settings a row's earlier work may differ in: where it is (a moved --out), the preset's labels, and what
-# leaves the trained model and its scores alone (how often it logged and saved; train.test_eval: rows
+# Settings a row's earlier work may differ in: where it is (a moved --out: its output_dir and its feature cache's
+# folder, --out/features, whose contents are checked by the backbone weights' fingerprint), the preset's labels,
+# and what leaves the trained model and its scores alone (how often it logged and saved; train.test_eval: rows
 # finished before the test split was evaluated by the training itself).
-SAME_ROW_KEYS = ("output_dir", "name", "description", "train.test_eval", "train.log_every", "train.save_every")
+SAME_ROW_KEYS = ("output_dir", "name", "description", "train.test_eval", "train.log_every", "train.save_every",
+                 "data.feature_cache")
 _UNSET = object()
 
 
@@ -645,10 +647,10 @@ def check_result(row: Row, overrides: Sequence[str], run_dir: Path, fingerprint:
 
         return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in ov)}
 
-    if saved.get("overrides") != list(overrides):
-        diff = _differences(pairs(saved.get("overrides", [])), pairs(overrides), ignore=())
-        if not diff:  # the same key=value pairs in another order or repeated
-            diff = [("overrides", saved.get("overrides"), list(overrides))]
+    # the settings, not the command's spelling: --set in another order, --set train.max_steps=N for --steps N, a
+    # moved --out and a changed train.save_every / log_every are the same row
+    diff = _differences(pairs(saved.get("overrides", [])), pairs(overrides))
+    if diff:
         raise ReplicationError(f"{who} {run_dir / RESULT_FILE} was made with other settings: "
                                + _how_on(diff, run_dir, "to use it"))
     if fingerprint is not None and saved.get("backbones") != fingerprint:

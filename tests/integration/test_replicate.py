@@ -8,6 +8,7 @@ Markdown table / the PNG, then reruns the command to check that finished rows ar
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -253,6 +254,17 @@ def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, l
     assert "single_prompt: updated 5.12% " in capsys.readouterr().out  # and says the row is done
     assert replicate.main(args + ["--steps", "3"]) == 0
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"single_adapter", "single_prompt"}
+    # the same rows under a moved --out (their overrides name the old feature cache), asked for with the
+    # step count as a --set and a logging setting added: still the same settings, kept (each was refused)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    capsys.readouterr()
+    assert replicate.main(["--table", "1", "--methods", "single_prompt", "--out", str(moved), "--no-progress",
+                           "--set", "train.log_every=7", "--set", "train.max_steps=3", "--dry-run"]) == 0, \
+        capsys.readouterr().err
+    assert replicate.main(["--table", "1", "--methods", "single_prompt", "--out", str(moved), "--no-progress",
+                           "--steps", "4", "--dry-run"]) == 2
+    assert "train.max_steps=3, this run gives train.max_steps=4" in capsys.readouterr().err
 
 
 @needs_assets
