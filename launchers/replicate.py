@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) -> None:
     """The frozen mini-clip-rn's grid features of every synthetic split, once (resumable)."""
-    from vlscale.replicate import MINI_PRESET, python_cmd, subprocess_env, tail
+    from vlscale.replicate import MINI_PRESET, interruptible, python_cmd, subprocess_env, tail
 
     cache.mkdir(parents=True, exist_ok=True)
     stamp = cache / "replicate_backbones.json"
@@ -85,7 +85,14 @@ def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) 
     with open(log_path, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT)
+        with interruptible():  # SIGTERM as Ctrl-C: the extraction is stopped with this process, not orphaned
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()  # its shards are written atomically: a rerun resumes the cache
+                proc.wait()
+                raise
     if rc != 0:
         raise SystemExit(f"replicate: feature extraction failed (exit {rc}); last lines of {log_path}:\n"
                          f"{tail(log_path)}")
@@ -122,6 +129,9 @@ def main(argv=None) -> int:
         rows = select_rows(table, names)
         seeds = parse_seeds(args.seed)
         out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
+        if out.exists() and not out.is_dir():
+            raise ReplicationError(f"--out {out} is a file; the replication writes a folder (created, or resumed "
+                                   f"when present)")
         check_layout(out, seeds)
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 
@@ -174,9 +184,6 @@ def main(argv=None) -> int:
         f"{args.threads_per_run} thread(s) each")
     start, cpu_start = time.time(), children_cpu_s()
     needs_cache = [j for j in todo if j.commands and any(c[0] == "train" for c in j.commands) and uses_cache(j.overrides)]
-    if needs_cache:
-        make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
-                           backbone_fingerprint(config_of(needs_cache[0]), vision_only=True), log)
 
     # --- train and evaluate
     def on_done(job):
@@ -185,6 +192,9 @@ def main(argv=None) -> int:
                    make_result(job.row, table, job.overrides, job.run_dir, seconds, round(job.cpu_s, 1)))
 
     try:
+        if needs_cache:
+            make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
+                               backbone_fingerprint(config_of(needs_cache[0]), vision_only=True), log)
         Runner(jobs, parallel, args.threads_per_run, on_done, progress=not args.no_progress).run()
     except KeyboardInterrupt:
         print(f"\nreplicate: interrupted; rerun the same command to resume ({out})", file=sys.stderr)
@@ -224,6 +234,11 @@ def main(argv=None) -> int:
         print("replicate: failed rows: " + ", ".join(f"{j.name} ({j.error}; log {j.log})" for j in failed),
               file=sys.stderr)
         return 1
+    stopped = [j for j in jobs if j.phase == "interrupted"]
+    if stopped:
+        print(f"replicate: interrupted rows: {', '.join(j.name for j in stopped)} (their trainings were stopped by a "
+              f"signal and checkpointed); rerun the same command to resume them ({out})", file=sys.stderr)
+        return 130
     return 0
 
 

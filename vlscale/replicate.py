@@ -23,6 +23,7 @@ with the rerun's settings (``plan_job``, ``check_result``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -764,9 +765,11 @@ class Runner:
             if self.progress else None
         # SIGTERM (a scheduler's or kill's) stops the trainings as Ctrl-C does: they checkpoint, a rerun resumes;
         # before, this process ended and its trainings ran on orphaned
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _interrupt)
+        with interruptible():
+            self._run(bar)
+        return self.jobs
+
+    def _run(self, bar) -> None:
         try:
             while self.pending or self.running:
                 while self.pending and len(self.running) < self.parallel:
@@ -786,6 +789,14 @@ class Runner:
                         continue
                     job._log_file.close()
                     job.proc = None
+                    if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM): it checkpointed
+                        job.phase, job.error = "interrupted", f"{job.log.name} stopped by a signal (exit {rc})"
+                        self.running.remove(job)
+                        msg = f"{job.name}: interrupted ({job.error}); a rerun resumes it"
+                        bar.write(msg) if bar is not None else self.echo(msg)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     if rc != 0:
                         job.phase, job.error = "failed", f"{job.log.name} exited with {rc}"
                         self.running.remove(job)
@@ -811,12 +822,26 @@ class Runner:
                     job.proc.wait()
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             if bar is not None:
                 bar.close()
-        return self.jobs
+
+
+INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+"""A training's exit codes when a signal stopped it (train.py: 128 + the signal, after its checkpoint)."""
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM raises KeyboardInterrupt here, as Ctrl-C does (in the main thread; elsewhere nothing changes)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

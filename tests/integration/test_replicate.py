@@ -455,3 +455,63 @@ def test_sigterm_stops_the_running_trainings(tmp_path):
         signal.signal(signal.SIGTERM, original)
         if job.proc is not None and job.proc.poll() is None:
             job.proc.kill()
+
+
+def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path):
+    """A training that exits 130 / 143 (train.py after a checkpoint on SIGINT / SIGTERM sent to it alone) is
+    an interrupted row a rerun resumes, not a FAILED one; another exit code is still a failure."""
+    import sys
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner
+
+    rows = get_table(1).rows
+    jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i),
+                commands=deque([("train", [sys.executable, "-c", f"raise SystemExit({code})"])]))
+            for i, code in enumerate((130, 143, 3))]
+    for job in jobs:
+        job.run_dir.mkdir()
+    said = []
+    Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
+    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "failed"]
+    assert any("interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it" in m for m in said)
+
+
+def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, monkeypatch, launcher):
+    """SIGTERM during make_feature_cache ended replicate.py and left extract_features.py running, orphaned
+    (Ctrl-C gave a traceback): now the extraction is stopped and KeyboardInterrupt reaches main's handler."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    replicate = launcher("replicate")
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):  # the extraction, stood in for by a sleeping process
+        proc = real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kw)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(replicate.subprocess, "Popen", popen)
+    original = signal.getsignal(signal.SIGTERM)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            replicate.make_feature_cache([], tmp_path / "features", 1, "fp", print)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(started) == 1 and started[0].poll() == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is original
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("kept")
+    assert launcher("replicate").main(["--table", "1", "--out", str(a_file), "--dry-run"]) == 2  # was a traceback
+    assert f"replicate: --out {a_file} is a file; the replication writes a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "kept"
