@@ -63,6 +63,10 @@ def run(out: dict) -> dict:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description="The fused adapter kernels' GPU section (needs CUDA); prints JSON, the "
+                                        "tables on stderr. No options.").parse_args()
     result: dict = {}
     run(result)
     print(json.dumps(result, indent=1))

@@ -169,7 +169,15 @@ def replay(cfg, ds, world=2):
 
 
 if __name__ == "__main__":
-    backbone, feats, leaf, reuse = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Replay ZeRO-3's gather/release over a module trace (see the docstring).")
+    ap.add_argument("backbone", help="registry backbone, e.g. t5-small")
+    ap.add_argument("feats", choices=("images", "cache"), help="model.feature_source")
+    ap.add_argument("leaf", choices=("true", "false"), help="train.zero3_leaf_layers")
+    ap.add_argument("reuse", type=int, help="stage3_max_reuse_distance (-1: the DeepSpeed file's)")
+    a = ap.parse_args()
+    backbone, feats, leaf, reuse = a.backbone, a.feats, a.leaf, a.reuse
     cfg = load_config("tiny", [f"model.backbone={backbone}", f"model.feature_source={feats}", "train.zero_stage=3",
                                "train.micro_batch_size=1", f"train.zero3_leaf_layers={leaf}"])
     ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
