@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vlscale.peft.adapter import ACTIVATIONS, adapter_hidden, apply_adapter
-from vlscale.peft.sites import Site
+from vlscale.peft.sites import Site, zero3_unused_anchor
 
 
 class TaskEmbeddings(nn.Module):
@@ -46,7 +46,12 @@ class TaskEmbeddings(nn.Module):
                                     nn.Parameter(nn.init.normal_(torch.empty(1, dim, device=device, dtype=dtype))))
 
     def forward(self, task: str) -> torch.Tensor:
-        return getattr(self, f"task_embedding_{task}")[0]
+        used = getattr(self, f"task_embedding_{task}")
+        # the other tasks' embeddings an exact zero gradient under ZeRO-3 (sites.zero3_unused_anchor): DeepSpeed
+        # re-applied their last gradient, which TaskSteps kept out of the update but the gradient norm and the
+        # clipping coefficient counted
+        anchor = zero3_unused_anchor(self, [used])
+        return used[0] if anchor is None else used[0] + anchor
 
 
 class AdapterGenerator(nn.Module):
