@@ -71,10 +71,11 @@ def check_args(args) -> str | None:
     if args.top is not None and not args.budget:
         return f"--top={args.top} is how many of the planner's settings to show; it needs --budget SIZE"
     args.top = 15 if args.top is None else args.top
-    stages = {o.split("=", 1)[1].strip() for o in args.overrides if o.split("=", 1)[0].strip() == "train.zero_stage"}
-    if args.zero_stage is not None and stages - {str(args.zero_stage)}:
-        return (f"--zero-stage {args.zero_stage} and train.zero_stage={sorted(stages)[0]} disagree; give one of "
-                f"them")
+    from vlscale.config import parse_overrides
+
+    given = (parse_overrides(args.overrides).get("train") or {}).get("zero_stage")
+    if args.zero_stage is not None and given is not None and given != args.zero_stage:
+        return f"--zero-stage {args.zero_stage} and train.zero_stage={given} disagree; give one of them"
     return None
 
 

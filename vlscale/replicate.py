@@ -789,18 +789,14 @@ class Runner:
                         continue
                     job._log_file.close()
                     job.proc = None
-                    if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM): it checkpointed
-                        job.phase, job.error = "interrupted", f"{job.log.name} stopped by a signal (exit {rc})"
-                        self.running.remove(job)
-                        msg = f"{job.name}: interrupted ({job.error}); a rerun resumes it"
-                        bar.write(msg) if bar is not None else self.echo(msg)
-                        if bar is not None:
-                            bar.update(1)
-                        continue
                     if rc != 0:
-                        job.phase, job.error = "failed", f"{job.log.name} exited with {rc}"
+                        if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM): it checkpointed
+                            job.phase, job.error = "interrupted", f"{job.log.name} stopped by a signal (exit {rc})"
+                            msg = f"{job.name}: interrupted ({job.error}); a rerun resumes it"
+                        else:
+                            job.phase, job.error = "failed", f"{job.log.name} exited with {rc}"
+                            msg = f"{job.name}: FAILED ({job.error}); last lines of {job.log}:\n{tail(job.log)}"
                         self.running.remove(job)
-                        msg = f"{job.name}: FAILED ({job.error}); last lines of {job.log}:\n{tail(job.log)}"
                         bar.write(msg) if bar is not None else self.echo(msg)
                         if bar is not None:
                             bar.update(1)

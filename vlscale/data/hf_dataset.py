@@ -351,11 +351,13 @@ def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None
         for k in reversed(range(len(columns))):
             column = table.column(columns[k]).combine_chunks()
             mask = _no_image_mask(column)
-            missing = (np.array([not _image_present(v) for v in column.to_pylist()], bool) if mask is None
-                       else mask.to_numpy(zero_copy_only=False).astype(bool))
             t = column.type
-            if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_struct(t):  # may name files
-                for r, value in enumerate(column.to_pylist()):
+            names_files = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_struct(t)
+            values = column.to_pylist() if mask is None or names_files else None  # once, for both uses
+            missing = (np.array([not _image_present(v) for v in values], bool) if mask is None
+                       else mask.to_numpy(zero_copy_only=False).astype(bool))
+            if names_files:
+                for r, value in enumerate(values):
                     problem = None if missing[r] else missing_image_file(value, base_dir)
                     if problem:
                         first[r], why[r] = k, problem

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vlscale.config import RunConfig
-from vlscale.engine.deepspeed_config import global_batch_size
+from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file
 from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
                                         default_ds_file, fmt_bytes, parameter_inventory, parse_size,
                                         resolve_ds_config)
@@ -198,7 +198,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
         if family not in bases:
             path = default_ds_file(cfg, ds_file)
             if isinstance(path, dict) or Path(path).exists():
-                raw = copy.deepcopy(path) if isinstance(path, dict) else json.loads(Path(path).read_text())
+                raw, _ = load_ds_file(path)  # a copy: the caller's dict stays as it is
                 if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway)
                     raw.setdefault("zero_optimization", {}).pop("offload_param", None)
                 c = copy.deepcopy(cfg)
