@@ -129,12 +129,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = ap.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
+    try:  # a value the model's build refuses (peft.phm_dim not dividing d_model) is a ConfigError too
+        report = inspect(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = inspect(cfg)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -245,3 +245,18 @@ def test_inspect_model_counts_match_independent_count(preset, backbone, tasks, c
     norms = report["groups"]["layer_norm"]["params"] + report["groups"].get("layer_norm_bias", {"params": 0})["params"]
     assert report["total_without_vision"] == total_lm + expected - norms
     assert report["updated_pct"] == pytest.approx(100 * expected / report["total_without_vision"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["peft.method=compacter", "peft.phm_dim=3"], "peft.phm_dim=3 must divide"),
+    (["peft.reduction_factor=1000"], "peft.reduction_factor=1000 leaves no hidden units"),
+])
+def test_adapter_sizes_the_backbone_refuses_are_config_errors(overrides, key, capsys, launcher):
+    """A size only the backbone's width can refuse is found while the model is built: a ConfigError naming the
+    key (the trainer's start-up check reported it as a CheckpointError; inspect_model.py printed a traceback)."""
+    from vlscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        build_model(_cfg(*overrides), vocab_size=VOCAB, device="meta")
+    assert launcher("inspect_model").main(overrides) == 2
+    assert key in capsys.readouterr().err

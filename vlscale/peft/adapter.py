@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlscale.config import ConfigError
 from vlscale.kernels.adapter import ACTIVATIONS, activate, adapter_reference, fused_adapter
 from vlscale.peft.sites import Site, select_key, weight_keys, zero3_unused_anchor
 
@@ -60,7 +61,7 @@ class BottleneckAdapter(nn.Module):
                  activation: str = "gelu", fused: bool = True, device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"peft.activation={activation!r} is not one of {list(ACTIVATIONS)}")
+            raise ConfigError(f"peft.activation={activation!r} is not one of {list(ACTIVATIONS)}")
         self.d_model, self.hidden, self.activation, self.fused = d_model, hidden, activation, fused
         self.down_keys, self.up_keys = tuple(down_keys), tuple(up_keys)
         kw = dict(device=device, dtype=dtype)
@@ -95,7 +96,7 @@ class BottleneckAdapter(nn.Module):
 def adapter_hidden(d_model: int, reduction_factor: int) -> int:
     hidden = d_model // reduction_factor
     if hidden < 1:
-        raise ValueError(f"peft.reduction_factor={reduction_factor} leaves no hidden units for d_model={d_model}")
+        raise ConfigError(f"peft.reduction_factor={reduction_factor} leaves no hidden units for d_model={d_model}")
     return hidden
 
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from vlscale.config import ConfigError
 from vlscale.peft.adapter import ACTIVATIONS, adapter_hidden, apply_adapter
 from vlscale.peft.sites import Site, select_key, weight_keys, zero3_unused_anchor
 
@@ -62,9 +63,9 @@ class CompacterAdapter(nn.Module):
                  activation: str = "gelu", fused: bool = True, device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"peft.activation={activation!r} is not one of {list(ACTIVATIONS)}")
+            raise ConfigError(f"peft.activation={activation!r} is not one of {list(ACTIVATIONS)}")
         if d_model % n or hidden % n:
-            raise ValueError(f"peft.phm_dim={n} must divide d_model={d_model} and the adapter hidden size "
+            raise ConfigError(f"peft.phm_dim={n} must divide d_model={d_model} and the adapter hidden size "
                              f"{hidden} (d_model // peft.reduction_factor)")
         self.d_model, self.hidden, self.n = d_model, hidden, n
         self.shared_rule, self.factorized, self.rank = shared_rule, factorized, rank

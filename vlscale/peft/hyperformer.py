@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from vlscale.config import ConfigError
 from vlscale.peft.adapter import ACTIVATIONS, adapter_hidden, apply_adapter
 from vlscale.peft.sites import Site, zero3_unused_anchor
 
@@ -104,7 +105,7 @@ class HyperformerLayers(nn.Module):
     def __init__(self, sites: Sequence[Site], cfg, tasks: Sequence[str], d_model: int, device=None, dtype=None):
         super().__init__()
         if cfg.activation not in ACTIVATIONS:
-            raise ValueError(f"peft.activation={cfg.activation!r} is not one of {list(ACTIVATIONS)}")
+            raise ConfigError(f"peft.activation={cfg.activation!r} is not one of {list(ACTIVATIONS)}")
         self.tasks = tuple(tasks)
         self.sites = {s.key: s for s in sites}
         self.activation, self.fused = cfg.activation, cfg.fused
