@@ -337,9 +337,23 @@ class PeftConfig:
                 f"peft.sharing={self.sharing} does not apply to peft.method=hyperformer: Hyperformer shares one "
                 "hypernetwork across tasks by construction (each task's adapters come from its task embedding); "
                 "set peft.sharing=single (the default)")
-        if self.sharing == "half_shared" and self.method not in ("adapter", "compacter", "lora", "none"):
+        if self.method == "none" and self.sharing != "single":
+            raise ConfigError(
+                f"peft.sharing={self.sharing} does not apply to peft.method=none, which adds no PEFT modules to share "
+                "(what trains is set by peft.train_lm, train_layer_norms, train_projection, bias); set "
+                "peft.sharing=single (the default) or a peft.method")
+        if self.sharing == "half_shared" and self.method not in ("adapter", "compacter", "lora"):
             raise ConfigError(
                 f"peft.sharing=half_shared applies to adapter, compacter and lora, not peft.method={self.method!r}")
+        if self.extra_prompts and self.method == "prompt":
+            raise ConfigError(
+                "peft.extra_prompts adds task-specific prompts on top of another method; peft.method=prompt is "
+                "prompt tuning itself (peft.sharing=multiple gives each task its prompts): drop peft.extra_prompts")
+        if self.train_lm and (not self.train_layer_norms or self.bias == "none"):
+            key = "train_layer_norms=false" if not self.train_layer_norms else "bias=none"
+            raise ConfigError(
+                f"peft.train_lm=true trains every parameter of the language model, its layer norms and biases "
+                f"included: peft.{key} contradicts it; drop one of the two")
 
 
 @dataclass

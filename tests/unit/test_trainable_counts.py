@@ -170,3 +170,20 @@ def test_the_paper_presets_update_table_1s_share_of_the_parameters(launcher, cap
         assert launcher("inspect_model").main(["--config", f"paper/clip_bart_{method}", "--json"]) == 0
         ours = round(json.loads(capsys.readouterr().out)["updated_pct"], 2)  # the paper's two decimals
         assert abs(ours - paper) <= NOT_TO_THE_DIGIT.get(method, 0) + 1e-9, (method, ours, paper)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["peft.method=none", "peft.sharing=multiple"], ["peft.sharing=multiple", "peft.method=none", "no PEFT modules"]),
+    (["peft.method=none", "peft.sharing=half_shared"], ["peft.sharing=half_shared", "peft.method=none"]),
+    (["peft.method=prompt", "peft.extra_prompts=true"], ["peft.extra_prompts", "peft.method=prompt"]),
+    (["peft.train_lm=true", "peft.train_layer_norms=false"], ["peft.train_lm=true", "peft.train_layer_norms=false"]),
+    (["peft.train_lm=true", "peft.bias=none"], ["peft.train_lm=true", "peft.bias=none"]),
+])
+def test_settings_the_trainable_set_would_ignore_are_refused(overrides, words):
+    """Each pair was accepted and one half of it silently ignored (sharing without modules to share, prompts on
+    prompt tuning, norms and biases that full fine-tuning trains anyway)."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    for word in words:
+        assert word in str(e.value)
+    load_config("tiny", overrides[:1])  # each setting alone is fine
