@@ -264,3 +264,16 @@ def test_updated_pct_counts_a_trained_clip():
     stats = count_parameters(model)
     assert stats["updated_pct"] == pytest.approx(100.0) == stats["updated_pct_with_vision"]
     assert stats["total_without_vision"] == stats["total"]
+
+
+def test_lora_rank_above_the_width_is_said_once(caplog):
+    """A run builds its model twice (meta for the start-up estimates, then for real): one warning, not two."""
+    from vlscale.peft import trainable
+
+    trainable._say_lora_rank.cache_clear()
+    cfg = peft_cfg("lora", lora_rank=D + 1)
+    with caplog.at_level("WARNING", logger="vlscale"):
+        for device in ("meta", "cpu"):
+            configure_trainable(StandIn("t5", cfg, device=device), cfg)
+    said = [r.getMessage() for r in caplog.records if "exceeds the width" in r.getMessage()]
+    assert len(said) == 1 and f"peft.lora_rank={D + 1}" in said[0] and f"<= {D}" in said[0]

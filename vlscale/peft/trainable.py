@@ -31,6 +31,7 @@ over all parameters except the vision encoder's (features precomputed), in perce
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Iterator
 
@@ -149,16 +150,22 @@ def unused_vision_parameters(model) -> set[int]:
 
 def _warn_lora_rank(model, peft_cfg) -> None:
     """A LoRA rank above the adapted projections' width adds parameters (and updated %) but no capacity:
-    B A of rank r has rank at most min(in, out). Said once per build, in one line."""
+    B A of rank r has rank at most min(in, out). Said once per process, in one line."""
     lora = getattr(getattr(model, "peft", None), "lora", None) if peft_cfg.method == "lora" else None
     sites = list(getattr(lora, "sites", {}).values()) if lora is not None else []
     if not sites:
         return
     width = min(min(s.in_features, s.out_features) for s in sites)
     if peft_cfg.lora_rank > width:
-        log.warning("peft.lora_rank=%d exceeds the width of the LoRA-adapted projections (%d): B A has rank at most "
-                    "%d, so the extra rank only adds parameters (and updated %%); set peft.lora_rank <= %d",
-                    peft_cfg.lora_rank, width, width, width)
+        _say_lora_rank(peft_cfg.lora_rank, width)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_lora_rank(rank: int, width: int) -> None:
+    """Once a process: a run builds its model twice (on ``meta`` for the start-up estimates, then for real)."""
+    log.warning("peft.lora_rank=%d exceeds the width of the LoRA-adapted projections (%d): B A has rank at most "
+                "%d, so the extra rank only adds parameters (and updated %%); set peft.lora_rank <= %d",
+                rank, width, width, width)
 
 
 def configure_trainable(model, peft_cfg) -> dict[str, dict]:
