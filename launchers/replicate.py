@@ -115,8 +115,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
-                                   check_layout, check_result, default_parallel, get_table, make_result, parse_seeds,
-                                   plan_job, row_config, row_overrides, seed_dir, select_rows, updated_params,
+                                   check_layout, check_result, default_parallel, get_table, headline_pct, make_result, parse_seeds,
+                                   pct_without_vision,
+                                   plan_job, row_config, row_overrides, seed_dir, select_rows, time_spent, updated_params,
                                    uses_cache, write_json, write_outputs)
 
     log = print
@@ -167,9 +168,10 @@ def main(argv=None) -> int:
                 cfg = config_of(job)
                 counts = updated_params(cfg)
                 said = {"done": "done: its result is kept", "collect": "trained and evaluated: its result is collected"}
-                log(f"{job.name}: updated {counts['updated_pct']:.2f}% (with CLIP "
-                    f"{counts['updated_pct_with_vision']:.2f}%), {counts['trainable']:,} of {counts['total']:,} "
-                    f"parameters, lr {cfg.lr:g}{peft_lr(cfg)}; "
+                other = (f"without CLIP {pct_without_vision(counts):.2f}%" if table.count_vision else
+                         f"with CLIP {counts['updated_pct_with_vision']:.2f}%")
+                log(f"{job.name}: updated {headline_pct(counts, table):.2f}% ({other}), {counts['trainable']:,} of "
+                    f"{counts['total']:,} parameters, lr {cfg.lr:g}{peft_lr(cfg)}; "
                     + (said.get(job.phase) or "; ".join(f"{kind}: {shlex.join(cmd)}" for kind, cmd in job.commands)))
             return 0
     except (ReplicationError, ConfigError) as e:
@@ -187,9 +189,8 @@ def main(argv=None) -> int:
 
     # --- train and evaluate
     def on_done(job):
-        seconds = time.time() - job.started if job.started else None
-        write_json(job.run_dir / RESULT_FILE,
-                   make_result(job.row, table, job.overrides, job.run_dir, seconds, round(job.cpu_s, 1)))
+        seconds, cpu = time_spent(job.run_dir)  # every invocation's commands: a resumed row's first part too
+        write_json(job.run_dir / RESULT_FILE, make_result(job.row, table, job.overrides, job.run_dir, seconds, cpu))
 
     try:
         if needs_cache:

@@ -116,13 +116,17 @@ def get_table(number) -> Table:
 
 
 def select_rows(table: Table, names: Optional[Sequence[str]]) -> list[Row]:
-    """The table's rows, or those named (in the table's order); unknown names are an error."""
+    """The table's rows, or those named (in the table's order); unknown or repeated names are an error."""
     if not names:
         return list(table.rows)
     valid = [r.name for r in table.rows]
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise ReplicationError(f"--methods {unknown} are not rows of Table {table.number}; valid: {valid}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ReplicationError(f"--methods names {', '.join(twice)} more than once; each row is trained once a seed "
+                               f"(--seed 0,1,2 for repeats)")
     return [r for r in table.rows if r.name in names]
 
 
@@ -226,6 +230,18 @@ def updated_params(cfg) -> dict:
     model = build_model(cfg, device="meta")
     counts = count_parameters(model)
     return dict(counts, **with_registry_vision(cfg, model, counts))
+
+
+def headline_pct(counts: dict, table: "Table") -> float:
+    """The updated % a table reports: Table 3 counts CLIP (frozen or trained), the others leave a frozen CLIP out
+    (the paper's convention, as inspect_model.py's ``updated_pct``)."""
+    return counts["updated_pct_with_vision"] if table.count_vision else counts["updated_pct"]
+
+
+def pct_without_vision(counts: dict) -> float:
+    """Updated % of the model without its vision encoder, trained or frozen (the language side alone)."""
+    total = counts["total_without_vision"] - counts["trainable_vision"]
+    return 100.0 * (counts["trainable"] - counts["trainable_vision"]) / total if total else 0.0
 
 
 def uses_cache(overrides: Sequence[str], preset: str = MINI_PRESET) -> bool:
@@ -332,9 +348,8 @@ def make_result(row: Row, table: Table, overrides: Sequence[str], run_dir: Path,
     counts = updated_params(cfg)
     test = json.loads((run_dir / "eval_test" / "eval_metrics.json").read_text())
     scores = headline_scores(test)
-    result = {"label": row.label, "peft_preset": row.peft_preset,
-              "updated_pct": counts["updated_pct_with_vision"] if table.count_vision else counts["updated_pct"],
-              "updated_pct_without_vision": counts["updated_pct"],
+    result = {"label": row.label, "peft_preset": row.peft_preset, "updated_pct": headline_pct(counts, table),
+              "updated_pct_without_vision": pct_without_vision(counts),
               "updated_pct_with_vision": counts["updated_pct_with_vision"],
               "trainable_params": counts["trainable"], "total_params": counts["total"],
               "scores": scores, "avg": average(scores), "split": "test",
@@ -504,6 +519,7 @@ class Job:
     log: Optional[Path] = None
     cpu_s: float = 0.0
     """CPU seconds (user + system) of the job's finished commands."""
+    command_started: Optional[float] = None
     seed: Optional[int] = None
     """Set where the replication runs several seeds: the job is named ``<row> (seed S)``."""
     _log_file: object = None
@@ -663,6 +679,20 @@ def check_result(row: Row, overrides: Sequence[str], run_dir: Path, fingerprint:
                                if kept else "")
 
 
+SEGMENTS_FILE = "replicate_segments.jsonl"
+"""A row's commands as they ended, one JSON line each (phase, wall and CPU seconds, exit code): a row trained
+over several invocations (interrupted, resumed) is timed over all of them."""
+
+
+def time_spent(run_dir: Path) -> tuple[Optional[float], Optional[float]]:
+    """(wall, CPU) seconds of the row's commands over every invocation; (None, None) when none is recorded."""
+    path = run_dir / SEGMENTS_FILE
+    if not path.exists():
+        return None, None
+    segments = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return round(sum(s["seconds"] for s in segments), 1), round(sum(s["cpu_s"] for s in segments), 1)
+
+
 def _clear_partial(run_dir: Path) -> None:
     """A run that stopped before its first checkpoint: remove its files so train.py starts afresh."""
     import shutil
@@ -729,17 +759,23 @@ class Runner:
         job._log_file = open(job.log, "a")
         job._log_file.write(f"$ {' '.join(cmd)}\n")
         job._log_file.flush()
+        job.command_started = time.time()
         job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=self.env, stdout=job._log_file,
                                     stderr=subprocess.STDOUT)
 
     @staticmethod
-    def _poll(job: Job) -> Optional[int]:
-        """The command's exit code once it ended (None while it runs); adds its CPU time to the job."""
-        pid, status, usage = os.wait4(job.proc.pid, os.WNOHANG)
+    def _poll(job: Job, wait: bool = False) -> Optional[int]:
+        """The command's exit code once it ended (None while it runs; ``wait``: until it ends); adds its CPU
+        time to the job and records the command in the row's :data:`SEGMENTS_FILE`."""
+        pid, status, usage = os.wait4(job.proc.pid, 0 if wait else os.WNOHANG)
         if pid == 0:
             return None
-        job.cpu_s += usage.ru_utime + usage.ru_stime
+        cpu = usage.ru_utime + usage.ru_stime
+        job.cpu_s += cpu
         job.proc.returncode = os.waitstatus_to_exitcode(status)
+        with open(job.run_dir / SEGMENTS_FILE, "a") as f:
+            f.write(json.dumps({"phase": job.phase, "seconds": round(time.time() - job.command_started, 1),
+                                "cpu_s": round(cpu, 1), "exit": job.proc.returncode}) + "\n")
         return job.proc.returncode
 
     def _finish(self, job: Job, bar) -> None:
@@ -815,7 +851,7 @@ class Runner:
                     job.proc.terminate()  # train.py checkpoints on SIGTERM; a rerun resumes
             for job in self.running:
                 if job.proc is not None:
-                    job.proc.wait()
+                    self._poll(job, wait=True)
             raise
         finally:
             if bar is not None:

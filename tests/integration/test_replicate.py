@@ -43,6 +43,8 @@ def test_unknown_table_and_method_are_named():
     with pytest.raises(ReplicationError, match="single_adaptr"):
         select_rows(get_table(1), ["single_adaptr"])
     assert [r.name for r in select_rows(get_table(1), ["single_prompt", "full_ft"])] == ["full_ft", "single_prompt"]
+    with pytest.raises(ReplicationError, match="names full_ft more than once"):  # was merged silently
+        select_rows(get_table(1), ["full_ft", "single_prompt", "full_ft"])
 
 
 def test_widths_scale_with_d_model_and_lora_keeps_alpha_over_rank():
@@ -93,6 +95,40 @@ def test_parameter_regime_of_the_miniature():
     assert pct["single_adapter"] < 10.0
     assert pct["single_adapter"] < pct["half_shared_adapters"] < pct["multiple_adapters"]
     assert pct["single_prompt"] < pct["single_adapter"]
+
+
+def test_table3_counts_clip_in_its_headline_and_leaves_it_out_beside():
+    """Table 3's updated % counts CLIP, trained or frozen; ``updated_pct_without_vision`` is the language side's
+    (it counted a trained CLIP, equal to the headline there); the dry run prints the headline first."""
+    from vlscale.replicate import headline_pct, pct_without_vision
+
+    t3 = get_table(3)
+    counts = {r.name: updated_params(row_config(row_overrides(r))) for r in t3.rows}
+    frozen, trained = counts["clip_frozen_single_adapter"], counts["clip_ft_single_adapter"]
+    assert pct_without_vision(trained) == pytest.approx(pct_without_vision(frozen)) == pytest.approx(frozen["updated_pct"])
+    assert trained["trainable_vision"] > 0 == frozen["trainable_vision"]
+    assert headline_pct(trained, t3) == trained["updated_pct_with_vision"] > 2 * pct_without_vision(trained)
+    assert pct_without_vision(counts["clip_ft_lm_ft"]) == pytest.approx(100.0)
+    assert headline_pct(frozen, get_table(1)) == frozen["updated_pct"]
+
+
+def test_a_rows_time_adds_up_over_invocations(tmp_path):
+    """A row trained over two invocations (stopped, resumed) is timed over both (results.json timed the last)."""
+    import sys
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner, time_spent
+
+    assert time_spent(tmp_path) == (None, None)
+    for code in (130, 0):
+        job = Job(row=get_table(1).rows[0], overrides=[], run_dir=tmp_path, commands=deque(
+            [("train", [sys.executable, "-c", f"import time; time.sleep(0.5); raise SystemExit({code})"])]))
+        Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+    lines = [json.loads(line) for line in (tmp_path / "replicate_segments.jsonl").read_text().splitlines()]
+    assert [(s["phase"], s["exit"]) for s in lines] == [("train", 130), ("train", 0)]
+    seconds, cpu = time_spent(tmp_path)
+    assert seconds == pytest.approx(sum(s["seconds"] for s in lines)) and seconds >= 1.0
+    assert cpu == pytest.approx(sum(s["cpu_s"] for s in lines), abs=0.11) and cpu > 0
 
 
 def test_scores_and_markdown():
@@ -450,6 +486,7 @@ def test_sigterm_stops_the_running_trainings(tmp_path):
         with pytest.raises(KeyboardInterrupt):
             Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.1, echo=lambda m: None).run()
         assert job.proc.poll() == -signal.SIGTERM  # the training got SIGTERM and ended
+        assert json.loads((tmp_path / "replicate_segments.jsonl").read_text())["exit"] == -signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
     finally:
         signal.signal(signal.SIGTERM, original)

@@ -189,16 +189,18 @@ def count_parameters(model) -> dict:
     """trainable / total / total_without_vision counts and updated_pct (percent, the paper's convention:
     a frozen CLIP is not counted; a trained one is, so the figure never exceeds 100)."""
     groups = parameter_groups(model)
-    total = trainable = frozen_vision = 0
+    total = trainable = frozen_vision = trainable_vision = 0
     for group, params in groups.items():
         for _, p in params:
             n = param_numel(p)
             total += n
             trainable += n if p.requires_grad else 0
             frozen_vision += n if group == "vision" and not p.requires_grad else 0
+            trainable_vision += n if group == "vision" and p.requires_grad else 0
     without = total - frozen_vision
     return {
         "trainable": trainable,
+        "trainable_vision": trainable_vision,
         "total": total,
         "total_without_vision": without,
         "updated_pct": 100.0 * trainable / without if without else 0.0,
