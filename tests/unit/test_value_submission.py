@@ -98,3 +98,20 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
             assert ("map data.hf_columns.id" in caplog.text) == (task != "tvqa"), caplog.text
         else:
             assert "not numbers" not in caplog.text
+
+
+def test_a_prediction_the_accuracy_counts_as_an_option_is_written_as_that_option(tmp_path):
+    """The submission reads an option's name as the scorer of ``evaluate.py`` does (normalize_answer: case,
+    punctuation, spaces), so a prediction scored right locally is never written as option 0 for VALUE."""
+    from vlscale.metrics import accuracy
+
+    write_split(tmp_path, "tvqa", "test.jsonl", QA)
+    ex = examples(tmp_path, "tvqa", "test")
+    predicted = ["a2.", "A3", "(a1)", "Yes."]  # T5 may add a full stop within 3 tokens; an option's text too
+    wanted = [2, 3, 1, 1]
+    for p, k in zip(predicted[:3], wanted):
+        assert accuracy({"q": p}, {"q": [f"a{k}"]}) == 1.0  # the local score counts it as option k
+    records = [{"uid": str(e.uid), "prediction": p} for e, p in zip(ex, predicted)]
+    path = write_submission(tmp_path / "sub", "tvqa", records, ex, "test")
+    read = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    assert read == {r["qid"]: k for r, k in zip(QA, wanted)}

@@ -180,12 +180,17 @@ def _number_or_text(value: str):
 
 def _option_index(prediction: str, candidates: list[str]) -> Optional[int]:
     """A multiple-choice prediction as the option's index: its name (``"a2"``, the target) or, failing that, an
-    option's text; None when it names none."""
-    m = _OPTION.match(prediction)
+    option's text; None when it names none. Both are compared as the accuracy compares them
+    (:func:`vlscale.metrics.normalize_answer`: case, punctuation, spaces), so a prediction scored right locally
+    ("a2." against "a2") is written as that option, not as 0."""
+    from vlscale.metrics import normalize_answer
+
+    pred = normalize_answer(prediction)
+    m = _OPTION.match(pred)
     if m and int(m.group(1)) < len(candidates):
         return int(m.group(1))
-    texts = [c.strip().lower() for c in candidates]
-    return texts.index(prediction.strip().lower()) if prediction.strip().lower() in texts else None
+    texts = [normalize_answer(c) for c in candidates]
+    return texts.index(pred) if pred in texts else None
 
 
 NUMERIC_IDS = {"vqa": ("question_id", "EvalAI"), "caption": ("image_id", "the COCO caption server"),
