@@ -17,7 +17,8 @@ def test_a_run_that_trains_nothing_is_refused_in_one_line_before_anything_loads(
     """Was a ValueError from optimizer_groups, after the model was built: a traceback."""
     with pytest.raises(ConfigError, match=r"nothing to train: peft\.method=none .*peft\.train_projection"):
         check_something_trains(load_config("tiny", TINY + NOTHING))
-    for extra in (["peft.train_projection=true"], ["peft.extra_prompts=true"], ["peft.train_lm=true"]):
+    for extra in (["peft.train_projection=true"], ["peft.extra_prompts=true"],
+                  ["peft.train_lm=true", "peft.train_layer_norms=true"]):  # (train_lm with norms frozen: refused)
         check_something_trains(load_config("tiny", TINY + NOTHING + extra))  # something trains: accepted
     check_something_trains(load_config("tiny", TINY))
 
