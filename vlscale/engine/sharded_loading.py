@@ -398,6 +398,20 @@ def pretrained_config(name: str, source: str, overrides: Optional[dict] = None):
     return config
 
 
+def checkpoint_generation_config(source: str):
+    """The generation defaults ``from_pretrained`` gives a model of the local folder ``source``: its
+    ``generation_config.json``, else the generation keys of its ``config.json`` (BART's
+    ``no_repeat_ngram_size=3``, ``early_stopping``, ``forced_bos_token_id``, ...), which the config object
+    no longer carries. A model built from its config (under ``zero.Init``) would otherwise decode without
+    them, unlike the same checkpoint built whole (``launchers/evaluate.py`` without ``--deepspeed``)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: as transformers' from_pretrained falls back
+        return GenerationConfig.from_pretrained(source, config_file_name="config.json", _from_model_config=True)
+
+
 def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pretrained: bool = False,
                    dtype: torch.dtype = torch.float32, config_overrides: Optional[dict] = None,
                    reports: Optional[list] = None):
@@ -419,6 +433,7 @@ def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pr
         with _no_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             lm = lm_class(config)(config)
         lm.tie_weights()  # skipped with the initialisation; the load fills the shared tensor once
+        lm.generation_config = checkpoint_generation_config(source)
         report = load_sharded_safetensors(lm, source)
         if reports is not None:
             reports.append(report)
