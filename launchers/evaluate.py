@@ -31,7 +31,9 @@ ZeRO-1/2 shard only optimizer state and gradients: with such a file every rank h
 ``--deepspeed``. In bf16, ZeRO-3's linear layers (DeepSpeed's ``zero3_linear_wrap``: the bias added after the
 matmul, one more rounding) make the logits differ slightly from the unsharded model's (about one bf16 step), as
 training under ZeRO-3 computed them; in fp32 the predictions are identical. ``--java-metrics`` scores the caption
-tasks as coco-caption does (PTB tokenizer, METEOR; needs Java).
+tasks' BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation and adds METEOR (needs Java); CIDEr-D keeps the
+Python tokenisation (vlscale/metrics/captioning.py), so it can differ from coco-caption's where PTB splits
+differently (hyphens, decimals, symbols).
 
 ``--predict-only`` (a split whose answers are withheld, for a leaderboard): its records are read without
 requiring answers (every other check stays; without the flag such a split is refused, as training refuses it),
@@ -250,7 +252,9 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
-    tasks = cfg.data.tasks if not args.tasks else list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    tasks = cfg.data.tasks if args.tasks is None else list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} names no task; omit it for every task of the adapter ({cfg.data.tasks})")
     unknown = [t for t in tasks if t not in cfg.data.tasks]
     if unknown:
         raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")

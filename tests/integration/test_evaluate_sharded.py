@@ -200,3 +200,12 @@ def test_an_adapter_that_does_not_fit_is_named_before_the_model_is_built(stage2_
     with pytest.raises(CheckpointError, match=rf"does not fit the model: 1 trainable parameters missing .*{re.escape(dropped)}"):
         launcher("evaluate").main(["--adapter", str(adapter), "--out", str(tmp_path / "out"), "--no-progress"])
     assert built == ["meta"]
+
+
+@pytest.mark.parametrize("tasks, said", [(",", "names no task"), ("nlvr2,tvqa", r"\['tvqa'\] were not trained")])
+def test_tasks_naming_none_or_untrained_ones_are_refused(stage2_run, tmp_path, launcher, tasks, said):
+    """``--tasks ,`` evaluated every task, as if it were not given."""
+    with pytest.raises(ValueError, match=said):
+        launcher("evaluate").main(["--adapter", str(stage2_run / "adapter"), "--out", str(tmp_path / "out"),
+                                   "--tasks", tasks, "--no-progress"])
+    assert not (tmp_path / "out").exists()

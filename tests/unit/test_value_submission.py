@@ -87,6 +87,7 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
     cases = [("vqa", [ex("vqa", "test-0"), ex("vqa", "393225001")], "question_ids are not numbers (first ['test-0'])"),
              ("caption", [ex("caption", "test-7x")], "image_ids are not numbers (first ['test-7x'])"),
              ("tvqa", [ex("tvqa", "h21", candidates=["a", "b"])], "qids are not numbers (first ['h21'])"),
+             ("vqa", [ex("vqa", "vqa_test_000000")], "question_ids are not numbers (first ['vqa_test_000000'])"),
              ("gqa", [ex("gqa", "n161313")], None), ("vqa", [ex("vqa", "393225001")], None)]
     for task, examples, said in cases:
         caplog.clear()
@@ -94,8 +95,8 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
             write_submission(tmp_path, task, [{"uid": e.uid, "prediction": "a0"} for e in examples], examples)
         if said:
             assert f"{task} submission: 1 of {len(examples)} {said}" in caplog.text
-            # the HF-dataset hint only where an HF dataset can be the source (image tasks)
-            assert ("map data.hf_columns.id" in caplog.text) == (task != "tvqa"), caplog.text
+            # the HF-dataset hint only for an HF dataset's row ids (it was said for the synthetic world's too)
+            assert ("map data.hf_columns.id" in caplog.text) == (examples[0].uid == "test-0"), caplog.text
         else:
             assert "not numbers" not in caplog.text
 

@@ -199,17 +199,17 @@ NUMERIC_IDS = {"vqa": ("question_id", "EvalAI"), "caption": ("image_id", "the CO
 """The submissions whose leaderboard reads the ids as integers: the id's name there, and who reads it."""
 
 
-def _warn_non_numeric_ids(task: str, ids: list) -> None:
+def _warn_non_numeric_ids(task: str, ids: list, split: str) -> None:
     """Log a warning when ``task``'s submission holds ids (as written) that its leaderboard cannot read as
-    integers (an HF dataset without ``data.hf_columns.id`` gives ``<split>-<row>``)."""
+    integers; with a hint where they are an HF dataset's row ids (``<split>-<row>``, no ``data.hf_columns.id``)."""
     if task not in NUMERIC_IDS:
         return
     key, reader = NUMERIC_IDS[task]
     bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
-        from vlscale.data.hf_dataset import HF_TASKS
-
-        hint = " (an HF dataset: map data.hf_columns.id to the id column)" if task in HF_TASKS else ""
+        rows = re.compile(rf"{re.escape(split)}-\d+")
+        hint = " (an HF dataset's row numbers: map data.hf_columns.id to the id column)" \
+            if any(rows.fullmatch(str(i)) for i in bad) else ""
         logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
                        f"{reader} reads them as integers{hint}")
 
@@ -267,7 +267,7 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
                         _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
         key = NUMERIC_IDS.get(task, (None,))[0]
         text, ids = json.dumps(entries), [entry[key] for entry in entries] if key else []
-    _warn_non_numeric_ids(task, ids)
+    _warn_non_numeric_ids(task, ids, split)
     return write_text_atomic(Path(directory) / name, text)
 
 
