@@ -172,7 +172,7 @@ def real_jobs(cfg, video_flag: bool = False):
     video = any(get_task(t).modality == "video" for t in cfg.data.tasks)  # a config holds one kind
     if video_flag and not video:
         raise DataError(f"--video, but data.tasks={cfg.data.tasks} are image tasks")
-    jobs, notes, seen = [], [], set()
+    jobs, notes, seen = [], [], {}  # seen: id -> (task, source root) it is extracted from
     for task in cfg.data.tasks:
         for split in SPLITS:
             try:
@@ -182,8 +182,18 @@ def real_jobs(cfg, video_flag: bool = False):
                 continue
             source = real_visual_source(cfg, task, split)
             examples = check_visual_ids(cfg, task, split, examples, source)
-            ids = [i for i in dict.fromkeys(i for e in examples for i in e.image_ids) if i not in seen]
-            seen.update(ids)
+            named = list(dict.fromkeys(i for e in examples for i in e.image_ids))
+            ids = [i for i in named if i not in seen]
+            root = getattr(source, "root", None)
+            # a video another task names too (TVQA and TVC share theirs) is stored once, from the first task's
+            # source: said where this task's own source is another folder (its frames or features not used)
+            elsewhere = [seen[i] for i in named if i in seen and video and seen[i][1] != root]
+            if elsewhere:
+                first = sorted({t for t, _ in elsewhere})
+                notes.append(f"{task}/{split}: {len(elsewhere)} video(s) also named by {', '.join(first)} are stored "
+                             f"once, from {', '.join(sorted({str(r) for _, r in elsewhere}))}, not from {root}; "
+                             f"training from this cache reads those for {task} too")
+            seen.update((i, (task, root)) for i in ids)
             if ids and getattr(source, "kind", None) == "features":  # precomputed frame features: copied whole
                 from vlscale.data.video import VideoFeatureFolder
 

@@ -79,6 +79,18 @@ def test_extract_real_copies_every_video_the_preset_reads(real):
         "vision": "ViT-B-32", "pretrained": "openai", "kind": "frames", "dim": 512, "synthetic": None}
 
 
+def test_extract_real_says_which_task_a_shared_video_is_stored_from(launcher):
+    """TVQA and TVC name the same videos: the cache stores each once, from the first task's folder; the other
+    task's own files are not read, which --real now says (it did not), and only for videos named twice."""
+    cfg = preset(FIXTURE, "data.feature_cache=null")
+    _, notes = launcher("extract_features").real_jobs(cfg)
+    shared = [n for n in notes if "stored once" in n]
+    assert shared and all(n.startswith("tvc/") and "also named by tvqa" in n and str(FIXTURE / "tvqa" / "features") in n
+                          and f"not from {FIXTURE / 'tvc' / 'features'}" in n for n in shared), notes
+    tvc = {e.image_ids[0] for e in load_examples(cfg, "tvc", "train")}
+    assert f"tvc/train: {len(tvc)} video(s) also named by tvqa" in " ".join(shared)
+
+
 def test_extract_real_encodes_frame_images_as_the_images_video_command(real, tmp_path, launcher):
     """A task laid out as frame images (``root/<task>/frames/<vid_name>/*.jpg``) is encoded by ``--real`` into
     the same features ``--images DIR --video`` gives; a folder of videos of another width is refused."""
