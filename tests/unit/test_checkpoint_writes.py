@@ -316,3 +316,41 @@ def test_an_adapter_path_that_is_not_one_says_what_it_is(tmp_path):
         ckpt.read_adapter_config(tmp_path / "run")
     with pytest.raises(ckpt.CheckpointError, match=r"is not an adapter directory: adapter_config\.json is missing"):
         ckpt.read_adapter_config(tmp_path)
+
+
+def test_a_checkpoint_file_whose_bytes_changed_is_refused_naming_it(tmp_path):
+    """A DeepSpeed file corrupted in place (its size unchanged: a bad sector, a stray write) loaded without
+    complaint: torch.load does not check the CRC-32s torch.save stores, and the resumed run trained on
+    NaN optimizer state. The resume's check reads them and names the file and the checkpoint before."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        folder = root / f"step{step}"
+        folder.mkdir(parents=True)
+        torch.save({"module": {"w": torch.randn(4096)}}, folder / "mp_rank_00_model_states.pt")
+        sizes = {"mp_rank_00_model_states.pt": (folder / "mp_rank_00_model_states.pt").stat().st_size}
+        (folder / "client_state_rank0.json").write_text(json.dumps({"step": step, "zero_stage": 0,
+                                                                    "deepspeed_files": sizes}))
+    (root / "latest").write_text("step4")
+    assert ckpt.check_output_dir(tmp_path, True, 1, verify=True) == "step4"
+    f = root / "step4" / "mp_rank_00_model_states.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64  # NaNs in the tensor's bytes
+    f.write_bytes(bytes(data))
+    assert ckpt.check_output_dir(tmp_path, True, 1) == "step4"  # the sizes alone do not see it
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_output_dir(tmp_path, True, 1, verify=True)
+    msg = str(e.value)
+    assert f"{root / 'step4'} is corrupt" in msg and "mp_rank_00_model_states.pt: Bad CRC-32" in msg, msg
+    assert f"the previous checkpoint is {root / 'step2'}" in msg
+    # files written without CRC-32s (torch's compute_crc32 off) are not refused for lacking them
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"module": {"w": torch.randn(4096)}}, f)
+    finally:
+        config.save.compute_crc32 = True
+    state = json.loads((root / "step4" / "client_state_rank0.json").read_text())
+    state["deepspeed_files"] = {f.name: f.stat().st_size}
+    (root / "step4" / "client_state_rank0.json").write_text(json.dumps(state))
+    assert ckpt.check_output_dir(tmp_path, True, 1, verify=True) == "step4"

@@ -624,12 +624,14 @@ def lock_output_dir(output_dir):
 
 
 def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
-                     global_batch: Optional[int] = None, zero_stage: Optional[int] = None) -> Optional[str]:
+                     global_batch: Optional[int] = None, zero_stage: Optional[int] = None,
+                     verify: bool = False) -> Optional[str]:
     """Refuse to overwrite another run; with ``resume``, the tag to resume from. With ``world_size``
     and ``global_batch``, a resume that cannot continue the run's data order is refused too (before
     anything is built): another number of ranks is fine when the global batch is the same. A resume
     of a checkpoint with a corrupt client state or missing files, or (with ``zero_stage``, this run's)
-    one written at a ZeRO stage that does not load into this run's, is refused as well."""
+    one written at a ZeRO stage that does not load into this run's, is refused as well; with ``verify``, one
+    whose files' bytes changed since they were written too (:func:`check_checkpoint_files`)."""
     ckpt_root = Path(output_dir) / "checkpoints"
     tag = latest_tag(ckpt_root)
     steps = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir()) if ckpt_root.is_dir() else []
@@ -650,7 +652,7 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
     if resume and world_size is not None:
         _check_world_size(ckpt_root / tag, world_size, global_batch)
     if resume:
-        check_checkpoint_files(ckpt_root / tag, zero_stage)
+        check_checkpoint_files(ckpt_root / tag, zero_stage, verify=verify)
     return tag
 
 
@@ -772,12 +774,33 @@ def _expected_deepspeed_files(ckpt_dir: Path, stage, world: int) -> list[str]:
     return files
 
 
-def check_checkpoint_files(ckpt_dir, zero_stage: Optional[int] = None, every_state: bool = True) -> None:
+def _corruption(f: Path) -> Optional[str]:
+    """Why the torch archive ``f`` (a DeepSpeed ``.pt`` file) is corrupt: a record whose bytes no longer
+    match the CRC-32 that torch.save stored (torch.load does not check it: a changed byte of a tensor loads
+    as another value, NaN for all we know), or an archive that does not read; None when it is intact.
+    Records stored without a CRC (torch's ``compute_crc32`` off: 0) are not checked."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                if info.CRC:
+                    with archive.open(info) as record:  # raises BadZipFile at the end on a CRC mismatch
+                        while record.read(1 << 24):
+                            pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def check_checkpoint_files(ckpt_dir, zero_stage: Optional[int] = None, every_state: bool = True,
+                           verify: bool = False) -> None:
     """Refuse, before DeepSpeed reads it (its refusals are an empty AssertionError or a None deep inside), a
     checkpoint written at a ZeRO stage that does not load into ``zero_stage`` (this run's; None: not
     compared), or one whose files are missing or not the size they were written at. ``every_state``:
     every rank's client state is read too (rank 0's check before anything is built), so no rank finds
-    its own corrupt once the others are inside DeepSpeed's collectives."""
+    its own corrupt once the others are inside DeepSpeed's collectives. ``verify``: every DeepSpeed file
+    is read and checked against the CRC-32s stored in it as well (:func:`_corruption`)."""
     ckpt_dir = Path(ckpt_dir)
     state = read_client_state(ckpt_dir / "client_state_rank0.json")
     saved = _saved_stage(ckpt_dir, state)
@@ -805,6 +828,11 @@ def check_checkpoint_files(ckpt_dir, zero_stage: Optional[int] = None, every_sta
             problems.append(f"{name} is {f.stat().st_size} bytes, {size} when written")
     if problems:
         raise CheckpointError(f"{ckpt_dir} is incomplete ({'; '.join(problems)}); {earlier_checkpoint_hint(ckpt_dir)}")
+    if verify:
+        corrupt = [f"{name}: {why}" for name in sorted(recorded) if (why := _corruption(ckpt_dir / name))]
+        if corrupt:
+            raise CheckpointError(f"{ckpt_dir} is corrupt, its bytes changed since they were written "
+                                  f"({'; '.join(corrupt)}); {earlier_checkpoint_hint(ckpt_dir)}")
 
 
 WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter", "No space left", "Disk quota",

@@ -427,7 +427,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             if resume:  # another run's settings (another preset) first: its global batch would be the headline
                 check_settings_early(out, cfg)
             tag = ckpt.check_output_dir(out, resume, dist.world_size, int(ds_config["train_batch_size"]),
-                                        zero_stage(ds_config))
+                                        zero_stage(ds_config), verify=True)
             if resume:
                 saved, source = saved_settings(out, tag)
                 _check_resumable(saved, cfg, source)
