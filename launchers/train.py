@@ -56,7 +56,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
     written by another number of ranks with another global batch or at a ZeRO stage that does not load
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
-    start-up. Ranks that see another filesystem are left to rank 0's check after start-up."""
+    start-up, and so does one that exists but cannot be written. Ranks that see another filesystem are left
+    to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
     from vlscale.engine.distributed import launcher_world_size
@@ -83,6 +84,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {e.strerror or e}"
+    if not os.access(cfg.output_dir, os.W_OK | os.X_OK):  # it exists, but this process cannot write in it
+        return (f"CheckpointError: output_dir {str(cfg.output_dir)!r} cannot be written (its permissions, or a "
+                f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
     return None
 
 

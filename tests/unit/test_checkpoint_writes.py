@@ -4,6 +4,7 @@ it left; the last ``keep`` checkpoints stay. One process, an engine that writes 
 writing is the end-to-end tests'). And which resumes a checkpoint allows: its global batch, on any number of ranks."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,29 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"no 'latest' file\); it holds \['step9'\]: write the one"):
         ckpt.check_output_dir(done, resume=True)
     assert ckpt.check_output_dir(tmp_path / "fresh", resume=False) is None
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, launcher):
+    """An existing output_dir the run cannot write in (chmod 500 for a non-root user, a read-only mount) was an
+    OSError traceback from the lock file on rank 0, and a gloo "Connection closed by peer" on the other ranks
+    (the error escaped before rank 0's refusal is shared). It is refused before start-up, and the lock's
+    failure is a CheckpointError naming the folder (shared with every rank by setup_run)."""
+    from vlscale.config import load_config
+
+    out = tmp_path / "run"
+    (out / ckpt.LOCK_FILE).mkdir(parents=True)  # unopenable even for root, who passes chmod 500
+    with pytest.raises(ckpt.CheckpointError, match=rf"output_dir '{out}' cannot be written: Is a directory"):
+        ckpt.lock_output_dir(out)
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'ro'}"])
+    (tmp_path / "ro").mkdir()
+    train = launcher("train")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "ro")
+                        else real_access(path, mode))
+    refusal = train.refused_before_start(cfg, False, "ds_configs/zero3.json")
+    assert refusal == (f"CheckpointError: output_dir '{tmp_path / 'ro'}' cannot be written (its permissions, or a "
+                       f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
 
 
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):

@@ -606,8 +606,13 @@ def lock_output_dir(output_dir):
     import fcntl
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK_FILE, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_FILE, "a+")
+    except OSError as e:  # an output_dir the run cannot write (its permissions, a read-only file system)
+        raise CheckpointError(f"output_dir {str(out)!r} cannot be written: {e.strerror or e}"
+                              f"{': ' + str(e.filename) if e.filename else ''}; make it writable or choose "
+                              f"another output_dir (output_dir=...)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
