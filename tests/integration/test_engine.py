@@ -473,6 +473,37 @@ def test_a_dead_rank_makes_the_other_exit(tmp_path, h):
     assert waited < 100, f"rank 0 took {waited:.0f}s to give up"
 
 
+def test_sigterm_to_one_rank_stops_every_rank_with_its_exit_code(tmp_path, h):
+    """SIGTERM to one rank's pid (``kill PID``): every rank stops after the step with the checkpoint and exits
+    143. The other ranks learn of the stop only through the all-reduced flag: they took it for a clean exit 0,
+    went into the process group's teardown, and failed there on the rank that had exited ("Connection reset by
+    peer", exit 1)."""
+    out = tmp_path / "one"
+    port = h.free_port()
+    procs, logs = [], [tmp_path / f"rank{rank}.txt" for rank in (0, 1)]
+    for rank in (0, 1):
+        env = h.base_env(2, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port, VLSCALE_DIST_TIMEOUT=60)
+        procs.append(h.start(h.TINY + ["train.micro_batch_size=2", "train.max_steps=500", f"output_dir={out}"],
+                             env=env, log_path=logs[rank]))
+    try:
+        h.wait_for_steps(out, 1, procs[0])
+        import psutil
+
+        (rank1,) = psutil.Process(procs[1].pid).children()  # the rank, below its preloaded monitor
+        rank1.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [143, 143], (codes, texts[0][-3000:])
+    step = len(h.read_log(out))
+    assert f"stopped at step {step} (signal)" in texts[0] and "Traceback" not in texts[0], texts[0][-3000:]
+    assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
+
+
 def test_watchdog_ends_a_stuck_process(h):
     code = ("import time; from vlscale.engine.distributed import Watchdog; w = Watchdog(1.0, rank=5).start(); "
             "time.sleep(30)")

@@ -50,7 +50,7 @@ from vlscale.config import ConfigError, RunConfig, config_from_dict, flat_settin
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
-from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_reduce_sum, barrier,
+from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import EvaluationInterrupted, evaluate, format_scores, to_device, write_eval_report
 from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
@@ -609,6 +609,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
             except EvaluationInterrupted as e:  # Ctrl-C/SIGTERM mid-evaluation: checkpoint the step and stop
                 save_training_state(run)
                 bar.close()
+                agree_on_signal(run)
                 raise RunStopped(run.step, f"{signal_name(run.stop.signum)} during the evaluation at step {run.step} "
                                            f"({e}); step {run.step} is checkpointed, and --resume continues "
                                            f"training without that evaluation", run.stop.signum) from None
@@ -617,7 +618,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         if stop or run.step == stop_after_steps:
             save_training_state(run)
             bar.close()
-            raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", run.stop.signum)
+            raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
         if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
             save_training_state(run)
     bar.close()
@@ -638,13 +639,23 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
                                       "batches": e.total}
         if e.split == "val":
             run.last_scores = {}  # not the final evaluation's: there is none
-        name = signal_name(run.stop.signum)
+        name = signal_name(agree_on_signal(run))
         raise RunStopped(run.step, f"{name} during the final evaluation ({e}); the training is complete and "
                                    f"checkpointed, and --resume runs the final evaluation again",
                          run.stop.signum) from None
     finally:
         run.stoppable_evaluation = False
     return scores
+
+
+def agree_on_signal(run: Run) -> Optional[int]:
+    """Collective: the signal that stopped the run (the lowest rank's that received one; None: none did), set
+    as every rank's ``run.stop.signum``. A stop request reaches the other ranks as the all-reduced flag alone:
+    with SIGTERM sent to one rank's pid, that rank exited 143 while the others took signum None for a clean
+    exit 0 into the process group's teardown, and failed there on the exited rank ("Connection reset by peer")."""
+    signum = next((s for s in all_gather_object(run.stop.signum) if s is not None), None)
+    run.stop.signum = signum
+    return signum
 
 
 def signal_name(signum: Optional[int]) -> str:
