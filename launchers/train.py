@@ -21,6 +21,7 @@ Exit codes: 0 done (or stopped by --stop-after-steps), 1 error, 3 a hung rank (w
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -107,6 +108,28 @@ def user_errors() -> tuple:
     return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
 
 
+DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
+
+
+def disk_failure(e: BaseException, out: Path) -> str | None:
+    """A write the output_dir's disk refused (full, over quota, read-only) outside a checkpoint's save (which
+    reports its own: train_log.jsonl, TensorBoard's events, metrics.json, predictions/) as one line: the
+    reason, the free space and the checkpoint left; None for any other error. It was a traceback through
+    TensorBoard's writer thread ending in a bare "OSError: [Errno 28] No space left on device"."""
+    if not (isinstance(e, OSError) and e.errno in DISK_REFUSED):
+        return None
+    from vlscale.engine.checkpoint import CheckpointError, latest_tag, write_failure_reason
+
+    try:
+        tag = latest_tag(out / "checkpoints")
+    except (CheckpointError, OSError):
+        tag = None
+    kept = (f"the last checkpoint is {out / 'checkpoints' / tag} (--resume continues from it once there is room)"
+            if tag else "no checkpoint had been written")
+    return (f"{type(e).__name__}: writing the run's files in output_dir {str(out)!r} failed "
+            f"({write_failure_reason(e, out)}); {kept}")
+
+
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -156,9 +179,10 @@ def main(argv=None) -> int:
             print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)
         code = 0 if stop.signum is None else 128 + int(stop.signum)
     except Exception as e:  # one readable line per rank, and the traceback once where it is a fault
-        if dist.is_main and not isinstance(e, user_errors()):
+        disk = disk_failure(e, Path(cfg.output_dir)) if cfg is not None else None
+        if dist.is_main and not disk and not isinstance(e, user_errors()):
             traceback.print_exc()
-        print(f"vlscale: rank {dist.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"vlscale: rank {dist.rank}: {disk or f'{type(e).__name__}: {e}'}", file=sys.stderr, flush=True)
         code = 1
     except KeyboardInterrupt as e:
         print(f"vlscale: rank {dist.rank}: aborted ({e})", file=sys.stderr, flush=True)

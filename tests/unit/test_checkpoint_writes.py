@@ -378,3 +378,35 @@ def test_a_checkpoint_file_whose_bytes_changed_is_refused_naming_it(tmp_path):
     state["deepspeed_files"] = {f.name: f.stat().st_size}
     (root / "step4" / "client_state_rank0.json").write_text(json.dumps(state))
     assert ckpt.check_output_dir(tmp_path, True, 1, verify=True) == "step4"
+
+
+def test_a_full_disk_outside_a_save_is_one_line_and_cleanup_still_runs(tmp_path, launcher, capsys):
+    """A disk filling between saves failed train_log.jsonl's or TensorBoard's next write: a traceback through
+    TensorBoard's writer thread, a bare "OSError: [Errno 28] No space left on device" naming no folder, then a
+    second traceback from the writer's close() in the cleanup, which skipped the lock's release and the
+    process group's teardown. The launcher reports it as one line naming output_dir, the free space and the
+    checkpoint left; close() reports the writer's failure and goes on."""
+    import errno
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    train = launcher("train")
+    (tmp_path / "checkpoints" / "step4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step4")
+    line = train.disk_failure(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert line.startswith(f"OSError: writing the run's files in output_dir '{tmp_path}' failed (No space left on "
+                           f"device; "), line
+    assert line.endswith(f"the last checkpoint is {tmp_path / 'checkpoints' / 'step4'} (--resume continues from it "
+                         f"once there is room)"), line
+    assert train.disk_failure(FileNotFoundError(errno.ENOENT, "No such file or directory", "x"), tmp_path) is None
+    assert train.disk_failure(ValueError("not a write"), tmp_path) is None
+
+    class FailingWriter:
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock = ckpt.lock_output_dir(tmp_path)
+    trainer.close(SimpleNamespace(watchdog=None, stop=None, writer=FailingWriter(), lock=lock, out=tmp_path))
+    assert lock.closed
+    assert "TensorBoard's events could not all be written" in capsys.readouterr().err

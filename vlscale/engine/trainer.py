@@ -900,6 +900,10 @@ def close(run: Optional[Run]) -> None:
     if run.stop is not None:
         run.stop.uninstall()
     if run.writer is not None:
-        run.writer.close()
+        try:
+            run.writer.close()
+        except OSError as e:  # its thread's failed write (a full disk), raised again: the rest must still close
+            print(f"vlscale: {run.out / 'tensorboard'}: TensorBoard's events could not all be written ({e})",
+                  file=sys.stderr, flush=True)
     if run.lock is not None:
         run.lock.close()  # output_dir free for the next run
