@@ -113,6 +113,27 @@ def test_recompute_path_saves_fewer_bytes_than_reference():
     assert ref["activations"] == 2 * z_bytes  # the reference also keeps act(z)
 
 
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "permuted_3d"])
+def test_recompute_path_saves_no_copy_of_a_noncontiguous_x(layout):
+    # a strided x (a transposed or sliced view) must not be saved as a contiguous d_model-wide copy
+    tokens, d_model, hidden = 48, 32, 4
+    args, dh = _inputs((tokens,), d_model, hidden)
+    base = {"transposed": torch.randn(d_model, tokens).T, "sliced": torch.randn(tokens, 2 * d_model)[:, ::2],
+            "permuted_3d": torch.randn(tokens // 4, 4, d_model).transpose(0, 1)}[layout]
+    x = base.detach().requires_grad_(True)
+    assert not x.is_contiguous()
+    weights = [a.requires_grad_(True) for a in args[1:]]
+    fused = saved_bytes(lambda: fused_adapter(x, *weights, backend="torch"), [x, *weights])
+    assert fused["activations"] == tokens * hidden * 4  # z only
+    # and the gradients still match the reference's
+    dh = dh.reshape(x.shape)
+    got = torch.autograd.grad(fused_adapter(x, *weights, backend="torch"), [x, *weights], dh)
+    ref = torch.autograd.grad(adapter_reference(x, *weights), [x, *weights], dh)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- dispatch
 def test_auto_dispatch_on_cpu_uses_torch_path_and_logs_reason(caplog, monkeypatch):
     monkeypatch.delenv(ka.BACKEND_ENV, raising=False)

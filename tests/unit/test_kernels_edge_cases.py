@@ -95,6 +95,9 @@ def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpre
         assert err <= 1e-5 * max(1.0, scale), case
     # the interpreter has no bfloat16 arithmetic (its results are garbage): the PyTorch path runs bf16
     assert edge["bf16_path"] == "torch"
+    # a strided (transposed) x is saved as given, not as a contiguous d_model-wide copy: z only
+    saved = edge["saved_noncontiguous"]
+    assert saved["activations"] == saved["z_bytes"], saved
 
 
 # ------------------------------------------------------------------------------- benchmark

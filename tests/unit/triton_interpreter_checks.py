@@ -106,6 +106,13 @@ def edge_cases() -> dict:
         "errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
         "scale": [b.abs().max().item() for b in ref]}
     out["bf16_path"] = select_backend(torch.zeros(1, dtype=torch.bfloat16))[0]
+    # bytes saved for backward beyond the inputs with a transposed x: z only, no contiguous copy of x
+    from vlscale.profiling.measure import saved_bytes
+
+    xt = x.float().T.contiguous().T.requires_grad_(True)
+    weights = [t.float().requires_grad_(True) for t in (wd, bd_all[::2], wu, bu_all[::2])]
+    saved = saved_bytes(lambda: fused_adapter(xt, *weights, backend="triton", config=cfg), [xt, *weights])
+    out["saved_noncontiguous"] = {"activations": saved["activations"], "z_bytes": tokens * hidden * 4}
     return out
 
 

@@ -13,8 +13,9 @@ Backward, with dh the incoming gradient and act' the activation's derivative:
     dW_u = dh^T act(z)            db_u = sum_tokens dh
     dW_d = dz^T x                 db_d = sum_tokens dz
 
-Both fused paths save only x, z and the weights for backward and recompute act(z) and act'(z)
-from z there; the plain autograd graph of :func:`adapter_reference` also keeps act(z).
+Both fused paths save only x (the caller's tensor, also when it is a strided view), z and the
+weights for backward and recompute act(z) and act'(z) from z there; the plain autograd graph of
+:func:`adapter_reference` also keeps act(z).
 
 * Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``), three kernels.
   ``_down_kernel`` (one program per (rows, hidden slice) tile, reduction over d_model):
@@ -43,6 +44,7 @@ Under ``torch.autocast`` to a dtype other than x's, ``fused_adapter`` runs the r
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -123,12 +125,13 @@ def _create_graph_backward(ctx, dh, n_extra: int):
     inputs (z recomputed), so that second-order gradients are exact. The recompute kernels'
     backward is built from z, which carries no graph: differentiating it again would silently
     drop every path through z."""
-    x2d, _, w_down, w_up, b_down, b_up = ctx.saved_tensors
-    inputs = (x2d, w_down, b_down, w_up, b_up)
+    x, _, w_down, w_up, b_down, b_up = ctx.saved_tensors
+    inputs = (x, w_down, b_down, w_up, b_up)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
         h = adapter_reference(*inputs, ctx.activation)
-        grads = torch.autograd.grad(h, [inputs[i] for i in wanted], dh, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(h, [inputs[i] for i in wanted], dh.reshape(h.shape), create_graph=True,
+                                    allow_unused=True)
     out = [None] * (5 + n_extra)
     for i, g in zip(wanted, grads):
         out[i] = g if g is not None else torch.zeros_like(inputs[i])
@@ -136,28 +139,32 @@ def _create_graph_backward(ctx, dh, n_extra: int):
 
 
 class _TorchAdapterFn(torch.autograd.Function):
-    """Saves x, z and the weights; recomputes act(z) and act'(z) in backward."""
+    """Saves x, z and the weights; recomputes act(z) and act'(z) in backward. Takes x of any shape
+    (..., d_model) and layout and saves that tensor itself: a contiguous or 2-D copy of it saved
+    instead would be a d_model-wide activation of its own. Returns h as (tokens, d_model)."""
 
     @staticmethod
-    def forward(ctx, x2d, w_down, b_down, w_up, b_up, activation):
+    def forward(ctx, x, w_down, b_down, w_up, b_up, activation):
+        x2d = x.reshape(-1, x.shape[-1])
         z = F.linear(x2d, w_down, b_down)
         h = F.linear(activate(z, activation), w_up, b_up)
         h += x2d
         ctx.activation = activation
         ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x2d, z, w_down, w_up, b_down, b_up)  # the biases are inputs: no extra memory
+        ctx.save_for_backward(x, z, w_down, w_up, b_down, b_up)  # all inputs but z: no extra memory
         return h
 
     @staticmethod
     def backward(ctx, dh):
         if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
             return _create_graph_backward(ctx, dh, 1)
-        x2d, z, w_down, w_up, _, _ = ctx.saved_tensors
+        x, z, w_down, w_up, _, _ = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])
         need_x, need_wd, need_bd, need_wu, need_bu, _ = ctx.needs_input_grad
         # act(z) and dz = (dh W_u) * act'(z) recomputed from z, each in one of torch's own GELU kernels
         # (half precision computed in fp32 inside them, as the Triton epilogues do)
         dz = torch.ops.aten.gelu_backward(torch.mm(dh, w_up), z, approximate=_gelu_approximate(ctx.activation))
-        dx = torch.addmm(dh, dz, w_down) if need_x else None
+        dx = torch.addmm(dh, dz, w_down).view(x.shape) if need_x else None
         dwd = torch.mm(dz.t(), x2d) if need_wd else None
         dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
         dwu = torch.mm(dh.t(), activate(z, ctx.activation)) if need_wu else None
@@ -440,10 +447,12 @@ def _launch_up_bwd(dz, act, w_down, dh, x2d, cfg):
 
 
 class _TritonAdapterFn(torch.autograd.Function):
-    """Triton forward/backward; saves x, z and the weights (z: tokens x hidden, input dtype)."""
+    """Triton forward/backward; saves x (as given, as _TorchAdapterFn), z and the weights (z: tokens x
+    hidden, input dtype). Returns h as (tokens, d_model)."""
 
     @staticmethod
-    def forward(ctx, x2d, w_down, b_down, w_up, b_up, activation, config):
+    def forward(ctx, x, w_down, b_down, w_up, b_up, activation, config):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels read x row-major; a copy is not saved
         cfg = config or default_config(x2d.shape[1], w_down.shape[0], x2d.dtype)
         # the kernels index the biases as contiguous vectors (a strided view would be read wrongly)
         bd = b_down.contiguous() if b_down is not None else None
@@ -452,21 +461,22 @@ class _TritonAdapterFn(torch.autograd.Function):
         h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
         ctx.activation, ctx.cfg = activation, cfg
         ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x2d, z, w_down, w_up, b_down, b_up)  # the biases are inputs: no extra memory
+        ctx.save_for_backward(x, z, w_down, w_up, b_down, b_up)  # all inputs but z: no extra memory
         return h
 
     @staticmethod
     def backward(ctx, dh):
         if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
             return _create_graph_backward(ctx, dh, 2)
-        x2d, z, w_down, w_up, _, _ = ctx.saved_tensors
+        x, z, w_down, w_up, _, _ = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])
         need_x, need_wd, need_bd, need_wu, need_bu, _, _ = ctx.needs_input_grad
         cfg, dtype = ctx.cfg, dh.dtype
         dh = dh.contiguous()
         dz, act, psum_dz = _launch_down(dh, w_up, None, z, ctx.activation, True, cfg)
         dwd = None
         if cfg.bwd_fused:
-            dx, dwu, dbu, dwd = _launch_up_bwd(dz, act, w_down.contiguous(), dh, x2d, cfg)
+            dx, dwu, dbu, dwd = _launch_up_bwd(dz, act, w_down.contiguous(), dh, x2d.contiguous(), cfg)
             dwu, dbu = dwu.to(dtype), dbu.to(dtype)
             dwd = dwd.to(dtype) if dwd is not None else None
         else:
@@ -476,7 +486,7 @@ class _TritonAdapterFn(torch.autograd.Function):
         if dwd is None and need_wd:
             dwd = torch.mm(dz.t(), x2d)
         dbd = psum_dz.sum(0).to(dtype) if need_bd and ctx.has_b[0] else None
-        return (dx if need_x else None, dwd if need_wd else None, dbd, dwu if need_wu else None,
+        return (dx.view(x.shape) if need_x else None, dwd if need_wd else None, dbd, dwu if need_wu else None,
                 dbu if need_bu and ctx.has_b[1] else None, None, None)
 
 
@@ -551,8 +561,7 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
     _check_inputs(x, w_down, b_down, w_up, b_up, activation)
     path, reason = select_backend(x, backend)
     lead, d_model = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, d_model)
-    if x2d.shape[0] == 0:
+    if math.prod(lead) == 0:
         return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
     autocast = _autocast_dtype(x)
     if autocast is not None:
@@ -561,12 +570,10 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
         # dtype, and fail in a backward run outside autocast)
         _log_once(f"fused_adapter: using the reference graph, torch.autocast is on ({autocast}, x is {x.dtype})")
         return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
     if path == "triton":
         _log_once(f"fused_adapter: {reason}")
-        h = _TritonAdapterFn.apply(x2d, w_down, b_down, w_up, b_up, activation, config)
+        h = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
     else:
         _log_once(f"fused_adapter: using the PyTorch recompute path ({reason})")
-        h = _TorchAdapterFn.apply(x2d, w_down, b_down, w_up, b_up, activation)
+        h = _TorchAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation)
     return h.reshape(*lead, d_model)
