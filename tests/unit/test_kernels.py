@@ -149,6 +149,19 @@ def test_auto_dispatch_on_cpu_uses_torch_path_and_logs_reason(caplog, monkeypatc
     assert len(msgs) == 1 and "PyTorch recompute path" in msgs[0]
 
 
+def test_auto_dispatch_follows_the_kernels_triton_built_not_the_variable_now(monkeypatch):
+    # Triton reads TRITON_INTERPRET once, when the kernels are defined, and parses it its own way
+    # ("false", "off" are false): a value set later, or such a value, must not send CPU tensors to
+    # compiled kernels (a RuntimeError "0 active drivers" where the PyTorch path should run)
+    monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
+    interpreted = "Interpreted" in type(getattr(ka, "_down_kernel", None)).__name__
+    args, _ = _inputs((5,), 16, 4)
+    for value in ("1", "false", "off", "2"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert select_backend(args[0])[0] == ("triton" if interpreted else "torch"), value
+        torch.testing.assert_close(fused_adapter(*args), adapter_reference(*args))
+
+
 def test_dispatch_errors_are_clear(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args, _ = _inputs((5,), 16, 4)

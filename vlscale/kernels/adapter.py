@@ -503,7 +503,10 @@ def _log_once(message: str) -> None:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether the kernels run in Triton's interpreter: as ``triton.jit`` built them when this module
+    was imported (it reads ``TRITON_INTERPRET`` then, and parses values such as ``false`` or ``off``
+    its own way), not as the variable reads now."""
+    return triton is not None and type(_down_kernel).__name__ == "InterpretedFunction"
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -536,7 +539,8 @@ def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     if triton is None:
         problem = f"Triton unavailable ({TRITON_IMPORT_ERROR})"
     elif not x.is_cuda and not _interpreting():
-        problem = f"Triton needs CUDA tensors (x is on {x.device}) unless TRITON_INTERPRET=1"
+        problem = (f"Triton needs CUDA tensors (x is on {x.device}) unless TRITON_INTERPRET=1 is set before "
+                   "triton is imported")
     elif x.is_cuda and _interpreting():
         problem = "TRITON_INTERPRET=1 runs kernels on CPU tensors only, but x is on CUDA"
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
