@@ -258,6 +258,34 @@ def test_loader_errors_name_what_is_wrong(sharded_ckpt, tmp_path):
         load_sharded_safetensors(tiny_t5(), bad, rank=0, world_size=1)
 
 
+def test_checkpoint_tensors_the_model_lacks_are_named(sharded_ckpt, tmp_path, caplog):
+    """A checkpoint holding tensors the model has no place for (a layer more than its config.json says, an
+    adapter saved into it) loaded under ZeRO-3 without a word: the loader listed them only in its report,
+    which the trainer drops, while a whole build prints transformers' load report naming them."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    state = {}
+    for f in sharded_ckpt.glob("*.safetensors"):
+        state.update(load_file(f))
+    extra = {"encoder.block.2.layer.0.SelfAttention.q.weight": torch.zeros(64, 64),
+             "encoder.block.0.layer.0.adapter.down.weight": torch.zeros(8, 64)}
+    save_file({**state, **extra}, str(tmp_path / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="vlscale"):
+        report = load_sharded_safetensors(tiny_t5(), tmp_path, rank=0, world_size=1)
+    assert report.unexpected_keys == sorted(extra)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and str(tmp_path) in warned[0] and "2 checkpoint tensor(s)" in warned[0]
+    assert all(k in warned[0] for k in extra)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlscale"):  # a checkpoint that fits: nothing said
+        load_sharded_safetensors(tiny_t5(), sharded_ckpt, rank=0, world_size=1)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("backbone, layers", [("tiny-t5", ["T5Block"]),
                                               ("tiny-bart", ["BartDecoderLayer", "BartEncoderLayer"])])
 def test_lm_layers_are_marked_as_zero3_units(backbone, layers):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import resource
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -189,7 +192,8 @@ def load_sharded_safetensors(module: torch.nn.Module, directory, *, rank: Option
 
     Every parameter must be found (under any of its tied names, with or without the model's
     ``base_model_prefix`` / ``prefix``), with its full shape; checkpoint tensors the model lacks are
-    listed in the report. Not a collective: ranks read independently.
+    left unread, listed in the report and named in a warning (as transformers' load report names them for
+    a whole build). Not a collective: ranks read independently.
     """
     from safetensors import safe_open
 
@@ -230,6 +234,11 @@ def load_sharded_safetensors(module: torch.nn.Module, directory, *, rank: Option
             plan.setdefault(where[key], []).append((key, buf, False))
             used.add(key)
     unexpected = sorted(set(where) - used)
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        logger.warning(f"{directory}: {len(unexpected)} checkpoint tensor(s) the model has no place for were not "
+                       f"loaded ({', '.join(unexpected[:5])}{more}); a checkpoint of another architecture, or one "
+                       f"holding extra modules?")
 
     rss_before = _rss_bytes("VmRSS")
     reset_peak_rss()
