@@ -13,7 +13,8 @@ evaluation code as training's periodic evaluation (vlscale/engine/evaluation.py)
 on top of the saved config (e.g. ``data.synthetic_eval=500``, ``train.eval_batch_size=64``,
 ``train.eval_max_examples=100``, ``data.root=...``); ones that change the model are refused, except
 where the same frozen weights are found now (``model.backbone_path``, ``model.vision_pretrained``: the run's
-files moved), which are checked against the fingerprint the run's checkpoint recorded, as ``--resume`` does.
+files moved). The frozen weights built, moved or not, are checked against the fingerprint the run recorded (in
+the adapter, else its checkpoint), as ``--resume`` does: files replaced since training are refused, naming them.
 
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the data settings they come from: a report there of the same
@@ -111,9 +112,10 @@ def load_run_config(adapter_dir, overrides):
 
 
 def frozen_weights_problem(model, adapter_dir, meta, device=None) -> str | None:
-    """With model.backbone_path / model.vision_pretrained changed: why the frozen weights built now are not
-    the training run's (compared with the fingerprint its latest checkpoint recorded), or None. Without a
-    checkpoint to compare with, a note says the weights are not checked."""
+    """Why the frozen weights built now are not the training run's (compared with the fingerprint the adapter,
+    else the run's latest checkpoint, recorded), or None: with model.backbone_path / model.vision_pretrained
+    changed, and also where they did not, since the files there (or a hub id's cache) may have changed since
+    training. Without a fingerprint to compare with, a note says moved weights are not checked."""
     from vlscale.engine import checkpoint as ckpt
 
     saved = meta.get("frozen")
@@ -126,13 +128,20 @@ def frozen_weights_problem(model, adapter_dir, meta, device=None) -> str | None:
             saved = None
     changed = ", ".join(meta["relocated"])
     if not saved:
-        print(f"evaluate.py: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
-              f"weights against: they are assumed to be the training run's", file=sys.stderr)
+        if changed:
+            print(f"evaluate.py: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
+                  f"weights against: they are assumed to be the training run's", file=sys.stderr)
         return None
     problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model, device))
-    if problem:
+    if problem and changed:
         return (f"{changed} changed, and the frozen weights built from there are not the training run's: "
                 f"{problem}; point them at the weights the adapter was trained on")
+    if problem:
+        m = meta["run_config"]["model"]
+        where = ", ".join(f"model.{k}={m[k]!r}" for k in ("backbone", "backbone_path", "vision_pretrained") if m.get(k))
+        return (f"the frozen weights built now ({where}) are not the ones the adapter was trained on: {problem}; "
+                f"the files changed since training? point model.backbone_path / model.vision_pretrained at the "
+                f"weights the adapter was trained on")
     return None
 
 
@@ -290,7 +299,7 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
         model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
     load_adapter(model, args.adapter)  # collective under ZeRO-3
-    if meta["relocated"] and dtype == run_dtype:  # fingerprints are of the run's dtype
+    if dtype == run_dtype:  # fingerprints are of the run's dtype; the files may have changed even where unmoved
         problem = frozen_weights_problem(model, args.adapter, meta, device)
         if problem:
             raise ValueError(problem)

@@ -146,3 +146,37 @@ def test_a_users_preset_file_errors_in_one_line(tmp_path, text, words):
     # YAML merge keys still work, a later key overriding a merged one
     (tmp_path / "merge.yaml").write_text("base: tiny\ntrain:\n  <<: {max_steps: 3, lr: 1.0e-3}\n  max_steps: 4\n")
     assert load_config(str(tmp_path / "merge.yaml")).train.max_steps == 4
+
+
+def test_evaluate_refuses_frozen_weights_that_changed_where_they_were(tmp_path, launcher):
+    """evaluate.py compared the frozen weights with the run's fingerprint only when model.backbone_path had
+    moved: a folder whose files were replaced since training (another checkpoint saved over it) gave the
+    adapter other frozen weights, and it was evaluated on them without a word."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import seed_everything
+    from vlscale.modeling.backbones import lm_class, lm_config
+    from vlscale.modeling.vl_model import build_model
+
+    def save_lm(seed):
+        config = lm_config("tiny-t5", vocab_size=721)
+        torch.manual_seed(seed)
+        lm_class(config)(config).save_pretrained(tmp_path / "lm")
+
+    save_lm(1)
+    cfg = load_config("tiny", ["model.pretrained=true", f"model.backbone_path={tmp_path / 'lm'}", "data.tasks=[vqa]",
+                               "data.synthetic_eval=2", "train.eval_batch_size=2"])
+    tok = build_tokenizer(cfg)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, vocab_size=len(tok))
+    ckpt.save_adapter(model, tmp_path / "run" / "adapter", cfg, tokenizer=tok,
+                      extra={"step": 1, "frozen": ckpt.frozen_fingerprint(model)})
+    evaluate = launcher("evaluate")
+    args = ["--adapter", str(tmp_path / "run" / "adapter"), "--no-progress"]
+    assert evaluate.main(args + ["--out", str(tmp_path / "same")]) == 0  # the same weights: evaluated
+    save_lm(2)  # other weights saved over the folder the run trained on
+    with pytest.raises(ValueError, match=r"not the ones the adapter was trained on: lm\..* differs .*"
+                                         r"model\.backbone_path") as e:
+        evaluate.main(args + ["--out", str(tmp_path / "other")])
+    assert str(tmp_path / "lm") in str(e.value)
+    assert not (tmp_path / "other" / "eval_metrics.json").exists()
