@@ -180,3 +180,30 @@ def test_evaluate_refuses_frozen_weights_that_changed_where_they_were(tmp_path, 
         evaluate.main(args + ["--out", str(tmp_path / "other")])
     assert str(tmp_path / "lm") in str(e.value)
     assert not (tmp_path / "other" / "eval_metrics.json").exists()
+
+
+def test_meta_builds_take_the_backbone_folders_vocabulary(tmp_path, launcher):
+    """A model.backbone_path checkpoint whose embeddings outnumber the tokenizer (resized for added tokens) trains
+    with the folder's rows, but the meta-device builds used the tokenizer's length: inspect_model and profile_memory
+    counted another model than the run's, and evaluate.py refused a full fine-tuning adapter of it before building
+    ("shape mismatches ... lm.shared.weight: file (800, 64) vs model (721, 64)")."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.modeling.backbones import lm_class, lm_config
+    from vlscale.modeling.vl_model import build_model
+
+    config = lm_config("tiny-t5", vocab_size=800)
+    lm_class(config)(config).save_pretrained(tmp_path / "lm")
+    cfg = load_config("tiny", ["model.pretrained=true", f"model.backbone_path={tmp_path / 'lm'}", "data.tasks=[vqa]",
+                               "peft.method=none", "peft.train_lm=true"])
+    tok = build_tokenizer(cfg)
+    assert len(tok) == 721
+    whole = build_model(cfg, vocab_size=len(tok))
+    meta = build_model(cfg, vocab_size=len(tok), device="meta")
+    assert whole.lm.get_input_embeddings().num_embeddings == meta.lm.get_input_embeddings().num_embeddings == 800
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in whole.parameters())
+    ckpt.save_adapter(whole, tmp_path / "adapter", cfg, tokenizer=tok)
+    ckpt.load_adapter(meta, tmp_path / "adapter", check_only=True)  # evaluate.py's check before its build
+    report = launcher("inspect_model").inspect(cfg)
+    assert report["vocab_size"] == 800 and "model.backbone_path's config.json" in report["vocab_source"]
+    assert report["total"] == sum(p.numel() for p in whole.parameters())

@@ -13,6 +13,7 @@ Every task is text generation: ``forward`` returns the LM's output with the cros
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -199,12 +200,24 @@ def is_checkpointing(lm) -> bool:
         else lm.is_gradient_checkpointing
 
 
+def _checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
+    """The ``vocab_size`` of a local model.backbone_path folder's config.json (what ``from_pretrained`` builds,
+    which may differ from the registry's: embeddings resized for added tokens), or None."""
+    from vlscale.config import _folder_config
+
+    if not (cfg.model.backbone_path and os.path.isdir(cfg.model.backbone_path)):
+        return None
+    vocab = (_folder_config(cfg.model.backbone_path) or {}).get("vocab_size")
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+
+
 def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
                 dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None,
                 lm_builder=None) -> VLModel:
     """Build the V&L model of a run config and decide what trains.
 
-    ``device="meta"`` builds without memory (parameter counts, memory plans) and never loads weights.
+    ``device="meta"`` builds without memory (parameter counts, memory plans) and never loads weights; with
+    ``model.pretrained`` and a local ``model.backbone_path`` it takes that folder's vocabulary, as the load would.
     ``vocab_size``: the tokenizer's length; the embeddings are resized when it is larger (extra
     special tokens) and tiny random backbones are built with exactly that vocabulary.
     ``lm_builder``: replaces :func:`~vlscale.modeling.backbones.build_lm` (same keyword arguments);
@@ -223,6 +236,9 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     if vocab_size and not pretrained and (is_tiny(cfg.model.backbone) or
                                           vocab_size > lm_config(cfg.model.backbone).vocab_size):
         overrides["vocab_size"] = vocab_size
+    folder_vocab = _checkpoint_vocab_size(cfg) if meta and cfg.model.pretrained else None
+    if folder_vocab:  # the meta build stands for a load of model.backbone_path: its vocabulary, resized as below
+        overrides["vocab_size"] = max(folder_vocab, vocab_size or 0)
     lm = (lm_builder or build_lm)(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
                   device=device, dtype=dtype, config_overrides=overrides)
     if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
