@@ -691,11 +691,13 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
     if str(path) in seen:
         raise ConfigError(f"preset {path} includes itself through 'base'")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read as a YAML preset ({e})") from e
+    if data is None:  # an empty file (or comments only), e.g. truncated: it trained the bare defaults
+        raise ConfigError(f"{path}: is empty (no settings); a preset names its base or at least one section")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -1,5 +1,7 @@
 """Run configuration: presets, overrides, and errors that name the key at fault."""
 
+import re
+
 import pytest
 
 from vlscale.config import (ConfigError, RunConfig, config_from_dict, list_presets, load_config, parse_overrides,
@@ -214,3 +216,12 @@ def test_launchers_refuse_empty_step_and_row_choices(launcher, capsys, tmp_path)
         assert "K must be >= 1" in capsys.readouterr().err
     assert launcher("replicate").main(["--table", "1", "--methods", ",,,", "--dry-run", "--out", str(tmp_path)]) != 0
     assert "--methods ',,,' names no row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "# a comment only\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    """An empty (e.g. truncated) --config file trained the bare defaults into runs/default."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: is empty"):
+        load_config(str(path))
