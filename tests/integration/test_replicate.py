@@ -122,13 +122,14 @@ def test_a_rows_time_adds_up_over_invocations(tmp_path):
     assert time_spent(tmp_path) == (None, None)
     for code in (130, 0):
         job = Job(row=get_table(1).rows[0], overrides=[], run_dir=tmp_path, commands=deque(
-            [("train", [sys.executable, "-c", f"import time; time.sleep(0.5); raise SystemExit({code})"])]))
+            [("train", [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+                                           f"raise SystemExit({code})"])]))  # busy: CPU time to count
         Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
     lines = [json.loads(line) for line in (tmp_path / "replicate_segments.jsonl").read_text().splitlines()]
     assert [(s["phase"], s["exit"]) for s in lines] == [("train", 130), ("train", 0)]
     seconds, cpu = time_spent(tmp_path)
-    assert seconds == pytest.approx(sum(s["seconds"] for s in lines)) and seconds >= 1.0
-    assert cpu == pytest.approx(sum(s["cpu_s"] for s in lines), abs=0.11) and cpu > 0
+    assert seconds == pytest.approx(sum(s["seconds"] for s in lines)) and seconds >= 0.6
+    assert cpu == pytest.approx(sum(s["cpu_s"] for s in lines), abs=0.11) and cpu >= 0.6
 
 
 def test_scores_and_markdown():
