@@ -115,10 +115,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
-                                   check_layout, check_result, default_parallel, get_table, headline_pct, make_result, parse_seeds,
-                                   pct_without_vision,
-                                   plan_job, row_config, row_overrides, seed_dir, select_rows, time_spent, updated_params,
-                                   uses_cache, write_json, write_outputs)
+                                   check_layout, check_result, default_parallel, get_table, headline_pct, make_result,
+                                   parse_seeds, pct_without_vision, plan_job, row_config, row_overrides, seed_dir,
+                                   select_rows, time_spent, updated_params, uses_cache, write_json, write_outputs)
 
     log = print
     # --- setup: rows and seeds, their settings, what is left to do

@@ -514,12 +514,10 @@ class Job:
     commands: deque = field(default_factory=deque)
     proc: Optional[subprocess.Popen] = None
     phase: str = "queued"
-    started: Optional[float] = None
     error: Optional[str] = None
     log: Optional[Path] = None
-    cpu_s: float = 0.0
-    """CPU seconds (user + system) of the job's finished commands."""
     command_started: Optional[float] = None
+    """When the running command started (its wall time goes to the row's :data:`SEGMENTS_FILE`)."""
     seed: Optional[int] = None
     """Set where the replication runs several seeds: the job is named ``<row> (seed S)``."""
     _log_file: object = None
@@ -765,13 +763,12 @@ class Runner:
 
     @staticmethod
     def _poll(job: Job, wait: bool = False) -> Optional[int]:
-        """The command's exit code once it ended (None while it runs; ``wait``: until it ends); adds its CPU
-        time to the job and records the command in the row's :data:`SEGMENTS_FILE`."""
+        """The command's exit code once it ended (None while it runs; ``wait``: until it ends); records the
+        command (its wall and CPU time) in the row's :data:`SEGMENTS_FILE`."""
         pid, status, usage = os.wait4(job.proc.pid, 0 if wait else os.WNOHANG)
         if pid == 0:
             return None
         cpu = usage.ru_utime + usage.ru_stime
-        job.cpu_s += cpu
         job.proc.returncode = os.waitstatus_to_exitcode(status)
         with open(job.run_dir / SEGMENTS_FILE, "a") as f:
             f.write(json.dumps({"phase": job.phase, "seconds": round(time.time() - job.command_started, 1),
@@ -810,7 +807,6 @@ class Runner:
             while self.pending or self.running:
                 while self.pending and len(self.running) < self.parallel:
                     job = self.pending.popleft()
-                    job.started = time.time()
                     self.running.append(job)
                     if job.commands:
                         self._start_next_command(job)
