@@ -98,14 +98,15 @@ def deepspeed_file(args, cfg) -> str:
 
 def user_errors() -> tuple:
     """Errors that say what to change in the run's input (a config value, a data file, the DeepSpeed
-    file, the output_dir, the checkpoint, a diverged loss): their message is the report, a traceback would bury it."""
+    file, the output_dir, the checkpoint, the backbone's weight files, a diverged loss): their message is the report, a traceback would bury it."""
     from vlscale.config import ConfigError
     from vlscale.data.real import DataError
     from vlscale.engine.checkpoint import CheckpointError
     from vlscale.engine.deepspeed_config import DeepSpeedConfigError
+    from vlscale.engine.sharded_loading import ShardedLoadError
     from vlscale.engine.trainer import NonFiniteLoss
 
-    return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, NonFiniteLoss
+    return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, ShardedLoadError, NonFiniteLoss
 
 
 DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does

@@ -269,6 +269,15 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), f"step {a['step']}"
 
+    # another size's tensor under ZeRO-3's own loader: one line naming it (it was a traceback)
+    original["encoder.block.1.layer.1.DenseReluDense.wo.weight"] = torch.zeros(128, 516)
+    save_file(original, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    resized = h.launch(h.MINI + [f"model.backbone_path={moved}", "train.zero_stage=3", "train.micro_batch_size=4",
+                                 f"output_dir={tmp_path / 'resized'}"], check=False)
+    assert resized.returncode == 1 and "Traceback" not in resized.stdout, resized.stdout[-3000:]
+    assert (f"vlscale: rank 0: ShardedLoadError: {moved / 'model.safetensors'}: tensor "
+            f"'encoder.block.1.layer.1.DenseReluDense.wo.weight' has shape [128, 516]") in resized.stdout
+
 
 # ----------------------------------------------------------------------------- adapter/
 

@@ -117,6 +117,16 @@ def test_faulty_lm_folders_are_one_line_naming_the_file(tmp_path):
         build_lm("mini-t5", path=str(d), pretrained=True)
     _one_line(e, str(d), "no tensor for", "block.3.")
 
+    d = copy("resized")  # another size's tensor: named with both shapes (transformers said "see the above report",
+    state = load_file(str(d / "model.safetensors"))  # and the line blamed the hub)
+    state["encoder.block.1.layer.1.DenseReluDense.wi.weight"] = torch.zeros(516, 128)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(d), pretrained=True)
+    msg = _one_line(e, str(d), "'encoder.block.1.layer.1.DenseReluDense.wi.weight' has shape [516, 128]",
+                    "expects [512, 128]")
+    assert "hub" not in msg, msg
+
     lm = build_lm("mini-t5", path=str(ASSETS / "mini-t5"), pretrained=True)  # the intact folder loads
     assert next(lm.parameters()).dtype == torch.float32
 

@@ -239,12 +239,20 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
         if os.path.isdir(source):
             check_local_checkpoint(name, source, key)
         kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
-        try:
-            model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True)
-        except (OSError, RuntimeError) as e:  # RuntimeError: tensors whose shapes disagree with config.json
-            raise SourceError(f"cannot load the weights for {key}={source!r} (a hub id needs the network or a "
-                              f"local HF cache; a local directory needs config.json and the weights): "
+        try:  # a tensor whose shape disagrees with config.json is reported below, naming it
+            model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
+        except (OSError, RuntimeError) as e:
+            where = ("a local directory needs config.json and the weights" if os.path.isdir(source) else
+                     "a hub id needs the network or a local HF cache")
+            raise SourceError(f"cannot load the weights for {key}={source!r} ({where}): "
                               f"{' '.join(str(e).split())}") from e
+        mismatched = sorted(info.get("mismatched_keys") or ())
+        if mismatched:
+            name, found, expected = mismatched[0]
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            raise SourceError(f"{key}={source!r}: tensor {name!r} has shape {list(found)}, the model (its "
+                              f"config.json) expects {list(expected)}{more}: config.json and the weights disagree")
         missing = _missing_parameters(model, info)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
