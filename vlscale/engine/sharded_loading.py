@@ -429,7 +429,8 @@ def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pr
     receives the :class:`LoadReport` of a pretrained load."""
     import deepspeed
 
-    from vlscale.modeling.backbones import check_local_checkpoint, lm_class, lm_config, pretrained_source
+    from vlscale.modeling.backbones import (check_local_checkpoint, head_of_its_own, lm_class, lm_config,
+                                            pretrained_source)
 
     _check_dtype(ds_config, dtype)
     # dtype=None: zero.Init takes it from the config (an explicit dtype is ignored on accelerators
@@ -440,7 +441,7 @@ def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pr
             check_local_checkpoint(name, source, "model.backbone_path" if path else "model.backbone")
         config = pretrained_config(name, source, config_overrides)
         with _no_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-            lm = lm_class(config)(config)
+            lm = lm_class(config, own_head=head_of_its_own(source))(config)  # untied as from_pretrained unties it
         lm.tie_weights()  # skipped with the initialisation; the load fills the shared tensor once
         lm.generation_config = checkpoint_generation_config(source)
         report = load_sharded_safetensors(lm, source)

@@ -189,30 +189,70 @@ def lm_config(name: str, **overrides):
     return cfg
 
 
-def lm_class(config):
+def lm_class(config, own_head: bool = False):
     """The HF class of a backbone config. T5 v1.1 / Flan-T5 (configs with ``tie_word_embeddings: false``)
     have an output layer of their own: transformers 5's T5Config forces ``tie_word_embeddings=True``
     (keeping the false as ``scale_decoder_outputs=False``), and only its ``from_pretrained`` unties a
-    separate ``lm_head`` it finds in a checkpoint. :class:`T5WithOwnHead` keeps it untied on every
-    build, so parameter counts, memory plans and vlscale's ZeRO-3 loading see and load it."""
+    separate ``lm_head`` it finds in a checkpoint. :func:`with_own_head`'s class keeps it untied on
+    every build, so parameter counts, memory plans and vlscale's ZeRO-3 loading see and load it.
+    ``own_head``: the same for a tied config whose checkpoint holds a head of its own
+    (:func:`head_of_its_own`)."""
     from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
 
     if config.model_type != "t5":
-        return BartForConditionalGeneration
-    return T5ForConditionalGeneration if getattr(config, "scale_decoder_outputs", True) else t5_with_own_head()
+        return with_own_head(BartForConditionalGeneration) if own_head else BartForConditionalGeneration
+    untied = own_head or not getattr(config, "scale_decoder_outputs", True)
+    return with_own_head(T5ForConditionalGeneration) if untied else T5ForConditionalGeneration
 
 
 @functools.lru_cache(maxsize=None)
-def t5_with_own_head():
-    from transformers import T5ForConditionalGeneration
+def with_own_head(cls):
+    """``cls`` whose lm_head is a parameter of its own (the input embeddings stay tied as in ``cls``)."""
+    keys = {k: v for k, v in cls._tied_weights_keys.items() if k != "lm_head.weight"}
+    return type(f"{cls.__name__}WithOwnHead", (cls,), {"_tied_weights_keys": keys, "__module__": __name__})
 
-    class T5WithOwnHead(T5ForConditionalGeneration):
-        """T5 whose encoder and decoder embeddings are the shared one, and whose lm_head is not."""
 
-        _tied_weights_keys = {k: v for k, v in T5ForConditionalGeneration._tied_weights_keys.items()
-                              if k != "lm_head.weight"}
+def head_of_its_own(folder) -> bool:
+    """Whether a local checkpoint folder whose config ties the output layer to the embeddings holds an
+    ``lm_head.weight`` with other values: transformers' ``from_pretrained`` then unties them (with a
+    warning), so every other build of the folder (ZeRO-3's loader, the meta builds of counts and plans)
+    must too, or the model would depend on how it was launched."""
+    import json
 
-    return T5WithOwnHead
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    try:
+        where = ({k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()} if index.is_file()
+                 else {k: folder / "model.safetensors" for k in _keys(folder / "model.safetensors")})
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return False  # unreadable: the load's own checks name the file
+    if "lm_head.weight" not in where or config.get("tie_word_embeddings", True) is False:
+        return False
+    if config.get("model_type") == "t5" and config.get("scale_decoder_outputs") is False:
+        return False  # T5 v1.1 in transformers 5's terms: untied already
+    embedding = next((k for k in ("shared.weight", "model.shared.weight", "encoder.embed_tokens.weight",
+                                  "model.encoder.embed_tokens.weight") if k in where), None)
+    if embedding is None:
+        return True
+
+    def read(key):
+        with safe_open(str(where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    return not torch.equal(read("lm_head.weight"), read(embedding))
+
+
+def _keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return []
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
 
 
 def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
@@ -230,7 +270,8 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
 
     dtype = dtype or torch.float32
     config = lm_config(name, **(config_overrides or {}))
-    cls = lm_class(config)
+    meta_of_folder = str(device) == "meta" and path is not None and os.path.isdir(path)
+    cls = lm_class(config, own_head=meta_of_folder and head_of_its_own(path))  # (from_pretrained unties itself)
     if pretrained:
         if path is not None and not os.path.exists(path) and os.sep in path:
             raise MissingWeights(f"model.backbone_path={path!r} does not exist")

@@ -239,7 +239,8 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     folder_vocab = _checkpoint_vocab_size(cfg) if meta and cfg.model.pretrained else None
     if folder_vocab:  # the meta build stands for a load of model.backbone_path: its vocabulary, resized as below
         overrides["vocab_size"] = max(folder_vocab, vocab_size or 0)
-    lm = (lm_builder or build_lm)(cfg.model.backbone, path=cfg.model.backbone_path, pretrained=pretrained,
+    path = cfg.model.backbone_path if cfg.model.pretrained else None  # (a meta build stands for its load)
+    lm = (lm_builder or build_lm)(cfg.model.backbone, path=path, pretrained=pretrained,
                   device=device, dtype=dtype, config_overrides=overrides)
     if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
         # on a forked RNG: under zero.Init transformers also initialises the untied lm_head's new rows, so
