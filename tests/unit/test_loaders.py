@@ -110,7 +110,7 @@ def test_coco_karpathy_restval_merged_into_train_one_example_per_caption():
 def test_video_qa_text_subtitles_within_ts_and_targets():
     ex = by_uid(load_real_examples(make_cfg(tasks=["tvqa"]), "tvqa", "train"))
     e = ex["1"]
-    assert e.target == "a1" and e.references == ["a1"] and e.extra["answer_text"] == "Hi."
+    assert e.target == "a1" and e.references == ["a1", "Hi."] and e.extra["answer_text"] == "Hi."
     assert e.text.startswith("What did Ross say first? a0: Bye. a1: Hi. a2: Hello there.")
     assert "subtitle: (Ross:) Hi. (Rachel:) Hey, how are you?" in e.text
     assert "monkey" not in e.text                   # that line is outside ts 0-5 s

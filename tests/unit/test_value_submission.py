@@ -116,3 +116,22 @@ def test_a_prediction_the_accuracy_counts_as_an_option_is_written_as_that_option
     path = write_submission(tmp_path / "sub", "tvqa", records, ex, "test")
     read = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
     assert read == {r["qid"]: k for r, k in zip(QA, wanted)}
+
+
+def test_the_local_accuracy_counts_what_the_submission_writes_as_the_answer(tmp_path):
+    """An option's text is written to VALUE as that option, so the local accuracy counts it right too (it
+    counted only the option's name "aN"); an answer whose text an earlier option also has is written as that
+    earlier option, so there only the name counts."""
+    from vlscale.metrics import accuracy
+
+    rows = [dict(r, answer_idx=k) for r, k in zip(QA, [0, 3, 1, 1])]
+    rows[2] = dict(rows[2], a0="A box")  # the answer (a1, "A box") shares its text with a0
+    write_split(tmp_path, "tvqa", "val.jsonl", rows)
+    ex = examples(tmp_path, "tvqa", "val")
+    predicted = ["a cafe.", "Rachel", "A box", "a1"]
+    local = [accuracy({0: p}, {0: e.references}) for e, p in zip(ex, predicted)]
+    assert local == [1.0, 1.0, 0.0, 1.0]
+    path = write_submission(tmp_path / "sub", "tvqa", [{"uid": str(e.uid), "prediction": p}
+                                                        for e, p in zip(ex, predicted)], ex, "val")
+    written = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    assert [float(written[r["qid"]] == r["answer_idx"]) for r in rows] == local  # as VALUE's scorer counts

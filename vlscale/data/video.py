@@ -47,6 +47,7 @@ from typing import Optional
 
 from vlscale.data.real import (DataError, ExampleList, Record, RecordError, parse_records, read_jsonl)
 from vlscale.data.tasks import Example
+from vlscale.metrics.classification import normalize_answer
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,10 @@ def _options(rec: Record) -> list[str]:
 
 def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool = False,
                   require_answers: bool = True) -> ExampleList:
-    """TVQA / How2QA: one example per question; target = the right option's name ("a0".."a4")."""
+    """TVQA / How2QA: one example per question; target = the right option's name ("a0".."a4"). Its references
+    are the name and the option's text: the submission writes a prediction of an option's text as that option
+    (:func:`vlscale.engine.evaluation.write_submission`), so the local accuracy counts it too (not when an
+    earlier option has the same text: the submission names the first)."""
 
     def parse(rec: Record) -> list[Example]:
         qid = rec.ident("qid")
@@ -176,7 +180,9 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
         if answer is None:
             return [Example(task=task, uid=qid, text=text, target="", image_ids=[vid], extra=extra, source=rec.path)]
         label = f"a{answer}"
-        return [Example(task=task, uid=qid, text=text, target=label, image_ids=[vid], references=[label],
+        texts = [normalize_answer(o) for o in options]  # the answer's text also names it, as in the submission
+        refs = [label, options[answer]] if texts.index(texts[answer]) == answer else [label]
+        return [Example(task=task, uid=qid, text=text, target=label, image_ids=[vid], references=refs,
                         extra={**extra, "answer_text": options[answer]}, source=rec.path)]
 
     examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",),
