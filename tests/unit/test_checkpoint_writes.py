@@ -12,6 +12,8 @@ import torch
 
 from vlscale.engine import checkpoint as ckpt
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 class FilesEngine:
     """Writes ``<dir>/<tag>/model_states.pt`` as DeepSpeed's save_checkpoint would; ``die`` makes the
@@ -410,3 +412,37 @@ def test_a_full_disk_outside_a_save_is_one_line_and_cleanup_still_runs(tmp_path,
     trainer.close(SimpleNamespace(watchdog=None, stop=None, writer=FailingWriter(), lock=lock, out=tmp_path))
     assert lock.closed
     assert "TensorBoard's events could not all be written" in capsys.readouterr().err
+
+
+TENSORBOARD_FULL_DISK = r"""
+import errno, sys
+sys.path.insert(0, sys.argv[1])
+from torch.utils.tensorboard import SummaryWriter
+from vlscale.engine.trainer import quiet_tensorboard_thread_failures
+quiet_tensorboard_thread_failures()
+writer = SummaryWriter(sys.argv[2])
+thread = writer._get_file_writer().event_writer._async_writer._worker
+def full(data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+thread._record_writer.write = full
+writer.add_scalar("loss", 1.0, 1)
+thread.join(timeout=10)
+try:
+    writer.close()
+except OSError as e:
+    print(f"raised again: {e}")
+"""
+
+
+def test_tensorboards_writer_thread_leaves_a_failed_write_to_the_run(tmp_path):
+    """A full disk under TensorBoard's writer thread printed the thread's own traceback before the launcher's
+    one line; the thread keeps the error, and the run's next write raises it (reported once, by the launcher).
+    In a process of its own: pytest replaces threading.excepthook."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", TENSORBOARD_FULL_DISK, str(ROOT), str(tmp_path / "tb")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raised again: [Errno 28] No space left on device" in proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr

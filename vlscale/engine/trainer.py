@@ -484,6 +484,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 (out / name).unlink(missing_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
+        quiet_tensorboard_thread_failures()
         run.writer = SummaryWriter(str(out / "tensorboard"), purge_step=run.step + 1 if resume else None)
     barrier()
     run.stop = StopSignal().install()
@@ -890,6 +891,27 @@ def finish(run: Run, completed: bool = True) -> dict:
             print(f"test scores (step {run.step}, {run.out / 'eval_test'}):\n{format_scores(run.test_scores)}",
                   flush=True)
     return summary
+
+
+def quiet_tensorboard_thread_failures() -> None:
+    """TensorBoard's writer thread keeps a failed write (a full disk) for the run's next ``add_scalar`` /
+    ``flush`` / ``close``, which raise it where the launcher reports it in one line, yet the thread also
+    printed its own traceback first ("Exception in thread Thread-2 ... [Errno 28] No space left on device").
+    That print is left out; any other thread's failure prints as before."""
+    import threading
+
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    default = threading.excepthook
+    if getattr(default, "vlscale_quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            default(args)
+
+    hook.vlscale_quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def close(run: Optional[Run]) -> None:
