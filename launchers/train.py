@@ -180,10 +180,14 @@ def main(argv=None) -> int:
             print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)
         code = 0 if stop.signum is None else 128 + int(stop.signum)
     except Exception as e:  # one readable line per rank, and the traceback once where it is a fault
+        from vlscale.engine.distributed import peer_gone
+
         disk = disk_failure(e, Path(cfg.output_dir)) if cfg is not None else None
-        if dist.is_main and not disk and not isinstance(e, user_errors()):
+        echo = "stopped: another rank's process ended (its own line says why)" if peer_gone(e) else None
+        if dist.is_main and not disk and not echo and not isinstance(e, user_errors()):
             traceback.print_exc()
-        print(f"vlscale: rank {dist.rank}: {disk or f'{type(e).__name__}: {e}'}", file=sys.stderr, flush=True)
+        print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}'}", file=sys.stderr,
+              flush=True)
         code = 1
     except KeyboardInterrupt as e:
         print(f"vlscale: rank {dist.rank}: aborted ({e})", file=sys.stderr, flush=True)

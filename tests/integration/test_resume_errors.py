@@ -230,6 +230,37 @@ def test_a_write_failing_on_one_rank_is_the_same_one_line_on_every_rank(h, prelo
         assert f"vlscale: rank {rank}: {line}" in proc.stdout, proc.stdout[-3000:]
 
 
+RANK0_LOG_FULL_PROBE = """
+import os, runpy, sys
+import vlscale.engine.trainer as trainer
+log_step, calls = trainer.log_step, []
+def full(run, *args, **kwargs):  # rank 0's own write (train_log.jsonl), outside any collective, at step 2
+    calls.append(1)
+    if os.environ["RANK"] == "0" and len(calls) == 2:
+        raise OSError(28, "No space left on device")
+    return log_step(run, *args, **kwargs)
+trainer.log_step = full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_rank_ending_alone_leaves_the_others_a_line_that_points_to_it(h, preloaded, tmp_path):
+    """Rank 0 fails on its own (train_log.jsonl's disk fills) and exits; rank 1, waiting in the next step's
+    collective, printed gloo's "Read error ... Connection reset by peer ... GLHF!" as its reason. It says now
+    that another rank's process ended, and rank 0's line gives the reason."""
+    out = tmp_path / "run"
+    script = tmp_path / "probe.py"
+    script.write_text(RANK0_LOG_FULL_PROBE)
+    args = ["--no-progress", "--config", "tiny", *h.TINY, *ARGS, f"output_dir={out}"]
+    proc = preloaded.run(script, [h.TRAIN, *args], nproc=2, env=h.base_env(), cwd=h.ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert f"vlscale: rank 0: OSError: writing the run's files in output_dir '{out}' failed (No space" in proc.stdout
+    assert "vlscale: rank 1: stopped: another rank's process ended (its own line says why)" in proc.stdout, \
+        proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "GLHF" not in proc.stdout, proc.stdout[-3000:]
+
+
 EVAL_INTERRUPT_PROBE = """
 import os, runpy, signal, sys
 from vlscale.engine.distributed import Watchdog

@@ -261,6 +261,16 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another rank's process ended (gloo's "Connection
+    closed by peer" / "Connection reset by peer" / "Broken pipe"): that rank's own line says why, this
+    rank's error is only the echo."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_GONE)
+
+
 class Watchdog:
     """Ends this process when :meth:`beat` has not been called for ``timeout_s`` seconds.
 
