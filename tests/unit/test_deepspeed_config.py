@@ -202,6 +202,17 @@ def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
         build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
 
 
+def test_zero_stage_auto_is_an_error_unless_train_zero_stage_resolves_it():
+    """vlscale does not choose the ZeRO stage: "stage": "auto" was filled with 0, so the run trained at ZeRO-0
+    (the banner and run_summary.json said so, nothing said why)."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimization"]["stage"] = "auto"
+    with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization\.stage is \"auto\".*train\.zero_stage"):
+        build_deepspeed_config(raw, cfg_with(), 2, device_type="cpu")
+    ds = build_deepspeed_config(raw, cfg_with("train.zero_stage=3"), 2, device_type="cpu")
+    assert ds["zero_optimization"]["stage"] == 3
+
+
 def test_unknown_top_level_key_names_the_file(tmp_path):
     """DeepSpeed ignores a top-level key it does not read: a misspelt zero_optimization trained at ZeRO-0."""
     raw = json.loads((DS_DIR / "zero3.json").read_text())

@@ -298,6 +298,9 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     zero = r.section("zero_optimization")
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage  # an explicit override of the file's stage, not a conflict
+    elif zero.get("stage") == AUTO:  # r.default would fill it with 0: a ZeRO-3 file trained at ZeRO-0, unsaid
+        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage is \"auto\"; vlscale does not choose the "
+                                   f"ZeRO stage: write 0, 1, 2 or 3 into the file, or set train.zero_stage")
     r.default("zero_optimization.stage", 0)
     stage = zero["stage"]
     if stage not in (0, 1, 2, 3):
