@@ -104,6 +104,16 @@ def test_precision_blocks(precision):
         assert ds["fp16"]["initial_scale_power"] > 0
 
 
+def test_torch_autocast_in_the_file_is_refused():
+    """DeepSpeed's torch_autocast ran the forward in bf16 while the run trained, and reported, fp32."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["torch_autocast"] = {"enabled": True, "dtype": "torch.bfloat16"}
+    with pytest.raises(DeepSpeedConfigError, match=r"torch_autocast\.enabled=True .* train\.precision"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    raw["torch_autocast"] = {"enabled": False}
+    assert build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")["torch_autocast"] == {"enabled": False}
+
+
 def test_fp16_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(CPU_FP16_ENV, raising=False)
     with pytest.raises(DeepSpeedConfigError) as e:

@@ -282,6 +282,11 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         raise DeepSpeedConfigError(f"{source}: amp.enabled={ds['amp']['enabled']!r} is not supported; "
                                    f"precision comes from train.precision (fp32, bf16, fp16)")
     ds.pop("amp", None)
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict) and autocast.get("enabled") not in (False, None):  # DeepSpeed would autocast
+        raise DeepSpeedConfigError(  # the forward to its dtype while the run (and run_summary.json) said fp32
+            f"{source}: torch_autocast.enabled={autocast['enabled']!r} is not supported; "
+            f"precision comes from train.precision (fp32, bf16, fp16)")
     r.set("fp16.enabled", t.precision == "fp16", f"train.precision={t.precision!r}")
     r.set("bf16.enabled", t.precision == "bf16", f"train.precision={t.precision!r}")
     if t.precision == "fp16":
