@@ -58,7 +58,9 @@ def test_a_checkpoint_of_another_zero_stage_or_missing_a_file_is_refused_naming_
     log = refused(h, [], out)
     assert (f"CheckpointError: {step2} was written at ZeRO stage 2 and this run is at ZeRO stage 3: DeepSpeed's "
             f"checkpoints of stage 0, of stages 1-2 and of stage 3 do not load into one another. Resume at the run's "
-            f"stage (its --deepspeed file, or train.zero_stage=2)") in log
+            f"stage: with the --deepspeed file it ran with") in log
+    # it also advised train.zero_stage=2, which --resume refuses as a changed setting (the run had null: the file's)
+    refused(h, [], out, "train.zero_stage=2")
     assert "vlscale: rank 0: CheckpointError" in log and " -> " not in log  # before start-up: no run banner
     assert client_state(out)["zero_stage"] == 2  # rank 0 records the stage and DeepSpeed's files
     assert set(client_state(out)["deepspeed_files"]) == {"mp_rank_00_model_states.pt",

@@ -813,7 +813,7 @@ def check_checkpoint_files(ckpt_dir, zero_stage: Optional[int] = None, every_sta
         raise CheckpointError(
             f"{ckpt_dir} was written at ZeRO stage {saved} and this run is at ZeRO stage {zero_stage}: DeepSpeed's "
             f"checkpoints of stage 0, of stages 1-2 and of stage 3 do not load into one another. Resume at the run's "
-            f"stage (its --deepspeed file, or train.zero_stage={saved})")
+            f"stage: with the --deepspeed file it ran with")  # not train.zero_stage=N: --resume refuses a changed setting
     world = int(state.get("world_size") or saved_world_size(ckpt_dir))
     problems = [f"client_state_rank{r}.json is missing" for r in range(world)
                 if not (ckpt_dir / f"client_state_rank{r}.json").is_file()]
