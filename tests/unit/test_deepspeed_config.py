@@ -223,6 +223,17 @@ def test_zero_stage_auto_is_an_error_unless_train_zero_stage_resolves_it():
     assert ds["zero_optimization"]["stage"] == 3
 
 
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path):
+    """json keeps the last of two equal keys: a file with "stage": 3 then "stage": 0 trained at ZeRO-0 without a
+    word (DeepSpeed, reading a file itself, refuses duplicates)."""
+    text = (DS_DIR / "zero3.json").read_text().replace('"stage": 3,', '"stage": 3,\n    "stage": 0,', 1)
+    path = tmp_path / "dup.json"
+    path.write_text(text)
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(path, cfg_with(), 1, device_type="cpu")
+    assert str(e.value) == f"{path}: key 'stage' appears twice in one object (the first would be ignored); keep one"
+
+
 def test_unknown_top_level_key_names_the_file(tmp_path):
     """DeepSpeed ignores a top-level key it does not read: a misspelt zero_optimization trained at ZeRO-0."""
     raw = json.loads((DS_DIR / "zero3.json").read_text())

@@ -145,6 +145,21 @@ def resolve_ds_file(path: str) -> str:
     return path
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice (json keeps the last silently; DeepSpeed, reading a file itself,
+    refuses it) is an error."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optional[str] = None) -> tuple[dict, str]:
     """-> (a deep copy of the config dict, a name for messages). Unknown top-level keys are refused.
     ``source``: the name of a dict in messages (e.g. the file it was read from)."""
@@ -157,9 +172,12 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optiona
         raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} does not exist "
                                    f"(shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise DeepSpeedConfigError(f"{path}: key {e.args[0]!r} appears twice in one object (the first would be "
+                                   f"ignored); keep one") from None
     if not isinstance(data, dict):
         raise DeepSpeedConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(data).__name__}")
     check_top_level_keys(data, str(path))
