@@ -206,6 +206,11 @@ def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DeepSpeedConfigError, match="bad.json: not valid JSON"):
         build_deepspeed_config(bad, cfg_with(), 1)
+    utf16 = tmp_path / "utf16.json"  # Windows editors' and PowerShell's encoding: was a UnicodeDecodeError traceback
+    utf16.write_text((DS_DIR / "zero3.json").read_text(), encoding="utf-16")
+    with pytest.raises(DeepSpeedConfigError, match=r"utf16\.json: cannot be read as a JSON DeepSpeed config \("
+                                                   r"'utf-8' codec can't decode .*\); save it as UTF-8$"):
+        build_deepspeed_config(utf16, cfg_with(), 1)
     raw = json.loads((DS_DIR / "zero3.json").read_text())
     raw["scheduler"] = {"type": "WarmupLR"}
     with pytest.raises(DeepSpeedConfigError, match="'scheduler' block"):

@@ -175,6 +175,9 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optiona
         data = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:  # e.g. saved as UTF-16: a traceback that did not name the file
+        fix = "; save it as UTF-8" if isinstance(e, UnicodeDecodeError) else ""
+        raise DeepSpeedConfigError(f"{path}: cannot be read as a JSON DeepSpeed config ({e}){fix}") from None
     except _DuplicateKey as e:
         raise DeepSpeedConfigError(f"{path}: key {e.args[0]!r} appears twice in one object (the first would be "
                                    f"ignored); keep one") from None
