@@ -52,13 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
+def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int | None = None) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed load:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
     written by another number of ranks with another global batch or at a ZeRO stage that does not load
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
-    start-up, and so does one that exists but cannot be written. Ranks that see another filesystem are left
-    to rank 0's check after start-up."""
+    start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
+    is already at or past (the run trained on to the end). Ranks that see another filesystem are left to rank 0's
+    check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
     from vlscale.engine.distributed import launcher_world_size
@@ -81,6 +82,13 @@ def refused_before_start(cfg, resume: bool, ds_file: str) -> str | None:
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
     except CheckpointError as e:
         return f"CheckpointError: {e}"
+    if resume and stop_after_steps is not None:
+        from vlscale.engine.checkpoint import latest_tag, step_number
+
+        at = step_number(latest_tag(Path(cfg.output_dir) / "checkpoints") or "")
+        if at is not None and stop_after_steps <= at:
+            return (f"--stop-after-steps {stop_after_steps}: the checkpoint resumed is at step {at} already (the run "
+                    f"would train on to train.max_steps={cfg.train.max_steps}); give a later step, K > {at}")
     try:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -145,7 +153,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except Exception:
         cfg = None  # loaded again after start-up, where the error is reported with its context
-    refusal = cfg is not None and refused_before_start(cfg, args.resume, deepspeed_file(args, cfg))
+    refusal = cfg is not None and refused_before_start(cfg, args.resume, deepspeed_file(args, cfg),
+                                                       args.stop_after_steps)
     if refusal:
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
         return 1

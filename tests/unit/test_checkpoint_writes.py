@@ -200,6 +200,24 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
                        f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
 
 
+def test_a_resume_told_to_stop_at_a_step_already_done_is_refused(tmp_path, monkeypatch, launcher):
+    """--resume --stop-after-steps K with the checkpoint at step K or later trained on to train.max_steps (the
+    loop never met step K), as K < 1 did: refused before start-up, naming the checkpoint's step."""
+    from vlscale.config import load_config
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step2").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.LATEST).write_text("step2")
+    monkeypatch.setattr(ckpt, "check_output_dir", lambda *a, **k: "step2")  # a resumable checkpoint at step 2
+    cfg = load_config("tiny", [f"output_dir={out}", "train.max_steps=4"])
+    train = launcher("train")
+    for k in (1, 2):
+        assert train.refused_before_start(cfg, True, "ds_configs/zero3.json", k) == (
+            f"--stop-after-steps {k}: the checkpoint resumed is at step 2 already (the run would train on to "
+            f"train.max_steps=4); give a later step, K > 2")
+    assert train.refused_before_start(cfg, True, "ds_configs/zero3.json", 3) is None
+
+
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
     """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
     from types import SimpleNamespace
