@@ -323,6 +323,27 @@ def test_zero_block_is_validated_before_the_model_is_built(tmp_path, edit, words
         assert w in msg
 
 
+@pytest.mark.parametrize("precision, edit, words", [
+    ("bf16", {"immediate_grad_updat": True}, ["bf16.immediate_grad_updat", "did you mean 'immediate_grad_update'?"]),
+    ("bf16", {"check_grad_overflow": "sometimes"}, ["bf16.check_grad_overflow='sometimes'", "boolean"]),
+    ("fp16", {"initial_scale_powr": 12}, ["fp16.initial_scale_powr", "did you mean 'initial_scale_power'?"]),
+])
+def test_precision_block_is_validated_before_the_model_is_built(tmp_path, monkeypatch, precision, edit, words):
+    """The enabled precision block as the ZeRO block: DeepSpeed refused a misspelt key only inside
+    deepspeed.initialize, after the build, as a pydantic traceback without the file's name."""
+    monkeypatch.setenv(CPU_FP16_ENV, "1")
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw[precision].update(edit)
+    path = tmp_path / "precision.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(path, cfg_with(f"train.precision={precision}"), 2, device_type="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
 def test_input_dict_is_not_modified():
     raw = json.loads((DS_DIR / "zero3.json").read_text())
     before = json.dumps(raw, sort_keys=True)

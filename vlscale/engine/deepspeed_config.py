@@ -23,8 +23,8 @@ per step (the default model on 2 CPU ranks: 0.66 -> 0.47 s a step, per-round rat
 
 A concrete value in the file that disagrees with the run config is an error naming the key and
 both values; an ``"auto"`` that nothing resolves is an error too. So are a top-level key DeepSpeed
-does not read (it would ignore it: ``zero_optimizaton`` trains at ZeRO-0) and a ZeRO block that
-DeepSpeed's own ``DeepSpeedZeroConfig`` refuses, named here rather than in ``deepspeed.initialize``.
+does not read (it would ignore it: ``zero_optimizaton`` trains at ZeRO-0) and a ZeRO, bf16 or fp16 block
+that DeepSpeed's own config models refuse, named here rather than in ``deepspeed.initialize``.
 ``nvme_path: "auto"`` (ZeRO-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
 """
 
@@ -104,16 +104,33 @@ def check_zero_block(zero: dict, source: str) -> None:
     ``deepspeed.initialize`` after the build."""
     try:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-        from pydantic import ValidationError
     except ImportError:  # no DeepSpeed here (the planner on a laptop): nothing to validate against
         return
+    _check_block(DeepSpeedZeroConfig, zero, "zero_optimization", source)
+
+
+def check_precision_blocks(ds: dict, source: str) -> None:
+    """The bf16 and fp16 blocks, as :func:`check_zero_block` the ZeRO block (a misspelt
+    ``immediate_grad_update`` was a pydantic traceback from ``deepspeed.initialize``, naming no file)."""
     try:
-        DeepSpeedZeroConfig(**zero)
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    except ImportError:
+        return
+    for key, model in (("bf16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
+        _check_block(model, ds.get(key) or {}, key, source)
+
+
+def _check_block(model, block: dict, key: str, source: str) -> None:
+    """``block`` (the file's ``key``) through DeepSpeed's pydantic ``model``: its first error, named, one line."""
+    from pydantic import ValidationError
+
+    try:
+        model(**block)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(["zero_optimization", *map(str, err["loc"])])
+        where = ".".join([key, *map(str, err["loc"])])
         if err["type"] == "extra_forbidden":
-            valid = _model_keys(DeepSpeedZeroConfig, err["loc"][:-1])
+            valid = _model_keys(model, err["loc"][:-1])
             raise DeepSpeedConfigError(f"{source}: unknown key {where}; {did_you_mean(str(err['loc'][-1]), valid)}"
                                        f"valid: {valid}") from None
         raise DeepSpeedConfigError(f"{source}: {where}={err.get('input')!r}: {err['msg']}") from None
@@ -392,6 +409,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         raise DeepSpeedConfigError(f"{source}: \"auto\" left unresolved for {left}; vlscale resolves "
                                    f"batch sizes, precision, clipping, optimizer and ZeRO bucket sizes only")
     check_zero_block(zero, source)
+    check_precision_blocks(ds, source)
     return ds
 
 
