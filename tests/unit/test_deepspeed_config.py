@@ -149,6 +149,26 @@ def test_adam_with_l2_weight_decay_is_refused():
     assert build_deepspeed_config(ds, cfg_with(), 1, device_type="cpu")["optimizer"]["params"]["adam_w_mode"] is True
 
 
+def test_optimizer_params_the_optimizer_does_not_take_are_named():
+    """A key of optimizer.params that DeepSpeed's chosen optimizer does not take was a TypeError from
+    deepspeed.initialize after the build, naming no file; max_grad_norm was DeepSpeed's refusal there too."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["optimizer"]["params"]["amsgrd"] = True
+    with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: unknown key optimizer\.params\.amsgrd "
+                                                   r"\(AdamW does not take it\); did you mean 'amsgrad'\? valid: "):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    raw["optimizer"]["params"] = {"lr": "auto", "bias_correction": False}  # DeepSpeed's Adams take it, torch's not
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer\.params\.bias_correction \(AdamW does not take it\)"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    off = json.loads((DS_DIR / "zero3_offload.json").read_text())
+    off["optimizer"]["params"].update(bias_correction=False, fp32_optimizer_states=True, amsgrad=False)
+    assert build_deepspeed_config(off, cfg_with(), 2, device_type="cuda")["optimizer"]["params"]["bias_correction"] \
+        is False
+    raw["optimizer"]["params"] = {"max_grad_norm": 1.0}
+    with pytest.raises(DeepSpeedConfigError, match=r"max_grad_norm: clipping comes from the run config"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
 def test_bucket_sizes_follow_the_composite_model():
     cfg = cfg_with("model.backbone=t5-large", "model.vision=RN101")
     d_model, visual = model_widths(cfg)

@@ -136,6 +136,37 @@ def _check_block(model, block: dict, key: str, source: str) -> None:
         raise DeepSpeedConfigError(f"{source}: {where}={err.get('input')!r}: {err['msg']}") from None
 
 
+def check_optimizer_params(params: dict, cpu_optimizer: bool, source: str) -> None:
+    """Refuse a key of ``optimizer.params`` that the optimizer DeepSpeed builds from them does not take (torch's
+    AdamW with ``torch_adam``, else DeepSpeed's CPU Adam with an off-loaded optimizer, else its FusedAdam): it
+    was a TypeError from ``deepspeed.initialize`` after the build (``amsgrd``), naming no file."""
+    import inspect
+
+    if "max_grad_norm" in params:  # DeepSpeed's own refusal, after the build
+        raise DeepSpeedConfigError(f"{source}: optimizer.params.max_grad_norm: clipping comes from the run config "
+                                   f"(train.clip_grad_norm, DeepSpeed's gradient_clipping); remove the key")
+    popped = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}  # read by DeepSpeed, not passed on as given
+    if params.get("torch_adam"):
+        import torch
+
+        cls, passed = torch.optim.AdamW, set()
+        popped.add("foreach")
+    else:
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+        except ImportError:
+            return
+        cls, passed = ((DeepSpeedCPUAdam, {"adamw_mode", "fp32_optimizer_states"}) if cpu_optimizer
+                       else (FusedAdam, {"adam_w_mode"}))  # DeepSpeed passes these itself
+    taken = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    valid = sorted((set(taken) - passed) | popped)
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise DeepSpeedConfigError(f"{source}: unknown key optimizer.params.{unknown[0]} ({cls.__name__} does not take "
+                                   f"it); {did_you_mean(unknown[0], valid)}valid: {valid}")
+
+
 def cpu_fp16_enabled() -> bool:
     """``VLSCALE_CPU_FP16=1``: let fp16 runs through on DeepSpeed's CPU accelerator.
 
@@ -400,6 +431,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     r.set("optimizer.params.weight_decay", float(t.weight_decay), "train.weight_decay")
     # Off-loaded optimizers need DeepSpeed's CPU Adam; otherwise torch's AdamW (no compiled op).
     r.default("optimizer.params.torch_adam", "offload_optimizer" not in offload)
+    check_optimizer_params(opt["params"], "offload_optimizer" in offload, source)
 
     r.default("steps_per_print", 10 ** 6)
     r.default("wall_clock_breakdown", False)
