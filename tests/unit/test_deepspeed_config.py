@@ -222,6 +222,8 @@ def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
         build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
     with pytest.raises(DeepSpeedConfigError, match="does not exist"):
         build_deepspeed_config(tmp_path / "nope.json", cfg_with(), 1)
+    with pytest.raises(DeepSpeedConfigError, match=f"^DeepSpeed config file '{DS_DIR}' is a folder, not a file "):
+        build_deepspeed_config(DS_DIR, cfg_with(), 1)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(DeepSpeedConfigError, match="bad.json: not valid JSON"):

@@ -216,8 +216,9 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optiona
         check_top_level_keys(data, source)
         return data, source
     path = Path(ds_file_or_dict)
-    if not path.is_file():
-        raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} does not exist "
+    if not path.is_file():  # a folder (--deepspeed ds_configs) was said not to exist
+        raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} "
+                                   f"{'is a folder, not a file' if path.is_dir() else 'does not exist'} "
                                    f"(shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)")
     try:
         data = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
