@@ -220,6 +220,45 @@ def test_tokenizer_errors_name_the_source(tmp_path):
     assert isinstance(info.value, ConfigError)
 
 
+def _bart_convention_tokenizer(folder):
+    """A small tokenizer folder with BART's special ids: <s> 0, <pad> 1, </s> 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", "what", "color", "red", "?"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_whose_special_ids_are_not_the_models_is_refused(tmp_path):
+    """Targets end in the tokenizer's eos and generation stops at the config's: a tokenizer of other
+    conventions trained a model that never stops. One line naming both, before anything is built."""
+    from vlscale.config import ConfigError
+    from vlscale.data.tokenizer import build_tokenizer
+
+    folder = _bart_convention_tokenizer(tmp_path / "bart_tok")
+    with pytest.raises(ConfigError) as info:
+        build_tokenizer(load_config("tiny", ["model.backbone=mini-t5", "model.pretrained=true",
+                                             f"model.tokenizer={folder}"]))
+    msg = str(info.value)
+    assert "\n" not in msg and f"model.tokenizer={folder}" in msg and "mini-t5/config.json" in msg
+    assert "pad_token_id 1 vs 0" in msg and "eos_token_id 2 vs 1" in msg
+    with pytest.raises(ConfigError, match=r"synthetic_spm.model and model config the registry's bart-base config "
+                                          r"disagree: pad_token_id 0 vs 1; eos_token_id 1 vs 2; decoder_start"):
+        build_tokenizer(load_config("tiny", ["model.backbone=bart-base", "model.tokenizer=synthetic"]))
+    # the conventions that belong together pass: BART's with bart-base, T5's (the synthetic one) with T5,
+    # the shipped miniatures with the tokenizer files they ship
+    assert build_tokenizer(load_config("tiny", ["model.backbone=bart-base", f"model.tokenizer={folder}"]))
+    assert build_tokenizer(load_config("tiny", ["model.backbone=t5-base", "model.tokenizer=synthetic"]))
+    for name in ("mini-t5", "mini-bart"):
+        for extra in ([], [f"model.tokenizer={ROOT / 'vlscale/assets/backbones' / name}"]):
+            assert build_tokenizer(load_config("tiny", [f"model.backbone={name}", "model.pretrained=true", *extra]))
+
+
 def test_shipped_tokenizer_covers_the_world():
     """Every word the generator writes is one piece of the shipped model (re-run
     scripts/make_tokenizer.py after changing the generator's wording)."""

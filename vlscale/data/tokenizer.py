@@ -7,6 +7,9 @@ otherwise the backbone's tokenizer (``cfg.model.backbone_path`` or the registry'
 adds ``cfg.model.extra_special_tokens`` tokens ``<vis_extra_id_N>`` (the reference code's extra
 visual sentinels). The synthetic tokenizer follows T5 (pad=0, eos=1, unk=2, 100 ``<extra_id_N>``
 sentinels at the end) and also has ``<s>`` (id 3) as bos, so tiny BART models use it as well.
+The tokenizer's pad and eos ids must be the language model's, and its decoder start one of the
+tokenizer's pad / eos / bos (T5: pad, BART: eos); :func:`check_special_ids` refuses a pair that
+disagrees, naming both, as targets would end in a token generation does not stop at.
 """
 
 from __future__ import annotations
@@ -99,16 +102,57 @@ def add_visual_sentinels(tok, n: int):
     return tok
 
 
+def _model_config(cfg):
+    """(the LM config the run builds, where it comes from): a local folder's config.json when the weights
+    load from one (model.backbone_path, a shipped miniature), else the registry's (random weights, hub ids)."""
+    import os
+
+    from vlscale.modeling.backbones import hub_id, lm_config
+
+    folder = cfg.model.backbone_path or hub_id(cfg.model.backbone)
+    if cfg.model.pretrained and os.path.isfile(os.path.join(folder, "config.json")):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(folder), os.path.join(folder, "config.json")
+        except (OSError, ValueError):
+            pass  # an unreadable config.json: the model's load reports it
+    return lm_config(cfg.model.backbone), f"the registry's {cfg.model.backbone} config"
+
+
+def check_special_ids(tok, config, tok_source: str, config_source: str) -> None:
+    """One line naming both sources when the tokenizer's pad / eos ids are not the model config's, or the
+    config's decoder start is none of the tokenizer's pad / eos / bos."""
+    from vlscale.config import SourceError
+
+    diff = []
+    for key in ("pad_token_id", "eos_token_id"):
+        want = getattr(config, key, None)
+        if want is not None and getattr(tok, key, None) not in (want if isinstance(want, list) else [want]):
+            diff.append(f"{key} {getattr(tok, key, None)} vs {want}")
+    start = getattr(config, "decoder_start_token_id", None)
+    ids = {tok.pad_token_id, tok.eos_token_id, getattr(tok, "bos_token_id", None)} - {None}
+    if start is not None and start not in ids:
+        diff.append(f"decoder_start_token_id {start} is none of the tokenizer's pad/eos/bos {sorted(ids)}")
+    if diff:
+        raise SourceError(f"tokenizer {tok_source} and model config {config_source} disagree: {'; '.join(diff)} "
+                          f"(tokenizer vs model); give the backbone's own tokenizer (model.tokenizer)")
+
+
 def build_tokenizer(cfg):
-    """The run's tokenizer (see the module docstring for the order of choices)."""
+    """The run's tokenizer (see the module docstring for the order of choices), checked against the LM's
+    config (:func:`check_special_ids`)."""
     if cfg.model.tokenizer == "synthetic":
-        tok = synthetic_tokenizer()
+        tok, source = synthetic_tokenizer(), str(SYNTHETIC_SPM)
     elif cfg.model.tokenizer:
-        tok = _auto(cfg.model.tokenizer, "model.tokenizer")
+        tok, source = _auto(cfg.model.tokenizer, "model.tokenizer"), f"model.tokenizer={cfg.model.tokenizer}"
     elif _is_tiny(cfg.model.backbone):
-        tok = synthetic_tokenizer()
+        tok, source = synthetic_tokenizer(), str(SYNTHETIC_SPM)
     else:
-        tok = _auto(_backbone_source(cfg), "model.backbone_path" if cfg.model.backbone_path else "model.backbone")
+        key = "model.backbone_path" if cfg.model.backbone_path else "model.backbone"
+        tok, source = _auto(_backbone_source(cfg), key), f"{key}={_backbone_source(cfg)}"
     if tok.pad_token_id is None:
         raise ValueError(f"tokenizer {getattr(tok, 'name_or_path', tok)!r} has no pad token")
+    config, config_source = _model_config(cfg)
+    check_special_ids(tok, config, source, config_source)
     return add_visual_sentinels(tok, cfg.model.extra_special_tokens)
