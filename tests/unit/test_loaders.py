@@ -223,6 +223,36 @@ def test_hf_caption_gqa_and_nlvr2_mappings():
     assert not np.array_equal(src["val/0/0"], src["val/0/1"])
 
 
+def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
+    """``datasets.Sequence({"answer": ..., "answer_confidence": ...})`` comes back as a dict of lists:
+    read as the list of answers it stands for, as a list of such dicts is."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    answers = datasets.Sequence({"answer": datasets.Value("string"), "answer_confidence": datasets.Value("string")})
+    captions = datasets.Sequence({"raw": datasets.Value("string")})
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answers": answers, "captions": captions})
+    path = _hf_dict(tmp_path / "hf_seq", {"image": [image, image], "question": ["What color?", "How many?"],
+                                          "answers": [{"answer": ["red"] * 4 + ["blue"], "answer_confidence": ["yes"] * 5},
+                                                      {"answer": [], "answer_confidence": []}],
+                                          "captions": [{"raw": ["A red cup.", "A cup."]}, {"raw": []}]}, features)
+    assert isinstance(datasets.load_from_disk(path)["train"][0]["answers"], dict)  # what datasets hands back
+    columns = {"image": "image", "question": "question", "answers": "answers"}
+    with pytest.raises(RecordError, match=r"row 1: key 'answers' is missing \(a split without its answers"):
+        load_hf_examples("vqa", path, "train", columns)  # empty lists: no answers, as an empty list column
+    ex, _ = load_hf_examples("vqa", path, "train", columns, skip_bad_records=True)
+    assert ex[0].target == "red" and ex[0].references == ["red"] * 4 + ["blue"]
+    assert ex[0].extra["label"] == {"red": 1.0, "blue": 0.3}
+    caps, _ = load_hf_examples("caption", path, "val", {"image": "image", "captions": "captions"},
+                               skip_bad_records=True)
+    assert [c.references for c in caps] == [["A red cup.", "A cup."]]
+    pred, _ = load_hf_examples("vqa", path, "train", columns, require_answers=False)
+    assert [e.target for e in pred] == ["red", ""]
+
+
 def test_hf_through_the_config():
     cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset=str(HF), hf_columns=VQA_COLUMNS))
     assert len(load_real_examples(cfg, "vqa", "train")) == 3

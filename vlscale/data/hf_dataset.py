@@ -11,7 +11,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
                cached features); default "<split>/<row>" (NLVR2 "<split>/<row>/<k>")
     question | text            the text input (vqa, gqa, nlvr2)
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
-                               (strings or {"answer": ...}); VQA's target is ``answer`` or the most
+                               (strings or {"answer": ...}, also as a ``Sequence`` of such structs,
+                               which ``datasets`` gives as a dict of lists); VQA's target is ``answer`` or the most
                                frequent of ``answers``, its references are ``answers``, and its soft
                                ``label`` (data.vqa_targets=sampled) is scored from them
     caption | captions         caption: one caption or a list (train: one example per caption)
@@ -369,6 +370,15 @@ def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None
     return out
 
 
+def _rows_of(value):
+    """A ``Sequence`` of structs as ``datasets`` hands it back, a dict of equal-length lists
+    (``{"answer": [...], "answer_confidence": [...]}``), as the list of dicts it stands for; anything else as is."""
+    if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
+            and len({len(v) for v in value.values()}) == 1):
+        return [dict(zip(value, items)) for items in zip(*value.values())]
+    return value
+
+
 def _strings(rec: Record, key: str, inner: tuple = ("answer",)) -> list[str]:
     """A list column of strings (or of objects holding the string under one of ``inner``)."""
     items = rec.get(key, list)
@@ -483,9 +493,12 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             locations.setdefault(iid, (row, col))
         return examples
 
+    list_columns = [roles[r] for r in ("answers", "captions") if roles.get(r)]
+
     def records():
         for row, data in enumerate(raw):
             current["row"] = row
+            data.update({c: _rows_of(data[c]) for c in list_columns if c in data})
             if not any(_has_answer(data.get(c)) for c in answer_columns):
                 # no answers: the record leaves their (empty) cells out, as a JSON record without its answer
                 # keys, so Record.answers decides (refused, naming --predict-only, where answers are required)
