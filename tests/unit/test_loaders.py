@@ -421,6 +421,25 @@ def test_bad_subtitles_and_top_level_shapes(tmp_path):
         load_real_examples(make_cfg(root), "vqa", "test")
 
 
+def test_annotation_files_that_are_not_utf8_name_the_file(tmp_path):
+    """A UTF-16 file (as some editors save JSON) raised a bare UnicodeDecodeError, without the file's name,
+    which the launchers print with a traceback."""
+    root = copy_root(tmp_path, "vqa", "tvqa")
+    vqa = root / "vqa" / "karpathy_train.json"
+    vqa.write_text(vqa.read_text(), encoding="utf-16")
+    with pytest.raises(DataError, match=r"karpathy_train\.json: not UTF-8 text \(byte b'\\xff' at offset 0 of the "
+                                        r"file\); save it as UTF-8$"):
+        load_real_examples(make_cfg(root), "vqa", "train")
+    path = root / "tvqa" / "train.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + "{\"q\": \"caf\u00e9\"}\n".encode("latin-1") + b"".join(lines[1:]))
+    with pytest.raises(DataError, match=r"train\.jsonl: line 2 is not UTF-8 text \(byte b'\\xe9' at offset 10 of the "
+                                        r"line\)"):
+        load_real_examples(make_cfg(root, tasks=["tvqa"], skip_bad_records=True), "tvqa", "train")
+    path.write_bytes(b"".join(lines).replace(b"\n", b"\r\n"))  # Windows line ends still read
+    assert len(load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")) == COUNTS["tvqa"][0]
+
+
 def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
     # VL-T5 / VL-Adapter's datasets/ layout: GQA/, nlvr/, COCO/ with images in train2014/ val2014/.
     root = tmp_path / "datasets"

@@ -238,6 +238,14 @@ def read_json(path, what: str = "annotation file") -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path, e: UnicodeDecodeError, where: str = "") -> DataError:
+    """A JSON(-lines) file that is not UTF-8 text (UTF-16, as some editors save, or binary data)."""
+    return DataError(f"{path}: {where}not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start} "
+                     f"of the {'line' if where else 'file'}); save it as UTF-8")
 
 
 def read_json_list(path, what: str = "annotation file") -> list[tuple[str, Any]]:
@@ -251,8 +259,12 @@ def read_json_list(path, what: str = "annotation file") -> list[tuple[str, Any]]
 def read_jsonl(path, what: str = "annotation file") -> Iterator[tuple[str, Any]]:
     """A JSON-lines file -> ``("line n", data)``; a line that is not JSON yields a RecordError."""
     path = require_file(path, what)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e, f"line {n} is ") from None
             if not line.strip():
                 continue
             try:
