@@ -683,6 +683,33 @@ def test_hf_unreadable_images_name_dataset_split_row_and_column(tmp_path):
         src["train/1"]
 
 
+def test_hf_rows_sharing_an_image_id_but_not_the_image_are_refused(tmp_path):
+    """data.hf_columns.image_id says rows share an image: a row whose id names another row's image but whose
+    image column holds another image was silently given the first row's image (and its cached features)."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    jpgs = sorted((FIXTURES / "real_data" / "gqa" / "images").glob("*.jpg"))
+    data = [p.read_bytes() for p in jpgs[:2]]
+    assert len(data[0]) != len(data[1])
+    cols = {"image": "image", "image_id": "name", "question": "q", "answer": "a"}
+    rows = {"q": ["a?", "b?", "c?"], "a": ["x", "y", "z"], "name": ["img0", "img1", "img0"]}
+    for kind, cells in (("bytes", [{"bytes": d, "path": None} for d in (data[0], data[1], data[1])]),
+                        ("paths", [str(jpgs[0]), str(jpgs[1]), str(jpgs[1])])):
+        path = _hf_dict(tmp_path / kind, dict(rows, image=cells), datasets.Features(
+            {"image": datasets.Image(), "q": datasets.Value("string"), "a": datasets.Value("string"),
+             "name": datasets.Value("string")}))
+        with pytest.raises(RecordError, match=rf"{kind}\[train\]: row 2: key 'name' is 'img0', the id of row 0's "
+                                              r"image, but column 'image' holds another image here"):
+            load_hf_examples("gqa", path, "train", cols)
+        ex, src = load_hf_examples("gqa", path, "train", cols, skip_bad_records=True)
+        assert [e.uid for e in ex] == ["train-0", "train-1"] and ex.skipped == 1
+    same = _hf_dict(tmp_path / "same", dict(rows, image=[str(jpgs[0]), str(jpgs[1]), str(jpgs[0])]))
+    ex, src = load_hf_examples("gqa", same, "train", cols)  # the same image under its id: one image
+    assert [e.image_ids for e in ex] == [["img0"], ["img1"], ["img0"]] and len(src) == 2
+
+
 @pytest.mark.parametrize("kind", ["struct", "string", "binary"])
 def test_hf_rows_without_image_are_the_rows_training_skips(tmp_path, kind):
     """extract_features' Arrow scan (``rows_without_image``) finds exactly the rows training's loader

@@ -8,7 +8,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     image      the image column (an ``Image`` feature, image bytes/path dicts, or file paths);
                NLVR2: a list of two columns
     image_id   optional: a column naming the image (rows sharing an image share its id and its
-               cached features); default "<split>/<row>" (NLVR2 "<split>/<row>/<k>")
+               cached features; a row whose image differs from its id's first row's, by its bytes' length
+               or the file it names, is malformed); default "<split>/<row>" (NLVR2 "<split>/<row>/<k>")
     question | text            the text input (vqa, gqa, nlvr2)
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
                                (strings or {"answer": ...}, also as a ``Sequence`` of such structs,
@@ -370,6 +371,20 @@ def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None
     return out
 
 
+def _image_mark(value, base_dir=None) -> tuple | None:
+    """What tells an image cell's image from another's without decoding it: the length of its bytes, or the
+    file it names; None for a cell of another kind (not compared)."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return ("bytes", len(value["bytes"]))
+    if isinstance(value, (bytes, bytearray)) and value:
+        return ("bytes", len(value))
+    path = _path_only(value)
+    if path is not None:
+        found = find_image_file(path, base_dir)[0]
+        return ("file", str(found.resolve()) if found is not None else path)
+    return None
+
+
 def _rows_of(value):
     """A ``Sequence`` of structs as ``datasets`` hands it back, a dict of equal-length lists
     (``{"answer": [...], "answer_confidence": [...]}``), as the list of dicts it stands for; anything else as is."""
@@ -430,6 +445,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
         if isinstance(raw.features[col], datasets.Image):
             raw = raw.cast_column(col, datasets.Image(decode=False))
     locations: dict[str, tuple[int, str]] = {}
+    marks: dict[str, tuple] = {}  # image_id -> (first row, _image_mark of its image)
     train = split == "train"
     current = {"row": -1, "unanswered": 0}  # set by records() just before parse_records parses that row
     base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
@@ -489,6 +505,15 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             else:
                 examples = [Example(task=task, uid=uid, text="", target=captions[0], image_ids=image_ids,
                                     references=captions, extra=extra, source=source_name)]
+        if roles.get("image_id"):  # rows sharing an id share its image (and its cached features): not another one
+            col = roles["image"][0]
+            mark = _image_mark(rec.data.get(col), base_dir)
+            first_row, first_mark = marks.setdefault(image_ids[0], (row, mark))
+            if mark is not None and first_mark is not None and mark[0] == first_mark[0] and mark != first_mark:
+                raise rec.error(roles["image_id"], f"is {image_ids[0]!r}, the id of row {first_row}'s image, but "
+                                f"column {col!r} holds another image here ({mark[1]} vs {first_mark[1]}"
+                                f"{' bytes' if mark[0] == 'bytes' else ''}); rows sharing an id must share the image: "
+                                "map data.hf_columns.image_id to a column naming each image, or leave it out")
         for iid, col in zip(image_ids, roles["image"]):
             locations.setdefault(iid, (row, col))
         return examples
