@@ -408,6 +408,9 @@ class DataConfig:
                 if getattr(self, name):
                     raise ConfigError(f"data.{name}={getattr(self, name)!r} is ignored with data.source=synthetic "
                                       f"(the embedded world); set data.source=real to train on it, or data.{name}=null")
+        if self.hf_columns and not self.hf_dataset:
+            raise ConfigError(f"data.hf_columns={self.hf_columns!r} is read only with data.hf_dataset (the columns of an "
+                              f"HF dataset), which is not set; set data.hf_dataset, or data.hf_columns={{}}")
         _check_choice("data", "sampling", self.sampling, ("proportional", "temperature"))
         _check_choice("data", "vqa_targets", self.vqa_targets, ("best", "sampled"))
         _check_positive("data", "temperature", self.temperature)

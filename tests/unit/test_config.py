@@ -77,6 +77,8 @@ def test_overrides_are_typed():
     (["data.hf_dataset=/data/vqa_hf"], ["data.hf_dataset='/data/vqa_hf'", "data.source=synthetic", "data.source=real"]),
     (["data.root=/data"], ["data.root='/data'", "data.source=synthetic", "data.source=real"]),
     (["data.source=real"], ["data.source=real", "data.root", "data.hf_dataset"]),
+    (["data.hf_columns={image: img}"], ["data.hf_columns={'image': 'img'}", "read only with data.hf_dataset"]),
+    (["data.source=real", "data.root=/data", "data.hf_columns={image: img}"], ["data.hf_columns=", "data.hf_columns={}"]),
     (["train.max_stpes=3"], ["unknown key train.max_stpes; did you mean 'max_steps'?", "valid keys in train"]),
     (["trian.max_steps=3"], ["unknown key trian; did you mean 'train'?"]),
 ])
