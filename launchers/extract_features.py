@@ -237,7 +237,7 @@ def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str
 def hf_jobs(args):
     """([(source, ids, video)], report) for --hf-dataset: the split training reads for ``--split``, with
     its ids; ``report["skipped"]``: ``[(row, why)]`` of the rows --skip-bad-records left out."""
-    from vlscale.data.hf_dataset import SPLIT_NAMES, HFImageSource, open_hf_split, rows_without_image
+    from vlscale.data.hf_dataset import HFImageSource, open_hf_split, rows_without_image
     from vlscale.data.real import DataError
 
     if args.video:
@@ -248,8 +248,7 @@ def hf_jobs(args):
     if args.id_column and len(columns) > 1:
         raise SystemExit("--id-column applies to one --image-column only (as data.hf_columns.image_id: "
                          "single-image tasks); NLVR2's two images are <split>/<row>/0 and <split>/<row>/1")
-    split = next((ours for ours, names in SPLIT_NAMES.items() if args.split in (ours, *names)), args.split)
-    ds, hf_split = open_hf_split(args.hf_dataset, split)
+    ds, hf_split, split = open_hf_split(args.hf_dataset, args.split)  # split: ours, as training's ids
     name = f"{args.hf_dataset}[{hf_split}]"
     for col in (*columns, args.id_column):
         if col and col not in ds.column_names:

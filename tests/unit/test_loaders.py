@@ -253,6 +253,31 @@ def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
     assert [e.target for e in pred] == ["red", ""]
 
 
+def test_hf_split_named_as_the_dataset_names_it_gives_our_ids():
+    """``--split validation`` (evaluate.py) named its rows ``validation/<row>``, while extract_features.py
+    --split validation stores them as ``val/<row>`` (ours): the cache made for it then missed every id. A
+    ``dev`` split beside ``validation`` stays itself (read as dev, ids dev/<row>)."""
+    import unittest.mock
+
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples, open_hf_split
+
+    columns = {k: v for k, v in VQA_COLUMNS.items() if k != "image_id"}
+    ours, _ = load_hf_examples("vqa", str(HF), "val", columns)
+    for name in ("validation", "val"):
+        ex, src = load_hf_examples("vqa", str(HF), name, columns)
+        assert [(e.uid, e.image_ids) for e in ex] == [(e.uid, e.image_ids) for e in ours]
+        assert ex[0].image_ids == ["val/0"] and "val/0" in src
+    assert [open_hf_split(str(HF), n)[1:] for n in ("validation", "val", "train")] == [
+        ("validation", "val"), ("validation", "val"), ("train", "train")]
+    splits = datasets.load_from_disk(str(HF))
+    both = datasets.DatasetDict({"train": splits["train"], "validation": splits["validation"], "dev": splits["train"]})
+    with unittest.mock.patch("datasets.load_from_disk", return_value=both):
+        assert open_hf_split(str(HF), "dev")[1:] == ("dev", "dev")
+        assert open_hf_split(str(HF), "val")[1:] == ("validation", "val")
+
+
 def test_hf_through_the_config():
     cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset=str(HF), hf_columns=VQA_COLUMNS))
     assert len(load_real_examples(cfg, "vqa", "train")) == 3

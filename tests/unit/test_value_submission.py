@@ -99,6 +99,11 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
             assert ("map data.hf_columns.id" in caplog.text) == (examples[0].uid == "test-0"), caplog.text
         else:
             assert "not numbers" not in caplog.text
+    caplog.clear()  # --split validation: the HF loader names the rows by our split, val-<row>
+    with caplog.at_level(logging.WARNING, logger="vlscale.engine.evaluation"):
+        write_submission(tmp_path, "tvqa", [{"uid": "val-0", "prediction": "a0"}],
+                         [ex("tvqa", "val-0", candidates=["a", "b"])], split="validation")
+    assert "map data.hf_columns.id" in caplog.text
 
 
 def test_a_prediction_the_accuracy_counts_as_an_option_is_written_as_that_option(tmp_path):

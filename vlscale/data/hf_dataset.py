@@ -87,7 +87,9 @@ def _folder_contents(path: Path) -> str:
 
 
 def open_hf_split(name_or_path: str, split: str):
-    """The ``datasets.Dataset`` of one of our splits, and the dataset's own split name."""
+    """The ``datasets.Dataset`` of ``split`` (ours, train / val / test, or the dataset's own name), the dataset's
+    name of it, and ours: the name its ids use (``val`` for the dataset's ``validation``, ``dev``, ... where
+    that is the split ours reads; the name given otherwise, e.g. ``dev`` beside a ``validation`` split)."""
     import datasets
 
     path = Path(name_or_path).expanduser()
@@ -112,9 +114,11 @@ def open_hf_split(name_or_path: str, split: str):
         raise DataError(f"data.hf_dataset={name_or_path!r} holds one Dataset without splits; save a "
                         "DatasetDict with train / validation / test splits")
     names = SPLIT_NAMES.get(split, (split,))
+    first = {ours: next((n for n in aliases if n in obj), None) for ours, aliases in SPLIT_NAMES.items()}
     for name in names:
         if name in obj:
-            return obj[name], name
+            ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
+            return obj[name], name, ours
     raise DataError(f"data.hf_dataset={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
                     f"its splits: {list(obj)}")
 
@@ -435,7 +439,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     import datasets
 
     columns = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen}
-    ds, hf_split = open_hf_split(name_or_path, split)
+    ds, hf_split, split = open_hf_split(name_or_path, split)  # split: ours (the ids extract_features.py gives)
     source_name = f"{name_or_path}[{hf_split}]"
     roles = _roles(task, columns, list(ds.column_names), require_answers, source_name)
     answer_columns = _answer_columns(task, roles)

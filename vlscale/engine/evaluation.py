@@ -207,7 +207,10 @@ def _warn_non_numeric_ids(task: str, ids: list, split: str) -> None:
     key, reader = NUMERIC_IDS[task]
     bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
-        rows = re.compile(rf"{re.escape(split)}-\d+")
+        from vlscale.data.hf_dataset import SPLIT_NAMES
+
+        ours = [o for o, names in SPLIT_NAMES.items() if split in (o, *names)]  # the loader names rows by ours
+        rows = re.compile(rf"({'|'.join(re.escape(s) for s in [split, *ours])})-\d+")
         hint = " (an HF dataset's row numbers: map data.hf_columns.id to the id column)" \
             if any(rows.fullmatch(str(i)) for i in bad) else ""
         logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
