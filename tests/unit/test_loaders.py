@@ -833,6 +833,19 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"mixed': the datasets library cannot load it \(ValueError: Couldn't infer "
                                         r"the same data file format.*2 entries \['train\.jsonl', 'validation\.csv'\]"):
         load_hf_examples("gqa", str(mixed), "train", cols)
+    # an empty data file: the library said only "An error occurred while generating the dataset"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = tmp_path / "files"
+    files.mkdir()
+    table = pa.Table.from_pylist([{"image": "a.png", "q": "q", "a": "a"}])
+    pq.write_table(table, files / "train.parquet")
+    pq.write_table(table.slice(0, 0), files / "validation.parquet")
+    with pytest.raises(DataError, match=r"files': the datasets library cannot load it \(DatasetGenerationError: An "
+                                        r"error occurred while generating the dataset, from ArrowInvalid: .*\); the "
+                                        r"folder holds 2 entries \['train\.parquet', 'validation\.parquet \(empty\)'\]$"):
+        load_hf_examples("gqa", str(files), "train", cols)
 
 
 def test_frame_images_are_taken_in_number_order(tmp_path):

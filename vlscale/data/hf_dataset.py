@@ -82,8 +82,31 @@ def _folder_contents(path: Path) -> str:
                 n = "?"
             parts.append(f"{name!r} ({n} data file{'' if n == 1 else 's'})")
         return "a saved DatasetDict with splits " + (", ".join(parts) or "none")
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    return f"{len(names)} entries {names[:10]}" if names else "nothing (an empty folder)"
+    entries = sorted(path.iterdir(), key=lambda p: p.name)
+    names = [p.name + ("/" if p.is_dir() else _no_rows(p)) for p in entries[:10]]
+    return f"{len(entries)} entries {names}" if entries else "nothing (an empty folder)"
+
+
+def _no_rows(file: Path) -> str:
+    """" (empty)" for a data file without rows (the datasets library's own error does not name it), else ""."""
+    try:
+        if file.stat().st_size == 0:
+            return " (empty)"
+        if file.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return " (empty)" if pq.read_metadata(file).num_rows == 0 else ""
+    except Exception:  # an unreadable file: the library's error says why
+        return ""
+    return ""
+
+
+def _why(e: Exception) -> str:
+    """An error of the datasets library in one line, with the error it wraps: its DatasetGenerationError says
+    only "An error occurred while generating the dataset" (the cause, e.g. pyarrow's, is what to fix)."""
+    why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    cause = e.__cause__
+    return why + (f", from {type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else "")
 
 
 def open_hf_split(name_or_path: str, split: str):
@@ -103,13 +126,13 @@ def open_hf_split(name_or_path: str, split: str):
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
             raise DataError(f"data.hf_dataset={name_or_path!r}: the datasets library cannot load it "
-                            f"({type(e).__name__}: {e}); the folder holds {_folder_contents(path)}") from e
+                            f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
     else:
         try:
             obj = datasets.load_dataset(name_or_path)
         except Exception as e:
             raise DataError(f"data.hf_dataset={name_or_path!r}: not a local folder, and "
-                            f"datasets.load_dataset failed ({type(e).__name__}: {e})") from e
+                            f"datasets.load_dataset failed ({_why(e)})") from e
     if isinstance(obj, datasets.Dataset):
         raise DataError(f"data.hf_dataset={name_or_path!r} holds one Dataset without splits; save a "
                         "DatasetDict with train / validation / test splits")
