@@ -114,6 +114,28 @@ def test_torch_autocast_in_the_file_is_refused():
     assert build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")["torch_autocast"] == {"enabled": False}
 
 
+def test_blocks_that_would_do_nothing_or_be_read_past_are_refused():
+    """An activation_checkpointing block applies to deepspeed.checkpointing calls, which no model here makes
+    (accepted without a word, it checkpointed nothing); the old ZeRO offload keys (cpu_offload, ...) are mapped
+    by DeepSpeed but not seen by the build's own offload reading (torch_adam stayed on, run_summary.json named
+    no device). A block of defaults, as copied configs carry, passes."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["activation_checkpointing"] = {"partition_activations": True, "cpu_checkpointing": False}
+    with pytest.raises(DeepSpeedConfigError, match=r"activation_checkpointing\.partition_activations=True would "
+                                                   r"have no effect: .*train\.gradient_checkpointing=true"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    raw["activation_checkpointing"] = {"partition_activations": False, "number_checkpoints": None}
+    build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    for key in ("cpu_offload", "cpu_offload_param"):
+        raw = json.loads((DS_DIR / "zero3.json").read_text())
+        raw["zero_optimization"][key] = True
+        with pytest.raises(DeepSpeedConfigError, match=rf"zero_optimization\.{key} is DeepSpeed's old form; "
+                                                       rf"write offload_"):
+            build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+    raw["zero_optimization"]["cpu_offload_param"] = False
+    build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
 def test_fp16_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(CPU_FP16_ENV, raising=False)
     with pytest.raises(DeepSpeedConfigError) as e:

@@ -25,6 +25,9 @@ A concrete value in the file that disagrees with the run config is an error nami
 both values; an ``"auto"`` that nothing resolves is an error too. So are a top-level key DeepSpeed
 does not read (it would ignore it: ``zero_optimizaton`` trains at ZeRO-0) and a ZeRO, bf16 or fp16 block
 that DeepSpeed's own config models refuse, named here rather than in ``deepspeed.initialize``.
+So are settings the run would read past: an ``activation_checkpointing`` block that sets anything (no model
+here calls DeepSpeed's checkpointing; ``train.gradient_checkpointing`` does it) and the old ZeRO keys
+``cpu_offload`` / ``cpu_offload_param`` (``offload_optimizer`` / ``offload_param`` say it now).
 ``nvme_path: "auto"`` (ZeRO-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
 """
 
@@ -352,6 +355,12 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         raise DeepSpeedConfigError(f"{source}: amp.enabled={ds['amp']['enabled']!r} is not supported; "
                                    f"precision comes from train.precision (fp32, bf16, fp16)")
     ds.pop("amp", None)
+    checkpointing = {k: v for k, v in (ds.get("activation_checkpointing") or {}).items() if v not in (False, None)}
+    if checkpointing:  # its settings apply to deepspeed.checkpointing.checkpoint calls, which no model here makes
+        raise DeepSpeedConfigError(
+            f"{source}: activation_checkpointing.{next(iter(checkpointing))}={next(iter(checkpointing.values()))!r} "
+            f"would have no effect: the run checkpoints activations with train.gradient_checkpointing=true "
+            f"(Hugging Face's, per layer); remove the block")
     autocast = ds.get("torch_autocast")
     if isinstance(autocast, dict) and autocast.get("enabled") not in (False, None):  # DeepSpeed would autocast
         raise DeepSpeedConfigError(  # the forward to its dtype while the run (and run_summary.json) said fp32
@@ -398,6 +407,13 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
             del zero["allgather_bucket_size"]
         for key, value in stage3_keys.items():
             r.default(f"zero_optimization.{key}", value)
+    old = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param",
+           "cpu_offload_use_pin_memory": "offload_optimizer / offload_param's pin_memory"}
+    given = [k for k in old if zero.get(k)]
+    if given:  # DeepSpeed maps them itself, but the offload read below (torch_adam, the stage check,
+        raise DeepSpeedConfigError(  # run_summary.json's devices) would not see them
+            f"{source}: zero_optimization.{given[0]} is DeepSpeed's old form; write {old[given[0]]}: "
+            f"{{\"device\": \"cpu\"}} instead (as ds_configs/zero3_offload.json)")
     offload = {}
     for key in ("offload_optimizer", "offload_param"):
         block = zero.get(key)
