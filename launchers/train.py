@@ -79,6 +79,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
             return f"ConfigError: {e}"
     try:
         world = launcher_world_size()
+        if world is None:  # it was a TypeError here, then DeepSpeed looking for MPI
+            return (f"RANK={os.environ.get('RANK')} is set but WORLD_SIZE is not: a launcher (deepspeed, torchrun) "
+                    f"sets both; unset RANK to train as one process")
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
     except CheckpointError as e:
         return f"CheckpointError: {e}"

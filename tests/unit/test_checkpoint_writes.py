@@ -218,6 +218,19 @@ def test_a_resume_told_to_stop_at_a_step_already_done_is_refused(tmp_path, monke
     assert train.refused_before_start(cfg, True, "ds_configs/zero3.json", 3) is None
 
 
+def test_rank_without_world_size_is_refused_before_start(tmp_path, monkeypatch, launcher):
+    """RANK left in the environment without WORLD_SIZE (no launcher sets one alone) was a TypeError traceback."""
+    from vlscale.config import load_config
+
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    assert launcher("train").refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        "RANK=0 is set but WORLD_SIZE is not: a launcher (deepspeed, torchrun) sets both; unset RANK to train as "
+        "one process")
+
+
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
     """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
     from types import SimpleNamespace
