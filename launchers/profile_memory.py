@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -222,7 +223,10 @@ def main(argv=None) -> int:
             except OSError as e:
                 print(f"error: --write-config {args.write_config}: cannot write it ({e.strerror or e})", file=sys.stderr)
                 return 2
-            out["written"] = {"deepspeed": args.write_config, "overrides": best.overrides()}
+            # the command line's own overrides (the model, the PEFT method, ...) train too; the plan's replace theirs
+            planned = {o.split("=", 1)[0] for o in best.overrides()}
+            own = [o for o in args.overrides if o.split("=", 1)[0].strip() not in planned]
+            out["written"] = {"deepspeed": args.write_config, "overrides": own + best.overrides()}
         bars = {o.label().replace(" offload=", "\noffload="): at_peak(o.estimate.components,
                                                                       o.estimate.at_peak["activations"],
                                                                       o.estimate.at_peak["grads"])
@@ -278,7 +282,7 @@ def main(argv=None) -> int:
         if "written" in out:
             print(f"wrote {args.write_config}; train with: deepspeed --num_gpus {args.world_size} launchers/train.py "
                   f"--deepspeed {args.write_config} --config {args.config or 'default'} "
-                  + " ".join(out["written"]["overrides"]))
+                  + " ".join(map(shlex.quote, out["written"]["overrides"])))
     if args.plot:
         print(f"plot: {args.plot}")
     return 0

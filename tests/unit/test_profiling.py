@@ -384,6 +384,26 @@ def test_launcher_json(capsys, launcher):
     assert int(row.split()[6]) == 32 // (2 * mbs), row
 
 
+def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path):
+    """The train command --write-config prints (and --json's "written") carries the overrides the plan was made
+    for (here another backbone and adapter size), the plan's own replacing those it sets: it printed the
+    plan's alone, so the printed command trained the preset's model, not the one planned."""
+    profile_memory = launcher("profile_memory")
+    argv = ["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--write-config", str(tmp_path / "ds.json"),
+            "model.backbone=tiny-bart", "peft.reduction_factor=8", "train.micro_batch_size=8", "data.tasks=[vqa, gqa]"]
+    assert profile_memory.main(argv + ["--json"]) == 0
+    written = json.loads(capsys.readouterr().out)["written"]["overrides"]
+    assert written[:3] == ["model.backbone=tiny-bart", "peft.reduction_factor=8", "data.tasks=[vqa, gqa]"]
+    assert sum(o.startswith("train.micro_batch_size=") for o in written) == 1 and len(written) == 3 + 5
+    run = load_config("tiny", written)
+    assert (run.model.backbone, run.peft.reduction_factor, run.data.tasks) == ("tiny-bart", 8, ["vqa", "gqa"])
+    assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 2 == 16
+    assert profile_memory.main(argv) == 0
+    command = capsys.readouterr().out.split("train with: ")[1]
+    assert "--config tiny model.backbone=tiny-bart peft.reduction_factor=8 'data.tasks=[vqa, gqa]' train.zero_stage=" \
+        in command
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--deepspeed", "/nonexistent.json"], ["DeepSpeed config file '/nonexistent.json' does not exist"]),
     (["--write-config", "ds.json"], ["--write-config ds.json", "--budget"]),
