@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -137,6 +138,15 @@ def plot(path: str, bars: dict) -> None:
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.json:
+        return profile(args)
+    # --json: the object alone on stdout; what DeepSpeed prints (its accelerator warning without a GPU) to stderr
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return profile(args, json_out=stdout)
+
+
+def profile(args, json_out=None) -> int:
     overrides = list(args.overrides)
     if args.zero_stage is not None:
         overrides.append(f"train.zero_stage={args.zero_stage}")
@@ -235,7 +245,7 @@ def main(argv=None) -> int:
         plot(args.plot, bars)
         out["plot"] = args.plot
     if args.json:
-        print(json.dumps(out, default=str))
+        print(json.dumps(out, default=str), file=json_out)
         return 0
     s = est.settings
     print(f"{cfg.name}: {s['backbone']} + {s['vision']}, peft={s['peft']}{' + full LM' if s['train_lm'] else ''}, "

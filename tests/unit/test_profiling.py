@@ -384,6 +384,25 @@ def test_launcher_json(capsys, launcher):
     assert int(row.split()[6]) == 32 // (2 * mbs), row
 
 
+def test_launcher_json_is_alone_on_stdout(capsys, launcher, monkeypatch):
+    """--json prints one JSON object: what a library prints to stdout meanwhile goes to stderr. Without a GPU
+    and DS_ACCELERATOR, DeepSpeed's first import printed its accelerator warning to stdout, before the object
+    (`profile_memory.py --json | jq` failed on a laptop)."""
+    estimate = analytic.estimate_memory
+
+    def noisy(*a, **k):
+        print("[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.")
+        return estimate(*a, **k)
+
+    monkeypatch.setattr(analytic, "estimate_memory", noisy)
+    assert launcher("profile_memory").main(["--config", "tiny", "--budget", "1GiB", "--top", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["predicted"]["settings"]["zero_stage"] == 3
+    assert "Setting accelerator to CPU" in err
+    assert launcher("profile_memory").main(["--config", "tiny"]) == 0  # the table: stdout as before
+    assert "Setting accelerator to CPU" in capsys.readouterr().out
+
+
 def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path):
     """The train command --write-config prints (and --json's "written") carries the overrides the plan was made
     for (here another backbone and adapter size), the plan's own replacing those it sets: it printed the
