@@ -67,11 +67,13 @@ def check_args(args) -> str | None:
     for flag, value in (("--world-size", args.world_size), ("--steps", args.steps), ("--top", args.top)):
         if value is not None and value < 1:
             return f"{flag}={value} must be >= 1"
-    if args.write_config and not args.budget:
+    if args.write_config and args.budget is None:
         return (f"--write-config {args.write_config} writes the setting the planner picks for a memory budget; "
                 f"give --budget SIZE too (e.g. --budget 24GiB)")
-    if args.top is not None and not args.budget:
+    if args.top is not None and args.budget is None:
         return f"--top={args.top} is how many of the planner's settings to show; it needs --budget SIZE"
+    if args.headroom is not None and args.budget is None:
+        return f"--headroom {args.headroom} is what the planner keeps free within a budget; it needs --budget SIZE"
     args.top = 15 if args.top is None else args.top
     from vlscale.config import parse_overrides
 
@@ -166,13 +168,15 @@ def profile(args, json_out=None) -> int:
                                             resolve_ds_config)
 
     budget = headroom = None
-    if args.budget:  # before the prediction and any measured run
-        try:
-            budget = parse_size(args.budget)
-            headroom = parse_size(args.headroom) if args.headroom else None
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    if args.budget is not None:  # before the prediction and any measured run ("": an unset variable, refused)
+        sizes = {}
+        for flag, text in (("--budget", args.budget), ("--headroom", args.headroom)):
+            try:
+                sizes[flag] = None if text is None else parse_size(text)
+            except ValueError as e:
+                print(f"error: {flag}: {e}", file=sys.stderr)
+                return 2
+        budget, headroom = sizes["--budget"], sizes["--headroom"]
         if budget <= 0:
             print(f"error: --budget={args.budget!r} must be a positive size, e.g. 24GiB", file=sys.stderr)
             return 2
@@ -215,7 +219,7 @@ def profile(args, json_out=None) -> int:
         bars["measured"] = at_peak({k: meas.get(k) or 0 for k in COMPONENTS}, meas.get("activations_at_peak"),
                                    meas.get("grads_at_peak"))
     options = None
-    if args.budget:
+    if budget is not None:
         from vlscale.profiling.planner import format_table, plan, write_ds_config
 
         options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device)

@@ -437,10 +437,14 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
     (["--budget", "1e400"], ["memory size '1e400' is not a finite size"]),
     (["--steps", "5"], ["--steps=5 is the length of the measured run; it needs --measure"]),
     (["--budget", "80GiB", "--write-config", "a_file/ds.json"], ["--write-config a_file/ds.json: cannot write it"]),
+    (["--headroom", "2GiB"], ["--headroom 2GiB is what the planner keeps free within a budget; it needs --budget"]),
+    (["--budget", ""], ["--budget: memory size '' is not understood"]),
+    (["--budget", "24GiB", "--headroom", "abc"], ["--headroom: memory size 'abc' is not understood"]),
 ])
 def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path, argv, words):
     """Each was accepted before: a missing --deepspeed fell back to a built-in dict, --write-config without
-    --budget wrote nothing and said nothing, --steps 0 "measured" nothing, --top -1 printed every row."""
+    --budget wrote nothing and said nothing, --steps 0 "measured" nothing, --top -1 printed every row;
+    --headroom without --budget and an empty --budget (an unset shell variable) were ignored silently."""
     from vlscale.profiling import measure
 
     started = []
