@@ -75,6 +75,14 @@ def check_args(args) -> str | None:
     if args.headroom is not None and args.budget is None:
         return f"--headroom {args.headroom} is what the planner keeps free within a budget; it needs --budget SIZE"
     args.top = 15 if args.top is None else args.top
+    if args.plot is not None:  # before the prediction and any measured run, not at the end of them
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            return f"--plot {args.plot} draws with matplotlib, which is not installed: pip install -e '.[plot]'"
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(args.plot).suffix.lstrip(".").lower() not in kinds:
+            return f"--plot {args.plot}: name a file matplotlib writes, ending in .{', .'.join(sorted(kinds))}"
     from vlscale.config import parse_overrides
 
     given = (parse_overrides(args.overrides).get("train") or {}).get("zero_stage")
@@ -246,7 +254,12 @@ def profile(args, json_out=None) -> int:
                                                                       o.estimate.at_peak["grads"])
                 for o in options[: args.top] if o.fits} or bars
     if args.plot:
-        plot(args.plot, bars)
+        try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            plot(args.plot, bars)
+        except OSError as e:
+            print(f"error: --plot {args.plot}: cannot write it ({e.strerror or e})", file=sys.stderr)
+            return 2
         out["plot"] = args.plot
     if args.json:
         print(json.dumps(out, default=str), file=json_out)

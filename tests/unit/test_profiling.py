@@ -440,11 +440,14 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
     (["--headroom", "2GiB"], ["--headroom 2GiB is what the planner keeps free within a budget; it needs --budget"]),
     (["--budget", ""], ["--budget: memory size '' is not understood"]),
     (["--budget", "24GiB", "--headroom", "abc"], ["--headroom: memory size 'abc' is not understood"]),
+    (["--plot", "bars.txt"], ["--plot bars.txt: name a file matplotlib writes, ending in", ".png", ".svg"]),
+    (["--plot", "a_file/bars.png"], ["--plot a_file/bars.png: cannot write it"]),
 ])
 def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path, argv, words):
     """Each was accepted before: a missing --deepspeed fell back to a built-in dict, --write-config without
     --budget wrote nothing and said nothing, --steps 0 "measured" nothing, --top -1 printed every row;
-    --headroom without --budget and an empty --budget (an unset shell variable) were ignored silently."""
+    --headroom without --budget and an empty --budget (an unset shell variable) were ignored silently;
+    --plot into a path it could not write ended in a traceback after the prediction (and any measured run)."""
     from vlscale.profiling import measure
 
     started = []
