@@ -211,8 +211,14 @@ def profile(args, json_out=None) -> int:
     out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict(), "checkpoint": disk.to_dict()}
     bars = {"predicted": at_peak(est.components, est.at_peak["activations"], est.at_peak["grads"])}
     if args.measure:
+        from vlscale.engine.deepspeed_config import check_nvme_support
         from vlscale.profiling.measure import available_host_bytes, measure_memory, measured_run_host_bytes
 
+        try:  # as launchers/train.py, before any rank starts: ZeRO-Infinity without libaio
+            check_nvme_support(ds)
+        except ValueError as e:
+            print(f"error: --measure: {args.deepspeed}: {e}", file=sys.stderr)
+            return 2
         need, have = measured_run_host_bytes(est, args.world_size), available_host_bytes()
         if have is not None and need > have:
             print(f"error: --measure builds the whole model ({est.detail['total_params']:,} parameters) on each of "

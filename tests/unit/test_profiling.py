@@ -462,6 +462,27 @@ def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path,
     assert not (tmp_path / "ds.json").exists()
 
 
+def test_launcher_refuses_a_measured_nvme_run_without_async_io(capsys, launcher, monkeypatch, tmp_path):
+    """--measure with ZeRO-Infinity on a machine without libaio is refused before any rank starts, as
+    launchers/train.py refuses it: the measured run died inside deepspeed.initialize with a traceback per rank
+    ("Unable to JIT load the async_io op"). The prediction alone needs no async_io."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from vlscale.profiling import measure
+
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    argv = ["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json", "--device", "cpu"]
+    assert launcher("profile_memory").main(argv + ["--measure"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --measure: ") and err.count("\n") == 1 and not started
+    assert "zero3_nvme.json: zero_optimization.offload_optimizer.device='nvme' (ZeRO-Infinity)" in err
+    assert "libaio" in err
+    assert launcher("profile_memory").main(argv) == 0
+
+
 def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, launcher, monkeypatch, tmp_path):
     """As launchers/train.py: ds_configs/zero2.json works from any directory (it was silently replaced by
     the built-in dict, at ZeRO-3, when run from elsewhere)."""
