@@ -67,8 +67,9 @@ def inspect(cfg) -> dict:
     vocab_size, vocab_source = _vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     built = model.lm.get_input_embeddings().num_embeddings
-    if vocab_size and built > vocab_size:  # model.backbone_path's embeddings outnumber the tokenizer's tokens
-        vocab_source = f"model.backbone_path's config.json; {vocab_source}: {vocab_size:,}"
+    if vocab_size and built > vocab_size:  # the checkpoint's or registry's embeddings outnumber the tokenizer's tokens
+        where = "model.backbone_path's config.json" if cfg.model.backbone_path else f"{cfg.model.backbone}'s registry config"
+        vocab_source = f"{where}; {vocab_source}: {vocab_size:,}"
     counts = count_parameters(model)
     counts.update(with_registry_vision(cfg, model, counts))
     groups = {g: {"params": sum(numel(p) for _, p in ps),

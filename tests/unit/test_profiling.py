@@ -514,3 +514,7 @@ def test_inspect_model_counts_the_model_the_trainer_builds(capsys, launcher):
     assert launcher("inspect_model").main(["--config", "tiny", "model.backbone=t5-small"]) == 0
     assert "vocabulary 32,128 (the registry's 32,128; the tokenizer (t5-small) is not loaded offline" in \
         capsys.readouterr().out
+    # a hub backbone with the synthetic tokenizer keeps the registry's larger embeddings: said so, where the
+    # note blamed a model.backbone_path the run does not have
+    assert launcher("inspect_model").main(["--config", "tiny", "model.backbone=t5-small", "model.tokenizer=synthetic"]) == 0
+    assert "vocabulary 32,128 (t5-small's registry config; the run's tokenizer: 721)" in capsys.readouterr().out
