@@ -403,6 +403,19 @@ def test_launcher_json_is_alone_on_stdout(capsys, launcher, monkeypatch):
     assert "Setting accelerator to CPU" in capsys.readouterr().out
 
 
+def test_plan_table_says_the_headroom_it_kept(capsys, launcher):
+    """A budget below the default headroom (5% + 0.5 GiB) fits nothing: the table says how much it kept free,
+    where it said '0 of 140 settings fit 512.00 MiB' beside peaks of a few MiB and no reason."""
+    profile_memory = launcher("profile_memory")
+    assert profile_memory.main(["--config", "tiny", "--budget", "512MiB", "--top", "1"]) == 0
+    assert "0 of 140 settings fit 512.00 MiB per GPU (the budget; 537.60 MiB headroom kept free within it" in \
+        capsys.readouterr().out
+    assert profile_memory.main(["--config", "tiny", "--budget", "512MiB", "--headroom", "1MiB", "--top", "1",
+                                "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings_fit"] == 140 and out["plan"][0]["headroom"] == 2 ** 20
+
+
 def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path):
     """The train command --write-config prints (and --json's "written") carries the overrides the plan was made
     for (here another backbone and adapter size), the plan's own replacing those it sets: it printed the

@@ -83,6 +83,8 @@ class PlanOption:
     global_batch: int = 0
     """The run config's global batch (micro x world x accumulation), kept by the overrides."""
     world_size: int = 1
+    headroom: int = 0
+    """Bytes kept free within the budget: fits = peak + headroom <= budget."""
 
     @property
     def accumulation(self) -> int:
@@ -228,7 +230,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                         options.append(PlanOption(stage, offload, ckpt, mbs, precision, peak,
                                                   peak + headroom <= budget,
                                                   throughput(c, est, world_size, offload, cost), est,
-                                                  global_batch, world_size))
+                                                  global_batch, world_size, headroom))
     # fitting first, fastest first (ties: the smaller peak); then the rest by peak
     options.sort(key=lambda o: (not o.fits, -float(f"{o.samples_per_s:.4g}") if o.fits else 0, o.peak))
     return options
@@ -274,8 +276,9 @@ def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str
         lines.append(f"{i:>3} {o.label():52s} {o.accumulation:>5} {fmt_bytes(o.peak):>12} "
                      f"{fmt_bytes(o.estimate.host):>11} {'yes' if o.fits else 'no':>5} {o.samples_per_s:>10.1f}")
     n_fit = sum(o.fits for o in options)
-    lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (the budget; headroom kept "
-                 f"free within it)")
+    kept = f"{fmt_bytes(options[0].headroom)} headroom" if options else "headroom"
+    lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (the budget; {kept} kept "
+                 f"free within it, --headroom)")
     return "\n".join(lines)
 
 
