@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -196,7 +197,14 @@ def profile(args, json_out=None) -> int:
             print(f"error: --headroom {args.headroom} is not less than --budget {args.budget}: nothing could fit",
                   file=sys.stderr)
             return 2
-    device = args.device or ("cpu" if args.measure and not torch.cuda.is_available() else "cuda")
+    # where measure_memory's ranks train: the GPU, unless there is none or DS_ACCELERATOR=cpu
+    measured_on = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+    if args.measure and args.device not in (None, measured_on):  # a prediction for one device, a run on the other
+        print(f"error: --device {args.device} with --measure: the measured run trains on {measured_on} on this "
+              f"machine, so its figures would be compared with a prediction for another device; drop --device "
+              f"(or --measure)", file=sys.stderr)
+        return 2
+    device = args.device or ("cpu" if args.measure and measured_on == "cpu" else "cuda")
     try:
         args.deepspeed = args.deepspeed or cfg.train.deepspeed  # a preset's own file (scale/*_8x24gb)
         if args.deepspeed is not None:  # refused as by launchers/train.py when missing or unreadable

@@ -487,13 +487,29 @@ def test_launcher_refuses_a_measured_nvme_run_without_async_io(capsys, launcher,
     monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
-    argv = ["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json", "--device", "cpu"]
+    argv = ["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json"]
     assert launcher("profile_memory").main(argv + ["--measure"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --measure: ") and err.count("\n") == 1 and not started
     assert "zero3_nvme.json: zero_optimization.offload_optimizer.device='nvme' (ZeRO-Infinity)" in err
     assert "libaio" in err
     assert launcher("profile_memory").main(argv) == 0
+
+
+def test_launcher_refuses_a_measured_run_on_another_device_than_predicted(capsys, launcher, monkeypatch):
+    """--measure --device cuda on a machine without a GPU compared a GPU prediction with the CPU run's
+    figures: with zero3_offload.json params/grads/optimizer 0 B predicted against 2.27 MiB measured, -100%."""
+    from vlscale.profiling import measure
+
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    profile_memory = launcher("profile_memory")
+    assert profile_memory.main(["--config", "tiny", "--measure", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda with --measure: the measured run trains on cpu") and not started
+    assert err.count("\n") == 1
+    assert profile_memory.main(["--config", "tiny", "--device", "cuda"]) == 0  # a prediction alone: any device
 
 
 def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, launcher, monkeypatch, tmp_path):
