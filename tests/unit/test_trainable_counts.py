@@ -140,6 +140,9 @@ def test_evaluate_refusal_hint_fits_the_override(override, hint, not_hint, launc
 
 
 def test_lora_rank_above_the_projection_width_is_said(caplog):
+    from vlscale.peft import trainable
+
+    trainable._say_lora_rank.cache_clear()  # said once a process: an earlier test's LoRA build may have said it
     with caplog.at_level(logging.WARNING, logger="vlscale.peft.trainable"):
         build_model(load_config("tiny", ["peft.method=lora"]), vocab_size=VOCAB, device="meta")
     said = [r.getMessage() for r in caplog.records if "peft.lora_rank" in r.getMessage()]
