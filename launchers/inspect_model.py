@@ -68,7 +68,8 @@ def inspect(cfg) -> dict:
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     built = model.lm.get_input_embeddings().num_embeddings
     if vocab_size and built > vocab_size:  # the checkpoint's or registry's embeddings outnumber the tokenizer's tokens
-        where = "model.backbone_path's config.json" if cfg.model.backbone_path else f"{cfg.model.backbone}'s registry config"
+        where = ("model.backbone_path's config.json" if cfg.model.backbone_path
+                 else f"{cfg.model.backbone}'s registry config")
         vocab_source = f"{where}; {vocab_source}: {vocab_size:,}"
     counts = count_parameters(model)
     counts.update(with_registry_vision(cfg, model, counts))
