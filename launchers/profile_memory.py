@@ -244,7 +244,10 @@ def profile(args, json_out=None) -> int:
     if budget is not None:
         from vlscale.profiling.planner import format_table, plan, write_ds_config
 
-        options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device)
+        # fp16 in bf16's place where the run asks for it (GPUs without bf16: V100, T4)
+        precisions = ("fp16", "fp32") if cfg.train.precision == "fp16" else ("bf16", "fp32")
+        options = plan(cfg, budget, args.world_size, ds_file=args.deepspeed, headroom=headroom, device=device,
+                       precisions=precisions)
         out["plan"] = [o.to_dict() for o in options[: args.top]]
         out["budget"] = budget
         out["settings_searched"], out["settings_fit"] = len(options), sum(o.fits for o in options)

@@ -436,6 +436,19 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
         in command
 
 
+def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_path):
+    """train.precision=fp16 (a GPU without bf16: V100, T4) is planned as fp16 or fp32: the planner searched
+    bf16 and fp32 alone and wrote train.precision=bf16 into the command it printed, which such a GPU cannot run."""
+    profile_memory = launcher("profile_memory")
+    argv = ["--config", "tiny", "--budget", "1GiB", "--headroom", "256MiB", "--json", "--top", "100"]
+    assert profile_memory.main(argv + ["train.precision=fp16", "--write-config", str(tmp_path / "ds.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {row["precision"] for row in out["plan"]} == {"fp16", "fp32"}, out["plan"][:3]
+    assert "train.precision=fp16" in out["written"]["overrides"]
+    assert profile_memory.main(argv) == 0  # otherwise bf16 and fp32, as before
+    assert {row["precision"] for row in json.loads(capsys.readouterr().out)["plan"]} == {"bf16", "fp32"}
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--deepspeed", "/nonexistent.json"], ["DeepSpeed config file '/nonexistent.json' does not exist"]),
     (["--write-config", "ds.json"], ["--write-config ds.json", "--budget"]),

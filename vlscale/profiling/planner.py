@@ -3,7 +3,8 @@
 For a run config, a per-GPU memory budget and a world size, every combination of
 
     ZeRO stage 0-3 x offload (none; optimizer to CPU; optimizer + parameters to CPU; NVMe)
-    x gradient checkpointing off/on x micro-batch 1, 2, 4, ... x precision (bf16, fp32; fp16 on request)
+    x gradient checkpointing off/on x micro-batch 1, 2, 4, ... x precision (bf16, fp32; fp16 in bf16's place on request:
+      ``launchers/profile_memory.py`` asks where the run config has train.precision=fp16)
 
 is estimated with :func:`vlscale.profiling.analytic.estimate_memory` (peak per rank), the ones whose
 peak plus a headroom fit the budget are kept and ranked by a throughput model. "Fastest" assumes
