@@ -162,6 +162,9 @@ def test_zero_settings_from_ds_config_and_errors():
     assert parse_size("24GiB") == 24 * 2 ** 30 and parse_size("80GB") == 80 * 10 ** 9
     with pytest.raises(ValueError, match="24 gigs"):
         parse_size("24 gigs")
+    assert parse_size("1E9") == parse_size("1e+9") == 10 ** 9  # as Python writes it, not only 1e9
+    with pytest.raises(ValueError, match="'-1GiB' is negative"):  # it said "not understood"
+        parse_size("-1GiB")
 
 
 def test_offload_moves_state_off_the_device():

@@ -56,7 +56,9 @@ def parse_size(text) -> int:
     if isinstance(text, (int, float)):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE]\+?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if str(text).strip().startswith("-"):
+            raise ValueError(f"memory size {text!r} is negative; write a positive size, e.g. 24GiB")
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"memory size {text!r} is not understood; write e.g. 24GiB, 80GB, 512MiB or a byte count")
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
