@@ -142,8 +142,9 @@ run = trainer.setup_run(cfg, build_deepspeed_config(sys.argv[1], cfg, 1, device_
 opt = run.engine.optimizer.optimizer
 got = {"weight_decay": [g["weight_decay"] for g in opt.param_groups], "step": run.step,
        "adam_steps": [float(s["step"]) for s in opt.state.values()],
-       "step_tensors": len({id(s["step"]) for s in opt.state.values()})}
+       "step_tensors": len({id(s["step"]) for s in opt.state.values()}), "times_resumed": len(run.step_times)}
 trainer.train(run)
+got["times"] = len(run.step_times)
 trainer.close(run)
 print("RESULT " + json.dumps(got))
 """
@@ -181,6 +182,9 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
         assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12), f"step {a['step']}"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
     assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
+    # run_summary.json's step time is this world size's: it was the median over both parts' steps
+    assert (got["times_resumed"], got["times"]) == (0, 6 - step)
+    assert json.loads((runs("single_2r") / "run_summary.json").read_text())["step_time_steps"] == 6
 
 
 def test_checkpoint_files_load_without_unpickling_and_hold_no_frozen_weights(interrupted, h, tmp_path):

@@ -473,7 +473,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
         run.step = int(state["step"])
-        run.step_times = list(state.get("step_times", []))
+        if int(state.get("world_size") or dist.world_size) == dist.world_size:  # another number of ranks: another
+            run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "run_config.yaml")
@@ -865,6 +866,7 @@ def run_summary(run: Run, completed: bool = True) -> dict:
                "global_batch": run.global_batch, "steps": run.step, "completed": completed,
                "skipped_steps": int(run.engine.skipped_steps),
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
+               "step_time_steps": len(run.step_times),  # the steps that median is of (at this world_size)
                "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
                "device": run.dist.device_type,
                # the resolved ZeRO block (stage, buckets, persistence, offload devices): which DeepSpeed file the
