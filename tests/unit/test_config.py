@@ -33,6 +33,16 @@ def test_preset_inheritance_and_method_lr():
     assert load_config("paper/clip_bart_single_lora").lr == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("method, lr", [("multiple_adapters", 3e-4), ("half_shared_adapters", 3e-4),
+                                        ("single_adapter", 1e-3), ("hyperformer", 1e-3),
+                                        ("multiple_compacters", 1e-3), ("single_compacter", 1e-3),
+                                        ("multiple_lora", 1e-3), ("single_lora", 1e-3),
+                                        ("multiple_prompts", 1e-3), ("single_prompt", 1e-3), ("full_ft", 1e-4)])
+def test_paper_presets_take_the_reference_scripts_learning_rates(method, lr):
+    # VL-Adapter's VL-T5/scripts/image/<method>.sh: lr=3e-4 for the per-task (multiple, half-shared) adapters
+    assert load_config(f"paper/clip_bart_{method}").lr == pytest.approx(lr)
+
+
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["train.max_steps=7", "data.tasks=[vqa,gqa]", "train.lr=3e-4",
                              "peft.method=lora", "train.gradient_checkpointing=true"])
