@@ -43,6 +43,12 @@ def test_paper_presets_take_the_reference_scripts_learning_rates(method, lr):
     assert load_config(f"paper/clip_bart_{method}").lr == pytest.approx(lr)
 
 
+def test_the_video_preset_takes_the_reference_video_scripts_learning_rate():
+    # VL-T5/scripts/video/single_adapter.sh: lr=3e-4, batch 50, 7 epochs (the image scripts' adapters: 1e-3)
+    cfg = load_config("paper/video_clip_bart_single_adapter")
+    assert cfg.lr == pytest.approx(3e-4) and cfg.train.micro_batch_size == 50
+
+
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["train.max_steps=7", "data.tasks=[vqa,gqa]", "train.lr=3e-4",
                              "peft.method=lora", "train.gradient_checkpointing=true"])
