@@ -146,6 +146,7 @@ def preset_text(model: str, hardware: str, rec: dict) -> str:
     if hardware == "8x80gb":
         lines.append(f"  max_steps: {88000 * 500 // GLOBAL_BATCH}  # the paper's 20 epochs at a global batch of "
                      f"{GLOBAL_BATCH}")
+        lines.append(f"  eval_every: {88000 * 500 // GLOBAL_BATCH // 20}  # once an epoch")
     return "\n".join(lines) + "\n"
 
 

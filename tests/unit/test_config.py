@@ -49,6 +49,14 @@ def test_the_video_preset_takes_the_reference_video_scripts_learning_rate():
     assert cfg.lr == pytest.approx(3e-4) and cfg.train.micro_batch_size == 50
 
 
+def test_the_t5_preset_takes_the_reference_t5_batch_for_the_same_epochs():
+    # VL-T5/scripts/image/single_adapter.sh: batch_size=300 for t5 (500 for bart), 20 epochs either way
+    t5, bart = load_config("paper/clip_t5_single_adapter").train, load_config("paper/clip_bart_single_adapter").train
+    assert (t5.micro_batch_size, bart.micro_batch_size) == (300, 500)
+    assert t5.max_steps * 300 == pytest.approx(bart.max_steps * 500, rel=1e-4)  # the same examples seen
+    assert t5.max_steps / t5.eval_every == pytest.approx(bart.max_steps / bart.eval_every, rel=1e-3)  # each epoch
+
+
 def test_overrides_are_typed():
     cfg = load_config("tiny", ["train.max_steps=7", "data.tasks=[vqa,gqa]", "train.lr=3e-4",
                              "peft.method=lora", "train.gradient_checkpointing=true"])

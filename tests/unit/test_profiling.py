@@ -326,7 +326,7 @@ def test_planner_keeps_the_global_batch():
     options = plan(cfg, "1GiB", 2, precisions=["fp32"], stages=[2], offloads=["none"], checkpointing=[False])
     assert sorted(o.micro_batch_size for o in options) == [1, 2, 4, 8, 16]
     # the paper's batch (500 a rank): its divisors up to 64, and 500 itself
-    paper = plan(load_config("paper/clip_t5_single_adapter"), "80GiB", 4, precisions=["bf16"], stages=[2],
+    paper = plan(load_config("paper/clip_bart_single_adapter"), "80GiB", 4, precisions=["bf16"], stages=[2],
                  offloads=["none"], checkpointing=[False])
     assert sorted(o.micro_batch_size for o in paper) == [1, 2, 4, 5, 10, 20, 25, 50, 500]
     for o in options:
