@@ -43,6 +43,8 @@ from vlscale.files import write_text_atomic
 ROOT = Path(__file__).resolve().parent.parent
 MINI_PRESET = "mini/clip_bart"
 PAPER_D_MODEL = 768
+MINI_ACTIVATION = "gelu"
+"""The adapters' GELU of every table made here (exact); the ``paper/*`` presets take the reference's tanh one."""
 """Width of the paper's BART-base; absolute PEFT widths are scaled by d_model / PAPER_D_MODEL."""
 WIDTH_KEYS = ("lora_rank", "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
               "hypernet_hidden_dim")
@@ -160,7 +162,7 @@ def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 
 
     base = load_config(preset, list(extra))
     paper = dataclasses.asdict(load_config(row.peft_preset).peft)
-    peft = scale_peft_widths(paper, lm_config(base.model.backbone).d_model)
+    peft = dict(scale_peft_widths(paper, lm_config(base.model.backbone).d_model), activation=MINI_ACTIVATION)
     out = [f"peft.{k}={_value(v)}" for k, v in peft.items()]
     out += list(row.switches)
     try:

@@ -49,6 +49,17 @@ def test_the_video_preset_takes_the_reference_video_scripts_learning_rate():
     assert cfg.lr == pytest.approx(3e-4) and cfg.train.micro_batch_size == 50
 
 
+def test_paper_adapters_take_the_reference_gelu_and_the_tables_keep_theirs():
+    # the reference's AdapterConfig (and MetaAdapterConfig / CompactorConfig): non_linearity = "gelu_new"
+    for name in ("clip_bart_single_adapter", "clip_bart_hyperformer", "clip_bart_single_compacter",
+                 "clip_t5_single_adapter", "video_clip_bart_single_adapter"):
+        assert load_config(f"paper/{name}").peft.activation == "gelu_tanh", name
+    from vlscale.replicate import TABLES, row_overrides
+
+    row = next(r for r in TABLES[1].rows if r.name == "single_adapter")  # the miniature's tables: exact GELU
+    assert "peft.activation=gelu" in row_overrides(row, feature_cache="cache")
+
+
 def test_the_t5_preset_takes_the_reference_t5_batch_for_the_same_epochs():
     # VL-T5/scripts/image/single_adapter.sh: batch_size=300 for t5 (500 for bart), 20 epochs either way
     t5, bart = load_config("paper/clip_t5_single_adapter").train, load_config("paper/clip_bart_single_adapter").train
