@@ -191,3 +191,24 @@ def test_a_watch_stays_quiet_once_the_rank_is_stopping(monkeypatch):
     assert watch().fired == "DeepSpeed's runner (pid 1) is gone" and sent == [signal.SIGTERM]
     assert lines == ["[vlscale] rank 0: DeepSpeed's runner (pid 1) is gone: stopping as on SIGTERM (a resumable "
                      "checkpoint after this step, then exit)"]
+
+
+def test_timeouts_from_the_environment_must_be_positive(monkeypatch):
+    """VLSCALE_WATCHDOG_TIMEOUT=0 (or -1) was taken as is: the watchdog ended a healthy rank at its first check
+    as hung ("another rank probably died", exit 3); a NaN or infinite VLSCALE_DIST_TIMEOUT was a traceback
+    inside datetime."""
+    from vlscale.engine.distributed import dist_timeout_s, watchdog_timeout_s
+
+    monkeypatch.delenv("VLSCALE_DIST_TIMEOUT", raising=False)
+    for raw in ("0", "-1", "nan"):
+        monkeypatch.setenv("VLSCALE_WATCHDOG_TIMEOUT", raw)
+        with pytest.raises(ValueError, match=rf"VLSCALE_WATCHDOG_TIMEOUT='{raw}' must be a number of seconds > 0"):
+            watchdog_timeout_s()
+    monkeypatch.setenv("VLSCALE_WATCHDOG_TIMEOUT", "inf")
+    assert watchdog_timeout_s() == float("inf")  # never
+    monkeypatch.delenv("VLSCALE_WATCHDOG_TIMEOUT")
+    assert watchdog_timeout_s() == 360.0
+    for raw in ("nan", "inf", "0"):
+        monkeypatch.setenv("VLSCALE_DIST_TIMEOUT", raw)
+        with pytest.raises(ValueError, match=rf"VLSCALE_DIST_TIMEOUT='{raw}' must be a finite number of seconds > 0"):
+            dist_timeout_s()

@@ -85,8 +85,8 @@ def dist_timeout_s() -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"VLSCALE_DIST_TIMEOUT={raw!r} must be a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"VLSCALE_DIST_TIMEOUT={raw!r} must be > 0")
+    if not 0 < value < float("inf"):  # nan and inf: a ValueError / OverflowError traceback inside datetime
+        raise ValueError(f"VLSCALE_DIST_TIMEOUT={raw!r} must be a finite number of seconds > 0")
     return value
 
 
@@ -95,9 +95,12 @@ def watchdog_timeout_s() -> float:
     if raw is None:
         return dist_timeout_s() + 60.0
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise ValueError(f"VLSCALE_WATCHDOG_TIMEOUT={raw!r} must be a number of seconds") from None
+    if not value > 0:  # 0 or less ended a healthy rank at its first check as hung (exit 3); nan never fired
+        raise ValueError(f"VLSCALE_WATCHDOG_TIMEOUT={raw!r} must be a number of seconds > 0 (inf: never)")
+    return value
 
 
 def _single_process_env() -> str:
