@@ -62,8 +62,13 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
-    from vlscale.engine.distributed import launcher_world_size
+    from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, watchdog_timeout_s
+    from vlscale.kernels.adapter import env_backend
 
+    try:  # vlscale's environment variables, read only after start-up (the first two a traceback there)
+        dist_timeout_s(), watchdog_timeout_s(), env_backend()
+    except ValueError as e:
+        return str(e)
     try:  # a DeepSpeed file at fault is reported after start-up, with its context
         stage = cfg.train.zero_stage if cfg.train.zero_stage is not None else zero_stage(
             load_ds_file(resolve_ds_file(ds_file))[0])

@@ -231,6 +231,25 @@ def test_rank_without_world_size_is_refused_before_start(tmp_path, monkeypatch, 
         "one process")
 
 
+def test_bad_environment_variables_are_refused_before_start(tmp_path, monkeypatch, launcher):
+    """A VLSCALE_DIST_TIMEOUT that is no number was a traceback from the process group's set-up, and a bad
+    VLSCALE_ADAPTER_BACKEND a traceback from the first forward, after the model was built: one line before
+    start-up, naming the variable, and no output_dir made."""
+    from vlscale.config import load_config
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    train = launcher("train")
+    for name, raw, message in (
+            ("VLSCALE_DIST_TIMEOUT", "5min", "VLSCALE_DIST_TIMEOUT='5min' must be a number of seconds"),
+            ("VLSCALE_WATCHDOG_TIMEOUT", "0", "VLSCALE_WATCHDOG_TIMEOUT='0' must be a number of seconds > 0 (inf: never)"),
+            ("VLSCALE_ADAPTER_BACKEND", "fast",
+             "VLSCALE_ADAPTER_BACKEND='fast' is not valid; choose one of ['auto', 'triton', 'torch']")):
+        with monkeypatch.context() as m:
+            m.setenv(name, raw)
+            assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == message
+    assert not (tmp_path / "run").exists()
+
+
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
     """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
     from types import SimpleNamespace

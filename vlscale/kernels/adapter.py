@@ -520,6 +520,14 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return dtype if dtype != x.dtype else None
 
 
+def env_backend() -> str:
+    """``VLSCALE_ADAPTER_BACKEND`` (default ``auto``); ValueError naming it when it is none of :data:`BACKENDS`."""
+    env = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={env!r} is not valid; choose one of {list(BACKENDS)}")
+    return env
+
+
 def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     """Which path ``fused_adapter`` takes for ``x``: ``("triton"|"torch", reason)``.
 
@@ -529,10 +537,7 @@ def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     if backend not in BACKENDS:
         raise ValueError(f"fused_adapter: backend={backend!r} is not valid; choose one of {list(BACKENDS)}")
     if backend == "auto":
-        env = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-        if env not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={env!r} is not valid; choose one of {list(BACKENDS)}")
-        backend = env
+        backend = env_backend()
     if backend == "torch":
         return "torch", "requested"
     problem = None
