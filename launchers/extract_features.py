@@ -290,20 +290,23 @@ def hf_jobs(args):
     return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped}
 
 
-def load_encoder(vision: str, pretrained, device):
-    """The frozen CLIP tower; a checkpoint that cannot be loaded ends the run with one line."""
+def load_encoder(vision: str, pretrained, device, given: str = "--pretrained"):
+    """The frozen CLIP tower; a checkpoint that cannot be loaded ends the run with one line naming where
+    ``pretrained`` came from (``given``: the flag, or the config's model.vision_pretrained)."""
     from vlscale.modeling.vision import build_vision_encoder
 
     try:
         return build_vision_encoder(vision, pretrained=pretrained, device=device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--pretrained: {e}") from None
+    except FileNotFoundError as e:  # its message names model.vision_pretrained and the file
+        raise SystemExit(f"{given}: {e}" if given == "--pretrained" else str(e)) from None
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # open_clip: an unknown tag, no
         # network for a hub tag; torch.load / safetensors: a file that is no checkpoint
         first = ("not a checkpoint torch.load reads with weights_only=True" if isinstance(e, pickle.UnpicklingError)
                  else " ".join(str(e).split("\n\n")[0].split()))
-        raise SystemExit(f"--pretrained {pretrained!r} for {vision}: cannot load it ({type(e).__name__}: {first}); "
-                         f"give an open_clip tag its cache holds or a local CLIP checkpoint file") from None
+        named = f"--pretrained {pretrained!r}" if given == "--pretrained" else f"{given}={pretrained!r}"
+        raise SystemExit(f"{named} for {vision}: cannot load it ({type(e).__name__}: {first}); "
+                         f"give an open_clip tag its cache holds or a local CLIP checkpoint file"
+                         + ("" if given == "--pretrained" else f" ({given}=FILE, as training is given it)")) from None
 
 
 @logs_to_console
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
     from vlscale.data.real import DataError
     from vlscale.modeling.vision import image_transform, vision_dims
 
-    pretrained, synthetic = args.pretrained, None
+    pretrained, synthetic, given = args.pretrained, None, "--pretrained"
     if args.synthetic or args.real:
         # --real reads the images (videos) training would read without a cache, whatever the config's
         # feature_source and feature_cache
@@ -324,7 +327,8 @@ def main(argv=None) -> int:
         except ConfigError as e:
             raise SystemExit(f"config error: {e}") from None
         vision = args.vision or cfg.model.vision
-        pretrained = pretrained if pretrained is not None else cfg.model.vision_pretrained
+        if pretrained is None:  # the config's, named so in an error: the user gave no --pretrained
+            pretrained, given = cfg.model.vision_pretrained, "model.vision_pretrained"
         if args.synthetic:
             from vlscale.data.synthetic import content_params
 
@@ -348,7 +352,7 @@ def main(argv=None) -> int:
         # --real's precomputed frame features are copied, not encoded: no CLIP (nor its weights) is needed for them
         encoder = transform = None
         if any(getattr(source, "kind", None) != "features" for source, _, _ in jobs):
-            encoder, transform = load_encoder(vision, pretrained, args.device), image_transform(vision)
+            encoder, transform = load_encoder(vision, pretrained, args.device, given), image_transform(vision)
         total = {"total": 0, "skipped": 0, "written": 0}
         dtype = "float16" if args.fp16 else "float32"
         for source, ids, video in jobs:

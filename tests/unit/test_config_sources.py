@@ -126,6 +126,14 @@ def test_extract_features_names_a_clip_checkpoint_it_cannot_load(tmp_path, launc
     assert "\n" not in str(e.value)
     for word in words:
         assert word in str(e.value)
+    # the config's model.vision_pretrained (the paper presets' 'openai', offline) was reported as a --pretrained
+    # the user never gave, pointing away from the setting training reads and checks the cache against
+    with pytest.raises(SystemExit) as e:
+        launcher("extract_features").main(["--synthetic", "--config", "tiny", "--out", str(tmp_path / "cache"),
+                                            f"model.vision_pretrained={pretrained}", "data.tasks=[vqa]"])
+    assert str(e.value).startswith(f"model.vision_pretrained={pretrained!r} for tiny-clip-rn: cannot load it")
+    assert str(e.value).endswith("(model.vision_pretrained=FILE, as training is given it)")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("text, words", [
