@@ -89,6 +89,14 @@ def check_args(args) -> str | None:
     given = (parse_overrides(args.overrides).get("train") or {}).get("zero_stage")
     if args.zero_stage is not None and given is not None and given != args.zero_stage:
         return f"--zero-stage {args.zero_stage} and train.zero_stage={given} disagree; give one of them"
+    if args.measure:  # read by the measured run's ranks: a traceback from each of them there
+        from vlscale.engine.distributed import dist_timeout_s
+        from vlscale.kernels.adapter import env_backend
+
+        try:
+            dist_timeout_s(), env_backend()
+        except ValueError as e:
+            return str(e)
     return None
 
 

@@ -528,6 +528,22 @@ def test_launcher_refuses_a_measured_run_on_another_device_than_predicted(capsys
     assert profile_memory.main(["--config", "tiny", "--device", "cuda"]) == 0  # a prediction alone: any device
 
 
+def test_measure_refuses_bad_environment_variables_before_the_run(capsys, launcher, monkeypatch):
+    """--measure with a VLSCALE_DIST_TIMEOUT that is no number (or a bad VLSCALE_ADAPTER_BACKEND) started the
+    measured ranks, each ending in a traceback, then torchrun's failure report and a RuntimeError traceback."""
+    from vlscale.profiling import measure
+
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    for name, raw, words in (("VLSCALE_DIST_TIMEOUT", "5min", "VLSCALE_DIST_TIMEOUT='5min' must be a number"),
+                             ("VLSCALE_ADAPTER_BACKEND", "fast", "VLSCALE_ADAPTER_BACKEND='fast' is not valid")):
+        with monkeypatch.context() as m:
+            m.setenv(name, raw)
+            assert launcher("profile_memory").main(["--config", "tiny", "--measure"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and err.count("\n") == 1 and not started
+
+
 def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, launcher, monkeypatch, tmp_path):
     """As launchers/train.py: ds_configs/zero2.json works from any directory (it was silently replaced by
     the built-in dict, at ZeRO-3, when run from elsewhere)."""
