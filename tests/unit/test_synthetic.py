@@ -66,6 +66,18 @@ def test_disk_cache_gives_the_same_data(task, monkeypatch):
     assert split_cache_dir(split_params(task, "val", 10, 1, 64)) != path
 
 
+def test_a_cache_that_cannot_be_written_names_vlscale_cache(tmp_path, monkeypatch):
+    """VLSCALE_CACHE naming a file (or a read-only folder) was a NotADirectoryError traceback naming neither the
+    variable nor what to do; the launchers print a DataError in one line."""
+    from vlscale.data.real import DataError
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("VLSCALE_CACHE", str(tmp_path / "a_file" / "sub"))
+    with pytest.raises(DataError, match=r"the synthetic world's cache .*a_file/sub/synthetic cannot be written "
+                                        r"\(Not a directory\); set VLSCALE_CACHE to a writable folder \(it is '"):
+        load_split("vqa", "val", 2, seed=1, image_size=32)
+
+
 def test_content_params_name_what_decides_an_ids_image():
     """Feature caches of the world record content_params: every generator input but those the id
     carries (task, split, index) and the split size (the first n examples do not depend on it)."""

@@ -578,7 +578,14 @@ def load_split(task: str, split: str, n: int, seed: int = 0, image_size: int = 6
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RuntimeError(f"synthetic cache {path} is unreadable ({e}); delete it to regenerate") from e
     data = generate_split(task, split, n, seed, image_size)
-    _save(data, params, path)
+    try:
+        _save(data, params, path)
+    except OSError as e:  # VLSCALE_CACHE naming a file, read-only, a full disk: a bare OSError traceback
+        from vlscale.data.real import DataError
+
+        now = repr(os.environ["VLSCALE_CACHE"]) if os.environ.get("VLSCALE_CACHE") else "unset: ~/.cache/vlscale"
+        raise DataError(f"the synthetic world's cache {path.parent} cannot be written ({e.strerror or e}); set "
+                        f"VLSCALE_CACHE to a writable folder (it is {now})") from None
     return data
 
 
