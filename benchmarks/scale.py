@@ -169,6 +169,8 @@ def plan_presets(check: bool = False) -> int:
                 print(f"wrote {path.relative_to(ROOT)}: {rec['label']} with {rec['deepspeed']}")
     if not check:
         print(json.dumps([{"model": m, "hardware": h, **r} for m, h, r in rows], indent=1))
+    elif not bad:
+        print(f"the {len(rows)} presets in {PRESET_DIR.relative_to(ROOT)} are the planner's recommendations")
     return 1 if bad else 0
 
 
