@@ -58,8 +58,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     written by another number of ranks with another global batch or at a ZeRO stage that does not load
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
     start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
-    is already at or past (the run trained on to the end). Ranks that see another filesystem are left to rank 0's
-    check after start-up."""
+    is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
+    use, and RANK without WORLD_SIZE. Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
     from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, watchdog_timeout_s
@@ -114,7 +114,8 @@ def deepspeed_file(args, cfg) -> str:
 
 def user_errors() -> tuple:
     """Errors that say what to change in the run's input (a config value, a data file, the DeepSpeed
-    file, the output_dir, the checkpoint, the backbone's weight files, a diverged loss): their message is the report, a traceback would bury it."""
+    file, the output_dir, the checkpoint, the backbone's weight files, a diverged loss): their message is the
+    report, a traceback would bury it."""
     from vlscale.config import ConfigError
     from vlscale.data.real import DataError
     from vlscale.engine.checkpoint import CheckpointError

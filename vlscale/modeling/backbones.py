@@ -228,8 +228,8 @@ def head_of_its_own(folder) -> bool:
         where = ({k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()} if index.is_file()
                  else {k: folder / "model.safetensors" for k in _keys(folder / "model.safetensors")})
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, KeyError):
-        return False  # unreadable: the load's own checks name the file
+    except Exception:  # unreadable (safetensors' SafetensorError too): the load's own checks name the file
+        return False
     if "lm_head.weight" not in where or config.get("tie_word_embeddings", True) is False:
         return False
     if config.get("model_type") == "t5" and config.get("scale_decoder_outputs") is False:
@@ -290,9 +290,9 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
                               f"{' '.join(str(e).split())}") from e
         mismatched = sorted(info.get("mismatched_keys") or ())
         if mismatched:
-            name, found, expected = mismatched[0]
+            tensor, found, expected = mismatched[0]
             more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-            raise SourceError(f"{key}={source!r}: tensor {name!r} has shape {list(found)}, the model (its "
+            raise SourceError(f"{key}={source!r}: tensor {tensor!r} has shape {list(found)}, the model (its "
                               f"config.json) expects {list(expected)}{more}: config.json and the weights disagree")
         missing = _missing_parameters(model, info)
         if missing:
