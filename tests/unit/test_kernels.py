@@ -162,6 +162,22 @@ def test_auto_dispatch_follows_the_kernels_triton_built_not_the_variable_now(mon
         torch.testing.assert_close(fused_adapter(*args), adapter_reference(*args))
 
 
+def test_a_requested_triton_backend_that_cannot_run_is_refused_before_the_build(monkeypatch):
+    """VLSCALE_ADAPTER_BACKEND=triton where the kernels cannot run (float64, which they never take, or a CPU
+    tensor outside the interpreter) is a ValueError naming the variable and the reason, which setup_run turns
+    into a one-line refusal before the model is built; it was a RuntimeError traceback at the first forward."""
+    monkeypatch.setenv(ka.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match=rf"^{ka.BACKEND_ENV}=triton, but .+; unset it \(auto\) or set it "
+                                         r"to torch$"):
+        ka.check_requested_backend(torch.device("cpu"), torch.float64)
+    if "Interpreted" not in type(getattr(ka, "_down_kernel", None)).__name__ and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="Triton needs CUDA tensors"):
+            ka.check_requested_backend(torch.device("cpu"), torch.float32)
+    for value in ("torch", "auto"):
+        monkeypatch.setenv(ka.BACKEND_ENV, value)
+        ka.check_requested_backend(torch.device("cpu"), torch.float64)  # nothing requested that cannot run
+
+
 def test_dispatch_errors_are_clear(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args, _ = _inputs((5,), 16, 4)

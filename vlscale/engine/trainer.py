@@ -453,6 +453,13 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         import transformers
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     dtype = DTYPES[cfg.train.precision]
+    if cfg.peft.fused and cfg.peft.method in ("adapter", "compacter", "hyperformer"):  # fused_adapter's users
+        from vlscale.kernels.adapter import check_requested_backend
+
+        try:
+            check_requested_backend(dist.device, dtype)
+        except ValueError as e:  # the same on every rank: each refuses before the build
+            raise ConfigError(str(e)) from None
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
     if universal:
         ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))

@@ -528,6 +528,19 @@ def env_backend() -> str:
     return env
 
 
+def check_requested_backend(device, dtype: torch.dtype) -> None:
+    """``VLSCALE_ADAPTER_BACKEND=triton`` where the kernels cannot run on ``device`` / ``dtype`` (no GPU, bf16 in
+    the interpreter, ...): ValueError with the reason, for a run to refuse before it builds its model (it was a
+    RuntimeError traceback at the first forward)."""
+    if env_backend() != "triton":
+        return
+    try:
+        select_backend(torch.empty(0, device=device, dtype=dtype), "triton")
+    except RuntimeError as e:
+        reason = str(e).split(" requested but ", 1)[-1]
+        raise ValueError(f"{BACKEND_ENV}=triton, but {reason}; unset it (auto) or set it to torch") from None
+
+
 def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     """Which path ``fused_adapter`` takes for ``x``: ``("triton"|"torch", reason)``.
 
