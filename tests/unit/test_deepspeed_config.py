@@ -136,6 +136,15 @@ def test_blocks_that_would_do_nothing_or_be_read_past_are_refused():
     build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
 
 
+@pytest.mark.parametrize("stage", [True, 4, "3", 1.5])
+def test_a_zero_stage_that_is_not_0_to_3_is_refused(stage):
+    """``"stage": true`` equals 1 in Python and trained at ZeRO-1 without a word; "3" and 4 were refused already."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimization"]["stage"] = stage
+    with pytest.raises(DeepSpeedConfigError, match=rf"zero_optimization\.stage={stage!r} must be 0, 1, 2 or 3"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
 def test_fp16_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(CPU_FP16_ENV, raising=False)
     with pytest.raises(DeepSpeedConfigError) as e:

@@ -387,7 +387,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                                    f"ZeRO stage: write 0, 1, 2 or 3 into the file, or set train.zero_stage")
     r.default("zero_optimization.stage", 0)
     stage = zero["stage"]
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # true == 1 in Python: it trained at ZeRO-1
         raise DeepSpeedConfigError(f"{source}: zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
     if hidden_size is not None:
         d_model = h = hidden_size
