@@ -253,6 +253,33 @@ def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
     assert [e.target for e in pred] == ["red", ""]
 
 
+def test_hf_class_label_answers_are_read_as_their_names(tmp_path):
+    """A ClassLabel answer column was read as its integers: NLVR2 took them as 0 = false / 1 = true, inverting a
+    label whose names are ["True", "False"], and VQA / GQA refused them ("must be a string, got int")."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    features = datasets.Features({"image": datasets.Image(), "image2": datasets.Image(),
+                                  "question": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["True", "False"]),
+                                  "answer": datasets.ClassLabel(names=["red", "two"]),
+                                  "answers": datasets.Sequence(datasets.ClassLabel(names=["red", "two"]))})
+    path = _hf_dict(tmp_path / "hf_labels", {"image": [image] * 3, "image2": [image] * 3, "question": ["q?"] * 3,
+                                             "label": [0, 1, -1], "answer": [1, 0, -1],
+                                             "answers": [[0, 0, 1], [1], []]}, features)
+    nl, _ = load_hf_examples("nlvr2", path, "train", {"image": ["image", "image2"], "text": "question",
+                                                      "label": "label"}, require_answers=False)
+    assert [e.target for e in nl] == ["true", "false", ""]  # 0 is "True" here; -1: withheld
+    gqa, _ = load_hf_examples("gqa", path, "train", {"image": "image", "question": "question", "answer": "answer"},
+                              require_answers=False)
+    assert [e.target for e in gqa] == ["two", "red", ""]
+    vqa, _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answers": "answers"},
+                              require_answers=False)
+    assert [e.references for e in vqa[:2]] == [["red", "red", "two"], ["two"]] and vqa[0].target == "red"
+
+
 def test_hf_split_named_as_the_dataset_names_it_gives_our_ids():
     """``--split validation`` (evaluate.py) named its rows ``validation/<row>``, while extract_features.py
     --split validation stores them as ``val/<row>`` (ours): the cache made for it then missed every id. A

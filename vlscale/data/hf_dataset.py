@@ -18,6 +18,7 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
                                ``label`` (data.vqa_targets=sampled) is scored from them
     caption | captions         caption: one caption or a list (train: one example per caption)
     label                      nlvr2: 0/1, true/false
+    (answer, answers and label may be ``ClassLabel`` columns, also in a ``Sequence``: read as their names)
     id                         optional: the uid column (default "<split>-<row>")
     group                      optional, nlvr2: the consistency-group column
 
@@ -196,6 +197,28 @@ def _answer_columns(task: str, roles: dict) -> list[str]:
     if task == "nlvr2":
         return [roles.get("label") or roles["answer"]]
     return [roles.get("captions") or roles["caption"]]
+
+
+def _class_label_names(features, columns) -> dict:
+    """{column: its ClassLabel's names} for the answer ``columns`` that are ``ClassLabel`` (also as a
+    ``Sequence``): their integers were refused for VQA / GQA ("must be a string") and read as NLVR2's 0 / 1,
+    which inverts a label whose names are ``["True", "False"]``."""
+    import datasets
+
+    out = {}
+    for col in columns:
+        feature = features.get(col)
+        inner = feature.feature if isinstance(feature, (datasets.Sequence, datasets.List)) else feature
+        if isinstance(inner, datasets.ClassLabel):
+            out[col] = list(inner.names)
+    return out
+
+
+def _named(value, names: list):
+    """A ClassLabel cell (an int, or a list of them) as its name(s); -1 (withheld) and None as None."""
+    if isinstance(value, list):
+        return [_named(v, names) for v in value]
+    return names[value] if isinstance(value, int) and 0 <= value < len(names) else None
 
 
 def _has_answer(value) -> bool:
@@ -471,6 +494,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     for col in roles["image"]:
         if isinstance(raw.features[col], datasets.Image):
             raw = raw.cast_column(col, datasets.Image(decode=False))
+    class_names = _class_label_names(raw.features, answer_columns)
     locations: dict[str, tuple[int, str]] = {}
     marks: dict[str, tuple] = {}  # image_id -> (first row, _image_mark of its image)
     train = split == "train"
@@ -551,6 +575,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
         for row, data in enumerate(raw):
             current["row"] = row
             data.update({c: _rows_of(data[c]) for c in list_columns if c in data})
+            data.update({c: _named(data[c], names) for c, names in class_names.items() if c in data})
             if not any(_has_answer(data.get(c)) for c in answer_columns):
                 # no answers: the record leaves their (empty) cells out, as a JSON record without its answer
                 # keys, so Record.answers decides (refused, naming --predict-only, where answers are required)
