@@ -23,7 +23,8 @@ release's) are copied as they are, every frame, checked to be ``model.vision``'s
 built when nothing is to be encoded), ``--hf-dataset`` (a HF ``datasets``
 dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's
 ``data.hf_dataset`` path names them: ``<split>/<row>``, or the ``--id-column`` naming each row's
-image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once; NLVR2's two
+image, as ``data.hf_columns.image_id``, where rows sharing an id are extracted once (and must share the image,
+as training checks it: a row whose image differs is refused, or skipped); NLVR2's two
 image columns, given in ``data.hf_columns.image``'s order, ``<split>/<row>/0`` and ``/1``). A row
 without an image is an error naming the dataset, split, row and column, or with
 ``--skip-bad-records`` skipped, as training's ``data.skip_bad_records=true`` skips it, and counted
@@ -267,7 +268,16 @@ def hf_jobs(args):
     bad_rows = {row for row, _, _ in no_image}
     locations: dict = {}
     if args.id_column:  # training's image_id role: rows sharing an image share its id, extracted once
-        for row, value in enumerate(ds.select_columns([args.id_column])[args.id_column]):
+        import datasets
+
+        from vlscale.data.hf_dataset import _image_mark
+
+        cells = ds.select_columns([args.id_column, columns[0]])
+        if isinstance(cells.features[columns[0]], datasets.Image):
+            cells = cells.cast_column(columns[0], datasets.Image(decode=False))
+        marks: dict = {}  # id -> (first row, what tells its image from another: as training's loader compares)
+        for row, cell in enumerate(cells):
+            value = cell[args.id_column]
             if row in bad_rows:
                 continue
             if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
@@ -275,6 +285,17 @@ def hf_jobs(args):
                     raise DataError(f"--hf-dataset {name}: row {row}: --id-column {args.id_column!r} must hold a "
                                     f"non-empty string or integer id, got {value!r:.60}")
                 skipped.append((row, f"--id-column {args.id_column!r} holds {value!r:.40}"))
+                continue
+            mark = _image_mark(cell[columns[0]], base)
+            first_row, first = marks.setdefault(str(value), (row, mark))
+            if mark is not None and first is not None and mark[0] == first[0] and mark != first:
+                why = (f"--id-column {args.id_column!r} is {str(value)!r}, the id of row {first_row}'s image, but "
+                       f"column {columns[0]!r} holds another image here")
+                if not args.skip_bad_records:  # the first row's features would stand for this row's image
+                    raise DataError(f"--hf-dataset {name}: row {row}: {why}; rows sharing an id must share the "
+                                    f"image (training refuses such rows too): choose an --id-column naming each "
+                                    f"image, or leave it out")
+                skipped.append((row, why))
                 continue
             locations.setdefault(str(value), (row, columns[0]))
         skipped.sort()

@@ -487,6 +487,31 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
             assert batch["vis_feats"].shape[:2] == (n, 1)
 
 
+def test_launcher_refuses_an_id_column_naming_two_images(tmp_path, weights):
+    """--id-column naming the same id for two rows with different images cached the first row's features for
+    both, without a word (training, since, refuses such rows): refused naming both rows, or skipped with
+    --skip-bad-records."""
+    import datasets
+    import extract_features as launcher
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (side, side, 3), np.uint8)) for side in (8, 16, 8)]
+    path = tmp_path / "shared_ids"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"image": images, "name": ["x", "x", "y"]},
+        features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")}))}).save_to_disk(
+        str(path))
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--hf-dataset", str(path), "--image-column",
+            "image", "--id-column", "name", "--out", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=r"shared_ids\[train\]: row 1: --id-column 'name' is 'x', the id of row 0's "
+                                         r"image, but column 'image' holds another image here"):
+        launcher.main(base)
+    assert not (tmp_path / "cache" / "index.json").exists()
+    assert launcher.main(base + ["--skip-bad-records"]) == 0
+    assert sorted(FeatureCache(tmp_path / "cache").ids()) == ["x", "y"]
+
+
 def _pairs_hf(path, none=()):
     """A local NLVR2-style DatasetDict (two Image columns per row) saved with ``save_to_disk``: train 4 rows,
     validation 2; ``none``: ``(split, row, column)`` cells left without an image."""
