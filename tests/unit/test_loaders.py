@@ -2,6 +2,7 @@
 counts, restval merge, references, visual sources, HF datasets, and bad input (errors that name
 file, record and key; skip mode that counts)."""
 
+import io
 import json
 import logging
 import shutil
@@ -757,6 +758,24 @@ def test_hf_rows_sharing_an_image_id_but_not_the_image_are_refused(tmp_path):
             load_hf_examples("gqa", path, "train", cols)
         ex, src = load_hf_examples("gqa", path, "train", cols, skip_bad_records=True)
         assert [e.uid for e in ex] == ["train-0", "train-1"] and ex.skipped == 1
+    # two images of one byte length (uncompressed, one pixel apart) are told apart too: the length alone was not
+    from PIL import Image
+
+    flat = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)]
+    flat[1][0, 0, 0] = 1
+    bmps = []
+    for a in flat:
+        buffer = io.BytesIO()
+        Image.fromarray(a).save(buffer, format="BMP")
+        bmps.append(buffer.getvalue())
+    assert len(bmps[0]) == len(bmps[1])
+    path = _hf_dict(tmp_path / "one_size", dict(rows, image=[{"bytes": b, "path": None} for b in (bmps[0], bmps[1],
+                                                                                                   bmps[1])]),
+                    datasets.Features({"image": datasets.Image(), "q": datasets.Value("string"),
+                                       "a": datasets.Value("string"), "name": datasets.Value("string")}))
+    with pytest.raises(RecordError, match=r"row 2: key 'name' is 'img0'.* holds another image here "
+                                          r"\(\d+ bytes, blake2b"):
+        load_hf_examples("gqa", path, "train", cols)
     same = _hf_dict(tmp_path / "same", dict(rows, image=[str(jpgs[0]), str(jpgs[1]), str(jpgs[0])]))
     ex, src = load_hf_examples("gqa", same, "train", cols)  # the same image under its id: one image
     assert [e.image_ids for e in ex] == [["img0"], ["img1"], ["img0"]] and len(src) == 2

@@ -8,7 +8,7 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     image      the image column (an ``Image`` feature, image bytes/path dicts, or file paths);
                NLVR2: a list of two columns
     image_id   optional: a column naming the image (rows sharing an image share its id and its
-               cached features; a row whose image differs from its id's first row's, by its bytes' length
+               cached features; a row whose image differs from its id's first row's, by its bytes' digest
                or the file it names, is malformed); default "<split>/<row>" (NLVR2 "<split>/<row>/<k>")
     question | text            the text input (vqa, gqa, nlvr2)
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
@@ -422,12 +422,14 @@ def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None
 
 
 def _image_mark(value, base_dir=None) -> tuple | None:
-    """What tells an image cell's image from another's without decoding it: the length of its bytes, or the
-    file it names; None for a cell of another kind (not compared)."""
-    if isinstance(value, dict) and value.get("bytes"):
-        return ("bytes", len(value["bytes"]))
-    if isinstance(value, (bytes, bytearray)) and value:
-        return ("bytes", len(value))
+    """What tells an image cell's image from another's without decoding it: a digest of its bytes (their length
+    alone took two images of one size, e.g. uncompressed ones, for the same), or the file it names; None for a
+    cell of another kind (not compared)."""
+    import hashlib
+
+    data = value.get("bytes") if isinstance(value, dict) else value if isinstance(value, (bytes, bytearray)) else None
+    if data:
+        return ("bytes", f"{len(data)} bytes, blake2b {hashlib.blake2b(data, digest_size=8).hexdigest()}")
     path = _path_only(value)
     if path is not None:
         found = find_image_file(path, base_dir)[0]
@@ -562,8 +564,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             first_row, first_mark = marks.setdefault(image_ids[0], (row, mark))
             if mark is not None and first_mark is not None and mark[0] == first_mark[0] and mark != first_mark:
                 raise rec.error(roles["image_id"], f"is {image_ids[0]!r}, the id of row {first_row}'s image, but "
-                                f"column {col!r} holds another image here ({mark[1]} vs {first_mark[1]}"
-                                f"{' bytes' if mark[0] == 'bytes' else ''}); rows sharing an id must share the image: "
+                                f"column {col!r} holds another image here ({mark[1]} vs {first_mark[1]}); rows sharing an id must share the image: "
                                 "map data.hf_columns.image_id to a column naming each image, or leave it out")
         for iid, col in zip(image_ids, roles["image"]):
             locations.setdefault(iid, (row, col))
