@@ -208,7 +208,8 @@ def _class_label_names(features, columns) -> dict:
     out = {}
     for col in columns:
         feature = features.get(col)
-        inner = feature.feature if isinstance(feature, (datasets.Sequence, datasets.List)) else feature
+        lists = (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))  # List: datasets >= 4
+        inner = feature.feature if isinstance(feature, lists) else feature
         if isinstance(inner, datasets.ClassLabel):
             out[col] = list(inner.names)
     return out
