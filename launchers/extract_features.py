@@ -270,12 +270,12 @@ def hf_jobs(args):
     if args.id_column:  # training's image_id role: rows sharing an image share its id, extracted once
         import datasets
 
-        from vlscale.data.hf_dataset import _image_mark
+        from vlscale.data.hf_dataset import other_image
 
         cells = ds.select_columns([args.id_column, columns[0]])
         if isinstance(cells.features[columns[0]], datasets.Image):
             cells = cells.cast_column(columns[0], datasets.Image(decode=False))
-        marks: dict = {}  # id -> (first row, what tells its image from another: as training's loader compares)
+        marks: dict = {}  # id -> its first row's image: as training's loader compares them (other_image)
         for row, cell in enumerate(cells):
             value = cell[args.id_column]
             if row in bad_rows:
@@ -286,10 +286,9 @@ def hf_jobs(args):
                                     f"non-empty string or integer id, got {value!r:.60}")
                 skipped.append((row, f"--id-column {args.id_column!r} holds {value!r:.40}"))
                 continue
-            mark = _image_mark(cell[columns[0]], base)
-            first_row, first = marks.setdefault(str(value), (row, mark))
-            if mark is not None and first is not None and mark[0] == first[0] and mark != first:
-                why = (f"--id-column {args.id_column!r} is {str(value)!r}, the id of row {first_row}'s image, but "
+            other = other_image(marks, str(value), row, cell[columns[0]], base)
+            if other:
+                why = (f"--id-column {args.id_column!r} is {str(value)!r}, the id of row {other[0]}'s image, but "
                        f"column {columns[0]!r} holds another image here")
                 if not args.skip_bad_records:  # the first row's features would stand for this row's image
                     raise DataError(f"--hf-dataset {name}: row {row}: {why}; rows sharing an id must share the "

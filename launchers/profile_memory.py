@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -178,8 +177,6 @@ def profile(args, json_out=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    import torch
-
     from vlscale.engine.deepspeed_config import load_ds_file, resolve_ds_file
     from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
                                             resolve_ds_config)
@@ -205,8 +202,9 @@ def profile(args, json_out=None) -> int:
             print(f"error: --headroom {args.headroom} is not less than --budget {args.budget}: nothing could fit",
                   file=sys.stderr)
             return 2
-    # where measure_memory's ranks train: the GPU, unless there is none or DS_ACCELERATOR=cpu
-    measured_on = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+    from vlscale.profiling.measure import measured_device_type
+
+    measured_on = measured_device_type()
     if args.measure and args.device not in (None, measured_on):  # a prediction for one device, a run on the other
         print(f"error: --device {args.device} with --measure: the measured run trains on {measured_on} on this "
               f"machine, so its figures would be compared with a prediction for another device; drop --device "

@@ -34,6 +34,8 @@ PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "default"
 
 PEFT_METHODS = ("adapter", "hyperformer", "compacter", "lora", "prompt", "none")
+ADAPTER_METHODS = ("adapter", "hyperformer", "compacter")
+"""The bottleneck methods: modules after sublayers, run through vlscale.kernels.fused_adapter."""
 SHARING_MODES = ("multiple", "half_shared", "single")
 BIAS_CHOICES = ("none", "lora_only", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")

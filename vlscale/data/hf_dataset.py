@@ -205,10 +205,10 @@ def _class_label_names(features, columns) -> dict:
     which inverts a label whose names are ``["True", "False"]``."""
     import datasets
 
+    lists = (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))  # List: datasets >= 4
     out = {}
     for col in columns:
         feature = features.get(col)
-        lists = (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))  # List: datasets >= 4
         inner = feature.feature if isinstance(feature, lists) else feature
         if isinstance(inner, datasets.ClassLabel):
             out[col] = list(inner.names)
@@ -438,6 +438,17 @@ def _image_mark(value, base_dir=None) -> tuple | None:
     return None
 
 
+def other_image(marks: dict, image_id: str, row: int, cell, base_dir=None) -> tuple[int, str] | None:
+    """Rows naming one image_id must hold one image: ``row``'s image cell against the first row's of ``image_id``
+    (kept in ``marks``) -> ``(first row, "this vs that")`` where they differ, else None (the training loader and
+    ``extract_features.py --id-column`` check the same way)."""
+    mark = _image_mark(cell, base_dir)
+    first_row, first = marks.setdefault(image_id, (row, mark))
+    if mark is not None and first is not None and mark[0] == first[0] and mark != first:
+        return first_row, f"{mark[1]} vs {first[1]}"
+    return None
+
+
 def _rows_of(value):
     """A ``Sequence`` of structs as ``datasets`` hands it back, a dict of equal-length lists
     (``{"answer": [...], "answer_confidence": [...]}``), as the list of dicts it stands for; anything else as is."""
@@ -499,7 +510,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             raw = raw.cast_column(col, datasets.Image(decode=False))
     class_names = _class_label_names(raw.features, answer_columns)
     locations: dict[str, tuple[int, str]] = {}
-    marks: dict[str, tuple] = {}  # image_id -> (first row, _image_mark of its image)
+    marks: dict[str, tuple] = {}  # image_id -> (first row, its image's mark): other_image
     train = split == "train"
     current = {"row": -1, "unanswered": 0}  # set by records() just before parse_records parses that row
     base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
@@ -561,12 +572,12 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
                                     references=captions, extra=extra, source=source_name)]
         if roles.get("image_id"):  # rows sharing an id share its image (and its cached features): not another one
             col = roles["image"][0]
-            mark = _image_mark(rec.data.get(col), base_dir)
-            first_row, first_mark = marks.setdefault(image_ids[0], (row, mark))
-            if mark is not None and first_mark is not None and mark[0] == first_mark[0] and mark != first_mark:
-                raise rec.error(roles["image_id"], f"is {image_ids[0]!r}, the id of row {first_row}'s image, but "
-                                f"column {col!r} holds another image here ({mark[1]} vs {first_mark[1]}); rows sharing an id must share the image: "
-                                "map data.hf_columns.image_id to a column naming each image, or leave it out")
+            other = other_image(marks, image_ids[0], row, rec.data.get(col), base_dir)
+            if other:
+                raise rec.error(roles["image_id"], f"is {image_ids[0]!r}, the id of row {other[0]}'s image, but "
+                                f"column {col!r} holds another image here ({other[1]}); rows sharing an id must "
+                                "share the image: map data.hf_columns.image_id to a column naming each image, or "
+                                "leave it out")
         for iid, col in zip(image_ids, roles["image"]):
             locations.setdefault(iid, (row, col))
         return examples

@@ -46,7 +46,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vlscale.config import ConfigError, RunConfig, config_from_dict, flat_settings, load_config, save_config
+from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from_dict, flat_settings, load_config,
+                            save_config)
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
@@ -453,7 +454,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         import transformers
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
     dtype = DTYPES[cfg.train.precision]
-    if cfg.peft.fused and cfg.peft.method in ("adapter", "compacter", "hyperformer"):  # fused_adapter's users
+    if cfg.peft.fused and cfg.peft.method in ADAPTER_METHODS:  # fused_adapter's users
         from vlscale.kernels.adapter import check_requested_backend
 
         try:

@@ -532,27 +532,13 @@ def check_requested_backend(device, dtype: torch.dtype) -> None:
     """``VLSCALE_ADAPTER_BACKEND=triton`` where the kernels cannot run on ``device`` / ``dtype`` (no GPU, bf16 in
     the interpreter, ...): ValueError with the reason, for a run to refuse before it builds its model (it was a
     RuntimeError traceback at the first forward)."""
-    if env_backend() != "triton":
-        return
-    try:
-        select_backend(torch.empty(0, device=device, dtype=dtype), "triton")
-    except RuntimeError as e:
-        reason = str(e).split(" requested but ", 1)[-1]
-        raise ValueError(f"{BACKEND_ENV}=triton, but {reason}; unset it (auto) or set it to torch") from None
+    problem = _triton_problem(torch.empty(0, device=device, dtype=dtype)) if env_backend() == "triton" else None
+    if problem:
+        raise ValueError(f"{BACKEND_ENV}=triton, but {problem}; unset it (auto) or set it to torch")
 
 
-def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
-    """Which path ``fused_adapter`` takes for ``x``: ``("triton"|"torch", reason)``.
-
-    ``backend="auto"`` reads ``VLSCALE_ADAPTER_BACKEND`` (auto/triton/torch) first; ``"triton"``
-    raises RuntimeError with the reason when the Triton path cannot run on ``x``.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"fused_adapter: backend={backend!r} is not valid; choose one of {list(BACKENDS)}")
-    if backend == "auto":
-        backend = env_backend()
-    if backend == "torch":
-        return "torch", "requested"
+def _triton_problem(x: torch.Tensor) -> Optional[str]:
+    """Why the Triton path cannot run on ``x``, or None."""
     problem = None
     if triton is None:
         problem = f"Triton unavailable ({TRITON_IMPORT_ERROR})"
@@ -568,6 +554,22 @@ def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     elif _autocast_dtype(x) is not None:
         problem = (f"torch.autocast is on for {x.device.type} ({_autocast_dtype(x)}, x is {x.dtype}); the "
                    "kernels compute in the input dtype")
+    return problem
+
+
+def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
+    """Which path ``fused_adapter`` takes for ``x``: ``("triton"|"torch", reason)``.
+
+    ``backend="auto"`` reads ``VLSCALE_ADAPTER_BACKEND`` (auto/triton/torch) first; ``"triton"``
+    raises RuntimeError with the reason when the Triton path cannot run on ``x``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"fused_adapter: backend={backend!r} is not valid; choose one of {list(BACKENDS)}")
+    if backend == "auto":
+        backend = env_backend()
+    if backend == "torch":
+        return "torch", "requested"
+    problem = _triton_problem(x)
     if problem is None:
         where = "the Triton interpreter" if _interpreting() else x.device.type
         return "triton", f"using Triton kernels on {where}"

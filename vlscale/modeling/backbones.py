@@ -222,13 +222,13 @@ def head_of_its_own(folder) -> bool:
     import torch
     from safetensors import safe_open
 
+    from vlscale.engine.sharded_loading import checkpoint_files
+
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
     try:
-        where = ({k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()} if index.is_file()
-                 else {k: folder / "model.safetensors" for k in _keys(folder / "model.safetensors")})
+        where = {k: f for f, keys in checkpoint_files(folder).items() for k in keys}
         config = json.loads((folder / "config.json").read_text())
-    except Exception:  # unreadable (safetensors' SafetensorError too): the load's own checks name the file
+    except Exception:  # unreadable: the load's own checks name the file
         return False
     if "lm_head.weight" not in where or config.get("tie_word_embeddings", True) is False:
         return False
@@ -244,15 +244,6 @@ def head_of_its_own(folder) -> bool:
             return f.get_tensor(key)
 
     return not torch.equal(read("lm_head.weight"), read(embedding))
-
-
-def _keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    if not file.is_file():
-        return []
-    with safe_open(str(file), framework="pt") as f:
-        return list(f.keys())
 
 
 def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,

@@ -40,7 +40,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from vlscale.config import VIDEO_TASKS, RunConfig
+from vlscale.config import ADAPTER_METHODS, VIDEO_TASKS, RunConfig
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -632,7 +632,7 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
     """Trace one micro-batch forward of the V&L model symbolically (see :class:`_Tape`)."""
     p = cfg.peft
     lm_rg, proj_rg = p.train_lm, p.train_projection
-    adapter_like = p.method in ("adapter", "hyperformer", "compacter")
+    adapter_like = p.method in ADAPTER_METHODS
     lora_on = p.method == "lora"
     ckpt = cfg.train.gradient_checkpointing
     B, d, Le, Ld, H, dk, inner = s.batch, s.d_model, s.enc_len, s.dec_len, s.heads, s.d_kv, s.inner

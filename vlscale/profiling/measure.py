@@ -234,6 +234,11 @@ class SavedTensorCounter:
                    if ref() is not None and (device_type is None or dev == device_type))
 
 
+def measured_device_type() -> str:
+    """Where a measured run's ranks train: ``cuda``, unless there is no GPU or ``DS_ACCELERATOR=cpu``."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+
+
 def synthetic_batch(cfg, batch_size: int, vocab_size: int, *, device="cpu", dtype=torch.float32,
                     padded: bool = True, seed: int = 0, task: Optional[str] = None) -> dict:
     """A batch of the run's worst-case shapes (the batch dict contract of vlscale.data.tasks).
@@ -331,8 +336,8 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         raise ValueError(f"loss_mode={loss_mode!r}: use one of {LOSS_MODES}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    device_type = "cuda" if cuda else "cpu"
+    device_type = measured_device_type()
+    cuda = device_type == "cuda"
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype)
     if stage == 3:
