@@ -12,6 +12,9 @@ budget left is too small:
                configs use torch's AdamW) with vlscale.engine.half_precision's corrections; its
                losses and loss scales beside train_fp16's
   profiler     predicted vs allocator peak (vlscale.profiling.measure.run_gpu_section)
+  profile_cli_fp16  the user's command, launchers/profile_memory.py --measure --json, on train_fp16's
+               config (ZeRO-3, fp16): predicted vs measured per component, and train_fp16's own
+               run_summary peak beside them
   train_bf16   the same run as train_fp16 in bf16, for comparison
   train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
                end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
@@ -75,6 +78,26 @@ def run_training(name: str, extra: list[str], out_dir: Path, timeout: float) -> 
     return res
 
 
+def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
+    cmd = [sys.executable, str(ROOT / "launchers/profile_memory.py"), "--measure", "--json", "--steps", "3",
+           "--deepspeed", str(ROOT / "ds_configs/zero3.json"), *COMMON, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    res = {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        return res
+    report = json.loads(proc.stdout)
+    keys = ("params", "grads", "optimizer", "activations", "buffers", "peak")
+    res["predicted"] = {k: report["predicted"].get(k) for k in keys + ("peak_phase",)}
+    res["measured"] = {k: report["measured"].get(k) for k in keys + ("peak_phase", "device")}
+    res["errors"] = report.get("errors")
+    if train_peak:
+        res["train_run_peak"] = train_peak
+        res["predicted_over_train_run_peak"] = round(report["predicted"]["peak"] / train_peak, 4)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_suite"))
@@ -82,7 +105,8 @@ def main() -> int:
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
-                    default="kernels,train_fp16,train_fp16_z0,profiler,train_bf16,train_bf16_unfused,full_ft_ckpt")
+                    default="kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,train_bf16,train_bf16_unfused,"
+                            "full_ft_ckpt")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
     if args.smoke:
@@ -103,7 +127,8 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
-             "kernels": 35, "profiler": 60}
+             "kernels": 35, "profiler": 60,
+             "profile_cli_fp16": 40}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -117,6 +142,10 @@ def main() -> int:
         try:
             if name in TRAIN_RUNS:
                 results["sections"][name] = run_training(name, TRAIN_RUNS[name], runs_dir, timeout=left)
+            elif name == "profile_cli_fp16":
+                peak = results["sections"].get("train_fp16", {}).get("summary", {}).get("peak_memory_bytes")
+                extra = [e for e in TRAIN_RUNS["train_fp16"] if not e.startswith("train.max_steps")]
+                results["sections"][name] = run_profile_cli(extra, left, peak)
             elif name == "kernels":
                 sys.path.insert(0, str(ROOT / "benchmarks"))
                 import gpu_kernels_section
