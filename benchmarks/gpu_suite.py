@@ -15,6 +15,8 @@ budget left is too small:
   profile_cli_fp16  the user's command, launchers/profile_memory.py --measure --json, on train_fp16's
                config (ZeRO-3, fp16): predicted vs measured per component, and train_fp16's own
                run_summary peak beside them
+  saved_by_op  benchmarks/saved_by_op.py: autograd's saved bytes by op on the profiler's t5-base row, with
+               the profiler's tape beside them (where the GPU keeps more than predicted)
   train_bf16   the same run as train_fp16 in bf16, for comparison
   train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
                end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
@@ -105,7 +107,7 @@ def main() -> int:
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
-                    default="kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,train_bf16,train_bf16_unfused,"
+                    default="kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,train_bf16,train_bf16_unfused,"
                             "full_ft_ckpt")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
@@ -128,7 +130,7 @@ def main() -> int:
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 35, "profiler": 60,
-             "profile_cli_fp16": 40}
+             "profile_cli_fp16": 40, "saved_by_op": 30}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -153,16 +155,18 @@ def main() -> int:
                 sec: dict = {}
                 gpu_kernels_section.run(sec)
                 results["sections"][name] = sec.get("kernels", sec)
-            elif name == "profiler":
-                sys.path.insert(0, str(ROOT))
-                from vlscale.profiling import measure
-
-                if not hasattr(measure, "run_gpu_section"):
-                    results["sections"][name] = {"skipped": "vlscale.profiling.measure.run_gpu_section missing"}
-                    continue
-                sec = {}
-                measure.run_gpu_section(sec)
-                results["sections"][name] = sec
+            elif name == "saved_by_op":
+                proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")], capture_output=True,
+                                      text=True, timeout=left)
+                results["sections"][name] = (json.loads(proc.stdout) if proc.returncode == 0 else
+                                             {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
+            elif name == "profiler":  # in a process of its own: it initialises a process group on a fixed port
+                code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from vlscale.profiling import measure; "
+                        "sec = {}; measure.run_gpu_section(sec); print(json.dumps(sec))")
+                proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
+                                      timeout=left)
+                results["sections"][name] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                                             else {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
         except Exception as e:  # noqa: BLE001 - one section's failure is recorded, the rest still run
             import traceback
 

@@ -5,7 +5,9 @@ No rank ever holds the whole language model:
 * **Construction**: the language model is built inside ``deepspeed.zero.Init``, so each module's
   parameters are partitioned as soon as the module exists (a rank keeps ceil(numel / W) elements
   of each). The frozen CLIP tower, the projection and the PEFT modules are small next to the LM and
-  are built whole; ``deepspeed.initialize`` partitions them.
+  are built whole; ``deepspeed.initialize`` partitions their parameters. Their buffers (a ResNet
+  CLIP's BatchNorm statistics) are moved to the rank's accelerator here: DeepSpeed moves nothing of
+  a model that holds ``zero.Init`` parameters, and ``zero.Init`` placed only the LM's.
 * **Random weights** (``model.pretrained=false``) are *the same values* a whole build gives with
   the same seed (so ``launchers/evaluate.py`` rebuilds the frozen backbone a ZeRO-3 run trained
   on): modules run their default initialisation on full tensors before being partitioned, and
@@ -488,8 +490,26 @@ def build_model_zero3(cfg, ds_config: dict, vocab_size: int, dtype: torch.dtype 
         return build_lm_zero3(name, ds_config=ds_config, reports=reports, **kwargs)
 
     model = vl_model.build_model(cfg, vocab_size=vocab_size, device="cpu", dtype=dtype, lm_builder=zero3_build_lm)
+    from deepspeed.accelerator import get_accelerator
+
+    move_buffers(model, torch.device(get_accelerator().current_device_name()))
     mark_zero3_leaf_layers(model, cfg)
     return model, hf_ds, (reports[0] if reports else None)
+
+
+def move_buffers(model: torch.nn.Module, device: torch.device) -> list[str]:
+    """Move every buffer not on ``device`` there, in place (parameters are left to DeepSpeed). ZeRO-3's
+    engine does not move a model holding ``zero.Init`` parameters (``DeepSpeedEngine``:
+    ``is_zero_init_model``), so buffers of the modules built outside ``zero.Init`` would stay on the
+    host: on a GPU, a ResNet CLIP's BatchNorm failed at the first step ("running_mean is on cpu").
+    -> the names moved."""
+    moved = []
+    for mod_name, mod in model.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and buf.device != device:
+                mod._buffers[name] = buf.to(device)
+                moved.append(f"{mod_name}.{name}" if mod_name else name)
+    return moved
 
 
 def mark_zero3_leaf_layers(model: torch.nn.Module, cfg=None) -> list[str]:

@@ -1,0 +1,76 @@
+"""Buffers of the modules built outside ``zero.Init`` reach the rank's accelerator under ZeRO-3.
+
+DeepSpeed's engine moves nothing of a model that holds ``zero.Init`` parameters, so the ResNet CLIP's
+BatchNorm statistics stayed on the host: on an H200 the main command (ZeRO-3, model.vision=tiny-clip-rn)
+failed at its first step with "running_mean is on cpu, different from other tensors on cuda:0"
+(benchmarks/gpu_suite.py, 2026-12-04). On CPU the host is the accelerator, so the test checks the mover
+itself (onto the meta device) and that the ZeRO-3 build hands it the accelerator's device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vlscale.engine.sharded_loading import move_buffers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_move_buffers_moves_every_buffer_and_no_parameter():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Sequential(torch.nn.BatchNorm1d(2)))
+    model.register_buffer("scale", torch.ones(1))
+    moved = move_buffers(model, torch.device("meta"))
+    assert sorted(moved) == sorted(["scale", "1.running_mean", "1.running_var", "1.num_batches_tracked",
+                                    "2.0.running_mean", "2.0.running_var", "2.0.num_batches_tracked"])
+    assert all(b.device.type == "meta" for b in model.buffers())
+    assert all(p.device.type == "cpu" for p in model.parameters())  # DeepSpeed partitions those
+    assert move_buffers(model, torch.device("meta")) == []
+
+
+WORKER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from vlscale.config import load_config
+from vlscale.engine import sharded_loading
+calls = []
+real = sharded_loading.move_buffers
+def spy(model, device):
+    moved = real(model, device)
+    calls.append({"device": str(device), "buffers": [n for n, _ in model.named_buffers()]})
+    return moved
+sharded_loading.move_buffers = spy
+cfg = load_config(None, ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false",
+                         "model.vision_pretrained=null", "model.tokenizer=synthetic"])
+ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+model, hf_ds, _ = sharded_loading.build_model_zero3(cfg, ds, 64)
+json.dump(calls, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero3_build_moves_the_vision_buffers_to_the_accelerator(tmp_path):
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = tmp_path / "calls.json"
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), str(result)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = json.loads(result.read_text())
+    assert len(calls) == 1 and calls[0]["device"] == "cpu", calls  # DeepSpeed's CPU accelerator's device
+    assert any(n.startswith("vision.") and n.endswith("running_mean") for n in calls[0]["buffers"]), calls
