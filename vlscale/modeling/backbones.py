@@ -302,6 +302,35 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     return model
 
 
+def contiguous_position_bias(lm) -> int:
+    """Make T5's relative position bias contiguous, so SDPA's fused kernels take T5's self-attention on a GPU.
+
+    ``T5Attention.compute_bias`` returns a permuted view, (1, heads, q, k) over a (q, k, heads) tensor.
+    transformers 5.17's ``create_position_bias_mask`` added the padding mask to it without
+    ``.contiguous()``, and the sum kept the permuted layout: a mask whose last dimension has stride
+    ``heads``, which every fused kernel (flash, memory-efficient, cuDNN) refuses. On an H200 every
+    encoder and decoder self-attention call of a T5 fell back to the math path, which computes
+    bf16/fp16 inputs in fp32 and keeps the score matrices: 831 MB of 2.65 GB of saved activations for
+    t5-base at batch 32 (``benchmarks/saved_by_op.py``; the cross-attention, whose bias is a
+    contiguous zeros tensor, took cuDNN). transformers 5.25 makes the mask contiguous itself; this
+    gives every supported version that behaviour. Wraps ``compute_bias`` of each module that has a
+    relative bias (the first layer of each stack; the others reuse its bias). -> modules wrapped."""
+    wrapped = 0
+    for module in lm.modules():
+        fn = getattr(module, "compute_bias", None)
+        if not getattr(module, "has_relative_attention_bias", False) or fn is None or \
+                getattr(fn, "vlscale_contiguous", False):
+            continue
+
+        def compute_bias(*args, _inner=fn, **kwargs):
+            return _inner(*args, **kwargs).contiguous()
+
+        compute_bias.vlscale_contiguous = True
+        module.compute_bias = compute_bias
+        wrapped += 1
+    return wrapped
+
+
 def _new_dtype_kwarg() -> bool:
     import transformers
 

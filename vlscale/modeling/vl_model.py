@@ -223,7 +223,7 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     ``lm_builder``: replaces :func:`~vlscale.modeling.backbones.build_lm` (same keyword arguments);
     the ZeRO-3 build (:func:`vlscale.engine.sharded_loading.build_model_zero3`) passes its own.
     """
-    from vlscale.modeling.backbones import is_tiny, lm_config
+    from vlscale.modeling.backbones import contiguous_position_bias, is_tiny, lm_config
     from vlscale.peft.trainable import configure_trainable
 
     meta = str(device) == "meta"
@@ -242,6 +242,7 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     path = cfg.model.backbone_path if cfg.model.pretrained else None  # (a meta build stands for its load)
     lm = (lm_builder or build_lm)(cfg.model.backbone, path=path, pretrained=pretrained,
                   device=device, dtype=dtype, config_overrides=overrides)
+    contiguous_position_bias(lm)  # SDPA's fused kernels for T5's self-attention on a GPU
     if pretrained and vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:
         # on a forked RNG: under zero.Init transformers also initialises the untied lm_head's new rows, so
         # the draws differ from a plain build's, and the adapters built next must not start elsewhere
