@@ -307,7 +307,8 @@ def hf_jobs(args):
         raise DataError(f"--hf-dataset {name}: none of its {len(ds)} rows has an image to extract"
                         + (f" (first skipped: row {skipped[0][0]}, {skipped[0][1]})" if skipped else ""))
     source = HFImageSource(ds, locations, name, base)
-    return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped}
+    return [(source, list(locations), False)], {"name": name, "rows": len(ds), "skipped": skipped,
+                                                "row_ids": None if args.id_column else args.hf_dataset}
 
 
 def load_encoder(vision: str, pretrained, device, given: str = "--pretrained"):
@@ -383,7 +384,8 @@ def main(argv=None) -> int:
                 stats = extract_features(encoder, transform, source, ids, args.out, vision=vision,
                                          pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
                                          shard_size=args.shard_size, dtype=dtype, progress=not args.quiet,
-                                         device=args.device, synthetic=synthetic)
+                                         device=args.device, synthetic=synthetic,
+                                         hf_rows=hf_report["row_ids"] if hf_report else None)
             for k in total:
                 total[k] += stats[k]
     except DataError as e:

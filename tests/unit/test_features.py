@@ -487,6 +487,60 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
             assert batch["vis_feats"].shape[:2] == (n, 1)
 
 
+def test_hf_row_ids_of_two_datasets_never_share_a_cache(tmp_path, weights):
+    """Rows of an HF dataset without an image_id column are named <split>/<row>; extracting a second dataset's
+    rows into a cache holding the first's skipped every id already there, silently keeping the first
+    dataset's features for the second's images, and a run reading the second dataset from the first's
+    cache took them too. meta.json now records the dataset (hf_rows): both are refused naming it."""
+    import datasets
+    import extract_features as launcher
+    from PIL import Image
+
+    from vlscale.data.real import DataError
+
+    def save(name, seed):
+        rng = np.random.default_rng(seed)
+        images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in range(3)]
+        path = tmp_path / name
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+            {"image": images}, features=datasets.Features({"image": datasets.Image()}))}).save_to_disk(str(path))
+        return path
+
+    first, second = save("first", 0), save("second", 1)
+    cache = tmp_path / "cache"
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--image-column", "image", "--out", str(cache)]
+    assert launcher.main(base + ["--hf-dataset", str(first)]) == 0
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["hf_rows"] == "first"
+    index = (cache / "index.json").read_text()
+    with pytest.raises(SystemExit, match=r"holds rows of the HF dataset 'first'; the rows of 'second' have the same "
+                                         r"ids \(<split>/<row>\) and would keep those features: use another --out"):
+        launcher.main(base + ["--hf-dataset", str(second)])
+    assert (cache / "index.json").read_text() == index  # nothing written
+    assert launcher.main(base + ["--hf-dataset", str(first)]) == 0  # the same dataset again: already there
+    FeatureCache(cache, hf_rows=str(first))
+    with pytest.raises(DataError, match=r"holds rows of the HF dataset 'first', but the run reads the rows of "
+                                        r"data.hf_dataset=.*second'"):
+        FeatureCache(cache, hf_rows=str(second))
+    # a cache made before hf_rows was recorded: its row ids' dataset is unknown
+    del meta["hf_rows"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"row-numbered ids \(<split>/<row>\) of an HF dataset it does not record"):
+        FeatureCache(cache, hf_rows=str(first))
+    with pytest.raises(SystemExit, match=r"row-numbered ids of an HF dataset it does not record \(e\.g\. 'train/0'"):
+        launcher.main(base + ["--hf-dataset", str(first)])
+    FeatureCache(cache)  # a run reading ids it names itself (files, an image_id column) is not concerned
+    # a run: data.hf_dataset without an image_id column reads row ids, so the check applies
+    cfg = load_config("tiny", ["data.source=real", "data.tasks=[vqa]", f"data.hf_dataset={second}",
+                               "data.hf_columns={image: image, question: question, answer: answer}",
+                               "model.feature_source=cache", f"data.feature_cache={cache}",
+                               f"model.vision_pretrained={weights}"])
+    from vlscale.data.real import real_visual_source
+
+    with pytest.raises(DataError, match=r"data.hf_dataset=.*second"):
+        real_visual_source(cfg, "vqa", "train")
+
+
 def test_launcher_refuses_an_id_column_naming_two_images(tmp_path, weights):
     """--id-column naming the same id for two rows with different images cached the first row's features for
     both, without a word (training, since, refuses such rows): refused naming both rows, or skipped with

@@ -4,7 +4,8 @@ Layout of a cache folder (written by launchers/extract_features.py through :func
 
     meta.json                   {"vision", "pretrained", "kind": "grid" | "frames", "tokens",
                                  "grid_shape", "dim", "dtype", "image_size", "format",
-                                 "synthetic": null | {"generator", "seed", "image_size"}}
+                                 "synthetic": null | {"generator", "seed", "image_size"},
+                                 "hf_rows": the HF dataset whose row-numbered ids it holds (or absent)}
     index.json                  {image_id: shard file name}
     shard_00000.safetensors     one tensor per id: (T, D) raw grid / patch tokens of an image,
     shard_00001.safetensors     or (F, E) per-frame CLIP embeddings of a video
@@ -18,7 +19,11 @@ the run's vision model, so features of one CLIP model are never fed to a model b
 and (``synthetic``) against the synthetic world's settings that decide what an id's image is
 (generator version, ``data.synthetic_seed``, ``data.image_size``): the world's ids name different
 images under other settings. A cache made before ``synthetic`` was recorded is refused for the
-synthetic world (re-extract it) and accepted for real data. Every problem with a cache raises
+synthetic world (re-extract it) and accepted for real data. Rows of an HF dataset without an
+``image_id`` column are named by their place, ``<split>/<row>``, which names another image in any other
+dataset: ``hf_rows`` records which dataset a cache's such ids come from, an extraction of another
+dataset's rows into it is refused (it would have skipped every id already there and kept the first
+dataset's features), and so is a run reading another dataset's rows from it. Every problem with a cache raises
 ``DataError`` (``DataFileNotFound`` for missing files) naming the cache folder or file.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -41,6 +47,21 @@ LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _UNSET = object()
+
+
+HF_ROWS = "hf_rows"
+_ROW_ID = re.compile(r"^[A-Za-z_]+/\d+(/\d+)?$")  # <split>/<row>[/<k>]: vlscale.data.hf_dataset's row ids
+
+
+def hf_rows_key(name: str) -> str:
+    """How ``hf_rows`` names an HF dataset: a local ``save_to_disk`` folder by its folder name (the
+    cache may be read where the folder lives elsewhere), a hub id as given."""
+    path = Path(str(name)).expanduser()
+    return path.resolve().name if path.is_dir() else str(name)
+
+
+def _row_ids(index: dict) -> list[str]:
+    return [i for i in index if _ROW_ID.match(i)]
 
 
 def _same_pretrained(a, b) -> bool:
@@ -85,14 +106,15 @@ class FeatureCache:
 
     ``vision`` (and ``pretrained``, ``synthetic``, when given) must match what the cache was made
     with; ``synthetic`` is the world's :func:`~vlscale.data.synthetic.content_params`, or None for
-    real data. ``expect_dim``: the feature width the model takes (checked against ``meta.json`` here
+    real data. ``hf_rows``: the HF dataset whose rows the run names ``<split>/<row>``; the cache's
+    row-numbered ids must be that dataset's. ``expect_dim``: the feature width the model takes (checked against ``meta.json`` here
     and against each tensor as it is read, with its shape).
     """
 
     kind = "features"
 
     def __init__(self, root, vision: Optional[str] = None, pretrained=_UNSET, expect_kind: Optional[str] = None,
-                 synthetic=_UNSET, expect_dim: Optional[int] = None):
+                 synthetic=_UNSET, expect_dim: Optional[int] = None, hf_rows: Optional[str] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataFileNotFound(f"feature cache folder {self.root} does not exist; make it with "
@@ -120,6 +142,15 @@ class FeatureCache:
             if problem:
                 raise DataError(f"feature cache {meta_file}: {problem}; re-extract with launchers/"
                                 "extract_features.py for this run's data, or point data.feature_cache elsewhere")
+        if hf_rows is not None and _row_ids(self.index):
+            held, now = self.meta.get(HF_ROWS), hf_rows_key(hf_rows)
+            if held != now:
+                what = (f"rows of the HF dataset {held!r}" if held is not None else
+                        "row-numbered ids (<split>/<row>) of an HF dataset it does not record (made by an older "
+                        "vlscale)")
+                raise DataError(f"feature cache {meta_file}: holds {what}, but the run reads the rows of "
+                                f"data.hf_dataset={hf_rows!r}, whose ids name other images; re-extract with "
+                                f"launchers/extract_features.py --hf-dataset {hf_rows} ... --out NEW_DIR")
         for key in ("dim", "tokens"):
             value = self.meta.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -247,7 +278,7 @@ class FeatureWriter:
         meta_path = self.root / META_FILE
         if meta_path.exists():
             old = _read_json(meta_path, "what model made the features")
-            diff = {k: (old.get(k), v) for k, v in meta.items() if k not in ("tokens", "dim", "grid_shape")
+            diff = {k: (old.get(k), v) for k, v in meta.items() if k not in ("tokens", "dim", "grid_shape", HF_ROWS)
                     and old.get(k) != v}
             if diff:
                 raise DataError(f"feature cache {meta_path} was made with different settings "
@@ -257,6 +288,16 @@ class FeatureWriter:
             self.meta = meta
         index_path = self.root / INDEX_FILE
         self.index: dict = _read_json(index_path, "") if index_path.exists() else {}
+        rows, held = meta.get(HF_ROWS), self.meta.get(HF_ROWS)
+        if rows is not None and rows != held:
+            if held is not None or _row_ids(self.index):
+                what = (f"rows of the HF dataset {held!r}" if held is not None else
+                        f"row-numbered ids of an HF dataset it does not record (e.g. {_row_ids(self.index)[0]!r}; "
+                        f"made by an older vlscale)")
+                raise DataError(f"feature cache {meta_path} holds {what}; the rows of {rows!r} have the same ids "
+                                f"(<split>/<row>) and would keep those features: use another --out folder, or "
+                                f"name each image with --id-column")
+            self.meta[HF_ROWS] = rows
         self.shard_size = shard_size
         self._buffer: dict[str, torch.Tensor] = {}
         self._next = 1 + max([int(p.stem.split("_")[1]) for p in self.root.glob("shard_*.safetensors")],
@@ -320,14 +361,16 @@ def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
-                     progress: bool = True, device="cpu", synthetic: Optional[dict] = None) -> dict:
+                     progress: bool = True, device="cpu", synthetic: Optional[dict] = None,
+                     hf_rows: Optional[str] = None) -> dict:
     """Encode ``source[id]`` for every id into the cache at ``out_dir``; ids already there are skipped.
 
     Images: ``encoder.encode_grid(transform(images))`` -> (T, D) each. Video (``video=True``):
     ``encoder.encode_global(transform(frames))`` -> (F, E) per video. ``batch_size`` counts images
     (video: frames; a video longer than that is one batch of its own). ``synthetic``: the synthetic
     world's :func:`~vlscale.data.synthetic.content_params` when the images are the world's (recorded
-    in meta.json, checked by :class:`FeatureCache`), None for real images.
+    in meta.json, checked by :class:`FeatureCache`), None for real images. ``hf_rows``: the HF dataset
+    whose rows ``ids`` number (``<split>/<row>``), recorded as meta.json's ``hf_rows``.
     """
     from tqdm.auto import tqdm
 
@@ -336,6 +379,8 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     meta = feature_meta(vision, pretrained, video=video, dtype=dtype, image_size=getattr(encoder, "image_size", 0),
                         grid_side=getattr(encoder, "grid_side", None),
                         dim=getattr(encoder, "embed_dim" if video else "grid_dim", None), synthetic=synthetic)
+    if hf_rows is not None:
+        meta[HF_ROWS] = hf_rows_key(hf_rows)
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}

@@ -408,8 +408,9 @@ def load_real_examples(cfg, task: str, split: str, require_answers: bool = True)
 def _feature_cache(cfg, kind: str):
     from vlscale.data.features import FeatureCache, model_feature_dim
 
+    rows = cfg.data.hf_dataset if cfg.data.hf_dataset and not (cfg.data.hf_columns or {}).get("image_id") else None
     return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
-                        expect_kind=kind, synthetic=None, expect_dim=model_feature_dim(cfg, kind))
+                        expect_kind=kind, synthetic=None, expect_dim=model_feature_dim(cfg, kind), hf_rows=rows)
 
 
 def real_visual_source(cfg, task: str, split: str):
