@@ -358,9 +358,22 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         counter_peak["grads"] = live_gradient_bytes(engine, device_type) if engine is not None else 0
 
     engine = None
+    cuda_phases: dict = {"peaks": {}, "starts": {}, "now": None}
+
+    def phase(name: str) -> None:
+        """Start phase ``name``: the tracker's on CPU; on CUDA the allocator's peak of the phase that ends."""
+        tracker.phase(name)
+        if cuda:
+            torch.cuda.synchronize()
+            if cuda_phases["now"] is not None:
+                cuda_phases["peaks"][cuda_phases["now"]] = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            cuda_phases["now"] = name
+            cuda_phases["starts"][name] = int(torch.cuda.memory_allocated())
+
     ctx = contextlib.nullcontext() if cuda else tracker
     with ctx, (contextlib.nullcontext() if cuda else _patched_storage_resize(tracker)):
-        tracker.phase("init")
+        phase("init")
         groups = _optimizer_groups(model, cfg.data.tasks, cfg.train.peft_lr)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         device = engine.device
@@ -372,9 +385,7 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                       and not engine_scales_fp16_loss(engine))
         init_peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
         result["init_peak"] = int(init_peak)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
+        if not cuda:
             tracker.reset_peak()
             tracker.on_peak = on_peak
         activations, grads = 0, None
@@ -389,7 +400,7 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                                    f"{getattr(engine.optimizer, 'loss_scale', None)}); measure in bf16 or fp32")
             batch = synthetic_batch(cfg, B, vocab_size, device=device, dtype=dtype, padded=padded,
                                     seed=1000 * micro + rank)
-            tracker.phase(f"forward{step}")
+            phase(f"forward{step}")
             counter = SavedTensorCounter([engine.module])
             with counter:
                 out = engine(batch)
@@ -397,11 +408,11 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
             activations = max(activations, counter.alive_bytes(device_type))
             if loss_mode == "model":
                 del out
-            tracker.phase(f"backward{step}")
+            phase(f"backward{step}")
             engine.backward(loss * float(engine.optimizer.loss_scale) if scale_loss else loss)
             if grads is None:
                 grads = gradient_bytes(engine, stage)
-            tracker.phase(f"step{step}")
+            phase(f"step{step}")
             engine.step()
             del loss, batch
             if loss_mode == "trainer":
@@ -411,8 +422,13 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                 was_applied = bool(engine.was_step_applied())
                 applied, skipped, step = applied + was_applied, skipped + (not was_applied), step + 1
         result["skipped_steps"] = skipped
-        peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
-    peak_phase = None if cuda else tracker.peak_phase
+        if cuda:
+            phase("end")  # closes the last step's phase
+            del cuda_phases["peaks"]["init"]  # init is init_peak, below
+            peak = max(cuda_phases["peaks"].values())
+        else:
+            peak = tracker.peak
+    peak_phase = max(cuda_phases["peaks"], key=cuda_phases["peaks"].get) if cuda else tracker.peak_phase
     if init_peak > peak:  # DeepSpeed's set-up can be the run's peak (ZeRO-3 partitions a whole model)
         peak, peak_phase = init_peak, "init"
         counter_peak.update(activations=0, grads=0)
@@ -424,8 +440,10 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                   peak_phase=peak_phase,
                   activations_at_peak=None if cuda else int(counter_peak["activations"]),
                   grads_at_peak=None if cuda else int(counter_peak["grads"]),
-                  rss_peak=_rss_peak_bytes(), phase_peaks=None if cuda else dict(tracker.phase_peaks),
-                  phase_starts=None if cuda else dict(tracker.phase_starts))
+                  rss_peak=_rss_peak_bytes(),
+                  phase_peaks=dict(cuda_phases["peaks"], init=int(init_peak)) if cuda else dict(tracker.phase_peaks),
+                  phase_starts=({k: v for k, v in cuda_phases["starts"].items() if k != "end"} if cuda
+                                else dict(tracker.phase_starts)))
     return result
 
 
