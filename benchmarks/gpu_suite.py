@@ -1,10 +1,15 @@
 """The project's one GPU benchmark: everything only a GPU can show, in one short run.
 
-    python benchmarks/gpu_suite.py [--out DIR] [--budget-s 300]
+    python benchmarks/gpu_suite.py [--out DIR] [--budget-s 480] [--sections a,b,...]
+
+All sections take about 7.5 minutes on an H200 (2026-12-04's sections: 30-60 s each, most of it
+start-up), inside one device call of 10 minutes. On the device image, DeepSpeed, open_clip and their
+missing dependencies travel as wheels (.whl; see the BENCHMARKS.md section "The main command on a GPU").
 
 Sections, in the order run by default (most wanted first); a section that fails is recorded and
 the others still run (the trainings in processes of their own), and one is skipped when the time
 budget left is too small:
+  methods      (listed below)
   kernels      the fused adapter kernels vs the reference (benchmarks/gpu_kernels_section.py)
   train_fp16   the main command (launchers/train.py, ZeRO-3, one GPU) in fp16 with dynamic loss
                scaling: losses, loss scale behaviour, step time, allocator peak (run_summary.json)
@@ -179,7 +184,7 @@ def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_suite"))
-    ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting sections after this")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this")
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
