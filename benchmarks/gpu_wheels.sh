@@ -17,5 +17,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   open_clip_torch==3.3.0
 python3 -m pip install -q wheel
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation \
-  "deepspeed==$(python3 -c 'import deepspeed; print(deepspeed.__version__)')" -w .whl
+  "deepspeed==$(python3 -c 'from importlib.metadata import version; print(version("deepspeed"))')" -w .whl
 ls .whl
