@@ -18,7 +18,7 @@ without its annotation file is skipped and said; images missing for some example
 dropped with ``data.skip_bad_records=true`` as training drops them; video tasks, e.g.
 ``paper/video_clip_bart_single_adapter``: every video the splits name, from where training without a
 cache reads it, under its ``vid_name``: ``root/<task>/frames/<vid_name>/`` frame images are encoded,
-``root/<task>/features/<vid_name>.npy`` / ``.safetensors`` precomputed frame features (the VALUE
+``root/<task>/features/<vid_name>.npy`` / ``.npz`` / ``.safetensors`` precomputed frame features (the VALUE
 release's) are copied as they are, every frame, checked to be ``model.vision``'s width; no CLIP is
 built when nothing is to be encoded), ``--hf-dataset`` (a HF ``datasets``
 dataset by name, a ``save_to_disk`` folder or a folder of data files; ids as training's

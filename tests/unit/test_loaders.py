@@ -662,6 +662,33 @@ def test_video_feature_files_bad_content_names_the_file_and_video(tmp_path):
         real_visual_source(make_cfg(tasks=["tvqa"]), "tvqa", "train")["friends_s01e01_seg01_clip_00"]
 
 
+def test_video_feature_folder_reads_value_npz_files(tmp_path):
+    """The VALUE release's CLIP-ViT frame features (VL-Adapter's ``vis_features/<...>/clip-vit/<vid_name>.npz``,
+    array ``features``) were not read: every video of such a ``features/`` folder was reported missing ("add
+    their files") although its file was there."""
+    from vlscale.data.video import VideoFeatureFolder
+
+    feats = np.arange(24, dtype=np.float16).reshape(4, 6)
+    np.savez_compressed(tmp_path / "clip_a.npz", features=feats)
+    np.savez(tmp_path / "clip_b.npz", other=np.ones((2, 6), np.float32))  # its only array
+    np.savez(tmp_path / "two.npz", a=np.ones((2, 6)), b=np.ones((2, 6)))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04garbage")
+    np.save(tmp_path / "dup.npy", feats)
+    np.savez(tmp_path / "dup.npz", features=feats)
+    folder = VideoFeatureFolder(tmp_path, max_frames=2, expect_dim=6)
+    assert folder.missing(["clip_a", "clip_b", "gone"]) == ["gone"] and "clip_a" in folder
+    assert torch.equal(folder["clip_a"], torch.from_numpy(feats).float()[[1, 3]])
+    assert folder["clip_b"].shape == (2, 6) and {"clip_a", "clip_b"} <= set(folder.ids())
+    with pytest.raises(DataError, match=r"two\.npz: holds arrays \['a', 'b'\]; expected one named 'features'"):
+        folder["two"]
+    with pytest.raises(DataError, match=r"broken\.npz \(video 'broken'\): cannot read frame features"):
+        folder["broken"]
+    with pytest.raises(DataError, match=r"video 'dup': both .*dup\.npy and .*dup\.npz exist"):
+        folder["dup"]
+    with pytest.raises(DataError, match=r"clip_a\.npz \(video 'clip_a'\): frame features are 6-d, but .* 512-d"):
+        VideoFeatureFolder(tmp_path, expect_dim=512).missing(["clip_a"])
+
+
 def test_features_holding_nan_are_named_when_fetched(tmp_path):
     from vlscale.data.collate import fetch_visuals
     from vlscale.data.tasks import Example

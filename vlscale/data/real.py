@@ -14,7 +14,7 @@ file stem, e.g. ``split="minival"`` reads ``vqa/minival.json``)::
     root/nlvr2/images/[train|dev|test1/]<id>.png   NLVR2 images, e.g. dev-850-0-img0.png
     root/<video task>/{train,val,test}.jsonl       VALUE annotations (or <task>_<split>[_release].jsonl)
     root/<video task>/subtitles.jsonl              subtitles (or tv_/how2_/yc2_subtitles.jsonl)
-    root/<video task>/features/<vid_name>.npy      per-video frame features, L x D (.safetensors too)
+    root/<video task>/features/<vid_name>.npy      per-video frame features, L x D (.npz, .safetensors too)
 
 Images go through ``vlscale.data.visual.ImageFolder``; with ``model.feature_source=cache`` (or,
 for video, ``data.feature_cache`` set) features come from ``vlscale.data.features.FeatureCache``.

@@ -27,11 +27,12 @@ except for ``launchers/evaluate.py --predict-only`` (``require_answers=False``):
 question or clip, in any split, with an empty ``target`` and no ``references``.
 
 Frame features: :class:`VideoFeatureFolder` (a VisualSource of kind "features") reads
-``dir/<vid_name>.npy`` (an L x D array of real numbers) or ``dir/<vid_name>.safetensors`` (tensor
+``dir/<vid_name>.npy`` (an L x D array of real numbers), ``dir/<vid_name>.npz`` (array ``features``, or its only
+array: the VALUE release's CLIP-ViT features, as VL-Adapter reads them) or ``dir/<vid_name>.safetensors`` (tensor
 ``features``, or its only tensor) and returns a float32 tensor (L, D); a video of more than
 ``max_frames`` frames gives ``max_frames`` of them, the frames the collator picks from a feature
 cache or a folder of frame images (:func:`vlscale.data.collate.frame_indices`, the centre of each
-of ``max_frames`` equal segments), so the three sources give the same batches. Both files for one
+of ``max_frames`` equal segments), so the three sources give the same batches. Two files for one
 video is ambiguous and refused; with ``expect_dim`` (the run's CLIP embedding width) D is checked
 as each file is read, and by :meth:`VideoFeatureFolder.missing` (the start-up check) on the first
 video's file header, so features of another CLIP model stop a run before its first step.
@@ -237,12 +238,23 @@ def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
 # ----------------------------------------------------------------------------- frame features
 
 def _features_key(path, keys: list[str]) -> str:
-    """The frame features' tensor in a ``.safetensors`` file: ``features``, or its only tensor."""
+    """The frame features' tensor in a ``.safetensors`` (or array in a ``.npz``) file: ``features``, or its only one."""
     if "features" in keys:
         return "features"
     if len(keys) != 1:
-        raise DataError(f"{path}: holds tensors {sorted(keys)}; expected one named 'features'")
+        what = "arrays" if Path(path).suffix == ".npz" else "tensors"
+        raise DataError(f"{path}: holds {what} {sorted(keys)}; expected one named 'features'")
     return keys[0]
+
+
+def _load_npz(path):
+    """The frame features array of a ``.npz`` file (VALUE's / VL-Adapter's ``np.load(path)["features"]``)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not a .npz archive")
+        return z[_features_key(path, list(z.files))]
 
 
 class VideoFeatureFolder:
@@ -250,7 +262,7 @@ class VideoFeatureFolder:
 
     kind = "features"
 
-    SUFFIXES = (".npy", ".safetensors")
+    SUFFIXES = (".npy", ".npz", ".safetensors")
 
     def __init__(self, root, max_frames: Optional[int] = None, expect_dim: Optional[int] = None):
         self.root = Path(root)
@@ -293,17 +305,21 @@ class VideoFeatureFolder:
 
     def _header_shape(self, path: Path, vid: str) -> tuple:
         """The shape of ``path``'s frame features from its header alone."""
+        import zipfile
+
         import numpy as np
         from safetensors import SafetensorError, safe_open
 
         try:
             if path.suffix == ".npy":
                 return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+            if path.suffix == ".npz":
+                return tuple(_load_npz(path).shape)
             with safe_open(str(path), framework="numpy") as f:
                 return tuple(f.get_slice(_features_key(path, list(f.keys()))).get_shape())
         except DataError:
             raise
-        except (OSError, ValueError, EOFError, SafetensorError) as e:
+        except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
             raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
 
     def _check_shape(self, path: Path, vid: str, shape: tuple) -> None:
@@ -316,12 +332,14 @@ class VideoFeatureFolder:
                             "CLIP model, or set model.vision to the one that made them")
 
     def ids(self) -> list[str]:
-        return sorted({p.stem for p in self.root.iterdir() if p.suffix in (".npy", ".safetensors")})
+        return sorted({p.stem for p in self.root.iterdir() if p.suffix in self.SUFFIXES})
 
     def __repr__(self) -> str:
         return f"VideoFeatureFolder({str(self.root)!r}, max_frames={self.max_frames})"
 
     def __getitem__(self, vid: str):
+        import zipfile
+
         import numpy as np
         import torch
         from safetensors import SafetensorError
@@ -331,11 +349,11 @@ class VideoFeatureFolder:
 
         path = self._path(vid)
         if path is None:
-            raise KeyError(f"no frame features for video {vid!r}: neither {self.root / (vid + '.npy')} "
-                           "nor .safetensors exists")
+            raise KeyError(f"no frame features for video {vid!r}: none of {self.root / (vid + '.npy')}, "
+                           ".npz, .safetensors exists")
         try:
-            if path.suffix == ".npy":
-                array = np.load(path, allow_pickle=False)
+            if path.suffix in (".npy", ".npz"):
+                array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _load_npz(path)
                 if not isinstance(array, np.ndarray):
                     raise DataError(f"{path} (video {vid!r}): holds {type(array).__name__}, expected one L x D array")
                 if array.dtype.kind not in "fiu":
@@ -350,7 +368,7 @@ class VideoFeatureFolder:
                                     "real numbers")
         except DataError:
             raise
-        except (OSError, ValueError, EOFError, SafetensorError) as e:
+        except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
             raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
         self._check_shape(path, vid, tuple(feats.shape))
         if self.max_frames and feats.shape[0] > self.max_frames:
