@@ -260,3 +260,20 @@ def test_adapter_sizes_the_backbone_refuses_are_config_errors(overrides, key, ca
         build_model(_cfg(*overrides), vocab_size=VOCAB, device="meta")
     assert launcher("inspect_model").main(overrides) == 2
     assert key in capsys.readouterr().err
+
+
+def test_a_random_vision_tower_is_seeded_on_the_host_only(monkeypatch):
+    """build_vision_encoder seeds its random tower with the host's generator alone: torch.manual_seed
+    also reseeded every GPU's generator to 0 (fork_rng(devices=[]) restores only the host's), so on a GPU
+    the run's dropout and the ZeRO-3 build's draws after it no longer followed train.seed."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    torch.manual_seed(1234)
+    reseeded.clear()
+    before = torch.get_rng_state()
+    a = build_vision_encoder("tiny-clip-rn")
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), before)  # the host's stream is left as it was
+    b = build_vision_encoder("tiny-clip-rn")  # and every build of the name is the same tower
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

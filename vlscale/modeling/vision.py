@@ -157,9 +157,12 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     else:
         load_file = pretrained and Path(pretrained).exists()
         # Random towers are seeded so that every build of the same name is the same model: a
-        # feature cache made from a random tiny CLIP then matches encoding on the fly.
+        # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
+        # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
+        # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
+        # draws on the GPU would no longer follow train.seed
         with _quiet_open_clip(pretrained and not load_file), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.random.default_generator.manual_seed(0)
             model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
         if load_file:
             _load_visual_checkpoint(model, pretrained, name)
