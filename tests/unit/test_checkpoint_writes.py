@@ -496,3 +496,53 @@ def test_tensorboards_writer_thread_leaves_a_failed_write_to_the_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "raised again: [Errno 28] No space left on device" in proc.stdout
     assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr
+
+
+class FakeGPUs:
+    """torch.cuda's generator functions over ``n`` fake devices, ``current`` the rank's (set_device's)."""
+
+    def __init__(self, monkeypatch, n: int, current: int, states=None):
+        self.n, self.current = n, current
+        self.states = states or {i: torch.full((16,), i, dtype=torch.uint8) for i in range(n)}
+        for name, fn in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                         ("device_count", lambda: self.n), ("current_device", lambda: self.current),
+                         ("get_rng_state", self.get), ("set_rng_state", self.set),
+                         ("get_rng_state_all", lambda: [self.get(i) for i in range(self.n)]),
+                         ("set_rng_state_all", lambda states: [self.set(s, i) for i, s in enumerate(states)])):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def index(self, device) -> int:
+        i = device if isinstance(device, int) else torch.device(device).index
+        i = self.current if i is None else i
+        if not 0 <= i < self.n:
+            raise IndexError(f"no GPU {i}: {self.n} visible")  # torch.cuda.default_generators[i]
+        return i
+
+    def get(self, device="cuda"):
+        return self.states[self.index(device)].clone()
+
+    def set(self, state, device="cuda"):
+        self.states[self.index(device)] = state.clone()
+
+
+def test_resume_restores_the_ranks_own_gpu_generator(monkeypatch):
+    """The checkpoint keeps the generator of the rank's device and restores it onto the rank's device: every
+    visible device's list (get_rng_state_all) failed to restore where fewer GPUs are visible and put another
+    device's state on the rank's where ranks map to other local devices."""
+    gpus = FakeGPUs(monkeypatch, n=8, current=5)  # rank 5 of one node x 8
+    gpus.states[5] = torch.arange(16, dtype=torch.uint8)  # the stream rank 5's dropout advanced
+    saved = ckpt._from_jsonable(json.loads(json.dumps(ckpt._to_jsonable(ckpt.rng_state()))))
+    gpus = FakeGPUs(monkeypatch, n=4, current=1)  # resumed on 2 nodes x 4: rank 5 is local rank 1
+    ckpt.set_rng_state(saved)
+    assert torch.equal(gpus.states[1], torch.arange(16, dtype=torch.uint8))
+    assert all(torch.equal(gpus.states[i], torch.full((16,), i, dtype=torch.uint8)) for i in (0, 2, 3))
+
+
+def test_resume_reads_an_earlier_checkpoints_list_of_gpu_generators(monkeypatch):
+    """Checkpoints of an earlier vlscale hold every visible device's generator: the rank's own is restored."""
+    FakeGPUs(monkeypatch, n=2, current=1)
+    saved = dict(ckpt.rng_state(), cuda=[torch.full((16,), k, dtype=torch.uint8) for k in (7, 9)])
+    gpus = FakeGPUs(monkeypatch, n=2, current=1)
+    ckpt.set_rng_state(saved)
+    assert torch.equal(gpus.states[1], torch.full((16,), 9, dtype=torch.uint8))
+    assert torch.equal(gpus.states[0], torch.full((16,), 0, dtype=torch.uint8))

@@ -392,9 +392,13 @@ def _from_jsonable(obj: Any) -> Any:
 
 
 def rng_state() -> dict:
+    """This rank's random-number state: the host's generators and, on a GPU, the generator of the rank's own
+    device (the current one, ``init_distributed`` set it). Not every visible device's: the others are other
+    ranks' or unused, and that list, restored by device index, failed on a machine showing fewer GPUs and put
+    another device's state on this rank's where ranks map to other local devices (2 nodes x 4 -> 1 x 8)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -402,8 +406,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # an earlier vlscale saved every visible device's, in device order
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # ----------------------------------------------------------------------------- frozen weights
