@@ -210,6 +210,15 @@ def profile(args, json_out=None) -> int:
               f"machine, so its figures would be compared with a prediction for another device; drop --device "
               f"(or --measure)", file=sys.stderr)
         return 2
+    if args.measure and measured_on == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if args.world_size > gpus:  # each rank takes GPU LOCAL_RANK: the others failed ("invalid device ordinal")
+            print(f"error: --measure --world-size {args.world_size}: the measured run starts its ranks on this "
+                  f"machine, one GPU each, and it has {gpus}; measure on {gpus} rank(s) or fewer, or without "
+                  f"--measure predict for {args.world_size}", file=sys.stderr)
+            return 2
     device = args.device or ("cpu" if args.measure and measured_on == "cpu" else "cuda")
     try:
         args.deepspeed = args.deepspeed or cfg.train.deepspeed  # a preset's own file (scale/*_8x24gb)

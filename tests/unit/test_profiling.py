@@ -579,3 +579,21 @@ def test_inspect_model_counts_the_model_the_trainer_builds(capsys, launcher):
     # note blamed a model.backbone_path the run does not have
     assert launcher("inspect_model").main(["--config", "tiny", "model.backbone=t5-small", "model.tokenizer=synthetic"]) == 0
     assert "vocabulary 32,128 (t5-small's registry config; the run's tokenizer: 721)" in capsys.readouterr().out
+
+
+def test_launcher_refuses_a_measured_run_with_more_ranks_than_gpus(capsys, launcher, monkeypatch):
+    """--measure on a GPU starts its ranks on this machine, rank r on GPU r: more ranks than GPUs is refused
+    before any starts (each rank past the last GPU failed at set_device, 'invalid device ordinal')."""
+    from vlscale.profiling import measure
+
+    profile_memory = launcher("profile_memory")
+    started = []
+    monkeypatch.setattr(measure, "measured_device_type", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.setattr(measure, "available_host_bytes", lambda: 2 ** 40)
+    assert profile_memory.main(["--world-size", "4", "--measure", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "--world-size 4" in err and "it has 2" in err and not started
+    assert profile_memory.main(["--world-size", "2", "--measure", "--json"]) == 0
+    assert len(started) == 1
