@@ -73,3 +73,27 @@ def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path
     monkeypatch.setattr(vl_model, "build_model", no_build)
     with pytest.raises(RuntimeError, match=r"^--java-metrics: no 'java' on the PATH"):
         evaluate.main(["--adapter", str(adapter), "--java-metrics", "--no-progress"])
+
+
+def test_the_trainers_test_report_records_the_settings_it_evaluated_with(tmp_path, monkeypatch):
+    """train.test_eval on a --resume of a finished run with another train.eval_max_examples (a change --resume
+    accepts): adapter/ is not written again, and eval_test/eval_metrics.json recorded the adapter's settings
+    (eval_max_examples None: the whole split) beside scores of 3 examples, so a later evaluate.py --tasks of the
+    whole split merged into that report."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    saved = load_config("tiny")
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter", saved, vocab_size=10, extra={"step": 2})
+    now = load_config("tiny", ["train.eval_max_examples=3"])
+
+    def evaluated(run, split, predictions_dir):
+        _predictions(predictions_dir.parent, "vqa", 3)
+        return {"vqa": {"vqa_score": 0.5}}
+    monkeypatch.setattr(trainer, "_evaluate", evaluated)
+    run = SimpleNamespace(out=tmp_path, cfg=now, step=2, is_main=True, test_scores=None)
+    trainer.run_test_evaluation(run)
+    report = json.loads((tmp_path / "eval_test" / "eval_metrics.json").read_text())
+    assert report["examples"] == {"vqa": 3}
+    assert report["settings"] == eval_settings(now.to_dict()) and report["settings"]["eval_max_examples"] == 3

@@ -53,7 +53,8 @@ from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, par
 from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
-from vlscale.engine.evaluation import EvaluationInterrupted, evaluate, format_scores, to_device, write_eval_report
+from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
+                                       write_eval_report)
 from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
                                            unscaled_grad_norm)
 from vlscale.files import write_text_atomic
@@ -802,11 +803,14 @@ def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
 
 def run_test_evaluation(run: Run) -> dict:
     """``train.test_eval``: the test split into eval_test/, as launchers/evaluate.py --split test writes it
-    (the same evaluation code on the trained model, without a second process rebuilding it)."""
+    (the same evaluation code on the trained model, without a second process rebuilding it). The report records
+    this run's settings, not adapter/'s: a --resume of a finished run does not write adapter/ again, and may
+    change train.eval_max_examples."""
     out = run.out / "eval_test"
     run.test_scores = _evaluate(run, "test", out / "predictions")
     if run.is_main:
-        write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores)
+        write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores,
+                          settings=eval_settings(run.cfg.to_dict()))
     return run.test_scores
 
 
