@@ -56,3 +56,48 @@ def test_choices_that_one_token_cannot_tell_apart_are_refused():
     tokenizer = build_tokenizer(cfg)
     with pytest.raises(ValueError, match=r"answer choices \['true', 'true'\] cannot be told apart"):
         choice_tokens(tokenizer, ("true", "true"))
+
+
+class _BartLikeTokenizer:
+    """Targets as bart-base's tokenizer makes them: ``<s> ... </s>``."""
+
+    bos_token_id, eos_token_id = 0, 2
+    vocab = {"a": 5, "0": 6}
+
+    def __call__(self, text):
+        return {"input_ids": [0, *[self.vocab.get(c, 9) for c in text], 2]}
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["" for _ in ids]
+
+
+class _T5LikeTokenizer(_BartLikeTokenizer):
+    bos_token_id = None
+
+    def __call__(self, text):
+        return {"input_ids": [*[self.vocab.get(c, 9) for c in text], 1]}
+
+
+class _RecordingModel:
+    def __init__(self):
+        self.budgets = []
+
+    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+        self.budgets.append(max_new_tokens)
+        return torch.zeros(inputs["input_ids"].shape[0], max_new_tokens, dtype=torch.long)
+
+
+@pytest.mark.parametrize("tokenizer,extra", [(_BartLikeTokenizer(), 1), (_T5LikeTokenizer(), 0)])
+def test_generation_budget_does_not_count_the_targets_leading_bos(tokenizer, extra):
+    """A task's max_new_tokens counts the answer's tokens. BART's targets start with <s>, which generation
+    emits first: TVQA's budget of 3 left bart-base one token between <s> and the forced </s>, too few for
+    "a0" if BPE splits it. Generation now gets the tokenizer's leading tokens on top."""
+    from vlscale.data.tasks import get_task
+    from vlscale.engine.evaluation import leading_target_tokens
+
+    assert leading_target_tokens(tokenizer) == extra
+    model = _RecordingModel()
+    batch = {"task": "tvqa", "uids": ["q0", "q1"], "input_ids": torch.ones(2, 4, dtype=torch.long),
+             "attention_mask": torch.ones(2, 4, dtype=torch.long), "references": [["a0"], ["a1"]]}
+    predict_task(model, tokenizer, [batch], "tvqa", device="cpu")
+    assert model.budgets == [get_task("tvqa").max_new_tokens + extra]

@@ -85,6 +85,21 @@ def choice_tokens(tokenizer, choices) -> tuple[list[int], list[int]]:
     return ids[0][:k], firsts
 
 
+def leading_target_tokens(tokenizer) -> int:
+    """How many tokens the tokenizer puts before a target's text (BART's ``<s>``: 1; T5: 0). Training's labels
+    start with them, so generation spends them first: a task's ``max_new_tokens`` counts the answer's own
+    tokens, and generation gets these on top (bart-base's 3-token budget for TVQA's "a0" left one token
+    between ``<s>`` and the forced ``</s>``)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return 0
+    ids = list(tokenizer("a")["input_ids"])
+    k = 0
+    while k < len(ids) and ids[k] == bos:
+        k += 1
+    return k
+
+
 @torch.no_grad()
 def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=None, synced_gpus: bool = False,
                  progress=None, heartbeat: Optional[Callable[[str], None]] = None,
@@ -94,6 +109,8 @@ def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=No
     spec = get_task(task)
     if spec.choices:
         prefix, choice_ids = choice_tokens(tokenizer, spec.choices)
+    else:
+        budget = spec.max_new_tokens + leading_target_tokens(tokenizer)
     records = []
     total = len(batches) if hasattr(batches, "__len__") else None
     for i, batch in enumerate(batches):
@@ -110,7 +127,7 @@ def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=No
             picked = model.next_token_logits(inputs, prefix)[:, choice_ids].argmax(1).tolist()
             texts = [spec.choices[i] for i in picked]
         else:
-            ids = model.generate(inputs, max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams,
+            ids = model.generate(inputs, max_new_tokens=budget, num_beams=spec.num_beams,
                                  synced_gpus=synced_gpus)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for j, uid in enumerate(uids):
