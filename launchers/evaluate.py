@@ -225,7 +225,9 @@ def main(argv=None) -> int:
     import torch
 
     # --- setup
-    rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from vlscale.engine.distributed import local_device_type
+
+    rank, world, device = 0, 1, torch.device(local_device_type())  # DS_ACCELERATOR=cpu keeps it on the host
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.deepspeed:
         from vlscale.engine.distributed import init_distributed

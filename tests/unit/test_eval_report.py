@@ -97,3 +97,19 @@ def test_the_trainers_test_report_records_the_settings_it_evaluated_with(tmp_pat
     report = json.loads((tmp_path / "eval_test" / "eval_metrics.json").read_text())
     assert report["examples"] == {"vqa": 3}
     assert report["settings"] == eval_settings(now.to_dict()) and report["settings"]["eval_max_examples"] == 3
+
+
+@pytest.mark.parametrize("accelerator,expected", [("cpu", "cpu"), (None, "cuda")])
+def test_evaluate_without_a_launcher_follows_ds_accelerator(launcher, monkeypatch, accelerator, expected):
+    """evaluate.py as one process took the GPU whenever one was visible, even under DS_ACCELERATOR=cpu, which
+    every other entry point (train.py's ranks, profile_memory.py --measure) follows."""
+    evaluate = launcher("evaluate")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "DS_ACCELERATOR"):
+        monkeypatch.delenv(name, raising=False)
+    if accelerator:
+        monkeypatch.setenv("DS_ACCELERATOR", accelerator)
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_adapter", lambda args, rank, world, device, dist: seen.append(device) or 0)
+    evaluate.main(["--adapter", "unused", "--no-progress"])
+    assert seen == [torch.device(expected)]

@@ -73,6 +73,12 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 """What launchers (torchrun, deepspeed, MPI) set: a one-process child job must not inherit them."""
 
 
+def local_device_type() -> str:
+    """Where a process started without a launcher runs: ``cuda``, unless there is no GPU or ``DS_ACCELERATOR=cpu``
+    (DeepSpeed's own rule for its accelerator, which launched ranks follow)."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -236,7 +236,9 @@ class SavedTensorCounter:
 
 def measured_device_type() -> str:
     """Where a measured run's ranks train: ``cuda``, unless there is no GPU or ``DS_ACCELERATOR=cpu``."""
-    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+    from vlscale.engine.distributed import local_device_type
+
+    return local_device_type()
 
 
 def synthetic_batch(cfg, batch_size: int, vocab_size: int, *, device="cpu", dtype=torch.float32,
