@@ -617,3 +617,19 @@ def test_zero3_matches_plain_pytorch_with_per_task_modules(tmp_path, preloaded):
             if norms[0] is not None:
                 assert max(abs(a / b - 1) for a, b in zip(norms, plain_norms)) < 1e-5, (method, stage, plain_norms,
                                                                                         norms)
+
+
+def test_zero3_unused_anchor_stays_finite_for_large_fp16_weights():
+    """The ZeRO-3 anchor (0 * the sum of a forward's unused weight sets) summed fp16 weights in fp16: past
+    65,504 the sum was inf and inf * 0 made the forward's output NaN."""
+    from vlscale.peft.sites import zero3_unused_anchor
+
+    module = torch.nn.Module()
+    module.big = torch.nn.Parameter(torch.full((100,), 1000.0, dtype=torch.float16))
+    module.used = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    for p in module.parameters():
+        p.ds_id = 0  # as ZeRO-3 marks its parameters
+    anchor = zero3_unused_anchor(module, [module.used])
+    assert anchor is not None and torch.isfinite(anchor) and float(anchor.detach()) == 0.0
+    anchor.backward()
+    assert torch.equal(module.big.grad, torch.zeros_like(module.big))

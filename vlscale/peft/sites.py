@@ -134,7 +134,8 @@ def zero3_unused_anchor(module: nn.Module, used: Sequence[torch.Tensor]) -> Opti
               if p.requires_grad and id(p) not in used_ids and hasattr(p, "ds_id")]
     if not unused:
         return None
-    return torch.stack([p.sum() for p in unused]).sum() * 0.0
+    # summed in fp32: an fp16 weight set summing past 65,504 gave inf, and inf * 0 a NaN output
+    return torch.stack([p.sum(dtype=torch.float32) for p in unused]).sum() * 0.0
 
 
 # ----------------------------------------------------------------------------- task sharing
