@@ -122,3 +122,32 @@ def test_benchmark_cost_model_and_size_arguments(capsys):
         with pytest.raises(SystemExit):
             ak.main(["--device", "cpu", *bad])
         assert "is not a positive integer" in capsys.readouterr().err
+
+
+def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
+    """Triton launches its kernels on the current CUDA device: x on cuda:1 with cuda:0 current would hand
+    the kernels another device's pointers. The launch now runs under torch.cuda.device(x.device)."""
+    import contextlib
+
+    from vlscale.kernels import adapter as kernels
+
+    entered, launched = [], []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+        entered.append("exit")
+
+    class FakeFn:
+        @staticmethod
+        def apply(x, *args):
+            launched.append(list(entered))
+            return x
+
+    monkeypatch.setattr(kernels, "select_backend", lambda x, backend="auto": ("triton", "test"))
+    monkeypatch.setattr(kernels, "_TritonAdapterFn", FakeFn)
+    monkeypatch.setattr(kernels.torch.cuda, "device", device)
+    x = torch.randn(2, 3, 8)
+    kernels.fused_adapter(x, torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8))
+    assert launched == [[x.device]] and entered == [x.device, "exit"]

@@ -596,7 +596,8 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
         return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
     if path == "triton":
         _log_once(f"fused_adapter: {reason}")
-        h = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
+        with torch.cuda.device(x.device):  # Triton launches on the current device, which may be another GPU
+            h = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
     else:
         _log_once(f"fused_adapter: using the PyTorch recompute path ({reason})")
         h = _TorchAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation)
