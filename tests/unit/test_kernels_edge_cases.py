@@ -128,6 +128,7 @@ def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
     """Triton launches its kernels on the current CUDA device: x on cuda:1 with cuda:0 current would hand
     the kernels another device's pointers. The launch now runs under torch.cuda.device(x.device)."""
     import contextlib
+    from types import SimpleNamespace
 
     from vlscale.kernels import adapter as kernels
 
@@ -139,6 +140,13 @@ def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
         yield
         entered.append("exit")
 
+    monkeypatch.setattr(kernels.torch.cuda, "device", device)
+    with kernels._on_device_of(SimpleNamespace(is_cuda=True, device="cuda:1")):
+        assert entered == ["cuda:1"]
+    with kernels._on_device_of(torch.zeros(1)):  # the interpreter's host tensors: nothing to switch
+        pass
+    assert entered == ["cuda:1", "exit"]
+
     class FakeFn:
         @staticmethod
         def apply(x, *args):
@@ -147,7 +155,8 @@ def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
 
     monkeypatch.setattr(kernels, "select_backend", lambda x, backend="auto": ("triton", "test"))
     monkeypatch.setattr(kernels, "_TritonAdapterFn", FakeFn)
-    monkeypatch.setattr(kernels.torch.cuda, "device", device)
+    monkeypatch.setattr(kernels, "_on_device_of", lambda x: device(x.device))
+    entered.clear()
     x = torch.randn(2, 3, 8)
     kernels.fused_adapter(x, torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8))
     assert launched == [[x.device]] and entered == [x.device, "exit"]

@@ -43,6 +43,7 @@ Under ``torch.autocast`` to a dtype other than x's, ``fused_adapter`` runs the r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -578,6 +579,12 @@ def select_backend(x: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
     return "torch", problem
 
 
+def _on_device_of(x):
+    """Triton launches on the current CUDA device, which may be another GPU than ``x``'s: make ``x``'s current
+    (nothing for host tensors: Triton's interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backend: str = "auto",
                   config: Optional[KernelConfig] = None) -> torch.Tensor:
     """``x + up(act(down(x) + b_down)) + b_up`` with recompute-based backward (same result as
@@ -596,7 +603,7 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
         return adapter_reference(x, w_down, b_down, w_up, b_up, activation)
     if path == "triton":
         _log_once(f"fused_adapter: {reason}")
-        with torch.cuda.device(x.device):  # Triton launches on the current device, which may be another GPU
+        with _on_device_of(x):
             h = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
     else:
         _log_once(f"fused_adapter: using the PyTorch recompute path ({reason})")
