@@ -27,6 +27,8 @@ budget left is too small:
                on the host (the CPU tests cannot: there the host is the device)
   resume       ZeRO-3 bf16, 6 steps straight against 3 steps, a stop, and --resume (CUDA RNG state,
                optimizer, sampler): the losses of steps 4-6 compared
+  zero3_init   benchmarks/zero3_random_init.py: a random-weight ZeRO-3 build against a whole build with the
+               same seed (equal on CPU; on a GPU zero.Init may initialise from the GPU's generator)
   train_bf16   the same run as train_fp16 in bf16, for comparison
   train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
                end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
@@ -188,7 +190,7 @@ def main() -> int:
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
-                    default="methods,kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,resume,train_bf16,train_bf16_unfused,"
+                    default="methods,kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,resume,zero3_init,train_bf16,train_bf16_unfused,"
                             "full_ft_ckpt")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
@@ -211,7 +213,7 @@ def main() -> int:
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 35, "profiler": 60,
-             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75}
+             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -242,6 +244,12 @@ def main() -> int:
                 import torch
 
                 results["sections"][name] = run_methods("cuda" if torch.cuda.is_available() else "cpu")
+            elif name == "zero3_init":
+                proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/zero3_random_init.py")],
+                                      capture_output=True, text=True, timeout=left)
+                out = proc.stdout[proc.stdout.find("{"):] if proc.returncode == 0 else ""
+                results["sections"][name] = (json.loads(out) if out else
+                                             {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
             elif name == "saved_by_op":
                 proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")], capture_output=True,
                                       text=True, timeout=left)
