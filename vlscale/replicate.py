@@ -522,6 +522,8 @@ class Job:
     """When the running command started (its wall time goes to the row's :data:`SEGMENTS_FILE`)."""
     seed: Optional[int] = None
     """Set where the replication runs several seeds: the job is named ``<row> (seed S)``."""
+    gpu: Optional[str] = None
+    """The GPU its commands see (``CUDA_VISIBLE_DEVICES``), where the machine has several."""
     _log_file: object = None
 
     @property
@@ -715,6 +717,20 @@ def subprocess_env(threads: int) -> dict:
     return env
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs the jobs share out (``CUDA_VISIBLE_DEVICES``'s entries, else every device), none on the host."""
+    import torch
+
+    from vlscale.engine.distributed import local_device_type
+
+    if local_device_type() != "cuda":
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def default_parallel(threads: int = 1) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, threads))
@@ -751,6 +767,9 @@ class Runner:
         self.on_done, self.progress, self.poll_s, self.echo = on_done, progress, poll_s, echo
         self.running: list[Job] = []
         self.env = subprocess_env(threads)
+        # each job is a one-process run on its first visible GPU: with several, each job gets the least used
+        # one (all of them used GPU 0 before, the others idle)
+        self.gpus = visible_gpus()
 
     def _start_next_command(self, job: Job) -> None:
         phase, cmd = job.commands.popleft()
@@ -760,7 +779,13 @@ class Runner:
         job._log_file.write(f"$ {' '.join(cmd)}\n")
         job._log_file.flush()
         job.command_started = time.time()
-        job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=self.env, stdout=job._log_file,
+        env = self.env
+        if len(self.gpus) > 1:
+            if job.gpu is None:
+                load = {g: sum(j.gpu == g for j in self.running if j is not job) for g in self.gpus}
+                job.gpu = min(self.gpus, key=load.get)
+            env = dict(env, CUDA_VISIBLE_DEVICES=job.gpu)
+        job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=job._log_file,
                                     stderr=subprocess.STDOUT)
 
     @staticmethod

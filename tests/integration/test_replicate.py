@@ -553,3 +553,32 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
     assert launcher("replicate").main(["--table", "1", "--out", str(a_file), "--dry-run"]) == 2  # was a traceback
     assert f"replicate: --out {a_file} is a file; the replication writes a folder" in capsys.readouterr().err
     assert a_file.read_text() == "kept"
+
+
+def test_parallel_jobs_share_out_the_gpus(tmp_path, monkeypatch):
+    """Each job is a one-process run on its first visible GPU: on a machine with several, every parallel job
+    ran on GPU 0 and the others idled. Jobs now get the least used GPU (CUDA_VISIBLE_DEVICES), kept for
+    all their commands."""
+    import sys
+    from collections import deque
+
+    from vlscale import replicate
+    from vlscale.replicate import Job, Runner
+
+    monkeypatch.setattr(replicate, "visible_gpus", lambda: ["2", "5"])
+    rows = get_table(1).rows
+    show = [sys.executable, "-c", "import os, time; print('GPU', os.environ.get('CUDA_VISIBLE_DEVICES')); "
+                                  "time.sleep(0.3)"]
+    jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i),
+                commands=deque([("train", show), ("eval", show)])) for i in range(3)]
+    Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+    seen = [[line for line in (j.run_dir / "train.log").read_text().splitlines() + (j.run_dir / "eval.log")
+             .read_text().splitlines() if line.startswith("GPU")] for j in jobs]
+    assert [j.phase for j in jobs] == ["done"] * 3
+    assert seen[0] == ["GPU 2", "GPU 2"] and seen[1] == ["GPU 5", "GPU 5"]  # the two first run side by side
+    assert seen[2][0] == seen[2][1] and seen[2][0] in ("GPU 2", "GPU 5")
+    monkeypatch.setattr(replicate, "visible_gpus", lambda: ["0"])  # one GPU (or none): the environment as it was
+    job = Job(row=rows[0], overrides=[], run_dir=tmp_path / "one", commands=deque([("train", show)]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+    assert "GPU 7" in (job.run_dir / "train.log").read_text()
