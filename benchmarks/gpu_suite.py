@@ -65,15 +65,32 @@ TRAIN_RUNS = {
 }
 
 
-def run_training(name: str, extra: list[str], out_dir: Path, timeout: float, flags: tuple = ()) -> dict:
-    run_dir = out_dir / name
-    cmd = [sys.executable, str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3.json"),
-           "--no-progress", *flags, f"output_dir={run_dir}", *COMMON, *extra]
+def _command(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``cmd``; -> (the process, {cmd, rc, wall_s[, error_tail]})."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     res = {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
         res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
+    return proc, res
+
+
+def _json_command(cmd: list[str], timeout: float) -> dict:
+    """Run ``cmd``, which prints an indented JSON object last (after any log lines): that object, or the
+    failure's {cmd, rc, error_tail}."""
+    proc, res = _command(cmd, timeout)
+    if proc.returncode != 0:
+        return res
+    out = proc.stdout
+    return json.loads(out if out.startswith("{") else out[out.rindex("\n{\n") + 1:])
+
+
+def run_training(name: str, extra: list[str], out_dir: Path, timeout: float, flags: tuple = ()) -> dict:
+    run_dir = out_dir / name
+    proc, res = _command([sys.executable, str(ROOT / "launchers/train.py"), "--deepspeed",
+                          str(ROOT / "ds_configs/zero3.json"), "--no-progress", *flags, f"output_dir={run_dir}",
+                          *COMMON, *extra], timeout)
+    if proc.returncode != 0:
         return res
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "run_summary.json").read_text())
@@ -164,13 +181,10 @@ def run_resume(out_dir: Path, timeout: float) -> dict:
 
 
 def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
-    cmd = [sys.executable, str(ROOT / "launchers/profile_memory.py"), "--measure", "--json", "--steps", "3",
-           "--deepspeed", str(ROOT / "ds_configs/zero3.json"), *COMMON, *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    res = {"cmd": " ".join(cmd[1:]), "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    proc, res = _command([sys.executable, str(ROOT / "launchers/profile_memory.py"), "--measure", "--json",
+                          "--steps", "3", "--deepspeed", str(ROOT / "ds_configs/zero3.json"), *COMMON, *extra],
+                         timeout)
     if proc.returncode != 0:
-        res["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
         return res
     report = json.loads(proc.stdout)
     keys = ("params", "grads", "optimizer", "activations", "buffers", "peak")
@@ -245,23 +259,17 @@ def main() -> int:
 
                 results["sections"][name] = run_methods("cuda" if torch.cuda.is_available() else "cpu")
             elif name == "zero3_init":
-                proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/zero3_random_init.py")],
-                                      capture_output=True, text=True, timeout=left)
-                out = proc.stdout[proc.stdout.find("{"):] if proc.returncode == 0 else ""
-                results["sections"][name] = (json.loads(out) if out else
-                                             {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
+                results["sections"][name] = _json_command(
+                    [sys.executable, str(ROOT / "benchmarks/zero3_random_init.py")], left)
             elif name == "saved_by_op":
-                proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")], capture_output=True,
-                                      text=True, timeout=left)
-                results["sections"][name] = (json.loads(proc.stdout) if proc.returncode == 0 else
-                                             {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
+                results["sections"][name] = _json_command([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")],
+                                                          left)
             elif name == "profiler":  # in a process of its own: it initialises a process group on a fixed port
                 code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from vlscale.profiling import measure; "
                         "sec = {}; measure.run_gpu_section(sec); print(json.dumps(sec))")
-                proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
-                                      timeout=left)
+                proc, res = _command([sys.executable, "-c", code, str(ROOT)], left)
                 results["sections"][name] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                                             else {"rc": proc.returncode, "error_tail": (proc.stdout + proc.stderr)[-3000:]})
+                                             else res)
         except Exception as e:  # noqa: BLE001 - one section's failure is recorded, the rest still run
             import traceback
 
