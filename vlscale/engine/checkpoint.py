@@ -276,9 +276,46 @@ def _check_earlier_layouts(state: dict, named: dict, weights: Path) -> None:
                               "those weights do not convert to: train the adapter again")
 
 
+# Settings of model.* / peft.* a model may differ in from the adapter's run and still take it: where the same frozen
+# weights load from, the adapter kernel used, and training-only dropout rates.
+ADAPTER_FREE_SETTINGS = ("model.backbone_path", "model.vision_pretrained", "model.feature_source", "model.dropout",
+                         "peft.fused", "peft.lora_dropout")
+
+
+def adapter_settings_mismatch(model: torch.nn.Module, meta: dict) -> Optional[str]:
+    """The first ``model.*`` / ``peft.*`` setting (but :data:`ADAPTER_FREE_SETTINGS`) in which the model was built
+    otherwise than the adapter's run, or None; None too for a model that carries no RunConfig. Names and shapes alone
+    let an adapter of google-t5/t5-base onto flan-t5-base, of RN101 onto RN50, or of lora_alpha 32 onto 8."""
+    from vlscale.config import RunConfig
+
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, RunConfig):
+        return None
+    from vlscale.modeling.backbones import canonical_lm_name
+
+    def canonical(key: str, value):
+        if key == "model.backbone" and isinstance(value, str):
+            try:
+                return canonical_lm_name(value)
+            except KeyError:
+                return value
+        return value
+
+    now = cfg.to_dict()
+    for section in ("model", "peft"):
+        for name, value in (meta["run_config"].get(section) or {}).items():
+            key = f"{section}.{name}"
+            if key in ADAPTER_FREE_SETTINGS or name not in now[section]:
+                continue
+            if canonical(key, now[section][name]) != canonical(key, value):
+                return f"the adapter was trained with {key}={value!r}, the model is built with {key}={now[section][name]!r}"
+    return None
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
-    the same buffers of trained modules, :func:`trained_buffers`). ``check_only``: only compare names and
+    the same buffers of trained modules, :func:`trained_buffers`; a model that carries its RunConfig, built
+    with the adapter's run's model.* / peft.* settings, :func:`adapter_settings_mismatch`). ``check_only``: only compare names and
     shapes (a model built on the meta device will do), raising as the load would, and copy nothing.
 
     Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
@@ -332,8 +369,14 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) 
             parts.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
         if empty:
             parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
+        settings = adapter_settings_mismatch(model, meta)
         raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
+                              (f" ({settings})" if settings else "") +
                               ". Build the model from the adapter's adapter_config.json run_config.")
+    settings = adapter_settings_mismatch(model, meta)
+    if settings:  # the same names and shapes, another model: its outputs would not be the trained ones
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {settings}. Build the model from the adapter's "
+                              f"adapter_config.json run_config.")
     if check_only:
         return meta
     if buffers and not with_buffers:
