@@ -75,6 +75,22 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_its_own_last_ones(tmp_path):
+    """Step 6's checkpoint cannot be resumed and ``latest`` is pointed back at step 4 (as the refusal says to); the
+    resumed run saves step 5 on a stop: kept are steps 4 and 5, its own last two, not step 6 of the abandoned
+    line in place of step 4 (step 6 stays until the run saves that step again)."""
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    for step in (4, 6):
+        ckpt.save_checkpoint(engine, tmp_path, step, {"step": step}, rank=0, keep=2)
+    (root / "latest").write_text("step4")
+    ckpt.save_checkpoint(engine, tmp_path, 5, {"step": 5}, rank=0, keep=2)
+    assert ckpt.latest_tag(root) == "step5"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step5", "step6"]
+    ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6, "run": "resumed"}, rank=0, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step5", "step6"]
+    assert json.loads((root / "step6" / "client_state_rank0.json").read_text())["run"] == "resumed"
+
+
 def _written_by(root, ranks: int, micro: int, accum: int = 1):
     """A checkpoint folder as ``ranks`` ranks leave it: one client state each, with the loader's state."""
     folder = root / "checkpoints" / "step4"

@@ -1086,9 +1086,10 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
             pointer.write_text(tag)
             os.replace(pointer, root / LATEST)
     check()
-    if rank == 0:
-        tags = sorted((p for p in root.glob("step*") if p.is_dir() and step_number(p.name) is not None),
-                      key=lambda p: step_number(p.name))
+    if rank == 0:  # the last ``keep`` up to this step: later ones are of a line resumed from before them (latest
+        # pointed back at an earlier step), not newer than this one, and were kept in place of the run's own
+        tags = sorted((p for p in root.glob("step*") if p.is_dir() and step_number(p.name) is not None
+                       and step_number(p.name) <= step), key=lambda p: step_number(p.name))
         for old in tags[:-keep] if keep > 0 else []:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
