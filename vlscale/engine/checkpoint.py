@@ -595,12 +595,39 @@ def install_safe_loading(engine) -> None:
     ce._vlscale_safe = True
 
 
+def fill_unstepped_groups(state: Any) -> Any:
+    """A ZeRO optimizer-states file's contents (``*_optim_states.pt``, stages 1-3) with Adam's state made for the
+    param groups that hold none: ``exp_avg`` and ``exp_avg_sq`` zeros of the group's fp32 partition, ``step`` 0 (what
+    AdamW creates at a group's first step, so its updates are unchanged). Per-task groups (:class:`TaskSteps`) of a
+    task no step has drawn yet have no state, and DeepSpeed's universal conversion then failed (``KeyError:
+    'exp_avg'`` at stages 1-2, ``KeyError: <group>`` at stage 3): a resume on another number of ranks of a checkpoint
+    written before every task was drawn. Anything else is returned as it is."""
+    osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
+    if not isinstance(osd, dict):
+        return state
+    if "base_optimizer_state" in osd and "single_partition_of_fp32_groups" in osd:  # ZeRO 1-2
+        states, flats = osd["base_optimizer_state"]["state"], osd["single_partition_of_fp32_groups"]
+    elif "optimizer_state_dict" in osd and "fp32_flat_groups" in osd:  # ZeRO 3
+        states, flats = osd["optimizer_state_dict"]["state"], osd["fp32_flat_groups"]
+    else:
+        return state
+    steps = [s["step"] for s in states.values() if isinstance(s, dict) and "step" in s]
+    for g, flat in enumerate(flats):
+        if not states.get(g):
+            states[g] = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            if steps:
+                states[g]["step"] = torch.zeros_like(steps[0]) if isinstance(steps[0], torch.Tensor) else 0
+    return state
+
+
 @contextlib.contextmanager
-def weights_only_loads():
+def weights_only_loads(post=None):
     """While open, every ``torch.load`` reads with ``weights_only=True``: DeepSpeed's universal
-    checkpoint code (conversion and loading) calls ``torch.load(weights_only=False)`` itself."""
+    checkpoint code (conversion and loading) calls ``torch.load(weights_only=False)`` itself. ``post``: applied to
+    what each load returns."""
     original = torch.load
-    torch.load = lambda path, *args, **kwargs: _safe_load(original, path, *args, **kwargs)
+    post = post or (lambda loaded: loaded)
+    torch.load = lambda path, *args, **kwargs: post(_safe_load(original, path, *args, **kwargs))
     try:
         yield
     finally:
@@ -623,7 +650,7 @@ def _to_universal(root: Path, tag: str, rank: int) -> Path:
         args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(out / tag), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)
-        with weights_only_loads():
+        with weights_only_loads(post=fill_unstepped_groups):
             ds_to_universal.main(args)
     barrier()
     return out

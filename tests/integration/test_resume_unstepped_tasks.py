@@ -1,0 +1,25 @@
+"""A checkpoint written before every task was drawn resumes on another number of ranks: the per-task optimizer
+groups of a task no step has drawn hold no Adam state, and DeepSpeed's universal conversion failed on them
+(``KeyError: 'exp_avg'`` at ZeRO-1/2, ``KeyError: <group>`` at ZeRO-3) with a traceback."""
+
+import pytest
+
+from vlscale.engine import checkpoint as ckpt
+
+
+def test_a_checkpoint_before_every_task_was_drawn_resumes_on_two_ranks(h, tmp_path):
+    # seed 3 draws gqa first: after step 1, vqa's adapter groups have never been stepped
+    args = h.TINY + ["peft.sharing=multiple", "train.max_steps=3", "train.eval_every=0", "train.eval_max_examples=2",
+                     "--deepspeed", str(h.ROOT / "ds_configs" / "zero2.json")]
+    whole = tmp_path / "whole"
+    h.launch(args + [f"output_dir={whole}", "train.micro_batch_size=8"])
+    out = tmp_path / "run"
+    h.launch(args + [f"output_dir={out}", "train.micro_batch_size=8", "--stop-after-steps", "1"])
+    assert ckpt.latest_tag(out / "checkpoints") == "step1"
+    assert [r["task"] for r in h.read_log(out)] == ["gqa"]
+    proc = h.launch(args + [f"output_dir={out}", "train.micro_batch_size=4", "--resume"], nproc=2, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    resumed, reference = h.read_log(out), h.read_log(whole)
+    assert [r["task"] for r in resumed] == [r["task"] for r in reference] and "vqa" in [r["task"] for r in resumed]
+    for a, b in zip(reference, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
