@@ -34,6 +34,9 @@ CASES = {
     "zero3_2to1": ("zero3.json", 2, 1, []),
     "zero3_1to2": ("zero3.json", 1, 2, []),
     "zero3_2to1_multiple": ("zero3.json", 2, 1, ["peft.sharing=multiple"]),
+    # 4 tasks, 3 steps before the stop: the per-task groups' Adam step counts differ (and some are 0)
+    "zero3_2to1_multiple_4tasks": ("zero3.json", 2, 1, ["peft.sharing=multiple", "data.tasks=[vqa,gqa,nlvr2,caption]",
+                                                        "train.max_steps=8"]),
     "zero3_offload_2to1": ("zero3_offload.json", 2, 1, []),
     "zero2_2to1": ("zero2.json", 2, 1, []),
     "zero1_1to2_multiple": ("zero2.json", 1, 2, ["train.zero_stage=1", "peft.sharing=multiple"]),

@@ -33,8 +33,9 @@ A checkpoint resumes on another number of ranks when the global batch (ranks x m
 accumulation) is the same, so the data order continues (:func:`check_output_dir` says which
 settings keep it). Under ZeRO the checkpoint is converted to DeepSpeed's universal format first
 (``deepspeed.checkpoint.ds_to_universal``, every file read with ``weights_only=True``) into
-``.universal-step<N>/``, loaded, and removed; two defects of DeepSpeed 0.19.8's ZeRO-3 universal
-load are mended after it (see :func:`load_checkpoint`). Stage 0 checkpoints are whole on rank 0.
+``.universal-step<N>/``, loaded, and removed; defects of DeepSpeed 0.19.8's ZeRO-3 universal
+load are mended after it (see :func:`load_checkpoint`: every group got group 0's hyperparameters and
+group 0's Adam step count). Stage 0 checkpoints are whole on rank 0.
 
 Nothing is unpickled: the adapter is safetensors, client state is JSON, and DeepSpeed's files are
 read by :class:`SafeTorchCheckpointEngine` with ``torch.load(weights_only=True)``, allowing only
@@ -593,6 +594,20 @@ def install_safe_loading(engine) -> None:
         return
     ce.load = lambda path, map_location=None: _safe_load(torch.load, path, map_location=map_location)
     ce._vlscale_safe = True
+
+
+def _zero3_group_steps(folder: Path) -> Optional[tuple[dict, list]]:
+    """(each param group's Adam step count, the fp32 groups) of a ZeRO-3 checkpoint, from rank 0's
+    optimizer-states file (every rank's holds the same counts); None where there is no such file."""
+    files = sorted(folder.glob("zero_pp_rank_0_mp_rank_*_optim_states.pt"))
+    if not files:
+        return None
+    osd = _safe_load(torch.load, files[0], map_location="cpu").get("optimizer_state_dict") or {}
+    if "optimizer_state_dict" not in osd or "fp32_flat_groups" not in osd:
+        return None
+    states = osd["optimizer_state_dict"]["state"]
+    counts = {g: float(s["step"]) for g, s in states.items() if isinstance(s, dict) and "step" in s}
+    return counts, list(osd["fp32_flat_groups"])
 
 
 def fill_unstepped_groups(state: Any) -> Any:
@@ -1175,6 +1190,7 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
     # advances in place (group g would count g+1 steps per step: a wrong bias correction)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in inner.param_groups]
+    own_steps = _zero3_group_steps(root / tag) if universal and int(engine.zero_optimization_stage()) == 3 else None
     try:
         with weights_only_loads() if universal else contextlib.nullcontext():
             path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
@@ -1198,6 +1214,16 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
         for param_state in inner.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
                 param_state["step"] = param_state["step"].clone()
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3's sub-groups, the state's keys
+    if own_steps is not None and flats is not None and len(own_steps[1]) == len(flats):
+        # ... and that tensor holds group 0's count: per-task groups (TaskSteps) step only when their task is
+        # drawn, so each sub-group's own count (0 for a task not drawn yet) is put back, else Adam's bias
+        # correction is another group's (a 2 -> 1 rank resume with 4 tasks differed by 1.5e-3 in fp32)
+        counts, _ = own_steps
+        for g, flat in enumerate(flats):
+            param_state = inner.state.get(flat)
+            if param_state and isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"].fill_(counts.get(g, 0.0))
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
     state = _from_jsonable(client_state)
