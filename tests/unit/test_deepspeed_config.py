@@ -439,3 +439,21 @@ def test_nvme_offload_without_async_io_is_a_clear_error(monkeypatch, tmp_path, a
     calls.clear()
     check_nvme_support(build_deepspeed_config(DS_DIR / "zero3_offload.json", cfg_with(), 2, device_type="cuda"))
     assert not calls, "CPU offload needs no async_io"
+
+
+def test_aio_keys_deepspeed_ignores_are_refused(monkeypatch, tmp_path):
+    """DeepSpeed reads the aio block key by key and ignores the rest: the shipped zero3_nvme.json's
+    ``thread_count`` (the old name of ``intra_op_parallelism``) was dropped without a word."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.swap_tensor.aio_config import get_aio_config
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    raw = json.loads((DS_DIR / "zero3_nvme.json").read_text())
+    read = get_aio_config({"aio": raw["aio"]})
+    assert {k: read[k] for k in raw["aio"]} == raw["aio"], "every aio key of the shipped file is read by DeepSpeed"
+    build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda")
+    for key, match in (("thread_count", "aio.thread_count is DeepSpeed's old name.*aio.intra_op_parallelism"),
+                       ("queue_dpeth", "unknown key aio.queue_dpeth.*queue_depth")):
+        ds = dict(raw, aio={**raw["aio"], key: 8})
+        with pytest.raises(DeepSpeedConfigError, match=match):
+            build_deepspeed_config(ds, cfg_with(), 2, device_type="cuda")

@@ -28,6 +28,7 @@ that DeepSpeed's own config models refuse, named here rather than in ``deepspeed
 So are settings the run would read past: an ``activation_checkpointing`` block that sets anything (no model
 here calls DeepSpeed's checkpointing; ``train.gradient_checkpointing`` does it) and the old ZeRO keys
 ``cpu_offload`` / ``cpu_offload_param`` (``offload_optimizer`` / ``offload_param`` say it now).
+So is an ``aio`` key DeepSpeed does not read (``thread_count``, now ``intra_op_parallelism``).
 ``nvme_path: "auto"`` (ZeRO-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
 """
 
@@ -137,6 +138,32 @@ def _check_block(model, block: dict, key: str, source: str) -> None:
             raise DeepSpeedConfigError(f"{source}: unknown key {where}; {did_you_mean(str(err['loc'][-1]), valid)}"
                                        f"valid: {valid}") from None
         raise DeepSpeedConfigError(f"{source}: {where}={err.get('input')!r}: {err['msg']}") from None
+
+
+AIO_RENAMED = {"thread_count": "intra_op_parallelism"}  # DeepSpeed's older name; 0.19 reads only the new one
+
+
+def check_aio_block(ds: dict, source: str) -> None:
+    """The ``aio`` block (ZeRO-Infinity's async I/O) is read key by key by DeepSpeed's ``get_aio_config``, which
+    ignores any other key without a word: ``"thread_count": 8`` (its old name of ``intra_op_parallelism``) ran
+    with one thread. Refuse keys it does not read, naming the file."""
+    aio = ds.get("aio")
+    if aio is None:
+        return
+    if not isinstance(aio, dict):
+        raise DeepSpeedConfigError(f"{source}: aio must be an object, got {aio!r}")
+    try:
+        from deepspeed.runtime.swap_tensor import constants as c
+    except ImportError:
+        return
+    valid = sorted(getattr(c, k) for k in dir(c) if k.startswith("AIO_") and not k.endswith(("_DEFAULT", "_FORMAT")))
+    for key in aio:
+        if key in AIO_RENAMED and AIO_RENAMED[key] in valid:
+            raise DeepSpeedConfigError(f"{source}: aio.{key} is DeepSpeed's old name, which it now ignores; "
+                                       f"write aio.{AIO_RENAMED[key]}")
+        if key not in valid:
+            raise DeepSpeedConfigError(f"{source}: unknown key aio.{key} (DeepSpeed would ignore it); "
+                                       f"{did_you_mean(key, valid)}valid: {valid}")
 
 
 def check_optimizer_params(params: dict, cpu_optimizer: bool, source: str) -> None:
@@ -459,6 +486,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                                    f"batch sizes, precision, clipping, optimizer and ZeRO bucket sizes only")
     check_zero_block(zero, source)
     check_precision_blocks(ds, source)
+    check_aio_block(ds, source)
     return ds
 
 
