@@ -457,3 +457,22 @@ def test_aio_keys_deepspeed_ignores_are_refused(monkeypatch, tmp_path):
         ds = dict(raw, aio={**raw["aio"], key: 8})
         with pytest.raises(DeepSpeedConfigError, match=match):
             build_deepspeed_config(ds, cfg_with(), 2, device_type="cuda")
+
+
+def test_nvme_path_must_be_a_writable_folder(monkeypatch, tmp_path):
+    """ZeRO-Infinity writes its swap files under nvme_path: a folder that does not exist or a file there is refused
+    before the model is built, naming the key and the path (it was a traceback from inside DeepSpeed after the build)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from vlscale.engine.deepspeed_config import check_nvme_support
+
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    (tmp_path / "a_file").write_text("")
+    for path, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "a_file", "is not a folder")):
+        monkeypatch.setenv("VLSCALE_NVME_PATH", str(path))
+        ds = build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda")
+        with pytest.raises(DeepSpeedConfigError, match=rf"offload_optimizer\.nvme_path='{path}' {why}"):
+            check_nvme_support(ds)
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    check_nvme_support(build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda"))

@@ -493,7 +493,8 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
 def check_nvme_support(ds_config: dict) -> None:
     """ZeRO-Infinity (``"device": "nvme"`` offload) runs on DeepSpeed's ``async_io`` op, which needs libaio.
     Checked before the model is built, so a machine without it gets this reason instead of DeepSpeed's
-    "Unable to JIT load the async_io op" from inside ``deepspeed.initialize``."""
+    "Unable to JIT load the async_io op" from inside ``deepspeed.initialize``. The ``nvme_path`` must be a folder
+    this process can write."""
     zero = ds_config.get("zero_optimization") or {}
     nvme = [k for k in ("offload_optimizer", "offload_param")
             if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
@@ -506,6 +507,15 @@ def check_nvme_support(ds_config: dict) -> None:
             f"zero_optimization.{nvme[0]}.device='nvme' (ZeRO-Infinity) needs DeepSpeed's async_io op, which "
             f"cannot be built here: it needs libaio's headers and library (Debian/Ubuntu: apt install "
             f"libaio-dev, then reinstall deepspeed). Without it, offload to CPU: ds_configs/zero3_offload.json")
+    for key in nvme:  # DeepSpeed writes its swap files there: a missing or read-only folder was a traceback from
+        path = zero[key].get("nvme_path")  # inside zero.Init / deepspeed.initialize, after minutes of building
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            why = ("is not a path" if not isinstance(path, (str, os.PathLike)) else
+                   "does not exist" if not os.path.exists(path) else
+                   "is not a folder" if not os.path.isdir(path) else "cannot be written by this process")
+            raise DeepSpeedConfigError(
+                f"zero_optimization.{key}.nvme_path={path!r} {why}: DeepSpeed writes its swap files there; give "
+                f"a writable folder on a fast local NVMe drive (the file's nvme_path, or VLSCALE_NVME_PATH for \"auto\")")
 
 
 def zero_stage(ds_config: dict) -> int:
