@@ -476,3 +476,17 @@ def test_nvme_path_must_be_a_writable_folder(monkeypatch, tmp_path):
             check_nvme_support(ds)
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
     check_nvme_support(build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda"))
+
+
+def test_offload_refused_at_a_stage_from_the_run_config_names_it():
+    """A scale preset's train.zero_stage (1 or 2) overrides the file's stage: zero3_offload.json with such a preset was
+    refused as "the run uses stage 1" while the file says 3; the refusal names the run config's value and the fix."""
+    for stage in (1, 2):
+        with pytest.raises(DeepSpeedConfigError, match=rf"the run uses stage {stage} \(train\.zero_stage={stage} "
+                                                       r"overrides the file's stage 3; set train\.zero_stage=3"):
+            build_deepspeed_config(DS_DIR / "zero3_offload.json", cfg_with(f"train.zero_stage={stage}"), 2,
+                                   device_type="cuda")
+    raw = json.loads((DS_DIR / "zero2.json").read_text())
+    raw["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    with pytest.raises(DeepSpeedConfigError, match=r"offload_param needs ZeRO stage 3\+, the run uses stage 2$"):
+        build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")  # the file's own stage: nothing to add

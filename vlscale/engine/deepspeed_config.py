@@ -407,6 +407,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
 
     # ZeRO.
     zero = r.section("zero_optimization")
+    file_stage = zero.get("stage")
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage  # an explicit override of the file's stage, not a conflict
     elif zero.get("stage") == AUTO:  # r.default would fill it with 0: a ZeRO-3 file trained at ZeRO-0, unsaid
@@ -446,8 +447,14 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         block = zero.get(key)
         if isinstance(block, dict) and block.get("device") not in (None, "none"):
             if stage < 2 and key == "offload_optimizer" or stage < 3 and key == "offload_param":
+                need = 3 if key == "offload_param" else 2
+                offloaded = [k for k in ("offload_optimizer", "offload_param") if isinstance(zero.get(k), dict)
+                             and zero[k].get("device") not in (None, "none")]
+                why = (f" (train.zero_stage={t.zero_stage} overrides the file's stage {file_stage!r}; set "
+                       f"train.zero_stage={3 if 'offload_param' in offloaded else 2}, or another file)"
+                       if t.zero_stage is not None and file_stage != t.zero_stage else "")
                 raise DeepSpeedConfigError(f"{source}: zero_optimization.{key} needs ZeRO stage "
-                                           f"{3 if key == 'offload_param' else 2}+, the run uses stage {stage}")
+                                           f"{need}+, the run uses stage {stage}{why}")
             offload[key] = block["device"]
             if block["device"] == "nvme" and block.get("nvme_path", AUTO) == AUTO:
                 path = os.environ.get("VLSCALE_NVME_PATH")
