@@ -490,3 +490,27 @@ def test_offload_refused_at_a_stage_from_the_run_config_names_it():
     raw["zero_optimization"]["offload_param"] = {"device": "cpu"}
     with pytest.raises(DeepSpeedConfigError, match=r"offload_param needs ZeRO stage 3\+, the run uses stage 2$"):
         build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")  # the file's own stage: nothing to add
+
+
+@pytest.mark.parametrize("backbone", ["google-t5/t5-3b", "google/flan-t5-xl", "facebook/bart-large"])
+def test_nvme_file_leaves_deepspeed_swap_buffers_for_a_layer(backbone, monkeypatch, tmp_path):
+    """ZeRO-Infinity swaps a parameter partition in from NVMe into one of offload_param.buffer_count pinned buffers and
+    holds it until the parameter is released. With zero3_nvme.json's former settings (5 buffers, the parameters kept
+    gathered by stage3_max_reuse_distance 1e9 and prefetched) every run whose parameters reached NVMe stopped in its
+    first forward with DeepSpeed's "AssertionError: Not enough buffers 5 for swapping 6" (t5-small, max_in_cpu 0, one
+    CPU rank; then "already assigned swap buffer" module by module): a layer gathered as one unit
+    (train.zero3_leaf_layers) swaps all its matrices at once, and nothing may stay gathered past its use."""
+    import torch
+
+    from vlscale.modeling.backbones import lm_class, lm_config
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    zero = build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(f"model.backbone={backbone}"), 1,
+                                  device_type="cuda")["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_prefetch_bucket_size"] == 0
+    with torch.device("meta"):
+        lm = lm_class(lm_config(backbone))(lm_config(backbone))
+    units = [m for m in lm.modules() if type(m).__name__ in lm._no_split_modules]
+    assert units
+    matrices = max(sum(p.dim() >= 2 for p in m.parameters()) for m in units)  # biases and norms stay below aio's size
+    assert zero["offload_param"]["buffer_count"] >= matrices
