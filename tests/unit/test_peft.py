@@ -633,3 +633,24 @@ def test_zero3_unused_anchor_stays_finite_for_large_fp16_weights():
     assert anchor is not None and torch.isfinite(anchor) and float(anchor.detach()) == 0.0
     anchor.backward()
     assert torch.equal(module.big.grad, torch.zeros_like(module.big))
+
+
+def test_peft_modules_of_a_zero3_partitioned_lm_are_built_on_the_host():
+    """Under ZeRO-3 the LM's parameters are partitions on the accelerator; PEFT modules created there drew their
+    initial values from the GPU's generator, so a ZeRO-3 run started from other adapters than a whole build
+    with the same seed. They are now built on the host, as the vision tower is (deepspeed.initialize
+    partitions them)."""
+    from vlscale.peft.sites import lm_dtype_device
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(4, 2, device="meta", dtype=torch.bfloat16)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    lm = LM()
+    assert lm_dtype_device(lm) == (torch.bfloat16, torch.device("meta"))  # a whole LM: its own device
+    lm.emb.weight.ds_id = 0  # as zero.Init marks a partitioned parameter (its data on the accelerator)
+    assert lm_dtype_device(lm) == (torch.bfloat16, torch.device("cpu"))

@@ -57,12 +57,15 @@ def backbone_family(lm: nn.Module) -> str:
 
 
 def lm_dtype_device(lm: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """dtype and device PEFT modules are created in: those of the LM's input embeddings."""
+    """dtype and device PEFT modules are created in: those of the LM's input embeddings, but the host for a
+    ZeRO-3 partitioned LM (``ds_id``): there, as the vision tower and the projection, they are built whole on the
+    host and ``deepspeed.initialize`` partitions them, so their initial values are a whole build's (created on
+    the partitions' device, a GPU, they drew from the GPU's generator instead)."""
     try:
         p = lm.get_input_embeddings().weight
     except (AttributeError, NotImplementedError):
         p = next(lm.parameters())
-    return p.dtype, p.device
+    return p.dtype, (torch.device("cpu") if hasattr(p, "ds_id") else p.device)
 
 
 def param_shape(p: torch.Tensor) -> torch.Size:
