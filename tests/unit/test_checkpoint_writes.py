@@ -562,3 +562,18 @@ def test_resume_reads_an_earlier_checkpoints_list_of_gpu_generators(monkeypatch)
     ckpt.set_rng_state(saved)
     assert torch.equal(gpus.states[1], torch.full((16,), 9, dtype=torch.uint8))
     assert torch.equal(gpus.states[0], torch.full((16,), 0, dtype=torch.uint8))
+
+
+def test_latest_naming_a_folder_left_as_old_says_how_to_recover(tmp_path):
+    """A save of a step that already exists (a run resumed from before it) moves the old folder to step<N>.old,
+    puts the new one in place and removes the old one; a crash between the two renames left latest naming a
+    missing folder, and the refusal did not say that step<N>.old holds it."""
+    root = tmp_path / "checkpoints"
+    (root / "step4.old").mkdir(parents=True)
+    (root / ckpt.LATEST).write_text("step4")
+    with pytest.raises(ckpt.CheckpointError, match=r"names checkpoint 'step4', which does not exist .*but step4\.old "
+                                                   r"does: a save that replaced it was interrupted; rename .*step4\.old "
+                                                   r"to step4 to resume"):
+        ckpt.latest_tag(root)
+    (root / "step4.old").rename(root / "step4")
+    assert ckpt.latest_tag(root) == "step4"

@@ -685,6 +685,11 @@ def latest_tag(ckpt_root) -> Optional[str]:
         return None
     tag = path.read_text().strip()
     if not tag or not (Path(ckpt_root) / tag).is_dir():
+        old = Path(ckpt_root) / f"{tag}.old"
+        if tag and old.is_dir():  # a save of this step again (a run resumed from before it) died while replacing it
+            raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}, but {old.name} "
+                                  f"does: a save that replaced it was interrupted; rename {old} to {tag} to resume "
+                                  f"from it")
         raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}")
     return tag
 
