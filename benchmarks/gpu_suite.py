@@ -266,10 +266,8 @@ def main() -> int:
                                                           left)
             elif name == "profiler":  # in a process of its own: it initialises a process group on a fixed port
                 code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from vlscale.profiling import measure; "
-                        "sec = {}; measure.run_gpu_section(sec); print(json.dumps(sec))")
-                proc, res = _command([sys.executable, "-c", code, str(ROOT)], left)
-                results["sections"][name] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                                             else res)
+                        "sec = {}; measure.run_gpu_section(sec); print(json.dumps(sec, indent=1))")
+                results["sections"][name] = _json_command([sys.executable, "-c", code, str(ROOT)], left)
         except Exception as e:  # noqa: BLE001 - one section's failure is recorded, the rest still run
             import traceback
 

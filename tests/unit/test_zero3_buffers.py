@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from vlscale.engine.distributed import free_port
 from vlscale.engine.sharded_loading import move_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,15 +58,9 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero3_build_moves_the_vision_buffers_to_the_accelerator(tmp_path):
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     result = tmp_path / "calls.json"
     proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), str(result)], env=env, capture_output=True,
                           text=True, timeout=300)

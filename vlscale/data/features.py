@@ -60,8 +60,9 @@ def hf_rows_key(name: str) -> str:
     return path.resolve().name if path.is_dir() else str(name)
 
 
-def _row_ids(index: dict) -> list[str]:
-    return [i for i in index if _ROW_ID.match(i)]
+def _first_row_id(index: dict) -> Optional[str]:
+    """An id of ``index`` that numbers an HF dataset's row, or None."""
+    return next((i for i in index if _ROW_ID.match(i)), None)
 
 
 def _same_pretrained(a, b) -> bool:
@@ -142,7 +143,7 @@ class FeatureCache:
             if problem:
                 raise DataError(f"feature cache {meta_file}: {problem}; re-extract with launchers/"
                                 "extract_features.py for this run's data, or point data.feature_cache elsewhere")
-        if hf_rows is not None and _row_ids(self.index):
+        if hf_rows is not None and _first_row_id(self.index) is not None:
             held, now = self.meta.get(HF_ROWS), hf_rows_key(hf_rows)
             if held != now:
                 what = (f"rows of the HF dataset {held!r}" if held is not None else
@@ -290,9 +291,10 @@ class FeatureWriter:
         self.index: dict = _read_json(index_path, "") if index_path.exists() else {}
         rows, held = meta.get(HF_ROWS), self.meta.get(HF_ROWS)
         if rows is not None and rows != held:
-            if held is not None or _row_ids(self.index):
+            row_id = _first_row_id(self.index)
+            if held is not None or row_id is not None:
                 what = (f"rows of the HF dataset {held!r}" if held is not None else
-                        f"row-numbered ids of an HF dataset it does not record (e.g. {_row_ids(self.index)[0]!r}; "
+                        f"row-numbered ids of an HF dataset it does not record (e.g. {row_id!r}; "
                         f"made by an older vlscale)")
                 raise DataError(f"feature cache {meta_path} holds {what}; the rows of {rows!r} have the same ids "
                                 f"(<split>/<row>) and would keep those features: use another --out folder, or "

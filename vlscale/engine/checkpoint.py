@@ -602,7 +602,8 @@ def _zero3_group_steps(folder: Path) -> Optional[tuple[dict, list]]:
     files = sorted(folder.glob("zero_pp_rank_0_mp_rank_*_optim_states.pt"))
     if not files:
         return None
-    osd = _safe_load(torch.load, files[0], map_location="cpu").get("optimizer_state_dict") or {}
+    # mmap: only the step counts are read, not the moments (gigabytes a rank under full fine-tuning), on every rank
+    osd = _safe_load(torch.load, files[0], map_location="cpu", mmap=True).get("optimizer_state_dict") or {}
     if "optimizer_state_dict" not in osd or "fp32_flat_groups" not in osd:
         return None
     states = osd["optimizer_state_dict"]["state"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlscale.engine.deepspeed_config import cpu_fp16_enabled
+from vlscale.engine.deepspeed_config import cpu_fp16_enabled, default_device_type
 
 EXIT_HUNG = 3
 DEFAULT_DIST_TIMEOUT_S = 300.0
@@ -74,9 +74,10 @@ LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def local_device_type() -> str:
-    """Where a process started without a launcher runs: ``cuda``, unless there is no GPU or ``DS_ACCELERATOR=cpu``
-    (DeepSpeed's own rule for its accelerator, which launched ranks follow)."""
-    return "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" else "cpu"
+    """Where a process started without a launcher runs: ``cuda``, unless there is no GPU or DeepSpeed's accelerator is
+    another (``DS_ACCELERATOR=cpu``: :func:`~vlscale.engine.deepspeed_config.default_device_type`, which launched
+    ranks follow)."""
+    return "cuda" if default_device_type() != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def free_port() -> int:
