@@ -552,6 +552,23 @@ def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, lau
     assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["zero_stage"] == 2
 
 
+def test_resolve_ds_config_builds_the_file_as_the_run_does_or_refuses_it(monkeypatch, tmp_path):
+    """The Python API (resolve_ds_config, plan) finds a relative file as launchers/train.py does and refuses a
+    missing one: both fell back to a built-in {"stage": 3} dict, so zero3_offload.json from another directory
+    was planned without its offload, and a mistyped name planned a run nobody would train."""
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError
+    from vlscale.profiling.planner import plan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny")
+    z = resolve_ds_config(cfg, 2, "ds_configs/zero3_offload.json")["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    for call in (lambda: resolve_ds_config(cfg, 2, "zero3_ofload.json"),
+                 lambda: plan(cfg, "1GiB", 2, ds_file="zero3_ofload.json")):
+        with pytest.raises(DeepSpeedConfigError, match="zero3_ofload.json' does not exist"):
+            call()
+
+
 def test_inspect_model_counts_the_model_the_trainer_builds(capsys, launcher):
     """The trainer sizes the vocabulary by the tokenizer (the synthetic world's 721 tokens for tiny backbones),
     not the registry's 1100: inspect_model counts the same model."""

@@ -1251,42 +1251,29 @@ def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional
 
 
 def default_ds_file(cfg: RunConfig, ds_file=None):
-    """``ds_file`` if given, else as launchers/train.py: the config's ``train.deepspeed``, else the shipped
-    zero3.json, or zero2.json when ``train.zero_stage`` asks for stage 0, 1 or 2."""
+    """The DeepSpeed file (or dict) the run uses, as launchers/train.py finds it: ``ds_file`` if given (a relative
+    path from the working directory, else the repository root), else the config's ``train.deepspeed``, else the
+    shipped zero3.json, or zero2.json when ``train.zero_stage`` asks for stage 0, 1 or 2."""
     from pathlib import Path
 
+    from vlscale.engine.deepspeed_config import resolve_ds_file
+
+    if isinstance(ds_file, dict):
+        return ds_file
     if ds_file is None and cfg.train.deepspeed:
-        from vlscale.engine.deepspeed_config import resolve_ds_file
-        ds_file = resolve_ds_file(cfg.train.deepspeed)
+        ds_file = cfg.train.deepspeed
     if ds_file is None:
         root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
         ds_file = root / ("zero3.json" if cfg.train.zero_stage in (None, 3) else "zero2.json")
-    return ds_file
+    return resolve_ds_file(str(ds_file))
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:
-    """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on ``ds_file``, or a
-    minimal equivalent when the engine package is not importable. Default file, as launchers/train.py:
-    the config's ``train.deepspeed``, else the shipped zero3.json, or zero2.json when ``train.zero_stage``
-    asks for stage 0, 1 or 2."""
-    from pathlib import Path
+    """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on :func:`default_ds_file`
+    (a file that does not exist is refused with DeepSpeedConfigError, as by launchers/train.py)."""
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
 
-    ds_file = default_ds_file(cfg, ds_file)
-    try:
-        from vlscale.engine.deepspeed_config import build_deepspeed_config
-    except ImportError:
-        build_deepspeed_config = None
-    if build_deepspeed_config is not None and (not isinstance(ds_file, (str, Path)) or Path(ds_file).exists()):
-        return build_deepspeed_config(ds_file, cfg, world_size, device_type=device_type or "cuda")
-    t = cfg.train
-    return {"train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-            "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"},
-            "gradient_clipping": t.clip_grad_norm,
-            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(t.adam_betas), "eps": t.adam_eps,
-                                                      "weight_decay": t.weight_decay, "torch_adam": True}},
-            "zero_optimization": {"stage": 3 if t.zero_stage is None else t.zero_stage}}
+    return build_deepspeed_config(default_ds_file(cfg, ds_file), cfg, world_size, device_type=device_type or "cuda")
 
 
 def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,

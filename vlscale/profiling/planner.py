@@ -199,16 +199,12 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
         if (base_ds.get("zero_optimization", {}).get("stage", 0) == 3) == family:
             return base_ds
         if family not in bases:
-            path = default_ds_file(cfg, ds_file)
-            if isinstance(path, dict) or Path(path).exists():
-                raw, _ = load_ds_file(path)  # a copy: the caller's dict stays as it is
-                if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway)
-                    raw.setdefault("zero_optimization", {}).pop("offload_param", None)
-                c = copy.deepcopy(cfg)
-                c.train.zero_stage = 3 if family else 2
-                bases[family] = resolve_ds_config(c, world_size, raw, device_type=device)
-            else:
-                bases[family] = base_ds
+            raw, _ = load_ds_file(default_ds_file(cfg, ds_file))  # a copy: the caller's dict stays as it is
+            if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway)
+                raw.setdefault("zero_optimization", {}).pop("offload_param", None)
+            c = copy.deepcopy(cfg)
+            c.train.zero_stage = 3 if family else 2
+            bases[family] = resolve_ds_config(c, world_size, raw, device_type=device)
         return bases[family]
 
     options = []
