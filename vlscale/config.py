@@ -300,6 +300,7 @@ class PeftConfig:
     train_layer_norms: bool = True
     """Every layer norm of the language model trains (the paper's default)."""
     train_projection: bool = True
+    """The visual projection trains (always, in the paper; false: benchmarks that time a PEFT method alone)."""
     train_lm: bool = False
     """Full fine-tuning of the language model (output layer included)."""
     train_vision: bool = False
