@@ -80,7 +80,8 @@ def model_config(model: str):
     backbone, vision = MODELS[model]
     return load_config("paper/clip_t5_single_adapter", [
         f"model.backbone={backbone}", f"model.vision={vision}", f"data.feature_cache=data/clip_features/{vision}",
-        f"train.micro_batch_size={GLOBAL_BATCH // 8}", "train.gradient_accumulation_steps=1"])
+        f"train.micro_batch_size={GLOBAL_BATCH // 8}", f"train.global_batch_size={GLOBAL_BATCH}",
+        "train.gradient_accumulation_steps=null"])
 
 
 def recommend(model: str, hardware: str) -> dict:
@@ -104,6 +105,9 @@ def recommend(model: str, hardware: str) -> dict:
     for item in best.overrides():
         key, value = item.split("=", 1)
         train[key.split(".", 1)[1]] = json.loads(value) if value not in ("bf16", "fp32", "fp16") else value
+    # the preset keeps the global batch on any number of GPUs: the run derives the accumulation from it
+    del train["gradient_accumulation_steps"]
+    train["global_batch_size"] = GLOBAL_BATCH
     return {"deepspeed": DS_FILES[ds_file], "train": train, "predicted_peak_bytes": int(best.peak),
             "samples_per_s": best.samples_per_s, "label": best.label(), "budget": budget, "world_size": world}
 
@@ -138,8 +142,7 @@ def preset_text(model: str, hardware: str, rec: dict) -> str:
         lines += ["model:", f"  backbone: {backbone}", f"  vision: {vision}", "data:",
                   f"  feature_cache: data/clip_features/{vision}"]
     lines.append("train:")
-    for key in ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
-                "precision"):
+    for key in ("zero_stage", "micro_batch_size", "global_batch_size", "gradient_checkpointing", "precision"):
         value = t[key]
         lines.append(f"  {key}: {str(value).lower() if isinstance(value, bool) else value}")
     lines.append(f"  deepspeed: {rec['deepspeed']}  # when --deepspeed is not given")
@@ -187,7 +190,8 @@ def bench_config(args):
                  "data.source=synthetic", "data.root=null", "data.feature_cache=null",
                  f"data.tasks=[{args.tasks}]", "data.synthetic_train=64", "data.synthetic_eval=8",
                  f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-                 "train.gradient_accumulation_steps=1", f"train.precision={args.precision}",
+                 "train.gradient_accumulation_steps=1", "train.global_batch_size=null",
+                 f"train.precision={args.precision}",
                  "train.gradient_checkpointing=false", "train.zero_stage=3", "train.warmup_ratio=0",
                  f"train.lr={args.lr}", "train.eval_every=0", f"output_dir={args.workdir}"]
     if args.load:

@@ -177,7 +177,13 @@ def profile(args, json_out=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from vlscale.engine.deepspeed_config import load_ds_file, resolve_ds_file
+    from vlscale.engine.deepspeed_config import load_ds_file, resolve_batch, resolve_ds_file
+
+    try:  # train.global_batch_size: the accumulation on --world-size ranks, as the run derives it
+        cfg = resolve_batch(cfg, args.world_size)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
                                             resolve_ds_config)
 

@@ -74,8 +74,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
             load_ds_file(resolve_ds_file(ds_file))[0])
     except Exception:
         stage = None
+    from vlscale.config import ConfigError
+
     if resume:  # another run's settings (another preset) are the headline, before the global batch they change
-        from vlscale.config import ConfigError
         from vlscale.engine.trainer import check_settings_early
 
         try:
@@ -88,8 +89,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
             return (f"RANK={os.environ.get('RANK')} is set but WORLD_SIZE is not: a launcher (deepspeed, torchrun) "
                     f"sets both; unset RANK to train as one process")
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
-    except CheckpointError as e:
-        return f"CheckpointError: {e}"
+    except (CheckpointError, ConfigError) as e:  # ConfigError: a train.global_batch_size the ranks do not divide
+        return f"{type(e).__name__}: {e}"
     if resume and stop_after_steps is not None:
         from vlscale.engine.checkpoint import latest_tag, step_number
 
@@ -182,7 +183,9 @@ def main(argv=None) -> int:
         if dist.is_main:
             print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "
                   f"{dist.backend}) | ZeRO-{trainer.zero_stage(ds_config)} | {cfg.train.precision} | global batch "
-                  f"{ds_config['train_batch_size']} | {cfg.train.max_steps} steps | peft={cfg.peft.method}/"
+                  f"{ds_config['train_batch_size']} (micro-batch {ds_config['train_micro_batch_size_per_gpu']} x "
+                  f"{dist.world_size} x accumulation {ds_config['gradient_accumulation_steps']}) | "
+                  f"{cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
             note = single_process_note(ds_config, dist.world_size)
             if note:

@@ -442,7 +442,14 @@ class TrainConfig:
 
     max_steps: int = 300
     micro_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
+    """Examples per rank per micro-batch."""
+    gradient_accumulation_steps: Optional[int] = None
+    """Micro-batches per optimizer step. ``None``: 1, or with ``global_batch_size`` derived from it at start-up."""
+    global_batch_size: Optional[int] = None
+    """Examples per optimizer step over all ranks, kept on any number of ranks: the run derives
+    ``gradient_accumulation_steps = global_batch_size / (micro_batch_size x world_size)`` at start-up
+    (``vlscale.engine.deepspeed_config.resolve_batch``; a remainder is an error). ``None``: the global batch
+    is ``micro_batch_size x world_size x gradient_accumulation_steps``. Both set: they must agree."""
     lr: Optional[float] = None
     """``None``: the method's default (1e-3 for PEFT methods, 1e-4 for full fine-tuning)."""
     peft_lr: Optional[float] = None
@@ -494,6 +501,9 @@ class TrainConfig:
         _check_positive("train", "max_steps", self.max_steps)
         _check_positive("train", "micro_batch_size", self.micro_batch_size)
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check_positive("train", "global_batch_size", self.global_batch_size)
+        if self.gradient_accumulation_steps is None and self.global_batch_size is None:
+            self.gradient_accumulation_steps = 1
         _check_positive("train", "lr", self.lr)
         _check_positive("train", "peft_lr", self.peft_lr)
         _check_positive("train", "eval_batch_size", self.eval_batch_size)

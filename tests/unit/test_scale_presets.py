@@ -50,7 +50,7 @@ def test_preset_loads_with_a_deepspeed_file_that_builds(model, hardware):
     assert cfg.model.pretrained and cfg.model.feature_source == "cache"
     budget, world = scale.HARDWARE[hardware]
     t = cfg.train
-    assert t.micro_batch_size * world * t.gradient_accumulation_steps == scale.GLOBAL_BATCH
+    assert t.global_batch_size == scale.GLOBAL_BATCH and t.gradient_accumulation_steps is None  # derived at start-up
     ds_file = _deepspeed_file(cfg)
     assert ds_file in scale.DS_FILES.values() and (ROOT / ds_file).is_file()
     ds = build_deepspeed_config(ROOT / ds_file, cfg, world, device_type="cuda")

@@ -181,6 +181,9 @@ class TrainLoader:
     def __init__(self, cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        from vlscale.engine.deepspeed_config import global_batch_size, resolve_batch
+
+        cfg = resolve_batch(cfg, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.micro = cfg.train.micro_batch_size
         self.accum = cfg.train.gradient_accumulation_steps
@@ -197,7 +200,7 @@ class TrainLoader:
             _warn_unlabeled_vqa(self.examples["vqa"])
         self.collator = Collator(tokenizer, cfg, vision_transform)
         self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
-                                        self.micro * world_size * self.accum, seed=cfg.train.seed,
+                                        global_batch_size(cfg, world_size), seed=cfg.train.seed,
                                         sampling=cfg.data.sampling, temperature=cfg.data.temperature)
         self.step = 0  # optimizer steps fully consumed
         self._micro_index = 0  # micro-batches of the current step already handed out

@@ -653,6 +653,7 @@ def predict_zero3_comm(cfg, ds_config: dict, world_size: int, *, vocab_size: Opt
     ``train.gradient_accumulation_steps`` micro-batches, the precision's parameter bytes and the
     gradient communication dtype.
     """
+    from vlscale.engine.deepspeed_config import resolve_batch
     from vlscale.modeling.vl_model import build_model
     from vlscale.profiling.analytic import default_vocab_size
     from vlscale.profiling.measure import synthetic_batch
@@ -677,7 +678,7 @@ def predict_zero3_comm(cfg, ds_config: dict, world_size: int, *, vocab_size: Opt
     b = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.train.precision]
     prediction = zero3_comm_accounting(trace, trace.info, world_size, param_bytes=b,
                                        grad_bytes=communication_dtype_bytes(ds_config, cfg.train.precision),
-                                       micro_batches=cfg.train.gradient_accumulation_steps,
+                                       micro_batches=resolve_batch(cfg, world_size).train.gradient_accumulation_steps,
                                        param_persistence_threshold=z["param_persistence_threshold"],
                                        model_persistence_threshold=z["model_persistence_threshold"],
                                        max_reuse_distance=z["max_reuse_distance"])

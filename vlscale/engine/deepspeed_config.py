@@ -6,6 +6,7 @@ the run config owns is written as ``"auto"`` in the files and filled in here, so
 twice::
 
     train_batch_size = train.micro_batch_size x world_size x train.gradient_accumulation_steps
+                       (the accumulation derived from train.global_batch_size where that is set: resolve_batch)
     fp16 / bf16      = train.precision   (fp16: dynamic loss scaling)
     gradient_clipping = train.clip_grad_norm
     optimizer        = AdamW(lr=cfg.lr, betas, eps, weight_decay)   (the schedule is the trainer's)
@@ -35,6 +36,7 @@ So is an ``aio`` key DeepSpeed does not read (``thread_count``, now ``intra_op_p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +44,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from vlscale.config import RunConfig, did_you_mean
+from vlscale.config import ConfigError, RunConfig, did_you_mean
 
 AUTO = "auto"
 CPU_FP16_ENV = "VLSCALE_CPU_FP16"
@@ -343,9 +345,43 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def global_batch_size(cfg, world_size: int) -> int:
-    """The batch arithmetic, in one place: train.micro_batch_size x world_size x accumulation steps."""
-    return cfg.train.micro_batch_size * world_size * cfg.train.gradient_accumulation_steps
+def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
+    """``cfg`` with a concrete ``train.gradient_accumulation_steps`` for ``world_size`` ranks: with
+    ``train.global_batch_size`` set, ``global / (train.micro_batch_size x world_size)``, so a preset keeps its
+    global batch (and with it the meaning of max_steps and the learning-rate schedule) on any number of GPUs.
+    A remainder is a :class:`ConfigError` naming the micro-batch sizes that divide it; an accumulation given
+    as well must be that one. ``cfg`` itself when there is nothing to derive (idempotent)."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return cfg
+    glob, micro = t.global_batch_size, t.micro_batch_size
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    if glob % (micro * world_size):
+        if glob % world_size:
+            fits = (f"no micro-batch size does ({glob} is not a multiple of {world_size}); set train.global_batch_size "
+                    f"to a multiple of {world_size} (e.g. {glob - glob % world_size or world_size} or "
+                    f"{glob - glob % world_size + world_size}), or train on a number of ranks that divides {glob}")
+        else:
+            per_rank = glob // world_size
+            sizes = [m for m in range(min(micro, per_rank), 0, -1) if per_rank % m == 0][:6]
+            fits = f"micro-batch sizes that divide it on {ranks}: train.micro_batch_size={', '.join(map(str, sizes))}"
+        raise ConfigError(f"train.global_batch_size={glob} is not a multiple of train.micro_batch_size={micro} x "
+                          f"world_size={world_size} (= {micro * world_size}); {fits}")
+    accum = glob // (micro * world_size)
+    if t.gradient_accumulation_steps is None:
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, gradient_accumulation_steps=accum))
+    if t.gradient_accumulation_steps != accum:
+        raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} conflicts with "
+                          f"train.global_batch_size={glob}: on {ranks} at train.micro_batch_size={micro} the global "
+                          f"batch needs accumulation {accum}; set one of the two (the other null)")
+    return cfg
+
+
+def global_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """The batch arithmetic, in one place: train.micro_batch_size x world_size x accumulation steps (the
+    accumulation :func:`resolve_batch` derives from train.global_batch_size, where that is set)."""
+    t = resolve_batch(cfg, world_size).train
+    return t.micro_batch_size * world_size * t.gradient_accumulation_steps
 
 
 def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig, world_size: int,
@@ -361,6 +397,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
         raise DeepSpeedConfigError(f"world_size={world_size!r} must be a positive integer")
     ds, source = load_ds_file(ds_file_or_dict, source)
     r = _Resolver(ds, source)
+    cfg = resolve_batch(cfg, world_size)
     t = cfg.train
     device_type = device_type or default_device_type()
 

@@ -50,7 +50,7 @@ from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from
                             save_config)
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
-from vlscale.engine.deepspeed_config import check_nvme_support, zero_stage
+from vlscale.engine.deepspeed_config import check_nvme_support, resolve_batch, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
@@ -63,12 +63,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 # Keys that may change between a run and its resumption. Where the frozen weights load from may (the
 # same files moved, another cache): the resume compares what it builds with the checkpoint's fingerprint.
-# The micro-batch and accumulation may, as long as ranks x micro-batch x accumulation (the global batch,
-# and with it the data order) stays the checkpoint's: checkpoint.check_output_dir checks.
+# The micro-batch, accumulation and train.global_batch_size may, as long as ranks x micro-batch x accumulation (the
+# global batch, and with it the data order) stays the checkpoint's: checkpoint.check_output_dir checks.
 RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every", "train.test_eval",
                      "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
                      "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained",
-                     "train.micro_batch_size", "train.gradient_accumulation_steps")
+                     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -418,6 +418,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from vlscale.data import build_tokenizer, build_train_loader
 
     check_something_trains(cfg)
+    cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (run_config.yaml too)
     out = Path(cfg.output_dir)
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
@@ -876,6 +877,9 @@ def run_summary(run: Run, completed: bool = True) -> dict:
                "total_params_without_frozen_vision": counts["total_without_vision"],
                "updated_pct": round(counts["updated_pct"], 4),
                "global_batch": run.global_batch, "steps": run.step, "completed": completed,
+               # what the engine runs (the accumulation derived from train.global_batch_size where that is set)
+               "micro_batch_size": int(run.engine.train_micro_batch_size_per_gpu()),
+               "gradient_accumulation_steps": int(run.engine.gradient_accumulation_steps()),
                "skipped_steps": int(run.engine.skipped_steps),
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
                "step_time_steps": len(run.step_times),  # the steps that median is of (at this world_size)

@@ -1292,6 +1292,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         raise ValueError(f"loss_mode={loss_mode!r}: use 'trainer' or 'model'")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
+    from vlscale.engine.deepspeed_config import resolve_batch
+
+    cfg = resolve_batch(cfg, world_size)  # the accumulation train.global_batch_size gives on world_size ranks
     if ds_config is None:
         ds_config = resolve_ds_config(cfg, world_size, None, device_type=device)
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)

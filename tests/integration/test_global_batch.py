@@ -1,0 +1,21 @@
+"""A run with train.global_batch_size: the DeepSpeed engine gets the accumulation derived at start-up, the
+run's files record it, and it trains as the same global batch given as micro-batch x accumulation does."""
+
+from vlscale.config import load_config
+
+
+def test_a_global_batch_trains_with_the_derived_accumulation(tmp_path, h):
+    common = h.TINY + ["train.zero_stage=0", "train.max_steps=2", "train.eval_every=0"]
+    out, reference = tmp_path / "global", tmp_path / "micro4"
+    proc = h.launch(common + ["train.gradient_accumulation_steps=null", "train.global_batch_size=4",
+                              "train.micro_batch_size=2", f"output_dir={out}"])
+    assert "global batch 4 (micro-batch 2 x 1 x accumulation 2)" in proc.stdout
+    summary = h.read_json(out / "run_summary.json")  # the engine's own figures
+    assert (summary["global_batch"], summary["micro_batch_size"], summary["gradient_accumulation_steps"]) == (4, 2, 2)
+    saved = load_config(str(out / "run_config.yaml")).train
+    assert (saved.global_batch_size, saved.micro_batch_size, saved.gradient_accumulation_steps) == (4, 2, 2)
+    h.launch(common + ["train.micro_batch_size=4", f"output_dir={reference}"])  # the same examples in one micro-batch
+    assert h.read_json(reference / "run_summary.json")["gradient_accumulation_steps"] == 1
+    for a, b in zip(h.read_log(reference), h.read_log(out), strict=True):
+        assert (b["step"], b["task"]) == (a["step"], a["task"])
+        assert abs(b["loss"] - a["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)

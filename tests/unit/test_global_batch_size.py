@@ -1,0 +1,135 @@
+"""train.global_batch_size: the run derives the accumulation on any number of ranks
+(vlscale.engine.deepspeed_config.resolve_batch), so a preset keeps its global batch on the GPUs there are."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlscale.config import ConfigError, load_config
+from vlscale.engine.deepspeed_config import build_deepspeed_config, global_batch_size, resolve_batch
+
+ROOT = Path(__file__).resolve().parents[2]
+ZERO2 = ROOT / "ds_configs" / "zero2.json"
+TINY = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false",
+        "model.vision_pretrained=null", "data.tasks=[vqa,gqa]", "data.synthetic_train=16", "data.synthetic_eval=4"]
+
+
+def test_config_validation():
+    assert load_config("tiny", TINY).train.gradient_accumulation_steps == 1  # neither set: today's behaviour
+    assert load_config("tiny", TINY).train.global_batch_size is None
+    glob = load_config("tiny", TINY + ["train.global_batch_size=32"]).train
+    assert (glob.global_batch_size, glob.gradient_accumulation_steps) == (32, None)  # derived at start-up
+    for bad, why in (("0", "must be > 0"), ("-8", "must be > 0"), ("1.5", "must be an integer")):
+        with pytest.raises(ConfigError, match=rf"train\.global_batch_size={bad}.*{why}"):
+            load_config("tiny", TINY + [f"train.global_batch_size={bad}"])
+
+
+@pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (8, 1)])
+def test_the_accumulation_is_derived_for_the_world_size(world, accum):
+    cfg = load_config("tiny", TINY + ["train.global_batch_size=32", "train.micro_batch_size=4"])
+    resolved = resolve_batch(cfg, world)
+    assert resolved.train.gradient_accumulation_steps == accum
+    assert cfg.train.gradient_accumulation_steps is None  # the config loaded is left as it is
+    assert resolve_batch(resolved, world) is resolved  # idempotent
+    assert global_batch_size(cfg, world) == 32
+    ds = build_deepspeed_config(ZERO2, cfg, world, device_type="cpu")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
+        (4, accum, 32)
+
+
+def test_a_global_batch_the_ranks_do_not_divide_is_one_line_naming_the_values_and_micro_batches_that_fit():
+    cfg = load_config("tiny", TINY + ["train.global_batch_size=48", "train.micro_batch_size=16"])
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(cfg, 2)  # 48 / (16 x 2) = 1.5
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("train.global_batch_size=48 is not a multiple of train.micro_batch_size=16 x world_size=2 (= 32); "
+            "micro-batch sizes that divide it on 2 ranks: train.micro_batch_size=12, 8, 6, 4, 3, 2") in msg
+    assert resolve_batch(load_config("tiny", TINY + ["train.global_batch_size=48", "train.micro_batch_size=8"]),
+                         2).train.gradient_accumulation_steps == 3  # one it names
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size=500 is not a multiple of train\.micro_batch_size"
+                                          r"=500 x world_size=8 .*no micro-batch size does \(500 is not a multiple of "
+                                          r"8\); set train\.global_batch_size to a multiple of 8 \(e\.g\. 496 or 504\)"):
+        resolve_batch(load_config("tiny", TINY + ["train.global_batch_size=500", "train.micro_batch_size=500"]), 8)
+    with pytest.raises(ConfigError, match="train.global_batch_size=48"):  # what the DeepSpeed config build says too
+        build_deepspeed_config(ZERO2, cfg, 2, device_type="cpu")
+
+
+def test_an_explicit_accumulation_must_agree_with_the_global_batch():
+    both = TINY + ["train.global_batch_size=32", "train.micro_batch_size=4", "train.gradient_accumulation_steps=4"]
+    assert resolve_batch(load_config("tiny", both), 2).train.gradient_accumulation_steps == 4  # they agree on 2 ranks
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(load_config("tiny", both), 1)
+    msg = str(e.value)
+    assert "train.gradient_accumulation_steps=4 conflicts with train.global_batch_size=32" in msg
+    assert "needs accumulation 8" in msg and "set one of the two (the other null)" in msg
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_a_scale_preset_keeps_its_global_batch_with_a_users_micro_batch(world):
+    """The presets were written for 8 GPUs: on fewer the global batch (and with it max_steps' epochs and the
+    learning-rate schedule) shrank with the ranks; now the accumulation makes it up, also with another
+    micro-batch given on the command line."""
+    name = "scale/clip_t5_large_single_adapter"
+    for overrides, micro in (([], 64), (["train.micro_batch_size=16"], 16)):
+        cfg = load_config(name, overrides)
+        ds = build_deepspeed_config(ROOT / cfg.train.deepspeed, cfg, world, device_type="cuda")
+        assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == micro
+        assert ds["gradient_accumulation_steps"] == 512 // (micro * world)
+
+
+def test_the_planner_and_profile_memory_see_the_derived_accumulation(launcher, capsys):
+    import json
+
+    from vlscale.profiling.analytic import estimate_memory
+    from vlscale.profiling.planner import plan
+
+    cfg = load_config("tiny", TINY + ["train.global_batch_size=32", "train.micro_batch_size=4", "train.zero_stage=2"])
+    one = estimate_memory(cfg, 1, device="cpu")  # accumulation 8: the held gradients are counted
+    eight = estimate_memory(cfg, 8, device="cpu")  # accumulation 1
+    assert one.components["peak"] > eight.components["peak"] - 1  # (no TypeError on the unresolved config)
+    options = plan(cfg, "1GiB", 2, stages=(2,), offloads=("none",), checkpointing=(False,), precisions=("fp32",))
+    assert {o.micro_batch_size * 2 * o.accumulation for o in options} == {32}
+    assert launcher("profile_memory").main(["--config", "tiny", *TINY, "train.global_batch_size=32",
+                                            "train.micro_batch_size=4", "--world-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["world_size"] == 2
+    assert launcher("profile_memory").main(["--config", "tiny", *TINY, "train.global_batch_size=30",
+                                            "train.micro_batch_size=4", "--world-size", "2"]) == 2
+    assert "error: train.global_batch_size=30 is not a multiple of" in capsys.readouterr().err
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_global_batch(tmp_path, monkeypatch):
+    """A checkpoint of 2 ranks x micro-batch 2 x accumulation 2 (global batch 8): resumed on one rank with
+    train.global_batch_size=8 it continues (accumulation 4); without, it is refused, and the hint names
+    train.global_batch_size. A global batch the ranks do not divide is the launcher's one-line refusal."""
+    import json
+
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import _check_resumable
+
+    folder = tmp_path / "checkpoints" / "step4"
+    folder.mkdir(parents=True)
+    for r in range(2):
+        state = {"step": 4, "loader": {"step": 4, "micro_index": 0, "world_size": 2, "accum": 2,
+                                       "sampler": {"global_batch_size": 8, "position": 4}}}
+        (folder / f"client_state_rank{r}.json").write_text(json.dumps(state))
+    (tmp_path / "checkpoints" / "latest").write_text("step4")
+    common = TINY + [f"output_dir={tmp_path}", "train.micro_batch_size=2"]
+    cfg = load_config("tiny", common + ["train.global_batch_size=8"])
+    assert ckpt.check_output_dir(tmp_path, True, 1, global_batch_size(cfg, 1)) == "step4"
+    _check_resumable(resolve_batch(cfg, 2), resolve_batch(cfg, 1), tmp_path)  # saved vs resumed: accepted
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_output_dir(tmp_path, True, 1, global_batch_size(load_config("tiny", common), 1))
+    assert "this run has 1 rank and a global batch of 2" in str(e.value)
+    assert "train.global_batch_size=8 derives the accumulation on any number of ranks" in str(e.value)
+
+    sys.path.insert(0, str(ROOT / "launchers"))
+    import train
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fresh = load_config("tiny", TINY + [f"output_dir={tmp_path / 'new'}", "train.micro_batch_size=2",
+                                        "train.global_batch_size=7"])
+    assert train.refused_before_start(fresh, False, str(ZERO2)).startswith(
+        "ConfigError: train.global_batch_size=7 is not a multiple of train.micro_batch_size=2 x world_size=1")
