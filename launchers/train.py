@@ -173,13 +173,14 @@ def main(argv=None) -> int:
 
     dist = init_distributed()
     from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import build_deepspeed_config, resolve_ds_file, single_process_note
+    from vlscale.engine.deepspeed_config import (build_deepspeed_config, resolve_ds_file, single_process_note,
+                                                 stage_override_note)
 
     run = None
     try:
         cfg = cfg or load_config(args.config, args.overrides)
-        ds_config = build_deepspeed_config(resolve_ds_file(deepspeed_file(args, cfg)), cfg, dist.world_size,
-                                           device_type=dist.device_type)
+        ds_file = resolve_ds_file(deepspeed_file(args, cfg))
+        ds_config = build_deepspeed_config(ds_file, cfg, dist.world_size, device_type=dist.device_type)
         if dist.is_main:
             print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "
                   f"{dist.backend}) | ZeRO-{trainer.zero_stage(ds_config)} | {cfg.train.precision} | global batch "
@@ -187,9 +188,9 @@ def main(argv=None) -> int:
                   f"{dist.world_size} x accumulation {ds_config['gradient_accumulation_steps']}) | "
                   f"{cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
-            note = single_process_note(ds_config, dist.world_size)
-            if note:
-                print(f"vlscale: {note}", flush=True)
+            for note in (stage_override_note(ds_file, cfg), single_process_note(ds_config, dist.world_size)):
+                if note:
+                    print(f"vlscale: {note}", flush=True)
         run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)
         # --- train
         trainer.train(run, stop_after_steps=args.stop_after_steps)

@@ -10,6 +10,8 @@ def test_a_global_batch_trains_with_the_derived_accumulation(tmp_path, h):
     proc = h.launch(common + ["train.gradient_accumulation_steps=null", "train.global_batch_size=4",
                               "train.micro_batch_size=2", f"output_dir={out}"])
     assert "global batch 4 (micro-batch 2 x 1 x accumulation 2)" in proc.stdout
+    # the tiny runs take ds_configs/zero3.json: the start-up lines say the config's stage replaces the file's
+    assert "train.zero_stage=0 (from the config) overrides zero_optimization.stage=3 of" in proc.stdout
     summary = h.read_json(out / "run_summary.json")  # the engine's own figures
     assert (summary["global_batch"], summary["micro_batch_size"], summary["gradient_accumulation_steps"]) == (4, 2, 2)
     saved = load_config(str(out / "run_config.yaml")).train

@@ -133,3 +133,14 @@ def test_a_resume_on_another_number_of_ranks_keeps_the_global_batch(tmp_path, mo
                                         "train.global_batch_size=7"])
     assert train.refused_before_start(fresh, False, str(ZERO2)).startswith(
         "ConfigError: train.global_batch_size=7 is not a multiple of train.micro_batch_size=2 x world_size=1")
+
+
+def test_a_presets_zero_stage_over_the_files_is_said():
+    from vlscale.engine.deepspeed_config import stage_override_note
+
+    cfg = load_config("scale/clip_t5_11b_single_adapter_8x24gb")  # zero_stage: 3
+    note = stage_override_note(ZERO2, cfg)
+    assert "train.zero_stage=3 (from the config) overrides zero_optimization.stage=2 of" in note
+    assert "zero2.json: the run trains at ZeRO-3" in note
+    assert stage_override_note(ROOT / "ds_configs" / "zero3.json", cfg) is None
+    assert stage_override_note(ZERO2, load_config("tiny", TINY)) is None

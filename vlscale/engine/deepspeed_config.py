@@ -566,6 +566,20 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def stage_override_note(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig) -> Optional[str]:
+    """A note when ``train.zero_stage`` (a scale preset's, or an override) replaces the stage written in the
+    DeepSpeed file (:func:`build_deepspeed_config` takes it as an explicit override, not a conflict):
+    ``--deepspeed ds_configs/zero2.json`` with a preset's ``zero_stage: 3`` trains ZeRO-3, and the start-up
+    line's ZeRO-3 alone did not say the file was overridden. None where the two agree or nothing overrides."""
+    ds, source = load_ds_file(ds_file_or_dict)
+    file_stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if cfg.train.zero_stage is None or cfg.train.zero_stage == file_stage:
+        return None
+    return (f"note: train.zero_stage={cfg.train.zero_stage} (from the config) overrides zero_optimization.stage="
+            f"{file_stage!r} of {source}: the run trains at ZeRO-{cfg.train.zero_stage} (train.zero_stage=null keeps "
+            f"the file's stage)")
+
+
 def single_process_note(ds_config: dict, world_size: int) -> Optional[str]:
     """A note for ZeRO-3 on one process without offload: nothing is partitioned, yet every module's
     gather/release hooks still run (measured on the default preset: 0.43 s a step against 0.115 s at
