@@ -180,7 +180,9 @@ def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, z
         ds.pop(key, None)
     if isinstance(ds.get("zero_optimization"), dict):
         ds["zero_optimization"].pop("offload_optimizer", None)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=zero_stage_override))
+    # no batch arithmetic either: a global batch the training ranks divided need not divide these
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=zero_stage_override,
+                                                             global_batch_size=None, gradient_accumulation_steps=1))
     ds = build_deepspeed_config(ds, cfg, world_size, device_type=device_type, source=source)
     ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
     check_nvme_support(ds)

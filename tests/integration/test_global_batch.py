@@ -1,7 +1,10 @@
 """A run with train.global_batch_size: the DeepSpeed engine gets the accumulation derived at start-up, the
 run's files record it, and it trains as the same global batch given as micro-batch x accumulation does."""
 
+import json
+
 from vlscale.config import load_config
+from vlscale.engine.deepspeed_config import resolve_batch
 
 
 def test_a_global_batch_trains_with_the_derived_accumulation(tmp_path, h):
@@ -14,8 +17,12 @@ def test_a_global_batch_trains_with_the_derived_accumulation(tmp_path, h):
     assert "train.zero_stage=0 (from the config) overrides zero_optimization.stage=3 of" in proc.stdout
     summary = h.read_json(out / "run_summary.json")  # the engine's own figures
     assert (summary["global_batch"], summary["micro_batch_size"], summary["gradient_accumulation_steps"]) == (4, 2, 2)
-    saved = load_config(str(out / "run_config.yaml")).train
-    assert (saved.global_batch_size, saved.micro_batch_size, saved.gradient_accumulation_steps) == (4, 2, 2)
+    saved = load_config(str(out / "run_config.yaml"))  # the batch as given: it derives again on other ranks
+    assert (saved.train.global_batch_size, saved.train.micro_batch_size, saved.train.gradient_accumulation_steps) \
+        == (4, 2, None)
+    assert resolve_batch(saved, 2).train.gradient_accumulation_steps == 1
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())["run_config"]["train"]
+    assert (adapter["global_batch_size"], adapter["gradient_accumulation_steps"]) == (4, None)
     h.launch(common + ["train.micro_batch_size=4", f"output_dir={reference}"])  # the same examples in one micro-batch
     assert h.read_json(reference / "run_summary.json")["gradient_accumulation_steps"] == 1
     for a, b in zip(h.read_log(reference), h.read_log(out), strict=True):

@@ -144,3 +144,11 @@ def test_a_presets_zero_stage_over_the_files_is_said():
     assert "zero2.json: the run trains at ZeRO-3" in note
     assert stage_override_note(ROOT / "ds_configs" / "zero3.json", cfg) is None
     assert stage_override_note(ZERO2, load_config("tiny", TINY)) is None
+
+
+def test_evaluation_on_other_ranks_does_no_batch_arithmetic(launcher):
+    """A run of global batch 32 (micro-batch 4) saved its settings; evaluate.py's DeepSpeed config on 3 ranks
+    (which do not divide 32) builds: evaluation takes no optimizer step, so the global batch is not its business."""
+    cfg = resolve_batch(load_config("tiny", TINY + ["train.global_batch_size=32", "train.micro_batch_size=4"]), 2)
+    ds = launcher("evaluate").evaluation_ds_config(str(ZERO2), cfg, 3, "cpu")
+    assert ds["zero_optimization"]["stage"] == 2

@@ -216,6 +216,7 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
 
 def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size,
                    extra) -> None:
+    from vlscale.engine.deepspeed_config import batch_as_given
     from vlscale.files import save_safetensors
 
     clash = sorted(set(state) & set(buffers))
@@ -225,7 +226,7 @@ def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg
     save_safetensors({**state, **buffers}, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
     meta = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
-        "run_config": cfg.to_dict(),
+        "run_config": batch_as_given(cfg).to_dict(),
         "vocab_size": int(vocab_size if vocab_size is not None else len(tokenizer)),
         "tokenizer": tokenizer_info(tokenizer),
         "build_seed": cfg.train.seed,

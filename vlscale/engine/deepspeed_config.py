@@ -377,6 +377,16 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
     return cfg
 
 
+def batch_as_given(cfg: RunConfig) -> RunConfig:
+    """``cfg`` to be saved (run_config.yaml, checkpoints, adapter/): with ``train.global_batch_size`` set, the
+    accumulation :func:`resolve_batch` derived is left null again, so the saved settings derive it anew on
+    another number of ranks (a run's files from 8 GPUs evaluate, resume or train again on 4); the derived
+    value is in run_summary.json (``gradient_accumulation_steps``)."""
+    if cfg.train.global_batch_size is None or cfg.train.gradient_accumulation_steps is None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_accumulation_steps=None))
+
+
 def global_batch_size(cfg: RunConfig, world_size: int) -> int:
     """The batch arithmetic, in one place: train.micro_batch_size x world_size x accumulation steps (the
     accumulation :func:`resolve_batch` derives from train.global_batch_size, where that is set)."""

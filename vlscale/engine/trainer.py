@@ -50,7 +50,7 @@ from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from
                             save_config)
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
-from vlscale.engine.deepspeed_config import check_nvme_support, resolve_batch, zero_stage
+from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, resolve_batch, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum, barrier,
                                         broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
@@ -418,7 +418,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from vlscale.data import build_tokenizer, build_train_loader
 
     check_something_trains(cfg)
-    cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (run_config.yaml too)
+    cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (saved as given)
     out = Path(cfg.output_dir)
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
@@ -487,7 +487,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "run_config.yaml")
+        save_config(batch_as_given(cfg), out / "run_config.yaml")
         if resume:
             _truncate_logs(out, run.step)
         else:
@@ -840,7 +840,7 @@ def save_training_state(run: Run) -> None:
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen, "task_groups": run.task_steps is not None}
     if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
-        state["run_config"] = run.cfg.to_dict()
+        state["run_config"] = batch_as_given(run.cfg).to_dict()
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
                       extra={"step": run.step, "frozen": run.frozen})  # evaluate.py checks moved weights by it
