@@ -349,6 +349,62 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_one(tmp_path, m
 
 
 
+def test_an_adapter_save_that_dies_between_its_renames_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    """save_adapter moves adapter/ to adapter.old, renames .tmp-adapter to adapter/, then removes adapter.old. An
+    error between the two renames was reported as "no earlier adapter/ exists" with adapter.old left behind; a
+    process killed there left no adapter/ at all: evaluate.py said the folder did not exist, and the next save
+    failing (a full disk) lost the previous adapter for good. Now the previous one is put back: at once on an
+    error, by the next save after a kill; a reader is told where it is and loads nothing stale."""
+    import errno
+
+    import safetensors.torch
+
+    from vlscale.config import load_config
+
+    model, cfg, adapter = torch.nn.Linear(2, 2), load_config("tiny"), tmp_path / "adapter"
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 2})
+    real_replace = os.replace
+
+    def second_rename_fails(error):
+        def replace(src, dst):
+            if Path(src).name == ".tmp-adapter" and (tmp_path / "adapter.old").exists():
+                raise error
+            return real_replace(src, dst)
+        return replace
+
+    monkeypatch.setattr(ckpt.os, "replace", second_rename_fails(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(ckpt.CheckpointError, match="the previous adapter/ is intact"):
+        ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert ckpt.read_adapter_config(adapter)["step"] == 2
+
+    # killed between the renames (no handler runs): adapter.old and the new .tmp-adapter, no adapter/
+    monkeypatch.setattr(ckpt.os, "replace", second_rename_fails(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 4})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-adapter", "adapter.old"]
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{adapter} does not exist, but adapter\.old does: a save that "
+                                                   r"replaced it was interrupted \(adapter\.old holds the previous "
+                                                   r"adapter, of step 2; .*Rename .*adapter\.old to .*adapter to use"):
+        ckpt.read_adapter_config(adapter)
+
+    # the next save puts the previous one back before writing: a save that fails keeps it ...
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError, match="the previous adapter/ is intact"):
+        ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 6})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert ckpt.read_adapter_config(adapter)["step"] == 2
+    # ... and one that succeeds replaces it, leaving nothing beside it
+    monkeypatch.undo()
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 6})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert ckpt.read_adapter_config(adapter)["step"] == 6
+
+
 def test_an_eval_report_of_a_task_subset_keeps_the_other_tasks(tmp_path):
     """evaluate.py --tasks vqa into the eval_test/ that train.test_eval wrote kept only vqa's scores
     (the others' predictions stayed, their scores were gone); now the same adapter, split and step merge,

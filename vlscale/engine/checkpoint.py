@@ -8,7 +8,9 @@ statistics of a CLIP ResNet trained with ``peft.train_vision``; rank 0's), as
 ``adapter_model.safetensors``, plus ``adapter_config.json`` with the whole RunConfig, the vocabulary
 size, the tokenizer's identity and every tensor's name and shape (``parameters``; ``buffers`` since
 format_version 2, not counted in ``trainable_params``): all that :func:`load_adapter` needs on a
-freshly built model.
+freshly built model. It is written to ``.tmp-adapter/`` and renamed into place, the adapter it replaces moved
+to ``adapter.old`` meanwhile; a save that died between those renames leaves ``adapter.old`` alone, which the next
+save puts back before it writes and :func:`read_adapter_config` names (it loads nothing stale).
 
 ``output_dir/checkpoints/``: DeepSpeed's own checkpoint (trainable parameters, ZeRO-partitioned
 optimizer, LR scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step,
@@ -177,9 +179,27 @@ def tokenizer_info(tokenizer) -> dict:
             "eos_token_id": tokenizer.eos_token_id, "bos_token_id": getattr(tokenizer, "bos_token_id", None)}
 
 
+def _replaced(final: Path) -> Path:
+    """Where :func:`_replace_dir` keeps the folder it replaces until the new one is in place."""
+    return final.with_name(final.name + ".old")
+
+
+def _restore_replaced(final: Path) -> None:
+    """Finish what a :func:`_replace_dir` into ``final`` that died between its two renames left: the replaced folder
+    at ``final.old`` beside the new ``final`` is removed; ``final.old`` alone (``final`` gone) is the last complete
+    one, renamed back to ``final``."""
+    old = _replaced(final)
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
+    """``tmp`` renamed to ``final``; a ``final`` there is moved to ``final.old`` first and removed after."""
     if final.exists():
-        old = final.with_name(final.name + ".old")
+        old = _replaced(final)
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
@@ -200,6 +220,7 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     writes = _Writes(tmp)
     if rank == 0:
         with writes:
+            _restore_replaced(adapter_dir)  # a save that died between its renames: the previous adapter/ back first
             if tmp.exists():
                 shutil.rmtree(tmp)
             _write_adapter(state, buffers, tmp, adapter_dir, cfg, tokenizer, vocab_size, extra)
@@ -207,6 +228,7 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
     if reason is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            _restore_replaced(adapter_dir)  # failed between the renames: the previous one back in place
         at = f" at step {extra['step']}" if extra and "step" in extra else ""
         kept = "the previous adapter/ is intact" if adapter_dir.is_dir() else "no earlier adapter/ exists"
         raise CheckpointError(f"the adapter{at} could not be written to {adapter_dir} ({reason}); {kept} and the "
@@ -241,10 +263,25 @@ def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg
     _replace_dir(tmp, adapter_dir)
 
 
+def _step_of(adapter_dir: Path):
+    """The step an adapter folder was saved at, as its config records it; "?" where it does not read."""
+    try:
+        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("step", "?")
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
 def read_adapter_config(adapter_dir) -> dict:
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
+        old = _replaced(adapter_dir)
+        if not adapter_dir.exists() and (old / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(
+                f"{adapter_dir} does not exist, but {old.name} does: a save that replaced it was interrupted "
+                f"({old.name} holds the previous adapter, of step {_step_of(old)}; the new one was in "
+                f".tmp-{adapter_dir.name}). Rename {old} to {adapter_dir} to use the previous one, or resume the "
+                f"run: its next save puts that back before writing")
         if not adapter_dir.exists():
             raise CheckpointError(f"{adapter_dir} does not exist (an adapter directory is a run's output_dir/adapter)")
         if (adapter_dir / "adapter" / ADAPTER_CONFIG).is_file():
