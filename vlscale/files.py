@@ -1,4 +1,9 @@
-"""Files written whole: a reader (another rank, a resumed run, a user's script) never sees half of one."""
+"""Files written whole: a reader (another rank, a resumed run, a user's script) never sees half of one.
+
+And durable: a file is flushed to disk (``fsync``) before it is renamed into place, and the folder after (the
+rename itself), so a power loss or a kernel crash right after a write leaves the old file or the whole new one,
+never a renamed but empty one (the page cache holds a rename and a file's bytes for seconds before writing them).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,36 @@ from pathlib import Path
 from typing import Optional
 
 
+def fsync_path(path) -> None:
+    """Flush ``path`` to disk: a file's bytes, or a folder's entries (the files made and renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder) -> None:
+    """:func:`fsync_path` of every file and folder under ``folder``, and of ``folder``: before it is renamed into
+    place, so what the new name points to is on disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
 def write_text_atomic(path, text: str) -> Path:
-    """``text`` into ``path`` (its folder made) through a temporary file beside it, renamed over it."""
+    """``text`` into ``path`` (its folder made) through a temporary file beside it, flushed to disk and renamed
+    over it (``os.replace``), then the folder flushed: a crash at any point leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
     return path
 
 

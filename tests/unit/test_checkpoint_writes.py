@@ -64,6 +64,49 @@ def test_a_save_that_dies_leaves_the_previous_checkpoint(tmp_path):
     assert (root / "step8" / "model_states.pt").read_bytes() == b"whole step8"
 
 
+def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
+    """``latest`` was written with write_text and renamed over the old one with no fsync, and the checkpoint's
+    files were renamed into place unflushed: after a power loss the page cache's rename could survive without the
+    bytes, leaving ``latest`` empty or naming a folder of empty files. Now every file is flushed before its rename
+    and the folder after it; a crash before ``latest``'s rename leaves the old ``latest``."""
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        if Path(dst).name == ckpt.LATEST:
+            raise KeyboardInterrupt  # the process dies before latest's rename
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(engine, tmp_path, 4, {"step": 4}, rank=0)
+    monkeypatch.undo()
+    assert ckpt.latest_tag(root) == "step2"
+    assert (root / "step4" / "model_states.pt").read_bytes() == b"whole step4"
+
+    def when(event):
+        assert event in events, f"{event} not in {events}"
+        return events.index(event)
+
+    moved = when(("replace", str(root / ".tmp-step4" / "step4"), str(root / "step4")))
+    for name in ("model_states.pt", "client_state_rank0.json"):
+        assert when(("fsync", str(root / ".tmp-step4" / "step4" / name))) < moved
+    pointer = next(e for e in events if e[0] == "replace" and e[2] == str(root / ckpt.LATEST))
+    assert Path(pointer[1]).read_text() == "step4"  # the new pointer, written beside latest
+    assert moved < when(("fsync", str(root))) < when(("fsync", pointer[1])) < events.index(pointer)
+
+    ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)  # the next save goes through
+    assert ckpt.latest_tag(root) == "step6"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step4", "step6"]
+
+
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
     """A resumed run that reaches a step it had saved before (Ctrl-C at step k, resumed, saved at k
     again on a later stop) replaces that folder as a whole."""

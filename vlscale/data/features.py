@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vlscale.data.real import DataError, DataFileNotFound
-from vlscale.files import save_safetensors, write_text_atomic
+from vlscale.files import fsync_path, save_safetensors, write_text_atomic
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
@@ -328,6 +328,7 @@ class FeatureWriter:
         name = f"shard_{self._next:05d}.safetensors"
         tmp = self.root / (name + ".tmp")
         save_safetensors(self._buffer, tmp)
+        fsync_path(tmp)  # on disk before the index, written durably next, names it
         os.replace(tmp, self.root / name)
         self._next += 1
         self.index.update({k: name for k in self._buffer})

@@ -15,8 +15,9 @@ save puts back before it writes and :func:`read_adapter_config` names (it loads 
 ``output_dir/checkpoints/``: DeepSpeed's own checkpoint (trainable parameters, ZeRO-partitioned
 optimizer, LR scheduler) under ``step<N>/``, plus per rank ``client_state_rank<R>.json`` (step,
 data-loader position, python/numpy/torch RNG states, a fingerprint of the frozen weights). A
-checkpoint is written to ``.tmp-step<N>/`` and renamed into place, then the ``latest`` file is
-replaced atomically, so a crash while saving leaves the previous checkpoint intact. Older
+checkpoint is written to ``.tmp-step<N>/``, flushed to disk and renamed into place, then the ``latest`` file is
+replaced atomically and durably (:func:`vlscale.files.write_text_atomic`), so a crash while saving, or a power
+loss after it, leaves the previous checkpoint intact and ``latest``, or the new one whole. Older
 checkpoints beyond the last ``keep`` are removed. A save that fails while writing (a full disk) removes
 its temporary folder and is a :class:`CheckpointError` naming the step, the reason and the folder, on
 every rank (with the rank that failed), whichever rank's write failed.
@@ -59,6 +60,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
+
+from vlscale.files import fsync_path, fsync_tree, save_safetensors, write_text_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -197,16 +200,18 @@ def _restore_replaced(final: Path) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """``tmp`` renamed to ``final``; a ``final`` there is moved to ``final.old`` first and removed after."""
-    if final.exists():
-        old = _replaced(final)
+    """``tmp`` renamed to ``final``; a ``final`` there is moved to ``final.old`` first and removed after. ``tmp``'s
+    files are flushed to disk first and the renames after (:func:`vlscale.files.fsync_tree`)."""
+    fsync_tree(tmp)
+    old, replacing = _replaced(final), final.exists()
+    if replacing:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        os.replace(tmp, final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    if replacing:
         shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab_size: Optional[int] = None,
@@ -239,7 +244,6 @@ def save_adapter(model: torch.nn.Module, adapter_dir, cfg, tokenizer=None, vocab
 def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg, tokenizer, vocab_size,
                    extra) -> None:
     from vlscale.engine.deepspeed_config import batch_as_given
-    from vlscale.files import save_safetensors
 
     clash = sorted(set(state) & set(buffers))
     if clash:
@@ -1138,7 +1142,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
             return
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+            (root / f"{LATEST}.tmp").unlink(missing_ok=True)
         kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
                 else "no earlier checkpoint exists")
         raise CheckpointError(f"the checkpoint at step {step} could not be written to {root} ({reason}); {kept}, "
@@ -1169,9 +1173,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
         with writes:
             _replace_dir(tmp / tag, root / tag)
             shutil.rmtree(tmp)
-            pointer = root / f".{LATEST}.tmp"
-            pointer.write_text(tag)
-            os.replace(pointer, root / LATEST)
+            write_text_atomic(root / LATEST, tag)
     check()
     if rank == 0:  # the last ``keep`` up to this step: later ones are of a line resumed from before them (latest
         # pointed back at an earlier step), not newer than this one, and were kept in place of the run's own

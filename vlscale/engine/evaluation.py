@@ -413,7 +413,7 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
             logger.warning(f"{path}: replaced the earlier report (adapter {old.get('adapter')}, split "
                            f"{old.get('split')}, step {old.get('step')}); its predictions of {stale}, which this "
                            f"evaluation did not make, were removed with it")
-    path.write_text(json.dumps(report, indent=1))
+    write_text_atomic(path, json.dumps(report, indent=1))
     return path
 
 

@@ -336,7 +336,7 @@ def _truncate_logs(out: Path, step: int) -> None:
     log = out / "train_log.jsonl"
     if log.exists():
         lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        log.write_text("".join(ln + "\n" for ln in lines))
+        write_text_atomic(log, "".join(ln + "\n" for ln in lines))
     metrics = out / "metrics.json"
     if metrics.exists():
         write_text_atomic(metrics, json.dumps([m for m in json.loads(metrics.read_text()) if m["step"] <= step], indent=1))
