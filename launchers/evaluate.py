@@ -17,8 +17,9 @@ files moved). The frozen weights built, moved or not, are checked against the fi
 the adapter, else its checkpoint), as ``--resume`` does: files replaced since training are refused, naming them.
 
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
-(scores, examples scored per task, and the data settings they come from: a report there of the same
-adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults to
+(scores, examples scored per task, and the settings they come from: the data, the precision, whether
+``--java-metrics`` scored the captions; a report there of the same adapter, split, step and settings keeps the
+tasks not evaluated now); ``DIR`` defaults to
 ``<adapter's parent>/eval_<split>``. Prints the per-task scores. A ``DIR`` holding a training run's output or
 ``--predict-only``'s (and, for ``--predict-only``, an evaluation's) is refused before anything is built: its files
 stay as they are (``output_clash``).
@@ -319,7 +320,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
             print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; "
                   f"{done['submission']}")
     elif rank == 0:
-        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores, settings=eval_settings(cfg.to_dict()))
+        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores,
+                          settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics))
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")
     return 0

@@ -75,6 +75,41 @@ def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path
         evaluate.main(["--adapter", str(adapter), "--java-metrics", "--no-progress"])
 
 
+def test_the_report_records_whether_java_scored_the_captions(tmp_path, launcher, monkeypatch):
+    """--java-metrics changes the caption scores (PTB tokenisation for BLEU-4 and ROUGE-L, METEOR added), and
+    eval_metrics.json did not say whether it was used: an evaluation with it and one without (``--tasks``) merged
+    into one report. The settings now hold ``java_metrics`` and the ``precision`` the model ran in."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import evaluation
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny")
+    tokenizer = build_tokenizer(cfg)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    evaluate = launcher("evaluate")
+    monkeypatch.setattr(evaluate, "java_metrics_problem", lambda: None)  # as on a machine with Java
+    asked = []
+
+    def scored(model, cfg, tokenizer, *, tasks, java_metrics, **kwargs):
+        asked.append(java_metrics)
+        return {task: {"score": 0.25 if java_metrics else 0.5} for task in tasks}
+    monkeypatch.setattr(evaluation, "evaluate", scored)
+    out = tmp_path / "out"
+
+    def report(*flags):
+        evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", *flags])
+        return json.loads((out / "eval_metrics.json").read_text())
+
+    with_java = report("--java-metrics")
+    assert asked == [True] and with_java["settings"]["java_metrics"] is True
+    assert with_java["settings"]["precision"] == "fp32"
+    assert with_java["tasks"]["vqa"] == {"score": 0.25}
+    without = report("--tasks", "caption")
+    assert asked == [True, False] and without["settings"]["java_metrics"] is False
+    assert without["tasks"] == {"caption": {"score": 0.5}}, "scored otherwise: replaced, not merged"
+
+
 def test_the_trainers_test_report_records_the_settings_it_evaluated_with(tmp_path, monkeypatch):
     """train.test_eval on a --resume of a finished run with another train.eval_max_examples (a change --resume
     accepts): adapter/ is not written again, and eval_test/eval_metrics.json recorded the adapter's settings
