@@ -108,6 +108,36 @@ def test_coco_karpathy_restval_merged_into_train_one_example_per_caption():
         load_coco_karpathy(ROOT / "coco" / "dataset_coco.json", "restval2")
 
 
+@pytest.mark.parametrize("task", ["caption", "tvc"])
+def test_captioning_train_split_is_scored_once_per_image_with_all_references(task):
+    """The caption tasks' train splits hold one example per reference caption; evaluate.py --split train scored
+    every image once per caption (an image of 5 captions weighed 5 times, and was generated 5 times). COCO
+    evaluation scores each image once against all its references, as our val and test splits do."""
+    from vlscale.data import eval_examples
+    from vlscale.engine.evaluation import score_records
+
+    cfg = make_cfg(tasks=[task])
+    if task == "tvc":
+        cfg.model.vision = "ViT-B-32"  # the fixture's frame features are 512-d
+    train = load_real_examples(cfg, task, "train")
+    images = {}
+    for e in train:
+        images.setdefault(tuple(e.image_ids), e)
+    assert len(images) < len(train)  # some image has several captions
+    evaluated, _ = eval_examples(cfg, task, "train")
+    assert len(evaluated) == len(images) and len({e.uid for e in evaluated}) == len(images)
+    for e in evaluated:
+        first = images[tuple(e.image_ids)]
+        assert e.uid == first.uid.rpartition("#")[0] and e.references == first.references
+        assert len(e.references) >= 1 and e.target == first.target
+    assert len(eval_examples(cfg, task, "train", max_examples=2)[0]) == 2  # max_examples counts images
+    # the val split is one per clip/image already: unchanged
+    assert [e.uid for e in eval_examples(cfg, task, "val")[0]] == [e.uid for e in load_real_examples(cfg, task, "val")]
+    # scored: each image's prediction once, against every reference of it
+    records = [{"uid": e.uid, "prediction": e.references[0], "references": e.references} for e in evaluated]
+    assert score_records(task, records)["cider"] > 0
+
+
 def test_video_qa_text_subtitles_within_ts_and_targets():
     ex = by_uid(load_real_examples(make_cfg(tasks=["tvqa"]), "tvqa", "train"))
     e = ex["1"]

@@ -271,13 +271,40 @@ def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, visio
     return TrainLoader(cfg, tokenizer, rank, world_size, vision_transform)
 
 
+def one_per_input(examples: list) -> list:
+    """A captioning split as COCO evaluation scores it: one example per image (or clip) with all its references.
+    The train splits of the caption tasks hold one example per reference caption (uid ``<id>#<k>``, the target
+    that caption, the references all of them), so scoring them counted each image once per caption; those are
+    merged into the first, with uid ``<id>`` (as val and test name an image). Other examples are kept as they are."""
+    import dataclasses
+
+    from vlscale.data.real import ExampleList
+
+    out, seen = [], set()
+    for e in examples:
+        base, sep, k = str(e.uid).rpartition("#")
+        if sep and k.isdigit():
+            if (base, tuple(e.image_ids), e.text) in seen:
+                continue
+            seen.add((base, tuple(e.image_ids), e.text))
+            e = dataclasses.replace(e, uid=base)
+        out.append(e)
+    if isinstance(examples, ExampleList):
+        out = ExampleList(out, source=examples.source)
+        out.merge_skips(examples)
+    return out
+
+
 def eval_examples(cfg, task: str, split: str, max_examples: Optional[int] = None,
                   require_answers: bool = True) -> tuple[list, object]:
     """The (first ``max_examples``) examples of ``task`` / ``split`` to evaluate and their visual source,
     checked: some examples, every visual id present (:func:`check_visual_ids`). The trainer calls it at
     start-up for the splits it will evaluate, so a bad file shows before training, not after.
-    ``require_answers``: see :func:`load_examples`."""
+    ``require_answers``: see :func:`load_examples`. A captioning task's examples are one per image
+    (:func:`one_per_input`), in any split, so ``max_examples`` counts images."""
     examples = load_examples(cfg, task, split, require_answers)
+    if get_task(task).metric == "cider":
+        examples = one_per_input(examples)
     if max_examples is not None:
         examples = examples[:max_examples]
     if not examples:
