@@ -174,14 +174,27 @@ def test_exact_match_accuracy_consistency():
     assert normalize_answer("  Yes. ") == "yes"
     preds = {"q1": "Yes.", "q2": "red car", "q3": "blue"}
     refs = {"q1": ["yes"], "q2": ["Red car"], "q3": ["green"]}
-    assert exact_match(preds, refs) == pytest.approx(2 / 3)
     assert accuracy(preds, refs) == pytest.approx(2 / 3)
+    assert exact_match(preds, refs) == 0.0  # GQA's: string for string (test_gqa_exact_match_compares_strings)
+    assert exact_match({"q1": "yes", "q2": "Red car", "q3": "blue"}, refs) == pytest.approx(2 / 3)
     groups = {"q1": "g1", "q2": "g1", "q3": "g2"}
     assert consistency(preds, refs, groups) == pytest.approx(0.5)  # g1 all right, g2 wrong
     with pytest.raises(KeyError, match="q9"):
         exact_match({"q9": "x"}, refs)
     with pytest.raises(KeyError, match="no group"):
         consistency(preds, refs, {"q1": "g1"})
+
+
+def test_gqa_exact_match_compares_strings_as_the_official_evaluation():
+    """GQA's eval.py counts ``predicted == gold`` and VL-T5 / VL-Adapter's GQAEvaluator ``ans in label`` on the
+    decoded text; ours lower-cased and stripped punctuation first, so "Yes", "yes." or "left side" scored
+    right against "yes" / "left-side" where the reference scores them wrong, and GQA numbers were not theirs."""
+    refs = {"1": ["yes"], "2": ["left-side"], "3": ["t-shirt"], "4": ["man"]}
+    assert score_task("gqa", {"1": "Yes", "2": "left side", "3": "t shirt", "4": "man."}, refs) == {"exact_match": 0.0}
+    assert score_task("gqa", {"1": "yes", "2": "left-side", "3": "t-shirt", "4": "men"}, refs) == \
+        {"exact_match": 0.75}
+    with pytest.raises(ValueError, match="no references to compare prediction '1' with"):
+        exact_match({"1": "yes"}, {"1": []})
 
 
 # ----------------------------------------------------------------------------- score_task
@@ -196,7 +209,7 @@ def _has_pycocoevalcap():
 
 TASK_CASES = {
     "vqa": ({"1": "Two", "2": "cat"}, {"1": ["2"] * 10, "2": ["dog"] * 10}, {"vqa_score": 0.5}),
-    "gqa": ({"1": "Yes", "2": "cup"}, {"1": ["yes"], "2": ["table"]}, {"exact_match": 0.5}),
+    "gqa": ({"1": "yes", "2": "cup"}, {"1": ["yes"], "2": ["table"]}, {"exact_match": 0.5}),
     "nlvr2": ({"1": "true", "2": "false", "3": "true"}, {"1": ["true"], "2": ["true"], "3": ["true"]},
               {"accuracy": 2 / 3, "consistency": 0.5}),
     "tvqa": ({"1": "a1", "2": "a3"}, {"1": ["a1"], "2": ["a0"]}, {"accuracy": 0.5}),

@@ -3,7 +3,7 @@
 | task | headline | others |
 |---|---|---|
 | vqa | ``vqa_score`` (official normalisation, 10-answer leave-one-out) | |
-| gqa | ``exact_match`` (normalised) | |
+| gqa | ``exact_match`` (the string as generated, as GQA's eval.py and VL-T5) | |
 | nlvr2 | ``accuracy`` | ``consistency`` when ``groups`` are given |
 | tvqa, how2qa | ``accuracy`` (choice index) | |
 | caption, tvc, yc2c | ``cider`` (CIDEr-D) | ``bleu4``, ``rouge_l``; ``meteor`` with ``java_metrics=True`` |

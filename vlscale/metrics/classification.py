@@ -1,9 +1,11 @@
 """Exact-match metrics: GQA answers, NLVR2 true/false (+ consistency), video QA choices.
 
-All compare a normalised prediction with normalised references (lowercase, punctuation to
-spaces, whitespace collapsed: "Yes." == "yes", "T-shirt" == "t shirt"); a prediction is right
-when it equals any of its references. NLVR2 consistency (Suhr et al. 2019) is the fraction of
-groups (one sentence across its image pairs) whose examples are all right.
+GQA's ``exact_match`` compares the prediction as generated with the references, string for string, as
+GQA's official ``eval.py`` (``predicted == gold``) and VL-T5 / VL-Adapter's ``GQAEvaluator`` (``ans in
+label``) do: "Yes" or "yes." is not "yes". The others compare a normalised prediction with normalised
+references (lowercase, punctuation to spaces, whitespace collapsed: "Yes." == "yes", "T-shirt" ==
+"t shirt"). A prediction is right when it equals any of its references. NLVR2 consistency (Suhr et al.
+2019) is the fraction of groups (one sentence across its image pairs) whose examples are all right.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ def _check_ids(predictions: dict, references: dict, metric: str) -> None:
 
 
 def exact_match(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
-    """Fraction of predictions equal (normalised) to one of their references (GQA)."""
+    """Fraction of predictions that are, string for string, one of their references (GQA, as its eval.py)."""
     _check_ids(predictions, references, "exact_match")
-    return sum(correct(predictions[k], references[k]) for k in predictions) / len(predictions)
+    refs = {k: [references[k]] if isinstance(references[k], str) else list(references[k]) for k in predictions}
+    empty = [k for k, r in refs.items() if not r]
+    if empty:
+        raise ValueError(f"exact_match: no references to compare prediction {empty[0]!r} with")
+    return sum(predictions[k] in refs[k] for k in predictions) / len(predictions)
 
 
 def accuracy(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
