@@ -323,9 +323,16 @@ def profile(args, json_out=None) -> int:
               f"{z.prefetch_bucket_size:.3g}, stage3_max_live_parameters {z.max_live_parameters:.3g}, LM layers "
               f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
     if est.host or est.nvme:
+        to_cpu = "cpu" in (s["offload_optimizer"], s["offload_param"])
         print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}"
-              + (" (on the CPU accelerator the host is the device: its host bytes are in the peak)"
-                 if device == "cpu" and est.host else ""))
+              + (" (on the CPU accelerator the host is the device: what is offloaded to cpu is in the peak)"
+                 if device == "cpu" and to_cpu else ""))
+    infinity = est.detail["zero_infinity"]
+    if infinity:
+        print("ZeRO-Infinity host memory per rank: " + ", ".join(
+            f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in infinity.items() if not k.endswith("_nvme"))
+            + " (pools: offload_param.buffer_count x buffer_size, offload_optimizer.buffer_count x the largest "
+              "sub-group; docs/scaling.md)")
     ranks = f", {fmt_bytes(max(disk.file_bytes))} from the largest rank" if args.world_size > 1 else ""
     print(f"disk: a checkpoint writes {fmt_bytes(disk.total)}{ranks}, adapter/ {fmt_bytes(disk.adapter)}; "
           f"output_dir holds up to {fmt_bytes(disk.peak_on_disk)} while saving ({disk.kept} kept + the one written)")

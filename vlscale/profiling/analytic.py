@@ -98,6 +98,17 @@ class ZeroSettings:
     contiguous_gradients: bool = True
     overlap_comm: Optional[bool] = None
     memory_efficient_linear: bool = True
+    # ZeRO-Infinity (``nvme`` offload): the pinned host buffers DeepSpeed swaps through
+    param_buffer_count: int = 5
+    """``offload_param.buffer_count``: pinned buffers the parameter swapper reads partitions into."""
+    param_buffer_size: int = 100_000_000
+    """``offload_param.buffer_size``: elements per buffer, in the model's dtype."""
+    max_in_cpu: int = 1_000_000_000
+    """``offload_param.max_in_cpu``: elements of the *trainable* partitions kept in host memory, not on NVMe."""
+    optimizer_buffer_count: int = 4
+    """``offload_optimizer.buffer_count``: fp32 buffers of the largest optimizer sub-group partition."""
+    aio_block_size: int = 1_048_576
+    aio_intra_op_parallelism: int = 1
 
     def __post_init__(self):
         if self.stage not in (0, 1, 2, 3):
@@ -145,6 +156,14 @@ class ZeroSettings:
             block = z.get(key)
             if isinstance(block, dict) and block.get("device") not in (None, "none"):
                 out[key] = block["device"]
+        for attr, block, key in (("param_buffer_count", z.get("offload_param"), "buffer_count"),
+                                 ("param_buffer_size", z.get("offload_param"), "buffer_size"),
+                                 ("max_in_cpu", z.get("offload_param"), "max_in_cpu"),
+                                 ("optimizer_buffer_count", z.get("offload_optimizer"), "buffer_count"),
+                                 ("aio_block_size", (ds or {}).get("aio"), "block_size"),
+                                 ("aio_intra_op_parallelism", (ds or {}).get("aio"), "intra_op_parallelism")):
+            if isinstance(block, dict) and block.get(key) not in (None, "auto"):
+                out[attr] = int(float(block[key]))
         st = stage if stage is not None else z.get("stage", 0)
         out["stage"] = int(st) if st != "auto" else 0
         return cls(**out)
@@ -948,6 +967,8 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         out.detail["partition"] = part_total
     # offload: what leaves the device. On DeepSpeed's CPU accelerator the device is host memory: what
     # is offloaded to "cpu" stays in it (reported as host bytes too), and only the NVMe part leaves.
+    infinity = zero_infinity_bytes(inv, z, W, precision) if st == 3 else {}
+    out.detail["zero_infinity"] = infinity
     if z.offload_optimizer != "none":
         stays = device == "cpu" and z.offload_optimizer == "cpu"
         # DeepSpeedCPUAdam counts steps in a Python int: no 4-byte step tensor per group / sub-group
@@ -971,6 +992,9 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
             out.optimizer = 0
         if z.offload_optimizer == "cpu":
             out.host += moved
+        elif st == 3:  # ZeRO-Infinity: see zero_infinity_bytes
+            out.host += infinity["optimizer_pool"] + infinity["optimizer_host"]
+            out.nvme += infinity["optimizer_nvme"]
         else:
             out.nvme += moved
             out.host += 2 * largest_tr * 4  # pinned swap buffers
@@ -979,8 +1003,8 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         if z.offload_param == "cpu":
             out.host += moved
         else:
-            out.nvme += moved
-            out.host += 2 * out.gathered
+            out.host += infinity["param_pool"] + infinity["param_host"] + infinity["param_reserve"]
+            out.nvme += infinity["param_nvme"]
         if not (device == "cpu" and z.offload_param == "cpu"):
             out.params = out.persistent_params
     return out
@@ -1090,6 +1114,82 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
     on_demand_fwd = not prefetch or kept + first > z.max_live_parameters
     transient = max(min(z.prefetch_bucket_size, gatherable) if prefetch else 0, first_flat if on_demand_fwd else 0)
     return gathered, backward, transient
+
+
+MIN_AIO_BYTES, AIO_ALIGNED_BYTES = 2 ** 20, 1024  # deepspeed.runtime.swap_tensor.utils
+
+
+def zero_infinity_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision: str) -> dict:
+    """Stage 3 with NVMe offload: where DeepSpeed 0.19 puts each rank's state, in bytes (parts absent when
+    that offload is not to NVMe). Read from ``deepspeed/runtime/swap_tensor`` and ``zero/stage3.py``:
+
+    * ``param_pool``: ``AsyncPartitionedParameterSwapper``'s pinned buffers, ``offload_param.buffer_count``
+      x ``buffer_size`` elements (rounded up to the I/O alignment, 1024 x ``aio.intra_op_parallelism``
+      bytes) in the model's dtype; allocated whole at ``zero.Init``
+    * ``param_host``: partitions that stay in host memory: the trainable ones, up to
+      ``offload_param.max_in_cpu`` elements (per optimizer group, the pinned flat buffer
+      ``_create_param_groups_fp16_flat_cpu_memory`` allocates; a sub-group that does not fit whole goes to
+      NVMe), and every partition smaller than ``max(1 MiB, aio.block_size)``, too small to swap.
+      ``max_in_cpu`` does not keep frozen weights in memory: a frozen backbone is on NVMe
+    * ``param_reserve``: when some trainable sub-group is on NVMe, the pinned buffer the optimizer step
+      writes updated partitions out through (``reserve_partitioned_swap_space``: the largest sub-group's
+      parameters at full size, each aligned)
+    * ``param_nvme``: the partitions swapped out
+    * ``optimizer_pool``: the optimizer swapper's ``SwapBufferManager``, ``offload_optimizer.buffer_count``
+      fp32 buffers of the largest sub-group's partition (aligned); the pipelined swapper
+      (``pipeline_read``/``pipeline_write``) draws from the same pool
+    * ``optimizer_host``: the flat gradient partition (model dtype, pinned) and the sub-groups too small
+      to swap (fp32 master, two moments, fp32 gradient)
+    * ``optimizer_nvme``: fp32 master, moments and gradient of the swapped sub-groups
+
+    The async I/O handles themselves hold only their request queues (``aio.queue_depth`` iocbs): the
+    swappers read into and write from their pinned buffers, so DeepSpeed's bounce buffers are not used.
+    """
+    b = DTYPE_BYTES[precision]
+    W = max(1, int(world))
+    min_aio = max(MIN_AIO_BYTES, z.aio_block_size)
+    align_bytes = AIO_ALIGNED_BYTES * z.aio_intra_op_parallelism
+
+    def aligned(numel: int, size: int) -> int:
+        step = align_bytes // size
+        return _ceil_div(numel, step) * step
+
+    groups = inv.optimizer_groups()
+    subs = [sub for g in groups for sub in _sub_groups(g, W, z.sub_group_size)]
+    pieces = [sum(_ceil_div(n, W) for n in sub) for sub in subs]
+    out = {}
+    if z.offload_param == "nvme":
+        host = nvme = reserve = 0
+        aggregate, off_subs = 0, []
+        for g in groups:  # the flat buffers of the trainable partitions
+            size = sum(_ceil_div(n, W) for n in g)
+            flat = size if aggregate + size <= z.max_in_cpu else max(0, z.max_in_cpu - aggregate)
+            aggregate += size
+            host += flat * b
+            offset = 0
+            for sub in _sub_groups(g, W, z.sub_group_size):
+                total = sum(_ceil_div(n, W) for n in sub)
+                if offset + total > flat:
+                    off_subs.append(sub)
+                offset += total
+        outside = [n for sub in off_subs for n in sub]
+        outside += [n for n, t in zip(inv.numels, inv.trainable) if not t]
+        for n in outside:
+            part = _ceil_div(n, W) * b
+            if part >= min_aio:
+                nvme += part
+            else:
+                host += part
+        if off_subs:
+            largest = max(subs, key=lambda sub: sum(_ceil_div(n, W) for n in sub))
+            reserve = sum(aligned(n, b) for n in largest) * b
+        out.update(param_pool=z.param_buffer_count * aligned(z.param_buffer_size, b) * b, param_host=host,
+                   param_reserve=reserve, param_nvme=nvme)
+    if z.offload_optimizer == "nvme" and z.stage == 3:
+        swapped = sum(p for p in pieces if p * 4 >= min_aio)
+        out.update(optimizer_pool=z.optimizer_buffer_count * aligned(max(pieces, default=0), 4) * 4,
+                   optimizer_host=sum(pieces) * b + 16 * (sum(pieces) - swapped), optimizer_nvme=16 * swapped)
+    return out
 
 
 def _sub_groups(numels: list[int], W: int, sub_group_size: int) -> list[list[int]]:
@@ -1410,7 +1510,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
               "log_probs": act.log_probs, "batch": act.batch_bytes, "vision_transient": act.vision_transient,
               "zero3_gathered": st.gathered, "zero3_gathered_backward": st.gathered_backward,
               "zero3_gather_transient": st.gather_transient,
-              "zero3_persistent_params": st.persistent_params,
+              "zero3_persistent_params": st.persistent_params, "zero_infinity": st.detail["zero_infinity"],
               "comm_buckets": st.comm_persistent + st.comm_backward, "step_transient": st.step_transient,
               "init_transient": st.init_transient, "vision_params": inv.vision_params,
               "vision_tokens": shapes.vision_tokens_per_image + (0 if shapes.vision_resnet else 1)}
