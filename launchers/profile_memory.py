@@ -311,7 +311,7 @@ def profile(args, json_out=None) -> int:
     print(component_table(est.components, out.get("measured")))
     print(f"peak phase: {est.peak_phase}" + (f" (measured: {out['measured'].get('peak_phase')})"
                                              if args.measure else ""))
-    if s["zero_stage"] == 3 and args.world_size > 1:
+    if s["zero_stage"] == 3 and (args.world_size > 1 or est.detail["zero3_gathered_backward"]):
         from vlscale.profiling.analytic import ZeroSettings
 
         z = ZeroSettings.from_ds_config(ds, stage=3)

@@ -190,6 +190,37 @@ def test_offload_moves_state_off_the_device():
     assert off_cpu.components["peak"] > off.components["peak"] + off.host // 2
 
 
+def test_one_rank_parameter_offload_gathers_onto_the_device():
+    """One GPU with zero3_offload.json: DeepSpeed does not all-gather on one rank, but sets each parameter to its
+    host partition moved to the device (``NoGatherHandle``), a copy held and released by the same prefetch,
+    reuse-distance and live-limit rules as the gathered parameters on several ranks; the profiler counted none.
+    Without offload the partition on the device is the parameter, and on the CPU accelerator the move
+    aliases the host partition: nothing either (benchmarks/profile_accuracy.py's 1-rank offload row)."""
+    cfg = load_config("tiny", ["train.deepspeed=ds_configs/zero3_offload.json"])
+    one = estimate_memory(cfg, 1, resolve_ds_config(cfg, 1, None, device_type="cuda"))
+    two = estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, None, device_type="cuda"))
+    assert one.detail["zero3_gathered"] == two.detail["zero3_gathered"] > 0
+    assert one.detail["zero3_gather_transient"] == 0 < two.detail["zero3_gather_transient"]  # no flat buffer
+    assert one.phases["forward_end"] >= one.components["params"] + one.detail["zero3_gathered"]
+    cpu = estimate_memory(cfg, 1, resolve_ds_config(cfg, 1, None, device_type="cpu"), device="cpu")
+    assert cpu.detail["zero3_gathered"] == cpu.detail["zero3_gathered_backward"] == 0
+    plain = load_config("tiny", ["train.deepspeed=ds_configs/zero3.json"])
+    assert estimate_memory(plain, 1, resolve_ds_config(plain, 1, None, device_type="cuda")).detail["zero3_gathered"] == 0
+    # a LM layer fetched on demand (live limit 1e6, reuse 0): its parameters' copies, not 2x as beside a flat buffer
+    wide = load_config("tiny", ["train.deepspeed=ds_configs/zero3_offload.json", "model.backbone=tiny-t5-wide"])
+    inv, layers = analytic.parameter_inventory(wide), {}
+    for name, n in zip(inv.names, inv.numels):
+        if (m := analytic._LM_LAYER.match(name)):
+            layers[m.group(1)] = layers.get(m.group(1), 0) + n
+    layer = max(layers.values())  # a decoder layer (self- and cross-attention, FFN, adapters)
+    est = {}
+    for W in (1, 2):
+        ds = resolve_ds_config(wide, W, None, device_type="cuda")
+        ds["zero_optimization"].update(stage3_max_live_parameters=1_000_000, stage3_max_reuse_distance=0)
+        est[W] = estimate_memory(wide, W, ds).detail["zero3_gathered_backward"]
+    assert est[1] == layer * 4 and est[2] == 2 * est[1]
+
+
 def test_every_registry_backbone_offline():
     """t5-11b, flan-t5-xxl ... with ViT-L-14 images: estimated on the meta device, no download. A BART
     with fewer learned positions than ViT-L-14's 256 tokens + the text (mini-bart: 128) is refused with

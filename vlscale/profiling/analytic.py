@@ -918,7 +918,8 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
                 budget += n
         out.persistent_params = persist
         out.params = sum(_ceil_div(n, W) for n in inv.numels) * b + persist
-        gathered, backward, transient = _zero3_gathered_numel(inv, z, W, leaf_layers, prefetch_fills)
+        gathered, backward, transient = _zero3_gathered_numel(inv, z, W, leaf_layers, prefetch_fills,
+                                                              zero3_copies_to_device(z, W, device))
         out.gathered, out.gathered_backward, out.gather_transient = gathered * b, backward * b, transient * b
     if st == 0:
         if precision == "fp32":
@@ -1048,11 +1049,21 @@ def _gather_units(inv: ParamInventory, threshold: int, leaf_layers: bool) -> lis
     return list(units.values())
 
 
+def zero3_copies_to_device(z: ZeroSettings, world: int, device: str) -> bool:
+    """Whether a ZeRO-3 gather puts parameters on the device beyond their partitions: on several ranks the
+    all-gather does; on one rank DeepSpeed does not gather (``_no_gather_coalesced``) but sets each
+    parameter to its partition moved to the device, a copy when ``offload_param`` keeps the partitions off
+    a GPU, the partition itself otherwise (and on the CPU accelerator, whose device is the host)."""
+    return world > 1 or (z.offload_param != "none" and device != "cpu")
+
+
 def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_layers: bool = False,
-                          prefetch_fills: bool = True) -> tuple[int, int, int]:
+                          prefetch_fills: bool = True, copies: Optional[bool] = None) -> tuple[int, int, int]:
     """ZeRO-3 parameters held whole (beyond their partitions): at the end of forward and the start of
     backward; while backward runs the layers; and the flat all-gather buffer beside them mid-forward.
-    Element counts; on one rank gathering aliases the partition: nothing.
+    Element counts. ``copies`` (default: several ranks): see :func:`zero3_copies_to_device`; one rank's
+    copies are made parameter by parameter, with no flat buffer, and are held and released by the same
+    rules (the coordinator's prefetching, reuse distance and live limit do not depend on the world size).
 
     How DeepSpeed behaves (``PartitionedParameterCoordinator``, measured with the live-tensor tracker
     on 2 CPU ranks, ``benchmarks/profile_accuracy.py``'s ZeRO-knob rows):
@@ -1076,8 +1087,9 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
       all-gather buffer and the parameters' copies exist at once (2x the unit);
     * a prefetch's flat buffer lives until the last of its parameters is used: up to one bucket.
     """
-    if W == 1:
+    if not (W > 1 if copies is None else copies):
         return 0, 0, 0
+    flat_buffers = W > 1
     n_enc = len({m.group(1) for n in inv.names if (m := _LM_LAYER.match(n)) and ".encoder." in m.group(1)})
     tied = not any(n.startswith("lm.lm_head") for n in inv.names)
     thr = z.param_persistence_threshold
@@ -1098,8 +1110,8 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
 
     def sizes(units):  # the largest unit, the most an on-demand gather holds (2x with several parameters), a flat buffer
         return (max((sum(u) for u in units), default=0),
-                max((sum(u) * (2 if len(u) > 1 else 1) for u in units), default=0),
-                max((sum(u) for u in units if len(u) > 1), default=0))
+                max((sum(u) * (2 if len(u) > 1 and flat_buffers else 1) for u in units), default=0),
+                max((sum(u) for u in units if len(u) > 1 and flat_buffers), default=0))
 
     units = _gather_units(inv, thr, leaf_layers)
     first, _, first_flat = sizes([[n for _, n in u] for u in units])  # forward gathers every unit once
@@ -1112,7 +1124,8 @@ def _zero3_gathered_numel(inv: ParamInventory, z: ZeroSettings, W: int, leaf_lay
     else:
         backward = min(max(work, fill), gatherable + flat)
     on_demand_fwd = not prefetch or kept + first > z.max_live_parameters
-    transient = max(min(z.prefetch_bucket_size, gatherable) if prefetch else 0, first_flat if on_demand_fwd else 0)
+    bucket = min(z.prefetch_bucket_size, gatherable) if prefetch and flat_buffers else 0
+    transient = max(bucket, first_flat if on_demand_fwd else 0)
     return gathered, backward, transient
 
 
@@ -1448,7 +1461,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         atp[name] = (int(acts), int(grads))
 
     vision_gathered = 0
-    if z.stage == 3 and world_size > 1 and shapes.vision_on_the_fly:
+    if z.stage == 3 and zero3_copies_to_device(z, world_size, device) and shapes.vision_on_the_fly:
         vision_gathered = inv.vision_params * b + st.gather_transient
     Ah = A - act.batch_saved  # the activations beyond what the batch (in ``base``) holds already
     phase("vision_forward", base + held + act.vision_transient + vision_gathered, 0, g_persist)
