@@ -162,6 +162,33 @@ def test_fused_is_the_default():
     assert sum("AdapterFn" in n for n in graph_node_names(result.loss)) == len(model.peft.sites)
 
 
+def test_functional_call_and_torch_func_grad_through_the_fused_model(monkeypatch):
+    """torch.func.grad over functional_call of the whole model (meta-learning, per-sample gradients): the
+    fused adapter's Function raised 'must override the setup_context staticmethod'. Now the gradients of
+    every trainable parameter equal the unfused model's, and the fused backward ran at every site."""
+    from torch.func import functional_call, grad
+
+    from vlscale.kernels import adapter as ka
+
+    fused, plain = build_pair("tiny-t5", "multiple")
+    batch = make_batch(fused, "gqa", seed=3)
+    backward_calls = []
+    backward = ka._TorchAdapterFn.backward
+    monkeypatch.setattr(ka._TorchAdapterFn, "backward",
+                        staticmethod(lambda ctx, *g: backward_calls.append(1) or backward(ctx, *g)))
+    grads = []
+    for model in (fused, plain):
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        grads.append(grad(lambda p: functional_call(model, p, (batch,)).loss)(params))
+    assert len(backward_calls) == len(fused.peft.sites)
+    assert grads[0].keys() == grads[1].keys()
+    for name, ref in grads[1].items():
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(grads[0][name], ref, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{name}: {m}")
+    gqa_set = [g for n, g in grads[0].items() if n.startswith("peft.") and n.endswith("_gqa")]
+    assert len(gqa_set) == 4 * len(fused.peft.sites) and all(g.abs().max() > 0 for g in gqa_set)
+
+
 # ------------------------------------------------------------------------------- Triton interpreter
 def test_fused_model_under_triton_interpreter_matches_unfused(triton_interpreter):
     """tests/unit/triton_interpreter_checks.py: fused_model_check (asserts the match inside)."""

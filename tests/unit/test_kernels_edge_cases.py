@@ -86,6 +86,46 @@ def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch
     assert any(type(fn).__name__.startswith("_TorchAdapterFn") for fn, _ in h.grad_fn.next_functions)
 
 
+# ------------------------------------------------------------------------------- torch.func
+def func_transforms(fn, activation="gelu", dtype=torch.float64):
+    """Results of torch.func transforms over ``fn``: grad (every argument), vmap over x and over a stack
+    of weight sets, per-sample gradients (vmap of grad), jacrev, and grad of grad. Also run by
+    triton_interpreter_checks.py on the Triton path."""
+    from torch.func import grad, jacrev, vmap
+
+    x, wd, bd, wu, bu = _args(dtype, tokens=6, d_model=12, hidden=4)
+
+    def f(*a):
+        return fn(*a, activation=activation)
+
+    def loss(*a):
+        return f(*a).pow(2).sum()
+
+    wds = torch.stack([wd, 2 * wd, -wd])
+    return {
+        "grad": grad(loss, argnums=(0, 1, 2, 3, 4))(x, wd, bd, wu, bu),
+        "vmap_x": vmap(lambda xi: f(xi, wd, bd, wu, bu))(x.reshape(2, 3, 12)),
+        "vmap_x_dim1": vmap(lambda xi: f(xi, wd, bd, wu, bu), in_dims=1)(x.reshape(3, 2, 12)),
+        "vmap_w": vmap(lambda w: f(x, w, bd, wu, bu))(wds),
+        "per_sample": vmap(grad(lambda w, xi: loss(xi, w, bd, wu, bu)), in_dims=(None, 0))(wd, x),
+        "jacrev": jacrev(lambda xi: f(xi, wd, bd, wu, bu))(x[:2]),
+        "grad_grad": grad(lambda xi: grad(loss)(xi, wd, bd, wu, bu).pow(2).sum())(x),
+    }
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_torch_func_transforms_match_the_reference(activation):
+    """The PyTorch recompute Function under torch.func (it raised 'must override the setup_context
+    staticmethod' under every transform): the same values as the reference's, fp64 exact, and the
+    second derivative through grad of grad too."""
+    ref = func_transforms(adapter_reference, activation)
+    got = func_transforms(_torch_path, activation)
+    for name in ref:
+        for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))):
+            assert r.abs().max() > 0, name
+            torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 # ------------------------------------------------------------------------------- Triton interpreter
 def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpreter):
     edge = triton_interpreter["edge"]
@@ -98,6 +138,18 @@ def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpre
     # a strided (transposed) x is saved as given, not as a contiguous d_model-wide copy: z only
     saved = edge["saved_noncontiguous"]
     assert saved["activations"] == saved["z_bytes"], saved
+
+
+def test_triton_function_under_torch_func(triton_interpreter):
+    """tests/unit/triton_interpreter_checks.py: torch_func_cases. grad, vmap (x batched: more tokens for the
+    kernels; weights batched: the PyTorch Function), per-sample gradients, jacrev and grad of grad over the
+    Triton Function match the fp64 reference; a vmapped call's graph holds the Triton Function's node."""
+    cases = triton_interpreter["torch_func"]
+    assert "_TritonAdapterFnBackward" in cases.pop("vmap_graph")
+    assert len(cases) == 7
+    for name, case in cases.items():
+        for err, scale in zip(case["errs"], case["scale"]):
+            assert err <= 1e-5 * max(1.0, scale), (name, case)
 
 
 # ------------------------------------------------------------------------------- benchmark
@@ -151,7 +203,7 @@ def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
         @staticmethod
         def apply(x, *args):
             launched.append(list(entered))
-            return x
+            return x, None  # (h, z)
 
     monkeypatch.setattr(kernels, "select_backend", lambda x, backend="auto": ("triton", "test"))
     monkeypatch.setattr(kernels, "_TritonAdapterFn", FakeFn)

@@ -116,5 +116,36 @@ def edge_cases() -> dict:
     return out
 
 
+def torch_func_cases() -> dict:
+    """torch.func over the Triton Function (fp32) against the reference (fp64): errors and scales per
+    transform (test_kernels_edge_cases.func_transforms), and the graph of a vmapped call run backward."""
+    from test_kernels_edge_cases import func_transforms
+
+    from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter
+
+    cfg = KernelConfig(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
+                       up_block_n=16, up_block_k=16, up_stages=1)
+    ref = func_transforms(adapter_reference)
+    got = func_transforms(lambda *a, **kw: fused_adapter(*a, backend="triton", config=cfg, **kw),
+                          dtype=torch.float32)
+    out = {}
+    for name in ref:
+        pairs = list(zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))))
+        out[name] = {"errs": [(g.double() - r).abs().max().item() for r, g in pairs],
+                     "scale": [r.abs().max().item() for r, _ in pairs]}
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    w = [torch.randn(8, 16), torch.randn(8), torch.randn(16, 8), torch.randn(16)]
+    h = torch.vmap(lambda xi: fused_adapter(xi, *w, backend="triton", config=cfg))(x)
+    nodes, stack = [], [h.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            nodes.append(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+    out["vmap_graph"] = nodes
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check(), "edge": edge_cases()}))
+    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check(), "edge": edge_cases(),
+                      "torch_func": torch_func_cases()}))

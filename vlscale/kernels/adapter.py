@@ -32,8 +32,12 @@ weights for backward and recompute act(z) and act'(z) from z there; the plain au
   Accumulation is fp32 inside the kernels for fp32, bf16 and fp16 inputs.
 * PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
 
-Both Functions' backward under ``create_graph=True`` (double backward, gradient penalties)
-differentiates the reference graph instead, z recomputed, so higher-order gradients are exact.
+Both Functions return (h, z) and save in ``setup_context``, so torch.func transforms them (grad, vmap,
+jacrev, functional_call + grad): the PyTorch Function through ``generate_vmap_rule``, the Triton one
+through a ``vmap`` rule (a batched x is more tokens for the kernels; weight sets per sample run the PyTorch
+Function). Under ``create_graph=True`` (double backward, gradient penalties, torch.func.grad) backward
+runs in differentiable torch ops that reach x and the weights through z, the Function's own output, so
+higher-order gradients are exact.
 Under ``torch.autocast`` to a dtype other than x's, ``fused_adapter`` runs the reference graph
 (autocast's casts, the residual add in x's dtype), logged once; ``backend="triton"`` is refused there.
 
@@ -121,56 +125,66 @@ def _check_inputs(x, w_down, b_down, w_up, b_up, activation) -> None:
 # --------------------------------------------------------------------------------------------
 # PyTorch recompute path
 # --------------------------------------------------------------------------------------------
-def _create_graph_backward(ctx, dh, n_extra: int):
-    """Gradients for ``backward(create_graph=True)``: autograd through the reference on the saved
-    inputs (z recomputed), so that second-order gradients are exact. The recompute kernels'
-    backward is built from z, which carries no graph: differentiating it again would silently
-    drop every path through z."""
-    x, _, w_down, w_up, b_down, b_up = ctx.saved_tensors
-    inputs = (x, w_down, b_down, w_up, b_up)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        h = adapter_reference(*inputs, ctx.activation)
-        grads = torch.autograd.grad(h, [inputs[i] for i in wanted], dh.reshape(h.shape), create_graph=True,
-                                    allow_unused=True)
-    out = [None] * (5 + n_extra)
-    for i, g in zip(wanted, grads):
-        out[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(out)
+def _save_for_backward(ctx, inputs, output) -> None:
+    """``setup_context`` of both Functions: x (as given), z and the weights; z is the second output
+    (``setup_context`` sees only inputs and outputs, which is what lets torch.func transform them)."""
+    x, w_down, b_down, w_up, b_up, activation = inputs[:6]
+    ctx.activation = activation
+    ctx.has_b = (b_down is not None, b_up is not None)
+    ctx.set_materialize_grads(False)  # z's gradient is None unless a double backward differentiates through z
+    ctx.save_for_backward(x, output[1], w_down, w_up)  # all inputs but z: no extra memory
+
+
+def _backward(ctx, dh, dz_out):
+    """Gradients of (x, w_down, b_down, w_up, b_up) from those of h (``dh``) and z (``dz_out``), either
+    may be None, in differentiable torch ops: act(z) and act'(z) are recomputed from the saved z, and under
+    ``create_graph=True`` (double backward, torch.func.grad) they differentiate through z, the Function's
+    own output, so higher-order gradients are exact."""
+    if dh is None and dz_out is None:
+        return None, None, None, None, None
+    x, z, w_down, w_up = ctx.saved_tensors
+    x2d = x.reshape(-1, x.shape[-1])
+    need_x, need_wd, need_bd, need_wu, need_bu = ctx.needs_input_grad[:5]
+    dz = dz_out
+    if dh is not None:
+        # dz = (dh W_u) * act'(z), in torch's own GELU kernel (half precision computed in fp32 inside it,
+        # as the Triton epilogues do)
+        dz_h = torch.ops.aten.gelu_backward(torch.mm(dh, w_up), z, approximate=_gelu_approximate(ctx.activation))
+        dz = dz_h if dz is None else dz_h + dz
+    dx = dwd = dbd = dwu = dbu = None
+    if need_x:
+        dx = dh if dz is None else torch.mm(dz, w_down) if dh is None else torch.addmm(dh, dz, w_down)
+        dx = dx.reshape(x.shape)
+    if dz is not None:
+        dwd = torch.mm(dz.t(), x2d) if need_wd else None
+        dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
+    if dh is not None:
+        dwu = torch.mm(dh.t(), activate(z, ctx.activation)) if need_wu else None
+        dbu = dh.sum(0) if need_bu and ctx.has_b[1] else None
+    return dx, dwd, dbd, dwu, dbu
 
 
 class _TorchAdapterFn(torch.autograd.Function):
     """Saves x, z and the weights; recomputes act(z) and act'(z) in backward. Takes x of any shape
     (..., d_model) and layout and saves that tensor itself: a contiguous or 2-D copy of it saved
-    instead would be a d_model-wide activation of its own. Returns h as (tokens, d_model)."""
+    instead would be a d_model-wide activation of its own. Returns (h, z) as (tokens, d_model),
+    (tokens, hidden). torch.func transforms it (vmap through ``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, activation):
+    def forward(x, w_down, b_down, w_up, b_up, activation):
         x2d = x.reshape(-1, x.shape[-1])
         z = F.linear(x2d, w_down, b_down)
         h = F.linear(activate(z, activation), w_up, b_up)
         h += x2d
-        ctx.activation = activation
-        ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x, z, w_down, w_up, b_down, b_up)  # all inputs but z: no extra memory
-        return h
+        return h, z
+
+    setup_context = staticmethod(_save_for_backward)
 
     @staticmethod
-    def backward(ctx, dh):
-        if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
-            return _create_graph_backward(ctx, dh, 1)
-        x, z, w_down, w_up, _, _ = ctx.saved_tensors
-        x2d = x.reshape(-1, x.shape[-1])
-        need_x, need_wd, need_bd, need_wu, need_bu, _ = ctx.needs_input_grad
-        # act(z) and dz = (dh W_u) * act'(z) recomputed from z, each in one of torch's own GELU kernels
-        # (half precision computed in fp32 inside them, as the Triton epilogues do)
-        dz = torch.ops.aten.gelu_backward(torch.mm(dh, w_up), z, approximate=_gelu_approximate(ctx.activation))
-        dx = torch.addmm(dh, dz, w_down).view(x.shape) if need_x else None
-        dwd = torch.mm(dz.t(), x2d) if need_wd else None
-        dbd = dz.sum(0) if need_bd and ctx.has_b[0] else None
-        dwu = torch.mm(dh.t(), activate(z, ctx.activation)) if need_wu else None
-        dbu = dh.sum(0) if need_bu and ctx.has_b[1] else None
-        return dx, dwd, dbd, dwu, dbu, None
+    def backward(ctx, dh, dz):
+        return *_backward(ctx, dh, dz), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,10 +463,12 @@ def _launch_up_bwd(dz, act, w_down, dh, x2d, cfg):
 
 class _TritonAdapterFn(torch.autograd.Function):
     """Triton forward/backward; saves x (as given, as _TorchAdapterFn), z and the weights (z: tokens x
-    hidden, input dtype). Returns h as (tokens, d_model)."""
+    hidden, input dtype). Returns (h, z) as (tokens, d_model), (tokens, hidden). Under torch.func a batched
+    x alone is more tokens for the kernels (``vmap``); backward under ``create_graph`` (double backward,
+    torch.func.grad) runs the PyTorch path's differentiable backward."""
 
     @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, activation, config):
+    def forward(x, w_down, b_down, w_up, b_up, activation, config):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels read x row-major; a copy is not saved
         cfg = config or default_config(x2d.shape[1], w_down.shape[0], x2d.dtype)
         # the kernels index the biases as contiguous vectors (a strided view would be read wrongly)
@@ -460,16 +476,28 @@ class _TritonAdapterFn(torch.autograd.Function):
         bu = b_up.contiguous() if b_up is not None else None
         z, act = _launch_down(x2d, w_down.t(), bd, None, activation, False, cfg)
         h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
-        ctx.activation, ctx.cfg = activation, cfg
-        ctx.has_b = (b_down is not None, b_up is not None)
-        ctx.save_for_backward(x, z, w_down, w_up, b_down, b_up)  # all inputs but z: no extra memory
-        return h
+        return h, z
 
     @staticmethod
-    def backward(ctx, dh):
-        if torch.is_grad_enabled():  # backward(create_graph=True): keep higher-order gradients exact
-            return _create_graph_backward(ctx, dh, 2)
-        x, z, w_down, w_up, _, _ = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        _save_for_backward(ctx, inputs, output)
+        x, w_down, config = inputs[0], inputs[1], inputs[6]
+        ctx.cfg = config or default_config(x.shape[-1], w_down.shape[0], x.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, x, w_down, b_down, w_up, b_up, activation, config):
+        if any(d is not None for d in in_dims[1:5]):  # a weight set per sample: no kernel computes that
+            h, z = torch.vmap(_TorchAdapterFn.apply, in_dims=in_dims[:6])(x, w_down, b_down, w_up, b_up, activation)
+            return (h, z), (0, 0)
+        n = info.batch_size
+        h, z = _TritonAdapterFn.apply(x.movedim(in_dims[0], 0), w_down, b_down, w_up, b_up, activation, config)
+        return (h.view(n, -1, h.shape[-1]), z.view(n, -1, z.shape[-1])), (0, 0)
+
+    @staticmethod
+    def backward(ctx, dh, dz_out):
+        if torch.is_grad_enabled() or dz_out is not None:  # a double backward: differentiable, exact
+            return *_backward(ctx, dh, dz_out), None, None
+        x, z, w_down, w_up = ctx.saved_tensors
         x2d = x.reshape(-1, x.shape[-1])
         need_x, need_wd, need_bd, need_wu, need_bu, _, _ = ctx.needs_input_grad
         cfg, dtype = ctx.cfg, dh.dtype
@@ -604,8 +632,8 @@ def fused_adapter(x, w_down, b_down, w_up, b_up, activation: str = "gelu", backe
     if path == "triton":
         _log_once(f"fused_adapter: {reason}")
         with _on_device_of(x):
-            h = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
+            h, _ = _TritonAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation, config)
     else:
         _log_once(f"fused_adapter: using the PyTorch recompute path ({reason})")
-        h = _TorchAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation)
+        h, _ = _TorchAdapterFn.apply(x, w_down, b_down, w_up, b_up, activation)
     return h.reshape(*lead, d_model)
