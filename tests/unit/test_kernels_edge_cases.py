@@ -1,5 +1,5 @@
 """fused_adapter beyond the plain first-order fp32 call: fp64 gradients, double backward,
-torch.autocast, strided biases and bf16 on the Triton path (interpreter results from
+torch.autocast, torch.func, torch.compile, strided biases and bf16 on the Triton path (interpreter results from
 tests/unit/triton_interpreter_checks.py: edge_cases)."""
 
 from __future__ import annotations
@@ -124,6 +124,29 @@ def test_torch_func_transforms_match_the_reference(activation):
         for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))):
             assert r.abs().max() > 0, name
             torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_torch_compile_traces_fused_adapter_in_one_graph(monkeypatch):
+    """torch.compile traced the first call's log line (_log_once) as a graph break, and the compiled code
+    kept it for every later call: a model compiled before any eager call ran as 10 graphs a step (tiny-t5,
+    one per adapter site and frame). Now one graph (fullgraph=True raised), same values and gradients."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
+    ka._LOGGED.clear()  # the first call in this process: the message not logged yet
+    torch._dynamo.reset()
+    args = [t.float().requires_grad_(True) for t in _args(tokens=10, d_model=16, hidden=4)]
+    counter = CompileCounter()
+    compiled = torch.compile(lambda *a: fused_adapter(*a).pow(2).sum(), backend=counter, fullgraph=True)
+    try:
+        for _ in range(2):
+            got = torch.autograd.grad(compiled(*args), args)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    ref = torch.autograd.grad(adapter_reference(*args).pow(2).sum(), args)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- Triton interpreter

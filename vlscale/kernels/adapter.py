@@ -526,7 +526,9 @@ _LOGGED: set = set()
 
 
 def _log_once(message: str) -> None:
-    if message not in _LOGGED:
+    """Log ``message`` the first time only; not while torch.compile traces (a logger call there is a graph
+    break, kept by the compiled code for every later call)."""
+    if message not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add(message)
         logger.info(message)
 
