@@ -492,6 +492,20 @@ def test_offload_refused_at_a_stage_from_the_run_config_names_it():
         build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")  # the file's own stage: nothing to add
 
 
+def test_nvme_optimizer_offload_below_zero3_is_refused(tmp_path):
+    """DeepSpeed's ZeRO-1/2 optimizer has no NVMe swapper: "device": "nvme" there offloads to host memory as "cpu"
+    does (stage_1_and_2.py: any device but none is cpu_offload), so a run asking for NVMe at stage 2 held the whole
+    optimizer state in host memory, unsaid, and the profiler predicted NVMe. Refused, naming the fix."""
+    for stage in (2,):  # (stage 1 refuses any optimizer offload: test_zero_stage_override_and_offload_checks)
+        raw = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+        with pytest.raises(DeepSpeedConfigError, match=rf"offload_optimizer\.device=\"nvme\" at ZeRO stage {stage}: "
+                                                       r"DeepSpeed swaps to NVMe only under ZeRO-3 .*write \"cpu\""):
+            build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+    raw["zero_optimization"]["offload_optimizer"]["device"] = "cpu"
+    assert build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")["zero_optimization"]["offload_optimizer"][
+        "device"] == "cpu"
+
+
 @pytest.mark.parametrize("backbone", ["google-t5/t5-3b", "google/flan-t5-xl", "facebook/bart-large"])
 def test_nvme_file_leaves_deepspeed_swap_buffers_for_a_layer(backbone, monkeypatch, tmp_path):
     """ZeRO-Infinity swaps a parameter partition in from NVMe into one of offload_param.buffer_count pinned buffers and

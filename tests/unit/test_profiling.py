@@ -322,6 +322,24 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert resolved["train_micro_batch_size_per_gpu"] == 32
 
 
+def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, monkeypatch):
+    """The planner offered ZeRO-2 with the optimizer on NVMe, which DeepSpeed's ZeRO-2 trains in host memory
+    (refused by build_deepspeed_config): each option's written file must build with the option's overrides."""
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.profiling.planner import OFFLOADS, plan, write_ds_config
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-small", "train.micro_batch_size=64"])
+    options = plan(cfg, "80GiB", 4, stages=[2, 3], micro_batches=[8], precisions=["bf16"], checkpointing=[False],
+                   offloads=list(OFFLOADS))
+    assert {o.offload for o in options} >= {"opt_nvme", "opt_param_nvme"} and {o.zero_stage for o in options} >= {2, 3}
+    for i, option in enumerate(options):
+        write_ds_config(option, tmp_path / f"{i}.json")
+        run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-small"] + option.overrides())
+        built = build_deepspeed_config(tmp_path / f"{i}.json", run, 4, device_type="cuda")
+        assert built["zero_optimization"]["stage"] == option.zero_stage, option
+
+
 def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_it(tmp_path):
     """A preset's zero2.json planned at stage 3 (profile_memory.py's default search) is estimated with the
     stage-3 settings the run will resolve (those zero3.json resolves to), not DeepSpeed's defaults; and the

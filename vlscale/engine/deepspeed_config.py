@@ -502,6 +502,11 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                        if t.zero_stage is not None and file_stage != t.zero_stage else "")
                 raise DeepSpeedConfigError(f"{source}: zero_optimization.{key} needs ZeRO stage "
                                            f"{need}+, the run uses stage {stage}{why}")
+            if block["device"] == "nvme" and stage < 3:  # ZeRO-1/2 have no swapper: DeepSpeed trains it as "cpu"
+                raise DeepSpeedConfigError(
+                    f"{source}: zero_optimization.{key}.device=\"nvme\" at ZeRO stage {stage}: DeepSpeed swaps to "
+                    f"NVMe only under ZeRO-3 (stage {stage} keeps the offloaded optimizer state in host memory, as "
+                    f"\"cpu\" does); write \"cpu\", or train ZeRO-3 (ds_configs/zero3_nvme.json)")
             offload[key] = block["device"]
             if block["device"] == "nvme" and block.get("nvme_path", AUTO) == AUTO:
                 path = os.environ.get("VLSCALE_NVME_PATH")

@@ -212,8 +212,8 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
         for stage in stages:
             for offload in offloads:
                 opt_dev, par_dev = OFFLOADS[offload]
-                if (opt_dev != "none" and stage < 2) or (par_dev != "none" and stage < 3):
-                    continue
+                if (opt_dev != "none" and stage < 2) or ("nvme" in (opt_dev, par_dev) or par_dev != "none") and stage < 3:
+                    continue  # (ZeRO-2 "offloads" an NVMe optimizer to host memory: refused by build_deepspeed_config)
                 for ckpt in checkpointing:
                     for mbs in mbs_list:
                         c = copy.deepcopy(cfg)
