@@ -11,6 +11,9 @@ the others still run (the trainings in processes of their own), and one is skipp
 budget left is too small:
   methods      (listed below)
   kernels      the fused adapter kernels vs the reference (benchmarks/gpu_kernels_section.py)
+  cuda_tests   the test suite's CUDA-only tests (pytest -k cuda on the kernel test files: the Triton kernels'
+               2x error rule in bf16/fp16/fp32, torch.func and torch.compile over the Triton path): counts,
+               and the failures' last lines
   train_fp16   the main command (launchers/train.py, ZeRO-3, one GPU) in fp16 with dynamic loss
                scaling: losses, loss scale behaviour, step time, allocator peak (run_summary.json)
   train_fp16_z0 the same fp16 run at ZeRO stage 0 (DeepSpeed's FP16_UnfusedOptimizer: vlscale's
@@ -197,6 +200,24 @@ def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
     return res
 
 
+CUDA_TEST_FILES = ("tests/unit/test_kernels.py", "tests/unit/test_kernels_edge_cases.py")
+
+
+def run_cuda_tests(timeout: float) -> dict:
+    """pytest -k cuda over the kernel test files (their CUDA-only tests skip on a CPU): pass/fail/skip counts
+    from pytest's summary line, and the output's tail where something failed."""
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+                           *CUDA_TEST_FILES], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", proc.stdout)}
+    out = {"returncode": proc.returncode, **counts}
+    if proc.returncode != 0:
+        out["tail"] = (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_suite"))
@@ -204,7 +225,7 @@ def main() -> int:
     # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
-                    default="methods,kernels,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,resume,zero3_init,train_bf16,train_bf16_unfused,"
+                    default="methods,kernels,cuda_tests,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,resume,zero3_init,train_bf16,train_bf16_unfused,"
                             "full_ft_ckpt")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
@@ -226,7 +247,7 @@ def main() -> int:
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
-             "kernels": 35, "profiler": 60,
+             "kernels": 35, "cuda_tests": 40, "profiler": 60,
              "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30}
 
     def save():
@@ -252,6 +273,8 @@ def main() -> int:
                 sec: dict = {}
                 gpu_kernels_section.run(sec)
                 results["sections"][name] = sec.get("kernels", sec)
+            elif name == "cuda_tests":
+                results["sections"][name] = run_cuda_tests(left)
             elif name == "resume":
                 results["sections"][name] = run_resume(runs_dir, left)
             elif name == "methods":

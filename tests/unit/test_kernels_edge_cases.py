@@ -175,6 +175,63 @@ def test_triton_function_under_torch_func(triton_interpreter):
             assert err <= 1e-5 * max(1.0, scale), (name, case)
 
 
+# ------------------------------------------------------------------------------- CUDA (benchmarks/gpu_suite.py: cuda_tests)
+SMALL_TILES = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16, up_block_n=16,
+                   up_block_k=16, up_stages=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cuda_function_under_torch_func():
+    """test_triton_function_under_torch_func on a GPU: torch.func over the compiled Triton kernels (fp32, ieee
+    dots) against the fp64 reference on the host; a vmapped call keeps the Triton Function in its graph."""
+    pytest.importorskip("triton")
+    cfg = ka.KernelConfig(**SMALL_TILES)
+
+    def on_cuda(*a, **kw):
+        a = [t.to("cuda", torch.float32) for t in a]
+        assert ka.select_backend(a[0])[0] == "triton"
+        return fused_adapter(*a, backend="triton", config=cfg, **kw).to("cpu", torch.float64)
+
+    ref, got = func_transforms(adapter_reference), func_transforms(on_cuda)
+    for name in ref:
+        for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))):
+            assert (f - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item()), name
+    x = torch.randn(2, 3, 16, device="cuda", requires_grad=True)
+    w = [torch.randn(8, 16, device="cuda"), torch.randn(8, device="cuda"), torch.randn(16, 8, device="cuda"),
+         torch.randn(16, device="cuda")]
+    h = torch.vmap(lambda xi: fused_adapter(xi, *w, backend="triton", config=cfg))(x)
+    nodes, stack = [], [h.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            nodes.append(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+    assert "_TritonAdapterFnBackward" in nodes, nodes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cuda_under_torch_compile():
+    """torch.compile (inductor) over a function calling the Triton path on a GPU: runs, and its values and
+    gradients are the eager Triton path's (whether Dynamo traces the launch or breaks the graph there)."""
+    pytest.importorskip("triton")
+    args = [t.to("cuda", torch.float32).requires_grad_(True) for t in _args(tokens=64, d_model=64, hidden=16)]
+
+    def f(*a):
+        return fused_adapter(*a, backend="triton").pow(2).sum()
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(f)
+        got = [compiled(*args)] + list(torch.autograd.grad(compiled(*args), args))
+    finally:
+        torch._dynamo.reset()
+    eager = [f(*args)] + list(torch.autograd.grad(f(*args), args))
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- benchmark
 def _benchmark_module():
     import importlib.util
