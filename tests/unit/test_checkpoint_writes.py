@@ -676,3 +676,28 @@ def test_latest_naming_a_folder_left_as_old_says_how_to_recover(tmp_path):
         ckpt.latest_tag(root)
     (root / "step4.old").rename(root / "step4")
     assert ckpt.latest_tag(root) == "step4"
+
+
+def test_a_save_of_the_latest_step_that_fails_between_its_renames_puts_it_back(tmp_path, monkeypatch):
+    """A resumed run whose steps were all done saves its last step again (its adapter/ was of an earlier step):
+    step<N>/ is moved to step<N>.old, the new one renamed in, the old one removed. An error on the second rename
+    said "the previous checkpoint .../step<N> is intact (--resume continues from it)" with step<N> gone and latest
+    naming it, so --resume was refused until the user renamed step<N>.old back. Now it is put back at once."""
+    import errno
+
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3, "run": "first"}, rank=0)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src) == root / ".tmp-step3" / "step3":  # the second rename
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(ckpt.CheckpointError, match=rf"the previous checkpoint {root / 'step3'} is intact"):
+        ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3, "run": "second"}, rank=0)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
+    assert ckpt.check_output_dir(tmp_path, resume=True, world_size=1) == "step3"
+    assert json.loads((root / "step3" / "client_state_rank0.json").read_text())["run"] == "first"

@@ -1143,6 +1143,7 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (root / f"{LATEST}.tmp").unlink(missing_ok=True)
+            _restore_replaced(root / tag)  # failed between the renames: the step's previous folder back in place
         kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
                 else "no earlier checkpoint exists")
         raise CheckpointError(f"the checkpoint at step {step} could not be written to {root} ({reason}); {kept}, "
