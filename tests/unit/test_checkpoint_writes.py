@@ -701,3 +701,17 @@ def test_a_save_of_the_latest_step_that_fails_between_its_renames_puts_it_back(t
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
     assert ckpt.check_output_dir(tmp_path, resume=True, world_size=1) == "step3"
     assert json.loads((root / "step3" / "client_state_rank0.json").read_text())["run"] == "first"
+
+
+def test_a_new_run_does_not_overwrite_an_adapter_left_as_old(tmp_path):
+    """A run whose adapter save was killed between its renames leaves adapter.old and no adapter/; with its
+    checkpoints gone (moved away to free space), a new run in that output_dir was allowed, and its first save put
+    adapter.old back as adapter/ only to replace it: the earlier run's adapter was deleted without a word."""
+    from vlscale.config import load_config
+
+    done = tmp_path / "done"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), done / "adapter", load_config("tiny"), vocab_size=10, extra={"step": 2})
+    (done / "adapter").rename(done / "adapter.old")
+    with pytest.raises(ckpt.CheckpointError, match=r"holds another run's \['adapter\.old'\]"):
+        ckpt.check_output_dir(done, resume=False)
+    assert ckpt.read_adapter_config(done / "adapter.old")["step"] == 2

@@ -792,7 +792,8 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
                 else "; drop --resume to start a new run")
         raise CheckpointError(f"--resume: no checkpoint to resume in {str(ckpt_root)!r} (no '{LATEST}' file){hint}")
     if not resume:  # another run's results, even without its checkpoint's 'latest': not overwritten either
-        held = (["adapter"] if (Path(output_dir) / "adapter").is_dir() else []) + steps
+        adapter = Path(output_dir) / "adapter"  # or adapter.old alone: its save was killed between the renames
+        held = [p.name for p in (adapter, _replaced(adapter)) if p.is_dir()] + steps
         if held:
             raise CheckpointError(f"output_dir {str(output_dir)!r} holds another run's {held} (its checkpoint "
                                   "is gone or has no 'latest'); choose another output_dir (output_dir=...) or move "
