@@ -70,14 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) -> None:
     """The frozen mini-clip-rn's grid features of every synthetic split, once (resumable)."""
-    from vlscale.replicate import MINI_PRESET, interruptible, python_cmd, subprocess_env, tail
+    from vlscale.files import write_text_atomic
+    from vlscale.replicate import (MINI_PRESET, ReplicationError, interruptible, python_cmd, read_json,
+                                   subprocess_env, tail)
 
     cache.mkdir(parents=True, exist_ok=True)
-    stamp = cache / "replicate_backbones.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("backbones") != fingerprint:
+    stamp = cache / "replicate_backbones.json"  # which CLIP weights made the cache
+    try:
+        made = read_json(stamp, f"Delete {cache}: which CLIP weights made it is unknown") if stamp.exists() else None
+    except ReplicationError as e:
+        raise SystemExit(f"replicate: {e}") from None
+    if made is not None and made.get("backbones") != fingerprint:
         raise SystemExit(f"replicate: the feature cache {cache} was made with other CLIP weights; delete it "
                          f"(or choose another --out)")
-    stamp.write_text(json.dumps({"backbones": fingerprint}) + "\n")
+    write_text_atomic(stamp, json.dumps({"backbones": fingerprint}) + "\n")
     log_path = cache.parent / "features.log"
     cmd = python_cmd("extract_features.py", "--synthetic", "--config", MINI_PRESET, "--out", str(cache), "--quiet",
                      "--batch-size", "64", *extra)
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
         results = {}
         for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
             path = where / "runs" / r.name / RESULT_FILE
-            if path.exists():
+            if path.exists():  # each was read when planned, or written whole since
                 results[r.name] = json.loads(path.read_text())
         per_seed[seed] = results
         earlier |= set(results) - {r.name for r in rows}

@@ -110,6 +110,15 @@ class ReplicationError(RuntimeError):
     """A replication setting or an earlier result does not fit; the message says which."""
 
 
+def read_json(path: Path, remedy: str):
+    """An earlier invocation's JSON file; one cut short (a crash mid-write) is a ReplicationError naming it and
+    the ``remedy``, never a partial result."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ReplicationError(f"{path} is not valid JSON ({e}): cut short by a crash? {remedy}") from None
+
+
 def get_table(number) -> Table:
     try:
         return TABLES[int(number)]
@@ -281,7 +290,8 @@ def seed_dir(out: Path, seed: int, seeds: Sequence[int]) -> Path:
 
 def check_layout(out: Path, seeds: Sequence[int]) -> None:
     """One ``--out`` holds either one seed's replication (``runs/``) or several seeds' (``seed<S>/runs/``):
-    a table over seeds must not take in rows of a one-seed run there, nor the reverse."""
+    a table over seeds must not take in rows of a one-seed run there, nor the reverse. A results.json there that
+    does not read is refused (:func:`read_json`)."""
     out = Path(out)
     several = sorted(p.name for p in out.glob("seed*") if (p / "runs").is_dir())
     if len(seeds) == 1 and several:
@@ -290,6 +300,10 @@ def check_layout(out: Path, seeds: Sequence[int]) -> None:
     if len(seeds) > 1 and (out / "runs").is_dir():
         raise ReplicationError(f"{out} holds a one-seed replication ({out / 'runs'}); choose another --out for "
                                f"several seeds")
+    for results in {out / "results.json", *(seed_dir(out, s, seeds) / "results.json" for s in seeds)}:
+        if results.exists():  # read at the end for its invocations: refused now, not after the trainings
+            read_json(results, "Delete it: a rerun writes it again from the rows' result.json (without the "
+                               "earlier invocations' times)")
 
 
 SUMMARY_KEYS = ("label", "peft_preset", "updated_pct", "updated_pct_without_vision", "updated_pct_with_vision",
@@ -498,7 +512,7 @@ def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:
             "paper_claims": paper_claims(table, results)}
     write_json(out / "results.json", data)
     md = out / f"table{table.number}.md"
-    md.write_text(markdown_table(table, results, [n for n in notes if n]))
+    write_text_atomic(md, markdown_table(table, results, [n for n in notes if n]))
     png = out / f"table{table.number}.png"
     why = plot(table, results, png) if results else "no results to plot"
     return {"results": str(out / "results.json"), "markdown": str(md), "plot": str(png) if why is None else why}
@@ -658,7 +672,7 @@ def check_result(row: Row, overrides: Sequence[str], run_dir: Path, fingerprint:
                  kept: bool = False) -> None:
     """A finished row's ``result.json`` may be used (skipped, or ``kept`` in the table while other rows
     run) only if it was made with these settings and backbone weights; otherwise a ReplicationError."""
-    saved = json.loads((run_dir / RESULT_FILE).read_text())
+    saved = read_json(run_dir / RESULT_FILE, f"Delete it: a rerun collects the row again from {run_dir}")
     who = f"row {row.name} is in the table this run writes, but" if kept else f"row {row.name}:"
 
     def pairs(ov):

@@ -582,3 +582,52 @@ def test_parallel_jobs_share_out_the_gpus(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
     assert "GPU 7" in (job.run_dir / "train.log").read_text()
+
+
+def test_a_truncated_result_or_stamp_is_refused_in_one_line(tmp_path, launcher, capsys):
+    """A row's result.json, --out's results.json or the feature cache's stamp cut short (a crash or a power loss
+    mid-write; the stamp was written in place, with no flush) ended a rerun in a JSONDecodeError traceback: for
+    results.json after every training had run, with no table written. Now each is refused before anything runs,
+    naming the file and what to do; the stamp and table<N>.md are written whole or not at all."""
+    import os
+
+    from vlscale.replicate import check_layout, check_result, write_outputs
+
+    row = TABLES[1].rows[0]
+    run = tmp_path / "runs" / row.name
+    run.mkdir(parents=True)
+    (run / "result.json").write_text('{"label": "full_ft", "scores": {"vqa": 5')
+    with pytest.raises(ReplicationError, match=rf"^{run / 'result.json'} is not valid JSON \(.*\): cut short by a "
+                                               rf"crash\? Delete it: a rerun collects the row again from {run}"):
+        check_result(row, [], run)
+    (tmp_path / "results.json").write_text('{"table": 1, "invocations": [')
+    with pytest.raises(ReplicationError, match=rf"^{tmp_path / 'results.json'} is not valid JSON \(.*\): cut "
+                                               r"short by a crash\? Delete it: a rerun writes it again"):
+        check_layout(tmp_path, [0])
+
+    cache = tmp_path / "features"
+    cache.mkdir()
+    (cache / "replicate_backbones.json").write_text("")
+    stamp = cache / "replicate_backbones.json"
+    with pytest.raises(SystemExit, match=rf"^replicate: {stamp} is not valid JSON \(.*\): cut short by a crash\? "
+                                         rf"Delete {cache}: which CLIP weights made it is unknown$"):
+        launcher("replicate").make_feature_cache([], cache, 1, "fp", print)
+
+    # written through a flushed temporary file renamed into place: a crash leaves the old file or the new one
+    renamed = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renamed.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    import vlscale.files
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vlscale.files.os, "replace", replace)
+        write_outputs(TABLES[1], tmp_path / "new", {}, {})
+        (cache / "replicate_backbones.json").unlink()
+        mp.setattr(launcher("replicate").subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            launcher("replicate").make_feature_cache([], cache, 1, "fp", print)
+    assert {"results.json", "table1.md", "replicate_backbones.json"} <= set(renamed)
+    assert json.loads((cache / "replicate_backbones.json").read_text()) == {"backbones": "fp"}
