@@ -18,9 +18,9 @@ the adapter, else its checkpoint), as ``--resume`` does: files replaced since tr
 
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the settings they come from: the data, the precision, whether
-``--java-metrics`` scored the captions; a report there of the same adapter, split, step and settings keeps the
-tasks not evaluated now); ``DIR`` defaults to
-``<adapter's parent>/eval_<split>``. Prints the per-task scores. A ``DIR`` holding a training run's output or
+``--java-metrics`` scored the captions, the ZeRO stage (null without ``--deepspeed``) and the number of ranks; a
+report there of the same adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults
+to ``<adapter's parent>/eval_<split>``. Prints the per-task scores. A ``DIR`` holding a training run's output or
 ``--predict-only``'s (and, for ``--predict-only``, an evaluation's) is refused before anything is built: its files
 stay as they are (``output_clash``).
 
@@ -288,7 +288,7 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                   file=sys.stderr, flush=True)
     # a file that does not fit is named before the model is built (minutes for a large one): on the meta device
     load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), args.adapter, check_only=True)
-    stage, keep_alive = 0, None
+    stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed
     if args.deepspeed:
         given = parse_overrides(args.overrides).get("train")
         override = cfg.train.zero_stage if isinstance(given, dict) and "zero_stage" in given else None
@@ -321,7 +321,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                   f"{done['submission']}")
     elif rank == 0:
         write_eval_report(out, args.adapter, args.split, meta.get("step"), scores,
-                          settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics))
+                          settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics, zero_stage=stage,
+                                                 world_size=world))
         print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
         print(f"predictions and eval_metrics.json in {out}")
     return 0

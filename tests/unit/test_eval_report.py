@@ -110,6 +110,43 @@ def test_the_report_records_whether_java_scored_the_captions(tmp_path, launcher,
     assert without["tasks"] == {"caption": {"score": 0.5}}, "scored otherwise: replaced, not merged"
 
 
+def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, launcher, monkeypatch):
+    """evaluate.py --deepspeed with a ZeRO-3 file evaluates a sharded model (in bf16 its linear layers round the
+    logits otherwise: predictions shift slightly) on each rank's share of the examples, and eval_metrics.json did
+    not say so: an evaluation of some tasks without DeepSpeed on one process merged into that report as if the
+    scores were comparable. The settings now hold ``zero_stage`` (None without DeepSpeed) and ``world_size``."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import distributed, evaluation
+    from vlscale.engine.distributed import DistInfo
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny")
+    tokenizer = build_tokenizer(cfg)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    evaluate = launcher("evaluate")
+    cpu = torch.device("cpu")
+    # as rank 0 of two under ZeRO-3 (the sharded build itself is test_evaluate_sharded's)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 2, 0, cpu, "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    monkeypatch.setattr(evaluate, "build_sharded", lambda cfg, ds, vocab, dtype: (build_model(cfg, vocab_size=vocab),
+                                                                                  None, 3))
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, world_size, **kw:
+                        {task: {"score": world_size / 10} for task in tasks})
+    out = tmp_path / "out"
+
+    def report(*flags):
+        assert evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", *flags]) == 0
+        return json.loads((out / "eval_metrics.json").read_text())
+
+    sharded = report("--deepspeed", "ds_configs/zero3.json")
+    assert sharded["settings"]["zero_stage"] == 3 and sharded["settings"]["world_size"] == 2
+    assert set(sharded["tasks"]) == set(cfg.data.tasks)
+    alone = report("--tasks", "caption")
+    assert alone["settings"]["zero_stage"] is None and alone["settings"]["world_size"] == 1
+    assert alone["tasks"] == {"caption": {"score": 0.1}}, "run otherwise: replaced, not merged"
+
+
 def test_the_trainers_test_report_records_the_settings_it_evaluated_with(tmp_path, monkeypatch):
     """train.test_eval on a --resume of a finished run with another train.eval_max_examples (a change --resume
     accepts): adapter/ is not written again, and eval_test/eval_metrics.json recorded the adapter's settings
@@ -127,11 +164,13 @@ def test_the_trainers_test_report_records_the_settings_it_evaluated_with(tmp_pat
         _predictions(predictions_dir.parent, "vqa", 3)
         return {"vqa": {"vqa_score": 0.5}}
     monkeypatch.setattr(trainer, "_evaluate", evaluated)
-    run = SimpleNamespace(out=tmp_path, cfg=now, step=2, is_main=True, test_scores=None)
+    run = SimpleNamespace(out=tmp_path, cfg=now, step=2, is_main=True, test_scores=None, stage=2,
+                          dist=SimpleNamespace(world_size=1))
     trainer.run_test_evaluation(run)
     report = json.loads((tmp_path / "eval_test" / "eval_metrics.json").read_text())
     assert report["examples"] == {"vqa": 3}
-    assert report["settings"] == eval_settings(now.to_dict()) and report["settings"]["eval_max_examples"] == 3
+    assert report["settings"] == eval_settings(now.to_dict(), zero_stage=2, world_size=1)
+    assert report["settings"]["eval_max_examples"] == 3 and report["settings"]["zero_stage"] == 2
 
 
 @pytest.mark.parametrize("accelerator,expected", [("cpu", "cpu"), (None, "cuda")])

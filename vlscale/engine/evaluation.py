@@ -349,17 +349,23 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     return broadcast_object(scores)
 
 
-def eval_settings(run_config: dict, java_metrics: bool = False) -> dict:
+def eval_settings(run_config: dict, java_metrics: bool = False, zero_stage: Optional[int] = None,
+                  world_size: int = 1) -> dict:
     """What a report's scores depend on besides the adapter: which examples (a run config's ``data`` section but
     its task list, and ``train.eval_max_examples``, normalised as :func:`vlscale.config.config_from_dict` gives
-    them), the precision the model ran in (``train.precision``: bf16 predictions differ from fp32's) and how
-    captions were scored (``java_metrics``: coco-caption's PTB tokenizer and METEOR, :func:`evaluate`)."""
+    them), the precision the model ran in (``train.precision``: bf16 predictions differ from fp32's), how
+    captions were scored (``java_metrics``: coco-caption's PTB tokenizer and METEOR, :func:`evaluate`), and how
+    the model was spread: the DeepSpeed ZeRO stage it ran under (``zero_stage``, None without DeepSpeed: ZeRO-3's
+    linear layers round bf16 logits otherwise) over ``world_size`` ranks (each rank's batches, padded to their own
+    longest example)."""
     from vlscale.config import config_from_dict
 
     cfg = config_from_dict(run_config).to_dict()
     data = {k: v for k, v in cfg["data"].items() if k != "tasks"}
     return json.loads(json.dumps({"data": data, "eval_max_examples": cfg["train"]["eval_max_examples"],
-                                  "precision": cfg["train"]["precision"], "java_metrics": bool(java_metrics)}))
+                                  "precision": cfg["train"]["precision"], "java_metrics": bool(java_metrics),
+                                  "zero_stage": None if zero_stage is None else int(zero_stage),
+                                  "world_size": int(world_size)}))
 
 
 def _adapter_eval_settings(adapter_dir) -> Optional[dict]:

@@ -811,7 +811,8 @@ def run_test_evaluation(run: Run) -> dict:
     run.test_scores = _evaluate(run, "test", out / "predictions")
     if run.is_main:
         write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores,
-                          settings=eval_settings(run.cfg.to_dict()))
+                          settings=eval_settings(run.cfg.to_dict(), zero_stage=run.stage,
+                                                 world_size=run.dist.world_size))
     return run.test_scores
 
 
