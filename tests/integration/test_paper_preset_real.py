@@ -21,6 +21,9 @@ from vlscale.data.features import FeatureCache
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
 PRESET = "paper/clip_bart_single_adapter"
 VISION = ["model.vision=mini-clip-rn", "model.vision_pretrained=synthetic"]
+# The tests' micro-batch of 2 on the fixture's few examples is the whole step: without the preset's global batch
+# of 500 (train.global_batch_size), which would accumulate 250 micro-batches a step.
+SMALL_BATCH = ["train.micro_batch_size=2", "train.global_batch_size=null"]
 
 
 def downloaded_layout(root: Path) -> Path:
@@ -56,7 +59,7 @@ def preset(root, cache, *more):
 
 def test_extract_real_caches_every_image_the_preset_trains_and_evaluates_on(real):
     root, cache = real
-    cfg = preset(root, cache, "train.micro_batch_size=2")
+    cfg = preset(root, cache, *SMALL_BATCH)
     assert cfg.model.feature_source == "cache" and cfg.data.tasks == ["vqa", "gqa", "nlvr2", "caption"]
     wanted = {i for t in cfg.data.tasks for s in ("train", "val", "test")
               for e in load_examples(cfg, t, s) for i in e.image_ids}
@@ -108,7 +111,7 @@ def test_the_preset_trains_from_that_cache_and_resumes_to_the_same_losses(real, 
     step among them, and a run stopped after step 1 and resumed logs the uninterrupted run's losses."""
     root, cache = real
     args = ["--config", PRESET, f"data.root={root}", f"data.feature_cache={cache}", *VISION,
-            "model.backbone=mini-bart", "train.max_steps=3", "train.micro_batch_size=2", "train.eval_every=0",
+            "model.backbone=mini-bart", "train.max_steps=3", *SMALL_BATCH, "train.eval_every=0",
             "train.precision=fp32", "train.zero_stage=0"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     h.launch(args + [f"output_dir={whole}"])
@@ -126,7 +129,7 @@ def test_sampled_targets_say_when_real_vqa_examples_have_no_soft_label(real, cap
     weight 1 without a word: the loader says so for those alone."""
     root, _ = real
     hf = FIXTURE.parent / "hf_multi"
-    common = ["data.tasks=[vqa]", "model.feature_source=images", "train.micro_batch_size=2"]
+    common = ["data.tasks=[vqa]", "model.feature_source=images", *SMALL_BATCH]
     with caplog.at_level("WARNING", logger="vlscale.data"):
         cfg = preset(root, "", *common)
         build_train_loader(cfg, build_tokenizer(cfg))

@@ -32,6 +32,9 @@ TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 # mini-bart has 128 positions: 2 frames + 100 text tokens. The fixtures' videos have 3-4 frames, so the
 # run subsamples them (the frames every source must agree on).
 MINI = ["model.backbone=mini-bart", "model.max_frames=2", "data.max_input_length=100"]
+# The tests' micro-batch of 2 on the fixture's few videos is the whole step: without the preset's global batch of 50
+# (train.global_batch_size), which would accumulate 25 micro-batches a step.
+SMALL_BATCH = ["train.micro_batch_size=2", "train.global_batch_size=null"]
 
 
 def release_layout(root: Path) -> Path:
@@ -128,7 +131,7 @@ def test_the_frames_a_long_video_gives_are_the_same_from_its_file_and_from_the_c
     root, cache = real
     batches = {}
     for name, where in (("folder", "data.feature_cache=null"), ("cache", f"data.feature_cache={cache}")):
-        cfg = preset(root, where, "train.micro_batch_size=2", "train.max_steps=6")
+        cfg = preset(root, where, *SMALL_BATCH, "train.max_steps=6")
         loader = build_train_loader(cfg, build_tokenizer(cfg))
         batches[name] = [next(loader) for _ in range(6)]
     assert any(b["vis_mask"].sum() < 2 * 4 for b in batches["cache"])  # 4-frame videos were cut to 2
@@ -145,7 +148,7 @@ def runs(real, tmp_path_factory, h):
     root, cache = real
     out = tmp_path_factory.mktemp("video_runs")
     args = ["--config", PRESET, f"data.root={root}", f"data.feature_cache={cache}", *MINI, "train.max_steps=3",
-            "train.micro_batch_size=2", "train.zero_stage=0", "train.eval_every=0",
+            *SMALL_BATCH, "train.zero_stage=0", "train.eval_every=0",
             "train.seed=3"]  # seed 3 draws tvc, how2qa, tvc
     started = [(h.start(args + [f"output_dir={out / name}", *extra], log_path=out / f"{name}.log"),
                 out / f"{name}.log", time.monotonic())
@@ -204,7 +207,7 @@ def test_predict_only_writes_the_value_submission_files(runs, tmp_path, launcher
 
 
 def loader(data_root, *more):
-    cfg = preset(data_root, "data.feature_cache=null", "train.micro_batch_size=2", *more)
+    cfg = preset(data_root, "data.feature_cache=null", *SMALL_BATCH, *more)
     return build_train_loader(cfg, build_tokenizer(cfg))
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlscale.config import ConfigError, load_config
+from vlscale.config import ConfigError, list_presets, load_config
 from vlscale.engine.deepspeed_config import build_deepspeed_config, global_batch_size, resolve_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +77,51 @@ def test_a_scale_preset_keeps_its_global_batch_with_a_users_micro_batch(world):
         ds = build_deepspeed_config(ROOT / cfg.train.deepspeed, cfg, world, device_type="cuda")
         assert ds["train_batch_size"] == 512 and ds["train_micro_batch_size_per_gpu"] == micro
         assert ds["gradient_accumulation_steps"] == 512 // (micro * world)
+
+
+# The paper's global batch (VL-T5/scripts: batch_size=500 for BART, 300 for T5; the video scripts 50).
+PAPER_BATCH = {"paper/clip_t5_single_adapter": 300, "paper/video_clip_bart_single_adapter": 50}
+PAPER_PRESETS = sorted(p for p in list_presets() if p.startswith("paper/"))
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_a_paper_preset_keeps_the_papers_global_batch_on_the_gpus_there_are(name):
+    """The paper presets fixed the micro-batch per rank (500: the whole batch on one GPU), so on N GPUs the run
+    trained a global batch N times the paper's (max_steps N times its epochs) without a word. Now the global batch
+    is the paper's on any number of ranks that divides it, with the preset's micro-batch on one GPU and a user's
+    on more; the preset's micro-batch on more ranks is refused, naming the sizes that keep it."""
+    batch = PAPER_BATCH.get(name, 500)
+    assert load_config(name).train.micro_batch_size == batch  # one GPU: the whole batch in one micro-batch
+    for world in (1, 2, 4, 5):
+        if batch % world:  # 50 on 4
+            continue
+        for micro, accum in ((batch // world, 1), (batch // world // 5, 5)):
+            cfg = load_config(name, [] if (world, accum) == (1, 1) else [f"train.micro_batch_size={micro}"])
+            ds = build_deepspeed_config(ZERO2, cfg, world, device_type="cuda")
+            assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
+                == (batch, micro, accum), (world, micro)
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(load_config(name), 2)
+    assert str(e.value).startswith(f"train.global_batch_size={batch} is not a multiple of train.micro_batch_size="
+                                   f"{batch} x world_size=2 (= {2 * batch}); micro-batch sizes that divide it on 2 "
+                                   f"ranks: train.micro_batch_size={batch // 2}, ")
+    with pytest.raises(ConfigError, match=rf"train\.global_batch_size={batch} is not a multiple of .* world_size=8 .*"
+                                          rf"set train\.global_batch_size to a multiple of 8"):
+        resolve_batch(load_config(name, [f"train.micro_batch_size={batch // 10}"]), 8)  # 8 GPUs divide none of them
+
+
+def test_a_paper_preset_on_ranks_that_do_not_keep_its_batch_is_refused_before_start(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "launchers"))
+    import train
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config("paper/clip_bart_single_adapter", [f"output_dir={tmp_path / 'run'}"])
+    assert train.refused_before_start(cfg, False, str(ZERO2)) == (
+        "ConfigError: train.global_batch_size=500 is not a multiple of train.micro_batch_size=500 x world_size=2 "
+        "(= 1000); micro-batch sizes that divide it on 2 ranks: train.micro_batch_size=250, 125, 50, 25, 10, 5")
+    assert train.refused_before_start(load_config("paper/clip_bart_single_adapter", [
+        f"output_dir={tmp_path / 'run'}", "train.micro_batch_size=125"]), False, str(ZERO2)) is None
 
 
 def test_the_planner_and_profile_memory_see_the_derived_accumulation(launcher, capsys):

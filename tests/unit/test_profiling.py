@@ -301,10 +301,15 @@ def test_plain_torch_bf16_path_matches_stage0_model():
 
 # ----------------------------------------------------------------------------- planner / launcher
 
+# The planner's mechanics on T5-large at micro-batch 64 x 4 ranks (a global batch of 256): without the preset's
+# train.global_batch_size (the paper's 300, which 64 x 4 does not divide), so the batch is micro x ranks x accumulation.
+T5_LARGE = ["model.backbone=t5-large", "train.global_batch_size=null"]
+
+
 def test_planner_ranks_and_writes_config(tmp_path):
     from vlscale.profiling.planner import plan, write_ds_config
 
-    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large", "train.micro_batch_size=64"])
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
     roomy = plan(cfg, "80GiB", 4, micro_batches=[8, 32], precisions=["bf16"])
     best = roomy[0]
     assert best.fits and best.offload == "none" and not best.gradient_checkpointing and best.micro_batch_size == 32
@@ -316,7 +321,7 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert ds["zero_optimization"]["stage"] == best.zero_stage
     from vlscale.engine.deepspeed_config import build_deepspeed_config
 
-    run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"] + best.overrides())
+    run = load_config("paper/clip_t5_single_adapter", T5_LARGE + best.overrides())
     assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 4 == 256
     resolved = build_deepspeed_config(path, run, 4, device_type="cuda")
     assert resolved["train_micro_batch_size_per_gpu"] == 32
@@ -348,7 +353,7 @@ def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_
     from vlscale.profiling.planner import plan, write_ds_config
 
     ds_dir = Path(__file__).resolve().parents[2] / "ds_configs"
-    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large", "train.micro_batch_size=64"])
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
     kw = dict(micro_batches=[8], precisions=["bf16"], stages=[3], offloads=["none", "opt_param_cpu"],
               checkpointing=[True])
     from_two = plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero2.json"), **kw)
@@ -357,7 +362,7 @@ def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_
     for o in from_two:
         path = tmp_path / f"{o.offload}.json"
         write_ds_config(o, path, ds_file=str(ds_dir / "zero2.json"))
-        run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-large"] + o.overrides())
+        run = load_config("paper/clip_t5_single_adapter", T5_LARGE + o.overrides())
         z = build_deepspeed_config(path, run, 4, device_type="cuda")["zero_optimization"]
         assert z["stage"] == 3 and "allgather_bucket_size" not in z
     # and a stage-2 plan from zero3.json is estimated as zero2.json's
@@ -369,15 +374,18 @@ def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_
 def test_planner_keeps_the_global_batch():
     """Every option's micro-batch x accumulation x ranks is the run's global batch (tiny: 16 x 1 x 2 = 32):
     micro-batches 64 (and 32 on 2 ranks) would change it, so they are not offered."""
+    from vlscale.engine.deepspeed_config import global_batch_size
     from vlscale.profiling.planner import plan
 
     cfg = load_config("tiny")
     options = plan(cfg, "1GiB", 2, precisions=["fp32"], stages=[2], offloads=["none"], checkpointing=[False])
     assert sorted(o.micro_batch_size for o in options) == [1, 2, 4, 8, 16]
-    # the paper's batch (500 a rank): its divisors up to 64, and 500 itself
-    paper = plan(load_config("paper/clip_bart_single_adapter"), "80GiB", 4, precisions=["bf16"], stages=[2],
-                 offloads=["none"], checkpointing=[False])
-    assert sorted(o.micro_batch_size for o in paper) == [1, 2, 4, 5, 10, 20, 25, 50, 500]
+    # the paper's global batch of 500 on 4 ranks (125 a rank): its divisors up to 64, and the micro-batch given
+    paper_cfg = load_config("paper/clip_bart_single_adapter", ["train.micro_batch_size=125"])
+    paper = plan(paper_cfg, "80GiB", 4, precisions=["bf16"], stages=[2], offloads=["none"], checkpointing=[False])
+    assert sorted(o.micro_batch_size for o in paper) == [1, 5, 25, 125]
+    for o in paper:
+        assert global_batch_size(load_config("paper/clip_bart_single_adapter", o.overrides()), 4) == 500, o.overrides()
     for o in options:
         run = load_config("tiny", o.overrides())
         assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 2 == 32, o.overrides()
