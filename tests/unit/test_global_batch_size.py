@@ -56,6 +56,24 @@ def test_a_global_batch_the_ranks_do_not_divide_is_one_line_naming_the_values_an
         build_deepspeed_config(ZERO2, cfg, 2, device_type="cpu")
 
 
+def test_a_global_batch_the_ranks_do_not_divide_names_a_micro_batch_that_fits_the_batch_it_suggests():
+    """The paper's 500 on 8 GPUs with the preset's micro-batch of 500: the refusal suggested 496 or 504 alone, and
+    train.global_batch_size=504 was refused again (500 does not divide 63 a rank). It names both keys now, and what
+    it names builds; a micro-batch that already fits both suggestions is not named."""
+    cfg = load_config("paper/clip_bart_single_adapter")
+    with pytest.raises(ConfigError) as e:
+        resolve_batch(cfg, 8)
+    assert ("set train.global_batch_size to a multiple of 8 (e.g. 496 or 504) and train.micro_batch_size to a divisor "
+            "of its share per rank (62 or 63), or train on a number of ranks that divides 500") in str(e.value)
+    ds = build_deepspeed_config(ZERO2, load_config("paper/clip_bart_single_adapter", [
+        "train.global_batch_size=504", "train.micro_batch_size=63"]), 8, device_type="cuda")
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (504, 1)
+    with pytest.raises(ConfigError) as e:  # micro-batch 1 divides any share: only the global batch to change
+        resolve_batch(load_config("tiny", TINY + ["train.global_batch_size=5", "train.micro_batch_size=1"]), 8)
+    assert str(e.value).endswith("set train.global_batch_size to a multiple of 8 (e.g. 8), or train on a number of "
+                                 "ranks that divides 5")
+
+
 def test_an_explicit_accumulation_must_agree_with_the_global_batch():
     both = TINY + ["train.global_batch_size=32", "train.micro_batch_size=4", "train.gradient_accumulation_steps=4"]
     assert resolve_batch(load_config("tiny", both), 2).train.gradient_accumulation_steps == 4  # they agree on 2 ranks

@@ -349,8 +349,9 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
     """``cfg`` with a concrete ``train.gradient_accumulation_steps`` for ``world_size`` ranks: with
     ``train.global_batch_size`` set, ``global / (train.micro_batch_size x world_size)``, so a preset keeps its
     global batch (and with it the meaning of max_steps and the learning-rate schedule) on any number of GPUs.
-    A remainder is a :class:`ConfigError` naming the micro-batch sizes that divide it; an accumulation given
-    as well must be that one. ``cfg`` itself when there is nothing to derive (idempotent)."""
+    A remainder is a :class:`ConfigError` naming the micro-batch sizes that divide it (ranks that do not divide
+    the global batch: global batches near it, and a micro-batch for those); an accumulation given as well must
+    be that one. ``cfg`` itself when there is nothing to derive (idempotent)."""
     t = cfg.train
     if t.global_batch_size is None:
         return cfg
@@ -358,9 +359,13 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
     ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
     if glob % (micro * world_size):
         if glob % world_size:
+            near = list(dict.fromkeys((glob - glob % world_size or world_size, glob - glob % world_size + world_size)))
+            shares = [g // world_size for g in near]
+            micro_too = (f" and train.micro_batch_size to a divisor of its share per rank "
+                         f"({' or '.join(map(str, shares))})" if any(share % micro for share in shares) else "")
             fits = (f"no micro-batch size does ({glob} is not a multiple of {world_size}); set train.global_batch_size "
-                    f"to a multiple of {world_size} (e.g. {glob - glob % world_size or world_size} or "
-                    f"{glob - glob % world_size + world_size}), or train on a number of ranks that divides {glob}")
+                    f"to a multiple of {world_size} (e.g. {' or '.join(map(str, near))}){micro_too}, or train on a "
+                    f"number of ranks that divides {glob}")
         else:
             per_rank = glob // world_size
             sizes = [m for m in range(min(micro, per_rank), 0, -1) if per_rank % m == 0][:6]
