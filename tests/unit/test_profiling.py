@@ -334,13 +334,14 @@ def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, mon
     from vlscale.profiling.planner import OFFLOADS, plan, write_ds_config
 
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
-    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-small", "train.micro_batch_size=64"])
+    small = ["model.backbone=t5-small", "train.global_batch_size=null"]  # micro 64 x 4 ranks: a global batch of 256
+    cfg = load_config("paper/clip_t5_single_adapter", small + ["train.micro_batch_size=64"])
     options = plan(cfg, "80GiB", 4, stages=[2, 3], micro_batches=[8], precisions=["bf16"], checkpointing=[False],
                    offloads=list(OFFLOADS))
     assert {o.offload for o in options} >= {"opt_nvme", "opt_param_nvme"} and {o.zero_stage for o in options} >= {2, 3}
     for i, option in enumerate(options):
         write_ds_config(option, tmp_path / f"{i}.json")
-        run = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-small"] + option.overrides())
+        run = load_config("paper/clip_t5_single_adapter", small + option.overrides())
         built = build_deepspeed_config(tmp_path / f"{i}.json", run, 4, device_type="cuda")
         assert built["zero_optimization"]["stage"] == option.zero_stage, option
 
