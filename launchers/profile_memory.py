@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shlex
 import sys
@@ -164,6 +165,15 @@ def main(argv=None) -> int:
         return profile(args, json_out=stdout)
 
 
+def fitting_micro_batch(cfg, world_size: int):
+    """The largest micro-batch up to ``train.micro_batch_size`` that keeps ``train.global_batch_size`` on
+    ``world_size`` ranks (None: the ranks do not divide it)."""
+    glob, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if glob is None or glob % world_size:
+        return None
+    return max(m for m in range(1, min(micro, glob // world_size) + 1) if (glob // world_size) % m == 0)
+
+
 def profile(args, json_out=None) -> int:
     overrides = list(args.overrides)
     if args.zero_stage is not None:
@@ -179,11 +189,20 @@ def profile(args, json_out=None) -> int:
         return 2
     from vlscale.engine.deepspeed_config import load_ds_file, resolve_batch, resolve_ds_file
 
+    batch_note = None
     try:  # train.global_batch_size: the accumulation on --world-size ranks, as the run derives it
         cfg = resolve_batch(cfg, args.world_size)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fit = fitting_micro_batch(cfg, args.world_size)
+        if args.budget is None or fit is None:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # planning searches micro-batch sizes anyway: the prediction takes the largest that keeps the batch
+        batch_note = (f"train.micro_batch_size={cfg.train.micro_batch_size} does not keep train.global_batch_size="
+                      f"{cfg.train.global_batch_size} on {args.world_size} ranks; predicted for "
+                      f"train.micro_batch_size={fit}, the largest that does (the plan searches the others)")
+        cfg = resolve_batch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=fit)),
+                            args.world_size)
     from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
                                             resolve_ds_config)
 
@@ -238,6 +257,8 @@ def profile(args, json_out=None) -> int:
         return 2
     disk = estimate_checkpoint(cfg, args.world_size, ds)
     out = {"config": cfg.name, "world_size": args.world_size, "predicted": est.to_dict(), "checkpoint": disk.to_dict()}
+    if batch_note:
+        out["note"] = batch_note
     bars = {"predicted": at_peak(est.components, est.at_peak["activations"], est.at_peak["grads"])}
     if args.measure:
         from vlscale.engine.deepspeed_config import check_nvme_support
@@ -303,6 +324,8 @@ def profile(args, json_out=None) -> int:
         print(json.dumps(out, default=str), file=json_out)
         return 0
     s = est.settings
+    if batch_note:
+        print(f"note: {batch_note}")
     print(f"{cfg.name}: {s['backbone']} + {s['vision']}, peft={s['peft']}{' + full LM' if s['train_lm'] else ''}, "
           f"ZeRO-{s['zero_stage']}, {args.world_size} rank(s), {s['precision']}, micro-batch {s['micro_batch_size']}, "
           f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, device {device}")

@@ -215,3 +215,20 @@ def test_evaluation_on_other_ranks_does_no_batch_arithmetic(launcher):
     cfg = resolve_batch(load_config("tiny", TINY + ["train.global_batch_size=32", "train.micro_batch_size=4"]), 2)
     ds = launcher("evaluate").evaluation_ds_config(str(ZERO2), cfg, 3, "cpu")
     assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_planning_a_preset_whose_micro_batch_does_not_keep_the_batch_takes_one_that_does(launcher, capsys):
+    """profile_memory --budget plans micro-batch sizes anyway: a paper preset (500 per step, micro-batch 500) on 4 ranks
+    was refused before planning; now predicted for micro-batch 125 with a note, and the plan keeps 500. Without
+    --budget the refusal stays (there is no plan to make)."""
+    import json
+
+    pm = launcher("profile_memory")
+    argv = ["--config", "paper/clip_bart_single_adapter", "--world-size", "4"]
+    assert pm.main(argv + ["--budget", "24GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predicted"]["settings"]["micro_batch_size"] == 125
+    assert "predicted for train.micro_batch_size=125, the largest that does" in out["note"]
+    assert out["plan"] and {o["micro_batch_size"] * 4 * o["gradient_accumulation_steps"] for o in out["plan"]} == {500}
+    assert pm.main(argv) == 2
+    assert "micro-batch sizes that divide it on 4 ranks: train.micro_batch_size=125, 25, 5, 1" in capsys.readouterr().err
