@@ -23,10 +23,13 @@ def fsync_path(path) -> None:
 
 def fsync_tree(folder) -> None:
     """:func:`fsync_path` of every file and folder under ``folder``, and of ``folder``: before it is renamed into
-    place, so what the new name points to is on disk."""
+    place, so what the new name points to is on disk. Symbolic links are left alone (what they point to is not in
+    the folder, and may not exist)."""
     for root, _, files in os.walk(folder):
         for name in files:
-            fsync_path(os.path.join(root, name))
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_path(path)
         fsync_path(root)
 
 

@@ -286,6 +286,118 @@ def test_checkpoint_tensors_the_model_lacks_are_named(sharded_ckpt, tmp_path, ca
     assert not caplog.records
 
 
+def _files(folder):
+    """{relative path: bytes} of every file under ``folder``; a symbolic link as ("link", its target)."""
+    return {str(p.relative_to(folder)): ("link", str(p.readlink())) if p.is_symlink() else p.read_bytes()
+            for p in sorted(Path(folder).rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def _users_files(folder):
+    """A tokenizer, a notes folder and a link: what a user keeps beside the weights."""
+    (folder / "tokenizer.json").write_text('{"model": "mine"}')
+    (folder / "notes").mkdir()
+    (folder / "notes" / "README.md").write_text("kept")
+    (folder / "spiece.model").symlink_to("/nowhere/spiece.model")
+    return {"tokenizer.json", "notes", "spiece.model"}
+
+
+def test_a_save_over_another_leaves_exactly_the_new_files(tmp_path):
+    """A save over an older one with another shard count left the older shards (and its index, or its
+    model.safetensors) beside the new files: a sharded save over a single-file one left a stale model.safetensors
+    (transformers' from_pretrained reads it before the index), a single-file save over a sharded one left the
+    old index and shards, which our loader reads first. The folder's other files are the user's and stay."""
+    from transformers import T5ForConditionalGeneration
+
+    from vlscale.engine.sharded_loading import INDEX_FILE, load_sharded_safetensors, save_sharded_safetensors
+
+    out = tmp_path / "saved"
+    save_sharded_safetensors(tiny_t5(seed=1), out, max_shard_bytes=250_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) == 3 and (out / INDEX_FILE).exists()
+    users = _users_files(out)
+    for seed, shard_bytes, ours in [(2, 2 ** 30, {"model.safetensors", "config.json"}),
+                                    (3, 250_000, {*shards, INDEX_FILE, "config.json"})]:
+        model = tiny_t5(seed=seed)
+        names = save_sharded_safetensors(model, out, max_shard_bytes=shard_bytes)
+        assert sorted(Path(n).name for n in names) == sorted(ours - {INDEX_FILE, "config.json"})
+        assert {p.name for p in out.iterdir()} == ours | users
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"], "no temporary or replaced folder is left"
+        assert (out / "notes" / "README.md").read_text() == "kept" and (out / "spiece.model").is_symlink()
+        ours = tiny_t5(seed=9)
+        load_sharded_safetensors(ours, out, rank=0, world_size=1)
+        for loaded in (ours, T5ForConditionalGeneration.from_pretrained(out)):  # the new weights, either way
+            for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values()):
+                assert torch.equal(v, w), (seed, k)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A save over an older one that fails at any of its renames (or writing a shard) leaves the older folder as
+    it was, loadable, and nothing beside it: the shards were renamed one by one into the folder, so a crash
+    between two left an index naming new and old shards, which loaded without complaint."""
+    import os
+
+    import vlscale.files
+    from vlscale.engine.sharded_loading import load_sharded_safetensors, save_sharded_safetensors
+
+    class Crash(Exception):
+        pass
+
+    out = tmp_path / "saved"
+    old = tiny_t5(seed=1)
+    save_sharded_safetensors(old, out, max_shard_bytes=250_000)
+    _users_files(out)
+    before = _files(out)
+    replace, save_file = os.replace, vlscale.files.save_safetensors
+
+    def failing(function, at):
+        calls = []
+
+        def fail(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == at:
+                raise Crash(f"call {at}")
+            return function(*args, **kwargs)
+        return fail
+
+    new = tiny_t5(seed=2)
+    crashes = [("save_safetensors", 2)] + [("replace", at) for at in range(1, 100)]
+    for what, at in crashes:
+        monkeypatch.setattr(os, "replace", failing(replace, at) if what == "replace" else replace)
+        monkeypatch.setattr(vlscale.files, "save_safetensors",
+                            failing(save_file, at) if what == "save_safetensors" else save_file)
+        try:
+            save_sharded_safetensors(new, out, max_shard_bytes=250_000)
+        except Crash:
+            assert _files(out) == before, (what, at)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"], (what, at)
+            target = tiny_t5(seed=9)
+            load_sharded_safetensors(target, out, rank=0, world_size=1)
+            assert all(torch.equal(v, w) for v, w in zip(old.state_dict().values(), target.state_dict().values()))
+            continue
+        break  # the save went through: every rename it makes has failed once before
+    assert (what, at) == ("replace", 6), "5 renames: 3 shards, the folder moved aside, the new one moved in"
+    target = tiny_t5(seed=9)
+    load_sharded_safetensors(target, out, rank=0, world_size=1)
+    assert all(torch.equal(v, w) for v, w in zip(new.state_dict().values(), target.state_dict().values()))
+
+
+def test_a_save_that_died_between_its_renames_is_put_back(tmp_path):
+    """A process killed between the two renames leaves the previous folder at NAME.old: the loader says so, and
+    the next save puts it back first (the user's files in it are kept)."""
+    from vlscale.engine.sharded_loading import ShardedLoadError, load_sharded_safetensors, save_sharded_safetensors
+
+    out = tmp_path / "saved"
+    save_sharded_safetensors(tiny_t5(seed=1), out, max_shard_bytes=250_000)
+    users = _users_files(out)
+    out.rename(tmp_path / "saved.old")
+    (tmp_path / ".tmp-saved").mkdir()  # the new one, half written
+    with pytest.raises(ShardedLoadError, match=r"saved\.old: rename it back"):
+        load_sharded_safetensors(tiny_t5(), out, rank=0, world_size=1)
+    save_sharded_safetensors(tiny_t5(seed=2), out)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"} | users
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
 @pytest.mark.parametrize("backbone, layers", [("tiny-t5", ["T5Block"]),
                                               ("tiny-bart", ["BartDecoderLayer", "BartEncoderLayer"])])
 def test_lm_layers_are_marked_as_zero3_units(backbone, layers):

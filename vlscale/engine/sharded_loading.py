@@ -36,7 +36,9 @@ import json
 import logging
 import math
 import os
+import re
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,7 +90,9 @@ def checkpoint_files(directory) -> dict[str, list[str]]:
 
     d = Path(directory)
     if not d.is_dir():
-        raise ShardedLoadError(f"checkpoint directory {str(d)!r} does not exist (model.backbone_path)")
+        old = d.with_name(d.name + ".old")  # vlscale.engine.checkpoint._replace_dir's
+        died = f"; a save that died left the previous one at {old}: rename it back" if old.is_dir() else ""
+        raise ShardedLoadError(f"checkpoint directory {str(d)!r} does not exist (model.backbone_path){died}")
     index = d / INDEX_FILE
     if index.is_file():
         try:
@@ -278,6 +282,12 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+_SAVED_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json"
+                         r"|\.shard-\d+\.safetensors")
+"""The files of a folder that :func:`save_sharded_safetensors` writes (or wrote, ``.shard-*``: an older version's
+temporary shards); whatever else the folder holds (a tokenizer, a README) is the user's and is kept."""
+
+
 def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_bytes: int = 2 * 2 ** 30,
                              rank: Optional[int] = None) -> list[str]:
     """Write ``module``'s parameters (full shapes, each tied tensor once) and persistent buffers as a
@@ -285,27 +295,61 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
 
     A collective under ZeRO-3 (every rank calls it): parameters are gathered one at a time and rank 0
     holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
+
+    Saved whole: rank 0 writes into ``.tmp-<name>`` beside ``directory``, the folder's other files hard-linked
+    in, and swaps it in (``vlscale.engine.checkpoint._replace_dir``, flushed to disk first). A save that fails or
+    dies leaves the previous one as it was, and the shards of an older save (another shard count) never remain
+    beside the new index, where a loader would read them.
     """
-    import deepspeed
-    from vlscale.files import save_safetensors
+    from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
 
     if rank is None:
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    d = Path(directory)
+    d = Path(os.path.abspath(directory))
+    tmp = d.with_name(f".tmp-{d.name}")
     if rank == 0:
-        d.mkdir(parents=True, exist_ok=True)
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(f"{d} is a file: save_sharded_safetensors writes a folder there")
+        _restore_replaced(d)  # a save that died between its two renames: the previous folder back first
+        if tmp.exists():  # what a save that died left
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    try:
+        names = _write_checkpoint(module, tmp, max_shard_bytes, rank)
+        if rank == 0:
+            for p in d.iterdir() if d.is_dir() else []:  # the user's files, kept
+                if not _SAVED_FILE.fullmatch(p.name):
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.copytree(p, tmp / p.name, symlinks=True, copy_function=_link)
+                    else:
+                        _link(p, tmp / p.name)
+            _replace_dir(tmp, d)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _restore_replaced(d)  # failed between the renames: the previous folder back in place
+        raise
+    return [str(d / name) for name in names]
+
+
+def _write_checkpoint(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank: int) -> list[str]:
+    """The collective part of :func:`save_sharded_safetensors`: the shards, index and config written into
+    ``tmp`` (rank 0). -> the shards' file names (rank 0)."""
+    import deepspeed
+    from vlscale.files import save_safetensors
+
     shard: dict[str, torch.Tensor] = {}
-    written: list[tuple[str, list[str]]] = []
+    written: list[tuple[Path, list[str]]] = []
     size = total = 0
 
     def flush():
         nonlocal shard, size
         if rank == 0 and shard:
-            tmp = d / f".shard-{len(written):05d}.safetensors"
-            save_safetensors(shard, tmp, metadata={"format": "pt"})
-            written.append((str(tmp), list(shard)))
+            path = tmp / f".shard-{len(written):05d}.safetensors"
+            save_safetensors(shard, path, metadata={"format": "pt"})
+            written.append((path, list(shard)))
         shard, size = {}, 0
 
     seen = set()
@@ -328,18 +372,26 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
         return []
     n = len(written)
     names, weight_map = [], {}
-    for i, (tmp, keys) in enumerate(written, 1):
-        final = d / (SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
-        os.replace(tmp, final)
-        names.append(str(final))
-        weight_map.update({k: final.name for k in keys})
+    for i, (path, keys) in enumerate(written, 1):
+        name = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        os.replace(path, tmp / name)
+        names.append(name)
+        weight_map.update({k: name for k in keys})
     if n > 1:
-        (d / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2) + "\n")
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(str(d))
+        config.save_pretrained(str(tmp))
     return names
+
+
+def _link(src, dst) -> None:
+    """``src`` hard-linked at ``dst`` (a symbolic link as such), copied where the filesystem has no hard links."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 # ----------------------------------------------------------------------------- construction
