@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import signal
 import statistics
@@ -38,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from vlscale.files import write_text_atomic
+from vlscale.files import fsync_path, write_text_atomic
 
+logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 MINI_PRESET = "mini/clip_bart"
 PAPER_D_MODEL = 768
@@ -700,12 +702,74 @@ SEGMENTS_FILE = "replicate_segments.jsonl"
 over several invocations (interrupted, resumed) is timed over all of them."""
 
 
+_CUT_SHORT_SAID: set = set()
+
+
+def _segment(line: str) -> Optional[dict]:
+    """One line of :data:`SEGMENTS_FILE` read; None when it is not one."""
+    try:
+        seg = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(seg, dict) and all(isinstance(seg.get(k), (int, float)) for k in ("seconds", "cpu_s"))
+    return seg if ok else None
+
+
+def _said_cut_short(path: Path) -> None:
+    if path not in _CUT_SHORT_SAID:
+        _CUT_SHORT_SAID.add(path)
+        logger.warning(f"{path}: its last line was cut short (a crash while it was written): that command's time "
+                       f"is left out")
+
+
+def read_segments(path: Path) -> list[dict]:
+    """The commands :data:`SEGMENTS_FILE` ``path`` records. A last line cut short (a crash mid-append: no newline
+    after it) is left out and said once; a line that does not read before it is a ReplicationError naming it."""
+    path = Path(path)
+    text = path.read_text()
+    lines = text.splitlines()
+    segments = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        seg = _segment(line)
+        if seg is None:
+            if i == len(lines) and not text.endswith("\n"):
+                _said_cut_short(path)
+                break
+            raise ReplicationError(f"{path}, line {i}: not a recorded command ({line[:80]!r}); delete that line "
+                                   f"(its command's time is then left out)")
+        segments.append(seg)
+    return segments
+
+
+def record_segment(path: Path, segment: dict) -> None:
+    """Append ``segment`` to :data:`SEGMENTS_FILE` ``path``, flushed to disk. A last line cut short is dropped
+    first (said once): the new line after it would make it a line in the middle, which reads as corruption."""
+    new = not path.exists()
+    with open(path, "a+b") as f:
+        f.seek(0)
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            start = text.rfind(b"\n") + 1
+            if _segment(text[start:].decode(errors="replace")) is None:
+                f.truncate(start)
+                _said_cut_short(path)
+            else:  # whole but for its newline
+                f.write(b"\n")
+        f.write((json.dumps(segment) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        fsync_path(path.parent)
+
+
 def time_spent(run_dir: Path) -> tuple[Optional[float], Optional[float]]:
     """(wall, CPU) seconds of the row's commands over every invocation; (None, None) when none is recorded."""
     path = run_dir / SEGMENTS_FILE
     if not path.exists():
         return None, None
-    segments = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    segments = read_segments(path)
     return round(sum(s["seconds"] for s in segments), 1), round(sum(s["cpu_s"] for s in segments), 1)
 
 
@@ -811,9 +875,9 @@ class Runner:
             return None
         cpu = usage.ru_utime + usage.ru_stime
         job.proc.returncode = os.waitstatus_to_exitcode(status)
-        with open(job.run_dir / SEGMENTS_FILE, "a") as f:
-            f.write(json.dumps({"phase": job.phase, "seconds": round(time.time() - job.command_started, 1),
-                                "cpu_s": round(cpu, 1), "exit": job.proc.returncode}) + "\n")
+        seconds = round(time.time() - job.command_started, 1)
+        record_segment(job.run_dir / SEGMENTS_FILE, {"phase": job.phase, "seconds": seconds, "cpu_s": round(cpu, 1),
+                                                     "exit": job.proc.returncode})
         return job.proc.returncode
 
     def _finish(self, job: Job, bar) -> None:

@@ -132,6 +132,63 @@ def test_a_rows_time_adds_up_over_invocations(tmp_path):
     assert cpu == pytest.approx(sum(s["cpu_s"] for s in lines), abs=0.11) and cpu >= 0.6
 
 
+def _run_a_command(run_dir):
+    """One quick command of a row run by the Runner, which records it in the row's segments file."""
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner
+
+    job = Job(row=get_table(1).rows[0], overrides=[], run_dir=run_dir,
+              commands=deque([("eval", [sys.executable, "-c", "pass"])]))
+    Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+
+
+def test_a_segment_cut_short_by_a_crash_is_left_out_once(tmp_path, caplog, monkeypatch):
+    """The segments file was appended to without a flush: a crash mid-append left a last line cut short, and every
+    later rerun reported the row as "FAILED collecting the result" (a JSONDecodeError) until the file was fixed
+    by hand. Now that line is left out, said once in one line naming the file; the next append drops it first (or
+    it would sit in the middle), and each line is flushed to disk."""
+    import logging
+    import os
+
+    from vlscale.replicate import SEGMENTS_FILE, time_spent
+
+    path = tmp_path / SEGMENTS_FILE
+    path.write_text('{"phase": "train", "seconds": 2.0, "cpu_s": 1.5, "exit": 130}\n'
+                    '{"phase": "train", "seconds": 4.0, "cpu_s": 3.0, "exit": 0}\n{"phase": "eval", "seco')
+    with caplog.at_level(logging.WARNING, logger="vlscale"):
+        assert time_spent(tmp_path) == (6.0, 4.5)
+        assert time_spent(tmp_path) == (6.0, 4.5)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and str(path) in warned[0] and "cut short" in warned[0] and "\n" not in warned[0]
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    _run_a_command(tmp_path)  # a rerun's command
+    assert str(path) in synced, "the appended line is flushed to disk"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [s["phase"] for s in lines] == ["train", "train", "eval"] and lines[2]["exit"] == 0
+    assert time_spent(tmp_path) == (round(6.0 + lines[2]["seconds"], 1), round(4.5 + lines[2]["cpu_s"], 1))
+    # a line whole but for its newline (the crash came just before it) is kept
+    path.write_text('{"phase": "train", "seconds": 2.0, "cpu_s": 1.5, "exit": 0}')
+    assert time_spent(tmp_path) == (2.0, 1.5)
+    _run_a_command(tmp_path)
+    assert [json.loads(line)["phase"] for line in path.read_text().splitlines()] == ["train", "eval"]
+
+
+def test_a_malformed_segment_before_the_last_is_refused(tmp_path):
+    """A line that does not read in the middle of the segments file is corruption, not a crash mid-append: refused
+    naming the file and the line (a whole last line that is not a segment too)."""
+    from vlscale.replicate import SEGMENTS_FILE, time_spent
+
+    path = tmp_path / SEGMENTS_FILE
+    good = '{"phase": "train", "seconds": 2.0, "cpu_s": 1.5, "exit": 0}\n'
+    for text, line in [(good + '{"phase": "train", "seco\n' + good, 2), (good + good + "[1, 2]\n", 3),
+                       (good + '{"phase": "eval", "seconds": "1", "cpu_s": 1}\n' + good, 2)]:
+        path.write_text(text)
+        with pytest.raises(ReplicationError, match=rf"{re.escape(str(path))}, line {line}: not a recorded command"):
+            time_spent(tmp_path)
+
+
 def test_scores_and_markdown():
     metrics = {"tasks": {"vqa": {"vqa_score": 0.5}, "gqa": {"exact_match": 0.25}, "nlvr2": {"accuracy": 0.75,
                "consistency": 0.5}, "caption": {"cider": 1.2, "bleu4": 0.3}}}
