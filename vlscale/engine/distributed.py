@@ -232,12 +232,14 @@ def barrier() -> None:
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few numbers over all ranks (one collective)."""
+    """Sum a few numbers over all ranks (one collective), as float64. One rank: the numbers as floats, without
+    the trip through a ``device`` tensor (on a GPU a host-to-device copy and a sync, the training loop's every step)."""
     import torch.distributed as dist
 
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
