@@ -243,6 +243,16 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (one collective; nothing on one rank) -> ``t``, left on its device:
+    the caller reads it when it needs the numbers, with whatever else it reads then."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order (one collective; ``[obj]`` without a process group)."""
     import torch.distributed as dist

@@ -8,7 +8,8 @@ function here. What one optimizer step does (k = train.gradient_accumulation_ste
     per micro-batch: sum of token cross-entropies, backward of sum * W*k/N  (DeepSpeed divides by
         k and averages over W, so the gradient is that of the global per-token mean: runs on 1 and
         on W ranks see the same examples and give the same losses and updates)
-    loss = all-reduce(sums) / N; a NaN/inf stops the run before the update
+    loss = all-reduce(sums) / N, read with the stop flag (and the gradient norm where DeepSpeed keeps none)
+        in one host-device sync; a NaN/inf stops the run before the update
     DeepSpeed step: gradient clipping, AdamW over the trainable parameters only, LR schedule
         (linear warm-up over train.warmup_ratio of the steps, then linear decay)
 
@@ -51,8 +52,8 @@ from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, resolve_batch, zero_stage
-from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum, barrier,
-                                        broadcast_object, watchdog_timeout_s)
+from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum,
+                                        all_reduce_sum_, barrier, broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
                                        write_eval_report)
 from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
@@ -538,7 +539,10 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
     reduction = run.cfg.train.loss_reduction
     (n_terms,) = all_reduce_sum([sum(_loss_terms(b, reduction) for b in batches)], run.dist.device)
     scale = world * k / max(n_terms, 1.0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.dist.device)
+    # what the step reads back, in one sync: the loss's sum and the stop flag (summed over the ranks), and the
+    # gradient norm where DeepSpeed keeps none
+    reads = torch.zeros(3, dtype=torch.float64, device=run.dist.device)
+    loss_sum = reads[0]
     run.loss_scale = float(engine.optimizer.loss_scale) if run.cfg.train.precision == "fp16" else None
     if run.scale_loss:
         scale *= run.loss_scale
@@ -552,14 +556,19 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
         loss_sum += ce.detach().double()
         if i < k - 1:
             engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
-    total, stop = all_reduce_sum([loss_sum.item(), float(run.stop.requested)], run.dist.device)
+    reads[1] = float(run.stop.requested)
+    all_reduce_sum_(reads[:2])
+    norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run.model)
+    if norm is not None:
+        reads[2] = norm
+    total, stop, read_norm = reads.tolist()
     loss = total / max(n_terms, 1.0)
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"loss is {loss} at step {run.step + 1} (task {task!r}); stopping before the update; "
                             f"{_last_good(run)}")
     if not run.memory:
         run.memory["grad_bytes_per_rank"] = gradient_bytes(engine, run.stage)
-    run.grad_norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run.model)
+    run.grad_norm = None if norm is None else read_norm
     if run.task_steps is not None:
         run.task_steps.task = task
     engine.step()
@@ -577,14 +586,14 @@ def _last_good(run: Run) -> str:
     return keep
 
 
-def _plain_grad_norm(model) -> Optional[float]:
+def _plain_grad_norm(model) -> Optional[torch.Tensor]:
     """The gradient norm under a plain torch optimizer (ZeRO stage 0 in fp32), where DeepSpeed computes
-    it only to clip and drops it. Taken before the step: averaged over ranks, not yet clipped, as
-    DeepSpeed's own optimizers report theirs."""
+    it only to clip and drops it, as a tensor on the device (read with the loss). Taken before the step:
+    averaged over ranks, not yet clipped, as DeepSpeed's own optimizers report theirs."""
     grads = [p.grad for _, p in ckpt.trainable_parameters(model) if p.grad is not None]
     if not grads:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 # ----------------------------------------------------------------------------- the loop
