@@ -110,6 +110,7 @@ class Run:
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
     trained_stats: Optional[list] = None  # sync_trained_buffers' tensors, found once
+    trainable: Optional[list] = None  # _plain_grad_norm's parameters (the trainable ones, in module order), found once
     task_steps: Optional["TaskSteps"] = None  # per-task optimizer groups: only the step's task is updated
     lr_groups: dict = field(default_factory=lambda: {"lr": 0})  # train_log key -> the optimizer group it reads
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
@@ -558,7 +559,7 @@ def train_step(run: Run, batches: list[dict]) -> tuple[float, bool]:
             engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
     reads[1] = float(run.stop.requested)
     all_reduce_sum_(reads[:2])
-    norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run.model)
+    norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _plain_grad_norm(run)
     if norm is not None:
         reads[2] = norm
     total, stop, read_norm = reads.tolist()
@@ -586,11 +587,14 @@ def _last_good(run: Run) -> str:
     return keep
 
 
-def _plain_grad_norm(model) -> Optional[torch.Tensor]:
+def _plain_grad_norm(run: Run) -> Optional[torch.Tensor]:
     """The gradient norm under a plain torch optimizer (ZeRO stage 0 in fp32), where DeepSpeed computes
     it only to clip and drops it, as a tensor on the device (read with the loss). Taken before the step:
-    averaged over ranks, not yet clipped, as DeepSpeed's own optimizers report theirs."""
-    grads = [p.grad for _, p in ckpt.trainable_parameters(model) if p.grad is not None]
+    averaged over ranks, not yet clipped, as DeepSpeed's own optimizers report theirs. The trainable set
+    does not change during a run: the model is walked for it once, not every step."""
+    if run.trainable is None:
+        run.trainable = [p for _, p in ckpt.trainable_parameters(run.model)]
+    grads = [p.grad for p in run.trainable if p.grad is not None]
     if not grads:
         return None
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
