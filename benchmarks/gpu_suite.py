@@ -36,6 +36,9 @@ budget left is too small:
   train_bf16_unfused  train_bf16 with peft.fused=false (the plain PyTorch adapter): the fused kernels'
                end-to-end effect, as ``fused_over_unfused_step_time`` when both ran
   full_ft_ckpt full fine-tuning with gradient checkpointing, bf16: memory of the other regime
+  loop_syncs   benchmarks/loop_overhead.py on the GPU (tiny preset, ZeRO 0 and 3): the training loop's
+               host-device syncs per step by call site (the figure; its phase times are host-side only,
+               the GPU runs ahead of them)
 Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it; the trainings'
 output_dirs go to DIR/runs/<start time>/<section>, so a second run into the same DIR is not refused by
 the first one's checkpoints (train.py keeps another run's output_dir from being overwritten).
@@ -226,7 +229,7 @@ def main() -> int:
     # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
     ap.add_argument("--sections",
                     default="methods,kernels,cuda_tests,train_fp16,train_fp16_z0,profiler,profile_cli_fp16,saved_by_op,resume,zero3_init,train_bf16,train_bf16_unfused,"
-                            "full_ft_ckpt")
+                            "full_ft_ckpt,loop_syncs")
     ap.add_argument("--smoke", action="store_true", help="2 steps of the tiny model (check the plumbing on CPU)")
     args = ap.parse_args()
     if args.smoke:
@@ -248,7 +251,7 @@ def main() -> int:
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 35, "cuda_tests": 40, "profiler": 60,
-             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30}
+             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -284,6 +287,9 @@ def main() -> int:
             elif name == "zero3_init":
                 results["sections"][name] = _json_command(
                     [sys.executable, str(ROOT / "benchmarks/zero3_random_init.py")], left)
+            elif name == "loop_syncs":
+                results["sections"][name] = _json_command(
+                    [sys.executable, str(ROOT / "benchmarks/loop_overhead.py"), "--json", "--steps", "20"], left)
             elif name == "saved_by_op":
                 results["sections"][name] = _json_command([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")],
                                                           left)
