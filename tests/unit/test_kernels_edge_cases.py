@@ -113,6 +113,20 @@ def func_transforms(fn, activation="gelu", dtype=torch.float64):
     }
 
 
+def vmapped_graph(cfg, device="cpu") -> list[str]:
+    """The autograd node names of a vmapped Triton-path call (batched x, shared weights) on ``device``."""
+    x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+    w = [torch.randn(*shape, device=device) for shape in ((8, 16), (8,), (16, 8), (16,))]
+    h = torch.vmap(lambda xi: fused_adapter(xi, *w, backend="triton", config=cfg))(x)
+    nodes, stack = [], [h.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            nodes.append(type(node).__name__)
+            stack.extend(n for n, _ in node.next_functions)
+    return nodes
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_torch_func_transforms_match_the_reference(activation):
     """The PyTorch recompute Function under torch.func (it raised 'must override the setup_context
@@ -197,16 +211,7 @@ def test_triton_cuda_function_under_torch_func():
     for name in ref:
         for r, f in zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))):
             assert (f - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item()), name
-    x = torch.randn(2, 3, 16, device="cuda", requires_grad=True)
-    w = [torch.randn(8, 16, device="cuda"), torch.randn(8, device="cuda"), torch.randn(16, 8, device="cuda"),
-         torch.randn(16, device="cuda")]
-    h = torch.vmap(lambda xi: fused_adapter(xi, *w, backend="triton", config=cfg))(x)
-    nodes, stack = [], [h.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None:
-            nodes.append(type(node).__name__)
-            stack.extend(n for n, _ in node.next_functions)
+    nodes = vmapped_graph(cfg, "cuda")
     assert "_TritonAdapterFnBackward" in nodes, nodes
 
 

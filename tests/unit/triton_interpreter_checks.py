@@ -119,7 +119,7 @@ def edge_cases() -> dict:
 def torch_func_cases() -> dict:
     """torch.func over the Triton Function (fp32) against the reference (fp64): errors and scales per
     transform (test_kernels_edge_cases.func_transforms), and the graph of a vmapped call run backward."""
-    from test_kernels_edge_cases import func_transforms
+    from test_kernels_edge_cases import func_transforms, vmapped_graph
 
     from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter
 
@@ -133,16 +133,7 @@ def torch_func_cases() -> dict:
         pairs = list(zip(*(v if isinstance(v, tuple) else (v,) for v in (ref[name], got[name]))))
         out[name] = {"errs": [(g.double() - r).abs().max().item() for r, g in pairs],
                      "scale": [r.abs().max().item() for r, _ in pairs]}
-    x = torch.randn(2, 3, 16, requires_grad=True)
-    w = [torch.randn(8, 16), torch.randn(8), torch.randn(16, 8), torch.randn(16)]
-    h = torch.vmap(lambda xi: fused_adapter(xi, *w, backend="triton", config=cfg))(x)
-    nodes, stack = [], [h.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None:
-            nodes.append(type(node).__name__)
-            stack.extend(n for n, _ in node.next_functions)
-    out["vmap_graph"] = nodes
+    out["vmap_graph"] = vmapped_graph(cfg)
     return out
 
 
