@@ -33,7 +33,9 @@ weights for backward and recompute act(z) and act'(z) from z there; the plain au
 * PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
 
 Both Functions return (h, z) and save in ``setup_context``, so torch.func transforms them (grad, vmap,
-jacrev, functional_call + grad): the PyTorch Function through ``generate_vmap_rule``, the Triton one
+jacrev, functional_call + grad; not forward mode, jvp / jacfwd / hessian: a ``jvp`` staticmethod, tried,
+makes torch.compile refuse the Function, "Unsupported custom jvp", a graph break at every adapter site;
+``peft.fused=false`` runs the plain graph, which has them all): the PyTorch Function through ``generate_vmap_rule``, the Triton one
 through a ``vmap`` rule (a batched x is more tokens for the kernels; weight sets per sample run the PyTorch
 Function). Under ``create_graph=True`` (double backward, gradient penalties, torch.func.grad) backward
 runs in differentiable torch ops that reach x and the weights through z, the Function's own output, so
