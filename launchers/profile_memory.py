@@ -168,10 +168,12 @@ def main(argv=None) -> int:
 def fitting_micro_batch(cfg, world_size: int):
     """The largest micro-batch up to ``train.micro_batch_size`` that keeps ``train.global_batch_size`` on
     ``world_size`` ranks (None: the ranks do not divide it)."""
-    glob, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    from vlscale.engine.deepspeed_config import micro_batch_sizes
+
+    glob = cfg.train.global_batch_size
     if glob is None or glob % world_size:
         return None
-    return max(m for m in range(1, min(micro, glob // world_size) + 1) if (glob // world_size) % m == 0)
+    return micro_batch_sizes(glob // world_size, cfg.train.micro_batch_size)[0]
 
 
 def profile(args, json_out=None) -> int:

@@ -345,6 +345,11 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def micro_batch_sizes(per_rank: int, up_to: int) -> list[int]:
+    """The micro-batch sizes up to ``up_to`` that divide a rank's share of the global batch, largest first."""
+    return [m for m in range(min(up_to, per_rank), 0, -1) if per_rank % m == 0]
+
+
 def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
     """``cfg`` with a concrete ``train.gradient_accumulation_steps`` for ``world_size`` ranks: with
     ``train.global_batch_size`` set, ``global / (train.micro_batch_size x world_size)``, so a preset keeps its
@@ -367,8 +372,7 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> RunConfig:
                     f"to a multiple of {world_size} (e.g. {' or '.join(map(str, near))}){micro_too}, or train on a "
                     f"number of ranks that divides {glob}")
         else:
-            per_rank = glob // world_size
-            sizes = [m for m in range(min(micro, per_rank), 0, -1) if per_rank % m == 0][:6]
+            sizes = micro_batch_sizes(glob // world_size, micro)[:6]
             fits = f"micro-batch sizes that divide it on {ranks}: train.micro_batch_size={', '.join(map(str, sizes))}"
         raise ConfigError(f"train.global_batch_size={glob} is not a multiple of train.micro_batch_size={micro} x "
                           f"world_size={world_size} (= {micro * world_size}); {fits}")

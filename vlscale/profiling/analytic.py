@@ -1194,7 +1194,7 @@ def zero_infinity_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precis
             else:
                 host += part
         if off_subs:
-            largest = max(subs, key=lambda sub: sum(_ceil_div(n, W) for n in sub))
+            largest = subs[pieces.index(max(pieces))]
             reserve = sum(aligned(n, b) for n in largest) * b
         out.update(param_pool=z.param_buffer_count * aligned(z.param_buffer_size, b) * b, param_host=host,
                    param_reserve=reserve, param_nvme=nvme)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vlscale.config import RunConfig
-from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file
+from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, micro_batch_sizes
 from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
                                         default_ds_file, fmt_bytes, parameter_inventory, parse_size,
                                         resolve_ds_config)
@@ -179,8 +179,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     global_batch = global_batch_size(cfg, world_size)
     per_rank = global_batch // world_size
     if micro_batches is None:  # the divisors up to 64, and the config's own
-        mbs_list = sorted({m for m in range(1, min(per_rank, 64) + 1) if per_rank % m == 0}
-                          | {cfg.train.micro_batch_size})
+        mbs_list = sorted({*micro_batch_sizes(per_rank, 64), cfg.train.micro_batch_size})
     else:
         mbs_list = [m for m in micro_batches if m > 0 and per_rank % m == 0]
         if not mbs_list:
