@@ -33,9 +33,9 @@ ZeRO-1/2 shard only optimizer state and gradients: with such a file every rank h
 ``--deepspeed``. In bf16, ZeRO-3's linear layers (DeepSpeed's ``zero3_linear_wrap``: the bias added after the
 matmul, one more rounding) make the logits differ slightly from the unsharded model's (about one bf16 step), as
 training under ZeRO-3 computed them; in fp32 the predictions are identical. ``--java-metrics`` scores the caption
-tasks' BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation and adds METEOR (needs Java); CIDEr-D keeps the
-Python tokenisation (vlscale/metrics/captioning.py), so it can differ from coco-caption's where PTB splits
-differently (hyphens, decimals, symbols).
+tasks as coco-caption does: CIDEr-D, BLEU-4 and ROUGE-L on its PTB tokenisation, plus METEOR (needs Java).
+Without it they are on Python tokenisation (training's evaluation), which splits contractions, hyphens, decimals
+and symbols differently, so CIDEr-D can differ there (vlscale/metrics/captioning.py).
 
 ``--predict-only`` (a split whose answers are withheld, for a leaderboard): its records are read without
 requiring answers (every other check stays; without the flag such a split is refused, as training refuses it),
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
     p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
     p.add_argument("--java-metrics", action="store_true",
-                   help="caption tasks: BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation, plus METEOR "
+                   help="caption tasks: CIDEr-D, BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation, plus METEOR "
                         "(needs java on the PATH; default: Python tokenisation, no METEOR)")
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="shard the model over the ranks with this DeepSpeed file (ds_configs/zero3.json: each rank "

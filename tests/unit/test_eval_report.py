@@ -76,7 +76,7 @@ def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path
 
 
 def test_the_report_records_whether_java_scored_the_captions(tmp_path, launcher, monkeypatch):
-    """--java-metrics changes the caption scores (PTB tokenisation for BLEU-4 and ROUGE-L, METEOR added), and
+    """--java-metrics changes the caption scores (PTB tokenisation for CIDEr-D, BLEU-4, ROUGE-L; METEOR added), and
     eval_metrics.json did not say whether it was used: an evaluation with it and one without (``--tasks``) merged
     into one report. The settings now hold ``java_metrics`` and the ``precision`` the model ran in."""
     from vlscale.data import build_tokenizer

@@ -168,6 +168,55 @@ def test_caption_scores_with_java():
     assert out["cider"] == pytest.approx(cider(preds, REFS))
 
 
+# Captions where the PTB tokenizer and ours split differently: contractions ("do n't" / "don t"), possessives
+# ("'s" / "s"), hyphens, decimals, slashes and symbols.
+PTB_PREDS = {1: "a man doesn't eat his food", 2: "a well-dressed woman on a 3.5-inch phone",
+             3: "two kids playing a/b games on a stage", 4: "the dog's toy on a t-shirt", 5: "a man's red-haired son"}
+PTB_REFS = {1: ["A man doesn't want to eat.", "The man won't eat his food.", "a man's plate of food"],
+            2: ["A well-dressed woman holding a 3.5-inch phone.", "woman in a well-fitted suit, on the phone"],
+            3: ["Two kids playing a/b games on the 1,000-seat stage.", "kids on a stage"],
+            4: ["The dog's toy is on the t-shirt.", "a dog toy lying on a shirt"],
+            5: ["A man's son with red-haired curls.", "a man & his son at 10:30 p.m."]}
+
+
+@pytest.mark.skipif(not captioning.java_available(), reason="needs java (PTB tokenizer, METEOR)")
+def test_caption_scores_with_java_is_coco_captions_cider():
+    """With Java, CIDEr-D used our Python tokenisation of the raw strings while BLEU-4, ROUGE-L and METEOR got the
+    PTB tokens: --java-metrics reported a CIDEr that was not coco-caption's (VL-T5 / VL-Adapter's) wherever the
+    two split differently. It is now pycocoevalcap's Cider on the PTB tokens."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ptb = PTBTokenizer().tokenize({**{("p", k): [{"caption": v}] for k, v in PTB_PREDS.items()},
+                                   **{("r", k): [{"caption": r} for r in v] for k, v in PTB_REFS.items()}})
+    res, gts = {k: ptb[("p", k)] for k in PTB_PREDS}, {k: ptb[("r", k)] for k in PTB_PREDS}
+    assert any(" ".join(tokenize(s)) != ptb[("r", k)][i] for k, v in PTB_REFS.items() for i, s in enumerate(v))
+    theirs = float(Cider().compute_score(gts, res)[0])
+    out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
+    assert out["cider"] == pytest.approx(theirs, abs=1e-9)
+    # not the number of either Python-tokenised path: the raw strings, or the PTB text split again by ours
+    assert abs(caption_scores(PTB_PREDS, PTB_REFS, use_java=False)["cider"] - theirs) > 1e-3
+    assert abs(cider({k: v[0] for k, v in res.items()}, gts) - theirs) > 1e-3
+
+
+def test_caption_scores_falls_back_with_cider_when_the_ptb_tokenizer_fails(monkeypatch, caplog):
+    """Java present but the PTB tokenizer failing: CIDEr-D falls back to Python tokenisation with BLEU-4 and
+    ROUGE-L (one tokenisation for all), and the warning says CIDEr-D is among them."""
+    pytest.importorskip("pycocoevalcap")
+
+    def broken(predictions, references):
+        raise RuntimeError("no jar")
+    monkeypatch.setattr(captioning, "java_available", lambda: True)
+    monkeypatch.setattr(captioning, "_ptb_tokenized", broken)
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
+    with caplog.at_level(logging.WARNING):
+        out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
+    assert "PTB tokenizer (Java) failed (no jar); CIDEr-D, BLEU-4 and ROUGE-L use simple Python" in caplog.text
+    assert out == pytest.approx({**caption_scores(PTB_PREDS, PTB_REFS, use_java=False), "meteor": 0.5}, abs=1e-12)
+    assert out["cider"] == pytest.approx(cider(PTB_PREDS, PTB_REFS), abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- exact match family
 
 def test_exact_match_accuracy_consistency():

@@ -302,7 +302,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
     writes ``<predictions_dir>/<task>.jsonl`` (uid, prediction, references). ``should_stop``: see
     the module docstring (raises EvaluationInterrupted). ``java_metrics``: caption tasks are scored as
-    coco-caption scores them (PTB tokenizer, METEOR; Java), see :func:`vlscale.metrics.score_task`.
+    coco-caption scores them (PTB tokenizer for every metric, METEOR; Java), see :func:`vlscale.metrics.score_task`.
     ``predict_only``: records without answers are read too (a leaderboard's test split), nothing is scored,
     and the result is {task: {"examples": n, "submission": path or None}}, the path of the file
     :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).

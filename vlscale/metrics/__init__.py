@@ -8,6 +8,9 @@
 | tvqa, how2qa | ``accuracy`` (choice index) | |
 | caption, tvc, yc2c | ``cider`` (CIDEr-D) | ``bleu4``, ``rouge_l``; ``meteor`` with ``java_metrics=True`` |
 
+Captions are tokenised by Python (:func:`vlscale.metrics.cider.tokenize`) for every caption metric, or with
+``java_metrics=True`` by coco-caption's PTB tokenizer (Java), CIDEr-D included: coco-caption's numbers.
+
 All values are fractions (CIDEr on coco-caption's scale); papers print them x100.
 """
 
@@ -58,7 +61,8 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
 
     Only predicted ids are scored; references without a prediction are reported in a warning.
     ``groups`` (``uid -> group``) adds NLVR2 consistency. ``java_metrics`` runs the caption tasks
-    through :func:`caption_scores` (PTB tokenizer + METEOR, Java) instead of the Java-free set.
+    through :func:`caption_scores` (PTB tokenizer for every caption metric + METEOR, Java) instead of the
+    Java-free set.
     """
     from vlscale.data.tasks import get_task
 

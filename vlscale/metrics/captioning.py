@@ -1,12 +1,16 @@
 """Captioning metrics: CIDEr-D (ours, pure Python) plus BLEU-4, METEOR and ROUGE-L from pycocoevalcap.
 
 ``caption_scores`` follows coco-caption: sentences go through the Stanford PTB tokenizer
-(lowercased, punctuation tokens removed) before BLEU, METEOR and ROUGE-L. The tokenizer and
-METEOR are Java programs shipped inside pycocoevalcap. Without ``java`` on the PATH (or
-``use_java=False``) a warning names what is affected: BLEU and ROUGE-L then use our simple Python
-tokenisation and METEOR is left out of the result (never a crash, never a made-up number). CIDEr
-always uses :func:`vlscale.metrics.cider.tokenize` on the raw strings, so it is the same number
-with or without Java.
+(lowercased, punctuation tokens removed) before CIDEr-D, BLEU, METEOR and ROUGE-L, so CIDEr-D is
+pycocoevalcap's ``Cider`` on those tokens (ours, fed them with ``tokenizer=str.split``). The
+tokenizer and METEOR are Java programs shipped inside pycocoevalcap. Without ``java`` on the PATH
+(or ``use_java=False``), or where the tokenizer fails, a warning names what is affected: CIDEr-D,
+BLEU and ROUGE-L then use our simple Python tokenisation (:func:`vlscale.metrics.cider.tokenize`:
+"don't" -> ``don t``, "3.5" -> ``3 5``, "red-haired" -> ``red haired``, where PTB keeps ``do n't``,
+``3.5``, ``red-haired``), and without Java METEOR is left out of the result (never a crash, never a
+made-up number). The two tokenisations agree on plain captions (every one of the synthetic world's),
+so CIDEr-D differs between the settings only where a caption has contractions, possessives,
+hyphens, numbers with separators or symbols.
 
 pycocoevalcap comes with the ``metrics`` extra (``pip install 'vlscale[metrics]'``).
 Scores are on coco-caption's scale (BLEU/METEOR/ROUGE-L in [0, 1], CIDEr ~1 for good models);
@@ -62,7 +66,8 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
                    use_java: Optional[bool] = None) -> dict[str, float]:
     """``{"cider", "bleu4", "meteor", "rouge_l"}`` of the predicted ids (``meteor`` needs Java).
 
-    ``use_java``: None = use Java when ``java`` is on the PATH; False = never (no METEOR).
+    ``use_java``: None = use Java when ``java`` is on the PATH; False = never (no METEOR; CIDEr-D,
+    BLEU-4 and ROUGE-L on Python tokenisation, the same numbers as training's evaluation).
     """
     _check(predictions, references)
     try:
@@ -78,18 +83,19 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
         java = False
     if not java:
         logger.warning("caption_scores: METEOR needs Java (no 'java' on the PATH or use_java=False): "
-                       "METEOR is omitted; BLEU-4 and ROUGE-L use simple Python tokenisation instead "
-                       "of the Java PTB tokenizer")
-    out = {"cider": cider(predictions, references)}
+                       "METEOR is omitted; CIDEr-D, BLEU-4 and ROUGE-L use simple Python tokenisation "
+                       "instead of the Java PTB tokenizer")
     res = gts = None
     if java:
         try:
             res, gts = _ptb_tokenized(predictions, references)
         except Exception as e:  # Java present but the tokenizer failed: say so, fall back.
-            logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); BLEU-4 and ROUGE-L "
-                           "use simple Python tokenisation")
+            logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); CIDEr-D, BLEU-4 and "
+                           "ROUGE-L use simple Python tokenisation")
     if res is None:
         res, gts = _simple_tokenized(predictions, references)
+    # Every metric scores the same tokens; str.split keeps PTB's ("do n't", "3.5") as coco-caption's Cider does.
+    out = {"cider": cider({k: res[k][0] for k in res}, gts, tokenizer=str.split)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out["bleu4"] = float(bleu[3])
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])

@@ -14,7 +14,10 @@ bigrams (words - 1 for a non-empty sentence); the numbers match pycocoevalcap's 
 
 Tokenisation needs no Java: lowercase and split on anything that is not a letter or digit
 ("A man's dog." -> ``a man s dog``), applied to candidates and references alike. coco-caption
-runs the Stanford PTB tokenizer first, so scores can differ slightly from published ones.
+runs the Stanford PTB tokenizer first ("a man 's dog", "3.5", "red-haired" stay whole), so scores
+can differ slightly from published ones where the two split differently;
+:func:`vlscale.metrics.caption_scores` with Java passes its PTB tokens with ``tokenizer=str.split``
+(what coco-caption's scorer does with them) and gives coco-caption's number.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Hashable
+from typing import Callable, Hashable
 
 _NON_WORD = re.compile(r"[^\w]+|_")
 SIGMA = 6.0
@@ -70,8 +73,10 @@ def _similarity(cand, ref, n_max: int, sigma: float) -> list[float]:
 
 
 def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
-                    sigma: float = SIGMA, n_max: int = MAX_N) -> dict[Hashable, float]:
-    """CIDEr-D of every predicted id (the corpus score is their mean)."""
+                    sigma: float = SIGMA, n_max: int = MAX_N,
+                    tokenizer: Callable[[str], list[str]] = tokenize) -> dict[Hashable, float]:
+    """CIDEr-D of every predicted id (the corpus score is their mean). ``tokenizer`` splits candidates and
+    references into words (``str.split`` for text already tokenized, e.g. by the PTB tokenizer)."""
     if not predictions:
         raise ValueError("cider: no predictions to score")
     missing = [k for k in predictions if k not in references]
@@ -84,7 +89,7 @@ def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable,
         refs = references[k]
         if isinstance(refs, str) or not refs:
             raise ValueError(f"cider: references[{k!r}] must be a non-empty list of strings, got {refs!r}")
-        refs_counts[k] = [_ngrams(tokenize(r), n_max) for r in refs]
+        refs_counts[k] = [_ngrams(tokenizer(r), n_max) for r in refs]
     df: Counter = Counter()
     for k in ids:
         df.update({g for c in refs_counts[k] for g in c})
@@ -95,7 +100,7 @@ def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable,
 
     scores = {}
     for k in ids:
-        cand = _vector(_ngrams(tokenize(predictions[k]), n_max), idf_of, n_max)
+        cand = _vector(_ngrams(tokenizer(predictions[k]), n_max), idf_of, n_max)
         total = [0.0] * n_max
         for rc in refs_counts[k]:
             sim = _similarity(cand, _vector(rc, idf_of, n_max), n_max, sigma)
@@ -104,7 +109,8 @@ def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable,
     return scores
 
 
-def cider(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
+def cider(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
+          tokenizer: Callable[[str], list[str]] = tokenize) -> float:
     """Corpus CIDEr-D: mean over the predicted ids (coco-caption's scale, ~1.0 for good models)."""
-    per_image = cider_per_image(predictions, references)
+    per_image = cider_per_image(predictions, references, tokenizer=tokenizer)
     return sum(per_image.values()) / len(per_image)
