@@ -3,8 +3,8 @@
 On 2 CPU ranks (torchrun, gloo): a random T5 saved by ``save_pretrained(max_shard_size=...)`` into
 several safetensors files is loaded under ``zero.Init`` and the gathered weights equal the files;
 each rank reads about half the checkpoint; random-weight builds equal a whole build with the same
-seed; ``save_sharded_safetensors`` of a partitioned model round-trips; the loaded model trains a
-step. In one process: the loader's errors name the directory, the tensor and the shapes.
+seed; ``save_sharded_safetensors`` of a partitioned model round-trips, and a failure on rank 0 is raised
+on every rank; the loaded model trains a step. In one process: the loader's errors name the directory, the tensor and the shapes.
 """
 
 import json
@@ -171,6 +171,82 @@ def test_partitioned_model_saves_as_sharded_safetensors(two_ranks):
     for k, v in lm.named_parameters():
         assert torch.equal(v, whole[k]), k
 
+
+
+FAILING_WORKER = r"""
+import errno, json, os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from vlscale.engine.distributed import init_distributed
+d = init_distributed()
+import vlscale.engine.checkpoint, vlscale.files
+from vlscale.engine.sharded_loading import build_lm_zero3, save_sharded_safetensors
+
+out = sys.argv[2]
+lm = build_lm_zero3("tiny-t5", ds_config={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+save_sharded_safetensors(lm, out + "/saved", max_shard_bytes=250_000)  # the previous save, to be kept
+open(out + "/file", "w").close()
+listing = lambda: sorted((p.name, p.stat().st_size) for p in os.scandir(out + "/saved"))
+before = listing() if d.rank == 0 else None
+
+def failing(module, name, at, error):  # on rank 0, the at-th call raises
+    original, calls = getattr(module, name), []
+    def fail(*args, **kwargs):
+        calls.append(1)
+        if d.rank == 0 and len(calls) == at:
+            raise error
+        return original(*args, **kwargs)
+    setattr(module, name, fail)
+    return lambda: setattr(module, name, original)
+
+cases = {"file": (out + "/file", None),
+         "disk_full": (out + "/saved", lambda: failing(vlscale.files, "save_safetensors", 2,
+                                                        OSError(errno.ENOSPC, "No space left on device"))),
+         "swap": (out + "/saved", lambda: failing(vlscale.engine.checkpoint, "_replace_dir", 1,
+                                                   PermissionError(errno.EACCES, "Permission denied")))}
+result = {}
+for case, (folder, patch) in cases.items():
+    undo = patch() if patch else None
+    t0 = time.perf_counter()
+    try:
+        save_sharded_safetensors(lm, folder, max_shard_bytes=250_000)
+        result[case] = None
+    except Exception as e:
+        result[case] = [type(e).__name__, str(e), time.perf_counter() - t0]
+    if undo:
+        undo()
+    if d.rank == 0:
+        result[case + "_kept"] = listing() == before
+result["then"] = len(save_sharded_safetensors(lm, out + "/saved", max_shard_bytes=250_000))  # ranks in step
+with open(f"{out}/rank{d.rank}.json", "w") as f:
+    json.dump(result, f)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_a_failure_on_rank_0_fails_the_save_on_every_rank(tmp_path, preloaded):
+    """Rank 0 alone writes: a file where the folder goes (raised before any collective), a full disk at its second
+    shard, a refused swap at the end. Rank 0 raised and the other ranks went on into the next gather (or the
+    next collective of the caller) and waited there until the process group timed out. Now every rank raises at
+    once, rank 0 its own error, the others one naming the folder; the previous save is kept, and the ranks
+    stay in step (a save afterwards works)."""
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER)
+    env = dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120")
+    proc = preloaded.run(script, [ROOT, tmp_path], nproc=2, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    expected = {"file": ("NotADirectoryError", "is a file"), "disk_full": ("OSError", "No space left on device"),
+                "swap": ("PermissionError", "Permission denied")}
+    for case, (kind, words) in expected.items():
+        folder = tmp_path / ("file" if case == "file" else "saved")
+        assert r0[case] is not None and r0[case][0] == kind and words in r0[case][1], (case, r0[case])
+        assert r1[case] is not None and r1[case][0] == "RuntimeError", (case, r1[case])
+        assert f"could not save {folder} (rank 0: " in r1[case][1] and words in r1[case][1], (case, r1[case])
+        assert r1[case][2] < 20, (case, r1[case])
+        assert r0[case + "_kept"], f"{case}: the previous save changed"
+    assert r0["then"] >= 3 and r1["then"] == 0, "the full disk must come before the last shard"
 
 # ----------------------------------------------------------------------------- one process: errors
 

@@ -1072,17 +1072,18 @@ class _Writes:
     not raised, and later writes are skipped, so the rank goes on through the save's collectives with the
     others; :meth:`agree` (collective) then tells every rank which ranks failed. Raised at once, a failure
     on one rank (a full local disk on one node) left the others in DeepSpeed's barrier, to end on a gloo
-    error ("Connection closed by peer") instead of the reason."""
+    error ("Connection closed by peer") instead of the reason. ``keep``: which errors are kept (the others
+    are raised at once)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, keep=is_write_failure):
+        self.folder, self.keep = folder, keep
         self.error: Optional[BaseException] = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
-        if error is None or not isinstance(error, (OSError, RuntimeError)) or not is_write_failure(error):
+        if error is None or not isinstance(error, Exception) or not self.keep(error):
             return False
         self.error = self.error or error
         return True

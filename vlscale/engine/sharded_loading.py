@@ -295,13 +295,16 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
 
     A collective under ZeRO-3 (every rank calls it): parameters are gathered one at a time and rank 0
     holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
+    A failure on rank 0 (a file where the folder goes, a full disk) is raised on every rank, on rank 0 as it is
+    and on the others as a RuntimeError naming the folder: rank 0 keeps its error and goes on through the
+    gathers until the ranks agree, before the first gather, after each full shard is written, and at the end.
 
     Saved whole: rank 0 writes into ``.tmp-<name>`` beside ``directory``, the folder's other files hard-linked
     in, and swaps it in (``vlscale.engine.checkpoint._replace_dir``, flushed to disk first). A save that fails or
     dies leaves the previous one as it was, and the shards of an older save (another shard count) never remain
     beside the new index, where a loader would read them.
     """
-    from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
+    from vlscale.engine.checkpoint import _replace_dir, _restore_replaced, _Writes
 
     if rank is None:
         import torch.distributed as dist
@@ -309,23 +312,30 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     d = Path(os.path.abspath(directory))
     tmp = d.with_name(f".tmp-{d.name}")
+    writes = _Writes(d, keep=lambda e: True)  # rank 0's first failure, raised on every rank where they agree
     if rank == 0:
-        if d.exists() and not d.is_dir():
-            raise NotADirectoryError(f"{d} is a file: save_sharded_safetensors writes a folder there")
-        _restore_replaced(d)  # a save that died between its two renames: the previous folder back first
-        if tmp.exists():  # what a save that died left
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        with writes:
+            if d.exists() and not d.is_dir():
+                raise NotADirectoryError(f"{d} is a file: save_sharded_safetensors writes a folder there")
+            _restore_replaced(d)  # a save that died between its two renames: the previous folder back first
+            if tmp.exists():  # what a save that died left
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+    _raise_failure(writes)
     try:
-        names = _write_checkpoint(module, tmp, max_shard_bytes, rank)
-        if rank == 0:
-            for p in d.iterdir() if d.is_dir() else []:  # the user's files, kept
-                if not _SAVED_FILE.fullmatch(p.name):
-                    if p.is_dir() and not p.is_symlink():
-                        shutil.copytree(p, tmp / p.name, symlinks=True, copy_function=_link)
-                    else:
-                        _link(p, tmp / p.name)
-            _replace_dir(tmp, d)
+        written, total = _write_shards(module, tmp, max_shard_bytes, rank, writes)
+        names = []
+        if rank == 0 and writes.error is None:
+            with writes:
+                names = _name_shards(module, tmp, written, total)
+                for p in d.iterdir() if d.is_dir() else []:  # the user's files, kept
+                    if not _SAVED_FILE.fullmatch(p.name):
+                        if p.is_dir() and not p.is_symlink():
+                            shutil.copytree(p, tmp / p.name, symlinks=True, copy_function=_link)
+                        else:
+                            _link(p, tmp / p.name)
+                _replace_dir(tmp, d)
+        _raise_failure(writes)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -334,9 +344,22 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
     return [str(d / name) for name in names]
 
 
-def _write_checkpoint(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank: int) -> list[str]:
-    """The collective part of :func:`save_sharded_safetensors`: the shards, index and config written into
-    ``tmp`` (rank 0). -> the shards' file names (rank 0)."""
+def _raise_failure(writes) -> None:
+    """Collective: rank 0's kept failure (``writes``, a ``vlscale.engine.checkpoint._Writes`` of the folder being
+    saved) raised on every rank; nothing when there is none."""
+    reason = writes.agree()
+    if reason is None:
+        return
+    if writes.error is not None:
+        raise writes.error
+    raise RuntimeError(f"save_sharded_safetensors: could not save {writes.folder} ({reason}); nothing was saved")
+
+
+def _write_shards(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank: int,
+                  writes) -> tuple[list[tuple[Path, list[str]]], int]:
+    """The collective part of :func:`save_sharded_safetensors`: the shards written into ``tmp`` by rank 0, which
+    keeps a failure in ``writes`` and goes on through the gathers; every rank agrees after each full shard.
+    -> [(temporary shard path, its tensors' names)] (rank 0), the bytes of all tensors."""
     import deepspeed
     from vlscale.files import save_safetensors
 
@@ -346,10 +369,11 @@ def _write_checkpoint(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, 
 
     def flush():
         nonlocal shard, size
-        if rank == 0 and shard:
-            path = tmp / f".shard-{len(written):05d}.safetensors"
-            save_safetensors(shard, path, metadata={"format": "pt"})
-            written.append((path, list(shard)))
+        if rank == 0 and shard and writes.error is None:
+            with writes:
+                path = tmp / f".shard-{len(written):05d}.safetensors"
+                save_safetensors(shard, path, metadata={"format": "pt"})
+                written.append((path, list(shard)))
         shard, size = {}, 0
 
     seen = set()
@@ -360,16 +384,22 @@ def _write_checkpoint(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, 
         ctx = (deepspeed.zero.GatheredParameters([t], modifier_rank=None) if hasattr(t, "ds_id")
                else contextlib.nullcontext())
         with ctx:
-            if rank == 0:
-                shard[name] = t.detach().to("cpu", copy=True).contiguous()
-                nbytes = t.numel() * t.element_size()
-                size += nbytes
-                total += nbytes
+            nbytes = t.numel() * t.element_size()  # the full tensor's, on every rank: they flush together
+            size += nbytes
+            total += nbytes
+            if rank == 0 and writes.error is None:
+                with writes:
+                    shard[name] = t.detach().to("cpu", copy=True).contiguous()
         if size >= max_shard_bytes:
             flush()
+            _raise_failure(writes)
     flush()
-    if rank != 0:
-        return []
+    return written, total
+
+
+def _name_shards(module: torch.nn.Module, tmp: Path, written: list[tuple[Path, list[str]]], total: int) -> list[str]:
+    """Rank 0's end of :func:`save_sharded_safetensors`: the shards renamed, their index and the config written
+    into ``tmp``. -> the shards' file names."""
     n = len(written)
     names, weight_map = [], {}
     for i, (path, keys) in enumerate(written, 1):
