@@ -157,6 +157,7 @@ def test_partitioned_model_saves_as_sharded_safetensors(two_ranks):
     saved = out / "saved"
     files = sorted(saved.glob("*.safetensors"))
     assert len(files) >= 2 and (saved / "model.safetensors.index.json").exists() and (saved / "config.json").exists()
+    assert (saved / "generation_config.json").exists()
     tensors = {}
     for f in files:
         tensors.update(load_file(f))
@@ -391,11 +392,12 @@ def test_a_save_over_another_leaves_exactly_the_new_files(tmp_path):
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) == 3 and (out / INDEX_FILE).exists()
     users = _users_files(out)
-    for seed, shard_bytes, ours in [(2, 2 ** 30, {"model.safetensors", "config.json"}),
-                                    (3, 250_000, {*shards, INDEX_FILE, "config.json"})]:
+    configs = {"config.json", "generation_config.json"}
+    for seed, shard_bytes, ours in [(2, 2 ** 30, {"model.safetensors", *configs}),
+                                    (3, 250_000, {*shards, INDEX_FILE, *configs})]:
         model = tiny_t5(seed=seed)
         names = save_sharded_safetensors(model, out, max_shard_bytes=shard_bytes)
-        assert sorted(Path(n).name for n in names) == sorted(ours - {INDEX_FILE, "config.json"})
+        assert sorted(Path(n).name for n in names) == sorted(ours - {INDEX_FILE, *configs})
         assert {p.name for p in out.iterdir()} == ours | users
         assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"], "no temporary or replaced folder is left"
         assert (out / "notes" / "README.md").read_text() == "kept" and (out / "spiece.model").is_symlink()
@@ -405,6 +407,40 @@ def test_a_save_over_another_leaves_exactly_the_new_files(tmp_path):
             for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values()):
                 assert torch.equal(v, w), (seed, k)
 
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")
+def test_a_save_leaves_no_weights_or_generation_config_of_another_model(tmp_path):
+    """A save over a folder of another model (a hub download, a save_pretrained) kept its weights in other formats
+    and its generation_config.json: ``from_pretrained(..., use_safetensors=False)`` (and tools that read
+    ``pytorch_model.bin`` first) loaded the old weights, ``variant="fp16"`` the old fp16 copy, and every
+    ``from_pretrained`` decoded with the old generation settings (here 3 beams, 4 tokens at most)."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, T5ForConditionalGeneration
+
+    from vlscale.engine.sharded_loading import save_sharded_safetensors
+
+    out = tmp_path / "saved"
+    out.mkdir()
+    old = tiny_t5(seed=1).state_dict()
+    torch.save(old, out / "pytorch_model.bin")
+    torch.save(old, out / "pytorch_model-00001-of-00001.bin")
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in old}}))
+    save_file({k: v.half() for k, v in old.items() if k != "lm_head.weight"}, str(out / "model.fp16.safetensors"))
+    for stale in ("tf_model.h5", "flax_model.msgpack"):
+        (out / stale).write_bytes(b"old weights")
+    GenerationConfig(decoder_start_token_id=0, num_beams=3, max_length=4).save_pretrained(out)
+    users = _users_files(out)
+    new = tiny_t5(seed=2)
+    save_sharded_safetensors(new, out)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "generation_config.json"} | users
+    with pytest.raises(OSError, match="pytorch_model.bin"):
+        T5ForConditionalGeneration.from_pretrained(out, use_safetensors=False)
+    loaded = T5ForConditionalGeneration.from_pretrained(out)
+    assert loaded.generation_config.to_diff_dict() == new.generation_config.to_diff_dict()
+    x = torch.randint(2, VOCAB, (2, 6))
+    assert torch.equal(loaded.generate(x), new.generate(x))
 
 def test_a_save_that_fails_midway_leaves_the_previous_one(tmp_path, monkeypatch):
     """A save over an older one that fails at any of its renames (or writing a shard) leaves the older folder as
@@ -470,7 +506,7 @@ def test_a_save_that_died_between_its_renames_is_put_back(tmp_path):
     with pytest.raises(ShardedLoadError, match=r"saved\.old: rename it back"):
         load_sharded_safetensors(tiny_t5(), out, rank=0, world_size=1)
     save_sharded_safetensors(tiny_t5(seed=2), out)
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"} | users
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "generation_config.json"} | users
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 

@@ -282,16 +282,21 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-_SAVED_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json"
-                         r"|\.shard-\d+\.safetensors")
-"""The files of a folder that :func:`save_sharded_safetensors` writes (or wrote, ``.shard-*``: an older version's
-temporary shards); whatever else the folder holds (a tokenizer, a README) is the user's and is kept."""
+_WEIGHT_FORMATS = {"model": "safetensors", "pytorch_model": "bin", "tf_model": "h5", "flax_model": "msgpack"}
+_SAVED_FILE = re.compile("|".join(rf"{stem}(\.\w+)?(-\d+-of-\d+)?\.{ext}|{stem}\.{ext}\.index(\.\w+)?\.json"
+                                  for stem, ext in _WEIGHT_FORMATS.items())
+                         + r"|(generation_)?config\.json|\.shard-\d+\.safetensors")
+"""The files of a folder that :func:`save_sharded_safetensors` replaces: the model's weights in any of Hugging Face's
+formats (safetensors, PyTorch pickles, TF, Flax; whole or sharded, any ``variant``) with their indexes, its config
+and generation config, and an older version's temporary shards (``.shard-*``); whatever else the folder holds (a
+tokenizer, a README) is the user's and is kept."""
 
 
 def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_bytes: int = 2 * 2 ** 30,
                              rank: Optional[int] = None) -> list[str]:
     """Write ``module``'s parameters (full shapes, each tied tensor once) and persistent buffers as a
-    Hugging Face sharded safetensors checkpoint (+ ``config.json`` when the module has a config).
+    Hugging Face sharded safetensors checkpoint (+ ``config.json`` and ``generation_config.json`` when the module
+    has them, as ``save_pretrained`` writes them).
 
     A collective under ZeRO-3 (every rank calls it): parameters are gathered one at a time and rank 0
     holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
@@ -301,8 +306,12 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
 
     Saved whole: rank 0 writes into ``.tmp-<name>`` beside ``directory``, the folder's other files hard-linked
     in, and swaps it in (``vlscale.engine.checkpoint._replace_dir``, flushed to disk first). A save that fails or
-    dies leaves the previous one as it was, and the shards of an older save (another shard count) never remain
-    beside the new index, where a loader would read them.
+    dies leaves the previous one as it was. What a loader would read instead of the new weights, or with them,
+    never remains (:data:`_SAVED_FILE`): the shards of an older save with another shard count (or its
+    ``model.safetensors``), weights in another format (``pytorch_model*.bin``, ``tf_model.h5``,
+    ``flax_model.msgpack``, their indexes: an older model's, which transformers reads with
+    ``use_safetensors=False`` and other tools first), and a ``generation_config.json`` that is not the module's
+    (``from_pretrained`` decodes with it, whatever config.json says).
     """
     from vlscale.engine.checkpoint import _replace_dir, _restore_replaced, _Writes
 
@@ -398,7 +407,7 @@ def _write_shards(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank
 
 
 def _name_shards(module: torch.nn.Module, tmp: Path, written: list[tuple[Path, list[str]]], total: int) -> list[str]:
-    """Rank 0's end of :func:`save_sharded_safetensors`: the shards renamed, their index and the config written
+    """Rank 0's end of :func:`save_sharded_safetensors`: the shards renamed, their index and the configs written
     into ``tmp``. -> the shards' file names."""
     n = len(written)
     names, weight_map = [], {}
@@ -410,9 +419,9 @@ def _name_shards(module: torch.nn.Module, tmp: Path, written: list[tuple[Path, l
     if n > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2) + "\n")
-    config = getattr(module, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(str(tmp))
+    for config in (getattr(module, "config", None), getattr(module, "generation_config", None)):
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(str(tmp))
     return names
 
 
