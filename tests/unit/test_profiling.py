@@ -149,6 +149,21 @@ def test_zero_partition_arithmetic():
     assert z3.grads == (3 + 2) * 2 and z3.optimizer == (3 * 12 + 4) + (2 * 12 + 4)
 
 
+def test_zero3_optimizer_offload_keeps_fp32_gradients_on_the_host():
+    """ZeRO-3 with offload_optimizer cpu: the host holds the fp32 masters and moments, the flat gradient
+    partition (model dtype) and an fp32 gradient of each sub-group's master partition (DeepSpeed's
+    fp32_partitioned_groups_flat[i].grad, left out before); on the CPU accelerator that host is the device."""
+    inv = _inv([10, 7, 5, 1000], [True, True, False, False], [2, 1, 2, 2])
+    z = ZeroSettings(stage=3, offload_optimizer="cpu", offload_param="cpu", param_persistence_threshold=0)
+    part = 3 + 2  # ceil(10 / 4) + ceil(7 / 4): two sub-groups (matrices, then the rest)
+    params = (3 + 2 + 2 + 250) * 2
+    gpu = engine_state(inv, z, 4, "bf16", "cuda")
+    assert gpu.host == part * 3 * 4 + part * 2 + part * 4 + params
+    assert gpu.grads == gpu.optimizer == gpu.params == gpu.master_grads == 0
+    cpu = engine_state(inv, z, 4, "bf16", "cpu")
+    assert cpu.host == gpu.host and cpu.master_grads == part * 4 and cpu.grads == part * 2
+
+
 def test_zero_settings_from_ds_config_and_errors():
     z = ZeroSettings.from_ds_config({"zero_optimization": {
         "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000,
@@ -179,7 +194,7 @@ def test_offload_moves_state_off_the_device():
     assert off.host >= plain.components["optimizer"] + plain.components["grads"]
     assert off.components["peak"] < plain.components["peak"]
     # on DeepSpeed's CPU accelerator the host is the device: what is offloaded there stays in the peak
-    # (measured, benchmarks/profile_accuracy.py's offload rows: peak within 1.6%; t5-small was -26.8% before)
+    # (measured, benchmarks/profile_accuracy.py's offload rows: peak within 0.1%; t5-small was -26.8% before)
     plain_cpu = estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, None, device_type="cpu"), device="cpu")
     off_cpu = estimate_memory(cfg, 2, ds, device="cpu")
     assert off_cpu.host == off.host

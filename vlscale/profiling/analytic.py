@@ -860,6 +860,7 @@ class StateReport:
     nvme: int = 0
     persistent_params: int = 0  # ZeRO-3 parameters under the persistence threshold, kept whole
     grads_persist: bool = False  # the gradient buffer lives through forward too (ZeRO-3)
+    master_grads: int = 0  # ZeRO-3 optimizer offloaded to cpu: the masters' fp32 gradients, when the host is the device
     step_transient: int = 0  # the optimizer step's fp32 gradient copy and AdamW temporaries
     init_transient: int = 0  # DeepSpeed's set-up (flattening, state initialisation)
     comm_persistent: int = 0  # ZeRO-3's reduce bucket (allocated once)
@@ -977,7 +978,12 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         moved = out.optimizer
         out.step_transient = 0  # DeepSpeedCPUAdam updates in place
         if st == 3:
-            moved += out.grads
+            # and an fp32 gradient beside each sub-group's master partition, held from the set-up on
+            # (stage3.py initialize_optimizer_states: fp32_partitioned_groups_flat[i].grad, on the host,
+            # pinned with pin_memory; _offload_grad_partition_at_boundary copies the flat partition into it)
+            master_grads = out.detail["partition"] * 4
+            moved += out.grads + master_grads
+            out.master_grads = master_grads if stays else 0
             if not stays:
                 out.grads_persist = False
                 out.grads = 0
@@ -1452,6 +1458,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     ipg_held = 0
     if cfg.train.gradient_accumulation_steps > 1 and z.stage == 1 and z.contiguous_gradients:
         ipg_held = (2 if z.overlap_comm else 1) * z.reduce_bucket_size * b
+    g_persist += st.master_grads  # ZeRO-3's offloaded fp32 master gradients, where the host is the device
     held = g_persist + ipg_held
     phases = {}
     atp = {}
@@ -1488,8 +1495,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         # the last layer's recompute: what forward kept is still there, or a unit gathered on demand later
         phase("backward_recompute", base + held + Ah + act.block_peak + kept_in_backward
               + max(st.gathered, st.gathered_backward) + st.comm_backward, A + act.block_peak, g_persist)
-    phase("backward_end", base + st.grads + st.comm_backward + kept_after_backward, 0, st.grads)
-    phase("optimizer_step", base + st.grads + st.step_transient + kept_after_backward, 0, st.grads)
+    boundary = st.grads + st.master_grads
+    phase("backward_end", base + boundary + st.comm_backward + kept_after_backward, 0, boundary)
+    phase("optimizer_step", base + boundary + st.step_transient + kept_after_backward, 0, boundary)
     if z.stage in (1, 2):
         # the gradient partition is allocated when the first reduce bucket fills, a fraction f of the
         # way through backward: activations of that fraction are gone, the whole partition is there
