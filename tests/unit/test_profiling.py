@@ -12,6 +12,7 @@ tests/integration/test_profile_measure.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,58 @@ def test_zero3_partial_optimizer_offload_keeps_the_first_sub_groups_on_the_gpu()
     assert engine_state(inv, half, 4, "bf16", "cpu") == engine_state(inv, full, 4, "bf16", "cpu")
     with pytest.raises(ValueError, match="offload_optimizer.ratio=0.5"):
         ZeroSettings(stage=3, offload_optimizer="nvme", offload_ratio=0.5)
+
+
+def _unmodelled_value(ok):
+    """A value the estimate does not model for a row of UNMODELLED_SETTINGS."""
+    if ok is None:
+        return "fp16"  # another dtype than the bf16 run's
+    if not ok or ok[0] == {}:
+        return {"names": ["lm.encoder"]}
+    return True if ok[0] is False else 2
+
+
+def test_unmodelled_deepspeed_settings_are_refused_naming_the_key():
+    """DeepSpeed settings that change memory in ways the estimate does not model (ZeRO++'s quantized weights,
+    other gathering units, bf16 masters, another gradient-accumulation dtype ...) were read past, the run
+    predicted as if the key were absent. Each is refused in one line naming the key and its value; DeepSpeed's
+    own value, a stage that does not apply the key and the run's own precision are accepted."""
+    for key, ok, stages, _ in analytic.UNMODELLED_SETTINGS:
+        stage = (stages or (3,))[0]
+        precision = "fp16" if key.startswith("fp16.") else "bf16"
+        for value, refused in ((_unmodelled_value(ok), True), *(((ok[0], False),) if ok else ())):
+            ds = {"zero_optimization": {"stage": stage}, precision: {"enabled": True}}
+            *path, last = key.split(".")
+            block = ds
+            for part in path:
+                block = block.setdefault(part, {})
+            block[last] = value
+            if not refused:
+                analytic.check_modelled(ds, stage, precision)
+                continue
+            with pytest.raises(ValueError, match=rf"^{re.escape(key)}={re.escape(repr(value))}: .*does not model"):
+                analytic.check_modelled(ds, stage, precision)
+    analytic.check_modelled({"zero_optimization": {"round_robin_gradients": True}}, 3, "bf16")  # stage 1/2 only
+    analytic.check_modelled({"data_types": {"grad_accum_dtype": "bfloat16"}, "communication_data_type": "bf16"},
+                            1, "bf16")
+    analytic.check_modelled({"fp16": {"enabled": False, "auto_cast": True}}, 3, "bf16")  # not the run's precision
+    # through estimate_memory and the launcher (its one-line error, exit 2)
+    cfg = load_config("tiny", ["train.zero_stage=3"])
+    ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
+    ds["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+    with pytest.raises(ValueError, match="zero_optimization.zero_quantized_nontrainable_weights=True"):
+        estimate_memory(cfg, 2, ds, device="cpu")
+
+
+def test_launcher_refuses_an_unmodelled_deepspeed_setting(capsys, launcher, tmp_path):
+    """profile_memory.py with a DeepSpeed file that sets a key the estimate does not model: one line naming the
+    key and the value, exit 2 (before: the prediction of the file without the key)."""
+    ds = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 8
+    (tmp_path / "hpz.json").write_text(json.dumps(ds))
+    assert launcher("profile_memory").main(["--world-size", "16", "--deepspeed", str(tmp_path / "hpz.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: zero_optimization.zero_hpz_partition_size=8: ") and "does not model" in err[-1]
 
 def test_zero_settings_from_ds_config_and_errors():
     z = ZeroSettings.from_ds_config({"zero_optimization": {

@@ -182,6 +182,70 @@ class ZeroSettings:
         return cls(**out)
 
 
+
+# The DeepSpeed settings (0.19.8) that change memory and that the estimate does not model: (key, the values
+# it holds for, the ZeRO stages DeepSpeed applies the key at (None: all), what the key changes). What it
+# models is ZeroSettings' fields (with the precision, the optimizer and the run config); the other keys
+# DeepSpeed reads change no tensor the estimate counts (docs/scaling.md lists them). estimate_memory refuses
+# a run that sets one of these to another value rather than predict it as if the key were absent.
+# ``None`` as the values: the run's own precision; ``()``: absent only.
+UNMODELLED_SETTINGS = (
+    ("zero_optimization.zero_quantized_weights", (False,), (3,), "ZeRO++ all-gathers int8 weights (its buffers)"),
+    ("zero_optimization.zero_quantized_nontrainable_weights", (False,), (3,), "frozen weights held in int8"),
+    ("zero_optimization.zero_quantized_gradients", (False,), (3,), "ZeRO++ reduces int8 gradients (its buffers)"),
+    ("zero_optimization.zero_hpz_partition_size", (1,), (3,), "ZeRO++ keeps a second, node-local partition"),
+    ("zero_optimization.stage3_module_granularity_threshold", (0,), (3,), "fine-grained modules gathered as one unit"),
+    ("zero_optimization.module_granularity_threshold", (0,), (3,), "fine-grained modules gathered as one unit"),
+    ("zero_optimization.stage3_use_all_reduce_for_fetch_params", (False,), (3,), "gathers through a full-size all-reduce"),
+    ("zero_optimization.use_all_reduce_for_fetch_params", (False,), (3,), "gathers through a full-size all-reduce"),
+    ("zero_optimization.stage3_allgather_sequential", (False,), (3,), "gathers with no flat all-gather buffer"),
+    ("zero_optimization.allgather_sequential", (False,), (3,), "gathers with no flat all-gather buffer"),
+    ("zero_optimization.leaf_module", ({},), (3,), "other gathering units (train.zero3_leaf_layers sets the LM's)"),
+    ("zero_optimization.zenflow", (), None, "ZenFlow's optimizer and its gradient copies"),
+    ("zero_optimization.offload_optimizer.super_offload", (False,), (3,), "SuperOffload's optimizer"),
+    ("zero_optimization.offload_optimizer.fast_init", (False,), (3,), "another NVMe optimizer set-up"),
+    ("zero_optimization.round_robin_gradients", (False,), (1, 2), "gradient partitions reordered over the ranks"),
+    ("zero_optimization.parameter_alignment", (False,), (1, 2), "flat buffers padded per parameter"),
+    ("bf16.bf16_master_weights_and_grads", (False,), None, "bf16 master weights and gradients"),
+    ("bf16.bf16_optimizer_states", (False,), None, "bf16 Adam moments"),
+    ("fp16.fp16_master_weights_and_grads", (False,), None, "fp16 master weights and gradients"),
+    ("fp16.auto_cast", (False,), None, "inputs cast to fp16"),
+    ("data_types.grad_accum_dtype", None, None, "gradients accumulated in another dtype (ZeRO-1: BF16_Optimizer)"),
+    ("communication_data_type", None, None, "reduce buckets and their casts in another dtype"),
+    ("optimizer.params.amsgrad", (False,), None, "a third Adam moment"),
+    ("optimizer.params.fused", (False,), None, "torch's fused AdamW and its temporaries"),
+    ("optimizer.params.foreach", (), None, "torch AdamW's implementation chosen (the step's temporaries)"),
+    ("tensor_parallel.autotp_size", (0, 1), None, "tensor-parallel weight shards"),
+    ("sequence_parallel_size", (1,), None, "sequence-parallel activations"),
+    ("hybrid_engine.enabled", (False,), None, "DeepSpeed-Chat's hybrid engine"),
+    ("weight_quantization", (), None, "weights quantized at initialisation"),
+)
+_DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+           "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def check_modelled(ds: Optional[dict], stage: int, precision: str) -> None:
+    """Refuse (ValueError, one line) a DeepSpeed setting of :data:`UNMODELLED_SETTINGS` the run's ZeRO
+    ``stage`` applies, set to a value the estimate does not model."""
+    for key, ok, stages, what in UNMODELLED_SETTINGS:
+        if stages is not None and stage not in stages:
+            continue
+        *path, last = key.split(".")
+        block = ds or {}
+        for part in path:
+            block = block.get(part) if isinstance(block, dict) else None
+        if not isinstance(block, dict) or last not in block or block[last] is None:
+            continue
+        if path and path[0] in ("bf16", "fp16") and not block.get("enabled"):
+            continue  # the precision the run does not train in
+        value = block[last]
+        fine = _DTYPES.get(str(value).lower()) == precision if ok is None else value in ok
+        if not fine:
+            raise ValueError(f"{key}={value!r}: {what}, which the memory prediction does not model; remove the "
+                             f"key{f' (or set it to {ok[0]!r})' if ok else ''} to predict without it "
+                             f"(docs/scaling.md)")
+
+
 # ----------------------------------------------------------------------------- parameters
 
 @dataclass
@@ -1445,6 +1509,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         ds_config = resolve_ds_config(cfg, world_size, None, device_type=device)
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     precision = cfg.train.precision
+    check_modelled(ds_config, z.stage, precision)
     b = DTYPE_BYTES[precision]
     inv = inventory or parameter_inventory(cfg, vocab_size)
     shapes = run_shapes(cfg, inv.vocab_size)
