@@ -1,6 +1,7 @@
 """build_deepspeed_config: batch arithmetic, precision, conflicts named, no "auto" left, fp16 on CPU."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -504,6 +505,20 @@ def test_nvme_optimizer_offload_below_zero3_is_refused(tmp_path):
     raw["zero_optimization"]["offload_optimizer"]["device"] = "cpu"
     assert build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")["zero_optimization"]["offload_optimizer"][
         "device"] == "cpu"
+
+
+def test_partial_optimizer_offload_is_refused():
+    """offload_optimizer.ratio < 1 (DeepSpeed's partial offload) trained, unsaid, as a whole offload at ZeRO-1/2
+    (only stage3.py reads it); at ZeRO-3 the sub-groups it keeps on the GPU are stepped by a second optimizer
+    (backup_optimizer) whose Adam moments DeepSpeed 0.19's checkpoint leaves out (_rigid_state_dict), so a resume
+    would not continue the run. Refused in one line naming the key and value; ratio 1 is the whole offload."""
+    for stage, why in ((2, "DeepSpeed reads the ratio only at ZeRO-3"), (3, "--resume would restart them")):
+        raw = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}}
+        with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization\.offload_optimizer\.ratio=0\.5: partial "
+                                                       rf"offload is not supported: .*{re.escape(why)}"):
+            build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+        raw["zero_optimization"]["offload_optimizer"]["ratio"] = 1.0
+        assert build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")["zero_optimization"]["stage"] == stage
 
 
 @pytest.mark.parametrize("backbone", ["google-t5/t5-3b", "google/flan-t5-xl", "facebook/bart-large"])

@@ -166,31 +166,6 @@ def test_zero3_optimizer_offload_keeps_fp32_gradients_on_the_host():
 
 
 
-def test_zero3_partial_optimizer_offload_keeps_the_first_sub_groups_on_the_gpu():
-    """offload_optimizer.ratio < 1 (DeepSpeed's partial offload, stage3.py _create_fp32_partitions): sub-group i
-    stays on the GPU when i < int((1 - ratio) x sub-groups), with its fp32 master, fp32 gradient and Adam
-    moments, stepped by torch's AdamW (foreach: one temporary of the sub-group's size; the step tensor on the
-    host). Before, the ratio was not read and everything was predicted on the host. On DeepSpeed's CPU
-    accelerator every sub-group's device is "cpu" and CPUAdam steps them all: nothing changes there."""
-    inv = _inv([10, 7, 5, 1000], [True, True, False, False], [2, 1, 2, 2])
-    full = ZeroSettings(stage=3, offload_optimizer="cpu", param_persistence_threshold=0)
-    half = ZeroSettings.from_ds_config({"zero_optimization": {
-        "stage": 3, "stage3_param_persistence_threshold": 0,
-        "offload_optimizer": {"device": "cpu", "ratio": 0.5}}})
-    a, b = engine_state(inv, full, 4, "bf16", "cuda"), engine_state(inv, half, 4, "bf16", "cuda")
-    kept = 3  # int((1 - 0.5) x 2) = 1 sub-group on the GPU: the matrices' partition, ceil(10 / 4)
-    assert b.optimizer == kept * 12 and b.master_grads == kept * 4 and b.step_transient == kept * 4
-    assert b.host == a.host - kept * 16 + 4  # + the step tensor torch's AdamW keeps on the host
-    assert (b.grads, b.params) == (a.grads, a.params) and half.offload_ratio == 0.5
-    none = ZeroSettings.from_ds_config({"zero_optimization": {
-        "stage": 3, "stage3_param_persistence_threshold": 0, "offload_optimizer": {"device": "cpu", "ratio": 0}}})
-    c = engine_state(inv, none, 4, "bf16", "cuda")
-    assert c.optimizer == (3 + 2) * 12 and c.master_grads == (3 + 2) * 4 and c.host == (3 + 2) * 2 + 8
-    assert engine_state(inv, half, 4, "bf16", "cpu") == engine_state(inv, full, 4, "bf16", "cpu")
-    with pytest.raises(ValueError, match="offload_optimizer.ratio=0.5"):
-        ZeroSettings(stage=3, offload_optimizer="nvme", offload_ratio=0.5)
-
-
 def _unmodelled_value(ok):
     """A value the estimate does not model for a row of UNMODELLED_SETTINGS."""
     if ok is None:

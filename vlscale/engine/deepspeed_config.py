@@ -516,6 +516,16 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                     f"{source}: zero_optimization.{key}.device=\"nvme\" at ZeRO stage {stage}: DeepSpeed swaps to "
                     f"NVMe only under ZeRO-3 (stage {stage} keeps the offloaded optimizer state in host memory, as "
                     f"\"cpu\" does); write \"cpu\", or train ZeRO-3 (ds_configs/zero3_nvme.json)")
+            ratio = block.get("ratio", 1.0) if key == "offload_optimizer" else 1.0
+            if ratio not in (1, 1.0, None, AUTO):  # DeepSpeed's partial offload
+                raise DeepSpeedConfigError(
+                    f"{source}: zero_optimization.offload_optimizer.ratio={ratio!r}: partial offload is not "
+                    + ("supported: DeepSpeed reads the ratio only at ZeRO-3, and stage "
+                       f"{stage} would offload the whole optimizer" if stage < 3 else
+                       "supported: DeepSpeed 0.19's ZeRO-3 does not save the Adam moments of the sub-groups it keeps "
+                       "on the GPU (stage3.py _rigid_state_dict saves only the offloaded optimizer's state), so "
+                       "--resume would restart them from zero")
+                    + "; remove the key (ratio 1: the whole optimizer offloaded) or the offload_optimizer block")
             offload[key] = block["device"]
             if block["device"] == "nvme" and block.get("nvme_path", AUTO) == AUTO:
                 path = os.environ.get("VLSCALE_NVME_PATH")

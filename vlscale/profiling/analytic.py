@@ -107,10 +107,6 @@ class ZeroSettings:
     """``offload_param.max_in_cpu``: elements of the *trainable* partitions kept in host memory, not on NVMe."""
     optimizer_buffer_count: int = 4
     """``offload_optimizer.buffer_count``: fp32 buffers of the largest optimizer sub-group partition."""
-    offload_ratio: float = 1.0
-    """``offload_optimizer.ratio`` (ZeRO-3, ``cpu``): DeepSpeed's partial offload. The first
-    int((1 - ratio) x sub-groups) optimizer sub-groups keep their fp32 master, its fp32 gradient and the
-    Adam moments on the device, stepped by torch's AdamW; the others are offloaded."""
     aio_block_size: int = 1_048_576
     aio_intra_op_parallelism: int = 1
 
@@ -124,12 +120,6 @@ class ZeroSettings:
             raise ValueError(f"zero_optimization.offload_optimizer needs stage 2 or 3, not {self.stage}")
         if self.offload_param != "none" and self.stage < 3:
             raise ValueError(f"zero_optimization.offload_param needs stage 3, not {self.stage}")
-        if not 0 <= self.offload_ratio <= 1:
-            raise ValueError(f"zero_optimization.offload_optimizer.ratio={self.offload_ratio!r} must be in [0, 1]")
-        if self.offload_ratio < 1 and (self.stage, self.offload_optimizer) != (3, "cpu"):
-            raise ValueError(f"zero_optimization.offload_optimizer.ratio={self.offload_ratio!r} (partial offload): "
-                             f"the memory prediction models it at ZeRO-3 with offload_optimizer.device cpu only, "
-                             f"not stage {self.stage} with {self.offload_optimizer}")
         if self.overlap_comm is None:
             self.overlap_comm = self.stage == 3
 
@@ -166,9 +156,6 @@ class ZeroSettings:
             block = z.get(key)
             if isinstance(block, dict) and block.get("device") not in (None, "none"):
                 out[key] = block["device"]
-        block = z.get("offload_optimizer")
-        if "offload_optimizer" in out and block.get("ratio") not in (None, "auto"):
-            out["offload_ratio"] = float(block["ratio"])
         for attr, block, key in (("param_buffer_count", z.get("offload_param"), "buffer_count"),
                                  ("param_buffer_size", z.get("offload_param"), "buffer_size"),
                                  ("max_in_cpu", z.get("offload_param"), "max_in_cpu"),
@@ -1029,11 +1016,10 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         out.detail["flush_fraction"] = min(1.0, z.reduce_bucket_size / max(n_tr, 1))
         out.detail["partition"] = part_total
     else:
-        opt, part_total, largest_sub, largest_sub_full, pieces = 0, 0, 0, 0, []
+        opt, part_total, largest_sub, largest_sub_full = 0, 0, 0, 0
         for g in groups:
             for sub in _sub_groups(g, W, z.sub_group_size):
                 piece = sum(_ceil_div(n, W) for n in sub)
-                pieces.append(piece)
                 part_total += piece
                 largest_sub = max(largest_sub, piece)
                 largest_sub_full = max(largest_sub_full, sum(sub))
@@ -1045,7 +1031,6 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         out.step_transient = largest_sub * 4 + largest_sub * b + adam_temp
         out.init_transient = largest_sub_full * 4  # initialize_optimizer_states' zero gradient buffer
         out.detail["partition"] = part_total
-        out.detail["sub_groups"] = pieces  # each sub-group's partition, in DeepSpeed's order
     # offload: what leaves the device. On DeepSpeed's CPU accelerator the device is host memory: what
     # is offloaded to "cpu" stays in it (reported as host bytes too), and only the NVMe part leaves.
     infinity = zero_infinity_bytes(inv, z, W, precision) if st == 3 else {}
@@ -1056,25 +1041,13 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
         out.optimizer -= 4 * (sum(len(_sub_groups(g, W, z.sub_group_size)) for g in groups) if st == 3 else len(groups))
         moved = out.optimizer
         out.step_transient = 0  # DeepSpeedCPUAdam updates in place
-        kept_opt = 0  # optimizer state the device keeps (partial offload)
         if st == 3:
             # and an fp32 gradient beside each sub-group's master partition, held from the set-up on
             # (stage3.py initialize_optimizer_states: fp32_partitioned_groups_flat[i].grad, on the host,
             # pinned with pin_memory; _offload_grad_partition_at_boundary copies the flat partition into it)
             master_grads = out.detail["partition"] * 4
-            # partial offload (offload_optimizer.ratio < 1, stage3.py _create_fp32_partitions): sub-group i stays
-            # on the GPU when i < int((1 - ratio) x sub-groups), its master, fp32 gradient and moments there,
-            # stepped by torch's AdamW (foreach: a temporary of the sub-group's size; its 4-byte step tensor on
-            # the host). The flat gradient partition stays on the host. On DeepSpeed's CPU accelerator the
-            # device is "cpu", so DeepSpeedCPUAdam steps every sub-group as with ratio 1 (measured: the same bytes).
-            pieces = out.detail["sub_groups"]
-            n_kept = int((1 - z.offload_ratio) * len(pieces)) if device == "cuda" else 0
-            kept = sum(pieces[:n_kept])
-            kept_opt = 12 * kept
-            moved += out.grads + master_grads - 16 * kept + 4 * n_kept
-            out.master_grads = master_grads if stays else 4 * kept
-            if n_kept:
-                out.step_transient = 4 * max(pieces[:n_kept])
+            moved += out.grads + master_grads
+            out.master_grads = master_grads if stays else 0
             if not stays:
                 out.grads_persist = False
                 out.grads = 0
@@ -1087,7 +1060,7 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
             out.comm_persistent += largest_tr * b + (staged if stays else 0)
             out.grads = min(out.grads, z.reduce_bucket_size * b)  # gradients leave through the bucket
         if not stays:
-            out.optimizer = kept_opt
+            out.optimizer = 0
         if z.offload_optimizer == "cpu":
             out.host += moved
         elif st == 3:  # ZeRO-Infinity: see zero_infinity_bytes
@@ -1414,7 +1387,7 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
     """
     b = DTYPE_BYTES[precision]
     W = max(1, int(world))
-    on_device = dataclasses.replace(z, offload_optimizer="none", offload_param="none", offload_ratio=1.0)
+    on_device = dataclasses.replace(z, offload_optimizer="none", offload_param="none")
     opt = engine_state(inv, on_device, W, precision, device="cpu").optimizer
     if z.offload_optimizer != "none":  # DeepSpeedCPUAdam counts steps in a Python int, not a 4-byte tensor
         groups = inv.optimizer_groups()
