@@ -740,3 +740,25 @@ def test_launcher_refuses_a_measured_run_with_more_ranks_than_gpus(capsys, launc
     assert "--world-size 4" in err and "it has 2" in err and not started
     assert profile_memory.main(["--world-size", "2", "--measure", "--json"]) == 0
     assert len(started) == 1
+
+
+def test_planner_keeps_the_files_offload_settings(tmp_path, monkeypatch):
+    """An option offloading to the device the file's block names keeps that block (zero3_nvme.json's 16 parameter
+    buffers of 1e8 elements, its max_in_cpu): the planner replaced it with a bare {"device", "pin_memory"}, so
+    its NVMe options were estimated with DeepSpeed's 5 buffers (host memory ~2.2 GB low on t5-3b) and
+    --write-config wrote a file without the user's settings. Another device than the file's gets a fresh block."""
+    from vlscale.profiling.planner import plan, write_ds_config
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    nvme = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_nvme.json"
+    cfg = load_config("paper/clip_t5_single_adapter", ["model.backbone=t5-3b", "train.global_batch_size=null",
+                                                        "train.micro_batch_size=8", "train.zero_stage=3"])
+    options = plan(cfg, "80GiB", 4, ds_file=str(nvme), stages=[3], micro_batches=[8], precisions=["bf16"],
+                   checkpointing=[True], offloads=["opt_param_nvme", "opt_param_cpu"])
+    by = {o.offload: o for o in options}
+    direct = estimate_memory(cfg, 4, resolve_ds_config(cfg, 4, str(nvme), device_type="cuda"), device="cuda")
+    assert by["opt_param_nvme"].estimate.host == direct.host
+    written = write_ds_config(by["opt_param_nvme"], tmp_path / "nvme.json", ds_file=str(nvme))["zero_optimization"]
+    assert (written["offload_param"]["buffer_count"], written["offload_optimizer"]["fast_init"]) == (16, False)
+    assert write_ds_config(by["opt_param_cpu"], tmp_path / "cpu.json", ds_file=str(nvme))["zero_optimization"][
+        "offload_param"] == {"device": "cpu", "pin_memory": True}

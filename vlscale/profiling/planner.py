@@ -116,7 +116,7 @@ def _ds_for(base_ds: dict, stage: int, offload: str) -> dict:
     for key, dev in (("offload_optimizer", opt_dev), ("offload_param", par_dev)):
         if dev == "none":
             z.pop(key, None)
-        else:
+        elif not isinstance(z.get(key), dict) or z[key].get("device") != dev:  # the file's block kept on its device
             block = {"device": dev, "pin_memory": True}
             if dev == "nvme":
                 block["nvme_path"] = "auto"
