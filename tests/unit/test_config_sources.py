@@ -215,3 +215,16 @@ def test_meta_builds_take_the_backbone_folders_vocabulary(tmp_path, launcher):
     report = launcher("inspect_model").inspect(cfg)
     assert report["vocab_size"] == 800 and "model.backbone_path's config.json" in report["vocab_source"]
     assert report["total"] == sum(p.numel() for p in whole.parameters())
+
+
+@pytest.mark.parametrize("key", ["model.backbone_path", "model.tokenizer"])
+def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path, key):
+    """A folder that is not there (docs/scaling.md's ``model.backbone_path=/data/hf/t5-11b`` on a machine without
+    it) is said to be missing, naming the key, instead of huggingface_hub's "Repo id must be in the form ..."."""
+    from vlscale.config import SourceError
+    from vlscale.data import build_tokenizer
+
+    absent = tmp_path / "hf" / "t5-small"
+    cfg = load_config("tiny", ["model.backbone=t5-small", "model.pretrained=true", f"{key}={absent}"])
+    with pytest.raises(SourceError, match=rf"^{key}='{absent}' does not exist \(expected a local folder"):
+        build_tokenizer(cfg)

@@ -83,13 +83,21 @@ def _is_tiny(name: str) -> bool:
 
 
 def _auto(source: str, what: str):
+    import os
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoTokenizer
 
+    from vlscale.config import SourceError
+
+    if not os.path.exists(source):
+        try:  # not there and no hub id either (/data/hf/t5-11b): a folder that is missing, not a repo to look up
+            validate_repo_id(source)
+        except HFValidationError:
+            raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)") from None
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        from vlscale.config import SourceError
-
         raise SourceError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
                           f"or a local HF cache; a local directory needs its tokenizer files): "
                           f"{' '.join(str(e).split())}") from e
