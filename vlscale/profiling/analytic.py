@@ -1434,9 +1434,10 @@ def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional
 
 
 def default_ds_file(cfg: RunConfig, ds_file=None):
-    """The DeepSpeed file (or dict) the run uses, as launchers/train.py finds it: ``ds_file`` if given (a relative
-    path from the working directory, else the repository root), else the config's ``train.deepspeed``, else the
-    shipped zero3.json, or zero2.json when ``train.zero_stage`` asks for stage 0, 1 or 2."""
+    """The DeepSpeed file (or dict) the run uses: ``ds_file`` if given (a relative path from the working directory,
+    else the repository root), else the config's ``train.deepspeed``, else the shipped zero3.json, or zero2.json
+    when ``train.zero_stage`` asks for stage 0, 1 or 2 (launchers/train.py takes zero3.json at that stage:
+    equivalent below stage 3, where the two differ only in keys stage 3 reads and in DeepSpeed's own defaults)."""
     from pathlib import Path
 
     from vlscale.engine.deepspeed_config import resolve_ds_file
