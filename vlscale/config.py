@@ -53,6 +53,20 @@ class SourceError(ConfigError, OSError):
     a folder without the files): the key and its value are the report."""
 
 
+def missing_source(source: str) -> bool:
+    """A model or tokenizer source that is neither there nor a hub id (``/data/hf/t5-11b``, ``./x``): a folder
+    that is missing, to be said so, not looked up on the hub. ``owner/name`` is a hub id."""
+    if os.path.exists(source):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return False
+
+
 def flat_settings(d: dict, prefix: str = "") -> dict:
     """A config dict as ``{"train.max_steps": 300, ...}`` (``data.hf_columns`` kept whole: a mapping value)."""
     out = {}

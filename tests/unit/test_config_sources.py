@@ -228,3 +228,21 @@ def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path, key):
     cfg = load_config("tiny", ["model.backbone=t5-small", "model.pretrained=true", f"{key}={absent}"])
     with pytest.raises(SourceError, match=rf"^{key}='{absent}' does not exist \(expected a local folder"):
         build_tokenizer(cfg)
+
+
+def test_a_hub_id_as_backbone_path_is_looked_up_on_the_hub(monkeypatch):
+    """model.backbone_path takes a hub id or a local folder (ModelConfig): ``google-t5/t5-small`` goes to
+    ``from_pretrained``, where it was refused as a folder that "does not exist" (any path with a slash)."""
+    from vlscale.config import SourceError
+    from vlscale.modeling.backbones import build_lm, lm_class, lm_config
+
+    asked = []
+
+    def from_pretrained(source, *args, **kwargs):
+        asked.append(source)
+        raise OSError("no network here")
+
+    monkeypatch.setattr(lm_class(lm_config("t5-small")), "from_pretrained", from_pretrained)
+    with pytest.raises(SourceError, match="a hub id needs the network"):
+        build_lm("t5-small", pretrained=True, path="google-t5/t5-small")
+    assert asked == ["google-t5/t5-small"]

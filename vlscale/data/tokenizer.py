@@ -83,18 +83,12 @@ def _is_tiny(name: str) -> bool:
 
 
 def _auto(source: str, what: str):
-    import os
-
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoTokenizer
 
-    from vlscale.config import SourceError
+    from vlscale.config import SourceError, missing_source
 
-    if not os.path.exists(source):
-        try:  # not there and no hub id either (/data/hf/t5-11b): a folder that is missing, not a repo to look up
-            validate_repo_id(source)
-        except HFValidationError:
-            raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)") from None
+    if missing_source(source):
+        raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:

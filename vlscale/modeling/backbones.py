@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlscale.config import SourceError
+from vlscale.config import SourceError, missing_source
 
 if TYPE_CHECKING:
     import torch
@@ -264,7 +264,7 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     meta_of_folder = str(device) == "meta" and path is not None and os.path.isdir(path)
     cls = lm_class(config, own_head=meta_of_folder and head_of_its_own(path))  # (from_pretrained unties itself)
     if pretrained:
-        if path is not None and not os.path.exists(path) and os.sep in path:
+        if path is not None and missing_source(path):
             raise MissingWeights(f"model.backbone_path={path!r} does not exist")
         source = pretrained_source(name, path)
         key = "model.backbone_path" if path is not None else "model.backbone"
