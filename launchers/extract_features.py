@@ -249,7 +249,7 @@ def hf_jobs(args):
     if args.id_column and len(columns) > 1:
         raise SystemExit("--id-column applies to one --image-column only (as data.hf_columns.image_id: "
                          "single-image tasks); NLVR2's two images are <split>/<row>/0 and <split>/<row>/1")
-    ds, hf_split, split = open_hf_split(args.hf_dataset, args.split)  # split: ours, as training's ids
+    ds, hf_split, split = open_hf_split(args.hf_dataset, args.split, "--hf-dataset")  # split: ours, as training's ids
     name = f"{args.hf_dataset}[{hf_split}]"
     for col in (*columns, args.id_column):
         if col and col not in ds.column_names:

@@ -686,3 +686,18 @@ def test_launcher_hf_rows_without_an_image_error_or_skip_as_training(tmp_path, w
         with pytest.raises(SystemExit) as info:
             launcher.main(["--vision", VISION, *flags, "--out", str(one)])
         assert info.value.code == 2 and says in capsys.readouterr().err, flags
+
+
+def test_launcher_hf_errors_name_the_flag_given(tmp_path, weights):
+    """A split or dataset extract_features cannot open is named by the flag the user gave (--hf-dataset), not by
+    training's data.hf_dataset, which this command has no such setting for."""
+    import extract_features as launcher
+
+    hf = str(ROOT / "tests" / "fixtures" / "hf_multi")
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--image-column", "image", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=rf"^extract_features\.py: DataError: --hf-dataset='{hf}' has no split for "
+                                         r"'test' \(tried \['test'\]\); its splits: \['train', 'validation'\]$"):
+        launcher.main(base + ["--hf-dataset", hf, "--split", "test"])
+    (tmp_path / "file.txt").write_text("not a dataset")
+    with pytest.raises(SystemExit, match=r"^extract_features\.py: DataError: --hf-dataset='.*file\.txt' is a file"):
+        launcher.main(base + ["--hf-dataset", str(tmp_path / "file.txt")])

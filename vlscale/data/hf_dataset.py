@@ -110,32 +110,33 @@ def _why(e: Exception) -> str:
     return why + (f", from {type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else "")
 
 
-def open_hf_split(name_or_path: str, split: str):
+def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     """The ``datasets.Dataset`` of ``split`` (ours, train / val / test, or the dataset's own name), the dataset's
     name of it, and ours: the name its ids use (``val`` for the dataset's ``validation``, ``dev``, ... where
-    that is the split ours reads; the name given otherwise, e.g. ``dev`` beside a ``validation`` split)."""
+    that is the split ours reads; the name given otherwise, e.g. ``dev`` beside a ``validation`` split).
+    ``key``: the setting errors name (``--hf-dataset`` for launchers/extract_features.py)."""
     import datasets
 
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise DataError(f"data.hf_dataset={name_or_path!r} is a file; give a dataset folder or a hub name")
+            raise DataError(f"{key}={name_or_path!r} is a file; give a dataset folder or a hub name")
         try:
             try:
                 obj = datasets.load_from_disk(str(path))
             except FileNotFoundError:  # not a save_to_disk folder: a folder of data files
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
-            raise DataError(f"data.hf_dataset={name_or_path!r}: the datasets library cannot load it "
+            raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
                             f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
     else:
         try:
             obj = datasets.load_dataset(name_or_path)
         except Exception as e:
-            raise DataError(f"data.hf_dataset={name_or_path!r}: not a local folder, and "
+            raise DataError(f"{key}={name_or_path!r}: not a local folder, and "
                             f"datasets.load_dataset failed ({_why(e)})") from e
     if isinstance(obj, datasets.Dataset):
-        raise DataError(f"data.hf_dataset={name_or_path!r} holds one Dataset without splits; save a "
+        raise DataError(f"{key}={name_or_path!r} holds one Dataset without splits; save a "
                         "DatasetDict with train / validation / test splits")
     names = SPLIT_NAMES.get(split, (split,))
     first = {ours: next((n for n in aliases if n in obj), None) for ours, aliases in SPLIT_NAMES.items()}
@@ -143,7 +144,7 @@ def open_hf_split(name_or_path: str, split: str):
         if name in obj:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
             return obj[name], name, ours
-    raise DataError(f"data.hf_dataset={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
+    raise DataError(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
                     f"its splits: {list(obj)}")
 
 
