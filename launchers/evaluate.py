@@ -56,11 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from vlscale.log import logs_to_console  # noqa: E402
-
-MODEL_SECTIONS = ("model", "peft")
-# Where the frozen weights load from may change (the same files elsewhere), as on --resume (trainer.RESUMABLE_CHANGES):
-# the weights built from there are compared with the fingerprint in the run's checkpoint (frozen_weights_problem).
-RELOCATABLE = (("model", "backbone_path"), ("model", "vision_pretrained"))
+from vlscale.predict import frozen_weights_problem, load_run_config  # noqa: E402,F401  (shared with Predictor)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,61 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.predict_only and args.java_metrics:
         p.error("--java-metrics scores captions; --predict-only scores nothing: leave one of them out")
     return args
-
-
-def load_run_config(adapter_dir, overrides):
-    """The adapter's run config with evaluation overrides; refuses overrides that change the model."""
-    from vlscale.config import _deep_merge, config_from_dict, parse_overrides
-    from vlscale.engine.checkpoint import read_adapter_config
-
-    meta = read_adapter_config(adapter_dir)
-    saved = meta["run_config"]
-    cfg = config_from_dict(_deep_merge(saved, parse_overrides(overrides)))
-    new = cfg.to_dict()
-    meta["relocated"] = [f"{s}.{k}" for s, k in RELOCATABLE if k in saved[s] and new[s][k] != saved[s][k]]
-    fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s] if (s, k) not in RELOCATABLE] + \
-        [("data", "tasks"), ("train", "seed")]
-    for section, key in fixed:
-        if new[section][key] != saved[section][key]:
-            hint = ("use --tasks to evaluate a subset of tasks" if (section, key) == ("data", "tasks") else
-                    "drop the override: an adapter is evaluated on the model it was trained with")
-            raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
-                             f"was trained with ({section}.{key}={saved[section][key]!r}); {hint}")
-    return cfg, meta
-
-
-def frozen_weights_problem(model, adapter_dir, meta, device=None) -> str | None:
-    """Why the frozen weights built now are not the training run's (compared with the fingerprint the adapter,
-    else the run's latest checkpoint, recorded), or None: with model.backbone_path / model.vision_pretrained
-    changed, and also where they did not, since the files there (or a hub id's cache) may have changed since
-    training. Without a fingerprint to compare with, a note says moved weights are not checked."""
-    from vlscale.engine import checkpoint as ckpt
-
-    saved = meta.get("frozen")
-    root = Path(adapter_dir).resolve().parent / "checkpoints"
-    if saved is None:
-        try:
-            tag = ckpt.latest_tag(root)
-            saved = ckpt.read_client_state(root / tag / "client_state_rank0.json").get("frozen") if tag else None
-        except ckpt.CheckpointError:
-            saved = None
-    changed = ", ".join(meta["relocated"])
-    if not saved:
-        if changed:
-            print(f"evaluate.py: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
-                  f"weights against: they are assumed to be the training run's", file=sys.stderr)
-        return None
-    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model, device))
-    if problem and changed:
-        return (f"{changed} changed, and the frozen weights built from there are not the training run's: "
-                f"{problem}; point them at the weights the adapter was trained on")
-    if problem:
-        m = meta["run_config"]["model"]
-        where = ", ".join(f"model.{k}={m[k]!r}" for k in ("backbone", "backbone_path", "vision_pretrained") if m.get(k))
-        return (f"the frozen weights built now ({where}) are not the ones the adapter was trained on: {problem}; "
-                f"the files changed since training? point model.backbone_path / model.vision_pretrained at the "
-                f"weights the adapter was trained on")
-    return None
 
 
 def java_metrics_problem() -> None:
@@ -246,15 +187,10 @@ def main(argv=None) -> int:
 
 
 def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
-    import torch
-
     from vlscale.config import parse_overrides
-    from vlscale.data import build_tokenizer
     from vlscale.data.tasks import get_task
-    from vlscale.engine.checkpoint import load_adapter
     from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
-    from vlscale.engine.trainer import DTYPES, seed_everything
-    from vlscale.modeling.vl_model import build_model
+    from vlscale.predict import adapter_tokenizer, inference_dtype, load_trained_model
 
     cfg, meta = load_run_config(args.adapter, args.overrides)
     kind = "predict" if args.predict_only else "eval"
@@ -274,40 +210,26 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
     if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
         java_metrics_problem()
-    tokenizer = build_tokenizer(cfg)
-    if len(tokenizer) != meta["vocab_size"]:
-        raise ValueError(f"the rebuilt tokenizer has {len(tokenizer)} tokens; the adapter was trained with "
-                         f"{meta['vocab_size']} ({meta.get('tokenizer')}); check model.tokenizer / extra tokens")
-    dtype = DTYPES[cfg.train.precision]
-    run_dtype = dtype
-    if dtype == torch.float16 and device.type == "cpu":
-        dtype = torch.float32  # no fp16 kernels on CPU; fp32 holds the fp16-trained weights exactly
-        cfg.train.precision = "fp32"
-        if rank == 0:
-            print("evaluate.py: note: the adapter was trained in fp16, which has no CPU kernels: evaluating in fp32",
-                  file=sys.stderr, flush=True)
-    # a file that does not fit is named before the model is built (minutes for a large one): on the meta device
-    load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), args.adapter, check_only=True)
+    tokenizer = adapter_tokenizer(cfg, meta)
+    dtype, same_dtype = inference_dtype(cfg, device, "evaluate.py" if rank == 0 else None)
     stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed
+    build = None
     if args.deepspeed:
         given = parse_overrides(args.overrides).get("train")
         override = cfg.train.zero_stage if isinstance(given, dict) and "zero_stage" in given else None
         ds_config = evaluation_ds_config(args.deepspeed, cfg, world, dist.device_type, override)
-        model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
+
+        def build():
+            nonlocal keep_alive, stage
+            model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
+            return model
+    model = load_trained_model(cfg, meta, args.adapter, device, dtype, same_dtype, build)
+    if args.deepspeed and rank == 0:
         held, total = held_parameters(model)
-        if rank == 0:
-            why = "ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage else ""
-            whole = "" if stage == 3 else f" ({why}every rank holds the whole model; a ZeRO-3 file shards it)"
-            print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
-                  f"{total:,} parameters{whole}", flush=True)
-    else:
-        seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
-        model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
-    load_adapter(model, args.adapter)  # collective under ZeRO-3
-    if dtype == run_dtype:  # fingerprints are of the run's dtype; the files may have changed even where unmoved
-        problem = frozen_weights_problem(model, args.adapter, meta, device)
-        if problem:
-            raise ValueError(problem)
+        why = "ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage else ""
+        whole = "" if stage == 3 else f" ({why}every rank holds the whole model; a ZeRO-3 file shards it)"
+        print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
+              f"{total:,} parameters{whole}", flush=True)
     # --- evaluate
     scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
                       float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",

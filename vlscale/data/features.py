@@ -352,6 +352,13 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 @torch.no_grad()
+def grid_features(encoder, transform: Callable, images: Sequence, device="cpu") -> torch.Tensor:
+    """(N, T, D) fp32 on the host: each image's grid as a cache stores it (``encoder.encode_grid`` of the CLIP
+    transform). One place for the extraction and for :class:`vlscale.predict.Predictor`, which encodes a
+    cache-trained run's images on the fly."""
+    return encoder.encode_grid(transform(images).to(device)).float().cpu()
+
+
 def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size, grid_side, dim,
                  synthetic: Optional[dict] = None) -> dict:
     """The ``meta.json`` of a cache of ``vision``'s features: per-frame embeddings (``video``) or grids."""
@@ -408,8 +415,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                     frames.extend(item)
         else:
             for chunk in _batches(todo, batch_size):
-                pixels = transform([source[i] for i in chunk]).to(device)
-                feats = encoder.encode_grid(pixels).float().cpu()
+                feats = grid_features(encoder, transform, [source[i] for i in chunk], device)
                 for i, f in zip(chunk, feats):
                     writer.add(i, f)
                 stats["written"] += len(chunk)

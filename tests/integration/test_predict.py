@@ -1,0 +1,106 @@
+"""Predictor / launchers/predict.py answer a question about image files as the evaluation answers it about the same
+example: the synthetic world's val images saved as PNG files, predicted, and compared with the evaluation's
+predictions/<task>.jsonl, so files, text and decoding go through one path.
+
+Two adapters: tests/integration/learning_run.py's (the embedded default trained on cached features, whose answers
+depend on image and question: the images are encoded on the fly as the cache's were) and a tiny run that encodes
+images in its model (the batches compared tensor for tensor: its random model's answers hardly vary).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlscale.data.synthetic import synthetic_split
+from vlscale.predict import Predictor
+
+TASKS = ("vqa", "gqa", "nlvr2", "caption")
+
+
+def evaluation_predictions(out: Path, task: str) -> dict[str, str]:
+    lines = (out / "predictions" / f"{task}.jsonl").read_text().splitlines()
+    return {r["uid"]: r["prediction"] for r in map(json.loads, lines)}
+
+
+def png_files(split, examples, folder: Path) -> list[list[Path]]:
+    """Each example's images written as PNG files (lossless: the same uint8 arrays read back)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for e in examples:
+        paths = []
+        for i in e.image_ids:
+            Image.fromarray(split.visuals[i]).save(folder / f"{i}.png")
+            paths.append(folder / f"{i}.png")
+        out.append(paths)
+    return out
+
+
+@pytest.fixture(scope="module")
+def learned(learning_job):
+    out = learning_job.folder / "run"
+    return out, Predictor(out / "adapter", device="cpu")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_about_png_files_are_the_evaluations(learned, task, tmp_path):
+    out, predictor = learned
+    assert predictor.model.vision is None and predictor.encoder is not None  # trained on the feature cache
+    split = synthetic_split(predictor.cfg, task, "val")
+    examples = split.examples  # all 100: a second or two a task
+    files = png_files(split, examples, tmp_path)
+    expected = evaluation_predictions(out, task)
+    answers = predictor.predict(task, [e.text for e in examples], files)
+    assert answers == [expected[e.uid] for e in examples]
+    assert len(set(answers)) > 1  # the answers depend on the input: a wrong prefix or image would show
+    # one at a time, as the command line asks
+    assert predictor.predict(task, examples[0].text, files[0] if task == "nlvr2" else files[0][0]) == answers[0]
+
+
+def test_the_command_line_prints_the_answer(learned, launcher, tmp_path, capsys):
+    out, _ = learned
+    split = synthetic_split(learned[1].cfg, "nlvr2", "val")
+    expected = evaluation_predictions(out, "nlvr2")
+    e = next(e for e in split.examples if expected[e.uid] == "true")  # the run says "false" to most
+    files = png_files(split, [e], tmp_path)[0]
+    args = ["--adapter", str(out / "adapter"), "--task", "nlvr2", "--image", str(files[0]), "--image", str(files[1]),
+            "--text", e.text, "--device", "cpu"]
+    assert launcher("predict").main(args) == 0
+    assert capsys.readouterr().out == "true\n"
+    assert launcher("predict").main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"task": "nlvr2", "text": e.text, "images": list(map(str, files)),
+                                                   "answer": "true"}
+
+
+def test_a_run_encoding_images_in_its_model_gets_the_evaluations_batches(h, tmp_path):
+    """A model with its CLIP (model.feature_source=images): the batch of the PNG files and texts is the
+    evaluation's batch of those examples (token ids, mask, pixels), and so are the answers."""
+    from vlscale.data import eval_batches
+    from vlscale.engine.evaluation import generation_inputs
+
+    run = tmp_path / "run"
+    h.launch(h.TINY + ["data.tasks=[vqa,nlvr2,caption]", "peft.sharing=multiple", "train.micro_batch_size=2",
+                       "train.max_steps=1", f"output_dir={run}"])
+    predictor = Predictor(run / "adapter", device="cpu")
+    assert predictor.model.vision is not None and predictor.encoder is None
+    for task in ("vqa", "nlvr2", "caption"):
+        split = synthetic_split(predictor.cfg, task, "val")
+        examples = split.examples
+        files = png_files(split, examples, tmp_path / task)
+        mine = generation_inputs(predictor.batch(task, [e.text for e in examples], files))
+        theirs = generation_inputs(next(iter(eval_batches(predictor.cfg, predictor.tokenizer, task, "val",
+                                                          len(examples), 0, 1))))
+        assert mine.keys() == theirs.keys() == {"task", "input_ids", "attention_mask", "pixel_values", "uids",
+                                                "targets"}
+        for key in ("input_ids", "attention_mask", "pixel_values"):
+            assert mine[key].equal(theirs[key]), key
+        answers = predictor.predict(task, [e.text for e in examples], files)
+        expected = evaluation_predictions(run, task)
+        assert answers == [expected[e.uid] for e in examples]
+    with pytest.raises(ValueError, match=r"the adapter was not trained on task 'gqa' and has no weights for it; it "
+                                         r"was trained on \['vqa', 'nlvr2', 'caption'\]"):
+        predictor.predict("gqa", "what color is the circle?", np.zeros((8, 8, 3), np.uint8))

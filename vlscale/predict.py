@@ -1,0 +1,258 @@
+"""A trained adapter, rebuilt for inference: the model launchers/evaluate.py evaluates, and :class:`Predictor`,
+which asks it about your own images.
+
+    from vlscale.predict import Predictor
+
+    model = Predictor("runs/default/adapter")                  # device: cuda if there is one, else cpu
+    model.predict("vqa", "what color is the circle?", "a.png")  # -> "red"
+    model.predict("caption", "", "a.png")                       # -> "a small red circle ..."
+    model.predict("nlvr2", "there are two circles.", ["left.png", "right.png"])   # -> "true" / "false"
+    model.predict("vqa", ["q1?", "q2?"], ["a.png", "b.png"])    # a list of questions -> a list of answers
+
+The model is rebuilt from the adapter's ``adapter_config.json`` by :func:`load_run_config` and
+:func:`load_trained_model`, as evaluate.py rebuilds it (the frozen weights checked against the run's
+fingerprint). Images (file paths PIL reads, uint8 ``(H, W, 3)`` arrays or PIL images) and text go through the
+evaluation's own path: an :class:`~vlscale.data.tasks.Example` per input, the run's
+:class:`~vlscale.data.collate.Collator` (task prefix, text formatting, the run's CLIP transform and image size)
+and :func:`vlscale.engine.evaluation.predict_task` (the task's beams and token budget; NLVR2's larger of the
+true/false logits). A run trained on cached features (``model.feature_source=cache``) has no CLIP in its model:
+its images are encoded with ``model.vision`` + ``model.vision_pretrained`` as launchers/extract_features.py
+encodes them (:func:`vlscale.data.features.grid_features`). Image tasks only (vqa, gqa, nlvr2, caption).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+MODEL_SECTIONS = ("model", "peft")
+# Where the frozen weights load from may change (the same files elsewhere), as on --resume (trainer.RESUMABLE_CHANGES):
+# the weights built from there are compared with the fingerprint in the run's checkpoint (frozen_weights_problem).
+RELOCATABLE = (("model", "backbone_path"), ("model", "vision_pretrained"))
+
+
+def load_run_config(adapter_dir, overrides):
+    """The adapter's run config with evaluation overrides; refuses overrides that change the model."""
+    from vlscale.config import _deep_merge, config_from_dict, parse_overrides
+    from vlscale.engine.checkpoint import read_adapter_config
+
+    meta = read_adapter_config(adapter_dir)
+    saved = meta["run_config"]
+    cfg = config_from_dict(_deep_merge(saved, parse_overrides(overrides)))
+    new = cfg.to_dict()
+    meta["relocated"] = [f"{s}.{k}" for s, k in RELOCATABLE if k in saved[s] and new[s][k] != saved[s][k]]
+    fixed = [(s, k) for s in MODEL_SECTIONS for k in saved[s] if (s, k) not in RELOCATABLE] + \
+        [("data", "tasks"), ("train", "seed")]
+    for section, key in fixed:
+        if new[section][key] != saved[section][key]:
+            hint = ("use --tasks to evaluate a subset of tasks" if (section, key) == ("data", "tasks") else
+                    "drop the override: an adapter is evaluated on the model it was trained with")
+            raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
+                             f"was trained with ({section}.{key}={saved[section][key]!r}); {hint}")
+    return cfg, meta
+
+
+def frozen_weights_problem(model, adapter_dir, meta, device=None, who: str = "evaluate.py") -> Optional[str]:
+    """Why the frozen weights built now are not the training run's (compared with the fingerprint the adapter,
+    else the run's latest checkpoint, recorded), or None: with model.backbone_path / model.vision_pretrained
+    changed, and also where they did not, since the files there (or a hub id's cache) may have changed since
+    training. Without a fingerprint to compare with, a note (from ``who``) says moved weights are not checked."""
+    from vlscale.engine import checkpoint as ckpt
+
+    saved = meta.get("frozen")
+    root = Path(adapter_dir).resolve().parent / "checkpoints"
+    if saved is None:
+        try:
+            tag = ckpt.latest_tag(root)
+            saved = ckpt.read_client_state(root / tag / "client_state_rank0.json").get("frozen") if tag else None
+        except ckpt.CheckpointError:
+            saved = None
+    changed = ", ".join(meta["relocated"])
+    if not saved:
+        if changed:
+            print(f"{who}: note: {changed} changed; no checkpoint of the run in {root} to check the frozen "
+                  f"weights against: they are assumed to be the training run's", file=sys.stderr)
+        return None
+    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(model, device))
+    if problem and changed:
+        return (f"{changed} changed, and the frozen weights built from there are not the training run's: "
+                f"{problem}; point them at the weights the adapter was trained on")
+    if problem:
+        m = meta["run_config"]["model"]
+        where = ", ".join(f"model.{k}={m[k]!r}" for k in ("backbone", "backbone_path", "vision_pretrained") if m.get(k))
+        return (f"the frozen weights built now ({where}) are not the ones the adapter was trained on: {problem}; "
+                f"the files changed since training? point model.backbone_path / model.vision_pretrained at the "
+                f"weights the adapter was trained on")
+    return None
+
+
+def adapter_tokenizer(cfg, meta):
+    """The run's tokenizer, rebuilt; refused when its size is not the adapter's."""
+    from vlscale.data import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg)
+    if len(tokenizer) != meta["vocab_size"]:
+        raise ValueError(f"the rebuilt tokenizer has {len(tokenizer)} tokens; the adapter was trained with "
+                         f"{meta['vocab_size']} ({meta.get('tokenizer')}); check model.tokenizer / extra tokens")
+    return tokenizer
+
+
+def inference_dtype(cfg, device, who: Optional[str] = None) -> tuple["torch.dtype", bool]:  # noqa: F821
+    """(the dtype the model runs in on ``device``, whether it is ``train.precision``'s). fp16 has no CPU kernels:
+    there the model runs in fp32 (which holds fp16-trained weights exactly), ``cfg.train.precision`` is set to
+    fp32 and ``who`` (when given) says so."""
+    import torch
+
+    from vlscale.engine.trainer import DTYPES
+
+    dtype = DTYPES[cfg.train.precision]
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        cfg.train.precision = "fp32"
+        if who:
+            print(f"{who}: note: the adapter was trained in fp16, which has no CPU kernels: evaluating in fp32",
+                  file=sys.stderr, flush=True)
+        return torch.float32, False
+    return dtype, True
+
+
+def load_trained_model(cfg, meta, adapter_dir, device, dtype, check_frozen: bool = True, build=None,
+                       who: str = "evaluate.py"):
+    """The adapter's model: built as the run built it (``build``: a callable that builds it otherwise, e.g.
+    evaluate.py's ZeRO-3 build; by default one process's model, on ``device``, the random frozen weights drawn
+    from ``train.seed``), the adapter loaded strictly and, with ``check_frozen`` (the model in the run's
+    dtype: :func:`inference_dtype`), the frozen weights checked against the run's fingerprint. A file that
+    does not fit is named before anything is built (on the meta device)."""
+    from vlscale.engine.checkpoint import load_adapter
+    from vlscale.engine.trainer import seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), adapter_dir, check_only=True)
+    if build is None:
+        seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
+        model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
+    else:
+        model = build()
+    load_adapter(model, adapter_dir)  # collective under ZeRO-3
+    if check_frozen:  # fingerprints are of the run's dtype; the files may have changed even where unmoved
+        problem = frozen_weights_problem(model, adapter_dir, meta, device, who)
+        if problem:
+            raise ValueError(problem)
+    return model
+
+
+Image = Union[str, Path, "numpy.ndarray", "PIL.Image.Image"]  # noqa: F821
+
+
+def check_request(tasks: Sequence[str], task: str, n_images: int, text: str = "x") -> None:
+    """Refuse, in one line, what an adapter trained on ``tasks`` cannot answer: an unknown task, one it was not
+    trained on (no weights for it with per-task modules), a video task, the wrong number of images, a question
+    task without a question, a caption with text (the run's captions are the prefix alone)."""
+    from vlscale.data.tasks import TASKS
+
+    images = [t for t in tasks if TASKS[t].modality == "image"]
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; this adapter was trained on {list(tasks)}")
+    spec = TASKS[task]
+    if spec.modality != "image":
+        raise ValueError(f"task {task!r} is a video task; prediction takes images: the image tasks this adapter "
+                         f"was trained on are {images} (evaluate video with launchers/evaluate.py)")
+    if task not in tasks:
+        raise ValueError(f"the adapter was not trained on task {task!r} and has no weights for it; it was trained "
+                         f"on {list(tasks)} (data.tasks)")
+    if n_images != spec.n_images:
+        raise ValueError(f"task {task!r} takes {spec.n_images} image(s) per question, got {n_images}")
+    if task == "caption" and text:
+        raise ValueError(f"task 'caption' takes no text (the run's caption inputs are the prefix "
+                         f"{spec.prefix!r} alone), got {text!r}")
+    if task != "caption" and not text.strip():
+        raise ValueError(f"task {task!r} needs a text (the question or statement), got {text!r}")
+
+
+def read_image(image: Image) -> "numpy.ndarray":  # noqa: F821
+    """A file path (any format PIL reads), a PIL image or a uint8 (H, W, 3) array -> uint8 RGB (H, W, 3)."""
+    import numpy as np
+
+    from vlscale.data.visual import load_image
+
+    if isinstance(image, (str, Path)):
+        return load_image(Path(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"an image array must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+        return image
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    raise TypeError(f"an image is a file path, a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+
+
+class Predictor:
+    """Answers a trained adapter gives to your own images and text (see the module docstring).
+
+    ``adapter_dir``: a run's ``adapter/``; ``overrides``: ``key=value`` as evaluate.py takes them (only those
+    that keep the model: ``model.backbone_path`` / ``model.vision_pretrained`` where the run's weights moved);
+    ``device``: default cuda if there is one, else cpu. ``batch_size`` (default ``train.eval_batch_size``):
+    inputs per forward pass when :meth:`predict` gets lists."""
+
+    def __init__(self, adapter_dir, overrides: Sequence[str] = (), device=None, batch_size: Optional[int] = None,
+                 who: str = "vlscale"):
+        import torch
+
+        from vlscale.data import Collator
+        from vlscale.engine.distributed import local_device_type
+
+        self.device = torch.device(device or local_device_type())
+        self.cfg, self.meta = load_run_config(adapter_dir, list(overrides))
+        self.tasks = list(self.cfg.data.tasks)
+        self.tokenizer = adapter_tokenizer(self.cfg, self.meta)
+        self.dtype, same = inference_dtype(self.cfg, self.device, who)
+        self.model = load_trained_model(self.cfg, self.meta, adapter_dir, self.device, self.dtype, same, who=who)
+        self.model.eval()
+        self.batch_size = batch_size or self.cfg.train.eval_batch_size
+        self.collator = Collator(self.tokenizer, self.cfg)
+        self.encoder = None
+        if self.model.vision is None:  # trained on cached features: the images are encoded as the cache's were
+            from vlscale.modeling.vision import build_vision_encoder
+
+            self.encoder = build_vision_encoder(self.cfg.model.vision, self.cfg.model.vision_pretrained,
+                                                device=self.device)
+
+    def predict(self, task: str, text: Union[str, Sequence[str]], images) -> Union[str, list[str]]:
+        """The answer to ``text`` about ``images``: one image (NLVR2: a list of two) for a string, or lists of
+        them for a list of strings (``images[i]`` is the i-th input's), answered in batches."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        per_input = [images] if single else list(images)
+        if len(per_input) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(per_input)} image inputs")
+        per_input = [list(x) if isinstance(x, (list, tuple)) else [x] for x in per_input]
+        for t, imgs in zip(texts, per_input):
+            check_request(self.tasks, task, len(imgs), t)
+        answers = []
+        for start in range(0, len(texts), self.batch_size):
+            answers += self._predict_batch(task, texts[start:start + self.batch_size],
+                                           per_input[start:start + self.batch_size])
+        return answers[0] if single else answers
+
+    def batch(self, task: str, texts: list[str], images: list[list]) -> dict:
+        """The model's batch of these inputs, as evaluation collates a split's examples (:meth:`predict`)."""
+        from vlscale.data.features import grid_features
+        from vlscale.data.tasks import Example
+        from vlscale.modeling.vision import image_transform
+
+        visuals = [[read_image(x) for x in imgs] for imgs in images]
+        if self.encoder is not None:
+            flat = grid_features(self.encoder, image_transform(self.cfg.model.vision),
+                                 [x for v in visuals for x in v], self.device)
+            n = len(visuals[0])
+            visuals = [list(flat[i * n:(i + 1) * n]) for i in range(len(visuals))]
+        examples = [Example(task=task, uid=str(i), text=t, target="", image_ids=[f"image{k}" for k in range(len(v))])
+                    for i, (t, v) in enumerate(zip(texts, visuals))]
+        return self.collator(examples, visuals)
+
+    def _predict_batch(self, task: str, texts: list[str], images: list[list]) -> list[str]:
+        from vlscale.engine.evaluation import predict_task
+
+        records = predict_task(self.model, self.tokenizer, [self.batch(task, texts, images)], task,
+                               device=self.device, float_dtype=self.dtype)
+        return [r["prediction"] for r in records]
