@@ -58,8 +58,12 @@ def _preload() -> None:
     import deepspeed  # noqa: F401  (after DS_ACCELERATOR=cpu from the environment)
     import deepspeed.runtime.engine  # noqa: F401
     import deepspeed.runtime.zero.stage3  # noqa: F401
-    # imported by every ZeRO engine's optimizer check (DeepSpeed 0.19: torch._dynamo / _inductor, ~3 s a run)
-    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    # imported by every ZeRO engine's optimizer check (DeepSpeed 0.19: torch._dynamo / _inductor, ~3 s a run);
+    # a warm-up only, absent before DeepSpeed 0.17.6
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ModuleNotFoundError:
+        pass
     import open_clip  # noqa: F401
     import torch  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401

@@ -75,3 +75,14 @@ def test_one_process_keeps_its_environment_and_dies_with_its_group(preloaded, sc
 def test_an_import_time_variable_cannot_change(preloaded, script, tmp_path):
     with pytest.raises(ValueError, match="DS_ACCELERATOR='cuda' differs"):
         preloaded.start(script, [tmp_path / "seen", "ok"], env=dict(preloaded.env, DS_ACCELERATOR="cuda"))
+
+
+def test_the_warm_up_imports_go_on_without_deepspeeds_muon_module(monkeypatch):
+    """DeepSpeed before 0.17.6 has no ``runtime.zero.muon``: the server still preloads (it stopped at that
+    import, and every test that runs through the server failed with 'the preloaded server exited')."""
+    import sys
+
+    import preloaded
+
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.muon.muon_optimizer", None)  # import -> ModuleNotFoundError
+    preloaded._preload()
