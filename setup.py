@@ -12,11 +12,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57,<6",
-        "open_clip_torch>=2.24",
-        "deepspeed>=0.16",
-        "safetensors>=0.4",
+        "open_clip_torch>=3.1",  # text_cfg.eos_id (mini-clip-rn.json), create_model(load_weights=)
+        "deepspeed>=0.17.1",  # aio.intra_op_parallelism (zero3_nvme.json), runtime.precision_config
+        "safetensors>=0.4.3",  # transformers 4.57 needs it
         "sentencepiece>=0.2",
-        "datasets>=2.19",
+        "datasets>=4.0",  # reads the List feature of datasets saved by current releases
         "pyyaml>=6",
         "tqdm>=4.66",
         "numpy>=1.26",

@@ -27,7 +27,7 @@ PEER_PACKAGES=(
   "adapters==1.3.0"
   "peft"
   "pyyaml>=6" "safetensors>=0.4" "sentencepiece>=0.2" "numpy>=1.26" "pillow>=10" "tqdm>=4.66"
-  "open_clip_torch>=2.24"
+  "open_clip_torch>=3.1"
 )
 
 # pip, without the notes about local index folders that lack a package (keeps pip's exit status)
