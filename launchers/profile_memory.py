@@ -4,7 +4,7 @@
         [--budget SIZE] [--measure] [--json] [--plot FILE.png] [--write-config FILE] [key=value ...]
 
 * default: the analytic prediction per rank (params, grads, optimizer, activations, buffers, peak)
-  for the run config and its DeepSpeed file (stage 3 -> ds_configs/zero3.json, else zero2.json), and
+  for the run config and its DeepSpeed file (the one launchers/train.py takes), and
   the disk a checkpoint takes (``checkpoints/`` per save and rank, ``adapter/``, output_dir's peak);
 * ``--measure``: also run ``--steps`` real training steps (GPU when there is one, else DeepSpeed's
   CPU accelerator; several ranks through torchrun; under fp16 steps skipped for overflow do not
@@ -45,9 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="override the DeepSpeed file's ZeRO stage (same as train.zero_stage=S)")
     p.add_argument("--deepspeed", default=None,
-                   help="DeepSpeed JSON (default: the config's train.deepspeed, else ds_configs/zero3.json, or "
-                        "ds_configs/zero2.json for ZeRO stage 0-2 (--zero-stage, train.zero_stage); launchers/train.py "
-                        "takes zero3.json at that stage, equivalent below stage 3)")
+                   help="DeepSpeed JSON (default, as launchers/train.py: the config's train.deepspeed, else "
+                        "ds_configs/zero3.json)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="predict for GPU (default) or DeepSpeed's CPU accelerator (default with --measure on CPU)")
     p.add_argument("--budget", default=None, help="per-GPU memory budget, e.g. 24GiB or 80GB: run the planner")

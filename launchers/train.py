@@ -108,11 +108,6 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     return None
 
 
-def deepspeed_file(args, cfg) -> str:
-    """The run's DeepSpeed file: --deepspeed, else the preset's train.deepspeed, else ZeRO-3."""
-    return args.deepspeed or cfg.train.deepspeed or str(ROOT / "ds_configs" / "zero3.json")
-
-
 def user_errors() -> tuple:
     """Errors that say what to change in the run's input (a config value, a data file, the DeepSpeed
     file, the output_dir, the checkpoint, the backbone's weight files, a diverged loss): their message is the
@@ -158,12 +153,13 @@ def main(argv=None) -> int:
 
     watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
     from vlscale.config import load_config
+    from vlscale.engine.deepspeed_config import default_ds_file
 
     try:
         cfg = load_config(args.config, args.overrides)
     except Exception:
         cfg = None  # loaded again after start-up, where the error is reported with its context
-    refusal = cfg is not None and refused_before_start(cfg, args.resume, deepspeed_file(args, cfg),
+    refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
                                                        args.stop_after_steps)
     if refusal:
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
@@ -173,13 +169,12 @@ def main(argv=None) -> int:
 
     dist = init_distributed()
     from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import (build_deepspeed_config, resolve_ds_file, single_process_note,
-                                                 stage_override_note)
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
 
     run = None
     try:
         cfg = cfg or load_config(args.config, args.overrides)
-        ds_file = resolve_ds_file(deepspeed_file(args, cfg))
+        ds_file = default_ds_file(cfg, args.deepspeed)
         ds_config = build_deepspeed_config(ds_file, cfg, dist.world_size, device_type=dist.device_type)
         if dist.is_main:
             print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "

@@ -503,8 +503,9 @@ class TrainConfig:
     """Override the DeepSpeed file's ZeRO stage."""
     deepspeed: Optional[str] = None
     """The DeepSpeed file launchers/train.py and profile_memory.py use when ``--deepspeed`` is not given
-    (relative paths: from the working directory, else the repository root); None: train.py's
-    ds_configs/zero3.json. The scale presets name the file their plan needs (e.g. zero3_offload.json)."""
+    (relative paths: from the working directory, else the repository root); None: ds_configs/zero3.json
+    at every stage (``vlscale.engine.deepspeed_config.default_ds_file``). The scale presets name the file
+    their plan needs (e.g. zero3_offload.json)."""
     zero3_leaf_layers: bool = True
     """ZeRO-3: gather each LM layer's parameters as one unit (DeepSpeed leaf modules) instead of module
     by module (``vlscale.engine.sharded_loading.mark_zero3_leaf_layers``)."""

@@ -678,6 +678,32 @@ def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, lau
     assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["zero_stage"] == 2
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_profiler_and_trainer_take_the_same_default_deepspeed_file(stage, launcher, monkeypatch, tmp_path):
+    """Without --deepspeed (nor train.deepspeed) the profiler predicted from ds_configs/zero2.json at
+    train.zero_stage 0-2 while launchers/train.py trained zero3.json: two rules for one default. The DeepSpeed
+    dict train.py builds (its main, up to build_deepspeed_config) is the one resolve_ds_config predicts from."""
+    import vlscale.engine.deepspeed_config as dsc
+    import vlscale.engine.distributed as distributed
+
+    class Built(Exception):
+        pass
+
+    overrides = [f"train.zero_stage={stage}", f"output_dir={tmp_path}"]
+    predicted_from = resolve_ds_config(load_config("tiny", overrides), 1, None, device_type="cpu")
+    taken, build = [], dsc.build_deepspeed_config
+
+    def record(*args, **kwargs):
+        taken.append(build(*args, **kwargs))
+        raise Built  # nothing trains
+
+    monkeypatch.setattr(dsc, "build_deepspeed_config", record)
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
+    assert launcher("train").main(["--config", "tiny", *overrides]) == 1 and len(taken) == 1
+    assert predicted_from == taken[0]
+
+
 def test_resolve_ds_config_builds_the_file_as_the_run_does_or_refuses_it(monkeypatch, tmp_path):
     """The Python API (resolve_ds_config, plan) finds a relative file as launchers/train.py does and refuses a
     missing one: both fell back to a built-in {"stage": 3} dict, so zero3_offload.json from another directory

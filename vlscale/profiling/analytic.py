@@ -1433,29 +1433,10 @@ def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional
     return checkpoint_bytes(inventory or parameter_inventory(cfg, vocab_size), z, world_size, cfg.train.precision)
 
 
-def default_ds_file(cfg: RunConfig, ds_file=None):
-    """The DeepSpeed file (or dict) the run uses: ``ds_file`` if given (a relative path from the working directory,
-    else the repository root), else the config's ``train.deepspeed``, else the shipped zero3.json, or zero2.json
-    when ``train.zero_stage`` asks for stage 0, 1 or 2 (launchers/train.py takes zero3.json at that stage:
-    equivalent below stage 3, where the two differ only in keys stage 3 reads and in DeepSpeed's own defaults)."""
-    from pathlib import Path
-
-    from vlscale.engine.deepspeed_config import resolve_ds_file
-
-    if isinstance(ds_file, dict):
-        return ds_file
-    if ds_file is None and cfg.train.deepspeed:
-        ds_file = cfg.train.deepspeed
-    if ds_file is None:
-        root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
-        ds_file = root / ("zero3.json" if cfg.train.zero_stage in (None, 3) else "zero2.json")
-    return resolve_ds_file(str(ds_file))
-
-
 def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:
-    """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on :func:`default_ds_file`
-    (a file that does not exist is refused with DeepSpeedConfigError, as by launchers/train.py)."""
-    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on its ``default_ds_file``
+    (the file launchers/train.py takes; one that does not exist is refused with DeepSpeedConfigError)."""
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, default_ds_file
 
     return build_deepspeed_config(default_ds_file(cfg, ds_file), cfg, world_size, device_type=device_type or "cuda")
 

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vlscale.config import RunConfig
-from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, micro_batch_sizes
+from vlscale.engine.deepspeed_config import default_ds_file, global_batch_size, load_ds_file, micro_batch_sizes
 from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
-                                        default_ds_file, fmt_bytes, parameter_inventory, parse_size,
+                                        fmt_bytes, parameter_inventory, parse_size,
                                         resolve_ds_config)
 
 OFFLOADS = {
