@@ -146,6 +146,28 @@ def test_an_out_folder_holding_other_output_is_refused_and_kept(setup, launcher,
     assert a_file.read_bytes() == b"kept"
 
 
+def test_a_split_some_task_lacks_is_refused_before_any_task_is_evaluated(setup, launcher, tmp_path):
+    """--split minival where vqa/minival.json exists and the other tasks have no such split: evaluate.py decoded
+    vqa (minutes on real data) before failing on gqa's file; now one line names every task lacking it, and the file
+    looked for, before the model is built."""
+    labelled, _, run = setup
+    root = tmp_path / "data"
+    shutil.copytree(labelled, root)
+    shutil.copy(root / "vqa" / "karpathy_val.json", root / "vqa" / "minival.json")
+    out = tmp_path / "minival"
+    with pytest.raises(DataError) as refused:
+        launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", "minival", "--out", str(out),
+                                   "--no-progress", f"data.root={root}"])
+    message = str(refused.value)
+    assert message.startswith("split 'minival' not found for gqa, nlvr2, caption: ") and "\n" not in message
+    for looked_for in (root / "gqa" / "minival.json", root / "nlvr2" / "minival.json",
+                       f"{root / 'coco' / 'dataset_coco.json'}: COCO Karpathy split 'minival' is not one of"):
+        assert str(looked_for) in message
+    assert not out.exists()  # nothing decoded, nothing written
+    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", "minival", "--tasks", "vqa",
+                                      "--out", str(out), "--no-progress", f"data.root={root}"]) == 0
+
+
 def test_an_unlabelled_split_is_refused_without_the_flag_and_for_training(setup, launcher, tmp_path):
     labelled, unlabelled, run = setup
     with pytest.raises(DataError, match=r"karpathy_val\.json: record 0 \(id 73001\): key 'label' is missing \(.*"

@@ -31,7 +31,7 @@ from vlscale.data.multitask import MultitaskSampler, shard
 from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
 from vlscale.data.tokenizer import build_tokenizer
 
-__all__ = ["build_tokenizer", "load_examples", "build_visual_source", "check_visual_ids", "build_train_loader",
+__all__ = ["build_tokenizer", "load_examples", "check_split_found", "build_visual_source", "check_visual_ids", "build_train_loader",
            "eval_examples", "eval_batches", "TrainLoader", "Collator", "MultitaskSampler", "shard", "Example", "TaskSpec", "TASKS",
            "get_task"]
 
@@ -51,6 +51,29 @@ def load_examples(cfg, task: str, split: str, require_answers: bool = True) -> l
     from vlscale.data.real import load_real_examples
 
     return load_real_examples(cfg, task, split, require_answers)
+
+
+def check_split_found(cfg, tasks, split: str) -> None:
+    """Every one of ``tasks`` has ``split`` where :func:`load_examples` will read it, checked before a long run
+    reads the tasks one at a time (real files: the loaders' own ``annotation_path`` and COCO's Karpathy split
+    names): one DataError naming each task without it and the file looked for. The synthetic world has every
+    split; an HF dataset's splits are resolved when it is opened."""
+    if cfg.data.source == "synthetic" or cfg.data.hf_dataset:
+        return
+    from vlscale.data.caption import karpathy_split
+    from vlscale.data.real import DataError, annotation_path
+
+    problems = {}
+    for task in tasks:
+        try:
+            path = annotation_path(cfg, task, split)
+            if task == "caption":
+                karpathy_split(path, split)
+        except DataError as e:
+            problems[task] = str(e)
+    if problems:
+        raise DataError(f"split {split!r} not found for {', '.join(problems)}: "
+                        + "; ".join(dict.fromkeys(problems.values())))
 
 
 def build_visual_source(cfg, task: str, split: str):

@@ -49,14 +49,19 @@ def _captions(rec: Record) -> list[str]:
     return out
 
 
-def load_coco_karpathy(path, split: str, skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
-    """Examples of one Karpathy split (``train`` includes restval)."""
+def karpathy_split(path, split: str) -> tuple:
+    """The record splits ``split`` reads from ``path`` (``train``: train and restval); another name is refused."""
     if split not in KARPATHY_SPLITS:
         raise DataError(f"{path}: COCO Karpathy split {split!r} is not one of {list(KARPATHY_SPLITS)}")
+    return KARPATHY_SPLITS[split]
+
+
+def load_coco_karpathy(path, split: str, skip_bad_records: bool = False, require_answers: bool = True) -> ExampleList:
+    """Examples of one Karpathy split (``train`` includes restval)."""
+    wanted = karpathy_split(path, split)
     data = read_json(path, "COCO Karpathy captions")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: expected an object with an 'images' list (Karpathy dataset_coco.json)")
-    wanted = KARPATHY_SPLITS[split]
     train = split == "train"
 
     def parse(rec: Record) -> list[Example]:
