@@ -119,6 +119,29 @@ def test_predict_only_writes_the_normal_evaluations_predictions_and_the_submissi
                        {"image_id": 73, "caption": answer["caption"]["COCO_val2014_000000000073"]}]
 
 
+def test_vqa_split_test2015_predicts_evalais_test_json_on_test2015_images(setup, launcher, tmp_path):
+    """VL-T5's vqa/test.json (EvalAI's test-dev/test-std questions, no answers, on COCO's test2015 images) had no
+    split name (``test`` is karpathy_test.json) and coco/images/test2015/ was not searched: split ``test2015``
+    reads it, and the submission holds test.json's question ids."""
+    _, unlabelled, run = setup
+    root = tmp_path / "data"
+    shutil.copytree(unlabelled, root)
+    images = root / "coco" / "images"
+    (images / "test2015").mkdir()
+    for n in (1, 2):
+        shutil.copy(images / "COCO_val2014_000000000073.jpg", images / "test2015" / f"COCO_test2015_00000000000{n}.jpg")
+    questions = [{"img_id": "COCO_test2015_000000000001", "sent": "What is this?", "question_id": 1000},
+                 {"img_id": "COCO_test2015_000000000002", "sent": "Is it red?", "question_id": 2000},
+                 {"img_id": "COCO_test2015_000000000002", "sent": "How many?", "question_id": 2001}]
+    (root / "vqa" / "test.json").write_text(json.dumps(questions))
+    out = tmp_path / "evalai"
+    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", "test2015", "--tasks", "vqa",
+                                      "--out", str(out), "--no-progress", "--predict-only", f"data.root={root}"]) == 0
+    answer = {r["uid"]: r["prediction"] for r in predictions(out, "vqa")}
+    assert json.loads((out / "submission" / "vqa.json").read_text()) == [
+        {"question_id": q["question_id"], "answer": answer[str(q["question_id"])]} for q in questions]
+
+
 def test_an_out_folder_holding_other_output_is_refused_and_kept(setup, launcher, tmp_path):
     """--out never makes another command's files stale: --predict-only into an evaluation's folder (its
     eval_metrics.json was scored on the predictions/ there), an evaluation into --predict-only's (its submission/),

@@ -2,14 +2,16 @@
 
 ``load_real_examples(cfg, task, split)`` and ``real_visual_source(cfg, task, split)`` read under
 ``cfg.data.root`` (or from ``cfg.data.hf_dataset``); split names are ``train``/``val``/``test``
-and map to each dataset's own file names (a name that is not one of the three is used as the
-file stem, e.g. ``split="minival"`` reads ``vqa/minival.json``)::
+and map to each dataset's own file names (VQA's ``test2015`` too: VL-T5's ``test.json``, EvalAI's
+test-dev/test-std questions; another name is used as the file stem, e.g. ``split="minival"`` reads
+``vqa/minival.json``)::
 
     root/vqa/karpathy_{train,val,test}.json        VQAv2, Karpathy splits (VL-T5 release)
+    root/vqa/test.json                             VQAv2 test2015 for EvalAI, no answers (split test2015)
     root/gqa/{train,valid,testdev}.json            GQA (VL-T5 release)
     root/nlvr2/{train,valid,test}.json             NLVR2 (VL-T5 release)
     root/coco/dataset_coco.json                    COCO captions, Karpathy split (restval -> train)
-    root/coco/images/[train2014|val2014/]<id>.jpg  COCO images (vqa and caption)
+    root/coco/images/[train2014|val2014|test2015/]<id>.jpg  COCO images (vqa and caption)
     root/gqa/images/<img_id>.jpg                   GQA images
     root/nlvr2/images/[train|dev|test1/]<id>.png   NLVR2 images, e.g. dev-850-0-img0.png
     root/<video task>/{train,val,test}.jsonl       VALUE annotations (or <task>_<split>[_release].jsonl)
@@ -278,13 +280,14 @@ def read_jsonl(path, what: str = "annotation file") -> Iterator[tuple[str, Any]]
 # Dataset folders under root; the second spelling is VL-T5 / VL-Adapter's ``datasets/`` layout.
 FOLDERS = {"vqa": ("vqa",), "gqa": ("gqa", "GQA"), "nlvr2": ("nlvr2", "nlvr"), "caption": ("coco", "COCO")}
 ANNOTATIONS = {
-    "vqa": {"train": "karpathy_train.json", "val": "karpathy_val.json", "test": "karpathy_test.json"},
+    "vqa": {"train": "karpathy_train.json", "val": "karpathy_val.json", "test": "karpathy_test.json",
+            "test2015": "test.json"},  # VL-T5's name for it, "test", is Karpathy's test here
     "gqa": {"train": "train.json", "val": "valid.json", "test": "testdev.json"},
     "nlvr2": {"train": "train.json", "val": "valid.json", "test": "test.json"},
 }
-# (folder names, pattern, sub-folders also searched: COCO's train2014/val2014, NLVR2's splits)
-IMAGE_FOLDERS = {"vqa": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014")),
-                 "caption": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014")),
+# (folder names, pattern, sub-folders also searched: COCO's train2014/val2014/test2015, NLVR2's splits)
+IMAGE_FOLDERS = {"vqa": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014", "test2015")),
+                 "caption": (("coco", "COCO"), "{id}.jpg", ("train2014", "val2014", "test2015")),
                  "gqa": (("gqa", "GQA"), "{id}.jpg", ()),
                  "nlvr2": (("nlvr2", "nlvr"), "{id}.png", ("train", "dev", "test1"))}
 SUBTITLE_FILES = {"tvqa": "tv_subtitles.jsonl", "tvc": "tv_subtitles.jsonl",

@@ -14,7 +14,7 @@ target from ``label`` instead, as VL-T5 does (:func:`vlscale.data.sampled_vqa_ta
 scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
 ``nominival.json`` if they carry ``answers``. Records without ``label`` and ``answers`` (VL-T5's
-``test.json``, whose answers EvalAI holds) are refused, except for ``launchers/evaluate.py
+``test.json``, split ``test2015``, whose answers EvalAI holds) are refused, except for ``launchers/evaluate.py
 --predict-only`` (``require_answers=False``): an example with an empty ``target`` and no ``references``.
 ``uid`` is the ``question_id`` (the EvalAI submission's key).
 """
