@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import shlex
 import sys
 from pathlib import Path
 
@@ -331,6 +332,24 @@ def load_encoder(vision: str, pretrained, device, given: str = "--pretrained"):
 
 
 @logs_to_console
+def train_with(args, cfg, vision: str, pretrained) -> str:
+    """What trains on the cache, as it can be typed: after --synthetic / --real the training command, with the
+    config and overrides that name the data (``data.root``, ...); else the overrides to add to the run's own. Both
+    name the CLIP the features are of where the config does not (``model.vision``, ``model.vision_pretrained``:
+    the cache refuses a run with others)."""
+    words = []
+    if cfg is not None:
+        words = ["python", "launchers/train.py"] + (["--config", args.config] if args.config else [])
+        words += [o for o in args.overrides  # the cache's own replace them
+                  if o.split("=", 1)[0].strip() not in ("model.feature_source", "data.feature_cache")]
+    if cfg is None or vision != cfg.model.vision:
+        words.append(f"model.vision={vision}")
+    if pretrained is not None and (cfg is None or pretrained != cfg.model.vision_pretrained):
+        words.append(f"model.vision_pretrained={pretrained}")
+    words += ["model.feature_source=cache", f"data.feature_cache={args.out}"]
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config
@@ -338,7 +357,7 @@ def main(argv=None) -> int:
     from vlscale.data.real import DataError
     from vlscale.modeling.vision import image_transform, vision_dims
 
-    pretrained, synthetic, given = args.pretrained, None, "--pretrained"
+    pretrained, synthetic, given, cfg = args.pretrained, None, "--pretrained", None
     if args.synthetic or args.real:
         # --real reads the images (videos) training would read without a cache, whatever the config's
         # feature_source and feature_cache
@@ -398,8 +417,8 @@ def main(argv=None) -> int:
 
     held = len(json.loads((args.out / INDEX_FILE).read_text())) if (args.out / INDEX_FILE).is_file() else 0
     print(f"feature cache {args.out}: of the {total['total']} ids asked for, {total['written']} written, "
-          f"{total['skipped']} already there; the cache holds {held}. Train with: model.feature_source=cache "
-          f"data.feature_cache={args.out}")
+          f"{total['skipped']} already there; the cache holds {held}. Train with: "
+          f"{train_with(args, cfg, vision, pretrained)}")
     if hf_report and hf_report["skipped"]:
         skipped = hf_report["skipped"]
         print(f"--skip-bad-records: skipped {len(skipped)} of {hf_report['rows']} rows of {hf_report['name']}, "

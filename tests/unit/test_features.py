@@ -462,6 +462,39 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
 
 
+def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weights, capsys):
+    """The "Train with:" line named only the cache: after --real it lacked the data (data.root=...), after
+    --images --pretrained FILE the CLIP (model.vision_pretrained=FILE), so a run given it as printed did not find
+    the data or was refused by the cache. Its words, loaded as launchers/train.py loads them, now build a train
+    loader whose every example's features are in the cache made with the run's CLIP."""
+    import shlex
+
+    import extract_features as launcher
+
+    fixture = ROOT / "tests" / "fixtures" / "real_data"
+    real = ["data.source=real", f"data.root={fixture}", "data.tasks=[vqa,gqa]"]
+
+    def printed() -> list[str]:
+        line = next(x for x in capsys.readouterr().out.splitlines() if "Train with: " in x)
+        return shlex.split(line.split("Train with: ", 1)[1])
+
+    out = tmp_path / "real"
+    assert launcher.main(["--real", "--config", "tiny", *real, "--pretrained", weights, "--out", str(out),
+                          "--quiet"]) == 0
+    words = printed()
+    assert words[:4] == ["python", "launchers/train.py", "--config", "tiny"]
+    cfg = load_config("tiny", words[4:])
+    assert (Path(cfg.data.root), cfg.data.feature_cache, cfg.model.feature_source) == (fixture, str(out), "cache")
+    assert set(build_train_loader(cfg, None).examples) == {"vqa", "gqa"}  # every id found in the cache
+    out = tmp_path / "images"
+    assert launcher.main(["--images", str(fixture / "coco" / "images"), "--vision", VISION, "--pretrained", weights,
+                          "--out", str(out), "--quiet"]) == 0
+    words = printed()  # overrides for the run's own config
+    assert f"model.vision={VISION}" in words and f"model.vision_pretrained={weights}" in words
+    cfg = load_config("tiny", ["data.source=real", f"data.root={fixture}", "data.tasks=[vqa]", *words])
+    assert cfg.data.feature_cache == str(out) and len(build_train_loader(cfg, None).examples["vqa"]) == 3
+
+
 def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
     """Features extracted from each split of an HF dataset land under the ids training looks up
     (``<split>/<row>``, or the image_id column whose rows share an image)."""
