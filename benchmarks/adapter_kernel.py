@@ -205,7 +205,9 @@ def check_low_precision(device, dtype, tokens, d_model, hidden, activation="gelu
 def run_benchmark(device: str, dtype: torch.dtype, grid, activation: str = "gelu", floors=None) -> dict:
     """Floors (measured now unless given) and one entry per grid case."""
     if device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        from vlscale.engine.distributed import usable_cpu_count
+
+        torch.set_num_threads(min(2, usable_cpu_count()))
     probe = torch.empty(1, device=device, dtype=dtype)
     path, reason = select_backend(probe)
     floors = dict(floors or {})

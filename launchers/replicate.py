@@ -14,7 +14,7 @@ Writes to DIR (default runs/replicate/table<N>): results.json
 (``{"methods": {name: {"updated_pct", "scores": {task: s}, "avg", ...}}, ...}``), table<N>.md,
 table<N>.png (average score against updated parameters %), runs/<name>/ (each training's
 output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--parallel``
-trainings at once (default: CPU cores // threads per run), shows progress, and is resumable:
+trainings at once (default: the CPUs this process may use // threads per run), shows progress, and is resumable:
 rows with a result are skipped, interrupted trainings resume from their last checkpoint
 (Ctrl-C stops the running trainings with a checkpoint), and rows finished earlier under DIR stay in
 the table. Several seeds (``--seed 0-4``): every row once per seed, all as jobs of one queue; each seed's
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "table over them (mean, ± sd) in --out and each seed's in --out/seed<S>/")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate/table<N>)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps of every row (default: the preset's)")
-    p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: cores // threads)")
+    p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: usable CPUs // threads)")
     p.add_argument("--threads-per-run", type=int, default=1, help="torch threads of each training (default 1)")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="key=value",
                    help="an override for every row, e.g. --set data.synthetic_train=500 (repeatable)")

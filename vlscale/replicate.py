@@ -810,8 +810,10 @@ def visible_gpus() -> list[str]:
 
 
 def default_parallel(threads: int = 1) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, threads))
+    """Trainings at once: the CPUs this process may use (not the machine's), ``threads`` each."""
+    from vlscale.engine.distributed import usable_cpu_count
+
+    return max(1, usable_cpu_count() // max(1, threads))
 
 
 def run_status(job: Job) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -129,6 +131,29 @@ def _single_process_env() -> str:
     return f"file://{folder}/store"
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def usable_cpu_count() -> int:
+    """The CPUs this process may use: those it may run on (``os.sched_getaffinity``: taskset, a container's
+    cpuset; ``os.cpu_count()`` where the platform cannot say), at most its cgroup's CPU quota rounded up (docker
+    ``--cpus``, Kubernetes limits: cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``). ``os.cpu_count()`` alone
+    counts the machine's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            words = (CGROUP_ROOT / quota_file).read_text().split()
+            if period_file:
+                words.append((CGROUP_ROOT / period_file).read_text().strip())
+            quota, period = int(words[0]), int(words[1])
+        except (OSError, ValueError, IndexError):  # no such file, or "max" / -1: no quota
+            continue
+        if quota > 0 and period > 0:
+            cores = min(cores, math.ceil(quota / period))
+        break
+    return max(1, cores)
+
+
 def share_cpu_cores() -> int:
     """CPU ranks on one node split its cores (unless OMP_NUM_THREADS says otherwise): no oversubscription.
 
@@ -137,8 +162,7 @@ def share_cpu_cores() -> int:
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, local))
+    threads = max(1, usable_cpu_count() // max(1, local))
     torch.set_num_threads(threads)
     return threads
 
