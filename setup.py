@@ -10,16 +10,17 @@ setup(
                               "registry/*.json", "assets/**/*", "assets/*"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.57,<6",
+        # Each lower bound is the release the unit tests passed with on 2026-12-04 (README.md, "Install").
+        "torch>=2.14.1",  # the torch checked; older releases were not run
+        "transformers>=5.23,<6",  # T5 SDPA (5.15); blocks' checkpointed recompute inside ZeRO-3 hooks (5.23)
         "open_clip_torch>=3.1",  # text_cfg.eos_id (mini-clip-rn.json), create_model(load_weights=)
-        "deepspeed>=0.17.1",  # aio.intra_op_parallelism (zero3_nvme.json), runtime.precision_config
-        "safetensors>=0.4.3",  # transformers 4.57 needs it
+        "deepspeed>=0.19.8",  # < 0.19.8 reads top-level keys vlscale refuses (elasticity, ...)
+        "safetensors>=0.8",  # transformers 5.23 needs it
         "sentencepiece>=0.2",
-        "datasets>=4.0",  # reads the List feature of datasets saved by current releases
+        "datasets>=4.5",  # refuses a saved DatasetDict without data files (4.0-4.4 load it)
         "pyyaml>=6",
-        "tqdm>=4.66",
-        "numpy>=1.26",
+        "tqdm>=4.70",  # the release checked (datasets needs >= 4.66.3)
+        "numpy>=1.26",  # checked with pyarrow 21 (pyarrow 26 imports only with numpy 2)
         "pillow>=10",
         "tensorboard>=2.15",
         "accelerate>=1.1",

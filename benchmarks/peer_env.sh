@@ -5,6 +5,8 @@
 # HF `peft` runs in its own virtual environment: torch 2.14.1, transformers 4.57.6, adapters
 # 1.3.0, peft, and vlscale itself (editable, without its heavy extras). Ours and the peers are
 # then timed in the same process, with the same torch and transformers.
+# This venv is a benchmark environment, not a supported install: setup.py asks for transformers >= 5.23,
+# so vlscale goes in with --no-deps beside 4.57.6, and only what step_time.py times is expected to work.
 #
 #   benchmarks/peer_env.sh [step_time.py arguments ...]      # e.g. --json --repeats 5
 #
