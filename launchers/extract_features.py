@@ -331,7 +331,6 @@ def load_encoder(vision: str, pretrained, device, given: str = "--pretrained"):
                          + ("" if given == "--pretrained" else f" ({given}=FILE, as training is given it)")) from None
 
 
-@logs_to_console
 def train_with(args, cfg, vision: str, pretrained) -> str:
     """What trains on the cache, as it can be typed: after --synthetic / --real the training command, with the
     config and overrides that name the data (``data.root``, ...); else the overrides to add to the run's own. Both
@@ -350,6 +349,7 @@ def train_with(args, cfg, vision: str, pretrained) -> str:
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
+@logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config

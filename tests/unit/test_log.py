@@ -62,3 +62,19 @@ def test_the_logger_is_restored_afterwards(caplog):
     with caplog.at_level(logging.WARNING, logger="vlscale"):
         log.warning("seen by the root's handlers again")
     assert "seen by the root's handlers again" in caplog.text
+
+
+def test_every_launchers_main_prints_vlscales_messages():
+    """Each launcher's ``main`` runs under :func:`logs_to_console` (its wrapper keeps ``__wrapped__``): a helper
+    function defined between the decorator and ``main`` took it from extract_features.py's main, whose vlscale
+    messages then went to logging's last resort (no ``vlscale:`` prefix, INFO dropped)."""
+    import importlib.util
+    from pathlib import Path
+
+    launchers = sorted((Path(__file__).resolve().parents[2] / "launchers").glob("*.py"))
+    assert len(launchers) >= 7
+    for path in launchers:
+        spec = importlib.util.spec_from_file_location(f"_launcher_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert hasattr(module.main, "__wrapped__"), f"{path.name}: main is not under @logs_to_console"
