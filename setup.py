@@ -4,7 +4,14 @@ setup(
     name="vlscale",
     version="0.1.0",
     description="Parameter-efficient vision-and-language training (VL-Adapter) scaled with DeepSpeed",
-    python_requires=">=3.10",
+    # Verified on 3.11, 3.12, 3.13 (README.md, "Install"); 3.10 cannot install transformers >= 5.21.
+    python_requires=">=3.11",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=find_packages(include=["vlscale", "vlscale.*"]),
     package_data={"vlscale": ["configs/**/*.yaml", "configs/*.yaml", "registry/**/*.json",
                               "registry/*.json", "assets/**/*", "assets/*"]},
