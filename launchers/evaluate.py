@@ -56,7 +56,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from vlscale.log import logs_to_console  # noqa: E402
-from vlscale.predict import frozen_weights_problem, load_run_config  # noqa: E402,F401  (shared with Predictor)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,7 +190,7 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.data import check_split_found
     from vlscale.data.tasks import get_task
     from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
-    from vlscale.predict import adapter_tokenizer, inference_dtype, load_trained_model
+    from vlscale.predict import adapter_tokenizer, inference_dtype, load_run_config, load_trained_model
 
     cfg, meta = load_run_config(args.adapter, args.overrides)
     kind = "predict" if args.predict_only else "eval"

@@ -144,7 +144,7 @@ def load_trained_model(cfg, meta, adapter_dir, device, dtype, check_frozen: bool
 Image = Union[str, Path, "numpy.ndarray", "PIL.Image.Image"]  # noqa: F821
 
 
-def check_request(tasks: Sequence[str], task: str, n_images: int, text: str = "x") -> None:
+def check_request(tasks: Sequence[str], task: str, n_images: int, text: str) -> None:
     """Refuse, in one line, what an adapter trained on ``tasks`` cannot answer: an unknown task, one it was not
     trained on (no weights for it with per-task modules), a video task, the wrong number of images, a question
     task without a question, a caption with text (the run's captions are the prefix alone)."""

@@ -79,13 +79,13 @@ def test_a_folder_as_model_backbone_says_the_overrides_to_use(tmp_path):
     assert f"model.backbone=tiny-bart model.backbone_path={folder} model.pretrained=true" in str(e.value)
 
 
-def test_evaluate_accepts_moved_weights_and_checks_them(tmp_path, launcher, monkeypatch, capsys):
+def test_evaluate_accepts_moved_weights_and_checks_them(tmp_path, monkeypatch, capsys):
     """evaluate.py refused model.backbone_path=NEW as "would change the model": an adapter whose backbone folder
     moved could not be evaluated. It is allowed (as on --resume) and the weights built from there are compared
     with the fingerprint in the run's checkpoint."""
+    from vlscale import predict as evaluate  # evaluate.py's model loading
     from vlscale.engine import checkpoint as ckpt
 
-    evaluate = launcher("evaluate")
     saved = load_config("tiny", ["model.backbone_path=/old/t5", "model.pretrained=true"]).to_dict()
     monkeypatch.setattr(ckpt, "read_adapter_config", lambda _: {"run_config": saved})
     cfg, meta = evaluate.load_run_config("unused", ["model.backbone_path=/new/t5"])

@@ -129,13 +129,14 @@ def test_hyperformer_refuses_a_sharing_it_would_ignore(sharing):
     ("model.backbone=tiny-bart", "drop the override", "--tasks"),
     ("peft.reduction_factor=8", "drop the override", "--tasks"),
 ])
-def test_evaluate_refusal_hint_fits_the_override(override, hint, not_hint, launcher, monkeypatch):
+def test_evaluate_refusal_hint_fits_the_override(override, hint, not_hint, monkeypatch):
     from vlscale.engine import checkpoint
+    from vlscale.predict import load_run_config
 
     saved = load_config("tiny").to_dict()
     monkeypatch.setattr(checkpoint, "read_adapter_config", lambda _: {"run_config": saved})
     with pytest.raises(ValueError) as e:
-        launcher("evaluate").load_run_config("unused", [override])
+        load_run_config("unused", [override])
     assert override.split("=")[0] in str(e.value) and hint in str(e.value) and not_hint not in str(e.value)
 
 
