@@ -8,6 +8,9 @@ which asks it about your own images.
     model.predict("caption", "", "a.png")                       # -> "a small red circle ..."
     model.predict("nlvr2", "there are two circles.", ["left.png", "right.png"])   # -> "true" / "false"
     model.predict("vqa", ["q1?", "q2?"], ["a.png", "b.png"])    # a list of questions -> a list of answers
+    model.predict("tvqa", "which way does the red circle move?", "clip/",          # a folder of frame images
+                  options=["left", "right", "up", "down", "still"], subtitle="alice: look at this.")  # -> "a0"
+    model.predict("tvc", "", "clip.npy", subtitle="alice: look at this.")         # frame features -> a caption
 
 The model is rebuilt from the adapter's ``adapter_config.json`` by :func:`load_run_config` and
 :func:`load_trained_model`, as evaluate.py rebuilds it (the frozen weights checked against the run's
@@ -17,7 +20,15 @@ evaluation's own path: an :class:`~vlscale.data.tasks.Example` per input, the ru
 and :func:`vlscale.engine.evaluation.predict_task` (the task's beams and token budget; NLVR2's larger of the
 true/false logits). A run trained on cached features (``model.feature_source=cache``) has no CLIP in its model:
 its images are encoded with ``model.vision`` + ``model.vision_pretrained`` as launchers/extract_features.py
-encodes them (:func:`vlscale.data.features.grid_features`). Image tasks only (vqa, gqa, nlvr2, caption).
+encodes them (:func:`vlscale.data.features.grid_features`).
+
+Video tasks (tvqa, how2qa, tvc, yc2c): a video is a folder of frame images (in name order), a sequence of images,
+or a frame-features file (``.npy`` / ``.npz`` / ``.safetensors``, as :class:`~vlscale.data.video.VideoFeatureFolder`
+reads them; of ``model.vision``'s width) or (L, D) array (:func:`read_video`), as training reads a video from either;
+its frames are the ones the collator picks (``model.max_frames``), and a cache-trained run's frames are encoded as
+the extraction encodes them (:func:`vlscale.data.features.frame_features`). The question, options and subtitle are formatted as the data's
+(:func:`vlscale.data.video.qa_text`); video QA's answer is the prediction evaluation records ("a2" when the model
+names an option), and :func:`chosen_option` the option it names as evaluation decides (name and text).
 """
 
 from __future__ import annotations
@@ -142,31 +153,90 @@ def load_trained_model(cfg, meta, adapter_dir, device, dtype, check_frozen: bool
 
 
 Image = Union[str, Path, "numpy.ndarray", "PIL.Image.Image"]  # noqa: F821
+Video = Union[str, Path, Sequence[Image], "torch.Tensor", "numpy.ndarray"]  # noqa: F821
 
 
-def check_request(tasks: Sequence[str], task: str, n_images: int, text: str) -> None:
+def check_request(tasks: Sequence[str], task: str, n_images: int, text: str,
+                  options: Optional[Sequence[str]] = None, subtitle: Optional[str] = None) -> None:
     """Refuse, in one line, what an adapter trained on ``tasks`` cannot answer: an unknown task, one it was not
-    trained on (no weights for it with per-task modules), a video task, the wrong number of images, a question
-    task without a question, a caption with text (the run's captions are the prefix alone)."""
+    trained on (no weights for it with per-task modules), the wrong number of images, a question task without a
+    question, a caption with text (the run's captions are the prefix alone, a video's its subtitle); video QA
+    (tvqa, how2qa) without its answer options (at least two, as the data's a0, a1, ...), options or a subtitle
+    for a task whose inputs have none. ``n_images`` is not checked for a video task (one video per input)."""
     from vlscale.data.tasks import TASKS
 
-    images = [t for t in tasks if TASKS[t].modality == "image"]
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; this adapter was trained on {list(tasks)}")
     spec = TASKS[task]
-    if spec.modality != "image":
-        raise ValueError(f"task {task!r} is a video task; prediction takes images: the image tasks this adapter "
-                         f"was trained on are {images} (evaluate video with launchers/evaluate.py)")
     if task not in tasks:
         raise ValueError(f"the adapter was not trained on task {task!r} and has no weights for it; it was trained "
                          f"on {list(tasks)} (data.tasks)")
-    if n_images != spec.n_images:
+    choice = spec.modality == "video" and spec.target == "choice"
+    if options and not choice:
+        raise ValueError(f"task {task!r} takes no answer options (only video QA does: tvqa, how2qa), "
+                         f"got {len(options)}")
+    if subtitle and spec.modality != "video":
+        raise ValueError(f"task {task!r} takes no subtitle (only the video tasks do), got {subtitle!r}")
+    if choice:
+        options = list(options or [])
+        if len(options) < 2:
+            raise ValueError(f"task {task!r} needs its answer options (--option / options=, at least 2: a0, a1, "
+                             f"...), got {len(options)}")
+        empty = [f"a{i}" for i, o in enumerate(options) if not isinstance(o, str) or not o.strip()]
+        if empty:
+            raise ValueError(f"task {task!r}: answer option {empty[0]} is empty (options {options!r})")
+    elif spec.modality == "image" and n_images != spec.n_images:
         raise ValueError(f"task {task!r} takes {spec.n_images} image(s) per question, got {n_images}")
-    if task == "caption" and text:
-        raise ValueError(f"task 'caption' takes no text (the run's caption inputs are the prefix "
-                         f"{spec.prefix!r} alone), got {text!r}")
-    if task != "caption" and not text.strip():
+    if spec.target == "caption" and text:
+        inputs = "its subtitle (--subtitle / subtitle=), if any" if spec.modality == "video" else \
+            f"the prefix {spec.prefix!r} alone"
+        raise ValueError(f"task {task!r} takes no text (the run's caption inputs are {inputs}), got {text!r}")
+    if spec.target != "caption" and not text.strip():
         raise ValueError(f"task {task!r} needs a text (the question or statement), got {text!r}")
+
+
+def chosen_option(prediction: str, options: Sequence[str]) -> Optional[tuple[str, str]]:
+    """The answer option a video QA prediction names, as evaluation decides it (its name "a2", or an option's text:
+    :func:`vlscale.engine.evaluation.option_index`): (name, text), or None when it names none."""
+    from vlscale.engine.evaluation import option_index
+
+    options = [o.strip() for o in options]
+    i = option_index(prediction, options)
+    return None if i is None else (f"a{i}", options[i])
+
+
+def read_video(video: Video, max_frames: int, expect_dim: Optional[int] = None, flag: str = "video"):
+    """A video as the run's sources give it: a folder of frame images (in name order, as ImageFolder and
+    launchers/extract_features.py read them) or a sequence of images -> the uint8 (H, W, 3) frames the collator
+    picks (:func:`~vlscale.data.collate.frame_indices`, ``model.max_frames``), only those read; a ``.npy`` /
+    ``.npz`` / ``.safetensors`` file of frame features (as VideoFeatureFolder reads them) or an (L, D) array ->
+    float32 (L, D), D checked against ``expect_dim`` (the collator picks their frames). Errors name ``flag``."""
+    import numpy as np
+    import torch
+
+    from vlscale.data.collate import frame_indices
+    from vlscale.data.video import VideoFeatureFolder, check_frame_features, read_frame_features
+    from vlscale.data.visual import frame_files, load_image
+
+    if isinstance(video, (str, Path)):
+        path = Path(video)
+        if path.is_dir():
+            files = frame_files(path, f"{flag} {path}")
+            return [load_image(files[i], f"{flag} {path}") for i in frame_indices(len(files), max_frames)]
+        if not path.exists():
+            raise FileNotFoundError(f"{flag} {path}: no such folder or file")
+        if path.suffix not in VideoFeatureFolder.SUFFIXES:
+            raise ValueError(f"{flag} {path}: a video is a folder of frame images or a file of frame features "
+                             f"({', '.join(VideoFeatureFolder.SUFFIXES)})")
+        return read_frame_features(path, expect_dim, f"{flag} {path}")
+    if isinstance(video, (torch.Tensor, np.ndarray)):
+        feats = torch.as_tensor(video)
+        check_frame_features(f"{flag} features", tuple(feats.shape), expect_dim)
+        return feats.float()
+    frames = list(video)
+    if not frames:
+        raise ValueError(f"{flag}: no frames (an empty sequence)")
+    return [read_image(frames[i]) for i in frame_indices(len(frames), max_frames)]
 
 
 def read_image(image: Image) -> "numpy.ndarray":  # noqa: F821
@@ -217,42 +287,69 @@ class Predictor:
             self.encoder = build_vision_encoder(self.cfg.model.vision, self.cfg.model.vision_pretrained,
                                                 device=self.device)
 
-    def predict(self, task: str, text: Union[str, Sequence[str]], images) -> Union[str, list[str]]:
-        """The answer to ``text`` about ``images``: one image (NLVR2: a list of two) for a string, or lists of
-        them for a list of strings (``images[i]`` is the i-th input's), answered in batches."""
+    def predict(self, task: str, text: Union[str, Sequence[str]], images, options=None,
+                subtitle=None) -> Union[str, list[str]]:
+        """The answer to ``text`` about ``images``: one image (NLVR2: a list of two; a video task: one video, see
+        :func:`read_video`) for a string, or lists of them for a list of strings (``images[i]`` is the i-th
+        input's), answered in batches. Video tasks: ``text`` is TVQA's / How2QA's question (empty for TVC, YC2C),
+        ``options`` its answer options and ``subtitle`` the video's subtitle text (lists of them with a list of
+        strings). The answer is the prediction evaluation records (video QA: the option's name, "a2", when the
+        model names one: :func:`chosen_option` gives its text)."""
+        from vlscale.data.tasks import TASKS
+
         single = isinstance(text, str)
         texts = [text] if single else list(text)
+        n = len(texts)
         per_input = [images] if single else list(images)
-        if len(per_input) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(per_input)} image inputs")
-        per_input = [list(x) if isinstance(x, (list, tuple)) else [x] for x in per_input]
-        for t, imgs in zip(texts, per_input):
-            check_request(self.tasks, task, len(imgs), t)
+        options = [options] if single else list(options) if options is not None else [None] * n
+        subtitles = [subtitle] if single else list(subtitle) if subtitle is not None else [None] * n
+        for what, given in (("image inputs", per_input), ("option lists", options), ("subtitles", subtitles)):
+            if len(given) != n:
+                raise ValueError(f"{n} texts but {len(given)} {what}")
+        video = task in TASKS and TASKS[task].modality == "video"
+        if not video:
+            per_input = [list(x) if isinstance(x, (list, tuple)) else [x] for x in per_input]
+        for t, imgs, o, sub in zip(texts, per_input, options, subtitles):
+            check_request(self.tasks, task, 1 if video else len(imgs), t, o, sub)
         answers = []
-        for start in range(0, len(texts), self.batch_size):
-            answers += self._predict_batch(task, texts[start:start + self.batch_size],
-                                           per_input[start:start + self.batch_size])
+        for start in range(0, n, self.batch_size):
+            part = slice(start, start + self.batch_size)
+            answers += self._predict_batch(task, texts[part], per_input[part], options[part], subtitles[part])
         return answers[0] if single else answers
 
-    def batch(self, task: str, texts: list[str], images: list[list]) -> dict:
+    def batch(self, task: str, texts: list[str], images: list, options: Optional[list] = None,
+              subtitles: Optional[list] = None) -> dict:
         """The model's batch of these inputs, as evaluation collates a split's examples (:meth:`predict`)."""
-        from vlscale.data.features import grid_features
-        from vlscale.data.tasks import Example
+        import torch
+
+        from vlscale.data.features import frame_features, grid_features, model_feature_dim
+        from vlscale.data.tasks import Example, get_task
+        from vlscale.data.video import qa_text
         from vlscale.modeling.vision import image_transform
 
-        visuals = [[read_image(x) for x in imgs] for imgs in images]
-        if self.encoder is not None:
-            flat = grid_features(self.encoder, image_transform(self.cfg.model.vision),
-                                 [x for v in visuals for x in v], self.device)
-            n = len(visuals[0])
-            visuals = [list(flat[i * n:(i + 1) * n]) for i in range(len(visuals))]
+        transform = image_transform(self.cfg.model.vision) if self.encoder is not None else None
+        if get_task(task).modality == "video":  # one video per input, its text formatted as the data's
+            visuals = [read_video(v, self.cfg.model.max_frames, model_feature_dim(self.cfg, "frames")) for v in images]
+            if self.encoder is not None:  # frames encoded as the cache's were
+                visuals = [v if isinstance(v, torch.Tensor) else frame_features(self.encoder, transform, v, self.device)
+                           for v in visuals]
+            visuals = [[v] for v in visuals]
+            subs = [(s or "").strip() for s in subtitles or [None] * len(texts)]
+            texts = [qa_text(t.strip(), [o.strip() for o in opts], sub) if opts else sub
+                     for t, opts, sub in zip(texts, options or [None] * len(texts), subs)]
+        else:
+            visuals = [[read_image(x) for x in imgs] for imgs in images]
+            if self.encoder is not None:
+                flat = grid_features(self.encoder, transform, [x for v in visuals for x in v], self.device)
+                n = len(visuals[0])
+                visuals = [list(flat[i * n:(i + 1) * n]) for i in range(len(visuals))]
         examples = [Example(task=task, uid=str(i), text=t, target="", image_ids=[f"image{k}" for k in range(len(v))])
                     for i, (t, v) in enumerate(zip(texts, visuals))]
         return self.collator(examples, visuals)
 
-    def _predict_batch(self, task: str, texts: list[str], images: list[list]) -> list[str]:
+    def _predict_batch(self, task: str, texts: list[str], images: list, options: list, subtitles: list) -> list[str]:
         from vlscale.engine.evaluation import predict_task
 
-        records = predict_task(self.model, self.tokenizer, [self.batch(task, texts, images)], task,
+        records = predict_task(self.model, self.tokenizer, [self.batch(task, texts, images, options, subtitles)], task,
                                device=self.device, float_dtype=self.dtype)
         return [r["prediction"] for r in records]

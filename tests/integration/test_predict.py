@@ -5,6 +5,11 @@ predictions/<task>.jsonl, so files, text and decoding go through one path.
 Two adapters: tests/integration/learning_run.py's (the embedded default trained on cached features, whose answers
 depend on image and question: the images are encoded on the fly as the cache's were) and a tiny run that encodes
 images in its model (the batches compared tensor for tensor: its random model's answers hardly vary).
+
+Video (tvqa, tvc): two 1-step tiny runs on the synthetic world's videos, one encoding frames in its model, one trained
+on a cache of frame features (extract_features.py --synthetic); each val video given as a folder of PNG frames (and,
+to the cache-trained run, as a .npy file of its cached features) with the question, options and subtitle as a user
+types them; the answers are the evaluation's (and the frame run's batches are its, tensor for tensor).
 """
 
 from __future__ import annotations
@@ -104,3 +109,107 @@ def test_a_run_encoding_images_in_its_model_gets_the_evaluations_batches(h, tmp_
     with pytest.raises(ValueError, match=r"the adapter was not trained on task 'gqa' and has no weights for it; it "
                                          r"was trained on \['vqa', 'nlvr2', 'caption'\]"):
         predictor.predict("gqa", "what color is the circle?", np.zeros((8, 8, 3), np.uint8))
+
+
+VIDEO_TASKS = ("tvqa", "tvc")
+
+
+def frame_folders(split, examples, folder: Path) -> list[Path]:
+    """Each example's video as a folder of PNG frames named 0.png, 1.png, ... (lossless)."""
+    out = []
+    for e in examples:
+        vid = folder / e.image_ids[0]
+        vid.mkdir(parents=True, exist_ok=True)
+        for k, frame in enumerate(split.visuals[e.image_ids[0]]):
+            Image.fromarray(frame).save(vid / f"{k}.png")
+        out.append(vid)
+    return out
+
+
+def user_inputs(examples) -> dict:
+    """The question, options and subtitle of each example as a user gives them (not the formatted input)."""
+    qa = "candidates" in examples[0].extra
+    return {"text": [e.extra["question"] if qa else "" for e in examples],
+            "options": [e.extra["candidates"] for e in examples] if qa else None,
+            "subtitle": [e.extra["subtitle"] if e.text else "" for e in examples]}
+
+
+@pytest.fixture(scope="module")
+def video_runs(h, launcher, tmp_path_factory):
+    """1-step runs on tvqa and tvc: "frames" encodes frames in its model, "cache" was trained on cached features."""
+    folder = tmp_path_factory.mktemp("video_predict")
+    tiny = [a for a in h.TINY if not a.startswith("data.tasks=")] + ["data.tasks=[tvqa,tvc]"]
+    cache = folder / "features"
+    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache), "--config", "tiny",
+                                              *tiny]) == 0
+    runs = {"frames": tiny, "cache": tiny + ["model.feature_source=cache", f"data.feature_cache={cache}"]}
+    for name, args in runs.items():
+        h.launch(args + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.max_steps=1",
+                         f"output_dir={folder / name}"])
+    return {name: (folder / name, Predictor(folder / name / "adapter", device="cpu")) for name in runs}
+
+
+@pytest.mark.parametrize("task", VIDEO_TASKS)
+def test_answers_about_frame_folders_are_the_evaluations(video_runs, task, tmp_path):
+    """From frame folders and the user's question / options / subtitle: the evaluation's batch (token ids, pixels,
+    frame mask) and answers, for a run with its CLIP."""
+    from vlscale.data import eval_batches
+    from vlscale.engine.evaluation import generation_inputs
+
+    run, predictor = video_runs["frames"]
+    assert predictor.model.vision is not None and predictor.encoder is None
+    split = synthetic_split(predictor.cfg, task, "val")
+    examples = split.examples
+    videos, given = frame_folders(split, examples, tmp_path), user_inputs(examples)
+    mine = generation_inputs(predictor.batch(task, given["text"], videos, given["options"], given["subtitle"]))
+    theirs = generation_inputs(next(iter(eval_batches(predictor.cfg, predictor.tokenizer, task, "val",
+                                                      len(examples), 0, 1))))
+    assert mine.keys() == theirs.keys() >= {"input_ids", "attention_mask", "pixel_values", "vis_mask"}
+    for key in ("input_ids", "attention_mask", "pixel_values", "vis_mask"):
+        assert mine[key].equal(theirs[key]), key
+    answers = predictor.predict(task, given["text"], videos, options=given["options"], subtitle=given["subtitle"])
+    expected = evaluation_predictions(run, task)
+    assert answers == [expected[e.uid] for e in examples]
+    assert len(set(answers)) > 1  # the answers depend on the input
+
+
+@pytest.mark.parametrize("task", VIDEO_TASKS)
+def test_a_cache_trained_run_answers_frames_and_features_files_as_its_evaluation(video_runs, task, tmp_path):
+    """A run trained on cached frame features: frame folders encoded on the fly as the extraction encoded them,
+    and the cache's features saved as .npy files, answered as the evaluation answered those examples."""
+    from vlscale.data.features import FeatureCache
+
+    run, predictor = video_runs["cache"]
+    assert predictor.model.vision is None and predictor.encoder is not None
+    split = synthetic_split(predictor.cfg, task, "val")
+    examples = split.examples
+    cache = FeatureCache(predictor.cfg.data.feature_cache)
+    files = []
+    for e in examples:
+        np.save(tmp_path / f"{e.image_ids[0]}.npy", cache[e.image_ids[0]].numpy())
+        files.append(tmp_path / f"{e.image_ids[0]}.npy")
+    given = user_inputs(examples)
+    expected = evaluation_predictions(run, task)
+    for videos in (frame_folders(split, examples, tmp_path / "frames"), files):
+        answers = predictor.predict(task, given["text"], videos, options=given["options"], subtitle=given["subtitle"])
+        assert answers == [expected[e.uid] for e in examples]
+    assert len(set(answers)) > 1
+
+
+def test_the_command_line_answers_about_a_video(video_runs, launcher, tmp_path, capsys):
+    from vlscale.predict import chosen_option
+
+    run, predictor = video_runs["cache"]
+    split = synthetic_split(predictor.cfg, "tvqa", "val")
+    e = split.examples[0]
+    video = frame_folders(split, [e], tmp_path)[0]
+    args = ["--adapter", str(run / "adapter"), "--task", "tvqa", "--video", str(video), "--text", e.extra["question"],
+            *[a for o in e.extra["candidates"] for a in ("--option", o)], "--subtitle", e.extra["subtitle"],
+            "--device", "cpu", "--json"]
+    assert launcher("predict").main(args) == 0
+    answer = evaluation_predictions(run, "tvqa")[e.uid]
+    option = chosen_option(answer, e.extra["candidates"])
+    assert json.loads(capsys.readouterr().out) == {
+        "task": "tvqa", "text": e.extra["question"], "video": str(video), "options": e.extra["candidates"],
+        "subtitle": e.extra["subtitle"], "answer": answer, "option": option and option[0],
+        "option_text": option and option[1]}

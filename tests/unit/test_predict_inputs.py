@@ -1,6 +1,7 @@
 """launchers/predict.py refuses what an adapter cannot answer in one line, before the model is built: an unknown
-task or one it was not trained on (naming the tasks it was), a video task, the wrong number of images, a question
-task without text, a caption with text, a missing or unreadable image. (The answers themselves:
+task or one it was not trained on (naming the tasks it was), the wrong number of images, a question task without
+text, a caption with text, a missing or unreadable image; for video tasks, a missing, empty or unreadable video, frame
+features of another width, QA without its answer options, a caption with text. (The answers themselves:
 tests/integration/test_predict.py.)"""
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ def adapter(monkeypatch, tmp_path):
                                                            "['vqa', 'nlvr2']"),
     (["--task", "gqa", "--image", "{a}", "--text", "q?"], "the adapter was not trained on task 'gqa' and has no "
                                                           "weights for it; it was trained on ['vqa', 'nlvr2']"),
-    (["--task", "tvqa", "--image", "{a}", "--text", "q?"], "task 'tvqa' is a video task; prediction takes images: "
-                                                           "the image tasks this adapter was trained on are "
-                                                           "['vqa', 'nlvr2']"),
+    (["--task", "tvqa", "--video", "{dir}", "--text", "q?"], "the adapter was not trained on task 'tvqa' and has no "
+                                                             "weights for it; it was trained on ['vqa', 'nlvr2']"),
+    (["--task", "vqa", "--video", "{dir}", "--text", "q?"], "--video is for the video tasks (tvqa, how2qa, tvc, yc2c); "
+                                                           "task 'vqa' takes --image"),
+    (["--task", "vqa", "--text", "q?"], "task 'vqa' needs --image"),
+    (["--task", "vqa", "--image", "{a}", "--text", "q?", "--option", "x"], "task 'vqa' takes no answer options (only "
+                                                                          "video QA does: tvqa, how2qa), got 1"),
+    (["--task", "vqa", "--image", "{a}", "--text", "q?", "--subtitle", "hi."], "task 'vqa' takes no subtitle"),
     (["--task", "nlvr2", "--image", "{a}", "--text", "s."], "task 'nlvr2' takes 2 image(s) per question, got 1"),
     (["--task", "vqa", "--image", "{a}", "--image", "{a}", "--text", "q?"],
      "task 'vqa' takes 1 image(s) per question, got 2"),
@@ -74,3 +80,79 @@ def test_the_command_line_says_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"predict.py: CheckpointError: {tmp_path / 'nope'} does not exist (an adapter directory is a run's "
         f"output_dir/adapter)"]
+
+
+@pytest.fixture
+def video_adapter(monkeypatch, tmp_path):
+    """An adapter of tvqa and tvc (tiny-clip-rn: 64-d frame embeddings); a video of two PNG frames in clip/."""
+    from vlscale.engine import checkpoint
+    from vlscale.modeling import vl_model
+
+    saved = load_config("tiny", ["data.tasks=[tvqa,tvc]", "model.vision=tiny-clip-rn"]).to_dict()
+    monkeypatch.setattr(checkpoint, "read_adapter_config", lambda _: {"run_config": saved, "vocab_size": 1})
+    monkeypatch.setattr(vl_model, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    (tmp_path / "clip").mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(tmp_path / "clip" / f"{k}.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no frames here")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "0.jpg").write_bytes(b"not an image")
+    np.save(tmp_path / "wide.npy", np.zeros((3, 512), np.float32))
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    return tmp_path
+
+
+QA = ["--task", "tvqa", "--video", "{dir}/clip", "--text", "which way?"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (QA, "task 'tvqa' needs its answer options (--option / options=, at least 2: a0, a1, ...), got 0"),
+    (QA + ["--option", "left"], "task 'tvqa' needs its answer options (--option / options=, at least 2: a0, a1, "
+                                "...), got 1"),
+    (QA + ["--option", "left", "--option", " "], "task 'tvqa': answer option a1 is empty"),
+    (["--task", "tvqa", "--video", "{dir}/clip", "--option", "l", "--option", "r"],
+     "task 'tvqa' needs a text (the question or statement), got ''"),
+    (["--task", "tvqa", "--image", "{dir}/clip/0.png", "--text", "q?", "--option", "l", "--option", "r"],
+     "task 'tvqa' is a video task: give the video as --video (a folder of frame images or a frame-features file), "
+     "not --image"),
+    (["--task", "tvc", "--video", "{dir}/clip", "--text", "a caption"], "task 'tvc' takes no text (the run's caption "
+                                                                       "inputs are its subtitle (--subtitle / "
+                                                                       "subtitle=), if any), got 'a caption'"),
+    (["--task", "tvc", "--video", "{dir}/clip", "--option", "l"], "task 'tvc' takes no answer options"),
+    (["--task", "tvc", "--video", "{dir}/none"], "--video {dir}/none: no such folder or file"),
+    (["--task", "tvc", "--video", "{dir}/empty"], "--video {dir}/empty: no frame images (.jpg, .jpeg, .png, .bmp, "
+                                                  ".webp) in {dir}/empty"),
+    (["--task", "tvc", "--video", "{dir}/broken"], "--video {dir}/broken: cannot read image {dir}/broken/0.jpg"),
+    (["--task", "tvc", "--video", "{dir}/wide.npy"], "--video {dir}/wide.npy: frame features are 512-d, but the "
+                                                     "run's model.vision embeds frames in 64-d"),
+    (["--task", "tvc", "--video", "{dir}/clip.mp4"], "--video {dir}/clip.mp4: a video is a folder of frame images or "
+                                                     "a file of frame features (.npy, .npz, .safetensors)"),
+])
+def test_bad_video_input_is_refused_naming_it_before_the_model_is_built(video_adapter, launcher, argv, message):
+    argv = [a.format(dir=video_adapter) for a in argv]
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        launcher("predict").main(["--adapter", "unused", *argv])
+    assert message.format(dir=video_adapter) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_video_qa_input_is_the_datas_and_its_answer_names_an_option_as_evaluation_decides(tmp_path):
+    """The question, options and subtitle are formatted by the loader's own code (a TVQA record read from disk
+    gives the same text); the option an answer names: its name or its text, as the submission and accuracy read it."""
+    import json
+
+    from vlscale.data.video import load_subtitles, load_video_qa, qa_text
+    from vlscale.predict import chosen_option
+
+    options = ["left", "Right ", "up", "down", "still"]
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"qid": 1, "q": " which way? ", "vid_name": "v", "ts": "0-2",
+                                                   "answer_idx": 1, **{f"a{i}": o for i, o in enumerate(options)}}))
+    (tmp_path / "subs.jsonl").write_text(json.dumps({"vid_name": "v", "sub": [{"text": "hi.", "start": 0, "end": 1}]}))
+    example = load_video_qa("tvqa", tmp_path / "qa.jsonl", load_subtitles(tmp_path / "subs.jsonl"))[0]
+    assert example.text == qa_text("which way?", [o.strip() for o in options], "hi.") == \
+        "which way? a0: left a1: Right a2: up a3: down a4: still subtitle: hi."
+    assert qa_text("q?", ["x", "y"]) == "q? a0: x a1: y"
+    assert chosen_option("a1", options) == chosen_option(" A1.", options) == chosen_option("right", options) == \
+        ("a1", "Right")
+    assert chosen_option("a7", options) is None and chosen_option("sideways", options) is None

@@ -359,6 +359,14 @@ def grid_features(encoder, transform: Callable, images: Sequence, device="cpu") 
     return encoder.encode_grid(transform(images).to(device)).float().cpu()
 
 
+@torch.no_grad()
+def frame_features(encoder, transform: Callable, frames: Sequence, device="cpu") -> torch.Tensor:
+    """(F, E) fp32 on the host: each frame's CLIP embedding as a cache stores a video's (``encoder.encode_global``
+    of the CLIP transform); the extraction's and :class:`vlscale.predict.Predictor`'s (a cache-trained run's
+    video frames)."""
+    return encoder.encode_global(transform(frames).to(device)).float().cpu()
+
+
 def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size, grid_side, dim,
                  synthetic: Optional[dict] = None) -> dict:
     """The ``meta.json`` of a cache of ``vision``'s features: per-frame embeddings (``video``) or grids."""
@@ -402,7 +410,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
             for vid in todo + [None]:
                 item = source[vid] if vid is not None else None
                 if group and (vid is None or len(frames) + len(item) > batch_size):
-                    emb = encoder.encode_global(transform(frames).to(device)).float().cpu()
+                    emb = frame_features(encoder, transform, frames, device)
                     start = 0
                     for gid, n in group:
                         writer.add(gid, emb[start:start + n])

@@ -141,6 +141,12 @@ def subtitle_text(lines: list[tuple[float, float, str]], ts: Optional[tuple[floa
 
 # ----------------------------------------------------------------------------- QA
 
+def qa_text(question: str, options: list[str], subtitle: str = "") -> str:
+    """A multiple-choice input: ``"<q> a0: <a0> a1: <a1> ... subtitle: <sub>"`` (no subtitle part without one)."""
+    text = question + " " + " ".join(f"a{i}: {o}" for i, o in enumerate(options))
+    return f"{text} subtitle: {subtitle}" if subtitle else text
+
+
 def _options(rec: Record) -> list[str]:
     data = rec.data if isinstance(rec.data, dict) else {}
     options = []
@@ -173,10 +179,8 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
             raise rec.error("answer_idx", f"must be an option index 0..{len(options) - 1}, got {answer!r}")
         vid = rec.text("vid_name")
         ts = parse_ts(rec)
-        text = question + " " + " ".join(f"a{i}: {o}" for i, o in enumerate(options))
         sub = subtitle_text(subtitles.get(vid, []), ts)
-        if sub:
-            text += f" subtitle: {sub}"
+        text = qa_text(question, options, sub)
         extra = {"ts": ts, "question": question, "candidates": options, "subtitle": sub}
         if answer is None:
             return [Example(task=task, uid=qid, text=text, target="", image_ids=[vid], extra=extra, source=rec.path)]
@@ -323,13 +327,7 @@ class VideoFeatureFolder:
             raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
 
     def _check_shape(self, path: Path, vid: str, shape: tuple) -> None:
-        if len(shape) != 2 or shape[0] == 0:
-            raise DataError(f"{path} (video {vid!r}): frame features must be a non-empty L x D matrix, got shape "
-                            f"{tuple(shape)}")
-        if self.expect_dim is not None and shape[1] != self.expect_dim:
-            raise DataError(f"{path} (video {vid!r}): frame features are {shape[1]}-d, but the run's "
-                            f"model.vision embeds frames in {self.expect_dim}-d; extract the features with that "
-                            "CLIP model, or set model.vision to the one that made them")
+        check_frame_features(f"{path} (video {vid!r})", shape, self.expect_dim)
 
     def ids(self) -> list[str]:
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in self.SUFFIXES})
@@ -338,40 +336,57 @@ class VideoFeatureFolder:
         return f"VideoFeatureFolder({str(self.root)!r}, max_frames={self.max_frames})"
 
     def __getitem__(self, vid: str):
-        import zipfile
-
-        import numpy as np
-        import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from vlscale.data.collate import frame_indices
 
         path = self._path(vid)
         if path is None:
             raise KeyError(f"no frame features for video {vid!r}: none of {self.root / (vid + '.npy')}, "
                            ".npz, .safetensors exists")
-        try:
-            if path.suffix in (".npy", ".npz"):
-                array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _load_npz(path)
-                if not isinstance(array, np.ndarray):
-                    raise DataError(f"{path} (video {vid!r}): holds {type(array).__name__}, expected one L x D array")
-                if array.dtype.kind not in "fiu":
-                    raise DataError(f"{path} (video {vid!r}): frame features have dtype {array.dtype}, expected "
-                                    "real numbers (a float or integer array)")
-                feats = torch.from_numpy(array)
-            else:
-                tensors = load_file(str(path))
-                feats = tensors[_features_key(path, list(tensors))]
-                if feats.is_complex() or feats.dtype == torch.bool:
-                    raise DataError(f"{path} (video {vid!r}): frame features have dtype {feats.dtype}, expected "
-                                    "real numbers")
-        except DataError:
-            raise
-        except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
-        self._check_shape(path, vid, tuple(feats.shape))
+        feats = read_frame_features(path, self.expect_dim, f"{path} (video {vid!r})")
         if self.max_frames and feats.shape[0] > self.max_frames:
             # the frames the collator takes from a feature cache or from frame images (same batches)
             feats = feats[frame_indices(feats.shape[0], self.max_frames)]
-        return feats.float()
+        return feats
+
+
+def check_frame_features(where: str, shape: tuple, expect_dim: Optional[int] = None) -> None:
+    """DataError (naming ``where``) unless ``shape`` is a non-empty L x D matrix, D = ``expect_dim`` when given."""
+    if len(shape) != 2 or shape[0] == 0:
+        raise DataError(f"{where}: frame features must be a non-empty L x D matrix, got shape {tuple(shape)}")
+    if expect_dim is not None and shape[1] != expect_dim:
+        raise DataError(f"{where}: frame features are {shape[1]}-d, but the run's model.vision embeds frames in "
+                        f"{expect_dim}-d; extract the features with that CLIP model, or set model.vision to the one "
+                        "that made them")
+
+
+def read_frame_features(path: Path, expect_dim: Optional[int] = None, where: Optional[str] = None):
+    """A ``.npy`` / ``.npz`` / ``.safetensors`` file of frame features (module docstring) as a float32 tensor (L, D),
+    every frame; an unreadable file or one of another shape raises DataError naming ``where`` (default: the path)."""
+    import zipfile
+
+    import numpy as np
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = where or str(path)
+    try:
+        if path.suffix in (".npy", ".npz"):
+            array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _load_npz(path)
+            if not isinstance(array, np.ndarray):
+                raise DataError(f"{where}: holds {type(array).__name__}, expected one L x D array")
+            if array.dtype.kind not in "fiu":
+                raise DataError(f"{where}: frame features have dtype {array.dtype}, expected real numbers (a float "
+                                "or integer array)")
+            feats = torch.from_numpy(array)
+        else:
+            tensors = load_file(str(path))
+            feats = tensors[_features_key(path, list(tensors))]
+            if feats.is_complex() or feats.dtype == torch.bool:
+                raise DataError(f"{where}: frame features have dtype {feats.dtype}, expected real numbers")
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
+        raise DataError(f"{where}: cannot read frame features ({type(e).__name__}: {e})") from e
+    check_frame_features(where, tuple(feats.shape), expect_dim)
+    return feats.float()

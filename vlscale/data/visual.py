@@ -105,6 +105,18 @@ def frame_order(path: Path) -> list:
     return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
 
 
+def frame_files(folder: Path, what: str) -> list[Path]:
+    """A video's frame images: the files of ``folder`` with one of IMAGE_SUFFIXES (any case), in
+    :func:`frame_order`; a missing folder or one without frames raises DataFileNotFound naming it (and ``what``)."""
+    if not folder.is_dir():
+        raise DataFileNotFound(f"{what}: frame folder {folder} does not exist")
+    frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                    key=frame_order)
+    if not frames:
+        raise DataFileNotFound(f"{what}: no frame images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return frames
+
+
 def has_frames(folder: Path) -> bool:
     """Whether ``folder`` exists and holds a frame image (a file with one of IMAGE_SUFFIXES, any case)."""
     try:
@@ -152,12 +164,7 @@ class ImageFolder:
     def __getitem__(self, image_id: str):
         path = self.path(image_id)
         if self.video:
-            if not path.is_dir():
-                raise DataFileNotFound(f"video {image_id!r}: frame folder {path} does not exist")
-            frames = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order)
-            if not frames:
-                raise DataFileNotFound(f"video {image_id!r}: no frame images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
-            return [load_image(p, f"video {image_id!r}") for p in frames]
+            return [load_image(p, f"video {image_id!r}") for p in frame_files(path, f"video {image_id!r}")]
         if not path.is_file():
             raise DataFileNotFound(f"image {image_id!r}: file {path} does not exist")
         return load_image(path, f"image {image_id!r}")

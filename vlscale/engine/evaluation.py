@@ -195,7 +195,7 @@ def _number_or_text(value: str):
     return int(value) if value.isascii() and value.isdigit() else value
 
 
-def _option_index(prediction: str, candidates: list[str]) -> Optional[int]:
+def option_index(prediction: str, candidates: list[str]) -> Optional[int]:
     """A multiple-choice prediction as the option's index: its name (``"a2"``, the target) or, failing that, an
     option's text; None when it names none. Both are compared as the accuracy compares them
     (:func:`vlscale.metrics.normalize_answer`: case, punctuation, spaces), so a prediction scored right locally
@@ -263,7 +263,7 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
         text = "".join(f"{e.extra.get('identifier', e.uid)},{'True' if p == 'true' else 'False'}\n" for e, p in rows)
         ids: list = []  # identifiers are strings there
     elif task in ("tvqa", "how2qa"):
-        picked = {str(e.uid): _option_index(p, e.extra["candidates"]) for e, p in rows}
+        picked = {str(e.uid): option_index(p, e.extra["candidates"]) for e, p in rows}
         unnamed = [uid for uid, k in picked.items() if k is None]
         if unnamed:
             logger.warning(f"{task} submission: {len(unnamed)} of {len(rows)} predictions name no option "
