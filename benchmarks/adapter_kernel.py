@@ -32,10 +32,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vlscale.config import PRECISIONS, torch_dtype  # noqa: E402
 from vlscale.kernels.adapter import adapter_reference, fused_adapter, select_backend  # noqa: E402
 from vlscale.profiling.measure import saved_bytes  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_GRID = [(16384, 1024, h) for h in (64, 128, 256)] + [(16384, d, 64) for d in (512, 768)]
 CPU_GRID = [(2048, 256, 32), (2048, 256, 64), (1024, 512, 64)]
 # Low-precision check: fused error vs fp32 reference <= 2x the low-precision reference's + atol.
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--activation", choices=("gelu", "gelu_tanh"), default="gelu")
     p.add_argument("--tokens", type=_positive_int, nargs="+", help="override the grid's token counts")
     p.add_argument("--d-model", type=_positive_int, nargs="+", help="override the grid's d_model values")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
-    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dtype = torch_dtype(args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
     grid = GPU_GRID if args.device == "cuda" else CPU_GRID
     if args.tokens or args.d_model or args.hidden:
         grid = [(t, d, h) for t in (args.tokens or [grid[0][0]]) for d in (args.d_model or [grid[0][1]])

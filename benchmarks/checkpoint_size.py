@@ -58,13 +58,14 @@ def folder_bytes(path: Path) -> int:
 def predicted_bytes(cfg, ds_config: dict, world: int, vocab_size=None) -> dict:
     """{'frozen': what only DeepSpeed's default writes (frozen parameters x the precision's bytes),
     'vlscale': what vlscale writes, the profiler's ``analytic.checkpoint_bytes``} for ``cfg``."""
-    from vlscale.profiling.analytic import DTYPE_BYTES, estimate_checkpoint, parameter_inventory
+    from vlscale.config import PRECISION_BYTES
+    from vlscale.profiling.analytic import estimate_checkpoint, parameter_inventory
 
     inv = parameter_inventory(cfg, vocab_size)
     disk = estimate_checkpoint(cfg, world, ds_config, inventory=inv)
     frozen = inv.total - inv.n_trainable
     return {"frozen_params": frozen, "trainable_params": inv.n_trainable,
-            "frozen": frozen * DTYPE_BYTES[cfg.train.precision], "vlscale": disk.total,
+            "frozen": frozen * PRECISION_BYTES[cfg.train.precision], "vlscale": disk.total,
             "vlscale_by_rank": disk.file_bytes, "adapter": disk.adapter, "universal": disk.universal}
 
 

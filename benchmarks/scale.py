@@ -222,6 +222,7 @@ def worker(args) -> None:
     import torch.distributed as dist
     from torch.optim.lr_scheduler import LambdaLR
 
+    from vlscale.config import torch_dtype
     from vlscale.data import build_tokenizer, build_train_loader
     from vlscale.engine import accounting, trainer
     from vlscale.engine.comm import CommCounter, predict_zero3_comm
@@ -234,7 +235,7 @@ def worker(args) -> None:
     rank, world = dist_info.rank, dist_info.world_size
     cfg = bench_config(args)
     ds = bench_ds_config(args, cfg, world)
-    dtype = trainer.DTYPES[cfg.train.precision]
+    dtype = torch_dtype(cfg.train.precision)
     tokenizer = build_tokenizer(cfg)
     vocab = len(tokenizer)
     tracker = LiveTensorTracker("cpu")

@@ -39,6 +39,12 @@ ADAPTER_METHODS = ("adapter", "hyperformer", "compacter")
 SHARING_MODES = ("multiple", "half_shared", "single")
 BIAS_CHOICES = ("none", "lora_only", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+"""Bytes per element of each of :data:`PRECISIONS`."""
+DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+               "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+"""DeepSpeed's names of the three dtypes (its ``DtypeEnum``: ``data_types.grad_accum_dtype``) -> :data:`PRECISIONS`.
+``communication_data_type`` takes only :data:`PRECISIONS` (case aside)."""
 IMAGE_TASKS = ("vqa", "gqa", "nlvr2", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
@@ -51,6 +57,13 @@ class ConfigError(ValueError):
 class SourceError(ConfigError, OSError):
     """A model or tokenizer the config names cannot be loaded (a hub id without network or local cache,
     a folder without the files): the key and its value are the report."""
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of ``precision`` (one of :data:`PRECISIONS`)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def missing_source(source: str) -> bool:

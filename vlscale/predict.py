@@ -115,9 +115,9 @@ def inference_dtype(cfg, device, who: Optional[str] = None) -> tuple["torch.dtyp
     fp32 and ``who`` (when given) says so."""
     import torch
 
-    from vlscale.engine.trainer import DTYPES
+    from vlscale.config import torch_dtype
 
-    dtype = DTYPES[cfg.train.precision]
+    dtype = torch_dtype(cfg.train.precision)
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         cfg.train.precision = "fp32"
         if who:

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from vlscale.engine.comm import (ModuleCall, ParamInfo, persistent_parameters,  # noqa: E402
-                                 predict_zero3_comm, zero3_comm_accounting)
+from vlscale.config import DTYPE_NAMES  # noqa: E402
+from vlscale.engine.comm import (ModuleCall, ParamInfo, communication_dtype_bytes,  # noqa: E402
+                                 persistent_parameters, predict_zero3_comm, zero3_comm_accounting)
 
 COUNTER_WORKER = r'''
 import json, sys, torch, torch.distributed as dist
@@ -107,6 +108,22 @@ def test_persistence_follows_deepspeed_order_and_budget():
     assert persistent_parameters(info, 10) == {"a", "c", "d"}
     assert persistent_parameters(info, 10, model_threshold=13) == {"a", "c"}  # d would exceed 13 in total
     assert persistent_parameters(info, 4) == set()
+
+
+def test_communication_dtype_names_are_deepspeeds():
+    """communication_data_type takes the names DeepSpeed's config takes there (fp32, fp16, bf16, any case),
+    not every name of the dtype (bfloat16, half): DeepSpeed refuses those when the engine starts."""
+    from deepspeed.runtime.config import get_communication_data_type
+
+    assert communication_dtype_bytes({}, "bf16") == 2 and communication_dtype_bytes({}, "fp32") == 4
+    for name in sorted(DTYPE_NAMES) + ["BF16", "Fp32", "int8"]:
+        try:
+            expected = get_communication_data_type({"communication_data_type": name}).itemsize
+        except ValueError:
+            with pytest.raises(ValueError, match=f"communication_data_type='{name}'"):
+                communication_dtype_bytes({"communication_data_type": name}, "fp32")
+        else:
+            assert communication_dtype_bytes({"communication_data_type": name}, "fp32") == expected, name
 
 
 def test_meta_trace_of_the_real_model():

@@ -79,6 +79,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from vlscale.config import PRECISION_BYTES, PRECISIONS
+
 OP_TYPES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "other")
 
 # c10d op name -> (op type, index of the argument holding the full tensors)
@@ -625,15 +627,12 @@ def _zero_settings(ds_config: dict) -> dict:
 
 
 def communication_dtype_bytes(ds_config: dict, precision: str) -> int:
-    """Bytes per gradient element ZeRO-3 reduces: ``communication_data_type`` if set, else the
-    parameters' dtype."""
-    names = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
+    """Bytes per gradient element ZeRO-3 reduces: ``communication_data_type`` if set (DeepSpeed takes
+    only ``fp32``, ``fp16``, ``bf16`` there, case aside), else the parameters' dtype."""
     explicit = ds_config.get("communication_data_type")
-    if explicit is not None:
-        if str(explicit).lower() not in names:
-            raise ValueError(f"communication_data_type={explicit!r} is not one of {sorted(names)}")
-        return names[str(explicit).lower()]
-    return names[precision]
+    if explicit is not None and str(explicit).lower() not in PRECISIONS:
+        raise ValueError(f"communication_data_type={explicit!r} is not one of {PRECISIONS}")
+    return PRECISION_BYTES[precision if explicit is None else str(explicit).lower()]
 
 
 def _checkpointing_on(model: torch.nn.Module) -> bool:
@@ -675,8 +674,7 @@ def predict_zero3_comm(cfg, ds_config: dict, world_size: int, *, vocab_size: Opt
     device = next(model.parameters()).device
     batch = synthetic_batch(cfg, 1, vocab, device=device, dtype=next(model.parameters()).dtype)
     trace = trace_zero3_step(model, batch)
-    b = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.train.precision]
-    prediction = zero3_comm_accounting(trace, trace.info, world_size, param_bytes=b,
+    prediction = zero3_comm_accounting(trace, trace.info, world_size, param_bytes=PRECISION_BYTES[cfg.train.precision],
                                        grad_bytes=communication_dtype_bytes(ds_config, cfg.train.precision),
                                        micro_batches=resolve_batch(cfg, world_size).train.gradient_accumulation_steps,
                                        param_persistence_threshold=z["param_persistence_threshold"],

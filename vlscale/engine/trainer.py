@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from_dict, flat_settings, load_config,
-                            save_config)
+                            save_config, torch_dtype)
 from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, resolve_batch, zero_stage
@@ -60,7 +60,6 @@ from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_ha
                                            unscaled_grad_norm)
 from vlscale.files import write_text_atomic
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORE_INDEX = -100
 # Keys that may change between a run and its resumption. Where the frozen weights load from may (the
 # same files moved, another cache): the resume compares what it builds with the checkpoint's fingerprint.
@@ -457,7 +456,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     if not show_progress:
         import transformers
         transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
-    dtype = DTYPES[cfg.train.precision]
+    dtype = torch_dtype(cfg.train.precision)
     if cfg.peft.fused and cfg.peft.method in ADAPTER_METHODS:  # fused_adapter's users
         from vlscale.kernels.adapter import check_requested_backend
 

@@ -40,10 +40,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from vlscale.config import ADAPTER_METHODS, VIDEO_TASKS, RunConfig
+from vlscale.config import ADAPTER_METHODS, DTYPE_NAMES, PRECISION_BYTES, VIDEO_TASKS, RunConfig
 
 GiB = 1024 ** 3
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9,
           "gb": 10 ** 9, "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
           "tib": 2 ** 40}
@@ -207,8 +206,6 @@ UNMODELLED_SETTINGS = (
     ("hybrid_engine.enabled", (False,), None, "DeepSpeed-Chat's hybrid engine"),
     ("weight_quantization", (), None, "weights quantized at initialisation"),
 )
-_DTYPES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
-           "bf16": "bf16", "bfloat16": "bf16"}
 
 
 def check_modelled(ds: Optional[dict], stage: int, precision: str) -> None:
@@ -226,7 +223,7 @@ def check_modelled(ds: Optional[dict], stage: int, precision: str) -> None:
         if path and path[0] in ("bf16", "fp16") and not block.get("enabled"):
             continue  # the precision the run does not train in
         value = block[last]
-        fine = _DTYPES.get(str(value).lower()) == precision if ok is None else value in ok
+        fine = DTYPE_NAMES.get(str(value).lower()) == precision if ok is None else value in ok
         if not fine:
             raise ValueError(f"{key}={value!r}: {what}, which the memory prediction does not model; remove the "
                              f"key{f' (or set it to {ok[0]!r})' if ok else ''} to predict without it "
@@ -961,7 +958,7 @@ def engine_state(inv: ParamInventory, z: ZeroSettings, world: int, precision: st
     Each Adam step counter is a 4-byte tensor (one per parameter at stage 0, per group/sub-group
     otherwise).
     """
-    b = DTYPE_BYTES[precision]
+    b = PRECISION_BYTES[precision]
     W = max(1, int(world))
     st = z.stage
     groups = inv.optimizer_groups()
@@ -1228,7 +1225,7 @@ def zero_infinity_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precis
     The async I/O handles themselves hold only their request queues (``aio.queue_depth`` iocbs): the
     swappers read into and write from their pinned buffers, so DeepSpeed's bounce buffers are not used.
     """
-    b = DTYPE_BYTES[precision]
+    b = PRECISION_BYTES[precision]
     W = max(1, int(world))
     min_aio = max(MIN_AIO_BYTES, z.aio_block_size)
     align_bytes = AIO_ALIGNED_BYTES * z.aio_intra_op_parallelism
@@ -1385,7 +1382,7 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
       moments (+ fp32 masters in bf16/fp16); stage 1-3 each rank's fp32 master partition and moments
     * ``client_state_rank<R>.json``: data position, RNG states, the frozen weights' fingerprint
     """
-    b = DTYPE_BYTES[precision]
+    b = PRECISION_BYTES[precision]
     W = max(1, int(world))
     on_device = dataclasses.replace(z, offload_optimizer="none", offload_param="none")
     opt = engine_state(inv, on_device, W, precision, device="cpu").optimizer
@@ -1465,7 +1462,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     precision = cfg.train.precision
     check_modelled(ds_config, z.stage, precision)
-    b = DTYPE_BYTES[precision]
+    b = PRECISION_BYTES[precision]
     inv = inventory or parameter_inventory(cfg, vocab_size)
     shapes = run_shapes(cfg, inv.vocab_size)
     zero3_linear = z.stage == 3 and z.memory_efficient_linear

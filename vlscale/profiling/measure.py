@@ -29,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from vlscale.config import PRECISION_BYTES, torch_dtype
 from vlscale.engine.accounting import gradient_bytes, live_gradient_bytes, optimizer_state_bytes, parameter_bytes
 
 
@@ -336,7 +337,7 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
 
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode={loss_mode!r}: use one of {LOSS_MODES}")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    dtype = torch_dtype(cfg.train.precision)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     device_type = measured_device_type()
     cuda = device_type == "cuda"
@@ -505,8 +506,7 @@ def measured_run_host_bytes(est, world_size: int) -> int:
     """Host memory a measured run of ``est``'s config needs on this machine: each rank builds the whole
     model (``run_measured_steps``) before DeepSpeed partitions it, on the CPU accelerator trains there
     (the predicted peak, which there holds the host-offloaded bytes too), and carries its process footprint."""
-    b = {"fp32": 4, "bf16": 2, "fp16": 2}[est.settings["precision"]]
-    per_rank = est.detail["total_params"] * b + PROCESS_BYTES
+    per_rank = est.detail["total_params"] * PRECISION_BYTES[est.settings["precision"]] + PROCESS_BYTES
     if est.settings["device"] == "cpu":
         per_rank += est.components["peak"]
     return int(world_size) * per_rank

@@ -37,11 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from vlscale.config import RunConfig
+from vlscale.config import PRECISION_BYTES, RunConfig
 from vlscale.engine.deepspeed_config import default_ds_file, global_batch_size, load_ds_file, micro_batch_sizes
-from vlscale.profiling.analytic import (DTYPE_BYTES, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
-                                        fmt_bytes, parameter_inventory, parse_size,
-                                        resolve_ds_config)
+from vlscale.profiling.analytic import (GiB, MemoryEstimate, ZeroSettings, estimate_memory, fmt_bytes,
+                                        parameter_inventory, parse_size, resolve_ds_config)
 
 OFFLOADS = {
     "none": ("none", "none"),
@@ -141,7 +140,7 @@ def throughput(cfg: RunConfig, est: MemoryEstimate, world_size: int, offload: st
     speed = cost.peak_tflops * 1e12 * (cost.fp32_speed if s["precision"] == "fp32" else 1.0)
     util = tokens / (tokens + cost.half_util_tokens)
     t = flops / (speed * util)
-    b = DTYPE_BYTES[s["precision"]]
+    b = PRECISION_BYTES[s["precision"]]
     W = world_size
     if W > 1:
         comm = 2.0 * trainable * b * (W - 1) / W
