@@ -440,6 +440,37 @@ def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_
             == [o.peak for o in plan(cfg, "24GiB", 4, ds_file=str(ds_dir / "zero2.json"), **kw)])
 
 
+def test_written_config_starts_from_the_file_the_plan_estimated(tmp_path):
+    """write_ds_config started a stage 0-2 option from ds_configs/zero2.json and a stage-3 one from zero3.json,
+    whatever file the plan estimated from (default_ds_file: --deepspeed, else train.deepspeed, else zero3.json at
+    every stage): a preset's own file lost its settings in the written one, and a missing file wrote made-up ones."""
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, default_ds_file
+    from vlscale.profiling.planner import plan, write_ds_config
+
+    zero3 = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json").read_text())
+    own = json.loads(json.dumps(zero3))
+    own["zero_optimization"]["reduce_bucket_size"] = 12_345_678
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    cfg = load_config("tiny", [f"train.deepspeed={tmp_path / 'own.json'}"])
+    options = plan(cfg, "80GiB", 2, stages=[1, 2, 3], micro_batches=[cfg.train.micro_batch_size],
+                   precisions=["bf16"], checkpointing=[False], offloads=["none"])
+    assert {o.zero_stage for o in options} == {1, 2, 3}
+    for o in options:
+        written = write_ds_config(o, tmp_path / "w.json", cfg=cfg)["zero_optimization"]
+        assert (written["stage"], written["reduce_bucket_size"]) == (o.zero_stage, 12_345_678)
+        plain = write_ds_config(o, tmp_path / "plain.json")["zero_optimization"]  # no file of the run's: zero3.json
+        assert set(plain) <= set(zero3["zero_optimization"]), sorted(set(plain) - set(zero3["zero_optimization"]))
+        run = load_config("tiny", o.overrides())  # resolves as the run without --deepspeed, but for unread keys
+        stage3_only = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size",
+                       "stage3_gather_16bit_weights_on_model_save") if o.zero_stage < 3 else ()
+        default = build_deepspeed_config(default_ds_file(run), run, 2, device_type="cuda")
+        for key in stage3_only:
+            del default["zero_optimization"][key]
+        assert build_deepspeed_config(tmp_path / "plain.json", run, 2, device_type="cuda") == default, o.label()
+    with pytest.raises(DeepSpeedConfigError, match="missing.json' does not exist"):
+        write_ds_config(options[0], tmp_path / "w.json", ds_file=str(tmp_path / "missing.json"))
+
+
 def test_planner_keeps_the_global_batch():
     """Every option's micro-batch x accumulation x ranks is the run's global batch (tiny: 16 x 1 x 2 = 32):
     micro-batches 64 (and 32 on 2 ranks) would change it, so they are not offered."""

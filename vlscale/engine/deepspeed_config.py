@@ -225,14 +225,15 @@ def resolve_ds_file(path: str) -> str:
     return path
 
 
-def default_ds_file(cfg: RunConfig, ds_file: Union[str, os.PathLike, dict, None] = None) -> Union[str, dict]:
+def default_ds_file(cfg: Optional[RunConfig], ds_file: Union[str, os.PathLike, dict, None] = None) -> Union[str, dict]:
     """The DeepSpeed file (or dict) a run uses, for launchers/train.py and the profiler alike: ``ds_file``
-    (``--deepspeed``) if given, else the config's ``train.deepspeed``, else the shipped ``ds_configs/zero3.json``
-    at every ZeRO stage (``train.zero_stage`` below 3 drops the keys only stage 3 reads); a relative path as
-    :func:`resolve_ds_file` finds it."""
+    (``--deepspeed``) if given, else the config's ``train.deepspeed`` (``cfg`` None: none), else the shipped
+    ``ds_configs/zero3.json`` at every ZeRO stage (``train.zero_stage`` below 3 drops the keys only stage 3 reads;
+    the keys zero2.json has besides are DeepSpeed's defaults); a relative path as :func:`resolve_ds_file` finds it."""
     if isinstance(ds_file, dict):
         return ds_file
-    return resolve_ds_file(str(ds_file or cfg.train.deepspeed or REPO_ROOT / "ds_configs" / "zero3.json"))
+    own = cfg.train.deepspeed if cfg is not None else None
+    return resolve_ds_file(str(ds_file or own or REPO_ROOT / "ds_configs" / "zero3.json"))
 
 
 class _DuplicateKey(Exception):

@@ -232,21 +232,11 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
 
 
 def write_ds_config(option: PlanOption, path, *, ds_file=None, cfg: Optional[RunConfig] = None) -> dict:
-    """Write the option's DeepSpeed JSON: the shipped file's settings with the chosen ZeRO stage and
-    offload; batch sizes and precision stay ``"auto"`` (the run config fills them: pass
-    ``option.overrides()``)."""
-    if ds_file is None:
-        root = Path(__file__).resolve().parent.parent.parent / "ds_configs"
-        ds_file = root / ("zero3.json" if option.zero_stage == 3 else "zero2.json")
-    if Path(ds_file).exists():
-        base = json.loads(Path(ds_file).read_text())
-    else:
-        base = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-                "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                          "weight_decay": "auto"}},
-                "zero_optimization": {}}
+    """Write the option's DeepSpeed JSON: the file :func:`plan` estimated it from (``default_ds_file``: ``ds_file``,
+    else ``cfg``'s ``train.deepspeed``, else ``ds_configs/zero3.json``; pass what ``plan`` was given) with the
+    chosen ZeRO stage and offload; batch sizes and precision stay as the file has them (the shipped files: ``"auto"``,
+    which the run config fills: pass ``option.overrides()``)."""
+    base, _ = load_ds_file(default_ds_file(cfg, ds_file))  # a copy; a missing or unreadable file is refused
     ds = _ds_for(base, option.zero_stage, option.offload)
     z = ds["zero_optimization"]
     if option.zero_stage < 3:
