@@ -190,7 +190,7 @@ def profile(args, json_out=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from vlscale.engine.deepspeed_config import load_ds_file, resolve_batch, resolve_ds_file
+    from vlscale.engine.deepspeed_config import default_ds_file, resolve_batch
 
     batch_note = None
     try:  # train.global_batch_size: the accumulation on --world-size ranks, as the run derives it
@@ -249,10 +249,7 @@ def profile(args, json_out=None) -> int:
             return 2
     device = args.device or ("cpu" if args.measure and measured_on == "cpu" else "cuda")
     try:
-        args.deepspeed = args.deepspeed or cfg.train.deepspeed  # a preset's own file (scale/*_8x24gb)
-        if args.deepspeed is not None:  # refused as by launchers/train.py when missing or unreadable
-            args.deepspeed = resolve_ds_file(args.deepspeed)
-            load_ds_file(args.deepspeed)
+        args.deepspeed = default_ds_file(cfg, args.deepspeed)  # the file launchers/train.py takes
         ds = resolve_ds_config(cfg, args.world_size, args.deepspeed, device_type=device)
         est = estimate_memory(cfg, args.world_size, ds, device=device)
     except (ValueError, FileNotFoundError) as e:
