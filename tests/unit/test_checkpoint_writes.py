@@ -361,10 +361,84 @@ def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_resume
     assert {f.name: f.read_bytes() for f in (root / "step3").iterdir()} == before
     ckpt.check_checkpoint_files(root / "step3")  # every file the size it was written at
 
-    # a RuntimeError that is not a write's is not dressed up as one
+    # a collective whose peer's process ended is not dressed up as this rank's failure
     engine.fail = RuntimeError("Connection closed by peer")
     with pytest.raises(RuntimeError, match="^Connection closed by peer$"):
         ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)
+
+
+ONE_RANK_FAILS_WORKER = r"""
+import json, os, sys, time, torch
+from vlscale.engine.distributed import init_distributed
+d = init_distributed()
+import deepspeed
+from vlscale.engine import checkpoint as ckpt
+
+out = sys.argv[1]
+model = torch.nn.Linear(4, 4)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                                          "zero_allow_untested_optimizer": True})
+ckpt.save_checkpoint(engine, out, 1, {"step": 1}, d.rank)  # the checkpoint to keep
+
+def on_rank_1(obj, name, error):
+    real = getattr(obj, name)
+    def fail(*args, **kwargs):
+        if d.rank == 1:
+            raise error
+        return real(*args, **kwargs)
+    setattr(obj, name, fail)
+    return lambda: delattr(obj, name)
+
+no_memory = RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 4096 bytes")
+cases = {"deepspeed_state": ({"step": 2}, lambda: on_rank_1(engine.optimizer, "state_dict", no_memory)),
+         "client_state": ({"step": 2, "loader": {"seen": {1, 2} if d.rank == 1 else [1, 2]}}, None)}
+result = {}
+for case, (state, patch) in cases.items():
+    undo = patch() if patch else None
+    t0 = time.perf_counter()
+    try:
+        ckpt.save_checkpoint(engine, out, 2, state, d.rank)
+        result[case] = None
+    except Exception as e:
+        result[case] = [type(e).__name__, str(e), time.perf_counter() - t0, type(e.__cause__).__name__]
+    if undo:
+        undo()
+result["latest"] = ckpt.latest_tag(out + "/checkpoints")
+result["then"] = ckpt.save_checkpoint(engine, out, 3, {"step": 3}, d.rank)  # the ranks are still in step
+with open(f"{out}/rank{d.rank}.json", "w") as f:
+    json.dump(result, f)
+torch.distributed.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_a_failure_on_rank_1_alone_is_the_same_checkpoint_error_on_every_rank(tmp_path, preloaded):
+    """Rank 1 alone fails inside DeepSpeed's save (its optimizer state cannot be built: out of host memory) or
+    writing its client state (a value JSON cannot hold). Neither is a write failure, so the error escaped on rank 1
+    alone while rank 0 waited in DeepSpeed's barrier or the ranks' agreement until the process group's timeout
+    (the watchdog's 6 minutes by default). Now both ranks raise the same CheckpointError at once, naming rank 1
+    and its reason (rank 1's error its cause); the previous checkpoint stays, and the ranks stay in step."""
+    script = tmp_path / "worker.py"
+    script.write_text(ONE_RANK_FAILS_WORKER)
+    proc = preloaded.run(script, [tmp_path], nproc=2, env=dict(preloaded.env, VLSCALE_DIST_TIMEOUT="20"),
+                         cwd=ROOT, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    root = tmp_path / "checkpoints"
+    reasons = {"deepspeed_state": ("RuntimeError", "RuntimeError: DefaultCPUAllocator: not enough memory: you "
+                                                   "tried to allocate 4096 bytes"),
+               "client_state": ("TypeError", "TypeError: cannot store a set in a JSON checkpoint")}
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case, (cause, reason) in reasons.items():
+            kind, message, seconds, caused_by = result[case]
+            assert kind == "CheckpointError", (rank, case, result[case])
+            assert message.startswith(f"the checkpoint at step 2 could not be written to {root} (rank 1: {reason}); "
+                                      f"the previous checkpoint {root / 'step1'} is intact"), (rank, case, message)
+            assert seconds < 5, (rank, case, seconds)
+            assert caused_by == (cause if rank == 1 else "NoneType"), (rank, case, caused_by)
+        assert result["latest"] == "step1" and result["then"] == "step3", (rank, result)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step1", "step3"]
 
 
 def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_one(tmp_path, monkeypatch):

@@ -18,9 +18,9 @@ data-loader position, python/numpy/torch RNG states, a fingerprint of the frozen
 checkpoint is written to ``.tmp-step<N>/``, flushed to disk and renamed into place, then the ``latest`` file is
 replaced atomically and durably (:func:`vlscale.files.write_text_atomic`), so a crash while saving, or a power
 loss after it, leaves the previous checkpoint intact and ``latest``, or the new one whole. Older
-checkpoints beyond the last ``keep`` are removed. A save that fails while writing (a full disk) removes
-its temporary folder and is a :class:`CheckpointError` naming the step, the reason and the folder, on
-every rank (with the rank that failed), whichever rank's write failed.
+checkpoints beyond the last ``keep`` are removed. A save that fails on any rank (a full disk, or any other
+error in that rank's part: its DeepSpeed state or its client state) removes its temporary folder and is a
+:class:`CheckpointError` naming the step, the reason and the folder, on every rank (with the rank that failed).
 Rank 0's client state also records the ZeRO stage and the names and sizes of DeepSpeed's files, so a
 resume at another stage, or of a checkpoint missing a file, is refused before DeepSpeed reads it
 (:func:`check_checkpoint_files`).
@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
+from vlscale.engine.distributed import peer_gone
 from vlscale.files import fsync_path, fsync_tree, save_safetensors, write_text_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -997,12 +998,15 @@ def is_write_failure(e: BaseException) -> bool:
 
 
 def write_failure_reason(e: BaseException, folder: Path) -> str:
-    """The error of a failed write in one line, with the free space where it wrote."""
+    """A rank's failure during a save in one line; a failed write's (:func:`is_write_failure`) with the free space
+    where it wrote."""
     if isinstance(e, OSError) and e.strerror:
         reason = f"{e.strerror}{': ' + str(e.filename) if e.filename else ''}"
     else:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         reason = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    if not is_write_failure(e):
+        return reason
     where = Path(folder)
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -1068,22 +1072,24 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
 
 
 class _Writes:
-    """One rank's file writes during a collective save. A write failure (:func:`is_write_failure`) is kept,
-    not raised, and later writes are skipped, so the rank goes on through the save's collectives with the
-    others; :meth:`agree` (collective) then tells every rank which ranks failed. Raised at once, a failure
-    on one rank (a full local disk on one node) left the others in DeepSpeed's barrier, to end on a gloo
-    error ("Connection closed by peer") instead of the reason. ``keep``: which errors are kept (the others
-    are raised at once)."""
+    """One rank's part of a collective save. Its first failure (any Exception: a write that fails, a full disk,
+    or anything else in the rank's own part) is kept, not raised, and later writes are skipped, so the rank goes
+    on through the save's collectives with the others; :meth:`agree` (collective) then tells every rank which
+    ranks failed. Raised at once, a failure on one rank (a full local disk on one node) left the others in
+    DeepSpeed's barrier, to end on a gloo error ("Connection closed by peer") instead of the reason, or, where
+    the rank went on, waiting there until the process group's timeout. Not kept: KeyboardInterrupt and SystemExit
+    (a second Ctrl-C aborts at once; the first one only asks the run to stop after a checkpoint), and a collective
+    whose peer's process ended (:func:`vlscale.engine.distributed.peer_gone`: no agreeing with it)."""
 
-    def __init__(self, folder: Path, keep=is_write_failure):
-        self.folder, self.keep = folder, keep
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.error: Optional[BaseException] = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
-        if error is None or not isinstance(error, Exception) or not self.keep(error):
+        if not isinstance(error, Exception) or peer_gone(error):
             return False
         self.error = self.error or error
         return True
@@ -1097,16 +1103,24 @@ class _Writes:
 
     @contextlib.contextmanager
     def inside(self, engine):
-        """DeepSpeed's own writes during ``engine.save_checkpoint`` (its checkpoint engine's ``save`` and
-        ``makedirs``, the recovery script's copy) go through :meth:`guard`."""
+        """The rank's own steps of ``engine.save_checkpoint``, between DeepSpeed's collectives, go through
+        :meth:`guard`: its module and optimizer states built and written (``_save_checkpoint``,
+        ``_save_zero_checkpoint``), its checkpoint engine's ``save`` and ``makedirs``, the recovery script's copy.
+        An error that escapes DeepSpeed's save elsewhere left the rest of its collectives undone on this rank:
+        with other ranks it is raised at once (agreeing would wait in another collective than theirs until the
+        process group's timeout; the rank's process ends instead, and their collective fails at once)."""
+        import torch.distributed as dist
+
         writer = getattr(engine, "checkpoint_engine", None)
         patched = [(obj, name, getattr(obj, name), name in vars(obj)) for obj, name in
-                   ((writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script"))
+                   ((writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script"),
+                    (engine, "_save_checkpoint"), (engine, "_save_zero_checkpoint"))
                    if obj is not None and hasattr(obj, name)]
         for obj, name, fn, _ in patched:
             setattr(obj, name, self.guard(fn))
+        alone = not (dist.is_initialized() and dist.get_world_size() > 1)
         try:
-            with self:
+            with self if alone else contextlib.nullcontext():
                 yield
         finally:
             for obj, name, fn, own in patched:
@@ -1125,18 +1139,18 @@ class _Writes:
 
 
 def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int, keep: int = 2) -> str:
-    """Write ``checkpoints/step<N>`` atomically (collective: every rank calls it). Returns the tag. A write
-    failure on any rank is the same :class:`CheckpointError` on every rank, naming the rank and reason."""
+    """Write ``checkpoints/step<N>`` atomically (collective: every rank calls it). Returns the tag. A failure of
+    any rank's part (a write, its DeepSpeed state, its client state) is the same :class:`CheckpointError` on every
+    rank, naming the rank and reason, with that rank's error as its ``__cause__`` (see :class:`_Writes`)."""
     from vlscale.engine.distributed import barrier
 
     root = Path(output_dir) / "checkpoints"
     tag = f"step{step}"
     tmp = root / f".tmp-{tag}"
-    try:
-        previous = latest_tag(root)
-    except CheckpointError:
-        previous = None
     writes = _Writes(root)
+    previous = None
+    with writes, contextlib.suppress(CheckpointError):
+        previous = latest_tag(root)
 
     def check() -> None:
         reason = writes.agree()
@@ -1161,12 +1175,12 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
     with frozen_left_out(engine.module), writes.inside(engine):
         engine.save_checkpoint(str(tmp), tag=tag, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=True)
-    state = dict(client_state, rng=rng_state())
-    stage = getattr(engine, "zero_optimization_stage", None)
-    if stage is not None:
-        state["zero_stage"] = int(stage())
     with writes:
         if writes.error is None:
+            state = dict(client_state, rng=rng_state())
+            stage = getattr(engine, "zero_optimization_stage", None)
+            if stage is not None:
+                state["zero_stage"] = int(stage())
             if rank == 0:  # DeepSpeed's save ends in a barrier: every rank's files are written
                 state["deepspeed_files"] = {f.name: f.stat().st_size for f in sorted((tmp / tag).iterdir())
                                             if f.is_file() and not f.name.startswith("client_state_rank")}

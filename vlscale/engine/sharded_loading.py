@@ -321,7 +321,7 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     d = Path(os.path.abspath(directory))
     tmp = d.with_name(f".tmp-{d.name}")
-    writes = _Writes(d, keep=lambda e: True)  # rank 0's first failure, raised on every rank where they agree
+    writes = _Writes(d)  # rank 0's first failure, raised on every rank where they agree
     if rank == 0:
         with writes:
             if d.exists() and not d.is_dir():
