@@ -3,7 +3,7 @@
 On 2 CPU ranks (torchrun, gloo): a random T5 saved by ``save_pretrained(max_shard_size=...)`` into
 several safetensors files is loaded under ``zero.Init`` and the gathered weights equal the files;
 each rank reads about half the checkpoint; random-weight builds equal a whole build with the same
-seed; ``save_sharded_safetensors`` of a partitioned model round-trips, and a failure on rank 0 is raised
+seed; ``save_sharded_safetensors`` of a partitioned model round-trips, and a failure on one rank is raised
 on every rank; the loaded model trains a step. In one process: the loader's errors name the directory, the tensor and the shapes.
 """
 
@@ -175,7 +175,7 @@ def test_partitioned_model_saves_as_sharded_safetensors(two_ranks):
 
 
 FAILING_WORKER = r"""
-import errno, json, os, sys, time, torch
+import contextlib, errno, json, os, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from vlscale.engine.distributed import init_distributed
 d = init_distributed()
@@ -189,21 +189,36 @@ open(out + "/file", "w").close()
 listing = lambda: sorted((p.name, p.stat().st_size) for p in os.scandir(out + "/saved"))
 before = listing() if d.rank == 0 else None
 
-def failing(module, name, at, error):  # on rank 0, the at-th call raises
+def failing(module, name, at, error, rank=0):  # on ``rank``, the at-th call raises
     original, calls = getattr(module, name), []
     def fail(*args, **kwargs):
         calls.append(1)
-        if d.rank == 0 and len(calls) == at:
+        if d.rank == rank and len(calls) == at:
             raise error
         return original(*args, **kwargs)
     setattr(module, name, fail)
     return lambda: setattr(module, name, original)
 
+def release_fails(at, error):  # on rank 1, the at-th gathered tensor fails once its gather's collective is done
+    import deepspeed
+    real, calls = deepspeed.zero.GatheredParameters, []
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=None):
+        with real(params, modifier_rank=modifier_rank):
+            yield
+        calls.append(1)
+        if d.rank == 1 and len(calls) == at:
+            raise error
+    deepspeed.zero.GatheredParameters = gathered
+    return lambda: setattr(deepspeed.zero, "GatheredParameters", real)
+
 cases = {"file": (out + "/file", None),
          "disk_full": (out + "/saved", lambda: failing(vlscale.files, "save_safetensors", 2,
                                                         OSError(errno.ENOSPC, "No space left on device"))),
          "swap": (out + "/saved", lambda: failing(vlscale.engine.checkpoint, "_replace_dir", 1,
-                                                   PermissionError(errno.EACCES, "Permission denied")))}
+                                                   PermissionError(errno.EACCES, "Permission denied"))),
+         "rank1_listing": (out + "/saved", lambda: failing(lm, "state_dict", 1, KeyError("a state_dict hook"), rank=1)),
+         "rank1_release": (out + "/saved", lambda: release_fails(8, RuntimeError("the gathered tensor stays")))}
 result = {}
 for case, (folder, patch) in cases.items():
     undo = patch() if patch else None
@@ -226,12 +241,13 @@ os._exit(0)
 """
 
 
-def test_a_failure_on_rank_0_fails_the_save_on_every_rank(tmp_path, preloaded):
+def test_a_failure_on_one_rank_fails_the_save_on_every_rank(tmp_path, preloaded):
     """Rank 0 alone writes: a file where the folder goes (raised before any collective), a full disk at its second
     shard, a refused swap at the end. Rank 0 raised and the other ranks went on into the next gather (or the
     next collective of the caller) and waited there until the process group timed out. Now every rank raises at
     once, rank 0 its own error, the others one naming the folder; the previous save is kept, and the ranks
-    stay in step (a save afterwards works)."""
+    stay in step (a save afterwards works). The same for rank 1 failing alone, listing the tensors (a state_dict
+    hook) or releasing its 8th gathered tensor: rank 1 raised and rank 0 waited in the next gather."""
     script = tmp_path / "worker.py"
     script.write_text(FAILING_WORKER)
     env = dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120")
@@ -246,6 +262,14 @@ def test_a_failure_on_rank_0_fails_the_save_on_every_rank(tmp_path, preloaded):
         assert r1[case] is not None and r1[case][0] == "RuntimeError", (case, r1[case])
         assert f"could not save {folder} (rank 0: " in r1[case][1] and words in r1[case][1], (case, r1[case])
         assert r1[case][2] < 20, (case, r1[case])
+        assert r0[case + "_kept"], f"{case}: the previous save changed"
+    for case, (kind, words) in {"rank1_listing": ("KeyError", "a state_dict hook"),
+                                "rank1_release": ("RuntimeError", "the gathered tensor stays")}.items():
+        assert r1[case] is not None and r1[case][0] == kind and words in r1[case][1], (case, r1[case])
+        assert r0[case] is not None and r0[case][0] == "RuntimeError", (case, r0[case])
+        assert (f"could not save {tmp_path / 'saved'} (rank 1: {kind}: " in r0[case][1] and words in r0[case][1]
+                and "nothing was saved" in r0[case][1]), (case, r0[case])
+        assert r0[case][2] < 5 and r1[case][2] < 5, (case, r0[case], r1[case])
         assert r0[case + "_kept"], f"{case}: the previous save changed"
     assert r0["then"] >= 3 and r1["then"] == 0, "the full disk must come before the last shard"
 

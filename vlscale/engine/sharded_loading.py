@@ -300,9 +300,11 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
 
     A collective under ZeRO-3 (every rank calls it): parameters are gathered one at a time and rank 0
     holds at most one shard (``max_shard_bytes``) beyond its partitions. -> the shard paths (rank 0).
-    A failure on rank 0 (a file where the folder goes, a full disk) is raised on every rank, on rank 0 as it is
-    and on the others as a RuntimeError naming the folder: rank 0 keeps its error and goes on through the
+    A failure on any rank (on rank 0 a file where the folder goes, a full disk; on any rank listing the tensors,
+    or releasing a gathered one) is raised on every rank, on that rank as it is and on the others as a
+    RuntimeError naming the folder, the rank and its reason: the rank keeps its error and goes on through the
     gathers until the ranks agree, before the first gather, after each full shard is written, and at the end.
+    A gather that fails inside its own collective leaves the others in it (the process group's timeout).
 
     Saved whole: rank 0 writes into ``.tmp-<name>`` beside ``directory``, the folder's other files hard-linked
     in, and swaps it in (``vlscale.engine.checkpoint._replace_dir``, flushed to disk first). A save that fails or
@@ -321,7 +323,9 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     d = Path(os.path.abspath(directory))
     tmp = d.with_name(f".tmp-{d.name}")
-    writes = _Writes(d)  # rank 0's first failure, raised on every rank where they agree
+    writes = _Writes(d)  # a rank's first failure, raised on every rank where they agree
+    with writes:
+        tensors = _saved_tensors(module)
     if rank == 0:
         with writes:
             if d.exists() and not d.is_dir():
@@ -332,7 +336,7 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
             tmp.mkdir(parents=True)
     _raise_failure(writes)
     try:
-        written, total = _write_shards(module, tmp, max_shard_bytes, rank, writes)
+        written, total = _write_shards(tensors, tmp, max_shard_bytes, rank, writes)
         names = []
         if rank == 0 and writes.error is None:
             with writes:
@@ -354,7 +358,7 @@ def save_sharded_safetensors(module: torch.nn.Module, directory, *, max_shard_by
 
 
 def _raise_failure(writes) -> None:
-    """Collective: rank 0's kept failure (``writes``, a ``vlscale.engine.checkpoint._Writes`` of the folder being
+    """Collective: the ranks' kept failures (``writes``, a ``vlscale.engine.checkpoint._Writes`` of the folder being
     saved) raised on every rank; nothing when there is none."""
     reason = writes.agree()
     if reason is None:
@@ -364,10 +368,19 @@ def _raise_failure(writes) -> None:
     raise RuntimeError(f"save_sharded_safetensors: could not save {writes.folder} ({reason}); nothing was saved")
 
 
-def _write_shards(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank: int,
+def _saved_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What :func:`save_sharded_safetensors` writes, in order: the parameters (each tied tensor once), then the
+    persistent buffers."""
+    seen = set()
+    tensors = [(n, p) for n, p in module.named_parameters() if not (id(p) in seen or seen.add(id(p)))]
+    persistent = {n for n, _ in module.state_dict(keep_vars=True).items()}
+    return tensors + [(n, b) for n, b in module.named_buffers() if b is not None and n in persistent]
+
+
+def _write_shards(tensors: list[tuple[str, torch.Tensor]], tmp: Path, max_shard_bytes: int, rank: int,
                   writes) -> tuple[list[tuple[Path, list[str]]], int]:
-    """The collective part of :func:`save_sharded_safetensors`: the shards written into ``tmp`` by rank 0, which
-    keeps a failure in ``writes`` and goes on through the gathers; every rank agrees after each full shard.
+    """The collective part of :func:`save_sharded_safetensors`: the shards written into ``tmp`` by rank 0. Every
+    rank keeps a failure in ``writes`` and goes on through the gathers; they agree after each full shard.
     -> [(temporary shard path, its tensors' names)] (rank 0), the bytes of all tensors."""
     import deepspeed
     from vlscale.files import save_safetensors
@@ -385,20 +398,15 @@ def _write_shards(module: torch.nn.Module, tmp: Path, max_shard_bytes: int, rank
                 written.append((path, list(shard)))
         shard, size = {}, 0
 
-    seen = set()
-    tensors = [(n, p) for n, p in module.named_parameters() if not (id(p) in seen or seen.add(id(p)))]
-    persistent = {n for n, _ in module.state_dict(keep_vars=True).items()}
-    tensors += [(n, b) for n, b in module.named_buffers() if b is not None and n in persistent]
     for name, t in tensors:
-        ctx = (deepspeed.zero.GatheredParameters([t], modifier_rank=None) if hasattr(t, "ds_id")
-               else contextlib.nullcontext())
-        with ctx:
-            nbytes = t.numel() * t.element_size()  # the full tensor's, on every rank: they flush together
-            size += nbytes
-            total += nbytes
+        partitioned = hasattr(t, "ds_id")
+        nbytes = math.prod(t.ds_shape if partitioned else t.shape) * t.element_size()
+        size += nbytes  # the full tensor's, on every rank whatever failed: they flush and agree together
+        total += nbytes
+        with writes, (deepspeed.zero.GatheredParameters([t], modifier_rank=None) if partitioned
+                      else contextlib.nullcontext()):
             if rank == 0 and writes.error is None:
-                with writes:
-                    shard[name] = t.detach().to("cpu", copy=True).contiguous()
+                shard[name] = t.detach().to("cpu", copy=True).contiguous()
         if size >= max_shard_bytes:
             flush()
             _raise_failure(writes)
