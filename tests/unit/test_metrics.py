@@ -2,8 +2,10 @@
 on hand-computed cases and against pycocoevalcap, caption metrics with and without Java, and
 score_task for every task."""
 
+import errno
 import logging
 import math
+import os
 import random
 
 import pytest
@@ -215,6 +217,35 @@ def test_caption_scores_falls_back_with_cider_when_the_ptb_tokenizer_fails(monke
     assert "PTB tokenizer (Java) failed (no jar); CIDEr-D, BLEU-4 and ROUGE-L use simple Python" in caplog.text
     assert out == pytest.approx({**caption_scores(PTB_PREDS, PTB_REFS, use_java=False), "meteor": 0.5}, abs=1e-12)
     assert out["cider"] == pytest.approx(cider(PTB_PREDS, PTB_REFS), abs=1e-12)
+
+
+@pytest.mark.skipif(not captioning.java_available(), reason="needs java (PTB tokenizer)")
+def test_ptb_tokenizer_works_with_a_read_only_pycocoevalcap(monkeypatch, caplog):
+    """A wheel in a read-only site-packages: pycocoevalcap's PTBTokenizer writes its input file into its own package
+    folder, which failed there, and --java-metrics silently scored every caption metric on Python tokens (one
+    warning). The tokenizer jar now runs on a file in a temporary directory: the same tokens, nothing written."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.tokenizer import ptbtokenizer
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    theirs = PTBTokenizer().tokenize({**{("p", k): [{"caption": v}] for k, v in PTB_PREDS.items()},
+                                      **{("r", k): [{"caption": r} for r in v] for k, v in PTB_REFS.items()}})
+    package = os.path.dirname(os.path.dirname(os.path.abspath(ptbtokenizer.__file__))) + os.sep  # pycocoevalcap/
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and os.path.abspath(path).startswith(package):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    res, gts = captioning._ptb_tokenized(PTB_PREDS, PTB_REFS)
+    assert res == {k: theirs[("p", k)] for k in PTB_PREDS} and gts == {k: theirs[("r", k)] for k in PTB_PREDS}
+    assert res[1] == ["a man does n't eat his food"]
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
+    with caplog.at_level(logging.WARNING):
+        out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
+    assert "failed" not in caplog.text
+    assert abs(out["cider"] - caption_scores(PTB_PREDS, PTB_REFS, use_java=False)["cider"]) > 1e-3
 
 
 # ----------------------------------------------------------------------------- exact match family

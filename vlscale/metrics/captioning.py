@@ -3,7 +3,8 @@
 ``caption_scores`` follows coco-caption: sentences go through the Stanford PTB tokenizer
 (lowercased, punctuation tokens removed) before CIDEr-D, BLEU, METEOR and ROUGE-L, so CIDEr-D is
 pycocoevalcap's ``Cider`` on those tokens (ours, fed them with ``tokenizer=str.split``). The
-tokenizer and METEOR are Java programs shipped inside pycocoevalcap. Without ``java`` on the PATH
+tokenizer and METEOR are Java programs shipped inside pycocoevalcap (the tokenizer's input file is
+written to a temporary directory, so a read-only site-packages works). Without ``java`` on the PATH
 (or ``use_java=False``), or where the tokenizer fails, a warning names what is affected: CIDEr-D,
 BLEU and ROUGE-L then use our simple Python tokenisation (:func:`vlscale.metrics.cider.tokenize`:
 "don't" -> ``don t``, "3.5" -> ``3 5``, "red-haired" -> ``red haired``, where PTB keeps ``do n't``,
@@ -20,7 +21,10 @@ papers report them x100.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import tempfile
 from typing import Hashable, Optional
 
 from .cider import cider, tokenize
@@ -50,16 +54,34 @@ def _simple_tokenized(predictions: dict, references: dict):
 
 
 def _ptb_tokenized(predictions: dict, references: dict):
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    # One Java run for candidates and references; keyed by position so any hashable id works.
     keys = list(predictions)
-    batch = {f"p{i}": [{"caption": str(predictions[k])}] for i, k in enumerate(keys)}
-    batch.update({f"r{i}": [{"caption": str(r)} for r in references[k]] for i, k in enumerate(keys)})
-    out = PTBTokenizer().tokenize(batch)
-    if len(out) != len(batch) or any(len(out[b]) != len(batch[b]) for b in batch):
-        raise RuntimeError("the PTB tokenizer returned a different number of sentences than it was given")
-    return ({k: out[f"p{i}"] for i, k in enumerate(keys)}, {k: out[f"r{i}"] for i, k in enumerate(keys)})
+    refs = [str(r) for k in keys for r in references[k]]
+    tokens = _ptb_tokenize([str(predictions[k]) for k in keys] + refs)
+    res = {k: [tokens[i]] for i, k in enumerate(keys)}
+    it = iter(tokens[len(keys):])
+    return res, {k: [next(it) for _ in references[k]] for k in keys}
+
+
+def _ptb_tokenize(sentences: list[str]) -> list[str]:
+    """pycocoevalcap's ``PTBTokenizer`` (the Stanford jar it ships, lowercased, its punctuation tokens removed), one
+    Java run for all ``sentences``. Run here rather than through ``PTBTokenizer.tokenize``, which writes its input
+    file into its own package folder: in a read-only site-packages (a wheel on a shared cluster) that failed and
+    every caption metric fell back to Python tokenisation. The input file goes to a temporary directory."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory(prefix="vlscale_ptb_") as tmp:
+        path = os.path.join(tmp, "sentences.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(s.replace("\n", " ") for s in sentences))
+        run = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                              "-lowerCase", path], capture_output=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"java exited {run.returncode}: {run.stderr.decode(errors='replace').strip()[-500:]}")
+    lines = run.stdout.decode("utf-8").split("\n")
+    if len(lines) < len(sentences):
+        raise RuntimeError(f"the PTB tokenizer returned {len(lines)} lines for {len(sentences)} sentences")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[:len(sentences)]]
 
 
 def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
