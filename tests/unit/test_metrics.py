@@ -204,17 +204,21 @@ def test_caption_scores_with_java_is_coco_captions_cider():
 
 def test_caption_scores_falls_back_with_cider_when_the_ptb_tokenizer_fails(monkeypatch, caplog):
     """Java present but the PTB tokenizer failing: CIDEr-D falls back to Python tokenisation with BLEU-4 and
-    ROUGE-L (one tokenisation for all), and the warning says CIDEr-D is among them."""
+    ROUGE-L (one tokenisation for all), and the warning says CIDEr-D is among them. METEOR still runs (Java works)
+    on those same Python tokens; the warning used to leave it out, as if METEOR were on PTB tokens."""
     pytest.importorskip("pycocoevalcap")
 
     def broken(predictions, references):
         raise RuntimeError("no jar")
     monkeypatch.setattr(captioning, "java_available", lambda: True)
     monkeypatch.setattr(captioning, "_ptb_tokenized", broken)
-    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
+    meteor_got = []
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: meteor_got.append((gts, res)) or 0.5)  # no JVM
     with caplog.at_level(logging.WARNING):
         out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
-    assert "PTB tokenizer (Java) failed (no jar); CIDEr-D, BLEU-4 and ROUGE-L use simple Python" in caplog.text
+    assert "PTB tokenizer (Java) failed (no jar); CIDEr-D, BLEU-4, ROUGE-L and METEOR use simple Python" in caplog.text
+    res, gts = captioning._simple_tokenized(PTB_PREDS, PTB_REFS)
+    assert meteor_got == [(gts, res)]
     assert out == pytest.approx({**caption_scores(PTB_PREDS, PTB_REFS, use_java=False), "meteor": 0.5}, abs=1e-12)
     assert out["cider"] == pytest.approx(cider(PTB_PREDS, PTB_REFS), abs=1e-12)
 

@@ -6,7 +6,7 @@ pycocoevalcap's ``Cider`` on those tokens (ours, fed them with ``tokenizer=str.s
 tokenizer and METEOR are Java programs shipped inside pycocoevalcap (the tokenizer's input file is
 written to a temporary directory, so a read-only site-packages works). Without ``java`` on the PATH
 (or ``use_java=False``), or where the tokenizer fails, a warning names what is affected: CIDEr-D,
-BLEU and ROUGE-L then use our simple Python tokenisation (:func:`vlscale.metrics.cider.tokenize`:
+BLEU and ROUGE-L (and METEOR, when Java runs it after the tokenizer failed) then use our simple Python tokenisation (:func:`vlscale.metrics.cider.tokenize`:
 "don't" -> ``don t``, "3.5" -> ``3 5``, "red-haired" -> ``red haired``, where PTB keeps ``do n't``,
 ``3.5``, ``red-haired``), and without Java METEOR is left out of the result (never a crash, never a
 made-up number). The two tokenisations agree on plain captions (every one of the synthetic world's),
@@ -112,8 +112,8 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
         try:
             res, gts = _ptb_tokenized(predictions, references)
         except Exception as e:  # Java present but the tokenizer failed: say so, fall back.
-            logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); CIDEr-D, BLEU-4 and "
-                           "ROUGE-L use simple Python tokenisation")
+            logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); CIDEr-D, BLEU-4, ROUGE-L "
+                           "and METEOR use simple Python tokenisation")
     if res is None:
         res, gts = _simple_tokenized(predictions, references)
     # Every metric scores the same tokens; str.split keeps PTB's ("do n't", "3.5") as coco-caption's Cider does.
