@@ -12,9 +12,13 @@ setup(
         "Programming Language :: Python :: 3.12",
         "Programming Language :: Python :: 3.13",
     ],
-    packages=find_packages(include=["vlscale", "vlscale.*"]),
+    # ds_configs/ (the DeepSpeed files the launchers and presets name) ships inside the package as vlscale/ds_configs/,
+    # where a wheel install finds it (vlscale.engine.deepspeed_config.resolve_ds_file).
+    packages=find_packages(include=["vlscale", "vlscale.*"]) + ["vlscale.ds_configs"],
+    package_dir={"vlscale.ds_configs": "ds_configs"},
     package_data={"vlscale": ["configs/**/*.yaml", "configs/*.yaml", "registry/**/*.json",
-                              "registry/*.json", "assets/**/*", "assets/*"]},
+                              "registry/*.json", "assets/**/*", "assets/*"],
+                  "vlscale.ds_configs": ["*.json"]},
     include_package_data=True,
     install_requires=[
         # Each lower bound is the release the unit tests passed with on 2026-12-04 (README.md, "Install").

@@ -215,13 +215,19 @@ def cpu_fp16_enabled() -> bool:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+"""Where a relative ``ds_configs/...`` is looked for after the working directory: a checkout's root, then the installed
+package (a wheel ships ``ds_configs/`` inside ``vlscale/``: setup.py's ``package_dir``)."""
 
 
 def resolve_ds_file(path: str) -> str:
     """``ds_configs/zero3.json`` from any working directory: a relative path that does not exist from it
-    is tried from the repository root (the launchers' ``--deepspeed`` and a preset's ``train.deepspeed``)."""
-    if not os.path.exists(path) and not os.path.isabs(path) and (REPO_ROOT / path).exists():
-        return str(REPO_ROOT / path)
+    is tried from the repository root, then from the installed package (the launchers' ``--deepspeed`` and a
+    preset's ``train.deepspeed``)."""
+    if not os.path.exists(path) and not os.path.isabs(path):
+        for base in (REPO_ROOT, PACKAGE_DIR):
+            if (base / path).exists():
+                return str(base / path)
     return path
 
 
@@ -233,7 +239,13 @@ def default_ds_file(cfg: Optional[RunConfig], ds_file: Union[str, os.PathLike, d
     if isinstance(ds_file, dict):
         return ds_file
     own = cfg.train.deepspeed if cfg is not None else None
-    return resolve_ds_file(str(ds_file or own or REPO_ROOT / "ds_configs" / "zero3.json"))
+    return resolve_ds_file(str(ds_file or own or shipped_ds_file("zero3.json")))
+
+
+def shipped_ds_file(name: str) -> Path:
+    """The shipped ``ds_configs/<name>``: a checkout's, else the installed package's (a wheel's)."""
+    checkout = REPO_ROOT / "ds_configs" / name
+    return checkout if checkout.exists() else PACKAGE_DIR / "ds_configs" / name
 
 
 class _DuplicateKey(Exception):
