@@ -119,7 +119,9 @@ def children_cpu_s() -> float:
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import vlscale.replicate
     from vlscale.config import ConfigError
+    vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
                                    check_layout, check_result, default_parallel, get_table, headline_pct, make_result,
                                    parse_seeds, pct_without_vision, plan_job, row_config, row_overrides, seed_dir,

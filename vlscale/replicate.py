@@ -43,6 +43,8 @@ from vlscale.files import fsync_path, write_text_atomic
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+"""The checkout whose launchers/ and ds_configs/ the rows run: launchers/replicate.py sets its own (a wheel-installed
+vlscale has neither beside it)."""
 MINI_PRESET = "mini/clip_bart"
 PAPER_D_MODEL = 768
 MINI_ACTIVATION = "gelu"

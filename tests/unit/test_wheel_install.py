@@ -61,3 +61,19 @@ def test_the_installed_copy_finds_the_shipped_deepspeed_files(installed, tmp_pat
     assert out["package"] == str(installed / "vlscale" / "__init__.py")
     shipped = installed / "vlscale" / "ds_configs"
     assert out["files"] == [str(shipped / n) for n in ("zero3.json", "zero3_offload.json", "zero2.json")]
+
+
+def test_replicate_runs_the_launchers_beside_it_not_beside_the_installed_package(launcher, monkeypatch, capsys,
+                                                                                  tmp_path):
+    """With vlscale installed from a wheel, vlscale.replicate built its rows' commands from its own location:
+    ``.../site-packages/launchers/train.py --deepspeed .../site-packages/ds_configs/zero2.json``, files that are not
+    there. The rows now run the checkout's launchers that launchers/replicate.py is in."""
+    import vlscale.replicate
+
+    installed = tmp_path / "site-packages"
+    monkeypatch.setattr(vlscale.replicate, "ROOT", installed)  # where a wheel puts it
+    assert launcher("replicate").main(["--table", "5", "--methods", "single_adapter", "--dry-run",
+                                       "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{SOURCE / 'launchers' / 'train.py'} --deepspeed {SOURCE / 'ds_configs' / 'zero2.json'}" in printed
+    assert str(installed) not in printed
