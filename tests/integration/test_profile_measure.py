@@ -23,8 +23,6 @@ from vlscale.config import load_config
 from vlscale.profiling.analytic import (ZeroSettings, estimate_checkpoint, estimate_memory, parameter_inventory,
                                         resolve_ds_config)
 
-pytest.importorskip("deepspeed")
-
 EXACT = ("params", "grads", "optimizer")
 CLOSE = ("activations", "buffers", "peak")
 

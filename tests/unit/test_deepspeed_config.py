@@ -422,7 +422,6 @@ def test_single_process_zero3_note(name, world, stage, noted):
 def test_nvme_offload_without_async_io_is_a_clear_error(monkeypatch, tmp_path, available):
     """ZeRO-Infinity needs DeepSpeed's async_io op (libaio): without it the run stops before the model is
     built, naming the key, the missing library and the CPU-offload alternative; CPU offload is not checked."""
-    pytest.importorskip("deepspeed")
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     from vlscale.engine.deepspeed_config import check_nvme_support
@@ -445,7 +444,6 @@ def test_nvme_offload_without_async_io_is_a_clear_error(monkeypatch, tmp_path, a
 def test_aio_keys_deepspeed_ignores_are_refused(monkeypatch, tmp_path):
     """DeepSpeed reads the aio block key by key and ignores the rest: the shipped zero3_nvme.json's
     ``thread_count`` (the old name of ``intra_op_parallelism``) was dropped without a word."""
-    pytest.importorskip("deepspeed")
     from deepspeed.runtime.swap_tensor.aio_config import get_aio_config
 
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
@@ -463,7 +461,6 @@ def test_aio_keys_deepspeed_ignores_are_refused(monkeypatch, tmp_path):
 def test_nvme_path_must_be_a_writable_folder(monkeypatch, tmp_path):
     """ZeRO-Infinity writes its swap files under nvme_path: a folder that does not exist or a file there is refused
     before the model is built, naming the key and the path (it was a traceback from inside DeepSpeed after the build)."""
-    pytest.importorskip("deepspeed")
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     from vlscale.engine.deepspeed_config import check_nvme_support

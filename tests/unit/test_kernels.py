@@ -222,6 +222,7 @@ def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
 
 
 # ------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
