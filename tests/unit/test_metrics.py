@@ -79,7 +79,7 @@ def test_vqa_score_edge_cases():
     assert vqa_score("Dog", ["dog"]) == 1.0  # one answer: exact match after normalisation
     with pytest.raises(ValueError, match="no reference answers"):
         vqa_score("dog", [])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^vqa_score: answers must be a list of strings, got str$"):
         vqa_score("dog", "dog")
 
 

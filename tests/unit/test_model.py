@@ -1,13 +1,14 @@
 """The V&L model: visual tokens before the text, two-image and video inputs, loading, counting."""
 
 import json
+import re
 import time
 
 import pytest
 import torch
 
 from vlscale.config import load_config
-from vlscale.modeling.backbones import build_lm, list_backbones, lm_config
+from vlscale.modeling.backbones import MissingWeights, build_lm, list_backbones, lm_config
 from vlscale.modeling.vision import build_vision_encoder, vision_dims
 from vlscale.modeling.vl_model import build_model
 
@@ -176,13 +177,19 @@ def test_every_registry_backbone_builds_on_meta_fast():
 
 
 def test_every_preset_builds_on_meta():
+    """Every shipped preset (the paper's, the scale ones up to t5-11b) builds with its weights on ``meta``
+    and something to train (at least the projection)."""
     from vlscale.config import list_presets
 
-    for name in list_presets():
+    names = list_presets()
+    assert {"default", "tiny", "paper/clip_bart_single_adapter", "scale/clip_t5_11b_single_adapter"} <= set(names)
+    for name in names:
         cfg = load_config(name)
         vocab = None if cfg.model.backbone.startswith(("tiny", "mini")) else \
             lm_config(cfg.model.backbone).vocab_size + cfg.model.extra_special_tokens
-        build_model(cfg, vocab_size=vocab, device="meta")
+        model = build_model(cfg, vocab_size=vocab, device="meta")
+        assert {p.device.type for p in model.parameters()} == {"meta"}, name
+        assert any(p.requires_grad for p in model.projector.parameters()), name
 
 
 def test_from_pretrained_local_dirs(tmp_path):
@@ -202,7 +209,8 @@ def test_from_pretrained_local_dirs(tmp_path):
     for a, b in zip(enc.state_dict().values(), model.vision.state_dict().values()):
         torch.testing.assert_close(a, b)
     bad = _cfg("model.pretrained=true", f"model.backbone_path={tmp_path / 'missing'}")
-    with pytest.raises((FileNotFoundError, OSError)):
+    missing = re.escape(repr(str(tmp_path / "missing")))
+    with pytest.raises(MissingWeights, match=rf"^model\.backbone_path={missing} does not exist$"):
         build_model(bad, vocab_size=VOCAB)
     # a folder without weights: a ConfigError naming the key (train.py prints one line, no traceback)
     from vlscale.config import SourceError
