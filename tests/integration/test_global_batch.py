@@ -25,6 +25,8 @@ def test_a_global_batch_trains_with_the_derived_accumulation(tmp_path, h):
     assert (adapter["global_batch_size"], adapter["gradient_accumulation_steps"]) == (4, None)
     h.launch(common + ["train.micro_batch_size=4", f"output_dir={reference}"])  # the same examples in one micro-batch
     assert h.read_json(reference / "run_summary.json")["gradient_accumulation_steps"] == 1
-    for a, b in zip(h.read_log(reference), h.read_log(out), strict=True):
+    logged = h.read_log(out)
+    assert [r["step"] for r in logged] == [1, 2]
+    for a, b in zip(h.read_log(reference), logged, strict=True):
         assert (b["step"], b["task"]) == (a["step"], a["task"])
         assert abs(b["loss"] - a["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
