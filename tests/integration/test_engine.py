@@ -82,7 +82,7 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     h.launch(args + ["--resume"], nproc=nproc)
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(reference, resumed):
+    for a, b in zip(reference, resumed, strict=True):
         assert b["task"] == a["task"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
         assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12)
@@ -177,7 +177,7 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     assert got["adam_steps"] == [step] * 4 and got["step_tensors"] == 4
     resumed, reference = h.read_log(one), h.read_log(runs("single_2r"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(reference, resumed):
+    for a, b in zip(reference, resumed, strict=True):
         assert b["task"] == a["task"]
         assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12), f"step {a['step']}"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}"
@@ -269,7 +269,7 @@ def test_a_resume_builds_the_frozen_weights_again_and_refuses_changed_ones(tmp_p
     h.launch(args + [f"output_dir={stopped}", "--resume", f"model.backbone_path={moved}"])
     resumed, reference = h.read_log(stopped), h.read_log(whole)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(reference, resumed):
+    for a, b in zip(reference, resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6), f"step {a['step']}"
 

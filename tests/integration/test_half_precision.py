@@ -95,7 +95,7 @@ def test_stage0_fp16_computes_the_updates_zero3_does(fp16, h):
 def test_fp16_resume_continues_the_loss_scale(fp16, h):
     resumed, reference = strict_records(fp16["z3_resumed"]), strict_records(fp16["z3"])
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
-    for a, b in zip(reference, resumed):
+    for a, b in zip(reference, resumed, strict=True):
         assert (b["skipped"], b["loss_scale"], b["lr"]) == (a["skipped"], a["loss_scale"], a["lr"]), f"step {a['step']}"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
     assert h.read_json(fp16["z3_resumed"] / "run_summary.json")["skipped_steps"] == sum(r["skipped"] for r in reference)
