@@ -734,3 +734,47 @@ def test_launcher_hf_errors_name_the_flag_given(tmp_path, weights):
     (tmp_path / "file.txt").write_text("not a dataset")
     with pytest.raises(SystemExit, match=r"^extract_features\.py: DataError: --hf-dataset='.*file\.txt' is a file"):
         launcher.main(base + ["--hf-dataset", str(tmp_path / "file.txt")])
+
+
+def _replace_weights(src, dst, scale: float) -> None:
+    """``src``'s checkpoint with its first float tensor scaled, written over ``dst`` (weights replaced in place)."""
+    state = torch.load(src, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] * scale
+    torch.save(state, dst)
+
+
+def test_a_cache_is_continued_only_with_the_weights_it_was_made_with(tmp_path, encoder, weights, capsys):
+    """meta.json named the weights (``pretrained``) but not which they were: a checkpoint replaced at the same path
+    was accepted and its features added to the first CLIP's. The encoder's fingerprint is recorded; a continuation
+    with other weights is one line naming the cache and both sources; a cache recording none (older vlscale) is
+    continued with one note saying its weights are unchecked."""
+    import shutil
+
+    import extract_features as launcher
+
+    from vlscale.engine.checkpoint import frozen_fingerprint
+
+    clip, images, out = tmp_path / "clip.pt", tmp_path / "imgs", tmp_path / "cache"
+    shutil.copy(weights, clip)
+    _save_images(images, ["a.png", "b.png"])
+    args = ["--images", str(images), "--vision", VISION, "--pretrained", str(clip), "--out", str(out), "--quiet"]
+    assert launcher.main(args) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["fingerprint"] == frozen_fingerprint(encoder[0])  # the fixture's weights, saved to clip.pt
+    _replace_weights(weights, clip, 1.5)
+    _save_images(images, ["a.png", "b.png", "c.png"])
+    with pytest.raises(SystemExit) as info:
+        launcher.main(args)
+    msg = str(info.value)
+    assert "\n" not in msg and f"feature cache {out / 'meta.json'}: its features are of other {VISION} weights" in msg
+    assert f"(pretrained={str(clip)!r} when made) than pretrained={str(clip)!r} gives now (visual." in msg
+    assert "use another --out folder, or extract with the weights the cache was made with" in msg
+    assert sorted(FeatureCache(out).ids()) == ["a", "b"]  # nothing of the other CLIP added
+    capsys.readouterr()
+    del meta["fingerprint"]  # a cache of an older vlscale: continued, said once
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert launcher.main(args) == 0 and launcher.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("records no fingerprint of the CLIP weights") == 1 and "is unchecked" in err
+    assert sorted(FeatureCache(out).ids()) == ["a", "b", "c"] and "fingerprint" not in FeatureCache(out).meta

@@ -5,7 +5,8 @@ Layout of a cache folder (written by launchers/extract_features.py through :func
     meta.json                   {"vision", "pretrained", "kind": "grid" | "frames", "tokens",
                                  "grid_shape", "dim", "dtype", "image_size", "format",
                                  "synthetic": null | {"generator", "seed", "image_size"},
-                                 "hf_rows": the HF dataset whose row-numbered ids it holds (or absent)}
+                                 "hf_rows": the HF dataset whose row-numbered ids it holds (or absent),
+                                 "fingerprint": the encoder's weights (or absent)}
     index.json                  {image_id: shard file name}
     shard_00000.safetensors     one tensor per id: (T, D) raw grid / patch tokens of an image,
     shard_00001.safetensors     or (F, E) per-frame CLIP embeddings of a video
@@ -23,7 +24,11 @@ synthetic world (re-extract it) and accepted for real data. Rows of an HF datase
 ``image_id`` column are named by their place, ``<split>/<row>``, which names another image in any other
 dataset: ``hf_rows`` records which dataset a cache's such ids come from, an extraction of another
 dataset's rows into it is refused (it would have skipped every id already there and kept the first
-dataset's features), and so is a run reading another dataset's rows from it. Every problem with a cache raises
+dataset's features), and so is a run reading another dataset's rows from it. ``pretrained`` names where the weights
+came from, not which they are (a file replaced at the same path keeps its name): ``fingerprint`` is the encoder's
+:func:`~vlscale.engine.checkpoint.frozen_fingerprint`, and an extraction into the cache with weights of another
+fingerprint is refused (it would mix two CLIPs' features); a cache without one (made by an older vlscale, or of
+copied precomputed frame features) is continued with a note that its weights are unchecked. Every problem with a cache raises
 ``DataError`` (``DataFileNotFound`` for missing files) naming the cache folder or file.
 """
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -50,6 +56,8 @@ _UNSET = object()
 
 
 HF_ROWS = "hf_rows"
+FINGERPRINT = "fingerprint"
+_NOTED_UNCHECKED: set = set()  # caches whose missing fingerprint was said (once a process)
 _ROW_ID = re.compile(r"^[A-Za-z_]+/\d+(/\d+)?$")  # <split>/<row>[/<k>]: vlscale.data.hf_dataset's row ids
 
 
@@ -86,6 +94,39 @@ def _read_json(path: Path, what: str) -> dict:
         raise DataError(f"feature cache {path}: expected a JSON object ({what}), got {type(data).__name__} "
                         f"{json.dumps(data)[:60]}; make the cache with launchers/extract_features.py")
     return data
+
+
+def cache_fingerprint(meta: dict, meta_file) -> Optional[dict]:
+    """The fingerprint of the CLIP weights a cache's ``meta.json`` (``meta_file``) records, or None."""
+    fp = meta.get(FINGERPRINT)
+    if fp is not None and not (isinstance(fp, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) for v in fp.values())):
+        raise DataError(f"feature cache {meta_file}: {FINGERPRINT} is not a fingerprint of CLIP weights ({{tensor "
+                        f"name: [sum of squares, sum of |w|]}}), got {json.dumps(fp)[:60]}; re-extract the cache")
+    return fp
+
+
+def _check_weights(meta_file: Path, old: dict, meta: dict) -> None:
+    """Continuing the cache of ``meta_file`` (``old``) with the encoder ``meta`` fingerprints: refused where its
+    features are of other weights; a cache that records none is continued, said once."""
+    from vlscale.engine.checkpoint import frozen_mismatch
+
+    now, held = meta.get(FINGERPRINT), cache_fingerprint(old, meta_file)
+    if now is None:  # nothing encoded (precomputed frame features copied): no weights to compare
+        return
+    if held is None:
+        if meta_file not in _NOTED_UNCHECKED:
+            _NOTED_UNCHECKED.add(meta_file)
+            print(f"feature cache {meta_file}: note: records no fingerprint of the CLIP weights its features are of "
+                  f"(made by an older vlscale, or copied precomputed features); that they are the weights of "
+                  f"pretrained={meta.get('pretrained')!r} is unchecked", file=sys.stderr, flush=True)
+        return
+    problem = frozen_mismatch(held, now, then="in the cache")
+    if problem:
+        raise DataError(f"feature cache {meta_file}: its features are of other {meta.get('vision')} weights "
+                        f"(pretrained={old.get('pretrained')!r} when made) than pretrained={meta.get('pretrained')!r} "
+                        f"gives now ({problem}); adding to it would mix two CLIPs' features: use another --out "
+                        f"folder, or extract with the weights the cache was made with")
 
 
 def _synthetic_problem(cached, now) -> Optional[str]:
@@ -279,11 +320,12 @@ class FeatureWriter:
         meta_path = self.root / META_FILE
         if meta_path.exists():
             old = _read_json(meta_path, "what model made the features")
-            diff = {k: (old.get(k), v) for k, v in meta.items() if k not in ("tokens", "dim", "grid_shape", HF_ROWS)
-                    and old.get(k) != v}
+            diff = {k: (old.get(k), v) for k, v in meta.items()
+                    if k not in ("tokens", "dim", "grid_shape", HF_ROWS, FINGERPRINT) and old.get(k) != v}
             if diff:
                 raise DataError(f"feature cache {meta_path} was made with different settings "
                                 f"(key: (cached, now)) {diff}; use another --out folder")
+            _check_weights(meta_path, old, meta)
             self.meta = old
         else:
             self.meta = meta
@@ -368,12 +410,16 @@ def frame_features(encoder, transform: Callable, frames: Sequence, device="cpu")
 
 
 def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size, grid_side, dim,
-                 synthetic: Optional[dict] = None) -> dict:
-    """The ``meta.json`` of a cache of ``vision``'s features: per-frame embeddings (``video``) or grids."""
-    return {"vision": vision, "pretrained": pretrained, "kind": "frames" if video else "grid",
+                 synthetic: Optional[dict] = None, fingerprint: Optional[dict] = None) -> dict:
+    """The ``meta.json`` of a cache of ``vision``'s features: per-frame embeddings (``video``) or grids;
+    ``fingerprint``: the encoder's weights (none where nothing is encoded)."""
+    meta = {"vision": vision, "pretrained": pretrained, "kind": "frames" if video else "grid",
             "dtype": dtype, "image_size": int(image_size or 0) or None,
             "grid_shape": None if video or grid_side is None else [int(grid_side), int(grid_side)],
             "dim": dim, "tokens": None if video or grid_side is None else int(grid_side) ** 2, "synthetic": synthetic}
+    if fingerprint is not None:
+        meta[FINGERPRINT] = fingerprint
+    return meta
 
 
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
@@ -388,15 +434,19 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     (video: frames; a video longer than that is one batch of its own). ``synthetic``: the synthetic
     world's :func:`~vlscale.data.synthetic.content_params` when the images are the world's (recorded
     in meta.json, checked by :class:`FeatureCache`), None for real images. ``hf_rows``: the HF dataset
-    whose rows ``ids`` number (``<split>/<row>``), recorded as meta.json's ``hf_rows``.
+    whose rows ``ids`` number (``<split>/<row>``), recorded as meta.json's ``hf_rows``. The encoder's weights
+    are recorded as meta.json's ``fingerprint``; a cache of other weights is not continued.
     """
     from tqdm.auto import tqdm
+
+    from vlscale.engine.checkpoint import frozen_fingerprint
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     meta = feature_meta(vision, pretrained, video=video, dtype=dtype, image_size=getattr(encoder, "image_size", 0),
                         grid_side=getattr(encoder, "grid_side", None),
-                        dim=getattr(encoder, "embed_dim" if video else "grid_dim", None), synthetic=synthetic)
+                        dim=getattr(encoder, "embed_dim" if video else "grid_dim", None), synthetic=synthetic,
+                        fingerprint=frozen_fingerprint(encoder))
     if hf_rows is not None:
         meta[HF_ROWS] = hf_rows_key(hf_rows)
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)

@@ -571,17 +571,19 @@ def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int 
     return {name: row[:2] for name, row in zip(names, rows) if not row[2]}
 
 
-def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9) -> Optional[str]:
-    """Why the frozen weights built now are not the checkpointed run's, or None. Tensors fingerprinted
-    on one side only (a partition on NVMe) are not compared; which parameters are frozen is the run
-    config's, checked before. ``saved`` None: a checkpoint from before fingerprints (vlscale then wrote
-    the frozen weights into it). The sums are over whole tensors, so any number of ranks compares."""
+def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9,
+                    then: str = "in the checkpointed run") -> Optional[str]:
+    """Why the frozen weights built now are not the checkpointed run's (``then``: where ``saved`` is from, as
+    the message names it), or None. Tensors fingerprinted on one side only (a partition on NVMe) are not
+    compared; which parameters are frozen is the run config's, checked before. ``saved`` None: a checkpoint from
+    before fingerprints (vlscale then wrote the frozen weights into it). The sums are over whole tensors, so any
+    number of ranks compares."""
     if saved is None:
         return None
     for name in sorted(set(saved) & set(now)):
         a, b = saved[name], now[name]
         if any(abs(x - y) > rtol * max(abs(x), abs(y)) for x, y in zip(a, b)):
-            return (f"{name} differs (sum of squares {b[0]:.10g} now, {a[0]:.10g} in the checkpointed run; "
+            return (f"{name} differs (sum of squares {b[0]:.10g} now, {a[0]:.10g} {then}; "
                     f"sum of |w| {b[1]:.10g} vs {a[1]:.10g})")
     return None
 
