@@ -20,7 +20,8 @@ evaluation's own path: an :class:`~vlscale.data.tasks.Example` per input, the ru
 and :func:`vlscale.engine.evaluation.predict_task` (the task's beams and token budget; NLVR2's larger of the
 true/false logits). A run trained on cached features (``model.feature_source=cache``) has no CLIP in its model:
 its images are encoded with ``model.vision`` + ``model.vision_pretrained`` as launchers/extract_features.py
-encodes them (:func:`vlscale.data.features.grid_features`).
+encodes them (:func:`vlscale.data.features.grid_features`), the weights checked against the fingerprint of those the
+run's cache was made with (:func:`cache_weights_problem`).
 
 Video tasks (tvqa, how2qa, tvc, yc2c): a video is a folder of frame images (in name order), a sequence of images,
 or a frame-features file (``.npy`` / ``.npz`` / ``.safetensors``, as :class:`~vlscale.data.video.VideoFeatureFolder`
@@ -95,6 +96,28 @@ def frozen_weights_problem(model, adapter_dir, meta, device=None, who: str = "ev
         return (f"the frozen weights built now ({where}) are not the ones the adapter was trained on: {problem}; "
                 f"the files changed since training? point model.backbone_path / model.vision_pretrained at the "
                 f"weights the adapter was trained on")
+    return None
+
+
+def cache_weights_problem(encoder, cfg, meta, who: str = "vlscale") -> Optional[str]:
+    """Why the CLIP ``encoder`` built now for a cache-trained run (``model.vision_pretrained``) is not the one the
+    run's feature cache was made with (the fingerprint the adapter recorded: ``feature_cache``), or None: its
+    features are what the adapter learned from. Without a fingerprint (an older run or cache), a note (from
+    ``who``) where model.vision_pretrained changed says the weights are not checked."""
+    from vlscale.engine.checkpoint import frozen_fingerprint, frozen_mismatch
+
+    cache = meta.get("feature_cache") or {}
+    if not cache.get("fingerprint"):
+        if "model.vision_pretrained" in meta["relocated"]:
+            print(f"{who}: note: model.vision_pretrained changed; the run's feature cache records no fingerprint of "
+                  f"the CLIP weights it was made with: they are assumed to be those", file=sys.stderr)
+        return None
+    problem = frozen_mismatch(cache["fingerprint"], frozen_fingerprint(encoder), then="in the cache")
+    if problem:
+        return (f"model.vision_pretrained={cfg.model.vision_pretrained!r} gives other {cfg.model.vision} weights than "
+                f"the run's feature cache {cache.get('folder')} was made with (pretrained={cache.get('pretrained')!r}): "
+                f"{problem}; the adapter learned from that cache's features: point model.vision_pretrained at the "
+                f"weights the cache was made with")
     return None
 
 
@@ -286,6 +309,9 @@ class Predictor:
 
             self.encoder = build_vision_encoder(self.cfg.model.vision, self.cfg.model.vision_pretrained,
                                                 device=self.device)
+            problem = cache_weights_problem(self.encoder, self.cfg, self.meta, who)
+            if problem:
+                raise ValueError(problem)
 
     def predict(self, task: str, text: Union[str, Sequence[str]], images, options=None,
                 subtitle=None) -> Union[str, list[str]]:

@@ -213,3 +213,33 @@ def test_the_command_line_answers_about_a_video(video_runs, launcher, tmp_path, 
         "task": "tvqa", "text": e.extra["question"], "video": str(video), "options": e.extra["candidates"],
         "subtitle": e.extra["subtitle"], "answer": answer, "option": option and option[0],
         "option_text": option and option[1]}
+
+
+def test_a_cache_trained_run_encodes_only_with_the_weights_its_cache_was_made_with(video_runs, tmp_path):
+    """A cache-trained run encodes the user's images with model.vision + model.vision_pretrained, and nothing
+    checked they were the weights its cache was made with (a file replaced at that path, or an override pointing
+    elsewhere, answered from another CLIP's features). The run records the cache's fingerprint in its adapter, and
+    the Predictor compares the encoder it builds with it: weights moved with the same content are accepted, others
+    refused in one line naming model.vision_pretrained and the cache."""
+    import torch
+
+    from vlscale.data.features import FeatureCache
+
+    run, predictor = video_runs["cache"]
+    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    cache = FeatureCache(predictor.cfg.data.feature_cache)
+    assert meta["feature_cache"] == {"folder": predictor.cfg.data.feature_cache, "pretrained": None,
+                                     "fingerprint": cache.meta["fingerprint"]}
+    weights = {f"visual.{k}": v for k, v in predictor.encoder.visual.state_dict().items()}
+    torch.save(weights, tmp_path / "moved.pt")  # the run's (random, seeded) CLIP, as a file elsewhere
+    moved = Predictor(run / "adapter", [f"model.vision_pretrained={tmp_path / 'moved.pt'}"], device="cpu")
+    assert moved.encoder is not None
+    first = next(k for k, v in weights.items() if v.is_floating_point())
+    torch.save(dict(weights, **{first: weights[first] * 1.5}), tmp_path / "other.pt")
+    with pytest.raises(ValueError) as e:
+        Predictor(run / "adapter", [f"model.vision_pretrained={tmp_path / 'other.pt'}"], device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"model.vision_pretrained={str(tmp_path / 'other.pt')!r} gives other "
+                                              f"tiny-clip-rn weights than the run's feature cache {cache.root} was made "
+                                              f"with (pretrained=None): {first} differs")
+    assert msg.endswith("point model.vision_pretrained at the weights the cache was made with")

@@ -106,6 +106,19 @@ def cache_fingerprint(meta: dict, meta_file) -> Optional[dict]:
     return fp
 
 
+def cache_weights(cfg) -> Optional[dict]:
+    """What a run training on cached features (``model.feature_source=cache``) records of the CLIP weights they
+    are of, so the images it is later asked about are encoded with those (:class:`vlscale.predict.Predictor`):
+    ``{"folder", "pretrained", "fingerprint"}`` of ``data.feature_cache`` (fingerprint None: the cache records
+    none); None for a run that encodes its images."""
+    if cfg.model.feature_source != "cache" or not cfg.data.feature_cache:
+        return None
+    meta_file = Path(cfg.data.feature_cache) / META_FILE
+    meta = _read_json(meta_file, "what model made the features")
+    return {"folder": str(cfg.data.feature_cache), "pretrained": meta.get("pretrained"),
+            "fingerprint": cache_fingerprint(meta, meta_file)}
+
+
 def _check_weights(meta_file: Path, old: dict, meta: dict) -> None:
     """Continuing the cache of ``meta_file`` (``old``) with the encoder ``meta`` fingerprints: refused where its
     features are of other weights; a cache that records none is continued, said once."""

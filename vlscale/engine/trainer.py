@@ -107,6 +107,7 @@ class Run:
     loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
+    feature_cache: Optional[dict] = None  # features.cache_weights: the CLIP weights a cache-trained run learned from
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
     trained_stats: Optional[list] = None  # sync_trained_buffers' tensors, found once
     trainable: Optional[list] = None  # _plain_grad_norm's parameters (the trainable ones, in module order), found once
@@ -417,6 +418,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from torch.optim.lr_scheduler import LambdaLR
 
     from vlscale.data import build_tokenizer, build_train_loader
+    from vlscale.data.features import cache_weights
 
     check_something_trains(cfg)
     cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (saved as given)
@@ -478,7 +480,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   and not engine_scales_fp16_loss(engine))
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
-              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups))
+              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=cache_weights(cfg))
     if resume:
         _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
@@ -856,7 +858,8 @@ def save_training_state(run: Run) -> None:
         state["run_config"] = batch_as_given(run.cfg).to_dict()
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
-                      extra={"step": run.step, "frozen": run.frozen})  # evaluate.py checks moved weights by it
+                      # evaluate.py checks moved weights by "frozen"; Predictor its CLIP by "feature_cache"
+                      extra={"step": run.step, "frozen": run.frozen, "feature_cache": run.feature_cache})
     run.watchdog.beat(f"saved checkpoint at step {run.step}")
 
 
