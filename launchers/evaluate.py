@@ -190,9 +190,13 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.data import check_split_found
     from vlscale.data.tasks import get_task
     from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
-    from vlscale.predict import adapter_tokenizer, inference_dtype, load_run_config, load_trained_model
+    from vlscale.predict import (adapter_tokenizer, cache_changed_problem, inference_dtype, load_run_config,
+                                 load_trained_model)
 
     cfg, meta = load_run_config(args.adapter, args.overrides)
+    changed = cache_changed_problem(cfg, meta)
+    if changed:
+        raise ValueError(changed)
     kind = "predict" if args.predict_only else "eval"
     out = Path(args.out) if args.out else Path(args.adapter).resolve().parent / f"{kind}_{args.split}"
     clash = output_clash(out, args.predict_only)

@@ -243,3 +243,34 @@ def test_a_cache_trained_run_encodes_only_with_the_weights_its_cache_was_made_wi
                                               f"tiny-clip-rn weights than the run's feature cache {cache.root} was made "
                                               f"with (pretrained=None): {first} differs")
     assert msg.endswith("point model.vision_pretrained at the weights the cache was made with")
+
+
+def test_evaluating_a_cache_trained_run_on_a_cache_of_other_weights_is_refused(video_runs, launcher, tmp_path):
+    """evaluate.py reads a cache-trained run's features from data.feature_cache; a cache there of other CLIP weights
+    (re-extracted at the same path, or another one named by an override) scored the adapter on features it never
+    saw. Refused in one line naming the key and the cache before the model is built; the run's own cache, and a copy
+    of it, are evaluated."""
+    import shutil
+
+    from vlscale.predict import cache_changed_problem, load_run_config
+
+    run, predictor = video_runs["cache"]
+    cache = Path(predictor.cfg.data.feature_cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    cfg, meta = load_run_config(run / "adapter", [f"data.feature_cache={copy}"])
+    assert cache_changed_problem(cfg, meta) is None  # the same features elsewhere
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    meta_file = other / "meta.json"
+    held = json.loads(meta_file.read_text())
+    first = sorted(held["fingerprint"])[0]
+    held["fingerprint"][first] = [v * 1.5 for v in held["fingerprint"][first]]
+    meta_file.write_text(json.dumps(held))
+    with pytest.raises(ValueError) as e:
+        launcher("evaluate").main(["--adapter", str(run / "adapter"), "--out", str(tmp_path / "eval"), "--no-progress",
+                                   f"data.feature_cache={other}"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.feature_cache={str(other)!r} holds features of other "
+                                              f"tiny-clip-rn weights than the cache the run was trained on ({cache}")
+    assert f"{first} differs" in msg and not (tmp_path / "eval").exists()
