@@ -124,22 +124,12 @@ def cache_weights_problem(encoder, cfg, meta, who: str = "vlscale") -> Optional[
 def cache_changed_problem(cfg, meta) -> Optional[str]:
     """Why the feature cache an evaluation of a cache-trained run reads (``data.feature_cache``, as the adapter's
     config or an override names it) holds features of other CLIP weights than the cache the run learned from (the
-    fingerprint its adapter recorded: ``feature_cache``), or None. Read from the caches' meta.json: nothing is
-    built. A cache re-extracted at the same path with other weights scored the adapter on features it never saw."""
-    from vlscale.data.features import cache_weights
-    from vlscale.engine.checkpoint import frozen_mismatch
+    fingerprint its adapter recorded: ``feature_cache``), or None (:func:`vlscale.data.features.cache_changed`). A
+    cache re-extracted at the same path with other weights scored the adapter on features it never saw."""
+    from vlscale.data.features import cache_changed
 
-    recorded = (meta.get("feature_cache") or {}).get("fingerprint")
-    now = cache_weights(cfg) if recorded else None
-    if not now or not now["fingerprint"]:
-        return None  # a run or a cache from before fingerprints: nothing to compare
-    problem = frozen_mismatch(recorded, now["fingerprint"], then="in the run's cache")
-    if problem:
-        return (f"data.feature_cache={now['folder']!r} holds features of other {cfg.model.vision} weights than the "
-                f"cache the run was trained on ({meta['feature_cache'].get('folder')}, pretrained="
-                f"{meta['feature_cache'].get('pretrained')!r}): {problem}; evaluate with that cache, or one extracted "
-                f"with the same weights")
-    return None
+    return cache_changed(cfg, meta.get("feature_cache"), "evaluate with that cache, or one extracted with the same "
+                                                         "weights")
 
 
 def adapter_tokenizer(cfg, meta):

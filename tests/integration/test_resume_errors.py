@@ -156,6 +156,41 @@ def test_a_checkpoint_that_trained_other_parameters_is_refused_naming_them(h, ru
             f"then (lm.decoder.final_layer_norm.weight). Its optimizer state does not fit this run") in log
 
 
+def test_a_cache_re_extracted_with_other_weights_is_refused_on_resume(h, launcher, tmp_path, capsys):
+    """A cache-trained run (model.feature_source=cache) resumed after its data.feature_cache was re-extracted with
+    other CLIP weights trained on the other CLIP's features, silently. The checkpoint records the fingerprint of
+    the cache the run started on; a resume whose cache records another is refused in one line naming the key and
+    the cache, before the model is built. A cache that records none now is noted and resumed; the same cache resumes."""
+    cache, out = tmp_path / "features", tmp_path / "run"
+    tiny = [a for a in h.TINY if a != "model.feature_source=images"]
+    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache), "--config", "tiny",
+                                              *tiny]) == 0
+    uses_cache = ["model.feature_source=cache", f"data.feature_cache={cache}"]
+    h.launch([*ZERO2, *h.TINY, *ARGS, *uses_cache, f"output_dir={out}", "--stop-after-steps", "2"])
+    meta_file = cache / "meta.json"
+    made = meta_file.read_text()
+    meta = json.loads(made)
+    assert client_state(out)["feature_cache"]["fingerprint"] == meta["fingerprint"]
+    first = sorted(meta["fingerprint"])[0]
+    meta["fingerprint"][first] = [v * 1.5 for v in meta["fingerprint"][first]]
+    meta_file.write_text(json.dumps(meta))
+    log = refused(h, ZERO2, out, *uses_cache)
+    assert (f"vlscale: rank 0: DataError: resume: data.feature_cache={str(cache)!r} holds features of other "
+            f"tiny-clip-rn weights than the cache the run was trained on ({cache}, pretrained=None): {first} "
+            f"differs (") in log
+    assert log.count("data.feature_cache=") == 1  # one line
+
+    del meta["fingerprint"]  # re-extracted by a vlscale that records none: unchecked, said
+    meta_file.write_text(json.dumps(meta))
+    cfg, _ = trainer.saved_settings(out, "step2")
+    trainer.check_resumed_cache(out, "step2", cfg)
+    assert "vlscale: resume: note: data.feature_cache=" in capsys.readouterr().err
+
+    meta_file.write_text(made)  # the cache the run started on
+    h.launch([*ZERO2, *h.TINY, *ARGS, *uses_cache, f"output_dir={out}", "--resume"])
+    assert [r["step"] for r in h.read_log(out)] == [1, 2, 3]
+
+
 FULL_DISK_PROBE = """
 import runpy, sys, torch
 real = torch.save

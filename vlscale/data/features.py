@@ -119,6 +119,30 @@ def cache_weights(cfg) -> Optional[dict]:
             "fingerprint": cache_fingerprint(meta, meta_file)}
 
 
+def cache_changed(cfg, recorded: Optional[dict], fix: str, who: Optional[str] = None) -> Optional[str]:
+    """Why ``data.feature_cache`` (as ``cfg`` names it) holds features of other CLIP weights than the cache a run
+    was trained on (``recorded``: what :func:`cache_weights` read at its start), or None; ``fix`` ends the message.
+    Read from meta.json, nothing built. No fingerprint on the run's side: nothing to compare; none in the cache now
+    where the run had one: a note from ``who`` (None: no note)."""
+    from vlscale.engine.checkpoint import frozen_mismatch
+
+    if not (recorded or {}).get("fingerprint"):
+        return None  # a run (or its cache) from before fingerprints
+    now = cache_weights(cfg)
+    if not now or not now["fingerprint"]:
+        if now and who:
+            print(f"{who}: note: data.feature_cache={now['folder']!r} records no fingerprint of the CLIP weights its "
+                  f"features are of (the run's cache did): that they are the run's is unchecked", file=sys.stderr,
+                  flush=True)
+        return None
+    problem = frozen_mismatch(recorded["fingerprint"], now["fingerprint"], then="in the run's cache")
+    if problem:
+        return (f"data.feature_cache={now['folder']!r} holds features of other {cfg.model.vision} weights than the "
+                f"cache the run was trained on ({recorded.get('folder')}, pretrained={recorded.get('pretrained')!r}): "
+                f"{problem}; {fix}")
+    return None
+
+
 def _check_weights(meta_file: Path, old: dict, meta: dict) -> None:
     """Continuing the cache of ``meta_file`` (``old``) with the encoder ``meta`` fingerprints: refused where its
     features are of other weights; a cache that records none is continued, said once."""

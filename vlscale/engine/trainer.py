@@ -397,6 +397,23 @@ def check_resumed_data(out: Path, tag: str, loader) -> None:
     copy.copy(loader.sampler).load_state_dict(dict(state["sampler"], position=state.get("step", 0)))
 
 
+def check_resumed_cache(out: Path, tag: str, cfg: RunConfig) -> None:
+    """--resume of a cache-trained run: refuse a ``data.feature_cache`` whose meta.json records other CLIP weights
+    than the cache the run started on (the fingerprint rank 0's client state records: a cache re-extracted at the
+    path between stop and resume trained on other features, silently). Read from meta.json, before the model is
+    built; a checkpoint or cache without a fingerprint is not compared."""
+    from vlscale.data.features import cache_changed
+    from vlscale.data.real import DataError
+
+    if tag is None:
+        return  # nothing to resume from
+    recorded = ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("feature_cache")
+    problem = cache_changed(cfg, recorded, "resume with that cache (or one extracted with the same weights), or "
+                                           "start a new run in another output_dir", who="vlscale: resume")
+    if problem:
+        raise DataError(f"resume: {problem}")
+
+
 def _as_input_error(e: Exception) -> Exception:
     """A check's failure as the error it reports: ConfigError, DataError, CheckpointError as they are,
     any other ValueError as a CheckpointError (the checkpoint is what does not fit)."""
@@ -438,6 +455,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 saved, source = saved_settings(out, tag)
                 _check_resumable(saved, cfg, source)
                 _note_new_schedule(saved, cfg, ckpt.step_number(tag) if tag else None)
+                check_resumed_cache(out, tag, cfg)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg)
         except (ckpt.CheckpointError, ValueError) as e:
@@ -854,8 +872,8 @@ def save_training_state(run: Run) -> None:
     run.watchdog.beat(f"saving checkpoint at step {run.step}")
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen, "task_groups": run.task_steps is not None}
-    if run.is_main:  # the settings a --resume is checked against (trainer.saved_settings)
-        state["run_config"] = batch_as_given(run.cfg).to_dict()
+    if run.is_main:  # what a --resume is checked against (trainer.saved_settings, check_resumed_cache)
+        state.update(run_config=batch_as_given(run.cfg).to_dict(), feature_cache=run.feature_cache)
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
                       # evaluate.py checks moved weights by "frozen"; Predictor its CLIP by "feature_cache"
