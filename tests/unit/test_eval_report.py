@@ -110,6 +110,53 @@ def test_the_report_records_whether_java_scored_the_captions(tmp_path, launcher,
     assert without["tasks"] == {"caption": {"score": 0.5}}, "scored otherwise: replaced, not merged"
 
 
+def test_the_report_says_which_caption_tokens_scored_when_the_ptb_tokenizer_failed(tmp_path, launcher, monkeypatch,
+                                                                                    capsys):
+    """--java-metrics: where coco-caption's PTB tokenizer failed at scoring time every caption metric fell back to
+    Python tokens with only a log warning, and eval_metrics.json said ``"java_metrics": true``: a table made from it
+    showed other numbers as coco-caption's. The report records per caption task the tokenisation its scores are of
+    (``caption_tokens``) and its score line says so; a --tasks subset scored with the PTB tokens merges its own."""
+    pytest.importorskip("pycocoevalcap")
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import evaluation
+    from vlscale.metrics import captioning
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny")
+    tokenizer = build_tokenizer(cfg)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    evaluate = launcher("evaluate")
+    monkeypatch.setattr(evaluate, "java_metrics_problem", lambda: None)  # as on a machine with Java
+    monkeypatch.setattr(captioning, "java_available", lambda: True)
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
+
+    def broken(predictions, references):
+        raise RuntimeError("PTBTokenizer: java exited with 1")
+    monkeypatch.setattr(captioning, "_ptb_tokenized", broken)
+    # every example answered with its first reference: the scores are the metrics', only the decoding is skipped
+    monkeypatch.setattr(evaluation, "predict_task", lambda model, tok, batches, task, **kw: [
+        {"uid": str(e.uid), "prediction": e.references[0], "references": list(e.references)}
+        for e in batches.examples])
+    out = tmp_path / "out"
+    evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", "--java-metrics",
+                   "--tasks", "vqa,caption"])
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert report["settings"]["java_metrics"] is True and report["caption_tokens"] == {"caption": "python"}
+    assert set(report["tasks"]["caption"]) == {"cider", "bleu4", "rouge_l", "meteor"}
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("  caption ")][0].endswith(
+        "  (Python tokens, not coco-caption's: the PTB tokenizer failed)")
+    assert not [line for line in lines if line.startswith("  vqa ")][0].endswith(")")
+
+    monkeypatch.setattr(captioning, "_ptb_tokenized", captioning._simple_tokenized)  # as the PTB tokens, this time
+    evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", "--java-metrics",
+                   "--tasks", "caption"])
+    report = json.loads((out / "eval_metrics.json").read_text())
+    assert set(report["tasks"]) == {"vqa", "caption"} and report["caption_tokens"] == {"caption": "ptb"}
+    assert "PTB tokenizer failed" not in capsys.readouterr().out
+
+
 def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, launcher, monkeypatch):
     """evaluate.py --deepspeed with a ZeRO-3 file evaluates a sharded model (in bf16 its linear layers round the
     logits otherwise: predictions shift slightly) on each rank's share of the examples, and eval_metrics.json did

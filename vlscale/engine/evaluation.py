@@ -354,7 +354,8 @@ def eval_settings(run_config: dict, java_metrics: bool = False, zero_stage: Opti
     """What a report's scores depend on besides the adapter: which examples (a run config's ``data`` section but
     its task list, and ``train.eval_max_examples``, normalised as :func:`vlscale.config.config_from_dict` gives
     them), the precision the model ran in (``train.precision``: bf16 predictions differ from fp32's), how
-    captions were scored (``java_metrics``: coco-caption's PTB tokenizer and METEOR, :func:`evaluate`), and how
+    captions were to be scored (``java_metrics``: coco-caption's PTB tokenizer and METEOR, :func:`evaluate`; the
+    report's ``caption_tokens`` says which tokenisation each task's scores are of), and how
     the model was spread: the DeepSpeed ZeRO stage it ran under (``zero_stage``, None without DeepSpeed: ZeRO-3's
     linear layers round bf16 logits otherwise) over ``world_size`` ranks (each rank's batches, padded to their own
     longest example)."""
@@ -390,7 +391,8 @@ def _count_predictions(predictions_dir: Path, tasks) -> dict[str, int]:
 def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict],
                       settings: Optional[dict] = None) -> Path:
     """``<out_dir>/eval_metrics.json`` (adapter, split, step, evaluation settings, per-task scores and
-    number of examples scored, counted in ``<out_dir>/predictions/<task>.jsonl``), beside ``predictions/``.
+    number of examples scored, counted in ``<out_dir>/predictions/<task>.jsonl``; ``caption_tokens``: the
+    tokenisation of each caption task scored with ``java_metrics``, :func:`caption_tokens`), beside ``predictions/``.
 
     ``settings``: :func:`eval_settings` of the config the scores were computed with (default: the adapter's
     run config). A report there of the same adapter, split, step and settings keeps the scores of the tasks
@@ -403,6 +405,7 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
         settings = _adapter_eval_settings(adapter_dir)
     report = {"adapter": str(Path(adapter_dir).resolve()), "split": split, "step": step, "settings": settings,
               "tasks": scores, "examples": _count_predictions(out_dir / "predictions", scores)}
+    tokens = caption_tokens(scores)
     path = out_dir / "eval_metrics.json"
     try:
         old = json.loads(path.read_text()) if path.is_file() else None
@@ -413,6 +416,8 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
         report["tasks"] = {**old["tasks"], **scores}
         old_counts = old.get("examples") if isinstance(old.get("examples"), dict) else {}
         report["examples"] = {**{t: n for t, n in old_counts.items() if t in report["tasks"]}, **report["examples"]}
+        old_tokens = old.get("caption_tokens") if isinstance(old.get("caption_tokens"), dict) else {}
+        tokens = {**old_tokens, **tokens}
     elif isinstance(old, dict) and isinstance(old.get("tasks"), dict):
         # the replaced report's predictions of tasks not evaluated now would sit beside this report unscored
         stale = [t for t in old["tasks"] if t not in scores and (out_dir / "predictions" / f"{t}.jsonl").is_file()]
@@ -422,15 +427,27 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
             logger.warning(f"{path}: replaced the earlier report (adapter {old.get('adapter')}, split "
                            f"{old.get('split')}, step {old.get('step')}); its predictions of {stale}, which this "
                            f"evaluation did not make, were removed with it")
+    if tokens:
+        report["caption_tokens"] = tokens
     write_text_atomic(path, json.dumps(report, indent=1))
     return path
 
 
+def caption_tokens(scores: dict[str, dict]) -> dict[str, str]:
+    """{task: "ptb" | "python"}: the tokenisation each caption task scored by
+    :func:`vlscale.metrics.caption_scores` (``java_metrics``) used; "python" where coco-caption's PTB tokenizer
+    failed or Java was off, so its scores are not coco-caption's."""
+    return {task: metrics.tokens for task, metrics in scores.items() if getattr(metrics, "tokens", None)}
+
+
 def format_scores(scores: dict[str, dict]) -> str:
-    """One line per task: headline metric first, x100 like the papers."""
+    """One line per task: headline metric first, x100 like the papers (and where captions asked to be scored by
+    the PTB tokenizer were not, that they were scored on Python tokens)."""
     lines = []
+    tokens = caption_tokens(scores)
     for task, metrics in scores.items():
         head = get_task(task).metric
         ordered = [head] + [k for k in metrics if k != head] if head in metrics else list(metrics)
-        lines.append(f"  {task:8s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered))
+        fell_back = "  (Python tokens, not coco-caption's: the PTB tokenizer failed)" if tokens.get(task) == "python" else ""
+        lines.append(f"  {task:8s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered) + fell_back)
     return "\n".join(lines)

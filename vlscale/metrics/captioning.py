@@ -84,9 +84,19 @@ def _ptb_tokenize(sentences: list[str]) -> list[str]:
     return [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines[:len(sentences)]]
 
 
+class CaptionScores(dict):
+    """:func:`caption_scores`' ``{metric: float}``, and ``tokens``, the tokenisation every metric scored:
+    ``"ptb"`` (coco-caption's PTB tokenizer, Java) or ``"python"`` (ours: Java off, or the tokenizer failed)."""
+
+    def __init__(self, scores: dict, tokens: str):
+        super().__init__(scores)
+        self.tokens = tokens
+
+
 def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
-                   use_java: Optional[bool] = None) -> dict[str, float]:
-    """``{"cider", "bleu4", "meteor", "rouge_l"}`` of the predicted ids (``meteor`` needs Java).
+                   use_java: Optional[bool] = None) -> CaptionScores:
+    """``{"cider", "bleu4", "meteor", "rouge_l"}`` of the predicted ids (``meteor`` needs Java), with the
+    tokenisation they were computed on (:class:`CaptionScores`).
 
     ``use_java``: None = use Java when ``java`` is on the PATH; False = never (no METEOR; CIDEr-D,
     BLEU-4 and ROUGE-L on Python tokenisation, the same numbers as training's evaluation).
@@ -114,6 +124,7 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
         except Exception as e:  # Java present but the tokenizer failed: say so, fall back.
             logger.warning(f"caption_scores: the PTB tokenizer (Java) failed ({e}); CIDEr-D, BLEU-4, ROUGE-L "
                            "and METEOR use simple Python tokenisation")
+    tokens = "ptb" if res is not None else "python"
     if res is None:
         res, gts = _simple_tokenized(predictions, references)
     # Every metric scores the same tokens; str.split keeps PTB's ("do n't", "3.5") as coco-caption's Cider does.
@@ -126,7 +137,7 @@ def caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, 
             out["meteor"] = _meteor(gts, res)
         except Exception as e:
             logger.warning(f"caption_scores: METEOR (Java) failed ({e}); METEOR is omitted")
-    return out
+    return CaptionScores(out, tokens)
 
 
 def _meteor(gts: dict, res: dict) -> float:
