@@ -48,6 +48,8 @@ DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16
 IMAGE_TASKS = ("vqa", "gqa", "nlvr2", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
+SYNTHETIC_MIN_IMAGE_SIZE = 16
+"""The smallest ``data.image_size`` the synthetic world draws its scenes at."""
 
 
 class ConfigError(ValueError):
@@ -404,7 +406,7 @@ class DataConfig:
     synthetic_seed: int = 0
     """Synthetic world: the seed of every example (an integer in [0, 2**32))."""
     image_size: int = 64
-    """Synthetic world: image side in pixels (resized to the CLIP input size)."""
+    """Synthetic world: image side in pixels, at least 16 (resized to the CLIP input size)."""
     sampling: str = "proportional"
     """``proportional`` to task size (the reference round-robin) or ``temperature``."""
     temperature: float = 1.0
@@ -453,6 +455,9 @@ class DataConfig:
         _check_positive("data", "synthetic_eval", self.synthetic_eval)
         for name in ("image_size", "max_input_length", "max_target_length"):
             _check_positive("data", name, getattr(self, name))
+        if self.source == "synthetic" and self.image_size < SYNTHETIC_MIN_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size={self.image_size} is too small for the synthetic world: set an "
+                              f"integer >= {SYNTHETIC_MIN_IMAGE_SIZE} (default 64)")
 
     def check_source(self) -> None:
         """data.source=real needs data.root or data.hf_dataset. Checked when a run's config is loaded

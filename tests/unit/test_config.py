@@ -96,6 +96,8 @@ def test_overrides_are_typed():
     (["data.max_target_length=-1"], ["data.max_target_length=-1", "> 0"]),
     (["data.max_input_length=0"], ["data.max_input_length=0", "> 0"]),
     (["data.image_size=0"], ["data.image_size=0", "> 0"]),
+    (["data.image_size=1"], ["data.image_size=1", "synthetic world", ">= 16"]),
+    (["data.image_size=15"], ["data.image_size=15", "synthetic world", ">= 16"]),
     (["train.adam_betas=[1.5,2]"], ["train.adam_betas=[1.5, 2.0]", "[0, 1)"]),
     (["train.adam_betas=[0.9,-0.1]"], ["train.adam_betas", "[0, 1)"]),
     (["train.weight_decay=-0.01"], ["train.weight_decay=-0.01", ">= 0"]),
@@ -137,6 +139,8 @@ def test_valid_edges_stay_accepted():
         assert load_config("tiny", [f"model.vision={vision}"]).model.vision == vision
     assert load_config("tiny", ["data.source=real", "data.root=/data"]).data.root == "/data"
     assert load_config("tiny", ["data.source=real", "data.hf_dataset=/data/hf"]).data.hf_dataset == "/data/hf"
+    assert load_config("tiny", ["data.image_size=16"]).data.image_size == 16  # the synthetic world's smallest
+    assert load_config("tiny", ["data.source=real", "data.root=/data", "data.image_size=8"]).data.image_size == 8
     # a paper preset (real data under data.root) switched to the synthetic world drops its root
     assert load_config("paper/clip_bart_single_adapter", ["data.source=synthetic", "data.root=null"]).data.root is None
 

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vlscale.config import SYNTHETIC_MIN_IMAGE_SIZE
 from vlscale.data.tasks import Example, get_task
 
 GENERATOR_VERSION = "1"
@@ -467,8 +468,9 @@ def generate_split(task: str, split: str, n: int, seed: int = 0, image_size: int
         raise ValueError(f"unknown split {split!r} for the synthetic world; splits: {list(SPLITS)}")
     if n <= 0:
         raise ValueError(f"synthetic {task}/{split}: number of examples must be > 0, got {n}")
-    if image_size < 16:
-        raise ValueError(f"data.image_size={image_size} is too small for the synthetic world (>= 16)")
+    if image_size < SYNTHETIC_MIN_IMAGE_SIZE:
+        raise ValueError(f"data.image_size={image_size} is too small for the synthetic world "
+                         f"(>= {SYNTHETIC_MIN_IMAGE_SIZE})")
     examples, visuals = [], {}
     if task == "nlvr2":
         k = NLVR_STATEMENTS_PER_PAIR
