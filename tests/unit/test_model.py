@@ -285,3 +285,38 @@ def test_a_random_vision_tower_is_seeded_on_the_host_only(monkeypatch):
     assert torch.equal(torch.get_rng_state(), before)  # the host's stream is left as it was
     b = build_vision_encoder("tiny-clip-rn")  # and every build of the name is the same tower
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("vision, tag, words", [
+    ("tiny-clip-rn", "openai", ["not a known tag", "a CLIP checkpoint file, or null"]),  # a tag of other models
+    ("RN50", "no-such-tag", ["not a known tag", "['openai', 'yfcc15m', 'cc12m']"]),
+])
+def test_a_clip_tag_open_clip_cannot_load_names_the_key(vision, tag, words):
+    """model.vision_pretrained set to a tag open_clip does not know for model.vision was open_clip's RuntimeError,
+    printed by train.py with its traceback after start-up: now a SourceError (a ConfigError: one line)."""
+    from vlscale.config import SourceError
+
+    with pytest.raises(SourceError) as e:
+        build_vision_encoder(vision, pretrained=tag)
+    msg = str(e.value)
+    assert msg.startswith(f"model.vision_pretrained={tag!r} for {vision}: open_clip cannot load it") and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_a_clip_tag_open_clip_cannot_fetch_names_the_key(monkeypatch):
+    """A known tag whose weights are neither cached nor downloadable (offline): open_clip's RuntimeError, named."""
+    import open_clip
+
+    from vlscale.config import SourceError
+
+    def offline(name, pretrained=None, **kw):
+        raise RuntimeError(f"Failed to download weights for tag {pretrained!r}: no network" if pretrained else "a bug")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(SourceError, match=r"^model\.vision_pretrained='openai' for RN50: open_clip cannot load it "
+                                          r"\(Failed to download weights for tag 'openai': no network\); give one "
+                                          r"of its tags \['openai', 'yfcc15m', 'cc12m'\]"):
+        build_vision_encoder("RN50", pretrained="openai")
+    with pytest.raises(RuntimeError, match="^a bug$"):  # without a tag: open_clip's own error, untouched
+        build_vision_encoder("RN50")

@@ -163,7 +163,17 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
         # draws on the GPU would no longer follow train.seed
         with _quiet_open_clip(pretrained and not load_file), torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(0)
-            model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
+            try:
+                model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
+            except RuntimeError as e:  # open_clip: a tag it does not know for this model, or one it cannot fetch
+                if load_file or not pretrained:
+                    raise
+                tags = open_clip.list_pretrained_tags_by_model(name)
+                raise _source_error(
+                    f"model.vision_pretrained={pretrained!r} for {name}: open_clip cannot load it "
+                    f"({' '.join(str(e).split())}); give "
+                    + (f"one of its tags {tags} (from the network or open_clip's local cache), " if tags else "")
+                    + "a CLIP checkpoint file, or null for random weights") from None
         if load_file:
             _load_visual_checkpoint(model, pretrained, name)
     visual = model.visual
