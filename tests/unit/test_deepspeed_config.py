@@ -540,3 +540,20 @@ def test_nvme_file_leaves_deepspeed_swap_buffers_for_a_layer(backbone, monkeypat
     assert units
     matrices = max(sum(p.dim() >= 2 for p in m.parameters()) for m in units)  # biases and norms stay below aio's size
     assert zero["offload_param"]["buffer_count"] >= matrices
+
+
+def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch):
+    """A DeepSpeed file that is not there is refused naming the flag or key that named it: the message named only
+    the file, and train.deepspeed in a preset or an override read as a --deepspeed typo."""
+    from vlscale.engine.deepspeed_config import default_ds_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DeepSpeedConfigError, match=r"^train\.deepspeed: DeepSpeed config file 'nope\.json' does not "
+                                                   r"exist \(shipped: "):
+        default_ds_file(cfg_with("train.deepspeed=nope.json"))
+    with pytest.raises(DeepSpeedConfigError, match=r"^--deepspeed: DeepSpeed config file 'gone\.json' does not exist"):
+        default_ds_file(cfg_with("train.deepspeed=nope.json"), "gone.json")
+    with pytest.raises(DeepSpeedConfigError, match=r"^--deepspeed: DeepSpeed config file '.*' is a folder, not a file"):
+        default_ds_file(cfg_with(), str(tmp_path))
+    assert Path(default_ds_file(cfg_with("train.deepspeed=ds_configs/zero2.json"))).name == "zero2.json"  # found from elsewhere
+    assert Path(default_ds_file(cfg_with())).name == "zero3.json"

@@ -235,11 +235,19 @@ def default_ds_file(cfg: Optional[RunConfig], ds_file: Union[str, os.PathLike, d
     """The DeepSpeed file (or dict) a run uses, for launchers/train.py and the profiler alike: ``ds_file``
     (``--deepspeed``) if given, else the config's ``train.deepspeed`` (``cfg`` None: none), else the shipped
     ``ds_configs/zero3.json`` at every ZeRO stage (``train.zero_stage`` below 3 drops the keys only stage 3 reads;
-    the keys zero2.json has besides are DeepSpeed's defaults); a relative path as :func:`resolve_ds_file` finds it."""
+    the keys zero2.json has besides are DeepSpeed's defaults); a relative path as :func:`resolve_ds_file` finds it.
+    A file that is not there is refused naming where it was named (``--deepspeed`` or ``train.deepspeed``)."""
     if isinstance(ds_file, dict):
         return ds_file
     own = cfg.train.deepspeed if cfg is not None else None
-    return resolve_ds_file(str(ds_file or own or shipped_ds_file("zero3.json")))
+    path = resolve_ds_file(str(ds_file or own or shipped_ds_file("zero3.json")))
+    given = "--deepspeed" if ds_file else "train.deepspeed" if own else None
+    if given and not Path(path).is_file():  # the message names where the file was named
+        try:
+            load_ds_file(path)
+        except DeepSpeedConfigError as e:
+            raise DeepSpeedConfigError(f"{given}: {e}") from None
+    return path
 
 
 def shipped_ds_file(name: str) -> Path:
