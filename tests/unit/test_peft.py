@@ -178,6 +178,24 @@ def test_adapter_site_math():
     torch.testing.assert_close(adapter_reference(x, wd, bd, wu, bu, "gelu_tanh"), expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_adapter_in_another_dtype_than_its_input_keeps_the_residual():
+    """T5 keeps ``wo`` in fp32 under bf16 weights: the branch runs in the adapter's dtype, and the output is
+    still h + W_u act(W_d h + b_d) + b_u in h's dtype (the identity at init)."""
+    from vlscale.peft.adapter import apply_adapter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, D, generator=g)
+    wd, bd = torch.randn(8, D, generator=g) * 0.1, torch.randn(8, generator=g) * 0.1
+    wu, bu = torch.randn(D, 8, generator=g) * 0.1, torch.randn(D, generator=g) * 0.1
+    expected = x + (torch.nn.functional.gelu(x @ wd.T + bd) @ wu.T + bu)
+    bf = [w.to(torch.bfloat16) for w in (wd, bd, wu, bu)]
+    out = apply_adapter(x, *bf, "gelu", fused=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    zero_up = apply_adapter(x, bf[0], bf[1], torch.zeros_like(bf[2]), torch.zeros_like(bf[3]), "gelu", fused=False)
+    torch.testing.assert_close(zero_up, x, rtol=0, atol=0)
+
 # ----------------------------------------------------------------------------- tasks and sharing
 
 @pytest.mark.parametrize("method", ["adapter", "compacter", "lora"])
@@ -377,6 +395,15 @@ def test_prompts_shape_and_per_task(backbone):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     # Embedding -> Linear(d, hidden) -> tanh -> Linear(hidden, d) per task
     assert single.num_parameters() == 3 * D + (D * 16 + 16) + (16 * D + D)
+
+
+def test_prompt_math_is_the_reparameterised_embedding():
+    """prompts = W_2 tanh(W_1 E + c_1) + c_2 (VL-Adapter's prompt encoder), the task's own set."""
+    peft = apply_peft(make_t5(), peft_cfg("prompt", "multiple", n_prompts=4), TASKS)
+    emb, w1, b1, w2, b2 = peft.prompt.parameters_of("gqa")
+    expected = torch.tanh(emb @ w1.T + b1) @ w2.T + b2
+    with peft.task("gqa"):
+        torch.testing.assert_close(peft.prompts(2)[1], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prompts_get_gradients_through_the_encoder():
