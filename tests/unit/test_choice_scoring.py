@@ -101,3 +101,42 @@ def test_generation_budget_does_not_count_the_targets_leading_bos(tokenizer, ext
              "attention_mask": torch.ones(2, 4, dtype=torch.long), "references": [["a0"], ["a1"]]}
     predict_task(model, tokenizer, [batch], "tvqa", device="cpu")
     assert model.budgets == [get_task("tvqa").max_new_tokens + extra]
+
+
+class _WordTokenizer:
+    bos_token_id = None
+    ids = {"true": 7, "false": 9}
+
+    def __call__(self, text):
+        return {"input_ids": [self.ids[text], 1]}
+
+
+class _ChoosingModel:
+    """next_token_logits putting each row's highest logit on the token of the word it is told to say."""
+
+    def __init__(self, says):
+        self.says = says
+
+    def next_token_logits(self, inputs, prefix):
+        logits = torch.zeros(len(self.says), 10)
+        for row, word in enumerate(self.says):
+            logits[row, _WordTokenizer.ids[word]] = 1.0
+        return logits
+
+
+def test_padding_rows_are_not_scored_and_nlvr2_groups_reach_the_consistency():
+    """eval_batches pads a rank's last batch with rows marked invalid: they are no predictions (an example
+    counted twice would weigh double). The records' groups give NLVR2 its consistency (Suhr et al. 2019:
+    the fraction of sentences right on all of their image pairs) beside the accuracy."""
+    from vlscale.engine.evaluation import score_records
+
+    batch = {"task": "nlvr2", "uids": ["e0", "e1", "e2", "e0"], "input_ids": torch.ones(4, 3, dtype=torch.long),
+             "attention_mask": torch.ones(4, 3, dtype=torch.long),
+             "references": [["true"], ["true"], ["false"], ["true"]], "groups": ["g0", "g0", "g1", "g0"],
+             "valid": torch.tensor([True, True, True, False])}
+    records = predict_task(_ChoosingModel(["true", "false", "false", "false"]), _WordTokenizer(), [batch],
+                           "nlvr2", device="cpu")
+    assert [(r["uid"], r["prediction"], r["group"]) for r in records] == \
+        [("e0", "true", "g0"), ("e1", "false", "g0"), ("e2", "false", "g1")]
+    scores = score_records("nlvr2", records)
+    assert scores == pytest.approx({"accuracy": 2 / 3, "consistency": 0.5})  # g0 has e1 wrong, g1 is all right

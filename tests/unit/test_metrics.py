@@ -269,6 +269,13 @@ def test_exact_match_accuracy_consistency():
         consistency(preds, refs, {"q1": "g1"})
 
 
+def test_normalize_answer_takes_underscores_and_hyphens_for_punctuation():
+    """Punctuation (an underscore too, though regex's \\w holds it) becomes a space; apostrophes stay."""
+    assert normalize_answer("T_shirt") == normalize_answer("T-shirt") == "t shirt"
+    assert accuracy({"q1": "red_car"}, {"q1": ["red car"]}) == 1.0
+    assert normalize_answer("Don't") == "don't"
+
+
 def test_gqa_exact_match_compares_strings_as_the_official_evaluation():
     """GQA's eval.py counts ``predicted == gold`` and VL-T5 / VL-Adapter's GQAEvaluator ``ans in label`` on the
     decoded text; ours lower-cased and stripped punctuation first, so "Yes", "yes." or "left side" scored
