@@ -105,6 +105,18 @@ def test_precision_blocks(precision):
         assert ds["fp16"]["initial_scale_power"] > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_block_of_a_precision_the_run_does_not_use_keeps_only_enabled_false(precision):
+    """One file serves every train.precision: the bf16 block's own settings ("auto" ones too) mean nothing to an
+    fp32 or fp16 run and are dropped, as the fp16 block's are for bf16 and fp32."""
+    base = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto", "immediate_grad_update": "auto"},
+            "fp16": {"enabled": "auto", "loss_scale_window": "auto"}}
+    ds = build_deepspeed_config(base, cfg_with(f"train.precision={precision}"), 1, device_type="cuda")
+    assert ds["bf16"] == {"enabled": False}
+    if precision == "fp32":
+        assert ds["fp16"] == {"enabled": False}
+
+
 def test_torch_autocast_in_the_file_is_refused():
     """DeepSpeed's torch_autocast ran the forward in bf16 while the run trained, and reported, fp32."""
     raw = json.loads((DS_DIR / "zero3.json").read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlscale.config import ConfigError, list_presets, load_config
-from vlscale.engine.deepspeed_config import build_deepspeed_config, global_batch_size, resolve_batch
+from vlscale.engine.deepspeed_config import batch_as_given, build_deepspeed_config, global_batch_size, resolve_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 ZERO2 = ROOT / "ds_configs" / "zero2.json"
@@ -36,6 +36,18 @@ def test_the_accumulation_is_derived_for_the_world_size(world, accum):
     ds = build_deepspeed_config(ZERO2, cfg, world, device_type="cpu")
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (4, accum, 32)
+
+
+def test_the_saved_settings_derive_the_accumulation_anew_on_another_number_of_ranks():
+    """run_config.yaml, checkpoints and adapter/ save train.global_batch_size, not the accumulation derived from
+    it: the run of 2 ranks (accumulation 4) evaluates or resumes on 4 (accumulation 2). An accumulation given
+    without a global batch is saved as given."""
+    cfg = load_config("tiny", TINY + ["train.global_batch_size=32", "train.micro_batch_size=4"])
+    saved = batch_as_given(resolve_batch(cfg, 2))
+    assert (saved.train.global_batch_size, saved.train.gradient_accumulation_steps) == (32, None)
+    assert resolve_batch(saved, 4).train.gradient_accumulation_steps == 2
+    given = load_config("tiny", TINY + ["train.gradient_accumulation_steps=3"])
+    assert batch_as_given(given).train.gradient_accumulation_steps == 3
 
 
 def test_a_global_batch_the_ranks_do_not_divide_is_one_line_naming_the_values_and_micro_batches_that_fit():
