@@ -52,3 +52,15 @@ def test_cut_texts_are_counted_and_logged_once_per_task(setup, caplog):
     with caplog.at_level("WARNING", logger="vlscale.data.collate"):
         c.encode_text(short, "gqa")
     assert "gqa" not in caplog.text and ("gqa", "max_input_length") not in c.truncated
+
+
+def test_an_example_without_references_is_scored_against_its_target(setup):
+    """``references`` (what the scorer compares with) default to the target where a loader gives none."""
+    import torch
+
+    cfg, tok = setup
+    examples = [Example("vqa", "a", "what", "red", ["i"], references=["red", "maroon"]),
+                Example("vqa", "b", "what", "blue", ["i"])]
+    batch = Collator(tok, cfg)(examples, [[torch.zeros(4, 8)], [torch.zeros(4, 8)]])
+    assert batch["references"] == [["red", "maroon"], ["blue"]]
+    assert batch["targets"] == ["red", "blue"]
