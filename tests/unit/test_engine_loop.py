@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlscale.config import ConfigError, load_config
-from vlscale.engine.trainer import _plain_grad_norm, check_something_trains, optimizer_groups
+from vlscale.engine.trainer import _plain_grad_norm, check_something_trains, lr_multiplier, optimizer_groups
 from vlscale.modeling.vl_model import is_checkpointing
 
 TINY = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false", "model.vision_pretrained=null",
@@ -76,3 +76,14 @@ def test_the_zero0_gradient_norm_finds_the_trainable_parameters_once():
 
     model.named_parameters = walked
     assert _plain_grad_norm(run) == norm
+
+
+@pytest.mark.parametrize("total, ratio, warmup", [(10, 0.25, 3), (10, 0.0, 0), (4, 0.1, 1)])
+def test_the_lr_schedule_warms_up_over_the_ceiling_of_its_share_then_decays_linearly(total, ratio, warmup):
+    """Linear warm-up to 1 over ceil(warmup_ratio x total) updates, then linear decay towards 0; no update runs
+    at lr 0 (lr_multiplier's docstring)."""
+    f = lr_multiplier(total, ratio)
+    lrs = [f(s) for s in range(total)]
+    assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert lrs[warmup:] == pytest.approx([(total - s) / (total - warmup) for s in range(warmup, total)])
+    assert max(lrs) == pytest.approx(1.0) and min(lrs) > 0
