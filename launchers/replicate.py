@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import vlscale.replicate
     from vlscale.config import ConfigError
+
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
                                    check_layout, check_result, default_parallel, get_table, headline_pct, make_result,

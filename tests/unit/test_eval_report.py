@@ -18,6 +18,18 @@ def _predictions(out, task, n):
     (folder / f"{task}.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
+def _tiny_adapter(tmp_path):
+    """An adapter/ of the tiny preset's (untrained) model, as a run at step 2 saves it."""
+    from vlscale.data import build_tokenizer
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny")
+    tokenizer = build_tokenizer(cfg)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    return adapter
+
+
 def test_a_report_of_other_data_replaces_rather_than_merges(tmp_path):
     """evaluate.py on all tasks, then ``--tasks caption train.eval_max_examples=2`` into the same folder kept
     the other tasks' full-split scores beside caption's 2-example one, with nothing saying so."""
@@ -79,14 +91,9 @@ def test_the_report_records_whether_java_scored_the_captions(tmp_path, launcher,
     """--java-metrics changes the caption scores (PTB tokenisation for CIDEr-D, BLEU-4, ROUGE-L; METEOR added), and
     eval_metrics.json did not say whether it was used: an evaluation with it and one without (``--tasks``) merged
     into one report. The settings now hold ``java_metrics`` and the ``precision`` the model ran in."""
-    from vlscale.data import build_tokenizer
     from vlscale.engine import evaluation
-    from vlscale.modeling.vl_model import build_model
 
-    cfg = load_config("tiny")
-    tokenizer = build_tokenizer(cfg)
-    adapter = tmp_path / "adapter"
-    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    adapter = _tiny_adapter(tmp_path)
     evaluate = launcher("evaluate")
     monkeypatch.setattr(evaluate, "java_metrics_problem", lambda: None)  # as on a machine with Java
     asked = []
@@ -117,15 +124,10 @@ def test_the_report_says_which_caption_tokens_scored_when_the_ptb_tokenizer_fail
     showed other numbers as coco-caption's. The report records per caption task the tokenisation its scores are of
     (``caption_tokens``) and its score line says so; a --tasks subset scored with the PTB tokens merges its own."""
     pytest.importorskip("pycocoevalcap")
-    from vlscale.data import build_tokenizer
     from vlscale.engine import evaluation
     from vlscale.metrics import captioning
-    from vlscale.modeling.vl_model import build_model
 
-    cfg = load_config("tiny")
-    tokenizer = build_tokenizer(cfg)
-    adapter = tmp_path / "adapter"
-    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    adapter = _tiny_adapter(tmp_path)
     evaluate = launcher("evaluate")
     monkeypatch.setattr(evaluate, "java_metrics_problem", lambda: None)  # as on a machine with Java
     monkeypatch.setattr(captioning, "java_available", lambda: True)
@@ -162,15 +164,11 @@ def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, laun
     logits otherwise: predictions shift slightly) on each rank's share of the examples, and eval_metrics.json did
     not say so: an evaluation of some tasks without DeepSpeed on one process merged into that report as if the
     scores were comparable. The settings now hold ``zero_stage`` (None without DeepSpeed) and ``world_size``."""
-    from vlscale.data import build_tokenizer
     from vlscale.engine import distributed, evaluation
     from vlscale.engine.distributed import DistInfo
     from vlscale.modeling.vl_model import build_model
 
-    cfg = load_config("tiny")
-    tokenizer = build_tokenizer(cfg)
-    adapter = tmp_path / "adapter"
-    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    adapter = _tiny_adapter(tmp_path)
     evaluate = launcher("evaluate")
     cpu = torch.device("cpu")
     # as rank 0 of two under ZeRO-3 (the sharded build itself is test_evaluate_sharded's)
@@ -188,7 +186,7 @@ def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, laun
 
     sharded = report("--deepspeed", "ds_configs/zero3.json")
     assert sharded["settings"]["zero_stage"] == 3 and sharded["settings"]["world_size"] == 2
-    assert set(sharded["tasks"]) == set(cfg.data.tasks)
+    assert set(sharded["tasks"]) == set(load_config("tiny").data.tasks)
     alone = report("--tasks", "caption")
     assert alone["settings"]["zero_stage"] is None and alone["settings"]["world_size"] == 1
     assert alone["tasks"] == {"caption": {"score": 0.1}}, "run otherwise: replaced, not merged"
