@@ -183,7 +183,8 @@ def main(argv=None) -> int:
                   f"{dist.world_size} x accumulation {ds_config['gradient_accumulation_steps']}) | "
                   f"{cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
-            for note in (stage_override_note(ds_file, cfg), single_process_note(ds_config, dist.world_size)):
+            for note in (stage_override_note(ds_file, cfg), single_process_note(ds_config, dist.world_size),
+                         *cfg.ignored_settings()):
                 if note:
                     print(f"vlscale: {note}", flush=True)
         run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)

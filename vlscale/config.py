@@ -586,6 +586,66 @@ class RunConfig:
                               f"needs per-example losses: set train.loss_reduction=example (it is "
                               f"{self.train.loss_reduction!r}), as VL-T5 / VL-Adapter train")
 
+    def ignored_settings(self) -> list[str]:
+        """One line per setting given away from its default that this run does not read (a method's widths
+        under another method, ``peft.half_shared`` without half_shared sharing, the synthetic world's sizes
+        with real data, ``model.pool_size`` on a ViT or past an RN's grid). launchers/train.py prints them as
+        notes at start-up, on rank 0. Noted, not refused: an override that switches the method or the sharing
+        keeps the preset's other values (``--config paper/clip_bart_half_shared_adapters peft.sharing=single``
+        leaves ``half_shared: up``), override lists shared by every method carry each method's widths
+        (replicate.py's rows, the benchmarks), and saved run configs must keep loading."""
+        p, d = self.peft, self.data
+        method, prompts = f"peft.method={p.method}", p.method == "prompt" or p.extra_prompts
+        read = {  # key: (is it read in this run, what reads it, what this run has instead)
+            "peft.half_shared": (p.sharing == "half_shared", "peft.sharing=half_shared", f"peft.sharing={p.sharing}"),
+            **{f"peft.{k}": (p.method in ADAPTER_METHODS, f"peft.method={'|'.join(ADAPTER_METHODS)}", method)
+               for k in ("reduction_factor", "activation", "fused")},
+            **{f"peft.{k}": (p.method == "hyperformer", "peft.method=hyperformer", method)
+               for k in ("task_embedding_dim", "layer_embedding_dim", "hypernet_hidden_dim", "hypernet_projected_dim")},
+            **{f"peft.{k}": (p.method == "compacter", "peft.method=compacter", method)
+               for k in ("phm_dim", "shared_phm_rule", "factorized_phm")},
+            "peft.phm_rank": (p.method == "compacter" and p.factorized_phm,
+                              "peft.method=compacter and peft.factorized_phm=true",
+                              f"{method}, peft.factorized_phm={str(p.factorized_phm).lower()}"),
+            **{f"peft.{k}": (p.method == "lora", "peft.method=lora", method)
+               for k in ("lora_rank", "lora_alpha", "lora_dropout")},
+            **{f"peft.{k}": (prompts, "peft.method=prompt or peft.extra_prompts=true", method + ", no extra_prompts")
+               for k in ("n_prompts", "prompt_hidden_dim")},
+            "model.max_frames": (d.tasks[0] in VIDEO_TASKS, "video tasks", f"data.tasks={d.tasks}"),
+            **{f"data.{k}": (d.source == "synthetic", "data.source=synthetic", f"data.source={d.source}")
+               for k in ("synthetic_train", "synthetic_eval", "synthetic_seed", "image_size")},
+        }
+        notes = []
+        for key, (is_read, needs, now) in read.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value != _default(type(getattr(self, section)), name) and not is_read:
+                shown = str(value).lower() if isinstance(value, bool) else value  # as an override writes it
+                notes.append(f"{key}={shown} has no effect: it is read only with {needs} (this run: {now})")
+        pool = self.model.pool_size
+        if pool != _default(ModelConfig, "pool_size"):
+            notes += [f"model.pool_size={pool} {why}" for why in [self._pool_size_unread()] if why]
+        return notes
+
+    def _pool_size_unread(self) -> Optional[str]:
+        """Why ``model.pool_size`` does not give pool_size x pool_size visual tokens in this run, or None."""
+        if self.data.tasks[0] in VIDEO_TASKS:
+            return "has no effect: video tasks take model.max_frames frame features"
+        try:
+            from vlscale.modeling.vision import vision_dims
+
+            dims = vision_dims(self.model.vision)
+        except (ImportError, KeyError):  # hf-hub: / local-dir: models: their grid is known once built
+            return None
+        side = dims["grid_side"]
+        if not dims["is_resnet"]:
+            return (f"has no effect: model.vision={self.model.vision} is a ViT, whose {side}x{side} patch tokens "
+                    f"are not pooled (pooling applies to an RN's grid)")
+        if self.model.pool_size > side:
+            return (f"is capped at model.vision={self.model.vision}'s {side}x{side} grid: the run takes "
+                    f"{side * side} visual tokens per image, not {self.model.pool_size ** 2}")
+        return None
+
     @property
     def lr(self) -> float:
         if self.train.lr is not None:
@@ -597,6 +657,12 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- building
+
+def _default(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name``."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
 
 def _strip_optional(tp):
     origin = typing.get_origin(tp)
