@@ -414,6 +414,31 @@ def check_resumed_cache(out: Path, tag: str, cfg: RunConfig) -> None:
         raise DataError(f"resume: {problem}")
 
 
+def check_cache_vision(cfg: RunConfig) -> None:
+    """A cache-trained run: refuse a ``model.vision_pretrained`` that gives other CLIP weights than its
+    ``data.feature_cache`` was extracted with (the fingerprint its meta.json records). The run trains on the
+    cache's features, but records model.vision_pretrained as the CLIP its adapter's images are encoded with
+    (:class:`vlscale.predict.Predictor`, which refuses the mismatch only then, after training); the loader compares
+    the checkpoint's file name only (one of that name elsewhere, or replaced in place, passes). Checked where the
+    weights build offline (a local file, the shipped ``synthetic`` ones, or null: random, seeded), by building the
+    visual tower on the host (ViT-L-14: ~5 s); an open_clip tag, or a cache that records no fingerprint, is not."""
+    from vlscale.data.features import cache_weights
+    from vlscale.modeling.vision import build_vision_encoder
+
+    vp = cfg.model.vision_pretrained
+    cache = cache_weights(cfg)
+    if not (cache and cache["fingerprint"]) or not (vp in (None, "synthetic") or Path(vp).is_file()):
+        return
+    problem = ckpt.frozen_mismatch(cache["fingerprint"], ckpt.frozen_fingerprint(build_vision_encoder(
+        cfg.model.vision, vp)), then="in the cache")
+    if problem:
+        raise ConfigError(f"model.vision_pretrained={vp!r} gives other {cfg.model.vision} weights than "
+                          f"data.feature_cache={cache['folder']!r} was extracted with (pretrained="
+                          f"{cache['pretrained']!r}): {problem}; the run would record CLIP weights its adapter never "
+                          f"saw features of: point model.vision_pretrained at the weights the cache was made with, "
+                          f"or extract a cache with these (launchers/extract_features.py)")
+
+
 def _as_input_error(e: Exception) -> Exception:
     """A check's failure as the error it reports: ConfigError, DataError, CheckpointError as they are,
     any other ValueError as a CheckpointError (the checkpoint is what does not fit)."""
@@ -464,14 +489,15 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     check_nvme_support(ds_config)
     # the training data before the model: a bad file or id fails here, not after minutes of loading
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
-    if resume:  # ... and other training data than the checkpoint's too (every rank loads the same examples)
-        error = None
-        if dist.is_main:
-            try:
+    error = None
+    if dist.is_main:
+        try:
+            if resume:  # ... and other training data than the checkpoint's too (every rank loads the same examples)
                 check_resumed_data(out, tag, loader)
-            except (ckpt.CheckpointError, ValueError) as e:
-                error = _as_input_error(e)
-        _raise_on_every_rank(error)
+            check_cache_vision(cfg)  # after the loader, which names a missing or malformed cache
+        except (ckpt.CheckpointError, ValueError) as e:
+            error = _as_input_error(e)
+    _raise_on_every_rank(error)
 
     if not show_progress:
         import transformers
