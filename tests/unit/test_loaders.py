@@ -100,6 +100,7 @@ def test_coco_karpathy_restval_merged_into_train_one_example_per_caption():
     assert all(e.text == "" for e in train)
     (val,) = load_real_examples(make_cfg(), "caption", "val")
     assert val.uid == "COCO_val2014_000000000073" and len(val.references) == 3 and val.extra["cocoid"] == 73
+    assert val.target == val.references[0] != val.references[-1]  # val/test: target = the first caption
     (test,) = load_real_examples(make_cfg(), "caption", "test")
     assert test.image_ids == ["COCO_val2014_000000000074"] and len(test.references) == 2
     from vlscale.data.caption import load_coco_karpathy
@@ -167,6 +168,73 @@ def test_video_captions_splits_and_missing_subtitles(caplog):
         yc = load_real_examples(make_cfg(tasks=["yc2c"]), "yc2c", "train")
     assert "yc2c: no subtitles file" in caplog.text
     assert [e.text for e in yc] == ["", ""] and yc[0].image_ids == ["yc_a"]
+
+
+def _write_json(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_vqa_and_gqa_targets_and_references_by_the_formats_rules(tmp_path):
+    """VQA: a label score tie goes to the answer given most often (here the alphabetically later one). GQA:
+    references are the gold answer alone, whatever else ``label`` scores."""
+    from vlscale.data.gqa import load_gqa
+    from vlscale.data.vqa import load_vqa
+
+    vqa = {"img_id": "i", "sent": "What color?", "question_id": 1, "label": {"blue": 0.6, "red": 0.6},
+           "answers": ["red"] * 5 + ["blue"] * 4 + ["green"]}
+    (e,) = load_vqa(_write_json(tmp_path / "vqa.json", [vqa]))
+    assert e.target == "red"
+    gqa = {"img_id": "i", "sent": "Is it?", "question_id": "q1", "label": {"yes": 1.0, "no": 0.5}}
+    (g,) = load_gqa(_write_json(tmp_path / "gqa.json", [gqa]))
+    assert g.target == "yes" and g.references == ["yes"] and g.extra["label"] == {"yes": 1.0, "no": 0.5}
+
+
+def test_nlvr2_identifiers_of_fewer_than_four_fields_are_their_own_group():
+    from vlscale.data.nlvr2 import consistency_group
+
+    assert consistency_group("dev-850-0") == "dev-850-0"
+    assert consistency_group("dev-850-0-3") == "dev-850--3"
+
+
+def test_ts_and_subtitle_lines_overlapping_it():
+    """A subtitle line that overlaps ``ts`` only in part is the clip's too; a zero-length ts is a moment, not
+    malformed; a ts holding a boolean is malformed."""
+    from vlscale.data.real import Record
+    from vlscale.data.video import parse_ts, subtitle_text
+
+    lines = [(0.0, 2.0, "before"), (3.0, 6.0, "across the start"), (6.5, 7.0, "inside"),
+             (8.0, 12.0, "across the end"), (12.5, 13.0, "after")]
+    assert subtitle_text(lines, (5.0, 9.0)) == "across the start inside across the end"
+    assert subtitle_text(lines, None).split() == "before across the start inside across the end after".split()
+    ts = lambda value: parse_ts(Record("a.jsonl", "line 1", {"ts": value}, ("qid",)))  # noqa: E731
+    assert ts([3, 3]) == (3.0, 3.0) and ts("2.5-4") == (2.5, 4.0)
+    for bad in ([True, 5], "5-3"):
+        with pytest.raises(RecordError, match="key 'ts'"):
+            ts(bad)
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_video_qa_answer_index_and_subtitle_files(tmp_path):
+    """answer_idx "2" (a digit string) names option 2; one past the last option is refused naming the key.
+    Subtitle lines are read in time order whatever the file's order; a video given twice is refused."""
+    from vlscale.data.video import load_subtitles, load_video_qa
+
+    subs = load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
+        {"text": "second.", "start": 3.0, "end": 4.0}, {"text": "First.", "start": 0.0, "end": 1.0}]}]))
+    assert subs["v"] == [(0.0, 1.0, "First."), (3.0, 4.0, "second.")]
+    q = {"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "a2": "z", "vid_name": "v", "ts": [0, 5]}
+    (e,) = load_video_qa("tvqa", _jsonl(tmp_path / "a.jsonl", [dict(q, answer_idx="2")]), subs)
+    assert e.target == "a2" and e.extra["answer_text"] == "z" and e.text.endswith("subtitle: First. second.")
+    with pytest.raises(RecordError, match=r"line 1 \(id 1\): key 'answer_idx' must be an option index 0..2, got 3"):
+        load_video_qa("tvqa", _jsonl(tmp_path / "b.jsonl", [dict(q, answer_idx=3)]), subs)
+    twice = [{"vid_name": "v", "sub": []}, {"vid_name": "v", "sub": []}]
+    with pytest.raises(RecordError, match=r"subs2\.jsonl: line 2 \(id 'v'\): key 'vid_name' appears twice"):
+        load_subtitles(_jsonl(tmp_path / "subs2.jsonl", twice))
 
 
 # ----------------------------------------------------------------------------- visual sources
@@ -252,6 +320,34 @@ def test_hf_caption_gqa_and_nlvr2_mappings():
                                                          "label": "label"})
     assert [e.target for e in nl] == ["false", "true"] and nl[0].image_ids == ["val/0/0", "val/0/1"]
     assert not np.array_equal(src["val/0/0"], src["val/0/1"])
+
+
+def test_hf_mapping_rules_a_plausible_slip_would_break(tmp_path):
+    """nlvr2's group column is its consistency group; nlvr2 with image_id and vqa with two image columns are
+    refused; VQA's ``answer`` column is the target even where ``answers`` votes otherwise; a blank caption in
+    ``captions`` is malformed, as it is in COCO's file."""
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    nl, _ = load_hf_examples("nlvr2", str(HF), "val", {"image": ["image", "image2"], "text": "question",
+                                                       "label": "label", "group": "question"})
+    assert [e.extra["group"] for e in nl] == ["Is it raining?", "What is on the plate?"]
+    with pytest.raises(DataError, match="image_id applies to single-image tasks only"):
+        load_hf_examples("nlvr2", str(HF), "val", {"image": ["image", "image2"], "image_id": "image_name",
+                                                   "text": "question", "label": "label"})
+    with pytest.raises(DataError, match=r"hf_columns\.image for task 'vqa' must name 1 column"):
+        load_hf_examples("vqa", str(HF), "train", dict(VQA_COLUMNS, image=["image", "image2"]))
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    path = _hf_dict(tmp_path / "hf_rules", {"image": [image] * 2, "question": ["What?"] * 2, "answer": ["cat"] * 2,
+                                            "answers": [["dog", "dog", "cat"]] * 2,
+                                            "captions": [["A cat.", "A small cat."], ["A dog.", "  "]]})
+    e, _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answer": "answer",
+                                                   "answers": "answers"})
+    assert e[0].target == "cat" and e[0].references == ["dog", "dog", "cat"]
+    captions = {"image": "image", "captions": "captions"}
+    with pytest.raises(RecordError, match=r"row 1: key 'captions' item 1 must be a non-empty string"):
+        load_hf_examples("caption", path, "val", captions)
+    (val,), _ = load_hf_examples("caption", path, "val", captions, skip_bad_records=True)
+    assert val.target == "A cat." and val.references == ["A cat.", "A small cat."]  # val: target = the first
 
 
 def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
@@ -432,6 +528,8 @@ def test_missing_annotation_file_and_root(tmp_path):
     ("caption", "coco/dataset_coco.json", lambda d: d["images"][2].update(split="holdout"),
      r"dataset_coco\.json: images\[2\] \(id 'COCO_val2014_000000000042.jpg'\): key 'split' must be one of"),
     ("caption", "coco/dataset_coco.json", lambda d: d["images"][0]["sentences"][1].pop("raw"),
+     r"images\[0\] .*key 'sentences' item 1 needs a non-empty string 'raw'"),
+    ("caption", "coco/dataset_coco.json", lambda d: d["images"][0]["sentences"][1].update(raw="  "),
      r"images\[0\] .*key 'sentences' item 1 needs a non-empty string 'raw'"),
     ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label={"2": -1.0}),
      r"record 0 \(id 9001\): key 'label' score of answer '2' must be >= 0, got -1.0"),
