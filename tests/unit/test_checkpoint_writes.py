@@ -789,3 +789,22 @@ def test_a_new_run_does_not_overwrite_an_adapter_left_as_old(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"holds another run's \['adapter\.old'\]"):
         ckpt.check_output_dir(done, resume=False)
     assert ckpt.read_adapter_config(done / "adapter.old")["step"] == 2
+
+
+def test_the_frozen_fingerprint_covers_batch_norm_statistics_of_frozen_modules_only():
+    """Weights that differ in a frozen CLIP's batch-norm statistics alone give other features: the fingerprint
+    holds the persistent buffers of modules training none of their own parameters (not a trained batch norm's,
+    which change in training, nor non-persistent ones), and an older fingerprint without them still compares."""
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).requires_grad_(False)
+    frozen.register_buffer("scratch", torch.ones(2), persistent=False)
+    before = ckpt.frozen_fingerprint(frozen)
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked", "0.weight"} <= set(before)
+    assert "scratch" not in before
+    with torch.no_grad():
+        frozen[1].running_var.mul_(2.0)
+    problem = ckpt.frozen_mismatch(before, ckpt.frozen_fingerprint(frozen))
+    assert problem and problem.startswith("1.running_var differs")
+    older = {k: v for k, v in before.items() if "running" not in k and "batches" not in k}
+    assert ckpt.frozen_mismatch(older, ckpt.frozen_fingerprint(frozen)) is None
+    frozen[1].requires_grad_(True)  # a trained batch norm: its statistics are the run's, not the backbone's
+    assert not {k for k in ckpt.frozen_fingerprint(frozen) if k.startswith("1.")}

@@ -541,17 +541,20 @@ def load_module_state(src: dict, dst: torch.nn.Module) -> None:
 
 
 def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int = 1 << 24) -> dict[str, list[float]]:
-    """{name: [sum of squares, sum of absolute values]} of each frozen parameter, in float64.
+    """{name: [sum of squares, sum of absolute values]} of each frozen parameter, and of each persistent
+    buffer of a module that trains none of its own parameters (a frozen CLIP's batch-norm statistics: weights
+    that differ there alone give other features), in float64.
 
     Collective under ZeRO-3: each rank sums its partition (padding adds 0) and one all-reduce makes
-    the whole tensor's sums, the same on every rank and for any number of ranks. A parameter with a
-    partition out on NVMe (ZeRO-Infinity; its tensor is then a placeholder) on some rank is left out.
+    the whole tensor's sums, the same on every rank and for any number of ranks (buffers are whole on
+    every rank). A parameter with a partition out on NVMe (ZeRO-Infinity; its tensor is then a
+    placeholder) on some rank is left out.
     """
     from vlscale.engine.distributed import all_reduce_sum
 
     names, rows, partitioned = [], [], []
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *_frozen_buffers(model)]:
             if p.requires_grad:
                 continue
             t = p.ds_tensor if is_partitioned(p) else p
@@ -569,6 +572,19 @@ def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int 
         sums = [flat[i:i + 3] for i in range(0, len(flat), 3)]
         rows = [total if part else mine for total, mine, part in zip(sums, rows, partitioned)]
     return {name: row[:2] for name, row in zip(names, rows) if not row[2]}
+
+
+def _frozen_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the persistent buffers (those a state dict saves) of each module of ``model`` none of
+    whose own parameters train."""
+    out = []
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and name not in module._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, b))
+    return out
 
 
 def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9,
