@@ -778,3 +778,93 @@ def test_a_cache_is_continued_only_with_the_weights_it_was_made_with(tmp_path, e
     err = capsys.readouterr().err
     assert err.count("records no fingerprint of the CLIP weights") == 1 and "is unchecked" in err
     assert sorted(FeatureCache(out).ids()) == ["a", "b", "c"] and "fingerprint" not in FeatureCache(out).meta
+
+
+# ----------------------------------------------------------------------------- rules a plausible slip would break
+
+def _tiny_cache(folder, ids, meta=None, kind="grid", shape=(4, 8)):
+    """A cache written by FeatureWriter alone (no encoder): ``ids`` of ones of ``shape``."""
+    w = FeatureWriter(folder, {"vision": VISION, "pretrained": None, "kind": kind, "dtype": "float32", **(meta or {})})
+    for i in ids:
+        w.add(i, torch.ones(*shape))
+    w.close()
+    return folder
+
+
+def test_a_cache_is_read_with_its_weights_file_elsewhere_but_not_with_another_file(tmp_path):
+    """meta.json names a checkpoint path; the run may read the cache where that file lives at another path (same
+    file name), and an unset pretrained is None or "" alike; another file name is refused, naming both."""
+    from vlscale.data.real import DataError
+
+    made = _tiny_cache(tmp_path / "c", ["a"], {"pretrained": "/made/here/clip.pt"})
+    assert len(FeatureCache(made, vision=VISION, pretrained=str(tmp_path / "moved" / "clip.pt"))) == 1
+    with pytest.raises(DataError, match=r"pretrained='/made/here/clip\.pt', but the run uses "
+                                        r"model\.vision_pretrained='/made/here/other\.pt'"):
+        FeatureCache(made, vision=VISION, pretrained="/made/here/other.pt")
+    unset = _tiny_cache(tmp_path / "u", ["a"], {"pretrained": ""})
+    assert len(FeatureCache(unset, vision=VISION, pretrained=None)) == 1
+
+
+def test_two_image_rows_of_an_hf_dataset_are_row_ids_too(tmp_path):
+    """NLVR2's rows name two images, ``<split>/<row>/<k>``: a cache holding only such ids is still a cache of one
+    HF dataset's rows, refused for another's, to read and to extend (a regex without the ``/<k>`` let it pass)."""
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["train/0/0", "train/0/1"], {"hf_rows": "nlvr2_a"})
+    assert len(FeatureCache(cache, hf_rows="nlvr2_a")) == 2
+    with pytest.raises(DataError, match=r"holds rows of the HF dataset 'nlvr2_a', but the run reads the rows of "
+                                        r"data\.hf_dataset='nlvr2_b'"):
+        FeatureCache(cache, hf_rows="nlvr2_b")
+    older = _tiny_cache(tmp_path / "o", ["train/3/1"])  # an older vlscale's: hf_rows not recorded
+    with pytest.raises(DataError, match=r"row-numbered ids of an HF dataset it does not record \(e\.g\. 'train/3/1'"):
+        FeatureWriter(older, {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32",
+                              "hf_rows": "nlvr2_b"})
+
+
+def test_an_index_or_a_tensor_a_cache_cannot_serve_is_refused_naming_it(tmp_path):
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["a"])
+    index = json.loads((cache / "index.json").read_text())
+    (cache / "index.json").write_text(json.dumps(dict(index, b=3)))
+    with pytest.raises(DataError, match=r"c/index\.json: id 'b' maps to 3, expected a shard file name"):
+        FeatureCache(cache)
+    # a video of no frames: a (0, E) matrix is refused as empty (frames caches record no token count)
+    from safetensors.torch import save_file
+
+    frames = _tiny_cache(tmp_path / "v", ["v1"], kind="frames", shape=(3, 8))
+    save_file({"v1": torch.ones(0, 8)}, str(frames / "shard_00000.safetensors"))
+    with pytest.raises(DataError, match=r"id 'v1' .* has shape \(0, 8\), expected a non-empty 2-d"):
+        FeatureCache(frames, expect_kind="frames")["v1"]
+
+
+def test_a_cache_is_continued_only_with_its_settings_and_fingerprints_must_be_well_formed(tmp_path):
+    """Continuing a float32 cache asked for float16 is refused (it kept float32 silently); a writer with no
+    fingerprint (copied precomputed frames) continues a fingerprinted cache; a meta.json whose fingerprint is
+    not [sum of squares, sum of |w|] per tensor is refused naming it."""
+    from vlscale.data.real import DataError
+
+    base = {"vision": VISION, "pretrained": None, "kind": "frames", "dtype": "float32"}
+    cache = _tiny_cache(tmp_path / "c", ["v1"], {"kind": "frames", "fingerprint": {"w": [2.0, 1.0]}})
+    with pytest.raises(DataError, match=r"different settings .*'dtype': \('float32', 'float16'\)"):
+        FeatureWriter(cache, dict(base, dtype="float16"))
+    FeatureWriter(cache, base).close()  # nothing encoded: no weights to compare
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, fingerprint={"w": [2.0]})))
+    with pytest.raises(DataError, match=r"c/meta\.json: fingerprint is not a fingerprint of CLIP weights"):
+        FeatureWriter(cache, dict(base, fingerprint={"w": [2.0, 1.0]}))
+
+
+def test_extraction_counts_each_id_once_and_an_empty_one_leaves_a_cache(encoder, tmp_path):
+    enc, tf = encoder
+    split = generate_split("vqa", "val", 2, image_size=16)
+    ids = list(split.visuals)
+    stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids + ids[:1], tmp_path / "c", vision=VISION,
+                             progress=False)
+    assert stats == {"total": 2, "skipped": 0, "written": 2}  # a repeated id is one image, not a skipped one
+    with pytest.raises(ValueError, match="batch_size must be > 0, got 0"):
+        extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "z", vision=VISION, batch_size=0,
+                         progress=False)
+    assert extract_features(enc, tf, SyntheticImages({}), [], tmp_path / "e", vision=VISION,
+                            progress=False)["written"] == 0
+    assert len(FeatureCache(tmp_path / "e", vision=VISION)) == 0  # meta.json and index.json written all the same
