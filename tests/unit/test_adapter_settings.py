@@ -77,3 +77,18 @@ def test_a_wrong_sharing_names_the_setting_beside_the_missing_tensors(tmp_path):
                                                    r"peft\.sharing='single', the model is built with "
                                                    r"peft\.sharing='multiple'\)"):
         ckpt.load_adapter(model, adapter, check_only=True)
+
+
+@pytest.mark.parametrize("key, value", [("model.backbone_path", "/elsewhere/t5"),
+                                        ("model.vision_pretrained", "/elsewhere/clip.pt"),
+                                        ("model.feature_source", "cache"), ("model.dropout", 0.3),
+                                        ("peft.fused", "other"), ("peft.lora_dropout", 0.3)])
+def test_where_the_weights_load_from_the_kernel_and_dropout_rates_may_differ(key, value):
+    """An adapter trained with dropout evaluates without it, from weights moved elsewhere, with another kernel."""
+    base = ["peft.method=lora", "peft.lora_rank=4"]
+    model = build_model(load_config("tiny", base), vocab_size=VOCAB, device="meta")
+    meta = {"run_config": load_config("tiny", base).to_dict()}
+    section, name = key.split(".")
+    assert meta["run_config"][section][name] != value
+    meta["run_config"][section][name] = value
+    assert ckpt.adapter_settings_mismatch(model, meta) is None

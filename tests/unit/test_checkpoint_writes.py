@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -808,3 +809,86 @@ def test_the_frozen_fingerprint_covers_batch_norm_statistics_of_frozen_modules_o
     assert ckpt.frozen_mismatch(older, ckpt.frozen_fingerprint(frozen)) is None
     frozen[1].requires_grad_(True)  # a trained batch norm: its statistics are the run's, not the backbone's
     assert not {k for k in ckpt.frozen_fingerprint(frozen) if k.startswith("1.")}
+
+
+# ----------------------------------------------------------------------------- rules a plausible slip would break
+
+def test_frozen_weights_of_the_same_sum_of_squares_but_other_values_are_told_apart():
+    """[3, 4] and [5, 0] have one sum of squares (25): the sum of |w| (7 vs 5) is what tells them apart."""
+    then, now = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        then.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        now.weight.copy_(torch.tensor([[5.0, 0.0]]))
+    saved = ckpt.frozen_fingerprint(then.requires_grad_(False))
+    problem = ckpt.frozen_mismatch(saved, ckpt.frozen_fingerprint(now.requires_grad_(False)))
+    assert problem == "weight differs (sum of squares 25 now, 25 in the checkpointed run; sum of |w| 5 vs 7)"
+
+
+def test_latest_written_by_hand_with_a_newline_names_its_step(tmp_path):
+    """The refusals say "write 'step1' into .../latest"; ``echo step1 > latest`` adds a newline."""
+    root = tmp_path / "checkpoints"
+    (root / "step1").mkdir(parents=True)
+    (root / ckpt.LATEST).write_text("step1\n")
+    assert ckpt.latest_tag(root) == "step1"
+
+
+def test_client_state_survives_json_with_its_types():
+    """Client state goes through JSON: tuples (python's RNG state), non-string keys, numpy arrays and tensors
+    come back as they went in, with their dtypes."""
+    state = {"rng": (3, (1, 2), None), "by_task": {0: "vqa", 1: "gqa"}, "np": np.arange(3, dtype=np.uint32),
+             "t": torch.tensor([1, 2], dtype=torch.int64), "f": np.float64(0.5)}
+    back = ckpt._from_jsonable(json.loads(json.dumps(ckpt._to_jsonable(state))))
+    assert back["rng"] == (3, (1, 2), None) and back["by_task"] == {0: "vqa", 1: "gqa"} and back["f"] == 0.5
+    assert back["np"].dtype == np.uint32 and back["np"].tolist() == [0, 1, 2]
+    assert back["t"].dtype == torch.int64 and back["t"].tolist() == [1, 2]
+
+
+def test_an_adapter_of_a_newer_format_is_refused_naming_the_versions(tmp_path):
+    from vlscale.config import load_config
+
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter", load_config("tiny"), vocab_size=10)
+    path = tmp_path / "adapter" / ckpt.ADAPTER_CONFIG
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), format_version=ckpt.ADAPTER_FORMAT_VERSION + 1)))
+    with pytest.raises(ckpt.CheckpointError, match=rf"adapter_config\.json: format_version="
+                                                   rf"{ckpt.ADAPTER_FORMAT_VERSION + 1} is newer than this vlscale "
+                                                   rf"\({ckpt.ADAPTER_FORMAT_VERSION}\)"):
+        ckpt.read_adapter_config(tmp_path / "adapter")
+
+
+def test_an_earlier_bf16_checkpoint_is_checked_against_deepspeeds_bf16_file_names(tmp_path):
+    """A checkpoint of an earlier vlscale records no file list: DeepSpeed's names for its stage are expected, the
+    optimizer's with the "bf16_" prefix where the run was bf16 (else a whole checkpoint was called incomplete)."""
+    step = tmp_path / "step2"
+    step.mkdir()
+    (step / "client_state_rank0.json").write_text(json.dumps({"step": 2, "zero_stage": 2}))
+    for name in ("mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (step / name).write_bytes(b"x")
+    ckpt.check_checkpoint_files(step, zero_stage=2)
+    (step / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"incomplete \(zero_pp_rank_0_mp_rank_00_optim_states\.pt is "
+                                                   r"missing\)"):
+        ckpt.check_checkpoint_files(step, zero_stage=2)
+
+
+@pytest.mark.parametrize("zero3", [False, True])
+def test_a_group_no_step_has_drawn_gets_adams_fresh_state(zero3):
+    """A per-task group whose task was never drawn has no optimizer state: it gets what AdamW makes at its first
+    step (zero moments of its partition's shape, step 0, the type of the others' step), the others kept."""
+    flats = [torch.ones(3), torch.ones(2)]
+    states = {0: {"exp_avg": torch.full((3,), 0.1), "exp_avg_sq": torch.full((3,), 0.2), "step": torch.tensor(4.0)}}
+    osd = ({"optimizer_state_dict": {"state": states}, "fp32_flat_groups": flats} if zero3 else
+           {"base_optimizer_state": {"state": states}, "single_partition_of_fp32_groups": flats})
+    ckpt.fill_unstepped_groups({"optimizer_state_dict": osd})
+    assert states[0]["step"].item() == 4.0 and torch.equal(states[0]["exp_avg"], torch.full((3,), 0.1))
+    assert set(states[1]) == {"exp_avg", "exp_avg_sq", "step"}
+    assert torch.equal(states[1]["exp_avg"], torch.zeros(2)) and torch.equal(states[1]["exp_avg_sq"], torch.zeros(2))
+    assert isinstance(states[1]["step"], torch.Tensor) and states[1]["step"].item() == 0.0
+
+
+def test_the_adapter_keeps_persistent_buffers_of_trained_modules_only():
+    """A trained module's running statistics go into adapter/; its non-persistent buffers (scratch a state dict
+    never holds) and a frozen module's buffers do not."""
+    trained, frozen = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2).requires_grad_(False)
+    trained.register_buffer("scratch", torch.ones(2), persistent=False)
+    model = torch.nn.Sequential(trained, frozen)
+    assert [n for n, _ in ckpt.trained_buffers(model)] == ["0.running_mean", "0.running_var", "0.num_batches_tracked"]
