@@ -892,3 +892,26 @@ def test_the_adapter_keeps_persistent_buffers_of_trained_modules_only():
     trained.register_buffer("scratch", torch.ones(2), persistent=False)
     model = torch.nn.Sequential(trained, frozen)
     assert [n for n, _ in ckpt.trained_buffers(model)] == ["0.running_mean", "0.running_var", "0.num_batches_tracked"]
+
+
+def test_an_adapter_of_0_size_tensors_is_refused_as_saved_from_a_partitioned_model(tmp_path):
+    """The classic ZeRO-3 "empty adapter": the refusal says where such a file comes from, beside the shapes."""
+    from safetensors.torch import save_file
+
+    from vlscale.config import load_config
+
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter", load_config("tiny"), vocab_size=10)
+    save_file({"weight": torch.zeros(0), "bias": torch.zeros(2)}, str(tmp_path / "adapter" / ckpt.ADAPTER_WEIGHTS))
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit the model: 1 shape mismatches .*; 0-size tensors "
+                                                   r"saved from a partitioned model \(e\.g\. \['weight'\]\)"):
+        ckpt.load_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter")
+
+
+def test_a_client_state_without_its_step_is_refused_naming_it_and_the_earlier_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in ("step1", "step2"):
+        (root / step).mkdir(parents=True)
+    (root / "step2" / "client_state_rank0.json").write_text(json.dumps({"loader": {}}))
+    with pytest.raises(ckpt.CheckpointError, match=r"step2/client_state_rank0\.json is not a client state \(no "
+                                                   r"'step'\); the previous checkpoint is .*step1: write 'step1'"):
+        ckpt.read_client_state(root / "step2" / "client_state_rank0.json")
