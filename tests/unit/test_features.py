@@ -868,3 +868,14 @@ def test_extraction_counts_each_id_once_and_an_empty_one_leaves_a_cache(encoder,
     assert extract_features(enc, tf, SyntheticImages({}), [], tmp_path / "e", vision=VISION,
                             progress=False)["written"] == 0
     assert len(FeatureCache(tmp_path / "e", vision=VISION)) == 0  # meta.json and index.json written all the same
+
+
+@pytest.mark.parametrize("key, value", [("dim", 0), ("tokens", 0), ("dim", True), ("tokens", 4.0)])
+def test_a_meta_json_width_or_token_count_that_is_not_a_positive_integer_is_refused_at_open(tmp_path, key, value):
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["a"])
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, **{key: value})))
+    with pytest.raises(DataError, match=rf"c/meta\.json: {key}={value!r} must be a positive integer"):
+        FeatureCache(cache)
