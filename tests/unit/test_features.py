@@ -227,8 +227,9 @@ def test_fp16_storage_and_video_frames(encoder, tmp_path):
     enc, tf = encoder
     split = generate_split("tvqa", "val", 4, image_size=16)
     ids = list(split.visuals)
+    assert [len(split.visuals[i]) for i in ids] == [8, 6, 8, 8]  # batches of 14 frames: [8 + 6], [8], [8]
     extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "v", vision=VISION, video=True,
-                     batch_size=10, progress=False)
+                     batch_size=14, progress=False)
     cache = FeatureCache(tmp_path / "v", vision=VISION, expect_kind="frames")
     for i in ids:
         frames = split.visuals[i]
