@@ -57,6 +57,10 @@ def test_widths_scale_with_d_model_and_lora_keeps_alpha_over_rank():
     for kept in ("reduction_factor", "n_prompts", "phm_dim", "hypernet_projected_dim", "method", "sharing"):
         assert mini[kept] == paper[kept]
     assert scale_peft_widths(paper, 768) == paper
+    narrow = scale_peft_widths(paper, 2)  # every width rounds to 0 or 1 here: none may be 0
+    assert min(narrow[k] for k in ("lora_rank", "prompt_hidden_dim", "task_embedding_dim", "layer_embedding_dim",
+                                   "hypernet_hidden_dim")) == 1
+    assert narrow["lora_alpha"] / narrow["lora_rank"] == pytest.approx(paper["lora_alpha"] / paper["lora_rank"])
 
 
 def test_row_overrides_take_the_paper_peft_section_and_the_row_switches():
@@ -388,6 +392,7 @@ def test_seeds_are_parsed_and_named_when_wrong():
     assert parse_seeds("0,1,2") == parse_seeds("0-2") == [0, 1, 2]
     assert parse_seeds("5, 0-1") == [5, 0, 1]
     for bad, said in (("x", "'x' is not a seed"), ("-1", "'-1' is not a seed"), ("3-1", "'3-1' is not a seed"),
+                      ("1-0", "'1-0' is not a seed"),  # an empty range, not no seeds
                       ("0,,1", "'' is not a seed"), ("0-2,1", "seed 1 is given twice")):
         with pytest.raises(ReplicationError, match=f"--seed {re.escape(bad)}: {re.escape(said)}"):
             parse_seeds(bad)
@@ -688,3 +693,97 @@ def test_a_truncated_result_or_stamp_is_refused_in_one_line(tmp_path, launcher, 
             launcher("replicate").make_feature_cache([], cache, 1, "fp", print)
     assert {"results.json", "table1.md", "replicate_backbones.json"} <= set(renamed)
     assert json.loads((cache / "replicate_backbones.json").read_text()) == {"backbones": "fp"}
+
+
+def test_paper_claims_hold_at_their_bounds_and_compare_the_best_prompt():
+    """The claims' own words at their edges: >= 97 % of full fine-tuning holds at 97 %, < 10 % updated fails at
+    10 %; prompts *below* every adapter fails on a tie, a single adapter that *does not lose* holds on one; a
+    Table 5 addition that *improves* fails on a tie. The best prompt row is the one compared, not any."""
+    def r(avg, pct=5.0):
+        return {"avg": avg, "updated_pct": pct, "scores": {}}
+
+    def holds(table, results):
+        return [c["holds"] for c in paper_claims(TABLES[table], results)]
+
+    assert holds(1, {"full_ft": r(100.0, 100.0), "single_adapter": r(97.0, 9.99)}) == [True]
+    assert holds(1, {"full_ft": r(100.0, 100.0), "single_adapter": r(97.0, 10.0)}) == [False]
+    tie = {"single_adapter": r(70.0), "multiple_adapters": r(70.0), "single_prompt": r(70.0)}
+    assert holds(1, tie) == [False, True]
+    best_prompt_above = {"single_adapter": r(70.0), "multiple_prompts": r(71.0), "single_prompt": r(50.0)}
+    checks = paper_claims(TABLES[1], best_prompt_above)
+    assert [c["holds"] for c in checks] == [False] and "best prompt multiple_prompts 71.00" in checks[0]["value"]
+    assert holds(5, {"projection_only": r(50.0), "projection_layer_norms": r(50.0)}) == [False]
+
+
+def test_a_task_some_seed_lacks_is_left_out_of_the_mean():
+    """A row's mean over seeds covers the tasks every seed scored; one seed's extra task is not averaged with
+    the others' missing one (a KeyError before any table was written, had it been)."""
+    def r(avg, **scores):
+        return {"label": "x", "updated_pct": 7.4, "scores": scores, "avg": avg}
+
+    rows, partial = aggregate_seeds({0: {"full_ft": r(50.0, vqa=40.0, gqa=60.0)}, 1: {"full_ft": r(40.0, vqa=40.0)}})
+    assert rows["full_ft"]["scores"] == {"vqa": 40.0} and rows["full_ft"]["avg"] == 45.0 and partial == []
+
+
+def test_a_training_stopped_early_is_resumed_not_evaluated(tmp_path):
+    """A training stopped by a signal writes its adapter and a run_summary.json with ``completed: false``: the
+    rerun resumes it from its checkpoint; evaluating that adapter would put a short training in the table."""
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    ov = row_overrides(row, feature_cache=str(tmp_path / "features"), steps=300)
+    run = tmp_path / "runs" / "single_adapter"
+    _trained(run, ov)
+    (run / "run_summary.json").write_text(json.dumps({"completed": False, "steps": 2}))
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (cmd,) = plan_job(row, ov, run).commands
+    assert cmd[0] == "train" and "--resume" in cmd[1]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_cleared_but_not_on_a_dry_run(tmp_path):
+    """A row's folder without a checkpoint is cleared before it trains afresh, its command logs kept (they say
+    why the earlier attempt stopped); --dry-run plans the same and removes nothing."""
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    ov = row_overrides(row, feature_cache=str(tmp_path / "features"), steps=300)
+    run = tmp_path / "runs" / "single_adapter"
+    (run / "tensorboard").mkdir(parents=True)
+    for name in ("train.log", "eval.log", "train_log.jsonl", "run_config.yaml"):
+        (run / name).write_text("x\n")
+    before = sorted(p.name for p in run.iterdir())
+    (cmd,) = plan_job(row, ov, run, dry_run=True).commands
+    assert cmd[0] == "train" and "--resume" not in cmd[1] and sorted(p.name for p in run.iterdir()) == before
+    (cmd,) = plan_job(row, ov, run).commands
+    assert cmd[0] == "train" and "--resume" not in cmd[1]
+    assert sorted(p.name for p in run.iterdir()) == ["eval.log", "train.log"]
+
+
+def test_a_training_ended_by_the_signal_itself_is_interrupted_not_failed(tmp_path):
+    """A training the signal ends before train.py handles it (SIGTERM during start-up: exit -15, or SIGINT's -2)
+    is interrupted too: a rerun resumes or restarts it, as after 130 / 143."""
+    import signal
+    import sys
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner
+
+    rows = get_table(1).rows
+    jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i), commands=deque([(
+        "train", [sys.executable, "-c", f"import os; os.kill(os.getpid(), {int(sig)})"])]))
+        for i, sig in enumerate((signal.SIGTERM, signal.SIGINT))]
+    for job in jobs:
+        job.run_dir.mkdir()
+    said = []
+    Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
+    assert [j.phase for j in jobs] == ["interrupted", "interrupted"], said
+    assert any(f"stopped by a signal (exit {-signal.SIGTERM})" in m for m in said)
+
+
+def test_a_truncated_results_json_of_any_seed_is_refused_before_anything_runs(tmp_path):
+    """Over several seeds each seed<S>/results.json is read at the end as --out's is: one cut short is refused
+    up front, naming it, not after the trainings."""
+    from vlscale.replicate import check_layout
+
+    check_layout(tmp_path, [0, 1])
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "results.json").write_text('{"table": 1, "methods": {')
+    with pytest.raises(ReplicationError, match=rf"^{tmp_path / 'seed1' / 'results.json'} is not valid JSON"):
+        check_layout(tmp_path, [0, 1])
