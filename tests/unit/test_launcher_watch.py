@@ -212,3 +212,133 @@ def test_timeouts_from_the_environment_must_be_positive(monkeypatch):
         monkeypatch.setenv("VLSCALE_DIST_TIMEOUT", raw)
         with pytest.raises(ValueError, match=rf"VLSCALE_DIST_TIMEOUT='{raw}' must be a finite number of seconds > 0"):
             dist_timeout_s()
+
+
+def test_entry_point_skips_the_values_of_pythons_options():
+    """``python -X importtime -m torchrun`` runs torchrun, not a script named "importtime"; ``python -`` reads stdin."""
+    py = "/usr/bin/python3"
+    assert entry_point([py, "-X", "importtime", "-m", "torch.distributed.run", "t.py"]) == "torch.distributed.run"
+    assert entry_point([py, "-X", "dev", "/env/bin/torchrun", "t.py"]) == "torchrun"
+    assert entry_point([py, "-", "deepspeed.launcher.launch"]) == "-"
+
+
+class _Proc:
+    """A psutil.Process stand-in: its pid, whether it runs, its parent's pid."""
+
+    def __init__(self, pid, running=True, ppid=1):
+        self.pid, self.running, self._ppid = pid, running, ppid
+
+    def cmdline(self):
+        return ["/usr/bin/python3", "-m", "deepspeed.launcher.launch"]
+
+    def is_running(self):
+        return self.running
+
+    def ppid(self):
+        return self._ppid
+
+
+def test_a_launcher_gone_by_either_sign_is_gone():
+    """A rank's launcher is gone when the rank's parent is another process (reparented) or when the launcher no
+    longer runs; DeepSpeed's runner when the launcher's parent is another process or the runner no longer runs:
+    either sign alone suffices (a pid reused by another process still runs)."""
+    me = os.getppid()
+    assert LauncherWatch(_Proc(me)).gone() is None
+    assert "its launcher deepspeed.launcher.launch" in LauncherWatch(_Proc(me + 1)).gone()  # reparented, pid reused
+    assert "is gone" in LauncherWatch(_Proc(me, running=False)).gone()  # not yet reparented
+    assert LauncherWatch(_Proc(me, ppid=77), _Proc(77)).gone() is None
+    assert "DeepSpeed's runner (pid 77) is gone" in LauncherWatch(_Proc(me, ppid=1), _Proc(77)).gone()
+    assert "DeepSpeed's runner (pid 77) is gone" in LauncherWatch(_Proc(me, ppid=77), _Proc(77, running=False)).gone()
+
+
+def test_the_launchers_world_size_is_read_before_any_process_group(monkeypatch):
+    """train.py derives the accumulation from it before DeepSpeed starts: 1 without a launcher, the launcher's
+    WORLD_SIZE (torchrun, deepspeed) or OMPI_COMM_WORLD_SIZE (mpirun), None where a launcher set no size."""
+    from vlscale.engine.distributed import launcher_world_size
+
+    for var in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_world_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert launcher_world_size() is None
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
+    assert launcher_world_size() == 8
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launcher_world_size() == 4
+
+
+def test_a_peers_end_is_told_from_other_errors():
+    """gloo's errors when another rank's process ended are echoes (that rank's own line says why); any other
+    error, or one of these words in another exception type, is this rank's own."""
+    from vlscale.engine.distributed import peer_gone
+
+    for said in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"):
+        assert peer_gone(RuntimeError(f"[../gloo/transport/tcp/pair.cc:534] {said} [127.0.0.1]:30461"))
+        assert not peer_gone(ValueError(said))
+    assert not peer_gone(RuntimeError("CUDA out of memory"))
+
+
+def test_without_a_gpu_deepspeeds_cpu_accelerator_is_chosen(monkeypatch):
+    """No DS_ACCELERATOR and no GPU: ``cpu`` is chosen (and exported for deepspeed); a DS_ACCELERATOR set is
+    kept; a process started without a launcher runs on cuda only where DeepSpeed's accelerator is not cpu."""
+    import torch
+
+    from vlscale.engine.distributed import local_device_type, select_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert select_accelerator() == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
+    assert local_device_type() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_device_type() == "cpu"  # DS_ACCELERATOR=cpu on a GPU machine: the ranks run on the CPU
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert select_accelerator() == "cuda" and local_device_type() == "cuda"
+
+
+def test_a_watchdog_fed_by_beats_stays_quiet_and_a_starved_one_ends_the_process(monkeypatch):
+    """Each step's beat keeps a rank alive however long the run; a rank with no beat for the timeout is ended
+    (exit 3) as hung."""
+    from vlscale.engine import distributed
+
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed.faulthandler, "dump_traceback", lambda **kwargs: None)
+    w = distributed.Watchdog(0.7, rank=2).start()
+    try:
+        for _ in range(15):  # 1.5 s of steps, each well within the timeout
+            time.sleep(0.1)
+            w.beat("step")
+        assert exits == []
+        deadline = time.monotonic() + 5
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exits[:1] == [distributed.EXIT_HUNG]
+    finally:
+        w.stop()
+
+
+def test_a_stop_asked_by_signal_keeps_the_launcher_watch_quiet(monkeypatch, capsys):
+    """A Ctrl-C reaches DeepSpeed's runner as well, which ends: the rank's StopSignal, stopping already, keeps
+    its LauncherWatch from sending the SIGTERM that would abort it after the debounce."""
+    from vlscale.engine.distributed import StopSignal
+
+    monkeypatch.setattr(StopSignal, "requested_at", None)
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))
+    StopSignal()._handle(signal.SIGINT, None)
+    assert "SIGINT received" in capsys.readouterr().err
+    w = LauncherWatch(_Proc(os.getppid()), rank=0, period_s=0.02, log=lambda line: None)
+    monkeypatch.setattr(w, "gone", lambda: "DeepSpeed's runner (pid 1) is gone")
+    w.start()._thread.join(5)
+    assert w.fired is None and not sent
+
+
+def test_without_a_process_group_the_collectives_are_those_of_one_rank():
+    """One process (no group, or a 1-rank one): every rank's object is a list of this one, a broadcast is the
+    object, a sum is the numbers as floats; callers iterate and index them as with several ranks."""
+    from vlscale.engine.distributed import all_gather_object, all_reduce_sum, broadcast_object
+
+    assert all_gather_object(15) == [15] and all_gather_object(None) == [None]
+    assert broadcast_object({"step": 3}) == {"step": 3}
+    assert all_reduce_sum([1, 2.5], "cpu") == [1.0, 2.5]

@@ -37,3 +37,25 @@ def test_trainings_at_once_and_threads_follow_the_cpus_this_process_may_use(monk
     assert usable_cpu_count() == 1
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert usable_cpu_count() == 64
+
+
+def test_a_ranks_threads_follow_omp_num_threads_or_the_ranks_on_its_node(monkeypatch, tmp_path):
+    """OMP_NUM_THREADS (torchrun sets 1) is kept as torch took it; otherwise the node's usable CPUs are split over
+    its ranks, counted by LOCAL_WORLD_SIZE (torchrun, deepspeed) or LOCAL_SIZE (MPI launchers)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(distributed, "CGROUP_ROOT", tmp_path)
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert share_cpu_cores() == 3 and torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert share_cpu_cores() == 4 and torch.get_num_threads() == 4
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("LOCAL_SIZE", "4")
+        assert share_cpu_cores() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
