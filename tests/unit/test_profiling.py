@@ -165,6 +165,66 @@ def test_zero3_optimizer_offload_keeps_fp32_gradients_on_the_host():
 
 
 
+def test_sizes_are_written_in_the_largest_unit_they_reach_and_read_only_when_finite():
+    assert [analytic.fmt_bytes(n) for n in (1023, 1024, 2 ** 20, 2 ** 30, -(2 ** 20), 3 * 2 ** 29)] == \
+        ["1023 B", "1.00 KiB", "1.00 MiB", "1.00 GiB", "-1.00 MiB", "1.50 GiB"]
+    with pytest.raises(ValueError, match=r"memory size '1e999GB' is not a finite size"):
+        parse_size("1e999GB")  # float overflow: inf, not an OverflowError traceback from int()
+
+
+def test_optimizer_offload_needs_a_partitioned_optimizer():
+    """DeepSpeed offloads the optimizer from ZeRO stage 2 on; stages 0 and 1 are refused naming the stage."""
+    for stage in (0, 1):
+        with pytest.raises(ValueError, match=rf"offload_optimizer needs stage 2 or 3, not {stage}"):
+            ZeroSettings(stage=stage, offload_optimizer="cpu")
+    assert ZeroSettings(stage=2, offload_optimizer="nvme").offload_optimizer == "nvme"
+
+
+def test_the_runs_zero_stage_overrides_the_files():
+    """estimate_memory passes train.zero_stage over the DeepSpeed file's stage; "auto" in the file is stage 0."""
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert ZeroSettings.from_ds_config(ds, stage=3).stage == 3 and ZeroSettings.from_ds_config(ds).stage == 2
+    assert ZeroSettings.from_ds_config({"zero_optimization": {"stage": "auto"}}).stage == 0
+
+
+def test_zero3_keeps_small_parameters_whole_up_to_the_models_persistence_budget():
+    """stage3_param_persistence_threshold keeps parameters of at most that many elements whole on every rank,
+    in module order, only while their total stays within stage3_model_persistence_threshold."""
+    inv = _inv([4, 3, 1000], [True, False, False])
+    z = ZeroSettings(stage=3, param_persistence_threshold=5, model_persistence_threshold=5)
+    st = engine_state(inv, z, 4, "fp32", "cpu")
+    assert st.persistent_params == 4 * 4  # the 3-element one would take the budget to 7 > 5
+    assert st.params == (1 + 1 + 250) * 4 + 4 * 4
+
+
+def test_zero2_buckets_and_gradient_partition_boundaries():
+    """Stage 2: the reduce bucket holds at most the trainable elements there are; the gradient partition holds
+    the parameters overlapping the rank's slice (one starting where the slice ends is the next rank's); with the
+    optimizer offloaded, gradients leave through the bucket."""
+    inv = _inv([4, 4, 100], [True, True, False])
+    z2 = engine_state(inv, ZeroSettings(stage=2, reduce_bucket_size=1000), 2, "fp32", "cpu")
+    assert z2.comm_backward == 8 * 4  # min(bucket 1000, 8 trainable elements)
+    assert z2.grads == 4 * 4  # 8 elements over 2 ranks: slices [0, 4) and [4, 8), one parameter each
+    off = engine_state(inv, ZeroSettings(stage=2, reduce_bucket_size=3, offload_optimizer="cpu"), 2, "fp32", "cuda")
+    assert off.grads == 3 * 4
+
+
+def test_floating_buffers_take_the_runs_precision():
+    """Persistent buffers: floating ones (batch-norm statistics) are held in the run's dtype, others (integer
+    counters) in their own."""
+    inv = _inv([10], [True])
+    inv.buffers = [(10, 0), (3, 8)]
+    assert inv.buffer_bytes(2) == 10 * 2 + 3 * 8 and inv.buffer_bytes(4) == 10 * 4 + 3 * 8
+
+
+def test_zero3_sub_groups_close_when_they_reach_the_sub_group_size():
+    """DeepSpeed closes a ZeRO-3 optimizer sub-group once its partition reaches sub_group_size elements (>=):
+    each sub-group has its own step counter, and the step's fp32 temporaries are the largest sub-group's."""
+    inv = _inv([8, 8], [True, True])
+    st = engine_state(inv, ZeroSettings(stage=3, sub_group_size=2, param_persistence_threshold=0), 4, "fp32", "cpu")
+    assert st.optimizer == 2 * (2 * 12 + 4)  # two sub-groups of 2 elements a rank, not one of 4
+
+
 def _unmodelled_value(ok):
     """A value the estimate does not model for a row of UNMODELLED_SETTINGS."""
     if ok is None:
