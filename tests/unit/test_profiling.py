@@ -225,6 +225,16 @@ def test_zero3_sub_groups_close_when_they_reach_the_sub_group_size():
     assert st.optimizer == 2 * (2 * 12 + 4)  # two sub-groups of 2 elements a rank, not one of 4
 
 
+def test_an_nvme_offloaded_optimizer_leaves_even_the_cpu_accelerators_memory():
+    """On DeepSpeed's CPU accelerator what is offloaded to "cpu" stays in the (host) device memory; what is
+    offloaded to NVMe does not: no optimizer state, fp32 master gradient or ZeRO-3 gradient partition is left."""
+    inv = _inv([10, 7, 5, 1000], [True, True, False, False], [2, 1, 2, 2])
+    for stage in (2, 3):
+        st = engine_state(inv, ZeroSettings(stage=stage, offload_optimizer="nvme"), 4, "bf16", "cpu")
+        assert st.optimizer == 0 and st.master_grads == 0, stage
+    assert engine_state(inv, ZeroSettings(stage=3, offload_optimizer="nvme"), 4, "bf16", "cpu").grads == 0
+
+
 def _unmodelled_value(ok):
     """A value the estimate does not model for a row of UNMODELLED_SETTINGS."""
     if ok is None:
