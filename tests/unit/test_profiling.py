@@ -888,3 +888,15 @@ def test_planner_keeps_the_files_offload_settings(tmp_path, monkeypatch):
     assert (written["offload_param"]["buffer_count"], written["offload_optimizer"]["fast_init"]) == (16, False)
     assert write_ds_config(by["opt_param_cpu"], tmp_path / "cpu.json", ds_file=str(nvme))["zero_optimization"][
         "offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_zero3_parameter_offload_moves_the_partitions_and_keeps_the_persistent_parameters_on_the_device():
+    """offload_param: each rank's partitions go to the host; the parameters ZeRO-3 keeps whole (persistence
+    threshold) stay on the device and are not counted on the host as well."""
+    inv = _inv([4, 3, 1000], [True, False, False])
+    kw = dict(stage=3, param_persistence_threshold=5, model_persistence_threshold=5)
+    on = engine_state(inv, ZeroSettings(**kw), 4, "fp32", "cuda")
+    off = engine_state(inv, ZeroSettings(**kw, offload_param="cpu"), 4, "fp32", "cuda")
+    assert on.persistent_params == off.persistent_params == 4 * 4 and on.params == (1 + 1 + 250) * 4 + 4 * 4
+    assert off.params == off.persistent_params
+    assert off.host - on.host == on.params - on.persistent_params == (1 + 1 + 250) * 4
