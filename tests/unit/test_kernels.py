@@ -192,6 +192,17 @@ def test_dispatch_errors_are_clear(monkeypatch):
     assert select_backend(args[0]) == ("torch", "requested")
 
 
+def test_a_blank_or_differently_written_backend_variable_is_read_as_meant(monkeypatch):
+    """VLSCALE_ADAPTER_BACKEND set but empty (``VLSCALE_ADAPTER_BACKEND= python ...``) is auto, and a value is read
+    without its surrounding blanks and case."""
+    for value, expected in (("", "auto"), ("  ", "auto"), (" Torch ", "torch"), ("TRITON", "triton")):
+        monkeypatch.setenv(ka.BACKEND_ENV, value)
+        assert ka.env_backend() == expected, repr(value)
+    monkeypatch.setenv(ka.BACKEND_ENV, "")
+    args, _ = _inputs((5,), 16, 4)
+    torch.testing.assert_close(fused_adapter(*args), adapter_reference(*args))
+
+
 def test_input_validation_names_the_argument():
     args, _ = _inputs((5,), 16, 4)
     x, wd, bd, wu, bu = args
@@ -205,6 +216,11 @@ def test_input_validation_names_the_argument():
         fused_adapter(x, wd, bu, wu, bu)
     with pytest.raises(ValueError, match="w_up has dtype"):
         fused_adapter(x, wd, bd, wu.double(), bu)
+    # the biases' dtype and every tensor's device are checked too (F.linear's own errors name no argument)
+    with pytest.raises(ValueError, match="b_up has dtype torch.float64 but x has torch.float32"):
+        fused_adapter(x, wd, bd, wu, bu.double())
+    with pytest.raises(ValueError, match="w_down is on meta but x is on cpu"):
+        fused_adapter(x, wd.to("meta"), bd, wu, bu)
 
 
 # ------------------------------------------------------------------------------- Triton interpreter

@@ -177,6 +177,23 @@ def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpre
     assert saved["activations"] == saved["z_bytes"], saved
 
 
+def test_triton_dispatch_refusals_and_unusual_x_under_interpreter(triton_interpreter):
+    """Under the interpreter (where the kernels would run on CPU tensors) fp64 and an autocast region still go to
+    the PyTorch path, with the reason, and backend='triton' is refused under autocast; a transposed x and an x of
+    no tokens give the reference's values and gradients."""
+    edge = triton_interpreter["edge"]
+    path, reason = edge["fp64_dispatch"]
+    assert path == "torch" and "dtype torch.float64 is not supported" in reason
+    path, reason = edge["autocast_dispatch"]
+    assert path == "torch" and "torch.autocast is on for cpu (torch.bfloat16" in reason
+    assert "backend='triton' requested but torch.autocast is on" in edge["autocast_triton"]
+    for name in ("transposed_x", "empty_x"):
+        case = edge[name]
+        assert len(case["errs"]) == 6 and all(case["shapes"]), (name, case)
+        for err, scale in zip(case["errs"], case["scale"]):
+            assert err <= 1e-5 * max(1.0, scale), (name, case)
+
+
 def test_triton_function_under_torch_func(triton_interpreter):
     """tests/unit/triton_interpreter_checks.py: torch_func_cases. grad, vmap (x batched: more tokens for the
     kernels; weights batched: the PyTorch Function), per-sample gradients, jacrev and grad of grad over the

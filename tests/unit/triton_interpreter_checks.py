@@ -106,6 +106,28 @@ def edge_cases() -> dict:
         "errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
         "scale": [b.abs().max().item() for b in ref]}
     out["bf16_path"] = select_backend(torch.zeros(1, dtype=torch.bfloat16))[0]
+    # what the kernels never take, though the interpreter runs them: fp64 inputs, an autocast region
+    out["fp64_dispatch"] = list(select_backend(torch.zeros(1, dtype=torch.float64)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out["autocast_dispatch"] = list(select_backend(torch.zeros(1)))
+        try:
+            fused_adapter(x.float(), wd.float(), None, wu.float(), None, backend="triton", config=cfg)
+            out["autocast_triton"] = "ran"
+        except RuntimeError as e:
+            out["autocast_triton"] = str(e)
+    # a transposed x (the kernels read rows of a contiguous copy) and no tokens at all: values and gradients
+    xs = {"transposed": x.T.contiguous().T, "empty": x[:0]}
+    for name, xx in xs.items():
+        leaves = [t.to(torch.float32).requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
+        h = fused_adapter(*leaves, backend="triton", config=cfg)
+        got = [h] + list(torch.autograd.grad(h, leaves, dh[:len(xx)].float()))
+        leaves = [t.detach().requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
+        h = adapter_reference(*leaves)
+        ref = [h] + list(torch.autograd.grad(h, leaves, dh[:len(xx)]))
+        out[f"{name}_x"] = {"shapes": [list(a.shape) == list(b.shape) for a, b in zip(got, ref)],
+                            "errs": [(a.double() - b).abs().max().item() if b.numel() else 0.0
+                                     for a, b in zip(got, ref)],
+                            "scale": [b.abs().max().item() if b.numel() else 0.0 for b in ref]}
     # bytes saved for backward beyond the inputs with a transposed x: z only, no contiguous copy of x
     from vlscale.profiling.measure import saved_bytes
 
