@@ -17,6 +17,7 @@ import json
 import time
 
 import pytest
+import torch
 
 STEPS = 5
 
@@ -99,3 +100,83 @@ def test_fp16_resume_continues_the_loss_scale(fp16, h):
         assert (b["skipped"], b["loss_scale"], b["lr"]) == (a["skipped"], a["loss_scale"], a["lr"]), f"step {a['step']}"
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
     assert h.read_json(fp16["z3_resumed"] / "run_summary.json")["skipped_steps"] == sum(r["skipped"] for r in reference)
+
+
+# ------------------------------------------------------------------------------- the rules, on stand-in engines
+# The runs above take DeepSpeed's CPU path: FP16_UnfusedOptimizer, one accumulation step, a loss scale always set.
+# These check vlscale.engine.half_precision's rules where those runs do not reach them (a GPU's fused wrapper,
+# gradient accumulation, a step whose norm is not finite), on objects with the attributes DeepSpeed's have.
+class _Wrapper:
+    """A DeepSpeed optimizer wrapper as half_precision reads it: the inner optimizer and the loss scale."""
+
+    def __init__(self, params, loss_scale):
+        self.params = list(params)
+        self.optimizer = torch.optim.Adam(self.params, lr=0.1)
+        self.loss_scale = loss_scale
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+class _Engine:
+    """``backward`` divides the loss by the accumulation steps, as DeepSpeed's does, and multiplies it by
+    ``multiplier`` (the loss scale where the engine scales, 1 at stage 0 in DeepSpeed 0.19.8)."""
+
+    def __init__(self, wrapper="FP16_UnfusedOptimizer", accumulation=1, loss_scale=1024.0, multiplier=1.0, norm=None):
+        self.module = torch.nn.Linear(3, 2)
+        self.optimizer = type(wrapper, (_Wrapper,), {})(self.module.parameters(), loss_scale)
+        self.accumulation, self.multiplier, self.norm = accumulation, multiplier, norm
+
+    def gradient_accumulation_steps(self):
+        return self.accumulation
+
+    def backward(self, loss):
+        (loss / self.accumulation * self.multiplier).backward()
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def test_the_loss_scale_probe_reads_the_engines_multiplier_at_any_accumulation():
+    """``engine_scales_fp16_loss`` tells an engine that scales the loss from one that does not, also when the
+    engine divides it by several accumulation steps, leaves no gradient behind (a zero gradient would make the
+    first step update a parameter that got none), and refuses a multiplier it does not know."""
+    from vlscale.engine.half_precision import engine_scales_fp16_loss
+
+    for accumulation in (1, 4):
+        for scales in (True, False):
+            engine = _Engine(accumulation=accumulation, multiplier=1024.0 if scales else 1.0)
+            assert engine_scales_fp16_loss(engine) is scales, (accumulation, scales)
+            assert all(p.grad is None for p in engine.module.parameters()), (accumulation, scales)
+    with pytest.raises(RuntimeError, match=r"multiplied the loss by 3\.0, neither the loss scale 1024\.0 nor 1"):
+        engine_scales_fp16_loss(_Engine(accumulation=2, multiplier=3.0))
+
+
+def test_only_a_stage0_wrappers_initial_step_is_forgotten():
+    from vlscale.engine.half_precision import STAGE0_WRAPPERS, undo_initial_step
+
+    def stepped(wrapper):
+        engine = _Engine(wrapper)
+        engine.module(torch.ones(1, 3)).sum().backward()
+        engine.optimizer.optimizer.step()
+        return engine
+
+    assert STAGE0_WRAPPERS == ("FP16_Optimizer", "FP16_UnfusedOptimizer")  # GPU (fused) and CPU
+    for wrapper in STAGE0_WRAPPERS:
+        engine = stepped(wrapper)
+        assert undo_initial_step(engine) is True and not engine.optimizer.optimizer.state, wrapper
+        assert undo_initial_step(engine) is False, wrapper  # nothing left to forget
+    zero = stepped("DeepSpeedZeroOptimizer")  # a ZeRO optimizer's state is its own
+    assert undo_initial_step(zero) is False and len(zero.optimizer.optimizer.state) == 2
+
+
+def test_the_gradient_norm_is_unscaled_only_where_deepspeed_left_it_scaled():
+    from vlscale.engine.half_precision import unscaled_grad_norm
+
+    assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=torch.tensor(2048.0)), 1024.0) == 2.0
+    assert unscaled_grad_norm(_Engine("FP16_Optimizer", norm=3.0), 1024.0) == 3.0  # fused: unscaled already
+    assert unscaled_grad_norm(_Engine("DeepSpeedZeroOptimizer", norm=3.0), 1024.0) == 3.0
+    assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=3.0), None) == 3.0  # no fp16 loss scale
+    for norm in (None, float("inf"), float("nan")):  # not computed, or a skipped step
+        assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=norm), 1024.0) is None, norm
