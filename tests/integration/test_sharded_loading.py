@@ -387,6 +387,139 @@ def test_checkpoint_tensors_the_model_lacks_are_named(sharded_ckpt, tmp_path, ca
     assert not caplog.records
 
 
+def _fake_partitioned(module, rank, world_size, dtype=torch.float32):
+    """``module``'s parameters as ZeRO-3 leaves them on ``rank`` of ``world_size`` (DeepSpeed's layout, without
+    DeepSpeed): ``data`` empty, ``ds_tensor`` the rank's ceil(numel / W) elements (the last rank's padded).
+    -> {name: (ds_tensor, number of its elements that are the parameter's)}."""
+    out = {}
+    for i, (name, p) in enumerate(module.named_parameters()):
+        part = -(-p.numel() // world_size)
+        p.ds_id, p.ds_numel, p.ds_shape = i, p.numel(), p.shape
+        p.ds_tensor = torch.full((part,), -1.0, dtype=dtype)
+        p.data = torch.empty(0)
+        out[name] = (p.ds_tensor, max(0, min(part, p.ds_numel - rank * part)))
+    return out
+
+
+def test_each_rank_fills_exactly_its_partition_from_the_rows_that_hold_it(tmp_path):
+    """The loader's partition arithmetic, in one process on parameters laid out as ZeRO-3 leaves them: a rank's
+    elements of each flattened tensor (rows cut at both ends, a 3-D tensor, a scalar, ranks past a small tensor's
+    end), the ranks' partitions together the whole checkpoint, and each rank reading about 1/W of it."""
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    def model():
+        m = torch.nn.Module()
+        m.matrix = torch.nn.Parameter(torch.zeros(10, 7))
+        m.cube = torch.nn.Parameter(torch.zeros(3, 4, 5))
+        m.bias = torch.nn.Parameter(torch.zeros(5))
+        m.scale = torch.nn.Parameter(torch.zeros(()))
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(p.shape, generator=g) for name, p in model().named_parameters()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    total = sum(t.numel() * 4 for t in state.values())
+    for world_size, dtype in ((2, torch.float32), (4, torch.bfloat16)):
+        pieces = {name: [] for name in state}
+        filled = 0
+        for rank in range(world_size):
+            m = model()
+            parts = _fake_partitioned(m, rank, world_size, dtype)
+            report = load_sharded_safetensors(m, tmp_path, rank=rank, world_size=world_size)
+            for name, (ds_tensor, valid) in parts.items():
+                pieces[name].append(ds_tensor[:valid])
+                assert (ds_tensor[valid:] == -1).all(), (name, rank, world_size)  # padding left alone
+            assert report.tensors == len(state) and report.checkpoint_bytes == total
+            assert report.partition_bytes == sum(valid for _, valid in parts.values()) * dtype.itemsize, (rank, dtype)
+            assert report.bytes_read < 0.75 * total if world_size == 4 else report.bytes_read < 0.7 * total
+            filled += report.partition_bytes
+        for name, t in state.items():
+            assert torch.equal(torch.cat(pieces[name]), t.reshape(-1).to(dtype)), (name, world_size)
+        assert filled == total * dtype.itemsize // 4
+
+
+def test_a_gathered_or_nvme_partition_is_refused_by_name(tmp_path):
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import ShardedLoadError, load_sharded_safetensors
+
+    save_file({"weight": torch.ones(6, 4)}, str(tmp_path / "model.safetensors"))
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(torch.zeros(6, 4))
+    _fake_partitioned(m, 0, 2)
+    m.weight.data = torch.zeros(6, 4)  # gathered (in use, or persistent): its partition is not what a forward reads
+    with pytest.raises(ShardedLoadError, match="parameter 0 is gathered"):
+        load_sharded_safetensors(m, tmp_path, rank=0, world_size=2)
+    m.weight.data = torch.empty(0)
+    m.weight.ds_tensor.final_location = OffloadDeviceEnum.nvme
+    with pytest.raises(ShardedLoadError, match="parameter 0: its partition lives on NVMe"):
+        load_sharded_safetensors(m, tmp_path, rank=0, world_size=2)
+
+
+def test_names_with_or_without_the_prefix_tied_aliases_and_buffers_are_found(tmp_path):
+    """A checkpoint of the bare model loads into one whose names carry ``base_model_prefix`` and the other way
+    round (a BartModel's files into BartForConditionalGeneration's ``model.``); a tied parameter saved under both
+    its names is read once and neither name is reported unexpected; persistent buffers are loaded too."""
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    def model(prefixed):
+        inner = torch.nn.Module()
+        inner.embed = torch.nn.Embedding(4, 3)
+        inner.head = torch.nn.Linear(3, 4, bias=False)
+        inner.head.weight = inner.embed.weight  # tied
+        inner.register_buffer("positions", torch.zeros(5))
+        if not prefixed:
+            inner.base_model_prefix = "model"
+            return inner
+        outer = torch.nn.Module()
+        outer.model, outer.base_model_prefix = inner, "model"
+        return outer
+
+    embed, positions = torch.randn(4, 3), torch.arange(5.0)
+    for saved_prefix, prefixed in (("", True), ("model.", False)):
+        folder = tmp_path / f"saved_{bool(saved_prefix)}"
+        folder.mkdir()
+        save_file({f"{saved_prefix}embed.weight": embed, f"{saved_prefix}head.weight": embed.clone(),
+                   f"{saved_prefix}positions": positions}, str(folder / "model.safetensors"))
+        m = model(prefixed)
+        report = load_sharded_safetensors(m, folder, rank=0, world_size=1)
+        inner = m.model if prefixed else m
+        assert torch.equal(inner.embed.weight.detach(), embed) and inner.head.weight is inner.embed.weight
+        assert torch.equal(inner.positions, positions), (saved_prefix, prefixed)
+        assert report.unexpected_keys == [] and report.tensors == 2, (saved_prefix, report)
+
+
+def test_an_index_naming_a_missing_shard_is_refused_by_name(sharded_ckpt, tmp_path):
+    import shutil
+
+    from vlscale.engine.sharded_loading import ShardedLoadError, load_sharded_safetensors
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(sharded_ckpt, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ShardedLoadError, match=rf"model\.safetensors\.index\.json names shard '{shard.name}', "
+                                              rf"which is not in {broken}"):
+        load_sharded_safetensors(tiny_t5(), broken, rank=0, world_size=1)
+
+
+def test_a_dtype_that_disagrees_with_the_deepspeed_config_is_refused_before_the_build():
+    """build_lm_zero3's dtype must be the one zero.Init partitions in (bf16 / fp16 / fp32 from the DeepSpeed
+    config): the error names both, before any parameter is built."""
+    from vlscale.engine.sharded_loading import build_lm_zero3
+
+    for ds, dtype, expected in (({"fp16": {"enabled": True}}, torch.float32, "torch.float16"),
+                                ({"bf16": {"enabled": True}}, torch.float16, "torch.bfloat16"),
+                                ({"fp16": {"enabled": False}}, torch.bfloat16, "torch.float32")):
+        with pytest.raises(ValueError, match=rf"dtype={dtype} disagrees .* partitioned in {expected}\)"):
+            build_lm_zero3("tiny-t5", ds_config=ds, dtype=dtype)
+
+
 def _files(folder):
     """{relative path: bytes} of every file under ``folder``; a symbolic link as ("link", its target)."""
     return {str(p.relative_to(folder)): ("link", str(p.readlink())) if p.is_symlink() else p.read_bytes()
