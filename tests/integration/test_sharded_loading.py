@@ -686,3 +686,28 @@ def test_lm_layers_are_marked_as_zero3_units(backbone, layers):
         cfg.encoder_layers + cfg.decoder_layers
     assert len(marked) == n_layers and all(type(model.get_submodule(n)).__name__ in layers for n in marked)
     assert all(n.startswith("lm.") for n in marked)
+
+
+def test_leaf_layers_off_marks_nothing():
+    """``train.zero3_leaf_layers=false`` (each linear and norm gathered on its own, as DeepSpeed does by default)
+    leaves every module unmarked; on, the config's setting marks the layers."""
+    from deepspeed.utils import z3_leaf_module
+
+    from vlscale.config import load_config
+    from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
+    from vlscale.modeling.vl_model import build_model
+
+    for on in (False, True):
+        cfg = load_config("tiny", [f"train.zero3_leaf_layers={str(on).lower()}"])
+        model = build_model(cfg, vocab_size=VOCAB)
+        assert mark_zero3_leaf_layers(model, cfg) == (["T5Block"] if on else [])
+        assert any(z3_leaf_module(m) for m in model.modules()) is on
+
+
+def test_gathered_state_dict_holds_the_buffers_too():
+    from vlscale.engine.sharded_loading import gather_full_state_dict
+
+    m = torch.nn.BatchNorm1d(3)
+    m.running_mean.fill_(2.0)
+    state = gather_full_state_dict(m)
+    assert sorted(state) == sorted(m.state_dict()) and torch.equal(state["running_mean"], torch.full((3,), 2.0))
