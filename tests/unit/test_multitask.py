@@ -200,3 +200,64 @@ def test_a_task_smaller_than_the_global_batch_is_logged(caplog):
     with caplog.at_level("WARNING", logger="vlscale.data.multitask"):
         MultitaskSampler({"vqa": 50, "nlvr2": 3}, 8)
     assert "{'nlvr2': 3}" in caplog.text and "global batch of 8" in caplog.text
+
+
+def test_sampler_refuses_a_batch_or_temperature_it_cannot_sample_with():
+    with pytest.raises(ValueError, match="temperature=0 must be > 0"):  # n^(1/0): NaN probabilities
+        task_probabilities({"a": 3, "b": 1}, "temperature", 0)
+    with pytest.raises(ValueError, match="global_batch_size=0 must be > 0"):  # steps of no examples
+        MultitaskSampler({"a": 3}, 0)
+    with pytest.raises(ValueError, match="micro=2 and accum=0 must be > 0"):
+        shard([], 0, 1, 2, 0)
+    with pytest.raises(IndexError, match="step -1 must be >= 0"):  # not the last step drawn so far
+        MultitaskSampler(SIZES, 8).step(-1)
+
+
+def test_shard_layout_is_the_documented_one():
+    """Micro-batch a of rank r is indices[(a * world + r) * micro : ... + micro]."""
+    world, micro, accum = 2, 2, 3
+    idx = list(range(100, 100 + world * micro * accum))
+    for r in range(world):
+        assert shard(idx, r, world, micro, accum) == [idx[(a * world + r) * micro:(a * world + r + 1) * micro]
+                                                      for a in range(accum)]
+
+
+def test_each_task_s_example_order_depends_on_the_seed_and_the_task():
+    def order(sampler, task, n_steps=300):
+        return [x for t, idx in (sampler.step(i) for i in range(n_steps)) if t == task for x in idx][:40]
+
+    # two tasks of the same size: their examples are shuffled independently
+    s = MultitaskSampler({"a": 40, "b": 40}, 4, seed=3)
+    assert sorted(order(s, "a")) == sorted(order(s, "b")) == list(range(40))
+    assert order(s, "a") != order(s, "b")
+    # another seed shuffles a task's examples otherwise (not only its draws of tasks)
+    assert order(MultitaskSampler({"a": 40}, 4, seed=3), "a") != order(MultitaskSampler({"a": 40}, 4, seed=4), "a")
+
+
+def test_epoch_of_counts_the_examples_drawn_before_the_step():
+    s = MultitaskSampler({"vqa": 12, "gqa": 7}, 4, seed=1)
+    assert s.epoch_of(0) == {"vqa": 0.0, "gqa": 0.0}
+    drawn = collections.Counter(s.step(i)[0] for i in range(30))
+    assert s.epoch_of(30) == pytest.approx({t: drawn[t] * 4 / n for t, n in s.task_sizes.items()})
+
+
+@pytest.mark.parametrize("key,value", [("seed", 3), ("sampling", "temperature"), ("temperature", 2.0)])
+def test_sampler_state_of_another_seed_or_sampling_is_refused(key, value):
+    state = dict(MultitaskSampler(SIZES, 8, seed=2).state_dict(), **{key: value})
+    with pytest.raises(ValueError, match=rf"sampler differs .*'{key}': \({value!r}, "):
+        MultitaskSampler(SIZES, 8, seed=2).load_state_dict(state)
+
+
+def test_sampler_state_of_other_tasks_names_them():
+    from vlscale.data.real import DataError
+
+    state = MultitaskSampler({"vqa": 50, "gqa": 30}, 8).state_dict()
+    with pytest.raises(DataError, match=r"the tasks were \['vqa', 'gqa'\], now \['vqa', 'gqa', 'nlvr2'\]"):
+        MultitaskSampler({"vqa": 50, "gqa": 30, "nlvr2": 13}, 8).load_state_dict(state)
+
+
+def test_a_task_exactly_the_size_of_the_global_batch_is_not_logged(caplog):
+    with caplog.at_level("WARNING", logger="vlscale.data.multitask"):
+        s = MultitaskSampler({"vqa": 50, "nlvr2": 8}, 8)
+    assert "fewer training examples" not in caplog.text
+    assert all(len(set(idx)) == 8 for t, idx in (s.step(i) for i in range(40)) if t == "nlvr2")  # no repeats
