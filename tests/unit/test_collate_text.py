@@ -54,6 +54,17 @@ def test_cut_texts_are_counted_and_logged_once_per_task(setup, caplog):
     assert "gqa" not in caplog.text and ("gqa", "max_input_length") not in c.truncated
 
 
+def test_a_text_exactly_at_the_limit_is_not_counted_as_cut(setup, caplog):
+    cfg, tok = setup  # data.max_input_length=8
+    whole = [Example("vqa", "c", "what color is it", "red", ["i"])]
+    assert len(tok("vqa: what color is it")["input_ids"]) == 8  # prefix, text and EOS: the model sees all of it
+    c = Collator(tok, cfg)
+    with caplog.at_level("WARNING", logger="vlscale.data.collate"):
+        enc = c.encode_text(whole, "vqa")
+    assert enc["input_ids"].shape[1] == 8 and ("vqa", "max_input_length") not in c.truncated
+    assert "longer than" not in caplog.text
+
+
 def test_an_example_without_references_is_scored_against_its_target(setup):
     """``references`` (what the scorer compares with) default to the target where a loader gives none."""
     import torch

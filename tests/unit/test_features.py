@@ -117,6 +117,37 @@ def test_collate_cached_features(tok):
         _collator(tok)(grid.examples, [g[0], [torch.randn(9, 8), torch.randn(16, 8)]])
 
 
+
+def test_collate_refuses_a_malformed_batch_naming_it(tok):
+    from vlscale.data.tasks import Example
+
+    ex = [Example("vqa", f"q{k}", "what", "red", [f"i{k}"]) for k in range(3)]
+    grid = [[torch.randn(4, 8)] for _ in ex]
+    with pytest.raises(ValueError, match="Collator: empty batch"):
+        _collator(tok)([], [])
+    with pytest.raises(ValueError, match="3 examples but 2 visual inputs"):  # zip would drop an example
+        _collator(tok)(ex, grid[:2])
+    two_ids = Example("vqa", "q9", "what", "red", ["i1", "i2"])
+    with pytest.raises(ValueError, match="vqa example 'q9': needs 1 image id.*has 2 ids and 1 visual"):
+        _collator(tok)([ex[0], two_ids], grid[:2])
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="vqa: a batch mixes images and cached features"):
+        _collator(tok)(ex[:2], [grid[0], [image]])
+    assert _collator(tok)(ex, [[x.half() for x in g] for g in grid])["vis_feats"].dtype == torch.float32
+
+
+def test_collate_refuses_malformed_videos_naming_them(tok):
+    split = generate_split("tvc", "val", 2, image_size=16)
+    a, b = split.examples
+    c = _collator(tok, "data.tasks=[tvc]")
+    with pytest.raises(ValueError, match=rf"tvc example {b.uid!r}: video {b.image_ids[0]!r} has no frames"):
+        c(split.examples, [[torch.randn(3, 7)], [torch.randn(0, 7)]])
+    with pytest.raises(ValueError, match=r"tvc: frame features of different widths \[7, 9\] in one batch"):
+        c(split.examples, [[torch.randn(3, 7)], [torch.randn(3, 9)]])
+    frames = [np.zeros((16, 16, 3), np.uint8)] * 2
+    with pytest.raises(ValueError, match="tvc: a batch mixes video frames and cached frame features"):
+        c(split.examples, [[torch.randn(3, 7)], [frames]])
+
 # ----------------------------------------------------------------------------- image folders
 
 def test_image_folder(tmp_path):
