@@ -216,6 +216,32 @@ def test_a_run_whose_output_dir_cannot_hold_its_checkpoints_is_refused(tmp_path,
     trainer.check_disk_space(cfg, ds, 2, vocab, out, resume=True)  # the kept checkpoints are on disk already
 
 
+def test_a_run_that_saves_once_needs_room_for_one_checkpoint(tmp_path, monkeypatch):
+    """Fewer saves than the checkpoints kept + 1 (CHECKPOINTS_KEPT): the run never holds more checkpoints than it
+    writes."""
+    import shutil
+    from collections import namedtuple
+
+    from vlscale.config import load_config
+    from vlscale.engine import trainer
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.profiling.analytic import default_vocab_size, estimate_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_every=2"])
+    ds = build_deepspeed_config(root / "ds_configs" / "zero3.json", cfg, 2, device_type="cpu")
+    vocab = default_vocab_size(cfg)
+    disk = estimate_checkpoint(cfg, 2, ds, vocab_size=vocab)
+    assert disk.kept + 1 > 1
+    usage = namedtuple("usage", "total used free")
+    need = disk.total + 2 * disk.adapter
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 15, 0, int(need * 1.06)))
+    trainer.check_disk_space(cfg, ds, 2, vocab, tmp_path / "run")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 15, 0, need))
+    with pytest.raises(ckpt.CheckpointError, match=r"1 checkpoint\(s\) of .* at once \(1 save\(s\)"):
+        trainer.check_disk_space(cfg, ds, 2, vocab, tmp_path / "run")
+
+
 def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
     """A second run (or a resume) in an output_dir another run is using is refused, naming its pid;
     a finished run's adapter/ or step folders are not overwritten when its checkpoint's 'latest' is gone."""

@@ -1,5 +1,7 @@
 """The training loop's input checks and gradient equivalences that need no DeepSpeed engine."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,113 @@ def test_the_lr_schedule_warms_up_over_the_ceiling_of_its_share_then_decays_line
     assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
     assert lrs[warmup:] == pytest.approx([(total - s) / (total - warmup) for s in range(warmup, total)])
     assert max(lrs) == pytest.approx(1.0) and min(lrs) > 0
+
+
+def test_training_clip_alone_is_something_to_train():
+    check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.train_vision=true"]))
+
+
+def test_task_steps_update_only_the_shared_groups_and_those_of_the_step_s_task():
+    from types import SimpleNamespace
+
+    from vlscale.engine.trainer import TaskSteps
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            self.stepped.append([g.get("task") for g in self.param_groups])
+            return super().step(closure)
+
+    shared, a, b = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    opt = Recording([{"params": [shared]}, {"params": [a], "task": "vqa"}, {"params": [b], "task": "gqa"}], lr=0.5)
+    opt.stepped = []
+    steps = TaskSteps.install(SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt)))  # under DeepSpeed's wrappers
+    for p in (shared, a, b):
+        p.grad = torch.ones(2)
+    steps.task = "vqa"
+    opt.step()
+    assert opt.stepped == [[None, "vqa"]] and len(opt.param_groups) == 3  # the groups are restored after the step
+    assert shared.tolist() == a.tolist() == [0.5, 0.5] and b.tolist() == [1.0, 1.0]  # gqa's weights not touched
+    only_other = Recording([{"params": [], "task": "vqa"}, {"params": [b], "task": "gqa"}], lr=0.5)
+    only_other.stepped = []
+    steps = TaskSteps.install(SimpleNamespace(optimizer=only_other))
+    steps.task = "vqa"  # ZeRO steps a group at a time: the kept groups hold no parameters now
+    assert only_other.step() is None and only_other.stepped == [] and b.tolist() == [1.0, 1.0]
+    assert TaskSteps.install(SimpleNamespace(optimizer=torch.optim.SGD([shared], lr=0.1))) is None  # no task groups
+
+
+def test_a_resume_may_change_the_resumable_settings():
+    from vlscale.engine.trainer import RESUMABLE_CHANGES, _check_resumable
+
+    saved = load_config("tiny", TINY)
+    _check_resumable(saved, load_config("tiny", TINY + ["train.max_steps=7", "output_dir=elsewhere"]), "run_config.yaml")
+    assert "train.max_steps" in RESUMABLE_CHANGES
+    with pytest.raises(ConfigError, match=r"--resume: train\.seed=4 differs from the checkpointed run's train\.seed=3"):
+        _check_resumable(saved, load_config("tiny", TINY + ["train.seed=4"]), "run_config.yaml")
+
+
+def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs
+
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+    (tmp_path / "metrics.json").write_text(json.dumps([{"step": 2, "vqa": 0.1}, {"step": 4, "vqa": 0.2}]))
+    _truncate_logs(tmp_path, 2)  # the checkpoint's step stays: it is not redone
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == [{"step": 2, "vqa": 0.1}]
+
+
+def test_a_resume_on_other_training_data_is_refused_before_the_model_is_built(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from vlscale.data.multitask import MultitaskSampler
+    from vlscale.data.real import DataError
+    from vlscale.engine.trainer import check_resumed_data
+
+    client = tmp_path / "checkpoints" / "step2" / "client_state_rank0.json"
+    client.parent.mkdir(parents=True)
+    saved = MultitaskSampler({"vqa": 50, "gqa": 30}, 8).state_dict()
+    client.write_text(json.dumps({"step": 2, "loader": {"step": 2, "sampler": saved}}))
+    loader = SimpleNamespace(sampler=MultitaskSampler({"vqa": 50, "gqa": 30}, 8))
+    check_resumed_data(tmp_path, "step2", loader)
+    assert loader.sampler.position == 0  # compared on a copy: the loader is restored later, with the checkpoint
+    with pytest.raises(DataError, match="'gqa' had 30 examples, now 29"):
+        check_resumed_data(tmp_path, "step2", SimpleNamespace(sampler=MultitaskSampler({"vqa": 50, "gqa": 29}, 8)))
+    client.write_text(json.dumps({"step": 2}))  # no loader recorded: left to the loader's own load_state_dict
+    check_resumed_data(tmp_path, "step2", loader)
+
+
+def test_a_checkpoint_without_task_groups_is_refused_only_for_a_run_with_per_task_groups(tmp_path):
+    import json
+
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import _check_task_groups
+
+    (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    (tmp_path / "checkpoints" / "step2" / "client_state_rank0.json").write_text(json.dumps({"step": 2}))
+    _check_task_groups(tmp_path, task_groups=False)  # shared weights only: 2 groups then and now
+    with pytest.raises(ckpt.CheckpointError, match=r"step2 was written by a vlscale that stepped every task's"):
+        _check_task_groups(tmp_path, task_groups=True)
+
+
+def test_small_helpers_of_the_loop():
+    from types import SimpleNamespace
+
+    from vlscale.data.real import DataError
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import _as_input_error, _last_good, _loss_terms, signal_name
+
+    labels = torch.tensor([[5, 6, -100], [7, 8, 9], [-100, -100, -100]])  # the step's loss is a mean over:
+    assert _loss_terms({"labels": labels}, "example") == 3 and _loss_terms({"labels": labels}, "token") == 5
+    assert signal_name(None) == "a stop request" and signal_name(15) == "SIGTERM"
+    err = _as_input_error(ValueError("bad"))
+    assert isinstance(err, ckpt.CheckpointError) and str(err) == "bad"
+    data = DataError("x")
+    assert _as_input_error(data) is data
+    for precision, note in (("fp16", True), ("bf16", False)):
+        run = SimpleNamespace(out=Path("/nonexistent/run"), cfg=SimpleNamespace(train=SimpleNamespace(precision=precision)))
+        said = _last_good(run)
+        assert "no checkpoint had been written yet" in said
+        assert ("under fp16 the forward pass itself can overflow" in said) == note
