@@ -199,3 +199,36 @@ def test_small_helpers_of_the_loop():
         said = _last_good(run)
         assert "no checkpoint had been written yet" in said
         assert ("under fp16 the forward pass itself can overflow" in said) == note
+
+
+def test_a_resume_reads_the_settings_the_checkpoint_records_first_then_run_config_yaml(tmp_path):
+    import json
+
+    from vlscale.config import save_config
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import check_settings_early, saved_settings
+
+    step = tmp_path / "checkpoints" / "step2"
+    step.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    client = step / "client_state_rank0.json"
+    recorded, written = load_config("tiny", TINY + ["train.lr=0.002"]), load_config("tiny", TINY + ["train.lr=0.005"])
+    client.write_text(json.dumps({"step": 2, "run_config": recorded.to_dict()}))
+    save_config(written, tmp_path / "run_config.yaml")
+    assert (saved_settings(tmp_path, "step2")[0].train.lr, saved_settings(tmp_path, "step2")[1]) == (0.002, client)
+    with pytest.raises(ConfigError, match=rf"train\.lr=0\.005 differs from .*train\.lr=0\.002 \({client}\)"):
+        check_settings_early(tmp_path, written)  # before anything loads
+    check_settings_early(tmp_path, recorded)
+    client.write_text(json.dumps({"step": 2}))  # recorded by an earlier vlscale: run_config.yaml
+    assert saved_settings(tmp_path, "step2") == (written, tmp_path / "run_config.yaml")
+    client.write_text("{")  # unreadable: left to check_output_dir, which names it
+    check_settings_early(tmp_path, recorded)
+    with pytest.raises(ckpt.CheckpointError, match="is not valid JSON"):
+        saved_settings(tmp_path, "step2")
+
+
+def test_a_resume_without_a_checkpoint_step_says_nothing_of_the_schedule(capsys):
+    from vlscale.engine.trainer import _note_new_schedule
+
+    _note_new_schedule(load_config("tiny", ["train.max_steps=3"]), load_config("tiny", ["train.max_steps=5"]), None)
+    assert capsys.readouterr().out == ""
