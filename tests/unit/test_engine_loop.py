@@ -232,3 +232,23 @@ def test_a_resume_without_a_checkpoint_step_says_nothing_of_the_schedule(capsys)
 
     _note_new_schedule(load_config("tiny", ["train.max_steps=3"]), load_config("tiny", ["train.max_steps=5"]), None)
     assert capsys.readouterr().out == ""
+
+
+def test_the_splits_a_run_evaluates_are_checked_before_training(tmp_path):
+    """train.test_eval adds the test split to the start-up check: a missing file shows before training, not
+    after it."""
+    import shutil
+
+    from vlscale.data.real import DataFileNotFound
+    from vlscale.engine.trainer import check_eval_data
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "real_data" / "gqa", tmp_path / "gqa")
+    real = ["data.source=real", f"data.root={tmp_path}", "data.tasks=[gqa]"]
+    check_eval_data(load_config("tiny", real + ["train.test_eval=true"]))
+    (tmp_path / "gqa" / "testdev.json").unlink()
+    check_eval_data(load_config("tiny", real))  # the test split is not evaluated
+    with pytest.raises(DataFileNotFound, match=r"gqa test annotations: .*testdev\.json does not exist"):
+        check_eval_data(load_config("tiny", real + ["train.test_eval=true"]))
+    (tmp_path / "gqa" / "valid.json").unlink()
+    with pytest.raises(DataFileNotFound, match=r"gqa val annotations: .*valid\.json does not exist"):
+        check_eval_data(load_config("tiny", real))
