@@ -234,13 +234,6 @@ def test_each_task_s_example_order_depends_on_the_seed_and_the_task():
     assert order(MultitaskSampler({"a": 40}, 4, seed=3), "a") != order(MultitaskSampler({"a": 40}, 4, seed=4), "a")
 
 
-def test_epoch_of_counts_the_examples_drawn_before_the_step():
-    s = MultitaskSampler({"vqa": 12, "gqa": 7}, 4, seed=1)
-    assert s.epoch_of(0) == {"vqa": 0.0, "gqa": 0.0}
-    drawn = collections.Counter(s.step(i)[0] for i in range(30))
-    assert s.epoch_of(30) == pytest.approx({t: drawn[t] * 4 / n for t, n in s.task_sizes.items()})
-
-
 @pytest.mark.parametrize("key,value", [("seed", 3), ("sampling", "temperature"), ("temperature", 2.0)])
 def test_sampler_state_of_another_seed_or_sampling_is_refused(key, value):
     state = dict(MultitaskSampler(SIZES, 8, seed=2).state_dict(), **{key: value})

@@ -3,7 +3,7 @@
 Each step draws ONE task, independently of the other steps (``proportional``: p_t ∝ n_t, the
 reference's round-robin in expectation; ``temperature``: p_t ∝ n_t^(1/T)) and ``global_batch_size``
 example indices of that task. The reference gives each task exactly its batches per epoch; here the
-epochs a task has seen by step i vary around i x global_batch_size x p_t / n_t (``epoch_of``).
+epochs a task has seen by step i vary around i x global_batch_size x p_t / n_t.
 Indices come from a per-task stream of epoch-wise permutations (no replacement within an epoch, a
 fresh shuffle each epoch), consumed in order by the steps that drew the task. The
 whole sequence is a pure function of ``(task_sizes, global_batch_size, seed, sampling,
@@ -124,13 +124,6 @@ class MultitaskSampler:
         task = self.tasks[t]
         start = int(self._before(i)[t]) * self.global_batch_size
         return task, self._indices(task, start, self.global_batch_size)
-
-    def epoch_of(self, i: int) -> dict[str, float]:
-        """Epochs of each task consumed before step ``i`` (for logging)."""
-        self._check_step(i)
-        self._extend(i)
-        before = self._before(i)
-        return {t: float(before[k] * self.global_batch_size / self.task_sizes[t]) for k, t in enumerate(self.tasks)}
 
     @staticmethod
     def _check_step(i: int) -> None:
