@@ -320,3 +320,125 @@ def test_a_clip_tag_open_clip_cannot_fetch_names_the_key(monkeypatch):
         build_vision_encoder("RN50", pretrained="openai")
     with pytest.raises(RuntimeError, match="^a bug$"):  # without a tag: open_clip's own error, untouched
         build_vision_encoder("RN50")
+
+
+def test_a_pool_size_beyond_the_grid_keeps_the_grid():
+    """model.pool_size larger than the ResNet grid (tiny-clip-rn: 4x4) pools to the grid itself, not to an upsampled
+    grid of repeated cells."""
+    cfg = _cfg("model.pool_size=6")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    assert model.pool_size == 4 and model.visual_tokens_per_image == 16
+    vis, mask = model.visual_embeds(_batch(cfg, pixel=False))
+    assert vis.shape[:2] == mask.shape == (3, 16)
+
+
+def test_a_target_one_short_of_barts_positions_fits():
+    """The decoder's start token takes one of BART's positions: data.max_target_length=255 fits tiny-bart's 256,
+    256 does not."""
+    from vlscale.config import ConfigError
+
+    build_model(_cfg("model.backbone=tiny-bart", "data.max_target_length=255"), device="meta")
+    with pytest.raises(ConfigError, match=r"data.max_target_length=256 \(\+1 for the start token\) exceeds "
+                                          r"tiny-bart's 256 positions"):
+        build_model(_cfg("model.backbone=tiny-bart", "data.max_target_length=256"), device="meta")
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_clip_trains_only_with_train_vision(train_vision):
+    """Frozen CLIP (the default) stays in eval mode (its BatchNorms' statistics fixed) under model.train() and gets
+    no gradient; with peft.train_vision=true it follows train() and the loss reaches its weights."""
+    cfg = _cfg(f"peft.train_vision={str(train_vision).lower()}", tasks="[vqa]")
+    model = build_model(cfg, vocab_size=VOCAB).train()
+    assert model.vision.training is train_vision and model.lm.training
+    model(_batch(cfg)).loss.backward()
+    grads = [p.grad for p in model.vision.parameters() if p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in grads) is train_vision
+
+
+def test_a_video_of_exactly_max_frames_is_taken():
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.max_frames=8", tasks="[tvqa,tvc]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    embeds, mask = model.encoder_inputs(_batch(cfg, task="tvqa", frames=8))
+    assert embeds.shape[1] == 8 + 5 and mask[1].sum() == 13
+
+
+def test_grid_features_of_another_width_are_named():
+    cfg = _cfg("model.feature_source=cache")
+    model = build_model(cfg, vocab_size=VOCAB)
+    batch = _batch(cfg, pixel=False)
+    batch["vis_feats"] = torch.randn(3, 1, 16, model.feat_dim + 3)
+    with pytest.raises(ValueError, match=rf"visual features are {model.feat_dim + 3}-d; tiny-clip-rn gives "
+                                         rf"{model.feat_dim}-d"):
+        model(batch)
+
+
+def test_prompts_come_first_in_the_encoder_input():
+    """Prompt tuning: [prompts] + [visual tokens] + [text], as the paper's encoder input."""
+    cfg = _cfg("peft.method=prompt", "peft.n_prompts=3")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg)
+    model.peft.set_task("vqa")
+    embeds, mask = model.encoder_inputs(batch)
+    vis, _ = model.visual_embeds(batch)
+    assert embeds.shape[1] == mask.shape[1] == 3 + 16 + 5
+    torch.testing.assert_close(embeds[:, :3], model.peft.prompts(3, embeds.dtype))
+    torch.testing.assert_close(embeds[:, 3:19], vis)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
+def test_next_token_logits_are_the_teacher_forced_logits_after_the_prefix(backbone):
+    """Choice scoring's one decoder pass gives the logits a forward with the prefix as its labels gives at the next
+    position (the decoder start token first, then the prefix)."""
+    cfg = _cfg(f"model.backbone={backbone}")
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg)
+    prefix = [7, 11]
+    batch["labels"] = torch.tensor([prefix + [5]] * 3)
+    with torch.no_grad():
+        forced = model(batch).logits[:, len(prefix)]
+    torch.testing.assert_close(model.next_token_logits(batch, prefix), forced)
+
+
+def test_a_tokenizer_larger_than_the_registrys_vocabulary_sizes_the_embeddings():
+    """A hub backbone's tokenizer with extra special tokens (t5-small: 32128 + 5) gets embeddings for all of them;
+    a smaller one (T5's 32100 pieces) keeps the checkpoint's 32128."""
+    cfg = _cfg("model.backbone=t5-small")
+    assert build_model(cfg, vocab_size=32133, device="meta").lm.get_input_embeddings().num_embeddings == 32133
+    assert build_model(cfg, vocab_size=32100, device="meta").lm.get_input_embeddings().num_embeddings == 32128
+
+
+def test_a_checkpoint_folder_smaller_than_the_tokenizer_is_resized_and_the_meta_build_agrees(tmp_path):
+    """model.backbone_path holds a 120-token checkpoint, the tokenizer has 130: the load resizes the embeddings to
+    130, and the meta build (counts, memory plans) has the load's 130 rows, not the folder's 120."""
+    build_lm("tiny-bart", config_overrides={"vocab_size": VOCAB}).save_pretrained(tmp_path / "lm")
+    cfg = _cfg("model.backbone=tiny-bart", "model.pretrained=true", f"model.backbone_path={tmp_path / 'lm'}")
+    for device in ("meta", "cpu"):
+        model = build_model(cfg, vocab_size=VOCAB + 10, device=device)
+        assert model.lm.get_input_embeddings().num_embeddings == VOCAB + 10, device
+
+
+def test_gradient_checkpointing_is_on_and_the_cache_off():
+    from vlscale.modeling.vl_model import is_checkpointing
+
+    model = build_model(_cfg("train.gradient_checkpointing=true"), vocab_size=VOCAB)
+    assert is_checkpointing(model.lm) and model.lm.config.use_cache is False
+    assert not is_checkpointing(build_model(_cfg(), vocab_size=VOCAB).lm)
+
+
+def test_extra_prompts_count_against_barts_positions():
+    """peft.extra_prompts (prompts on top of another method) take positions as prompt tuning's do."""
+    from vlscale.config import ConfigError
+
+    build_model(_cfg("model.backbone=tiny-bart", "peft.extra_prompts=true", "data.max_input_length=184"),
+                device="meta")  # 40 + 2 x 16 + 184 = 256 fit
+    with pytest.raises(ConfigError, match=r"258 tokens long \(2 x 16 visual tokens .* \+ peft.n_prompts=40 \+ "
+                                          r"data.max_input_length=186\), more than tiny-bart's 256"):
+        build_model(_cfg("model.backbone=tiny-bart", "peft.extra_prompts=true", "data.max_input_length=186"),
+                    device="meta")
+
+
+@pytest.mark.parametrize("backbone, key", [("tiny-t5", "dropout_rate"), ("tiny-bart", "dropout")])
+def test_model_dropout_reaches_the_lms_own_key(backbone, key):
+    lm = build_model(_cfg(f"model.backbone={backbone}", "model.dropout=0.3"), device="meta").lm
+    assert getattr(lm.config, key) == 0.3
