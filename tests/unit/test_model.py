@@ -442,3 +442,29 @@ def test_extra_prompts_count_against_barts_positions():
 def test_model_dropout_reaches_the_lms_own_key(backbone, key):
     lm = build_model(_cfg(f"model.backbone={backbone}", "model.dropout=0.3"), device="meta").lm
     assert getattr(lm.config, key) == 0.3
+
+
+def test_grid_and_frame_boxes_are_normalised_positions():
+    """A grid cell's box is (x1, y1, x2, y2, area), row-major; a frame's is (t0, 0, t1, 1, duration) along its own
+    video's length (a video of no frames counts as one, so its padding's positions stay finite)."""
+    from vlscale.modeling.projector import frame_boxes, grid_boxes
+
+    torch.testing.assert_close(grid_boxes(2), torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.25], [0.5, 0.0, 1.0, 0.5, 0.25],
+                                                            [0.0, 0.5, 0.5, 1.0, 0.25], [0.5, 0.5, 1.0, 1.0, 0.25]]))
+
+    def frames(starts, d):
+        return torch.tensor([[t, 0.0, t + d, 1.0, d] for t in starts])
+
+    torch.testing.assert_close(frame_boxes(4), frames([0, 0.25, 0.5, 0.75], 0.25))
+    torch.testing.assert_close(frame_boxes(4, torch.tensor([2, 4, 0])),
+                               torch.stack([frames([0, 0.5, 1, 1.5], 0.5), frames([0, 0.25, 0.5, 0.75], 0.25),
+                                            frames([0, 1, 2, 3], 1.0)]))
+
+
+def test_the_projection_takes_fp32_features_into_a_half_precision_model():
+    """Cached features (fp32 files) and boxes go into a bf16 projection: cast to its dtype, bf16 out."""
+    from vlscale.modeling.projector import VisualProjector
+
+    proj = VisualProjector(8, 16).to(torch.bfloat16)
+    out = proj(torch.randn(2, 1, 4, 8), torch.rand(2, 1, 4, 5), torch.arange(1))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 16)
