@@ -156,3 +156,57 @@ def test_a_video_qa_input_is_the_datas_and_its_answer_names_an_option_as_evaluat
     assert chosen_option("a1", options) == chosen_option(" A1.", options) == chosen_option("right", options) == \
         ("a1", "Right")
     assert chosen_option("a7", options) is None and chosen_option("sideways", options) is None
+
+
+def test_images_and_videos_read_as_the_run_reads_them(tmp_path):
+    """A PIL image of any mode comes as uint8 RGB; an array that is not uint8 (H, W, 3) is refused, naming its dtype
+    and shape; a sequence of frames longer than model.max_frames gives the frames the collator picks."""
+    from vlscale.data.collate import frame_indices
+    from vlscale.predict import read_image, read_video
+
+    gray = Image.fromarray(np.full((4, 5), 7, np.uint8))
+    assert read_image(gray).shape == (4, 5, 3) and read_image(gray).dtype == np.uint8
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) RGB, got float32 \(4, 5, 3\)"):
+        read_image(np.zeros((4, 5, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got uint8 \(4, 5, 4\)"):
+        read_image(np.zeros((4, 5, 4), np.uint8))
+    frames = [np.full((2, 2, 3), k, np.uint8) for k in range(10)]
+    picked = read_video(frames, max_frames=4)
+    assert [int(f[0, 0, 0]) for f in picked] == frame_indices(10, 4) == [1, 3, 6, 8]
+
+
+def test_an_fp16_adapter_runs_in_fp32_on_a_cpu_and_in_fp16_elsewhere():
+    import torch
+
+    from vlscale.predict import inference_dtype
+
+    cfg = load_config("tiny", ["train.precision=fp16"])
+    assert inference_dtype(cfg, "cuda") == (torch.float16, True) and cfg.train.precision == "fp16"
+    assert inference_dtype(cfg, "cpu") == (torch.float32, False) and cfg.train.precision == "fp32"
+    assert inference_dtype(load_config("tiny", ["train.precision=bf16"]), "cpu") == (torch.bfloat16, True)
+
+
+def test_an_evaluation_keeps_the_runs_seed_and_tokenizer(monkeypatch):
+    """train.seed draws the random frozen weights the adapter was trained on: an override is refused; a rebuilt
+    tokenizer of another size than the adapter's is refused, naming both sizes."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import checkpoint
+    from vlscale.predict import adapter_tokenizer, load_run_config
+
+    cfg = load_config("tiny")
+    monkeypatch.setattr(checkpoint, "read_adapter_config", lambda _: {"run_config": cfg.to_dict()})
+    with pytest.raises(ValueError, match=rf"override train.seed=7 would change the model .* \(train.seed="
+                                         rf"{cfg.train.seed}\)"):
+        load_run_config("unused", ["train.seed=7"])
+    n = len(build_tokenizer(cfg))
+    assert len(adapter_tokenizer(cfg, {"vocab_size": n})) == n
+    with pytest.raises(ValueError, match=rf"the rebuilt tokenizer has {n} tokens; the adapter was trained with "
+                                         rf"{n + 1} \(t\)"):
+        adapter_tokenizer(cfg, {"vocab_size": n + 1, "tokenizer": "t"})
+
+
+def test_a_blank_question_is_no_question():
+    from vlscale.predict import check_request
+
+    with pytest.raises(ValueError, match=r"task 'vqa' needs a text \(the question or statement\), got '  '"):
+        check_request(["vqa"], "vqa", 1, "  ")
