@@ -468,3 +468,23 @@ def test_the_projection_takes_fp32_features_into_a_half_precision_model():
     proj = VisualProjector(8, 16).to(torch.bfloat16)
     out = proj(torch.randn(2, 1, 4, 8), torch.rand(2, 1, 4, 5), torch.arange(1))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 16)
+
+
+def test_a_v1_1_t5_has_a_head_of_its_own_on_every_build():
+    """Flan-T5 / T5 v1.1 configs (tie_word_embeddings false) keep an lm_head apart from the embeddings even on the
+    meta build behind counts and plans; the original T5's head is the embedding."""
+    flan, t5 = build_lm("flan-t5-small", device="meta"), build_lm("t5-small", device="meta")
+    assert flan.lm_head.weight is not flan.get_input_embeddings().weight
+    assert t5.lm_head.weight is t5.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("backbone", ["tiny-t5", "mini-t5"])
+def test_the_projects_own_backbones_take_the_tokenizers_vocabulary(backbone):
+    """tiny-* and mini-* (random build) get exactly the tokenizer's rows, fewer than the registry's too."""
+    model = build_model(_cfg(f"model.backbone={backbone}", "model.pretrained=false"), vocab_size=VOCAB, device="meta")
+    assert model.lm.get_input_embeddings().num_embeddings == VOCAB
+
+
+def test_a_meta_build_has_the_asked_dtype():
+    """Memory plans of a bf16 run count bf16 weights: the meta build is in the dtype asked for."""
+    assert {p.dtype for p in build_lm("tiny-t5", device="meta", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}

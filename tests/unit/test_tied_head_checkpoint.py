@@ -93,3 +93,31 @@ def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_pat
         assert got["same_head"] and got["same_all"], (key, got)  # ZeRO-3 loads what from_pretrained loads
     t5_extra = out[str(folders["t5-own"][1])]["numel"][0] - out[str(folders["shipped"][1])]["numel"][0]
     assert t5_extra == torch.Size([721, 128]).numel()  # the head's own vocab x d_model
+
+
+def test_which_tied_checkpoints_hold_a_head_of_their_own(tmp_path):
+    """head_of_its_own: only a config that ties the head, with an lm_head.weight in the file other than the
+    embedding's (or no embedding to compare with), holds a head of its own; a config untied already does not."""
+    from safetensors.torch import save_file
+
+    from vlscale.modeling.backbones import head_of_its_own
+
+    emb = torch.randn(4, 3)
+
+    def folder(name, config, **tensors):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        save_file({k.replace("__", "."): v for k, v in tensors.items()}, str(d / "model.safetensors"))
+        return d
+
+    bart, t5 = {"model_type": "bart"}, {"model_type": "t5"}
+    assert head_of_its_own(folder("differs", bart, model__shared__weight=emb, lm_head__weight=emb + 0.5))
+    assert not head_of_its_own(folder("equal", bart, model__shared__weight=emb, lm_head__weight=emb.clone()))
+    assert not head_of_its_own(folder("no_head", bart, model__shared__weight=emb))
+    assert head_of_its_own(folder("head_only", bart, lm_head__weight=emb))
+    assert head_of_its_own(folder("t5", t5, shared__weight=emb, lm_head__weight=emb + 0.5))
+    assert not head_of_its_own(folder("untied", dict(bart, tie_word_embeddings=False), model__shared__weight=emb,
+                                      lm_head__weight=emb + 0.5))
+    assert not head_of_its_own(folder("t5_v1_1", dict(t5, scale_decoder_outputs=False), shared__weight=emb,
+                                      lm_head__weight=emb + 0.5))
