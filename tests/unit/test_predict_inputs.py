@@ -210,3 +210,21 @@ def test_a_blank_question_is_no_question():
 
     with pytest.raises(ValueError, match=r"task 'vqa' needs a text \(the question or statement\), got '  '"):
         check_request(["vqa"], "vqa", 1, "  ")
+
+
+def test_a_frame_folder_longer_than_max_frames_gives_the_collators_frames(tmp_path):
+    from vlscale.predict import read_video
+
+    for k in range(10):
+        Image.fromarray(np.full((2, 2, 3), k, np.uint8)).save(tmp_path / f"{k:02d}.png")
+    assert [int(f[0, 0, 0]) for f in read_video(tmp_path, max_frames=4)] == [1, 3, 6, 8]
+
+
+def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
+    from vlscale.predict import Predictor
+
+    predictor = Predictor.__new__(Predictor)  # the lengths are checked before the model is asked
+    with pytest.raises(ValueError, match=r"^2 texts but 1 image inputs$"):
+        predictor.predict("vqa", ["q1?", "q2?"], ["a.png"])
+    with pytest.raises(ValueError, match=r"^2 texts but 3 subtitles$"):
+        predictor.predict("tvc", ["", ""], ["v1", "v2"], subtitle=["a", "b", "c"])
