@@ -93,8 +93,6 @@ def canonical_lm_name(name: str) -> str:
         return name
     if name in _SHORT:
         return _SHORT[name]
-    if name.startswith("t5-") and f"google-t5/{name}" in LM_REGISTRY:
-        return f"google-t5/{name}"
     raise KeyError(f"unknown backbone {name!r} (model.backbone); registry: {sorted(_SHORT)} (or their hub ids; "
                    f"weights from elsewhere: model.backbone_path)")
 
