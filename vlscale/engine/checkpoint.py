@@ -102,9 +102,15 @@ def trained_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     parameter, each buffer once, in module order: what training changes besides the parameters (a
     trained BatchNorm's running_mean, running_var and num_batches_tracked). Decided by trainability
     alone, so a freshly built model of the same config names the same buffers."""
+    return _persistent_buffers(model, trained=True)
+
+
+def _persistent_buffers(model: torch.nn.Module, trained: bool) -> list[tuple[str, torch.Tensor]]:
+    """(state-dict name, buffer) of the persistent buffers (those a state dict saves), each once, in module order,
+    of the modules that hold a trainable parameter of their own (``trained``) or of those that hold none."""
     seen, out = set(), []
     for prefix, module in model.named_modules():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if any(p.requires_grad for p in module.parameters(recurse=False)) != trained:
             continue
         for name, b in module.named_buffers(prefix=prefix, recurse=False):
             if b is not None and name.rsplit(".", 1)[-1] not in module._non_persistent_buffers_set \
@@ -554,7 +560,7 @@ def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int 
 
     names, rows, partitioned = [], [], []
     with torch.no_grad():
-        for name, p in [*model.named_parameters(), *_frozen_buffers(model)]:
+        for name, p in [*model.named_parameters(), *_persistent_buffers(model, trained=False)]:
             if p.requires_grad:
                 continue
             t = p.ds_tensor if is_partitioned(p) else p
@@ -572,19 +578,6 @@ def frozen_fingerprint(model: torch.nn.Module, device=None, chunk_elements: int 
         sums = [flat[i:i + 3] for i in range(0, len(flat), 3)]
         rows = [total if part else mine for total, mine, part in zip(sums, rows, partitioned)]
     return {name: row[:2] for name, row in zip(names, rows) if not row[2]}
-
-
-def _frozen_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the persistent buffers (those a state dict saves) of each module of ``model`` none of
-    whose own parameters train."""
-    out = []
-    for prefix, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and name not in module._non_persistent_buffers_set:
-                out.append((f"{prefix}.{name}" if prefix else name, b))
-    return out
 
 
 def frozen_mismatch(saved: Optional[dict], now: dict, rtol: float = 1e-9,
