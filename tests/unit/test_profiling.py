@@ -464,6 +464,61 @@ def test_planner_ranks_and_writes_config(tmp_path):
     assert resolved["train_micro_batch_size_per_gpu"] == 32
 
 
+def test_planner_fits_within_the_headroom_and_lists_fitting_settings_first():
+    """fits = peak + headroom <= budget: a setting whose peak is under the budget but eats into the headroom does
+    not fit; every fitting setting comes before every other one, fastest first."""
+    from vlscale.profiling.analytic import GiB
+    from vlscale.profiling.planner import plan
+
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
+    kw = dict(micro_batches=[8, 32], precisions=["bf16"], headroom=GiB)
+    peaks = sorted(o.peak for o in plan(cfg, "80GiB", 4, **kw))
+    middle = peaks[len(peaks) // 2]
+    options = plan(cfg, middle + GiB // 2, 4, **kw)  # the middle peak fits the budget, not with the headroom
+    assert [o.fits for o in options if o.peak == middle] and not any(o.fits for o in options if o.peak == middle)
+    assert all(o.fits == (o.peak + GiB <= middle + GiB // 2) for o in options)
+    fits = [o.fits for o in options]
+    assert any(fits) and not all(fits)
+    assert fits == sorted(fits, reverse=True), [o.label() for o in options]
+    speeds = [o.samples_per_s for o in options if o.fits]  # (ties within 4 significant digits: the smaller peak)
+    assert all(a >= b * (1 - 1e-3) for a, b in zip(speeds, speeds[1:])), speeds
+
+
+def test_planner_throughput_charges_communication_offload_and_the_vision_tower():
+    """The throughput model's costs (module docstring): more than one rank all-reduces the gradients, ZeRO-3 also
+    all-gathers every parameter, parameter offload streams every parameter (the frozen backbone too) over PCIe,
+    the CLIP tower encodes images on the fly (not cached features), and small micro-batches use the GPU less."""
+    import copy
+
+    from vlscale.profiling.planner import CostModel, plan, throughput
+
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
+    options = plan(cfg, "80GiB", 2, micro_batches=[8, 32], precisions=["bf16"], checkpointing=[False])
+    pick = {(o.zero_stage, o.offload, o.micro_batch_size): o for o in options}
+    cost = CostModel()
+    z2 = pick[(2, "none", 8)].estimate
+    assert throughput(cfg, z2, 2, "none", cost) < throughput(cfg, z2, 1, "none", cost)  # the gradient all-reduce
+    assert pick[(3, "none", 8)].samples_per_s < pick[(2, "none", 8)].samples_per_s      # ZeRO-3's all-gathers
+    # parameter offload: 2 x every parameter's partition (forward and backward) over PCIe, per micro-batch
+    est = pick[(3, "opt_param_cpu", 8)].estimate
+    t_opt = 8 / throughput(cfg, est, 2, "opt_cpu", cost)
+    t_par = 8 / throughput(cfg, est, 2, "opt_param_cpu", cost)
+    assert t_par - t_opt == pytest.approx(2 * est.detail["total_params"] * 2 / 2 / (cost.pcie_gbps * 1e9), rel=1e-6)
+    assert est.detail["total_params"] > 10 * est.detail["trainable_params"]  # frozen backbone: not the trainable few
+    # the paper's run reads cached features; with images the frozen CLIP tower runs a forward per sample
+    images = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64",
+                                                                     "model.feature_source=images"])
+    on_the_fly = plan(images, "80GiB", 2, stages=[2], offloads=["none"], checkpointing=[False], micro_batches=[8],
+                      precisions=["bf16"])[0].estimate
+    assert on_the_fly.detail["vision_params"] > 0
+    cached = copy.deepcopy(images)
+    cached.model.feature_source = "cache"
+    assert throughput(images, on_the_fly, 2, "none", cost) < throughput(cached, on_the_fly, 2, "none", cost)
+    # utilisation: on one rank (no communication) a quarter of the tokens per micro-batch runs fewer samples/s
+    small, large = pick[(2, "none", 8)].estimate, pick[(2, "none", 32)].estimate
+    assert throughput(cfg, small, 1, "none", cost) < 0.99 * throughput(cfg, large, 1, "none", cost)
+
+
 def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, monkeypatch):
     """The planner offered ZeRO-2 with the optimizer on NVMe, which DeepSpeed's ZeRO-2 trains in host memory
     (refused by build_deepspeed_config): each option's written file must build with the option's overrides."""
