@@ -126,6 +126,42 @@ def test_communication_dtype_names_are_deepspeeds():
             assert communication_dtype_bytes({"communication_data_type": name}, "fp32") == expected, name
 
 
+def test_counter_on_one_rank_sends_nothing_and_no_ranks_are_refused():
+    """On one rank no collective sends anything (a broadcast too: no peer); a world of 0 ranks is refused by
+    the counter and the accounting, naming the value."""
+    from vlscale.engine.comm import CommCounter
+
+    c = CommCounter(1)
+    c.bytes.update(all_gather=80, reduce_scatter=48, all_reduce=10, broadcast=24)
+    assert c.wire_bytes() == {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0, "broadcast": 0, "other": 0}
+    with pytest.raises(ValueError, match="world_size=0"):
+        CommCounter(0)
+    calls, info = _toy()
+    with pytest.raises(ValueError, match="world_size=0"):
+        zero3_comm_accounting(calls, info, 0, param_bytes=2)
+
+
+def test_prediction_reads_auto_and_missing_zero3_settings_as_deepspeeds_defaults():
+    """The shipped files leave ZeRO-3's thresholds to DeepSpeed ("auto" or absent): the re-use distance is then
+    DeepSpeed's 1e9 and persistence its 1e5 elements, as if written out; prefetching needs a second rank."""
+    from vlscale.config import load_config
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny", ["train.micro_batch_size=2"])
+    model = build_model(cfg, vocab_size=700, device="meta")
+    spelled = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 1_000_000_000,
+                                     "stage3_param_persistence_threshold": 100_000,
+                                     "stage3_prefetch_bucket_size": 50_000_000}}
+    auto = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": "auto",
+                                  "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto"}}
+    missing = {"zero_optimization": {"stage": 3}}
+    want = predict_zero3_comm(cfg, spelled, 2, vocab_size=700, model=model).to_dict()
+    assert want["detail"]["max_reuse_distance"] == 1_000_000_000 and want["detail"]["prefetch"] is True
+    for ds in (auto, missing):
+        assert predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model).to_dict() == want, ds
+    assert predict_zero3_comm(cfg, missing, 1, vocab_size=700, model=model).detail["prefetch"] is False
+
+
 def test_meta_trace_of_the_real_model():
     """The tiny default CLIP-T5 traced on the meta device: frozen parameters never reduce-scattered,
     the vision tower and embeddings gathered in forward only, the backbone's linears in both."""
