@@ -141,6 +141,50 @@ def test_counter_on_one_rank_sends_nothing_and_no_ranks_are_refused():
         zero3_comm_accounting(calls, info, 0, param_bytes=2)
 
 
+def test_counter_reads_the_full_tensor_argument_of_each_c10d_op():
+    """Each c10d op's full tensor is the argument the table names: the all-gather's output (0), the
+    reduce-scatter's input (1); a call without that argument counts no bytes. Single process: the ops are
+    handed to the mode as the dispatcher hands them."""
+    import torch
+
+    from vlscale.engine.comm import CommCounter
+
+    class Op:
+        def __init__(self, name):
+            self._schema = type("Schema", (), {"name": f"c10d::{name}"})()
+
+        def __call__(self, *args, **kwargs):
+            return None
+
+    part, full = torch.zeros(3), torch.zeros(6)                      # 12 and 24 bytes
+    c = CommCounter(2)
+    c.__torch_dispatch__(Op("_allgather_base_"), (), (full, part))
+    c.__torch_dispatch__(Op("_reduce_scatter_base_"), (), (part, full))
+    c.__torch_dispatch__(Op("reduce_scatter_"), (), ([part], [[full[:3], full[3:]]]))
+    c.__torch_dispatch__(Op("reduce_scatter_tensor_coalesced_"), (), ([part], [full]))
+    c.__torch_dispatch__(Op("_reduce_scatter_base_"), (), (torch.zeros(5),))  # no input: nothing to count
+    c.__torch_dispatch__(Op("not_a_collective"), (), (full,))
+    assert c.bytes == {"all_gather": 24, "reduce_scatter": 72, "all_reduce": 0, "broadcast": 0, "other": 0}
+    assert c.calls == {"all_gather": 1, "reduce_scatter": 4, "all_reduce": 0, "broadcast": 0, "other": 0}
+
+
+def test_module_calls_take_a_leaf_unit_whole_and_partitioned_sizes():
+    """A ZeRO-3 leaf module is one call with every parameter under it (its submodules are not recorded), and a
+    partitioned parameter counts at its full size (ds_numel), not its local 0 elements."""
+    import torch
+
+    from vlscale.engine.comm import trace_module_calls
+
+    leaf = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    leaf._z3_leaf = True
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), leaf)
+    model[0].weight.ds_numel = 1000
+    calls, info = trace_module_calls(model, torch.zeros(2, 4), forward=lambda m, b: m(b))
+    assert [(c.module, c.params) for c in calls] == [("0", ["0.weight", "0.bias"]),
+                                                    ("1", ["1.0.weight", "1.0.bias", "1.1.weight", "1.1.bias"])]
+    assert info["0.weight"].numel == 1000 and info["1.0.weight"].numel == 16
+
+
 def test_prediction_reads_auto_and_missing_zero3_settings_as_deepspeeds_defaults():
     """The shipped files leave ZeRO-3's thresholds to DeepSpeed ("auto" or absent): the re-use distance is then
     DeepSpeed's 1e9 and persistence its 1e5 elements, as if written out; prefetching needs a second rank."""
