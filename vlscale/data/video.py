@@ -304,7 +304,7 @@ class VideoFeatureFolder:
                 first = (vid, found[0])
         if first is not None:
             vid, path = first
-            self._check_shape(path, vid, self._header_shape(path, vid))
+            check_frame_features(f"{path} (video {vid!r})", self._header_shape(path, vid), self.expect_dim)
         return out
 
     def _header_shape(self, path: Path, vid: str) -> tuple:
@@ -325,9 +325,6 @@ class VideoFeatureFolder:
             raise
         except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
             raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
-
-    def _check_shape(self, path: Path, vid: str, shape: tuple) -> None:
-        check_frame_features(f"{path} (video {vid!r})", shape, self.expect_dim)
 
     def ids(self) -> list[str]:
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in self.SUFFIXES})
