@@ -72,16 +72,13 @@ def predicted_bytes(cfg, ds_config: dict, world: int, vocab_size=None) -> dict:
 # ----------------------------------------------------------------------------- worker (one rank)
 
 def worker(args) -> None:
-    sys.path.insert(0, str(ROOT / "launchers"))
-    from train import resolve_ds_file
-
     from vlscale.engine.distributed import init_distributed
 
     dist = init_distributed()
     from vlscale.config import load_config
     from vlscale.engine import checkpoint as ckpt
     from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.engine.deepspeed_config import build_deepspeed_config, resolve_ds_file
     from vlscale.engine.distributed import barrier
 
     out = Path(args.out_dir)

@@ -3,8 +3,8 @@ not the training run's ``train.zero_stage``; ZeRO-1/2 files evaluate the whole m
 DeepSpeed; a file's training-only keys (batch sizes, clipping, optimizer) do not refuse another number of ranks;
 ZeRO-Infinity without async_io is refused before the model is built; the process group is left cleanly.
 
-The adapter: a tiny run (TINY, fp32, vqa + nlvr2) trained on 1 process with ``train.zero_stage=2``, as the scale
-presets set it (clip_t5_11b_single_adapter: ``zero_stage: 2`` with zero2.json).
+The adapter: a tiny run (TINY, fp32, vqa + nlvr2) trained on 1 process with ``train.zero_stage=2`` (the scale
+presets below ZeRO-3 train ZeRO-1 with zero2.json: the same file family).
 """
 
 from __future__ import annotations

@@ -519,6 +519,43 @@ def test_planner_throughput_charges_communication_offload_and_the_vision_tower()
     assert throughput(cfg, small, 1, "none", cost) < 0.99 * throughput(cfg, large, 1, "none", cost)
 
 
+def test_planner_charges_per_step_costs_once_per_step_not_per_micro_batch():
+    """DeepSpeed's schedule under gradient accumulation: ZeRO-0/1 all-reduce the gradients once, at the boundary;
+    ZeRO-2 reduce-scatters each micro-batch's and all-gathers the updated parameters once; the offloaded optimizer
+    takes each micro-batch's gradients to the host but steps Adam and sends the parameters back once. So seconds per
+    sample at accumulation a = (per micro-batch + per step / a) / micro-batch: the per-step costs shrink by 1 - 1/a
+    from a=1, exactly, and the per-micro-batch ones not at all (they used to be charged every micro-batch)."""
+    import copy
+
+    from vlscale.profiling.planner import CostModel, plan, throughput
+
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
+    options = plan(cfg, "80GiB", 2, micro_batches=[8], precisions=["bf16"], checkpointing=[False])
+    pick = {(o.zero_stage, o.offload): o for o in options}
+    cost, W, mbs, b = CostModel(), 2, 8, 2  # bf16
+
+    def sec_per_sample(stage, offload, accum):
+        c = copy.deepcopy(cfg)
+        c.train.zero_stage, c.train.micro_batch_size, c.train.gradient_accumulation_steps = stage, mbs, accum
+        return 1 / throughput(c, pick[(stage, offload)].estimate, W, offload, cost)
+
+    trainable = pick[(1, "none")].estimate.detail["trainable_params"]
+    link, pcie = cost.link_gbps * 1e9, cost.pcie_gbps * 1e9
+    per_step = {(1, "none"): 2 * trainable * b * (W - 1) / W / link,  # the all-reduce
+                (2, "none"): trainable * b * (W - 1) / W / link,  # the parameters' all-gather
+                (2, "opt_cpu"): trainable * b * (W - 1) / W / link + trainable / W * 4 / pcie
+                + trainable / W / cost.cpu_adam_params_per_s}  # + parameters back, CPU Adam
+    for key, step_cost in per_step.items():
+        for a in (2, 8):
+            saved = sec_per_sample(*key, 1) - sec_per_sample(*key, a)
+            assert saved == pytest.approx(step_cost * (1 - 1 / a) / mbs, rel=1e-6), (key, a)
+    # ZeRO-3's all-gathers and its gradients' reduce-scatter are per micro-batch: accumulation saves nothing there
+    assert sec_per_sample(3, "none", 8) == pytest.approx(sec_per_sample(3, "none", 1), rel=1e-9)
+    # so with accumulation ZeRO-1 (2 gradient volumes per step) beats ZeRO-2 (a + 1), and at a=1 they tie
+    assert sec_per_sample(1, "none", 8) < sec_per_sample(2, "none", 8)
+    assert sec_per_sample(1, "none", 1) == pytest.approx(sec_per_sample(2, "none", 1), rel=1e-9)
+
+
 def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, monkeypatch):
     """The planner offered ZeRO-2 with the optimizer on NVMe, which DeepSpeed's ZeRO-2 trains in host memory
     (refused by build_deepspeed_config): each option's written file must build with the option's overrides."""

@@ -17,12 +17,18 @@ peak plus a headroom fit the budget are kept and ranked by a throughput model. "
   fp32 runs at ``fp32_speed`` (0.5) of bf16's rate (TF32 tensor cores vs bf16);
 * utilisation grows with the micro-batch: a GPU runs at tokens / (tokens + ``half_util_tokens``) of
   its peak (``peak_tflops``), so tiny micro-batches are penalised;
-* communication at ``link_gbps`` (GB/s, per direction): stage 0-2 reduce the trainable gradients
-  (all-reduce: 2x their 16/32-bit size), ZeRO-3 also all-gathers every parameter twice per step
-  (forward and backward) - the frozen backbone too;
-* offload at ``pcie_gbps``: optimizer offload moves the gradient partition to the CPU and the
-  updated parameters back each step and runs Adam there (``cpu_adam_params_per_s``); parameter
-  offload streams the parameter partitions in for forward and backward; NVMe at ``nvme_gbps``.
+* communication at ``link_gbps`` (GB/s, per direction), as DeepSpeed schedules it: ZeRO-0/1 all-reduce
+  the accumulated trainable gradients once per step, at the accumulation boundary (2x their 16/32-bit
+  size); ZeRO-2/3 reduce-scatter each micro-batch's gradients in its backward (1x), ZeRO-2 all-gathers
+  the updated trainable parameters after the step (1x), and ZeRO-3 all-gathers every parameter twice
+  per micro-batch (forward and backward) - the frozen backbone too;
+* offload at ``pcie_gbps``: optimizer offload moves each micro-batch's gradient partition to the CPU
+  (fp32), and once per step runs Adam there (``cpu_adam_params_per_s``) and moves the updated
+  parameters back; NVMe (``nvme_gbps``) also swaps the optimizer state in and out once per step;
+  parameter offload streams the parameter partitions in for every micro-batch's forward and backward.
+
+So a step of ``a`` accumulated micro-batches takes ``a x (per micro-batch) + (per step)``: accumulation
+spreads the per-step costs (ZeRO-0/1's all-reduce, the offloaded optimizer's step) over more samples.
 
 The model is coarse; what it gets right is the ordering most people want: no offload and no
 recompute when memory allows, larger micro-batches first, ZeRO-3's all-gathers and offload's
@@ -38,7 +44,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from vlscale.config import PRECISION_BYTES, RunConfig
-from vlscale.engine.deepspeed_config import default_ds_file, global_batch_size, load_ds_file, micro_batch_sizes
+from vlscale.engine.deepspeed_config import (default_ds_file, global_batch_size, load_ds_file, micro_batch_sizes,
+                                             resolve_batch)
 from vlscale.profiling.analytic import (GiB, MemoryEstimate, ZeroSettings, estimate_memory, fmt_bytes,
                                         parameter_inventory, parse_size, resolve_ds_config)
 
@@ -124,7 +131,9 @@ def _ds_for(base_ds: dict, stage: int, offload: str) -> dict:
 
 
 def throughput(cfg: RunConfig, est: MemoryEstimate, world_size: int, offload: str, cost: CostModel) -> float:
-    """Predicted samples per second per rank under :class:`CostModel`."""
+    """Predicted samples per second per rank under :class:`CostModel`: a step of ``cfg``'s gradient accumulation
+    (``train.gradient_accumulation_steps``, or what ``train.global_batch_size`` derives on ``world_size`` ranks)
+    micro-batches, each charged the per-micro-batch costs, plus the per-step ones once (the module docstring)."""
     s = est.settings
     inv_total = est.detail["total_params"]
     trainable = est.detail["trainable_params"]
@@ -141,24 +150,31 @@ def throughput(cfg: RunConfig, est: MemoryEstimate, world_size: int, offload: st
     util = tokens / (tokens + cost.half_util_tokens)
     t = flops / (speed * util)
     b = PRECISION_BYTES[s["precision"]]
-    W = world_size
+    W, stage = world_size, s["zero_stage"]
+    accum = resolve_batch(cfg, world_size).train.gradient_accumulation_steps  # micro-batches per optimizer step
+    t_step = 0.0  # what runs once per optimizer step, at the accumulation boundary; t: once per micro-batch
     if W > 1:
-        comm = 2.0 * trainable * b * (W - 1) / W
-        if s["zero_stage"] == 3:
-            comm += 2.0 * inv_total * b * (W - 1) / W
-        t += comm / (cost.link_gbps * 1e9) / 1.0
+        link = cost.link_gbps * 1e9
+        grads = trainable * b * (W - 1) / W  # one reduce-scatter (or all-gather) of the trainable gradients
+        if stage < 2:  # ZeRO-0/1 all-reduce the accumulated gradients at the boundary
+            t_step += 2.0 * grads / link
+        else:  # ZeRO-2/3 reduce-scatter each micro-batch's gradients in its backward
+            t += grads / link
+            if stage == 2:  # and ZeRO-2 all-gathers the updated parameters after the step
+                t_step += grads / link
+            else:  # ZeRO-3 all-gathers every parameter, the frozen backbone too, in forward and in backward
+                t += 2.0 * inv_total * b * (W - 1) / W / link
     opt_dev, par_dev = OFFLOADS[offload]
-    if opt_dev != "none":
-        moved = 2.0 * trainable / W * 4
-        bw = cost.pcie_gbps if opt_dev == "cpu" else min(cost.pcie_gbps, cost.nvme_gbps)
-        t += moved / (bw * 1e9) + trainable / W / cost.cpu_adam_params_per_s
-        if opt_dev == "nvme":
-            t += 2.0 * 12 * trainable / W / (cost.nvme_gbps * 1e9)
-    if par_dev != "none":
+    if opt_dev != "none":  # each micro-batch's gradient partition to the host (fp32); at the step, Adam there
+        bw = (cost.pcie_gbps if opt_dev == "cpu" else min(cost.pcie_gbps, cost.nvme_gbps)) * 1e9
+        t += trainable / W * 4 / bw
+        t_step += trainable / W * 4 / bw + trainable / W / cost.cpu_adam_params_per_s  # and the parameters back
+        if opt_dev == "nvme":  # the optimizer state (fp32 master, Adam's two moments) swapped in and out
+            t_step += 2.0 * 12 * trainable / W / (cost.nvme_gbps * 1e9)
+    if par_dev != "none":  # the parameter partitions streamed in for forward and for backward
         bw = cost.pcie_gbps if par_dev == "cpu" else min(cost.pcie_gbps, cost.nvme_gbps)
         t += 2.0 * inv_total * b / W / (bw * 1e9)
-    # the optimizer step's time is per step; everything above is per micro-batch
-    return mbs / t
+    return mbs * accum / (t * accum + t_step)
 
 
 def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: Iterable[int] = (0, 1, 2, 3),
