@@ -104,7 +104,7 @@ def cache_weights_problem(encoder, cfg, meta, who: str = "vlscale") -> Optional[
     run's feature cache was made with (the fingerprint the adapter recorded: ``feature_cache``), or None: its
     features are what the adapter learned from. Without a fingerprint (an older run or cache), a note (from
     ``who``) where model.vision_pretrained changed says the weights are not checked."""
-    from vlscale.engine.checkpoint import frozen_fingerprint, frozen_mismatch
+    from vlscale.data.features import cache_encoder_problem
 
     cache = meta.get("feature_cache") or {}
     if not cache.get("fingerprint"):
@@ -112,13 +112,9 @@ def cache_weights_problem(encoder, cfg, meta, who: str = "vlscale") -> Optional[
             print(f"{who}: note: model.vision_pretrained changed; the run's feature cache records no fingerprint of "
                   f"the CLIP weights it was made with: they are assumed to be those", file=sys.stderr)
         return None
-    problem = frozen_mismatch(cache["fingerprint"], frozen_fingerprint(encoder), then="in the cache")
-    if problem:
-        return (f"model.vision_pretrained={cfg.model.vision_pretrained!r} gives other {cfg.model.vision} weights than "
-                f"the run's feature cache {cache.get('folder')} was made with (pretrained={cache.get('pretrained')!r}): "
-                f"{problem}; the adapter learned from that cache's features: point model.vision_pretrained at the "
-                f"weights the cache was made with")
-    return None
+    return cache_encoder_problem(encoder, cfg, cache, f"the run's feature cache {cache.get('folder')} was made with",
+                                 "the adapter learned from that cache's features: point model.vision_pretrained at "
+                                 "the weights the cache was made with")
 
 
 def cache_changed_problem(cfg, meta) -> Optional[str]:

@@ -143,6 +143,22 @@ def cache_changed(cfg, recorded: Optional[dict], fix: str, who: Optional[str] = 
     return None
 
 
+def cache_encoder_problem(encoder, cfg, cache: dict, cache_named: str, fix: str) -> Optional[str]:
+    """Why the CLIP ``encoder`` built now from ``model.vision_pretrained`` is not the one a feature cache was made with
+    (``cache``: what :func:`cache_weights` read, ``{"folder", "pretrained", "fingerprint"}``, with a fingerprint), or
+    None: the features are of these weights. ``cache_named`` names the cache in the message, with its verb
+    (``"data.feature_cache='f' was extracted with"``); ``fix`` ends it: what the caller's user must do. Training's
+    start-up check (:func:`vlscale.engine.trainer.check_cache_vision`) and the Predictor's
+    (:func:`vlscale.predict.cache_weights_problem`) both compare with this."""
+    from vlscale.engine.checkpoint import frozen_fingerprint, frozen_mismatch
+
+    problem = frozen_mismatch(cache["fingerprint"], frozen_fingerprint(encoder), then="in the cache")
+    if problem:
+        return (f"model.vision_pretrained={cfg.model.vision_pretrained!r} gives other {cfg.model.vision} weights than "
+                f"{cache_named} (pretrained={cache.get('pretrained')!r}): {problem}; {fix}")
+    return None
+
+
 def _check_weights(meta_file: Path, old: dict, meta: dict) -> None:
     """Continuing the cache of ``meta_file`` (``old``) with the encoder ``meta`` fingerprints: refused where its
     features are of other weights; a cache that records none is continued, said once."""

@@ -422,21 +422,20 @@ def check_cache_vision(cfg: RunConfig) -> None:
     the checkpoint's file name only (one of that name elsewhere, or replaced in place, passes). Checked where the
     weights build offline (a local file, the shipped ``synthetic`` ones, or null: random, seeded), by building the
     visual tower on the host (ViT-L-14: ~5 s); an open_clip tag, or a cache that records no fingerprint, is not."""
-    from vlscale.data.features import cache_weights
+    from vlscale.data.features import cache_encoder_problem, cache_weights
     from vlscale.modeling.vision import build_vision_encoder
 
     vp = cfg.model.vision_pretrained
     cache = cache_weights(cfg)
     if not (cache and cache["fingerprint"]) or not (vp in (None, "synthetic") or Path(vp).is_file()):
         return
-    problem = ckpt.frozen_mismatch(cache["fingerprint"], ckpt.frozen_fingerprint(build_vision_encoder(
-        cfg.model.vision, vp)), then="in the cache")
+    problem = cache_encoder_problem(
+        build_vision_encoder(cfg.model.vision, vp), cfg, cache,
+        f"data.feature_cache={cache['folder']!r} was extracted with",
+        "the run would record CLIP weights its adapter never saw features of: point model.vision_pretrained at the "
+        "weights the cache was made with, or extract a cache with these (launchers/extract_features.py)")
     if problem:
-        raise ConfigError(f"model.vision_pretrained={vp!r} gives other {cfg.model.vision} weights than "
-                          f"data.feature_cache={cache['folder']!r} was extracted with (pretrained="
-                          f"{cache['pretrained']!r}): {problem}; the run would record CLIP weights its adapter never "
-                          f"saw features of: point model.vision_pretrained at the weights the cache was made with, "
-                          f"or extract a cache with these (launchers/extract_features.py)")
+        raise ConfigError(problem)
 
 
 def _as_input_error(e: Exception) -> Exception:
