@@ -11,31 +11,60 @@ from vlscale.engine import trainer
 from vlscale.modeling.vision import build_vision_encoder
 
 
-def test_a_cache_of_other_clip_weights_than_model_vision_pretrained_is_refused_at_start(h, launcher, tmp_path):
-    """The cache's meta.json names its checkpoint file, compared by file name only: a file of that name elsewhere,
-    or replaced in place, trained and recorded other weights."""
-    cache, out = tmp_path / "features", tmp_path / "run"
+@pytest.fixture(scope="module")
+def made(h, launcher, tmp_path_factory):
+    """A folder with three CLIP checkpoint files, made/ moved/ (the same weights) and other/ (one tensor scaled), and
+    features/: a synthetic cache extracted with made/clip.pt, its meta.json naming that file."""
+    folder = tmp_path_factory.mktemp("cache_vision")
     weights = {f"visual.{k}": v for k, v in build_vision_encoder("tiny-clip-rn").visual.state_dict().items()}
     first = next(k for k, v in weights.items() if v.is_floating_point())
     changed = dict(weights, **{first: weights[first] * 1.5})
-    for folder, saved in (("made", weights), ("moved", weights), ("other", changed)):
-        (tmp_path / folder).mkdir()
-        torch.save(saved, tmp_path / folder / "clip.pt")
-    tiny = [*h.TINY, f"model.vision_pretrained={tmp_path / 'made' / 'clip.pt'}"]
-    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache), "--config", "tiny",
-                                              *[a for a in tiny if a != "model.feature_source=images"]]) == 0
+    for name, saved in (("made", weights), ("moved", weights), ("other", changed)):
+        (folder / name).mkdir()
+        torch.save(saved, folder / name / "clip.pt")
+    tiny = [*h.TINY, f"model.vision_pretrained={folder / 'made' / 'clip.pt'}"]
+    assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(folder / "features"), "--config",
+                                              "tiny", *[a for a in tiny if a != "model.feature_source=images"]]) == 0
+    return folder, first
+
+
+def test_a_cache_of_other_clip_weights_than_model_vision_pretrained_is_refused_at_start(h, made, tmp_path):
+    """The cache's meta.json names its checkpoint file, compared by file name only: a file of that name elsewhere,
+    or replaced in place, trained and recorded other weights."""
+    (folder, first), out = made, tmp_path / "run"
+    cache = folder / "features"
     uses_cache = [*h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}"]
 
-    other = f"model.vision_pretrained={tmp_path / 'other' / 'clip.pt'}"
+    other = f"model.vision_pretrained={folder / 'other' / 'clip.pt'}"
     proc = h.launch(["--config", "tiny", *uses_cache, other, "train.max_steps=1", f"output_dir={out}"], check=False)
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    assert (f"vlscale: rank 0: ConfigError: model.vision_pretrained={str(tmp_path / 'other' / 'clip.pt')!r} gives "
+    assert (f"vlscale: rank 0: ConfigError: model.vision_pretrained={str(folder / 'other' / 'clip.pt')!r} gives "
             f"other tiny-clip-rn weights than data.feature_cache={str(cache)!r} was extracted with (pretrained="
-            f"{str(tmp_path / 'made' / 'clip.pt')!r}): {first} differs") in proc.stdout
+            f"{str(folder / 'made' / 'clip.pt')!r}): {first} differs") in proc.stdout
     assert proc.stdout.count("model.vision_pretrained=") == 1  # one line
     assert not (out / "train_log.jsonl").exists()
 
-    trainer.check_cache_vision(load_config("tiny", [*uses_cache, f"model.vision_pretrained={tmp_path}/moved/clip.pt"]))
+    trainer.check_cache_vision(load_config("tiny", [*uses_cache, f"model.vision_pretrained={folder}/moved/clip.pt"]))
     with pytest.raises(ConfigError, match="gives other tiny-clip-rn weights"):
         trainer.check_cache_vision(load_config("tiny", [*uses_cache, other]))
+
+
+def test_a_run_records_its_caches_weights_where_model_vision_pretrained_is_not_built_to_compare(h, made, tmp_path):
+    """The start-up check builds only weights it can build offline; where model.vision_pretrained is an open_clip tag
+    it compares nothing, and the run must still record the cache's fingerprint in its checkpoint and adapter (what
+    --resume and the Predictor compare with): a run that recorded none would leave its CLIP unchecked there."""
+    import json
+    import shutil
+
+    cache, out = tmp_path / "features", tmp_path / "run"
+    shutil.copytree(made[0] / "features", cache)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["fingerprint"]
+    (cache / "meta.json").write_text(json.dumps(dict(meta, pretrained="openai")))  # as made with the tag's weights
+    h.launch(["--config", "tiny", *h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}",
+              "model.vision_pretrained=openai", "train.max_steps=1", f"output_dir={out}"])
+    recorded = {"folder": str(cache), "pretrained": "openai", "fingerprint": meta["fingerprint"]}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["feature_cache"] == recorded
+    assert json.loads((out / "checkpoints" / "step1" / "client_state_rank0.json").read_text())["feature_cache"] == \
+        recorded
