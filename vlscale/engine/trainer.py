@@ -107,7 +107,7 @@ class Run:
     loss_scale: Optional[float] = None  # fp16: the loss scale of the last step's backward
     grad_norm: Optional[float] = None  # the last step's, where DeepSpeed does not keep one (see train_step)
     frozen: dict = field(default_factory=dict)  # checkpoint.frozen_fingerprint: checkpoints hold no frozen weights
-    feature_cache: Optional[dict] = None  # features.cache_weights: the CLIP weights a cache-trained run learned from
+    feature_cache: Optional[dict] = None  # rank 0's features.cache_weights: the CLIP weights the run learned from
     lock: Any = None  # rank 0's lock on output_dir (checkpoint.lock_output_dir)
     trained_stats: Optional[list] = None  # sync_trained_buffers' tensors, found once
     trainable: Optional[list] = None  # _plain_grad_norm's parameters (the trainable ones, in module order), found once
@@ -414,21 +414,23 @@ def check_resumed_cache(out: Path, tag: str, cfg: RunConfig) -> None:
         raise DataError(f"resume: {problem}")
 
 
-def check_cache_vision(cfg: RunConfig) -> None:
+def check_cache_vision(cfg: RunConfig) -> Optional[dict]:
     """A cache-trained run: refuse a ``model.vision_pretrained`` that gives other CLIP weights than its
     ``data.feature_cache`` was extracted with (the fingerprint its meta.json records). The run trains on the
     cache's features, but records model.vision_pretrained as the CLIP its adapter's images are encoded with
     (:class:`vlscale.predict.Predictor`, which refuses the mismatch only then, after training); the loader compares
     the checkpoint's file name only (one of that name elsewhere, or replaced in place, passes). Checked where the
     weights build offline (a local file, the shipped ``synthetic`` ones, or null: random, seeded), by building the
-    visual tower on the host (ViT-L-14: ~5 s); an open_clip tag, or a cache that records no fingerprint, is not."""
+    visual tower on the host (ViT-L-14: ~5 s); an open_clip tag, or a cache that records no fingerprint, is not.
+    Returns what it read of the cache (:func:`~vlscale.data.features.cache_weights`; None: the run encodes its
+    images), which the run records, so meta.json is read once for both."""
     from vlscale.data.features import cache_encoder_problem, cache_weights
     from vlscale.modeling.vision import build_vision_encoder
 
     vp = cfg.model.vision_pretrained
     cache = cache_weights(cfg)
     if not (cache and cache["fingerprint"]) or not (vp in (None, "synthetic") or Path(vp).is_file()):
-        return
+        return cache
     problem = cache_encoder_problem(
         build_vision_encoder(cfg.model.vision, vp), cfg, cache,
         f"data.feature_cache={cache['folder']!r} was extracted with",
@@ -436,6 +438,7 @@ def check_cache_vision(cfg: RunConfig) -> None:
         "weights the cache was made with, or extract a cache with these (launchers/extract_features.py)")
     if problem:
         raise ConfigError(problem)
+    return cache
 
 
 def _as_input_error(e: Exception) -> Exception:
@@ -459,7 +462,6 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from torch.optim.lr_scheduler import LambdaLR
 
     from vlscale.data import build_tokenizer, build_train_loader
-    from vlscale.data.features import cache_weights
 
     check_something_trains(cfg)
     cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (saved as given)
@@ -488,12 +490,12 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     check_nvme_support(ds_config)
     # the training data before the model: a bad file or id fails here, not after minutes of loading
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
-    error = None
+    error, feature_cache = None, None
     if dist.is_main:
         try:
             if resume:  # ... and other training data than the checkpoint's too (every rank loads the same examples)
                 check_resumed_data(out, tag, loader)
-            check_cache_vision(cfg)  # after the loader, which names a missing or malformed cache
+            feature_cache = check_cache_vision(cfg)  # after the loader, which names a missing or malformed cache
         except (ckpt.CheckpointError, ValueError) as e:
             error = _as_input_error(e)
     _raise_on_every_rank(error)
@@ -523,7 +525,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   and not engine_scales_fp16_loss(engine))
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
-              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=cache_weights(cfg))
+              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache)
     if resume:
         _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
