@@ -520,6 +520,23 @@ def test_a_dtype_that_disagrees_with_the_deepspeed_config_is_refused_before_the_
             build_lm_zero3("tiny-t5", ds_config=ds, dtype=dtype)
 
 
+def test_a_config_not_at_stage_3_is_refused_naming_its_stage_before_the_build(monkeypatch):
+    """build_model_zero3 builds under zero.Init, which only stage 3 partitions: a config at another stage (or with
+    no zero_optimization, stage 0) is refused naming the stage it has, before the process group is asked for and
+    before anything is built."""
+    from vlscale.config import load_config
+    from vlscale.engine.sharded_loading import build_model_zero3
+    from vlscale.modeling import vl_model
+
+    monkeypatch.setattr(vl_model, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    cfg = load_config("tiny")
+    for ds, stage in (({"zero_optimization": {"stage": 2}}, 2), ({}, 0), ({"zero_optimization": None}, 0),
+                      ({"zero_optimization": {"stage": 1}}, 1), ({"zero_optimization": {"stage": 4}}, 4)):
+        with pytest.raises(ValueError, match=rf"^build_model_zero3 needs zero_optimization\.stage=3, the DeepSpeed "
+                                             rf"config has {stage}$"):
+            build_model_zero3(cfg, ds, VOCAB)
+
+
 def _files(folder):
     """{relative path: bytes} of every file under ``folder``; a symbolic link as ("link", its target)."""
     return {str(p.relative_to(folder)): ("link", str(p.readlink())) if p.is_symlink() else p.read_bytes()
