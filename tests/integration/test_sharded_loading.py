@@ -537,6 +537,27 @@ def test_a_config_not_at_stage_3_is_refused_naming_its_stage_before_the_build(mo
             build_model_zero3(cfg, ds, VOCAB)
 
 
+def test_a_shard_that_reaches_max_shard_bytes_exactly_is_closed_there(tmp_path):
+    """A shard is full once its tensors' bytes reach max_shard_bytes: three 40-byte tensors at 80 bytes a shard are
+    two shards (the first two, then the third), at 81 bytes one."""
+    from safetensors.torch import load_file
+
+    from vlscale.engine.sharded_loading import INDEX_FILE, SINGLE_FILE, save_sharded_safetensors
+
+    module = torch.nn.Module()
+    for i, name in enumerate("abc"):
+        module.register_parameter(name, torch.nn.Parameter(torch.full((10,), float(i))))  # 10 fp32: 40 bytes
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    names = save_sharded_safetensors(module, tmp_path / "at", max_shard_bytes=80)
+    assert [Path(n).name for n in names] == [first, second]
+    index = json.loads((tmp_path / "at" / INDEX_FILE).read_text())
+    assert index == {"metadata": {"total_size": 120}, "weight_map": {"a": first, "b": first, "c": second}}
+    assert sorted(load_file(tmp_path / "at" / first)) == ["a", "b"]
+    assert sorted(load_file(tmp_path / "at" / second)) == ["c"]
+    names = save_sharded_safetensors(module, tmp_path / "above", max_shard_bytes=81)
+    assert [Path(n).name for n in names] == [SINGLE_FILE] and not (tmp_path / "above" / INDEX_FILE).exists()
+
+
 def _files(folder):
     """{relative path: bytes} of every file under ``folder``; a symbolic link as ("link", its target)."""
     return {str(p.relative_to(folder)): ("link", str(p.readlink())) if p.is_symlink() else p.read_bytes()
