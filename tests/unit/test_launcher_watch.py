@@ -318,6 +318,25 @@ def test_a_watchdog_fed_by_beats_stays_quiet_and_a_starved_one_ends_the_process(
         w.stop()
 
 
+@pytest.mark.parametrize("timeout_s, period_s", [(3600, 5.0), (50, 5.0), (20, 2.0), (5, 0.5), (0.7, 0.5), (0.01, 0.5)])
+def test_the_watchdog_looks_every_tenth_of_its_timeout_within_half_a_second_and_5s(timeout_s, period_s):
+    """The watchdog checks for progress every timeout/10 seconds, but at least every 5 s (a long timeout still
+    reports a hang within timeout + 5 s) and at most every 0.5 s (a tiny one does not spin)."""
+    from vlscale.engine import distributed
+
+    periods = []
+
+    class Stop:  # the watchdog's stop event: records how long each wait is, and stops it after the first
+        def wait(self, timeout):
+            periods.append(timeout)
+            return True
+
+    w = distributed.Watchdog(timeout_s)
+    w._stop = Stop()
+    w._run()
+    assert periods == [pytest.approx(period_s)]
+
+
 def test_a_stop_asked_by_signal_keeps_the_launcher_watch_quiet(monkeypatch, capsys):
     """A Ctrl-C reaches DeepSpeed's runner as well, which ends: the rank's StopSignal, stopping already, keeps
     its LauncherWatch from sending the SIGTERM that would abort it after the debounce."""
