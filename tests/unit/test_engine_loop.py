@@ -61,6 +61,28 @@ def test_gradient_checkpointing_keeps_bart_lora_gradients_with_dropout():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_a_step_whose_micro_batches_mix_tasks_is_refused_naming_them_before_the_engine_runs():
+    """One step is one task (the sampler draws it for all ranks; the PEFT modules of the task are the ones
+    stepped): micro-batches of several tasks are refused, naming the step and the tasks, before any forward pass
+    or collective."""
+    from types import SimpleNamespace
+
+    from vlscale.engine.trainer import train_step
+
+    class Engine:  # any use of the engine fails the test
+        def __getattr__(self, name):
+            pytest.fail(f"the engine was used: {name}")
+
+        def __call__(self, *args, **kwargs):
+            pytest.fail("the engine ran a forward pass")
+
+    run = SimpleNamespace(engine=Engine(), step=4, dist=SimpleNamespace(world_size=1, device=torch.device("cpu")))
+    batches = [{"task": "vqa"}, {"task": "gqa"}, {"task": "vqa"}, {"task": "nlvr2"}]
+    with pytest.raises(RuntimeError, match=r"^step 5: the micro-batches of one step mix tasks \['gqa', 'nlvr2', "
+                                           r"'vqa'\]; the loader must keep one task per step$"):
+        train_step(run, batches)
+
+
 def test_the_zero0_gradient_norm_finds_the_trainable_parameters_once():
     """It walked the whole model (CLIP, the LM, every frozen parameter) each step to find the trainable ones:
     about a millisecond of a 40 ms tiny step at ZeRO-0, the largest part of the loop's own work there."""
