@@ -1,8 +1,8 @@
 """launchers/predict.py refuses what an adapter cannot answer in one line, before the model is built: an unknown
 task or one it was not trained on (naming the tasks it was), the wrong number of images, a question task without
 text, a caption with text, a missing or unreadable image; for video tasks, a missing, empty or unreadable video, frame
-features of another width, QA without its answer options, a caption with text. (The answers themselves:
-tests/integration/test_predict.py.)"""
+features of another width, QA without its answer options, a caption with text; a list is answered in batches as
+each input alone, with its own images in order. (The answers themselves: tests/integration/test_predict.py.)"""
 
 from __future__ import annotations
 
@@ -228,3 +228,57 @@ def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
         predictor.predict("vqa", ["q1?", "q2?"], ["a.png"])
     with pytest.raises(ValueError, match=r"^2 texts but 3 subtitles$"):
         predictor.predict("tvc", ["", ""], ["v1", "v2"], subtitle=["a", "b", "c"])
+
+
+def test_a_list_is_answered_in_batches_as_each_input_alone_with_its_own_images_in_order(monkeypatch):
+    """predict() of a list answers in batches of batch_size (here 5 NLVR2 inputs: 2, 2, 1) and a cache-trained
+    run's Predictor encodes all of a batch's images at once, then regroups the features two by two (each input's
+    pair, in the order given): the list's answers are those of each input alone, in the list's order, and each
+    answer is about its own text and its own two images, first image first. The random tiny model's answers
+    hardly vary with the input (all 'true' for 8 random NLVR2 inputs), so the answering is a stand-in for
+    predict_task that names the text and the images (by their features) each row of a batch holds; the CLIP
+    encoder, the batching, the regrouping and the collator are the Predictor's own."""
+    import torch
+
+    from vlscale.data import Collator, build_tokenizer
+    from vlscale.data.features import grid_features
+    from vlscale.engine import evaluation
+    from vlscale.modeling.vision import build_vision_encoder, image_transform
+    from vlscale.predict import Predictor
+
+    cfg = load_config("tiny", ["data.tasks=[nlvr2]", "model.feature_source=cache"])
+    torch.manual_seed(0)  # the random CLIP
+    predictor = Predictor.__new__(Predictor)  # what __init__ sets, without an adapter folder or an LM
+    predictor.device, predictor.dtype, predictor.cfg = torch.device("cpu"), torch.float32, cfg
+    predictor.tasks = ["nlvr2"]
+    predictor.tokenizer = build_tokenizer(cfg)
+    predictor.collator, predictor.model, predictor.batch_size = Collator(predictor.tokenizer, cfg), None, 2
+    predictor.encoder = build_vision_encoder(cfg.model.vision, None)
+
+    rng = np.random.default_rng(0)
+    texts = ["the cube is red", "a ball is left", "two blue cubes", "the sphere is big", "no red ball"]
+    images = [[rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)] for _ in texts]
+    flat = [x for pair in images for x in pair]
+    alone = [grid_features(predictor.encoder, image_transform(cfg.model.vision), [x]) for x in flat]
+    ids = [predictor.tokenizer(f"nlvr: {t}")["input_ids"] for t in texts]
+    assert len({tuple(i) for i in ids}) == len(texts)  # the texts tell the rows apart
+    batches = []
+
+    def which(batch, row):  # "text k: images i, j", i and j the nearest of the images encoded alone
+        n = int(batch["attention_mask"][row].sum())
+        text = ids.index(batch["input_ids"][row, :n].tolist())
+        near = [min(range(len(flat)), key=lambda i: float((feats - alone[i][0]).norm()))
+                for feats in batch["vis_feats"][row]]
+        return f"text {text}: images {', '.join(map(str, near))}"
+
+    def stand_in(model, tokenizer, batches_, task, **kwargs):
+        (batch,) = batches_
+        batches.append(len(batch["input_ids"]))
+        return [{"prediction": which(batch, row)} for row in range(len(batch["input_ids"]))]
+
+    monkeypatch.setattr(evaluation, "predict_task", stand_in)
+    answers = predictor.predict("nlvr2", texts, images)
+    assert batches == [2, 2, 1]
+    assert answers == [f"text {k}: images {2 * k}, {2 * k + 1}" for k in range(len(texts))]
+    each = [predictor.predict("nlvr2", t, pair) for t, pair in zip(texts, images)]
+    assert each == answers
