@@ -183,6 +183,59 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "missing")
 
 
+
+def test_image_folder_reads_grey_and_rgba_files_as_rgb(tmp_path):
+    """Every image comes out as uint8 (H, W, 3), whatever the file's mode (COCO holds grey-scale JPEGs)."""
+    from PIL import Image
+
+    grey = (np.arange(6 * 5) * 7 % 255).astype(np.uint8).reshape(6, 5)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    rgba = np.dstack([np.full((6, 5, 3), 40, np.uint8), np.full((6, 5), 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    folder = ImageFolder(tmp_path, "{id}.png")
+    assert np.array_equal(folder["grey"], np.repeat(grey[:, :, None], 3, axis=2))
+    assert np.array_equal(folder["rgba"], np.full((6, 5, 3), 40, np.uint8))
+
+
+def test_frame_folders_take_files_of_any_suffix_case_and_nothing_else(tmp_path):
+    """A video's frames are the files with an image suffix in any case (``1.PNG``), never a folder named like
+    an image; a frame folder holding only such a folder has no frames (missing at the start-up check)."""
+    from PIL import Image
+
+    for k, name in enumerate(("0.png", "1.PNG")):
+        (tmp_path / "v").mkdir(exist_ok=True)
+        Image.fromarray(np.full((4, 4, 3), 10 * (k + 1), np.uint8)).save(tmp_path / "v" / name, format="PNG")
+    (tmp_path / "v" / "2.jpg").mkdir()
+    (tmp_path / "w" / "0.jpg").mkdir(parents=True)
+    (tmp_path / "lone.png").write_bytes(b"")  # a file is no video
+    video = ImageFolder(tmp_path, video=True)
+    assert [int(f[0, 0, 0]) for f in video["v"]] == [10, 20]
+    assert video.missing(["v", "w"]) == ["w"] and "w" not in video
+    assert video.ids() == ["v", "w"]
+    with pytest.raises(FileNotFoundError, match=r"video 'w': no frame images"):
+        video["w"]
+
+
+def test_image_folder_patterns_ids_and_subfolders(tmp_path):
+    """``ids()`` lists the ids of ``{id}<suffix>`` files in any suffix case, without folders or a bare suffix;
+    a pattern with a sub-folder finds files there only (not a file of the same name in ``root``) and cannot
+    list ids; a pattern without ``{id}`` is refused."""
+    for name in ("a.JPG", "b.jpg", ".jpg", "x.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.jpg").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "y.jpg").write_bytes(b"")
+    assert ImageFolder(tmp_path).ids() == ["a", "b", "x"]
+    assert ImageFolder(tmp_path, "{id}.JPG").ids() == ["a", "b", "x"]
+    assert ImageFolder(tmp_path).missing(["a", "c", "x"]) == ["c"]
+    sub = ImageFolder(tmp_path, "sub/{id}.jpg")
+    assert "y" in sub and "x" not in sub and sub.missing(["x", "y"]) == ["x"]
+    with pytest.raises(ValueError, match=r"cannot list ids for pattern 'sub/\{id\}\.jpg'"):
+        sub.ids()
+    with pytest.raises(ValueError, match=r"ImageFolder pattern 'image\.jpg' must contain '\{id\}'"):
+        ImageFolder(tmp_path, "image.jpg")
+
+
 # ----------------------------------------------------------------------------- feature cache
 
 @pytest.fixture(scope="module")
