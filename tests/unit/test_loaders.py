@@ -214,6 +214,25 @@ def test_ts_and_subtitle_lines_overlapping_it():
             ts(bad)
 
 
+
+def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_line(tmp_path):
+    """A line ending where ``ts`` starts, or starting where it ends, overlaps it; an empty line adds no blank;
+    ``ts`` "NaN-NaN" (TVQA's unknown span) or none means every line. A boolean time is malformed."""
+    from vlscale.data.real import Record
+    from vlscale.data.video import load_subtitles, parse_ts, subtitle_text
+
+    lines = [(0.0, 2.0, "ends at the start"), (2.0, 3.0, ""), (4.0, 5.0, "starts at the end"), (5.5, 6.0, "after")]
+    assert subtitle_text(lines, (2.0, 4.0)) == "ends at the start starts at the end"
+    assert subtitle_text(lines, None) == "ends at the start starts at the end after"
+    ts = lambda data: parse_ts(Record("a.jsonl", "line 1", data, ("qid",)))  # noqa: E731
+    assert ts({"ts": "NaN-NaN"}) is None and ts({}) is None and ts({"ts": ["nan", 3]}) is None
+    with pytest.raises(RecordError, match=r"key 'ts'.*\[1, 2, 3\]"):
+        ts({"ts": [1, 2, 3]})
+    with pytest.raises(RecordError, match=r"key 'sub'.*item 0 needs 'text' \(string\), 'start' and 'end'"):
+        load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
+            {"text": "Hi.", "start": True, "end": 1.0}]}]))
+
+
 def _jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -753,6 +772,38 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
         fetch_visuals(folder, [e])
     with pytest.raises(DataFileNotFound, match=r"gqa example 'q1'.*image 'gone': file .*gone\.jpg does not exist"):
         fetch_visuals(folder, [type(e)("gqa", "q1", "text", "yes", ["gone"], source="ann.json")])
+
+
+
+def test_a_video_of_no_frames_is_refused_naming_its_file_and_other_files_are_no_videos(tmp_path):
+    """A (0, D) features file is no video (the collator would get a clip without frames): refused when read and
+    at the start-up check, naming the file and video. A file of another suffix in the folder is no video id."""
+    from vlscale.data.video import VideoFeatureFolder
+
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32))
+    (tmp_path / "README.txt").write_text("CLIP ViT-B/32 frame features")
+    folder = VideoFeatureFolder(tmp_path)
+    assert folder.ids() == ["empty"]
+    for check in (lambda: folder["empty"], lambda: folder.missing(["empty"])):
+        with pytest.raises(DataError, match=r"empty\.npy \(video 'empty'\): frame features must be a non-empty "
+                                            r"L x D matrix, got shape \(0, 8\)"):
+            check()
+
+
+def test_videos_without_subtitles_are_reported_once_per_pair_of_files(caplog):
+    """The count of examples whose video the subtitles file lacks is logged once per annotation and subtitles
+    file (every epoch's reload said it again); another annotation file is reported on its own."""
+    from vlscale.data.tasks import Example
+    from vlscale.data.video import Subtitles, report_uncovered
+
+    subs = Subtitles({"v1": [(0.0, 1.0, "Hi.")]}, source="subs_once.jsonl")
+    ex = [Example(task="tvqa", uid=str(k), text="", target="a0", image_ids=[v]) for k, v in enumerate(["v1", "v2"])]
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
+        for path in ("train_once.jsonl", "train_once.jsonl", "val_once.jsonl"):
+            report_uncovered("tvqa", path, ex, subs)
+    said = [r.getMessage() for r in caplog.records if "has no subtitles for" in r.getMessage()]
+    assert [m.split(" examples of ")[1].split(" ")[0] for m in said] == ["train_once.jsonl", "val_once.jsonl"]
+    assert said[0].startswith("tvqa: 1 of 2 examples of train_once.jsonl name a video that subs_once.jsonl")
 
 
 def test_video_feature_files_bad_content_names_the_file_and_video(tmp_path):
