@@ -140,3 +140,87 @@ def test_padding_rows_are_not_scored_and_nlvr2_groups_reach_the_consistency():
         [("e0", "true", "g0"), ("e1", "false", "g0"), ("e2", "false", "g1")]
     scores = score_records("nlvr2", records)
     assert scores == pytest.approx({"accuracy": 2 / 3, "consistency": 0.5})  # g0 has e1 wrong, g1 is all right
+
+
+def test_three_choices_two_of_which_share_the_parting_token_are_refused():
+    """With more than two choices, the first position where they part can still leave two of them on one
+    token: the comparison could never pick the second, so they are refused, naming them."""
+    vocab = {"<s>": 0, "</s>": 2, "true": 7, "false": 9, "yes": 11}
+
+    def bart_like(text):
+        return {"input_ids": [0, *[vocab[w] for w in text.split()], 2]}
+
+    with pytest.raises(ValueError, match=r"answer choices \['true', 'false', 'true yes'\] cannot be told apart"):
+        choice_tokens(bart_like, ("true", "false", "true yes"))
+
+
+def test_floating_tensors_take_the_models_dtype_and_token_ids_stay_integers():
+    """Under bf16 / fp16 the batch's pixels or features are cast to the model's dtype; token ids and masks
+    stay integers (an embedding lookup refuses float ids), and non-tensors pass through."""
+    from vlscale.engine.evaluation import to_device
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "valid": torch.tensor([True, False]),
+             "pixel_values": torch.zeros(2, 3, 4, 4), "uids": ["q0", "q1"], "task": "vqa"}
+    out = to_device(batch, "cpu", torch.bfloat16)
+    assert {k: v.dtype for k, v in out.items() if isinstance(v, torch.Tensor)} == \
+        {"input_ids": torch.long, "valid": torch.bool, "pixel_values": torch.bfloat16}
+    assert out["uids"] == ["q0", "q1"] and out["task"] == "vqa"
+    assert to_device(batch, "cpu")["pixel_values"].dtype == torch.float32  # no float_dtype: unchanged
+
+
+class _SayingTokenizer(_T5LikeTokenizer):
+    """Decodes every generated row as the next of ``texts``."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return list(self.texts[:len(ids)])
+
+
+def _tvqa_batch(uids, references, task="tvqa"):
+    n = len(uids)
+    return {"task": task, "uids": uids, "input_ids": torch.ones(n, 4, dtype=torch.long),
+            "attention_mask": torch.ones(n, 4, dtype=torch.long), "references": references}
+
+
+def test_generated_records_every_row_without_a_valid_mask_stripped_and_with_listed_references():
+    """A batch without ``valid`` (no padding rows) gives a record per row; the decoded text is stripped (T5 may
+    decode " a0"), a uid becomes a string and a single reference string a one-item list (not its characters)."""
+    batch = _tvqa_batch([137292, "q1"], ["a0", ["a1", "A park"]])
+    records = predict_task(_RecordingModel(), _SayingTokenizer([" a0 ", "a1.\n"]), [batch], "tvqa", device="cpu")
+    assert records == [{"uid": "137292", "prediction": "a0", "references": ["a0"]},
+                       {"uid": "q1", "prediction": "a1.", "references": ["a1", "A park"]}]
+
+
+def test_a_stop_request_interrupts_before_the_next_batch_naming_where():
+    """``should_stop`` is asked before each batch: True raises EvaluationInterrupted saying how many batches
+    were done (of how many), and no further batch is decoded."""
+    from vlscale.engine.evaluation import EvaluationInterrupted
+
+    model, asked = _RecordingModel(), []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > 1
+
+    batches = [_tvqa_batch(["q0"], ["a0"]), _tvqa_batch(["q1"], ["a1"]), _tvqa_batch(["q2"], ["a2"])]
+    with pytest.raises(EvaluationInterrupted, match=r"^evaluation of test stopped in task tvqa after 1 of 3 "
+                                                    r"batches$") as info:
+        predict_task(model, _SayingTokenizer(["a0"]), batches, "tvqa", device="cpu", should_stop=should_stop,
+                     split="test")
+    assert (info.value.split, info.value.task, info.value.done, info.value.total) == ("test", "tvqa", 1, 3)
+    assert len(model.budgets) == 1  # only the first batch was decoded
+
+
+def test_a_batch_of_another_task_in_a_tasks_stream_is_refused_naming_both():
+    with pytest.raises(ValueError, match=r"evaluation batch of task 'vqa' in the 'tvqa' stream"):
+        predict_task(_RecordingModel(), _SayingTokenizer(["a0"]), [_tvqa_batch(["q0"], ["a0"], task="vqa")],
+                     "tvqa", device="cpu")
+
+
+def test_scoring_no_records_is_refused_naming_the_task():
+    from vlscale.engine.evaluation import score_records
+
+    with pytest.raises(ValueError, match=r"^no vqa examples were evaluated$"):
+        score_records("vqa", [])

@@ -140,3 +140,34 @@ def test_the_local_accuracy_counts_what_the_submission_writes_as_the_answer(tmp_
                                                         for e, p in zip(ex, predicted)], ex, "val")
     written = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
     assert [float(written[r["qid"]] == r["answer_idx"]) for r in rows] == local  # as VALUE's scorer counts
+
+
+def test_image_tasks_submissions_in_their_leaderboards_formats(tmp_path):
+    """EvalAI's VQA file (integer question ids), GQA's (string ids), NLVR2's ``<identifier>,True|False`` lines
+    (only the prediction "true" is True), the COCO server's captions (the ``cocoid``, else the number the
+    image's name ends in); a prediction for a uid the split does not hold is refused, naming it."""
+    import pytest
+
+    from vlscale.data.tasks import Example
+
+    def ex(task, uid, **extra):
+        return Example(task=task, uid=uid, text="", target="", image_ids=[f"img-{uid}"], extra=extra)
+
+    def write(task, examples, predictions):
+        records = [{"uid": str(e.uid), "prediction": p} for e, p in zip(examples, predictions)]
+        return write_submission(tmp_path, task, records, examples).read_text()
+
+    assert json.loads(write("vqa", [ex("vqa", "393225001"), ex("vqa", "7")], ["yes", "2"])) == \
+        [{"question_id": 393225001, "answer": "yes"}, {"question_id": 7, "answer": "2"}]
+    assert json.loads(write("gqa", [ex("gqa", "201307251")], ["left"])) == \
+        [{"questionId": "201307251", "prediction": "left"}]
+    nlvr2 = [ex("nlvr2", "u0", identifier="test1-0-1-0"), ex("nlvr2", "u1", identifier="test1-0-1-1"),
+             ex("nlvr2", "u2")]
+    assert write("nlvr2", nlvr2, ["true", "false", "maybe"]) == "test1-0-1-0,True\ntest1-0-1-1,False\nu2,False\n"
+    captions = [ex("caption", "val-3", cocoid=391895), ex("caption", "COCO_test2015_000000000016")]
+    assert json.loads(write("caption", captions, ["a man", "a dog"])) == \
+        [{"image_id": 391895, "caption": "a man"}, {"image_id": 16, "caption": "a dog"}]
+    with pytest.raises(ValueError, match=r"vqa submission: predictions for uids the split does not hold: "
+                                         r"first \['404'\]"):
+        write_submission(tmp_path, "vqa", [{"uid": "404", "prediction": "yes"}], [ex("vqa", "7")])
+    assert write_submission(tmp_path, "vqa_unknown_task", [], []) is None
