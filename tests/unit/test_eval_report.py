@@ -232,3 +232,27 @@ def test_evaluate_without_a_launcher_follows_ds_accelerator(launcher, monkeypatc
     monkeypatch.setattr(evaluate, "evaluate_adapter", lambda args, rank, world, device, dist: seen.append(device) or 0)
     evaluate.main(["--adapter", "unused", "--no-progress"])
     assert seen == [torch.device(expected)]
+
+
+def test_a_subset_merged_into_a_report_keeps_the_caption_tokens_of_the_tasks_it_keeps(tmp_path):
+    """``evaluate.py --tasks vqa`` merged into a report that scored captions keeps the captions' ``caption_tokens``
+    beside their scores (they said "python" and then nothing: scores of Python tokens read as coco-caption's)."""
+    from vlscale.metrics.captioning import CaptionScores
+
+    settings = {"data": {}, "precision": "fp32"}
+    write_eval_report(tmp_path, tmp_path / "adapter", "val", 4,
+                      {"caption": CaptionScores({"cider": 0.5}, "python")}, settings)
+    write_eval_report(tmp_path, tmp_path / "adapter", "val", 4, {"vqa": {"vqa_score": 0.3}}, settings)
+    report = json.loads((tmp_path / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"caption": {"cider": 0.5}, "vqa": {"vqa_score": 0.3}}
+    assert report["caption_tokens"] == {"caption": "python"}
+
+
+def test_score_lines_put_each_tasks_headline_metric_first():
+    """One line per task, x100, the task's own metric first (CIDEr for captions, whatever order the scorer gave)."""
+    from vlscale.engine.evaluation import format_scores
+    from vlscale.metrics.captioning import CaptionScores
+
+    text = format_scores({"caption": CaptionScores({"bleu4": 0.25, "cider": 1.125}, "ptb"),
+                          "nlvr2": {"consistency": 0.5, "accuracy": 0.75}})
+    assert text.splitlines() == ["  caption  cider=112.50  bleu4=25.00", "  nlvr2    accuracy=75.00  consistency=50.00"]
