@@ -271,6 +271,46 @@ def test_tokenizer_whose_special_ids_are_not_the_models_is_refused(tmp_path):
             assert build_tokenizer(load_config("tiny", [f"model.backbone={name}", "model.pretrained=true", *extra]))
 
 
+
+def test_special_ids_may_be_a_list_in_the_config_and_the_decoder_may_start_at_bos():
+    """A config may list several eos ids (generation stops at any): the tokenizer's one among them passes, one
+    outside them is named. The decoder start may be the tokenizer's bos as well as its pad or eos."""
+    from types import SimpleNamespace
+
+    from vlscale.config import ConfigError
+    from vlscale.data.tokenizer import check_special_ids
+
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, bos_token_id=3)
+    check_special_ids(tok, SimpleNamespace(pad_token_id=0, eos_token_id=[5, 1], decoder_start_token_id=3), "t", "c")
+    with pytest.raises(ConfigError, match=r"^tokenizer t and model config c disagree: eos_token_id 1 vs \[5, 6\] "
+                                          r"\(tokenizer vs model\)"):
+        check_special_ids(tok, SimpleNamespace(pad_token_id=0, eos_token_id=[5, 6], decoder_start_token_id=0), "t", "c")
+    with pytest.raises(ConfigError, match=r"decoder_start_token_id 4 is none of the tokenizer's pad/eos/bos "
+                                          r"\[0, 1, 3\]"):
+        check_special_ids(tok, SimpleNamespace(pad_token_id=0, eos_token_id=1, decoder_start_token_id=4), "t", "c")
+
+
+
+def test_a_folder_given_as_the_sentencepiece_model_or_a_tokenizer_without_pad_is_named(tmp_path):
+    """A folder where the .model file belongs is said to be no file (not "unreadable"); a tokenizer without a
+    pad token (batches could not be padded) is refused naming it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlscale.data.tokenizer import build_tokenizer, synthetic_tokenizer
+
+    with pytest.raises(ValueError, match=rf"^synthetic tokenizer model {tmp_path} is not a file"):
+        synthetic_tokenizer(tmp_path)
+    vocab = {w: i for i, w in enumerate(["<s>", "<unk>", "</s>", "red"])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path / "no_pad"
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        folder)
+    with pytest.raises(ValueError, match=r"tokenizer '.*no_pad' has no pad token"):
+        build_tokenizer(load_config("tiny", ["model.backbone=bart-base", f"model.tokenizer={folder}"]))
+
+
 def test_shipped_tokenizer_covers_the_world():
     """Every word the generator writes is one piece of the shipped model (re-run
     scripts/make_tokenizer.py after changing the generator's wording)."""
@@ -283,3 +323,25 @@ def test_shipped_tokenizer_covers_the_world():
     words = {w.strip(".,:?!") for line in world_corpus(60, seed=7) for w in line.split()}
     split = sorted(w for w in words if w and not any(c.isdigit() for c in w) and len(sp.encode(w)) > 1)
     assert not split, f"words split into several pieces: {split[:20]}"
+
+
+def test_the_special_ids_are_checked_against_the_backbone_folders_config_and_a_folder_without_tokenizer_is_named(
+        tmp_path):
+    """With model.backbone_path the weights load with that folder's config.json: the tokenizer is checked against
+    it, not against the registry's config of the backbone's name. A tokenizer folder without tokenizer files is
+    one line naming the key and the folder."""
+    import json
+
+    from vlscale.config import ConfigError
+    from vlscale.data.tokenizer import build_tokenizer
+
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    config = json.loads((ROOT / "vlscale/assets/backbones/mini-t5/config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=5)))
+    with pytest.raises(ConfigError, match=r"lm/config\.json disagree: eos_token_id 1 vs 5 \(tokenizer vs model\)"):
+        build_tokenizer(load_config("tiny", ["model.backbone=mini-t5", f"model.backbone_path={folder}",
+                                             "model.pretrained=true", "model.tokenizer=synthetic"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^cannot load the tokenizer for model\.tokenizer='.*empty' \(a hub id "):
+        build_tokenizer(load_config("tiny", [f"model.tokenizer={tmp_path / 'empty'}"]))
