@@ -256,6 +256,22 @@ def test_video_qa_answer_index_and_subtitle_files(tmp_path):
         load_subtitles(_jsonl(tmp_path / "subs2.jsonl", twice))
 
 
+
+def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refused(tmp_path):
+    """A question with only a0 is no multiple choice, answer_idx -1 names no option (it made the target "a-1"),
+    and a caption record with an empty ``descs`` list has no answer (it became an unlabeled example)."""
+    from vlscale.data.video import Subtitles, load_video_captions, load_video_qa
+
+    q = {"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "vid_name": "v", "answer_idx": 0}
+    with pytest.raises(RecordError, match=r"key 'a1' is missing \(need answer options a0, a1, \.\.\.\)"):
+        load_video_qa("tvqa", _jsonl(tmp_path / "one.jsonl", [{k: v for k, v in q.items() if k != "a1"}]), Subtitles())
+    with pytest.raises(RecordError, match=r"key 'answer_idx' must be an option index 0..1, got -1"):
+        load_video_qa("tvqa", _jsonl(tmp_path / "neg.jsonl", [dict(q, answer_idx=-1)]), Subtitles())
+    with pytest.raises(RecordError, match=r"key 'descs' is empty"):
+        load_video_captions("tvc", _jsonl(tmp_path / "c.jsonl", [{"clip_id": 3, "vid_name": "v", "descs": []}]),
+                            "val", Subtitles())
+
+
 # ----------------------------------------------------------------------------- visual sources
 
 @pytest.mark.parametrize("task", IMAGE_TASKS)
