@@ -236,6 +236,12 @@ def test_image_folder_patterns_ids_and_subfolders(tmp_path):
         ImageFolder(tmp_path, "image.jpg")
 
 
+def test_missing_ids_of_a_source_without_a_bulk_check_are_the_ids_it_lacks_once_each():
+    from vlscale.data.visual import missing_ids
+
+    assert missing_ids(SyntheticImages({"x": 1, "y": 2}), ["n", "x", "n", "m", "y"]) == ["n", "m"]
+
+
 # ----------------------------------------------------------------------------- feature cache
 
 @pytest.fixture(scope="module")
