@@ -173,7 +173,6 @@ def test_partitioned_model_saves_as_sharded_safetensors(two_ranks):
         assert torch.equal(v, whole[k]), k
 
 
-
 FAILING_WORKER = r"""
 import contextlib, errno, json, os, sys, time, torch
 sys.path.insert(0, sys.argv[1])
@@ -601,7 +600,6 @@ def test_a_save_over_another_leaves_exactly_the_new_files(tmp_path):
         for loaded in (ours, T5ForConditionalGeneration.from_pretrained(out)):  # the new weights, either way
             for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values()):
                 assert torch.equal(v, w), (seed, k)
-
 
 
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")

@@ -147,7 +147,6 @@ def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch)
     _one_line(e, str(tmp_path / "gone" / "mini-bart"), "scripts/pretrain_backbones.py")
 
 
-
 def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
     """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub and
     gave a bare SafetensorError for a truncated file: the same one-line errors as build_lm now."""

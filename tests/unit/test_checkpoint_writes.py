@@ -492,7 +492,6 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_one(tmp_path, m
     assert ckpt.read_adapter_config(tmp_path / "adapter")["step"] == 2
 
 
-
 def test_an_adapter_save_that_dies_between_its_renames_keeps_the_previous_adapter(tmp_path, monkeypatch):
     """save_adapter moves adapter/ to adapter.old, renames .tmp-adapter to adapter/, then removes adapter.old. An
     error between the two renames was reported as "no earlier adapter/ exists" with adapter.old left behind; a

@@ -117,7 +117,6 @@ def test_collate_cached_features(tok):
         _collator(tok)(grid.examples, [g[0], [torch.randn(9, 8), torch.randn(16, 8)]])
 
 
-
 def test_collate_refuses_a_malformed_batch_naming_it(tok):
     from vlscale.data.tasks import Example
 
@@ -181,7 +180,6 @@ def test_image_folder(tmp_path):
         video["v2"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolder(tmp_path / "missing")
-
 
 
 def test_image_folder_reads_grey_and_rgba_files_as_rgb(tmp_path):

@@ -214,7 +214,6 @@ def test_ts_and_subtitle_lines_overlapping_it():
             ts(bad)
 
 
-
 def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_line(tmp_path):
     """A line ending where ``ts`` starts, or starting where it ends, overlaps it; an empty line adds no blank;
     ``ts`` "NaN-NaN" (TVQA's unknown span) or none means every line. A boolean time is malformed."""
@@ -254,7 +253,6 @@ def test_video_qa_answer_index_and_subtitle_files(tmp_path):
     twice = [{"vid_name": "v", "sub": []}, {"vid_name": "v", "sub": []}]
     with pytest.raises(RecordError, match=r"subs2\.jsonl: line 2 \(id 'v'\): key 'vid_name' appears twice"):
         load_subtitles(_jsonl(tmp_path / "subs2.jsonl", twice))
-
 
 
 def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refused(tmp_path):
@@ -788,7 +786,6 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
         fetch_visuals(folder, [e])
     with pytest.raises(DataFileNotFound, match=r"gqa example 'q1'.*image 'gone': file .*gone\.jpg does not exist"):
         fetch_visuals(folder, [type(e)("gqa", "q1", "text", "yes", ["gone"], source="ann.json")])
-
 
 
 def test_a_video_of_no_frames_is_refused_naming_its_file_and_other_files_are_no_videos(tmp_path):

@@ -178,7 +178,6 @@ def test_adapter_site_math():
     torch.testing.assert_close(adapter_reference(x, wd, bd, wu, bu, "gelu_tanh"), expected, rtol=1e-5, atol=1e-5)
 
 
-
 def test_adapter_in_another_dtype_than_its_input_keeps_the_residual():
     """T5 keeps ``wo`` in fp32 under bf16 weights: the branch runs in the adapter's dtype, and the output is
     still h + W_u act(W_d h + b_d) + b_u in h's dtype (the identity at init)."""

@@ -164,7 +164,6 @@ def test_zero3_optimizer_offload_keeps_fp32_gradients_on_the_host():
     assert cpu.host == gpu.host and cpu.master_grads == part * 4 and cpu.grads == part * 2
 
 
-
 def test_sizes_are_written_in_the_largest_unit_they_reach_and_read_only_when_finite():
     assert [analytic.fmt_bytes(n) for n in (1023, 1024, 2 ** 20, 2 ** 30, -(2 ** 20), 3 * 2 ** 29)] == \
         ["1023 B", "1.00 KiB", "1.00 MiB", "1.00 GiB", "-1.00 MiB", "1.50 GiB"]

@@ -271,7 +271,6 @@ def test_tokenizer_whose_special_ids_are_not_the_models_is_refused(tmp_path):
             assert build_tokenizer(load_config("tiny", [f"model.backbone={name}", "model.pretrained=true", *extra]))
 
 
-
 def test_special_ids_may_be_a_list_in_the_config_and_the_decoder_may_start_at_bos():
     """A config may list several eos ids (generation stops at any): the tokenizer's one among them passes, one
     outside them is named. The decoder start may be the tokenizer's bos as well as its pad or eos."""
@@ -288,7 +287,6 @@ def test_special_ids_may_be_a_list_in_the_config_and_the_decoder_may_start_at_bo
     with pytest.raises(ConfigError, match=r"decoder_start_token_id 4 is none of the tokenizer's pad/eos/bos "
                                           r"\[0, 1, 3\]"):
         check_special_ids(tok, SimpleNamespace(pad_token_id=0, eos_token_id=1, decoder_start_token_id=4), "t", "c")
-
 
 
 def test_a_folder_given_as_the_sentencepiece_model_or_a_tokenizer_without_pad_is_named(tmp_path):

@@ -168,7 +168,6 @@ class ZeroSettings:
         return cls(**out)
 
 
-
 # The DeepSpeed settings (0.19.8) that change memory and that the estimate does not model: (key, the values
 # it holds for, the ZeRO stages DeepSpeed applies the key at (None: all), what the key changes). What it
 # models is ZeroSettings' fields (with the precision, the optimizer and the run config); the other keys
