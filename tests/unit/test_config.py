@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from vlscale.config import (ConfigError, RunConfig, config_from_dict, list_presets, load_config, parse_overrides,
-                            registry_backbones, registry_visions)
+from vlscale.config import (ConfigError, RunConfig, config_from_dict, flat_settings, list_presets, load_config,
+                            parse_overrides, registry_backbones, registry_visions)
 
 
 def test_every_shipped_preset_loads():
@@ -77,6 +77,33 @@ def test_overrides_are_typed():
     assert cfg.peft.method == "lora"
     assert cfg.train.gradient_checkpointing is True
     assert load_config("tiny", ["data.tasks=vqa,nlvr2"]).data.tasks == ["vqa", "nlvr2"]
+    assert load_config("tiny", ["data.tasks=vqa, nlvr2"]).data.tasks == ["vqa", "nlvr2"]  # as one writes a list
+    assert load_config("tiny", ["train.max_steps=10.0"]).train.max_steps == 10  # a whole float (JSON, YAML) is an int
+    assert load_config("tiny", ["peft.train_vision=true"]).lr == pytest.approx(1e-4)  # fine-tuning CLIP: 1e-4
+
+
+def test_flat_settings_keeps_hf_columns_whole():
+    """A column mapping is one setting (a resume compares it, and names it, as one key), not one per column."""
+    flat = flat_settings({"data": {"root": "/d", "hf_columns": {"image": "img", "question": "q"}}, "name": "x"})
+    assert flat == {"data.root": "/d", "data.hf_columns": {"image": "img", "question": "q"}, "name": "x"}
+
+
+def test_a_preset_s_hf_columns_are_replaced_by_a_child_s_not_merged(tmp_path):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("base: tiny\ndata:\n  source: real\n  hf_dataset: /data/hf\n"
+                      "  hf_columns: {image: img, question: q}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\ndata:\n  hf_columns: {image: picture}\n")
+    assert load_config(str(child)).data.hf_columns == {"image": "picture"}
+    assert load_config(str(parent), ["data.hf_columns={image: picture}"]).data.hf_columns == {"image": "picture"}
+
+
+def test_a_preset_that_includes_itself_is_refused(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\ntrain:\n  max_steps: 3\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"preset .*a\.yaml includes itself through 'base'"):
+        load_config(str(a))
 
 
 @pytest.mark.parametrize("override, words", [
@@ -118,6 +145,15 @@ def test_overrides_are_typed():
     (["data.source=real", "data.root=/data", "data.hf_columns={image: img}"], ["data.hf_columns=", "data.hf_columns={}"]),
     (["train.max_stpes=3"], ["unknown key train.max_stpes; did you mean 'max_steps'?", "valid keys in train"]),
     (["trian.max_steps=3"], ["unknown key trian; did you mean 'train'?"]),
+    # the upper ends of [0, 1) ranges, and the other checks no entry above reached (mutation audit)
+    (["model.dropout=1"], ["model.dropout=1.0", "[0, 1)"]),
+    (["peft.lora_dropout=1"], ["peft.lora_dropout=1.0", "[0, 1)"]),
+    (["train.warmup_ratio=1"], ["train.warmup_ratio=1.0", "[0, 1)"]),
+    (["train.adam_betas=[0.9,1]"], ["train.adam_betas=[0.9, 1.0]", "[0, 1)"]),
+    (["train.adam_betas=[0.9]"], ["train.adam_betas=[0.9]", "two numbers"]),
+    (["peft.method=prompt", "peft.sharing=half_shared"], ["peft.sharing=half_shared", "peft.method='prompt'"]),
+    (["train.zero_stage=4"], ["train.zero_stage=4", "[0, 1, 2, 3]"]),
+    (["model.extra_special_tokens=-1"], ["model.extra_special_tokens=-1", ">= 0"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
@@ -228,6 +264,8 @@ def test_cross_field_checks():
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match=r"override 'train\.max_steps' conflicts with another override"):
+        parse_overrides(["train=5", "train.max_steps=3"])
 
 
 def test_train_without_config_trains_the_embedded_default(launcher):

@@ -25,6 +25,8 @@ def test_the_setting_is_checked():
             load_config("tiny", [f"train.peft_lr={bad}"])
     with pytest.raises(ConfigError, match=r"train\.peft_lr=0\.003 .*peft\.method=none adds none"):
         load_config("tiny", ["peft.method=none", "train.peft_lr=3e-3"])
+    # extra prompts are PEFT weights of their own: peft_lr is theirs under peft.method=none
+    assert load_config("tiny", ["peft.method=none", "peft.extra_prompts=true", "train.peft_lr=3e-3"]).train.peft_lr == 3e-3
 
 
 @pytest.mark.parametrize("sharing", ["single", "multiple"])
