@@ -1128,3 +1128,21 @@ def test_frame_images_are_taken_in_number_order(tmp_path):
     for vid in ("v", "w"):
         frames = ImageFolder(tmp_path, video=True)[vid]
         assert [int(f[0, 0, 0]) for f in frames] == [10, 20, 100, 110], vid
+
+
+def test_a_split_missing_for_some_tasks_is_one_error_naming_each_before_any_loads():
+    """launchers/evaluate.py checks every task's split up front: one DataError naming each task without it and
+    the file looked for (COCO's captions: a name that is no Karpathy split); the synthetic world and an HF
+    dataset (its splits resolved when opened) are not checked here."""
+    from vlscale.data import check_split_found
+
+    cfg = make_cfg(tasks=["vqa", "gqa", "caption"])
+    check_split_found(cfg, ["vqa", "gqa", "caption", "tvqa"], "val")  # every fixture task has a val split
+    with pytest.raises(DataError, match=r"^split 'restval' not found for gqa, caption: gqa restval annotations: "
+                                        r".*gqa/restval\.json does not exist .*; .*coco/dataset_coco\.json: COCO "
+                                        r"Karpathy split 'restval' is not one of \['train', 'val', 'test'\]$"):
+        check_split_found(cfg, ["gqa", "caption"], "restval")
+    with pytest.raises(DataError, match=r"^split 'dev' not found for vqa: .*vqa/dev\.json does not exist"):
+        check_split_found(cfg, ["vqa"], "dev")
+    check_split_found(RunConfig(data=DataConfig(tasks=["vqa"])), ["vqa"], "dev")  # synthetic: every split
+    check_split_found(RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset="/no/such/hf")), ["vqa"], "dev")
