@@ -1146,3 +1146,40 @@ def test_a_split_missing_for_some_tasks_is_one_error_naming_each_before_any_load
         check_split_found(cfg, ["vqa"], "dev")
     check_split_found(RunConfig(data=DataConfig(tasks=["vqa"])), ["vqa"], "dev")  # synthetic: every split
     check_split_found(RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset="/no/such/hf")), ["vqa"], "dev")
+
+
+def test_skipping_drops_each_example_naming_a_missing_id_and_keeps_the_skip_count():
+    """data.skip_bad_records: an example goes when any of its ids is missing (NLVR2: one of its two images),
+    and the ExampleList returned keeps its file, the earlier skips and this one."""
+    from vlscale.data import check_visual_ids
+    from vlscale.data.real import ExampleList
+    from vlscale.data.tasks import Example
+
+    listed = ExampleList([Example("nlvr2", "a", "t", "true", ["l0", "r0"]),
+                          Example("nlvr2", "b", "t", "false", ["l1", "gone"]),
+                          Example("nlvr2", "c", "t", "true", ["gone", "r2"])], source="train.json")
+    listed.skipped, listed.skip_messages = 2, ["bad 1", "bad 2"]
+    cfg = make_cfg(tasks=["nlvr2"], skip_bad_records=True)
+    kept = check_visual_ids(cfg, "nlvr2", "train", listed, {"l0", "r0", "l1", "r2"})
+    assert [e.uid for e in kept] == ["a"]
+    assert isinstance(kept, ExampleList) and kept.source == "train.json" and kept.skipped == 4
+    assert kept.skip_messages[:2] == ["bad 1", "bad 2"] and len(kept.skip_messages) == 3
+    assert kept.skip_messages[2].startswith("nlvr2/train: 1 visual id(s) named by 2 of 3 examples")
+
+
+def test_only_a_numbered_uid_suffix_merges_caption_examples():
+    """one_per_input merges ``<id>#<k>`` (one example per reference caption); a uid with another ``#`` suffix is
+    an example of its own."""
+    from vlscale.data import one_per_input
+    from vlscale.data.tasks import Example
+
+    own = [Example("tvc", "clip#intro", "", "a", ["v1"], ["a"]), Example("tvc", "clip#outro", "", "b", ["v1"], ["b"])]
+    assert [e.uid for e in one_per_input(own)] == ["clip#intro", "clip#outro"]
+    per_caption = [Example("tvc", "clip#0", "", "a", ["v1"], ["a", "b"]), Example("tvc", "clip#1", "", "b", ["v1"], ["a", "b"])]
+    assert [(e.uid, e.references) for e in one_per_input(per_caption)] == [("clip", ["a", "b"])]
+    from vlscale.data.real import ExampleList
+
+    listed = ExampleList(per_caption, source="tvc/train.jsonl")
+    listed.skipped = 1
+    merged = one_per_input(listed)  # the file and the skips stay said (errors and reports name them)
+    assert isinstance(merged, ExampleList) and (merged.source, merged.skipped, len(merged)) == ("tvc/train.jsonl", 1, 1)

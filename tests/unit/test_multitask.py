@@ -254,3 +254,25 @@ def test_a_task_exactly_the_size_of_the_global_batch_is_not_logged(caplog):
         s = MultitaskSampler({"vqa": 50, "nlvr2": 8}, 8)
     assert "fewer training examples" not in caplog.text
     assert all(len(set(idx)) == 8 for t, idx in (s.step(i) for i in range(40)) if t == "nlvr2")  # no repeats
+
+
+def test_a_rank_outside_the_world_is_refused_before_anything_loads(tok):
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=rf"^rank {rank} is outside \[0, world_size={world}\)$"):
+            build_train_loader(_cfg(), tok, rank=rank, world_size=world)
+        with pytest.raises(ValueError, match=rf"^rank {rank} is outside \[0, world_size={world}\)$"):
+            eval_batches(_cfg(), tok, "vqa", "val", 2, rank, world)
+    with pytest.raises(ValueError, match=r"^eval batch_size=0 must be > 0$"):
+        eval_batches(_cfg(), tok, "vqa", "val", 0)
+
+
+def test_each_copy_of_an_index_in_a_step_counts_its_earlier_copies(tok):
+    """A task smaller than the global batch repeats its examples in a step: the k-th copy is copy k (its own
+    VQA answer draw), on one rank as on several."""
+    cfg = _cfg("train.micro_batch_size=6", "train.gradient_accumulation_steps=2", "data.tasks=[vqa]",
+               "data.synthetic_train=3")
+    for step in range(3):
+        _, parts = build_train_loader(cfg, tok, vision_transform=_plain_transform)._step_parts(step)
+        pairs = [p for micro in parts for p in micro]
+        assert len(pairs) == 12
+        assert sorted(pairs) == [(i, c) for i in range(3) for c in range(4)]

@@ -23,15 +23,17 @@ def _vqa(uid, label):
 
 
 def test_targets_are_drawn_in_proportion_to_the_scores_with_the_score_as_weight():
-    examples = [_vqa("a", {"2": 1.0, "3": 0.3}), _vqa("b", {}), _vqa("c", None), _vqa("d", {"x": 0.0, "y": 0.6})]
+    examples = [_vqa("a", {"2": 1.0, "3": 0.3}), _vqa("b", {}), _vqa("c", None), _vqa("d", {"x": 0.0, "y": 0.6}),
+                _vqa("e", {"x": 0.0})]
     drawn = Counter()
     for step in range(3000):
         out, weights = sampled_vqa_targets(examples, seed=0, step=step)
-        assert [e.uid for e in out] == ["a", "b", "c", "d"]
+        assert [e.uid for e in out] == ["a", "b", "c", "d", "e"]
         assert weights[0] == {"2": 1.0, "3": 0.3}[out[0].target]
         assert (out[1].target, weights[1]) == ("", 0.0)  # no scored answer: weight 0, as the reference
         assert (out[2].target, weights[2]) == ("best", 1.0)  # no label (the synthetic world): unchanged
         assert (out[3].target, weights[3]) == ("y", 0.6)  # a 0-score answer is never drawn
+        assert (out[4].target, weights[4]) == ("", 0.0)  # only 0-score answers: none scored
         drawn[out[0].target] += 1
     assert drawn["2"] / 3000 == pytest.approx(1.0 / 1.3, abs=0.025)
     assert sampled_vqa_targets(examples, 0, 7) == sampled_vqa_targets(examples, 0, 7)  # keyed: same on every rank
