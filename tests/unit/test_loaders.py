@@ -270,6 +270,26 @@ def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refu
                             "val", Subtitles())
 
 
+def test_video_captions_without_clip_id_take_the_video_name_and_only_train_is_one_example_per_description(tmp_path):
+    """A TVC / YC2C record without ``clip_id`` is known by its ``vid_name`` (uid, extra["clip_id"], and the
+    train split's "<clip>#k" uids); val and test give one example per clip whose target is the first
+    description and whose references are all of them (scored once per clip, as VALUE scores captions)."""
+    from vlscale.data.video import Subtitles, load_video_captions
+
+    path = _jsonl(tmp_path / "c.jsonl", [{"vid_name": "v1", "descs": [{"desc": "a"}, {"desc": "b"}]},
+                                         {"clip_id": 7, "vid_name": "v2", "descs": ["c", "d"]}])
+    for split in ("val", "test"):
+        ex = load_video_captions("tvc", path, split, Subtitles())
+        assert [(e.uid, e.target, e.references, e.image_ids) for e in ex] == [
+            ("v1", "a", ["a", "b"], ["v1"]), ("7", "c", ["c", "d"], ["v2"])], split
+        assert [e.extra["clip_id"] for e in ex] == ["v1", "7"]
+    train = load_video_captions("tvc", path, "train", Subtitles())
+    assert [(e.uid, e.target) for e in train] == [("v1#0", "a"), ("v1#1", "b"), ("7#0", "c"), ("7#1", "d")]
+    unlabeled = _jsonl(tmp_path / "u.jsonl", [{"vid_name": "v3"}])
+    (e,) = load_video_captions("tvc", unlabeled, "test", Subtitles(), require_answers=False)
+    assert (e.uid, e.target, e.extra["clip_id"]) == ("v3", "", "v3")
+
+
 # ----------------------------------------------------------------------------- visual sources
 
 @pytest.mark.parametrize("task", IMAGE_TASKS)
