@@ -309,6 +309,31 @@ def test_a_folder_given_as_the_sentencepiece_model_or_a_tokenizer_without_pad_is
         build_tokenizer(load_config("tiny", ["model.backbone=bart-base", f"model.tokenizer={folder}"]))
 
 
+def test_a_sentencepiece_model_with_other_special_ids_is_refused_naming_the_file_and_its_ids(tmp_path):
+    """The synthetic tokenizer's ids are T5's (pad 0, eos 1, unk 2) and bos 3, as the tiny backbones' configs take
+    them. A model trained with other ids (here SentencePiece's own order: unk 0, bos 1, eos 2, then pad 3) would
+    give batches the model reads otherwise; it is refused naming the file and the ids it has."""
+    import io
+    import re
+
+    import sentencepiece as spm
+
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    lines = ["the red cube is left of the blue ball", "a dog runs on the grass", "what color is the cube"] * 5
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
+                                   vocab_size=40, hard_vocab_limit=False, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, minloglevel=2)
+    other = tmp_path / "other_ids.model"
+    other.write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(other))}: expected pad/eos/unk/bos ids \(0, 1, 2, 3\), "
+                                         r"got \(3, 2, 0, 1\)$"):
+        synthetic_tokenizer(other)
+    tok = synthetic_tokenizer()  # the shipped model passes the check
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
+
+
 def test_shipped_tokenizer_covers_the_world():
     """Every word the generator writes is one piece of the shipped model (re-run
     scripts/make_tokenizer.py after changing the generator's wording)."""
