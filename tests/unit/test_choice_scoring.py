@@ -219,6 +219,31 @@ def test_a_batch_of_another_task_in_a_tasks_stream_is_refused_naming_both():
                      "tvqa", device="cpu")
 
 
+def test_records_are_gathered_from_every_rank_in_rank_order_once_per_uid(monkeypatch):
+    """One rank (no process group): its records are the result, in their order, and nothing collective runs.
+    Several ranks: every rank's records in rank order, a uid two ranks give kept once, as the first one gave it."""
+    import torch.distributed as dist
+
+    from vlscale.engine.evaluation import _gather_records
+
+    def collective(*args, **kwargs):
+        raise AssertionError("all_gather_object called on a single rank")
+
+    monkeypatch.setattr(dist, "all_gather_object", collective)
+    mine = [{"uid": "q2", "prediction": "a1", "references": ["a1"]},
+            {"uid": "q0", "prediction": "a0", "references": ["a2"], "group": "g"}]
+    assert _gather_records([dict(r) for r in mine], 1) == mine
+    ranks = [mine, [{"uid": "q1", "prediction": "a2", "references": ["a2"]},
+                    {"uid": "q2", "prediction": "other", "references": ["a1"]}]]
+
+    def all_gather_object(parts, obj):
+        assert obj is ranks[0] and len(parts) == 2
+        parts[:] = ranks
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    assert _gather_records(ranks[0], 2) == [mine[0], mine[1], ranks[1][0]]
+
+
 def test_scoring_no_records_is_refused_naming_the_task():
     from vlscale.engine.evaluation import score_records
 
