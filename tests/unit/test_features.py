@@ -461,6 +461,25 @@ def test_synthetic_cache_records_the_world_and_refuses_other_settings(weights, t
     assert isinstance(build_visual_source(real, "vqa", "train"), FeatureCache)
 
 
+def test_a_synthetic_video_tasks_cache_is_read_as_frame_embeddings(encoder, weights, tmp_path):
+    """The synthetic world's video tasks train from a cache of per-frame CLIP embeddings (kind "frames", one
+    (F, E) matrix per video), not of image grids: build_visual_source opens such a cache for them."""
+    import extract_features as launcher
+
+    video = ["data.tasks=[tvqa]", "data.synthetic_train=2", "data.synthetic_eval=2", "data.image_size=16"]
+    out = tmp_path / "frames"
+    assert launcher.main(["--synthetic", "--vision", VISION, "--pretrained", weights, "--out", str(out), "--quiet",
+                          *video]) == 0
+    cfg = load_config("tiny", video + ["model.feature_source=cache", f"data.feature_cache={out}",
+                                       f"model.vision_pretrained={weights}"])
+    cache = build_visual_source(cfg, "tvqa", "val")
+    assert isinstance(cache, FeatureCache) and cache.meta["kind"] == "frames"
+    videos = build_visual_source(load_config("tiny", video), "tvqa", "val")
+    assert videos.ids() and set(videos.ids()) <= set(cache.ids())
+    for i in videos.ids():
+        assert cache[i].shape == (len(videos[i]), encoder[0].embed_dim)
+
+
 def test_cache_content_is_checked_and_errors_name_the_cache(tmp_path):
     from safetensors.torch import save_file
 
