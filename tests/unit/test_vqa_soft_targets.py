@@ -54,6 +54,42 @@ def test_a_real_vqa_batch_carries_the_weights_of_its_drawn_answers():
     assert {"", "2", "red"} <= seen or {"", "2", "blue"} <= seen
 
 
+def test_training_examples_without_a_soft_label_are_said_under_sampled_targets(caplog):
+    """An HF dataset read through its one ``answer`` column has no soft label: under data.vqa_targets=sampled
+    its examples train on their target at weight 1, which one warning says, with how many and where from. Not said
+    when the rows have their ``answers`` (labels scored from them), under data.vqa_targets=best, or for the
+    synthetic world."""
+    hf = str(ROOT.parent / "hf_multi")
+    answer = {"image": "image", "image_id": "image_name", "question": "question", "answer": "multiple_choice_answer",
+              "id": "qid"}
+    answers = {**{k: v for k, v in answer.items() if k != "answer"}, "answers": "answers"}
+
+    def said(columns, targets):
+        cfg = RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset=hf, hf_columns=columns,
+                                        vqa_targets=targets), train=TrainConfig(loss_reduction="example"))
+        return _warnings(caplog, lambda: build_train_loader(cfg, None))
+
+    assert said(answer, "sampled") == [
+        f"data.vqa_targets=sampled: 3 of 3 vqa training examples ({hf}[train]) have no soft 'label' (VL-T5's VQA "
+        "files do; data.hf_dataset rows without an answers column do not), so they train on their target at weight "
+        "1, as data.vqa_targets=best does"]
+    assert said(answers, "sampled") == [] and said(answer, "best") == []
+    synthetic = load_config("tiny", ["data.tasks=[vqa]", "data.vqa_targets=sampled", "train.loss_reduction=example",
+                                     "data.synthetic_train=8"])
+    loaders = []
+    assert _warnings(caplog, lambda: loaders.append(build_train_loader(synthetic, None))) == []
+    assert all(e.extra.get("label") is None for e in loaders[0].examples["vqa"])  # none of them has one
+
+
+def _warnings(caplog, build) -> list[str]:
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlscale.data"):
+        build()
+    return [r.getMessage() for r in caplog.records if "vqa_targets" in r.getMessage()]
+
+
 def test_weights_multiply_each_examples_mean_loss():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 4, 11, generator=g)
