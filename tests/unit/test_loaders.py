@@ -592,6 +592,9 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"record 1 .*key 'uid' is an empty string"),
     ("gqa", "gqa/train.json", lambda d: d[1].update(question_id=""),
      r"train\.json: record 1 .*key 'question_id' is an empty string"),
+    # JSON's true is no id (nor an index): it is not read as the integer 1, nor named as the record's id
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[2].update(question_id=True),
+     r"karpathy_train\.json: record 2: key 'question_id' must be a string or an integer, got bool True"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])
@@ -626,6 +629,77 @@ def test_jsonl_bad_line_and_bad_fields(tmp_path, caplog):
     path.write_text(lines[0].replace('"0.0-5.0"', '"soon"') + "\n")
     with pytest.raises(RecordError, match=r"line 1 \(id 1\): key 'ts' must be 'start-end'"):
         load_real_examples(cfg, "tvqa", "train")
+
+
+def test_skip_mode_counts_every_skipped_record_and_keeps_the_first_20_messages(tmp_path):
+    """Skip mode on a file of many bad records: all are counted, the messages kept (for the log) are the
+    first 20, in file order, also when the lists of several files are merged."""
+    from vlscale.data.real import ExampleList
+
+    root = copy_root(tmp_path, "vqa")
+    path = root / "vqa" / "karpathy_train.json"
+    good = json.loads(path.read_text())
+    bad = [{k: v for k, v in dict(good[0], question_id=100 + i).items() if k != "sent"} for i in range(25)]
+    path.write_text(json.dumps(bad + good))
+    ex = load_real_examples(make_cfg(root, skip_bad_records=True), "vqa", "train")
+    assert len(ex) == len(good) and ex.skipped == 25
+    assert [m.split(": ")[1] for m in ex.skip_messages] == [f"record {i} (id {100 + i})" for i in range(20)]
+    merged = ExampleList()
+    for first in (0, 15):
+        part = ExampleList()
+        for i in range(first, first + 15):
+            part.note_skip(DataError(f"bad {i}"))
+        merged.merge_skips(part)
+    assert merged.skipped == 30 and merged.skip_messages == [f"bad {i}" for i in range(20)]
+
+
+def test_text_fields_are_read_without_surrounding_whitespace(tmp_path):
+    """A question or an image id with spaces around it (hand-edited files) gives the text and the id without
+    them: the image is found under its id. Integer fields read as numbers; JSON's true is not a number."""
+    from vlscale.data.real import Record
+
+    root = copy_root(tmp_path, "vqa")
+    rewrite_json(root / "vqa" / "karpathy_train.json",
+                 lambda d: d[0].update(sent="  How many plates are there? \n", img_id=" COCO_train2014_000000000009 "))
+    ex = by_uid(load_real_examples(make_cfg(root), "vqa", "train"))["9001"]
+    assert ex.text == "How many plates are there?" and ex.image_ids == ["COCO_train2014_000000000009"]
+    rec = Record("f.json", "record 0", {"n": 3, "flag": True})
+    assert rec.get("n", float) == 3
+    with pytest.raises(RecordError, match=r"f\.json: record 0: key 'flag' must be a number, got bool True"):
+        rec.get("flag", float)
+
+
+def test_jsonl_blank_lines_are_not_records(tmp_path):
+    """Blank lines (a trailing empty line, a gap between records) are skipped, not bad JSON; lines keep their
+    numbers in messages."""
+    root = copy_root(tmp_path, "tvqa")
+    path = root / "tvqa" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n\n   \n" + "\n".join(lines[1:]) + "\n\n")
+    assert len(load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")) == COUNTS["tvqa"][0]
+    path.write_text(lines[0] + "\n\n{not json\n")
+    with pytest.raises(RecordError, match=r"train\.jsonl: line 3: is not valid JSON"):
+        load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")
+
+
+@pytest.mark.parametrize("split", ["../vqa/karpathy_train", "sub/train", ".karpathy_train", ""])
+def test_a_split_that_is_not_a_file_stem_is_refused(split):
+    """A split names a file stem under the dataset's folder: a path (or a hidden name) could read any file
+    on the disk, e.g. another dataset's, as this split."""
+    with pytest.raises(DataError, match=rf"split {split!r} is not valid; use one of \['train', 'val', 'test'\]"):
+        load_real_examples(make_cfg(), "vqa", split)
+    with pytest.raises(DataError, match="is not valid"):
+        real_visual_source(make_cfg(), "vqa", split)
+
+
+def test_missing_subtitles_are_said_once_per_root_and_task(caplog):
+    from vlscale.data import real
+
+    real._WARNED_NO_SUBTITLES.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            load_real_examples(make_cfg(tasks=["yc2c"]), "yc2c", "train")
+    assert caplog.text.count("yc2c: no subtitles file") == 1
 
 
 def test_video_qa_options_after_a_gap_are_refused(tmp_path):
@@ -690,6 +764,8 @@ def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
     source = real_visual_source(cfg, "vqa", "train")
     for e in load_real_examples(cfg, "vqa", "train"):  # train2014 and val2014 (restval) images
         assert source[e.image_ids[0]].shape == (8, 8, 3)
+    # and listed (what launchers/extract_features.py encodes): every sub-folder's ids, not the first folder's
+    assert {e.image_ids[0] for e in load_real_examples(cfg, "vqa", "train")} <= set(source.ids())
     with pytest.raises(KeyError, match="COCO_val2014_000000999999"):
         source["COCO_val2014_000000999999"]
     # both spellings of a folder: one read silently was a guess; a link of one to the other is one folder
