@@ -198,6 +198,70 @@ def test_load_examples_from_config_and_errors():
         generate_split("vqa", "dev", 5)
 
 
+def test_bad_sizes_are_refused_naming_the_value():
+    with pytest.raises(ValueError, match=r"synthetic vqa/train: number of examples must be > 0, got 0"):
+        generate_split("vqa", "train", 0)
+    with pytest.raises(ValueError, match=r"data.image_size=15 is too small for the synthetic world \(>= 16\)"):
+        generate_split("vqa", "train", 2, image_size=15)
+    assert generate_split("vqa", "train", 1, image_size=16).visuals["vqa_train_000000"].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("n", [1, 6, 7])
+def test_nlvr2_sizes_that_are_not_a_multiple_of_a_group(n):
+    """n examples exactly, also when n is not a multiple of the 4 statements of an image pair: the last pair
+    gives the statements that are left, and both its images are there."""
+    sp = generate_split("nlvr2", "train", n, image_size=16)
+    assert [e.uid for e in sp.examples] == [f"nlvr2_train_{i:06d}" for i in range(n)]
+    groups = -(-n // syn.NLVR_STATEMENTS_PER_PAIR)
+    assert sorted(sp.visuals) == sorted(f"nlvr2_train_{g:06d}_{side}" for g in range(groups) for side in "01")
+    assert all(i in sp.visuals for e in sp.examples for i in e.image_ids)
+
+
+def test_a_shapes_size_is_drawn():
+    """Captions say "a small / a large X": the pixels show which (a large shape covers over twice the area)."""
+    rng = np.random.default_rng(0)
+    area = {}
+    for size in ("small", "large"):
+        img = syn.render_scene([{"color": "red", "shape": "circle", "size": size, "x": 0.5, "y": 0.5}], 64, rng)
+        area[size] = int((np.abs(img.astype(int) - COLORS["red"]).sum(-1) == 0).sum())
+    assert area["small"] > 0 and area["large"] > 2 * area["small"], area
+
+
+def test_an_unreadable_cache_is_named_and_a_finished_one_is_kept(monkeypatch):
+    """A cache entry another process finished first (the rename onto it fails) is kept, and the temporary
+    folder removed; a corrupt entry is a RuntimeError naming its folder, not a bare numpy error."""
+    data = generate_split("vqa", "val", 3, seed=1, image_size=16)
+    params = split_params("vqa", "val", 3, 1, 16)
+    path = split_cache_dir(params)
+    syn._save(data, params, path)
+    syn._save(data, params, path)  # a second writer: its data are the same
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    _same(data, load_split("vqa", "val", 3, seed=1, image_size=16))
+    (path / "visual.npz").write_bytes(b"not a zip file")
+    with pytest.raises(RuntimeError, match=rf"synthetic cache {path} is unreadable .*; delete it to regenerate"):
+        load_split("vqa", "val", 3, seed=1, image_size=16)
+
+
+def test_a_config_split_is_loaded_once_per_cache_folder(tmp_path, monkeypatch):
+    cfg = load_config("tiny", ["data.synthetic_eval=3", "data.image_size=16"])
+    first = syn.synthetic_split(cfg, "gqa", "val")
+    assert syn.synthetic_split(cfg, "gqa", "val") is first
+    monkeypatch.setenv("VLSCALE_CACHE", str(tmp_path / "other"))
+    other = syn.synthetic_split(cfg, "gqa", "val")
+    assert other is not first and (split_cache_dir(split_params("gqa", "val", 3, cfg.data.synthetic_seed, 16))
+                                   / "params.json").exists()
+    _same(first, other)
+
+
+def test_baselines_refuse_what_they_cannot_score():
+    ex = generate_split("caption", "train", 2, image_size=16).examples
+    with pytest.raises(ValueError, match=r"chance_level\('caption'\): example caption_train_000000 has no known "
+                                         r"answer space \(extra\['qtype'\]='caption'\)"):
+        chance_level(ex, "caption")
+    with pytest.raises(ValueError, match=r"answer_prior_baseline\('vqa'\): need non-empty train and test"):
+        answer_prior_baseline([], generate_split("vqa", "test", 2, image_size=16).examples, "vqa")
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_synthetic_tokenizer_ids_and_world_text():
