@@ -409,6 +409,99 @@ def test_saved_tensor_counter_counts_storages_once_and_skips_parameters():
     assert counter.alive_bytes() == x.numel() * 4  # the graph is gone; x is still alive
 
 
+def test_live_tensor_tracker_follows_resizes_phase_peaks_and_peak_resets():
+    """ZeRO-3 frees and refills partitions by resizing storages (``UntypedStorage.resize_`` bypasses the
+    dispatcher); each phase keeps its own peak; a reset peak starts from what is live, not from 0."""
+    from vlscale.profiling.measure import _patched_storage_resize
+
+    with LiveTensorTracker("cpu") as tr, _patched_storage_resize(tr):
+        a = torch.empty(100)  # 400 B
+        tr.phase("grow")
+        a.resize_(300)  # 1200 B, in place
+        assert (tr.current, tr.peak, tr.peak_phase) == (1200, 1200, "grow")
+        tr.phase("free")
+        a.untyped_storage().resize_(0)
+        assert tr.current == 0
+        b = torch.empty(50)  # 200 B
+        # a phase's peak counts what was live when it started
+        assert tr.phase_peaks == {"start": 400, "grow": 1200, "free": 1200} and tr.phase_starts["free"] == 1200
+        tr.phase("step")
+        tr.reset_peak()
+        assert (tr.peak, tr.peak_phase, tr.phase_peaks) == (200, "step", {"step": 200})
+        c = torch.empty(25)  # 100 B
+    assert (tr.peak, tr.phase_peaks) == (300, {"step": 300})
+    del a, b, c
+
+
+def test_measured_run_host_bytes_counts_every_rank_and_the_cpu_peak():
+    """Each rank builds the whole model in the run's precision and carries its process; on the CPU
+    accelerator it also trains in host memory (the predicted peak)."""
+    from types import SimpleNamespace
+
+    from vlscale.profiling.measure import PROCESS_BYTES, measured_run_host_bytes
+
+    def est(precision, device):
+        return SimpleNamespace(detail={"total_params": 1000}, settings={"precision": precision, "device": device},
+                               components={"peak": 5000})
+
+    assert measured_run_host_bytes(est("bf16", "cpu"), 2) == 2 * (2000 + PROCESS_BYTES + 5000)
+    assert measured_run_host_bytes(est("fp32", "cpu"), 3) == 3 * (4000 + PROCESS_BYTES + 5000)
+    assert measured_run_host_bytes(est("fp32", "cuda"), 2) == 2 * (4000 + PROCESS_BYTES)
+
+
+def _rank_result(peak, params, act_at_peak=100, grads_at_peak=50, phase="forward0"):
+    return {"stage": 3, "peak": peak, "params": params, "grads": 20, "optimizer": 300, "activations": 90,
+            "rss_peak": 10 ** 6, "init_peak": 500, "activations_at_peak": act_at_peak,
+            "grads_at_peak": grads_at_peak, "peak_phase": phase}
+
+
+def test_measured_ranks_give_the_maximum_each_ranks_figures_and_the_top_ranks_buffers():
+    from vlscale.profiling.measure import _over_ranks
+
+    out = _over_ranks([_rank_result(2000, 700), _rank_result(3000, 600, 400, 40, "backward1")])
+    assert (out["peak"], out["params"], out["peak_by_rank"], out["params_by_rank"]) == (3000, 700, [2000, 3000],
+                                                                                      [700, 600])
+    # what else was live at the highest peak: that rank's own figures
+    assert out["peak_phase"] == "backward1" and (out["activations_at_peak"], out["grads_at_peak"]) == (400, 40)
+    assert out["buffers"] == 3000 - 600 - 300 - 400 - 40
+    cuda = _over_ranks([_rank_result(2000, 700, None, None), _rank_result(3000, 600, None, None)])
+    assert "buffers" not in cuda and "activations_at_peak_by_rank" not in cuda and cuda["peak"] == 3000
+
+
+def test_measured_cases_launch_a_fresh_process_group_and_read_every_rank(monkeypatch):
+    """The ranks are started without the caller's launcher variables (a group of their own), on the CPU
+    accelerator without a GPU, with this checkout first on the path; each rank's file is read, per case; a
+    failed launch names its exit code and output."""
+    from vlscale.profiling import measure
+
+    cfg = load_config("tiny", [])
+    monkeypatch.setenv("MASTER_PORT", "30690")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    seen = {}
+
+    def launch(args, world_size, env, cwd, timeout_s):
+        seen.update(args=args, world=world_size, env=env, cwd=cwd, timeout=timeout_s)
+        spec = json.loads(Path(args[-2]).read_text())
+        assert [c["steps"] for c in spec["cases"]] == [3, 1] and spec["threads"] == 2
+        for r in range(world_size):
+            Path(f"{args[-1]}.rank{r}").write_text(json.dumps([_rank_result(1000 * (r + 1), 10 + r),
+                                                               _rank_result(100, 7 - r)]))
+        return 0, ""
+
+    out = measure.measure_memory_cases([{"cfg": cfg}, {"cfg": cfg, "steps": 1}], 2, timeout_s=77, threads=2,
+                                       launch=launch)
+    assert [o["peak_by_rank"] for o in out] == [[1000, 2000], [100, 100]] and [o["params"] for o in out] == [11, 7]
+    root = str(Path(measure.__file__).resolve().parents[2])
+    assert seen["args"][:3] == ["-m", "vlscale.profiling.measure", "--worker"] and seen["world"] == 2
+    assert seen["cwd"] == root and seen["timeout"] == 77 and seen["env"]["PYTHONPATH"].split(":")[0] == root
+    assert seen["env"]["DS_ACCELERATOR"] == "cpu" and not {"MASTER_PORT", "RANK"} & set(seen["env"])
+    with pytest.raises(RuntimeError, match=r"measured run failed \(exit 3\): python -m vlscale.profiling.measure "
+                                           r"--worker .* on 2 rank\(s\)\nboom"):
+        measure.measure_memory_cases([{"cfg": cfg}], 2, launch=lambda *a: (3, "boom"))
+
+
 # ----------------------------------------------------------------------------- measured (in process)
 
 def test_measured_cases_refuse_bad_keys_before_starting():
