@@ -502,6 +502,27 @@ def test_measured_cases_launch_a_fresh_process_group_and_read_every_rank(monkeyp
         measure.measure_memory_cases([{"cfg": cfg}], 2, launch=lambda *a: (3, "boom"))
 
 
+def test_saved_tensor_counter_skips_parameter_data_and_frees_with_the_graph():
+    """A parameter's data reached as another tensor (as ZeRO-3's gathered copies are) is not an activation;
+    a graph dropped without backward frees what it saved at once (no reference cycle waiting for gc)."""
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter([lin]) as counter:
+        y = x @ lin.weight.detach().t()  # keeps the weight's storage (for x's gradient) under another tensor
+    assert counter.alive_bytes() == 0
+    with SavedTensorCounter([lin]) as counter:
+        y = torch.relu(lin(x))  # relu keeps its own output
+    assert counter.alive_bytes() == x.numel() * 4 + y.numel() * 4
+    del y
+    assert counter.alive_bytes() == x.numel() * 4
+
+
+def test_synthetic_batch_of_a_video_task_has_one_clip_of_max_frames():
+    cfg = load_config("tiny", ["data.tasks=[tvqa]", "model.feature_source=images", "model.max_frames=3"])
+    s = synthetic_batch(cfg, 2, 700)
+    assert s["task"] == "tvqa" and s["pixel_values"].shape[:4] == (2, 1, 3, 3)
+
+
 # ----------------------------------------------------------------------------- measured (in process)
 
 def test_measured_cases_refuse_bad_keys_before_starting():
