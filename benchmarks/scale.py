@@ -390,7 +390,10 @@ def parse_args(argv=None):
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra run-config overrides key=value")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.check and not args.plan_presets:  # it used to start the full default scale run instead
+        p.error("--check compares the presets with the planner: give it with --plan-presets")
+    return args
 
 
 def launch(args, argv: list[str]) -> dict:
