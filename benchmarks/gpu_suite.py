@@ -236,6 +236,10 @@ def main() -> int:
         COMMON[:2] = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn"]
         for extra in TRAIN_RUNS.values():
             extra[:] = [e for e in extra if not e.startswith("train.max_steps")] + ["train.max_steps=2"]
+        import torch
+
+        if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator declares fp16 only when asked: the fp16
+            os.environ.setdefault("VLSCALE_CPU_FP16", "1")  # sections' plumbing is checked too (launchers/train.py)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLSCALE_CACHE", "/tmp/vlscale_cache")
