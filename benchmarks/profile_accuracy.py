@@ -101,17 +101,20 @@ def knob_row(backbone: str, features: str, knob: str, leaf: bool, case: dict, me
             "zero3_gathered": est.detail["zero3_gathered"], "wall_s": round(wall_s, 1)}
 
 
+def _knob_labels() -> list[tuple]:
+    return [(f"{backbone} {features} {knob} {'leaf' if leaf else 'module'}", backbone, features, knob, leaf)
+            for backbone, features, knob in KNOB_ROWS for leaf in (True, False)]
+
+
 def knobs_main(args) -> int:
     """The rows of one backbone and feature source are measured in one 2-rank start-up
     (measure_memory_cases: the same figures as separate runs, within their run-to-run noise)."""
     from vlscale.profiling.measure import measure_memory_cases
 
     groups: dict[tuple, list] = {}
-    for backbone, features, knob in KNOB_ROWS:
-        for leaf in (True, False):
-            label = f"{backbone} {features} {knob} {'leaf' if leaf else 'module'}"
-            if not args.only or any(s in label for s in args.only):
-                groups.setdefault((backbone, features), []).append((label, backbone, features, knob, leaf))
+    for label, backbone, features, knob, leaf in _knob_labels():
+        if not args.only or any(s in label for s in args.only):
+            groups.setdefault((backbone, features), []).append((label, backbone, features, knob, leaf))
     rows = []
     for members in groups.values():
         cases = [knob_case(b, f, k, leaf, args.steps) for _, b, f, k, leaf in members]
@@ -154,9 +157,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--only", nargs="*", default=None, help="substrings of configuration names to run")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="measured training steps, at least 2")
     p.add_argument("--knobs", action="store_true", help="the ZeRO-3 settings table instead (training-step peaks)")
     args = p.parse_args(argv)
+    if args.steps < 2:  # measured: --steps 1 puts the 1r zero2 adapter row's buffers 15% off
+        p.error(f"--steps {args.steps}: at least 2 are needed; the first step's forward and backward run before the "
+                "optimizer has created Adam's state, so its peak is not a steady training step's (the one the estimate "
+                "predicts), and --knobs compares the steps after the first")
+    names = [label for label, *_ in _knob_labels()] if args.knobs else [name for name, *_ in CONFIGS]
+    if args.only and not any(s in n for s in args.only for n in names):
+        p.error(f"--only {' '.join(args.only)}: no configuration name contains any of these; the names are: "
+                + "; ".join(names))
     if args.knobs:
         return knobs_main(args)
     from vlscale.profiling.analytic import fmt_bytes
