@@ -63,3 +63,20 @@ def test_scale_check_needs_plan_presets(capsys):
     """``--check`` alone started the full default scale run (it only means something with --plan-presets)."""
     _refused(capsys, _bench("scale").parse_args, ["--check"], "--plan-presets")
     assert _bench("scale").parse_args(["--plan-presets", "--check"]).check
+
+
+def test_gpu_suite_refuses_an_unknown_section_before_any_runs(capsys, tmp_path):
+    """A lent GPU has 15 minutes: a typo in --sections ran every section before it, then stopped on a KeyError."""
+    suite = _bench("gpu_suite")
+    _refused(capsys, suite.main, ["--out", str(tmp_path / "o"), "--sections", "methods,kernal"],
+             "unknown kernal", "kernels")
+    _refused(capsys, suite.main, ["--out", str(tmp_path / "o"), "--sections", ","], "none given")
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_suite_runs_every_section_it_lists():
+    """Each name --sections accepts reaches a runner (a training run or a branch of the dispatch)."""
+    suite = _bench("gpu_suite")
+    source = (ROOT / "benchmarks" / "gpu_suite.py").read_text()
+    missing = [s for s in suite.SECTIONS if s not in suite.TRAIN_RUNS and f'name == "{s}"' not in source]
+    assert not missing and set(suite.TRAIN_RUNS) <= set(suite.SECTIONS), missing
