@@ -3,6 +3,7 @@ score as the example's loss weight (VL-T5's VQA dataset + train_step)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -79,13 +80,17 @@ def test_training_examples_without_a_soft_label_are_said_under_sampled_targets(c
     loaders = []
     assert _warnings(caplog, lambda: loaders.append(build_train_loader(synthetic, None))) == []
     assert all(e.extra.get("label") is None for e in loaders[0].examples["vqa"])  # none of them has one
+    # ... which is no loss there (one answer per question, score 1), but it is said at INFO
+    assert _warnings(caplog, lambda: build_train_loader(synthetic, None), logging.INFO) == [
+        "data.vqa_targets=sampled: the synthetic world's questions have one answer each (score 1), so training "
+        "draws that answer at weight 1, as data.vqa_targets=best does"]
+    assert _warnings(caplog, lambda: build_train_loader(load_config("tiny", [
+        "data.tasks=[vqa]", "data.synthetic_train=8"]), None), logging.INFO) == []
 
 
-def _warnings(caplog, build) -> list[str]:
-    import logging
-
+def _warnings(caplog, build, level=logging.WARNING) -> list[str]:
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlscale.data"):
+    with caplog.at_level(level, logger="vlscale.data"):
         build()
     return [r.getMessage() for r in caplog.records if "vqa_targets" in r.getMessage()]
 

@@ -219,8 +219,12 @@ class TrainLoader:
             self.examples[t] = check_visual_ids(cfg, t, "train", ex, self.sources[t])
             if not self.examples[t]:
                 raise _no_examples(cfg, t, "train", self.examples[t], len(ex))
-        if cfg.data.vqa_targets == "sampled" and cfg.data.source != "synthetic" and "vqa" in self.examples:
-            _warn_unlabeled_vqa(self.examples["vqa"])
+        if cfg.data.vqa_targets == "sampled" and "vqa" in self.examples:
+            if cfg.data.source == "synthetic":  # no warning: nothing is lost, but said
+                logger.info("data.vqa_targets=sampled: the synthetic world's questions have one answer each (score "
+                            "1), so training draws that answer at weight 1, as data.vqa_targets=best does")
+            else:
+                _warn_unlabeled_vqa(self.examples["vqa"])
         self.collator = Collator(tokenizer, cfg, vision_transform)
         self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
                                         global_batch_size(cfg, world_size), seed=cfg.train.seed,
