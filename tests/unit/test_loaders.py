@@ -290,6 +290,25 @@ def test_video_captions_without_clip_id_take_the_video_name_and_only_train_is_on
     assert (e.uid, e.target, e.extra["clip_id"]) == ("v3", "", "v3")
 
 
+def test_two_clips_of_one_video_without_clip_id_are_refused_naming_the_fallback(tmp_path):
+    """Two records of one video without ``clip_id`` share the uid their ``vid_name`` gives: the error names
+    vid_name as the uid's source and asks for clip_ids, rather than blaming the absent clip_id; a repeated
+    clip_id is still named as clip_id."""
+    from vlscale.data.video import Subtitles, load_video_captions
+
+    path = _jsonl(tmp_path / "c.jsonl", [{"vid_name": "v1", "descs": ["a"]}, {"vid_name": "v1", "descs": ["b"]}])
+    with pytest.raises(RecordError) as e:
+        load_video_captions("tvc", path, "val", Subtitles())
+    assert e.value.key == "vid_name" and str(e.value) == (
+        f"{path}: line 2 (id 'v1'): key 'vid_name' gives uid 'v1' again (first from line 1); the record has no "
+        "'clip_id', so its uid is its 'vid_name': give each record its own 'clip_id'")
+    path = _jsonl(tmp_path / "d.jsonl", [{"clip_id": 4, "vid_name": "v1", "descs": ["a"]},
+                                         {"clip_id": 4, "vid_name": "v2", "descs": ["b"]}])
+    with pytest.raises(RecordError) as e:
+        load_video_captions("tvc", path, "val", Subtitles())
+    assert e.value.key == "clip_id" and str(e.value).endswith("key 'clip_id' gives uid '4' again (first from line 1)")
+
+
 # ----------------------------------------------------------------------------- visual sources
 
 @pytest.mark.parametrize("task", IMAGE_TASKS)

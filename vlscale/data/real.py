@@ -210,8 +210,7 @@ def parse_records(path, records: Iterable[tuple[str, Any]], parse: Callable[[Rec
             examples = parse(rec)
             for ex in examples:
                 if ex.uid in seen:
-                    raise rec.error(id_keys[0] if id_keys else None,
-                                    f"gives uid {ex.uid!r} again (first from {seen[ex.uid]})")
+                    raise _repeated_uid(rec, id_keys, ex.uid, seen[ex.uid])
         except RecordError as e:
             if not skip_bad_records:
                 raise
@@ -222,6 +221,16 @@ def parse_records(path, records: Iterable[tuple[str, Any]], parse: Callable[[Rec
         out.extend(examples)
     out.report()
     return out
+
+
+def _repeated_uid(rec: Record, id_keys: tuple, uid: str, first: str) -> RecordError:
+    """Names the id key the uid came from: where the record lacks the first (TVC/YC2C's clip_id), the fallback
+    (vid_name), so that two clips of one video without their clip_ids are not blamed on a key they lack."""
+    data = rec.data if isinstance(rec.data, dict) else {}
+    key = next((k for k in id_keys if k in data), id_keys[0] if id_keys else None)
+    why = (f"; the record has no {id_keys[0]!r}, so its uid is its {key!r}: give each record its own {id_keys[0]!r}"
+           if id_keys and key != id_keys[0] else "")
+    return rec.error(key, f"gives uid {uid!r} again (first from {first}){why}")
 
 
 # ----------------------------------------------------------------------------- files
