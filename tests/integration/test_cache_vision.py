@@ -68,3 +68,27 @@ def test_a_run_records_its_caches_weights_where_model_vision_pretrained_is_not_b
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["feature_cache"] == recorded
     assert json.loads((out / "checkpoints" / "step1" / "client_state_rank0.json").read_text())["feature_cache"] == \
         recorded
+
+
+def test_another_open_clip_tag_than_the_caches_is_refused_by_name(h, made, tmp_path):
+    """An open_clip tag is not built at start-up (it may need the network); two tags of one model name two sets of
+    weights, so a run naming another tag than its cache's is refused from the names alone. The cache's own tag, a tag
+    beside a cache made from a file, and a name open_clip does not know as a tag of the model, are not refused."""
+    import json
+    import shutil
+
+    cache = tmp_path / "features"
+    shutil.copytree(made[0] / "features", cache)
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, pretrained="openai")))
+    uses_cache = [*h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}", "model.vision=RN50"]
+    with pytest.raises(ConfigError) as e:
+        trainer.check_cache_vision(load_config("tiny", [*uses_cache, "model.vision_pretrained=yfcc15m"]))
+    assert str(e.value) == (
+        f"model.vision_pretrained='yfcc15m' names other RN50 weights than data.feature_cache={str(cache)!r} was "
+        "extracted with (pretrained='openai'): the run would record CLIP weights its adapter never saw features of: "
+        "set model.vision_pretrained='openai', or extract a cache with 'yfcc15m' (launchers/extract_features.py)")
+    for same in ("openai", "not-a-tag"):
+        assert trainer.check_cache_vision(load_config("tiny", [*uses_cache, f"model.vision_pretrained={same}"]))
+    (cache / "meta.json").write_text(json.dumps(dict(meta, pretrained="/elsewhere/rn50.pt")))
+    assert trainer.check_cache_vision(load_config("tiny", [*uses_cache, "model.vision_pretrained=yfcc15m"]))

@@ -421,7 +421,8 @@ def check_cache_vision(cfg: RunConfig) -> Optional[dict]:
     (:class:`vlscale.predict.Predictor`, which refuses the mismatch only then, after training); the loader compares
     the checkpoint's file name only (one of that name elsewhere, or replaced in place, passes). Checked where the
     weights build offline (a local file, the shipped ``synthetic`` ones, or null: random, seeded), by building the
-    visual tower on the host (ViT-L-14: ~5 s); an open_clip tag, or a cache that records no fingerprint, is not.
+    visual tower on the host (ViT-L-14: ~5 s); an open_clip tag is compared by name only (another of the model's
+    tags than the cache's is refused; building it could need the network), a cache without a fingerprint not at all.
     Returns what it read of the cache (:func:`~vlscale.data.features.cache_weights`; None: the run encodes its
     images), which the run records, so meta.json is read once for both."""
     from vlscale.data.features import cache_encoder_problem, cache_weights
@@ -429,7 +430,18 @@ def check_cache_vision(cfg: RunConfig) -> Optional[dict]:
 
     vp = cfg.model.vision_pretrained
     cache = cache_weights(cfg)
-    if not (cache and cache["fingerprint"]) or not (vp in (None, "synthetic") or Path(vp).is_file()):
+    if not (cache and cache["fingerprint"]):
+        return cache
+    if not (vp in (None, "synthetic") or Path(vp).is_file()):  # an open_clip tag: building it may download
+        import open_clip
+
+        held, tags = cache.get("pretrained"), open_clip.list_pretrained_tags_by_model(cfg.model.vision)
+        if vp in tags and held in tags and held != vp:  # two tags of one model: two sets of weights
+            raise ConfigError(f"model.vision_pretrained={vp!r} names other {cfg.model.vision} weights than "
+                              f"data.feature_cache={cache['folder']!r} was extracted with (pretrained={held!r}): the "
+                              f"run would record CLIP weights its adapter never saw features of: set "
+                              f"model.vision_pretrained={held!r}, or extract a cache with {vp!r} "
+                              "(launchers/extract_features.py)")
         return cache
     problem = cache_encoder_problem(
         build_vision_encoder(cfg.model.vision, vp), cfg, cache,
