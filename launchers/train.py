@@ -153,14 +153,17 @@ def main(argv=None) -> int:
 
     watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
     from vlscale.config import load_config
-    from vlscale.engine.deepspeed_config import default_ds_file
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError, default_ds_file
 
     try:
         cfg = load_config(args.config, args.overrides)
     except Exception:
         cfg = None  # loaded again after start-up, where the error is reported with its context
-    refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
-                                                       args.stop_after_steps)
+    try:  # a --deepspeed (or train.deepspeed) file that is not there was a traceback here
+        refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
+                                                           args.stop_after_steps)
+    except DeepSpeedConfigError as e:
+        refusal = f"{type(e).__name__}: {e}"
     if refusal:
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
         return 1

@@ -277,6 +277,18 @@ def test_train_without_config_trains_the_embedded_default(launcher):
     assert cfg.train.deepspeed is None  # so train.py takes ds_configs/zero3.json
 
 
+def test_train_refuses_a_deepspeed_file_that_is_not_there_in_one_line(launcher, capsys, tmp_path):
+    """A --deepspeed (or train.deepspeed) path that does not exist stopped launchers/train.py with a traceback
+    from its pre-start check; it is one line naming the option, before any process group starts."""
+    nope = tmp_path / "nope.json"
+    for argv, option in ((["--deepspeed", str(nope)], "--deepspeed"), ([f"train.deepspeed={nope}"], "train.deepspeed")):
+        assert launcher("train").main([*argv, f"output_dir={tmp_path / 'run'}"]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"vlscale: rank 0: DeepSpeedConfigError: {option}: DeepSpeed config file {str(nope)!r} does not "
+                       "exist (shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)\n"), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["train", "evaluate", "profile_memory"])
 def test_overrides_may_come_before_and_after_flags(launcher, name):
     """``train.py key=value --resume key=value`` (argparse's plain parse refuses the second override)."""
