@@ -235,6 +235,13 @@ def chosen_option(prediction: str, options: Sequence[str]) -> Optional[tuple[str
     return None if i is None else (f"a{i}", options[i])
 
 
+def _frame_features_given(video: Video) -> bool:
+    """Whether :func:`read_video` reads ``video`` as frame features (a file, an array), not frames."""
+    if isinstance(video, (str, Path)):
+        return not Path(video).is_dir()
+    return hasattr(video, "shape")  # a tensor or an array; a sequence of frames has none
+
+
 def read_video(video: Video, max_frames: int, expect_dim: Optional[int] = None, flag: str = "video"):
     """A video as the run's sources give it: a folder of frame images (in name order, as ImageFolder and
     launchers/extract_features.py read them) or a sequence of images -> the uint8 (H, W, 3) frames the collator
@@ -344,10 +351,18 @@ class Predictor:
             per_input = [list(x) if isinstance(x, (list, tuple)) else [x] for x in per_input]
         for t, imgs, o, sub in zip(texts, per_input, options, subtitles):
             check_request(self.tasks, task, 1 if video else len(imgs), t, o, sub)
-        answers = []
-        for start in range(0, n, self.batch_size):
-            part = slice(start, start + self.batch_size)
-            answers += self._predict_batch(task, texts[part], per_input[part], options[part], subtitles[part])
+        # a batch holds frames or frame features, not both: videos of each kind are batched apart (in their order)
+        groups: dict[bool, list[int]] = {}
+        for i, v in enumerate(per_input):
+            groups.setdefault(video and _frame_features_given(v), []).append(i)
+        answers: list = [None] * n
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                part = idx[start:start + self.batch_size]
+                got = self._predict_batch(task, [texts[i] for i in part], [per_input[i] for i in part],
+                                          [options[i] for i in part], [subtitles[i] for i in part])
+                for i, answer in zip(part, got):
+                    answers[i] = answer
         return answers[0] if single else answers
 
     def batch(self, task: str, texts: list[str], images: list, options: Optional[list] = None,

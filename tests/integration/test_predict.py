@@ -196,6 +196,41 @@ def test_a_cache_trained_run_answers_frames_and_features_files_as_its_evaluation
     assert len(set(answers)) > 1
 
 
+def test_a_run_with_its_clip_answers_frames_and_features_files_in_one_call(video_runs, tmp_path):
+    """Frame folders and frame-features files in one predict() call (a batch holds one kind: the collator refuses a
+    mix, which it was given): each kind is batched apart and the answers come back in the inputs' order, the
+    answers each kind gets alone."""
+    from vlscale.data.features import FeatureCache
+
+    _, predictor = video_runs["frames"]
+    assert predictor.model.vision is not None
+    split = synthetic_split(predictor.cfg, "tvqa", "val")
+    examples = split.examples[:6]
+    cache = FeatureCache(video_runs["cache"][1].cfg.data.feature_cache)  # the same tiny CLIP's frame features
+    folders = frame_folders(split, examples, tmp_path / "frames")
+    files = []
+    for e in examples:
+        np.save(tmp_path / f"{e.image_ids[0]}.npy", cache[e.image_ids[0]].numpy())
+        files.append(tmp_path / f"{e.image_ids[0]}.npy")
+    given = user_inputs(examples)
+    as_frames, as_features = [0, 2, 3], [1, 4, 5]
+    videos = [folders[i] if i in as_frames else files[i] for i in range(len(examples))]
+
+    def alone(idx):
+        return predictor.predict("tvqa", [given["text"][i] for i in idx], [videos[i] for i in idx],
+                                 options=[given["options"][i] for i in idx],
+                                 subtitle=[given["subtitle"][i] for i in idx])
+
+    expected = dict(zip(as_frames, alone(as_frames))) | dict(zip(as_features, alone(as_features)))
+    assert alone(range(len(examples))) == [expected[i] for i in range(len(examples))]
+    # and one batch of a size that splits each kind: the same
+    predictor.batch_size, size = 2, predictor.batch_size
+    try:
+        assert alone(range(len(examples))) == [expected[i] for i in range(len(examples))]
+    finally:
+        predictor.batch_size = size
+
+
 def test_the_command_line_answers_about_a_video(video_runs, launcher, tmp_path, capsys):
     from vlscale.predict import chosen_option
 
