@@ -569,3 +569,123 @@ def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch
         default_ds_file(cfg_with(), str(tmp_path))
     assert Path(default_ds_file(cfg_with("train.deepspeed=ds_configs/zero2.json"))).name == "zero2.json"  # found from elsewhere
     assert Path(default_ds_file(cfg_with())).name == "zero3.json"
+
+
+@pytest.mark.parametrize("key, value, ours, why", [
+    ("train_micro_batch_size_per_gpu", 8, 16, "train.micro_batch_size"),
+    ("gradient_accumulation_steps", 2, 1, "train.gradient_accumulation_steps"),
+    ("gradient_accumulation_steps", True, 1, "train.gradient_accumulation_steps"),  # true == 1 in Python
+    ("bf16.enabled", True, False, "train.precision='fp32'"),
+    ("optimizer.params.betas", [0.8, 0.9], [0.9, 0.999], "train.adam_betas"),
+    ("optimizer.params.eps", 1e-8, 1e-6, "train.adam_eps"),
+    ("optimizer.params.weight_decay", 0.5, 0.01, "train.weight_decay"),
+    ("optimizer.params.lr", 1.001e-3, 1e-3, "train.lr"),  # close is not equal
+])
+def test_every_value_the_run_config_owns_conflicts_when_the_file_differs(key, value, ours, why):
+    """Each value the run config owns, written concretely in the file and different, is refused naming the key, both
+    values and where the run's value comes from (tests covered only the batch size, clipping, lr and fp16.enabled). A
+    bool is not the int it equals, and close is not equal."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    *parents, last = key.split(".")
+    d = raw
+    for p in parents:
+        d = d[p]
+    d[last] = value
+    with pytest.raises(DeepSpeedConfigError, match=rf"^<DeepSpeed config dict>: {re.escape(key)}={re.escape(repr(value))} "
+                                                   rf"conflicts with the run config's value {re.escape(repr(ours))} "
+                                                   rf"\({re.escape(why)}"):
+        build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
+@pytest.mark.parametrize("world", [0, -2])
+def test_a_world_size_below_one_is_refused(world):
+    with pytest.raises(DeepSpeedConfigError, match=rf"^world_size={world} must be a positive integer$"):
+        build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(), world, device_type="cpu")
+
+
+def test_the_bfloat16_alias_and_the_amp_block():
+    """DeepSpeed reads "bfloat16" as "bf16": its settings are kept under bf16 and checked as bf16's, and a file with
+    both is refused; an enabled amp block (DeepSpeed's apex AMP) is refused, a disabled one dropped."""
+    ds = build_deepspeed_config({"bfloat16": {"enabled": "auto", "immediate_grad_update": True}},
+                                cfg_with("train.precision=bf16"), 1, device_type="cpu")
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True} and "bfloat16" not in ds
+    with pytest.raises(DeepSpeedConfigError, match=r"bf16\.enabled=False conflicts .*train\.precision='bf16'"):
+        build_deepspeed_config({"bfloat16": {"enabled": False}}, cfg_with("train.precision=bf16"), 1, device_type="cpu")
+    with pytest.raises(DeepSpeedConfigError, match=r"has both 'bf16' and its alias 'bfloat16'; keep one"):
+        build_deepspeed_config({"bf16": {"enabled": "auto"}, "bfloat16": {"enabled": "auto"}}, cfg_with(), 1,
+                               device_type="cpu")
+    with pytest.raises(DeepSpeedConfigError, match=r"amp\.enabled=True is not supported; precision comes from "
+                                                   r"train\.precision"):
+        build_deepspeed_config({"amp": {"enabled": True}}, cfg_with(), 1, device_type="cpu")
+    assert "amp" not in build_deepspeed_config({"amp": {"enabled": False}}, cfg_with(), 1, device_type="cpu")
+
+
+def test_allgather_bucket_below_zero3_is_at_least_deepspeeds_default():
+    """ZeRO-1/2 all-gather buckets: DeepSpeed's 2e8 elements, or h*h for a model wider than that."""
+    for name, cfg in (("zero2.json", cfg_with()), ("zero3.json", cfg_with("train.zero_stage=2"))):
+        assert build_deepspeed_config(DS_DIR / name, cfg, 2, device_type="cpu")["zero_optimization"][
+            "allgather_bucket_size"] == 2 * 10 ** 8, name
+    wide = build_deepspeed_config(DS_DIR / "zero2.json", cfg_with(), 2, device_type="cpu", hidden_size=20000)
+    assert wide["zero_optimization"]["allgather_bucket_size"] == 20000 * 20000
+
+
+def test_optimizer_offload_below_zero2_and_offload_device_none():
+    """ZeRO-1 refuses optimizer offload, naming the run config's stage; "device": "none" is no offload at any stage
+    (torch's AdamW stays, no stage is required)."""
+    raw = json.loads((DS_DIR / "zero2.json").read_text())
+    raw["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    with pytest.raises(DeepSpeedConfigError, match=r"offload_optimizer needs ZeRO stage 2\+, the run uses stage 1 "
+                                                   r"\(train\.zero_stage=1 overrides the file's stage 2; set "
+                                                   r"train\.zero_stage=2"):
+        build_deepspeed_config(raw, cfg_with("train.zero_stage=1"), 2, device_type="cuda")
+    raw["zero_optimization"]["offload_optimizer"] = {"device": "none"}
+    raw["zero_optimization"]["offload_param"] = {"device": "none"}
+    ds = build_deepspeed_config(raw, cfg_with("train.zero_stage=1"), 2, device_type="cuda")
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_an_nvme_offload_without_nvme_path_reads_the_environment(monkeypatch, tmp_path):
+    """A missing nvme_path means "auto" (DeepSpeed's default is no path at all: a failure inside zero.Init)."""
+    raw = json.loads((DS_DIR / "zero3_nvme.json").read_text())
+    for key in ("offload_optimizer", "offload_param"):
+        del raw["zero_optimization"][key]["nvme_path"]
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    zero = build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")["zero_optimization"]
+    assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == str(tmp_path)
+    monkeypatch.delenv("VLSCALE_NVME_PATH")
+    with pytest.raises(DeepSpeedConfigError, match=r"offload_optimizer\.nvme_path is \"auto\"; set VLSCALE_NVME_PATH"):
+        build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+
+
+def test_the_optimizer_must_be_adamw_and_its_params_fit_deepspeeds_cpu_adam():
+    """An optimizer type other than Adam/AdamW is refused; with the optimizer off-loaded DeepSpeed builds its CPU
+    Adam, which takes neither FusedAdam's set_grad_none nor adamw_mode (DeepSpeed passes that one itself)."""
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer\.type='SGD'; vlscale trains with AdamW"):
+        build_deepspeed_config({"optimizer": {"type": "SGD"}}, cfg_with(), 1, device_type="cpu")
+    for key in ("set_grad_none", "adamw_mode"):
+        off = json.loads((DS_DIR / "zero3_offload.json").read_text())
+        off["optimizer"]["params"][key] = True
+        with pytest.raises(DeepSpeedConfigError, match=rf"unknown key optimizer\.params\.{key} \(DeepSpeedCPUAdam "
+                                                       r"does not take it\)"):
+            build_deepspeed_config(off, cfg_with(), 2, device_type="cuda")
+
+
+def test_a_null_block_is_an_empty_one_and_a_non_object_block_is_named():
+    ds = build_deepspeed_config({"optimizer": None, "fp16": None, "zero_optimization": {"stage": 0}}, cfg_with(), 1,
+                                device_type="cpu")
+    assert ds["optimizer"]["type"] == "AdamW" and ds["fp16"] == {"enabled": False}
+    with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: optimizer must be an object, "
+                                                   r"got 'AdamW'$"):
+        build_deepspeed_config({"optimizer": "AdamW"}, cfg_with(), 1, device_type="cpu")
+
+
+def test_the_old_pin_memory_key_is_refused_and_cpu_fp16_0_is_off(monkeypatch):
+    raw = json.loads((DS_DIR / "zero3_offload.json").read_text())
+    raw["zero_optimization"]["cpu_offload_use_pin_memory"] = True
+    with pytest.raises(DeepSpeedConfigError, match=r"zero_optimization\.cpu_offload_use_pin_memory is DeepSpeed's "
+                                                   r"old form; write offload_optimizer / offload_param's pin_memory"):
+        build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+    monkeypatch.setenv(CPU_FP16_ENV, "0")
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
+    assert str(e.value) == CPU_FP16_ERROR
