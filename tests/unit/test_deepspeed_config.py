@@ -689,3 +689,28 @@ def test_the_old_pin_memory_key_is_refused_and_cpu_fp16_0_is_off(monkeypatch):
     with pytest.raises(DeepSpeedConfigError) as e:
         build_deepspeed_config(DS_DIR / "zero3.json", cfg_with("train.precision=fp16"), 1, device_type="cpu")
     assert str(e.value) == CPU_FP16_ERROR
+
+
+def test_a_dict_config_and_a_file_that_is_not_an_object_are_checked_as_files_are(tmp_path):
+    """A config passed as a dict (the profiler, tests, benchmarks) gets the file's top-level key check; a JSON file
+    that is not an object, and an aio value that is not one, are refused naming the file (were a TypeError or an
+    AttributeError from inside the build)."""
+    with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: unknown top-level key "
+                                                   r"'zero_optimizaton' .*did you mean 'zero_optimization'\?"):
+        build_deepspeed_config({"zero_optimizaton": {"stage": 3}}, cfg_with(), 1, device_type="cpu")
+    for text, kind in (("[]", "list"), ("3", "int")):
+        path = tmp_path / "not_object.json"
+        path.write_text(text)
+        with pytest.raises(DeepSpeedConfigError, match=rf"not_object\.json: a DeepSpeed config must be a JSON object, "
+                                                       rf"got {kind}$"):
+            build_deepspeed_config(path, cfg_with(), 1, device_type="cpu")
+    with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: aio must be an object, got 8$"):
+        build_deepspeed_config({"aio": 8}, cfg_with(), 1, device_type="cpu")
+
+
+def test_an_empty_nvme_path_variable_is_unset(monkeypatch):
+    """VLSCALE_NVME_PATH="" (an unset variable in a launcher script) leaves "auto" unresolved: refused here, naming
+    the variable, rather than written into the config as the path ""."""
+    monkeypatch.setenv("VLSCALE_NVME_PATH", "")
+    with pytest.raises(DeepSpeedConfigError, match=r"nvme_path is \"auto\"; set VLSCALE_NVME_PATH"):
+        build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda")
