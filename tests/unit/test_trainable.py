@@ -13,7 +13,7 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 
 from vlscale.config import PeftConfig
 from vlscale.peft import apply_peft
-from vlscale.peft.trainable import GROUPS, configure_trainable, count_parameters
+from vlscale.peft.trainable import GROUPS, configure_trainable, count_parameters, is_layer_norm, optimizer_group_layout
 
 TASKS = ["vqa", "gqa"]
 D = 32
@@ -219,6 +219,7 @@ def test_counts_by_group_add_up():
     assert stats["updated_pct"] == pytest.approx(100 * trainable / (total - vision))
     assert stats["updated_pct_with_vision"] == pytest.approx(100 * trainable / total)
     assert stats["updated_pct"] > stats["updated_pct_with_vision"]
+    assert stats["trainable_vision"] == 0  # a frozen CLIP trains nothing
 
 
 def test_counts_under_zero3_partitioning_and_on_meta():
@@ -264,6 +265,7 @@ def test_updated_pct_counts_a_trained_clip():
     stats = count_parameters(model)
     assert stats["updated_pct"] == pytest.approx(100.0) == stats["updated_pct_with_vision"]
     assert stats["total_without_vision"] == stats["total"]
+    assert stats["trainable_vision"] == sum(p.numel() for p in model.vision.parameters()) > 0
 
 
 def test_lora_rank_above_the_width_is_said_once(caplog):
@@ -277,3 +279,51 @@ def test_lora_rank_above_the_width_is_said_once(caplog):
             configure_trainable(StandIn("t5", cfg, device=device), cfg)
     said = [r.getMessage() for r in caplog.records if "exceeds the width" in r.getMessage()]
     assert len(said) == 1 and f"peft.lora_rank={D + 1}" in said[0] and f"<= {D}" in said[0]
+
+
+def test_rms_norms_count_as_layer_norms():
+    """HF T5 swaps T5LayerNorm for apex's FusedRMSNorm when apex is installed: its weights stay layer norms."""
+    class FusedRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(D))
+
+    assert is_layer_norm(FusedRMSNorm()) and is_layer_norm(nn.LayerNorm(D))
+    assert not is_layer_norm(nn.Linear(D, D))
+
+
+def test_lora_rank_warning_takes_the_narrowest_projection(caplog):
+    """T5's q/v map d_model -> heads x d_kv; with heads x d_kv < d_model that inner width bounds the rank."""
+    from vlscale.peft import trainable
+
+    class LMOnly(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.lm = T5ForConditionalGeneration(T5Config(
+                vocab_size=100, d_model=D, d_kv=4, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))  # q/v: 32 -> 16
+            self.peft = apply_peft(self.lm, cfg, TASKS)
+
+    trainable._say_lora_rank.cache_clear()
+    with caplog.at_level("WARNING", logger="vlscale"):
+        for rank in (16, 20):
+            cfg = peft_cfg("lora", lora_rank=rank)
+            configure_trainable(LMOnly(cfg), cfg)
+    said = [r.getMessage() for r in caplog.records if "exceeds the width" in r.getMessage()]
+    assert len(said) == 1 and "peft.lora_rank=20" in said[0] and "<= 16" in said[0]
+
+
+def test_optimizer_group_layout_order():
+    """Shared matrices, shared vectors, then each task's own (in data.tasks order), matrices before vectors;
+    with split_peft the PEFT weights before the rest in each slot. The engine and the memory model both take
+    this order, and a resumed run's optimizer state is matched to the groups by position."""
+    names = ["peft.adapter.encoder_0_ffn.down_weight_vqa", "peft.adapter.encoder_0_ffn.down_bias_vqa",
+             "peft.adapter.encoder_0_ffn.up_weight_shared", "lm.encoder.final_layer_norm.weight",
+             "projector.0.weight", "peft.adapter.encoder_0_ffn.up_weight_gqa", "peft.prompt.ln.weight"]
+    ndims = [2, 1, 2, 1, 2, 2, 1]
+    assert optimizer_group_layout(names, ndims, ("gqa", "vqa")) == [
+        (None, True, None, [2, 4]), (None, False, None, [3, 6]),
+        ("gqa", True, None, [5]), ("vqa", True, None, [0]), ("vqa", False, None, [1])]
+    assert optimizer_group_layout(names, ndims, ("gqa", "vqa"), split_peft=True) == [
+        (None, True, True, [2]), (None, True, False, [4]), (None, False, True, [6]), (None, False, False, [3]),
+        ("gqa", True, True, [5]), ("vqa", True, True, [0]), ("vqa", False, True, [1])]
