@@ -11,7 +11,8 @@ from vlscale.config import PeftConfig
 from vlscale.modeling.vl_model import set_checkpointing
 from vlscale.peft import PeftController, apply_peft
 from vlscale.kernels.adapter import adapter_reference
-from vlscale.peft.sites import SHARED, adapter_sites, lora_sites
+from vlscale.peft.sites import (SHARED, adapter_sites, backbone_family, lora_sites, select_key, weight_keys,
+                                zero3_unused_anchor)
 
 TASKS = ["vqa", "gqa"]
 D = 32
@@ -100,6 +101,68 @@ def test_unsupported_backbone_is_named():
 
     with pytest.raises(ValueError, match="gpt2"):
         apply_peft(Other(), peft_cfg("adapter"), TASKS)
+
+
+def test_t5_and_bart_variants_are_their_family():
+    def lm(model_type):
+        return type("LM", (torch.nn.Module,), {"config": type("C", (), {"model_type": model_type})()})()
+
+    assert [backbone_family(lm(m)) for m in ("t5", "mt5", "umt5", "bart", "mbart")] == ["t5"] * 3 + ["bart"] * 2
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart"])
+def test_lora_site_keys_name_their_projection(backbone):
+    """``..._q`` adapts the query projection, ``..._v`` the value one: the keys name the saved LoRA weights."""
+    sites = lora_sites(BACKBONES[backbone]())
+    assert sites and all(s.name.rsplit(".", 1)[-1].startswith(s.key[-1]) for s in sites)
+
+
+def test_an_lm_without_layers_is_an_error():
+    lm = torch.nn.Module()
+    lm.config = type("C", (), {"model_type": "t5"})()
+    lm.encoder, lm.decoder = torch.nn.Module(), torch.nn.Module()
+    lm.encoder.block, lm.decoder.block = torch.nn.ModuleList(), torch.nn.ModuleList()
+    with pytest.raises(ValueError, match="no adapter sites"):
+        adapter_sites(lm)
+
+
+def test_weight_keys_and_select_key():
+    assert weight_keys("single", "down", "down", TASKS) == (SHARED,)
+    assert weight_keys("multiple", "down", "down", TASKS) == tuple(TASKS)
+    assert weight_keys("half_shared", "down", "down", TASKS) == (SHARED,)
+    assert weight_keys("half_shared", "down", "up", TASKS) == tuple(TASKS)
+    with pytest.raises(ValueError, match="'shared_all'"):
+        weight_keys("shared_all", "down", "down", TASKS)
+    assert select_key((SHARED,), None, "site") == SHARED and select_key(TASKS, "gqa", "site") == "gqa"
+    with pytest.raises(KeyError, match=r"site: unknown task 'nlvr2'.*\['vqa', 'gqa'\]"):
+        select_key(TASKS, "nlvr2", "site")
+
+
+@pytest.mark.parametrize("tasks, words", [([], "empty"), (["vqa", "a.b"], "'a.b'"), (["vqa", SHARED], "'shared'"),
+                                          (["vqa", ""], "''"), (["vqa", "gqa", "vqa"], "repeat")])
+def test_unusable_task_lists_are_refused(tasks, words):
+    with pytest.raises(ValueError, match=words):
+        apply_peft(make_t5(), peft_cfg("adapter", "multiple"), tasks)
+
+
+def test_one_task_name_is_one_task():
+    assert apply_peft(make_t5(), peft_cfg("adapter", "multiple"), "vqa").tasks == ("vqa",)
+
+
+def test_zero3_unused_anchor_takes_only_unused_trainable_partitioned_parameters():
+    module = torch.nn.Module()
+    module.used = torch.nn.Parameter(torch.ones(2))
+    module.other = torch.nn.Parameter(torch.ones(2))
+    module.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    assert zero3_unused_anchor(module, [module.used]) is None  # not partitioned: no ZeRO-3
+    for p in module.parameters():
+        p.ds_id = 0
+    assert zero3_unused_anchor(module, [module.used, module.other]) is None  # the frozen one needs no anchor
+    with torch.no_grad():
+        assert zero3_unused_anchor(module, [module.used]) is None
+    zero3_unused_anchor(module, [module.used]).backward()
+    assert module.used.grad is None and module.frozen.grad is None
+    assert torch.equal(module.other.grad, torch.zeros(2))
 
 
 # ----------------------------------------------------------------------------- identity at init
@@ -354,6 +417,21 @@ def test_lora_merge_equals_w_plus_scaled_ba(backbone):
     torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits(lm), unmerged, rtol=1e-5, atol=1e-5)
     peft.set_task("vqa")
+
+
+def test_merged_lora_under_single_sharing_serves_every_task_and_remove_unmerges():
+    lm = make_t5()
+    base = logits(lm)
+    peft = apply_peft(lm, peft_cfg("lora", "single"), TASKS)
+    perturb(peft)
+    peft.set_task("vqa")
+    proj = lm.get_submodule(peft.sites[0])
+    w0 = proj.weight.detach().clone()
+    assert peft.merge_lora() and not torch.equal(proj.weight, w0)
+    peft.set_task("gqa")  # one shared weight set: the merged update is every task's
+    peft.remove()  # the bare backbone again: unmerged, unhooked
+    torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits(lm), base, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_dropout_follows_lm_mode():
