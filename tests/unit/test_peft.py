@@ -257,6 +257,33 @@ def test_adapter_in_another_dtype_than_its_input_keeps_the_residual():
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     zero_up = apply_adapter(x, bf[0], bf[1], torch.zeros_like(bf[2]), torch.zeros_like(bf[3]), "gelu", fused=False)
     torch.testing.assert_close(zero_up, x, rtol=0, atol=0)
+    # and the other way round (a bf16 input, fp32 adapter weights): the output keeps the input's dtype
+    out = apply_adapter(x.to(torch.bfloat16), wd, bd, wu, bu, "gelu", fused=False)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_adapter_down_projection_has_nn_linear_default_init():
+    """The down-projection (weight and bias) starts as nn.Linear's default init, drawn from the same seed."""
+    from vlscale.peft.adapter import BottleneckAdapter
+
+    torch.manual_seed(3)
+    site = BottleneckAdapter(D, 8, ["shared"], ["shared"])
+    torch.manual_seed(3)
+    ref = torch.nn.Linear(D, 8)
+    torch.testing.assert_close(site.down_weight_shared, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(site.down_bias_shared, ref.bias, rtol=0, atol=0)
+
+
+def test_adapter_refuses_an_unknown_activation_and_an_empty_bottleneck():
+    from vlscale.config import ConfigError
+    from vlscale.peft.adapter import BottleneckAdapter, adapter_hidden
+
+    with pytest.raises(ConfigError, match=r"peft.activation='relu'.*\['gelu', 'gelu_tanh'\]"):
+        BottleneckAdapter(D, 8, ["shared"], ["shared"], activation="relu")
+    assert adapter_hidden(D, D) == 1
+    with pytest.raises(ConfigError, match=f"peft.reduction_factor={2 * D} .*d_model={D}"):
+        adapter_hidden(D, 2 * D)
 
 # ----------------------------------------------------------------------------- tasks and sharing
 
