@@ -461,6 +461,56 @@ def test_merged_lora_under_single_sharing_serves_every_task_and_remove_unmerges(
     torch.testing.assert_close(logits(lm), base, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_merge_twice_unmerge_unmerged_and_merging_another_task():
+    """Merging the merged task again adds nothing more, unmerging with nothing merged subtracts nothing, and
+    merging another task's weights on top of a merged one is refused naming both tasks."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("lora", "multiple", lora_rank=4, lora_alpha=8.0), TASKS)
+    perturb(peft)
+    peft.set_task("gqa")
+    proj = lm.get_submodule(peft.sites[0])
+    w0 = proj.weight.detach().clone()
+    assert peft.unmerge_lora()
+    torch.testing.assert_close(proj.weight, w0, rtol=0, atol=0)
+    a, b = peft.lora.sites[peft._sites[0].key].factors("gqa")
+    peft.merge_lora()
+    peft.merge_lora()
+    torch.testing.assert_close(proj.weight, w0 + (8.0 / 4) * b @ a, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"task 'gqa' are merged.*merging task 'vqa'"):
+        peft.lora.merge(lm, "vqa")
+    peft.unmerge_lora()
+    torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_on_projections_wider_than_d_model():
+    """T5's q/v are (n_heads * d_kv) x d_model, not square when n_heads * d_kv != d_model (t5-11b: 16384 x 1024):
+    A is rank x in, B out x rank, and merging still equals the hooked update."""
+    torch.manual_seed(0)
+    lm = T5ForConditionalGeneration(T5Config(
+        vocab_size=100, d_model=D, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)).eval()
+    peft = apply_peft(lm, peft_cfg("lora", "single"), TASKS)
+    q = peft.lora.sites["encoder_0_self_attn_q"]
+    assert (q.in_features, q.out_features) == (D, 64)
+    assert q.factors(None)[0].shape == (4, D) and q.factors(None)[1].shape == (64, 4)
+    perturb(peft)
+    hooked = logits(lm)
+    peft.merge_lora()
+    torch.testing.assert_close(logits(lm), hooked, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_update_comes_back_in_the_input_dtype():
+    from vlscale.peft.lora import LoRALinear
+
+    layer = LoRALinear(D, 16, rank=4, alpha=8.0, dropout=0.0, a_keys=["shared"], b_keys=["shared"])
+    perturb(layer)
+    x = torch.randn(2, D)
+    out = layer(x.to(torch.bfloat16), None)
+    assert out.dtype == torch.bfloat16
+    a, b = layer.factors(None)
+    torch.testing.assert_close(out.float(), 2.0 * x.to(torch.bfloat16).float() @ a.T @ b.T, rtol=2e-2, atol=2e-2)
+
+
 def test_lora_dropout_follows_lm_mode():
     lm = make_t5()
     peft = apply_peft(lm, peft_cfg("lora", lora_dropout=0.5), TASKS)
