@@ -482,6 +482,26 @@ def test_lora_merge_twice_unmerge_unmerged_and_merging_another_task():
     torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
 
 
+def test_lora_single_sharing_merges_once_for_every_task():
+    """sharing=single: set_task may change the task while merged (the weights are the same), and merge_lora()
+    for the new task then finds its weights already merged instead of refusing."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("lora", "single"), TASKS)
+    perturb(peft)
+    proj = lm.get_submodule(peft.sites[0])
+    w0 = proj.weight.detach().clone()
+    peft.set_task("vqa")
+    hooked = logits(lm)
+    peft.merge_lora()
+    merged = proj.weight.detach().clone()
+    peft.set_task("gqa")
+    assert peft.merge_lora()
+    torch.testing.assert_close(proj.weight, merged, rtol=0, atol=0)
+    torch.testing.assert_close(logits(lm), hooked, rtol=1e-5, atol=1e-5)
+    peft.unmerge_lora()
+    torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
+
+
 def test_lora_on_projections_wider_than_d_model():
     """T5's q/v are (n_heads * d_kv) x d_model, not square when n_heads * d_kv != d_model (t5-11b: 16384 x 1024):
     A is rank x in, B out x rank, and merging still equals the hooked update."""

@@ -102,12 +102,15 @@ class LoRALayers(nn.Module):
     def merge(self, lm: nn.Module, task: Optional[str]) -> None:
         """W <- W + (alpha/r) B A for the task's weights at every site; the hooks then add nothing."""
         if self.merged:
-            if task == self.merged_task:
-                return
+            if task == self.merged_task or self._same_factors(task, self.merged_task):
+                return  # e.g. sharing=single: set_task lets the task change, the merged weights are the same
             raise RuntimeError(f"lora: weights of task {self.merged_task!r} are merged; unmerge_lora() before "
                                f"merging task {task!r}")
         self._fold(lm, task, +1.0)
         self.merged, self.merged_task = True, task
+
+    def _same_factors(self, task: Optional[str], other: Optional[str]) -> bool:
+        return all(x is y for layer in self.sites.values() for x, y in zip(layer.factors(task), layer.factors(other)))
 
     @torch.no_grad()
     def unmerge(self, lm: nn.Module) -> None:
