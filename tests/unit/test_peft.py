@@ -416,6 +416,34 @@ def test_compacter_rule_shared_across_layers():
 def test_compacter_phm_dim_must_divide():
     with pytest.raises(ValueError, match="phm_dim=3"):
         apply_peft(make_t5(), peft_cfg("compacter", phm_dim=3), TASKS)
+    # d_model = 32 divides by 8, the hidden size 32 // 8 = 4 does not
+    with pytest.raises(ValueError, match=r"phm_dim=8 .*hidden size 4"):
+        apply_peft(make_t5(), peft_cfg("compacter", phm_dim=8, reduction_factor=8), TASKS)
+
+
+@pytest.mark.parametrize("shared_rule,factorized", [(False, False), (True, False), (False, True)])
+def test_compacter_down_weight_starts_with_xavier_std(shared_rule, factorized):
+    """A_i ~ N(0, 1/n) and B_i (or s_i t_i^T) of Xavier variance: the generated dense W_d has Xavier's std."""
+    from vlscale.peft.compacter import CompacterAdapter, PHMRule
+
+    torch.manual_seed(0)
+    d, h, n = 256, 64, 4
+    site = CompacterAdapter(d, h, ["shared"], ["shared"], n, shared_rule=shared_rule, factorized=factorized, rank=4)
+    rule = PHMRule(n)() if shared_rule else None
+    wd, _, wu, _ = site.weights(None, rule)
+    xavier = (2.0 / (d + h)) ** 0.5
+    assert abs(wd.std().item() / xavier - 1) < 0.25, (wd.std().item(), xavier)
+    assert wu.abs().max() == 0
+    torch.manual_seed(0)
+    assert abs(PHMRule(8).rule.std().item() * 8 ** 0.5 - 1) < 0.1  # the shared rule: N(0, 1/n)
+
+
+def test_compacter_shared_rule_missing_is_named():
+    from vlscale.peft.compacter import CompacterAdapter
+
+    site = CompacterAdapter(D, 8, ["shared"], ["shared"], 2, shared_rule=True)
+    with pytest.raises(RuntimeError, match="shared_phm_rule is on but no shared rule was passed"):
+        site(torch.randn(2, D), None)
 
 
 # ----------------------------------------------------------------------------- LoRA
