@@ -378,6 +378,41 @@ def test_hyperformer_generates_per_task_and_site():
         logits(lm)
 
 
+def test_hyperformer_site_is_the_hypernetwork_chain():
+    """After perturbing every parameter: z = LayerNorm(W_2 relu(W_1 [task_emb; layer_emb] + c_1) + c_2), the kind's
+    generators turn z into the site's adapter, and the site computes h + W_u act(W_d h + b_d) + b_u."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("hyperformer", activation="gelu_tanh"), TASKS)
+    hyper = peft.hyperformer
+    gen = hyper.hypernets["decoder"].generators["cross_attn"]
+    assert abs(gen.down_weight.weight.std().item() / 1e-2 - 1) < 0.1  # N(0, 1e-2), as the reference's
+    perturb(peft)
+    net = hyper.hypernets["decoder"]
+    e = torch.cat([hyper.task_embeddings.task_embedding_gqa[0], net.layer_embedding.weight[1]])
+    lin1, lin2 = net.projector[0], net.projector[2]
+    z = torch.nn.functional.layer_norm(lin2(torch.relu(lin1(e))), (4,), net.norm.weight, net.norm.bias)
+    wd, bd = gen.down_weight(z).view(D // 8, D), gen.down_bias(z)
+    wu, bu = gen.up_weight(z).view(D, D // 8), gen.up_bias(z)
+    for got, want in zip(hyper.weights("decoder_1_cross_attn", "gqa"), (wd, bd, wu, bu)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 3, D)
+    expected = x + torch.nn.functional.gelu(x @ wd.T + bd, approximate="tanh") @ wu.T + bu
+    torch.testing.assert_close(hyper(x, "decoder_1_cross_attn", "gqa"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hyperformer_refuses_an_unknown_task_and_activation():
+    from vlscale.config import ConfigError
+    from vlscale.peft.hyperformer import HyperformerLayers
+
+    hyper = apply_peft(make_t5(), peft_cfg("hyperformer"), TASKS).hyperformer
+    with pytest.raises(KeyError, match=r"unknown task 'nlvr2'; known tasks: \['vqa', 'gqa'\]"):
+        hyper.weights("encoder_0_ffn", "nlvr2")
+    cfg = peft_cfg("hyperformer")
+    cfg.activation = "relu"  # past the config's own check
+    with pytest.raises(ConfigError, match=r"peft.activation='relu'"):
+        HyperformerLayers(adapter_sites(make_t5()), cfg, TASKS, D)
+
+
 # ----------------------------------------------------------------------------- Compacter
 
 @pytest.mark.parametrize("factorized", [False, True])
