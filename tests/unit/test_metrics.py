@@ -142,10 +142,33 @@ def test_cider_errors():
         cider({"a": "x"}, {"a": []})
 
 
+def test_cider_refuses_a_reference_string_for_a_list():
+    with pytest.raises(ValueError, match=r"references\['a'\] must be a non-empty list of strings, got 'a dog'"):
+        cider({"a": "a dog"}, {"a": "a dog"})
+
+
 # ----------------------------------------------------------------------------- caption metrics
 
 PREDS = {1: "a man riding a horse", 2: "two dogs playing in the grass"}
 REFS = {1: ["A man rides a horse.", "a person on a horse"], 2: ["Two dogs playing in the grass.", "dogs playing"]}
+
+
+def test_caption_scores_use_java_true_without_java_falls_back(monkeypatch, caplog):
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning, "java_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        out = caption_scores(PREDS, REFS, use_java=True)
+    assert "use_java=True but no 'java' on the PATH" in caplog.text
+    assert out.tokens == "python" and "meteor" not in out
+    assert out["cider"] == pytest.approx(cider(PREDS, REFS))
+
+
+def test_ptb_tokenizer_returning_fewer_lines_is_an_error(monkeypatch):
+    pytest.importorskip("pycocoevalcap")
+    done = captioning.subprocess.CompletedProcess([], 0, stdout=b"a dog\n", stderr=b"")
+    monkeypatch.setattr(captioning.subprocess, "run", lambda *a, **k: done)
+    with pytest.raises(RuntimeError, match="returned 2 lines for 3 sentences"):
+        captioning._ptb_tokenize(["a dog", "a cat", "a cow"])
 
 
 def test_caption_scores_without_java_omits_meteor(monkeypatch, caplog):
@@ -322,6 +345,24 @@ def test_score_task_caption_tasks(task):
     out = score_task(task, {"1": "a b", "2": "c e"}, {"1": ["a b"], "2": ["c d"]})
     assert set(out) == {"cider", "bleu4", "rouge_l"} if _has_pycocoevalcap() else {"cider"}
     assert out["cider"] == pytest.approx(3.125)  # the hand-computed case above
+
+
+def test_score_task_takes_a_single_reference_string_and_refuses_an_empty_list():
+    assert score_task("gqa", {1: "yes"}, {1: "yes"}) == {"exact_match": 1.0}
+    with pytest.raises(ValueError, match=r"score_task\('gqa'\): references\[1\] is empty"):
+        score_task("gqa", {1: "yes"}, {1: []})
+
+
+def test_vqa_normalisation_strips_and_deletes_punctuation_after_a_space():
+    """As the official script: the answer is stripped first, and a punctuation mark with a space on either side
+    is deleted everywhere in the answer (not replaced by a space)."""
+    assert normalize_vqa_answer("x-ray -ish") == "xray ish"
+    assert normalize_vqa_answer("\n-x-ray") == "x ray"
+
+
+def test_vqa_official_quirks_compare_identical_answers_as_written():
+    assert vqa_score("yes", ["yes."] * 10, official_quirks=True) == 0.0  # all the same: compared raw
+    assert vqa_score("yes", ["yes."] * 9 + ["no"], official_quirks=True) == 1.0  # differing: punctuation pass
 
 
 def test_score_task_errors_and_partial_references(caplog):
