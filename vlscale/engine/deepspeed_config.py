@@ -540,8 +540,11 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                 why = (f" (train.zero_stage={t.zero_stage} overrides the file's stage {file_stage!r}; set "
                        f"train.zero_stage={3 if 'offload_param' in offloaded else 2}, or another file)"
                        if t.zero_stage is not None and file_stage != t.zero_stage else "")
+                # DeepSpeed's own ZeRO-1 takes an optimizer offload too; vlscale's memory model and tests do not
+                stage1 = (" (DeepSpeed also offloads at stage 1; vlscale's memory model and tests cover stages 2 and 3)"
+                          if key == "offload_optimizer" and stage == 1 else "")
                 raise DeepSpeedConfigError(f"{source}: zero_optimization.{key} needs ZeRO stage "
-                                           f"{need}+, the run uses stage {stage}{why}")
+                                           f"{need}+{stage1}, the run uses stage {stage}{why}")
             if block["device"] == "nvme" and stage < 3:  # ZeRO-1/2 have no swapper: DeepSpeed trains it as "cpu"
                 raise DeepSpeedConfigError(
                     f"{source}: zero_optimization.{key}.device=\"nvme\" at ZeRO stage {stage}: DeepSpeed swaps to "
