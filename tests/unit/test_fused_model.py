@@ -162,6 +162,28 @@ def test_fused_is_the_default():
     assert sum("AdapterFn" in n for n in graph_node_names(result.loss)) == len(model.peft.sites)
 
 
+@pytest.mark.parametrize("method", ["hyperformer", "compacter"])
+def test_generated_adapters_follow_peft_fused(method):
+    """Hyperformer's and Compacter's generated adapters run the fused kernel under peft.fused=true (the default) and
+    the plain reference under false, with the same loss and gradients (the flag was only checked for adapters)."""
+    models = {}
+    for fused in (True, False):
+        cfg = load_config("tiny", ["model.feature_source=cache", f"data.tasks=[{','.join(TASKS)}]",
+                                   f"peft.method={method}", f"peft.fused={str(fused).lower()}"])
+        torch.manual_seed(0)
+        models[fused] = build_model(cfg).train()
+    models[False].load_state_dict(models[True].state_dict())
+    n_sites = len(models[True].peft.sites)
+    out = {fused: run_steps(model, ["vqa", "gqa"]) for fused, model in models.items()}
+    assert out[True]["fused_nodes"] == [n_sites] * 2 and out[False]["fused_nodes"] == [0, 0]
+    for a, b in zip(out[True]["loss"], out[False]["loss"]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name, g in out[True]["grads"].items():
+        ref = out[False]["grads"][name]
+        if g is not None:
+            torch.testing.assert_close(g, ref, rtol=RTOL, atol=ATOL * max(1.0, ref.abs().max().item()))
+
+
 def test_functional_call_and_torch_func_grad_through_the_fused_model(monkeypatch):
     """torch.func.grad over functional_call of the whole model (meta-learning, per-sample gradients): the
     fused adapter's Function raised 'must override the setup_context staticmethod'. Now the gradients of
