@@ -917,3 +917,43 @@ def test_peft_modules_of_a_zero3_partitioned_lm_are_built_on_the_host():
     assert lm_dtype_device(lm) == (torch.bfloat16, torch.device("meta"))  # a whole LM: its own device
     lm.emb.weight.ds_id = 0  # as zero.Init marks a partitioned parameter (its data on the accelerator)
     assert lm_dtype_device(lm) == (torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method,sharing,n_unused", [
+    ("adapter", "multiple", 40), ("compacter", "multiple", 60), ("compacter", "half_shared", 30),
+    ("lora", "multiple", 24), ("hyperformer", "single", 1), ("prompt", "multiple", 5)])  # hyperformer: gqa's embedding
+def test_under_zero3_every_trainable_weight_set_gets_a_gradient_and_unused_ones_exactly_zero(method, sharing, n_unused):
+    """Under ZeRO-3 (parameters marked with ds_id) a forward of one task adds the ZeRO-3 anchor of every method, so
+    another task's weight set gets an exact zero gradient rather than none (DeepSpeed 0.19 re-applies a stale one;
+    sites.zero3_unused_anchor), while the task's own sets get theirs; the output is unchanged. Only the adapter's and
+    the prompt's anchors ran in single-process tests (compacter.py:122 could be dropped with every test passing)."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg(method, sharing), TASKS)
+    perturb(peft)
+    peft.set_task("vqa")
+    enc, dec = inputs()
+
+    def forward():
+        if method == "prompt":
+            embeds = torch.cat([peft.prompts(enc.shape[0]), lm.get_input_embeddings()(enc)], dim=1)
+            return lm(inputs_embeds=embeds, decoder_input_ids=dec).logits
+        return lm(input_ids=enc, decoder_input_ids=dec).logits
+
+    plain = forward().detach()
+    params = dict(peft.named_parameters())
+    for p in params.values():
+        p.ds_id = 0  # as ZeRO-3 marks its parameters
+    try:
+        out = forward()
+        torch.testing.assert_close(out.detach(), plain, rtol=0, atol=0)
+        out.square().mean().backward()
+    finally:
+        for p in params.values():
+            del p.ds_id
+    assert all(p.grad is not None for p in params.values()), [n for n, p in params.items() if p.grad is None]
+    unused = {n for n in params if "gqa" in n.split(".")[-1].split("_") or n.endswith("gqa")}
+    assert len(unused) == n_unused, sorted(unused)
+    for n, p in params.items():
+        if n in unused:
+            assert not p.grad.any(), n
+    assert any(p.grad.any() for n, p in params.items() if n not in unused)
