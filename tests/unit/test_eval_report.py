@@ -256,3 +256,131 @@ def test_score_lines_put_each_tasks_headline_metric_first():
     text = format_scores({"caption": CaptionScores({"bleu4": 0.25, "cider": 1.125}, "ptb"),
                           "nlvr2": {"consistency": 0.5, "accuracy": 0.75}})
     assert text.splitlines() == ["  caption  cider=112.50  bleu4=25.00", "  nlvr2    accuracy=75.00  consistency=50.00"]
+
+
+def test_predict_only_with_java_metrics_is_refused_on_the_command_line(launcher, capsys):
+    """--java-metrics scores captions and --predict-only scores nothing: the pair is a usage error, not a run that
+    silently ignores one flag."""
+    with pytest.raises(SystemExit) as info:
+        launcher("evaluate").parse_args(["--adapter", "a", "--predict-only", "--java-metrics"])
+    assert info.value.code == 2
+    assert "--java-metrics scores captions; --predict-only scores nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("held", ["run_summary.json", "train_log.jsonl", "checkpoints"])
+def test_out_holding_any_part_of_a_training_run_is_refused(tmp_path, launcher, held):
+    """A run stopped before its run_summary.json (train_log.jsonl and checkpoints/ only) is a training run's
+    output_dir too: evaluate.py --out there would replace the predictions/ its metrics.json belongs to."""
+    output_clash = launcher("evaluate").output_clash
+    (tmp_path / held).mkdir() if held == "checkpoints" else (tmp_path / held).write_text("{}")
+    for predict_only in (False, True):
+        assert output_clash(tmp_path, predict_only) == (
+            f"--out {tmp_path} holds a training run ({tmp_path / held}); its predictions/ belong to that run's "
+            f"metrics.json and would be overwritten: choose another --out")
+    assert output_clash(tmp_path / "fresh", False) is None
+
+
+def test_the_default_out_and_the_tasks_asked_for(tmp_path, launcher, monkeypatch):
+    """Without --out an evaluation writes <adapter's parent>/eval_<split>, --predict-only <...>/predict_<split> (so
+    neither refuses the other's folder); --tasks names each task once, in the order given, however often it is
+    repeated, and ``--tasks ,`` or a task the adapter was not trained on is refused before the model is built."""
+    from vlscale.engine import evaluation
+
+    adapter = _tiny_adapter(tmp_path)
+    evaluate = launcher("evaluate")
+    asked = []
+
+    def scored(model, cfg, tokenizer, *, tasks, predict_only, predictions_dir, submission_dir, **kwargs):
+        asked.append((tasks, predictions_dir, submission_dir))
+        return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
+    monkeypatch.setattr(evaluation, "evaluate", scored)
+    assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "caption,vqa, caption,"]) == 0
+    assert asked == [(["caption", "vqa"], tmp_path / "eval_val" / "predictions", None)]
+    report = json.loads((tmp_path / "eval_val" / "eval_metrics.json").read_text())
+    assert report["tasks"] == {"caption": {"score": 0.5}, "vqa": {"score": 0.5}} and report["step"] == 2
+    assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--predict-only"]) == 0
+    assert asked[1] == (["vqa"], tmp_path / "predict_val" / "predictions", tmp_path / "predict_val" / "submission")
+    assert not (tmp_path / "predict_val" / "eval_metrics.json").exists()
+
+    import vlscale.modeling.vl_model as vl_model
+
+    monkeypatch.setattr(vl_model, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=r"^--tasks ' , ' names no task; omit it for every task of the adapter"):
+        evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", " , "])
+    with pytest.raises(ValueError, match=r"^--tasks \['tvqa'\] were not trained by this adapter \(data\.tasks="):
+        evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa,tvqa"])
+
+
+def test_torchrun_without_deepspeed_evaluates_as_its_rank_of_the_group(launcher, monkeypatch):
+    """``torchrun --nproc_per_node N launchers/evaluate.py`` (no --deepspeed): each process joins the group and
+    evaluates as its rank of N (its share of the examples; rank 0 alone writes the report), not as N copies of rank 0
+    of 1, each decoding every example and writing the same files."""
+    from vlscale.engine import distributed
+    from vlscale.engine.distributed import DistInfo
+
+    evaluate = launcher("evaluate")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(1, 2, 1, cpu, "cpu", "gloo"))
+    left = []
+    monkeypatch.setattr(distributed, "destroy", lambda: left.append(True))
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_adapter",
+                        lambda args, rank, world, device, dist: seen.append((rank, world, dist is not None)) or 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert evaluate.main(["--adapter", "unused", "--no-progress"]) == 0
+    assert seen == [(1, 2, True)] and left == [True]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert evaluate.main(["--adapter", "unused", "--no-progress"]) == 0
+    assert seen[1] == (0, 1, False) and left == [True]
+
+
+def test_java_metrics_needs_java_only_where_a_caption_task_is_scored(tmp_path, launcher, monkeypatch):
+    """--java-metrics on a machine without Java: refused where a caption task is evaluated (its scores need the PTB
+    tokenizer), not for ``--tasks vqa``, whose scores Java plays no part in."""
+    from vlscale.engine import evaluation
+    from vlscale.metrics import captioning
+
+    adapter = _tiny_adapter(tmp_path)
+    evaluate = launcher("evaluate")
+    monkeypatch.setattr(captioning, "java_available", lambda: False)
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, **kw:
+                        {task: {"score": 0.5} for task in tasks})
+    out = tmp_path / "out"
+    assert evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", "--java-metrics",
+                          "--tasks", "vqa"]) == 0
+    assert json.loads((out / "eval_metrics.json").read_text())["tasks"] == {"vqa": {"score": 0.5}}
+    with pytest.raises(RuntimeError, match=r"^--java-metrics: no 'java' on the PATH"):
+        evaluate.main(["--adapter", str(adapter), "--out", str(out), "--no-progress", "--java-metrics",
+                       "--tasks", "vqa,caption"])
+
+
+def test_the_deepspeed_files_stage_holds_unless_train_zero_stage_is_given_on_the_command_line(tmp_path, launcher,
+                                                                                              monkeypatch):
+    """evaluate.py --deepspeed zero3.json on a run trained at ZeRO-1, with another train.* override (the eval batch):
+    the file's stage 3 is built, not the run's saved train.zero_stage; ``train.zero_stage=0`` given now is."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import distributed, evaluation
+    from vlscale.engine.distributed import DistInfo
+    from vlscale.engine.trainer import zero_stage
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny", ["train.zero_stage=1"])
+    tokenizer = build_tokenizer(cfg)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), adapter, cfg, tokenizer, extra={"step": 2})
+    evaluate = launcher("evaluate")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 1, 0, cpu, "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    built = []
+
+    def sharded(cfg, ds, vocab, dtype):
+        built.append(zero_stage(ds))
+        return build_model(cfg, vocab_size=vocab), None, zero_stage(ds)
+    monkeypatch.setattr(evaluate, "build_sharded", sharded)
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, **kw:
+                        {task: {"score": 0.5} for task in tasks})
+    for override, stage in (("train.eval_batch_size=4", 3), ("train.zero_stage=0", 0)):
+        assert evaluate.main(["--adapter", str(adapter), "--out", str(tmp_path / "out"), "--no-progress",
+                              "--tasks", "vqa", "--deepspeed", "ds_configs/zero3.json", override]) == 0
+        assert built[-1] == stage, override
