@@ -6,6 +6,7 @@ each input alone, with its own images in order. (The answers themselves: tests/i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +283,47 @@ def test_a_list_is_answered_in_batches_as_each_input_alone_with_its_own_images_i
     assert answers == [f"text {k}: images {2 * k}, {2 * k + 1}" for k in range(len(texts))]
     each = [predictor.predict("nlvr2", t, pair) for t, pair in zip(texts, images)]
     assert each == answers
+
+
+def test_the_command_line_prints_the_option_the_answer_names(video_adapter, launcher, monkeypatch, capsys):
+    """predict.py on video QA prints the option the answer names and its text (``a1: right``); an answer naming none
+    is printed as it is, with a note on stderr; --json gives the video, its options and subtitle and the option. The
+    Predictor is asked with the command line's adapter, overrides, device, text, options and subtitle. (It is
+    replaced here: what a trained one answers is tests/integration/test_predict.py's.)"""
+    from vlscale import predict
+
+    asked, answers = [], iter(["a1", "sideways", "a0", "a circle moves."])
+
+    class Answering:
+        def __init__(self, adapter, overrides, device=None, who="vlscale"):
+            asked.append((adapter, list(overrides), device))
+
+        def predict(self, task, text, visual, options=None, subtitle=None):
+            asked.append((task, text, options, subtitle))
+            return next(answers)
+    monkeypatch.setattr(predict, "Predictor", Answering)
+    clip = str(video_adapter / "clip")
+    argv = ["--adapter", "unused", "--task", "tvqa", "--video", clip, "--text", "which way?", "--option", "left",
+            "--option", "right", "--subtitle", "look.", "--device", "cpu", "train.eval_batch_size=3"]
+    assert launcher("predict").main(argv) == 0
+    assert capsys.readouterr().out == "a1: right\n"
+    assert asked == [("unused", ["train.eval_batch_size=3"], "cpu"), ("tvqa", "which way?", ["left", "right"], "look.")]
+    assert launcher("predict").main(argv) == 0
+    said = capsys.readouterr()
+    assert said.out == "sideways\n"
+    assert said.err == "predict.py: note: the answer 'sideways' names none of the 2 options\n"
+    assert launcher("predict").main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "task": "tvqa", "text": "which way?", "video": clip, "options": ["left", "right"], "subtitle": "look.",
+        "answer": "a0", "option": "a0", "option_text": "left"}
+    # a video caption: the video, no options, no option named
+    assert launcher("predict").main(["--adapter", "unused", "--task", "tvc", "--video", clip, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"task": "tvc", "text": "", "video": clip, "options": [],
+                                                   "subtitle": "", "answer": "a circle moves."}
+
+
+def test_a_video_task_without_a_video_is_refused_naming_the_flag(video_adapter, launcher):
+    with pytest.raises(ValueError) as e:
+        launcher("predict").main(["--adapter", "unused", "--task", "tvc"])
+    assert str(e.value) == ("task 'tvc' is a video task: give the video as --video (a folder of frame images or a "
+                            "frame-features file)")
