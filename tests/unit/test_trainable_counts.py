@@ -191,3 +191,30 @@ def test_settings_the_trainable_set_would_ignore_are_refused(overrides, words):
     for word in words:
         assert word in str(e.value)
     load_config("tiny", overrides[:1])  # each setting alone is fine
+
+
+@pytest.mark.parametrize("backbone, components", [
+    ("tiny-t5", {"lm.shared", "lm.encoder.block", "lm.encoder.final_layer_norm", "lm.decoder.block",
+                 "lm.decoder.final_layer_norm", "vision", "projector", "peft.adapter"}),
+    ("tiny-bart", {"lm.model.shared", "lm.model.encoder", "lm.model.decoder", "vision", "projector", "peft.adapter"}),
+])
+def test_inspect_model_places_every_parameter_once_with_what_trains(backbone, components, capsys, launcher):
+    """inspect_model's placement (each LM stack, CLIP, the projector, each PEFT module) and groups add up to the
+    model's parameters and to those that train, each counted where it is: the frozen LM and CLIP train nothing,
+    the adapters and projector train whole, the layer norms (T5's final ones) train."""
+    assert launcher("inspect_model").main(["--config", "tiny", f"model.backbone={backbone}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    placement, groups = report["placement"], report["groups"]
+    assert set(placement) == components
+    for table in (placement, groups):
+        assert sum(v["params"] for v in table.values()) == report["total"]
+        assert sum(v["trainable"] for v in table.values()) == report["trainable"] > 0
+    for frozen in ("lm", "vision"):
+        assert groups[frozen]["trainable"] == 0 and groups[frozen]["params"] > 0
+    for whole in ("peft", "projection", "layer_norm"):
+        assert groups[whole]["trainable"] == groups[whole]["params"] > 0
+    assert placement["vision"]["trainable"] == 0 and placement["peft.adapter"]["trainable"] == groups["peft"]["params"]
+    assert placement["projector"] == groups["projection"]
+    if backbone == "tiny-t5":
+        assert placement["lm.encoder.final_layer_norm"]["trainable"] == placement["lm.encoder.final_layer_norm"]["params"]
+        assert placement["lm.shared"]["trainable"] == 0
