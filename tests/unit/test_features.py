@@ -987,3 +987,84 @@ def test_a_meta_json_width_or_token_count_that_is_not_a_positive_integer_is_refu
     (cache / "meta.json").write_text(json.dumps(dict(meta, **{key: value})))
     with pytest.raises(DataError, match=rf"c/meta\.json: {key}={value!r} must be a positive integer"):
         FeatureCache(cache)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--images", "d", "--vision", VISION, "model.vision=RN50"],
+     "config overrides ['model.vision=RN50'] only apply with --synthetic or --real"),
+    (["--images", "d", "--vision", VISION, "--config", "tiny"], "--config applies with --synthetic or --real only"),
+    (["--real"], "--real needs --config (the preset that trains on the data"),
+    (["--hf-dataset", "x", "--vision", VISION], "--hf-dataset needs --image-column"),
+    (["--images", "d", "--vision", VISION, "--image-column", "image"], "--image-column applies to --hf-dataset only"),
+    (["--images", "d", "--vision", VISION, "--id-column", "name"], "--id-column applies to --hf-dataset only"),
+    (["--images", "d", "--vision", VISION, "--skip-bad-records"], "--skip-bad-records applies to --hf-dataset only"),
+    (["--synthetic", "--split", "val"], "--split applies to --hf-dataset only (--synthetic extracts every split"),
+    (["--synthetic", "--pattern", "{id}.jpg"], "--pattern applies to --images only"),
+    (["--images", "d"], "--vision is required (e.g. --vision RN101)"),
+    (["--images", "d", "--vision", VISION, "--shard-size", "0"], "--shard-size must be > 0, got 0"),
+])
+def test_launcher_refuses_flags_that_do_not_go_together(tmp_path, argv, words, capsys):
+    """A flag that does not apply to the source given (and would be ignored), or a source without what it needs, is
+    a usage error naming the flag, before anything is read or built."""
+    import extract_features as launcher
+
+    with pytest.raises(SystemExit) as info:
+        launcher.parse_args([*argv, "--out", str(tmp_path / "cache")])
+    assert info.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_launcher_refuses_video_for_image_tasks_and_hf_columns_it_cannot_name(tmp_path):
+    """--video over image tasks (--synthetic, --real), --hf-dataset with --video, three image columns, or
+    --id-column beside NLVR2's two columns: one line naming the flag, before CLIP is built or a file written."""
+    import extract_features as launcher
+
+    out = ["--out", str(tmp_path / "cache"), "--quiet"]
+    with pytest.raises(SystemExit, match=r"^--video, but data\.tasks=\['vqa', 'gqa', 'nlvr2', 'caption'\] are image "
+                                         r"tasks$"):
+        launcher.main(["--synthetic", "--config", "tiny", "--video", *out])
+    fixture = ROOT / "tests" / "fixtures" / "real_data"
+    with pytest.raises(SystemExit, match=r"DataError: --video, but data\.tasks=\['vqa'\] are image tasks$"):
+        launcher.main(["--real", "--config", "tiny", "data.source=real", f"data.root={fixture}", "data.tasks=[vqa]",
+                       "--video", *out])
+    hf = ["--vision", VISION, "--hf-dataset", str(ROOT / "tests" / "fixtures" / "hf_multi"), *out]
+    for more, words in ((["--image-column", "image", "--video"], "--video is not supported with --hf-dataset"),
+                        (["--image-column", "a", "b", "c"], "--image-column takes one column, or NLVR2's two"),
+                        (["--image-column", "a", "b", "--id-column", "n"], "--id-column applies to one --image-column "
+                                                                            "only")):
+        with pytest.raises(SystemExit, match=f"^{words}"):
+            launcher.main(hf + more)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_train_with_line_names_the_clip_only_where_the_config_does_not(tmp_path):
+    """After --synthetic / --real the line is the training command with the config's own overrides, less the two the
+    cache replaces (model.feature_source, data.feature_cache: a stale one would point the run at another cache),
+    plus model.vision / model.vision_pretrained only where the features are of another CLIP than the config's."""
+    import shlex
+
+    import extract_features as launcher
+
+    args = launcher.parse_args(["--synthetic", "--config", "tiny", "train.seed=3", "model.feature_source=images",
+                                "data.feature_cache=/old/cache", "--out", str(tmp_path / "cache")])
+    cfg = load_config("tiny", args.overrides)
+    tail = ["model.feature_source=cache", f"data.feature_cache={tmp_path / 'cache'}"]
+    head = ["python", "launchers/train.py", "--config", "tiny", "train.seed=3"]
+    assert shlex.split(launcher.train_with(args, cfg, cfg.model.vision, cfg.model.vision_pretrained)) == head + tail
+    assert shlex.split(launcher.train_with(args, cfg, "tiny-clip-vit", "w.pt")) == head + [
+        "model.vision=tiny-clip-vit", "model.vision_pretrained=w.pt", *tail]
+
+
+def test_launcher_fp16_stores_half_precision_features(tmp_path, weights):
+    """--fp16 stores the features in fp16 (half the disk), recorded in meta.json; they read back as fp32."""
+    import extract_features as launcher
+
+    _save_images(tmp_path / "imgs", ["a.png", "b.png"])
+    base = ["--images", str(tmp_path / "imgs"), "--vision", VISION, "--pretrained", weights, "--quiet"]
+    assert launcher.main(base + ["--out", str(tmp_path / "half"), "--fp16"]) == 0
+    assert launcher.main(base + ["--out", str(tmp_path / "full")]) == 0
+    half, full = FeatureCache(tmp_path / "half"), FeatureCache(tmp_path / "full")
+    assert json.loads((tmp_path / "half" / "meta.json").read_text())["dtype"] == "float16"
+    assert json.loads((tmp_path / "full" / "meta.json").read_text())["dtype"] == "float32"
+    assert half["a"].dtype == torch.float32
+    torch.testing.assert_close(half["a"], full["a"].half().float())
