@@ -940,3 +940,167 @@ def test_a_client_state_without_its_step_is_refused_naming_it_and_the_earlier_ch
     with pytest.raises(ckpt.CheckpointError, match=r"step2/client_state_rank0\.json is not a client state \(no "
                                                    r"'step'\); the previous checkpoint is .*step1: write 'step1'"):
         ckpt.read_client_state(root / "step2" / "client_state_rank0.json")
+
+
+# ----------------------------------------------------------------------------- second round: checkpoints no test built
+
+def test_rank_0s_check_reads_every_ranks_client_state(tmp_path):
+    """check_output_dir runs before anything is built: a truncated client state of rank 1 is found there, not by
+    rank 1 alone once the others are inside DeepSpeed's collectives; each rank's load reads only its own."""
+    step = tmp_path / "checkpoints" / "step2"
+    step.mkdir(parents=True)
+    for r in range(2):
+        (step / f"client_state_rank{r}.json").write_text(json.dumps({"step": 2, "zero_stage": 2, "deepspeed_files": {}}))
+    ckpt.check_checkpoint_files(step, zero_stage=2)
+    (step / "client_state_rank1.json").write_text('{"step": 2, "zer')
+    with pytest.raises(ckpt.CheckpointError, match=r"step2/client_state_rank1\.json is not valid JSON, truncated or "
+                                                   r"corrupt .*; no earlier checkpoint is kept"):
+        ckpt.check_checkpoint_files(step, zero_stage=2)
+    ckpt.check_checkpoint_files(step, zero_stage=2, every_state=False)
+
+
+def test_an_earlier_zero3_checkpoint_is_known_by_its_file_names(tmp_path):
+    """A checkpoint of an earlier vlscale records neither its stage nor its files: a ZeRO-3 one, whose model-states
+    file does not read memory-mapped (not a zip archive), is stage 3 by that file's name, and every rank's model
+    states are expected as well as its optimizer states."""
+    step = tmp_path / "step2"
+    step.mkdir()
+    for r in range(2):
+        (step / f"client_state_rank{r}.json").write_text(json.dumps({"step": 2}))
+        (step / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"not a zip archive")
+        (step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    ckpt.check_checkpoint_files(step, zero_stage=3)
+    with pytest.raises(ckpt.CheckpointError, match=r"step2 was written at ZeRO stage 3 and this run is at ZeRO "
+                                                   r"stage 2"):
+        ckpt.check_checkpoint_files(step, zero_stage=2)
+    (step / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"step2 is incomplete \(zero_pp_rank_1_mp_rank_00_model_states"
+                                                   r"\.pt is missing\)"):
+        ckpt.check_checkpoint_files(step, zero_stage=3)
+
+
+def test_a_stage_0_checkpoints_trained_set_leaves_out_its_buffers(tmp_path):
+    """At stage 0 DeepSpeed's module state holds the trained parameters and every buffer (named in buffer_names):
+    a trained batch norm's statistics are not parameters the run trained, so its own checkpoint fits the model."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    buffers = [n for n, _ in model.named_buffers()]
+    torch.save({"module": model.state_dict(), "buffer_names": buffers}, tmp_path / "mp_rank_00_model_states.pt")
+    assert ckpt.saved_trained_shapes(tmp_path) == {"0.weight": (2, 2), "0.bias": (2,), "1.weight": (2,),
+                                                   "1.bias": (2,)}
+    ckpt.check_trained_parameters(tmp_path, model)
+
+
+def test_a_checkpoint_that_trained_a_parameter_of_another_shape_is_refused_naming_it(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    shapes = [{"weight": torch.Size([2, 3])}, {"bias": torch.Size([2])}]  # DeepSpeed's param_shapes, one dict a group
+    torch.save({"param_shapes": shapes}, tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"trained other parameters than this one does: 1 of another shape "
+                                                   r"now \(weight\)\. Its optimizer state does not fit"):
+        ckpt.check_trained_parameters(tmp_path, model)
+    shapes[0]["weight"] = torch.Size([2, 2])
+    torch.save({"param_shapes": shapes}, tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    ckpt.check_trained_parameters(tmp_path, model)
+
+
+def test_a_checkpoints_module_state_may_lack_the_frozen_parameters_only(tmp_path):
+    """DeepSpeed's custom_load_fn: the frozen parameters are left out of checkpoints (built again); a trainable one
+    missing, or a tensor the model does not have, is refused naming it."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    trained = {"1.weight": torch.full((2, 2), 3.0), "1.bias": torch.full((2,), 4.0)}
+    ckpt.load_module_state(trained, model)
+    assert torch.equal(model[1].weight, trained["1.weight"]) and torch.equal(model[1].bias, trained["1.bias"])
+    with pytest.raises(ckpt.CheckpointError, match=r"1 trainable parameters or buffers missing \(e\.g\. "
+                                                   r"\['1\.bias'\]\), 0 unexpected"):
+        ckpt.load_module_state({"1.weight": trained["1.weight"]}, model)
+    with pytest.raises(ckpt.CheckpointError, match=r"0 trainable parameters or buffers missing \(e\.g\. \[\]\), 1 "
+                                                   r"unexpected \(e\.g\. \['2\.weight'\]\)"):
+        ckpt.load_module_state({**trained, "2.weight": torch.zeros(2, 2)}, model)
+
+
+def test_a_refused_resume_counts_the_accumulation_and_suggests_only_settings_that_fit(tmp_path):
+    """Written by 2 ranks x micro-batch 4 x accumulation 2 (global batch 16): the refusal says so, and the settings
+    it suggests give that global batch on the resume's ranks; 3 ranks divide no micro-batch of it, so none is."""
+    _written_by(tmp_path, ranks=2, micro=4, accum=2)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_output_dir(tmp_path, True, 4, 8)
+    msg = str(e.value)
+    assert "written by 2 ranks with a global batch of 16 (2 ranks x micro-batch 4 x accumulation 2)" in msg
+    assert ("(train.global_batch_size=16 derives the accumulation on any number of ranks; or e.g. "
+            "train.micro_batch_size=4 train.gradient_accumulation_steps=1 or train.micro_batch_size=2 "
+            "train.gradient_accumulation_steps=2)") in msg
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_output_dir(tmp_path, True, 3, 12)
+    assert "this run has 3 ranks and a global batch of 12" in str(e.value)
+    assert "train.micro_batch_size=" not in str(e.value)
+
+
+def test_an_empty_latest_is_refused_naming_it(tmp_path):
+    """An empty ``latest`` names no checkpoint (it is not the checkpoints/ folder itself)."""
+    root = tmp_path / "checkpoints"
+    (root / "step1").mkdir(parents=True)
+    (root / ckpt.LATEST).write_text("\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints/latest names checkpoint '', which does not exist in"):
+        ckpt.latest_tag(root)
+
+
+def test_the_earlier_checkpoint_to_resume_is_the_newest_by_step_number(tmp_path):
+    """step10 comes after step9 (by number, not as text); a step8.old an interrupted save left is no checkpoint."""
+    root = tmp_path / "checkpoints"
+    for step in (9, 10, 11):
+        (root / f"step{step}").mkdir(parents=True)
+    (root / "step8.old").mkdir()
+    assert ckpt.earlier_checkpoint_hint(root / "step11") == (
+        f"the previous checkpoint is {root / 'step10'}: write 'step10' into {root / ckpt.LATEST} to resume from it")
+
+
+def test_an_adapter_config_without_its_vocabulary_size_is_refused_naming_the_key(tmp_path):
+    """The model to load onto is built with the adapter's vocabulary size: a config without it is named, not
+    a KeyError in the build."""
+    from vlscale.config import load_config
+
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter", load_config("tiny"), vocab_size=10)
+    path = tmp_path / "adapter" / ckpt.ADAPTER_CONFIG
+    meta = json.loads(path.read_text())
+    assert meta["vocab_size"] == 10
+    del meta["vocab_size"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match=r"adapter_config\.json: key 'vocab_size' is missing"):
+        ckpt.read_adapter_config(tmp_path / "adapter")
+
+
+def test_an_earlier_checkpoints_list_without_the_ranks_device_leaves_its_generator(monkeypatch):
+    """An earlier vlscale's list of 2 visible devices' generators, resumed on device 2 (of 4): none is the rank's,
+    so its generator is left as it is (not an IndexError), the host's restored."""
+    FakeGPUs(monkeypatch, n=2, current=1)
+    saved = dict(ckpt.rng_state(), cuda=[torch.full((16,), k, dtype=torch.uint8) for k in (7, 9)])
+    gpus = FakeGPUs(monkeypatch, n=4, current=2)
+    torch.manual_seed(123)
+    ckpt.set_rng_state(saved)
+    assert all(torch.equal(gpus.states[i], torch.full((16,), i, dtype=torch.uint8)) for i in range(4))
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+
+
+def test_a_frozen_tensor_whose_partition_is_out_on_nvme_is_left_out_of_the_fingerprint():
+    """ZeRO-Infinity keeps a partition on NVMe with a placeholder tensor in memory: its sums would be of the
+    placeholder (0 here, the saved run's values there), so that tensor is not fingerprinted; the others are."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 1).requires_grad_(False)
+    for p, status in ((model.weight, "NOT_AVAILABLE"), (model.bias, "AVAILABLE")):
+        p.ds_id, p.ds_tensor = 0, torch.ones(1)
+        p.ds_tensor.status = SimpleNamespace(name=status)
+    assert ckpt.frozen_fingerprint(model) == {"bias": [1.0, 1.0]}
+
+
+def test_an_adapter_of_a_setting_this_vlscale_no_longer_has_still_compares_the_others():
+    """A model.* / peft.* key the model's RunConfig does not know (a retired setting) is not compared."""
+    from vlscale.config import load_config
+
+    model = torch.nn.Linear(2, 2)
+    model.cfg = load_config("tiny")
+    saved = model.cfg.to_dict()
+    meta = {"run_config": dict(saved, model=dict(saved["model"], retired_setting=1))}
+    assert ckpt.adapter_settings_mismatch(model, meta) is None
+    meta["run_config"]["model"]["pool_size"] = saved["model"]["pool_size"] + 1
+    assert ckpt.adapter_settings_mismatch(model, meta).startswith("the adapter was trained with model.pool_size=")
