@@ -1104,3 +1104,27 @@ def test_an_adapter_of_a_setting_this_vlscale_no_longer_has_still_compares_the_o
     assert ckpt.adapter_settings_mismatch(model, meta) is None
     meta["run_config"]["model"]["pool_size"] = saved["model"]["pool_size"] + 1
     assert ckpt.adapter_settings_mismatch(model, meta).startswith("the adapter was trained with model.pool_size=")
+
+
+def test_a_resumed_schedule_gives_each_group_its_own_lr_at_the_loaded_step():
+    """A LambdaLR's lr at the loaded step is each group's base lr times this run's multiplier, set as its last lr
+    too; another scheduler's saved last lr is kept."""
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0},
+                           {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.5}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1 - s / 10, lambda s: 1 - s / 20])
+    schedule.last_epoch = 4  # as the checkpoint's scheduler state leaves it
+    assert ckpt.scheduled_lrs(schedule) == pytest.approx([0.6, 0.4])
+    assert schedule.get_last_lr() == pytest.approx([0.6, 0.4])
+    other = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    assert ckpt.scheduled_lrs(other) == other.get_last_lr()
+    assert ckpt.scheduled_lrs(None) is None
+
+
+def test_only_a_failed_write_is_told_with_the_free_space(tmp_path):
+    """A full disk's reason names the free space where the save wrote (the nearest folder that exists); a
+    CheckpointError is vlscale's own refusal, told as it is, even where it quotes a write's reason."""
+    full = ckpt.write_failure_reason(OSError(28, "No space left on device", str(tmp_path / "f")), tmp_path / "a" / "b")
+    assert full.startswith(f"No space left on device: {tmp_path / 'f'}; ") and full.endswith(" free on its file system")
+    nested = ckpt.CheckpointError("the adapter could not be written to out/adapter (No space left on device)")
+    assert ckpt.write_failure_reason(nested, tmp_path) == ("CheckpointError: the adapter could not be written to "
+                                                           "out/adapter (No space left on device)")
