@@ -1128,3 +1128,112 @@ def test_only_a_failed_write_is_told_with_the_free_space(tmp_path):
     nested = ckpt.CheckpointError("the adapter could not be written to out/adapter (No space left on device)")
     assert ckpt.write_failure_reason(nested, tmp_path) == ("CheckpointError: the adapter could not be written to "
                                                            "out/adapter (No space left on device)")
+
+
+def test_an_output_dir_that_cannot_be_entered_is_refused_before_start(tmp_path, monkeypatch, launcher):
+    """Writing a file in a folder needs its execute (search) bit as well as its write bit: an output_dir that is
+    writable but not searchable (chmod 600) is refused before start-up, as a read-only one is."""
+    from vlscale.config import load_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = load_config("tiny", [f"output_dir={out}"])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK if str(path) == str(out)
+                        else real_access(path, mode))
+    assert launcher("train").refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        f"CheckpointError: output_dir '{out}' cannot be written (its permissions, or a read-only file system); "
+        f"make it writable or choose another output_dir (output_dir=...)")
+
+
+def test_a_resume_with_another_runs_settings_is_refused_before_start_naming_the_setting(tmp_path, launcher):
+    """--resume into an output_dir whose checkpoint another run's settings wrote is refused before start-up with
+    the setting that differs as the headline (not what it changes downstream: the checkpoint's files, its batch)."""
+    from vlscale.config import load_config, save_config
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step2").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.LATEST).write_text("step2")
+    (out / "checkpoints" / "step2" / "client_state_rank0.json").write_text(json.dumps({"step": 2}))
+    save_config(load_config("tiny", [f"output_dir={out}", "train.seed=1"]), out / "run_config.yaml")
+    cfg = load_config("tiny", [f"output_dir={out}", "train.seed=2"])
+    refusal = launcher("train").refused_before_start(cfg, True, "ds_configs/zero3.json")
+    assert refusal.startswith("ConfigError: --resume: train.seed=2 differs from the checkpointed run's train.seed=1 "
+                              f"({out / 'run_config.yaml'})"), refusal
+
+
+def test_the_zero_stage_checked_before_start_is_train_zero_stage_over_the_files(tmp_path, monkeypatch, launcher):
+    """A checkpoint is checked against the stage the run trains at: train.zero_stage when set, else the
+    DeepSpeed file's (a checkpoint of stage 3 resumed with train.zero_stage=0 and zero3.json is refused)."""
+    from vlscale.config import load_config
+
+    seen = []
+    monkeypatch.setattr(ckpt, "check_output_dir", lambda *a, **k: seen.append(k["zero_stage"]))
+    train = launcher("train")
+    for overrides, stage in (([], 3), (["train.zero_stage=0"], 0), (["train.zero_stage=2"], 2)):
+        cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", *overrides])
+        assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None
+        assert seen[-1] == stage, (overrides, seen)
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    assert train.refused_before_start(cfg, False, "ds_configs/zero2.json") is None and seen[-1] == 2
+
+
+def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(tmp_path, launcher):
+    """A full disk, a quota, a read-only remount and a file-size limit each end the run in one line naming
+    output_dir; with no checkpoint written yet, the line says so (there is nothing to --resume)."""
+    import errno
+
+    train = launcher("train")
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        line = train.disk_failure(OSError(code, os.strerror(code)), tmp_path)
+        assert line is not None and line.startswith(
+            f"OSError: writing the run's files in output_dir '{tmp_path}' failed ({os.strerror(code)}"), (code, line)
+        assert line.endswith("; no checkpoint had been written"), line
+
+
+@pytest.mark.parametrize("raised, code, said, traceback", [
+    ("signal", 128 + 15, "stopped at step 3 (SIGTERM); resume with --resume", False),
+    ("stop_after", 0, "stopped at step 3 (--stop-after-steps 3); resume with --resume", False),
+    ("config", 1, "vlscale: rank 0: ConfigError: data.tasks: bad", False),
+    ("nonfinite", 1, "vlscale: rank 0: NonFiniteLoss: loss is nan", False),
+    ("disk", 1, "vlscale: rank 0: OSError: writing the run's files in output_dir", False),
+    ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
+])
+def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said, traceback, tmp_path, monkeypatch,
+                                                              launcher, capsys):
+    """launchers/train.py's documented exit codes and last lines, the run itself stood in for: a signal is
+    128 + its number, --stop-after-steps 0; an error in the run's input (a config value, a diverged loss, a full
+    disk) is one line without a traceback, any other error one line after its traceback; --no-progress reaches
+    the run."""
+    import errno
+    import signal
+    from types import SimpleNamespace
+
+    import vlscale.engine.distributed as distributed
+    from vlscale.config import ConfigError
+    from vlscale.engine import trainer
+
+    errors = {"config": ConfigError("data.tasks: bad"), "nonfinite": trainer.NonFiniteLoss("loss is nan"),
+              "disk": OSError(errno.ENOSPC, "No space left on device"), "bug": KeyError("oops"),
+              "signal": trainer.RunStopped(3, "SIGTERM", signal.SIGTERM),
+              "stop_after": trainer.RunStopped(3, "--stop-after-steps 3")}
+    setups = []
+
+    def setup_run(cfg, ds_config, dist, resume, show_progress):
+        setups.append(show_progress)
+        return SimpleNamespace(out=tmp_path / "run")
+
+    def train(run, stop_after_steps=None):
+        raise errors[raised]
+
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
+    monkeypatch.setattr(trainer, "setup_run", setup_run)
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
+    monkeypatch.setattr(trainer, "close", lambda run: None)
+    assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
+    out, err = capsys.readouterr()
+    assert setups == [False]
+    assert said in out + err, (out, err)
+    assert ("Traceback (most recent call last)" in err) == traceback, err
