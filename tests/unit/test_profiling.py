@@ -1105,3 +1105,48 @@ def test_zero3_parameter_offload_moves_the_partitions_and_keeps_the_persistent_p
     assert on.persistent_params == off.persistent_params == 4 * 4 and on.params == (1 + 1 + 250) * 4 + 4 * 4
     assert off.params == off.persistent_params
     assert off.host - on.host == on.params - on.persistent_params == (1 + 1 + 250) * 4
+
+
+def test_launcher_relative_errors_and_peak_bars(launcher):
+    """Measured beside predicted: each component's error is relative to the measured value, None where nothing
+    was measured (0 or absent), the peak included; a bar's activations and grads are those live at the peak."""
+    pm = launcher("profile_memory")
+    pred = {"params": 150, "grads": 50, "optimizer": 10, "activations": 40, "buffers": 1, "peak": 300}
+    meas = {"params": 100, "grads": 100, "optimizer": 0, "peak": 200}
+    assert pm.rel_errors(pred, meas) == {"params": 0.5, "grads": -0.5, "optimizer": None, "peak": 0.5}
+    assert pm.at_peak(pred, 7, None) == {**pred, "activations": 7}
+    assert pm.at_peak(pred, None, 9) == {**pred, "grads": 9}
+    assert pm.at_peak(pred, None, None) == pred
+
+
+def test_launcher_predicts_the_analytic_estimate_of_its_arguments(capsys, launcher):
+    """--json's "predicted" is estimate_memory's for the --world-size, the --zero-stage (over the DeepSpeed
+    file's) and, without --measure, a GPU; "plan" holds --top rows (15 by default)."""
+    from vlscale.engine.deepspeed_config import resolve_batch
+
+    pm = launcher("profile_memory")
+    assert pm.main(["--config", "tiny", "--world-size", "2", "--zero-stage", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = resolve_batch(load_config("tiny", ["train.zero_stage=2"]), 2)
+    ds = resolve_ds_config(cfg, 2, None, device_type="cuda")
+    assert ds["zero_optimization"]["stage"] == 2
+    expected = json.loads(json.dumps(analytic.estimate_memory(cfg, 2, ds, device="cuda").to_dict(), default=str))
+    assert out["predicted"] == expected
+    assert out["predicted"]["settings"]["device"] == "cuda"
+    for top, rows in ((["--top", "3"], 3), ([], 15)):
+        assert pm.main(["--config", "tiny", "--budget", "1GiB", "--json", *top]) == 0
+        assert len(json.loads(capsys.readouterr().out)["plan"]) == rows
+
+
+def test_launcher_refuses_limits_at_their_edges(capsys, launcher, monkeypatch, tmp_path):
+    """--headroom equal to --budget leaves nothing to fit in; a unitless budget under 64 MiB is a forgotten unit;
+    --write-config with no setting that fits writes nothing and exits 1."""
+    pm = launcher("profile_memory")
+    assert pm.main(["--config", "tiny", "--budget", "1GiB", "--headroom", "1GiB"]) == 2
+    assert "--headroom 1GiB is not less than --budget 1GiB" in capsys.readouterr().err
+    assert pm.main(["--config", "tiny", "--budget", "1048576"]) == 2
+    assert "--budget='1048576' is 1048576 bytes per GPU; give a unit" in capsys.readouterr().err
+    ds = tmp_path / "ds.json"
+    assert pm.main(["--config", "tiny", "--budget", "1KiB", "--headroom", "0", "--write-config", str(ds)]) == 1
+    assert capsys.readouterr().err == f"error: no setting fits 1.00 KiB; nothing written to {ds}\n"
+    assert not ds.exists()
