@@ -787,3 +787,54 @@ def test_a_truncated_results_json_of_any_seed_is_refused_before_anything_runs(tm
     (tmp_path / "seed1" / "results.json").write_text('{"table": 1, "methods": {')
     with pytest.raises(ReplicationError, match=rf"^{tmp_path / 'seed1' / 'results.json'} is not valid JSON"):
         check_layout(tmp_path, [0, 1])
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--parallel", "--threads-per-run"])
+def test_counts_of_zero_or_less_are_refused_naming_the_flag(flag, launcher, capsys):
+    """--steps 0 (no training), --parallel 0 (no job ever starts) and --threads-per-run 0 are refused by the
+    command line, naming the flag and the value; 1 is the smallest taken."""
+    replicate = launcher("replicate")
+    for value in ("0", "-2"):
+        with pytest.raises(SystemExit) as stop:
+            replicate.parse_args(["--table", "1", flag, value])
+        assert stop.value.code == 2 and f"{flag} {value} must be > 0" in capsys.readouterr().err
+    assert getattr(replicate.parse_args(["--table", "1", flag, "1"]), flag[2:].replace("-", "_")) == 1
+
+
+def test_invocations_are_appended_to_the_earlier_ones(tmp_path, launcher):
+    """results.json keeps every invocation's command, rows, wall and CPU time: a rerun appends its own."""
+    replicate = launcher("replicate")
+    first = replicate.invocation_log(tmp_path, "python launchers/replicate.py --table 1", ["a"], 61.04, 120.26, 2, 1)
+    assert [{k: v for k, v in i.items() if k != "finished"} for i in first] == [
+        {"command": "python launchers/replicate.py --table 1", "rows_run_now": ["a"], "elapsed_s": 61.0,
+         "cpu_s": 120.3, "parallel": 2, "threads_per_run": 1}]
+    (tmp_path / "results.json").write_text(json.dumps({"invocations": first}))
+    second = replicate.invocation_log(tmp_path, "again", [], 1.0, 0.5, 1, 4)
+    assert second[0] == first[0] and len(second) == 2 and second[1]["command"] == "again"
+
+
+def test_a_feature_cache_of_other_clip_weights_or_a_failed_extraction_stops_the_run(tmp_path, monkeypatch, launcher):
+    """The cache's stamp names the CLIP weights that made it: other weights are refused, naming the cache (its
+    features would feed every row the wrong vision); the same weights extract (resuming); an extraction that
+    fails stops the replication with its exit code and its log's last lines."""
+    import subprocess
+
+    replicate = launcher("replicate")
+    cache = tmp_path / "features"
+    cache.mkdir()
+    (cache / "replicate_backbones.json").write_text(json.dumps({"backbones": "old"}))
+    ran = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kw):  # the extraction, stood in for by a process exiting with 3
+        ran.append(cmd)
+        return real_popen([sys.executable, "-c", "print('extraction broke'); raise SystemExit(3)"], **kw)
+
+    monkeypatch.setattr(replicate.subprocess, "Popen", popen)
+    with pytest.raises(SystemExit, match=rf"^replicate: the feature cache {cache} was made with other CLIP weights"):
+        replicate.make_feature_cache([], cache, 1, "new", print)
+    assert not ran
+    with pytest.raises(SystemExit, match=r"^replicate: feature extraction failed \(exit 3\); last lines of") as stop:
+        replicate.make_feature_cache(["data.synthetic_train=8"], cache, 1, "old", print)
+    assert "extraction broke" in str(stop.value)
+    assert len(ran) == 1 and ran[0][-1] == "data.synthetic_train=8"
