@@ -1026,13 +1026,17 @@ def test_a_refused_resume_counts_the_accumulation_and_suggests_only_settings_tha
         ckpt.check_output_dir(tmp_path, True, 4, 8)
     msg = str(e.value)
     assert "written by 2 ranks with a global batch of 16 (2 ranks x micro-batch 4 x accumulation 2)" in msg
-    assert ("(train.global_batch_size=16 derives the accumulation on any number of ranks; or e.g. "
+    assert ("(train.global_batch_size=16 derives the accumulation on any number of ranks that divides it; or e.g. "
             "train.micro_batch_size=4 train.gradient_accumulation_steps=1 or train.micro_batch_size=2 "
             "train.gradient_accumulation_steps=2)") in msg
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.check_output_dir(tmp_path, True, 3, 12)
     assert "this run has 3 ranks and a global batch of 12" in str(e.value)
     assert "train.micro_batch_size=" not in str(e.value)
+    # ... nor is train.global_batch_size=16 offered as if it worked there (the launcher refuses 16 on 3 ranks)
+    assert str(e.value).endswith("(train.global_batch_size=16 derives the accumulation on any number of ranks that "
+                                 "divides it; 3 ranks do not: resume on such a number of ranks), so that the data "
+                                 "order continues.")
 
 
 def test_an_empty_latest_is_refused_naming_it(tmp_path):

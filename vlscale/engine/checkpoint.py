@@ -1071,8 +1071,9 @@ def _check_world_size(ckpt_dir: Path, world_size: int, global_batch: Optional[in
     if saved_batch:
         fits = [f"train.micro_batch_size={saved_batch // (world_size * a)} train.gradient_accumulation_steps={a}"
                 for a in range(1, saved_batch + 1) if saved_batch % (world_size * a) == 0][:2]
-        hint = (f" (train.global_batch_size={saved_batch} derives the accumulation on any number of ranks"
-                + (f"; or e.g. {' or '.join(fits)}" if fits else "") + ")")
+        hint = (f" (train.global_batch_size={saved_batch} derives the accumulation on any number of ranks that "
+                f"divides it" + (f"; or e.g. {' or '.join(fits)}" if fits else
+                                 f"; {world_size} ranks do not: resume on such a number of ranks") + ")")
     ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
     by = f"{saved} rank{'s' if saved != 1 else ''}"
     raise CheckpointError(
