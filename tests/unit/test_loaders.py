@@ -1115,6 +1115,76 @@ def test_hf_rows_sharing_an_image_id_but_not_the_image_are_refused(tmp_path):
     assert [e.image_ids for e in ex] == [["img0"], ["img1"], ["img0"]] and len(src) == 2
 
 
+
+def test_hf_dataset_paths_and_image_columns_that_cannot_be_read_are_named(tmp_path):
+    """data.hf_dataset naming a file, or a folder holding one Dataset without splits, is refused saying so (not
+    the datasets library's error about something else); nlvr2 mapped to one image column is refused too."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    cols = {"image": "image", "question": "q", "answer": "a"}
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='.*data\.parquet' is a file; give a dataset folder"):
+        load_hf_examples("gqa", str(tmp_path / "data.parquet"), "train", cols)
+    datasets.Dataset.from_dict({"image": ["a.png"], "q": ["q?"], "a": ["x"]}).save_to_disk(str(tmp_path / "flat"))
+    with pytest.raises(DataError, match=r"flat' holds one Dataset without splits; save a DatasetDict"):
+        load_hf_examples("gqa", str(tmp_path / "flat"), "train", cols)
+    with pytest.raises(DataError, match=r"hf_columns\.image for task 'nlvr2' must name 2 column\(s\), got 'image'"):
+        load_hf_examples("nlvr2", str(HF), "val", {"image": "image", "text": "question", "label": "label"})
+
+
+def test_hf_which_answer_column_each_task_reads(tmp_path):
+    """nlvr2 reads ``label`` where ``answer`` is mapped too; GQA's reference is its target alone (VQA's are the
+    human answers); answers are stripped before they are counted; a row whose ``answer`` is there but whose
+    ``answers`` list is empty is malformed, not a row without answers (read with an empty target under
+    require_answers=False, its gold answer was dropped)."""
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    path = _hf_dict(tmp_path / "answers", {"image": [image] * 2, "image2": [image] * 2, "question": ["What?"] * 2,
+                                           "label": [1, 0], "said": ["false", ""], "answer": ["cat", "dog"],
+                                           "answers": [[" dog", "dog ", "cat"], []]})
+    nl, _ = load_hf_examples("nlvr2", path, "train", {"image": ["image", "image2"], "text": "question",
+                                                      "label": "label", "answer": "said"})
+    assert [e.target for e in nl] == ["true", "false"]  # label's 1 / 0; a blank answer cell is not read
+    both = {"image": "image", "question": "question", "answer": "answer", "answers": "answers"}
+    (gqa,), _ = load_hf_examples("gqa", path, "train", both, skip_bad_records=True)
+    assert gqa.target == "cat" and gqa.references == ["cat"]
+    (vqa,), _ = load_hf_examples("vqa", path, "train", {k: v for k, v in both.items() if k != "answer"},
+                                 skip_bad_records=True)
+    assert vqa.references == ["dog", "dog", "cat"] and vqa.target == "dog"
+    with pytest.raises(RecordError, match=r"answers\[train\]: row 1: key 'answers' is empty"):
+        load_hf_examples("vqa", path, "train", both, require_answers=False)
+
+
+def test_hf_image_cells_holding_bytes_and_the_name_of_their_file_decode_the_bytes(tmp_path):
+    """datasets' Image feature keeps an image's bytes with the name of the file it came from, which is not there
+    where the dataset is read: the bytes are the image (not a missing file). A row holding an image's bytes and
+    one naming a file under the same image_id are not compared (one cannot tell them apart undecoded)."""
+    import datasets
+    from PIL import Image
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    jpg = str(sorted((FIXTURES / "real_data" / "gqa" / "images").glob("*.jpg"))[0])
+    rows = {"image": [{"bytes": buffer.getvalue(), "path": "shot_0001.png"}, {"bytes": None, "path": jpg}],
+            "q": ["a?", "b?"], "a": ["x", "y"], "name": ["one", "one"]}
+    features = datasets.Features({"q": datasets.Value("string"), "a": datasets.Value("string"),
+                                  "name": datasets.Value("string")})
+    as_image = _hf_dict(tmp_path / "as_image", rows, datasets.Features(dict(features, image=datasets.Image())))
+    ex, src = load_hf_examples("gqa", as_image, "train", {"image": "image", "question": "q", "answer": "a"})
+    assert len(ex) == 2 and np.array_equal(src["train/0"], pixels)
+    # saved as an Image feature, the file's bytes are embedded; as {bytes, path} structs the path stays a path
+    raw = _hf_dict(tmp_path / "raw", rows, datasets.Features(
+        dict(features, image={"bytes": datasets.Value("binary"), "path": datasets.Value("string")})))
+    ex, src = load_hf_examples("gqa", raw, "train", {"image": "image", "image_id": "name", "question": "q",
+                                                     "answer": "a"})
+    assert [e.image_ids for e in ex] == [["one"], ["one"]] and np.array_equal(src["one"], pixels)
+
 @pytest.mark.parametrize("kind", ["struct", "string", "binary"])
 def test_hf_rows_without_image_are_the_rows_training_skips(tmp_path, kind):
     """extract_features' Arrow scan (``rows_without_image``) finds exactly the rows training's loader
