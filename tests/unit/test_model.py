@@ -488,3 +488,98 @@ def test_the_projects_own_backbones_take_the_tokenizers_vocabulary(backbone):
 def test_a_meta_build_has_the_asked_dtype():
     """Memory plans of a bf16 run count bf16 weights: the meta build is in the dtype asked for."""
     assert {p.dtype for p in build_lm("tiny-t5", device="meta", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+
+
+def test_pool_grid_max_pools_each_cell_of_the_row_major_grid():
+    """pool_grid reads token r*side + c as the grid's cell (r, c) and keeps the largest of each cell's block
+    (RN101: 7x7 -> 6x6, adaptive max); a grid of the wrong token count is refused, one of pool_size is kept."""
+    from vlscale.modeling.vision import pool_grid
+
+    side, d = 4, 2
+    grid = torch.randn(1, side * side, d, generator=torch.Generator().manual_seed(0))
+    out = pool_grid(grid, side, 2)
+    cell = grid.reshape(side, side, d)  # [r, c, feature]
+    want = torch.stack([cell[r:r + 2, c:c + 2].amax(dim=(0, 1)) for r in (0, 2) for c in (0, 2)])
+    assert torch.equal(out[0], want)
+    assert pool_grid(grid, side, side) is grid
+    with pytest.raises(ValueError, match=r"grid has 15 tokens, expected 4x4"):
+        pool_grid(grid[:, :15], side, 2)
+
+
+def test_image_transform_centre_crops_resizes_bicubic_and_normalises():
+    """CLIP's preprocessing: a non-square image is centre-cropped to its short side, resized bicubic to the
+    model's size and normalised with CLIP's mean and std from [0, 1]."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from vlscale.modeling.vision import image_transform
+
+    size = vision_dims("tiny-clip-vit")["image_size"]
+    tf = image_transform("tiny-clip-vit")
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    wide = np.zeros((6, 10, 3), np.uint8)
+    wide[:, 2:8] = (200, 100, 50)  # the centre 6x6; black bands left and right
+    (out,) = tf([wide])
+    want = (torch.tensor([200, 100, 50]).float().view(3, 1, 1) / 255 - mean) / std
+    torch.testing.assert_close(out, want.expand(3, size, size))
+    square = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
+    want = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(tf([Image.fromarray(square)])[0], want)
+    assert tf([]).shape == (0, 3, size, size)
+
+
+def test_vision_encoder_grid_tokens_eval_mode_dtype_and_unused_heads():
+    """encode_grid's tokens are the last conv stage's cells in row-major order (what pool_grid reads); the tower
+    is in eval mode (BatchNorm's running statistics: an image's features do not depend on its batch) and in the
+    dtype asked for; a ViT that normalises only its pooled embedding (final_ln_after_pool) leaves ln_post unused."""
+    enc = build_vision_encoder("tiny-clip-rn")
+    x = torch.randn(3, 3, enc.image_size, enc.image_size, generator=torch.Generator().manual_seed(0))
+    v = enc.visual
+    with torch.no_grad():
+        grid = enc.encode_grid(x)
+        conv = v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))  # (N, D, side, side)
+        assert torch.equal(grid[:, 1 * enc.grid_side + 2], conv[:, :, 1, 2])
+        torch.testing.assert_close(enc.encode_grid(x[:1]), grid[:1])
+    assert not enc.training
+    half = build_vision_encoder("tiny-clip-rn", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert half.encode_grid(x[:1]).dtype == torch.bfloat16
+    vit = build_vision_encoder("tiny-clip-vit")
+    assert not any(n.startswith("visual.ln_post.") for n in vit.unused_parameter_names(video=False))
+    vit.visual.final_ln_after_pool = True
+    assert {n for n in vit.unused_parameter_names(video=False) if "ln_post" in n} == {"visual.ln_post.weight",
+                                                                                      "visual.ln_post.bias"}
+    assert vit.unused_parameter_names(video=True) == []
+
+
+def test_clip_checkpoint_forms_that_load(tmp_path):
+    """A CLIP file as written by training scripts loads: a ``state_dict`` wrapper, DDP's ``module.`` prefix,
+    without BatchNorm's num_batches_tracked counters; a tensor the tower lacks, or a file without ``visual.*``
+    keys, is refused naming the file and the key."""
+    from vlscale.config import SourceError
+
+    enc = build_vision_encoder("tiny-clip-rn")
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.5)
+    state = {f"module.visual.{k}": v for k, v in enc.visual.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(enc.visual.state_dict())  # the tower has BatchNorm counters the file leaves out
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ddp.pt")
+    loaded = build_vision_encoder("tiny-clip-rn", str(tmp_path / "ddp.pt"))
+    for (name, a), b in zip(enc.visual.state_dict().items(), loaded.visual.state_dict().values()):
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), name
+    torch.save({**state, "module.visual.extra.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    with pytest.raises(SourceError, match=r"extra\.pt' is not a checkpoint of tiny-clip-rn's visual tower "
+                                          r"\(not in the model: visual\.extra\.weight\)"):
+        build_vision_encoder("tiny-clip-rn", str(tmp_path / "extra.pt"))
+    torch.save({"text.weight": torch.zeros(2)}, tmp_path / "text.pt")
+    with pytest.raises(SourceError, match=r"text\.pt: no 'visual\.\*' keys"):
+        build_vision_encoder("tiny-clip-rn", str(tmp_path / "text.pt"))
+    with pytest.raises(MissingWeights, match=r"model\.vision_pretrained='.*gone\.pt': no such file"):
+        build_vision_encoder("tiny-clip-rn", str(tmp_path / "gone.pt"))
