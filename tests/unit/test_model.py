@@ -583,3 +583,14 @@ def test_clip_checkpoint_forms_that_load(tmp_path):
         build_vision_encoder("tiny-clip-rn", str(tmp_path / "text.pt"))
     with pytest.raises(MissingWeights, match=r"model\.vision_pretrained='.*gone\.pt': no such file"):
         build_vision_encoder("tiny-clip-rn", str(tmp_path / "gone.pt"))
+
+
+def test_vit_grids_follow_the_patch_size_and_random_towers_do_not_follow_the_host_stream():
+    """A ViT's grid side is image_size // patch_size (ViT-B-32: 7x7, ViT-L-14: 16x16); a random tower is the same
+    whatever the host's generator was at when it was built (a feature cache made earlier must match it)."""
+    assert [vision_dims(n)["grid_tokens"] for n in ("ViT-B-32", "ViT-L-14")] == [49, 256]
+    torch.manual_seed(1)
+    a = build_vision_encoder("tiny-clip-vit")
+    torch.manual_seed(2)
+    b = build_vision_encoder("tiny-clip-vit")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
