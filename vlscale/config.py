@@ -192,6 +192,23 @@ def registry_visions() -> tuple[str, ...]:
     return tuple(sorted({f.stem for folder in folders for f in folder.glob("*.json")}))
 
 
+@functools.lru_cache(maxsize=None)
+def foreign_visions() -> dict[str, str]:
+    """Model configs of :func:`registry_visions` whose tower is not open_clip's own ResNet or ViT (a timm model:
+    the SigLIP and ConvNeXt towers, ...) -> what builds it; vlscale reads the grid of those two only."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    out = {}
+    for f in (f for folder in folders for f in folder.glob("*.json")):
+        try:
+            vision = json.loads(f.read_text()).get("vision_cfg", {})
+        except (OSError, ValueError):
+            continue
+        if vision.get("timm_model_name"):
+            out[f.stem] = f"timm's {vision['timm_model_name']!r}"
+    return out
+
+
 CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names that load from elsewhere
 
 
@@ -251,6 +268,11 @@ class ModelConfig:
             raise ConfigError(f"model.vision={self.vision!r} is not an open_clip model; "
                               f"{did_you_mean(self.vision, visions)}valid: {shown}, {len(visions) - len(shown)} more "
                               f"(open_clip.list_models()), or 'hf-hub:ID' / 'local-dir:PATH'")
+        if self.vision in foreign_visions():
+            raise ConfigError(f"model.vision={self.vision!r} is a tower vlscale does not read "
+                              f"({foreign_visions()[self.vision]}, in open_clip's config); it takes the grid of "
+                              f"open_clip's own ResNet (RN50, RN101, ...) and ViT (ViT-B-32, ViT-L-14, ...) towers: "
+                              f"choose one of those")
         _check_choice("model", "feature_source", self.feature_source, ("images", "cache"))
         _check_positive("model", "pool_size", self.pool_size)
         _check_positive("model", "max_frames", self.max_frames)

@@ -375,7 +375,8 @@ class Predictor:
         from vlscale.data.video import qa_text
         from vlscale.modeling.vision import image_transform
 
-        transform = image_transform(self.cfg.model.vision) if self.encoder is not None else None
+        transform = (image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
+                     if self.encoder is not None else None)
         if get_task(task).modality == "video":  # one video per input, its text formatted as the data's
             visuals = [read_video(v, self.cfg.model.max_frames, model_feature_dim(self.cfg, "frames")) for v in images]
             if self.encoder is not None:  # frames encoded as the cache's were

@@ -531,6 +531,49 @@ def test_image_transform_centre_crops_resizes_bicubic_and_normalises():
     assert tf([]).shape == (0, 3, size, size)
 
 
+def test_image_transform_normalises_as_the_pretrained_tag_does(tmp_path):
+    """A tag with its own statistics (ViT-L-14 laion2b_s32b_b82k: mean = std = 0.5; the CLIPA towers: ImageNet's) is
+    normalised with them, as open_clip's create_model sets them: every input was normalised with OpenAI's. A
+    checkpoint file, the shipped weights, random ones and the OpenAI tags keep OpenAI's. The collator (training,
+    evaluation) takes them from model.vision_pretrained."""
+    import numpy as np
+    import open_clip
+    from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    from vlscale.data import Collator
+    from vlscale.modeling.vision import image_transform, normalisation
+
+    openai = (tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
+    half = ((0.5,) * 3, (0.5,) * 3)
+    assert normalisation("ViT-L-14", "laion2b_s32b_b82k") == half
+    assert normalisation("ViT-L-14-CLIPA", "datacomp1b") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert normalisation("RN101", "openai") == openai and normalisation("ViT-L-14", "openai") == openai
+    checkpoint = tmp_path / "laion2b_s32b_b82k"  # a file, even one named as a tag, is not the tag
+    checkpoint.write_bytes(b"")
+    for pretrained in (None, "synthetic", str(checkpoint)):
+        assert normalisation("ViT-L-14", pretrained) == openai, pretrained
+    grey = np.full((4, 4, 3), 51, np.uint8)  # 0.2 after scaling
+    size = vision_dims("ViT-L-14")["image_size"]
+    torch.testing.assert_close(image_transform("ViT-L-14", "laion2b_s32b_b82k")([grey]),
+                               torch.full((1, 3, size, size), (0.2 - 0.5) / 0.5))
+    cfg = load_config("tiny", ["model.vision=ViT-L-14", "model.vision_pretrained=laion2b_s32b_b82k"])
+    torch.testing.assert_close(Collator(None, cfg).transform([grey]), torch.full((1, 3, size, size), -0.6))
+
+
+def test_towers_vlscale_does_not_read_are_refused_by_the_config():
+    """A timm tower (the SigLIP and ConvNeXt configs: no grid of open_clip's own ResNet or ViT) stopped a run with
+    "KeyError: 'layers'"; the config refuses it naming the timm model, and vision_dims names the model."""
+    from vlscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model\.vision='ViT-B-16-SigLIP' is a tower vlscale does not read "
+                                          r"\(timm's 'vit_base_patch16_siglip_224', in open_clip's config\); it takes "
+                                          r"the grid of open_clip's own ResNet"):
+        load_config("tiny", ["model.vision=ViT-B-16-SigLIP"])
+    with pytest.raises(ValueError, match=r"^model\.vision='convnext_base': its tower is not open_clip's own"):
+        vision_dims("convnext_base")
+    assert load_config("tiny", ["model.vision=ViT-L-14"]).model.vision == "ViT-L-14"
+
+
 def test_vision_encoder_grid_tokens_eval_mode_dtype_and_unused_heads():
     """encode_grid's tokens are the last conv stage's cells in row-major order (what pool_grid reads); the tower
     is in eval mode (BatchNorm's running statistics: an image's features do not depend on its batch) and in the

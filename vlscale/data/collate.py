@@ -59,7 +59,7 @@ class Collator:
         if self._transform is None:
             from vlscale.modeling.vision import image_transform
 
-            self._transform = image_transform(self.cfg.model.vision)
+            self._transform = image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
         return self._transform
 
     # ------------------------------------------------------------------ text

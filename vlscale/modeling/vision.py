@@ -51,6 +51,9 @@ def vision_dims(name: str) -> dict:
     """Image size, grid/patch feature width and token count, global embedding width (offline)."""
     cfg = clip_config(name)
     v = cfg["vision_cfg"]
+    if "layers" not in v:  # a timm tower (SigLIP, ConvNeXt): refused by the config; a hf-hub: / local-dir: one here
+        raise ValueError(f"model.vision={name!r}: its tower is not open_clip's own ResNet or ViT (vision_cfg "
+                         f"{sorted(v)}), whose grid vlscale reads")
     size = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
     if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet
         grid_dim = v.get("width", 64) * 32
@@ -260,18 +263,30 @@ def _load_visual_checkpoint(model: nn.Module, path: str, name: str = "") -> None
     model.visual.load_state_dict({k: v for k, v in visual.items() if k in expected}, strict=False)
 
 
-def image_transform(name: str):
-    """Callable: list of uint8 (H, W, 3) arrays or PIL images -> (N, 3, S, S) CLIP-normalised.
+def normalisation(name: str, pretrained: Optional[str] = None) -> tuple[tuple, tuple]:
+    """(mean, std) the tower of ``name`` with ``pretrained`` normalises its input with, as open_clip sets them: the
+    tag's own (ViT-L-14 laion2b_s32b_b82k: 0.5 and 0.5; the CLIPA towers: ImageNet's), else OpenAI's (a checkpoint file,
+    the shipped ``synthetic`` weights, random ones, and most tags)."""
+    import open_clip
+
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    if pretrained and pretrained != "synthetic" and not Path(pretrained).exists():
+        tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        mean, std = tag.get("mean") or mean, tag.get("std") or std
+    return tuple(mean), tuple(std)
+
+
+def image_transform(name: str, pretrained: Optional[str] = None):
+    """Callable: list of uint8 (H, W, 3) arrays or PIL images -> (N, 3, S, S) normalised as the tower of ``name``
+    with ``pretrained`` weights expects (:func:`normalisation`).
 
     Bicubic resize of the whole image to S x S (the synthetic world's images are square; real
     images are centre-cropped first, as CLIP's own transform does).
     """
-    import open_clip
     from PIL import Image
 
     size = vision_dims(name)["image_size"]
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in normalisation(name, pretrained))
 
     def transform(images: Sequence) -> torch.Tensor:
         out = []
