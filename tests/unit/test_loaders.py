@@ -452,6 +452,18 @@ def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
     assert [e.target for e in pred] == ["red", ""]
 
 
+def test_only_a_dict_of_equal_length_lists_is_read_as_rows():
+    """A struct of lists of different lengths is not a sequence of structs: zipped it would drop the longer lists'
+    tail silently, so it is left as it is (and refused where a list is expected, naming the column)."""
+    from vlscale.data.hf_dataset import _rows_of
+
+    assert _rows_of({"answer": ["red", "blue"], "answer_confidence": ["yes", "no"]}) == [
+        {"answer": "red", "answer_confidence": "yes"}, {"answer": "blue", "answer_confidence": "no"}]
+    ragged = {"answer": ["red", "blue", "two"], "answer_confidence": ["yes"]}
+    assert _rows_of(ragged) is ragged
+    assert _rows_of({}) == {} and _rows_of({"answer": "red"}) == {"answer": "red"} and _rows_of([1]) == [1]
+
+
 def test_hf_class_label_answers_are_read_as_their_names(tmp_path):
     """A ClassLabel answer column was read as its integers: NLVR2 took them as 0 = false / 1 = true, inverting a
     label whose names are ["True", "False"], and VQA / GQA refused them ("must be a string, got int")."""
