@@ -392,7 +392,8 @@ def main(argv=None) -> int:
         # --real's precomputed frame features are copied, not encoded: no CLIP (nor its weights) is needed for them
         encoder = transform = None
         if any(getattr(source, "kind", None) != "features" for source, _, _ in jobs):
-            encoder, transform = load_encoder(vision, pretrained, args.device, given), image_transform(vision, pretrained)
+            encoder = load_encoder(vision, pretrained, args.device, given)
+            transform = image_transform(vision, pretrained)
         total = {"total": 0, "skipped": 0, "written": 0}
         dtype = "float16" if args.fp16 else "float32"
         for source, ids, video in jobs:
