@@ -124,6 +124,47 @@ def test_checkpointing_and_batch_scale_activations():
     assert activation_report(cfg, s2, TapeOptions()).saved == pytest.approx(2 * ckpt.saved, rel=0.05)
 
 
+def test_tape_keeps_what_the_cuda_kernels_save():
+    """The planner predicts CUDA runs, which no CPU test measures: there dropout keeps a bool mask (CPU: a noise
+    tensor of the input's dtype), native_layer_norm keeps fp32 mean and rstd (CPU: the input's dtype), and the
+    memory-efficient SDPA kernel given a mask keeps a log-sum-exp of rows padded to a multiple of 32."""
+    T = analytic._T
+    for device, mask_b, stat_b in (("cuda", 1, 4), ("cpu", 2, 2)):
+        tp = analytic._Tape(TapeOptions(device=device, b=2))
+        tp.dropout(T(100 * 2, True), 0.1)
+        assert tp.total() == 100 * mask_b, device
+        tp = analytic._Tape(TapeOptions(device=device, b=2))
+        x = T(100 * 2, True)
+        tp.layer_norm(x, 10, False)
+        assert tp.total() == x.nbytes + 2 * 10 * stat_b, device
+    q, k, v = T(80, True), T(80, True), T(80, True)  # bh=2, 5 tokens, d=4, bf16
+    for mask, lse_rows in ((T(2 * 5 * 16 * 2, False), 32), (None, 5)):
+        tp = analytic._Tape(TapeOptions(device="cuda", b=2))
+        tp.sdpa(q, k, v, mask, bh=2, lq=5, lk=5, d=4, dropout=0.0)
+        assert tp.total() == 4 * 80 + 2 * lse_rows * 4 + (mask.nbytes if mask else 0)
+
+
+def test_cuda_attention_pads_masks_to_16_keys_and_log_sum_exp_to_32_rows():
+    """On CUDA the memory-efficient SDPA kernel pads the mask's key length to a multiple of 16 and keeps a
+    log-sum-exp of rows padded to a multiple of 32; the CPU flash kernel pads neither. With LoRA on a frozen fp32
+    T5 and no dropout, these paddings are all that CUDA adds to what autograd keeps."""
+    cfg = load_config("tiny", ["train.micro_batch_size=2", "data.max_input_length=5", "data.max_target_length=7",
+                               "peft.method=lora", "peft.lora_dropout=0", "model.dropout=0", "train.precision=fp32"])
+    s = run_shapes(cfg, 100)
+    saved = {dev: activation_report(cfg, s, TapeOptions(device=dev, b=4)).saved for dev in ("cuda", "cpu")}
+    B, H, Le, Ld = s.batch, s.heads, s.enc_len, s.dec_len
+    assert Le % 16 and Le % 32 and Ld % 16  # paddings to count
+
+    def p(n, m):
+        return -(-n // m) * m
+
+    lse = B * H * 4  # fp32 rows
+    enc = B * H * Le * (p(Le, 16) - Le) * 4 + lse * (p(Le, 32) - Le)
+    dec = (H * Ld * (p(Ld, 16) - Ld) * 4 + B * H * Ld * (p(Le, 16) - Le) * 4  # causal self mask, cross mask
+           + 2 * lse * (p(Ld, 32) - Ld))
+    assert saved["cuda"] - saved["cpu"] == s.enc_layers * enc + s.dec_layers * dec
+
+
 # ----------------------------------------------------------------------------- DeepSpeed arithmetic
 
 def _inv(numels, trainable, ndims=None):
