@@ -275,6 +275,128 @@ def test_an_nvme_offloaded_optimizer_leaves_even_the_cpu_accelerators_memory():
     assert engine_state(inv, ZeroSettings(stage=3, offload_optimizer="nvme"), 4, "bf16", "cpu").grads == 0
 
 
+def test_step_temporaries_init_buffer_and_buckets_of_each_stage():
+    """torch AdamW's temporaries follow its implementation: foreach (CUDA's default) a whole group's sqrt at once,
+    the single-tensor loop (CPU's) two tensors of the largest parameter; stage 1/2's step also holds the fp32 and
+    model-dtype copies of the gradient partition; ZeRO-3 keeps a reduce bucket only with contiguous_gradients and
+    its set-up zeroes a gradient of the largest sub-group at full size; stage 2's NVMe-offloaded optimizer pins two
+    fp32 swap buffers of the largest trainable parameter."""
+    inv = _inv([10, 10, 10, 1000], [True, True, True, False])  # one group of 30 trainable elements
+    assert engine_state(inv, ZeroSettings(stage=0), 1, "fp32", "cuda").step_transient == 4 * 30
+    assert engine_state(inv, ZeroSettings(stage=0), 1, "fp32", "cpu").step_transient == 2 * 4 * 10
+    z2 = engine_state(inv, ZeroSettings(stage=2), 4, "bf16", "cpu")
+    part = 32 // 4  # 30 padded to a multiple of 2 x 4
+    assert z2.step_transient == part * 4 + part * 2 + 2 * 4 * 10
+    for contiguous, bucket in ((True, 1000 * 2), (False, 0)):
+        z3 = engine_state(inv, ZeroSettings(stage=3, reduce_bucket_size=1000, contiguous_gradients=contiguous,
+                                            param_persistence_threshold=0), 4, "bf16", "cpu")
+        assert z3.comm_persistent == bucket
+        assert z3.init_transient == 30 * 4  # the whole sub-group in fp32, not this rank's 9 elements
+    nvme = engine_state(inv, ZeroSettings(stage=2, offload_optimizer="nvme"), 4, "bf16", "cuda")
+    assert nvme.host == 2 * 10 * 4
+
+
+def test_overlap_comm_defaults_to_zero3_and_follows_the_file():
+    """DeepSpeed's overlap_comm defaults to true at stage 3 only; a boolean in the file is taken as it is."""
+    assert [ZeroSettings(stage=s).overlap_comm for s in (0, 1, 2, 3)] == [False, False, False, True]
+    z = ZeroSettings.from_ds_config({"zero_optimization": {"stage": 3, "overlap_comm": False,
+                                                           "contiguous_gradients": False,
+                                                           "memory_efficient_linear": False}})
+    assert (z.overlap_comm, z.contiguous_gradients, z.memory_efficient_linear) == (False, False, False)
+
+
+def test_estimate_refuses_an_unknown_device_naming_it():
+    with pytest.raises(ValueError, match=r"device='tpu': use 'cuda' or 'cpu'"):
+        estimate_memory(load_config("tiny", SMALL), 1, {}, device="tpu")
+
+
+def test_trainer_loss_holds_the_head_gradients_and_a_half_precision_upcast():
+    """In trainer mode backward starts with nll_loss's and log_softmax's fp32 gradients (2 x N x V x 4 bytes) where
+    forward ended with the fp32 copy of half-precision logits (N x V x 4, none in fp32)."""
+    for precision, upcast in (("fp32", 0), ("bf16", 1)):
+        cfg = load_config("tiny", SMALL + [f"train.precision={precision}", "train.zero_stage=0"])
+        est = estimate_memory(cfg, 1, resolve_ds_config(cfg, 1, None), device="cpu")
+        NV = est.detail["logits"] // analytic.PRECISION_BYTES[precision]  # micro-batch x target length x vocab
+        assert est.phases["backward_start"] - est.phases["forward_end"] == (2 - upcast) * NV * 4, precision
+
+
+def test_zero1_accumulation_holds_both_overlapped_reduce_buckets():
+    """ZeRO-1 with accumulation keeps the first micro-batch's reduce buckets to the boundary: two with
+    overlap_comm, one without."""
+    cfg = load_config("tiny", SMALL + ["train.zero_stage=1", "train.gradient_accumulation_steps=2"])
+    est = {}
+    for overlap in (True, False):
+        ds = resolve_ds_config(cfg, 1, None, device_type="cpu")
+        ds["zero_optimization"].update(overlap_comm=overlap, contiguous_gradients=True, reduce_bucket_size=1000)
+        est[overlap] = estimate_memory(cfg, 1, ds, device="cpu").phases["vision_forward"]
+    assert est[True] - est[False] == 1000 * analytic.PRECISION_BYTES[cfg.train.precision]
+
+
+def test_extra_prompts_lengthen_the_encoder_input():
+    """peft.extra_prompts adds n_prompts tokens before the visual and text tokens, as prompt tuning does."""
+    plain = load_config("tiny", SMALL)
+    extra = load_config("tiny", SMALL + ["peft.extra_prompts=true", "peft.n_prompts=5"])
+    a, b = run_shapes(plain, 100), run_shapes(extra, 100)
+    assert (b.n_prompts, b.enc_len - a.enc_len) == (5, 5)
+
+
+def test_zero2_first_reduce_holds_one_head_gradient_and_the_largest_parameters():
+    """Stage 2 allocates its gradient partition when the first reduce bucket fills. With a bucket as large as the
+    trainable parameters that is the end of backward: beside what backward_end holds, one of the head's two fp32
+    gradients is still in flight (in fp32 the size of the log-probabilities it replaces) and the largest trainable
+    parameter's gradient."""
+    cfg = load_config("tiny", ["train.zero_stage=2", "train.precision=fp32"])
+    ds = resolve_ds_config(cfg, 1, None)
+    ds["zero_optimization"]["reduce_bucket_size"] = 10 ** 9
+    est = estimate_memory(cfg, 1, ds)
+    inv = analytic.parameter_inventory(cfg)
+    largest = max(n for n, t in zip(inv.numels, inv.trainable) if t)
+    assert est.phases["backward_first_reduce"] - est.phases["backward_end"] == largest * 4
+
+
+def test_zero3_start_up_holds_the_parts_a_pretrained_backbone_does_not_load_under_zero_init():
+    """ZeRO-3 without parameter offload: a random backbone is built whole on each rank before DeepSpeed partitions
+    it; a pretrained one loads under zero.Init, so only CLIP, the projection and the PEFT weights arrive whole,
+    beside the partitions."""
+    for pretrained in (False, True):
+        cfg = load_config("tiny", ["train.zero_stage=3", f"model.pretrained={str(pretrained).lower()}"])
+        est = estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, None))
+        inv = analytic.parameter_inventory(cfg)
+        b = analytic.PRECISION_BYTES[cfg.train.precision]
+        whole = sum(n for n, g in zip(inv.numels, inv.groups) if g in ("vision", "projection", "peft"))
+        expected = whole * b + est.components["params"] if pretrained else inv.total * b
+        assert whole and est.phases["init"] == expected, pretrained
+
+
+def test_zero3_keeps_gathered_the_parameters_whose_backward_use_is_within_the_reuse_distance():
+    """At the end of forward a parameter's next use is in backward, about twice the parameters used after it
+    away: with stage3_max_reuse_distance 150 the last layer (nothing after it) stays gathered and the one before
+    (2 x 100 elements away) is released; at 200 both stay."""
+    inv = analytic.ParamInventory(["lm.encoder.block.0.w", "lm.encoder.block.1.w"], [100, 100], [2, 2],
+                                  [False, False], ["lm", "lm"], 100)
+    for reuse, kept in ((150, 100), (200, 200)):
+        z = ZeroSettings(stage=3, max_reuse_distance=reuse, prefetch_bucket_size=0, param_persistence_threshold=0)
+        assert analytic._zero3_gathered_numel(inv, z, 2)[0] == kept, reuse
+
+
+def test_checkpoint_files_stage0_optimizer_entries_and_the_universal_copy_of_every_rank():
+    """Stage 0 writes per trainable parameter 3 optimizer entries in fp32 (two moments, the step) and 4 in
+    bf16/fp16 (and the fp32 master); a ZeRO-3 universal copy takes every rank's module-state file."""
+    inv = _inv([10, 7, 1000], [True, True, False])
+    client = analytic._CLIENT_STATE + len("p2") + analytic._FINGERPRINT_ENTRY
+    for precision, entries in (("fp32", 3), ("bf16", 4)):
+        b = analytic.PRECISION_BYTES[precision]
+        ck = analytic.checkpoint_bytes(inv, ZeroSettings(stage=0), 1, precision)
+        opt = engine_state(inv, ZeroSettings(stage=0), 1, precision, "cpu").optimizer
+        module_file = 17 * b + analytic._FILE_OVERHEAD + 2 * analytic._MODULE_ENTRY[0]
+        assert ck.file_bytes == [module_file + opt + 2 * entries * analytic._OPTIMIZER_ENTRY + client], precision
+    for W in (2, 4):
+        ck = analytic.checkpoint_bytes(inv, ZeroSettings(stage=3), W, "bf16")
+        opt_file = engine_state(inv, ZeroSettings(stage=3), W, "bf16", "cpu").optimizer + analytic._FILE_OVERHEAD
+        module_file = analytic._FILE_OVERHEAD + 2 * analytic._MODULE_ENTRY[3]  # 0-size placeholders
+        assert ck.universal == 12 * 17 + 3 * 2 * analytic._UNIVERSAL_FILE + W * module_file + opt_file, W
+
+
 def _unmodelled_value(ok):
     """A value the estimate does not model for a row of UNMODELLED_SETTINGS."""
     if ok is None:
