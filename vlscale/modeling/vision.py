@@ -68,7 +68,7 @@ def vision_dims(name: str) -> dict:
 class VisionEncoder(nn.Module):
     """Frozen CLIP visual tower: ``encode_grid`` (RN grid / ViT patches) and ``encode_global``."""
 
-    def __init__(self, name: str, visual: nn.Module, mean, std):
+    def __init__(self, name: str, visual: nn.Module):
         super().__init__()
         self.name = name
         self.visual = visual
@@ -78,8 +78,6 @@ class VisionEncoder(nn.Module):
         self.grid_side = dims["grid_side"]
         self.embed_dim = dims["embed_dim"]
         self.is_resnet = dims["is_resnet"]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def encode_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, T, D): the RN's last conv stage, or the ViT's patch tokens."""
@@ -179,10 +177,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
                     + "a CLIP checkpoint file, or null for random weights") from None
         if load_file:
             _load_visual_checkpoint(model, pretrained, name)
-    visual = model.visual
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    enc = VisionEncoder(name, visual, mean, std)
+    enc = VisionEncoder(name, model.visual)  # its input is normalised by image_transform (normalisation())
     del model
     enc.requires_grad_(False).eval()
     if str(device) != "meta":
