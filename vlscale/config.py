@@ -180,26 +180,29 @@ def _folder_hint(folder: dict) -> str:
             f"plans memory for those of vlscale/modeling/backbones.py only)")
 
 
-@functools.lru_cache(maxsize=None)
-def registry_visions() -> tuple[str, ...]:
-    """Every model config name open_clip builds offline (``vlscale.modeling.vision.clip_config``): the
-    configs open_clip ships and those in ``vlscale/registry/open_clip``, found without importing open_clip."""
+def _clip_config_files() -> list[Path]:
+    """The model config files open_clip builds offline: those it ships and those in ``vlscale/registry/open_clip``,
+    found without importing open_clip (none where it is missing: building the model says so)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        return ()  # open_clip missing: building the model says so
+        return []
     folders = [Path(p) / "model_configs" for p in spec.submodule_search_locations]
     folders.append(Path(__file__).parent / "registry" / "open_clip")
-    return tuple(sorted({f.stem for folder in folders for f in folder.glob("*.json")}))
+    return [f for folder in folders for f in folder.glob("*.json")]
+
+
+@functools.lru_cache(maxsize=None)
+def registry_visions() -> tuple[str, ...]:
+    """Every model config name open_clip builds offline (``vlscale.modeling.vision.clip_config``)."""
+    return tuple(sorted({f.stem for f in _clip_config_files()}))
 
 
 @functools.lru_cache(maxsize=None)
 def foreign_visions() -> dict[str, str]:
     """Model configs of :func:`registry_visions` whose tower is not open_clip's own ResNet or ViT (a timm model:
     the SigLIP and ConvNeXt towers, ...) -> what builds it; vlscale reads the grid of those two only."""
-    spec = importlib.util.find_spec("open_clip")
-    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
     out = {}
-    for f in (f for folder in folders for f in folder.glob("*.json")):
+    for f in _clip_config_files():
         try:
             vision = json.loads(f.read_text()).get("vision_cfg", {})
         except (OSError, ValueError):
