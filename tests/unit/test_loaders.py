@@ -1225,6 +1225,27 @@ def test_hf_rows_without_image_are_the_rows_training_skips(tmp_path, kind):
     assert ex.skipped == n - len(kept) and 0 < ex.skipped < n
 
 
+def test_hf_rows_without_image_name_the_first_empty_image_column(tmp_path):
+    """With two image columns (NLVR2's pair) a row is reported once, under the first column that holds no
+    image, as training's loader names it; a row missing only its second image names the second."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples, rows_without_image
+
+    path = str(sorted((FIXTURES / "real_data" / "gqa" / "images").glob("*.jpg"))[0])
+    left, right = [path, None, None, path], [path, None, path, None]
+    hf = _hf_dict(tmp_path / "pair", {"left": left, "right": right, "s": ["s."] * 4, "label": ["true"] * 4})
+    ds = datasets.load_from_disk(hf)["train"]
+    assert rows_without_image(ds, ["left", "right"]) == [(1, "left", "has no image"), (2, "left", "has no image"),
+                                                         (3, "right", "has no image")]
+    cols = {"image": ["left", "right"], "text": "s", "label": "label"}
+    for row, column in ((1, "left"), (3, "right")):
+        one = _hf_dict(tmp_path / f"row{row}", {"left": [left[row]], "right": [right[row]], "s": ["s."],
+                                                 "label": ["true"]})
+        with pytest.raises(RecordError, match=rf"row 0: key '{column}' "):
+            load_hf_examples("nlvr2", one, "train", cols)
+
+
 @pytest.mark.parametrize("cell", ["string", "struct"])
 def test_hf_image_files_that_are_not_there_are_found_when_the_split_is_read(tmp_path, monkeypatch, cell):
     """A path cell naming a missing file is refused when the split is read (not when a batch reaches it, after
