@@ -597,8 +597,9 @@ def test_every_value_the_run_config_owns_conflicts_when_the_file_differs(key, va
         build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
 
 
-@pytest.mark.parametrize("world", [0, -2])
-def test_a_world_size_below_one_is_refused(world):
+@pytest.mark.parametrize("world", [0, -2, True, 2.0])
+def test_a_world_size_that_is_not_a_positive_int_is_refused(world):
+    """Below one, or not an int (a bool is an int to isinstance: True passed as 1 rank)."""
     with pytest.raises(DeepSpeedConfigError, match=rf"^world_size={world} must be a positive integer$"):
         build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(), world, device_type="cpu")
 

@@ -443,7 +443,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     ``hidden_size``: the width the ZeRO bucket sizes derive from (default: from the model's registry).
     ``source``: the name of a dict in messages (:func:`load_ds_file`).
     """
-    if not isinstance(world_size, int) or world_size < 1:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise DeepSpeedConfigError(f"world_size={world_size!r} must be a positive integer")
     ds, source = load_ds_file(ds_file_or_dict, source)
     r = _Resolver(ds, source)
