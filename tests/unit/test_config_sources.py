@@ -2,6 +2,7 @@
 numbers that are not numbers: each wrong setting is one ConfigError naming the key, before anything builds."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +216,20 @@ def test_meta_builds_take_the_backbone_folders_vocabulary(tmp_path, launcher):
     report = launcher("inspect_model").inspect(cfg)
     assert report["vocab_size"] == 800 and "model.backbone_path's config.json" in report["vocab_source"]
     assert report["total"] == sum(p.numel() for p in whole.parameters())
+
+
+def test_inspect_model_takes_a_local_tokenizer_folders_vocabulary(launcher):
+    """model.tokenizer naming a local folder loads offline: inspect_model reads its length, as the trainer does (here
+    smaller than t5-small's 32,128 embedding rows, which the model keeps), instead of calling it not loaded."""
+    from vlscale.data import build_tokenizer
+
+    folder = Path(__file__).resolve().parents[2] / "vlscale" / "assets" / "backbones" / "mini-t5"
+    cfg = load_config("tiny", ["model.backbone=t5-small", f"model.tokenizer={folder}", "data.tasks=[vqa]"])
+    n = len(build_tokenizer(cfg))
+    assert n < 32_000
+    report = launcher("inspect_model").inspect(cfg)
+    assert (report["vocab_size"], report["vocab_source"]) == (32_128, f"t5-small's registry config; the run's "
+                                                                      f"tokenizer: {n:,}")
 
 
 @pytest.mark.parametrize("key", ["model.backbone_path", "model.tokenizer"])
