@@ -906,7 +906,3 @@ def save_config(cfg: RunConfig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
