@@ -458,9 +458,34 @@ def test_a_replication_over_seeds_tabulates_each_seed_and_their_mean(tmp_path, l
                                                       ("full_ft", "single_adapter")]
     assert [("done: its result is kept" in line) for line in plan] == [True] * 4 + [False] * 2
     assert f"output_dir={out / 'seed2' / 'runs' / 'single_adapter'}" in plan[-1] and "train.seed=2" in plan[-1]
+    # ... and run: each seed's own results.json lists the rows run now for that seed only (a stand-in Runner
+    # finishes them), the table over the seeds all of them
+    class FinishingRunner:
+        def __init__(self, jobs, *args, **kwargs):
+            self.jobs = jobs
+
+        def run(self):
+            for job in self.jobs:
+                if job.phase != "done":
+                    _finished(out / f"seed{job.seed}", job.row.name, job.overrides, {"vqa": 220.0, "gqa": 220.0})
+                    job.phase = "done"
+
+    import vlscale.replicate
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vlscale.replicate, "Runner", FinishingRunner)
+        mp.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
+        assert replicate.main(args + ["--seed", "0-2"]) == 0, capsys.readouterr().err[-3000:]
+    assert "2 of 6 trainings run now" in capsys.readouterr().out
+    ran = {seed: json.loads((out / f"seed{seed}" / "results.json").read_text())["invocations"][-1]["rows_run_now"]
+           for seed in (0, 1, 2)}
+    assert ran == {0: [], 1: [], 2: ["full_ft", "single_adapter"]}
+    over = json.loads((out / "results.json").read_text())
+    assert over["seeds"] == [0, 1, 2] and over["invocations"][-1]["rows_run_now"] == [
+        "full_ft (seed 2)", "single_adapter (seed 2)"]
     # one seed into a folder of several, and several into a one-seed folder: refused
     assert replicate.main(args + ["--seed", "0"]) == 2
-    assert "holds a replication over several seeds (seed0, seed1)" in capsys.readouterr().err
+    assert "holds a replication over several seeds (seed0, seed1, seed2)" in capsys.readouterr().err
     _finished(tmp_path / "one", "single_adapter", row_overrides(t1["single_adapter"], feature_cache=cache, steps=3))
     assert replicate.main(["--table", "1", "--methods", "single_adapter", "--out", str(tmp_path / "one"),
                            "--seed", "0,1", "--steps", "3"]) == 2
