@@ -197,6 +197,29 @@ def test_nlvr2_identifiers_of_fewer_than_four_fields_are_their_own_group():
     assert consistency_group("dev-850-0-3") == "dev-850--3"
 
 
+def test_coco_karpathy_captions_are_stripped_and_extra_keeps_the_records_ids(tmp_path):
+    """A caption is its ``raw`` text without surrounding whitespace; ``extra`` keeps cocoid, imgid, filename,
+    filepath and the record's split; a training image's captions are ``<id>#0``, ``<id>#1``, in order. A file
+    that is not an object with an ``images`` list is refused naming it."""
+    from vlscale.data.caption import load_coco_karpathy
+
+    image = {"filepath": "val2014", "filename": "COCO_val2014_000000000073.jpg", "imgid": 3, "cocoid": 73,
+             "split": "val", "sentences": [{"raw": " A man rides a bike. \n"}, {"raw": "A cyclist."}]}
+    path = _write_json(tmp_path / "coco.json", {"images": [image, dict(image, split="restval", imgid=4, cocoid=74,
+                                                                       filename="COCO_val2014_000000000074.jpg")]})
+    (val,) = load_coco_karpathy(path, "val")
+    assert val.target == "A man rides a bike." and val.references == ["A man rides a bike.", "A cyclist."]
+    assert val.extra == {"karpathy_split": "val", "filename": "COCO_val2014_000000000073.jpg", "cocoid": 73,
+                         "imgid": 3, "filepath": "val2014"}
+    train = load_coco_karpathy(path, "train")
+    assert [(e.uid, e.target) for e in train] == [("COCO_val2014_000000000074#0", "A man rides a bike."),
+                                                  ("COCO_val2014_000000000074#1", "A cyclist.")]
+    assert train[0].extra["imgid"] == 4 and train[0].extra["karpathy_split"] == "restval"
+    for data in ([image], {"images": {"0": image}}):
+        with pytest.raises(DataError, match=r"coco\.json: expected an object with an 'images' list"):
+            load_coco_karpathy(_write_json(tmp_path / "coco.json", data), "val")
+
+
 def test_ts_and_subtitle_lines_overlapping_it():
     """A subtitle line that overlaps ``ts`` only in part is the clip's too; a zero-length ts is a moment, not
     malformed; a ts holding a boolean is malformed."""
@@ -626,6 +649,11 @@ def test_missing_annotation_file_and_root(tmp_path):
     # JSON's true is no id (nor an index): it is not read as the integer 1, nor named as the record's id
     ("vqa", "vqa/karpathy_train.json", lambda d: d[2].update(question_id=True),
      r"karpathy_train\.json: record 2: key 'question_id' must be a string or an integer, got bool True"),
+    # an image with no captions is malformed (it was read as an image to caption, with an empty target)
+    ("caption", "coco/dataset_coco.json", lambda d: d["images"][0].update(sentences=[]),
+     r"images\[0\] \(id 'COCO_train2014_000000000009\.jpg'\): key 'sentences' is empty"),
+    ("caption", "coco/dataset_coco.json", lambda d: d["images"][1].update(cocoid="25"),
+     r"images\[1\] .*key 'cocoid' must be an integer, got str '25'"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])
