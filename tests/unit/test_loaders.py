@@ -197,6 +197,46 @@ def test_nlvr2_identifiers_of_fewer_than_four_fields_are_their_own_group():
     assert consistency_group("dev-850-0-3") == "dev-850--3"
 
 
+def test_vqa_target_is_labels_top_answer_and_raw_answers_are_counted_stripped(tmp_path):
+    """The target is ``label``'s top answer (the vocabulary's "2") where another spelling ("two") was given
+    most often; raw answers are read without surrounding whitespace, so " no" and "no " count as "no" where
+    an empty label falls back to the most frequent one."""
+    from vlscale.data.vqa import load_vqa
+
+    spelled = {"img_id": "i", "sent": "How many?", "question_id": 1, "label": {"2": 1.0, "3": 0.9},
+               "answers": ["two"] * 4 + ["2"] * 3 + ["3"] * 3}
+    unlabelled = {"img_id": "i", "sent": "Is it?", "question_id": 2, "label": {},
+                  "answers": ["yes", "yes", " no", "no ", "no"]}
+    first, second = load_vqa(_write_json(tmp_path / "vqa.json", [spelled, unlabelled]))
+    assert first.target == "2"
+    assert second.target == "no" and second.references == ["yes", "yes", "no", "no", "no"]
+
+
+def test_gqa_gold_answer_beside_zero_scores_and_on_a_tie(tmp_path):
+    """A label may score other answers 0 beside a positive one (only a label without any score above 0 is
+    malformed); on a tie the gold answer is the alphabetically first, whatever the label's order."""
+    from vlscale.data.gqa import load_gqa
+
+    q = {"img_id": "i", "sent": "Is it?"}
+    zero, tie = load_gqa(_write_json(tmp_path / "gqa.json", [dict(q, question_id="q1", label={"yes": 1.0, "no": 0.0}),
+                                                             dict(q, question_id="q2", label={"yes": 1.0, "no": 1.0})]))
+    assert (zero.target, zero.references) == ("yes", ["yes"])
+    assert (tie.target, tie.references) == ("no", ["no"])
+
+
+def test_nlvr2_boolean_labels_and_a_record_without_uid(tmp_path):
+    """JSON's true/false labels read as they say; a record without ``uid`` takes its identifier as its uid."""
+    from vlscale.data.nlvr2 import load_nlvr2
+
+    base = {"img0": "dev-850-0-img0", "img1": "dev-850-0-img1", "sent": "There are two dogs."}
+    records = [dict(base, identifier="dev-850-0-0", uid="a", label=True),
+               dict(base, identifier="dev-850-1-0", uid="b", label=False),
+               dict(base, identifier="dev-850-2-0", label=0)]
+    ex = load_nlvr2(_write_json(tmp_path / "nlvr2.json", records))
+    assert [(e.uid, e.target, e.extra["identifier"]) for e in ex] == [
+        ("a", "true", "dev-850-0-0"), ("b", "false", "dev-850-1-0"), ("dev-850-2-0", "false", "dev-850-2-0")]
+
+
 def test_coco_karpathy_captions_are_stripped_and_extra_keeps_the_records_ids(tmp_path):
     """A caption is its ``raw`` text without surrounding whitespace; ``extra`` keeps cocoid, imgid, filename,
     filepath and the record's split; a training image's captions are ``<id>#0``, ``<id>#1``, in order. A file
@@ -654,6 +694,14 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"images\[0\] \(id 'COCO_train2014_000000000009\.jpg'\): key 'sentences' is empty"),
     ("caption", "coco/dataset_coco.json", lambda d: d["images"][1].update(cocoid="25"),
      r"images\[1\] .*key 'cocoid' must be an integer, got str '25'"),
+    # an answers item without its 'answer' string (not read as "", nor a TypeError)
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0]["answers"][3].pop("answer"),
+     r"record 0 \(id 9001\): key 'answers' item 3 must be a string or an object with a string 'answer', got "
+     r"\{'answer_confidence'"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(answer_type=None),
+     r"record 0 \(id 9001\): key 'answer_type' must be a string, got NoneType None"),
+    ("nlvr2", "nlvr2/train.json", lambda d: d[3].update(label=-1),
+     r"record 3 \(id 'nlvr2_train_3'\): key 'label' must be 0/1 \(or true/false\), got -1"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])

@@ -118,6 +118,7 @@ def test_soft_labels_from_human_answers_score_as_lxmert_and_vlt5():
     answers = ["red"] * 5 + ["Red."] + ["blue"] * 2 + ["three"] + ["dark red"]
     assert vqa_soft_label(answers) == {"red": 1.0, "blue": 0.6, "3": 0.3, "dark red": 0.3}
     assert vqa_soft_label(["yes"] * 3) == {"yes": 0.9}
+    assert vqa_soft_label(["yes", "yes", "", "the", "."]) == {"yes": 0.6}  # nothing left after normalising: no answer
 
 
 def _step_targets(world_size: int, steps: int) -> list[list[tuple[str, str]]]:
