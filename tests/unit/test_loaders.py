@@ -652,6 +652,8 @@ def test_missing_annotation_file_and_root(tmp_path):
         load_real_examples(make_cfg(tmp_path, tasks=["tvqa"]), "tvqa", "val")
     with pytest.raises(DataError, match="data.root is not set"):
         load_real_examples(RunConfig(data=DataConfig(source="real")), "vqa", "train")
+    with pytest.raises(DataFileNotFound, match=r"^data\.root='.*/no_such_root' is not a directory$"):
+        load_real_examples(make_cfg(tmp_path / "no_such_root"), "vqa", "train")
     with pytest.raises(KeyError, match="unknown task 'vqa3'"):
         load_real_examples(make_cfg(), "vqa3", "train")
 
@@ -702,6 +704,18 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"record 0 \(id 9001\): key 'answer_type' must be a string, got NoneType None"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[3].update(label=-1),
      r"record 3 \(id 'nlvr2_train_3'\): key 'label' must be 0/1 \(or true/false\), got -1"),
+    # a score that is no finite number (JSON's NaN, Infinity, true) would reach the soft-target weights
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label={"2": float("nan")}),
+     r"record 0 \(id 9001\): key 'label' score of answer '2' must be a finite number, got nan"),
+    ("gqa", "gqa/train.json", lambda d: d[0].update(label={"yes": float("inf")}),
+     r"record 0 .*key 'label' score of answer 'yes' must be a finite number, got inf"),
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label={"2": True}),
+     r"record 0 \(id 9001\): key 'label' score of answer '2' must be a finite number, got True"),
+    # label without answers: the key named is the one missing, not label
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("answers"),
+     r"record 1 \(id 25001\): key 'answers' is missing$"),
+    ("gqa", "gqa/train.json", lambda d: d[0].update(sent=" \n"),
+     r"record 0 \(id '02930152'\): key 'sent' is an empty string"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])
@@ -989,6 +1003,27 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
         fetch_visuals(folder, [e])
     with pytest.raises(DataFileNotFound, match=r"gqa example 'q1'.*image 'gone': file .*gone\.jpg does not exist"):
         fetch_visuals(folder, [type(e)("gqa", "q1", "text", "yes", ["gone"], source="ann.json")])
+
+
+def test_first_of_holds_an_id_any_source_holds_and_reads_it_from_the_first(tmp_path):
+    """COCO's images/ and its train2014/ val2014/ sub-folders as one source: an id is in it when any folder
+    holds it, an id in two folders is read from the first (images/ itself), and sources of different kinds
+    (images beside features) are refused naming the kinds."""
+    from PIL import Image
+
+    from vlscale.data.real import FirstOf
+    from vlscale.data.visual import ImageFolder
+
+    (tmp_path / "sub").mkdir()
+    for folder, value in ((tmp_path, 10), (tmp_path / "sub", 200)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / "both.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "sub" / "only_sub.png")
+    both = FirstOf([ImageFolder(tmp_path, pattern="{id}.png"), ImageFolder(tmp_path / "sub", pattern="{id}.png")])
+    assert "only_sub" in both and "both" in both and "nope" not in both
+    assert int(both["both"].max()) == 10
+    features = type("Features", (), {"kind": "features"})()
+    with pytest.raises(ValueError, match=r"FirstOf: sources of different kinds \['features', 'images'\]"):
+        FirstOf([ImageFolder(tmp_path), features])
 
 
 def test_a_video_of_no_frames_is_refused_naming_its_file_and_other_files_are_no_videos(tmp_path):
