@@ -652,6 +652,11 @@ def test_missing_annotation_file_and_root(tmp_path):
         load_real_examples(make_cfg(tmp_path, tasks=["tvqa"]), "tvqa", "val")
     with pytest.raises(DataError, match="data.root is not set"):
         load_real_examples(RunConfig(data=DataConfig(source="real")), "vqa", "train")
+    # neither spelling of a dataset's folder there: the layout's own (gqa/, not VL-T5's GQA/) is named
+    with pytest.raises(DataFileNotFound, match=rf"gqa train annotations: {tmp_path}/gqa/train\.json does not exist"):
+        load_real_examples(make_cfg(tmp_path, tasks=["gqa"]), "gqa", "train")
+    with pytest.raises(DataFileNotFound, match=rf"^vqa: image folder {tmp_path}/coco/images does not exist; layout: "):
+        real_visual_source(make_cfg(tmp_path), "vqa", "train")
     with pytest.raises(DataFileNotFound, match=r"^data\.root='.*/no_such_root' is not a directory$"):
         load_real_examples(make_cfg(tmp_path / "no_such_root"), "vqa", "train")
     with pytest.raises(KeyError, match="unknown task 'vqa3'"):
@@ -752,9 +757,9 @@ def test_jsonl_bad_line_and_bad_fields(tmp_path, caplog):
         load_real_examples(cfg, "tvqa", "train")
 
 
-def test_skip_mode_counts_every_skipped_record_and_keeps_the_first_20_messages(tmp_path):
+def test_skip_mode_counts_every_skipped_record_and_keeps_the_first_20_messages(tmp_path, caplog):
     """Skip mode on a file of many bad records: all are counted, the messages kept (for the log) are the
-    first 20, in file order, also when the lists of several files are merged."""
+    first 20, in file order, also when the lists of several files are merged; the warning quotes the first."""
     from vlscale.data.real import ExampleList
 
     root = copy_root(tmp_path, "vqa")
@@ -762,8 +767,11 @@ def test_skip_mode_counts_every_skipped_record_and_keeps_the_first_20_messages(t
     good = json.loads(path.read_text())
     bad = [{k: v for k, v in dict(good[0], question_id=100 + i).items() if k != "sent"} for i in range(25)]
     path.write_text(json.dumps(bad + good))
-    ex = load_real_examples(make_cfg(root, skip_bad_records=True), "vqa", "train")
+    with caplog.at_level(logging.WARNING):
+        ex = load_real_examples(make_cfg(root, skip_bad_records=True), "vqa", "train")
     assert len(ex) == len(good) and ex.skipped == 25
+    assert (f"skipped 25 malformed record(s) (data.skip_bad_records=true); first: {path}: record 0 (id 100): "
+            in caplog.text)
     assert [m.split(": ")[1] for m in ex.skip_messages] == [f"record {i} (id {100 + i})" for i in range(20)]
     merged = ExampleList()
     for first in (0, 15):
@@ -897,6 +905,16 @@ def test_vlt5_folder_names_and_coco_subfolders(tmp_path):
     with pytest.raises(DataError, match=rf"the gqa data folder: both {root / 'gqa'} and {root / 'GQA'} exist as "
                                         r"two folders; keep one of them"):
         load_real_examples(cfg, "gqa", "train")
+
+
+def test_video_annotation_files_under_their_value_names(tmp_path):
+    """A video split's file may be ``<task>_<split>.jsonl`` (or ``_release``), and the test split's VALUE's
+    ``<task>_test_public.jsonl``, as docs/datasets.md lists them."""
+    cfg = make_cfg(tmp_path, tasks=["tvqa"])
+    (tmp_path / "tvqa").mkdir()
+    for split, name in (("val", "tvqa_val.jsonl"), ("test", "tvqa_test_public.jsonl")):
+        (tmp_path / "tvqa" / name).write_text("")
+        assert annotation_path(cfg, "tvqa", split) == tmp_path / "tvqa" / name
 
 
 def test_two_video_annotation_files_of_one_split_are_refused(tmp_path):
