@@ -52,10 +52,7 @@ def parse_nlvr2(rec: Record) -> list[Example]:
     images = [rec.text("img0"), rec.text("img1")]
     sent = rec.text("sent")
     target = ("true" if parse_bool_label(rec) else "false") if rec.answers("label") else ""
-    uid = rec.ident("uid", None)
-    if uid is not None and not uid.strip():
-        raise rec.error("uid", "is an empty string (leave it out to use the identifier)")
-    uid = uid or identifier
+    uid = rec.ident("uid", None) or identifier  # ident refuses an empty string
     return [Example(task="nlvr2", uid=uid, text=sent, target=target, image_ids=images,
                     references=[target] if target else [],
                     extra={"identifier": identifier, "group": consistency_group(identifier)},
