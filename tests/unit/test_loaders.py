@@ -212,6 +212,19 @@ def test_vqa_target_is_labels_top_answer_and_raw_answers_are_counted_stripped(tm
     assert second.target == "no" and second.references == ["yes", "yes", "no", "no", "no"]
 
 
+def test_a_vqa_record_with_raw_answers_alone_takes_the_most_frequent_and_a_soft_label_from_them(tmp_path):
+    """Raw answers without ``label`` (the official annotations, converted) were refused ("key 'label' is
+    missing"), though an HF dataset's rows of answers alone load: the target is the most frequent answer and the
+    soft label (for data.vqa_targets=sampled) is made from the answers, as there."""
+    from vlscale.data.vqa import load_vqa, vqa_soft_label
+
+    answers = ["two"] * 2 + ["2"] * 3 + ["3"] * 1
+    [e] = load_vqa(_write_json(tmp_path / "vqa.json", [{"img_id": "i", "sent": "How many?", "question_id": 1,
+                                                         "answers": [{"answer": a} for a in answers]}]))
+    assert (e.target, e.references) == ("2", answers)
+    assert e.extra["label"] == vqa_soft_label(answers) == {"2": 1.0, "3": 0.3}
+
+
 def test_gqa_gold_answer_beside_zero_scores_and_on_a_tie(tmp_path):
     """A label may score other answers 0 beside a positive one (only a label without any score above 0 is
     malformed); on a tie the gold answer is the alphabetically first, whatever the label's order."""

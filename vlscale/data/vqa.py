@@ -9,7 +9,9 @@ Each file is a JSON list of questions::
 
 ``target`` is the highest-scoring ``label`` answer (ties: the answer given most often among the
 raw answers, then the alphabetically first); an empty ``label`` (no answer in the vocabulary)
-falls back to the most frequent raw answer. With ``data.vqa_targets=sampled`` training draws the
+falls back to the most frequent raw answer, and so does a record without ``label`` (the official
+annotations' raw answers alone), whose soft label is made from the answers (:func:`vqa_soft_label`, as for an
+HF dataset). With ``data.vqa_targets=sampled`` training draws the
 target from ``label`` instead, as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
 scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
@@ -62,14 +64,14 @@ def parse_vqa(rec: Record) -> list[Example]:
     if not rec.answers("label", "answers"):
         return [Example(task="vqa", uid=qid, text=question, target="", image_ids=[img_id], extra=extra,
                         source=rec.path)]
-    label = rec.score_map("label", allow_empty=True)
     answers = raw_answers(rec)
     counts = Counter(answers)
+    label = rec.score_map("label", allow_empty=True) if "label" in rec.data else None
     if label:
         target = best_answer(label, counts)
     else:
         target = best_answer({a: float(c) for a, c in counts.items()})
-    extra = {"label": label, **extra}
+    extra = {"label": vqa_soft_label(answers) if label is None else label, **extra}
     return [Example(task="vqa", uid=qid, text=question, target=target, image_ids=[img_id],
                     references=answers, extra=extra, source=rec.path)]
 
