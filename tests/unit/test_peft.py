@@ -10,6 +10,7 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 from vlscale.config import PeftConfig
 from vlscale.modeling.vl_model import set_checkpointing
 from vlscale.peft import PeftController, apply_peft
+from vlscale.peft.prompt import PromptEncoder
 from vlscale.kernels.adapter import adapter_reference
 from vlscale.peft.sites import (SHARED, adapter_sites, backbone_family, lora_sites, select_key, weight_keys,
                                 zero3_unused_anchor)
@@ -641,6 +642,25 @@ def test_prompt_math_is_the_reparameterised_embedding():
     expected = torch.tanh(emb @ w1.T + b1) @ w2.T + b2
     with peft.task("gqa"):
         torch.testing.assert_close(peft.prompts(2)[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prompts_start_from_nn_embedding_and_nn_linear_init_in_the_lm_dtype():
+    """The prompt table starts as nn.Embedding's N(0, 1) (so the P prompts start apart, not as one vector repeated),
+    its two Linears as nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) weights and biases, and every weight takes the
+    LM's dtype as the other methods' do."""
+    torch.manual_seed(0)
+    enc = PromptEncoder(["vqa"], n_prompts=40, d_model=64, hidden=16)
+    emb, w1, b1, w2, b2 = enc.parameters_of("vqa")
+    assert abs(emb.mean().item()) < 0.1 and 0.9 < emb.std().item() < 1.1
+    for (w, b), fan_in in (((w1, b1), 64), ((w2, b2), 16)):
+        bound = fan_in ** -0.5
+        for t in (w, b):
+            assert t.abs().max() <= bound and t.abs().max() > bound / 2 and t.std() > bound / 4
+    with torch.no_grad():
+        p = enc(1, "vqa")[0]
+    assert torch.cdist(p, p).add(torch.eye(40) * 1e3).min() > 1e-2  # no two prompts alike
+    peft = apply_peft(make_t5().to(torch.bfloat16), peft_cfg("prompt", "multiple"), TASKS)
+    assert {p.dtype for p in peft.parameters()} == {torch.bfloat16}
 
 
 def test_prompts_get_gradients_through_the_encoder():
