@@ -989,6 +989,123 @@ def test_a_meta_json_width_or_token_count_that_is_not_a_positive_integer_is_refu
         FeatureCache(cache)
 
 
+def test_a_tensor_of_other_tokens_width_or_kind_than_the_cache_says_is_refused_naming_it(tmp_path):
+    """Each tensor is checked as it is read, naming the cache, shard and id: a grid of another token count than
+    meta.json's, one of booleans, and, where meta.json records no width (copied precomputed features), one of
+    another width than the model takes."""
+    from safetensors.torch import save_file
+
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["a"], shape=(4, 8))
+    save_file({"a": torch.ones(3, 8), "b": torch.ones(4, 8, dtype=torch.bool)}, str(cache / "shard_00000.safetensors"))
+    (cache / "index.json").write_text(json.dumps({"a": "shard_00000.safetensors", "b": "shard_00000.safetensors"}))
+    with pytest.raises(DataError, match=r"feature cache .*c: the features of id 'a' in shard .*shard_00000\.safetensors "
+                                        r"has 3 tokens, but meta\.json says tokens=4"):
+        FeatureCache(cache)["a"]
+    with pytest.raises(DataError, match=r"id 'b' in shard .* has dtype torch\.bool, expected real numbers"):
+        FeatureCache(cache)["b"]
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, dim=None, tokens=None)))
+    assert FeatureCache(cache, expect_dim=8)["a"].shape == (3, 8)
+    with pytest.raises(DataError, match=r"id 'a' in shard .* is 8-d, but model\.vision='tiny-clip-rn' takes 16-d"):
+        FeatureCache(cache, expect_dim=16)["a"]
+
+
+def test_a_writer_refuses_what_it_cannot_store_and_leaves_a_readable_cache_at_each_shard(tmp_path):
+    """FeatureWriter: a dtype it cannot store is refused at once (not a KeyError at the first feature), a grid of
+    another width or token count than those the cache holds is refused naming the key (video frames vary in
+    number), and each shard written leaves meta.json and index.json naming it, so an extraction killed before
+    close() is a valid cache up to its last shard."""
+    base = {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"feature dtype 'bfloat16' is not one of \['float32', 'float16'\]"):
+        FeatureWriter(tmp_path / "b", dict(base, dtype="bfloat16"))
+    w = FeatureWriter(tmp_path / "c", base, shard_size=1)
+    try:
+        w.add("a", torch.ones(4, 8))
+        assert FeatureCache(tmp_path / "c", vision=VISION, expect_kind="grid").ids() == ["a"]  # not closed yet
+        with pytest.raises(ValueError, match=r"features for 'b': dim=6, the cache holds dim=8"):
+            w.add("b", torch.ones(4, 6))
+        with pytest.raises(ValueError, match=r"features for 'b': tokens=5, the cache holds tokens=4"):
+            w.add("b", torch.ones(5, 8))
+    finally:
+        w.close()
+    frames = _tiny_cache(tmp_path / "v", ["v1"], kind="frames", shape=(3, 8))
+    _tiny_cache(frames, ["v2"], kind="frames", shape=(5, 8))
+    assert FeatureCache(frames)["v2"].shape == (5, 8)
+
+
+def test_hf_rows_are_checked_against_row_ids_only_and_recorded_when_a_cache_first_takes_rows(tmp_path):
+    """A cache of named images (no ``<split>/<row>`` ids) serves a run on any HF dataset: its ids name the images.
+    Extending it with one dataset's rows records that dataset, so another's rows are then refused; extending it
+    with named images again leaves that record as it is."""
+    from vlscale.data.real import DataError
+
+    named = _tiny_cache(tmp_path / "n", ["COCO_1"])
+    assert len(FeatureCache(named, hf_rows="ds_a")) == 1
+    _tiny_cache(named, ["train/0"], {"hf_rows": "ds_a"})
+    assert json.loads((named / "meta.json").read_text())["hf_rows"] == "ds_a"
+    with pytest.raises(DataError, match=r"holds rows of the HF dataset 'ds_a', but the run reads the rows of "
+                                        r"data\.hf_dataset='ds_b'"):
+        FeatureCache(named, hf_rows="ds_b")
+    _tiny_cache(named, ["COCO_2"])
+    assert json.loads((named / "meta.json").read_text())["hf_rows"] == "ds_a"
+    assert sorted(FeatureCache(named, hf_rows="ds_a").ids()) == ["COCO_1", "COCO_2", "train/0"]
+
+
+def test_feature_meta_records_the_encoders_geometry():
+    """meta.json of an image cache: the grid's side, its token count (side squared), the image size; of a video
+    cache: per-frame embeddings, no grid, no token count, no image size where the encoder has none."""
+    from vlscale.data.features import feature_meta
+
+    assert feature_meta("RN50", "openai", video=False, dtype="float16", image_size=224, grid_side=7, dim=2048) == {
+        "vision": "RN50", "pretrained": "openai", "kind": "grid", "dtype": "float16", "image_size": 224,
+        "grid_shape": [7, 7], "dim": 2048, "tokens": 49, "synthetic": None}
+    fp = {"visual.w": [2.0, 1.0]}
+    assert feature_meta("RN50", None, video=True, dtype="float32", image_size=0, grid_side=7, dim=1024,
+                        synthetic={"seed": 1}, fingerprint=fp) == {
+        "vision": "RN50", "pretrained": None, "kind": "frames", "dtype": "float32", "image_size": None,
+        "grid_shape": None, "dim": 1024, "tokens": None, "synthetic": {"seed": 1}, "fingerprint": fp}
+
+
+@pytest.mark.parametrize("fingerprint", [{"w": [2.0, 1.0, 0.5]}, [[2.0, 1.0]], {"w": [2.0, "1"]}])
+def test_a_malformed_fingerprint_in_meta_json_is_refused_naming_it(tmp_path, fingerprint):
+    from vlscale.data.features import cache_fingerprint
+    from vlscale.data.real import DataError
+
+    with pytest.raises(DataError, match=r"feature cache m\.json: fingerprint is not a fingerprint of CLIP weights"):
+        cache_fingerprint({"fingerprint": fingerprint}, "m.json")
+    assert cache_fingerprint({"fingerprint": {"w": [2.0, 1]}}, "m.json") == {"w": [2.0, 1]}
+
+
+def test_cache_changed_compares_fingerprints_and_notes_a_cache_without_one(tmp_path, capsys):
+    """Resume / evaluation of a cache-trained run: features of other weights at data.feature_cache are named; a cache
+    recording no fingerprint is let through with one note from ``who`` (none without ``who``); a run that
+    recorded none, or a config that reads no cache, has nothing to compare."""
+    from vlscale.data.features import cache_changed
+
+    fp = {"visual.w": [2.0, 1.0]}
+    cache = _tiny_cache(tmp_path / "c", ["a"], {"fingerprint": fp})
+    cfg = load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={cache}"])
+    recorded = {"folder": "/then", "pretrained": "p.pt", "fingerprint": fp}
+    assert cache_changed(cfg, recorded, "fix it") is None
+    assert cache_changed(cfg, dict(recorded, fingerprint=None), "fix it") is None
+    other = dict(recorded, fingerprint={"visual.w": [3.0, 1.0]})
+    assert cache_changed(cfg, other, "fix it") == (
+        f"data.feature_cache={str(cache)!r} holds features of other {VISION} weights than the cache the run was "
+        f"trained on (/then, pretrained='p.pt'): visual.w differs (sum of squares 2 now, 3 in the run's cache; sum of "
+        f"|w| 1 vs 1); fix it")
+    images = load_config("tiny", ["model.feature_source=images", f"data.feature_cache={cache}"])
+    assert cache_changed(images, other, "fix it", who="vlscale: resume") is None
+    unset = _tiny_cache(tmp_path / "u", ["a"])
+    cfg = load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={unset}"])
+    capsys.readouterr()
+    assert cache_changed(cfg, other, "fix it") is None and capsys.readouterr().err == ""
+    assert cache_changed(cfg, other, "fix it", who="vlscale: resume") is None
+    assert capsys.readouterr().err.startswith(f"vlscale: resume: note: data.feature_cache={str(unset)!r} records no "
+                                              f"fingerprint of the CLIP weights")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--images", "d", "--vision", VISION, "model.vision=RN50"],
      "config overrides ['model.vision=RN50'] only apply with --synthetic or --real"),
