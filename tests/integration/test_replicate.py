@@ -863,3 +863,136 @@ def test_a_feature_cache_of_other_clip_weights_or_a_failed_extraction_stops_the_
         replicate.make_feature_cache(["data.synthetic_train=8"], cache, 1, "old", print)
     assert "extraction broke" in str(stop.value)
     assert len(ran) == 1 and ran[0][-1] == "data.synthetic_train=8"
+
+
+# ----------------------------------------------------------------------------- rarer inputs (mutation audit)
+
+def test_widths_round_to_nearest_and_a_rank_of_zero_keeps_its_alpha():
+    """Scaled widths round to the nearest integer (11 x 128 / 768 = 1.83 is 2, not 1); a section with LoRA rank 0
+    (no LoRA) keeps its lora_alpha rather than dividing by zero; a table number that is not a number is named."""
+    section = {"lora_rank": 11, "lora_alpha": 44.0, "prompt_hidden_dim": 17, "task_embedding_dim": 5,
+               "layer_embedding_dim": 1, "hypernet_hidden_dim": 23}
+    scaled = scale_peft_widths(section, 128)
+    assert {k: scaled[k] for k in section} == {"lora_rank": 2, "lora_alpha": 8.0, "prompt_hidden_dim": 3,
+                                               "task_embedding_dim": 1, "layer_embedding_dim": 1,
+                                               "hypernet_hidden_dim": 4}
+    assert scale_peft_widths(dict(section, lora_rank=0), 128)["lora_alpha"] == 44.0
+    with pytest.raises(ReplicationError, match=r"--table 'one': choose one of \[1, 3, 5\]"):
+        get_table("one")
+
+
+@needs_assets
+def test_a_rows_result_takes_the_last_validation_and_the_run_summary(tmp_path):
+    """make_result: the test split's headline scores, the validation scores of the last evaluation (not the first),
+    the run's steps and step time, and the timings and settings it was made with."""
+    from vlscale.replicate import backbone_fingerprint, make_result
+
+    row = {r.name: r for r in TABLES[1].rows}["single_adapter"]
+    ov = row_overrides(row, feature_cache=str(tmp_path / "features"), steps=3)
+    run = tmp_path / "run"
+    (run / "eval_test").mkdir(parents=True)
+    (run / "eval_test" / "eval_metrics.json").write_text(json.dumps({"tasks": {"vqa": {"vqa_score": 0.5},
+                                                                              "gqa": {"exact_match": 0.25}}}))
+    (run / "metrics.json").write_text(json.dumps([{"tasks": {"vqa": {"vqa_score": 0.1}}},
+                                                  {"tasks": {"vqa": {"vqa_score": 0.3}}}]))
+    (run / "run_summary.json").write_text(json.dumps({"completed": True, "steps": 3, "step_time_s": 0.25}))
+    r = make_result(row, TABLES[1], ov, run, 12.5, 20.0)
+    assert (r["scores"], r["avg"], r["split"]) == ({"vqa": 50.0, "gqa": 25.0}, 37.5, "test")
+    assert (r["val_scores"], r["val_avg"]) == ({"vqa": 30.0}, 30.0)
+    assert (r["steps"], r["step_time_s"], r["train_eval_seconds"], r["cpu_seconds"]) == (3, 0.25, 12.5, 20.0)
+    assert r["overrides"] == ov and r["backbones"] == backbone_fingerprint(row_config(ov))
+    with pytest.raises(ReplicationError, match=r"eval_metrics\.json has no per-task scores: keys \['tasks'\]"):
+        headline_scores({"tasks": {}})
+
+
+def test_tables_and_claims_over_rows_of_unequal_tasks_and_a_zero_baseline(tmp_path):
+    """A task only some rows scored is a column, '-' where a row lacks it; the per-seed ratios of the 97 % claim
+    are left out where full fine-tuning scored 0 in a seed (not a ZeroDivisionError); the notes name the rows
+    left out and only the invocations that ran rows."""
+    from vlscale.replicate import write_outputs
+
+    rows = {"full_ft": {"updated_pct": 100.0, "scores": {"vqa": 10.0, "caption": 30.0}, "avg": 20.0,
+                        "avg_by_seed": {"0": 0.0, "1": 40.0}},
+            "single_adapter": {"updated_pct": 5.0, "scores": {"vqa": 20.0}, "avg": 20.0,
+                               "avg_by_seed": {"0": 10.0, "1": 30.0}}}
+    md = markdown_table(TABLES[1], rows)
+    assert "| Method | Updated params (%) | VQA | COCO cap. (CIDEr) | Avg |" in md
+    assert "| Single Adapter (`single_adapter`) | 5.00 | 20.00 | - | 20.00 |" in md
+    (claim,) = [c for c in paper_claims(TABLES[1], rows) if "97%" in c["claim"]]
+    assert claim["value"] == "100.0% of full FT at 5.00% updated" and claim["holds"]
+    inv = {"command": "python launchers/replicate.py --table 1", "elapsed_s": 90.0, "cpu_s": 150.0, "parallel": 2}
+    write_outputs(TABLES[1], tmp_path, {}, {"partial_rows": ["single_prompt"],
+                                            "invocations": [dict(inv, rows_run_now=["full_ft"]),
+                                                            dict(inv, command="again", rows_run_now=[])]})
+    notes = (tmp_path / "table1.md").read_text()
+    assert "- Left out: single_prompt (not finished for every seed)." in notes
+    assert ("- `python launchers/replicate.py --table 1`: 1.5 min wall, 2 trainings at a time, 2.5 CPU-minutes, "
+            "for full_ft.") in notes and "`again`" not in notes
+
+
+def test_check_layout_counts_only_seed_folders_with_runs(tmp_path):
+    """A folder named seed* without runs/ (notes, a seed's folder before any row ran) is not a replication over
+    seeds: a one-seed run may use --out."""
+    from vlscale.replicate import check_layout
+
+    (tmp_path / "seed_notes").mkdir()
+    (tmp_path / "seed3").mkdir()
+    check_layout(tmp_path, [0])
+    (tmp_path / "seed3" / "runs").mkdir()
+    with pytest.raises(ReplicationError, match=r"holds a replication over several seeds \(seed3\)"):
+        check_layout(tmp_path, [0])
+
+
+def test_settings_are_read_from_the_adapter_where_run_config_yaml_is_gone(tmp_path):
+    """A row whose run_config.yaml is gone is checked against the run config its adapter records."""
+    from vlscale.config import flat_settings
+    from vlscale.replicate import trained_settings
+
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    cfg = row_config(row_overrides(row, feature_cache=str(tmp_path / "features"), steps=7))
+    assert trained_settings(tmp_path) is None
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"run_config": cfg.to_dict()}))
+    saved = trained_settings(tmp_path)
+    assert saved == flat_settings(cfg.to_dict()) and saved["train.max_steps"] == 7
+
+
+def test_job_environment_gpus_status_and_a_failed_collection(tmp_path, monkeypatch):
+    """Each row's command finds vlscale first on PYTHONPATH and the inherited entries after it, one thread for MKL
+    as for OpenMP; CUDA_VISIBLE_DEVICES's entries are the GPUs, blanks dropped; more threads per run than CPUs
+    still runs one training at a time; a running job's status is its last logged step; a result that cannot be
+    collected fails its row, and the other rows are collected."""
+    import os
+    from collections import deque
+
+    import vlscale.engine.distributed as distributed
+    from vlscale import replicate
+    from vlscale.replicate import Job, Runner, default_parallel, run_status, subprocess_env, visible_gpus
+
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = subprocess_env(3)
+    assert env["PYTHONPATH"] == str(replicate.ROOT) + os.pathsep + "/elsewhere"
+    assert env["MKL_NUM_THREADS"] == env["OMP_NUM_THREADS"] == "3" and env["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setattr(distributed, "local_device_type", lambda: "cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1, 3,")
+    assert visible_gpus() == ["1", "3"]
+    monkeypatch.setattr(distributed, "usable_cpu_count", lambda: 2)
+    assert default_parallel(4) == 1
+    monkeypatch.setattr(replicate, "visible_gpus", lambda: [])
+
+    rows = get_table(1).rows
+    job = Job(row=rows[0], overrides=[], run_dir=tmp_path / "a", phase="train")
+    job.run_dir.mkdir()
+    (job.run_dir / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.25}\n')
+    assert run_status(job) == "full_ft: step 2 loss 1.250"
+    jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i),
+                commands=deque([("eval", [sys.executable, "-c", "pass"])])) for i in range(2)]
+
+    def on_done(j):
+        if j is jobs[0]:
+            raise ValueError("no eval_metrics.json")
+
+    said = []
+    Runner(jobs, 1, 1, on_done=on_done, progress=False, poll_s=0.05, echo=said.append).run()
+    assert [j.phase for j in jobs] == ["failed", "done"] and jobs[0].error == "ValueError: no eval_metrics.json"
+    assert "full_ft: FAILED collecting the result: ValueError: no eval_metrics.json" in said
