@@ -996,3 +996,33 @@ def test_job_environment_gpus_status_and_a_failed_collection(tmp_path, monkeypat
     Runner(jobs, 1, 1, on_done=on_done, progress=False, poll_s=0.05, echo=said.append).run()
     assert [j.phase for j in jobs] == ["failed", "done"] and jobs[0].error == "ValueError: no eval_metrics.json"
     assert "full_ft: FAILED collecting the result: ValueError: no eval_metrics.json" in said
+
+
+def test_a_result_of_other_settings_names_the_first_and_counts_the_rest(tmp_path, monkeypatch):
+    """check_result's refusal names the first differing setting and how many more there are (the others named);
+    a new segments file is made durable with its folder."""
+    from vlscale import replicate
+    from vlscale.replicate import SEGMENTS_FILE, check_result, record_segment, write_json
+
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    write_json(tmp_path / "result.json", {"overrides": ["train.max_steps=3", "train.seed=0", "lr=0.001"]})
+    with pytest.raises(ReplicationError, match=r"row single_adapter: .*result\.json was made with other settings: "
+                                               r"lr=0\.001, this run gives lr=0\.002 \(and 2 more: train\.max_steps, "
+                                               r"train\.seed\); rerun with the settings it was made with to use it"):
+        check_result(row, ["train.max_steps=4", "train.seed=1", "lr=0.002"], tmp_path)
+    synced = []
+    monkeypatch.setattr(replicate, "fsync_path", synced.append)
+    for _ in range(2):
+        record_segment(tmp_path / SEGMENTS_FILE, {"phase": "train", "seconds": 1.0, "cpu_s": 1.0, "exit": 0})
+    assert synced == [tmp_path]
+
+
+@needs_assets
+def test_the_backbone_fingerprint_covers_the_lm_only_where_the_run_loads_it():
+    """A run that builds its language model from scratch (model.pretrained=false) is fingerprinted by its CLIP
+    weights alone; one that loads the pretrained LM by both."""
+    from vlscale.replicate import backbone_fingerprint
+
+    pretrained, scratch = row_config([]), row_config(["model.pretrained=false"])
+    assert backbone_fingerprint(scratch) == backbone_fingerprint(pretrained, vision_only=True)
+    assert backbone_fingerprint(pretrained) != backbone_fingerprint(scratch)
