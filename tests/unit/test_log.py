@@ -78,3 +78,83 @@ def test_every_launchers_main_prints_vlscales_messages():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert hasattr(module.main, "__wrapped__"), f"{path.name}: main is not under @logs_to_console"
+
+
+def test_one_process_without_launcher_variables_names_no_rank(monkeypatch):
+    """No RANK / WORLD_SIZE (``python launchers/train.py``): one process, whose own records carry no rank."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    stream = io.StringIO()
+    with console_logging(stream=stream):
+        log.warning("2 inputs in a batch are cut", extra=ALL_RANKS)
+    assert stream.getvalue().splitlines() == ["vlscale: warning: 2 inputs in a batch are cut"]
+
+
+def test_debug_level_prints_debug_records_naming_their_level():
+    stream = io.StringIO()
+    with console_logging(0, 1, level=logging.DEBUG, stream=stream):
+        log.debug("batch of 4")
+        log.info("loaded 12 examples")
+    assert stream.getvalue().splitlines() == ["vlscale: debug: batch of 4", "vlscale: loaded 12 examples"]
+
+
+class _Kept(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_an_embedders_level_and_handler_are_kept_and_restored():
+    """Whoever embeds vlscale set its logger to DEBUG with a handler of their own: under console_logging
+    their handler still gets the debug records (the level is not raised to the console's) while the console
+    prints INFO and above; at the end the logger's level is theirs again, also one above the console's."""
+    logger = logging.getLogger("vlscale")
+    kept, saved = _Kept(), logger.level
+    logger.addHandler(kept)
+    try:
+        logger.setLevel(logging.DEBUG)
+        stream = io.StringIO()
+        with console_logging(0, 1, stream=stream):
+            log.debug("batch of 4")
+            log.info("loaded 12 examples")
+        assert kept.messages == ["batch of 4", "loaded 12 examples"]
+        assert stream.getvalue().splitlines() == ["vlscale: loaded 12 examples"]
+        assert logger.level == logging.DEBUG
+        logger.setLevel(logging.ERROR)  # raised to the console's for the run only
+        stream = io.StringIO()
+        with console_logging(0, 1, stream=stream):
+            log.info("loaded 12 examples")
+        assert stream.getvalue() == "vlscale: loaded 12 examples\n" and logger.level == logging.ERROR
+    finally:
+        logger.removeHandler(kept)
+        logger.setLevel(saved)
+
+
+def test_a_record_is_printed_once_not_again_by_the_roots_handlers(caplog):
+    stream = io.StringIO()
+    with caplog.at_level(logging.INFO):
+        with console_logging(0, 1, stream=stream):
+            log.warning("skipped 1 malformed record")
+    assert stream.getvalue() == "vlscale: warning: skipped 1 malformed record\n"
+    assert "skipped 1 malformed record" not in caplog.text
+
+
+def test_the_console_handlers_own_filters_apply():
+    stream = io.StringIO()
+    with console_logging(0, 1, stream=stream) as handler:
+        handler.addFilter(lambda record: "noisy" not in record.getMessage())
+        log.info("noisy detail")
+        log.info("loaded 12 examples")
+    assert stream.getvalue() == "vlscale: loaded 12 examples\n"
+
+
+def test_a_record_that_cannot_be_formatted_is_reported_and_the_next_ones_print(capsys):
+    stream = io.StringIO()
+    with console_logging(0, 1, stream=stream):
+        log.info("%d examples", "twelve")
+        log.info("loaded 12 examples")
+    assert stream.getvalue() == "vlscale: loaded 12 examples\n"
+    assert "--- Logging error ---" in capsys.readouterr().err
