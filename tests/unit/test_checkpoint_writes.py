@@ -592,6 +592,101 @@ def test_safetensors_files_take_the_umask_like_every_other_file(tmp_path, umask)
     shards = list((tmp_path / "cache").glob("shard_*.safetensors"))
     assert shards and all(p.stat().st_mode & 0o777 == mode for p in [path, *shards])
     assert torch.equal(load_file(str(path))["w"], torch.ones(2))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}, "the metadata given is in the file"
+
+
+@pytest.mark.parametrize("status", [OSError("no /proc"), "Name:\tpython\nPid:\t7\n", "Umask:\t?\n"])
+def test_safetensors_files_take_the_umask_where_proc_does_not_say_it(tmp_path, monkeypatch, status):
+    """No /proc (macOS), a kernel before 4.7 (no Umask line), a line that does not parse: the umask is read by
+    setting it and putting it back, so the file gets 0666 less the umask and the next files still get it."""
+    from vlscale.files import save_safetensors
+
+    real_read_text = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) != "/proc/self/status":
+            return real_read_text(self, *args, **kwargs)
+        if isinstance(status, Exception):
+            raise status
+        return status
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    old = os.umask(0o027)
+    try:
+        path = save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+        (tmp_path / "after.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in (path, tmp_path / "after.txt")] == [0o640, 0o640]
+
+
+def _record_syncs(monkeypatch):
+    """os.fsync and os.replace calls as they come: ("fsync", path, size for a file) and ("replace", src, dst)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), st.st_size if not os.path.isdir(
+            f"/proc/self/fd/{fd}") else None))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_write_text_atomic_flushes_the_whole_text_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """The temporary file holds every byte when it is flushed to disk (a flush of Python's buffer first), the
+    rename comes after, then the folder's flush (the rename itself); the folder is made; the path comes back."""
+    from vlscale.files import write_text_atomic
+
+    events = _record_syncs(monkeypatch)
+    path = tmp_path / "new" / "metrics.json"
+    text = '{"step": 3}\n' * 100
+    assert write_text_atomic(path, text) == path
+    monkeypatch.undo()
+    tmp = events[0][1]  # a temporary file beside the path
+    assert Path(tmp).parent == path.parent and tmp != str(path)
+    assert events == [("fsync", tmp, len(text)), ("replace", tmp, str(path)), ("fsync", str(path.parent), None)]
+    assert path.read_text() == text and sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+
+
+def test_fsync_tree_flushes_every_file_and_folder_and_leaves_links_alone(tmp_path, monkeypatch):
+    """Every file and folder under the checkpoint's temporary folder, itself included; a link (to a file
+    elsewhere, or to nothing: a tokenizer link a user kept) is neither followed nor an error."""
+    from vlscale.files import fsync_tree
+
+    folder = tmp_path / "step4"
+    (folder / "zero" / "empty").mkdir(parents=True)
+    (folder / "model_states.pt").write_bytes(b"12345")
+    (folder / "zero" / "optim_states.pt").write_bytes(b"123")
+    (tmp_path / "elsewhere.txt").write_text("outside")
+    (folder / "to_elsewhere").symlink_to(tmp_path / "elsewhere.txt")
+    (folder / "zero" / "dangling").symlink_to("/nowhere/spiece.model")
+    events = _record_syncs(monkeypatch)
+    fsync_tree(folder)
+    monkeypatch.undo()
+    assert sorted(e[1:] for e in events) == sorted([
+        (str(folder / "model_states.pt"), 5), (str(folder / "zero" / "optim_states.pt"), 3),
+        (str(folder), None), (str(folder / "zero"), None), (str(folder / "zero" / "empty"), None)])
+
+
+def test_files_are_written_through_a_linked_folder(tmp_path):
+    """An output_dir that is a symbolic link (to a scratch disk) is written and flushed through the link."""
+    from vlscale.files import fsync_path, write_text_atomic
+
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "run").symlink_to(tmp_path / "scratch")
+    write_text_atomic(tmp_path / "run" / "run_summary.json", "{}")
+    fsync_path(tmp_path / "run")
+    assert (tmp_path / "scratch" / "run_summary.json").read_text() == "{}"
 
 
 def test_an_adapter_path_that_is_not_one_says_what_it_is(tmp_path):
