@@ -686,6 +686,128 @@ def test_synthetic_batch_of_a_video_task_has_one_clip_of_max_frames():
     assert s["task"] == "tvqa" and s["pixel_values"].shape[:4] == (2, 1, 3, 3)
 
 
+def test_live_tensor_tracker_counts_only_its_device_and_stops_following_resizes_after():
+    """A CPU tracker leaves meta tensors out (shapes without memory: a meta-device build), a CUDA tracker the
+    host's tensors; outside its context ``UntypedStorage.resize_`` is PyTorch's own again."""
+    from vlscale.profiling.measure import _patched_storage_resize
+
+    with LiveTensorTracker("cpu") as tr, _patched_storage_resize(tr):
+        a = torch.empty(100)  # 400 B
+        m = torch.empty(1000, device="meta")
+    with LiveTensorTracker("cuda") as gpu:
+        b = torch.empty(100)
+    assert (tr.peak, tr.current, gpu.peak) == (400, 400, 0)
+    a.untyped_storage().resize_(0)
+    assert tr.current == 400, "a resize after the context is not followed"
+    del a, b, m
+
+
+def test_saved_tensor_counter_leaves_out_parameters_whose_data_was_swapped_and_other_devices():
+    """ZeRO-3 gathers a parameter by swapping its ``data`` after the counter read the parameters' storages: the
+    parameter (and a view of it, as linear saves its weight transposed) is still not an activation. Saved
+    storages are counted by device type."""
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter([lin]) as counter:
+        h = x.sin()  # keeps x: the first record reads the parameters' storages
+        # gathered: a storage the counter has not seen (the old one kept alive: were it freed, an activation
+        # allocated at its address would be taken for a parameter, a limit of the address check)
+        partition = lin.weight.data
+        lin.weight.data = partition.clone()
+        y = torch.relu(lin(h))
+        m = torch.randn(4, 8, device="meta", requires_grad=True)
+        z = m.sin()
+    assert counter.alive_bytes("cpu") == (x.numel() + h.numel() + y.numel()) * 4
+    assert counter.alive_bytes("meta") == m.numel() * 4
+    assert counter.alive_bytes() == counter.alive_bytes("cpu") + counter.alive_bytes("meta")
+    del y, z, partition
+
+
+def test_saved_bytes_takes_an_absent_argument():
+    """An op's optional argument (a bias) may be None among the inputs."""
+    from vlscale.profiling.measure import saved_bytes
+
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    saved = saved_bytes(lambda: torch.nn.functional.linear(x, w, None), [x, w, None])
+    assert saved == {"all": (x.numel() + w.numel()) * 4, "activations": 0}  # linear keeps its two arguments
+
+
+def test_synthetic_batch_tokens_padding_dtype_and_seed():
+    """Ordinary tokens only (no special id below 4, none outside a small vocabulary); with ``padded`` only the
+    first example ends in 3 padding positions, and not when that would leave it no token; features in the dtype
+    asked for; the same seed gives the same batch, another seed another."""
+    cfg = load_config("tiny", ["data.max_input_length=6", "data.max_target_length=5", "model.feature_source=cache"])
+    s = synthetic_batch(cfg, 3, 9, dtype=torch.bfloat16)
+    for key in ("input_ids", "labels"):
+        assert 4 <= int(s[key].min()) and int(s[key].max()) < 9, (key, s[key])
+    assert s["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6, [1] * 6]
+    assert s["vis_feats"].dtype == torch.bfloat16
+    assert synthetic_batch(cfg, 3, 9, padded=False)["attention_mask"].tolist() == [[1] * 6] * 3
+    short = load_config("tiny", ["data.max_input_length=3"])
+    assert synthetic_batch(short, 2, 700)["attention_mask"].tolist() == [[1, 1, 1]] * 2
+    again, other = synthetic_batch(cfg, 3, 700, seed=0), synthetic_batch(cfg, 3, 700, seed=1)
+    first = synthetic_batch(cfg, 3, 700, seed=0)
+    assert all(torch.equal(first[k], again[k]) for k in ("input_ids", "labels", "vis_feats"))
+    assert not any(torch.equal(first[k], other[k]) for k in ("input_ids", "labels", "vis_feats"))
+
+
+def test_process_peak_rss_and_available_memory_are_bytes(monkeypatch, tmp_path):
+    """ru_maxrss is in KiB on Linux and /proc/meminfo in kB: both are reported in bytes; no MemAvailable (a
+    kernel before 3.14) or no /proc: None."""
+    from vlscale.profiling import measure
+
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    hwm = int(status["VmHWM"].split()[0]) * 1024
+    assert abs(measure._rss_peak_bytes() - hwm) <= 0.1 * hwm, (measure._rss_peak_bytes(), hwm)
+    meminfo = tmp_path / "meminfo"
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(meminfo if path == "/proc/meminfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "open", fake_open, raising=False)
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:         1024 kB\nMemAvailable:    2048 kB\n")
+    assert measure.available_host_bytes() == 2048 * 1024
+    meminfo.write_text("MemTotal:       16384 kB\nMemFree:         1024 kB\n")
+    assert measure.available_host_bytes() is None
+    meminfo.unlink()
+    assert measure.available_host_bytes() is None
+
+
+def test_bf16_stand_in_steps_fp32_masters_and_drops_their_gradients():
+    """The GPU section's stand-in for DeepSpeed's stage-0 bf16 optimizer: AdamW on fp32 masters (weight decay on
+    matrices only), the bf16 weights copied from them, every gradient dropped after the step (the fp32 ones
+    included: they would stay in the next step's memory)."""
+    from vlscale.profiling.measure import _Bf16MasterAdamW
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    ref = [p.detach().float().clone().requires_grad_(True) for p in lin.parameters()]
+    ref_opt = torch.optim.AdamW([{"params": [ref[0]]}, {"params": [ref[1]], "weight_decay": 0.0}], lr=0.1,
+                                betas=(0.9, 0.99), eps=1e-8, weight_decay=0.5)
+    opt = _Bf16MasterAdamW(lin.parameters(), 0.1, [0.9, 0.99], 1e-8, 0.5)
+    x = torch.randn(5, 4)
+    for _ in range(2):
+        lin(x.bfloat16()).float().square().sum().backward()
+        for r, p in zip(ref, lin.parameters()):
+            r.grad = p.grad.float()
+        opt.step()
+        ref_opt.step()
+        assert all(p.grad is None for p in lin.parameters()) and all(m.grad is None for m in opt.masters)
+        for r, m, p in zip(ref, opt.masters, lin.parameters()):
+            assert torch.equal(m, r.detach()) and torch.equal(p, r.detach().bfloat16())
+    assert opt.opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_gpu_section_without_cuda_says_it_is_skipped(monkeypatch):
+    from vlscale.profiling.measure import run_gpu_section
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = {"other": 1}
+    assert run_gpu_section(out) == {"skipped": "no CUDA device"} and out["profile_memory"] == {"skipped": "no CUDA device"}
+
+
 # ----------------------------------------------------------------------------- measured (in process)
 
 def test_measured_cases_refuse_bad_keys_before_starting():
@@ -696,6 +818,38 @@ def test_measured_cases_refuse_bad_keys_before_starting():
         measure_memory_cases([{"cfg": cfg}, {"cfg": cfg, "step": 2}], 2)
     with pytest.raises(ValueError, match="loss_mode='sum'"):
         measure_memory_cases([{"cfg": cfg, "loss_mode": "sum"}], 2)
+
+
+def test_measured_cases_pass_each_cases_settings_and_the_defaults_to_the_ranks(monkeypatch):
+    """A case's own ds_config, vocab_size, loss_mode and padded reach the ranks as given; without them the
+    DeepSpeed file the run would resolve for the world size, the model's vocabulary, the trainer's loss and
+    padded batches. The ranks run with ``threads`` OpenMP threads unless the caller set them, and with the
+    caller's PYTHONPATH after this checkout."""
+    from vlscale.profiling import measure
+
+    cfg = load_config("tiny", [])
+    seen = {}
+
+    def launch(args, world_size, env, cwd, timeout_s):
+        seen.update(spec=json.loads(Path(args[-2]).read_text()), env=env)
+        for r in range(world_size):
+            Path(f"{args[-1]}.rank{r}").write_text(json.dumps([_rank_result(100, 7)] * 2))
+        return 0, ""
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/users/own")
+    given = {"cfg": cfg, "ds_config": {"train_batch_size": 6}, "vocab_size": 123, "loss_mode": "model", "padded": False}
+    measure.measure_memory_cases([given, {"cfg": cfg}], 2, threads=3, launch=launch)
+    mine, default = seen["spec"]["cases"]
+    assert {k: mine[k] for k in ("ds_config", "vocab_size", "loss_mode", "padded")} == {
+        "ds_config": {"train_batch_size": 6}, "vocab_size": 123, "loss_mode": "model", "padded": False}
+    assert default["ds_config"] == resolve_ds_config(cfg, 2, None) != resolve_ds_config(cfg, 1, None)
+    assert (default["vocab_size"], default["loss_mode"], default["padded"]) == (default_vocab_size(cfg), "trainer", True)
+    root = str(Path(measure.__file__).resolve().parents[2])
+    assert seen["env"]["OMP_NUM_THREADS"] == "3" and seen["env"]["PYTHONPATH"] == f"{root}:/users/own"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    measure.measure_memory_cases([{"cfg": cfg}], 2, threads=3, launch=launch)
+    assert seen["env"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_plain_torch_bf16_path_matches_stage0_model():
