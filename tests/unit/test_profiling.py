@@ -702,6 +702,25 @@ def test_live_tensor_tracker_counts_only_its_device_and_stops_following_resizes_
     del a, b, m
 
 
+def test_saved_tensor_counter_counts_an_activation_at_a_released_parameters_address():
+    """A parameter's storage is known by the storage itself, not its address: once ZeRO-3 releases gathered data,
+    an activation may be allocated at the same address, and the address check took it for the parameter (its
+    bytes left out). Two storages over one numpy buffer give the same address for certain."""
+    import numpy as np
+
+    buffer = np.zeros((8, 8), np.float32)
+    lin = torch.nn.Linear(8, 8)
+    lin.weight = torch.nn.Parameter(torch.from_numpy(buffer))
+    x = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter([lin]) as counter:
+        h = x.sin()  # keeps x (its storage stays alive): the first record reads the parameters' storages
+        lin.weight.data = torch.zeros(8, 8)  # released: the first storage is gone, its memory is numpy's
+        at_old_address = torch.from_numpy(buffer).requires_grad_()
+        y = at_old_address.sin()
+    assert counter.alive_bytes() == (x.numel() + at_old_address.numel()) * 4  # what sin saves: its inputs
+    del h, y
+
+
 def test_saved_tensor_counter_leaves_out_parameters_whose_data_was_swapped_and_other_devices():
     """ZeRO-3 gathers a parameter by swapping its ``data`` after the counter read the parameters' storages: the
     parameter (and a view of it, as linear saves its weight transposed) is still not an activation. Saved
@@ -710,8 +729,7 @@ def test_saved_tensor_counter_leaves_out_parameters_whose_data_was_swapped_and_o
     x = torch.randn(4, 8, requires_grad=True)
     with SavedTensorCounter([lin]) as counter:
         h = x.sin()  # keeps x: the first record reads the parameters' storages
-        # gathered: a storage the counter has not seen (the old one kept alive: were it freed, an activation
-        # allocated at its address would be taken for a parameter, a limit of the address check)
+        # gathered: a storage the counter has not seen (a freed one's address: the test below)
         partition = lin.weight.data
         lin.weight.data = partition.clone()
         y = torch.relu(lin(h))

@@ -186,13 +186,16 @@ class SavedTensorCounter:
         self._seen: dict[int, tuple[weakref.ref, int, str]] = {}
         self._ctx = None
 
-    def _param_storage_ids(self) -> set[int]:
-        ids = set()
+    def _param_storages(self) -> dict[int, weakref.ref]:
+        """The parameters' and buffers' storages by address, held weakly: an address alone would take an
+        activation allocated where a released one was (ZeRO-3 frees gathered data) for a parameter."""
+        own = {}
         for m in self.modules:
             for t in list(m.parameters()) + list(m.buffers()):
                 if t.numel() > 0:
-                    ids.add(t.untyped_storage().data_ptr())
-        return ids
+                    st = t.untyped_storage()
+                    own[st.data_ptr()] = weakref.ref(st)
+        return own
 
     def _pack(self, t):
         if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
@@ -209,14 +212,15 @@ class SavedTensorCounter:
         key = id(st)
         entry = self._seen.get(key)
         if entry is None or entry[0]() is not st:
-            if st.data_ptr() in self._param_ids():
+            own = self._param_ids().get(st.data_ptr())
+            if own is not None and own() is st:
                 return
             self._seen[key] = (weakref.ref(st, lambda _r, k=key: self._seen.pop(k, None)), st.nbytes(),
                                st.device.type)
 
-    def _param_ids(self):
+    def _param_ids(self) -> dict[int, weakref.ref]:
         if self._cached is None:
-            self._cached = self._param_storage_ids()
+            self._cached = self._param_storages()
         return self._cached
 
     def __enter__(self):
