@@ -117,9 +117,6 @@ class LiveTensorTracker(TorchDispatchMode):
         self.peak_phase = self.phase_name
         self.phase_peaks = {self.phase_name: self.current}
 
-    def live_bytes(self) -> int:
-        return self.current
-
     # ------------------------------------------------------------------ the mode
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -128,13 +125,7 @@ class LiveTensorTracker(TorchDispatchMode):
             st = _storage(t)
             if st is not None:
                 self._see(st)
-        if func is torch.ops.aten.resize_.default or func is torch.ops.aten.set_.source_Storage:
-            flat_in, _ = tree_flatten(args)
-            for t in flat_in:
-                st = _storage(t)
-                if st is not None:
-                    self._see(st)
-        return out
+        return out  # resize_ and set_ return the tensor they change: seen again here, re-sized
 
 
 @contextlib.contextmanager
