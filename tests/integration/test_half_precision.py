@@ -123,8 +123,9 @@ class _Engine:
     """``backward`` divides the loss by the accumulation steps, as DeepSpeed's does, and multiplies it by
     ``multiplier`` (the loss scale where the engine scales, 1 at stage 0 in DeepSpeed 0.19.8)."""
 
-    def __init__(self, wrapper="FP16_UnfusedOptimizer", accumulation=1, loss_scale=1024.0, multiplier=1.0, norm=None):
-        self.module = torch.nn.Linear(3, 2)
+    def __init__(self, wrapper="FP16_UnfusedOptimizer", accumulation=1, loss_scale=1024.0, multiplier=1.0, norm=None,
+                 module=None):
+        self.module = module if module is not None else torch.nn.Linear(3, 2)
         self.optimizer = type(wrapper, (_Wrapper,), {})(self.module.parameters(), loss_scale)
         self.accumulation, self.multiplier, self.norm = accumulation, multiplier, norm
 
@@ -180,3 +181,19 @@ def test_the_gradient_norm_is_unscaled_only_where_deepspeed_left_it_scaled():
     assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=3.0), None) == 3.0  # no fp16 loss scale
     for norm in (None, float("inf"), float("nan")):  # not computed, or a skipped step
         assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=norm), 1024.0) is None, norm
+
+
+def test_the_loss_scale_probe_runs_through_a_trainable_parameter_behind_frozen_ones():
+    """A PEFT model's first parameters are the frozen backbone's: the probe must go through a trainable one (through
+    a frozen one it has no gradient to read, and registering its hook fails); a multiplier of 2 or of half the loss
+    scale is neither the loss scale nor 1, and refused."""
+    from vlscale.engine.half_precision import engine_scales_fp16_loss
+
+    for scales in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3).requires_grad_(False), torch.nn.Linear(3, 2))
+        engine = _Engine(multiplier=1024.0 if scales else 1.0, module=model)
+        assert engine_scales_fp16_loss(engine) is scales
+        assert all(p.grad is None for p in engine.module.parameters())
+    for multiplier in (2.0, 512.0):
+        with pytest.raises(RuntimeError, match=rf"by {multiplier}, neither the loss scale 1024\.0 nor 1"):
+            engine_scales_fp16_loss(_Engine(multiplier=multiplier))
