@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vlscale.engine.distributed import LauncherWatch, entry_point
+from vlscale.engine.distributed import LauncherWatch, StopSignal, entry_point
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -361,3 +361,128 @@ def test_without_a_process_group_the_collectives_are_those_of_one_rank():
     assert all_gather_object(15) == [15] and all_gather_object(None) == [None]
     assert broadcast_object({"step": 3}) == {"step": 3}
     assert all_reduce_sum([1, 2.5], "cpu") == [1.0, 2.5]
+
+
+def test_a_gpu_machine_keeps_deepspeeds_choice_and_a_deepspeed_imported_on_another_accelerator_is_refused(monkeypatch):
+    """With a GPU and no DS_ACCELERATOR nothing is exported (DeepSpeed picks cuda); without a GPU, a deepspeed
+    imported before vlscale could choose, on an accelerator other than cpu, is refused naming DS_ACCELERATOR=cpu."""
+    import types
+
+    import deepspeed.accelerator
+    import torch
+
+    from vlscale.engine.distributed import select_accelerator
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_accelerator() == "cuda" and "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "deepspeed", sys.modules["deepspeed"])
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator",
+                        lambda: types.SimpleNamespace(device_name=lambda: "xpu"))
+    with pytest.raises(RuntimeError, match=r"deepspeed was imported before .* picked 'xpu'; set DS_ACCELERATOR=cpu"):
+        select_accelerator()
+    assert "DS_ACCELERATOR" not in os.environ
+
+
+def test_timeouts_that_are_no_number_are_named_and_the_watchdogs_follows_the_collectives(monkeypatch):
+    """A VLSCALE_*_TIMEOUT that is no number names the variable (not float()'s bare message); without
+    VLSCALE_WATCHDOG_TIMEOUT the watchdog waits the collective timeout set + 60 s."""
+    from vlscale.engine.distributed import dist_timeout_s, watchdog_timeout_s
+
+    monkeypatch.setenv("VLSCALE_DIST_TIMEOUT", "5m")
+    with pytest.raises(ValueError, match=r"VLSCALE_DIST_TIMEOUT='5m' must be a number of seconds"):
+        dist_timeout_s()
+    monkeypatch.setenv("VLSCALE_WATCHDOG_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match=r"VLSCALE_WATCHDOG_TIMEOUT='ten' must be a number of seconds"):
+        watchdog_timeout_s()
+    monkeypatch.delenv("VLSCALE_WATCHDOG_TIMEOUT")
+    monkeypatch.setenv("VLSCALE_DIST_TIMEOUT", "30")
+    assert dist_timeout_s() == 30.0 and watchdog_timeout_s() == 90.0
+
+
+def test_a_starved_watchdog_names_its_rank_and_the_last_place_it_heard_from(monkeypatch, capsys):
+    """A beat without a place keeps the last place named: the hung rank's line says where it stopped."""
+    from vlscale.engine import distributed
+
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed.faulthandler, "dump_traceback", lambda **kwargs: None)
+    w = distributed.Watchdog(0.2, rank=3)
+    w.beat("step 7: all-reduce of the loss")
+    w.beat()
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert exits[:1] == [distributed.EXIT_HUNG]
+    err = capsys.readouterr().err
+    assert "[vlscale] rank 3: no progress for " in err and "(last: step 7: all-reduce of the loss); another" in err
+
+
+def test_a_launcher_watch_that_cannot_look_once_keeps_watching(monkeypatch):
+    """A failed look (a psutil error while /proc changes) is skipped, not the end of the watch: the launcher's
+    end, seen at a later look, still stops the rank."""
+    sent, looks = [], []
+    monkeypatch.setattr(StopSignal, "requested_at", None)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig))
+    w = LauncherWatch(_Proc(os.getppid()), rank=0, period_s=0.02, log=lambda line: None)
+
+    def gone():
+        looks.append(1)
+        if len(looks) == 1:
+            raise OSError("/proc/1234/stat: No such process")
+        return "its launcher torchrun (pid 1234) is gone"
+
+    monkeypatch.setattr(w, "gone", gone)
+    w.start()._thread.join(5)
+    assert w.fired == "its launcher torchrun (pid 1234) is gone" and sent == [signal.SIGTERM] and len(looks) == 2
+
+
+class _Parent(_Proc):
+    """A launcher stand-in as psutil.Process(os.getppid()) gives it: its command line and its own parent."""
+
+    def __init__(self, cmdline, pid, ppid=1, parent=None):
+        super().__init__(pid, ppid=ppid)
+        self._cmdline, self._parent = cmdline, parent
+
+    def cmdline(self):
+        return self._cmdline
+
+    def parent(self):
+        return self._parent
+
+
+@pytest.mark.parametrize("cmdline, watched", [
+    (["/usr/bin/python3", "/env/bin/torchrun", "--nproc_per_node", "2", "t.py"], True),
+    (["/usr/bin/python3", "-m", "torch.distributed.run", "t.py"], True),
+    (["/usr/bin/python3", "-m", "deepspeed.launcher.launch", "--world_info=x", "t.py"], True),
+    (["/bin/bash", "-c", "python t.py"], False),
+    (["/usr/bin/python3", "-m", "pytest"], False),
+])
+def test_a_rank_is_watched_under_torchrun_or_deepspeeds_launch_and_under_nothing_else(monkeypatch, cmdline, watched):
+    import psutil
+
+    monkeypatch.setenv("RANK", "1")
+    parent = _Parent(cmdline, os.getppid())
+    monkeypatch.setattr(psutil, "Process", lambda pid: parent if pid == os.getppid() else None)
+    watch = LauncherWatch.for_this_process(rank=1)
+    assert (watch is not None) is watched
+    if watched:
+        assert watch.launcher is parent and watch.runner is None and watch.launcher_name == entry_point(cmdline)
+
+
+def test_a_stop_signal_installed_off_the_main_thread_installs_nothing():
+    """Python lets only the main thread set signal handlers: a loop run in another thread (a notebook's, a
+    test's) gets a StopSignal that never fires instead of a ValueError."""
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = []
+    t = threading.Thread(target=lambda: out.append(StopSignal().install()))
+    t.start()
+    t.join(5)
+    assert len(out) == 1 and not out[0].requested and signal.getsignal(signal.SIGTERM) == before
