@@ -432,3 +432,90 @@ def test_the_special_ids_are_checked_against_the_backbone_folders_config_and_a_f
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^cannot load the tokenizer for model\.tokenizer='.*empty' \(a hub id "):
         build_tokenizer(load_config("tiny", [f"model.tokenizer={tmp_path / 'empty'}"]))
+
+
+# ----------------------------------------------------------------------------- what the pixels show
+
+def _centroid(img, color):
+    """(x, y) in [0, 1] of the pixels drawn in exactly ``color`` (the background's noise never is), and their count."""
+    ys, xs = np.nonzero((img.astype(int) == COLORS[color]).all(-1))
+    s = img.shape[0]
+    return ((xs.mean() + 0.5) / s, (ys.mean() + 0.5) / s, len(xs)) if len(xs) else (None, None, 0)
+
+
+@pytest.mark.parametrize("task", ["vqa", "gqa"])
+def test_each_object_is_drawn_in_the_cell_its_scene_record_names(task):
+    """GQA's "left of" / "above" and the oracle read (row, col) from the scene record: the image must put the object
+    there, column across and row down (a transposed image turns "left of" into "above")."""
+    sp = generate_split(task, "test", 60, image_size=48)
+    checked = 0
+    for e in sp.examples:
+        scene = e.extra["scene"][0]
+        colors = collections.Counter(o[0] for o in scene)
+        for color, _shape, _size, row, col in scene:
+            if colors[color] == 1:
+                x, y, _ = _centroid(sp.visuals[e.image_ids[0]], color)
+                assert (int(x * 3), int(y * 3)) == (col, row), (e.uid, color, row, col, x, y)
+                checked += int(row != col)
+    assert checked > 50
+
+
+def test_a_videos_objects_move_the_way_its_labels_say_and_stay_in_the_frame():
+    """tvqa / how2qa answers and tvc / yc2c captions say which way each object moves: in the frames it moves that
+    way (up is towards the top row) by a visible distance, or stands still, and stays whole in every frame."""
+    moved = collections.Counter()
+    for task in ("tvqa", "tvc"):
+        sp = generate_split(task, "train", 60, image_size=48)
+        for e in sp.examples:
+            if len(e.extra["motions"]) != 1:  # one object: no other object passes over it
+                continue
+            (direction,) = e.extra["motions"]
+            color = e.extra["scene"][0][0][0]
+            frames = sp.visuals[e.image_ids[0]]
+            path = [_centroid(f, color) for f in frames]
+            dx, dy = path[-1][0] - path[0][0], path[-1][1] - path[0][1]
+            want = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[direction]
+            for got, sign in ((dx, want[0]), (dy, want[1])):
+                ok = got > 0.2 if sign > 0 else got < -0.2 if sign < 0 else abs(got) < 0.02
+                assert ok, (e.uid, direction, dx, dy)
+            assert min(p[2] for p in path) >= 0.8 * max(p[2] for p in path), (e.uid, direction, [p[2] for p in path])
+            moved[direction] += 1
+    assert set(moved) == {"left", "right", "up", "down", "still"}, moved
+
+
+def test_annotators_give_the_gold_7_to_10_times_and_otherwise_one_alternative_from_the_answer_space():
+    """The other answers are one plausible alternative of the question's type (a count one off, within 0-3), never
+    the gold itself: a question's 10 answers are all gold in about a quarter of the examples (7-10 drawn evenly)."""
+    sp = generate_split("vqa", "train", 400, image_size=16)
+    all_gold = collections.defaultdict(list)
+    for e in sp.examples:
+        space = ANSWER_SPACES[e.extra["qtype"]]
+        assert set(e.references) <= set(space), (e.uid, e.references)
+        counts = collections.Counter(e.references)
+        assert 7 <= counts[e.target] <= 10 and len(counts) <= 2, (e.uid, e.references)
+        if e.extra["qtype"] == "count" and len(counts) == 2:
+            (alt,) = set(counts) - {e.target}
+            assert abs(int(alt) - int(e.target)) == 1, (e.uid, e.references)
+        all_gold[e.extra["qtype"]].append(counts[e.target] == 10)
+    for qtype, flags in all_gold.items():
+        assert 0.1 <= np.mean(flags) <= 0.4, (qtype, np.mean(flags), len(flags))
+
+
+def test_gqa_scenes_hold_other_objects_besides_the_two_the_question_names():
+    """The question needs its relation: 0-2 distractors stand outside it, so a scene holds 2, 3 or 4 objects."""
+    examples = generate_split("gqa", "train", 100, image_size=16).examples
+    sizes = collections.Counter(len(e.extra["scene"][0]) for e in examples)
+    assert set(sizes) == {2, 3, 4}, sizes
+
+
+def test_a_cache_of_examples_with_other_fields_is_named(monkeypatch):
+    """An examples.json whose records have fields Example does not (written by other code) is the cache's fault:
+    a RuntimeError naming the folder, not a TypeError from the Example constructor."""
+    import json
+
+    load_split("vqa", "val", 2, seed=1, image_size=16)
+    path = split_cache_dir(split_params("vqa", "val", 2, 1, 16))
+    records = json.loads((path / "examples.json").read_text())
+    (path / "examples.json").write_text(json.dumps([dict(r, answer_type="other") for r in records]))
+    with pytest.raises(RuntimeError, match=rf"synthetic cache {path} is unreadable .*answer_type.*; delete it"):
+        load_split("vqa", "val", 2, seed=1, image_size=16)
