@@ -519,3 +519,11 @@ def test_a_cache_of_examples_with_other_fields_is_named(monkeypatch):
     (path / "examples.json").write_text(json.dumps([dict(r, answer_type="other") for r in records]))
     with pytest.raises(RuntimeError, match=rf"synthetic cache {path} is unreadable .*answer_type.*; delete it"):
         load_split("vqa", "val", 2, seed=1, image_size=16)
+
+
+def test_nlvr2_draws_again_statements_no_image_pair_can_meet():
+    """Some drawn statement sets cannot all hold of one pair (three true "exactly" statements need three sides):
+    they are drawn again rather than tried until the generator gives up, so a large split (500 pairs here, which
+    meet such sets) is generated."""
+    sp = generate_split("nlvr2", "train", 2000, seed=0, image_size=16)
+    assert len(sp) == 2000 and len(sp.visuals) == 1000
