@@ -569,6 +569,9 @@ def test_a_single_process_group_needs_no_port(monkeypatch):
         folder = os.path.dirname(url[len("file://"):])
         assert os.path.isdir(folder) and not os.listdir(folder)
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+    # DeepSpeed reads the rest of a launcher's variables whatever the store: all are set
+    assert os.environ["LOCAL_RANK"] == "0" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing
