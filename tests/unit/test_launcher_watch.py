@@ -486,3 +486,33 @@ def test_a_stop_signal_installed_off_the_main_thread_installs_nothing():
     t.start()
     t.join(5)
     assert len(out) == 1 and not out[0].requested and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_process_groups_timeout_is_the_callers_or_vlscale_dist_timeout(monkeypatch):
+    """init_distributed(timeout_s=...) (the tests' short waits) wins over VLSCALE_DIST_TIMEOUT, which applies
+    otherwise: a collective that waits longer fails instead of hanging."""
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlscale.engine.distributed import init_distributed
+
+    class Started(Exception):
+        pass
+
+    timeouts = []
+
+    def init(**kwargs):
+        timeouts.append(kwargs["timeout"])
+        raise Started
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("RANK", "0")  # launched: no 1-rank store is made
+    monkeypatch.setenv("VLSCALE_DIST_TIMEOUT", "42")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", init)
+    for given in (7.5, None):
+        with pytest.raises(Started):
+            init_distributed(timeout_s=given)
+    assert timeouts == [datetime.timedelta(seconds=7.5), datetime.timedelta(seconds=42)]
