@@ -629,30 +629,13 @@ def world_corpus(n_per_task: int = 400, seed: int = 12345) -> list[str]:
 
 # ----------------------------------------------------------------------------- baselines
 
-def _vqa_score_local(prediction: str, answers: list[str]) -> float:
-    """min(1, matches/3) averaged over the 10 leave-one-out subsets (simple normalisation)."""
-    p = prediction.strip().lower()
-    ans = [a.strip().lower() for a in answers]
-    if len(ans) < 2:
-        return float(bool(ans) and p == ans[0])
-    total = sum(a == p for a in ans)
-    return float(np.mean([min(1.0, (total - (a == p)) / 3.0) for a in ans]))
-
-
 def _mean_score(task: str, predictions: list[str], examples: list[Example]) -> float:
-    """The task's headline metric (``vlscale.metrics.score_task``; a simple stand-in without it)."""
-    spec = get_task(task)
+    """The task's headline metric (``vlscale.metrics.score_task``)."""
+    from vlscale.metrics import score_task
+
     preds = {e.uid: p for e, p in zip(examples, predictions)}
     refs = {e.uid: list(e.references) or [e.target] for e in examples}
-    try:
-        from vlscale.metrics import score_task
-    except ImportError:
-        score_task = None
-    if score_task is not None:
-        return float(score_task(task, preds, refs)[spec.metric])
-    if spec.metric == "vqa_score":
-        return float(np.mean([_vqa_score_local(preds[u], refs[u]) for u in preds]))
-    return float(np.mean([preds[u].strip().lower() in [r.strip().lower() for r in refs[u]] for u in preds]))
+    return float(score_task(task, preds, refs)[get_task(task).metric])
 
 
 def _question(e: Example) -> str:
