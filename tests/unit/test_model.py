@@ -362,6 +362,37 @@ def test_a_video_of_exactly_max_frames_is_taken():
     assert embeds.shape[1] == 8 + 5 and mask[1].sum() == 13
 
 
+def test_video_features_without_a_mask_or_the_video_axis():
+    """Frame features given as (B, F, D) are one video per example, as (B, 1, F, D) are; a batch without vis_mask
+    has all its frames, placed along its own F frames (as an all-ones vis_mask places them), not model.max_frames."""
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.max_frames=8", tasks="[tvqa,tvc]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg, task="tvqa", frames=6)
+    batch["vis_mask"] = torch.ones_like(batch["vis_mask"])
+    want, want_mask = model.encoder_inputs(batch)
+    no_mask = {k: v for k, v in batch.items() if k != "vis_mask"}
+    for case in (no_mask, dict(no_mask, vis_feats=batch["vis_feats"][:, 0])):
+        embeds, mask = model.encoder_inputs(case)
+        torch.testing.assert_close(embeds, want)
+        assert torch.equal(mask, want_mask)
+
+
+def test_a_vit_keeps_its_patch_grid_whatever_the_pool_size():
+    """model.pool_size pools a ResNet's grid only: a ViT gives all its patch tokens (tiny-clip-vit: 4x4), and BART's
+    position check counts all of them."""
+    from vlscale.config import ConfigError
+
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.pool_size=2", tasks="[vqa]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    assert model.visual_tokens_per_image == 16
+    vis, mask = model.visual_embeds(_batch(cfg, pixel=False))
+    assert vis.shape[:2] == mask.shape == (3, 16)
+    bart = ("model.backbone=tiny-bart", "model.vision=tiny-clip-vit", "model.pool_size=2")
+    build_model(_cfg(*bart, "data.max_input_length=240", tasks="[vqa]"), device="meta")  # 16 + 240 fit
+    with pytest.raises(ConfigError, match=r"257 tokens long \(1 x 16 visual tokens \(model.pool_size=2\)"):
+        build_model(_cfg(*bart, "data.max_input_length=241", tasks="[vqa]"), device="meta")
+
+
 def test_grid_features_of_another_width_are_named():
     cfg = _cfg("model.feature_source=cache")
     model = build_model(cfg, vocab_size=VOCAB)
@@ -418,12 +449,43 @@ def test_a_checkpoint_folder_smaller_than_the_tokenizer_is_resized_and_the_meta_
         assert model.lm.get_input_embeddings().num_embeddings == VOCAB + 10, device
 
 
+def test_a_checkpoint_folder_larger_than_the_tokenizer_keeps_its_rows(tmp_path):
+    """A 130-token checkpoint with a 120-token tokenizer: the load keeps the checkpoint's 130 rows (never shrinks its
+    embeddings), and the meta build (counts, memory plans) has the same 130."""
+    build_lm("tiny-bart", config_overrides={"vocab_size": VOCAB + 10}).save_pretrained(tmp_path / "lm")
+    cfg = _cfg("model.backbone=tiny-bart", "model.pretrained=true", f"model.backbone_path={tmp_path / 'lm'}")
+    for device in ("meta", "cpu"):
+        model = build_model(cfg, vocab_size=VOCAB, device=device)
+        assert model.lm.get_input_embeddings().num_embeddings == VOCAB + 10, device
+
+
+def test_load_weights_false_builds_a_random_backbone_whatever_the_config(tmp_path):
+    """build_model(load_weights=False) does not load model.backbone_path even with model.pretrained=true (the folder
+    need not exist); load_weights=None follows the config and loads it."""
+    missing = tmp_path / "missing"
+    cfg = _cfg("model.backbone=tiny-bart", "model.pretrained=true", f"model.backbone_path={missing}")
+    model = build_model(cfg, vocab_size=VOCAB, load_weights=False)
+    assert model.lm.get_input_embeddings().num_embeddings == VOCAB
+    with pytest.raises(MissingWeights, match="does not exist"):
+        build_model(cfg, vocab_size=VOCAB)
+
+
 def test_gradient_checkpointing_is_on_and_the_cache_off():
     from vlscale.modeling.vl_model import is_checkpointing
 
     model = build_model(_cfg("train.gradient_checkpointing=true"), vocab_size=VOCAB)
     assert is_checkpointing(model.lm) and model.lm.config.use_cache is False
     assert not is_checkpointing(build_model(_cfg(), vocab_size=VOCAB).lm)
+
+
+def test_set_checkpointing_turns_it_off_again():
+    from vlscale.modeling.vl_model import is_checkpointing, set_checkpointing
+
+    lm = build_lm("tiny-t5", device="meta")
+    set_checkpointing(lm, True)
+    assert is_checkpointing(lm)
+    set_checkpointing(lm, False)
+    assert not is_checkpointing(lm)
 
 
 def test_extra_prompts_count_against_barts_positions():
