@@ -131,6 +131,51 @@ def test_faulty_lm_folders_are_one_line_naming_the_file(tmp_path):
     assert next(lm.parameters()).dtype == torch.float32
 
 
+@needs_assets
+def test_lm_folder_errors_name_the_config_and_count_the_tensors(tmp_path):
+    """A config.json that is not JSON, or not a JSON object, is one line naming it (not json's bare error); two
+    tensors of another size name the first and count one more; four missing parameters name three and count one."""
+    from safetensors.torch import load_file, save_file
+
+    from vlscale.config import ConfigError
+    from vlscale.modeling.backbones import build_lm
+
+    def copy(name, drop=(), resize=()):
+        d = tmp_path / name
+        shutil.copytree(ASSETS / "mini-t5", d)
+        state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k not in drop}
+        state.update({k: torch.zeros(516, 128) for k in resize})
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+    for name, text in (("not_json", "{"), ("a_list", "[]")):
+        d = copy(name)
+        (d / "config.json").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            build_lm("mini-t5", path=str(d), pretrained=True)
+        _one_line(e, f"{d / 'config.json'}: not a readable JSON model config")
+
+    wi = [f"encoder.block.{i}.layer.1.DenseReluDense.wi.weight" for i in (0, 1)]
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(copy("resized", resize=wi)), pretrained=True)
+    _one_line(e, f"{wi[0]!r} has shape [516, 128]", "expects [512, 128] (and 1 more)")
+
+    attn = [f"encoder.block.3.layer.0.SelfAttention.{x}.weight" for x in "qkvo"]
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(copy("partial", drop=attn)), pretrained=True)
+    _one_line(e, "no tensor for 4 parameter(s)", "and 1 more)")
+
+
+@needs_assets
+def test_a_pretrained_load_takes_the_config_overrides():
+    """model.dropout reaches a loaded checkpoint as it does a random build (from_pretrained gets the overrides)."""
+    from vlscale.modeling.backbones import build_lm
+
+    lm = build_lm("mini-t5", path=str(ASSETS / "mini-t5"), pretrained=True, config_overrides={"dropout_rate": 0.3})
+    assert lm.config.dropout_rate == 0.3
+    assert {m.p for m in lm.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
 def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch):
     """``tiny-*`` are random test architectures and ``mini-*`` ship in the package: neither is on the hub,
     so a missing folder is reported at once (not after a minute of hub retries without network)."""
