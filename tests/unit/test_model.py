@@ -552,6 +552,10 @@ def test_a_meta_build_has_the_asked_dtype():
     assert {p.dtype for p in build_lm("tiny-t5", device="meta", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
+def test_a_random_build_on_the_host_has_the_asked_dtype():
+    assert {p.dtype for p in build_lm("tiny-t5", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
+
+
 def test_pool_grid_max_pools_each_cell_of_the_row_major_grid():
     """pool_grid reads token r*side + c as the grid's cell (r, c) and keeps the largest of each cell's block
     (RN101: 7x7 -> 6x6, adaptive max); a grid of the wrong token count is refused, one of pool_size is kept."""

@@ -121,3 +121,18 @@ def test_which_tied_checkpoints_hold_a_head_of_their_own(tmp_path):
                                       lm_head__weight=emb + 0.5))
     assert not head_of_its_own(folder("t5_v1_1", dict(t5, scale_decoder_outputs=False), shared__weight=emb,
                                       lm_head__weight=emb + 0.5))
+
+
+def test_an_unreadable_folder_holds_no_head_of_its_own(tmp_path):
+    """A folder whose files cannot be read (no config.json, no weights, a config that is not JSON) is not called
+    untied: head_of_its_own answers False and leaves the load's own checks to name the file."""
+    from safetensors.torch import save_file
+
+    from vlscale.modeling.backbones import head_of_its_own
+
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad_config"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")
+    save_file({"lm_head.weight": torch.randn(4, 3)}, str(bad / "model.safetensors"))
+    assert not head_of_its_own(tmp_path / "empty") and not head_of_its_own(bad)
