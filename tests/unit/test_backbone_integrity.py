@@ -176,6 +176,15 @@ def test_a_pretrained_load_takes_the_config_overrides():
     assert {m.p for m in lm.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
 
 
+@needs_assets
+def test_a_pretrained_load_is_in_the_dtype_asked_for():
+    """A bf16 run loads its checkpoint (fp16 on disk) in bf16, not in the file's or the default dtype."""
+    from vlscale.modeling.backbones import build_lm
+
+    lm = build_lm("mini-t5", path=str(ASSETS / "mini-t5"), pretrained=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
+
+
 def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch):
     """``tiny-*`` are random test architectures and ``mini-*`` ship in the package: neither is on the hub,
     so a missing folder is reported at once (not after a minute of hub retries without network)."""
