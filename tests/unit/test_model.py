@@ -459,17 +459,6 @@ def test_a_checkpoint_folder_larger_than_the_tokenizer_keeps_its_rows(tmp_path):
         assert model.lm.get_input_embeddings().num_embeddings == VOCAB + 10, device
 
 
-def test_load_weights_false_builds_a_random_backbone_whatever_the_config(tmp_path):
-    """build_model(load_weights=False) does not load model.backbone_path even with model.pretrained=true (the folder
-    need not exist); load_weights=None follows the config and loads it."""
-    missing = tmp_path / "missing"
-    cfg = _cfg("model.backbone=tiny-bart", "model.pretrained=true", f"model.backbone_path={missing}")
-    model = build_model(cfg, vocab_size=VOCAB, load_weights=False)
-    assert model.lm.get_input_embeddings().num_embeddings == VOCAB
-    with pytest.raises(MissingWeights, match="does not exist"):
-        build_model(cfg, vocab_size=VOCAB)
-
-
 def test_gradient_checkpointing_is_on_and_the_cache_off():
     from vlscale.modeling.vl_model import is_checkpointing
 

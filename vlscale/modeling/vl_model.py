@@ -212,8 +212,7 @@ def _checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
 
 
 def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
-                dtype: torch.dtype = torch.float32, load_weights: Optional[bool] = None,
-                lm_builder=None) -> VLModel:
+                dtype: torch.dtype = torch.float32, lm_builder=None) -> VLModel:
     """Build the V&L model of a run config and decide what trains.
 
     ``device="meta"`` builds without memory (parameter counts, memory plans) and never loads weights; with
@@ -227,8 +226,7 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     from vlscale.peft.trainable import configure_trainable
 
     meta = str(device) == "meta"
-    pretrained = cfg.model.pretrained if load_weights is None else load_weights
-    pretrained = pretrained and not meta
+    pretrained = cfg.model.pretrained and not meta
     overrides = {}
     if cfg.model.dropout is not None:
         key = "dropout_rate" if lm_config(cfg.model.backbone).model_type == "t5" else "dropout"
