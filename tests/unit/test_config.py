@@ -154,6 +154,13 @@ def test_a_preset_that_includes_itself_is_refused(tmp_path):
     (["peft.method=prompt", "peft.sharing=half_shared"], ["peft.sharing=half_shared", "peft.method='prompt'"]),
     (["train.zero_stage=4"], ["train.zero_stage=4", "[0, 1, 2, 3]"]),
     (["model.extra_special_tokens=-1"], ["model.extra_special_tokens=-1", ">= 0"]),
+    # round 2: the lower and upper ends no entry above reached, and malformed overrides (mutation audit)
+    (["data.synthetic_train=0"], ["data.synthetic_train=0", "> 0"]),
+    (["train.eval_batch_size=0"], ["train.eval_batch_size=0", "> 0"]),
+    (["model.max_frames=65"], ["model.max_frames=65", "supported 64 frames"]),
+    (["train.max_steps=null"], ["train.max_steps may not be null"]),
+    (["train=5"], ["train must be a mapping, got 5"]),
+    (["=5"], ["override '=5' has an empty key"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
@@ -179,6 +186,18 @@ def test_valid_edges_stay_accepted():
     assert load_config("tiny", ["data.source=real", "data.root=/data", "data.image_size=8"]).data.image_size == 8
     # a paper preset (real data under data.root) switched to the synthetic world drops its root
     assert load_config("paper/clip_bart_single_adapter", ["data.source=synthetic", "data.root=null"]).data.root is None
+
+
+def test_ranges_closed_at_zero_take_zero():
+    """model.dropout, train.warmup_ratio: [0, 1), so 0 (no dropout, no warm-up) is a value, not an error."""
+    cfg = load_config("tiny", ["model.dropout=0", "train.warmup_ratio=0"])
+    assert (cfg.model.dropout, cfg.train.warmup_ratio) == (0.0, 0.0)
+
+
+def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse():
+    """``output_dir=2024`` is YAML's int 2024 and ``description=[draft`` no YAML at all: both are the text given."""
+    cfg = load_config("tiny", ["output_dir=2024", "description=[draft", "name=1.5"])
+    assert (cfg.output_dir, cfg.description, cfg.name) == ("2024", "[draft", "1.5")
 
 
 def test_earlier_lora_train_bias_key_reads_as_peft_bias(caplog):
