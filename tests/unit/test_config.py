@@ -161,6 +161,10 @@ def test_a_preset_that_includes_itself_is_refused(tmp_path):
     (["train.max_steps=null"], ["train.max_steps may not be null"]),
     (["train=5"], ["train must be a mapping, got 5"]),
     (["=5"], ["override '=5' has an empty key"]),
+    (["train.max_steps=true"], ["train.max_steps=True", "must be an integer"]),
+    (["train.lr=true"], ["train.lr=True", "must be a number"]),
+    (["train.lr=fast"], ["train.lr='fast'", "must be a number"]),
+    (["data.hf_columns=5"], ["data.hf_columns=5", "must be a mapping"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
