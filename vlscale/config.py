@@ -656,11 +656,13 @@ class RunConfig:
         """Why ``model.pool_size`` does not give pool_size x pool_size visual tokens in this run, or None."""
         if self.data.tasks[0] in VIDEO_TASKS:
             return "has no effect: video tasks take model.max_frames frame features"
+        if self.model.vision.startswith(CLIP_SCHEMAS):  # hf-hub: / local-dir: models: their grid is known once
+            return None  # built (looking their config up here went to the hub, and raised offline)
         try:
             from vlscale.modeling.vision import vision_dims
 
             dims = vision_dims(self.model.vision)
-        except (ImportError, KeyError):  # hf-hub: / local-dir: models: their grid is known once built
+        except (ImportError, KeyError):
             return None
         side = dims["grid_side"]
         if not dims["is_resnet"]:

@@ -67,6 +67,9 @@ def test_pool_size_on_a_vit_or_past_an_rn_grid_is_noted():
     assert capped == ("model.pool_size=9 is capped at model.vision=tiny-clip-rn's 4x4 grid: the run takes 16 "
                       "visual tokens per image, not 81")
     assert load_config("tiny", ["model.pool_size=3"]).ignored_settings() == []
+    # an open_clip model from the hub or a folder: its grid is known once built, so nothing is said (it looked the
+    # hub up, offline too, and raised LocalEntryNotFoundError)
+    assert load_config("tiny", ["model.vision=hf-hub:timm/some-clip", "model.pool_size=3"]).ignored_settings() == []
 
 
 def test_shipped_presets_set_nothing_they_do_not_read():
