@@ -10,9 +10,9 @@ Each file is a JSON list of questions::
 ``target`` is the highest-scoring ``label`` answer (ties: the answer given most often among the
 raw answers, then the alphabetically first); an empty ``label`` (no answer in the vocabulary)
 falls back to the most frequent raw answer, and so does a record without ``label`` (the official
-annotations' raw answers alone), whose soft label is made from the answers (:func:`vqa_soft_label`, as for an
-HF dataset). With ``data.vqa_targets=sampled`` training draws the
-target from ``label`` instead, as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
+annotations' raw answers alone), whose soft label is made from the answers (:func:`vqa_soft_label`, as
+for an HF dataset). With ``data.vqa_targets=sampled`` training draws the target from ``label`` instead,
+as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
 scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
 ``nominival.json`` if they carry ``answers``. Records without ``label`` and ``answers`` (VL-T5's

@@ -178,15 +178,17 @@ class SavedTensorCounter:
         self._ctx = None
 
     def _param_storages(self) -> dict[int, weakref.ref]:
-        """The parameters' and buffers' storages by address, held weakly: an address alone would take an
-        activation allocated where a released one was (ZeRO-3 frees gathered data) for a parameter."""
-        own = {}
-        for m in self.modules:
-            for t in list(m.parameters()) + list(m.buffers()):
-                if t.numel() > 0:
-                    st = t.untyped_storage()
-                    own[st.data_ptr()] = weakref.ref(st)
-        return own
+        """The parameters' and buffers' storages by address (read once per context), held weakly: an address
+        alone would take an activation allocated where a released one was (ZeRO-3 frees gathered data) for a
+        parameter."""
+        if self._cached is None:
+            self._cached = {}
+            for m in self.modules:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    if t.numel() > 0:
+                        st = t.untyped_storage()
+                        self._cached[st.data_ptr()] = weakref.ref(st)
+        return self._cached
 
     def _pack(self, t):
         if isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter):
@@ -203,16 +205,11 @@ class SavedTensorCounter:
         key = id(st)
         entry = self._seen.get(key)
         if entry is None or entry[0]() is not st:
-            own = self._param_ids().get(st.data_ptr())
+            own = self._param_storages().get(st.data_ptr())
             if own is not None and own() is st:
                 return
             self._seen[key] = (weakref.ref(st, lambda _r, k=key: self._seen.pop(k, None)), st.nbytes(),
                                st.device.type)
-
-    def _param_ids(self) -> dict[int, weakref.ref]:
-        if self._cached is None:
-            self._cached = self._param_storages()
-        return self._cached
 
     def __enter__(self):
         self._cached = None
