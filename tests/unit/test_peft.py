@@ -3,6 +3,8 @@ LoRA merging, prompts, the meta device, dtypes and HF gradient checkpointing, on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
@@ -593,6 +595,60 @@ def test_lora_update_comes_back_in_the_input_dtype():
     assert out.dtype == torch.bfloat16
     a, b = layer.factors(None)
     torch.testing.assert_close(out.float(), 2.0 * x.to(torch.bfloat16).float() @ a.T @ b.T, rtol=2e-2, atol=2e-2)
+
+
+ZERO3_MERGE_PROBE = """
+import json, sys
+import torch, deepspeed
+from vlscale.engine.distributed import init_distributed
+init_distributed()
+sys.path.insert(0, sys.argv[1])
+from test_peft import TASKS, make_t5, peft_cfg, perturb
+from vlscale.peft import apply_peft
+
+with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+    lm = make_t5()
+peft = apply_peft(lm, peft_cfg("lora", "multiple", lora_rank=4, lora_alpha=8.0), TASKS)
+perturb(peft)
+peft.set_task("gqa")
+proj = lm.get_submodule(peft.sites[0])
+a, b = peft.lora.sites[peft._sites[0].key].factors("gqa")
+
+def weight():
+    with deepspeed.zero.GatheredParameters([proj.weight]):
+        return proj.weight.detach().clone()
+
+w0 = weight()
+merged = peft.merge_lora()
+w1 = weight()
+peft.unmerge_lora()
+w2 = weight()
+delta = (8.0 / 4) * (b @ a).detach()
+print("RESULT " + json.dumps({"partitioned": proj.weight.numel() == 0, "merged": merged,
+                              "added": (w1 - w0 - delta).abs().max().item(), "delta": delta.abs().max().item(),
+                              "restored": (w2 - w0).abs().max().item()}))
+"""
+
+
+def test_lora_merge_writes_through_to_zero3_partitions_on_one_rank(tmp_path, preloaded):
+    """Under ZeRO-3 merge_lora and unmerge_lora change the partitioned base weight: its gather names a
+    modifier rank (rank 0), without which DeepSpeed drops the in-place update when it re-partitions, even
+    on one rank (measured: the weight gathered afterwards is the weight before)."""
+    from pathlib import Path
+
+    from vlscale.engine.distributed import free_port
+
+    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1")
+    script = tmp_path / "zero3_merge_probe.py"
+    script.write_text(ZERO3_MERGE_PROBE)
+    proc = preloaded.run(script, [str(Path(__file__).parent)], env=env, cwd=tmp_path, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["partitioned"] and r["merged"] and r["delta"] > 1e-2, r  # guard: partitioned, a non-zero update
+    assert r["added"] < 1e-5, f"merged weight is not W + (alpha/r) B A: {r}"
+    assert r["restored"] < 1e-5, f"unmerged weight is not W again: {r}"
 
 
 def test_lora_dropout_follows_lm_mode():
