@@ -89,7 +89,7 @@ def test_activation_tape_matches_autograd(extra):
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dropout=0.1"], ["model.backbone=tiny-bart", "peft.method=lora"],
-                                   ["train.gradient_checkpointing=true"]],
+                                   ["train.gradient_checkpointing=true"], ["peft.train_vision=true"]],
                          ids=lambda e: ",".join(e) or "default")
 @pytest.mark.parametrize("zero3", [False, True], ids=["torch-linear", "zero3-linear"])
 def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
@@ -99,6 +99,28 @@ def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
     measured, vocab = _measured_saved(cfg, torch.bfloat16, zero3_linear=zero3)
     rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=2, zero3_linear=zero3))
     assert abs(rep.saved - measured) <= 0.01 * measured, (rep.saved, measured)
+
+
+@pytest.mark.parametrize("pool_size", [0, 2])
+def test_trained_clip_forward_saves_what_autograd_saves_with_its_grid_pooled(pool_size):
+    """vision_trained_forward predicts byte for byte what a trained RN CLIP's grid encoding and its adaptive max
+    pooling to model.pool_size keep for backward (autograd on CPU; the pooling keeps its int64 indices, under 1%
+    of a whole run's activations, which the tape test above cannot tell apart)."""
+    from vlscale.modeling.vision import build_vision_encoder, pool_grid
+
+    torch.manual_seed(0)
+    enc = build_vision_encoder("tiny-clip-rn")
+    unused = set(enc.unused_parameter_names(False))
+    for n, prm in enc.named_parameters():
+        prm.requires_grad_(n not in unused)
+    enc.train()
+    x = torch.randn(3, 3, enc.image_size, enc.image_size)
+    side = pool_size or enc.grid_side
+    assert side < enc.grid_side or not pool_size  # guard: pool_size=2 does pool the tiny RN's grid
+    with SavedTensorCounter([enc]) as counter:
+        out = pool_grid(enc.encode_grid(x), enc.grid_side, side)
+    assert out.shape[1] == side ** 2
+    assert analytic.vision_trained_forward("tiny-clip-rn", 3, 4, False, pool_size)[0] == counter.alive_bytes()
 
 
 def test_frozen_prefix_saves_nothing():
