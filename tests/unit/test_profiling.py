@@ -401,6 +401,21 @@ def test_zero3_keeps_gathered_the_parameters_whose_backward_use_is_within_the_re
         assert analytic._zero3_gathered_numel(inv, z, 2)[0] == kept, reuse
 
 
+def test_forward_positions_order_the_last_uses_of_bart_t5_and_prompt_parameters():
+    """The reuse distances rank parameters by their last use in forward: CLIP, the projection, the prompts, the
+    encoder's embedding norm, its layers (BART .layers., T5 .block.), its final norm, the decoder's embeddings, its
+    layers; tied token embeddings last (the output layer), untied ones before the decoder's first layer."""
+    order = ["vision.trunk.conv1.weight", "projector.feat.weight", "peft.prompt.embedding",
+             "lm.model.encoder.layernorm_embedding.weight", "lm.model.encoder.layers.0.fc1.weight",
+             "lm.encoder.block.1.layer.1.DenseReluDense.wi.weight", "lm.encoder.final_layer_norm.weight",
+             "lm.model.decoder.embed_positions.weight", "lm.model.decoder.layers.0.fc1.weight",
+             "lm.model.decoder.layers.1.fc1.weight", "lm.model.shared.weight"]
+    positions = [analytic._forward_position(n, 2, tied=True) for n in order]
+    assert positions == sorted(positions) and len(set(positions)) == len(order), list(zip(order, positions))
+    untied = analytic._forward_position("lm.model.shared.weight", 2, tied=False)
+    assert positions[6] < untied < positions[8], untied
+
+
 def test_checkpoint_files_stage0_optimizer_entries_and_the_universal_copy_of_every_rank():
     """Stage 0 writes per trainable parameter 3 optimizer entries in fp32 (two moments, the step) and 4 in
     bf16/fp16 (and the fp32 master); a ZeRO-3 universal copy takes every rank's module-state file."""
