@@ -86,12 +86,19 @@ def test_extract_real_says_which_task_a_shared_video_is_stored_from(launcher):
     """TVQA and TVC name the same videos: the cache stores each once, from the first task's folder; the other
     task's own files are not read, which --real now says (it did not), and only for videos named twice."""
     cfg = preset(FIXTURE, "data.feature_cache=null")
-    _, notes = launcher("extract_features").real_jobs(cfg)
+    jobs, notes = launcher("extract_features").real_jobs(cfg)
+    stored_from = {}  # each video asked for once (a second ask counted it twice and "already there" on a new cache)
+    for source, ids, _ in jobs:
+        assert not set(ids) & set(stored_from), (source.root, sorted(set(ids) & set(stored_from)))
+        stored_from.update((i, Path(source.root)) for i in ids)
     shared = [n for n in notes if "stored once" in n]
     assert shared and all(n.startswith("tvc/") and "also named by tvqa" in n and str(FIXTURE / "tvqa" / "features") in n
                           and f"not from {FIXTURE / 'tvc' / 'features'}" in n for n in shared), notes
     tvc = {e.image_ids[0] for e in load_examples(cfg, "tvc", "train")}
     assert f"tvc/train: {len(tvc)} video(s) also named by tvqa" in " ".join(shared)
+    assert {stored_from[v] for v in tvc} == {FIXTURE / "tvqa" / "features"}
+    # every tvc split names only tvqa's videos: each is said, the later splits' too (not only the first to name them)
+    assert sorted(n.split(":", 1)[0] for n in shared) == ["tvc/test", "tvc/train", "tvc/val"], shared
 
 
 def test_extract_real_encodes_frame_images_as_the_images_video_command(real, tmp_path, launcher):
