@@ -3,6 +3,7 @@ way leaves the previous checkpoint whole and still ``latest``; the next save, of
 it left; the last ``keep`` checkpoints stay. One process, an engine that writes a file per tag (DeepSpeed's own
 writing is the end-to-end tests'). And which resumes a checkpoint allows: its global batch, on any number of ranks."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -1336,3 +1337,38 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert setups == [False]
     assert said in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
+
+
+def test_trainable_parameters_are_gathered_in_chunks_of_their_full_size(monkeypatch):
+    """Under ZeRO-3 each rank holds a 0-size partition of every parameter: the adapter's parameters are gathered a
+    chunk at a time, each chunk at most ``chunk_elements`` elements of the full shapes (one parameter larger than
+    that alone), so no rank holds more than one chunk beyond its partition; every parameter comes back whole, once."""
+    sizes = {"a": 4, "b": 6, "c": 3, "big": 12, "d": 4, "e": 5}
+    model = torch.nn.Module()
+    full = {}
+    for name, n in sizes.items():
+        full[name] = torch.arange(n, dtype=torch.float32) + 100 * len(full)
+        p = torch.nn.Parameter(torch.empty(0))  # the rank's partition, as ZeRO-3 leaves it
+        p.ds_id, p.ds_shape = len(full), (n,)
+        setattr(model, name, p)
+    model.frozen = torch.nn.Parameter(torch.ones(50), requires_grad=False)  # never gathered for the adapter
+    names = {id(p): n for n, p in model.named_parameters()}
+    chunks = []
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank):
+        chunks.append([names[id(p)] for p in params])
+        for p in params:
+            p.data = full[names[id(p)]].clone()
+        yield
+        for p in params:
+            p.data = torch.empty(0)
+
+    monkeypatch.setattr(ckpt, "_gathered", gathered)
+    out = ckpt.gather_trainable_state_dict(model, rank=0, chunk_elements=10)
+    assert chunks == [["a", "b"], ["c"], ["big"], ["d", "e"]]
+    assert list(out) == list(sizes) and all(torch.equal(out[n], full[n]) for n in sizes)
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if n != "frozen")  # partitions again
+    chunks.clear()
+    assert ckpt.gather_trainable_state_dict(model, rank=1, chunk_elements=10) == {}  # a collective: still gathers
+    assert chunks == [["a", "b"], ["c"], ["big"], ["d", "e"]]
