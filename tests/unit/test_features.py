@@ -707,6 +707,39 @@ def test_launcher_refuses_an_id_column_naming_two_images(tmp_path, weights):
     assert sorted(FeatureCache(tmp_path / "cache").ids()) == ["x", "y"]
 
 
+def test_launcher_refuses_an_id_column_that_names_no_id_or_skips_its_rows_in_row_order(tmp_path, weights, capsys):
+    """An --id-column cell that is blank or not a string / integer (a bool) names no image: refused naming the row,
+    or with --skip-bad-records skipped beside the rows without an image, reported in row order."""
+    import datasets
+    import extract_features as launcher
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string"),
+                                  "flag": datasets.Value("bool")})
+    path = tmp_path / "odd_ids"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images[:2] + [None] + images[3:], "name": ["a", " ", "c", "d"],
+                                             "flag": [True, False, True, False]}, features=features),
+        "validation": datasets.Dataset.from_dict({"image": images[:2], "name": ["a", " "], "flag": [True, False]},
+                                                 features=features)}).save_to_disk(str(path))
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--hf-dataset", str(path), "--image-column",
+            "image", "--out", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=r"odd_ids\[validation\]: row 0: --id-column 'flag' must hold a non-empty "
+                                         r"string or integer id, got True"):
+        launcher.main(base + ["--split", "val", "--id-column", "flag"])
+    with pytest.raises(SystemExit, match=r"odd_ids\[validation\]: row 1: --id-column 'name' must hold a non-empty "
+                                         r"string or integer id, got ' '"):
+        launcher.main(base + ["--split", "val", "--id-column", "name"])
+    assert not (tmp_path / "cache" / "index.json").exists()
+    capsys.readouterr()
+    assert launcher.main(base + ["--id-column", "name", "--skip-bad-records"]) == 0
+    assert sorted(FeatureCache(tmp_path / "cache").ids()) == ["a", "d"]
+    assert ("skipped 2 of 4 rows of " in (out := capsys.readouterr().out) and "odd_ids[train], first: row 1 "
+            "(--id-column 'name' holds ' '); row 2 (column 'image' has no image)." in out), out
+
+
 def _pairs_hf(path, none=()):
     """A local NLVR2-style DatasetDict (two Image columns per row) saved with ``save_to_disk``: train 4 rows,
     validation 2; ``none``: ``(split, row, column)`` cells left without an image."""
@@ -1152,6 +1185,22 @@ def test_launcher_refuses_video_for_image_tasks_and_hf_columns_it_cannot_name(tm
         with pytest.raises(SystemExit, match=f"^{words}"):
             launcher.main(hf + more)
     assert not (tmp_path / "cache").exists()
+
+
+def test_launcher_real_reads_the_images_whatever_the_configs_feature_source(tmp_path, weights):
+    """--real reads the images training reads without a cache: a config (or an override, e.g. the "Train with:"
+    line's own) that sets model.feature_source=cache and a data.feature_cache not made yet extracts the same ids
+    as one that does not, and does not read the cache it names."""
+    import extract_features as launcher
+
+    fixture = ROOT / "tests" / "fixtures" / "real_data"
+    base = ["--real", "--config", "tiny", "data.source=real", f"data.root={fixture}", "data.tasks=[vqa]",
+            "--pretrained", weights, "--quiet"]
+    assert launcher.main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert launcher.main(base + ["model.feature_source=cache", f"data.feature_cache={tmp_path / 'later'}",
+                                 "--out", str(tmp_path / "cache")]) == 0
+    assert sorted(FeatureCache(tmp_path / "cache").ids()) == sorted(FeatureCache(tmp_path / "plain").ids())
+    assert not (tmp_path / "later").exists()
 
 
 def test_the_train_with_line_names_the_clip_only_where_the_config_does_not(tmp_path):
