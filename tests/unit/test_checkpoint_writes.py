@@ -1372,3 +1372,15 @@ def test_trainable_parameters_are_gathered_in_chunks_of_their_full_size(monkeypa
     chunks.clear()
     assert ckpt.gather_trainable_state_dict(model, rank=1, chunk_elements=10) == {}  # a collective: still gathers
     assert chunks == [["a", "b"], ["c"], ["big"], ["d", "e"]]
+
+
+def test_a_parameter_the_gather_left_partitioned_is_not_saved(monkeypatch):
+    """A gather that leaves a parameter as its partition (0 elements here; ZeRO-3's own gather is what fills it) is
+    refused naming the parameter, instead of writing a 0-size tensor into adapter/."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(0))
+    model.w.ds_id, model.w.ds_shape = 1, (4, 2)
+    monkeypatch.setattr(ckpt, "_gathered", lambda params, modifier_rank: contextlib.nullcontext())
+    with pytest.raises(ckpt.CheckpointError, match=r"^parameter w gathered to shape \(0,\), expected \(4, 2\); refusing "
+                                              r"to save a partitioned tensor$"):
+        ckpt.gather_trainable_state_dict(model, rank=0)
