@@ -178,6 +178,7 @@ def test_caption_scores_without_java_omits_meteor(monkeypatch, caplog):
         out = caption_scores(PREDS, REFS)
     assert set(out) == {"cider", "bleu4", "rouge_l"}
     assert "METEOR needs Java" in caplog.text
+    assert "use_java=True" not in caplog.text  # use_java was left to java_available(), not asked for
     assert out["cider"] == pytest.approx(cider(PREDS, REFS))
     assert 0.0 < out["rouge_l"] <= 1.0 and 0.0 <= out["bleu4"] <= 1.0
 
@@ -273,6 +274,114 @@ def test_ptb_tokenizer_works_with_a_read_only_pycocoevalcap(monkeypatch, caplog)
         out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
     assert "failed" not in caplog.text
     assert abs(out["cider"] - caption_scores(PTB_PREDS, PTB_REFS, use_java=False)["cider"]) > 1e-3
+
+
+def test_caption_scores_refuses_what_it_cannot_score_naming_the_id():
+    """Nothing to score, a prediction without references and a reference string or empty list for a list are
+    refused naming the id (not scored as 0, per character, or a bare KeyError)."""
+    with pytest.raises(ValueError, match="^caption_scores: no predictions to score$"):
+        caption_scores({}, REFS, use_java=False)
+    with pytest.raises(KeyError, match="caption_scores: prediction id 3 is not in the references"):
+        caption_scores({3: "a dog"}, REFS, use_java=False)
+    for refs in ("a man rides a horse", []):
+        with pytest.raises(ValueError, match=r"caption_scores: references\[1\] must be a non-empty list of strings"):
+            caption_scores({1: "a man"}, {1: refs}, use_java=False)
+
+
+def _fake_ptb_java(returncode=0, trailing_newline=True, stderr=b""):
+    """subprocess.run standing in for the PTB tokenizer's JVM: each line of the input file, lowercased."""
+    def run(argv, capture_output=True):
+        with open(argv[-1], encoding="utf-8") as f:
+            out = f.read().lower()
+        out = out + "\n" if trailing_newline else out
+        return captioning.subprocess.CompletedProcess(argv, returncode, stdout=out.encode(), stderr=stderr)
+    return run
+
+
+def test_ptb_tokenizer_gets_one_line_per_sentence_and_exactly_as_many_lines_is_enough(monkeypatch):
+    """A caption holding a newline is one sentence for the tokenizer (a line each: a newline inside one shifted
+    every later caption onto another's tokens); output of exactly one line per sentence (no final newline) is
+    complete."""
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning.subprocess, "run", _fake_ptb_java(trailing_newline=False))
+    assert captioning._ptb_tokenize(["A dog\non the grass", "A cat"]) == ["a dog on the grass", "a cat"]
+
+
+def test_ptb_tokenizer_failing_says_javas_exit_status_and_error(monkeypatch):
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning.subprocess, "run",
+                        _fake_ptb_java(returncode=1, stderr=b"Error: could not find main class\n"))
+    with pytest.raises(RuntimeError, match="^java exited 1: Error: could not find main class$"):
+        captioning._ptb_tokenize(["a dog", "a cat"])
+
+
+def test_caption_scores_bleu4_and_rouge_l_are_coco_captions_on_the_scored_tokens():
+    """bleu4 is pycocoevalcap's 4-gram BLEU (its 4th score, not the 3-gram one) and rouge_l its ROUGE-L, on the
+    tokens every metric scored."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    out = caption_scores(PTB_PREDS, PTB_REFS, use_java=False)
+    res, gts = captioning._simple_tokenized(PTB_PREDS, PTB_REFS)
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    assert abs(bleu[3] - bleu[2]) > 1e-3  # the case tells them apart
+    assert out["bleu4"] == pytest.approx(bleu[3], abs=1e-12)
+    assert out["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+
+
+def test_meteor_failing_leaves_meteor_out_with_a_warning(monkeypatch, caplog):
+    """Java runs the PTB tokenizer but METEOR's JVM fails: the other metrics stand (on PTB tokens), METEOR is
+    left out and the warning says why (never a crash after the generation)."""
+    pytest.importorskip("pycocoevalcap")
+
+    def broken(gts, res):
+        raise RuntimeError("meteor jvm died")
+    monkeypatch.setattr(captioning, "java_available", lambda: True)
+    monkeypatch.setattr(captioning, "_ptb_tokenized", captioning._simple_tokenized)  # no JVM for the tokenizer
+    monkeypatch.setattr(captioning, "_meteor", broken)
+    with caplog.at_level(logging.WARNING):
+        out = caption_scores(PREDS, REFS, use_java=True)
+    assert "caption_scores: METEOR (Java) failed (meteor jvm died); METEOR is omitted" in caplog.text
+    assert set(out) == {"cider", "bleu4", "rouge_l"} and out.tokens == "ptb"
+
+
+def test_meteor_stops_its_jvm_even_when_scoring_fails(monkeypatch):
+    """METEOR's JVM is stopped when _meteor returns or raises, not left to garbage collection."""
+    pycocoevalcap_meteor = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    import threading
+
+    class Process:
+        def __init__(self):
+            self.calls = []
+            self.stdin = self
+
+        def close(self):
+            self.calls.append("close")
+
+        def kill(self):
+            self.calls.append("kill")
+
+        def wait(self):
+            self.calls.append("wait")
+
+    made = []
+
+    class FakeMeteor:
+        def __init__(self):
+            self.lock, self.meteor_p = threading.Lock(), Process()
+            made.append(self)
+
+        def compute_score(self, gts, res):
+            if "fail" in res:
+                raise RuntimeError("scoring failed")
+            return 0.25, [0.25]
+
+    monkeypatch.setattr(pycocoevalcap_meteor, "Meteor", FakeMeteor)
+    assert captioning._meteor({1: ["a dog"]}, {1: ["a dog"]}) == 0.25
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        captioning._meteor({"fail": ["a dog"]}, {"fail": ["a cat"]})
+    assert [m.meteor_p.calls for m in made] == [["close", "kill", "wait"]] * 2
 
 
 # ----------------------------------------------------------------------------- exact match family
