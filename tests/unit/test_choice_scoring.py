@@ -262,3 +262,45 @@ def test_each_task_s_prefix_and_generation_settings_are_the_reference_s():
     for task in ("caption", "tvc", "yc2c"):
         assert (get_task(task).num_beams, get_task(task).max_new_tokens) == (5, 20), task
     assert get_task("nlvr2").choices == ("false", "true")
+
+
+class _ModeRecordingModel(torch.nn.Module):
+    """Generates (nothing) and notes whether it was in training mode when asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes = []
+
+    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+        self.modes.append(self.training)
+        return torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_found(monkeypatch, tmp_path,
+                                                                                   training):
+    """Training's periodic evaluation: generation runs with dropout off, and the model goes back to the mode it
+    was in (a training run left in eval mode trains on without dropout). The split is read with the run's eval
+    batch size and example cap; the records are scored and written sorted by uid, whatever order the batches gave."""
+    import json
+
+    import vlscale.data
+    from vlscale.engine.evaluation import evaluate
+
+    cfg = load_config("tiny", ["data.tasks=[tvqa]", "train.eval_batch_size=3", "train.eval_max_examples=5"])
+    asked = []
+
+    def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
+                          require_answers=True):
+        asked.append((task, split, batch_size, rank, world_size, max_examples, require_answers))
+        return [_tvqa_batch(["q2", "q0"], ["a1", "a0"]), _tvqa_batch(["q1"], ["a2"])]
+
+    monkeypatch.setattr(vlscale.data, "eval_batches", fake_eval_batches)
+    model = _ModeRecordingModel().train(training)
+    scores = evaluate(model, cfg, _SayingTokenizer(["a1", "a0"]), split="val", show_progress=False,
+                      predictions_dir=tmp_path)
+    assert model.modes == [False, False] and model.training is training
+    assert asked == [("tvqa", "val", 3, 0, 1, 5, True)]
+    assert scores == {"tvqa": pytest.approx({"accuracy": 2 / 3})}  # q2, q0 right; q1 ("a1" for "a2") wrong
+    lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
+    assert [(r["uid"], r["prediction"]) for r in lines] == [("q0", "a0"), ("q1", "a1"), ("q2", "a1")]
