@@ -171,3 +171,15 @@ def test_image_tasks_submissions_in_their_leaderboards_formats(tmp_path):
                                          r"first \['404'\]"):
         write_submission(tmp_path, "vqa", [{"uid": "404", "prediction": "yes"}], [ex("vqa", "7")])
     assert write_submission(tmp_path, "vqa_unknown_task", [], []) is None
+
+
+def test_ids_in_digits_of_other_scripts_stay_text_and_are_said(tmp_path, caplog):
+    """Only ASCII digits make an integer id: "³" (a digit to str.isdigit, which int() refuses) crashed the
+    submission after the whole generation, and "١٢" (Arabic-Indic) was written as 12, another id than the split's."""
+    from vlscale.data.tasks import Example
+
+    examples = [Example(task="vqa", uid=uid, text="", target="", image_ids=["img"], extra={}) for uid in ("³", "١٢")]
+    with caplog.at_level(logging.WARNING, logger="vlscale.engine.evaluation"):
+        path = write_submission(tmp_path, "vqa", [{"uid": e.uid, "prediction": "yes"} for e in examples], examples)
+    assert json.loads(path.read_text()) == [{"question_id": "³", "answer": "yes"}, {"question_id": "١٢", "answer": "yes"}]
+    assert "vqa submission: 2 of 2 question_ids are not numbers" in caplog.text
