@@ -384,3 +384,28 @@ def test_the_deepspeed_files_stage_holds_unless_train_zero_stage_is_given_on_the
         assert evaluate.main(["--adapter", str(adapter), "--out", str(tmp_path / "out"), "--no-progress",
                               "--tasks", "vqa", "--deepspeed", "ds_configs/zero3.json", override]) == 0
         assert built[-1] == stage, override
+
+
+def test_a_report_of_an_adapter_whose_config_cannot_be_read_has_unknown_settings(tmp_path):
+    """The trainer writes its report without settings: where the adapter's run config cannot be read (no adapter
+    saved yet, or a config this vlscale does not read) the settings are unknown (null), not a crash after the
+    evaluation."""
+    out = tmp_path / "eval"
+    _predictions(out, "vqa", 3)
+    for adapter in (tmp_path / "no_adapter", tmp_path / "unreadable"):
+        if adapter.name == "unreadable":
+            adapter.mkdir()
+            (adapter / ckpt.ADAPTER_CONFIG).write_text("{not json")
+        path = write_eval_report(out, adapter, "val", 2, {"vqa": {"vqa_score": 0.5}})
+        report = json.loads(path.read_text())
+        assert report["settings"] is None and report["tasks"] == {"vqa": {"vqa_score": 0.5}}
+        assert report["examples"] == {"vqa": 3}
+
+
+def test_a_report_of_another_step_replaces_rather_than_merges(tmp_path):
+    """Scores of the same adapter folder at another step are of other weights: not merged into one report."""
+    out, settings = tmp_path / "eval", {"data": {}}
+    write_eval_report(out, tmp_path / "adapter", "val", 2, {"vqa": {"vqa_score": 0.5}}, settings=settings)
+    report = json.loads(write_eval_report(out, tmp_path / "adapter", "val", 4, {"gqa": {"accuracy": 0.25}},
+                                          settings=settings).read_text())
+    assert (report["step"], report["tasks"]) == (4, {"gqa": {"accuracy": 0.25}})
