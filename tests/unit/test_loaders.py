@@ -1543,3 +1543,27 @@ def test_only_a_numbered_uid_suffix_merges_caption_examples():
     listed.skipped = 1
     merged = one_per_input(listed)  # the file and the skips stay said (errors and reports name them)
     assert isinstance(merged, ExampleList) and (merged.source, merged.skipped, len(merged)) == ("tvc/train.jsonl", 1, 1)
+
+
+def test_vqa_answers_are_counted_after_normalising_for_the_target(tmp_path):
+    """ "two" and "2" are one answer to the scorer and to ``label`` (whose keys are normalised), so they are one
+    answer when the target is chosen: on a ``label`` tie, in a record without ``label``, and in an HF dataset's
+    rows. Counted raw, "2" (4 of 10) lost the tie to "3" (5), and "dog" (2 raw) beat "a dog"/"dogs"/"dog." (1 each).
+    Answers that normalise to nothing (".") are not counted while others remain."""
+    from vlscale.data.vqa import load_vqa, vqa_target
+
+    answers = ["two"] * 3 + ["2"] * 4 + ["3"] * 5
+    tie = {"img_id": "i", "sent": "How many?", "question_id": 1, "label": {"3": 1.0, "2": 1.0}, "answers": answers}
+    dogs = {"img_id": "i", "sent": "What?", "question_id": 2,
+            "answers": ["cat", "cat", "dog", "a dog", "dog.", "Dog", ".", ".", "."]}
+    first, second = load_vqa(_write_json(tmp_path / "vqa.json", [tie, dogs]))
+    assert (first.target, first.references) == ("2", answers)
+    assert second.target == "dog" and second.extra["label"] == {"dog": 1.0, "cat": 0.6}
+    assert vqa_target([".", ".", "the"]) == "."  # nothing survives normalising: counted as given
+    assert vqa_target(["yes", "no"], {}) == "no"  # an empty label: the answers alone, ties alphabetical
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    path = _hf_dict(tmp_path / "hf", {"image": [image], "question": ["How many?"], "answers": [answers]})
+    (hf,), _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answers": "answers"})
+    assert (hf.target, hf.references) == ("2", answers)

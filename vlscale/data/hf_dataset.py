@@ -14,7 +14,7 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
                                (strings or {"answer": ...}, also as a ``Sequence`` of such structs,
                                which ``datasets`` gives as a dict of lists); VQA's target is ``answer`` or the most
-                               frequent of ``answers``, its references are ``answers``, and its soft
+                               frequent of ``answers`` (normalised, vqa_target), its references are ``answers``, and its soft
                                ``label`` (data.vqa_targets=sampled) is scored from them
     caption | captions         caption: one caption or a list (train: one example per caption)
     label                      nlvr2: 0/1, true/false
@@ -543,9 +543,12 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             answers = _strings(rec, roles["answers"]) if roles.get("answers") else None
             if roles.get("answer"):
                 target = rec.text(roles["answer"])
+            elif task == "vqa":
+                from vlscale.data.vqa import vqa_target
+
+                target = vqa_target(answers)
             else:
-                counts = Counter(answers)
-                target = best_answer({a: float(c) for a, c in counts.items()})
+                target = best_answer({a: float(c) for a, c in Counter(answers).items()})
             refs = answers if (task == "vqa" and answers) else [target]
             if task == "vqa" and answers:  # for data.vqa_targets=sampled, as VL-T5's files carry one
                 from vlscale.data.vqa import vqa_soft_label

@@ -8,10 +8,10 @@ Each file is a JSON list of questions::
      "answers": [{"answer": "bat", ...}, ... 10 raw human answers, or plain strings]}
 
 ``target`` is the highest-scoring ``label`` answer (ties: the answer given most often among the
-raw answers, then the alphabetically first); an empty ``label`` (no answer in the vocabulary)
-falls back to the most frequent raw answer, and so does a record without ``label`` (the official
-annotations' raw answers alone), whose soft label is made from the answers (:func:`vqa_soft_label`, as
-for an HF dataset). With ``data.vqa_targets=sampled`` training draws the target from ``label`` instead,
+raw answers, counted after the official normalisation, then the alphabetically first); an empty ``label``
+(no answer in the vocabulary) falls back to the most frequent normalised answer (:func:`vqa_target`), and so
+does a record without ``label`` (the official annotations' raw answers alone), whose soft label is made from the
+answers (:func:`vqa_soft_label`, as for an HF dataset). With ``data.vqa_targets=sampled`` training draws the target from ``label`` instead,
 as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
 scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
@@ -41,6 +41,19 @@ def vqa_soft_label(answers: list[str]) -> dict[str, float]:
     return {a: (0.0, 0.3, 0.6, 0.9)[c] if c < 4 else 1.0 for a, c in counts.items()}
 
 
+def vqa_target(answers: list[str], label: dict[str, float] | None = None) -> str:
+    """The answer to train on: ``label``'s top answer, ties going to the answer given most often; without a
+    (non-empty) ``label``, the answer given most often. Answers are counted after the official normalisation,
+    which ``label``'s keys went through too, so "two" and "2" count as one; answers that normalise to nothing
+    ("the", ".") are not counted, unless no other is left."""
+    from vlscale.metrics.vqa import normalize_vqa_answer
+
+    counts = Counter(n for n in map(normalize_vqa_answer, answers) if n) or Counter(answers)
+    if label:
+        return best_answer(label, {k: counts[normalize_vqa_answer(k)] for k in label})
+    return best_answer({a: float(c) for a, c in counts.items()})
+
+
 def raw_answers(rec: Record, key: str = "answers") -> list[str]:
     """The human answers, given as ``{"answer": str}`` objects or as strings."""
     answers = rec.get(key, list)
@@ -65,13 +78,9 @@ def parse_vqa(rec: Record) -> list[Example]:
         return [Example(task="vqa", uid=qid, text=question, target="", image_ids=[img_id], extra=extra,
                         source=rec.path)]
     answers = raw_answers(rec)
-    counts = Counter(answers)
     label = rec.score_map("label", allow_empty=True) if "label" in rec.data else None
-    if label:
-        target = best_answer(label, counts)
-    else:
-        target = best_answer({a: float(c) for a, c in counts.items()})
     extra = {"label": vqa_soft_label(answers) if label is None else label, **extra}
+    target = vqa_target(answers, label)
     return [Example(task="vqa", uid=qid, text=question, target=target, image_ids=[img_id],
                     references=answers, extra=extra, source=rec.path)]
 
