@@ -79,7 +79,8 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
     # (with the same global batch it continues on one process: the next test)
     # --resume continues where it stopped: the remaining steps' losses equal the uninterrupted run's.
-    h.launch(args + ["--resume"], nproc=nproc)
+    done = h.launch(args + ["--resume"], nproc=nproc)
+    assert f"vlscale: resuming at step {step} of 6 from {out / 'checkpoints' / f'step{step}'}\n" in done.stdout
     resumed, reference = h.read_log(out), h.read_log(runs("single_2r"))
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(reference, resumed, strict=True):

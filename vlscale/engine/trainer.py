@@ -543,6 +543,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
         run.loader.load_state_dict(state["loader"])
         run.step = int(state["step"])
+        if run.is_main and run.step < cfg.train.max_steps:
+            print(f"vlscale: resuming at step {run.step} of {cfg.train.max_steps} from "
+                  f"{out / 'checkpoints' / str(ckpt.latest_tag(out / 'checkpoints'))}", flush=True)
         if int(state.get("world_size") or dist.world_size) == dist.world_size:  # another number of ranks: another
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     if run.is_main:
