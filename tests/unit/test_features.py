@@ -682,6 +682,36 @@ def test_hf_row_ids_of_two_datasets_never_share_a_cache(tmp_path, weights):
         real_visual_source(cfg, "vqa", "train")
 
 
+def test_an_id_column_cache_records_no_hf_rows_so_other_datasets_images_extend_it(tmp_path, weights):
+    """--id-column names each image itself, not by its row: such a cache records no dataset (hf_rows), so named
+    images of a second dataset extend it, and so do a dataset's rows later (then recorded). Recording the first
+    dataset refused both, as if its ids were <split>/<row>."""
+    import datasets
+    import extract_features as launcher
+    from PIL import Image
+
+    def save(name, seed, names):
+        rng = np.random.default_rng(seed)
+        images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)) for _ in names]
+        path = tmp_path / name
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+            {"image": images, "name": names},
+            features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")}))}).save_to_disk(
+            str(path))
+        return path
+
+    first, second = save("first", 0, ["a0", "a1"]), save("second", 1, ["b0"])
+    cache = tmp_path / "cache"
+    base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--image-column", "image", "--out", str(cache)]
+    assert launcher.main(base + ["--hf-dataset", str(first), "--id-column", "name"]) == 0
+    assert "hf_rows" not in json.loads((cache / "meta.json").read_text())
+    assert launcher.main(base + ["--hf-dataset", str(second), "--id-column", "name"]) == 0
+    assert "hf_rows" not in json.loads((cache / "meta.json").read_text())
+    assert launcher.main(base + ["--hf-dataset", str(second)]) == 0  # its rows: now recorded
+    assert json.loads((cache / "meta.json").read_text())["hf_rows"] == "second"
+    assert sorted(FeatureCache(cache, hf_rows=str(second)).ids()) == ["a0", "a1", "b0", "train/0"]
+
+
 def test_launcher_refuses_an_id_column_naming_two_images(tmp_path, weights):
     """--id-column naming the same id for two rows with different images cached the first row's features for
     both, without a word (training, since, refuses such rows): refused naming both rows, or skipped with
