@@ -76,6 +76,20 @@ def test_caption_predictions_are_one_line_per_clip_keyed_as_the_ground_truth(tmp
             (r["vid_name"], r["ts"] if task == "tvc" else None) for r in CAPTIONS]
 
 
+def test_a_clip_without_a_clip_id_is_written_under_its_uid(tmp_path):
+    """The synthetic world's TVC / YC2C clips carry no ``clip_id`` (only VALUE's files do): each line is keyed by
+    the example's uid, which names the clip, so every prediction keeps its own line's key."""
+    cfg = load_config("tiny", ["data.tasks=[tvc,yc2c]"])
+    for task in ("tvc", "yc2c"):
+        ex = load_examples(cfg, task, "test")[:2]
+        assert all("clip_id" not in e.extra for e in ex)
+        records = [{"uid": str(e.uid), "prediction": f"caption {k}"} for k, e in enumerate(ex)]
+        path = write_submission(tmp_path / "sub", task, records, ex, "test")
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(c["clip_id"], c["descs"]) for c in lines] == [
+            (f"{task}_test_00000{k}", [{"desc": f"caption {k}"}]) for k in range(2)]
+
+
 def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
     """EvalAI, the COCO server and VALUE read these ids as integers: ids that are not numbers (an HF dataset's
     "<split>-<row>" without data.hf_columns.id) are said in a warning; numbers, and GQA's string ids, pass."""
