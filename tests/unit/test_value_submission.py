@@ -120,6 +120,30 @@ def test_ids_a_leaderboard_reads_as_integers_are_checked(tmp_path, caplog):
     assert "map data.hf_columns.id" in caplog.text
 
 
+def test_an_hf_datasets_caption_rows_are_not_written_as_coco_images_of_their_row_numbers(tmp_path, caplog):
+    """An HF caption dataset without data.hf_columns.id names its rows ``<split>-<row>``: the number that uid ends
+    in is the row's, no COCO image's, yet it was written as the image_id (row 1 as COCO image 1), silently. The uid
+    is written whole and said, with the hint to map the id column; a mapped id column is written as before."""
+    from pathlib import Path
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    hf = str(Path(__file__).resolve().parents[1] / "fixtures" / "hf_multi")
+    for split in ("val", "validation"):  # ours or the dataset's name: the loader names the rows by ours
+        ex, _ = load_hf_examples("caption", hf, split, {"image": "image", "captions": "captions"})
+        assert [e.uid for e in ex] == ["val-0", "val-1"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlscale.engine.evaluation"):
+            path = write_submission(tmp_path, "caption", [{"uid": e.uid, "prediction": "a cat"} for e in ex], ex,
+                                    split)
+        assert [c["image_id"] for c in json.loads(path.read_text())] == ["val-0", "val-1"]
+        assert ("caption submission: 2 of 2 image_ids are not numbers (first ['val-0', 'val-1']); the COCO caption "
+                "server reads them as integers (an HF dataset's row numbers: map data.hf_columns.id") in caplog.text
+    ex, _ = load_hf_examples("caption", hf, "val", {"image": "image", "captions": "captions", "id": "qid"})
+    path = write_submission(tmp_path, "caption", [{"uid": e.uid, "prediction": "a cat"} for e in ex], ex, "val")
+    assert [c["image_id"] for c in json.loads(path.read_text())] == [int(e.uid) for e in ex]
+
+
 def test_a_prediction_the_accuracy_counts_as_an_option_is_written_as_that_option(tmp_path):
     """The submission reads an option's name as the scorer of ``evaluate.py`` does (normalize_answer: case,
     punctuation, spaces), so a prediction scored right locally is never written as option 0 for VALUE."""

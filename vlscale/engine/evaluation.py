@@ -216,6 +216,14 @@ NUMERIC_IDS = {"vqa": ("question_id", "EvalAI"), "caption": ("image_id", "the CO
 """The submissions whose leaderboard reads the ids as integers: the id's name there, and who reads it."""
 
 
+def _hf_row_uids(split: str) -> re.Pattern:
+    """The uids the HF loader gives ``split``'s rows without ``data.hf_columns.id``: ``<split>-<row>``."""
+    from vlscale.data.hf_dataset import SPLIT_NAMES
+
+    ours = [o for o, names in SPLIT_NAMES.items() if split in (o, *names)]  # the loader names rows by ours
+    return re.compile(rf"({'|'.join(re.escape(s) for s in [split, *ours])})-\d+")
+
+
 def _warn_non_numeric_ids(task: str, ids: list, split: str) -> None:
     """Log a warning when ``task``'s submission holds ids (as written) that its leaderboard cannot read as
     integers; with a hint where they are an HF dataset's row ids (``<split>-<row>``, no ``data.hf_columns.id``)."""
@@ -224,10 +232,7 @@ def _warn_non_numeric_ids(task: str, ids: list, split: str) -> None:
     key, reader = NUMERIC_IDS[task]
     bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
-        from vlscale.data.hf_dataset import SPLIT_NAMES
-
-        ours = [o for o, names in SPLIT_NAMES.items() if split in (o, *names)]  # the loader names rows by ours
-        rows = re.compile(rf"({'|'.join(re.escape(s) for s in [split, *ours])})-\d+")
+        rows = _hf_row_uids(split)
         hint = " (an HF dataset's row numbers: map data.hf_columns.id to the id column)" \
             if any(rows.fullmatch(str(i)) for i in bad) else ""
         logger.warning(f"{task} submission: {len(bad)} of {len(ids)} {key}s are not numbers (first {bad[:3]}); "
@@ -242,7 +247,8 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
     - gqa (as LXMERT / VL-T5): ``[{"questionId": str, "prediction": str}]``
     - nlvr2 (as LXMERT's ``dump_result``): one line ``<identifier>,True`` or ``<identifier>,False`` per example
     - caption (the COCO caption server): ``[{"image_id": <cocoid>, "caption": str}]`` (without a ``cocoid``: the
-      number the image's name ends in)
+      number the image's name ends in; an HF dataset's row uid ``<split>-<row>`` names no image and is written
+      whole, with the warning to map ``data.hf_columns.id``)
     - tvqa, how2qa (VALUE's scorer, as VL-Adapter's ``multitask_video.py``): ``{"<qid>": option index}``; a
       prediction naming no option (neither ``a0``.. nor an option's text) is written as 0, as the reference
       does, and counted in a logged warning
@@ -282,8 +288,10 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
             entries = [{"question_id": _number_or_text(str(e.uid)), "answer": p} for e, p in rows]
         elif task == "gqa":
             entries = [{"questionId": str(e.uid), "prediction": p} for e, p in rows]
-        else:
+        else:  # an HF row's uid ends in its row number, no image's id: written whole, and warned of
+            row = _hf_row_uids(split)
             entries = [{"image_id": e.extra["cocoid"] if isinstance(e.extra.get("cocoid"), int) else
+                        str(e.uid) if row.fullmatch(str(e.uid)) else
                         _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
         key = NUMERIC_IDS.get(task, (None,))[0]
         text, ids = json.dumps(entries), [entry[key] for entry in entries] if key else []
