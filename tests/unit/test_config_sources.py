@@ -140,12 +140,14 @@ def test_extract_features_names_a_clip_checkpoint_it_cannot_load(tmp_path, launc
 @pytest.mark.parametrize("text, words", [
     ("base: tiny\ntrain:\n  max_steps: 3\n  max_steps: 5\n", ["line 4, column 3", "'max_steps' appears twice"]),
     ("base: tiny\ntrain:\n  lr: [1e-3\n", ["not valid YAML: line", "expected ',' or ']'"]),
+    ("base: tiny\ntrain:\n  ? [max_steps]\n  : 3\n", ["not valid YAML: line 3, column 5: found unhashable key"]),
     ("base: [tiny]\n", ["base=['tiny'] must be one preset name"]),
     ("base: tinny\n", ["user.yaml: base 'tinny': no preset or file named 'tinny'"]),
 ])
 def test_a_users_preset_file_errors_in_one_line(tmp_path, text, words):
     """A key given twice kept the last one silently; a list as base was a TypeError traceback; YAML's own
-    message spanned lines; a missing base did not say which file named it."""
+    message spanned lines; a missing base did not say which file named it. An unhashable (list) key is YAML's
+    own error, not the duplicate check's TypeError."""
     (tmp_path / "user.yaml").write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(str(tmp_path / "user.yaml"))
