@@ -475,6 +475,27 @@ def test_a_rank_is_watched_under_torchrun_or_deepspeeds_launch_and_under_nothing
         assert watch.launcher is parent and watch.runner is None and watch.launcher_name == entry_point(cmdline)
 
 
+def test_a_launcher_that_changes_while_it_is_looked_at_is_not_watched(monkeypatch):
+    """The rank's parent and DeepSpeed's runner above it are read one after the other; where either link changed
+    meanwhile (the runner gone after the launcher named it, or this rank reparented after its parent was read), a
+    watch would compare with processes that may no longer be the rank's launcher or runner: none is built."""
+    import psutil
+
+    monkeypatch.setenv("RANK", "1")
+    me = os.getppid()
+    runner = _Parent(["/usr/bin/python3", "/env/bin/deepspeed", "--num_gpus", "2", "t.py"], 4321)
+    launcher = _Parent(["/usr/bin/python3", "-m", "deepspeed.launcher.launch", "t.py"], me, ppid=4321, parent=runner)
+    monkeypatch.setattr(psutil, "Process", lambda pid: launcher if pid == me else None)
+    watch = LauncherWatch.for_this_process(rank=1)
+    assert watch.launcher is launcher and watch.runner is runner  # all in place: both watched
+    launcher._ppid = 1  # the runner ended after parent() named it: the launcher's parent is now init
+    assert LauncherWatch.for_this_process(rank=1) is None
+    launcher._ppid = 4321
+    asked = []  # this rank reparented between reading its parent and checking it: os.getppid() moved on
+    monkeypatch.setattr(os, "getppid", lambda: (asked.append(1), me if len(asked) == 1 else 1)[1])
+    assert LauncherWatch.for_this_process(rank=1) is None and len(asked) == 2
+
+
 def test_a_stop_signal_installed_off_the_main_thread_installs_nothing():
     """Python lets only the main thread set signal handlers: a loop run in another thread (a notebook's, a
     test's) gets a StopSignal that never fires instead of a ValueError."""
