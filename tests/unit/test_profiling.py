@@ -668,6 +668,22 @@ def test_measured_ranks_give_the_maximum_each_ranks_figures_and_the_top_ranks_bu
     assert "buffers" not in cuda and "activations_at_peak_by_rank" not in cuda and cuda["peak"] == 3000
 
 
+def test_a_run_whose_set_up_is_its_peak_reports_init_with_no_activation_or_gradient_live_then():
+    """DeepSpeed's set-up can be a run's peak (ZeRO-3 holds a whole model while it partitions it): the peak is then
+    the set-up's, its phase ``init``, and no step's activations or gradients are counted as live at it (the
+    buffers are what the set-up held beside the parameters); a step's peak, even one the set-up only equals,
+    stays that step's with what was live in it."""
+    from vlscale.profiling.measure import _over_ranks, _run_peak
+
+    at_step = {"activations": 400, "grads": 40}
+    peak, phase, at = _run_peak(5000, 3000, "backward1", at_step)
+    assert (peak, phase, at) == (5000, "init", {"activations": 0, "grads": 0})
+    out = _over_ranks([_rank_result(peak, 700, at["activations"], at["grads"], phase)])
+    assert out["peak_phase"] == "init" and out["buffers"] == 5000 - 700 - 300
+    assert _run_peak(3000, 3000, "backward1", at_step) == (3000, "backward1", at_step)
+    assert _run_peak(2000, 3000, "backward1", at_step) == (3000, "backward1", at_step)
+
+
 def test_measured_cases_launch_a_fresh_process_group_and_read_every_rank(monkeypatch):
     """The ranks are started without the caller's launcher variables (a group of their own), on the CPU
     accelerator without a GPU, with this checkout first on the path; each rank's file is read, per case; a

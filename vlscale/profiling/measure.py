@@ -308,6 +308,14 @@ def _rss_peak_bytes() -> int:
 FP16_SKIPS = 32  # overflowed steps a measured fp16 run may skip while the loss scale comes down (2^16 -> 2^-16)
 
 
+def _run_peak(init_peak: int, steps_peak: int, steps_phase: str, at_steps_peak: dict) -> tuple[int, str, dict]:
+    """The run's peak, its phase, and the activations and gradients live then: the steps' peak, or DeepSpeed's
+    set-up's (phase ``init``) where that is higher (ZeRO-3 partitions a whole model), when none are live."""
+    if init_peak > steps_peak:
+        return init_peak, "init", {"activations": 0, "grads": 0}
+    return steps_peak, steps_phase, dict(at_steps_peak)
+
+
 def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3, loss_mode: str = "trainer",
                        padded: bool = True, rank: int = 0, world_size: int = 1,
                        checkpoint_dir: Optional[str] = None) -> dict:
@@ -424,9 +432,8 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         else:
             peak = tracker.peak
     peak_phase = max(cuda_phases["peaks"], key=cuda_phases["peaks"].get) if cuda else tracker.peak_phase
-    if init_peak > peak:  # DeepSpeed's set-up can be the run's peak (ZeRO-3 partitions a whole model)
-        peak, peak_phase = init_peak, "init"
-        counter_peak.update(activations=0, grads=0)
+    peak, peak_phase, at_peak = _run_peak(init_peak, peak, peak_phase, counter_peak)
+    counter_peak.update(at_peak)
     if checkpoint_dir is not None:
         result.update(_measured_checkpoint(engine, checkpoint_dir, steps, rank))
     # read as run_summary.json does, after training (ZeRO-3 keeps small parameters whole from step 1 on)
