@@ -684,6 +684,32 @@ def test_a_run_whose_set_up_is_its_peak_reports_init_with_no_activation_or_gradi
     assert _run_peak(2000, 3000, "backward1", at_step) == (3000, "backward1", at_step)
 
 
+def test_the_live_tensor_tracker_skips_wrapper_subclasses_whose_storage_is_not_memory():
+    """A wrapper tensor subclass (DTensor's kind: ``_make_wrapper_subclass``) reports a storage of its full size,
+    though its memory is the inner tensors' own (tracked themselves): counted, it doubled their bytes."""
+    from vlscale.profiling.measure import _storage
+
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # no op runs on it here
+            raise NotImplementedError(func)
+
+    inner = torch.empty(100)  # 400 B
+    wrapped = Wrapper(inner)
+    assert wrapped.untyped_storage().nbytes() == 400 and _storage(wrapped) is None
+    param = torch.nn.Parameter(torch.empty(25))  # 100 B: a parameter counts
+    tracker = LiveTensorTracker("cpu")
+    tracker.track([inner, wrapped, param])
+    assert tracker.current == 500
+
+
 def test_measured_cases_launch_a_fresh_process_group_and_read_every_rank(monkeypatch):
     """The ranks are started without the caller's launcher variables (a group of their own), on the CPU
     accelerator without a GPU, with this checkout first on the path; each rank's file is read, per case; a
