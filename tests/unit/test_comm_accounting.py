@@ -363,3 +363,25 @@ def test_counted_bytes_match_the_accounting_with_gradient_checkpointing(tmp_path
     without = _scale_prediction(args + ["--workdir", str(tmp_path / "plain")])
     assert predicted["all_gather"] > without.all_gather  # the recompute's gathers are counted
     assert predicted["reduce_scatter"] == without.reduce_scatter
+
+
+def test_traces_leave_the_model_as_they_found_it():
+    """trace_module_calls and trace_zero3_step put the model back in its mode, keep the gradients it had (and add
+    none), and leave no hook or parameter-reading dict behind."""
+    import torch
+
+    from vlscale.engine.comm import trace_module_calls, trace_zero3_step
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    model.eval()
+    kept = torch.ones(3, 3)
+    model[0].weight.grad = kept
+    for trace in (trace_module_calls, trace_zero3_step):
+        trace(model, torch.ones(2, 3))
+        assert not model.training and not any(m.training for m in model.modules()), trace.__name__
+        assert model[0].weight.grad is kept and torch.equal(kept, torch.ones(3, 3)), trace.__name__
+        assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight"), trace.__name__
+        for m in model.modules():
+            assert not m._forward_hooks and not m._forward_pre_hooks, (trace.__name__, m)
+            assert type(m._parameters) is dict, (trace.__name__, m)
+

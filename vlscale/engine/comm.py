@@ -422,7 +422,10 @@ def trace_zero3_step(model: torch.nn.Module, batch: dict, forward=None, loss=Non
             access.on_access = on_access
             swapped.append((m, m._parameters))
             m._parameters = access
-    had_grad = {id(p) for p in model.parameters() if p.grad is not None}
+    # the trace's backward must neither add to gradients the model holds nor leave its own: set them aside
+    had_grad = {id(p): p.grad for p in model.parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
     was_training = model.training
     model.train()
     try:
@@ -440,8 +443,7 @@ def trace_zero3_step(model: torch.nn.Module, batch: dict, forward=None, loss=Non
         for m, original in swapped:
             m._parameters = original
         for p in model.parameters():
-            if id(p) not in had_grad:
-                p.grad = None
+            p.grad = had_grad.get(id(p))
         model.train(was_training)
     return Zero3Trace(units, events, info)
 
