@@ -365,6 +365,37 @@ def test_counted_bytes_match_the_accounting_with_gradient_checkpointing(tmp_path
     assert predicted["reduce_scatter"] == without.reduce_scatter
 
 
+class _C10dOp:
+    """A c10d op as the dispatcher hands it to the counter (single process: nothing runs)."""
+
+    def __init__(self, name):
+        self._schema = type("Schema", (), {"name": f"c10d::{name}"})()
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def test_counter_log_reset_and_snapshot():
+    """``log=True`` keeps one (op type, c10d name, dtype, bytes) record per call, ``reset()`` forgets the counts and
+    the records, and the snapshot carries the world size its wire bytes were computed for."""
+    import torch
+
+    from vlscale.engine.comm import CommCounter
+
+    c = CommCounter(4, log=True)
+    c.__torch_dispatch__(_C10dOp("_allgather_base_"), (), (torch.zeros(8), torch.zeros(2)))
+    c.__torch_dispatch__(_C10dOp("allreduce_"), (), ([torch.zeros(3, dtype=torch.bfloat16)],))
+    assert c.records == [("all_gather", "_allgather_base_", "torch.float32", 32),
+                         ("all_reduce", "allreduce_", "torch.bfloat16", 6)]
+    snap = c.snapshot()
+    assert snap["world_size"] == 4 and snap["wire_bytes"]["all_gather"] == 24 and snap["wire_bytes"]["all_reduce"] == 9
+    c.reset()
+    assert c.records == [] and set(c.bytes.values()) == {0} and set(c.calls.values()) == {0}
+    quiet = CommCounter(2)
+    quiet.__torch_dispatch__(_C10dOp("allreduce_"), (), ([torch.zeros(3)],))
+    assert quiet.records == [] and quiet.bytes["all_reduce"] == 12
+
+
 def test_traces_leave_the_model_as_they_found_it():
     """trace_module_calls and trace_zero3_step put the model back in its mode, keep the gradients it had (and add
     none), and leave no hook or parameter-reading dict behind."""
@@ -385,3 +416,66 @@ def test_traces_leave_the_model_as_they_found_it():
             assert not m._forward_hooks and not m._forward_pre_hooks, (trace.__name__, m)
             assert type(m._parameters) is dict, (trace.__name__, m)
 
+
+def test_reuse_distance_counts_parameter_elements_and_a_leaf_counts_recursively():
+    """The re-use window is measured in parameter elements of the units fetched in between (not in units): a
+    parameter used again after 10 elements is kept at a distance of 11 and released at 10. When a leaf unit
+    releases, a later unit counts every parameter under it (its child's too, which is then counted again)."""
+    from vlscale.engine.comm import Zero3Trace, Zero3Unit
+
+    info = {"w": ParamInfo(1000, False), "x": ParamInfo(10, False)}
+    calls = [ModuleCall("A", ["w"], False), ModuleCall("B", ["x"], False), ModuleCall("A", ["w"], False)]
+    gathered = {d: zero3_comm_accounting(calls, info, 1, param_bytes=1, param_persistence_threshold=0,
+                                         max_reuse_distance=d).all_gather for d in (10, 11)}
+    assert gathered == {10: 2010, 11: 1010}
+
+    info = {"a": ParamInfo(5, False), "p": ParamInfo(100, False), "c": ParamInfo(1000, False)}
+    units = [Zero3Unit("leaf", True, [], ["a"]), Zero3Unit("parent", False, ["p"], ["p", "c"]),
+             Zero3Unit("parent.child", False, ["c"], ["c"])]
+    leaf, parent, child = range(3)
+    events = [("fetch", leaf, "forward"), ("release", leaf, "forward"), ("fetch", parent, "forward"),
+              ("fetch", child, "forward"), ("release", child, "forward"), ("release", parent, "forward"),
+              ("fetch", leaf, "forward"), ("release", leaf, "forward"), ("backward_end", None, None)]
+    # from the leaf's release: parent 100 + 1000 (recursively), child 1000 -> 2100 elements before its next use
+    gathered = {d: zero3_comm_accounting(Zero3Trace(units, events, info), info, 1, param_bytes=1,
+                                         param_persistence_threshold=0, max_reuse_distance=d).all_gather
+                for d in (2100, 2101)}
+    assert gathered == {2100: 5 + 100 + 1000 + 5, 2101: 100 + 1000 + 5}
+
+
+def test_prediction_reads_the_runs_accumulation_precision_and_settings(monkeypatch):
+    """predict_zero3_comm takes from the run: its micro-batches per step (train.global_batch_size over micro x
+    ranks; everything but the one post-step gather of the persistent parameters repeats), the precision's
+    parameter bytes, communication_data_type for the gradients, and stage3_model_persistence_threshold; a file
+    that sets no ZeRO stage is refused (the stage is then 0). (The trace is the hand-made one of the accounting tests: these settings do not change it.)"""
+    import torch
+
+    from vlscale.config import load_config
+    from vlscale.engine import comm
+
+    trace = comm._calls_to_trace(*_toy())
+    monkeypatch.setattr(comm, "trace_zero3_step", lambda m, batch: trace)
+    model = torch.nn.Linear(2, 2, device="meta")
+    ds = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_param_persistence_threshold": 10}}
+
+    def predict(overrides=(), ds_config=ds):
+        return predict_zero3_comm(load_config("tiny", ["train.micro_batch_size=2", *overrides]), ds_config, 2,
+                                  vocab_size=700, model=model)
+
+    one = predict()
+    post = one.detail["post_step_all_gather"]
+    assert post == 4 * 10 and one.detail["micro_batches"] == 1  # "ln", the one persistent parameter, in fp32
+    two = predict(["train.global_batch_size=8"])  # 8 / (2 x 2 ranks): 2 micro-batches
+    assert two.detail["micro_batches"] == 2
+    assert (two.all_gather, two.reduce_scatter) == (2 * (one.all_gather - post) + post, 2 * one.reduce_scatter)
+    bf16 = predict(["train.precision=bf16"])
+    assert (bf16.all_gather, bf16.reduce_scatter) == (one.all_gather // 2, one.reduce_scatter // 2)
+    fp32_grads = predict(["train.precision=bf16"], {**ds, "communication_data_type": "fp32"})
+    assert (fp32_grads.all_gather, fp32_grads.reduce_scatter) == (bf16.all_gather, one.reduce_scatter)
+    none_kept = predict(ds_config={"zero_optimization": {**ds["zero_optimization"],
+                                                         "stage3_model_persistence_threshold": 0}})
+    assert none_kept.detail["persistent_params"] == 0 and none_kept.detail["post_step_all_gather"] == 0
+    assert none_kept.all_gather == one.all_gather - post + 2 * 4 * 10  # "ln" gathered in forward and backward
+    for no_stage in ({"zero_optimization": {}}, {}):  # DeepSpeed's stage when none is written: 0
+        with pytest.raises(ValueError, match="zero_optimization.stage=0: the accounting is for ZeRO stage 3"):
+            predict(ds_config=no_stage)
