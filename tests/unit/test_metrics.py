@@ -83,6 +83,26 @@ def test_vqa_score_edge_cases():
         vqa_score("dog", "dog")
 
 
+def test_vqa_normalisation_looks_for_spaces_in_the_answer_as_given():
+    """As the official script: whether a punctuation mark touches a space is read from the answer before any
+    mark was replaced (a "/" turned into a space does not make the "-" after it deleted), and a newline or tab
+    is a space there (the script replaces them first)."""
+    assert normalize_vqa_answer("red/-blue-green") == "red blue green"
+    assert normalize_vqa_answer("x-ray\t-ish") == normalize_vqa_answer("x-ray\n-ish") == "xray ish"
+
+
+def test_vqa_accuracy_is_the_mean_over_the_predicted_ids_and_refuses_none():
+    """References of ids without a prediction do not count in the mean; no predictions is refused, not a
+    ZeroDivisionError."""
+    from vlscale.metrics import vqa_accuracy
+
+    refs = {"1": ["two"] * 10, "2": ["cat"] * 10, "3": ["dog"] * 10}
+    assert vqa_accuracy({"1": "2"}, refs) == 1.0
+    assert vqa_accuracy({"1": "2", "2": "dog"}, refs) == 0.5
+    with pytest.raises(ValueError, match="^vqa_accuracy: no predictions to score$"):
+        vqa_accuracy({}, refs)
+
+
 # ----------------------------------------------------------------------------- CIDEr-D
 
 def test_cider_hand_computed():
