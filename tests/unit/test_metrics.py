@@ -167,6 +167,42 @@ def test_cider_refuses_a_reference_string_for_a_list():
         cider({"a": "a dog"}, {"a": "a dog"})
 
 
+def test_cider_counts_4_grams():
+    """CIDEr-D averages the 1- to 4-gram similarities: a candidate equal to its only reference, with every n-gram
+    unique to its image (idf log 2 on 2 images), scores 10 * (1 + 1 + 1 + 1) / 4; a one-word one 10 * 1 / 4."""
+    assert cider_per_image({"x": "w x y z", "y": "e"}, {"x": ["w x y z"], "y": ["e"]}) == \
+        pytest.approx({"x": 10.0, "y": 2.5})
+
+
+def test_cider_idf_counts_the_predicted_images_only():
+    """N and the document frequencies come from the evaluated (predicted) ids: references of other ids change
+    nothing (coco-caption scores the same ids on both sides). "a" is in both images' references: idf
+    log 2 - log 2 = 0 on the 2 predicted images, so image 2 shares nothing that counts (log 4 - log 2 on 4 would)."""
+    preds = {"img1": "a b", "img2": "a e"}
+    refs = {"img1": ["a b"], "img2": ["a d"]}
+    assert cider_per_image(preds, refs) == pytest.approx({"img1": 5.0, "img2": 0.0})
+    assert cider_per_image(preds, {**refs, "img3": ["a b c"], "img4": ["x y"]}) == pytest.approx({"img1": 5.0, "img2": 0.0})
+
+
+def test_cider_errors_name_the_id_and_options_reach_the_score():
+    """A prediction without references is refused naming the id (not a bare KeyError); ``sigma`` is the length
+    penalty's, ``tokenizer`` splits every sentence (str.split keeps case and punctuation: "A B." shares nothing
+    with "a b")."""
+    with pytest.raises(KeyError, match=r"cider: prediction id 'b' has no references \(1 ids missing in all\)"):
+        cider({"a": "x", "b": "y"}, {"a": ["x"]})
+    # "a b c" vs "a b" (test_cider_clipping_and_length_penalty), lengths 2 vs 1 bigrams, sigma 1: exp(-1 / 2)
+    per = cider_per_image({"x": "a b c", "y": "d e"}, {"x": ["a b"], "y": ["d e"]}, sigma=1.0)
+    assert per["x"] == pytest.approx(10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 2))
+    preds, refs = {"img1": "A B.", "img2": "c e"}, {"img1": ["a b"], "img2": ["c d"]}
+    assert cider(preds, refs) == pytest.approx(3.125)                      # test_cider_hand_computed's
+    assert cider(preds, refs, tokenizer=str.split) == pytest.approx(1.25 / 2)  # img1 scores 0
+
+
+def test_cider_tokenisation_splits_underscores():
+    """Anything not a letter or digit separates words, an underscore too (regex's \\w holds it)."""
+    assert tokenize("red_car on_the road") == ["red", "car", "on", "the", "road"]
+
+
 # ----------------------------------------------------------------------------- caption metrics
 
 PREDS = {1: "a man riding a horse", 2: "two dogs playing in the grass"}
