@@ -476,6 +476,37 @@ def test_gqa_exact_match_compares_strings_as_the_official_evaluation():
         exact_match({"1": "yes"}, {"1": []})
 
 
+def test_accuracy_and_consistency_refusals_and_a_reference_string():
+    """accuracy, exact_match and consistency take a single reference string as the one reference (not its
+    characters), and refuse no predictions, an unknown id and an empty reference list naming them, never
+    scoring 0 or dividing by zero."""
+    assert accuracy({"q": "Yes."}, {"q": "yes"}) == 1.0
+    assert exact_match({"q": "yes"}, {"q": "yes"}) == 1.0
+    for metric in (accuracy, exact_match):
+        with pytest.raises(ValueError, match=f"^{metric.__name__}: no predictions to score$"):
+            metric({}, {"q": ["yes"]})
+        with pytest.raises(KeyError, match=f"{metric.__name__}: prediction id 'q9' is not in the references"):
+            metric({"q9": "yes"}, {"q": ["yes"]})
+    with pytest.raises(ValueError, match="^consistency: no predictions to score$"):
+        consistency({}, {"q": ["yes"]}, {"q": "g"})
+    with pytest.raises(ValueError, match="no references to compare prediction 'maybe' with"):
+        accuracy({"q": "maybe"}, {"q": []})
+
+
+def test_consistency_counts_the_groups_of_predicted_examples():
+    """A group none of whose examples was predicted is not a group scored (0.5, not 1/3); an empty groups map
+    for NLVR2 is refused, not taken as no groups."""
+    from vlscale.metrics.classification import nlvr2_scores
+
+    preds = {"q1": "Yes.", "q2": "red car", "q3": "blue"}
+    refs = {"q1": ["yes"], "q2": ["Red car"], "q3": ["green"]}
+    groups = {"q1": "g1", "q2": "g1", "q3": "g2", "q4": "g3"}
+    assert consistency(preds, refs, groups) == pytest.approx(0.5)
+    assert nlvr2_scores(preds, refs, groups) == pytest.approx({"accuracy": 2 / 3, "consistency": 0.5})
+    with pytest.raises(KeyError, match="consistency: prediction id 'q1' has no group"):
+        nlvr2_scores(preds, refs, {})
+
+
 # ----------------------------------------------------------------------------- score_task
 
 def _has_pycocoevalcap():
