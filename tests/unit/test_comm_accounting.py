@@ -479,3 +479,14 @@ def test_prediction_reads_the_runs_accumulation_precision_and_settings(monkeypat
     for no_stage in ({"zero_optimization": {}}, {}):  # DeepSpeed's stage when none is written: 0
         with pytest.raises(ValueError, match="zero_optimization.stage=0: the accounting is for ZeRO stage 3"):
             predict(ds_config=no_stage)
+
+
+def test_other_collectives_send_their_bytes_on_several_ranks_and_nothing_on_one():
+    """The ops outside the four types (send, recv, all-to-all, gather...) count their bytes as sent on 2 or more
+    ranks; on one rank there is no peer, so nothing, as for a broadcast (they reported their bytes as sent)."""
+    from vlscale.engine.comm import CommCounter
+
+    for world, sent in ((1, 0), (2, 40), (8, 40)):
+        c = CommCounter(world)
+        c.bytes.update(broadcast=40, other=40)
+        assert (c.wire_bytes()["broadcast"], c.wire_bytes()["other"]) == (sent, sent), world

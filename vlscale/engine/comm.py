@@ -11,7 +11,8 @@ the trainer's loss all-reduce), and whatever Python wrapper it came through
         reduce_scatter  the full input (W x the output partition)
         all_reduce      the tensor;   broadcast: the tensor
     wire bytes (what each rank sends under the ring / tree algorithms NCCL and gloo use)
-        all_gather, reduce_scatter: (W-1)/W x bytes;  all_reduce: 2 (W-1)/W x bytes;  broadcast: bytes
+        all_gather, reduce_scatter: (W-1)/W x bytes;  all_reduce: 2 (W-1)/W x bytes;  broadcast, other: bytes
+        (on one rank nothing is sent: 0)
 
 **Predicting** (:func:`predict_zero3_comm`): the frozen-aware ZeRO-3 accounting of one optimizer
 step. Which modules run, how often, in which order, and when gradients reach them comes from one
@@ -106,7 +107,7 @@ _C10D_OPS = {
 }
 _WIRE_FACTOR = {"all_gather": lambda w: (w - 1) / w, "reduce_scatter": lambda w: (w - 1) / w,
                 "all_reduce": lambda w: 2 * (w - 1) / w, "broadcast": lambda w: 1.0 if w > 1 else 0.0,
-                "other": lambda w: 1.0}
+                "other": lambda w: 1.0 if w > 1 else 0.0}
 
 
 def _tensor_bytes(obj) -> int:
