@@ -490,3 +490,24 @@ def test_other_collectives_send_their_bytes_on_several_ranks_and_nothing_on_one(
         c = CommCounter(world)
         c.bytes.update(broadcast=40, other=40)
         assert (c.wire_bytes()["broadcast"], c.wire_bytes()["other"]) == (sent, sent), world
+
+
+def test_a_recompute_releases_a_trainable_unit_inside_another_units_backward():
+    """Only frozen parameters a recompute gathers are held by the backward unit running then: a trainable unit the
+    recompute runs (``a1``, inside ``a2``'s backward) is released after it as in forward, so its own backward, still
+    inside ``a2``'s, gathers it again."""
+    from vlscale.engine.comm import Zero3Trace, Zero3Unit
+
+    info = {"w": ParamInfo(1000, False), "a1": ParamInfo(30, True), "a2": ParamInfo(40, True)}
+    units = [Zero3Unit("block", True, [], ["w"]), Zero3Unit("a1", False, ["a1"], ["a1"]),
+             Zero3Unit("a2", False, ["a2"], ["a2"])]
+    block, a1, a2 = range(3)
+    fwd = [("fetch", block, "forward"), ("fetch", a1, "forward"), ("release", a1, "forward"),
+           ("fetch", a2, "forward"), ("release", a2, "forward"), ("release", block, "forward")]
+    bwd = [("fetch", block, "backward"), ("fetch", a2, "backward"), ("fetch", a1, "recompute"),
+           ("release", a1, "forward"), ("fetch", a1, "backward"), ("release", a1, "backward"),
+           ("release", a2, "backward"), ("release", block, "backward"), ("backward_end", None, None)]
+    pred = zero3_comm_accounting(Zero3Trace(units, fwd + bwd, info), info, 2, param_bytes=4,
+                                 param_persistence_threshold=0)
+    assert pred.detail["recompute_all_gather"] == {"frozen": 0, "trainable": 4 * 30}
+    assert pred.detail["backward_all_gather"] == {"frozen": 4 * 1000, "trainable": 4 * (40 + 30)}
