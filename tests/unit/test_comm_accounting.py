@@ -511,3 +511,21 @@ def test_a_recompute_releases_a_trainable_unit_inside_another_units_backward():
                                  param_persistence_threshold=0)
     assert pred.detail["recompute_all_gather"] == {"frozen": 0, "trainable": 4 * 30}
     assert pred.detail["backward_all_gather"] == {"frozen": 4 * 1000, "trainable": 4 * (40 + 30)}
+
+
+def test_an_external_parameter_is_found_in_the_first_step_and_kept_for_its_reader():
+    """A parameter a unit reads without owning it (``("access", u, name)``) is registered with that unit during
+    the first step, when everything is released after use; from then on the re-use window sees the reader's use,
+    so the owner's gather keeps it for the reader (gathered once, not again at the read)."""
+    from vlscale.engine.comm import Zero3Trace, Zero3Unit
+
+    info = {"w": ParamInfo(1000, False), "x": ParamInfo(10, True)}
+    units = [Zero3Unit("owner", False, ["w"], ["w"]), Zero3Unit("reader", False, ["x"], ["x"])]
+    owner, reader = range(2)
+    events = [("fetch", owner, "forward"), ("release", owner, "forward"), ("fetch", reader, "forward"),
+              ("access", reader, "w"), ("release", reader, "forward"), ("fetch", reader, "backward"),
+              ("release", reader, "backward"), ("backward_end", None, None)]
+    pred = zero3_comm_accounting(Zero3Trace(units, events, info), info, 1, param_bytes=1,
+                                 param_persistence_threshold=0, max_reuse_distance=10 ** 9)
+    assert pred.detail["external_params"] == 1
+    assert pred.all_gather == 1000 + 10
