@@ -93,7 +93,7 @@ def test_vqa_normalisation_looks_for_spaces_in_the_answer_as_given():
 
 def test_vqa_accuracy_is_the_mean_over_the_predicted_ids_and_refuses_none():
     """References of ids without a prediction do not count in the mean; no predictions is refused, not a
-    ZeroDivisionError."""
+    ZeroDivisionError, and an id without references is named as the other metrics name it."""
     from vlscale.metrics import vqa_accuracy
 
     refs = {"1": ["two"] * 10, "2": ["cat"] * 10, "3": ["dog"] * 10}
@@ -101,6 +101,10 @@ def test_vqa_accuracy_is_the_mean_over_the_predicted_ids_and_refuses_none():
     assert vqa_accuracy({"1": "2", "2": "dog"}, refs) == 0.5
     with pytest.raises(ValueError, match="^vqa_accuracy: no predictions to score$"):
         vqa_accuracy({}, refs)
+    with pytest.raises(KeyError, match="vqa_accuracy: prediction id '9' is not in the references"):
+        vqa_accuracy({"9": "2"}, refs)  # was a bare KeyError('9')
+    with pytest.raises(ValueError, match="^vqa_accuracy: id '1' has no references to compare its prediction '2' with$"):
+        vqa_accuracy({"1": "2"}, {"1": []})
 
 
 # ----------------------------------------------------------------------------- CIDEr-D
@@ -472,7 +476,8 @@ def test_gqa_exact_match_compares_strings_as_the_official_evaluation():
     assert score_task("gqa", {"1": "Yes", "2": "left side", "3": "t shirt", "4": "man."}, refs) == {"exact_match": 0.0}
     assert score_task("gqa", {"1": "yes", "2": "left-side", "3": "t-shirt", "4": "men"}, refs) == \
         {"exact_match": 0.75}
-    with pytest.raises(ValueError, match="no references to compare prediction '1' with"):
+    with pytest.raises(ValueError, match="^exact_match: id '1' has no references to compare its prediction 'yes' "
+                                         "with$"):
         exact_match({"1": "yes"}, {"1": []})
 
 
@@ -489,7 +494,7 @@ def test_accuracy_and_consistency_refusals_and_a_reference_string():
             metric({"q9": "yes"}, {"q": ["yes"]})
     with pytest.raises(ValueError, match="^consistency: no predictions to score$"):
         consistency({}, {"q": ["yes"]}, {"q": "g"})
-    with pytest.raises(ValueError, match="no references to compare prediction 'maybe' with"):
+    with pytest.raises(ValueError, match="^accuracy: id 'q' has no references to compare its prediction 'maybe' with$"):
         accuracy({"q": "maybe"}, {"q": []})
 
 

@@ -31,20 +31,21 @@ def correct(prediction: str, references: list[str]) -> bool:
 
 
 def _check_ids(predictions: dict, references: dict, metric: str) -> None:
+    """Refuse no predictions, a predicted id without references and an empty reference list, naming the id."""
     if not predictions:
         raise ValueError(f"{metric}: no predictions to score")
     for k in predictions:
         if k not in references:
             raise KeyError(f"{metric}: prediction id {k!r} is not in the references")
+        if not references[k]:
+            raise ValueError(f"{metric}: id {k!r} has no references to compare its prediction "
+                             f"{predictions[k]!r} with")
 
 
 def exact_match(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> float:
     """Fraction of predictions that are, string for string, one of their references (GQA, as its eval.py)."""
     _check_ids(predictions, references, "exact_match")
     refs = {k: [references[k]] if isinstance(references[k], str) else list(references[k]) for k in predictions}
-    empty = [k for k, r in refs.items() if not r]
-    if empty:
-        raise ValueError(f"exact_match: no references to compare prediction {empty[0]!r} with")
     return sum(predictions[k] in refs[k] for k in predictions) / len(predictions)
 
 

@@ -123,6 +123,7 @@ def vqa_score(prediction: str, answers: list[str], official_quirks: bool = False
 
 def vqa_accuracy(predictions: dict, references: dict) -> float:
     """Mean :func:`vqa_score` over the predicted ids (``references[id]`` = the human answers)."""
-    if not predictions:
-        raise ValueError("vqa_accuracy: no predictions to score")
+    from vlscale.metrics.classification import _check_ids
+
+    _check_ids(predictions, references, "vqa_accuracy")
     return sum(vqa_score(predictions[k], references[k]) for k in predictions) / len(predictions)
