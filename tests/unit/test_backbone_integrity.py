@@ -250,6 +250,61 @@ def test_every_task_answer_round_trips_through_the_synthetic_tokenizer():
             assert tok.decode(ids, skip_special_tokens=True) == text, (task, text)
 
 
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_integrity", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_tokenizer_seeds_every_substring_of_each_word_by_frequency():
+    """The trainer's seed pieces: every 2..max_len-character substring of each word, the word '▁'-prefixed
+    as SentencePiece writes a word start, weighted by the word's count, most frequent first."""
+    make = _script("make_tokenizer")
+    assert make.seed_pieces(["ab ab", "c"]) == [("ab", 2), ("\u2581a", 2), ("\u2581ab", 2), ("\u2581c", 1)]
+    assert [p for p, _ in make.seed_pieces(["abc"], max_len=2)] == ["ab", "bc", "\u2581a"]
+
+
+def test_make_tokenizer_writes_a_model_the_project_loads(tmp_path):
+    """A model trained into a new folder has T5's special ids plus bos, covers every printable ASCII
+    character, loads through synthetic_tokenizer, and the piece count returned is the file's."""
+    import string
+
+    import sentencepiece as spm
+
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    make = _script("make_tokenizer")
+    out = tmp_path / "new" / "spm.model"
+    n = make.train(out, n_per_task=5)
+    sp = spm.SentencePieceProcessor(model_file=str(out))
+    assert n == sp.get_piece_size()
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, 3)
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        assert sp.unk_id() not in sp.encode(c), c
+    tok = synthetic_tokenizer(out)
+    text = "a small red circle at the top left?"
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_make_tokenizer_check_remakes_the_shipped_model_and_fails_on_any_other(tmp_path, capsys, monkeypatch):
+    """--check re-trains in a fresh process's temporary folder: the shipped model comes out byte for byte
+    (the same corpus and settings, the seed file's temporary path blanked); another or a missing file fails."""
+    from vlscale.data.tokenizer import SYNTHETIC_SPM
+
+    make = _script("make_tokenizer")
+    assert make.main(["--check", "--out", str(SYNTHETIC_SPM)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # the comparison itself, on a stand-in trainer
+    monkeypatch.setattr(make, "train", lambda out, n_per_task=400: out.write_bytes(b"model"))
+    (tmp_path / "same.model").write_bytes(b"model")
+    (tmp_path / "other.model").write_bytes(b"modeL")
+    assert make.main(["--check", "--out", str(tmp_path / "same.model")]) == 0
+    for name in ("other.model", "missing.model"):
+        assert make.main(["--check", "--out", str(tmp_path / name)]) == 1, name
+        assert f"{tmp_path / name}: DIFFERS from a fresh training run" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- the script
 
 @pytest.mark.parametrize("argv, flag", [
