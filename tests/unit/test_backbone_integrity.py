@@ -315,6 +315,11 @@ def test_make_tokenizer_check_remakes_the_shipped_model_and_fails_on_any_other(t
     (["--clip-batch", "1"], "--clip-batch"),  # a contrastive loss of 0
     (["--clip-lr", "nan"], "--clip-lr"),
     (["--threads", "0"], "--threads"),
+    (["--only", "bart", "--lm-max-len", "128"], "--lm-max-len"),  # 128 tokens and eos need 129 positions
+    (["--lm-batch", "0"], "--lm-batch"),
+    (["--lm-lr", "0"], "--lm-lr"),
+    (["--only", "clip,vit"], "--only"),
+    (["--only", ","], "--only"),
 ])
 def test_script_refuses_settings_it_cannot_run(pretrain, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -351,7 +356,10 @@ def test_script_files_are_byte_identical_for_the_same_weights(pretrain, tmp_path
 
 def test_script_outputs_load_through_the_project_loaders(pretrain, tmp_path):
     """What the script writes (--out anywhere) loads through model.vision_pretrained / model.backbone_path
-    to the weights it saved (rounded to fp16), and its folder's tokenizer is the synthetic one."""
+    to the weights it saved (rounded to fp16), its config says float32, and its folder's tokenizer is the
+    synthetic one."""
+    import json
+
     from transformers import AutoTokenizer
 
     from vlscale.data.tokenizer import synthetic_tokenizer
@@ -372,6 +380,8 @@ def test_script_outputs_load_through_the_project_loaders(pretrain, tmp_path):
     loaded = build_lm("mini-t5", path=str(tmp_path / "mini-t5"), pretrained=True)
     for k, v in lm.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.half().float()), k
+    config = json.loads((tmp_path / "mini-t5" / "config.json").read_text())
+    assert {config.get(k) for k in ("dtype", "torch_dtype")} - {None} == {"float32"}, config
     folder_tok = AutoTokenizer.from_pretrained(str(tmp_path / "mini-t5"))
     text = "vqa: how many red circles are there? <extra_id_0> 3."
     assert folder_tok(text).input_ids == tok(text).input_ids
@@ -393,3 +403,264 @@ def test_script_check_compares_with_the_initialisation_training_used(pretrain, t
     assert len(seen) == 2  # the shipped model, then the random baseline
     torch.testing.assert_close(seen[1], pretrain.initial_lm("bart", 0).model.encoder.embed_positions.weight)
     assert float(seen[1][2, 1]) == pytest.approx(0.1)  # row 2 = position 0: 0.1 * cos(0), not a random draw
+
+
+def test_script_scenes_and_their_sentences_agree(pretrain):
+    """1..4 objects in distinct cells, each drawn inside its cell; a paragraph is the description plus 1..3
+    other sentences, and a relation sentence says where the first object is from the second."""
+    from vlscale.data.synthetic import GRID
+
+    counts, lengths, relations = set(), set(), 0
+    for i in range(300):
+        rng = pretrain.stream_rng(0, "lm-train", i)
+        objs = pretrain.random_scene(rng)
+        counts.add(len(objs))
+        assert len({(o["row"], o["col"]) for o in objs}) == len(objs), objs
+        for o in objs:
+            assert int(o["x"] * GRID) == o["col"] and int(o["y"] * GRID) == o["row"], o
+        sentences = pretrain.paragraph(objs, rng)
+        lengths.add(len(sentences))
+        for s in sentences[1:]:
+            for rel, holds in (("to the left of", lambda a, b: a["col"] < b["col"]),
+                               ("to the right of", lambda a, b: a["col"] > b["col"]),
+                               ("above", lambda a, b: a["row"] < b["row"]), ("below", lambda a, b: a["row"] > b["row"])):
+                if f" is {rel} the " in s:
+                    first, second = s.removeprefix("the ").removesuffix(".").split(f" is {rel} the ")
+                    a, = [o for o in objs if f"{o['color']} {o['shape']}" == first]
+                    b, = [o for o in objs if f"{o['color']} {o['shape']}" == second]
+                    assert holds(a, b), (s, objs)
+                    relations += 1
+    assert counts == {1, 2, 3, 4} and lengths == {2, 3, 4} and relations > 20, (counts, lengths, relations)
+
+
+def test_script_caption_tokens_fit_the_clip_context(pretrain):
+    """Captions are ids + eos right-padded with 0; one longer than the context is refused, naming it."""
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    tok = synthetic_tokenizer()
+    caption = "a small red circle at the top left."
+    ids = tok(caption).input_ids
+    out = pretrain.tokenize_captions(tok, [caption, "a circle."], len(ids))
+    assert out[0].tolist() == ids and ids[-1] == tok.eos_token_id
+    short = tok("a circle.").input_ids
+    assert out[1].tolist() == short + [0] * (len(ids) - len(short))
+    with pytest.raises(ValueError, match=f"caption {caption!r} has {len(ids)} tokens > CLIP context {len(ids) - 1}"):
+        pretrain.tokenize_captions(tok, [caption], len(ids) - 1)
+
+
+def test_script_retrieval_scores_each_direction_and_restores_the_mode(pretrain):
+    """image->text takes each image's best caption (rows), text->image each caption's best image (columns);
+    the model is scored in eval mode and handed back in the mode it came in."""
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    class Fake(torch.nn.Module):
+        context_length = 77
+        modes = []
+
+        def encode_image(self, pixels, normalize):
+            self.modes.append(self.training)
+            return torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+        def encode_text(self, tokens, normalize):
+            return torch.tensor([[1.0, 0.0], [2.0, 3.0]])  # similarities [[1, 2], [0, 3]]
+
+    model = Fake().train()
+    acc = pretrain.clip_retrieval_accuracy(model, synthetic_tokenizer(), seed=0, n=2)
+    assert (acc["image_to_text"], acc["text_to_image"], acc["chance"]) == (0.5, 1.0, 0.5)
+    assert model.modes == [False] and model.training
+
+
+def test_script_load_clip_refuses_a_file_missing_a_tensor(pretrain, tmp_path):
+    """A CLIP file without one of the model's tensors is refused, not loaded with that tensor left random."""
+    state = pretrain.build_clip(seed=0).state_dict()
+    state.pop("visual.layer4.0.conv3.weight")
+    pretrain.save_fp16_state(state, tmp_path / "clip.safetensors", {})
+    with pytest.raises(RuntimeError, match="visual.layer4.0.conv3.weight"):
+        pretrain.load_clip(tmp_path / "clip.safetensors")
+
+
+def test_script_optimiser_decays_weights_only_and_warms_up_then_decays_to_a_tenth(pretrain):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt, sched = pretrain.adamw_cosine(model, lambda n, p: p.ndim >= 2, 0.1, 1e-3, 100)
+    decayed, plain = opt.param_groups
+    assert [p.shape for p in decayed["params"]] == [(4, 3)] and decayed["weight_decay"] == 0.1
+    assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])  # 5 % warm-up
+    assert lrs[5] == pytest.approx(1e-3) and lrs[50] > lrs[70] > lrs[90]
+    assert lrs[100] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)  # stays at a tenth past the end
+
+
+def test_script_text_stream_lengths_and_noise(pretrain):
+    """Packed texts are at most max_len tokens, some of them max_len; T5's noise is round(15 %) of the
+    tokens in round(noise / 3) spans, never the first token (a kept span leads); each text has its own noise."""
+    import numpy as np
+
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    tok = synthetic_tokenizer()
+    stream = pretrain.TextStream(tok, 0, "lm-train", 30)
+    lengths = [len(stream.sequence(i)[0]) for i in range(80)]
+    assert min(lengths) > 0 and max(lengths) == 30, lengths
+    for length in (20, 40, 100):
+        mask = pretrain.random_spans_noise_mask(length, 0.15, 3.0, np.random.default_rng(length))
+        spans = int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1]))
+        assert not mask[0] and mask.sum() == round(0.15 * length) and spans == round(round(0.15 * length) / 3), mask
+
+    ids = list(range(10, 70))  # three sentences: 10..29, 30..49, 50..69
+    inputs, orders = set(), set()
+    for seed in range(20):
+        inp, _ = pretrain.bart_text_infilling(ids, [20, 40], np.random.default_rng(seed), mask_id=720, eos=1)
+        inputs.add(tuple(inp))
+        sentence_order = [(t - 10) // 20 for t in inp[:-1] if t != 720]
+        orders.add(tuple(dict.fromkeys(sentence_order)))
+    assert len(inputs) == 20 and len(orders) > 1, orders  # noise and sentence order vary with the draw
+
+
+def test_script_lm_batches(pretrain):
+    """T5 inputs take the sentinels in order <extra_id_0>, <extra_id_1>, ...; padding is 0 in the inputs
+    (masked out) and -100 in the labels; every example has its own noise; BART inputs fit its positions."""
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    tok = synthetic_tokenizer()
+    stream = pretrain.TextStream(tok, 0, "lm-train", 40)
+    b = pretrain.lm_batch("t5", stream, 0, 8, tok, 0)
+    s0, s1 = tok.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_1>"])
+    for row, att, lab in zip(b["input_ids"], b["attention_mask"], b["labels"]):
+        n = int(att.sum())
+        assert att[:n].all() and not att[n:].any() and (row[n:] == 0).all() and row[n - 1] == tok.eos_token_id
+        sentinels = [t for t in row[:n].tolist() if t >= s1 or t == s0]
+        assert sentinels[0] == s0 and (len(sentinels) == 1 or sentinels[1] == s1), row
+        m = int((lab != -100).sum())
+        assert lab[m - 1] == tok.eos_token_id and (lab[m:] == -100).all()
+    assert (b["labels"] == -100).any()
+    # the same text under two indices' noise: an example's noise is drawn from its own index
+    same = pretrain.TextStream(tok, 0, "lm-train", 40)
+    text = max((stream.sequence(i) for i in range(8)), key=lambda s: len(s[0]))  # several spans to place
+    same.sequence = lambda i: text
+    b2 = pretrain.lm_batch("t5", same, 0, 4, tok, 0)
+    assert len({tuple(r.tolist()) for r in b2["input_ids"]}) > 1
+
+    long = pretrain.TextStream(tok, 0, "lm-train", pretrain.bart_positions() - 1)
+    b = pretrain.lm_batch("bart", long, 0, 16, tok, 0)
+    assert b["input_ids"].shape[1] <= pretrain.bart_positions() and b["labels"].shape[1] <= pretrain.bart_positions()
+
+
+def test_script_cuts_a_bart_input_grown_by_inserted_masks_to_its_positions(pretrain, monkeypatch):
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    tok = synthetic_tokenizer()
+    mask_id, eos, n = tok.convert_tokens_to_ids(pretrain.BART_MASK), tok.eos_token_id, pretrain.bart_positions()
+    monkeypatch.setattr(pretrain, "bart_text_infilling",
+                        lambda ids, bounds, rng, mask, eos: ([mask] * 2 * n + [eos], list(ids) + [eos]))
+    b = pretrain.lm_batch("bart", pretrain.TextStream(tok, 0, "lm-train", 40), 0, 2, tok, 0)
+    assert b["input_ids"].shape[1] == n
+    assert b["input_ids"][:, -1].tolist() == [eos, eos] and (b["input_ids"][:, :-1] == mask_id).all()
+
+
+def test_script_accepts_the_settings_it_can_run(pretrain):
+    """BART's 128 positions hold 127 tokens and eos; T5 (relative positions) takes longer texts; --only is
+    read without blanks and repeats."""
+    assert pretrain.parse_args(["--only", "bart", "--lm-max-len", "127"]).lm_max_len == 127
+    assert pretrain.parse_args(["--only", "t5", "--lm-max-len", "400"]).lm_max_len == 400
+    assert pretrain.parse_args(["--only", " t5, t5,clip,"]).parts == ["t5", "clip"]
+    assert pretrain.parse_args(["--lm-batch", "1", "--clip-batch", "2", "--lm-max-len", "12"]).clip_batch == 2
+
+
+def test_script_keeps_each_parts_record_and_sets_the_threads(pretrain, tmp_path, monkeypatch):
+    """Parts made by separate runs into one --out each keep their entry in pretraining.json, with the run's
+    seed, threads and command; --threads sets torch's threads."""
+    import json
+
+    monkeypatch.setattr(pretrain, "train_lm", lambda kind, args, tok, log: {"dir": pretrain.LM_NAMES[kind]})
+    monkeypatch.setattr(pretrain, "train_clip", lambda args, tok, log: {"file": "clip"})
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    assert pretrain.main(["--only", "t5", "--out", str(tmp_path), "--seed", "3", "--threads", "2"]) == 0
+    assert threads == [2]
+    assert pretrain.main(["--only", "bart,clip", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "pretraining.json").read_text())
+    assert sorted(report) == ["mini-bart", "mini-clip-rn", "mini-t5"], report
+    assert report["mini-t5"]["dir"] == "mini-t5" and report["mini-t5"]["seed"] == 3
+    assert report["mini-bart"]["seed"] == 0 and report["mini-clip-rn"]["file"] == "clip"
+    assert report["mini-t5"]["threads"] == torch.get_num_threads() and "command" in report["mini-t5"]
+
+
+def test_script_refuses_to_replace_a_shipped_part_with_other_settings(pretrain, tmp_path, monkeypatch):
+    """Every part named is compared with its shipped record (a part not shipped yet is no reason to stop
+    comparing), on every setting that decides the weights, max_len included."""
+    import json
+
+    shipped = tmp_path / "assets"
+    shipped.mkdir()
+    (shipped / "pretraining.json").write_text(json.dumps({
+        "mini-t5": {"steps": 800, "batch": 32, "lr": 0.001, "max_len": 100, "seed": 0}}))
+    monkeypatch.setattr(pretrain, "ROOT", tmp_path)
+    monkeypatch.setattr(pretrain, "DEFAULT_OUT", shipped)
+    parse = pretrain.parse_args
+    assert pretrain.shipped_overwrite_problem(parse(["--only", "t5"])) is None
+    assert "max_len 60 (shipped: 100)" in pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-max-len", "60"]))
+    assert "steps 10 (shipped: 800)" in pretrain.shipped_overwrite_problem(parse(["--only", "clip,t5", "--lm-steps", "10"]))
+
+
+def test_script_training_is_deterministic_and_keeps_clips_scale_in_range(pretrain, tmp_path, monkeypatch):
+    """A tiny CLIP and T5 run (scored on a few held-out examples): each step follows its own batch's gradient,
+    the same seed writes the same bytes, CLIP's
+    logit scale stays in [0, ln 100] even when a large step would push it out, and an LM whose vocabulary is
+    not the tokenizer's is refused naming the registry."""
+    import argparse
+    import functools
+    import math
+
+    from safetensors.torch import load_file
+
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    monkeypatch.setattr(pretrain, "clip_retrieval_accuracy",
+                        functools.partial(pretrain.clip_retrieval_accuracy, n=4))
+    monkeypatch.setattr(pretrain, "denoising_loss", functools.partial(pretrain.denoising_loss, n=4, batch=4))
+    monkeypatch.setattr(pretrain, "encoder_use", functools.partial(pretrain.encoder_use, n=4))
+    make_optimiser, cosines = pretrain.adamw_cosine, []
+
+    def observed(model, *a):
+        """Each step must move along its own batch's gradient (the previous step's cleared, not added)."""
+        opt, sched = make_optimiser(model, *a)
+        p = next(p for p in model.parameters() if p.requires_grad)
+        fresh = []
+        p.register_hook(lambda g: fresh.append(g.detach().clone()))
+        opt.register_step_pre_hook(lambda *_: cosines.append(
+            float(torch.nn.functional.cosine_similarity(p.grad.flatten(), fresh[-1].flatten(), 0))))
+        return opt, sched
+
+    monkeypatch.setattr(pretrain, "adamw_cosine", observed)
+    blobs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert pretrain.main(["--only", "clip,t5", "--out", str(out), "--clip-steps", "2", "--clip-batch", "2",
+                              "--clip-lr", "10", "--lm-steps", "2", "--lm-batch", "2", "--lm-max-len", "20"]) == 0
+        blobs.append([(out / "mini-clip-rn.safetensors").read_bytes(),
+                      (out / "mini-t5" / "model.safetensors").read_bytes()])
+    assert blobs[0] == blobs[1]
+    assert len(cosines) == 2 * (2 + 2) and min(cosines) > 1 - 1e-4, cosines
+    scale = float(load_file(str(tmp_path / "a" / "mini-clip-rn.safetensors"))["logit_scale"])
+    assert 0.0 <= scale <= math.log(100) + 1e-3, scale
+    assert scale in (0.0, pytest.approx(math.log(100), abs=1e-3)), scale  # a step of 10 hit a bound
+
+    tok = synthetic_tokenizer()
+    tok.add_tokens(["<vis_extra_id_0>"])
+    args = argparse.Namespace(seed=0, out=tmp_path / "c")
+    with pytest.raises(ValueError, match=r"mini-t5: registry vocab_size \d+ != synthetic tokenizer length \d+ "
+                                         r"\(vlscale/modeling/backbones.py\)"):
+        pretrain.train_lm("t5", args, tok, lambda msg: None)
+
+
+def test_script_check_scores_only_the_parts_named(pretrain, tmp_path, monkeypatch):
+    """--check --only t5 scores no CLIP file lying in --out (nor an LM folder not named)."""
+    (tmp_path / "mini-clip-rn.safetensors").write_bytes(b"not read")
+    (tmp_path / "mini-bart").mkdir()
+    monkeypatch.setattr(pretrain, "load_clip", lambda path: pytest.fail(f"{path} loaded"))
+    assert pretrain.check(tmp_path, 0, lambda msg: None, parts=("t5",)) == {}

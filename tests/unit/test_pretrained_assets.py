@@ -180,3 +180,18 @@ def test_other_settings_do_not_replace_the_shipped_backbones(pretrain, tmp_path,
     assert pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-steps", "10", "--out", str(tmp_path)])) is None
     assert pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-steps", "10", "--replace-shipped"])) is None
     assert "clip-rn" in pretrain.shipped_overwrite_problem(parse(["--only", "clip", "--clip-lr", "0.01"]))
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_heldout_losses_recorded_at_pretraining_are_reproduced(pretrain, tokenizer, kind):
+    """The held-out losses pretraining.json records (computed in the pretraining run, on the fp32 model)
+    come out again from the shipped files and from the initialisation pretraining started from: the
+    held-out text, its noise and the loss are the ones the backbones were scored with."""
+    from vlscale.modeling.backbones import build_lm
+
+    name = pretrain.LM_NAMES[kind]
+    record = json.loads((ASSETS / "pretraining.json").read_text())[name]
+    random = pretrain.denoising_loss(pretrain.initial_lm(kind, record["seed"]), kind, tokenizer, record["seed"])
+    assert random == pytest.approx(record["heldout_loss_random_weights"], rel=1e-6)
+    trained = pretrain.denoising_loss(build_lm(name, pretrained=True), kind, tokenizer, record["seed"])
+    assert trained == pytest.approx(record["heldout_loss"], rel=1e-4)  # the files hold the weights in fp16
