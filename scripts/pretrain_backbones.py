@@ -337,7 +337,9 @@ def cosine_schedule(total: int, warmup: int):
 
 
 class TextStream:
-    """Packed sequences of scene paragraphs (token ids without eos), of random lengths <= max_len."""
+    """Packed sequences of scene paragraphs (token ids without eos), of random lengths <= max_len: a length is
+    drawn from [min_len, max_len] and a sequence ends before the sentence that would pass it, so it may be
+    shorter than min_len (not a floor; the shipped backbones were made so)."""
 
     MIN_LEN = 12
 
