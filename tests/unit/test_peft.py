@@ -266,6 +266,35 @@ def test_adapter_in_another_dtype_than_its_input_keeps_the_residual():
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_adapter_in_another_dtype_than_its_input_uses_its_activation():
+    """The mixed-dtype branch (T5's fp32 ``wo`` under bf16 adapters) applies peft.activation, not always exact GELU."""
+    from vlscale.peft.adapter import apply_adapter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, D, generator=g, dtype=torch.float64) * 3
+    wd, bd = torch.randn(8, D, generator=g), torch.randn(8, generator=g)
+    wu, bu = torch.randn(D, 8, generator=g), torch.randn(D, generator=g)
+    h = x.float() @ wd.T + bd
+    for activation, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        expected = x + (torch.nn.functional.gelu(h, approximate=approximate) @ wu.T + bu).double()
+        out = apply_adapter(x, wd, bd, wu, bu, activation, fused=False)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=activation)
+
+
+def test_adapter_on_the_meta_device_takes_the_reference_whatever_the_backend(monkeypatch):
+    """On the meta device (parameter counts, memory plans) the adapter computes in its reference, not through the
+    fused kernel's dispatch, which VLSCALE_ADAPTER_BACKEND=triton makes raise for a tensor not on a GPU."""
+    from vlscale.kernels.adapter import BACKEND_ENV
+    from vlscale.peft.adapter import BottleneckAdapter
+
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    with torch.device("meta"):
+        site = BottleneckAdapter(D, 8, ["shared"], ["shared"], fused=True)
+        out = site(torch.empty(2, 4, D, requires_grad=True), None)
+    assert out.shape == (2, 4, D) and out.device.type == "meta"
+
+
 def test_adapter_down_projection_has_nn_linear_default_init():
     """The down-projection (weight and bias) starts as nn.Linear's default init, drawn from the same seed."""
     from vlscale.peft.adapter import BottleneckAdapter
