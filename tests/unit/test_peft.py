@@ -200,6 +200,26 @@ def test_identity_at_init_then_not(backbone, method, sharing):
     torch.testing.assert_close(logits(lm), base, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["adapter", "compacter", "compacter-shared-factorized", "hyperformer"])
+def test_up_projection_trains_from_the_identity_init(method):
+    """The identity at init zeroes one factor of the adapter's update, never the path to the up-projection: the first
+    backward gives the task's up-projection a gradient (a factorised Compacter's W_u = A kron s t^T starts with t = 0,
+    s random; with s = 0 as well neither factor would ever get a gradient and the adapter stayed the identity)."""
+    hyper = method == "hyperformer"
+    lm, peft = build("t5", method, "single" if hyper else "multiple")
+    peft.set_task("vqa")
+    enc, dec = inputs()
+    lm(input_ids=enc, decoder_input_ids=dec).logits.square().mean().backward()
+    if hyper:  # the up-generators
+        up = [n for n in dict(peft.named_parameters()) if ".up_weight." in n or ".up_bias." in n]
+    else:  # W_u's zero factor (the blocks, t) and b_u; the rule and s get theirs once W_u moves
+        up = [n for n in dict(peft.named_parameters())
+              if n.endswith("_vqa") and n.split(".")[-1].startswith(("up_weight", "up_blocks", "up_t_", "up_bias"))]
+    assert len(up) == 20, up  # 10 sites x W_u's factor and b_u; hyperformer: 5 generators x 2 Linears x 2
+    grads = dict(peft.named_parameters())
+    assert all(grads[n].grad is not None and grads[n].grad.abs().max() > 0 for n in up), up
+
+
 def test_lm_state_dict_stays_clean_and_peft_names():
     lm = make_t5()
     keys = set(lm.state_dict())
@@ -452,7 +472,7 @@ def test_hyperformer_refuses_an_unknown_task_and_activation():
 def test_compacter_weight_is_sum_of_kronecker_products(factorized, shared_rule):
     lm = make_t5()
     cfg = peft_cfg("compacter", "multiple", phm_dim=4, reduction_factor=4, factorized_phm=factorized,
-                   shared_phm_rule=shared_rule, phm_rank=2)
+                   shared_phm_rule=shared_rule, phm_rank=2, activation="gelu_tanh")
     peft = apply_peft(lm, cfg, TASKS)
     perturb(peft)
     site = peft.compacter.sites["decoder_1_self_attn"]
@@ -468,10 +488,29 @@ def test_compacter_weight_is_sum_of_kronecker_products(factorized, shared_rule):
         torch.testing.assert_close(w.T, expected, rtol=1e-6, atol=1e-6)
     assert wd.shape == (D // 4, D) and wu.shape == (D, D // 4)
     x = torch.randn(3, D)
-    torch.testing.assert_close(site(x, "gqa", rule), adapter_reference(x, wd, bd, wu, bu), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(site(x, "gqa", rule), adapter_reference(x, wd, bd, wu, bu, "gelu_tanh"), rtol=1e-5,
+                               atol=1e-5)  # peft.activation reaches every site
     # fewer parameters than the dense adapter it replaces
     dense = apply_peft(make_t5(), peft_cfg("adapter", "multiple", reduction_factor=4), TASKS)
     assert peft.num_parameters() < dense.num_parameters()
+
+
+@pytest.mark.parametrize("sharing,shared_rule,rank", [("multiple", False, 0), ("single", True, 3),
+                                                     ("half_shared", False, 2)])
+def test_compacter_parameter_count(sharing, shared_rule, rank):
+    """Per PHM layer (in -> out) and weight set: the rule's n^3 (once in all with peft.shared_phm_rule), B's in out / n
+    or, factorised, n (in/n + out/n) peft.phm_rank, and the bias' out; T5's 10 sites, d_model 32, hidden 8, n = 2."""
+    n, d, h = 2, D, D // 4
+    cfg = peft_cfg("compacter", sharing, phm_dim=n, reduction_factor=4, shared_phm_rule=shared_rule,
+                   factorized_phm=rank > 0, phm_rank=max(rank, 1), half_shared="up")
+
+    def layer(fan_in, fan_out):
+        blocks = n * (fan_in // n + fan_out // n) * rank if rank else fan_in * fan_out // n
+        return (0 if shared_rule else n ** 3) + blocks + fan_out
+
+    sets = {"multiple": (2, 2), "single": (1, 1), "half_shared": (2, 1)}[sharing]  # (down, up) sets per site
+    expected = 10 * (sets[0] * layer(d, h) + sets[1] * layer(h, d)) + (n ** 3 if shared_rule else 0)
+    assert apply_peft(make_t5(), cfg, TASKS).num_parameters() == expected
 
 
 def test_compacter_rule_shared_across_layers():
@@ -511,6 +550,14 @@ def test_compacter_shared_rule_missing_is_named():
     site = CompacterAdapter(D, 8, ["shared"], ["shared"], 2, shared_rule=True)
     with pytest.raises(RuntimeError, match="shared_phm_rule is on but no shared rule was passed"):
         site(torch.randn(2, D), None)
+
+
+def test_compacter_refuses_an_unknown_activation():
+    from vlscale.config import ConfigError
+    from vlscale.peft.compacter import CompacterAdapter
+
+    with pytest.raises(ConfigError, match=r"peft.activation='relu'.*\['gelu', 'gelu_tanh'\]"):
+        CompacterAdapter(D, 8, ["shared"], ["shared"], 2, activation="relu")
 
 
 # ----------------------------------------------------------------------------- LoRA
