@@ -452,6 +452,40 @@ def test_hyperformer_site_is_the_hypernetwork_chain():
     torch.testing.assert_close(hyper(x, "decoder_1_cross_attn", "gqa"), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hyperformer_starts_as_the_reference_initialises_it():
+    """Task embeddings N(0, 1) (the reference's randn); every generator Linear of W_d and b_d N(0, 1e-2) with a zero
+    bias (the reference's init_linear_layer), those of W_u and b_u all zero (the identity at init)."""
+    torch.manual_seed(0)
+    hyper = apply_peft(make_t5(), peft_cfg("hyperformer", task_embedding_dim=512), TASKS).hyperformer
+    emb = torch.cat([getattr(hyper.task_embeddings, f"task_embedding_{t}") for t in TASKS], dim=1)
+    assert abs(emb.mean().item()) < 0.1 and 0.9 < emb.std().item() < 1.1
+    for net in hyper.hypernets.values():
+        for gen in net.generators.values():
+            for lin in (gen.down_weight, gen.down_bias):
+                assert abs(lin.weight.std().item() / 1e-2 - 1) < 0.3 and not lin.bias.any()
+            for lin in (gen.up_weight, gen.up_bias):
+                assert not lin.weight.any() and not lin.bias.any()
+
+
+def test_hyperformer_parameter_count_with_its_own_widths():
+    """Every width where it belongs (task and layer embeddings of different widths, as a preset may set them): the
+    task embeddings (tasks x T), per stack its layer embeddings (layers x L), the projector (T + L -> H -> P), the
+    LayerNorm's scale and shift (2P), and per sublayer kind the four generators (P + 1 -> 2 h d + h + d)."""
+    T, L, H, P, d, h = 8, 6, 16, 4, D, D // 8
+    cfg = peft_cfg("hyperformer", task_embedding_dim=T, layer_embedding_dim=L, hypernet_hidden_dim=H,
+                   hypernet_projected_dim=P)
+    lm = make_t5()
+    peft = apply_peft(lm, cfg, TASKS)
+    per_stack = {"encoder": (2, 2), "decoder": (2, 3)}  # (layers, sublayer kinds)
+    expected = len(TASKS) * T + sum(n * L + (T + L) * H + H + H * P + P + 2 * P + k * (P + 1) * (2 * h * d + h + d)
+                                    for n, k in per_stack.values())
+    assert peft.num_parameters() == expected
+    peft.set_task("gqa")
+    base = logits(make_t5())
+    perturb(peft)
+    assert (logits(lm) - base).abs().max() > 1e-3  # and the model runs with them
+
+
 def test_hyperformer_refuses_an_unknown_task_and_activation():
     from vlscale.config import ConfigError
     from vlscale.peft.hyperformer import HyperformerLayers
