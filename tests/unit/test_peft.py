@@ -409,6 +409,55 @@ def test_task_context_manager_restores():
     assert peft.current_task == "vqa"
 
 
+def test_task_context_manager_restores_no_task_and_after_an_error():
+    """Entered with no task selected it leaves none selected (a later forward of per-task adapters fails naming the
+    missing set_task instead of running the context's task); an exception inside still restores the previous task."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("adapter", "multiple"), TASKS)
+    with peft.task("gqa"):
+        pass
+    assert peft.current_task is None
+    with pytest.raises(RuntimeError, match="no task selected"):
+        logits(lm)
+    peft.set_task("vqa")
+    with pytest.raises(ZeroDivisionError):
+        with peft.task("gqa"):
+            1 / 0
+    assert peft.current_task == "vqa"
+
+
+def test_an_unknown_method_is_refused_naming_the_known_ones():
+    cfg = peft_cfg("adapter")
+    cfg.method = "ia3"  # past the config's own check
+    with pytest.raises(ValueError, match=r"peft.method='ia3' is not one of \['adapter', 'hyperformer', 'compacter', "
+                                         r"'lora', 'prompt', 'none'\]"):
+        apply_peft(make_t5(), cfg, TASKS)
+
+
+def test_a_sublayer_output_the_hook_cannot_adapt_is_named():
+    """A site whose sublayer returns neither a tensor nor a tuple (another transformers version's layout) is an error
+    naming the method and site, not an output passed through without its adapter."""
+    lm = make_t5()
+    apply_peft(lm, peft_cfg("adapter"), TASKS)
+    ffn = lm.encoder.block[1].layer[1].DenseReluDense
+    ffn.forward = lambda hidden_states: {"hidden_states": hidden_states}
+    with pytest.raises(TypeError, match=r"peft adapter at encoder_1_ffn: the sublayer returned dict"):
+        ffn(torch.randn(2, 3, D))
+
+
+def test_the_controller_of_a_deleted_lm_says_so():
+    """The controller holds its LM weakly (not a submodule: the LM's state_dict stays the backbone's); once the LM is
+    gone, merging names that instead of failing on None."""
+    import gc
+
+    lm = make_bart()
+    peft = apply_peft(lm, peft_cfg("lora"), TASKS)
+    del lm
+    gc.collect()
+    with pytest.raises(RuntimeError, match="peft.merge_lora: the language model .* no longer exists"):
+        peft.merge_lora()
+
+
 def test_hyperformer_generates_per_task_and_site():
     lm = make_t5()
     peft = apply_peft(lm, peft_cfg("hyperformer"), TASKS)
