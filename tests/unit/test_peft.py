@@ -426,6 +426,18 @@ def test_task_context_manager_restores_no_task_and_after_an_error():
     assert peft.current_task == "vqa"
 
 
+def test_task_context_manager_does_not_restore_a_task_over_another_tasks_merged_lora():
+    """Leaving ``with peft.task("gqa")`` after merging gqa's LoRA does not select vqa over gqa's merged weights (vqa's
+    forwards would run gqa's update): it is refused as set_task is, and gqa stays the task, matching the merge."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("lora", "multiple"), TASKS)
+    peft.set_task("vqa")
+    with pytest.raises(RuntimeError, match=r"LoRA weights of task 'gqa' are merged"):
+        with peft.task("gqa"):
+            peft.merge_lora()
+    assert peft.current_task == "gqa"
+
+
 def test_an_unknown_method_is_refused_naming_the_known_ones():
     cfg = peft_cfg("adapter")
     cfg.method = "ia3"  # past the config's own check
