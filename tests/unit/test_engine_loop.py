@@ -274,3 +274,215 @@ def test_the_splits_a_run_evaluates_are_checked_before_training(tmp_path):
     (tmp_path / "gqa" / "valid.json").unlink()
     with pytest.raises(DataFileNotFound, match=r"gqa val annotations: .*valid\.json does not exist"):
         check_eval_data(load_config("tiny", real))
+
+
+class _Bar:
+    """tqdm's part log_step uses: the updates and the last postfix."""
+
+    def __init__(self):
+        self.updates, self.postfix = 0, None
+
+    def update(self, n):
+        self.updates += n
+
+    def set_postfix(self, **kwargs):
+        self.postfix = kwargs
+
+
+class _Writer:
+    """SummaryWriter's add_scalar, recorded."""
+
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+
+def _log_run(tmp_path, rank=0, log_every=1, applied=True):
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(was_step_applied=lambda: applied)
+    return SimpleNamespace(engine=engine, step=0, grad_norm=None, loss_scale=None, out=tmp_path, is_main=rank == 0,
+                           global_batch=8, step_times=[], writer=_Writer(),
+                           cfg=SimpleNamespace(train=SimpleNamespace(log_every=log_every, precision="fp32")))
+
+
+def test_a_step_s_log_line_bar_and_tensorboard_scalars_hold_its_figures(tmp_path):
+    """train_log.jsonl's samples_per_s is the global batch over this step's time (not the first step's, not per
+    rank); both learning rates are logged and plotted; TensorBoard gets the scalars every train.log_every steps
+    (the log line every step), the loss also under the step's task; the bar shows the loss and samples/s."""
+    import json
+
+    from vlscale.engine.trainer import log_step
+
+    run, bar = _log_run(tmp_path, log_every=3), _Bar()
+    for step, task, loss, seconds, norm, lr in [(2, "vqa", 2.5, 4.0, 0.75, {"lr": 2e-3, "peft_lr": 6e-3}),
+                                                (3, "gqa", 1.25, 2.0, 0.5, {"lr": 3e-3, "peft_lr": 9e-3})]:
+        run.step, run.grad_norm = step, norm
+        run.step_times.append(seconds)
+        log_step(run, task, loss, lr, bar)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log == [{"step": 2, "task": "vqa", "loss": 2.5, "lr": 2e-3, "peft_lr": 6e-3, "samples_per_s": 2.0,
+                    "grad_norm": 0.75, "skipped": False},
+                   {"step": 3, "task": "gqa", "loss": 1.25, "lr": 3e-3, "peft_lr": 9e-3, "samples_per_s": 4.0,
+                    "grad_norm": 0.5, "skipped": False}]
+    assert bar.updates == 2 and bar.postfix == {"task": "gqa", "loss": "1.2500", "samples_s": "4.0"}
+    assert sorted(run.writer.scalars) == sorted([("train/loss", 1.25, 3), ("train/lr", 3e-3, 3),
+                                                 ("train/peft_lr", 9e-3, 3), ("train/samples_per_s", 4.0, 3),
+                                                 ("train/grad_norm", 0.5, 3), ("train/loss_gqa", 1.25, 3)])
+
+
+def test_a_skipped_step_logs_no_gradient_norm_and_other_ranks_write_nothing(tmp_path):
+    import json
+
+    from vlscale.engine.trainer import log_step
+
+    run, bar = _log_run(tmp_path, applied=False), _Bar()
+    run.step, run.grad_norm, run.loss_scale = 1, 0.5, 1024.0
+    run.step_times.append(1.0)
+    log_step(run, "vqa", 3.0, {"lr": 1e-3}, bar)
+    (line,) = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 1, "task": "vqa", "loss": 3.0, "lr": 1e-3, "samples_per_s": 8.0,
+                                "grad_norm": None, "skipped": True, "loss_scale": 1024.0}
+    assert bar.postfix["scale"] == "1024"
+    other, other_bar = _log_run(tmp_path / "rank1", rank=1), _Bar()
+    other.step, other.grad_norm = 1, 0.5
+    other.step_times.append(1.0)
+    log_step(other, "vqa", 3.0, {"lr": 1e-3}, other_bar)
+    assert not (tmp_path / "rank1").exists() and other.writer.scalars == [] and other_bar.updates == 0
+
+
+def test_a_non_finite_gradient_norm_names_the_step_and_task(tmp_path):
+    from vlscale.engine.trainer import NonFiniteLoss, log_step
+
+    run = _log_run(tmp_path)
+    run.step, run.grad_norm = 7, float("inf")
+    run.step_times.append(1.0)
+    with pytest.raises(NonFiniteLoss, match=r"^the gradient norm is inf at step 7 \(task 'gqa'\) while the loss is "
+                                            r"1\.5; the update was applied"):
+        log_step(run, "gqa", 1.5, {"lr": 1e-3}, _Bar())
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
+    """run_summary.json: each per-rank figure is the largest rank's, with every rank's beside it (``*_by_rank``,
+    in rank order); step_time_s is the median step time."""
+    from types import SimpleNamespace
+
+    import torch.distributed
+
+    from vlscale.engine import trainer
+
+    other = {"param_bytes_per_rank": 10, "grad_bytes_per_rank": 9000, "optimizer_state_bytes_per_rank": 1,
+             "peak_memory_bytes": 5, "peak_rss_bytes": 5}
+
+    def gather(into, local):
+        into[:] = [local, other]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    monkeypatch.setattr("vlscale.peft.trainable.count_parameters", lambda model: {
+        "trainable": 6, "total": 12, "total_without_vision": 12, "updated_pct": 50.0})
+    model = torch.nn.Linear(2, 3)  # 9 fp32 parameters: 36 bytes
+    engine = SimpleNamespace(module=model, optimizer=SimpleNamespace(state={}), skipped_steps=0,
+                             train_micro_batch_size_per_gpu=lambda: 2, gradient_accumulation_steps=lambda: 1)
+    run = SimpleNamespace(model=model, engine=engine, memory={"grad_bytes_per_rank": 36}, step=3,
+                          dist=SimpleNamespace(world_size=2, device=torch.device("cpu"), device_type="cpu"),
+                          stage=2, global_batch=4, step_times=[3.0, 1.0, 2.0, 10.0],
+                          cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32", gradient_checkpointing=False)),
+                          ds_config={}, last_scores={}, interrupted_evaluation=None)
+    s = trainer.run_summary(run)
+    assert (s["param_bytes_per_rank"], s["param_bytes_by_rank"]) == (36, [36, 10])
+    assert (s["grad_bytes_per_rank"], s["grad_bytes_by_rank"]) == (9000, [36, 9000])
+    assert s["optimizer_state_bytes_by_rank"] == [0, 1]
+    assert (s["step_time_s"], s["step_time_steps"], s["steps"], s["completed"]) == (2.5, 4, 3, True)
+
+
+def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_path, monkeypatch):
+    """A resumed finished run evaluates its last step again: metrics.json keeps one entry per step and split."""
+    import json
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    scores = iter([{"vqa": {"acc": 0.25}}, {"vqa": {"acc": 0.5}}, {"vqa": {"acc": 0.75}}])
+    monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: next(scores))
+    run = SimpleNamespace(step=2, is_main=True, out=tmp_path, writer=None, last_scores={})
+    trainer.run_evaluation(run)
+    trainer.run_evaluation(run, "test")
+    trainer.run_evaluation(run)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == [
+        {"step": 2, "split": "test", "tasks": {"vqa": {"acc": 0.5}}},
+        {"step": 2, "split": "val", "tasks": {"vqa": {"acc": 0.75}}}]
+    assert run.last_scores == {"vqa": {"acc": 0.75}}
+
+
+def test_the_lr_is_zero_at_the_end_of_a_run_whose_warm_up_spans_it():
+    """ceil(warmup_ratio x total) can be every step (0.9 of 5): a resume past the old end (_note_new_schedule
+    reads the old schedule at its last step) reads 0, not a division by zero."""
+    f = lr_multiplier(5, 0.9)
+    assert [f(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert f(5) == 0.0
+
+
+def _loop_run(monkeypatch, step=0, saved=False):
+    """A Run for train() whose step, logging, evaluation and checkpoint are recorded in ``events``; the engine's
+    learning rate is the number of updates so far (the schedule advances with each update)."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    events = []
+
+    def train_step(run, batches):
+        run.engine.updates += 1
+        return 1.0, False
+
+    engine = SimpleNamespace(updates=step)
+    engine.get_lr = lambda: [float(engine.updates)]
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer, "log_step", lambda run, task, loss, lr, bar: events.append(("log", run.step, lr)))
+    monkeypatch.setattr(trainer, "run_evaluation",
+                        lambda run, split="val", final=False: events.append(("eval", run.step, final)) or {})
+    monkeypatch.setattr(trainer, "save_training_state", lambda run: events.append(("save", run.step)))
+    monkeypatch.setattr(trainer, "_saved_at_this_step", lambda run: saved)
+    train = SimpleNamespace(max_steps=6, gradient_accumulation_steps=1, eval_every=3, save_every=2, test_eval=False)
+    run = SimpleNamespace(cfg=SimpleNamespace(train=train), step=step, is_main=True, show_progress=False,
+                          loader=iter(lambda: {"task": "vqa"}, None), engine=engine, lr_groups={"lr": 0},
+                          dist=SimpleNamespace(world_size=1), step_times=[],
+                          watchdog=SimpleNamespace(beat=lambda what: None), stoppable_evaluation=False,
+                          stop=SimpleNamespace(signum=None), interrupted_evaluation=None)
+    return run, events
+
+
+def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch):
+    """Each step logs the learning rate its update ran at (read before it); an evaluation every train.eval_every
+    steps but the last (the final evaluation is that step's), a checkpoint every train.save_every steps and one at
+    the end, each once."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch)
+    trainer.train(run)
+    assert events == [("log", 1, {"lr": 0.0}), ("log", 2, {"lr": 1.0}), ("save", 2), ("log", 3, {"lr": 2.0}),
+                      ("eval", 3, False), ("log", 4, {"lr": 3.0}), ("save", 4), ("log", 5, {"lr": 4.0}),
+                      ("log", 6, {"lr": 5.0}), ("save", 6), ("eval", 6, True)]
+    assert run.step == 6 and len(run.step_times) == 6
+
+
+def test_stop_after_steps_checkpoints_that_step_and_stops(monkeypatch):
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch)
+    with pytest.raises(trainer.RunStopped, match=r"^stopped at step 3 \(--stop-after-steps\)$") as stopped:
+        trainer.train(run, stop_after_steps=3)
+    assert (stopped.value.step, stopped.value.signum) == (3, None)
+    assert events[-3:] == [("log", 3, {"lr": 2.0}), ("eval", 3, False), ("save", 3)] and run.step == 3
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_resume_of_a_trained_run_saves_only_what_it_lacks_then_evaluates(monkeypatch, saved):
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, step=6, saved=saved)
+    trainer.train(run)
+    assert events == ([] if saved else [("save", 6)]) + [("eval", 6, True)]
