@@ -23,6 +23,13 @@ def test_unique_storage_bytes_counts_each_storage_once():
     assert unique_storage_bytes([x[:0], torch.empty(0)]) == 0
 
 
+def test_a_view_met_first_counts_its_whole_storage():
+    """Gradients that are views into one flat buffer (ZeRO's partitions): the whole buffer is held, whichever
+    view is met first."""
+    flat = torch.zeros(12)                   # 48 bytes
+    assert unique_storage_bytes([flat[:2], flat[2:5], flat]) == 48
+
+
 def _zero3_param(partition: int, full: int, persist: bool) -> torch.nn.Parameter:
     """A parameter as ZeRO-3 leaves it after partitioning: released (0 elements), its partition in ds_tensor."""
     p = torch.nn.Parameter(torch.empty(0))
