@@ -1298,11 +1298,12 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     ("nonfinite", 1, "vlscale: rank 0: NonFiniteLoss: loss is nan", False),
     ("disk", 1, "vlscale: rank 0: OSError: writing the run's files in output_dir", False),
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
+    ("abort", 128 + 2, "vlscale: rank 0: aborted (second SIGINT)", False),
 ])
 def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said, traceback, tmp_path, monkeypatch,
                                                               launcher, capsys):
     """launchers/train.py's documented exit codes and last lines, the run itself stood in for: a signal is
-    128 + its number, --stop-after-steps 0; an error in the run's input (a config value, a diverged loss, a full
+    128 + its number (a second Ctrl-C aborting the run 130 too), --stop-after-steps 0; an error in the run's input (a config value, a diverged loss, a full
     disk) is one line without a traceback, any other error one line after its traceback; --no-progress reaches
     the run."""
     import errno
@@ -1316,7 +1317,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     errors = {"config": ConfigError("data.tasks: bad"), "nonfinite": trainer.NonFiniteLoss("loss is nan"),
               "disk": OSError(errno.ENOSPC, "No space left on device"), "bug": KeyError("oops"),
               "signal": trainer.RunStopped(3, "SIGTERM", signal.SIGTERM),
-              "stop_after": trainer.RunStopped(3, "--stop-after-steps 3")}
+              "stop_after": trainer.RunStopped(3, "--stop-after-steps 3"),
+              "abort": KeyboardInterrupt("second SIGINT")}  # a second Ctrl-C: no checkpoint
     setups = []
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
@@ -1384,3 +1386,55 @@ def test_a_parameter_the_gather_left_partitioned_is_not_saved(monkeypatch):
     with pytest.raises(ckpt.CheckpointError, match=r"^parameter w gathered to shape \(0,\), expected \(4, 2\); refusing "
                                               r"to save a partitioned tensor$"):
         ckpt.gather_trainable_state_dict(model, rank=0)
+
+
+@pytest.mark.parametrize("raised", [None, "stop_after"])
+def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whether_it_completed(
+        raised, tmp_path, monkeypatch, launcher):
+    """--resume reaches setup_run and --stop-after-steps K the loop; run_summary.json says ``completed: true``
+    after a run trained to its end, ``false`` after one stopped at step K (finish(completed=False))."""
+    from types import SimpleNamespace
+
+    import vlscale.engine.distributed as distributed
+    from vlscale.engine import trainer
+
+    seen = {}
+
+    def setup_run(cfg, ds_config, dist, resume, show_progress):
+        seen["resume"] = resume
+        return SimpleNamespace(out=tmp_path / "run")
+
+    def train(run, stop_after_steps=None):
+        seen["stop_after_steps"] = stop_after_steps
+        if raised:
+            raise trainer.RunStopped(stop_after_steps, "--stop-after-steps")
+
+    train_module = launcher("train")
+    monkeypatch.setattr(train_module, "refused_before_start", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
+    monkeypatch.setattr(trainer, "setup_run", setup_run)
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: seen.setdefault("completed", completed))
+    monkeypatch.setattr(trainer, "close", lambda run: None)
+    assert train_module.main(["--config", "tiny", "--no-progress", "--resume", "--stop-after-steps", "5",
+                              f"output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == {"resume": True, "stop_after_steps": 5, "completed": raised is None}
+
+
+def test_a_resume_told_to_stop_at_a_step_already_done_is_refused_by_the_launcher(tmp_path, monkeypatch, launcher,
+                                                                                 capsys):
+    """main hands --stop-after-steps to the check before start-up: one line, exit 1, no run started."""
+    from vlscale.engine import trainer
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step2").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.LATEST).write_text("step2")
+    monkeypatch.setattr(ckpt, "check_output_dir", lambda *a, **k: "step2")
+    monkeypatch.setattr(trainer, "check_settings_early", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: pytest.fail("the run started"))
+    assert launcher("train").main(["--config", "tiny", "--no-progress", "--resume", "--stop-after-steps", "2",
+                                   f"output_dir={out}", "train.max_steps=4"]) == 1
+    assert capsys.readouterr().err == (
+        "vlscale: rank 0: --stop-after-steps 2: the checkpoint resumed is at step 2 already (the run would train on "
+        "to train.max_steps=4); give a later step, K > 2\n")
