@@ -337,6 +337,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_it_and_resume_evaluates(h, pre
 
     done = h.launch([*args, "--resume"])
     assert "the run's 3 steps are trained and checkpointed; running its final evaluation" in done.stdout
+    assert "resuming at step" not in done.stdout  # nothing is left to train
     assert [(m["step"], m["split"], sorted(m["tasks"])) for m in h.read_json(out / "metrics.json")] == [
         (3, "val", ["gqa", "vqa"])]
     summary = h.read_json(out / "run_summary.json")
