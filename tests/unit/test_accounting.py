@@ -81,6 +81,12 @@ def test_live_gradient_bytes_counts_every_gradient_storage_on_the_device():
     engine = _engine(opt, p)
     assert live_gradient_bytes(engine, "cpu") == 16 + 24 + 40 + 24 + 20
     assert live_gradient_bytes(engine, "cuda") == 0
+    # stage-0 fp16: during step() DeepSpeed's FP16_Optimizer sets fp32_groups_flat[i].grad to a new fp32 flat copy
+    # of the gradients, FP16_UnfusedOptimizer each fp32_groups[i][j].grad; both were left out
+    flat, one = torch.zeros(7), torch.zeros(3)
+    flat.grad, one.grad = torch.zeros(7), torch.zeros(3)                     # 28, 12
+    for fp16 in (SimpleNamespace(fp32_groups_flat=[flat]), SimpleNamespace(fp32_groups=[[one, torch.zeros(9)]])):
+        assert live_gradient_bytes(_engine(fp16, p), "cpu") == 16 + (28 if hasattr(fp16, "fp32_groups_flat") else 12)
 
 
 def test_optimizer_state_bytes_counts_masters_and_moments_not_parameters():

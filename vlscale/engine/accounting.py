@@ -82,10 +82,11 @@ def live_gradient_bytes(engine, device_type: str) -> int:
         t = getattr(opt, attr, None)
         if isinstance(t, torch.Tensor):
             tensors.append(t)
-    for attr in _MASTER_ATTRS[:3]:  # the flat fp32 partitions, whose .grad the step reads
-        for t in getattr(opt, attr, None) or []:
-            if isinstance(t, torch.Tensor) and t.grad is not None:
-                tensors.append(t.grad)
+    for attr in _MASTER_ATTRS:  # the fp32 masters, whose .grad the step sets and reads (ZeRO's partitions; at
+        for item in getattr(opt, attr, None) or []:  # stage 0, fp16's flat groups or unfused per-parameter lists)
+            for t in item if isinstance(item, (list, tuple)) else [item]:
+                if isinstance(t, torch.Tensor) and t.grad is not None:
+                    tensors.append(t.grad)
     averaged = getattr(opt, "averaged_gradients", None)
     if isinstance(averaged, dict):
         for grads in averaged.values():
