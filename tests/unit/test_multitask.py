@@ -276,3 +276,37 @@ def test_each_copy_of_an_index_in_a_step_counts_its_earlier_copies(tok):
         pairs = [p for micro in parts for p in micro]
         assert len(pairs) == 12
         assert sorted(pairs) == [(i, c) for i in range(3) for c in range(4)]
+
+
+def test_each_task_s_epochs_continue_across_chunks_of_task_draws():
+    """Task draws are made 4096 steps at a time; a task's examples continue where its last step left them, past
+    the first and second chunk: every epoch of a task is a permutation of its examples, each one shuffled anew
+    (an index stream restarted at a chunk boundary would break an epoch, or replay epoch 0)."""
+    sizes = {"a": 40, "b": 24}
+    s = MultitaskSampler(sizes, 8, seed=0)
+    stream = collections.defaultdict(list)
+    for i in range(2 * 4096 + 800):
+        task, idx = s.step(i)
+        stream[task].extend(idx)
+    for task, n in sizes.items():
+        epochs = [tuple(stream[task][k:k + n]) for k in range(0, len(stream[task]) - n + 1, n)]
+        assert all(sorted(e) == list(range(n)) for e in epochs), task
+        assert len(set(epochs)) == len(epochs), task
+
+
+def test_the_task_draws_depend_on_the_seed_and_differ_from_chunk_to_chunk():
+    """The sequence of tasks is the seed's (not only each task's example order), and the draws of steps 4096..8191
+    are not those of steps 0..4095 again."""
+    def tasks(seed, start, n=4096):
+        s = MultitaskSampler(SIZES, 8, seed=seed)
+        return [s.task_at(i) for i in range(start, start + n)]
+
+    assert tasks(0, 0) != tasks(1, 0)
+    assert tasks(0, 0) != tasks(0, 4096)
+
+
+def test_shard_refuses_a_micro_batch_of_none_and_a_negative_rank():
+    with pytest.raises(ValueError, match=r"^micro=0 and accum=1 must be > 0$"):  # steps of empty micro-batches
+        shard([], 0, 1, 0, 1)
+    with pytest.raises(ValueError, match=r"^rank -1 is outside \[0, world_size=2\)$"):  # slices from the end
+        shard(list(range(8)), -1, 2, 2, 2)
