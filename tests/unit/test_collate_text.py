@@ -75,3 +75,34 @@ def test_an_example_without_references_is_scored_against_its_target(setup):
     batch = Collator(tok, cfg)(examples, [[torch.zeros(4, 8)], [torch.zeros(4, 8)]])
     assert batch["references"] == [["red", "maroon"], ["blue"]]
     assert batch["targets"] == ["red", "blue"]
+
+
+def test_a_batch_is_padded_to_its_longest_text_and_every_cut_example_counted(setup):
+    """Inputs and labels are as wide as the batch's longest (not data.max_*_length); two examples cut in one
+    batch count as two."""
+    cfg, tok = setup  # data.max_input_length=8, max_target_length=6
+    c = Collator(tok, load_config("tiny", ["data.max_input_length=64", "data.max_target_length=64"]))
+    enc = c.encode_text(EXAMPLES, "vqa")
+    longest = max(len(tok(f"vqa: {e.text}")["input_ids"]) for e in EXAMPLES)
+    assert enc["input_ids"].shape[1] == longest < 64
+    assert enc["labels"].shape[1] == max(len(tok(e.target)["input_ids"]) for e in EXAMPLES) < 64
+    both = [Example("vqa", u, "what color is the cube on the left", "red", ["i"]) for u in ("c", "d")]
+    cut = Collator(tok, cfg)
+    cut.encode_text(both, "vqa")
+    assert cut.truncated == {("vqa", "max_input_length"): 2}
+
+
+def test_a_caption_s_input_is_the_task_prefix_alone(setup, monkeypatch):
+    """An example without text is given to the tokenizer as the prefix alone ('caption:'): no trailing space, which
+    a byte-level BPE tokenizer (BART's) would encode as a token of its own."""
+    cfg, tok = setup
+    seen = []
+    call = type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.append(text)
+        return call(self, text, *args, **kwargs)
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    Collator(tok, cfg).encode_text([Example("caption", "c", "", "a red cube", ["i"]),
+                                    Example("caption", "d", "look", "a blue cube", ["i"])], "caption")
+    assert seen[0] == ["caption:", "caption: look"]

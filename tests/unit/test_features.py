@@ -117,6 +117,17 @@ def test_collate_cached_features(tok):
         _collator(tok)(grid.examples, [g[0], [torch.randn(9, 8), torch.randn(16, 8)]])
 
 
+def test_a_batch_of_videos_shorter_than_max_frames_is_padded_to_its_longest(tok):
+    """Frames (and frame features) are padded to the batch's longest video, not to model.max_frames."""
+    split = generate_split("tvc", "val", 2, image_size=16)
+    c = _collator(tok, "data.tasks=[tvc]", "model.max_frames=6")
+    feats = c(split.examples, [[torch.randn(3, 7)], [torch.randn(2, 7)]])
+    assert feats["vis_feats"].shape == (2, 1, 3, 7) and feats["vis_mask"].tolist() == [[[1, 1, 1]], [[1, 1, 0]]]
+    frames = [[[np.full((16, 16, 3), k, np.uint8) for k in range(n)]] for n in (1, 2)]
+    pixels = c(split.examples, frames)
+    assert pixels["pixel_values"].shape == (2, 1, 2, 3, 16, 16) and pixels["vis_mask"].tolist() == [[[1, 0]], [[1, 1]]]
+
+
 def test_collate_refuses_a_malformed_batch_naming_it(tok):
     from vlscale.data.tasks import Example
 
