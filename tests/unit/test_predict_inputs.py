@@ -327,3 +327,36 @@ def test_a_video_task_without_a_video_is_refused_naming_the_flag(video_adapter, 
         launcher("predict").main(["--adapter", "unused", "--task", "tvc"])
     assert str(e.value) == ("task 'tvc' is a video task: give the video as --video (a folder of frame images or a "
                             "frame-features file)")
+
+
+def test_a_features_array_of_another_width_or_an_empty_frame_sequence_is_refused():
+    """read_video (the Predictor's): an (L, D) array is checked against the run's frame width, as a features file
+    is, and a sequence of no frames is refused, naming the flag."""
+    from vlscale.predict import read_video
+
+    with pytest.raises(ValueError, match=r"^video features: frame features are 512-d, but the run's model.vision "
+                                         r"embeds frames in 64-d"):
+        read_video(np.zeros((3, 512), np.float32), 4, expect_dim=64)
+    assert read_video(np.zeros((3, 64), np.float64), 4, expect_dim=64).dtype.is_floating_point
+    with pytest.raises(ValueError, match=r"^video: no frames \(an empty sequence\)$"):
+        read_video([], 4)
+
+
+def test_a_video_s_question_options_and_subtitle_are_stripped_as_the_data_s():
+    """Predictor.batch formats what a user types (spaces around the question, an option or the subtitle) as the
+    loader formats a record (qa_text of the stripped fields; a blank subtitle is none): the examples it collates hold
+    the data's text. (T5's SentencePiece would hide stray spaces; BART's byte-level BPE encodes them.)"""
+    import torch
+
+    from vlscale.data.video import qa_text
+    from vlscale.predict import Predictor
+
+    predictor = Predictor.__new__(Predictor)
+    predictor.cfg = load_config("tiny", ["data.tasks=[tvqa,tvc]", "model.vision=tiny-clip-rn"])
+    predictor.device, predictor.encoder = torch.device("cpu"), None
+    predictor.collator = lambda examples, visuals: [e.text for e in examples]  # the texts the model would read
+    feats = np.zeros((3, 64), np.float32)
+    assert predictor.batch("tvqa", [" which way? ", "which way?"], [feats, feats], [[" left", "right "]] * 2,
+                           [" alice: look.  ", "  "]) == [qa_text("which way?", ["left", "right"], "alice: look."),
+                                                          "which way? a0: left a1: right"]
+    assert predictor.batch("tvc", ["", ""], [feats, feats], None, ["  alice: look. ", " "]) == ["alice: look.", ""]
