@@ -409,3 +409,66 @@ def test_a_report_of_another_step_replaces_rather_than_merges(tmp_path):
     report = json.loads(write_eval_report(out, tmp_path / "adapter", "val", 4, {"gqa": {"accuracy": 0.25}},
                                           settings=settings).read_text())
     assert (report["step"], report["tasks"]) == (4, {"gqa": {"accuracy": 0.25}})
+
+
+def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp_path, launcher, monkeypatch):
+    """``--split test``: the test split is evaluated, eval_metrics.json says so, and the default folders are
+    eval_test / predict_test (not the val split's)."""
+    from vlscale.engine import evaluation
+
+    adapter = _tiny_adapter(tmp_path)
+    evaluate = launcher("evaluate")
+    asked = []
+
+    def scored(model, cfg, tokenizer, *, split, tasks, predict_only, predictions_dir, **kwargs):
+        asked.append((split, predictions_dir))
+        return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
+    monkeypatch.setattr(evaluation, "evaluate", scored)
+    assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--split", "test"]) == 0
+    assert asked == [("test", tmp_path / "eval_test" / "predictions")]
+    assert json.loads((tmp_path / "eval_test" / "eval_metrics.json").read_text())["split"] == "test"
+    assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--split", "test",
+                          "--predict-only"]) == 0
+    assert asked[1] == ("test", tmp_path / "predict_test" / "predictions")
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, launcher):
+    (tmp_path / "out").write_text("notes")
+    assert launcher("evaluate").output_clash(tmp_path / "out", False) == (
+        f"--out {tmp_path / 'out'} is a file; the evaluation writes a folder (predictions/ and its reports)")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_generation_is_synced_over_the_ranks_only_under_zero3(tmp_path, launcher, monkeypatch, stage):
+    """Two ranks under ZeRO-3 generate in step (each forward gathers every rank's shards); under ZeRO-1/2 every rank
+    holds the whole model and generates on its own."""
+    from vlscale.engine import distributed, evaluation
+    from vlscale.engine.distributed import DistInfo
+    from vlscale.modeling.vl_model import build_model
+
+    adapter = _tiny_adapter(tmp_path)
+    evaluate = launcher("evaluate")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 2, 0, cpu, "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    monkeypatch.setattr(evaluate, "build_sharded", lambda cfg, ds, vocab, dtype: (build_model(cfg, vocab_size=vocab),
+                                                                                  None, stage))
+    synced = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, synced_gpus, **kw:
+                        synced.append(synced_gpus) or {task: {"score": 0.5} for task in tasks})
+    assert evaluate.main(["--adapter", str(adapter), "--out", str(tmp_path / "out"), "--no-progress", "--tasks", "vqa",
+                          "--deepspeed", "ds_configs/zero3.json"]) == 0
+    assert synced == [stage == 3]
+
+
+def test_the_evaluation_ds_config_drops_the_files_training_only_keys(tmp_path, launcher):
+    """A training run's own DeepSpeed file (its batch sizes, clipping, optimizer and its off-load) serves evaluation
+    on another number of ranks: those keys are neither checked against the run nor kept."""
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({
+        "train_batch_size": 999, "train_micro_batch_size_per_gpu": 7, "gradient_accumulation_steps": 5,
+        "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    ds = launcher("evaluate").evaluation_ds_config(str(ds_file), load_config("tiny"), 2, "cpu")
+    assert ds["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in ds["zero_optimization"]
+    assert "optimizer" not in ds and ds["train_micro_batch_size_per_gpu"] != 7 and ds["gradient_clipping"] != 0.5
