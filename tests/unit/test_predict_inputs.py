@@ -117,6 +117,9 @@ QA = ["--task", "tvqa", "--video", "{dir}/clip", "--text", "which way?"]
     (["--task", "tvqa", "--image", "{dir}/clip/0.png", "--text", "q?", "--option", "l", "--option", "r"],
      "task 'tvqa' is a video task: give the video as --video (a folder of frame images or a frame-features file), "
      "not --image"),
+    (["--task", "tvc", "--video", "{dir}/clip", "--image", "{dir}/clip/0.png"],  # not an --image ignored
+     "task 'tvc' is a video task: give the video as --video (a folder of frame images or a frame-features file), "
+     "not --image"),
     (["--task", "tvc", "--video", "{dir}/clip", "--text", "a caption"], "task 'tvc' takes no text (the run's caption "
                                                                        "inputs are its subtitle (--subtitle / "
                                                                        "subtitle=), if any), got 'a caption'"),
