@@ -472,3 +472,29 @@ def test_the_evaluation_ds_config_drops_the_files_training_only_keys(tmp_path, l
     ds = launcher("evaluate").evaluation_ds_config(str(ds_file), load_config("tiny"), 2, "cpu")
     assert ds["zero_optimization"]["stage"] == 3 and "offload_optimizer" not in ds["zero_optimization"]
     assert "optimizer" not in ds and ds["train_micro_batch_size_per_gpu"] != 7 and ds["gradient_clipping"] != 0.5
+
+
+def test_an_fp16_adapter_is_evaluated_on_a_cpu_in_fp32_without_its_fp16_fingerprint(tmp_path, launcher,
+                                                                                     monkeypatch):
+    """fp16 has no CPU kernels: the model is built in fp32, whose frozen weights are not the fp16 run's bit for
+    bit, so the run's fingerprint (of fp16 weights) is not compared with them (it would refuse every such
+    evaluation as 'files changed since training'); evaluate.py and the Predictor alike."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine import evaluation
+    from vlscale.engine.trainer import seed_everything
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny", ["train.precision=fp16"])
+    tokenizer = build_tokenizer(cfg)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg, vocab_size=len(tokenizer), dtype=torch.float16)
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(model, adapter, cfg, tokenizer, extra={"step": 2, "frozen": ckpt.frozen_fingerprint(model)})
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, float_dtype, **kw:
+                        seen.append(float_dtype) or {task: {"score": 0.5} for task in tasks})
+    assert launcher("evaluate").main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa"]) == 0
+    assert seen == [torch.float32]
+    from vlscale.predict import Predictor  # predict.py's model: the same rule
+
+    assert Predictor(adapter, device="cpu").dtype == torch.float32
