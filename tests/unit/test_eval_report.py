@@ -498,3 +498,26 @@ def test_an_fp16_adapter_is_evaluated_on_a_cpu_in_fp32_without_its_fp16_fingerpr
     from vlscale.predict import Predictor  # predict.py's model: the same rule
 
     assert Predictor(adapter, device="cpu").dtype == torch.float32
+    assert Predictor(adapter, device="cpu", batch_size=3).batch_size == 3  # the batches predict() answers in
+
+
+def test_an_error_on_several_ranks_leaves_at_once(launcher, monkeypatch):
+    """With WORLD_SIZE > 1 evaluate.py leaves through os._exit (a peer inside a collective would hang the process
+    group's teardown); alone, through sys.exit."""
+    import os
+
+    evaluate = launcher("evaluate")
+    class Exited(Exception):
+        pass
+
+    def _exit(code):
+        raise Exited(code)
+    monkeypatch.setattr(os, "_exit", _exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as e:
+        evaluate.exit_after_error(1)
+    assert e.value.args == (1,)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        evaluate.exit_after_error(1)
+    assert e.value.code == 1

@@ -363,3 +363,12 @@ def test_a_video_s_question_options_and_subtitle_are_stripped_as_the_data_s():
                            [" alice: look.  ", "  "]) == [qa_text("which way?", ["left", "right"], "alice: look."),
                                                           "which way? a0: left a1: right"]
     assert predictor.batch("tvc", ["", ""], [feats, feats], None, ["  alice: look. ", " "]) == ["alice: look.", ""]
+
+
+def test_an_image_given_as_a_path_object_is_read_as_its_file(tmp_path):
+    from vlscale.predict import read_image
+
+    img = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    assert np.array_equal(read_image(tmp_path / "a.png"), img) and np.array_equal(read_image(str(tmp_path / "a.png")),
+                                                                                   img)
