@@ -1181,6 +1181,95 @@ def test_planner_keeps_the_global_batch():
         plan(cfg, "1GiB", 2, micro_batches=[64])
 
 
+def test_planner_throughput_is_the_documented_compute_and_transfer_time():
+    """The throughput model's arithmetic (module docstring), per sample: on one rank with nothing offloaded, the
+    FLOPs (forward 2 x (LM + projection) x tokens; backward that again plus the trainable fraction; checkpointing a
+    forward more) at the peak rate times the utilisation, fp32 at half bf16's rate. On 2 ranks the offloaded
+    optimizer moves each micro-batch's fp32 gradient partition to the host, and once per step the parameters back
+    and CPU Adam; NVMe runs those at min(PCIe, NVMe) and swaps the optimizer state (2 x 12 bytes a parameter) once
+    per step. ZeRO-3 all-gathers every parameter twice per micro-batch where ZeRO-2 all-gathers the trainable ones
+    once per step."""
+    import copy
+
+    from vlscale.profiling.planner import CostModel, plan, throughput
+
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
+    assert cfg.model.feature_source == "cache"  # no CLIP forward in the FLOPs
+    options = plan(cfg, "80GiB", 2, micro_batches=[8], precisions=["bf16", "fp32"], stages=[2, 3],
+                   offloads=["none", "opt_cpu"])
+    pick = {(o.zero_stage, o.offload, o.gradient_checkpointing, o.precision): o for o in options}
+    cost, W, mbs = CostModel(), 2, 8
+
+    def sec(key, world=W, offload=None, accum=1):
+        o = pick[key]
+        c = copy.deepcopy(cfg)
+        c.train.zero_stage, c.train.micro_batch_size, c.train.gradient_accumulation_steps = o.zero_stage, mbs, accum
+        return 1 / throughput(c, o.estimate, world, offload or o.offload, cost)
+
+    d, s = pick[(2, "none", False, "bf16")].estimate.detail, pick[(2, "none", False, "bf16")].estimate.settings
+    trainable, total = d["trainable_params"], d["total_params"]
+    lm = total - d["vision_params"]
+    tokens = mbs * (s["encoder_length"] + s["decoder_length"])
+    util = tokens / (tokens + cost.half_util_tokens)
+    fwd = 2 * lm * tokens
+    for ckpt, precision, speed in ((False, "bf16", 1.0), (True, "bf16", 1.0), (False, "fp32", cost.fp32_speed)):
+        flops = fwd * (2 + trainable / lm) + (fwd if ckpt else 0)
+        expected = flops / (cost.peak_tflops * 1e12 * speed * util) / mbs
+        assert sec((2, "none", ckpt, precision), world=1) == pytest.approx(expected, rel=1e-9), (ckpt, precision)
+    pcie, nvme, link = cost.pcie_gbps * 1e9, cost.nvme_gbps * 1e9, cost.link_gbps * 1e9
+    for a in (1, 4):
+        moved = trainable / W * 4  # one fp32 gradient (or parameter) partition
+        offload = sec((2, "opt_cpu", False, "bf16"), accum=a) - sec((2, "none", False, "bf16"), accum=a)
+        assert offload == pytest.approx((moved / pcie * (1 + 1 / a) + trainable / W / cost.cpu_adam_params_per_s / a)
+                                        / mbs, rel=1e-6), a
+    key = (2, "opt_cpu", False, "bf16")
+    on_nvme = sec(key, offload="opt_nvme") - sec(key, offload="opt_cpu")
+    assert on_nvme == pytest.approx((2 * moved * (1 / nvme - 1 / pcie) + 2 * 12 * trainable / W / nvme) / mbs, rel=1e-6)
+    gathers = sec((3, "none", False, "bf16")) - sec((2, "none", False, "bf16"))
+    assert gathers == pytest.approx((2 * total - trainable) * 2 * (W - 1) / W / link / mbs, rel=1e-6)
+
+
+def test_planner_rows_say_what_the_planned_run_gets(tmp_path):
+    """What a user reads from a row: its samples/s is the throughput of the run its overrides train (their
+    accumulation, not the config's); its host_bytes (--json) is the host memory it offloads to; offload=none
+    offloads nothing even from a file that offloads (zero3_offload.json); a row fits exactly when its peak plus the
+    headroom is within the budget, the boundary included; rows of equal speed come smallest peak first; the
+    estimate is for the device asked for. The table shows --top rows, each with its host memory and fit."""
+    from vlscale.profiling.analytic import GiB, fmt_bytes
+    from vlscale.profiling.planner import CostModel, format_table, plan, throughput
+
+    offload_file = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json")
+    cfg = load_config("paper/clip_t5_single_adapter", T5_LARGE + ["train.micro_batch_size=64"])
+    kw = dict(ds_file=offload_file, micro_batches=[8, 32], precisions=["bf16"], checkpointing=[False])
+    options = plan(cfg, "80GiB", 4, **kw)
+    for o in options:
+        run = load_config("paper/clip_t5_single_adapter", T5_LARGE + o.overrides())
+        assert o.samples_per_s == pytest.approx(throughput(run, o.estimate, 4, o.offload, CostModel()), rel=1e-9), \
+            o.label()
+        row = o.to_dict()
+        assert (row["host_bytes"], row["nvme_bytes"]) == (o.estimate.host, o.estimate.nvme), o.label()
+        assert (o.estimate.host == 0) == (o.offload == "none"), (o.label(), o.estimate.host)
+    # the fit boundary: peak + headroom == budget fits, a byte less does not
+    o = options[0]
+    one = dict(kw, micro_batches=[o.micro_batch_size], stages=[o.zero_stage], offloads=[o.offload], headroom=GiB)
+    assert plan(cfg, o.peak + GiB, 4, **one)[0].fits and not plan(cfg, o.peak + GiB - 1, 4, **one)[0].fits
+    # one rank: no communication, so ZeRO 0-3 without offload tie on speed; the smaller peak comes first
+    alone = plan(cfg, "80GiB", 1, **dict(kw, micro_batches=[8], offloads=["none"]))
+    assert len({round(o.samples_per_s, 6) for o in alone}) == 1 and len({o.peak for o in alone}) > 1
+    assert [o.peak for o in alone] == sorted(o.peak for o in alone)
+    assert {o.estimate.settings["device"] for o in plan(cfg, "80GiB", 1, **dict(kw, device="cpu"))} == {"cpu"}
+    # the table: --top rows, each row's host memory (offloaded) and fit
+    middle = sorted(o.peak for o in options)[len(options) // 2]
+    mixed = plan(cfg, middle + GiB, 4, **dict(kw, headroom=GiB))
+    shown = [next(o for o in mixed if o.fits and o.estimate.host), next(o for o in mixed if not o.fits), mixed[0]]
+    lines = format_table(shown, middle + GiB, limit=2).splitlines()
+    assert len(lines) == 2 + 2 + 1 and lines[-1].startswith(f"{sum(o.fits for o in shown)} of 3 settings fit ")
+    for o, line in zip(shown, lines[2:4]):
+        cols = line.split()
+        assert cols[-6:] == [*fmt_bytes(o.peak).split(), *fmt_bytes(o.estimate.host).split(),
+                             "yes" if o.fits else "no", f"{o.samples_per_s:.1f}"], line
+
+
 def test_launcher_refuses_a_measured_run_the_host_cannot_hold(capsys, launcher, monkeypatch):
     """--measure builds the whole model on every rank: a model the machine's memory cannot hold is
     refused before any rank starts, with the sizes, instead of swapping or being killed."""
