@@ -1653,3 +1653,62 @@ def test_launcher_refuses_limits_at_their_edges(capsys, launcher, monkeypatch, t
     assert pm.main(["--config", "tiny", "--budget", "1KiB", "--headroom", "0", "--write-config", str(ds)]) == 1
     assert capsys.readouterr().err == f"error: no setting fits 1.00 KiB; nothing written to {ds}\n"
     assert not ds.exists()
+
+
+def test_launcher_plans_and_writes_from_its_deepspeed_file_for_its_device(capsys, launcher, tmp_path):
+    """--budget with --deepspeed FILE plans from FILE (the file train.py will take) and --write-config writes FILE's
+    settings with the chosen stage and offload; --device cpu plans for the CPU accelerator (where what is offloaded
+    to cpu stays in the peak). Untested until now: planning and writing from the default zero3.json passed."""
+    from vlscale.engine.deepspeed_config import resolve_batch
+    from vlscale.profiling.planner import plan
+
+    own = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3.json").read_text())
+    own["zero_optimization"]["reduce_bucket_size"] = 12_345_678
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    pm = launcher("profile_memory")
+    cfg = resolve_batch(load_config("tiny"), 2)
+    written = tmp_path / "ds.json"
+
+    def rows(*argv):
+        assert pm.main(["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--top", "200", "--json",
+                        *argv]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return [(r["zero_stage"], r["offload"], r["micro_batch_size"], r["peak"]) for r in out["plan"]]
+
+    def planned(**kw):
+        return [(o.zero_stage, o.offload, o.micro_batch_size, o.peak) for o in plan(cfg, "1GiB", 2, **kw)]
+
+    from_own = rows("--deepspeed", str(tmp_path / "own.json"), "--write-config", str(written))
+    assert pm.main(["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--headroom", "256MiB", "--json",
+                    "--deepspeed", str(tmp_path / "own.json"), "--write-config", str(written)]) == 0
+    out = json.loads(capsys.readouterr().out)  # the budget as given, the headroom kept within it
+    assert (out["written"]["deepspeed"], out["budget"], out["plan"][0]["headroom"]) == (str(written), 2 ** 30, 2 ** 28)
+    assert pm.main(["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--deepspeed",
+                    str(tmp_path / "own.json"), "--write-config", str(written)]) == 0
+    assert f"train with: deepspeed --num_gpus 2 launchers/train.py --deepspeed {written} --config tiny train." in \
+        capsys.readouterr().out
+    assert from_own == planned(ds_file=str(tmp_path / "own.json")) != planned()
+    z = json.loads(written.read_text())["zero_optimization"]
+    assert z["reduce_bucket_size"] == 12_345_678 and z["stage"] == from_own[0][0]
+    on_cpu = rows("--device", "cpu")
+    assert on_cpu == planned(device="cpu") != planned()
+
+
+def test_launcher_takes_agreeing_stages_and_refuses_a_batch_no_micro_batch_keeps(capsys, launcher, monkeypatch):
+    """--zero-stage S with train.zero_stage=S on the same line is one request, not a disagreement; --budget plans a
+    micro-batch that keeps train.global_batch_size, but where the ranks do not divide that batch there is none and
+    it is the config's one-line refusal (not a traceback from planning micro-batch None). --measure without --device
+    on a machine without a GPU predicts for the CPU accelerator the measured run trains on."""
+    from vlscale.profiling import measure
+
+    pm = launcher("profile_memory")
+    started = []
+    monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
+    monkeypatch.setattr(measure, "measured_device_type", lambda: "cpu")
+    assert pm.main(["--config", "tiny", "--measure", "--json"]) == 0 and len(started) == 1
+    assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["device"] == "cpu"
+    assert pm.main(["--config", "tiny", "--zero-stage", "2", "train.zero_stage=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["zero_stage"] == 2
+    assert pm.main(["--config", "tiny", "train.global_batch_size=30", "--world-size", "4", "--budget", "1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.global_batch_size=30 is not a multiple of") and err.count("\n") == 1, err
