@@ -423,7 +423,8 @@ def test_script_scenes_and_their_sentences_agree(pretrain):
         for s in sentences[1:]:
             for rel, holds in (("to the left of", lambda a, b: a["col"] < b["col"]),
                                ("to the right of", lambda a, b: a["col"] > b["col"]),
-                               ("above", lambda a, b: a["row"] < b["row"]), ("below", lambda a, b: a["row"] > b["row"])):
+                               ("above", lambda a, b: a["row"] < b["row"]),
+                               ("below", lambda a, b: a["row"] > b["row"])):
                 if f" is {rel} the " in s:
                     first, second = s.removeprefix("the ").removesuffix(".").split(f" is {rel} the ")
                     a, = [o for o in objs if f"{o['color']} {o['shape']}" == first]
@@ -603,8 +604,9 @@ def test_script_refuses_to_replace_a_shipped_part_with_other_settings(pretrain, 
     monkeypatch.setattr(pretrain, "DEFAULT_OUT", shipped)
     parse = pretrain.parse_args
     assert pretrain.shipped_overwrite_problem(parse(["--only", "t5"])) is None
-    assert "max_len 60 (shipped: 100)" in pretrain.shipped_overwrite_problem(parse(["--only", "t5", "--lm-max-len", "60"]))
-    assert "steps 10 (shipped: 800)" in pretrain.shipped_overwrite_problem(parse(["--only", "clip,t5", "--lm-steps", "10"]))
+    problem = pretrain.shipped_overwrite_problem
+    assert "max_len 60 (shipped: 100)" in problem(parse(["--only", "t5", "--lm-max-len", "60"]))
+    assert "steps 10 (shipped: 800)" in problem(parse(["--only", "clip,t5", "--lm-steps", "10"]))
 
 
 def test_script_training_is_deterministic_and_keeps_clips_scale_in_range(pretrain, tmp_path, monkeypatch):

@@ -1303,9 +1303,9 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
 def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said, traceback, tmp_path, monkeypatch,
                                                               launcher, capsys):
     """launchers/train.py's documented exit codes and last lines, the run itself stood in for: a signal is
-    128 + its number (a second Ctrl-C aborting the run 130 too), --stop-after-steps 0; an error in the run's input (a config value, a diverged loss, a full
-    disk) is one line without a traceback, any other error one line after its traceback; --no-progress reaches
-    the run."""
+    128 + its number (a second Ctrl-C aborting the run 130 too), --stop-after-steps 0; an error in the run's
+    input (a config value, a diverged loss, a full disk) is one line without a traceback, any other error one line
+    after its traceback; --no-progress reaches the run."""
     import errno
     import signal
     from types import SimpleNamespace

@@ -447,7 +447,8 @@ def test_prediction_reads_the_runs_accumulation_precision_and_settings(monkeypat
     """predict_zero3_comm takes from the run: its micro-batches per step (train.global_batch_size over micro x
     ranks; everything but the one post-step gather of the persistent parameters repeats), the precision's
     parameter bytes, communication_data_type for the gradients, and stage3_model_persistence_threshold; a file
-    that sets no ZeRO stage is refused (the stage is then 0). (The trace is the hand-made one of the accounting tests: these settings do not change it.)"""
+    that sets no ZeRO stage is refused (the stage is then 0). (The trace is the hand-made one of the accounting
+    tests: these settings do not change it.)"""
     import torch
 
     from vlscale.config import load_config

@@ -18,6 +18,19 @@ def _predictions(out, task, n):
     (folder / f"{task}.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
+def _as_rank_0_of_2(monkeypatch, evaluate, stage: int) -> None:
+    """evaluate.py as rank 0 of two, its sharded build (test_evaluate_sharded's) stood in for at ZeRO ``stage``."""
+    from vlscale.engine import distributed
+    from vlscale.engine.distributed import DistInfo
+    from vlscale.modeling.vl_model import build_model
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 2, 0, cpu, "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    monkeypatch.setattr(evaluate, "build_sharded", lambda cfg, ds, vocab, dtype: (build_model(cfg, vocab_size=vocab),
+                                                                                  None, stage))
+
+
 def _tiny_adapter(tmp_path):
     """An adapter/ of the tiny preset's (untrained) model, as a run at step 2 saves it."""
     from vlscale.data import build_tokenizer
@@ -164,18 +177,11 @@ def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, laun
     logits otherwise: predictions shift slightly) on each rank's share of the examples, and eval_metrics.json did
     not say so: an evaluation of some tasks without DeepSpeed on one process merged into that report as if the
     scores were comparable. The settings now hold ``zero_stage`` (None without DeepSpeed) and ``world_size``."""
-    from vlscale.engine import distributed, evaluation
-    from vlscale.engine.distributed import DistInfo
-    from vlscale.modeling.vl_model import build_model
+    from vlscale.engine import evaluation
 
     adapter = _tiny_adapter(tmp_path)
     evaluate = launcher("evaluate")
-    cpu = torch.device("cpu")
-    # as rank 0 of two under ZeRO-3 (the sharded build itself is test_evaluate_sharded's)
-    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 2, 0, cpu, "cpu", "gloo"))
-    monkeypatch.setattr(distributed, "destroy", lambda: None)
-    monkeypatch.setattr(evaluate, "build_sharded", lambda cfg, ds, vocab, dtype: (build_model(cfg, vocab_size=vocab),
-                                                                                  None, 3))
+    _as_rank_0_of_2(monkeypatch, evaluate, stage=3)
     monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, world_size, **kw:
                         {task: {"score": world_size / 10} for task in tasks})
     out = tmp_path / "out"
@@ -442,17 +448,11 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, launcher):
 def test_generation_is_synced_over_the_ranks_only_under_zero3(tmp_path, launcher, monkeypatch, stage):
     """Two ranks under ZeRO-3 generate in step (each forward gathers every rank's shards); under ZeRO-1/2 every rank
     holds the whole model and generates on its own."""
-    from vlscale.engine import distributed, evaluation
-    from vlscale.engine.distributed import DistInfo
-    from vlscale.modeling.vl_model import build_model
+    from vlscale.engine import evaluation
 
     adapter = _tiny_adapter(tmp_path)
     evaluate = launcher("evaluate")
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(distributed, "init_distributed", lambda: DistInfo(0, 2, 0, cpu, "cpu", "gloo"))
-    monkeypatch.setattr(distributed, "destroy", lambda: None)
-    monkeypatch.setattr(evaluate, "build_sharded", lambda cfg, ds, vocab, dtype: (build_model(cfg, vocab_size=vocab),
-                                                                                  None, stage))
+    _as_rank_0_of_2(monkeypatch, evaluate, stage)
     synced = []
     monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, synced_gpus, **kw:
                         synced.append(synced_gpus) or {task: {"score": 0.5} for task in tasks})

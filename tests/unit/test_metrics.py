@@ -185,7 +185,8 @@ def test_cider_idf_counts_the_predicted_images_only():
     preds = {"img1": "a b", "img2": "a e"}
     refs = {"img1": ["a b"], "img2": ["a d"]}
     assert cider_per_image(preds, refs) == pytest.approx({"img1": 5.0, "img2": 0.0})
-    assert cider_per_image(preds, {**refs, "img3": ["a b c"], "img4": ["x y"]}) == pytest.approx({"img1": 5.0, "img2": 0.0})
+    assert cider_per_image(preds, {**refs, "img3": ["a b c"], "img4": ["x y"]}) == \
+        pytest.approx({"img1": 5.0, "img2": 0.0})
 
 
 def test_cider_errors_name_the_id_and_options_reach_the_score():

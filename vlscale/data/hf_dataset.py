@@ -14,8 +14,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     answer | answers           vqa / gqa: one gold answer and/or the list of human answers
                                (strings or {"answer": ...}, also as a ``Sequence`` of such structs,
                                which ``datasets`` gives as a dict of lists); VQA's target is ``answer`` or the most
-                               frequent of ``answers`` (normalised, vqa_target), its references are ``answers``, and its soft
-                               ``label`` (data.vqa_targets=sampled) is scored from them
+                               frequent of ``answers`` (counted normalised: vqa_target), its references are
+                               ``answers``, and its soft ``label`` (data.vqa_targets=sampled) is scored from them
     caption | captions         caption: one caption or a list (train: one example per caption)
     label                      nlvr2: 0/1, true/false
     (answer, answers and label may be ``ClassLabel`` columns, also in a ``Sequence``: read as their names)

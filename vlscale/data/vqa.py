@@ -11,9 +11,9 @@ Each file is a JSON list of questions::
 raw answers, counted after the official normalisation, then the alphabetically first); an empty ``label``
 (no answer in the vocabulary) falls back to the most frequent normalised answer (:func:`vqa_target`), and so
 does a record without ``label`` (the official annotations' raw answers alone), whose soft label is made from the
-answers (:func:`vqa_soft_label`, as for an HF dataset). With ``data.vqa_targets=sampled`` training draws the target from ``label`` instead,
-as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw answers, which the official
-scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
+answers (:func:`vqa_soft_label`, as for an HF dataset). With ``data.vqa_targets=sampled`` training draws the target
+from ``label`` instead, as VL-T5 does (:func:`vlscale.data.sampled_vqa_targets`). ``references`` are the raw
+answers, which the official scorer (``vlscale.metrics.vqa_score``) needs. ``extra`` keeps ``label`` (soft scores),
 ``answer_type`` and ``question_type``. The same loader reads LXMERT-style ``minival.json`` /
 ``nominival.json`` if they carry ``answers``. Records without ``label`` and ``answers`` (VL-T5's
 ``test.json``, split ``test2015``, whose answers EvalAI holds) are refused, except for ``launchers/evaluate.py
