@@ -716,3 +716,58 @@ def test_an_empty_nvme_path_variable_is_unset(monkeypatch):
     monkeypatch.setenv("VLSCALE_NVME_PATH", "")
     with pytest.raises(DeepSpeedConfigError, match=r"nvme_path is \"auto\"; set VLSCALE_NVME_PATH"):
         build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda")
+
+
+def test_a_files_own_fp16_scaler_settings_are_kept_and_missing_ones_defaulted(monkeypatch):
+    """The fp16 loss-scaler settings are the file's to choose (a static loss_scale, a shorter window): an fp16 run
+    keeps what the file says and fills only what it leaves out, with dynamic scaling's defaults."""
+    monkeypatch.setenv(CPU_FP16_ENV, "1")
+    raw = {"fp16": {"enabled": "auto", "loss_scale": 128, "loss_scale_window": "auto"}}
+    fp16 = build_deepspeed_config(raw, cfg_with("train.precision=fp16"), 1, device_type="cpu")["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 128, "loss_scale_window": 1000, "initial_scale_power": 16,
+                    "hysteresis": 2, "min_loss_scale": 1}
+
+
+def test_given_hidden_size_sets_buckets_and_persistence_alike():
+    """hidden_size replaces the registry's widths for every derived size: the buckets' h and, module by module,
+    the persistence threshold's d_model (not the run config's model)."""
+    cfg = cfg_with("train.zero3_leaf_layers=false")
+    assert model_widths(cfg)[0] != 512
+    zero = build_deepspeed_config(DS_DIR / "zero3.json", cfg, 2, device_type="cpu", hidden_size=512)[
+        "zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (512 * 512, int(0.9 * 512 * 512), 10 * 512)
+
+
+def test_parameter_offload_alone_keeps_the_optimizer_on_the_device():
+    """Only an off-loaded optimizer needs DeepSpeed's CPU Adam: with offload_param alone the optimizer stays torch's
+    AdamW, and with torch_adam=false (DeepSpeed's FusedAdam) its params are checked against FusedAdam, not CPU Adam."""
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    ds = build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    raw["optimizer"]["params"].update(torch_adam=False, set_grad_none=True)  # FusedAdam's, not DeepSpeedCPUAdam's
+    ds = build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+    assert ds["optimizer"]["params"]["set_grad_none"] is True
+
+
+def test_a_minimal_file_trains_zero0_quietly_and_fp16_on_a_detected_cpu_is_refused(monkeypatch):
+    """A file with no ZeRO stage trains ZeRO-0 (DeepSpeed's default), prints no per-step log line, and with no
+    device_type given the device is detected: fp16 on DeepSpeed's CPU accelerator is refused as when it is named."""
+    ds = build_deepspeed_config({}, cfg_with(), 1, device_type="cpu")
+    assert (ds["zero_optimization"]["stage"], ds["steps_per_print"], ds["wall_clock_breakdown"]) == (0, 10 ** 6, False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv(CPU_FP16_ENV, raising=False)
+    with pytest.raises(DeepSpeedConfigError) as e:
+        build_deepspeed_config({}, cfg_with("train.precision=fp16"), 1)
+    assert str(e.value) == CPU_FP16_ERROR
+
+
+def test_a_conflicting_global_batch_names_every_factor():
+    """The batch-size conflict shows the product it expected, factor by factor, with the run's world size."""
+    with pytest.raises(DeepSpeedConfigError, match=r"train_batch_size=64 conflicts with the run config's value 24 "
+                                                   r"\(train\.micro_batch_size=4 x world_size=2 x "
+                                                   r"train\.gradient_accumulation_steps=3\)"):
+        build_deepspeed_config({"train_batch_size": 64}, cfg_with("train.micro_batch_size=4",
+                                                                  "train.gradient_accumulation_steps=3"), 2,
+                               device_type="cpu")
