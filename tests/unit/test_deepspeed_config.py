@@ -771,3 +771,18 @@ def test_a_conflicting_global_batch_names_every_factor():
         build_deepspeed_config({"train_batch_size": 64}, cfg_with("train.micro_batch_size=4",
                                                                   "train.gradient_accumulation_steps=3"), 2,
                                device_type="cpu")
+
+
+def test_offload_refusals_name_the_block_at_fault():
+    """A train.zero_stage equal to the file's stage overrides nothing, so the stage refusal claims no override; a ratio
+    in offload_param (DeepSpeed reads it only in offload_optimizer) is named as offload_param's unknown key, not
+    refused as a partial optimizer offload."""
+    raw = json.loads((DS_DIR / "zero2.json").read_text())
+    raw["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    with pytest.raises(DeepSpeedConfigError, match=r"offload_param needs ZeRO stage 3\+, the run uses stage 2$"):
+        build_deepspeed_config(raw, cfg_with("train.zero_stage=2"), 2, device_type="cuda")
+    raw = json.loads((DS_DIR / "zero3.json").read_text())
+    raw["zero_optimization"]["offload_param"] = {"device": "cpu", "ratio": 0.5}
+    with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: unknown key "
+                                                   r"zero_optimization\.offload_param\.ratio; "):
+        build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
