@@ -786,3 +786,15 @@ def test_offload_refusals_name_the_block_at_fault():
     with pytest.raises(DeepSpeedConfigError, match=r"^<DeepSpeed config dict>: unknown key "
                                                    r"zero_optimization\.offload_param\.ratio; "):
         build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
+
+
+def test_a_bf16_run_drops_the_fp16_block_and_an_auto_amp_block():
+    """bf16 keeps only fp16's enabled flag (as fp32 does: the scaler's settings and their "auto"s mean nothing there);
+    amp.enabled "auto" is no request for apex AMP and the block is dropped; an lr conflict says the run's value may be
+    the method's default."""
+    base = {"fp16": {"enabled": "auto", "loss_scale_window": "auto"}, "amp": {"enabled": "auto"}}
+    ds = build_deepspeed_config(base, cfg_with("train.precision=bf16"), 1, device_type="cpu")
+    assert ds["fp16"] == {"enabled": False} and ds["bf16"]["enabled"] is True and "amp" not in ds
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer\.params\.lr=0\.5 conflicts with the run config's value "
+                                                   r"0\.001 \(train\.lr or the method's default\)"):
+        build_deepspeed_config({"optimizer": {"params": {"lr": 0.5}}}, cfg_with(), 1, device_type="cpu")
