@@ -114,6 +114,25 @@ def test_inspect_model_counts_clip_with_cached_features(capsys, launcher):
     assert report["updated_pct_with_vision"] < report["updated_pct"]
 
 
+def test_inspect_model_prints_the_json_figures_and_elides_only_long_site_lists(capsys, launcher):
+    """The printed report: updated_pct and updated_pct_with_vision each beside its own name, as --json gives them
+    (mini/clip_bart: they differ, CLIP counted only in the second); up to 12 PEFT sites in full, more as the first
+    six, "...", the last six."""
+    inspect_model = launcher("inspect_model")
+    assert inspect_model.main(["--config", "mini/clip_bart", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["updated_pct"] != report["updated_pct_with_vision"]
+    assert inspect_model.main(["--config", "mini/clip_bart"]) == 0
+    assert (f"updated_pct {report['updated_pct']:.2f}%   updated_pct_with_vision "
+            f"{report['updated_pct_with_vision']:.2f}%") in capsys.readouterr().out
+    for n in (12, 13):
+        sites = [f"site{i}" for i in range(n)]
+        inspect_model.print_report({**report, "peft_sites": sites})
+        out = capsys.readouterr().out
+        listed = out.split(f"PEFT sites ({n}):\n")[1].split("\n\n")[0].split("\n")
+        assert [s.strip() for s in listed] == (sites if n == 12 else sites[:6] + ["..."] + sites[-6:])
+
+
 @pytest.mark.parametrize("sharing", ["multiple", "half_shared"])
 def test_hyperformer_refuses_a_sharing_it_would_ignore(sharing):
     with pytest.raises(ConfigError) as e:
