@@ -492,6 +492,53 @@ def test_a_replication_over_seeds_tabulates_each_seed_and_their_mean(tmp_path, l
     assert "holds a one-seed replication" in capsys.readouterr().err
 
 
+@needs_assets
+def test_methods_are_split_on_commas_and_naming_none_is_refused(tmp_path, launcher, capsys):
+    """--methods ignores blanks around and between its commas ("single_prompt, ," is the one row); one that names
+    no row at all is refused in one line, not taken as every row of the table."""
+    replicate = launcher("replicate")
+    args = ["--table", "1", "--out", str(tmp_path / "out"), "--steps", "3", "--no-progress", "--dry-run"]
+    assert replicate.main([*args, "--methods", "single_prompt, ,"]) == 0, capsys.readouterr().err
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["single_prompt"]
+    assert replicate.main([*args, "--methods", " , "]) == 2
+    assert capsys.readouterr().err.strip() == ("replicate: --methods ' , ' names no row; omit it for every row of "
+                                               "the table")
+
+
+@needs_assets
+def test_a_failed_row_exits_1_and_the_default_out_is_the_tables(tmp_path, launcher, capsys, monkeypatch):
+    """Without --out the rows go to runs/replicate/table<N> of the checkout; a row that failed makes the exit code 1
+    and is named with its error and log (the table is still written); a row finished earlier under the folder and
+    not run now stays in the table, and the run says so (a stand-in Runner: nothing trains)."""
+    import vlscale.replicate
+
+    replicate = launcher("replicate")
+    monkeypatch.setattr(replicate, "ROOT", tmp_path)  # the checkout whose runs/ the default --out is in
+    monkeypatch.setattr(vlscale.replicate, "ROOT", vlscale.replicate.ROOT)  # main() points it at replicate.ROOT
+    out = tmp_path / "runs" / "replicate" / "table5"
+    t5 = {r.name: r for r in TABLES[5].rows}
+    earlier, failing = list(t5)[:2]
+    _finished(out, earlier, row_overrides(t5[earlier], feature_cache=str(out / "features"), steps=3))
+
+    class FailingRunner:
+        def __init__(self, jobs, *args, **kwargs):
+            self.jobs = jobs
+
+        def run(self):
+            for job in self.jobs:
+                job.phase, job.error, job.log = "failed", "exit 1", out / "runs" / job.row.name / "train.log"
+
+    monkeypatch.setattr(vlscale.replicate, "Runner", FailingRunner)
+    monkeypatch.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
+    assert replicate.main(["--table", "5", "--methods", failing, "--steps", "3", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"replicate: failed rows: {failing} (exit 1; log "
+                                    f"{out / 'runs' / failing / 'train.log'})")
+    assert f"replicate: the table also holds ['{earlier}'], finished earlier under {out}" in captured.out
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {earlier}
+    assert (out / "table5.md").exists()
+
+
 def test_rows_run_as_their_own_jobs(monkeypatch):
     """Launcher variables of the calling process (run under torchrun, an MPI job...) do not reach a row's
     commands, which are one-process jobs each."""
