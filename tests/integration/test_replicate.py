@@ -539,6 +539,40 @@ def test_a_failed_row_exits_1_and_the_default_out_is_the_tables(tmp_path, launch
     assert (out / "table5.md").exists()
 
 
+@needs_assets
+def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_path, launcher, capsys, monkeypatch):
+    """A one-seed run's results.json lists the rows run now in its invocation; a row whose training a signal stopped
+    makes the exit code 130 and is named, with the command to resume (a stand-in Runner: nothing trains)."""
+    import vlscale.replicate
+
+    out = tmp_path / "table1"
+    done, stopped = "single_adapter", "single_prompt"
+
+    class InterruptingRunner:
+        def __init__(self, jobs, *args, **kwargs):
+            self.jobs = jobs
+
+        def run(self):
+            for job in self.jobs:
+                if job.row.name == done:
+                    _finished(out, done, job.overrides)
+                    job.phase = "done"
+                else:
+                    job.phase = "interrupted"
+
+    monkeypatch.setattr(vlscale.replicate, "Runner", InterruptingRunner)
+    replicate = launcher("replicate")
+    monkeypatch.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
+    code = replicate.main(["--table", "1", "--methods", f"{done},{stopped}", "--steps", "3", "--out", str(out),
+                           "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert f"replicate: interrupted rows: {stopped} (their trainings were stopped by a signal" in err
+    assert f"rerun the same command to resume them ({out})" in err
+    data = json.loads((out / "results.json").read_text())
+    assert data["invocations"][-1]["rows_run_now"] == [done, stopped] and set(data["methods"]) == {done}
+
+
 def test_rows_run_as_their_own_jobs(monkeypatch):
     """Launcher variables of the calling process (run under torchrun, an MPI job...) do not reach a row's
     commands, which are one-process jobs each."""
