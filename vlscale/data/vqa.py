@@ -48,9 +48,14 @@ def vqa_target(answers: list[str], label: dict[str, float] | None = None) -> str
     ("the", ".") are not counted, unless no other is left."""
     from vlscale.metrics.vqa import normalize_vqa_answer
 
+    if label:
+        top = max(label.values())
+        tied = {k: s for k, s in label.items() if s == top}
+        if len(tied) == 1:  # the answers' counts only break ties
+            return next(iter(tied))
     counts = Counter(n for n in map(normalize_vqa_answer, answers) if n) or Counter(answers)
     if label:
-        return best_answer(label, {k: counts[normalize_vqa_answer(k)] for k in label})
+        return best_answer(tied, {k: counts[normalize_vqa_answer(k)] for k in tied})
     return best_answer({a: float(c) for a, c in counts.items()})
 
 

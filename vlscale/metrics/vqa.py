@@ -25,6 +25,7 @@ lacks a few spellings this one restores, e.g. "shes", "lets"; those are not repr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from typing import Iterable
@@ -88,8 +89,10 @@ def process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_vqa_answer(answer: str) -> str:
-    """The full official normalisation of one answer string."""
+    """The full official normalisation of one answer string (cached: VQA's answers repeat, and a record's are
+    normalised by its soft label, its target and each evaluation's scorer)."""
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(answer))
 
