@@ -1179,6 +1179,8 @@ def test_planner_keeps_the_global_batch():
         assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 2 == 32, o.overrides()
     with pytest.raises(ValueError, match=r"no micro-batch in \[64\] divides the global batch 32 over 2 ranks"):
         plan(cfg, "1GiB", 2, micro_batches=[64])
+    with pytest.raises(ValueError, match=r"no micro-batch in \[0, 3\] divides"):  # not a ZeroDivisionError
+        plan(cfg, "1GiB", 2, micro_batches=iter([0, 3]))  # an iterator: the message still lists the sizes
 
 
 def test_planner_throughput_is_the_documented_compute_and_transfer_time():

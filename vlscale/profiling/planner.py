@@ -196,9 +196,10 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     if micro_batches is None:  # the divisors up to 64, and the config's own
         mbs_list = sorted({*micro_batch_sizes(per_rank, 64), cfg.train.micro_batch_size})
     else:
+        micro_batches = list(micro_batches)  # an iterator too: the message below lists what was given
         mbs_list = [m for m in micro_batches if m > 0 and per_rank % m == 0]
         if not mbs_list:
-            raise ValueError(f"no micro-batch in {list(micro_batches)} divides the global batch {global_batch} "
+            raise ValueError(f"no micro-batch in {micro_batches} divides the global batch {global_batch} "
                              f"over {world_size} ranks (train.micro_batch_size x train.gradient_accumulation_steps "
                              f"x ranks)")
     inv = parameter_inventory(cfg)
