@@ -377,6 +377,7 @@ class Predictor:
 
         transform = (image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
                      if self.encoder is not None else None)
+        texts = [t.strip() for t in texts]  # as the loaders read a record's text
         if get_task(task).modality == "video":  # one video per input, its text formatted as the data's
             visuals = [read_video(v, self.cfg.model.max_frames, model_feature_dim(self.cfg, "frames")) for v in images]
             if self.encoder is not None:  # frames encoded as the cache's were
@@ -384,7 +385,7 @@ class Predictor:
                            for v in visuals]
             visuals = [[v] for v in visuals]
             subs = [(s or "").strip() for s in subtitles or [None] * len(texts)]
-            texts = [qa_text(t.strip(), [o.strip() for o in opts], sub) if opts else sub
+            texts = [qa_text(t, [o.strip() for o in opts], sub) if opts else sub
                      for t, opts, sub in zip(texts, options or [None] * len(texts), subs)]
         else:
             visuals = [[read_image(x) for x in imgs] for imgs in images]

@@ -345,10 +345,11 @@ def test_a_features_array_of_another_width_or_an_empty_frame_sequence_is_refused
         read_video([], 4)
 
 
-def test_a_video_s_question_options_and_subtitle_are_stripped_as_the_data_s():
-    """Predictor.batch formats what a user types (spaces around the question, an option or the subtitle) as the
-    loader formats a record (qa_text of the stripped fields; a blank subtitle is none): the examples it collates hold
-    the data's text. (T5's SentencePiece would hide stray spaces; BART's byte-level BPE encodes them.)"""
+def test_a_question_options_and_subtitle_are_stripped_as_the_data_s():
+    """Predictor.batch formats what a user types (spaces around a question or statement, an option or the
+    subtitle) as the loader formats a record (stripped fields; a video's qa_text of them; a blank subtitle is none):
+    the examples it collates hold the data's text. (T5's SentencePiece would hide stray spaces; BART's byte-level
+    BPE encodes them.)"""
     import torch
 
     from vlscale.data.video import qa_text
@@ -363,6 +364,11 @@ def test_a_video_s_question_options_and_subtitle_are_stripped_as_the_data_s():
                            [" alice: look.  ", "  "]) == [qa_text("which way?", ["left", "right"], "alice: look."),
                                                           "which way? a0: left a1: right"]
     assert predictor.batch("tvc", ["", ""], [feats, feats], None, ["  alice: look. ", " "]) == ["alice: look.", ""]
+    # an image task's question too (the VQA, GQA and NLVR2 loaders strip a record's text)
+    predictor.cfg = load_config("tiny", ["data.tasks=[vqa,nlvr2]", "model.vision=tiny-clip-rn"])
+    img = np.zeros((4, 4, 3), np.uint8)
+    assert predictor.batch("vqa", ["  is it red? ", "is it red?"], [[img], [img]]) == ["is it red?"] * 2
+    assert predictor.batch("nlvr2", [" two dogs.\n"], [[img, img]]) == ["two dogs."]
 
 
 def test_an_image_given_as_a_path_object_is_read_as_its_file(tmp_path):
