@@ -624,17 +624,19 @@ def test_compacter_phm_dim_must_divide():
 
 @pytest.mark.parametrize("shared_rule,factorized", [(False, False), (True, False), (False, True)])
 def test_compacter_down_weight_starts_with_xavier_std(shared_rule, factorized):
-    """A_i ~ N(0, 1/n) and B_i (or s_i t_i^T) of Xavier variance: the generated dense W_d has Xavier's std."""
+    """A_i ~ N(0, 1/n) and B_i (or s_i t_i^T) of Xavier variance: the generated dense W_d has Xavier's std; W_u and
+    both biases start at zero (the reference's PHMLinear zeros its bias), so the site starts as the identity."""
     from vlscale.peft.compacter import CompacterAdapter, PHMRule
 
     torch.manual_seed(0)
     d, h, n = 256, 64, 4
     site = CompacterAdapter(d, h, ["shared"], ["shared"], n, shared_rule=shared_rule, factorized=factorized, rank=4)
     rule = PHMRule(n)() if shared_rule else None
-    wd, _, wu, _ = site.weights(None, rule)
+    wd, bd, wu, bu = site.weights(None, rule)
     xavier = (2.0 / (d + h)) ** 0.5
     assert abs(wd.std().item() / xavier - 1) < 0.25, (wd.std().item(), xavier)
     assert wu.abs().max() == 0
+    assert bd.shape == (h,) and bu.shape == (d,) and bd.abs().max() == 0 and bu.abs().max() == 0  # PHMLinear's zeros
     torch.manual_seed(0)
     assert abs(PHMRule(8).rule.std().item() * 8 ** 0.5 - 1) < 0.1  # the shared rule: N(0, 1/n)
 
