@@ -175,7 +175,8 @@ def test_only_a_stage0_wrappers_initial_step_is_forgotten():
 def test_the_gradient_norm_is_unscaled_only_where_deepspeed_left_it_scaled():
     from vlscale.engine.half_precision import unscaled_grad_norm
 
-    assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=torch.tensor(2048.0)), 1024.0) == 2.0
+    norm = unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=torch.tensor(2048.0)), 1024.0)
+    assert type(norm) is float and norm == 2.0  # DeepSpeed's tensor read once: train_log.jsonl holds a number
     assert unscaled_grad_norm(_Engine("FP16_Optimizer", norm=3.0), 1024.0) == 3.0  # fused: unscaled already
     assert unscaled_grad_norm(_Engine("DeepSpeedZeroOptimizer", norm=3.0), 1024.0) == 3.0
     assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=3.0), None) == 3.0  # no fp16 loss scale
@@ -197,3 +198,16 @@ def test_the_loss_scale_probe_runs_through_a_trainable_parameter_behind_frozen_o
     for multiplier in (2.0, 512.0):
         with pytest.raises(RuntimeError, match=rf"by {multiplier}, neither the loss scale 1024\.0 nor 1"):
             engine_scales_fp16_loss(_Engine(multiplier=multiplier))
+
+
+def test_the_loss_scale_probe_reads_a_scale_past_fp16s_range_on_an_fp16_model():
+    """At stage 0 the engine's model is fp16 and DeepSpeed's initial loss scale is 2^16, past fp16's largest value
+    (65,504): the probe computes in fp32, so an engine that multiplies the loss by 2^16 is told from one that does not
+    (an fp16 probe's gradient is inf there, and the probe refused the engine)."""
+    from vlscale.engine.half_precision import engine_scales_fp16_loss
+
+    for scales in (True, False):
+        engine = _Engine(loss_scale=65536.0, multiplier=65536.0 if scales else 1.0,
+                         module=torch.nn.Linear(3, 2).half())
+        assert engine_scales_fp16_loss(engine) is scales
+        assert all(p.grad is None for p in engine.module.parameters())
