@@ -146,7 +146,7 @@ def test_auto_dispatch_on_cpu_uses_torch_path_and_logs_reason(caplog, monkeypatc
         fused_adapter(*args)
         fused_adapter(*args)
     msgs = [r.getMessage() for r in caplog.records if "fused_adapter" in r.getMessage()]
-    assert len(msgs) == 1 and "PyTorch recompute path" in msgs[0]
+    assert msgs == [f"fused_adapter: using the PyTorch recompute path ({reason})"]  # once, with the reason
 
 
 def test_auto_dispatch_follows_the_kernels_triton_built_not_the_variable_now(monkeypatch):
@@ -214,6 +214,12 @@ def test_input_validation_names_the_argument():
         fused_adapter(x, wd, bd, wu.T, bu)
     with pytest.raises(ValueError, match="b_down has shape"):
         fused_adapter(x, wd, bu, wu, bu)
+    # a b_up of hidden's size, or of one element, which F.linear would broadcast over d_model without a word
+    for b_up in (bd, bu[:1]):
+        with pytest.raises(ValueError, match=rf"b_up has shape \({len(b_up)},\), expected \(16,\)"):
+            fused_adapter(x, wd, bd, wu, b_up)
+    with pytest.raises(ValueError, match="activation='relu'"):  # the helper peft's adapters call directly
+        ka.activate(x, "relu")
     with pytest.raises(ValueError, match="w_up has dtype"):
         fused_adapter(x, wd, bd, wu.double(), bu)
     # the biases' dtype and every tensor's device are checked too (F.linear's own errors name no argument)
@@ -235,6 +241,25 @@ def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
         assert len(r["errs"]) == (6 if r["case"][4] else 4)
         for err, scale in zip(r["errs"], r["scale"]):
             assert err <= 1e-5 * max(1.0, scale), r
+
+
+def test_triton_backward_runs_the_kernels_its_config_names(triton_interpreter):
+    """The values above match whichever way the gradients are computed: each case's first-order backward also
+    runs the kernels (not the differentiable PyTorch backward), and the ones its KernelConfig names: the dz kernel
+    and the dx kernel with cuBLAS weight gradients by default, the fused backward kernel with bwd_fused=True (dW_d
+    in it too unless bwd_fuse_dwd=False)."""
+    forward = ["down_fwd", "up_fwd"]
+    expected = {"default": ["down_bwd", "up_dx"], "small_unfused": ["down_bwd", "up_dx"],
+                "small_fused": ["down_bwd", "up_bwd_dwd"], "small_cublas_dwd": ["down_bwd", "up_bwd"]}
+    results = triton_interpreter["kernels"]
+    assert {r["case"][5] for r in results} == set(expected)
+    for r in results:
+        assert r["launches"] == sorted(forward + expected[r["case"][5]]), r["case"]
+
+
+def test_triton_dispatch_logs_its_reason_once_under_interpreter(triton_interpreter):
+    # the 32 fused_adapter calls above, the process's first: one line, saying where the kernels run
+    assert triton_interpreter["kernel_log"] == ["fused_adapter: using Triton kernels on the Triton interpreter"]
 
 
 # ------------------------------------------------------------------------------- CUDA

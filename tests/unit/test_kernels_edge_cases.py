@@ -63,13 +63,14 @@ def test_double_backward_with_only_some_inputs_requiring_grad():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
 
 
-def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch):
+def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch, caplog):
     monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
+    ka._LOGGED.clear()
     args = _args(torch.float32, scale_x=100.0)  # a large residual: rounding it to bf16 would show
     outs, grads = [], []
     for fn in (adapter_reference, fused_adapter, _torch_path):
         leaves = [t.clone().requires_grad_(True) for t in args]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level("INFO", logger=ka.__name__):
             out = fn(*leaves)
         out.pow(2).sum().backward()  # outside autocast, as torch.autocast's docs advise
         outs.append(out)
@@ -79,6 +80,9 @@ def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
         for a, b in zip(g, grads[0]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the two fused calls said why they ran the reference graph, once
+    assert [r.getMessage() for r in caplog.records if "fused_adapter" in r.getMessage()] == [
+        "fused_adapter: using the reference graph, torch.autocast is on (torch.bfloat16, x is torch.float32)"]
     # autocast to x's own dtype changes nothing: the recompute path runs
     x = args[0].bfloat16().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -88,9 +92,9 @@ def test_autocast_gives_the_reference_result_and_backward_outside_it(monkeypatch
 
 # ------------------------------------------------------------------------------- torch.func
 def func_transforms(fn, activation="gelu", dtype=torch.float64):
-    """Results of torch.func transforms over ``fn``: grad (every argument), vmap over x and over a stack
-    of weight sets, per-sample gradients (vmap of grad), jacrev, and grad of grad. Also run by
-    triton_interpreter_checks.py on the Triton path."""
+    """Results of torch.func transforms over ``fn``: grad (every argument), vmap over x, over a stack
+    of down-projections and over a stack of up-projection biases, per-sample gradients (vmap of grad),
+    jacrev, and grad of grad. Also run by triton_interpreter_checks.py on the Triton path."""
     from torch.func import grad, jacrev, vmap
 
     x, wd, bd, wu, bu = _args(dtype, tokens=6, d_model=12, hidden=4)
@@ -101,12 +105,13 @@ def func_transforms(fn, activation="gelu", dtype=torch.float64):
     def loss(*a):
         return f(*a).pow(2).sum()
 
-    wds = torch.stack([wd, 2 * wd, -wd])
+    wds, bus = torch.stack([wd, 2 * wd, -wd]), torch.stack([bu, 2 * bu, -bu])
     return {
         "grad": grad(loss, argnums=(0, 1, 2, 3, 4))(x, wd, bd, wu, bu),
         "vmap_x": vmap(lambda xi: f(xi, wd, bd, wu, bu))(x.reshape(2, 3, 12)),
         "vmap_x_dim1": vmap(lambda xi: f(xi, wd, bd, wu, bu), in_dims=1)(x.reshape(3, 2, 12)),
         "vmap_w": vmap(lambda w: f(x, w, bd, wu, bu))(wds),
+        "vmap_b_up": vmap(lambda b: f(x, wd, bd, wu, b))(bus),
         "per_sample": vmap(grad(lambda w, xi: loss(xi, w, bd, wu, bu)), in_dims=(None, 0))(wd, x),
         "jacrev": jacrev(lambda xi: f(xi, wd, bd, wu, bu))(x[:2]),
         "grad_grad": grad(lambda xi: grad(loss)(xi, wd, bd, wu, bu).pow(2).sum())(x),
@@ -200,7 +205,7 @@ def test_triton_function_under_torch_func(triton_interpreter):
     Triton Function match the fp64 reference; a vmapped call's graph holds the Triton Function's node."""
     cases = triton_interpreter["torch_func"]
     assert "_TritonAdapterFnBackward" in cases.pop("vmap_graph")
-    assert len(cases) == 7
+    assert len(cases) == 8
     for name, case in cases.items():
         for err, scale in zip(case["errs"], case["scale"]):
             assert err <= 1e-5 * max(1.0, scale), (name, case)

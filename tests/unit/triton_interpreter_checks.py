@@ -5,6 +5,7 @@
 results as one JSON line; test_kernels.py and test_fused_model.py assert on them.
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,8 +15,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+@contextlib.contextmanager
+def recorded_launches():
+    """Yields a list to which every kernel launch of vlscale.kernels.adapter appends its name, in order:
+    ``down_fwd``, ``up_fwd`` (forward), ``down_bwd`` (dz), ``up_dx`` (dx, unfused backward), ``up_bwd`` /
+    ``up_bwd_dwd`` (the fused backward kernel, the latter also computing dW_d)."""
+    from vlscale.kernels import adapter as ka
+
+    launches = []
+
+    def recorded(launch, name):
+        def run(*args):
+            out = launch(*args)
+            launches.append(name(args, out))
+            return out
+        return run
+
+    originals = ka._launch_down, ka._launch_up, ka._launch_up_bwd
+    ka._launch_down = recorded(ka._launch_down, lambda a, out: "down_bwd" if a[5] else "down_fwd")
+    ka._launch_up = recorded(ka._launch_up, lambda a, out: "up_dx" if a[4] else "up_fwd")
+    ka._launch_up_bwd = recorded(ka._launch_up_bwd, lambda a, out: "up_bwd" if out[3] is None else "up_bwd_dwd")
+    try:
+        yield launches
+    finally:
+        ka._launch_down, ka._launch_up, ka._launch_up_bwd = originals
+
+
 def kernel_cases() -> list[dict]:
-    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs."""
+    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs, and the
+    kernel launches of each case's forward and backward (``launches``, sorted; :func:`recorded_launches`)."""
+    with recorded_launches() as launches:
+        return _kernel_cases(launches)
+
+
+def _kernel_cases(launches: list) -> list[dict]:
     from vlscale.kernels.adapter import (
         KernelConfig,
         adapter_reference,
@@ -47,6 +80,7 @@ def kernel_cases() -> list[dict]:
                     present64 = [t for t in args64 if t is not None]
                     gref = torch.autograd.grad(ref, present64, dh)
                     args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
+                    launches.clear()
                     out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
                     present32 = [t for t in args32 if t is not None]
                     g = torch.autograd.grad(out, present32, dh.float())
@@ -54,7 +88,8 @@ def kernel_cases() -> list[dict]:
                     errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
                     scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
                     results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
-                                    "dtype": str(out.dtype), "errs": errs, "scale": scale})
+                                    "dtype": str(out.dtype), "errs": errs, "scale": scale,
+                                    "launches": sorted(launches)})
     return results
 
 
@@ -159,6 +194,25 @@ def torch_func_cases() -> dict:
     return out
 
 
+def logged(fn):
+    """fn()'s result and the messages vlscale.kernels.adapter logged (INFO and up) while it ran."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("vlscale.kernels.adapter")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        return fn(), [r.getMessage() for r in records]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 if __name__ == "__main__":
-    print(json.dumps({"kernels": kernel_cases(), "fused_model": fused_model_check(), "edge": edge_cases(),
-                      "torch_func": torch_func_cases()}))
+    kernels, kernel_log = logged(kernel_cases)  # the process's first fused_adapter calls
+    print(json.dumps({"kernels": kernels, "kernel_log": kernel_log, "fused_model": fused_model_check(),
+                      "edge": edge_cases(), "torch_func": torch_func_cases()}))
