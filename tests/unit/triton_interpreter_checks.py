@@ -6,6 +6,7 @@ results as one JSON line; test_kernels.py and test_fused_model.py assert on them
 """
 
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -150,19 +151,25 @@ def edge_cases() -> dict:
             out["autocast_triton"] = "ran"
         except RuntimeError as e:
             out["autocast_triton"] = str(e)
-    # a transposed x (the kernels read rows of a contiguous copy) and no tokens at all: values and gradients
-    xs = {"transposed": x.T.contiguous().T, "empty": x[:0]}
-    for name, xx in xs.items():
-        leaves = [t.to(torch.float32).requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
-        h = fused_adapter(*leaves, backend="triton", config=cfg)
-        got = [h] + list(torch.autograd.grad(h, leaves, dh[:len(xx)].float()))
-        leaves = [t.detach().requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
-        h = adapter_reference(*leaves)
-        ref = [h] + list(torch.autograd.grad(h, leaves, dh[:len(xx)]))
-        out[f"{name}_x"] = {"shapes": [list(a.shape) == list(b.shape) for a, b in zip(got, ref)],
-                            "errs": [(a.double() - b).abs().max().item() if b.numel() else 0.0
-                                     for a, b in zip(got, ref)],
-                            "scale": [b.abs().max().item() if b.numel() else 0.0 for b in ref]}
+    # a transposed x (the kernels read rows of a contiguous copy) and no tokens at all, also (transposed) under the
+    # fused backward kernel, which reads x again; and the upstream gradient of h.sum(), an expanded tensor (every
+    # stride 0) that the backward kernels read as rows: values and gradients
+    fused = dataclasses.replace(cfg, bwd_fused=True, bwd_block_m=16, bwd_block_n=16, bwd_programs=8, bwd_stages=1)
+    xt = x.T.contiguous().T
+    cases = {"transposed_x": (xt, cfg, False), "empty_x": (x[:0], cfg, False),
+             "transposed_x_fused_bwd": (xt, fused, False), "summed_h": (x, cfg, True),
+             "summed_h_fused_bwd": (x, fused, True)}
+    for name, (xx, c, summed) in cases.items():
+        def run(fn, dtype, **kw):
+            leaves = [t.detach().to(dtype).requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
+            h = fn(*leaves, **kw)
+            return [h] + list(torch.autograd.grad(h.sum() if summed else h, leaves,
+                                                  None if summed else dh[:len(xx)].to(dtype)))
+
+        got, ref = run(fused_adapter, torch.float32, backend="triton", config=c), run(adapter_reference, torch.float64)
+        out[name] = {"shapes": [list(a.shape) == list(b.shape) for a, b in zip(got, ref)],
+                     "errs": [(a.double() - b).abs().max().item() if b.numel() else 0.0 for a, b in zip(got, ref)],
+                     "scale": [b.abs().max().item() if b.numel() else 0.0 for b in ref]}
     # bytes saved for backward beyond the inputs with a transposed x: z only, no contiguous copy of x
     from vlscale.profiling.measure import saved_bytes
 
