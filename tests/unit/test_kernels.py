@@ -247,7 +247,7 @@ def test_triton_backward_runs_the_kernels_its_config_names(triton_interpreter):
     """The values above match whichever way the gradients are computed: each case's first-order backward also
     runs the kernels (not the differentiable PyTorch backward), and the ones its KernelConfig names: the dz kernel
     and the dx kernel with cuBLAS weight gradients by default, the fused backward kernel with bwd_fused=True (dW_d
-    in it too unless bwd_fuse_dwd=False)."""
+    in it too unless bwd_fuse_dwd=False), each with the case's tiles."""
     forward = ["down_fwd", "up_fwd"]
     expected = {"default": ["down_bwd", "up_dx"], "small_unfused": ["down_bwd", "up_dx"],
                 "small_fused": ["down_bwd", "up_bwd_dwd"], "small_cublas_dwd": ["down_bwd", "up_bwd"]}
@@ -255,6 +255,7 @@ def test_triton_backward_runs_the_kernels_its_config_names(triton_interpreter):
     assert {r["case"][5] for r in results} == set(expected)
     for r in results:
         assert r["launches"] == sorted(forward + expected[r["case"][5]]), r["case"]
+        assert r["tiles_as_configured"], r["case"]  # the small tiles' multi-block grids ran as configured
 
 
 def test_triton_dispatch_logs_its_reason_once_under_interpreter(triton_interpreter):

@@ -177,6 +177,11 @@ def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpre
         assert err <= 1e-5 * max(1.0, scale), case
     # the interpreter has no bfloat16 arithmetic (its results are garbage): the PyTorch path runs bf16
     assert edge["bf16_path"] == "torch"
+    # fp16 it computes: the kernels run it, within twice the fp16 reference's error (test_triton_cuda_two_x_rule)
+    fp16 = edge["fp16"]
+    assert fp16["path"] == "triton" and fp16["dtypes"] == ["torch.float16"] * 6, fp16
+    for name, err, ref_err in zip(["h", "dx", "dw_down", "db_down", "dw_up", "db_up"], fp16["errs"], fp16["ref_errs"]):
+        assert err <= 2 * ref_err + 1e-6, (name, fp16)
     # a strided (transposed) x is saved as given, not as a contiguous d_model-wide copy: z only
     saved = edge["saved_noncontiguous"]
     assert saved["activations"] == saved["z_bytes"], saved

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 @contextlib.contextmanager
 def recorded_launches():
-    """Yields a list to which every kernel launch of vlscale.kernels.adapter appends its name, in order:
-    ``down_fwd``, ``up_fwd`` (forward), ``down_bwd`` (dz), ``up_dx`` (dx, unfused backward), ``up_bwd`` /
-    ``up_bwd_dwd`` (the fused backward kernel, the latter also computing dW_d)."""
+    """Yields a list to which every kernel launch of vlscale.kernels.adapter appends (name, its KernelConfig), in
+    order; the names: ``down_fwd``, ``up_fwd`` (forward), ``down_bwd`` (dz), ``up_dx`` (dx, unfused backward),
+    ``up_bwd`` / ``up_bwd_dwd`` (the fused backward kernel, the latter also computing dW_d)."""
     from vlscale.kernels import adapter as ka
 
     launches = []
@@ -28,7 +28,7 @@ def recorded_launches():
     def recorded(launch, name):
         def run(*args):
             out = launch(*args)
-            launches.append(name(args, out))
+            launches.append((name(args, out), args[-1]))  # every launcher takes its KernelConfig last
             return out
         return run
 
@@ -43,8 +43,9 @@ def recorded_launches():
 
 
 def kernel_cases() -> list[dict]:
-    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs, and the
-    kernel launches of each case's forward and backward (``launches``, sorted; :func:`recorded_launches`)."""
+    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs, the kernel
+    launches of each case's forward and backward (``launches``, sorted; :func:`recorded_launches`) and whether
+    every launch had the case's tiles (its config, or ``default_config`` for none)."""
     with recorded_launches() as launches:
         return _kernel_cases(launches)
 
@@ -53,6 +54,7 @@ def _kernel_cases(launches: list) -> list[dict]:
     from vlscale.kernels.adapter import (
         KernelConfig,
         adapter_reference,
+        default_config,
         fused_adapter,
         select_backend,
     )
@@ -90,7 +92,10 @@ def _kernel_cases(launches: list) -> list[dict]:
                     scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
                     results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
                                     "dtype": str(out.dtype), "errs": errs, "scale": scale,
-                                    "launches": sorted(launches)})
+                                    "launches": sorted(name for name, _ in launches),
+                                    "tiles_as_configured": all(
+                                        c == (cfg or default_config(d_model, hidden, torch.float32))
+                                        for _, c in launches)})
     return results
 
 
@@ -110,7 +115,7 @@ def fused_model_check() -> dict:
 
 
 def edge_cases() -> dict:
-    """Strided biases, double backward and the dispatch of bf16 on the Triton path (fp32 errors
+    """Strided biases, double backward, bf16's dispatch and fp16 on the Triton path (fp32 errors
     against the reference in fp64; test_kernels_edge_cases.py asserts on them)."""
     from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter, select_backend
 
@@ -142,6 +147,19 @@ def edge_cases() -> dict:
         "errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
         "scale": [b.abs().max().item() for b in ref]}
     out["bf16_path"] = select_backend(torch.zeros(1, dtype=torch.bfloat16))[0]
+    # fp16, which the interpreter does compute: the path taken, and the errors of it and of the fp16 reference
+    # against the fp64 reference (h and the 5 gradients)
+    def first_order(fn, dtype, **kw):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, wd, bd_all[::2], wu, bu_all[::2])]
+        h = fn(*leaves, **kw)
+        return [h] + list(torch.autograd.grad(h, leaves, dh.to(dtype)))
+
+    exact = first_order(adapter_reference, torch.float64)
+    got16, ref16 = first_order(fused_adapter, torch.float16, config=cfg), first_order(adapter_reference, torch.float16)
+    out["fp16"] = {"path": select_backend(torch.zeros(1, dtype=torch.float16))[0],
+                   "dtypes": [str(t.dtype) for t in got16],
+                   "errs": [(a.double() - b).abs().max().item() for a, b in zip(got16, exact)],
+                   "ref_errs": [(a.double() - b).abs().max().item() for a, b in zip(ref16, exact)]}
     # what the kernels never take, though the interpreter runs them: fp64 inputs, an autocast region
     out["fp64_dispatch"] = list(select_backend(torch.zeros(1, dtype=torch.float64)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
