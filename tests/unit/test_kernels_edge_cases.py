@@ -190,15 +190,17 @@ def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpre
 def test_triton_dispatch_refusals_and_unusual_x_under_interpreter(triton_interpreter):
     """Under the interpreter (where the kernels would run on CPU tensors) fp64 and an autocast region still go to
     the PyTorch path, with the reason, and backend='triton' is refused under autocast; a transposed x (under the
-    default and the fused backward kernels), an x of no tokens and the expanded upstream gradient of h.sum() (every
-    stride 0; the backward kernels read dh as rows) give the reference's values and gradients."""
+    default and the fused backward kernels), an x of no tokens, the expanded upstream gradient of h.sum() (every
+    stride 0; the backward kernels read dh as rows) and transposed weights (Compacter's w.t(), under both backward
+    kernels) give the reference's values and gradients."""
     edge = triton_interpreter["edge"]
     path, reason = edge["fp64_dispatch"]
     assert path == "torch" and "dtype torch.float64 is not supported" in reason
     path, reason = edge["autocast_dispatch"]
     assert path == "torch" and "torch.autocast is on for cpu (torch.bfloat16" in reason
     assert "backend='triton' requested but torch.autocast is on" in edge["autocast_triton"]
-    for name in ("transposed_x", "empty_x", "transposed_x_fused_bwd", "summed_h", "summed_h_fused_bwd"):
+    for name in ("transposed_x", "empty_x", "transposed_x_fused_bwd", "summed_h", "summed_h_fused_bwd",
+                 "transposed_weights", "transposed_weights_fused_bwd"):
         case = edge[name]
         assert len(case["errs"]) == 6 and all(case["shapes"]), (name, case)
         for err, scale in zip(case["errs"], case["scale"]):

@@ -170,16 +170,18 @@ def edge_cases() -> dict:
         except RuntimeError as e:
             out["autocast_triton"] = str(e)
     # a transposed x (the kernels read rows of a contiguous copy) and no tokens at all, also (transposed) under the
-    # fused backward kernel, which reads x again; and the upstream gradient of h.sum(), an expanded tensor (every
-    # stride 0) that the backward kernels read as rows: values and gradients
+    # fused backward kernel, which reads x again; the upstream gradient of h.sum(), an expanded tensor (every
+    # stride 0) that the backward kernels read as rows; and transposed weights (Compacter's w.t(); the fused
+    # backward kernel reads W_d as rows): values and gradients
     fused = dataclasses.replace(cfg, bwd_fused=True, bwd_block_m=16, bwd_block_n=16, bwd_programs=8, bwd_stages=1)
-    xt = x.T.contiguous().T
-    cases = {"transposed_x": (xt, cfg, False), "empty_x": (x[:0], cfg, False),
-             "transposed_x_fused_bwd": (xt, fused, False), "summed_h": (x, cfg, True),
-             "summed_h_fused_bwd": (x, fused, True)}
-    for name, (xx, c, summed) in cases.items():
+    xt, wdt, wut = (t.T.contiguous().T for t in (x, wd, wu))
+    cases = {"transposed_x": (xt, wd, wu, cfg, False), "empty_x": (x[:0], wd, wu, cfg, False),
+             "transposed_x_fused_bwd": (xt, wd, wu, fused, False), "summed_h": (x, wd, wu, cfg, True),
+             "summed_h_fused_bwd": (x, wd, wu, fused, True), "transposed_weights": (x, wdt, wut, cfg, False),
+             "transposed_weights_fused_bwd": (x, wdt, wut, fused, False)}
+    for name, (xx, w1, w2, c, summed) in cases.items():
         def run(fn, dtype, **kw):
-            leaves = [t.detach().to(dtype).requires_grad_(True) for t in (xx, wd, bd_all[::2], wu, bu_all[::2])]
+            leaves = [t.detach().to(dtype).requires_grad_(True) for t in (xx, w1, bd_all[::2], w2, bu_all[::2])]
             h = fn(*leaves, **kw)
             return [h] + list(torch.autograd.grad(h.sum() if summed else h, leaves,
                                                   None if summed else dh[:len(xx)].to(dtype)))
