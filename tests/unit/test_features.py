@@ -251,6 +251,38 @@ def test_missing_ids_of_a_source_without_a_bulk_check_are_the_ids_it_lacks_once_
     assert missing_ids(SyntheticImages({"x": 1, "y": 2}), ["n", "x", "n", "m", "y"]) == ["n", "m"]
 
 
+def test_a_missing_image_file_is_file_not_found_naming_it_and_a_file_is_no_frame_folder(tmp_path):
+    """load_image (predict.py's image paths, a video's frames) of a file that is not there raises DataFileNotFound,
+    a FileNotFoundError, naming the file (it became "cannot read image"); a plain file where a video's frame folder
+    belongs holds no frames (``has_frames`` is False, not NotADirectoryError)."""
+    import re
+
+    from PIL import Image
+
+    from vlscale.data.real import DataFileNotFound
+    from vlscale.data.visual import has_frames, load_image
+
+    gone = tmp_path / "gone.png"
+    with pytest.raises(DataFileNotFound, match=rf"^image 'g': file {re.escape(str(gone))} does not exist$"):
+        load_image(gone, "image 'g'")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "lone.png")
+    assert not has_frames(tmp_path / "lone.png") and not has_frames(tmp_path / "nowhere")
+    assert "lone" not in ImageFolder(tmp_path, "{id}.png", video=True)
+
+
+def test_the_start_up_check_and_the_reads_agree_on_a_file_added_after_a_lookup(tmp_path):
+    """``missing`` (the start-up check) lists the folder afresh and the ``{id}.jpg`` lookup of an upper-case
+    ``.JPG`` then uses that listing: an image it found is read, not refused at its batch from a listing made
+    before the file was there."""
+    from PIL import Image
+
+    folder = ImageFolder(tmp_path)
+    assert "late" not in folder  # lists the folder: no late.JPG yet
+    Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(tmp_path / "late.JPG", format="JPEG")
+    assert folder.missing(["late"]) == []
+    assert folder["late"].shape == (4, 4, 3)
+
+
 # ----------------------------------------------------------------------------- feature cache
 
 @pytest.fixture(scope="module")
