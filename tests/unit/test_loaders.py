@@ -1150,6 +1150,69 @@ def test_video_feature_folder_reads_value_npz_files(tmp_path):
         VideoFeatureFolder(tmp_path, expect_dim=512).missing(["clip_a"])
 
 
+def test_video_inputs_without_subtitles_end_at_the_options_and_text_fields_are_stripped(tmp_path):
+    """A question whose video has no subtitle lines reads "<q> a0: .. a1: .." with no empty "subtitle:" part (the
+    synthetic world's format); subtitle lines are read without surrounding blanks; an answer_idx " 1 " names
+    option 1; a description of blanks alone is refused naming its item (it trained on an empty target)."""
+    from vlscale.data.video import Subtitles, load_subtitles, load_video_captions, load_video_qa
+
+    path = _jsonl(tmp_path / "a.jsonl", [{"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "vid_name": "v",
+                                          "answer_idx": " 1 "}])
+    (e,) = load_video_qa("tvqa", path, Subtitles())
+    assert (e.text, e.target, e.extra["subtitle"]) == ("Q? a0: x a1: y", "a1", "")
+    subs = load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
+        {"text": "  Hi.\n", "start": 0, "end": 1}, {"text": " Bye. ", "start": 2, "end": 3}]}]))
+    assert subs["v"] == [(0.0, 1.0, "Hi."), (2.0, 3.0, "Bye.")]
+    (e,) = load_video_qa("tvqa", path, subs)
+    assert e.text == "Q? a0: x a1: y subtitle: Hi. Bye."
+    blank = _jsonl(tmp_path / "c.jsonl", [{"clip_id": 3, "vid_name": "v", "descs": [{"desc": "a"}, {"desc": "  "}]}])
+    with pytest.raises(RecordError, match=r"c\.jsonl: line 1 .*key 'descs' item 1 needs a non-empty string 'desc'"):
+        load_video_captions("tvc", blank, "train", Subtitles())
+
+
+def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_and_a_missing_folder_is_named(
+        tmp_path):
+    """A 3-d (L, 1, D) or 1-d features array is refused naming the file, video and shape (it was read as a video);
+    a .safetensors file of several tensors gives the one named 'features', not the first, and one of several
+    others is refused naming them; a features folder that is not there is named."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from vlscale.data.video import VideoFeatureFolder
+
+    np.save(tmp_path / "cube.npy", np.ones((3, 1, 8), np.float32))
+    np.save(tmp_path / "flat.npy", np.ones(8, np.float32))
+    feats = torch.arange(24.0).reshape(4, 6)
+    save_file({"a_mask": torch.ones(4, 6), "features": feats}, str(tmp_path / "multi.safetensors"))
+    save_file({"a": torch.ones(2, 6), "b": torch.ones(2, 6)}, str(tmp_path / "two.safetensors"))
+    folder = VideoFeatureFolder(tmp_path)
+    for vid, shape in (("cube", r"\(3, 1, 8\)"), ("flat", r"\(8,\)")):
+        with pytest.raises(DataError, match=rf"{vid}\.npy \(video '{vid}'\): frame features must be a non-empty "
+                                            rf"L x D matrix, got shape {shape}"):
+            folder[vid]
+    assert torch.equal(folder["multi"], feats)
+    with pytest.raises(DataError, match=r"two\.safetensors: holds tensors \['a', 'b'\]; expected one named 'features'"):
+        folder["two"]
+    with pytest.raises(DataError, match=rf"^video features folder {re.escape(str(tmp_path / 'nope'))} does not exist"):
+        VideoFeatureFolder(tmp_path / "nope")
+
+
+def test_frame_features_of_another_width_stop_the_train_loader_at_start_up():
+    """The start-up check asks a VideoFeatureFolder in bulk (``missing``), which also reads the first video's header:
+    features of another CLIP than model.vision (the fixtures' are 512-d; tiny-clip-rn embeds frames in 64-d) stop
+    the run when the loader is built, naming the file and both widths, not at the video's first batch."""
+    from vlscale.data import build_train_loader, check_visual_ids
+
+    cfg = make_cfg(tasks=["tvqa"])
+    ex = load_real_examples(cfg, "tvqa", "train")
+    with pytest.raises(DataError, match=r"\.(npy|npz|safetensors) \(video '.+'\): frame features are 512-d, but the run's model\.vision "
+                                        r"embeds frames in 64-d"):
+        check_visual_ids(cfg, "tvqa", "train", ex, real_visual_source(cfg, "tvqa", "train"))
+    with pytest.raises(DataError, match=r"frame features are 512-d, but .* 64-d"):
+        build_train_loader(cfg, tokenizer=None)
+
+
 def test_features_holding_nan_are_named_when_fetched(tmp_path):
     from vlscale.data.collate import fetch_visuals
     from vlscale.data.tasks import Example
