@@ -434,6 +434,20 @@ def test_the_special_ids_are_checked_against_the_backbone_folders_config_and_a_f
         build_tokenizer(load_config("tiny", [f"model.tokenizer={tmp_path / 'empty'}"]))
 
 
+def test_visual_sentinels_are_special_tokens_down_to_one():
+    """model.extra_special_tokens=N adds <vis_extra_id_{N-1}> ... <vis_extra_id_0>, each one token and special: a
+    prediction decoded with skip_special_tokens drops them as it drops eos; N=1 adds its one sentinel too."""
+    from vlscale.data.tokenizer import build_tokenizer
+
+    base = len(build_tokenizer(load_config("tiny")))
+    one = build_tokenizer(load_config("tiny", ["model.extra_special_tokens=1"]))
+    assert len(one) == base + 1 and one.convert_tokens_to_ids("<vis_extra_id_0>") == base
+    two = build_tokenizer(load_config("tiny", ["model.extra_special_tokens=2"]))
+    ids = two("red <vis_extra_id_1> blue <vis_extra_id_0>")["input_ids"]
+    assert ids.count(base) == 1 and ids.count(base + 1) == 1
+    assert two.decode(ids, skip_special_tokens=True) == "red blue"
+
+
 # ----------------------------------------------------------------------------- what the pixels show
 
 def _centroid(img, color):
