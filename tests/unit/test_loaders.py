@@ -1213,6 +1213,21 @@ def test_frame_features_of_another_width_stop_the_train_loader_at_start_up():
         build_train_loader(cfg, tokenizer=None)
 
 
+def test_an_npz_name_on_a_plain_npy_file_is_a_data_error_naming_it(tmp_path):
+    """A ``.npz`` file that holds a plain .npy array (np.load gives an ndarray, no archive) is refused naming the file
+    and video, when read and at the start-up check; it was a TypeError traceback ("'numpy.ndarray' object does not
+    support the context manager protocol") that named neither."""
+    from vlscale.data.video import VideoFeatureFolder
+
+    np.save(tmp_path / "plain.npy", np.ones((3, 8), np.float32))
+    (tmp_path / "plain.npy").rename(tmp_path / "fake.npz")
+    folder = VideoFeatureFolder(tmp_path)
+    for check in (lambda: folder["fake"], lambda: folder.missing(["fake"])):
+        with pytest.raises(DataError, match=r"fake\.npz \(video 'fake'\): cannot read frame features \(ValueError: "
+                                            r"not a \.npz archive\)"):
+            check()
+
+
 def test_features_holding_nan_are_named_when_fetched(tmp_path):
     from vlscale.data.collate import fetch_visuals
     from vlscale.data.tasks import Example

@@ -255,9 +255,10 @@ def _load_npz(path):
     """The frame features array of a ``.npz`` file (VALUE's / VL-Adapter's ``np.load(path)["features"]``)."""
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as z:
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("not a .npz archive")
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy's array: no context manager to open
+        raise ValueError("not a .npz archive")
+    with z:
         return z[_features_key(path, list(z.files))]
 
 
