@@ -5,6 +5,7 @@ file, record and key; skip mode that counts)."""
 import io
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -1211,6 +1212,40 @@ def test_frame_features_of_another_width_stop_the_train_loader_at_start_up():
         check_visual_ids(cfg, "tvqa", "train", ex, real_visual_source(cfg, "tvqa", "train"))
     with pytest.raises(DataError, match=r"frame features are 512-d, but .* 64-d"):
         build_train_loader(cfg, tokenizer=None)
+
+
+def test_subtitles_skip_mode_counts_bad_records_and_no_subtitles_file_is_no_report(tmp_path, caplog):
+    """With data.skip_bad_records=true a malformed subtitles record is skipped and counted in one warning naming
+    the file (not dropped silently); examples read without any subtitles file are not reported as lacking
+    subtitles (there is no file to name)."""
+    from vlscale.data.tasks import Example
+    from vlscale.data.video import Subtitles, load_subtitles, report_uncovered
+
+    path = _jsonl(tmp_path / "subs_skip.jsonl", [{"vid_name": "v", "sub": [{"text": "Hi.", "start": 0, "end": 1}]},
+                                                 {"vid_name": "w", "sub": [{"text": 5}]}])
+    with caplog.at_level(logging.WARNING):
+        subs = load_subtitles(path, skip_bad_records=True)
+    assert list(subs) == ["v"]
+    assert re.search(r"subs_skip\.jsonl: skipped 1 malformed record\(s\) \(data\.skip_bad_records=true\); first: "
+                     r".*line 2 \(id 'w'\): key 'sub' item 0 needs", caplog.text)
+    caplog.clear()
+    ex = [Example(task="tvqa", uid="1", text="", target="a0", image_ids=["v"])]
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
+        report_uncovered("tvqa", "no_subs_file.jsonl", ex, Subtitles())
+    assert "has no subtitles for" not in caplog.text
+
+
+def test_complex_frame_features_in_a_safetensors_file_are_refused_naming_them(tmp_path):
+    """Complex frame features in a .safetensors file are refused as in a .npy (``float()`` dropped the imaginary
+    part, with a warning at most)."""
+    from safetensors.torch import save_file
+
+    from vlscale.data.video import VideoFeatureFolder
+
+    save_file({"features": torch.ones(3, 8, dtype=torch.complex64)}, str(tmp_path / "st_cplx.safetensors"))
+    with pytest.raises(DataError, match=r"st_cplx\.safetensors \(video 'st_cplx'\): frame features have dtype "
+                                        r"torch\.complex64, expected real numbers"):
+        VideoFeatureFolder(tmp_path)["st_cplx"]
 
 
 def test_an_npz_name_on_a_plain_npy_file_is_a_data_error_naming_it(tmp_path):
