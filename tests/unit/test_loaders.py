@@ -1287,6 +1287,11 @@ def test_empty_training_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"task 'gqa' has no training examples in split 'train' \(data\.source=real, "
                                         r"read from .*gqa/train\.json\): the file holds none"):
         build_train_loader(make_cfg(root, tasks=["gqa"]), tokenizer=None)
+    # every record malformed and skipped: the error says so (not "the file holds none")
+    (root / "gqa" / "train.json").write_text(json.dumps([{"bogus": 1}, {"bogus": 2}]))
+    with pytest.raises(DataError, match=r"task 'gqa' has no training examples in split 'train' \(data\.source=real, "
+                                        r"read from .*gqa/train\.json\): 2 malformed record\(s\) skipped, none left"):
+        build_train_loader(make_cfg(root, tasks=["gqa"], skip_bad_records=True), tokenizer=None)
 
 
 # ----------------------------------------------------------------------------- HF datasets: bad input
