@@ -1438,3 +1438,243 @@ def test_a_resume_told_to_stop_at_a_step_already_done_is_refused_by_the_launcher
     assert capsys.readouterr().err == (
         "vlscale: rank 0: --stop-after-steps 2: the checkpoint resumed is at step 2 already (the run would train on "
         "to train.max_steps=4); give a later step, K > 2\n")
+
+
+# ----------------------------------------------------------------------------- third round: what no test pinned
+
+def test_a_zero3_partitioned_buffer_is_refused_not_saved():
+    """adapter/ holds rank 0's trained buffers whole: one ZeRO-3 partitioned (a slice, or a 0-size placeholder) is
+    refused naming it, as a partitioned parameter is; other ranks take no copies."""
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(3.0)
+    saved = ckpt.gather_trained_buffers(bn)
+    assert torch.equal(saved["running_mean"], torch.full((2,), 3.0)) and ckpt.gather_trained_buffers(bn, 1) == {}
+    bn.running_var.ds_id, bn.running_var.ds_shape = 7, (2,)
+    with pytest.raises(ckpt.CheckpointError, match=r"^buffer running_var is ZeRO-partitioned \(shape \(2,\), full "
+                                                   r"\(2,\)\); refusing to save a partition$"):
+        ckpt.gather_trained_buffers(bn)
+
+
+def test_a_save_after_one_killed_between_its_renames_leaves_no_old_adapter(tmp_path):
+    """A save killed between its renames leaves adapter.old (and a half .tmp-adapter); the next save that succeeds
+    puts it back first and replaces it: nothing is left beside the new adapter/ (a stale adapter.old stayed, and
+    made every later run in that output_dir refused as holding another run's adapter)."""
+    from vlscale.config import load_config
+
+    model, cfg, adapter = torch.nn.Linear(2, 2), load_config("tiny"), tmp_path / "adapter"
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 2})
+    adapter.rename(tmp_path / "adapter.old")
+    (tmp_path / ".tmp-adapter").mkdir()
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert ckpt.read_adapter_config(adapter)["step"] == 4
+
+
+def test_an_adapter_folder_without_its_config_beside_an_old_one_is_named_as_it_is(tmp_path):
+    """adapter.old is named as the interrupted save's only where adapter/ itself is gone: an adapter/ that exists
+    without its config is said to be no adapter directory, not to be missing."""
+    (tmp_path / "adapter.old").mkdir()
+    (tmp_path / "adapter.old" / ckpt.ADAPTER_CONFIG).write_text(json.dumps({"step": 2}))
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{tmp_path / 'adapter'} is not an adapter directory: "
+                                                   rf"adapter_config\.json is missing$"):
+        ckpt.read_adapter_config(tmp_path / "adapter")
+
+
+def test_a_frozen_tensor_tied_under_two_names_is_left_out_of_the_checkpoint_under_both():
+    """A frozen embedding shared with the output layer (one parameter, two state-dict names) is frozen under both
+    names: checkpoints/ holds neither copy, and loading the module state back misses neither."""
+    model = torch.nn.Module()
+    model.embed, model.proj = torch.nn.Embedding(4, 3), torch.nn.Linear(3, 3)
+    model.head = torch.nn.Linear(3, 4, bias=False)
+    model.head.weight = model.embed.weight
+    model.embed.requires_grad_(False)
+    assert ckpt.frozen_names(model) == {"embed.weight", "head.weight"}
+    with ckpt.frozen_left_out(model):
+        saved = model.state_dict()
+    assert sorted(saved) == ["proj.bias", "proj.weight"]
+    assert "head.weight" in model.state_dict(), "only while open"
+    ckpt.load_module_state(saved, model)
+
+
+def test_a_group_whose_saved_state_is_empty_gets_adams_fresh_state_too():
+    """At stages 1-2 DeepSpeed's file holds an empty state for a group no step has drawn (the universal conversion
+    then failed on KeyError: 'exp_avg'), not no entry: it is filled as an absent one is."""
+    flats = [torch.ones(3), torch.ones(2)]
+    states = {0: {"exp_avg": torch.full((3,), 0.1), "exp_avg_sq": torch.full((3,), 0.2), "step": torch.tensor(4.0)},
+              1: {}}
+    ckpt.fill_unstepped_groups({"optimizer_state_dict": {"base_optimizer_state": {"state": states},
+                                                         "single_partition_of_fp32_groups": flats}})
+    assert set(states[1]) == {"exp_avg", "exp_avg_sq", "step"} and states[1]["step"].item() == 0.0
+    assert torch.equal(states[1]["exp_avg"], torch.zeros(2)) and torch.equal(states[1]["exp_avg_sq"], torch.zeros(2))
+
+
+def test_the_universal_format_is_needed_on_another_number_of_ranks_only(tmp_path):
+    step = tmp_path / "checkpoints" / "step2"
+    assert not ckpt.needs_universal(tmp_path, 2), "no checkpoint: nothing to convert"
+    step.mkdir(parents=True)
+    for r in range(2):
+        (step / f"client_state_rank{r}.json").write_text(json.dumps({"step": 2}))
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step2")
+    assert not ckpt.needs_universal(tmp_path, 2)
+    assert ckpt.needs_universal(tmp_path, 1) and ckpt.needs_universal(tmp_path, 4)
+
+
+def test_a_new_run_over_a_checkpoint_is_told_to_pass_resume(tmp_path):
+    """Without --resume an output_dir whose checkpoint ``latest`` names is refused as holding a run's checkpoint,
+    naming it and --resume; the checkpoint is left as it was."""
+    import re
+
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0)
+    with pytest.raises(ckpt.CheckpointError, match="^" + re.escape(
+            f"output_dir {str(tmp_path)!r} already holds a run's checkpoint ({root / 'step2'}); pass --resume to "
+            f"continue it or choose another output_dir (output_dir=...)") + "$"):
+        ckpt.check_output_dir(tmp_path, resume=False)
+    assert ckpt.check_output_dir(tmp_path, resume=True, world_size=1) == "step2"
+
+
+def test_checkpoints_of_stages_1_and_2_resume_at_either_and_no_other(tmp_path):
+    """Stages 1 and 2 write the same optimizer files: a stage-1 checkpoint resumes at stage 2 and the other way
+    round; stage 0 and stage 3 are refused naming both stages."""
+    step = tmp_path / "step2"
+    step.mkdir()
+    for saved, other in ((1, 2), (2, 1)):
+        (step / "client_state_rank0.json").write_text(json.dumps({"step": 2, "zero_stage": saved,
+                                                                  "deepspeed_files": {}}))
+        ckpt.check_checkpoint_files(step, zero_stage=other)
+        for refused in (0, 3):
+            with pytest.raises(ckpt.CheckpointError, match=rf"step2 was written at ZeRO stage {saved} and this run is "
+                                                           rf"at ZeRO stage {refused}: "):
+                ckpt.check_checkpoint_files(step, zero_stage=refused)
+
+
+def test_an_earlier_stage_0_checkpoint_expects_no_optimizer_files(tmp_path):
+    """A checkpoint of an earlier vlscale (no stage, no file list recorded) at stage 0, as its model-states file
+    says, is whole in that one file: no ZeRO optimizer file is asked for; without that file it is incomplete."""
+    step = tmp_path / "step2"
+    step.mkdir()
+    (step / "client_state_rank0.json").write_text(json.dumps({"step": 2}))
+    torch.save({"module": {"w": torch.ones(2)}, "ds_config": {"zero_optimization": {"stage": 0}}},
+               step / "mp_rank_00_model_states.pt")
+    ckpt.check_checkpoint_files(step, zero_stage=0)
+    with pytest.raises(ckpt.CheckpointError, match=r"written at ZeRO stage 0 and this run is at ZeRO stage 2"):
+        ckpt.check_checkpoint_files(step, zero_stage=2)
+    (step / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"step2 is incomplete \(mp_rank_00_model_states\.pt is missing\)"):
+        ckpt.check_checkpoint_files(step, zero_stage=0)
+
+
+def test_a_checkpoint_file_cut_short_is_refused_naming_both_sizes(tmp_path):
+    """Rank 0's client state records the size of each DeepSpeed file as written: a file of another size now (cut
+    short by a copy, a full disk) is refused before DeepSpeed reads it, with the earlier checkpoint to use."""
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    for step in (2, 4):
+        ckpt.save_checkpoint(engine, tmp_path, step, {"step": step}, rank=0)
+    f = root / "step4" / "model_states.pt"
+    written = f.stat().st_size
+    f.write_bytes(f.read_bytes()[:3])
+    with pytest.raises(ckpt.CheckpointError, match=rf"step4 is incomplete \(model_states\.pt is 3 bytes, {written} "
+                                                   rf"when written\); the previous checkpoint is .*step2"):
+        ckpt.check_output_dir(tmp_path, resume=True, world_size=1)
+
+
+def test_the_next_save_removes_a_checkpoint_left_as_old(tmp_path):
+    """A save of a step again killed after its renames, before removing the folder it replaced, leaves
+    ``step<N>.old`` (a whole checkpoint's size, which no pruning counts): the next save removes it."""
+    import shutil
+
+    engine, root = FilesEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0)
+    shutil.copytree(root / "step2", root / "step2.old")
+    ckpt.save_checkpoint(engine, tmp_path, 4, {"step": 4}, rank=0)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step2", "step4"]
+
+
+def test_rank_0_records_deepspeeds_files_not_the_other_ranks_client_states(tmp_path):
+    """The other ranks write their client states while rank 0 lists the folder: the sizes rank 0 records (which a
+    resume checks) are DeepSpeed's files only, so a client state it saw half written is not refused later."""
+
+    class OtherRankWriting(FilesEngine):
+        def save_checkpoint(self, save_dir, tag, *args, **kwargs):
+            super().save_checkpoint(save_dir, tag, *args, **kwargs)
+            (Path(save_dir) / tag / "client_state_rank1.json").write_text('{"st')  # rank 1, half way
+
+    ckpt.save_checkpoint(OtherRankWriting(), tmp_path, 2, {"step": 2}, rank=0)
+    state = json.loads((tmp_path / "checkpoints" / "step2" / "client_state_rank0.json").read_text())
+    assert list(state["deepspeed_files"]) == ["model_states.pt"]
+
+
+class LoadingEngine:
+    """What load_checkpoint asks of a one-rank DeepSpeed engine at stage 0: its load records its arguments, moves
+    the scheduler to the checkpoint's step (3) and returns the folder it read (None: DeepSpeed found nothing)."""
+
+    def __init__(self, found=True):
+        self.module = torch.nn.Linear(2, 2)
+        self.optimizer = torch.optim.AdamW([{"params": [self.module.weight], "lr": 1.0},
+                                            {"params": [self.module.bias], "lr": 2.0}])
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [lambda s: 1 / (s + 1), lambda s: 0.5])
+        self.device, self.found, self.loads = "cpu", found, []
+
+    def train_batch_size(self):
+        return 4
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def zero_optimization(self):
+        return False
+
+    def load_checkpoint(self, load_dir, tag, **kwargs):
+        self.loads.append((load_dir, tag, kwargs))
+        self.lr_scheduler.last_epoch = 3
+        return (str(Path(load_dir) / tag) if self.found else None), {}
+
+
+def _draws():
+    import random
+
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_a_resume_restores_the_ranks_generators_position_and_schedule(tmp_path):
+    """load_checkpoint on one rank: DeepSpeed loads the module, optimizer and scheduler states (the module's through
+    load_module_state); the rank's python, numpy and torch generators continue where the save left them; the
+    client state (the sampler's position) comes back without its RNG; each group's lr is the schedule's at the
+    loaded step. On more ranks than wrote it (the same global batch), a rank without a state of its own takes rank
+    0's position and generators seeded from the step and its rank: the same on every resume, another per rank."""
+    import random
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = {"step": 3, "loader": {"sampler": {"global_batch_size": 4, "position": 12}, "accum": 1}}
+    ckpt.save_checkpoint(FilesEngine(), tmp_path, 3, state, rank=0)
+    after_save = _draws()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    engine = LoadingEngine()
+    loaded = ckpt.load_checkpoint(engine, tmp_path, rank=0, world_size=1)
+    assert _draws() == after_save
+    assert {k: loaded[k] for k in state} == state and loaded["tag"] == "step3" and "rng" not in loaded
+    (load_dir, tag, kwargs), = engine.loads
+    assert (load_dir, tag) == (str(tmp_path / "checkpoints"), "step3")
+    assert kwargs["load_optimizer_states"] and kwargs["load_lr_scheduler_states"] and kwargs["load_module_strict"]
+    assert kwargs["custom_load_fn"] is ckpt.load_module_state
+    assert [g["lr"] for g in engine.optimizer.param_groups] == [1.0 / 4, 2.0 * 0.5]
+
+    seen = {}
+    for rank in (1, 2, 1):
+        loaded = ckpt.load_checkpoint(LoadingEngine(), tmp_path, rank=rank, world_size=4)
+        assert loaded["loader"]["sampler"]["position"] == 12
+        seen.setdefault(rank, []).append(_draws())
+    assert seen[1][0] == seen[1][1] != seen[2][0] and after_save not in (seen[1][0], seen[2][0])
+
+
+def test_a_resume_refuses_other_frozen_weights_and_a_load_deepspeed_did_not_do(tmp_path):
+    ckpt.save_checkpoint(FilesEngine(), tmp_path, 3, {"step": 3, "frozen": {"w": [2.0, 2.0]},
+                                                      "loader": {"sampler": {"global_batch_size": 4}}}, rank=0)
+    ckpt.load_checkpoint(LoadingEngine(), tmp_path, rank=0, world_size=1, frozen={"w": [2.0, 2.0]})
+    with pytest.raises(ckpt.CheckpointError, match=r"^--resume: the frozen weights built now are not those of the run "
+                                                   r"in .*step3: w differs \(sum of squares 2\.5 now, 2 in the "
+                                                   r"checkpointed run"):
+        ckpt.load_checkpoint(LoadingEngine(), tmp_path, rank=0, world_size=1, frozen={"w": [2.5, 2.0]})
+    with pytest.raises(ckpt.CheckpointError, match=r"^DeepSpeed could not load .*checkpoints/step3$"):
+        ckpt.load_checkpoint(LoadingEngine(found=False), tmp_path, rank=0, world_size=1)
