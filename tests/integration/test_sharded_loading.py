@@ -747,3 +747,83 @@ def test_gathered_state_dict_holds_the_buffers_too():
     m.running_mean.fill_(2.0)
     state = gather_full_state_dict(m)
     assert sorted(state) == sorted(m.state_dict()) and torch.equal(state["running_mean"], torch.full((3,), 2.0))
+
+
+def test_an_index_without_its_weight_map_is_refused_naming_it(tmp_path):
+    """A model.safetensors.index.json that is not JSON, or holds no weight_map (a hand-made or cut index), is one
+    ShardedLoadError naming the index, not a KeyError."""
+    from vlscale.engine.sharded_loading import INDEX_FILE, ShardedLoadError, checkpoint_files
+
+    for text in ('{"metadata": {"total_size": 8}}', '{"weight_map": {'):
+        (tmp_path / INDEX_FILE).write_text(text)
+        with pytest.raises(ShardedLoadError, match=rf"^{tmp_path / INDEX_FILE}: not a safetensors index \(no "
+                                                   rf"'weight_map'\): "):
+            checkpoint_files(tmp_path)
+
+
+def test_bytes_read_count_the_whole_rows_a_rank_reads(tmp_path):
+    """A rank reads whole rows (safetensors slices rows): a partition that starts or ends inside a row reads that
+    row whole, and the report counts what was read, not only what was kept. A rank given without the world size
+    (no process group) fills its own partition."""
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    save_file({"matrix": torch.arange(70.0).reshape(10, 7)}, str(tmp_path / "model.safetensors"))
+    for rank, rows in ((0, range(0, 4)), (1, range(3, 7)), (2, range(6, 10))):  # 24 elements a rank, of 7 a row
+        m = torch.nn.Module()
+        m.matrix = torch.nn.Parameter(torch.zeros(10, 7))
+        (part, valid), = _fake_partitioned(m, rank, 3).values()
+        report = load_sharded_safetensors(m, tmp_path, rank=rank, world_size=3)
+        assert report.bytes_read == len(rows) * 7 * 4, (rank, report.bytes_read)
+        assert torch.equal(part[:valid], torch.arange(24.0 * rank, min(24.0 * rank + 24, 70)))
+    m = torch.nn.Module()
+    m.matrix = torch.nn.Parameter(torch.zeros(10, 7))
+    (part, valid), = _fake_partitioned(m, 1, 3).values()
+    assert load_sharded_safetensors(m, tmp_path, rank=1).rank == 1
+    assert torch.equal(part, torch.arange(24.0, 48.0))
+
+
+def test_a_checkpoints_bytes_are_counted_in_its_own_dtype(tmp_path):
+    """checkpoint_bytes is the files' tensor bytes in their stored dtypes (a bf16 or fp16 checkpoint: 2 a value)."""
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    save_file({"a": torch.ones(6, 4, dtype=torch.bfloat16), "b": torch.ones(5, dtype=torch.float16),
+               "c": torch.ones(3, dtype=torch.float64)}, str(tmp_path / "model.safetensors"))
+    m = torch.nn.Module()
+    for name, shape in (("a", (6, 4)), ("b", (5,)), ("c", (3,))):
+        m.register_parameter(name, torch.nn.Parameter(torch.zeros(shape)))
+    report = load_sharded_safetensors(m, tmp_path, rank=0, world_size=1)
+    assert report.checkpoint_bytes == 24 * 2 + 5 * 2 + 3 * 8 and report.partition_bytes == 32 * 4
+
+
+def test_a_save_where_a_file_is_refused_and_leaves_the_file(tmp_path):
+    from vlscale.engine.sharded_loading import save_sharded_safetensors
+
+    target = tmp_path / "saved"
+    target.write_text("the user's notes")
+    with pytest.raises(NotADirectoryError, match=rf"^{target} is a file: save_sharded_safetensors writes a folder"):
+        save_sharded_safetensors(torch.nn.Linear(2, 2), target)
+    assert target.read_text() == "the user's notes" and sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
+def test_a_save_keeps_a_linked_folder_a_link_and_writes_no_scratch_buffer(tmp_path):
+    """A user's folder linked into the checkpoint folder stays a link (copying it in would fill the disk with
+    a copy of, say, a dataset); a non-persistent buffer (scratch no state dict holds) is not written."""
+    from safetensors.torch import load_file
+
+    from vlscale.engine.sharded_loading import SINGLE_FILE, save_sharded_safetensors
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "big.bin").write_bytes(b"x" * 100)
+    out = tmp_path / "saved"
+    module = torch.nn.BatchNorm1d(2)
+    module.register_buffer("scratch", torch.ones(3), persistent=False)
+    save_sharded_safetensors(module, out)
+    (out / "data").symlink_to(elsewhere, target_is_directory=True)
+    save_sharded_safetensors(module, out)
+    assert (out / "data").is_symlink() and (out / "data").readlink() == elsewhere
+    assert sorted(load_file(out / SINGLE_FILE)) == sorted(module.state_dict())
