@@ -692,3 +692,51 @@ def test_vit_grids_follow_the_patch_size_and_random_towers_do_not_follow_the_hos
     torch.manual_seed(2)
     b = build_vision_encoder("tiny-clip-vit")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_the_papers_towers_dims_and_each_encodings_shape_in_either_order():
+    """RN101 at 224 px gives a 7x7 grid of 2048-d cells and ViT-B/32 7x7 patches of 768; both embed an image in
+    512 (video frames). One frozen tower encodes grids (N, tokens, grid_dim) and global embeddings (N, embed_dim)
+    in either order, without gradients, from pixels in any dtype, in its own dtype."""
+    assert vision_dims("RN101") == {"image_size": 224, "grid_dim": 2048, "grid_side": 7, "grid_tokens": 49,
+                                    "embed_dim": 512, "is_resnet": True}
+    assert vision_dims("ViT-B-32") == {"image_size": 224, "grid_dim": 768, "grid_side": 7, "grid_tokens": 49,
+                                       "embed_dim": 512, "is_resnet": False}
+    for name in ("tiny-clip-rn", "tiny-clip-vit"):
+        enc = build_vision_encoder(name, dtype=torch.bfloat16)
+        assert not any(p.requires_grad for p in enc.parameters()), name
+        x = torch.randn(2, 3, enc.image_size, enc.image_size, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            grid, emb = enc.encode_grid(x), enc.encode_global(x)
+            assert grid.shape == (2, enc.grid_side ** 2, enc.grid_dim) and emb.shape == (2, enc.embed_dim), name
+            assert grid.dtype == emb.dtype == torch.bfloat16 and not (grid.requires_grad or emb.requires_grad)
+
+
+def test_a_vit_pooling_by_attention_leaves_out_its_contrastive_pool_only():
+    """A ViT with an attention pool (CoCa's towers) runs it for its tokens; its attn_pool_contrastive pools the class
+    embedding only, so an image run leaves it (and the output projection) out, and keeps ln_post."""
+    vit = build_vision_encoder("tiny-clip-vit")
+    vit.visual.attn_pool, vit.visual.attn_pool_contrastive = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    vit.visual.final_ln_after_pool = True
+    unused = set(vit.unused_parameter_names(video=False))
+    assert {"visual.attn_pool_contrastive.weight", "visual.attn_pool_contrastive.bias", "visual.proj"} <= unused
+    assert not any(n.startswith(("visual.attn_pool.", "visual.ln_post.")) for n in unused)
+
+
+def test_clip_files_that_are_not_a_state_dict_or_miss_many_tensors_are_named(tmp_path):
+    """A .pt holding something else than a dict of tensors is refused naming the file and what it holds; a file
+    missing more than three of the tower's tensors names three and counts the rest."""
+    from vlscale.config import SourceError
+
+    full = build_vision_encoder("tiny-clip-rn").visual.state_dict()
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    torch.save({**{f"visual.{k}": v for k, v in full.items()}, "visual.conv1.weight": [0.0]}, tmp_path / "list_in.pt")
+    for bad, held in (("list", "list"), ("list_in", "dict")):
+        with pytest.raises(SourceError, match=rf"{bad}\.pt': not a state dict of tensors \(got {held}\)$"):
+            build_vision_encoder("tiny-clip-rn", str(tmp_path / f"{bad}.pt"))
+    gone = [k for k in full if k.startswith("layer4.") and not k.endswith("num_batches_tracked")]
+    assert len(gone) > 3
+    torch.save({f"visual.{k}": v for k, v in full.items() if k not in gone}, tmp_path / "cut.pt")
+    with pytest.raises(SourceError, match=rf"\(missing: visual\.layer4\.[^,]+, visual\.layer4\.[^,]+, "
+                                          rf"visual\.layer4\.[^,]+ and {len(gone) - 3} more\)"):
+        build_vision_encoder("tiny-clip-rn", str(tmp_path / "cut.pt"))
