@@ -1678,3 +1678,25 @@ def test_a_resume_refuses_other_frozen_weights_and_a_load_deepspeed_did_not_do(t
         ckpt.load_checkpoint(LoadingEngine(), tmp_path, rank=0, world_size=1, frozen={"w": [2.5, 2.0]})
     with pytest.raises(ckpt.CheckpointError, match=r"^DeepSpeed could not load .*checkpoints/step3$"):
         ckpt.load_checkpoint(LoadingEngine(found=False), tmp_path, rank=0, world_size=1)
+
+
+def test_the_adapter_records_the_models_vocabulary_over_the_tokenizers_length(tmp_path):
+    """A model whose embedding has more rows than its tokenizer (a checkpoint folder larger than the tokenizer keeps
+    its rows) is rebuilt from adapter_config.json with the vocab_size given, not the tokenizer's length; without
+    one, the tokenizer's length is it. The tokenizer's identity is recorded beside it."""
+    from vlscale.config import load_config
+
+    class Tokenizer:
+        name_or_path, pad_token_id, eos_token_id, bos_token_id = "spm", 0, 1, None
+
+        def __len__(self):
+            return 10
+
+    cfg = load_config("tiny")
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "a", cfg, tokenizer=Tokenizer(), vocab_size=12)
+    meta = ckpt.read_adapter_config(tmp_path / "a")
+    assert meta["vocab_size"] == 12 and meta["tokenizer"] == {
+        "class": "Tokenizer", "name_or_path": "spm", "length": 10, "pad_token_id": 0, "eos_token_id": 1,
+        "bos_token_id": None}
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "b", cfg, tokenizer=Tokenizer())
+    assert ckpt.read_adapter_config(tmp_path / "b")["vocab_size"] == 10
