@@ -827,3 +827,21 @@ def test_a_save_keeps_a_linked_folder_a_link_and_writes_no_scratch_buffer(tmp_pa
     save_sharded_safetensors(module, out)
     assert (out / "data").is_symlink() and (out / "data").readlink() == elsewhere
     assert sorted(load_file(out / SINGLE_FILE)) == sorted(module.state_dict())
+
+
+def test_a_parameter_partitioned_over_a_group_takes_the_ranks_place_in_that_group(tmp_path, monkeypatch):
+    """A parameter partitioned over a subgroup (ds_process_group: ZeRO++'s hpZ, MiCS) holds the slice of the rank's
+    place in that group, not of its global rank."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from vlscale.engine.sharded_loading import load_sharded_safetensors
+
+    save_file({"w": torch.arange(8.0)}, str(tmp_path / "model.safetensors"))
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(8))
+    (part, _), = _fake_partitioned(m, 1, 2).values()
+    m.w.ds_process_group = subgroup = object()
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1 if group is subgroup else 3)
+    load_sharded_safetensors(m, tmp_path, rank=3, world_size=4)
+    assert torch.equal(part, torch.arange(4.0, 8.0))
