@@ -208,3 +208,16 @@ def test_two_ranks_evaluate_and_save_the_same_statistics(h, tmp_path):
     assert all(torch.equal(states[0][n], states[1][n]) for n in names), \
         [n for n in names if not torch.equal(states[0][n], states[1][n])][:3]
     assert any(not torch.equal(states[0][n], torch.zeros_like(states[0][n])) for n in names if "mean" in n)
+
+
+def test_an_adapter_of_this_vlscale_loads_onto_a_trained_clip_without_a_warning(trained, caplog):
+    """The warning about parameters the visual path never runs (CLIP's attention pool under image tasks) is for
+    files of an earlier vlscale that hold them: this vlscale's adapter, which holds none, loads without a word."""
+    cfg, _, adapter = trained
+    fresh = build(cfg)
+    from vlscale.peft.trainable import unused_vision_parameters
+
+    assert unused_vision_parameters(fresh), "the model has parameters its visual path never runs"
+    with caplog.at_level(logging.WARNING, logger="vlscale.engine.checkpoint"):
+        ckpt.load_adapter(fresh, adapter)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

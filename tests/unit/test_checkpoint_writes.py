@@ -1700,3 +1700,32 @@ def test_the_adapter_records_the_models_vocabulary_over_the_tokenizers_length(tm
         "bos_token_id": None}
     ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "b", cfg, tokenizer=Tokenizer())
     assert ckpt.read_adapter_config(tmp_path / "b")["vocab_size"] == 10
+
+
+def test_a_ranks_writes_after_its_first_failure_are_skipped(tmp_path):
+    """_Writes keeps a rank's first failure and skips its later guarded writes (no more files onto a full disk);
+    the rank still goes on to agree with the others, which is then the first failure's reason."""
+    import errno
+
+    writes, calls = ckpt._Writes(tmp_path), []
+
+    def write(i):
+        calls.append(i)
+        if i == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    guarded = writes.guard(write)
+    guarded(1)
+    guarded(2)
+    assert calls == [1] and writes.error.errno == errno.ENOSPC
+    assert writes.agree().startswith("No space left on device; ")
+
+
+def test_a_checkpoint_that_trained_many_other_parameters_names_three_and_says_there_are_more(tmp_path):
+    step = tmp_path / "step2"
+    step.mkdir()
+    torch.save({"module": {f"p{i}": torch.zeros(2) for i in range(5)}, "buffer_names": []},
+               step / "mp_rank_00_model_states.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"trained other parameters than this one does: 5 trained then, "
+                                                   r"frozen or absent now \(p0, p1, p2, \.\.\.\)"):
+        ckpt.check_trained_parameters(step, torch.nn.Module())
