@@ -545,6 +545,15 @@ def test_a_random_build_on_the_host_has_the_asked_dtype():
     assert {p.dtype for p in build_lm("tiny-t5", dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
+def test_a_meta_build_of_the_clip_tower_has_the_asked_dtype_too():
+    """build_model(device="meta", dtype=bf16) gave a bf16 language model beside a CLIP tower in fp32 (the meta
+    build skipped the dtype), unlike the same build on the host."""
+    assert {p.dtype for p in build_vision_encoder("tiny-clip-rn", device="meta", dtype=torch.bfloat16).parameters()} \
+        == {torch.bfloat16}
+    model = build_model(_cfg("model.feature_source=images"), vocab_size=VOCAB, device="meta", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.vision.parameters()} == {p.dtype for p in model.lm.parameters()} == {torch.bfloat16}
+
+
 def test_pool_grid_max_pools_each_cell_of_the_row_major_grid():
     """pool_grid reads token r*side + c as the grid's cell (r, c) and keeps the largest of each cell's block
     (RN101: 7x7 -> 6x6, adaptive max); a grid of the wrong token count is refused, one of pool_size is kept."""

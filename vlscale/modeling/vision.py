@@ -180,8 +180,8 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     enc = VisionEncoder(name, model.visual)  # its input is normalised by image_transform (normalisation())
     del model
     enc.requires_grad_(False).eval()
-    if str(device) != "meta":
-        enc = enc.to(device=device, dtype=dtype)
+    # a meta build in the dtype asked for too, as build_lm's: what counts bytes from it counts the run's
+    enc = enc.to(dtype=dtype) if str(device) == "meta" else enc.to(device=device, dtype=dtype)
     return enc
 
 
