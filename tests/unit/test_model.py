@@ -749,3 +749,10 @@ def test_clip_files_that_are_not_a_state_dict_or_miss_many_tensors_are_named(tmp
     with pytest.raises(SourceError, match=rf"\(missing: visual\.layer4\.[^,]+, visual\.layer4\.[^,]+, "
                                           rf"visual\.layer4\.[^,]+ and {len(gone) - 3} more\)"):
         build_vision_encoder("tiny-clip-rn", str(tmp_path / "cut.pt"))
+
+
+def test_an_unknown_vision_model_is_told_names_that_exist():
+    """The refusal of an unknown model.vision offers open_clip's ResNet and ViT names and the tiny towers."""
+    with pytest.raises(KeyError) as e:
+        vision_dims("RN999")
+    assert all(f"'{n}'" in str(e.value) for n in ("RN50", "RN101", "tiny-clip-rn", "ViT-B-16")), str(e.value)
