@@ -197,6 +197,12 @@ def registry_visions() -> tuple[str, ...]:
     return tuple(sorted({f.stem for f in _clip_config_files()}))
 
 
+def common_visions() -> list[str]:
+    """The :func:`registry_visions` an error names as examples: the plain ResNet and ViT names and the shipped towers
+    (no -quickgelu / -SigLIP variants, no timm towers)."""
+    return [v for v in registry_visions() if re.fullmatch(r"RN\d+(x\d+)?|ViT-\w+-\d+|(tiny|mini)-.*", v)]
+
+
 @functools.lru_cache(maxsize=None)
 def foreign_visions() -> dict[str, str]:
     """Model configs of :func:`registry_visions` whose tower is not open_clip's own ResNet or ViT (a timm model:
@@ -267,7 +273,7 @@ class ModelConfig:
                               f"(a tokenizer from a folder: model.tokenizer=DIR)")
         visions = registry_visions()
         if visions and self.vision not in visions and not self.vision.startswith(CLIP_SCHEMAS):
-            shown = [v for v in visions if re.fullmatch(r"RN\d+(x\d+)?|ViT-\w+-\d+|(tiny|mini)-.*", v)]
+            shown = common_visions()
             raise ConfigError(f"model.vision={self.vision!r} is not an open_clip model; "
                               f"{did_you_mean(self.vision, visions)}valid: {shown}, {len(visions) - len(shown)} more "
                               f"(open_clip.list_models()), or 'hf-hub:ID' / 'local-dir:PATH'")

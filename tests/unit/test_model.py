@@ -752,7 +752,9 @@ def test_clip_files_that_are_not_a_state_dict_or_miss_many_tensors_are_named(tmp
 
 
 def test_an_unknown_vision_model_is_told_names_that_exist():
-    """The refusal of an unknown model.vision offers open_clip's ResNet and ViT names and the tiny towers."""
+    """The refusal of an unknown model.vision offers open_clip's ResNet and ViT names and the tiny towers, not the
+    timm towers (SigLIP) the config refuses."""
     with pytest.raises(KeyError) as e:
         vision_dims("RN999")
     assert all(f"'{n}'" in str(e.value) for n in ("RN50", "RN101", "tiny-clip-rn", "ViT-B-16")), str(e.value)
+    assert "SigLIP" not in str(e.value) and "quickgelu" not in str(e.value), str(e.value)  # towers it refuses

@@ -42,8 +42,9 @@ def clip_config(name: str) -> dict:
     register_tiny_models()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        known = [n for n in open_clip.list_models() if n.startswith(("RN", "ViT", "tiny"))]
-        raise KeyError(f"unknown vision model {name!r} (model.vision); e.g. {known[:20]}")
+        from vlscale.config import common_visions
+
+        raise KeyError(f"unknown vision model {name!r} (model.vision); e.g. {common_visions()}")
     return cfg
 
 
