@@ -13,7 +13,8 @@ from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5F
 
 from vlscale.config import PeftConfig
 from vlscale.peft import apply_peft
-from vlscale.peft.trainable import GROUPS, configure_trainable, count_parameters, is_layer_norm, optimizer_group_layout
+from vlscale.peft.trainable import (GROUPS, configure_trainable, count_parameters, is_layer_norm, optimizer_group_layout,
+                                    parameter_groups)
 
 TASKS = ["vqa", "gqa"]
 D = 32
@@ -311,6 +312,38 @@ def test_lora_rank_warning_takes_the_narrowest_projection(caplog):
             configure_trainable(LMOnly(cfg), cfg)
     said = [r.getMessage() for r in caplog.records if "exceeds the width" in r.getMessage()]
     assert len(said) == 1 and "peft.lora_rank=20" in said[0] and "<= 16" in said[0]
+
+
+def test_lora_rank_warning_takes_the_input_width_of_widening_projections(caplog):
+    """T5's q/v map d_model -> heads x d_kv; with heads x d_kv > d_model the input width d_model bounds the rank."""
+    from vlscale.peft import trainable
+
+    class LMOnly(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.lm = T5ForConditionalGeneration(T5Config(
+                vocab_size=100, d_model=D, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))  # q/v: 32 -> 64
+            self.peft = apply_peft(self.lm, cfg, TASKS)
+
+    trainable._say_lora_rank.cache_clear()
+    with caplog.at_level("WARNING", logger="vlscale"):
+        for rank in (D, D + 8):
+            cfg = peft_cfg("lora", lora_rank=rank)
+            configure_trainable(LMOnly(cfg), cfg)
+    said = [r.getMessage() for r in caplog.records if "exceeds the width" in r.getMessage()]
+    assert len(said) == 1 and f"peft.lora_rank={D + 8}" in said[0] and f"<= {D}" in said[0]
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart"])
+def test_parameter_groups_name_each_parameter_as_the_model_does(backbone):
+    """inspect_model and the memory model read the groups; a name there is the parameter's name in the model."""
+    cfg = peft_cfg("lora", "multiple")
+    model = StandIn(backbone, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [(n, p) for params in parameter_groups(model).values() for n, p in params]
+    assert len(grouped) == len(names)
+    assert [(n, names[id(p)]) for n, p in grouped if names[id(p)] != n] == []
 
 
 def test_optimizer_group_layout_order():
