@@ -98,6 +98,15 @@ def test_bart_sites_and_controller_site_list():
     assert apply_peft(make_bart(), peft_cfg("adapter"), TASKS).sites[-1] == "model.decoder.layers.1.fc2"
 
 
+def test_sites_of_a_bart_model_without_lm_head_are_its_own_paths():
+    """A bare BartModel holds the encoder and decoder itself (no ``model.`` prefix): the sites are its own paths."""
+    bare = make_bart().model
+    names = [s.name for s in adapter_sites(bare)]
+    assert names[:2] == ["encoder.layers.0.self_attn", "encoder.layers.0.fc2"]
+    assert names[-1] == "decoder.layers.1.fc2" and all(bare.get_submodule(n) is not None for n in names)
+    assert "decoder.layers.0.encoder_attn.q_proj" in [s.name for s in lora_sites(bare)]
+
+
 def test_unsupported_backbone_is_named():
     class Other(torch.nn.Module):
         config = type("C", (), {"model_type": "gpt2", "d_model": 8})()
