@@ -251,6 +251,45 @@ def test_nlvr2_boolean_labels_and_a_record_without_uid(tmp_path):
         ("a", "true", "dev-850-0-0"), ("b", "false", "dev-850-1-0"), ("dev-850-2-0", "false", "dev-850-2-0")]
 
 
+def test_nlvr2_string_labels_with_surrounding_whitespace_read_as_they_say(tmp_path):
+    """"True"/"False" labels are read case- and whitespace-insensitively: " True " is true (not refused, and not
+    false because its spaces spoil the comparison), " false\n" is false; the statement is read stripped."""
+    from vlscale.data.nlvr2 import load_nlvr2
+
+    base = {"img0": "dev-850-0-img0", "img1": "dev-850-0-img1", "sent": "There are two dogs."}
+    records = [dict(base, identifier="dev-850-0-0", label=" True "), dict(base, identifier="dev-850-1-0", label=" false\n")]
+    records[0]["sent"] = " There are two dogs.\n"
+    ex = load_nlvr2(_write_json(tmp_path / "nlvr2.json", records))
+    assert [(e.target, e.text) for e in ex] == [("true", "There are two dogs."), ("false", "There are two dogs.")]
+
+
+def test_gqa_and_nlvr2_records_without_label_load_for_prediction_only(tmp_path):
+    """With ``require_answers=False`` (evaluate.py --predict-only) a GQA or NLVR2 record without ``label`` is an
+    example with an empty target, no references and its own ids and images; by default it is refused naming the
+    file, the record and 'label'. Beside it a labelled record reads as ever."""
+    from vlscale.data.gqa import load_gqa
+    from vlscale.data.nlvr2 import load_nlvr2
+
+    gqa = _write_json(tmp_path / "gqa.json", [{"img_id": "n161313", "sent": "Is it?", "question_id": "201206"},
+                                              {"img_id": "n1", "sent": "Is it?", "question_id": "2", "label": {"no": 1}}])
+    unanswered, answered = load_gqa(gqa, require_answers=False)
+    assert (unanswered.uid, unanswered.target, unanswered.references, unanswered.image_ids) == (
+        "201206", "", [], ["n161313"])
+    assert (answered.target, answered.references) == ("no", ["no"])
+    with pytest.raises(RecordError, match=r"gqa\.json: record 0 \(id '201206'\): key 'label' is missing"):
+        load_gqa(gqa)
+    base = {"img0": "test1-0-0-img0", "img1": "test1-0-0-img1", "sent": "There are two dogs."}
+    nlvr2 = _write_json(tmp_path / "nlvr2.json", [dict(base, identifier="test1-0-0-0", uid="u0"),
+                                                  dict(base, identifier="test1-0-1-0", uid="u1", label=1)])
+    unanswered, answered = load_nlvr2(nlvr2, require_answers=False)
+    assert (unanswered.uid, unanswered.target, unanswered.references, unanswered.image_ids) == (
+        "u0", "", [], ["test1-0-0-img0", "test1-0-0-img1"])
+    assert unanswered.extra == {"identifier": "test1-0-0-0", "group": "test1-0--0"}
+    assert (answered.target, answered.references) == ("true", ["true"])
+    with pytest.raises(RecordError, match=r"nlvr2\.json: record 0 \(id 'u0'\): key 'label' is missing"):
+        load_nlvr2(nlvr2)
+
+
 def test_coco_karpathy_captions_are_stripped_and_extra_keeps_the_records_ids(tmp_path):
     """A caption is its ``raw`` text without surrounding whitespace; ``extra`` keeps cocoid, imgid, filename,
     filepath and the record's split; a training image's captions are ``<id>#0``, ``<id>#1``, in order. A file
@@ -735,6 +774,8 @@ def test_missing_annotation_file_and_root(tmp_path):
      r"record 1 \(id 25001\): key 'answers' is missing$"),
     ("gqa", "gqa/train.json", lambda d: d[0].update(sent=" \n"),
      r"record 0 \(id '02930152'\): key 'sent' is an empty string"),
+    ("nlvr2", "nlvr2/train.json", lambda d: d[2].update(sent="  "),
+     r"record 2 \(id 'nlvr2_train_2'\): key 'sent' is an empty string"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])
