@@ -679,6 +679,30 @@ def test_fsync_tree_flushes_every_file_and_folder_and_leaves_links_alone(tmp_pat
         (str(folder), None), (str(folder / "zero"), None), (str(folder / "zero" / "empty"), None)])
 
 
+def test_fsync_tree_closes_every_descriptor_it_opens(tmp_path, monkeypatch):
+    """A checkpoint folder of ZeRO-3 shards holds a file per rank and parameter group: flushing each must close
+    its descriptor, also where the flush fails (EIO), or a save of many files runs out of them ("Too many open
+    files") and a failed one leaks."""
+    from vlscale.files import fsync_path, fsync_tree
+
+    folder = tmp_path / "step4"
+    (folder / "zero").mkdir(parents=True)
+    for i in range(20):
+        (folder / "zero" / f"shard_{i}.pt").write_bytes(b"x")
+    before = len(os.listdir("/proc/self/fd"))
+    fsync_tree(folder)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        fsync_path(folder / "zero" / "shard_0.pt")
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_files_are_written_through_a_linked_folder(tmp_path):
     """An output_dir that is a symbolic link (to a scratch disk) is written and flushed through the link."""
     from vlscale.files import fsync_path, write_text_atomic
