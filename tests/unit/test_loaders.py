@@ -510,6 +510,18 @@ def test_hf_caption_gqa_and_nlvr2_mappings():
     assert not np.array_equal(src["val/0/0"], src["val/0/1"])
 
 
+def test_hf_nlvr2_label_mapped_as_answer_and_each_example_its_own_group_without_a_group_column():
+    """NLVR2's 0/1 column may be mapped as ``answer`` (the module docstring's roles: label or answer): read as the
+    label is, not refused as a mapping without a label. Without a ``group`` column each example is its own
+    consistency group (its uid), not one group of every example."""
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    nl, _ = load_hf_examples("nlvr2", str(HF), "val", {"image": ["image", "image2"], "text": "question",
+                                                       "answer": "label"})
+    assert [(e.uid, e.target, e.references, e.extra["group"]) for e in nl] == [
+        ("val-0", "false", ["false"], "val-0"), ("val-1", "true", ["true"], "val-1")]
+
+
 def test_hf_mapping_rules_a_plausible_slip_would_break(tmp_path):
     """nlvr2's group column is its consistency group; nlvr2 with image_id and vqa with two image columns are
     refused; VQA's ``answer`` column is the target even where ``answers`` votes otherwise; a blank caption in
