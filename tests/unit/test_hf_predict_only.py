@@ -119,3 +119,16 @@ def test_through_the_config_and_the_visual_source(datasets_dir):
     assert len(load_examples(cfg, "vqa", "train")) == 3
     assert real_visual_source(cfg, "vqa", "train") is load_hf_examples("vqa", withheld, "train",
                                                                        COLUMNS["vqa"][0])[1]
+
+
+def test_a_read_that_skipped_rows_without_answers_does_not_serve_a_read_that_keeps_them(datasets_dir):
+    """Only a read that found every row's answers serves a later read not requiring them: where skip mode dropped
+    the unanswered rows (training's read, or an evaluation's), the predict-only read and the visual source still
+    get every row, not the answered one alone."""
+    _, blank = datasets_dir
+    columns = COLUMNS["gqa"][0]
+    skipped, _ = load_hf_examples("gqa", blank, "test", columns, skip_bad_records=True)
+    assert [e.uid for e in skipped] == ["13"] and skipped.skipped == 2
+    examples, source = load_hf_examples("gqa", blank, "test", columns, skip_bad_records=True, require_answers=False)
+    assert [(e.uid, e.target) for e in examples] == [("11", ""), ("12", ""), ("13", "pizza")]
+    assert examples.skipped == 0 and sorted(source.ids()) == ["test/0", "test/1", "test/2"]
