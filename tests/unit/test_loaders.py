@@ -257,7 +257,8 @@ def test_nlvr2_string_labels_with_surrounding_whitespace_read_as_they_say(tmp_pa
     from vlscale.data.nlvr2 import load_nlvr2
 
     base = {"img0": "dev-850-0-img0", "img1": "dev-850-0-img1", "sent": "There are two dogs."}
-    records = [dict(base, identifier="dev-850-0-0", label=" True "), dict(base, identifier="dev-850-1-0", label=" false\n")]
+    records = [dict(base, identifier="dev-850-0-0", label=" True "),
+               dict(base, identifier="dev-850-1-0", label=" false\n")]
     records[0]["sent"] = " There are two dogs.\n"
     ex = load_nlvr2(_write_json(tmp_path / "nlvr2.json", records))
     assert [(e.target, e.text) for e in ex] == [("true", "There are two dogs."), ("false", "There are two dogs.")]
@@ -270,8 +271,9 @@ def test_gqa_and_nlvr2_records_without_label_load_for_prediction_only(tmp_path):
     from vlscale.data.gqa import load_gqa
     from vlscale.data.nlvr2 import load_nlvr2
 
-    gqa = _write_json(tmp_path / "gqa.json", [{"img_id": "n161313", "sent": "Is it?", "question_id": "201206"},
-                                              {"img_id": "n1", "sent": "Is it?", "question_id": "2", "label": {"no": 1}}])
+    gqa = _write_json(tmp_path / "gqa.json", [
+        {"img_id": "n161313", "sent": "Is it?", "question_id": "201206"},
+        {"img_id": "n1", "sent": "Is it?", "question_id": "2", "label": {"no": 1}}])
     unanswered, answered = load_gqa(gqa, require_answers=False)
     assert (unanswered.uid, unanswered.target, unanswered.references, unanswered.image_ids) == (
         "201206", "", [], ["n161313"])
@@ -1260,8 +1262,8 @@ def test_frame_features_of_another_width_stop_the_train_loader_at_start_up():
 
     cfg = make_cfg(tasks=["tvqa"])
     ex = load_real_examples(cfg, "tvqa", "train")
-    with pytest.raises(DataError, match=r"\.(npy|npz|safetensors) \(video '.+'\): frame features are 512-d, but the run's model\.vision "
-                                        r"embeds frames in 64-d"):
+    with pytest.raises(DataError, match=r"\.(npy|npz|safetensors) \(video '.+'\): frame features are 512-d, but "
+                                        r"the run's model\.vision embeds frames in 64-d"):
         check_visual_ids(cfg, "tvqa", "train", ex, real_visual_source(cfg, "tvqa", "train"))
     with pytest.raises(DataError, match=r"frame features are 512-d, but .* 64-d"):
         build_train_loader(cfg, tokenizer=None)
