@@ -341,3 +341,8 @@ def test_optimizer_group_layout_order():
     assert optimizer_group_layout(names, ndims, ("gqa", "vqa"), split_peft=True) == [
         (None, True, True, [2]), (None, True, False, [4]), (None, False, True, [6]), (None, False, False, [3]),
         ("gqa", True, True, [5]), ("vqa", True, True, [0]), ("vqa", False, True, [1])]
+    # tasks the Python API names with "_" (apply_peft takes them): a weight set is its whole task's, not shared
+    v2 = [n.replace("_vqa", "_vqa_v2") for n in names]
+    assert optimizer_group_layout(v2, ndims, ("gqa", "vqa_v2", "v2")) == [
+        (None, True, None, [2, 4]), (None, False, None, [3, 6]),
+        ("gqa", True, None, [5]), ("vqa_v2", True, None, [0]), ("vqa_v2", False, None, [1])]

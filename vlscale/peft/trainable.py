@@ -115,9 +115,8 @@ def task_of(name: str, tasks) -> "str | None":
     """The task whose own weight set the parameter ``name`` is (a PEFT ``..._<task>`` under sharing
     multiple / half_shared, a task's prompt), else None (shared, backbone, projection)."""
     if not name.startswith("peft."):
-        return None
-    suffix = name.rsplit("_", 1)[-1]
-    return suffix if suffix in tasks else None
+        return None  # a task's name may hold "_" (the API's tasks: sites.check_tasks): the longest that ends it
+    return max((t for t in tasks if name.endswith("_" + t)), key=len, default=None)
 
 
 def optimizer_group_layout(names, ndims, tasks, split_peft: bool = False) -> list[tuple]:
