@@ -1361,8 +1361,8 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
     plan's alone, so the printed command trained the preset's model, not the one planned."""
     profile_memory = launcher("profile_memory")
     argv = ["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--write-config", str(tmp_path / "ds.json"),
-            "model.backbone=tiny-bart", "peft.reduction_factor=8", "train.micro_batch_size=8", "data.tasks=[vqa, gqa]"]
-    assert profile_memory.main(argv + ["--json"]) == 0
+            "model.backbone=tiny-bart", "peft.reduction_factor=8", "train.micro_batch_size =8", "data.tasks=[vqa, gqa]"]
+    assert profile_memory.main(argv + ["--json"]) == 0  # (a key with blanks around it is the config's key too)
     written = json.loads(capsys.readouterr().out)["written"]["overrides"]
     assert written[:3] == ["model.backbone=tiny-bart", "peft.reduction_factor=8", "data.tasks=[vqa, gqa]"]
     assert sum(o.startswith("train.micro_batch_size=") for o in written) == 1 and len(written) == 3 + 5
