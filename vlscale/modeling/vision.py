@@ -181,8 +181,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     enc = VisionEncoder(name, model.visual)  # its input is normalised by image_transform (normalisation())
     del model
     enc.requires_grad_(False).eval()
-    # a meta build in the dtype asked for too, as build_lm's: what counts bytes from it counts the run's
-    enc = enc.to(dtype=dtype) if str(device) == "meta" else enc.to(device=device, dtype=dtype)
+    enc = enc.to(device=device, dtype=dtype)  # a meta build too (in the dtype asked for, as build_lm's)
     return enc
 
 
