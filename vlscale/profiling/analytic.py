@@ -602,7 +602,7 @@ def vision_forward_peak(name: str, n_images: int, b: int, video: bool = False) -
     from vlscale.profiling.measure import LiveTensorTracker
 
     dtype = {4: torch.float32, 2: torch.bfloat16}[b]
-    enc = build_vision_encoder(name, device="meta").to(dtype)
+    enc = build_vision_encoder(name, device="meta", dtype=dtype)
     x = torch.empty(n_images, 3, enc.image_size, enc.image_size, device="meta", dtype=dtype)
     tracker = LiveTensorTracker("meta")
     tracker.track(list(enc.parameters()) + list(enc.buffers()) + [x])
@@ -642,7 +642,7 @@ def vision_trained_forward(name: str, n_images: int, b: int, video: bool = False
     from vlscale.profiling.measure import LiveTensorTracker
 
     dtype = {4: torch.float32, 2: torch.bfloat16}[b]
-    enc = build_vision_encoder(name, device="meta").to(dtype)
+    enc = build_vision_encoder(name, device="meta", dtype=dtype)
     unused = set(enc.unused_parameter_names(video))
     for n, prm in enc.named_parameters():
         prm.requires_grad_(n not in unused)
