@@ -76,7 +76,8 @@ def read_inputs(args, cfg):
     images = []
     for path in args.image:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--image {path}: no such file")
+            what = "a folder, not an image file" if Path(path).is_dir() else "no such file"
+            raise FileNotFoundError(f"--image {path}: {what}")
         images.append(read_image(path))
     return images
 

@@ -51,6 +51,7 @@ def adapter(monkeypatch, tmp_path):
      "task 'vqa' takes 1 image(s) per question, got 2"),
     (["--task", "vqa", "--image", "{a}"], "task 'vqa' needs a text (the question or statement), got ''"),
     (["--task", "vqa", "--image", "{dir}/none.jpg", "--text", "q?"], "--image {dir}/none.jpg: no such file"),
+    (["--task", "vqa", "--image", "{dir}", "--text", "q?"], "--image {dir}: a folder, not an image file"),
     (["--task", "vqa", "--image", "{dir}/bad.jpg", "--text", "q?"], "cannot read image {dir}/bad.jpg"),
 ])
 def test_bad_input_is_refused_naming_it_before_the_model_is_built(adapter, launcher, argv, message):
