@@ -315,6 +315,33 @@ def test_coco_karpathy_captions_are_stripped_and_extra_keeps_the_records_ids(tmp
             load_coco_karpathy(_write_json(tmp_path / "coco.json", data), "val")
 
 
+def test_coco_images_without_sentences_load_for_prediction_only_one_example_per_image(tmp_path):
+    """With ``require_answers=False`` (evaluate.py --predict-only) a COCO image without ``sentences`` is one
+    example in any split, train too (not one per caption, so its uid is the image id, no ``#k``), with an empty
+    target, no references and the record's ids in ``extra``; a captioned image beside it reads as ever. By
+    default the image is refused naming the file, the image and 'sentences'."""
+    from vlscale.data.caption import load_coco_karpathy
+
+    bare = {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "imgid": 0, "cocoid": 9,
+            "split": "train"}
+    captioned = {"filename": "COCO_val2014_000000000042.jpg", "split": "restval",
+                 "sentences": [{"raw": "A dog."}, {"raw": "A brown dog."}]}
+    path = _write_json(tmp_path / "coco.json", {"images": [bare, captioned]})
+    unanswered, *answered = load_coco_karpathy(path, "train", require_answers=False)
+    assert (unanswered.uid, unanswered.target, unanswered.references, unanswered.image_ids) == (
+        "COCO_train2014_000000000009", "", [], ["COCO_train2014_000000000009"])
+    assert unanswered.extra == {"karpathy_split": "train", "filename": "COCO_train2014_000000000009.jpg",
+                                "cocoid": 9, "imgid": 0, "filepath": "train2014"}
+    assert [(e.uid, e.target) for e in answered] == [("COCO_val2014_000000000042#0", "A dog."),
+                                                     ("COCO_val2014_000000000042#1", "A brown dog.")]
+    (val,) = load_coco_karpathy(_write_json(tmp_path / "val.json", {"images": [dict(bare, split="val")]}), "val",
+                                require_answers=False)
+    assert (val.uid, val.target, val.references) == ("COCO_train2014_000000000009", "", [])
+    with pytest.raises(RecordError, match=r"coco\.json: images\[0\] \(id 'COCO_train2014_000000000009\.jpg'\): "
+                                          r"key 'sentences' is missing"):
+        load_coco_karpathy(path, "train")
+
+
 def test_ts_and_subtitle_lines_overlapping_it():
     """A subtitle line that overlaps ``ts`` only in part is the clip's too; a zero-length ts is a moment, not
     malformed; a ts holding a boolean is malformed."""
