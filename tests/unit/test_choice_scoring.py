@@ -264,6 +264,20 @@ def test_each_task_s_prefix_and_generation_settings_are_the_reference_s():
     assert get_task("nlvr2").choices == ("false", "true")
 
 
+def test_the_qa_tasks_decode_greedily_and_an_unknown_task_is_refused_listing_the_known_ones():
+    """docs/datasets.md: predictions are greedy for the QA tasks, beams are for captions only (a beam search on
+    VQA/GQA answers changes the scores and costs num_beams times the decoding). A task name the registry lacks
+    (a typo in data.tasks) is a KeyError naming it and every task it knows."""
+    from vlscale.data.tasks import get_task
+
+    for task in ("vqa", "gqa", "tvqa", "how2qa"):
+        assert get_task(task).num_beams == 1, task
+    known = "['caption', 'gqa', 'how2qa', 'nlvr2', 'tvc', 'tvqa', 'vqa', 'yc2c']"
+    with pytest.raises(KeyError) as info:
+        get_task("vqa2")
+    assert info.value.args[0] == f"unknown task 'vqa2'; known tasks: {known}"
+
+
 class _ModeRecordingModel(torch.nn.Module):
     """Generates (nothing) and notes whether it was in training mode when asked."""
 
