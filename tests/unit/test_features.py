@@ -1141,6 +1141,49 @@ def test_a_writer_refuses_what_it_cannot_store_and_leaves_a_readable_cache_at_ea
     assert FeatureCache(frames)["v2"].shape == (5, 8)
 
 
+def test_a_writer_refuses_a_feature_tensor_that_is_not_a_matrix_naming_its_id(tmp_path):
+    """A (1, T, D) grid (a batch dimension left on) or a flat vector is refused as it is added, naming the id and
+    the shape; it was written, its shape[1] recorded as the cache's width, and refused only when training read it."""
+    w = FeatureWriter(tmp_path / "c", {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32"})
+    try:
+        with pytest.raises(ValueError, match=r"features for 'a' must be 2-d \(T, D\) or \(F, E\), got \(1, 4, 8\)"):
+            w.add("a", torch.ones(1, 4, 8))
+        with pytest.raises(ValueError, match=r"features for 'b' must be 2-d .*got \(8,\)"):
+            w.add("b", torch.ones(8))
+        w.add("c", torch.ones(4, 8))
+    finally:
+        w.close()
+    cache = FeatureCache(tmp_path / "c", vision=VISION)
+    assert cache.ids() == ["c"] and (cache.meta["tokens"], cache.meta["dim"]) == (4, 8)
+
+
+def test_a_cache_is_continued_only_with_the_pretrained_weights_it_names(tmp_path):
+    """A cache made with ``pretrained='tag1'`` is not extended with features of ``tag2`` (of another CLIP
+    checkpoint): the writer is refused naming the cache's meta.json and both, and the cache is left as it was."""
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["a"], {"pretrained": "tag1"})
+    with pytest.raises(DataError, match=r"c/meta\.json was made with different settings \(key: \(cached, now\)\) "
+                                        r"\{'pretrained': \('tag1', 'tag2'\)\}"):
+        FeatureWriter(cache, {"vision": VISION, "pretrained": "tag2", "kind": "grid", "dtype": "float32"})
+    assert FeatureCache(cache, vision=VISION, pretrained="tag1").ids() == ["a"]
+
+
+@pytest.mark.parametrize("name", ["meta.json", "index.json"])
+def test_a_cache_file_that_is_not_json_is_refused_naming_it(tmp_path, name):
+    """A meta.json or index.json cut short (a full disk, a copy interrupted) is a DataError naming the file, to
+    read the cache and to extend it, not json's bare 'Expecting value: line 1 column 1'."""
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["a"])
+    text = (cache / name).read_text()
+    (cache / name).write_text(text[: len(text) // 2])
+    with pytest.raises(DataError, match=rf"^feature cache {tmp_path / 'c' / name}: not valid JSON \("):
+        FeatureCache(cache, vision=VISION)
+    with pytest.raises(DataError, match=rf"^feature cache {tmp_path / 'c' / name}: not valid JSON \("):
+        FeatureWriter(cache, {"vision": VISION, "pretrained": None, "kind": "grid", "dtype": "float32"})
+
+
 def test_hf_rows_are_checked_against_row_ids_only_and_recorded_when_a_cache_first_takes_rows(tmp_path):
     """A cache of named images (no ``<split>/<row>`` ids) serves a run on any HF dataset: its ids name the images.
     Extending it with one dataset's rows records that dataset, so another's rows are then refused; extending it
