@@ -1169,6 +1169,46 @@ def test_a_cache_is_continued_only_with_the_pretrained_weights_it_names(tmp_path
     assert FeatureCache(cache, vision=VISION, pretrained="tag1").ids() == ["a"]
 
 
+@pytest.mark.parametrize("name, what", [("meta.json", "what model made the features"),
+                                        ("index.json", "which shard holds each id")])
+def test_a_folder_without_meta_json_or_index_json_is_no_cache_naming_the_file_missing(tmp_path, name, what):
+    """data.feature_cache pointing at a folder that is not a cache (or one whose extraction never wrote a shard)
+    is a DataFileNotFound naming the folder and the file it lacks and how to make one, not a bare
+    FileNotFoundError."""
+    from vlscale.data.real import DataFileNotFound
+
+    cache = _tiny_cache(tmp_path / "c", ["a"])
+    (cache / name).unlink()
+    with pytest.raises(DataFileNotFound, match=rf"^feature cache {tmp_path / 'c'}: {name} is missing \({what}\); "
+                                               r"make the cache with launchers/extract_features\.py$"):
+        FeatureCache(cache, vision=VISION)
+
+
+def test_what_a_cache_trained_run_records_of_its_caches_weights(tmp_path, capsys):
+    """cache_weights: the folder, pretrained and fingerprint of data.feature_cache, the fingerprint checked as
+    the cache's reader checks it (a malformed one is refused naming meta.json, not carried into the run's record);
+    cache_changed of a run that recorded no fingerprint compares nothing and says nothing, even where the cache
+    records none either (its note is for a run whose cache had one)."""
+    from vlscale.data.features import cache_changed, cache_weights
+    from vlscale.data.real import DataError
+
+    fp = {"visual.w": [2.0, 1.0]}
+    cache = _tiny_cache(tmp_path / "c", ["a"], {"pretrained": "p.pt", "fingerprint": fp})
+    cfg = load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={cache}"])
+    assert cache_weights(cfg) == {"folder": str(cache), "pretrained": "p.pt", "fingerprint": fp}
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps(dict(meta, fingerprint={"visual.w": [2.0]})))
+    with pytest.raises(DataError, match=rf"^feature cache {cache / 'meta.json'}: fingerprint is not a fingerprint "
+                                        r"of CLIP weights"):
+        cache_weights(cfg)
+    unset = _tiny_cache(tmp_path / "u", ["a"])
+    cfg = load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={unset}"])
+    capsys.readouterr()
+    assert cache_changed(cfg, {"folder": "/then", "pretrained": None, "fingerprint": None}, "fix it",
+                         who="vlscale: resume") is None
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("name", ["meta.json", "index.json"])
 def test_a_cache_file_that_is_not_json_is_refused_naming_it(tmp_path, name):
     """A meta.json or index.json cut short (a full disk, a copy interrupted) is a DataError naming the file, to
