@@ -1084,6 +1084,31 @@ def test_extraction_counts_each_id_once_and_an_empty_one_leaves_a_cache(encoder,
     assert len(FeatureCache(tmp_path / "e", vision=VISION)) == 0  # meta.json and index.json written all the same
 
 
+def test_a_video_extraction_counts_videos_written_and_skipped(encoder, tmp_path):
+    """The counts the launcher prints ("N written") are of videos, not of encoding batches: 4 videos of 8, 6, 8 and
+    8 frames in batches of up to 14 frames are 4 written (in 3 batches), and a re-run skips all 4."""
+    enc, tf = encoder
+    split = generate_split("tvqa", "val", 4, image_size=16)
+    ids = list(split.visuals)
+    run = dict(vision=VISION, video=True, batch_size=14, progress=False)
+    stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "v", **run)
+    assert stats == {"total": 4, "skipped": 0, "written": 4}
+    assert extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "v", **run) == {
+        "total": 4, "skipped": 4, "written": 0}
+
+
+def test_a_shard_left_half_written_by_an_interrupted_extraction_does_not_stop_the_next(tmp_path):
+    """An extraction killed while saving a shard leaves ``shard_NNNNN.safetensors.tmp`` (the index never names
+    it): the next writer numbers its shards after the complete ones, writes over the leftover, and the cache reads
+    every id (a leftover counted as a shard made the next writer fail on its name)."""
+    cache = _tiny_cache(tmp_path / "c", ["a"])
+    (cache / "shard_00001.safetensors.tmp").write_bytes(b"cut short")
+    _tiny_cache(cache, ["b"])
+    assert sorted(p.name for p in cache.glob("shard_*")) == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    read = FeatureCache(cache, vision=VISION)
+    assert sorted(read.ids()) == ["a", "b"] and torch.equal(read["b"], torch.ones(4, 8))
+
+
 @pytest.mark.parametrize("key, value", [("dim", 0), ("tokens", 0), ("dim", True), ("tokens", 4.0)])
 def test_a_meta_json_width_or_token_count_that_is_not_a_positive_integer_is_refused_at_open(tmp_path, key, value):
     from vlscale.data.real import DataError
