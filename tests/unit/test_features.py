@@ -1194,6 +1194,18 @@ def test_a_cache_is_continued_only_with_the_pretrained_weights_it_names(tmp_path
     assert FeatureCache(cache, vision=VISION, pretrained="tag1").ids() == ["a"]
 
 
+def test_a_cache_is_continued_with_its_weights_file_elsewhere_as_it_is_read(tmp_path):
+    """The writer compares ``pretrained`` as the reader does: a checkpoint moved (same file name) continues the cache
+    (its fingerprint, where recorded, is what decides: ``_check_weights``); another file name is refused."""
+    from vlscale.data.real import DataError
+
+    made = _tiny_cache(tmp_path / "c", ["a"], {"pretrained": "/made/here/clip.pt"})
+    _tiny_cache(made, ["b"], {"pretrained": str(tmp_path / "moved" / "clip.pt")})
+    assert FeatureCache(made, vision=VISION, pretrained="/made/here/clip.pt").ids() == ["a", "b"]
+    with pytest.raises(DataError, match=r"\{'pretrained': \('/made/here/clip\.pt', '/made/here/other\.pt'\)\}"):
+        _tiny_cache(made, ["c"], {"pretrained": "/made/here/other.pt"})
+
+
 @pytest.mark.parametrize("name, what", [("meta.json", "what model made the features"),
                                         ("index.json", "which shard holds each id")])
 def test_a_folder_without_meta_json_or_index_json_is_no_cache_naming_the_file_missing(tmp_path, name, what):

@@ -374,7 +374,8 @@ class FeatureWriter:
         if meta_path.exists():
             old = _read_json(meta_path, "what model made the features")
             diff = {k: (old.get(k), v) for k, v in meta.items()
-                    if k not in ("tokens", "dim", "grid_shape", HF_ROWS, FINGERPRINT) and old.get(k) != v}
+                    if k not in ("tokens", "dim", "grid_shape", HF_ROWS, FINGERPRINT) and old.get(k) != v
+                    and not (k == "pretrained" and _same_pretrained(old.get(k), v))}  # a checkpoint moved
             if diff:
                 raise DataError(f"feature cache {meta_path} was made with different settings "
                                 f"(key: (cached, now)) {diff}; use another --out folder")
