@@ -905,6 +905,60 @@ def test_gpu_section_without_cuda_says_it_is_skipped(monkeypatch):
     assert run_gpu_section(out) == {"skipped": "no CUDA device"} and out["profile_memory"] == {"skipped": "no CUDA device"}
 
 
+def test_live_tensor_tracker_counts_every_output_of_an_op():
+    """An op that returns several tensors (sort: values and int64 indices; layer norm: its output, mean and rstd)
+    makes each of their storages live: all are counted, not the first alone."""
+    x = torch.randn(64)
+    rows = x.view(4, 16)  # made before the tracker: a view it returned would be counted as x's storage
+    with LiveTensorTracker("cpu") as tr:
+        values, indices = torch.sort(x)
+        assert tr.current == 64 * 4 + 64 * 8
+        out, mean, rstd = torch.ops.aten.native_layer_norm(rows, [16], None, None, 1e-5)
+        assert tr.current == 64 * 4 + 64 * 8 + 64 * 4 + 4 * 4 + 4 * 4
+    del values, indices, out, mean, rstd
+
+
+def test_live_tensor_tracker_forgets_a_dead_storage_whose_id_a_new_one_may_take():
+    """A storage is known by its Python object's id while it lives; its entry goes when it dies, so a new storage
+    that CPython gives the same id is counted, not taken for the dead one (which left it uncounted, so that the
+    live bytes fell below what is live). The reuse is played out: the dead one's weakref callback, then a storage
+    seen under its id."""
+    t = torch.empty(100)  # 400 B
+    tracker = LiveTensorTracker("cpu")
+    tracker.track([t])
+    tracker._dead(id(t.untyped_storage()))  # what the weakref callback does when the storage dies
+    assert tracker.current == 0
+    tracker.track([t])
+    assert (tracker.current, tracker.peak) == (400, 400)
+
+
+def test_live_tensor_tracker_names_the_first_phase_to_reach_the_peak_and_a_phase_entered_again():
+    """A later phase that only equals the peak does not take its name (the estimate names the first of equal
+    phases too); a phase entered again (a step's micro-batches under gradient accumulation) keeps the highest
+    peak of its runs and starts where it was last entered."""
+    with LiveTensorTracker("cpu") as tr:
+        tr.phase("forward0")
+        a = torch.empty(100)  # 400 B
+        del a
+        tr.phase("forward1")
+        b = torch.empty(100)  # 400 B again: a tie
+        assert (tr.peak, tr.peak_phase) == (400, "forward0")
+        tr.phase("forward0")  # entered again with b live
+        assert tr.phase_starts["forward0"] == 400 and tr.phase_peaks["forward0"] == 400
+        c = torch.empty(50)
+        assert tr.phase_peaks["forward0"] == 600 and (tr.peak, tr.peak_phase) == (600, "forward0")
+    del b, c
+
+
+def test_measured_ranks_report_the_highest_set_up_peak_and_each_ranks():
+    """DeepSpeed's set-up peak (``init_peak``) is, like the other figures, the maximum over the ranks with each
+    rank's beside it, not rank 0's alone."""
+    from vlscale.profiling.measure import _over_ranks
+
+    out = _over_ranks([dict(_rank_result(2000, 700), init_peak=500), dict(_rank_result(3000, 600), init_peak=900)])
+    assert (out["init_peak"], out["init_peak_by_rank"]) == (900, [500, 900])
+
+
 # ----------------------------------------------------------------------------- measured (in process)
 
 def test_measured_cases_refuse_bad_keys_before_starting():
