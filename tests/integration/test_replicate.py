@@ -1107,3 +1107,186 @@ def test_the_backbone_fingerprint_covers_the_lm_only_where_the_run_loads_it():
     pretrained, scratch = row_config([]), row_config(["model.pretrained=false"])
     assert backbone_fingerprint(scratch) == backbone_fingerprint(pretrained, vision_only=True)
     assert backbone_fingerprint(pretrained) != backbone_fingerprint(scratch)
+
+
+# ----------------------------------------------------------------------------- mutation audit, round 2
+
+def test_table3_and_table5_rows_train_what_their_labels_say():
+    """Each Table 3 / 5 row trains the parts its label names and no other: CLIP where it is 'fine-tuned', the whole
+    of BART or only its adapters, and Table 5's visual projection, then layer norms, then adapter. (The updated %
+    alone let a row that lost its CLIP switch, took another preset or kept the adapter pass.)"""
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.peft.trainable import parameter_groups
+
+    lm = {"lm", "bias", "layer_norm", "layer_norm_bias", "projection"}
+    adapter = {"peft", "layer_norm", "layer_norm_bias", "projection"}
+    expected = {3: {"clip_frozen_lm_ft": lm, "clip_ft_lm_ft": lm | {"vision"},
+                    "clip_frozen_single_adapter": adapter, "clip_ft_single_adapter": adapter | {"vision"}},
+                5: {"projection_only": {"projection"}, "projection_layer_norms": {"projection", "layer_norm",
+                                                                                  "layer_norm_bias"},
+                    "single_adapter": adapter}}
+    for number, rows in expected.items():
+        table = get_table(number)
+        assert [r.name for r in table.rows] == list(rows)
+        for row in table.rows:
+            groups = parameter_groups(build_model(row_config(row_overrides(row, feature_cache="/c")), device="meta"))
+            trained = {g for g, params in groups.items() if any(p.requires_grad for _, p in params)}
+            assert trained == rows[row.name], (number, row.name, trained)
+            if "lm" in trained:  # fine-tuned: every weight of BART
+                assert all(p.requires_grad for _, p in groups["lm"]), row.name
+
+
+@needs_assets
+def test_a_table3_rows_result_counts_clip_in_its_updated_pct_and_its_totals(tmp_path):
+    """make_result's updated_pct is the table's headline: with CLIP for Table 3 (CLIP runs in the model, frozen here),
+    without it for Table 1 (cached features); trainable_params / total_params are the model's own counts, CLIP in
+    them where the model holds it."""
+    from vlscale.replicate import make_result
+
+    run = tmp_path / "run"
+    (run / "eval_test").mkdir(parents=True)
+    (run / "eval_test" / "eval_metrics.json").write_text(json.dumps({"tasks": {"vqa": {"vqa_score": 0.5}}}))
+    t3 = {r.name: r for r in TABLES[3].rows}["clip_frozen_single_adapter"]
+    ov = row_overrides(t3, steps=3)
+    counts = updated_params(row_config(ov))
+    r = make_result(t3, TABLES[3], ov, run, None)
+    assert r["updated_pct"] == r["updated_pct_with_vision"] == counts["updated_pct_with_vision"] < counts["updated_pct"]
+    assert r["updated_pct_without_vision"] == pytest.approx(counts["updated_pct"])  # CLIP frozen: the language side's
+    assert (r["trainable_params"], r["total_params"]) == (counts["trainable"], counts["total"])
+    assert counts["total"] > counts["total_without_vision"]  # guard: CLIP is in this model
+    t1 = {r.name: r for r in TABLES[1].rows}["single_adapter"]
+    ov1 = row_overrides(t1, feature_cache=str(tmp_path / "features"), steps=3)
+    r1 = make_result(t1, TABLES[1], ov1, run, None)
+    assert r1["updated_pct"] == updated_params(row_config(ov1))["updated_pct"] > r1["updated_pct_with_vision"]
+
+
+def test_the_markdown_tables_rule_has_a_cell_per_column_and_the_note_says_whether_clip_counts(tmp_path):
+    """The rule under the header has one cell per column (with one fewer, Markdown renders no table at all); the
+    note under a table says how its updated % counts CLIP: Table 3 includes it, Tables 1 and 5 leave it out."""
+    from vlscale.replicate import write_outputs
+
+    rows = {"single_adapter": {"updated_pct": 5.0, "scores": {"vqa": 20.0, "gqa": 30.0}, "avg": 25.0}}
+    head, rule, row = markdown_table(TABLES[1], rows).splitlines()[2:5]
+    assert head == "| Method | Updated params (%) | VQA | GQA | Avg |"
+    assert rule == "|---|---:|---:|---:|---:|"
+    assert row.count("|") == head.count("|") == rule.count("|")
+    said = {1: "all parameters except CLIP's (features precomputed).", 3: "all parameters including CLIP's.",
+            5: "all parameters except CLIP's (features precomputed)."}
+    for number, note in said.items():
+        write_outputs(TABLES[number], tmp_path / str(number), {}, {})
+        md = (tmp_path / str(number) / f"table{number}.md").read_text()
+        assert f"- Updated params: trainable / {note}" in md, md
+        assert md.count("- Updated params:") == 1
+
+
+def test_the_plot_puts_each_row_at_its_updated_pct_and_average_with_its_spread(tmp_path, monkeypatch):
+    """One point per row (in the table's order) at (updated %, average score), on a log x axis, named in the legend
+    with both figures; an error bar of ± the spread over seeds where a row has one; the PNG written whole."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from vlscale.replicate import plot
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to be read
+    results = {"single_prompt": {"updated_pct": 0.5, "avg": 40.0},
+               "full_ft": {"updated_pct": 100.0, "avg": 60.0, "avg_sd": 2.5}}
+    try:
+        assert plot(TABLES[1], results, tmp_path / "table1.png") is None
+        (fig,) = figures
+        ax = fig.axes[0]
+        assert [c.get_offsets().tolist() for c in ax.collections if hasattr(c, "get_offsets")
+                and not hasattr(c, "get_segments")] == [[[100.0, 60.0]], [[0.5, 40.0]]]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full_ft (100.00 %, 60.0 ± 2.5)",
+                                                                        "single_prompt (0.50 %, 40.0)"]
+        assert ax.get_xscale() == "log"
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert [[seg.tolist() for seg in c.lines[2][0].get_segments()] for c in bars] == [[[[100.0, 57.5],
+                                                                                          [100.0, 62.5]]]]
+    finally:
+        for fig in figures:
+            close(fig)
+    assert (tmp_path / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table1.png"]
+
+
+def test_the_runner_runs_at_most_parallel_trainings_at_once(tmp_path):
+    """--parallel N: N trainings at a time and never more (3 rows at 2: two, the third once one has ended);
+    --parallel 1 runs them one after the other."""
+    from collections import deque
+
+    from vlscale.replicate import Job, Runner
+
+    rows = get_table(1).rows
+    span = [sys.executable, "-c", "import time; t = time.time(); time.sleep(0.8); print('SPAN', t, time.time())"]
+    for parallel, n in ((2, 3), (1, 2)):
+        jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / f"{parallel}-{i}", commands=deque([("train", span)]))
+                for i in range(n)]
+        Runner(jobs, parallel, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+        assert [j.phase for j in jobs] == ["done"] * n
+        spans = [tuple(float(v) for v in next(line for line in (j.run_dir / "train.log").read_text().splitlines()
+                                              if line.startswith("SPAN")).split()[1:]) for j in jobs]
+        at_once = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+        assert at_once == parallel, (parallel, spans)
+
+
+def test_a_finished_row_is_evaluated_on_the_test_split_where_its_result_is_read(tmp_path):
+    """A row trained but not evaluated gets one command: evaluate.py on its adapter, the test split, written to
+    eval_test/ (where make_result reads the scores)."""
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    ov = row_overrides(row, feature_cache=str(tmp_path / "features"), steps=300)
+    run = tmp_path / "runs" / "single_adapter"
+    _trained(run, ov)
+    (run / "run_summary.json").write_text(json.dumps({"completed": True}))
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    ((kind, cmd),) = plan_job(row, ov, run).commands
+    assert kind == "eval" and Path(cmd[1]).name == "evaluate.py"
+    args = dict(zip(cmd[2::], cmd[3::]))
+    assert (args["--adapter"], args["--split"], args["--out"]) == (str(run / "adapter"), "test", str(run / "eval_test"))
+
+
+def test_a_finished_row_is_kept_under_other_logging_saving_and_folder_settings(tmp_path):
+    """Where a row ran, how often it logged and saved leave its model and scores alone: its result.json is used; a
+    setting that changes the training is not."""
+    from vlscale.replicate import check_result, write_json
+
+    row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
+    write_json(tmp_path / "result.json", {"overrides": ["train.max_steps=3", "output_dir=/old/run",
+                                                        "train.save_every=500", "train.log_every=10"]})
+    check_result(row, ["train.max_steps=3", "output_dir=/new/run", "train.save_every=1", "train.log_every=7"], tmp_path)
+    with pytest.raises(ReplicationError, match=r"train\.max_steps=3, this run gives train\.max_steps=4"):
+        check_result(row, ["train.max_steps=4", "train.save_every=1"], tmp_path)
+
+
+def test_rows_over_three_seeds_take_the_mean_not_the_middle_seed():
+    """A row's average over seeds is their mean (with two seeds the median is the same number; with three not)."""
+    per_seed = {s: {"full_ft": {"updated_pct": 100.0, "scores": {"vqa": v}, "avg": v}}
+                for s, v in ((0, 10.0), (1, 20.0), (2, 60.0))}
+    rows, partial = aggregate_seeds(per_seed)
+    full = rows["full_ft"]
+    assert (full["avg"], full["scores"], partial) == (30.0, {"vqa": 30.0}, [])
+    assert full["avg_sd"] == pytest.approx(700 ** 0.5)  # sample sd of 10, 20, 60
+
+
+def test_a_feature_caches_fingerprint_follows_the_clip_weights_bytes(tmp_path, monkeypatch):
+    """The fingerprint a feature cache is stamped with (CLIP's alone) reads the weight file's bytes: other weights
+    under the same name give another one, so make_feature_cache refuses the old cache; no weights, another again."""
+    import vlscale.modeling.backbones as backbones
+    from vlscale.replicate import backbone_fingerprint
+
+    monkeypatch.setattr(backbones, "ASSET_DIR", tmp_path)
+    cfg = row_config([])
+    assert cfg.model.vision_pretrained == "synthetic"  # guard: the miniature's CLIP is read from ASSET_DIR
+    weights = tmp_path / f"{cfg.model.vision}.safetensors"
+    weights.write_bytes(b"one set of weights")
+    first = backbone_fingerprint(cfg, vision_only=True)
+    assert backbone_fingerprint(cfg, vision_only=True) == first
+    weights.write_bytes(b"another set of weights")
+    second = backbone_fingerprint(cfg, vision_only=True)
+    assert second != first
+    assert backbone_fingerprint(row_config(["model.vision_pretrained=null"]), vision_only=True) not in (first, second)
