@@ -443,7 +443,9 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
                   activations_at_peak=None if cuda else int(counter_peak["activations"]),
                   grads_at_peak=None if cuda else int(counter_peak["grads"]),
                   rss_peak=_rss_peak_bytes(),
-                  phase_peaks=dict(cuda_phases["peaks"], init=int(init_peak)) if cuda else dict(tracker.phase_peaks),
+                  # init: the set-up's peak on either device (on CPU the tracker's "init" phase went on past
+                  # its reset, through the first batch's making)
+                  phase_peaks=dict(cuda_phases["peaks"] if cuda else tracker.phase_peaks, init=int(init_peak)),
                   phase_starts=({k: v for k, v in cuda_phases["starts"].items() if k != "end"} if cuda
                                 else dict(tracker.phase_starts)))
     return result
