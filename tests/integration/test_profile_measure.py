@@ -107,6 +107,7 @@ def test_zero3_two_ranks_adapters(two_ranks, h):
     _check(meas, 2, h)
     one_rank_params = parameter_inventory(load_config("tiny", [])).total * 4
     assert meas["params"] < 0.6 * one_rank_params  # each rank holds about half
+    assert meas["init_peak"] >= one_rank_params  # the set-up's peak: the whole model each rank built to partition
 
 
 def test_zero3_two_ranks_full_finetuning_checkpointing(two_ranks, h):
