@@ -1290,3 +1290,12 @@ def test_a_feature_caches_fingerprint_follows_the_clip_weights_bytes(tmp_path, m
     second = backbone_fingerprint(cfg, vision_only=True)
     assert second != first
     assert backbone_fingerprint(row_config(["model.vision_pretrained=null"]), vision_only=True) not in (first, second)
+
+
+def test_a_rows_command_log_keeps_the_earlier_invocations_output(tmp_path):
+    """A rerun's command appends to the row's log: the interrupted or failed attempt's output (why it stopped) is
+    kept above the new one, as _clear_partial keeps the logs for that reason."""
+    _run_a_command(tmp_path)
+    _run_a_command(tmp_path)
+    assert [line for line in (tmp_path / "eval.log").read_text().splitlines() if line.startswith("$ ")] == [
+        f"$ {sys.executable} -c pass"] * 2
