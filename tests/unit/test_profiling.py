@@ -959,6 +959,21 @@ def test_measured_ranks_report_the_highest_set_up_peak_and_each_ranks():
     assert (out["init_peak"], out["init_peak_by_rank"]) == (900, [500, 900])
 
 
+def test_saved_tensor_counter_leaves_out_the_modules_buffers():
+    """A batch norm keeps its running statistics (buffers) for backward beside its input: they are the module's
+    state, not activations. In training mode it also keeps the batch's mean and inverse std, which are."""
+    bn = torch.nn.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+    with SavedTensorCounter([bn]) as counter:
+        y = bn(x)
+    assert counter.alive_bytes() == x.numel() * 4 + 2 * 4 * 4  # x, the batch's mean and inverse std
+    bn.eval()
+    with SavedTensorCounter([bn]) as counter:
+        y = bn(x)
+    assert counter.alive_bytes() == x.numel() * 4
+    del y
+
+
 # ----------------------------------------------------------------------------- measured (in process)
 
 def test_measured_cases_refuse_bad_keys_before_starting():
