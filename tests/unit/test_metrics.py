@@ -445,6 +445,55 @@ def test_meteor_stops_its_jvm_even_when_scoring_fails(monkeypatch):
     assert [m.meteor_p.calls for m in made] == [["close", "kill", "wait"]] * 2
 
 
+def test_meteor_whose_jvm_died_is_omitted_without_hanging(monkeypatch, caplog):
+    """pycocoevalcap's Meteor.compute_score takes its lock and, failing (its JVM died: the pipe is broken), leaves it
+    held; _meteor then waited for that lock to stop the JVM and --java-metrics hung for ever after generation. Now
+    the JVM is stopped (closing its broken pipe fails, killing it still runs), the lock is free again for
+    Meteor.__del__, and caption_scores leaves METEOR out with a warning."""
+    pycocoevalcap_meteor = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    import threading
+
+    made = []
+
+    class Process:
+        def __init__(self):
+            self.calls, self.stdin = [], self
+
+        def close(self):
+            self.calls.append("close")
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def kill(self):
+            self.calls.append("kill")
+
+        def wait(self):
+            self.calls.append("wait")
+
+    class DeadJvmMeteor:  # compute_score as pycocoevalcap's, whose first write to the dead JVM fails
+        def __init__(self):
+            self.lock, self.meteor_p = threading.Lock(), Process()
+            made.append(self)
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(pycocoevalcap_meteor, "Meteor", DeadJvmMeteor)
+    monkeypatch.setattr(captioning, "java_available", lambda: True)
+    monkeypatch.setattr(captioning, "_ptb_tokenized", captioning._simple_tokenized)  # no JVM for the tokenizer
+    result = []
+    with caplog.at_level(logging.WARNING):
+        worker = threading.Thread(target=lambda: result.append(caption_scores(PREDS, REFS, use_java=True)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+    assert not worker.is_alive(), "caption_scores hung stopping METEOR's JVM"
+    assert set(result[0]) == {"cider", "bleu4", "rouge_l"}
+    assert "caption_scores: METEOR (Java) failed ([Errno 32] Broken pipe); METEOR is omitted" in caplog.text
+    assert [m.meteor_p.calls for m in made] == [["close", "kill", "wait"]]
+    assert not made[0].lock.locked()
+
+
 # ----------------------------------------------------------------------------- exact match family
 
 def test_exact_match_accuracy_consistency():

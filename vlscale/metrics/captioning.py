@@ -20,6 +20,7 @@ papers report them x100.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -147,9 +148,16 @@ def _meteor(gts: dict, res: dict) -> float:
     try:
         score, _ = scorer.compute_score(gts, res)
     finally:
-        # Stop the JVM now rather than at garbage collection (Meteor.__del__ repeats this harmlessly).
-        with scorer.lock:
-            scorer.meteor_p.stdin.close()
+        # Stop the JVM now rather than at garbage collection (Meteor.__del__ repeats this harmlessly). compute_score
+        # takes scorer.lock without giving it back when it fails (a JVM that died: a broken pipe, an empty line read
+        # as a number), and the lock is not reentrant: waiting for it here hung the evaluation. This thread is its
+        # only user, so it is taken without waiting (or found still held) and given back for Meteor.__del__.
+        scorer.lock.acquire(blocking=False)
+        try:
+            with contextlib.suppress(OSError):  # flushing the pipe of a JVM that died
+                scorer.meteor_p.stdin.close()
             scorer.meteor_p.kill()
             scorer.meteor_p.wait()
+        finally:
+            scorer.lock.release()
     return float(score)
