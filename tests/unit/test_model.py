@@ -521,6 +521,32 @@ def test_the_projection_takes_fp32_features_into_a_half_precision_model():
     assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 16)
 
 
+def test_the_projection_is_the_sum_of_two_layer_norms_with_t5s_epsilon_and_the_image_order():
+    """v = LN(W_f f + b_f) + LN(W_p p + b_p) + E_order[k], both layer norms with eps 1e-6 (T5's layer_norm_epsilon,
+    as VL-T5's visual embedding) and p read as (x1, y1, x2, y2, area). Projections of small spread make the eps
+    count: torch's default 1e-5 on either norm, or the box's coordinates in another order, give other embeddings."""
+    from vlscale.modeling.projector import VisualProjector
+
+    torch.manual_seed(0)
+    proj = VisualProjector(8, 16).double()
+    with torch.no_grad():
+        proj.feat[0].weight.mul_(1e-3), proj.feat[0].bias.mul_(1e-3)
+        proj.pos[0].weight.mul_(1e-3), proj.pos[0].bias.mul_(1e-3)
+        for norm in (proj.feat[1], proj.pos[1]):
+            norm.weight.normal_(), norm.bias.normal_()
+    feats, boxes = torch.randn(2, 2, 3, 8, dtype=torch.float64), torch.rand(2, 2, 3, 5, dtype=torch.float64)
+
+    def layer_norm(x, norm):
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-6) * norm.weight + norm.bias
+
+    expected = (layer_norm(feats @ proj.feat[0].weight.T + proj.feat[0].bias, proj.feat[1])
+                + layer_norm(boxes @ proj.pos[0].weight.T + proj.pos[0].bias, proj.pos[1])
+                + proj.image_order.weight[None, :, None, :])
+    with torch.no_grad():
+        torch.testing.assert_close(proj(feats, boxes, torch.arange(2)), expected)
+
+
 def test_a_v1_1_t5_has_a_head_of_its_own_on_every_build():
     """Flan-T5 / T5 v1.1 configs (tie_word_embeddings false) keep an lm_head apart from the embeddings even on the
     meta build behind counts and plans; the original T5's head is the embedding."""
