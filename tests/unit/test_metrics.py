@@ -349,6 +349,23 @@ def test_caption_scores_refuses_what_it_cannot_score_naming_the_id():
             caption_scores({1: "a man"}, {1: refs}, use_java=False)
 
 
+@pytest.mark.parametrize("use_java", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not captioning.java_available(), reason="needs java (PTB tokenizer)"))])
+def test_caption_scores_take_the_references_of_a_whole_split_in_any_order(monkeypatch, use_java):
+    """Predictions in any order and references of more ids than were predicted, in another order (a split's, as
+    cider takes them): each predicted id is scored against its own references, the others are not scored, as with
+    its references alone. The Python path's references of every id broke BLEU's matching of ids; the PTB path's,
+    taken in the references' order, or its tokens handed out in another order than the predictions', would score
+    a caption against another id's references."""
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
+    own = caption_scores({k: PTB_PREDS[k] for k in (1, 2, 4)}, {k: PTB_REFS[k] for k in (1, 2, 4)}, use_java=use_java)
+    preds, split = {k: PTB_PREDS[k] for k in (2, 4, 1)}, {k: PTB_REFS[k] for k in (5, 1, 3, 4, 2)}
+    out = caption_scores(preds, split, use_java=use_java)
+    assert out.tokens == own.tokens == ("ptb" if use_java else "python")
+    assert out == pytest.approx(dict(own), abs=1e-12)
+
+
 def _fake_ptb_java(returncode=0, trailing_newline=True, stderr=b""):
     """subprocess.run standing in for the PTB tokenizer's JVM: each line of the input file, lowercased."""
     def run(argv, capture_output=True):
