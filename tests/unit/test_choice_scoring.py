@@ -318,3 +318,77 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
     assert scores == {"tvqa": pytest.approx({"accuracy": 2 / 3})}  # q2, q0 right; q1 ("a1" for "a2") wrong
     lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
     assert [(r["uid"], r["prediction"]) for r in lines] == [("q0", "a0"), ("q1", "a1"), ("q2", "a1")]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_on_two_ranks_rank_0_scores_and_writes_every_ranks_records_and_every_rank_returns_its_scores(
+        monkeypatch, tmp_path, capsys, rank):
+    """Each rank decodes its own batches; rank 0 gathers every rank's records, scores them, writes the predictions
+    file and draws the progress bar; the scores it broadcasts are what every rank
+    returns (a trainer's other ranks decide on them too). Rank 1 writes nothing and draws no bar."""
+    import json
+
+    import torch.distributed as dist
+
+    import vlscale.data
+    from vlscale.engine import distributed
+    from vlscale.engine.evaluation import evaluate
+
+    cfg = load_config("tiny", ["data.tasks=[tvqa]"])
+    own = {0: [_tvqa_batch(["q2", "q0"], ["a1", "a0"]), _tvqa_batch(["q4"], ["a1"])],
+           1: [_tvqa_batch(["q1", "q3"], ["a2", "a0"]), _tvqa_batch(["q5"], ["a1"])]}
+    other = predict_task(_RecordingModel(), _SayingTokenizer(["a1", "a0"]), own[1 - rank], "tvqa", device="cpu")
+    monkeypatch.setattr(vlscale.data, "eval_batches", lambda *args, **kwargs: own[rank])
+    monkeypatch.setattr(dist, "all_gather_object",
+                        lambda parts, obj: parts.__setitem__(slice(None), [obj, other] if rank == 0 else [other, obj]))
+    sent = []
+    rank_0s = {"tvqa": {"accuracy": 5 / 6}}  # as rank 0 scores them below: q1 ("a1" for "a2") alone wrong
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0: sent.append(obj) or rank_0s)
+    scores = evaluate(_ModeRecordingModel(), cfg, _SayingTokenizer(["a1", "a0"]), split="val", rank=rank,
+                      world_size=2, predictions_dir=tmp_path)
+    assert scores == rank_0s and len(sent) == 1
+    bar = capsys.readouterr().err
+    if rank == 0:
+        assert sent[0] == {"tvqa": pytest.approx(rank_0s["tvqa"])}
+        lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
+        assert [r["uid"] for r in lines] == ["q0", "q1", "q2", "q3", "q4", "q5"]
+        assert "eval tvqa/val" in bar
+    else:
+        assert not (tmp_path / "tvqa.jsonl").exists() and "eval tvqa" not in bar
+
+
+def test_the_progress_bar_and_the_heartbeat_hear_of_every_batch():
+    """A split's progress bar advances one step per batch decoded, and the trainer's watchdog is fed at each batch
+    (an evaluation longer than VLSCALE_WATCHDOG_TIMEOUT without a beat is taken for a hung rank and the run exits),
+    with where it is for the watchdog's message."""
+    class Bar:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar, beats = Bar(), []
+    batches = [_tvqa_batch(["q0"], ["a0"]), _tvqa_batch(["q1"], ["a1"]), _tvqa_batch(["q2"], ["a2"])]
+    predict_task(_RecordingModel(), _SayingTokenizer(["a0"]), batches, "tvqa", device="cpu", progress=bar,
+                 heartbeat=beats.append)
+    assert bar.n == 3
+    assert beats == ["evaluating tvqa batch 0", "evaluating tvqa batch 1", "evaluating tvqa batch 2"]
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_generation_takes_the_tasks_beams_and_syncs_the_ranks_when_asked(synced):
+    """model.generate gets the task's beam count (captions: 5) and ``synced_gpus`` as evaluate was given it: under
+    ZeRO-3 on several ranks a rank whose batch finished early must keep joining the others' parameter gathers."""
+    asked = []
+
+    class Model:
+        def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+            asked.append((num_beams, synced_gpus))
+            return torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)
+
+    batch = _tvqa_batch(["c0", "c1"], [["a dog"], ["a cat"]], task="caption")
+    predict_task(Model(), _SayingTokenizer(["a dog", "a cat"]), [batch], "caption", device="cpu", synced_gpus=synced)
+    predict_task(Model(), _SayingTokenizer(["a0"]), [_tvqa_batch(["q0"], ["a0"])], "tvqa", device="cpu",
+                 synced_gpus=synced)
+    assert asked == [(5, synced), (1, synced)]
