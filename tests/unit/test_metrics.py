@@ -107,6 +107,37 @@ def test_vqa_accuracy_is_the_mean_over_the_predicted_ids_and_refuses_none():
         vqa_accuracy({"1": "2"}, {"1": []})
 
 
+@pytest.mark.parametrize("word, digit", [("zero", "0"), ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"),
+                                         ("five", "5"), ("six", "6"), ("seven", "7"), ("eight", "8"), ("nine", "9"),
+                                         ("ten", "10")])
+def test_vqa_normalisation_maps_every_number_word_of_the_script(word, digit):
+    # the official script's manualMap: none/zero..ten (and no number word above ten: "eleven" stays)
+    assert normalize_vqa_answer(word.capitalize()) == digit
+
+
+def test_vqa_normalisation_drops_every_article_and_reads_spaces_on_both_sides_of_a_mark():
+    assert normalize_vqa_answer("an apple") == normalize_vqa_answer("the apple") == normalize_vqa_answer("a apple") == "apple"
+    assert normalize_vqa_answer("eleven") == "eleven"
+    # a mark followed by a space is deleted everywhere in the answer, as one preceded by a space
+    assert normalize_vqa_answer("x-ray- ish") == "xray ish"
+    # a comma after a digit but before a letter is not a "digit,digit" comma: marks become spaces
+    assert normalize_vqa_answer("2,blue-green") == "2 blue green"
+
+
+def test_vqa_two_answers_score_by_leave_one_out_not_exact_match():
+    # only a single answer has no leave-one-out subset; with two, each subset holds one answer:
+    # "cat" vs ["cat", "dog"]: leaving "cat" out leaves 0 matches, leaving "dog" out leaves 1 -> (0 + 1/3) / 2
+    assert vqa_score("cat", ["cat", "dog"]) == pytest.approx(1 / 6)
+    assert vqa_score("dog", ["cat", "dog"]) == pytest.approx(1 / 6)
+
+
+def test_vqa_official_quirks_strip_the_answers_before_comparing_them_as_written():
+    # the script strips each answer (and turns newlines and tabs into spaces) before the all-identical check
+    assert vqa_score("yes", ["yes "] * 10, official_quirks=True) == 1.0
+    assert vqa_score("yes", ["\tyes\n"] * 10, official_quirks=True) == 1.0
+    assert vqa_score("red and white", ["red\tand\nwhite"] * 10, official_quirks=True) == 1.0
+
+
 # ----------------------------------------------------------------------------- CIDEr-D
 
 def test_cider_hand_computed():
