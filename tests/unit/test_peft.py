@@ -522,6 +522,23 @@ def test_hyperformer_site_is_the_hypernetwork_chain():
     torch.testing.assert_close(hyper(x, "decoder_1_cross_attn", "gqa"), expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_hyperformer_projector_feeds_the_layernorm_without_an_activation():
+    """z = LayerNorm(W_2 relu(W_1 e + c_1) + c_2): the code's negative entries reach the LayerNorm as they are (a
+    ReLU after W_2 would zero them; the chain test above happened to draw a code with no negative entry)."""
+    lm = make_t5()
+    hyper = apply_peft(lm, peft_cfg("hyperformer"), TASKS).hyperformer
+    perturb(hyper)
+    net = hyper.hypernets["encoder"]
+    with torch.no_grad():
+        net.projector[2].bias.copy_(torch.tensor([-5.0, 5.0, -5.0, 5.0]))
+    e = torch.cat([hyper.task_embeddings.task_embedding_vqa[0], net.layer_embedding.weight[1]])
+    code = net.projector[2](torch.relu(net.projector[0](e)))
+    assert (code < 0).any() and (code > 0).any(), code  # guard: a ReLU here would change it
+    z = torch.nn.functional.layer_norm(code, (4,), net.norm.weight, net.norm.bias)
+    torch.testing.assert_close(hyper.weights("encoder_1_ffn", "vqa")[0],
+                               net.generators["ffn"].down_weight(z).view(D // 8, D), rtol=1e-5, atol=1e-6)
+
 def test_hyperformer_starts_as_the_reference_initialises_it():
     """Task embeddings N(0, 1) (the reference's randn); every generator Linear of W_d and b_d N(0, 1e-2) with a zero
     bias (the reference's init_linear_layer), those of W_u and b_u all zero (the identity at init)."""
