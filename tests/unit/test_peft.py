@@ -667,6 +667,32 @@ def test_compacter_down_weight_starts_with_xavier_std(shared_rule, factorized):
     assert abs(PHMRule(8).rule.std().item() * 8 ** 0.5 - 1) < 0.1  # the shared rule: N(0, 1/n)
 
 
+
+def test_compacter_shared_rule_takes_the_lm_dtype():
+    """The shared PHM rule is built in the LM's dtype like every per-site weight, so a bf16 model's Compacter has no
+    fp32 parameter (one would be an fp32 master/optimizer state of its own and mix dtypes in the Kronecker product)."""
+    lm = make_t5().to(torch.bfloat16)
+    base = logits(lm)
+    peft = apply_peft(lm, peft_cfg("compacter", "multiple", shared_phm_rule=True, factorized_phm=True), TASKS)
+    assert peft.compacter.shared_rule.rule.dtype == torch.bfloat16
+    assert {p.dtype for p in peft.parameters()} == {torch.bfloat16}
+    peft.set_task("vqa")
+    torch.testing.assert_close(logits(lm), base, rtol=0, atol=0)  # runs, the identity at init
+
+
+@pytest.mark.parametrize("method", ["adapter", "compacter", "hyperformer"])
+def test_adapter_methods_honour_peft_fused_false(method, monkeypatch):
+    """peft.fused=false reaches every site: the adapter runs its reference, never the fused kernel's dispatch (which
+    VLSCALE_ADAPTER_BACKEND=triton makes refuse a CPU tensor), for Compacter's and Hyperformer's sites as well."""
+    from vlscale.kernels.adapter import BACKEND_ENV
+
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg(method, "single", fused=False), TASKS)
+    peft.set_task("vqa")
+    base = logits(lm)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    torch.testing.assert_close(logits(lm), base, rtol=0, atol=0)
+
 def test_compacter_shared_rule_missing_is_named():
     from vlscale.peft.compacter import CompacterAdapter
 
