@@ -414,6 +414,7 @@ def test_prompts_come_first_in_the_encoder_input():
     assert embeds.shape[1] == mask.shape[1] == 3 + 16 + 5
     torch.testing.assert_close(embeds[:, :3], model.peft.prompts(3, embeds.dtype))
     torch.testing.assert_close(embeds[:, 3:19], vis)
+    assert mask.eq(1).all()  # the prompts are attended to, as the visual tokens and the (unpadded) text are
 
 
 @pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
@@ -429,6 +430,68 @@ def test_next_token_logits_are_the_teacher_forced_logits_after_the_prefix(backbo
     with torch.no_grad():
         forced = model(batch).logits[:, len(prefix)]
     torch.testing.assert_close(model.next_token_logits(batch, prefix), forced)
+
+
+def _nonzero_peft(model, seed=0):
+    """PEFT weights drawn away from their identity init, so that each task's modules change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.peft.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def test_forward_generate_and_choice_scoring_run_the_batchs_task_whatever_ran_before():
+    """peft.sharing=multiple: a batch's task selects its own adapters in forward, generate and next_token_logits,
+    whichever task the model ran last (an evaluation interleaves tasks; one left on the previous task's adapters
+    gives that task's predictions)."""
+    cfg = _cfg("peft.sharing=multiple")
+    torch.manual_seed(0)
+    model = _nonzero_peft(build_model(cfg, vocab_size=VOCAB).eval())
+    gen = {"max_new_tokens": 3, "num_beams": 1, "do_sample": False, "output_scores": True,
+           "return_dict_in_generate": True}
+    calls = {"forward": lambda b: model(b).logits,
+             "generate": lambda b: torch.stack(model.generate(b, **gen).scores),
+             "next_token_logits": lambda b: model.next_token_logits(b, [7])}
+    vqa, nlvr2 = _batch(cfg, task="vqa"), dict(_batch(cfg, task="vqa"), task="nlvr2")
+    for name, call in calls.items():
+        with torch.no_grad():
+            model.peft.set_task("vqa")
+            want_vqa = call(vqa)
+            want_nlvr2 = call(nlvr2)  # the same inputs through nlvr2's adapters
+            assert not torch.allclose(want_vqa, want_nlvr2), name  # the tasks' adapters differ
+            torch.testing.assert_close(call(vqa), want_vqa, msg=name)  # after nlvr2 ran: vqa's adapters again
+
+
+@pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
+def test_generate_attends_to_the_text_mask_so_padding_changes_nothing(backbone):
+    """An example whose text is padded to its batch's longest generates with the scores it has alone: generate
+    passes the encoder mask (without it the padding tokens were attended to)."""
+    cfg = _cfg(f"model.backbone={backbone}", tasks="[vqa]")
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg, b=2, text_len=7)
+    batch["attention_mask"][0, 4:] = 0
+    alone = dict(batch, input_ids=batch["input_ids"][:1, :4], attention_mask=batch["attention_mask"][:1, :4],
+                 pixel_values=batch["pixel_values"][:1], labels=batch["labels"][:1])
+    gen = {"max_new_tokens": 3, "num_beams": 1, "do_sample": False, "output_scores": True,
+           "return_dict_in_generate": True}
+    padded, single = model.generate(batch, **gen), model.generate(alone, **gen)
+    torch.testing.assert_close(padded.scores[0][:1], single.scores[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_videos_padding_moves_behind_its_text_in_order():
+    """The padding slots of a video move behind its text with its frames and text tokens kept in their order, at
+    any length (an unstable sort keeps short rows in order on the host, not rows of 40 tokens and more)."""
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.max_frames=32", tasks="[tvqa,tvc]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg, task="tvqa", b=2, text_len=20, frames=30)  # example 0: 15 frames of 30
+    embeds, mask = model.encoder_inputs(batch)
+    assert mask[0].tolist() == [1] * 35 + [0] * 15 and mask[1].eq(1).all()
+    vis, _ = model.visual_embeds(batch)
+    text = model.lm.get_encoder().embed_tokens(batch["input_ids"])
+    torch.testing.assert_close(embeds[0, :35], torch.cat([vis[0, :15], text[0]]))
+    torch.testing.assert_close(embeds[1], torch.cat([vis[1], text[1]]))
 
 
 def test_a_tokenizer_larger_than_the_registrys_vocabulary_sizes_the_embeddings():
