@@ -237,3 +237,24 @@ def test_inspect_model_places_every_parameter_once_with_what_trains(backbone, co
     if backbone == "tiny-t5":
         assert placement["lm.encoder.final_layer_norm"]["trainable"] == placement["lm.encoder.final_layer_norm"]["params"]
         assert placement["lm.shared"]["trainable"] == 0
+
+
+def test_inspect_model_prints_each_tables_rows_as_json_counts_them(capsys, launcher):
+    """The printed placement and group tables: one row per entry, sorted by name, its parameters then its trainable
+    ones, as --json gives them; the vocabulary with where it comes from (tiny: the run's tokenizer, which the model's
+    embeddings match); the trainable / total line. Overrides may stand on either side of --json."""
+    inspect_model = launcher("inspect_model")
+    args = ["model.backbone=tiny-bart", "--json", "data.tasks=[vqa]"]
+    assert inspect_model.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["backbone"], report["tasks"]) == ("tiny-bart", ["vqa"])
+    assert report["vocab_source"] == "the run's tokenizer"
+    assert inspect_model.main([a for a in args if a != "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for title, table in (("module", report["placement"]), ("group", report["groups"])):
+        start = next(i for i, line in enumerate(out) if line.split()[:3] == [title, "params", "trainable"]) + 1
+        rows = out[start:start + len(table)]
+        assert rows == [f"{k:<40} {v['params']:>15,} {v['trainable']:>15,}" for k, v in sorted(table.items())]
+        assert any(v["params"] != v["trainable"] for v in table.values())  # the two columns differ somewhere
+    assert f"vocabulary {report['vocab_size']:,} (the run's tokenizer)" in out
+    assert any(line.startswith(f"trainable {report['trainable']:,} / total {report['total']:,} (") for line in out)
