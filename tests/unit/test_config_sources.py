@@ -234,6 +234,34 @@ def test_inspect_model_takes_a_local_tokenizer_folders_vocabulary(launcher):
                                                                       f"tokenizer: {n:,}")
 
 
+def test_inspect_model_reads_the_backbone_folders_tokenizer_or_says_why_not(tmp_path, launcher):
+    """A model.backbone_path folder (t5-small's config, mini-t5's tokenizer files) loads its tokenizer offline:
+    inspect_model reads its length as the trainer does. A tokenizer.json that does not parse is said, with the
+    loader's reason, and the registry's vocabulary is counted instead of a traceback."""
+    import shutil
+
+    from vlscale.data import build_tokenizer
+    from vlscale.modeling.backbones import lm_config
+
+    mini = Path(__file__).resolve().parents[2] / "vlscale" / "assets" / "backbones" / "mini-t5"
+    folder = tmp_path / "t5"
+    lm_config("t5-small").save_pretrained(folder)
+    shutil.copy(mini / "tokenizer_config.json", folder)
+    shutil.copy(mini / "tokenizer.json", folder)
+    cfg = load_config("tiny", ["model.backbone=t5-small", "model.tokenizer=null", "model.pretrained=true",
+                               f"model.backbone_path={folder}", "data.tasks=[vqa]"])
+    n = len(build_tokenizer(cfg))
+    report = launcher("inspect_model").inspect(cfg)
+    assert (report["vocab_size"], report["vocab_source"]) == (32_128, f"model.backbone_path's config.json; the run's "
+                                                                      f"tokenizer: {n:,}")
+    (folder / "tokenizer.json").write_text("not json")
+    report = launcher("inspect_model").inspect(cfg)
+    assert report["vocab_size"] == 32_128
+    assert report["vocab_source"].startswith(f"the registry's 32,128; the tokenizer ({folder}) did not load: cannot "
+                                             f"load the tokenizer for model.backbone_path=")
+    assert report["vocab_source"].endswith("so a trained model's vocabulary may differ")
+
+
 @pytest.mark.parametrize("key", ["model.backbone_path", "model.tokenizer"])
 def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path, key):
     """A folder that is not there (docs/scaling.md's ``model.backbone_path=/data/hf/t5-11b`` on a machine without
