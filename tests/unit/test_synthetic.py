@@ -1,6 +1,7 @@
 """The synthetic world: deterministic, cached, image-dependent tasks; its tokenizer."""
 
 import collections
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -432,6 +433,17 @@ def test_the_special_ids_are_checked_against_the_backbone_folders_config_and_a_f
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^cannot load the tokenizer for model\.tokenizer='.*empty' \(a hub id "):
         build_tokenizer(load_config("tiny", [f"model.tokenizer={tmp_path / 'empty'}"]))
+    # a folder with the model's config.json and no tokenizer files: transformers builds a tokenizer of special
+    # tokens only from it (every word <unk>), refused naming the files looked for
+    from vlscale.modeling.backbones import lm_config
+
+    lm_config("t5-small").save_pretrained(tmp_path / "t5")
+    for key in ("model.tokenizer", "model.backbone_path"):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}='.*t5' holds no tokenizer vocabulary \(none of "
+                                              r"\['spiece\.model', 'tokenizer\.json'\]; transformers would build a "
+                                              r"T5Tokenizer of \d+ special tokens"):
+            build_tokenizer(load_config("tiny", ["model.backbone=t5-small", "model.tokenizer=null",
+                                                 f"{key}={tmp_path / 't5'}", "model.pretrained=true"]))
 
 
 def test_visual_sentinels_are_special_tokens_down_to_one():

@@ -15,6 +15,7 @@ disagrees, naming both, as targets would end in a token generation does not stop
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 SYNTHETIC_SPM = Path(__file__).resolve().parent.parent / "assets" / "synthetic_spm.model"
@@ -90,11 +91,19 @@ def _auto(source: str, what: str):
     if missing_source(source):
         raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
                           f"or a local HF cache; a local directory needs its tokenizer files): "
                           f"{' '.join(str(e).split())}") from e
+    # transformers builds a tokenizer with no vocabulary (special tokens only) from a folder holding a config.json
+    # and none of the tokenizer class's files: every word would be <unk>
+    files = sorted(set(getattr(tok, "vocab_files_names", {}).values()))
+    if os.path.isdir(source) and files and not any(os.path.isfile(os.path.join(source, f)) for f in files):
+        raise SourceError(f"{what}={source!r} holds no tokenizer vocabulary (none of {files}; transformers would "
+                          f"build a {type(tok).__name__} of {len(tok)} special tokens from its config.json): copy "
+                          f"the backbone's tokenizer files there, or name them with model.tokenizer")
+    return tok
 
 
 def add_visual_sentinels(tok, n: int):
