@@ -116,7 +116,8 @@ def test_vqa_normalisation_maps_every_number_word_of_the_script(word, digit):
 
 
 def test_vqa_normalisation_drops_every_article_and_reads_spaces_on_both_sides_of_a_mark():
-    assert normalize_vqa_answer("an apple") == normalize_vqa_answer("the apple") == normalize_vqa_answer("a apple") == "apple"
+    assert (normalize_vqa_answer("an apple") == normalize_vqa_answer("the apple") == normalize_vqa_answer("a apple")
+            == "apple")
     assert normalize_vqa_answer("eleven") == "eleven"
     # a mark followed by a space is deleted everywhere in the answer, as one preceded by a space
     assert normalize_vqa_answer("x-ray- ish") == "xray ish"
