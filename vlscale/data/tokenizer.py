@@ -9,7 +9,9 @@ visual sentinels). The synthetic tokenizer follows T5 (pad=0, eos=1, unk=2, 100 
 sentinels at the end) and also has ``<s>`` (id 3) as bos, so tiny BART models use it as well.
 The tokenizer's pad and eos ids must be the language model's, and its decoder start one of the
 tokenizer's pad / eos / bos (T5: pad, BART: eos); :func:`check_special_ids` refuses a pair that
-disagrees, naming both, as targets would end in a token generation does not stop at.
+disagrees, naming both, as targets would end in a token generation does not stop at. A local directory
+must hold the tokenizer's files (transformers builds a tokenizer of special tokens only from a folder with
+just a ``config.json``): one without them is refused, naming the files looked for.
 """
 
 from __future__ import annotations
