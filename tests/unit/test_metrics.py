@@ -611,6 +611,22 @@ def test_consistency_counts_the_groups_of_predicted_examples():
         nlvr2_scores(preds, refs, {})
 
 
+def test_exact_match_family_takes_any_reference_and_averages_over_the_predicted_ids():
+    """A prediction is right when it equals any of its references (not only the first, nor all of them); the
+    mean is over the predicted ids, references of other ids do not count (0.5, not 1/3)."""
+    refs = {"q1": ["cup", "mug"], "q2": ["red"], "q3": ["blue"]}
+    assert exact_match({"q1": "mug", "q2": "blue"}, refs) == pytest.approx(0.5)
+    assert accuracy({"q1": "Mug.", "q2": "blue"}, refs) == pytest.approx(0.5)
+    assert score_task("tvqa", {"1": "a2"}, {"1": ["a0", "a2"], "2": ["a1"]}) == {"accuracy": 1.0}
+
+
+def test_consistency_a_wrong_example_fails_its_group_whatever_follows():
+    """A group is right only if all its examples are: a wrong one before right ones still fails the group."""
+    preds = {"q1": "false", "q2": "true", "q3": "true"}
+    refs = {"q1": ["true"], "q2": ["true"], "q3": ["true"]}
+    assert consistency(preds, refs, {"q1": "g1", "q2": "g1", "q3": "g2"}) == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------- score_task
 
 def _has_pycocoevalcap():
