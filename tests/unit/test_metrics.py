@@ -691,3 +691,52 @@ def test_score_task_errors_and_partial_references(caplog):
     with caplog.at_level(logging.WARNING):
         out = score_task("gqa", {"1": "x"}, {"1": ["x"], "2": ["y"]})
     assert out == {"exact_match": 1.0} and "1 reference ids have no prediction" in caplog.text
+
+
+def test_score_task_refusals_name_the_task_and_all_predicted_ids_warn_nothing(caplog, monkeypatch):
+    """score_task's own refusals name the task (not a bare KeyError or the inner metric's name); every reference
+    predicted warns nothing; a task whose TaskSpec names a metric this module lacks is refused naming both."""
+    import dataclasses
+
+    from vlscale.data import tasks
+
+    with pytest.raises(ValueError, match=r"^score_task\('gqa'\): no predictions to score$"):
+        score_task("gqa", {}, {"1": ["x"]})
+    with pytest.raises(KeyError, match=r"score_task\('gqa'\): prediction id '7' is not in the references"):
+        score_task("gqa", {"7": "x"}, {"1": ["x"]})
+    with caplog.at_level(logging.WARNING):
+        assert score_task("gqa", {"1": "x"}, {"1": ["x"]}) == {"exact_match": 1.0}
+    assert "reference ids have no prediction" not in caplog.text
+    odd = dataclasses.replace(tasks.get_task("gqa"), metric="bleu")
+    monkeypatch.setattr(tasks, "get_task", lambda name: odd)
+    with pytest.raises(ValueError, match="^score_task: task 'gqa' names metric 'bleu', which vlscale.metrics does "
+                                         r"not implement \(vqa_score, exact_match, accuracy, cider\)$"):
+        score_task("gqa", {"1": "x"}, {"1": ["x"]})
+
+
+def test_score_task_vqa_takes_a_single_reference_string():
+    """A reference string is the one answer for VQA too (vqa_score alone refuses a string)."""
+    assert score_task("vqa", {1: "Two"}, {1: "2"}) == {"vqa_score": 1.0}
+
+
+def test_score_task_caption_bleu4_and_rouge_l_are_coco_captions_and_cider_stands_without_pycocoevalcap(
+        monkeypatch, caplog):
+    """The Java-free caption set: bleu4 is pycocoevalcap's 4-gram BLEU (not the 3-gram one) and rouge_l its ROUGE-L
+    on the Python tokens; without pycocoevalcap only cider is reported, with a warning saying why."""
+    pytest.importorskip("pycocoevalcap")
+    import sys
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    out = score_task("caption", PTB_PREDS, PTB_REFS)
+    res, gts = captioning._simple_tokenized(PTB_PREDS, PTB_REFS)
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    assert abs(bleu[3] - bleu[2]) > 1e-3  # the case tells them apart
+    assert out == pytest.approx({"cider": cider(PTB_PREDS, PTB_REFS), "bleu4": bleu[3],
+                                 "rouge_l": Rouge().compute_score(gts, res)[0]}, abs=1e-12)
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.bleu.bleu", None)  # import raises ImportError
+    with caplog.at_level(logging.WARNING):
+        out = score_task("caption", PTB_PREDS, PTB_REFS)
+    assert out == pytest.approx({"cider": cider(PTB_PREDS, PTB_REFS)})
+    assert "score_task: bleu4 and rouge_l need pycocoevalcap" in caplog.text
