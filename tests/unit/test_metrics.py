@@ -740,3 +740,14 @@ def test_score_task_caption_bleu4_and_rouge_l_are_coco_captions_and_cider_stands
         out = score_task("caption", PTB_PREDS, PTB_REFS)
     assert out == pytest.approx({"cider": cider(PTB_PREDS, PTB_REFS)})
     assert "score_task: bleu4 and rouge_l need pycocoevalcap" in caplog.text
+
+
+def test_cider_n_max_counts_lengths_in_bigrams_as_coco_caption():
+    """``n_max`` is the highest n-gram order; the penalty's lengths are bigram counts whatever it is (coco-caption's
+    counts2vec counts ``n == 1``), so with n_max=1 (none counted) there is no length penalty. "a b c" vs "a b":
+    unigram cos 2 / sqrt(6), 10 * that (counting words would multiply by exp(-1 / 72)); with n_max=2 the mean of
+    the unigram and bigram cosines (test_cider_clipping_and_length_penalty) with the penalty."""
+    preds, refs = {"x": "a b c", "y": "d e"}, {"x": ["a b"], "y": ["d e"]}
+    assert cider_per_image(preds, refs, n_max=1)["x"] == pytest.approx(10 * 2 / math.sqrt(6))
+    assert cider_per_image(preds, refs, n_max=2)["x"] == \
+        pytest.approx(10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 2 * math.exp(-1 / 72))
