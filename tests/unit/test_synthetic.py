@@ -553,3 +553,84 @@ def test_nlvr2_draws_again_statements_no_image_pair_can_meet():
     meet such sets) is generated."""
     sp = generate_split("nlvr2", "train", 2000, seed=0, image_size=16)
     assert len(sp) == 2000 and len(sp.visuals) == 1000
+
+
+# ----------------------------------------------------------------------------- truth read from the text
+
+def _nlvr2_oracle(text: str, left: list, right: list) -> bool:
+    """A statement's truth read from its words and the two scenes alone (not from NLVR_TEMPLATES)."""
+    side = {"left": left, "right": right}
+    if m := re.fullmatch(r"the (left|right) image contains a (\w+) (\w+)\.", text):
+        return any((o["color"], o["shape"]) == (m[2], m[3]) for o in side[m[1]])
+    if m := re.fullmatch(r"both images contain a (\w+)\.", text):
+        return all(any(o["shape"] == m[1] for o in objs) for objs in (left, right))
+    if m := re.fullmatch(r"each image contains a (\w+) object\.", text):
+        return all(any(o["color"] == m[1] for o in objs) for objs in (left, right))
+    if m := re.fullmatch(r"there are more (\w+)s in the left image than in the right image\.", text):
+        return sum(o["shape"] == m[1] for o in left) > sum(o["shape"] == m[1] for o in right)
+    m = re.fullmatch(r"the (left|right) image has exactly (\w+) objects?\.", text)
+    return len(side[m[1]]) == ("zero", "one", "two", "three", "four").index(m[2])
+
+
+def test_each_nlvr2_statement_says_what_its_image_pair_shows():
+    """The label of every template ("contains" on the side it names, "both" / "each" of both images, "more" strictly,
+    "exactly" of the side it names) agrees with the statement's words read against the scenes; every template
+    occurs both true and false."""
+    seen = set()
+    for e in generate_split("nlvr2", "test", 400, image_size=16).examples:
+        left, right = ([dict(zip(("color", "shape", "size", "row", "col"), o)) for o in s] for s in e.extra["scene"])
+        assert _nlvr2_oracle(e.text, left, right) == (e.target == "true"), (e.uid, e.text, e.extra["scene"])
+        seen.add((e.extra["template"], e.target))
+    assert seen == {(t, v) for t in syn.NLVR_TEMPLATES for v in ("true", "false")}, seen
+
+
+@pytest.mark.parametrize("task", ["tvqa", "how2qa"])
+def test_a_video_question_names_one_object_and_is_answered_by_it(task):
+    """"Which colour moves left" has one mover going left (another going the same way would make two right answers);
+    "which way does the red circle move" names one object, and the answer is its motion."""
+    phrases = syn._VIDEO_Q[task]["answers"]  # direction -> the answer's words
+    kinds = collections.Counter()
+    for e in generate_split(task, "train", 200, image_size=16).examples:
+        objs = [dict(color=o[0], shape=o[1], direction=d) for o, d in zip(e.extra["scene"][0], e.extra["motions"])]
+        words = e.extra["question"].rstrip("?").split()
+        if e.extra["answer_text"] in COLORS:
+            (d,) = [d for d, p in phrases.items() if e.extra["question"].rstrip("?").endswith(" " + p)]
+            movers = [o for o in objs if o["direction"] == d]
+            assert len(movers) == 1 and movers[0]["color"] == e.extra["answer_text"], (e.uid, e.text, objs)
+        else:
+            at = words.index("the")
+            named = [o for o in objs if (o["color"], o["shape"]) == tuple(words[at + 1:at + 3])]
+            assert len(named) == 1 and phrases[named[0]["direction"]] == e.extra["answer_text"], (e.uid, e.text, objs)
+        kinds[e.extra["answer_text"] in COLORS] += 1
+    assert set(kinds) == {True, False}, kinds
+
+
+def test_chance_level_is_the_expected_score_of_a_uniform_guess():
+    """1 / |answer space| per question type (nlvr2 1/2, tvqa 1/5, gqa 1/6 or 1/4); VQA scores each guess against
+    the 10 answers, so a question all ten annotators answered "red" is 1/6 too."""
+    def ex(task, qtype, refs=()):
+        return Example(task, "u", "q", refs[0] if refs else "x", ["i"], list(refs), {"qtype": qtype})
+    assert chance_level([ex("nlvr2", "statement")], "nlvr2") == pytest.approx(1 / 2)
+    assert chance_level([ex("tvqa", "choice")], "tvqa") == pytest.approx(1 / 5)
+    assert chance_level([ex("gqa", "rel_color"), ex("gqa", "rel_shape")], "gqa") == pytest.approx((1 / 6 + 1 / 4) / 2)
+    assert chance_level([ex("vqa", "color", ["red"] * 10)], "vqa") == pytest.approx(1 / 6)
+    assert chance_level([ex("vqa", "count", ["2"] * 10)], "vqa") == pytest.approx(1 / 4)
+
+
+def _qa(uid, question, target, text=None):
+    extra = {"qtype": "rel_color"} if text is None else {"qtype": "rel_color", "question": question}
+    return Example("gqa", uid, text if text is not None else question, target, ["i"], [target], extra)
+
+
+def test_the_baseline_keys_answers_on_the_first_words_and_on_the_whole_question():
+    """Each prior is tried: an answer told by the first two words (the rest unseen words) is found by the first-2
+    prior alone; one told by the order of words 4-5 (the bag of words the same) by the whole-question prior alone,
+    which reads extra["question"] where a loader gives it (the text then also holds words the question has not)."""
+    def pairs(a, b, n):
+        return [_qa(f"{a}{i}", f"aa bb {a}{i}", "x") for i in range(n)] + [_qa(f"{b}{i}", f"bb aa {b}{i}", "y")
+                                                                         for i in range(n)]
+    assert answer_prior_baseline(pairs("t", "u", 10), pairs("e", "f", 5), "gqa") == 1.0
+    order = [("q q q aa bb", "x"), ("q q q bb aa", "y")]
+    train = [_qa(f"t{i}{j}", q, a, f"{q} n{i}{j}") for i in range(6) for j, (q, a) in enumerate(order)]
+    test = [_qa(f"e{i}{j}", q, a, f"{q} m{i}{j}") for i in range(3) for j, (q, a) in enumerate(order)]
+    assert answer_prior_baseline(train, test, "gqa") == 1.0
