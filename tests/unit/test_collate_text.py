@@ -52,6 +52,9 @@ def test_cut_texts_are_counted_and_logged_once_per_task(setup, caplog):
     with caplog.at_level("WARNING", logger="vlscale.data.collate"):
         c.encode_text(short, "gqa")
     assert "gqa" not in caplog.text and ("gqa", "max_input_length") not in c.truncated
+    with caplog.at_level("WARNING", logger="vlscale.data.collate"):  # another task's first cut is logged too
+        c.encode_text([Example("gqa", "g", EXAMPLES[0].text, "red", ["i"])] * 2, "gqa")
+    assert caplog.text.count("gqa: 2 of 2 inputs in a batch are longer than data.max_input_length=8") == 1
 
 
 def test_a_text_exactly_at_the_limit_is_not_counted_as_cut(setup, caplog):

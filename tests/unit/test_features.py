@@ -126,6 +126,23 @@ def test_a_batch_of_videos_shorter_than_max_frames_is_padded_to_its_longest(tok)
     frames = [[[np.full((16, 16, 3), k, np.uint8) for k in range(n)]] for n in (1, 2)]
     pixels = c(split.examples, frames)
     assert pixels["pixel_values"].shape == (2, 1, 2, 3, 16, 16) and pixels["vis_mask"].tolist() == [[[1, 0]], [[1, 1]]]
+    assert (pixels["pixel_values"][0, 0, 1] == 0).all()  # the padding frame is zeros, as feature padding is
+    assert (pixels["pixel_values"][1, 0, 1] == 1 / 255).all()
+
+
+def test_each_example_gets_its_own_images_in_order(tok):
+    """pixel_values[b, j] / vis_feats[b, j] is example b's j-th image, with more examples than images each (two
+    NLVR2 pairs; three examples of grid features)."""
+    split = generate_split("nlvr2", "val", 8, image_size=16)
+    ex = split.examples
+    assert len({tuple(e.image_ids) for e in ex}) == 2
+    batch = _collator(tok)(ex, fetch_visuals(SyntheticImages(split.visuals), ex))
+    for b, e in enumerate(ex):
+        for j, i in enumerate(e.image_ids):
+            assert torch.equal(batch["pixel_values"][b, j], _plain_transform([split.visuals[i]])[0]), (b, j)
+    g = [[torch.randn(4, 8), torch.randn(4, 8)] for _ in range(3)]
+    feats = _collator(tok)(ex[:3], g)["vis_feats"]
+    assert all(torch.equal(feats[b, j], g[b][j]) for b in range(3) for j in range(2))
 
 
 def test_collate_refuses_a_malformed_batch_naming_it(tok):
