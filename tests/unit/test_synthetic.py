@@ -634,3 +634,20 @@ def test_the_baseline_keys_answers_on_the_first_words_and_on_the_whole_question(
     train = [_qa(f"t{i}{j}", q, a, f"{q} n{i}{j}") for i in range(6) for j, (q, a) in enumerate(order)]
     test = [_qa(f"e{i}{j}", q, a, f"{q} m{i}{j}") for i in range(3) for j, (q, a) in enumerate(order)]
     assert answer_prior_baseline(train, test, "gqa") == 1.0
+
+
+def test_the_baseline_tries_how_often_a_candidates_text_was_gold_when_offered():
+    """For multiple choice, "blue" gold each of the 2 times it was offered beats "red" gold 4 times of 10 (naive Bayes
+    over the answer texts counts golds, not the rate); positions alone are at chance here."""
+    def choice(uid, cands, gold, shift):
+        cands = cands[shift % 5:] + cands[:shift % 5]
+        return Example("tvqa", uid, "q", f"a{cands.index(gold)}", ["i"], [f"a{cands.index(gold)}"],
+                       {"qtype": "choice", "question": "q", "candidates": cands})
+
+    def fill(i, n):  # candidates named nowhere else
+        return [f"w{i}x{k}" for k in range(n)]
+    train = ([choice(f"r{i}", ["red"] + fill(i, 4), "red", i) for i in range(4)]
+             + [choice(f"b{i}", ["red", "blue"] + fill(4 + i, 3), "blue", i) for i in range(2)]
+             + [choice(f"g{i}", ["red"] + fill(6 + i, 4), f"w{6 + i}x0", i) for i in range(4)])
+    test = [choice(f"e{i}", ["red", "blue"] + fill(10 + i, 3), "blue", i) for i in range(5)]
+    assert answer_prior_baseline(train, test, "tvqa") == 1.0
