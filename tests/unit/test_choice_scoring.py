@@ -80,10 +80,11 @@ class _T5LikeTokenizer(_BartLikeTokenizer):
 
 class _RecordingModel:
     def __init__(self):
-        self.budgets = []
+        self.budgets, self.searches = [], []
 
     def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
         self.budgets.append(max_new_tokens)
+        self.searches.append((num_beams, synced_gpus))
         return torch.zeros(inputs["input_ids"].shape[0], max_new_tokens, dtype=torch.long)
 
 
@@ -380,15 +381,9 @@ def test_the_progress_bar_and_the_heartbeat_hear_of_every_batch():
 def test_generation_takes_the_tasks_beams_and_syncs_the_ranks_when_asked(synced):
     """model.generate gets the task's beam count (captions: 5) and ``synced_gpus`` as evaluate was given it: under
     ZeRO-3 on several ranks a rank whose batch finished early must keep joining the others' parameter gathers."""
-    asked = []
-
-    class Model:
-        def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
-            asked.append((num_beams, synced_gpus))
-            return torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)
-
+    model = _RecordingModel()
     batch = _tvqa_batch(["c0", "c1"], [["a dog"], ["a cat"]], task="caption")
-    predict_task(Model(), _SayingTokenizer(["a dog", "a cat"]), [batch], "caption", device="cpu", synced_gpus=synced)
-    predict_task(Model(), _SayingTokenizer(["a0"]), [_tvqa_batch(["q0"], ["a0"])], "tvqa", device="cpu",
+    predict_task(model, _SayingTokenizer(["a dog", "a cat"]), [batch], "caption", device="cpu", synced_gpus=synced)
+    predict_task(model, _SayingTokenizer(["a0"]), [_tvqa_batch(["q0"], ["a0"])], "tvqa", device="cpu",
                  synced_gpus=synced)
-    assert asked == [(5, synced), (1, synced)]
+    assert model.searches == [(5, synced), (1, synced)]
