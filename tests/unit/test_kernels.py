@@ -231,11 +231,12 @@ def test_input_validation_names_the_argument():
 
 # ------------------------------------------------------------------------------- Triton interpreter
 def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
-    # 2 shapes x 2 activations x with/without bias x 4 configs: multi-block grids, hidden split
-    # across programs, several row groups in the fused backward, masked rows/columns, and the
-    # cuBLAS weight-gradient variants (tests/unit/triton_interpreter_checks.py: kernel_cases).
+    # 2 shapes x 2 activations x with/without bias x 6 configs: multi-block grids, hidden split
+    # across programs, several row groups in the fused backward, masked rows/columns, the one-pass
+    # and two-kernel paths, the cuBLAS weight-gradient variants; and a hidden of 300, wider than the
+    # one-pass kernels take (tests/unit/triton_interpreter_checks.py: kernel_cases).
     results = triton_interpreter["kernels"]
-    assert len(results) == 32
+    assert len(results) == 52
     for r in results:
         assert r["dtype"] == "torch.float32"
         assert len(r["errs"]) == (6 if r["case"][4] else 4)
@@ -245,16 +246,20 @@ def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
 
 def test_triton_backward_runs_the_kernels_its_config_names(triton_interpreter):
     """The values above match whichever way the gradients are computed: each case's first-order backward also
-    runs the kernels (not the differentiable PyTorch backward), and the ones its KernelConfig names: the dz kernel
-    and the dx kernel with cuBLAS weight gradients by default, the fused backward kernel with bwd_fused=True (dW_d
-    in it too unless bwd_fuse_dwd=False), each with the case's tiles."""
-    forward = ["down_fwd", "up_fwd"]
-    expected = {"default": ["down_bwd", "up_dx"], "small_unfused": ["down_bwd", "up_dx"],
-                "small_fused": ["down_bwd", "up_bwd_dwd"], "small_cublas_dwd": ["down_bwd", "up_bwd"]}
+    runs the kernels (not the differentiable PyTorch backward), and the ones its KernelConfig names: by default the
+    one-pass forward, and the one-pass dz + dx kernel with cuBLAS weight gradients; with fwd_rows=bwd_rows=False the
+    two-kernel paths (dz kernel, then dx kernel, or with bwd_fused=True the fused backward kernel, dW_d in it too
+    unless bwd_fuse_dwd=False); the one-pass kernels with bwd_fused=True (the fused kernel for the weight gradients
+    only); and for a hidden wider than ROWS_MAX_HIDDEN the two-kernel path by default; each with the case's tiles."""
+    rows, two = ["rows_fwd", "rows_bwd"], ["down_fwd", "up_fwd", "down_bwd"]
+    expected = {"default": rows, "small_rows": rows, "small_rows_wgrad": rows + ["wgrad_dwd"],
+                "small_unfused": two + ["up_dx"], "small_fused": two + ["up_bwd_dwd"],
+                "small_cublas_dwd": two + ["up_bwd"]}
     results = triton_interpreter["kernels"]
     assert {r["case"][5] for r in results} == set(expected)
     for r in results:
-        assert r["launches"] == sorted(forward + expected[r["case"][5]]), r["case"]
+        wide = r["case"][2] > ka.ROWS_MAX_HIDDEN
+        assert r["launches"] == sorted(two + ["up_dx"] if wide else expected[r["case"][5]]), r["case"]
         assert r["tiles_as_configured"], r["case"]  # the small tiles' multi-block grids ran as configured
 
 

@@ -19,8 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 @contextlib.contextmanager
 def recorded_launches():
     """Yields a list to which every kernel launch of vlscale.kernels.adapter appends (name, its KernelConfig), in
-    order; the names: ``down_fwd``, ``up_fwd`` (forward), ``down_bwd`` (dz), ``up_dx`` (dx, unfused backward),
-    ``up_bwd`` / ``up_bwd_dwd`` (the fused backward kernel, the latter also computing dW_d)."""
+    order; the names: ``rows_fwd`` (the one-pass forward), ``rows_bwd`` (the one-pass dz and dx), ``down_fwd``,
+    ``up_fwd`` (the two-kernel forward), ``down_bwd`` (dz), ``up_dx`` (dx, unfused backward), ``up_bwd`` /
+    ``up_bwd_dwd`` (the fused backward kernel computing dx, the latter also dW_d), ``wgrad`` / ``wgrad_dwd`` (the
+    same kernel after ``rows_bwd``: weight gradients only)."""
     from vlscale.kernels import adapter as ka
 
     launches = []
@@ -32,18 +34,24 @@ def recorded_launches():
             return out
         return run
 
-    originals = ka._launch_down, ka._launch_up, ka._launch_up_bwd
+    names = ("_launch_down", "_launch_up", "_launch_up_bwd", "_launch_fwd_rows", "_launch_bwd_rows")
+    originals = [getattr(ka, n) for n in names]
     ka._launch_down = recorded(ka._launch_down, lambda a, out: "down_bwd" if a[5] else "down_fwd")
     ka._launch_up = recorded(ka._launch_up, lambda a, out: "up_dx" if a[4] else "up_fwd")
-    ka._launch_up_bwd = recorded(ka._launch_up_bwd, lambda a, out: "up_bwd" if out[3] is None else "up_bwd_dwd")
+    ka._launch_up_bwd = recorded(ka._launch_up_bwd, lambda a, out: ("up_bwd" if a[5] else "wgrad")
+                                 + ("" if out[3] is None else "_dwd"))
+    ka._launch_fwd_rows = recorded(ka._launch_fwd_rows, lambda a, out: "rows_fwd")
+    ka._launch_bwd_rows = recorded(ka._launch_bwd_rows, lambda a, out: "rows_bwd")
     try:
         yield launches
     finally:
-        ka._launch_down, ka._launch_up, ka._launch_up_bwd = originals
+        for n, f in zip(names, originals):
+            setattr(ka, n, f)
 
 
 def kernel_cases() -> list[dict]:
-    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 4 configs, the kernel
+    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 6 configs, and a hidden
+    wider than the one-pass kernels take (the two-kernel path by default) x 2 activations x bias; the kernel
     launches of each case's forward and backward (``launches``, sorted; :func:`recorded_launches`) and whether
     every launch had the case's tiles (its config, or ``default_config`` for none)."""
     with recorded_launches() as launches:
@@ -64,38 +72,43 @@ def _kernel_cases(launches: list) -> list[dict]:
     results = []
     small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
                  up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
-                 bwd_stages=1)
-    configs = {"default": None, "small_fused": KernelConfig(**small, bwd_fused=True),
-               "small_cublas_dwd": KernelConfig(**small, bwd_fused=True, bwd_fuse_dwd=False),
-               "small_unfused": KernelConfig(**small, bwd_fused=False)}
-    for tokens, d_model, hidden in ((37, 40, 24), (19, 32, 16)):
+                 bwd_stages=1, rows_block_m=16, rows_block_k=16, rows_block_n=16, rows_stages=1)
+    two = dict(fwd_rows=False, bwd_rows=False)
+    configs = {"default": None, "small_fused": KernelConfig(**small, **two, bwd_fused=True),
+               "small_cublas_dwd": KernelConfig(**small, **two, bwd_fused=True, bwd_fuse_dwd=False),
+               "small_unfused": KernelConfig(**small, **two, bwd_fused=False),
+               "small_rows": KernelConfig(**small),
+               "small_rows_wgrad": KernelConfig(**small, bwd_fused=True)}
+    cases = [(shape, cname) for shape in ((37, 40, 24), (19, 32, 16)) for cname in configs]
+    cases += [((7, 16, 300), "default")]
+    for (tokens, d_model, hidden), cname in cases:
+        cfg = configs[cname]
         for activation in ("gelu", "gelu_tanh"):
             for bias in (True, False):
-                for cname, cfg in configs.items():
-                    x = torch.randn(tokens, d_model, dtype=torch.float64)
-                    wd = torch.randn(hidden, d_model, dtype=torch.float64) / d_model ** 0.5
-                    wu = torch.randn(d_model, hidden, dtype=torch.float64) / hidden ** 0.5
-                    bd = torch.randn(hidden, dtype=torch.float64) if bias else None
-                    bu = torch.randn(d_model, dtype=torch.float64) if bias else None
-                    dh = torch.randn(tokens, d_model, dtype=torch.float64)
-                    args64 = [t.requires_grad_(True) if t is not None else None for t in (x, wd, bd, wu, bu)]
-                    ref = adapter_reference(*args64, activation=activation)
-                    present64 = [t for t in args64 if t is not None]
-                    gref = torch.autograd.grad(ref, present64, dh)
-                    args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
-                    launches.clear()
-                    out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
-                    present32 = [t for t in args32 if t is not None]
-                    g = torch.autograd.grad(out, present32, dh.float())
-                    errs = [(out.double() - ref).abs().max().item()]
-                    errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
-                    scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
-                    results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
-                                    "dtype": str(out.dtype), "errs": errs, "scale": scale,
-                                    "launches": sorted(name for name, _ in launches),
-                                    "tiles_as_configured": all(
-                                        c == (cfg or default_config(d_model, hidden, torch.float32))
-                                        for _, c in launches)})
+                x = torch.randn(tokens, d_model, dtype=torch.float64)
+                wd = torch.randn(hidden, d_model, dtype=torch.float64) / d_model ** 0.5
+                wu = torch.randn(d_model, hidden, dtype=torch.float64) / hidden ** 0.5
+                bd = torch.randn(hidden, dtype=torch.float64) if bias else None
+                bu = torch.randn(d_model, dtype=torch.float64) if bias else None
+                dh = torch.randn(tokens, d_model, dtype=torch.float64)
+                args64 = [t.requires_grad_(True) if t is not None else None for t in (x, wd, bd, wu, bu)]
+                ref = adapter_reference(*args64, activation=activation)
+                present64 = [t for t in args64 if t is not None]
+                gref = torch.autograd.grad(ref, present64, dh)
+                args32 = [t.detach().float().requires_grad_(True) if t is not None else None for t in args64]
+                launches.clear()
+                out = fused_adapter(*args32, activation=activation, backend="triton", config=cfg)
+                present32 = [t for t in args32 if t is not None]
+                g = torch.autograd.grad(out, present32, dh.float())
+                errs = [(out.double() - ref).abs().max().item()]
+                errs += [(a.double() - b).abs().max().item() for a, b in zip(g, gref)]
+                scale = [ref.abs().max().item()] + [b.abs().max().item() for b in gref]
+                results.append({"case": [tokens, d_model, hidden, activation, bias, cname],
+                                "dtype": str(out.dtype), "errs": errs, "scale": scale,
+                                "launches": sorted(name for name, _ in launches),
+                                "tiles_as_configured": all(
+                                    c == (cfg or default_config(d_model, hidden, torch.float32))
+                                    for _, c in launches)})
     return results
 
 

@@ -17,19 +17,21 @@ Both fused paths save only x (the caller's tensor, also when it is a strided vie
 weights for backward and recompute act(z) and act'(z) from z there; the plain autograd graph of
 :func:`adapter_reference` also keeps act(z).
 
-* Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``), three kernels.
-  ``_down_kernel`` (one program per (rows, hidden slice) tile, reduction over d_model):
-  forward z = x W_d^T + b_d with bias + activation in its epilogue (stores z, the only saved
-  activation, and act(z) for the next kernel); backward dz = (dh W_u) * act'(z) with act(z) and
-  act'(z) recomputed from z in the epilogue, plus per-block column sums of dz for db_d.
-  ``_up_kernel`` (one program per output tile, reduction over hidden): forward
-  h = x + act(z) W_u^T + b_u with the residual and bias fused in the epilogue.
-  backward dx = dh + dz W_d the same way, with per-block column sums of dh for db_u. The
-  weight gradients dW_u = dh^T act(z), dW_d = dz^T x are cuBLAS matmuls by default;
-  ``KernelConfig(bwd_fused=True)`` computes them in ``_up_bwd_kernel`` together with dx (one
-  program per (columns, row group), dh and x read once there). No d_model-wide intermediate
-  is materialised; partial sums are added deterministically afterwards (no atomics).
-  Accumulation is fp32 inside the kernels for fp32, bf16 and fp16 inputs.
+* Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``). By default two
+  one-pass kernels, one program per block of rows holding the whole hidden width (up to
+  ``ROWS_MAX_HIDDEN``): ``_fwd_rows_kernel`` computes z = x W_d^T + b_d (stored: the only saved
+  activation), act(z) in registers, and h = x + act(z) W_u^T + b_u column block by column block,
+  x's rows read a second time while still in L2; ``_bwd_rows_kernel`` computes dz = (dh W_u) * act'(z)
+  with act(z), act'(z) recomputed from z, then dx = dh + dz W_d the same way, with per-block column
+  sums of dz and dh for the bias gradients. The weight gradients dW_u = dh^T act(z), dW_d = dz^T x
+  are cuBLAS matmuls, or with ``KernelConfig(bwd_fused=True)`` ``_up_bwd_kernel`` (one program per
+  (columns, row group), dh and x read once there). The two-kernel variants (``fwd_rows=False``,
+  ``bwd_rows=False``, and wider adapters): ``_down_kernel`` (one program per (rows, hidden slice)
+  tile, reduction over d_model; forward z with bias + activation in its epilogue, storing act(z);
+  backward dz with act recomputed from z) and ``_up_kernel`` (one program per output tile, reduction
+  over hidden: h = x + act(z) W_u^T + b_u, or dx = dh + dz W_d, residual and bias in the epilogue).
+  No d_model-wide intermediate is materialised; partial sums are added deterministically afterwards
+  (no atomics). Accumulation is fp32 inside the kernels for fp32, bf16 and fp16 inputs.
 * PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
 
 Both Functions return (h, z) and save in ``setup_context``, so torch.func transforms them (grad, vmap,
@@ -198,11 +200,18 @@ class KernelConfig:
 
     ``down_*``: ``_down_kernel``, one program per (rows, hidden slice of <= down_block_h) tile,
     reduction over d_model. ``up_*``: ``_up_kernel``, one program per (rows, columns) output tile,
-    reduction over hidden. Backward uses ``_up_kernel`` for dx and cuBLAS for dW_u, dW_d unless
-    ``bwd_fused``: then ``_up_bwd_kernel`` (``bwd_*`` tiles, one program per (columns, row group),
-    about ``bwd_programs`` in all) computes dx, dW_u, db_u and, with ``bwd_fuse_dwd``, dW_d in one
-    pass. On an H200 (bf16, 16k x 1024) the fused variant measured no faster than cuBLAS at
-    hidden 64 and slower at 128, and needs too much shared memory at 256, so it is off by default.
+    reduction over hidden. The weight gradients are cuBLAS matmuls unless ``bwd_fused``: then
+    ``_up_bwd_kernel`` (``bwd_*`` tiles, one program per (columns, row group), about ``bwd_programs``
+    in all) computes dW_u, db_u, with ``bwd_fuse_dwd`` dW_d, and dx unless ``bwd_rows`` made it.
+    On an H200 (bf16, 16k x 1024) the fused variant with dx measured no faster than cuBLAS at hidden 64
+    and slower at 128, and needs too much shared memory at 256, so it is off by default.
+
+    ``rows_*``: the one-pass kernels, one program per ``rows_block_m`` rows holding the whole hidden
+    width (up to :data:`ROWS_MAX_HIDDEN`; wider adapters take the two-kernel path). ``fwd_rows``:
+    ``_fwd_rows_kernel`` instead of ``_down_kernel`` + ``_up_kernel`` (act(z) written and read back,
+    x read twice from DRAM). ``bwd_rows``: ``_bwd_rows_kernel`` computes dz and then dx from the same
+    rows instead of ``_down_kernel`` + ``_up_kernel``; with ``bwd_fused`` too, ``_up_bwd_kernel``
+    then computes only the weight and bias gradients.
     """
 
     down_block_m: int = 64
@@ -222,6 +231,16 @@ class KernelConfig:
     bwd_programs: int = 256
     bwd_warps: int = 8
     bwd_stages: int = 3
+    fwd_rows: bool = True
+    bwd_rows: bool = True
+    rows_block_m: int = 32
+    rows_block_k: int = 64
+    rows_block_n: int = 64
+    rows_warps: int = 4
+    rows_stages: int = 3
+
+
+ROWS_MAX_HIDDEN = 256  # the one-pass kernels keep (rows_block_m x hidden) fp32 accumulators in registers
 
 
 def default_config(d_model: int, hidden: int, dtype: torch.dtype) -> KernelConfig:
@@ -230,7 +249,7 @@ def default_config(d_model: int, hidden: int, dtype: torch.dtype) -> KernelConfi
     if dtype == torch.float32:
         return KernelConfig(down_block_m=32, down_block_k=32, down_block_h=64, down_stages=2, up_block_m=32,
                             up_block_n=64, up_block_k=32, up_stages=2, bwd_block_m=32, bwd_block_n=32,
-                            bwd_stages=2)
+                            bwd_stages=2, rows_block_m=16, rows_block_k=32, rows_block_n=32, rows_stages=2)
     return KernelConfig()
 
 
@@ -351,11 +370,11 @@ if triton is not None:
     @triton.jit
     def _up_bwd_kernel(
         DZ, ACT, WD, DH, X, DX, PWU, PWD, PBU, M, D, H, rows_per_group,
-        FUSE_DWD: tl.constexpr, IEEE: tl.constexpr,
+        WRITE_DX: tl.constexpr, FUSE_DWD: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        """Backward over (columns, row group): dx = dh + dz W_d for its tiles, and the group's partial
-        weight gradients, so dh (and x) are read from DRAM once here:
+        """Backward over (columns, row group): dx = dh + dz W_d for its tiles (WRITE_DX), and the group's
+        partial weight gradients, so dh (and x) are read from DRAM once here:
         PWU[g, cols, :] = dh^T act(z), PBU[g, cols] = sum dh, PWD[g, :, cols] = dz^T x (FUSE_DWD).
         """
         pid_n = tl.program_id(0)
@@ -364,7 +383,8 @@ if triton is not None:
         mask_n = rn < D
         rh = tl.arange(0, BLOCK_H)
         mask_h = rh < H
-        w = tl.load(WD + rh[:, None] * D + rn[None, :], mask=mask_h[:, None] & mask_n[None, :], other=0.0)
+        if WRITE_DX:
+            w = tl.load(WD + rh[:, None] * D + rn[None, :], mask=mask_h[:, None] & mask_n[None, :], other=0.0)
         acc_wu = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
         acc_wd = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
         acc_bu = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -381,13 +401,15 @@ if triton is not None:
             dz = tl.load(DZ + rm64[:, None] * H + rh[None, :], mask=lmask, other=0.0)
             act = tl.load(ACT + rm64[:, None] * H + rh[None, :], mask=lmask, other=0.0)
             if IEEE:
-                dx = tl.dot(dz, w, input_precision="ieee")
                 acc_wu = tl.dot(tl.trans(dh), act, acc_wu, input_precision="ieee")
             else:
-                dx = tl.dot(dz, w)
                 acc_wu = tl.dot(tl.trans(dh), act, acc_wu)
-            dx += dh.to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=omask)
+            if WRITE_DX:
+                if IEEE:
+                    dx = tl.dot(dz, w, dh.to(tl.float32), input_precision="ieee")
+                else:
+                    dx = tl.dot(dz, w, dh.to(tl.float32))
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=omask)
             acc_bu += tl.sum(dh.to(tl.float32), axis=0)
             if FUSE_DWD:
                 x = tl.load(X + offs, mask=omask, other=0.0)
@@ -400,6 +422,105 @@ if triton is not None:
         tl.store(PBU + pid_g * D + rn, acc_bu, mask=mask_n)
         if FUSE_DWD:
             tl.store(PWD + base + rh[:, None] * D + rn[None, :], acc_wd, mask=mask_h[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _fwd_rows_kernel(
+        X, WD, BD, WU, BU, Z, OUT, M, D, H, stride_wd_h, stride_wd_d, stride_wu_d, stride_wu_h,
+        ACTIVATION: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Forward of BLOCK_M rows in one program: z = x W_d^T + b_d (stored, rounded to the input
+        dtype), then h = x + act(z) W_u^T + b_u column block by column block, x's rows read again
+        (from L2: this program read them a moment ago). act(z) never leaves the program."""
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rm < M
+        rm64 = rm.to(tl.int64)
+        rh = tl.arange(0, BLOCK_H)
+        mask_h = rh < H
+        dtype = OUT.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < D
+            a = tl.load(X + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(WD + kk[:, None] * stride_wd_d + rh[None, :] * stride_wd_h,
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BD:
+            acc += tl.load(BD + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        zmask = mask_m[:, None] & mask_h[None, :]
+        z = acc.to(dtype)  # rounded to the input dtype, as F.linear's output would be
+        tl.store(Z + rm64[:, None] * H + rh[None, :], z, mask=zmask)
+        act = tl.where(zmask, _act_fwd(z.to(tl.float32), ACTIVATION), 0.0).to(dtype)
+        for n0 in range(0, D, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            mask_n = rn < D
+            omask = mask_m[:, None] & mask_n[None, :]
+            offs = rm64[:, None] * D + rn[None, :]
+            w = tl.load(WU + rh[:, None] * stride_wu_h + rn[None, :] * stride_wu_d,
+                        mask=mask_h[:, None] & mask_n[None, :], other=0.0)
+            out = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
+            if IEEE:
+                out = tl.dot(act, w, out, input_precision="ieee")
+            else:
+                out = tl.dot(act, w, out)
+            if HAS_BU:
+                out += tl.load(BU + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(OUT + offs, out.to(dtype), mask=omask)
+
+    @triton.jit
+    def _bwd_rows_kernel(
+        DH, WU, Z, WD, DZ, ACT, DX, PSUM_DZ, PSUM_DH, M, D, H, stride_wu_d, stride_wu_h, stride_wd_h,
+        stride_wd_d, ACTIVATION: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Backward of BLOCK_M rows in one program: dz = (dh W_u) * act'(z) (stored with act(z), for the
+        weight gradients, and its column sums in PSUM_DZ[pid]), then dx = dh + dz W_d column block by
+        column block, dh's rows read again from L2 (their column sums into PSUM_DH[pid], for db_u)."""
+        pid = tl.program_id(0)
+        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rm < M
+        rm64 = rm.to(tl.int64)
+        rh = tl.arange(0, BLOCK_H)
+        mask_h = rh < H
+        dtype = DX.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < D
+            a = tl.load(DH + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(WU + kk[:, None] * stride_wu_d + rh[None, :] * stride_wu_h,
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        zmask = mask_m[:, None] & mask_h[None, :]
+        zoffs = rm64[:, None] * H + rh[None, :]
+        act, dact = _act_grad(tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32), ACTIVATION)
+        dz = tl.where(zmask, acc * dact, 0.0)
+        tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
+        tl.store(PSUM_DZ + pid * H + rh, tl.sum(dz, axis=0), mask=mask_h)
+        dz = dz.to(dtype)
+        tl.store(DZ + zoffs, dz, mask=zmask)
+        for n0 in range(0, D, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            mask_n = rn < D
+            omask = mask_m[:, None] & mask_n[None, :]
+            offs = rm64[:, None] * D + rn[None, :]
+            w = tl.load(WD + rh[:, None] * stride_wd_h + rn[None, :] * stride_wd_d,
+                        mask=mask_h[:, None] & mask_n[None, :], other=0.0)
+            dh = tl.load(DH + offs, mask=omask, other=0.0).to(tl.float32)
+            tl.store(PSUM_DH + pid * D + rn, tl.sum(dh, axis=0), mask=mask_n)
+            if IEEE:
+                dx = tl.dot(dz, w, dh, input_precision="ieee")
+            else:
+                dx = tl.dot(dz, w, dh)
+            tl.store(DX + offs, dx.to(dtype), mask=omask)
 
 
 def _use_ieee(a: torch.Tensor) -> bool:
@@ -443,8 +564,9 @@ def _launch_up(e, w, bias, res, write_psum, cfg):
     return (out, psum) if write_psum else out
 
 
-def _launch_up_bwd(dz, act, w_down, dh, x2d, cfg):
-    """dx, and the partial dW_u, db_u, dW_d (``None`` unless ``cfg.bwd_fuse_dwd``) summed over groups."""
+def _launch_up_bwd(dz, act, w_down, dh, x2d, write_dx, cfg):
+    """dx (``None`` unless ``write_dx``), and the partial dW_u, db_u, dW_d (``None`` unless ``cfg.bwd_fuse_dwd``)
+    summed over groups."""
     M, D = dh.shape
     H = dz.shape[1]
     n_n = triton.cdiv(D, cfg.bwd_block_n)
@@ -452,15 +574,55 @@ def _launch_up_bwd(dz, act, w_down, dh, x2d, cfg):
     groups = max(1, min(blocks, cfg.bwd_programs // n_n))
     rows = triton.cdiv(blocks, groups) * cfg.bwd_block_m
     groups = triton.cdiv(M, rows)
-    dx = torch.empty_like(dh)
+    dx = torch.empty_like(dh) if write_dx else None
     pwu = torch.empty((groups, D, H), device=dh.device, dtype=torch.float32)
     pbu = torch.empty((groups, D), device=dh.device, dtype=torch.float32)
     pwd = torch.empty((groups, H, D), device=dh.device, dtype=torch.float32) if cfg.bwd_fuse_dwd else pwu
     _up_bwd_kernel[(n_n, groups)](
-        dz, act, w_down, dh, x2d, dx, pwu, pwd, pbu, M, D, H, rows,
-        FUSE_DWD=cfg.bwd_fuse_dwd, IEEE=_use_ieee(dh), BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n,
-        BLOCK_H=max(16, triton.next_power_of_2(H)), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+        dz, act, w_down, dh, x2d, dx if write_dx else dh, pwu, pwd, pbu, M, D, H, rows,
+        WRITE_DX=write_dx, FUSE_DWD=cfg.bwd_fuse_dwd, IEEE=_use_ieee(dh), BLOCK_M=cfg.bwd_block_m,
+        BLOCK_N=cfg.bwd_block_n, BLOCK_H=max(16, triton.next_power_of_2(H)), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
     return dx, pwu.sum(0), pbu.sum(0), (pwd.sum(0) if cfg.bwd_fuse_dwd else None)
+
+
+def _rows_hidden_block(hidden: int, cfg: KernelConfig, backward: bool) -> Optional[int]:
+    """The one-pass kernels' hidden width (a power of two >= 16) when ``cfg`` asks for them and it fits; else None."""
+    wanted = cfg.bwd_rows if backward else cfg.fwd_rows
+    block_h = max(16, triton.next_power_of_2(hidden))
+    return block_h if wanted and block_h <= ROWS_MAX_HIDDEN else None
+
+
+def _launch_fwd_rows(x, w_down, b_down, w_up, b_up, activation, cfg):
+    """h and z, in ``_fwd_rows_kernel``."""
+    M, D = x.shape
+    H = w_down.shape[0]
+    z = torch.empty((M, H), device=x.device, dtype=x.dtype)
+    h = torch.empty_like(x)
+    _fwd_rows_kernel[(triton.cdiv(M, cfg.rows_block_m),)](
+        x, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x, z, h, M, D, H,
+        w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
+        ACTIVATION=ACTIVATIONS.index(activation), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
+        IEEE=_use_ieee(x), BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, False),
+        BLOCK_K=cfg.rows_block_k, BLOCK_N=cfg.rows_block_n, num_warps=cfg.rows_warps, num_stages=cfg.rows_stages)
+    return h, z
+
+
+def _launch_bwd_rows(dh, w_up, z, w_down, activation, cfg):
+    """dz, act(z), dx and the column sums of dz and dh (per row block), in ``_bwd_rows_kernel``."""
+    M, D = dh.shape
+    H = z.shape[1]
+    n_m = triton.cdiv(M, cfg.rows_block_m)
+    dz = torch.empty_like(z)
+    act = torch.empty_like(z)
+    dx = torch.empty_like(dh)
+    psum_dz = torch.empty((n_m, H), device=dh.device, dtype=torch.float32)
+    psum_dh = torch.empty((n_m, D), device=dh.device, dtype=torch.float32)
+    _bwd_rows_kernel[(n_m,)](
+        dh, w_up, z, w_down, dz, act, dx, psum_dz, psum_dh, M, D, H, w_up.stride(0), w_up.stride(1),
+        w_down.stride(0), w_down.stride(1), ACTIVATION=ACTIVATIONS.index(activation), IEEE=_use_ieee(dh),
+        BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, True), BLOCK_K=cfg.rows_block_k,
+        BLOCK_N=cfg.rows_block_n, num_warps=cfg.rows_warps, num_stages=cfg.rows_stages)
+    return dz, act, dx, psum_dz, psum_dh
 
 
 class _TritonAdapterFn(torch.autograd.Function):
@@ -476,6 +638,8 @@ class _TritonAdapterFn(torch.autograd.Function):
         # the kernels index the biases as contiguous vectors (a strided view would be read wrongly)
         bd = b_down.contiguous() if b_down is not None else None
         bu = b_up.contiguous() if b_up is not None else None
+        if _rows_hidden_block(w_down.shape[0], cfg, False):
+            return _launch_fwd_rows(x2d, w_down, bd, w_up, bu, activation, cfg)
         z, act = _launch_down(x2d, w_down.t(), bd, None, activation, False, cfg)
         h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
         return h, z
@@ -504,16 +668,23 @@ class _TritonAdapterFn(torch.autograd.Function):
         need_x, need_wd, need_bd, need_wu, need_bu, _, _ = ctx.needs_input_grad
         cfg, dtype = ctx.cfg, dh.dtype
         dh = dh.contiguous()
-        dz, act, psum_dz = _launch_down(dh, w_up, None, z, ctx.activation, True, cfg)
-        dwd = None
-        if cfg.bwd_fused:
-            dx, dwu, dbu, dwd = _launch_up_bwd(dz, act, w_down.contiguous(), dh, x2d.contiguous(), cfg)
+        dwd = dx = None
+        if _rows_hidden_block(z.shape[1], cfg, True):  # dz and dx in one kernel
+            dz, act, dx, psum_dz, psum_dh = _launch_bwd_rows(dh, w_up, z, w_down, ctx.activation, cfg)
+            dbu = psum_dh.sum(0).to(dtype)
+        else:
+            dz, act, psum_dz = _launch_down(dh, w_up, None, z, ctx.activation, True, cfg)
+        if cfg.bwd_fused:  # the weight gradients (and dx, unless made above) in one kernel
+            dx_made, dwu, dbu, dwd = _launch_up_bwd(dz, act, w_down.contiguous(), dh, x2d.contiguous(), dx is None,
+                                                    cfg)
+            dx = dx if dx is not None else dx_made
             dwu, dbu = dwu.to(dtype), dbu.to(dtype)
             dwd = dwd.to(dtype) if dwd is not None else None
         else:
-            dx, psum_dh = _launch_up(dz, w_down, None, dh, True, cfg)
+            if dx is None:
+                dx, psum_dh = _launch_up(dz, w_down, None, dh, True, cfg)
+                dbu = psum_dh.sum(0).to(dtype)
             dwu = torch.mm(dh.t(), act) if need_wu else None
-            dbu = psum_dh.sum(0).to(dtype)
         if dwd is None and need_wd:
             dwd = torch.mm(dz.t(), x2d)
         dbd = psum_dz.sum(0).to(dtype) if need_bd and ctx.has_b[0] else None
