@@ -176,9 +176,10 @@ def bench_case(tokens, d_model, hidden, dtype, device, activation, floors) -> di
     return case
 
 
-def check_low_precision(device, dtype, tokens, d_model, hidden, activation="gelu", seed=0) -> dict:
+def check_low_precision(device, dtype, tokens, d_model, hidden, activation="gelu", seed=0, config=None) -> dict:
     """flash-attention's 2x rule: max error of the fused op in ``dtype`` against an fp32 reference
-    is at most twice the reference's own error in ``dtype`` (+ a small atol), for h and all grads."""
+    is at most twice the reference's own error in ``dtype`` (+ a small atol), for h and all grads.
+    ``config``: the fused path's KernelConfig (default: its own)."""
     inputs, dh = make_inputs(tokens, d_model, hidden, dtype, device, seed)
     ref32 = [t.detach().float().requires_grad_(True) for t in inputs]
     results = {}
@@ -186,7 +187,7 @@ def check_low_precision(device, dtype, tokens, d_model, hidden, activation="gelu
     for name, fn, args, g in (("ref32", adapter_reference, ref32, dh.float()),
                               ("ref_lp", adapter_reference, inputs, dh),
                               ("fused", fused_adapter, inputs, dh)):
-        h = fn(*args, activation=activation)
+        h = fn(*args, activation=activation, **({"config": config} if fn is fused_adapter and config else {}))
         grads = torch.autograd.grad(h, args, g)
         outs[name] = [h.detach()] + list(grads)
     names = ["h", "dx", "dw_down", "db_down", "dw_up", "db_up"]

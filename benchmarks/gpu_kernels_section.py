@@ -27,6 +27,78 @@ except ImportError:
 TOKENS, D_MODEL, HIDDEN = 16384, 1024, (64, 128, 256)
 MIN_SPEEDUP_FWD_BWD = 1.5
 MIN_PCT_COPY_BW = 70.0
+# The sweep: KernelConfig variants timed against the reference in the same run (bf16), each also put through
+# the 2x-error rule. "two_kernel" is the path that was the default until 2026-12-05.
+VARIANTS = {
+    "default": {},
+    "two_kernel": {"fwd_rows": False, "bwd_rows": False},
+    "rows_m64_w8": {"rows_block_m": 64, "rows_warps": 8},
+    "rows_m16": {"rows_block_m": 16},
+    "rows_k128_w8": {"rows_block_k": 128, "rows_block_n": 128, "rows_warps": 8},
+    "rows_s2": {"rows_stages": 2},
+    "rows_wgrad": {"bwd_fused": True},
+    "rows_wgrad_p128_m32": {"bwd_fused": True, "bwd_programs": 128, "bwd_block_m": 32, "bwd_stages": 2},
+}
+
+
+def _kernel_breakdown(fn, grad_to_none, calls: int = 5) -> list:
+    """Device time per call of each CUDA kernel ``fn`` launches (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = e.cuda_time_total if us is None else us
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "us_per_call": round(us / calls, 2),
+                         "launches_per_call": e.count / calls})
+    return sorted(rows, key=lambda r: -r["us_per_call"])
+
+
+def sweep(dtype=torch.bfloat16) -> dict:
+    """Each of VARIANTS at each hidden: fwd and fwd+bwd device time (µs), speedup over the reference timed
+    in the same loop, the 2x-error check, and the per-kernel breakdown of the reference and of two_kernel and
+    default; a variant that fails to compile or run is recorded with its error."""
+    from vlscale.kernels.adapter import KernelConfig, adapter_reference, fused_adapter
+
+    out = {}
+    for hidden in HIDDEN:
+        inputs, dh = ak.make_inputs(TOKENS, D_MODEL, hidden, dtype, "cuda")
+        grads = list(inputs)
+        rows = {}
+        fns = {"reference": lambda: adapter_reference(*inputs)}
+        for name, kw in VARIANTS.items():
+            cfg = KernelConfig(**kw)
+            fns[name] = (lambda cfg=cfg: fused_adapter(*inputs, config=cfg))
+        for name, f in fns.items():
+            try:
+                fwd = ak.gpu_and_host_time(f, grads)[0]
+                both = ak.gpu_and_host_time(lambda f=f: f().backward(dh), grads)[0]
+                rows[name] = {"fwd_us": round(fwd * 1e6, 1), "fwd_bwd_us": round(both * 1e6, 1)}
+                if name != "reference":
+                    rows[name]["lowp_pass"] = ak.check_low_precision(
+                        "cuda", dtype, TOKENS, D_MODEL, hidden, config=KernelConfig(**VARIANTS[name]))["pass"]
+                if name in ("reference", "two_kernel", "default"):
+                    rows[name]["kernels"] = _kernel_breakdown(lambda f=f: f().backward(dh), grads)
+            except Exception as e:  # noqa: BLE001 - one variant's failure (shared memory, ...) is recorded
+                rows[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        ref = rows["reference"]
+        cost = ak.op_cost(TOKENS, D_MODEL, hidden, torch.finfo(dtype).bits // 8)
+        for name, r in rows.items():
+            if name != "reference" and "fwd_us" in r and "fwd_us" in ref:
+                r["fwd_speedup"] = round(ref["fwd_us"] / r["fwd_us"], 3)
+                r["fwd_bwd_speedup"] = round(ref["fwd_bwd_us"] / r["fwd_bwd_us"], 3)
+                r["fwd_bwd_GBps"] = round(cost["fwd_bwd"]["bytes"] / r["fwd_bwd_us"] / 1e3, 1)
+        out[str(hidden)] = rows
+    return out
 
 
 def run(out: dict) -> dict:
@@ -54,6 +126,12 @@ def run(out: dict) -> dict:
         for h in HIDDEN:
             section["correctness"].append(ak.check_low_precision("cuda", dtype, TOKENS, D_MODEL, h, "gelu"))
         section["correctness"].append(ak.check_low_precision("cuda", dtype, 4099, D_MODEL, 96, "gelu_tanh"))
+    try:
+        section["sweep_bf16"] = sweep()
+    except Exception as e:  # noqa: BLE001 - the headline figures above still count
+        import traceback
+
+        section["sweep_bf16"] = {"error": repr(e), "traceback": traceback.format_exc()[-2000:]}
     section["acceptance"]["cases"] = verdicts
     section["acceptance"]["pass"] = all(v["speedup_ok"] and v["bandwidth_ok"] for v in verdicts)
     section["correctness_pass"] = all(c["pass"] for c in section["correctness"])
