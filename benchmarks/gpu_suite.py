@@ -10,7 +10,8 @@ Sections, in the order run by default (most wanted first); a section that fails 
 the others still run (the trainings in processes of their own), and one is skipped when the time
 budget left is too small:
   methods      (listed below)
-  kernels      the fused adapter kernels vs the reference (benchmarks/gpu_kernels_section.py)
+  kernels      the fused adapter kernels vs the reference, and a sweep of kernel variants
+               (benchmarks/gpu_kernels_section.py)
   cuda_tests   the test suite's CUDA-only tests (pytest -k cuda on the kernel test files: the Triton kernels'
                2x error rule in bf16/fp16/fp32, torch.func and torch.compile over the Triton path): counts,
                and the failures' last lines
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
-             "kernels": 35, "cuda_tests": 40, "profiler": 60,
+             "kernels": 120, "cuda_tests": 40, "profiler": 60,
              "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40}
 
     def save():

@@ -233,10 +233,10 @@ def test_input_validation_names_the_argument():
 def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
     # 2 shapes x 2 activations x with/without bias x 6 configs: multi-block grids, hidden split
     # across programs, several row groups in the fused backward, masked rows/columns, the one-pass
-    # and two-kernel paths, the cuBLAS weight-gradient variants; and a hidden of 300, wider than the
-    # one-pass kernels take (tests/unit/triton_interpreter_checks.py: kernel_cases).
+    # and two-kernel paths, the cuBLAS weight-gradient variants; and the one-pass kernels' own tiles on
+    # one shape and a hidden of 300, wider than they take (tests/unit/triton_interpreter_checks.py: kernel_cases).
     results = triton_interpreter["kernels"]
-    assert len(results) == 52
+    assert len(results) == 56
     for r in results:
         assert r["dtype"] == "torch.float32"
         assert len(r["errs"]) == (6 if r["case"][4] else 4)
@@ -247,12 +247,12 @@ def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
 def test_triton_backward_runs_the_kernels_its_config_names(triton_interpreter):
     """The values above match whichever way the gradients are computed: each case's first-order backward also
     runs the kernels (not the differentiable PyTorch backward), and the ones its KernelConfig names: by default the
-    one-pass forward, and the one-pass dz + dx kernel with cuBLAS weight gradients; with fwd_rows=bwd_rows=False the
-    two-kernel paths (dz kernel, then dx kernel, or with bwd_fused=True the fused backward kernel, dW_d in it too
-    unless bwd_fuse_dwd=False); the one-pass kernels with bwd_fused=True (the fused kernel for the weight gradients
-    only); and for a hidden wider than ROWS_MAX_HIDDEN the two-kernel path by default; each with the case's tiles."""
+    two-kernel forward, the dz kernel and the dx kernel with cuBLAS weight gradients, or with bwd_fused=True the fused
+    backward kernel (dW_d in it too unless bwd_fuse_dwd=False); with fwd_rows=bwd_rows=True the one-pass forward and
+    the one-pass dz + dx kernel (with bwd_fused=True the fused kernel then computes the weight gradients only), but
+    the two-kernel path for a hidden wider than ROWS_MAX_HIDDEN; each with the case's tiles."""
     rows, two = ["rows_fwd", "rows_bwd"], ["down_fwd", "up_fwd", "down_bwd"]
-    expected = {"default": rows, "small_rows": rows, "small_rows_wgrad": rows + ["wgrad_dwd"],
+    expected = {"default": two + ["up_dx"], "rows": rows, "small_rows": rows, "small_rows_wgrad": rows + ["wgrad_dwd"],
                 "small_unfused": two + ["up_dx"], "small_fused": two + ["up_bwd_dwd"],
                 "small_cublas_dwd": two + ["up_bwd"]}
     results = triton_interpreter["kernels"]

@@ -50,8 +50,9 @@ def recorded_launches():
 
 
 def kernel_cases() -> list[dict]:
-    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 6 configs, and a hidden
-    wider than the one-pass kernels take (the two-kernel path by default) x 2 activations x bias; the kernel
+    """fused_adapter (fp32) against the fp64 reference: 2 shapes x 2 activations x bias x 6 configs, and the
+    one-pass kernels' default tiles on one shape and on a hidden wider than they take (the two-kernel path then)
+    x 2 activations x bias; the kernel
     launches of each case's forward and backward (``launches``, sorted; :func:`recorded_launches`) and whether
     every launch had the case's tiles (its config, or ``default_config`` for none)."""
     with recorded_launches() as launches:
@@ -73,14 +74,15 @@ def _kernel_cases(launches: list) -> list[dict]:
     small = dict(down_block_m=16, down_block_k=16, down_block_h=16, down_stages=1, up_block_m=16,
                  up_block_n=16, up_block_k=16, up_stages=1, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
                  bwd_stages=1, rows_block_m=16, rows_block_k=16, rows_block_n=16, rows_stages=1)
-    two = dict(fwd_rows=False, bwd_rows=False)
-    configs = {"default": None, "small_fused": KernelConfig(**small, **two, bwd_fused=True),
-               "small_cublas_dwd": KernelConfig(**small, **two, bwd_fused=True, bwd_fuse_dwd=False),
-               "small_unfused": KernelConfig(**small, **two, bwd_fused=False),
-               "small_rows": KernelConfig(**small),
-               "small_rows_wgrad": KernelConfig(**small, bwd_fused=True)}
-    cases = [(shape, cname) for shape in ((37, 40, 24), (19, 32, 16)) for cname in configs]
-    cases += [((7, 16, 300), "default")]
+    rows = dict(fwd_rows=True, bwd_rows=True)
+    configs = {"default": None, "small_fused": KernelConfig(**small, bwd_fused=True),
+               "small_cublas_dwd": KernelConfig(**small, bwd_fused=True, bwd_fuse_dwd=False),
+               "small_unfused": KernelConfig(**small, bwd_fused=False),
+               "rows": KernelConfig(**rows),
+               "small_rows": KernelConfig(**small, **rows),
+               "small_rows_wgrad": KernelConfig(**small, **rows, bwd_fused=True)}
+    cases = [(shape, cname) for shape in ((37, 40, 24), (19, 32, 16)) for cname in configs if cname != "rows"]
+    cases += [((37, 40, 24), "rows"), ((7, 16, 300), "rows")]
     for (tokens, d_model, hidden), cname in cases:
         cfg = configs[cname]
         for activation in ("gelu", "gelu_tanh"):

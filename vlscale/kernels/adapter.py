@@ -17,21 +17,22 @@ Both fused paths save only x (the caller's tensor, also when it is a strided vie
 weights for backward and recompute act(z) and act'(z) from z there; the plain autograd graph of
 :func:`adapter_reference` also keeps act(z).
 
-* Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``). By default two
-  one-pass kernels, one program per block of rows holding the whole hidden width (up to
-  ``ROWS_MAX_HIDDEN``): ``_fwd_rows_kernel`` computes z = x W_d^T + b_d (stored: the only saved
-  activation), act(z) in registers, and h = x + act(z) W_u^T + b_u column block by column block,
-  x's rows read a second time while still in L2; ``_bwd_rows_kernel`` computes dz = (dh W_u) * act'(z)
-  with act(z), act'(z) recomputed from z, then dx = dh + dz W_d the same way, with per-block column
-  sums of dz and dh for the bias gradients. The weight gradients dW_u = dh^T act(z), dW_d = dz^T x
-  are cuBLAS matmuls, or with ``KernelConfig(bwd_fused=True)`` ``_up_bwd_kernel`` (one program per
-  (columns, row group), dh and x read once there). The two-kernel variants (``fwd_rows=False``,
-  ``bwd_rows=False``, and wider adapters): ``_down_kernel`` (one program per (rows, hidden slice)
-  tile, reduction over d_model; forward z with bias + activation in its epilogue, storing act(z);
-  backward dz with act recomputed from z) and ``_up_kernel`` (one program per output tile, reduction
-  over hidden: h = x + act(z) W_u^T + b_u, or dx = dh + dz W_d, residual and bias in the epilogue).
-  No d_model-wide intermediate is materialised; partial sums are added deterministically afterwards
-  (no atomics). Accumulation is fp32 inside the kernels for fp32, bf16 and fp16 inputs.
+* Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``). With
+  ``KernelConfig(fwd_rows=True, bwd_rows=True)`` (opt-in until their speed is measured on a GPU:
+  benchmarks/gpu_kernels_section.py's sweep) two one-pass kernels, one program per block of rows holding
+  the whole hidden width (up to ``ROWS_MAX_HIDDEN``): ``_fwd_rows_kernel`` computes z = x W_d^T + b_d
+  (stored: the only saved activation), act(z) in registers, and h = x + act(z) W_u^T + b_u column block
+  by column block, x's rows read a second time while still in L2; ``_bwd_rows_kernel`` computes dz = (dh
+  W_u) * act'(z) with act(z), act'(z) recomputed from z, then dx = dh + dz W_d the same way, with
+  per-block column sums of dz and dh for the bias gradients. The weight gradients dW_u = dh^T act(z),
+  dW_d = dz^T x are cuBLAS matmuls, or with ``KernelConfig(bwd_fused=True)`` ``_up_bwd_kernel`` (one
+  program per (columns, row group), dh and x read once there). By default (and for wider adapters) two
+  kernels each way: ``_down_kernel`` (one program per (rows, hidden slice) tile, reduction over d_model;
+  forward z with bias + activation in its epilogue, storing act(z); backward dz with act recomputed from
+  z) and ``_up_kernel`` (one program per output tile, reduction over hidden: h = x + act(z) W_u^T + b_u,
+  or dx = dh + dz W_d, residual and bias in the epilogue). No d_model-wide intermediate is materialised;
+  partial sums are added deterministically afterwards (no atomics). Accumulation is fp32 inside the
+  kernels for fp32, bf16 and fp16 inputs.
 * PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
 
 Both Functions return (h, z) and save in ``setup_context``, so torch.func transforms them (grad, vmap,
@@ -207,7 +208,8 @@ class KernelConfig:
     and slower at 128, and needs too much shared memory at 256, so it is off by default.
 
     ``rows_*``: the one-pass kernels, one program per ``rows_block_m`` rows holding the whole hidden
-    width (up to :data:`ROWS_MAX_HIDDEN`; wider adapters take the two-kernel path). ``fwd_rows``:
+    width (up to :data:`ROWS_MAX_HIDDEN`; wider adapters take the two-kernel path); off by default until
+    measured on a GPU (interpreter-verified only). ``fwd_rows``:
     ``_fwd_rows_kernel`` instead of ``_down_kernel`` + ``_up_kernel`` (act(z) written and read back,
     x read twice from DRAM). ``bwd_rows``: ``_bwd_rows_kernel`` computes dz and then dx from the same
     rows instead of ``_down_kernel`` + ``_up_kernel``; with ``bwd_fused`` too, ``_up_bwd_kernel``
@@ -231,8 +233,8 @@ class KernelConfig:
     bwd_programs: int = 256
     bwd_warps: int = 8
     bwd_stages: int = 3
-    fwd_rows: bool = True
-    bwd_rows: bool = True
+    fwd_rows: bool = False
+    bwd_rows: bool = False
     rows_block_m: int = 32
     rows_block_k: int = 64
     rows_block_n: int = 64
@@ -581,7 +583,8 @@ def _launch_up_bwd(dz, act, w_down, dh, x2d, write_dx, cfg):
     _up_bwd_kernel[(n_n, groups)](
         dz, act, w_down, dh, x2d, dx if write_dx else dh, pwu, pwd, pbu, M, D, H, rows,
         WRITE_DX=write_dx, FUSE_DWD=cfg.bwd_fuse_dwd, IEEE=_use_ieee(dh), BLOCK_M=cfg.bwd_block_m,
-        BLOCK_N=cfg.bwd_block_n, BLOCK_H=max(16, triton.next_power_of_2(H)), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+        BLOCK_N=cfg.bwd_block_n, BLOCK_H=max(16, triton.next_power_of_2(H)), num_warps=cfg.bwd_warps,
+        num_stages=cfg.bwd_stages)
     return dx, pwu.sum(0), pbu.sum(0), (pwd.sum(0) if cfg.bwd_fuse_dwd else None)
 
 
