@@ -171,17 +171,19 @@ def test_torch_compile_traces_fused_adapter_in_one_graph(monkeypatch):
 # ------------------------------------------------------------------------------- Triton interpreter
 def test_triton_strided_biases_double_backward_and_bf16_dispatch(triton_interpreter):
     edge = triton_interpreter["edge"]
-    case = edge["strided_bias_double_backward"]
-    assert len(case["errs"]) == 7  # h, 5 gradients, one second-order gradient
-    for err, scale in zip(case["errs"], case["scale"]):
-        assert err <= 1e-5 * max(1.0, scale), case
+    for key in ("strided_bias_double_backward", "strided_bias_double_backward_rows"):  # two-kernel, one-pass
+        case = edge[key]
+        assert len(case["errs"]) == 7  # h, 5 gradients, one second-order gradient
+        for err, scale in zip(case["errs"], case["scale"]):
+            assert err <= 1e-5 * max(1.0, scale), (key, case)
     # the interpreter has no bfloat16 arithmetic (its results are garbage): the PyTorch path runs bf16
     assert edge["bf16_path"] == "torch"
     # fp16 it computes: the kernels run it, within twice the fp16 reference's error (test_triton_cuda_two_x_rule)
-    fp16 = edge["fp16"]
-    assert fp16["path"] == "triton" and fp16["dtypes"] == ["torch.float16"] * 6, fp16
-    for name, err, ref_err in zip(["h", "dx", "dw_down", "db_down", "dw_up", "db_up"], fp16["errs"], fp16["ref_errs"]):
-        assert err <= 2 * ref_err + 1e-6, (name, fp16)
+    for fp16 in (edge["fp16"], edge["fp16_rows"]):
+        assert fp16["path"] == "triton" and fp16["dtypes"] == ["torch.float16"] * 6, fp16
+        for name, err, ref_err in zip(["h", "dx", "dw_down", "db_down", "dw_up", "db_up"], fp16["errs"],
+                                      fp16["ref_errs"]):
+            assert err <= 2 * ref_err + 1e-6, (name, fp16)
     # a strided (transposed) x is saved as given, not as a contiguous d_model-wide copy: z only
     saved = edge["saved_noncontiguous"]
     assert saved["activations"] == saved["z_bytes"], saved
@@ -192,15 +194,20 @@ def test_triton_dispatch_refusals_and_unusual_x_under_interpreter(triton_interpr
     the PyTorch path, with the reason, and backend='triton' is refused under autocast; a transposed x (under the
     default and the fused backward kernels), an x of no tokens, the expanded upstream gradient of h.sum() (every
     stride 0; the backward kernels read dh as rows) and transposed weights (Compacter's w.t(), under both backward
-    kernels) give the reference's values and gradients."""
+    kernels, and the one-pass kernels) give the reference's values and gradients."""
     edge = triton_interpreter["edge"]
     path, reason = edge["fp64_dispatch"]
     assert path == "torch" and "dtype torch.float64 is not supported" in reason
     path, reason = edge["autocast_dispatch"]
     assert path == "torch" and "torch.autocast is on for cpu (torch.bfloat16" in reason
     assert "backend='triton' requested but torch.autocast is on" in edge["autocast_triton"]
-    for name in ("transposed_x", "empty_x", "transposed_x_fused_bwd", "summed_h", "summed_h_fused_bwd",
-                 "transposed_weights", "transposed_weights_fused_bwd"):
+    names = ["transposed_x", "empty_x", "transposed_x_fused_bwd", "summed_h", "summed_h_fused_bwd",
+             "transposed_weights", "transposed_weights_fused_bwd"]
+    # the same under the one-pass kernels (KernelConfig(fwd_rows=True, bwd_rows=True)), and with the fused
+    # weight-gradient kernel after them
+    names += ["transposed_x_rows", "empty_x_rows", "summed_h_rows", "transposed_weights_rows",
+              "transposed_x_rows_wgrad", "summed_h_rows_wgrad", "transposed_weights_rows_wgrad"]
+    for name in names:
         case = edge[name]
         assert len(case["errs"]) == 6 and all(case["shapes"]), (name, case)
         for err, scale in zip(case["errs"], case["scale"]):

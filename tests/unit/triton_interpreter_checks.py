@@ -156,11 +156,14 @@ def edge_cases() -> dict:
         (ggw,) = torch.autograd.grad(grads[0].pow(2).sum(), w1)
         return [h] + list(grads) + [ggw]
 
+    # the one-pass kernels (KernelConfig(fwd_rows=True, bwd_rows=True)) take each case below too
+    rows = dataclasses.replace(cfg, fwd_rows=True, bwd_rows=True, rows_block_m=16, rows_block_k=16, rows_block_n=16,
+                               rows_stages=1)
     ref = run(torch.float64, adapter_reference)
-    got = run(torch.float32, fused_adapter, backend="triton", config=cfg)
-    out["strided_bias_double_backward"] = {
-        "errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
-        "scale": [b.abs().max().item() for b in ref]}
+    for key, c in (("strided_bias_double_backward", cfg), ("strided_bias_double_backward_rows", rows)):
+        got = run(torch.float32, fused_adapter, backend="triton", config=c)
+        out[key] = {"errs": [(a.double() - b).abs().max().item() for a, b in zip(got, ref)],
+                    "scale": [b.abs().max().item() for b in ref]}
     out["bf16_path"] = select_backend(torch.zeros(1, dtype=torch.bfloat16))[0]
     # fp16, which the interpreter does compute: the path taken, and the errors of it and of the fp16 reference
     # against the fp64 reference (h and the 5 gradients)
@@ -170,11 +173,13 @@ def edge_cases() -> dict:
         return [h] + list(torch.autograd.grad(h, leaves, dh.to(dtype)))
 
     exact = first_order(adapter_reference, torch.float64)
-    got16, ref16 = first_order(fused_adapter, torch.float16, config=cfg), first_order(adapter_reference, torch.float16)
-    out["fp16"] = {"path": select_backend(torch.zeros(1, dtype=torch.float16))[0],
-                   "dtypes": [str(t.dtype) for t in got16],
-                   "errs": [(a.double() - b).abs().max().item() for a, b in zip(got16, exact)],
-                   "ref_errs": [(a.double() - b).abs().max().item() for a, b in zip(ref16, exact)]}
+    ref16 = first_order(adapter_reference, torch.float16)
+    for key, c in (("fp16", cfg), ("fp16_rows", rows)):
+        got16 = first_order(fused_adapter, torch.float16, config=c)
+        out[key] = {"path": select_backend(torch.zeros(1, dtype=torch.float16))[0],
+                    "dtypes": [str(t.dtype) for t in got16],
+                    "errs": [(a.double() - b).abs().max().item() for a, b in zip(got16, exact)],
+                    "ref_errs": [(a.double() - b).abs().max().item() for a, b in zip(ref16, exact)]}
     # what the kernels never take, though the interpreter runs them: fp64 inputs, an autocast region
     out["fp64_dispatch"] = list(select_backend(torch.zeros(1, dtype=torch.float64)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -194,6 +199,13 @@ def edge_cases() -> dict:
              "transposed_x_fused_bwd": (xt, wd, wu, fused, False), "summed_h": (x, wd, wu, cfg, True),
              "summed_h_fused_bwd": (x, wd, wu, fused, True), "transposed_weights": (x, wdt, wut, cfg, False),
              "transposed_weights_fused_bwd": (x, wdt, wut, fused, False)}
+    rows_wgrad = dataclasses.replace(rows, bwd_fused=True, bwd_block_m=16, bwd_block_n=16, bwd_programs=8,
+                                     bwd_stages=1)
+    cases.update({f"{name}_rows": (xx, w1, w2, rows, summed) for name, (xx, w1, w2, c, summed) in list(cases.items())
+                  if c is cfg})
+    cases.update({"transposed_x_rows_wgrad": (xt, wd, wu, rows_wgrad, False),
+                  "summed_h_rows_wgrad": (x, wd, wu, rows_wgrad, True),
+                  "transposed_weights_rows_wgrad": (x, wdt, wut, rows_wgrad, False)})
     for name, (xx, w1, w2, c, summed) in cases.items():
         def run(fn, dtype, **kw):
             leaves = [t.detach().to(dtype).requires_grad_(True) for t in (xx, w1, bd_all[::2], w2, bu_all[::2])]
