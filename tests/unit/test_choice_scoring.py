@@ -254,13 +254,17 @@ def test_scoring_no_records_is_refused_naming_the_task():
 
 def test_each_task_s_prefix_and_generation_settings_are_the_reference_s():
     """VL-T5 / VL-Adapter: each task its own prefix (a shared one would merge tasks for multitask prompts and
-    Hyperformer's task embedding), captions decoded with 5 beams up to 20 tokens, one-token answers greedily;
+    Hyperformer's task embedding); COCO captions decoded with 5 beams and VQA / GQA answers greedily, each up to
+    transformers' max_length=20 as multitask.py asks for it, the decoder's start token included: 19 new tokens
+    (VQA answers of more than 10 tokens were cut before); the video captions with 5 beams up to 20 tokens;
     NLVR2 listed "false" first, so a logit tie answers "false" as the reference's true_logit > false_logit."""
     from vlscale.data.tasks import TASKS, get_task
 
     assert len({t.prefix for t in TASKS.values()}) == len(TASKS)
     assert all(t.prefix == f"{'nlvr' if n == 'nlvr2' else n}:" for n, t in TASKS.items())
-    for task in ("caption", "tvc", "yc2c"):
+    for task, beams in (("caption", 5), ("vqa", 1), ("gqa", 1)):
+        assert (get_task(task).num_beams, get_task(task).max_new_tokens) == (beams, 19), task
+    for task in ("tvc", "yc2c"):
         assert (get_task(task).num_beams, get_task(task).max_new_tokens) == (5, 20), task
     assert get_task("nlvr2").choices == ("false", "true")
 

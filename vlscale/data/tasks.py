@@ -50,10 +50,12 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
-        TaskSpec("vqa", "vqa:", "image", 1, "answer", 1, 10, "vqa_score"),
-        TaskSpec("gqa", "gqa:", "image", 1, "answer", 1, 10, "exact_match"),
+        # VL-Adapter's multitask.py generates VQA/GQA answers (greedy) and captions (5 beams) with transformers'
+        # max_length=20, which counts the decoder's start token: 19 new tokens
+        TaskSpec("vqa", "vqa:", "image", 1, "answer", 1, 19, "vqa_score"),
+        TaskSpec("gqa", "gqa:", "image", 1, "answer", 1, 19, "exact_match"),
         TaskSpec("nlvr2", "nlvr:", "image", 2, "bool", 1, 3, "accuracy", choices=("false", "true")),
-        TaskSpec("caption", "caption:", "image", 1, "caption", 5, 20, "cider"),
+        TaskSpec("caption", "caption:", "image", 1, "caption", 5, 19, "cider"),
         TaskSpec("tvqa", "tvqa:", "video", 1, "choice", 1, 3, "accuracy"),
         TaskSpec("how2qa", "how2qa:", "video", 1, "choice", 1, 3, "accuracy"),
         TaskSpec("tvc", "tvc:", "video", 1, "caption", 5, 20, "cider"),
