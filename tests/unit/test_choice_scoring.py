@@ -255,7 +255,8 @@ def test_scoring_no_records_is_refused_naming_the_task():
 def test_each_task_s_prefix_and_generation_settings_are_the_reference_s():
     """VL-T5 / VL-Adapter: each task its own prefix (a shared one would merge tasks for multitask prompts and
     Hyperformer's task embedding); COCO captions decoded with 5 beams and VQA / GQA answers greedily, each up to
-    transformers' max_length=20 as multitask.py asks for it, the decoder's start token included: 19 new tokens
+    transformers' max_length of 20 as multitask.py runs them (gen_max_length for captions, the config's default
+    for the answers), the decoder's start token included: 19 new tokens
     (VQA answers of more than 10 tokens were cut before); the video captions with 5 beams up to 20 tokens;
     NLVR2 listed "false" first, so a logit tie answers "false" as the reference's true_logit > false_logit."""
     from vlscale.data.tasks import TASKS, get_task

@@ -51,7 +51,8 @@ TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [
         # VL-Adapter's multitask.py generates VQA/GQA answers (greedy) and captions (5 beams) with transformers'
-        # max_length=20, which counts the decoder's start token: 19 new tokens
+        # max_length of 20 (gen_max_length for captions; the config's default for VQA/GQA, which pass none),
+        # which counts the decoder's start token: 19 new tokens
         TaskSpec("vqa", "vqa:", "image", 1, "answer", 1, 19, "vqa_score"),
         TaskSpec("gqa", "gqa:", "image", 1, "answer", 1, 19, "exact_match"),
         TaskSpec("nlvr2", "nlvr:", "image", 2, "bool", 1, 3, "accuracy", choices=("false", "true")),
