@@ -44,6 +44,7 @@ VARIANTS = {
     "rows_s2": {**_ROWS, "rows_stages": 2},
     "rows_wgrad": {**_ROWS, "bwd_fused": True},
     "rows_wgrad_p128_m32": {**_ROWS, "bwd_fused": True, "bwd_programs": 128, "bwd_block_m": 32, "bwd_stages": 2},
+    "rows_wgrad_n128_m32": {**_ROWS, "bwd_fused": True, "bwd_block_n": 128, "bwd_block_m": 32, "bwd_stages": 2},
 }
 
 
