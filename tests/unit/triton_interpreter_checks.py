@@ -34,14 +34,13 @@ def recorded_launches():
             return out
         return run
 
-    names = ("_launch_down", "_launch_up", "_launch_up_bwd", "_launch_fwd_rows", "_launch_bwd_rows")
+    names = ("_launch_down", "_launch_up", "_launch_up_bwd", "_launch_rows")
     originals = [getattr(ka, n) for n in names]
     ka._launch_down = recorded(ka._launch_down, lambda a, out: "down_bwd" if a[5] else "down_fwd")
     ka._launch_up = recorded(ka._launch_up, lambda a, out: "up_dx" if a[4] else "up_fwd")
     ka._launch_up_bwd = recorded(ka._launch_up_bwd, lambda a, out: ("up_bwd" if a[5] else "wgrad")
                                  + ("" if out[3] is None else "_dwd"))
-    ka._launch_fwd_rows = recorded(ka._launch_fwd_rows, lambda a, out: "rows_fwd")
-    ka._launch_bwd_rows = recorded(ka._launch_bwd_rows, lambda a, out: "rows_bwd")
+    ka._launch_rows = recorded(ka._launch_rows, lambda a, out: "rows_bwd" if a[7] else "rows_fwd")
     try:
         yield launches
     finally:

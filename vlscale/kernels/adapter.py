@@ -20,9 +20,9 @@ weights for backward and recompute act(z) and act'(z) from z there; the plain au
 * Triton path (CUDA with Triton, or CPU tensors under ``TRITON_INTERPRET=1``). With
   ``KernelConfig(fwd_rows=True, bwd_rows=True)`` (opt-in until their speed is measured on a GPU:
   benchmarks/gpu_kernels_section.py's sweep) two one-pass kernels, one program per block of rows holding
-  the whole hidden width (up to ``ROWS_MAX_HIDDEN``): ``_fwd_rows_kernel`` computes z = x W_d^T + b_d
+  the whole hidden width (up to ``ROWS_MAX_HIDDEN``): ``_rows_kernel`` computes z = x W_d^T + b_d
   (stored: the only saved activation), act(z) in registers, and h = x + act(z) W_u^T + b_u column block
-  by column block, x's rows read a second time while still in L2; ``_bwd_rows_kernel`` computes dz = (dh
+  by column block, x's rows read a second time while still in L2; ``_rows_kernel`` computes dz = (dh
   W_u) * act'(z) with act(z), act'(z) recomputed from z, then dx = dh + dz W_d the same way, with
   per-block column sums of dz and dh for the bias gradients. The weight gradients dW_u = dh^T act(z),
   dW_d = dz^T x are cuBLAS matmuls, or with ``KernelConfig(bwd_fused=True)`` ``_up_bwd_kernel`` (one
@@ -210,8 +210,8 @@ class KernelConfig:
     ``rows_*``: the one-pass kernels, one program per ``rows_block_m`` rows holding the whole hidden
     width (up to :data:`ROWS_MAX_HIDDEN`; wider adapters take the two-kernel path); off by default until
     measured on a GPU (interpreter-verified only). ``fwd_rows``:
-    ``_fwd_rows_kernel`` instead of ``_down_kernel`` + ``_up_kernel`` (act(z) written and read back,
-    x read twice from DRAM). ``bwd_rows``: ``_bwd_rows_kernel`` computes dz and then dx from the same
+    ``_rows_kernel`` instead of ``_down_kernel`` + ``_up_kernel`` (act(z) written and read back,
+    x read twice from DRAM). ``bwd_rows``: ``_rows_kernel`` computes dz and then dx from the same
     rows instead of ``_down_kernel`` + ``_up_kernel``; with ``bwd_fused`` too, ``_up_bwd_kernel``
     then computes only the weight and bias gradients.
     """
@@ -426,14 +426,21 @@ if triton is not None:
             tl.store(PWD + base + rh[:, None] * D + rn[None, :], acc_wd, mask=mask_h[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _fwd_rows_kernel(
-        X, WD, BD, WU, BU, Z, OUT, M, D, H, stride_wd_h, stride_wd_d, stride_wu_d, stride_wu_h,
-        ACTIVATION: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _rows_kernel(
+        A, W1, B1, Z, ACT, DZ, W2, B2, OUT, PSUM_DZ, PSUM_A, M, D, H, stride_w1_d, stride_w1_h, stride_w2_h,
+        stride_w2_d, ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
-        """Forward of BLOCK_M rows in one program: z = x W_d^T + b_d (stored, rounded to the input
-        dtype), then h = x + act(z) W_u^T + b_u column block by column block, x's rows read again
-        (from L2: this program read them a moment ago). act(z) never leaves the program."""
+        """The adapter over BLOCK_M rows in one program, the whole hidden width in it. A, OUT: M x D row-major;
+        W1: D x H, W2: H x D, both strided.
+
+        Forward (A = x, W1 = W_d^T, W2 = W_u^T): Z = A W1 + b_d, rounded to the input dtype; e = act(Z).
+        Backward (A = dh, W1 = W_u, W2 = W_d): DZ = (A W1) * act'(z), stored with ACT = act(z) (for the weight
+        gradients) and its column sums in PSUM_DZ[pid]; e = DZ.
+        Then OUT = A + e W2 (+ b_u) column block by column block, A's rows read again (from L2: this program read
+        them a moment ago), and backward their column sums into PSUM_A[pid] (for db_u). e never leaves the program.
+        """
         pid = tl.program_id(0)
         rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rm < M
@@ -445,57 +452,8 @@ if triton is not None:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             mask_k = kk < D
-            a = tl.load(X + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(WD + kk[:, None] * stride_wd_d + rh[None, :] * stride_wd_h,
-                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        if HAS_BD:
-            acc += tl.load(BD + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-        zmask = mask_m[:, None] & mask_h[None, :]
-        z = acc.to(dtype)  # rounded to the input dtype, as F.linear's output would be
-        tl.store(Z + rm64[:, None] * H + rh[None, :], z, mask=zmask)
-        act = tl.where(zmask, _act_fwd(z.to(tl.float32), ACTIVATION), 0.0).to(dtype)
-        for n0 in range(0, D, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            mask_n = rn < D
-            omask = mask_m[:, None] & mask_n[None, :]
-            offs = rm64[:, None] * D + rn[None, :]
-            w = tl.load(WU + rh[:, None] * stride_wu_h + rn[None, :] * stride_wu_d,
-                        mask=mask_h[:, None] & mask_n[None, :], other=0.0)
-            out = tl.load(X + offs, mask=omask, other=0.0).to(tl.float32)
-            if IEEE:
-                out = tl.dot(act, w, out, input_precision="ieee")
-            else:
-                out = tl.dot(act, w, out)
-            if HAS_BU:
-                out += tl.load(BU + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(OUT + offs, out.to(dtype), mask=omask)
-
-    @triton.jit
-    def _bwd_rows_kernel(
-        DH, WU, Z, WD, DZ, ACT, DX, PSUM_DZ, PSUM_DH, M, D, H, stride_wu_d, stride_wu_h, stride_wd_h,
-        stride_wd_d, ACTIVATION: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """Backward of BLOCK_M rows in one program: dz = (dh W_u) * act'(z) (stored with act(z), for the
-        weight gradients, and its column sums in PSUM_DZ[pid]), then dx = dh + dz W_d column block by
-        column block, dh's rows read again from L2 (their column sums into PSUM_DH[pid], for db_u)."""
-        pid = tl.program_id(0)
-        rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rm < M
-        rm64 = rm.to(tl.int64)
-        rh = tl.arange(0, BLOCK_H)
-        mask_h = rh < H
-        dtype = DX.dtype.element_ty
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            mask_k = kk < D
-            a = tl.load(DH + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(WU + kk[:, None] * stride_wu_d + rh[None, :] * stride_wu_h,
+            a = tl.load(A + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(W1 + kk[:, None] * stride_w1_d + rh[None, :] * stride_w1_h,
                         mask=mask_k[:, None] & mask_h[None, :], other=0.0)
             if IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -503,27 +461,36 @@ if triton is not None:
                 acc = tl.dot(a, b, acc)
         zmask = mask_m[:, None] & mask_h[None, :]
         zoffs = rm64[:, None] * H + rh[None, :]
-        act, dact = _act_grad(tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32), ACTIVATION)
-        dz = tl.where(zmask, acc * dact, 0.0)
-        tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
-        tl.store(PSUM_DZ + pid * H + rh, tl.sum(dz, axis=0), mask=mask_h)
-        dz = dz.to(dtype)
-        tl.store(DZ + zoffs, dz, mask=zmask)
+        if BACKWARD:
+            act, dact = _act_grad(tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32), ACTIVATION)
+            dz = tl.where(zmask, acc * dact, 0.0)
+            tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
+            tl.store(PSUM_DZ + pid * H + rh, tl.sum(dz, axis=0), mask=mask_h)
+            e = dz.to(dtype)
+            tl.store(DZ + zoffs, e, mask=zmask)
+        else:
+            if HAS_B1:
+                acc += tl.load(B1 + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            z = acc.to(dtype)  # rounded to the input dtype, as F.linear's output would be
+            tl.store(Z + zoffs, z, mask=zmask)
+            e = tl.where(zmask, _act_fwd(z.to(tl.float32), ACTIVATION), 0.0).to(dtype)
         for n0 in range(0, D, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             mask_n = rn < D
             omask = mask_m[:, None] & mask_n[None, :]
             offs = rm64[:, None] * D + rn[None, :]
-            w = tl.load(WD + rh[:, None] * stride_wd_h + rn[None, :] * stride_wd_d,
+            w = tl.load(W2 + rh[:, None] * stride_w2_h + rn[None, :] * stride_w2_d,
                         mask=mask_h[:, None] & mask_n[None, :], other=0.0)
-            dh = tl.load(DH + offs, mask=omask, other=0.0).to(tl.float32)
-            tl.store(PSUM_DH + pid * D + rn, tl.sum(dh, axis=0), mask=mask_n)
+            out = tl.load(A + offs, mask=omask, other=0.0).to(tl.float32)
+            if BACKWARD:
+                tl.store(PSUM_A + pid * D + rn, tl.sum(out, axis=0), mask=mask_n)
             if IEEE:
-                dx = tl.dot(dz, w, dh, input_precision="ieee")
+                out = tl.dot(e, w, out, input_precision="ieee")
             else:
-                dx = tl.dot(dz, w, dh)
-            tl.store(DX + offs, dx.to(dtype), mask=omask)
-
+                out = tl.dot(e, w, out)
+            if HAS_B2:
+                out += tl.load(B2 + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(OUT + offs, out.to(dtype), mask=omask)
 
 def _use_ieee(a: torch.Tensor) -> bool:
     return a.dtype == torch.float32 and not (a.is_cuda and torch.backends.cuda.matmul.allow_tf32)
@@ -595,37 +562,28 @@ def _rows_hidden_block(hidden: int, cfg: KernelConfig, backward: bool) -> Option
     return block_h if wanted and block_h <= ROWS_MAX_HIDDEN else None
 
 
-def _launch_fwd_rows(x, w_down, b_down, w_up, b_up, activation, cfg):
-    """h and z, in ``_fwd_rows_kernel``."""
-    M, D = x.shape
-    H = w_down.shape[0]
-    z = torch.empty((M, H), device=x.device, dtype=x.dtype)
-    h = torch.empty_like(x)
-    _fwd_rows_kernel[(triton.cdiv(M, cfg.rows_block_m),)](
-        x, w_down, b_down if b_down is not None else x, w_up, b_up if b_up is not None else x, z, h, M, D, H,
-        w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
-        ACTIVATION=ACTIVATIONS.index(activation), HAS_BD=b_down is not None, HAS_BU=b_up is not None,
-        IEEE=_use_ieee(x), BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, False),
-        BLOCK_K=cfg.rows_block_k, BLOCK_N=cfg.rows_block_n, num_warps=cfg.rows_warps, num_stages=cfg.rows_stages)
-    return h, z
-
-
-def _launch_bwd_rows(dh, w_up, z, w_down, activation, cfg):
-    """dz, act(z), dx and the column sums of dz and dh (per row block), in ``_bwd_rows_kernel``."""
-    M, D = dh.shape
-    H = z.shape[1]
+def _launch_rows(a, w1, b1, z, w2, b2, activation, backward, cfg):
+    """``_rows_kernel``. Forward (a = x, w1 = W_d^T, w2 = W_u^T): returns (h, z). Backward (a = dh, w1 = W_u,
+    w2 = W_d, ``z`` given): returns (dz, act(z), dx, column sums of dz and of dh per row block)."""
+    M, D = a.shape
+    H = w1.shape[1]
     n_m = triton.cdiv(M, cfg.rows_block_m)
-    dz = torch.empty_like(z)
-    act = torch.empty_like(z)
-    dx = torch.empty_like(dh)
-    psum_dz = torch.empty((n_m, H), device=dh.device, dtype=torch.float32)
-    psum_dh = torch.empty((n_m, D), device=dh.device, dtype=torch.float32)
-    _bwd_rows_kernel[(n_m,)](
-        dh, w_up, z, w_down, dz, act, dx, psum_dz, psum_dh, M, D, H, w_up.stride(0), w_up.stride(1),
-        w_down.stride(0), w_down.stride(1), ACTIVATION=ACTIVATIONS.index(activation), IEEE=_use_ieee(dh),
-        BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, True), BLOCK_K=cfg.rows_block_k,
+    out = torch.empty_like(a)
+    low = torch.empty((M, H), device=a.device, dtype=a.dtype)  # forward: z; backward: act(z)
+    if backward:
+        act, dz = low, torch.empty_like(low)
+        psum_dz = torch.empty((n_m, H), device=a.device, dtype=torch.float32)
+        psum_a = torch.empty((n_m, D), device=a.device, dtype=torch.float32)
+    else:
+        z = act = dz = low  # act, dz and the column sums are not written forward
+        psum_dz = psum_a = out
+    _rows_kernel[(n_m,)](
+        a, w1, b1 if b1 is not None else a, z, act, dz, w2, b2 if b2 is not None else a, out, psum_dz, psum_a,
+        M, D, H, w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), ACTIVATION=ACTIVATIONS.index(activation),
+        BACKWARD=backward, HAS_B1=b1 is not None, HAS_B2=b2 is not None, IEEE=_use_ieee(a),
+        BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, backward), BLOCK_K=cfg.rows_block_k,
         BLOCK_N=cfg.rows_block_n, num_warps=cfg.rows_warps, num_stages=cfg.rows_stages)
-    return dz, act, dx, psum_dz, psum_dh
+    return (dz, act, out, psum_dz, psum_a) if backward else (out, z)
 
 
 class _TritonAdapterFn(torch.autograd.Function):
@@ -642,7 +600,7 @@ class _TritonAdapterFn(torch.autograd.Function):
         bd = b_down.contiguous() if b_down is not None else None
         bu = b_up.contiguous() if b_up is not None else None
         if _rows_hidden_block(w_down.shape[0], cfg, False):
-            return _launch_fwd_rows(x2d, w_down, bd, w_up, bu, activation, cfg)
+            return _launch_rows(x2d, w_down.t(), bd, None, w_up.t(), bu, activation, False, cfg)
         z, act = _launch_down(x2d, w_down.t(), bd, None, activation, False, cfg)
         h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
         return h, z
@@ -673,7 +631,7 @@ class _TritonAdapterFn(torch.autograd.Function):
         dh = dh.contiguous()
         dwd = dx = None
         if _rows_hidden_block(z.shape[1], cfg, True):  # dz and dx in one kernel
-            dz, act, dx, psum_dz, psum_dh = _launch_bwd_rows(dh, w_up, z, w_down, ctx.activation, cfg)
+            dz, act, dx, psum_dz, psum_dh = _launch_rows(dh, w_up, None, z, w_down, None, ctx.activation, True, cfg)
             dbu = psum_dh.sum(0).to(dtype)
         else:
             dz, act, psum_dz = _launch_down(dh, w_up, None, z, ctx.activation, True, cfg)
