@@ -80,3 +80,44 @@ def test_gpu_suite_runs_every_section_it_lists():
     source = (ROOT / "benchmarks" / "gpu_suite.py").read_text()
     missing = [s for s in suite.SECTIONS if s not in suite.TRAIN_RUNS and f'name == "{s}"' not in source]
     assert not missing and set(suite.TRAIN_RUNS) <= set(suite.SECTIONS), missing
+
+
+def test_gpu_kernel_sweep_times_each_variant_against_the_reference(monkeypatch):
+    """A lent GPU gets one call: the kernel sweep's plumbing is checked here, on CPU at a tiny size with the
+    device timers swapped for host ones (the fused path is the PyTorch one on CPU). Every variant is a valid
+    KernelConfig, each row has its times, the 2x-error verdict for its own config and its speedups over the
+    reference timed in the same loop; a variant that fails is recorded, and the others still run."""
+    import torch
+
+    from vlscale.kernels.adapter import KernelConfig
+
+    section = _bench("gpu_kernels_section")
+    ak = section.ak
+    monkeypatch.setattr(section, "TOKENS", 48)
+    monkeypatch.setattr(section, "D_MODEL", 32)
+    monkeypatch.setattr(section, "HIDDEN", (16,))
+    make, check = ak.make_inputs, ak.check_low_precision
+    monkeypatch.setattr(ak, "make_inputs", lambda t, d, h, dtype, device, seed=0: make(t, d, h, torch.float32, "cpu"))
+    monkeypatch.setattr(ak, "gpu_and_host_time",
+                        lambda fn, grads: (ak._time({"f": fn}, "cpu", repeats=1, grad_to_none=grads)["f"], 0.0))
+    configs = []
+
+    def checked(device, dtype, *args, config=None, **kw):
+        configs.append(config)
+        if config.rows_block_m == 16:
+            raise RuntimeError("out of resource: shared memory")
+        return check("cpu", torch.float32, *args, config=config, **kw)
+
+    monkeypatch.setattr(ak, "check_low_precision", checked)
+    monkeypatch.setattr(section, "_kernel_breakdown", lambda fn, grads: [{"kernel": "k", "us_per_call": 1.0}])
+    rows = section.sweep(torch.float32)["16"]
+    assert list(rows) == ["reference", *section.VARIANTS]
+    assert configs == [KernelConfig(**kw) for kw in section.VARIANTS.values()]
+    assert rows["rows_m16"] == {"error": "RuntimeError: out of resource: shared memory"}
+    for name, row in rows.items():
+        if name in ("reference", "rows_m16"):
+            continue
+        assert row["lowp_pass"] is True and row["fwd_us"] > 0 and row["fwd_bwd_us"] > 0, name
+        assert row["fwd_bwd_speedup"] == round(rows["reference"]["fwd_bwd_us"] / row["fwd_bwd_us"], 3), name
+        assert ("kernels" in row) == (name in ("default", "rows")), name
+    assert "kernels" in rows["reference"]
