@@ -99,3 +99,31 @@ def test_optimizer_state_bytes_counts_masters_and_moments_not_parameters():
     # a plain torch optimizer (no DeepSpeed wrapper): only its state
     plain = SimpleNamespace(state={p: {"exp_avg": torch.zeros(4)}})
     assert optimizer_state_bytes(_engine(plain, p)) == 16
+
+
+def test_optimizer_state_bytes_reads_the_fp32_masters_of_every_deepspeed_optimizer():
+    """Each DeepSpeed optimizer keeps its fp32 master copies under its own attribute: ZeRO-3
+    (``fp32_partitioned_groups_flat``), ZeRO-1/2 (``single_partition_of_fp32_groups``), bf16 at stage 0/1
+    (``fp32_groups_flat_partition``), fp16 at stage 0 fused (``fp32_groups_flat``) and unfused (``fp32_groups``,
+    one list per group). Every one is counted beside Adam's moments (a missed name reported no masters at all)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition",
+                 "fp32_groups_flat"):
+        master = torch.zeros(6)                                              # 24 bytes
+        inner = SimpleNamespace(state={master: {"exp_avg": torch.zeros(6), "exp_avg_sq": torch.zeros(6)}})
+        opt = SimpleNamespace(optimizer=inner, **{attr: [master, torch.zeros(3)]})  # + a second group: 12
+        assert optimizer_state_bytes(_engine(opt, p)) == 24 + 12 + 2 * 24, attr
+    masters = [[torch.zeros(6), torch.zeros(3)], [torch.zeros(5)]]           # fp16 unfused: 24 + 12 + 20
+    unfused = SimpleNamespace(optimizer=SimpleNamespace(state={}), fp32_groups=masters)
+    assert optimizer_state_bytes(_engine(unfused, p)) == 24 + 12 + 20
+
+
+def test_live_gradient_bytes_counts_a_masters_gradient_not_the_master():
+    """bf16 at stage 0/1 sets each fp32 master partition's ``.grad`` to a view of the flat gradient buffer of the
+    whole group (every rank's partition): the buffer is what is alive, not a copy the size of the master."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    flat = torch.zeros(12)                                                   # 48: the group's flat gradients
+    master = torch.zeros(6)                                                  # this rank's partition (24 bytes)
+    master.grad = flat.narrow(0, 6, 6)
+    engine = _engine(SimpleNamespace(fp32_groups_flat_partition=[master]), p)
+    assert live_gradient_bytes(engine, "cpu") == 48
