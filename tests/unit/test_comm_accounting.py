@@ -168,6 +168,30 @@ def test_counter_reads_the_full_tensor_argument_of_each_c10d_op():
     assert c.calls == {"all_gather": 1, "reduce_scatter": 4, "all_reduce": 0, "broadcast": 0, "other": 0}
 
 
+def test_the_counter_knows_every_c10d_collective_by_its_schema():
+    """The counter sees every collective that moves tensors: each c10d op this torch registers (but the barriers
+    and the NaN check) is in its table under its exact name (an op missing or misspelt there is never counted:
+    ``gather_into_tensor_`` was), and the argument it reads is the one the convention names in the op's schema:
+    an all-gather's output, a reduce-scatter's input, an all-reduce's or broadcast's tensors. A torch release
+    that adds a collective fails here until the table has it."""
+    import torch
+    import torch.distributed  # noqa: F401  (registers the c10d ops)
+
+    from vlscale.engine.comm import _C10D_OPS
+
+    schemas = {s.name.split("::", 1)[1]: s for s in torch._C._jit_get_all_schemas() if s.name.startswith("c10d::")}
+    assert set(schemas) - {"barrier", "monitored_barrier_", "check_for_nan"} == set(_C10D_OPS)
+    full = {"all_gather": "output", "reduce_scatter": "input", "all_reduce": "tensors", "broadcast": "tensors"}
+    spelt = {"all_gather": "allgather", "reduce_scatter": "reduce_scatter", "all_reduce": "allreduce",
+             "broadcast": "broadcast"}  # how c10d names each type's ops
+    for name, (kind, index) in _C10D_OPS.items():
+        assert [k for k, word in spelt.items() if word in name] == ([kind] if kind in spelt else []), (name, kind)
+        arg = schemas[name].arguments[index]
+        assert "Tensor" in str(arg.type), (name, str(arg))
+        if kind in full:
+            assert arg.name.startswith(full[kind]), (name, kind, arg.name)
+
+
 def test_module_calls_take_a_leaf_unit_whole_and_partitioned_sizes():
     """A ZeRO-3 leaf module is one call with every parameter under it (its submodules are not recorded), and a
     partitioned parameter counts at its full size (ds_numel), not its local 0 elements."""

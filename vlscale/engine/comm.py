@@ -99,6 +99,7 @@ _C10D_OPS = {
     "alltoall_": ("other", 1),
     "alltoall_base_": ("other", 1),
     "gather_": ("other", 1),
+    "gather_into_tensor_": ("other", 1),
     "scatter_": ("other", 0),
     "reduce_": ("other", 0),
     "send": ("other", 0),
