@@ -554,3 +554,81 @@ def test_an_external_parameter_is_found_in_the_first_step_and_kept_for_its_reade
                                  param_persistence_threshold=0, max_reuse_distance=10 ** 9)
     assert pred.detail["external_params"] == 1
     assert pred.all_gather == 1000 + 10
+
+
+def test_wire_bytes_follow_the_ring_volumes_at_any_world_size():
+    """What each rank sends of the full tensor: (W-1)/W for an all-gather or a reduce-scatter, twice that for an
+    all-reduce, all of a broadcast; on 2, 3 and 8 ranks (only the 2-rank run checked a reduce-scatter's), rounded to
+    the nearest byte."""
+    from vlscale.engine.comm import CommCounter
+
+    for world, ring in ((2, 60), (3, 80), (8, 105)):
+        c = CommCounter(world)
+        c.bytes.update(all_gather=120, reduce_scatter=120, all_reduce=120, broadcast=120, other=120)
+        assert c.wire_bytes() == {"all_gather": ring, "reduce_scatter": ring, "all_reduce": 2 * ring,
+                                  "broadcast": 120, "other": 120}, world
+    c = CommCounter(3)
+    c.bytes.update(all_gather=10, reduce_scatter=11, all_reduce=10)  # 6.67, 7.33, 13.33 bytes
+    assert (c.wire_bytes()["all_gather"], c.wire_bytes()["reduce_scatter"], c.wire_bytes()["all_reduce"]) == (7, 7, 13)
+
+
+def test_the_step_trace_takes_full_sizes_and_waits_only_for_inputs_that_need_a_gradient():
+    """trace_zero3_step counts a partitioned parameter at its full size (``ds_numel``), and a unit's post-backward
+    waits for the gradients of its input tensors that need one only, as DeepSpeed's counter does: a block called
+    with an activation and a mask is released after its backward (waiting for the mask too, it never was, so with
+    re-use distance 0 its second call's backward found it still gathered). trace_module_calls marks a call for
+    backward when any of its outputs needs a gradient, a mask beside it or not."""
+    import torch
+
+    from vlscale.engine.comm import Zero3Trace, trace_module_calls, trace_zero3_step
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x, mask):
+            return x * self.scale * mask, mask
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block = torch.nn.Linear(4, 4), Block()
+
+        def forward(self, x):
+            mask = torch.ones(4)
+            return self.block(self.block(self.inp(x), mask)[0], mask)[0]
+
+    model = Model()
+    model.inp.weight.ds_numel = 1000
+    trace = trace_zero3_step(model, torch.ones(2, 4))
+    assert isinstance(trace, Zero3Trace) and trace.info["inp.weight"].numel == 1000
+    block = next(i for i, u in enumerate(trace.units) if u.name == "block")
+    phases = [(kind, phase) for kind, u, phase in trace.events if u == block]
+    assert phases == [("fetch", "forward"), ("release", "forward")] * 2 + [("fetch", "backward"),
+                                                                          ("release", "backward"),
+                                                                          ("fetch", "backward")]
+    pred = zero3_comm_accounting(trace, trace.info, 1, param_bytes=1, param_persistence_threshold=0)
+    assert pred.detail["backward_all_gather"]["trainable"] == 2 * 4 + 1000 + 4  # the block's twice, then inp's
+    calls, _ = trace_module_calls(model, torch.ones(2, 4))
+    assert [(c.module, c.backward) for c in calls] == [("inp", True), ("block", True), ("block", True)]
+
+
+def test_prediction_without_a_model_builds_the_one_the_trainer_runs():
+    """Given no model, predict_zero3_comm builds it as the trainer does, its LM layers ZeRO-3 leaf units
+    (benchmarks/scale.py predicts so): the same prediction as for that model passed in. A prefetch bucket of 0
+    turns prefetching off, on 2 ranks too. (No parameter kept whole, so that the leaf units show: a leaf T5 block's
+    backward gathers its relative position bias, module by module it is not.)"""
+    from vlscale.config import load_config
+    from vlscale.engine.sharded_loading import mark_zero3_leaf_layers
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny", ["train.micro_batch_size=2"])
+    ds = {"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0, "stage3_param_persistence_threshold": 0,
+                                "stage3_prefetch_bucket_size": 0}}
+    model = build_model(cfg, vocab_size=700, device="meta")
+    mark_zero3_leaf_layers(model, cfg)
+    assert any(getattr(m, "_z3_leaf", False) for m in model.modules())
+    built = predict_zero3_comm(cfg, ds, 2, vocab_size=700)
+    assert built.to_dict() == predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model).to_dict()
+    assert built.detail["prefetch"] is False
