@@ -86,6 +86,9 @@ def test_frozen_aware_accounting_by_hand():
     assert pred.detail["backward_all_gather"]["frozen"] == 2 * 2 * (p["w1"] + p["w2"] + p["emb"])
     assert pred.detail["forward_all_gather"]["trainable"] == 2 * 2 * p["ad"]
     assert pred.total == pred.all_gather + pred.reduce_scatter
+    # the detail benchmarks/scale.py reports: element counts by kind, unpadded
+    assert (pred.detail["frozen_numel"], pred.detail["trainable_numel"]) == (1001 + 3000 + 2000 + 555, 10 + 301)
+    assert (pred.detail["persistent_params"], pred.detail["persistent_numel"]) == (1, 10)
 
 
 def test_reuse_distance_keeps_parameters_between_uses():
