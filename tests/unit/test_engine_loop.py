@@ -390,12 +390,15 @@ def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
                           dist=SimpleNamespace(world_size=2, device=torch.device("cpu"), device_type="cpu"),
                           stage=2, global_batch=4, step_times=[3.0, 1.0, 2.0, 10.0],
                           cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32", gradient_checkpointing=False)),
-                          ds_config={}, last_scores={}, interrupted_evaluation=None)
+                          ds_config={}, last_scores={"vqa": {"acc": 0.5}},
+                          interrupted_evaluation={"step": 3, "split": "test", "task": "vqa", "batches_done": 1,
+                                                  "batches": 2})
     s = trainer.run_summary(run)
     assert (s["param_bytes_per_rank"], s["param_bytes_by_rank"]) == (36, [36, 10])
     assert (s["grad_bytes_per_rank"], s["grad_bytes_by_rank"]) == (9000, [36, 9000])
     assert s["optimizer_state_bytes_by_rank"] == [0, 1]
     assert (s["step_time_s"], s["step_time_steps"], s["steps"], s["completed"]) == (2.5, 4, 3, True)
+    assert s["final_scores"] == {"vqa": {"acc": 0.5}} and s["interrupted_evaluation"]["split"] == "test"
 
 
 def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_path, monkeypatch):
@@ -417,6 +420,43 @@ def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_
     assert run.last_scores == {"vqa": {"acc": 0.75}}
 
 
+def test_only_the_final_evaluation_writes_predictions(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    written = []
+    monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: written.append(predictions) or {})
+    run = SimpleNamespace(step=2, is_main=True, out=tmp_path, writer=None, last_scores={})
+    trainer.run_evaluation(run)
+    trainer.run_evaluation(run, final=True)
+    assert written == [None, tmp_path / "predictions"]
+
+
+def test_a_trained_run_counts_as_saved_only_with_the_checkpoint_and_the_adapter_of_its_step(tmp_path):
+    """What a --resume of a finished run checks before its final evaluation (_saved_at_this_step): both the latest
+    checkpoint and adapter/ are of run.step; either of another step (a save that died half-way) is saved again."""
+    import json
+    from types import SimpleNamespace
+
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.engine.trainer import _saved_at_this_step
+
+    run = SimpleNamespace(step=6, is_main=True, out=tmp_path)
+    assert not _saved_at_this_step(run)  # nothing written
+    for tag in ("step4", "step6"):
+        (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+    (tmp_path / "adapter").mkdir()
+
+    def saved(checkpoint, adapter):
+        (tmp_path / "checkpoints" / "latest").write_text(f"step{checkpoint}")
+        (tmp_path / "adapter" / ckpt.ADAPTER_CONFIG).write_text(json.dumps(
+            {"format": ckpt.ADAPTER_FORMAT, "run_config": {}, "vocab_size": 10, "step": adapter}))
+        return _saved_at_this_step(run)
+
+    assert saved(6, 6) and not saved(6, 4) and not saved(4, 6)
+
+
 def test_the_lr_is_zero_at_the_end_of_a_run_whose_warm_up_spans_it():
     """ceil(warmup_ratio x total) can be every step (0.9 of 5): a resume past the old end (_note_new_schedule
     reads the old schedule at its last step) reads 0, not a division by zero."""
@@ -425,33 +465,50 @@ def test_the_lr_is_zero_at_the_end_of_a_run_whose_warm_up_spans_it():
     assert f(5) == 0.0
 
 
-def _loop_run(monkeypatch, step=0, saved=False):
+def _loop_run(monkeypatch, step=0, saved=False, accumulation=1, stop_at=None, test_eval=False, interrupt=None):
     """A Run for train() whose step, logging, evaluation and checkpoint are recorded in ``events``; the engine's
-    learning rate is the number of updates so far (the schedule advances with each update)."""
+    learning rate is the number of updates so far (the schedule advances with each update). ``run.micro_batches``:
+    how many micro-batches each train_step got; ``run.stoppable``: run.stoppable_evaluation during each evaluation;
+    ``stop_at``: the step whose train_step says a stop was requested; ``interrupt``: the evaluation (``(step,
+    split)``) a stop request ends, raising EvaluationInterrupted."""
     from types import SimpleNamespace
 
     from vlscale.engine import trainer
+    from vlscale.engine.evaluation import EvaluationInterrupted
 
     events = []
 
     def train_step(run, batches):
         run.engine.updates += 1
-        return 1.0, False
+        run.micro_batches.append(len(batches))
+        return 1.0, run.step + 1 == stop_at
+
+    def evaluation(run, split, final):
+        events.append(("eval" if split == "val" else split, run.step, final))
+        run.stoppable.append(run.stoppable_evaluation)
+        if (run.step, split) == interrupt:
+            raise EvaluationInterrupted(split, "gqa", 1, 4)
+        scores = {"vqa": {"acc": run.step / 10}}
+        if split == "val":
+            run.last_scores = scores
+        return scores
 
     engine = SimpleNamespace(updates=step)
     engine.get_lr = lambda: [float(engine.updates)]
     monkeypatch.setattr(trainer, "train_step", train_step)
     monkeypatch.setattr(trainer, "log_step", lambda run, task, loss, lr, bar: events.append(("log", run.step, lr)))
-    monkeypatch.setattr(trainer, "run_evaluation",
-                        lambda run, split="val", final=False: events.append(("eval", run.step, final)) or {})
+    monkeypatch.setattr(trainer, "run_evaluation", lambda run, split="val", final=False: evaluation(run, split, final))
+    monkeypatch.setattr(trainer, "run_test_evaluation", lambda run: evaluation(run, "test", True))
     monkeypatch.setattr(trainer, "save_training_state", lambda run: events.append(("save", run.step)))
     monkeypatch.setattr(trainer, "_saved_at_this_step", lambda run: saved)
-    train = SimpleNamespace(max_steps=6, gradient_accumulation_steps=1, eval_every=3, save_every=2, test_eval=False)
+    train = SimpleNamespace(max_steps=6, gradient_accumulation_steps=accumulation, eval_every=3, save_every=2,
+                            test_eval=test_eval)
     run = SimpleNamespace(cfg=SimpleNamespace(train=train), step=step, is_main=True, show_progress=False,
                           loader=iter(lambda: {"task": "vqa"}, None), engine=engine, lr_groups={"lr": 0},
                           dist=SimpleNamespace(world_size=1), step_times=[],
                           watchdog=SimpleNamespace(beat=lambda what: None), stoppable_evaluation=False,
-                          stop=SimpleNamespace(signum=None), interrupted_evaluation=None)
+                          stop=SimpleNamespace(signum=None), interrupted_evaluation=None, last_scores={},
+                          micro_batches=[], stoppable=[])
     return run, events
 
 
@@ -486,3 +543,158 @@ def test_a_resume_of_a_trained_run_saves_only_what_it_lacks_then_evaluates(monke
     run, events = _loop_run(monkeypatch, step=6, saved=saved)
     trainer.train(run)
     assert events == ([] if saved else [("save", 6)]) + [("eval", 6, True)]
+
+
+def test_each_step_takes_the_accumulation_s_micro_batches(monkeypatch):
+    """One optimizer step is train.gradient_accumulation_steps micro-batches: the loop hands train_step that many
+    every step (the global batch of train_log.jsonl's samples_per_s and of the data order)."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, accumulation=3)
+    trainer.train(run)
+    assert run.micro_batches == [3] * 6 and run.step == 6
+
+
+def test_a_stop_request_checkpoints_the_step_it_came_in_and_stops(monkeypatch):
+    """Ctrl-C/SIGTERM (train_step's all-reduced flag): the step it came in is logged, evaluated if due and
+    checkpointed, then RunStopped carries the signal; nothing after it runs."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, stop_at=3)
+    run.stop.signum = 15
+    with pytest.raises(trainer.RunStopped, match=r"^stopped at step 3 \(signal\)$") as stopped:
+        trainer.train(run)
+    assert (stopped.value.step, stopped.value.signum) == (3, 15)
+    assert events == [("log", 1, {"lr": 0.0}), ("log", 2, {"lr": 1.0}), ("save", 2), ("log", 3, {"lr": 2.0}),
+                      ("eval", 3, False), ("save", 3)] and run.step == 3
+
+
+def test_the_test_split_is_evaluated_after_the_final_one_with_train_test_eval(monkeypatch):
+    """train.test_eval: the test split after the final validation, of the same step; train() returns the
+    validation's scores. A stop request ends any of the evaluations (checked per batch while they run)."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, test_eval=True)
+    scores = trainer.train(run)
+    assert events[-3:] == [("save", 6), ("eval", 6, True), ("test", 6, True)]
+    assert scores == run.last_scores == {"vqa": {"acc": 0.6}}  # the final validation's, not the test split's
+    assert run.stoppable == [True, True, True] and run.stoppable_evaluation is False
+
+
+def test_a_stop_during_a_periodic_evaluation_checkpoints_its_step_and_stops(monkeypatch):
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, interrupt=(3, "val"))
+    run.stop.signum = 2
+    with pytest.raises(trainer.RunStopped, match=r"^stopped at step 3 \(SIGINT during the evaluation at step 3 "
+                                                 r"\(evaluation of val stopped in task gqa after 1 of 4 batches\); "
+                                                 r"step 3 is checkpointed, and --resume continues training") as stopped:
+        trainer.train(run)
+    assert stopped.value.signum == 2 and events[-2:] == [("eval", 3, False), ("save", 3)]
+    assert run.stoppable == [True] and run.stoppable_evaluation is False
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_stop_during_the_final_evaluation_records_where_and_keeps_only_a_finished_validation(monkeypatch, split):
+    """The final validation stopped: no final scores (run_summary.json's final_scores is not an earlier
+    evaluation's); the test split stopped after it: the validation's scores stand. Either way
+    run.interrupted_evaluation says where it stopped, for run_summary.json, and the run stops."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch, test_eval=True, interrupt=(6, split))
+    run.stop.signum = 15
+    with pytest.raises(trainer.RunStopped, match=rf"^stopped at step 6 \(SIGTERM during the final evaluation "
+                                                 rf"\(evaluation of {split} stopped in task gqa after 1 of 4 "
+                                                 r"batches\); the training is complete and checkpointed"):
+        trainer.train(run)
+    assert events[-1] == (("eval" if split == "val" else "test"), 6, True)
+    assert run.interrupted_evaluation == {"step": 6, "split": split, "task": "gqa", "batches_done": 1, "batches": 4}
+    assert run.last_scores == ({} if split == "val" else {"vqa": {"acc": 0.6}})
+    assert run.stoppable[-1] is True and run.stoppable_evaluation is False
+
+
+def test_the_lr_stays_zero_past_the_end_of_the_schedule():
+    """A --resume that extends train.max_steps reads the old schedule at the checkpoint's step
+    (_note_new_schedule): past the old end the multiplier is 0, never negative."""
+    f = lr_multiplier(5, 0.2)
+    assert [f(s) for s in (5, 6, 9)] == [0.0, 0.0, 0.0]
+
+
+def _step_run(monkeypatch, logits, *, stop=False, precision="fp32", deepspeed_norm=False):
+    """A Run for train_step on a stand-in DeepSpeed engine that returns ``logits`` (one tensor per micro-batch) and
+    records each backward's loss and each step (with the task the per-task groups were set to then); as rank 0 of 2
+    ranks whose batches are the same, so every all-reduced number is twice this rank's."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    class Engine:
+        def __init__(self):
+            self.logits, self.backwards, self.steps = iter(logits), [], []
+            self.optimizer = SimpleNamespace(loss_scale=8.0)
+            if deepspeed_norm:
+                self.optimizer._global_grad_norm = 1.0  # DeepSpeed's own optimizers keep the norm
+
+        def __call__(self, batch):
+            return SimpleNamespace(logits=next(self.logits))
+
+        def backward(self, loss):
+            self.backwards.append(float(loss))
+
+        def step(self):
+            self.steps.append(run.task_steps.task)
+
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda values, device: [2.0 * v for v in values])
+    monkeypatch.setattr(trainer, "all_reduce_sum_", lambda t: t.mul_(2))
+    grad_bytes = []
+    monkeypatch.setattr(trainer, "gradient_bytes", lambda engine, stage: grad_bytes.append(stage) or 96)
+    trained = torch.nn.Parameter(torch.zeros(2))
+    trained.grad = torch.tensor([3.0, 4.0])
+    run = SimpleNamespace(engine=Engine(), step=4, dist=SimpleNamespace(world_size=2, device=torch.device("cpu")),
+                          cfg=SimpleNamespace(train=SimpleNamespace(loss_reduction="token", precision=precision)),
+                          scale_loss=precision == "fp16", loss_scale=None, grad_norm=None, stop=SimpleNamespace(
+                              requested=stop), dtype=torch.float32, memory={}, stage=2, trainable=[trained],
+                          task_steps=SimpleNamespace(task=None), out=Path("/nonexistent/run"))
+    return run, grad_bytes
+
+
+def test_a_step_backwards_each_micro_batch_at_its_share_of_the_global_token_mean_then_updates_once(monkeypatch):
+    """k micro-batches on W ranks: each backward is of its token cross-entropy sum x W*k/N (N: the global batch's
+    target tokens; DeepSpeed divides by k and averages over W), the engine counts k-1 micro-steps and then steps once
+    with the step's task's optimizer groups on; the loss is the global per-token mean; the gradient norm read with it
+    where DeepSpeed keeps none; the stop flag is any rank's."""
+    from vlscale.engine.trainer import train_step
+
+    g = torch.Generator().manual_seed(0)
+    labels = [torch.tensor([[1, 2, -100]]), torch.tensor([[3, -100, -100], [0, 4, 1]]), torch.tensor([[2, 2, 2]])]
+    logits = [torch.randn(y.shape[0], 3, 5, generator=g) for y in labels]
+    sums = [float(torch.nn.functional.cross_entropy(z.reshape(-1, 5), y.reshape(-1), ignore_index=-100,
+                                                    reduction="sum")) for z, y in zip(logits, labels)]
+    n_local = 2 + 4 + 3
+    batches = [{"task": "vqa", "labels": y} for y in labels]
+
+    run, grad_bytes = _step_run(monkeypatch, logits, stop=True)
+    loss, stop = train_step(run, batches)
+    assert loss == pytest.approx(sum(sums) / n_local) and stop is True
+    assert run.engine.backwards == pytest.approx([s * 2 * 3 / (2 * n_local) for s in sums])
+    assert run.engine.steps == [None, None, "vqa"] and run.task_steps.task == "vqa"
+    assert run.grad_norm == pytest.approx(5.0) and run.loss_scale is None
+    assert run.memory == {"grad_bytes_per_rank": 96} and grad_bytes == [2]
+
+    run, _ = _step_run(monkeypatch, logits, precision="fp16", deepspeed_norm=True)
+    loss, stop = train_step(run, batches)  # stage-0 fp16: the loss scale multiplies the backward here
+    assert loss == pytest.approx(sum(sums) / n_local) and stop is False
+    assert run.engine.backwards == pytest.approx([s * 8.0 * 3 / n_local for s in sums])
+    assert run.loss_scale == 8.0 and run.grad_norm is None  # DeepSpeed's optimizer reports its own
+
+
+def test_a_non_finite_loss_stops_the_step_before_its_update(monkeypatch):
+    from vlscale.engine.trainer import NonFiniteLoss, train_step
+
+    labels = torch.tensor([[1, 2]])
+    logits = [torch.zeros(1, 2, 5), torch.full((1, 2, 5), float("nan"))]
+    run, _ = _step_run(monkeypatch, logits)
+    with pytest.raises(NonFiniteLoss, match=r"^loss is nan at step 5 \(task 'gqa'\); stopping before the update; "
+                                            r"no checkpoint had been written yet"):
+        train_step(run, [{"task": "gqa", "labels": labels}] * 2)
+    assert run.engine.steps == [None]  # the micro-step only, no update
