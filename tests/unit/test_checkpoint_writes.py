@@ -243,6 +243,33 @@ def test_a_run_that_saves_once_needs_room_for_one_checkpoint(tmp_path, monkeypat
         trainer.check_disk_space(cfg, ds, 2, vocab, tmp_path / "run")
 
 
+@pytest.mark.parametrize("max_steps, save_every, saves", [(3, 2, 2), (7, 3, 3), (3, 4, 1), (3, 0, 1)])
+def test_the_disk_check_counts_the_save_at_the_end_of_a_run_off_the_save_schedule(tmp_path, monkeypatch, max_steps,
+                                                                                    save_every, saves):
+    """The loop saves every train.save_every steps and at the end (trainer.train): 3 steps saving every 2 save at
+    steps 2 and 3, every 4 (or never) at step 3 only; the check counts the same saves, and room for as many
+    checkpoints at once (up to the kept ones + the one written)."""
+    import shutil
+    from collections import namedtuple
+
+    from vlscale.config import load_config
+    from vlscale.engine import trainer
+    from vlscale.engine.deepspeed_config import build_deepspeed_config
+    from vlscale.profiling.analytic import default_vocab_size, estimate_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", f"train.max_steps={max_steps}",
+                               f"train.save_every={save_every}"])
+    ds = build_deepspeed_config(root / "ds_configs" / "zero3.json", cfg, 2, device_type="cpu")
+    vocab = default_vocab_size(cfg)
+    disk = estimate_checkpoint(cfg, 2, ds, vocab_size=vocab)
+    held = min(saves, disk.kept + 1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(10 ** 15, 0, 0))
+    with pytest.raises(ckpt.CheckpointError, match=rf"needs about .*: {held} checkpoint\(s\) of .* at once "
+                                                   rf"\({saves} save\(s\), {disk.kept} kept"):
+        trainer.check_disk_space(cfg, ds, 2, vocab, tmp_path / "run")
+
+
 def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
     """A second run (or a resume) in an output_dir another run is using is refused, naming its pid;
     a finished run's adapter/ or step folders are not overwritten when its checkpoint's 'latest' is gone."""
