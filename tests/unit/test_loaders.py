@@ -238,6 +238,22 @@ def test_gqa_gold_answer_beside_zero_scores_and_on_a_tie(tmp_path):
     assert (tie.target, tie.references) == ("no", ["no"])
 
 
+def test_gqa_record_fields_map_to_the_example_and_an_empty_image_id_is_named(tmp_path):
+    """``sent`` is the question text and ``img_id`` the one image, both read stripped, answered or not (for
+    --predict-only); an integer ``question_id`` is the uid as a string; an empty ``img_id`` is refused naming
+    the file, the record and the key."""
+    from vlscale.data.gqa import load_gqa
+
+    rec = {"img_id": " 2354786 ", "sent": " Is the sky dark?\n", "question_id": 2930152, "label": {"yes": 1.0}}
+    unlabelled = {k: v for k, v in rec.items() if k != "label"} | {"question_id": 7}
+    path = _write_json(tmp_path / "gqa.json", [rec, unlabelled])
+    answered, unanswered = load_gqa(path, require_answers=False)
+    for e, uid in ((answered, "2930152"), (unanswered, "7")):
+        assert (e.task, e.uid, e.text, e.image_ids) == ("gqa", uid, "Is the sky dark?", ["2354786"])
+    with pytest.raises(RecordError, match=r"gqa\.json: record 0 \(id 2930152\): key 'img_id' is an empty string"):
+        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id=" ")]))
+
+
 def test_nlvr2_boolean_labels_and_a_record_without_uid(tmp_path):
     """JSON's true/false labels read as they say; a record without ``uid`` takes its identifier as its uid."""
     from vlscale.data.nlvr2 import load_nlvr2
