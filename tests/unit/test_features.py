@@ -262,6 +262,25 @@ def test_image_folder_patterns_ids_and_subfolders(tmp_path):
         ImageFolder(tmp_path, "image.jpg")
 
 
+def test_image_folder_ids_of_a_prefixed_pattern_and_a_folder_named_like_an_image(tmp_path):
+    """With a prefixed pattern (extract_features.py --pattern 'COCO_val2014_{id}.jpg') ``ids()`` lists only the
+    files with that prefix, each id without it; reading an id whose name is a folder is DataFileNotFound naming
+    the file, as the start-up check calls it missing (not a "cannot read image" DataError)."""
+    import re
+
+    from vlscale.data.real import DataFileNotFound
+
+    for name in ("COCO_val2014_1.jpg", "COCO_val2014_2.JPG", "COCO_train2014_3.jpg", "notes.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.jpg").mkdir()
+    assert ImageFolder(tmp_path, "COCO_val2014_{id}.jpg").ids() == ["1", "2"]
+    folder = ImageFolder(tmp_path)
+    assert folder.missing(["c"]) == ["c"]
+    gone = re.escape(str(tmp_path / "c.jpg"))
+    with pytest.raises(DataFileNotFound, match=rf"^image 'c': file {gone} does not exist$"):
+        folder["c"]
+
+
 def test_missing_ids_of_a_source_without_a_bulk_check_are_the_ids_it_lacks_once_each():
     from vlscale.data.visual import missing_ids
 
