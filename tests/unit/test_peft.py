@@ -115,6 +115,13 @@ def test_unsupported_backbone_is_named():
         apply_peft(Other(), peft_cfg("adapter"), TASKS)
 
 
+def test_a_module_without_an_hf_config_is_named_not_taken_for_bart():
+    """An LM with no ``config.model_type`` is refused naming its class and the supported types (it is no BART)."""
+    with pytest.raises(ValueError, match=r"backbone Linear \(config\.model_type=None\) is not supported; supported "
+                                         r"model types: \['t5', 'mt5', 'umt5', 'bart', 'mbart'\]"):
+        backbone_family(torch.nn.Linear(2, 2))
+
+
 def test_t5_and_bart_variants_are_their_family():
     def lm(model_type):
         return type("LM", (torch.nn.Module,), {"config": type("C", (), {"model_type": model_type})()})()
@@ -127,6 +134,22 @@ def test_lora_site_keys_name_their_projection(backbone):
     """``..._q`` adapts the query projection, ``..._v`` the value one: the keys name the saved LoRA weights."""
     sites = lora_sites(BACKBONES[backbone]())
     assert sites and all(s.name.rsplit(".", 1)[-1].startswith(s.key[-1]) for s in sites)
+
+
+@pytest.mark.parametrize("backbone", ["t5", "bart"])
+def test_sites_record_their_stack_layer_and_kind_and_lora_sites_keep_their_attentions(backbone):
+    """Each adapter site records its stack, layer and sublayer kind, and its key is made of them (Hyperformer's
+    per-stack hypernetworks and layer embeddings read them): self-attention and FFN in every layer, cross-attention
+    in the decoder's only. A LoRA site (q then v of each attention, no FFN) keeps its attention's stack, layer and
+    kind."""
+    lm = BACKBONES[backbone]()
+    kinds = {"encoder": ("self_attn", "ffn"), "decoder": ("self_attn", "cross_attn", "ffn")}
+    expected = [(stack, i, kind) for stack in ("encoder", "decoder") for i in range(2) for kind in kinds[stack]]
+    sites = adapter_sites(lm)
+    assert [(s.stack, s.layer, s.kind) for s in sites] == expected
+    assert [s.key for s in sites] == [f"{stack}_{i}_{kind}" for stack, i, kind in expected]
+    assert [(s.key, s.stack, s.layer, s.kind) for s in lora_sites(lm)] == [
+        (f"{stack}_{i}_{kind}_{p}", stack, i, kind) for stack, i, kind in expected if kind != "ffn" for p in "qv"]
 
 
 def test_an_lm_without_layers_is_an_error():
