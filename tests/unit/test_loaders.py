@@ -1187,6 +1187,24 @@ def test_videos_without_subtitles_are_reported_once_per_pair_of_files(caplog):
     assert said[0].startswith("tvqa: 1 of 2 examples of train_once.jsonl name a video that subs_once.jsonl")
 
 
+def test_the_subtitles_report_counts_and_names_the_videos_the_file_lacks_and_a_covered_file_says_nothing(caplog):
+    """report_uncovered counts the examples whose video is not in the subtitles file and names those videos (once
+    each, in order); annotations whose every video has subtitles are not reported."""
+    from vlscale.data.tasks import Example
+    from vlscale.data.video import Subtitles, report_uncovered
+
+    subs = Subtitles({"v1": [(0.0, 1.0, "Hi.")]}, source="subs_lack.jsonl")
+    ex = [Example(task="tvqa", uid=str(k), text="", target="a0", image_ids=[v])
+          for k, v in enumerate(["v1", "v2", "v3", "v2"])]
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
+        report_uncovered("tvqa", "train_lack.jsonl", ex, subs)
+        report_uncovered("tvqa", "val_lack.jsonl", ex[:1], subs)
+    said = [r.getMessage() for r in caplog.records if "has no subtitles for" in r.getMessage()]
+    assert said == ["tvqa: 3 of 4 examples of train_lack.jsonl name a video that subs_lack.jsonl has no subtitles for "
+                    "(2 video(s), first ['v2', 'v3']); their inputs carry no subtitle text (check that both files "
+                    "name videos alike)"]
+
+
 def test_video_feature_files_bad_content_names_the_file_and_video(tmp_path):
     from safetensors.torch import save_file
 
@@ -1267,6 +1285,20 @@ def test_video_inputs_without_subtitles_end_at_the_options_and_text_fields_are_s
     blank = _jsonl(tmp_path / "c.jsonl", [{"clip_id": 3, "vid_name": "v", "descs": [{"desc": "a"}, {"desc": "  "}]}])
     with pytest.raises(RecordError, match=r"c\.jsonl: line 1 .*key 'descs' item 1 needs a non-empty string 'desc'"):
         load_video_captions("tvc", blank, "train", Subtitles())
+
+
+def test_caption_targets_and_references_are_the_descriptions_without_surrounding_blanks(tmp_path):
+    """A TVC / YC2C description " Ross hugs Rachel.\\n" is the target and reference "Ross hugs Rachel." in every
+    split (a target with blanks trained the model to write them, and a reference with them never matched)."""
+    from vlscale.data.video import Subtitles, load_video_captions
+
+    descs = [{"desc": " Ross hugs Rachel.\n"}, "  They smile. "]
+    path = _jsonl(tmp_path / "c.jsonl", [{"clip_id": 3, "vid_name": "v", "descs": descs}])
+    clean = ["Ross hugs Rachel.", "They smile."]
+    train = load_video_captions("tvc", path, "train", Subtitles())
+    assert [(e.uid, e.target, e.references) for e in train] == [("3#0", clean[0], clean), ("3#1", clean[1], clean)]
+    (val,) = load_video_captions("tvc", path, "val", Subtitles())
+    assert (val.uid, val.target, val.references) == ("3", clean[0], clean)
 
 
 def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_and_a_missing_folder_is_named(
