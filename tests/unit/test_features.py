@@ -1282,6 +1282,29 @@ def test_what_a_cache_trained_run_records_of_its_caches_weights(tmp_path, capsys
     assert capsys.readouterr().err == ""
 
 
+def test_a_clip_built_now_is_compared_with_the_caches_fingerprint_and_a_difference_named():
+    """cache_encoder_problem (training's start-up check and the Predictor's): weights whose fingerprint is the cache's
+    give None; other weights give one line naming model.vision_pretrained, the CLIP model, the cache as the caller
+    names it, the cache's pretrained, the parameter that differs with its sums now and in the cache, and the fix."""
+    from vlscale.data.features import cache_encoder_problem
+    from vlscale.engine.checkpoint import frozen_fingerprint
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(3, 2).requires_grad_(False)
+    cache = {"folder": "/c", "pretrained": "made.pt", "fingerprint": frozen_fingerprint(encoder)}
+    cfg = load_config("tiny", ["model.vision_pretrained=now.pt"])
+    named = "data.feature_cache='/c' was extracted with"
+    assert cache_encoder_problem(encoder, cfg, cache, named, "fix it") is None
+    with torch.no_grad():
+        encoder.bias.mul_(2)
+    now, then = frozen_fingerprint(encoder)["bias"], cache["fingerprint"]["bias"]
+    assert now[0] == pytest.approx(4 * then[0]) and now[1] == pytest.approx(2 * then[1])
+    assert cache_encoder_problem(encoder, cfg, cache, named, "fix it") == (
+        f"model.vision_pretrained='now.pt' gives other {VISION} weights than data.feature_cache='/c' was extracted "
+        f"with (pretrained='made.pt'): bias differs (sum of squares {now[0]:.10g} now, {then[0]:.10g} in the cache; "
+        f"sum of |w| {now[1]:.10g} vs {then[1]:.10g}); fix it")
+
+
 @pytest.mark.parametrize("name", ["meta.json", "index.json"])
 def test_a_cache_file_that_is_not_json_is_refused_naming_it(tmp_path, name):
     """A meta.json or index.json cut short (a full disk, a copy interrupted) is a DataError naming the file, to
