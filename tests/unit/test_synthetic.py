@@ -297,6 +297,27 @@ def test_tokenizer_errors_name_the_source(tmp_path):
     assert isinstance(info.value, ConfigError)
 
 
+def test_a_hub_backbones_tokenizer_is_asked_for_under_the_registrys_hub_id(monkeypatch):
+    """model.backbone=t5-small (no backbone_path, no model.tokenizer) takes its tokenizer from the hub id its weights
+    load from (google-t5/t5-small, what an offline HF cache holds), and a failure names that id and the key."""
+    from transformers import AutoTokenizer
+
+    from vlscale.config import SourceError
+    from vlscale.data.tokenizer import build_tokenizer
+
+    asked = []
+
+    def from_pretrained(source, *args, **kwargs):
+        asked.append(source)
+        raise OSError("no network here")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(SourceError, match=r"cannot load the tokenizer for model\.backbone='google-t5/t5-small' \(a "
+                                          r"hub id needs the network"):
+        build_tokenizer(load_config("tiny", ["model.backbone=t5-small"]))
+    assert asked == ["google-t5/t5-small"]
+
+
 def _bart_convention_tokenizer(folder):
     """A small tokenizer folder with BART's special ids: <s> 0, <pad> 1, </s> 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
