@@ -395,6 +395,17 @@ def test_a_folder_given_as_the_sentencepiece_model_or_a_tokenizer_without_pad_is
         build_tokenizer(load_config("tiny", ["model.backbone=bart-base", f"model.tokenizer={folder}"]))
 
 
+def test_a_missing_sentencepiece_model_is_file_not_found_saying_how_to_remake_it(tmp_path):
+    """The shipped synthetic_spm.model deleted (or a path to none): FileNotFoundError naming it and the script that
+    makes it, not the "is not a file" of a folder given in its place."""
+    from vlscale.data.tokenizer import synthetic_tokenizer
+
+    gone = tmp_path / "gone.model"
+    with pytest.raises(FileNotFoundError, match=rf"^synthetic tokenizer model {gone} is missing; regenerate it with: "
+                                                r"python scripts/make_tokenizer\.py$"):
+        synthetic_tokenizer(gone)
+
+
 def test_a_sentencepiece_model_with_other_special_ids_is_refused_naming_the_file_and_its_ids(tmp_path):
     """The synthetic tokenizer's ids are T5's (pad 0, eos 1, unk 2) and bos 3, as the tiny backbones' configs take
     them. A model trained with other ids (here SentencePiece's own order: unk 0, bos 1, eos 2, then pad 3) would
