@@ -310,3 +310,43 @@ def test_shard_refuses_a_micro_batch_of_none_and_a_negative_rank():
         shard([], 0, 1, 0, 1)
     with pytest.raises(ValueError, match=r"^rank -1 is outside \[0, world_size=2\)$"):  # slices from the end
         shard(list(range(8)), -1, 2, 2, 2)
+
+
+def test_sharpened_temperature_keeps_the_largest_task_when_sizes_differ_by_orders_of_magnitude():
+    """n^(1/T) is normalised by the largest log-weight: sizes 10^6 and 10 at T=0.01 differ by ~1150 in log space,
+    past float64's exp (709); normalising by another task's weight would overflow to inf and NaN."""
+    p = task_probabilities({"big": 1_000_000, "small": 10}, "temperature", 0.01)
+    assert p == {"big": 1.0, "small": 0.0}
+
+
+@pytest.mark.parametrize("key,value", [("seed", 3), ("sampling", "temperature"), ("temperature", 2.0)])
+def test_sampler_state_records_the_seed_and_sampling_it_was_built_with(key, value):
+    """A checkpoint's sampler state holds the sampler's own seed / sampling / temperature, so a run resumed with
+    another one is refused (not only a state edited by hand)."""
+    base = {"seed": 2, "sampling": "proportional", "temperature": 1.0}
+    state = MultitaskSampler(SIZES, 8, **dict(base, **{key: value})).state_dict()
+    assert state[key] == value
+    with pytest.raises(ValueError, match=rf"sampler differs .*'{key}': \({value!r}, {base[key]!r}\)"):
+        MultitaskSampler(SIZES, 8, **base).load_state_dict(state)
+
+
+def test_task_at_is_the_task_of_that_step():
+    """``task_at(i)`` (the loader's current task) is the task ``step(i)`` draws, within and past the first chunk."""
+    s = MultitaskSampler(SIZES, 8, seed=7)
+    steps = list(range(60)) + [4095, 4096, 4097]
+    assert [s.task_at(i) for i in steps] == [MultitaskSampler(SIZES, 8, seed=7).step(i)[0] for i in steps]
+    assert len({s.task_at(i) for i in range(60)}) == 3
+
+
+def test_sampler_state_of_renamed_or_resized_tasks_says_what_changed_and_only_that():
+    """A renamed task (same count of tasks) is named as other tasks, not as a reordering; a resized task in the same
+    order is named as resized, not also as a reordering."""
+    from vlscale.data.real import DataError
+
+    state = MultitaskSampler({"vqa": 50, "gqa": 30}, 8).state_dict()
+    with pytest.raises(DataError, match=r"the tasks were \['vqa', 'gqa'\], now \['vqa', 'okvqa'\]") as e:
+        MultitaskSampler({"vqa": 50, "okvqa": 30}, 8).load_state_dict(state)
+    assert "order" not in str(e.value)
+    with pytest.raises(DataError, match="'gqa' had 30 examples, now 29") as e:
+        MultitaskSampler({"vqa": 50, "gqa": 29}, 8).load_state_dict(state)
+    assert "order" not in str(e.value) and "the tasks were" not in str(e.value)
