@@ -358,6 +358,28 @@ def test_coco_images_without_sentences_load_for_prediction_only_one_example_per_
         load_coco_karpathy(path, "train")
 
 
+@pytest.mark.parametrize("edit, match", [
+    ({"sentences": ["A dog."]}, r"key 'sentences' item 0 needs a non-empty string 'raw', got 'A dog\.'"),
+    ({"sentences": "A dog."}, r"key 'sentences' must be a list, got str 'A dog\.'"),
+    ({"sentences": {"raw": "A dog."}}, r"key 'sentences' must be a list, got dict"),
+    ({"filepath": 5}, r"key 'filepath' must be a string, got int 5"),
+])
+def test_coco_sentences_or_filepath_of_another_type_is_a_record_error_that_skip_mode_skips(tmp_path, edit, match):
+    """Karpathy's ``sentences`` is a list of objects with a ``raw`` string and ``filepath`` a string: a list of
+    bare strings, a string or an object there, or a numeric filepath, is a RecordError naming the file, image and
+    key (not an AttributeError, nor a string read as a list of captions), and data.skip_bad_records skips it."""
+    from vlscale.data.caption import load_coco_karpathy
+
+    good = {"filename": "COCO_val2014_000000000073.jpg", "split": "val", "sentences": [{"raw": "A cat."}]}
+    bad = dict(good, filename="COCO_val2014_000000000074.jpg", **edit)
+    path = _write_json(tmp_path / "coco.json", {"images": [good, bad]})
+    with pytest.raises(RecordError, match=r"coco\.json: images\[1\] \(id 'COCO_val2014_000000000074\.jpg'\): "
+                                          + match):
+        load_coco_karpathy(path, "val")
+    kept = load_coco_karpathy(path, "val", skip_bad_records=True)
+    assert [e.uid for e in kept] == ["COCO_val2014_000000000073"] and kept.skipped == 1
+
+
 def test_ts_and_subtitle_lines_overlapping_it():
     """A subtitle line that overlaps ``ts`` only in part is the clip's too; a zero-length ts is a moment, not
     malformed; a ts holding a boolean is malformed."""
