@@ -167,6 +167,70 @@ def test_lm_folder_errors_name_the_config_and_count_the_tensors(tmp_path):
 
 
 @needs_assets
+def test_one_tensor_of_another_size_and_three_missing_parameters_are_all_named_without_a_count(tmp_path):
+    """The counts say how many more there are: one tensor of another size is named alone (no "(and 0 more)"), and
+    three missing parameters are all three named, with no "and 0 more"."""
+    from safetensors.torch import load_file, save_file
+
+    from vlscale.config import ConfigError
+    from vlscale.modeling.backbones import build_lm
+
+    def copy(name, drop=(), resize=()):
+        d = tmp_path / name
+        shutil.copytree(ASSETS / "mini-t5", d)
+        state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k not in drop}
+        state.update({k: torch.zeros(516, 128) for k in resize})
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+    wi = "encoder.block.0.layer.1.DenseReluDense.wi.weight"
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(copy("resized", resize=[wi])), pretrained=True)
+    msg = _one_line(e, f"{wi!r} has shape [516, 128]", "expects [512, 128]: config.json and the weights disagree")
+    assert "more" not in msg, msg
+
+    attn = [f"encoder.block.3.layer.0.SelfAttention.{x}.weight" for x in "qkv"]
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(copy("partial", drop=attn)), pretrained=True)
+    msg = _one_line(e, f"no tensor for 3 parameter(s) ({', '.join(sorted(attn))}), which would stay random")
+    assert "more" not in msg, msg
+
+
+@needs_assets
+def test_pytorch_bin_weights_without_a_config_are_named_like_safetensors_ones(tmp_path):
+    """A folder of pytorch_model.bin without config.json is refused naming the file, as a safetensors one is:
+    from_pretrained would otherwise build the class's default architecture around it."""
+    from safetensors.torch import load_file
+
+    from vlscale.config import ConfigError
+    from vlscale.modeling.backbones import build_lm
+
+    d = tmp_path / "bin_only"
+    d.mkdir()
+    torch.save(load_file(str(ASSETS / "mini-t5" / "model.safetensors")), d / "pytorch_model.bin")
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(d), pretrained=True)
+    _one_line(e, f"model.backbone_path={str(d)!r} has weights (pytorch_model.bin) but no config.json")
+
+
+@needs_assets
+def test_a_faulty_shipped_folder_is_named_under_model_backbone(tmp_path, monkeypatch):
+    """Weights found through model.backbone (no model.backbone_path set) are reported under model.backbone, the
+    key the user set: naming model.backbone_path would send them to a key they never wrote."""
+    import vlscale.modeling.backbones as backbones
+    from vlscale.config import ConfigError
+
+    shutil.copytree(ASSETS / "mini-t5", tmp_path / "mini-t5")
+    weights = tmp_path / "mini-t5" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    monkeypatch.setattr(backbones, "ASSET_DIR", tmp_path)
+    with pytest.raises(ConfigError) as e:
+        backbones.build_lm("mini-t5", pretrained=True)
+    msg = _one_line(e, str(weights), "truncated or corrupt", f"(model.backbone={str(tmp_path / 'mini-t5')!r})")
+    assert "backbone_path" not in msg, msg
+
+
+@needs_assets
 def test_a_pretrained_load_takes_the_config_overrides():
     """model.dropout reaches a loaded checkpoint as it does a random build (from_pretrained gets the overrides)."""
     from vlscale.modeling.backbones import build_lm
