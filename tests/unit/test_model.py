@@ -69,6 +69,16 @@ def test_two_images_get_order_embeddings():
     torch.testing.assert_close(vis[:, v:] - vis[:, :v], (order[1] - order[0]).expand(3, v, -1))
 
 
+
+def test_more_images_per_example_than_order_embeddings_are_named():
+    """Three images per example (the projection has order embeddings for NLVR2's two) is a ValueError saying how
+    many of each, not torch's bare "index out of range in self" from the embedding lookup."""
+    cfg = _cfg()
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    with pytest.raises(ValueError, match=r"^batch has 3 images per example; the visual projection has image-order "
+                                         r"embeddings for 2 \(NLVR2's two\)$"):
+        model.visual_embeds(_batch(cfg, task="nlvr2", n_img=3, pixel=False))
+
 def test_cached_features_equal_images():
     cfg = _cfg()
     model = build_model(cfg, vocab_size=VOCAB).eval()

@@ -122,6 +122,9 @@ class VLModel(nn.Module):
         v = feats.shape[2]
         if boxes.dim() == 2:
             boxes = boxes.to(feats.device)[None, None].expand(b, n, v, 5)
+        if n > self.projector.image_order.num_embeddings:
+            raise ValueError(f"batch has {n} images per example; the visual projection has image-order "
+                             f"embeddings for {self.projector.image_order.num_embeddings} (NLVR2's two)")
         embeds = self.projector(feats, boxes, torch.arange(n, device=feats.device))
         mask = batch.get("vis_mask")
         if mask is None:
