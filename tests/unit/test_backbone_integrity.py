@@ -213,6 +213,24 @@ def test_pytorch_bin_weights_without_a_config_are_named_like_safetensors_ones(tm
     _one_line(e, f"model.backbone_path={str(d)!r} has weights (pytorch_model.bin) but no config.json")
 
 
+
+@needs_assets
+def test_a_corrupt_pytorch_bin_is_one_line_naming_the_file(tmp_path):
+    """A pytorch_model.bin that does not unpickle (beside a good config.json) is one line naming the file, not torch's
+    bare UnpicklingError, whose advice to re-run torch.load with weights_only=False would run arbitrary code."""
+    from vlscale.config import ConfigError
+    from vlscale.modeling.backbones import build_lm
+
+    d = tmp_path / "garbage_bin"
+    d.mkdir()
+    shutil.copy(ASSETS / "mini-t5" / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 64)
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(d), pretrained=True)
+    msg = _one_line(e, str(d / "pytorch_model.bin"), "not a readable PyTorch weights file", "truncated or corrupt",
+                    f"(model.backbone_path={str(d)!r})")
+    assert "weights_only" not in msg, msg
+
 @needs_assets
 def test_a_faulty_shipped_folder_is_named_under_model_backbone(tmp_path, monkeypatch):
     """Weights found through model.backbone (no model.backbone_path set) are reported under model.backbone, the

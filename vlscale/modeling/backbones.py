@@ -255,6 +255,8 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     context, ``from_pretrained`` partitions as it loads so no rank holds the whole model.
     ``dtype`` defaults to float32.
     """
+    import pickle
+
     import torch
 
     dtype = dtype or torch.float32
@@ -272,6 +274,10 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
         try:  # a tensor whose shape disagrees with config.json is reported below, naming it
             model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True,
                                               ignore_mismatched_sizes=True)
+        except pickle.UnpicklingError:  # torch's message would advise weights_only=False, never naming the file
+            bins = sorted(str(f) for f in Path(source).glob("*.bin")) if os.path.isdir(source) else []
+            raise SourceError(f"{', '.join(bins) or source}: not a readable PyTorch weights file (torch.load could not "
+                              f"unpickle it as tensors); truncated or corrupt? ({key}={source!r})") from None
         except (OSError, RuntimeError) as e:
             where = ("a local directory needs config.json and the weights" if os.path.isdir(source) else
                      "a hub id needs the network or a local HF cache")
