@@ -217,7 +217,8 @@ def test_pytorch_bin_weights_without_a_config_are_named_like_safetensors_ones(tm
 @needs_assets
 def test_a_corrupt_pytorch_bin_is_one_line_naming_the_file(tmp_path):
     """A pytorch_model.bin that does not unpickle (beside a good config.json) is one line naming the file, not torch's
-    bare UnpicklingError, whose advice to re-run torch.load with weights_only=False would run arbitrary code."""
+    bare UnpicklingError, whose advice to re-run torch.load with weights_only=False would run arbitrary code; a
+    truncated one is one line naming its folder and key, not torch's bare RuntimeError."""
     from vlscale.config import ConfigError
     from vlscale.modeling.backbones import build_lm
 
@@ -230,6 +231,20 @@ def test_a_corrupt_pytorch_bin_is_one_line_naming_the_file(tmp_path):
     msg = _one_line(e, str(d / "pytorch_model.bin"), "not a readable PyTorch weights file", "truncated or corrupt",
                     f"(model.backbone_path={str(d)!r})")
     assert "weights_only" not in msg, msg
+
+    # a truncated one (torch.load's RuntimeError): one line naming the folder and its key, not a bare RuntimeError
+    from safetensors.torch import load_file
+
+    d = tmp_path / "truncated_bin"
+    d.mkdir()
+    shutil.copy(ASSETS / "mini-t5" / "config.json", d)
+    torch.save(load_file(str(ASSETS / "mini-t5" / "model.safetensors")), d / "pytorch_model.bin")
+    data = (d / "pytorch_model.bin").read_bytes()
+    (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError) as e:
+        build_lm("mini-t5", path=str(d), pretrained=True)
+    _one_line(e, f"cannot load the weights for model.backbone_path={str(d)!r} (a local directory needs config.json "
+                 "and the weights)", "zip archive")
 
 @needs_assets
 def test_a_faulty_shipped_folder_is_named_under_model_backbone(tmp_path, monkeypatch):
