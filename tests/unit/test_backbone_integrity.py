@@ -131,22 +131,27 @@ def test_faulty_lm_folders_are_one_line_naming_the_file(tmp_path):
     assert next(lm.parameters()).dtype == torch.float32
 
 
+def _mini_t5_copy(d, drop=(), resize=()):
+    """The shipped mini-t5 copied to ``d`` with the tensors in ``drop`` left out and those in ``resize`` made
+    (516, 128)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(ASSETS / "mini-t5", d)
+    state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k not in drop}
+    state.update({k: torch.zeros(516, 128) for k in resize})
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
 @needs_assets
 def test_lm_folder_errors_name_the_config_and_count_the_tensors(tmp_path):
     """A config.json that is not JSON, or not a JSON object, is one line naming it (not json's bare error); two
     tensors of another size name the first and count one more; four missing parameters name three and count one."""
-    from safetensors.torch import load_file, save_file
-
     from vlscale.config import ConfigError
     from vlscale.modeling.backbones import build_lm
 
     def copy(name, drop=(), resize=()):
-        d = tmp_path / name
-        shutil.copytree(ASSETS / "mini-t5", d)
-        state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k not in drop}
-        state.update({k: torch.zeros(516, 128) for k in resize})
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-        return d
+        return _mini_t5_copy(tmp_path / name, drop, resize)
 
     for name, text in (("not_json", "{"), ("a_list", "[]")):
         d = copy(name)
@@ -170,18 +175,11 @@ def test_lm_folder_errors_name_the_config_and_count_the_tensors(tmp_path):
 def test_one_tensor_of_another_size_and_three_missing_parameters_are_all_named_without_a_count(tmp_path):
     """The counts say how many more there are: one tensor of another size is named alone (no "(and 0 more)"), and
     three missing parameters are all three named, with no "and 0 more"."""
-    from safetensors.torch import load_file, save_file
-
     from vlscale.config import ConfigError
     from vlscale.modeling.backbones import build_lm
 
     def copy(name, drop=(), resize=()):
-        d = tmp_path / name
-        shutil.copytree(ASSETS / "mini-t5", d)
-        state = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k not in drop}
-        state.update({k: torch.zeros(516, 128) for k in resize})
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-        return d
+        return _mini_t5_copy(tmp_path / name, drop, resize)
 
     wi = "encoder.block.0.layer.1.DenseReluDense.wi.weight"
     with pytest.raises(ConfigError) as e:
