@@ -278,6 +278,52 @@ if triton is not None:
             return z * s, s + z * s * (1.0 - s) * du2
 
     @triton.jit
+    def _rows_matmul(A, B, rm64, mask_m, rh, mask_h, D, stride_bd, stride_bh, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """fp32 (BLOCK_M, BLOCK_H) tile of A @ B: rows rm of A (M x D, row-major), columns rh of B (D x H, strided)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk < D
+            a = tl.load(A + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(B + kk[:, None] * stride_bd + rh[None, :] * stride_bh,
+                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _low_rank_epilogue(acc, BIAS, Z, ACT, DZ, PSUM, row_block, rm64, mask_m, rh, mask_h, H,
+                           ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           STORE_ACT: tl.constexpr):
+        """The down-projection's epilogue on its fp32 tile ``acc``; returns the low-rank tile in the input dtype.
+
+        Forward: Z = acc + b_d, stored rounded to the input dtype (as F.linear's output would be); returns act(Z),
+        also stored in ACT with STORE_ACT. Backward (acc = dh W_u): returns dz = acc * act'(z) from the stored Z,
+        stored in DZ with act(z) in ACT, and its column sums in PSUM[row_block]."""
+        dtype = ACT.dtype.element_ty
+        zmask = mask_m[:, None] & mask_h[None, :]
+        zoffs = rm64[:, None] * H + rh[None, :]
+        if BACKWARD:
+            act, dact = _act_grad(tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32), ACTIVATION)
+            dz = tl.where(zmask, acc * dact, 0.0)
+            tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
+            tl.store(PSUM + row_block * H + rh, tl.sum(dz, axis=0), mask=mask_h)
+            e = dz.to(dtype)
+            tl.store(DZ + zoffs, e, mask=zmask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+            z = acc.to(dtype)
+            tl.store(Z + zoffs, z, mask=zmask)
+            e = _act_fwd(z.to(tl.float32), ACTIVATION).to(dtype)
+            if STORE_ACT:
+                tl.store(ACT + zoffs, e, mask=zmask)
+        return e
+
+    @triton.jit
     def _down_kernel(
         A, B, BIAS, Z, ACT, DZ, PSUM, M, D, H, stride_bd, stride_bh,
         ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -297,34 +343,9 @@ if triton is not None:
         rm64 = rm.to(tl.int64)
         rh = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = rh < H
-        rk = tl.arange(0, BLOCK_K)
-        dtype = ACT.dtype.element_ty
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + rk
-            mask_k = kk < D
-            a = tl.load(A + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(B + kk[:, None] * stride_bd + rh[None, :] * stride_bh,
-                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        zmask = mask_m[:, None] & mask_h[None, :]
-        zoffs = rm64[:, None] * H + rh[None, :]
-        if BACKWARD:
-            z = tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32)
-            act, dact = _act_grad(z, ACTIVATION)
-            dz = tl.where(zmask, acc * dact, 0.0)
-            tl.store(DZ + zoffs, dz.to(dtype), mask=zmask)
-            tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
-            tl.store(PSUM + pid_m * H + rh, tl.sum(dz, axis=0), mask=mask_h)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(BIAS + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            z = acc.to(dtype)  # rounded to the input dtype, as F.linear's output would be
-            tl.store(Z + zoffs, z, mask=zmask)
-            tl.store(ACT + zoffs, _act_fwd(z.to(tl.float32), ACTIVATION).to(dtype), mask=zmask)
+        acc = _rows_matmul(A, B, rm64, mask_m, rh, mask_h, D, stride_bd, stride_bh, IEEE, BLOCK_M, BLOCK_H, BLOCK_K)
+        _low_rank_epilogue(acc, BIAS, Z, ACT, DZ, PSUM, pid_m, rm64, mask_m, rh, mask_h, H, ACTIVATION, BACKWARD,
+                           HAS_BIAS, True)
 
     @triton.jit
     def _up_kernel(
@@ -448,32 +469,10 @@ if triton is not None:
         rh = tl.arange(0, BLOCK_H)
         mask_h = rh < H
         dtype = OUT.dtype.element_ty
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            mask_k = kk < D
-            a = tl.load(A + rm64[:, None] * D + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(W1 + kk[:, None] * stride_w1_d + rh[None, :] * stride_w1_h,
-                        mask=mask_k[:, None] & mask_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        zmask = mask_m[:, None] & mask_h[None, :]
-        zoffs = rm64[:, None] * H + rh[None, :]
-        if BACKWARD:
-            act, dact = _act_grad(tl.load(Z + zoffs, mask=zmask, other=0.0).to(tl.float32), ACTIVATION)
-            dz = tl.where(zmask, acc * dact, 0.0)
-            tl.store(ACT + zoffs, act.to(dtype), mask=zmask)
-            tl.store(PSUM_DZ + pid * H + rh, tl.sum(dz, axis=0), mask=mask_h)
-            e = dz.to(dtype)
-            tl.store(DZ + zoffs, e, mask=zmask)
-        else:
-            if HAS_B1:
-                acc += tl.load(B1 + rh, mask=mask_h, other=0.0).to(tl.float32)[None, :]
-            z = acc.to(dtype)  # rounded to the input dtype, as F.linear's output would be
-            tl.store(Z + zoffs, z, mask=zmask)
-            e = tl.where(zmask, _act_fwd(z.to(tl.float32), ACTIVATION), 0.0).to(dtype)
+        acc = _rows_matmul(A, W1, rm64, mask_m, rh, mask_h, D, stride_w1_d, stride_w1_h, IEEE, BLOCK_M, BLOCK_H,
+                           BLOCK_K)
+        e = _low_rank_epilogue(acc, B1, Z, ACT, DZ, PSUM_DZ, pid, rm64, mask_m, rh, mask_h, H, ACTIVATION, BACKWARD,
+                               HAS_B1, False)
         for n0 in range(0, D, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             mask_n = rn < D
