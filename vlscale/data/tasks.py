@@ -52,15 +52,16 @@ TASKS: dict[str, TaskSpec] = {
     for t in [
         # VL-Adapter's multitask.py generates VQA/GQA answers (greedy) and captions (5 beams) with transformers'
         # max_length of 20 (gen_max_length for captions; the config's default for VQA/GQA, which pass none),
-        # which counts the decoder's start token: 19 new tokens
+        # which counts the decoder's start token: 19 new tokens. multitask_video.py decodes TVC / YC2C captions the
+        # same way (max_length=gen_max_length, default 20; its video scripts pass no --gen_max_length)
         TaskSpec("vqa", "vqa:", "image", 1, "answer", 1, 19, "vqa_score"),
         TaskSpec("gqa", "gqa:", "image", 1, "answer", 1, 19, "exact_match"),
         TaskSpec("nlvr2", "nlvr:", "image", 2, "bool", 1, 3, "accuracy", choices=("false", "true")),
         TaskSpec("caption", "caption:", "image", 1, "caption", 5, 19, "cider"),
         TaskSpec("tvqa", "tvqa:", "video", 1, "choice", 1, 3, "accuracy"),
         TaskSpec("how2qa", "how2qa:", "video", 1, "choice", 1, 3, "accuracy"),
-        TaskSpec("tvc", "tvc:", "video", 1, "caption", 5, 20, "cider"),
-        TaskSpec("yc2c", "yc2c:", "video", 1, "caption", 5, 20, "cider"),
+        TaskSpec("tvc", "tvc:", "video", 1, "caption", 5, 19, "cider"),
+        TaskSpec("yc2c", "yc2c:", "video", 1, "caption", 5, 19, "cider"),
     ]
 }
 
