@@ -237,10 +237,6 @@ class TrainLoader:
     def global_batch_size(self) -> int:
         return self.sampler.global_batch_size
 
-    def current_task(self) -> str:
-        """The task of the step the next micro-batch belongs to."""
-        return self.sampler.task_at(self.step)
-
     def __iter__(self):
         return self
 
