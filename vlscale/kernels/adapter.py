@@ -561,8 +561,8 @@ def _rows_hidden_block(hidden: int, cfg: KernelConfig, backward: bool) -> Option
     return block_h if wanted and block_h <= ROWS_MAX_HIDDEN else None
 
 
-def _launch_rows(a, w1, b1, z, w2, b2, activation, backward, cfg):
-    """``_rows_kernel``. Forward (a = x, w1 = W_d^T, w2 = W_u^T): returns (h, z). Backward (a = dh, w1 = W_u,
+def _launch_rows(a, w1, b1, z, w2, b2, activation, backward, block_h, cfg):
+    """``_rows_kernel`` over ``block_h`` hidden columns (:func:`_rows_hidden_block`). Forward (a = x, w1 = W_d^T, w2 = W_u^T): returns (h, z). Backward (a = dh, w1 = W_u,
     w2 = W_d, ``z`` given): returns (dz, act(z), dx, column sums of dz and of dh per row block)."""
     M, D = a.shape
     H = w1.shape[1]
@@ -580,7 +580,7 @@ def _launch_rows(a, w1, b1, z, w2, b2, activation, backward, cfg):
         a, w1, b1 if b1 is not None else a, z, act, dz, w2, b2 if b2 is not None else a, out, psum_dz, psum_a,
         M, D, H, w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), ACTIVATION=ACTIVATIONS.index(activation),
         BACKWARD=backward, HAS_B1=b1 is not None, HAS_B2=b2 is not None, IEEE=_use_ieee(a),
-        BLOCK_M=cfg.rows_block_m, BLOCK_H=_rows_hidden_block(H, cfg, backward), BLOCK_K=cfg.rows_block_k,
+        BLOCK_M=cfg.rows_block_m, BLOCK_H=block_h, BLOCK_K=cfg.rows_block_k,
         BLOCK_N=cfg.rows_block_n, num_warps=cfg.rows_warps, num_stages=cfg.rows_stages)
     return (dz, act, out, psum_dz, psum_a) if backward else (out, z)
 
@@ -598,8 +598,9 @@ class _TritonAdapterFn(torch.autograd.Function):
         # the kernels index the biases as contiguous vectors (a strided view would be read wrongly)
         bd = b_down.contiguous() if b_down is not None else None
         bu = b_up.contiguous() if b_up is not None else None
-        if _rows_hidden_block(w_down.shape[0], cfg, False):
-            return _launch_rows(x2d, w_down.t(), bd, None, w_up.t(), bu, activation, False, cfg)
+        block_h = _rows_hidden_block(w_down.shape[0], cfg, False)
+        if block_h:
+            return _launch_rows(x2d, w_down.t(), bd, None, w_up.t(), bu, activation, False, block_h, cfg)
         z, act = _launch_down(x2d, w_down.t(), bd, None, activation, False, cfg)
         h = _launch_up(act, w_up.t(), bu, x2d, False, cfg)
         return h, z
@@ -629,8 +630,10 @@ class _TritonAdapterFn(torch.autograd.Function):
         cfg, dtype = ctx.cfg, dh.dtype
         dh = dh.contiguous()
         dwd = dx = None
-        if _rows_hidden_block(z.shape[1], cfg, True):  # dz and dx in one kernel
-            dz, act, dx, psum_dz, psum_dh = _launch_rows(dh, w_up, None, z, w_down, None, ctx.activation, True, cfg)
+        block_h = _rows_hidden_block(z.shape[1], cfg, True)
+        if block_h:  # dz and dx in one kernel
+            dz, act, dx, psum_dz, psum_dh = _launch_rows(dh, w_up, None, z, w_down, None, ctx.activation, True, block_h,
+                                                         cfg)
             dbu = psum_dh.sum(0).to(dtype)
         else:
             dz, act, psum_dz = _launch_down(dh, w_up, None, z, ctx.activation, True, cfg)
