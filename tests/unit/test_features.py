@@ -163,6 +163,30 @@ def test_collate_refuses_a_malformed_batch_naming_it(tok):
     assert _collator(tok)(ex, [[x.half() for x in g] for g in grid])["vis_feats"].dtype == torch.float32
 
 
+def test_grid_features_of_another_shape_are_refused_naming_an_example_that_holds_them(tok):
+    """The error names an example whose features differ from the batch's first (the third here), not one that
+    matches it: that is the example whose cached file to look at."""
+    from vlscale.data.tasks import Example
+
+    ex = [Example("vqa", f"q{k}", "what", "red", [f"i{k}"]) for k in range(3)]
+    grid = [[torch.randn(4, 8)], [torch.randn(4, 8)], [torch.randn(5, 8)]]
+    with pytest.raises(ValueError, match=r"vqa: cached grid features differ in shape within a batch "
+                                         r"\(\[\(4, 8\), \(5, 8\)\]; e\.g\. example 'q2'\)"):
+        _collator(tok)(ex, grid)
+
+
+def test_an_nlvr2_example_without_a_group_is_a_group_of_its_own(tok):
+    """Consistency groups: where some examples of a batch carry ``extra["group"]`` and one does not, that one is
+    its own group (its uid), neither merged into a shared placeholder group nor dropping the batch's groups."""
+    from vlscale.data.tasks import Example
+
+    ex = [Example("nlvr2", "n1", "two dogs", "true", ["a", "b"], extra={"group": "dev-1--0"}),
+          Example("nlvr2", "n2", "one cat", "false", ["c", "d"]),
+          Example("nlvr2", "n3", "no birds", "true", ["e", "f"])]
+    batch = _collator(tok)(ex, [[torch.randn(4, 8), torch.randn(4, 8)] for _ in ex])
+    assert batch["groups"] == ["dev-1--0", "n2", "n3"]
+
+
 def test_collate_refuses_malformed_videos_naming_them(tok):
     split = generate_split("tvc", "val", 2, image_size=16)
     a, b = split.examples
