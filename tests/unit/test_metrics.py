@@ -620,6 +620,20 @@ def test_exact_match_family_takes_any_reference_and_averages_over_the_predicted_
     assert score_task("tvqa", {"1": "a2"}, {"1": ["a0", "a2"], "2": ["a1"]}) == {"accuracy": 1.0}
 
 
+def test_exact_match_takes_a_reference_string_whole_not_its_substrings():
+    """A single reference string is the one reference: a prediction that is part of it ("ye", an empty generation)
+    is wrong, as under GQA's ``predicted == gold``."""
+    assert exact_match({"q1": "ye", "q2": "", "q3": "yes"}, {"q1": "yes", "q2": "yes", "q3": "yes"}) == \
+        pytest.approx(1 / 3)
+
+
+def test_accuracy_normalises_the_references_and_collapses_inner_whitespace():
+    """Both sides are normalised: a reference written "T-Shirt." matches "t shirt", and punctuation followed by a
+    space ("yes, it is") leaves one space, as "yes it is"."""
+    assert accuracy({"q1": "t shirt", "q2": "yes, it is"}, {"q1": ["T-Shirt."], "q2": ["yes it is"]}) == 1.0
+    assert normalize_answer("a  red\tcar") == "a red car"
+
+
 def test_consistency_a_wrong_example_fails_its_group_whatever_follows():
     """A group is right only if all its examples are: a wrong one before right ones still fails the group."""
     preds = {"q1": "false", "q2": "true", "q3": "true"}
