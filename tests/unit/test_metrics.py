@@ -334,6 +334,7 @@ def test_caption_scores_falls_back_with_cider_when_the_ptb_tokenizer_fails(monke
     with caplog.at_level(logging.WARNING):
         out = caption_scores(PTB_PREDS, PTB_REFS, use_java=True)
     assert "PTB tokenizer (Java) failed (no jar); CIDEr-D, BLEU-4, ROUGE-L and METEOR use simple Python" in caplog.text
+    assert out.tokens == "python"  # what was scored, though Java is there
     res, gts = captioning._simple_tokenized(PTB_PREDS, PTB_REFS)
     assert meteor_got == [(gts, res)]
     assert out == pytest.approx({**caption_scores(PTB_PREDS, PTB_REFS, use_java=False), "meteor": 0.5}, abs=1e-12)
