@@ -222,7 +222,8 @@ def profile(args, json_out=None) -> int:
         if budget <= 0:
             print(f"error: --budget={args.budget!r} must be a positive size, e.g. 24GiB", file=sys.stderr)
             return 2
-        if budget < 2 ** 26 and not any(c.isalpha() for c in str(args.budget)):  # "--budget 24": 24 bytes
+        # "--budget 24" (or 2.4e1): 24 bytes; a unit is the letters the size ends in (the exponent's e is none)
+        if budget < 2 ** 26 and not str(args.budget).strip()[-1:].isalpha():
             print(f"error: --budget={args.budget!r} is {budget} bytes per GPU; give a unit, e.g. {args.budget}GiB",
                   file=sys.stderr)
             return 2
