@@ -1078,6 +1078,8 @@ def test_planner_fits_within_the_headroom_and_lists_fitting_settings_first():
     assert fits == sorted(fits, reverse=True), [o.label() for o in options]
     speeds = [o.samples_per_s for o in options if o.fits]  # (ties within 4 significant digits: the smaller peak)
     assert all(a >= b * (1 - 1e-3) for a, b in zip(speeds, speeds[1:])), speeds
+    rest = [o.peak for o in options if not o.fits]  # then the rest by peak: the nearest to fitting first
+    assert rest == sorted(rest), [o.label() for o in options if not o.fits]
 
 
 def test_planner_throughput_charges_communication_offload_and_the_vision_tower():
@@ -1250,6 +1252,27 @@ def test_planner_keeps_the_global_batch():
         plan(cfg, "1GiB", 2, micro_batches=[64])
     with pytest.raises(ValueError, match=r"no micro-batch in \[0, 3\] divides"):  # not a ZeroDivisionError
         plan(cfg, "1GiB", 2, micro_batches=iter([0, 3]))  # an iterator: the message still lists the sizes
+    # 32 divides the global batch but not a rank's share (16): 32 x 2 ranks is a global batch of 64
+    with pytest.raises(ValueError, match=r"no micro-batch in \[32\] divides the global batch 32 over 2 ranks"):
+        plan(cfg, "1GiB", 2, micro_batches=[32])
+    # searched by default: every divisor of a rank's share up to 64 (128 a rank: 64 is, 128 is not)
+    big = load_config("tiny", ["train.global_batch_size=256"])
+    assert sorted(o.micro_batch_size for o in plan(big, "1GiB", 2, precisions=["fp32"], stages=[2], offloads=["none"],
+                                                   checkpointing=[False])) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_each_options_overrides_train_its_setting():
+    """A row's overrides (what --write-config prints to train with) set the row's ZeRO stage, micro-batch,
+    gradient checkpointing and precision, each of them either way."""
+    from vlscale.profiling.planner import plan
+
+    options = plan(load_config("tiny"), "1GiB", 2, stages=[0, 3], offloads=["none"], micro_batches=[4, 8],
+                   precisions=["bf16", "fp32"])
+    assert len({(o.zero_stage, o.micro_batch_size, o.gradient_checkpointing, o.precision) for o in options}) == 16
+    for o in options:
+        t = load_config("tiny", o.overrides()).train
+        assert (t.zero_stage, t.micro_batch_size, t.gradient_checkpointing, t.precision) == \
+            (o.zero_stage, o.micro_batch_size, o.gradient_checkpointing, o.precision), o.label()
 
 
 def test_planner_throughput_is_the_documented_compute_and_transfer_time():
@@ -1319,6 +1342,8 @@ def test_planner_rows_say_what_the_planned_run_gets(tmp_path):
             o.label()
         row = o.to_dict()
         assert (row["host_bytes"], row["nvme_bytes"]) == (o.estimate.host, o.estimate.nvme), o.label()
+        assert (row["components"], row["peak_phase"]) == (o.estimate.components, o.estimate.peak_phase), o.label()
+        assert row["components"]["peak"] == row["peak"] and row["peak_phase"], o.label()
         assert (o.estimate.host == 0) == (o.offload == "none"), (o.label(), o.estimate.host)
     # the fit boundary: peak + headroom == budget fits, a byte less does not
     o = options[0]
