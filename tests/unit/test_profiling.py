@@ -1418,9 +1418,28 @@ def test_launcher_json(capsys, launcher):
     assert profile_memory.main(["--world-size", "2", "--budget", "1GiB", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "global batch 32 = micro-batch (mbs) x accumulation (accum) x 2 ranks" in text
+    assert re.findall(r"^ *(\d+) zero\d", text, re.M) == ["1", "2", "3"]  # --top rows in the table too
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     mbs = int(row.split("mbs=")[1].split()[0])
     assert int(row.split()[6]) == 32 // (2 * mbs), row
+
+
+def test_launcher_plots_the_plans_fitting_settings_or_else_the_prediction(capsys, launcher, monkeypatch, tmp_path):
+    """--plot with --budget draws one bar per fitting setting among the --top shown, topped at its peak; settings
+    that do not fit are not drawn, and where none fits the bar is the prediction's."""
+    pm = launcher("profile_memory")
+    drawn = []
+    monkeypatch.setattr(pm, "plot", lambda path, bars: drawn.append(bars))
+    argv = ["--world-size", "2", "--headroom", "0", "--top", "200", "--plot", str(tmp_path / "bars.png"), "--json"]
+    assert pm.main(argv + ["--budget", "35MiB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fit = [row["peak"] for row in out["plan"] if row["fits"]]
+    assert 0 < len(fit) < len(out["plan"]) == out["settings_searched"]
+    assert sorted(bar["peak"] for bar in drawn[0].values()) == sorted(fit)
+    assert pm.main(argv + ["--budget", "1KiB"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings_fit"] == 0 and list(drawn[1]) == ["predicted"]
+    assert drawn[1]["predicted"]["peak"] == out["predicted"]["peak"]
 
 
 def test_launcher_json_is_alone_on_stdout(capsys, launcher, monkeypatch):
@@ -1675,6 +1694,9 @@ def test_launcher_refuses_a_measured_run_with_more_ranks_than_gpus(capsys, launc
     assert profile_memory.main(["--world-size", "4", "--measure", "--json"]) == 2
     err = capsys.readouterr().err
     assert "--world-size 4" in err and "it has 2" in err and not started
+    assert profile_memory.main(["--world-size", "3", "--measure", "--json"]) == 2  # one rank more than GPUs
+    err = capsys.readouterr().err
+    assert "--world-size 3" in err and "it has 2" in err and not started
     assert profile_memory.main(["--world-size", "2", "--measure", "--json"]) == 0
     assert len(started) == 1
 
