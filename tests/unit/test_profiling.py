@@ -1774,6 +1774,8 @@ def test_launcher_refuses_limits_at_their_edges(capsys, launcher, monkeypatch, t
     assert "--headroom 1GiB is not less than --budget 1GiB" in capsys.readouterr().err
     assert pm.main(["--config", "tiny", "--budget", "1048576"]) == 2
     assert "--budget='1048576' is 1048576 bytes per GPU; give a unit" in capsys.readouterr().err
+    assert pm.main(["--config", "tiny", "--budget", str(2 ** 26), "--top", "1"]) == 0  # 64 MiB: a byte count
+    assert "settings fit 64.00 MiB per GPU" in capsys.readouterr().out
     ds = tmp_path / "ds.json"
     assert pm.main(["--config", "tiny", "--budget", "1KiB", "--headroom", "0", "--write-config", str(ds)]) == 1
     assert capsys.readouterr().err == f"error: no setting fits 1.00 KiB; nothing written to {ds}\n"
