@@ -596,6 +596,17 @@ def test_hyperformer_parameter_count_with_its_own_widths():
     assert (logits(lm) - base).abs().max() > 1e-3  # and the model runs with them
 
 
+@pytest.mark.parametrize("reduction", [4, 16])
+def test_hyperformer_adapter_width_follows_the_reduction_factor(reduction):
+    """Every generated adapter is d_model // peft.reduction_factor wide, in both stacks and for every sublayer kind,
+    as the other adapter methods' (the tests above all run this file's default factor, 8)."""
+    h = D // reduction
+    hyper = apply_peft(make_t5(), peft_cfg("hyperformer", reduction_factor=reduction), TASKS).hyperformer
+    for site in ("encoder_0_self_attn", "encoder_1_ffn", "decoder_1_cross_attn"):
+        wd, bd, wu, bu = hyper.weights(site, "gqa")
+        assert (wd.shape, bd.shape, wu.shape, bu.shape) == ((h, D), (h,), (D, h), (D,)), site
+
+
 def test_hyperformer_refuses_an_unknown_task_and_activation():
     from vlscale.config import ConfigError
     from vlscale.peft.hyperformer import HyperformerLayers
