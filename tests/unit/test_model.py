@@ -353,6 +353,49 @@ def test_a_target_one_short_of_barts_positions_fits():
         build_model(_cfg("model.backbone=tiny-bart", "data.max_target_length=256"), device="meta")
 
 
+def test_a_resnet_grid_below_its_side_is_max_pooled_with_the_pooled_grids_boxes():
+    """model.pool_size under the ResNet grid (tiny-clip-rn: 4x4 -> 2x2; the paper's RN101: 7x7 -> 6x6): each image
+    gives pool_size^2 tokens, the projection of its max-pooled cells at the pooled grid's boxes with its image-order
+    embedding, all attended to; BART's position check counts those pool_size^2 tokens per image."""
+    from vlscale.config import ConfigError
+    from vlscale.modeling.projector import grid_boxes
+    from vlscale.modeling.vision import pool_grid
+
+    cfg = _cfg("model.pool_size=2", tasks="[nlvr2]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    assert model.visual_tokens_per_image == 4
+    batch = _batch(cfg, task="nlvr2", n_img=2, pixel=False)
+    with torch.no_grad():
+        vis, mask = model.visual_embeds(batch)
+        pooled = pool_grid(batch["vis_feats"].flatten(0, 1), 4, 2).reshape(3, 2, 4, -1)
+        want = model.projector(pooled, grid_boxes(2)[None, None].expand(3, 2, 4, 5), torch.arange(2))
+    torch.testing.assert_close(vis, want.reshape(3, 8, -1))
+    assert mask.shape == (3, 8) and mask.eq(1).all()
+    bart = ("model.backbone=tiny-bart", "model.pool_size=2")
+    build_model(_cfg(*bart, "data.max_input_length=248", tasks="[nlvr2]"), device="meta")  # 2 x 4 + 248 fit 256
+    with pytest.raises(ConfigError, match=r"257 tokens long \(2 x 4 visual tokens \(model.pool_size=2\)"):
+        build_model(_cfg(*bart, "data.max_input_length=249", tasks="[nlvr2]"), device="meta")
+
+
+def test_video_frames_as_images_take_clips_image_embedding_as_the_feature_cache_does():
+    """A video batch of raw frames (B, 1, F, 3, S, S), as the collator gives with model.feature_source=images, runs
+    each frame through CLIP's image embedding (encode_global, what the frame-feature cache stores): the same
+    encoder input and loss as the batch with those features cached."""
+    cfg = _cfg("model.vision=tiny-clip-vit", "model.max_frames=8", tasks="[tvqa,tvc]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg, task="tvqa", frames=6)
+    s = vision_dims("tiny-clip-vit")["image_size"]
+    frames = torch.randn(3, 1, 6, 3, s, s, generator=torch.Generator().manual_seed(1))
+    images = {k: v for k, v in batch.items() if k != "vis_feats"} | {"pixel_values": frames}
+    with torch.no_grad():
+        cached = dict(batch, vis_feats=model.vision.encode_global(frames.flatten(0, 2)).reshape(3, 1, 6, -1))
+        want, want_mask = model.encoder_inputs(cached)
+        got, got_mask = model.encoder_inputs(images)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got_mask, want_mask)
+        torch.testing.assert_close(model(images).loss, model(cached).loss)
+
+
 @pytest.mark.parametrize("train_vision", [False, True])
 def test_clip_trains_only_with_train_vision(train_vision):
     """Frozen CLIP (the default) stays in eval mode (its BatchNorms' statistics fixed) under model.train() and gets
