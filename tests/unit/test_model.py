@@ -470,6 +470,23 @@ def test_prompts_come_first_in_the_encoder_input():
     assert mask.eq(1).all()  # the prompts are attended to, as the visual tokens and the (unpadded) text are
 
 
+def test_prompts_stay_first_and_attended_beside_a_videos_padded_frames():
+    """Prompt tuning on video: the mask lines up with [prompts] + [frames] + [text], so a shorter video's padding
+    slots, and only those, move behind its text, and the prompts stay first and attended."""
+    cfg = _cfg("peft.method=prompt", "peft.n_prompts=3", "model.vision=tiny-clip-vit", "model.max_frames=8",
+               tasks="[tvqa,tvc]")
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg, task="tvqa", frames=6)  # example 0: 3 of its 6 frames
+    model.peft.set_task("tvqa")
+    with torch.no_grad():
+        embeds, mask = model.encoder_inputs(batch)
+        prompts, (vis, _) = model.peft.prompts(3, embeds.dtype), model.visual_embeds(batch)
+        text = model.lm.get_encoder().embed_tokens(batch["input_ids"])
+    assert mask[0].tolist() == [1] * (3 + 3 + 5) + [0] * 3 and mask[1].eq(1).all()
+    torch.testing.assert_close(embeds[0, :11], torch.cat([prompts[0], vis[0, :3], text[0]]))
+    torch.testing.assert_close(embeds[1], torch.cat([prompts[1], vis[1], text[1]]))
+
+
 @pytest.mark.parametrize("backbone", ["tiny-t5", "tiny-bart"])
 def test_next_token_logits_are_the_teacher_forced_logits_after_the_prefix(backbone):
     """Choice scoring's one decoder pass gives the logits a forward with the prefix as its labels gives at the next
