@@ -408,6 +408,21 @@ def test_clip_trains_only_with_train_vision(train_vision):
     assert any(g.abs().sum() > 0 for g in grads) is train_vision
 
 
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_eval_after_train_leaves_no_module_training(train_vision):
+    """model.eval() after model.train() turns every module to eval mode (the LM's dropout off for evaluation and
+    generation; the train() override that keeps frozen CLIP in eval mode passes the mode on): two forwards of a
+    batch with model.dropout=0.5 give the same logits."""
+    cfg = _cfg("model.dropout=0.5", f"peft.train_vision={str(train_vision).lower()}", tasks="[vqa]")
+    model = build_model(cfg, vocab_size=VOCAB).train()
+    assert model.lm.training and model.projector.training
+    model.eval()
+    assert [n for n, m in model.named_modules() if m.training] == []
+    batch = _batch(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
 def test_a_video_of_exactly_max_frames_is_taken():
     cfg = _cfg("model.vision=tiny-clip-vit", "model.max_frames=8", tasks="[tvqa,tvc]")
     model = build_model(cfg, vocab_size=VOCAB).eval()
