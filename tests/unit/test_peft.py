@@ -668,6 +668,23 @@ def test_compacter_parameter_count(sharing, shared_rule, rank):
     assert apply_peft(make_t5(), cfg, TASKS).num_parameters() == expected
 
 
+@pytest.mark.parametrize("shared_rule,factorized", [(False, False), (True, False), (True, True)])
+def test_every_compacter_weight_trains_once_the_adapter_moved(shared_rule, factorized):
+    """Away from the identity init, a backward of one task gives every weight of that task's adapters a non-zero
+    gradient: the rules A_i (the one shared rule too), B_i or s_i and t_i, and the biases."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("compacter", "multiple", shared_phm_rule=shared_rule, factorized_phm=factorized,
+                                   phm_rank=2), TASKS)
+    perturb(peft)
+    peft.set_task("vqa")
+    enc, dec = inputs()
+    lm(input_ids=enc, decoder_input_ids=dec).logits.square().mean().backward()
+    params = {n: p for n, p in peft.named_parameters() if not n.endswith("_gqa")}
+    per_part = (0 if shared_rule else 1) + (2 if factorized else 1) + 1  # rule, B (or s, t), bias
+    assert len(params) == 10 * 2 * per_part + shared_rule and ("compacter.shared_rule.rule" in params) is shared_rule
+    assert [n for n, p in params.items() if p.grad is None or not p.grad.any()] == []
+
+
 def test_compacter_rule_shared_across_layers():
     peft = apply_peft(make_t5(), peft_cfg("compacter", "single", shared_phm_rule=True), TASKS)
     rules = [n for n, _ in peft.named_parameters() if "rule" in n]
