@@ -18,6 +18,10 @@
 * ``--json``: one JSON object ``{"predicted": {...}, "checkpoint": {...}, "measured": {...}, "errors": {...},
   "plan": [...]}`` (byte counts per rank; ``measured`` and ``plan`` only when asked for);
 * ``--plot FILE.png``: stacked bars per component (predicted, measured, or the top plan options).
+
+Exit status: 0 with the report, also when no setting fits ``--budget`` (the table says so; ``--json``:
+``settings_fit`` is 0); 1 when ``--write-config`` has no fitting setting to write; 2 for a bad argument,
+config or DeepSpeed file, or a --plot / --write-config file that cannot be written.
 """
 
 from __future__ import annotations
