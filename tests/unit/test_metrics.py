@@ -221,6 +221,15 @@ def test_cider_idf_counts_the_predicted_images_only():
         pytest.approx({"img1": 5.0, "img2": 0.0})
 
 
+def test_cider_corpus_score_is_the_mean_over_the_predicted_ids():
+    """cider() takes a whole split's references with predictions for some of its ids: the corpus score is the mean
+    of the predicted ids' scores (5 and 0, test_cider_idf_counts_the_predicted_images_only), not their sum over
+    every id that has references (5 / 4)."""
+    preds = {"img1": "a b", "img2": "a e"}
+    refs = {"img1": ["a b"], "img2": ["a d"], "img3": ["a b c"], "img4": ["x y"]}
+    assert cider(preds, refs) == pytest.approx(2.5)
+
+
 def test_cider_errors_name_the_id_and_options_reach_the_score():
     """A prediction without references is refused naming the id (not a bare KeyError); ``sigma`` is the length
     penalty's, ``tokenizer`` splits every sentence (str.split keeps case and punctuation: "A B." shares nothing
