@@ -577,6 +577,7 @@ def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch
     ("gradient_accumulation_steps", True, 1, "train.gradient_accumulation_steps"),  # true == 1 in Python
     ("bf16.enabled", True, False, "train.precision='fp32'"),
     ("optimizer.params.betas", [0.8, 0.9], [0.9, 0.999], "train.adam_betas"),
+    ("optimizer.params.betas", [0.9], [0.9, 0.999], "train.adam_betas"),  # a prefix is not equal
     ("optimizer.params.eps", 1e-8, 1e-6, "train.adam_eps"),
     ("optimizer.params.weight_decay", 0.5, 0.01, "train.weight_decay"),
     ("optimizer.params.lr", 1.001e-3, 1e-3, "train.lr"),  # close is not equal
@@ -595,6 +596,14 @@ def test_every_value_the_run_config_owns_conflicts_when_the_file_differs(key, va
                                                    rf"conflicts with the run config's value {re.escape(repr(ours))} "
                                                    rf"\({re.escape(why)}"):
         build_deepspeed_config(raw, cfg_with(), 1, device_type="cpu")
+
+
+def test_an_auto_inside_a_list_is_left_unresolved_and_named():
+    """No key of the run config resolves an "auto" inside a list (comms_logger.prof_ops here): it is refused with
+    its place in the list, as an "auto" in an object is, instead of reaching DeepSpeed as the op name "auto"."""
+    with pytest.raises(DeepSpeedConfigError, match=r"\"auto\" left unresolved for \['comms_logger\.prof_ops\[1\]'\]"):
+        build_deepspeed_config({"comms_logger": {"prof_ops": ["all_reduce", "auto"]}}, cfg_with(), 1,
+                               device_type="cpu")
 
 
 @pytest.mark.parametrize("world", [0, -2, True, 2.0])
