@@ -1837,3 +1837,24 @@ def test_vqa_answers_are_counted_after_normalising_for_the_target(tmp_path):
     path = _hf_dict(tmp_path / "hf", {"image": [image], "question": ["How many?"], "answers": [answers]})
     (hf,), _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answers": "answers"})
     assert (hf.target, hf.references) == ("2", answers)
+
+
+def test_vqa_target_is_labels_answer_its_ties_counted_normalised_and_predict_only_keeps_the_question(tmp_path):
+    """``label`` (the answer vocabulary's scores) decides the target, not the raw answers' majority: a label
+    that kept "skateboard" trains on it though "skateboarding" (outside the vocabulary) was given more often.
+    A tie between a label's keys as written ("Two") counts the raw answers normalised ("two", "2" -> 7 against
+    "3"'s 5). ``extra`` keeps ``question_type``; a record without answers, read for ``--predict-only``
+    (``require_answers=False``), is one example with an empty target, no references and its types kept."""
+    from vlscale.data.vqa import load_vqa
+
+    q = {"img_id": "i", "sent": "What?"}
+    vocab = dict(q, question_id=1, label={"skateboard": 1.0}, answers=["skateboarding"] * 6 + ["skateboard"] * 4,
+                 question_type="what is")
+    tie = dict(q, question_id=2, label={"Two": 1.0, "3": 1.0}, answers=["two"] * 3 + ["2"] * 4 + ["3"] * 5)
+    withheld = dict(q, question_id=3, answer_type="number", question_type="how many")
+    path = _write_json(tmp_path / "vqa.json", [vocab, tie, withheld])
+    first, second, third = load_vqa(path, require_answers=False)
+    assert first.target == "skateboard" and first.extra["question_type"] == "what is"
+    assert second.target == "Two"
+    assert (third.uid, third.target, third.references) == ("3", "", [])
+    assert third.extra == {"answer_type": "number", "question_type": "how many"}
