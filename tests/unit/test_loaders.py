@@ -1709,6 +1709,27 @@ def test_hf_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, mo
     assert src["train/0"].shape == (6, 6, 3) and (src["train/0"] == 9).all()
 
 
+def test_hf_grayscale_and_rgba_images_come_as_rgb(tmp_path):
+    """``source[image_id]`` is an (H, W, 3) RGB array whatever the stored image's mode: a grayscale PNG ("L",
+    common in document and medical sets) came back (H, W) and an RGBA one (H, W, 4), which the image
+    processor's 3-channel normalisation cannot take. Gray g becomes (g, g, g); RGBA drops its alpha."""
+    from PIL import Image
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    gray = png(Image.fromarray(np.full((4, 5), 77, np.uint8), mode="L"))
+    rgba = png(Image.fromarray(np.full((4, 5, 4), (10, 20, 30, 128), np.uint8), mode="RGBA"))
+    path = _hf_dict(tmp_path / "modes", {"image": [gray, rgba], "q": ["What?"] * 2, "a": ["x"] * 2})
+    _, src = load_hf_examples("gqa", path, "train", {"image": "image", "question": "q", "answer": "a"})
+    assert src["train/0"].shape == src["train/1"].shape == (4, 5, 3)
+    assert (src["train/0"] == 77).all() and (src["train/1"] == [10, 20, 30]).all()
+
+
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 
