@@ -647,6 +647,37 @@ def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
     assert [e.target for e in pred] == ["red", ""]
 
 
+def test_hf_captions_as_structs_read_from_whichever_text_field_they_have(tmp_path):
+    """Caption structs name their text "raw" (Karpathy's), "caption" (COCO's) or "text": each is read from
+    the first of those that holds a string, so ``{"caption": ..., "sentid": ...}`` rows and a struct whose
+    "raw" is null beside its "caption" load as captions rather than failing on the missing / null "raw"."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    coco = datasets.Sequence({"caption": datasets.Value("string"), "sentid": datasets.Value("int64")})
+    features = datasets.Features({"image": datasets.Image(), "coco": coco,
+                                  "both": [{"raw": datasets.Value("string"), "caption": datasets.Value("string")}]})
+    path = _hf_dict(tmp_path / "hf_caps", {"image": [image], "coco": [{"caption": ["A cup.", "A mug."], "sentid": [1, 2]}],
+                                           "both": [[{"raw": None, "caption": "A red cup."}]]}, features)
+    for column, want in (("coco", ["A cup.", "A mug."]), ("both", ["A red cup."])):
+        (e,), _ = load_hf_examples("caption", path, "val", {"image": "image", "captions": column})
+        assert (e.target, e.references) == (want[0], want)
+
+
+def test_hf_gqa_rows_of_answers_alone_train_on_the_most_frequent(tmp_path):
+    """A GQA split mapped to a list of answers without a gold ``answer`` column takes the answer given most
+    often as its target and reference (ties alphabetical), not the list's first."""
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    path = _hf_dict(tmp_path / "hf_gqa", {"image": [image] * 2, "q": ["Is it?"] * 2,
+                                          "answers": [["yes", "no", "no"], ["yes", "maybe", "no", "maybe", "no"]]})
+    ex, _ = load_hf_examples("gqa", path, "train", {"image": "image", "question": "q", "answers": "answers"})
+    assert [(e.target, e.references) for e in ex] == [("no", ["no"]), ("maybe", ["maybe"])]
+
+
 def test_only_a_dict_of_equal_length_lists_is_read_as_rows():
     """A struct of lists of different lengths is not a sequence of structs: zipped it would drop the longer lists'
     tail silently, so it is left as it is (and refused where a list is expected, naming the column)."""
