@@ -1793,6 +1793,14 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
                                         r"error occurred while generating the dataset, from ArrowInvalid: .*\); the "
                                         r"folder holds 2 entries \['train\.parquet', 'validation\.parquet \(empty\)'\]$"):
         load_hf_examples("gqa", str(files), "train", cols)
+    # a 0-byte data file of any format is said to be empty too (the library's error is a bare StopIteration)
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "train.jsonl").write_text("")
+    (blank / "validation.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"blank': the datasets library cannot load it \(.*\); the folder holds "
+                                        r"2 entries \['train\.jsonl \(empty\)', 'validation\.jsonl'\]$"):
+        load_hf_examples("gqa", str(blank), "train", cols)
 
 
 def test_frame_images_are_taken_in_number_order(tmp_path):
