@@ -158,3 +158,21 @@ def test_a_record_that_cannot_be_formatted_is_reported_and_the_next_ones_print(c
         log.info("loaded 12 examples")
     assert stream.getvalue() == "vlscale: loaded 12 examples\n"
     assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_a_record_during_a_progress_bar_on_the_same_stream_prints_on_a_line_of_its_own():
+    """The training loop's bar and vlscale's records share stderr: a record clears the bar, prints its line and the
+    bar is drawn again below it. Written straight to the stream, the line would follow the bar's text on the bar's
+    line ("train:  0%|...| 0/3 [...]vlscale: ...") and the next redraw would overwrite it."""
+    from tqdm import tqdm
+
+    stream = io.StringIO()
+    with console_logging(0, 1, stream=stream):
+        bar = tqdm(total=3, desc="train", file=stream, ascii=True)
+        log.warning("2 inputs in a batch are cut")
+        bar.update(1)
+        bar.close()
+    lines = stream.getvalue().split("\n")
+    said = [line for line in lines if "inputs in a batch" in line]
+    assert len(said) == 1 and said[0].split("\r")[-1] == "vlscale: warning: 2 inputs in a batch are cut"
+    assert "1/3" in lines[lines.index(said[0]) + 1]  # the bar is drawn again under it
