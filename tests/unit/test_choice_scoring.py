@@ -391,3 +391,63 @@ def test_generation_takes_the_tasks_beams_and_syncs_the_ranks_when_asked(synced)
     predict_task(model, _SayingTokenizer(["a0"]), [_tvqa_batch(["q0"], ["a0"])], "tvqa", device="cpu",
                  synced_gpus=synced)
     assert model.searches == [(5, synced), (1, synced)]
+
+
+def test_evaluate_reads_the_split_with_the_given_batch_size_and_cap_and_decodes_as_asked(monkeypatch):
+    """launchers/evaluate.py passes its own tasks, batch size, example cap, dtype and ``synced_gpus`` to evaluate:
+    those, not the run config's, read the split (``max_examples`` over ``train.eval_max_examples``), the model's
+    floating inputs take ``float_dtype``, and generation syncs the ranks (ZeRO-3 on several ranks: a rank whose
+    batch finished keeps joining the others' parameter gathers, or the run hangs). Each task's scores are its own."""
+    import vlscale.data
+    from vlscale.engine.evaluation import evaluate
+
+    cfg = load_config("tiny", ["data.tasks=[vqa]", "train.eval_batch_size=3", "train.eval_max_examples=5"])
+    asked, seen = [], []
+    own = {"tvqa": [_tvqa_batch(["q0", "q1"], ["a0", "a2"])], "how2qa": [_tvqa_batch(["h0"], ["a1"], "how2qa")]}
+
+    def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
+                          require_answers=True):
+        asked.append((task, split, batch_size, max_examples))
+        return [dict(b, pixel_values=torch.zeros(len(b["uids"]), 2)) for b in own[task]]
+
+    class Model(_ModeRecordingModel):
+        def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+            seen.append((inputs["pixel_values"].dtype, synced_gpus))
+            return super().generate(inputs, max_new_tokens, num_beams, synced_gpus)
+
+    monkeypatch.setattr(vlscale.data, "eval_batches", fake_eval_batches)
+    scores = evaluate(Model(), cfg, _SayingTokenizer(["a0", "a1"]), split="test", tasks=["tvqa", "how2qa"],
+                      batch_size=2, max_examples=4, float_dtype=torch.bfloat16, synced_gpus=True, show_progress=False)
+    assert asked == [("tvqa", "test", 2, 4), ("how2qa", "test", 2, 4)]
+    assert seen == [(torch.bfloat16, True), (torch.bfloat16, True)]
+    assert scores == {"tvqa": pytest.approx({"accuracy": 1 / 2}), "how2qa": pytest.approx({"accuracy": 0.0})}
+
+
+def test_predict_only_reads_the_split_without_answers_and_writes_each_example_s_own_references(monkeypatch, tmp_path):
+    """``evaluate.py --predict-only`` (a leaderboard's test split): the split is read without requiring answers,
+    nothing is scored, and the predictions file takes each example's references from the split (the batches carry
+    none), [] for an unlabeled one."""
+    import json
+    from types import SimpleNamespace
+
+    import vlscale.data
+    from vlscale.engine.evaluation import evaluate
+
+    cfg = load_config("tiny", ["data.tasks=[tvqa]"])
+    asked = []
+
+    class Batches(list):
+        examples = [SimpleNamespace(uid="q0", references=[]), SimpleNamespace(uid="q1", references=["a2"])]
+
+    def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
+                          require_answers=True):
+        asked.append(require_answers)
+        return Batches([_tvqa_batch(["q1", "q0"], [[""], [""]])])
+
+    monkeypatch.setattr(vlscale.data, "eval_batches", fake_eval_batches)
+    scores = evaluate(_ModeRecordingModel(), cfg, _SayingTokenizer(["a1", "a0"]), split="test", predict_only=True,
+                      show_progress=False, predictions_dir=tmp_path)
+    assert asked == [False] and scores == {"tvqa": {"examples": 2, "submission": None}}
+    lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
+    assert lines == [{"uid": "q0", "prediction": "a0", "references": []},
+                     {"uid": "q1", "prediction": "a1", "references": ["a2"]}]
