@@ -659,8 +659,9 @@ def test_hf_captions_as_structs_read_from_whichever_text_field_they_have(tmp_pat
     coco = datasets.Sequence({"caption": datasets.Value("string"), "sentid": datasets.Value("int64")})
     features = datasets.Features({"image": datasets.Image(), "coco": coco,
                                   "both": [{"raw": datasets.Value("string"), "caption": datasets.Value("string")}]})
-    path = _hf_dict(tmp_path / "hf_caps", {"image": [image], "coco": [{"caption": ["A cup.", "A mug."], "sentid": [1, 2]}],
-                                           "both": [[{"raw": None, "caption": "A red cup."}]]}, features)
+    columns = {"image": [image], "coco": [{"caption": ["A cup.", "A mug."], "sentid": [1, 2]}],
+               "both": [[{"raw": None, "caption": "A red cup."}]]}
+    path = _hf_dict(tmp_path / "hf_caps", columns, features)
     for column, want in (("coco", ["A cup.", "A mug."]), ("both", ["A red cup."])):
         (e,), _ = load_hf_examples("caption", path, "val", {"image": "image", "captions": column})
         assert (e.target, e.references) == (want[0], want)

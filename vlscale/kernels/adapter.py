@@ -562,8 +562,9 @@ def _rows_hidden_block(hidden: int, cfg: KernelConfig, backward: bool) -> Option
 
 
 def _launch_rows(a, w1, b1, z, w2, b2, activation, backward, block_h, cfg):
-    """``_rows_kernel`` over ``block_h`` hidden columns (:func:`_rows_hidden_block`). Forward (a = x, w1 = W_d^T, w2 = W_u^T): returns (h, z). Backward (a = dh, w1 = W_u,
-    w2 = W_d, ``z`` given): returns (dz, act(z), dx, column sums of dz and of dh per row block)."""
+    """``_rows_kernel`` over ``block_h`` hidden columns (:func:`_rows_hidden_block`). Forward (a = x,
+    w1 = W_d^T, w2 = W_u^T): returns (h, z). Backward (a = dh, w1 = W_u, w2 = W_d, ``z`` given): returns
+    (dz, act(z), dx, column sums of dz and of dh per row block)."""
     M, D = a.shape
     H = w1.shape[1]
     n_m = triton.cdiv(M, cfg.rows_block_m)
