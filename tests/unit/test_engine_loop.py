@@ -365,6 +365,21 @@ def test_a_non_finite_gradient_norm_names_the_step_and_task(tmp_path):
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
+def test_tensorboard_plots_the_fp16_loss_scale_and_leaves_out_the_figures_a_step_does_not_have(tmp_path):
+    """An fp16 step plots train/loss_scale; a skipped step (no gradient norm) and a run where only PEFT weights
+    train (``lr`` null, :func:`~vlscale.engine.trainer.logged_lr_groups`) plot no train/grad_norm and no train/lr:
+    SummaryWriter cannot plot a null."""
+    from vlscale.engine.trainer import log_step
+
+    run = _log_run(tmp_path, applied=False)
+    run.step, run.loss_scale = 4, 256.0
+    run.step_times.append(2.0)
+    log_step(run, "vqa", 3.0, {"lr": None, "peft_lr": 1e-3}, _Bar())
+    assert sorted(run.writer.scalars) == sorted([("train/loss", 3.0, 4), ("train/peft_lr", 1e-3, 4),
+                                                 ("train/samples_per_s", 4.0, 4), ("train/loss_scale", 256.0, 4),
+                                                 ("train/loss_vqa", 3.0, 4)])
+
+
 def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
     """run_summary.json: each per-rank figure is the largest rank's, with every rank's beside it (``*_by_rank``,
     in rank order); step_time_s is the median step time."""
@@ -431,6 +446,30 @@ def test_only_the_final_evaluation_writes_predictions(tmp_path, monkeypatch):
     trainer.run_evaluation(run)
     trainer.run_evaluation(run, final=True)
     assert written == [None, tmp_path / "predictions"]
+
+
+def test_an_evaluation_plots_each_task_s_metrics_and_only_rank_0_writes_metrics_json(tmp_path, monkeypatch):
+    """TensorBoard gets eval_<split>/<task>/<metric> at the run's step, flushed at once (an evaluation is the rare
+    point a user watches for); the other ranks keep the scores (run.last_scores) but write no metrics.json."""
+    import json
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    scores = {"vqa": {"acc": 0.25}, "caption": {"cider": 1.5, "bleu4": 0.5}}
+    monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: scores)
+    writer = _Writer()
+    writer.flushed = []
+    writer.flush = lambda: writer.flushed.append(len(writer.scalars))
+    run = SimpleNamespace(step=4, is_main=True, out=tmp_path, writer=writer, last_scores={})
+    trainer.run_evaluation(run, "test")
+    assert sorted(writer.scalars) == sorted([("eval_test/vqa/acc", 0.25, 4), ("eval_test/caption/cider", 1.5, 4),
+                                             ("eval_test/caption/bleu4", 0.5, 4)])
+    assert writer.flushed == [3]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == [{"step": 4, "split": "test", "tasks": scores}]
+    other = SimpleNamespace(step=4, is_main=False, out=tmp_path / "rank1", writer=None, last_scores={})
+    trainer.run_evaluation(other)
+    assert other.last_scores == scores and not (tmp_path / "rank1").exists()
 
 
 def test_a_trained_run_counts_as_saved_only_with_the_checkpoint_and_the_adapter_of_its_step(tmp_path):
@@ -553,6 +592,17 @@ def test_each_step_takes_the_accumulation_s_micro_batches(monkeypatch):
     run, events = _loop_run(monkeypatch, accumulation=3)
     trainer.train(run)
     assert run.micro_batches == [3] * 6 and run.step == 6
+
+
+def test_the_loop_logs_a_null_lr_where_only_peft_weights_train(monkeypatch):
+    """train.peft_lr with only PEFT weights training: no group runs at train.lr, so each step logs ``lr`` null and
+    ``peft_lr`` as the rate of the PEFT group's update (not that group's rate under both keys)."""
+    from vlscale.engine import trainer
+
+    run, events = _loop_run(monkeypatch)
+    run.lr_groups = {"lr": None, "peft_lr": 0}
+    trainer.train(run)
+    assert [e[2] for e in events if e[0] == "log"] == [{"lr": None, "peft_lr": float(s)} for s in range(6)]
 
 
 def test_a_stop_request_checkpoints_the_step_it_came_in_and_stops(monkeypatch):
