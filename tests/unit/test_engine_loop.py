@@ -380,14 +380,12 @@ def test_tensorboard_plots_the_fp16_loss_scale_and_leaves_out_the_figures_a_step
                                                  ("train/loss_vqa", 3.0, 4)])
 
 
-def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
-    """run_summary.json: each per-rank figure is the largest rank's, with every rank's beside it (``*_by_rank``,
-    in rank order); step_time_s is the median step time."""
+def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2.0, 10.0), skipped_steps=0):
+    """A 2-rank Run for run_summary: rank 1's figures are ``other``; 6 of 12 parameters train; micro-batch 2,
+    accumulation 1."""
     from types import SimpleNamespace
 
     import torch.distributed
-
-    from vlscale.engine import trainer
 
     other = {"param_bytes_per_rank": 10, "grad_bytes_per_rank": 9000, "optimizer_state_bytes_per_rank": 1,
              "peak_memory_bytes": 5, "peak_rss_bytes": 5}
@@ -399,21 +397,81 @@ def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
     monkeypatch.setattr("vlscale.peft.trainable.count_parameters", lambda model: {
         "trainable": 6, "total": 12, "total_without_vision": 12, "updated_pct": 50.0})
     model = torch.nn.Linear(2, 3)  # 9 fp32 parameters: 36 bytes
-    engine = SimpleNamespace(module=model, optimizer=SimpleNamespace(state={}), skipped_steps=0,
+    engine = SimpleNamespace(module=model, optimizer=SimpleNamespace(state={}), skipped_steps=skipped_steps,
                              train_micro_batch_size_per_gpu=lambda: 2, gradient_accumulation_steps=lambda: 1)
-    run = SimpleNamespace(model=model, engine=engine, memory={"grad_bytes_per_rank": 36}, step=3,
-                          dist=SimpleNamespace(world_size=2, device=torch.device("cpu"), device_type="cpu"),
-                          stage=2, global_batch=4, step_times=[3.0, 1.0, 2.0, 10.0],
-                          cfg=SimpleNamespace(train=SimpleNamespace(precision="fp32", gradient_checkpointing=False)),
-                          ds_config={}, last_scores={"vqa": {"acc": 0.5}},
-                          interrupted_evaluation={"step": 3, "split": "test", "task": "vqa", "batches_done": 1,
-                                                  "batches": 2})
+    return SimpleNamespace(model=model, engine=engine, memory={"grad_bytes_per_rank": 36}, step=3,
+                           dist=SimpleNamespace(world_size=2, device=torch.device("cpu"), device_type="cpu"),
+                           stage=stage, global_batch=4, step_times=list(step_times),
+                           cfg=SimpleNamespace(train=SimpleNamespace(precision=precision,
+                                                                     gradient_checkpointing=False)),
+                           ds_config={}, last_scores={"vqa": {"acc": 0.5}},
+                           interrupted_evaluation={"step": 3, "split": "test", "task": "vqa", "batches_done": 1,
+                                                   "batches": 2})
+
+
+def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
+    """run_summary.json: each per-rank figure is the largest rank's, with every rank's beside it (``*_by_rank``,
+    in rank order); step_time_s is the median step time."""
+    from vlscale.engine import trainer
+
+    run = _summary_run(monkeypatch)
     s = trainer.run_summary(run)
     assert (s["param_bytes_per_rank"], s["param_bytes_by_rank"]) == (36, [36, 10])
     assert (s["grad_bytes_per_rank"], s["grad_bytes_by_rank"]) == (9000, [36, 9000])
     assert s["optimizer_state_bytes_by_rank"] == [0, 1]
     assert (s["step_time_s"], s["step_time_steps"], s["steps"], s["completed"]) == (2.5, 4, 3, True)
     assert s["final_scores"] == {"vqa": {"acc": 0.5}} and s["interrupted_evaluation"]["split"] == "test"
+
+
+def test_run_summary_holds_the_run_s_settings_and_counts(monkeypatch):
+    """The contract keys come from the run: world size, ZeRO stage, precision, trainable and total parameters, the
+    global batch and the micro-batch, accumulation and skipped steps the engine ran, whether it completed; a run
+    with no timed step (a resume of a finished run on another number of ranks) has no step time, not a crash."""
+    from vlscale.engine import trainer
+
+    s = trainer.run_summary(_summary_run(monkeypatch, stage=3, precision="bf16", step_times=(), skipped_steps=2),
+                            completed=False)
+    assert {k: s[k] for k in ("world_size", "zero_stage", "precision", "trainable_params", "total_params",
+                              "global_batch", "micro_batch_size", "gradient_accumulation_steps", "skipped_steps",
+                              "completed", "step_time_s", "step_time_steps")} == {
+        "world_size": 2, "zero_stage": 3, "precision": "bf16", "trainable_params": 6, "total_params": 12,
+        "global_batch": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "skipped_steps": 2,
+        "completed": False, "step_time_s": None, "step_time_steps": 0}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
+def test_the_peak_memory_is_in_bytes_and_on_a_gpu_the_allocator_s_peak(monkeypatch):
+    """On the host peak_memory_bytes is the process's peak RSS in bytes (Linux's ru_maxrss counts KiB): the
+    kernel's peak resident set (VmHWM) to within a factor 2 (the two are counted apart, a little out of step); on a
+    GPU it is torch's peak allocation there, with the RSS beside it."""
+    import re
+
+    from vlscale.engine.trainer import peak_memory_bytes
+
+    host = peak_memory_bytes(torch.device("cpu"))
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    assert host["peak_memory_bytes"] == host["peak_rss_bytes"] and peak / 2 < host["peak_rss_bytes"] < 2 * peak
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 12345)
+    gpu = peak_memory_bytes(torch.device("cuda", 0))
+    assert gpu["peak_memory_bytes"] == 12345 and peak / 2 < gpu["peak_rss_bytes"] < 2 * peak
+
+
+def test_only_rank_0_writes_run_summary_json_and_prints_the_final_scores(tmp_path, monkeypatch, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+
+    summary = {"steps": 3}
+    monkeypatch.setattr(trainer, "run_summary", lambda run, completed: dict(summary, completed=completed))
+    for rank in (1, 0):
+        run = SimpleNamespace(is_main=rank == 0, out=tmp_path / f"rank{rank}", step=3,
+                              last_scores={"vqa": {"acc": 0.5}}, test_scores={})
+        run.out.mkdir()
+        assert trainer.finish(run, completed=False) == {"steps": 3, "completed": False}
+    assert not (tmp_path / "rank1" / "run_summary.json").exists()
+    assert json.loads((tmp_path / "rank0" / "run_summary.json").read_text()) == {"steps": 3, "completed": False}
+    assert capsys.readouterr().out == "final scores (val, step 3):\n  vqa      acc=50.00\n"  # rank 0's, once
 
 
 def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_path, monkeypatch):
