@@ -683,3 +683,37 @@ def test_the_baseline_tries_how_often_a_candidates_text_was_gold_when_offered():
              + [choice(f"g{i}", ["red"] + fill(6 + i, 4), f"w{6 + i}x0", i) for i in range(4)])
     test = [choice(f"e{i}", ["red", "blue"] + fill(10 + i, 3), "blue", i) for i in range(5)]
     assert answer_prior_baseline(train, test, "tvqa") == 1.0
+
+
+def test_a_caption_names_each_object_of_its_scene_where_it_is_drawn():
+    """Every caption reference names each object of the scene ("a small red circle") and no other; the counting
+    reference says how many there are and puts each at the top / middle / bottom of its row in the scene (the row
+    is what the image shows down the picture, see test_each_object_is_drawn_in_the_cell_its_scene_record_names)."""
+    numbers, rows = ("zero", "one", "two", "three"), ("top", "middle", "bottom")
+    seen_rows = set()
+    for e in generate_split("caption", "train", 60, image_size=16).examples:
+        objs = [dict(zip(("color", "shape", "size", "row", "col"), o)) for o in e.extra["scene"][0]]
+        phrases = [f"a {o['size']} {o['color']} {o['shape']}" for o in objs]
+        for ref in e.references[:4]:
+            found = re.findall(r"a (?:small|large) \w+ \w+", ref)
+            assert sorted(found) == sorted(phrases), (e.uid, ref, objs)
+        m = re.fullmatch(r"(\w+) shapes?: (.*)\.", e.references[4])
+        assert m and m[1] == numbers[len(objs)], (e.uid, e.references[4], objs)
+        placed = re.findall(r"(a (?:small|large) \w+ \w+) at the (\w+)", m[2])
+        assert sorted(placed) == sorted((p, rows[o["row"]]) for p, o in zip(phrases, objs)), (e.uid, m[2], objs)
+        seen_rows.update((o["row"], o["col"]) for o in objs if o["row"] != o["col"])
+    assert len(seen_rows) >= 4, seen_rows  # objects off the diagonal: a row read as a column is told apart
+
+
+def test_a_video_caption_says_how_each_object_moves():
+    """tvc / yc2c references name each object of the clip with its motion (the one the frames show, see
+    test_a_videos_objects_move_the_way_its_labels_say_and_stay_in_the_frame): "moves left", "goes up", "standing
+    still"; a caption without the direction cannot be learned from the video."""
+    still = ("stays still", "does not move", "standing still")
+    for task in ("tvc", "yc2c"):
+        for e in generate_split(task, "train", 30, image_size=16).examples:
+            objs = [(o[0], o[1], d) for o, d in zip(e.extra["scene"][0], e.extra["motions"])]
+            for ref in e.references:
+                said = re.findall(r"(\w+) (\w+) (?:moves|goes|moving) (left|right|up|down)\b", ref)
+                said += [(c, s, "still") for c, s, _ in re.findall(rf"(\w+) (\w+) ({'|'.join(still)})", ref)]
+                assert sorted(said) == sorted(objs), (e.uid, ref, objs)
