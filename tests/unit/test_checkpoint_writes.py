@@ -1349,6 +1349,7 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     ("nonfinite", 1, "vlscale: rank 0: NonFiniteLoss: loss is nan", False),
     ("disk", 1, "vlscale: rank 0: OSError: writing the run's files in output_dir", False),
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
+    ("peer", 1, "vlscale: rank 0: stopped: another rank's process ended (its own line says why)", False),
     ("abort", 128 + 2, "vlscale: rank 0: aborted (second SIGINT)", False),
 ])
 def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said, traceback, tmp_path, monkeypatch,
@@ -1356,7 +1357,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     """launchers/train.py's documented exit codes and last lines, the run itself stood in for: a signal is
     128 + its number (a second Ctrl-C aborting the run 130 too), --stop-after-steps 0; an error in the run's
     input (a config value, a diverged loss, a full disk) is one line without a traceback, any other error one line
-    after its traceback; --no-progress reaches the run."""
+    after its traceback, except a collective failed because another rank's process ended: one line saying so, no
+    traceback (that rank's own line says why); --no-progress reaches the run."""
     import errno
     import signal
     from types import SimpleNamespace
@@ -1367,6 +1369,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
 
     errors = {"config": ConfigError("data.tasks: bad"), "nonfinite": trainer.NonFiniteLoss("loss is nan"),
               "disk": OSError(errno.ENOSPC, "No space left on device"), "bug": KeyError("oops"),
+              "peer": RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:30461"),
               "signal": trainer.RunStopped(3, "SIGTERM", signal.SIGTERM),
               "stop_after": trainer.RunStopped(3, "--stop-after-steps 3"),
               "abort": KeyboardInterrupt("second SIGINT")}  # a second Ctrl-C: no checkpoint
@@ -1390,6 +1393,31 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert setups == [False]
     assert said in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
+
+
+def test_a_new_run_over_another_runs_checkpoint_is_refused_by_the_launcher_naming_its_rank(tmp_path, monkeypatch,
+                                                                                           launcher, capsys):
+    """``python launchers/train.py`` (no launcher: rank 0) or a rank of torchrun / deepspeed (RANK as the launcher
+    set it) into an output_dir holding a run's checkpoint, without --resume: exit 1 before the process group
+    starts, with one line naming the rank, the checkpoint and --resume; the checkpoint is left as it was."""
+    from vlscale.engine import distributed
+
+    out = tmp_path / "run"
+    ckpt.save_checkpoint(FilesEngine(), out, 2, {"step": 2}, rank=0)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: pytest.fail("the process group started"))
+    for rank, env in (("0", {}), ("1", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})):
+        with monkeypatch.context() as m:
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+                m.delenv(name, raising=False)
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={out}"]) == 1
+        assert capsys.readouterr().err == (
+            f"vlscale: rank {rank}: CheckpointError: output_dir {str(out)!r} already holds a run's checkpoint "
+            f"({out / 'checkpoints' / 'step2'}); pass --resume to continue it or choose another output_dir "
+            f"(output_dir=...)\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_trainable_parameters_are_gathered_in_chunks_of_their_full_size(monkeypatch):

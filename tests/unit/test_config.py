@@ -339,3 +339,12 @@ def test_an_empty_config_file_is_refused(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: is empty"):
         load_config(str(path))
+
+
+def test_train_takes_the_local_rank_flag_its_launchers_pass(launcher):
+    """DeepSpeed's launcher starts each rank as ``train.py --local_rank=N ...`` and torch.distributed.launch as
+    ``--local-rank=N``: either is taken (LOCAL_RANK in the environment says the same), not a parse error, and is
+    kept out of the overrides."""
+    for flag in ("--local_rank=1", "--local-rank=1"):
+        args = launcher("train").parse_args([flag, "--config", "tiny", "train.seed=1"])
+        assert args.local_rank == 1 and args.overrides == ["train.seed=1"], flag
