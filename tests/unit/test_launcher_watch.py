@@ -537,3 +537,71 @@ def test_the_process_groups_timeout_is_the_callers_or_vlscale_dist_timeout(monke
         with pytest.raises(Started):
             init_distributed(timeout_s=given)
     assert timeouts == [datetime.timedelta(seconds=7.5), datetime.timedelta(seconds=42)]
+
+
+def test_a_starved_watchdog_ends_the_rank_at_its_first_look_past_the_timeout(monkeypatch, capsys):
+    """The watchdog's exit is bounded: a rank with no beat for timeout_s is ended (exit 3) at the first look after
+    that, so within timeout + one period (a tenth of the timeout), not at some later look, and its stderr holds
+    the stack of every thread (where each one waits). The clock is a stand-in: no test waits the timeout."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import distributed
+
+    now = [100.0]
+    monkeypatch.setattr(distributed, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    exits, dumps, looks = [], [], []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed.faulthandler, "dump_traceback", lambda **kwargs: dumps.append(kwargs))
+
+    class Clock:  # the watchdog's stop event: each wait moves the clock on by the period, until the rank is ended
+        def wait(self, timeout):
+            if exits or len(looks) > 100:
+                return True
+            now[0] += timeout
+            looks.append(now[0] - 100.0)
+            return False
+
+    w = distributed.Watchdog(20, rank=1)  # looks every 2 s
+    w._stop = Clock()
+    now[0] = 100.25
+    w.beat("step 4")
+    now[0] = 100.0
+    w._run()
+    assert looks == [pytest.approx(2.0 * i) for i in range(1, 12)]  # idle 19.75 s at the 10th look, 21.75 s at the 11th
+    assert exits == [distributed.EXIT_HUNG]
+    assert dumps == [{"file": sys.stderr, "all_threads": True}]
+    assert "[vlscale] rank 1: no progress for 22s (last: step 4)" in capsys.readouterr().err
+
+
+def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_one(monkeypatch):
+    """``python launchers/train.py``: init_distributed starts a 1-rank group (rank 0 of 1, through a file store);
+    under torchrun or deepspeed (RANK, WORLD_SIZE, LOCAL_RANK set) the rendezvous is left to the launcher's
+    variables, and the rank's place is the group's, its local rank LOCAL_RANK; on the CPU over gloo."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from vlscale.engine import distributed
+
+    keep = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS and k != "VLSCALE_CPU_FP16"}
+    monkeypatch.setattr(os, "environ", keep)  # what the 1-rank set-up exports must not reach later tests
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    calls, group = [], {"rank": 0, "world": 1}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: group["rank"])
+    monkeypatch.setattr(dist, "get_world_size", lambda: group["world"])
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+
+    cpu = torch.device("cpu")
+    assert distributed.init_distributed() == distributed.DistInfo(0, 1, 0, cpu, "cpu", "gloo")
+    assert calls[-1]["rank"] == 0 and calls[-1]["world_size"] == 1 and calls[-1]["dist_backend"] == "gloo"
+    assert calls[-1]["init_method"].startswith("file://")
+    assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["LOCAL_RANK"] == "0"
+
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        os.environ[name] = value  # torchrun's (and the deepspeed launcher's) variables: rank 3 of 4, 2 a node
+    group.update(rank=3, world=4)
+    assert distributed.init_distributed() == distributed.DistInfo(3, 4, 1, cpu, "cpu", "gloo")
+    assert calls[-1]["dist_backend"] == "gloo" and not {"init_method", "rank", "world_size"} & set(calls[-1])
