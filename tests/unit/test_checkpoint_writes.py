@@ -1808,3 +1808,30 @@ def test_a_checkpoint_that_trained_many_other_parameters_names_three_and_says_th
     with pytest.raises(ckpt.CheckpointError, match=r"trained other parameters than this one does: 5 trained then, "
                                                    r"frozen or absent now \(p0, p1, p2, \.\.\.\)"):
         ckpt.check_trained_parameters(step, torch.nn.Module())
+
+
+@pytest.mark.parametrize("world, exits", [(1, []), (2, [1])])
+def test_a_failed_rank_of_several_leaves_through_os_exit(world, exits, tmp_path, monkeypatch, launcher, capsys):
+    """A rank whose run failed leaves through os._exit(code) when there are other ranks (a peer may be gone or
+    inside a collective: the process group's teardown would wait on it), after its line naming its rank; one
+    process ends through the teardown and returns its code."""
+    from types import SimpleNamespace
+
+    import vlscale.engine.distributed as distributed
+    from vlscale.config import ConfigError
+    from vlscale.engine import trainer
+
+    def train(run, stop_after_steps=None):
+        raise ConfigError("data.tasks: bad")
+
+    left = []
+    monkeypatch.setattr(os, "_exit", left.append)
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda *a, **k: distributed.DistInfo(world - 1, world, 0, torch.device("cpu"), "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: left.append("destroy"))
+    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: SimpleNamespace(out=tmp_path / "run"))
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(trainer, "close", lambda run: None)
+    assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == 1
+    assert left[:1] == (exits or ["destroy"])
+    assert f"vlscale: rank {world - 1}: ConfigError: data.tasks: bad" in capsys.readouterr().err
