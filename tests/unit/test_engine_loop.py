@@ -1,11 +1,13 @@
 """The training loop's input checks and gradient equivalences that need no DeepSpeed engine."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vlscale.config import ConfigError, load_config
+from vlscale.engine import trainer
 from vlscale.engine.trainer import _plain_grad_norm, check_something_trains, lr_multiplier, optimizer_groups
 from vlscale.modeling.vl_model import is_checkpointing
 
@@ -65,7 +67,6 @@ def test_a_step_whose_micro_batches_mix_tasks_is_refused_naming_them_before_the_
     """One step is one task (the sampler draws it for all ranks; the PEFT modules of the task are the ones
     stepped): micro-batches of several tasks are refused, naming the step and the tasks, before any forward pass
     or collective."""
-    from types import SimpleNamespace
 
     from vlscale.engine.trainer import train_step
 
@@ -86,7 +87,6 @@ def test_a_step_whose_micro_batches_mix_tasks_is_refused_naming_them_before_the_
 def test_the_zero0_gradient_norm_finds_the_trainable_parameters_once():
     """It walked the whole model (CLIP, the LM, every frozen parameter) each step to find the trainable ones:
     about a millisecond of a 40 ms tiny step at ZeRO-0, the largest part of the loop's own work there."""
-    from types import SimpleNamespace
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)
@@ -118,7 +118,6 @@ def test_training_clip_alone_is_something_to_train():
 
 
 def test_task_steps_update_only_the_shared_groups_and_those_of_the_step_s_task():
-    from types import SimpleNamespace
 
     from vlscale.engine.trainer import TaskSteps
 
@@ -169,7 +168,6 @@ def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
 
 def test_a_resume_on_other_training_data_is_refused_before_the_model_is_built(tmp_path):
     import json
-    from types import SimpleNamespace
 
     from vlscale.data.multitask import MultitaskSampler
     from vlscale.data.real import DataError
@@ -203,7 +201,6 @@ def test_a_checkpoint_without_task_groups_is_refused_only_for_a_run_with_per_tas
 
 
 def test_small_helpers_of_the_loop():
-    from types import SimpleNamespace
 
     from vlscale.data.real import DataError
     from vlscale.engine import checkpoint as ckpt
@@ -300,7 +297,6 @@ class _Writer:
 
 
 def _log_run(tmp_path, rank=0, log_every=1, applied=True):
-    from types import SimpleNamespace
 
     engine = SimpleNamespace(was_step_applied=lambda: applied)
     return SimpleNamespace(engine=engine, step=0, grad_norm=None, loss_scale=None, out=tmp_path, is_main=rank == 0,
@@ -383,7 +379,6 @@ def test_tensorboard_plots_the_fp16_loss_scale_and_leaves_out_the_figures_a_step
 def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2.0, 10.0), skipped_steps=0):
     """A 2-rank Run for run_summary: rank 1's figures are ``other``; 6 of 12 parameters train; micro-batch 2,
     accumulation 1."""
-    from types import SimpleNamespace
 
     import torch.distributed
 
@@ -412,7 +407,6 @@ def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2
 def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
     """run_summary.json: each per-rank figure is the largest rank's, with every rank's beside it (``*_by_rank``,
     in rank order); step_time_s is the median step time."""
-    from vlscale.engine import trainer
 
     run = _summary_run(monkeypatch)
     s = trainer.run_summary(run)
@@ -427,7 +421,6 @@ def test_run_summary_holds_the_run_s_settings_and_counts(monkeypatch):
     """The contract keys come from the run: world size, ZeRO stage, precision, trainable and total parameters, the
     global batch and the micro-batch, accumulation and skipped steps the engine ran, whether it completed; a run
     with no timed step (a resume of a finished run on another number of ranks) has no step time, not a crash."""
-    from vlscale.engine import trainer
 
     s = trainer.run_summary(_summary_run(monkeypatch, stage=3, precision="bf16", step_times=(), skipped_steps=2),
                             completed=False)
@@ -458,9 +451,7 @@ def test_the_peak_memory_is_in_bytes_and_on_a_gpu_the_allocator_s_peak(monkeypat
 
 def test_only_rank_0_writes_run_summary_json_and_prints_the_final_scores(tmp_path, monkeypatch, capsys):
     import json
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
 
     summary = {"steps": 3}
     monkeypatch.setattr(trainer, "run_summary", lambda run, completed: dict(summary, completed=completed))
@@ -477,9 +468,7 @@ def test_only_rank_0_writes_run_summary_json_and_prints_the_final_scores(tmp_pat
 def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_path, monkeypatch):
     """A resumed finished run evaluates its last step again: metrics.json keeps one entry per step and split."""
     import json
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
 
     scores = iter([{"vqa": {"acc": 0.25}}, {"vqa": {"acc": 0.5}}, {"vqa": {"acc": 0.75}}])
     monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: next(scores))
@@ -494,9 +483,7 @@ def test_an_evaluation_of_a_step_already_in_metrics_json_replaces_its_entry(tmp_
 
 
 def test_only_the_final_evaluation_writes_predictions(tmp_path, monkeypatch):
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
 
     written = []
     monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: written.append(predictions) or {})
@@ -510,9 +497,7 @@ def test_an_evaluation_plots_each_task_s_metrics_and_only_rank_0_writes_metrics_
     """TensorBoard gets eval_<split>/<task>/<metric> at the run's step, flushed at once (an evaluation is the rare
     point a user watches for); the other ranks keep the scores (run.last_scores) but write no metrics.json."""
     import json
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
 
     scores = {"vqa": {"acc": 0.25}, "caption": {"cider": 1.5, "bleu4": 0.5}}
     monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: scores)
@@ -534,7 +519,6 @@ def test_a_trained_run_counts_as_saved_only_with_the_checkpoint_and_the_adapter_
     """What a --resume of a finished run checks before its final evaluation (_saved_at_this_step): both the latest
     checkpoint and adapter/ are of run.step; either of another step (a save that died half-way) is saved again."""
     import json
-    from types import SimpleNamespace
 
     from vlscale.engine import checkpoint as ckpt
     from vlscale.engine.trainer import _saved_at_this_step
@@ -568,9 +552,7 @@ def _loop_run(monkeypatch, step=0, saved=False, accumulation=1, stop_at=None, te
     how many micro-batches each train_step got; ``run.stoppable``: run.stoppable_evaluation during each evaluation;
     ``stop_at``: the step whose train_step says a stop was requested; ``interrupt``: the evaluation (``(step,
     split)``) a stop request ends, raising EvaluationInterrupted."""
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
     from vlscale.engine.evaluation import EvaluationInterrupted
 
     events = []
@@ -613,7 +595,6 @@ def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch):
     """Each step logs the learning rate its update ran at (read before it); an evaluation every train.eval_every
     steps but the last (the final evaluation is that step's), a checkpoint every train.save_every steps and one at
     the end, each once."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch)
     trainer.train(run)
@@ -624,7 +605,6 @@ def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch):
 
 
 def test_stop_after_steps_checkpoints_that_step_and_stops(monkeypatch):
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch)
     with pytest.raises(trainer.RunStopped, match=r"^stopped at step 3 \(--stop-after-steps\)$") as stopped:
@@ -635,7 +615,6 @@ def test_stop_after_steps_checkpoints_that_step_and_stops(monkeypatch):
 
 @pytest.mark.parametrize("saved", [True, False])
 def test_a_resume_of_a_trained_run_saves_only_what_it_lacks_then_evaluates(monkeypatch, saved):
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, step=6, saved=saved)
     trainer.train(run)
@@ -645,7 +624,6 @@ def test_a_resume_of_a_trained_run_saves_only_what_it_lacks_then_evaluates(monke
 def test_each_step_takes_the_accumulation_s_micro_batches(monkeypatch):
     """One optimizer step is train.gradient_accumulation_steps micro-batches: the loop hands train_step that many
     every step (the global batch of train_log.jsonl's samples_per_s and of the data order)."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, accumulation=3)
     trainer.train(run)
@@ -655,7 +633,6 @@ def test_each_step_takes_the_accumulation_s_micro_batches(monkeypatch):
 def test_the_loop_logs_a_null_lr_where_only_peft_weights_train(monkeypatch):
     """train.peft_lr with only PEFT weights training: no group runs at train.lr, so each step logs ``lr`` null and
     ``peft_lr`` as the rate of the PEFT group's update (not that group's rate under both keys)."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch)
     run.lr_groups = {"lr": None, "peft_lr": 0}
@@ -666,7 +643,6 @@ def test_the_loop_logs_a_null_lr_where_only_peft_weights_train(monkeypatch):
 def test_a_stop_request_checkpoints_the_step_it_came_in_and_stops(monkeypatch):
     """Ctrl-C/SIGTERM (train_step's all-reduced flag): the step it came in is logged, evaluated if due and
     checkpointed, then RunStopped carries the signal; nothing after it runs."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, stop_at=3)
     run.stop.signum = 15
@@ -680,7 +656,6 @@ def test_a_stop_request_checkpoints_the_step_it_came_in_and_stops(monkeypatch):
 def test_the_test_split_is_evaluated_after_the_final_one_with_train_test_eval(monkeypatch):
     """train.test_eval: the test split after the final validation, of the same step; train() returns the
     validation's scores. A stop request ends any of the evaluations (checked per batch while they run)."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, test_eval=True)
     scores = trainer.train(run)
@@ -690,7 +665,6 @@ def test_the_test_split_is_evaluated_after_the_final_one_with_train_test_eval(mo
 
 
 def test_a_stop_during_a_periodic_evaluation_checkpoints_its_step_and_stops(monkeypatch):
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, interrupt=(3, "val"))
     run.stop.signum = 2
@@ -707,7 +681,6 @@ def test_a_stop_during_the_final_evaluation_records_where_and_keeps_only_a_finis
     """The final validation stopped: no final scores (run_summary.json's final_scores is not an earlier
     evaluation's); the test split stopped after it: the validation's scores stand. Either way
     run.interrupted_evaluation says where it stopped, for run_summary.json, and the run stops."""
-    from vlscale.engine import trainer
 
     run, events = _loop_run(monkeypatch, test_eval=True, interrupt=(6, split))
     run.stop.signum = 15
@@ -732,9 +705,7 @@ def _step_run(monkeypatch, logits, *, stop=False, precision="fp32", deepspeed_no
     """A Run for train_step on a stand-in DeepSpeed engine that returns ``logits`` (one tensor per micro-batch) and
     records each backward's loss and each step (with the task the per-task groups were set to then); as rank 0 of 2
     ranks whose batches are the same, so every all-reduced number is twice this rank's."""
-    from types import SimpleNamespace
 
-    from vlscale.engine import trainer
 
     class Engine:
         def __init__(self):
