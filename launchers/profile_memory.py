@@ -228,7 +228,9 @@ def profile(args, json_out=None) -> int:
             return 2
         # "--budget 24" (or 2.4e1): 24 bytes; a unit is the letters the size ends in (the exponent's e is none)
         if budget < 2 ** 26 and not str(args.budget).strip()[-1:].isalpha():
-            print(f"error: --budget={args.budget!r} is {budget} bytes per GPU; give a unit, e.g. {args.budget}GiB",
+            digits = str(args.budget).strip()  # "24" -> "e.g. 24GiB"; "1e6" or "0.5" -> the usual example
+            example = f"{digits}GiB" if digits.isdigit() else "24GiB"
+            print(f"error: --budget={args.budget!r} is {budget} bytes per GPU; give a unit, e.g. {example}",
                   file=sys.stderr)
             return 2
         if headroom is not None and headroom >= budget:
