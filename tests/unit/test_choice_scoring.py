@@ -5,6 +5,8 @@ generation (which can produce neither word and is then scored wrong)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -185,6 +187,14 @@ def _tvqa_batch(uids, references, task="tvqa"):
             "attention_mask": torch.ones(n, 4, dtype=torch.long), "references": references}
 
 
+class _Batches(list):
+    """eval_batches' result: this rank's batches, and the split's examples (every rank's) in the data's order."""
+
+    def __init__(self, uids, batches):
+        super().__init__(batches)
+        self.examples = [SimpleNamespace(uid=uid, references=[]) for uid in uids]
+
+
 def test_generated_records_every_row_without_a_valid_mask_stripped_and_with_listed_references():
     """A batch without ``valid`` (no padding rows) gives a record per row; the decoded text is stripped (T5 may
     decode " a0"), a uid becomes a string and a single reference string a one-item list (not its characters)."""
@@ -300,7 +310,8 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
                                                                                    training):
     """Training's periodic evaluation: generation runs with dropout off, and the model goes back to the mode it
     was in (a training run left in eval mode trains on without dropout). The split is read with the run's eval
-    batch size and example cap; the records are scored and written sorted by uid, whatever order the batches gave."""
+    batch size and example cap; the records are scored and written in the split's order (not the order the
+    batches gave, nor the uids' text order: "q10" is not moved before "q9")."""
     import json
 
     import vlscale.data
@@ -312,7 +323,7 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
     def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
                           require_answers=True):
         asked.append((task, split, batch_size, rank, world_size, max_examples, require_answers))
-        return [_tvqa_batch(["q2", "q0"], ["a1", "a0"]), _tvqa_batch(["q1"], ["a2"])]
+        return _Batches(["q9", "q10", "q0"], [_tvqa_batch(["q10", "q0"], ["a1", "a0"]), _tvqa_batch(["q9"], ["a2"])])
 
     monkeypatch.setattr(vlscale.data, "eval_batches", fake_eval_batches)
     model = _ModeRecordingModel().train(training)
@@ -320,9 +331,9 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
                       predictions_dir=tmp_path)
     assert model.modes == [False, False] and model.training is training
     assert asked == [("tvqa", "val", 3, 0, 1, 5, True)]
-    assert scores == {"tvqa": pytest.approx({"accuracy": 2 / 3})}  # q2, q0 right; q1 ("a1" for "a2") wrong
+    assert scores == {"tvqa": pytest.approx({"accuracy": 2 / 3})}  # q10, q0 right; q9 ("a1" for "a2") wrong
     lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
-    assert [(r["uid"], r["prediction"]) for r in lines] == [("q0", "a0"), ("q1", "a1"), ("q2", "a1")]
+    assert [(r["uid"], r["prediction"]) for r in lines] == [("q9", "a1"), ("q10", "a1"), ("q0", "a0")]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -343,7 +354,8 @@ def test_on_two_ranks_rank_0_scores_and_writes_every_ranks_records_and_every_ran
     own = {0: [_tvqa_batch(["q2", "q0"], ["a1", "a0"]), _tvqa_batch(["q4"], ["a1"])],
            1: [_tvqa_batch(["q1", "q3"], ["a2", "a0"]), _tvqa_batch(["q5"], ["a1"])]}
     other = predict_task(_RecordingModel(), _SayingTokenizer(["a1", "a0"]), own[1 - rank], "tvqa", device="cpu")
-    monkeypatch.setattr(vlscale.data, "eval_batches", lambda *args, **kwargs: own[rank])
+    data_order = ["q5", "q4", "q3", "q2", "q1", "q0"]
+    monkeypatch.setattr(vlscale.data, "eval_batches", lambda *args, **kwargs: _Batches(data_order, own[rank]))
     monkeypatch.setattr(dist, "all_gather_object",
                         lambda parts, obj: parts.__setitem__(slice(None), [obj, other] if rank == 0 else [other, obj]))
     sent = []
@@ -356,7 +368,7 @@ def test_on_two_ranks_rank_0_scores_and_writes_every_ranks_records_and_every_ran
     if rank == 0:
         assert sent[0] == {"tvqa": pytest.approx(rank_0s["tvqa"])}
         lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
-        assert [r["uid"] for r in lines] == ["q0", "q1", "q2", "q3", "q4", "q5"]
+        assert [r["uid"] for r in lines] == data_order
         assert "eval tvqa/val" in bar
     else:
         assert not (tmp_path / "tvqa.jsonl").exists() and "eval tvqa" not in bar
@@ -408,7 +420,8 @@ def test_evaluate_reads_the_split_with_the_given_batch_size_and_cap_and_decodes_
     def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
                           require_answers=True):
         asked.append((task, split, batch_size, max_examples))
-        return [dict(b, pixel_values=torch.zeros(len(b["uids"]), 2)) for b in own[task]]
+        return _Batches([u for b in own[task] for u in b["uids"]],
+                        [dict(b, pixel_values=torch.zeros(len(b["uids"]), 2)) for b in own[task]])
 
     class Model(_ModeRecordingModel):
         def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
@@ -428,7 +441,6 @@ def test_predict_only_reads_the_split_without_answers_and_writes_each_example_s_
     nothing is scored, and the predictions file takes each example's references from the split (the batches carry
     none), [] for an unlabeled one."""
     import json
-    from types import SimpleNamespace
 
     import vlscale.data
     from vlscale.engine.evaluation import evaluate

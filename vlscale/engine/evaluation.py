@@ -340,7 +340,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
                 bar.close()
             records = _gather_records(records, world_size)
             if rank == 0:
-                records.sort(key=lambda r: r["uid"])
+                position = {str(e.uid): i for i, e in enumerate(batches.examples)}  # the data's own order
+                records.sort(key=lambda r: position[r["uid"]])
                 if predict_only:  # the examples' ids and references (the batches carry neither)
                     examples = {str(e.uid): e for e in batches.examples}
                     for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
