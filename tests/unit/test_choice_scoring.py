@@ -190,9 +190,9 @@ def _tvqa_batch(uids, references, task="tvqa"):
 class _Batches(list):
     """eval_batches' result: this rank's batches, and the split's examples (every rank's) in the data's order."""
 
-    def __init__(self, uids, batches):
+    def __init__(self, uids, batches, extras=None):
         super().__init__(batches)
-        self.examples = [SimpleNamespace(uid=uid, references=[]) for uid in uids]
+        self.examples = [SimpleNamespace(uid=uid, references=[], extra=(extras or {}).get(uid, {})) for uid in uids]
 
 
 def test_generated_records_every_row_without_a_valid_mask_stripped_and_with_listed_references():
@@ -334,6 +334,24 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
     assert scores == {"tvqa": pytest.approx({"accuracy": 2 / 3})}  # q10, q0 right; q9 ("a1" for "a2") wrong
     lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
     assert [(r["uid"], r["prediction"]) for r in lines] == [("q9", "a1"), ("q10", "a1"), ("q0", "a0")]
+
+
+def test_evaluate_scores_vqa_per_answer_type_from_the_split_s_examples(monkeypatch):
+    """The split's VQA examples carry VQA v2's answer types (``extra["answer_type"]``): evaluate scores each
+    type as the official evaluation does, beside the headline; a split without them scores the headline alone."""
+    import vlscale.data
+    from vlscale.engine.evaluation import evaluate
+
+    cfg = load_config("tiny", ["data.tasks=[vqa]"])
+    types = {"q1": {"answer_type": "yes/no"}, "q2": {"answer_type": "yes/no"}, "q3": {"answer_type": "number"}}
+    batch = _tvqa_batch(["q1", "q2", "q3"], [["yes"] * 10, ["no"] * 10, ["2"] * 10], task="vqa")
+    for extras, expected in ((types, {"vqa_score": 2 / 3, "vqa_score_number": 1.0, "vqa_score_yes_no": 0.5}),
+                             (None, {"vqa_score": 2 / 3})):
+        monkeypatch.setattr(vlscale.data, "eval_batches",
+                            lambda *args, **kwargs: _Batches(["q1", "q2", "q3"], [batch], extras))
+        scores = evaluate(_ModeRecordingModel(), cfg, _SayingTokenizer(["yes", "yes", "2"]), split="val",
+                          show_progress=False)
+        assert scores == {"vqa": pytest.approx(expected)}
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -743,6 +743,21 @@ def test_score_task_vqa_takes_a_single_reference_string():
     assert score_task("vqa", {1: "Two"}, {1: "2"}) == {"vqa_score": 1.0}
 
 
+def test_score_task_vqa_scores_each_answer_type_over_its_own_predicted_ids():
+    """VQA v2's official evaluation also reports accuracy per answer type: with ``answer_types`` each type's mean
+    is over the predicted ids of that type alone (an unpredicted id and an id without a type count in none);
+    the headline stays the mean over every predicted id. Without ``answer_types``, the headline alone."""
+    refs = {1: ["yes"] * 10, 2: ["no"] * 10, 3: ["2"] * 4 + ["3"] * 6, 4: ["red"] * 10, 5: ["blue"] * 10,
+            6: ["cat"] * 10}
+    preds = {1: "yes", 2: "yes", 3: "two", 4: "red", 6: "dog"}
+    types = {1: "yes/no", 2: "yes/no", 3: "number", 4: "other", 5: "other"}  # 5 unpredicted, 6 without a type
+    out = score_task("vqa", preds, refs, answer_types=types)
+    assert out == pytest.approx({"vqa_score": (1 + 0 + 1 + 1 + 0) / 5, "vqa_score_yes_no": 0.5,
+                                 "vqa_score_number": 1.0, "vqa_score_other": 1.0})
+    assert list(out) == ["vqa_score", "vqa_score_number", "vqa_score_other", "vqa_score_yes_no"]
+    assert score_task("vqa", preds, refs) == pytest.approx({"vqa_score": 0.6})
+
+
 def test_score_task_caption_bleu4_and_rouge_l_are_coco_captions_and_cider_stands_without_pycocoevalcap(
         monkeypatch, caplog):
     """The Java-free caption set: bleu4 is pycocoevalcap's 4-gram BLEU (not the 3-gram one) and rouge_l its ROUGE-L

@@ -162,8 +162,9 @@ def _gather_records(records: list[dict], world_size: int) -> list[dict]:
     return merged
 
 
-def score_records(task: str, records: list[dict], java_metrics: bool = False) -> dict[str, float]:
-    """Score gathered records (``java_metrics``: see :func:`vlscale.metrics.score_task`)."""
+def score_records(task: str, records: list[dict], java_metrics: bool = False, examples=()) -> dict[str, float]:
+    """Score gathered records (``java_metrics``: see :func:`vlscale.metrics.score_task`); ``examples``, the
+    split's, give VQA's answer types where they have them (scored per type too)."""
     from vlscale.metrics import score_task
 
     preds = {r["uid"]: r["prediction"] for r in records}
@@ -171,7 +172,9 @@ def score_records(task: str, records: list[dict], java_metrics: bool = False) ->
     groups = {r["uid"]: r["group"] for r in records if "group" in r} or None
     if not records:
         raise ValueError(f"no {task} examples were evaluated")
-    return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics)
+    types = {str(e.uid): e.extra["answer_type"] for e in examples if "answer_type" in e.extra} \
+        if task == "vqa" else None
+    return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics, answer_types=types or None)
 
 
 def write_predictions(path, records: list[dict]) -> None:
@@ -350,7 +353,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
                         if submission_dir is not None else None
                     scores[task] = {"examples": len(records), "submission": str(path) if path else None}
                 else:
-                    scores[task] = score_records(task, records, java_metrics)
+                    scores[task] = score_records(task, records, java_metrics, batches.examples)
                 if predictions_dir is not None:
                     write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
     finally:

@@ -2,7 +2,7 @@
 
 | task | headline | others |
 |---|---|---|
-| vqa | ``vqa_score`` (official normalisation, 10-answer leave-one-out) | |
+| vqa | ``vqa_score`` (official normalisation, 10-answer leave-one-out) | ``vqa_score_<type>`` when ``answer_types`` are given |
 | gqa | ``exact_match`` (the string as generated, as GQA's eval.py and VL-T5) | |
 | nlvr2 | ``accuracy`` | ``consistency`` when ``groups`` are given |
 | tvqa, how2qa | ``accuracy`` (choice index) | |
@@ -17,6 +17,7 @@ All values are fractions (CIDEr on coco-caption's scale); papers print them x100
 from __future__ import annotations
 
 import logging
+import re
 from typing import Hashable, Optional
 
 from .captioning import caption_scores
@@ -55,14 +56,16 @@ def _fast_caption_scores(predictions: dict, references: dict) -> dict[str, float
 
 
 def score_task(task: str, predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
-               groups: Optional[dict[Hashable, str]] = None, *, java_metrics: bool = False
-               ) -> dict[str, float]:
+               groups: Optional[dict[Hashable, str]] = None, *, java_metrics: bool = False,
+               answer_types: Optional[dict[Hashable, str]] = None) -> dict[str, float]:
     """Score one task's predictions (``uid -> text``) against ``uid -> reference list``.
 
     Only predicted ids are scored; references without a prediction are reported in a warning.
     ``groups`` (``uid -> group``) adds NLVR2 consistency. ``java_metrics`` runs the caption tasks
     through :func:`caption_scores` (PTB tokenizer for every caption metric + METEOR, Java) instead of the
-    Java-free set.
+    Java-free set. ``answer_types`` (VQA, ``uid -> "yes/no" | "number" | "other"``, as VQA v2's annotations give
+    them) adds the official evaluation's per-answer-type scores, ``vqa_score_yes_no``, ``vqa_score_number``,
+    ``vqa_score_other``: each over the predicted ids of that type.
     """
     from vlscale.data.tasks import get_task
 
@@ -85,6 +88,10 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
 
     if spec.metric == "vqa_score":
         out = {"vqa_score": vqa_accuracy(predictions, refs)}
+        for kind in sorted({answer_types[u] for u in predictions if u in answer_types} if answer_types else ()):
+            ids = [u for u in predictions if answer_types.get(u) == kind]
+            out[f"vqa_score_{re.sub(r'[^0-9A-Za-z]+', '_', kind)}"] = \
+                vqa_accuracy({u: predictions[u] for u in ids}, {u: refs[u] for u in ids})
     elif spec.metric == "exact_match":
         out = {"exact_match": exact_match(predictions, refs)}
     elif spec.metric == "accuracy":
