@@ -777,3 +777,21 @@ def test_a_non_finite_loss_stops_the_step_before_its_update(monkeypatch):
                                             r"no checkpoint had been written yet"):
         train_step(run, [{"task": "gqa", "labels": labels}] * 2)
     assert run.engine.steps == [None]  # the micro-step only, no update
+
+
+@pytest.mark.parametrize("world_size, stage, synced", [(2, 3, True), (2, 2, False), (1, 3, False), (4, 3, True)])
+def test_periodic_evaluation_syncs_generation_only_when_zero3_shards_over_several_ranks(monkeypatch, world_size,
+                                                                                       stage, synced):
+    """Under ZeRO-3 on several ranks each generated token gathers parameters from every rank, so a rank whose batch
+    finished early must keep joining the others' gathers (``synced_gpus``) or the run hangs; elsewhere syncing only
+    costs time. The evaluation runs on the run's rank, device, dtype, watchdog and stop request."""
+    seen = {}
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: seen.update(kwargs, args=args) or {"vqa": {}})
+    run = SimpleNamespace(dist=SimpleNamespace(world_size=world_size, rank=world_size - 1, device="cpu"), stage=stage,
+                          stoppable_evaluation=False, stop=None, model="model", cfg="cfg", tokenizer="tok",
+                          dtype=torch.bfloat16, show_progress=False, watchdog=SimpleNamespace(beat="beat"))
+    assert trainer._evaluate(run, "val", Path("preds")) == {"vqa": {}}
+    assert seen.pop("args") == ("model", "cfg", "tok")
+    assert seen == {"split": "val", "rank": world_size - 1, "world_size": world_size, "device": "cpu",
+                    "float_dtype": torch.bfloat16, "synced_gpus": synced, "show_progress": False, "heartbeat": "beat",
+                    "predictions_dir": Path("preds"), "should_stop": None}
