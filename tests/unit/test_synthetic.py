@@ -67,6 +67,25 @@ def test_disk_cache_gives_the_same_data(task, monkeypatch):
     assert split_cache_dir(split_params(task, "val", 10, 1, 64)) != path
 
 
+def test_vqa_questions_carry_vqa_v2_answer_types_also_from_a_cache_written_without_them():
+    """Existence questions are VQA v2's "yes/no", counting "number", colour and shape "other" (evaluation scores
+    each type, the official evaluation's breakdown, which shows what the miniature learns); a cache written before
+    the types were recorded reads with the same types."""
+    import json
+
+    fresh = generate_split("vqa", "val", 40, seed=1, image_size=16)
+    kinds = {(e.extra["qtype"], e.extra["answer_type"]) for e in fresh.examples}
+    assert kinds == {("exist", "yes/no"), ("count", "number"), ("color", "other"), ("shape", "other")}
+    assert all(e.target in ("yes", "no") for e in fresh.examples if e.extra["answer_type"] == "yes/no")
+    load_split("vqa", "val", 40, seed=1, image_size=16)
+    path = split_cache_dir(split_params("vqa", "val", 40, 1, 16))
+    records = json.loads((path / "examples.json").read_text())
+    for r in records:
+        del r["extra"]["answer_type"]
+    (path / "examples.json").write_text(json.dumps(records))
+    _same(fresh, load_split("vqa", "val", 40, seed=1, image_size=16))
+
+
 def test_a_cache_that_cannot_be_written_names_vlscale_cache(tmp_path, monkeypatch):
     """VLSCALE_CACHE naming a file (or a read-only folder) was a NotADirectoryError traceback naming neither the
     variable nor what to do; the launchers print a DataError in one line."""

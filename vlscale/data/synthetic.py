@@ -67,6 +67,10 @@ ANSWER_SPACES = {
     "choice": ("a0", "a1", "a2", "a3", "a4"),
 }
 
+VQA_ANSWER_TYPES = {"exist": "yes/no", "count": "number", "color": "other", "shape": "other"}
+"""Each VQA question type's answer type as VQA v2 annotates them (``extra["answer_type"]``): evaluation scores
+each type too, as the official evaluation does."""
+
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -196,7 +200,8 @@ def _vqa(rng, image_size):
     refs = _annotators(rng, gold, qtype)
     majority = Counter(refs).most_common(1)[0][0]
     image = render_scene(objs, image_size, rng)
-    return question, majority, refs, [image], {"qtype": qtype, "scene": [_scene_record(objs)]}
+    return question, majority, refs, [image], {"qtype": qtype, "answer_type": VQA_ANSWER_TYPES[qtype],
+                                               "scene": [_scene_record(objs)]}
 
 
 def _relation_cells(rel: str, ref: tuple[int, int]):
@@ -556,6 +561,9 @@ def _save(split: SyntheticSplit, params: dict, path: Path) -> None:
 def _load(path: Path, task: str, split: str) -> SyntheticSplit:
     with open(path / "examples.json") as f:
         examples = [Example(**d) for d in json.load(f)]
+    if task == "vqa":  # a cache written before answer types were recorded: the same data, typed as generated now
+        for e in examples:
+            e.extra.setdefault("answer_type", VQA_ANSWER_TYPES[e.extra["qtype"]])
     with np.load(path / "visual.npz") as z:
         ids = [str(i) for i in z["ids"]]
         pixels = z["pixels"]
