@@ -80,10 +80,15 @@ def test_training_examples_without_a_soft_label_are_said_under_sampled_targets(c
     loaders = []
     assert _warnings(caplog, lambda: loaders.append(build_train_loader(synthetic, None))) == []
     assert all(e.extra.get("label") is None for e in loaders[0].examples["vqa"])  # none of them has one
-    # ... which is no loss there (one answer per question, score 1), but it is said at INFO
+    # ... though their 10 annotators disagree (7-10 give the gold): each trains on the majority answer at weight 1,
+    # said at INFO, without claiming one answer per question
+    vqa = loaders[0].examples["vqa"]
+    assert any(len(set(e.references)) > 1 for e in vqa)
+    assert all(e.target == Counter(e.references).most_common(1)[0][0] for e in vqa)
     assert _warnings(caplog, lambda: build_train_loader(synthetic, None), logging.INFO) == [
-        "data.vqa_targets=sampled: the synthetic world's questions have one answer each (score 1), so training "
-        "draws that answer at weight 1, as data.vqa_targets=best does"]
+        "data.vqa_targets=sampled: the synthetic world's questions carry no soft 'label' (their target is the "
+        "majority of their 10 annotators' answers), so training draws that target at weight 1, as "
+        "data.vqa_targets=best does"]
     assert _warnings(caplog, lambda: build_train_loader(load_config("tiny", [
         "data.tasks=[vqa]", "data.synthetic_train=8"]), None), logging.INFO) == []
 

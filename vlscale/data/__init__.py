@@ -221,8 +221,9 @@ class TrainLoader:
                 raise _no_examples(cfg, t, "train", self.examples[t], len(ex))
         if cfg.data.vqa_targets == "sampled" and "vqa" in self.examples:
             if cfg.data.source == "synthetic":  # no warning: nothing is lost, but said
-                logger.info("data.vqa_targets=sampled: the synthetic world's questions have one answer each (score "
-                            "1), so training draws that answer at weight 1, as data.vqa_targets=best does")
+                logger.info("data.vqa_targets=sampled: the synthetic world's questions carry no soft 'label' (their "
+                            "target is the majority of their 10 annotators' answers), so training draws that target "
+                            "at weight 1, as data.vqa_targets=best does")
             else:
                 _warn_unlabeled_vqa(self.examples["vqa"])
         self.collator = Collator(tokenizer, cfg, vision_transform)
