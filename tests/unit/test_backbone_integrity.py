@@ -317,6 +317,26 @@ def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
         checkpoint_files(d)
     _one_line(e, str(weights), "truncated or corrupt")
 
+
+def test_the_zero3_loader_names_a_download_command_the_installed_hub_client_has():
+    """Under ZeRO-3 a pretrained backbone loads rank by rank from a local folder only: a hub id without
+    model.backbone_path is refused in one line that says how to download it. huggingface_hub 1.0 dropped the
+    ``huggingface-cli`` command for ``hf`` (transformers 5 needs a hub client >= 1.0), so the line named a
+    command no supported install has; it names one that the installed huggingface_hub provides."""
+    import importlib.metadata
+
+    from vlscale.engine.sharded_loading import ShardedLoadError, build_lm_zero3
+
+    ds = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    with pytest.raises(ShardedLoadError) as e:
+        build_lm_zero3("google-t5/t5-small", ds_config=ds, pretrained=True)
+    msg = _one_line(e, "model.backbone_path='google-t5/t5-small' is not a local directory",
+                    "download google-t5/t5-small --local-dir DIR")
+    command = msg.split("e.g. `", 1)[1].split()[0]
+    scripts = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points
+               if ep.group == "console_scripts"}
+    assert command in scripts, (command, sorted(scripts))
+
 # ----------------------------------------------------------------------------- the tokenizer
 
 def test_corrupt_sentencepiece_model_is_named(tmp_path):

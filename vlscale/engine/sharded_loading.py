@@ -498,7 +498,7 @@ def pretrained_config(name: str, source: str, overrides: Optional[dict] = None):
     if not Path(source).is_dir():
         raise ShardedLoadError(
             f"model.backbone_path={source!r} is not a local directory; under ZeRO-3 the weights load rank by rank "
-            f"from a local Hugging Face folder with safetensors (download it once, e.g. `huggingface-cli download "
+            f"from a local Hugging Face folder with safetensors (download it once, e.g. `hf download "
             f"{name} --local-dir DIR`, and set model.backbone_path=DIR)")
     config = AutoConfig.from_pretrained(source, **(overrides or {}))
     expected = lm_config(name).model_type
