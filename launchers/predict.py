@@ -1,4 +1,4 @@
-"""Ask a trained adapter about your own image(s) or video: prints the answer.
+r"""Ask a trained adapter about your own image(s) or video: prints the answer.
 
     python launchers/predict.py --adapter runs/default/adapter --task vqa --image a.jpg --text "what color is the circle?"
     python launchers/predict.py --adapter DIR --task caption --image a.png
