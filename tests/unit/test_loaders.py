@@ -1790,18 +1790,57 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     table = pa.Table.from_pylist([{"image": "a.png", "q": "q", "a": "a"}])
     pq.write_table(table, files / "train.parquet")
     pq.write_table(table.slice(0, 0), files / "validation.parquet")
-    with pytest.raises(DataError, match=r"files': the datasets library cannot load it \(DatasetGenerationError: An "
-                                        r"error occurred while generating the dataset, from ArrowInvalid: .*\); the "
-                                        r"folder holds 2 entries \['train\.parquet', 'validation\.parquet \(empty\)'\]$"):
+    with pytest.raises(DataError, match=r"files': its data file 'validation\.parquet' is empty \(no rows\), and the "
+                                        r"datasets library cannot load the folder with it \(DatasetGenerationError: "
+                                        r"An error occurred while generating the dataset, from ArrowInvalid: .*\); "
+                                        r"remove it or give it rows$"):
         load_hf_examples("gqa", str(files), "train", cols)
-    # a 0-byte data file of any format is said to be empty too (the library's error is a bare StopIteration)
+    # a 0-byte data file of any format is named too (the library's error is a bare StopIteration)
     blank = tmp_path / "blank"
     blank.mkdir()
     (blank / "train.jsonl").write_text("")
     (blank / "validation.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
-    with pytest.raises(DataError, match=r"blank': the datasets library cannot load it \(.*\); the folder holds "
-                                        r"2 entries \['train\.jsonl \(empty\)', 'validation\.jsonl'\]$"):
+    with pytest.raises(DataError, match=r"blank': its data file 'train\.jsonl' is empty \(no rows\), and the "
+                                        r"datasets library cannot load the folder with it \(.+\); remove it or give it "
+                                        r"rows$"):
         load_hf_examples("gqa", str(blank), "train", cols)
+
+
+def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path):
+    """A 0-byte data file (or a parquet file of no rows) in a folder of data files: the library's error names no
+    file (a bare StopIteration for a JSON file; 'Instruction "validation" corresponds to no data' for a split of
+    one), and the folder's listing marked it '(empty)' only among its first 10 entries, in its top folder. The
+    error names each such file, by its path in the folder."""
+    from vlscale.data.hf_dataset import _why, load_hf_examples
+
+    cols = {"image": "image", "question": "q", "answer": "a"}
+    row = json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n"
+    many = tmp_path / "many"  # the empty file is the 13th entry
+    many.mkdir()
+    for k in range(12):
+        (many / f"train-{k:02d}.jsonl").write_text(row)
+    (many / "validation.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*many': its data file 'validation\.jsonl' is empty "
+                                        r"\(no rows\), and the datasets library cannot load the folder with it "
+                                        r"\(.+\); remove it or give it rows$"):
+        load_hf_examples("gqa", str(many), "train", cols)
+    nested = tmp_path / "nested"  # in a subfolder (data/, as hub datasets lay their files out)
+    (nested / "data").mkdir(parents=True)
+    (nested / "data" / "train.jsonl").write_text("")
+    (nested / "data" / "validation.jsonl").write_text(row)
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*nested': its data file 'data/train\.jsonl' is "
+                                        r"empty \(no rows\), and the datasets library cannot load the folder with it "
+                                        r"\(.+\); remove it or give it rows$"):
+        load_hf_examples("gqa", str(nested), "train", cols)
+    (nested / "data" / "test.jsonl").write_text("")
+    (nested / ".cache").mkdir()  # hidden: the library does not read it
+    (nested / ".cache" / "x.json").write_text("")
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*nested': its data files "
+                                        r"\['data/test\.jsonl', 'data/train\.jsonl'\] are empty \(no rows\), and the "
+                                        r"datasets library cannot load the folder with them \(.+\); remove them or "
+                                        r"give them rows$"):
+        load_hf_examples("gqa", str(nested), "train", cols)
+    assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
 
 
 def test_frame_images_are_taken_in_number_order(tmp_path):

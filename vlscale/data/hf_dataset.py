@@ -84,30 +84,47 @@ def _folder_contents(path: Path) -> str:
             parts.append(f"{name!r} ({n} data file{'' if n == 1 else 's'})")
         return "a saved DatasetDict with splits " + (", ".join(parts) or "none")
     entries = sorted(path.iterdir(), key=lambda p: p.name)
-    names = [p.name + ("/" if p.is_dir() else _no_rows(p)) for p in entries[:10]]
+    names = [p.name + ("/" if p.is_dir() else "") for p in entries[:10]]
     return f"{len(entries)} entries {names}" if entries else "nothing (an empty folder)"
 
 
-def _no_rows(file: Path) -> str:
-    """" (empty)" for a data file without rows (the datasets library's own error does not name it), else ""."""
+def _no_rows(file: Path) -> bool:
+    """Whether a data file holds no rows: 0 bytes, or a parquet file of 0 rows."""
     try:
         if file.stat().st_size == 0:
-            return " (empty)"
+            return True
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return " (empty)" if pq.read_metadata(file).num_rows == 0 else ""
+            return pq.read_metadata(file).num_rows == 0
     except Exception:  # an unreadable file: the library's error says why
-        return ""
-    return ""
+        return False
+    return False
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow")
+"""The files the datasets library reads rows from in a folder of data files (its packaged builders')."""
+
+
+def _empty_data_files(path: Path, limit: int = 2000) -> list[str]:
+    """The data files under a local folder (in its subfolders too, as the library reads them; not hidden ones) that
+    hold no rows, as paths relative to it, of its first ``limit`` data files: the library's errors for them name no
+    file (a 0-byte JSON file: a bare StopIteration; a split of such files: 'Instruction "validation" corresponds to
+    no data')."""
+    files = sorted(f for f in path.rglob("*") if f.suffix in DATA_FILE_SUFFIXES and f.is_file()
+                   and not any(part.startswith((".", "__")) for part in f.relative_to(path).parts))
+    return [f.relative_to(path).as_posix() for f in files[:limit] if _no_rows(f)]
 
 
 def _why(e: Exception) -> str:
     """An error of the datasets library in one line, with the error it wraps: its DatasetGenerationError says
     only "An error occurred while generating the dataset" (the cause, e.g. pyarrow's, is what to fix)."""
-    why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    def one(err: BaseException) -> str:  # "StopIteration", not "StopIteration: ", for an error without a message
+        said = " ".join(str(err).split())
+        return f"{type(err).__name__}: {said}" if said else type(err).__name__
+
     cause = e.__cause__
-    return why + (f", from {type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else "")
+    return one(e) + (f", from {one(cause)}" if cause is not None else "")
 
 
 def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
@@ -127,6 +144,13 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
             except FileNotFoundError:  # not a save_to_disk folder: a folder of data files
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
+            empty = _empty_data_files(path)
+            if empty:  # the library's error names no file
+                it = "it" if len(empty) == 1 else "them"
+                which = (f"data file {empty[0]!r} is" if len(empty) == 1 else f"data files {empty} are"
+                         if len(empty) <= 10 else f"{len(empty)} data files (the first 10: {empty[:10]}) are")
+                raise DataError(f"{key}={name_or_path!r}: its {which} empty (no rows), and the datasets library cannot "
+                                f"load the folder with {it} ({_why(e)}); remove {it} or give {it} rows") from e
             raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
                             f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
     else:
