@@ -605,3 +605,39 @@ def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_on
     group.update(rank=3, world=4)
     assert distributed.init_distributed() == distributed.DistInfo(3, 4, 1, cpu, "cpu", "gloo")
     assert calls[-1]["dist_backend"] == "gloo" and not {"init_method", "rank", "world_size"} & set(calls[-1])
+
+
+def test_a_cpu_group_never_builds_deepspeeds_shared_memory_kernel_and_declares_fp16_only_when_asked(monkeypatch):
+    """On the CPU, init_distributed marks DeepSpeed's shared-memory all-reduce not compatible, so DeepSpeed never
+    builds it (a C++ extension built on first use, 53 s without the build cache, that only DeepSpeed-Inference
+    calls); with VLSCALE_CPU_FP16=1 it makes DeepSpeed's CPU accelerator declare fp16 (DeepSpeed's engine refuses
+    fp16 otherwise), and without it leaves the accelerator's declaration as it was."""
+    import deepspeed.ops
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from vlscale.engine import distributed
+
+    keep = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_VARS and k != "VLSCALE_CPU_FP16"}
+    monkeypatch.setattr(os, "environ", keep)  # what the 1-rank set-up exports must not reach later tests
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # a group already there: only the set-up around it
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    accelerator = get_accelerator()
+    kernel = accelerator.get_op_builder("ShareMemCommBuilder").NAME
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, kernel, True)  # as DeepSpeed's probe finds it here
+    monkeypatch.setattr(accelerator, "is_fp16_supported", accelerator.is_fp16_supported)  # put back after the test
+    monkeypatch.setattr(accelerator, "supported_dtypes", accelerator.supported_dtypes)
+    assert not accelerator.is_fp16_supported() and torch.float16 not in accelerator.supported_dtypes()
+
+    distributed.init_distributed()
+    assert deepspeed.ops.__compatible_ops__[kernel] is False
+    assert not accelerator.is_fp16_supported() and torch.float16 not in accelerator.supported_dtypes()
+    monkeypatch.setenv("VLSCALE_CPU_FP16", "1")
+    distributed.init_distributed()
+    assert accelerator.is_fp16_supported() and torch.float16 in accelerator.supported_dtypes()
+    assert torch.float32 in accelerator.supported_dtypes()  # declared beside the others, none dropped
