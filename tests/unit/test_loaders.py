@@ -703,10 +703,12 @@ def test_hf_class_label_answers_are_read_as_their_names(tmp_path):
                                   "question": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["True", "False"]),
                                   "answer": datasets.ClassLabel(names=["red", "two"]),
-                                  "answers": datasets.Sequence(datasets.ClassLabel(names=["red", "two"]))})
+                                  "answers": datasets.Sequence(datasets.ClassLabel(names=["red", "two"])),
+                                  "texts": datasets.Sequence(datasets.Value("string"))})
     path = _hf_dict(tmp_path / "hf_labels", {"image": [image] * 3, "image2": [image] * 3, "question": ["q?"] * 3,
                                              "label": [0, 1, -1], "answer": [1, 0, -1],
-                                             "answers": [[0, 0, 1], [1], []]}, features)
+                                             "answers": [[0, 0, 1], [1], []],
+                                             "texts": [["two", "red", "two"], ["red"], []]}, features)
     nl, _ = load_hf_examples("nlvr2", path, "train", {"image": ["image", "image2"], "text": "question",
                                                       "label": "label"}, require_answers=False)
     assert [e.target for e in nl] == ["true", "false", ""]  # 0 is "True" here; -1: withheld
@@ -716,6 +718,11 @@ def test_hf_class_label_answers_are_read_as_their_names(tmp_path):
     vqa, _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answers": "answers"},
                               require_answers=False)
     assert [e.references for e in vqa[:2]] == [["red", "red", "two"], ["two"]] and vqa[0].target == "red"
+    # a ClassLabel answer beside a list of plain strings (VQA's multiple_choice_answer and answers): each column is
+    # read by its own feature
+    both, _ = load_hf_examples("vqa", path, "train", {"image": "image", "question": "question", "answer": "answer",
+                                                      "answers": "texts"}, require_answers=False)
+    assert [(e.target, e.references) for e in both] == [("two", ["two", "red", "two"]), ("red", ["red"]), ("", [])]
 
 
 def test_hf_split_named_as_the_dataset_names_it_gives_our_ids():
@@ -1774,6 +1781,12 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"no_rows': the datasets library cannot load it .*a saved DatasetDict with "
                                         r"splits 'train' \(0 data files\)"):
         load_hf_examples("gqa", no_rows, "train", cols)
+    broken = _hf_dict(tmp_path / "broken", {"image": ["a.png"], "q": ["q"], "a": ["a"]})
+    for arrow in Path(broken).rglob("*.arrow"):
+        arrow.write_bytes(b"not an arrow file")
+    with pytest.raises(DataError, match=r"broken': the datasets library cannot load it .*a saved DatasetDict with "
+                                        r"splits 'train' \(1 data file\), 'validation' \(1 data file\)$"):
+        load_hf_examples("gqa", broken, "train", cols)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "train.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
