@@ -1769,6 +1769,21 @@ def test_hf_grayscale_and_rgba_images_come_as_rgb(tmp_path):
     assert (src["train/0"] == 77).all() and (src["train/1"] == [10, 20, 30]).all()
 
 
+def test_hf_image_cells_as_arrays_keep_their_layout_and_an_absolute_path_is_looked_for_once(tmp_path):
+    """decode_image takes an (H, W, C) or (H, W) array cell as the image it holds, pixel for pixel (a non-square one
+    would show a transpose); an absolute path names one place, whatever the dataset's folder, and a missing one is
+    said once ("looked for /x and /x" said it twice)."""
+    from vlscale.data.hf_dataset import decode_image, find_image_file, missing_image_file
+
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    assert np.array_equal(decode_image(rgb), rgb)
+    gray = np.arange(4 * 5, dtype=np.uint8).reshape(4, 5)
+    assert np.array_equal(decode_image(gray), np.repeat(gray[:, :, None], 3, axis=2))
+    gone = str(tmp_path / "elsewhere" / "a.png")
+    assert find_image_file(gone, base_dir=tmp_path / "ds") == (None, [Path(gone)])
+    assert missing_image_file(gone, base_dir=tmp_path / "ds") == (f"holds {gone!r}, which is neither image data nor "
+                                                                  f"an existing image file (looked for {gone})")
+
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 
