@@ -679,6 +679,30 @@ def test_hf_gqa_rows_of_answers_alone_train_on_the_most_frequent(tmp_path):
     assert [(e.target, e.references) for e in ex] == [("no", ["no"]), ("maybe", ["maybe"])]
 
 
+def test_hf_vqa_answer_types_are_read_where_mapped_and_a_test_split_may_lack_them(tmp_path):
+    """``data.hf_columns.answer_type`` (VQA v2's "yes/no" / "number" / "other") lands in ``extra["answer_type"]``,
+    where evaluation scores each type; a split without answers (--predict-only) may lack the column, one with
+    answers may not (the mapping names a column the split does not have), and a row's missing type is named."""
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    cols = {"image": "image", "question": "q", "answers": "answers", "answer_type": "kind"}
+    path = _hf_dict(tmp_path / "hf_vqa", {"image": [image] * 2, "q": ["Is it?", "How many?"],
+                                          "answers": [["yes"] * 10, ["2"] * 10], "kind": ["yes/no", "number"]})
+    ex, _ = load_hf_examples("vqa", path, "train", cols)
+    assert [e.extra["answer_type"] for e in ex] == ["yes/no", "number"]
+    bare = _hf_dict(tmp_path / "hf_test", {"image": [image], "q": ["Is it?"]}, splits=("test",))
+    ex, _ = load_hf_examples("vqa", bare, "test", cols, require_answers=False)
+    assert len(ex) == 1 and "answer_type" not in ex[0].extra
+    without = _hf_dict(tmp_path / "hf_untyped", {"image": [image], "q": ["Is it?"], "answers": [["yes"] * 10]})
+    with pytest.raises(DataError, match=r"data.hf_columns.answer_type='kind' is not a column of the dataset"):
+        load_hf_examples("vqa", without, "train", cols)
+    blank = _hf_dict(tmp_path / "hf_blank", {"image": [image], "q": ["Is it?"], "answers": [["yes"] * 10],
+                                             "kind": [None]})
+    with pytest.raises(DataError, match=r"row 0.*'kind'"):
+        load_hf_examples("vqa", blank, "train", cols)
+
+
 def test_only_a_dict_of_equal_length_lists_is_read_as_rows():
     """A struct of lists of different lengths is not a sequence of structs: zipped it would drop the longer lists'
     tail silently, so it is left as it is (and refused where a list is expected, naming the column)."""
@@ -765,7 +789,8 @@ def test_hf_roles_a_task_does_not_read_are_said_once(caplog):
             assert len(load_hf_examples("vqa", str(HF), split, columns)[0]) > 0
     said = [r.getMessage() for r in caplog.records if "does not read" in r.getMessage()]
     assert said == ["data.hf_columns: task 'vqa' does not read the role(s) ['group', 'label'] (its roles: "
-                    "['image', 'image_id', 'question', 'text', 'answer', 'answers', 'id']); they are ignored"]
+                    "['image', 'image_id', 'question', 'text', 'answer', 'answers', 'id', 'answer_type']); "
+                    "they are ignored"]
 
 
 @pytest.mark.parametrize("columns, match", [

@@ -21,6 +21,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
     (answer, answers and label may be ``ClassLabel`` columns, also in a ``Sequence``: read as their names)
     id                         optional: the uid column (default "<split>-<row>")
     group                      optional, nlvr2: the consistency-group column
+    answer_type                optional, vqa: VQA v2's answer type ("yes/no", "number", "other"): evaluation
+                               then scores each type too; a split without the column (a test split) has none
 
 A row whose answer columns (answer / answers, label, caption / captions: those the task reads) hold
 nothing (None, "" or an empty list; a label of -1, the datasets convention for a withheld label), or a
@@ -53,11 +55,11 @@ from vlscale.data.tasks import Example, get_task
 logger = logging.getLogger(__name__)
 
 COLUMN_ROLES = ("image", "image_id", "question", "text", "answer", "answers", "caption", "captions",
-                "label", "id", "group")
+                "label", "id", "group", "answer_type")
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
 HF_TASKS = ("vqa", "gqa", "caption", "nlvr2")
 ANSWER_ROLES = ("answer", "answers", "caption", "captions", "label")
-TASK_ROLES = {"vqa": ("image", "image_id", "question", "text", "answer", "answers", "id"),
+TASK_ROLES = {"vqa": ("image", "image_id", "question", "text", "answer", "answers", "id", "answer_type"),
               "gqa": ("image", "image_id", "question", "text", "answer", "answers", "id"),
               "caption": ("image", "image_id", "caption", "captions", "id"),
               "nlvr2": ("image", "image_id", "question", "text", "label", "answer", "id", "group")}
@@ -204,7 +206,7 @@ def _roles(task: str, columns: dict, dataset_columns: list[str], require_answers
         raise DataError("data.hf_columns.image_id applies to single-image tasks only")
     for role, col in roles.items():
         for c in (col if isinstance(col, list) else [col]):
-            if c in dataset_columns or (role in ANSWER_ROLES and not require_answers):
+            if c in dataset_columns or (role in (*ANSWER_ROLES, "answer_type") and not require_answers):
                 continue
             if role in ANSWER_ROLES:
                 raise DataError(f"data.hf_columns.{role}={c!r} is not a column of {where} (its columns: "
@@ -578,6 +580,8 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
                 from vlscale.data.vqa import vqa_soft_label
 
                 extra["label"] = vqa_soft_label(answers)
+            if task == "vqa" and roles.get("answer_type"):
+                extra["answer_type"] = rec.text(roles["answer_type"])
             examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
                                 references=refs, extra=extra, source=source_name)]
         elif task == "nlvr2":
