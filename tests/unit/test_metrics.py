@@ -754,7 +754,9 @@ def test_score_task_vqa_scores_each_answer_type_over_its_own_predicted_ids():
     out = score_task("vqa", preds, refs, answer_types=types)
     assert out == pytest.approx({"vqa_score": (1 + 0 + 1 + 1 + 0) / 5, "vqa_score_yes_no": 0.5,
                                  "vqa_score_number": 1.0, "vqa_score_other": 1.0})
-    assert list(out) == ["vqa_score", "vqa_score_number", "vqa_score_other", "vqa_score_yes_no"]
+    assert list(out) == ["vqa_score", "vqa_score_yes_no", "vqa_score_number", "vqa_score_other"]  # VQA v2's order
+    odd = score_task("vqa", preds, refs, answer_types={1: "zz", 2: "aa", 3: "other"})
+    assert list(odd) == ["vqa_score", "vqa_score_other", "vqa_score_aa", "vqa_score_zz"]
     assert score_task("vqa", preds, refs) == pytest.approx({"vqa_score": 0.6})
 
 

@@ -27,6 +27,9 @@ from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_score
 
 logger = logging.getLogger(__name__)
 
+VQA_ANSWER_TYPE_ORDER = {"yes/no": 0, "number": 1, "other": 2}
+"""The order VQA v2's evaluation reports its answer types in (any other type follows, alphabetically)."""
+
 __all__ = ["vqa_score", "vqa_accuracy", "normalize_vqa_answer", "cider", "cider_per_image",
            "caption_scores", "exact_match", "accuracy", "consistency", "normalize_answer",
            "score_task"]
@@ -88,7 +91,8 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
 
     if spec.metric == "vqa_score":
         out = {"vqa_score": vqa_accuracy(predictions, refs)}
-        for kind in sorted({answer_types[u] for u in predictions if u in answer_types} if answer_types else ()):
+        kinds = {answer_types[u] for u in predictions if u in answer_types} if answer_types else set()
+        for kind in sorted(kinds, key=lambda k: (VQA_ANSWER_TYPE_ORDER.get(k, 3), k)):  # the official order first
             ids = [u for u in predictions if answer_types.get(u) == kind]
             out[f"vqa_score_{re.sub(r'[^0-9A-Za-z]+', '_', kind)}"] = \
                 vqa_accuracy({u: predictions[u] for u in ids}, {u: refs[u] for u in ids})
