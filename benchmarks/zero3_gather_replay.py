@@ -16,16 +16,31 @@ stage3_max_reuse_distance elements. Approximations: a module releases right afte
 run before a parent's release in DeepSpeed), no gradient-checkpointing recompute, gathered counts only
 (no activations, so not the peak moment).
 
-Against the live-tensor tracker (2 CPU ranks, `benchmarks/profile_accuracy.py --knobs` settings; measured =
-gathered + in-flight parameters + live flat buffers at the measured peak), 2026-12-01:
-  t5-small, CLIP on the fly, module units, reuse 0:  replay 81.1 M  measured 81.1 M (35.7 + 28.8 + 16.6)
-  t5-small, CLIP on the fly, leaf units, reuse 0:    replay 65.0 M  measured all 64.5 M (+ buffers)
-  t5-small, cached features, leaf units, reuse 0:    replay 35.3 M  measured 39.4 M (21.0 + 1.8 + 16.6)
-  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 118.2 M measured 95.7 M at the peak moment
-                                                      (the replay's maximum need not be that moment)
+Against DeepSpeed, 2026-12-06 (2 CPU ranks, `benchmarks/profile_accuracy.py --knobs` settings): replay =
+`python benchmarks/zero3_gather_replay.py BACKBONE images|cache true|false 0`, its forward figure; measured =
+`python benchmarks/zero3_gather_measure.py BACKBONE images|cache true|false "reuse 0"`, the largest gathered +
+in-flight parameters + live flat buffers after a forward fetch (steps after the first), in M elements:
+  t5-small, CLIP on the fly, module units, reuse 0:  replay 81.1 M   measured 81.1 M (35.7 + 28.8 + 16.6)
+  t5-small, CLIP on the fly, leaf units, reuse 0:    replay 67.4 M   measured 71.6 M (43.9 + 11.1 + 16.6)
+  t5-small, cached features, leaf units, reuse 0:    replay 34.5 M   measured 38.7 M (20.9 + 1.2 + 16.6)
+  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 118.5 M  measured 119.4 M (8.0 + 110.8 + 0.6);
+                                                      118.2 M at the training peak (0.6 + 116.7 + 0.9)
+Both t5-small leaf rows are short by exactly one t5-small decoder layer held gathered (4.2 M; in-flight
+and flat buffers match): the release approximation above. DeepSpeed releases a module in its post-forward
+hook, after the adapter modules called inside the layer have fetched and prefetched; a trial replay that
+releases at the matching post-forward event instead gives 71.6 M and 38.5 M. On 2026-12-01 the leaf
+rows read replay 65.0 M / 35.3 M against measured 64.9 M (64.5 M then, without the flat buffers) / 39.4 M,
+the first exact: the replay has not changed since, the model has. 50c2633 (leaf layers keep no persistent
+parameters: stage3_param_persistence_threshold 0, so norms and biases are gathered with their layer)
+moved the CLIP-on-the-fly leaf row to replay 67.8 M, measured 70.9 M; f08ce07 (PEFT hooks call the
+adapter containers' forward directly: no DeepSpeed hooks on them, so fewer parameterless fetches, each
+a prefetch) moved the replay to 67.4 M, and the cached row from 35.3 M to 34.5 M (measured at HEAD: above).
 The analytic rule in vlscale/profiling/analytic.py (_zero3_gathered_numel) assumes all 241 M for the
-t5-base case (+52.6 % on the peak) and 16.4 M + a unit for the cached t5-small case (-22.1 %): this replay,
-combined with the activations along the trace, is the way to close both (docs/scaling.md).
+t5-base case (+54.3 % on the peak; +52.6 % on 2026-12-01, before 50c2633) and 16.4 M + a unit for the
+cached t5-small case (-21.4 %; -22.1 % then): (predicted - measured) / measured of the training peaks of
+`python benchmarks/profile_accuracy.py --knobs --only "t5-base images reuse 0 leaf" "t5-small cache reuse 0 leaf"`
+(1640.05 MiB against 1062.73 MiB, 267.37 against 340.13; BENCHMARKS.md's 2026-12-02 table has the same).
+This replay, combined with the activations along the trace, is the way to close both (docs/scaling.md).
 """
 import collections
 import sys
