@@ -12,29 +12,31 @@ makes torch.cat copies of all of them at the first wait), pops the module's para
 queue, prefetches up to min(stage3_max_live_parameters - gathered, bucket) elements of not-gathered
 parameters (remembering, for every parameter it passes, the latest step it was passed for), and
 releases a module's parameters after it unless a later use was passed by the prefetcher or comes within
-stage3_max_reuse_distance elements. Approximations: a module releases right after its fetch (children
-run before a parent's release in DeepSpeed), no gradient-checkpointing recompute, gathered counts only
-(no activations, so not the peak moment).
+stage3_max_reuse_distance elements. In forward that release comes where DeepSpeed's post-forward hook
+runs, after the modules called inside the module (an adapter inside a leaf LM layer) have fetched and
+prefetched, with the step counter then. Approximations: in backward a module releases right after its
+fetch (DeepSpeed: once its inputs' gradients are made), no gradient-checkpointing recompute, gathered
+counts only (no activations, so not the peak moment).
 
 Against DeepSpeed, 2026-12-06 (2 CPU ranks, `benchmarks/profile_accuracy.py --knobs` settings): replay =
 `python benchmarks/zero3_gather_replay.py BACKBONE images|cache true|false 0`, its forward figure; measured =
 `python benchmarks/zero3_gather_measure.py BACKBONE images|cache true|false "reuse 0"`, the largest gathered +
 in-flight parameters + live flat buffers after a forward fetch (steps after the first), in M elements:
   t5-small, CLIP on the fly, module units, reuse 0:  replay 81.1 M   measured 81.1 M (35.7 + 28.8 + 16.6)
-  t5-small, CLIP on the fly, leaf units, reuse 0:    replay 67.4 M   measured 71.6 M (43.9 + 11.1 + 16.6)
-  t5-small, cached features, leaf units, reuse 0:    replay 34.5 M   measured 38.7 M (20.9 + 1.2 + 16.6)
-  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 118.5 M  measured 119.4 M (8.0 + 110.8 + 0.6);
+  t5-small, CLIP on the fly, leaf units, reuse 0:    replay 71.6 M   measured 71.6 M (43.9 + 11.1 + 16.6)
+  t5-small, cached features, leaf units, reuse 0:    replay 38.5 M   measured 38.7 M (20.9 + 1.2 + 16.6)
+  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 119.1 M  measured 119.4 M (8.0 + 110.8 + 0.6);
                                                       118.2 M at the training peak (0.6 + 116.7 + 0.9)
-Both t5-small leaf rows are short by exactly one t5-small decoder layer held gathered (4.2 M; in-flight
-and flat buffers match): the release approximation above. DeepSpeed releases a module in its post-forward
-hook, after the adapter modules called inside the layer have fetched and prefetched; a trial replay that
-releases at the matching post-forward event instead gives 71.6 M and 38.5 M. On 2026-12-01 the leaf
-rows read replay 65.0 M / 35.3 M against measured 64.9 M (64.5 M then, without the flat buffers) / 39.4 M,
-the first exact: the replay has not changed since, the model has. 50c2633 (leaf layers keep no persistent
-parameters: stage3_param_persistence_threshold 0, so norms and biases are gathered with their layer)
-moved the CLIP-on-the-fly leaf row to replay 67.8 M, measured 70.9 M; f08ce07 (PEFT hooks call the
-adapter containers' forward directly: no DeepSpeed hooks on them, so fewer parameterless fetches, each
-a prefetch) moved the replay to 67.4 M, and the cached row from 35.3 M to 34.5 M (measured at HEAD: above).
+Backward (the replay's "b", the measure's backward maximum) stays approximate: 64.8 M against 64.8 M,
+55.5 M against 57.6 M, 22.5 M against 23.1 M, 38.3 M against 39.7 M.
+Before 2026-12-06 the replay released a forward module right after its fetch: 67.4 M and 34.5 M on the
+two t5-small leaf rows, each short by the first decoder layer (4.2 M), which DeepSpeed keeps because the
+adapters inside it prefetched past its backward use before its post-forward release. That did not show
+on 2026-12-01 (replay 65.0 M, measured 64.9 M, recorded then as 64.5 M without the flat buffers; the
+cached row 35.3 M against 39.4 M): 50c2633 (leaf layers keep no persistent parameters, so norms and
+biases gather with their layer; replay 67.8 M, measured 70.9 M) and f08ce07 (PEFT hooks call the adapter
+containers' forward directly: no DeepSpeed hooks on them, fewer parameterless fetches, each a prefetch;
+replay 67.4 M, cached 34.5 M) made it show.
 The analytic rule in vlscale/profiling/analytic.py (_zero3_gathered_numel) assumes all 241 M for the
 t5-base case (+54.3 % on the peak; +52.6 % on 2026-12-01, before 50c2633) and 16.4 M + a unit for the
 cached t5-small case (-21.4 %; -22.1 % then): (predicted - measured) / measured of the training peaks of
@@ -95,14 +97,32 @@ def trace(cfg):
 
 
 def replay(cfg, ds, world=2):
-    z = ZeroSettings.from_ds_config(ds)
     events, numel = trace(cfg)
+    return replay_events(events, numel, ZeroSettings.from_ds_config(ds))
+
+
+def replay_events(events, numel, z, volume=None):
+    """The replay over a trace (``trace``'s events: ["pre", module, its parameters, output needs a gradient
+    (True, or False / "n")] and ["post", module, None, _]) -> the most elements held gathered, {"f": forward,
+    "b": backward}. ``volume`` (a dict): filled with the elements all-gathered per phase."""
     thr = z.param_persistence_threshold
     persist = {n for n, k in numel.items() if k <= thr}
     # module fetch order: forward pre events, then backward: reverse of modules whose output needs grad
     fwd = [(e[1], [p for p in e[2] if p not in persist]) for e in events if e[0] == "pre"]
     bwd = [(e[1], [p for p in e[2] if p not in persist]) for e in reversed(events) if e[0] == "pre" and e[3] is True]
     order = [(m, ps, "f") for m, ps in fwd] + [(m, ps, "b") for m, ps in bwd]
+    # forward: DeepSpeed releases a module in its post-forward hook, after the modules called inside it
+    # fetched (and prefetched): release_at[step] = the step counter then (the fetches begun before it)
+    release_at, begun, open_calls = {}, 0, []
+    for e in events:
+        if e[0] == "pre":
+            open_calls.append((e[1], begun)); begun += 1
+            continue
+        for j in range(len(open_calls) - 1, -1, -1):
+            if open_calls[j][0] == e[1]:
+                release_at[open_calls.pop(j)[1]] = begun
+                break
+    pending = collections.defaultdict(list)  # step counter -> the modules' parameters released then
     ptrace = [(p, s) for s, (m, ps, _) in enumerate(order) for p in sorted(set(ps))]
     queue = collections.deque(ptrace)
     status = {}  # param -> "A" available / "I" inflight
@@ -114,13 +134,15 @@ def replay(cfg, ds, world=2):
     best = {"f": 0, "b": 0}
     hid = 0
 
-    def gather(params):
+    def gather(params, phase):
         nonlocal n_avail, live, hid
         ps = [p for p in params if p not in status]
         if not ps:
             return None
         hid += 1
         total = sum(numel[p] for p in ps)
+        if volume is not None:
+            volume[phase] = volume.get(phase, 0) + total
         handles[hid] = {"rem": set(ps), "all": list(ps), "total": total, "multi": len(ps) > 1, "copied": False}
         for p in ps:
             status[p] = "I"; handle_of[p] = hid
@@ -148,9 +170,23 @@ def replay(cfg, ds, world=2):
         if status.get(p) == "A":
             del status[p]; n_avail -= numel[p]; live -= numel[p]
 
+    def release_after(need, step_id):
+        """DeepSpeed's release of a module's parameters, its step counter at ``step_id``."""
+        rel = {p for p in need if not recent[p] > step_id}
+        trav = 0
+        for m2, ps2, _ in order[step_id:]:
+            if trav >= z.max_reuse_distance:
+                break
+            for p in ps2:
+                rel.discard(p); trav += numel[p]
+        for p in rel:
+            release(p)
+
     for step, (m, ps, phase) in enumerate(order):
+        for need in pending.pop(step, []):
+            release_after(need, step)
         need = sorted(set(ps))
-        gather(need)
+        gather(need, phase)
         for p in need:
             wait(p)
         # pop the current module's params off the queue
@@ -167,19 +203,12 @@ def replay(cfg, ds, world=2):
                 if p not in status and p not in got:
                     got.append(p); num += numel[p]
             if got:
-                gather(got)
+                gather(got, phase)
         best[phase] = max(best[phase], live)
-        # release after the module (approximation: right after its fetch)
-        nxt = step + 1
-        rel = {p for p in need if not recent[p] > nxt}
-        trav = 0
-        for m2, ps2, _ in order[nxt:]:
-            if trav >= z.max_reuse_distance:
-                break
-            for p in ps2:
-                rel.discard(p); trav += numel[p]
-        for p in rel:
-            release(p)
+        if phase == "f" and step in release_at:  # after the modules called inside it
+            pending[release_at[step]].append(need)
+        else:  # backward: right after its fetch (approximation)
+            release_after(need, step + 1)
     return best
 
 
