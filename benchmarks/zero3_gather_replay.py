@@ -9,9 +9,10 @@ prefetches), backward = the reverse of the calls whose output needs a gradient. 
 deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.8): a fetch gathers what is not there
 (one all-gather; a set of several parameters keeps its flat buffer until the last of them is fetched and
 makes torch.cat copies of all of them at the first wait), pops the module's parameters off the trace
-queue, prefetches up to min(stage3_max_live_parameters - gathered, bucket) elements of not-gathered
-parameters (remembering, for every parameter it passes, the latest step it was passed for), and
-releases a module's parameters after it unless a later use was passed by the prefetcher or comes within
+queue (each module's in ds_id order, the model's registration order), prefetches up to
+min(stage3_max_live_parameters - gathered, bucket) elements of not-gathered parameters (remembering,
+for every parameter it passes, the latest step it was passed for), and releases a module's parameters
+after it unless a later use was passed by the prefetcher or comes within
 stage3_max_reuse_distance elements. In forward that release comes where DeepSpeed's post-forward hook
 runs, after the modules called inside the module (an adapter inside a leaf LM layer) have fetched and
 prefetched, with the step counter then. Approximations: in backward a module releases right after its
@@ -25,7 +26,7 @@ in-flight parameters + live flat buffers after a forward fetch (steps after the 
   t5-small, CLIP on the fly, module units, reuse 0:  replay 81.1 M   measured 81.1 M (35.7 + 28.8 + 16.6)
   t5-small, CLIP on the fly, leaf units, reuse 0:    replay 71.6 M   measured 71.6 M (43.9 + 11.1 + 16.6)
   t5-small, cached features, leaf units, reuse 0:    replay 38.5 M   measured 38.7 M (20.9 + 1.2 + 16.6)
-  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 119.1 M  measured 119.4 M (8.0 + 110.8 + 0.6);
+  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 119.4 M  measured 119.4 M (8.0 + 110.8 + 0.6);
                                                       118.2 M at the training peak (0.6 + 116.7 + 0.9)
 Backward (the replay's "b", the measure's backward maximum) stays approximate: 64.8 M against 64.8 M,
 55.5 M against 57.6 M, 22.5 M against 23.1 M, 38.3 M against 39.7 M.
@@ -36,7 +37,9 @@ on 2026-12-01 (replay 65.0 M, measured 64.9 M, recorded then as 64.5 M without t
 cached row 35.3 M against 39.4 M): 50c2633 (leaf layers keep no persistent parameters, so norms and
 biases gather with their layer; replay 67.8 M, measured 70.9 M) and f08ce07 (PEFT hooks call the adapter
 containers' forward directly: no DeepSpeed hooks on them, fewer parameterless fetches, each a prefetch;
-replay 67.4 M, cached 34.5 M) made it show.
+replay 67.4 M, cached 34.5 M) made it show. The queue also listed a module's parameters by name, not
+by ds_id as DeepSpeed does, which moves where a prefetch bucket ends: t5-base 119.1 M (118.2 M on
+2026-12-01) -> 119.4 M.
 The analytic rule in vlscale/profiling/analytic.py (_zero3_gathered_numel) assumes all 241 M for the
 t5-base case (+54.3 % on the peak; +52.6 % on 2026-12-01, before 50c2633) and 16.4 M + a unit for the
 cached t5-small case (-21.4 %; -22.1 % then): (predicted - measured) / measured of the training peaks of
@@ -104,7 +107,8 @@ def replay(cfg, ds, world=2):
 def replay_events(events, numel, z, volume=None):
     """The replay over a trace (``trace``'s events: ["pre", module, its parameters, output needs a gradient
     (True, or False / "n")] and ["post", module, None, _]) -> the most elements held gathered, {"f": forward,
-    "b": backward}. ``volume`` (a dict): filled with the elements all-gathered per phase."""
+    "b": backward}. ``numel``: {parameter: elements} in the model's parameters() order (DeepSpeed's ds_id
+    order). ``volume`` (a dict): filled with the elements all-gathered per phase."""
     thr = z.param_persistence_threshold
     persist = {n for n, k in numel.items() if k <= thr}
     # module fetch order: forward pre events, then backward: reverse of modules whose output needs grad
@@ -123,7 +127,9 @@ def replay_events(events, numel, z, volume=None):
                 release_at[open_calls.pop(j)[1]] = begun
                 break
     pending = collections.defaultdict(list)  # step counter -> the modules' parameters released then
-    ptrace = [(p, s) for s, (m, ps, _) in enumerate(order) for p in sorted(set(ps))]
+    # the trace queue lists a module's parameters in DeepSpeed's ds_id order: the model's parameters() order
+    rank = {n: i for i, n in enumerate(numel)}
+    ptrace = [(p, s) for s, (m, ps, _) in enumerate(order) for p in sorted(set(ps), key=rank.__getitem__)]
     queue = collections.deque(ptrace)
     status = {}  # param -> "A" available / "I" inflight
     recent = collections.defaultdict(lambda: -10**10)

@@ -35,3 +35,17 @@ def test_forward_release_waits_for_the_modules_called_inside(replay):
                                                                      stage3_max_live_parameters=100), volume)
     assert volume == {"f": 5}  # a and b once each; backward finds both gathered
     assert best == {"f": 5, "b": 5}
+
+
+def test_prefetch_takes_a_modules_parameters_in_deepspeeds_order(replay):
+    """DeepSpeed queues a module's parameters by ds_id, the order the model registers them (numel's
+    order here), not by name. M0 registers z (10) before a (1): with a 5-element bucket the first prefetch
+    (at the parameterless X) takes z alone and M0 gathers a on demand. By name, a and z went as one set,
+    and the forward gathered 27 elements, at most 16 at once."""
+    events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M0", ["z", "a"], True],
+              ["post", "M0", None, True], ["pre", "M1", ["m"], True], ["post", "M1", None, True]]
+    volume = {}
+    best = replay.replay_events(events, {"z": 10, "a": 1, "m": 5}, _settings(stage3_prefetch_bucket_size=5,
+                                                                             stage3_max_live_parameters=10), volume)
+    assert volume == {"f": 26, "b": 6}
+    assert best == {"f": 15, "b": 15}
