@@ -334,3 +334,112 @@ def test_the_triton_path_launches_on_the_inputs_device(monkeypatch):
     x = torch.randn(2, 3, 8)
     kernels.fused_adapter(x, torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8))
     assert launched == [[x.device]] and entered == [x.device, "exit"]
+
+
+def test_benchmark_cpu_timer_drops_the_warm_up_call_and_takes_the_median(monkeypatch):
+    """Each function's first call is not timed, the figure is the median of the rest, and the tensors given in
+    ``grad_to_none`` start every call without a gradient (accumulation would add work to the timed call)."""
+    from types import SimpleNamespace
+
+    ak = _benchmark_module()
+    clock = [0.0]
+    monkeypatch.setattr(ak, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    t = torch.zeros(1, requires_grad=True)
+    durations = iter([100.0, 1.0, 5.0, 2.0])
+
+    def fn():
+        assert t.grad is None
+        t.grad = torch.ones(1)
+        clock[0] += next(durations)
+
+    assert ak._time({"f": fn}, "cpu", repeats=3, grad_to_none=[t]) == {"f": 2.0}
+
+
+def test_benchmark_floors_count_read_plus_write_bytes_and_two_flops_per_multiply_add(monkeypatch):
+    ak = _benchmark_module()
+    monkeypatch.setattr(ak, "_time", lambda fns, device, repeats=15, grad_to_none=None: dict.fromkeys(fns, 0.5))
+    assert ak.measure_copy_bandwidth("cpu") == 2 * (64 << 20) / 0.5
+    assert ak.measure_matmul_rate("cpu", torch.float32) == 2 * 1024**3 / 0.5
+
+
+def test_benchmark_case_speedup_floors_and_bandwidth_fraction(monkeypatch):
+    """fwd_bwd times the backward too; speedup = reference time / fused time; floor = the larger of the bytes / copy-bandwidth and the FLOPs /
+    matmul-rate bounds, ``bound`` names it; % of copy bandwidth and of the matmul rate are the fused op's; the
+    bytes at the dtype's width; saved bytes measured for each path (the fused one recomputes, keeping less)."""
+    ak = _benchmark_module()
+    backward_ran = []
+
+    def fake_time(fns, device, repeats=15, grad_to_none=None):
+        for f in fns.values():
+            for t in grad_to_none:
+                t.grad = None
+            f()
+            backward_ran.append(grad_to_none[0].grad is not None)
+        return {"reference": 3e-3, "fused": 1e-3}
+
+    monkeypatch.setattr(ak, "_time", fake_time)
+    tokens, d, h = 8, 16, 4
+    cost = ak.op_cost(tokens, d, h, 2)
+    # memory-bound forward (bytes / bw > flops / rate) and compute-bound forward + backward
+    bw = cost["fwd"]["bytes"] / 1e-3
+    rate = cost["fwd"]["flops"] / 0.95e-3  # backward: 3x the FLOPs, under 3x the bytes
+    assert cost["fwd"]["flops"] / rate < cost["fwd"]["bytes"] / bw
+    assert cost["fwd_bwd"]["flops"] / rate > cost["fwd_bwd"]["bytes"] / bw
+    case = ak.bench_case(tokens, d, h, torch.bfloat16, "cpu", "gelu", {"copy_bandwidth": bw, "matmul_flops": rate})
+    for mode, bound in (("fwd", "memory"), ("fwd_bwd", "compute")):
+        m = case[mode]
+        assert (m["reference_ms"], m["fused_ms"], m["speedup"]) == (3.0, 1.0, 3.0), mode
+        assert (m["min_bytes"], m["flops"], m["bound"]) == (cost[mode]["bytes"], cost[mode]["flops"], bound), mode
+        assert m["floor_ms"] == pytest.approx(1e3 * max(cost[mode]["bytes"] / bw, cost[mode]["flops"] / rate)), mode
+        assert m["pct_copy_bw"] == pytest.approx(100 * cost[mode]["bytes"] / 1e-3 / bw), mode
+        assert m["pct_matmul_rate"] == pytest.approx(100 * cost[mode]["flops"] / 1e-3 / rate), mode
+    assert case["fwd"]["pct_copy_bw"] == pytest.approx(100.0)
+    assert backward_ran == [False, False, True, True]  # fwd: the op alone; fwd_bwd: with its backward
+    sv = case["saved_bytes"]
+    assert 0 < sv["fused"]["activations"] < sv["reference"]["activations"]
+
+
+def test_benchmark_low_precision_rule_is_twice_the_reference_error(monkeypatch):
+    """check_low_precision passes a fused output whose error against the fp32 reference is at most 2x the
+    low-precision reference's (+ atol), and fails at 3x, on the output alone (the gradients equal); the fp32
+    reference runs on fp32 copies of the inputs, and the fused path gets the KernelConfig asked for."""
+    ak = _benchmark_module()
+    e = 2.0 ** -6  # the low-precision reference's error; 2e and 3e are exact in bf16 on zeros
+    factor, configs = [2], []
+
+    def make_inputs(tokens, d_model, hidden, dtype, device, seed=0):
+        args = [torch.zeros(*s, dtype=dtype).requires_grad_(True)
+                for s in ((tokens, d_model), (hidden, d_model), (hidden,), (d_model, hidden), (d_model,))]
+        return args, torch.ones(tokens, d_model, dtype=dtype)
+
+    def plain(x, wd, bd, wu, bu, offset):
+        return x + offset + 0 * (wd.sum() + bd.sum() + wu.sum() + bu.sum())
+
+    def reference(x, *w, activation="gelu"):
+        return plain(x, *w, 0.0 if x.dtype == torch.float32 else e)
+
+    def fused(x, *w, activation="gelu", config=None):
+        configs.append(config)
+        return plain(x, *w, factor[0] * e)
+
+    monkeypatch.setattr(ak, "make_inputs", make_inputs)
+    monkeypatch.setattr(ak, "adapter_reference", reference)
+    monkeypatch.setattr(ak, "fused_adapter", fused)
+    res = ak.check_low_precision("cpu", torch.bfloat16, 4, 8, 2, config="cfg")
+    assert res["pass"] is True and res["errors"]["h"] == {"err_fused": 2 * e, "err_reference": e, "pass": True}
+    assert configs == ["cfg"]
+    factor[0] = 3
+    res = ak.check_low_precision("cpu", torch.bfloat16, 4, 8, 2)
+    assert res["pass"] is False and res["errors"]["h"]["pass"] is False
+    assert all(res["errors"][n]["pass"] for n in ("dx", "dw_down", "db_down", "dw_up", "db_up"))
+
+
+
+def test_benchmark_grid_override_keeps_the_default_grid_s_other_sizes(monkeypatch):
+    """A --tokens override keeps the default grid's d_model and every one of its hidden sizes."""
+    ak = _benchmark_module()
+    seen = {}
+    monkeypatch.setattr(ak, "run_benchmark", lambda device, dtype, grid, act: seen.setdefault("grid", grid))
+    monkeypatch.setattr(ak, "format_table", lambda result: "")
+    assert ak.main(["--device", "cpu", "--tokens", "64"]) == 0
+    assert seen["grid"] == [(64, 256, 32), (64, 256, 64)]
