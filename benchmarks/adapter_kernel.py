@@ -212,7 +212,8 @@ def run_benchmark(device: str, dtype: torch.dtype, grid, activation: str = "gelu
     probe = torch.empty(1, device=device, dtype=dtype)
     path, reason = select_backend(probe)
     floors = dict(floors or {})
-    floors.setdefault("copy_bandwidth", measure_copy_bandwidth(device))
+    if "copy_bandwidth" not in floors:  # not setdefault: its argument would run the measurement anyway
+        floors["copy_bandwidth"] = measure_copy_bandwidth(device)
     floors["matmul_flops"] = measure_matmul_rate(device, dtype)
     cases = [bench_case(t, d, h, dtype, device, activation, floors) for t, d, h in grid]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -443,3 +443,18 @@ def test_benchmark_grid_override_keeps_the_default_grid_s_other_sizes(monkeypatc
     monkeypatch.setattr(ak, "format_table", lambda result: "")
     assert ak.main(["--device", "cpu", "--tokens", "64"]) == 0
     assert seen["grid"] == [(64, 256, 32), (64, 256, 64)]
+
+
+def test_benchmark_keeps_a_copy_bandwidth_it_is_given(monkeypatch):
+    """gpu_kernels_section measures the copy bandwidth once for bf16 and fp16; run_benchmark measured it again
+    each time (``setdefault`` evaluates its default first) and threw the figure away."""
+    ak = _benchmark_module()
+    seen = {}
+    monkeypatch.setattr(ak.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(ak, "measure_copy_bandwidth", lambda device: pytest.fail("the copy bandwidth re-measured"))
+    monkeypatch.setattr(ak, "measure_matmul_rate", lambda device, dtype: 7.0)
+    monkeypatch.setattr(ak, "bench_case", lambda *a: seen.setdefault("floors", a[-1]))
+    res = ak.run_benchmark("cpu", torch.float32, [(1, 2, 3)], floors={"copy_bandwidth": 5.0})
+    assert seen["floors"] == {"copy_bandwidth": 5.0, "matmul_flops": 7.0} and res["copy_bandwidth_GBps"] == 5e-9
+    monkeypatch.setattr(ak, "measure_copy_bandwidth", lambda device: 3.0)
+    assert ak.run_benchmark("cpu", torch.float32, [(1, 2, 3)])["copy_bandwidth_GBps"] == 3e-9
