@@ -121,3 +121,109 @@ def test_gpu_kernel_sweep_times_each_variant_against_the_reference(monkeypatch):
         assert row["fwd_bwd_speedup"] == round(rows["reference"]["fwd_bwd_us"] / row["fwd_bwd_us"], 3), name
         assert ("kernels" in row) == (name in ("default", "rows")), name
     assert "kernels" in rows["reference"]
+
+
+def _sweep_stand_ins(monkeypatch, section, times, fail=()):
+    """The sweep's kernels and device timer replaced: each call's time is ``times[name][with backward]``,
+    where name is "reference" or the VARIANTS entry whose KernelConfig the fused call got."""
+    import torch
+
+    from vlscale.kernels import adapter as kernels
+
+    ak, last = section.ak, []
+    by_config = {kernels.KernelConfig(**kw): name for name, kw in section.VARIANTS.items()}
+    monkeypatch.setattr(section, "HIDDEN", (16,))
+    monkeypatch.setattr(ak, "make_inputs", lambda t, d, h, dtype, device, seed=0: (
+        [torch.ones(2, 3, requires_grad=True) for _ in range(5)], torch.ones(2, 3)))
+
+    def reference(x, *w):
+        last.append("reference")
+        return x * 1.0
+
+    def fused(x, *w, config):
+        last.append(by_config[config])
+        return x * 1.0
+
+    def timer(fn, grads):
+        for g in grads:
+            g.grad = None
+        last.clear()
+        fn()
+        if last[0] in fail:
+            raise RuntimeError(f"{last[0]} failed")
+        return times[last[0]][grads[0].grad is not None], 0.0
+
+    monkeypatch.setattr(kernels, "adapter_reference", reference)
+    monkeypatch.setattr(kernels, "fused_adapter", fused)
+    monkeypatch.setattr(ak, "gpu_and_host_time", timer)
+    monkeypatch.setattr(ak, "check_low_precision", lambda *a, **kw: {"pass": True})
+    monkeypatch.setattr(section, "_kernel_breakdown", lambda fn, grads: [])
+
+
+def test_gpu_kernel_sweep_speedups_and_bandwidth_are_over_the_reference(monkeypatch):
+    """fwd and fwd+bwd speedups are reference time / variant time, the fwd+bwd row times the backward, and
+    GB/s is the op's minimum bytes at the dtype's width over the variant's time; a reference that fails
+    leaves the variants' own times, without speedups."""
+    import torch
+
+    section = _bench("gpu_kernels_section")
+    times = {"reference": {False: 4e-6, True: 12e-6}, **{n: {False: 2e-6, True: 3e-6} for n in section.VARIANTS}}
+    _sweep_stand_ins(monkeypatch, section, times)
+    rows = section.sweep(torch.float32)["16"]
+    gbps = round(section.ak.op_cost(section.TOKENS, section.D_MODEL, 16, 4)["fwd_bwd"]["bytes"] / 3.0 / 1e3, 1)
+    assert rows["reference"] == {"fwd_us": 4.0, "fwd_bwd_us": 12.0, "kernels": []}
+    for name in section.VARIANTS:
+        r = rows[name]
+        assert (r["fwd_us"], r["fwd_bwd_us"], r["fwd_speedup"], r["fwd_bwd_speedup"]) == (2.0, 3.0, 2.0, 4.0), name
+        assert r["fwd_bwd_GBps"] == gbps and r["lowp_pass"] is True, name
+    _sweep_stand_ins(monkeypatch, section, times, fail=("reference",))
+    rows = section.sweep(torch.float32)["16"]
+    assert rows["reference"] == {"error": "RuntimeError: reference failed"}
+    assert rows["default"]["fwd_bwd_us"] == 3.0 and "fwd_bwd_speedup" not in rows["default"]
+
+
+def test_gpu_kernel_section_verdicts(monkeypatch):
+    """The acceptance rule per case: fwd+bwd speedup >= 1.5, and >= 70% of the copy bandwidth where the case is
+    memory-bound (a compute-bound case is not held to it); ``pass`` needs both in every case, and
+    ``correctness_pass`` every 2x-error check (3 hidden sizes + the odd gelu_tanh shape, per dtype). The copy
+    bandwidth is measured once for both dtypes; a failed sweep is recorded beside the headline figures. Without
+    CUDA the section says it was skipped."""
+    import torch
+
+    section = _bench("gpu_kernels_section")
+    ak = section.ak
+    cases = {}
+    copies, floors_seen, checks = [], [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = {}
+    assert section.run(out) == {"skipped": "CUDA is not available"} == out["kernels"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ak, "measure_copy_bandwidth", lambda device: copies.append(device) or 1e12)
+
+    def run_benchmark(device, dtype, grid, activation, floors):
+        floors_seen.append(dict(floors))
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return {"cases": [{"hidden": h, "fwd_bwd": dict(zip(("speedup", "bound", "pct_copy_bw"), c))}
+                          for h, c in zip(section.HIDDEN, cases[name])]}
+
+    def check(device, dtype, tokens, d_model, hidden, activation):
+        checks.append((dtype, tokens, hidden, activation))
+        return {"pass": not (dtype == torch.float16 and hidden == 96)}
+
+    monkeypatch.setattr(ak, "run_benchmark", run_benchmark)
+    monkeypatch.setattr(ak, "check_low_precision", check)
+    monkeypatch.setattr(section, "sweep", lambda: 1 / 0)
+    cases["bf16"] = [(1.5, "memory", 70.0), (1.49, "compute", 10.0), (3.0, "memory", 69.9)]
+    cases["fp16"] = [(2.0, "compute", 5.0)] * 3
+    out = section.run({})
+    got = [(v["dtype"], v["hidden"], v["speedup_ok"], v["bandwidth_ok"]) for v in out["acceptance"]["cases"]]
+    assert got == [("bf16", 64, True, True), ("bf16", 128, False, True), ("bf16", 256, True, False),
+                   ("fp16", 64, True, True), ("fp16", 128, True, True), ("fp16", 256, True, True)]
+    assert out["acceptance"]["pass"] is False and out["correctness_pass"] is False
+    assert len(checks) == 8 and checks[3] == (torch.bfloat16, 4099, 96, "gelu_tanh")
+    assert copies == ["cuda"] and floors_seen == [{"copy_bandwidth": 1e12}] * 2
+    assert "ZeroDivisionError" in out["sweep_bf16"]["error"] and out["results"]["fp16"]["cases"]
+    cases["bf16"] = [(1.5, "memory", 70.0), (2.0, "compute", 10.0), (3.0, "memory", 60.0)]
+    assert section.run({})["acceptance"]["pass"] is False  # the bandwidth alone fails it
+    cases["bf16"][2] = (3.0, "memory", 80.0)
+    assert section.run({})["acceptance"]["pass"] is True
