@@ -227,3 +227,42 @@ def test_gpu_kernel_section_verdicts(monkeypatch):
     assert section.run({})["acceptance"]["pass"] is False  # the bandwidth alone fails it
     cases["bf16"][2] = (3.0, "memory", 80.0)
     assert section.run({})["acceptance"]["pass"] is True
+
+
+def test_profile_accuracy_row_errors_and_verdicts(monkeypatch):
+    """A row's error is (predicted - measured) / measured per component; ``exact`` needs params, grads and
+    optimizer equal, ``within_10pct`` activations, buffers and peak within 10% either way (10% itself in);
+    the main table passes only when every row does both."""
+    from types import SimpleNamespace
+
+    from vlscale.profiling import analytic, measure
+
+    bench = _bench("profile_accuracy")
+    measured = {"params": 100, "grads": 10, "optimizer": 40, "activations": 200, "buffers": 50, "peak": 1000,
+                "peak_phase": "backward1", "rss_peak": 1}
+    predicted = dict(measured, activations=220, buffers=45, peak=900)
+    steps_run = []
+    monkeypatch.setattr(measure, "measure_memory", lambda cfg, world, ds, steps: steps_run.append(steps) or measured)
+    monkeypatch.setattr(analytic, "estimate_memory", lambda cfg, world, ds, device: SimpleNamespace(
+        components=dict(predicted), peak_phase="backward"))
+    row = bench.run_one("r", 1, [], 2)
+    assert row["errors"] == {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.1, "buffers": -0.1,
+                             "peak": -0.1}
+    assert row["exact"] is True and row["within_10pct"] is True
+    assert (row["predicted_phase"], row["measured_phase"]) == ("backward", "backward1")
+    predicted["grads"] = 11
+    assert bench.run_one("r", 1, [], 2)["exact"] is False
+    predicted.update(grads=10, buffers=56)
+    assert bench.run_one("r", 1, [], 2)["within_10pct"] is False
+    predicted["buffers"] = 44  # under the measured figure by more than 10%: as much a miss
+    assert bench.run_one("r", 1, [], 2)["within_10pct"] is False
+    bench.run_one("r", 1, [], 5)
+    assert steps_run == [2, 2, 2, 2, 5]  # --steps reaches the measurement
+    verdicts = iter([(True, True), (True, False)])
+
+    def one(name, world, overrides, steps):
+        exact, within = next(verdicts)
+        return dict(row, name=name, exact=exact, within_10pct=within)
+
+    monkeypatch.setattr(bench, "run_one", one)
+    assert bench.main(["--only", "1r zero2 adapter mbs", "--json"]) == 1  # its second row misses the 10%
