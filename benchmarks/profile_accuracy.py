@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def knob_row(backbone: str, features: str, knob: str, leaf: bool, case: dict, me
     from vlscale.profiling.analytic import estimate_memory
 
     est = estimate_memory(case["cfg"], 2, case["ds_config"], device="cpu")
-    measured = max(v for k, v in meas["phase_peaks"].items() if k[-1].isdigit() and not k.endswith("0"))
+    # the phases forward<i> / backward<i> / step<i> of steps i >= 1 (not "init", not step 0; step 10 is one)
+    measured = max(v for k, v in meas["phase_peaks"].items() if (i := re.search(r"\d+$", k)) and int(i.group()) > 0)
     train = {k: v for k, v in est.phases.items() if k != "init"}
     phase = max(train, key=train.get)
     return {"backbone": backbone, "features": features, "knob": knob, "zero_optimization": KNOBS[knob],

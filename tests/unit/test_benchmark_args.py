@@ -266,3 +266,24 @@ def test_profile_accuracy_row_errors_and_verdicts(monkeypatch):
 
     monkeypatch.setattr(bench, "run_one", one)
     assert bench.main(["--only", "1r zero2 adapter mbs", "--json"]) == 1  # its second row misses the 10%
+
+
+def test_profile_accuracy_knob_rows_compare_every_step_after_the_first(monkeypatch):
+    """--knobs compares the peak of the training steps after the first (step 0 records DeepSpeed's trace)
+    with the estimate's largest phase but the whole-model build's "init": error = (predicted - measured) /
+    measured. The phase filter dropped every name ending in 0, so from --steps 11 on the peaks of steps 10,
+    20, ... were left out too."""
+    from types import SimpleNamespace
+
+    from vlscale.profiling import analytic
+
+    bench = _bench("profile_accuracy")
+    monkeypatch.setattr(analytic, "estimate_memory", lambda cfg, world, ds, device: SimpleNamespace(
+        phases={"init": 10_000, "forward": 500, "backward": 800}, detail={"zero3_gathered": 7}))
+    peaks = {"init": 9_000, "forward0": 5_000, "backward0": 5_000, "step0": 5_000}
+    peaks.update({f"{p}{i}": 600 + i for i in range(1, 12) for p in ("forward", "backward", "step")})
+    peaks["backward10"] = 1_000
+    row = bench.knob_row("t5-small", "images", "default", True, {"cfg": None, "ds_config": None},
+                         {"phase_peaks": peaks}, 1.0)
+    assert (row["measured_train_peak"], row["predicted_train_peak"], row["predicted_phase"]) == (1_000, 800, "backward")
+    assert row["error"] == -0.2 and row["zero3_gathered"] == 7
