@@ -287,3 +287,82 @@ def test_profile_accuracy_knob_rows_compare_every_step_after_the_first(monkeypat
                          {"phase_peaks": peaks}, 1.0)
     assert (row["measured_train_peak"], row["predicted_train_peak"], row["predicted_phase"]) == (1_000, 800, "backward")
     assert row["error"] == -0.2 and row["zero3_gathered"] == 7
+
+
+def test_gpu_suite_training_figures_and_the_resume_comparison(monkeypatch, tmp_path):
+    """A training section reports its losses, the means of the first and last five, whether every loss is
+    finite, the loss scale and skipped steps where fp16 logged them, and the run_summary figures; ``resume``
+    compares steps 4-6 of the straight run with the resumed run's last three."""
+    import json
+    from types import SimpleNamespace
+
+    suite = _bench("gpu_suite")
+    losses = [5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25]
+
+    def command(cmd, timeout):
+        run_dir = Path(next(a for a in cmd if a.startswith("output_dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True)
+        log = [{"step": i + 1, "loss": x, "loss_scale": 2.0 ** (8 - i), "skipped": i == 1} for i, x in enumerate(losses)]
+        (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (run_dir / "run_summary.json").write_text(json.dumps({"step_time_s": 0.5, "zero_stage": 3, "other": 1}))
+        return SimpleNamespace(returncode=0, stdout="done"), {"rc": 0}
+
+    monkeypatch.setattr(suite, "_command", command)
+    res = suite.run_training("t", [], tmp_path, 10.0)
+    assert res["losses"] == losses and res["all_finite"] is True
+    assert res["loss_first5_mean"] == 3.0 and res["loss_last5_mean"] == (3.0 + 2.0 + 1.0 + 0.5 + 0.25) / 5
+    assert res["loss_scale"] == [256.0, 128.0, 64.0, 32.0, 16.0, 8.0, 4.0] and res["skipped"] == [2]
+    assert res["summary"]["step_time_s"] == 0.5 and res["summary"]["zero_stage"] == 3 and "other" not in res["summary"]
+    losses[3] = float("nan")
+    assert suite.run_training("t2", [], tmp_path, 10.0)["all_finite"] is False
+    losses[3], losses[0] = float("-inf"), 1.234567
+    res = suite.run_training("t3", [], tmp_path, 10.0)
+    assert res["all_finite"] is False and res["losses"][0] == 1.2346  # 4 decimals
+
+    runs = iter([{"losses": [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]}, {"losses": [9.0, 8.0, 7.0]},
+                 {"losses": [6.0, 5.5, 4.25]}])
+    monkeypatch.setattr(suite, "run_training", lambda *a, **kw: next(runs))
+    res = suite.run_resume(tmp_path, 10.0)
+    assert (res["steps_4_6_straight"], res["steps_4_6_resumed"]) == ([6.0, 5.0, 4.0], [6.0, 5.5, 4.25])
+    assert res["max_abs_diff"] == 0.5
+
+
+def test_gpu_suite_budget_skips_and_the_fused_over_unfused_ratio(monkeypatch, tmp_path):
+    """A section starts only while 60% of its usual time is left of --budget-s, otherwise it is recorded as
+    skipped; one that raises is recorded and the next still runs; fused_over_unfused_step_time is the bf16
+    fused run's step time over the unfused one's; cuda_tests reports pytest's counts."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    suite = _bench("gpu_suite")
+    monkeypatch.setenv("VLSCALE_CACHE", str(tmp_path / "cache"))  # main() sets a default in os.environ
+    clock = [0.0]
+    monkeypatch.setattr(suite, "time", SimpleNamespace(perf_counter=lambda: clock[0], strftime=lambda f: "t"))
+
+    def training(name, extra, runs_dir, timeout):
+        clock[0] += 10.0
+        if name == "full_ft_ckpt":
+            raise RuntimeError("boom")
+        return {"summary": {"step_time_s": {"train_bf16": 0.3, "train_bf16_unfused": 0.4}.get(name, 1.0)}}
+
+    monkeypatch.setattr(suite, "run_training", training)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: SimpleNamespace(
+        returncode=1, stdout="F..\n1 failed, 5 passed, 2 skipped, 40 deselected in 3.0s", stderr=""))
+    # budget 100: after 3 x 10 s, 70 s are left; train_fp16 needs 0.6 x 60 = 36 s, cuda_tests 0.6 x 40 = 24 s
+    suite.main(["--out", str(tmp_path), "--budget-s", "100", "--sections",
+                "train_bf16,train_bf16_unfused,full_ft_ckpt,cuda_tests,train_fp16"])
+    res = json.loads((tmp_path / "gpu_results.json").read_text())
+    sec = res["sections"]
+    assert res["fused_over_unfused_step_time"] == 0.75
+    assert "boom" in sec["full_ft_ckpt"]["error"] and "section_s" in sec["full_ft_ckpt"]
+    assert {k: sec["cuda_tests"].get(k) for k in ("returncode", "failed", "passed", "skipped", "deselected")} == {
+        "returncode": 1, "failed": 1, "passed": 5, "skipped": 2, "deselected": 40}
+    assert "skipped" not in sec["train_fp16"]
+    for budget, skipped in (("56", None), ("55", "time budget: 35s left")):  # train_fp16 with 36 s left runs
+        clock[0] = 0.0
+        suite.main(["--out", str(tmp_path), "--budget-s", budget, "--sections", "train_bf16,train_bf16_unfused,train_fp16"])
+        sec = json.loads((tmp_path / "gpu_results.json").read_text())["sections"]
+        assert sec["train_fp16"].get("skipped") == skipped, budget
+    assert suite.main(["--out", str(tmp_path), "--sections", "train_bf16"]) == 0  # no unfused run: no ratio
+    assert "fused_over_unfused_step_time" not in json.loads((tmp_path / "gpu_results.json").read_text())
