@@ -171,6 +171,19 @@ class TimedLoader:
         return getattr(self._loader, name)
 
 
+def step_medians(records: list[dict]) -> tuple[dict, dict]:
+    """(wall clock, the main thread's CPU clock: what other processes do not add to) -> per phase, the median
+    over the steps of ``records``; ``rest`` is the median of each step's time outside the timed phases (not
+    the difference of the medians)."""
+    per_step, cpu_per_step = {}, {}
+    for clock, prefix in ((per_step, ""), (cpu_per_step, "cpu_")):
+        for p in ("wall", *PHASES[:-1]):
+            clock[p] = statistics.median(r[prefix + p] for r in records)
+        clock["rest"] = statistics.median(r[prefix + "wall"] - sum(r[prefix + p] for p in PHASES[:-1])
+                                          for r in records)
+    return per_step, cpu_per_step
+
+
 def measure(stage: int, steps: int, warmup: int, config: str, overrides: list[str], out_dir: str) -> dict:
     """One run at ZeRO ``stage`` in this process (or this rank): -> its per-step figures (rank 0's)."""
     import torch
@@ -224,12 +237,7 @@ def measure(stage: int, steps: int, warmup: int, config: str, overrides: list[st
             setattr(trainer, name, fn)
         trainer.close(run)
     n = len(records)
-    per_step, cpu_per_step = {}, {}  # wall clock; the main thread's CPU time (what other processes do not add to)
-    for clock, prefix in ((per_step, ""), (cpu_per_step, "cpu_")):
-        for p in ("wall", *PHASES[:-1]):
-            clock[p] = statistics.median(r[prefix + p] for r in records)
-        clock["rest"] = statistics.median(r[prefix + "wall"] - sum(r[prefix + p] for p in PHASES[:-1])
-                                          for r in records)
+    per_step, cpu_per_step = step_medians(records)
     return {"stage": stage, "world_size": dist.world_size, "steps": n, "warmup": warmup, "config": config,
             "overrides": overrides, "threads": torch.get_num_threads(),
             "micro_batch_size": cfg.train.micro_batch_size,
