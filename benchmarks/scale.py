@@ -209,6 +209,28 @@ def bench_ds_config(args, cfg, world_size: int) -> dict:
     return build_deepspeed_config(raw, cfg, world_size, device_type="cpu")
 
 
+def steady_state(step_times: list, comm: list) -> tuple[float, dict, dict]:
+    """(median step time, median bytes per collective kind, the last step's call counts) over steps 2..K: step 1
+    records ZeRO-3's trace (with one step only, that one)."""
+    steady = comm[1:] or comm
+    med = {k: int(statistics.median(c["bytes"][k] for c in steady)) for k in steady[0]["bytes"]}
+    return statistics.median(step_times[1:] or step_times), med, steady[-1]["calls"]
+
+
+def merge_ranks(per_rank: list) -> dict:
+    """Each rank's figures -> the largest over the ranks and ``<key>_by_rank`` (``_per_rank`` dropped from the
+    list's name); a figure that is not a number only ``<key>_by_rank``."""
+    out = {}
+    for key in per_rank[0]:
+        values = [r[key] for r in per_rank]
+        if all(isinstance(v, (int, float)) for v in values):
+            out[key] = max(values)
+            out[f"{key.replace('_per_rank', '')}_by_rank"] = values
+        else:
+            out[f"{key}_by_rank"] = values
+    return out
+
+
 def worker(args) -> None:
     import warnings
 
@@ -300,8 +322,7 @@ def worker(args) -> None:
     if rank == 0:
         est = estimate_memory(cfg, world, ds, device="cpu", vocab_size=vocab)
         pred_comm = predict_zero3_comm(cfg, ds, world, vocab_size=vocab)
-        steady = comm[1:] or comm
-        med = {k: int(statistics.median(c["bytes"][k] for c in steady)) for k in steady[0]["bytes"]}
+        step_time_s, med, calls = steady_state(step_times, comm)
         result = {
             "model": args.model, "backbone": cfg.model.backbone, "vision": cfg.model.vision, "world_size": world,
             "precision": cfg.train.precision, "micro_batch_size": cfg.train.micro_batch_size,
@@ -310,10 +331,10 @@ def worker(args) -> None:
             "offload": {k: ds["zero_optimization"].get(k, {}).get("device", "none")
                         for k in ("offload_optimizer", "offload_param")},
             "pretrained_from": args.load, "total_params": counts["total"], "trainable_params": counts["trainable"],
-            "step_time_s": statistics.median(step_times[1:] or step_times), "step_times_s": step_times,
+            "step_time_s": step_time_s, "step_times_s": step_times,
             "total_param_bytes": counts["bytes"], "losses": losses,
             "comm_bytes_per_step": med, "comm_bytes_by_step": [c["bytes"] for c in comm],
-            "comm_calls_per_step": steady[-1]["calls"],
+            "comm_calls_per_step": calls,
             "predicted_comm_bytes_per_step": {"all_gather": pred_comm.all_gather,
                                               "reduce_scatter": pred_comm.reduce_scatter,
                                               "detail": pred_comm.detail},
@@ -324,13 +345,7 @@ def worker(args) -> None:
             "predicted_phases": {k: int(v) for k, v in est.phases.items()},
             "predicted_components": {k: int(v) for k, v in est.components.items()},
         }
-        for key in per_rank[0]:
-            values = [r[key] for r in per_rank]
-            if all(isinstance(v, (int, float)) for v in values):
-                result[key] = max(values)
-                result[f"{key.replace('_per_rank', '')}_by_rank"] = values
-            else:
-                result[f"{key}_by_rank"] = values
+        result.update(merge_ranks(per_rank))
         result["comm_rel_error"] = {k: (med[k] - result["predicted_comm_bytes_per_step"][k]) /
                                     max(1, result["predicted_comm_bytes_per_step"][k])
                                     for k in ("all_gather", "reduce_scatter")}

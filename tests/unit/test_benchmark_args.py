@@ -366,3 +366,31 @@ def test_gpu_suite_budget_skips_and_the_fused_over_unfused_ratio(monkeypatch, tm
         assert sec["train_fp16"].get("skipped") == skipped, budget
     assert suite.main(["--out", str(tmp_path), "--sections", "train_bf16"]) == 0  # no unfused run: no ratio
     assert "fused_over_unfused_step_time" not in json.loads((tmp_path / "gpu_results.json").read_text())
+
+
+def test_scale_reports_steady_steps_and_the_largest_rank(monkeypatch):
+    """step_time_s and the collectives' bytes per step are medians over steps 2..K (step 1 records ZeRO-3's trace;
+    a one-step run keeps its step); per-rank figures report the largest rank beside the list, text ones the
+    list only; counts of elements must be whole numbers >= 0; a model that fits nowhere is refused by name."""
+    import argparse
+    from types import SimpleNamespace
+
+    from vlscale.profiling import planner
+
+    scale = _bench("scale")
+    comm = [{"bytes": {"all_gather": b, "reduce_scatter": b // 2}, "calls": {"all_gather": n}}
+            for b, n in ((900, 9), (100, 3), (600, 4), (200, 5))]
+    assert scale.steady_state([50.0, 1.0, 3.0, 2.0], comm) == (2.0, {"all_gather": 200, "reduce_scatter": 100},
+                                                                {"all_gather": 5})
+    assert scale.steady_state([50.0], comm[:1]) == (50.0, {"all_gather": 900, "reduce_scatter": 450}, {"all_gather": 9})
+    merged = scale.merge_ranks([{"param_bytes_per_rank": 10, "peak_rss_bytes": 7, "peak_tensor_phase": "train"},
+                                {"param_bytes_per_rank": 12, "peak_rss_bytes": 5, "peak_tensor_phase": "build"}])
+    assert merged == {"param_bytes_per_rank": 12, "param_bytes_by_rank": [10, 12], "peak_rss_bytes": 7,
+                      "peak_rss_bytes_by_rank": [7, 5], "peak_tensor_phase_by_rank": ["train", "build"]}
+    assert [scale._count(t) for t in ("1e8", "0", "1048576")] == [10 ** 8, 0, 1048576]
+    for bad, why in (("1.5", "whole number"), ("-1", "whole number"), ("x", "not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            scale._count(bad)
+    monkeypatch.setattr(planner, "plan", lambda *a, **kw: [SimpleNamespace(fits=False, samples_per_s=0.0, peak=2 ** 40)])
+    with pytest.raises(RuntimeError, match=r"t5-large on 8x24gb: no setting fits \(smallest peak 1099511627776 bytes\)"):
+        scale.recommend("t5-large", "8x24gb")
