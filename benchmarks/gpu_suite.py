@@ -213,13 +213,15 @@ CUDA_TEST_FILES = ("tests/unit/test_kernels.py", "tests/unit/test_kernels_edge_c
 
 def run_cuda_tests(timeout: float) -> dict:
     """pytest -k cuda over the kernel test files (their CUDA-only tests skip on a CPU): pass/fail/skip counts
-    from pytest's summary line, and the output's tail where something failed."""
+    from pytest's summary line as ``tests_<outcome>`` (``skipped`` alone marks a section the budget skipped), and
+    the output's tail where something failed."""
     import re
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                            *CUDA_TEST_FILES], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", proc.stdout)}
+    counts = {f"tests_{k}": int(n)
+              for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", proc.stdout)}
     out = {"returncode": proc.returncode, **counts}
     if proc.returncode != 0:
         out["tail"] = (proc.stdout + proc.stderr)[-4000:]
