@@ -135,6 +135,11 @@ def knobs_main(args) -> int:
     return 0
 
 
+def _pct(error) -> str:
+    """A relative error as printed: +1.2%, or "n/a" where the measured figure is 0 and the estimate is not."""
+    return "n/a" if error is None else f"{error:+.1%}"
+
+
 def run_one(name: str, world: int, overrides: list[str], steps: int) -> dict:
     from vlscale.config import load_config
     from vlscale.profiling.analytic import estimate_memory, resolve_ds_config
@@ -146,12 +151,15 @@ def run_one(name: str, world: int, overrides: list[str], steps: int) -> dict:
     meas = measure_memory(cfg, world, ds, steps=steps)
     est = estimate_memory(cfg, world, ds, device="cpu")
     pred = est.components
-    errors = {k: (pred[k] - meas[k]) / meas[k] if meas.get(k) else None for k in KEYS}
+    # relative to the measured figure; a component measured as 0 has none (0.0 where the estimate is 0 too)
+    errors = {k: (pred[k] - meas[k]) / meas[k] if meas.get(k) else (0.0 if pred[k] == meas.get(k) else None)
+              for k in KEYS}
     return {"name": name, "world_size": world, "overrides": overrides, "predicted": {k: pred[k] for k in KEYS},
             "measured": {k: meas.get(k) for k in KEYS}, "errors": errors, "predicted_phase": est.peak_phase,
             "measured_phase": meas.get("peak_phase"), "rss_peak": meas.get("rss_peak"),
             "exact": all(pred[k] == meas[k] for k in ("params", "grads", "optimizer")),
-            "within_10pct": all(abs(errors[k]) <= 0.10 for k in ("activations", "buffers", "peak")),
+            "within_10pct": all(errors[k] is not None and abs(errors[k]) <= 0.10
+                                for k in ("activations", "buffers", "peak")),
             "wall_s": round(time.time() - t0, 1)}
 
 
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
         if not args.json:
             r = rows[-1]
             print(f"{name:30s} " + " ".join(
-                f"{k}={fmt_bytes(r['predicted'][k])}/{fmt_bytes(r['measured'][k])}({r['errors'][k]:+.1%})"
+                f"{k}={fmt_bytes(r['predicted'][k])}/{fmt_bytes(r['measured'][k] or 0)}({_pct(r['errors'][k])})"
                 for k in KEYS) + f"  [{r['predicted_phase']} / {r['measured_phase']}, {r['wall_s']}s]",
                 flush=True)
     ok = all(r["exact"] and r["within_10pct"] for r in rows)

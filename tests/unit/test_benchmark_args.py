@@ -256,8 +256,16 @@ def test_profile_accuracy_row_errors_and_verdicts(monkeypatch):
     assert bench.run_one("r", 1, [], 2)["within_10pct"] is False
     predicted["buffers"] = 44  # under the measured figure by more than 10%: as much a miss
     assert bench.run_one("r", 1, [], 2)["within_10pct"] is False
+    predicted["buffers"] = 45
+    measured.update(buffers=0, optimizer=0)  # a component measured as 0 (no buffers; SGD's empty state)
+    predicted["optimizer"] = 0
+    row = bench.run_one("r", 1, [], 2)
+    assert (row["errors"]["optimizer"], row["errors"]["buffers"], row["within_10pct"]) == (0.0, None, False)
+    assert bench._pct(None) == "n/a" and bench._pct(-0.1234) == "-12.3%"
+    measured.update(buffers=50, optimizer=40)
+    predicted["optimizer"] = 40
     bench.run_one("r", 1, [], 5)
-    assert steps_run == [2, 2, 2, 2, 5]  # --steps reaches the measurement
+    assert steps_run == [2, 2, 2, 2, 2, 5]  # --steps reaches the measurement
     verdicts = iter([(True, True), (True, False)])
 
     def one(name, world, overrides, steps):
