@@ -49,3 +49,31 @@ def test_prefetch_takes_a_modules_parameters_in_deepspeeds_order(replay):
                                                                              stage3_max_live_parameters=10), volume)
     assert volume == {"f": 26, "b": 6}
     assert best == {"f": 15, "b": 15}
+
+
+def test_persistent_parameters_are_never_gathered_and_backward_fetches_only_what_needs_a_gradient(replay):
+    """A parameter of at most stage3_param_persistence_threshold elements persists (DeepSpeed's
+    mark_persistent_parameters: ds_numel <= threshold), so L gathers a (3) without w (2, the threshold);
+    backward fetches only the modules whose output needs a gradient (F's is marked "n"), so F's f (4) is
+    all-gathered in forward alone. Without prefetching: forward 3 then 4 elements, backward L's 3."""
+    events = [["pre", "L", ["a", "w"], True], ["post", "L", None, True], ["pre", "F", ["f"], "n"],
+              ["post", "F", None, False]]
+    volume = {}
+    best = replay.replay_events(events, {"a": 3, "w": 2, "f": 4}, _settings(stage3_param_persistence_threshold=2,
+                                                                             stage3_prefetch_bucket_size=0), volume)
+    assert volume == {"f": 7, "b": 3}
+    assert best == {"f": 4, "b": 3}
+
+
+def test_a_prefetched_set_holds_its_flat_buffer_and_the_copies_until_its_last_parameter_is_fetched(replay):
+    """The parameterless X prefetches p (2, M's) and q (3, N's) as one all-gather: a 5-element flat buffer.
+    M's fetch waits on it: torch.cat copies of both (5 more), while the buffer lives until N fetches q, so
+    forward holds 10 at once; backward gathers q alone again (its use comes after N's release) and holds
+    q and p (kept: the prefetch passed its backward use), 5."""
+    events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M", ["p"], True],
+              ["post", "M", None, True], ["pre", "N", ["q"], True], ["post", "N", None, True]]
+    volume = {}
+    best = replay.replay_events(events, {"p": 2, "q": 3}, _settings(stage3_prefetch_bucket_size=10,
+                                                                    stage3_max_live_parameters=100), volume)
+    assert volume == {"f": 5, "b": 3}
+    assert best == {"f": 10, "b": 5}
