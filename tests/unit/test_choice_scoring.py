@@ -343,13 +343,17 @@ def test_evaluate_scores_vqa_per_answer_type_from_the_split_s_examples(monkeypat
     from vlscale.engine.evaluation import evaluate
 
     cfg = load_config("tiny", ["data.tasks=[vqa]"])
-    types = {"q1": {"answer_type": "yes/no"}, "q2": {"answer_type": "yes/no"}, "q3": {"answer_type": "number"}}
-    batch = _tvqa_batch(["q1", "q2", "q3"], [["yes"] * 10, ["no"] * 10, ["2"] * 10], task="vqa")
-    for extras, expected in ((types, {"vqa_score": 2 / 3, "vqa_score_number": 1.0, "vqa_score_yes_no": 0.5}),
-                             (None, {"vqa_score": 2 / 3})):
+    # every official type (an integer id, as a record's uid a string, too)
+    types = {"q1": {"answer_type": "yes/no"}, "q2": {"answer_type": "yes/no"}, "q3": {"answer_type": "number"},
+             137292: {"answer_type": "other"}}
+    uids = ["q1", "q2", "q3", 137292]
+    batch = _tvqa_batch(uids, [["yes"] * 10, ["no"] * 10, ["2"] * 10, ["red"] * 10], task="vqa")
+    for extras, expected in ((types, {"vqa_score": 2 / 4, "vqa_score_number": 1.0, "vqa_score_yes_no": 0.5,
+                                      "vqa_score_other": 0.0}),
+                             (None, {"vqa_score": 2 / 4})):
         monkeypatch.setattr(vlscale.data, "eval_batches",
-                            lambda *args, **kwargs: _Batches(["q1", "q2", "q3"], [batch], extras))
-        scores = evaluate(_ModeRecordingModel(), cfg, _SayingTokenizer(["yes", "yes", "2"]), split="val",
+                            lambda *args, **kwargs: _Batches(uids, [batch], extras))
+        scores = evaluate(_ModeRecordingModel(), cfg, _SayingTokenizer(["yes", "yes", "2", "blue"]), split="val",
                           show_progress=False)
         assert scores == {"vqa": pytest.approx(expected)}
 

@@ -757,6 +757,11 @@ def test_score_task_vqa_scores_each_answer_type_over_its_own_predicted_ids():
     assert list(out) == ["vqa_score", "vqa_score_yes_no", "vqa_score_number", "vqa_score_other"]  # VQA v2's order
     odd = score_task("vqa", preds, refs, answer_types={1: "zz", 2: "aa", 3: "other"})
     assert list(odd) == ["vqa_score", "vqa_score_other", "vqa_score_aa", "vqa_score_zz"]
+    # a type carried only by unpredicted ids is not scored (no empty mean); one typed id is enough for its type
+    assert score_task("vqa", preds, refs, answer_types={1: "yes/no", 5: "number"}) == \
+        pytest.approx({"vqa_score": 0.6, "vqa_score_yes_no": 1.0})
+    assert score_task("vqa", preds, refs, answer_types={4: "other"}) == \
+        pytest.approx({"vqa_score": 0.6, "vqa_score_other": 1.0})
     assert score_task("vqa", preds, refs) == pytest.approx({"vqa_score": 0.6})
 
 
