@@ -701,6 +701,13 @@ def test_hf_vqa_answer_types_are_read_where_mapped_and_a_test_split_may_lack_the
                                              "kind": [None]})
     with pytest.raises(DataError, match=r"row 0.*'kind'"):
         load_hf_examples("vqa", blank, "train", cols)
+    empty = _hf_dict(tmp_path / "hf_empty_type", {"image": [image], "q": ["Is it?"], "answers": [["yes"] * 10],
+                                                  "kind": [" "]})
+    with pytest.raises(DataError, match=r"row 0.*'kind'.*is an empty string"):  # not scored as type ''
+        load_hf_examples("vqa", empty, "train", cols)
+    # GQA has no answer types: the mapping is ignored (a warning says so), its rows carry none
+    ex, _ = load_hf_examples("gqa", path, "train", cols)
+    assert len(ex) == 2 and not any("answer_type" in e.extra for e in ex)
 
 
 def test_only_a_dict_of_equal_length_lists_is_read_as_rows():
@@ -1893,6 +1900,16 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
                                         r"datasets library cannot load the folder with them \(.+\); remove them or "
                                         r"give them rows$"):
         load_hf_examples("gqa", str(nested), "train", cols)
+    eleven = tmp_path / "eleven"  # more than 10: counted, the first 10 named
+    eleven.mkdir()
+    for k in range(11):
+        (eleven / f"train-{k:02d}.jsonl").write_text("")
+    (eleven / "validation.jsonl").write_text(row)
+    first = ", ".join(f"'train-{k:02d}\\.jsonl'" for k in range(10))
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='[^']*eleven': its 11 data files \(the first 10: "
+                                        rf"\[{first}\]\) are empty \(no rows\), and the datasets library cannot load "
+                                        r"the folder with them \(.+\); remove them or give them rows$"):
+        load_hf_examples("gqa", str(eleven), "train", cols)
     assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
 
 
