@@ -1514,6 +1514,7 @@ def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_pat
     (["--budget", "0"], ["--budget='0' must be a positive size"]),
     (["--budget", "24"], ["--budget='24' is 24 bytes per GPU; give a unit, e.g. 24GiB"]),
     (["--budget", "1e6"], ["--budget='1e6' is 1000000 bytes per GPU; give a unit, e.g. 24GiB"]),  # e: no unit
+    (["--budget", "48"], ["--budget='48' is 48 bytes per GPU; give a unit, e.g. 48GiB"]),  # plain digits: its own
     (["--top", "3"], ["--top=3 is how many of the planner's settings to show; it needs --budget"]),
     (["--zero-stage", "1", "train.zero_stage=3"], ["--zero-stage 1 and train.zero_stage=3 disagree"]),
     (["--budget", "1GiB", "--headroom", "2GiB"], ["--headroom 2GiB is not less than --budget 1GiB"]),
