@@ -77,3 +77,23 @@ def test_a_prefetched_set_holds_its_flat_buffer_and_the_copies_until_its_last_pa
                                                                     stage3_max_live_parameters=100), volume)
     assert volume == {"f": 5, "b": 3}
     assert best == {"f": 10, "b": 5}
+
+
+def test_a_parameter_stays_gathered_when_its_next_use_lies_within_the_reuse_distance(replay):
+    """A (a, 2) runs, then B (b, 3), then A again. DeepSpeed's release walks the module order from the step
+    counter at the release for stage3_max_reuse_distance elements: with 4, A's release after it reaches A's
+    second call (B's 3, then A's 2) and keeps a; B's release at A's second call walks A twice (4) before B's
+    backward use and lets b go. Forward gathers a and b once (5, both held at once); backward gathers b again.
+    With reuse distance 0 each module's release lets its parameters go: a is gathered twice in forward and
+    again at each use in backward (7 and 7), never more than b's 3 at once."""
+    events = [["pre", "A", ["a"], True], ["post", "A", None, True], ["pre", "B", ["b"], True],
+              ["post", "B", None, True], ["pre", "A", ["a"], True], ["post", "A", None, True]]
+    volume = {}
+    best = replay.replay_events(events, {"a": 2, "b": 3}, _settings(stage3_max_reuse_distance=4,
+                                                                    stage3_prefetch_bucket_size=0), volume)
+    assert volume == {"f": 5, "b": 3}
+    assert best == {"f": 5, "b": 5}
+    volume = {}
+    best = replay.replay_events(events, {"a": 2, "b": 3}, _settings(stage3_prefetch_bucket_size=0), volume)
+    assert volume == {"f": 7, "b": 7}
+    assert best == {"f": 3, "b": 3}
