@@ -97,3 +97,18 @@ def test_a_parameter_stays_gathered_when_its_next_use_lies_within_the_reuse_dist
     best = replay.replay_events(events, {"a": 2, "b": 3}, _settings(stage3_prefetch_bucket_size=0), volume)
     assert volume == {"f": 7, "b": 7}
     assert best == {"f": 3, "b": 3}
+
+
+def test_a_fetch_pops_off_the_queue_only_its_parameters_no_prefetch_passed(replay):
+    """DeepSpeed pops a module's parameters off the trace queue only where no prefetch passed them for this
+    step. X prefetches M's p (a 2-element bucket); M's fetch pops nothing, so its prefetch takes N's q and
+    N's the next, O's r: each forward module finds its parameter gathered, never more than two held. Popping
+    p's place again would skip q (gathered on demand by N) and prefetch r a step early."""
+    events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M", ["p"], True],
+              ["post", "M", None, True], ["pre", "N", ["q"], True], ["post", "N", None, True],
+              ["pre", "O", ["r"], True], ["post", "O", None, True]]
+    volume = {}
+    best = replay.replay_events(events, {"p": 2, "q": 2, "r": 2}, _settings(stage3_prefetch_bucket_size=2,
+                                                                            stage3_max_live_parameters=100), volume)
+    assert volume == {"f": 8, "b": 4}
+    assert best == {"f": 4, "b": 6}
