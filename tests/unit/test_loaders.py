@@ -1841,6 +1841,11 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"mixed': the datasets library cannot load it \(ValueError: Couldn't infer "
                                         r"the same data file format.*2 entries \['train\.jsonl', 'validation\.csv'\]"):
         load_hf_examples("gqa", str(mixed), "train", cols)
+    for k in range(9):  # 11 entries: counted, the first 10 (by name) listed
+        (mixed / f"train-{k}.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
+    listed = ", ".join(f"'train-{k}\\.jsonl'" for k in range(9))
+    with pytest.raises(DataError, match=rf"the folder holds 11 entries \[{listed}, 'train\.jsonl'\]$"):
+        load_hf_examples("gqa", str(mixed), "train", cols)
     # an empty data file: the library said only "An error occurred while generating the dataset"
     import pyarrow as pa
     import pyarrow.parquet as pq
