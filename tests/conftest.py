@@ -16,7 +16,6 @@ import pytest
 from preloaded import PreloadedServer, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHERS = ROOT / "launchers"
 
 
 def pytest_configure(config):
@@ -43,20 +42,27 @@ def preloaded(pytestconfig) -> PreloadedServer:
 
 
 @pytest.fixture(scope="session")
-def launcher():
-    """``launcher("evaluate").main([...])``: a launchers/ script as a module, to run its ``main`` in this
-    process (the arguments are parsed as on the command line, without ~10 s of imports per launch)."""
+def script():
+    """``script("benchmarks/loop_overhead.py")``: a script of the repository (not a package module) imported as a
+    module, once a session, to test its functions in this process."""
     loaded = {}
 
-    def load(name: str):
-        if name not in loaded:
-            spec = importlib.util.spec_from_file_location(f"launcher_{name}", LAUNCHERS / f"{name}.py")
+    def load(path: str, module_name: str = ""):
+        if path not in loaded:
+            spec = importlib.util.spec_from_file_location(module_name or f"script_{Path(path).stem}", ROOT / path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            loaded[name] = module
-        return loaded[name]
+            loaded[path] = module
+        return loaded[path]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def launcher(script):
+    """``launcher("evaluate").main([...])``: a launchers/ script as a module, to run its ``main`` in this
+    process (the arguments are parsed as on the command line, without ~10 s of imports per launch)."""
+    return lambda name: script(f"launchers/{name}.py", f"launcher_{name}")
 
 
 # ----------------------------------------------------------------------------- background jobs

@@ -1,25 +1,19 @@
 """benchmarks/loop_overhead.py's counting and statistics, in this process: the sync counter's kinds, call sites
-and host/device split, the phase timers, and the per-step medians (its full runs: tests/integration/test_loop_syncs.py)."""
+and host/device split, the phase timers, and the per-step medians (its full runs:
+tests/integration/test_loop_syncs.py)."""
 
-import importlib.util
 import inspect
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def lo():
-    spec = importlib.util.spec_from_file_location("loop_overhead_bench", ROOT / "benchmarks" / "loop_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def lo(script):
+    return script("benchmarks/loop_overhead.py")
 
 
 def _loss_terms(t):  # a HOST_CALLERS name: its syncs are on host data

@@ -1,21 +1,13 @@
 """benchmarks/zero3_gather_replay.py follows DeepSpeed's coordinator (its docstring's figures rest on that)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from vlscale.profiling.analytic import ZeroSettings
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def replay():
-    spec = importlib.util.spec_from_file_location("zero3_gather_replay", ROOT / "benchmarks" / "zero3_gather_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def replay(script):
+    return script("benchmarks/zero3_gather_replay.py")
 
 
 def _settings(**zero):
