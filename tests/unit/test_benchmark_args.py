@@ -310,7 +310,8 @@ def test_gpu_suite_training_figures_and_the_resume_comparison(monkeypatch, tmp_p
     def command(cmd, timeout):
         run_dir = Path(next(a for a in cmd if a.startswith("output_dir=")).split("=", 1)[1])
         run_dir.mkdir(parents=True)
-        log = [{"step": i + 1, "loss": x, "loss_scale": 2.0 ** (8 - i), "skipped": i == 1} for i, x in enumerate(losses)]
+        log = [{"step": i + 1, "loss": x, "loss_scale": 2.0 ** (8 - i), "skipped": i == 1}
+               for i, x in enumerate(losses)]
         (run_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         (run_dir / "run_summary.json").write_text(json.dumps({"step_time_s": 0.5, "zero_stage": 3, "other": 1}))
         return SimpleNamespace(returncode=0, stdout="done"), {"rc": 0}
@@ -371,7 +372,8 @@ def test_gpu_suite_budget_skips_and_the_fused_over_unfused_ratio(monkeypatch, tm
     assert "skipped" not in sec["train_fp16"]
     for budget, skipped in (("56", None), ("55", "time budget: 35s left")):  # train_fp16 with 36 s left runs
         clock[0] = 0.0
-        suite.main(["--out", str(tmp_path), "--budget-s", budget, "--sections", "train_bf16,train_bf16_unfused,train_fp16"])
+        suite.main(["--out", str(tmp_path), "--budget-s", budget,
+                    "--sections", "train_bf16,train_bf16_unfused,train_fp16"])
         sec = json.loads((tmp_path / "gpu_results.json").read_text())["sections"]
         assert sec["train_fp16"].get("skipped") == skipped, budget
     assert suite.main(["--out", str(tmp_path), "--sections", "train_bf16"]) == 0  # no unfused run: no ratio
@@ -401,6 +403,8 @@ def test_scale_reports_steady_steps_and_the_largest_rank(monkeypatch):
     for bad, why in (("1.5", "whole number"), ("-1", "whole number"), ("x", "not a number")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             scale._count(bad)
-    monkeypatch.setattr(planner, "plan", lambda *a, **kw: [SimpleNamespace(fits=False, samples_per_s=0.0, peak=2 ** 40)])
-    with pytest.raises(RuntimeError, match=r"t5-large on 8x24gb: no setting fits \(smallest peak 1099511627776 bytes\)"):
+    monkeypatch.setattr(planner, "plan",
+                        lambda *a, **kw: [SimpleNamespace(fits=False, samples_per_s=0.0, peak=2 ** 40)])
+    with pytest.raises(RuntimeError,
+                       match=r"t5-large on 8x24gb: no setting fits \(smallest peak 1099511627776 bytes\)"):
         scale.recommend("t5-large", "8x24gb")

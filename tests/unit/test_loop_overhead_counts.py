@@ -74,7 +74,8 @@ def test_sync_counter_counts_each_call_once_where_it_is_made(lo):
 
 def test_phase_timers_add_up_and_the_loader_counts_as_data(lo, monkeypatch):
     clock = iter(range(100))
-    monkeypatch.setattr(lo, "time", SimpleNamespace(perf_counter=lambda: float(next(clock)), thread_time=time.thread_time))
+    monkeypatch.setattr(lo, "time",
+                        SimpleNamespace(perf_counter=lambda: float(next(clock)), thread_time=time.thread_time))
     phases, counter = lo.Phases(), lo.SyncCounter()
     seen = []
     f = phases.timed(lambda: seen.append(counter.in_loader), "forward")

@@ -1,4 +1,5 @@
-"""benchmarks/step_time.py's measurement and report: rounds, paired ratios, their bootstrap interval, targets, parity checks."""
+"""benchmarks/step_time.py's measurement and report: rounds, paired ratios, their bootstrap interval, targets,
+parity checks."""
 
 import sys
 from pathlib import Path

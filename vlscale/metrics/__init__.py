@@ -2,7 +2,7 @@
 
 | task | headline | others |
 |---|---|---|
-| vqa | ``vqa_score`` (official normalisation, 10-answer leave-one-out) | ``vqa_score_<type>`` when ``answer_types`` are given |
+| vqa | ``vqa_score`` (official normalisation, 10-answer leave-one-out) | ``vqa_score_<type>`` with ``answer_types`` |
 | gqa | ``exact_match`` (the string as generated, as GQA's eval.py and VL-T5) | |
 | nlvr2 | ``accuracy`` | ``consistency`` when ``groups`` are given |
 | tvqa, how2qa | ``accuracy`` (choice index) | |
