@@ -942,6 +942,26 @@ def test_lora_dropout_follows_lm_mode():
     assert (logits(lm) - first).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("shared", ["down", "up"])
+def test_lora_merging_a_task_that_shares_only_one_factor_is_refused(shared):
+    """sharing=half_shared: the tasks share A or B, not both, so their updates B A differ; merging vqa's over gqa's
+    merged update is refused as under multiple, and the merged weight stays gqa's (only factors identical at every
+    site, sharing=single, count as already merged)."""
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("lora", "half_shared", half_shared=shared), TASKS)
+    perturb(peft)
+    layer = peft.lora.sites[peft._sites[0].key]
+    assert sum(x is y for x, y in zip(layer.factors("vqa"), layer.factors("gqa"))) == 1  # guard: one shared
+    peft.set_task("gqa")
+    proj = lm.get_submodule(peft.sites[0])
+    peft.merge_lora()
+    merged = proj.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"task 'gqa' are merged.*merging task 'vqa'"):
+        peft.lora.merge(lm, "vqa")
+    torch.testing.assert_close(proj.weight, merged, rtol=0, atol=0)
+    assert peft.lora.merged_task == "gqa"
+
+
 def test_merge_is_false_without_lora():
     peft = apply_peft(make_t5(), peft_cfg("adapter"), TASKS)
     assert peft.merge_lora() is False and peft.unmerge_lora() is False
