@@ -942,6 +942,33 @@ def test_lora_dropout_follows_lm_mode():
     assert (logits(lm) - first).abs().max() > 1e-4
 
 
+def test_lora_a_starts_as_nn_linear_and_b_at_zero_and_the_first_backward_reaches_b():
+    """Each task's A (rank x in) starts as nn.Linear(in, rank)'s default weight, drawn in turn from the same seed (the
+    reference's loralib: kaiming_uniform_, a=sqrt(5)); B at zero, so no update at init. The first backward gives every
+    B of the task a gradient and A none yet (B is zero): an A at zero would leave both factors at zero for ever."""
+    from vlscale.peft.lora import LoRALinear
+
+    torch.manual_seed(3)
+    layer = LoRALinear(D, 16, rank=4, alpha=8.0, dropout=0.0, a_keys=TASKS, b_keys=TASKS)
+    torch.manual_seed(3)
+    refs = [torch.nn.Linear(D, 4, bias=False) for _ in TASKS]
+    for task, ref in zip(TASKS, refs):
+        a, b = layer.factors(task)
+        torch.testing.assert_close(a, ref.weight, rtol=0, atol=0)
+        assert b.shape == (16, 4) and not b.any()
+
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("lora", "multiple"), TASKS)
+    peft.set_task("vqa")
+    enc, dec = inputs()
+    lm(input_ids=enc, decoder_input_ids=dec).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in peft.named_parameters() if n.endswith("_vqa")}
+    b_grads = [g for n, g in grads.items() if n.split(".")[-1].startswith("B_")]
+    assert len(b_grads) == 12  # 6 attentions (2 encoder self, 2 decoder self, 2 cross) x q, v
+    assert all(g is not None and g.abs().max() > 0 for g in b_grads)
+    assert all(not g.any() for n, g in grads.items() if n.split(".")[-1].startswith("A_"))
+
+
 @pytest.mark.parametrize("shared", ["down", "up"])
 def test_lora_merging_a_task_that_shares_only_one_factor_is_refused(shared):
     """sharing=half_shared: the tasks share A or B, not both, so their updates B A differ; merging vqa's over gqa's
