@@ -346,3 +346,7 @@ def test_optimizer_group_layout_order():
     assert optimizer_group_layout(v2, ndims, ("gqa", "vqa_v2", "v2")) == [
         (None, True, None, [2, 4]), (None, False, None, [3, 6]),
         ("gqa", True, None, [5]), ("vqa_v2", True, None, [0]), ("vqa_v2", False, None, [1])]
+    # a task's own weight set ends in "_<task>": a shared one whose name merely ends in a task's letters ("shared" in
+    # "red", "ln.weight" in "ght") stays in the shared groups, which every task's step updates
+    assert optimizer_group_layout(names, ndims, ("gqa", "vqa", "red", "ght")) == optimizer_group_layout(
+        names, ndims, ("gqa", "vqa"))
