@@ -269,6 +269,11 @@ def test_zero2_buckets_and_gradient_partition_boundaries():
     assert z2.grads == 4 * 4  # 8 elements over 2 ranks: slices [0, 4) and [4, 8), one parameter each
     off = engine_state(inv, ZeroSettings(stage=2, reduce_bucket_size=3, offload_optimizer="cpu"), 2, "fp32", "cuda")
     assert off.grads == 3 * 4
+    # the host: the fp32 masters and moments (no step tensors: DeepSpeedCPUAdam), an fp32 gradient partition, a
+    # model-dtype copy of the parameter partition and a staging buffer of the largest trainable parameter; the
+    # device keeps that staging buffer's twin
+    part = 4  # one group of 8 elements over 2 ranks
+    assert off.host == part * 3 * 4 + part * 4 + part * 4 + 4 * 4 and off.comm_persistent == 4 * 4
 
 
 def test_floating_buffers_take_the_runs_precision():
@@ -301,7 +306,8 @@ def test_step_temporaries_init_buffer_and_buckets_of_each_stage():
     """torch AdamW's temporaries follow its implementation: foreach (CUDA's default) a whole group's sqrt at once,
     the single-tensor loop (CPU's) two tensors of the largest parameter; stage 1/2's step also holds the fp32 and
     model-dtype copies of the gradient partition; ZeRO-3 keeps a reduce bucket only with contiguous_gradients and
-    its set-up zeroes a gradient of the largest sub-group at full size; stage 2's NVMe-offloaded optimizer pins two
+    its set-up zeroes a gradient of the largest sub-group at full size and its step holds the fp32 and model-dtype
+    copies of the largest sub-group's gradient partition; stage 2's NVMe-offloaded optimizer pins two
     fp32 swap buffers of the largest trainable parameter."""
     inv = _inv([10, 10, 10, 1000], [True, True, True, False])  # one group of 30 trainable elements
     assert engine_state(inv, ZeroSettings(stage=0), 1, "fp32", "cuda").step_transient == 4 * 30
@@ -314,6 +320,7 @@ def test_step_temporaries_init_buffer_and_buckets_of_each_stage():
                                             param_persistence_threshold=0), 4, "bf16", "cpu")
         assert z3.comm_persistent == bucket
         assert z3.init_transient == 30 * 4  # the whole sub-group in fp32, not this rank's 9 elements
+        assert z3.step_transient == 9 * 4 + 9 * 2 + 2 * 4 * 10  # ceil(10 / 4) x 3 elements a rank
     nvme = engine_state(inv, ZeroSettings(stage=2, offload_optimizer="nvme"), 4, "bf16", "cuda")
     assert nvme.host == 2 * 10 * 4
 
@@ -1734,6 +1741,10 @@ def test_zero3_parameter_offload_moves_the_partitions_and_keeps_the_persistent_p
     assert on.persistent_params == off.persistent_params == 4 * 4 and on.params == (1 + 1 + 250) * 4 + 4 * 4
     assert off.params == off.persistent_params
     assert off.host - on.host == on.params - on.persistent_params == (1 + 1 + 250) * 4
+    # on DeepSpeed's CPU accelerator partitions offloaded to "cpu" stay in its (host) memory, those on NVMe leave it
+    cpu = engine_state(inv, ZeroSettings(**kw, offload_param="cpu"), 4, "fp32", "cpu")
+    nvme = engine_state(inv, ZeroSettings(**kw, offload_param="nvme"), 4, "fp32", "cpu")
+    assert cpu.params == on.params and nvme.params == nvme.persistent_params == 4 * 4
 
 
 def test_launcher_relative_errors_and_peak_bars(launcher):
@@ -1840,3 +1851,35 @@ def test_launcher_takes_agreeing_stages_and_refuses_a_batch_no_micro_batch_keeps
     assert pm.main(["--config", "tiny", "train.global_batch_size=30", "--world-size", "4", "--budget", "1GiB"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: train.global_batch_size=30 is not a multiple of") and err.count("\n") == 1, err
+
+
+def test_zero_stage0_and_1_hold_gradients_in_the_model_dtype_and_whole_under_accumulation():
+    """Stage 0's param.grad is in the model's dtype (bf16: 2 bytes an element; its fp32 copy is the step's). With
+    accumulation the gradients of the micro-batches before the boundary are held from the next forward on: at
+    ZeRO-0/1 every trainable parameter's whole .grad (reduced only at the boundary), at ZeRO-2 the partition."""
+    inv = _inv([10, 7, 5, 1000], [True, True, False, False], [2, 1, 2, 2])
+    assert engine_state(inv, ZeroSettings(stage=0), 4, "bf16", "cpu").grads == 17 * 2
+    held = {}
+    for stage in (1, 2):
+        for accumulation in (1, 2):
+            cfg = load_config("tiny", SMALL + [f"train.zero_stage={stage}", "train.global_batch_size=null",
+                                               f"train.gradient_accumulation_steps={accumulation}"])
+            ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
+            ds["zero_optimization"]["contiguous_gradients"] = False  # no ZeRO-1 reduce buckets held as well
+            held[stage, accumulation] = estimate_memory(cfg, 2, ds, device="cpu")
+    inv = analytic.parameter_inventory(cfg)
+    b = analytic.PRECISION_BYTES[cfg.train.precision]
+    whole = held[1, 2].phases["vision_forward"] - held[1, 1].phases["vision_forward"]
+    assert whole == inv.n_trainable * b
+    partition = held[2, 2].phases["vision_forward"] - held[2, 1].phases["vision_forward"]
+    assert partition == held[2, 2].components["grads"] < whole
+
+
+def test_the_printed_components_add_up_to_the_peak():
+    """profile_memory.py prints params, optimizer, the activations and gradients live at the peak and the buffers:
+    together they are the peak, also when the peak holds gradients (backward end, the optimizer step)."""
+    cfg = load_config("tiny", SMALL + ["train.zero_stage=2", "peft.train_lm=true"])
+    est = estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, None, device_type="cpu"), device="cpu")
+    c = est.components
+    assert est.at_peak["grads"] > 0, est.peak_phase
+    assert c["params"] + c["optimizer"] + est.at_peak["activations"] + est.at_peak["grads"] + c["buffers"] == c["peak"]
