@@ -1883,3 +1883,16 @@ def test_the_printed_components_add_up_to_the_peak():
     c = est.components
     assert est.at_peak["grads"] > 0, est.peak_phase
     assert c["params"] + c["optimizer"] + est.at_peak["activations"] + est.at_peak["grads"] + c["buffers"] == c["peak"]
+
+
+def test_zero3_cpu_optimizer_offload_on_the_cpu_accelerator_holds_the_fp32_master_gradients_at_backwards_end():
+    """ZeRO-3 with offload_optimizer cpu on DeepSpeed's CPU accelerator: the host is the device, so at the end of
+    backward it holds beside the model-dtype gradient partition the fp32 gradient of each master partition."""
+    cfg = load_config("tiny", SMALL + ["train.zero_stage=3", "peft.train_lm=true"])
+    ds = resolve_ds_config(cfg, 2, None, device_type="cpu")
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    est = estimate_memory(cfg, 2, ds, device="cpu", loss_mode="model")  # no model output kept past backward
+    c, d = est.components, est.detail
+    fp32_grads = c["grads"] // analytic.PRECISION_BYTES[cfg.train.precision] * 4
+    base = c["params"] + c["optimizer"] + d["comm_buckets"] + d["batch"]
+    assert est.phases["backward_end"] == base + c["grads"] + fp32_grads > base + c["grads"]
