@@ -1896,3 +1896,15 @@ def test_zero3_cpu_optimizer_offload_on_the_cpu_accelerator_holds_the_fp32_maste
     fp32_grads = c["grads"] // analytic.PRECISION_BYTES[cfg.train.precision] * 4
     base = c["params"] + c["optimizer"] + d["comm_buckets"] + d["batch"]
     assert est.phases["backward_end"] == base + c["grads"] + fp32_grads > base + c["grads"]
+
+
+def test_zero3_encodes_the_images_with_clip_gathered_beside_a_flat_all_gather_buffer():
+    """ZeRO-3 on 2 ranks with CLIP run on the fly: while the images are encoded the whole tower is gathered onto
+    the device, and the flat all-gather buffer its parameters arrive through is there beside it."""
+    cfg = load_config("tiny", SMALL + ["train.zero_stage=3"])
+    est = estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, None, device_type="cuda"))
+    c, d = est.components, est.detail
+    b = analytic.PRECISION_BYTES[cfg.train.precision]
+    assert d["vision_params"] and d["zero3_gather_transient"] > 0
+    held = c["params"] + c["optimizer"] + d["comm_buckets"] + d["batch"] + c["grads"] + d["vision_transient"]
+    assert est.phases["vision_forward"] == held + d["vision_params"] * b + d["zero3_gather_transient"]
