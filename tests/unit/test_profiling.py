@@ -1908,3 +1908,17 @@ def test_zero3_encodes_the_images_with_clip_gathered_beside_a_flat_all_gather_bu
     assert d["vision_params"] and d["zero3_gather_transient"] > 0
     held = c["params"] + c["optimizer"] + d["comm_buckets"] + d["batch"] + c["grads"] + d["vision_transient"]
     assert est.phases["vision_forward"] == held + d["vision_params"] * b + d["zero3_gather_transient"]
+
+
+def test_zero3_checkpointed_recompute_holds_the_unit_backward_gathers_when_it_is_the_larger():
+    """Gradient checkpointing under ZeRO-3: the last layer's recompute runs with the parameters backward has
+    gathered for it, the larger of what forward kept gathered and what backward gathers (here, reuse 0, the unit
+    fetched on demand): backward_recompute is backward_gather plus the recomputed block."""
+    cfg = load_config("tiny", ["train.deepspeed=ds_configs/zero3_offload.json", "model.backbone=tiny-t5-wide",
+                               "train.gradient_checkpointing=true"])
+    ds = resolve_ds_config(cfg, 2, None, device_type="cuda")
+    ds["zero_optimization"].update(stage3_max_live_parameters=1_000_000, stage3_max_reuse_distance=0)
+    est = estimate_memory(cfg, 2, ds)
+    d = est.detail
+    assert d["zero3_gathered_backward"] > d["zero3_gathered"] and d["block_recompute_peak"] > 0
+    assert est.phases["backward_recompute"] - est.phases["backward_gather"] == d["block_recompute_peak"]
