@@ -497,6 +497,28 @@ def test_the_special_ids_are_checked_against_the_backbone_folders_config_and_a_f
                                                  f"{key}={tmp_path / 't5'}", "model.pretrained=true"]))
 
 
+def test_random_weights_check_the_tokenizer_against_the_registrys_config_not_a_folder_of_the_hub_ids_name(
+        tmp_path, monkeypatch):
+    """model.pretrained=false builds the LM from the registry's config: a folder in the working directory named
+    like the backbone's hub id (whose config.json from_pretrained would read) is not what the run builds, so its
+    other eos id is no reason to refuse; with model.pretrained=true it is, and the refusal names its config.json."""
+    import json
+
+    from vlscale.config import ConfigError
+    from vlscale.data.tokenizer import build_tokenizer
+    from vlscale.modeling.backbones import lm_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "google-t5").mkdir()
+    lm_config("t5-small").save_pretrained(tmp_path / "google-t5/t5-small")
+    config = json.loads((tmp_path / "google-t5/t5-small/config.json").read_text())
+    (tmp_path / "google-t5/t5-small/config.json").write_text(json.dumps(dict(config, eos_token_id=5)))
+    overrides = ["model.backbone=t5-small", "model.tokenizer=synthetic"]
+    assert build_tokenizer(load_config("tiny", [*overrides, "model.pretrained=false"])).eos_token_id == 1
+    with pytest.raises(ConfigError, match=r"t5-small/config\.json disagree: eos_token_id 1 vs 5"):
+        build_tokenizer(load_config("tiny", [*overrides, "model.pretrained=true"]))
+
+
 def test_visual_sentinels_are_special_tokens_down_to_one():
     """model.extra_special_tokens=N adds <vis_extra_id_{N-1}> ... <vis_extra_id_0>, each one token and special: a
     prediction decoded with skip_special_tokens drops them as it drops eos; N=1 adds its one sentinel too."""
