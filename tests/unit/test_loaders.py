@@ -1358,6 +1358,9 @@ def test_video_feature_folder_reads_value_npz_files(tmp_path):
         folder["dup"]
     with pytest.raises(DataError, match=r"clip_a\.npz \(video 'clip_a'\): frame features are 6-d, but .* 512-d"):
         VideoFeatureFolder(tmp_path, expect_dim=512).missing(["clip_a"])
+    # the start-up check reads the header of the first video found (in the order asked), and names it
+    with pytest.raises(DataError, match=r"clip_b\.npz \(video 'clip_b'\): frame features are 6-d"):
+        VideoFeatureFolder(tmp_path, expect_dim=512).missing(["gone", "clip_b", "clip_a"])
 
 
 def test_video_inputs_without_subtitles_end_at_the_options_and_text_fields_are_stripped(tmp_path):
