@@ -297,6 +297,24 @@ def test_a_random_vision_tower_is_seeded_on_the_host_only(monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_a_random_tower_build_quiets_open_clips_warning_and_gives_the_root_logger_its_level_back(caplog):
+    """open_clip warns at the root logger that no weights were asked for (a random tower is what was asked): the
+    build raises the root level to ERROR around open_clip's call only, so the process's own warnings still show."""
+    import logging
+
+    before = logging.root.level
+    try:
+        logging.root.setLevel(logging.INFO)
+        with caplog.at_level(logging.WARNING):
+            build_vision_encoder("tiny-clip-rn")
+            assert logging.root.level == logging.WARNING  # caplog's level, back as build_vision_encoder found it
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        build_vision_encoder("tiny-clip-rn")
+        assert logging.root.level == logging.INFO
+    finally:
+        logging.root.setLevel(before)
+
+
 @pytest.mark.parametrize("vision, tag, words", [
     ("tiny-clip-rn", "openai", ["not a known tag", "a CLIP checkpoint file, or null"]),  # a tag of other models
     ("RN50", "no-such-tag", ["not a known tag", "['openai', 'yfcc15m', 'cc12m']"]),
