@@ -364,8 +364,9 @@ def test_benchmark_floors_count_read_plus_write_bytes_and_two_flops_per_multiply
 
 def test_benchmark_case_speedup_floors_and_bandwidth_fraction(monkeypatch):
     """fwd_bwd times the backward too; speedup = reference time / fused time; floor = the larger of the
-    bytes / copy-bandwidth and the FLOPs / matmul-rate bounds, ``bound`` names it; % of copy bandwidth and of the matmul rate are the fused op's; the
-    bytes at the dtype's width; saved bytes measured for each path (the fused one recomputes, keeping less)."""
+    bytes / copy-bandwidth and the FLOPs / matmul-rate bounds, ``bound`` names it; % of copy bandwidth and of
+    the matmul rate are the fused op's; the bytes at the dtype's width; saved bytes measured for each path (the
+    fused one recomputes, keeping less)."""
     ak = _benchmark_module()
     backward_ran = []
 
