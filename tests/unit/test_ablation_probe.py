@@ -1,8 +1,5 @@
 """benchmarks/adapter_ablation_probe.py changes the model as its variants say (its figures rest on that)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,17 +9,12 @@ from vlscale.modeling.vl_model import build_model
 from vlscale.peft.adapter import BottleneckAdapter
 from vlscale.peft.sites import adapter_sites
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 120
 
 
 @pytest.fixture(scope="module")
-def probe():
-    spec = importlib.util.spec_from_file_location("adapter_ablation_probe", ROOT / "benchmarks" /
-                                                  "adapter_ablation_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def probe(script):
+    return script("benchmarks/adapter_ablation_probe.py")
 
 
 def _model(*overrides):

@@ -5,7 +5,6 @@ pretraining objective on held-out synthetic data they never saw.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,12 +21,9 @@ pytestmark = pytest.mark.skipif(not CLIP_FILE.exists() or not (ASSETS / "mini-t5
 
 
 @pytest.fixture(scope="module")
-def pretrain():
+def pretrain(script):
     """scripts/pretrain_backbones.py as a module (held-out data, objectives, scores)."""
-    spec = importlib.util.spec_from_file_location("pretrain_backbones", ROOT / "scripts" / "pretrain_backbones.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("scripts/pretrain_backbones.py")
 
 
 @pytest.fixture(scope="module")
