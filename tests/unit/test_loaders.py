@@ -1819,6 +1819,26 @@ def test_hf_image_cells_as_arrays_keep_their_layout_and_an_absolute_path_is_look
     assert missing_image_file(gone, base_dir=tmp_path / "ds") == (f"holds {gone!r}, which is neither image data nor "
                                                                   f"an existing image file (looked for {gone})")
 
+
+def test_hf_array3d_image_columns_decode_from_the_nested_lists_datasets_gives(tmp_path):
+    """An ``Array3D`` (or ``Array2D``) image column reaches the image source as nested Python lists: read as the
+    pixels they hold (was refused: "cannot read an image from list"); values outside 0-255 are named."""
+    import datasets
+
+    from vlscale.data.hf_dataset import decode_image, load_hf_examples
+
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    features = datasets.Features({"image": datasets.Array3D(shape=(4, 5, 3), dtype="uint8"),
+                                  "q": datasets.Value("string"), "a": datasets.Value("string")})
+    path = _hf_dict(tmp_path / "arrays", {"image": [rgb, rgb[::-1]], "q": ["q0", "q1"], "a": ["x", "y"]}, features)
+    ex, source = load_hf_examples("gqa", path, "train", {"image": "image", "question": "q", "answer": "a"})
+    assert np.array_equal(source[ex[0].image_ids[0]], rgb) and np.array_equal(source[ex[1].image_ids[0]], rgb[::-1])
+    assert np.array_equal(decode_image(rgb[:, :, 0].tolist()), np.repeat(rgb[:, :, :1], 3, axis=2))
+    with pytest.raises(DataError, match=r"row 3: an array image cell must hold 0-255 integers, got float64 values "
+                                        r"in \[0.5, 0.5\]"):
+        decode_image([[0.5]], where="row 3")
+
+
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 

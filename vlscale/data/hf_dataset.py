@@ -5,7 +5,8 @@
 network or the local HF cache). It must have splits: ``train``; ``val`` = validation / val /
 valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
 
-    image      the image column (an ``Image`` feature, image bytes/path dicts, or file paths);
+    image      the image column (an ``Image`` feature, image bytes/path dicts, file paths, or an ``Array3D`` /
+               ``Array2D`` of 0-255 pixels);
                NLVR2: a list of two columns
     image_id   optional: a column naming the image (rows sharing an image share its id and its
                cached features; a row whose image differs from its id's first row's, by its bytes' digest
@@ -304,7 +305,8 @@ class HFImageSource:
 
 
 def decode_image(value, where: str = "", base_dir=None):
-    """An HF image cell (PIL image, {bytes|path} dict, file path or array) -> uint8 (H, W, 3).
+    """An HF image cell (PIL image, {bytes|path} dict, file path, array, or an Array2D / Array3D column's nested
+    lists of 0-255 integers) -> uint8 (H, W, 3).
 
     Relative paths resolve against ``base_dir`` when given (then the current directory). Anything
     unreadable raises DataError starting with ``where`` (the dataset, split, row and column).
@@ -334,6 +336,12 @@ def decode_image(value, where: str = "", base_dir=None):
             img = Image.open(io.BytesIO(value))
         elif hasattr(value, "__array__"):
             img = Image.fromarray(np.asarray(value))
+        elif isinstance(value, list) and value:  # an Array2D / Array3D column's cell: nested lists of pixels
+            pixels = np.asarray(value)
+            if pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255:
+                raise DataError(f"{where}: an array image cell must hold 0-255 integers, got {pixels.dtype} "
+                                f"values in [{pixels.min()}, {pixels.max()}]")
+            img = Image.fromarray(pixels.astype(np.uint8))
         else:
             raise DataError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.60}")
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
