@@ -89,12 +89,18 @@ def knob_case(backbone: str, features: str, knob: str, leaf: bool, steps: int) -
     return {"cfg": cfg, "ds_config": ds, "steps": steps}
 
 
+def after_first_step(phase: str) -> bool:
+    """Whether a measured phase (forward<i> / backward<i> / step<i>) belongs to a step i >= 1: not "init", not
+    step 0 (DeepSpeed records its ZeRO-3 trace then); step 10 is one."""
+    i = re.search(r"\d+$", phase)
+    return i is not None and int(i.group()) > 0
+
+
 def knob_row(backbone: str, features: str, knob: str, leaf: bool, case: dict, meas: dict, wall_s: float) -> dict:
     from vlscale.profiling.analytic import estimate_memory
 
     est = estimate_memory(case["cfg"], 2, case["ds_config"], device="cpu")
-    # the phases forward<i> / backward<i> / step<i> of steps i >= 1 (not "init", not step 0; step 10 is one)
-    measured = max(v for k, v in meas["phase_peaks"].items() if (i := re.search(r"\d+$", k)) and int(i.group()) > 0)
+    measured = max(v for k, v in meas["phase_peaks"].items() if after_first_step(k))
     train = {k: v for k, v in est.phases.items() if k != "init"}
     phase = max(train, key=train.get)
     return {"backbone": backbone, "features": features, "knob": knob, "zero_optimization": KNOBS[knob],

@@ -35,6 +35,7 @@ def worker(spec_path: str, out_path: str) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
+    from profile_accuracy import after_first_step
     from vlscale.profiling import measure
 
     st = {"module": None, "phase": "start", "last": None, "peak": -1, "cases": []}
@@ -71,7 +72,7 @@ def worker(spec_path: str, out_path: str) -> None:
     def fetch(self, submodule, forward):
         fetch_sub_module(self, submodule, forward)
         phase = st["phase"]
-        if st["module"] is None or not phase[-1].isdigit() or phase.endswith("0"):
+        if st["module"] is None or not after_first_step(phase):
             return
         st["last"] = read(self)
         case = st["cases"][-1]
@@ -89,7 +90,7 @@ def worker(spec_path: str, out_path: str) -> None:
     def bump(self):
         bump_fn(self)
         name = self.phase_name
-        if name[-1].isdigit() and not name.endswith("0") and self.current > st["peak"] and st["cases"]:
+        if after_first_step(name) and self.current > st["peak"] and st["cases"]:
             st["peak"] = self.current
             st["cases"][-1].update(peak_moment=list(st["last"]) if st["last"] else None, peak_phase=name)
 
