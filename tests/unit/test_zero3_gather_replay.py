@@ -10,6 +10,14 @@ def replay(script):
     return script("benchmarks/zero3_gather_replay.py")
 
 
+def _replay(replay, events, numel, **zero):
+    """(elements all-gathered per phase, the most held gathered per phase) of replaying ``events`` under the
+    ZeRO-3 settings ``zero`` (reuse distance and persistence threshold 0 unless given)."""
+    volume = {}
+    best = replay.replay_events(events, numel, _settings(**zero), volume)
+    return volume, best
+
+
 def _settings(**zero):
     return ZeroSettings.from_ds_config({"zero_optimization": {"stage3_max_reuse_distance": 0,
                                                               "stage3_param_persistence_threshold": 0, **zero}})
@@ -22,9 +30,8 @@ def test_forward_release_waits_for_the_modules_called_inside(replay):
     would gather a again (9 elements all-gathered in forward, not 5)."""
     events = [["pre", "L", ["a"], True], ["pre", "A", ["b"], True], ["post", "A", None, True],
               ["post", "L", None, True], ["pre", "D", [], True], ["post", "D", None, True]]
-    volume = {}
-    best = replay.replay_events(events, {"a": 4, "b": 1}, _settings(stage3_prefetch_bucket_size=1,
-                                                                     stage3_max_live_parameters=100), volume)
+    volume, best = _replay(replay, events, {"a": 4, "b": 1},
+                           stage3_prefetch_bucket_size=1, stage3_max_live_parameters=100)
     assert volume == {"f": 5}  # a and b once each; backward finds both gathered
     assert best == {"f": 5, "b": 5}
 
@@ -36,9 +43,8 @@ def test_prefetch_takes_a_modules_parameters_in_deepspeeds_order(replay):
     and the forward gathered 27 elements, at most 16 at once."""
     events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M0", ["z", "a"], True],
               ["post", "M0", None, True], ["pre", "M1", ["m"], True], ["post", "M1", None, True]]
-    volume = {}
-    best = replay.replay_events(events, {"z": 10, "a": 1, "m": 5}, _settings(stage3_prefetch_bucket_size=5,
-                                                                             stage3_max_live_parameters=10), volume)
+    volume, best = _replay(replay, events, {"z": 10, "a": 1, "m": 5},
+                           stage3_prefetch_bucket_size=5, stage3_max_live_parameters=10)
     assert volume == {"f": 26, "b": 6}
     assert best == {"f": 15, "b": 15}
 
@@ -50,9 +56,8 @@ def test_persistent_parameters_are_never_gathered_and_backward_fetches_only_what
     all-gathered in forward alone. Without prefetching: forward 3 then 4 elements, backward L's 3."""
     events = [["pre", "L", ["a", "w"], True], ["post", "L", None, True], ["pre", "F", ["f"], "n"],
               ["post", "F", None, False]]
-    volume = {}
-    best = replay.replay_events(events, {"a": 3, "w": 2, "f": 4}, _settings(stage3_param_persistence_threshold=2,
-                                                                             stage3_prefetch_bucket_size=0), volume)
+    volume, best = _replay(replay, events, {"a": 3, "w": 2, "f": 4},
+                           stage3_param_persistence_threshold=2, stage3_prefetch_bucket_size=0)
     assert volume == {"f": 7, "b": 3}
     assert best == {"f": 4, "b": 3}
 
@@ -64,9 +69,8 @@ def test_a_prefetched_set_holds_its_flat_buffer_and_the_copies_until_its_last_pa
     q and p (kept: the prefetch passed its backward use), 5."""
     events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M", ["p"], True],
               ["post", "M", None, True], ["pre", "N", ["q"], True], ["post", "N", None, True]]
-    volume = {}
-    best = replay.replay_events(events, {"p": 2, "q": 3}, _settings(stage3_prefetch_bucket_size=10,
-                                                                    stage3_max_live_parameters=100), volume)
+    volume, best = _replay(replay, events, {"p": 2, "q": 3},
+                           stage3_prefetch_bucket_size=10, stage3_max_live_parameters=100)
     assert volume == {"f": 5, "b": 3}
     assert best == {"f": 10, "b": 5}
 
@@ -80,13 +84,10 @@ def test_a_parameter_stays_gathered_when_its_next_use_lies_within_the_reuse_dist
     again at each use in backward (7 and 7), never more than b's 3 at once."""
     events = [["pre", "A", ["a"], True], ["post", "A", None, True], ["pre", "B", ["b"], True],
               ["post", "B", None, True], ["pre", "A", ["a"], True], ["post", "A", None, True]]
-    volume = {}
-    best = replay.replay_events(events, {"a": 2, "b": 3}, _settings(stage3_max_reuse_distance=4,
-                                                                    stage3_prefetch_bucket_size=0), volume)
+    volume, best = _replay(replay, events, {"a": 2, "b": 3}, stage3_max_reuse_distance=4, stage3_prefetch_bucket_size=0)
     assert volume == {"f": 5, "b": 3}
     assert best == {"f": 5, "b": 5}
-    volume = {}
-    best = replay.replay_events(events, {"a": 2, "b": 3}, _settings(stage3_prefetch_bucket_size=0), volume)
+    volume, best = _replay(replay, events, {"a": 2, "b": 3}, stage3_prefetch_bucket_size=0)
     assert volume == {"f": 7, "b": 7}
     assert best == {"f": 3, "b": 3}
 
@@ -99,8 +100,7 @@ def test_a_fetch_pops_off_the_queue_only_its_parameters_no_prefetch_passed(repla
     events = [["pre", "X", [], True], ["post", "X", None, True], ["pre", "M", ["p"], True],
               ["post", "M", None, True], ["pre", "N", ["q"], True], ["post", "N", None, True],
               ["pre", "O", ["r"], True], ["post", "O", None, True]]
-    volume = {}
-    best = replay.replay_events(events, {"p": 2, "q": 2, "r": 2}, _settings(stage3_prefetch_bucket_size=2,
-                                                                            stage3_max_live_parameters=100), volume)
+    volume, best = _replay(replay, events, {"p": 2, "q": 2, "r": 2},
+                           stage3_prefetch_bucket_size=2, stage3_max_live_parameters=100)
     assert volume == {"f": 8, "b": 4}
     assert best == {"f": 4, "b": 6}
