@@ -263,7 +263,9 @@ def run_child(stage: int, args, extra: list[str]) -> dict:
                   "--threads", str(args.threads), *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
         if args.nproc > 1:
-            port = os.environ.get("MASTER_PORT", "29500")
+            from vlscale.engine.distributed import free_port
+
+            port = os.environ.get("MASTER_PORT") or str(free_port())  # a fixed default collides with a run beside it
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
                    "--master_addr=127.0.0.1", f"--master_port={port}", *script]
         else:

@@ -98,3 +98,27 @@ def test_loop_overhead_refuses_no_measured_steps(lo, capsys):
         with pytest.raises(SystemExit):
             lo.main(argv)
         assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_loop_overhead_picks_a_free_port_unless_master_port_is_set(lo, monkeypatch):
+    """Several ranks: MASTER_PORT where the user set one, else a free port (a fixed 29500 collided with a run
+    beside it)."""
+    import vlscale.engine.distributed as distributed
+
+    seen = []
+
+    def run(cmd, **kw):
+        seen.append(next(a for a in cmd if a.startswith("--master_port=")))
+        return SimpleNamespace(returncode=1, stdout="", stderr="")
+
+    monkeypatch.setattr(lo.subprocess, "run", run)
+    monkeypatch.setattr(distributed, "free_port", lambda: 40123)
+    args = SimpleNamespace(steps=1, warmup=1, config="tiny", threads=1, nproc=2)
+    for env, port in ((None, "40123"), ("34567", "34567")):
+        if env is None:
+            monkeypatch.delenv("MASTER_PORT", raising=False)
+        else:
+            monkeypatch.setenv("MASTER_PORT", env)
+        with pytest.raises(SystemExit, match="ZeRO-3 run failed"):
+            lo.run_child(3, args, [])
+    assert seen == ["--master_port=40123", "--master_port=34567"]
