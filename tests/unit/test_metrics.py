@@ -763,6 +763,9 @@ def test_score_task_vqa_scores_each_answer_type_over_its_own_predicted_ids():
     assert score_task("vqa", preds, refs, answer_types={4: "other"}) == \
         pytest.approx({"vqa_score": 0.6, "vqa_score_other": 1.0})
     assert score_task("vqa", preds, refs) == pytest.approx({"vqa_score": 0.6})
+    # two types that differ only in punctuation would share one key: refused, naming both, not overwritten
+    with pytest.raises(ValueError, match=r"answer types 'a / b' and 'a_b' would both be reported as 'vqa_score_a_b'"):
+        score_task("vqa", preds, refs, answer_types={1: "a / b", 2: "a_b"})
 
 
 def test_score_task_caption_bleu4_and_rouge_l_are_coco_captions_and_cider_stands_without_pycocoevalcap(

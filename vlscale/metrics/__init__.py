@@ -92,10 +92,15 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
     if spec.metric == "vqa_score":
         out = {"vqa_score": vqa_accuracy(predictions, refs)}
         kinds = {answer_types[u] for u in predictions if u in answer_types} if answer_types else set()
+        named = {}
         for kind in sorted(kinds, key=lambda k: (VQA_ANSWER_TYPE_ORDER.get(k, 3), k)):  # the official order first
             ids = [u for u in predictions if answer_types.get(u) == kind]
-            out[f"vqa_score_{re.sub(r'[^0-9A-Za-z]+', '_', kind)}"] = \
-                vqa_accuracy({u: predictions[u] for u in ids}, {u: refs[u] for u in ids})
+            key = f"vqa_score_{re.sub(r'[^0-9A-Za-z]+', '_', kind)}"
+            if key in named:  # "a / b" and "a_b": one would overwrite the other's score
+                raise ValueError(f"score_task({task!r}): answer types {named[key]!r} and {kind!r} would both be "
+                                 f"reported as {key!r}; rename one")
+            named[key] = kind
+            out[key] = vqa_accuracy({u: predictions[u] for u in ids}, {u: refs[u] for u in ids})
     elif spec.metric == "exact_match":
         out = {"exact_match": exact_match(predictions, refs)}
     elif spec.metric == "accuracy":
