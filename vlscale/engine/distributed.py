@@ -359,7 +359,10 @@ class Watchdog:
 
 class StopSignal:
     """First SIGINT/SIGTERM: ask to stop after the current step; another one (more than
-    ``DEBOUNCE_S`` later, so a launcher forwarding the terminal's Ctrl-C does not count): abort."""
+    ``DEBOUNCE_S`` later, so a launcher forwarding the terminal's Ctrl-C does not count): abort.
+
+    Installed over a SIG_IGN too, unlike Python's own Ctrl-C handling: a run a script started with ``&`` inherits
+    SIGINT ignored, and a ``kill -INT`` sent to it on purpose should still end it with a checkpoint."""
 
     DEBOUNCE_S = 3.0
     requested_at: float | None = None
