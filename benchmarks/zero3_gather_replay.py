@@ -3,33 +3,52 @@ meta-device module trace and report the most parameter elements held gathered in
 
     python benchmarks/zero3_gather_replay.py BACKBONE images|cache LEAF(true|false) REUSE_DISTANCE(-1: the file's)
 
-The trace: forward pre-hooks on every module DeepSpeed hooks (all of them, a leaf module's descendants
-excepted; a leaf's parameters are its whole subtree), parameterless ones included (each module call
-prefetches), backward = the reverse of the calls whose output needs a gradient. The replay follows
-deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.8): a fetch gathers what is not there
-(one all-gather; a set of several parameters keeps its flat buffer until the last of them is fetched and
-makes torch.cat copies of all of them at the first wait), pops the module's parameters off the trace
-queue (each module's in ds_id order, the model's registration order), prefetches up to
-min(stage3_max_live_parameters - gathered, bucket) elements of not-gathered parameters (remembering,
-for every parameter it passes, the latest step it was passed for), and releases a module's parameters
-after it unless a later use was passed by the prefetcher or comes within
-stage3_max_reuse_distance elements. In forward that release comes where DeepSpeed's post-forward hook
-runs, after the modules called inside the module (an adapter inside a leaf LM layer) have fetched and
-prefetched, with the step counter then. Approximations: in backward a module releases right after its
-fetch (DeepSpeed: once its inputs' gradients are made), no gradient-checkpointing recompute, gathered
-counts only (no activations, so not the peak moment).
+The trace: one forward and backward on the meta device with hooks placed and triggered as DeepSpeed's
+(vlscale.engine.comm.trace_zero3_step, LM layers marked as leaf units as the trainer marks them): on every
+module DeepSpeed hooks (all of them, a leaf module's descendants excepted; a leaf's parameters are its whole
+subtree), parameterless ones included (each fetch prefetches), a fetch at its pre-forward hook and at its
+pre-backward hook (a gradient reached one of its output tensors: once per such tensor; so a module comes
+before the modules it called, whose outputs' gradients come after its own), a release at its post-forward hook
+and at its post-backward hook (the gradients of all its input tensors that need one are made; never, for a
+module none of whose inputs needs one, such as the projection fed CLIP's features: DeepSpeed releases those
+when backward ends). The replay follows deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.8):
+a fetch gathers what is not there (one all-gather; a set of several parameters keeps its flat buffer until
+the last of them is fetched and makes torch.cat copies of all of them at the first wait), pops the
+module's parameters off the trace queue (each module's in ds_id order, the model's registration order),
+prefetches up to min(stage3_max_live_parameters - gathered, bucket) elements of not-gathered parameters
+(remembering, for every parameter it passes, the latest step it was passed for); a release, with the step
+counter then (the fetches begun before it: a layer's release comes after the fetches of the adapters it
+calls, in forward and in backward alike), lets a module's parameters go unless a later use was passed by the
+prefetcher, comes within stage3_max_reuse_distance elements, or another module fetched and not released
+yet holds them (ds_active_sub_modules). Not modelled: parameters a module reads without owning them
+(DeepSpeed's external parameters), the frozen parameters a gradient-checkpointing recompute leaves to the
+backward module then running (a recompute's fetches count as backward), the reuse-distance walk's
+leaf-ness (DeepSpeed counts each later module's parameters recursively or not as the released module is a
+leaf or not; here each module's own; only reuse distances > 0 see it), gathered counts only (no
+activations, so not the peak moment).
 
 Against DeepSpeed, 2026-12-06 (2 CPU ranks, `benchmarks/profile_accuracy.py --knobs` settings): replay =
-`python benchmarks/zero3_gather_replay.py BACKBONE images|cache true|false 0`, its forward figure; measured =
-`python benchmarks/zero3_gather_measure.py BACKBONE images|cache true|false "reuse 0"`, the largest gathered +
-in-flight parameters + live flat buffers after a forward fetch (steps after the first), in M elements:
-  t5-small, CLIP on the fly, module units, reuse 0:  replay 81.1 M   measured 81.1 M (35.7 + 28.8 + 16.6)
-  t5-small, CLIP on the fly, leaf units, reuse 0:    replay 71.6 M   measured 71.6 M (43.9 + 11.1 + 16.6)
-  t5-small, cached features, leaf units, reuse 0:    replay 38.5 M   measured 38.7 M (20.9 + 1.2 + 16.6)
-  t5-base, CLIP on the fly, leaf units, reuse 0:     replay 119.4 M  measured 119.4 M (8.0 + 110.8 + 0.6);
-                                                      118.2 M at the training peak (0.6 + 116.7 + 0.9)
-Backward (the replay's "b", the measure's backward maximum) stays approximate: 64.8 M against 64.8 M,
-55.5 M against 57.6 M, 22.5 M against 23.1 M, 38.3 M against 39.7 M.
+`python benchmarks/zero3_gather_replay.py BACKBONE images|cache true|false 0`, its forward and backward
+figures; measured = `python benchmarks/zero3_gather_measure.py BACKBONE images|cache true|false "reuse 0"`,
+the largest gathered + in-flight parameters + live flat buffers after a forward / backward fetch (steps after
+the first), in M elements, forward / backward (the measured parts: G + I + F):
+  t5-small, CLIP on the fly, module units:  replay 81.1 / 64.8 M   measured 81.1 (35.7 + 28.8 + 16.6)
+                                                                    / 64.8 M (63.4 + 1.2 + 0.3)
+  t5-small, CLIP on the fly, leaf units:    replay 71.6 / 57.6 M   measured 71.6 (43.9 + 11.1 + 16.6)
+                                                                    / 57.6 M (43.9 + 13.8 + 0)
+  t5-small, cached features, leaf units:    replay 38.7 / 23.1 M   measured 38.7 (20.9 + 1.2 + 16.6)
+                                                                    / 23.1 M (20.9 + 2.2 + 0)
+  t5-base, CLIP on the fly, leaf units:     replay 119.4 / 39.7 M  measured 119.4 (8.0 + 110.8 + 0.6)
+                                                                    / 39.7 M (34.7 + 5.0 + 0);
+                                   at the training peak 118.2 M (0.6 + 116.7 + 0.9) on rank 0, 119.4 M on rank 1;
+equal to 0.01 M in each phase. Until this change (2026-12-06) the backward was the reverse of the forward calls whose
+output needs a gradient, each released right after its fetch: 64.8, 55.5, 22.5 and 38.3 M backward, and
+38.5 M forward on the cached row (the forward's prefetches reach into the backward's queue). That order put
+the modules that call others (the model, the LM) last in backward, where their pre-backward hooks run
+first, and each of those parameterless fetches prefetches: lm_head's fetch, the first with parameters and
+the backward maximum, found 2.1 M fewer in flight (t5-small leaf). The release moment alone moves none of
+the four rows: with the traced order and each backward module released right after its fetch they read
+the same; `tests/unit/test_zero3_gather_replay.py` has a case where it does.
 Before 2026-12-06 the replay released a forward module right after its fetch: 67.4 M and 34.5 M on the
 two t5-small leaf rows, each short by the first decoder layer (4.2 M), which DeepSpeed keeps because the
 adapters inside it prefetched past its backward use before its post-forward release. That did not show
@@ -55,48 +74,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from vlscale.config import load_config  # noqa: E402
-from vlscale.engine.comm import _MetaScalars  # noqa: E402
+from vlscale.engine.comm import trace_zero3_step  # noqa: E402
+from vlscale.engine.sharded_loading import mark_zero3_leaf_layers  # noqa: E402
 from vlscale.modeling.vl_model import build_model  # noqa: E402
 from vlscale.profiling.analytic import ZeroSettings, default_vocab_size, resolve_ds_config  # noqa: E402
 from vlscale.profiling.measure import synthetic_batch  # noqa: E402
 
 
 def trace(cfg):
+    """One micro-batch's forward and backward as DeepSpeed's hooks see it (vlscale.engine.comm.trace_zero3_step,
+    on the meta device, LM layers as leaf units as the trainer marks them) -> (events, numel) for
+    ``replay_events``."""
     vocab = default_vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab, device="meta")
-    leaf_classes = set(getattr(model.lm, "_no_split_modules", None) or []) if cfg.train.zero3_leaf_layers else set()
-    names = {id(p): n for n, p in model.named_parameters()}
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    hooked, skip = [], set()
-    for name, m in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
-            continue
-        leaf = type(m).__name__ in leaf_classes and name.startswith("lm.")
-        if leaf:
-            skip.add(name)
-        own = [names[id(p)] for p in m.parameters(recurse=leaf) if id(p) in names]
-        hooked.append((name, m, own))
-    events = []
-    handles = []
-    for name, m, own in hooked:
-        handles.append(m.register_forward_pre_hook(lambda mod, a, name=name, own=own: events.append(["pre", name, own, False])))
-        def post(mod, a, out, name=name):
-            from torch.utils._pytree import tree_flatten
-            flat, _ = tree_flatten(out)
-            g = any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
-            # mark the matching pre event
-            for e in reversed(events):
-                if e[0] == "pre" and e[1] == name and e[3] is False:
-                    e[3] = g or "n"; break
-            events.append(["post", name, None, g])
-        handles.append(m.register_forward_hook(post))
+    mark_zero3_leaf_layers(model, cfg)
     batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab, device=torch.device("meta"), dtype=torch.float32)
-    model.train()
-    with _MetaScalars():
-        model(batch)
-    for h in handles:
-        h.remove()
-    return events, numel
+    t = trace_zero3_step(model, batch)
+    units = [(u.name, u.nested if u.leaf else u.direct) for u in t.units]
+    events = [(kind, *units[u], phase) for kind, u, phase in t.events if kind in ("fetch", "release")]
+    return events, {n: i.numel for n, i in t.info.items()}
 
 
 def replay(cfg, ds, world=2):
@@ -105,33 +101,21 @@ def replay(cfg, ds, world=2):
 
 
 def replay_events(events, numel, z, volume=None):
-    """The replay over a trace (``trace``'s events: ["pre", module, its parameters, output needs a gradient
-    (True, or False / "n")] and ["post", module, None, _]) -> the most elements held gathered, {"f": forward,
-    "b": backward}. ``numel``: {parameter: elements} in the model's parameters() order (DeepSpeed's ds_id
-    order). ``volume`` (a dict): filled with the elements all-gathered per phase."""
+    """The replay over a trace (``trace``'s events, in the order the hooks ran: ("fetch", module, its
+    parameters, "forward" | "backward"), a pre-forward or pre-backward hook, and ("release", module, its
+    parameters, phase), a post-forward or post-backward hook) -> the most elements held gathered after a
+    fetch, {"f": forward, "b": backward}. ``numel``: {parameter: elements} in the model's parameters() order
+    (DeepSpeed's ds_id order). ``volume`` (a dict): filled with the elements all-gathered per phase."""
     thr = z.param_persistence_threshold
     persist = {n for n, k in numel.items() if k <= thr}
-    # module fetch order: forward pre events, then backward: reverse of modules whose output needs grad
-    fwd = [(e[1], [p for p in e[2] if p not in persist]) for e in events if e[0] == "pre"]
-    bwd = [(e[1], [p for p in e[2] if p not in persist]) for e in reversed(events) if e[0] == "pre" and e[3] is True]
-    order = [(m, ps, "f") for m, ps in fwd] + [(m, ps, "b") for m, ps in bwd]
-    # forward: DeepSpeed releases a module in its post-forward hook, after the modules called inside it
-    # fetched (and prefetched): release_at[step] = the step counter then (the fetches begun before it)
-    release_at, begun, open_calls = {}, 0, []
-    for e in events:
-        if e[0] == "pre":
-            open_calls.append((e[1], begun)); begun += 1
-            continue
-        for j in range(len(open_calls) - 1, -1, -1):
-            if open_calls[j][0] == e[1]:
-                release_at[open_calls.pop(j)[1]] = begun
-                break
-    pending = collections.defaultdict(list)  # step counter -> the modules' parameters released then
+    # the module trace: every fetch in order (DeepSpeed's step counter counts them)
+    order = [(m, [p for p in ps if p not in persist]) for kind, m, ps, _ in events if kind == "fetch"]
     # the trace queue lists a module's parameters in DeepSpeed's ds_id order: the model's parameters() order
     rank = {n: i for i, n in enumerate(numel)}
-    ptrace = [(p, s) for s, (m, ps, _) in enumerate(order) for p in sorted(set(ps), key=rank.__getitem__)]
+    ptrace = [(p, s) for s, (m, ps) in enumerate(order) for p in sorted(set(ps), key=rank.__getitem__)]
     queue = collections.deque(ptrace)
     status = {}  # param -> "A" available / "I" inflight
+    active = collections.defaultdict(set)  # param -> modules fetched and not released (ds_active_sub_modules)
     recent = collections.defaultdict(lambda: -10**10)
     handle_of = {}  # param -> its all-gather's id while not fetched
     handles = {}  # id -> the set's parameters, remaining, total elements, several parameters, copies made
@@ -171,30 +155,32 @@ def replay_events(events, numel, z, volume=None):
         if H["multi"] and not H["rem"]:
             live -= H["total"]; del handles[h]  # the flat buffer dies with the last reference
 
-    def release(p):
+    def release(m, need, step_id):
+        """DeepSpeed's release_sub_module of module ``m`` at step counter ``step_id``: a parameter goes unless
+        a prefetch passed a later use, a use comes within the reuse distance, or another module still holds it."""
         nonlocal n_avail, live
-        if status.get(p) == "A":
-            del status[p]; n_avail -= numel[p]; live -= numel[p]
-
-    def release_after(need, step_id):
-        """DeepSpeed's release of a module's parameters, its step counter at ``step_id``."""
         rel = {p for p in need if not recent[p] > step_id}
         trav = 0
-        for m2, ps2, _ in order[step_id:]:
+        for m2, ps2 in order[step_id:]:
             if trav >= z.max_reuse_distance:
                 break
             for p in ps2:
                 rel.discard(p); trav += numel[p]
-        for p in rel:
-            release(p)
+        for p in need:
+            active[p].discard(m)
+            if p in rel and not active[p] and status.get(p) == "A":
+                del status[p]; n_avail -= numel[p]; live -= numel[p]
 
-    for step, (m, ps, phase) in enumerate(order):
-        for need in pending.pop(step, []):
-            release_after(need, step)
-        need = sorted(set(ps))
+    step = 0
+    for kind, m, ps, phase in events:
+        need = sorted(set(p for p in ps if p not in persist))
+        if kind == "release":
+            release(m, need, step)
+            continue
+        phase = "f" if phase == "forward" else "b"
         gather(need, phase)
         for p in need:
-            wait(p)
+            wait(p); active[p].add(m)
         # pop the current module's params off the queue
         not_fetched = {p for p in need if recent[p] < step}
         popped = set()
@@ -211,10 +197,7 @@ def replay_events(events, numel, z, volume=None):
             if got:
                 gather(got, phase)
         best[phase] = max(best[phase], live)
-        if phase == "f" and step in release_at:  # after the modules called inside it
-            pending[release_at[step]].append(need)
-        else:  # backward: right after its fetch (approximation)
-            release_after(need, step + 1)
+        step += 1
     return best
 
 
