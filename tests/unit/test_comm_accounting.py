@@ -35,7 +35,9 @@ with c:
     dist.broadcast(torch.ones(3, dtype=torch.int64), 0)  # broadcast: 24 bytes
 outside = torch.ones(4)
 dist.all_reduce(outside)                                 # not counted: the counter is closed
-json.dump(c.snapshot(), open(sys.argv[2] + f".{r}", "w"))
+from vlscale.engine.distributed import all_reduce_sum
+summed = all_reduce_sum([r + 1, 2.0 ** 30 + 0.5], "cpu")  # the second sum is not a float32
+json.dump(dict(c.snapshot(), summed=summed), open(sys.argv[2] + f".{r}", "w"))
 dist.barrier()  # leave together: gloo aborts a rank whose peer tears the group down mid-way
 dist.destroy_process_group()
 import os
@@ -57,6 +59,7 @@ def test_counter_convention_on_real_collectives(tmp_path, preloaded):
         # ring volumes on 2 ranks: half of all_gather / reduce_scatter, all_reduce once over
         assert snap["wire_bytes"] == {"all_gather": 64, "reduce_scatter": 24, "all_reduce": 10, "broadcast": 24,
                                       "other": 0}
+        assert snap["summed"] == [3.0, 2.0 ** 31 + 1.0]  # distributed.all_reduce_sum: a sum, in float64
 
 
 def _toy():
