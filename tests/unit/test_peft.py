@@ -788,6 +788,40 @@ def test_lora_merge_equals_w_plus_scaled_ba(backbone):
     peft.set_task("vqa")
 
 
+def test_bf16_lora_merge_rounds_the_fp32_sum_once():
+    """bf16 weights and factors: merging stores W + (alpha/r) B A computed in fp32 and rounded once into bf16 (each
+    weight within half a bf16 ulp of the exact sum; a bf16 delta rounds twice), unmerging drifts by at most that
+    rounding and one more, and the merged model's error against fp64 is at most 2x the unmerged bf16 model's."""
+    lm = make_t5().to(torch.bfloat16)
+    base, ref = logits(lm), make_t5().double()
+    peft = apply_peft(lm, peft_cfg("lora", "multiple", lora_rank=4, lora_alpha=8.0), TASKS)
+    perturb(peft)
+    peft.set_task("gqa")
+    ref.load_state_dict(lm.state_dict())  # the bf16 backbone, in fp64; its LoRA sites merged exactly below
+    w0 = {s: lm.get_submodule(s).weight.detach().clone() for s in peft.sites}
+    exact = {}
+    for site, key in zip(peft.sites, [s.key for s in peft._sites]):
+        a, b = peft.lora.sites[key].factors("gqa")
+        exact[site] = w0[site].double() + 2.0 * b.double() @ a.double()
+        ref.get_submodule(site).weight.data.copy_(exact[site])
+
+    def ulp(x):  # of bf16 (8 significant bits) at |x|
+        return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 8)
+
+    unmerged, want = logits(lm).double(), logits(ref)
+    assert (unmerged - base.double()).abs().max() > 1e-2  # guard: the update is not zero
+    assert peft.merge_lora()
+    for site, x in exact.items():
+        err = (lm.get_submodule(site).weight.double() - x).abs()
+        assert (err <= 0.5 * ulp(x) * (1 + 2 ** -10)).all(), (site, (err / ulp(x)).max().item())
+    merged = logits(lm).double()
+    assert (merged - want).abs().max() <= 2 * (unmerged - want).abs().max()
+    peft.unmerge_lora()
+    for site, x in exact.items():
+        w = lm.get_submodule(site).weight.double()
+        assert ((w - w0[site]).abs() <= (0.5 * ulp(x) + 0.5 * ulp(w)) * (1 + 2 ** -10)).all(), site
+
+
 def test_merged_lora_under_single_sharing_serves_every_task_and_remove_unmerges():
     lm = make_t5()
     base = logits(lm)

@@ -8,8 +8,9 @@ LoRA sites are encoder self-attention, decoder self-attention and decoder cross-
 (T5 ``.q``/``.v``; BART ``q_proj``/``v_proj``, whose biases train too with peft.bias=lora_only, the default,
 or all: decided in trainable.py). A starts as nn.Linear's default init and B at zero, so the update is
 zero at init. Dropout follows the hooked projection's train/eval mode. ``merge`` folds
-W <- W + (alpha/r) B A of the current task into the base weight and the hook stops adding the
-update; ``unmerge`` subtracts it again. Under ZeRO-3 both gather the parameters they touch.
+W <- W + (alpha/r) B A of the current task into the base weight (the sum in fp32, rounded once into
+W's dtype) and the hook stops adding the update; ``unmerge`` subtracts it again. Under ZeRO-3 both
+gather the parameters they touch.
 Sharing: A is the "down" and B the "up" projection for ``sites.weight_keys``.
 """
 
@@ -126,4 +127,4 @@ class LoRALayers(nn.Module):
             a, b = layer.factors(task)
             with gathered([base.weight, a, b], modify=True):
                 delta = layer.delta_weight(task)
-                base.weight.add_((sign * delta).to(base.weight.dtype))
+                base.weight.add_(sign * delta)  # computed in fp32, rounded once into the weight's dtype
