@@ -27,14 +27,14 @@ from vlscale.profiling.measure import LiveTensorTracker, SavedTensorCounter, syn
 SMALL = ["train.micro_batch_size=3", "data.max_input_length=18", "data.max_target_length=7"]
 
 
-def _measured_saved(cfg, dtype, zero3_linear=False):
+def _measured_saved(cfg, dtype, zero3_linear=False, padded=True):
     from vlscale.modeling.vl_model import build_model
 
     torch.manual_seed(0)
     vocab = default_vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab, dtype=dtype)
     model.train()
-    batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab, dtype=dtype)
+    batch = synthetic_batch(cfg, cfg.train.micro_batch_size, vocab, dtype=dtype, padded=padded)
     import torch.nn.functional as F
 
     original = F.linear
@@ -86,6 +86,23 @@ def test_activation_tape_matches_autograd(extra):
     rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=4))
     assert measured > 0
     assert abs(rep.saved - measured) <= 0.01 * measured, (rep.saved, measured, rep.by_part)
+
+
+@pytest.mark.parametrize("layers,extra", [(1, ["train.gradient_checkpointing=true"]),
+                                          (2, ["train.gradient_checkpointing=true"]), (2, [])])
+def test_activation_tape_of_an_unpadded_t5_matches_autograd_byte_for_byte(layers, extra, monkeypatch):
+    """No padding (TapeOptions.padded false, every attention mask all ones): T5's encoder self-attention takes the
+    position bias itself as its mask, one tensor for every layer; checkpointed blocks keep their arguments, which
+    hold no padding mask and, in the first block of a stack, no bias (one layer: every bias is the first's)."""
+    from vlscale.modeling import backbones
+
+    monkeypatch.setitem(backbones.LM_REGISTRY, "tiny-t5",
+                        dict(backbones.LM_REGISTRY["tiny-t5"], num_layers=layers, num_decoder_layers=layers))
+    cfg = load_config("tiny", SMALL + extra)
+    assert cfg.model.backbone == "tiny-t5"
+    measured, vocab = _measured_saved(cfg, torch.float32, padded=False)
+    rep = activation_report(cfg, run_shapes(cfg, vocab), TapeOptions(device="cpu", b=4, padded=False))
+    assert rep.saved == measured, (rep.saved, measured, rep.by_part)
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dropout=0.1"], ["model.backbone=tiny-bart", "peft.method=lora"],

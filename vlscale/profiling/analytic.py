@@ -806,8 +806,12 @@ def activation_report(cfg: RunConfig, s: Shapes, opt: TapeOptions) -> Activation
         if first and lm_rg:
             tp.save(tp.new(n * n, False, 8))  # relative-position buckets (the bias embedding's indices)
         x = norm(h, B * n)
-        # self-attention: SDPA gets the position bias folded into its mask, one tensor per layer
-        mask = tp.new((1 if dec else mask_b) * H * n * pad16(n), lm_rg)
+        # self-attention: SDPA gets the position bias folded into its mask, one tensor per layer; the encoder's
+        # without padding gets the bias itself, every layer the same tensor (unless CUDA pads its keys)
+        if dec or opt.padded or pad16(n) != n:
+            mask = tp.new((1 if dec else mask_b) * H * n * pad16(n), lm_rg)
+        else:
+            mask = pos_bias
         if lm_rg and (dec or opt.padded):  # torch.where(condition, bias, min) keeps the condition
             tp.save(tp.new(n * n, False, 1) if dec else enc_mask)
         a = site(attention(x, x, n, n, mask, s.attn_dropout), B * n)
