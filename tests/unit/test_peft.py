@@ -3,6 +3,7 @@ LoRA merging, prompts, the meta device, dtypes and HF gradient checkpointing, on
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -860,20 +861,23 @@ def test_lora_merge_twice_unmerge_unmerged_and_merging_another_task():
 
 def test_lora_single_sharing_merges_once_for_every_task():
     """sharing=single: set_task may change the task while merged (the weights are the same), and merge_lora()
-    for the new task then finds its weights already merged instead of refusing."""
+    for the new task then finds its weights already merged instead of refusing. The merged model computes the
+    hooked one: its error against the hooked model in fp64 is at most 2x the hooked fp32 model's (STYLE.md's rule;
+    the two fp32 models differ by ~2.7e-5 at logits up to 3.1, which a fixed 1e-5 passed on one CPU only)."""
     lm = make_t5()
     peft = apply_peft(lm, peft_cfg("lora", "single"), TASKS)
     perturb(peft)
     proj = lm.get_submodule(peft.sites[0])
     w0 = proj.weight.detach().clone()
     peft.set_task("vqa")
-    hooked = logits(lm)
+    want = logits(copy.deepcopy(lm).double())
+    hooked = logits(lm).double()
     peft.merge_lora()
     merged = proj.weight.detach().clone()
     peft.set_task("gqa")
     assert peft.merge_lora()
     torch.testing.assert_close(proj.weight, merged, rtol=0, atol=0)
-    torch.testing.assert_close(logits(lm), hooked, rtol=1e-5, atol=1e-5)
+    assert (logits(lm).double() - want).abs().max() <= 2 * (hooked - want).abs().max()
     peft.unmerge_lora()
     torch.testing.assert_close(proj.weight, w0, rtol=1e-6, atol=1e-6)
 
