@@ -246,7 +246,7 @@ def main(argv=None) -> int:
             extra[:] = [e for e in extra if not e.startswith("train.max_steps")] + ["train.max_steps=2"]
         import torch
 
-        if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator declares fp16 only when asked: the fp16
+        if not torch.cuda.is_available():  # vlscale runs fp16 on a CPU only when asked (VLSCALE_CPU_FP16): the fp16
             os.environ.setdefault("VLSCALE_CPU_FP16", "1")  # sections' plumbing is checked too (launchers/train.py)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

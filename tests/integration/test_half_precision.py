@@ -1,6 +1,6 @@
 """fp16 training through DeepSpeed's real fp16 optimizers, on CPU.
 
-DeepSpeed's CPU accelerator does not declare fp16; ``VLSCALE_CPU_FP16=1`` declares it
+DeepSpeed's CPU accelerator declares fp16 only on AVX512-FP16 CPUs; ``VLSCALE_CPU_FP16=1`` declares it
 (:func:`vlscale.engine.deepspeed_config.cpu_fp16_enabled`), so these runs go through the same fp16
 optimizer wrappers, dynamic loss scaler and checkpoints as on a GPU, with torch's CPU half-precision
 kernels. They check vlscale's side of fp16 (loss scaling at every ZeRO stage, skipped steps, logs,

@@ -611,7 +611,9 @@ def test_a_cpu_group_never_builds_deepspeeds_shared_memory_kernel_and_declares_f
     """On the CPU, init_distributed marks DeepSpeed's shared-memory all-reduce not compatible, so DeepSpeed never
     builds it (a C++ extension built on first use, 53 s without the build cache, that only DeepSpeed-Inference
     calls); with VLSCALE_CPU_FP16=1 it makes DeepSpeed's CPU accelerator declare fp16 (DeepSpeed's engine refuses
-    fp16 otherwise), and without it leaves the accelerator's declaration as it was."""
+    fp16 otherwise), and without it leaves the accelerator's declaration as it was. Most CPUs have no oneDNN fp16
+    kernels, so the accelerator does not declare fp16 (the first part, on a CPU made to look like one); an
+    AVX512-FP16 CPU declares it already, and asking again adds nothing (the second part)."""
     import deepspeed.ops
     import torch
     import torch.distributed as dist
@@ -630,14 +632,18 @@ def test_a_cpu_group_never_builds_deepspeeds_shared_memory_kernel_and_declares_f
     accelerator = get_accelerator()
     kernel = accelerator.get_op_builder("ShareMemCommBuilder").NAME
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, kernel, True)  # as DeepSpeed's probe finds it here
-    monkeypatch.setattr(accelerator, "is_fp16_supported", accelerator.is_fp16_supported)  # put back after the test
-    monkeypatch.setattr(accelerator, "supported_dtypes", accelerator.supported_dtypes)
-    assert not accelerator.is_fp16_supported() and torch.float16 not in accelerator.supported_dtypes()
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: False)  # a CPU without oneDNN fp16 kernels
+    monkeypatch.setattr(accelerator, "supported_dtypes", lambda: [torch.float32, torch.bfloat16])
 
     distributed.init_distributed()
     assert deepspeed.ops.__compatible_ops__[kernel] is False
-    assert not accelerator.is_fp16_supported() and torch.float16 not in accelerator.supported_dtypes()
+    assert not accelerator.is_fp16_supported() and accelerator.supported_dtypes() == [torch.float32, torch.bfloat16]
     monkeypatch.setenv("VLSCALE_CPU_FP16", "1")
     distributed.init_distributed()
-    assert accelerator.is_fp16_supported() and torch.float16 in accelerator.supported_dtypes()
-    assert torch.float32 in accelerator.supported_dtypes()  # declared beside the others, none dropped
+    assert accelerator.is_fp16_supported()
+    assert accelerator.supported_dtypes() == [torch.float32, torch.bfloat16, torch.float16]  # none dropped
+
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)  # an AVX512-FP16 CPU
+    monkeypatch.setattr(accelerator, "supported_dtypes", lambda: [torch.float32, torch.bfloat16, torch.float16])
+    distributed.init_distributed()
+    assert accelerator.supported_dtypes() == [torch.float32, torch.bfloat16, torch.float16]  # not declared twice

@@ -48,8 +48,10 @@ from vlscale.config import ConfigError, RunConfig, did_you_mean
 
 AUTO = "auto"
 CPU_FP16_ENV = "VLSCALE_CPU_FP16"
-CPU_FP16_ERROR = ("DeepSpeed's CPU accelerator does not support fp16; use train.precision=bf16 or fp32 "
-                  f"(fp16 runs on GPU; {CPU_FP16_ENV}=1 runs DeepSpeed's fp16 path on CPU to check it, slowly)")
+CPU_FP16_ERROR = ("train.precision=fp16 on the CPU: fp16 with loss scaling is a GPU precision, and DeepSpeed's CPU "
+                  "accelerator declares it only on CPUs with oneDNN fp16 kernels (AVX512-FP16); use "
+                  f"train.precision=bf16 or fp32 ({CPU_FP16_ENV}=1 runs DeepSpeed's fp16 path on the CPU to check it, "
+                  "slowly)")
 FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1}
 
@@ -202,8 +204,9 @@ def check_optimizer_params(params: dict, cpu_optimizer: bool, source: str) -> No
 def cpu_fp16_enabled() -> bool:
     """``VLSCALE_CPU_FP16=1``: let fp16 runs through on DeepSpeed's CPU accelerator.
 
-    That accelerator does not declare fp16, so DeepSpeed refuses it; with the variable set,
-    :func:`vlscale.engine.distributed.init_distributed` declares it and the run goes through
+    That accelerator declares fp16 only where oneDNN has fp16 kernels (AVX512-FP16 CPUs), so DeepSpeed
+    refuses it on most CPUs, and vlscale refuses it on every CPU (the same run on any CPU); with the variable
+    set, :func:`vlscale.engine.distributed.init_distributed` declares it and the run goes through
     DeepSpeed's real fp16 optimizers (dynamic loss scaling, skipped overflow steps, the scaler's
     state in checkpoints) with torch's CPU half-precision kernels. It exists to check that code path
     without a GPU (the test suite does); it is slow and says nothing about a GPU's fp16 numerics.

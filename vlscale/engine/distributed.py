@@ -191,6 +191,8 @@ def declare_cpu_fp16() -> None:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():  # a CPU with oneDNN fp16 kernels declares it already
+        return
     dtypes = list(accelerator.supported_dtypes())
     accelerator.is_fp16_supported = lambda: True
     accelerator.supported_dtypes = lambda: [*dtypes, torch.float16]
