@@ -20,6 +20,8 @@ from vlscale.engine.comm import (ModuleCall, ParamInfo, communication_dtype_byte
 COUNTER_WORKER = r'''
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
+from vlscale.engine.distributed import skip_inference_shm_kernel
+skip_inference_shm_kernel()  # as init_distributed does: no build of DeepSpeed-Inference's kernel
 dist.init_process_group("gloo")
 from vlscale.engine.comm import CommCounter
 w, r = dist.get_world_size(), dist.get_rank()

@@ -24,6 +24,8 @@ WORKER = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
+from vlscale.engine.distributed import skip_inference_shm_kernel
+skip_inference_shm_kernel()  # as init_distributed does: no build of DeepSpeed-Inference's kernel
 dist.init_process_group("gloo")
 from vlscale.engine.sharded_loading import build_lm_zero3, gather_full_state_dict
 from vlscale.modeling.backbones import build_lm

@@ -39,6 +39,8 @@ WORKER = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
+from vlscale.engine.distributed import skip_inference_shm_kernel
+skip_inference_shm_kernel()  # as init_distributed does: no build of DeepSpeed-Inference's kernel
 dist.init_process_group("gloo")
 from vlscale.config import load_config
 from vlscale.engine import sharded_loading

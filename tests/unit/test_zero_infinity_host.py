@@ -135,6 +135,8 @@ from deepspeed.ops.op_builder import AsyncIOBuilder
 AsyncIOBuilder.load = lambda self, verbose=True: type("op", (), {"aio_handle": StandInAio})
 import deepspeed
 import torch.distributed as dist
+from vlscale.engine.distributed import skip_inference_shm_kernel
+skip_inference_shm_kernel()  # as init_distributed does: no build of DeepSpeed-Inference's kernel
 dist.init_process_group("gloo")
 from vlscale.config import load_config
 from vlscale.profiling.analytic import default_vocab_size, estimate_memory, resolve_ds_config
