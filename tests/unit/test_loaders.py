@@ -1837,6 +1837,16 @@ def test_hf_array3d_image_columns_decode_from_the_nested_lists_datasets_gives(tm
     with pytest.raises(DataError, match=r"row 3: an array image cell must hold 0-255 integers, got float64 values "
                                         r"in \[0.5, 0.5\]"):
         decode_image([[0.5]], where="row 3")
+    # an array cell (numpy formatting) is held to the same: PIL read floats in [0, 1] as black and clipped
+    # 16-bit values to 255 without a word, and refused int64 pixels that are in range
+    for bad, got in ((np.full((2, 2), 0.5, np.float32), r"float32 values in \[0.5, 0.5\]"),
+                     (np.full((2, 2), 1000, np.uint16), r"uint16 values in \[1000, 1000\]"),
+                     (np.array([["a"]]), r"<U1$")):
+        with pytest.raises(DataError, match=r"row 3: an array image cell must hold 0-255 integers, got " + got):
+            decode_image(bad, where="row 3")
+    with pytest.raises(DataError, match=r"row 3: an array image cell holds no pixels \(shape \(0, 3\)\)"):
+        decode_image(np.zeros((0, 3), np.uint8), where="row 3")
+    assert np.array_equal(decode_image(rgb.astype(np.int64)), rgb)
 
 
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):

@@ -305,8 +305,8 @@ class HFImageSource:
 
 
 def decode_image(value, where: str = "", base_dir=None):
-    """An HF image cell (PIL image, {bytes|path} dict, file path, array, or an Array2D / Array3D column's nested
-    lists of 0-255 integers) -> uint8 (H, W, 3).
+    """An HF image cell (PIL image, {bytes|path} dict, file path, or an array or an Array2D / Array3D column's
+    nested lists, of 0-255 integers) -> uint8 (H, W, 3).
 
     Relative paths resolve against ``base_dir`` when given (then the current directory). Anything
     unreadable raises DataError starting with ``where`` (the dataset, split, row and column).
@@ -334,13 +334,14 @@ def decode_image(value, where: str = "", base_dir=None):
             img = open_path(value)
         elif isinstance(value, (bytes, bytearray)) and value:
             img = Image.open(io.BytesIO(value))
-        elif hasattr(value, "__array__"):
-            img = Image.fromarray(np.asarray(value))
-        elif isinstance(value, list) and value:  # an Array2D / Array3D column's cell: nested lists of pixels
-            pixels = np.asarray(value)
-            if pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255:
-                raise DataError(f"{where}: an array image cell must hold 0-255 integers, got {pixels.dtype} "
-                                f"values in [{pixels.min()}, {pixels.max()}]")
+        elif hasattr(value, "__array__") or isinstance(value, list) and value:  # an array, or an Array2D /
+            pixels = np.asarray(value)  # Array3D column's cell: nested lists of pixels
+            if pixels.size == 0:
+                raise DataError(f"{where}: an array image cell holds no pixels (shape {pixels.shape})")
+            if pixels.dtype != np.uint8 and (pixels.dtype.kind not in "iu" or pixels.min() < 0 or pixels.max() > 255):
+                # PIL would read floats in [0, 1] as black and clip 16-bit values to 255, without a word
+                span = f" values in [{pixels.min()}, {pixels.max()}]" if pixels.dtype.kind in "iufb" else ""
+                raise DataError(f"{where}: an array image cell must hold 0-255 integers, got {pixels.dtype}{span}")
             img = Image.fromarray(pixels.astype(np.uint8))
         else:
             raise DataError(f"{where}: cannot read an image from {type(value).__name__} {value!r:.60}")
