@@ -102,6 +102,11 @@ def parse_args(argv=None):
                  "'COCO_val2014_{id}.jpg')")
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} is a file; the feature cache is a folder (created, or resumed when present)")
+    from vlscale.files import folder_problem
+
+    problem = folder_problem(args.out)  # before the encoder is built and the images are listed (was a traceback)
+    if problem:
+        ap.error(f"--out {args.out} cannot be created or written: {problem}; choose another --out")
     if not (args.synthetic or args.real) and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):

@@ -7,6 +7,7 @@ never a renamed but empty one (the page cache holds a rename and a file's bytes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -46,6 +47,25 @@ def write_text_atomic(path, text: str) -> Path:
     os.replace(tmp, path)
     fsync_path(path.parent)
     return path
+
+
+def folder_problem(folder) -> Optional[str]:
+    """Why ``folder`` cannot be made or written in (the OS's reason), or None: found by making it (and the missing
+    folders above it), then removing what was made, so a command refused for another reason afterwards leaves
+    nothing; an existing folder must let this process write in it."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, as they are removed
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for p in made:
+            with contextlib.suppress(OSError):  # another process's files in it since: left as they are
+                p.rmdir()
+    if not made and not os.access(folder, os.W_OK | os.X_OK):
+        return "not writable (its permissions, or a read-only file system)"
+    return None
 
 
 def _umask() -> int:

@@ -660,7 +660,9 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     for more, words in ((["--pattern", "img.jpg", "--out", str(tmp_path / "f3")], "--pattern 'img.jpg' must contain "
                          "{id} where the id stands"),  # was a traceback
                         (["--out", str(tmp_path / "f.pt")], f"--out {tmp_path / 'f.pt'} is a file; the feature cache "
-                         "is a folder")):
+                         "is a folder"),  # and one under a file: was a NotADirectoryError traceback after the build
+                        (["--out", str(tmp_path / "f.pt" / "c")], f"--out {tmp_path / 'f.pt' / 'c'} cannot be created "
+                         "or written: Not a directory")):
         with pytest.raises(SystemExit) as info:
             launcher.main(base + ["--images", str(tmp_path / "imgs"), *more])
         assert info.value.code == 2 and words in capsys.readouterr().err
