@@ -7,6 +7,7 @@ loaders; the synthetic tokenizer gives every task's answers back exactly.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -297,8 +298,9 @@ def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch)
 
 
 def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
-    """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub and
-    gave a bare SafetensorError for a truncated file: the same one-line errors as build_lm now."""
+    """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub, gave a
+    bare SafetensorError for a truncated file and a hub hint for a missing folder: the same one-line errors as
+    build_lm now."""
     from vlscale.config import ConfigError
     from vlscale.engine.sharded_loading import ShardedLoadError, build_lm_zero3, checkpoint_files
 
@@ -306,6 +308,11 @@ def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_lm_zero3("tiny-t5", ds_config=ds, pretrained=True)
     _one_line(e, "model.backbone=tiny-t5", "model.pretrained=false")
+    # a model.backbone_path that is not there: it read "is not a local directory" and advised downloading
+    # mini-t5 (a shipped miniature no hub has) with `hf download`
+    missing = str(tmp_path / "mini-t5")
+    with pytest.raises(ConfigError, match=rf"^model\.backbone_path={re.escape(repr(missing))} does not exist$"):
+        build_lm_zero3("mini-t5", ds_config=ds, path=missing, pretrained=True)
     d = tmp_path / "truncated"
     shutil.copytree(ASSETS / "mini-t5", d)
     weights = d / "model.safetensors"
