@@ -89,6 +89,13 @@ def check_args(args) -> str | None:
         kinds = FigureCanvasBase.get_supported_filetypes()
         if Path(args.plot).suffix.lstrip(".").lower() not in kinds:
             return f"--plot {args.plot}: name a file matplotlib writes, ending in .{', .'.join(sorted(kinds))}"
+    from vlscale.files import folder_problem
+
+    for flag, path in (("--write-config", args.write_config), ("--plot", args.plot)):
+        # before the plan and any measured run (was after them, and a file in the way read "File exists")
+        problem = path is not None and ("a folder" if Path(path).is_dir() else folder_problem(Path(path).parent))
+        if problem:
+            return f"{flag} {path}: cannot write it ({problem})"
     from vlscale.config import parse_overrides
 
     given = (parse_overrides(args.overrides).get("train") or {}).get("zero_stage")

@@ -55,6 +55,9 @@ def folder_problem(folder) -> Optional[str]:
     nothing; an existing folder must let this process write in it."""
     folder = Path(folder)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, as they are removed
+    there = folder.parents[len(made) - 1] if made else folder  # the nearest that exists
+    if not there.is_dir():  # the OS says "File exists" or "Not a directory"
+        return f"{there} is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -662,7 +662,7 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
                         (["--out", str(tmp_path / "f.pt")], f"--out {tmp_path / 'f.pt'} is a file; the feature cache "
                          "is a folder"),  # and one under a file: was a NotADirectoryError traceback after the build
                         (["--out", str(tmp_path / "f.pt" / "c")], f"--out {tmp_path / 'f.pt' / 'c'} cannot be created "
-                         "or written: Not a directory")):
+                         f"or written: {tmp_path / 'f.pt'} is a file, not a folder")):
         with pytest.raises(SystemExit) as info:
             launcher.main(base + ["--images", str(tmp_path / "imgs"), *more])
         assert info.value.code == 2 and words in capsys.readouterr().err

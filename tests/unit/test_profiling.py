@@ -1546,18 +1546,22 @@ def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_pat
     (["model.backbone=t5-smal"], ["model.backbone='t5-smal'", "did you mean 't5-small'?"]),
     (["--budget", "1e400"], ["memory size '1e400' is not a finite size"]),
     (["--steps", "5"], ["--steps=5 is the length of the measured run; it needs --measure"]),
-    (["--budget", "80GiB", "--write-config", "a_file/ds.json"], ["--write-config a_file/ds.json: cannot write it"]),
+    (["--budget", "80GiB", "--write-config", "a_file/ds.json"],  # it said "File exists", after the plan
+     ["--write-config a_file/ds.json: cannot write it (a_file is a file, not a folder)"]),
     (["--headroom", "2GiB"], ["--headroom 2GiB is what the planner keeps free within a budget; it needs --budget"]),
     (["--budget", ""], ["--budget: memory size '' is not understood"]),
     (["--budget", "24GiB", "--headroom", "abc"], ["--headroom: memory size 'abc' is not understood"]),
     (["--plot", "bars.txt"], ["--plot bars.txt: name a file matplotlib writes, ending in", ".png", ".svg"]),
     (["--plot", "a_file/bars.png"], ["--plot a_file/bars.png: cannot write it"]),
+    (["--measure", "--plot", "a_file/bars.png"], ["--plot a_file/bars.png: cannot write it (a_file is a file, "
+                                                  "not a folder)"]),
 ])
 def test_launcher_refuses_bad_arguments(capsys, launcher, monkeypatch, tmp_path, argv, words):
     """Each was accepted before: a missing --deepspeed fell back to a built-in dict, --write-config without
     --budget wrote nothing and said nothing, --steps 0 "measured" nothing, --top -1 printed every row;
     --headroom without --budget and an empty --budget (an unset shell variable) were ignored silently;
-    --plot into a path it could not write ended in a traceback after the prediction (and any measured run)."""
+    --plot into a path it could not write ended in a traceback after the prediction (and any measured run), then
+    in one line after them."""
     from vlscale.profiling import measure
 
     started = []
