@@ -256,13 +256,18 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
 
 
 def output_clash(out: Path, predict_only: bool) -> str | None:
-    """Why ``out`` must not take this command's ``predictions/``, or None. It refuses a training run's output_dir
-    (its predictions/ belong to the metrics.json beside them) and the other mode's folder: ``--predict-only``
-    into an evaluation's (its eval_metrics.json would no longer match the predictions) and an evaluation into
-    ``--predict-only``'s (its submission/ would no longer match them). The same mode again replaces its files,
-    as a rerun should."""
+    """Why ``out`` must not (or cannot: a folder that cannot be made) take this command's ``predictions/``, or None.
+    It refuses a training run's output_dir (its predictions/ belong to the metrics.json beside them) and the other
+    mode's folder: ``--predict-only`` into an evaluation's (its eval_metrics.json would no longer match the
+    predictions) and an evaluation into ``--predict-only``'s (its submission/ would no longer match them). The same
+    mode again replaces its files, as a rerun should."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; the evaluation writes a folder (predictions/ and its reports)"
+    from vlscale.files import folder_problem
+
+    problem = folder_problem(out)  # it was a traceback once the first task was decoded
+    if problem:
+        return f"--out {out} cannot be created or written: {problem}; choose another --out"
     for name in ("run_summary.json", "train_log.jsonl", "checkpoints"):
         if (out / name).exists():
             return (f"--out {out} holds a training run ({out / name}); its predictions/ belong to that run's "

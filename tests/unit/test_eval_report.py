@@ -442,6 +442,12 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, launcher):
     (tmp_path / "out").write_text("notes")
     assert launcher("evaluate").output_clash(tmp_path / "out", False) == (
         f"--out {tmp_path / 'out'} is a file; the evaluation writes a folder (predictions/ and its reports)")
+    # a folder under it: a NotADirectoryError traceback once the first task was decoded, not refused up front
+    assert launcher("evaluate").output_clash(tmp_path / "out" / "eval", False) == (
+        f"--out {tmp_path / 'out' / 'eval'} cannot be created or written: {tmp_path / 'out'} is a file, not a folder; "
+        f"choose another --out")
+    assert launcher("evaluate").output_clash(tmp_path / "new" / "eval", False) is None
+    assert not (tmp_path / "new").exists()  # the check leaves no folder behind
 
 
 @pytest.mark.parametrize("stage", [1, 3])
