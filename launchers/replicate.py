@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import vlscale.replicate
     from vlscale.config import ConfigError
+    from vlscale.files import folder_problem
 
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
@@ -141,6 +142,9 @@ def main(argv=None) -> int:
         if out.exists() and not out.is_dir():
             raise ReplicationError(f"--out {out} is a file; the replication writes a folder (created, or resumed "
                                    f"when present)")
+        problem = folder_problem(out)  # it was a traceback from the feature cache's mkdir
+        if problem:
+            raise ReplicationError(f"--out {out} cannot be created or written: {problem}; choose another --out")
         check_layout(out, seeds)
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 
