@@ -112,6 +112,12 @@ def parse_args(argv=None):
     for flag in ("batch_size", "shard_size"):
         if getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.device != "cpu":
+        from vlscale.engine.distributed import device_problem
+
+        problem = device_problem(args.device)  # it was blamed on --pretrained, after the images were listed
+        if problem:
+            ap.error(f"--device {problem}")
     return args
 
 

@@ -52,7 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if there is one, else cpu)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the bare answer")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.device is not None:
+        from vlscale.engine.distributed import device_problem
+
+        problem = device_problem(args.device)  # it was torch's error from inside the model's build
+        if problem:
+            p.error(f"--device {problem}")
+    return args
 
 
 def read_inputs(args, cfg):

@@ -1,8 +1,9 @@
 """launchers/predict.py refuses what an adapter cannot answer in one line, before the model is built: an unknown
 task or one it was not trained on (naming the tasks it was), the wrong number of images, a question task without
-text, a caption with text, a missing or unreadable image; for video tasks, a missing, empty or unreadable video, frame
-features of another width, QA without its answer options, a caption with text; a list is answered in batches as
-each input alone, with its own images in order. (The answers themselves: tests/integration/test_predict.py.)"""
+text, a caption with text, a missing or unreadable image, a --device the machine lacks; for video tasks, a missing,
+empty or unreadable video, frame features of another width, QA without its answer options, a caption with text; a
+list is answered in batches as each input alone, with its own images in order. (The answers themselves:
+tests/integration/test_predict.py.)"""
 
 from __future__ import annotations
 
@@ -60,6 +61,28 @@ def test_bad_input_is_refused_naming_it_before_the_model_is_built(adapter, launc
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         launcher("predict").main(["--adapter", "unused", *argv])
     assert message.format(dir=adapter) in str(e.value)
+
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("gpu", 0, "--device 'gpu' is not a device; give cpu, cuda or cuda:N"),
+    ("cuda", 0, "--device 'cuda': this machine has no usable CUDA GPU"),
+    ("cuda:2", 2, "--device 'cuda:2': this machine has 2 GPU(s), cuda:0 to cuda:1"),
+])
+def test_a_device_the_machine_lacks_is_refused_naming_the_flag(adapter, launcher, monkeypatch, capsys, device, gpus,
+                                                               message):
+    """predict.py's and extract_features.py's --device: torch's errors from inside the build, and extract_features.py
+    blamed them on --pretrained ("--pretrained None for tiny-clip-rn: cannot load it (... no NVIDIA driver ...)")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for name, argv in (("predict", ["--adapter", "unused", "--task", "vqa", "--image", str(adapter / "a.png"),
+                                    "--text", "q?"]),
+                       ("extract_features", ["--vision", "tiny-clip-rn", "--images", str(adapter), "--out",
+                                             str(adapter / "cache")])):
+        with pytest.raises(SystemExit) as e:
+            launcher(name).main([*argv, "--device", device])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_caption_takes_no_text(monkeypatch, adapter, launcher):

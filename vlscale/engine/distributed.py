@@ -82,6 +82,22 @@ def local_device_type() -> str:
     return "cuda" if default_device_type() != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (a launcher's ``--device``: ``cpu``, ``cuda``, ``cuda:N``) cannot be used here, or None: a name
+    torch does not know, or a GPU this machine does not have. Both were torch's errors from inside the model's build,
+    which extract_features.py reported as a CLIP checkpoint it could not load."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"{device!r} is not a device; give cpu, cuda or cuda:N"
+    count = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.is_available() else 0
+    if dev.type == "cuda" and not count:
+        return f"{device!r}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False); give cpu"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        return f"{device!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
