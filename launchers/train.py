@@ -59,9 +59,11 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
     start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
     is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
-    use, and RANK without WORLD_SIZE. Ranks that see another filesystem are left to rank 0's check after start-up."""
+    use, and RANK without WORLD_SIZE, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not
+    made). Ranks that see another filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
-    from vlscale.engine.deepspeed_config import global_batch_size, load_ds_file, resolve_ds_file, zero_stage
+    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, global_batch_size, load_ds_file,
+                                                 resolve_ds_file, zero_stage)
     from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, watchdog_timeout_s
     from vlscale.kernels.adapter import env_backend
 
@@ -69,12 +71,16 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         dist_timeout_s(), watchdog_timeout_s(), env_backend()
     except ValueError as e:
         return str(e)
-    try:  # a DeepSpeed file at fault is reported after start-up, with its context
-        stage = cfg.train.zero_stage if cfg.train.zero_stage is not None else zero_stage(
-            load_ds_file(resolve_ds_file(ds_file))[0])
+    from vlscale.config import ConfigError
+
+    try:  # the file's own faults (not JSON, an unknown key): they were found after start-up, output_dir made
+        ds = load_ds_file(resolve_ds_file(ds_file))[0]
+    except DeepSpeedConfigError as e:
+        return f"{type(e).__name__}: {e}"
+    try:  # a bad stage, and the file's disagreements with the run config, are reported after start-up
+        stage = cfg.train.zero_stage if cfg.train.zero_stage is not None else zero_stage(ds)
     except Exception:
         stage = None
-    from vlscale.config import ConfigError
 
     if resume:  # another run's settings (another preset) are the headline, before the global batch they change
         from vlscale.engine.trainer import check_settings_early

@@ -443,8 +443,8 @@ def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
 
 
 def test_input_errors_are_their_message_without_a_traceback(tmp_path, h):
-    """A DeepSpeed file that is not JSON (found after start-up) and an output_dir that cannot be created
-    (found before it) end the run with one line naming the file or folder, and no traceback."""
+    """A DeepSpeed file that is not JSON and an output_dir that cannot be created (both found before start-up)
+    end the run with one line naming the file or folder, and no traceback."""
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 3,}')
     proc = h.launch(["--deepspeed", str(bad), *h.TINY, f"output_dir={tmp_path / 'run'}"], check=False)

@@ -364,6 +364,23 @@ def test_bad_environment_variables_are_refused_before_start(tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
+    """A --deepspeed file that is not JSON, or holds a misspelt key, was refused only after start-up (the process
+    group, DeepSpeed's import), by then having made the output_dir: one line before start-up, nothing made."""
+    from vlscale.config import load_config
+
+    (tmp_path / "comma.json").write_text('{"zero_optimization": {"stage": 3,}}')
+    (tmp_path / "typo.json").write_text('{"zero_optimizaton": {"stage": 3}}')
+    for zero_stage in ("null", "0"):  # the file is read also where train.zero_stage replaces its stage
+        cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", f"train.zero_stage={zero_stage}"])
+        train = launcher("train")
+        assert train.refused_before_start(cfg, False, str(tmp_path / "comma.json")).startswith(
+            f"DeepSpeedConfigError: {tmp_path / 'comma.json'}: not valid JSON")
+        assert train.refused_before_start(cfg, False, str(tmp_path / "typo.json")).startswith(
+            f"DeepSpeedConfigError: {tmp_path / 'typo.json'}: unknown top-level key 'zero_optimizaton'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
     """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
     from types import SimpleNamespace
