@@ -277,6 +277,9 @@ def test_unresolved_auto_and_unknown_file_are_errors(monkeypatch, tmp_path):
     with pytest.raises(DeepSpeedConfigError, match=r"utf16\.json: cannot be read as a JSON DeepSpeed config \("
                                                    r"'utf-8' codec can't decode .*\); save it as UTF-8$"):
         build_deepspeed_config(utf16, cfg_with(), 1)
+    bom = tmp_path / "bom.json"  # UTF-8 with a byte-order mark (Notepad, PowerShell's utf8BOM): read as UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + (DS_DIR / "zero3.json").read_bytes())
+    assert build_deepspeed_config(bom, cfg_with(), 1) == build_deepspeed_config(DS_DIR / "zero3.json", cfg_with(), 1)
     raw = json.loads((DS_DIR / "zero3.json").read_text())
     raw["scheduler"] = {"type": "WarmupLR"}
     with pytest.raises(DeepSpeedConfigError, match="'scheduler' block"):

@@ -1080,6 +1080,11 @@ def test_annotation_files_that_are_not_utf8_name_the_file(tmp_path):
         load_real_examples(make_cfg(root, tasks=["tvqa"], skip_bad_records=True), "tvqa", "train")
     path.write_bytes(b"".join(lines).replace(b"\n", b"\r\n"))  # Windows line ends still read
     assert len(load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")) == COUNTS["tvqa"][0]
+    # UTF-8 with a byte-order mark (Notepad, PowerShell's utf8BOM) reads as UTF-8: was "Unexpected UTF-8 BOM"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(lines))
+    assert len(load_real_examples(make_cfg(root, tasks=["tvqa"]), "tvqa", "train")) == COUNTS["tvqa"][0]
+    vqa.write_bytes(b"\xef\xbb\xbf" + vqa.read_text(encoding="utf-16").encode())
+    assert len(load_real_examples(make_cfg(root), "vqa", "train")) == COUNTS["vqa"][0]
 
 
 def test_vlt5_folder_names_and_coco_subfolders(tmp_path):

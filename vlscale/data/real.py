@@ -245,7 +245,7 @@ def require_file(path, what: str) -> Path:
 def read_json(path, what: str = "annotation file") -> Any:
     path = require_file(path, what)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows tools write one) is read past
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
@@ -273,7 +273,7 @@ def read_jsonl(path, what: str = "annotation file") -> Iterator[tuple[str, Any]]
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # past a byte-order mark
             except UnicodeDecodeError as e:
                 raise _not_utf8(path, e, f"line {n} is ") from None
             if not line.strip():

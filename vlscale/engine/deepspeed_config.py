@@ -287,7 +287,7 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optiona
                                    f"{'is a folder, not a file' if path.is_dir() else 'does not exist'} "
                                    f"(shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)")
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicate_keys)  # BOM or not
     except json.JSONDecodeError as e:
         raise DeepSpeedConfigError(f"{path}: not valid JSON: {e}") from e
     except (OSError, UnicodeDecodeError) as e:  # e.g. saved as UTF-16: a traceback that did not name the file
