@@ -70,9 +70,10 @@ class LoRALinear(nn.Module):
         return (out if anchor is None else out + anchor).to(x.dtype)
 
     def delta_weight(self, task: Optional[str]) -> torch.Tensor:
-        """(alpha/r) B A in fp32, shape (out, in): what merging adds to the base weight."""
+        """(alpha/r) B A in fp32 (fp64 for fp64 factors), shape (out, in): what merging adds to the base weight."""
         a, b = self.factors(task)
-        return (b.float() @ a.float()) * self.scale
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(dtype) @ a.to(dtype)) * self.scale
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}, "
@@ -127,4 +128,4 @@ class LoRALayers(nn.Module):
             a, b = layer.factors(task)
             with gathered([base.weight, a, b], modify=True):
                 delta = layer.delta_weight(task)
-                base.weight.add_(sign * delta)  # computed in fp32, rounded once into the weight's dtype
+                base.weight.add_(sign * delta)  # computed in fp32 (fp64), rounded once into the weight's dtype
