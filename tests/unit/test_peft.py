@@ -800,7 +800,9 @@ def test_lora_merge_equals_w_plus_scaled_ba(backbone):
 def test_bf16_lora_merge_rounds_the_fp32_sum_once():
     """bf16 weights and factors: merging stores W + (alpha/r) B A computed in fp32 and rounded once into bf16 (each
     weight within half a bf16 ulp of the exact sum; a bf16 delta rounds twice), unmerging drifts by at most that
-    rounding and one more, and the merged model's error against fp64 is at most 2x the unmerged bf16 model's."""
+    rounding and one more, and the merged model's error against fp64 is at most 2x the unmerged bf16 model's, in norm
+    over the logits: their max errors' ratio is 0.84 here but 0.4-2.4 over perturb's seeds 0-11 (a few roundings
+    decide a max), their norms' 0.5-1.3."""
     lm = make_t5().to(torch.bfloat16)
     base, ref = logits(lm), make_t5().double()
     peft = apply_peft(lm, peft_cfg("lora", "multiple", lora_rank=4, lora_alpha=8.0), TASKS)
@@ -824,7 +826,7 @@ def test_bf16_lora_merge_rounds_the_fp32_sum_once():
         err = (lm.get_submodule(site).weight.double() - x).abs()
         assert (err <= 0.5 * ulp(x) * (1 + 2 ** -10)).all(), (site, (err / ulp(x)).max().item())
     merged = logits(lm).double()
-    assert (merged - want).abs().max() <= 2 * (unmerged - want).abs().max()
+    assert (merged - want).norm() <= 2 * (unmerged - want).norm()
     peft.unmerge_lora()
     for site, x in exact.items():
         w = lm.get_submodule(site).weight.double()
