@@ -578,12 +578,16 @@ def test_a_single_process_group_needs_no_port(monkeypatch):
 # ----------------------------------------------------------------------------- gradient checkpointing
 
 def test_gradient_checkpointing_gives_the_same_gradients(h):
+    """Each gradient with checkpointing is within 3 E of the plain model's, E the plain fp32 model's largest gradient
+    error against its fp64 copy: |ckpt - plain| <= E_ckpt + E, and E_ckpt <= 2 E (STYLE.md's rule; 0.90 E here).
+    A bias's gradient sums over every token, so its error follows the sum's terms, not its own size: rtol=1e-5,
+    atol=1e-7 held by a margin of 0.5 here (projector.feat.0.bias, 3.0e-7 apart at a gradient of ~0.03)."""
     from vlscale.data import build_tokenizer, build_train_loader
     from vlscale.engine.trainer import seed_everything
     from vlscale.modeling.vl_model import build_model
 
     grads = []
-    for gc in (False, True):
+    for gc, dtype in ((False, torch.float64), (False, torch.float32), (True, torch.float32)):
         cfg = load_config("tiny", h.TINY + ["train.micro_batch_size=4", f"train.gradient_checkpointing={gc}"])
         tok = build_tokenizer(cfg)
         seed_everything(0)
@@ -592,12 +596,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(h):
             for n, p in model.named_parameters():
                 if p.requires_grad and "peft" in n:
                     p.add_(0.05 * torch.randn_like(p))
-        model.train()
-        batch = next(build_train_loader(cfg, tok, 0, 1))
+        model.to(dtype).train()
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in next(build_train_loader(cfg, tok, 0, 1)).items()}
         model(batch).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad})
         assert is_checkpointing(model.lm) == gc
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
-    assert any(g.abs().sum() > 0 for n, g in grads[0].items() if "peft" in n)
+    exact, plain, ckpt = grads
+    assert exact.keys() == plain.keys() == ckpt.keys() and len(plain) > 10
+    err = max((plain[n] - exact[n]).abs().max() for n in exact)
+    for n in exact:
+        assert (ckpt[n] - plain[n]).abs().max() <= 3 * err, n
+    assert any(g.abs().sum() > 0 for n, g in plain.items() if "peft" in n)
