@@ -1261,8 +1261,8 @@ def run(cfg, zero3):
     losses = []
     if zero3 is not None:  # the trainer's optimizer groups and TaskSteps, under DeepSpeed at this stage
         from vlscale.engine.trainer import TaskSteps, optimizer_groups
-        opt = torch.optim.AdamW(optimizer_groups(model, ["vqa", "gqa"]), lr=1e-3, weight_decay=0.0)
-        ds = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
+        opt = torch.optim.AdamW(optimizer_groups(model, ["vqa", "gqa"]), lr=1e-3, weight_decay=0.0, eps=1e-4)
+        ds = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": zero3, "stage3_param_persistence_threshold": 0}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
         steps = TaskSteps.install(engine)
@@ -1278,7 +1278,7 @@ def run(cfg, zero3):
         return losses, norms
     # the reference trainer (VL-Adapter's multitask.py): the other task's modules get no gradient, and
     # AdamW skips them (no update, no moment decay)
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, eps=1e-4)
     norms = []
     for b in batches():
         opt.zero_grad(set_to_none=True)
@@ -1309,7 +1309,10 @@ def test_zero3_matches_plain_pytorch_with_per_task_modules(tmp_path, preloaded):
     ZeRO-3, 0 and 2 give plain PyTorch's losses over alternating tasks (before TaskSteps DeepSpeed
     stepped them with a zero gradient: 1.4e-3 off by step 3). Under ZeRO-3 they must also get a zero
     gradient, not the stale one of their last step (DeepSpeed 0.19); hooks work with partitioned
-    parameters."""
+    parameters. The engines do not clip (DeepSpeed's default gradient_clipping is 1.0, the reference has none),
+    and AdamW's eps is 1e-4, so that a gradient's scale shows: at eps=1e-8 Adam all but ignores it, and LoRA's
+    engines, clipped at norm ~1.07, passed 1e-5 by a margin of 0.45 on the gradient norm after 4 steps, 0.01
+    (rounding) now."""
     import json
 
     from vlscale.engine.distributed import free_port
