@@ -60,7 +60,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
     is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
     use, and RANK without WORLD_SIZE, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not
-    made). Ranks that see another filesystem are left to rank 0's check after start-up."""
+    made), and weights the model's build would not find (a model.backbone_path or model.vision_pretrained that is not
+    there, found after the data had loaded). Ranks that see another filesystem are left to rank 0's check after
+    start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, global_batch_size, load_ds_file,
                                                  resolve_ds_file, zero_stage)
@@ -104,6 +106,12 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         if at is not None and stop_after_steps <= at:
             return (f"--stop-after-steps {stop_after_steps}: the checkpoint resumed is at step {at} already (the run "
                     f"would train on to train.max_steps={cfg.train.max_steps}); give a later step, K > {at}")
+    from vlscale.modeling.vl_model import check_sources
+
+    try:  # before the output_dir is made
+        check_sources(cfg)
+    except ConfigError as e:
+        return f"{type(e).__name__}: {e}"
     try:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -381,6 +381,25 @@ def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
     assert not (tmp_path / "run").exists()
 
 
+def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, launcher):
+    """A model.backbone_path or model.vision_pretrained that is not there was found by the model's build, after the
+    data had loaded (minutes on a real dataset): refused before start-up in the build's words, nothing made. A hub
+    id is not looked for (HF_HUB_OFFLINE, nothing cached: the load finds it or says so)."""
+    from vlscale.config import load_config
+
+    train, out = launcher("train"), f"output_dir={tmp_path / 'run'}"
+    for overrides, message in (
+            ([f"model.backbone_path={tmp_path / 'nope'}"], f"model.backbone_path='{tmp_path / 'nope'}' does not exist"),
+            ([], "model.backbone=tiny-t5 is a random test architecture with no pretrained weights"),
+            (["model.pretrained=false", f"model.vision_pretrained={tmp_path / 'clip.pt'}"],
+             f"model.vision_pretrained='{tmp_path / 'clip.pt'}': no such file")):
+        cfg = load_config("tiny", [out, "model.pretrained=true", *overrides])
+        assert train.refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(f"MissingWeights: {message}")
+    assert not (tmp_path / "run").exists()
+    cfg = load_config("tiny", [out, "model.pretrained=true", "model.backbone_path=nobody/no-such-t5"])
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None
+
+
 def test_metrics_hold_one_entry_per_step_and_split(tmp_path, monkeypatch):
     """--resume of a finished run evaluates its last step again: the entry is replaced, not repeated."""
     from types import SimpleNamespace

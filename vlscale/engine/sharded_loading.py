@@ -530,19 +530,13 @@ def build_lm_zero3(name: str, *, ds_config: dict, path: Optional[str] = None, pr
     receives the :class:`LoadReport` of a pretrained load."""
     import deepspeed
 
-    from vlscale.config import missing_source
-    from vlscale.modeling.backbones import (MissingWeights, check_local_checkpoint, head_of_its_own, lm_class,
-                                            lm_config, pretrained_source)
+    from vlscale.modeling.backbones import head_of_its_own, lm_class, lm_config, pretrained_source
 
     _check_dtype(ds_config, dtype)
     # dtype=None: zero.Init takes it from the config (an explicit dtype is ignored on accelerators
     # without fp16, DeepSpeed's CPU one included, which then partitions in bf16 whatever was asked)
     if pretrained:
-        if path is not None and missing_source(path):  # as build_lm says it, not "download {name} from the hub"
-            raise MissingWeights(f"model.backbone_path={path!r} does not exist")
-        source = pretrained_source(name, path)  # a miniature whose folder is gone: not looked up on the hub
-        if os.path.isdir(source):
-            check_local_checkpoint(name, source, "model.backbone_path" if path else "model.backbone")
+        source = pretrained_source(name, path)  # as build_lm checks it: not "download {name} from the hub"
         config = pretrained_config(name, source, config_overrides)
         with _no_init(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             lm = lm_class(config, own_head=head_of_its_own(source))(config)  # untied as from_pretrained unties it

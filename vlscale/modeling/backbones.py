@@ -115,16 +115,21 @@ def is_shipped(name: str) -> bool:
 
 def pretrained_source(name: str, path: Optional[str] = None) -> str:
     """Where ``from_pretrained`` reads registry backbone ``name``: ``path`` (model.backbone_path), else
-    :func:`hub_id`. A shipped miniature whose folder is gone is an error here: it is on no hub."""
-    if path:
-        return path
-    source = hub_id(name)
-    if canonical_lm_name(name).startswith("tiny-"):
+    :func:`hub_id`, checked without loading anything (launchers/train.py asks before start-up, the builds again):
+    a path that is neither there nor a hub id (:func:`~vlscale.config.missing_source`; a hub id is left to the
+    load, which may find it in the local cache), a miniature whose shipped folder is gone (it is on no hub), a
+    local folder :func:`check_local_checkpoint` refuses."""
+    if path is not None and missing_source(path):
+        raise MissingWeights(f"model.backbone_path={path!r} does not exist")
+    source = path or hub_id(name)
+    if not path and canonical_lm_name(name).startswith("tiny-"):
         raise MissingWeights(f"model.backbone={name} is a random test architecture with no pretrained weights "
                              f"(on no hub): set model.pretrained=false, or model.backbone_path to a folder")
-    if is_shipped(name) and not Path(source).is_dir():
+    if not path and is_shipped(name) and not Path(source).is_dir():
         raise MissingWeights(f"model.backbone={name}: no shipped weights (expected {ASSET_DIR / canonical_lm_name(name)}/; "
                              f"made by scripts/pretrain_backbones.py), and {name!r} is not on the hub")
+    if os.path.isdir(source):
+        check_local_checkpoint(name, source, "model.backbone_path" if path is not None else "model.backbone")
     return source
 
 
@@ -264,12 +269,8 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     meta_of_folder = str(device) == "meta" and path is not None and os.path.isdir(path)
     cls = lm_class(config, own_head=meta_of_folder and head_of_its_own(path))  # (from_pretrained unties itself)
     if pretrained:
-        if path is not None and missing_source(path):
-            raise MissingWeights(f"model.backbone_path={path!r} does not exist")
         source = pretrained_source(name, path)
         key = "model.backbone_path" if path is not None else "model.backbone"
-        if os.path.isdir(source):
-            check_local_checkpoint(name, source, key)
         kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
         try:  # a tensor whose shape disagrees with config.json is reported below, naming it
             model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True,

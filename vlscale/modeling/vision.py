@@ -125,6 +125,31 @@ class VisionEncoder(nn.Module):
         return next(self.visual.parameters()).dtype
 
 
+def pretrained_weights(name: str, pretrained: Optional[str]) -> Optional[str]:
+    """``pretrained`` (model.vision_pretrained) as :func:`build_vision_encoder` reads it, the shipped file for
+    ``synthetic``, checked without building (launchers/train.py asks before start-up): a shipped file that is
+    gone, a file (a name with a suffix) that is not there, a folder. Anything else is an open_clip tag, left to
+    the build (open_clip's cache, or the network)."""
+    if pretrained == "synthetic":  # the miniature CLIPs the project trains and ships
+        from vlscale.modeling.backbones import ASSET_DIR
+
+        asset = ASSET_DIR / f"{name}.safetensors"
+        if not asset.exists():
+            from vlscale.modeling.backbones import MissingWeights
+
+            raise MissingWeights(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
+                                 f"(expected {asset}; made by scripts/pretrain_backbones.py)")
+        pretrained = str(asset)
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
+        from vlscale.modeling.backbones import MissingWeights
+
+        raise MissingWeights(f"model.vision_pretrained={pretrained!r}: no such file")
+    if pretrained and Path(pretrained).is_dir():
+        raise _source_error(f"model.vision_pretrained={pretrained!r} is a directory; give the checkpoint file "
+                            f"in it (.safetensors, or a .pt/.bin state dict) or an open_clip tag")
+    return pretrained
+
+
 def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cpu",
                          dtype: torch.dtype = torch.float32) -> VisionEncoder:
     """Build the visual tower of an open_clip model by name.
@@ -136,23 +161,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
 
     register_tiny_models()
     clip_config(name)  # clear error for unknown names
-    if pretrained == "synthetic":  # the miniature CLIPs the project trains and ships
-        from vlscale.modeling.backbones import ASSET_DIR
-
-        asset = ASSET_DIR / f"{name}.safetensors"
-        if not asset.exists():
-            from vlscale.modeling.backbones import MissingWeights
-
-            raise MissingWeights(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
-                                    f"(expected {asset}; made by scripts/pretrain_backbones.py)")
-        pretrained = str(asset)
-    if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
-        from vlscale.modeling.backbones import MissingWeights
-
-        raise MissingWeights(f"model.vision_pretrained={pretrained!r}: no such file")
-    if pretrained and Path(pretrained).is_dir():
-        raise _source_error(f"model.vision_pretrained={pretrained!r} is a directory; give the checkpoint file "
-                                f"in it (.safetensors, or a .pt/.bin state dict) or an open_clip tag")
+    pretrained = pretrained_weights(name, pretrained)
     if str(device) == "meta":
         with torch.device("meta"), _quiet_open_clip(None):
             model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
