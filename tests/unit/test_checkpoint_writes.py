@@ -383,7 +383,8 @@ def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
 
 def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, launcher):
     """A model.backbone_path or model.vision_pretrained that is not there was found by the model's build, after the
-    data had loaded (minutes on a real dataset): refused before start-up in the build's words, nothing made. A hub
+    data had loaded (minutes on a real dataset), and a model.vision=local-dir: folder without its config was a
+    FileNotFoundError traceback after start-up: refused before start-up in the build's words, nothing made. A hub
     id is not looked for (HF_HUB_OFFLINE, nothing cached: the load finds it or says so)."""
     from vlscale.config import load_config
 
@@ -395,6 +396,10 @@ def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, lau
              f"model.vision_pretrained='{tmp_path / 'clip.pt'}': no such file")):
         cfg = load_config("tiny", [out, "model.pretrained=true", *overrides])
         assert train.refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(f"MissingWeights: {message}")
+    cfg = load_config("tiny", [out, f"model.vision=local-dir:{tmp_path}"])  # a folder without open_clip_config.json
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        f"SourceError: model.vision='local-dir:{tmp_path}': cannot read its open_clip config ([Errno 2] No such file "
+        f"or directory: '{tmp_path / 'open_clip_config.json'}')")
     assert not (tmp_path / "run").exists()
     cfg = load_config("tiny", [out, "model.pretrained=true", "model.backbone_path=nobody/no-such-t5"])
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None

@@ -40,7 +40,13 @@ def clip_config(name: str) -> dict:
     import open_clip
 
     register_tiny_models()
-    cfg = open_clip.get_model_config(name)
+    try:  # local-dir:PATH / hf-hub:ID read a file: a folder without it was a FileNotFoundError traceback
+        cfg = open_clip.get_model_config(name)
+    except (OSError, ValueError) as e:
+        from vlscale.config import SourceError
+
+        raise SourceError(f"model.vision={name!r}: cannot read its open_clip config "
+                          f"({' '.join(str(e).split())})") from None
     if cfg is None:
         from vlscale.config import common_visions
 
