@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int | None = None) -> str | None:
-    """Why this run must not start, found on every rank before the process group and DeepSpeed load:
+    """Why this run must not start, found on every rank before the process group and DeepSpeed's engine:
     an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
     written by another number of ranks with another global batch or at a ZeRO stage that does not load
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
@@ -61,12 +61,15 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
     use, and RANK without WORLD_SIZE, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not
     made), and weights the model's build would not find (a model.backbone_path or model.vision_pretrained that is not
-    there, found after the data had loaded). Ranks that see another filesystem are left to rank 0's check after
+    there, found after the data had loaded). The DeepSpeed config is built here as start-up builds it, so a file
+    that disagrees with the run config or holds a misspelt nested key is refused before the process group, DeepSpeed's
+    engine and the output_dir: all the build reads is known here (the launcher's world size, the accelerator
+    select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's check after
     start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
-    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, global_batch_size, load_ds_file,
-                                                 resolve_ds_file, zero_stage)
-    from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, watchdog_timeout_s
+    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, global_batch_size,
+                                                 load_ds_file, resolve_ds_file, zero_stage)
+    from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, select_accelerator, watchdog_timeout_s
     from vlscale.kernels.adapter import env_backend
 
     try:  # vlscale's environment variables, read only after start-up (the first two a traceback there)
@@ -76,10 +79,11 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     from vlscale.config import ConfigError
 
     try:  # the file's own faults (not JSON, an unknown key): they were found after start-up, output_dir made
-        ds = load_ds_file(resolve_ds_file(ds_file))[0]
+        ds_path = resolve_ds_file(ds_file)
+        ds = load_ds_file(ds_path)[0]
     except DeepSpeedConfigError as e:
         return f"{type(e).__name__}: {e}"
-    try:  # a bad stage, and the file's disagreements with the run config, are reported after start-up
+    try:  # a bad stage, and the file's disagreements with the run config, are the build's below
         stage = cfg.train.zero_stage if cfg.train.zero_stage is not None else zero_stage(ds)
     except Exception:
         stage = None
@@ -108,10 +112,13 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
                     f"would train on to train.max_steps={cfg.train.max_steps}); give a later step, K > {at}")
     from vlscale.modeling.vl_model import check_sources
 
-    try:  # before the output_dir is made
+    try:  # before the output_dir is made; the build reads model.vision's open_clip config too
         check_sources(cfg)
-    except ConfigError as e:
+        build_deepspeed_config(ds, cfg, world, device_type=select_accelerator(), source=ds_path)
+    except (ConfigError, DeepSpeedConfigError) as e:
         return f"{type(e).__name__}: {e}"
+    except Exception:  # another fault: the same build after start-up reports it, with its traceback
+        pass
     try:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:

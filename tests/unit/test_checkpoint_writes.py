@@ -365,12 +365,15 @@ def test_bad_environment_variables_are_refused_before_start(tmp_path, monkeypatc
 
 
 def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
-    """A --deepspeed file that is not JSON, or holds a misspelt key, was refused only after start-up (the process
-    group, DeepSpeed's import), by then having made the output_dir: one line before start-up, nothing made."""
+    """A --deepspeed file that is not JSON, holds a misspelt key (a nested one too) or disagrees with the run config
+    was refused only after start-up (the process group, DeepSpeed's import), by then having made the output_dir: one
+    line before start-up, nothing made."""
     from vlscale.config import load_config
 
     (tmp_path / "comma.json").write_text('{"zero_optimization": {"stage": 3,}}')
     (tmp_path / "typo.json").write_text('{"zero_optimizaton": {"stage": 3}}')
+    (tmp_path / "nested.json").write_text('{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sizee": 9}}')
+    (tmp_path / "batch.json").write_text('{"train_batch_size": 64}')
     for zero_stage in ("null", "0"):  # the file is read also where train.zero_stage replaces its stage
         cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", f"train.zero_stage={zero_stage}"])
         train = launcher("train")
@@ -378,6 +381,13 @@ def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
             f"DeepSpeedConfigError: {tmp_path / 'comma.json'}: not valid JSON")
         assert train.refused_before_start(cfg, False, str(tmp_path / "typo.json")).startswith(
             f"DeepSpeedConfigError: {tmp_path / 'typo.json'}: unknown top-level key 'zero_optimizaton'")
+        assert train.refused_before_start(cfg, False, str(tmp_path / "nested.json")).startswith(
+            f"DeepSpeedConfigError: {tmp_path / 'nested.json'}: unknown key "
+            f"zero_optimization.stage3_prefetch_bucket_sizee; did you mean 'stage3_prefetch_bucket_size'?")
+        assert train.refused_before_start(cfg, False, str(tmp_path / "batch.json")) == (
+            f"DeepSpeedConfigError: {tmp_path / 'batch.json'}: train_batch_size=64 conflicts with the run config's "
+            f"value 16 (train.micro_batch_size=16 x world_size=1 x train.gradient_accumulation_steps=1); remove the "
+            f"key or set it to \"auto\"")
     assert not (tmp_path / "run").exists()
 
 

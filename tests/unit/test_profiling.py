@@ -1641,7 +1641,8 @@ def test_launcher_reads_a_relative_deepspeed_file_from_the_repo_root(capsys, lau
 def test_profiler_and_trainer_take_the_same_default_deepspeed_file(stage, launcher, monkeypatch, tmp_path):
     """Without --deepspeed (nor train.deepspeed) the profiler predicted from ds_configs/zero2.json at
     train.zero_stage 0-2 while launchers/train.py trained zero3.json: two rules for one default. The DeepSpeed
-    dict train.py builds (its main, up to build_deepspeed_config) is the one resolve_ds_config predicts from."""
+    dict train.py builds (its main, up to build_deepspeed_config: once to check it before start-up, once after) is
+    the one resolve_ds_config predicts from."""
     import vlscale.engine.deepspeed_config as dsc
     import vlscale.engine.distributed as distributed
 
@@ -1659,8 +1660,8 @@ def test_profiler_and_trainer_take_the_same_default_deepspeed_file(stage, launch
     monkeypatch.setattr(dsc, "build_deepspeed_config", record)
     monkeypatch.setattr(distributed, "init_distributed",
                         lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
-    assert launcher("train").main(["--config", "tiny", *overrides]) == 1 and len(taken) == 1
-    assert predicted_from == taken[0]
+    assert launcher("train").main(["--config", "tiny", *overrides]) == 1 and len(taken) == 2  # before start-up, after
+    assert predicted_from == taken[0] == taken[1]
 
 
 def test_resolve_ds_config_builds_the_file_as_the_run_does_or_refuses_it(monkeypatch, tmp_path):
