@@ -175,6 +175,22 @@ def test_unknown_model_names_name_their_key():
         vision_dims("RN999")
 
 
+def test_shipped_clip_configs_are_read_without_open_clip_as_open_clip_gives_them(monkeypatch):
+    """launchers/train.py builds the DeepSpeed config before start-up, and its bucket sizes need the tower's width:
+    importing open_clip for that took ~4 s of the time to a misspelt DeepSpeed key. The configs open_clip and
+    vlscale ship are read from their files, the same dicts open_clip gives."""
+    import open_clip
+
+    from vlscale.config import registry_visions
+    from vlscale.modeling.vision import clip_config, register_tiny_models
+
+    register_tiny_models()
+    given = {name: open_clip.get_model_config(name) for name in registry_visions()}
+    monkeypatch.setattr(open_clip, "get_model_config", lambda name: pytest.fail(f"open_clip asked for {name}"))
+    assert {name: clip_config(name) for name in registry_visions()} == given
+    assert vision_dims("RN101")["grid_dim"] == 2048 and vision_dims("tiny-clip-rn")
+
+
 def test_every_registry_backbone_builds_on_meta_fast():
     for name in list_backbones():
         t = time.time()

@@ -35,8 +35,27 @@ def register_tiny_models() -> None:
     _registered = True
 
 
+def _shipped_config(name: str) -> Optional[dict]:
+    """The config open_clip would give for a name it ships (or vlscale's registry adds: the last file of a name, as
+    ``add_model_config`` rescans), read without importing open_clip, which takes seconds: launchers/train.py builds
+    the DeepSpeed config, whose bucket sizes need the tower's width, before start-up. None: open_clip decides."""
+    import json
+
+    from vlscale.config import _clip_config_files
+
+    files = [f for f in _clip_config_files() if f.stem == name]
+    try:
+        cfg = json.loads(files[-1].read_text()) if files else None
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")) else None
+
+
 def clip_config(name: str) -> dict:
     """open_clip's model config (offline: shipped with open_clip or with vlscale)."""
+    shipped = _shipped_config(name)
+    if shipped is not None:
+        return shipped
     import open_clip
 
     register_tiny_models()
