@@ -898,6 +898,10 @@ def test_clip_checkpoint_forms_that_load(tmp_path):
         build_vision_encoder("tiny-clip-rn", str(tmp_path / "text.pt"))
     with pytest.raises(MissingWeights, match=r"model\.vision_pretrained='.*gone\.pt': no such file"):
         build_vision_encoder("tiny-clip-rn", str(tmp_path / "gone.pt"))
+    # a path without a suffix is a path too (open_clip's tags hold no '/'): it was taken for a tag, and failed
+    # only when open_clip looked it up, after the data had loaded
+    with pytest.raises(MissingWeights, match=r"model\.vision_pretrained='.*/gone': no such file"):
+        build_vision_encoder("tiny-clip-rn", str(tmp_path / "gone"))
 
 
 def test_vit_grids_follow_the_patch_size_and_random_towers_do_not_follow_the_host_stream():

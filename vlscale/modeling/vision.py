@@ -11,6 +11,7 @@ random (tests, counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -153,8 +154,8 @@ class VisionEncoder(nn.Module):
 def pretrained_weights(name: str, pretrained: Optional[str]) -> Optional[str]:
     """``pretrained`` (model.vision_pretrained) as :func:`build_vision_encoder` reads it, the shipped file for
     ``synthetic``, checked without building (launchers/train.py asks before start-up): a shipped file that is
-    gone, a file (a name with a suffix) that is not there, a folder. Anything else is an open_clip tag, left to
-    the build (open_clip's cache, or the network)."""
+    gone, a file (a name with a suffix or a path separator: open_clip's tags have neither) that is not there, a
+    folder. Anything else is an open_clip tag, left to the build (open_clip's cache, or the network)."""
     if pretrained == "synthetic":  # the miniature CLIPs the project trains and ships
         from vlscale.modeling.backbones import ASSET_DIR
 
@@ -165,7 +166,8 @@ def pretrained_weights(name: str, pretrained: Optional[str]) -> Optional[str]:
             raise MissingWeights(f"model.vision_pretrained=synthetic: no shipped weights for {name!r} "
                                  f"(expected {asset}; made by scripts/pretrain_backbones.py)")
         pretrained = str(asset)
-    if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
+    path_like = pretrained and (Path(pretrained).suffix or "/" in pretrained or os.sep in pretrained)
+    if path_like and not Path(pretrained).exists():
         from vlscale.modeling.backbones import MissingWeights
 
         raise MissingWeights(f"model.vision_pretrained={pretrained!r}: no such file")
