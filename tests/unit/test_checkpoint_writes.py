@@ -410,6 +410,9 @@ def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, lau
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
         f"SourceError: model.vision='local-dir:{tmp_path}': cannot read its open_clip config ([Errno 2] No such file "
         f"or directory: '{tmp_path / 'open_clip_config.json'}')")
+    cfg = load_config("tiny", [out, f"model.tokenizer={tmp_path / 'tok'}"])  # was found after start-up
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        f"SourceError: model.tokenizer='{tmp_path / 'tok'}' does not exist (expected a local folder, or a hub id)")
     assert not (tmp_path / "run").exists()
     cfg = load_config("tiny", [out, "model.pretrained=true", "model.backbone_path=nobody/no-such-t5"])
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None

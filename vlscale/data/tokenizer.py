@@ -85,13 +85,21 @@ def _is_tiny(name: str) -> bool:
         return name.startswith("tiny-")
 
 
-def _auto(source: str, what: str):
-    from transformers import AutoTokenizer
-
+def check_source(source: str, what: str) -> None:
+    """A tokenizer source that is neither a local folder nor a hub id, refused (a SourceError naming ``what``)
+    without loading anything: launchers/train.py asks before start-up, the build again."""
     from vlscale.config import SourceError, missing_source
 
     if missing_source(source):
         raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)")
+
+
+def _auto(source: str, what: str):
+    from transformers import AutoTokenizer
+
+    from vlscale.config import SourceError
+
+    check_source(source, what)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
