@@ -23,6 +23,13 @@ def _call(module, params, phase):
     return [("fetch", module, params, phase), ("release", module, params, phase)]
 
 
+def _step(*modules):
+    """Each ``(module, params)`` called once in forward, in order, then in backward in the reverse order (a
+    plain chain of calls, none inside another)."""
+    return ([e for m, ps in modules for e in _call(m, ps, "forward")]
+            + [e for m, ps in reversed(modules) for e in _call(m, ps, "backward")])
+
+
 def _settings(**zero):
     return ZeroSettings.from_ds_config({"zero_optimization": {"stage3_max_reuse_distance": 0,
                                                               "stage3_param_persistence_threshold": 0, **zero}})
@@ -74,8 +81,7 @@ def test_prefetch_takes_a_modules_parameters_in_deepspeeds_order(replay):
     order here), not by name. M0 registers z (10) before a (1): with a 5-element bucket the first prefetch
     (at the parameterless X) takes z alone and M0 gathers a on demand. By name, a and z went as one set,
     and the forward gathered 27 elements, at most 16 at once."""
-    events = (_call("X", [], "forward") + _call("M0", ["z", "a"], "forward") + _call("M1", ["m"], "forward")
-              + _call("M1", ["m"], "backward") + _call("M0", ["z", "a"], "backward") + _call("X", [], "backward"))
+    events = _step(("X", []), ("M0", ["z", "a"]), ("M1", ["m"]))
     volume, best = _replay(replay, events, {"z": 10, "a": 1, "m": 5},
                            stage3_prefetch_bucket_size=5, stage3_max_live_parameters=10)
     assert volume == {"f": 26, "b": 6}
@@ -100,8 +106,7 @@ def test_a_prefetched_set_holds_its_flat_buffer_and_the_copies_until_its_last_pa
     M's fetch waits on it: torch.cat copies of both (5 more), while the buffer lives until N fetches q, so
     forward holds 10 at once; backward gathers q alone again (its use comes after N's release) and holds
     q and p (kept: the prefetch passed its backward use), 5."""
-    events = (_call("X", [], "forward") + _call("M", ["p"], "forward") + _call("N", ["q"], "forward")
-              + _call("N", ["q"], "backward") + _call("M", ["p"], "backward") + _call("X", [], "backward"))
+    events = _step(("X", []), ("M", ["p"]), ("N", ["q"]))
     volume, best = _replay(replay, events, {"p": 2, "q": 3},
                            stage3_prefetch_bucket_size=10, stage3_max_live_parameters=100)
     assert volume == {"f": 5, "b": 3}
@@ -115,8 +120,7 @@ def test_a_parameter_stays_gathered_when_its_next_use_lies_within_the_reuse_dist
     backward use and lets b go. Forward gathers a and b once (5, both held at once); backward gathers b again.
     With reuse distance 0 each module's release lets its parameters go: a is gathered twice in forward and
     again at each use in backward (7 and 7), never more than b's 3 at once."""
-    events = (_call("A", ["a"], "forward") + _call("B", ["b"], "forward") + _call("A", ["a"], "forward")
-              + _call("A", ["a"], "backward") + _call("B", ["b"], "backward") + _call("A", ["a"], "backward"))
+    events = _step(("A", ["a"]), ("B", ["b"]), ("A", ["a"]))
     volume, best = _replay(replay, events, {"a": 2, "b": 3}, stage3_max_reuse_distance=4, stage3_prefetch_bucket_size=0)
     assert volume == {"f": 5, "b": 3}
     assert best == {"f": 5, "b": 5}
@@ -130,9 +134,7 @@ def test_a_fetch_pops_off_the_queue_only_its_parameters_no_prefetch_passed(repla
     step. X prefetches M's p (a 2-element bucket); M's fetch pops nothing, so its prefetch takes N's q and
     N's the next, O's r: each forward module finds its parameter gathered, never more than two held. Popping
     p's place again would skip q (gathered on demand by N) and prefetch r a step early."""
-    events = (_call("X", [], "forward") + _call("M", ["p"], "forward") + _call("N", ["q"], "forward")
-              + _call("O", ["r"], "forward") + _call("O", ["r"], "backward") + _call("N", ["q"], "backward")
-              + _call("M", ["p"], "backward") + _call("X", [], "backward"))
+    events = _step(("X", []), ("M", ["p"]), ("N", ["q"]), ("O", ["r"]))
     volume, best = _replay(replay, events, {"p": 2, "q": 2, "r": 2},
                            stage3_prefetch_bucket_size=2, stage3_max_live_parameters=100)
     assert volume == {"f": 8, "b": 4}

@@ -265,10 +265,9 @@ def check_sources(cfg: RunConfig) -> None:
     """The weight files :func:`build_model` reads, and model.tokenizer's source, checked as their builds check
     them, without building (a SourceError naming the key): launchers/train.py asks before start-up, where a
     model.backbone_path or a model.vision_pretrained that is not there was found only after the data had loaded
-    (a model.tokenizer, after start-up). Hub ids and open_clip
-    tags are left to the build (a local cache, or the network, may hold them); model.vision's open_clip config
-    (a local-dir: folder's) is read by the DeepSpeed config's build (``model_widths``), after these: open_clip's
-    import takes seconds."""
+    (a model.tokenizer, after start-up). Hub ids and open_clip tags are left to the build (a local cache, or the
+    network, may hold them); model.vision's open_clip config (a local-dir: folder's) is read by the DeepSpeed
+    config's build (``model_widths``), after these: open_clip's import takes seconds."""
     from vlscale.data.tokenizer import check_source
     from vlscale.modeling.backbones import pretrained_source
     from vlscale.modeling.vision import pretrained_weights
