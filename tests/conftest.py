@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from lane import Lane
 from preloaded import PreloadedServer, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    config._vlscale_lane = Lane(lambda: _busy_jobs(config))
     # Started before collection, so its imports overlap the suite's own (see tests/preloaded.py).
     if not config.option.collectonly:
         config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env())
@@ -28,6 +30,8 @@ def pytest_unconfigure(config):
     for job in getattr(config, "_vlscale_jobs", {}).values():
         if job is not None:
             job.stop()  # a session ended early (-x, Ctrl-C) leaves no job running
+    for stop in getattr(config, "_vlscale_lane_stops", ()):
+        stop()  # runs the lane started that no test waited for
     server = getattr(config, "_vlscale_preloaded", None)
     if server is not None:
         server.close()
@@ -136,6 +140,20 @@ def pytest_collection_finish(session):
                                     if name in used}
 
 
+def _busy_jobs(config) -> int:
+    jobs = getattr(config, "_vlscale_jobs", None) or {}
+    return sum(1 for job in jobs.values() if job is not None and job.proc.poll() is None)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The lane (tests/lane.py, ``config._vlscale_lane``: other conftests queue runs on it at collection) goes on
+    between unit tests and closes at the first other test."""
+    if "/tests/unit/" in str(item.path) and nextitem is not None and "/tests/unit/" in str(nextitem.path):
+        item.config._vlscale_lane.advance()
+    else:
+        item.config._vlscale_lane.close()
+
+
 def _job(config, name: str) -> Job | None:
     jobs = config.__dict__.setdefault("_vlscale_jobs", {})
     if name not in jobs:
@@ -145,11 +163,10 @@ def _job(config, name: str) -> Job | None:
 
 @pytest.fixture(autouse=True)
 def _one_thread_beside_the_background_jobs(pytestconfig):
-    """While a background job runs (one busy core each, beside the unit tests), this process's torch computes
+    """While a background job or the lane's run runs (beside the unit tests), this process's torch computes
     on one thread: two threads beside them oversubscribe the 2 cores, and OpenMP's barriers then wait on a
     descheduled thread (measured: test_choice_scoring's tests 0.5 s alone, 12-13 s beside the jobs)."""
-    jobs = getattr(pytestconfig, "_vlscale_jobs", None) or {}
-    if not any(job is not None and job.proc.poll() is None for job in jobs.values()):
+    if not pytestconfig._vlscale_lane.busy():
         yield
         return
     import torch

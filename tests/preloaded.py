@@ -282,6 +282,10 @@ class PreloadedServer:
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.folder)
         self._count = 0
 
+    def ready(self) -> bool:
+        """Whether the server is listening (a start now does not wait for its imports)."""
+        return os.path.exists(self.sock_path)
+
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.exists(self.sock_path):

@@ -203,16 +203,25 @@ class RunCache:
         self.procs: dict[str, subprocess.CompletedProcess] = {}
         self.started: dict[str, tuple] = {}
 
-    def start(self, *names: str) -> None:
+    def start(self, *names: str, **env) -> None:
         """Start these runs in the background, ahead of their first use (two one-process runs started
-        together use both cores)."""
+        together use both cores); ``env``: variables added to the run's environment."""
         for name in names:
             if name in self.done or name in self.started:
                 continue
             overrides, nproc, launcher = RUN_SPECS[name]
             log = self.root / f"{name}.log"
-            proc = start(overrides + [f"output_dir={self.root / name}"], nproc=nproc, launcher=launcher, log_path=log)
+            proc = start(overrides + [f"output_dir={self.root / name}"], nproc=nproc, launcher=launcher,
+                         env=base_env(nproc, **env), log_path=log)
             self.started[name] = (proc, log, time.monotonic())
+
+    def start_early(self, name: str):
+        """Start this run during the unit tests (the suite's lane, tests/conftest.py): one torch thread a
+        process, as beside any background job. -> its handle, or None if it was started already."""
+        if name in self.done or name in self.started:
+            return None
+        self.start(name, OMP_NUM_THREADS=1)
+        return self.started[name][0]
 
     def __call__(self, name: str) -> Path:
         if name not in self.done:
@@ -249,10 +258,38 @@ def h(preloaded):
     return _THIS
 
 
+def _run_cache(config) -> RunCache:
+    if not hasattr(config, "_vlscale_runs"):
+        config._vlscale_runs = RunCache(config._tmp_path_factory.mktemp("engine_runs"))
+        config.__dict__.setdefault("_vlscale_lane_stops", []).append(config._vlscale_runs.close)
+    return config._vlscale_runs
+
+
+# The runs the lane starts during the unit tests, in this order: the launchers' runs first (their interpreters'
+# imports leave cores idle that the unit tests fill), then the preloaded ones.
+EARLY = ("single_2r", "multi_2r", "single_2n", "single_1p", "multi_1p", "single_2r_gc", "mini_2r")
+
+
+def pytest_collection_finish(session):
+    """With unit tests collected before tests using :func:`runs`, queue the cached runs on the suite's lane
+    (tests/conftest.py) to start while the unit tests run."""
+    items = session.items
+    if session.config.option.collectonly or not any("/tests/unit/" in str(i.path) for i in items):
+        return
+    if not any("runs" in getattr(i, "fixturenames", ()) for i in items):
+        return
+    _THIS.preloaded = server = session.config._vlscale_preloaded
+    cache, lane = _run_cache(session.config), session.config._vlscale_lane
+    for name in EARLY:
+        overrides, nproc, launcher = RUN_SPECS[name]
+        ready = server.ready if launcher == "preloaded" else (lambda: True)
+        lane.add(nproc, ready, lambda name=name: cache.start_early(name))
+
+
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, h) -> RunCache:
+def runs(pytestconfig, h) -> RunCache:
     """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS. ``runs.start(...)``
-    starts runs ahead of their first use."""
-    cache = RunCache(tmp_path_factory.mktemp("engine_runs"))
+    starts runs ahead of their first use; the suite starts them during the unit tests (EARLY)."""
+    cache = _run_cache(pytestconfig)
     yield cache
     cache.close()

@@ -86,3 +86,53 @@ def test_the_warm_up_imports_go_on_without_deepspeeds_muon_module(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.muon.muon_optimizer", None)  # import -> ModuleNotFoundError
     preloaded._preload()
+
+
+def test_the_lane_starts_one_run_at_a_time_on_the_cores_left_idle():
+    """tests/lane.py: a run starts only when no lane run is running, its processes fit beside the background
+    jobs' busy cores (<= 2 in all) and it is ready; the first that fits goes first; a run started already
+    (start() -> None) frees the lane; close() starts nothing more."""
+    from lane import Lane
+
+    class Run:
+        def __init__(self):
+            self.code = None
+
+        def poll(self):
+            return self.code
+
+    jobs, started, ready = [1], [], {"b": False}
+
+    def entry(name, cores, handle=True):
+        def start():
+            started.append(name)
+            return Run() if handle else None
+        return cores, lambda: ready.get(name, True), start
+
+    lane = Lane(lambda: jobs[0])
+    for name, cores in (("a", 2), ("b", 1), ("c", 1), ("d", 2)):
+        lane.add(*entry(name, cores))
+    lane.add(*entry("e", 1, handle=False))
+    lane.advance()
+    assert started == ["c"] and lane.busy() == 2  # a does not fit beside the job, b is not ready
+    lane.advance()
+    assert started == ["c"]  # c runs
+    lane.current[1].code = 0
+    jobs[0] = 0
+    assert lane.busy() == 0
+    lane.advance()
+    assert started == ["c", "a"] and lane.busy() == 2
+    lane.current[1].code = 0
+    ready["b"] = True
+    lane.advance()
+    assert started == ["c", "a", "b"]
+    lane.current[1].code = 1  # a failed run frees the lane too (its test reports it)
+    lane.advance()
+    assert started == ["c", "a", "b", "d"]
+    lane.current[1].code = 0
+    lane.advance()
+    assert started[-1] == "e" and lane.current is None and lane.busy() == 0
+    lane.add(*entry("f", 1))
+    lane.close()
+    lane.advance()
+    assert started == ["c", "a", "b", "d", "e"]
