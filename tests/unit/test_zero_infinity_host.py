@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -139,10 +137,12 @@ from vlscale.engine.distributed import skip_inference_shm_kernel
 skip_inference_shm_kernel()  # as init_distributed does: no build of DeepSpeed-Inference's kernel
 dist.init_process_group("gloo")
 from vlscale.config import load_config
+from vlscale.modeling import backbones
 from vlscale.profiling.analytic import default_vocab_size, estimate_memory, resolve_ds_config
 from vlscale.profiling.measure import run_measured_steps
 
-overrides, param_blocks = json.loads(sys.argv[2])
+overrides, param_blocks, arch = json.loads(sys.argv[2])
+backbones.LM_REGISTRY["tiny-t5-swap"] = backbones._t5(*arch, base=dict(backbones._T5_V1, vocab_size=1100))
 cfg = load_config("tiny", overrides)
 initialize, results = deepspeed.initialize, []
 for i, param_block in enumerate(param_blocks):  # one process for all: its start-up is half of a run's time
@@ -177,24 +177,29 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_zero_infinity_host_bytes_against_deepspeed(tmp_path):
-    """t5-small (random weights) in bf16 with adapters, zero3_nvme.json, 1 CPU rank, 2 training steps through
-    DeepSpeed's swappers (buffers cut to 16.5 M elements, the embedding's size, to spare this machine 3 GB):
-    the pinned buffers DeepSpeed allocates, the partitions it swaps out and the optimizer sub-groups it swaps,
-    byte for byte, with ``max_in_cpu`` at its default and at 0 (no trainable partition kept in memory: the
-    write-back reserve appears). Both runs in one process: its start-up is half of a run's time."""
+def test_zero_infinity_host_bytes_against_deepspeed(tmp_path, preloaded):
+    """A T5 of random weights in bf16 with adapters, zero3_nvme.json, 1 CPU rank, 2 training steps through
+    DeepSpeed's swappers: the pinned buffers DeepSpeed allocates, the partitions it swaps out and the optimizer
+    sub-groups it swaps, byte for byte, with ``max_in_cpu`` at its default and at 0 (no trainable partition kept
+    in memory: the write-back reserve appears). The T5 has every kind of partition at a sixth of t5-small's
+    size: frozen FFN weights of 2 MiB (swapped), frozen attention weights, embedding and norms under 1 MiB (kept
+    in host memory), 0.4 M trainable elements (one optimizer sub-group of 1.6 MB of fp32: swapped); the
+    parameter buffers are cut to 1.1 M elements, just above the largest weight. Both runs in one process forked
+    from the preloaded server (the start-up was half of a run's time)."""
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", VLSCALE_NVME_PATH=str(nvme))
+    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", VLSCALE_NVME_PATH=str(nvme))
     cases = (None, 0)
-    blocks = [{"buffer_size": 16_500_000, **({} if m is None else {"max_in_cpu": m})} for m in cases]
-    spec = [["train.deepspeed=ds_configs/zero3_nvme.json", "model.backbone=t5-small", "train.precision=bf16",
-             "train.micro_batch_size=1"], blocks]
+    blocks = [{"buffer_size": 1_100_000, **({} if m is None else {"max_in_cpu": m})} for m in cases]
+    arch = [256, 4096, 4, 2, 64]  # d_model, d_ff, heads, layers, d_kv: wi and wo 1 M elements each
+    spec = [["train.deepspeed=ds_configs/zero3_nvme.json", "model.backbone=tiny-t5-swap", "train.precision=bf16",
+             "train.micro_batch_size=1"], blocks, arch]
     result = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), json.dumps(spec), str(result)], env=env,
-                          capture_output=True, text=True, timeout=500, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    worker = tmp_path / "zero_infinity_worker.py"
+    worker.write_text(WORKER)
+    proc = preloaded.run(worker, [ROOT, json.dumps(spec), result], env=env, cwd=ROOT, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     results = json.loads(result.read_text())
     assert len(results) == len(cases)
     for max_in_cpu, r in zip(cases, results):
