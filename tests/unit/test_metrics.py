@@ -308,11 +308,13 @@ PTB_REFS = {1: ["A man doesn't want to eat.", "The man won't eat his food.", "a 
 
 
 @pytest.mark.skipif(not captioning.java_available(), reason="needs java (PTB tokenizer, METEOR)")
-def test_caption_scores_with_java_is_coco_captions_cider():
+def test_caption_scores_with_java_is_coco_captions_cider(monkeypatch):
     """With Java, CIDEr-D used our Python tokenisation of the raw strings while BLEU-4, ROUGE-L and METEOR got the
     PTB tokens: --java-metrics reported a CIDEr that was not coco-caption's (VL-T5 / VL-Adapter's) wherever the
-    two split differently. It is now pycocoevalcap's Cider on the PTB tokens."""
+    two split differently. It is now pycocoevalcap's Cider on the PTB tokens (METEOR's JVM, ~10 s, is
+    test_caption_scores_with_java's)."""
     pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(captioning, "_meteor", lambda gts, res: 0.5)  # no JVM for METEOR
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
