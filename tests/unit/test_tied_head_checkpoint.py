@@ -7,11 +7,7 @@ out; a tied checkpoint whose head equals the embedding stays tied everywhere."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,12 +46,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _with_head(src: Path, dst: Path, embedding: str, differ: bool) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -68,7 +58,9 @@ def _with_head(src: Path, dst: Path, embedding: str, differ: bool) -> Path:
 
 @pytest.mark.skipif(not (ASSETS / "mini-t5").is_dir() or not (ASSETS / "mini-bart").is_dir(),
                     reason="miniature backbones not made")
-def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_path):
+def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_path, preloaded):
+    """The builds run in one rank forked from the preloaded server (zero.Init needs a process group)."""
+    from vlscale.engine.distributed import free_port
     from vlscale.modeling.backbones import head_of_its_own
 
     folders = {
@@ -79,13 +71,14 @@ def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_pat
     }
     assert [head_of_its_own(f) for _, f in folders.values()] == [True, False, True, False]
 
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     result = tmp_path / "result.json"
     argv = [str(x) for name, folder in folders.values() for x in (name, folder)]
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), str(result), *argv],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = preloaded.run(script, [ROOT, result, *argv], env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     out = json.loads(result.read_text())
     for key, (_, folder) in folders.items():
         got = out[str(folder)]

@@ -10,9 +10,6 @@ itself (onto the meta device) and that the ZeRO-3 build hands it the accelerator
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -60,13 +57,15 @@ dist.destroy_process_group()
 '''
 
 
-def test_zero3_build_moves_the_vision_buffers_to_the_accelerator(tmp_path):
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def test_zero3_build_moves_the_vision_buffers_to_the_accelerator(tmp_path, preloaded):
+    """The build runs in one rank forked from the preloaded server (zero.Init needs a process group)."""
+    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     result = tmp_path / "calls.json"
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), str(result)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = preloaded.run(script, [ROOT, result], env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     calls = json.loads(result.read_text())
     assert len(calls) == 1 and calls[0]["device"] == "cpu", calls  # DeepSpeed's CPU accelerator's device
     assert any(n.startswith("vision.") and n.endswith("running_mean") for n in calls[0]["buffers"]), calls

@@ -7,11 +7,7 @@ without ``--deepspeed`` decoded the same adapter differently."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,14 +37,11 @@ dist.destroy_process_group()
 BART_GENERATION = {"no_repeat_ngram_size": 3, "num_beams": 4, "early_stopping": True, "forced_bos_token_id": 3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not MINI_BART.is_dir(), reason="miniature backbones not made")
-def test_zero3_build_keeps_the_checkpoints_generation_defaults(tmp_path):
+def test_zero3_build_keeps_the_checkpoints_generation_defaults(tmp_path, preloaded):
+    """The builds run in one rank forked from the preloaded server (zero.Init needs a process group)."""
+    from vlscale.engine.distributed import free_port
+
     in_config = tmp_path / "in_config"  # bart-base's layout: the keys in config.json, no generation_config.json
     shutil.copytree(MINI_BART, in_config)
     (in_config / "generation_config.json").unlink()
@@ -59,12 +52,13 @@ def test_zero3_build_keeps_the_checkpoints_generation_defaults(tmp_path):
     gen = json.loads((in_file / "generation_config.json").read_text())
     (in_file / "generation_config.json").write_text(json.dumps({**gen, **BART_GENERATION, "length_penalty": 2.0}))
 
-    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     result = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), str(result), str(in_config), str(in_file)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = preloaded.run(script, [ROOT, result, in_config, in_file], env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     for folder, (whole, sharded) in json.loads(result.read_text()).items():
         for key, value in BART_GENERATION.items():
             assert whole[key] == value, (folder, key, whole[key])  # from_pretrained reads them
