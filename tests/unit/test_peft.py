@@ -1229,8 +1229,8 @@ class Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         torch.manual_seed(0)
-        self.lm = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-            num_decoder_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
+        self.lm = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+            num_decoder_layers=1, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0))
         self.vision, self.projector = None, nn.Linear(4, 32)
         self.peft = apply_peft(self.lm, cfg, ["vqa", "gqa"])
         g = torch.Generator().manual_seed(1)
