@@ -1,8 +1,8 @@
 """launchers/replicate.py end to end on a tiny budget, and the row settings behind it.
 
-The end-to-end test trains two Table 1 rows for a few steps on a few examples (real subprocesses:
-feature extraction, launchers/train.py, launchers/evaluate.py), checks results.json / the
-Markdown table / the PNG, then reruns the command to check that finished rows are skipped.
+The end-to-end test trains two Table 1 rows for a few steps on a few examples (the commands replicate.py
+starts, feature extraction and launchers/train.py, forked from the suite's preloaded server), checks
+results.json / the Markdown table / the PNG, then reruns the command to check that finished rows are skipped.
 """
 
 from __future__ import annotations
@@ -588,15 +588,32 @@ def test_rows_run_as_their_own_jobs(monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 @needs_assets
-def test_tiny_replication_end_to_end(tmp_path, launcher, capsys):
-    """The first run from the command line; the reruns, which train nothing, in this process."""
+def test_tiny_replication_end_to_end(tmp_path, launcher, preloaded, monkeypatch, capsys):
+    """The first run in this process, the commands it starts (the feature extraction, each row's training) each
+    forked from the suite's preloaded server instead of a new interpreter (tests/fixtures/preloaded_relay.py stands
+    in for it: the same command, environment and exit code); the reruns, which train nothing: the first from the
+    command line (forked too), the other in this process."""
+    from preloaded import IMPORT_TIME_VARS
+
     out = tmp_path / "table1"
     args = ["--table", "1", "--methods", "single_adapter,single_prompt", "--steps", "3", "--out", str(out),
             "--no-progress", "--set", "data.synthetic_train=16", "--set", "data.synthetic_eval=4",
             "--set", "train.eval_batch_size=8"]
-    cmd = [sys.executable, str(ROOT / "launchers" / "replicate.py"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    real_popen, relayed = subprocess.Popen, []
+
+    def popen(cmd, **kw):  # python launchers/<script> ...: relayed
+        if cmd[0] != sys.executable or Path(cmd[1]).parent != ROOT / "launchers":
+            return real_popen(cmd, **kw)
+        assert {k: kw["env"].get(k) for k in IMPORT_TIME_VARS} == {k: preloaded.env.get(k) for k in IMPORT_TIME_VARS}
+        relayed.append(Path(cmd[1]).name)
+        return real_popen([sys.executable, str(ROOT / "tests" / "fixtures" / "preloaded_relay.py"),
+                           preloaded.sock_path, *cmd[1:]], **kw)
+
+    replicate = launcher("replicate")
+    with monkeypatch.context() as mp:
+        mp.setattr(subprocess, "Popen", popen)
+        assert replicate.main(args) == 0, capsys.readouterr().err[-3000:]
+    assert relayed == ["extract_features.py", "train.py", "train.py"]
 
     data = json.loads((out / "results.json").read_text())
     assert data["table"] == 1 and set(data["methods"]) == {"single_adapter", "single_prompt"}
@@ -618,10 +635,9 @@ def test_tiny_replication_end_to_end(tmp_path, launcher, capsys):
     # resumable: a rerun finds both rows done and trains nothing
     before = {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]}
     start = time.time()
-    replicate = launcher("replicate")
-    capsys.readouterr()
-    assert replicate.main(args) == 0, capsys.readouterr().err[-3000:]
-    assert "2 rows (2 already done)" in capsys.readouterr().out
+    proc = preloaded.run(str(ROOT / "launchers" / "replicate.py"), args, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "2 rows (2 already done)" in proc.stdout
     assert {n: (out / "runs" / n / "result.json").stat().st_mtime_ns for n in data["methods"]} == before
     assert json.loads((out / "results.json").read_text())["methods"].keys() == data["methods"].keys()
     assert time.time() - start < 120
