@@ -15,6 +15,7 @@ types them; the answers are the evaluation's (and the frame run's batches are it
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,17 +137,25 @@ def user_inputs(examples) -> dict:
 
 @pytest.fixture(scope="module")
 def video_runs(h, launcher, tmp_path_factory):
-    """1-step runs on tvqa and tvc: "frames" encodes frames in its model, "cache" was trained on cached features."""
+    """1-step runs on tvqa and tvc: "frames" encodes frames in its model, "cache" was trained on cached features
+    (the first trains while the cache is made, then beside the second: one core each)."""
     folder = tmp_path_factory.mktemp("video_predict")
     tiny = [a for a in h.TINY if not a.startswith("data.tasks=")] + ["data.tasks=[tvqa,tvc]"]
     cache = folder / "features"
+    started = {}
+
+    def start(name, args):
+        log = folder / f"{name}.log"
+        started[name] = (h.start(args + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.max_steps=1",
+                                         f"output_dir={folder / name}"], log_path=log), log, time.monotonic())
+
+    start("frames", tiny)
     assert launcher("extract_features").main(["--synthetic", "--quiet", "--out", str(cache), "--config", "tiny",
                                               *tiny]) == 0
-    runs = {"frames": tiny, "cache": tiny + ["model.feature_source=cache", f"data.feature_cache={cache}"]}
-    for name, args in runs.items():
-        h.launch(args + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.max_steps=1",
-                         f"output_dir={folder / name}"])
-    return {name: (folder / name, Predictor(folder / name / "adapter", device="cpu")) for name in runs}
+    start("cache", tiny + ["model.feature_source=cache", f"data.feature_cache={cache}"])
+    for proc, log, t0 in started.values():
+        h.finish(proc, log, t0)
+    return {name: (folder / name, Predictor(folder / name / "adapter", device="cpu")) for name in started}
 
 
 @pytest.mark.parametrize("task", VIDEO_TASKS)
