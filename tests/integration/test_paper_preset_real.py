@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,11 @@ def test_the_preset_trains_from_that_cache_and_resumes_to_the_same_losses(real, 
             "model.backbone=mini-bart", "train.max_steps=3", *SMALL_BATCH, "train.eval_every=0",
             "train.precision=fp32", "train.zero_stage=0"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    h.launch(args + [f"output_dir={whole}"])
-    h.launch(args + [f"output_dir={parts}", "--stop-after-steps", "1"])
+    started = [(h.start(args + [f"output_dir={out}", *extra], log_path=tmp_path / f"{out.name}.log"),
+                tmp_path / f"{out.name}.log", time.monotonic())
+               for out, extra in ((whole, []), (parts, ["--stop-after-steps", "1"]))]  # one core each
+    for proc, log, t0 in started:
+        h.finish(proc, log, t0)
     h.launch(args + [f"output_dir={parts}", "--resume"])
     log = h.read_log(whole)
     assert [r["step"] for r in log] == [1, 2, 3] and "vqa" in {r["task"] for r in log}
