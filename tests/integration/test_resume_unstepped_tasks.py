@@ -2,6 +2,8 @@
 groups of a task no step has drawn hold no Adam state, and DeepSpeed's universal conversion failed on them
 (``KeyError: 'exp_avg'`` at ZeRO-1/2, ``KeyError: <group>`` at ZeRO-3) with a traceback."""
 
+import shutil
+
 import pytest
 
 from vlscale.engine import checkpoint as ckpt
@@ -33,10 +35,10 @@ def test_zero3_resume_on_another_number_of_ranks_keeps_each_task_groups_adam_ste
     args = h.TINY + ["peft.sharing=multiple", "data.tasks=[vqa,gqa,nlvr2,caption]", "train.max_steps=6",
                      "train.eval_every=0", "train.eval_max_examples=2", "model.dropout=0.0",
                      "--deepspeed", str(h.ROOT / "ds_configs" / "zero3.json")]
-    whole = tmp_path / "whole"
-    h.launch(args + [f"output_dir={whole}", "train.micro_batch_size=2"], nproc=2)
-    out = tmp_path / "run"
-    h.launch(args + [f"output_dir={out}", "train.micro_batch_size=2", "--stop-after-steps", "3"], nproc=2)
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    h.launch(args + [f"output_dir={whole}", "train.micro_batch_size=2", "train.save_every=3"], nproc=2)
+    shutil.copytree(whole, out)  # its step-3 checkpoint is the run's at that step: resumed from it, as the
+    (out / "checkpoints" / "latest").write_text("step3")  # refusal of a bad one advises (test_resume_errors.py)
     counts, flats = ckpt._zero3_group_steps(out / "checkpoints" / "step3")
     assert len({counts.get(g, 0.0) for g in range(len(flats))}) > 1, counts  # the groups' counts differ at the stop
     proc = h.launch(args + [f"output_dir={out}", "train.micro_batch_size=4", "--resume"], check=False)
