@@ -183,10 +183,11 @@ RUN_SPECS = {
     # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
     "single_2r_gc": (SINGLE + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
                              "train.zero3_leaf_layers=false"], 2, "preloaded"),
-    # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks, DeepSpeed's launcher
+    # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks (DeepSpeed's launcher on one node:
+    # test_runner_sigterm.py's 2 ranks)
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
                  1, "preloaded"),
-    "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "deepspeed"),
+    "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "preloaded"),
     # single_2r's run on 2 nodes of one rank each: DeepSpeed's hostfile launch (runner -> pdsh -> launch.py
     # on each node), the nodes being this machine (MULTINODE_BIN)
     "single_2n": (SINGLE + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),

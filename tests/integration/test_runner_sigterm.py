@@ -21,13 +21,14 @@ STOP_BOUND_S = 30.0  # the watch's poll (1 s), the step, the checkpoint, exit
 def test_sigterm_to_deepspeeds_runner_stops_the_ranks_with_a_checkpoint(h, tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
-    # more steps than can run within the bound: without the watch the rank is still training when checked
-    args = h.TINY + ["train.micro_batch_size=4", "train.max_steps=100000", f"output_dir={out}"]
-    runner = h.start(args, nproc=1, launcher="deepspeed", log_path=log)
+    # more steps than can run within the bound: without the watch the ranks are still training when checked.
+    # 2 ranks: this is the suite's run of DeepSpeed's launcher on one node (the others fork from the preloaded server)
+    args = h.TINY + ["train.micro_batch_size=2", "train.max_steps=100000", f"output_dir={out}"]
+    runner = h.start(args, nproc=2, launcher="deepspeed", log_path=log)
     try:
         h.wait_for_steps(out, 2, runner, timeout=120)
-        below = psutil.Process(runner.pid).children(recursive=True)  # deepspeed.launcher.launch and the rank
-        assert len(below) == 2, [p.cmdline()[:4] for p in below]
+        below = psutil.Process(runner.pid).children(recursive=True)  # deepspeed.launcher.launch and the ranks
+        assert len(below) == 3, [p.cmdline()[:4] for p in below]
         assert "is gone" not in log.read_text()  # the watch does not fire while the runner lives
         t0 = time.monotonic()
         os.kill(runner.pid, signal.SIGTERM)  # the runner alone, not its process group (Ctrl-C's way)
@@ -48,8 +49,8 @@ def test_sigterm_to_deepspeeds_runner_stops_the_ranks_with_a_checkpoint(h, tmp_p
     assert f"stopped at step {step} (signal)" in text
     assert [r["step"] for r in h.read_log(out)] == list(range(1, step + 1))
     assert h.read_json(out / "run_summary.json")["completed"] is False
-    # resumable: one more step from the checkpoint (one process, the same global batch)
-    resumed = h.launch(h.TINY + ["train.micro_batch_size=4", f"train.max_steps={step + 1}", f"output_dir={out}",
-                                 "--resume"])
+    # resumable: one more step from the checkpoint (2 ranks forked from the preloaded server)
+    resumed = h.launch(h.TINY + ["train.micro_batch_size=2", f"train.max_steps={step + 1}", f"output_dir={out}",
+                                 "--resume"], nproc=2)
     assert [r["step"] for r in h.read_log(out)] == list(range(1, step + 2)), resumed.stdout[-3000:]
     print(f"ranks stopped {took:.1f} s after SIGTERM to the runner, at step {step}")

@@ -69,7 +69,7 @@ def test_two_nodes_through_a_hostfile_match_one_node(runs, h):
 
 
 def test_multiple_adapters_same_losses_and_no_hang(runs, h):
-    """Per-task adapters: 2 ranks (DeepSpeed launcher, different examples per rank, same task per step)
+    """Per-task adapters: 2 ranks (different examples per rank, same task per step)
     finish and match 1 process accumulating the same global batch in 2 micro-batches."""
     one, two = h.read_log(runs("multi_1p")), h.read_log(runs("multi_2r"))
     assert [r["task"] for r in one] == [r["task"] for r in two]
