@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -524,14 +522,18 @@ def test_sigterm_to_one_rank_stops_every_rank_with_its_exit_code(tmp_path, h):
     assert ckpt.latest_tag(out / "checkpoints") == f"step{step}"
 
 
-def test_watchdog_ends_a_stuck_process(h):
-    code = ("import time; from vlscale.engine.distributed import Watchdog; w = Watchdog(1.0, rank=5).start(); "
-            "time.sleep(30)")
+def test_watchdog_ends_a_stuck_process(h, preloaded, tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text("import time\nfrom vlscale.engine.distributed import Watchdog\n"
+                      "w = Watchdog(1.0, rank=5).start()\ntime.sleep(30)\n")
+    run = preloaded.start(script, [], env=h.base_env(), cwd=h.ROOT)  # forked: the server is ready
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=h.ROOT, env=h.base_env(), capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 3 and time.monotonic() - t0 < 20
-    assert "rank 5: no progress" in proc.stderr
+    try:
+        code = run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert code == 3 and time.monotonic() - t0 < 20
+    assert "rank 5: no progress" in run.output()
 
 
 def test_sigterm_asks_to_stop_like_ctrl_c_and_a_second_one_aborts(capsys):
