@@ -268,7 +268,7 @@ def _run_cache(config) -> RunCache:
 
 # The runs the lane starts during the unit tests, in this order: the launchers' runs first (their interpreters'
 # imports leave cores idle that the unit tests fill), then the preloaded ones.
-EARLY = ("single_2r", "multi_2r", "single_2n", "single_1p", "multi_1p", "single_2r_gc", "mini_2r")
+EARLY = ("single_2r", "single_2n", "multi_2r", "single_1p", "multi_1p", "single_2r_gc", "mini_2r")
 
 
 def pytest_collection_finish(session):
