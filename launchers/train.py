@@ -61,14 +61,15 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
     use, and RANK without WORLD_SIZE, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not
     made), and weights the model's build would not find (a model.backbone_path or model.vision_pretrained that is not
-    there, found after the data had loaded). The DeepSpeed config is built here as start-up builds it, so a file
-    that disagrees with the run config or holds a misspelt nested key is refused before the process group, DeepSpeed's
-    engine and the output_dir: all the build reads is known here (the launcher's world size, the accelerator
-    select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's check after
-    start-up."""
+    there, found after the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or
+    with an nvme_path that is not a writable folder (found after the process group started). The DeepSpeed config is
+    built here as start-up builds it, so a file that disagrees with the run config or holds a misspelt nested key is
+    refused before the process group, DeepSpeed's engine and the output_dir: all the build reads is known here (the
+    launcher's world size, the accelerator select_accelerator picks, the environment). Ranks that see another
+    filesystem are left to rank 0's check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
-    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, global_batch_size,
-                                                 load_ds_file, resolve_ds_file, zero_stage)
+    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
+                                                 global_batch_size, load_ds_file, resolve_ds_file, zero_stage)
     from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, select_accelerator, watchdog_timeout_s
     from vlscale.kernels.adapter import env_backend
 
@@ -114,7 +115,7 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
 
     try:  # before the output_dir is made; the build reads model.vision's open_clip config too
         check_sources(cfg)
-        build_deepspeed_config(ds, cfg, world, device_type=select_accelerator(), source=ds_path)
+        check_nvme_support(build_deepspeed_config(ds, cfg, world, device_type=select_accelerator(), source=ds_path))
     except (ConfigError, DeepSpeedConfigError) as e:
         return f"{type(e).__name__}: {e}"
     except Exception:  # another fault: the same build after start-up reports it, with its traceback

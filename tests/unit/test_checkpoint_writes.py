@@ -391,6 +391,29 @@ def test_a_deepspeed_file_at_fault_is_refused_before_start(tmp_path, launcher):
     assert not (tmp_path / "run").exists()
 
 
+def test_nvme_offload_that_cannot_run_is_refused_before_start(tmp_path, monkeypatch, launcher):
+    """ZeRO-Infinity (zero3_nvme.json) without DeepSpeed's async_io op (no libaio), or with an nvme_path that is not a
+    folder, was refused after the process group had started: one line before start-up, naming the key at fault
+    (and the path), nothing made. The op is only asked whether it can be built (a compile test), not built."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from vlscale.config import load_config
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    train, nvme = launcher("train"), "ds_configs/zero3_nvme.json"
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path / "swap"))
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
+    assert train.refused_before_start(cfg, False, nvme).startswith(
+        "DeepSpeedConfigError: zero_optimization.offload_optimizer.device='nvme' (ZeRO-Infinity) needs DeepSpeed's "
+        "async_io op")
+    monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
+    assert train.refused_before_start(cfg, False, nvme).startswith(
+        f"DeepSpeedConfigError: zero_optimization.offload_optimizer.nvme_path='{tmp_path / 'swap'}' does not exist")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "swap").mkdir()
+    assert train.refused_before_start(cfg, False, nvme) is None
+
+
 def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, launcher):
     """A model.backbone_path or model.vision_pretrained that is not there was found by the model's build, after the
     data had loaded (minutes on a real dataset), and a model.vision=local-dir: folder without its config was a

@@ -499,7 +499,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         except (ckpt.CheckpointError, ValueError) as e:
             error = _as_input_error(e)
     _raise_on_every_rank(error)
-    check_nvme_support(ds_config)
+    check_nvme_support(ds_config)  # launchers/train.py refuses it before start-up; this is for direct callers
     # the training data before the model: a bad file or id fails here, not after minutes of loading
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
     error, feature_cache = None, None
