@@ -261,8 +261,6 @@ def output_clash(out: Path, predict_only: bool) -> str | None:
     mode's folder: ``--predict-only`` into an evaluation's (its eval_metrics.json would no longer match the
     predictions) and an evaluation into ``--predict-only``'s (its submission/ would no longer match them). The same
     mode again replaces its files, as a rerun should."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out} is a file; the evaluation writes a folder (predictions/ and its reports)"
     from vlscale.files import folder_problem
 
     problem = folder_problem(out)  # it was a traceback once the first task was decoded

@@ -100,8 +100,6 @@ def parse_args(argv=None):
     if args.pattern and "{id}" not in args.pattern:
         ap.error(f"--pattern {args.pattern!r} must contain {{id}} where the id stands in the file name (e.g. "
                  "'COCO_val2014_{id}.jpg')")
-    if args.out.exists() and not args.out.is_dir():
-        ap.error(f"--out {args.out} is a file; the feature cache is a folder (created, or resumed when present)")
     from vlscale.files import folder_problem
 
     problem = folder_problem(args.out)  # before the encoder is built and the images are listed (was a traceback)

@@ -139,9 +139,6 @@ def main(argv=None) -> int:
         rows = select_rows(table, names)
         seeds = parse_seeds(args.seed)
         out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
-        if out.exists() and not out.is_dir():
-            raise ReplicationError(f"--out {out} is a file; the replication writes a folder (created, or resumed "
-                                   f"when present)")
         problem = folder_problem(out)  # it was a traceback from the feature cache's mkdir
         if problem:
             raise ReplicationError(f"--out {out} cannot be created or written: {problem}; choose another --out")

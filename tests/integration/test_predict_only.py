@@ -164,7 +164,8 @@ def test_an_out_folder_holding_other_output_is_refused_and_kept(setup, launcher,
     assert evaluate(launcher, run, labelled, scored, "--tasks", "vqa") == 0  # a rerun into its own folder
     a_file = tmp_path / "f.pt"
     a_file.write_bytes(b"kept")
-    with pytest.raises(ValueError, match=rf"--out {a_file} is a file; the evaluation writes a folder"):
+    with pytest.raises(ValueError, match=rf"--out {a_file} cannot be created or written: {a_file} is a file, not a "
+                                         r"folder"):
         evaluate(launcher, run, labelled, a_file, "--tasks", "vqa")  # was a traceback after the generation
     assert a_file.read_bytes() == b"kept"
 

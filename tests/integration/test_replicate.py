@@ -735,7 +735,8 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
     a_file = tmp_path / "afile"
     a_file.write_text("kept")
     assert launcher("replicate").main(["--table", "1", "--out", str(a_file), "--dry-run"]) == 2  # was a traceback
-    assert f"replicate: --out {a_file} is a file; the replication writes a folder" in capsys.readouterr().err
+    assert (f"replicate: --out {a_file} cannot be created or written: {a_file} is a file, not a folder"
+            in capsys.readouterr().err)
     # a folder under it: a NotADirectoryError traceback from the feature cache's mkdir
     assert launcher("replicate").main(["--table", "1", "--methods", "single_adapter", "--out", str(a_file / "t1")]) == 2
     assert (f"replicate: --out {a_file / 't1'} cannot be created or written: {a_file} is a file, not a folder"

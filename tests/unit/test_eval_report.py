@@ -441,7 +441,8 @@ def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp
 def test_an_out_that_is_a_file_is_refused(tmp_path, launcher):
     (tmp_path / "out").write_text("notes")
     assert launcher("evaluate").output_clash(tmp_path / "out", False) == (
-        f"--out {tmp_path / 'out'} is a file; the evaluation writes a folder (predictions/ and its reports)")
+        f"--out {tmp_path / 'out'} cannot be created or written: {tmp_path / 'out'} is a file, not a folder; choose "
+        f"another --out")
     # a folder under it: a NotADirectoryError traceback once the first task was decoded, not refused up front
     assert launcher("evaluate").output_clash(tmp_path / "out" / "eval", False) == (
         f"--out {tmp_path / 'out' / 'eval'} cannot be created or written: {tmp_path / 'out'} is a file, not a folder; "

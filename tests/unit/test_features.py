@@ -659,8 +659,9 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     (tmp_path / "f.pt").write_bytes(b"kept")
     for more, words in ((["--pattern", "img.jpg", "--out", str(tmp_path / "f3")], "--pattern 'img.jpg' must contain "
                          "{id} where the id stands"),  # was a traceback
-                        (["--out", str(tmp_path / "f.pt")], f"--out {tmp_path / 'f.pt'} is a file; the feature cache "
-                         "is a folder"),  # and one under a file: was a NotADirectoryError traceback after the build
+                        (["--out", str(tmp_path / "f.pt")], f"--out {tmp_path / 'f.pt'} cannot be created or "
+                         f"written: {tmp_path / 'f.pt'} is a file, not a folder"),  # and one under a file: was a
+                        # NotADirectoryError traceback after the build
                         (["--out", str(tmp_path / "f.pt" / "c")], f"--out {tmp_path / 'f.pt' / 'c'} cannot be created "
                          f"or written: {tmp_path / 'f.pt'} is a file, not a folder")):
         with pytest.raises(SystemExit) as info:
