@@ -126,7 +126,7 @@ def evaluation_ds_config(ds_file: str, cfg, world_size: int, device_type: str, z
                                                              global_batch_size=None, gradient_accumulation_steps=1))
     ds = build_deepspeed_config(ds, cfg, world_size, device_type=device_type, source=source)
     ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
-    check_nvme_support(ds)
+    check_nvme_support(ds, source=source)
     return ds
 
 

@@ -115,7 +115,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
 
     try:  # before the output_dir is made; the build reads model.vision's open_clip config too
         check_sources(cfg)
-        check_nvme_support(build_deepspeed_config(ds, cfg, world, device_type=select_accelerator(), source=ds_path))
+        check_nvme_support(build_deepspeed_config(ds, cfg, world, device_type=select_accelerator(), source=ds_path),
+                           source=ds_path)
     except (ConfigError, DeepSpeedConfigError) as e:
         return f"{type(e).__name__}: {e}"
     except Exception:  # another fault: the same build after start-up reports it, with its traceback

@@ -404,11 +404,12 @@ def test_nvme_offload_that_cannot_run_is_refused_before_start(tmp_path, monkeypa
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path / "swap"))
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: False)
     assert train.refused_before_start(cfg, False, nvme).startswith(
-        "DeepSpeedConfigError: zero_optimization.offload_optimizer.device='nvme' (ZeRO-Infinity) needs DeepSpeed's "
-        "async_io op")
+        f"DeepSpeedConfigError: {nvme}: zero_optimization.offload_optimizer.device='nvme' (ZeRO-Infinity) needs "
+        "DeepSpeed's async_io op")
     monkeypatch.setattr(AsyncIOBuilder, "is_compatible", lambda self, verbose=False: True)
     assert train.refused_before_start(cfg, False, nvme).startswith(
-        f"DeepSpeedConfigError: zero_optimization.offload_optimizer.nvme_path='{tmp_path / 'swap'}' does not exist")
+        f"DeepSpeedConfigError: {nvme}: zero_optimization.offload_optimizer.nvme_path='{tmp_path / 'swap'}' does not "
+        "exist")
     assert not (tmp_path / "run").exists()
     (tmp_path / "swap").mkdir()
     assert train.refused_before_start(cfg, False, nvme) is None

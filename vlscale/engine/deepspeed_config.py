@@ -605,11 +605,12 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
     return ds
 
 
-def check_nvme_support(ds_config: dict) -> None:
+def check_nvme_support(ds_config: dict, source: Optional[str] = None) -> None:
     """ZeRO-Infinity (``"device": "nvme"`` offload) runs on DeepSpeed's ``async_io`` op, which needs libaio.
     Checked before the model is built, so a machine without it gets this reason instead of DeepSpeed's
     "Unable to JIT load the async_io op" from inside ``deepspeed.initialize``. The ``nvme_path`` must be a folder
-    this process can write."""
+    this process can write. ``source``: the file the config came from, named first in the message."""
+    at = f"{source}: " if source else ""
     zero = ds_config.get("zero_optimization") or {}
     nvme = [k for k in ("offload_optimizer", "offload_param")
             if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
@@ -619,7 +620,7 @@ def check_nvme_support(ds_config: dict) -> None:
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
         raise DeepSpeedConfigError(
-            f"zero_optimization.{nvme[0]}.device='nvme' (ZeRO-Infinity) needs DeepSpeed's async_io op, which "
+            f"{at}zero_optimization.{nvme[0]}.device='nvme' (ZeRO-Infinity) needs DeepSpeed's async_io op, which "
             f"cannot be built here: it needs libaio's headers and library (Debian/Ubuntu: apt install "
             f"libaio-dev, then reinstall deepspeed). Without it, offload to CPU: ds_configs/zero3_offload.json")
     for key in nvme:  # DeepSpeed writes its swap files there: a missing or read-only folder was a traceback from
@@ -629,7 +630,7 @@ def check_nvme_support(ds_config: dict) -> None:
                    "does not exist" if not os.path.exists(path) else
                    "is not a folder" if not os.path.isdir(path) else "cannot be written by this process")
             raise DeepSpeedConfigError(
-                f"zero_optimization.{key}.nvme_path={path!r} {why}: DeepSpeed writes its swap files there; give "
+                f"{at}zero_optimization.{key}.nvme_path={path!r} {why}: DeepSpeed writes its swap files there; give "
                 f"a writable folder on a fast local NVMe drive (the file's nvme_path, or VLSCALE_NVME_PATH for \"auto\")")
 
 
