@@ -261,11 +261,11 @@ def output_clash(out: Path, predict_only: bool) -> str | None:
     mode's folder: ``--predict-only`` into an evaluation's (its eval_metrics.json would no longer match the
     predictions) and an evaluation into ``--predict-only``'s (its submission/ would no longer match them). The same
     mode again replaces its files, as a rerun should."""
-    from vlscale.files import folder_problem
+    from vlscale.files import out_problem
 
-    problem = folder_problem(out)  # it was a traceback once the first task was decoded
+    problem = out_problem(out)  # it was a traceback once the first task was decoded
     if problem:
-        return f"--out {out} cannot be created or written: {problem}; choose another --out"
+        return problem
     for name in ("run_summary.json", "train_log.jsonl", "checkpoints"):
         if (out / name).exists():
             return (f"--out {out} holds a training run ({out / name}); its predictions/ belong to that run's "

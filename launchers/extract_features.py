@@ -100,11 +100,11 @@ def parse_args(argv=None):
     if args.pattern and "{id}" not in args.pattern:
         ap.error(f"--pattern {args.pattern!r} must contain {{id}} where the id stands in the file name (e.g. "
                  "'COCO_val2014_{id}.jpg')")
-    from vlscale.files import folder_problem
+    from vlscale.files import out_problem
 
-    problem = folder_problem(args.out)  # before the encoder is built and the images are listed (was a traceback)
+    problem = out_problem(args.out)  # before the encoder is built and the images are listed (was a traceback)
     if problem:
-        ap.error(f"--out {args.out} cannot be created or written: {problem}; choose another --out")
+        ap.error(problem)
     if not (args.synthetic or args.real) and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
     for flag in ("batch_size", "shard_size"):

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import vlscale.replicate
     from vlscale.config import ConfigError
-    from vlscale.files import folder_problem
+    from vlscale.files import out_problem
 
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
@@ -139,9 +139,9 @@ def main(argv=None) -> int:
         rows = select_rows(table, names)
         seeds = parse_seeds(args.seed)
         out = (args.out or ROOT / "runs" / "replicate" / f"table{table.number}").resolve()
-        problem = folder_problem(out)  # it was a traceback from the feature cache's mkdir
+        problem = out_problem(out)  # it was a traceback from the feature cache's mkdir
         if problem:
-            raise ReplicationError(f"--out {out} cannot be created or written: {problem}; choose another --out")
+            raise ReplicationError(problem)
         check_layout(out, seeds)
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 

@@ -282,6 +282,15 @@ class PreloadedServer:
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.folder)
         self._count = 0
 
+    def one_rank_env(self, **extra) -> dict:
+        """The server's environment with a one-rank process group's variables (RANK 0 of WORLD_SIZE 1, a free
+        MASTER_PORT) and ``extra``: for a 1-process run whose code starts the group itself (``nproc > 1`` sets
+        them for each rank)."""
+        from vlscale.engine.distributed import free_port
+
+        return dict(self.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()), **extra)
+
     def ready(self) -> bool:
         """Whether the server is listening (a start now does not wait for its imports)."""
         return os.path.exists(self.sock_path)

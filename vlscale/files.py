@@ -71,6 +71,13 @@ def folder_problem(folder) -> Optional[str]:
     return None
 
 
+def out_problem(out, flag: str = "--out") -> Optional[str]:
+    """A launcher's one-line refusal of an output folder ``out`` (given as ``flag``) that cannot be made or written
+    (:func:`folder_problem`'s reason), or None."""
+    problem = folder_problem(out)
+    return f"{flag} {out} cannot be created or written: {problem}; choose another {flag}" if problem else None
+
+
 def _umask() -> int:
     try:  # Linux: read without changing it
         for line in Path("/proc/self/status").read_text().splitlines():

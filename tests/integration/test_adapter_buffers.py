@@ -179,10 +179,8 @@ def test_a_resume_restores_the_batchnorm_statistics(tmp_path, preloaded):
     stage 0 measured the same) has the statistics the run had then, and continues as the uninterrupted run does."""
     from pathlib import Path
 
-    from vlscale.engine.distributed import free_port
 
-    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1")
+    env = preloaded.one_rank_env()
     script = tmp_path / "resume_probe.py"
     script.write_text(RESUME_PROBE)
     proc = preloaded.run(script, [str(tmp_path), str(Path(__file__).parent)], env=env, cwd=tmp_path, timeout=300)

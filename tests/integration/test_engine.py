@@ -163,8 +163,7 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     overrides, _, _ = h.RUN_SPECS["single_2r"]
     script = tmp_path / "probe.py"
     script.write_text(UNIVERSAL_PROBE)
-    env = dict(preloaded.env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(h.free_port()), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1")
+    env = preloaded.one_rank_env()
     args = [*overrides, f"output_dir={one}", "train.micro_batch_size=4", "train.eval_every=0", "train.test_eval=false"]
     proc = preloaded.run(script, [str(h.ROOT / "ds_configs" / "zero3.json"), *args], env=env, cwd=h.ROOT, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

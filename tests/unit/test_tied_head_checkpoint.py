@@ -60,7 +60,6 @@ def _with_head(src: Path, dst: Path, embedding: str, differ: bool) -> Path:
                     reason="miniature backbones not made")
 def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_path, preloaded):
     """The builds run in one rank forked from the preloaded server (zero.Init needs a process group)."""
-    from vlscale.engine.distributed import free_port
     from vlscale.modeling.backbones import head_of_its_own
 
     folders = {
@@ -71,8 +70,7 @@ def test_a_head_of_its_own_in_a_tied_checkpoint_is_untied_by_every_build(tmp_pat
     }
     assert [head_of_its_own(f) for _, f in folders.values()] == [True, False, True, False]
 
-    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    env = preloaded.one_rank_env(OMP_NUM_THREADS="1")
     result = tmp_path / "result.json"
     argv = [str(x) for name, folder in folders.values() for x in (name, folder)]
     script = tmp_path / "worker.py"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from vlscale.engine.distributed import free_port
 from vlscale.engine.sharded_loading import move_buffers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +58,7 @@ dist.destroy_process_group()
 
 def test_zero3_build_moves_the_vision_buffers_to_the_accelerator(tmp_path, preloaded):
     """The build runs in one rank forked from the preloaded server (zero.Init needs a process group)."""
-    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    env = preloaded.one_rank_env(OMP_NUM_THREADS="1")
     result = tmp_path / "calls.json"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -40,8 +40,6 @@ BART_GENERATION = {"no_repeat_ngram_size": 3, "num_beams": 4, "early_stopping": 
 @pytest.mark.skipif(not MINI_BART.is_dir(), reason="miniature backbones not made")
 def test_zero3_build_keeps_the_checkpoints_generation_defaults(tmp_path, preloaded):
     """The builds run in one rank forked from the preloaded server (zero.Init needs a process group)."""
-    from vlscale.engine.distributed import free_port
-
     in_config = tmp_path / "in_config"  # bart-base's layout: the keys in config.json, no generation_config.json
     shutil.copytree(MINI_BART, in_config)
     (in_config / "generation_config.json").unlink()
@@ -52,8 +50,7 @@ def test_zero3_build_keeps_the_checkpoints_generation_defaults(tmp_path, preload
     gen = json.loads((in_file / "generation_config.json").read_text())
     (in_file / "generation_config.json").write_text(json.dumps({**gen, **BART_GENERATION, "length_penalty": 2.0}))
 
-    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    env = preloaded.one_rank_env(OMP_NUM_THREADS="1")
     result = tmp_path / "result.json"
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from vlscale.config import load_config
-from vlscale.engine.distributed import free_port
 from vlscale.profiling.analytic import (ParamInventory, ZeroSettings, estimate_memory, resolve_ds_config,
                                         zero_infinity_bytes)
 
@@ -188,8 +187,7 @@ def test_zero_infinity_host_bytes_against_deepspeed(tmp_path, preloaded):
     from the preloaded server (the start-up was half of a run's time)."""
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    env = dict(preloaded.env, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", VLSCALE_NVME_PATH=str(nvme))
+    env = preloaded.one_rank_env(OMP_NUM_THREADS="1", VLSCALE_NVME_PATH=str(nvme))
     cases = (None, 0)
     blocks = [{"buffer_size": 1_100_000, **({} if m is None else {"max_in_cpu": m})} for m in cases]
     arch = [256, 4096, 4, 2, 64]  # d_model, d_ff, heads, layers, d_kv: wi and wo 1 M elements each
