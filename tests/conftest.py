@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import companion
 from lane import Lane
 from preloaded import PreloadedServer, launch_env
 
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    config.pluginmanager.register(companion, "vlscale_companion")  # tests/companion.py's hooks
     config._vlscale_lane = Lane(lambda: _busy_jobs(config))
     # Started before collection, so its imports overlap the suite's own (see tests/preloaded.py).
     if not config.option.collectonly:
@@ -141,8 +143,11 @@ def pytest_collection_finish(session):
 
 
 def _busy_jobs(config) -> int:
+    """The cores the background jobs keep busy now (one each), the companion session's counted as one."""
     jobs = getattr(config, "_vlscale_jobs", None) or {}
-    return sum(1 for job in jobs.values() if job is not None and job.proc.poll() is None)
+    mate = getattr(config, "_vlscale_companion", None)
+    return (sum(1 for job in jobs.values() if job is not None and job.proc.poll() is None)
+            + int(mate is not None and mate.running()))
 
 
 def pytest_runtest_teardown(item, nextitem):

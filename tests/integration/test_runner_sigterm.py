@@ -8,6 +8,7 @@ check the watch itself in seconds).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -42,7 +43,8 @@ def test_sigterm_to_deepspeeds_runner_stops_the_ranks_with_a_checkpoint(h, tmp_p
             os.killpg(runner.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert f"rank 0: DeepSpeed's runner (pid {runner.pid}) is gone" in text, text[-3000:]
+    # either rank's watch may look first (once a second each); the other then stops with it (the all-reduced stop)
+    assert re.search(rf"rank [01]: DeepSpeed's runner \(pid {runner.pid}\) is gone", text), text[-3000:]
     tag = ckpt.latest_tag(out / "checkpoints")
     assert tag is not None, f"no checkpoint:\n{text[-3000:]}"
     step = int(tag[4:])
