@@ -11,9 +11,7 @@ traceback and captured output), skipped, xfailed; ``--durations`` shows the comp
 launched runs compute on one thread a process while both run (two 2-thread processes on 2 cores spin in
 OpenMP's barriers).
 
-It starts with the first integration test, or earlier, between unit tests, once the suite's lane and background jobs
-(tests/conftest.py) are done and leave a core idle. ``VLSCALE_TEST_COMPANION=0`` runs every test in the main
-session.
+``VLSCALE_TEST_COMPANION=0`` runs every test in the main session.
 """
 
 from __future__ import annotations
@@ -28,13 +26,13 @@ from pathlib import Path
 import pytest
 
 # tests/integration/ files the companion runs: they use none of the main session's cached runs or jobs (the
-# ``runs``, ``learning_job`` and ``triton_interpreter`` fixtures). Balanced by measured time (timelines of the whole
-# suite, 2026-12-06: in one session these files took 156 s, the others 167 s; run this way, the companion ended
-# 20 s after the main session's own tests when it held 7 s more of them).
+# ``runs``, ``learning_job`` and ``triton_interpreter`` fixtures). Balanced by measured time (timeline of the whole
+# suite, 2026-12-06: these files 163 s, the integration files left in the main session 160 s).
 COMPANION_FILES = ("test_adapter_buffers.py", "test_cache_vision.py", "test_evaluate_sharded.py",
-                   "test_half_precision.py", "test_loss_reduction.py", "test_paper_preset_real.py",
-                   "test_predict_only.py", "test_replicate.py", "test_resume_errors.py",
-                   "test_resume_unstepped_tasks.py", "test_sharded_loading.py")
+                   "test_global_batch.py", "test_half_precision.py", "test_loss_reduction.py",
+                   "test_paper_preset_real.py", "test_predict_only.py", "test_replicate.py",
+                   "test_resume_data_early.py", "test_resume_errors.py", "test_resume_unstepped_tasks.py",
+                   "test_sharded_loading.py")
 SWITCH_ENV = "VLSCALE_TEST_COMPANION"  # "0": no companion session
 REPORT_ENV = "VLSCALE_COMPANION_REPORT"  # set in the companion session: where its reports go (JSON lines)
 SHARED_FIXTURES = ("runs", "learning_job", "triton_interpreter")  # the main session's: never in the companion
@@ -139,7 +137,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
-    """The companion session starts with the main session's first integration test (if not started earlier)."""
+    """The companion session starts with the main session's first integration test."""
     mate = getattr(item.config, "_vlscale_companion", None)
     if mate is not None and mate.proc is None and "/tests/unit/" not in str(item.path):
         mate.start()

@@ -91,7 +91,7 @@ def test_the_warm_up_imports_go_on_without_deepspeeds_muon_module(monkeypatch):
 def test_the_lane_starts_one_run_at_a_time_on_the_cores_left_idle():
     """tests/lane.py: a run starts only when no lane run is running, its processes fit beside the background
     jobs' busy cores (<= 2 in all) and it is ready; the first that fits goes first; a run started already
-    (start() -> None) frees the lane; close() starts nothing more; drained() once nothing is queued or running."""
+    (start() -> None) frees the lane; close() starts nothing more."""
     from lane import Lane
 
     class Run:
