@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from companion import COMPANION_FILES
+
 TESTS = Path(__file__).resolve().parents[1]
+MOVED_FILE = COMPANION_FILES[0]  # a name the companion takes
 
 CONFTEST = '''
 import companion, pytest
@@ -66,7 +69,7 @@ def _tree(tmp_path: Path) -> Path:
     root = tmp_path / "tree"
     (root / "integration").mkdir(parents=True)
     (root / "conftest.py").write_text(CONFTEST)
-    (root / "integration" / "test_cache_vision.py").write_text(MOVED)
+    (root / "integration" / MOVED_FILE).write_text(MOVED)
     (root / "integration" / "test_kept.py").write_text(KEPT)
     return root
 
@@ -97,7 +100,7 @@ def test_the_companions_tests_run_there_and_report_here(tmp_path):
     kept, moved = _seen(root, "kept"), _seen(root, "moved")
     assert kept["pid"] != moved["pid"]  # the moved test ran in another process
     assert moved["omp"] == "1"  # one thread a process while both sessions run
-    slow = [line for line in out.splitlines() if line.endswith("integration/test_cache_vision.py::test_passes")]
+    slow = [line for line in out.splitlines() if line.endswith(f"integration/{MOVED_FILE}::test_passes")]
     assert slow and float(slow[0].split("s ")[0]) >= 0.6, out  # the companion's own duration
 
 
@@ -114,8 +117,8 @@ def test_deselected_tests_do_not_run_there_and_the_switch_keeps_everything_here(
 
 def test_a_companion_file_using_the_main_sessions_runs_is_refused_by_name(tmp_path):
     root = _tree(tmp_path)
-    (root / "integration" / "test_cache_vision.py").write_text("def test_reads(runs):\n    assert runs\n")
+    (root / "integration" / MOVED_FILE).write_text("def test_reads(runs):\n    assert runs\n")
     done = _pytest(root)
     assert done.returncode != 0
-    assert ("integration/test_cache_vision.py::test_reads uses ['runs'], which the companion session does not share: "
-            "take test_cache_vision.py out of tests/companion.py's COMPANION_FILES") in done.stdout + done.stderr
+    assert (f"integration/{MOVED_FILE}::test_reads uses ['runs'], which the companion session does not share: "
+            f"take {MOVED_FILE} out of tests/companion.py's COMPANION_FILES") in done.stdout + done.stderr
