@@ -152,9 +152,14 @@ def _busy_jobs(config) -> int:
 
 def pytest_runtest_teardown(item, nextitem):
     """The lane (tests/lane.py, ``config._vlscale_lane``: other conftests queue runs on it at collection) goes on
-    between unit tests and closes at the first other test."""
+    between unit tests and closes at the first other test; once it and the background jobs are done, the companion
+    session starts (it starts at the first integration test otherwise)."""
     if "/tests/unit/" in str(item.path) and nextitem is not None and "/tests/unit/" in str(nextitem.path):
-        item.config._vlscale_lane.advance()
+        lane = item.config._vlscale_lane
+        lane.advance()
+        mate = getattr(item.config, "_vlscale_companion", None)
+        if mate is not None and mate.proc is None and lane.drained() and not _busy_jobs(item.config):
+            mate.start()  # tests/companion.py: its session on the core that the lane and the jobs no longer use
     else:
         item.config._vlscale_lane.close()
 

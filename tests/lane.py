@@ -39,6 +39,10 @@ class Lane:
                 self.current = None if run is None else (cores, run)
                 return
 
+    def drained(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self.queue and (self.current is None or self.current[1].poll() is not None)
+
     def close(self) -> None:
         """Start nothing more (the run in flight goes on)."""
         self.queue.clear()

@@ -91,7 +91,7 @@ def test_the_warm_up_imports_go_on_without_deepspeeds_muon_module(monkeypatch):
 def test_the_lane_starts_one_run_at_a_time_on_the_cores_left_idle():
     """tests/lane.py: a run starts only when no lane run is running, its processes fit beside the background
     jobs' busy cores (<= 2 in all) and it is ready; the first that fits goes first; a run started already
-    (start() -> None) frees the lane; close() starts nothing more."""
+    (start() -> None) frees the lane; close() starts nothing more; drained() once nothing is queued or running."""
     from lane import Lane
 
     class Run:
@@ -128,10 +128,11 @@ def test_the_lane_starts_one_run_at_a_time_on_the_cores_left_idle():
     assert started == ["c", "a", "b"]
     lane.current[1].code = 1  # a failed run frees the lane too (its test reports it)
     lane.advance()
-    assert started == ["c", "a", "b", "d"]
+    assert started == ["c", "a", "b", "d"] and not lane.drained()
     lane.current[1].code = 0
+    assert not lane.drained()  # e is queued
     lane.advance()
-    assert started[-1] == "e" and lane.current is None and lane.busy() == 0
+    assert started[-1] == "e" and lane.current is None and lane.busy() == 0 and lane.drained()
     lane.add(*entry("f", 1))
     lane.close()
     lane.advance()
