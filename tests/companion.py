@@ -107,24 +107,37 @@ class CompanionItem(pytest.Item):
     def __init__(self, *, companion: Companion, location, **kwargs):
         super().__init__(**kwargs)
         self.companion, self._location = companion, location
+        self.reps: dict[str, dict] = {}  # the companion's reports of this test, by phase
         self.durations: dict[str, float] = {}  # the companion's, by phase (for --durations)
 
     def reportinfo(self):
         return self._location
 
+    def _replay(self, when: str) -> None:
+        """Raise as the companion's ``when`` phase ended: its failure, skip or xfail (nothing if it passed)."""
+        rep = self.reps.get(when)
+        if rep is None or rep["outcome"] == "passed":
+            return
+        if rep["outcome"] == "failed":
+            raise CompanionFailure(f"[in the companion session, {when}]\n{rep['longrepr']}"
+                                   + "".join(f"\n{'-' * 8} {title} {'-' * 8}\n{content}"
+                                             for title, content in rep["sections"]))
+        if rep["wasxfail"] is not None:
+            pytest.xfail(rep["wasxfail"])
+        pytest.skip(rep["skip_reason"])
+
+    def setup(self) -> None:
+        """Wait for the companion's reports of this test; each phase here ends as it ended there (a fixture's error
+        is an error here too)."""
+        self.reps = self.companion.result(self.nodeid)
+        self.durations = {when: rep["duration"] for when, rep in self.reps.items()}
+        self._replay("setup")
+
     def runtest(self) -> None:
-        reps = self.companion.result(self.nodeid)
-        self.durations = {when: rep["duration"] for when, rep in reps.items()}
-        failed = [rep for rep in reps.values() if rep["outcome"] == "failed"]
-        if failed:
-            raise CompanionFailure("\n\n".join(f"[in the companion session, {rep['when']}]\n{rep['longrepr']}"
-                                               + "".join(f"\n{'-' * 8} {title} {'-' * 8}\n{content}"
-                                                         for title, content in rep["sections"]) for rep in failed))
-        for rep in reps.values():
-            if rep["outcome"] == "skipped":
-                if rep["wasxfail"] is not None:
-                    pytest.xfail(rep["wasxfail"])
-                pytest.skip(rep["skip_reason"])
+        self._replay("call")
+
+    def teardown(self) -> None:
+        self._replay("teardown")
 
     def repr_failure(self, excinfo, style=None):
         if excinfo.errisinstance(CompanionFailure):

@@ -52,6 +52,24 @@ def test_skips():
 @pytest.mark.xfail(reason="known gap", strict=True)
 def test_xfails():
     assert False
+
+
+@pytest.fixture
+def slow_to_set_up():
+    time.sleep(0.5)
+
+
+def test_set_up_slowly(slow_to_set_up):
+    pass
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("the fixture broke")
+
+
+def test_with_a_broken_fixture(broken):
+    pass
 '''
 
 KEPT = '''
@@ -94,24 +112,27 @@ def test_the_companions_tests_run_there_and_report_here(tmp_path):
     done = _pytest(root, KEPT_S="4")
     out = done.stdout
     assert done.returncode == 1, out
-    assert "1 failed, 2 passed, 1 skipped, 1 xfailed" in out, out
+    assert "1 failed, 3 passed, 1 skipped, 1 xfailed, 1 error" in out, out  # the fixture's error is an error here
     assert "[in the companion session, call]" in out and "deliberately wrong" in out and "words the test printed" in out
+    assert "[in the companion session, setup]" in out and "the fixture broke" in out
     assert "nothing to do here" in out and "known gap" in out
     kept, moved = _seen(root, "kept"), _seen(root, "moved")
     assert kept["pid"] != moved["pid"]  # the moved test ran in another process
     assert moved["omp"] == "1"  # one thread a process while both sessions run
     slow = [line for line in out.splitlines() if line.endswith(f"integration/{MOVED_FILE}::test_passes")]
     assert slow and float(slow[0].split("s ")[0]) >= 0.6, out  # the companion's own duration
+    setup = [line for line in out.splitlines() if line.endswith(f"integration/{MOVED_FILE}::test_set_up_slowly")]
+    assert setup and "setup" in setup[0] and float(setup[0].split("s ")[0]) >= 0.5, out  # ... of each phase
 
 
 def test_deselected_tests_do_not_run_there_and_the_switch_keeps_everything_here(tmp_path):
     root = _tree(tmp_path)
-    done = _pytest(root, "-k", "not fails and not xfails")
-    assert done.returncode == 0 and "2 passed, 1 skipped, 2 deselected" in done.stdout, done.stdout
+    done = _pytest(root, "-k", "not fails and not xfails and not broken")
+    assert done.returncode == 0 and "3 passed, 1 skipped, 3 deselected" in done.stdout, done.stdout
     assert _seen(root, "kept")["pid"] != _seen(root, "moved")["pid"]
     assert not (root.parent / "seen" / "fails").exists()  # the companion ran only the selected tests
-    done = _pytest(root, "-k", "not fails and not xfails", VLSCALE_TEST_COMPANION="0")
-    assert done.returncode == 0 and "2 passed, 1 skipped, 2 deselected" in done.stdout, done.stdout
+    done = _pytest(root, "-k", "not fails and not xfails and not broken", VLSCALE_TEST_COMPANION="0")
+    assert done.returncode == 0 and "3 passed, 1 skipped, 3 deselected" in done.stdout, done.stdout
     assert _seen(root, "kept")["pid"] == _seen(root, "moved")["pid"]  # one process: no companion
 
 
