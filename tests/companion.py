@@ -30,12 +30,13 @@ import pytest
 
 # tests/integration/ files the companion runs: they use none of the main session's cached runs or jobs (the
 # ``runs``, ``learning_job`` and ``triton_interpreter`` fixtures). Balanced by measured time (timelines of the whole
-# suite, 2026-12-06): with test_cache_vision, test_global_batch and test_resume_data_early here too (12 s in one
-# session) the companion ended 20 s after the main session's own integration tests; with test_cache_vision alone,
-# 8.5 s after.
+# suite, 2026-12-06): started with the first integration test and holding test_cache_vision, test_global_batch and
+# test_resume_data_early too (12 s in one session), the companion ended 20 s after the main session's own
+# integration tests; started earlier (below) and holding test_runner_sigterm too (26 s), it ends with them.
 COMPANION_FILES = ("test_adapter_buffers.py", "test_evaluate_sharded.py", "test_half_precision.py",
                    "test_loss_reduction.py", "test_paper_preset_real.py", "test_predict_only.py", "test_replicate.py",
-                   "test_resume_errors.py", "test_resume_unstepped_tasks.py", "test_sharded_loading.py")
+                   "test_resume_errors.py", "test_resume_unstepped_tasks.py", "test_runner_sigterm.py",
+                   "test_sharded_loading.py")
 SWITCH_ENV = "VLSCALE_TEST_COMPANION"  # "0": no companion session
 REPORT_ENV = "VLSCALE_COMPANION_REPORT"  # set in the companion session: where its reports go (JSON lines)
 SHARED_FIXTURES = ("runs", "learning_job", "triton_interpreter")  # the main session's: never in the companion
