@@ -75,7 +75,9 @@ class Companion:
             self.proc.wait()
 
     def _take(self) -> None:
-        with open(self.report_path, "rb") if self.report_path.exists() else open(os.devnull, "rb") as f:
+        if not self.report_path.exists():
+            return
+        with open(self.report_path, "rb") as f:
             f.seek(self._read)
             text = f.read()
         whole = text[:text.rfind(b"\n") + 1]  # a line being written is taken at the next look
@@ -89,13 +91,11 @@ class Companion:
         if self.proc is None:
             self.start()  # a session whose first test is a stand-in
         while True:
+            exited = self.proc.poll() is not None  # before the look: an exit's last reports are read
             self._take()
             if "teardown" in self.reports.get(nodeid, {}):
                 return self.reports[nodeid]
-            if self.proc.poll() is not None:
-                self._take()
-                if "teardown" in self.reports.get(nodeid, {}):
-                    return self.reports[nodeid]
+            if exited:
                 raise CompanionFailure(f"the companion session (tests/companion.py) exited {self.proc.returncode} "
                                        f"without reporting {nodeid}; its output ({self.log_path}):\n"
                                        f"{self.log_path.read_text()[-6000:]}")

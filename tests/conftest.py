@@ -32,8 +32,6 @@ def pytest_unconfigure(config):
     for job in getattr(config, "_vlscale_jobs", {}).values():
         if job is not None:
             job.stop()  # a session ended early (-x, Ctrl-C) leaves no job running
-    for stop in getattr(config, "_vlscale_lane_stops", ()):
-        stop()  # runs the lane started that no test waited for
     server = getattr(config, "_vlscale_preloaded", None)
     if server is not None:
         server.close()

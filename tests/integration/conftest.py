@@ -262,8 +262,13 @@ def h(preloaded):
 def _run_cache(config) -> RunCache:
     if not hasattr(config, "_vlscale_runs"):
         config._vlscale_runs = RunCache(config._tmp_path_factory.mktemp("engine_runs"))
-        config.__dict__.setdefault("_vlscale_lane_stops", []).append(config._vlscale_runs.close)
     return config._vlscale_runs
+
+
+def pytest_unconfigure(config):
+    """Stop the runs started (by the lane or a test) that no test waited for."""
+    if hasattr(config, "_vlscale_runs"):
+        config._vlscale_runs.close()
 
 
 # The runs the lane starts during the unit tests, in this order: the launchers' runs first (their interpreters'
@@ -291,6 +296,4 @@ def pytest_collection_finish(session):
 def runs(pytestconfig, h) -> RunCache:
     """``runs("single_2r")`` -> the output_dir of that (cached) run; see RUN_SPECS. ``runs.start(...)``
     starts runs ahead of their first use; the suite starts them during the unit tests (EARLY)."""
-    cache = _run_cache(pytestconfig)
-    yield cache
-    cache.close()
+    return _run_cache(pytestconfig)  # closed at pytest_unconfigure
