@@ -189,7 +189,7 @@ def test_a_watch_stays_quiet_once_the_rank_is_stopping(monkeypatch):
     assert watch().fired is None and not sent and not lines
     monkeypatch.setattr(StopSignal, "requested_at", None)
     assert watch().fired == "DeepSpeed's runner (pid 1) is gone" and sent == [signal.SIGTERM]
-    assert lines == ["[vlscale] rank 0: DeepSpeed's runner (pid 1) is gone: stopping as on SIGTERM (a resumable "
+    assert lines == ["vlscale: rank 0: DeepSpeed's runner (pid 1) is gone: stopping as on SIGTERM (a resumable "
                      "checkpoint after this step, then exit)"]
 
 
@@ -420,7 +420,7 @@ def test_a_starved_watchdog_names_its_rank_and_the_last_place_it_heard_from(monk
         w.stop()
     assert exits[:1] == [distributed.EXIT_HUNG]
     err = capsys.readouterr().err
-    assert "[vlscale] rank 3: no progress for " in err and "(last: step 7: all-reduce of the loss); another" in err
+    assert "vlscale: rank 3: no progress for " in err and "(last: step 7: all-reduce of the loss); another" in err
 
 
 def test_a_launcher_watch_that_cannot_look_once_keeps_watching(monkeypatch):
@@ -572,7 +572,7 @@ def test_a_starved_watchdog_ends_the_rank_at_its_first_look_past_the_timeout(mon
     assert looks == [pytest.approx(2.0 * i) for i in range(1, 12)]  # idle 19.75 s at the 10th look, 21.75 s at the 11th
     assert exits == [distributed.EXIT_HUNG]
     assert dumps == [{"file": sys.stderr, "all_threads": True}]
-    assert "[vlscale] rank 1: no progress for 22s (last: step 4)" in capsys.readouterr().err
+    assert "vlscale: rank 1: no progress for 22s (last: step 4)" in capsys.readouterr().err
 
 
 def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_one(monkeypatch):

@@ -368,7 +368,7 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
                 sys.stderr.write(
-                    f"[vlscale] rank {self.rank}: no progress for {idle:.0f}s (last: {self._where}); another "
+                    f"vlscale: rank {self.rank}: no progress for {idle:.0f}s (last: {self._where}); another "
                     f"rank probably died or hung. Exiting (VLSCALE_WATCHDOG_TIMEOUT={self.timeout_s:.0f}s).\n")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
@@ -408,7 +408,7 @@ class StopSignal:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
         self.requested, self.signum, self._first = True, signum, time.monotonic()
         StopSignal.requested_at = self._first
-        sys.stderr.write(f"\n[vlscale] {signal.Signals(signum).name} received: stopping after this step (in an "
+        sys.stderr.write(f"\nvlscale: {signal.Signals(signum).name} received: stopping after this step (in an "
                          f"evaluation: after this batch) with a resumable checkpoint (send it again to abort at "
                          f"once)\n")
 
@@ -533,7 +533,7 @@ class LauncherWatch:
                 return  # stopping already (Ctrl-C reaches the runner as well, and ends it)
             if why:
                 self.fired = why
-                self.log(f"[vlscale] rank {self.rank}: {why}: stopping as on SIGTERM (a resumable checkpoint "
+                self.log(f"vlscale: rank {self.rank}: {why}: stopping as on SIGTERM (a resumable checkpoint "
                          f"after this step, then exit)")
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
