@@ -350,3 +350,14 @@ def test_sampler_state_of_renamed_or_resized_tasks_says_what_changed_and_only_th
     with pytest.raises(DataError, match="'gqa' had 30 examples, now 29") as e:
         MultitaskSampler({"vqa": 50, "gqa": 29}, 8).load_state_dict(state)
     assert "order" not in str(e.value) and "the tasks were" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["position", "seed", "task_sizes"])
+def test_sampler_state_without_a_key_it_reads_is_a_data_error_naming_it(key):
+    """Not a bare KeyError ('position'), nor a 'sampler differs' of (None, now) for a signature key."""
+    from vlscale.data.real import DataError
+
+    state = MultitaskSampler(SIZES, 8, seed=2).state_dict()
+    del state[key]
+    with pytest.raises(DataError, match=rf"sampler state lacks \['{key}'\]"):
+        MultitaskSampler(SIZES, 8, seed=2).load_state_dict(state)

@@ -148,16 +148,21 @@ class MultitaskSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state["position"]``; refused when the sequence would differ: another seed, batch or
-        sampling (ValueError), or other training data (DataError: a task's size or the tasks' order)."""
+        sampling (ValueError), or other training data (DataError: a task's size or the tasks' order); a state
+        without one of the keys :meth:`state_dict` writes is a DataError naming it."""
+        from vlscale.data.real import DataError
+
         mine = self._signature()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "task_sizes" and state.get(k) != v}
+        missing = [k for k in (*mine, "position") if k not in state]
+        if missing:
+            raise DataError(f"MultitaskSampler.load_state_dict: the saved sampler state lacks {missing} (it holds "
+                            f"{sorted(state)}); it is not a MultitaskSampler.state_dict()")
+        diff = {k: (state[k], v) for k, v in mine.items() if k != "task_sizes" and state[k] != v}
         if diff:
             raise ValueError(f"MultitaskSampler.load_state_dict: the checkpoint's sampler differs "
                              f"(key: (checkpoint, now)) {diff}; resuming would change the data order")
-        saved = dict(state.get("task_sizes") or {})
+        saved = dict(state["task_sizes"] or {})
         if list(saved.items()) != list(self.task_sizes.items()):  # in order: it decides each step's task
-            from vlscale.data.real import DataError
-
             changed = [f"{t!r} had {saved[t]} examples, now {n}" for t, n in self.task_sizes.items()
                        if t in saved and saved[t] != n]
             if sorted(saved) != sorted(self.task_sizes):
