@@ -172,6 +172,9 @@ def test_eval_batches_cover_every_example_once_with_equal_counts(tok, world):
     assert len({tuple(len(x["uids"]) for x in b) for b in per_rank}) == 1
     valid = [u for batches in per_rank for x in batches for u, v in zip(x["uids"], x["valid"].tolist()) if v]
     assert sorted(valid) == sorted(e.uid for e in load_examples(cfg, "nlvr2", "val")) and len(valid) == n
+    for r, batches in enumerate(per_rank):  # strided, as documented: rank r gets examples r, r + world, ...
+        mine = [u for x in batches for u, v in zip(x["uids"], x["valid"].tolist()) if v]
+        assert mine == [e.uid for e in made[0].examples[r::world]]
     limited = list(eval_batches(cfg, tok, "vqa", "val", 4, max_examples=5, vision_transform=_plain_transform))
     assert [len(x["uids"]) for x in limited] == [4, 1] and all(x["valid"].all() for x in limited)
     assert all(len(r) == 10 for x in limited for r in x["references"])
