@@ -267,9 +267,9 @@ def test_frame_folders_take_files_of_any_suffix_case_and_nothing_else(tmp_path):
 
 
 def test_image_folder_patterns_ids_and_subfolders(tmp_path):
-    """``ids()`` lists the ids of ``{id}<suffix>`` files in any suffix case, without folders or a bare suffix;
-    a pattern with a sub-folder finds files there only (not a file of the same name in ``root``) and cannot
-    list ids; a pattern without ``{id}`` is refused."""
+    """``ids()`` lists the ids of ``{id}<suffix>`` files in any suffix case (of any suffix), without folders or a
+    bare suffix; a pattern with a sub-folder finds files there only (not a file of the same name in ``root``) and
+    cannot list ids; a pattern without ``{id}`` is refused."""
     for name in ("a.JPG", "b.jpg", ".jpg", "x.jpg"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "c.jpg").mkdir()
@@ -278,6 +278,9 @@ def test_image_folder_patterns_ids_and_subfolders(tmp_path):
     assert ImageFolder(tmp_path).ids() == ["a", "b", "x"]
     assert ImageFolder(tmp_path, "{id}.JPG").ids() == ["a", "b", "x"]
     assert ImageFolder(tmp_path).missing(["a", "c", "x"]) == ["c"]
+    (tmp_path / "t.TIF").write_bytes(b"")  # any suffix, not only IMAGE_SUFFIXES': PIL reads more formats
+    tif = ImageFolder(tmp_path, "{id}.tif")
+    assert tif.ids() == ["t"] and "t" in tif and tif.missing(["t"]) == [] and tif.path("t").name == "t.TIF"
     sub = ImageFolder(tmp_path, "sub/{id}.jpg")
     assert "y" in sub and "x" not in sub and sub.missing(["x", "y"]) == ["x"]
     with pytest.raises(ValueError, match=r"cannot list ids for pattern 'sub/\{id\}\.jpg'"):

@@ -79,9 +79,9 @@ def missing_ids(source, ids: Iterable[str]) -> list[str]:
 
 
 def fold_suffix(name: str) -> str:
-    """``name`` with an image suffix lower-cased (``x.JPG`` -> ``x.jpg``): how ImageFolder matches files."""
-    stem, dot, suffix = name.rpartition(".")
-    return f"{stem}.{suffix.lower()}" if dot and stem and f".{suffix.lower()}" in IMAGE_SUFFIXES else name
+    """``name`` with its suffix lower-cased (``x.JPG`` -> ``x.jpg``): how ImageFolder matches files."""
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{suffix.lower()}" if stem else name
 
 
 def load_image(path: Path, what: str = "") -> np.ndarray:
@@ -130,7 +130,7 @@ class ImageFolder:
     """Images in a folder: ``root / pattern.format(id=image_id)``, read with PIL as RGB uint8.
 
     With ``video=True`` the pattern names a folder of frame images (in :func:`frame_order`) and an
-    item is the list of frames. Image suffixes match in any case (``{id}.jpg`` finds ``x.JPG``),
+    item is the list of frames. Suffixes match in any case (``{id}.jpg`` finds ``x.JPG``),
     as launchers/extract_features.py names ``x.JPG`` id ``x``.
     """
 
