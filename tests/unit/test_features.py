@@ -1188,20 +1188,25 @@ def test_a_meta_json_width_or_token_count_that_is_not_a_positive_integer_is_refu
 
 def test_a_tensor_of_other_tokens_width_or_kind_than_the_cache_says_is_refused_naming_it(tmp_path):
     """Each tensor is checked as it is read, naming the cache, shard and id: a grid of another token count than
-    meta.json's, one of booleans, and, where meta.json records no width (copied precomputed features), one of
-    another width than the model takes."""
+    meta.json's, one of booleans or complex numbers (integers pass), and, where meta.json records no width (copied
+    precomputed features), one of another width than the model takes."""
     from safetensors.torch import save_file
 
     from vlscale.data.real import DataError
 
     cache = _tiny_cache(tmp_path / "c", ["a"], shape=(4, 8))
-    save_file({"a": torch.ones(3, 8), "b": torch.ones(4, 8, dtype=torch.bool)}, str(cache / "shard_00000.safetensors"))
-    (cache / "index.json").write_text(json.dumps({"a": "shard_00000.safetensors", "b": "shard_00000.safetensors"}))
+    save_file({"a": torch.ones(3, 8), "b": torch.ones(4, 8, dtype=torch.bool),
+               "i": torch.full((4, 8), -3, dtype=torch.int8), "z": torch.ones(4, 8, dtype=torch.complex64)},
+              str(cache / "shard_00000.safetensors"))
+    (cache / "index.json").write_text(json.dumps(dict.fromkeys("abiz", "shard_00000.safetensors")))
     with pytest.raises(DataError, match=r"feature cache .*c: the features of id 'a' in shard .*shard_00000\.safetensors "
                                         r"has 3 tokens, but meta\.json says tokens=4"):
         FeatureCache(cache)["a"]
     with pytest.raises(DataError, match=r"id 'b' in shard .* has dtype torch\.bool, expected real numbers"):
         FeatureCache(cache)["b"]
+    with pytest.raises(DataError, match=r"id 'z' in shard .* has dtype torch\.complex64, expected real numbers"):
+        FeatureCache(cache)["z"]  # float() would drop the imaginary part
+    assert torch.equal(FeatureCache(cache)["i"], torch.full((4, 8), -3.0))  # integers are real numbers (quantised)
     meta = json.loads((cache / "meta.json").read_text())
     (cache / "meta.json").write_text(json.dumps(dict(meta, dim=None, tokens=None)))
     assert FeatureCache(cache, expect_dim=8)["a"].shape == (3, 8)
