@@ -737,6 +737,26 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
             assert batch["vis_feats"].shape[:2] == (n, 1)
 
 
+def test_a_row_numbered_cache_for_a_run_naming_images_by_an_id_column_says_to_extract_with_it(tmp_path):
+    """With data.hf_columns.image_id the run names images by that column, so a cache of <split>/<row> ids lacks
+    them: the start-up check says so and how to extract them (--id-column), whatever dataset the rows were of
+    (not 'the run reads the rows of data.hf_dataset', which it does not)."""
+    from vlscale.data.real import DataError
+
+    cache = _tiny_cache(tmp_path / "c", ["train/0", "train/1", "train/2"], {"hf_rows": "other", "dim": 256},
+                        shape=(4, 256))  # tiny-clip-rn's grid width
+    hf = ROOT / "tests" / "fixtures" / "hf_multi"
+    cfg = load_config("tiny", ["data.source=real", "data.tasks=[vqa]", f"data.hf_dataset={hf}",
+                               "data.hf_columns={image: image, image_id: image_name, question: question, "
+                               "answers: answers, id: qid}", "model.feature_source=cache",
+                               f"data.feature_cache={cache}", "model.vision_pretrained=null"])
+    with pytest.raises(DataError, match=r"first \['img_a', 'img_b'\]; extract them into the cache \(launchers/"
+                                        r"extract_features\.py --hf-dataset .*hf_multi .*--id-column image_name\): "
+                                        r"the run names images by data\.hf_columns\.image_id='image_name', the "
+                                        r"cache's ids number rows \(e\.g\. 'train/0'\)"):
+        build_train_loader(cfg, None)
+
+
 def test_hf_row_ids_of_two_datasets_never_share_a_cache(tmp_path, weights):
     """Rows of an HF dataset without an image_id column are named <split>/<row>; extracting a second dataset's
     rows into a cache holding the first's skipped every id already there, silently keeping the first
