@@ -1359,6 +1359,8 @@ def test_video_feature_folder_reads_value_npz_files(tmp_path):
         folder["two"]
     with pytest.raises(DataError, match=r"broken\.npz \(video 'broken'\): cannot read frame features"):
         folder["broken"]
+    with pytest.raises(DataError, match=r"broken\.npz \(video 'broken'\): cannot read frame features"):
+        folder.missing(["broken", "clip_a"])  # the start-up check reads the first video's header: named too
     with pytest.raises(DataError, match=r"video 'dup': both .*dup\.npy and .*dup\.npz exist"):
         folder["dup"]
     with pytest.raises(DataError, match=r"clip_a\.npz \(video 'clip_a'\): frame features are 6-d, but .* 512-d"):
@@ -1406,7 +1408,8 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
         tmp_path):
     """A 3-d (L, 1, D) or 1-d features array is refused naming the file, video and shape (it was read as a video);
     a .safetensors file of several tensors gives the one named 'features', not the first, and one of several
-    others is refused naming them; a features folder that is not there is named."""
+    others is refused naming them, at its batch and at the start-up header check; a features folder that is not
+    there is named."""
     import re
 
     from safetensors.torch import save_file
@@ -1416,7 +1419,7 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
     np.save(tmp_path / "cube.npy", np.ones((3, 1, 8), np.float32))
     np.save(tmp_path / "flat.npy", np.ones(8, np.float32))
     feats = torch.arange(24.0).reshape(4, 6)
-    save_file({"a_mask": torch.ones(4, 6), "features": feats}, str(tmp_path / "multi.safetensors"))
+    save_file({"a_mask": torch.ones(4, 1), "features": feats}, str(tmp_path / "multi.safetensors"))
     save_file({"a": torch.ones(2, 6), "b": torch.ones(2, 6)}, str(tmp_path / "two.safetensors"))
     folder = VideoFeatureFolder(tmp_path)
     for vid, shape in (("cube", r"\(3, 1, 8\)"), ("flat", r"\(8,\)")):
@@ -1424,8 +1427,11 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
                                             rf"L x D matrix, got shape {shape}"):
             folder[vid]
     assert torch.equal(folder["multi"], feats)
+    assert VideoFeatureFolder(tmp_path, expect_dim=6).missing(["multi"]) == []  # the start-up header check too
     with pytest.raises(DataError, match=r"two\.safetensors: holds tensors \['a', 'b'\]; expected one named 'features'"):
         folder["two"]
+    with pytest.raises(DataError, match=r"two\.safetensors: holds tensors \['a', 'b'\]"):
+        folder.missing(["two"])
     with pytest.raises(DataError, match=rf"^video features folder {re.escape(str(tmp_path / 'nope'))} does not exist"):
         VideoFeatureFolder(tmp_path / "nope")
 
