@@ -1283,6 +1283,14 @@ def test_planner_keeps_the_global_batch():
     big = load_config("tiny", ["train.global_batch_size=256"])
     assert sorted(o.micro_batch_size for o in plan(big, "1GiB", 2, precisions=["fp32"], stages=[2], offloads=["none"],
                                                    checkpointing=[False])) == [1, 2, 4, 8, 16, 32, 64]
+    # an option built by hand is held to the same: its accumulation was max(1, 32 // (mbs x 2)), 5 for mbs 3 (a global
+    # batch of 30) and 1 for mbs 32 (64)
+    import dataclasses
+
+    for mbs in (3, 32):
+        with pytest.raises(ValueError, match=rf"global batch 32 is not micro-batch {mbs} x 2 ranks x a whole accum"):
+            dataclasses.replace(options[0], micro_batch_size=mbs)
+    assert dataclasses.replace(options[0], micro_batch_size=4).accumulation == 4
 
 
 def test_each_options_overrides_train_its_setting():

@@ -87,16 +87,22 @@ class PlanOption:
         return (f"zero{self.zero_stage} offload={self.offload} ckpt={'on' if self.gradient_checkpointing else 'off'} "
                 f"mbs={self.micro_batch_size} {self.precision}")
 
-    global_batch: int = 0
+    global_batch: int
     """The run config's global batch (micro x world x accumulation), kept by the overrides."""
     world_size: int = 1
     headroom: int = 0
     """Bytes kept free within the budget: fits = peak + headroom <= budget."""
 
+    def __post_init__(self):
+        share = self.micro_batch_size * self.world_size  # plan() offers divisors only; a direct build is checked
+        if share < 1 or self.global_batch < share or self.global_batch % share:
+            raise ValueError(f"global batch {self.global_batch} is not micro-batch {self.micro_batch_size} x "
+                             f"{self.world_size} ranks x a whole accumulation")
+
     @property
     def accumulation(self) -> int:
-        """Gradient accumulation steps that keep the global batch (exact: plan() offers divisors only)."""
-        return max(1, self.global_batch // (self.micro_batch_size * self.world_size))
+        """Gradient accumulation steps that keep the global batch (exact: checked when built)."""
+        return self.global_batch // (self.micro_batch_size * self.world_size)
 
     def overrides(self) -> list[str]:
         return [f"train.zero_stage={self.zero_stage}", f"train.micro_batch_size={self.micro_batch_size}",
