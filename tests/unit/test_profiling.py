@@ -1197,6 +1197,33 @@ def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, mon
         assert built["zero_optimization"]["stage"] == option.zero_stage, option
 
 
+def test_planning_changes_neither_the_callers_dict_nor_one_option_through_another(tmp_path, monkeypatch):
+    """Each option starts from a copy of the resolved file: the caller's dict stays as given, and an option where
+    the file has no block on its device gets a fresh default one ({device, pin_memory: true}, NVMe: nvme_path auto)
+    while the file's own block (zero3_nvme.json's buffer_count 16, not DeepSpeed's 5) is kept for its device, also
+    after an offload="none" option popped it from its own copy: every option estimates as it does planned alone."""
+    from vlscale.profiling.planner import OFFLOADS, plan, write_ds_config
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    raw = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_nvme.json").read_text())
+    given = json.loads(json.dumps(raw))
+    cfg = load_config("tiny")
+    kw = dict(stages=[3], micro_batches=[cfg.train.micro_batch_size], precisions=["bf16"], checkpointing=[False])
+    every = plan(cfg, "80GiB", 2, ds_file=raw, offloads=list(OFFLOADS), **kw)
+    assert raw == given and {o.offload for o in every} == set(OFFLOADS)
+    pick = {o.offload: o for o in every}
+    o = pick["opt_param_nvme"]  # planned last, after "none"
+    alone = plan(cfg, "80GiB", 2, ds_file=raw, offloads=["opt_param_nvme"], **kw)[0]
+    assert (alone.peak, alone.estimate.host, alone.estimate.nvme) == (o.peak, o.estimate.host, o.estimate.nvme)
+    z = write_ds_config(pick["opt_param_nvme"], tmp_path / "w.json", ds_file=raw)["zero_optimization"]
+    assert z["offload_param"] == raw["zero_optimization"]["offload_param"]
+    z = write_ds_config(pick["opt_param_cpu"], tmp_path / "w.json", ds_file=raw)["zero_optimization"]
+    assert z["offload_param"] == {"device": "cpu", "pin_memory": True}
+    z = write_ds_config(pick["opt_nvme"], tmp_path / "w.json")["zero_optimization"]  # zero3.json: no blocks
+    assert z["offload_optimizer"] == {"device": "nvme", "pin_memory": True, "nvme_path": "auto"}
+    assert raw == given
+
+
 def test_planner_estimates_a_stage_of_the_other_zero_family_as_the_run_resolves_it(tmp_path):
     """A preset's zero2.json planned at stage 3 (profile_memory.py's default search) is estimated with the
     stage-3 settings the run will resolve (those zero3.json resolves to), not DeepSpeed's defaults; and the
