@@ -442,6 +442,31 @@ def test_clip_trains_only_with_train_vision(train_vision):
     assert any(g.abs().sum() > 0 for g in grads) is train_vision
 
 
+def test_a_one_task_run_with_per_task_lora_holds_and_trains_that_tasks_factors():
+    """data.tasks=[vqa] with peft.sharing=multiple: each of the 12 q/v sites holds A_vqa and B_vqa (no shared set),
+    trainable, and the model is the sharing=single one under other names (same initial values, same loss); a backward
+    gives every B a gradient and every A a zero one (B starts at zero); a batch of another task is refused."""
+    lora = ("peft.method=lora", "peft.lora_rank=8", "peft.lora_dropout=0.0")
+    models = {}
+    for sharing in ("multiple", "single"):
+        torch.manual_seed(0)
+        models[sharing] = build_model(_cfg(*lora, f"peft.sharing={sharing}", tasks="[vqa]"), vocab_size=VOCAB).train()
+    model = models["multiple"]
+    factors = {n: p for n, p in model.named_parameters() if n.startswith("peft.lora.")}
+    assert len(factors) == 24 and {n.rsplit(".", 1)[1] for n in factors} == {"A_vqa", "B_vqa"}
+    assert all(p.requires_grad for p in factors.values())
+    single = {n.replace("_shared", "_vqa"): p for n, p in models["single"].named_parameters()}
+    assert all(torch.equal(p, single[n]) for n, p in model.named_parameters())
+    batch = _batch(_cfg(tasks="[vqa]"))
+    loss = model(batch).loss
+    torch.testing.assert_close(loss, models["single"](batch).loss, rtol=0, atol=0)
+    loss.backward()
+    for n, p in factors.items():
+        assert p.grad is not None and (p.grad.abs().max() > 0) == n.endswith("B_vqa"), n
+    with pytest.raises(KeyError, match=r"unknown task 'gqa'; known tasks: \['vqa'\]"):
+        model(dict(batch, task="gqa"))
+
+
 @pytest.mark.parametrize("train_vision", [False, True])
 def test_eval_after_train_leaves_no_module_training(train_vision):
     """model.eval() after model.train() turns every module to eval mode (the LM's dropout off for evaluation and
