@@ -148,6 +148,9 @@ def _folder_config(path) -> Optional[dict]:
         raise ConfigError(f"{file}: not a readable JSON config ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: a model config must be a JSON object")
+    vocab = data.get("vocab_size", 1)  # the embeddings' rows: from_pretrained fails on these (shapes, types)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ConfigError(f"{file}: vocab_size={vocab!r} must be a positive integer (the embeddings' rows)")
     if data.get("num_layers") is not None and data.get("num_decoder_layers") is None:
         data["num_decoder_layers"] = data["num_layers"]  # T5Config's default
     return data

@@ -2,6 +2,7 @@
 numbers that are not numbers: each wrong setting is one ConfigError naming the key, before anything builds."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,24 @@ def test_meta_builds_take_the_backbone_folders_vocabulary(tmp_path, launcher):
     report = launcher("inspect_model").inspect(cfg)
     assert report["vocab_size"] == 800 and "model.backbone_path's config.json" in report["vocab_source"]
     assert report["total"] == sum(p.numel() for p in whole.parameters())
+
+
+def test_a_backbone_folder_whose_vocabulary_is_not_a_positive_integer_is_refused_naming_file_and_key(tmp_path):
+    """A model.backbone_path config.json with vocab_size 0, negative or not an int fails from_pretrained (a shape
+    mismatch, a negative dimension, transformers' type check), but the meta builds (inspect_model, profile_memory)
+    ignored it and counted the registry's vocabulary: the run's config is refused when loaded."""
+    from vlscale.modeling.backbones import lm_config
+
+    lm_config("tiny-t5").save_pretrained(tmp_path)
+    file = tmp_path / "config.json"
+    good = json.loads(file.read_text())
+    run = ["model.pretrained=true", f"model.backbone_path={tmp_path}", "data.tasks=[vqa]"]
+    for bad in (0, -5, "800", 800.0, True, None):
+        file.write_text(json.dumps(dict(good, vocab_size=bad)))
+        with pytest.raises(ConfigError, match=re.escape(f"{file}: vocab_size={bad!r} must be a positive integer")):
+            load_config("tiny", run)
+    file.write_text(json.dumps({k: v for k, v in good.items() if k != "vocab_size"}))  # none given: T5Config's own
+    assert load_config("tiny", run).model.backbone_path == str(tmp_path)
 
 
 def test_inspect_model_takes_a_local_tokenizer_folders_vocabulary(launcher):

@@ -210,8 +210,7 @@ def _checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
 
     if not (cfg.model.backbone_path and os.path.isdir(cfg.model.backbone_path)):
         return None
-    vocab = (_folder_config(cfg.model.backbone_path) or {}).get("vocab_size")
-    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
+    return (_folder_config(cfg.model.backbone_path) or {}).get("vocab_size")  # a positive int: _folder_config checks
 
 
 def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
