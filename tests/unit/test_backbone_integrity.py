@@ -193,6 +193,27 @@ def test_one_tensor_of_another_size_and_three_missing_parameters_are_all_named_w
         build_lm("mini-t5", path=str(copy("partial", drop=attn)), pretrained=True)
     msg = _one_line(e, f"no tensor for 3 parameter(s) ({', '.join(sorted(attn))}), which would stay random")
     assert "more" not in msg, msg
+    with pytest.raises(ConfigError) as e:  # the tied embedding is one parameter (transformers lists its 4 names)
+        build_lm("mini-t5", path=str(copy("no_embedding", drop=["shared.weight"])), pretrained=True)
+    _one_line(e, "no tensor for 1 parameter(s) (shared.weight), which would stay random")
+
+
+def test_missing_weights_are_parameters_each_once_never_buffers():
+    """The keys from_pretrained calls missing that are weights left random: parameters, each by its first name
+    (a tied one is listed under every alias); a buffer, persistent or not, is none (BART's final_logits_bias starts
+    at its zeros; a non-persistent one is never in a checkpoint)."""
+    from vlscale.modeling.backbones import _missing_parameters
+
+    m = torch.nn.Module()
+    m.shared = torch.nn.Embedding(4, 2)
+    m.lm_head = torch.nn.Linear(2, 4, bias=False)
+    m.lm_head.weight = m.shared.weight
+    m.w = torch.nn.Parameter(torch.zeros(1))
+    m.register_buffer("kept", torch.zeros(1))
+    m.register_buffer("scratch", torch.zeros(1), persistent=False)
+    every = {"shared.weight", "lm_head.weight", "w", "kept", "scratch"}
+    assert _missing_parameters(m, {"missing_keys": every}) == ["shared.weight", "w"]
+    assert _missing_parameters(m, {"missing_keys": {"kept", "scratch"}}) == _missing_parameters(m, {}) == []
 
 
 @needs_assets

@@ -168,8 +168,10 @@ def check_local_checkpoint(name: str, folder, key: str = "model.backbone_path") 
 
 
 def _missing_parameters(model, info: dict) -> list[str]:
-    """Parameters ``from_pretrained`` found no tensor for (and so left at their random initialisation)."""
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    """Parameters ``from_pretrained`` found no tensor for (and so left at their random initialisation), each by its
+    first name: a tied embedding is one parameter, not four (transformers lists every alias). A missing buffer is no
+    weight left random: a non-persistent one is never loaded, BART's final_logits_bias starts at its zeros."""
+    params = {n for n, _ in model.named_parameters()}
     return sorted(k for k in info.get("missing_keys") or () if k in params)
 
 
