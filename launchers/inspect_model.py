@@ -40,10 +40,12 @@ def _offline_tokenizer(cfg) -> bool:
     return is_tiny(cfg.model.backbone) or bool(cfg.model.backbone_path and Path(cfg.model.backbone_path).is_dir())
 
 
-def _vocab_size(cfg) -> tuple[int | None, str]:
+def _vocab_size(cfg) -> tuple[int, str]:
     """(the vocabulary the model is built with, where it comes from). As the trainer: the tokenizer's
-    length, where the tokenizer loads offline; else the registry's vocabulary + extra special tokens."""
+    length, where the tokenizer loads offline; else the model's vocabulary (a pretrained model.backbone_path's
+    config.json, else the registry's) + extra special tokens."""
     from vlscale.modeling.backbones import lm_config
+    from vlscale.modeling.vl_model import _checkpoint_vocab_size
 
     why = "is not loaded offline"
     if _offline_tokenizer(cfg):
@@ -53,11 +55,13 @@ def _vocab_size(cfg) -> tuple[int | None, str]:
             return len(build_tokenizer(cfg)), "the run's tokenizer"
         except OSError as e:  # a local folder without usable tokenizer files
             why = f"did not load: {e}"
-    base, extra = lm_config(cfg.model.backbone).vocab_size, cfg.model.extra_special_tokens
-    note = (f"the registry's {base:,}{f' + {extra} extra tokens' if extra else ''}; the tokenizer "
+    folder = _checkpoint_vocab_size(cfg) if cfg.model.pretrained else None
+    base, extra = folder or lm_config(cfg.model.backbone).vocab_size, cfg.model.extra_special_tokens
+    where = "model.backbone_path's config.json:" if folder else "the registry's"
+    note = (f"{where} {base:,}{f' + {extra} extra tokens' if extra else ''}; the tokenizer "
             f"({cfg.model.tokenizer or cfg.model.backbone_path or cfg.model.backbone}) {why}, "
             f"so a trained model's vocabulary may differ")
-    return (base + extra if extra else None), note
+    return base + extra, note
 
 
 def inspect(cfg) -> dict:

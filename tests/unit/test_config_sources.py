@@ -276,9 +276,17 @@ def test_inspect_model_reads_the_backbone_folders_tokenizer_or_says_why_not(tmp_
     (folder / "tokenizer.json").write_text("not json")
     report = launcher("inspect_model").inspect(cfg)
     assert report["vocab_size"] == 32_128
-    assert report["vocab_source"].startswith(f"the registry's 32,128; the tokenizer ({folder}) did not load: cannot "
-                                             f"load the tokenizer for model.backbone_path=")
+    assert report["vocab_source"].startswith(f"model.backbone_path's config.json: 32,128; the tokenizer ({folder}) did "
+                                             f"not load: cannot load the tokenizer for model.backbone_path=")
     assert report["vocab_source"].endswith("so a trained model's vocabulary may differ")
+    # the folder's vocabulary, not the registry's: it was called "the registry's 32,128" (and built with 32,000), and
+    # extra tokens were added to the registry's (32,131) where the load resizes the folder's 32,000 rows
+    lm_config("t5-small", vocab_size=32_000).save_pretrained(folder)
+    for extra, said in ((0, ""), (3, " + 3 extra tokens")):
+        cfg.model.extra_special_tokens = extra
+        report = launcher("inspect_model").inspect(cfg)
+        assert report["vocab_size"] == 32_000 + extra, extra
+        assert report["vocab_source"].startswith(f"model.backbone_path's config.json: 32,000{said}; the tokenizer")
 
 
 @pytest.mark.parametrize("key", ["model.backbone_path", "model.tokenizer"])
