@@ -480,11 +480,9 @@ def gathered_hf_init():
 
 
 def _no_init():
-    """transformers' context that skips weight initialisation (5.x: ``transformers.initialization``)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+    """transformers' context that skips weight initialisation."""
+    from transformers.initialization import no_init_weights
+
     return no_init_weights()
 
 

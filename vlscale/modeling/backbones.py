@@ -273,9 +273,8 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
     if pretrained:
         source = pretrained_source(name, path)
         key = "model.backbone_path" if path is not None else "model.backbone"
-        kwargs = {"dtype": dtype} if _new_dtype_kwarg() else {"torch_dtype": dtype}
         try:  # a tensor whose shape disagrees with config.json is reported below, naming it
-            model, info = cls.from_pretrained(source, **kwargs, **(config_overrides or {}), output_loading_info=True,
+            model, info = cls.from_pretrained(source, dtype=dtype, **(config_overrides or {}), output_loading_info=True,
                                               ignore_mismatched_sizes=True)
         except pickle.UnpicklingError:  # torch's message would advise weights_only=False, never naming the file
             bins = sorted(str(f) for f in Path(source).glob("*.bin")) if os.path.isdir(source) else []
@@ -336,12 +335,6 @@ def contiguous_position_bias(lm) -> int:
         module.compute_bias = compute_bias
         wrapped += 1
     return wrapped
-
-
-def _new_dtype_kwarg() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def list_backbones() -> list[str]:
