@@ -726,6 +726,26 @@ def test_the_baseline_tries_how_often_a_candidates_text_was_gold_when_offered():
     assert answer_prior_baseline(train, test, "tvqa") == 1.0
 
 
+def test_naive_bayes_smooths_add_one_and_weighs_the_class_prior():
+    """Worked by hand: "x" is trained on "p" twice, "y" on "q" once (vocabulary {p, q}). "p q" scores x 3/4 * 1/4 *
+    prior 2/3 = 1/8 and y 1/3 * 2/3 * prior 1/3 = 2/27: "x". Without the prior y wins (2/9 > 3/16); without the add-one
+    both are 0 (a tie goes to the larger label, y); without the vocabulary's size in the denominator x scores
+    3/2 * 1/2 * 2/3 = 1/2 < y's 2 * 1/3 = 2/3. Words unseen in training are skipped: "z z p q" is "x" too (counted,
+    each z would multiply x by 1/4 and y by 1/3, and y would win: 1/128 < 2/243)."""
+    train = [_qa("t0", "p", "x"), _qa("t1", "p", "x"), _qa("t2", "q", "y")]
+    test = [_qa("e0", "p q", "x"), _qa("e1", "z z p q", "x")]
+    assert syn._naive_bayes(train, test, lambda e: e.target) == ["x", "x"]
+
+
+def test_a_question_unseen_in_training_falls_back_to_the_most_frequent_answer():
+    """"aa bb" -> x three times, "bb aa" -> y twice: the whole-question prior answers "bb aa" with y and the unseen
+    "cc dd" with the overall majority, x; no other prior gets both (the overall one says x twice, naive Bayes reads
+    the same bag of words in both orders and says x). The majority's tie-break does not depend on the order."""
+    train = [_qa(f"x{i}", "aa bb", "x") for i in range(3)] + [_qa(f"y{i}", "bb aa", "y") for i in range(2)]
+    assert answer_prior_baseline(train, [_qa("e0", "bb aa", "y"), _qa("e1", "cc dd", "x")], "gqa") == 1.0
+    assert syn._majority("yxx") == "x" and syn._majority("xyyx") == syn._majority("yxxy")
+
+
 def test_a_caption_names_each_object_of_its_scene_where_it_is_drawn():
     """Every caption reference names each object of the scene ("a small red circle") and no other; the counting
     reference says how many there are and puts each at the top / middle / bottom of its row in the scene (the row
