@@ -769,12 +769,16 @@ def test_a_caption_names_each_object_of_its_scene_where_it_is_drawn():
 def test_a_video_caption_says_how_each_object_moves():
     """tvc / yc2c references name each object of the clip with its motion (the one the frames show, see
     test_a_videos_objects_move_the_way_its_labels_say_and_stay_in_the_frame): "moves left", "goes up", "standing
-    still"; a caption without the direction cannot be learned from the video."""
+    still"; a caption without the direction cannot be learned from the video. Each task's clips show all five motions
+    the world has (the module's docstring: left / right / up / down or standing still)."""
     still = ("stays still", "does not move", "standing still")
     for task in ("tvc", "yc2c"):
+        motions = collections.Counter()
         for e in generate_split(task, "train", 30, image_size=16).examples:
             objs = [(o[0], o[1], d) for o, d in zip(e.extra["scene"][0], e.extra["motions"])]
             for ref in e.references:
                 said = re.findall(r"(\w+) (\w+) (?:moves|goes|moving) (left|right|up|down)\b", ref)
                 said += [(c, s, "still") for c, s, _ in re.findall(rf"(\w+) (\w+) ({'|'.join(still)})", ref)]
                 assert sorted(said) == sorted(objs), (e.uid, ref, objs)
+            motions.update(e.extra["motions"])
+        assert set(motions) == {"left", "right", "up", "down", "still"}, (task, motions)
