@@ -39,16 +39,16 @@ def one_step(stage: int, precision: str, corrected: bool, ds_file: Path, out: Pa
     from vlscale.engine import trainer
     from vlscale.engine.deepspeed_config import build_deepspeed_config
 
-    saved = trainer.undo_initial_step, trainer.engine_scales_fp16_loss
+    saved = trainer.stage0_corrections
     if not corrected:  # DeepSpeed as it is
-        trainer.undo_initial_step, trainer.engine_scales_fp16_loss = (lambda engine: False), (lambda engine: True)
+        trainer.stage0_corrections = lambda engine, precision: False
     try:
         cfg = load_config("tiny", OVERRIDES + [f"train.zero_stage={stage}", f"train.precision={precision}",
                                                f"output_dir={out}"])
         shutil.rmtree(out, ignore_errors=True)
         run = trainer.setup_run(cfg, build_deepspeed_config(ds_file, cfg, 1), dist, show_progress=False)
     finally:
-        trainer.undo_initial_step, trainer.engine_scales_fp16_loss = saved
+        trainer.stage0_corrections = saved
     inner = getattr(run.engine.optimizer, "optimizer", run.engine.optimizer)
     masters = lambda: torch.cat([p.detach().float().reshape(-1) for g in inner.param_groups for p in g["params"]])
     raw = []  # the gradient norm the wrapper's step receives, before it unscales

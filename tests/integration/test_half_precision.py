@@ -184,6 +184,24 @@ def test_the_gradient_norm_is_unscaled_only_where_deepspeed_left_it_scaled():
         assert unscaled_grad_norm(_Engine("FP16_UnfusedOptimizer", norm=norm), 1024.0) is None, norm
 
 
+def test_the_caller_scales_the_loss_only_for_fp16_through_a_stage0_wrapper_whose_backward_does_not():
+    """``stage0_corrections`` (the trainer's and the memory measurement's one decision) asks the engine: a DeepSpeed
+    release whose stage-0 backward scales the loss must not have it scaled twice; bf16 and the ZeRO optimizers are
+    never scaled here. A stage-0 wrapper's initial step is forgotten in every case."""
+    from vlscale.engine.half_precision import stage0_corrections
+
+    for wrapper, precision, multiplier, want in (("FP16_UnfusedOptimizer", "fp16", 1.0, True),
+                                                  ("FP16_Optimizer", "fp16", 1.0, True),
+                                                  ("FP16_UnfusedOptimizer", "fp16", 1024.0, False),
+                                                  ("FP16_UnfusedOptimizer", "bf16", 1.0, False),
+                                                  ("DeepSpeedZeroOptimizer", "fp16", 1.0, False)):
+        engine = _Engine(wrapper, multiplier=multiplier)
+        engine.module(torch.ones(1, 3)).sum().backward()
+        engine.optimizer.optimizer.step()
+        assert stage0_corrections(engine, precision) is want, (wrapper, precision, multiplier)
+        assert bool(engine.optimizer.optimizer.state) == (wrapper == "DeepSpeedZeroOptimizer"), wrapper
+
+
 def test_the_loss_scale_probe_runs_through_a_trainable_parameter_behind_frozen_ones():
     """A PEFT model's first parameters are the frozen backbone's: the probe must go through a trainable one (through
     a frozen one it has no gradient to read, and registering its hook fails); a multiplier of 2 or of half the loss

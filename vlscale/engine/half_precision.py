@@ -77,6 +77,14 @@ def undo_initial_step(engine) -> bool:
     return True
 
 
+def stage0_corrections(engine, precision: str) -> bool:
+    """Correct a newly built engine as training does: forget a stage-0 wrapper's initial step (point 2), and
+    -> whether the caller must multiply the loss by the fp16 loss scale itself (point 1: fp16 through a stage-0
+    wrapper whose ``engine.backward`` does not)."""
+    undo_initial_step(engine)
+    return precision == "fp16" and is_stage0_half_precision(engine) and not engine_scales_fp16_loss(engine)
+
+
 def unscaled_grad_norm(engine, scale_used: Optional[float]) -> Optional[float]:
     """The global gradient norm of the last step, unscaled (point 3 above); None if not computed or
     not finite (a skipped step). ``scale_used``: the fp16 loss scale of that step's backward."""

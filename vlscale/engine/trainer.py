@@ -56,8 +56,7 @@ from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gath
                                         all_reduce_sum_, barrier, broadcast_object, watchdog_timeout_s)
 from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
                                        write_eval_report)
-from vlscale.engine.half_precision import (engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step,
-                                           unscaled_grad_norm)
+from vlscale.engine.half_precision import stage0_corrections, unscaled_grad_norm
 from vlscale.files import write_text_atomic
 
 IGNORE_INDEX = -100
@@ -532,9 +531,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                                            lr_scheduler=lambda opt: LambdaLR(opt, schedule))
     task_steps = TaskSteps.install(engine)
     engine.train()  # from_pretrained returns modules in eval mode: dropout must be on (VLModel keeps CLIP in eval)
-    undo_initial_step(engine)
-    scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
-                  and not engine_scales_fp16_loss(engine))
+    scale_loss = stage0_corrections(engine, cfg.train.precision)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
               lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache)

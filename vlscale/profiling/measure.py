@@ -381,11 +381,9 @@ def run_measured_steps(cfg, ds_config: dict, *, vocab_size: int, steps: int = 3,
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         device = engine.device
         # the trainer's corrections of DeepSpeed's stage-0 half-precision wrapper (its updates, not its memory)
-        from vlscale.engine.half_precision import engine_scales_fp16_loss, is_stage0_half_precision, undo_initial_step
+        from vlscale.engine.half_precision import stage0_corrections
 
-        undo_initial_step(engine)
-        scale_loss = (cfg.train.precision == "fp16" and is_stage0_half_precision(engine)
-                      and not engine_scales_fp16_loss(engine))
+        scale_loss = stage0_corrections(engine, cfg.train.precision)
         init_peak = torch.cuda.max_memory_allocated() if cuda else tracker.peak
         result["init_peak"] = int(init_peak)
         if not cuda:
