@@ -122,7 +122,8 @@ def test_activation_tape_bf16_and_zero3_linear(extra, zero3):
 def test_trained_clip_forward_saves_what_autograd_saves_with_its_grid_pooled(pool_size):
     """vision_trained_forward predicts byte for byte what a trained RN CLIP's grid encoding and its adaptive max
     pooling to model.pool_size keep for backward (autograd on CPU; the pooling keeps its int64 indices, under 1%
-    of a whole run's activations, which the tape test above cannot tell apart)."""
+    of a whole run's activations, which the tape test above cannot tell apart), and the peak the forward allocates
+    beyond the weights and the images (the memory plan's vision_forward phase adds it to what is held already)."""
     from vlscale.modeling.vision import build_vision_encoder, pool_grid
 
     torch.manual_seed(0)
@@ -134,10 +135,14 @@ def test_trained_clip_forward_saves_what_autograd_saves_with_its_grid_pooled(poo
     x = torch.randn(3, 3, enc.image_size, enc.image_size)
     side = pool_size or enc.grid_side
     assert side < enc.grid_side or not pool_size  # guard: pool_size=2 does pool the tiny RN's grid
-    with SavedTensorCounter([enc]) as counter:
+    tracker = LiveTensorTracker("cpu")
+    tracker.track(list(enc.parameters()) + list(enc.buffers()) + [x])
+    held = tracker.current
+    with SavedTensorCounter([enc]) as counter, tracker:
         out = pool_grid(enc.encode_grid(x), enc.grid_side, side)
     assert out.shape[1] == side ** 2
-    assert analytic.vision_trained_forward("tiny-clip-rn", 3, 4, False, pool_size)[0] == counter.alive_bytes()
+    saved, peak, _ = analytic.vision_trained_forward("tiny-clip-rn", 3, 4, False, pool_size)
+    assert (saved, peak) == (counter.alive_bytes(), tracker.peak - held)
 
 
 def test_frozen_prefix_saves_nothing():
