@@ -640,8 +640,9 @@ def test_script_optimiser_decays_weights_only_and_warms_up_then_decays_to_a_tent
 
 
 def test_script_text_stream_lengths_and_noise(pretrain):
-    """Packed texts are at most max_len tokens, some of them max_len; T5's noise is round(15 %) of the
-    tokens in round(noise / 3) spans, never the first token (a kept span leads); each text has its own noise."""
+    """Packed texts are at most max_len tokens, some of them max_len, also at the least --lm-max-len (min_len: the
+    drawn length is max_len itself); T5's noise is round(15 %) of the tokens in round(noise / 3) spans, never the
+    first token (a kept span leads); each text has its own noise."""
     import numpy as np
 
     from vlscale.data.tokenizer import synthetic_tokenizer
@@ -650,6 +651,8 @@ def test_script_text_stream_lengths_and_noise(pretrain):
     stream = pretrain.TextStream(tok, 0, "lm-train", 30)
     lengths = [len(stream.sequence(i)[0]) for i in range(80)]
     assert min(lengths) > 0 and max(lengths) == 30, lengths
+    least = pretrain.TextStream(tok, 0, "lm-train", pretrain.TextStream.MIN_LEN)
+    assert max(len(least.sequence(i)[0]) for i in range(4)) == pretrain.TextStream.MIN_LEN
     for length in (20, 40, 100):
         mask = pretrain.random_spans_noise_mask(length, 0.15, 3.0, np.random.default_rng(length))
         spans = int(mask[0]) + int(np.sum(mask[1:] & ~mask[:-1]))
