@@ -440,6 +440,11 @@ def test_each_rank_fills_exactly_its_partition_from_the_rows_that_hold_it(tmp_pa
 
 
 def test_a_gathered_or_nvme_partition_is_refused_by_name(tmp_path):
+    """... also on one rank, where the partition is the whole parameter: DeepSpeed 0.19.8 gathers a lone parameter
+    (GatheredParameters([p])) into a copy, which a load would leave stale (and modifier_rank=0 would partition again
+    over the loaded values). Not refused there: a parameter gathered as a view of its partition (DeepSpeed's
+    coalesced gather on one rank: several parameters, or the persistent ones in training), whose partition's filling
+    fills what a forward reads."""
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
     from safetensors.torch import save_file
 
@@ -456,6 +461,15 @@ def test_a_gathered_or_nvme_partition_is_refused_by_name(tmp_path):
     m.weight.ds_tensor.final_location = OffloadDeviceEnum.nvme
     with pytest.raises(ShardedLoadError, match="parameter 0: its partition lives on NVMe"):
         load_sharded_safetensors(m, tmp_path, rank=0, world_size=2)
+    one = torch.nn.Module()
+    one.weight = torch.nn.Parameter(torch.zeros(6, 4))
+    _fake_partitioned(one, 0, 1)
+    one.weight.data = torch.zeros(6, 4)
+    with pytest.raises(ShardedLoadError, match="parameter 0 is gathered"):
+        load_sharded_safetensors(one, tmp_path, rank=0, world_size=1)
+    one.weight.data = one.weight.ds_tensor.view(6, 4)
+    load_sharded_safetensors(one, tmp_path, rank=0, world_size=1)
+    assert torch.equal(one.weight.data, torch.ones(6, 4))
 
 
 def test_names_with_or_without_the_prefix_tied_aliases_and_buffers_are_found(tmp_path):

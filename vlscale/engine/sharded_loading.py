@@ -155,7 +155,10 @@ def _partition_range(p: torch.nn.Parameter, rank: int) -> tuple[int, int, Option
     """(start, end) of this rank's slice of the flattened parameter, and the tensor to fill."""
     if not hasattr(p, "ds_id"):
         return 0, p.numel(), p.data.view(-1)
-    if p.data.numel() == p.ds_numel and p.ds_numel > p.ds_tensor.numel():
+    # gathered into a buffer of its own (on one rank DeepSpeed may gather a parameter as a view of its partition:
+    # then filling the partition fills what a forward reads)
+    gathered = p.data.numel() == p.ds_numel
+    if gathered and p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr():
         raise ShardedLoadError(f"parameter {p.ds_id} is gathered (a persistent or in-use ZeRO-3 parameter): load "
                                f"checkpoints right after construction, before deepspeed.initialize")
     target = p.ds_tensor
