@@ -364,3 +364,15 @@ def test_sampler_state_without_a_key_it_reads_is_a_data_error_naming_it(key):
     del state[key]
     with pytest.raises(DataError, match=rf"sampler state lacks \['{key}'\]"):
         MultitaskSampler(SIZES, 8, seed=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("key", ["sampler", "step"])
+def test_loader_state_without_a_key_it_reads_is_a_data_error_naming_it(tok, key):
+    """The loader's own keys are checked as the sampler's are: a DataError naming the key, not a bare KeyError."""
+    from vlscale.data.real import DataError
+
+    loader = build_train_loader(_cfg(), tok, vision_transform=_plain_transform)
+    state = loader.state_dict()
+    del state[key]
+    with pytest.raises(DataError, match=rf"TrainLoader.load_state_dict: the saved loader state lacks \['{key}'\]"):
+        loader.load_state_dict(state)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vlscale.data.collate import Collator, fetch_visuals
-from vlscale.data.multitask import MultitaskSampler, shard
+from vlscale.data.multitask import MultitaskSampler, check_state_keys, shard
 from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
 from vlscale.data.tokenizer import build_tokenizer
 
@@ -282,7 +282,9 @@ class TrainLoader:
                 "world_size": self.world_size, "accum": self.accum}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume exactly; across world sizes too when the global batch is the same (at a step boundary)."""
+        """Resume exactly; across world sizes too when the global batch is the same (at a step boundary). A state
+        without ``sampler`` or ``step`` is a DataError naming it."""
+        check_state_keys(state, ("sampler", "step"), "TrainLoader", "loader")
         sampler_state = dict(state["sampler"], position=state["step"])
         self.sampler.load_state_dict(sampler_state)
         if state.get("micro_index", 0) and (state.get("world_size"), state.get("accum")) != (self.world_size, self.accum):

@@ -153,10 +153,7 @@ class MultitaskSampler:
         from vlscale.data.real import DataError
 
         mine = self._signature()
-        missing = [k for k in (*mine, "position") if k not in state]
-        if missing:
-            raise DataError(f"MultitaskSampler.load_state_dict: the saved sampler state lacks {missing} (it holds "
-                            f"{sorted(state)}); it is not a MultitaskSampler.state_dict()")
+        check_state_keys(state, (*mine, "position"), "MultitaskSampler", "sampler")
         diff = {k: (state[k], v) for k, v in mine.items() if k != "task_sizes" and state[k] != v}
         if diff:
             raise ValueError(f"MultitaskSampler.load_state_dict: the checkpoint's sampler differs "
@@ -174,6 +171,17 @@ class MultitaskSampler:
                             f"the steps would draw other examples: restore the checkpoint's training data, "
                             f"or start a new run in another output_dir")
         self.position = int(state["position"])
+
+
+def check_state_keys(state: dict, keys, owner: str, what: str) -> None:
+    """A DataError naming the ``keys`` (those ``owner.state_dict()`` writes and its load reads) that ``state``
+    lacks, not a bare KeyError."""
+    from vlscale.data.real import DataError
+
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise DataError(f"{owner}.load_state_dict: the saved {what} state lacks {missing} (it holds "
+                        f"{sorted(state)}); it is not a {owner}.state_dict()")
 
 
 def shard(indices: list[int], rank: int, world_size: int, micro: int, accum: int = 1) -> list[list[int]]:
