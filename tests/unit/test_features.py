@@ -1091,6 +1091,43 @@ def _tiny_cache(folder, ids, meta=None, kind="grid", shape=(4, 8)):
     return folder
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.bool, torch.complex64], ids=str)
+def test_feature_cache_and_video_frame_files_share_one_dtype_rule(tmp_path, dtype):
+    """Real numbers (integers of any width and sign) pass a cache's grid and a video's frame file (.safetensors or
+    .npy) alike; bool and complex are refused by both, naming the file (uint16 was refused by the cache alone)."""
+    from safetensors.torch import save_file
+
+    from vlscale.data.real import DataError
+    from vlscale.data.video import VideoFeatureFolder
+
+    cache = _tiny_cache(tmp_path / "c", ["a"], shape=(4, 8))
+    feats = torch.full((4, 8), 3).to(dtype)
+    save_file({"a": feats}, str(cache / "shard_00000.safetensors"))
+    save_file({"features": feats}, str(tmp_path / "st.safetensors"))
+    np.save(tmp_path / "np.npy", feats.numpy())
+    reads = [(lambda: FeatureCache(cache)["a"], r"id 'a' in shard .*shard_00000\.safetensors has"),
+             (lambda: VideoFeatureFolder(tmp_path)["st"], r"st\.safetensors \(video 'st'\): frame features have"),
+             (lambda: VideoFeatureFolder(tmp_path)["np"], r"np\.npy \(video 'np'\): frame features have")]
+    name = str(dtype).removeprefix("torch.")  # .npy names numpy's dtype: bool, complex64
+    for read, names_the_file in reads:
+        if dtype == torch.uint16:
+            assert torch.equal(read(), torch.full((4, 8), 3.0))
+        else:
+            with pytest.raises(DataError, match=rf"{names_the_file} dtype (torch\.)?{name}, expected real"):
+                read()
+
+
+@pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="long double is float64 on this platform")
+def test_a_frame_file_of_a_dtype_torch_cannot_hold_is_the_dtype_error(tmp_path):
+    """A .npy of long double (real, but no torch dtype) is refused as other non-real dtypes are, not a TypeError."""
+    from vlscale.data.real import DataError
+    from vlscale.data.video import VideoFeatureFolder
+
+    np.save(tmp_path / "ld.npy", np.ones((3, 8), np.longdouble))
+    with pytest.raises(DataError, match=r"ld\.npy \(video 'ld'\): frame features have dtype float128, expected real"):
+        VideoFeatureFolder(tmp_path)["ld"]
+
+
 def test_a_cache_is_read_with_its_weights_file_elsewhere_but_not_with_another_file(tmp_path):
     """meta.json names a checkpoint path; the run may read the cache where that file lives at another path (same
     file name), and an unset pretrained is None or "" alike; another file name is refused, naming both."""

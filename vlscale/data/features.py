@@ -303,8 +303,7 @@ class FeatureCache:
         problem = None
         if feats.dim() != 2 or 0 in feats.shape:
             problem = f"has shape {tuple(feats.shape)}, expected a non-empty 2-d (tokens, dim) matrix"
-        elif not (feats.is_floating_point() or feats.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32,
-                                                               torch.int64)):
+        elif not real_numbers(feats.dtype):
             problem = f"has dtype {feats.dtype}, expected real numbers"
         elif want["dim"] is not None and feats.shape[1] != want["dim"]:
             problem = f"is {feats.shape[1]}-d, but {META_FILE} says dim={want['dim']}"
@@ -317,6 +316,12 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.root)!r}, vision={self.meta.get('vision')!r}, {len(self.index)} ids)"
+
+
+def real_numbers(dtype: torch.dtype) -> bool:
+    """The one dtype rule of feature files, image grids and video frames alike: real numbers, floats or integers of
+    any width and sign (quantised features); not complex (``float()`` would drop the imaginary part), not bool."""
+    return not (dtype.is_complex or dtype == torch.bool)
 
 
 def model_feature_dim(cfg, kind: str) -> Optional[int]:

@@ -367,21 +367,26 @@ def read_frame_features(path: Path, expect_dim: Optional[int] = None, where: Opt
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from vlscale.data.features import real_numbers
+
     where = where or str(path)
     try:
         if path.suffix in (".npy", ".npz"):
             array = np.load(path, allow_pickle=False) if path.suffix == ".npy" else _load_npz(path)
             if not isinstance(array, np.ndarray):
                 raise DataError(f"{where}: holds {type(array).__name__}, expected one L x D array")
-            if array.dtype.kind not in "fiu":
-                raise DataError(f"{where}: frame features have dtype {array.dtype}, expected real numbers (a float "
-                                "or integer array)")
-            feats = torch.from_numpy(array)
+            dtype = array.dtype
+            try:
+                feats = torch.from_numpy(array)
+            except TypeError:  # no torch dtype: strings, records, long double
+                feats = None
         else:
             tensors = load_file(str(path))
             feats = tensors[_features_key(path, list(tensors))]
-            if feats.is_complex() or feats.dtype == torch.bool:
-                raise DataError(f"{where}: frame features have dtype {feats.dtype}, expected real numbers")
+            dtype = feats.dtype
+        if feats is None or not real_numbers(feats.dtype):
+            raise DataError(f"{where}: frame features have dtype {dtype}, expected real numbers (a float or integer "
+                            "array)")
     except DataError:
         raise
     except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
