@@ -291,6 +291,14 @@ def test_parse_overrides_nested():
         parse_overrides(["train=5", "train.max_steps=3"])
 
 
+def test_a_key_given_twice_takes_its_last_value():
+    """As argparse with a repeated flag (README, "Configuration"): the harness and replicate.py lay settings over
+    a base line this way."""
+    assert parse_overrides(["train.max_steps=10", "data.tasks=[vqa]", "train.max_steps=20"]) == \
+        {"train": {"max_steps": 20}, "data": {"tasks": ["vqa"]}}
+    assert load_config("tiny", ["train.max_steps=10", "train.max_steps=20"]).train.max_steps == 20
+
+
 def test_train_without_config_trains_the_embedded_default(launcher):
     """launchers/train.py with no --config (the Quickstart's command) builds the embedded default."""
     args = launcher("train").parse_args([])
