@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     from vlscale.engine import trainer
     from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
 
-    run = None
+    run, stopped = None, False
     try:
         cfg = cfg or load_config(args.config, args.overrides)
         ds_file = default_ds_file(cfg, args.deepspeed)
@@ -219,6 +219,7 @@ def main(argv=None) -> int:
         trainer.finish(run)
         code = 0
     except trainer.RunStopped as stop:
+        stopped = True
         trainer.finish(run, completed=False)
         if dist.is_main:
             print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)
@@ -241,6 +242,16 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     if code != 0 and dist.world_size > 1:
+        if stopped:
+            # every rank stopped together and is here: none leaves before the others are done (rank 0 writes
+            # run_summary.json last), since DeepSpeed's launch.py terminates the ranks left once one exits non-zero
+            # (a second signal: a rank aborts at once)
+            from vlscale.engine.distributed import barrier
+
+            try:
+                barrier()
+            except Exception:  # noqa: BLE001 - a peer gone meanwhile: leave as below
+                pass
         os._exit(code)  # peers may be gone: do not wait in process-group teardown
     from vlscale.engine.distributed import destroy
 

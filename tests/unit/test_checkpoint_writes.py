@@ -6,6 +6,7 @@ writing is the end-to-end tests'). And which resumes a checkpoint allows: its gl
 import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -1437,7 +1438,6 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     after its traceback, except a collective failed because another rank's process ended: one line saying so, no
     traceback (that rank's own line says why); --no-progress reaches the run."""
     import errno
-    import signal
     from types import SimpleNamespace
 
     import vlscale.engine.distributed as distributed
@@ -1912,3 +1912,42 @@ def test_a_failed_rank_of_several_leaves_through_os_exit(world, exits, tmp_path,
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == 1
     assert left[:1] == (exits or ["destroy"])
     assert f"vlscale: rank {world - 1}: ConfigError: data.tasks: bad" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world, raised, calls", [
+    (2, "signal", ["finish", "close", "barrier", 128 + signal.SIGTERM]),
+    (2, "error", ["close", 1]),
+    (1, "signal", ["finish", "close", "destroy"])])
+def test_a_rank_stopped_by_a_signal_waits_for_the_others_before_it_leaves(world, raised, calls, tmp_path, monkeypatch,
+                                                                          launcher):
+    """Ranks stopped together by a signal leave together (a barrier after their checkpoint, run_summary.json and
+    TensorBoard's close): DeepSpeed's launch.py terminates the ranks left once one exits non-zero, and that second
+    signal aborts a rank at once, rank 0 maybe still writing run_summary.json. A failed rank does not wait (a peer
+    may be gone); one process ends through the teardown."""
+    from types import SimpleNamespace
+
+    import vlscale.engine.distributed as distributed
+    from vlscale.config import ConfigError
+    from vlscale.engine import trainer
+
+    def train(run, stop_after_steps=None):
+        raise trainer.RunStopped(3, "SIGTERM", signal.SIGTERM) if raised == "signal" else ConfigError("bad")
+
+    left = []
+
+    def _exit(code):
+        left.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", _exit)
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda *a, **k: distributed.DistInfo(0, world, 0, torch.device("cpu"), "cpu", "gloo"))
+    monkeypatch.setattr(distributed, "destroy", lambda: left.append("destroy"))
+    monkeypatch.setattr(distributed, "barrier", lambda: left.append("barrier"))
+    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: SimpleNamespace(out=tmp_path / "run"))
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: left.append("finish"))
+    monkeypatch.setattr(trainer, "close", lambda run: left.append("close"))
+    with contextlib.suppress(SystemExit):
+        launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"])
+    assert left == calls
