@@ -750,10 +750,11 @@ def test_a_row_numbered_cache_for_a_run_naming_images_by_an_id_column_says_to_ex
                                "data.hf_columns={image: image, image_id: image_name, question: question, "
                                "answers: answers, id: qid}", "model.feature_source=cache",
                                f"data.feature_cache={cache}", "model.vision_pretrained=null"])
-    with pytest.raises(DataError, match=r"first \['img_a', 'img_b'\]; extract them into the cache \(launchers/"
-                                        r"extract_features\.py --hf-dataset .*hf_multi .*--id-column image_name\): "
-                                        r"the run names images by data\.hf_columns\.image_id='image_name', the "
-                                        r"cache's ids number rows \(e\.g\. 'train/0'\)"):
+    with pytest.raises(DataError, match=r"first \['img_a', 'img_b'\]; the run names images by "
+                                        r"data\.hf_columns\.image_id='image_name' and the cache's ids number rows "
+                                        r"\(e\.g\. 'train/0'\): extract them into the cache with launchers/"
+                                        r"extract_features\.py --hf-dataset .*hf_multi \.\.\. --id-column "
+                                        r"image_name, or set data\.skip_bad_records=true"):
         build_train_loader(cfg, None)
 
 
