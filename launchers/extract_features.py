@@ -324,11 +324,13 @@ def hf_jobs(args):
 def load_encoder(vision: str, pretrained, device, given: str = "--pretrained"):
     """The frozen CLIP tower; a checkpoint that cannot be loaded ends the run with one line naming where
     ``pretrained`` came from (``given``: the flag, or the config's model.vision_pretrained)."""
+    from vlscale.config import SourceError
     from vlscale.modeling.vision import build_vision_encoder
 
     try:
         return build_vision_encoder(vision, pretrained=pretrained, device=device)
-    except FileNotFoundError as e:  # its message names model.vision_pretrained and the file
+    except (FileNotFoundError, SourceError) as e:  # its message names model.vision_pretrained, the file or the tag,
+        # and what to give instead (wrapped below, it said the tag, the cause and the remedy twice)
         raise SystemExit(f"{given}: {e}" if given == "--pretrained" else str(e)) from None
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # open_clip: an unknown tag, no
         # network for a hub tag; torch.load / safetensors: a file that is no checkpoint
