@@ -124,15 +124,17 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
     if not cfg.data.skip_bad_records:
         from vlscale.data.features import FeatureCache, _first_row_id
 
-        add = ("extract them into the cache (launchers/extract_features.py over this split)"
-               if isinstance(source, FeatureCache) else "add their files")
         column = cfg.data.hf_dataset and (cfg.data.hf_columns or {}).get("image_id")
-        if isinstance(source, FeatureCache) and column:  # then the cache is not checked for rows (real._feature_cache)
+        if not isinstance(source, FeatureCache):
+            add = "add their files"
+        elif column:  # then the cache is not checked for rows (real._feature_cache)
             row = _first_row_id(source.index)
             add = (f"the run names images by data.hf_columns.image_id={column!r}"
                    + (f" and the cache's ids number rows (e.g. {row!r})" if row else "")
                    + f": extract them into the cache with launchers/extract_features.py --hf-dataset "
                      f"{cfg.data.hf_dataset} ... --id-column {column}")
+        else:
+            add = "extract them into the cache (launchers/extract_features.py over this split)"
         raise DataError(f"{what}; {add}, or set data.skip_bad_records=true to drop those examples")
     logger.warning(f"{what}; dropped those {len(bad)} examples (data.skip_bad_records=true)")
     kept = [e for e in examples if not any(i in lost for i in e.image_ids)]
