@@ -12,6 +12,7 @@ tests/integration/test_profile_measure.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -932,6 +933,36 @@ def test_gpu_section_without_cuda_says_it_is_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = {"other": 1}
     assert run_gpu_section(out) == {"skipped": "no CUDA device"} and out["profile_memory"] == {"skipped": "no CUDA device"}
+
+
+def test_gpu_section_joins_a_one_rank_group_without_a_fixed_port(monkeypatch):
+    """The DeepSpeed path joins the process group through init_distributed (a file store), not a fixed TCP
+    port: on the H200 (2026-12-04) MASTER_PORT=29555 was still held by another section's group and three
+    sections failed with EADDRINUSE. Each config then gets its measured row and its errors."""
+    import vlscale.engine.distributed as distributed
+    import vlscale.profiling.measure as measure
+
+    joined, measured = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: joined.append(1))
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setattr(measure, "GPU_CONFIGS", measure.GPU_CONFIGS[:2])
+
+    def fake_steps(cfg, ds, *, vocab_size, steps):
+        measured.append(steps)
+        return {"peak": 4 << 20, "params": 1 << 20, "optimizer": 2 << 20, "activations": 1 << 20}
+
+    monkeypatch.setattr(measure, "run_measured_steps", fake_steps)
+    section = measure.run_gpu_section({}, steps=2)
+    assert "MASTER_PORT" not in os.environ and len(joined) == 2 and measured == [2, 2]
+    assert section["engine"] == "deepspeed" and section["device"] == "stand-in GPU"
+    rows = section["configs"]
+    assert [r["config"] for r in rows] == [name for name, _ in measure.GPU_CONFIGS] and all("error" not in r for r in rows)
+    for r in rows:
+        assert r["measured"]["engine"] == "deepspeed stage 0"
+        assert r["errors"]["peak"] == pytest.approx((r["predicted"]["peak"] - (4 << 20)) / (4 << 20))
 
 
 def test_live_tensor_tracker_counts_every_output_of_an_op():

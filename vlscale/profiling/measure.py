@@ -769,14 +769,11 @@ def run_gpu_section(out: dict, steps: int = 3) -> dict:
                "predicted_phase": est.peak_phase}
         try:
             if engine == "deepspeed":
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", "29555")
-                for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                    os.environ.setdefault(k, v)
-                import deepspeed
+                # a 1-rank group on a file store (a fixed TCP port failed with EADDRINUSE when another
+                # section's group still held it, H200 2026-12-04)
+                from vlscale.engine.distributed import init_distributed
 
-                if not torch.distributed.is_initialized():
-                    deepspeed.init_distributed(dist_backend="nccl")
+                init_distributed()
                 meas = run_measured_steps(cfg, ds, vocab_size=vocab, steps=steps)
                 meas["engine"] = "deepspeed stage 0"
             else:
