@@ -45,7 +45,7 @@ def _vocab_size(cfg) -> tuple[int, str]:
     length, where the tokenizer loads offline; else the model's vocabulary (a pretrained model.backbone_path's
     config.json, else the registry's) + extra special tokens."""
     from vlscale.modeling.backbones import lm_config
-    from vlscale.modeling.vl_model import _checkpoint_vocab_size
+    from vlscale.modeling.vl_model import checkpoint_vocab_size
 
     why = "is not loaded offline"
     if _offline_tokenizer(cfg):
@@ -55,7 +55,7 @@ def _vocab_size(cfg) -> tuple[int, str]:
             return len(build_tokenizer(cfg)), "the run's tokenizer"
         except OSError as e:  # a local folder without usable tokenizer files
             why = f"did not load: {e}"
-    folder = _checkpoint_vocab_size(cfg) if cfg.model.pretrained else None
+    folder = checkpoint_vocab_size(cfg) if cfg.model.pretrained else None
     base, extra = folder or lm_config(cfg.model.backbone).vocab_size, cfg.model.extra_special_tokens
     where = "model.backbone_path's config.json:" if folder else "the registry's"
     note = (f"{where} {base:,}{f' + {extra} extra tokens' if extra else ''}; the tokenizer "

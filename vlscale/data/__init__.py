@@ -122,13 +122,13 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
             f"{'(' + ', '.join(files[:3]) + ') ' if files else ''}are not in {source!r}: "
             f"first {missing[:5]}")
     if not cfg.data.skip_bad_records:
-        from vlscale.data.features import FeatureCache, _first_row_id
+        from vlscale.data.features import FeatureCache, first_row_id
 
         column = cfg.data.hf_dataset and (cfg.data.hf_columns or {}).get("image_id")
         if not isinstance(source, FeatureCache):
             add = "add their files"
         elif column:  # then the cache is not checked for rows (real._feature_cache)
-            row = _first_row_id(source.index)
+            row = first_row_id(source.index)
             add = (f"the run names images by data.hf_columns.image_id={column!r}"
                    + (f" and the cache's ids number rows (e.g. {row!r})" if row else "")
                    + f": extract them into the cache with launchers/extract_features.py --hf-dataset "

@@ -68,7 +68,7 @@ def hf_rows_key(name: str) -> str:
     return path.resolve().name if path.is_dir() else str(name)
 
 
-def _first_row_id(index: dict) -> Optional[str]:
+def first_row_id(index: dict) -> Optional[str]:
     """An id of ``index`` that numbers an HF dataset's row, or None."""
     return next((i for i in index if _ROW_ID.match(i)), None)
 
@@ -237,7 +237,7 @@ class FeatureCache:
             if problem:
                 raise DataError(f"feature cache {meta_file}: {problem}; re-extract with launchers/"
                                 "extract_features.py for this run's data, or point data.feature_cache elsewhere")
-        if hf_rows is not None and _first_row_id(self.index) is not None:
+        if hf_rows is not None and first_row_id(self.index) is not None:
             held, now = self.meta.get(HF_ROWS), hf_rows_key(hf_rows)
             if held != now:
                 what = (f"rows of the HF dataset {held!r}" if held is not None else
@@ -392,7 +392,7 @@ class FeatureWriter:
         self.index: dict = _read_json(index_path, "") if index_path.exists() else {}
         rows, held = meta.get(HF_ROWS), self.meta.get(HF_ROWS)
         if rows is not None and rows != held:
-            row_id = _first_row_id(self.index)
+            row_id = first_row_id(self.index)
             if held is not None or row_id is not None:
                 what = (f"rows of the HF dataset {held!r}" if held is not None else
                         f"row-numbered ids of an HF dataset it does not record (e.g. {row_id!r}; "

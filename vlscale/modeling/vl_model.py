@@ -203,7 +203,7 @@ def is_checkpointing(lm) -> bool:
         else lm.is_gradient_checkpointing
 
 
-def _checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
+def checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
     """The ``vocab_size`` of a local model.backbone_path folder's config.json (what ``from_pretrained`` builds,
     which may differ from the registry's: embeddings resized for added tokens), or None."""
     from vlscale.config import _folder_config
@@ -236,7 +236,7 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     if vocab_size and not pretrained and (is_tiny(cfg.model.backbone) or
                                           vocab_size > lm_config(cfg.model.backbone).vocab_size):
         overrides["vocab_size"] = vocab_size
-    folder_vocab = _checkpoint_vocab_size(cfg) if meta and cfg.model.pretrained else None
+    folder_vocab = checkpoint_vocab_size(cfg) if meta and cfg.model.pretrained else None
     if folder_vocab:  # the meta build stands for a load of model.backbone_path: its vocabulary, resized as below
         overrides["vocab_size"] = max(folder_vocab, vocab_size or 0)
     path = cfg.model.backbone_path if cfg.model.pretrained else None  # (a meta build stands for its load)
