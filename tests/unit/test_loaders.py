@@ -1860,6 +1860,24 @@ def test_hf_array3d_image_columns_decode_from_the_nested_lists_datasets_gives(tm
     assert np.array_equal(decode_image(rgb.astype(np.int64)), rgb)
 
 
+def test_hf_a_path_cell_naming_a_truncated_image_file_names_the_whole_file(tmp_path):
+    """A path cell (or a {bytes: None, path} dict) naming a half-written image file is refused naming the file it
+    opened, whole: the cell's repr cut at 60 characters lost the file's name in a deep folder."""
+    from PIL import Image
+
+    from vlscale.data.hf_dataset import decode_image
+
+    folder = tmp_path / ("a_folder_deep_enough_that_the_cell_is_long" * 2) / "train2014"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((16, 16, 3), 9, np.uint8)).save(folder / "whole.jpg")
+    raw = (folder / "whole.jpg").read_bytes()
+    (folder / "COCO_train2014_000000000009.jpg").write_bytes(raw[:len(raw) // 2])
+    cut = str(folder / "COCO_train2014_000000000009.jpg")
+    for cell in (cut, {"bytes": None, "path": cut}):
+        with pytest.raises(DataError, match=rf"^row 3: cannot read image {re.escape(cut)} \(OSError: .*[Tt]runcated"):
+            decode_image(cell, where="row 3")
+
+
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 

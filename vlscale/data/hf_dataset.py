@@ -315,12 +315,14 @@ def decode_image(value, where: str = "", base_dir=None):
     from PIL import Image
 
     where = where or "HF dataset"
+    opened = []  # the image file a path cell named, for the error: the cell's repr cut at 60 characters lost its name
 
     def open_path(p: str):
         full, tries = find_image_file(p, base_dir)
         if full is None:
             raise DataFileNotFound(f"{where}: holds {p!r}, which is neither image data nor an existing image "
                                    f"file (looked for {' and '.join(map(str, tries))})")
+        opened.append(full)
         return Image.open(full)
 
     try:
@@ -349,6 +351,8 @@ def decode_image(value, where: str = "", base_dir=None):
     except DataError:
         raise
     except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
+        if opened:
+            raise DataError(f"{where}: cannot read image {opened[0]} ({type(e).__name__}: {e})") from e
         what = f"{len(value['bytes'])} bytes" if isinstance(value, dict) and value.get("bytes") else f"{value!r:.60}"
         raise DataError(f"{where}: cannot read an image from {what} ({type(e).__name__}: {e})") from e
 
