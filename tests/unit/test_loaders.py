@@ -1225,6 +1225,10 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
     for name in ("garbage", "cut"):
         with pytest.raises(DataError, match=rf"image '{name}': cannot read image .*{name}\.jpg"):
             folder[name]
+    (tmp_path / "empty.jpg").write_bytes(b"")  # said so: PIL's "cannot identify image file" left one guessing
+    empty = r"image 'empty': cannot read image .*empty\.jpg \(the file is empty: 0 bytes\)$"
+    with pytest.raises(DataError, match=empty):
+        folder["empty"]
     examples = load_real_examples(make_cfg(), "gqa", "train")[:1]
     e = type(examples[0])("gqa", "q1", "text", "yes", ["garbage"], source="ann.json")
     with pytest.raises(DataError, match=r"gqa example 'q1' \(from ann\.json\): image 'garbage': cannot read image"):
@@ -1876,6 +1880,9 @@ def test_hf_a_path_cell_naming_a_truncated_image_file_names_the_whole_file(tmp_p
     for cell in (cut, {"bytes": None, "path": cut}):
         with pytest.raises(DataError, match=rf"^row 3: cannot read image {re.escape(cut)} \(OSError: .*[Tt]runcated"):
             decode_image(cell, where="row 3")
+    (folder / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^row 3: cannot read image .*empty\.jpg \(the file is empty: 0 bytes\)$"):
+        decode_image(str(folder / "empty.jpg"), where="row 3")
 
 
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):

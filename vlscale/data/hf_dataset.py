@@ -352,7 +352,9 @@ def decode_image(value, where: str = "", base_dir=None):
         raise
     except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as e:
         if opened:
-            raise DataError(f"{where}: cannot read image {opened[0]} ({type(e).__name__}: {e})") from e
+            from vlscale.data.visual import unreadable
+
+            raise DataError(f"{where}: cannot read image {opened[0]} ({unreadable(opened[0], e)})") from e
         what = f"{len(value['bytes'])} bytes" if isinstance(value, dict) and value.get("bytes") else f"{value!r:.60}"
         raise DataError(f"{where}: cannot read an image from {what} ({type(e).__name__}: {e})") from e
 

@@ -94,8 +94,18 @@ def load_image(path: Path, what: str = "") -> np.ndarray:
     except FileNotFoundError:
         raise DataFileNotFound(f"{what + ': ' if what else ''}file {path} does not exist") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{what + ': ' if what else ''}cannot read image {path} "
-                        f"({type(e).__name__}: {e})") from e
+        raise DataError(f"{what + ': ' if what else ''}cannot read image {path} ({unreadable(path, e)})") from e
+
+
+def unreadable(path: Path, e: Exception) -> str:
+    """What is wrong with the image file ``path`` that PIL refused with ``e``: ``e``, or that the file is empty
+    (PIL says "cannot identify image file" of a zero-byte file, a write that never happened)."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty: 0 bytes"
+    except OSError:
+        pass
+    return f"{type(e).__name__}: {e}"
 
 
 def frame_order(path: Path) -> list:
