@@ -437,6 +437,10 @@ def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
     assert f"the last good checkpoint is {out / 'checkpoints' / f'step{len(log)}'}" in proc.stdout
     assert ckpt.latest_tag(out / "checkpoints") == f"step{len(log)}"
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
+    stopped = h.read_json(out / "run_summary.json")  # says why it stopped (it was not written)
+    assert stopped["completed"] is False and stopped["steps"] == len(log)
+    assert stopped["stopped"]["error"].startswith(f"NonFiniteLoss: loss is nan at step {bad} (task '")
+    assert stopped["stopped"]["checkpoint"] == str(out / "checkpoints" / f"step{len(log)}")
 
 
 def test_input_errors_are_their_message_without_a_traceback(tmp_path, h):

@@ -1425,6 +1425,7 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     ("stop_after", 0, "stopped at step 3 (--stop-after-steps 3); resume with --resume", False),
     ("config", 1, "vlscale: rank 0: ConfigError: data.tasks: bad", False),
     ("nonfinite", 1, "vlscale: rank 0: NonFiniteLoss: loss is nan", False),
+    ("data", 1, "vlscale: rank 0: DataError: gqa example 'q1': image 'x': cannot read image /d/x.jpg", False),
     ("disk", 1, "vlscale: rank 0: OSError: writing the run's files in output_dir", False),
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
     ("peer", 1, "vlscale: rank 0: stopped: another rank's process ended (its own line says why)", False),
@@ -1436,7 +1437,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     128 + its number (a second Ctrl-C aborting the run 130 too), --stop-after-steps 0; an error in the run's
     input (a config value, a diverged loss, a full disk) is one line without a traceback, any other error one line
     after its traceback, except a collective failed because another rank's process ended: one line saying so, no
-    traceback (that rank's own line says why); --no-progress reaches the run."""
+    traceback (that rank's own line says why); --no-progress reaches the run; an error mid-run goes to record_stop
+    (run_summary.json saying why, for an input error), a stop request does not."""
     import errno
     from types import SimpleNamespace
 
@@ -1444,7 +1446,10 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     from vlscale.config import ConfigError
     from vlscale.engine import trainer
 
+    from vlscale.data.real import DataError
+
     errors = {"config": ConfigError("data.tasks: bad"), "nonfinite": trainer.NonFiniteLoss("loss is nan"),
+              "data": DataError("gqa example 'q1': image 'x': cannot read image /d/x.jpg (OSError: truncated)"),
               "disk": OSError(errno.ENOSPC, "No space left on device"), "bug": KeyError("oops"),
               "peer": RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:30461"),
               "signal": trainer.RunStopped(3, "SIGTERM", signal.SIGTERM),
@@ -1465,9 +1470,12 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
     monkeypatch.setattr(trainer, "close", lambda run: None)
+    stops = []  # record_stop writes run_summary.json for the errors of the run's input (mid-run: an unreadable image)
+    monkeypatch.setattr(trainer, "record_stop", lambda run, e: stops.append(e))
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
+    assert stops == ([] if raised in ("signal", "stop_after", "abort") else [errors[raised]])
     assert said in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
 

@@ -395,13 +395,13 @@ def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2
     engine = SimpleNamespace(module=model, optimizer=SimpleNamespace(state={}), skipped_steps=skipped_steps,
                              train_micro_batch_size_per_gpu=lambda: 2, gradient_accumulation_steps=lambda: 1)
     return SimpleNamespace(model=model, engine=engine, memory={"grad_bytes_per_rank": 36}, step=3,
-                           dist=SimpleNamespace(world_size=2, device=torch.device("cpu"), device_type="cpu"),
+                           dist=SimpleNamespace(world_size=2, rank=0, device=torch.device("cpu"), device_type="cpu"),
                            stage=stage, global_batch=4, step_times=list(step_times),
                            cfg=SimpleNamespace(train=SimpleNamespace(precision=precision,
                                                                      gradient_checkpointing=False)),
                            ds_config={}, last_scores={"vqa": {"acc": 0.5}},
                            interrupted_evaluation={"step": 3, "split": "test", "task": "vqa", "batches_done": 1,
-                                                   "batches": 2})
+                                                   "batches": 2}, stopped=None)
 
 
 def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
@@ -430,6 +430,38 @@ def test_run_summary_holds_the_run_s_settings_and_counts(monkeypatch):
         "world_size": 2, "zero_stage": 3, "precision": "bf16", "trainable_params": 6, "total_params": 12,
         "global_batch": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "skipped_steps": 2,
         "completed": False, "step_time_s": None, "step_time_steps": 0}
+
+
+def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monkeypatch, tmp_path):
+    """An input error mid-run (an unreadable image on the rank reading it; a diverged loss, on rank 0) writes
+    run_summary.json, completed false, ``stopped`` naming the error, the rank and the checkpoint left: it was not
+    written at all. Nothing gathered (the other rank may be in a collective): its figures are null. Other errors,
+    and a diverged loss on the other ranks, write nothing."""
+    import json
+
+    from vlscale.data.real import DataError
+    from vlscale.engine import checkpoint as ckpt
+
+    run = _summary_run(monkeypatch)
+    run.out, run.dist.rank, run.is_main = tmp_path, 1, False
+    monkeypatch.setattr("torch.distributed.all_gather_object", None)  # not called
+    for error in (ConfigError("x"), trainer.NonFiniteLoss("loss is nan")):
+        trainer.record_stop(run, error)
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step2")
+    line = "gqa example 'q1' (from train.json): image 'x': cannot read image /d/x.jpg (OSError: image file is truncated)"
+    trainer.record_stop(run, DataError(line))
+    s = json.loads((tmp_path / "run_summary.json").read_text())
+    kept = str(tmp_path / "checkpoints" / "step2")
+    assert s["stopped"] == {"error": f"DataError: {line}", "rank": 1, "checkpoint": kept}
+    assert (s["completed"], s["steps"], s["param_bytes_by_rank"], s["param_bytes_per_rank"]) == (False, 3, [None, 36],
+                                                                                                36)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "run_summary.json"]
+    run.dist.rank, run.is_main = 0, True
+    trainer.record_stop(run, trainer.NonFiniteLoss("loss is nan at step 4"))
+    s = json.loads((tmp_path / "run_summary.json").read_text())
+    assert s["stopped"]["error"] == "NonFiniteLoss: loss is nan at step 4" and s["param_bytes_by_rank"] == [36, None]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")

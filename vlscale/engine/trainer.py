@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import resource
 import statistics
@@ -114,6 +115,7 @@ class Run:
     lr_groups: dict = field(default_factory=lambda: {"lr": 0})  # train_log key -> the optimizer group it reads
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
+    stopped: Optional[dict] = None  # the input error that stopped the run (record_stop; run_summary.json)
 
     @property
     def model(self):
@@ -929,8 +931,9 @@ def peak_memory_bytes(device) -> dict:
     return {"peak_memory_bytes": int(rss), "peak_rss_bytes": int(rss)}
 
 
-def run_summary(run: Run, completed: bool = True) -> dict:
-    """Measured per-rank figures (collective: gathers every rank's numbers)."""
+def run_summary(run: Run, completed: bool = True, gather: bool = True) -> dict:
+    """Measured per-rank figures (collective: gathers every rank's numbers; with ``gather=False`` this rank's
+    only, the others' null)."""
     local = {"param_bytes_per_rank": parameter_bytes(run.model),
              "grad_bytes_per_rank": run.memory.get("grad_bytes_per_rank", 0),
              "optimizer_state_bytes_per_rank": optimizer_state_bytes(run.engine),
@@ -940,7 +943,10 @@ def run_summary(run: Run, completed: bool = True) -> dict:
         import torch.distributed as dist
 
         per_rank = [None] * run.dist.world_size
-        dist.all_gather_object(per_rank, local)
+        if gather:
+            dist.all_gather_object(per_rank, local)
+        else:
+            per_rank[run.dist.rank] = local
     from vlscale.peft.trainable import count_parameters
 
     counts = count_parameters(run.model)  # full shapes, partitioned parameters included
@@ -963,12 +969,35 @@ def run_summary(run: Run, completed: bool = True) -> dict:
                # plain one here
                "zero_optimization": copy.deepcopy(run.ds_config.get("zero_optimization", {}))}
     for key in local:
-        summary[key] = max(r[key] for r in per_rank)
-        summary[f"{key.replace('_per_rank', '')}_by_rank"] = [r[key] for r in per_rank]
+        summary[key] = max(r[key] for r in per_rank if r)
+        summary[f"{key.replace('_per_rank', '')}_by_rank"] = [r and r[key] for r in per_rank]
     summary["final_scores"] = run.last_scores
     # a stop request during the final evaluation: {step, split, task, batches_done, batches}; --resume evaluates
     summary["interrupted_evaluation"] = run.interrupted_evaluation
+    summary["stopped"] = run.stopped  # an input error that stopped the run: {error, rank, checkpoint}
     return summary
+
+
+def record_stop(run: Run, error: Exception) -> None:
+    """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
+    image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation) or a
+    non-finite loss (rank 0: every rank stops on it). ``stopped`` holds the error's line, the rank and the checkpoint
+    left (null: none yet). Not gathered, as another rank may be waiting in a collective: others' figures are null.
+    Written through a file of this rank's own, as two ranks may stop on bad images at once."""
+    from vlscale.data.real import DataError
+
+    if not (isinstance(error, DataError) or isinstance(error, NonFiniteLoss) and run.is_main):
+        return
+    root = run.out / "checkpoints"
+    try:
+        tag = ckpt.latest_tag(root)
+    except ckpt.CheckpointError:
+        tag = None
+    run.stopped = {"error": f"{type(error).__name__}: {error}", "rank": run.dist.rank,
+                   "checkpoint": str(root / tag) if tag else None}
+    mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
+                             json.dumps(run_summary(run, completed=False, gather=False), indent=1))
+    os.replace(mine, run.out / "run_summary.json")
 
 
 def finish(run: Run, completed: bool = True) -> dict:
