@@ -29,7 +29,9 @@ image columns, given in ``data.hf_columns.image``'s order, ``<split>/<row>/0`` a
 without an image is an error naming the dataset, split, row and column, or with
 ``--skip-bad-records`` skipped, as training's ``data.skip_bad_records=true`` skips it, and counted
 at the end. Resumable: ids already in ``--out`` are skipped; shards are written atomically. Bad
-input (an unreadable image, a cache made with other settings) ends with one line naming the file.
+input (an unreadable image, a cache made with other settings) ends with one line naming the file; the features
+written before an unreadable image are kept, and ``--skip-bad-records`` (``--real``: ``data.skip_bad_records=true``)
+leaves such images out instead, listed at the end.
 Format: see vlscale/data/features.py.
 """
 
@@ -71,7 +73,10 @@ def parse_args(argv=None):
                                                       "dataset's own name (validation, ...); default train")
     ap.add_argument("--skip-bad-records", action="store_true",
                     help="--hf-dataset: skip rows without an image (by default an error), as training's "
-                         "data.skip_bad_records=true does; the count and the first rows are reported at the end")
+                         "data.skip_bad_records=true does; the count and the first rows are reported at the end. "
+                         "--images / --hf-dataset: leave unreadable images (corrupt, half-written, empty) out of "
+                         "the cache, listed at the end (by default the first stops the extraction, the features "
+                         "written before it kept); with --real: data.skip_bad_records=true does both")
     ap.add_argument("--pattern", default=None, help="--images: file name pattern with {id} (default: any image)")
     ap.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed when present)")
     ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
@@ -90,9 +95,12 @@ def parse_args(argv=None):
                  "--config paper/clip_bart_single_adapter data.root=DIR)")
     if args.hf_dataset and not args.image_column:
         ap.error("--hf-dataset needs --image-column")
-    for flag in ("skip_bad_records", "image_column", "id_column"):
+    for flag in ("image_column", "id_column"):
         if getattr(args, flag) and not args.hf_dataset:
             ap.error(f"--{flag.replace('_', '-')} applies to --hf-dataset only")
+    if args.skip_bad_records and not (args.hf_dataset or args.images):
+        ap.error("--skip-bad-records applies to --hf-dataset and --images"
+                 + (" (with --real: data.skip_bad_records=true, as training is given it)" if args.real else ""))
     if args.split != "train" and not args.hf_dataset:
         ap.error("--split applies to --hf-dataset only (--synthetic extracts every split of the config's tasks)")
     if args.pattern and not args.images:
@@ -406,6 +414,11 @@ def main(argv=None) -> int:
             encoder = load_encoder(vision, pretrained, args.device, given)
             transform = image_transform(vision, pretrained)
         total = {"total": 0, "skipped": 0, "written": 0}
+        unreadable = []
+        skip = args.skip_bad_records or bool(args.real and cfg.data.skip_bad_records)
+        how_to_skip = ("" if args.synthetic else ", or leave unreadable images out with "
+                       + ("data.skip_bad_records=true" if args.real else "--skip-bad-records")
+                       + " (training with data.skip_bad_records=true drops the examples naming them)")
         dtype = "float16" if args.fp16 else "float32"
         for source, ids, video in jobs:
             if getattr(source, "kind", None) == "features":
@@ -416,7 +429,9 @@ def main(argv=None) -> int:
                                          pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
                                          shard_size=args.shard_size, dtype=dtype, progress=not args.quiet,
                                          device=args.device, synthetic=synthetic,
-                                         hf_rows=hf_report["row_ids"] if hf_report else None)
+                                         hf_rows=hf_report["row_ids"] if hf_report else None,
+                                         skip_unreadable=skip, how_to_skip=how_to_skip)
+                unreadable += stats["unreadable"]
             for k in total:
                 total[k] += stats[k]
     except DataError as e:
@@ -431,6 +446,10 @@ def main(argv=None) -> int:
     print(f"feature cache {args.out}: of the {total['total']} ids asked for, {total['written']} written, "
           f"{total['skipped']} already there; the cache holds {held}. Train with: "
           f"{train_with(args, cfg, vision, pretrained)}")
+    if unreadable:
+        print(f"{'data.skip_bad_records' if args.real else '--skip-bad-records'}: left out {len(unreadable)} id(s) "
+              f"that could not be read, first: {'; '.join(why for _, why in unreadable[:5])}. Train with "
+              "data.skip_bad_records=true, which drops the examples naming them")
     if hf_report and hf_report["skipped"]:
         skipped = hf_report["skipped"]
         print(f"--skip-bad-records: skipped {len(skipped)} of {hf_report['rows']} rows of {hf_report['name']}, "

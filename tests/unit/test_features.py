@@ -363,6 +363,37 @@ def weights(encoder, tmp_path_factory):
     return str(path)
 
 
+def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_out(encoder, tmp_path):
+    """An id the source cannot read (DataError: a cut or empty file) stops the extraction with its line, the ids
+    done before it kept and said so; with skip_unreadable it is left out and listed, the rest written (images, and a
+    video with a bad frame)."""
+    from vlscale.data.real import DataError
+
+    enc, tf = encoder
+    split = generate_split("vqa", "val", 5, image_size=16)
+    ids = list(split.visuals)
+    line = f"image {ids[3]!r}: cannot read image /d/{ids[3]}.jpg (OSError: image file is truncated)"
+
+    class Cut(SyntheticImages):
+        def __getitem__(self, i):
+            if i == ids[3]:
+                raise DataError(line)
+            return super().__getitem__(i)
+
+    out, more = tmp_path / "cache", dict(vision=VISION, batch_size=2, shard_size=2, progress=False)
+    with pytest.raises(DataError, match=rf"^image '{ids[3]}': cannot read image .*truncated\); the cache {out} keeps "
+                                        r"the 2 ids done before it, .* once the file is replaced, or -S$"):
+        extract_features(enc, tf, Cut(split.visuals), ids, out, how_to_skip=", or -S", **more)
+    assert len(FeatureCache(out, vision=VISION)) == 2
+    stats = extract_features(enc, tf, Cut(split.visuals), ids, out, skip_unreadable=True, **more)
+    assert stats == {"total": 5, "skipped": 2, "written": 2, "unreadable": [(ids[3], line)]}
+    assert sorted(FeatureCache(out, vision=VISION).ids()) == sorted(ids[:3] + ids[4:])
+    frames = {f"v{k}": [split.visuals[i] for i in ids[:2]] for k in range(3)}
+    stats = extract_features(enc, tf, Cut(dict(frames, **{ids[3]: None})), ["v0", ids[3], "v1", "v2"],
+                             tmp_path / "video", video=True, skip_unreadable=True, **more)
+    assert (stats["written"], [i for i, _ in stats["unreadable"]]) == (3, [ids[3]])
+
+
 def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path):
     enc, tf = encoder
     split = generate_split("vqa", "val", 10, image_size=16)
@@ -382,7 +413,7 @@ def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path):
     assert len(partial) == 6 and not list(out.glob("*.tmp"))  # whole batches done before the failure
     stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids, out, vision=VISION, batch_size=3,
                              shard_size=2, progress=False)
-    assert stats == {"total": 10, "skipped": 6, "written": 4}
+    assert stats == {"total": 10, "skipped": 6, "written": 4, "unreadable": []}
     cache = FeatureCache(out, vision=VISION, pretrained=None, expect_kind="grid")
     assert cache.kind == "features" and len(cache) == 10 and len(list(out.glob("shard_*.safetensors"))) == 5
     want = enc.encode_grid(tf([split.visuals[i] for i in ids[:3]]))
@@ -677,6 +708,17 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(SystemExit, match=r"DataError: image 'broken': cannot read image .*imgs/broken\.jpg"):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
+    # what is done is kept and said so, with the way on; --skip-bad-records leaves the image out, named at the end
+    with pytest.raises(SystemExit, match=r"imgs/broken\.jpg \(UnidentifiedImageError: .*\); the cache .*f1 keeps "
+                                         r"the 2 ids done before it, .* or leave unreadable images out with "
+                                         r"--skip-bad-records \(training with data\.skip_bad_records=true drops"):
+        launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f1")])
+    capsys.readouterr()
+    assert launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4"),
+                                 "--skip-bad-records"]) == 0
+    assert sorted(FeatureCache(tmp_path / "f4").ids()) == ["y", "z"]
+    assert ("--skip-bad-records: left out 1 id(s) that could not be read, first: image 'broken': cannot read image "
+            f"{tmp_path / 'imgs' / 'broken.jpg'} (UnidentifiedImageError") in capsys.readouterr().out
 
 
 def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weights, capsys):
@@ -1010,8 +1052,8 @@ def test_launcher_hf_rows_without_an_image_error_or_skip_as_training(tmp_path, w
         with pytest.raises(DataError, match=r"holes\[train\]: row 1: key 'left_image' has no image"):
             load_examples(_hf_cfg(hf, task, columns, cache, weights), task, "train")
     with pytest.raises(SystemExit) as info:
-        launcher.main(["--vision", VISION, "--images", str(tmp_path), "--skip-bad-records", "--out", str(one)])
-    assert info.value.code == 2 and "--skip-bad-records applies to --hf-dataset only" in capsys.readouterr().err
+        launcher.main(["--synthetic", "--skip-bad-records", "--out", str(one)])
+    assert info.value.code == 2 and "--skip-bad-records applies to --hf-dataset and --images" in capsys.readouterr().err
     # the other source-specific flags are refused where they would be ignored
     for flags, says in ((["--images", str(tmp_path), "--image-column", "image"], "--image-column applies"),
                         (["--images", str(tmp_path), "--id-column", "name"], "--id-column applies"),
@@ -1199,7 +1241,8 @@ def test_extraction_counts_each_id_once_and_an_empty_one_leaves_a_cache(encoder,
     ids = list(split.visuals)
     stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids + ids[:1], tmp_path / "c", vision=VISION,
                              progress=False)
-    assert stats == {"total": 2, "skipped": 0, "written": 2}  # a repeated id is one image, not a skipped one
+    # a repeated id is one image, not a skipped one
+    assert stats == {"total": 2, "skipped": 0, "written": 2, "unreadable": []}
     with pytest.raises(ValueError, match="batch_size must be > 0, got 0"):
         extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "z", vision=VISION, batch_size=0,
                          progress=False)
@@ -1216,9 +1259,9 @@ def test_a_video_extraction_counts_videos_written_and_skipped(encoder, tmp_path)
     ids = list(split.visuals)
     run = dict(vision=VISION, video=True, batch_size=14, progress=False)
     stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "v", **run)
-    assert stats == {"total": 4, "skipped": 0, "written": 4}
+    assert stats == {"total": 4, "skipped": 0, "written": 4, "unreadable": []}
     assert extract_features(enc, tf, SyntheticImages(split.visuals), ids, tmp_path / "v", **run) == {
-        "total": 4, "skipped": 4, "written": 0}
+        "total": 4, "skipped": 4, "written": 0, "unreadable": []}
 
 
 def test_a_shard_left_half_written_by_an_interrupted_extraction_does_not_stop_the_next(tmp_path):
@@ -1492,7 +1535,8 @@ def test_cache_changed_compares_fingerprints_and_notes_a_cache_without_one(tmp_p
     (["--hf-dataset", "x", "--vision", VISION], "--hf-dataset needs --image-column"),
     (["--images", "d", "--vision", VISION, "--image-column", "image"], "--image-column applies to --hf-dataset only"),
     (["--images", "d", "--vision", VISION, "--id-column", "name"], "--id-column applies to --hf-dataset only"),
-    (["--images", "d", "--vision", VISION, "--skip-bad-records"], "--skip-bad-records applies to --hf-dataset only"),
+    (["--synthetic", "--skip-bad-records"], "--skip-bad-records applies to --hf-dataset and --images"),
+    (["--real", "--config", "tiny", "--skip-bad-records"], "(with --real: data.skip_bad_records=true, as training"),
     (["--synthetic", "--split", "val"], "--split applies to --hf-dataset only (--synthetic extracts every split"),
     (["--synthetic", "--pattern", "{id}.jpg"], "--pattern applies to --images only"),
     (["--images", "d"], "--vision is required (e.g. --vision RN101)"),

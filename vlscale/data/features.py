@@ -409,6 +409,9 @@ class FeatureWriter:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.index or image_id in self._buffer
 
+    def __len__(self) -> int:
+        return len(self.index) + len(self._buffer)
+
     def add(self, image_id: str, feats: torch.Tensor) -> None:
         if feats.dim() != 2:
             raise ValueError(f"features for {image_id!r} must be 2-d (T, D) or (F, E), got {tuple(feats.shape)}")
@@ -485,7 +488,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
                      progress: bool = True, device="cpu", synthetic: Optional[dict] = None,
-                     hf_rows: Optional[str] = None) -> dict:
+                     hf_rows: Optional[str] = None, skip_unreadable: bool = False, how_to_skip: str = "") -> dict:
     """Encode ``source[id]`` for every id into the cache at ``out_dir``; ids already there are skipped.
 
     Images: ``encoder.encode_grid(transform(images))`` -> (T, D) each. Video (``video=True``):
@@ -495,6 +498,10 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     in meta.json, checked by :class:`FeatureCache`), None for real images. ``hf_rows``: the HF dataset
     whose rows ``ids`` number (``<split>/<row>``), recorded as meta.json's ``hf_rows``. The encoder's weights
     are recorded as meta.json's ``fingerprint``; a cache of other weights is not continued.
+
+    An id the source cannot read (a corrupt, half-written or empty image, a missing file: DataError) stops the
+    extraction, the features written before it kept, with a DataError saying so (and ``how_to_skip``); with
+    ``skip_unreadable`` it is left out and listed in the result's ``unreadable``: [(id, why)].
     """
     from tqdm.auto import tqdm
 
@@ -510,14 +517,28 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
         meta[HF_ROWS] = hf_rows_key(hf_rows)
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
-    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}
+    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0, "unreadable": []}
     bar = tqdm(total=len(todo), desc=f"features {vision} -> {out_dir}", unit="video" if video else "img",
                disable=not progress)
+
+    def read(i):
+        try:
+            return source[i]
+        except DataError as e:
+            if not skip_unreadable:
+                raise DataError(f"{e}; the cache {out_dir} keeps the {len(writer)} ids done before it, and the same "
+                                f"command goes on from there once the file is replaced{how_to_skip}") from e
+            stats["unreadable"].append((i, str(e)))
+            bar.update(1)
+            return None
+
     try:
         if video:
             group, frames = [], []
             for vid in todo + [None]:
-                item = source[vid] if vid is not None else None
+                item = read(vid) if vid is not None else None
+                if vid is not None and item is None:
+                    continue
                 if group and (vid is None or len(frames) + len(item) > batch_size):
                     emb = frame_features(encoder, transform, frames, device)
                     start = 0
@@ -532,7 +553,11 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                     frames.extend(item)
         else:
             for chunk in _batches(todo, batch_size):
-                feats = grid_features(encoder, transform, [source[i] for i in chunk], device)
+                images = {i: read(i) for i in chunk}
+                chunk = [i for i in chunk if images[i] is not None]
+                if not chunk:
+                    continue
+                feats = grid_features(encoder, transform, [images[i] for i in chunk], device)
                 for i, f in zip(chunk, feats):
                     writer.add(i, f)
                 stats["written"] += len(chunk)
