@@ -382,7 +382,7 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
 
     out, more = tmp_path / "cache", dict(vision=VISION, batch_size=2, shard_size=2, progress=False)
     with pytest.raises(DataError, match=rf"^image '{ids[3]}': cannot read image .*truncated\); the cache {out} keeps "
-                                        r"the 2 ids done before it, .* once the file is replaced, or -S$"):
+                                        r"the 2 ids done before it, .* once the image is replaced, or -S$"):
         extract_features(enc, tf, Cut(split.visuals), ids, out, how_to_skip=", or -S", **more)
     assert len(FeatureCache(out, vision=VISION)) == 2
     stats = extract_features(enc, tf, Cut(split.visuals), ids, out, skip_unreadable=True, **more)

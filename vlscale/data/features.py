@@ -527,7 +527,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
         except DataError as e:
             if not skip_unreadable:
                 raise DataError(f"{e}; the cache {out_dir} keeps the {len(writer)} ids done before it, and the same "
-                                f"command goes on from there once the file is replaced{how_to_skip}") from e
+                                f"command goes on from there once the image is replaced{how_to_skip}") from e
             stats["unreadable"].append((i, str(e)))
             bar.update(1)
             return None
