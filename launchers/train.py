@@ -231,14 +231,14 @@ def main(argv=None) -> int:
         echo = "stopped: another rank's process ended (its own line says why)" if peer_gone(e) else None
         if dist.is_main and not disk and not echo and not isinstance(e, user_errors()):
             traceback.print_exc()
-        print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}'}", file=sys.stderr,
-              flush=True)
+        kept = ""
         if run is not None:  # an unreadable image, a diverged loss: run_summary.json says why the run stopped
             try:
-                trainer.record_stop(run, e)
-            except Exception as err:  # noqa: BLE001 - the line above is the report; the summary is extra
-                print(f"vlscale: rank {dist.rank}: run_summary.json not written ({type(err).__name__}: {err})",
-                      file=sys.stderr, flush=True)
+                kept = trainer.record_stop(run, e)
+            except Exception as err:  # noqa: BLE001 - the error's line is the report; the summary is extra
+                kept = f" (run_summary.json not written: {type(err).__name__}: {err})"
+        print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}'}{kept}", file=sys.stderr,
+              flush=True)
         code = 1
     except KeyboardInterrupt as e:
         print(f"vlscale: rank {dist.rank}: aborted ({e})", file=sys.stderr, flush=True)

@@ -1471,11 +1471,12 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
     monkeypatch.setattr(trainer, "close", lambda run: None)
     stops = []  # record_stop writes run_summary.json for the errors of the run's input (mid-run: an unreadable image)
-    monkeypatch.setattr(trainer, "record_stop", lambda run, e: stops.append(e))
+    monkeypatch.setattr(trainer, "record_stop", lambda run, e: stops.append(e) or "; what is kept")
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
     assert stops == ([] if raised in ("signal", "stop_after", "abort") else [errors[raised]])
+    assert err.rstrip().endswith("; what is kept") == bool(stops), err  # the error's line ends with what is kept
     assert said in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
 

@@ -436,7 +436,7 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     """An input error mid-run (an unreadable image on the rank reading it; a diverged loss, on rank 0) writes
     run_summary.json, completed false, ``stopped`` naming the error, the rank and the checkpoint left: it was not
     written at all. Nothing gathered (the other rank may be in a collective): its figures are null. Other errors,
-    and a diverged loss on the other ranks, write nothing."""
+    and a diverged loss on the other ranks, write nothing. The DataError's line is to end with what is kept."""
     import json
 
     from vlscale.data.real import DataError
@@ -450,8 +450,10 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     assert not list(tmp_path.iterdir())
     (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
     (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step2")
-    line = "gqa example 'q1' (from train.json): image 'x': cannot read image /d/x.jpg (OSError: image file is truncated)"
-    trainer.record_stop(run, DataError(line))
+    line = "gqa example 'q1' (from train.json): image 'x': cannot read image /d/x.jpg (OSError: image file is cut)"
+    assert trainer.record_stop(run, DataError(line)) == (f"; stopped after step 3: the last checkpoint is "
+                                                         f"{tmp_path / 'checkpoints' / 'step2'} (--resume goes on from "
+                                                         "it once the input is readable)")
     s = json.loads((tmp_path / "run_summary.json").read_text())
     kept = str(tmp_path / "checkpoints" / "step2")
     assert s["stopped"] == {"error": f"DataError: {line}", "rank": 1, "checkpoint": kept}
@@ -459,7 +461,7 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
                                                                                                 36)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "run_summary.json"]
     run.dist.rank, run.is_main = 0, True
-    trainer.record_stop(run, trainer.NonFiniteLoss("loss is nan at step 4"))
+    assert trainer.record_stop(run, trainer.NonFiniteLoss("loss is nan at step 4")) == ""  # its line says what is kept
     s = json.loads((tmp_path / "run_summary.json").read_text())
     assert s["stopped"]["error"] == "NonFiniteLoss: loss is nan at step 4" and s["param_bytes_by_rank"] == [36, None]
 

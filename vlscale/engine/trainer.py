@@ -978,16 +978,17 @@ def run_summary(run: Run, completed: bool = True, gather: bool = True) -> dict:
     return summary
 
 
-def record_stop(run: Run, error: Exception) -> None:
+def record_stop(run: Run, error: Exception) -> str:
     """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
     image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation) or a
     non-finite loss (rank 0: every rank stops on it). ``stopped`` holds the error's line, the rank and the checkpoint
     left (null: none yet). Not gathered, as another rank may be waiting in a collective: others' figures are null.
-    Written through a file of this rank's own, as two ranks may stop on bad images at once."""
+    Written through a file of this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what
+    is kept, to end its line (a non-finite loss's line says it already); else ''."""
     from vlscale.data.real import DataError
 
     if not (isinstance(error, DataError) or isinstance(error, NonFiniteLoss) and run.is_main):
-        return
+        return ""
     root = run.out / "checkpoints"
     try:
         tag = ckpt.latest_tag(root)
@@ -998,6 +999,10 @@ def record_stop(run: Run, error: Exception) -> None:
     mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
                              json.dumps(run_summary(run, completed=False, gather=False), indent=1))
     os.replace(mine, run.out / "run_summary.json")
+    if not isinstance(error, DataError):
+        return ""
+    return (f"; stopped after step {run.step}: " + (f"the last checkpoint is {run.stopped['checkpoint']} (--resume "
+            "goes on from it once the input is readable)" if tag else "no checkpoint had been written"))
 
 
 def finish(run: Run, completed: bool = True) -> dict:
