@@ -228,13 +228,14 @@ def real_jobs(cfg, video_flag: bool = False):
 
 
 def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str, shard_size: int,
-                        progress: bool) -> dict:
+                        progress: bool, skip_unreadable: bool = False, how_to_skip: str = "") -> dict:
     """Copy precomputed per-video frame features (a VideoFeatureFolder) into the cache at ``out``, under the
     meta.json an extraction of frames with ``vision`` writes (so both kinds of video share one cache); ids
-    already there are skipped. -> {"total", "skipped", "written"}."""
+    already there are skipped; a file that cannot be read as extract_features treats an image.
+    -> {"total", "skipped", "written", "unreadable"}."""
     from tqdm.auto import tqdm
 
-    from vlscale.data.features import FeatureWriter, feature_meta
+    from vlscale.data.features import FeatureWriter, feature_meta, read_or_skip
     from vlscale.modeling.vision import vision_dims
 
     dims = vision_dims(vision)
@@ -243,11 +244,13 @@ def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str
                         dim=int(dims["embed_dim"]))
     writer = FeatureWriter(out, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
-    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0}
+    stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0, "unreadable": []}
     try:
         for vid in tqdm(todo, desc=f"frame features {source.root} -> {out}", unit="video", disable=not progress):
-            writer.add(vid, source[vid])
-            stats["written"] += 1
+            feats = read_or_skip(source, vid, writer, stats, skip_unreadable, how_to_skip)
+            if feats is not None:
+                writer.add(vid, feats)
+                stats["written"] += 1
     finally:
         writer.close()
     return stats
@@ -416,14 +419,15 @@ def main(argv=None) -> int:
         total = {"total": 0, "skipped": 0, "written": 0}
         unreadable = []
         skip = args.skip_bad_records or bool(args.real and cfg.data.skip_bad_records)
-        how_to_skip = ("" if args.synthetic else ", or leave unreadable images out with "
+        how_to_skip = ("" if args.synthetic else ", or leave unreadable ones out with "
                        + ("data.skip_bad_records=true" if args.real else "--skip-bad-records")
                        + " (training with data.skip_bad_records=true drops the examples naming them)")
         dtype = "float16" if args.fp16 else "float32"
         for source, ids, video in jobs:
             if getattr(source, "kind", None) == "features":
                 stats = copy_frame_features(source, ids, args.out, vision=vision, pretrained=pretrained, dtype=dtype,
-                                            shard_size=args.shard_size, progress=not args.quiet)
+                                            shard_size=args.shard_size, progress=not args.quiet,
+                                            skip_unreadable=skip, how_to_skip=how_to_skip)
             else:
                 stats = extract_features(encoder, transform, source, ids, args.out, vision=vision,
                                          pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
@@ -431,7 +435,7 @@ def main(argv=None) -> int:
                                          device=args.device, synthetic=synthetic,
                                          hf_rows=hf_report["row_ids"] if hf_report else None,
                                          skip_unreadable=skip, how_to_skip=how_to_skip)
-                unreadable += stats["unreadable"]
+            unreadable += stats["unreadable"]
             for k in total:
                 total[k] += stats[k]
     except DataError as e:

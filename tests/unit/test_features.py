@@ -382,7 +382,7 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
 
     out, more = tmp_path / "cache", dict(vision=VISION, batch_size=2, shard_size=2, progress=False)
     with pytest.raises(DataError, match=rf"^image '{ids[3]}': cannot read image .*truncated\); the cache {out} keeps "
-                                        r"the 2 ids done before it, .* once the image is replaced, or -S$"):
+                                        r"the 2 ids done before it, .* once it is replaced, or -S$"):
         extract_features(enc, tf, Cut(split.visuals), ids, out, how_to_skip=", or -S", **more)
     assert len(FeatureCache(out, vision=VISION)) == 2
     stats = extract_features(enc, tf, Cut(split.visuals), ids, out, skip_unreadable=True, **more)
@@ -392,6 +392,29 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
     stats = extract_features(enc, tf, Cut(dict(frames, **{ids[3]: None})), ["v0", ids[3], "v1", "v2"],
                              tmp_path / "video", video=True, skip_unreadable=True, **more)
     assert (stats["written"], [i for i, _ in stats["unreadable"]]) == (3, [ids[3]])
+
+
+def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest_or_is_left_out(tmp_path):
+    """--real's precomputed frame features (.npy) are copied as images are extracted: a corrupt file stops the copy
+    naming it, the videos copied before it kept; with skip_unreadable it is left out and listed."""
+    from extract_features import copy_frame_features
+
+    from vlscale.data.real import DataError
+    from vlscale.data.video import VideoFeatureFolder
+    from vlscale.modeling.vision import vision_dims
+
+    dim = int(vision_dims(VISION)["embed_dim"])
+    (tmp_path / "feats").mkdir()
+    for vid in ("a", "c"):
+        np.save(tmp_path / "feats" / f"{vid}.npy", np.ones((3, dim), np.float32))
+    (tmp_path / "feats" / "b.npy").write_bytes(b"\x93NUMPY cut")
+    source, more = VideoFeatureFolder(tmp_path / "feats"), dict(vision=VISION, pretrained=None, dtype="float32",
+                                                                shard_size=8, progress=False)
+    with pytest.raises(DataError, match=r"b\.npy.*; the cache .*out keeps the 1 ids done before it, .*, or -S$"):
+        copy_frame_features(source, ["a", "b", "c"], tmp_path / "out", how_to_skip=", or -S", **more)
+    stats = copy_frame_features(source, ["a", "b", "c"], tmp_path / "out", skip_unreadable=True, **more)
+    assert (stats["written"], stats["skipped"], [v for v, _ in stats["unreadable"]]) == (1, 1, ["b"])
+    assert sorted(FeatureCache(tmp_path / "out").ids()) == ["a", "c"]
 
 
 def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path):
@@ -710,7 +733,7 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
     # what is done is kept and said so, with the way on; --skip-bad-records leaves the image out, named at the end
     with pytest.raises(SystemExit, match=r"imgs/broken\.jpg \(UnidentifiedImageError: .*\); the cache .*f1 keeps "
-                                         r"the 2 ids done before it, .* or leave unreadable images out with "
+                                         r"the 2 ids done before it, .* or leave unreadable ones out with "
                                          r"--skip-bad-records \(training with data\.skip_bad_records=true drops"):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f1")])
     capsys.readouterr()

@@ -484,6 +484,19 @@ def feature_meta(vision: str, pretrained, *, video: bool, dtype: str, image_size
     return meta
 
 
+def read_or_skip(source, i: str, writer: FeatureWriter, stats: dict, skip: bool, how_to_skip: str):
+    """``source[i]``; one it cannot read (DataError) stops the extraction saying what the cache keeps and how to go on
+    (``how_to_skip``), or with ``skip`` is None, listed in ``stats["unreadable"]``: [(id, why)]."""
+    try:
+        return source[i]
+    except DataError as e:
+        if not skip:
+            raise DataError(f"{e}; the cache {writer.root} keeps the {len(writer)} ids done before it, and the same "
+                            f"command goes on from there once it is replaced{how_to_skip}") from e
+        stats["unreadable"].append((i, str(e)))
+        return None
+
+
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
@@ -522,15 +535,10 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                disable=not progress)
 
     def read(i):
-        try:
-            return source[i]
-        except DataError as e:
-            if not skip_unreadable:
-                raise DataError(f"{e}; the cache {out_dir} keeps the {len(writer)} ids done before it, and the same "
-                                f"command goes on from there once the image is replaced{how_to_skip}") from e
-            stats["unreadable"].append((i, str(e)))
+        item = read_or_skip(source, i, writer, stats, skip_unreadable, how_to_skip)
+        if item is None:
             bar.update(1)
-            return None
+        return item
 
     try:
         if video:
