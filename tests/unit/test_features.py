@@ -744,6 +744,31 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
             f"{tmp_path / 'imgs' / 'broken.jpg'} (UnidentifiedImageError") in capsys.readouterr().out
 
 
+def test_launcher_real_with_skip_bad_records_leaves_a_cut_image_out_and_training_drops_its_examples(tmp_path, weights,
+                                                                                                    tok, capsys):
+    """--real: a half-written image stops the extraction naming data.skip_bad_records=true as the way past it; with
+    it, the image is left out (said at the end) and a run with the same setting drops the examples naming it."""
+    import shutil
+
+    import extract_features as launcher
+
+    shutil.copytree(ROOT / "tests" / "fixtures" / "real_data" / "gqa", tmp_path / "gqa")
+    whole = (tmp_path / "gqa" / "images" / "2375429.jpg").read_bytes()
+    (tmp_path / "gqa" / "images" / "2375429.jpg").write_bytes(whole[:len(whole) // 2])
+    real = ["--real", "--config", "tiny", "data.source=real", f"data.root={tmp_path}", "data.tasks=[gqa]",
+            "--pretrained", weights, "--quiet", "--out", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match=r"image '2375429': cannot read image .*2375429\.jpg \(OSError: .*\); the "
+                                         r"cache .* or leave unreadable ones out with data\.skip_bad_records=true "):
+        launcher.main(real)
+    assert launcher.main(real + ["data.skip_bad_records=true"]) == 0
+    assert "data.skip_bad_records: left out 1 id(s) that could not be read, first: image '2375429'" in (
+        capsys.readouterr().out)
+    cfg = load_config("tiny", ["data.source=real", f"data.root={tmp_path}", "data.tasks=[gqa]",
+                               "model.feature_source=cache", f"data.feature_cache={tmp_path / 'cache'}",
+                               f"model.vision_pretrained={weights}", "data.skip_bad_records=true"])
+    assert [e.image_ids for e in build_train_loader(cfg, tok).examples["gqa"]] == [["2354786"], ["2354786"]]
+
+
 def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weights, capsys):
     """The "Train with:" line named only the cache: after --real it lacked the data (data.root=...), after
     --images --pretrained FILE the CLIP (model.vision_pretrained=FILE), so a run given it as printed did not find
