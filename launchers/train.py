@@ -220,6 +220,7 @@ def main(argv=None) -> int:
         code = 0
     except trainer.RunStopped as stop:
         stopped = True
+        run.stopped = trainer.stop_record(run, str(stop))  # run_summary.json says why: the signal, --stop-after-steps
         trainer.finish(run, completed=False)
         if dist.is_main:
             print(f"vlscale: {stop}; resume with --resume (checkpoint in {run.out / 'checkpoints'})", flush=True)

@@ -439,7 +439,7 @@ def test_nan_loss_stops_the_run_naming_step_and_task(tmp_path, h):
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) != float("inf") for r in log)
     stopped = h.read_json(out / "run_summary.json")  # says why it stopped (it was not written)
     assert stopped["completed"] is False and stopped["steps"] == len(log)
-    assert stopped["stopped"]["error"].startswith(f"NonFiniteLoss: loss is nan at step {bad} (task '")
+    assert stopped["stopped"]["reason"].startswith(f"NonFiniteLoss: loss is nan at step {bad} (task '")
     assert stopped["stopped"]["checkpoint"] == str(out / "checkpoints" / f"step{len(log)}")
 
 

@@ -50,7 +50,9 @@ def test_sigterm_to_deepspeeds_runner_stops_the_ranks_with_a_checkpoint(h, tmp_p
     step = int(tag[4:])
     assert f"stopped at step {step} (signal)" in text
     assert [r["step"] for r in h.read_log(out)] == list(range(1, step + 1))
-    assert h.read_json(out / "run_summary.json")["completed"] is False
+    summary = h.read_json(out / "run_summary.json")  # and says why it stopped, where it can go on from
+    assert summary["completed"] is False and summary["stopped"] == {
+        "reason": f"stopped at step {step} (signal)", "rank": 0, "checkpoint": str(out / "checkpoints" / tag)}
     # resumable: one more step from the checkpoint (2 ranks forked from the preloaded server)
     resumed = h.launch(h.TINY + ["train.micro_batch_size=2", f"train.max_steps={step + 1}", f"output_dir={out}",
                                  "--resume"], nproc=2)

@@ -1438,7 +1438,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     input (a config value, a diverged loss, a full disk) is one line without a traceback, any other error one line
     after its traceback, except a collective failed because another rank's process ended: one line saying so, no
     traceback (that rank's own line says why); --no-progress reaches the run; an error mid-run goes to record_stop
-    (run_summary.json saying why, for an input error), a stop request does not."""
+    (run_summary.json saying why, for an input error), a stop request to run_summary.json's ``stopped``."""
     import errno
     from types import SimpleNamespace
 
@@ -1457,9 +1457,12 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
               "abort": KeyboardInterrupt("second SIGINT")}  # a second Ctrl-C: no checkpoint
     setups = []
 
+    runs = []
+
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         setups.append(show_progress)
-        return SimpleNamespace(out=tmp_path / "run")
+        runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
+        return runs[-1]
 
     def train(run, stop_after_steps=None):
         raise errors[raised]
@@ -1477,6 +1480,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert setups == [False]
     assert stops == ([] if raised in ("signal", "stop_after", "abort") else [errors[raised]])
     assert err.rstrip().endswith("; what is kept") == bool(stops), err  # the error's line ends with what is kept
+    if isinstance(errors[raised], trainer.RunStopped):  # run_summary.json says why a stop request stopped it too
+        assert runs[0].stopped == {"reason": str(errors[raised]), "rank": 0, "checkpoint": None}
     assert said in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
 

@@ -456,14 +456,14 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
                                                          "it once the input is readable)")
     s = json.loads((tmp_path / "run_summary.json").read_text())
     kept = str(tmp_path / "checkpoints" / "step2")
-    assert s["stopped"] == {"error": f"DataError: {line}", "rank": 1, "checkpoint": kept}
+    assert s["stopped"] == {"reason": f"DataError: {line}", "rank": 1, "checkpoint": kept}
     assert (s["completed"], s["steps"], s["param_bytes_by_rank"], s["param_bytes_per_rank"]) == (False, 3, [None, 36],
                                                                                                 36)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "run_summary.json"]
     run.dist.rank, run.is_main = 0, True
     assert trainer.record_stop(run, trainer.NonFiniteLoss("loss is nan at step 4")) == ""  # its line says what is kept
     s = json.loads((tmp_path / "run_summary.json").read_text())
-    assert s["stopped"]["error"] == "NonFiniteLoss: loss is nan at step 4" and s["param_bytes_by_rank"] == [36, None]
+    assert s["stopped"]["reason"] == "NonFiniteLoss: loss is nan at step 4" and s["param_bytes_by_rank"] == [36, None]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")

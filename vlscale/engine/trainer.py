@@ -115,7 +115,7 @@ class Run:
     lr_groups: dict = field(default_factory=lambda: {"lr": 0})  # train_log key -> the optimizer group it reads
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
-    stopped: Optional[dict] = None  # the input error that stopped the run (record_stop; run_summary.json)
+    stopped: Optional[dict] = None  # why the run stopped before it completed (stop_record; run_summary.json)
 
     @property
     def model(self):
@@ -974,35 +974,41 @@ def run_summary(run: Run, completed: bool = True, gather: bool = True) -> dict:
     summary["final_scores"] = run.last_scores
     # a stop request during the final evaluation: {step, split, task, batches_done, batches}; --resume evaluates
     summary["interrupted_evaluation"] = run.interrupted_evaluation
-    summary["stopped"] = run.stopped  # an input error that stopped the run: {error, rank, checkpoint}
+    summary["stopped"] = run.stopped  # why a run that did not complete stopped: {reason, rank, checkpoint}
     return summary
 
 
-def record_stop(run: Run, error: Exception) -> str:
-    """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
-    image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation) or a
-    non-finite loss (rank 0: every rank stops on it). ``stopped`` holds the error's line, the rank and the checkpoint
-    left (null: none yet). Not gathered, as another rank may be waiting in a collective: others' figures are null.
-    Written through a file of this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what
-    is kept, to end its line (a non-finite loss's line says it already); else ''."""
-    from vlscale.data.real import DataError
-
-    if not (isinstance(error, DataError) or isinstance(error, NonFiniteLoss) and run.is_main):
-        return ""
+def stop_record(run: Run, reason: str) -> dict:
+    """run_summary.json's ``stopped`` for a run that stops before it completes: ``reason`` (the error's line, or the
+    stop request's), the rank that stopped it and the checkpoint left (None: none yet)."""
     root = run.out / "checkpoints"
     try:
         tag = ckpt.latest_tag(root)
     except ckpt.CheckpointError:
         tag = None
-    run.stopped = {"error": f"{type(error).__name__}: {error}", "rank": run.dist.rank,
-                   "checkpoint": str(root / tag) if tag else None}
+    return {"reason": reason, "rank": run.dist.rank, "checkpoint": str(root / tag) if tag else None}
+
+
+def record_stop(run: Run, error: Exception) -> str:
+    """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
+    image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation) or a
+    non-finite loss (rank 0: every rank stops on it); ``stopped``: :func:`stop_record` of the error's line. Not
+    gathered, as another rank may be waiting in a collective: others' figures are null. Written through a file of
+    this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end its line
+    (a non-finite loss's line says it already); else ''."""
+    from vlscale.data.real import DataError
+
+    if not (isinstance(error, DataError) or isinstance(error, NonFiniteLoss) and run.is_main):
+        return ""
+    run.stopped = stop_record(run, f"{type(error).__name__}: {error}")
     mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
                              json.dumps(run_summary(run, completed=False, gather=False), indent=1))
     os.replace(mine, run.out / "run_summary.json")
     if not isinstance(error, DataError):
         return ""
-    return (f"; stopped after step {run.step}: " + (f"the last checkpoint is {run.stopped['checkpoint']} (--resume "
-            "goes on from it once the input is readable)" if tag else "no checkpoint had been written"))
+    kept = run.stopped["checkpoint"]
+    return f"; stopped after step {run.step}: " + (f"the last checkpoint is {kept} (--resume goes on from it once the "
+                                                   "input is readable)" if kept else "no checkpoint had been written")
 
 
 def finish(run: Run, completed: bool = True) -> dict:
