@@ -1572,7 +1572,7 @@ def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whet
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         seen["resume"] = resume
-        return SimpleNamespace(out=tmp_path / "run")
+        return SimpleNamespace(out=tmp_path / "run", dist=dist)
 
     def train(run, stop_after_steps=None):
         seen["stop_after_steps"] = stop_after_steps
@@ -1585,11 +1585,13 @@ def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whet
                         lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
     monkeypatch.setattr(trainer, "setup_run", setup_run)
     monkeypatch.setattr(trainer, "train", train)
-    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: seen.setdefault("completed", completed))
+    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: seen.update(
+        completed=completed, stopped=getattr(run, "stopped", None)))
     monkeypatch.setattr(trainer, "close", lambda run: None)
     assert train_module.main(["--config", "tiny", "--no-progress", "--resume", "--stop-after-steps", "5",
                               f"output_dir={tmp_path / 'run'}"]) == 0
-    assert seen == {"resume": True, "stop_after_steps": 5, "completed": raised is None}
+    stopped = {"reason": "stopped at step 5 (--stop-after-steps)", "rank": 0, "checkpoint": None} if raised else None
+    assert seen == {"resume": True, "stop_after_steps": 5, "completed": raised is None, "stopped": stopped}
 
 
 def test_a_resume_told_to_stop_at_a_step_already_done_is_refused_by_the_launcher(tmp_path, monkeypatch, launcher,
