@@ -1960,7 +1960,8 @@ def test_a_rank_stopped_by_a_signal_waits_for_the_others_before_it_leaves(world,
                         lambda *a, **k: distributed.DistInfo(0, world, 0, torch.device("cpu"), "cpu", "gloo"))
     monkeypatch.setattr(distributed, "destroy", lambda: left.append("destroy"))
     monkeypatch.setattr(distributed, "barrier", lambda: left.append("barrier"))
-    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: SimpleNamespace(out=tmp_path / "run"))
+    monkeypatch.setattr(trainer, "setup_run", lambda cfg, ds, dist, *a, **k: SimpleNamespace(
+        out=tmp_path / "run", dist=dist))
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: left.append("finish"))
     monkeypatch.setattr(trainer, "close", lambda run: left.append("close"))
