@@ -866,6 +866,27 @@ def test_missing_annotation_file_and_root(tmp_path):
         load_real_examples(make_cfg(), "vqa3", "train")
 
 
+def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_read_from(tmp_path, monkeypatch):
+    """A run's config keeps its paths as given, so evaluate.py or predict.py started in another folder reads a
+    relative data.root, data.feature_cache or data.hf_dataset there: the refusal names that working directory. A
+    feature cache folder not there at all was 'meta.json is missing ...; make the cache' (evaluate.py's check of
+    the cache's weights), as if the cache were there but unfinished (found by the bring-your-own-data audit)."""
+    from vlscale.data.features import FeatureCache, cache_weights
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
+                      f"or give it whole)")
+    with pytest.raises(DataFileNotFound, match=rf"^data\.root='root' is not a directory{where}$"):
+        load_real_examples(make_cfg("root"), "vqa", "train")
+    cfg = RunConfig(model=ModelConfig(feature_source="cache"), data=DataConfig(feature_cache="cache"))
+    for read in (lambda: cache_weights(cfg), lambda: FeatureCache("cache")):
+        with pytest.raises(DataFileNotFound, match=rf"^feature cache folder cache does not exist{where}; make it "):
+            read()
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='hf_data': not a local folder{where}, and "):
+        load_hf_examples("vqa", "hf_data", "train", {"image": "image", "question": "q", "answer": "a"})
+
+
 @pytest.mark.parametrize("task, file, edit, match", [
     ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("sent"),
      r"karpathy_train\.json: record 1 \(id 25001\): key 'sent' is missing"),

@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vlscale.data.real import DataError, DataFileNotFound
+from vlscale.data.real import DataError, DataFileNotFound, cwd_note
 from vlscale.files import fsync_path, save_safetensors, write_text_atomic
 
 META_FILE = "meta.json"
@@ -86,6 +86,9 @@ def _read_json(path: Path, what: str) -> dict:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
+        if not path.parent.is_dir():  # cache_weights reads a data.feature_cache that is not there (evaluate.py)
+            raise DataFileNotFound(f"feature cache folder {path.parent} does not exist{cwd_note(path.parent)}; make "
+                                   "it with launchers/extract_features.py (data.feature_cache)") from None
         raise DataFileNotFound(f"feature cache {path.parent}: {path.name} is missing "
                                f"({what}); make the cache with launchers/extract_features.py") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -212,8 +215,8 @@ class FeatureCache:
                  synthetic=_UNSET, expect_dim: Optional[int] = None, hf_rows: Optional[str] = None):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DataFileNotFound(f"feature cache folder {self.root} does not exist; make it with "
-                                   "launchers/extract_features.py (data.feature_cache)")
+            raise DataFileNotFound(f"feature cache folder {self.root} does not exist{cwd_note(self.root)}; make it "
+                                   "with launchers/extract_features.py (data.feature_cache)")
         self.meta = _read_json(self.root / META_FILE, "what model made the features")
         self.index = _read_json(self.root / INDEX_FILE, "which shard holds each id")
         meta_file = self.root / META_FILE

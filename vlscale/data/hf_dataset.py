@@ -50,7 +50,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlscale.data.real import DataError, DataFileNotFound, ExampleList, Record, best_answer, parse_records
+from vlscale.data.real import (DataError, DataFileNotFound, ExampleList, Record, best_answer, cwd_note,
+                               parse_records)
 from vlscale.data.tasks import Example, get_task
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
         try:
             obj = datasets.load_dataset(name_or_path)
         except Exception as e:
-            raise DataError(f"{key}={name_or_path!r}: not a local folder, and "
+            raise DataError(f"{key}={name_or_path!r}: not a local folder{cwd_note(path)}, and "
                             f"datasets.load_dataset failed ({_why(e)})") from e
     if isinstance(obj, datasets.Dataset):
         raise DataError(f"{key}={name_or_path!r} holds one Dataset without splits; save a "

@@ -63,6 +63,14 @@ class DataFileNotFound(DataError, FileNotFoundError):
     """An annotation, subtitle or feature file is not where the layout says."""
 
 
+def cwd_note(path) -> str:
+    """For a relative ``path`` that is not there, where it was read from: a run's config keeps its paths as given, so
+    evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path)."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"
+
+
 class RecordError(DataError):
     """One record is malformed. ``path``, ``where`` (record index / line), ``record_id``, ``key``."""
 
@@ -309,7 +317,7 @@ def _root(cfg) -> Path:
                         "(layout in docs/datasets.md) or set data.hf_dataset")
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
-        raise DataFileNotFound(f"data.root={cfg.data.root!r} is not a directory")
+        raise DataFileNotFound(f"data.root={cfg.data.root!r} is not a directory{cwd_note(root)}")
     return root
 
 
