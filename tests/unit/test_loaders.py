@@ -1224,6 +1224,26 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
         check_visual_ids(tv, "tvqa", "train", moved, vids)
 
 
+def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_missing(tmp_path):
+    """A user's PNGs where the layout reads <id>.jpg (COCO-format annotations naming 'x.png'): the start-up check
+    names the files it found and the two ways on (convert, or a cache of the folder, whose ids are file names
+    without the suffix); it said 'add their files' of files that are there. An image not there at all keeps that."""
+    from vlscale.data import build_train_loader
+
+    root = copy_root(tmp_path, "vqa", "coco")
+    images = root / "coco" / "images"
+    (images / "COCO_train2014_000000000025.jpg").rename(images / "COCO_train2014_000000000025.png")
+    png = re.escape(str(images / "COCO_train2014_000000000025.png"))
+    with pytest.raises(DataError, match=rf"first \['COCO_train2014_000000000025'\]; 1 of them are there under another "
+                                        rf"suffix \({png}\), which the layout does not read \(docs/datasets\.md\): "
+                                        r"convert them, or extract a feature cache of their folder \(launchers/extract_"
+                                        r"features\.py --images DIR --out CACHE: .*model\.feature_source=cache"):
+        build_train_loader(make_cfg(root), tokenizer=None)
+    (images / "COCO_train2014_000000000025.png").unlink()
+    with pytest.raises(DataError, match=r"first \['COCO_train2014_000000000025'\]; add their files, or set "):
+        build_train_loader(make_cfg(root), tokenizer=None)
+
+
 def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
     from PIL import Image
 

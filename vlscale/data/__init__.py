@@ -126,7 +126,14 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
 
         column = cfg.data.hf_dataset and (cfg.data.hf_columns or {}).get("image_id")
         if not isinstance(source, FeatureCache):
-            add = "add their files"
+            from vlscale.data.visual import other_suffix_files
+
+            other = other_suffix_files(source, missing)
+            add = "add their files" if not other else (
+                f"{len(other)} of them are there under another suffix ({', '.join(str(p) for p in other[:3])}), "
+                f"which the layout does not read (docs/datasets.md): convert them, or extract a feature cache of "
+                f"their folder (launchers/extract_features.py --images DIR --out CACHE: ids are file names without "
+                f"the suffix) and train from it (model.feature_source=cache data.feature_cache=CACHE)")
         elif column:  # then the cache is not checked for rows (real._feature_cache)
             row = first_row_id(source.index)
             add = (f"the run names images by data.hf_columns.image_id={column!r}"

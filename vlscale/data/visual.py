@@ -78,6 +78,21 @@ def missing_ids(source, ids: Iterable[str]) -> list[str]:
     return [i for i in ids if i not in source]
 
 
+def other_suffix_files(source, ids: Iterable[str]) -> list[Path]:
+    """The files that ``ids`` have under another image suffix than their ImageFolder's pattern reads (``x.png``
+    where ``{id}.jpg`` is read), one listing per folder of ``source`` (an ImageFolder or a FirstOf of them): for
+    the start-up check's message, as such an image is missing to the layout, not to the user."""
+    found = []
+    for folder in getattr(source, "sources", [source]):
+        if not isinstance(folder, ImageFolder) or folder.video or "/" in folder.pattern:
+            continue
+        folded = folder._listing()[1]
+        for i in ids:
+            stem = folder.pattern.format(id=i).rpartition(".")[0]
+            found += [folder.root / folded[stem + s] for s in IMAGE_SUFFIXES if stem + s in folded]
+    return found
+
+
 def fold_suffix(name: str) -> str:
     """``name`` with its suffix lower-cased (``x.JPG`` -> ``x.jpg``): how ImageFolder matches files."""
     stem, _, suffix = name.rpartition(".")
