@@ -1564,6 +1564,11 @@ def test_cache_changed_compares_fingerprints_and_notes_a_cache_without_one(tmp_p
         f"data.feature_cache={str(cache)!r} holds features of other {VISION} weights than the cache the run was "
         f"trained on (/then, pretrained='p.pt'): visual.w differs (sum of squares 2 now, 3 in the run's cache; sum of "
         f"|w| 1 vs 1); fix it")
+    # a cache of another CLIP model (the audit: evaluate.py named it 'other tiny-clip-rn weights' of a ViT's cache)
+    vit = _tiny_cache(tmp_path / "v", ["a"], {"vision": "tiny-clip-vit", "fingerprint": {"visual.conv1.weight": [1, 1]}})
+    assert cache_changed(load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={vit}"]), recorded,
+                         "fix it") == (f"data.feature_cache={str(vit)!r} holds features of vision='tiny-clip-vit', but "
+                                       f"the run was trained on model.vision='{VISION}' features (/then); fix it")
     images = load_config("tiny", ["model.feature_source=images", f"data.feature_cache={cache}"])
     assert cache_changed(images, other, "fix it", who="vlscale: resume") is None
     unset = _tiny_cache(tmp_path / "u", ["a"])

@@ -138,6 +138,10 @@ def cache_changed(cfg, recorded: Optional[dict], fix: str, who: Optional[str] = 
                   f"features are of (the run's cache did): that they are the run's is unchecked", file=sys.stderr,
                   flush=True)
         return None
+    vision = _read_json(Path(cfg.data.feature_cache) / META_FILE, "what model made the features").get("vision")
+    if vision != cfg.model.vision:  # another CLIP model: its tensors differ by name, not "other weights" of this one
+        return (f"data.feature_cache={now['folder']!r} holds features of vision={vision!r}, but the run was trained "
+                f"on model.vision={cfg.model.vision!r} features ({recorded.get('folder')}); {fix}")
     problem = frozen_mismatch(recorded["fingerprint"], now["fingerprint"], then="in the run's cache")
     if problem:
         return (f"data.feature_cache={now['folder']!r} holds features of other {cfg.model.vision} weights than the "
