@@ -1227,7 +1227,9 @@ def test_a_cache_is_read_with_its_weights_file_elsewhere_but_not_with_another_fi
     made = _tiny_cache(tmp_path / "c", ["a"], {"pretrained": "/made/here/clip.pt"})
     assert len(FeatureCache(made, vision=VISION, pretrained=str(tmp_path / "moved" / "clip.pt"))) == 1
     with pytest.raises(DataError, match=r"pretrained='/made/here/clip\.pt', but the run uses "
-                                        r"model\.vision_pretrained='/made/here/other\.pt'"):
+                                        r"model\.vision_pretrained='/made/here/other\.pt'; give the cache's weights "
+                                        r"\(model\.vision_pretrained=/made/here/clip\.pt\), extract features with "
+                                        r"the run's, or point data\.feature_cache at a matching cache$"):
         FeatureCache(made, vision=VISION, pretrained="/made/here/other.pt")
     unset = _tiny_cache(tmp_path / "u", ["a"], {"pretrained": ""})
     assert len(FeatureCache(unset, vision=VISION, pretrained=None)) == 1
