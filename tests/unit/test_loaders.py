@@ -804,6 +804,9 @@ def test_hf_roles_a_task_does_not_read_are_said_once(caplog):
     ({"image": "image", "questions": "question", "answers": "answers"}, "unknown role 'questions'"),
     ({"image": "image", "question": "prompt", "answers": "answers"}, "'prompt' is not a column"),
     ({"image": "image", "question": "question"}, "needs answer or answers"),
+    ({}, r"for task 'vqa' needs image; got \{\}: map each role to a column of .*/hf_multi\[train\] " + re.escape(
+        "(['image', 'image2', 'image_name', 'qid', 'question', 'multiple_choice_answer', 'answers', 'captions', "
+        "'label']), e.g. data.hf_columns=\"{image: COLUMN, question: COLUMN, answer: COLUMN}\"") + "$"),
 ])
 def test_hf_bad_column_mappings(columns, match):
     from vlscale.data.hf_dataset import load_hf_examples

@@ -197,7 +197,9 @@ def _roles(task: str, columns: dict, dataset_columns: list[str], require_answers
             "nlvr2": [("image",), ("question", "text"), ("label", "answer")]}[task]
     for options in need:
         if not any(roles.get(o) for o in options):
-            raise DataError(f"data.hf_columns for task {task!r} needs {' or '.join(options)}; got {columns}")
+            form = ", ".join(f"{o[0]}: COLUMN" for o in need)
+            raise DataError(f"data.hf_columns for task {task!r} needs {' or '.join(options)}; got {columns}: map each "
+                            f"role to a column of {where} ({dataset_columns}), e.g. data.hf_columns=\"{{{form}}}\"")
     images = roles["image"]
     n_images = get_task(task).n_images
     images = [images] if isinstance(images, str) else list(images)
