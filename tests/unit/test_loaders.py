@@ -893,6 +893,9 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
 @pytest.mark.parametrize("task, file, edit, match", [
     ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("sent"),
      r"karpathy_train\.json: record 1 \(id 25001\): key 'sent' is missing"),
+    # a field named otherwise: the record's keys show it (the audit's 'question' for 'sent')
+    ("vqa", "vqa/karpathy_train.json", lambda d: d[1].update(question=d[1].pop("sent")),
+     r"record 1 \(id 25001\): key 'sent' is missing \(the record's keys: \['img_id', .*'question'\]\)$"),
     ("vqa", "vqa/karpathy_train.json", lambda d: d[0].update(label=["2"]),
      r"record 0 \(id 9001\): key 'label' must be an object, got list"),
     ("vqa", "vqa/karpathy_train.json", lambda d: d[2].update(answers=[]),
@@ -945,7 +948,8 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
      r"record 0 \(id 9001\): key 'label' score of answer '2' must be a finite number, got True"),
     # label without answers: the key named is the one missing, not label
     ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("answers"),
-     r"record 1 \(id 25001\): key 'answers' is missing$"),
+     r"record 1 \(id 25001\): key 'answers' is missing \(the record's keys: \['img_id', 'sent', 'question_id', "
+     r"'answer_type', 'question_type', 'label'\]\)$"),
     ("gqa", "gqa/train.json", lambda d: d[0].update(sent=" \n"),
      r"record 0 \(id '02930152'\): key 'sent' is an empty string"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[2].update(sent="  "),

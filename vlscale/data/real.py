@@ -146,8 +146,9 @@ class Record:
         if not isinstance(self.data, dict):
             raise self.error(None, f"is {type(self.data).__name__}, expected a JSON object")
         if key not in self.data:
-            if default is _REQUIRED:
-                raise self.error(key, "is missing")
+            if default is _REQUIRED:  # its keys: a field named otherwise ('question' for 'sent') shows there
+                keys = list(self.data)
+                raise self.error(key, f"is missing (the record's keys: {keys[:12]}{' ...' if len(keys) > 12 else ''})")
             return default
         value = self.data[key]
         types = types if isinstance(types, tuple) else (types,)
