@@ -827,6 +827,20 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
             assert batch["vis_feats"].shape[:2] == (n, 1)
 
 
+def test_launcher_real_skips_a_split_an_hf_dataset_lacks_as_a_missing_annotation_file(tmp_path, weights, capsys):
+    """--real over data.hf_dataset extracts the splits the dataset has and says which it skipped, as it skips a split
+    without its annotation file; a dataset without a test split (hf_multi: train, validation) stopped the whole
+    extraction (found by the bring-your-own-data audit)."""
+    import extract_features as launcher
+
+    hf = ROOT / "tests" / "fixtures" / "hf_multi"
+    assert launcher.main(["--real", "--config", "tiny", "data.source=real", "data.tasks=[vqa]", f"data.hf_dataset={hf}",
+                          "data.hf_columns={image: image, question: question, answers: answers}", "--pretrained",
+                          weights, "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert sorted(FeatureCache(tmp_path / "c").ids()) == ["train/0", "train/1", "train/2", "val/0", "val/1"]
+    assert f"--real: vqa/test skipped (data.hf_dataset='{hf}' has no split for 'test'" in capsys.readouterr().out
+
+
 def test_a_row_numbered_cache_for_a_run_naming_images_by_an_id_column_says_to_extract_with_it(tmp_path):
     """With data.hf_columns.image_id the run names images by that column, so a cache of <split>/<row> ids lacks
     them: the start-up check says so and how to extract them (--id-column), whatever dataset the rows were of
@@ -1119,7 +1133,7 @@ def test_launcher_hf_errors_name_the_flag_given(tmp_path, weights):
 
     hf = str(ROOT / "tests" / "fixtures" / "hf_multi")
     base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--image-column", "image", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match=rf"^extract_features\.py: DataError: --hf-dataset='{hf}' has no split for "
+    with pytest.raises(SystemExit, match=rf"^extract_features\.py: DataFileNotFound: --hf-dataset='{hf}' has no split for "
                                          r"'test' \(tried \['test'\]\); its splits: \['train', 'validation'\]$"):
         launcher.main(base + ["--hf-dataset", hf, "--split", "test"])
     (tmp_path / "file.txt").write_text("not a dataset")

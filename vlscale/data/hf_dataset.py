@@ -172,8 +172,9 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
         if name in obj:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
             return obj[name], name, ours
-    raise DataError(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
-                    f"its splits: {list(obj)}")
+    # a split not there is a missing file, as an annotation file is (extract_features.py --real skips it, says so)
+    raise DataFileNotFound(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
+                           f"its splits: {list(obj)}")
 
 
 def _roles(task: str, columns: dict, dataset_columns: list[str], require_answers: bool = True,
