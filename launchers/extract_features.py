@@ -376,7 +376,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from vlscale.config import ConfigError, load_config
     from vlscale.data.features import extract_features
-    from vlscale.data.real import DataError
+    from vlscale.data.real import DataError, hf_row_source
     from vlscale.modeling.vision import image_transform, vision_dims
 
     pretrained, synthetic, given, cfg = args.pretrained, None, "--pretrained", None
@@ -423,6 +423,9 @@ def main(argv=None) -> int:
                        + ("data.skip_bad_records=true" if args.real else "--skip-bad-records")
                        + " (training with data.skip_bad_records=true drops the examples naming them)")
         dtype = "float16" if args.fp16 else "float32"
+        # the HF dataset whose rows the ids number: recorded in meta.json, or training refuses the cache (--real
+        # over data.hf_dataset recorded none, and its own "Train with:" line was refused as an older vlscale's cache)
+        rows = hf_report["row_ids"] if hf_report else hf_row_source(cfg) if args.real else None
         for source, ids, video in jobs:
             if getattr(source, "kind", None) == "features":
                 stats = copy_frame_features(source, ids, args.out, vision=vision, pretrained=pretrained, dtype=dtype,
@@ -433,8 +436,7 @@ def main(argv=None) -> int:
                                          pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
                                          shard_size=args.shard_size, dtype=dtype, progress=not args.quiet,
                                          device=args.device, synthetic=synthetic,
-                                         hf_rows=hf_report["row_ids"] if hf_report else None,
-                                         skip_unreadable=skip, how_to_skip=how_to_skip)
+                                         hf_rows=rows, skip_unreadable=skip, how_to_skip=how_to_skip)
             unreadable += stats["unreadable"]
             for k in total:
                 total[k] += stats[k]

@@ -800,6 +800,15 @@ def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weigh
     assert f"model.vision={VISION}" in words and f"model.vision_pretrained={weights}" in words
     cfg = load_config("tiny", ["data.source=real", f"data.root={fixture}", "data.tasks=[vqa]", *words])
     assert cfg.data.feature_cache == str(out) and len(build_train_loader(cfg, None).examples["vqa"]) == 3
+    # --real over data.hf_dataset: the cache records the dataset its <split>/<row> ids number (it recorded none, so
+    # the printed line was refused as an older vlscale's cache; found by the bring-your-own-data audit)
+    out = tmp_path / "hf"
+    assert launcher.main(["--real", "--config", "tiny", "data.source=real", "data.tasks=[vqa]",
+                          f"data.hf_dataset={fixture.parent / 'hf_multi'}", "--pretrained", weights, "--out", str(out),
+                          "data.hf_columns={image: image, question: question, answers: answers, id: qid}",
+                          "--quiet"]) == 0
+    cfg = load_config("tiny", printed()[4:])
+    assert cfg.data.feature_cache == str(out) and len(build_train_loader(cfg, None).examples["vqa"]) == 3
 
 
 def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):

@@ -426,10 +426,16 @@ def load_real_examples(cfg, task: str, split: str, require_answers: bool = True)
     return video.load_video_captions(task, path, split, subtitles, skip, need)
 
 
+def hf_row_source(cfg) -> Optional[str]:
+    """The HF dataset whose rows the run's image ids number (``<split>/<row>``: data.hf_dataset without a
+    data.hf_columns.image_id), or None: what a feature cache of them records as ``hf_rows``, and checks."""
+    return cfg.data.hf_dataset if cfg.data.hf_dataset and not (cfg.data.hf_columns or {}).get("image_id") else None
+
+
 def _feature_cache(cfg, kind: str):
     from vlscale.data.features import FeatureCache, model_feature_dim
 
-    rows = cfg.data.hf_dataset if cfg.data.hf_dataset and not (cfg.data.hf_columns or {}).get("image_id") else None
+    rows = hf_row_source(cfg)
     return FeatureCache(cfg.data.feature_cache, vision=cfg.model.vision, pretrained=cfg.model.vision_pretrained,
                         expect_kind=kind, synthetic=None, expect_dim=model_feature_dim(cfg, kind), hf_rows=rows)
 
