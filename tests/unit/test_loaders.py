@@ -813,6 +813,13 @@ def test_hf_bad_column_mappings(columns, match):
 
     with pytest.raises(DataError, match=match):
         load_hf_examples("vqa", str(HF), "train", columns)
+    # a column mapped to the other role of its pair: the role to map it to (it was "must be a string, got list")
+    with pytest.raises(DataError, match=r"row 0: key 'answers' holds a list a row, and data\.hf_columns\.answer takes "
+                                        r"one string: map this column to answers instead$"):
+        load_hf_examples("vqa", str(HF), "train", {"image": "image", "question": "question", "answer": "answers"})
+    with pytest.raises(DataError, match=r"row 0: key 'question' holds one string a row, and data\.hf_columns\.captions "
+                                        r"takes a list: map this column to caption instead$"):
+        load_hf_examples("caption", str(HF), "train", {"image": "image", "captions": "question"})
     with pytest.raises(DataError, match="supports tasks"):
         load_hf_examples("tvqa", str(HF), "train", VQA_COLUMNS)
     with pytest.raises(DataError, match="no split for 'test'"):

@@ -504,6 +504,18 @@ def _rows_of(value):
     return value
 
 
+def _one_or_many(rec: Record, roles: dict, role: str) -> None:
+    """A column mapped to the other one of a pair of roles (``answer`` / ``answers``, ``caption`` / ``captions``): one
+    string a row where the role takes a list, or a list where it takes one string, refused naming the role to map it
+    to; it was "must be a list, got str" of the column, which the mapping, not the data, got wrong."""
+    one, many = role.rstrip("s"), role.rstrip("s") + "s"
+    value = rec.data.get(roles[role])
+    if (role == many) == isinstance(value, str) and isinstance(value, (str, list)):
+        holds, takes, other = (("one string", "a list", one) if role == many else ("a list", "one string", many))
+        raise rec.error(roles[role], f"holds {holds} a row, and data.hf_columns.{role} takes {takes}: map this "
+                                     f"column to {other} instead")
+
+
 def _strings(rec: Record, key: str, inner: tuple = ("answer",)) -> list[str]:
     """A list column of strings (or of objects holding the string under one of ``inner``)."""
     items = rec.get(key, list)
@@ -585,6 +597,9 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             examples = [Example(task=task, uid=uid, text=text, target="", image_ids=image_ids, extra=extra,
                                 source=source_name)]
         elif task in ("vqa", "gqa"):
+            for role in ("answers", "answer"):
+                if roles.get(role):
+                    _one_or_many(rec, roles, role)
             answers = _strings(rec, roles["answers"]) if roles.get("answers") else None
             if roles.get("answer"):
                 target = rec.text(roles["answer"])
@@ -610,6 +625,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
             examples = [Example(task=task, uid=uid, text=text, target=target, image_ids=image_ids,
                                 references=[target], extra=extra, source=source_name)]
         else:  # caption
+            _one_or_many(rec, roles, "captions" if roles.get("captions") else "caption")
             if roles.get("captions"):
                 captions = _strings(rec, roles["captions"], inner=("raw", "caption", "text"))
             else:
