@@ -6,6 +6,7 @@ writing is the end-to-end tests'). And which resumes a checkpoint allows: its gl
 import contextlib
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def test_the_disk_check_counts_the_save_at_the_end_of_a_run_off_the_save_schedul
         trainer.check_disk_space(cfg, ds, 2, vocab, tmp_path / "run")
 
 
-def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
+def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path, monkeypatch):
     """A second run (or a resume) in an output_dir another run is using is refused, naming its pid;
     a finished run's adapter/ or step folders are not overwritten when its checkpoint's 'latest' is gone."""
     import os
@@ -290,6 +291,14 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"no 'latest' file\); it holds \['step9'\]: write the one"):
         ckpt.check_output_dir(done, resume=True)
     assert ckpt.check_output_dir(tmp_path / "fresh", resume=False) is None
+    # a relative output_dir that is not there (resumed from another folder): named with the working directory, not
+    # "no checkpoint ...; drop --resume to start a new run", which would start the run again elsewhere
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(
+            f"--resume: output_dir 'runs/a' does not exist (read from the working directory {tmp_path}: run from the "
+            f"folder it is relative to, or give it whole); give the run's output_dir (output_dir=...), or drop --resume "
+            f"to start a new run") + "$"):
+        ckpt.check_output_dir("runs/a", resume=True)
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, launcher):
