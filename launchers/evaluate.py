@@ -187,7 +187,7 @@ def main(argv=None) -> int:
 
 def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.config import parse_overrides
-    from vlscale.data import check_split_found
+    from vlscale.data import check_split_found, eval_examples
     from vlscale.data.tasks import get_task
     from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
     from vlscale.predict import (adapter_tokenizer, cache_changed_problem, inference_dtype, load_run_config,
@@ -215,6 +215,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
         java_metrics_problem()
     check_split_found(cfg, tasks, args.split)  # every task's, before the model is built and the first is decoded
+    for task in tasks:  # ... and its records and images: a bad one was found after the tasks before it were decoded
+        eval_examples(cfg, task, args.split, cfg.train.eval_max_examples, require_answers=not args.predict_only)
     tokenizer = adapter_tokenizer(cfg, meta)
     dtype, same_dtype = inference_dtype(cfg, device, "evaluate.py" if rank == 0 else None)
     stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed

@@ -320,3 +320,35 @@ def test_a_hub_id_as_backbone_path_is_looked_up_on_the_hub(monkeypatch):
     with pytest.raises(SourceError, match="a hub id needs the network"):
         build_lm("t5-small", pretrained=True, path="google-t5/t5-small")
     assert asked == ["google-t5/t5-small"]
+
+
+def test_evaluate_checks_every_tasks_records_and_images_before_the_model_is_built(tmp_path, launcher, monkeypatch):
+    """evaluate.py checked only that each task's split file is there before building the model: an image missing
+    from the second task's split (captions of a test image not in coco/images) was found after the model was built
+    and the first task decoded, its predictions lost (found by the bring-your-own-data audit). Every task's examples
+    and images are now checked first, as training checks its evaluation splits at start-up."""
+    import shutil
+
+    import vlscale.predict
+    from vlscale.data import build_tokenizer
+    from vlscale.data.real import DataError
+    from vlscale.engine import checkpoint as ckpt
+    from vlscale.modeling.vl_model import build_model
+
+    root = tmp_path / "data"
+    for name in ("vqa", "coco"):
+        shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "real_data" / name, root / name)
+    karpathy = root / "coco" / "dataset_coco.json"
+    data = json.loads(karpathy.read_text())
+    test = next(i for i in data["images"] if i["split"] == "test")
+    test["filename"] = "COCO_val2014_000000000999.jpg"  # VQA's test image stays; the captions' is not there
+    karpathy.write_text(json.dumps(data))
+    cfg = load_config("tiny", ["data.source=real", f"data.root={root}", "data.tasks=[vqa,caption]"])
+    tok = build_tokenizer(cfg)
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tok)), tmp_path / "run" / "adapter", cfg, tokenizer=tok,
+                      extra={"step": 1})
+    monkeypatch.setattr(vlscale.predict, "load_trained_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(DataError, match=r"^caption/test: 1 visual id\(s\) .*first \['COCO_val2014_000000000999'\]"):
+        launcher("evaluate").main(["--adapter", str(tmp_path / "run" / "adapter"), "--split", "test", "--no-progress",
+                                   "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
