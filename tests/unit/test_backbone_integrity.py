@@ -318,6 +318,28 @@ def test_pretrained_weights_on_no_hub_are_refused_at_once(tmp_path, monkeypatch)
     _one_line(e, str(tmp_path / "gone" / "mini-bart"), "scripts/pretrain_backbones.py")
 
 
+def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path, monkeypatch):
+    """A model.backbone_path that is no folder here (a relative one, as an adapter's config keeps it, read from
+    another folder) is tried as a hub id; its refusal said only that a hub id needs the network. It now says it is
+    not a local folder, read from which working directory (found by the bring-your-own-data audit). The hub's
+    answer is stood in for: transformers' OSError, as offline."""
+    from transformers import T5ForConditionalGeneration
+
+    import vlscale.modeling.backbones as backbones
+    from vlscale.config import ConfigError
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "from_pretrained", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        backbones.build_lm("tiny-t5", path="weights/t5", pretrained=True)
+    _one_line(e, f"cannot load the weights for model.backbone_path='weights/t5' (not a local folder (read from the "
+                 f"working directory {tmp_path}: run from the folder it is relative to, or give it whole); as a hub "
+                 f"id, it needs the network or a local HF cache): We couldn't connect")
+
+
 def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
     """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub, gave a
     bare SafetensorError for a truncated file and a hub hint for a missing folder: the same one-line errors as
