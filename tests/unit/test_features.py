@@ -800,15 +800,6 @@ def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weigh
     assert f"model.vision={VISION}" in words and f"model.vision_pretrained={weights}" in words
     cfg = load_config("tiny", ["data.source=real", f"data.root={fixture}", "data.tasks=[vqa]", *words])
     assert cfg.data.feature_cache == str(out) and len(build_train_loader(cfg, None).examples["vqa"]) == 3
-    # --real over data.hf_dataset: the cache records the dataset its <split>/<row> ids number (it recorded none, so
-    # the printed line was refused as an older vlscale's cache; found by the bring-your-own-data audit)
-    out = tmp_path / "hf"
-    assert launcher.main(["--real", "--config", "tiny", "data.source=real", "data.tasks=[vqa]",
-                          f"data.hf_dataset={fixture.parent / 'hf_multi'}", "--pretrained", weights, "--out", str(out),
-                          "data.hf_columns={image: image, question: question, answers: answers, id: qid}",
-                          "--quiet"]) == 0
-    cfg = load_config("tiny", printed()[4:])
-    assert cfg.data.feature_cache == str(out) and len(build_train_loader(cfg, None).examples["vqa"]) == 3
 
 
 def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
@@ -839,7 +830,11 @@ def test_launcher_hf_ids_are_trainings_ids(tmp_path, weights, tok):
 def test_launcher_real_skips_a_split_an_hf_dataset_lacks_as_a_missing_annotation_file(tmp_path, weights, capsys):
     """--real over data.hf_dataset extracts the splits the dataset has and says which it skipped, as it skips a split
     without its annotation file; a dataset without a test split (hf_multi: train, validation) stopped the whole
-    extraction (found by the bring-your-own-data audit)."""
+    extraction. The cache records the dataset its <split>/<row> ids number, so the printed "Train with:" line trains
+    (none was recorded: the line was refused as an older vlscale's cache). Both found by the bring-your-own-data
+    audit."""
+    import shlex
+
     import extract_features as launcher
 
     hf = ROOT / "tests" / "fixtures" / "hf_multi"
@@ -847,7 +842,11 @@ def test_launcher_real_skips_a_split_an_hf_dataset_lacks_as_a_missing_annotation
                           "data.hf_columns={image: image, question: question, answers: answers}", "--pretrained",
                           weights, "--out", str(tmp_path / "c"), "--quiet"]) == 0
     assert sorted(FeatureCache(tmp_path / "c").ids()) == ["train/0", "train/1", "train/2", "val/0", "val/1"]
-    assert f"--real: vqa/test skipped (data.hf_dataset='{hf}' has no split for 'test'" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"--real: vqa/test skipped (data.hf_dataset='{hf}' has no split for 'test'" in said
+    line = next(x for x in said.splitlines() if "Train with: " in x)
+    cfg = load_config("tiny", shlex.split(line.split("Train with: ", 1)[1])[4:])
+    assert cfg.data.feature_cache == str(tmp_path / "c") and len(build_train_loader(cfg, None).examples["vqa"]) == 3
 
 
 def test_a_row_numbered_cache_for_a_run_naming_images_by_an_id_column_says_to_extract_with_it(tmp_path):
