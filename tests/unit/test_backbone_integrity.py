@@ -336,8 +336,8 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
     with pytest.raises(ConfigError) as e:
         backbones.build_lm("tiny-t5", path="weights/t5", pretrained=True)
     _one_line(e, f"cannot load the weights for model.backbone_path='weights/t5' (not a local folder (read from the "
-                 f"working directory {tmp_path}: run from the folder it is relative to, or give it whole); as a hub "
-                 f"id, it needs the network or a local HF cache): We couldn't connect")
+                 f"working directory {tmp_path}: run from the folder it is relative to, or give it whole); a hub id "
+                 f"needs the network or a local HF cache): We couldn't connect")
 
 
 def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):

@@ -286,7 +286,7 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
             if path is not None and not os.path.exists(source):  # a folder meant, given relative from elsewhere?
                 from vlscale.data.real import cwd_note
 
-                where = f"not a local folder{cwd_note(source)}; as a hub id, it needs the network or a local HF cache"
+                where = f"not a local folder{cwd_note(source)}; a hub id needs the network or a local HF cache"
             raise SourceError(f"cannot load the weights for {key}={source!r} ({where}): "
                               f"{' '.join(str(e).split())}") from e
         mismatched = sorted(info.get("mismatched_keys") or ())
