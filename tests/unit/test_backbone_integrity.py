@@ -340,7 +340,7 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
                  f"needs the network or a local HF cache): We couldn't connect")
 
 
-def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
+def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path, monkeypatch):
     """build_lm_zero3 (pretrained backbones under ZeRO-3) looked tiny-*/missing mini-* up on the hub, gave a
     bare SafetensorError for a truncated file and a hub hint for a missing folder: the same one-line errors as
     build_lm now."""
@@ -356,6 +356,10 @@ def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path):
     missing = str(tmp_path / "mini-t5")
     with pytest.raises(ConfigError, match=rf"^model\.backbone_path={re.escape(repr(missing))} does not exist$"):
         build_lm_zero3("mini-t5", ds_config=ds, path=missing, pretrained=True)
+    monkeypatch.chdir(tmp_path)  # a relative one (an adapter's config keeps it as given) says where it was read
+    with pytest.raises(ConfigError, match=r"^model\.backbone_path='\./weights/mini-t5' does not exist \(read from the "
+                       rf"working directory {re.escape(str(tmp_path))}: run from the folder it is relative to"):
+        build_lm_zero3("mini-t5", ds_config=ds, path="./weights/mini-t5", pretrained=True)
     d = tmp_path / "truncated"
     shutil.copytree(ASSETS / "mini-t5", d)
     weights = d / "model.safetensors"

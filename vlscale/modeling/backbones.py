@@ -120,7 +120,9 @@ def pretrained_source(name: str, path: Optional[str] = None) -> str:
     load, which may find it in the local cache), a miniature whose shipped folder is gone (it is on no hub), a
     local folder :func:`check_local_checkpoint` refuses."""
     if path is not None and missing_source(path):
-        raise MissingWeights(f"model.backbone_path={path!r} does not exist")
+        from vlscale.data.real import cwd_note
+
+        raise MissingWeights(f"model.backbone_path={path!r} does not exist{cwd_note(path)}")
     source = path or hub_id(name)
     if not path and canonical_lm_name(name).startswith("tiny-"):
         raise MissingWeights(f"model.backbone={name} is a random test architecture with no pretrained weights "
