@@ -801,6 +801,11 @@ def _preset_path(name_or_path: str) -> Path:
         return q
     if p.exists():
         return p
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:  # a file meant
+        from vlscale.files import cwd_note
+
+        raise ConfigError(f"no file {name_or_path!r}{cwd_note(p)}, and no shipped preset of that name; shipped "
+                          f"presets: {list_presets()}")
     raise ConfigError(f"no preset or file named {name_or_path!r}; shipped presets: {list_presets()}")
 
 

@@ -100,3 +100,10 @@ def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Pa
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
     return path
+
+def cwd_note(path) -> str:
+    """For a relative ``path`` that is not there, where it was read from: a run's config keeps its paths as given, so
+    evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path)."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"

@@ -2,6 +2,7 @@
 numbers that are not numbers: each wrong setting is one ConfigError naming the key, before anything builds."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -160,6 +161,21 @@ def test_a_users_preset_file_errors_in_one_line(tmp_path, text, words):
     # YAML merge keys still work, a later key overriding a merged one
     (tmp_path / "merge.yaml").write_text("base: tiny\ntrain:\n  <<: {max_steps: 3, lr: 1.0e-3}\n  max_steps: 4\n")
     assert load_config(str(tmp_path / "merge.yaml")).train.max_steps == 4
+
+
+def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, monkeypatch):
+    """--config my.yaml (a file meant: a .yaml suffix or a folder in it) that is not there says so, with the
+    working directory a relative one was read from; a bare name is still 'no preset or file'."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("my4.yaml", os.path.join("cfgs", "my4")):
+        with pytest.raises(ConfigError, match=rf"^no file {re.escape(repr(name))} \(read from the working directory "
+                                              rf"{re.escape(str(tmp_path))}: .*\), and no shipped preset of that name; "
+                                              r"shipped presets: \[.*'tiny'\]$"):
+            load_config(name)
+    with pytest.raises(ConfigError, match=rf"^no file {re.escape(repr(str(tmp_path / 'my4.yml')))}, and no"):
+        load_config(str(tmp_path / "my4.yml"))
+    with pytest.raises(ConfigError, match=r"^no preset or file named 'tinny'; shipped presets: "):
+        load_config("tinny")
 
 
 def test_evaluate_refuses_frozen_weights_that_changed_where_they_were(tmp_path, launcher):

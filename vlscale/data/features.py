@@ -44,8 +44,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vlscale.data.real import DataError, DataFileNotFound, cwd_note
-from vlscale.files import fsync_path, save_safetensors, write_text_atomic
+from vlscale.data.real import DataError, DataFileNotFound
+from vlscale.files import cwd_note, fsync_path, save_safetensors, write_text_atomic
 
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"

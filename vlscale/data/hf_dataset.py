@@ -50,9 +50,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlscale.data.real import (DataError, DataFileNotFound, ExampleList, Record, best_answer, cwd_note,
-                               parse_records)
+from vlscale.data.real import DataError, DataFileNotFound, ExampleList, Record, best_answer, parse_records
 from vlscale.data.tasks import Example, get_task
+from vlscale.files import cwd_note
 
 logger = logging.getLogger(__name__)
 

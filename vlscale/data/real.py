@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from vlscale.data.tasks import Example, get_task
+from vlscale.files import cwd_note
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ class DataError(ValueError):
 class DataFileNotFound(DataError, FileNotFoundError):
     """An annotation, subtitle or feature file is not where the layout says."""
 
-
-def cwd_note(path) -> str:
-    """For a relative ``path`` that is not there, where it was read from: a run's config keeps its paths as given, so
-    evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path)."""
-    if Path(path).expanduser().is_absolute():
-        return ""
-    return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"
 
 
 class RecordError(DataError):

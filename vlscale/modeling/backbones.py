@@ -120,7 +120,7 @@ def pretrained_source(name: str, path: Optional[str] = None) -> str:
     load, which may find it in the local cache), a miniature whose shipped folder is gone (it is on no hub), a
     local folder :func:`check_local_checkpoint` refuses."""
     if path is not None and missing_source(path):
-        from vlscale.data.real import cwd_note
+        from vlscale.files import cwd_note
 
         raise MissingWeights(f"model.backbone_path={path!r} does not exist{cwd_note(path)}")
     source = path or hub_id(name)
@@ -286,7 +286,7 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
             where = ("a local directory needs config.json and the weights" if os.path.isdir(source) else
                      "a hub id needs the network or a local HF cache")
             if path is not None and not os.path.exists(source):  # a folder meant, given relative from elsewhere?
-                from vlscale.data.real import cwd_note
+                from vlscale.files import cwd_note
 
                 where = f"not a local folder{cwd_note(source)}; a hub id needs the network or a local HF cache"
             raise SourceError(f"cannot load the weights for {key}={source!r} ({where}): "
