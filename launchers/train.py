@@ -111,6 +111,14 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         if at is not None and stop_after_steps <= at:
             return (f"--stop-after-steps {stop_after_steps}: the checkpoint resumed is at step {at} already (the run "
                     f"would train on to train.max_steps={cfg.train.max_steps}); give a later step, K > {at}")
+    from vlscale.data import check_split_found
+    from vlscale.data.real import DataError
+
+    try:  # data.root and the annotation files, found after start-up (train's by the loader, val's by the eval check)
+        for split in ("train", "val", "test") if cfg.train.test_eval else ("train", "val"):
+            check_split_found(cfg, cfg.data.tasks, split)
+    except DataError as e:
+        return f"{type(e).__name__}: {e}"
     from vlscale.modeling.vl_model import check_sources
 
     try:  # before the output_dir is made; the build reads model.vision's open_clip config too

@@ -458,16 +458,18 @@ def test_input_errors_are_their_message_without_a_traceback(tmp_path, h):
     assert proc.returncode == 1
     assert f"output_dir {str(blocker / 'run')!r} cannot be created" in proc.stdout
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    # a validation file missing: refused at start-up, not after the training it would end
+    # a validation file missing: refused before start-up (the output_dir not made), not after the training it
+    # would end
     root = tmp_path / "data"
     shutil.copytree(h.ROOT / "tests/fixtures/real_data/gqa", root / "gqa")
     (root / "gqa" / "valid.json").unlink()
     proc = h.launch([*h.TINY, "data.source=real", f"data.root={root}", "data.tasks=[gqa]",
                      f"output_dir={tmp_path / 'noval'}"], check=False)
     assert proc.returncode == 1
-    assert re.search(r"DataFileNotFound: gqa val annotations: .*valid\.json", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"DataError: split 'val' not found for gqa: gqa val annotations: .*valid\.json", proc.stdout), \
+        proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    assert not (tmp_path / "noval" / "train_log.jsonl").exists()
+    assert not (tmp_path / "noval").exists()
 
 
 def test_a_dead_rank_makes_the_other_exit(tmp_path, h):

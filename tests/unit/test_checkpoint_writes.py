@@ -324,6 +324,33 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
                        f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
 
 
+def test_a_data_root_or_annotation_file_not_there_is_refused_before_start(tmp_path, monkeypatch, launcher):
+    """data.root, and each task's train and val annotation files (test's with train.test_eval), are checked before
+    the process group and DeepSpeed start: they were found about 10 s in, by the train loader and the eval check."""
+    from vlscale.config import load_config
+
+    train = launcher("train")
+    monkeypatch.chdir(tmp_path)
+    out = f"output_dir={tmp_path / 'run'}"
+    cfg = load_config("tiny", [out, "data.source=real", "data.root=nowhere", "data.tasks=[gqa]"])
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        f"DataError: split 'train' not found for gqa: data.root='nowhere' is not a directory (read from the working "
+        f"directory {tmp_path}: run from the folder it is relative to, or give it whole)")
+    gqa = tmp_path / "data" / "gqa"
+    gqa.mkdir(parents=True)
+    (gqa / "train.json").write_text("[]")
+    cfg = load_config("tiny", [out, "data.source=real", f"data.root={tmp_path / 'data'}", "data.tasks=[gqa]"])
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(
+        f"DataError: split 'val' not found for gqa: gqa val annotations: {gqa / 'valid.json'}")
+    (gqa / "valid.json").write_text("[]")
+    with_test = load_config("tiny", [out, "data.source=real", f"data.root={tmp_path / 'data'}", "data.tasks=[gqa]",
+                                     "train.test_eval=true"])
+    assert train.refused_before_start(with_test, False, "ds_configs/zero3.json").startswith(
+        f"DataError: split 'test' not found for gqa: gqa test annotations: {gqa / 'testdev.json'}")
+    assert not (tmp_path / "run").exists()  # each refused before the output_dir is made
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None
+
+
 def test_a_resume_told_to_stop_at_a_step_already_done_is_refused(tmp_path, monkeypatch, launcher):
     """--resume --stop-after-steps K with the checkpoint at step K or later trained on to train.max_steps (the
     loop never met step K), as K < 1 did: refused before start-up, naming the checkpoint's step."""
