@@ -59,9 +59,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     into this run's, or an output_dir that cannot be created, fails in a second instead of after
     start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
     is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
-    use, and RANK without WORLD_SIZE, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not
-    made), and weights the model's build would not find (a model.backbone_path or model.vision_pretrained that is not
-    there, found after the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or
+    use, and RANK without WORLD_SIZE, and a data.root or annotation file that is not there, and a DeepSpeed file
+    that is not JSON or holds an unknown key (output_dir not made), and weights the model's build would not find (a
+    model.backbone_path or model.vision_pretrained that is not there, found after the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or
     with an nvme_path that is not a writable folder (found after the process group started). The DeepSpeed config is
     built here as start-up builds it, so a file that disagrees with the run config or holds a misspelt nested key is
     refused before the process group, DeepSpeed's engine and the output_dir: all the build reads is known here (the
