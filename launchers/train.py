@@ -53,20 +53,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int | None = None) -> str | None:
-    """Why this run must not start, found on every rank before the process group and DeepSpeed's engine:
-    an output_dir holding another run's checkpoint (without --resume), --resume with none, or with one
-    written by another number of ranks with another global batch or at a ZeRO stage that does not load
-    into this run's, or an output_dir that cannot be created, fails in a second instead of after
-    start-up, and so does one that exists but cannot be written, and a --stop-after-steps K the resumed checkpoint
-    is already at or past (the run trained on to the end), vlscale's environment variables with values it cannot
-    use, and RANK without WORLD_SIZE, and a data.root or annotation file that is not there, and a DeepSpeed file
-    that is not JSON or holds an unknown key (output_dir not made), and weights the model's build would not find (a
-    model.backbone_path or model.vision_pretrained that is not there, found after the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or
-    with an nvme_path that is not a writable folder (found after the process group started). The DeepSpeed config is
-    built here as start-up builds it, so a file that disagrees with the run config or holds a misspelt nested key is
-    refused before the process group, DeepSpeed's engine and the output_dir: all the build reads is known here (the
-    launcher's world size, the accelerator select_accelerator picks, the environment). Ranks that see another
-    filesystem are left to rank 0's check after start-up."""
+    """Why this run must not start, found on every rank before the process group and DeepSpeed's engine: an output_dir
+    holding another run's checkpoint (without --resume), --resume with none, or with one written by another number of
+    ranks with another global batch or at a ZeRO stage that does not load into this run's, or an output_dir that cannot
+    be created, fails in a second instead of after start-up, and so does one that exists but cannot be written, and a
+    --stop-after-steps K the resumed checkpoint is already at or past (the run trained on to the end), vlscale's
+    environment variables with values it cannot use, and RANK without WORLD_SIZE, and a data.root or annotation file
+    that is not there, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not made), and weights
+    the model's build would not find (a model.backbone_path or model.vision_pretrained that is not there, found after
+    the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or with an nvme_path that
+    is not a writable folder (found after the process group started). The DeepSpeed config is built here as start-up
+    builds it, so a file that disagrees with the run config or holds a misspelt nested key is refused before the process
+    group, DeepSpeed's engine and the output_dir: all the build reads is known here (the launcher's world size, the
+    accelerator select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's check
+    after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
                                                  global_batch_size, load_ds_file, resolve_ds_file, zero_stage)
