@@ -296,8 +296,8 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=re.escape(
             f"--resume: output_dir 'runs/a' does not exist (read from the working directory {tmp_path}: run from the "
-            f"folder it is relative to, or give it whole); give the run's output_dir (output_dir=...), or drop --resume "
-            f"to start a new run") + "$"):
+            f"folder it is relative to, or give it whole); give the run's output_dir (output_dir=...), or drop "
+            f"--resume to start a new run") + "$"):
         ckpt.check_output_dir("runs/a", resume=True)
 
 

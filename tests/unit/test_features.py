@@ -1141,8 +1141,8 @@ def test_launcher_hf_errors_name_the_flag_given(tmp_path, weights):
 
     hf = str(ROOT / "tests" / "fixtures" / "hf_multi")
     base = ["--vision", VISION, "--pretrained", weights, "--quiet", "--image-column", "image", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match=rf"^extract_features\.py: DataFileNotFound: --hf-dataset='{hf}' has no split for "
-                                         r"'test' \(tried \['test'\]\); its splits: \['train', 'validation'\]$"):
+    with pytest.raises(SystemExit, match=rf"^extract_features\.py: DataFileNotFound: --hf-dataset='{hf}' has no "
+                                         r"split for 'test' \(tried \['test'\]\); its splits: \['train', 'validation'\]$"):
         launcher.main(base + ["--hf-dataset", hf, "--split", "test"])
     (tmp_path / "file.txt").write_text("not a dataset")
     with pytest.raises(SystemExit, match=r"^extract_features\.py: DataError: --hf-dataset='.*file\.txt' is a file"):
@@ -1589,7 +1589,8 @@ def test_cache_changed_compares_fingerprints_and_notes_a_cache_without_one(tmp_p
         f"trained on (/then, pretrained='p.pt'): visual.w differs (sum of squares 2 now, 3 in the run's cache; sum of "
         f"|w| 1 vs 1); fix it")
     # a cache of another CLIP model (the audit: evaluate.py named it 'other tiny-clip-rn weights' of a ViT's cache)
-    vit = _tiny_cache(tmp_path / "v", ["a"], {"vision": "tiny-clip-vit", "fingerprint": {"visual.conv1.weight": [1, 1]}})
+    vit = _tiny_cache(tmp_path / "v", ["a"], {"vision": "tiny-clip-vit",
+                                              "fingerprint": {"visual.conv1.weight": [1, 1]}})
     assert cache_changed(load_config("tiny", ["model.feature_source=cache", f"data.feature_cache={vit}"]), recorded,
                          "fix it") == (f"data.feature_cache={str(vit)!r} holds features of vision='tiny-clip-vit', but "
                                        f"the run was trained on model.vision='{VISION}' features (/then); fix it")

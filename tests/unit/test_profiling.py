@@ -959,7 +959,8 @@ def test_gpu_section_joins_a_one_rank_group_without_a_fixed_port(monkeypatch):
     assert "MASTER_PORT" not in os.environ and len(joined) == 2 and measured == [2, 2]
     assert section["engine"] == "deepspeed" and section["device"] == "stand-in GPU"
     rows = section["configs"]
-    assert [r["config"] for r in rows] == [name for name, _ in measure.GPU_CONFIGS] and all("error" not in r for r in rows)
+    assert [r["config"] for r in rows] == [name for name, _ in measure.GPU_CONFIGS]
+    assert all("error" not in r for r in rows)
     for r in rows:
         assert r["measured"]["engine"] == "deepspeed stage 0"
         assert r["errors"]["peak"] == pytest.approx((r["predicted"]["peak"] - (4 << 20)) / (4 << 20))

@@ -64,7 +64,6 @@ class DataFileNotFound(DataError, FileNotFoundError):
     """An annotation, subtitle or feature file is not where the layout says."""
 
 
-
 class RecordError(DataError):
     """One record is malformed. ``path``, ``where`` (record index / line), ``record_id``, ``key``."""
 

@@ -802,8 +802,8 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
     if resume and tag is None and not Path(output_dir).exists():  # a relative output_dir given from another folder
         from vlscale.files import cwd_note
 
-        raise CheckpointError(f"--resume: output_dir {str(output_dir)!r} does not exist{cwd_note(output_dir)}; give the "
-                              f"run's output_dir (output_dir=...), or drop --resume to start a new run")
+        raise CheckpointError(f"--resume: output_dir {str(output_dir)!r} does not exist{cwd_note(output_dir)}; give "
+                              f"the run's output_dir (output_dir=...), or drop --resume to start a new run")
     if resume and tag is None:
         hint = (f"; it holds {steps}: write the one to resume into {ckpt_root / LATEST}" if steps
                 else "; drop --resume to start a new run")
