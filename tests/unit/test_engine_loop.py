@@ -436,7 +436,8 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     """An input error mid-run (an unreadable image on the rank reading it; a diverged loss, on rank 0) writes
     run_summary.json, completed false, ``stopped`` naming the error, the rank and the checkpoint left: it was not
     written at all. Nothing gathered (the other rank may be in a collective): its figures are null. Other errors,
-    and a diverged loss on the other ranks, write nothing. The DataError's line is to end with what is kept."""
+    and a diverged loss on the other ranks, write nothing. The DataError's line is to end with what is kept (none:
+    also when the checkpoint ``latest`` names is not there)."""
     import json
 
     from vlscale.data.real import DataError
@@ -448,6 +449,10 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     for error in (ConfigError("x"), trainer.NonFiniteLoss("loss is nan")):
         trainer.record_stop(run, error)
     assert not list(tmp_path.iterdir())
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step1")  # names a checkpoint not there: none is left
+    assert trainer.record_stop(run, DataError("x")) == "; stopped after step 3: no checkpoint had been written"
+    assert json.loads((tmp_path / "run_summary.json").read_text())["stopped"]["checkpoint"] is None
     (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
     (tmp_path / "checkpoints" / ckpt.LATEST).write_text("step2")
     line = "gqa example 'q1' (from train.json): image 'x': cannot read image /d/x.jpg (OSError: image file is cut)"
