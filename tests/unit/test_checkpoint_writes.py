@@ -1466,6 +1466,9 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
     ("peer", 1, "vlscale: rank 0: stopped: another rank's process ended (its own line says why)", False),
     ("abort", 128 + 2, "vlscale: rank 0: aborted (second SIGINT)", False),
+    ("setup", 1, "vlscale: rank 0: DataError: gqa train annotations: /d/train.json is not JSON\n", False),
+    ("unwritten", 1, "vlscale: rank 0: DataError: image 'y': cannot read image /d/y.jpg (OSError: truncated) "
+                     "(run_summary.json not written: OSError: [Errno 30] Read-only file system)\n", False),
 ])
 def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said, traceback, tmp_path, monkeypatch,
                                                               launcher, capsys):
@@ -1474,7 +1477,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     input (a config value, a diverged loss, a full disk) is one line without a traceback, any other error one line
     after its traceback, except a collective failed because another rank's process ended: one line saying so, no
     traceback (that rank's own line says why); --no-progress reaches the run; an error mid-run goes to record_stop
-    (run_summary.json saying why, for an input error), a stop request to run_summary.json's ``stopped``."""
+    (run_summary.json saying why, for an input error; one that could not be written is said at the end of the
+    error's line), not one before the run exists, and a stop request to run_summary.json's ``stopped``."""
     import errno
     from types import SimpleNamespace
 
@@ -1490,13 +1494,17 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
               "peer": RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:30461"),
               "signal": trainer.RunStopped(3, "SIGTERM", signal.SIGTERM),
               "stop_after": trainer.RunStopped(3, "--stop-after-steps 3"),
-              "abort": KeyboardInterrupt("second SIGINT")}  # a second Ctrl-C: no checkpoint
+              "abort": KeyboardInterrupt("second SIGINT"),  # a second Ctrl-C: no checkpoint
+              "setup": DataError("gqa train annotations: /d/train.json is not JSON"),  # while the run is built
+              "unwritten": DataError("image 'y': cannot read image /d/y.jpg (OSError: truncated)")}
     setups = []
 
     runs = []
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         setups.append(show_progress)
+        if raised == "setup":
+            raise errors[raised]
         runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
         return runs[-1]
 
@@ -1510,12 +1518,20 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
     monkeypatch.setattr(trainer, "close", lambda run: None)
     stops = []  # record_stop writes run_summary.json for the errors of the run's input (mid-run: an unreadable image)
-    monkeypatch.setattr(trainer, "record_stop", lambda run, e: stops.append(e) or "; what is kept")
+
+    def record_stop(run, e):
+        stops.append(e)
+        if raised == "unwritten":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return "; what is kept"
+
+    monkeypatch.setattr(trainer, "record_stop", record_stop)
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
-    assert stops == ([] if raised in ("signal", "stop_after", "abort") else [errors[raised]])
-    assert err.rstrip().endswith("; what is kept") == bool(stops), err  # the error's line ends with what is kept
+    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup") else [errors[raised]])
+    kept = bool(stops) and raised != "unwritten"  # the error's line ends with what is kept
+    assert err.rstrip().endswith("; what is kept") == kept, err
     if isinstance(errors[raised], trainer.RunStopped):  # run_summary.json says why a stop request stopped it too
         assert runs[0].stopped == {"reason": str(errors[raised]), "rank": 0, "checkpoint": None}
     assert said in out + err, (out, err)
