@@ -1263,7 +1263,7 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
 
     from vlscale.data.collate import fetch_visuals
     from vlscale.data.real import FirstOf
-    from vlscale.data.visual import ImageFolder, missing_ids
+    from vlscale.data.visual import ImageFolder, load_image, missing_ids
 
     img = np.full((8, 8, 3), 7, np.uint8)
     Image.fromarray(img).save(tmp_path / "upper.JPG", format="JPEG")
@@ -1284,6 +1284,10 @@ def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
     empty = r"image 'empty': cannot read image .*empty\.jpg \(the file is empty: 0 bytes\)$"
     with pytest.raises(DataError, match=empty):
         folder["empty"]
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "loop.jpg").symlink_to(tmp_path / "links" / "loop.jpg")  # opening it and its size both fail
+    with pytest.raises(DataError, match=r"cannot read image .*loop\.jpg \(OSError: .*Too many levels of symbolic"):
+        load_image(tmp_path / "links" / "loop.jpg")
     examples = load_real_examples(make_cfg(), "gqa", "train")[:1]
     e = type(examples[0])("gqa", "q1", "text", "yes", ["garbage"], source="ann.json")
     with pytest.raises(DataError, match=r"gqa example 'q1' \(from ann\.json\): image 'garbage': cannot read image"):
