@@ -363,10 +363,10 @@ def weights(encoder, tmp_path_factory):
     return str(path)
 
 
-def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_out(encoder, tmp_path):
+def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_out(encoder, tmp_path, monkeypatch):
     """An id the source cannot read (DataError: a cut or empty file) stops the extraction with its line, the ids
     done before it kept and said so; with skip_unreadable it is left out and listed, the rest written (images, and a
-    video with a bad frame)."""
+    video with a bad frame), a batch of none not encoded, the progress bar counting it done."""
     from vlscale.data.real import DataError
 
     enc, tf = encoder
@@ -392,6 +392,32 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
     stats = extract_features(enc, tf, Cut(dict(frames, **{ids[3]: None})), ["v0", ids[3], "v1", "v2"],
                              tmp_path / "video", video=True, skip_unreadable=True, **more)
     assert (stats["written"], [i for i, _ in stats["unreadable"]]) == (3, [ids[3]])
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    class Tower:  # a ViT's (open_clip) cannot take a batch of no images
+        def __getattr__(self, name):
+            return getattr(enc, name)
+
+        def encode_grid(self, x):
+            assert len(x), "a batch of no images was encoded"
+            return enc.encode_grid(x)
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    stats = extract_features(Tower(), tf, Cut(split.visuals), [ids[3]], tmp_path / "none", skip_unreadable=True,
+                             **more)
+    assert stats == {"total": 1, "skipped": 0, "written": 0, "unreadable": [(ids[3], line)]}
+    assert [(b.total, b.n) for b in bars] == [(1, 1)]
 
 
 def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest_or_is_left_out(tmp_path):
