@@ -419,8 +419,8 @@ def main(argv=None) -> int:
         total = {"total": 0, "skipped": 0, "written": 0}
         unreadable = []
         skip = args.skip_bad_records or bool(args.real and cfg.data.skip_bad_records)
-        how_to_skip = ("" if args.synthetic else ", or leave unreadable ones out with "
-                       + ("data.skip_bad_records=true" if args.real else "--skip-bad-records")
+        how_to_skip = (", or leave unreadable ones out with " + ("data.skip_bad_records=true" if args.real
+                                                                  else "--skip-bad-records")
                        + " (training with data.skip_bad_records=true drops the examples naming them)")
         dtype = "float16" if args.fp16 else "float32"
         # the HF dataset whose rows the ids number: recorded in meta.json, or training refuses the cache (--real
