@@ -773,7 +773,8 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
 def test_launcher_real_with_skip_bad_records_leaves_a_cut_image_out_and_training_drops_its_examples(tmp_path, weights,
                                                                                                     tok, capsys):
     """--real: a half-written image stops the extraction naming data.skip_bad_records=true as the way past it; with
-    it, the image is left out (said at the end) and a run with the same setting drops the examples naming it."""
+    it, the image is left out (said at the end) and a run with the same setting drops the examples naming it; a
+    video's cut frame-features file too."""
     import shutil
 
     import extract_features as launcher
@@ -793,6 +794,16 @@ def test_launcher_real_with_skip_bad_records_leaves_a_cut_image_out_and_training
                                "model.feature_source=cache", f"data.feature_cache={tmp_path / 'cache'}",
                                f"model.vision_pretrained={weights}", "data.skip_bad_records=true"])
     assert [e.image_ids for e in build_train_loader(cfg, tok).examples["gqa"]] == [["2354786"], ["2354786"]]
+    # a video task's precomputed frame features, copied not encoded: a cut .npy is left out by the same setting
+    shutil.copytree(ROOT / "tests" / "fixtures" / "real_data" / "tvqa", tmp_path / "tvqa")
+    npy = tmp_path / "tvqa" / "features" / "house_s02e03_seg02_clip_05.npy"
+    npy.write_bytes(npy.read_bytes()[:100])
+    assert launcher.main(["--real", "--config", "tiny", "data.source=real", f"data.root={tmp_path}",
+                          "data.tasks=[tvqa]", "model.vision=ViT-B-32", "model.vision_pretrained=openai",
+                          "data.skip_bad_records=true", "--quiet", "--out", str(tmp_path / "video")]) == 0
+    assert f"data.skip_bad_records: left out 1 id(s) that could not be read, first: {npy} (video " in (
+        capsys.readouterr().out)
+    assert list(FeatureCache(tmp_path / "video").ids()) == ["friends_s01e01_seg01_clip_00"]
 
 
 def test_launcher_train_with_line_trains_on_the_cache_as_printed(tmp_path, weights, capsys):
