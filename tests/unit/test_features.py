@@ -768,6 +768,14 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     assert sorted(FeatureCache(tmp_path / "f4").ids()) == ["y", "z"]
     assert ("--skip-bad-records: left out 1 id(s) that could not be read, first: image 'broken': cannot read image "
             f"{tmp_path / 'imgs' / 'broken.jpg'} (UnidentifiedImageError") in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()  # more than five: the first five are named
+    for k in range(6):
+        (tmp_path / "empty" / f"e{k}.jpg").write_bytes(b"")
+    assert launcher.main(base + ["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "f5"),
+                                 "--skip-bad-records"]) == 0
+    said = "; ".join(f"image 'e{k}': cannot read image {tmp_path / 'empty' / f'e{k}.jpg'} (the file is empty: 0 bytes)"
+                     for k in range(5))
+    assert f"left out 6 id(s) that could not be read, first: {said}. Train with" in capsys.readouterr().out
 
 
 def test_launcher_real_with_skip_bad_records_leaves_a_cut_image_out_and_training_drops_its_examples(tmp_path, weights,
