@@ -85,7 +85,8 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
         assert b["task"] == a["task"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), f"step {a['step']}"
         assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12)
-    assert h.read_json(out / "run_summary.json")["completed"] is True
+    summary = h.read_json(out / "run_summary.json")
+    assert (summary["completed"], summary["stopped"]) == (True, None)  # the resumed run completed: no stop to say
     # TensorBoard, across the two processes' event files: each step once, the logged values
     tb = h.tb_scalars(out)
     for key in ("loss", "lr", "grad_norm"):
