@@ -101,9 +101,11 @@ def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Pa
     os.chmod(path, 0o666 & ~_umask())
     return path
 
+
 def cwd_note(path) -> str:
     """For a relative ``path`` that is not there, where it was read from: a run's config keeps its paths as given, so
-    evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path)."""
-    if Path(path).expanduser().is_absolute():
+    evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path). A
+    '~' is the reader's to expand: one that does not (a feature cache, an output_dir) reads './~/...' there."""
+    if Path(path).is_absolute():
         return ""
     return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"

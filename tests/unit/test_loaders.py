@@ -893,6 +893,9 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
     for read in (lambda: cache_weights(cfg), lambda: FeatureCache("cache")):
         with pytest.raises(DataFileNotFound, match=rf"^feature cache folder cache does not exist{where}; make it "):
             read()
+    # '~' is not expanded there (read as ./~/cache), so it is relative to the working directory too
+    with pytest.raises(DataFileNotFound, match=rf"^feature cache folder ~/cache does not exist{where}; make it "):
+        FeatureCache("~/cache")
     with pytest.raises(DataError, match=rf"^data\.hf_dataset='hf_data': not a local folder{where}, and "):
         load_hf_examples("vqa", "hf_data", "train", {"image": "image", "question": "q", "answer": "a"})
 
