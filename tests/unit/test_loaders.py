@@ -568,6 +568,8 @@ def test_hf_caption_gqa_and_nlvr2_mappings():
     assert len(caps) == 6 and caps[0].uid == "train-0#0" and caps[0].references == ["A dog on grass.", "A small dog."]
     caps_val, _ = load_hf_examples("caption", str(HF), "val", {"image": "image", "captions": "captions"})
     assert len(caps_val) == 2 and caps_val[0].uid == "val-0"
+    both = {"image": "image", "captions": "captions", "caption": "captions"}  # captions read and checked, not caption
+    assert len(load_hf_examples("caption", str(HF), "val", both)[0]) == 2
     gqa, _ = load_hf_examples("gqa", str(HF), "train", {"image": "image", "question": "question",
                                                         "answer": "multiple_choice_answer"})
     assert gqa[2].references == ["red"]
@@ -820,6 +822,13 @@ def test_hf_bad_column_mappings(columns, match):
     with pytest.raises(DataError, match=r"row 0: key 'question' holds one string a row, and data\.hf_columns\.captions "
                                         r"takes a list: map this column to caption instead$"):
         load_hf_examples("caption", str(HF), "train", {"image": "image", "captions": "question"})
+    with pytest.raises(DataError, match=r"row 0: key 'multiple_choice_answer' holds one string a row, and data\.hf_col"
+                                        r"umns\.answers takes a list: map this column to answer instead$"):
+        load_hf_examples("vqa", str(HF), "train", {"image": "image", "question": "question",
+                                                   "answers": "multiple_choice_answer"})
+    # a column of neither kind (numbers) is no pair's: the value's own type is named
+    with pytest.raises(DataError, match=r"row 0: key 'qid' must be a string, got int 1$"):
+        load_hf_examples("vqa", str(HF), "train", {"image": "image", "question": "question", "answer": "qid"})
     with pytest.raises(DataError, match="supports tasks"):
         load_hf_examples("tvqa", str(HF), "train", VQA_COLUMNS)
     with pytest.raises(DataError, match="no split for 'test'"):
