@@ -1048,6 +1048,11 @@ def test_text_fields_are_read_without_surrounding_whitespace(tmp_path):
     assert rec.get("n", float) == 3
     with pytest.raises(RecordError, match=r"f\.json: record 0: key 'flag' must be a number, got bool True"):
         rec.get("flag", float)
+    twelve = {f"k{i}": i for i in range(12)}  # a missing key lists the record's keys: up to 12, then ' ...'
+    with pytest.raises(RecordError, match=re.escape(f"key 's' is missing (the record's keys: {list(twelve)})") + "$"):
+        Record("f.json", "record 0", twelve).get("s", str)
+    with pytest.raises(RecordError, match=re.escape(f"(the record's keys: {list(twelve)} ...)") + "$"):
+        Record("f.json", "record 0", dict(twelve, k12=12)).get("s", str)
 
 
 def test_jsonl_blank_lines_are_not_records(tmp_path):
