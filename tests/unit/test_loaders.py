@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1259,7 +1260,8 @@ def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_
     """A user's PNGs where the layout reads <id>.jpg (COCO-format annotations naming 'x.png'): the start-up check
     names the files it found and the two ways on (convert, or a cache of the folder, whose ids are file names
     without the suffix); it said 'add their files' of files that are there. An image not there at all keeps that."""
-    from vlscale.data import build_train_loader
+    from vlscale.data import build_train_loader, check_visual_ids
+    from vlscale.data.visual import ImageFolder, other_suffix_files
 
     root = copy_root(tmp_path, "vqa", "coco")
     images = root / "coco" / "images"
@@ -1270,9 +1272,24 @@ def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_
                                         r"convert them, or extract a feature cache of their folder \(launchers/extract_"
                                         r"features\.py --images DIR --out CACHE: .*model\.feature_source=cache"):
         build_train_loader(make_cfg(root), tokenizer=None)
-    (images / "COCO_train2014_000000000025.png").unlink()
+    (images / "train2014").mkdir()  # COCO's own folder beside images/: each folder of the layout's is looked in
+    png = images / "train2014" / "COCO_train2014_000000000025.png"
+    (images / "COCO_train2014_000000000025.png").rename(png)
+    with pytest.raises(DataError, match=rf"1 of them are there under another suffix \({re.escape(str(png))}\), "):
+        build_train_loader(make_cfg(root), tokenizer=None)
+    png.unlink()
     with pytest.raises(DataError, match=r"first \['COCO_train2014_000000000025'\]; add their files, or set "):
         build_train_loader(make_cfg(root), tokenizer=None)
+    (tmp_path / "frames" / "clip.png").mkdir(parents=True)  # a video's frame folder named so: no image file
+    assert other_suffix_files(ImageFolder(tmp_path / "frames", pattern="{id}", video=True), ["clip.jpg"]) == []
+    pngs = tmp_path / "pngs"  # four: the first three named
+    pngs.mkdir()
+    for i in "abcd":
+        (pngs / f"{i}.png").write_bytes(b"")
+    listed = re.escape(", ".join(str(pngs / f"{i}.png") for i in "abc"))
+    with pytest.raises(DataError, match=rf"; 4 of them are there under another suffix \({listed}\), which "):
+        check_visual_ids(RunConfig(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in "abcd"],
+                         ImageFolder(pngs))
 
 
 def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):
