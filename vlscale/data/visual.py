@@ -84,7 +84,7 @@ def other_suffix_files(source, ids: Iterable[str]) -> list[Path]:
     the start-up check's message, as such an image is missing to the layout, not to the user."""
     found = []
     for folder in getattr(source, "sources", [source]):
-        if not isinstance(folder, ImageFolder) or folder.video or "/" in folder.pattern:
+        if not isinstance(folder, ImageFolder) or folder.video:
             continue
         folded = folder._listing()[1]
         for i in ids:
