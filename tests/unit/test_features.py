@@ -1301,6 +1301,8 @@ def test_a_cache_is_read_with_its_weights_file_elsewhere_but_not_with_another_fi
         FeatureCache(made, vision=VISION, pretrained="/made/here/other.pt")
     unset = _tiny_cache(tmp_path / "u", ["a"], {"pretrained": ""})
     assert len(FeatureCache(unset, vision=VISION, pretrained=None)) == 1
+    with pytest.raises(DataError, match=r"give the cache's weights \(model\.vision_pretrained=null\), extract "):
+        FeatureCache(unset, vision=VISION, pretrained="/made/here/clip.pt")
 
 
 def test_two_image_rows_of_an_hf_dataset_are_row_ids_too(tmp_path):
