@@ -167,7 +167,7 @@ def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, m
     """--config my.yaml (a file meant: a .yaml suffix or a folder in it) that is not there says so, with the
     working directory a relative one was read from; a bare name is still 'no preset or file'."""
     monkeypatch.chdir(tmp_path)
-    for name in ("my4.yaml", os.path.join("cfgs", "my4")):
+    for name in ("my4.yaml", "my4.yml", os.path.join("cfgs", "my4")):
         with pytest.raises(ConfigError, match=rf"^no file {re.escape(repr(name))} \(read from the working directory "
                                               rf"{re.escape(str(tmp_path))}: .*\), and no shipped preset of that name; "
                                               r"shipped presets: \[.*'tiny'\]$"):
