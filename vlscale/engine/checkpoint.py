@@ -799,7 +799,7 @@ def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
         raise CheckpointError(
             f"output_dir {str(output_dir)!r} already holds a run's checkpoint ({ckpt_root / tag}); pass --resume "
             f"to continue it or choose another output_dir (output_dir=...)")
-    if resume and tag is None and not Path(output_dir).exists():  # a relative output_dir given from another folder
+    if resume and not Path(output_dir).exists():  # a relative output_dir given from another folder (so no tag)
         from vlscale.files import cwd_note
 
         raise CheckpointError(f"--resume: output_dir {str(output_dir)!r} does not exist{cwd_note(output_dir)}; give "
