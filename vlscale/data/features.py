@@ -230,10 +230,10 @@ class FeatureCache:
                             "or point data.feature_cache at a matching cache")
         if pretrained is not _UNSET and not _same_pretrained(self.meta.get("pretrained"), pretrained):
             raise DataError(f"feature cache {meta_file}: features are from pretrained="
-                            f"{self.meta.get('pretrained')!r}, but the run uses "
-                            f"model.vision_pretrained={pretrained!r}; give the cache's weights (model.vision_pretrained="
-                            f"{self.meta.get('pretrained') or 'null'}), extract features with the run's, or point "
-                            "data.feature_cache at a matching cache")
+                            f"{self.meta.get('pretrained')!r}, but the run uses model.vision_pretrained="
+                            f"{pretrained!r}; give the cache's weights (model.vision_pretrained="
+                            f"{self.meta.get('pretrained') or 'null'}), extract features with the run's, or "
+                            "point data.feature_cache at a matching cache")
         if expect_kind is not None and self.meta.get("kind") != expect_kind:
             raise DataError(f"feature cache {meta_file}: holds kind={self.meta.get('kind')!r} features, "
                             f"the task needs {expect_kind!r} ('grid' for images, 'frames' for video)")
