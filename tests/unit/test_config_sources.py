@@ -368,3 +368,23 @@ def test_evaluate_checks_every_tasks_records_and_images_before_the_model_is_buil
         launcher("evaluate").main(["--adapter", str(tmp_path / "run" / "adapter"), "--split", "test", "--no-progress",
                                    "--out", str(tmp_path / "eval")])
     assert not (tmp_path / "eval").exists()
+
+    class Built(Exception):
+        pass
+
+    def built(*a, **k):
+        raise Built
+
+    monkeypatch.setattr(vlscale.predict, "load_trained_model", built)  # reached: the check passed
+    test["filename"] = "COCO_val2014_000000000074.jpg"
+    karpathy.write_text(json.dumps(data))
+    vqa_test = root / "vqa" / "karpathy_test.json"  # a leaderboard's split: no answers, read as --predict-only reads it
+    vqa_test.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("label", "answers")}
+                                    for r in json.loads(vqa_test.read_text())]))
+    with pytest.raises(Built):
+        launcher("evaluate").main(["--adapter", str(tmp_path / "run" / "adapter"), "--split", "test", "--no-progress",
+                                   "--predict-only", "--out", str(tmp_path / "predict")])
+    (root / "coco" / "images" / "COCO_train2014_000000000025.jpg").unlink()  # past train.eval_max_examples=1: unread
+    with pytest.raises(Built):
+        launcher("evaluate").main(["--adapter", str(tmp_path / "run" / "adapter"), "--split", "train", "--no-progress",
+                                   "--tasks", "vqa", "--out", str(tmp_path / "eval"), "train.eval_max_examples=1"])
