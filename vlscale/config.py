@@ -906,16 +906,29 @@ def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig
             raise
         head, rest = str(e).split("; ", 1)
         raise ConfigError(f"{head} (written in --config {name}, or a preset it builds on); {rest}") from None
+    return _checked(cfg)
+
+
+# the settings that name a local file or folder (some may also be a hub id or an open_clip tag, never with a '~')
+HOME_PATHS = (("model", "backbone_path"), ("model", "vision_pretrained"), ("model", "tokenizer"), ("data", "root"),
+              ("data", "feature_cache"), ("data", "hf_dataset"), (None, "output_dir"))
+
+
+def _checked(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with '~' in its path settings expanded (the home folder, as the shell makes it of key=~/x; a YAML
+    file keeps it, and a reader that did not expand it read './~/x'), its data source and backbone folder checked."""
+    for section, key in HOME_PATHS:
+        owner = getattr(cfg, section) if section else cfg
+        value = getattr(owner, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(owner, key, os.path.expanduser(value))
     cfg.data.check_source()
     cfg.model.check_backbone_path()
     return cfg
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    cfg = _build(RunConfig, dict(data))
-    cfg.data.check_source()
-    cfg.model.check_backbone_path()
-    return cfg
+    return _checked(_build(RunConfig, dict(data)))
 
 
 def save_config(cfg: RunConfig, path) -> None:

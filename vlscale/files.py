@@ -105,7 +105,7 @@ def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Pa
 def cwd_note(path) -> str:
     """For a relative ``path`` that is not there, where it was read from: a run's config keeps its paths as given, so
     evaluate.py, predict.py or a resume started in another folder read them there ("" for an absolute path). A
-    '~' is the reader's to expand: one that does not (a feature cache, an output_dir) reads './~/...' there."""
+    '~' is not expanded here: the config's path settings have it expanded when loaded (config.HOME_PATHS)."""
     if Path(path).is_absolute():
         return ""
     return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"

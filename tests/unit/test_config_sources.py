@@ -163,6 +163,20 @@ def test_a_users_preset_file_errors_in_one_line(tmp_path, text, words):
     assert load_config(str(tmp_path / "merge.yaml")).train.max_steps == 4
 
 
+def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
+    """'~/x' in a YAML file's path settings is the home folder's x, as the shell makes it of key=~/x on the command
+    line: data.root and data.hf_dataset expanded it and data.feature_cache, output_dir and model.backbone_path read
+    './~/x'. A tag or hub id is left as it is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "user.yaml").write_text(
+        "base: tiny\noutput_dir: ~/runs/a\nmodel:\n  feature_source: cache\n  vision_pretrained: openai\n"
+        "  tokenizer: ~/tok\ndata:\n  source: real\n  feature_cache: ~/cache\n  root: ~/data\n")
+    cfg = load_config(str(tmp_path / "user.yaml"))
+    assert (cfg.output_dir, cfg.data.feature_cache, cfg.data.root, cfg.model.tokenizer) == (
+        str(tmp_path / "runs/a"), str(tmp_path / "cache"), str(tmp_path / "data"), str(tmp_path / "tok"))
+    assert cfg.model.vision_pretrained == "openai"
+
+
 def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, monkeypatch):
     """--config my.yaml (a file meant: a .yaml suffix or a folder in it) that is not there says so, with the
     working directory a relative one was read from; a bare name is still 'no preset or file'."""
