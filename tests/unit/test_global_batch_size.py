@@ -150,8 +150,9 @@ def test_a_paper_preset_on_ranks_that_do_not_keep_its_batch_is_refused_before_st
     assert train.refused_before_start(cfg, False, str(ZERO2)) == (
         "ConfigError: train.global_batch_size=500 is not a multiple of train.micro_batch_size=500 x world_size=2 "
         "(= 1000); micro-batch sizes that divide it on 2 ranks: train.micro_batch_size=250, 125, 50, 25, 10, 5")
+    data = f"data.root={ROOT / 'tests/fixtures/real_data'}"  # its annotation files are checked too
     assert train.refused_before_start(load_config("paper/clip_bart_single_adapter", [
-        f"output_dir={tmp_path / 'run'}", "train.micro_batch_size=125"]), False, str(ZERO2)) is None
+        f"output_dir={tmp_path / 'run'}", "train.micro_batch_size=125", data]), False, str(ZERO2)) is None
 
 
 def test_the_planner_and_profile_memory_see_the_derived_accumulation(launcher, capsys):
