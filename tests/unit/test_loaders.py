@@ -1978,6 +1978,35 @@ def test_hf_a_path_cell_naming_a_truncated_image_file_names_the_whole_file(tmp_p
         decode_image(str(folder / "empty.jpg"), where="row 3")
 
 
+def test_images_decoded_padded_because_other_code_allows_it_are_said_once(tmp_path, monkeypatch, caplog):
+    """PIL's ImageFile.LOAD_TRUNCATED_IMAGES, turned on by other code in the process, makes a cut image decode
+    padded with grey instead of being refused: the image folder's and the HF cells' decoders say so, once."""
+    from PIL import Image, ImageFile
+
+    from vlscale.data import visual
+    from vlscale.data.hf_dataset import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # the cut lands in the scan
+    Image.fromarray(pixels).save(tmp_path / "whole.jpg")
+    raw = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) // 2])
+    with caplog.at_level("WARNING", logger="vlscale.data.visual"):
+        visual.load_image(tmp_path / "whole.jpg")  # off (vlscale never sets it): nothing said
+        assert not caplog.records
+        monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+        monkeypatch.setattr(visual, "_SAID_TRUNCATED", [])
+        assert visual.load_image(tmp_path / "cut.jpg").shape == (64, 64, 3)  # decoded, not refused
+        decode_image(str(tmp_path / "cut.jpg"), where="row 1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "PIL's ImageFile.LOAD_TRUNCATED_IMAGES is on (set by other code in this process): a cut (half-written) image "
+        "file is decoded padded with grey, not refused naming it"]
+    monkeypatch.setattr(visual, "_SAID_TRUNCATED", [])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlscale.data.visual"):
+        decode_image(str(tmp_path / "cut.jpg"), where="row 1")
+    assert len(caplog.records) == 1  # the HF cells' decoder says it too
+
+
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     from vlscale.data.hf_dataset import load_hf_examples
 

@@ -318,6 +318,9 @@ def decode_image(value, where: str = "", base_dir=None):
     import numpy as np
     from PIL import Image
 
+    from vlscale.data.visual import say_if_truncated_images_load
+
+    say_if_truncated_images_load()
     where = where or "HF dataset"
     opened = []  # the image file a path cell named, for the error: the cell's repr cut at 60 characters lost its name
 

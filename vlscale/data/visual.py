@@ -16,6 +16,7 @@ existence / index membership, nothing decoded): the loaders check every example'
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from vlscale.data.real import DataError, DataFileNotFound
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -99,10 +102,25 @@ def fold_suffix(name: str) -> str:
     return f"{stem}.{suffix.lower()}" if stem else name
 
 
+_SAID_TRUNCATED = []
+
+
+def say_if_truncated_images_load() -> None:
+    """Said once: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` on (set by some code in this process; vlscale never
+    sets it) makes a cut image file decode padded with grey instead of being refused, silently."""
+    from PIL import ImageFile
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _SAID_TRUNCATED:
+        _SAID_TRUNCATED.append(True)
+        logger.warning("PIL's ImageFile.LOAD_TRUNCATED_IMAGES is on (set by other code in this process): a cut "
+                       "(half-written) image file is decoded padded with grey, not refused naming it")
+
+
 def load_image(path: Path, what: str = "") -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3); an unreadable file raises DataError naming it (and ``what``)."""
     from PIL import Image
 
+    say_if_truncated_images_load()
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
