@@ -85,8 +85,8 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
-    except FileNotFoundError:
-        if not path.parent.is_dir():  # cache_weights reads a data.feature_cache that is not there (evaluate.py)
+    except (FileNotFoundError, NotADirectoryError):
+        if not path.parent.is_dir():  # a data.feature_cache that is not there, or is a file
             raise DataFileNotFound(f"feature cache folder {path.parent} does not exist{cwd_note(path.parent)}; make "
                                    "it with launchers/extract_features.py (data.feature_cache)") from None
         raise DataFileNotFound(f"feature cache {path.parent}: {path.name} is missing "
@@ -218,9 +218,6 @@ class FeatureCache:
     def __init__(self, root, vision: Optional[str] = None, pretrained=_UNSET, expect_kind: Optional[str] = None,
                  synthetic=_UNSET, expect_dim: Optional[int] = None, hf_rows: Optional[str] = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataFileNotFound(f"feature cache folder {self.root} does not exist{cwd_note(self.root)}; make it "
-                                   "with launchers/extract_features.py (data.feature_cache)")
         self.meta = _read_json(self.root / META_FILE, "what model made the features")
         self.index = _read_json(self.root / INDEX_FILE, "which shard holds each id")
         meta_file = self.root / META_FILE
