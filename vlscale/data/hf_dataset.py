@@ -27,7 +27,8 @@ valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
 
 A row whose answer columns (answer / answers, label, caption / captions: those the task reads) hold
 nothing (None, "" or an empty list; a label of -1, the datasets convention for a withheld label), or a
-split without those columns, has no answers: refused unless ``require_answers=False``
+split without those columns, has no answers: refused (naming what the cell holds, e.g. an empty list; a None
+reads as a missing key), or skipped with ``data.skip_bad_records=true``, unless ``require_answers=False``
 (``launchers/evaluate.py --predict-only``, a leaderboard's test split), which reads it as the JSON loaders
 read a record without its answer keys (:meth:`Record.answers` decides): one example per row (captions: per
 image) with an empty ``target``, no ``references`` and no soft ``label``. Every other check stays.
@@ -261,6 +262,18 @@ def _has_answer(value) -> bool:
     if isinstance(value, (str, list, tuple, dict)):
         return bool(value.strip() if isinstance(value, str) else value)
     return True
+
+
+def _blank(value) -> str | None:
+    """What an answer cell holding nothing (:func:`_has_answer`) holds, for the error: None for None, the
+    datasets library's missing value (then the column reads as missing)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return "is an empty string"
+    if isinstance(value, int):
+        return f"is {value} (the datasets library's mark of a withheld label)"
+    return "is an empty list"
 
 
 class HFImageSource:
@@ -573,7 +586,7 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
     locations: dict[str, tuple[int, str]] = {}
     marks: dict[str, tuple] = {}  # image_id -> (first row, its image's mark): other_image
     train = split == "train"
-    current = {"row": -1, "unanswered": 0}  # set by records() just before parse_records parses that row
+    current = {"row": -1, "unanswered": 0, "blank": None}  # set by records() just before parse_records parses it
     base_dir = Path(name_or_path).expanduser() if Path(name_or_path).expanduser().is_dir() else None
 
     def parse(rec: Record) -> list[Example]:
@@ -596,6 +609,11 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
         text = rec.text(text_col) if task != "caption" else ""
         if task == "nlvr2":
             extra["group"] = rec.ident(roles["group"]) if roles.get("group") else uid
+        if current["blank"] and require_answers:  # an empty list, say, not a missing column
+            col, what = current["blank"]
+            raise rec.error(col, f"{what}: the row has no answers (data.skip_bad_records=true skips such rows; a "
+                                 "split without its answers, such as a leaderboard's test split, can only be "
+                                 "predicted: launchers/evaluate.py --predict-only)")
         if not rec.answers(*answer_columns):  # withheld (evaluate.py --predict-only): no target, no references
             examples = [Example(task=task, uid=uid, text=text, target="", image_ids=image_ids, extra=extra,
                                 source=source_name)]
@@ -656,13 +674,15 @@ def _load_cached(task: str, name_or_path: str, split: str, frozen: tuple, skip: 
 
     def records():
         for row, data in enumerate(raw):
-            current["row"] = row
+            current["row"], current["blank"] = row, None
+            cells = {c: data.get(c) for c in answer_columns}  # before ClassLabel names: -1 is said as -1
             data.update({c: _rows_of(data[c]) for c in list_columns if c in data})
             data.update({c: _named(data[c], names) for c, names in class_names.items() if c in data})
             if not any(_has_answer(data.get(c)) for c in answer_columns):
                 # no answers: the record leaves their (empty) cells out, as a JSON record without its answer
                 # keys, so Record.answers decides (refused, naming --predict-only, where answers are required)
                 current["unanswered"] += 1
+                current["blank"] = next(((c, _blank(v)) for c, v in cells.items() if _blank(v)), None)
                 data = {k: v for k, v in data.items() if k not in answer_columns}
             yield f"row {row}", data
 
