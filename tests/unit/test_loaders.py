@@ -2016,10 +2016,21 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataError, match=r"hf_dataset='.*empty': the datasets library cannot load it "
                                         r"\(EmptyDatasetError.*holds nothing \(an empty folder\)"):
         load_hf_examples("gqa", str(tmp_path / "empty"), "train", cols)
+    # a split of 0 rows: save_to_disk writes no data file, and load_from_disk failed on every split (IndexError)
     no_rows = _hf_dict(tmp_path / "no_rows", {"image": [], "q": [], "a": []})
-    with pytest.raises(DataError, match=r"no_rows': the datasets library cannot load it .*a saved DatasetDict with "
-                                        r"splits 'train' \(0 data files\)"):
+    with pytest.raises(DataFileNotFound, match=r"^data\.hf_dataset='[^']*no_rows': its split 'train' has no rows "
+                                               r"\(saved without a data file: train/state\.json lists none\); give "
+                                               r"it rows, or save the DatasetDict without it$"):
         load_hf_examples("gqa", no_rows, "train", cols)
+    import datasets
+
+    image = str(ROOT / "coco" / "images" / "COCO_val2014_000000000042.jpg")
+    one = datasets.Dataset.from_dict({"image": [image], "q": ["q"], "a": ["a"]})
+    datasets.DatasetDict({"train": one, "validation": one.select([])}).save_to_disk(str(tmp_path / "no_val"))
+    assert [e.target for e in load_hf_examples("gqa", str(tmp_path / "no_val"), "train", cols)[0]] == ["a"]
+    # missing, as a split not there is (extract_features.py --real skips it, saying so)
+    with pytest.raises(DataFileNotFound, match=r"no_val': its split 'validation' has no rows \(saved without"):
+        load_hf_examples("gqa", str(tmp_path / "no_val"), "val", cols)
     broken = _hf_dict(tmp_path / "broken", {"image": ["a.png"], "q": ["q"], "a": ["a"]})
     for arrow in Path(broken).rglob("*.arrow"):
         arrow.write_bytes(b"not an arrow file")
@@ -2107,6 +2118,13 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
                                         rf"\[{first}\]\) are empty \(no rows\), and the datasets library cannot load "
                                         r"the folder with them \(.+\); remove them or give them rows$"):
         load_hf_examples("gqa", str(eleven), "train", cols)
+    header = tmp_path / "header"  # a CSV file of its header alone has no rows either ('corresponds to no data')
+    header.mkdir()
+    (header / "train.csv").write_text("image,q,a\na.png,q,a\n")
+    (header / "validation.csv").write_text("image,q,a\n\n")
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*header': its data file 'validation\.csv' is empty "
+                                        r"\(no rows\), and the datasets library cannot load the folder with it"):
+        load_hf_examples("gqa", str(header), "train", cols)
     assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
 
 

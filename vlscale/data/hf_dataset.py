@@ -94,14 +94,20 @@ def _folder_contents(path: Path) -> str:
 
 
 def _no_rows(file: Path) -> bool:
-    """Whether a data file holds no rows: 0 bytes, or a parquet file of 0 rows."""
+    """Whether a data file holds no rows: 0 bytes, a parquet file of 0 rows, or a small JSON(L) / CSV / TSV file of
+    blank lines (CSV / TSV: and its header line; JSON: or ``[]``)."""
     try:
-        if file.stat().st_size == 0:
+        size = file.stat().st_size
+        if size == 0:
             return True
         if file.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return pq.read_metadata(file).num_rows == 0
+        if file.suffix in (".json", ".jsonl", ".csv", ".tsv") and size <= 65536:
+            lines = [line for line in file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+            header = 1 if file.suffix in (".csv", ".tsv") else 0
+            return len(lines) <= header or file.suffix == ".json" and "".join(lines).replace(" ", "") == "[]"
     except Exception:  # an unreadable file: the library's error says why
         return False
     return False
@@ -132,6 +138,24 @@ def _why(e: Exception) -> str:
     return one(e) + (f", from {one(cause)}" if cause is not None else "")
 
 
+def _splits_one_by_one(path: Path) -> dict | None:
+    """A saved DatasetDict with a split of 0 rows, which ``save_to_disk`` writes without a data file and
+    ``load_from_disk`` then cannot load (IndexError, every split with it): ``{split: its Dataset, loaded alone, or
+    None for a split without data files}``; None for any other folder, or where a split cannot be loaded alone."""
+    import json
+
+    import datasets
+
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        files = {s: json.loads((path / s / "state.json").read_text())["_data_files"] for s in splits}
+        if all(files.values()):
+            return None
+        return {s: datasets.load_from_disk(str(path / s)) if f else None for s, f in files.items()}
+    except Exception:  # not such a folder: the caller's error says what the library found
+        return None
+
+
 def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     """The ``datasets.Dataset`` of ``split`` (ours, train / val / test, or the dataset's own name), the dataset's
     name of it, and ours: the name its ids use (``val`` for the dataset's ``validation``, ``dev``, ... where
@@ -149,15 +173,17 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
             except FileNotFoundError:  # not a save_to_disk folder: a folder of data files
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
-            empty = _empty_data_files(path)
+            obj = _splits_one_by_one(path)
+            empty = [] if obj is not None else _empty_data_files(path)
             if empty:  # the library's error names no file
                 it = "it" if len(empty) == 1 else "them"
                 which = (f"data file {empty[0]!r} is" if len(empty) == 1 else f"data files {empty} are"
                          if len(empty) <= 10 else f"{len(empty)} data files (the first 10: {empty[:10]}) are")
                 raise DataError(f"{key}={name_or_path!r}: its {which} empty (no rows), and the datasets library cannot "
                                 f"load the folder with {it} ({_why(e)}); remove {it} or give {it} rows") from e
-            raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
-                            f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
+            if obj is None:
+                raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
+                                f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
     else:
         try:
             obj = datasets.load_dataset(name_or_path)
@@ -172,6 +198,10 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     for name in names:
         if name in obj:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
+            if obj[name] is None:  # _splits_one_by_one's split of 0 rows: missing, as a split not there is
+                raise DataFileNotFound(f"{key}={name_or_path!r}: its split {name!r} has no rows (saved without a data "
+                                       f"file: {name}/state.json lists none); give it rows, or save the DatasetDict "
+                                       "without it")
             return obj[name], name, ours
     # a split not there is a missing file, as an annotation file is (extract_features.py --real skips it, says so)
     raise DataFileNotFound(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
