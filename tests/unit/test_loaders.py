@@ -911,6 +911,36 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
         load_hf_examples("vqa", "hf_data", "train", {"image": "image", "question": "q", "answer": "a"})
 
 
+def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_asking_the_hub(tmp_path, monkeypatch):
+    """A mistyped local folder went to datasets.load_dataset, which (without HF_HUB_OFFLINE=1, no network) retried
+    the hub for ~30 s before failing. A path (absolute, ./, ../, ~) or a name whose parent folder is here is refused
+    at once, naming the working directory and a near folder; a hub id still goes to the hub."""
+    import datasets
+
+    from vlscale.data.hf_dataset import load_hf_examples
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "my_hf_ds").mkdir(parents=True)
+    cols = {"image": "image", "question": "q", "answer": "a"}
+    where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
+                      f"or give it whole)")
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked up "
+                                        r"on the hub, as its folder 'data' is here .*; did you mean 'data/my_hf_ds'\?$"):
+        load_hf_examples("vqa", "data/my_hf_dz", "train", cols)
+    for path in ("./my_hf_ds", "../no_hf_ds", str(tmp_path / "no_hf_ds"), "~/no_such_hf_ds"):
+        with pytest.raises(DataError, match=rf"^data\.hf_dataset='{re.escape(path)}': no such folder.*; not looked "
+                                            r"up on the hub, as it is a path \(absolute, or starting with \./, \.\./ "
+                                            r"or ~\)$"):
+            load_hf_examples("vqa", path, "train", cols)
+    assert asked == []
+    for hub_id in ("owner/vqa_ds", "vqa_ds"):  # no local folder 'owner': hub ids
+        with pytest.raises(DataError, match=r"not a local folder.*datasets\.load_dataset failed \(ZeroDivisionError"):
+            load_hf_examples("vqa", hub_id, "train", cols)
+    assert asked == ["owner/vqa_ds", "vqa_ds"]
+
+
 @pytest.mark.parametrize("task, file, edit, match", [
     ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("sent"),
      r"karpathy_train\.json: record 1 \(id 25001\): key 'sent' is missing"),

@@ -2,8 +2,8 @@
 
 ``data.hf_dataset`` is a local folder written by ``DatasetDict.save_to_disk`` (read with
 ``load_from_disk``), a local folder of data files, or a hub name (``load_dataset``; that needs the
-network or the local HF cache). It must have splits: ``train``; ``val`` = validation / val /
-valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
+network or the local HF cache; a clear local path that is not there is not looked up). It must have splits:
+``train``; ``val`` = validation / val / valid / dev; ``test``. ``data.hf_columns`` maps our roles to its column names:
 
     image      the image column (an ``Image`` feature, image bytes/path dicts, file paths, or an ``Array3D`` /
                ``Array2D`` of 0-255 pixels);
@@ -44,13 +44,16 @@ tasks are not supported through this path.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import io
+import itertools
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vlscale.config import missing_source
 from vlscale.data.real import DataError, DataFileNotFound, ExampleList, Record, best_answer, parse_records
 from vlscale.data.tasks import Example, get_task
 from vlscale.files import cwd_note
@@ -184,6 +187,17 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
             if obj is None:
                 raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
                                 f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
+    elif missing_source(name_or_path) or len(Path(name_or_path).parts) > 1 and path.parent.is_dir():
+        # a path, not a hub id: the hub is not asked (without HF_HUB_OFFLINE=1 and no network, ~30 s of retries)
+        why = ("it is a path (absolute, or starting with ./, ../ or ~)" if missing_source(name_or_path) else
+               f"its folder {str(path.parent)!r} is here (so is a hub id owner/name whose owner is a local folder: "
+               "run from another folder)")
+        folders = [p.name for p in itertools.islice(path.parent.iterdir(), 10000) if p.is_dir()] \
+            if path.parent.is_dir() else []
+        near = difflib.get_close_matches(path.name, folders, 1)
+        raise DataError(f"{key}={name_or_path!r}: no such folder{cwd_note(path)}"
+                        + (f" ({path})" if path != Path(name_or_path) else "") + f"; not looked up on the hub, as {why}"
+                        + (f"; did you mean {str(Path(name_or_path).parent / near[0])!r}?" if near else ""))
     else:
         try:
             obj = datasets.load_dataset(name_or_path)
