@@ -638,8 +638,8 @@ def test_hf_answers_and_captions_as_a_sequence_of_structs(tmp_path):
                                           "captions": [{"raw": ["A red cup.", "A cup."]}, {"raw": []}]}, features)
     assert isinstance(datasets.load_from_disk(path)["train"][0]["answers"], dict)  # what datasets hands back
     columns = {"image": "image", "question": "question", "answers": "answers"}
-    with pytest.raises(RecordError, match=r"row 1: key 'answers' is an empty list: the row has no answers "
-                                          r"\(data\.skip_bad_records=true skips such rows; a split without its answers"):
+    with pytest.raises(RecordError, match=r"row 1: key 'answers' is an empty list: the row has no answers \(data\."
+                                          r"skip_bad_records=true skips such rows; a split without its answers"):
         load_hf_examples("vqa", path, "train", columns)  # empty lists: no answers, as an empty list column
     ex, _ = load_hf_examples("vqa", path, "train", columns, skip_bad_records=True)
     assert ex[0].target == "red" and ex[0].references == ["red"] * 4 + ["blue"]
@@ -927,7 +927,8 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
     where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
                       f"or give it whole)")
     with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked up "
-                                        r"on the hub, as its folder 'data' is here .*; did you mean 'data/my_hf_ds'\?$"):
+                                        r"on the hub, as its folder 'data' is here .*; did you mean "
+                                        r"'data/my_hf_ds'\?$"):
         load_hf_examples("vqa", "data/my_hf_dz", "train", cols)
     for path in ("./my_hf_ds", "../no_hf_ds", str(tmp_path / "no_hf_ds"), "~/no_such_hf_ds"):
         with pytest.raises(DataError, match=rf"^data\.hf_dataset='{re.escape(path)}': no such folder.*; not looked "
