@@ -17,11 +17,11 @@ optional ``--subtitle``) the adapter was trained on. ``--video``: a folder of fr
 2 before 10) or a frame-features file (``.npy``, ``.npz``, ``.safetensors``, L x D, of the run's CLIP width), the
 frames picked as the run picks them (``model.max_frames``). ``key=value`` overrides as evaluate.py takes them
 (``model.backbone_path=...`` where the run's weights moved). Video QA prints the option the answer names (as
-evaluation decides it) and its text, ``a2: left``. ``--json`` prints ``{"task", "text", "images", "answer"}``
-(video: ``"video"``, ``"options"``, ``"subtitle"`` instead of ``"images"``, and for QA ``"option"``,
-``"option_text"``: null when the answer names none). Bad input (a missing or unreadable image or video, the wrong
-number of images, missing answer options, features of another width, a task the adapter was not trained on) ends
-with one line naming it, before the model is built.
+evaluation decides it) and its text, ``a2: left``; an empty answer prints as ``(empty answer)``. ``--json`` prints
+``{"task", "text", "images", "answer"}`` (video: ``"video"``, ``"options"``, ``"subtitle"`` instead of ``"images"``,
+and for QA ``"option"``, ``"option_text"``: null when the answer names none; ``"answer"`` as it is, "" too). Bad
+input (a missing or unreadable image or video, the wrong number of images, missing answer options, features of
+another width, a task the adapter was not trained on) ends with one line naming it, before the model is built.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{out['option']}: {out['option_text']}" if out.get("option") else answer)
+        blank = f"(empty answer{f': {answer!r}' if answer else ''})"  # not a blank line; --json keeps the string
+        print(f"{out['option']}: {out['option_text']}" if out.get("option") else answer if answer.strip() else blank)
     return 0
 
 

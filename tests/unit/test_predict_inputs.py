@@ -349,6 +349,33 @@ def test_the_command_line_prints_the_option_the_answer_names(video_adapter, laun
                                                    "subtitle": "", "answer": "a circle moves."}
 
 
+def test_an_empty_answer_is_printed_as_one_not_as_a_blank_line(video_adapter, launcher, monkeypatch, capsys):
+    """A model's empty answer printed an empty line; --json keeps the empty string."""
+    from vlscale import predict
+
+    answers = iter(["", " ", "", ""])
+
+    class Answering:
+        def __init__(self, *a, **k):
+            pass
+
+        def predict(self, *a, **k):
+            return next(answers)
+    monkeypatch.setattr(predict, "Predictor", Answering)
+    argv = ["--adapter", "unused", "--task", "tvc", "--video", str(video_adapter / "clip")]
+    for printed in ("(empty answer)\n", "(empty answer: ' ')\n"):
+        assert launcher("predict").main(argv) == 0
+        assert capsys.readouterr().out == printed
+    assert launcher("predict").main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == ""
+    qa = ["--adapter", "unused", "--task", "tvqa", "--video", str(video_adapter / "clip"), "--text", "which way?",
+          "--option", "left", "--option", "right"]
+    assert launcher("predict").main(qa) == 0
+    said = capsys.readouterr()
+    assert said.out == "(empty answer)\n"
+    assert said.err == "predict.py: note: the answer '' names none of the 2 options\n"
+
+
 def test_a_video_task_without_a_video_is_refused_naming_the_flag(video_adapter, launcher):
     with pytest.raises(ValueError) as e:
         launcher("predict").main(["--adapter", "unused", "--task", "tvc"])
