@@ -1901,6 +1901,13 @@ def test_hf_image_files_that_are_not_there_are_found_when_the_split_is_read(tmp_
     split = datasets.load_dataset("json", data_files=str(ds / "train.jsonl"), split="train")
     [(row, column, why)] = rows_without_image(split, ["img"], base_dir=ds)
     assert (row, column) == (1, "img") and why.startswith("holds '../images/1.png', which is neither image data nor")
+    # an empty file (0 bytes, a copy that never happened) is found there too, not when a batch reaches it
+    (tmp_path / "images" / "1.png").write_bytes(b"")
+    empty = rf"holds '\.\./images/1\.png', whose file {re.escape(str(ds))}/\.\./images/1\.png is empty \(0 bytes\)$"
+    with pytest.raises(RecordError, match=rf"ds\[train\]: row 1: key 'img' {empty}"):
+        load_hf_examples("gqa", str(ds), "train", cols)
+    [(row, column, why)] = rows_without_image(split, ["img"], base_dir=ds)
+    assert (row, column) == (1, "img") and re.match(empty, why)
     monkeypatch.chdir(tmp_path)  # without the dataset's folder, ../images/ from here is nowhere
     assert [r for r, _, _ in rows_without_image(split, ["img"])] == [0, 1, 2]
 

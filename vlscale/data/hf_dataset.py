@@ -36,8 +36,8 @@ image) with an empty ``target``, no ``references`` and no soft ``label``. Every 
 The images become a :class:`HFImageSource` (a VisualSource of kind "images"): ``source[image_id]``
 decodes that row's image to a uint8 (H, W, 3) RGB array on demand from the memory-mapped Arrow table, so nothing is held twice in memory.
 Relative image paths in a local dataset resolve against its folder (then the current directory); a row whose
-image cell names a file that is not there is refused when the split is read (at start-up), or skipped and counted
-with ``data.skip_bad_records=true``, as a row without an image is.
+image cell names a file that is not there (or an empty one, 0 bytes) is refused when the split is read (at start-up),
+or skipped and counted with ``data.skip_bad_records=true``, as a row without an image is.
 An image that cannot be read raises DataError naming the dataset, split, row and column. Video
 tasks are not supported through this path.
 """
@@ -51,6 +51,7 @@ import itertools
 import logging
 from collections import Counter
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from vlscale.config import missing_source
@@ -426,9 +427,13 @@ def decode_image(value, where: str = "", base_dir=None):
 def find_image_file(path: str, base_dir=None) -> tuple[Path | None, list[Path]]:
     """(the file an image cell's path names, or None; the places looked at): a relative path against
     ``base_dir`` (a local dataset's folder) first, then the current directory."""
-    tries = [Path(base_dir) / path] if base_dir is not None and not Path(path).is_absolute() else []
-    tries.append(Path(path))
+    tries = _places(path, base_dir)
     return next((t for t in tries if t.is_file()), None), tries
+
+
+def _places(path: str, base_dir=None) -> list[Path]:
+    """Where :func:`find_image_file` looks for ``path``, in order."""
+    return ([Path(base_dir) / path] if base_dir is not None and not Path(path).is_absolute() else []) + [Path(path)]
 
 
 def _path_only(value) -> str | None:
@@ -442,15 +447,21 @@ def _path_only(value) -> str | None:
 
 
 def missing_image_file(value, base_dir=None) -> str | None:
-    """Why an image cell that names a file cannot be read (the file is not there), or None: checked when the
-    split is read, so a missing file stops the run at start-up (or its row is skipped with
-    data.skip_bad_records=true) instead of failing when a batch reaches it."""
+    """Why an image cell that names a file cannot be read (the file is not there, or is empty: 0 bytes), or None:
+    checked when the split is read (each named file is looked up anyway, so its size costs no extra pass), so such
+    a file stops the run at start-up (or its row is skipped with data.skip_bad_records=true) instead of failing when
+    a batch reaches it."""
     path = _path_only(value)
     if path is None:
         return None
-    found, tries = find_image_file(path, base_dir)
-    if found is not None:
-        return None
+    tries = _places(path, base_dir)
+    for place in tries:  # find_image_file's look-up, with the file's size from the same stat
+        try:
+            found = place.stat()
+        except (OSError, ValueError):
+            continue
+        if S_ISREG(found.st_mode):
+            return f"holds {path!r}, whose file {place} is empty (0 bytes)" if found.st_size == 0 else None
     return (f"holds {path!r}, which is neither image data nor an existing image file "
             f"(looked for {' and '.join(map(str, tries))})")
 
@@ -495,7 +506,7 @@ def _no_image_mask(column):
 
 def rows_without_image(dataset, columns, batch_size: int = 10_000, base_dir=None) -> list[tuple[int, str, str]]:
     """``(row, column, why)`` for each row of ``dataset`` where one of ``columns`` holds no image, or names an
-    image file that is not there (the first such column): the rows training's loader refuses (and skips with
+    image file that is not there or is empty (the first such column): the rows training's loader refuses (and skips with
     ``data.skip_bad_records=true``). Read from the Arrow data in batches, nothing decoded; only cells that
     name a file are looked up on disk (``base_dir`` as :func:`find_image_file`)."""
     import numpy as np
