@@ -69,7 +69,9 @@ def read_inputs(args, cfg):
     from vlscale.data.tasks import TASKS
     from vlscale.predict import check_request, read_image, read_video
 
-    video = args.task in TASKS and TASKS[args.task].modality == "video"
+    if args.task not in TASKS:  # its line, not the flags' below: a video task's typo is no image task
+        check_request(cfg.data.tasks, args.task, len(args.image), args.text)
+    video = TASKS[args.task].modality == "video"
     if video and (args.image or not args.video):
         raise ValueError(f"task {args.task!r} is a video task: give the video as --video (a folder of frame images "
                          f"or a frame-features file){', not --image' if args.image else ''}")

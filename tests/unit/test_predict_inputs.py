@@ -41,6 +41,8 @@ def adapter(monkeypatch, tmp_path):
                                                           "weights for it; it was trained on ['vqa', 'nlvr2']"),
     (["--task", "tvqa", "--video", "{dir}", "--text", "q?"], "the adapter was not trained on task 'tvqa' and has no "
                                                              "weights for it; it was trained on ['vqa', 'nlvr2']"),
+    (["--task", "tvqaa", "--video", "{dir}", "--text", "q?"], "unknown task 'tvqaa'; this adapter was trained on "
+                                                              "['vqa', 'nlvr2']"),
     (["--task", "vqa", "--video", "{dir}", "--text", "q?"], "--video is for the video tasks (tvqa, how2qa, tvc, yc2c); "
                                                            "task 'vqa' takes --image"),
     (["--task", "vqa", "--text", "q?"], "task 'vqa' needs --image"),
