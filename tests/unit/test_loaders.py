@@ -1537,8 +1537,8 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
         tmp_path):
     """A 3-d (L, 1, D) or 1-d features array is refused naming the file, video and shape (it was read as a video);
     a .safetensors file of several tensors gives the one named 'features', not the first, and one of several
-    others is refused naming them, at its batch and at the start-up header check; a features folder that is not
-    there is named."""
+    others is refused naming them, at its batch and at the start-up check, as is a complex dtype; a features folder
+    that is not there is named."""
     import re
 
     from safetensors.torch import save_file
@@ -1561,6 +1561,10 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
         folder["two"]
     with pytest.raises(DataError, match=r"two\.safetensors: holds tensors \['a', 'b'\]"):
         folder.missing(["two"])
+    # the start-up check reads the first video's file whole: a dtype every file shares stops the run there too
+    np.save(tmp_path / "wave.npy", np.ones((3, 6), np.complex64))
+    with pytest.raises(DataError, match=r"wave\.npy \(video 'wave'\): frame features have dtype complex64"):
+        folder.missing(["wave"])
     with pytest.raises(DataError, match=rf"^video features folder {re.escape(str(tmp_path / 'nope'))} does not exist"):
         VideoFeatureFolder(tmp_path / "nope")
 

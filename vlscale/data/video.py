@@ -35,7 +35,7 @@ cache or a folder of frame images (:func:`vlscale.data.collate.frame_indices`, t
 of ``max_frames`` equal segments), so the three sources give the same batches. Two files for one
 video is ambiguous and refused; with ``expect_dim`` (the run's CLIP embedding width) D is checked
 as each file is read, and by :meth:`VideoFeatureFolder.missing` (the start-up check) on the first
-video's file header, so features of another CLIP model stop a run before its first step.
+video's file, so features of another CLIP model (or dtype) stop a run before its first step.
 """
 
 from __future__ import annotations
@@ -291,8 +291,9 @@ class VideoFeatureFolder:
     def missing(self, ids: list[str]) -> list[str]:
         """Videos without a features file, from one listing of the folder (two files for one: DataError).
 
-        The first video found also has its file's header read (no data): a matrix of the width the run
-        takes, or DataError, so features of another CLIP model stop a run at start-up, not at its batch."""
+        The first video found also has its file read (one file, whole): a matrix of real numbers of the width the
+        run takes, or DataError, so features of another CLIP model, or of a dtype every file shares, stop a run at
+        start-up, not at its batch."""
         names = {n for n in os.listdir(self.root) if n.endswith(self.SUFFIXES)}
         out, first = [], None
         for vid in ids:
@@ -305,27 +306,8 @@ class VideoFeatureFolder:
                 first = (vid, found[0])
         if first is not None:
             vid, path = first
-            check_frame_features(f"{path} (video {vid!r})", self._header_shape(path, vid), self.expect_dim)
+            read_frame_features(path, self.expect_dim, f"{path} (video {vid!r})")
         return out
-
-    def _header_shape(self, path: Path, vid: str) -> tuple:
-        """The shape of ``path``'s frame features from its header alone."""
-        import zipfile
-
-        import numpy as np
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            if path.suffix == ".npy":
-                return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-            if path.suffix == ".npz":
-                return tuple(_load_npz(path).shape)
-            with safe_open(str(path), framework="numpy") as f:
-                return tuple(f.get_slice(_features_key(path, list(f.keys()))).get_shape())
-        except DataError:
-            raise
-        except (OSError, ValueError, EOFError, SafetensorError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path} (video {vid!r}): cannot read frame features ({type(e).__name__}: {e})") from e
 
     def ids(self) -> list[str]:
         return sorted({p.stem for p in self.root.iterdir() if p.suffix in self.SUFFIXES})
