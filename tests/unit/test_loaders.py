@@ -454,6 +454,25 @@ def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refu
                             "val", Subtitles())
 
 
+def test_questions_with_another_number_of_options_than_their_file_are_said_once(tmp_path, caplog):
+    """A TVQA question that lost its a4 (or gained an a5) in a conversion trained silently among five-option ones:
+    the file's questions of another option count than most are counted in one warning naming the file, the usual
+    count and the first such question; a file whose questions agree says nothing."""
+    from vlscale.data.video import Subtitles, load_video_qa
+
+    q = {"q": "Q?", **{f"a{i}": f"o{i}" for i in range(5)}, "vid_name": "v", "answer_idx": 0}
+    rows = [dict(q, qid=1), {**{k: v for k, v in q.items() if k != "a4"}, "qid": 2}, dict(q, qid=3, a5="o5"),
+            dict(q, qid=4)]
+    path = _jsonl(tmp_path / "qa.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
+        load_video_qa("tvqa", path, Subtitles())
+        load_video_qa("tvqa", path, Subtitles())  # read again (train, then evaluation): said once
+        load_video_qa("tvqa", _jsonl(tmp_path / "ok.jsonl", [dict(q, qid=1), dict(q, qid=2)]), Subtitles())
+    said = [r.getMessage() for r in caplog.records if "answer options" in r.getMessage()]
+    assert said == [f"tvqa: 2 of 4 questions of {path} have another number of answer options than the file's usual 5 "
+                    "(first: qid '2', 4 options); check them for a lost or extra option"]
+
+
 def test_video_captions_without_clip_id_take_the_video_name_and_only_train_is_one_example_per_description(tmp_path):
     """A TVC / YC2C record without ``clip_id`` is known by its ``vid_name`` (uid, extra["clip_id"], and the
     train split's "<clip>#k" uids); val and test give one example per clip whose target is the first

@@ -61,7 +61,7 @@ class Subtitles(dict):
         self.source = source
 
 
-_WARNED_UNCOVERED: set = set()  # (annotation file, subtitles file) already reported in this process
+_REPORTED: set = set()  # (annotation file, subtitles file), ("options", file) already reported in this process
 
 
 def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
@@ -72,9 +72,9 @@ def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
         return
     lost = [e for e in examples if e.image_ids[0] not in subtitles]
     key = (str(path), str(source))
-    if not lost or key in _WARNED_UNCOVERED:
+    if not lost or key in _REPORTED:
         return
-    _WARNED_UNCOVERED.add(key)
+    _REPORTED.add(key)
     vids = list(dict.fromkeys(e.image_ids[0] for e in lost))
     logger.warning(f"{task}: {len(lost)} of {len(examples)} examples of {path} name a video that {source} has no "
                    f"subtitles for ({len(vids)} video(s), first {vids[:3]}); their inputs carry no subtitle text "
@@ -193,7 +193,22 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
     examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",),
                              require_answers)
     report_uncovered(task, path, examples, subtitles)
+    report_option_counts(task, path, examples)
     return examples
+
+
+def report_option_counts(task: str, path, examples: list) -> None:
+    """Log (once per annotation file) how many questions have another number of answer options than most of the
+    file's (TVQA's have 5, How2QA's 4): such a question most likely lost or gained an option in a conversion."""
+    counts = [len(e.extra["candidates"]) for e in examples]
+    usual = max(set(counts), key=counts.count, default=None)
+    odd = [(e, n) for e, n in zip(examples, counts) if n != usual]
+    if not odd or ("options", str(path)) in _REPORTED:
+        return
+    _REPORTED.add(("options", str(path)))
+    logger.warning(f"{task}: {len(odd)} of {len(examples)} questions of {path} have another number of answer options "
+                   f"than the file's usual {usual} (first: qid {odd[0][0].uid!r}, {odd[0][1]} options); check them "
+                   "for a lost or extra option")
 
 
 # ----------------------------------------------------------------------------- captioning
