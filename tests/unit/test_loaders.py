@@ -473,6 +473,33 @@ def test_questions_with_another_number_of_options_than_their_file_are_said_once(
                     "(first: qid '2', 4 options); check them for a lost or extra option"]
 
 
+def test_a_ts_outside_its_videos_subtitles_is_said_once(tmp_path, caplog):
+    """A ``ts`` past its video's subtitle lines (given in milliseconds, or another clip's) selected none of them:
+    the input trained without its subtitle text, silently. Such examples (QA and captions) are counted in one
+    warning per file naming the first with its ts and the lines' span; a ts inside the span that meets no line (a
+    silent moment), a NaN ts and a video without lines say nothing."""
+    from vlscale.data.video import load_subtitles, load_video_captions, load_video_qa
+
+    subs = load_subtitles(_jsonl(tmp_path / "subs.jsonl", [
+        {"vid_name": "v", "sub": [{"text": "Hi.", "start": 1.0, "end": 2.0}, {"text": "Bye.", "start": 8, "end": 9}]},
+        {"vid_name": "w", "sub": []}]))
+    q = {"q": "Q?", "a0": "x", "a1": "y", "vid_name": "v", "answer_idx": 0}
+    rows = [dict(q, qid=1, ts="1500-4000"), dict(q, qid=2, ts=[3, 7]), dict(q, qid=3, ts="NaN-NaN"),
+            dict(q, qid=4, ts=[0, 0.5]), dict(q, qid=5, vid_name="w", ts=[50, 60]), dict(q, qid=6, ts=[1, 2])]
+    qa, cap = _jsonl(tmp_path / "qa.jsonl", rows), _jsonl(tmp_path / "cap.jsonl", [
+        {"clip_id": 1, "vid_name": "v", "ts": [12.0, 30.0], "descs": ["a.", "b."]}])
+    with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
+        examples = load_video_qa("tvqa", qa, subs)
+        load_video_qa("tvqa", qa, subs)  # read again: said once
+        load_video_captions("tvc", cap, "train", subs)
+    assert [e.extra["subtitle"] for e in examples] == ["", "", "Hi. Bye.", "", "", "Hi."]
+    said = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
+    assert said == [f"tvqa: 2 of 6 examples of {qa} have a ts outside their video's subtitle lines (first: '1', ts "
+                    "1500.0-4000.0 s, the lines 1.0-9.0 s); their inputs carry no subtitle text (ts is in seconds)",
+                    f"tvc: 2 of 2 examples of {cap} have a ts outside their video's subtitle lines (first: '1#0', ts "
+                    "12.0-30.0 s, the lines 1.0-9.0 s); their inputs carry no subtitle text (ts is in seconds)"]
+
+
 def test_video_captions_without_clip_id_take_the_video_name_and_only_train_is_one_example_per_description(tmp_path):
     """A TVC / YC2C record without ``clip_id`` is known by its ``vid_name`` (uid, extra["clip_id"], and the
     train split's "<clip>#k" uids); val and test give one example per clip whose target is the first

@@ -61,7 +61,7 @@ class Subtitles(dict):
         self.source = source
 
 
-_REPORTED: set = set()  # (annotation file, subtitles file), ("options", file) already reported in this process
+_REPORTED: set = set()  # (annotation file, subtitles file), ("options" | "ts", file): reported in this process
 
 
 def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
@@ -79,6 +79,24 @@ def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
     logger.warning(f"{task}: {len(lost)} of {len(examples)} examples of {path} name a video that {source} has no "
                    f"subtitles for ({len(vids)} video(s), first {vids[:3]}); their inputs carry no subtitle text "
                    "(check that both files name videos alike)")
+
+
+def report_ts_outside(task: str, path, examples: list, subtitles: dict) -> None:
+    """Log (once per annotation file) how many examples have a ``ts`` wholly before or after their video's subtitle
+    lines (a ts in milliseconds, or another clip's): it selects none of them, so their inputs carry no subtitle text.
+    A ts inside the lines' span that meets none (a silent moment) is not counted."""
+    out = []
+    for e in examples:
+        lines, ts = subtitles.get(e.image_ids[0]), e.extra.get("ts")
+        if lines and ts is not None and (ts[1] < lines[0][0] or ts[0] > max(ln[1] for ln in lines)):
+            out.append((e, ts, lines[0][0], max(ln[1] for ln in lines)))
+    if not out or ("ts", str(path)) in _REPORTED:
+        return
+    _REPORTED.add(("ts", str(path)))
+    e, ts, first, last = out[0]
+    logger.warning(f"{task}: {len(out)} of {len(examples)} examples of {path} have a ts outside their video's subtitle "
+                   f"lines (first: {e.uid!r}, ts {ts[0]}-{ts[1]} s, the lines {first}-{last} s); their inputs carry no "
+                   "subtitle text (ts is in seconds)")
 
 
 # ----------------------------------------------------------------------------- subtitles
@@ -193,6 +211,7 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
     examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records, ("qid",),
                              require_answers)
     report_uncovered(task, path, examples, subtitles)
+    report_ts_outside(task, path, examples, subtitles)
     report_option_counts(task, path, examples)
     return examples
 
@@ -251,6 +270,7 @@ def load_video_captions(task: str, path, split: str, subtitles: Subtitles,
     examples = parse_records(path, read_jsonl(path, f"{task} annotations"), parse, skip_bad_records,
                              ("clip_id", "vid_name"), require_answers)
     report_uncovered(task, path, examples, subtitles)
+    report_ts_outside(task, path, examples, subtitles)
     return examples
 
 
