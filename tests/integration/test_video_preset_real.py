@@ -273,13 +273,15 @@ def test_where_the_preset_looks_for_frames_is_said_before_the_model_is_built(rea
     root, _ = real
     cfg = preset(root, f"data.feature_cache={tmp_path / 'not_made'}")
     with pytest.raises(DataError, match=r"data.feature_cache=.*not_made is not a folder, and .*tvqa/features holds "
-                                        r"precomputed frame features: train from them with data.feature_cache=null"):
+                                        r"precomputed frame features: train from them with data.feature_cache=null, "
+                                        r"or copy them into it with launchers/extract_features\.py --real --config "
+                                        rf"\.\.\. data\.root=\.\.\. --out {tmp_path / 'not_made'}$"):
         real_visual_source(cfg, "tvqa", "train")
     data = tmp_path / "data"
     shutil.copytree(FIXTURE / "yc2c", data / "yc2c", ignore=shutil.ignore_patterns("features"))
     (data / "yc2c" / "frames" / "yc_a").mkdir(parents=True)
     frames = ["data.feature_cache=null", "data.tasks=[yc2c]"]
     with pytest.raises(DataError, match=r"yc2c: .*frames holds frame images, but model.feature_source=cache builds no "
-                                        r"CLIP"):
+                                        r"CLIP .* data\.root=\.\.\. --out CACHE\) and set data\.feature_cache=CACHE"):
         real_visual_source(preset(data, *frames), "yc2c", "train")
     assert real_visual_source(preset(data, *frames, "model.feature_source=images"), "yc2c", "train").kind == "images"

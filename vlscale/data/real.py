@@ -449,8 +449,9 @@ def real_visual_source(cfg, task: str, split: str):
             if not Path(cfg.data.feature_cache).is_dir() and features.is_dir():
                 raise DataFileNotFound(f"data.feature_cache={cfg.data.feature_cache} is not a folder, and {features} "
                                        "holds precomputed frame features: train from them with "
-                                       "data.feature_cache=null, or copy them into the cache with "
-                                       "launchers/extract_features.py --real --config ... data.root=...")
+                                       "data.feature_cache=null, or copy them into it with launchers/"
+                                       "extract_features.py --real --config ... data.root=... --out "
+                                       f"{cfg.data.feature_cache}")
             return _feature_cache(cfg, "frames")
         from vlscale.data.features import model_feature_dim
         from vlscale.data.video import VideoFeatureFolder
@@ -463,7 +464,8 @@ def real_visual_source(cfg, task: str, split: str):
             if cfg.model.feature_source == "cache":
                 raise DataError(f"{task}: {frames} holds frame images, but model.feature_source=cache builds no "
                                 "CLIP to encode them; make a cache (launchers/extract_features.py --real --config "
-                                "... data.root=...) and set data.feature_cache, or set model.feature_source=images")
+                                "... data.root=... --out CACHE) and set data.feature_cache=CACHE, or set "
+                                "model.feature_source=images")
             return ImageFolder(frames, pattern="{id}", video=True)
         raise DataFileNotFound(f"{task}: neither a frame-features folder {features} nor a frames folder "
                                f"{frames} exists, and data.feature_cache is not set; layout: docs/datasets.md")
