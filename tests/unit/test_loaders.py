@@ -988,6 +988,22 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
     assert asked == ["owner/vqa_ds", "vqa_ds"]
 
 
+def test_a_videos_features_folder_given_as_the_feature_cache_is_named_so(tmp_path):
+    """data.feature_cache pointed at a task's features/ folder of per-video files (the VALUE release's .npz, as the
+    video preset's own cache setting invites) was 'meta.json is missing ...; make the cache', as if a cache were
+    unfinished: the refusal says what the folder holds and the two ways to use it (found by the video audit)."""
+    from vlscale.data.features import FeatureCache
+
+    np.savez(tmp_path / "clip_b.npz", features=np.ones((2, 4), np.float32))
+    np.save(tmp_path / "clip_a.npy", np.ones((2, 4), np.float32))
+    with pytest.raises(DataFileNotFound, match=rf"^feature cache {re.escape(str(tmp_path))}: meta\.json is missing "
+                                               r"\(.*\); it holds video frame-features files \(clip_a\.npy, "
+                                               r"clip_b\.npz\), not a cache: put them in data\.root/<task>/features/ "
+                                               r"and set data\.feature_cache=null, or copy them into a cache with "
+                                               r"launchers/extract_features\.py --real$"):
+        FeatureCache(tmp_path)
+
+
 @pytest.mark.parametrize("task, file, edit, match", [
     ("vqa", "vqa/karpathy_train.json", lambda d: d[1].pop("sent"),
      r"karpathy_train\.json: record 1 \(id 25001\): key 'sent' is missing"),
