@@ -439,6 +439,23 @@ def test_video_qa_answer_index_and_subtitle_files(tmp_path):
         load_subtitles(_jsonl(tmp_path / "subs2.jsonl", twice))
 
 
+def test_null_answers_are_withheld_answers(tmp_path):
+    """A test file whose answers are written as null ("answer_idx": null, "descs": null) rather than left out was
+    refused by evaluate.py --predict-only ("must be an integer or a string, got NoneType None"), which reads such
+    files: null is withheld as absence is, predicted there; training refuses it naming --predict-only."""
+    from vlscale.data.video import Subtitles, load_video_captions, load_video_qa
+
+    qa = _jsonl(tmp_path / "qa.jsonl", [{"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "vid_name": "v",
+                                         "answer_idx": None}])
+    cap = _jsonl(tmp_path / "cap.jsonl", [{"clip_id": 3, "vid_name": "v", "descs": None}])
+    (q,) = load_video_qa("tvqa", qa, Subtitles(), require_answers=False)
+    (c,) = load_video_captions("tvc", cap, "test", Subtitles(), require_answers=False)
+    assert (q.target, q.references, c.target, c.references) == ("", [], "", [])
+    with pytest.raises(RecordError, match=r"line 1 \(id 1\): key 'answer_idx' is null \(a split without its answers, "
+                                          r".* launchers/evaluate\.py --predict-only\)$"):
+        load_video_qa("tvqa", qa, Subtitles())
+
+
 def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refused(tmp_path):
     """A question with only a0 is no multiple choice, answer_idx -1 names no option (it made the target "a-1"),
     and a caption record with an empty ``descs`` list has no answer (it became an unlabeled example)."""

@@ -123,15 +123,18 @@ class Record:
 
     def answers(self, *keys: str) -> bool:
         """Whether the record carries its answers (any of ``keys``): if it does, the parser reads and checks them
-        as ever. If none is there: False where answers are not required (``evaluate.py --predict-only``: the
-        parser makes an example without target or references), else a RecordError naming the first key."""
+        as ever. If none is there (or each is null, withheld as well): False where answers are not required
+        (``evaluate.py --predict-only``: the parser makes an example without target or references), else a
+        RecordError naming the first key."""
         if not isinstance(self.data, dict):
             raise self.error(None, f"is {type(self.data).__name__}, expected a JSON object")
-        if any(k in self.data for k in keys):
+        null = [k for k in keys if k in self.data]
+        if any(self.data[k] is not None for k in null):
             return True
         if self.require_answers:
-            raise self.error(keys[0], "is missing (a split without its answers, such as a leaderboard's test "
-                                      "split, can only be predicted: launchers/evaluate.py --predict-only)")
+            raise self.error((null or keys)[0], f"is {'null' if null else 'missing'} (a split without its answers, "
+                             "such as a leaderboard's test split, can only be predicted: launchers/evaluate.py "
+                             "--predict-only)")
         return False
 
     def get(self, key: str, types=str, default=_REQUIRED):
