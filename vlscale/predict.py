@@ -186,6 +186,9 @@ Image = Union[str, Path, "numpy.ndarray", "PIL.Image.Image"]  # noqa: F821
 Video = Union[str, Path, Sequence[Image], "torch.Tensor", "numpy.ndarray"]  # noqa: F821
 
 
+VIDEO_FILES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+
+
 def check_request(tasks: Sequence[str], task: str, n_images: int, text: str,
                   options: Optional[Sequence[str]] = None, subtitle: Optional[str] = None) -> None:
     """Refuse, in one line, what an adapter trained on ``tasks`` cannot answer: an unknown task, one it was not
@@ -263,8 +266,10 @@ def read_video(video: Video, max_frames: int, expect_dim: Optional[int] = None, 
         if not path.exists():
             raise FileNotFoundError(f"{flag} {path}: no such folder or file")
         if path.suffix not in VideoFeatureFolder.SUFFIXES:
+            decode = (f"; video files are not decoded: write its frames into a folder first (e.g. ffmpeg -i {path} "
+                      "-vf fps=1 FOLDER/%05d.jpg)") if path.suffix.lower() in VIDEO_FILES else ""
             raise ValueError(f"{flag} {path}: a video is a folder of frame images or a file of frame features "
-                             f"({', '.join(VideoFeatureFolder.SUFFIXES)})")
+                             f"({', '.join(VideoFeatureFolder.SUFFIXES)}){decode}")
         return read_frame_features(path, expect_dim, f"{flag} {path}")
     if isinstance(video, (torch.Tensor, np.ndarray)):
         feats = torch.as_tensor(video)

@@ -157,7 +157,9 @@ QA = ["--task", "tvqa", "--video", "{dir}/clip", "--text", "which way?"]
     (["--task", "tvc", "--video", "{dir}/wide.npy"], "--video {dir}/wide.npy: frame features are 512-d, but the "
                                                      "run's model.vision embeds frames in 64-d"),
     (["--task", "tvc", "--video", "{dir}/clip.mp4"], "--video {dir}/clip.mp4: a video is a folder of frame images or "
-                                                     "a file of frame features (.npy, .npz, .safetensors)"),
+                                                     "a file of frame features (.npy, .npz, .safetensors); video "
+                                                     "files are not decoded: write its frames into a folder first "
+                                                     "(e.g. ffmpeg -i {dir}/clip.mp4 -vf fps=1 FOLDER/%05d.jpg)"),
 ])
 def test_bad_video_input_is_refused_naming_it_before_the_model_is_built(video_adapter, launcher, argv, message):
     argv = [a.format(dir=video_adapter) for a in argv]
