@@ -1640,6 +1640,12 @@ def test_frame_features_must_be_a_matrix_safetensors_give_their_features_tensor_
         folder["two"]
     with pytest.raises(DataError, match=r"two\.safetensors: holds tensors \['a', 'b'\]"):
         folder.missing(["two"])
+    # features saved D x L (transposed) are said to be so, not blamed on another CLIP model
+    np.save(tmp_path / "turned.npy", np.ones((6, 3), np.float32))
+    with pytest.raises(DataError, match=r"turned\.npy \(video 'turned'\): frame features are 3-d, but the run's "
+                                        r"model\.vision embeds frames in 6-d; their shape \(6, 3\) is D x L: save "
+                                        r"them transposed \(L x D, one row per frame\)$"):
+        VideoFeatureFolder(tmp_path, expect_dim=6)["turned"]
     # the start-up check reads the first video's file whole: a dtype every file shares stops the run there too
     np.save(tmp_path / "wave.npy", np.ones((3, 6), np.complex64))
     with pytest.raises(DataError, match=r"wave\.npy \(video 'wave'\): frame features have dtype complex64"):

@@ -369,9 +369,11 @@ def check_frame_features(where: str, shape: tuple, expect_dim: Optional[int] = N
     if len(shape) != 2 or shape[0] == 0:
         raise DataError(f"{where}: frame features must be a non-empty L x D matrix, got shape {tuple(shape)}")
     if expect_dim is not None and shape[1] != expect_dim:
+        fix = (f"their shape {tuple(shape)} is D x L: save them transposed (L x D, one row per frame)"
+               if shape[0] == expect_dim else "extract the features with that CLIP model, or set model.vision to "
+               "the one that made them")
         raise DataError(f"{where}: frame features are {shape[1]}-d, but the run's model.vision embeds frames in "
-                        f"{expect_dim}-d; extract the features with that CLIP model, or set model.vision to the one "
-                        "that made them")
+                        f"{expect_dim}-d; {fix}")
 
 
 def read_frame_features(path: Path, expect_dim: Optional[int] = None, where: Optional[str] = None):
