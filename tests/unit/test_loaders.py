@@ -456,6 +456,22 @@ def test_null_answers_are_withheld_answers(tmp_path):
         load_video_qa("tvqa", qa, Subtitles())
 
 
+def test_a_json_list_written_as_a_jsonl_file_is_named_so(tmp_path):
+    """Records dumped as one JSON list (json.dump(rows)) or pretty-printed into a .jsonl file were refused as
+    'line 1: is list, expected a JSON object' / 'line 1: is not valid JSON (...)', leaving the user to guess that
+    the format wants one object per line; both now say so."""
+    from vlscale.data.video import Subtitles, load_video_qa
+
+    rows = [{"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "vid_name": "v", "answer_idx": 0}]
+    hint = r"; a \.jsonl file holds one JSON object per line \(json\.dumps\(record\) for each\), not a JSON list$"
+    (tmp_path / "one.jsonl").write_text(json.dumps(rows))
+    with pytest.raises(RecordError, match=r"one\.jsonl: line 1: is a JSON list" + hint):
+        load_video_qa("tvqa", tmp_path / "one.jsonl", Subtitles())
+    (tmp_path / "pretty.jsonl").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(RecordError, match=r"pretty\.jsonl: line 1: is not valid JSON \(.*\)" + hint):
+        load_video_qa("tvqa", tmp_path / "pretty.jsonl", Subtitles())
+
+
 def test_a_single_option_a_negative_answer_index_and_empty_descriptions_are_refused(tmp_path):
     """A question with only a0 is no multiple choice, answer_idx -1 names no option (it made the target "a-1"),
     and a caption record with an empty ``descs`` list has no answer (it became an unlabeled example)."""

@@ -283,10 +283,15 @@ def read_jsonl(path, what: str = "annotation file") -> Iterator[tuple[str, Any]]
                 raise _not_utf8(path, e, f"line {n} is ") from None
             if not line.strip():
                 continue
+            listed = "; a .jsonl file holds one JSON object per line (json.dumps(record) for each), not a JSON list" \
+                if line.lstrip().startswith("[") else ""
             try:
-                yield f"line {n}", json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"line {n}", RecordError(path, f"line {n}", None, None, f"is not valid JSON ({e})")
+                data = RecordError(path, f"line {n}", None, None, f"is not valid JSON ({e}){listed}")
+            if isinstance(data, list):
+                data = RecordError(path, f"line {n}", None, None, f"is a JSON list{listed}")
+            yield f"line {n}", data
 
 
 # ----------------------------------------------------------------------------- layout
