@@ -298,7 +298,7 @@ def profile(args, json_out=None) -> int:
                                    meas.get("grads_at_peak"))
     options = None
     if budget is not None:
-        from vlscale.profiling.planner import format_table, plan, write_ds_config
+        from vlscale.profiling.planner import fit_hint, format_table, plan, write_ds_config
 
         # fp16 in bf16's place where the run asks for it (GPUs without bf16: V100, T4)
         precisions = ("fp16", "fp32") if cfg.train.precision == "fp16" else ("bf16", "fp32")
@@ -310,8 +310,8 @@ def profile(args, json_out=None) -> int:
         if args.write_config:
             best = next((o for o in options if o.fits), None)
             if best is None:
-                print(f"error: no setting fits {fmt_bytes(budget)}; nothing written to {args.write_config}",
-                      file=sys.stderr)
+                print(f"error: no setting fits {fmt_bytes(budget)}; nothing written to {args.write_config} "
+                      f"({fit_hint(options, budget)})", file=sys.stderr)
                 return 1
             try:
                 write_ds_config(best, args.write_config, ds_file=args.deepspeed)

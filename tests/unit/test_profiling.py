@@ -1562,8 +1562,14 @@ def test_plan_table_says_the_headroom_it_kept(capsys, launcher):
     where it said '0 of 140 settings fit 512.00 MiB' beside peaks of a few MiB and no reason."""
     profile_memory = launcher("profile_memory")
     assert profile_memory.main(["--config", "tiny", "--budget", "512MiB", "--top", "1"]) == 0
-    assert "0 of 140 settings fit 512.00 MiB per GPU (the budget; 537.60 MiB headroom kept free within it" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 of 140 settings fit 512.00 MiB per GPU (the budget; 537.60 MiB headroom kept free within it" in out
+    # and what would make one fit: the budget the smallest peak needs, the headroom growing with it (it said nothing)
+    need = re.search(r"^none fits: the smallest peak, .*, needs --budget (\d+MiB) with the headroom; else a smaller "
+                     r"--headroom or model.backbone$", out, re.M).group(1)
+    for budget, fit in ((need, 1), (f"{int(need[:-3]) - 1}MiB", 0)):
+        assert profile_memory.main(["--config", "tiny", "--budget", budget, "--json"]) == 0
+        assert bool(json.loads(capsys.readouterr().out)["settings_fit"]) == fit
     assert profile_memory.main(["--config", "tiny", "--budget", "512MiB", "--headroom", "1MiB", "--top", "1",
                                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -1884,7 +1890,8 @@ def test_launcher_refuses_limits_at_their_edges(capsys, launcher, monkeypatch, t
     assert "settings fit 64.00 MiB per GPU" in capsys.readouterr().out
     ds = tmp_path / "ds.json"
     assert pm.main(["--config", "tiny", "--budget", "1KiB", "--headroom", "0", "--write-config", str(ds)]) == 1
-    assert capsys.readouterr().err == f"error: no setting fits 1.00 KiB; nothing written to {ds}\n"
+    assert capsys.readouterr().err.startswith(f"error: no setting fits 1.00 KiB; nothing written to {ds} (none fits: "
+                                              f"the smallest peak, ")
     assert not ds.exists()
 
 

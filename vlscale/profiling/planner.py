@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -183,6 +184,22 @@ def throughput(cfg: RunConfig, est: MemoryEstimate, world_size: int, offload: st
     return mbs * accum / (t * accum + t_step)
 
 
+def default_headroom(budget: int) -> int:
+    """What the planner keeps free within ``budget`` unless told: 5% of it + 0.5 GiB."""
+    return int(0.05 * budget + 0.5 * GiB)
+
+
+def fit_hint(options: list[PlanOption], budget: int) -> str:
+    """What would make a plan in which no setting fits fit: the budget its smallest peak needs."""
+    low = min(options, key=lambda o: o.peak)
+    need = low.peak + low.headroom
+    if low.headroom == default_headroom(budget):  # the headroom grows with the budget
+        need = (low.peak + 0.5 * GiB) / 0.95
+    need = f"{math.ceil(need / GiB * 100) / 100:.2f}GiB" if need >= GiB else f"{math.ceil(need / 2 ** 20)}MiB"
+    return (f"none fits: the smallest peak, {fmt_bytes(low.peak)} ({low.label()}), needs --budget {need} with "
+            f"the headroom; else a smaller --headroom or model.backbone")
+
+
 def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: Iterable[int] = (0, 1, 2, 3),
          offloads: Iterable[str] = ("none", "opt_cpu", "opt_param_cpu"), checkpointing: Iterable[bool] = (False, True),
          micro_batches: Optional[Iterable[int]] = None, precisions: Iterable[str] = ("bf16", "fp32"),
@@ -194,7 +211,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     context, allocator fragmentation and NCCL buffers (default 5% of the budget + 0.5 GiB).
     """
     budget = parse_size(budget)
-    headroom = int(0.05 * budget + 0.5 * GiB) if headroom is None else int(headroom)
+    headroom = default_headroom(budget) if headroom is None else int(headroom)
     cost = cost or CostModel()
     # the run's global batch is kept: a micro-batch x the ranks divides it, accumulation makes up the rest
     global_batch = global_batch_size(cfg, world_size)
@@ -287,8 +304,10 @@ def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str
     kept = f"{fmt_bytes(options[0].headroom)} headroom" if options else "headroom"
     lines.append(f"{n_fit} of {len(options)} settings fit {fmt_bytes(budget)} per GPU (the budget; {kept} kept "
                  f"free within it, --headroom)")
+    if options and not n_fit:
+        lines.append(fit_hint(options, budget))
     return "\n".join(lines)
 
 
-__all__ = ["CostModel", "PlanOption", "plan", "throughput", "write_ds_config", "format_table", "OFFLOADS",
+__all__ = ["CostModel", "PlanOption", "plan", "fit_hint", "default_headroom", "throughput", "write_ds_config", "format_table", "OFFLOADS",
            "ZeroSettings"]
