@@ -804,9 +804,10 @@ def _preset_path(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:  # a file meant
         from vlscale.files import cwd_note
 
-        raise ConfigError(f"no file {name_or_path!r}{cwd_note(p)}, and no shipped preset of that name; shipped "
-                          f"presets: {list_presets()}")
-    raise ConfigError(f"no preset or file named {name_or_path!r}; shipped presets: {list_presets()}")
+        raise ConfigError(f"no file {name_or_path!r}{cwd_note(p)}, and no shipped preset of that name; "
+                          f"{did_you_mean(name_or_path, list_presets())}shipped presets: {list_presets()}")
+    raise ConfigError(f"no preset or file named {name_or_path!r}; {did_you_mean(name_or_path, list_presets())}shipped "
+                      f"presets: {list_presets()}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

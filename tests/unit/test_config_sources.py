@@ -188,8 +188,12 @@ def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, m
             load_config(name)
     with pytest.raises(ConfigError, match=rf"^no file {re.escape(repr(str(tmp_path / 'my4.yml')))}, and no"):
         load_config(str(tmp_path / "my4.yml"))
-    with pytest.raises(ConfigError, match=r"^no preset or file named 'tinny'; shipped presets: "):
+    with pytest.raises(ConfigError, match=r"^no preset or file named 'tinny'; did you mean 'tiny'\? shipped presets: "):
         load_config("tinny")
+    # a typo in a preset's path names the preset meant (it listed all 28 and left the reader to find it)
+    with pytest.raises(ConfigError, match=r", and no shipped preset of that name; did you mean "
+                                          r"'scale/clip_t5_large_single_adapter'\? shipped presets: \["):
+        load_config("scale/clip_t5_large_single_adaptr")
 
 
 def test_evaluate_refuses_frozen_weights_that_changed_where_they_were(tmp_path, launcher):
