@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -166,15 +167,30 @@ def plot(path: str, bars: dict) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def nvme_path_for_prediction(measure: bool):
+    """A prediction or plan swaps nothing to NVMe: an "auto" nvme_path (zero3_nvme.json) needs no VLSCALE_NVME_PATH
+    for it, as it does for a run (--measure too); it was refused, asking for a folder on an NVMe drive to plan."""
+    if measure or os.environ.get("VLSCALE_NVME_PATH"):
+        yield
+        return
+    os.environ["VLSCALE_NVME_PATH"] = "(VLSCALE_NVME_PATH, set for a run)"
+    try:
+        yield
+    finally:
+        del os.environ["VLSCALE_NVME_PATH"]
+
+
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.json:
-        return profile(args)
-    # --json: the object alone on stdout; what DeepSpeed prints (its accelerator warning without a GPU) to stderr
-    stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        return profile(args, json_out=stdout)
+    with nvme_path_for_prediction(args.measure):
+        if not args.json:
+            return profile(args)
+        # --json: the object alone on stdout; what DeepSpeed prints (its accelerator warning without a GPU) to stderr
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return profile(args, json_out=stdout)
 
 
 def fitting_micro_batch(cfg, world_size: int):

@@ -1215,6 +1215,18 @@ def test_planner_charges_per_step_costs_once_per_step_not_per_micro_batch():
     assert sec_per_sample(1, "none", 1) == pytest.approx(sec_per_sample(2, "none", 1), rel=1e-9)
 
 
+def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, monkeypatch):
+    """zero3_nvme.json's nvme_path "auto" needed VLSCALE_NVME_PATH to predict or plan, which write nothing there
+    (refused: 'set VLSCALE_NVME_PATH to a directory on a fast local NVMe drive'); --measure, a run, still needs it."""
+    pm = launcher("profile_memory")
+    monkeypatch.delenv("VLSCALE_NVME_PATH", raising=False)
+    assert pm.main(["--config", "tiny", "--world-size", "2", "--deepspeed", "ds_configs/zero3_nvme.json", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["offload_param"] == "nvme"
+    assert "VLSCALE_NVME_PATH" not in os.environ
+    assert pm.main(["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json", "--measure"]) == 2
+    assert 'nvme_path is "auto"; set VLSCALE_NVME_PATH' in capsys.readouterr().err
+
+
 def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, monkeypatch):
     """The planner offered ZeRO-2 with the optimizer on NVMe, which DeepSpeed's ZeRO-2 trains in host memory
     (refused by build_deepspeed_config): each option's written file must build with the option's overrides."""
