@@ -1225,6 +1225,14 @@ def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, mon
     assert "VLSCALE_NVME_PATH" not in os.environ
     assert pm.main(["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json", "--measure"]) == 2
     assert 'nvme_path is "auto"; set VLSCALE_NVME_PATH' in capsys.readouterr().err
+    # planning from it (--budget): its stage 0-2 options start from the file without the NVMe optimizer, which ZeRO-2
+    # refuses (a traceback: 'offload_optimizer.device="nvme" at ZeRO stage 2', with the variable set too)
+    from vlscale.profiling.planner import plan
+
+    monkeypatch.setenv("VLSCALE_NVME_PATH", "/nvme")
+    options = plan(load_config("tiny"), "1GiB", 2, ds_file="ds_configs/zero3_nvme.json", stages=[1, 2],
+                   micro_batches=[16], precisions=["bf16"], checkpointing=[False])
+    assert {(o.zero_stage, o.offload) for o in options} == {(1, "none"), (2, "none"), (2, "opt_cpu")}
 
 
 def test_every_option_the_planner_offers_is_a_file_the_run_accepts(tmp_path, monkeypatch):

@@ -238,8 +238,11 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
             return base_ds
         if family not in bases:
             raw, _ = load_ds_file(default_ds_file(cfg, ds_file))  # a copy: the caller's dict stays as it is
-            if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway)
-                raw.setdefault("zero_optimization", {}).pop("offload_param", None)
+            if not family:  # stage 2 as this file's family: no parameter offload (options drop it anyway), and
+                z = raw.setdefault("zero_optimization", {})  # no optimizer on NVMe, which ZeRO-2 refuses (zero3_nvme
+                z.pop("offload_param", None)  # .json planned a traceback); the options' own on cpu replace it
+                if (z.get("offload_optimizer") or {}).get("device") == "nvme":
+                    z.pop("offload_optimizer")
             c = copy.deepcopy(cfg)
             c.train.zero_stage = 3 if family else 2
             bases[family] = resolve_ds_config(c, world_size, raw, device_type=device)
