@@ -68,6 +68,16 @@ def torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def offline_hint(source: str, what: str) -> str:
+    """What to do where ``source`` (``what``'s value, e.g. ``model.backbone``) did not load as a hub id: no network
+    (HF_HUB_OFFLINE=1, a cluster's compute nodes). "" for a local folder."""
+    if os.path.exists(source):
+        return ""
+    key = "model.backbone_path" if what == "model.backbone" else what
+    return (f"; to use a hub id without network here, download it once where there is (hf download {source} "
+            f"--local-dir DIR) and give {key}=DIR")
+
+
 def missing_source(source: str) -> bool:
     """A model or tokenizer source that is neither there nor a hub id (``/data/hf/t5-11b``, ``./x``): a folder
     that is missing, to be said so, not looked up on the hub. ``owner/name`` is a hub id."""

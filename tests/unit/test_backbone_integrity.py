@@ -341,7 +341,9 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
     with pytest.raises(ConfigError) as e:  # model.backbone's hub id is no folder meant: no working directory
         backbones.build_lm("t5-small", pretrained=True)
     _one_line(e, "cannot load the weights for model.backbone='google-t5/t5-small' (a hub id needs the network or a "
-                 "local HF cache): We couldn't connect")
+                 "local HF cache): We couldn't connect", "to load the files; to use a hub id without network here, "
+                 "download it once where there is (hf download google-t5/t5-small --local-dir DIR) and give "
+                 "model.backbone_path=DIR")
 
 
 def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path, monkeypatch):

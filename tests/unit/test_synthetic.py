@@ -332,7 +332,9 @@ def test_a_hub_backbones_tokenizer_is_asked_for_under_the_registrys_hub_id(monke
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
     with pytest.raises(SourceError, match=r"cannot load the tokenizer for model\.backbone='google-t5/t5-small' \(a "
-                                          r"hub id needs the network"):
+                                          r"hub id needs the network.*; to use a hub id without network here, download "
+                                          r"it once where there is \(hf download google-t5/t5-small --local-dir DIR\) "
+                                          r"and give model\.backbone_path=DIR$"):  # it said no more than 'network'
         build_tokenizer(load_config("tiny", ["model.backbone=t5-small"]))
     assert asked == ["google-t5/t5-small"]
 

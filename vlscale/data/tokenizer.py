@@ -97,7 +97,7 @@ def check_source(source: str, what: str) -> None:
 def _auto(source: str, what: str):
     from transformers import AutoTokenizer
 
-    from vlscale.config import SourceError
+    from vlscale.config import SourceError, offline_hint
 
     check_source(source, what)
     try:
@@ -105,7 +105,7 @@ def _auto(source: str, what: str):
     except (OSError, ValueError) as e:
         raise SourceError(f"cannot load the tokenizer for {what}={source!r} (a hub id needs the network "
                           f"or a local HF cache; a local directory needs its tokenizer files): "
-                          f"{' '.join(str(e).split())}") from e
+                          f"{' '.join(str(e).split())}{offline_hint(source, what)}") from e
     # transformers builds a tokenizer with no vocabulary (special tokens only) from a folder holding a config.json
     # and none of the tokenizer class's files: every word would be <unk>
     files = sorted(set(getattr(tok, "vocab_files_names", {}).values()))

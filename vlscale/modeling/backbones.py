@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlscale.config import SourceError, missing_source
+from vlscale.config import SourceError, missing_source, offline_hint
 
 if TYPE_CHECKING:
     import torch
@@ -290,7 +290,7 @@ def build_lm(name: str, *, path: Optional[str] = None, pretrained: bool = False,
 
                 where = f"not a local folder{cwd_note(source)}; a hub id needs the network or a local HF cache"
             raise SourceError(f"cannot load the weights for {key}={source!r} ({where}): "
-                              f"{' '.join(str(e).split())}") from e
+                              f"{' '.join(str(e).split())}{offline_hint(source, key)}") from e
         mismatched = sorted(info.get("mismatched_keys") or ())
         if mismatched:
             tensor, found, expected = mismatched[0]
