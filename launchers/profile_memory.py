@@ -408,6 +408,9 @@ def profile(args, json_out=None) -> int:
             print(f"wrote {args.write_config}; train with: deepspeed --num_gpus {args.world_size} launchers/train.py "
                   f"--deepspeed {args.write_config} --config {args.config or 'default'} "
                   + " ".join(map(shlex.quote, out["written"]["overrides"])))
+        elif out["settings_fit"]:  # a row's setting is no file ds_configs/ ships (zero2 with offload=opt_cpu ...)
+            print("to train setting 1: add --write-config FILE.json (writes its DeepSpeed file and prints the "
+                  "train command with its overrides)")
     if args.plot:
         print(f"plot: {args.plot}")
     return 0

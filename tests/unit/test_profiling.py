@@ -1538,6 +1538,9 @@ def test_launcher_json(capsys, launcher):
     row = next(line for line in text.splitlines() if line.strip().startswith("1 "))
     mbs = int(row.split("mbs=")[1].split()[0])
     assert int(row.split()[6]) == 32 // (2 * mbs), row
+    # how to train a row (most are no shipped file: the table never said --write-config makes one)
+    assert text.splitlines()[-1] == ("to train setting 1: add --write-config FILE.json (writes its DeepSpeed file and "
+                                     "prints the train command with its overrides)")
 
 
 def test_launcher_plots_the_plans_fitting_settings_or_else_the_prediction(capsys, launcher, monkeypatch, tmp_path):
