@@ -337,7 +337,11 @@ def profile(args, json_out=None) -> int:
             # the command line's own overrides (the model, the PEFT method, ...) train too; the plan's replace theirs
             planned = {o.split("=", 1)[0] for o in best.overrides()}
             own = [o for o in args.overrides if o.split("=", 1)[0].strip() not in planned]
-            out["written"] = {"deepspeed": args.write_config, "overrides": own + best.overrides()}
+            # with train.global_batch_size the run derives the accumulation for the ranks it has: pinned here, the
+            # command was refused on any other number of GPUs (a resume on fewer, the docs' case)
+            kept = [o for o in best.overrides() if cfg.train.global_batch_size is None
+                    or not o.startswith("train.gradient_accumulation_steps=")]
+            out["written"] = {"deepspeed": args.write_config, "overrides": own + kept}
         bars = {o.label().replace(" offload=", "\noffload="): at_peak(o.estimate.components,
                                                                       o.estimate.at_peak["activations"],
                                                                       o.estimate.at_peak["grads"])

@@ -1619,6 +1619,22 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
         in command
 
 
+def test_launcher_write_config_leaves_a_global_batchs_accumulation_to_the_run(capsys, launcher, tmp_path):
+    """With train.global_batch_size (the scale and paper presets) the written command pinned
+    train.gradient_accumulation_steps for --world-size's ranks, so the same command on another number of GPUs
+    (a resume on fewer, docs/scaling.md) was refused as conflicting with the global batch; the run derives it."""
+    from vlscale.engine.deepspeed_config import global_batch_size, resolve_batch
+
+    argv = ["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--write-config", str(tmp_path / "ds.json"),
+            "train.global_batch_size=32", "--json"]
+    assert launcher("profile_memory").main(argv) == 0
+    written = json.loads(capsys.readouterr().out)["written"]["overrides"]
+    assert not [o for o in written if o.startswith("train.gradient_accumulation_steps=")], written
+    run = load_config("tiny", written)
+    for ranks in (1, 2):  # (micro-batch 16 x 4 ranks is more than 32, refused as it should be)
+        assert global_batch_size(resolve_batch(run, ranks), ranks) == 32
+
+
 def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_path):
     """train.precision=fp16 (a GPU without bf16: V100, T4) is planned as fp16 or fp32: the planner searched
     bf16 and fp32 alone and wrote train.precision=bf16 into the command it printed, which such a GPU cannot run."""
