@@ -1220,7 +1220,8 @@ def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, mon
     (refused: 'set VLSCALE_NVME_PATH to a directory on a fast local NVMe drive'); --measure, a run, still needs it."""
     pm = launcher("profile_memory")
     monkeypatch.delenv("VLSCALE_NVME_PATH", raising=False)
-    assert pm.main(["--config", "tiny", "--world-size", "2", "--deepspeed", "ds_configs/zero3_nvme.json", "--json"]) == 0
+    assert pm.main(["--config", "tiny", "--world-size", "2", "--deepspeed", "ds_configs/zero3_nvme.json",
+                    "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["offload_param"] == "nvme"
     assert "VLSCALE_NVME_PATH" not in os.environ
     assert pm.main(["--config", "tiny", "--deepspeed", "ds_configs/zero3_nvme.json", "--measure"]) == 2

@@ -312,5 +312,6 @@ def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str
     return "\n".join(lines)
 
 
-__all__ = ["CostModel", "PlanOption", "plan", "fit_hint", "default_headroom", "throughput", "write_ds_config", "format_table", "OFFLOADS",
+__all__ = ["CostModel", "PlanOption", "plan", "fit_hint", "default_headroom", "throughput", "write_ds_config",
+           "format_table", "OFFLOADS",
            "ZeroSettings"]
