@@ -1349,6 +1349,7 @@ def test_nlvr2_training_images_in_the_releases_numbered_folders(tmp_path):
 
 def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_skipped(tmp_path, caplog):
     from vlscale.data import build_train_loader, check_visual_ids, eval_batches
+    from vlscale.data.visual import SyntheticImages
 
     root = copy_root(tmp_path, "vqa", "coco")
     (root / "coco" / "images" / "COCO_train2014_000000000025.jpg").unlink()
@@ -1379,8 +1380,20 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
     ex = load_real_examples(tv, "tvqa", "train")
     vids = real_visual_source(tv, "tvqa", "train")
     moved = [type(e)(e.task, e.uid, e.text, e.target, ["no_such_video"]) for e in ex[:2]] + list(ex[2:])
-    with pytest.raises(DataError, match=r"tvqa/train: 1 visual id\(s\) named by 2 of 3 .*VideoFeatureFolder"):
+    with pytest.raises(DataError, match=r"tvqa/train: 1 visual id\(s\) named by 2 of 3 .*VideoFeatureFolder.*; "
+                                        r"add their files, or set"):
         check_visual_ids(tv, "tvqa", "train", moved, vids)
+    # a vid_name written with its file's suffix ('clip.mp4', or 'x.npy') is named so, whatever the source
+    vid = ex[0].image_ids[0]
+    mp4 = [type(e)(e.task, e.uid, e.text, e.target, [e.image_ids[0] + ".mp4"]) for e in ex]
+    with pytest.raises(DataError, match=rf"first \['{vid}\.mp4', .*\]; 2 of them end in a file suffix and are there "
+                                        rf"without it \('{vid}\.mp4' as '{vid}'\): ids are file names without the "
+                                        r"suffix, drop it in the annotations, or set data\.skip_bad_records=true"):
+        check_visual_ids(tv, "tvqa", "train", mp4, vids)
+    with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('c\.jpg' as "
+                                        r"'c'\)"):
+        check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None)
+                                                      for i in ("c.jpg", "d.jpg", "x.")], SyntheticImages(dict.fromkeys("abc")))
 
 
 def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_missing(tmp_path):

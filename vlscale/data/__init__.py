@@ -101,6 +101,16 @@ def build_visual_source(cfg, task: str, split: str):
     return SyntheticImages(synthetic_split(cfg, task, split).visuals, name=f"synthetic world ({task}/{split})")
 
 
+def _held_without_suffix(source, missing: list) -> list[tuple[str, str]]:
+    """``(id, its stem)`` for the missing ids written with a file suffix (``clip1.mp4``, ``x.jpg``) whose stem
+    ``source`` holds: the layout's ids are file names without the suffix. Up to 100 ids are looked at."""
+    from vlscale.data.visual import missing_ids
+
+    stems = {i: i.rpartition(".")[0] for i in missing[:100] if "." in i.rpartition("/")[2].strip(".")}
+    held = set(stems.values()) - set(missing_ids(source, stems.values())) if stems else set()
+    return [(i, stem) for i, stem in stems.items() if stem in held]
+
+
 def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list:
     """``examples``, after checking that ``source`` holds every visual id they name.
 
@@ -125,7 +135,11 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
         from vlscale.data.features import FeatureCache, first_row_id
 
         column = cfg.data.hf_dataset and (cfg.data.hf_columns or {}).get("image_id")
-        if not isinstance(source, FeatureCache):
+        suffixed = _held_without_suffix(source, missing)
+        if suffixed:  # 'clip1.mp4' where the source holds 'clip1': any kind of source
+            add = (f"{len(suffixed)} of them end in a file suffix and are there without it ({suffixed[0][0]!r} as "
+                   f"{suffixed[0][1]!r}): ids are file names without the suffix, drop it in the annotations")
+        elif not isinstance(source, FeatureCache):
             from vlscale.data.visual import other_suffix_files
 
             other = other_suffix_files(source, missing)
