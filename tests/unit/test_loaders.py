@@ -1759,7 +1759,8 @@ def test_features_holding_nan_are_named_when_fetched(tmp_path):
     folder = VideoFeatureFolder(tmp_path)
     ex = [Example(task="tvqa", uid=f"q{v}", text="", target="0", image_ids=[v]) for v in ("ok", "nan")]
     assert len(fetch_visuals(folder, ex[:1])) == 1
-    with pytest.raises(DataError, match=r"tvqa example 'qnan': the features of 'nan' in .* hold NaN or inf"):
+    with pytest.raises(DataError, match=r"tvqa example 'qnan': the features of 'nan' in .* hold NaN or inf \(first "
+                                        r"in row 1 of 3\); write them again \(launchers/extract_features\.py "):
         fetch_visuals(folder, ex)
 
 

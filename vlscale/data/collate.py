@@ -202,6 +202,9 @@ def fetch_visuals(source, examples: Sequence[Example]) -> list[list]:
             raise cls(f"{where}: {err}") from err
         for i, x in zip(e.image_ids, items):
             if _is_features(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise DataError(f"{where}: the features of {i!r} in {source!r} hold NaN or inf")
+                rows = "" if x.dim() < 2 else \
+                    f" (first in row {int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])} of {len(x)})"
+                raise DataError(f"{where}: the features of {i!r} in {source!r} hold NaN or inf{rows}; write them "
+                                "again (launchers/extract_features.py makes a cache from the images or frames)")
         out.append(items)
     return out
