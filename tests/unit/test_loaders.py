@@ -2220,6 +2220,9 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
                                         r"An error occurred while generating the dataset, from ArrowInvalid: .*\); "
                                         r"remove it or give it rows$"):
         load_hf_examples("gqa", str(files), "train", cols)
+    (files / "validation.parquet").write_bytes(b"")  # 0 bytes: 'Parquet file size is 0 bytes', naming no file
+    with pytest.raises(DataError, match=r"files': its data file 'validation\.parquet' is empty \(no rows\), and"):
+        load_hf_examples("gqa", str(files), "train", cols)
     # a 0-byte data file of any format is named too (the library's error is a bare StopIteration)
     blank = tmp_path / "blank"
     blank.mkdir()
@@ -2282,6 +2285,19 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
     with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*header': its data file 'validation\.csv' is empty "
                                         r"\(no rows\), and the datasets library cannot load the folder with it"):
         load_hf_examples("gqa", str(header), "train", cols)
+    tsv = tmp_path / "tsv"  # a TSV file too
+    tsv.mkdir()
+    (tsv / "train.tsv").write_text("image\tq\ta\na.png\tq\ta\n")
+    (tsv / "validation.tsv").write_text("image\tq\ta\n")
+    with pytest.raises(DataError, match=r"tsv': its data file 'validation\.tsv' is empty \(no rows\), and"):
+        load_hf_examples("gqa", str(tsv), "train", cols)
+    lines = tmp_path / "lines"  # JSON(L) of blank lines, or [], has no rows either
+    lines.mkdir()
+    (lines / "train.jsonl").write_text(row)
+    (lines / "validation.jsonl").write_text("\n \n")
+    (lines / "test.json").write_text("[ \n]\n")
+    with pytest.raises(DataError, match=r"lines': its data files \['test\.json', 'validation\.jsonl'\] are empty"):
+        load_hf_examples("gqa", str(lines), "train", cols)
     assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
 
 
