@@ -1002,6 +1002,7 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
     monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or 1 / 0)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "my_hf_ds").mkdir(parents=True)
+    (tmp_path / "data" / "my_hf_dz1").write_text("")  # nearer, but a file: not a dataset folder to suggest
     cols = {"image": "image", "question": "q", "answer": "a"}
     where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
                       f"or give it whole)")
@@ -1014,6 +1015,9 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
                                             r"up on the hub, as it is a path \(absolute, or starting with \./, \.\./ "
                                             r"or ~\)$"):
             load_hf_examples("vqa", path, "train", cols)
+    home = re.escape(str(Path("~").expanduser() / "no_such_hf_ds"))
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='~/no_such_hf_ds': no such folder \({home}\); not "):
+        load_hf_examples("vqa", "~/no_such_hf_ds", "train", cols)
     assert asked == []
     for hub_id in ("owner/vqa_ds", "vqa_ds"):  # no local folder 'owner': hub ids
         with pytest.raises(DataError, match=r"not a local folder.*datasets\.load_dataset failed \(ZeroDivisionError"):
