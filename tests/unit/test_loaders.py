@@ -2003,7 +2003,7 @@ def test_hf_image_files_that_are_not_there_are_found_when_the_split_is_read(tmp_
     import datasets
     from PIL import Image
 
-    from vlscale.data.hf_dataset import load_hf_examples, rows_without_image
+    from vlscale.data.hf_dataset import load_hf_examples, missing_image_file, rows_without_image
 
     (tmp_path / "images").mkdir()
     for i in (0, 2):
@@ -2033,6 +2033,9 @@ def test_hf_image_files_that_are_not_there_are_found_when_the_split_is_read(tmp_
     assert (row, column) == (1, "img") and re.match(empty, why)
     monkeypatch.chdir(tmp_path)  # without the dataset's folder, ../images/ from here is nowhere
     assert [r for r, _, _ in rows_without_image(split, ["img"])] == [0, 1, 2]
+    assert missing_image_file("images/0.png", ds) is None  # not in the dataset's folder: then the current one
+    for odd in ("images", "images/\0.png"):  # a folder; a path no file can have (ValueError: embedded null byte)
+        assert missing_image_file(odd, ds).startswith(f"holds {odd!r}, which is neither image data nor an existing")
 
 
 def test_hf_relative_image_paths_resolve_against_the_dataset_folder(tmp_path, monkeypatch):
