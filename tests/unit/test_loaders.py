@@ -826,6 +826,9 @@ def test_hf_class_label_answers_are_read_as_their_names(tmp_path):
     nl, _ = load_hf_examples("nlvr2", path, "train", {"image": ["image", "image2"], "text": "question",
                                                       "label": "label"}, require_answers=False)
     assert [e.target for e in nl] == ["true", "false", ""]  # 0 is "True" here; -1: withheld
+    with pytest.raises(RecordError, match=r"row 2: key 'label' is -1 \(the datasets library's mark of a withheld "
+                                          r"label\): the row has no answers"):  # not "is missing", once named
+        load_hf_examples("nlvr2", path, "train", {"image": ["image", "image2"], "text": "question", "label": "label"})
     gqa, _ = load_hf_examples("gqa", path, "train", {"image": "image", "question": "question", "answer": "answer"},
                               require_answers=False)
     assert [e.target for e in gqa] == ["two", "red", ""]
