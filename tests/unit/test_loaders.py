@@ -1018,6 +1018,10 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
                                             r"up on the hub, as it is a path \(absolute, or starting with \./, \.\./ "
                                             r"or ~\)$"):
             load_hf_examples("vqa", path, "train", cols)
+    for path in ("a/b/c", "my hf ds"):  # neither a hub id nor said as a path: said as what it is
+        with pytest.raises(DataError, match=rf"^data\.hf_dataset='{path}': no such folder.*; not looked up on the "
+                                            r"hub, as it is no hub id \(a name, or owner/name, of letters, digits"):
+            load_hf_examples("vqa", path, "train", cols)
     home = re.escape(str(Path("~").expanduser() / "no_such_hf_ds"))
     with pytest.raises(DataError, match=rf"^data\.hf_dataset='~/no_such_hf_ds': no such folder \({home}\); not "):
         load_hf_examples("vqa", "~/no_such_hf_ds", "train", cols)
