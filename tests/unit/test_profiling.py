@@ -1600,6 +1600,26 @@ def test_plan_table_says_the_headroom_it_kept(capsys, launcher):
     assert out["settings_fit"] == 140 and out["plan"][0]["headroom"] == 2 ** 20
 
 
+def test_fit_hint_in_gib_names_the_smallest_peak_and_a_budget_that_fits_it_and_no_less():
+    """The hint's GiB form (t5-3b on 1 GPU at 1GiB: 'needs --budget 1.56GiB'), with the default headroom and a
+    given one: the tiny plan above checks only the MiB form; a budget rounded down, or another setting's peak or
+    name, passed it."""
+    from vlscale.profiling.analytic import GiB, fmt_bytes
+    from vlscale.profiling.planner import PlanOption, default_headroom, fit_hint
+
+    for peak, headroom in ((int(1.234567 * GiB), None), (int(2.5 * GiB) + 1, 2 ** 20)):
+        def room(budget):
+            return default_headroom(budget) if headroom is None else headroom
+
+        options = [PlanOption(stage, "none", True, 1, "bf16", p, False, 0.0, None, 1, headroom=room(GiB))
+                   for stage, p in ((3, 2 * peak), (2, peak))]
+        need = re.fullmatch(rf"none fits: the smallest peak, {fmt_bytes(peak)} \(zero2 offload=none ckpt=on mbs=1 "
+                            r"bf16\), needs --budget (\d+\.\d\d)GiB with the headroom; else a smaller --headroom or "
+                            r"model.backbone", fit_hint(options, GiB)).group(1)
+        fit, less = parse_size(f"{need}GiB"), parse_size(f"{float(need) - 0.01:.2f}GiB")
+        assert peak + room(fit) <= fit and peak + room(less) > less, need
+
+
 def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path):
     """The train command --write-config prints (and --json's "written") carries the overrides the plan was made
     for (here another backbone and adapter size), the plan's own replacing those it sets: it printed the
