@@ -1589,8 +1589,8 @@ def test_plan_table_says_the_headroom_it_kept(capsys, launcher):
     out = capsys.readouterr().out
     assert "0 of 140 settings fit 512.00 MiB per GPU (the budget; 537.60 MiB headroom kept free within it" in out
     # and what would make one fit: the budget the smallest peak needs, the headroom growing with it (it said nothing)
-    need = re.search(r"^none fits: the smallest peak, .*, needs --budget (\d+MiB) with the headroom; else a smaller "
-                     r"--headroom or model.backbone$", out, re.M).group(1)
+    need = re.fullmatch(r"none fits: the smallest peak, .*, needs --budget (\d+MiB) with the headroom; else a "
+                        r"smaller --headroom or model.backbone", out.splitlines()[-1]).group(1)  # no 'to train 1'
     for budget, fit in ((need, 1), (f"{int(need[:-3]) - 1}MiB", 0)):
         assert profile_memory.main(["--config", "tiny", "--budget", budget, "--json"]) == 0
         assert bool(json.loads(capsys.readouterr().out)["settings_fit"]) == fit
@@ -1985,8 +1985,9 @@ def test_launcher_plans_and_writes_from_its_deepspeed_file_for_its_device(capsys
     assert (out["written"]["deepspeed"], out["budget"], out["plan"][0]["headroom"]) == (str(written), 2 ** 30, 2 ** 28)
     assert pm.main(["--config", "tiny", "--world-size", "2", "--budget", "1GiB", "--deepspeed",
                     str(tmp_path / "own.json"), "--write-config", str(written)]) == 0
-    assert f"train with: deepspeed --num_gpus 2 launchers/train.py --deepspeed {written} --config tiny train." in \
-        capsys.readouterr().out
+    last = capsys.readouterr().out.splitlines()[-1]  # the command, not 'add --write-config' after it
+    assert last.startswith(f"wrote {written}; train with: deepspeed --num_gpus 2 launchers/train.py --deepspeed "
+                           f"{written} --config tiny train."), last
     assert from_own == planned(ds_file=str(tmp_path / "own.json")) != planned()
     z = json.loads(written.read_text())["zero_optimization"]
     assert z["reduce_bucket_size"] == 12_345_678 and z["stage"] == from_own[0][0]
