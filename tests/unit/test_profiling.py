@@ -1231,6 +1231,9 @@ def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, mon
     from vlscale.profiling.planner import plan
 
     monkeypatch.setenv("VLSCALE_NVME_PATH", "/nvme")
+    with pm.nvme_path_for_prediction(False):  # a path given is the one used, and kept after
+        assert os.environ["VLSCALE_NVME_PATH"] == "/nvme"
+    assert os.environ["VLSCALE_NVME_PATH"] == "/nvme"
     options = plan(load_config("tiny"), "1GiB", 2, ds_file="ds_configs/zero3_nvme.json", stages=[1, 2],
                    micro_batches=[16], precisions=["bf16"], checkpointing=[False])
     assert {(o.zero_stage, o.offload) for o in options} == {(1, "none"), (2, "none"), (2, "opt_cpu")}
