@@ -263,8 +263,9 @@ def test_a_corrupt_pytorch_bin_is_one_line_naming_the_file(tmp_path):
     (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError) as e:
         build_lm("mini-t5", path=str(d), pretrained=True)
-    _one_line(e, f"cannot load the weights for model.backbone_path={str(d)!r} (a local directory needs config.json "
-                 "and the weights)", "zip archive")
+    msg = _one_line(e, f"cannot load the weights for model.backbone_path={str(d)!r} (a local directory needs "
+                       "config.json and the weights)", "zip archive")
+    assert "hf download" not in msg, msg  # a folder there: no hub id to download (config.offline_hint)
 
 @needs_assets
 def test_a_faulty_shipped_folder_is_named_under_model_backbone(tmp_path, monkeypatch):

@@ -337,6 +337,10 @@ def test_a_hub_backbones_tokenizer_is_asked_for_under_the_registrys_hub_id(monke
                                           r"and give model\.backbone_path=DIR$"):  # it said no more than 'network'
         build_tokenizer(load_config("tiny", ["model.backbone=t5-small"]))
     assert asked == ["google-t5/t5-small"]
+    # model.tokenizer's hub id: the folder goes there (model.backbone_path=DIR would leave the tokenizer on the hub)
+    with pytest.raises(SourceError, match=r"\(hf download google/flan-t5-base --local-dir DIR\) and give "
+                                          r"model\.tokenizer=DIR$"):
+        build_tokenizer(load_config("tiny", ["model.backbone=t5-small", "model.tokenizer=google/flan-t5-base"]))
 
 
 def _bart_convention_tokenizer(folder):
