@@ -313,5 +313,4 @@ def format_table(options: list[PlanOption], budget: int, limit: int = 20) -> str
 
 
 __all__ = ["CostModel", "PlanOption", "plan", "fit_hint", "default_headroom", "throughput", "write_ds_config",
-           "format_table", "OFFLOADS",
-           "ZeroSettings"]
+           "format_table", "OFFLOADS", "ZeroSettings"]
