@@ -444,6 +444,7 @@ def test_null_answers_are_withheld_answers(tmp_path):
     refused by evaluate.py --predict-only ("must be an integer or a string, got NoneType None"), which reads such
     files: null is withheld as absence is, predicted there; training refuses it naming --predict-only."""
     from vlscale.data.video import Subtitles, load_video_captions, load_video_qa
+    from vlscale.data.vqa import load_vqa
 
     qa = _jsonl(tmp_path / "qa.jsonl", [{"qid": 1, "q": "Q?", "a0": "x", "a1": "y", "vid_name": "v",
                                          "answer_idx": None}])
@@ -454,6 +455,9 @@ def test_null_answers_are_withheld_answers(tmp_path):
     with pytest.raises(RecordError, match=r"line 1 \(id 1\): key 'answer_idx' is null \(a split without its answers, "
                                           r".* launchers/evaluate\.py --predict-only\)$"):
         load_video_qa("tvqa", qa, Subtitles())
+    vqa = _write_json(tmp_path / "vqa.json", [{"img_id": "i", "sent": "Q?", "question_id": 1, "answers": None}])
+    with pytest.raises(RecordError, match=r"record 0 \(id 1\): key 'answers' is null \(a split without"):
+        load_vqa(vqa)  # of its two answer keys, the one written as null is named, not 'label', left out
 
 
 def test_a_json_list_written_as_a_jsonl_file_is_named_so(tmp_path):
@@ -501,8 +505,13 @@ def test_questions_with_another_number_of_options_than_their_file_are_said_once(
         load_video_qa("tvqa", path, Subtitles())
         load_video_qa("tvqa", path, Subtitles())  # read again (train, then evaluation): said once
         load_video_qa("tvqa", _jsonl(tmp_path / "ok.jsonl", [dict(q, qid=1), dict(q, qid=2)]), Subtitles())
+        first = _jsonl(tmp_path / "first.jsonl", [rows[1], dict(q, qid=5), dict(q, qid=6)])  # the odd one first
+        load_video_qa("tvqa", first, Subtitles())
+        assert load_video_qa("tvqa", _jsonl(tmp_path / "none.jsonl", []), Subtitles()) == []  # no usual count
     said = [r.getMessage() for r in caplog.records if "answer options" in r.getMessage()]
     assert said == [f"tvqa: 2 of 4 questions of {path} have another number of answer options than the file's usual 5 "
+                    "(first: qid '2', 4 options); check them for a lost or extra option",
+                    f"tvqa: 1 of 3 questions of {first} have another number of answer options than the file's usual 5 "
                     "(first: qid '2', 4 options); check them for a lost or extra option"]
 
 
@@ -515,22 +524,27 @@ def test_a_ts_outside_its_videos_subtitles_is_said_once(tmp_path, caplog):
 
     subs = load_subtitles(_jsonl(tmp_path / "subs.jsonl", [
         {"vid_name": "v", "sub": [{"text": "Hi.", "start": 1.0, "end": 2.0}, {"text": "Bye.", "start": 8, "end": 9}]},
-        {"vid_name": "w", "sub": []}]))
+        {"vid_name": "w", "sub": []},
+        {"vid_name": "x", "sub": [{"text": "Long.", "start": 1, "end": 20},
+                                  {"text": "Short.", "start": 5, "end": 6}]}]))
     q = {"q": "Q?", "a0": "x", "a1": "y", "vid_name": "v", "answer_idx": 0}
     rows = [dict(q, qid=1, ts="1500-4000"), dict(q, qid=2, ts=[3, 7]), dict(q, qid=3, ts="NaN-NaN"),
-            dict(q, qid=4, ts=[0, 0.5]), dict(q, qid=5, vid_name="w", ts=[50, 60]), dict(q, qid=6, ts=[1, 2])]
+            dict(q, qid=4, ts=[0, 0.5]), dict(q, qid=5, vid_name="w", ts=[50, 60]), dict(q, qid=6, ts=[1, 2]),
+            dict(q, qid=7, ts=[0, 1]), dict(q, qid=8, ts=[9, 10]),  # touching the first line's start, the last's end
+            dict(q, qid=9, vid_name="x", ts=[10, 15], a2="z")]  # past the last line's end, not the longest's
     qa, cap = _jsonl(tmp_path / "qa.jsonl", rows), _jsonl(tmp_path / "cap.jsonl", [
         {"clip_id": 1, "vid_name": "v", "ts": [12.0, 30.0], "descs": ["a.", "b."]}])
     with caplog.at_level(logging.WARNING, logger="vlscale.data.video"):
         examples = load_video_qa("tvqa", qa, subs)
         load_video_qa("tvqa", qa, subs)  # read again: said once
         load_video_captions("tvc", cap, "train", subs)
-    assert [e.extra["subtitle"] for e in examples] == ["", "", "Hi. Bye.", "", "", "Hi."]
-    said = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
-    assert said == [f"tvqa: 2 of 6 examples of {qa} have a ts outside their video's subtitle lines (first: '1', ts "
+    assert [e.extra["subtitle"] for e in examples] == ["", "", "Hi. Bye.", "", "", "Hi.", "Hi.", "Bye.", "Long."]
+    said = [r.getMessage() for r in caplog.records if "have a ts outside" in r.getMessage()]
+    assert said == [f"tvqa: 2 of 9 examples of {qa} have a ts outside their video's subtitle lines (first: '1', ts "
                     "1500.0-4000.0 s, the lines 1.0-9.0 s); their inputs carry no subtitle text (ts is in seconds)",
                     f"tvc: 2 of 2 examples of {cap} have a ts outside their video's subtitle lines (first: '1#0', ts "
                     "12.0-30.0 s, the lines 1.0-9.0 s); their inputs carry no subtitle text (ts is in seconds)"]
+    assert sum("answer options" in r.getMessage() for r in caplog.records) == 1  # the same file's other warning
 
 
 def test_video_captions_without_clip_id_take_the_video_name_and_only_train_is_one_example_per_description(tmp_path):
@@ -1045,6 +1059,9 @@ def test_a_videos_features_folder_given_as_the_feature_cache_is_named_so(tmp_pat
                                                r"clip_b\.npz\), not a cache: put them in data\.root/<task>/features/ "
                                                r"and set data\.feature_cache=null, or copy them into a cache with "
                                                r"launchers/extract_features\.py --real$"):
+        FeatureCache(tmp_path)
+    (tmp_path / "clip_c.safetensors").touch()  # a third file: the first two named, then ", ..."
+    with pytest.raises(DataFileNotFound, match=r"\(clip_a\.npy, clip_b\.npz, \.\.\.\), not a cache"):
         FeatureCache(tmp_path)
 
 
@@ -1579,7 +1596,8 @@ def test_video_feature_files_bad_content_names_the_file_and_video(tmp_path):
     with pytest.raises(DataError, match=r"video 'both': both"):  # the up-front check finds it too
         folder.missing(["ok", "both"])
     with pytest.raises(DataError, match=r"ok\.npy \(video 'ok'\): frame features are 8-d, but the run's model\.vision "
-                                        r"embeds frames in 512-d"):
+                                        r"embeds frames in 512-d; extract the features with that CLIP model, or set "
+                                        r"model\.vision to the one that made them$"):  # (3, 8): no D x L
         VideoFeatureFolder(tmp_path, expect_dim=512)["ok"]
     # through the config: the width model.vision's CLIP embeds frames in (tiny-clip-rn: 64)
     with pytest.raises(DataError, match=r"friends_s01e01_seg01_clip_00\.npy .*512-d, but .* 64-d"):
