@@ -458,6 +458,9 @@ def test_null_answers_are_withheld_answers(tmp_path):
     vqa = _write_json(tmp_path / "vqa.json", [{"img_id": "i", "sent": "Q?", "question_id": 1, "answers": None}])
     with pytest.raises(RecordError, match=r"record 0 \(id 1\): key 'answers' is null \(a split without"):
         load_vqa(vqa)  # of its two answer keys, the one written as null is named, not 'label', left out
+    (v,) = load_vqa(_write_json(tmp_path / "v2.json", [{"img_id": "i", "sent": "Q?", "question_id": 2, "label": None,
+                                                        "answers": ["red"] * 10}]))
+    assert (v.target, v.references[0], v.extra) == ("red", "red", {"label": {"red": 1.0}})  # a null label as none
 
 
 def test_a_json_list_written_as_a_jsonl_file_is_named_so(tmp_path):

@@ -83,7 +83,7 @@ def parse_vqa(rec: Record) -> list[Example]:
         return [Example(task="vqa", uid=qid, text=question, target="", image_ids=[img_id], extra=extra,
                         source=rec.path)]
     answers = raw_answers(rec)
-    label = rec.score_map("label", allow_empty=True) if "label" in rec.data else None
+    label = rec.score_map("label", allow_empty=True) if rec.data.get("label") is not None else None
     extra = {"label": vqa_soft_label(answers) if label is None else label, **extra}
     target = vqa_target(answers, label)
     return [Example(task="vqa", uid=qid, text=question, target=target, image_ids=[img_id],
