@@ -34,6 +34,7 @@ names an option), and :func:`chosen_option` the option it names as evaluation de
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -266,8 +267,9 @@ def read_video(video: Video, max_frames: int, expect_dim: Optional[int] = None, 
         if not path.exists():
             raise FileNotFoundError(f"{flag} {path}: no such folder or file")
         if path.suffix not in VideoFeatureFolder.SUFFIXES:
-            decode = (f"; video files are not decoded: write its frames into a folder first (e.g. ffmpeg -i {path} "
-                      "-vf fps=1 FOLDER/%05d.jpg)") if path.suffix.lower() in VIDEO_FILES else ""
+            decode = ("; video files are not decoded: write its frames into a folder first (e.g. ffmpeg -i "
+                      f"{shlex.quote(str(path))} -vf fps=1 FOLDER/%05d.jpg)") \
+                if path.suffix.lower() in VIDEO_FILES else ""
             raise ValueError(f"{flag} {path}: a video is a folder of frame images or a file of frame features "
                              f"({', '.join(VideoFeatureFolder.SUFFIXES)}){decode}")
         return read_frame_features(path, expect_dim, f"{flag} {path}")

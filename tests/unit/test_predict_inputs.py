@@ -8,6 +8,7 @@ tests/integration/test_predict.py.)"""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -398,6 +399,19 @@ def test_a_features_array_of_another_width_or_an_empty_frame_sequence_is_refused
     assert read_video(np.zeros((3, 64), np.float64), 4, expect_dim=64).dtype.is_floating_point
     with pytest.raises(ValueError, match=r"^video: no frames \(an empty sequence\)$"):
         read_video([], 4)
+
+
+def test_a_video_file_s_hint_takes_any_case_of_its_suffix_and_a_path_with_spaces(tmp_path):
+    """A phone's IMG_0001.MOV is a video file as clip.mp4 is, and the ffmpeg line of the hint runs as pasted where
+    the path has a space (quoted)."""
+    from vlscale.predict import read_video
+
+    clip = tmp_path / "my videos" / "IMG_0001.MOV"
+    clip.parent.mkdir()
+    clip.touch()
+    with pytest.raises(ValueError, match=rf"; video files are not decoded: .* \(e\.g\. ffmpeg -i "
+                                         rf"'{re.escape(str(clip))}' -vf fps=1 FOLDER/%05d\.jpg\)$"):
+        read_video(clip, 4)
 
 
 def test_a_question_options_and_subtitle_are_stripped_as_the_data_s():
