@@ -125,14 +125,14 @@ class Record:
         """Whether the record carries its answers (any of ``keys``): if it does, the parser reads and checks them
         as ever. If none is there (or each is null, withheld as well): False where answers are not required
         (``evaluate.py --predict-only``: the parser makes an example without target or references), else a
-        RecordError naming the first key."""
+        RecordError naming the first key written as null, or the first key."""
         if not isinstance(self.data, dict):
             raise self.error(None, f"is {type(self.data).__name__}, expected a JSON object")
-        null = [k for k in keys if k in self.data]
-        if any(self.data[k] is not None for k in null):
+        given = [k for k in keys if k in self.data]
+        if any(self.data[k] is not None for k in given):
             return True
         if self.require_answers:
-            raise self.error((null or keys)[0], f"is {'null' if null else 'missing'} (a split without its answers, "
+            raise self.error((given or keys)[0], f"is {'null' if given else 'missing'} (a split without its answers, "
                              "such as a leaderboard's test split, can only be predicted: launchers/evaluate.py "
                              "--predict-only)")
         return False
