@@ -89,7 +89,9 @@ def _read_json(path: Path, what: str) -> dict:
         if not path.parent.is_dir():  # a data.feature_cache that is not there, or is a file
             raise DataFileNotFound(f"feature cache folder {path.parent} does not exist{cwd_note(path.parent)}; make "
                                    "it with launchers/extract_features.py (data.feature_cache)") from None
-        videos = sorted(p.name for p in path.parent.iterdir() if p.suffix in (".npy", ".npz", ".safetensors")
+        from vlscale.data.video import VideoFeatureFolder
+
+        videos = sorted(p.name for p in path.parent.iterdir() if p.suffix in VideoFeatureFolder.SUFFIXES
                         and not p.name.startswith("shard_"))
         fix = (f"it holds video frame-features files ({', '.join(videos[:2])}{', ...' if len(videos) > 2 else ''}), "
                "not a cache: put them in data.root/<task>/features/ and set data.feature_cache=null, or copy them "
