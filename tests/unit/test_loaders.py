@@ -1030,6 +1030,15 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
                                         r"on the hub, as its folder 'data' is here .*; did you mean "
                                         r"'data/my_hf_ds'\?$"):
         load_hf_examples("vqa", "data/my_hf_dz", "train", cols)
+
+    def unlisted(self):  # a folder this process may not list (root lists every one: a stand-in)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "iterdir", unlisted)
+        with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked "
+                                            r"up on the hub, as its folder 'data' is here [^;]*$"):
+            load_hf_examples("vqa", "data/my_hf_dz", "train", cols)
     for path in ("./my_hf_ds", "../no_hf_ds", str(tmp_path / "no_hf_ds"), "~/no_such_hf_ds"):
         with pytest.raises(DataError, match=rf"^data\.hf_dataset='{re.escape(path)}': no such folder.*; not looked "
                                             r"up on the hub, as it is a path \(absolute, or starting with \./, \.\./ "

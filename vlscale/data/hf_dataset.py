@@ -196,8 +196,11 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
                if missing_source(name_or_path) else
                f"its folder {str(path.parent)!r} is here (so is a hub id owner/name whose owner is a local folder: "
                "run from another folder)")
-        folders = [p.name for p in itertools.islice(path.parent.iterdir(), 10000) if p.is_dir()] \
-            if path.parent.is_dir() else []
+        try:  # a near name, for "did you mean"
+            folders = [p.name for p in itertools.islice(path.parent.iterdir(), 10000) if p.is_dir()] \
+                if path.parent.is_dir() else []
+        except OSError:  # a folder this process may not list: the line without it
+            folders = []
         near = difflib.get_close_matches(path.name, folders, 1)
         raise DataError(f"{key}={name_or_path!r}: no such folder{cwd_note(path)}"
                         + (f" ({path})" if path != Path(name_or_path) else "") + f"; not looked up on the hub, as {why}"
