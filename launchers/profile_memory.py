@@ -20,8 +20,9 @@
 * ``--plot FILE.png``: stacked bars per component (predicted, measured, or the top plan options).
 
 Exit status: 0 with the report, also when no setting fits ``--budget`` (the table says so; ``--json``:
-``settings_fit`` is 0); 1 when ``--write-config`` has no fitting setting to write; 2 for a bad argument,
-config or DeepSpeed file, or a --plot / --write-config file that cannot be written.
+``settings_fit`` is 0, and ``fit_hint`` the table's line of what would fit, else null); 1 when ``--write-config``
+has no fitting setting to write; 2 for a bad argument, config or DeepSpeed file, or a --plot / --write-config file
+that cannot be written.
 """
 
 from __future__ import annotations
@@ -323,6 +324,7 @@ def profile(args, json_out=None) -> int:
         out["plan"] = [o.to_dict() for o in options[: args.top]]
         out["budget"] = budget
         out["settings_searched"], out["settings_fit"] = len(options), sum(o.fits for o in options)
+        out["fit_hint"] = fit_hint(options, budget) if options and not out["settings_fit"] else None  # the table's
         if args.write_config:
             best = next((o for o in options if o.fits), None)
             if best is None:

@@ -1596,7 +1596,10 @@ def test_plan_table_says_the_headroom_it_kept(capsys, launcher):
                         r"smaller --headroom or model.backbone", out.splitlines()[-1]).group(1)  # no 'to train 1'
     for budget, fit in ((need, 1), (f"{int(need[:-3]) - 1}MiB", 0)):
         assert profile_memory.main(["--config", "tiny", "--budget", budget, "--json"]) == 0
-        assert bool(json.loads(capsys.readouterr().out)["settings_fit"]) == fit
+        got = json.loads(capsys.readouterr().out)
+        assert bool(got["settings_fit"]) == fit
+        assert (got["fit_hint"] is None) == bool(fit)  # --json says what the table says (it had no hint)
+        assert fit or f"needs --budget {need} with the headroom" in got["fit_hint"]
     assert profile_memory.main(["--config", "tiny", "--budget", "512MiB", "--headroom", "1MiB", "--top", "1",
                                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
