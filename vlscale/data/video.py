@@ -85,12 +85,19 @@ def report_ts_outside(task: str, path, examples: list, subtitles: dict) -> None:
     """Log (once per annotation file) how many examples have a ``ts`` wholly before or after their video's subtitle
     lines (a ts in milliseconds, or another clip's): it selects none of them, so their inputs carry no subtitle text.
     A ts inside the lines' span that meets none (a silent moment) is not counted."""
-    out = []
+    if ("ts", str(path)) in _REPORTED:  # a file read again (another split's check, evaluation): said already
+        return
+    out, spans = [], {}  # spans: video -> (its lines' first start, last end), once per video
     for e in examples:
-        lines, ts = subtitles.get(e.image_ids[0]), e.extra.get("ts")
-        if lines and ts is not None and (ts[1] < lines[0][0] or ts[0] > max(ln[1] for ln in lines)):
-            out.append((e, ts, lines[0][0], max(ln[1] for ln in lines)))
-    if not out or ("ts", str(path)) in _REPORTED:
+        vid, ts = e.image_ids[0], e.extra.get("ts")
+        if ts is None or not subtitles.get(vid):
+            continue
+        if vid not in spans:
+            spans[vid] = (min(ln[0] for ln in subtitles[vid]), max(ln[1] for ln in subtitles[vid]))
+        first, last = spans[vid]
+        if ts[1] < first or ts[0] > last:
+            out.append((e, ts, first, last))
+    if not out:
         return
     _REPORTED.add(("ts", str(path)))
     e, ts, first, last = out[0]
