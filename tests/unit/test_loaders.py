@@ -2232,6 +2232,9 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     # missing, as a split not there is (extract_features.py --real skips it, saying so)
     with pytest.raises(DataFileNotFound, match=r"no_val': its split 'validation' has no rows \(saved without"):
         load_hf_examples("gqa", str(tmp_path / "no_val"), "val", cols)
+    datasets.DatasetDict({"train": one, "validation": one.select([]), "dev": one}).save_to_disk(str(tmp_path / "dev"))
+    examples = load_hf_examples("gqa", str(tmp_path / "dev"), "val", cols)[0]  # the next name of val's: dev's rows
+    assert [(e.target, e.uid) for e in examples] == [("a", "val-0")]  # numbered as val's (ids: the dataset's first)
     broken = _hf_dict(tmp_path / "broken", {"image": ["a.png"], "q": ["q"], "a": ["a"]})
     for arrow in Path(broken).rglob("*.arrow"):
         arrow.write_bytes(b"not an arrow file")

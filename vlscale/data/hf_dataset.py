@@ -215,15 +215,17 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
         raise DataError(f"{key}={name_or_path!r} holds one Dataset without splits; save a "
                         "DatasetDict with train / validation / test splits")
     names = SPLIT_NAMES.get(split, (split,))
-    first = {ours: next((n for n in aliases if n in obj), None) for ours, aliases in SPLIT_NAMES.items()}
+    # _splits_one_by_one's splits of 0 rows (None) are passed over for the next name (an empty validation beside dev)
+    first = {ours: next((n for n in aliases if obj.get(n) is not None), None) for ours, aliases in SPLIT_NAMES.items()}
     for name in names:
-        if name in obj:
+        if obj.get(name) is not None:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
-            if obj[name] is None:  # _splits_one_by_one's split of 0 rows: missing, as a split not there is
-                raise DataFileNotFound(f"{key}={name_or_path!r}: its split {name!r} has no rows (saved without a data "
-                                       f"file: {name}/state.json lists none); give it rows, or save the DatasetDict "
-                                       "without it")
             return obj[name], name, ours
+    empty = next((name for name in names if name in obj), None)
+    if empty is not None:  # missing, as a split not there is
+        raise DataFileNotFound(f"{key}={name_or_path!r}: its split {empty!r} has no rows (saved without a data "
+                               f"file: {empty}/state.json lists none); give it rows, or save the DatasetDict "
+                               "without it")
     # a split not there is a missing file, as an annotation file is (extract_features.py --real skips it, says so)
     raise DataFileNotFound(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
                            f"its splits: {list(obj)}")
