@@ -1433,7 +1433,8 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
     with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('c\.jpg' as "
                                         r"'c'\)"):
         check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None)
-                                                      for i in ("c.jpg", "d.jpg", "x.")], SyntheticImages(dict.fromkeys("abc")))
+                                                      for i in ("c.jpg", "d.jpg", "x.")],
+                         SyntheticImages(dict.fromkeys("abc")))
 
 
 def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_missing(tmp_path):
