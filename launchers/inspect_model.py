@@ -1,6 +1,7 @@
 """Where each module of a V&L model went, and how many parameters train.
 
     python launchers/inspect_model.py --config paper/clip_bart_single_adapter [key=value ...] [--json]
+    python launchers/inspect_model.py --adapter runs/default/adapter [--json]   (a trained run's model)
 
 Builds the model on the ``meta`` device (no weights, no network, seconds even for t5-11b) with the
 vocabulary the trainer gives it, the tokenizer's length, where the tokenizer loads offline (the
@@ -10,6 +11,8 @@ method attaches to), parameter counts by group (trainable or frozen), and ``upda
 trainable / total without the vision encoder (the paper's convention when features are
 precomputed) beside ``updated_pct_with_vision`` = trainable / total with CLIP (where the features
 come from a cache the model holds no CLIP; the registry's ``model.vision`` is then counted).
+``--adapter DIR`` inspects the model a run trained: the config and vocabulary its ``adapter_config.json`` records
+(an adapter/ copied alone will do), overrides that change the model refused as evaluate.py refuses them.
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ def _vocab_size(cfg) -> tuple[int, str]:
     return base + extra, note
 
 
-def inspect(cfg) -> dict:
+def inspect(cfg, vocab_size=None) -> dict:
+    """The report of ``cfg``'s model; ``vocab_size``: a trained adapter's (default: :func:`_vocab_size`)."""
     from vlscale.modeling.vl_model import build_model
     from vlscale.peft.trainable import count_parameters, parameter_groups, with_registry_vision
 
-    vocab_size, vocab_source = _vocab_size(cfg)
+    vocab_size, vocab_source = (vocab_size, "the adapter's") if vocab_size else _vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     built = model.lm.get_input_embeddings().num_embeddings
     if vocab_size and built > vocab_size:  # the checkpoint's or registry's embeddings outnumber the tokenizer's tokens
@@ -134,13 +138,23 @@ def print_report(r: dict) -> None:
 @logs_to_console
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
+    which.add_argument("--adapter", default=None, help="a trained run's adapter/ directory: its model")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = ap.parse_intermixed_args(argv)
+    from vlscale.engine.checkpoint import CheckpointError
+
     try:  # a value the model's build refuses (peft.phm_dim not dividing d_model) is a ConfigError too
-        report = inspect(load_config(args.config, args.overrides))
-    except ConfigError as e:
+        if args.adapter:
+            from vlscale.predict import load_run_config
+
+            cfg, meta = load_run_config(args.adapter, args.overrides)
+            report = inspect(cfg, meta["vocab_size"])
+        else:
+            report = inspect(load_config(args.config, args.overrides))
+    except (ConfigError, ValueError, CheckpointError) as e:  # --adapter: not one, an override changing the model
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -281,6 +281,26 @@ def test_inspect_model_counts_match_independent_count(preset, backbone, tasks, c
     assert report["updated_pct"] == pytest.approx(100 * expected / report["total_without_vision"])
 
 
+def test_inspect_model_reads_a_trained_adapter_alone(tmp_path, capsys, launcher):
+    """README's "Inspecting a model" took --config only: an adapter/ sent to a colleague (no run_config.yaml beside
+    it) could not be inspected (its adapter_config.json as --config: 'unknown key format'). --adapter reads its run
+    config and vocabulary, refusing a run's output_dir or an override that changes the model as evaluate.py does."""
+    from vlscale.engine import checkpoint as ckpt
+
+    cfg = _cfg("peft.sharing=multiple")
+    ckpt.save_adapter(build_model(cfg, vocab_size=VOCAB), tmp_path / "run" / "adapter", cfg, vocab_size=VOCAB)
+    assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (report["vocab_size"], report["vocab_source"], report["tasks"]) == (VOCAB, "the adapter's", ["vqa", "nlvr2"])
+    assert report["trainable"] == saved["trainable_params"]
+    assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run")]) == 2
+    assert f"is a run's output_dir, not an adapter directory: pass {tmp_path / 'run' / 'adapter'}" in \
+        capsys.readouterr().err
+    assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "peft.sharing=single"]) == 2
+    assert "override peft.sharing='single' would change the model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["peft.method=compacter", "peft.phm_dim=3"], "peft.phm_dim=3 must divide"),
     (["peft.reduction_factor=1000"], "peft.reduction_factor=1000 leaves no hidden units"),
