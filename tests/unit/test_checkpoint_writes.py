@@ -335,7 +335,8 @@ def test_a_data_root_or_annotation_file_not_there_is_refused_before_start(tmp_pa
     cfg = load_config("tiny", [out, "data.source=real", "data.root=nowhere", "data.tasks=[gqa]"])
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
         f"DataError: split 'train' not found for gqa: data.root='nowhere' is not a directory (read from the working "
-        f"directory {tmp_path}: run from the folder it is relative to, or give it whole)")
+        f"directory {tmp_path}: run from the folder it is relative to, or give it whole); give data.root=DIR, the "
+        f"folder the datasets are in (layout: docs/datasets.md)")
     gqa = tmp_path / "data" / "gqa"
     gqa.mkdir(parents=True)
     (gqa / "train.json").write_text("[]")

@@ -87,8 +87,9 @@ def _read_json(path: Path, what: str) -> dict:
             data = json.load(f)
     except (FileNotFoundError, NotADirectoryError):
         if not path.parent.is_dir():  # a data.feature_cache that is not there, or is a file
-            raise DataFileNotFound(f"feature cache folder {path.parent} does not exist{cwd_note(path.parent)}; make "
-                                   "it with launchers/extract_features.py (data.feature_cache)") from None
+            raise DataFileNotFound(f"feature cache folder {path.parent} does not exist{cwd_note(path.parent)}; give "
+                                   "data.feature_cache=DIR, the folder the cache is in, or make it with "
+                                   "launchers/extract_features.py") from None
         from vlscale.data.video import VideoFeatureFolder
 
         videos = sorted(p.name for p in path.parent.iterdir() if p.suffix in VideoFeatureFolder.SUFFIXES

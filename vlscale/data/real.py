@@ -319,7 +319,8 @@ def _root(cfg) -> Path:
                         "(layout in docs/datasets.md) or set data.hf_dataset")
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
-        raise DataFileNotFound(f"data.root={cfg.data.root!r} is not a directory{cwd_note(root)}")
+        raise DataFileNotFound(f"data.root={cfg.data.root!r} is not a directory{cwd_note(root)}; give "
+                               "data.root=DIR, the folder the datasets are in (layout: docs/datasets.md)")
     return root
 
 
