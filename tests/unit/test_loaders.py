@@ -1435,11 +1435,12 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
                                         rf"without it \('{vid}\.mp4' as '{vid}'\): ids are file names without the "
                                         r"suffix, drop it in the annotations, or set data\.skip_bad_records=true"):
         check_visual_ids(tv, "tvqa", "train", mp4, vids)
+    # a trailing dot ('x.') and a dot in a folder's name ('a.v/c') are no file suffix, though 'x' and 'a' are there
     with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('c\.jpg' as "
                                         r"'c'\)"):
-        check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None)
-                                                      for i in ("c.jpg", "d.jpg", "x.")],
-                         SyntheticImages(dict.fromkeys("abc")))
+        check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in
+                                                      ("c.jpg", "d.jpg", "x.", "a.v/c")],
+                         SyntheticImages(dict.fromkeys("abcx")))
 
 
 def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_missing(tmp_path):
