@@ -1441,6 +1441,9 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
         check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in
                                                       ("c.jpg", "d.jpg", "x.", "a.v/c")],
                          SyntheticImages(dict.fromkeys("abcx")))
+    many = [SimpleNamespace(image_ids=[f"{k}.jpg"], source=None) for k in range(101)]  # counted over all, not 100
+    with pytest.raises(DataError, match=r"101 visual id\(s\) .*; 101 of them end in a file suffix"):
+        check_visual_ids(make_cfg(), "vqa", "train", many, SyntheticImages(dict.fromkeys(map(str, range(101)))))
 
 
 def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_missing(tmp_path):

@@ -103,10 +103,10 @@ def build_visual_source(cfg, task: str, split: str):
 
 def _held_without_suffix(source, missing: list) -> list[tuple[str, str]]:
     """``(id, its stem)`` for the missing ids written with a file suffix (``clip1.mp4``, ``x.jpg``) whose stem
-    ``source`` holds: the layout's ids are file names without the suffix. Up to 100 ids are looked at."""
+    ``source`` holds: the layout's ids are file names without the suffix."""
     from vlscale.data.visual import missing_ids
 
-    stems = {i: i.rpartition(".")[0] for i in missing[:100] if "." in i.rpartition("/")[2].strip(".")}
+    stems = {i: i.rpartition(".")[0] for i in missing if "." in i.rpartition("/")[2].strip(".")}
     held = set(stems.values()) - set(missing_ids(source, stems.values())) if stems else set()
     return [(i, stem) for i, stem in stems.items() if stem in held]
 
