@@ -212,6 +212,7 @@ def test_vqa_target_is_labels_top_answer_and_raw_answers_are_counted_stripped(tm
     first, second = load_vqa(_write_json(tmp_path / "vqa.json", [spelled, unlabelled]))
     assert first.target == "2"
     assert second.target == "no" and second.references == ["yes", "yes", "no", "no", "no"]
+    assert second.extra["label"] == {}  # an empty label stays empty (a null one is read from the answers)
 
 
 def test_a_vqa_record_with_raw_answers_alone_takes_the_most_frequent_and_a_soft_label_from_them(tmp_path):
