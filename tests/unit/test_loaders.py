@@ -1805,7 +1805,7 @@ def test_features_holding_nan_are_named_when_fetched(tmp_path):
     from vlscale.data.video import VideoFeatureFolder
 
     bad = np.ones((3, 8), np.float32)
-    bad[1, 2] = np.nan
+    bad[1, 2], bad[2, 0] = np.nan, np.inf  # the first row holding one is named
     np.save(tmp_path / "nan.npy", bad)
     np.save(tmp_path / "ok.npy", np.ones((3, 8), np.float32))
     folder = VideoFeatureFolder(tmp_path)
