@@ -2221,7 +2221,7 @@ def test_images_decoded_padded_because_other_code_allows_it_are_said_once(tmp_pa
 
 
 def test_hf_datasets_library_errors_become_data_errors(tmp_path):
-    from vlscale.data.hf_dataset import load_hf_examples
+    from vlscale.data.hf_dataset import load_hf_examples, open_hf_split
 
     cols = {"image": "image", "question": "q", "answer": "a"}
     (tmp_path / "empty").mkdir()
@@ -2246,6 +2246,7 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     datasets.DatasetDict({"train": one, "validation": one.select([]), "dev": one}).save_to_disk(str(tmp_path / "dev"))
     examples = load_hf_examples("gqa", str(tmp_path / "dev"), "val", cols)[0]  # the next name of val's: dev's rows
     assert [(e.target, e.uid) for e in examples] == [("a", "val-0")]  # numbered as val's (ids: the dataset's first)
+    assert open_hf_split(str(tmp_path / "dev"), "dev")[1:] == ("dev", "val")  # asked by its name too (--split dev)
     broken = _hf_dict(tmp_path / "broken", {"image": ["a.png"], "q": ["q"], "a": ["a"]})
     for arrow in Path(broken).rglob("*.arrow"):
         arrow.write_bytes(b"not an arrow file")
