@@ -324,7 +324,7 @@ def profile(args, json_out=None) -> int:
         out["plan"] = [o.to_dict() for o in options[: args.top]]
         out["budget"] = budget
         out["settings_searched"], out["settings_fit"] = len(options), sum(o.fits for o in options)
-        out["fit_hint"] = fit_hint(options, budget) if options and not out["settings_fit"] else None  # the table's
+        out["fit_hint"] = fit_hint(options, budget) if not out["settings_fit"] else None  # the table's
         if args.write_config:
             best = next((o for o in options if o.fits), None)
             if best is None:
