@@ -361,7 +361,8 @@ def test_the_zero3_loader_checks_folders_and_sources_the_same_way(tmp_path, monk
     # a model.backbone_path that is not there: it read "is not a local directory" and advised downloading
     # mini-t5 (a shipped miniature no hub has) with `hf download`
     missing = str(tmp_path / "mini-t5")
-    with pytest.raises(ConfigError, match=rf"^model\.backbone_path={re.escape(repr(missing))} does not exist$"):
+    with pytest.raises(ConfigError, match=rf"^model\.backbone_path={re.escape(repr(missing))} does not exist; "
+                                          r"give model\.backbone_path=DIR, the folder the weights are in now$"):
         build_lm_zero3("mini-t5", ds_config=ds, path=missing, pretrained=True)
     monkeypatch.chdir(tmp_path)  # a relative one (an adapter's config keeps it as given) says where it was read
     with pytest.raises(ConfigError, match=r"^model\.backbone_path='\./weights/mini-t5' does not exist \(read from the "

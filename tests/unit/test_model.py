@@ -236,7 +236,8 @@ def test_from_pretrained_local_dirs(tmp_path):
         torch.testing.assert_close(a, b)
     bad = _cfg("model.pretrained=true", f"model.backbone_path={tmp_path / 'missing'}")
     missing = re.escape(repr(str(tmp_path / "missing")))
-    with pytest.raises(MissingWeights, match=rf"^model\.backbone_path={missing} does not exist$"):
+    with pytest.raises(MissingWeights, match=rf"^model\.backbone_path={missing} does not exist; give "
+                                             r"model\.backbone_path=DIR, the folder the weights are in now$"):
         build_model(bad, vocab_size=VOCAB)
     # a folder without weights: a ConfigError naming the key (train.py prints one line, no traceback)
     from vlscale.config import SourceError

@@ -122,7 +122,8 @@ def pretrained_source(name: str, path: Optional[str] = None) -> str:
     if path is not None and missing_source(path):
         from vlscale.files import cwd_note
 
-        raise MissingWeights(f"model.backbone_path={path!r} does not exist{cwd_note(path)}")
+        raise MissingWeights(f"model.backbone_path={path!r} does not exist{cwd_note(path)}; give "
+                             "model.backbone_path=DIR, the folder the weights are in now")
     source = path or hub_id(name)
     if not path and canonical_lm_name(name).startswith("tiny-"):
         raise MissingWeights(f"model.backbone={name} is a random test architecture with no pretrained weights "
