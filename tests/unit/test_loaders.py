@@ -1438,12 +1438,13 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
         check_visual_ids(tv, "tvqa", "train", mp4, vids)
     # a trailing dot ('x.') and a dot in a folder's name ('a.v/c') are no file suffix, though 'x' and 'a' are there
     with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('c\.jpg' as "
-                                        r"'c'\)"):
+                                        r"'c'\): ids are file names without the suffix, drop it in the annotations; "
+                                        r"the other 3 are not there at all, or set data\.skip_bad_records=true"):
         check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in
                                                       ("c.jpg", "d.jpg", "x.", "a.v/c")],
                          SyntheticImages(dict.fromkeys("abcx")))
     many = [SimpleNamespace(image_ids=[f"{k}.jpg"], source=None) for k in range(101)]  # counted over all, not 100
-    with pytest.raises(DataError, match=r"101 visual id\(s\) .*; 101 of them end in a file suffix"):
+    with pytest.raises(DataError, match=r"101 visual id\(s\) .*; 101 of them end in a file suffix.* annotations, or "):
         check_visual_ids(make_cfg(), "vqa", "train", many, SyntheticImages(dict.fromkeys(map(str, range(101)))))
 
 

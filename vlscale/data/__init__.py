@@ -138,7 +138,9 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
         suffixed = _held_without_suffix(source, missing)
         if suffixed:  # 'clip1.mp4' where the source holds 'clip1': any kind of source
             add = (f"{len(suffixed)} of them end in a file suffix and are there without it ({suffixed[0][0]!r} as "
-                   f"{suffixed[0][1]!r}): ids are file names without the suffix, drop it in the annotations")
+                   f"{suffixed[0][1]!r}): ids are file names without the suffix, drop it in the annotations"
+                   + (f"; the other {len(missing) - len(suffixed)} are not there at all"
+                      if len(suffixed) < len(missing) else ""))
         elif not isinstance(source, FeatureCache):
             from vlscale.data.visual import other_suffix_files
 
