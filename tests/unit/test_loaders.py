@@ -1040,6 +1040,11 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
     def unlisted(self):  # a folder this process may not list (root lists every one: a stand-in)
         raise PermissionError(13, "Permission denied", str(self))
 
+    with monkeypatch.context() as m:  # and one this process may not enter: a line, not a traceback
+        m.setattr(Path, "exists", unlisted)
+        with pytest.raises(DataError, match=r"^data\.hf_dataset='data/my_hf_ds': cannot be looked at \(Permission "
+                                            r"denied\); check the permissions of the folders on its path$"):
+            load_hf_examples("vqa", "data/my_hf_ds", "train", cols)
     with monkeypatch.context() as m:
         m.setattr(Path, "iterdir", unlisted)
         with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked "
