@@ -300,6 +300,9 @@ def test_inspect_model_reads_a_trained_adapter_alone(tmp_path, capsys, launcher)
         capsys.readouterr().err
     assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "peft.sharing=single"]) == 2
     assert "override peft.sharing='single' would change the model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # both: one model or the other, not the --config silently passed over
+        launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "--config", "tiny"])
+    assert "argument --config: not allowed with argument --adapter" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, key", [
