@@ -69,14 +69,14 @@ def _vocab_size(cfg) -> tuple[int, str]:
 
 def inspect(cfg, vocab_size=None) -> dict:
     """The report of ``cfg``'s model; ``vocab_size``: a trained adapter's (default: :func:`_vocab_size`)."""
-    from vlscale.modeling.vl_model import build_model
+    from vlscale.modeling.vl_model import build_model, checkpoint_vocab_size
     from vlscale.peft.trainable import count_parameters, parameter_groups, with_registry_vision
 
     vocab_size, vocab_source = (vocab_size, "the adapter's") if vocab_size else _vocab_size(cfg)
     model = build_model(cfg, vocab_size=vocab_size, device="meta")
     built = model.lm.get_input_embeddings().num_embeddings
     if vocab_size and built > vocab_size:  # the checkpoint's or registry's embeddings outnumber the tokenizer's tokens
-        where = ("model.backbone_path's config.json" if cfg.model.backbone_path
+        where = ("model.backbone_path's config.json" if checkpoint_vocab_size(cfg)  # (a folder not there: the registry)
                  else f"{cfg.model.backbone}'s registry config")
         vocab_source = f"{where}; {vocab_source}: {vocab_size:,}"
     counts = count_parameters(model)

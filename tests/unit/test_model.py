@@ -300,6 +300,12 @@ def test_inspect_model_reads_a_trained_adapter_alone(tmp_path, capsys, launcher)
         capsys.readouterr().err
     assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "peft.sharing=single"]) == 2
     assert "override peft.sharing='single' would change the model" in capsys.readouterr().err
+    # a pretrained run's adapter/ copied where its model.backbone_path is not there: the meta build takes the
+    # registry's vocabulary, and says so (it named the folder's config.json)
+    saved["run_config"]["model"].update(backbone="t5-small", pretrained=True, backbone_path=str(tmp_path / "gone"))
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text(json.dumps({**saved, "vocab_size": 32100}))
+    assert launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_source"] == "t5-small's registry config; the adapter's: 32,100"
     with pytest.raises(SystemExit):  # both: one model or the other, not the --config silently passed over
         launcher("inspect_model").main(["--adapter", str(tmp_path / "run" / "adapter"), "--config", "tiny"])
     assert "argument --config: not allowed with argument --adapter" in capsys.readouterr().err
