@@ -1045,6 +1045,8 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
         with pytest.raises(DataError, match=r"^data\.hf_dataset='data/my_hf_ds': cannot be looked at \(Permission "
                                             r"denied\); check the permissions of the folders on its path$"):
             load_hf_examples("vqa", "data/my_hf_ds", "train", cols)
+    with pytest.raises(DataError, match=r"^data\.hf_dataset='a{300}': cannot be looked at \(File name too long\)$"):
+        load_hf_examples("vqa", "a" * 300, "train", cols)  # any OSError, and no word of permissions for it
     with monkeypatch.context() as m:
         m.setattr(Path, "iterdir", unlisted)
         with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked "

@@ -170,9 +170,9 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     path = Path(name_or_path).expanduser()
     try:
         there = path.exists()
-    except OSError as e:  # Python 3.11's exists() raises where a folder on the way may not be entered
-        raise DataError(f"{key}={name_or_path!r}: cannot be looked at ({e.strerror or e}); check the permissions "
-                        "of the folders on its path") from e
+    except OSError as e:  # Python 3.11's exists() raises where a folder on the way may not be entered, a name too long
+        hint = "; check the permissions of the folders on its path" if isinstance(e, PermissionError) else ""
+        raise DataError(f"{key}={name_or_path!r}: cannot be looked at ({e.strerror or e}){hint}") from e
     if there:
         if not path.is_dir():
             raise DataError(f"{key}={name_or_path!r} is a file; give a dataset folder or a hub name")
