@@ -1446,7 +1446,7 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
     # a trailing dot ('x.') and a dot in a folder's name ('a.v/c') are no file suffix, though 'x' and 'a' are there
     with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('c\.jpg' as "
                                         r"'c'\): ids are file names without the suffix, drop it in the annotations; "
-                                        r"the other 3 are not there at all, or set data\.skip_bad_records=true"):
+                                        r"for the other 3: add their files, or set data\.skip_bad_records=true"):
         check_visual_ids(make_cfg(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in
                                                       ("c.jpg", "d.jpg", "x.", "a.v/c")],
                          SyntheticImages(dict.fromkeys("abcx")))
@@ -1489,6 +1489,12 @@ def test_images_there_under_another_suffix_are_named_with_what_to_do_not_called_
     with pytest.raises(DataError, match=rf"; 4 of them are there under another suffix \({listed}\), which "):
         check_visual_ids(RunConfig(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None) for i in "abcd"],
                          ImageFolder(pngs))
+    (pngs / "e.jpg").write_bytes(b"")  # 'e.jpg' named with its suffix beside 'a' there as a.png: each said
+    with pytest.raises(DataError, match=r"; 1 of them end in a file suffix and are there without it \('e\.jpg' as "
+                                        r"'e'\): .* drop it in the annotations; for the other 1: 1 of them are there "
+                                        rf"under another suffix \({re.escape(str(pngs / 'a.png'))}\), which "):
+        check_visual_ids(RunConfig(), "vqa", "train", [SimpleNamespace(image_ids=[i], source=None)
+                                                       for i in ("e.jpg", "a")], ImageFolder(pngs))
 
 
 def test_image_folder_bulk_check_suffix_case_and_unreadable_images(tmp_path):

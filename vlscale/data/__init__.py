@@ -135,16 +135,14 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
         from vlscale.data.features import FeatureCache, first_row_id
 
         column = cfg.data.hf_dataset and (cfg.data.hf_columns or {}).get("image_id")
-        suffixed = _held_without_suffix(source, missing)
-        if suffixed:  # 'clip1.mp4' where the source holds 'clip1': any kind of source
-            add = (f"{len(suffixed)} of them end in a file suffix and are there without it ({suffixed[0][0]!r} as "
-                   f"{suffixed[0][1]!r}): ids are file names without the suffix, drop it in the annotations"
-                   + (f"; the other {len(missing) - len(suffixed)} are not there at all"
-                      if len(suffixed) < len(missing) else ""))
+        suffixed = dict(_held_without_suffix(source, missing))  # 'clip1.mp4' where the source holds 'clip1'
+        rest = [i for i in missing if i not in suffixed]  # what else may be wrong with these, said for them alone
+        if not rest:
+            add = ""
         elif not isinstance(source, FeatureCache):
             from vlscale.data.visual import other_suffix_files
 
-            other = other_suffix_files(source, missing)
+            other = other_suffix_files(source, rest)
             add = "add their files" if not other else (
                 f"{len(other)} of them are there under another suffix ({', '.join(str(p) for p in other[:3])}), "
                 f"which the layout does not read (docs/datasets.md): convert them, or extract a feature cache of "
@@ -158,6 +156,11 @@ def check_visual_ids(cfg, task: str, split: str, examples: list, source) -> list
                      f"{cfg.data.hf_dataset} ... --id-column {column}")
         else:
             add = "extract them into the cache (launchers/extract_features.py over this split)"
+        if suffixed:  # any kind of source
+            first = next(iter(suffixed.items()))
+            add = (f"{len(suffixed)} of them end in a file suffix and are there without it ({first[0]!r} as "
+                   f"{first[1]!r}): ids are file names without the suffix, drop it in the annotations"
+                   + (f"; for the other {len(rest)}: {add}" if rest else ""))
         raise DataError(f"{what}; {add}, or set data.skip_bad_records=true to drop those examples")
     logger.warning(f"{what}; dropped those {len(bad)} examples (data.skip_bad_records=true)")
     kept = [e for e in examples if not any(i in lost for i in e.image_ids)]
