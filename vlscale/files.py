@@ -108,4 +108,5 @@ def cwd_note(path) -> str:
     '~' is not expanded here: the config's path settings have it expanded when loaded (config.HOME_PATHS)."""
     if Path(path).is_absolute():
         return ""
-    return f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give it whole)"
+    return (f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give its "
+            "absolute path)")

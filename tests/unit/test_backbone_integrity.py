@@ -337,8 +337,8 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
     with pytest.raises(ConfigError) as e:
         backbones.build_lm("tiny-t5", path="weights/t5", pretrained=True)
     _one_line(e, f"cannot load the weights for model.backbone_path='weights/t5' (not a local folder (read from the "
-                 f"working directory {tmp_path}: run from the folder it is relative to, or give it whole); a hub id "
-                 f"needs the network or a local HF cache): We couldn't connect")
+                 f"working directory {tmp_path}: run from the folder it is relative to, or give its absolute path); "
+                 f"a hub id needs the network or a local HF cache): We couldn't connect")
     with pytest.raises(ConfigError) as e:  # model.backbone's hub id is no folder meant: no working directory
         backbones.build_lm("t5-small", pretrained=True)
     _one_line(e, "cannot load the weights for model.backbone='google-t5/t5-small' (a hub id needs the network or a "

@@ -296,8 +296,8 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=re.escape(
             f"--resume: output_dir 'runs/a' does not exist (read from the working directory {tmp_path}: run from the "
-            f"folder it is relative to, or give it whole); give the run's output_dir (output_dir=...), or drop "
-            f"--resume to start a new run") + "$"):
+            f"folder it is relative to, or give its absolute path); give the run's output_dir (output_dir=...), or "
+            f"drop --resume to start a new run") + "$"):
         ckpt.check_output_dir("runs/a", resume=True)
 
 
@@ -335,8 +335,8 @@ def test_a_data_root_or_annotation_file_not_there_is_refused_before_start(tmp_pa
     cfg = load_config("tiny", [out, "data.source=real", "data.root=nowhere", "data.tasks=[gqa]"])
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
         f"DataError: split 'train' not found for gqa: data.root='nowhere' is not a directory (read from the working "
-        f"directory {tmp_path}: run from the folder it is relative to, or give it whole); give data.root=DIR, the "
-        f"folder the datasets are in (layout: docs/datasets.md)")
+        f"directory {tmp_path}: run from the folder it is relative to, or give its absolute path); give data.root=DIR, "
+        f"the folder the datasets are in (layout: docs/datasets.md)")
     gqa = tmp_path / "data" / "gqa"
     gqa.mkdir(parents=True)
     (gqa / "train.json").write_text("[]")

@@ -999,7 +999,7 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
 
     monkeypatch.chdir(tmp_path)
     where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
-                      f"or give it whole)")
+                      f"or give its absolute path)")
     with pytest.raises(DataFileNotFound, match=rf"^data\.root='root' is not a directory{where}; give data\.root=DIR, "
                                                r"the folder the datasets are in \(layout: docs/datasets\.md\)$"):
         load_real_examples(make_cfg("root"), "vqa", "train")
@@ -1031,7 +1031,7 @@ def test_a_data_hf_dataset_that_is_clearly_a_local_path_is_refused_without_askin
     (tmp_path / "data" / "my_hf_dz1").write_text("")  # nearer, but a file: not a dataset folder to suggest
     cols = {"image": "image", "question": "q", "answer": "a"}
     where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
-                      f"or give it whole)")
+                      f"or give its absolute path)")
     with pytest.raises(DataError, match=rf"^data\.hf_dataset='data/my_hf_dz': no such folder{where}; not looked up "
                                         r"on the hub, as its folder 'data' is here .*; did you mean "
                                         r"'data/my_hf_ds'\?$"):
