@@ -2258,6 +2258,12 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     with pytest.raises(DataFileNotFound, match=r"no_val': its split 'validation' has no rows \(saved without"):
         load_hf_examples("gqa", str(tmp_path / "no_val"), "val", cols)
     datasets.DatasetDict({"train": one, "validation": one.select([]), "dev": one}).save_to_disk(str(tmp_path / "dev"))
+    datasets.DatasetDict({"train": one, "validation": one.select([]), "dev": one.select([])}).save_to_disk(
+        str(tmp_path / "both"))  # every name of val's empty: each named
+    with pytest.raises(DataFileNotFound, match=r"both': its splits 'validation', 'dev' have no rows \(saved without a "
+                                               r"data file: validation/state\.json lists none\); give them rows, or "
+                                               r"save the DatasetDict without them$"):
+        load_hf_examples("gqa", str(tmp_path / "both"), "val", cols)
     examples = load_hf_examples("gqa", str(tmp_path / "dev"), "val", cols)[0]  # the next name of val's: dev's rows
     assert [(e.target, e.uid) for e in examples] == [("a", "val-0")]  # numbered as val's (ids: the dataset's first)
     assert open_hf_split(str(tmp_path / "dev"), "dev")[1:] == ("dev", "val")  # asked by its name too (--split dev)

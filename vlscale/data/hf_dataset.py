@@ -226,11 +226,12 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
         if obj.get(name) is not None:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
             return obj[name], name, ours
-    empty = next((name for name in names if name in obj), None)
-    if empty is not None:  # missing, as a split not there is
-        raise DataFileNotFound(f"{key}={name_or_path!r}: its split {empty!r} has no rows (saved without a data "
-                               f"file: {empty}/state.json lists none); give it rows, or save the DatasetDict "
-                               "without it")
+    empty = [name for name in names if name in obj]
+    if empty:  # missing, as a split not there is
+        it, has, them = ("split", "has", "it") if len(empty) == 1 else ("splits", "have", "them")
+        raise DataFileNotFound(f"{key}={name_or_path!r}: its {it} {', '.join(map(repr, empty))} {has} no rows (saved "
+                               f"without a data file: {empty[0]}/state.json lists none); give {them} rows, or save "
+                               f"the DatasetDict without {them}")
     # a split not there is a missing file, as an annotation file is (extract_features.py --real skips it, says so)
     raise DataFileNotFound(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
                            f"its splits: {list(obj)}")
