@@ -68,11 +68,11 @@ def report_uncovered(task: str, path, examples: list, subtitles: dict) -> None:
     """Log (once per annotation and subtitles file) how many examples name a video the subtitles file has no
     entry for: their inputs carry no subtitle text."""
     source = getattr(subtitles, "source", None)
-    if not source or not examples:
+    key = (str(path), str(source))
+    if not source or not examples or key in _REPORTED:  # a file read again: said already, not walked again
         return
     lost = [e for e in examples if e.image_ids[0] not in subtitles]
-    key = (str(path), str(source))
-    if not lost or key in _REPORTED:
+    if not lost:
         return
     _REPORTED.add(key)
     vids = list(dict.fromkeys(e.image_ids[0] for e in lost))
@@ -226,10 +226,12 @@ def load_video_qa(task: str, path, subtitles: Subtitles, skip_bad_records: bool 
 def report_option_counts(task: str, path, examples: list) -> None:
     """Log (once per annotation file) how many questions have another number of answer options than most of the
     file's (TVQA's have 5, How2QA's 4): such a question most likely lost or gained an option in a conversion."""
+    if ("options", str(path)) in _REPORTED:  # a file read again: said already, not walked again
+        return
     counts = [len(e.extra["candidates"]) for e in examples]
     usual = max(set(counts), key=counts.count, default=None)
     odd = [(e, n) for e, n in zip(examples, counts) if n != usual]
-    if not odd or ("options", str(path)) in _REPORTED:
+    if not odd:
         return
     _REPORTED.add(("options", str(path)))
     logger.warning(f"{task}: {len(odd)} of {len(examples)} questions of {path} have another number of answer options "
