@@ -528,3 +528,24 @@ def test_an_error_on_several_ranks_leaves_at_once(launcher, monkeypatch):
     with pytest.raises(SystemExit) as e:
         evaluate.exit_after_error(1)
     assert e.value.code == 1
+
+
+def test_reports_know_an_adapter_by_its_weights_not_its_path(tmp_path):
+    """A run folder moved (or copied) after evaluation: ``--tasks`` on a subset there merges into the report, as
+    before the move (it replaced it, the absolute path differing); an adapter trained again into the same folder
+    at the same step is another adapter (it was merged with the old weights' scores)."""
+    cfg, settings = load_config("tiny"), {"data": {}}
+    run = tmp_path / "run"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), run / "adapter", cfg, vocab_size=10, extra={"step": 2})
+    write_eval_report(run / "eval_val", run / "adapter", "val", 2, {"vqa": {"vqa_score": 0.5}}, settings=settings)
+    moved = run.rename(tmp_path / "moved")
+    report = json.loads(write_eval_report(moved / "eval_val", moved / "adapter", "val", 2,
+                                          {"gqa": {"accuracy": 0.25}}, settings=settings).read_text())
+    assert report["tasks"] == {"vqa": {"vqa_score": 0.5}, "gqa": {"accuracy": 0.25}}
+    assert report["adapter"] == str((moved / "adapter").resolve())
+
+    torch.manual_seed(1)
+    ckpt.save_adapter(torch.nn.Linear(2, 2), moved / "adapter", cfg, vocab_size=10, extra={"step": 2})
+    report = json.loads(write_eval_report(moved / "eval_val", moved / "adapter", "val", 2,
+                                          {"nlvr2": {"accuracy": 0.5}}, settings=settings).read_text())
+    assert report["tasks"] == {"nlvr2": {"accuracy": 0.5}}

@@ -390,6 +390,22 @@ def _adapter_eval_settings(adapter_dir) -> Optional[dict]:
         return None
 
 
+def _adapter_sha256(adapter_dir) -> Optional[str]:
+    """sha256 of the adapter's weights file: what a report's scores are of, wherever the folder is now."""
+    import hashlib
+
+    from vlscale.engine.checkpoint import ADAPTER_WEIGHTS
+
+    h = hashlib.sha256()
+    try:
+        with open(Path(adapter_dir) / ADAPTER_WEIGHTS, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except OSError:  # no adapter (yet): known by its path alone
+        return None
+    return h.hexdigest()
+
+
 def _count_predictions(predictions_dir: Path, tasks) -> dict[str, int]:
     counts = {}
     for task in tasks:
@@ -402,12 +418,14 @@ def _count_predictions(predictions_dir: Path, tasks) -> dict[str, int]:
 
 def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], scores: dict[str, dict],
                       settings: Optional[dict] = None) -> Path:
-    """``<out_dir>/eval_metrics.json`` (adapter, split, step, evaluation settings, per-task scores and
-    number of examples scored, counted in ``<out_dir>/predictions/<task>.jsonl``; ``caption_tokens``: the
-    tokenisation of each caption task scored with ``java_metrics``, :func:`caption_tokens`), beside ``predictions/``.
+    """``<out_dir>/eval_metrics.json`` (adapter path and the sha256 of its weights, split, step, evaluation
+    settings, per-task scores and number of examples scored, counted in ``<out_dir>/predictions/<task>.jsonl``;
+    ``caption_tokens``: the tokenisation of each caption task scored with ``java_metrics``,
+    :func:`caption_tokens`), beside ``predictions/``.
 
     ``settings``: :func:`eval_settings` of the config the scores were computed with (default: the adapter's
-    run config). A report there of the same adapter, split, step and settings keeps the scores of the tasks
+    run config). A report there of the same adapter (its weights' sha256, wherever the folder is now), split, step
+    and settings keeps the scores of the tasks
     not evaluated now (``evaluate.py --tasks`` on a subset); one of another adapter, split, step or settings
     (other data, ``train.eval_max_examples``) is replaced, so one report never mixes scores of other data, and
     the replaced report's predictions of tasks not evaluated now are removed with it (said in a warning)."""
@@ -423,7 +441,13 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
         old = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         old = None
-    if isinstance(old, dict) and all(old.get(k) == report[k] for k in ("adapter", "split", "step", "settings")) \
+    sha = _adapter_sha256(adapter_dir)
+    if sha is not None:
+        report["adapter_sha256"] = sha
+    # the same weights wherever they are now (a moved run folder), else (no weights file) the same path
+    same = ("adapter_sha256",) if sha is not None and isinstance(old, dict) and "adapter_sha256" in old \
+        else ("adapter",)
+    if isinstance(old, dict) and all(old.get(k) == report[k] for k in (*same, "split", "step", "settings")) \
             and isinstance(old.get("tasks"), dict):
         report["tasks"] = {**old["tasks"], **scores}
         old_counts = old.get("examples") if isinstance(old.get("examples"), dict) else {}
