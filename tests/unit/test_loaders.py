@@ -1361,7 +1361,8 @@ def test_video_annotation_files_under_their_value_names(tmp_path):
 
 
 def test_two_video_annotation_files_of_one_split_are_refused(tmp_path):
-    """tvqa/train.jsonl beside tvqa/tvqa_train_release.jsonl: which one trains was a silent pick."""
+    """tvqa/train.jsonl beside tvqa/tvqa_train_release.jsonl: which one trains was a silent pick. The launchers'
+    check of every split says so too, not that the split is 'not found'."""
     root = tmp_path / "data"
     shutil.copytree(ROOT / "tvqa", root / "tvqa")
     cfg = make_cfg(root, tasks=["tvqa"])
@@ -1371,6 +1372,10 @@ def test_two_video_annotation_files_of_one_split_are_refused(tmp_path):
     other.write_text(first[0].read_text())
     with pytest.raises(DataError, match=r"tvqa train annotations: both .* and .* exist as two files; keep one of them"):
         annotation_path(cfg, "tvqa", "train")
+    from vlscale.data import check_split_found
+
+    with pytest.raises(DataError, match=r"^tvqa train annotations: both .* and .* exist as two files; keep one of"):
+        check_split_found(cfg, ["tvqa"], "train")  # train.py's and evaluate.py's check: it was 'not found ... both'
     other.unlink()
     other.symlink_to(first[0])
     assert annotation_path(cfg, "tvqa", "train") in (first[0], other)

@@ -56,17 +56,22 @@ def load_examples(cfg, task: str, split: str, require_answers: bool = True) -> l
 def check_split_found(cfg, tasks, split: str) -> None:
     """Every one of ``tasks`` has ``split`` where :func:`load_examples` will read it, checked before a long run
     reads the tasks one at a time (real files: the loaders' own ``annotation_path`` and COCO's Karpathy split
-    names): one DataError naming each task without it and the file looked for. The synthetic world has every
-    split; an HF dataset's splits are resolved when it is opened."""
+    names): one DataError naming each task without it and the file looked for. A split found twice (two files, or
+    two spellings of its folder) is refused as the loader refuses it, not called missing. The synthetic world has
+    every split; an HF dataset's splits are resolved when it is opened."""
     if cfg.data.source == "synthetic" or cfg.data.hf_dataset:
         return
     from vlscale.data.caption import karpathy_split
-    from vlscale.data.real import DataError, annotation_path
+    from vlscale.data.real import DataError, DataFileNotFound, annotation_path
 
     problems = {}
     for task in tasks:
         try:
-            path = annotation_path(cfg, task, split)
+            path = annotation_path(cfg, task, split)  # a DataError other than a missing file (two of it) is raised
+        except DataFileNotFound as e:
+            problems[task] = str(e)
+            continue
+        try:
             if task == "caption":
                 karpathy_split(path, split)
         except DataError as e:
