@@ -401,7 +401,8 @@ def test_ts_and_subtitle_lines_overlapping_it():
 
 def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_line(tmp_path):
     """A line ending where ``ts`` starts, or starting where it ends, overlaps it; an empty line adds no blank;
-    ``ts`` "NaN-NaN" (TVQA's unknown span) or none means every line. A boolean time is malformed."""
+    ``ts`` "NaN-NaN" (TVQA's unknown span) or none means every line. A boolean time is malformed, and so is a line
+    that ends before it starts (as a ``ts`` that does: it was read, overlapping nothing or the wrong span)."""
     from vlscale.data.real import Record
     from vlscale.data.video import load_subtitles, parse_ts, subtitle_text
 
@@ -415,6 +416,10 @@ def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_lin
     with pytest.raises(RecordError, match=r"key 'sub'.*item 0 needs 'text' \(string\), 'start' and 'end'"):
         load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
             {"text": "Hi.", "start": True, "end": 1.0}]}]))
+    with pytest.raises(RecordError, match=r"subs\.jsonl: line 2 \(id 'w'\): key 'sub' item 1 ends before it starts "
+                                          r"\(start 6\.5, end 4\.0\); fix its times$"):
+        load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [], "note": "fine"}, {
+            "vid_name": "w", "sub": [{"text": "Hi.", "start": 0, "end": 1}, {"text": "Bye.", "start": 6.5, "end": 4}]}]))
 
 
 def _jsonl(path, records):

@@ -126,7 +126,10 @@ def load_subtitles(path, skip_bad_records: bool = False) -> Subtitles:
                 if not ok:
                     raise rec.error("sub", f"item {i} needs 'text' (string), 'start' and 'end' (numbers), "
                                            f"got {item!r:.80}")
-                lines.append((float(item["start"]), float(item["end"]), item["text"].strip()))
+                start, end = float(item["start"]), float(item["end"])
+                if end < start:  # refused as a ts that does: read, it overlaps nothing or the wrong span
+                    raise rec.error("sub", f"item {i} ends before it starts (start {start}, end {end}); fix its times")
+                lines.append((start, end, item["text"].strip()))
             if vid in subs:
                 raise rec.error("vid_name", "appears twice in the subtitles file")
         except RecordError as e:
