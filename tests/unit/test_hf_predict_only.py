@@ -94,10 +94,12 @@ def test_rows_with_none_or_empty_answers(datasets_dir, task):
         load_hf_examples(task, blank, "test", columns)
     skipped, _ = load_hf_examples(task, blank, "test", columns, skip_bad_records=True)
     assert [e.target for e in skipped] == [examples[2].target] and skipped.skipped == 2
-    # row 1's cells are there but empty: said so (it was "key ... is missing", as if the column were not there)
-    what = {"gqa": "an empty string", "nlvr2": r"-1 \(the datasets library's mark of a withheld label\)"}
+    # row 1's cells are there but empty: said so (it was "key ... is missing", as if the column were not there);
+    # gqa's holds " ": said so (it was "an empty string")
+    what = {"gqa": r"holds only whitespace \(' '\)",
+            "nlvr2": r"is -1 \(the datasets library's mark of a withheld label\)"}
     rid = "" if task == "caption" else r" \(id 12\)"
-    assert re.match(rf"^{blank}\[test\]: row 1{rid}: key '{answer_column}' is {what.get(task, 'an empty list')}: "
+    assert re.match(rf"^{blank}\[test\]: row 1{rid}: key '{answer_column}' {what.get(task, 'is an empty list')}: "
                     r"the row has no answers \(data\.skip_bad_records=true skips such rows; a split without its "
                     r"answers.*--predict-only\)$", skipped.skip_messages[1]), skipped.skip_messages[1]
 

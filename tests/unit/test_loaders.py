@@ -252,8 +252,13 @@ def test_gqa_record_fields_map_to_the_example_and_an_empty_image_id_is_named(tmp
     answered, unanswered = load_gqa(path, require_answers=False)
     for e, uid in ((answered, "2930152"), (unanswered, "7")):
         assert (e.task, e.uid, e.text, e.image_ids) == ("gqa", uid, "Is the sky dark?", ["2354786"])
-    with pytest.raises(RecordError, match=r"gqa\.json: record 0 \(id 2930152\): key 'img_id' is an empty string"):
-        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id=" ")]))
+    with pytest.raises(RecordError, match=r"gqa\.json: record 0 \(id 2930152\): key 'img_id' is an empty string$"):
+        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id="")]))
+    with pytest.raises(RecordError, match=r"gqa\.json: record 0 \(id 2930152\): key 'img_id' holds only whitespace "
+                                          r"\(' \\t'\)$"):  # not 'an empty string': it is not empty
+        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id=" \t")]))
+    with pytest.raises(RecordError, match=r"record 0 \(id ' '\): key 'question_id' holds only whitespace \(' '\)$"):
+        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, question_id=" ")]))
 
 
 def test_nlvr2_boolean_labels_and_a_record_without_uid(tmp_path):
@@ -809,7 +814,7 @@ def test_hf_vqa_answer_types_are_read_where_mapped_and_a_test_split_may_lack_the
         load_hf_examples("vqa", blank, "train", cols)
     empty = _hf_dict(tmp_path / "hf_empty_type", {"image": [image], "q": ["Is it?"], "answers": [["yes"] * 10],
                                                   "kind": [" "]})
-    with pytest.raises(DataError, match=r"row 0.*'kind'.*is an empty string"):  # not scored as type ''
+    with pytest.raises(DataError, match=r"row 0.*'kind' holds only whitespace \(' '\)"):  # not scored as type ''
         load_hf_examples("vqa", empty, "train", cols)
     # GQA has no answer types: the mapping is ignored (a warning says so), its rows carry none
     ex, _ = load_hf_examples("gqa", path, "train", cols)
@@ -1125,7 +1130,7 @@ def test_a_videos_features_folder_given_as_the_feature_cache_is_named_so(tmp_pat
     ("gqa", "gqa/train.json", lambda d: d[0].update(label={"yes": 0.0, "no": 0}),
      r"record 0 .*key 'label' has no answer with a score above 0"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[1].update(uid=" "),
-     r"record 1 .*key 'uid' is an empty string"),
+     r"record 1 .*key 'uid' holds only whitespace \(' '\)$"),
     ("gqa", "gqa/train.json", lambda d: d[1].update(question_id=""),
      r"train\.json: record 1 .*key 'question_id' is an empty string"),
     # JSON's true is no id (nor an index): it is not read as the integer 1, nor named as the record's id
@@ -1156,9 +1161,9 @@ def test_a_videos_features_folder_given_as_the_feature_cache_is_named_so(tmp_pat
      r"record 1 \(id 25001\): key 'answers' is missing \(the record's keys: \['img_id', 'sent', 'question_id', "
      r"'answer_type', 'question_type', 'label'\]\)$"),
     ("gqa", "gqa/train.json", lambda d: d[0].update(sent=" \n"),
-     r"record 0 \(id '02930152'\): key 'sent' is an empty string"),
+     r"record 0 \(id '02930152'\): key 'sent' holds only whitespace \(' \\n'\)$"),
     ("nlvr2", "nlvr2/train.json", lambda d: d[2].update(sent="  "),
-     r"record 2 \(id 'nlvr2_train_2'\): key 'sent' is an empty string"),
+     r"record 2 \(id 'nlvr2_train_2'\): key 'sent' holds only whitespace \('  '\)$"),
 ])
 def test_malformed_record_names_file_record_and_key_and_skip_mode_counts(tmp_path, caplog, task, file, edit, match):
     root = copy_root(tmp_path, file.split("/")[0])

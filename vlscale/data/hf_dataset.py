@@ -55,7 +55,8 @@ from stat import S_ISREG
 from typing import Any
 
 from vlscale.config import missing_source
-from vlscale.data.real import DataError, DataFileNotFound, ExampleList, Record, best_answer, parse_records
+from vlscale.data.real import (DataError, DataFileNotFound, ExampleList, Record, best_answer, no_text,
+                               parse_records)
 from vlscale.data.tasks import Example, get_task
 from vlscale.files import cwd_note
 
@@ -329,7 +330,7 @@ def _blank(value) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return "is an empty string"
+        return no_text(value)
     if isinstance(value, int):
         return f"is {value} (the datasets library's mark of a withheld label)"
     return "is an empty list"

@@ -74,6 +74,11 @@ class RecordError(DataError):
         super().__init__(f"{path}: {where}{rid}: {what}")
 
 
+def no_text(value: str) -> str:
+    """What a string field without text holds, for an error: nothing, or whitespace only (shown: a tab, a newline)."""
+    return f"holds only whitespace ({value!r:.20})" if value else "is an empty string"
+
+
 class ExampleList(list):
     """A ``list[Example]`` that also says which file it came from and how many records were skipped."""
 
@@ -162,7 +167,7 @@ class Record:
         if value is default and default is not _REQUIRED:
             return value
         if not value.strip():
-            raise self.error(key, "is an empty string")
+            raise self.error(key, no_text(value))
         return value.strip()
 
     def ident(self, key: str, default=_REQUIRED) -> str:
@@ -171,7 +176,7 @@ class Record:
         if value is default and default is not _REQUIRED:
             return value
         if not str(value).strip():
-            raise self.error(key, "is an empty string")
+            raise self.error(key, no_text(value))
         return str(value)
 
     def score_map(self, key: str, allow_empty: bool) -> dict[str, float]:
