@@ -2309,19 +2309,29 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
     table = pa.Table.from_pylist([{"image": "a.png", "q": "q", "a": "a"}])
     pq.write_table(table, files / "train.parquet")
     pq.write_table(table.slice(0, 0), files / "validation.parquet")
+    # the other split loads from its own files; the empty one is a missing split (as a saved split of 0 rows)
+    assert open_hf_split(str(files), "train")[0]["a"] == ["a"]
+    with pytest.raises(DataFileNotFound, match=r"files': its split 'validation' has no rows \(its data file "
+                                               r"'validation\.parquet' is empty\); give it rows, or remove that file$"):
+        load_hf_examples("gqa", str(files), "val", cols)
+    (files / "train.parquet").unlink()  # every split of none: the folder cannot load
     with pytest.raises(DataError, match=r"files': its data file 'validation\.parquet' is empty \(no rows\), and the "
                                         r"datasets library cannot load the folder with it \(DatasetGenerationError: "
                                         r"An error occurred while generating the dataset, from ArrowInvalid: .*\); "
                                         r"remove it or give it rows$"):
-        load_hf_examples("gqa", str(files), "train", cols)
+        load_hf_examples("gqa", str(files), "val", cols)
     (files / "validation.parquet").write_bytes(b"")  # 0 bytes: 'Parquet file size is 0 bytes', naming no file
     with pytest.raises(DataError, match=r"files': its data file 'validation\.parquet' is empty \(no rows\), and"):
-        load_hf_examples("gqa", str(files), "train", cols)
+        load_hf_examples("gqa", str(files), "val", cols)
     # a 0-byte data file of any format is named too (the library's error is a bare StopIteration)
     blank = tmp_path / "blank"
     blank.mkdir()
     (blank / "train.jsonl").write_text("")
     (blank / "validation.jsonl").write_text(json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n")
+    with pytest.raises(DataFileNotFound, match=r"blank': its split 'train' has no rows \(its data file 'train\.jsonl' "
+                                               r"is empty\); give it rows, or remove that file$"):
+        load_hf_examples("gqa", str(blank), "train", cols)
+    (blank / "validation.jsonl").unlink()
     with pytest.raises(DataError, match=r"blank': its data file 'train\.jsonl' is empty \(no rows\), and the "
                                         r"datasets library cannot load the folder with it \(.+\); remove it or give it "
                                         r"rows$"):
@@ -2332,8 +2342,9 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
     """A 0-byte data file (or a parquet file of no rows) in a folder of data files: the library's error names no
     file (a bare StopIteration for a JSON file; 'Instruction "validation" corresponds to no data' for a split of
     one), and the folder's listing marked it '(empty)' only among its first 10 entries, in its top folder. The
-    error names each such file, by its path in the folder."""
-    from vlscale.data.hf_dataset import _why, load_hf_examples
+    error names each such file, by its path in the folder. A split whose files all hold none is a missing split
+    (as a saved split of 0 rows), the others loaded from their own files; the library failed every split with it."""
+    from vlscale.data.hf_dataset import _why, load_hf_examples, open_hf_split
 
     cols = {"image": "image", "question": "q", "answer": "a"}
     row = json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n"
@@ -2342,23 +2353,26 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
     for k in range(12):
         (many / f"train-{k:02d}.jsonl").write_text(row)
     (many / "validation.jsonl").write_text("")
-    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*many': its data file 'validation\.jsonl' is empty "
-                                        r"\(no rows\), and the datasets library cannot load the folder with it "
-                                        r"\(.+\); remove it or give it rows$"):
-        load_hf_examples("gqa", str(many), "train", cols)
+    assert open_hf_split(str(many), "train")[0].num_rows == 12
+    with pytest.raises(DataFileNotFound, match=r"^data\.hf_dataset='[^']*many': its split 'validation' has no rows "
+                                               r"\(its data file 'validation\.jsonl' is empty\); give it rows, or "
+                                               r"remove that file$"):
+        load_hf_examples("gqa", str(many), "val", cols)
     nested = tmp_path / "nested"  # in a subfolder (data/, as hub datasets lay their files out)
     (nested / "data").mkdir(parents=True)
     (nested / "data" / "train.jsonl").write_text("")
     (nested / "data" / "validation.jsonl").write_text(row)
-    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*nested': its data file 'data/train\.jsonl' is "
-                                        r"empty \(no rows\), and the datasets library cannot load the folder with it "
-                                        r"\(.+\); remove it or give it rows$"):
+    with pytest.raises(DataFileNotFound, match=r"^data\.hf_dataset='[^']*nested': its split 'train' has no rows \(its "
+                                               r"data file 'data/train\.jsonl' is empty\); give it rows, or remove "
+                                               r"that file$"):
         load_hf_examples("gqa", str(nested), "train", cols)
+    (nested / "data" / "validation.jsonl").write_text("")  # every split of none: the folder cannot load
     (nested / "data" / "test.jsonl").write_text("")
     (nested / ".cache").mkdir()  # hidden: the library does not read it
     (nested / ".cache" / "x.json").write_text("")
     with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*nested': its data files "
-                                        r"\['data/test\.jsonl', 'data/train\.jsonl'\] are empty \(no rows\), and the "
+                                        r"\['data/test\.jsonl', 'data/train\.jsonl', 'data/validation\.jsonl'\] are "
+                                        r"empty \(no rows\), and the "
                                         r"datasets library cannot load the folder with them \(.+\); remove them or "
                                         r"give them rows$"):
         load_hf_examples("gqa", str(nested), "train", cols)
@@ -2368,7 +2382,12 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
         (eleven / f"train-{k:02d}.jsonl").write_text("")
     (eleven / "validation.jsonl").write_text(row)
     first = ", ".join(f"'train-{k:02d}\\.jsonl'" for k in range(10))
-    with pytest.raises(DataError, match=rf"^data\.hf_dataset='[^']*eleven': its 11 data files \(the first 10: "
+    with pytest.raises(DataFileNotFound, match=rf"^data\.hf_dataset='[^']*eleven': its split 'train' has no rows "
+                                               rf"\(its 11 data files \(the first 10: \[{first}\]\) are empty\); give "
+                                               r"it rows, or remove those files$"):
+        load_hf_examples("gqa", str(eleven), "train", cols)
+    (eleven / "validation.jsonl").write_text("")
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='[^']*eleven': its 12 data files \(the first 10: "
                                         rf"\[{first}\]\) are empty \(no rows\), and the datasets library cannot load "
                                         r"the folder with them \(.+\); remove them or give them rows$"):
         load_hf_examples("gqa", str(eleven), "train", cols)
@@ -2376,22 +2395,28 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
     header.mkdir()
     (header / "train.csv").write_text("image,q,a\na.png,q,a\n")
     (header / "validation.csv").write_text("image,q,a\n\n")
-    with pytest.raises(DataError, match=r"^data\.hf_dataset='[^']*header': its data file 'validation\.csv' is empty "
-                                        r"\(no rows\), and the datasets library cannot load the folder with it"):
-        load_hf_examples("gqa", str(header), "train", cols)
+    assert open_hf_split(str(header), "train")[0]["a"] == ["a"]  # the folder failed
+    with pytest.raises(DataFileNotFound, match=r"^data\.hf_dataset='[^']*header': its split 'validation' has no rows "
+                                               r"\(its data file 'validation\.csv' is empty\); give it rows, or remove "
+                                               r"that file$"):
+        load_hf_examples("gqa", str(header), "val", cols)
     tsv = tmp_path / "tsv"  # a TSV file too
     tsv.mkdir()
     (tsv / "train.tsv").write_text("image\tq\ta\na.png\tq\ta\n")
     (tsv / "validation.tsv").write_text("image\tq\ta\n")
-    with pytest.raises(DataError, match=r"tsv': its data file 'validation\.tsv' is empty \(no rows\), and"):
-        load_hf_examples("gqa", str(tsv), "train", cols)
+    assert open_hf_split(str(tsv), "train")[0]["a"] == ["a"]
+    with pytest.raises(DataFileNotFound, match=r"tsv': its split 'validation' has no rows \(its data file "
+                                               r"'validation\.tsv' is empty\)"):
+        load_hf_examples("gqa", str(tsv), "val", cols)
     lines = tmp_path / "lines"  # JSON(L) of blank lines, or [], has no rows either
     lines.mkdir()
     (lines / "train.jsonl").write_text(row)
     (lines / "validation.jsonl").write_text("\n \n")
     (lines / "test.json").write_text("[ \n]\n")
-    with pytest.raises(DataError, match=r"lines': its data files \['test\.json', 'validation\.jsonl'\] are empty"):
-        load_hf_examples("gqa", str(lines), "train", cols)
+    assert open_hf_split(str(lines), "train")[0]["a"] == ["a"]
+    for split, file in (("val", "validation.jsonl"), ("test", "test.json")):
+        with pytest.raises(DataFileNotFound, match=rf"lines': its split '[a-z]+' has no rows \(its data file '{file}'"):
+            load_hf_examples("gqa", str(lines), split, cols)
     assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
 
 

@@ -49,6 +49,7 @@ import functools
 import io
 import itertools
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from stat import S_ISREG
@@ -161,6 +162,35 @@ def _splits_one_by_one(path: Path) -> dict | None:
         return None
 
 
+def _data_files_one_by_one(path: Path) -> tuple[dict, dict] | None:
+    """A folder of data files where a split's files all hold no rows (:func:`_no_rows`: a CSV of its header alone,
+    a 0-byte JSON file), which the library cannot load, nor any split with it ('Instruction "validation"
+    corresponds to no data'): ``({split: its Dataset, loaded from its own files alone, or None for such a split},
+    {such split: its files, as paths in the folder})``, as :func:`_splits_one_by_one` gives a saved DatasetDict's;
+    None where no split or every split is so, or where another split cannot be loaded alone."""
+    import datasets
+
+    try:
+        files = {str(s): list(fs) for s, fs in datasets.load_dataset_builder(str(path)).config.data_files.items()}
+        empty = {s: [Path(os.path.relpath(f, path)).as_posix() for f in fs] for s, fs in files.items()
+                 if all(_no_rows(Path(f)) for f in fs)}
+        if not empty or len(empty) == len(files):
+            return None
+        return {s: None if s in empty else datasets.load_dataset(str(path), data_files={s: fs}, split=s)
+                for s, fs in files.items()}, empty
+    except Exception:  # not such a folder: the caller's error says what the library found
+        return None
+
+
+def _files_are(files: list[str]) -> str:
+    """``data file 'x' is`` / ``data files [...] are`` (the first 10 of more, counted), for an error."""
+    if len(files) == 1:
+        return f"data file {files[0]!r} is"
+    if len(files) <= 10:
+        return f"data files {files} are"
+    return f"{len(files)} data files (the first 10: {files[:10]}) are"
+
+
 def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     """The ``datasets.Dataset`` of ``split`` (ours, train / val / test, or the dataset's own name), the dataset's
     name of it, and ours: the name its ids use (``val`` for the dataset's ``validation``, ``dev``, ... where
@@ -168,7 +198,7 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     ``key``: the setting errors name (``--hf-dataset`` for launchers/extract_features.py)."""
     import datasets
 
-    path = Path(name_or_path).expanduser()
+    path, no_rows = Path(name_or_path).expanduser(), {}  # no_rows: a folder of data files' splits of none, their files
     try:
         there = path.exists()
     except OSError as e:  # Python 3.11's exists() raises where a folder on the way may not be entered, a name too long
@@ -184,13 +214,14 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
             obj = _splits_one_by_one(path)
+            if obj is None and (found := _data_files_one_by_one(path)):
+                obj, no_rows = found
             empty = [] if obj is not None else _empty_data_files(path)
             if empty:  # the library's error names no file
                 it = "it" if len(empty) == 1 else "them"
-                which = (f"data file {empty[0]!r} is" if len(empty) == 1 else f"data files {empty} are"
-                         if len(empty) <= 10 else f"{len(empty)} data files (the first 10: {empty[:10]}) are")
-                raise DataError(f"{key}={name_or_path!r}: its {which} empty (no rows), and the datasets library cannot "
-                                f"load the folder with {it} ({_why(e)}); remove {it} or give {it} rows") from e
+                raise DataError(f"{key}={name_or_path!r}: its {_files_are(empty)} empty (no rows), and the datasets "
+                                f"library cannot load the folder with {it} ({_why(e)}); remove {it} or give {it} "
+                                "rows") from e
             if obj is None:
                 raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
                                 f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
@@ -230,9 +261,12 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     empty = [name for name in names if name in obj]
     if empty:  # missing, as a split not there is
         it, has, them = ("split", "has", "it") if len(empty) == 1 else ("splits", "have", "them")
-        raise DataFileNotFound(f"{key}={name_or_path!r}: its {it} {', '.join(map(repr, empty))} {has} no rows (saved "
-                               f"without a data file: {empty[0]}/state.json lists none); give {them} rows, or save "
-                               f"the DatasetDict without {them}")
+        files = [f for name in empty for f in no_rows.get(name, [])]
+        why, fix = ((f"its {_files_are(files)} empty", "remove " + ("that file" if len(files) == 1 else "those files"))
+                    if files else (f"saved without a data file: {empty[0]}/state.json lists none",
+                                   f"save the DatasetDict without {them}"))
+        raise DataFileNotFound(f"{key}={name_or_path!r}: its {it} {', '.join(map(repr, empty))} {has} no rows ({why}); "
+                               f"give {them} rows, or {fix}")
     # a split not there is a missing file, as an annotation file is (extract_features.py --real skips it, says so)
     raise DataFileNotFound(f"{key}={name_or_path!r} has no split for {split!r} (tried {list(names)}); "
                            f"its splits: {list(obj)}")
