@@ -78,18 +78,31 @@ def offline_hint(source: str, what: str) -> str:
             f"--local-dir DIR) and give {key}=DIR")
 
 
-def missing_source(source: str) -> bool:
-    """A model or tokenizer source that is neither there nor a hub id (``/data/hf/t5-11b``, ``./x``): a folder
-    that is missing, to be said so, not looked up on the hub. ``owner/name`` is a hub id."""
-    if os.path.exists(source):
-        return False
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` has a hub id's shape: a name, or ``owner/name``, of letters, digits, '-', '_' and '.'."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(source)
     except HFValidationError:
-        return True
-    return False
+        return False
+    return True
+
+
+def owner_here(source: str) -> str:
+    """For a hub id ``owner/name`` not there whose owner is a folder here (``weights/t5`` beside ``weights/``), the
+    words saying so for an error: a folder missing in it was meant, not a hub id. "" otherwise."""
+    parent = Path(source).parent
+    if len(Path(source).parts) != 2 or not parent.is_dir() or os.path.exists(source) or not is_hub_id(source):
+        return ""
+    return f"not looked up on the hub: its folder {str(parent)!r} is here"
+
+
+def missing_source(source: str) -> bool:
+    """A model or tokenizer source that is neither there nor a hub id (``/data/hf/t5-11b``, ``./x``), or an
+    ``owner/name`` whose owner is a folder here (:func:`owner_here`): a folder that is missing, to be said so, not
+    looked up on the hub (nor told to be downloaded from it). Another ``owner/name`` is a hub id."""
+    return not os.path.exists(source) and (not is_hub_id(source) or bool(owner_here(source)))
 
 
 def flat_settings(d: dict, prefix: str = "") -> dict:

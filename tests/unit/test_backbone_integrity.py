@@ -323,7 +323,9 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
     """A model.backbone_path that is no folder here (a relative one, as an adapter's config keeps it, read from
     another folder) is tried as a hub id; its refusal said only that a hub id needs the network. It now says it is
     not a local folder, read from which working directory (found by the bring-your-own-data audit). The hub's
-    answer is stood in for: transformers' OSError, as offline."""
+    answer is stood in for: transformers' OSError, as offline. Where its parent folder is here (weights/ for
+    weights/t5) it is a folder missing there, refused before any hub look-up: it was told to `hf download
+    weights/t5`."""
     from transformers import T5ForConditionalGeneration
 
     import vlscale.modeling.backbones as backbones
@@ -338,7 +340,17 @@ def test_a_backbone_path_not_there_is_named_with_the_working_directory(tmp_path,
         backbones.build_lm("tiny-t5", path="weights/t5", pretrained=True)
     _one_line(e, f"cannot load the weights for model.backbone_path='weights/t5' (not a local folder (read from the "
                  f"working directory {tmp_path}: run from the folder it is relative to, or give its absolute path); "
-                 f"a hub id needs the network or a local HF cache): We couldn't connect")
+                 f"a hub id needs the network or a local HF cache): We couldn't connect",
+              "(hf download weights/t5 --local-dir DIR)")  # no weights/ here: either may be meant, both said
+    (tmp_path / "weights").mkdir()  # weights/ here: a folder missing in it, not a hub id to download
+    for build in (lambda: backbones.build_lm("tiny-t5", path="weights/t5", pretrained=True),
+                  lambda: backbones.pretrained_source("tiny-t5", "weights/t5")):  # launchers/train.py's check
+        with pytest.raises(ConfigError) as e:
+            build()
+        assert str(e.value) == (f"model.backbone_path='weights/t5' does not exist (read from the working directory "
+                                f"{tmp_path}: run from the folder it is relative to, or give its absolute path); give "
+                                "model.backbone_path=DIR, the folder the weights are in now (not looked up on the hub: "
+                                "its folder 'weights' is here)")
     with pytest.raises(ConfigError) as e:  # model.backbone's hub id is no folder meant: no working directory
         backbones.build_lm("t5-small", pretrained=True)
     _one_line(e, "cannot load the weights for model.backbone='google-t5/t5-small' (a hub id needs the network or a "

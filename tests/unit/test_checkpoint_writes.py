@@ -453,7 +453,7 @@ def test_nvme_offload_that_cannot_run_is_refused_before_start(tmp_path, monkeypa
     assert train.refused_before_start(cfg, False, nvme) is None
 
 
-def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, launcher):
+def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, launcher, monkeypatch):
     """A model.backbone_path or model.vision_pretrained that is not there was found by the model's build, after the
     data had loaded (minutes on a real dataset), and a model.vision=local-dir: folder without its config was a
     FileNotFoundError traceback after start-up: refused before start-up in the build's words, nothing made. A hub
@@ -475,6 +475,13 @@ def test_weights_the_build_would_not_find_are_refused_before_start(tmp_path, lau
     cfg = load_config("tiny", [out, f"model.tokenizer={tmp_path / 'tok'}"])  # was found after start-up
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
         f"SourceError: model.tokenizer='{tmp_path / 'tok'}' does not exist (expected a local folder, or a hub id)")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()  # weights/tok with weights/ here: a folder missing there, not a hub id to try
+    cfg = load_config("tiny", [out, "model.tokenizer=weights/tok"])
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+        f"SourceError: model.tokenizer='weights/tok' does not exist (read from the working directory {tmp_path}: run "
+        "from the folder it is relative to, or give its absolute path); not looked up on the hub: its folder 'weights' "
+        "is here")
     assert not (tmp_path / "run").exists()
     cfg = load_config("tiny", [out, "model.pretrained=true", "model.backbone_path=nobody/no-such-t5"])
     assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None

@@ -55,7 +55,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from vlscale.config import missing_source
+from vlscale.config import is_hub_id, missing_source
 from vlscale.data.real import (DataError, DataFileNotFound, ExampleList, Record, best_answer, no_text,
                                parse_records)
 from vlscale.data.tasks import Example, get_task
@@ -225,12 +225,12 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
             if obj is None:
                 raise DataError(f"{key}={name_or_path!r}: the datasets library cannot load it "
                                 f"({_why(e)}); the folder holds {_folder_contents(path)}") from e
-    elif (no_hub_id := missing_source(name_or_path)) or len(Path(name_or_path).parts) > 1 and path.parent.is_dir():
+    elif missing_source(name_or_path):  # no hub id, or an owner/name whose owner is a folder here
         # a path, not a hub id: the hub is not asked (without HF_HUB_OFFLINE=1 and no network, ~30 s of retries)
         path_like = name_or_path.startswith(("/", "./", "../", "~"))
         why = ("it is a path (absolute, or starting with ./, ../ or ~)" if path_like else
                "it is no hub id (a name, or owner/name, of letters, digits, '-', '_' and '.')"
-               if no_hub_id else
+               if not is_hub_id(name_or_path) else
                f"its folder {str(path.parent)!r} is here (so is a hub id owner/name whose owner is a local folder: "
                "run from another folder)")
         try:  # a near name, for "did you mean"

@@ -86,12 +86,16 @@ def _is_tiny(name: str) -> bool:
 
 
 def check_source(source: str, what: str) -> None:
-    """A tokenizer source that is neither a local folder nor a hub id, refused (a SourceError naming ``what``)
-    without loading anything: launchers/train.py asks before start-up, the build again."""
-    from vlscale.config import SourceError, missing_source
+    """A tokenizer source that is neither a local folder nor a hub id, or an ``owner/name`` not there whose owner is
+    a folder here (a folder missing in it), refused (a SourceError naming ``what``) without loading anything:
+    launchers/train.py asks before start-up, the build again."""
+    from vlscale.config import SourceError, missing_source, owner_here
+    from vlscale.files import cwd_note
 
     if missing_source(source):
-        raise SourceError(f"{what}={source!r} does not exist (expected a local folder, or a hub id)")
+        hub = owner_here(source)  # weights/tok beside weights/: a folder missing there
+        raise SourceError(f"{what}={source!r} does not exist" + (f"{cwd_note(source)}; {hub}" if hub else
+                                                                 " (expected a local folder, or a hub id)"))
 
 
 def _auto(source: str, what: str):

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from vlscale.config import SourceError, missing_source, offline_hint
+from vlscale.config import SourceError, missing_source, offline_hint, owner_here
 
 if TYPE_CHECKING:
     import torch
@@ -122,8 +122,9 @@ def pretrained_source(name: str, path: Optional[str] = None) -> str:
     if path is not None and missing_source(path):
         from vlscale.files import cwd_note
 
+        hub = owner_here(path)
         raise MissingWeights(f"model.backbone_path={path!r} does not exist{cwd_note(path)}; give "
-                             "model.backbone_path=DIR, the folder the weights are in now")
+                             f"model.backbone_path=DIR, the folder the weights are in now{f' ({hub})' if hub else ''}")
     source = path or hub_id(name)
     if not path and canonical_lm_name(name).startswith("tiny-"):
         raise MissingWeights(f"model.backbone={name} is a random test architecture with no pretrained weights "
