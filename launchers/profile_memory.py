@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -168,30 +167,15 @@ def plot(path: str, bars: dict) -> None:
     plt.close(fig)
 
 
-@contextlib.contextmanager
-def nvme_path_for_prediction(measure: bool):
-    """A prediction or plan swaps nothing to NVMe: an "auto" nvme_path (zero3_nvme.json) needs no VLSCALE_NVME_PATH
-    for it, as it does for a run (--measure too); it was refused, asking for a folder on an NVMe drive to plan."""
-    if measure or os.environ.get("VLSCALE_NVME_PATH"):
-        yield
-        return
-    os.environ["VLSCALE_NVME_PATH"] = "(VLSCALE_NVME_PATH, set for a run)"
-    try:
-        yield
-    finally:
-        del os.environ["VLSCALE_NVME_PATH"]
-
-
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with nvme_path_for_prediction(args.measure):
-        if not args.json:
-            return profile(args)
-        # --json: the object alone on stdout; what DeepSpeed prints (its accelerator warning without a GPU) to stderr
-        stdout = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            return profile(args, json_out=stdout)
+    if not args.json:
+        return profile(args)
+    # --json: the object alone on stdout; what DeepSpeed prints (its accelerator warning without a GPU) to stderr
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return profile(args, json_out=stdout)
 
 
 def fitting_micro_batch(cfg, world_size: int):
@@ -234,8 +218,8 @@ def profile(args, json_out=None) -> int:
                       f"train.micro_batch_size={fit}, the largest that does (the plan searches the others)")
         cfg = resolve_batch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=fit)),
                             args.world_size)
-    from vlscale.profiling.analytic import (estimate_checkpoint, estimate_memory, fmt_bytes, parse_size,
-                                            resolve_ds_config)
+    from vlscale.profiling.analytic import (PREDICTED_NVME_PATH, estimate_checkpoint, estimate_memory, fmt_bytes,
+                                            parse_size, resolve_ds_config)
 
     budget = headroom = None
     if args.budget is not None:  # before the prediction and any measured run ("": an unset variable, refused)
@@ -281,7 +265,9 @@ def profile(args, json_out=None) -> int:
     device = args.device or ("cpu" if args.measure and measured_on == "cpu" else "cuda")
     try:
         args.deepspeed = default_ds_file(cfg, args.deepspeed)  # the file launchers/train.py takes
-        ds = resolve_ds_config(cfg, args.world_size, args.deepspeed, device_type=device)
+        # an "auto" nvme_path (zero3_nvme.json): a prediction swaps nothing; the measured run needs VLSCALE_NVME_PATH
+        ds = resolve_ds_config(cfg, args.world_size, args.deepspeed, device_type=device,
+                               nvme_path=None if args.measure else PREDICTED_NVME_PATH)
         est = estimate_memory(cfg, args.world_size, ds, device=device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

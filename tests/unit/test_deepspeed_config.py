@@ -671,6 +671,21 @@ def test_an_nvme_offload_without_nvme_path_reads_the_environment(monkeypatch, tm
         build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda")
 
 
+def test_an_nvme_path_given_resolves_auto_before_the_environment(monkeypatch, tmp_path):
+    """build_deepspeed_config(nvme_path=...) is what an "auto" nvme_path becomes (the profiler's predictions pass a
+    placeholder: they swap nothing, and needed VLSCALE_NVME_PATH set); the variable stays the default, and a path
+    the file writes is the file's."""
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    raw = json.loads((DS_DIR / "zero3_nvme.json").read_text())
+    raw["zero_optimization"]["offload_param"]["nvme_path"] = "/own"
+    zero = build_deepspeed_config(raw, cfg_with(), 2, device_type="cuda", nvme_path="/given")["zero_optimization"]
+    assert (zero["offload_optimizer"]["nvme_path"], zero["offload_param"]["nvme_path"]) == ("/given", "/own")
+    monkeypatch.delenv("VLSCALE_NVME_PATH")
+    zero = build_deepspeed_config(DS_DIR / "zero3_nvme.json", cfg_with(), 2, device_type="cuda",
+                                  nvme_path=tmp_path)["zero_optimization"]
+    assert zero["offload_optimizer"]["nvme_path"] == zero["offload_param"]["nvme_path"] == str(tmp_path)
+
+
 def test_the_optimizer_must_be_adamw_and_its_params_fit_deepspeeds_cpu_adam():
     """An optimizer type other than Adam/AdamW is refused; with the optimizer off-loaded DeepSpeed builds its CPU
     Adam, which takes neither FusedAdam's set_grad_none nor adamw_mode (DeepSpeed passes that one itself)."""

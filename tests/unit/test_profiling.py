@@ -1215,11 +1215,28 @@ def test_planner_charges_per_step_costs_once_per_step_not_per_micro_batch():
     assert sec_per_sample(1, "none", 1) == pytest.approx(sec_per_sample(2, "none", 1), rel=1e-9)
 
 
-def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, monkeypatch):
-    """zero3_nvme.json's nvme_path "auto" needed VLSCALE_NVME_PATH to predict or plan, which write nothing there
-    (refused: 'set VLSCALE_NVME_PATH to a directory on a fast local NVMe drive'); --measure, a run, still needs it."""
+def test_predictions_from_zero3_nvme_need_no_nvme_path_and_a_run_still_does(capsys, launcher, monkeypatch, tmp_path):
+    """zero3_nvme.json's nvme_path "auto" needed VLSCALE_NVME_PATH to predict or plan, which write nothing there: the
+    launcher set a placeholder variable for its run, and a Python call of estimate_memory or plan was refused ('set
+    VLSCALE_NVME_PATH to a directory on a fast local NVMe drive'). A prediction passes build_deepspeed_config a
+    placeholder path, the same numbers as with the variable; a run (the build, --measure) still needs it, and a
+    written config keeps "auto", not the placeholder."""
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config
+    from vlscale.profiling.planner import plan, write_ds_config
+
+    cfg = load_config("tiny", ["train.deepspeed=ds_configs/zero3_nvme.json"])
+    kw = dict(stages=[3], offloads=["opt_param_nvme"], micro_batches=[cfg.train.micro_batch_size],
+              precisions=["bf16"], checkpointing=[False])
+    monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
+    with_path = estimate_memory(cfg, 2).to_dict(), plan(cfg, "1GiB", 2, **kw)[0].to_dict()
+    monkeypatch.delenv("VLSCALE_NVME_PATH")
+    est, option = estimate_memory(cfg, 2), plan(cfg, "1GiB", 2, **kw)[0]
+    assert est.settings["offload_param"] == "nvme" and (est.to_dict(), option.to_dict()) == with_path
+    z = write_ds_config(option, tmp_path / "w.json", cfg=cfg)["zero_optimization"]
+    assert z["offload_optimizer"]["nvme_path"] == z["offload_param"]["nvme_path"] == "auto"
+    with pytest.raises(DeepSpeedConfigError, match='nvme_path is "auto"; set VLSCALE_NVME_PATH'):
+        build_deepspeed_config(cfg.train.deepspeed, cfg, 2, device_type="cuda")
     pm = launcher("profile_memory")
-    monkeypatch.delenv("VLSCALE_NVME_PATH", raising=False)
     assert pm.main(["--config", "tiny", "--world-size", "2", "--deepspeed", "ds_configs/zero3_nvme.json",
                     "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predicted"]["settings"]["offload_param"] == "nvme"
@@ -1228,12 +1245,6 @@ def test_launcher_predicts_zero3_nvme_without_an_nvme_path(capsys, launcher, mon
     assert 'nvme_path is "auto"; set VLSCALE_NVME_PATH' in capsys.readouterr().err
     # planning from it (--budget): its stage 0-2 options start from the file without the NVMe optimizer, which ZeRO-2
     # refuses (a traceback: 'offload_optimizer.device="nvme" at ZeRO stage 2', with the variable set too)
-    from vlscale.profiling.planner import plan
-
-    monkeypatch.setenv("VLSCALE_NVME_PATH", "/nvme")
-    with pm.nvme_path_for_prediction(False):  # a path given is the one used, and kept after
-        assert os.environ["VLSCALE_NVME_PATH"] == "/nvme"
-    assert os.environ["VLSCALE_NVME_PATH"] == "/nvme"
     options = plan(load_config("tiny"), "1GiB", 2, ds_file="ds_configs/zero3_nvme.json", stages=[1, 2],
                    micro_batches=[16], precisions=["bf16"], checkpointing=[False])
     assert {(o.zero_stage, o.offload) for o in options} == {(1, "none"), (2, "none"), (2, "opt_cpu")}

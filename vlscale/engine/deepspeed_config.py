@@ -30,7 +30,8 @@ So are settings the run would read past: an ``activation_checkpointing`` block t
 here calls DeepSpeed's checkpointing; ``train.gradient_checkpointing`` does it) and the old ZeRO keys
 ``cpu_offload`` / ``cpu_offload_param`` (``offload_optimizer`` / ``offload_param`` say it now).
 So is an ``aio`` key DeepSpeed does not read (``thread_count``, now ``intra_op_parallelism``).
-``nvme_path: "auto"`` (ZeRO-Infinity) is read from the ``VLSCALE_NVME_PATH`` environment variable.
+``nvme_path: "auto"`` (ZeRO-Infinity) is the ``nvme_path`` argument where one is given (the profiler's predictions
+pass a placeholder: they swap nothing), else the ``VLSCALE_NVME_PATH`` environment variable (a run).
 """
 
 from __future__ import annotations
@@ -439,12 +440,13 @@ def global_batch_size(cfg: RunConfig, world_size: int) -> int:
 
 def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: RunConfig, world_size: int,
                            *, device_type: Optional[str] = None, hidden_size: Optional[int] = None,
-                           source: Optional[str] = None) -> dict:
+                           source: Optional[str] = None, nvme_path: Union[str, os.PathLike, None] = None) -> dict:
     """The final DeepSpeed config dict of a run (see the module docstring for what comes from where).
 
     ``device_type``: ``cpu`` or ``cuda`` (default: detected); fp16 on ``cpu`` is refused.
     ``hidden_size``: the width the ZeRO bucket sizes derive from (default: from the model's registry).
     ``source``: the name of a dict in messages (:func:`load_ds_file`).
+    ``nvme_path``: what an ``"auto"`` nvme_path becomes (default: ``VLSCALE_NVME_PATH``; unset, refused).
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise DeepSpeedConfigError(f"world_size={world_size!r} must be a positive integer")
@@ -565,7 +567,7 @@ def build_deepspeed_config(ds_file_or_dict: Union[str, os.PathLike, dict], cfg: 
                     + "; remove the key (ratio 1: the whole optimizer offloaded) or the offload_optimizer block")
             offload[key] = block["device"]
             if block["device"] == "nvme" and block.get("nvme_path", AUTO) == AUTO:
-                path = os.environ.get("VLSCALE_NVME_PATH")
+                path = str(nvme_path) if nvme_path else os.environ.get("VLSCALE_NVME_PATH")
                 if not path:
                     raise DeepSpeedConfigError(
                         f"{source}: zero_optimization.{key}.nvme_path is \"auto\"; set VLSCALE_NVME_PATH to a "

@@ -1423,22 +1423,30 @@ def checkpoint_bytes(inv: ParamInventory, z: ZeroSettings, world: int, precision
     return CheckpointEstimate(tensors, files, adapter, universal)
 
 
+PREDICTED_NVME_PATH = "(nvme_path: a prediction swaps nothing)"
+"""What a prediction resolves an ``"auto"`` nvme_path to (zero3_nvme.json): it writes nothing there, so it needs no
+``VLSCALE_NVME_PATH``; a run (``--measure``) resolves the variable, and a written config keeps ``"auto"``."""
+
+
 def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
                         vocab_size: Optional[int] = None,
                         inventory: Optional[ParamInventory] = None) -> CheckpointEstimate:
     """:func:`checkpoint_bytes` for ``cfg`` on ``world_size`` ranks (``ds_config`` as :func:`estimate_memory`)."""
     if ds_config is None:
-        ds_config = resolve_ds_config(cfg, world_size, None)
+        ds_config = resolve_ds_config(cfg, world_size, None, nvme_path=PREDICTED_NVME_PATH)
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     return checkpoint_bytes(inventory or parameter_inventory(cfg, vocab_size), z, world_size, cfg.train.precision)
 
 
-def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None) -> dict:
+def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type: Optional[str] = None, *,
+                      nvme_path: Optional[str] = None) -> dict:
     """The run's resolved DeepSpeed dict: the engine's ``build_deepspeed_config`` on its ``default_ds_file``
-    (the file launchers/train.py takes; one that does not exist is refused with DeepSpeedConfigError)."""
+    (the file launchers/train.py takes; one that does not exist is refused with DeepSpeedConfigError).
+    ``nvme_path``: as ``build_deepspeed_config``'s (a prediction: :data:`PREDICTED_NVME_PATH`)."""
     from vlscale.engine.deepspeed_config import build_deepspeed_config, default_ds_file
 
-    return build_deepspeed_config(default_ds_file(cfg, ds_file), cfg, world_size, device_type=device_type or "cuda")
+    return build_deepspeed_config(default_ds_file(cfg, ds_file), cfg, world_size, device_type=device_type or "cuda",
+                                  nvme_path=nvme_path)
 
 
 def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
@@ -1461,7 +1469,7 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
 
     cfg = resolve_batch(cfg, world_size)  # the accumulation train.global_batch_size gives on world_size ranks
     if ds_config is None:
-        ds_config = resolve_ds_config(cfg, world_size, None, device_type=device)
+        ds_config = resolve_ds_config(cfg, world_size, None, device_type=device, nvme_path=PREDICTED_NVME_PATH)
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     precision = cfg.train.precision
     check_modelled(ds_config, z.stage, precision)

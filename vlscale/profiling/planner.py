@@ -47,8 +47,8 @@ from typing import Iterable, Optional
 from vlscale.config import PRECISION_BYTES, RunConfig
 from vlscale.engine.deepspeed_config import (default_ds_file, global_batch_size, load_ds_file, micro_batch_sizes,
                                              resolve_batch)
-from vlscale.profiling.analytic import (GiB, MemoryEstimate, ZeroSettings, estimate_memory, fmt_bytes,
-                                        parameter_inventory, parse_size, resolve_ds_config)
+from vlscale.profiling.analytic import (PREDICTED_NVME_PATH, GiB, MemoryEstimate, ZeroSettings, estimate_memory,
+                                        fmt_bytes, parameter_inventory, parse_size, resolve_ds_config)
 
 OFFLOADS = {
     "none": ("none", "none"),
@@ -226,7 +226,8 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                              f"over {world_size} ranks (train.micro_batch_size x train.gradient_accumulation_steps "
                              f"x ranks)")
     inv = parameter_inventory(cfg)
-    base_ds = resolve_ds_config(cfg, world_size, ds_file, device_type=device)  # a bad file: refused here
+    predicted = dict(device_type=device, nvme_path=PREDICTED_NVME_PATH)
+    base_ds = resolve_ds_config(cfg, world_size, ds_file, **predicted)  # a bad file: refused here
     bases: dict[bool, dict] = {}
 
     def base_for(stage: int) -> dict:
@@ -245,7 +246,7 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
                     z.pop("offload_optimizer")
             c = copy.deepcopy(cfg)
             c.train.zero_stage = 3 if family else 2
-            bases[family] = resolve_ds_config(c, world_size, raw, device_type=device)
+            bases[family] = resolve_ds_config(c, world_size, raw, **predicted)
         return bases[family]
 
     options = []
