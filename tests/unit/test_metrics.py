@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import re
 
 import pytest
 
@@ -802,3 +803,36 @@ def test_cider_n_max_counts_lengths_in_bigrams_as_coco_caption():
     assert cider_per_image(preds, refs, n_max=1)["x"] == pytest.approx(10 * 2 / math.sqrt(6))
     assert cider_per_image(preds, refs, n_max=2)["x"] == \
         pytest.approx(10 * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 2 * math.exp(-1 / 72))
+
+
+def test_metrics_refuse_wrong_types_naming_the_argument():
+    """A None or a list where a string belongs was scored as its text ("none" is VQA's "0"; None against "0"
+    scored 1.0), a string or a list where a dict belongs was read as ids, character by character, and None for a
+    dict was a TypeError from inside: each is refused, naming the metric and the argument."""
+    assert vqa_score("0", ["0"] * 10) == 1.0
+    for prediction in (None, ["0"], 0):
+        message = f"vqa_score: prediction must be a string, got {prediction!r}"
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            vqa_score(prediction, ["0"] * 10)
+    with pytest.raises(TypeError, match=r"^vqa_score: answers\[1\] must be a string, got None$"):
+        vqa_score("0", ["0", None, "0"])
+    dicts = {"predictions": "id -> predicted text", "references": "id -> list of reference texts"}
+    for metric in (cider, cider_per_image, caption_scores, exact_match, accuracy):
+        name = metric.__name__.replace("_per_image", "")
+        for wrong in (None, "a dog", ["a dog"]):
+            for arg, what in dicts.items():
+                given = {"predictions": {1: "a dog"}, "references": {1: ["a dog"]}, arg: wrong}
+                with pytest.raises(TypeError, match=rf"^{name}: {arg} must be a dict of {what}, got "
+                                                    rf"{type(wrong).__name__}$"):
+                    metric(**given)
+        with pytest.raises(TypeError, match=rf"^{name}: predictions\[1\] must be a string, got None$"):
+            metric({1: None}, {1: ["none"]})
+        with pytest.raises(TypeError, match=rf"^{name}: references\[1\]\[1\] must be a string, got None$"):
+            metric({1: "a dog"}, {1: ["a dog", None]})
+    with pytest.raises(TypeError, match=r"^consistency: groups must be a dict of id -> group, got NoneType$"):
+        consistency({1: "true"}, {1: ["true"]}, None)
+    with pytest.raises(TypeError, match=r"^score_task\('vqa'\): references must be a dict of id -> list of "
+                                        r"reference texts, got NoneType$"):
+        score_task("vqa", {1: "yes"}, None)
+    with pytest.raises(TypeError, match=r"^score_task\('vqa'\): answer_types must be a dict of id -> str, got str$"):
+        score_task("vqa", {1: "yes"}, {1: ["yes"]}, answer_types="yes/no")

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Hashable, Optional
 
 from .captioning import caption_scores
 from .cider import cider, cider_per_image
-from .classification import accuracy, consistency, exact_match, normalize_answer, nlvr2_scores
+from .classification import accuracy, check_types, consistency, exact_match, normalize_answer, nlvr2_scores
 from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_score
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
     from vlscale.data.tasks import get_task
 
     spec = get_task(task)
+    check_types(predictions, references, f"score_task({task!r})")
+    for name, given in (("groups", groups), ("answer_types", answer_types)):
+        if given is not None and not isinstance(given, Mapping):
+            raise TypeError(f"score_task({task!r}): {name} must be a dict of id -> str, got {type(given).__name__}")
     if not predictions:
         raise ValueError(f"score_task({task!r}): no predictions to score")
     for uid in predictions:
@@ -85,7 +90,7 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
     refs = {}
     for uid in predictions:
         r = references[uid]
-        refs[uid] = [r] if isinstance(r, str) else list(r)
+        refs[uid] = [r] if isinstance(r, str) else list(r or [])
         if not refs[uid]:
             raise ValueError(f"score_task({task!r}): references[{uid!r}] is empty")
 

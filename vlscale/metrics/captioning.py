@@ -38,6 +38,9 @@ def java_available() -> bool:
 
 
 def _check(predictions: dict, references: dict) -> None:
+    from .classification import check_types
+
+    check_types(predictions, references, "caption_scores")
     if not predictions:
         raise ValueError("caption_scores: no predictions to score")
     for k in predictions:

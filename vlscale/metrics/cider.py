@@ -77,6 +77,9 @@ def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable,
                     tokenizer: Callable[[str], list[str]] = tokenize) -> dict[Hashable, float]:
     """CIDEr-D of every predicted id (the corpus score is their mean). ``tokenizer`` splits candidates and
     references into words (``str.split`` for text already tokenized, e.g. by the PTB tokenizer)."""
+    from .classification import check_types
+
+    check_types(predictions, references, "cider")
     if not predictions:
         raise ValueError("cider: no predictions to score")
     missing = [k for k in predictions if k not in references]

@@ -11,6 +11,7 @@ references (lowercase, punctuation to spaces, whitespace collapsed: "Yes." == "y
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Hashable, Optional
 
 _PUNCT = re.compile(r"[^\w\s']|_")
@@ -30,8 +31,30 @@ def correct(prediction: str, references: list[str]) -> bool:
     return any(pred == normalize_answer(r) for r in references)
 
 
+def check_types(predictions, references, metric: str) -> None:
+    """Refuse, naming the argument, what is not ``{id: predicted text}`` / ``{id: reference texts}``: a list, a
+    string or None for either dict (a string was read as ids, character by character), a prediction or a
+    reference that is not a string (None was scored as the text "none", a list as its repr)."""
+    for name, given, what in (("predictions", predictions, "id -> predicted text"),
+                              ("references", references, "id -> list of reference texts")):
+        if not isinstance(given, Mapping):
+            raise TypeError(f"{metric}: {name} must be a dict of {what}, got {type(given).__name__}")
+    for k, p in predictions.items():
+        if not isinstance(p, str):
+            raise TypeError(f"{metric}: predictions[{k!r}] must be a string, got {p!r}")
+        refs = references.get(k)
+        if refs is None or isinstance(refs, str):
+            continue  # no references: each metric refuses them naming the id; one string is one reference
+        if not isinstance(refs, (list, tuple)):
+            raise TypeError(f"{metric}: references[{k!r}] must be a list of strings, got {type(refs).__name__}")
+        for i, r in enumerate(refs):
+            if not isinstance(r, str):
+                raise TypeError(f"{metric}: references[{k!r}][{i}] must be a string, got {r!r}")
+
+
 def _check_ids(predictions: dict, references: dict, metric: str) -> None:
     """Refuse no predictions, a predicted id without references and an empty reference list, naming the id."""
+    check_types(predictions, references, metric)
     if not predictions:
         raise ValueError(f"{metric}: no predictions to score")
     for k in predictions:
@@ -59,6 +82,8 @@ def consistency(predictions: dict[Hashable, str], references: dict[Hashable, lis
                 groups: dict[Hashable, str]) -> float:
     """Fraction of groups in which every predicted example is right (NLVR2 consistency)."""
     _check_ids(predictions, references, "consistency")
+    if not isinstance(groups, Mapping):
+        raise TypeError(f"consistency: groups must be a dict of id -> group, got {type(groups).__name__}")
     all_right: dict[str, bool] = {}
     for k in predictions:
         if k not in groups:

@@ -104,12 +104,17 @@ def vqa_score(prediction: str, answers: list[str], official_quirks: bool = False
     no leave-one-out subset; the score is then exact match after normalisation. ``official_quirks``:
     normalise the answers as the official script does (see the module docstring).
     """
+    if not isinstance(prediction, str):  # None was scored as the answer "none", i.e. "0"
+        raise TypeError(f"vqa_score: prediction must be a string, got {prediction!r}")
     if isinstance(answers, str) or not isinstance(answers, (list, tuple)):
         raise TypeError(f"vqa_score: answers must be a list of strings, got {type(answers).__name__}")
     if not answers:
         raise ValueError(f"vqa_score: no reference answers for prediction {prediction!r}")
-    raw = [str(a).replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    pred = normalize_vqa_answer(str(prediction))
+    bad = [i for i, a in enumerate(answers) if not isinstance(a, str)]
+    if bad:
+        raise TypeError(f"vqa_score: answers[{bad[0]}] must be a string, got {answers[bad[0]]!r}")
+    raw = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
+    pred = normalize_vqa_answer(prediction)
     if not official_quirks:
         refs = [normalize_vqa_answer(a) for a in raw]
     elif len(set(raw)) == 1:  # the script: identical answers are compared as they are
