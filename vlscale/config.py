@@ -892,19 +892,27 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
 
 
 def parse_overrides(overrides) -> dict:
-    """``["train.max_steps=5", "data.tasks=[vqa,gqa]"]`` -> nested dict."""
+    """``["train.max_steps=5", "data.tasks=[vqa,gqa]"]`` -> nested dict. From Python also one ``"key=value"``
+    string, or a dict whose keys are dotted or nested (``{"train.max_steps": 5}``, ``{"train": {"max_steps": 5}}``),
+    its values taken as given (a string of the list form was read one character at a time, a dict by its keys)."""
+    if isinstance(overrides, dict):
+        pairs = [(key, f"{key}={value!r}", value) for key, value in flat_settings(overrides).items()]
+    else:
+        pairs = []
+        for item in [overrides] if isinstance(overrides, str) else overrides or []:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=10)")
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            pairs.append((key, item, value))
     nested: dict = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=10)")
-        key, raw = item.split("=", 1)
+    for key, item, value in pairs:
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
         parts = key.split(".")
         d = nested
         for part in parts[:-1]:
@@ -916,7 +924,8 @@ def parse_overrides(overrides) -> dict:
 
 
 def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig:
-    """Load a preset by name or path (default: the embedded default) and apply overrides."""
+    """Load a preset by name or path (default: the embedded default) and apply overrides: ``["key=value", ...]``
+    as the launchers take them, or a dict (see :func:`parse_overrides`)."""
     name = name_or_path or DEFAULT_PRESET
     from_file = _load_yaml(name)
     given = parse_overrides(overrides)

@@ -316,7 +316,7 @@ class Predictor:
         from vlscale.engine.distributed import local_device_type
 
         self.device = torch.device(device or local_device_type())
-        self.cfg, self.meta = load_run_config(adapter_dir, list(overrides))
+        self.cfg, self.meta = load_run_config(adapter_dir, overrides)
         self.tasks = list(self.cfg.data.tasks)
         self.tokenizer = adapter_tokenizer(self.cfg, self.meta)
         self.dtype, same = inference_dtype(self.cfg, self.device, who)

@@ -291,6 +291,21 @@ def test_parse_overrides_nested():
         parse_overrides(["train=5", "train.max_steps=3"])
 
 
+def test_overrides_from_python_take_one_string_or_a_dict():
+    """load_config("tiny", "train.max_steps=3") read the string one character at a time ("override 'p' is not of
+    the form key=value") and a dict by its keys alone: one string is one override, a dict's keys are dotted or
+    nested and its values taken as given (then checked as any override's)."""
+    assert parse_overrides("train.max_steps=3") == {"train": {"max_steps": 3}}
+    assert parse_overrides({"train.max_steps": 3, "peft": {"method": "lora"}, "data.tasks": ["vqa"]}) == \
+        {"train": {"max_steps": 3}, "peft": {"method": "lora"}, "data": {"tasks": ["vqa"]}}
+    for given in ("peft.method=lora", {"peft.method": "lora"}, {"peft": {"method": "lora"}}):
+        assert load_config("tiny", given).peft.method == "lora"
+    with pytest.raises(ConfigError, match=r"^train\.max_steps='3' must be an integer$"):
+        load_config("tiny", {"train.max_steps": "3"})
+    with pytest.raises(ConfigError, match=r"^override 3 is not of the form key=value"):
+        parse_overrides(["train.max_steps=3", 3])
+
+
 def test_a_key_given_twice_takes_its_last_value():
     """As argparse with a repeated flag (README, "Configuration"): the harness and replicate.py lay settings over
     a base line this way."""

@@ -253,6 +253,16 @@ def test_a_frame_folder_longer_than_max_frames_gives_the_collators_frames(tmp_pa
     assert [int(f[0, 0, 0]) for f in read_video(tmp_path, max_frames=4)] == [1, 3, 6, 8]
 
 
+def test_an_override_string_is_one_override(adapter):
+    """Predictor(dir, "key=value") passed list("key=value"), one character per override."""
+    from vlscale.predict import Predictor, load_run_config
+
+    with pytest.raises(ValueError, match=r"^override peft\.method='lora' would change the model"):
+        load_run_config(adapter, "peft.method=lora")
+    with pytest.raises(ValueError, match=r"^override peft\.method='lora' would change the model"):
+        Predictor(adapter, "peft.method=lora", device="cpu")
+
+
 def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
     from vlscale.predict import Predictor
 
