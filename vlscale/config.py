@@ -122,6 +122,8 @@ def _check_choice(section: str, name: str, value: Any, choices) -> None:
 def _check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # a dataclass built in Python: not coerced
+        raise ConfigError(f"{section}.{name}={value!r} must be a number")
     if not math.isfinite(value):  # .nan / .inf in YAML: NaN passes every comparison below
         raise ConfigError(f"{section}.{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):

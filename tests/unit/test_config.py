@@ -306,6 +306,16 @@ def test_overrides_from_python_take_one_string_or_a_dict():
         parse_overrides(["train.max_steps=3", 3])
 
 
+def test_a_section_built_in_python_refuses_a_string_for_a_number_naming_the_key():
+    """TrainConfig(max_steps="3") (no YAML coercion) was a TypeError from math.isfinite naming no key."""
+    from vlscale.config import PeftConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"^train\.max_steps='3' must be a number$"):
+        TrainConfig(max_steps="3")
+    with pytest.raises(ConfigError, match=r"^peft\.reduction_factor=True must be a number$"):
+        PeftConfig(reduction_factor=True)
+
+
 def test_a_key_given_twice_takes_its_last_value():
     """As argparse with a repeated flag (README, "Configuration"): the harness and replicate.py lay settings over
     a base line this way."""
