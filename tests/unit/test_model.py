@@ -168,6 +168,24 @@ def test_wrong_feature_shape_is_named():
         model(_batch(cfg))
 
 
+def test_a_batch_without_labels_or_the_image_axis_is_refused_naming_it():
+    """Without labels forward was the LM's "You must specify exactly one of input_ids or inputs_embeds"; images
+    without their N_images axis, "not enough values to unpack"."""
+    cfg = _cfg()
+    model = build_model(cfg, vocab_size=VOCAB).eval()
+    batch = _batch(cfg)
+    with pytest.raises(ValueError, match=r"^VLModel.forward computes the loss of batch\['labels'\], which the "
+                                         r"batch lacks; for answers use generate\(batch\)"):
+        model({k: v for k, v in batch.items() if k != "labels"})
+    with pytest.raises(ValueError, match=r"^batch\['pixel_values'\] has shape \(3, 3, 128, 128\); images are "
+                                         r"\(B, N_images, 3, S, S\), N_images 1 \(NLVR2: 2\)$"):
+        model(dict(batch, pixel_values=batch["pixel_values"][:, 0]))
+    feats = _batch(cfg, pixel=False)["vis_feats"]
+    with pytest.raises(ValueError, match=r"^batch\['vis_feats'\] has shape \(3, 16, 256\); images are "
+                                         r"\(B, N_images, tokens, dim\)"):
+        model.generate({k: v for k, v in dict(batch, vis_feats=feats[:, 0]).items() if k != "pixel_values"})
+
+
 def test_unknown_model_names_name_their_key():
     with pytest.raises(KeyError, match=r"unknown backbone 't5-huge' \(model.backbone\); registry: .*'t5-small'"):
         lm_config("t5-huge")

@@ -26,6 +26,13 @@ from vlscale.modeling.vision import build_vision_encoder, pool_grid, vision_dims
 
 
 class VLModel(nn.Module):
+    """CLIP (``vision``; None with cached features) -> ``projector`` -> ``lm`` with the PEFT modules in ``peft``.
+
+    A batch is the collator's dict (:mod:`vlscale.data.collate`): ``task``, ``input_ids``, ``attention_mask``,
+    ``labels`` (for the loss), and ``pixel_values`` (B, N_images, 3, S, S) or ``vis_feats`` (B, N_images, tokens,
+    dim); video: (B, 1, F, ...) with ``vis_mask``. :func:`build_model` builds one from a run config.
+    """
+
     def __init__(self, cfg: RunConfig, lm: nn.Module, vision: Optional[nn.Module]):
         super().__init__()
         from vlscale.peft import apply_peft
@@ -91,12 +98,14 @@ class VLModel(nn.Module):
 
     def visual_embeds(self, batch: dict):
         """-> (B, N*V, d_model) projected visual tokens and their (B, N*V) mask."""
-        if batch.get("vis_feats") is not None:
-            feats = batch["vis_feats"]
-        elif batch.get("pixel_values") is not None:
-            feats = self.encode_images(batch["pixel_values"])
-        else:
+        key = "vis_feats" if batch.get("vis_feats") is not None else "pixel_values"
+        if batch.get(key) is None:
             raise KeyError("batch has neither 'vis_feats' nor 'pixel_values'")
+        given = batch[key]
+        if not self.video and given.dim() != (4 if key == "vis_feats" else 5):  # the image axis left out
+            raise ValueError(f"batch[{key!r}] has shape {tuple(given.shape)}; images are (B, N_images, "
+                             + ("tokens, dim)" if key == "vis_feats" else "3, S, S)") + ", N_images 1 (NLVR2: 2)")
+        feats = given if key == "vis_feats" else self.encode_images(given)
         if self.video:
             if feats.dim() == 3:
                 feats = feats[:, None]
@@ -154,6 +163,11 @@ class VLModel(nn.Module):
         return embeds, mask
 
     def forward(self, batch: dict):
+        """The LM's output for the batch's task, with ``loss``: the cross-entropy of ``batch["labels"]`` (mean over
+        their tokens). Answers come from :meth:`generate`, next-token logits from :meth:`next_token_logits`."""
+        if batch.get("labels") is None:  # the LM then has no decoder input: a ValueError from inside it
+            raise ValueError("VLModel.forward computes the loss of batch['labels'], which the batch lacks; for "
+                             "answers use generate(batch), for logits next_token_logits(batch, target_prefix)")
         self.peft.set_task(batch["task"])
         embeds, mask = self.encoder_inputs(batch)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=batch.get("labels"),
@@ -173,6 +187,9 @@ class VLModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, **generate_kwargs) -> torch.Tensor:
+        """Decoded token ids (B, T) for the batch's task (``labels`` unused); ``generate_kwargs`` go to the LM's
+        ``generate`` (``max_new_tokens``, ``num_beams``, ...). ``tokenizer.batch_decode(ids, skip_special_tokens=True)``
+        gives the text."""
         self.peft.set_task(batch["task"])
         embeds, mask = self.encoder_inputs(batch)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
