@@ -345,15 +345,26 @@ class Predictor:
         from vlscale.data.tasks import TASKS
 
         single = isinstance(text, str)
+        if not single and not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a string (the question; '' for a caption) or a list of them, got "
+                            f"{type(text).__name__}")
         texts = [text] if single else list(text)
         n = len(texts)
+        wrong = [(i, t) for i, t in enumerate(texts) if not isinstance(t, str)]
+        if wrong:
+            i, t = wrong[0]
+            raise TypeError(f"text[{i}] must be a string (the question; '' for a caption), got {t!r}")
+        video = task in TASKS and TASKS[task].modality == "video"
+        if not single and (isinstance(images, (str, Path)) or hasattr(images, "convert") or
+                           len(getattr(images, "shape", ())) == (2 if video else 3)):  # one input's, not a list
+            raise ValueError(f"{n} texts take a list of {n} image inputs (images[i]: the i-th text's), got one "
+                             f"{type(images).__name__}")
         per_input = [images] if single else list(images)
         options = [options] if single else list(options) if options is not None else [None] * n
         subtitles = [subtitle] if single else list(subtitle) if subtitle is not None else [None] * n
         for what, given in (("image inputs", per_input), ("option lists", options), ("subtitles", subtitles)):
             if len(given) != n:
                 raise ValueError(f"{n} texts but {len(given)} {what}")
-        video = task in TASKS and TASKS[task].modality == "video"
         if not video:
             per_input = [list(x) if isinstance(x, (list, tuple)) else [x] for x in per_input]
         for t, imgs, o, sub in zip(texts, per_input, options, subtitles):

@@ -263,6 +263,24 @@ def test_an_override_string_is_one_override(adapter):
         Predictor(adapter, "peft.method=lora", device="cpu")
 
 
+def test_a_text_that_is_no_string_or_one_image_for_a_list_of_texts_is_refused_naming_it(tmp_path):
+    """predict("caption", None, img) was "'NoneType' object is not iterable"; a list of texts with one image path
+    or array, "2 texts but 29 image inputs" (the path's characters, the array's rows)."""
+    from vlscale.predict import Predictor
+
+    predictor = Predictor.__new__(Predictor)  # checked before the model is asked
+    image = np.zeros((8, 8, 3), np.uint8)
+    for text, words in ((None, "got NoneType"), (3, "got int"), (["q?", None], r"^text\[1\] must be a string")):
+        with pytest.raises(TypeError, match=words):
+            predictor.predict("vqa", text, image)
+    for one in (str(tmp_path / "a.png"), tmp_path / "a.png", image, Image.fromarray(image)):
+        with pytest.raises(ValueError, match=rf"^2 texts take a list of 2 image inputs \(images\[i\]: the i-th "
+                                             rf"text's\), got one {type(one).__name__}$"):
+            predictor.predict("vqa", ["q1?", "q2?"], one)
+    with pytest.raises(ValueError, match=r"^2 texts take a list of 2 image inputs .*, got one ndarray$"):
+        predictor.predict("tvc", ["", ""], np.zeros((4, 16), np.float32))
+
+
 def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
     from vlscale.predict import Predictor
 
