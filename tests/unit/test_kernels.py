@@ -229,6 +229,28 @@ def test_input_validation_names_the_argument():
         fused_adapter(x, wd.to("meta"), bd, wu, bu)
 
 
+def test_wrong_inputs_are_refused_by_both_functions_naming_themselves_and_the_argument():
+    """A w_down in (d_model, hidden) says it looks transposed; a numpy x, a None weight or a list bias was an
+    AttributeError from inside, an integer x a NotImplementedError from GELU; adapter_reference's errors said
+    "fused_adapter"."""
+    args, _ = _inputs((5,), 16, 4)
+    x, wd, bd, wu, bu = args
+    for fn in (adapter_reference, fused_adapter):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"^{name}: x of shape \(5, 16\) does not end in d_model=4 of w_down "
+                                             r"\(16, 4\); w_down looks transposed: nn.Linear layout is \(hidden, "
+                                             r"d_model\) = \(4, 16\)$"):
+            fn(x, wd.T, bd, wu.T, bu)
+        with pytest.raises(TypeError, match=rf"^{name}: x must be a torch.Tensor, got ndarray$"):
+            fn(x.numpy(), wd, bd, wu, bu)
+        with pytest.raises(TypeError, match=rf"^{name}: w_up must be a torch.Tensor, got NoneType$"):
+            fn(x, wd, bd, None, bu)
+        with pytest.raises(TypeError, match=rf"^{name}: b_down must be a torch.Tensor or None, got list$"):
+            fn(x, wd, bd.tolist(), wu, bu)
+        with pytest.raises(ValueError, match=rf"^{name}: x has dtype torch.int64; the adapter computes in floating"):
+            fn(*(t.long() for t in args))
+
+
 # ------------------------------------------------------------------------------- Triton interpreter
 def test_triton_kernels_under_interpreter_match_fp64(triton_interpreter):
     # 2 shapes x 2 activations x with/without bias x 6 configs: multi-block grids, hidden split

@@ -96,35 +96,44 @@ def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
 
 def adapter_reference(x, w_down, b_down, w_up, b_up, activation: str = "gelu") -> torch.Tensor:
     """Plain PyTorch bottleneck adapter: ``x + up(act(down(x)))`` with nn.Linear-layout weights."""
-    _check_inputs(x, w_down, b_down, w_up, b_up, activation)
+    _check_inputs(x, w_down, b_down, w_up, b_up, activation, "adapter_reference")
     return x + F.linear(activate(F.linear(x, w_down, b_down), activation), w_up, b_up)
 
 
-def _check_inputs(x, w_down, b_down, w_up, b_up, activation) -> None:
+def _check_inputs(x, w_down, b_down, w_up, b_up, activation, who: str = "fused_adapter") -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"fused_adapter: activation={activation!r} is not supported; "
+        raise ValueError(f"{who}: activation={activation!r} is not supported; "
                          f"choose one of {list(ACTIVATIONS)}")
+    named = (("x", x), ("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up))
+    for name, t in named:  # a numpy array, a list, or None for a weight: an AttributeError from inside
+        if not isinstance(t, torch.Tensor) and not (t is None and name.startswith("b_")):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor{' or None' if name.startswith('b_') else ''}, "
+                            f"got {type(t).__name__}")
     if w_down.dim() != 2 or w_up.dim() != 2:
-        raise ValueError(f"fused_adapter: w_down {tuple(w_down.shape)} and w_up {tuple(w_up.shape)} must be "
+        raise ValueError(f"{who}: w_down {tuple(w_down.shape)} and w_up {tuple(w_up.shape)} must be "
                          "2-D (nn.Linear layout: w_down (hidden, d_model), w_up (d_model, hidden))")
     hidden, d_model = w_down.shape
     if x.dim() < 1 or x.shape[-1] != d_model:
-        raise ValueError(f"fused_adapter: x of shape {tuple(x.shape)} does not end in d_model={d_model} "
-                         f"of w_down {tuple(w_down.shape)}")
+        flipped = x.dim() >= 1 and x.shape[-1] == hidden
+        raise ValueError(f"{who}: x of shape {tuple(x.shape)} does not end in d_model={d_model} "
+                         f"of w_down {tuple(w_down.shape)}" + (f"; w_down looks transposed: nn.Linear layout is "
+                         f"(hidden, d_model) = {(d_model, hidden)}" if flipped else ""))
     if tuple(w_up.shape) != (d_model, hidden):
-        raise ValueError(f"fused_adapter: w_up has shape {tuple(w_up.shape)}, expected (d_model, hidden) = "
+        raise ValueError(f"{who}: w_up has shape {tuple(w_up.shape)}, expected (d_model, hidden) = "
                          f"{(d_model, hidden)} to match w_down {tuple(w_down.shape)}")
     for name, b, n in (("b_down", b_down, hidden), ("b_up", b_up, d_model)):
         if b is not None and tuple(b.shape) != (n,):
-            raise ValueError(f"fused_adapter: {name} has shape {tuple(b.shape)}, expected ({n},)")
-    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)):
+            raise ValueError(f"{who}: {name} has shape {tuple(b.shape)}, expected ({n},)")
+    for name, t in named[1:]:
         if t is None:
             continue
         if t.device != x.device:
-            raise ValueError(f"fused_adapter: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{who}: {name} is on {t.device} but x is on {x.device}")
         if t.dtype != x.dtype:
-            raise ValueError(f"fused_adapter: {name} has dtype {t.dtype} but x has {x.dtype}; "
+            raise ValueError(f"{who}: {name} has dtype {t.dtype} but x has {x.dtype}; "
                              "cast the adapter weights to the activation dtype")
+    if not x.is_floating_point():
+        raise ValueError(f"{who}: x has dtype {x.dtype}; the adapter computes in floating point")
 
 
 # --------------------------------------------------------------------------------------------
