@@ -719,6 +719,13 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- building
 
+def check_run_config(cfg, who: str) -> None:
+    """TypeError naming ``who`` where ``cfg`` is no RunConfig (a preset's name, a dict: an AttributeError inside)."""
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"{who} takes a RunConfig (vlscale.config.load_config(name, overrides)), got "
+                        f"{type(cfg).__name__}" + (f" {cfg!r}" if isinstance(cfg, str) else ""))
+
+
 def _default(cls, name: str):
     """The default of dataclass ``cls``'s field ``name``."""
     f = cls.__dataclass_fields__[name]

@@ -186,6 +186,28 @@ def test_a_batch_without_labels_or_the_image_axis_is_refused_naming_it():
         model.generate({k: v for k, v in dict(batch, vis_feats=feats[:, 0]).items() if k != "pixel_values"})
 
 
+def test_the_builders_refuse_what_is_not_their_config_or_model_naming_it():
+    """build_model("tiny") and the others were "AttributeError: 'str' object has no attribute 'model'" (or 'method',
+    'lm'); count_parameters(lm) of an LM given apply_peft would miss the PEFT modules, which it keeps outside."""
+    from vlscale.config import PeftConfig
+    from vlscale.data import build_tokenizer, build_train_loader
+    from vlscale.peft import apply_peft, count_parameters
+
+    for fn in (build_model, build_tokenizer):
+        with pytest.raises(TypeError, match=rf"^{fn.__name__} takes a RunConfig \(vlscale.config.load_config\(name, "
+                                            r"overrides\)\), got str 'tiny'$"):
+            fn("tiny")
+    with pytest.raises(TypeError, match=r"^build_train_loader takes a RunConfig .*, got dict$"):
+        build_train_loader({}, None)
+    lm = build_lm("tiny-t5")
+    with pytest.raises(TypeError, match=r"^apply_peft takes a PeftConfig \(.*\), got str 'lora'$"):
+        apply_peft(lm, "lora", ["vqa"])
+    apply_peft(lm, PeftConfig(), ["vqa"])
+    with pytest.raises(TypeError, match=r"^configure_trainable and count_parameters take the V&L model .*, got "
+                                        r"T5ForConditionalGeneration$"):
+        count_parameters(lm)
+
+
 def test_unknown_model_names_name_their_key():
     with pytest.raises(KeyError, match=r"unknown backbone 't5-huge' \(model.backbone\); registry: .*'t5-small'"):
         lm_config("t5-huge")

@@ -242,6 +242,9 @@ class TrainLoader:
     """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
 
     def __init__(self, cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None):
+        from vlscale.config import check_run_config
+
+        check_run_config(cfg, "build_train_loader")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         from vlscale.engine.deepspeed_config import global_batch_size, resolve_batch

@@ -167,6 +167,9 @@ def check_special_ids(tok, config, tok_source: str, config_source: str) -> None:
 def build_tokenizer(cfg):
     """The run's tokenizer (see the module docstring for the order of choices), checked against the LM's
     config (:func:`check_special_ids`)."""
+    from vlscale.config import check_run_config
+
+    check_run_config(cfg, "build_tokenizer")
     if cfg.model.tokenizer == "synthetic":
         tok, source = synthetic_tokenizer(), str(SYNTHETIC_SPM)
     elif cfg.model.tokenizer:

@@ -241,9 +241,11 @@ def build_model(cfg: RunConfig, vocab_size: Optional[int] = None, device="cpu",
     ``lm_builder``: replaces :func:`~vlscale.modeling.backbones.build_lm` (same keyword arguments);
     the ZeRO-3 build (:func:`vlscale.engine.sharded_loading.build_model_zero3`) passes its own.
     """
+    from vlscale.config import check_run_config
     from vlscale.modeling.backbones import contiguous_position_bias, is_tiny, lm_config
     from vlscale.peft.trainable import configure_trainable
 
+    check_run_config(cfg, "build_model")
     meta = str(device) == "meta"
     pretrained = cfg.model.pretrained and not meta
     overrides = {}

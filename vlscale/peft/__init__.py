@@ -191,4 +191,8 @@ class PeftController(nn.Module):
 
 def apply_peft(lm: nn.Module, peft_cfg, tasks: Sequence[str]) -> PeftController:
     """Insert the configured PEFT method into ``lm`` (HF T5 or BART) for ``tasks``; see the module doc."""
+    if not hasattr(peft_cfg, "method"):  # a method's name or a dict: an AttributeError inside
+        named = f" {peft_cfg!r}" if isinstance(peft_cfg, str) else ""
+        raise TypeError(f"apply_peft takes a PeftConfig (vlscale.config.PeftConfig(method='lora'), or a RunConfig's "
+                        f".peft), got {type(peft_cfg).__name__}{named}")
     return PeftController(lm, peft_cfg, tasks)

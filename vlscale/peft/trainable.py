@@ -66,6 +66,9 @@ def parameter_groups(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
             seen.add(id(p))
             groups[group].append((name, p))
 
+    if not hasattr(model, "lm"):  # a bare LM: apply_peft keeps its modules out of it, so they would go uncounted
+        raise TypeError(f"configure_trainable and count_parameters take the V&L model (vlscale.modeling.vl_model."
+                        f"build_model: lm, vision, projector, peft), got {type(model).__name__}")
     lm = model.lm
     peft = getattr(model, "peft", None)
     for name, p in _named(peft, "peft"):
