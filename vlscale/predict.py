@@ -313,8 +313,14 @@ class Predictor:
         import torch
 
         from vlscale.data import Collator
-        from vlscale.engine.distributed import local_device_type
+        from vlscale.engine.distributed import device_problem, local_device_type
 
+        problem = None if device is None else device_problem(str(device))  # torch's error, after the config's read
+        if problem:
+            raise ValueError(f"device {problem}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or
+                                       batch_size < 1):  # -1 answered nothing: a list of None
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer (inputs per forward pass)")
         self.device = torch.device(device or local_device_type())
         self.cfg, self.meta = load_run_config(adapter_dir, overrides)
         self.tasks = list(self.cfg.data.tasks)

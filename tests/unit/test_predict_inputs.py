@@ -281,6 +281,22 @@ def test_a_text_that_is_no_string_or_one_image_for_a_list_of_texts_is_refused_na
         predictor.predict("tvc", ["", ""], np.zeros((4, 16), np.float32))
 
 
+def test_a_device_or_batch_size_that_cannot_be_is_refused_before_the_adapter_is_read(monkeypatch):
+    """Predictor(dir, device="gpu") was torch's RuntimeError, "cuda" without a GPU torch's from inside the build;
+    batch_size=-1 answered a list with None for every input, 0 was taken silently for the default."""
+    from vlscale.engine import checkpoint
+    from vlscale.predict import Predictor
+
+    monkeypatch.setattr(checkpoint, "read_adapter_config", lambda _: pytest.fail("the adapter was read"))
+    with pytest.raises(ValueError, match=r"^device 'gpu' is not a device; give cpu, cuda or cuda:N$"):
+        Predictor("adapter", device="gpu")
+    with pytest.raises(ValueError, match=r"^device 'cuda:99': this machine has"):
+        Predictor("adapter", device="cuda:99")
+    for size in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"^batch_size={size!r} must be a positive integer"):
+            Predictor("adapter", device="cpu", batch_size=size)
+
+
 def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
     from vlscale.predict import Predictor
 
