@@ -245,6 +245,18 @@ def test_cider_errors_name_the_id_and_options_reach_the_score():
     assert cider(preds, refs, tokenizer=str.split) == pytest.approx(1.25 / 2)  # img1 scores 0
 
 
+def test_cider_of_one_prediction_is_zero_and_says_why(caplog):
+    """CIDEr-D's idf is log(N / df): for one image every n-gram's is 0, so a perfect caption scored alone is 0.0
+    (coco-caption's too), which a user scoring one caption took for a broken metric: a warning says why."""
+    with caplog.at_level(logging.WARNING, logger="vlscale.metrics.cider"):
+        assert cider({1: "a red circle"}, {1: ["a red circle"]}) == 0.0
+    assert "cider: one prediction scored: every n-gram's idf is log(1 / 1) = 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlscale.metrics.cider"):
+        assert cider({1: "a red circle", 2: "a blue cube"}, {1: ["a red circle"], 2: ["a blue cube"]}) > 0
+    assert not caplog.text
+
+
 def test_cider_tokenisation_splits_underscores():
     """Anything not a letter or digit separates words, an underscore too (regex's \\w holds it)."""
     assert tokenize("red_car on_the road") == ["red", "car", "on", "the", "road"]

@@ -22,11 +22,13 @@ can differ slightly from published ones where the two split differently;
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
 from typing import Callable, Hashable
 
+logger = logging.getLogger(__name__)
 _NON_WORD = re.compile(r"[^\w]+|_")
 SIGMA = 6.0
 MAX_N = 4
@@ -97,6 +99,9 @@ def cider_per_image(predictions: dict[Hashable, str], references: dict[Hashable,
     for k in ids:
         df.update({g for c in refs_counts[k] for g in c})
     log_n = math.log(float(len(ids)))
+    if len(ids) == 1:  # as coco-caption's: a corpus metric, 0 for a caption scored alone, however good
+        logger.warning("cider: one prediction scored: every n-gram's idf is log(1 / 1) = 0, so CIDEr-D is 0 whatever "
+                       "the caption; score a set of images")
 
     def idf_of(gram):
         return log_n - math.log(max(1.0, df.get(gram, 0.0)))
