@@ -898,6 +898,21 @@ def test_image_transform_centre_crops_resizes_bicubic_and_normalises():
     assert tf([]).shape == (0, 3, size, size)
 
 
+def test_image_transform_refuses_a_float_array_or_a_path_naming_the_image():
+    """A float image (in [0, 1], as many pipelines give them) was PIL's "Cannot handle this data type: (1, 1, 3),
+    <f4", a path "'str' object has no attribute 'convert'"."""
+    import numpy as np
+
+    from vlscale.modeling.vision import image_transform
+
+    tf, ok = image_transform("tiny-clip-rn"), np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(TypeError, match=r"^image 1: an image array must be uint8 \(H, W, 3\), got float32 \(a float "):
+        tf([ok, ok.astype(np.float32)])
+    with pytest.raises(TypeError, match=r"^image 0: an image is a uint8 \(H, W, 3\) array or a PIL image, got str "
+                                        r"\(a file: vlscale.predict.read_image\(path\)\)$"):
+        tf(["a.png"])
+
+
 def test_image_transform_normalises_as_the_pretrained_tag_does(tmp_path):
     """A tag with its own statistics (ViT-L-14 laion2b_s32b_b82k: mean = std = 0.5; the CLIPA towers: ImageNet's) is
     normalised with them, as open_clip's create_model sets them: every input was normalised with OpenAI's. A

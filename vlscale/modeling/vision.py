@@ -321,9 +321,15 @@ def image_transform(name: str, pretrained: Optional[str] = None):
 
     def transform(images: Sequence) -> torch.Tensor:
         out = []
-        for img in images:
+        for i, img in enumerate(images):
+            if isinstance(img, np.ndarray) and img.dtype != np.uint8:  # PIL: "Cannot handle this data type"
+                raise TypeError(f"image {i}: an image array must be uint8 (H, W, 3), got {img.dtype} (a float image "
+                                "in [0, 1]: (img * 255).round().astype(np.uint8))")
             if isinstance(img, np.ndarray):
                 img = Image.fromarray(img)
+            if not hasattr(img, "convert"):  # a path: "'str' object has no attribute 'convert'"
+                raise TypeError(f"image {i}: an image is a uint8 (H, W, 3) array or a PIL image, got "
+                                f"{type(img).__name__} (a file: vlscale.predict.read_image(path))")
             img = img.convert("RGB")
             w, h = img.size
             if w != h:
