@@ -202,6 +202,8 @@ def check_request(tasks: Sequence[str], task: str, n_images: int, text: str,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; this adapter was trained on {list(tasks)}")
     spec = TASKS[task]
+    if isinstance(options, str):  # read one character per option
+        raise ValueError(f"task {task!r}: options are a list of the answer options' texts, got one string {options!r}")
     if task not in tasks:
         raise ValueError(f"the adapter was not trained on task {task!r} and has no weights for it; it was trained "
                          f"on {list(tasks)} (data.tasks)")
@@ -234,6 +236,8 @@ def chosen_option(prediction: str, options: Sequence[str]) -> Optional[tuple[str
     :func:`vlscale.engine.evaluation.option_index`): (name, text), or None when it names none."""
     from vlscale.engine.evaluation import option_index
 
+    if isinstance(options, str):  # ("a1", "xy") named "y"
+        raise TypeError(f"chosen_option: options are a list of the answer options' texts, got one string {options!r}")
     options = [o.strip() for o in options]
     i = option_index(prediction, options)
     return None if i is None else (f"a{i}", options[i])
@@ -365,6 +369,11 @@ class Predictor:
                            len(getattr(images, "shape", ())) == (2 if video else 3)):  # one input's, not a list
             raise ValueError(f"{n} texts take a list of {n} image inputs (images[i]: the i-th text's), got one "
                              f"{type(images).__name__}")
+        if not single and isinstance(subtitle, str):
+            raise ValueError(f"{n} texts take a list of {n} subtitles (subtitle[i]: the i-th text's), got one str")
+        if not single and options is not None and any(isinstance(o, str) for o in options):  # each text's, its own
+            raise ValueError(f"{n} texts take a list of {n} option lists (options[i]: the i-th text's answer options), "
+                             "got a list of strings")
         per_input = [images] if single else list(images)
         options = [options] if single else list(options) if options is not None else [None] * n
         subtitles = [subtitle] if single else list(subtitle) if subtitle is not None else [None] * n

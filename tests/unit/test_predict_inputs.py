@@ -297,6 +297,30 @@ def test_a_device_or_batch_size_that_cannot_be_is_refused_before_the_adapter_is_
             Predictor("adapter", device="cpu", batch_size=size)
 
 
+def test_answer_options_or_subtitles_given_as_one_string_are_refused():
+    """One options list for a list of two questions gave the first question the characters of "left" as its four
+    options, and the second those of "right"; a string for options, or for chosen_option's, was read one character
+    per option (chosen_option("a1", "xy") -> ("a1", "y")); a subtitle string for a list was "2 texts but 11
+    subtitles"."""
+    from vlscale.predict import Predictor, chosen_option
+
+    predictor = Predictor.__new__(Predictor)  # checked before the model is asked
+    predictor.tasks = ["tvqa", "tvc"]
+    video = np.zeros((4, 16), np.float32)
+    with pytest.raises(ValueError, match=r"^2 texts take a list of 2 option lists \(options\[i\]: the i-th text's "
+                                         r"answer options\), got a list of strings$"):
+        predictor.predict("tvqa", ["q1?", "q2?"], [video, video], options=["left", "right"])
+    with pytest.raises(ValueError, match=r"^task 'tvqa': options are a list of the answer options' texts, got one "
+                                         r"string 'left right'$"):
+        predictor.predict("tvqa", "q?", video, options="left right")
+    with pytest.raises(ValueError, match=r"^2 texts take a list of 2 subtitles \(subtitle\[i\]: the i-th text's\), "
+                                         r"got one str$"):
+        predictor.predict("tvc", ["", ""], [video, video], subtitle="hello there")
+    with pytest.raises(TypeError, match=r"^chosen_option: options are a list of .*, got one string 'xy'$"):
+        chosen_option("a1", "xy")
+    assert chosen_option("a1", ["x", "y"]) == ("a1", "y")
+
+
 def test_lists_of_inputs_of_other_lengths_are_refused_before_anything_runs():
     from vlscale.predict import Predictor
 
