@@ -821,6 +821,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def list_presets() -> list[str]:
+    """The shipped presets' names, as ``load_config`` and ``--config`` take them (``tiny``, ``paper/...``)."""
     return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
 
 
@@ -970,10 +971,13 @@ def _checked(cfg: RunConfig) -> RunConfig:
 
 
 def config_from_dict(data: dict) -> RunConfig:
+    """A RunConfig from a whole nested dict (``RunConfig.to_dict()``'s, an adapter's saved ``run_config``): checked
+    as a preset is, with no preset below it (absent keys take the dataclasses' defaults, not the default preset's)."""
     return _checked(_build(RunConfig, dict(data)))
 
 
 def save_config(cfg: RunConfig, path) -> None:
+    """Write ``cfg`` as YAML (every key: ``load_config(path)`` reads the same config back)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
