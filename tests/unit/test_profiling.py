@@ -2101,3 +2101,24 @@ def test_zero3_checkpointed_recompute_holds_the_unit_backward_gathers_when_it_is
     d = est.detail
     assert d["zero3_gathered_backward"] > d["zero3_gathered"] and d["block_recompute_peak"] > 0
     assert est.phases["backward_recompute"] - est.phases["backward_gather"] == d["block_recompute_peak"]
+
+
+def test_the_python_estimators_take_what_the_launcher_takes_and_name_what_they_do_not(tmp_path):
+    """From Python: ``estimate_memory(cfg, 2, "ds_configs/zero2.json")`` (a file, as ``plan``'s ``ds_file``) was
+    "'str' object has no attribute 'get'"; a preset's name for the RunConfig "'str' has no attribute 'train'";
+    ``parse_size(-1)`` was -1 bytes."""
+    from vlscale.profiling.planner import plan
+
+    cfg = load_config("tiny")
+    zero2 = str(Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json")
+    by_file = estimate_memory(cfg, 2, zero2, device="cpu")
+    assert by_file == estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, zero2, device_type="cpu"), device="cpu")
+    assert by_file != estimate_memory(cfg, 2, device="cpu")  # the file was read (the default is zero3.json's)
+    for call in (lambda: estimate_memory("tiny"), lambda: plan("tiny", "1GiB")):
+        with pytest.raises(TypeError, match=r"takes a RunConfig .*got str 'tiny'"):
+            call()
+    with pytest.raises(TypeError, match=r"ds_config .* a DeepSpeed dict or a file's path, got list"):
+        estimate_memory(cfg, 1, [])
+    for size in (-1, -0.5, True):
+        with pytest.raises(ValueError, match=r"memory size .* (negative|not a size)"):
+            parse_size(size)

@@ -36,11 +36,13 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from vlscale.config import ADAPTER_METHODS, DTYPE_NAMES, PRECISION_BYTES, VIDEO_TASKS, RunConfig
+from vlscale.config import (ADAPTER_METHODS, DTYPE_NAMES, PRECISION_BYTES, VIDEO_TASKS, RunConfig,
+                            check_run_config)
 
 GiB = 1024 ** 3
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9,
@@ -52,7 +54,11 @@ _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 
 
 def parse_size(text) -> int:
     """``"24GiB"``, ``"80GB"``, ``"512MiB"``, ``1e9`` -> bytes (GB = 10^9, GiB = 2^30)."""
+    if isinstance(text, bool):
+        raise ValueError(f"memory size {text!r} is not a size; write e.g. 24GiB, 80GB, 512MiB or a byte count")
     if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError(f"memory size {text!r} is negative; write a positive size, e.g. 24GiB")
         value = float(text)
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE]\+?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
@@ -1428,12 +1434,12 @@ PREDICTED_NVME_PATH = "(nvme_path: a prediction swaps nothing)"
 ``VLSCALE_NVME_PATH``; a run (``--measure``) resolves the variable, and a written config keeps ``"auto"``."""
 
 
-def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
-                        vocab_size: Optional[int] = None,
+def estimate_checkpoint(cfg: RunConfig, world_size: int = 1, ds_config: Union[dict, str, os.PathLike, None] = None,
+                        *, vocab_size: Optional[int] = None,
                         inventory: Optional[ParamInventory] = None) -> CheckpointEstimate:
     """:func:`checkpoint_bytes` for ``cfg`` on ``world_size`` ranks (``ds_config`` as :func:`estimate_memory`)."""
-    if ds_config is None:
-        ds_config = resolve_ds_config(cfg, world_size, None, nvme_path=PREDICTED_NVME_PATH)
+    check_run_config(cfg, "estimate_checkpoint")
+    ds_config = _ds_dict(cfg, world_size, ds_config, "cuda")
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     return checkpoint_bytes(inventory or parameter_inventory(cfg, vocab_size), z, world_size, cfg.train.precision)
 
@@ -1449,13 +1455,24 @@ def resolve_ds_config(cfg: RunConfig, world_size: int, ds_file=None, device_type
                                   nvme_path=nvme_path)
 
 
-def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dict] = None, *,
+def _ds_dict(cfg: RunConfig, world_size: int, ds_config, device: str) -> dict:
+    """An estimator's ``ds_config``: the DeepSpeed dict given, or the one a ds_configs/ file (its path; None: the
+    run's default file) resolves to for a prediction."""
+    if ds_config is None or isinstance(ds_config, (str, os.PathLike)):
+        return resolve_ds_config(cfg, world_size, ds_config, device_type=device, nvme_path=PREDICTED_NVME_PATH)
+    if not isinstance(ds_config, dict):
+        raise TypeError(f"ds_config takes a DeepSpeed dict or a file's path, got {type(ds_config).__name__}")
+    return ds_config
+
+
+def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Union[dict, str, os.PathLike, None] = None, *,
                     device: str = "cuda", vocab_size: Optional[int] = None, padded: bool = True,
                     loss_mode: str = "trainer", inventory: Optional[ParamInventory] = None) -> MemoryEstimate:
     """Predict one rank's memory for ``cfg`` on ``world_size`` ranks.
 
     ``ds_config``: the run's DeepSpeed dict (its ZeRO stage, offload and bucket sizes; ``train.zero_stage``
-    overrides the stage); default :func:`resolve_ds_config`. ``device``: ``cuda`` (planning) or ``cpu``
+    overrides the stage), or a ds_configs/ file's path (as :func:`~vlscale.profiling.planner.plan`'s
+    ``ds_file``); default :func:`resolve_ds_config`. ``device``: ``cuda`` (planning) or ``cpu``
     (DeepSpeed's CPU accelerator, to compare with a measured CPU run). ``loss_mode``: ``trainer`` follows
     vlscale's engine (the model's own loss is computed too, the fp32 token-sum cross-entropy is
     backpropagated and the model output stays alive through the step), ``model`` backpropagates the
@@ -1467,9 +1484,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Optional[dic
         raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
     from vlscale.engine.deepspeed_config import resolve_batch
 
+    check_run_config(cfg, "estimate_memory")
     cfg = resolve_batch(cfg, world_size)  # the accumulation train.global_batch_size gives on world_size ranks
-    if ds_config is None:
-        ds_config = resolve_ds_config(cfg, world_size, None, device_type=device, nvme_path=PREDICTED_NVME_PATH)
+    ds_config = _ds_dict(cfg, world_size, ds_config, device)
     z = ZeroSettings.from_ds_config(ds_config, stage=cfg.train.zero_stage)
     precision = cfg.train.precision
     check_modelled(ds_config, z.stage, precision)

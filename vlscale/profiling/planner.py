@@ -210,6 +210,9 @@ def plan(cfg: RunConfig, budget, world_size: int = 1, *, ds_file=None, stages: I
     ``budget``: bytes or a size string (``"24GiB"``). ``headroom``: bytes kept free for the CUDA
     context, allocator fragmentation and NCCL buffers (default 5% of the budget + 0.5 GiB).
     """
+    from vlscale.config import check_run_config
+
+    check_run_config(cfg, "plan")
     budget = parse_size(budget)
     headroom = default_headroom(budget) if headroom is None else int(headroom)
     cost = cost or CostModel()
