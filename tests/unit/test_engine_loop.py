@@ -166,6 +166,19 @@ def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == [{"step": 2, "vqa": 0.1}]
 
 
+def test_a_resume_drops_a_log_line_cut_short_by_a_kill_or_a_full_disk(tmp_path, capsys):
+    """A SIGKILL (or ENOSPC) mid-append leaves a torn last line: --resume was a JSONDecodeError traceback."""
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    _truncate_logs(tmp_path, 2)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]
+    assert "dropping 1 line(s) that are not a whole record" in capsys.readouterr().out
+
+
 def test_a_resume_on_other_training_data_is_refused_before_the_model_is_built(tmp_path):
     import json
 

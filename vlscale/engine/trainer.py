@@ -334,12 +334,24 @@ def saved_settings(out: Path, tag: str) -> tuple[RunConfig, Path]:
                       f"output_dir")
 
 
+def _logged_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
+        return None
+
+
 def _truncate_logs(out: Path, step: int) -> None:
-    """After a resume, drop log lines of steps past the checkpoint (they will be redone)."""
+    """After a resume, drop log lines of steps past the checkpoint (they will be redone), and a line that is not a
+    whole record: an append cut short (SIGKILL, a full disk) was a JSONDecodeError traceback after the model loaded."""
     log = out / "train_log.jsonl"
     if log.exists():
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        write_text_atomic(log, "".join(ln + "\n" for ln in lines))
+        records = [(ln, _logged_step(ln)) for ln in log.read_text().splitlines() if ln.strip()]
+        torn = sum(s is None for _, s in records)
+        if torn:
+            print(f"vlscale: {log}: dropping {torn} line(s) that are not a whole record (a write cut short: the "
+                  f"process killed, or a full disk)", flush=True)
+        write_text_atomic(log, "".join(ln + "\n" for ln, s in records if s is not None and s <= step))
     metrics = out / "metrics.json"
     if metrics.exists():
         write_text_atomic(metrics, json.dumps([m for m in json.loads(metrics.read_text()) if m["step"] <= step], indent=1))
