@@ -665,6 +665,26 @@ def test_stop_after_steps_checkpoints_that_step_and_stops(monkeypatch):
     assert events[-3:] == [("log", 3, {"lr": 2.0}), ("eval", 3, False), ("save", 3)] and run.step == 3
 
 
+@pytest.mark.parametrize("stop_at, kept", [(3, {"vqa": {"acc": 0.3}}), (4, {}), (5, {})])
+def test_a_run_stopped_mid_training_keeps_as_final_scores_only_its_last_step_s(monkeypatch, stop_at, kept):
+    """Stopped at step 4 after the evaluation of step 3: finish printed that as "final scores (val, step 4)" and
+    run_summary.json's final_scores held it."""
+
+    run, events = _loop_run(monkeypatch)
+    with pytest.raises(trainer.RunStopped):
+        trainer.train(run, stop_after_steps=stop_at)
+    assert run.last_scores == kept
+
+
+def test_a_stop_during_a_periodic_evaluation_leaves_no_earlier_scores_as_final(monkeypatch):
+
+    run, events = _loop_run(monkeypatch, interrupt=(6, "val"))
+    run.cfg.train.max_steps = 9
+    with pytest.raises(trainer.RunStopped):
+        trainer.train(run)
+    assert events[-2:] == [("eval", 6, False), ("save", 6)] and run.last_scores == {}
+
+
 @pytest.mark.parametrize("saved", [True, False])
 def test_a_resume_of_a_trained_run_saves_only_what_it_lacks_then_evaluates(monkeypatch, saved):
 

@@ -699,11 +699,13 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         run.step_times.append(time.perf_counter() - start)
         run.watchdog.beat(f"step {run.step}")
         log_step(run, batches[0]["task"], loss, lr, bar)
-        if t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps:
+        evaluated = t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps
+        if evaluated:
             run.stoppable_evaluation = True
             try:
                 run_evaluation(run)
             except EvaluationInterrupted as e:  # Ctrl-C/SIGTERM mid-evaluation: checkpoint the step and stop
+                run.last_scores = {}  # an earlier step's are no final scores (finish, run_summary.json)
                 save_training_state(run)
                 bar.close()
                 agree_on_signal(run)
@@ -713,6 +715,8 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
             finally:
                 run.stoppable_evaluation = False
         if stop or run.step == stop_after_steps:
+            if not evaluated:  # they were an earlier step's, printed as "final scores (val, step <this one>)"
+                run.last_scores = {}
             save_training_state(run)
             bar.close()
             raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
