@@ -636,9 +636,10 @@ def _loop_run(monkeypatch, step=0, saved=False, accumulation=1, stop_at=None, te
                             test_eval=test_eval)
     run = SimpleNamespace(cfg=SimpleNamespace(train=train), step=step, is_main=True, show_progress=False,
                           loader=iter(lambda: {"task": "vqa"}, None), engine=engine, lr_groups={"lr": 0},
-                          dist=SimpleNamespace(world_size=1), step_times=[],
+                          dist=SimpleNamespace(world_size=1, device=None), step_times=[],
                           watchdog=SimpleNamespace(beat=lambda what: None), stoppable_evaluation=False,
-                          stop=SimpleNamespace(signum=None), interrupted_evaluation=None, last_scores={},
+                          stop=SimpleNamespace(signum=None, requested=False), interrupted_evaluation=None,
+                          last_scores={},
                           micro_batches=[], stoppable=[])
     return run, events
 
@@ -723,6 +724,26 @@ def test_a_stop_request_checkpoints_the_step_it_came_in_and_stops(monkeypatch):
     assert (stopped.value.step, stopped.value.signum) == (3, 15)
     assert events == [("log", 1, {"lr": 0.0}), ("log", 2, {"lr": 1.0}), ("save", 2), ("log", 3, {"lr": 2.0}),
                       ("eval", 3, False), ("save", 3)] and run.step == 3
+
+
+@pytest.mark.parametrize("during", ["save", "eval"])
+def test_a_stop_request_during_a_periodic_save_or_evaluation_stops_at_that_step(monkeypatch, during):
+    """SIGTERM while step 2's checkpoint was written (or step 3's evaluation ended): the run trained step 3 (4) and
+    saved it again before stopping, twice the work inside a scheduler's grace period before its SIGKILL."""
+
+    run, events = _loop_run(monkeypatch)
+    record = trainer.save_training_state if during == "save" else trainer.run_evaluation
+
+    def requested(run, *args, **kwargs):
+        run.stop.requested, run.stop.signum = True, 15
+        return record(run, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_training_state" if during == "save" else "run_evaluation", requested)
+    with pytest.raises(trainer.RunStopped, match=r"^stopped at step (2|3) \(signal\)$") as stopped:
+        trainer.train(run)
+    step = 2 if during == "save" else 3
+    assert (stopped.value.step, stopped.value.signum, run.step) == (step, 15, step)
+    assert [e for e in events if e[0] == "save"] == [("save", 2)] + ([("save", 3)] if during == "eval" else [])
 
 
 def test_the_test_split_is_evaluated_after_the_final_one_with_train_test_eval(monkeypatch):

@@ -714,14 +714,18 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
                                            f"training without that evaluation", run.stop.signum) from None
             finally:
                 run.stoppable_evaluation = False
+        saved = t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps
+        if saved:
+            save_training_state(run)
+        # a signal during that save or evaluation stops at this step: it had a step trained and saved again first
+        stop = stop or (saved or evaluated) and all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
         if stop or run.step == stop_after_steps:
             if not evaluated:  # they were an earlier step's, printed as "final scores (val, step <this one>)"
                 run.last_scores = {}
-            save_training_state(run)
+            if not saved:
+                save_training_state(run)
             bar.close()
             raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
-        if t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps:
-            save_training_state(run)
     bar.close()
     if run.step > first_step or not _saved_at_this_step(run):
         save_training_state(run)
