@@ -1317,6 +1317,18 @@ def test_an_empty_latest_is_refused_naming_it(tmp_path):
         ckpt.latest_tag(root)
 
 
+def test_a_latest_naming_a_deleted_checkpoint_points_to_the_one_before_it(tmp_path):
+    """step6/ deleted (a user freeing space, a cleanup): the refusal named no way on, unlike a truncated step6/."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step{step}").mkdir(parents=True)
+    (root / ckpt.LATEST).write_text("step6")
+    with pytest.raises(ckpt.CheckpointError, match=r"names checkpoint 'step6', which does not exist in .*; the "
+                                                   r"previous checkpoint is .*step4: write 'step4' into .*latest to "
+                                                   r"resume"):
+        ckpt.latest_tag(root)
+
+
 def test_the_earlier_checkpoint_to_resume_is_the_newest_by_step_number(tmp_path):
     """step10 comes after step9 (by number, not as text); a step8.old an interrupted save left is no checkpoint."""
     root = tmp_path / "checkpoints"

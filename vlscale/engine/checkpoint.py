@@ -745,7 +745,8 @@ def latest_tag(ckpt_root) -> Optional[str]:
             raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}, but {old.name} "
                                   f"does: a save that replaced it was interrupted; rename {old} to {tag} to resume "
                                   f"from it")
-        raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}")
+        raise CheckpointError(f"{path} names checkpoint {tag!r}, which does not exist in {ckpt_root}; "
+                              f"{earlier_checkpoint_hint(Path(ckpt_root) / tag)}")
     return tag
 
 
