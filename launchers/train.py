@@ -249,8 +249,9 @@ def main(argv=None) -> int:
         print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}'}{kept}", file=sys.stderr,
               flush=True)
         code = 1
-    except KeyboardInterrupt as e:
-        print(f"vlscale: rank {dist.rank}: aborted ({e})", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:  # a second signal (its message), or Ctrl-C before the stop handler: "aborted ()"
+        why = str(e) or "SIGINT during start-up, before training began: no checkpoint was written"
+        print(f"vlscale: rank {dist.rank}: aborted ({why})", file=sys.stderr, flush=True)
         code = 128 + signal.SIGINT
     # --- cleanup
     trainer.close(run)

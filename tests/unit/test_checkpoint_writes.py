@@ -1486,6 +1486,9 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
     ("peer", 1, "vlscale: rank 0: stopped: another rank's process ended (its own line says why)", False),
     ("abort", 128 + 2, "vlscale: rank 0: aborted (second SIGINT)", False),
+    # Ctrl-C while the model loads (Python's handler; vlscale's is installed last): the line was "aborted ()"
+    ("startup", 128 + 2, "vlscale: rank 0: aborted (SIGINT during start-up, before training began: no checkpoint "
+                         "was written)\n", False),
     ("setup", 1, "vlscale: rank 0: DataError: gqa train annotations: /d/train.json is not JSON\n", False),
     ("unwritten", 1, "vlscale: rank 0: DataError: image 'y': cannot read image /d/y.jpg (OSError: truncated) "
                      "(run_summary.json not written: OSError: [Errno 30] Read-only file system)\n", False),
@@ -1516,6 +1519,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
               "stop_after": trainer.RunStopped(3, "--stop-after-steps 3"),
               "abort": KeyboardInterrupt("second SIGINT"),  # a second Ctrl-C: no checkpoint
               "setup": DataError("gqa train annotations: /d/train.json is not JSON"),  # while the run is built
+              "startup": KeyboardInterrupt(),
               "unwritten": DataError("image 'y': cannot read image /d/y.jpg (OSError: truncated)")}
     setups = []
 
@@ -1523,7 +1527,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         setups.append(show_progress)
-        if raised == "setup":
+        if raised in ("setup", "startup"):
             raise errors[raised]
         runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
         return runs[-1]
@@ -1549,7 +1553,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
-    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup") else [errors[raised]])
+    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup", "startup") else [errors[raised]])
     kept = bool(stops) and raised != "unwritten"  # the error's line ends with what is kept
     assert err.rstrip().endswith("; what is kept") == kept, err
     if isinstance(errors[raised], trainer.RunStopped):  # run_summary.json says why a stop request stopped it too
