@@ -154,6 +154,20 @@ def test_a_resume_may_change_the_resumable_settings():
         _check_resumable(saved, load_config("tiny", TINY + ["train.seed=4"]), "run_config.yaml")
 
 
+def test_a_resume_without_the_run_s_config_names_the_run_s_own_file_to_give(tmp_path):
+    """`--resume output_dir=X` of a `--config tiny` run (the preset left out) was refused naming model.backbone and
+    six more keys, with no word of the run_config.yaml that resumes it."""
+    from vlscale.engine.trainer import _check_resumable
+
+    saved = load_config("tiny", TINY + [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"resume with the same settings \(only"):  # no run_config.yaml: no hint
+        _check_resumable(saved, load_config(None, [f"output_dir={tmp_path}"]), "client_state_rank0.json")
+    (tmp_path / "run_config.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"; resume with the same settings \(the run's own: --config "
+                                          rf"{tmp_path}/run_config\.yaml --resume\) \(only"):
+        _check_resumable(saved, load_config(None, [f"output_dir={tmp_path}"]), "client_state_rank0.json")
+
+
 def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
     import json
 

@@ -275,8 +275,11 @@ def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
 
         note = " (null: the --deepspeed file's stage)" if k == "train.zero_stage" else ""
         more = f"; {len(diff) - 1} more setting(s) differ: {diff[1:6]}" if len(diff) > 1 else ""
+        # the --config and overrides of the run's start left out (a plain `--resume output_dir=...`): its own file
+        own = Path(cfg.output_dir) / "run_config.yaml"
+        own = f" (the run's own: --config {own} --resume)" if own.is_file() else ""
         raise ConfigError(f"--resume: {k}={shown(cfg, b)} differs from the checkpointed run's {k}={shown(saved, a)}"
-                          f"{note} ({path}){more}; resume with the same settings (only {list(RESUMABLE_CHANGES)} "
+                          f"{note} ({path}){more}; resume with the same settings{own} (only {list(RESUMABLE_CHANGES)} "
                           f"may change)")
 
 
