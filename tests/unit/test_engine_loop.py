@@ -559,6 +559,28 @@ def test_only_the_final_evaluation_writes_predictions(tmp_path, monkeypatch):
     assert written == [None, tmp_path / "predictions"]
 
 
+def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(tmp_path, monkeypatch):
+    """A finished run extended (--resume train.max_steps=more), its final evaluation stopped after vqa: predictions/
+    held the new step's vqa.jsonl beside the old step's nlvr2.jsonl, nothing telling them apart."""
+    from vlscale.engine.evaluation import EvaluationInterrupted
+
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "nlvr2.jsonl").write_text("{}\n")  # the step before the extension's
+
+    def evaluate(*args, predictions_dir, **kwargs):  # write_predictions makes the folder
+        predictions_dir.mkdir(exist_ok=True)
+        (predictions_dir / "vqa.jsonl").write_text("{}\n")
+        raise EvaluationInterrupted("val", "nlvr2", 0, 1)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
+                          dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+    with pytest.raises(EvaluationInterrupted):
+        trainer.run_evaluation(run, final=True)
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
+
+
 def test_an_evaluation_plots_each_task_s_metrics_and_only_rank_0_writes_metrics_json(tmp_path, monkeypatch):
     """TensorBoard gets eval_<split>/<task>/<metric> at the run's step, flushed at once (an evaluation is the rare
     point a user watches for); the other ranks keep the scores (run.last_scores) but write no metrics.json."""

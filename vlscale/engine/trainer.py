@@ -890,6 +890,10 @@ def sync_trained_buffers(run: Run) -> None:
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
     synced = run.dist.world_size > 1 and run.stage == 3
+    if predictions_dir is not None and run.dist.rank == 0:  # written task by task: a stop midway left another
+        import shutil  # step's files (a finished run extended) beside this one's, under the same names
+
+        shutil.rmtree(predictions_dir, ignore_errors=True)
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
                    ) if run.stoppable_evaluation and run.stop is not None else None
     return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
