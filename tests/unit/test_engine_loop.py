@@ -180,6 +180,21 @@ def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == [{"step": 2, "vqa": 0.1}]
 
 
+def test_a_resume_says_which_logged_steps_it_drops_to_train_again(tmp_path, capsys):
+    """SIGKILL at step 6 after the checkpoint of step 4: steps 5-6 left train_log.jsonl without a word."""
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
+    _truncate_logs(tmp_path, 6)  # a stop with a checkpoint: nothing past it, nothing said
+    assert capsys.readouterr().out == ""
+    _truncate_logs(tmp_path, 4)
+    assert capsys.readouterr().out.endswith("train_log.jsonl: dropping step(s) 5-6, logged after the checkpoint of "
+                                            "step 4; they are trained again\n")
+
+
 def test_a_resume_drops_a_log_line_cut_short_by_a_kill_or_a_full_disk(tmp_path, capsys):
     """A SIGKILL (or ENOSPC) mid-append leaves a torn last line: --resume was a JSONDecodeError traceback."""
     import json

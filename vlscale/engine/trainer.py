@@ -354,6 +354,10 @@ def _truncate_logs(out: Path, step: int) -> None:
         if torn:
             print(f"vlscale: {log}: dropping {torn} line(s) that are not a whole record (a write cut short: the "
                   f"process killed, or a full disk)", flush=True)
+        past = [s for _, s in records if s is not None and s > step]
+        if past:  # a run killed (SIGKILL, a crash) after its last checkpoint: they vanished from the log unsaid
+            print(f"vlscale: {log}: dropping step(s) {min(past)}-{max(past)}, logged after the checkpoint of step "
+                  f"{step}; they are trained again", flush=True)
         write_text_atomic(log, "".join(ln + "\n" for ln, s in records if s is not None and s <= step))
     metrics = out / "metrics.json"
     if metrics.exists():
