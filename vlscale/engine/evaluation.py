@@ -396,14 +396,11 @@ def _adapter_sha256(adapter_dir) -> Optional[str]:
 
     from vlscale.engine.checkpoint import ADAPTER_WEIGHTS
 
-    h = hashlib.sha256()
     try:
         with open(Path(adapter_dir) / ADAPTER_WEIGHTS, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:  # no adapter (yet): known by its path alone
         return None
-    return h.hexdigest()
 
 
 def _count_predictions(predictions_dir: Path, tasks) -> dict[str, int]:
