@@ -549,3 +549,21 @@ def test_reports_know_an_adapter_by_its_weights_not_its_path(tmp_path):
     report = json.loads(write_eval_report(moved / "eval_val", moved / "adapter", "val", 2,
                                           {"nlvr2": {"accuracy": 0.5}}, settings=settings).read_text())
     assert report["tasks"] == {"nlvr2": {"accuracy": 0.5}}
+
+
+def test_a_report_without_the_digest_or_an_adapter_without_weights_is_matched_by_path(tmp_path):
+    """A report written before the digest was recorded merges a subset of the same adapter folder, as it did (it
+    was replaced: no digest equals none); one with the digest, its adapter's weights file gone since, is matched by
+    path too (it was a KeyError)."""
+    cfg, settings, out = load_config("tiny"), {"data": {}}, tmp_path / "eval_val"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), tmp_path / "adapter", cfg, vocab_size=10, extra={"step": 2})
+    path = write_eval_report(out, tmp_path / "adapter", "val", 2, {"vqa": {"vqa_score": 0.5}}, settings=settings)
+    old = json.loads(path.read_text())
+    del old["adapter_sha256"]  # as an older vlscale wrote it
+    path.write_text(json.dumps(old))
+    write_eval_report(out, tmp_path / "adapter", "val", 2, {"gqa": {"accuracy": 0.25}}, settings=settings)
+    assert set(json.loads(path.read_text())["tasks"]) == {"vqa", "gqa"}
+    (tmp_path / "adapter" / ckpt.ADAPTER_WEIGHTS).unlink()
+    report = json.loads(write_eval_report(out, tmp_path / "adapter", "val", 2, {"nlvr2": {"accuracy": 0.5}},
+                                          settings=settings).read_text())
+    assert set(report["tasks"]) == {"vqa", "gqa", "nlvr2"} and "adapter_sha256" not in report
