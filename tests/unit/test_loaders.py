@@ -2437,10 +2437,10 @@ def test_frame_images_are_taken_in_number_order(tmp_path):
         assert [int(f[0, 0, 0]) for f in frames] == [10, 20, 100, 110], vid
 
 
-def test_a_split_missing_for_some_tasks_is_one_error_naming_each_before_any_loads():
+def test_a_split_missing_for_some_tasks_is_one_error_naming_each_before_any_loads(tmp_path):
     """launchers/evaluate.py checks every task's split up front: one DataError naming each task without it and
-    the file looked for (COCO's captions: a name that is no Karpathy split); the synthetic world and an HF
-    dataset (its splits resolved when opened) are not checked here."""
+    the file looked for (COCO's captions: a name that is no Karpathy split, or no captions file); the synthetic
+    world and an HF dataset (its splits resolved when opened) are not checked here."""
     from vlscale.data import check_split_found
 
     cfg = make_cfg(tasks=["vqa", "gqa", "caption"])
@@ -2451,6 +2451,9 @@ def test_a_split_missing_for_some_tasks_is_one_error_naming_each_before_any_load
         check_split_found(cfg, ["gqa", "caption"], "restval")
     with pytest.raises(DataError, match=r"^split 'dev' not found for vqa: .*vqa/dev\.json does not exist"):
         check_split_found(cfg, ["vqa"], "dev")
+    with pytest.raises(DataError, match=r"^split 'val' not found for caption: COCO Karpathy captions: "
+                                        r".*coco/dataset_coco\.json does not exist"):  # no file: no split to name
+        check_split_found(make_cfg(tmp_path, tasks=["caption"]), ["caption"], "val")
     check_split_found(RunConfig(data=DataConfig(tasks=["vqa"])), ["vqa"], "dev")  # synthetic: every split
     check_split_found(RunConfig(data=DataConfig(tasks=["vqa"], source="real", hf_dataset="/no/such/hf")), ["vqa"], "dev")
 
