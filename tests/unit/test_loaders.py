@@ -407,7 +407,8 @@ def test_ts_and_subtitle_lines_overlapping_it():
 def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_line(tmp_path):
     """A line ending where ``ts`` starts, or starting where it ends, overlaps it; an empty line adds no blank;
     ``ts`` "NaN-NaN" (TVQA's unknown span) or none means every line. A boolean time is malformed, and so is a line
-    that ends before it starts (as a ``ts`` that does: it was read, overlapping nothing or the wrong span)."""
+    that ends before it starts (as a ``ts`` that does: it was read, overlapping nothing or the wrong span); one
+    that ends where it starts is a line."""
     from vlscale.data.real import Record
     from vlscale.data.video import load_subtitles, parse_ts, subtitle_text
 
@@ -425,6 +426,9 @@ def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_lin
                                           r"\(start 6\.5, end 4\.0\); fix its times$"):
         load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [], "note": "fine"}, {
             "vid_name": "w", "sub": [{"text": "Hi.", "start": 0, "end": 1}, {"text": "Bye.", "start": 6.5, "end": 4}]}]))
+    # one that ends where it starts is read, as a ts [3, 3] is
+    assert load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
+        {"text": "Hi.", "start": 3, "end": 3}]}])) == {"v": [(3.0, 3.0, "Hi.")]}
 
 
 def _jsonl(path, records):
