@@ -259,6 +259,8 @@ def test_gqa_record_fields_map_to_the_example_and_an_empty_image_id_is_named(tmp
         load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id=" \t")]))
     with pytest.raises(RecordError, match=r"record 0 \(id ' '\): key 'question_id' holds only whitespace \(' '\)$"):
         load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, question_id=" ")]))
+    with pytest.raises(RecordError, match=r"key 'img_id' holds only whitespace \('\\n {17}\)$"):  # cut, one line
+        load_gqa(_write_json(tmp_path / "gqa.json", [dict(rec, img_id="\n" + " " * 500)]))
 
 
 def test_nlvr2_boolean_labels_and_a_record_without_uid(tmp_path):
