@@ -332,10 +332,11 @@ def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path, key):
     from vlscale.config import SourceError
     from vlscale.data import build_tokenizer
 
-    absent = tmp_path / "hf" / "t5-small"
-    cfg = load_config("tiny", ["model.backbone=t5-small", "model.pretrained=true", f"{key}={absent}"])
-    with pytest.raises(SourceError, match=rf"^{key}='{absent}' does not exist \(expected a local folder"):
-        build_tokenizer(cfg)
+    for absent in (tmp_path / "hf" / "t5-small", "/no-such-t5-small"):  # the latter's folder, /, is here: no hub id
+        cfg = load_config("tiny", ["model.backbone=t5-small", "model.pretrained=true", f"{key}={absent}"])
+        with pytest.raises(SourceError, match=rf"^{key}='{absent}' does not exist \(expected a local folder, or a "
+                                              r"hub id\)$"):
+            build_tokenizer(cfg)
 
 
 def test_a_hub_id_as_backbone_path_is_looked_up_on_the_hub(monkeypatch):
