@@ -90,10 +90,11 @@ def is_hub_id(source: str) -> bool:
 
 
 def owner_here(source: str) -> str:
-    """For a hub id ``owner/name`` not there whose owner is a folder here (``weights/t5`` beside ``weights/``), the
-    words saying so for an error: a folder missing in it was meant, not a hub id. "" otherwise."""
+    """For a hub id ``owner/name`` not there (the caller's :func:`missing_source` said so) whose owner is a folder
+    here (``weights/t5`` beside ``weights/``), the words saying so for an error: a folder missing in it was meant, not
+    a hub id. "" otherwise."""
     parent = Path(source).parent
-    if len(Path(source).parts) != 2 or not parent.is_dir() or os.path.exists(source) or not is_hub_id(source):
+    if len(Path(source).parts) != 2 or not parent.is_dir() or not is_hub_id(source):
         return ""
     return f"not looked up on the hub: its folder {str(parent)!r} is here"
 
