@@ -2350,7 +2350,7 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
     one), and the folder's listing marked it '(empty)' only among its first 10 entries, in its top folder. The
     error names each such file, by its path in the folder. A split whose files all hold none is a missing split
     (as a saved split of 0 rows), the others loaded from their own files; the library failed every split with it."""
-    from vlscale.data.hf_dataset import _why, load_hf_examples, open_hf_split
+    from vlscale.data.hf_dataset import _files_are, _why, load_hf_examples, open_hf_split
 
     cols = {"image": "image", "question": "q", "answer": "a"}
     row = json.dumps({"image": "a.png", "q": "q", "a": "a"}) + "\n"
@@ -2364,6 +2364,8 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
                                                r"\(its data file 'validation\.jsonl' is empty\); give it rows, or "
                                                r"remove that file$"):
         load_hf_examples("gqa", str(many), "val", cols)
+    (many / "train-00.jsonl").write_text("")  # one empty file of a split of rows: the split loads, without it
+    assert open_hf_split(str(many), "train")[0].num_rows == 11
     nested = tmp_path / "nested"  # in a subfolder (data/, as hub datasets lay their files out)
     (nested / "data").mkdir(parents=True)
     (nested / "data" / "train.jsonl").write_text("")
@@ -2406,6 +2408,15 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
                                                r"\(its data file 'validation\.csv' is empty\); give it rows, or remove "
                                                r"that file$"):
         load_hf_examples("gqa", str(header), "val", cols)
+    with pytest.raises(DataFileNotFound, match=r"header' has no split for 'test' \(tried \['test'\]\); its splits: "
+                                               r"\['train', 'validation'\]$"):  # named as a saved dataset's are
+        open_hf_split(str(header), "test")
+    columns = tmp_path / "columns"  # no split of none: the library's refusal stands (not loaded split by split)
+    columns.mkdir()
+    (columns / "train.csv").write_text("image,q,a\na.png,q,a\n")
+    (columns / "validation.csv").write_text("image,q,b\na.png,q,a\n")
+    with pytest.raises(DataError, match=r"columns': the datasets library cannot load it \(DatasetGenerationError"):
+        open_hf_split(str(columns), "train")
     tsv = tmp_path / "tsv"  # a TSV file too
     tsv.mkdir()
     (tsv / "train.tsv").write_text("image\tq\ta\na.png\tq\ta\n")
@@ -2424,6 +2435,9 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
         with pytest.raises(DataFileNotFound, match=rf"lines': its split '[a-z]+' has no rows \(its data file '{file}'"):
             load_hf_examples("gqa", str(lines), split, cols)
     assert _why(StopIteration()) == "StopIteration"  # not "StopIteration: "
+    ten = [f"f{k}" for k in range(10)]
+    assert _files_are(ten) == f"data files {ten} are"  # 10 listed; 11 counted, the first 10 listed
+    assert _files_are([*ten, "g"]) == f"11 data files (the first 10: {ten}) are"
 
 
 def test_frame_images_are_taken_in_number_order(tmp_path):
