@@ -34,6 +34,7 @@ names an option), and :func:`chosen_option` the option it names as evaluation de
 
 from __future__ import annotations
 
+import numbers
 import shlex
 import sys
 from pathlib import Path
@@ -322,8 +323,8 @@ class Predictor:
         problem = None if device is None else device_problem(str(device))  # torch's error, after the config's read
         if problem:
             raise ValueError(f"device {problem}")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or
-                                       batch_size < 1):  # -1 answered nothing: a list of None
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                       or batch_size < 1):  # -1 answered nothing: a list of None
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (inputs per forward pass)")
         self.device = torch.device(device or local_device_type())
         self.cfg, self.meta = load_run_config(adapter_dir, overrides)

@@ -295,6 +295,8 @@ def test_a_device_or_batch_size_that_cannot_be_is_refused_before_the_adapter_is_
     for size in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=rf"^batch_size={size!r} must be a positive integer"):
             Predictor("adapter", device="cpu", batch_size=size)
+    with pytest.raises(pytest.fail.Exception, match="the adapter was read"):  # numpy's ints are ints
+        Predictor("adapter", device="cpu", batch_size=np.int64(2))
 
 
 def test_answer_options_or_subtitles_given_as_one_string_are_refused():
