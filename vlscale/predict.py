@@ -320,7 +320,8 @@ class Predictor:
         from vlscale.data import Collator
         from vlscale.engine.distributed import device_problem, local_device_type
 
-        problem = None if device is None else device_problem(str(device))  # torch's error, after the config's read
+        # torch's error, after the config's read; an int is torch's (and HF pipelines') cuda:N
+        problem = None if device is None else device_problem(device if isinstance(device, int) else str(device))
         if problem:
             raise ValueError(f"device {problem}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)

@@ -297,6 +297,14 @@ def test_a_device_or_batch_size_that_cannot_be_is_refused_before_the_adapter_is_
             Predictor("adapter", device="cpu", batch_size=size)
     with pytest.raises(pytest.fail.Exception, match="the adapter was read"):  # numpy's ints are ints
         Predictor("adapter", device="cpu", batch_size=np.int64(2))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(pytest.fail.Exception, match="the adapter was read"):  # torch.device(1): cuda:1
+        Predictor("adapter", device=1)
+    with pytest.raises(ValueError, match=r"^device 2: this machine has 2 GPU\(s\), cuda:0 to cuda:1$"):
+        Predictor("adapter", device=2)
 
 
 def test_answer_options_or_subtitles_given_as_one_string_are_refused():

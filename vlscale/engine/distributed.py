@@ -82,10 +82,10 @@ def local_device_type() -> str:
     return "cuda" if default_device_type() != "cpu" and torch.cuda.is_available() else "cpu"
 
 
-def device_problem(device: str) -> str | None:
-    """Why ``device`` (a launcher's ``--device``: ``cpu``, ``cuda``, ``cuda:N``) cannot be used here, or None: a name
-    torch does not know, or a GPU this machine does not have. Both were torch's errors from inside the model's build,
-    which extract_features.py reported as a CLIP checkpoint it could not load."""
+def device_problem(device: str | int) -> str | None:
+    """Why ``device`` (a launcher's ``--device``: ``cpu``, ``cuda``, ``cuda:N``; an int N: cuda:N, as torch reads it)
+    cannot be used here, or None: a name torch does not know, or a GPU this machine does not have. Both were torch's
+    errors from inside the model's build, which extract_features.py reported as a CLIP checkpoint it could not load."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
