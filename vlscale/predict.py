@@ -37,6 +37,7 @@ from __future__ import annotations
 import numbers
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -357,7 +358,7 @@ class Predictor:
         from vlscale.data.tasks import TASKS
 
         single = isinstance(text, str)
-        if not single and not isinstance(text, (list, tuple)):
+        if not single and not isinstance(text, Iterable):  # a list, a tuple, an array of strings (pandas' .values)
             raise TypeError(f"text must be a string (the question; '' for a caption) or a list of them, got "
                             f"{type(text).__name__}")
         texts = [text] if single else list(text)
