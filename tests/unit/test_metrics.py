@@ -841,6 +841,10 @@ def test_metrics_refuse_wrong_types_naming_the_argument():
             metric({1: None}, {1: ["none"]})
         with pytest.raises(TypeError, match=rf"^{name}: references\[1\]\[1\] must be a string, got None$"):
             metric({1: "a dog"}, {1: ["a dog", None]})
+        with pytest.raises(TypeError, match=rf"^{name}: references\[1\] must be a list of strings, got int$"):
+            metric({1: "a dog"}, {1: 3})
+        if metric is not caption_scores:  # the same check_types; its scorers take seconds
+            assert metric({1: "a dog"}, {1: {"a dog"}}) == metric({1: "a dog"}, {1: ["a dog"]})  # a set, as before
     with pytest.raises(TypeError, match=r"^consistency: groups must be a dict of id -> group, got NoneType$"):
         consistency({1: "true"}, {1: ["true"]}, None)
     with pytest.raises(TypeError, match=r"^score_task\('vqa'\): references must be a dict of id -> list of "

@@ -11,7 +11,7 @@ references (lowercase, punctuation to spaces, whitespace collapsed: "Yes." == "y
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Hashable, Optional
 
 _PUNCT = re.compile(r"[^\w\s']|_")
@@ -45,7 +45,7 @@ def check_types(predictions, references, metric: str) -> None:
         refs = references.get(k)
         if refs is None or isinstance(refs, str):
             continue  # no references: each metric refuses them naming the id; one string is one reference
-        if not isinstance(refs, (list, tuple)):
+        if not isinstance(refs, Collection):  # a set of accepted answers too; a generator, read here, would be spent
             raise TypeError(f"{metric}: references[{k!r}] must be a list of strings, got {type(refs).__name__}")
         for i, r in enumerate(refs):
             if not isinstance(r, str):
