@@ -1222,6 +1222,7 @@ def test_predictions_from_zero3_nvme_need_no_nvme_path_and_a_run_still_does(caps
     placeholder path, the same numbers as with the variable; a run (the build, --measure) still needs it, and a
     written config keeps "auto", not the placeholder."""
     from vlscale.engine.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config
+    from vlscale.profiling.analytic import estimate_checkpoint
     from vlscale.profiling.planner import plan, write_ds_config
 
     cfg = load_config("tiny", ["train.deepspeed=ds_configs/zero3_nvme.json"])
@@ -1229,7 +1230,9 @@ def test_predictions_from_zero3_nvme_need_no_nvme_path_and_a_run_still_does(caps
               precisions=["bf16"], checkpointing=[False])
     monkeypatch.setenv("VLSCALE_NVME_PATH", str(tmp_path))
     with_path = estimate_memory(cfg, 2).to_dict(), plan(cfg, "1GiB", 2, **kw)[0].to_dict()
+    checkpoint = estimate_checkpoint(cfg, 2)
     monkeypatch.delenv("VLSCALE_NVME_PATH")
+    assert estimate_checkpoint(cfg, 2) == checkpoint
     est, option = estimate_memory(cfg, 2), plan(cfg, "1GiB", 2, **kw)[0]
     assert est.settings["offload_param"] == "nvme" and (est.to_dict(), option.to_dict()) == with_path
     z = write_ds_config(option, tmp_path / "w.json", cfg=cfg)["zero_optimization"]
