@@ -374,12 +374,12 @@ class Predictor:
                              f"{type(images).__name__}")
         if not single and isinstance(subtitle, str):
             raise ValueError(f"{n} texts take a list of {n} subtitles (subtitle[i]: the i-th text's), got one str")
-        if not single and options is not None and any(isinstance(o, str) for o in options):  # each text's, its own
-            raise ValueError(f"{n} texts take a list of {n} option lists (options[i]: the i-th text's answer options), "
-                             "got a list of strings")
         per_input = [images] if single else list(images)
         options = [options] if single else list(options) if options is not None else [None] * n
         subtitles = [subtitle] if single else list(subtitle) if subtitle is not None else [None] * n
+        if not single and any(isinstance(o, str) for o in options):  # each text's, its own (read once: a generator)
+            raise ValueError(f"{n} texts take a list of {n} option lists (options[i]: the i-th text's answer options), "
+                             "got a list of strings")
         for what, given in (("image inputs", per_input), ("option lists", options), ("subtitles", subtitles)):
             if len(given) != n:
                 raise ValueError(f"{n} texts but {len(given)} {what}")

@@ -329,6 +329,9 @@ def test_answer_options_or_subtitles_given_as_one_string_are_refused():
     with pytest.raises(ValueError, match=r"^2 texts take a list of 2 subtitles \(subtitle\[i\]: the i-th text's\), "
                                          r"got one str$"):
         predictor.predict("tvc", ["", ""], [video, video], subtitle="hello there")
+    predictor.batch_size, predictor._predict_batch = 2, lambda task, texts, images, options, subs: options
+    assert predictor.predict("tvqa", ["q1?", "q2?"], [video, video], options=(o for o in (["a", "b"], ["c", "d"]))) \
+        == [["a", "b"], ["c", "d"]]  # a generator of option lists, read once (the check read it all)
     with pytest.raises(TypeError, match=r"^chosen_option: options are a list of .*, got one string 'xy'$"):
         chosen_option("a1", "xy")
     assert chosen_option("a1", ["x", "y"]) == ("a1", "y")
