@@ -852,3 +852,5 @@ def test_metrics_refuse_wrong_types_naming_the_argument():
         score_task("vqa", {1: "yes"}, None)
     with pytest.raises(TypeError, match=r"^score_task\('vqa'\): answer_types must be a dict of id -> str, got str$"):
         score_task("vqa", {1: "yes"}, {1: ["yes"]}, answer_types="yes/no")
+    with pytest.raises(ValueError, match=r"^score_task\('vqa'\): references\[1\] is empty$"):  # not list(None)
+        score_task("vqa", {1: "yes"}, {1: None})
