@@ -184,6 +184,8 @@ def test_a_batch_without_labels_or_the_image_axis_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"^batch\['vis_feats'\] has shape \(3, 16, 256\); images are "
                                          r"\(B, N_images, tokens, dim\)"):
         model.generate({k: v for k, v in dict(batch, vis_feats=feats[:, 0]).items() if k != "pixel_values"})
+    with pytest.raises(ValueError, match=r"^batch\['vis_feats'\] has shape \(3, 1, 1, 16, 256\); images are "):
+        model.generate({k: v for k, v in dict(batch, vis_feats=feats[:, :, None]).items() if k != "pixel_values"})
 
 
 def test_the_builders_refuse_what_is_not_their_config_or_model_naming_it():
