@@ -282,6 +282,7 @@ def test_a_text_that_is_no_string_or_one_image_for_a_list_of_texts_is_refused_na
     predictor.tasks, predictor.batch_size = ["vqa"], 2
     predictor._predict_batch = lambda task, texts, *_: [t.upper() for t in texts]
     assert predictor.predict("vqa", np.array(["q1?", "q2?"]), [image, image]) == ["Q1?", "Q2?"]  # np.str_ are str
+    assert predictor.predict("vqa", ["q1?", "q2?"], np.stack([image, image])) == ["Q1?", "Q2?"]  # a stack: a list
 
 
 def test_a_device_or_batch_size_that_cannot_be_is_refused_before_the_adapter_is_read(monkeypatch):
