@@ -324,6 +324,8 @@ def test_answer_options_or_subtitles_given_as_one_string_are_refused():
     with pytest.raises(ValueError, match=r"^2 texts take a list of 2 option lists \(options\[i\]: the i-th text's "
                                          r"answer options\), got a list of strings$"):
         predictor.predict("tvqa", ["q1?", "q2?"], [video, video], options=["left", "right"])
+    with pytest.raises(ValueError, match=r"^2 texts take a list of 2 option lists .*, got a list of strings$"):
+        predictor.predict("tvqa", ["q1?", "q2?"], [video, video], options=[["up", "down"], "left right"])
     with pytest.raises(ValueError, match=r"^task 'tvqa': options are a list of the answer options' texts, got one "
                                          r"string 'left right'$"):
         predictor.predict("tvqa", "q?", video, options="left right")
