@@ -210,6 +210,8 @@ def test_input_validation_names_the_argument():
         fused_adapter(*args, activation="relu")
     with pytest.raises(ValueError, match=r"x of shape \(5, 15\) does not end in d_model=16 of w_down \(4, 16\)$"):
         fused_adapter(x[:, :15], wd, bd, wu, bu)  # no word of a transposed w_down: 15 is not its hidden 4 either
+    with pytest.raises(ValueError, match=r"x of shape \(\) does not end in d_model=16 of w_down \(4, 16\)$"):
+        fused_adapter(x[0, 0], wd, bd, wu, bu)  # a 0-d x has no last axis to compare with hidden either
     with pytest.raises(ValueError, match="w_up has shape"):
         fused_adapter(x, wd, bd, wu.T, bu)
     with pytest.raises(ValueError, match="b_down has shape"):
