@@ -910,6 +910,8 @@ def test_image_transform_refuses_a_float_array_or_a_path_naming_the_image():
     tf, ok = image_transform("tiny-clip-rn"), np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(TypeError, match=r"^image 1: an image array must be uint8 \(H, W, 3\), got float32 \(a float "):
         tf([ok, ok.astype(np.float32)])
+    with pytest.raises(TypeError, match=r"^image 0: an image array must be uint8 \(H, W, 3\), got int64 "):
+        tf([ok.astype(np.int64)])  # np.array of a list of pixel values
     with pytest.raises(TypeError, match=r"^image 0: an image is a uint8 \(H, W, 3\) array or a PIL image, got str "
                                         r"\(a file: vlscale.predict.read_image\(path\)\)$"):
         tf(["a.png"])
