@@ -208,6 +208,20 @@ def test_a_resume_drops_a_log_line_cut_short_by_a_kill_or_a_full_disk(tmp_path, 
     assert "dropping 1 line(s) that are not a whole record" in capsys.readouterr().out
 
 
+def test_a_resume_drops_a_log_line_that_parses_but_is_no_step_record(tmp_path, capsys):
+    """A line that is JSON but no record of a step (no step, a step that is no number) is dropped as a torn one is:
+    a KeyError or TypeError traceback after the model loaded otherwise."""
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\n{"loss": 1.0}\n[2]\n{"step": null}\n{"step": "x"}\n{"step": 2}\n')
+    _truncate_logs(tmp_path, 2)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]
+    assert "dropping 4 line(s) that are not a whole record" in capsys.readouterr().out
+
+
 def test_a_resume_on_other_training_data_is_refused_before_the_model_is_built(tmp_path):
     import json
 
