@@ -168,6 +168,18 @@ def test_a_resume_without_the_run_s_config_names_the_run_s_own_file_to_give(tmp_
         _check_resumable(saved, load_config(None, [f"output_dir={tmp_path}"]), "client_state_rank0.json")
 
 
+def test_a_resume_of_a_moved_run_names_the_run_config_yaml_where_the_run_is_now(tmp_path):
+    """output_dir may change on --resume (a run folder moved): the hint names the file in the new output_dir, not
+    in the checkpointed run's."""
+    from vlscale.engine.trainer import _check_resumable
+
+    saved = load_config("tiny", TINY + [f"output_dir={tmp_path / 'old'}"])
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "run_config.yaml").write_text("")
+    with pytest.raises(ConfigError, match=rf"\(the run's own: --config {tmp_path}/new/run_config\.yaml --resume\)"):
+        _check_resumable(saved, load_config(None, [f"output_dir={tmp_path / 'new'}"]), "client_state_rank0.json")
+
+
 def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
     import json
 
