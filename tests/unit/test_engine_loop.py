@@ -823,6 +823,17 @@ def test_a_stop_request_during_a_periodic_save_or_evaluation_stops_at_that_step(
     assert [e for e in events if e[0] == "save"] == [("save", 2)] + ([("save", 3)] if during == "eval" else [])
 
 
+def test_a_stop_request_is_read_again_only_at_the_steps_that_save_or_evaluate(monkeypatch):
+    """The second read of the stop flag is a collective (every rank makes it, or the run hangs): at the steps that
+    save or evaluate (2, 3, 4 of 6; the last step's save and evaluation come after the loop), not every step, where
+    train_step's read covers it."""
+    run, events = _loop_run(monkeypatch)
+    reads = []
+    monkeypatch.setattr(trainer, "all_reduce_sum", lambda values, device: reads.append(run.step) or [0.0])
+    trainer.train(run)
+    assert reads == [2, 3, 4]
+
+
 def test_the_test_split_is_evaluated_after_the_final_one_with_train_test_eval(monkeypatch):
     """train.test_eval: the test split after the final validation, of the same step; train() returns the
     validation's scores. A stop request ends any of the evaluations (checked per batch while they run)."""
