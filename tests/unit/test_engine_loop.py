@@ -602,7 +602,9 @@ def test_only_the_final_evaluation_writes_predictions(tmp_path, monkeypatch):
 
 def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(tmp_path, monkeypatch):
     """A finished run extended (--resume train.max_steps=more), its final evaluation stopped after vqa: predictions/
-    held the new step's vqa.jsonl beside the old step's nlvr2.jsonl, nothing telling them apart."""
+    held the new step's vqa.jsonl beside the old step's nlvr2.jsonl, nothing telling them apart; then (clearing the
+    folder first) a stop midway left a part of a set where a whole one had been. The last whole set stays; a whole
+    new one replaces it."""
     from vlscale.engine.evaluation import EvaluationInterrupted
 
     (tmp_path / "predictions").mkdir()
@@ -619,6 +621,17 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
                           tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
     with pytest.raises(EvaluationInterrupted):
         trainer.run_evaluation(run, final=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]  # no part of a set left beside it
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["nlvr2.jsonl"]
+
+    def evaluate(*args, predictions_dir, **kwargs):
+        predictions_dir.mkdir(exist_ok=True)
+        (predictions_dir / "vqa.jsonl").write_text("{}\n")
+        return {"vqa": {"acc": 0.5}}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    trainer.run_evaluation(run, final=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions"]
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
 
 
@@ -975,4 +988,4 @@ def test_periodic_evaluation_syncs_generation_only_when_zero3_shards_over_severa
     assert seen.pop("args") == ("model", "cfg", "tok")
     assert seen == {"split": "val", "rank": world_size - 1, "world_size": world_size, "device": "cpu",
                     "float_dtype": torch.bfloat16, "synced_gpus": synced, "show_progress": False, "heartbeat": "beat",
-                    "predictions_dir": Path("preds"), "should_stop": None}
+                    "predictions_dir": Path("preds.partial"), "should_stop": None}  # renamed "preds" when whole

@@ -893,17 +893,30 @@ def sync_trained_buffers(run: Run) -> None:
 
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
-    synced = run.dist.world_size > 1 and run.stage == 3
-    if predictions_dir is not None and run.dist.rank == 0:  # written task by task: a stop midway left another
-        import shutil  # step's files (a finished run extended) beside this one's, under the same names
+    """Scores of ``split``; with ``predictions_dir``, its files replace what is there only once every task is written
+    (task by task into ``<predictions_dir>.partial``): a stop midway keeps the last whole set, of one step, where it
+    mixed another step's files (a finished run extended) with this one's, or cleared a whole set."""
+    import shutil
 
-        shutil.rmtree(predictions_dir, ignore_errors=True)
+    synced = run.dist.world_size > 1 and run.stage == 3
+    partial = None if predictions_dir is None else predictions_dir.with_name(predictions_dir.name + ".partial")
+    if partial is not None and run.dist.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
                    ) if run.stoppable_evaluation and run.stop is not None else None
-    return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
-                    world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
-                    synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                    predictions_dir=predictions_dir, should_stop=should_stop)
+    try:
+        scores = evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
+                          world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
+                          synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
+                          predictions_dir=partial, should_stop=should_stop)
+    except BaseException:
+        if partial is not None and run.dist.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if partial is not None and run.dist.rank == 0 and partial.is_dir():
+        shutil.rmtree(predictions_dir, ignore_errors=True)
+        partial.rename(predictions_dir)
+    return scores
 
 
 def run_test_evaluation(run: Run) -> dict:
