@@ -427,7 +427,8 @@ def test_subtitle_lines_touching_ts_are_its_own_and_nan_or_no_ts_takes_every_lin
     with pytest.raises(RecordError, match=r"subs\.jsonl: line 2 \(id 'w'\): key 'sub' item 1 ends before it starts "
                                           r"\(start 6\.5, end 4\.0\); fix its times$"):
         load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [], "note": "fine"}, {
-            "vid_name": "w", "sub": [{"text": "Hi.", "start": 0, "end": 1}, {"text": "Bye.", "start": 6.5, "end": 4}]}]))
+            "vid_name": "w", "sub": [{"text": "Hi.", "start": 0, "end": 1},
+                                     {"text": "Bye.", "start": 6.5, "end": 4}]}]))
     # one that ends where it starts is read, as a ts [3, 3] is
     assert load_subtitles(_jsonl(tmp_path / "subs.jsonl", [{"vid_name": "v", "sub": [
         {"text": "Hi.", "start": 3, "end": 3}]}])) == {"v": [(3.0, 3.0, "Hi.")]}
