@@ -1084,3 +1084,18 @@ def test_an_unknown_vision_model_is_told_names_that_exist():
         vision_dims("RN999")
     assert all(f"'{n}'" in str(e.value) for n in ("RN50", "RN101", "tiny-clip-rn", "ViT-B-16")), str(e.value)
     assert "SigLIP" not in str(e.value) and "quickgelu" not in str(e.value), str(e.value)  # towers it refuses
+
+
+def test_readme_from_python_runs_as_written(capsys):
+    """README, "From Python": the loop of one's own over the library's pieces runs as written and prints a score
+    (the public names it imports, load_config's dict overrides, the loader's batches into model(batch).loss and
+    generate, vqa_score on the batch's references)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## From Python\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md (From Python)", "exec"), {})
+    score = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= score <= 1.0
