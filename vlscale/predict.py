@@ -204,7 +204,7 @@ def check_request(tasks: Sequence[str], task: str, n_images: int, text: str,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; this adapter was trained on {list(tasks)}")
     spec = TASKS[task]
-    if isinstance(options, str):  # read one character per option
+    if isinstance(options, str) and options:  # read one character per option ("": none, as [] is)
         raise ValueError(f"task {task!r}: options are a list of the answer options' texts, got one string {options!r}")
     if task not in tasks:
         raise ValueError(f"the adapter was not trained on task {task!r} and has no weights for it; it was trained "

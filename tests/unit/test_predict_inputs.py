@@ -329,6 +329,9 @@ def test_answer_options_or_subtitles_given_as_one_string_are_refused():
     with pytest.raises(ValueError, match=r"^task 'tvqa': options are a list of the answer options' texts, got one "
                                          r"string 'left right'$"):
         predictor.predict("tvqa", "q?", video, options="left right")
+    from vlscale.predict import check_request
+
+    check_request(["vqa"], "vqa", 1, "q?", options="")  # no options, as [] and None are (a CSV's empty cell)
     with pytest.raises(ValueError, match=r"^2 texts take a list of 2 subtitles \(subtitle\[i\]: the i-th text's\), "
                                          r"got one str$"):
         predictor.predict("tvc", ["", ""], [video, video], subtitle="hello there")
