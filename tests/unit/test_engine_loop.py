@@ -314,6 +314,36 @@ def test_a_resume_reads_the_settings_the_checkpoint_records_first_then_run_confi
         saved_settings(tmp_path, "step2")
 
 
+def test_a_resume_with_a_metrics_json_edited_by_hand_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """metrics.json is written whole, so one that does not read was edited: --resume was a JSONDecodeError traceback
+    after the model loaded (``_truncate_logs``; an evaluation's too). Refused in one line naming it, before anything
+    loads, and kept."""
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs, check_settings_early
+
+    (tmp_path / "checkpoints" / "step2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    cfg = load_config("tiny", TINY)
+    (tmp_path / "checkpoints" / "step2" / "client_state_rank0.json").write_text(
+        json.dumps({"step": 2, "run_config": cfg.to_dict()}))
+    metrics = tmp_path / "metrics.json"
+    monkeypatch.setattr(trainer, "_evaluate", lambda run, split, predictions: {"vqa": {"acc": 0.5}})
+    run = SimpleNamespace(step=2, is_main=True, out=tmp_path, writer=None, last_scores={})
+    for text, why in (('[{"step": 2, "split": "val"}, {"st', r"not JSON \(Unterminated string"),
+                      ('[{"split": "val"}]', "not a list of records with a step"), ('{"step": 2}', "not a list")):
+        metrics.write_text(text)
+        for check in (lambda: check_settings_early(tmp_path, cfg), lambda: _truncate_logs(tmp_path, 2),
+                      lambda: trainer.run_evaluation(run)):
+            with pytest.raises(ConfigError, match=rf"^{metrics} is {why}.*: vlscale writes it whole, so it was "
+                                                  r"edited by hand; mend it, or move it away \(the run then starts a "
+                                                  r"new one\)$"):
+                check()
+            assert metrics.read_text() == text
+    metrics.write_text('[{"step": 2, "split": "val"}]')
+    check_settings_early(tmp_path, cfg)
+
+
 def test_a_resume_without_a_checkpoint_step_says_nothing_of_the_schedule(capsys):
     from vlscale.engine.trainer import _note_new_schedule
 

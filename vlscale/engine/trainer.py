@@ -301,8 +301,9 @@ def _note_new_schedule(saved: RunConfig, cfg: RunConfig, step: Optional[int]) ->
 
 
 def check_settings_early(out: Path, cfg: RunConfig) -> None:
-    """``_check_resumable`` against the latest checkpoint's settings when they can be read; a checkpoint that
-    cannot be read is left to ``check_output_dir``, which names what is wrong with it."""
+    """``_check_resumable`` against the latest checkpoint's settings when they can be read, then that metrics.json
+    reads (``read_metrics``); a checkpoint that cannot be read is left to ``check_output_dir``, which names what is
+    wrong with it."""
     try:
         tag = ckpt.latest_tag(out / "checkpoints")
         if tag is None:
@@ -311,6 +312,25 @@ def check_settings_early(out: Path, cfg: RunConfig) -> None:
     except (ckpt.CheckpointError, ValueError, OSError):
         return
     _check_resumable(saved, cfg, source)
+    read_metrics(out)
+
+
+def read_metrics(out: Path) -> list:
+    """metrics.json's records ([] without one). It is written whole (atomically), so one that does not read was
+    edited by hand: refused in one line naming it (it was a JSONDecodeError traceback after the model loaded),
+    its records kept, not dropped as a torn train_log.jsonl line is."""
+    path = out / "metrics.json"
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text())
+        why = "not a list of records with a step"
+        if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+            return history
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        why = f"not JSON ({e})"
+    raise ConfigError(f"{path} is {why}: vlscale writes it whole, so it was edited by hand; mend it, or move it "
+                      f"away (the run then starts a new one)")
 
 
 def saved_settings(out: Path, tag: str) -> tuple[RunConfig, Path]:
@@ -361,7 +381,7 @@ def _truncate_logs(out: Path, step: int) -> None:
         write_text_atomic(log, "".join(ln + "\n" for ln, s in records if s is not None and s <= step))
     metrics = out / "metrics.json"
     if metrics.exists():
-        write_text_atomic(metrics, json.dumps([m for m in json.loads(metrics.read_text()) if m["step"] <= step], indent=1))
+        write_text_atomic(metrics, json.dumps([m for m in read_metrics(out) if m["step"] <= step], indent=1))
 
 
 DISK_MARGIN = 1.05  # over the predicted checkpoint bytes (files within 3 % of the prediction)
@@ -939,9 +959,8 @@ def run_evaluation(run: Run, split: str = "val", final: bool = False) -> dict:
     run.last_scores = scores
     if run.is_main:
         path = run.out / "metrics.json"
-        history = json.loads(path.read_text()) if path.exists() else []
         # one entry per step and split: a resumed finished run evaluates its last step again
-        history = [h for h in history if (h["step"], h["split"]) != (run.step, split)]
+        history = [h for h in read_metrics(run.out) if (h["step"], h["split"]) != (run.step, split)]
         history.append({"step": run.step, "split": split, "tasks": scores})
         write_text_atomic(path, json.dumps(history, indent=1))
         if run.writer is not None:
