@@ -156,6 +156,17 @@ def user_errors() -> tuple:
 DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
 
 
+def last_checkpoint(out: Path | None) -> Path | None:
+    """``out``'s latest checkpoint, None without one (or one ``latest`` does not name readably)."""
+    from vlscale.engine.checkpoint import CheckpointError, latest_tag
+
+    try:
+        tag = latest_tag(out / "checkpoints") if out is not None else None
+    except (CheckpointError, OSError):
+        tag = None
+    return out / "checkpoints" / tag if tag else None
+
+
 def disk_failure(e: BaseException, out: Path) -> str | None:
     """A write the output_dir's disk refused (full, over quota, read-only) outside a checkpoint's save (which
     reports its own: train_log.jsonl, TensorBoard's events, metrics.json, predictions/) as one line: the
@@ -163,14 +174,11 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
     TensorBoard's writer thread ending in a bare "OSError: [Errno 28] No space left on device"."""
     if not (isinstance(e, OSError) and e.errno in DISK_REFUSED):
         return None
-    from vlscale.engine.checkpoint import CheckpointError, latest_tag, write_failure_reason
+    from vlscale.engine.checkpoint import write_failure_reason
 
-    try:
-        tag = latest_tag(out / "checkpoints")
-    except (CheckpointError, OSError):
-        tag = None
-    kept = (f"the last checkpoint is {out / 'checkpoints' / tag} (--resume continues from it once there is room)"
-            if tag else "no checkpoint had been written")
+    last = last_checkpoint(out)
+    kept = (f"the last checkpoint is {last} (--resume continues from it once there is room)"
+            if last else "no checkpoint had been written")
     return (f"{type(e).__name__}: writing the run's files in output_dir {str(out)!r} failed "
             f"({write_failure_reason(e, out)}); {kept}")
 
@@ -250,7 +258,9 @@ def main(argv=None) -> int:
               flush=True)
         code = 1
     except KeyboardInterrupt as e:  # a second signal (its message), or Ctrl-C before the stop handler: "aborted ()"
-        why = str(e) or "SIGINT during start-up, before training began: no checkpoint was written"
+        last = last_checkpoint(Path(cfg.output_dir) if cfg is not None else None)  # a --resume's is kept
+        kept = f"no new checkpoint was written; {last} is intact" if last else "no checkpoint was written"
+        why = str(e) or f"SIGINT during start-up, before training began: {kept}"
         print(f"vlscale: rank {dist.rank}: aborted ({why})", file=sys.stderr, flush=True)
         code = 128 + signal.SIGINT
     # --- cleanup

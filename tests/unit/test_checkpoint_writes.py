@@ -1489,6 +1489,9 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
     # Ctrl-C while the model loads (Python's handler; vlscale's is installed last): the line was "aborted ()"
     ("startup", 128 + 2, "vlscale: rank 0: aborted (SIGINT during start-up, before training began: no checkpoint "
                          "was written)\n", False),
+    # ... of a --resume: its checkpoint is kept ("no checkpoint was written" read as if it were lost)
+    ("startup_resumed", 128 + 2, "vlscale: rank 0: aborted (SIGINT during start-up, before training began: no new "
+                                 "checkpoint was written; {out}/checkpoints/step2 is intact)\n", False),
     ("setup", 1, "vlscale: rank 0: DataError: gqa train annotations: /d/train.json is not JSON\n", False),
     ("unwritten", 1, "vlscale: rank 0: DataError: image 'y': cannot read image /d/y.jpg (OSError: truncated) "
                      "(run_summary.json not written: OSError: [Errno 30] Read-only file system)\n", False),
@@ -1520,6 +1523,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
               "abort": KeyboardInterrupt("second SIGINT"),  # a second Ctrl-C: no checkpoint
               "setup": DataError("gqa train annotations: /d/train.json is not JSON"),  # while the run is built
               "startup": KeyboardInterrupt(),
+              "startup_resumed": KeyboardInterrupt(),
               "unwritten": DataError("image 'y': cannot read image /d/y.jpg (OSError: truncated)")}
     setups = []
 
@@ -1527,7 +1531,9 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         setups.append(show_progress)
-        if raised in ("setup", "startup"):
+        if raised == "startup_resumed":  # the resumed run's (made here: without --resume the launcher refuses it)
+            ckpt.save_checkpoint(FilesEngine(), tmp_path / "run", 2, {"step": 2}, rank=0)
+        if raised in ("setup", "startup", "startup_resumed"):
             raise errors[raised]
         runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
         return runs[-1]
@@ -1553,12 +1559,13 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
-    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup", "startup") else [errors[raised]])
+    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup", "startup", "startup_resumed")
+                     else [errors[raised]])
     kept = bool(stops) and raised != "unwritten"  # the error's line ends with what is kept
     assert err.rstrip().endswith("; what is kept") == kept, err
     if isinstance(errors[raised], trainer.RunStopped):  # run_summary.json says why a stop request stopped it too
         assert runs[0].stopped == {"reason": str(errors[raised]), "rank": 0, "checkpoint": None}
-    assert said in out + err, (out, err)
+    assert said.format(out=tmp_path / "run") in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
 
 
