@@ -169,6 +169,8 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     proc = preloaded.run(script, [str(h.ROOT / "ds_configs" / "zero3.json"), *args], env=env, cwd=h.ROOT, timeout=300)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:]
+    # show_progress=False (--no-progress): none of the conversion's print()s and tqdm bars
+    assert "Universal" not in proc.stdout and "it/s]" not in proc.stdout, proc.stdout[-3000:]
     got = json.loads(lines[-1][len("RESULT "):])
     assert got["step"] == step
     decay = load_config("tiny").train.weight_decay  # groups: matrices (adapter's, others'), then vectors (the same)

@@ -1764,6 +1764,32 @@ def test_a_group_whose_saved_state_is_empty_gets_adams_fresh_state_too():
     assert torch.equal(states[1]["exp_avg"], torch.zeros(2)) and torch.equal(states[1]["exp_avg_sq"], torch.zeros(2))
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_no_progress_silences_the_universal_conversion_and_a_failure_still_shows_it(tmp_path, monkeypatch, capsys,
+                                                                                     quiet):
+    """A --no-progress resume on another number of ranks showed DeepSpeed's conversion anyway: its print()s and tqdm
+    bars (it has no quiet option). Quiet, it says nothing, unless it fails: then what it said comes before the error."""
+    import tqdm
+    from deepspeed.checkpoint import ds_to_universal
+
+    def main(args, fail=False):
+        print(f"Converting DeepSpeed checkpoint in {args.input_folder}")
+        for _ in tqdm.tqdm(range(3)):
+            pass
+        if fail:
+            raise KeyError("param_shapes")
+
+    monkeypatch.setattr(ds_to_universal, "main", main)
+    assert ckpt._to_universal(tmp_path, "step2", 0, quiet=quiet) == tmp_path / ".universal-step2"
+    out, err = capsys.readouterr()
+    assert ("Converting DeepSpeed checkpoint in" in out, "3/3" in err) == (not quiet, not quiet), (out, err)
+    monkeypatch.setattr(ds_to_universal, "main", lambda args: main(args, fail=True))
+    with pytest.raises(KeyError, match="param_shapes"):
+        ckpt._to_universal(tmp_path, "step2", 0, quiet=quiet)
+    out, err = capsys.readouterr()
+    assert "Converting DeepSpeed checkpoint in" in out + err and "3/3" in out + err, (out, err)
+
+
 def test_the_universal_format_is_needed_on_another_number_of_ranks_only(tmp_path):
     step = tmp_path / "checkpoints" / "step2"
     assert not ckpt.needs_universal(tmp_path, 2), "no checkpoint: nothing to convert"

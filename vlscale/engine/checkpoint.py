@@ -704,11 +704,14 @@ def weights_only_loads(post=None):
         torch.load = original
 
 
-def _to_universal(root: Path, tag: str, rank: int) -> Path:
+def _to_universal(root: Path, tag: str, rank: int, quiet: bool = False) -> Path:
     """Rank 0 converts ``root/tag`` into DeepSpeed's universal format (full-shape fp32 weights and
     optimizer state per parameter, for any number of ranks) under ``root/.universal-<tag>/<tag>``;
-    every rank waits for it. -> the folder to load ``tag`` from."""
+    every rank waits for it. -> the folder to load ``tag`` from. ``quiet`` (--no-progress): the
+    conversion's print()s and tqdm bars (it has no option to leave them out) are shown only if it fails."""
     import argparse
+    import io
+    import sys
 
     from vlscale.engine.distributed import barrier
 
@@ -720,8 +723,17 @@ def _to_universal(root: Path, tag: str, rank: int) -> Path:
         args = argparse.Namespace(input_folder=str(root / tag), output_folder=str(out / tag), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)
-        with weights_only_loads(post=fill_unstepped_groups):
-            ds_to_universal.main(args)
+        said = io.StringIO()
+        with weights_only_loads(post=fill_unstepped_groups), contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(said))
+                stack.enter_context(contextlib.redirect_stderr(said))
+            try:
+                ds_to_universal.main(args)
+            except Exception:
+                stack.close()
+                sys.stderr.write(said.getvalue())  # what it said before it failed
+                raise
     barrier()
     return out
 
@@ -1234,7 +1246,8 @@ def scheduled_lrs(scheduler) -> Optional[list[float]]:
     return lrs
 
 
-def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Optional[dict] = None) -> dict:
+def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Optional[dict] = None,
+                    quiet: bool = False) -> dict:
     """Restore engine state and RNGs from ``checkpoints/latest``; returns this rank's client state.
 
     On another number of ranks than the checkpoint's (same global batch): under ZeRO the checkpoint
@@ -1242,7 +1255,8 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
     ``checkpoint.load_universal``, see :func:`needs_universal`); a rank the checkpoint has no state
     for takes rank 0's data position and seeds its RNGs from the step and its rank.
     ``frozen``: :func:`frozen_fingerprint` of the model as built now; a checkpoint whose run had other
-    frozen weights is refused on every rank (collective)."""
+    frozen weights is refused on every rank (collective). ``quiet``: the conversion's output left out
+    (:func:`_to_universal`)."""
     from vlscale.engine.distributed import all_reduce_sum, barrier
 
     root = Path(output_dir) / "checkpoints"
@@ -1264,7 +1278,7 @@ def load_checkpoint(engine, output_dir, rank: int, world_size: int, frozen: Opti
         raise CheckpointError(f"{root / tag} was written by {saved_world_size(root / tag)} ranks: build the engine "
                               f"with ds_config['checkpoint']['load_universal'] = True to resume it on {world_size}")
     install_safe_loading(engine)
-    load_dir = _to_universal(root, tag, rank) if universal else root
+    load_dir = _to_universal(root, tag, rank, quiet) if universal else root
     # Two defects of DeepSpeed 0.19.8's ZeRO-3 universal load, mended after it: it gives every param group
     # group 0's hyperparameters (the no-decay group would decay; the run's own, from the same config,
     # are put back, and each group's current lr from the loaded scheduler: train.peft_lr's groups have

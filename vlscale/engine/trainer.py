@@ -578,7 +578,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
               lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache)
     if resume:
         _check_task_groups(out, task_steps is not None)
-        state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen)
+        state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen,
+                                     quiet=not show_progress)
         run.loader.load_state_dict(state["loader"])
         run.step = int(state["step"])
         if run.is_main and run.step < cfg.train.max_steps:
