@@ -660,6 +660,8 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
         return {"vqa": {"acc": 0.5}}
 
     monkeypatch.setattr(trainer, "evaluate", evaluate)
+    (tmp_path / "predictions.partial").mkdir()  # a killed run's (kill -9 midway): none of it joins the new set
+    (tmp_path / "predictions.partial" / "gqa.jsonl").write_text("{}\n")
     trainer.run_evaluation(run, final=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions"]
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
