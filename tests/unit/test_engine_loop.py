@@ -669,6 +669,33 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
 
 
+def test_only_rank_0_touches_the_prediction_folders(tmp_path, monkeypatch):
+    """Rank 0 writes predictions.partial/ and renames it: another rank's evaluation, ending or raising (an input
+    error of its own), removes neither rank 0's set being written nor the last whole one."""
+    from vlscale.engine.evaluation import EvaluationInterrupted
+
+    for name in ("predictions", "predictions.partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vqa.jsonl").write_text("{}\n")
+    outcomes = iter([{"vqa": {"acc": 0.5}}, EvaluationInterrupted("val", "vqa", 0, 1)])
+
+    def evaluate(*args, **kwargs):  # rank 1 writes nothing
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    run = SimpleNamespace(step=16, is_main=False, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
+                          dist=SimpleNamespace(world_size=2, rank=1, device=None), stage=3, cfg=None, model=None,
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+    assert trainer.run_evaluation(run, final=True) == {"vqa": {"acc": 0.5}}
+    with pytest.raises(EvaluationInterrupted):
+        trainer.run_evaluation(run, final=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "predictions", "predictions.partial", "predictions.partial/vqa.jsonl", "predictions/vqa.jsonl"]
+
+
 def test_an_evaluation_plots_each_task_s_metrics_and_only_rank_0_writes_metrics_json(tmp_path, monkeypatch):
     """TensorBoard gets eval_<split>/<task>/<metric> at the run's step, flushed at once (an evaluation is the rare
     point a user watches for); the other ranks keep the scores (run.last_scores) but write no metrics.json."""
