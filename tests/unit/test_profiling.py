@@ -2106,10 +2106,12 @@ def test_zero3_checkpointed_recompute_holds_the_unit_backward_gathers_when_it_is
     assert est.phases["backward_recompute"] - est.phases["backward_gather"] == d["block_recompute_peak"]
 
 
-def test_the_python_estimators_take_what_the_launcher_takes_and_name_what_they_do_not(tmp_path):
+def test_the_python_estimators_take_what_the_launcher_takes_and_name_what_they_do_not(tmp_path, monkeypatch):
     """From Python: ``estimate_memory(cfg, 2, "ds_configs/zero2.json")`` (a file, as ``plan``'s ``ds_file``) was
     "'str' object has no attribute 'get'"; a preset's name for the RunConfig "'str' has no attribute 'train'";
     ``parse_size(-1)`` was -1 bytes."""
+    from vlscale.engine.deepspeed_config import DeepSpeedConfigError
+    from vlscale.profiling.analytic import estimate_checkpoint
     from vlscale.profiling.planner import plan
 
     cfg = load_config("tiny")
@@ -2117,7 +2119,15 @@ def test_the_python_estimators_take_what_the_launcher_takes_and_name_what_they_d
     by_file = estimate_memory(cfg, 2, zero2, device="cpu")
     assert by_file == estimate_memory(cfg, 2, resolve_ds_config(cfg, 2, zero2, device_type="cpu"), device="cpu")
     assert by_file != estimate_memory(cfg, 2, device="cpu")  # the file was read (the default is zero3.json's)
-    for call in (lambda: estimate_memory("tiny"), lambda: plan("tiny", "1GiB")):
+    assert estimate_memory(cfg, 2, Path(zero2), device="cpu") == by_file  # a Path too (os.PathLike)
+    disk = estimate_checkpoint(cfg, 2, Path(zero2))
+    assert disk == estimate_checkpoint(cfg, 2, resolve_ds_config(cfg, 2, zero2)) != estimate_checkpoint(cfg, 2)
+    fp16 = load_config("tiny", {"train.precision": "fp16"})
+    monkeypatch.delenv("VLSCALE_CPU_FP16", raising=False)
+    estimate_checkpoint(fp16, 2)  # a GPU's checkpoint; a CPU run's memory is refused as the launcher refuses it
+    with pytest.raises(DeepSpeedConfigError, match="fp16 on the CPU"):
+        estimate_memory(fp16, 1, device="cpu")
+    for call in (lambda: estimate_memory("tiny"), lambda: estimate_checkpoint("tiny"), lambda: plan("tiny", "1GiB")):
         with pytest.raises(TypeError, match=r"takes a RunConfig .*got str 'tiny'"):
             call()
     with pytest.raises(TypeError, match=r"ds_config .* a DeepSpeed dict or a file's path, got list"):
@@ -2125,3 +2135,4 @@ def test_the_python_estimators_take_what_the_launcher_takes_and_name_what_they_d
     for size in (-1, -0.5, True):
         with pytest.raises(ValueError, match=r"memory size .* (negative|not a size)"):
             parse_size(size)
+    assert parse_size(0) == parse_size(0.0) == parse_size("0") == 0  # as the text "0"
