@@ -272,9 +272,9 @@ def parse_seeds(text) -> list[int]:
     for part in str(text).split(","):
         part = part.strip()
         try:
-            lo, _, hi = part.partition("-")
-            first, last = int(lo), int(hi) if hi else int(lo)
-            if not lo or first < 0 or last < first:
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)  # "0-" is no range (it ran seed 0 alone)
+            if first < 0 or last < first:
                 raise ValueError(part)
         except ValueError:
             raise ReplicationError(f"--seed {text}: {part!r} is not a seed (an integer >= 0) or a range a-b with a <= b; "

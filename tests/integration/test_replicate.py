@@ -393,6 +393,7 @@ def test_seeds_are_parsed_and_named_when_wrong():
     assert parse_seeds("5, 0-1") == [5, 0, 1]
     for bad, said in (("x", "'x' is not a seed"), ("-1", "'-1' is not a seed"), ("3-1", "'3-1' is not a seed"),
                       ("1-0", "'1-0' is not a seed"),  # an empty range, not no seeds
+                      ("0-", "'0-' is not a seed"), ("-", "'-' is not a seed"),  # "0-" ran seed 0 alone
                       ("0,,1", "'' is not a seed"), ("0-2,1", "seed 1 is given twice")):
         with pytest.raises(ReplicationError, match=f"--seed {re.escape(bad)}: {re.escape(said)}"):
             parse_seeds(bad)
