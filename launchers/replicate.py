@@ -72,7 +72,7 @@ def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) 
     """The frozen mini-clip-rn's grid features of every synthetic split, once (resumable)."""
     from vlscale.files import write_text_atomic
     from vlscale.replicate import (MINI_PRESET, ReplicationError, interruptible, python_cmd, read_json,
-                                   subprocess_env, tail)
+                                   stop_with_parent, subprocess_env, tail)
 
     cache.mkdir(parents=True, exist_ok=True)
     stamp = cache / "replicate_backbones.json"  # which CLIP weights made the cache
@@ -91,7 +91,8 @@ def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) 
     with open(log_path, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=stop_with_parent())
         with interruptible():  # SIGTERM as Ctrl-C: the extraction is stopped with this process, not orphaned
             try:
                 rc = proc.wait()

@@ -811,6 +811,19 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+def stop_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` for the rows' commands: SIGTERM to the child when this process ends, however (Linux;
+    elsewhere None). A SIGKILLed or crashed replicate.py left its trainings running orphaned, and its rerun's
+    trainings of those rows FAILED on their output_dir's lock; now they checkpoint on that SIGTERM and the rerun
+    resumes them."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def default_parallel(threads: int = 1) -> int:
     """Trainings at once: the CPUs this process may use (not the machine's), ``threads`` each."""
     from vlscale.engine.distributed import usable_cpu_count
@@ -868,7 +881,7 @@ class Runner:
                 job.gpu = min(self.gpus, key=load.get)
             env = dict(env, CUDA_VISIBLE_DEVICES=job.gpu)
         job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=job._log_file,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, preexec_fn=stop_with_parent())
 
     @staticmethod
     def _poll(job: Job, wait: bool = False) -> Optional[int]:

@@ -680,6 +680,55 @@ def test_sigterm_stops_the_running_trainings(tmp_path):
             job.proc.kill()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sigkilled_replicate_leaves_no_training_running(tmp_path):
+    """SIGKILL to replicate.py (or its crash) left its trainings running, orphaned: its rerun's trainings of those
+    rows FAILED on their output_dir's lock (found in h140's user audit). Now each gets SIGTERM when it ends
+    (train.py checkpoints on it). The Runner runs in a process of its own, without torch (its env stubbed)."""
+    import os
+    import signal
+    import textwrap
+
+    def alive(pid):  # neither ended nor a zombie its new parent has yet to reap
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    pid_file = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import sys, os
+        from collections import deque
+        from pathlib import Path
+        import vlscale.replicate as r
+        r.subprocess_env, r.visible_gpus = lambda threads: dict(os.environ), lambda: []
+        child = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+        job = r.Job(row=r.TABLES[1].rows[0], overrides=[], run_dir=Path({str(tmp_path)!r}),
+                    commands=deque([("train", [sys.executable, "-c", child])]))
+        r.Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.1, echo=print).run()
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runner = subprocess.Popen([sys.executable, "-c", script], env=env)
+    child = None
+    try:
+        deadline = time.time() + 20
+        while child is None and time.time() < deadline and runner.poll() is None:
+            time.sleep(0.05)
+            child = int(pid_file.read_text()) if pid_file.exists() and pid_file.read_text() else None
+        assert child is not None, "the stand-in training did not start"
+        runner.kill()
+        runner.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and alive(child):
+            time.sleep(0.05)
+        assert not alive(child), "the training outlived replicate.py"
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path):
     """A training that exits 130 / 143 (train.py after a checkpoint on SIGINT / SIGTERM sent to it alone) is
     an interrupted row a rerun resumes, not a FAILED one; another exit code is still a failure."""
@@ -714,6 +763,7 @@ def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, 
     real_popen = subprocess.Popen
 
     def popen(cmd, **kw):  # the extraction, stood in for by a sleeping process
+        assert kw["preexec_fn"] is not None  # it ends with replicate.py, however that ends (SIGKILL: orphaned)
         proc = real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kw)
         started.append(proc)
         return proc
