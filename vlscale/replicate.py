@@ -540,6 +540,8 @@ class Job:
     """When the running command started (its wall time goes to the row's :data:`SEGMENTS_FILE`)."""
     seed: Optional[int] = None
     """Set where the replication runs several seeds: the job is named ``<row> (seed S)``."""
+    resumes: Optional[str] = None
+    """The checkpoint its training resumes from (``step245``), said when it starts."""
     gpu: Optional[str] = None
     """The GPU its commands see (``CUDA_VISIBLE_DEVICES``), where the machine has several."""
     _log_file: object = None
@@ -600,6 +602,8 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
         return job
     if not resume and run_dir.exists() and not dry_run:
         _clear_partial(run_dir)
+    if resume:
+        job.resumes = (run_dir / "checkpoints" / "latest").read_text().strip()
     job.commands.append(("train", train_command(overrides, run_dir, resume)))  # evaluates the test split too
     return job
 
@@ -932,7 +936,8 @@ class Runner:
                     self.running.append(job)
                     if job.commands:
                         self._start_next_command(job)
-                        note = f"{job.name}: {job.phase} started (log {job.log})"
+                        resumed = f" from its checkpoint {job.resumes}" if job.resumes and job.phase == "train" else ""
+                        note = f"{job.name}: {job.phase} started{resumed} (log {job.log})"
                         bar.write(note) if bar is not None else self.echo(note)
                 for job in list(self.running):
                     if job.proc is None:  # nothing left to run: collect

@@ -223,6 +223,10 @@ def test_paper_claims_are_checked_both_ways():
 
 
 def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
+    from collections import deque
+
+    from vlscale.replicate import Runner
+
     row = Row("single_adapter", "Single Adapter", "paper/clip_bart_single_adapter")
     ov = row_overrides(row, feature_cache=str(tmp_path / "f"))
     run = tmp_path / "runs" / "single_adapter"
@@ -232,7 +236,13 @@ def test_plan_job_resumes_and_refuses_other_settings(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step5")
     save_config(row_config([*ov, f"output_dir={run}", "train.test_eval=true"]), run / "run_config.yaml")  # train.py's
-    assert "--resume" in plan_job(row, ov, run).commands[0][1]
+    job = plan_job(row, ov, run)
+    assert "--resume" in job.commands[0][1]
+    said = []  # the start of a resumed training says so (it said "train started", as a fresh one)
+    job.commands = deque([("train", ["true"])])
+    Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
+    assert said[0] == f"single_adapter: train started from its checkpoint step5 (log {run / 'train.log'})"
+    (run / "train.log").unlink()
     (run / "run_summary.json").write_text(json.dumps({"completed": True}))
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
