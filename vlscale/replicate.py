@@ -137,12 +137,29 @@ def select_rows(table: Table, names: Optional[Sequence[str]]) -> list[Row]:
     valid = [r.name for r in table.rows]
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ReplicationError(f"--methods {unknown} are not rows of Table {table.number}; valid: {valid}")
+        raise ReplicationError(f"--methods {unknown} are not rows of Table {table.number}; valid: {valid}"
+                               + "".join(f"; {_row_hint(n, table)}" for n in unknown if _row_hint(n, table)))
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ReplicationError(f"--methods names {', '.join(twice)} more than once; each row is trained once a seed "
                                f"(--seed 0,1,2 for repeats)")
     return [r for r in table.rows if r.name in names]
+
+
+def _row_hint(name: str, table: Table) -> str:
+    """What an unknown ``--methods`` name may have meant: the row of a preset's name, a row of another table, or
+    the nearest row name."""
+    import difflib
+
+    valid = [r.name for r in table.rows]
+    row = name.removeprefix("paper/").removeprefix("clip_bart_")
+    if row != name and row in valid:
+        return f"{name}: that preset's row is {row}"
+    others = [str(t.number) for t in TABLES.values() if t is not table and name in [r.name for r in t.rows]]
+    if others:
+        return f"{name} is a row of Table {' and Table '.join(others)} (--table {others[0]})"
+    near = difflib.get_close_matches(name, valid, n=1)
+    return f"{name}: did you mean {near[0]}?" if near else ""
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -42,6 +42,12 @@ def test_unknown_table_and_method_are_named():
         get_table(2)
     with pytest.raises(ReplicationError, match="single_adaptr"):
         select_rows(get_table(1), ["single_adaptr"])
+    # what the name may have meant (it listed the valid rows only)
+    for name, hint in (("single_adapters", "single_adapters: did you mean single_adapter?"),
+                       ("paper/clip_bart_single_lora", "paper/clip_bart_single_lora: that preset's row is single_lora"),
+                       ("projection_only", "projection_only is a row of Table 5 (--table 5)")):
+        with pytest.raises(ReplicationError, match=re.escape(f"; {hint}")):
+            select_rows(get_table(1), [name])
     assert [r.name for r in select_rows(get_table(1), ["single_prompt", "full_ft"])] == ["full_ft", "single_prompt"]
     with pytest.raises(ReplicationError, match="names full_ft more than once"):  # was merged silently
         select_rows(get_table(1), ["full_ft", "single_prompt", "full_ft"])
