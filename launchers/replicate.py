@@ -126,7 +126,8 @@ def main(argv=None) -> int:
 
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
-                                   check_layout, check_result, default_parallel, get_table, headline_pct, make_result,
+                                   check_layout, check_result, default_parallel, get_table, headline_pct, lock_out,
+                                   make_result,
                                    parse_seeds, pct_without_vision, plan_job, row_config, row_overrides, seed_dir,
                                    select_rows, time_spent, updated_params, uses_cache, write_json, write_outputs)
 
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
         if problem:
             raise ReplicationError(problem)
         check_layout(out, seeds)
+        _lock = None if args.dry_run else lock_out(out)  # held until this process ends
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 
         def overrides(row, seed):

@@ -809,6 +809,17 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
     assert (f"replicate: --out {a_file / 't1'} cannot be created or written: {a_file} is a file, not a folder"
             in capsys.readouterr().err)
     assert a_file.read_text() == "kept"
+    # a second replicate.py into an --out in use: it cleared the first's rows before their first checkpoint
+    import os
+
+    from vlscale.replicate import lock_out
+
+    held = lock_out(tmp_path / "t5")
+    args = ["--table", "5", "--methods", "projection_only", "--out", str(tmp_path / "t5"), "--no-progress"]
+    assert launcher("replicate").main(args) == 2
+    assert (f"replicate: {tmp_path / 't5'} is in use by another replicate.py (pid {os.getpid()}, since "
+            in capsys.readouterr().err) and not (tmp_path / "t5" / "runs").exists()
+    held.close()
 
 
 def test_parallel_jobs_share_out_the_gpus(tmp_path, monkeypatch):
