@@ -17,7 +17,7 @@ output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--p
 trainings at once (default: the CPUs this process may use // threads per run), shows progress, and is resumable:
 rows with a result are skipped, interrupted trainings resume from their last checkpoint
 (Ctrl-C stops the running trainings with a checkpoint), and rows finished earlier under DIR stay in
-the table. Several seeds (``--seed 0-4``): every row once per seed, all as jobs of one queue; each seed's
+the table. One replicate.py at a time into DIR (a second is refused). Several seeds (``--seed 0-4``): every row once per seed, all as jobs of one queue; each seed's
 rows, results.json and table in DIR/seed<S>/ as above (one feature cache, DIR/features), and in DIR the
 table over the seeds: each task's mean, the average's mean ± its sample standard deviation, and
 ``avg_by_seed`` per row in results.json (rows some seed has not finished are left out, and named).
