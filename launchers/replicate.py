@@ -119,6 +119,15 @@ def children_cpu_s() -> float:
 
 @logs_to_console
 def main(argv=None) -> int:
+    held = []  # --out's lock, released on return (a caller in this process may run the next replication)
+    try:
+        return _main(argv, held)
+    finally:
+        for f in held:
+            f.close()
+
+
+def _main(argv, held: list) -> int:
     args = parse_args(argv)
     import vlscale.replicate
     from vlscale.config import ConfigError
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
         if problem:
             raise ReplicationError(problem)
         check_layout(out, seeds)
-        _lock = None if args.dry_run else lock_out(out)  # held until this process ends
+        held += [] if args.dry_run else [lock_out(out)]  # until main returns
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 
         def overrides(row, seed):
