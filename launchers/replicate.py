@@ -17,7 +17,8 @@ output_dir, logs, eval_test/) and features/ (the CLIP feature cache). Runs ``--p
 trainings at once (default: the CPUs this process may use // threads per run), shows progress, and is resumable:
 rows with a result are skipped, interrupted trainings resume from their last checkpoint
 (Ctrl-C stops the running trainings with a checkpoint), and rows finished earlier under DIR stay in
-the table. One replicate.py at a time into DIR (a second is refused). Several seeds (``--seed 0-4``): every row once per seed, all as jobs of one queue; each seed's
+the table. One replicate.py at a time into DIR (a second is refused). Several seeds (``--seed 0-4``): every
+row once per seed, all as jobs of one queue; each seed's
 rows, results.json and table in DIR/seed<S>/ as above (one feature cache, DIR/features), and in DIR the
 table over the seeds: each task's mean, the average's mean ± its sample standard deviation, and
 ``avg_by_seed`` per row in results.json (rows some seed has not finished are left out, and named).
@@ -136,9 +137,9 @@ def _main(argv, held: list) -> int:
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
                                    check_layout, check_result, default_parallel, get_table, headline_pct, lock_out,
-                                   make_result,
-                                   parse_seeds, pct_without_vision, plan_job, row_config, row_overrides, seed_dir,
-                                   select_rows, time_spent, updated_params, uses_cache, write_json, write_outputs)
+                                   make_result, parse_seeds, pct_without_vision, plan_job, row_config, row_overrides,
+                                   seed_dir, select_rows, time_spent, updated_params, uses_cache, write_json,
+                                   write_outputs)
 
     log = print
     # --- setup: rows and seeds, their settings, what is left to do
