@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help="comma-separated rows (default: all rows of the table)")
     p.add_argument("--seed", default="0", metavar="S",
                    help="train.seed of every row (default 0); several (0,1,2 or 0-4): each row once per seed, the "
-                        "table over them (mean, ± sd) in --out and each seed's in --out/seed<S>/")
+                        "table over them (mean, ± sd) in --out and each seed's in --out/seed<S>/; at most 1000 seeds")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate/table<N>)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps of every row (default: the preset's)")
     p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: usable CPUs // threads)")

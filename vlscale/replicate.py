@@ -283,9 +283,15 @@ def uses_cache(overrides: Sequence[str], preset: str = MINI_PRESET) -> bool:
 
 # ----------------------------------------------------------------------------- seeds
 
+MAX_SEEDS = 1000
+"""The most seeds one ``--seed`` may give: each seed trains every row of the table (1000 seeds are ~10,000
+trainings, against the paper's 3), so more is a typo (``0-100000000``), which planned every row once a seed."""
+
+
 def parse_seeds(text) -> list[int]:
-    """``--seed``: one seed (``3``), several (``0,1,2``) or ranges (``0-4``, ``0-2,7``); each once, in that order."""
-    seeds: list[int] = []
+    """``--seed``: one seed (``3``), several (``0,1,2``) or ranges (``0-4``, ``0-2,7``); each once, in that order;
+    at most :data:`MAX_SEEDS`."""
+    spans = []
     for part in str(text).split(","):
         part = part.strip()
         try:
@@ -296,11 +302,16 @@ def parse_seeds(text) -> list[int]:
         except ValueError:
             raise ReplicationError(f"--seed {text}: {part!r} is not a seed (an integer >= 0) or a range a-b with a <= b; "
                                    f"e.g. --seed 0, --seed 0,1,2, --seed 0-4") from None
-        for seed in range(first, last + 1):
-            if seed in seeds:
-                raise ReplicationError(f"--seed {text}: seed {seed} is given twice")
-            seeds.append(seed)
-    return seeds
+        spans.append(range(first, last + 1))
+    count = sum(map(len, spans))
+    if count > MAX_SEEDS:
+        raise ReplicationError(f"--seed {text}: {count} seeds, at most {MAX_SEEDS} (each trains every row)")
+    seeds: dict[int, None] = {}
+    for seed in (s for span in spans for s in span):
+        if seed in seeds:
+            raise ReplicationError(f"--seed {text}: seed {seed} is given twice")
+        seeds[seed] = None
+    return list(seeds)
 
 
 def seed_dir(out: Path, seed: int, seeds: Sequence[int]) -> Path:

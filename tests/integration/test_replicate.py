@@ -413,6 +413,10 @@ def test_seeds_are_parsed_and_named_when_wrong():
                       ("0,,1", "'' is not a seed"), ("0-2,1", "seed 1 is given twice")):
         with pytest.raises(ReplicationError, match=f"--seed {re.escape(bad)}: {re.escape(said)}"):
             parse_seeds(bad)
+    assert len(parse_seeds("0-998,5000")) == 1000  # MAX_SEEDS
+    for bad, count in (("0-999,5000", 1001), ("0-100000000", 100000001)):  # the latter planned for minutes
+        with pytest.raises(ReplicationError, match=f"--seed {bad}: {count} seeds, at most 1000"):
+            parse_seeds(bad)
     assert seed_dir(Path("/o"), 3, [3]) == Path("/o") and seed_dir(Path("/o"), 3, [1, 3]) == Path("/o/seed3")
 
 
