@@ -250,14 +250,15 @@ def _main(argv, held: list) -> int:
     if earlier:
         log(f"replicate: the table also holds {sorted(earlier)}, finished earlier under {out} (their own result.json)")
     print((out / f"table{table.number}.md").read_text())
-    log(f"replicate: {len(todo)} of {len(jobs)} trainings run now, in {elapsed / 60:.1f} min; " +
-        ", ".join(f"{k}: {v}" for k, v in written.items()))
     failed = [j for j in jobs if j.phase == "failed"]
+    stopped = [j for j in jobs if j.phase == "interrupted"]
+    ended = "".join(f", {len(js)} {what}" for js, what in ((failed, "failed"), (stopped, "interrupted")) if js)
+    log(f"replicate: {sum(j.phase == 'done' for j in todo)} of {len(jobs)} trainings run now{ended}, in "
+        f"{elapsed / 60:.1f} min; " + ", ".join(f"{k}: {v}" for k, v in written.items()))
     if failed:
         print("replicate: failed rows: " + ", ".join(f"{j.name} ({j.error}; log {j.log})" for j in failed),
               file=sys.stderr)
         return 1
-    stopped = [j for j in jobs if j.phase == "interrupted"]
     if stopped:
         print(f"replicate: interrupted rows: {', '.join(j.name for j in stopped)} (their trainings were stopped by a "
               f"signal and checkpointed); rerun the same command to resume them ({out})", file=sys.stderr)

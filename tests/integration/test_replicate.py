@@ -556,6 +556,7 @@ def test_a_failed_row_exits_1_and_the_default_out_is_the_tables(tmp_path, launch
     assert captured.err.strip() == (f"replicate: failed rows: {failing} (exit 1; log "
                                     f"{out / 'runs' / failing / 'train.log'})")
     assert f"replicate: the table also holds ['{earlier}'], finished earlier under {out}" in captured.out
+    assert "replicate: 0 of 1 trainings run now, 1 failed, in " in captured.out  # it said "1 of 1 ... run now"
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {earlier}
     assert (out / "table5.md").exists()
 
@@ -586,8 +587,9 @@ def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_pa
     monkeypatch.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
     code = replicate.main(["--table", "1", "--methods", f"{done},{stopped}", "--steps", "3", "--out", str(out),
                            "--no-progress"])
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
     assert code == 130, err
+    assert "replicate: 1 of 2 trainings run now, 1 interrupted, in " in printed
     assert f"replicate: interrupted rows: {stopped} (their trainings were stopped by a signal" in err
     assert f"rerun the same command to resume them ({out})" in err
     data = json.loads((out / "results.json").read_text())
