@@ -653,10 +653,28 @@ class RunConfig:
         notes at start-up, on rank 0. Noted, not refused: an override that switches the method or the sharing
         keeps the preset's other values (``--config paper/clip_bart_half_shared_adapters peft.sharing=single``
         leaves ``half_shared: up``), override lists shared by every method carry each method's widths
-        (replicate.py's rows, the benchmarks), and saved run configs must keep loading."""
+        (the benchmarks; replicate.py's rows once), and saved run configs must keep loading."""
+        notes = []
+        for key, (is_read, needs, now) in self._reads().items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value != _default(type(getattr(self, section)), name) and not is_read:
+                shown = str(value).lower() if isinstance(value, bool) else value  # as an override writes it
+                notes.append(f"{key}={shown} has no effect: it is read only with {needs} (this run: {now})")
+        pool = self.model.pool_size
+        if pool != _default(ModelConfig, "pool_size"):
+            notes += [f"model.pool_size={pool} {why}" for why in [self._pool_size_unread()] if why]
+        return notes
+
+    def unread_settings(self) -> set[str]:
+        """The settings (``peft.lora_rank``, ...) this run does not read whatever their values (see
+        :meth:`ignored_settings`; ``model.pool_size`` aside)."""
+        return {key for key, (is_read, _, _) in self._reads().items() if not is_read}
+
+    def _reads(self) -> dict[str, tuple[bool, str, str]]:
         p, d = self.peft, self.data
         method, prompts = f"peft.method={p.method}", p.method == "prompt" or p.extra_prompts
-        read = {  # key: (is it read in this run, what reads it, what this run has instead)
+        return {  # key: (is it read in this run, what reads it, what this run has instead)
             "peft.half_shared": (p.sharing == "half_shared", "peft.sharing=half_shared", f"peft.sharing={p.sharing}"),
             **{f"peft.{k}": (p.method in ADAPTER_METHODS, f"peft.method={'|'.join(ADAPTER_METHODS)}", method)
                for k in ("reduction_factor", "activation", "fused")},
@@ -675,17 +693,6 @@ class RunConfig:
             **{f"data.{k}": (d.source == "synthetic", "data.source=synthetic", f"data.source={d.source}")
                for k in ("synthetic_train", "synthetic_eval", "synthetic_seed", "image_size")},
         }
-        notes = []
-        for key, (is_read, needs, now) in read.items():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if value != _default(type(getattr(self, section)), name) and not is_read:
-                shown = str(value).lower() if isinstance(value, bool) else value  # as an override writes it
-                notes.append(f"{key}={shown} has no effect: it is read only with {needs} (this run: {now})")
-        pool = self.model.pool_size
-        if pool != _default(ModelConfig, "pool_size"):
-            notes += [f"model.pool_size={pool} {why}" for why in [self._pool_size_unread()] if why]
-        return notes
 
     def _pool_size_unread(self) -> Optional[str]:
         """Why ``model.pool_size`` does not give pool_size x pool_size visual tokens in this run, or None."""

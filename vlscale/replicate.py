@@ -193,15 +193,18 @@ def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 
     base = load_config(preset, list(extra))
     paper = dataclasses.asdict(load_config(row.peft_preset).peft)
     peft = dict(scale_peft_widths(paper, lm_config(base.model.backbone).d_model), activation=MINI_ACTIVATION)
-    out = [f"peft.{k}={_value(v)}" for k, v in peft.items()]
-    out += list(row.switches)
+    widths = [f"peft.{k}={_value(v)}" for k, v in peft.items()]
+    decided = widths + list(row.switches)
     try:
-        switched = load_config(preset, list(extra) + out)
+        switched = load_config(preset, list(extra) + decided)
     except ConfigError as e:
         if not extra:
             raise
         raise ReplicationError(f"row {row.name!r} with --set {' --set '.join(extra)}: {e} (--set applies to every "
                                f"row; leave this one out of --methods)") from e
+    # only the widths its method reads: every other method's were "has no effect" notes in each train.log
+    unread = switched.unread_settings()
+    out = [o for o in widths if o.split("=", 1)[0] not in unread] + list(row.switches)
     if switched.model.feature_source == "cache":
         if not feature_cache:
             raise ReplicationError(f"row {row.name!r} trains on cached CLIP features; a feature cache is needed")
@@ -210,7 +213,7 @@ def row_overrides(row: Row, *, feature_cache: Optional[str] = None, seed: int = 
     if steps is not None:
         out.append(f"train.max_steps={int(steps)}")
     user_keys = set(_flat_keys(parse_overrides(list(extra))))
-    clash = sorted(user_keys & set(_flat_keys(parse_overrides(out))))
+    clash = sorted(user_keys & set(_flat_keys(parse_overrides(decided + out))))  # a --set of an unread width too
     if clash:
         raise ReplicationError(f"--set {clash[0]} conflicts with a setting the replication decides per row "
                                f"({row.name}); use --steps / --seed, or change the row in vlscale/replicate.py")
@@ -665,7 +668,8 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
 # Settings a row's earlier work may differ in: where it is (a moved --out: its output_dir and its feature cache's
 # folder, --out/features, whose contents are checked by the backbone weights' fingerprint), the preset's labels,
 # and what leaves the trained model and its scores alone (how often it logged and saved; train.test_eval: rows
-# finished before the test split was evaluated by the training itself).
+# finished before the test split was evaluated by the training itself), and the settings the row does not read
+# (RunConfig.unread_settings: earlier rows were given every method's widths, rows now only their method's).
 SAME_ROW_KEYS = ("output_dir", "name", "description", "train.test_eval", "train.log_every", "train.save_every",
                  "data.feature_cache")
 _UNSET = object()
@@ -721,8 +725,8 @@ def check_trained_settings(row: Row, overrides: Sequence[str], run_dir: Path, wh
                                f"cannot be checked against this run's; delete {run_dir} to train the row again")
     from vlscale.config import flat_settings
 
-    now = flat_settings(row_config([*overrides, f"output_dir={run_dir}", "train.test_eval=true"]).to_dict())
-    diff = _differences(saved, now)
+    cfg = row_config([*overrides, f"output_dir={run_dir}", "train.test_eval=true"])
+    diff = _differences(saved, flat_settings(cfg.to_dict()), (*SAME_ROW_KEYS, *cfg.unread_settings()))
     if diff:
         interrupted = what.startswith("interrupted")
         raise ReplicationError(f"row {row.name}: {role}the {what} in {run_dir} ran with other settings: "
@@ -745,6 +749,14 @@ def check_result(row: Row, overrides: Sequence[str], run_dir: Path, fingerprint:
     # the settings, not the command's spelling: --set in another order, --set train.max_steps=N for --steps N, a
     # moved --out and a changed train.save_every / log_every are the same row
     diff = _differences(pairs(saved.get("overrides", [])), pairs(overrides))
+    if diff:  # nor a setting its method does not read (earlier rows were given every method's widths)
+        from vlscale.config import ConfigError
+
+        try:
+            unread = row_config(overrides).unread_settings()
+        except ConfigError:  # settings that do not load (a key renamed since): all of them differ
+            unread = set()
+        diff = [d for d in diff if d[0] not in unread]
     if diff:
         raise ReplicationError(f"{who} {run_dir / RESULT_FILE} was made with other settings: "
                                + _how_on(diff, run_dir, "to use it"))

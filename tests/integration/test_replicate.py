@@ -78,6 +78,13 @@ def test_row_overrides_take_the_paper_peft_section_and_the_row_switches():
     assert (cfg.data.feature_cache, cfg.train.seed, cfg.train.max_steps) == ("/tmp/cache", 3, 7)
     full = row_config(row_overrides(t1["full_ft"], feature_cache="/tmp/cache"))
     assert full.peft.method == "none" and full.peft.train_lm and full.lr == pytest.approx(1e-4)
+    # each row is given only the widths its method reads: every train.log said "peft.lora_rank=21 has no effect"...
+    lora = row_config(row_overrides(t1["single_lora"], feature_cache="/tmp/cache"))
+    assert cfg.ignored_settings() == full.ignored_settings() == lora.ignored_settings() == []
+    assert (lora.peft.lora_rank, cfg.peft.reduction_factor) == (21, 8)
+    # ... while a --set of a width some row decides is still refused for every row, those that do not read it too
+    with pytest.raises(ReplicationError, match=r"--set peft\.lora_rank conflicts .* \(full_ft\)"):
+        row_overrides(t1["full_ft"], feature_cache="/c", extra=["peft.lora_rank=4"])
     t3 = {r.name: r for r in TABLES[3].rows}
     clip = row_config(row_overrides(t3["clip_ft_single_adapter"]))  # images: no cache needed
     assert clip.model.feature_source == "images" and clip.peft.train_vision and clip.peft.method == "adapter"
@@ -1370,6 +1377,16 @@ def test_a_finished_row_is_kept_under_other_logging_saving_and_folder_settings(t
     check_result(row, ["train.max_steps=3", "output_dir=/new/run", "train.save_every=1", "train.log_every=7"], tmp_path)
     with pytest.raises(ReplicationError, match=r"train\.max_steps=3, this run gives train\.max_steps=4"):
         check_result(row, ["train.max_steps=4", "train.save_every=1"], tmp_path)
+    # a row made when every row was given every method's widths (peft.lora_rank=21 on an adapter row), with its
+    # run_config.yaml: the same training
+    run = tmp_path / "old"
+    ov = row_overrides(row, feature_cache="/c", steps=3)
+    old = [*ov, "peft.lora_rank=21", "peft.n_prompts=40"]
+    write_json(run / "result.json", {"overrides": old})
+    save_config(row_config([*old, f"output_dir={run}", "train.test_eval=true"]), run / "run_config.yaml")
+    check_result(row, ov, run)
+    with pytest.raises(ReplicationError, match="peft.reduction_factor=8, this run gives peft.reduction_factor=4"):
+        check_result(row, [*ov, "peft.reduction_factor=4"], run)  # a width it reads still counts
 
 
 def test_rows_over_three_seeds_take_the_mean_not_the_middle_seed():
