@@ -154,6 +154,18 @@ def test_a_resume_may_change_the_resumable_settings():
         _check_resumable(saved, load_config("tiny", TINY + ["train.seed=4"]), "run_config.yaml")
 
 
+def test_a_resume_may_change_a_setting_neither_run_reads():
+    """replicate.py gave every row every method's widths until c4219db, then only its method's: an adapter row
+    interrupted before and resumed after was refused for peft.lora_rank, which an adapter run never reads."""
+    from vlscale.engine.trainer import _check_resumable
+
+    saved = load_config("tiny", TINY + ["peft.method=adapter", "peft.lora_rank=21"])
+    _check_resumable(saved, load_config("tiny", TINY + ["peft.method=adapter"]), "run_config.yaml")
+    with pytest.raises(ConfigError, match=r"--resume: peft\.lora_rank=\d+ differs .* peft\.lora_rank=21"):
+        _check_resumable(load_config("tiny", TINY + ["peft.method=lora", "peft.lora_rank=21"]),
+                         load_config("tiny", TINY + ["peft.method=lora"]), "run_config.yaml")
+
+
 def test_a_resume_without_the_run_s_config_names_the_run_s_own_file_to_give(tmp_path):
     """`--resume output_dir=X` of a `--config tiny` run (the preset left out) was refused naming model.backbone and
     six more keys, with no word of the run_config.yaml that resumes it."""

@@ -256,15 +256,18 @@ def build_model_for_run(cfg: RunConfig, ds_config: dict, vocab_size: int, dtype:
 
 
 def _check_resumable(saved: RunConfig, cfg: RunConfig, path: Path) -> None:
-    """Refuse a --resume whose settings differ from the checkpointed run's (but RESUMABLE_CHANGES), naming the
-    most telling difference first (the model, then the method, the data, the training) and how many more."""
+    """Refuse a --resume whose settings differ from the checkpointed run's (but RESUMABLE_CHANGES, and settings
+    neither run reads: ``RunConfig.unread_settings``), naming the most telling difference first (the model, then
+    the method, the data, the training) and how many more."""
     a, b = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     order = ("model.", "peft.", "data.", "train.")
 
     def rank(key: str) -> tuple:
         return next((i for i, prefix in enumerate(order) if key.startswith(prefix)), len(order)), key
 
-    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES), key=rank)
+    unread = saved.unread_settings() & cfg.unread_settings()  # neither run reads them (peft.lora_rank, no LoRA)
+    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+                   and k not in unread), key=rank)
     if diff:
         k = diff[0]
 
