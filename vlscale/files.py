@@ -110,3 +110,24 @@ def cwd_note(path) -> str:
         return ""
     return (f" (read from the working directory {os.getcwd()}: run from the folder it is relative to, or give its "
             "absolute path)")
+
+
+def hold_lock(path, holder: str):
+    """An exclusive lock on the file ``path`` (created; held while the returned file is open or the process lives),
+    ``holder`` (who holds it: a pid, a time) written in it: (the open file, None), or (None, what the process
+    holding it wrote) where another holds it. OSError where the file cannot be opened."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        held_by = f.read().strip() or "another process"
+        f.close()
+        return None, held_by
+    f.seek(0)
+    f.truncate()
+    f.write(holder + "\n")
+    f.flush()
+    return f, None

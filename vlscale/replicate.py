@@ -348,22 +348,13 @@ def lock_out(out: Path):
     """Hold ``out``'s lock (an open file; released when this process ends): a second replicate.py into the same
     --out cleared the rows the first was training before their first checkpoint (as stopped ones) and FAILED the
     others on their output_dir's lock. The holder's pid is named in the refusal."""
-    import fcntl
+    from vlscale.files import hold_lock
 
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / OUT_LOCK, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+    f, holder = hold_lock(out / OUT_LOCK, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if f is None:
         raise ReplicationError(f"{out} is in use by another replicate.py ({holder}); wait for it to end or choose "
-                               f"another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
+                               f"another --out")
     return f
 
 

@@ -771,28 +771,21 @@ def lock_output_dir(output_dir):
     runs) would interleave their logs and overwrite each other's checkpoints. The holder's pid and
     start time are written in the file and named in the refusal."""
     import datetime
-    import fcntl
+
+    from vlscale.files import hold_lock
 
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / LOCK_FILE, "a+")
+        f, holder = hold_lock(out / LOCK_FILE, f"pid {os.getpid()} on {socket.gethostname()}, "
+                                               f"since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
     except OSError as e:  # an output_dir the run cannot write (its permissions, a read-only file system)
         raise CheckpointError(f"output_dir {str(out)!r} cannot be written: {e.strerror or e}"
                               f"{': ' + str(e.filename) if e.filename else ''}; make it writable or choose "
                               f"another output_dir (output_dir=...)") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+    if f is None:
         raise CheckpointError(f"output_dir {str(out)!r} is in use by another vlscale run ({holder}); wait for it "
-                              "to end or choose another output_dir (output_dir=...)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
-    f.flush()
+                              "to end or choose another output_dir (output_dir=...)")
     return f
 
 
