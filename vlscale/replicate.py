@@ -137,8 +137,9 @@ def select_rows(table: Table, names: Optional[Sequence[str]]) -> list[Row]:
     valid = [r.name for r in table.rows]
     unknown = [n for n in names if n not in valid]
     if unknown:
+        hints = [hint for hint in (_row_hint(n, table) for n in unknown) if hint]
         raise ReplicationError(f"--methods {unknown} are not rows of Table {table.number}; valid: {valid}"
-                               + "".join(f"; {_row_hint(n, table)}" for n in unknown if _row_hint(n, table)))
+                               + "".join(f"; {hint}" for hint in hints))
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ReplicationError(f"--methods names {', '.join(twice)} more than once; each row is trained once a seed "
@@ -636,11 +637,12 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
     summary = run_dir / "run_summary.json"
     finished = summary.exists() and json.loads(summary.read_text()).get("completed") and \
         (run_dir / "adapter" / "adapter_config.json").exists()
-    resume = (run_dir / "checkpoints" / "latest").exists()
+    latest = run_dir / "checkpoints" / "latest"
+    resumes = latest.read_text().strip() if latest.exists() else None  # the checkpoint (step245) a training resumes
+    resume = resumes is not None
     evaluated = (run_dir / "eval_test" / "eval_metrics.json").exists()
     if evaluated or finished or resume:
-        what = "training" if evaluated or finished else \
-            f"interrupted training (checkpoint {(run_dir / 'checkpoints' / 'latest').read_text().strip()})"
+        what = "training" if evaluated or finished else f"interrupted training (checkpoint {resumes})"
         check_trained_settings(row, overrides, run_dir, what)
     if evaluated:
         job.phase = "collect"
@@ -650,8 +652,7 @@ def plan_job(row: Row, overrides: list[str], run_dir: Path, fingerprint: Optiona
         return job
     if not resume and run_dir.exists() and not dry_run:
         _clear_partial(run_dir)
-    if resume:
-        job.resumes = (run_dir / "checkpoints" / "latest").read_text().strip()
+    job.resumes = resumes
     job.commands.append(("train", train_command(overrides, run_dir, resume)))  # evaluates the test split too
     return job
 
