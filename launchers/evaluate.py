@@ -16,7 +16,8 @@ where the same frozen weights are found now (``model.backbone_path``, ``model.vi
 files moved). The frozen weights built, moved or not, are checked against the fingerprint the run recorded (in
 the adapter, else its checkpoint), as ``--resume`` does: files replaced since training are refused, naming them.
 
-Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references) and ``DIR/eval_metrics.json``
+Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references; the folder replaced once every task is
+written, keeping the earlier set's other tasks: a Ctrl-C midway leaves the earlier set) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the settings they come from: the data, the precision, whether
 ``--java-metrics`` scored the captions, the ZeRO stage (null without ``--deepspeed``) and the number of ranks; a
 report there of the same adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults
@@ -189,7 +190,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.config import parse_overrides
     from vlscale.data import check_split_found, eval_examples
     from vlscale.data.tasks import get_task
-    from vlscale.engine.evaluation import eval_settings, evaluate, format_scores, write_eval_report
+    from vlscale.engine.evaluation import (eval_settings, evaluate, format_scores, predictions_replaced_whole,
+                                           write_eval_report)
     from vlscale.predict import (adapter_tokenizer, cache_changed_problem, inference_dtype, load_run_config,
                                  load_trained_model)
 
@@ -238,10 +240,12 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
               f"{total:,} parameters{whole}", flush=True)
     # --- evaluate
-    scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world, device=device,
-                      float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=out / "predictions",
-                      java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
-                      predict_only=args.predict_only, submission_dir=out / "submission" if args.predict_only else None)
+    with predictions_replaced_whole(out / "predictions", writer=rank == 0, keep_others=True) as partial:
+        scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world,
+                          device=device, float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=partial,
+                          java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
+                          predict_only=args.predict_only,
+                          submission_dir=out / "submission" if args.predict_only else None)
     # --- report
     if rank == 0 and args.predict_only:
         print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")

@@ -301,11 +301,12 @@ def test_the_default_out_and_the_tasks_asked_for(tmp_path, launcher, monkeypatch
         return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
     monkeypatch.setattr(evaluation, "evaluate", scored)
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "caption,vqa, caption,"]) == 0
-    assert asked == [(["caption", "vqa"], tmp_path / "eval_val" / "predictions", None)]
+    assert asked == [(["caption", "vqa"], tmp_path / "eval_val" / "predictions.partial", None)]  # renamed whole
     report = json.loads((tmp_path / "eval_val" / "eval_metrics.json").read_text())
     assert report["tasks"] == {"caption": {"score": 0.5}, "vqa": {"score": 0.5}} and report["step"] == 2
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--predict-only"]) == 0
-    assert asked[1] == (["vqa"], tmp_path / "predict_val" / "predictions", tmp_path / "predict_val" / "submission")
+    assert asked[1] == (["vqa"], tmp_path / "predict_val" / "predictions.partial",
+                        tmp_path / "predict_val" / "submission")
     assert not (tmp_path / "predict_val" / "eval_metrics.json").exists()
 
     import vlscale.modeling.vl_model as vl_model
@@ -417,6 +418,36 @@ def test_a_report_of_another_step_replaces_rather_than_merges(tmp_path):
     assert (report["step"], report["tasks"]) == (4, {"gqa": {"accuracy": 0.25}})
 
 
+def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_path, launcher, monkeypatch):
+    """evaluate.py wrote each task's file straight into predictions/: a Ctrl-C after vqa left this run's vqa.jsonl
+    beside the earlier run's caption.jsonl. Now the earlier set stays until the new one is whole, and a --tasks
+    subset's set keeps the earlier set's other tasks (their scores stay in eval_metrics.json)."""
+    from vlscale.engine import evaluation
+
+    adapter, out = _tiny_adapter(tmp_path), tmp_path / "eval_val"
+    for task in ("vqa", "caption"):
+        _predictions(out, task, 3)
+
+    def stopped(model, cfg, tokenizer, *, tasks, predictions_dir, **kwargs):  # stopped after vqa is written
+        predictions_dir.mkdir(exist_ok=True)
+        (predictions_dir / "vqa.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluation, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        launcher("evaluate").main(["--adapter", str(adapter), "--no-progress"])
+    assert sorted(p.name for p in out.iterdir()) == ["predictions"]
+    assert [len((out / "predictions" / f"{t}.jsonl").read_text().splitlines()) for t in ("vqa", "caption")] == [3, 3]
+
+    def scored(model, cfg, tokenizer, *, tasks, predictions_dir, **kwargs):
+        predictions_dir.mkdir(exist_ok=True)
+        (predictions_dir / "vqa.jsonl").write_text("{}\n")
+        return {"vqa": {"score": 0.5}}
+    monkeypatch.setattr(evaluation, "evaluate", scored)
+    assert launcher("evaluate").main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval_metrics.json", "predictions"]
+    assert [len((out / "predictions" / f"{t}.jsonl").read_text().splitlines()) for t in ("vqa", "caption")] == [1, 3]
+
+
 def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp_path, launcher, monkeypatch):
     """``--split test``: the test split is evaluated, eval_metrics.json says so, and the default folders are
     eval_test / predict_test (not the val split's)."""
@@ -431,11 +462,11 @@ def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp
         return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
     monkeypatch.setattr(evaluation, "evaluate", scored)
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--split", "test"]) == 0
-    assert asked == [("test", tmp_path / "eval_test" / "predictions")]
+    assert asked == [("test", tmp_path / "eval_test" / "predictions.partial")]
     assert json.loads((tmp_path / "eval_test" / "eval_metrics.json").read_text())["split"] == "test"
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--split", "test",
                           "--predict-only"]) == 0
-    assert asked[1] == ("test", tmp_path / "predict_test" / "predictions")
+    assert asked[1] == ("test", tmp_path / "predict_test" / "predictions.partial")
 
 
 def test_an_out_that_is_a_file_is_refused(tmp_path, launcher):

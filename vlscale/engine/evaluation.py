@@ -21,9 +21,11 @@ EvalAI, GQA, NLVR2, the COCO caption server, VALUE for the video tasks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -179,6 +181,35 @@ def score_records(task: str, records: list[dict], java_metrics: bool = False, ex
 
 def write_predictions(path, records: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in records))
+
+
+@contextlib.contextmanager
+def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others: bool = False):
+    """Yields ``<predictions_dir>.partial`` for :func:`evaluate` to write a set of predictions into (task by task);
+    it replaces ``predictions_dir`` only once the block ends without an error, so a stop or a Ctrl-C midway keeps
+    the last whole set (not one task of this set beside another task of the earlier one), and what it wrote is
+    removed. A ``.partial`` left by a killed process is cleared first. ``keep_others``: the earlier set's files of
+    the tasks not written now join the new set (``evaluate.py --tasks`` on a subset). ``writer``: whether this
+    process writes (rank 0); the other ranks' blocks touch no folder."""
+    predictions_dir = Path(predictions_dir)
+    partial = predictions_dir.with_name(predictions_dir.name + ".partial")
+    if not writer:
+        yield partial
+        return
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if not partial.is_dir():  # nothing written
+        return
+    if keep_others and predictions_dir.is_dir():
+        for path in predictions_dir.iterdir():
+            if path.is_file() and not (partial / path.name).exists():
+                shutil.copy2(path, partial / path.name)
+    shutil.rmtree(predictions_dir, ignore_errors=True)
+    partial.rename(predictions_dir)
 
 
 SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json",

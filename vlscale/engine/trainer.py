@@ -55,8 +55,8 @@ from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, par
 from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, resolve_batch, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum,
                                         all_reduce_sum_, barrier, broadcast_object, watchdog_timeout_s)
-from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, to_device,
-                                       write_eval_report)
+from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores,
+                                       predictions_replaced_whole, to_device, write_eval_report)
 from vlscale.engine.half_precision import stage0_corrections, unscaled_grad_norm
 from vlscale.files import write_text_atomic
 
@@ -918,29 +918,19 @@ def sync_trained_buffers(run: Run) -> None:
 
 def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
     """Scores of ``split``; with ``predictions_dir``, its files replace what is there only once every task is written
-    (task by task into ``<predictions_dir>.partial``): a stop midway keeps the last whole set, of one step, where it
-    mixed another step's files (a finished run extended) with this one's, or cleared a whole set."""
-    import shutil
+    (:func:`vlscale.engine.evaluation.predictions_replaced_whole`): a stop midway keeps the last whole set, of one
+    step, where it mixed another step's files (a finished run extended) with this one's, or cleared a whole set."""
+    import contextlib
 
     synced = run.dist.world_size > 1 and run.stage == 3
-    partial = None if predictions_dir is None else predictions_dir.with_name(predictions_dir.name + ".partial")
-    if partial is not None and run.dist.rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
     should_stop = (lambda: all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
                    ) if run.stoppable_evaluation and run.stop is not None else None
-    try:
-        scores = evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
-                          world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
-                          synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                          predictions_dir=partial, should_stop=should_stop)
-    except BaseException:
-        if partial is not None and run.dist.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if partial is not None and run.dist.rank == 0 and partial.is_dir():
-        shutil.rmtree(predictions_dir, ignore_errors=True)
-        partial.rename(predictions_dir)
-    return scores
+    with contextlib.nullcontext() if predictions_dir is None else \
+            predictions_replaced_whole(predictions_dir, writer=run.dist.rank == 0) as partial:
+        return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
+                        world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
+                        synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
+                        predictions_dir=partial, should_stop=should_stop)
 
 
 def run_test_evaluation(run: Run) -> dict:
