@@ -681,6 +681,55 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
 
 
+def test_a_swap_of_predictions_killed_between_its_renames_keeps_the_last_whole_set(tmp_path, monkeypatch):
+    """The swap removed predictions/ before renaming predictions.partial/ into its place: a kill between the two left
+    neither set. Now the earlier set waits at predictions.old: put back at once where the rename fails, and by the
+    next evaluation into the folder after a kill (no handler ran), which then replaces it whole."""
+    import os
+
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "nlvr2.jsonl").write_text("{}\n")
+
+    def evaluate(*args, predictions_dir, **kwargs):
+        predictions_dir.mkdir(exist_ok=True)
+        (predictions_dir / "vqa.jsonl").write_text("{}\n")
+        return {"vqa": {"acc": 0.5}}
+
+    def killed(real):  # the rename of the new set into place dies
+        def rename(src, dst, *args, **kwargs):
+            if str(src).endswith(".partial"):
+                raise KeyboardInterrupt
+            return real(src, dst, *args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    for name in ("rename", "replace"):
+        monkeypatch.setattr(os, name, killed(getattr(os, name)))
+    run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
+                          dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_evaluation(run, final=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["nlvr2.jsonl"]
+    # as a kill leaves it: the earlier set aside, part of a new one, no predictions/
+    (tmp_path / "predictions").rename(tmp_path / "predictions.old")
+    (tmp_path / "predictions.partial").mkdir(exist_ok=True)
+
+    def stopped(*args, predictions_dir, **kwargs):
+        assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["nlvr2.jsonl"]
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run_evaluation(run, final=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["nlvr2.jsonl"]
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    trainer.run_evaluation(run, final=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions"]
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["vqa.jsonl"]
+
+
 def test_only_rank_0_touches_the_prediction_folders(tmp_path, monkeypatch):
     """Rank 0 writes predictions.partial/ and renames it: another rank's evaluation, ending or raising (an input
     error of its own), removes neither rank 0's set being written nor the last whole one."""

@@ -188,14 +188,19 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     """Yields ``<predictions_dir>.partial`` for :func:`evaluate` to write a set of predictions into (task by task);
     it replaces ``predictions_dir`` only once the block ends without an error, so a stop or a Ctrl-C midway keeps
     the last whole set (not one task of this set beside another task of the earlier one), and what it wrote is
-    removed. A ``.partial`` left by a killed process is cleared first. ``keep_others``: the earlier set's files of
-    the tasks not written now join the new set (``evaluate.py --tasks`` on a subset). ``writer``: whether this
-    process writes (rank 0); the other ranks' blocks touch no folder."""
+    removed. The swap moves the earlier set to ``<predictions_dir>.old`` before renaming the new one into place
+    (``vlscale.engine.checkpoint._replace_dir``): a process killed between the renames leaves the earlier set
+    there, put back first by the next evaluation into the folder, as a ``.partial`` it left is cleared.
+    ``keep_others``: the earlier set's files of the tasks not written now join the new set (``evaluate.py --tasks``
+    on a subset). ``writer``: whether this process writes (rank 0); the other ranks' blocks touch no folder."""
+    from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
+
     predictions_dir = Path(predictions_dir)
     partial = predictions_dir.with_name(predictions_dir.name + ".partial")
     if not writer:
         yield partial
         return
+    _restore_replaced(predictions_dir)  # a swap killed between its renames: the earlier set back in place
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
@@ -208,8 +213,11 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
         for path in predictions_dir.iterdir():
             if path.is_file() and not (partial / path.name).exists():
                 shutil.copy2(path, partial / path.name)
-    shutil.rmtree(predictions_dir, ignore_errors=True)
-    partial.rename(predictions_dir)
+    try:
+        _replace_dir(partial, predictions_dir)
+    except BaseException:  # failed between the renames: the earlier set back in place
+        _restore_replaced(predictions_dir)
+        raise
 
 
 SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", "caption": "caption.json",
