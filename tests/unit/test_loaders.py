@@ -2345,7 +2345,7 @@ def test_hf_datasets_library_errors_become_data_errors(tmp_path):
         load_hf_examples("gqa", str(blank), "train", cols)
 
 
-def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path):
+def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path, caplog):
     """A 0-byte data file (or a parquet file of no rows) in a folder of data files: the library's error names no
     file (a bare StopIteration for a JSON file; 'Instruction "validation" corresponds to no data' for a split of
     one), and the folder's listing marked it '(empty)' only among its first 10 entries, in its top folder. The
@@ -2365,8 +2365,12 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path)
                                                r"\(its data file 'validation\.jsonl' is empty\); give it rows, or "
                                                r"remove that file$"):
         load_hf_examples("gqa", str(many), "val", cols)
-    (many / "train-00.jsonl").write_text("")  # one empty file of a split of rows: the split loads, without it
+    assert "empty (0 bytes)" not in caplog.text  # validation.jsonl is not train's
+    (many / "train-00.jsonl").write_text("")  # one empty file of a split of rows: the split loads, without it ...
     assert open_hf_split(str(many), "train")[0].num_rows == 11
+    # ... said, as it was read silently: an empty file beside files of rows is a download or copy that failed
+    assert re.search(r"many': its data file 'train-00\.jsonl' is empty \(0 bytes\) where split 'train''s other "
+                     r"files hold rows \(a download or copy that failed\?\): the split is read without it", caplog.text)
     nested = tmp_path / "nested"  # in a subfolder (data/, as hub datasets lay their files out)
     (nested / "data").mkdir(parents=True)
     (nested / "data" / "train.jsonl").write_text("")

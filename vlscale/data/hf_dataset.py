@@ -182,6 +182,24 @@ def _data_files_one_by_one(path: Path) -> tuple[dict, dict] | None:
         return None
 
 
+def _warn_zero_byte_files(path: Path, split: str, key: str, name_or_path: str) -> None:
+    """Warn of a folder of data files' 0-byte files of ``split`` beside files of rows: the library reads each as no
+    rows, and an empty file where the others hold rows is almost always a download or copy that failed (a split
+    whose files all hold none is a missing split, refused when asked for)."""
+    import datasets
+
+    try:
+        files = [Path(f) for f in datasets.load_dataset_builder(str(path)).config.data_files.get(split, [])]
+    except Exception:  # the folder loaded: its files resolve as they did
+        return
+    zero = [Path(os.path.relpath(f, path)).as_posix() for f in files if f.stat().st_size == 0]
+    if zero:
+        them = "it" if len(zero) == 1 else "them"
+        logger.warning(f"{key}={name_or_path!r}: its {_files_are(zero)} empty (0 bytes) where split {split!r}'s "
+                       f"other files hold rows (a download or copy that failed?): the split is read without {them}; "
+                       f"copy {them} again, or remove {them} if {them} should hold no rows")
+
+
 def _files_are(files: list[str]) -> str:
     """``data file 'x' is`` / ``data files [...] are`` (the first 10 of more, counted), for an error."""
     if len(files) == 1:
@@ -199,6 +217,7 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     import datasets
 
     path, no_rows = Path(name_or_path).expanduser(), {}  # no_rows: a folder of data files' splits of none, their files
+    data_files = False  # whether it is a folder of data files (not a saved DatasetDict, not a hub name)
     try:
         there = path.exists()
     except OSError as e:  # Python 3.11's exists() raises where a folder on the way may not be entered, a name too long
@@ -211,6 +230,7 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
             try:
                 obj = datasets.load_from_disk(str(path))
             except FileNotFoundError:  # not a save_to_disk folder: a folder of data files
+                data_files = True
                 obj = datasets.load_dataset(str(path))
         except Exception as e:  # the datasets library's own errors (EmptyDatasetError, IndexError, ValueError...)
             obj = _splits_one_by_one(path)
@@ -257,6 +277,8 @@ def open_hf_split(name_or_path: str, split: str, key: str = "data.hf_dataset"):
     for name in names:
         if obj.get(name) is not None:
             ours = next((o for o, aliases in SPLIT_NAMES.items() if split in (o, *aliases) and first[o] == name), split)
+            if data_files:
+                _warn_zero_byte_files(path, name, key, name_or_path)
             return obj[name], name, ours
     empty = [name for name in names if name in obj]
     if empty:  # missing, as a split not there is
