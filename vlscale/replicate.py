@@ -546,7 +546,8 @@ def write_json(path: Path, data) -> None:
 
 
 def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:
-    """results.json, table<N>.md and table<N>.png in ``out``; -> {name: path or note}."""
+    """results.json, table<N>.md and table<N>.png in ``out`` (an earlier table<N>.png removed where none is plotted:
+    no results, or no matplotlib); -> {name: path or note}."""
     seeds = meta.get("seeds")
     seed = (f"seeds {', '.join(map(str, seeds))} (the mean over them; Avg ± the sample standard deviation of the "
             f"average over the seeds; each seed's table in seed<S>/)") if seeds else f"seed {meta.get('seed')}"
@@ -568,6 +569,8 @@ def write_outputs(table: Table, out: Path, results: dict, meta: dict) -> dict:
     write_text_atomic(md, markdown_table(table, results, [n for n in notes if n]))
     png = out / f"table{table.number}.png"
     why = plot(table, results, png) if results else "no results to plot"
+    if why is not None:  # an earlier invocation's plot would show rows results.json no longer holds
+        png.unlink(missing_ok=True)
     return {"results": str(out / "results.json"), "markdown": str(md), "plot": str(png) if why is None else why}
 
 

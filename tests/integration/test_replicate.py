@@ -1118,9 +1118,11 @@ def test_tables_and_claims_over_rows_of_unequal_tasks_and_a_zero_baseline(tmp_pa
     (claim,) = [c for c in paper_claims(TABLES[1], rows) if "97%" in c["claim"]]
     assert claim["value"] == "100.0% of full FT at 5.00% updated" and claim["holds"]
     inv = {"command": "python launchers/replicate.py --table 1", "elapsed_s": 90.0, "cpu_s": 150.0, "parallel": 2}
-    write_outputs(TABLES[1], tmp_path, {}, {"partial_rows": ["single_prompt"],
-                                            "invocations": [dict(inv, rows_run_now=["full_ft"]),
-                                                            dict(inv, command="again", rows_run_now=[])]})
+    (tmp_path / "table1.png").write_bytes(b"an earlier invocation's plot")  # of rows no longer in results.json
+    meta = {"partial_rows": ["single_prompt"], "invocations": [dict(inv, rows_run_now=["full_ft"]),
+                                                               dict(inv, command="again", rows_run_now=[])]}
+    assert write_outputs(TABLES[1], tmp_path, {}, meta)["plot"] == "no results to plot"
+    assert not (tmp_path / "table1.png").exists()
     notes = (tmp_path / "table1.md").read_text()
     assert "- Left out: single_prompt (not finished for every seed)." in notes
     assert ("- `python launchers/replicate.py --table 1`: 1.5 min wall, 2 trainings at a time, 2.5 CPU-minutes, "
