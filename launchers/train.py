@@ -15,7 +15,8 @@ checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the 
 Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
 tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.
 Exit codes: 0 done (or stopped by --stop-after-steps), 1 error, 3 a hung rank (watchdog),
-130/143 stopped by SIGINT/SIGTERM after writing a checkpoint.
+130/143 stopped by SIGINT/SIGTERM after writing a checkpoint. (``deepspeed`` on one node: the runner's own status,
+killed by the signal at once, before the checkpoint: docs/scaling.md.)
 """
 
 from __future__ import annotations
