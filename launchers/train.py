@@ -187,26 +187,32 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vlscale.engine.distributed import quiet_library_warnings, watch_launcher
+    try:  # the first seconds, torch's and DeepSpeed's imports: Ctrl-C there was a traceback through an import
+        from vlscale.engine.distributed import quiet_library_warnings, watch_launcher
 
-    quiet_library_warnings()
+        quiet_library_warnings()
 
-    watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
-    from vlscale.config import load_config
-    from vlscale.engine.deepspeed_config import DeepSpeedConfigError, default_ds_file
+        watch_launcher()  # a rank whose launcher is gone (DeepSpeed's runner killed) stops as on SIGTERM
+        from vlscale.config import load_config
+        from vlscale.engine.deepspeed_config import DeepSpeedConfigError, default_ds_file
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except Exception:
-        cfg = None  # loaded again after start-up, where the error is reported with its context
-    try:  # a --deepspeed (or train.deepspeed) file that is not there was a traceback here
-        refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
-                                                           args.stop_after_steps)
-    except DeepSpeedConfigError as e:
-        refusal = f"{type(e).__name__}: {e}"
-    if refusal:
-        print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
-        return 1
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except Exception:
+            cfg = None  # loaded again after start-up, where the error is reported with its context
+        try:  # a --deepspeed (or train.deepspeed) file that is not there was a traceback here
+            refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
+                                                               args.stop_after_steps)
+        except DeepSpeedConfigError as e:
+            refusal = f"{type(e).__name__}: {e}"
+        if refusal:
+            print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
+            return 1
+    except KeyboardInterrupt:  # the line a Ctrl-C later in start-up gives (below)
+        kept = "no new checkpoint was written" if args.resume else "no checkpoint was written"
+        print(f"vlscale: rank {os.environ.get('RANK', '0')}: aborted (SIGINT during start-up, before training "
+              f"began: {kept})", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     # --- setup
     from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads
 

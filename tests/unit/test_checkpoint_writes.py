@@ -1476,6 +1476,27 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
         assert line.endswith("; no checkpoint had been written"), line
 
 
+@pytest.mark.parametrize("resume, kept", [(False, "no checkpoint was written"),
+                                          (True, "no new checkpoint was written")])
+def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume, kept, tmp_path, monkeypatch,
+                                                                          launcher, capsys):
+    """Ctrl-C while torch and DeepSpeed are imported (before the run's config is even checked: the first ~4 s of
+    `python launchers/train.py`) was a KeyboardInterrupt traceback through an import; now it is start-up's line."""
+    import vlscale.engine.distributed as distributed
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "quiet_library_warnings", interrupted)
+    try:
+        ended = launcher("train").main(["--config", "tiny", f"output_dir={tmp_path}"] + ["--resume"] * resume)
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt would stop pytest itself
+        ended = e
+    assert ended == 128 + signal.SIGINT
+    assert capsys.readouterr().err == (f"vlscale: rank 0: aborted (SIGINT during start-up, before training began: "
+                                       f"{kept})\n")
+
+
 @pytest.mark.parametrize("raised, code, said, traceback", [
     ("signal", 128 + 15, "stopped at step 3 (SIGTERM); resume with --resume", False),
     ("stop_after", 0, "stopped at step 3 (--stop-after-steps 3); resume with --resume", False),
