@@ -8,15 +8,15 @@ Supports: every launcher above (multi-node through DeepSpeed's hostfile); no GPU
 accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe offload
 (``ds_configs/``); fp32, bf16 and fp16 (dynamic loss scaling; GPU, or CPU with VLSCALE_CPU_FP16=1 to check it); gradient checkpointing;
 multitask batches with per-task or shared PEFT modules; periodic and final evaluation with
-synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM leaving a resumable
-checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default
+synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM / SIGUSR1 (a scheduler's
+time-limit warning) leaving a resumable checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default
 (the synthetic world, the shipped mini CLIP-RN + mini BART, one shared adapter).
 
 Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
 tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.
 Exit codes: 0 done (or stopped by --stop-after-steps), 1 error, 3 a hung rank (watchdog),
-130/143 stopped by SIGINT/SIGTERM after writing a checkpoint. (``deepspeed`` on one node: the runner's own status,
-killed by the signal at once, before the checkpoint: docs/scaling.md.)
+130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint. (``deepspeed`` on one node: the
+runner's own status, killed by the signal at once, before the checkpoint: docs/scaling.md.)
 """
 
 from __future__ import annotations

@@ -658,3 +658,19 @@ def test_every_test_worker_that_starts_its_own_gloo_group_skips_the_shared_memor
     offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").rglob("*.py"))
                  if "init_process_group(" in (text := p.read_text()) and "skip_inference_shm_kernel()" not in text]
     assert offenders == []
+
+
+def test_sigusr1_a_scheduler_s_time_limit_warning_asks_to_stop_with_a_checkpoint(monkeypatch, capsys):
+    """SLURM's ``--signal=USR1@120`` warns a job before its time limit: SIGUSR1's default action ended the run
+    at once with no checkpoint (exit 138, measured); it now stops after the step as SIGTERM does."""
+    monkeypatch.setattr(StopSignal, "requested_at", None)
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopSignal().install()
+    try:
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle  # else raising it ends pytest
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.requested and stop.signum == signal.SIGUSR1
+        assert "SIGUSR1 received: stopping after this step" in capsys.readouterr().err
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before

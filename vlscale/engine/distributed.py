@@ -14,7 +14,7 @@ selected automatically; this must happen before ``deepspeed`` is first imported.
 Guards: collectives time out after ``VLSCALE_DIST_TIMEOUT`` seconds (default 300), and a
 :class:`Watchdog` thread ends a rank that makes no progress for ``VLSCALE_WATCHDOG_TIMEOUT``
 seconds (default: the collective timeout + 60 s), so a rank that died cannot leave the others
-waiting forever. :class:`StopSignal` turns the first Ctrl-C / SIGTERM into a request to stop at
+waiting forever. :class:`StopSignal` turns the first Ctrl-C / SIGTERM / SIGUSR1 into a request to stop at
 the end of the current step (every rank agrees, then a resumable checkpoint is written); a second
 one aborts at once. :class:`LauncherWatch` sends that SIGTERM to a rank whose launcher is gone
 (DeepSpeed's runner killed: on one node it passes no signal on; or the rank's launcher killed).
@@ -375,8 +375,13 @@ class Watchdog:
                 os._exit(EXIT_HUNG)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""Signals that stop a run with a checkpoint. SIGUSR1 is a scheduler's warning before the time limit (SLURM's
+``--signal=USR1@120``); its default action ended the run at once, with no checkpoint."""
+
+
 class StopSignal:
-    """First SIGINT/SIGTERM: ask to stop after the current step; another one (more than
+    """First SIGINT/SIGTERM/SIGUSR1: ask to stop after the current step; another one (more than
     ``DEBOUNCE_S`` later, so a launcher forwarding the terminal's Ctrl-C does not count): abort.
 
     Installed over a SIG_IGN too, unlike Python's own Ctrl-C handling: a run a script started with ``&`` inherits
@@ -396,7 +401,7 @@ class StopSignal:
     def install(self) -> "StopSignal":
         if threading.current_thread() is not threading.main_thread():
             return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
         return self
