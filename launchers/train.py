@@ -59,7 +59,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     ranks with another global batch or at a ZeRO stage that does not load into this run's, or an output_dir that cannot
     be created, fails in a second instead of after start-up, and so does one that exists but cannot be written, and a
     --stop-after-steps K the resumed checkpoint is already at or past (the run trained on to the end), vlscale's
-    environment variables with values it cannot use, and RANK without WORLD_SIZE, and a data.root or annotation file
+    environment variables with values it cannot use, and RANK without WORLD_SIZE, and one of several srun tasks started
+    with no launcher, and a data.root or annotation file
     that is not there, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not made), and weights
     the model's build would not find (a model.backbone_path or model.vision_pretrained that is not there, found after
     the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or with an nvme_path that
@@ -71,13 +72,16 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
                                                  global_batch_size, load_ds_file, resolve_ds_file, zero_stage)
-    from vlscale.engine.distributed import dist_timeout_s, launcher_world_size, select_accelerator, watchdog_timeout_s
+    from vlscale.engine.distributed import (dist_timeout_s, launcher_world_size, select_accelerator,
+                                            srun_without_launcher, watchdog_timeout_s)
     from vlscale.kernels.adapter import env_backend
 
     try:  # vlscale's environment variables, read only after start-up (the first two a traceback there)
         dist_timeout_s(), watchdog_timeout_s(), env_backend()
     except ValueError as e:
         return str(e)
+    if srun := srun_without_launcher():  # every task trained alone, the first holding output_dir's lock
+        return srun
     from vlscale.config import ConfigError
 
     try:  # the file's own faults (not JSON, an unknown key): they were found after start-up, output_dir made

@@ -383,6 +383,32 @@ def test_rank_without_world_size_is_refused_before_start(tmp_path, monkeypatch, 
         "one process")
 
 
+def test_srun_tasks_without_a_launcher_are_refused_before_start(tmp_path, monkeypatch, launcher):
+    """``srun -n 2 python launchers/train.py`` gives each task SLURM_PROCID / SLURM_STEP_NUM_TASKS but no RANK:
+    each trained as a 1-rank run, the first holding output_dir's lock, the other failing on it (measured). Refused
+    on every task, naming a launcher to start; one task, a batch script's own process (no SLURM_STEP_NUM_TASKS) and
+    a launched rank are not."""
+    from vlscale.config import load_config
+    from vlscale.engine.distributed import srun_without_launcher
+
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert srun_without_launcher() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert srun_without_launcher() is None
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}"])
+    assert launcher("train").refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(
+        "srun started this process as task 1 of 2 without a launcher's RANK / WORLD_SIZE, so each task would train "
+        "alone: let srun start one launcher per node, e.g. srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert srun_without_launcher() is None
+
+
 def test_bad_environment_variables_are_refused_before_start(tmp_path, monkeypatch, launcher):
     """A VLSCALE_DIST_TIMEOUT that is no number was a traceback from the process group's set-up, and a bad
     VLSCALE_ADAPTER_BACKEND a traceback from the first forward, after the model was built: one line before

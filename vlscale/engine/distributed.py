@@ -228,6 +228,20 @@ def launcher_world_size() -> int | None:
     return int(size) if size else None
 
 
+def srun_without_launcher() -> str | None:
+    """Why this process must not start: srun started it as one of several tasks of a step, and no launcher set
+    RANK / WORLD_SIZE (DeepSpeed's ``init_distributed`` reads MPI's variables through mpi4py, never SLURM's). Each
+    task trained as a 1-rank run: on one output_dir the first held its lock and the others failed on it. None
+    elsewhere (a batch script's own process has no SLURM_STEP_NUM_TASKS, whatever its allocation's SLURM_NTASKS)."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if _launched() or not tasks.isdigit() or int(tasks) < 2:
+        return None
+    return (f"srun started this process as task {os.environ.get('SLURM_PROCID', '?')} of {tasks} without a "
+            f"launcher's RANK / WORLD_SIZE, so each task would train alone: let srun start one launcher per node, "
+            f"e.g. srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES --nproc_per_node=GPUS_PER_NODE "
+            f"--rdzv_backend=c10d --rdzv_endpoint=FIRST_NODE:29500 launchers/train.py ... (README: On a cluster)")
+
+
 def quiet_library_warnings() -> None:
     """DeepSpeed calls collectives that torch marks deprecated, once per bucket: hide that noise."""
     import warnings
