@@ -8,9 +8,10 @@ Supports: every launcher above (multi-node through DeepSpeed's hostfile); no GPU
 accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe offload
 (``ds_configs/``); fp32, bf16 and fp16 (dynamic loss scaling; GPU, or CPU with VLSCALE_CPU_FP16=1 to check it); gradient checkpointing;
 multitask batches with per-task or shared PEFT modules; periodic and final evaluation with
-synced-rank generation; resumable checkpoints (``--resume``), Ctrl-C / SIGTERM / SIGUSR1 (a scheduler's
-time-limit warning) leaving a resumable checkpoint; a NaN/inf loss stopping the run. With no ``--config`` it trains the embedded default
-(the synthetic world, the shipped mini CLIP-RN + mini BART, one shared adapter).
+synced-rank generation; resumable checkpoints (``--resume``; ``--auto-resume``: resume if there is one, else
+start), Ctrl-C / SIGTERM / SIGUSR1 (a scheduler's time-limit warning) leaving a resumable checkpoint; a NaN/inf
+loss stopping the run. With no ``--config`` it trains the embedded default (the synthetic world, the shipped mini
+CLIP-RN + mini BART, one shared adapter).
 
 Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
 tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="preset name (e.g. paper/clip_bart_single_adapter) or YAML path; "
                                                   "default: the embedded default")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="--resume if output_dir holds a checkpoint (checkpoints/latest), else start the run: one "
+                        "command for a job that a scheduler requeues")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
                    help="stop after optimizer step K as if interrupted, leaving a resumable checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -158,6 +162,14 @@ def user_errors() -> tuple:
     return ConfigError, DataError, DeepSpeedConfigError, CheckpointError, ShardedLoadError, NonFiniteLoss
 
 
+def auto_resume(output_dir) -> bool:
+    """--auto-resume's choice: resume when ``output_dir`` has a ``checkpoints/latest`` (readable or not: --resume's
+    checks then refuse what it cannot continue), else start a new run (whose checks refuse another run's results)."""
+    from vlscale.engine.checkpoint import LATEST
+
+    return (Path(output_dir) / "checkpoints" / LATEST).exists()
+
+
 DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
 
 
@@ -204,6 +216,8 @@ def main(argv=None) -> int:
             cfg = load_config(args.config, args.overrides)
         except Exception:
             cfg = None  # loaded again after start-up, where the error is reported with its context
+        if args.auto_resume and cfg is not None:  # then every check of --resume, or of a new run, as given
+            args.resume = args.resume or auto_resume(cfg.output_dir)
         try:  # a --deepspeed (or train.deepspeed) file that is not there was a traceback here
             refusal = cfg is not None and refused_before_start(cfg, args.resume, default_ds_file(cfg, args.deepspeed),
                                                                args.stop_after_steps)

@@ -1724,6 +1724,26 @@ def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whet
     assert seen == {"resume": True, "stop_after_steps": 5, "completed": raised is None, "stopped": stopped}
 
 
+def test_auto_resume_resumes_only_an_output_dir_with_a_checkpoint_and_keeps_resume_s_checks(tmp_path, monkeypatch,
+                                                                                             launcher):
+    """--auto-resume, a requeued job's one command: a new run where output_dir has no checkpoints/latest (none yet,
+    or a run killed before its first save), --resume where it has one: the check before start-up gets resume=True,
+    so --resume's refusals hold (an unreadable 'latest' too)."""
+    from vlscale.engine import trainer
+
+    out = tmp_path / "run"
+    train = launcher("train")
+    seen = []
+    monkeypatch.setattr(train, "refused_before_start", lambda cfg, resume, *a: seen.append(resume) or "refused")
+    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: pytest.fail("the run started"))
+    argv = ["--config", "tiny", "--no-progress", "--auto-resume", f"output_dir={out}"]
+    assert train.main(argv) == 1
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.LATEST).write_text("step2")
+    assert train.main(argv) == 1
+    assert seen == [False, True]
+
+
 def test_a_resume_told_to_stop_at_a_step_already_done_is_refused_by_the_launcher(tmp_path, monkeypatch, launcher,
                                                                                  capsys):
     """main hands --stop-after-steps to the check before start-up: one line, exit 1, no run started."""
