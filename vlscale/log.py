@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -74,6 +75,44 @@ def console_logging(rank: int | None = None, world_size: int | None = None, leve
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+PROGRESS_LINE_S = 60.0
+"""Where stderr is no terminal, a progress bar prints its state as a line at most this often (and when it ends)."""
+
+
+class _BarLines:
+    """A tqdm bar's file for a stream that is no terminal (a job's log file, a pipe): each redraw (``\r`` + state)
+    is kept, not written, and the latest state goes out as one line when ``interval_s`` has passed since the last
+    (the first at once) and when the bar closes (tqdm's ``\n``). Written as it was, a run's log held one line of
+    a carriage-return fragment per step."""
+
+    def __init__(self, stream, interval_s: float):
+        self.stream, self.interval_s = stream, interval_s
+        self.encoding = getattr(stream, "encoding", None)  # tqdm draws its unicode bar where the stream takes it
+        self.state, self.written_at = "", None
+
+    def write(self, text: str) -> None:
+        self.state = next((s.strip() for s in reversed(text.split("\r")) if s.strip()), self.state)
+        now = time.monotonic()
+        if self.state and ("\n" in text or self.written_at is None or now - self.written_at >= self.interval_s):
+            self.stream.write(self.state + "\n")
+            self.stream.flush()
+            self.state, self.written_at = "", now
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(stream=None, interval_s: float = PROGRESS_LINE_S, **kwargs):
+    """A tqdm bar on ``stream`` (stderr): on a terminal as tqdm draws it; elsewhere (sbatch's log file, nohup,
+    ``> log 2>&1``) as a line at its start, every ``interval_s`` seconds and at its end (:class:`_BarLines`; a
+    bar that would clear itself on a terminal, ``leave=False``, leaves its last line)."""
+    stream = stream or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not kwargs.get("disable") and not (isatty and isatty()):
+        stream, kwargs["leave"], kwargs["position"] = _BarLines(stream, interval_s), True, 0  # 0: no cursor moves
+    return tqdm(file=stream, **kwargs)
 
 
 def logs_to_console(main):

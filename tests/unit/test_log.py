@@ -176,3 +176,41 @@ def test_a_record_during_a_progress_bar_on_the_same_stream_prints_on_a_line_of_i
     said = [line for line in lines if "inputs in a batch" in line]
     assert len(said) == 1 and said[0].split("\r")[-1] == "vlscale: warning: 2 inputs in a batch are cut"
     assert "1/3" in lines[lines.index(said[0]) + 1]  # the bar is drawn again under it
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_in_a_log_file_writes_whole_lines_at_most_once_an_interval(monkeypatch):
+    """sbatch's log, nohup, ``> log 2>&1``: the bar was one line of a carriage-return fragment per step (a 100-step
+    run: 241 fragments, an 11,499-character line). It writes its first state, one line per interval and its last
+    state, without carriage returns or the cursor moves of a bar nested under another; on a terminal tqdm draws it."""
+    from vlscale import log as vlog
+
+    now = [0.0]
+    monkeypatch.setattr(vlog.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    train = vlog.progress_bar(stream=stream, interval_s=60, total=300, desc="train", dynamic_ncols=True)
+    for step in range(1, 301):
+        now[0] = step * 0.5  # a step each 0.5 s: 150 s in all
+        train.update(1)
+        train.set_postfix(loss=f"{1 / step:.4f}")
+        if step == 100:
+            evaluation = vlog.progress_bar(stream=stream, interval_s=60, total=2, desc="eval vqa/val", leave=False,
+                                           mininterval=0)  # tqdm redraws at each batch, as on a slow evaluation
+            evaluation.update(1)
+            evaluation.update(1)
+            evaluation.close()
+    train.close()
+    lines = stream.getvalue().split("\n")
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue() and lines[-1] == ""
+    assert [line.split("|")[0] for line in lines[:-1]] == ["train:   0%", "eval vqa/val:   0%", "eval vqa/val: 100%",
+                                                           "train:  40%", "train:  80%", "train: 100%"]
+    assert "| 300/300 [" in lines[-2] and lines[-2].endswith(", loss=0.0033]")  # the last step's postfix
+    terminal = _Terminal()
+    bar = vlog.progress_bar(stream=terminal, total=3, desc="train")
+    bar.update(3)
+    bar.close()
+    assert terminal.getvalue().startswith("\rtrain:   0%")

@@ -357,10 +357,9 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     and the result is {task: {"examples": n, "submission": path or None}}, the path of the file
     :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).
     """
-    from tqdm import tqdm
-
     from vlscale.data import eval_batches
     from vlscale.engine.distributed import broadcast_object
+    from vlscale.log import progress_bar
 
     tasks = list(tasks or cfg.data.tasks)
     batch_size = batch_size or cfg.train.eval_batch_size
@@ -372,8 +371,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
         for task in tasks:
             batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
                                    require_answers=not predict_only)
-            bar = tqdm(total=len(batches), desc=f"eval {task}/{split}", disable=not (show_progress and rank == 0),
-                       leave=False, dynamic_ncols=True)
+            bar = progress_bar(total=len(batches), desc=f"eval {task}/{split}",
+                               disable=not (show_progress and rank == 0), leave=False, dynamic_ncols=True)
             try:
                 records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
                                        synced_gpus=synced_gpus, progress=bar, heartbeat=heartbeat,

@@ -713,11 +713,11 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
     evaluation (the last step checkpointed) at its next batch, recorded in ``run.interrupted_evaluation``.
     A resumed run whose steps were all done skips the save it already has and evaluates.
     """
-    from tqdm import tqdm
+    from vlscale.log import progress_bar
 
     t = run.cfg.train
-    bar = tqdm(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
-               disable=not (run.is_main and run.show_progress))
+    bar = progress_bar(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
+                       disable=not (run.is_main and run.show_progress))
     first_step = run.step
     while run.step < t.max_steps:
         start = time.perf_counter()
