@@ -31,6 +31,33 @@ def test_a_run_that_trains_nothing_is_refused_in_one_line_before_anything_loads(
         optimizer_groups(frozen)
 
 
+GPUS = {"Tesla V100-SXM2-16GB": (7, 0), "Tesla T4": (7, 5), "NVIDIA A10": (8, 6), "NVIDIA H100 80GB HBM3": (9, 0)}
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu_before_the_model_is_built(name, monkeypatch):
+    """torch.cuda.is_bf16_supported() and DeepSpeed's check count emulation: a V100 or T4 trained a bf16 preset
+    emulated, many times slower, unsaid."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: GPUS[name])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(trainer, "resolve_batch", lambda *a: pytest.fail("got past the precision check"))
+    cuda = trainer.DistInfo(0, 1, 0, torch.device("cuda:0"), "cuda", "nccl")
+    bf16 = load_config("tiny", TINY + ["train.precision=bf16"])
+    if GPUS[name] < (8, 0):
+        major, minor = GPUS[name]
+        with pytest.raises(ConfigError, match=rf"^train\.precision=bf16 on {name} \(compute capability "
+                                              rf"{major}\.{minor}\).*set train\.precision=fp32, or fp16"):
+            trainer.setup_run(bf16, {}, cuda)
+    else:
+        with pytest.raises(pytest.fail.Exception, match="got past"):
+            trainer.setup_run(bf16, {}, cuda)
+    for precision in ("fp16", "fp32"):  # and bf16 on the CPU: no GPU asked
+        with pytest.raises(pytest.fail.Exception, match="got past"):
+            trainer.setup_run(load_config("tiny", TINY + [f"train.precision={precision}"]), {}, cuda)
+    with pytest.raises(pytest.fail.Exception, match="got past"):
+        trainer.setup_run(bf16, {}, trainer.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
+
+
 def test_gradient_checkpointing_keeps_bart_lora_gradients_with_dropout():
     """BART with LoRA at the paper's dropout (0.1) and the model's dropout on: checkpointing recomputes each
     layer with the dropout masks of the first pass, so gradients equal those of a run without it

@@ -54,7 +54,8 @@ from vlscale.engine import checkpoint as ckpt
 from vlscale.engine.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, resolve_batch, zero_stage
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum,
-                                        all_reduce_sum_, barrier, broadcast_object, watchdog_timeout_s)
+                                        all_reduce_sum_, barrier, broadcast_object, precision_problem,
+                                        watchdog_timeout_s)
 from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores,
                                        predictions_replaced_whole, to_device, write_eval_report)
 from vlscale.engine.half_precision import stage0_corrections, unscaled_grad_norm
@@ -519,6 +520,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     from vlscale.data import build_tokenizer, build_train_loader
 
     check_something_trains(cfg)
+    problem = precision_problem(cfg.train.precision, dist.device)  # before the model's build, on every rank
+    if problem:
+        raise ConfigError(problem)
     cfg = resolve_batch(cfg, dist.world_size)  # a concrete accumulation for everything below (saved as given)
     out = Path(cfg.output_dir)
     tokenizer = build_tokenizer(cfg)
