@@ -33,7 +33,8 @@ weights for backward and recompute act(z) and act'(z) from z there; the plain au
   or dx = dh + dz W_d, residual and bias in the epilogue). No d_model-wide intermediate is materialised;
   partial sums are added deterministically afterwards (no atomics). Accumulation is fp32 inside the
   kernels for fp32, bf16 and fp16 inputs.
-* PyTorch path (CPU, or Triton unavailable): an autograd Function with the same saving scheme.
+* PyTorch path (CPU, a GPU below compute capability 8.0, or Triton unavailable): an autograd Function with the
+  same saving scheme.
 
 Both Functions return (h, z) and save in ``setup_context``, so torch.func transforms them (grad, vmap,
 jacrev, functional_call + grad; not forward mode, jvp / jacfwd / hessian: a ``jvp`` staticmethod, tried,
@@ -724,6 +725,10 @@ def _triton_problem(x: torch.Tensor) -> Optional[str]:
                    "triton is imported")
     elif x.is_cuda and _interpreting():
         problem = "TRITON_INTERPRET=1 runs kernels on CPU tensors only, but x is on CUDA"
+    elif x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):  # V100, T4: Triton's GEMMs can fail
+        major, minor = torch.cuda.get_device_capability(x.device)  # to compile there (triton-lang/triton#7263)
+        problem = (f"{torch.cuda.get_device_name(x.device)} has compute capability {major}.{minor}, and Triton "
+                   "supports 8.0+")
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         problem = f"dtype {x.dtype} is not supported by the kernels (fp32, fp16, bf16)"
     elif _interpreting() and x.dtype == torch.bfloat16:
