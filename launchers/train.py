@@ -63,20 +63,20 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     ranks with another global batch or at a ZeRO stage that does not load into this run's, or an output_dir that cannot
     be created, fails in a second instead of after start-up, and so does one that exists but cannot be written, and a
     --stop-after-steps K the resumed checkpoint is already at or past (the run trained on to the end), vlscale's
-    environment variables with values it cannot use, and RANK without WORLD_SIZE, and one of several srun tasks started
-    with no launcher, and a data.root or annotation file
-    that is not there, and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not made), and weights
-    the model's build would not find (a model.backbone_path or model.vision_pretrained that is not there, found after
-    the data had loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or with an nvme_path that
-    is not a writable folder (found after the process group started). The DeepSpeed config is built here as start-up
-    builds it, so a file that disagrees with the run config or holds a misspelt nested key is refused before the process
-    group, DeepSpeed's engine and the output_dir: all the build reads is known here (the launcher's world size, the
-    accelerator select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's check
-    after start-up."""
+    environment variables with values it cannot use, and RANK without WORLD_SIZE, and a LOCAL_RANK past the machine's
+    GPUs, and one of several srun tasks started with no launcher, and a data.root or annotation file that is not there,
+    and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not made), and weights the model's build
+    would not find (a model.backbone_path or model.vision_pretrained that is not there, found after the data had
+    loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or with an nvme_path that is not a
+    writable folder (found after the process group started). The DeepSpeed config is built here as start-up builds it,
+    so a file that disagrees with the run config or holds a misspelt nested key is refused before the process group,
+    DeepSpeed's engine and the output_dir: all the build reads is known here (the launcher's world size, the
+    accelerator select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's
+    check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
                                                  global_batch_size, load_ds_file, resolve_ds_file, zero_stage)
-    from vlscale.engine.distributed import (dist_timeout_s, launcher_world_size, select_accelerator,
+    from vlscale.engine.distributed import (dist_timeout_s, launcher_world_size, local_gpu_problem, select_accelerator,
                                             srun_without_launcher, watchdog_timeout_s)
     from vlscale.kernels.adapter import env_backend
 
@@ -86,6 +86,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         return str(e)
     if srun := srun_without_launcher():  # every task trained alone, the first holding output_dir's lock
         return srun
+    if gpu := local_gpu_problem():  # more ranks than GPUs
+        return gpu
     from vlscale.config import ConfigError
 
     try:  # the file's own faults (not JSON, an unknown key): they were found after start-up, output_dir made

@@ -324,6 +324,27 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
                        f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
 
 
+def test_more_ranks_than_gpus_is_refused_in_one_line_before_start(monkeypatch, launcher):
+    """torchrun --nproc_per_node 8 (or deepspeed --num_gpus 8) on 4 GPUs: ranks 4-7 were a CUDA "invalid device
+    ordinal" traceback from DeepSpeed's set_device, after the process group started."""
+    from vlscale.config import load_config
+
+    for name, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "5"), ("DS_ACCELERATOR", "cuda"),
+                        ("CUDA_VISIBLE_DEVICES", "0,1,2,3")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert launcher("train").refused_before_start(load_config("tiny"), False, "ds_configs/zero3.json") == (
+        "LOCAL_RANK=5 needs a GPU cuda:5, but this machine shows 4 GPU(s) (CUDA_VISIBLE_DEVICES=0,1,2,3): start at "
+        "most 4 rank(s) on it (deepspeed --num_gpus 4, torchrun --nproc_per_node 4)")
+    from vlscale.engine.distributed import local_gpu_problem
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_gpu_problem() is None
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # ranks on the CPU take no GPU
+    assert local_gpu_problem() is None
+
+
 def test_a_data_root_or_annotation_file_not_there_is_refused_before_start(tmp_path, monkeypatch, launcher):
     """data.root, and each task's train and val annotation files (test's with train.test_eval), are checked before
     the process group and DeepSpeed start: they were found about 10 s in, by the train loader and the eval check."""

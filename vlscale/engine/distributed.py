@@ -234,6 +234,22 @@ def _launched() -> bool:
     return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
+def local_gpu_problem() -> str | None:
+    """Why a launched rank cannot take its GPU, or None: its LOCAL_RANK names a GPU this machine does not show
+    (``torchrun --nproc_per_node 8`` or ``deepspeed --num_gpus 8`` on 4 GPUs), which was a CUDA "invalid device
+    ordinal" traceback from DeepSpeed's set_device, after the process group started."""
+    local = os.environ.get("LOCAL_RANK")
+    if not _launched() or local is None or not local.isdigit() or select_accelerator() != "cuda":
+        return None
+    count = torch.cuda.device_count()
+    if int(local) < count:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = f"{count} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    return (f"LOCAL_RANK={local} needs a GPU cuda:{local}, but this machine shows {shown}: start at most {count} "
+            f"rank(s) on it (deepspeed --num_gpus {count}, torchrun --nproc_per_node {count})")
+
+
 def launcher_world_size() -> int | None:
     """The number of ranks the launcher started, read before any process group exists (1 without a
     launcher); None where a launcher set no size."""
