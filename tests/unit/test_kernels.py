@@ -187,8 +187,8 @@ def test_a_gpu_below_triton_s_compute_capability_takes_the_pytorch_path_saying_w
     if ka.triton is None or ka._interpreting():
         pytest.skip("needs Triton imported for GPUs")
     monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    gpu = SimpleNamespace(name=name, major=capability[0], minor=capability[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu)
     x = SimpleNamespace(is_cuda=True, device=torch.device("cuda:0"), dtype=torch.float16)  # no GPU here
     if capability < (8, 0):
         why = f"{name} has compute capability {capability[0]}.{capability[1]}, and Triton supports 8.0+"
