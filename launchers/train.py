@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -202,6 +203,20 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
             f"({write_failure_reason(e, out)}); {kept}")
 
 
+def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> str:
+    """For a rank out of GPU memory: the planner's command that finds a setting which fits this GPU (its total
+    memory; torch's message says what was free), to end the error's line; "" for any other error."""
+    import torch
+
+    if not isinstance(e, torch.OutOfMemoryError) or dist.device.type != "cuda":
+        return ""
+    gib = int(torch.cuda.get_device_properties(dist.device).total_memory / 2 ** 30 * 10) / 10  # rounded down
+    cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
+           *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
+           "--budget", f"{gib}GiB", *args.overrides]
+    return f"; a setting that fits {gib} GiB per GPU: {shlex.join(cmd)} (--write-config FILE writes it)"
+
+
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -281,7 +296,8 @@ def main(argv=None) -> int:
                 kept = trainer.record_stop(run, e)
             except Exception as err:  # noqa: BLE001 - the error's line is the report; the summary is extra
                 kept = f" (run_summary.json not written: {type(err).__name__}: {err})"
-        print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}'}{kept}", file=sys.stderr,
+        oom = out_of_memory_advice(e, args, dist)
+        print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}{oom}'}{kept}", file=sys.stderr,
               flush=True)
         code = 1
     except KeyboardInterrupt as e:  # a second signal (its message), or Ctrl-C before the stop handler: "aborted ()"
