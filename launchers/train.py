@@ -204,17 +204,20 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
 
 
 def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> str:
-    """For a rank out of GPU memory: the planner's command that finds a setting which fits this GPU (its total
-    memory; torch's message says what was free), to end the error's line; "" for any other error."""
+    """For a rank out of GPU memory: the planner's command that finds a setting which fits what this process can
+    have of its GPU (the driver's free memory + what torch holds: less than the GPU's total where another job or
+    CUDA's context holds some), to end the error's line; "" for any other error."""
     import torch
 
     if not isinstance(e, torch.OutOfMemoryError) or dist.device.type != "cuda":
         return ""
-    gib = int(torch.cuda.get_device_properties(dist.device).total_memory / 2 ** 30 * 10) / 10  # rounded down
+    free, total = torch.cuda.mem_get_info(dist.device)
+    gib = int((free + torch.cuda.memory_reserved(dist.device)) / 2 ** 30 * 10) / 10  # rounded down
     cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
            *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
            "--budget", f"{gib}GiB", *args.overrides]
-    return f"; a setting that fits {gib} GiB per GPU: {shlex.join(cmd)} (--write-config FILE writes it)"
+    return (f"; this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB, a setting that fits it: "
+            f"{shlex.join(cmd)} (--write-config FILE writes it)")
 
 
 @logs_to_console

@@ -1552,10 +1552,11 @@ def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume
     ("data", 1, "vlscale: rank 0: DataError: gqa example 'q1': image 'x': cannot read image /d/x.jpg", False),
     ("disk", 1, "vlscale: rank 0: OSError: writing the run's files in output_dir", False),
     ("bug", 1, "vlscale: rank 0: KeyError: 'oops'", True),
-    # a GPU out of memory: torch's line, then the planner's command for this GPU (23.69 GiB: an RTX 3090)
-    ("oom", 1, "vlscale: rank 0: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; a setting that "
-               "fits 23.6 GiB per GPU: python launchers/profile_memory.py --config tiny --world-size 1 --budget "
-               "23.6GiB output_dir={out} (--write-config FILE writes it); what is kept", True),
+    # a GPU out of memory (an RTX 3090 another job holds 8.2 GiB of): torch's line, then the planner's command
+    ("oom", 1, "vlscale: rank 0: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB; this process can "
+               "have 15.0 GiB of the GPU's 23.69 GiB, a setting that fits it: python launchers/profile_memory.py "
+               "--config tiny --world-size 1 --budget 15.0GiB output_dir={out} (--write-config FILE writes it); "
+               "what is kept", True),
     ("peer", 1, "vlscale: rank 0: stopped: another rank's process ended (its own line says why)", False),
     ("abort", 128 + 2, "vlscale: rank 0: aborted (second SIGINT)", False),
     # Ctrl-C while the model loads (Python's handler; vlscale's is installed last): the line was "aborted ()"
@@ -1617,8 +1618,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     device = torch.device("cuda:0" if raised == "oom" else "cpu")
     monkeypatch.setattr(distributed, "init_distributed",
                         lambda *a, **k: distributed.DistInfo(0, 1, 0, device, "cpu", "gloo"))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: SimpleNamespace(total_memory=25_438_715_904))  # 23.69 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 29, 25_438_715_904))  # 0.5 GiB free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 29 * 2 ** 29)  # 14.5 GiB held by torch
     monkeypatch.setattr(trainer, "setup_run", setup_run)
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
