@@ -4,6 +4,7 @@ on CPU, compiled on CUDA), saved-tensor memory and dispatch."""
 from __future__ import annotations
 
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -182,8 +183,9 @@ def test_a_requested_triton_backend_that_cannot_run_is_refused_before_the_build(
 @pytest.mark.parametrize("name, capability", [("Tesla V100-SXM2-32GB", (7, 0)), ("Tesla T4", (7, 5)),
                                               ("NVIDIA GeForce RTX 3090", (8, 6))])
 def test_a_gpu_below_triton_s_compute_capability_takes_the_pytorch_path_saying_why(name, capability, monkeypatch):
-    """Triton supports compute capability 8.0+ (its README; GEMMs failed to compile on an RTX 2080 Ti, 7.5): on a
-    V100 or T4, auto dispatched to the kernels, which could fail at their first compile."""
+    """Triton supports compute capability 8.0+ (its README): below, tl.dot compiles to FMAs (the kernels compiled
+    ahead of time for sm70 / sm75: no mma.sync), so on a V100 or T4 auto dispatched to matmuls without tensor
+    cores, where the PyTorch path's cuBLAS has them."""
     if ka.triton is None or ka._interpreting():
         pytest.skip("needs Triton imported for GPUs")
     monkeypatch.delenv(ka.BACKEND_ENV, raising=False)
@@ -191,9 +193,10 @@ def test_a_gpu_below_triton_s_compute_capability_takes_the_pytorch_path_saying_w
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu)
     x = SimpleNamespace(is_cuda=True, device=torch.device("cuda:0"), dtype=torch.float16)  # no GPU here
     if capability < (8, 0):
-        why = f"{name} has compute capability {capability[0]}.{capability[1]}, and Triton supports 8.0+"
+        why = (f"{name} has compute capability {capability[0]}.{capability[1]}: Triton supports 8.0+ (below, its "
+               f"matmuls compile to FMAs, without tensor cores)")
         assert select_backend(x) == ("torch", why)
-        with pytest.raises(RuntimeError, match=f"backend='triton' requested but {why}"):
+        with pytest.raises(RuntimeError, match=re.escape(f"backend='triton' requested but {why}")):
             select_backend(x, "triton")
     else:
         assert select_backend(x) == ("triton", "using Triton kernels on cuda")

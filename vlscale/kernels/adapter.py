@@ -726,8 +726,9 @@ def _triton_problem(x: torch.Tensor) -> Optional[str]:
     elif x.is_cuda and _interpreting():
         problem = "TRITON_INTERPRET=1 runs kernels on CPU tensors only, but x is on CUDA"
     elif x.is_cuda and (gpu := torch.cuda.get_device_properties(x.device)).major < 8:  # (a constant to dynamo)
-        # V100, T4: Triton's GEMMs can fail to compile there (triton-lang/triton#7263)
-        problem = f"{gpu.name} has compute capability {gpu.major}.{gpu.minor}, and Triton supports 8.0+"
+        # V100, T4: the kernels compiled for sm70 / sm75 (Triton 3.8, ahead of time) have no mma.sync, only FMAs
+        problem = (f"{gpu.name} has compute capability {gpu.major}.{gpu.minor}: Triton supports 8.0+ (below, its "
+                   f"matmuls compile to FMAs, without tensor cores)")
     elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         problem = f"dtype {x.dtype} is not supported by the kernels (fp32, fp16, bf16)"
     elif _interpreting() and x.dtype == torch.bfloat16:
