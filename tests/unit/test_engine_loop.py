@@ -37,7 +37,7 @@ GPUS = {"Tesla V100-SXM2-16GB": (7, 0), "Tesla T4": (7, 5), "NVIDIA A10": (8, 6)
 @pytest.mark.parametrize("name", GPUS)
 def test_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu_before_the_model_is_built(name, monkeypatch):
     """torch.cuda.is_bf16_supported() and DeepSpeed's check count emulation: a V100 or T4 trained a bf16 preset
-    emulated, many times slower, unsaid."""
+    emulated (slowly), unsaid."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: GPUS[name])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(trainer, "resolve_batch", lambda *a: pytest.fail("got past the precision check"))

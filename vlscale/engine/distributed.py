@@ -101,7 +101,7 @@ def device_problem(device: str | int) -> str | None:
 def precision_problem(precision: str, device) -> str | None:
     """Why ``precision`` should not train on ``device``, or None: bf16 on a CUDA GPU below compute capability 8.0
     (V100, T4, RTX 20xx), which torch and DeepSpeed accept (``torch.cuda.is_bf16_supported()`` counts emulation)
-    and then run emulated, many times slower, with no word said."""
+    and then run emulated (slowly: no bf16 tensor cores), with no word said."""
     dev = torch.device(device)
     if precision != "bf16" or dev.type != "cuda" or torch.version.hip:
         return None
@@ -109,7 +109,7 @@ def precision_problem(precision: str, device) -> str | None:
     if major >= 8:
         return None
     return (f"train.precision=bf16 on {torch.cuda.get_device_name(dev)} (compute capability {major}.{minor}): bf16 "
-            f"needs 8.0+ (A100, A10, RTX 30xx and later), torch would only emulate it, many times slower; set "
+            f"needs 8.0+ (A100, A10, RTX 30xx and later), and torch would emulate it, slowly; set "
             f"train.precision=fp32, or fp16 (faster, but T5's activations can overflow in fp16)")
 
 
