@@ -33,7 +33,8 @@ def test_sigterm_to_deepspeeds_runner_stops_the_ranks_with_a_checkpoint(h, tmp_p
         assert "is gone" not in log.read_text()  # the watch does not fire while the runner lives
         t0 = time.monotonic()
         os.kill(runner.pid, signal.SIGTERM)  # the runner alone, not its process group (Ctrl-C's way)
-        # the runner's own status (docs/scaling.md): killed by the signal at once, not train.py's 143 after its checkpoint
+        # the runner's own status (docs/scaling.md): killed by the signal at once, not train.py's 143 after its
+        # checkpoint
         assert runner.wait(timeout=10) == -signal.SIGTERM
         _, alive = psutil.wait_procs(below, timeout=STOP_BOUND_S)
         text = log.read_text()
