@@ -1010,7 +1010,7 @@ class Runner:
                     job._log_file.close()
                     job.proc = None
                     if rc != 0:
-                        if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM): it checkpointed
+                        if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM, SIGUSR1): it checkpointed
                             job.phase, job.error = "interrupted", f"{job.log.name} stopped by a signal (exit {rc})"
                             msg = f"{job.name}: interrupted ({job.error}); a rerun resumes it"
                         else:
@@ -1042,7 +1042,7 @@ class Runner:
                 bar.close()
 
 
-INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+INTERRUPTED_CODES = (130, 143, 138, -signal.SIGINT, -signal.SIGTERM, -signal.SIGUSR1)  # train.py's stop signals
 """A training's exit codes when a signal stopped it (train.py: 128 + the signal, after its checkpoint)."""
 
 

@@ -759,8 +759,8 @@ def test_a_sigkilled_replicate_leaves_no_training_running(tmp_path):
 
 
 def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path):
-    """A training that exits 130 / 143 (train.py after a checkpoint on SIGINT / SIGTERM sent to it alone) is
-    an interrupted row a rerun resumes, not a FAILED one; another exit code is still a failure."""
+    """A training that exits 130 / 143 / 138 (train.py after a checkpoint on SIGINT / SIGTERM / SIGUSR1 sent to it
+    alone) is an interrupted row a rerun resumes, not a FAILED one; another exit code is still a failure."""
     import sys
     from collections import deque
 
@@ -769,12 +769,12 @@ def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path
     rows = get_table(1).rows
     jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i),
                 commands=deque([("train", [sys.executable, "-c", f"raise SystemExit({code})"])]))
-            for i, code in enumerate((130, 143, 3))]
+            for i, code in enumerate((130, 143, 138, 3))]
     for job in jobs:
         job.run_dir.mkdir()
     said = []
     Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
-    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "failed"]
+    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "failed"]
     assert any("interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it" in m for m in said)
 
 
