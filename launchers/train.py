@@ -203,21 +203,30 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
             f"({write_failure_reason(e, out)}); {kept}")
 
 
+def gpu_plan(args: argparse.Namespace, dist) -> tuple[int, str, str]:
+    """What this process can have of its GPU (the driver's free memory + what torch holds: less than the GPU's total
+    where another job or CUDA's context holds some) in bytes and in words, and the planner's command that finds a
+    setting which fits it (this run's config, DeepSpeed file, world size and overrides)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(dist.device)
+    have = free + torch.cuda.memory_reserved(dist.device)
+    gib = int(have / 2 ** 30 * 10) / 10  # rounded down
+    cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
+           *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
+           "--budget", f"{gib}GiB", *args.overrides]
+    return have, f"this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB", shlex.join(cmd)
+
+
 def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> str:
     """For a rank out of GPU memory: the planner's command that finds a setting which fits what this process can
-    have of its GPU (the driver's free memory + what torch holds: less than the GPU's total where another job or
-    CUDA's context holds some), to end the error's line; "" for any other error."""
+    have of its GPU (:func:`gpu_plan`), to end the error's line; "" for any other error."""
     import torch
 
     if not isinstance(e, torch.OutOfMemoryError) or dist.device.type != "cuda":
         return ""
-    free, total = torch.cuda.mem_get_info(dist.device)
-    gib = int((free + torch.cuda.memory_reserved(dist.device)) / 2 ** 30 * 10) / 10  # rounded down
-    cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
-           *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
-           "--budget", f"{gib}GiB", *args.overrides]
-    return (f"; this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB, a setting that fits it: "
-            f"{shlex.join(cmd)} (--write-config FILE writes it)")
+    _, said, cmd = gpu_plan(args, dist)
+    return f"; {said}, a setting that fits it: {cmd} (--write-config FILE writes it)"
 
 
 @logs_to_console
