@@ -229,6 +229,27 @@ def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> st
     return f"; {said}, a setting that fits it: {cmd} (--write-config FILE writes it)"
 
 
+def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str | None:
+    """On a GPU, before the model's build: a warning where the planner's estimate of this run's per-rank peak is
+    more than what this process can have of its GPU, naming both and the planner's command (the out-of-memory error
+    came minutes later, after the model built and the data loaded); None where it fits, on CPU, or where the
+    estimate does not model the run's settings. A warning, not a refusal: the estimate can be high (docs/scaling.md)."""
+    if dist.device.type != "cuda":
+        return None
+    from vlscale.profiling.analytic import estimate_memory, fmt_bytes
+
+    try:  # ~0.1-0.6 s on CPU (a scale preset, the default) beside the imports the model's build needs anyway
+        peak = estimate_memory(cfg, dist.world_size, ds_config, device="cuda").components["peak"]
+    except Exception:  # noqa: BLE001 - a setting it does not model (profile_memory.py says which): no warning
+        return None
+    have, said, cmd = gpu_plan(args, dist)
+    if peak <= have:
+        return None
+    return (f"warning: this run's memory estimate is {fmt_bytes(peak)} per GPU and {said}: it may run out of memory "
+            f"(it starts: the estimate can be high, docs/scaling.md); a setting that fits: {cmd} (--write-config FILE "
+            f"writes it)")
+
+
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -280,7 +301,7 @@ def main(argv=None) -> int:
                   f"{cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
             for note in (stage_override_note(ds_file, cfg), single_process_note(ds_config, dist.world_size),
-                         *cfg.ignored_settings()):
+                         *cfg.ignored_settings(), memory_warning(cfg, ds_config, args, dist)):
                 if note:
                     print(f"vlscale: {note}", flush=True)
         run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)

@@ -1646,6 +1646,53 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert ("Traceback (most recent call last)" in err) == traceback, err
 
 
+def test_a_gpu_run_whose_memory_estimate_exceeds_its_gpu_is_warned_before_the_models_build(tmp_path, monkeypatch,
+                                                                                             launcher, capsys):
+    """On a GPU, before the model's build, rank 0 compares the planner's estimate of the run's per-rank peak (tiny
+    at micro-batch 2048: 3.55 GiB) with what the process can have of its GPU (free + what torch holds): over it, one
+    warning line with both figures and the planner's command, and the run starts (the estimate can be high). A run
+    that fits, another rank, a CPU run and a DeepSpeed setting the estimate does not model say nothing and start.
+    It was learnt from the out-of-memory error, minutes later."""
+    from types import SimpleNamespace
+
+    import vlscale.engine.distributed as distributed
+    from vlscale.engine import trainer
+
+    built = []  # what was printed before the model's build
+    monkeypatch.setattr(trainer, "setup_run",
+                        lambda *a, **k: built.append(capsys.readouterr().out) or SimpleNamespace())
+    monkeypatch.setattr(trainer, "train", lambda run, stop_after_steps=None: None)
+    monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
+    monkeypatch.setattr(trainer, "close", lambda run: None)
+    monkeypatch.setattr(distributed, "destroy", lambda: None)
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail(f"train.py exited {code}"))  # 2 ranks: not returned
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 ** 29)  # 0.5 GiB held by torch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 2  # ZeRO++: refused by the estimate
+    (tmp_path / "hpz.json").write_text(json.dumps(ds))
+    said = []
+    for i, (device, rank, free_gib, ds_args) in enumerate([
+            ("cuda:0", 0, 1.5, []),  # 3.55 GiB estimated, 2.0 GiB to have: one line
+            ("cuda:0", 0, 20.0, []),  # it fits
+            ("cuda:0", 1, 1.5, []),  # rank 0 says it
+            ("cpu", 0, 1.5, []),  # no GPU, nothing checked
+            ("cuda:0", 0, 1.5, ["--deepspeed", str(tmp_path / "hpz.json")])]):  # not modelled: no estimate
+        dist = distributed.DistInfo(rank, 2, rank, torch.device(device), torch.device(device).type, "gloo")
+        monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: dist)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2 ** 30), 25_438_715_904))
+        monkeypatch.setenv("RANK", str(rank))
+        args = ["--config", "tiny", "--no-progress", *ds_args, f"output_dir={tmp_path / str(i)}",
+                "train.micro_batch_size=2048"]
+        assert launcher("train").main(args) == 0
+        said.append([line for line in built[-1].splitlines() if "memory estimate" in line])
+    assert said == [[f"vlscale: warning: this run's memory estimate is 3.55 GiB per GPU and this process can have 2.0 "
+                     f"GiB of the GPU's 23.69 GiB: it may run out of memory (it starts: the estimate can be high, "
+                     f"docs/scaling.md); a setting that fits: python launchers/profile_memory.py --config tiny "
+                     f"--world-size 2 --budget 2.0GiB output_dir={tmp_path / '0'} train.micro_batch_size=2048 "
+                     f"(--write-config FILE writes it)"], [], [], [], []], said
+
+
 def test_a_new_run_over_another_runs_checkpoint_is_refused_by_the_launcher_naming_its_rank(tmp_path, monkeypatch,
                                                                                            launcher, capsys):
     """``python launchers/train.py`` (no launcher: rank 0) or a rank of torchrun / deepspeed (RANK as the launcher
