@@ -282,9 +282,13 @@ def main(argv=None) -> int:
               f"began: {kept})", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     # --- setup
-    from vlscale.engine.distributed import init_distributed  # selects the CPU accelerator before deepspeed loads
+    from vlscale.engine.distributed import PortInUse, init_distributed  # selects the CPU accelerator first
 
-    dist = init_distributed()
+    try:
+        dist = init_distributed()
+    except PortInUse as e:  # a second run of a sweep on the launcher's default port: torch's traceback said EADDRINUSE
+        print(f"vlscale: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+        return 1
     from vlscale.engine import trainer
     from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
 

@@ -674,3 +674,38 @@ def test_sigusr1_a_scheduler_s_time_limit_warning_asks_to_stop_with_a_checkpoint
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_master_port_another_job_holds_is_one_line_naming_it_and_how_to_choose_another(monkeypatch):
+    """Two deepspeed (or torchrun) jobs on one machine, neither given a port: both take 29500, and the second's
+    rank 0 failed with torch's DistNetworkError traceback (EADDRINUSE). Now a PortInUse names the port and the
+    launchers' flags; torch's own store, on a port a socket holds here, gives the error."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlscale.engine.distributed import PortInUse, init_distributed
+
+    def init(**kwargs):  # what torch's env:// rendezvous does on rank 0
+        dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), 1, True, wait_for_workers=False)
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for name, value in (("DS_ACCELERATOR", "cpu"), ("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"),
+                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(deepspeed, "init_distributed", init)
+        with pytest.raises(PortInUse) as e:
+            init_distributed()
+    assert f"MASTER_PORT {port} on 127.0.0.1 is in use" in str(e.value) and "deepspeed --master_port P" in str(e.value)
+
+    def other(**kwargs):
+        raise dist.DistNetworkError("Connection refused")
+
+    monkeypatch.setattr(deepspeed, "init_distributed", other)
+    with pytest.raises(dist.DistNetworkError):  # any other network error is torch's, as it was
+        init_distributed()

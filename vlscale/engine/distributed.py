@@ -281,6 +281,18 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class PortInUse(RuntimeError):
+    """Rank 0 could not listen on MASTER_PORT: another job on this machine (a run of a sweep started beside it)
+    holds it. The launchers print its message as the rank's one line."""
+
+
+def port_in_use_message() -> str:
+    port, addr = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return (f"MASTER_PORT {port} on {addr} is in use, by another job on this machine (deepspeed takes 29500 unless "
+            f"told otherwise): give each run its own port: deepspeed --master_port P, torchrun --master_port P, "
+            f"MASTER_PORT=P where you set RANK / WORLD_SIZE yourself")
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
@@ -296,8 +308,13 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
         if cpu_fp16_enabled():
             declare_cpu_fp16()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
-                                   timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
+                                       timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise PortInUse(port_in_use_message()) from None
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if device_type == "cpu":
