@@ -23,7 +23,7 @@ written, keeping the earlier set's other tasks: a Ctrl-C midway leaves the earli
 report there of the same adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults
 to ``<adapter's parent>/eval_<split>``. Prints the per-task scores. A ``DIR`` holding a training run's output or
 ``--predict-only``'s (and, for ``--predict-only``, an evaluation's) is refused before anything is built: its files
-stay as they are (``output_clash``).
+stay as they are (``output_clash``); so is a ``DIR`` another evaluation is writing (its lock, ``out_locked``).
 
 ``--deepspeed FILE`` builds the model as training does (ZeRO-3: under ``zero.Init``, the pretrained frozen
 weights loaded shard by shard, so no rank materialises the whole model) and evaluates with synced-rank
@@ -50,8 +50,10 @@ vlscale.engine.evaluation.write_submission). No ``eval_metrics.json`` is written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,61 +206,100 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     clash = output_clash(out, args.predict_only)
     if clash:
         raise ValueError(clash)
-    if args.no_progress:
-        import transformers
+    with out_locked(out, writer=rank == 0):  # to the end: another evaluation into it is refused
+        if args.no_progress:
+            import transformers
 
-        transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
-    tasks = cfg.data.tasks if args.tasks is None else list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
-    if not tasks:
-        raise ValueError(f"--tasks {args.tasks!r} names no task; omit it for every task of the adapter ({cfg.data.tasks})")
-    unknown = [t for t in tasks if t not in cfg.data.tasks]
-    if unknown:
-        raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
-    if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
-        java_metrics_problem()
-    check_split_found(cfg, tasks, args.split)  # every task's, before the model is built and the first is decoded
-    for task in tasks:  # ... and its records and images: a bad one was found after the tasks before it were decoded
-        eval_examples(cfg, task, args.split, cfg.train.eval_max_examples, require_answers=not args.predict_only)
-    tokenizer = adapter_tokenizer(cfg, meta)
-    dtype, same_dtype = inference_dtype(cfg, device, "evaluate.py" if rank == 0 else None)
-    stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed
-    build = None
-    if args.deepspeed:
-        given = parse_overrides(args.overrides).get("train")
-        override = cfg.train.zero_stage if isinstance(given, dict) and "zero_stage" in given else None
-        ds_config = evaluation_ds_config(args.deepspeed, cfg, world, dist.device_type, override)
+            transformers.utils.logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
+        tasks = cfg.data.tasks if args.tasks is None else list(dict.fromkeys(t.strip() for t in args.tasks.split(",")
+                                                                            if t.strip()))
+        if not tasks:
+            raise ValueError(f"--tasks {args.tasks!r} names no task; omit it for every task of the adapter "
+                             f"({cfg.data.tasks})")
+        unknown = [t for t in tasks if t not in cfg.data.tasks]
+        if unknown:
+            raise ValueError(f"--tasks {unknown} were not trained by this adapter (data.tasks={cfg.data.tasks})")
+        if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
+            java_metrics_problem()
+        check_split_found(cfg, tasks, args.split)  # every task's, before the model is built and the first is decoded
+        for task in tasks:  # ... and its records and images: a bad one was found after the tasks before it were decoded
+            eval_examples(cfg, task, args.split, cfg.train.eval_max_examples, require_answers=not args.predict_only)
+        tokenizer = adapter_tokenizer(cfg, meta)
+        dtype, same_dtype = inference_dtype(cfg, device, "evaluate.py" if rank == 0 else None)
+        stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed
+        build = None
+        if args.deepspeed:
+            given = parse_overrides(args.overrides).get("train")
+            override = cfg.train.zero_stage if isinstance(given, dict) and "zero_stage" in given else None
+            ds_config = evaluation_ds_config(args.deepspeed, cfg, world, dist.device_type, override)
 
-        def build():
-            nonlocal keep_alive, stage
-            model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
-            return model
-    model = load_trained_model(cfg, meta, args.adapter, device, dtype, same_dtype, build)
-    if args.deepspeed and rank == 0:
-        held, total = held_parameters(model)
-        why = "ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage else ""
-        whole = "" if stage == 3 else f" ({why}every rank holds the whole model; a ZeRO-3 file shards it)"
-        print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
-              f"{total:,} parameters{whole}", flush=True)
-    # --- evaluate
-    with predictions_replaced_whole(out / "predictions", writer=rank == 0, keep_others=True) as partial:
-        scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world,
-                          device=device, float_dtype=dtype, show_progress=not args.no_progress, predictions_dir=partial,
-                          java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
-                          predict_only=args.predict_only,
-                          submission_dir=out / "submission" if args.predict_only else None)
-    # --- report
-    if rank == 0 and args.predict_only:
-        print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")
-        for task, done in scores.items():
-            print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; "
-                  f"{done['submission']}")
-    elif rank == 0:
-        write_eval_report(out, args.adapter, args.split, meta.get("step"), scores,
-                          settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics, zero_stage=stage,
-                                                 world_size=world))
-        print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
-        print(f"predictions and eval_metrics.json in {out}")
-    return 0
+            def build():
+                nonlocal keep_alive, stage
+                model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
+                return model
+        model = load_trained_model(cfg, meta, args.adapter, device, dtype, same_dtype, build)
+        if args.deepspeed and rank == 0:
+            held, total = held_parameters(model)
+            why = ("ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage
+                   else "")
+            whole = "" if stage == 3 else f" ({why}every rank holds the whole model; a ZeRO-3 file shards it)"
+            print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
+                  f"{total:,} parameters{whole}", flush=True)
+        # --- evaluate
+        with predictions_replaced_whole(out / "predictions", writer=rank == 0, keep_others=True) as partial:
+            scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world,
+                              device=device, float_dtype=dtype, show_progress=not args.no_progress,
+                              predictions_dir=partial,
+                              java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
+                              predict_only=args.predict_only,
+                              submission_dir=out / "submission" if args.predict_only else None)
+        # --- report
+        if rank == 0 and args.predict_only:
+            print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")
+            for task, done in scores.items():
+                print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; "
+                      f"{done['submission']}")
+        elif rank == 0:
+            write_eval_report(out, args.adapter, args.split, meta.get("step"), scores,
+                              settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics, zero_stage=stage,
+                                                     world_size=world))
+            print(f"{args.split} scores ({args.adapter}, step {meta.get('step')}):\n{format_scores(scores)}")
+            print(f"predictions and eval_metrics.json in {out}")
+        return 0
+
+
+@contextlib.contextmanager
+def out_locked(out: Path, writer: bool = True):
+    """Holds ``out``'s ``.vlscale.lock`` (a training run's lock file too; made, and removed after, with ``out`` if
+    this made it and it is left empty), or refuses naming who holds it: two evaluations writing one --out at once
+    (the same adapter's default eval_<split>, two --tasks subsets side by side) cleared each other's
+    ``predictions.partial/`` midway, and each rewrote eval_metrics.json from what it had read before, so one's
+    predictions or scores were lost. ``writer``: rank 0; the other ranks write nothing there."""
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
+
+    if not writer:
+        yield
+        return
+    made, path = not out.exists(), out / LOCK_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        f, holder = hold_lock(path, f"evaluate.py, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        if f is None:
+            raise ValueError(f"--out {out} is being written by another process ({holder}); wait for it to end "
+                             f"or choose another --out")
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        f.close()  # the file a previous holder removed as it ended: lock the one there now
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still held: whoever opens it next opens a new one
+        f.close()
+        if made:
+            with contextlib.suppress(OSError):  # not empty: what was written stays
+                out.rmdir()
 
 
 def output_clash(out: Path, predict_only: bool) -> str | None:

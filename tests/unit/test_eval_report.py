@@ -598,3 +598,24 @@ def test_a_report_without_the_digest_or_an_adapter_without_weights_is_matched_by
     report = json.loads(write_eval_report(out, tmp_path / "adapter", "val", 2, {"nlvr2": {"accuracy": 0.5}},
                                           settings=settings).read_text())
     assert set(report["tasks"]) == {"vqa", "gqa", "nlvr2"} and "adapter_sha256" not in report
+
+
+def test_a_second_evaluation_into_an_out_another_is_writing_is_refused_before_its_model_is_built(tmp_path, launcher,
+                                                                                                  monkeypatch):
+    """Two evaluate.py into one --out at once (the same adapter's default eval_<split>, two --tasks side by side):
+    the second cleared the first's predictions.partial/ midway, and each rewrote eval_metrics.json from what it read
+    before, so one's predictions or scores were lost. The --out is now locked as a run's output_dir is, and a second
+    is refused, naming the holder, before its model is built."""
+    import vlscale.predict
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
+
+    adapter = tmp_path / "adapter"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, load_config("tiny"), vocab_size=10, extra={"step": 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    held, _ = hold_lock(out / LOCK_FILE, "pid 4242 on here, since 12:00")  # the first evaluation, as it writes
+    monkeypatch.setattr(vlscale.predict, "load_trained_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=rf"^--out {out} is being written by another process \(pid 4242 on here, "):
+        launcher("evaluate").main(["--adapter", str(adapter), "--out", str(out), "--tasks", "vqa", "--no-progress"])
+    held.close()
