@@ -171,13 +171,14 @@ def load_trained_model(cfg, meta, adapter_dir, device, dtype, check_frozen: bool
     from vlscale.engine.trainer import seed_everything
     from vlscale.modeling.vl_model import build_model
 
-    load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), adapter_dir, check_only=True)
+    load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), adapter_dir, check_only=True,
+                 meta=meta)
     if build is None:
         seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
         model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
     else:
         model = build()
-    load_adapter(model, adapter_dir)  # collective under ZeRO-3
+    load_adapter(model, adapter_dir, meta=meta)  # collective under ZeRO-3; weights of meta's step, or refused
     if check_frozen:  # fingerprints are of the run's dtype; the files may have changed even where unmoved
         problem = frozen_weights_problem(model, adapter_dir, meta, device, who)
         if problem:

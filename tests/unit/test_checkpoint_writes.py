@@ -2221,3 +2221,36 @@ def test_a_rank_stopped_by_a_signal_waits_for_the_others_before_it_leaves(world,
     with contextlib.suppress(SystemExit):
         launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"])
     assert left == calls
+
+
+def test_an_adapter_replaced_while_it_is_read_is_refused_not_loaded_as_the_earlier_step(tmp_path, monkeypatch):
+    """evaluate.py --adapter RUN/adapter while RUN trains: its next save renames a new adapter/ into place between
+    the reads of adapter_config.json and of the weights, and the weights of step 2 loaded as step 1's (same names,
+    same shapes). The weights now record their step, and one of another step than the config read is refused."""
+    from vlscale.config import load_config
+
+    cfg, adapter, model = load_config("tiny"), tmp_path / "adapter", torch.nn.Linear(2, 2)
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 1})
+    read = ckpt.read_adapter_config
+
+    def then_the_run_saves(path):
+        meta = read(path)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 2})
+        return meta
+
+    monkeypatch.setattr(ckpt, "read_adapter_config", then_the_run_saves)
+    with pytest.raises(ckpt.CheckpointError, match="holds the weights of step 2, but the adapter_config.json read "
+                                                   "with them is of step 1: the run writing"):
+        ckpt.load_adapter(torch.nn.Linear(2, 2), adapter)
+    monkeypatch.setattr(ckpt, "read_adapter_config", read)
+    meta = read(adapter)  # evaluate.py's load_run_config, before the model is built ...
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 3})  # ... while the run saves again
+    with pytest.raises(ckpt.CheckpointError, match="holds the weights of step 3, but the adapter_config.json read "
+                                                   "with them is of step 2"):
+        ckpt.load_adapter(torch.nn.Linear(2, 2), adapter, meta=meta)
+    loaded = torch.nn.Linear(2, 2)
+    assert ckpt.load_adapter(loaded, adapter)["step"] == 3 and torch.equal(loaded.weight, model.weight)

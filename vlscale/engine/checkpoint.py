@@ -256,7 +256,8 @@ def _write_adapter(state: dict, buffers: dict, tmp: Path, adapter_dir: Path, cfg
     if clash:
         raise CheckpointError(f"names both a trainable parameter and a buffer: {clash[:3]}")
     tmp.mkdir(parents=True)
-    save_safetensors({**state, **buffers}, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+    step = {"step": str(extra["step"])} if extra and "step" in extra else {}  # load_adapter's check of a torn read
+    save_safetensors({**state, **buffers}, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT, **step})
     meta = {
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
         "run_config": batch_as_given(cfg).to_dict(),
@@ -362,28 +363,38 @@ def adapter_settings_mismatch(model: torch.nn.Module, meta: dict) -> Optional[st
     return None
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False) -> dict:
+def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, meta: Optional[dict] = None) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
     the same buffers of trained modules, :func:`trained_buffers`; a model that carries its RunConfig, built
     with the adapter's run's model.* / peft.* settings, :func:`adapter_settings_mismatch`). ``check_only``: only compare names and
     shapes (a model built on the meta device will do), raising as the load would, and copy nothing.
+    ``meta``: the adapter_config.json the caller read already (read here otherwise).
+
+    A run still training replaces its adapter/ at each save (:func:`_replace_dir`): an evaluation of it read the
+    config of one step and the weights of a later one, same names and shapes, and reported them as the first step's.
+    The weights file records its step (since this check): one of another step than ``meta`` is refused.
 
     Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
     An adapter of format_version 1 holds no buffers: the model keeps its freshly built ones, with a
     warning where it has buffers of trained modules. Returns the adapter's config dict.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     adapter_dir = Path(adapter_dir)
-    meta = read_adapter_config(adapter_dir)
+    meta = meta if meta is not None else read_adapter_config(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
     try:
-        state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:  # its step and its tensors from one open file
+            step = (f.metadata() or {}).get("step")
+            state = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
+    if step is not None and "step" in meta and step != str(meta["step"]):
+        raise CheckpointError(f"{weights} holds the weights of step {step}, but the {ADAPTER_CONFIG} read with them "
+                              f"is of step {meta['step']}: the run writing {adapter_dir} replaced it while it was "
+                              f"read (it is still training); read it again, or evaluate a copy of it")
     named = dict(trainable_parameters(model))
     _check_earlier_layouts(state, named, weights)
     buffers = dict(trained_buffers(model))
