@@ -619,3 +619,21 @@ def test_a_second_evaluation_into_an_out_another_is_writing_is_refused_before_it
     with pytest.raises(ValueError, match=rf"^--out {out} is being written by another process \(pid 4242 on here, "):
         launcher("evaluate").main(["--adapter", str(adapter), "--out", str(out), "--tasks", "vqa", "--no-progress"])
     held.close()
+
+
+def test_a_report_names_no_digest_of_weights_a_live_run_saved_after_those_evaluated(tmp_path):
+    """eval_metrics.json's adapter_sha256 was read as the report was written: of a run still training, that is the
+    weights of a later save than the step the scores are of. A weights file of another step gives no digest (the
+    report is known by the adapter's path); of the same step, its digest."""
+    import hashlib
+
+    cfg, adapter = load_config("tiny"), tmp_path / "adapter"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, cfg, vocab_size=10, extra={"step": 3})  # saved meanwhile
+    settings = eval_settings(cfg.to_dict())
+    report = json.loads(write_eval_report(tmp_path / "out", adapter, "val", 2, {"vqa": {"s": 1.0}}, settings)
+                        .read_text())
+    assert report["step"] == 2 and "adapter_sha256" not in report
+    report = json.loads(write_eval_report(tmp_path / "out", adapter, "val", 3, {"vqa": {"s": 1.0}}, settings)
+                        .read_text())
+    digest = hashlib.sha256((adapter / ckpt.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    assert report["step"] == 3 and report["adapter_sha256"] == digest

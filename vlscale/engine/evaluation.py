@@ -428,16 +428,23 @@ def _adapter_eval_settings(adapter_dir) -> Optional[dict]:
         return None
 
 
-def _adapter_sha256(adapter_dir) -> Optional[str]:
-    """sha256 of the adapter's weights file: what a report's scores are of, wherever the folder is now."""
+def _adapter_sha256(adapter_dir, step=None) -> Optional[str]:
+    """sha256 of the adapter's weights file: what a report's scores are of, wherever the folder is now. None where
+    the file records a step other than ``step`` (the one evaluated): a run still training saved its next step
+    there meanwhile, and the digest would name weights the scores are not of."""
     import hashlib
 
     from vlscale.engine.checkpoint import ADAPTER_WEIGHTS
 
     try:
         with open(Path(adapter_dir) / ADAPTER_WEIGHTS, "rb") as f:
+            if step is not None:  # the safetensors header (its length, then JSON) of this same open file
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                if str(step) != header.get("__metadata__", {}).get("step", str(step)):
+                    return None
+                f.seek(0)
             return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:  # no adapter (yet): known by its path alone
+    except (OSError, ValueError, AttributeError):  # no adapter (yet), or no safetensors: known by its path alone
         return None
 
 
@@ -476,7 +483,7 @@ def write_eval_report(out_dir, adapter_dir, split: str, step: Optional[int], sco
         old = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         old = None
-    sha = _adapter_sha256(adapter_dir)
+    sha = _adapter_sha256(adapter_dir, step)
     if sha is not None:
         report["adapter_sha256"] = sha
     # the same weights wherever they are now (a moved run folder), else (no weights file) the same path
