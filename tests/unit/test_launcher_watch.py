@@ -676,7 +676,8 @@ def test_sigusr1_a_scheduler_s_time_limit_warning_asks_to_stop_with_a_checkpoint
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
-def test_a_master_port_another_job_holds_is_one_line_naming_it_and_how_to_choose_another(monkeypatch):
+@pytest.mark.parametrize("libuv", [True, False])  # the store's two servers word EADDRINUSE differently
+def test_a_master_port_another_job_holds_is_one_line_naming_it_and_how_to_choose_another(monkeypatch, libuv):
     """Two deepspeed (or torchrun) jobs on one machine, neither given a port: both take 29500, and the second's
     rank 0 failed with torch's DistNetworkError traceback (EADDRINUSE). Now a PortInUse names the port and the
     launchers' flags; torch's own store, on a port a socket holds here, gives the error."""
@@ -688,7 +689,8 @@ def test_a_master_port_another_job_holds_is_one_line_naming_it_and_how_to_choose
     from vlscale.engine.distributed import PortInUse, init_distributed
 
     def init(**kwargs):  # what torch's env:// rendezvous does on rank 0
-        dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), 1, True, wait_for_workers=False)
+        dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), 1, True, wait_for_workers=False,
+                      use_libuv=libuv)
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -312,7 +312,7 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
             deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
                                        timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
         except dist.DistNetworkError as e:
-            if "EADDRINUSE" not in str(e):
+            if "address already in use" not in str(e).lower():  # torch's libuv store and its older one say so
                 raise
             raise PortInUse(port_in_use_message()) from None
     rank, world = dist.get_rank(), dist.get_world_size()
