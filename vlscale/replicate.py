@@ -1010,7 +1010,7 @@ class Runner:
                     job._log_file.close()
                     job.proc = None
                     if rc != 0:
-                        if rc in INTERRUPTED_CODES:  # the training alone was stopped (Ctrl-C, SIGTERM, SIGUSR1): it checkpointed
+                        if rc in INTERRUPTED_CODES:  # the training alone was stopped by a signal: it checkpointed
                             job.phase, job.error = "interrupted", f"{job.log.name} stopped by a signal (exit {rc})"
                             msg = f"{job.name}: interrupted ({job.error}); a rerun resumes it"
                         else:
