@@ -338,6 +338,14 @@ def test_more_ranks_than_gpus_is_refused_in_one_line_before_start(monkeypatch, l
         "most 4 rank(s) on it (deepspeed --num_gpus 4, torchrun --nproc_per_node 4)")
     from vlscale.engine.distributed import local_gpu_problem
 
+    monkeypatch.setenv("LOCAL_RANK", "4")  # the first past the last
+    assert local_gpu_problem().startswith("LOCAL_RANK=4 needs a GPU cuda:4, but this machine shows 4 GPU(s)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the reason it shows none
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "shows 0 GPU(s) (CUDA_VISIBLE_DEVICES=):" in local_gpu_problem()
+    monkeypatch.delenv("RANK")  # no launcher: the run takes cuda:LOCAL_RANK all the same
+    assert local_gpu_problem().startswith("LOCAL_RANK=4 needs a GPU cuda:4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert local_gpu_problem() is None
     monkeypatch.setenv("LOCAL_RANK", "5")

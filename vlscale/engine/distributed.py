@@ -235,11 +235,12 @@ def _launched() -> bool:
 
 
 def local_gpu_problem() -> str | None:
-    """Why a launched rank cannot take its GPU, or None: its LOCAL_RANK names a GPU this machine does not show
-    (``torchrun --nproc_per_node 8`` or ``deepspeed --num_gpus 8`` on 4 GPUs), which was a CUDA "invalid device
-    ordinal" traceback from DeepSpeed's set_device, after the process group started."""
+    """Why a rank cannot take its GPU, or None: its LOCAL_RANK names a GPU this machine does not show
+    (``torchrun --nproc_per_node 8`` or ``deepspeed --num_gpus 8`` on 4 GPUs; or left in the environment of a run
+    with no launcher, which takes cuda:LOCAL_RANK too), which was a CUDA "invalid device ordinal" traceback from
+    DeepSpeed's set_device, after the process group started."""
     local = os.environ.get("LOCAL_RANK")
-    if not _launched() or local is None or not local.isdigit() or select_accelerator() != "cuda":
+    if local is None or not local.isdigit() or select_accelerator() != "cuda":
         return None
     count = torch.cuda.device_count()
     if int(local) < count:
