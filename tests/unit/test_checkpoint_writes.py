@@ -1823,10 +1823,17 @@ def test_auto_resume_resumes_only_an_output_dir_with_a_checkpoint_and_keeps_resu
     monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: pytest.fail("the run started"))
     argv = ["--config", "tiny", "--no-progress", "--auto-resume", f"output_dir={out}"]
     assert train.main(argv) == 1
-    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step2").mkdir(parents=True)  # killed while it wrote its first save: no 'latest'
+    assert train.main(argv) == 1
+    assert train.main(argv + ["--resume"]) == 1  # --resume as given: refused there, not a new run
     (out / "checkpoints" / ckpt.LATEST).write_text("step2")
     assert train.main(argv) == 1
-    assert seen == [False, True]
+    assert seen == [False, False, True, True]
+    import vlscale.engine.distributed as distributed
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a, **k: pytest.fail("start-up"))
+    with pytest.raises(pytest.fail.Exception, match="start-up"):  # a config that does not load: said after start-up
+        train.main(argv + ["train.no_such_key=1"])
 
 
 def test_a_resume_told_to_stop_at_a_step_already_done_is_refused_by_the_launcher(tmp_path, monkeypatch, launcher,
