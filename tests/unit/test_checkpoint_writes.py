@@ -1773,6 +1773,24 @@ def test_a_parameter_the_gather_left_partitioned_is_not_saved(monkeypatch):
         ckpt.gather_trainable_state_dict(model, rank=0)
 
 
+def test_the_out_of_memory_command_carries_the_run_s_own_settings_and_a_budget_rounded_down(monkeypatch, launcher):
+    """The planner's command for a rank out of GPU memory: the run's --deepspeed file and world size (no --config:
+    the embedded default, as the run), and a --budget rounded down (15.08 GiB -> 15.0: rounded up, the plan would
+    not fit); any other error, no command."""
+    from types import SimpleNamespace
+
+    train = launcher("train")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 30, 80 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(14.08 * 2 ** 30))
+    args = train.parse_args(["--deepspeed", "ds_configs/zero2.json", "train.micro_batch_size=2"])
+    dist = SimpleNamespace(device=torch.device("cuda:1"), world_size=2)
+    assert train.out_of_memory_advice(torch.OutOfMemoryError("CUDA out of memory"), args, dist) == (
+        "; this process can have 15.0 GiB of the GPU's 80.00 GiB, a setting that fits it: python "
+        "launchers/profile_memory.py --deepspeed ds_configs/zero2.json --world-size 2 --budget 15.0GiB "
+        "train.micro_batch_size=2 (--write-config FILE writes it)")
+    assert train.out_of_memory_advice(RuntimeError("CUDA error"), args, dist) == ""
+
+
 @pytest.mark.parametrize("raised", [None, "stop_after"])
 def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whether_it_completed(
         raised, tmp_path, monkeypatch, launcher):
