@@ -103,7 +103,7 @@ def precision_problem(precision: str, device) -> str | None:
     (V100, T4, RTX 20xx), which torch and DeepSpeed accept (``torch.cuda.is_bf16_supported()`` counts emulation)
     and then run emulated (slowly: no bf16 tensor cores), with no word said."""
     dev = torch.device(device)
-    if precision != "bf16" or dev.type != "cuda" or torch.version.hip:
+    if precision != "bf16" or dev.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(dev)
     if major >= 8:
