@@ -240,7 +240,7 @@ def local_gpu_problem() -> str | None:
     with no launcher, which takes cuda:LOCAL_RANK too), which was a CUDA "invalid device ordinal" traceback from
     DeepSpeed's set_device, after the process group started."""
     local = os.environ.get("LOCAL_RANK")
-    if local is None or not local.isdigit() or select_accelerator() != "cuda":
+    if local is None or select_accelerator() != "cuda":
         return None
     count = torch.cuda.device_count()
     if int(local) < count:
