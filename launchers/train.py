@@ -223,7 +223,7 @@ def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> st
     have of its GPU (:func:`gpu_plan`), to end the error's line; "" for any other error."""
     import torch
 
-    if not isinstance(e, torch.OutOfMemoryError) or dist.device.type != "cuda":
+    if not isinstance(e, torch.OutOfMemoryError):  # a GPU's (the CPU's allocator raises a RuntimeError)
         return ""
     _, said, cmd = gpu_plan(args, dist)
     return f"; {said}, a setting that fits it: {cmd} (--write-config FILE writes it)"
