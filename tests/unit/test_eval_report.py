@@ -446,6 +446,16 @@ def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_p
     assert launcher("evaluate").main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["eval_metrics.json", "predictions"]
     assert [len((out / "predictions" / f"{t}.jsonl").read_text().splitlines()) for t in ("vqa", "caption")] == [1, 3]
+    (out / "predictions.partial").mkdir()  # rank 0's set being written as rank 1 ends: rank 1 touches no folder
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: {"vqa": {"score": 0.5}})
+    evaluate = launcher("evaluate")
+    args = evaluate.parse_args(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa"])
+    assert evaluate.evaluate_adapter(args, 1, 2, torch.device("cpu"), None) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval_metrics.json", "predictions", "predictions.partial"]
+    with evaluation.predictions_replaced_whole(tmp_path / "first" / "predictions", keep_others=True) as partial:
+        partial.mkdir(parents=True)  # the first set in a folder: no earlier one to keep files of
+        (partial / "vqa.jsonl").write_text("{}\n")
+    assert [p.name for p in (tmp_path / "first" / "predictions").iterdir()] == ["vqa.jsonl"]
 
 
 def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp_path, launcher, monkeypatch):
