@@ -391,7 +391,7 @@ def test_on_two_ranks_rank_0_scores_and_writes_every_ranks_records_and_every_ran
         assert sent[0] == {"tvqa": pytest.approx(rank_0s["tvqa"])}
         lines = [json.loads(line) for line in (tmp_path / "tvqa.jsonl").read_text().splitlines()]
         assert [r["uid"] for r in lines] == data_order
-        assert "eval tvqa/val" in bar
+        assert "eval tvqa/val" in bar and "\r" not in bar  # whole lines on a stream that is no terminal
     else:
         assert not (tmp_path / "tvqa.jsonl").exists() and "eval tvqa" not in bar
 

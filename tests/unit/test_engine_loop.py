@@ -883,13 +883,16 @@ def _loop_run(monkeypatch, step=0, saved=False, accumulation=1, stop_at=None, te
     return run, events
 
 
-def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch):
+def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch, capsys):
     """Each step logs the learning rate its update ran at (read before it); an evaluation every train.eval_every
     steps but the last (the final evaluation is that step's), a checkpoint every train.save_every steps and one at
-    the end, each once."""
+    the end, each once. Its bar, on a stream that is no terminal (a job's log), writes whole lines."""
 
     run, events = _loop_run(monkeypatch)
+    run.show_progress = True
     trainer.train(run)
+    bar = capsys.readouterr().err
+    assert bar.startswith("train:   0%") and "\r" not in bar
     assert events == [("log", 1, {"lr": 0.0}), ("log", 2, {"lr": 1.0}), ("save", 2), ("log", 3, {"lr": 2.0}),
                       ("eval", 3, False), ("log", 4, {"lr": 3.0}), ("save", 4), ("log", 5, {"lr": 4.0}),
                       ("log", 6, {"lr": 5.0}), ("save", 6), ("eval", 6, True)]

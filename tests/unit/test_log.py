@@ -192,13 +192,13 @@ def test_a_progress_bar_in_a_log_file_writes_whole_lines_at_most_once_an_interva
     now = [0.0]
     monkeypatch.setattr(vlog.time, "monotonic", lambda: now[0])
     stream = io.StringIO()
-    train = vlog.progress_bar(stream=stream, interval_s=60, total=300, desc="train", dynamic_ncols=True)
+    train = vlog.progress_bar(stream=stream, total=300, desc="train", dynamic_ncols=True)  # a line a minute
     for step in range(1, 301):
         now[0] = step * 0.5  # a step each 0.5 s: 150 s in all
         train.update(1)
         train.set_postfix(loss=f"{1 / step:.4f}")
         if step == 100:
-            evaluation = vlog.progress_bar(stream=stream, interval_s=60, total=2, desc="eval vqa/val", leave=False,
+            evaluation = vlog.progress_bar(stream=stream, total=2, desc="eval vqa/val", leave=False,
                                            mininterval=0)  # tqdm redraws at each batch, as on a slow evaluation
             evaluation.update(1)
             evaluation.update(1)
@@ -209,6 +209,11 @@ def test_a_progress_bar_in_a_log_file_writes_whole_lines_at_most_once_an_interva
     assert [line.split("|")[0] for line in lines[:-1]] == ["train:   0%", "eval vqa/val:   0%", "eval vqa/val: 100%",
                                                            "train:  40%", "train:  80%", "train: 100%"]
     assert "| 300/300 [" in lines[-2] and lines[-2].endswith(", loss=0.0033]")  # the last step's postfix
+    utf8 = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # a log file: its bar drawn as on a terminal
+    bar = vlog.progress_bar(stream=utf8, total=2, desc="train")
+    bar.update(2)
+    bar.close()
+    assert "|██████████| 2/2 [" in utf8.buffer.getvalue().decode()
     terminal = _Terminal()
     bar = vlog.progress_bar(stream=terminal, total=3, desc="train")
     bar.update(3)
