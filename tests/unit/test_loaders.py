@@ -2373,6 +2373,15 @@ def test_hf_an_empty_data_file_is_named_wherever_it_lies_in_the_folder(tmp_path,
     # ... said, as it was read silently: an empty file beside files of rows is a download or copy that failed
     assert re.search(r"many': its data file 'train-00\.jsonl' is empty \(0 bytes\) where split 'train''s other "
                      r"files hold rows \(a download or copy that failed\?\): the split is read without it", caplog.text)
+    val = tmp_path / "val"  # in a subfolder, the split asked by our name for it (val), two of its files
+    (val / "data").mkdir(parents=True)
+    for k, text in enumerate((row, "", "")):
+        (val / "data" / f"validation-{k}.jsonl").write_text(text)
+    assert open_hf_split(str(val), "val")[0].num_rows == 1
+    assert re.search(r"val': its data files \['data/validation-1\.jsonl', 'data/validation-2\.jsonl'\] are empty "
+                     r"\(0 bytes\) where split 'validation''s other files hold rows \(a download or copy that "
+                     r"failed\?\): the split is read without them; copy them again, or remove them if they should hold "
+                     r"no rows", caplog.text)
     nested = tmp_path / "nested"  # in a subfolder (data/, as hub datasets lay their files out)
     (nested / "data").mkdir(parents=True)
     (nested / "data" / "train.jsonl").write_text("")

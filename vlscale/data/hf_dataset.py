@@ -194,10 +194,10 @@ def _warn_zero_byte_files(path: Path, split: str, key: str, name_or_path: str) -
         return
     zero = [Path(os.path.relpath(f, path)).as_posix() for f in files if f.stat().st_size == 0]
     if zero:
-        them = "it" if len(zero) == 1 else "them"
+        them, they = ("it", "it") if len(zero) == 1 else ("them", "they")
         logger.warning(f"{key}={name_or_path!r}: its {_files_are(zero)} empty (0 bytes) where split {split!r}'s "
                        f"other files hold rows (a download or copy that failed?): the split is read without {them}; "
-                       f"copy {them} again, or remove {them} if {them} should hold no rows")
+                       f"copy {them} again, or remove {them} if {they} should hold no rows")
 
 
 def _files_are(files: list[str]) -> str:
