@@ -760,21 +760,24 @@ def test_a_sigkilled_replicate_leaves_no_training_running(tmp_path):
 
 def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path):
     """A training that exits 130 / 143 / 138 (train.py after a checkpoint on SIGINT / SIGTERM / SIGUSR1 sent to it
-    alone) is an interrupted row a rerun resumes, not a FAILED one; another exit code is still a failure."""
+    alone), or that SIGUSR1 killed before train.py's handler was in place (-10, as -2 / -15), is an interrupted row a
+    rerun resumes, not a FAILED one; another exit code is still a failure."""
     import sys
     from collections import deque
 
     from vlscale.replicate import Job, Runner
 
     rows = get_table(1).rows
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGUSR1)"  # before train.py's handler: -10
     jobs = [Job(row=rows[i], overrides=[], run_dir=tmp_path / str(i),
-                commands=deque([("train", [sys.executable, "-c", f"raise SystemExit({code})"])]))
-            for i, code in enumerate((130, 143, 138, 3))]
+                commands=deque([("train", [sys.executable, "-c", code if isinstance(code, str) else
+                                           f"raise SystemExit({code})"])]))
+            for i, code in enumerate((130, 143, 138, killed, 3))]
     for job in jobs:
         job.run_dir.mkdir()
     said = []
     Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
-    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "failed"]
+    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "interrupted", "failed"]
     assert any("interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it" in m for m in said)
 
 
