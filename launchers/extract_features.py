@@ -233,9 +233,8 @@ def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str
     meta.json an extraction of frames with ``vision`` writes (so both kinds of video share one cache); ids
     already there are skipped; a file that cannot be read as extract_features treats an image.
     -> {"total", "skipped", "written", "unreadable"}."""
-    from tqdm.auto import tqdm
-
     from vlscale.data.features import FeatureWriter, feature_meta, read_or_skip
+    from vlscale.log import progress_bar
     from vlscale.modeling.vision import vision_dims
 
     dims = vision_dims(vision)
@@ -246,7 +245,8 @@ def copy_frame_features(source, ids, out, *, vision: str, pretrained, dtype: str
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0, "unreadable": []}
     try:
-        for vid in tqdm(todo, desc=f"frame features {source.root} -> {out}", unit="video", disable=not progress):
+        for vid in progress_bar(iterable=todo, desc=f"frame features {source.root} -> {out}", unit="video",
+                                disable=not progress):
             feats = read_or_skip(source, vid, writer, stats, skip_unreadable, how_to_skip)
             if feats is not None:
                 writer.add(vid, feats)

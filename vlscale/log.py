@@ -107,7 +107,12 @@ class _BarLines:
 def progress_bar(stream=None, interval_s: float = PROGRESS_LINE_S, **kwargs):
     """A tqdm bar on ``stream`` (stderr): on a terminal as tqdm draws it; elsewhere (sbatch's log file, nohup,
     ``> log 2>&1``) as a line at its start, every ``interval_s`` seconds and at its end (:class:`_BarLines`; a
-    bar that would clear itself on a terminal, ``leave=False``, leaves its last line)."""
+    bar that would clear itself on a terminal, ``leave=False``, leaves its last line). In a Jupyter kernel (no
+    ``stream`` given) tqdm.auto's widget."""
+    if stream is None and "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm as auto
+
+        return auto(**kwargs)
     stream = stream or sys.stderr
     isatty = getattr(stream, "isatty", None)
     if not kwargs.get("disable") and not (isatty and isatty()):

@@ -978,11 +978,11 @@ class Runner:
             self.echo(msg)
 
     def run(self) -> list[Job]:
-        from tqdm import tqdm
+        from vlscale.log import progress_bar
 
         total = len(self.jobs)
-        bar = tqdm(total=total, initial=total - len(self.pending), desc="trainings", unit="run", dynamic_ncols=True) \
-            if self.progress else None
+        bar = progress_bar(total=total, initial=total - len(self.pending), desc="trainings", unit="run",
+                           dynamic_ncols=True) if self.progress else None
         # SIGTERM (a scheduler's or kill's) stops the trainings as Ctrl-C does: they checkpoint, a rerun resumes;
         # before, this process ended and its trainings ran on orphaned
         with interruptible():

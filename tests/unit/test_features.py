@@ -413,11 +413,22 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
             assert len(x), "a batch of no images was encoded"
             return enc.encode_grid(x)
 
-    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    monkeypatch.setattr("vlscale.log.tqdm", Bar)
     stats = extract_features(Tower(), tf, Cut(split.visuals), [ids[3]], tmp_path / "none", skip_unreadable=True,
                              **more)
     assert stats == {"total": 1, "skipped": 0, "written": 0, "unreadable": [(ids[3], line)]}
     assert [(b.total, b.n) for b in bars] == [(1, 1)]
+
+
+def test_the_extraction_s_progress_bar_writes_whole_lines_into_a_log_file(encoder, tmp_path, capsys):
+    """extract_features.py > log 2>&1 (stderr no terminal): its bar wrote a carriage-return redraw per batch onto one
+    line, as the trainer's did; it writes whole lines now (vlscale.log.progress_bar)."""
+    enc, tf = encoder
+    split = generate_split("vqa", "val", 4, image_size=16)
+    extract_features(enc, tf, split.visuals, list(split.visuals), tmp_path / "cache", vision=VISION, batch_size=1,
+                     progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith(f"features {VISION} -> ") and "4/4 [" in err
 
 
 def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest_or_is_left_out(tmp_path):

@@ -219,3 +219,18 @@ def test_a_progress_bar_in_a_log_file_writes_whole_lines_at_most_once_an_interva
     bar.update(3)
     bar.close()
     assert terminal.getvalue().startswith("\rtrain:   0%")
+
+
+def test_a_progress_bar_in_a_jupyter_kernel_is_tqdm_auto_s(monkeypatch):
+    """A notebook's stderr is no terminal, but tqdm.auto draws its widget there (extract_features from Python kept
+    it): the log-file lines are for a process's own stderr, not a kernel's."""
+    import sys
+
+    from vlscale import log as vlog
+
+    made = []
+    monkeypatch.setattr("tqdm.auto.tqdm", lambda **kw: made.append(kw) or "widget")
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert vlog.progress_bar(total=3, desc="features") == "widget" and made == [{"total": 3, "desc": "features"}]
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    assert not isinstance(vlog.progress_bar(total=3, desc="features", disable=True), str)  # tqdm's own

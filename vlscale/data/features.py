@@ -530,9 +530,8 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     extraction, the features written before it kept, with a DataError saying so (and ``how_to_skip``); with
     ``skip_unreadable`` it is left out and listed in the result's ``unreadable``: [(id, why)].
     """
-    from tqdm.auto import tqdm
-
     from vlscale.engine.checkpoint import frozen_fingerprint
+    from vlscale.log import progress_bar
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -545,8 +544,8 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     writer = FeatureWriter(out_dir, meta, shard_size=shard_size)
     todo = list(dict.fromkeys(i for i in ids if i not in writer))
     stats = {"total": len(set(ids)), "skipped": len(set(ids)) - len(todo), "written": 0, "unreadable": []}
-    bar = tqdm(total=len(todo), desc=f"features {vision} -> {out_dir}", unit="video" if video else "img",
-               disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"features {vision} -> {out_dir}", unit="video" if video else "img",
+                       disable=not progress)
 
     def read(i):
         item = read_or_skip(source, i, writer, stats, skip_unreadable, how_to_skip)
