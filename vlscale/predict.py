@@ -151,6 +151,15 @@ def inference_dtype(cfg, device, who: Optional[str] = None) -> tuple["torch.dtyp
     from vlscale.config import torch_dtype
 
     dtype = torch_dtype(cfg.train.precision)
+    if dtype == torch.bfloat16 and who and torch.device(device).type == "cuda":
+        from vlscale.engine.distributed import precision_problem
+
+        if precision_problem("bf16", device):  # training there is refused; evaluating goes on, said
+            dev = torch.device(device)
+            print(f"{who}: note: the adapter was trained in bf16, which {torch.cuda.get_device_name(dev)} (compute "
+                  f"capability {'.'.join(map(str, torch.cuda.get_device_capability(dev)))}) only emulates, slowly: "
+                  f"evaluating in bf16; train.precision=fp32 evaluates in fp32 (twice bf16's memory for the model)",
+                  file=sys.stderr, flush=True)
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         cfg.train.precision = "fp32"
         if who:

@@ -219,6 +219,28 @@ def test_an_fp16_adapter_runs_in_fp32_on_a_cpu_and_in_fp16_elsewhere():
     assert inference_dtype(load_config("tiny", ["train.precision=bf16"]), "cpu") == (torch.bfloat16, True)
 
 
+@pytest.mark.parametrize("gpu,capability", [("Tesla V100-SXM2-16GB", (7, 0)), ("NVIDIA A10", (8, 6))])
+def test_a_bf16_adapter_evaluated_on_a_gpu_that_emulates_bf16_is_said_to_be(gpu, capability, monkeypatch, capsys):
+    """Training bf16 on a V100 / T4 is refused (emulated, slowly); evaluating a bf16 adapter there went on in
+    emulated bf16 unsaid. It goes on (fp32 takes twice the memory), saying so and how to evaluate in fp32."""
+    import torch
+
+    from vlscale.predict import inference_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    cfg = load_config("tiny", ["train.precision=bf16"])
+    assert inference_dtype(cfg, "cuda:0", "evaluate.py") == (torch.bfloat16, True)
+    said = capsys.readouterr().err
+    if capability < (8, 0):
+        assert said == (f"evaluate.py: note: the adapter was trained in bf16, which {gpu} (compute capability 7.0) only "
+                        f"emulates, slowly: evaluating in bf16; train.precision=fp32 evaluates in fp32 (twice bf16's "
+                        f"memory for the model)\n")
+    else:
+        assert said == ""
+    assert inference_dtype(cfg, "cuda:0") == (torch.bfloat16, True) and capsys.readouterr().err == ""  # no who
+
+
 def test_an_evaluation_keeps_the_runs_seed_and_tokenizer(monkeypatch):
     """train.seed draws the random frozen weights the adapter was trained on: an override is refused; a rebuilt
     tokenizer of another size than the adapter's is refused, naming both sizes."""
