@@ -2313,3 +2313,46 @@ def test_a_memory_estimate_of_the_runs_world_size_equal_to_what_the_process_can_
         said.append(launcher("train").memory_warning(cfg, ds, args, dist))
     assert said[0] is None and said[1].startswith("warning: this run's memory estimate is ") and (
         "per GPU and this process can have 0.0 GiB of the GPU's 23.69 GiB" in said[1]), said
+
+
+def test_weights_saved_before_they_recorded_their_step_load_with_their_configs_step(tmp_path):
+    """An adapter saved before its weights recorded their step (their metadata: the format alone) loads as it did,
+    and so do weights of a step with a config of none: only a recorded step other than the config's is refused."""
+    from safetensors.torch import save_file
+
+    from vlscale.config import load_config
+
+    cfg, adapter, model = load_config("tiny"), tmp_path / "adapter", torch.nn.Linear(2, 2)
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 1})
+    save_file(dict(model.state_dict()), str(adapter / ckpt.ADAPTER_WEIGHTS), metadata={"format": ckpt.ADAPTER_FORMAT})
+    loaded = torch.nn.Linear(2, 2)
+    assert ckpt.load_adapter(loaded, adapter)["step"] == 1 and torch.equal(loaded.weight, model.weight)
+    meta = {k: v for k, v in ckpt.read_adapter_config(adapter).items() if k != "step"}  # save_adapter's caller's
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 2})  # ... replaced by a run's save
+    assert ckpt.load_adapter(loaded, adapter, meta=meta) is meta  # no step to compare: it loads, as it did
+
+
+def test_load_trained_model_loads_only_the_weights_of_the_config_its_caller_read(tmp_path, monkeypatch):
+    """evaluate.py and Predictor read adapter_config.json once (load_run_config) and load_trained_model checks both
+    of its loads against it: weights saved since are refused before the model's build (the check on the meta
+    device) and after it (saved while it built), not loaded as the step read."""
+    import vlscale.modeling.vl_model as vl_model
+    from vlscale.config import load_config
+    from vlscale.predict import load_trained_model
+
+    cfg, adapter, model = load_config("tiny"), tmp_path / "adapter", torch.nn.Linear(2, 2)
+    ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 1})
+    meta = ckpt.read_adapter_config(adapter)
+    monkeypatch.setattr(vl_model, "build_model", lambda *a, **k: torch.nn.Linear(2, 2))
+
+    def build():  # the run saves again while the model builds
+        ckpt.save_adapter(model, adapter, cfg, vocab_size=10, extra={"step": 2})
+        return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ckpt.CheckpointError, match="holds the weights of step 2, but the adapter_config.json read "
+                                                   "with them is of step 1"):
+        load_trained_model(cfg, meta, adapter, "cpu", torch.float32, check_frozen=False, build=build)
+    with pytest.raises(ckpt.CheckpointError, match="holds the weights of step 2, but the adapter_config.json read "
+                                                   "with them is of step 1"):
+        load_trained_model(cfg, meta, adapter, "cpu", torch.float32, check_frozen=False,
+                           build=lambda: pytest.fail("the model was built"))
