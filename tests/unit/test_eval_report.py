@@ -423,6 +423,8 @@ def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_p
     beside the earlier run's caption.jsonl. Now the earlier set stays until the new one is whole, and a --tasks
     subset's set keeps the earlier set's other tasks (their scores stay in eval_metrics.json)."""
     from vlscale.engine import evaluation
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
 
     adapter, out = _tiny_adapter(tmp_path), tmp_path / "eval_val"
     for task in ("vqa", "caption"):
@@ -450,7 +452,10 @@ def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_p
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: {"vqa": {"score": 0.5}})
     evaluate = launcher("evaluate")
     args = evaluate.parse_args(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa"])
+    lock, _ = hold_lock(out / LOCK_FILE, "rank 0")  # rank 0 holds --out's lock meanwhile: rank 1 takes none
     assert evaluate.evaluate_adapter(args, 1, 2, torch.device("cpu"), None) == 0
+    lock.close()
+    (out / LOCK_FILE).unlink()
     assert sorted(p.name for p in out.iterdir()) == ["eval_metrics.json", "predictions", "predictions.partial"]
     with evaluation.predictions_replaced_whole(tmp_path / "first" / "predictions", keep_others=True) as partial:
         partial.mkdir(parents=True)  # the first set in a folder: no earlier one to keep files of
@@ -647,3 +652,39 @@ def test_a_report_names_no_digest_of_weights_a_live_run_saved_after_those_evalua
                         .read_text())
     digest = hashlib.sha256((adapter / ckpt.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
     assert report["step"] == 3 and report["adapter_sha256"] == digest
+
+
+def test_an_evaluation_refused_after_it_locked_its_out_removes_the_lock_and_an_out_it_made(tmp_path, launcher):
+    """out_locked's end (here, --tasks refused after the lock is taken): the lock file removed, and with it an --out
+    the evaluation made and left empty; an --out that was there stays."""
+    adapter, made, there = tmp_path / "adapter", tmp_path / "made", tmp_path / "there"
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, load_config("tiny"), vocab_size=10, extra={"step": 2})
+    there.mkdir()
+    for out in (made, there):
+        with pytest.raises(ValueError, match=r"^--tasks \['bogus'\] were not trained by this adapter"):
+            launcher("evaluate").main(["--adapter", str(adapter), "--out", str(out), "--tasks", "bogus",
+                                       "--no-progress"])
+    assert not made.exists() and list(there.iterdir()) == []
+
+
+def test_an_out_lock_its_holder_removed_as_it_was_taken_is_taken_again(tmp_path, launcher, monkeypatch):
+    """A holder removes the lock file as it ends: an evaluation that opened the file just before then locked a file
+    no longer there, and a third would lock a new one at the path beside it. out_locked locks the file there."""
+    import vlscale.files
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
+
+    out, held = tmp_path / "out", []
+    out.mkdir()
+
+    def as_the_first_ends(path, holder):
+        f, by = hold_lock(path, holder)
+        if not held:
+            path.unlink()  # the first evaluation's end, between this one's open and its lock
+        held.append(f)
+        return f, by
+
+    monkeypatch.setattr(vlscale.files, "hold_lock", as_the_first_ends)
+    with launcher("evaluate").out_locked(out):
+        third, by = hold_lock(out / LOCK_FILE, "a third")
+    assert third is None and by.startswith("evaluate.py, pid ") and len(held) == 2
