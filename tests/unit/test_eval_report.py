@@ -688,3 +688,28 @@ def test_an_out_lock_its_holder_removed_as_it_was_taken_is_taken_again(tmp_path,
     with launcher("evaluate").out_locked(out):
         third, by = hold_lock(out / LOCK_FILE, "a third")
     assert third is None and by.startswith("evaluate.py, pid ") and len(held) == 2
+
+
+def test_the_digest_of_weights_that_record_no_step_is_reported_and_of_a_file_that_is_no_safetensors_none(tmp_path):
+    """Weights saved before they recorded their step (their metadata: the format alone) have their digest reported,
+    as they had, and so does a report of no step; a weights file that is no safetensors file (its first 8 bytes read
+    as a header length of 7e18: a MemoryError; a header that is no JSON object) has none: known by its path."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    cfg, adapter = load_config("tiny"), tmp_path / "adapter"
+    settings, weights = eval_settings(cfg.to_dict()), adapter / ckpt.ADAPTER_WEIGHTS
+    ckpt.save_adapter(torch.nn.Linear(2, 2), adapter, cfg, vocab_size=10, extra={"step": 3})
+
+    def digest(step):
+        report = write_eval_report(tmp_path / "out", adapter, "val", step, {"vqa": {"s": 1.0}}, settings)
+        return json.loads(report.read_text()).get("adapter_sha256"), hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    said = [digest(None)]
+    save_file(torch.nn.Linear(2, 2).state_dict(), str(weights), metadata={"format": ckpt.ADAPTER_FORMAT})
+    said.append(digest(3))
+    assert [got == sha for got, sha in said] == [True, True], said
+    for data in (b"not safetensors", (2).to_bytes(8, "little") + b"[]"):
+        weights.write_bytes(data)
+        assert digest(3)[0] is None, data

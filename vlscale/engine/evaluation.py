@@ -439,7 +439,8 @@ def _adapter_sha256(adapter_dir, step=None) -> Optional[str]:
     try:
         with open(Path(adapter_dir) / ADAPTER_WEIGHTS, "rb") as f:
             if step is not None:  # the safetensors header (its length, then JSON) of this same open file
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                size = int.from_bytes(f.read(8), "little")  # of no safetensors file, any: 7e18 was a MemoryError
+                header = json.loads(f.read(min(size, 100_000_000)))  # safetensors' own limit on its header
                 if str(step) != header.get("__metadata__", {}).get("step", str(step)):
                     return None
                 f.seek(0)
