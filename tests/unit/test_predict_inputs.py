@@ -233,9 +233,9 @@ def test_a_bf16_adapter_evaluated_on_a_gpu_that_emulates_bf16_is_said_to_be(gpu,
     assert inference_dtype(cfg, "cuda:0", "evaluate.py") == (torch.bfloat16, True)
     said = capsys.readouterr().err
     if capability < (8, 0):
-        assert said == (f"evaluate.py: note: the adapter was trained in bf16, which {gpu} (compute capability 7.0) only "
-                        f"emulates, slowly: evaluating in bf16; train.precision=fp32 evaluates in fp32 (twice bf16's "
-                        f"memory for the model)\n")
+        assert said == (f"evaluate.py: note: the adapter was trained in bf16, which {gpu} (compute capability 7.0) "
+                        f"only emulates, slowly: evaluating in bf16; train.precision=fp32 evaluates in fp32 (twice "
+                        f"bf16's memory for the model)\n")
     else:
         assert said == ""
     assert inference_dtype(cfg, "cuda:0") == (torch.bfloat16, True) and capsys.readouterr().err == ""  # no who
