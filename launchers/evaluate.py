@@ -43,8 +43,8 @@ requiring answers (every other check stays; without the flag such a split is ref
 predicted as an evaluation predicts them, and not scored: ``DIR/predictions/<task>.jsonl`` as above and
 ``DIR/submission/`` in the leaderboards' formats (``vqa.json`` for EvalAI, ``gqa.json``, ``nlvr2.csv``,
 ``caption.json`` for the COCO server; VALUE's ``<task>/<task>_<split>_predictions.json[l]`` for the video tasks:
-vlscale.engine.evaluation.write_submission). No ``eval_metrics.json`` is written or changed; ``DIR`` defaults to
-``<adapter's parent>/predict_<split>``.
+vlscale.engine.evaluation.write_submission; replaced once whole, as predictions/ is). No ``eval_metrics.json`` is
+written or changed; ``DIR`` defaults to ``<adapter's parent>/predict_<split>``.
 """
 
 from __future__ import annotations
@@ -246,13 +246,19 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
             print(f"evaluate.py: ZeRO-{stage} over {world} rank(s): rank 0 holds {held:,} of the model's "
                   f"{total:,} parameters{whole}", flush=True)
         # --- evaluate
-        with predictions_replaced_whole(out / "predictions", writer=rank == 0, keep_others=True) as partial:
+        # predictions/ and submission/ each replaced once whole: a Ctrl-C midway left one task's new submission
+        # file beside another's of the earlier set
+        with predictions_replaced_whole(out / "predictions", writer=rank == 0, keep_others=True) as partial, \
+                (predictions_replaced_whole(out / "submission", writer=rank == 0, keep_others=True)
+                 if args.predict_only else contextlib.nullcontext()) as submission:
             scores = evaluate(model, cfg, tokenizer, split=args.split, tasks=tasks, rank=rank, world_size=world,
                               device=device, float_dtype=dtype, show_progress=not args.no_progress,
                               predictions_dir=partial,
                               java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
-                              predict_only=args.predict_only,
-                              submission_dir=out / "submission" if args.predict_only else None)
+                              predict_only=args.predict_only, submission_dir=submission)
+            for done in scores.values() if args.predict_only else ():  # where each file is once renamed
+                if done.get("submission"):
+                    done["submission"] = out / "submission" / Path(done["submission"]).relative_to(submission)
         # --- report
         if rank == 0 and args.predict_only:
             print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")

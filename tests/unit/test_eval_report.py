@@ -298,7 +298,7 @@ def test_the_default_out_and_the_tasks_asked_for(tmp_path, launcher, monkeypatch
 
     def scored(model, cfg, tokenizer, *, tasks, predict_only, predictions_dir, submission_dir, **kwargs):
         asked.append((tasks, predictions_dir, submission_dir))
-        return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
+        return {t: {"examples": 1, "submission": None} if predict_only else {"score": 0.5} for t in tasks}
     monkeypatch.setattr(evaluation, "evaluate", scored)
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "caption,vqa, caption,"]) == 0
     assert asked == [(["caption", "vqa"], tmp_path / "eval_val" / "predictions.partial", None)]  # renamed whole
@@ -306,7 +306,7 @@ def test_the_default_out_and_the_tasks_asked_for(tmp_path, launcher, monkeypatch
     assert report["tasks"] == {"caption": {"score": 0.5}, "vqa": {"score": 0.5}} and report["step"] == 2
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--predict-only"]) == 0
     assert asked[1] == (["vqa"], tmp_path / "predict_val" / "predictions.partial",
-                        tmp_path / "predict_val" / "submission")
+                        tmp_path / "predict_val" / "submission.partial")  # renamed whole
     assert not (tmp_path / "predict_val" / "eval_metrics.json").exists()
 
     import vlscale.modeling.vl_model as vl_model
@@ -418,6 +418,42 @@ def test_a_report_of_another_step_replaces_rather_than_merges(tmp_path):
     assert (report["step"], report["tasks"]) == (4, {"gqa": {"accuracy": 0.25}})
 
 
+def test_predict_only_replaces_its_submission_only_once_every_task_is_written(tmp_path, launcher, monkeypatch,
+                                                                               capsys):
+    """--predict-only wrote each task's leaderboard file straight into submission/: a Ctrl-C after vqa's left it
+    beside the earlier set's caption file, to be uploaded together. submission/ is now replaced once whole (a --tasks
+    subset keeping the earlier set's other tasks, folders too: the video tasks' files are in tvqa/ ...), and the
+    printed paths are the files' once renamed."""
+    from vlscale.engine import evaluation
+
+    adapter, out = _tiny_adapter(tmp_path), tmp_path / "pred"
+    version, stop = [0], [False]
+
+    def predicted(model, cfg, tokenizer, *, tasks, predictions_dir, submission_dir, **kwargs):
+        done = {}
+        for task in tasks:  # caption's in a folder of its own, as tvqa's is
+            path = submission_dir / ("capdir/caption.json" if task == "caption" else f"{task}.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(version[0]))
+            if stop[0]:
+                raise KeyboardInterrupt
+            done[task] = {"examples": 1, "submission": path}
+        return done
+    monkeypatch.setattr(evaluation, "evaluate", predicted)
+    run = ["--adapter", str(adapter), "--no-progress", "--predict-only", "--out", str(out)]
+    assert launcher("evaluate").main(run + ["--tasks", "vqa,caption"]) == 0
+    version[0], stop[0] = 1, True
+    with pytest.raises(KeyboardInterrupt):
+        launcher("evaluate").main(run + ["--tasks", "vqa"])
+    assert [json.loads((out / "submission" / f).read_text()) for f in ("vqa.json", "capdir/caption.json")] == [0, 0]
+    version[0], stop[0] = 2, False
+    capsys.readouterr()
+    assert launcher("evaluate").main(run + ["--tasks", "vqa"]) == 0
+    assert [p.name for p in out.iterdir()] == ["submission"]  # no .partial or .old left (the fake writes no predictions)
+    assert [json.loads((out / "submission" / f).read_text()) for f in ("vqa.json", "capdir/caption.json")] == [2, 0]
+    assert f"; {out / 'submission' / 'vqa.json'}\n" in capsys.readouterr().out
+
+
 def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_path, launcher, monkeypatch):
     """evaluate.py wrote each task's file straight into predictions/: a Ctrl-C after vqa left this run's vqa.jsonl
     beside the earlier run's caption.jsonl. Now the earlier set stays until the new one is whole, and a --tasks
@@ -474,7 +510,7 @@ def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp
 
     def scored(model, cfg, tokenizer, *, split, tasks, predict_only, predictions_dir, **kwargs):
         asked.append((split, predictions_dir))
-        return {t: {"examples": 1, "submission": "-"} if predict_only else {"score": 0.5} for t in tasks}
+        return {t: {"examples": 1, "submission": None} if predict_only else {"score": 0.5} for t in tasks}
     monkeypatch.setattr(evaluation, "evaluate", scored)
     assert evaluate.main(["--adapter", str(adapter), "--no-progress", "--tasks", "vqa", "--split", "test"]) == 0
     assert asked == [("test", tmp_path / "eval_test" / "predictions.partial")]

@@ -191,8 +191,8 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     removed. The swap moves the earlier set to ``<predictions_dir>.old`` before renaming the new one into place
     (``vlscale.engine.checkpoint._replace_dir``): a process killed between the renames leaves the earlier set
     there, put back first by the next evaluation into the folder, as a ``.partial`` it left is cleared.
-    ``keep_others``: the earlier set's files of the tasks not written now join the new set (``evaluate.py --tasks``
-    on a subset). ``writer``: whether this process writes (rank 0); the other ranks' blocks touch no folder."""
+    ``keep_others``: the earlier set's files (and folders) of the tasks not written now join the new set
+    (``evaluate.py --tasks`` on a subset). ``writer``: whether this process writes (rank 0); the other ranks' blocks touch no folder."""
     from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
 
     predictions_dir = Path(predictions_dir)
@@ -210,9 +210,9 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     if not partial.is_dir():  # nothing written
         return
     if keep_others and predictions_dir.is_dir():
-        for path in predictions_dir.iterdir():
-            if path.is_file() and not (partial / path.name).exists():
-                shutil.copy2(path, partial / path.name)
+        for path in predictions_dir.iterdir():  # a submission/'s video tasks are folders (tvqa/...)
+            if not (partial / path.name).exists():
+                (shutil.copytree if path.is_dir() else shutil.copy2)(path, partial / path.name)
     try:
         _replace_dir(partial, predictions_dir)
     except BaseException:  # failed between the renames: the earlier set back in place
