@@ -449,7 +449,7 @@ def test_predict_only_replaces_its_submission_only_once_every_task_is_written(tm
     version[0], stop[0] = 2, False
     capsys.readouterr()
     assert launcher("evaluate").main(run + ["--tasks", "vqa"]) == 0
-    assert [p.name for p in out.iterdir()] == ["submission"]  # no .partial or .old left (the fake writes no predictions)
+    assert [p.name for p in out.iterdir()] == ["submission"]  # no .partial / .old left (the fake writes no predictions)
     assert [json.loads((out / "submission" / f).read_text()) for f in ("vqa.json", "capdir/caption.json")] == [2, 0]
     assert f"; {out / 'submission' / 'vqa.json'}\n" in capsys.readouterr().out
 

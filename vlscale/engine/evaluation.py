@@ -192,7 +192,8 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     (``vlscale.engine.checkpoint._replace_dir``): a process killed between the renames leaves the earlier set
     there, put back first by the next evaluation into the folder, as a ``.partial`` it left is cleared.
     ``keep_others``: the earlier set's files (and folders) of the tasks not written now join the new set
-    (``evaluate.py --tasks`` on a subset). ``writer``: whether this process writes (rank 0); the other ranks' blocks touch no folder."""
+    (``evaluate.py --tasks`` on a subset). ``writer``: whether this process writes (rank 0); the other ranks'
+    blocks touch no folder."""
     from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
 
     predictions_dir = Path(predictions_dir)
