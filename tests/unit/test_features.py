@@ -429,11 +429,13 @@ def test_the_extraction_s_progress_bar_writes_whole_lines_into_a_log_file(encode
                      progress=True)
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[-1].startswith(f"features {VISION} -> ") and "4/4 [" in err
+    assert "img" in err and "video" not in err, err  # its unit: images (the units swapped survived)
 
 
-def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest_or_is_left_out(tmp_path):
+def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest_or_is_left_out(tmp_path, capsys):
     """--real's precomputed frame features (.npy) are copied as images are extracted: a corrupt file stops the copy
-    naming it, the videos copied before it kept; with skip_unreadable it is left out and listed."""
+    naming it, the videos copied before it kept; with skip_unreadable it is left out and listed. Its bar in a log
+    file writes whole lines (tqdm.auto's in place of progress_bar survived)."""
     from extract_features import copy_frame_features
 
     from vlscale.data.real import DataError
@@ -449,8 +451,12 @@ def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest
                                                                 shard_size=8, progress=False)
     with pytest.raises(DataError, match=r"b\.npy.*; the cache .*out keeps the 1 ids done before it, .*, or -S$"):
         copy_frame_features(source, ["a", "b", "c"], tmp_path / "out", how_to_skip=", or -S", **more)
+    capsys.readouterr()
+    more["progress"] = True
     stats = copy_frame_features(source, ["a", "b", "c"], tmp_path / "out", skip_unreadable=True, **more)
     assert (stats["written"], stats["skipped"], [v for v, _ in stats["unreadable"]]) == (1, 1, ["b"])
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("frame features ") and "2/2 [" in err, err
     assert sorted(FeatureCache(tmp_path / "out").ids()) == ["a", "c"]
 
 
