@@ -232,5 +232,6 @@ def test_a_progress_bar_in_a_jupyter_kernel_is_tqdm_auto_s(monkeypatch):
     monkeypatch.setattr("tqdm.auto.tqdm", lambda **kw: made.append(kw) or "widget")
     monkeypatch.setitem(sys.modules, "ipykernel", object())
     assert vlog.progress_bar(total=3, desc="features") == "widget" and made == [{"total": 3, "desc": "features"}]
+    assert not isinstance(vlog.progress_bar(io.StringIO(), total=3, disable=True), str)  # a stream given: drawn on
     monkeypatch.delitem(sys.modules, "ipykernel")
     assert not isinstance(vlog.progress_bar(total=3, desc="features", disable=True), str)  # tqdm's own
