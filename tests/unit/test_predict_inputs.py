@@ -239,6 +239,8 @@ def test_a_bf16_adapter_evaluated_on_a_gpu_that_emulates_bf16_is_said_to_be(gpu,
     else:
         assert said == ""
     assert inference_dtype(cfg, "cuda:0") == (torch.bfloat16, True) and capsys.readouterr().err == ""  # no who
+    fp16 = load_config("tiny", ["train.precision=fp16"])  # no bf16: no note ('dtype == bfloat16' dropped survived)
+    assert inference_dtype(fp16, "cuda:0", "evaluate.py") == (torch.float16, True) and capsys.readouterr().err == ""
 
 
 def test_an_evaluation_keeps_the_runs_seed_and_tokenizer(monkeypatch):
