@@ -758,7 +758,7 @@ def test_a_sigkilled_replicate_leaves_no_training_running(tmp_path):
             os.kill(child, signal.SIGKILL)
 
 
-def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path):
+def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path, capsys):
     """A training that exits 130 / 143 / 138 (train.py after a checkpoint on SIGINT / SIGTERM / SIGUSR1 sent to it
     alone), or that SIGUSR1 killed before train.py's handler was in place (-10, as -2 / -15), is an interrupted row a
     rerun resumes, not a FAILED one; another exit code is still a failure."""
@@ -776,9 +776,11 @@ def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path
     for job in jobs:
         job.run_dir.mkdir()
     said = []
-    Runner(jobs, 2, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=said.append).run()
+    Runner(jobs, 2, 1, on_done=lambda j: None, progress=True, poll_s=0.05, echo=said.append).run()
     assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "interrupted", "failed"]
-    assert any("interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it" in m for m in said)
+    out, err = capsys.readouterr()  # its bar in a log file: whole lines (tqdm's in place of progress_bar survived)
+    assert "\r" not in err and err.splitlines()[-1].startswith("trainings") and "5/5 [" in err, err
+    assert "interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it\n" in out  # tqdm.write's stdout
 
 
 def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, monkeypatch, launcher):
