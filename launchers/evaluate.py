@@ -289,15 +289,10 @@ def out_locked(out: Path, writer: bool = True):
         return
     made, path = not out.exists(), out / LOCK_FILE
     out.mkdir(parents=True, exist_ok=True)
-    while True:
-        f, holder = hold_lock(path, f"evaluate.py, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        if f is None:
-            raise ValueError(f"--out {out} is being written by another process ({holder}); wait for it to end "
-                             f"or choose another --out")
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
-                break
-        f.close()  # the file a previous holder removed as it ended: lock the one there now
+    f, holder = hold_lock(path, f"evaluate.py, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    if f is None:
+        raise ValueError(f"--out {out} is being written by another process ({holder}); wait for it to end "
+                         f"or choose another --out")
     try:
         yield
     finally:

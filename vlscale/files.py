@@ -115,17 +115,23 @@ def cwd_note(path) -> str:
 def hold_lock(path, holder: str):
     """An exclusive lock on the file ``path`` (created; held while the returned file is open or the process lives),
     ``holder`` (who holds it: a pid, a time) written in it: (the open file, None), or (None, what the process
-    holding it wrote) where another holds it. OSError where the file cannot be opened."""
+    holding it wrote) where another holds it. OSError where the file cannot be opened. A holder may remove the file
+    as it ends (evaluate.py's --out lock): a lock taken on the file it removed is taken again on the one there now."""
     import fcntl
 
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        held_by = f.read().strip() or "another process"
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            held_by = f.read().strip() or "another process"
+            f.close()
+            return None, held_by
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
         f.close()
-        return None, held_by
     f.seek(0)
     f.truncate()
     f.write(holder + "\n")

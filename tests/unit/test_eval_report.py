@@ -705,23 +705,26 @@ def test_an_evaluation_refused_after_it_locked_its_out_removes_the_lock_and_an_o
 
 def test_an_out_lock_its_holder_removed_as_it_was_taken_is_taken_again(tmp_path, launcher, monkeypatch):
     """A holder removes the lock file as it ends: an evaluation that opened the file just before then locked a file
-    no longer there, and a third would lock a new one at the path beside it. out_locked locks the file there."""
-    import vlscale.files
+    no longer there, and a third would lock a new one at the path beside it. out_locked locks the file there
+    (vlscale.files.hold_lock takes it again)."""
+    import fcntl
+
     from vlscale.engine.checkpoint import LOCK_FILE
     from vlscale.files import hold_lock
 
     out, held = tmp_path / "out", []
     out.mkdir()
+    flock = fcntl.flock
 
-    def as_the_first_ends(path, holder):
-        f, by = hold_lock(path, holder)
+    def as_the_first_ends(f, how):
+        flock(f, how)
         if not held:
-            path.unlink()  # the first evaluation's end, between this one's open and its lock
+            (out / LOCK_FILE).unlink()  # the first evaluation's end, between this one's open and its lock
         held.append(f)
-        return f, by
 
-    monkeypatch.setattr(vlscale.files, "hold_lock", as_the_first_ends)
+    monkeypatch.setattr(fcntl, "flock", as_the_first_ends)
     with launcher("evaluate").out_locked(out):
+        monkeypatch.setattr(fcntl, "flock", flock)
         third, by = hold_lock(out / LOCK_FILE, "a third")
     assert third is None and by.startswith("evaluate.py, pid ") and len(held) == 2
 
