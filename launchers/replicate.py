@@ -72,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) -> None:
     """The frozen mini-clip-rn's grid features of every synthetic split, once (resumable)."""
     from vlscale.files import write_text_atomic
-    from vlscale.replicate import (MINI_PRESET, ReplicationError, interruptible, python_cmd, read_json,
-                                   stop_with_parent, subprocess_env, tail)
+    from vlscale.log import interruptible
+    from vlscale.replicate import (MINI_PRESET, ReplicationError, python_cmd, read_json, stop_with_parent,
+                                   subprocess_env, tail)
 
     cache.mkdir(parents=True, exist_ok=True)
     stamp = cache / "replicate_backbones.json"  # which CLIP weights made the cache

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from vlscale.log import logs_to_console  # noqa: E402
+from vlscale.log import interruptible, logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -253,6 +253,11 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with interruptible():  # SIGTERM before the run's stop handler (imports, the model's build) ended it without a line
+        return start_and_train(args)
+
+
+def start_and_train(args: argparse.Namespace) -> int:
     try:  # the first seconds, torch's and DeepSpeed's imports: Ctrl-C there was a traceback through an import
         from vlscale.engine.distributed import quiet_library_warnings, watch_launcher
 
@@ -276,21 +281,22 @@ def main(argv=None) -> int:
         if refusal:
             print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
             return 1
-    except KeyboardInterrupt:  # the line a Ctrl-C later in start-up gives (below)
-        kept = "no new checkpoint was written" if args.resume else "no checkpoint was written"
-        print(f"vlscale: rank {os.environ.get('RANK', '0')}: aborted (SIGINT during start-up, before training "
-              f"began: {kept})", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
-    # --- setup
-    from vlscale.engine.distributed import PortInUse, init_distributed  # selects the CPU accelerator first
+        # --- setup
+        from vlscale.engine.distributed import PortInUse, init_distributed  # selects the CPU accelerator first
 
-    try:
-        dist = init_distributed()
-    except PortInUse as e:  # a second run of a sweep on the launcher's default port: torch's traceback said EADDRINUSE
-        print(f"vlscale: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
-        return 1
-    from vlscale.engine import trainer
-    from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
+        try:
+            dist = init_distributed()
+        except PortInUse as e:  # a second run of a sweep on the launcher's default port: torch's traceback: EADDRINUSE
+            print(f"vlscale: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+            return 1
+        from vlscale.engine import trainer
+        from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
+    except KeyboardInterrupt as e:  # the line a Ctrl-C or SIGTERM later in start-up gives (below)
+        kept = "no new checkpoint was written" if args.resume else "no checkpoint was written"
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"vlscale: rank {os.environ.get('RANK', '0')}: aborted ({signal.Signals(signum).name} during start-up, "
+              f"before training began: {kept})", file=sys.stderr, flush=True)
+        return 128 + signum
 
     run, stopped = None, False
     try:
@@ -337,12 +343,13 @@ def main(argv=None) -> int:
         print(f"vlscale: rank {dist.rank}: {disk or echo or f'{type(e).__name__}: {e}{oom}'}{kept}", file=sys.stderr,
               flush=True)
         code = 1
-    except KeyboardInterrupt as e:  # a second signal (its message), or Ctrl-C before the stop handler: "aborted ()"
+    except KeyboardInterrupt as e:  # a second signal (its message), or Ctrl-C/SIGTERM before the stop handler
         last = last_checkpoint(Path(cfg.output_dir) if cfg is not None else None)  # a --resume's is kept
         kept = f"no new checkpoint was written; {last} is intact" if last else "no checkpoint was written"
-        why = str(e) or f"SIGINT during start-up, before training began: {kept}"
+        signum = getattr(e, "signum", signal.SIGINT)
+        why = str(e) or f"{signal.Signals(signum).name} during start-up, before training began: {kept}"
         print(f"vlscale: rank {dist.rank}: aborted ({why})", file=sys.stderr, flush=True)
-        code = 128 + signal.SIGINT
+        code = 128 + signum
     # --- cleanup
     trainer.close(run)
     sys.stdout.flush()

@@ -17,7 +17,9 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -118,6 +120,32 @@ def progress_bar(stream=None, interval_s: float = PROGRESS_LINE_S, **kwargs):
     if not kwargs.get("disable") and not (isatty and isatty()):
         stream, kwargs["leave"], kwargs["position"] = _BarLines(stream, interval_s), True, 0  # 0: no cursor moves
     return tqdm(file=stream, **kwargs)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM raised as Ctrl-C's KeyboardInterrupt by :func:`interruptible`; ``signum`` says which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGTERM raises KeyboardInterrupt (:class:`Interrupted`) here, as Ctrl-C does (in the main thread; elsewhere
+    nothing changes)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def logs_to_console(main):

@@ -23,7 +23,6 @@ with the rerun's settings (``plan_job``, ``check_result``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +31,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -978,7 +976,7 @@ class Runner:
             self.echo(msg)
 
     def run(self) -> list[Job]:
-        from vlscale.log import progress_bar
+        from vlscale.log import interruptible, progress_bar
 
         total = len(self.jobs)
         bar = progress_bar(total=total, initial=total - len(self.pending), desc="trainings", unit="run",
@@ -1046,18 +1044,3 @@ INTERRUPTED_CODES = (130, 143, 138, -signal.SIGINT, -signal.SIGTERM, -signal.SIG
 """A training's exit codes when a signal stopped it (train.py: 128 + the signal, after its checkpoint)."""
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def interruptible():
-    """SIGTERM raises KeyboardInterrupt here, as Ctrl-C does (in the main thread; elsewhere nothing changes)."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

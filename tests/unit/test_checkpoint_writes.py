@@ -1531,25 +1531,30 @@ def test_every_write_the_disk_refuses_is_one_line_naming_the_missing_checkpoint(
         assert line.endswith("; no checkpoint had been written"), line
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("resume, kept", [(False, "no checkpoint was written"),
                                           (True, "no new checkpoint was written")])
-def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume, kept, tmp_path, monkeypatch,
+def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume, kept, signum, tmp_path, monkeypatch,
                                                                           launcher, capsys):
     """Ctrl-C while torch and DeepSpeed are imported (before the run's config is even checked: the first ~4 s of
-    `python launchers/train.py`) was a KeyboardInterrupt traceback through an import; now it is start-up's line."""
+    `python launchers/train.py`) was a KeyboardInterrupt traceback through an import; now it is start-up's line.
+    SIGTERM there ended the process with no line at all (exit 143, measured at 1 s and 6 s): the same line, 143."""
     import vlscale.engine.distributed as distributed
 
     def interrupted():
-        raise KeyboardInterrupt
+        assert signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN), "it would end start-up silently"
+        signal.raise_signal(signum)
 
+    before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(distributed, "quiet_library_warnings", interrupted)
     try:
         ended = launcher("train").main(["--config", "tiny", f"output_dir={tmp_path}"] + ["--resume"] * resume)
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt would stop pytest itself
         ended = e
-    assert ended == 128 + signal.SIGINT
-    assert capsys.readouterr().err == (f"vlscale: rank 0: aborted (SIGINT during start-up, before training began: "
-                                       f"{kept})\n")
+    assert ended == 128 + signum
+    assert capsys.readouterr().err == (f"vlscale: rank 0: aborted ({signum.name} during start-up, before training "
+                                       f"began: {kept})\n")
+    assert signal.getsignal(signal.SIGTERM) == before  # the launcher's handler is gone with its main
 
 
 @pytest.mark.parametrize("raised, code, said, traceback", [
@@ -1573,6 +1578,9 @@ def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume
     # ... of a --resume: its checkpoint is kept ("no checkpoint was written" read as if it were lost)
     ("startup_resumed", 128 + 2, "vlscale: rank 0: aborted (SIGINT during start-up, before training began: no new "
                                  "checkpoint was written; {out}/checkpoints/step2 is intact)\n", False),
+    # SIGTERM there (a scheduler's): the process ended with no line (exit 143, measured)
+    ("startup_sigterm", 128 + 15, "vlscale: rank 0: aborted (SIGTERM during start-up, before training began: no "
+                                  "checkpoint was written)\n", False),
     ("setup", 1, "vlscale: rank 0: DataError: gqa train annotations: /d/train.json is not JSON\n", False),
     ("unwritten", 1, "vlscale: rank 0: DataError: image 'y': cannot read image /d/y.jpg (OSError: truncated) "
                      "(run_summary.json not written: OSError: [Errno 30] Read-only file system)\n", False),
@@ -1606,6 +1614,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
               "setup": DataError("gqa train annotations: /d/train.json is not JSON"),  # while the run is built
               "startup": KeyboardInterrupt(),
               "startup_resumed": KeyboardInterrupt(),
+              "startup_sigterm": None,  # raised as the signal, in setup_run below
               "unwritten": DataError("image 'y': cannot read image /d/y.jpg (OSError: truncated)")}
     setups = []
 
@@ -1615,6 +1624,9 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
         setups.append(show_progress)
         if raised == "startup_resumed":  # the resumed run's (made here: without --resume the launcher refuses it)
             ckpt.save_checkpoint(FilesEngine(), tmp_path / "run", 2, {"step": 2}, rank=0)
+        if raised == "startup_sigterm":
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN), "it would end silently"
+            signal.raise_signal(signal.SIGTERM)
         if raised in ("setup", "startup", "startup_resumed"):
             raise errors[raised]
         runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
@@ -1644,7 +1656,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == code
     out, err = capsys.readouterr()
     assert setups == [False]
-    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup", "startup", "startup_resumed")
+    assert stops == ([] if raised in ("signal", "stop_after", "abort", "setup", "startup", "startup_resumed",
+                                      "startup_sigterm")
                      else [errors[raised]])
     kept = bool(stops) and raised != "unwritten"  # the error's line ends with what is kept
     assert err.rstrip().endswith("; what is kept") == kept, err
