@@ -44,6 +44,7 @@ def interrupted(runs, h, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
     log = (out.parent / "log.txt").read_text()
     assert code != 0, log[-3000:]
+    assert log.count("SIGINT received: stopping after this step") == 1, log[-3000:]  # rank 0's (every rank's before)
     tag = ckpt.latest_tag(out / "checkpoints")
     assert tag is not None, f"no checkpoint after Ctrl-C:\n{log[-3000:]}"
     step = int(tag[4:])

@@ -455,11 +455,12 @@ class StopSignal:
     """When a StopSignal of this process was first asked to stop (monotonic s): a LauncherWatch then
     stays quiet (a Ctrl-C ends DeepSpeed's runner too; its SIGTERM after the debounce would abort)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self._first = 0.0
         self.requested = False
         self.signum = None
         self._previous = {}
+        self.announce = announce  # the "received" line: rank 0's (a terminal's Ctrl-C reaches every rank)
 
     def install(self) -> "StopSignal":
         if threading.current_thread() is not threading.main_thread():
@@ -476,9 +477,10 @@ class StopSignal:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
         self.requested, self.signum, self._first = True, signum, time.monotonic()
         StopSignal.requested_at = self._first
-        sys.stderr.write(f"\nvlscale: {signal.Signals(signum).name} received: stopping after this step (in an "
-                         f"evaluation: after this batch) with a resumable checkpoint (send it again to abort at "
-                         f"once)\n")
+        if self.announce:
+            sys.stderr.write(f"\nvlscale: {signal.Signals(signum).name} received: stopping after this step (in an "
+                             f"evaluation: after this batch) with a resumable checkpoint (send it again to abort "
+                             f"at once)\n")
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -607,7 +607,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         quiet_tensorboard_thread_failures()
         run.writer = SummaryWriter(str(out / "tensorboard"), purge_step=run.step + 1 if resume else None)
     barrier()
-    run.stop = StopSignal().install()
+    run.stop = StopSignal(announce=run.is_main).install()
     run.watchdog = Watchdog(watchdog_timeout_s(), dist.rank).start()
     return run
 
