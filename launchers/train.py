@@ -259,7 +259,7 @@ def main(argv=None) -> int:
 
 def start_and_train(args: argparse.Namespace) -> int:
     try:  # the first seconds, torch's and DeepSpeed's imports: Ctrl-C there was a traceback through an import
-        from vlscale.engine.distributed import quiet_library_warnings, watch_launcher
+        from vlscale.engine.distributed import quiet_library_warnings, srun_without_launcher, watch_launcher
 
         quiet_library_warnings()
 
@@ -278,8 +278,9 @@ def start_and_train(args: argparse.Namespace) -> int:
                                                                args.stop_after_steps)
         except DeepSpeedConfigError as e:
             refusal = f"{type(e).__name__}: {e}"
-        if refusal:
-            print(f"vlscale: rank {os.environ.get('RANK', '0')}: {refusal}", file=sys.stderr, flush=True)
+        if refusal:  # srun's is about the launch: no rank (each task's "rank 0" beside "task 1 of 2")
+            who = "" if srun_without_launcher() else f"rank {os.environ.get('RANK', '0')}: "
+            print(f"vlscale: {who}{refusal}", file=sys.stderr, flush=True)
             return 1
         # --- setup
         from vlscale.engine.distributed import PortInUse, init_distributed  # selects the CPU accelerator first

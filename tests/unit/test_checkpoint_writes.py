@@ -412,7 +412,7 @@ def test_rank_without_world_size_is_refused_before_start(tmp_path, monkeypatch, 
         "one process")
 
 
-def test_srun_tasks_without_a_launcher_are_refused_before_start(tmp_path, monkeypatch, launcher):
+def test_srun_tasks_without_a_launcher_are_refused_before_start(tmp_path, monkeypatch, launcher, capsys):
     """``srun -n 2 python launchers/train.py`` gives each task SLURM_PROCID / SLURM_STEP_NUM_TASKS but no RANK:
     each trained as a 1-rank run, the first holding output_dir's lock, the other failing on it (measured). Refused
     on every task, naming a launcher to start; one task, a batch script's own process (no SLURM_STEP_NUM_TASKS) and
@@ -432,6 +432,9 @@ def test_srun_tasks_without_a_launcher_are_refused_before_start(tmp_path, monkey
     assert launcher("train").refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(
         "srun started this process as task 1 of 2 without a launcher's RANK / WORLD_SIZE, so each task would train "
         "alone: let srun start one launcher per node, e.g. srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES")
+    assert launcher("train").main(["--config", "tiny", f"output_dir={tmp_path / 'run'}"]) == 1
+    # about the launch, not a rank: it said "vlscale: rank 0: srun started this process as task 1 of 2"
+    assert capsys.readouterr().err.startswith("vlscale: srun started this process as task 1 of 2 without")
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
