@@ -131,6 +131,10 @@ def main(argv=None) -> int:
 
 def _main(argv, held: list) -> int:
     args = parse_args(argv)
+    # its lines and the bars' (stderr) in the order written in one log file (`> log 2>&1`): there, block-buffered,
+    # they came out after the bars, at exit (a Jupyter kernel's stream has no reconfigure, and needs none)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     import vlscale.replicate
     from vlscale.config import ConfigError
     from vlscale.files import out_problem

@@ -783,6 +783,19 @@ def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path
     assert "interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it\n" in out  # tqdm.write's stdout
 
 
+def test_its_lines_reach_a_log_file_when_written_as_the_bars_do(tmp_path, monkeypatch, launcher):
+    """`replicate.py ... > log 2>&1`: the bars (stderr) went out at once, its own lines (stdout, block-buffered in a
+    file) at exit, so the log read: both bar lines, then the header and every row's "train started" and "done"
+    (measured, table 5, two rows). Its stdout is line-buffered: each line is in the log as it is written."""
+    import io
+
+    log = tmp_path / "log"
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(open(log, "wb")))  # as Python opens a redirected stdout
+    args = ["--table", "5", "--methods", "projection_only", "--out", str(tmp_path / "t5"), "--dry-run"]
+    assert launcher("replicate").main(args) == 0
+    assert log.read_text().startswith("projection_only: updated "), "still in stdout's buffer"
+
+
 def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, monkeypatch, launcher):
     """SIGTERM during make_feature_cache ended replicate.py and left extract_features.py running, orphaned
     (Ctrl-C gave a traceback): now the extraction is stopped and KeyboardInterrupt reaches main's handler."""
