@@ -205,17 +205,20 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
 
 def gpu_plan(args: argparse.Namespace, dist) -> tuple[int, str, str]:
     """What this process can have of its GPU (the driver's free memory + what torch holds: less than the GPU's total
-    where another job or CUDA's context holds some) in bytes and in words, and the planner's command that finds a
-    setting which fits it (this run's config, DeepSpeed file, world size and overrides)."""
+    where another job or CUDA's context holds some), rounded down to 0.1 GiB, in bytes (the planner's budget) and in
+    words, and the planner's command that finds a setting which fits it (this run's config, DeepSpeed file, world
+    size and overrides)."""
     import torch
 
+    from vlscale.profiling.analytic import parse_size
+
     free, total = torch.cuda.mem_get_info(dist.device)
-    have = free + torch.cuda.memory_reserved(dist.device)
-    gib = int(have / 2 ** 30 * 10) / 10  # rounded down
+    gib = int((free + torch.cuda.memory_reserved(dist.device)) / 2 ** 30 * 10) / 10  # rounded down
     cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
            *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
            "--budget", f"{gib}GiB", *args.overrides]
-    return have, f"this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB", shlex.join(cmd)
+    return (parse_size(f"{gib}GiB"), f"this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB",
+            shlex.join(cmd))
 
 
 def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> str:
@@ -230,24 +233,30 @@ def out_of_memory_advice(e: BaseException, args: argparse.Namespace, dist) -> st
 
 
 def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str | None:
-    """On a GPU, before the model's build: a warning where the planner's estimate of this run's per-rank peak is
-    more than what this process can have of its GPU, naming both and the planner's command (the out-of-memory error
-    came minutes later, after the model built and the data loaded); None where it fits, on CPU, or where the
-    estimate does not model the run's settings. A warning, not a refusal: the estimate can be high (docs/scaling.md)."""
+    """On a GPU, before the model's build: a warning where this run's setting does not fit what this process can have
+    of its GPU as the planner judges it (its estimate of the per-rank peak + the headroom it keeps free, over the
+    budget its command below is given), naming both and the planner's command (the out-of-memory error came minutes
+    later, after the model built and the data loaded); None where it fits, on CPU, or where the estimate does not
+    model the run's settings. A warning, not a refusal: the estimate can be high (docs/scaling.md). An estimate that
+    fails otherwise (a fault of its own) is said in one line and the run starts: it does not need the estimate."""
     if dist.device.type != "cuda":
         return None
     from vlscale.profiling.analytic import estimate_memory, fmt_bytes
+    from vlscale.profiling.planner import default_headroom
 
     try:  # ~0.1-0.6 s on CPU (a scale preset, the default) beside the imports the model's build needs anyway
         peak = estimate_memory(cfg, dist.world_size, ds_config, device="cuda").components["peak"]
-    except Exception:  # noqa: BLE001 - a setting it does not model (profile_memory.py says which): no warning
+    except ValueError:  # a setting it does not model (profile_memory.py says which): no warning
         return None
-    have, said, cmd = gpu_plan(args, dist)
-    if peak <= have:
+    except Exception as e:  # noqa: BLE001 - said, not dropped, and the run starts
+        return f"the memory estimate failed ({type(e).__name__}: {e}): this run's memory is not checked against its GPU"
+    budget, said, cmd = gpu_plan(args, dist)
+    need = peak + default_headroom(budget)  # the planner's "fits" for the same budget: peak + headroom <= budget
+    if need <= budget:
         return None
-    return (f"warning: this run's memory estimate is {fmt_bytes(peak)} per GPU and {said}: it may run out of memory "
-            f"(it starts: the estimate can be high, docs/scaling.md); a setting that fits: {cmd} (--write-config FILE "
-            f"writes it)")
+    return (f"warning: this run's memory estimate is {fmt_bytes(peak)} per GPU ({fmt_bytes(need)} with the headroom "
+            f"the planner keeps free) and {said}: it may run out of memory (it starts: the estimate can be high, "
+            f"docs/scaling.md); a setting that fits: {cmd} (--write-config FILE writes it)")
 
 
 @logs_to_console

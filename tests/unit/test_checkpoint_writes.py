@@ -1699,6 +1699,7 @@ def test_a_gpu_run_whose_memory_estimate_exceeds_its_gpu_is_warned_before_the_mo
     for i, (device, rank, free_gib, ds_args) in enumerate([
             ("cuda:0", 0, 1.5, []),  # 3.55 GiB estimated, 2.0 GiB to have: one line
             ("cuda:0", 0, 20.0, []),  # it fits
+            ("cuda:0", 0, 3.5, []),  # 3.55 GiB in 4.0 GiB, not with the planner's headroom: its command says "no"
             ("cuda:0", 1, 1.5, []),  # rank 0 says it
             ("cpu", 0, 1.5, []),  # no GPU, nothing checked
             ("cuda:0", 0, 1.5, ["--deepspeed", str(tmp_path / "hpz.json")])]):  # not modelled: no estimate
@@ -1710,11 +1711,17 @@ def test_a_gpu_run_whose_memory_estimate_exceeds_its_gpu_is_warned_before_the_mo
                 "train.micro_batch_size=2048"]
         assert launcher("train").main(args) == 0
         said.append([line for line in built[-1].splitlines() if "memory estimate" in line])
-    assert said == [[f"vlscale: warning: this run's memory estimate is 3.55 GiB per GPU and this process can have 2.0 "
-                     f"GiB of the GPU's 23.69 GiB: it may run out of memory (it starts: the estimate can be high, "
-                     f"docs/scaling.md); a setting that fits: python launchers/profile_memory.py --config tiny "
-                     f"--world-size 2 --budget 2.0GiB output_dir={tmp_path / '0'} train.micro_batch_size=2048 "
-                     f"(--write-config FILE writes it)"], [], [], [], []], said
+    assert said == [[f"vlscale: warning: this run's memory estimate is 3.55 GiB per GPU (4.15 GiB with the headroom "
+                     f"the planner keeps free) and this process can have 2.0 GiB of the GPU's 23.69 GiB: it may run "
+                     f"out of memory (it starts: the estimate can be high, docs/scaling.md); a setting that fits: "
+                     f"python launchers/profile_memory.py --config tiny --world-size 2 --budget 2.0GiB "
+                     f"output_dir={tmp_path / '0'} train.micro_batch_size=2048 (--write-config FILE writes it)"], [],
+                    [f"vlscale: warning: this run's memory estimate is 3.55 GiB per GPU (4.25 GiB with the headroom "
+                     f"the planner keeps free) and this process can have 4.0 GiB of the GPU's 23.69 GiB: it may run "
+                     f"out of memory (it starts: the estimate can be high, docs/scaling.md); a setting that fits: "
+                     f"python launchers/profile_memory.py --config tiny --world-size 2 --budget 4.0GiB "
+                     f"output_dir={tmp_path / '2'} train.micro_batch_size=2048 (--write-config FILE writes it)"],
+                    [], [], []], said
 
 
 def test_a_new_run_over_another_runs_checkpoint_is_refused_by_the_launcher_naming_its_rank(tmp_path, monkeypatch,
@@ -2305,30 +2312,58 @@ def test_an_adapter_replaced_while_it_is_read_is_refused_not_loaded_as_the_earli
     assert ckpt.load_adapter(loaded, adapter)["step"] == 3 and torch.equal(loaded.weight, model.weight)
 
 
-def test_a_memory_estimate_of_the_runs_world_size_equal_to_what_the_process_can_have_is_no_warning(monkeypatch,
-                                                                                                     launcher):
+def test_the_memory_warning_and_the_planner_agree_on_what_fits(monkeypatch, launcher):
     """memory_warning's estimate is of the run's world size (tiny under ZeRO-3: 1.6 MB a rank less over 8 ranks than
-    on 1, which the test above's 3.55 GiB at micro-batch 2048 does not show), and it warns where that is more than
-    the GPU's free memory + torch's reserved, not where it is all of it."""
+    on 1, which the test above's 3.55 GiB at micro-batch 2048 does not show), and it warns where the planner, given
+    the budget its command names, finds the run's own setting does not fit (peak + the headroom it keeps free over
+    the budget). It compared the peak alone with what the process can have: tiny at micro-batch 2048 (3.55 GiB) on
+    4.0 GiB was no warning while `profile_memory.py --budget 4.0GiB` said "no" for that setting (measured)."""
     import argparse
     from types import SimpleNamespace
 
+    import vlscale.profiling.analytic as analytic
     from vlscale.config import load_config
     from vlscale.engine.deepspeed_config import build_deepspeed_config
-    from vlscale.profiling.analytic import estimate_memory
+    from vlscale.profiling.planner import plan
 
     cfg = load_config("tiny")
     ds = build_deepspeed_config(str(ROOT / "ds_configs" / "zero3.json"), cfg, 8, device_type="cuda")
-    peak = estimate_memory(cfg, 8, ds, device="cuda").components["peak"]
+    seen, estimate = [], analytic.estimate_memory
+    monkeypatch.setattr(analytic, "estimate_memory", lambda c, w, *a, **k: seen.append(w) or estimate(c, w, *a, **k))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 ** 20)
     dist = SimpleNamespace(device=torch.device("cuda:0"), world_size=8)
     args = argparse.Namespace(config=None, deepspeed=None, overrides=[])
-    said = []
-    for have in (peak, peak - 1):
+    warned, fits = [], []
+    for gib in (0.6, 0.5):  # tiny's 30 MiB + 0.53 GiB of headroom fit 0.6 GiB; 30 MiB + 0.525 GiB do not fit 0.5
+        have = analytic.parse_size(f"{gib}GiB") + 2 ** 20  # the command's --budget: rounded down to 0.1 GiB
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (have - 2 ** 20, 25_438_715_904))
-        said.append(launcher("train").memory_warning(cfg, ds, args, dist))
-    assert said[0] is None and said[1].startswith("warning: this run's memory estimate is ") and (
-        "per GPU and this process can have 0.0 GiB of the GPU's 23.69 GiB" in said[1]), said
+        warned.append(launcher("train").memory_warning(cfg, ds, args, dist))
+        fits += [o.fits for o in plan(cfg, f"{gib}GiB", 8, ds_file=str(ROOT / "ds_configs" / "zero3.json"),
+                                      stages=(3,), offloads=("none",), checkpointing=(False,), micro_batches=(16,),
+                                      precisions=("fp32",))]
+    assert seen == [8, 8] and fits == [True, False]
+    assert warned[0] is None and warned[1].startswith("warning: this run's memory estimate is ") and (
+        "the planner keeps free) and this process can have 0.5 GiB of the GPU's 23.69 GiB" in warned[1]), warned
+
+
+def test_a_fault_of_the_memory_estimate_is_said_not_dropped(monkeypatch, launcher):
+    """memory_warning caught every exception of the estimate and said nothing: a setting the estimate does not model
+    (a ValueError, ZeRO++ in the test above) is still no warning, and a fault of its own (a TypeError) one line
+    naming it; the run starts either way (it does not need the estimate)."""
+    import argparse
+    from types import SimpleNamespace
+
+    import vlscale.profiling.analytic as analytic
+
+    dist = SimpleNamespace(device=torch.device("cuda:0"), world_size=2)
+    args = argparse.Namespace(config=None, deepspeed=None, overrides=[])
+    said = []
+    for error in (ValueError("zero_optimization.zero_hpz_partition_size=2: ..."),
+                  TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")):
+        monkeypatch.setattr(analytic, "estimate_memory", lambda *a, **k: (_ for _ in ()).throw(error))
+        said.append(launcher("train").memory_warning(None, {}, args, dist))
+    assert said == [None, "the memory estimate failed (TypeError: unsupported operand type(s) for +: 'int' and "
+                          "'NoneType'): this run's memory is not checked against its GPU"], said
 
 
 def test_weights_saved_before_they_recorded_their_step_load_with_their_configs_step(tmp_path):
