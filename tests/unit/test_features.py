@@ -460,7 +460,7 @@ def test_copied_frame_features_a_file_that_cannot_be_read_stops_keeping_the_rest
     assert sorted(FeatureCache(tmp_path / "out").ids()) == ["a", "c"]
 
 
-def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path):
+def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path, capsys):
     enc, tf = encoder
     split = generate_split("vqa", "val", 10, image_size=16)
     ids = list(split.visuals)
@@ -477,9 +477,12 @@ def test_cache_roundtrip_resume_and_atomic_shards(encoder, tmp_path):
                          progress=False)
     partial = FeatureCache(out, vision=VISION)
     assert len(partial) == 6 and not list(out.glob("*.tmp"))  # whole batches done before the failure
+    capsys.readouterr()
     stats = extract_features(enc, tf, SyntheticImages(split.visuals), ids, out, vision=VISION, batch_size=3,
-                             shard_size=2, progress=False)
+                             shard_size=2, progress=True)
     assert stats == {"total": 10, "skipped": 6, "written": 4, "unreadable": []}
+    err = capsys.readouterr().err  # the resumed extraction's bar: the ids left, not all (4/10 at its end)
+    assert err.splitlines()[-1].startswith("features ") and "4/4 [" in err, err
     cache = FeatureCache(out, vision=VISION, pretrained=None, expect_kind="grid")
     assert cache.kind == "features" and len(cache) == 10 and len(list(out.glob("shard_*.safetensors"))) == 5
     want = enc.encode_grid(tf([split.visuals[i] for i in ids[:3]]))
