@@ -775,11 +775,13 @@ def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path
             for i, code in enumerate((130, 143, 138, killed, 3))]
     for job in jobs:
         job.run_dir.mkdir()
+    jobs.append(Job(row=rows[5], overrides=[], run_dir=tmp_path / "5", phase="done"))  # a rerun's row done before
     said = []
     Runner(jobs, 2, 1, on_done=lambda j: None, progress=True, poll_s=0.05, echo=said.append).run()
-    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "interrupted", "failed"]
+    assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "interrupted", "failed", "done"]
     out, err = capsys.readouterr()  # its bar in a log file: whole lines (tqdm's in place of progress_bar survived)
-    assert "\r" not in err and err.splitlines()[-1].startswith("trainings") and "5/5 [" in err, err
+    assert "\r" not in err and err.splitlines()[-1].startswith("trainings") and "6/6 [" in err, err
+    assert err.splitlines()[0].startswith("trainings:  17%|") and "1/6 [" in err, err  # the done row counts from the start
     assert "interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it\n" in out  # tqdm.write's stdout
 
 
