@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,31 +275,16 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
 
 @contextlib.contextmanager
 def out_locked(out: Path, writer: bool = True):
-    """Holds ``out``'s ``.vlscale.lock`` (a training run's lock file too; made, and removed after, with ``out`` if
-    this made it and it is left empty), or refuses naming who holds it: two evaluations writing one --out at once
-    (the same adapter's default eval_<split>, two --tasks subsets side by side) cleared each other's
-    ``predictions.partial/`` midway, and each rewrote eval_metrics.json from what it had read before, so one's
-    predictions or scores were lost. ``writer``: rank 0; the other ranks write nothing there."""
-    from vlscale.engine.checkpoint import LOCK_FILE
-    from vlscale.files import hold_lock
+    """Holds ``out``'s lock (:func:`vlscale.engine.evaluation.out_lock`), or refuses naming who holds it: two
+    evaluations writing one --out at once (the same adapter's default eval_<split>, two --tasks subsets side by side,
+    train.test_eval's eval_test/) lost one's predictions or scores. ``writer``: rank 0."""
+    from vlscale.engine.evaluation import out_lock
 
-    if not writer:
+    with out_lock(out, "evaluate.py", writer) as holder:
+        if holder:
+            raise ValueError(f"--out {out} is being written by another process ({holder}); wait for it to end "
+                             f"or choose another --out")
         yield
-        return
-    made, path = not out.exists(), out / LOCK_FILE
-    out.mkdir(parents=True, exist_ok=True)
-    f, holder = hold_lock(path, f"evaluate.py, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    if f is None:
-        raise ValueError(f"--out {out} is being written by another process ({holder}); wait for it to end "
-                         f"or choose another --out")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still held: whoever opens it next opens a new one
-        f.close()
-        if made:
-            with contextlib.suppress(OSError):  # not empty: what was written stays
-                out.rmdir()
 
 
 def output_clash(out: Path, predict_only: bool) -> str | None:

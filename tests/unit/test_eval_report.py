@@ -729,6 +729,46 @@ def test_an_out_lock_its_holder_removed_as_it_was_taken_is_taken_again(tmp_path,
     assert third is None and by.startswith("evaluate.py, pid ") and len(held) == 2
 
 
+def test_train_test_eval_takes_the_lock_evaluate_py_takes_on_eval_test(tmp_path, monkeypatch):
+    """train.test_eval wrote RUN/eval_test/ without the lock evaluate.py takes on its --out: an `evaluate.py --adapter
+    RUN/adapter --split test` (its default --out, RUN/eval_test) at the same moment shared its predictions.partial/.
+    Now the training's test evaluation holds eval_test/'s lock (evaluate.py is refused meanwhile), and where another
+    holds it, refuses before evaluating, every rank together, saying the training is kept."""
+    from types import SimpleNamespace
+
+    from vlscale.engine import trainer
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
+
+    run = SimpleNamespace(out=tmp_path, is_main=True, step=6, cfg=load_config("tiny"), stage=3,
+                          dist=SimpleNamespace(world_size=1))
+    eval_test, seen = tmp_path / "eval_test", []
+    eval_test.mkdir()  # a finished run's, evaluated again by a --resume
+
+    def evaluate(run, split, predictions_dir):
+        seen.append(hold_lock(eval_test / LOCK_FILE, "evaluate.py, pid 4242")[1])  # evaluate.py's try, meanwhile
+        return {"vqa": {"vqa_score": 1.0}}
+
+    monkeypatch.setattr(trainer, "_evaluate", evaluate)
+    monkeypatch.setattr(trainer, "write_eval_report", lambda out, *a, **k: seen.append(out))
+    assert trainer.run_test_evaluation(run) == {"vqa": {"vqa_score": 1.0}}
+    assert seen[0].startswith("train.py's train.test_eval, pid ") and seen[1] == eval_test, seen
+    assert not (eval_test / LOCK_FILE).exists()  # released
+    held, _ = hold_lock(eval_test / LOCK_FILE, "evaluate.py, pid 4242, since 12:00")  # evaluate.py writing it
+    with pytest.raises(ckpt.CheckpointError, match=rf"^{eval_test} is being written by another process \(evaluate.py, "
+                                                   rf"pid 4242, since 12:00\): the test split is not evaluated; the "
+                                                   rf"training is complete and checkpointed, and --resume runs"):
+        trainer.run_test_evaluation(run)
+    assert len(seen) == 2 and (eval_test / LOCK_FILE).exists()  # not evaluated; evaluate.py's lock left to it
+    held.close()
+    # rank 1 (it takes no lock) stops on rank 0's answer, naming the holder rank 0 found
+    monkeypatch.setattr(trainer, "broadcast_object", lambda holder: "evaluate.py, pid 4242, since 12:00")
+    run.is_main = False
+    with pytest.raises(ckpt.CheckpointError, match=r"being written by another process \(evaluate.py, pid 4242, "):
+        trainer.run_test_evaluation(run)
+    assert len(seen) == 2
+
+
 def test_the_digest_of_weights_that_record_no_step_is_reported_and_of_a_file_that_is_no_safetensors_none(tmp_path):
     """Weights saved before they recorded their step (their metadata: the format alone) have their digest reported,
     as they had, and so does a report of no step; a weights file that is no safetensors file (its first 8 bytes read

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -231,6 +233,34 @@ VALUE_SPLITS = {"test": {"how2qa": "test_public"}}
 ``test_public``, the other three tasks' is ``test``); a split not listed keeps its own name."""
 
 _OPTION = re.compile(r"^\s*a(\d)\s*$")
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, who: str, writer: bool = True):
+    """Holds the evaluation folder ``out``'s ``.vlscale.lock`` (a training run's lock file too; made, and removed
+    after, with ``out`` if this made it and it is left empty) while the block runs, and yields None; where another
+    process holds it, yields what that one wrote in it (``who``, its pid, since when) and takes nothing: the caller
+    refuses, naming it. Two evaluations writing one folder at once (evaluate.py's default eval_<split> twice, or
+    beside train.test_eval's eval_test/) cleared each other's ``predictions.partial/`` midway, and each rewrote
+    eval_metrics.json from what it had read before. ``writer``: rank 0; the other ranks write nothing there."""
+    from vlscale.engine.checkpoint import LOCK_FILE
+    from vlscale.files import hold_lock
+
+    if not writer:
+        yield None
+        return
+    made, path = not out.exists(), out / LOCK_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    f, holder = hold_lock(path, f"{who}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    try:
+        yield holder
+    finally:
+        if f is not None:
+            path.unlink(missing_ok=True)  # still held: whoever opens it next opens a new one
+            f.close()
+        if made:
+            with contextlib.suppress(OSError):  # not empty: what was written stays
+                out.rmdir()
 
 
 def _number_or_text(value: str):

@@ -56,7 +56,7 @@ from vlscale.engine.deepspeed_config import batch_as_given, check_nvme_support, 
 from vlscale.engine.distributed import (DistInfo, StopSignal, Watchdog, all_gather_object, all_reduce_sum,
                                         all_reduce_sum_, barrier, broadcast_object, precision_problem,
                                         watchdog_timeout_s)
-from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores,
+from vlscale.engine.evaluation import (EvaluationInterrupted, eval_settings, evaluate, format_scores, out_lock,
                                        predictions_replaced_whole, to_device, write_eval_report)
 from vlscale.engine.half_precision import stage0_corrections, unscaled_grad_norm
 from vlscale.files import write_text_atomic
@@ -943,11 +943,17 @@ def run_test_evaluation(run: Run) -> dict:
     this run's settings, not adapter/'s: a --resume of a finished run does not write adapter/ again, and may
     change train.eval_max_examples."""
     out = run.out / "eval_test"
-    run.test_scores = _evaluate(run, "test", out / "predictions")
-    if run.is_main:
-        write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores,
-                          settings=eval_settings(run.cfg.to_dict(), zero_stage=run.stage,
-                                                 world_size=run.dist.world_size))
+    with out_lock(out, "train.py's train.test_eval", writer=run.is_main) as holder:  # as evaluate.py's --out
+        holder = broadcast_object(holder)
+        if holder:  # every rank stops here: the evaluation is collective
+            raise ckpt.CheckpointError(
+                f"{out} is being written by another process ({holder}): the test split is not evaluated; the "
+                f"training is complete and checkpointed, and --resume runs the final evaluations again once it ends")
+        run.test_scores = _evaluate(run, "test", out / "predictions")
+        if run.is_main:
+            write_eval_report(out, run.out / "adapter", "test", run.step, run.test_scores,
+                              settings=eval_settings(run.cfg.to_dict(), zero_stage=run.stage,
+                                                     world_size=run.dist.world_size))
     return run.test_scores
 
 
