@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -224,9 +225,11 @@ def _main(argv, held: list) -> int:
             make_feature_cache(args.extra, cache, max(1, parallel * args.threads_per_run),
                                backbone_fingerprint(config_of(needs_cache[0]), vision_only=True), log)
         Runner(jobs, parallel, args.threads_per_run, on_done, progress=not args.no_progress).run()
-    except KeyboardInterrupt:
-        print(f"\nreplicate: interrupted; rerun the same command to resume ({out})", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (vlscale.log.interruptible): 128 + the signal, as train.py
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\nreplicate: interrupted ({signal.Signals(signum).name}); rerun the same command to resume ({out})",
+              file=sys.stderr)
+        return 128 + signum
     elapsed, cpu = time.time() - start, children_cpu_s() - cpu_start
 
     # --- tables, plot: each seed's (in its folder), then over the seeds

@@ -262,11 +262,11 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with interruptible():  # SIGTERM before the run's stop handler (imports, the model's build) ended it without a line
-        return start_and_train(args)
+    with interruptible() as release:  # SIGTERM before the run's stop handler (imports, the model's build) ended it
+        return start_and_train(args, release)  # without a line
 
 
-def start_and_train(args: argparse.Namespace) -> int:
+def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
     try:  # the first seconds, torch's and DeepSpeed's imports: Ctrl-C there was a traceback through an import
         from vlscale.engine.distributed import quiet_library_warnings, srun_without_launcher, watch_launcher
 
@@ -360,7 +360,9 @@ def start_and_train(args: argparse.Namespace) -> int:
         why = str(e) or f"{signal.Signals(signum).name} during start-up, before training began: {kept}"
         print(f"vlscale: rank {dist.rank}: aborted ({why})", file=sys.stderr, flush=True)
         code = 128 + signum
-    # --- cleanup
+    # --- cleanup: the outcome is said; a SIGTERM from here (DeepSpeed's launch.py ending the ranks left once one
+    # exits non-zero) ends the process at once, as before interruptible(), not with a traceback from a close
+    release_sigterm()
     trainer.close(run)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -137,15 +137,20 @@ def _interrupt(signum, frame):
 @contextlib.contextmanager
 def interruptible():
     """SIGTERM raises KeyboardInterrupt (:class:`Interrupted`) here, as Ctrl-C does (in the main thread; elsewhere
-    nothing changes)."""
-    previous = None
+    nothing changes). Yields a function that gives SIGTERM its previous handler back before the block ends (a
+    launcher's cleanup, once its outcome is said: the signal ends the process there, with no traceback)."""
+    previous = []
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous.append(signal.signal(signal.SIGTERM, _interrupt))
+
+    def release():
+        if previous:
+            signal.signal(signal.SIGTERM, previous.pop())
+
     try:
-        yield
+        yield release
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        release()
 
 
 def logs_to_console(main):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -601,6 +602,31 @@ def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_pa
     assert f"rerun the same command to resume them ({out})" in err
     data = json.loads((out / "results.json").read_text())
     assert data["invocations"][-1]["rows_run_now"] == [done, stopped] and set(data["methods"]) == {done}
+
+
+@needs_assets
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_replicate_stopped_by_a_signal_exits_128_plus_it(tmp_path, launcher, capsys, monkeypatch, signum):
+    """Ctrl-C (130) or SIGTERM (143, as train.py's): the status a scheduler reads; SIGTERM's was 130."""
+    import vlscale.replicate
+    from vlscale.log import Interrupted
+
+    class StoppedRunner:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            raise Interrupted(signum) if signum == signal.SIGTERM else KeyboardInterrupt
+
+    monkeypatch.setattr(vlscale.replicate, "Runner", StoppedRunner)
+    replicate = launcher("replicate")
+    monkeypatch.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
+    out = tmp_path / "table1"
+    code = replicate.main(["--table", "1", "--methods", "single_adapter", "--steps", "3", "--out", str(out),
+                           "--no-progress"])
+    assert code == 128 + signum
+    assert f"replicate: interrupted ({signal.Signals(signum).name}); rerun the same command to resume ({out})" in (
+        capsys.readouterr().err)
 
 
 def test_rows_run_as_their_own_jobs(monkeypatch):

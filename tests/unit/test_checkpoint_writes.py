@@ -1646,7 +1646,12 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     monkeypatch.setattr(trainer, "setup_run", setup_run)
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
-    monkeypatch.setattr(trainer, "close", lambda run: None)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def close(run):  # a SIGTERM in the cleanup ends the process as it did before (it raised a traceback from here)
+        assert signal.getsignal(signal.SIGTERM) == before
+
+    monkeypatch.setattr(trainer, "close", close)
     stops = []  # record_stop writes run_summary.json for the errors of the run's input (mid-run: an unreadable image)
 
     def record_stop(run, e):
