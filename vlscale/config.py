@@ -834,7 +834,7 @@ def list_presets() -> list[str]:
 
 
 def _preset_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()  # --config=~/x.yaml and base: ~/x.yaml reach here unexpanded
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
     q = PRESET_DIR / f"{name_or_path}.yaml"

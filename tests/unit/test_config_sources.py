@@ -177,6 +177,16 @@ def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
     assert cfg.model.vision_pretrained == "openai"
 
 
+def test_a_home_folder_in_a_config_path_is_expanded(tmp_path, monkeypatch):
+    """--config=~/x.yaml (bash expands '~' after '=' only in NAME=VALUE words) and a preset's base: ~/x.yaml reached
+    the loader as './~/x.yaml': 'no file'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "base.yaml").write_text("base: tiny\ntrain:\n  max_steps: 7\n")
+    (tmp_path / "user.yaml").write_text("base: ~/base.yaml\ntrain:\n  lr: 0.5\n")
+    cfg = load_config("~/user.yaml")
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.model.backbone) == (7, 0.5, "tiny-t5")
+
+
 def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, monkeypatch):
     """--config my.yaml (a file meant: a .yaml suffix or a folder in it) that is not there says so, with the
     working directory a relative one was read from; a bare name is still 'no preset or file'."""
