@@ -572,6 +572,12 @@ def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch
         default_ds_file(cfg_with(), str(tmp_path))
     assert Path(default_ds_file(cfg_with("train.deepspeed=ds_configs/zero2.json"))).name == "zero2.json"  # found from elsewhere
     assert Path(default_ds_file(cfg_with())).name == "zero3.json"
+    # --deepspeed=~/x.json and train.deepspeed=~/x.json reach Python unexpanded (bash expands NAME=~ words only)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    mine = tmp_path / "home" / "mine.json"
+    mine.parent.mkdir()
+    mine.write_text((DS_DIR / "zero3.json").read_text())
+    assert default_ds_file(cfg_with("train.deepspeed=~/mine.json")) == default_ds_file(None, "~/mine.json") == str(mine)
 
 
 @pytest.mark.parametrize("key, value, ours, why", [

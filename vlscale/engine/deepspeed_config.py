@@ -227,7 +227,8 @@ package (a wheel ships ``ds_configs/`` inside ``vlscale/``: setup.py's ``package
 def resolve_ds_file(path: str) -> str:
     """``ds_configs/zero3.json`` from any working directory: a relative path that does not exist from it
     is tried from the repository root, then from the installed package (the launchers' ``--deepspeed`` and a
-    preset's ``train.deepspeed``)."""
+    preset's ``train.deepspeed``); a '~' is the home folder (``--deepspeed=~/x.json`` reaches here unexpanded)."""
+    path = os.path.expanduser(path)
     if not os.path.exists(path) and not os.path.isabs(path):
         for base in (REPO_ROOT, PACKAGE_DIR):
             if (base / path).exists():
