@@ -572,6 +572,12 @@ def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch
         default_ds_file(cfg_with(), str(tmp_path))
     assert Path(default_ds_file(cfg_with("train.deepspeed=ds_configs/zero2.json"))).name == "zero2.json"  # found from elsewhere
     assert Path(default_ds_file(cfg_with())).name == "zero3.json"
+    # launched from another folder, a relative path found nowhere names the folders it was read from (it named none)
+    with pytest.raises(DeepSpeedConfigError) as e:
+        default_ds_file(cfg_with(), "ds_configs/zero4.json")
+    assert str(e.value).endswith(f"does not exist (shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, "
+                                 f"zero3_nvme.json); read from the working directory {tmp_path}, then from "
+                                 f"{DS_DIR.parent} and {DS_DIR.parent / 'vlscale'}")
     # --deepspeed=~/x.json and train.deepspeed=~/x.json reach Python unexpanded (bash expands NAME=~ words only)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     mine = tmp_path / "home" / "mine.json"

@@ -224,16 +224,22 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 package (a wheel ships ``ds_configs/`` inside ``vlscale/``: setup.py's ``package_dir``)."""
 
 
+SHIPPED_DS_FILES = "shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json"
+
+
 def resolve_ds_file(path: str) -> str:
     """``ds_configs/zero3.json`` from any working directory: a relative path that does not exist from it
     is tried from the repository root, then from the installed package (the launchers' ``--deepspeed`` and a
-    preset's ``train.deepspeed``); a '~' is the home folder (``--deepspeed=~/x.json`` reaches here unexpanded)."""
+    preset's ``train.deepspeed``); a '~' is the home folder (``--deepspeed=~/x.json`` reaches here unexpanded).
+    A relative path found in none of them is refused naming the folders it was read from."""
     path = os.path.expanduser(path)
-    if not os.path.exists(path) and not os.path.isabs(path):
-        for base in (REPO_ROOT, PACKAGE_DIR):
-            if (base / path).exists():
-                return str(base / path)
-    return path
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    for base in (REPO_ROOT, PACKAGE_DIR):
+        if (base / path).exists():
+            return str(base / path)
+    raise DeepSpeedConfigError(f"DeepSpeed config file {path!r} does not exist ({SHIPPED_DS_FILES}); read from the "
+                               f"working directory {os.getcwd()}, then from {REPO_ROOT} and {PACKAGE_DIR}")
 
 
 def default_ds_file(cfg: Optional[RunConfig], ds_file: Union[str, os.PathLike, dict, None] = None) -> Union[str, dict]:
@@ -245,13 +251,13 @@ def default_ds_file(cfg: Optional[RunConfig], ds_file: Union[str, os.PathLike, d
     if isinstance(ds_file, dict):
         return ds_file
     own = cfg.train.deepspeed if cfg is not None else None
-    path = resolve_ds_file(str(ds_file or own or shipped_ds_file("zero3.json")))
     given = "--deepspeed" if ds_file else "train.deepspeed" if own else None
-    if given and not Path(path).is_file():  # the message names where the file was named
-        try:
+    try:  # the message names where the file was named
+        path = resolve_ds_file(str(ds_file or own or shipped_ds_file("zero3.json")))
+        if given and not Path(path).is_file():
             load_ds_file(path)
-        except DeepSpeedConfigError as e:
-            raise DeepSpeedConfigError(f"{given}: {e}") from None
+    except DeepSpeedConfigError as e:
+        raise DeepSpeedConfigError(f"{given}: {e}") from None
     return path
 
 
@@ -287,7 +293,7 @@ def load_ds_file(ds_file_or_dict: Union[str, os.PathLike, dict], source: Optiona
     if not path.is_file():  # a folder (--deepspeed ds_configs) was said not to exist
         raise DeepSpeedConfigError(f"DeepSpeed config file {str(path)!r} "
                                    f"{'is a folder, not a file' if path.is_dir() else 'does not exist'} "
-                                   f"(shipped: ds_configs/zero2.json, zero3.json, zero3_offload.json, zero3_nvme.json)")
+                                   f"({SHIPPED_DS_FILES})")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicate_keys)  # BOM or not
     except json.JSONDecodeError as e:
