@@ -925,6 +925,8 @@ def parse_overrides(overrides) -> dict:
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
                 value = raw
+            if re.search(r"(^|\s)#", raw) and raw.lstrip()[:1] not in "\"'[{":  # YAML reads a comment there
+                value = raw  # output_dir="runs/run #2" was runs/run, output_dir=#2 null
             pairs.append((key, item, value))
     nested: dict = {}
     for key, item, value in pairs:

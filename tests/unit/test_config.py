@@ -291,6 +291,17 @@ def test_parse_overrides_nested():
         parse_overrides(["train=5", "train.max_steps=3"])
 
 
+def test_an_override_with_a_hash_is_taken_as_written():
+    """YAML reads ' #...' (or a leading '#') as a comment: output_dir="runs/run #2" trained into runs/run, silently,
+    and output_dir=#2 was 'may not be null'. A quoted value keeps its own reading; a number with a comment is
+    refused naming it."""
+    assert parse_overrides(["output_dir=runs/run #2", "name=#2", "description=a\t#b", "model.tokenizer='t #1'"]) == {
+        "output_dir": "runs/run #2", "name": "#2", "description": "a\t#b", "model": {"tokenizer": "t #1"}}
+    assert load_config("tiny", ["output_dir=runs/é x/run #2"]).output_dir == "runs/é x/run #2"
+    with pytest.raises(ConfigError, match=r"^train\.max_steps='5 #x' must be an integer$"):
+        load_config("tiny", ["train.max_steps=5 #x"])
+
+
 def test_overrides_from_python_take_one_string_or_a_dict():
     """load_config("tiny", "train.max_steps=3") read the string one character at a time ("override 'p' is not of
     the form key=value") and a dict by its keys alone: one string is one override, a dict's keys are dotted or
