@@ -313,8 +313,9 @@ def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
         cfg = cfg or load_config(args.config, args.overrides)
         ds_file = default_ds_file(cfg, args.deepspeed)
         ds_config = build_deepspeed_config(ds_file, cfg, dist.world_size, device_type=dist.device_type)
-        if dist.is_main:
-            print(f"vlscale: {cfg.name} -> {cfg.output_dir} | world_size={dist.world_size} ({dist.device_type}, "
+        if dist.is_main:  # a relative output_dir is in the working directory: said so, for a job started elsewhere
+            out = cfg.output_dir if Path(cfg.output_dir).is_absolute() else f"{cfg.output_dir} (in {os.getcwd()})"
+            print(f"vlscale: {cfg.name} -> {out} | world_size={dist.world_size} ({dist.device_type}, "
                   f"{dist.backend}) | ZeRO-{trainer.zero_stage(ds_config)} | {cfg.train.precision} | global batch "
                   f"{ds_config['train_batch_size']} (micro-batch {ds_config['train_micro_batch_size_per_gpu']} x "
                   f"{dist.world_size} x accumulation {ds_config['gradient_accumulation_steps']}) | "

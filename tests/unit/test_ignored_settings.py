@@ -100,8 +100,11 @@ def test_train_prints_each_note_once_at_start_up(monkeypatch, tmp_path, launcher
     monkeypatch.setattr(trainer, "setup_run", setup_run)
     monkeypatch.setattr(distributed, "init_distributed",
                         lambda *a, **k: distributed.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
-    launcher("train").main(["--no-progress", "--config", "tiny", f"output_dir={tmp_path}", "peft.method=lora",
+    monkeypatch.chdir(tmp_path)
+    launcher("train").main(["--no-progress", "--config", "tiny", "output_dir=runs/é x/", "peft.method=lora",
                             "peft.half_shared=up", "model.pool_size=9"])
     out = capsys.readouterr().out.splitlines()
+    # the banner says which folder a relative output_dir is in (launched from elsewhere, it named runs/é x/ only)
+    assert out[0].startswith(f"vlscale: tiny -> runs/é x/ (in {tmp_path}) | world_size=1 (cpu, gloo) | "), out
     for key in ("peft.reduction_factor=4", "peft.half_shared=up", "model.pool_size=9"):
         assert sum(line.startswith(f"vlscale: {key} ") for line in out) == 1, (key, out)
