@@ -909,6 +909,15 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
     return data
 
 
+def _takes_text(key: str) -> bool:
+    """Whether the dotted ``key`` names a string setting of :class:`RunConfig` (``output_dir``, ``model.tokenizer``)."""
+    *sections, name = key.strip().split(".")
+    cls = RunConfig
+    for part in sections:
+        cls = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+    return dataclasses.is_dataclass(cls) and _strip_optional(typing.get_type_hints(cls).get(name))[0] is str
+
+
 def parse_overrides(overrides) -> dict:
     """``["train.max_steps=5", "data.tasks=[vqa,gqa]"]`` -> nested dict. From Python also one ``"key=value"``
     string, or a dict whose keys are dotted or nested (``{"train.max_steps": 5}``, ``{"train": {"max_steps": 5}}``),
@@ -927,6 +936,8 @@ def parse_overrides(overrides) -> dict:
                 value = raw
             if re.search(r"(^|\s)#", raw) and raw.lstrip()[:1] not in "\"'[{":  # YAML reads a comment there
                 value = raw  # output_dir="runs/run #2" was runs/run, output_dir=#2 null
+            elif value is not None and not isinstance(value, str) and _takes_text(key):
+                value = raw.strip()  # output_dir=12:30 was 750 (YAML 1.1's base 60), =007 7, ="a: b" a mapping
             pairs.append((key, item, value))
     nested: dict = {}
     for key, item, value in pairs:

@@ -202,6 +202,16 @@ def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse():
     """``output_dir=2024`` is YAML's int 2024 and ``description=[draft`` no YAML at all: both are the text given."""
     cfg = load_config("tiny", ["output_dir=2024", "description=[draft", "name=1.5"])
     assert (cfg.output_dir, cfg.description, cfg.name) == ("2024", "[draft", "1.5")
+    # YAML 1.1 changed the text of others: output_dir=12:30 trained into 750 (base 60), output_dir=007 into 7,
+    # name=2024_01 was 202401; a date and 'a: b' were refused as 'must be a string' showing what YAML made of them.
+    # A number setting and a null keep YAML's reading.
+    cfg = load_config("tiny", ["output_dir=12:30", "name=2024_01", "description=note: x", "model.tokenizer=007",
+                               "train.deepspeed=2024-01-05", "train.max_steps=1_000", "model.backbone_path=null"])
+    assert (cfg.output_dir, cfg.name, cfg.description, cfg.model.tokenizer, cfg.train.deepspeed) == (
+        "12:30", "2024_01", "note: x", "007", "2024-01-05")
+    assert (cfg.train.max_steps, cfg.model.backbone_path) == (1000, None)
+    assert parse_overrides(["data.hf_columns={image: img}", "peft.nope=7"]) == {
+        "data": {"hf_columns": {"image": "img"}}, "peft": {"nope": 7}}
 
 
 def test_earlier_lora_train_bias_key_reads_as_peft_bias(caplog):
