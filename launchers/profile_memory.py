@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -56,11 +57,15 @@ def parse_args(argv=None):
                    help="predict for GPU (default) or DeepSpeed's CPU accelerator (default with --measure on CPU)")
     p.add_argument("--budget", default=None, help="per-GPU memory budget, e.g. 24GiB or 80GB: run the planner")
     p.add_argument("--headroom", default=None, help="memory kept free by the planner (default 5%% + 0.5 GiB)")
-    p.add_argument("--write-config", default=None, help="with --budget: write the chosen DeepSpeed JSON here")
+    # '~' expanded: --write-config=~/ds.json (no shell expands it there) wrote ./~/ds.json and printed a command
+    # whose --deepspeed ~/ds.json the shell reads as the home folder's, where no file was
+    p.add_argument("--write-config", default=None, type=os.path.expanduser,
+                   help="with --budget: write the chosen DeepSpeed JSON here")
     p.add_argument("--measure", action="store_true", help="also measure real training steps")
     p.add_argument("--steps", type=int, default=None, help="steps of the measured run (default 3; needs --measure)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--plot", default=None, help="write stacked bars per component to this PNG (matplotlib)")
+    p.add_argument("--plot", default=None, type=os.path.expanduser,
+                   help="write stacked bars per component to this PNG (matplotlib)")
     p.add_argument("--top", type=int, default=None, help="with --budget: plan options to print / plot (default 15)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_intermixed_args(argv)
