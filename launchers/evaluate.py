@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train, val or test; with real data also any file stem (docs/datasets.md: "
                         "--split minival reads vqa/minival.json; COCO captions: train, val, test only)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the adapter's tasks (default: all)")
-    p.add_argument("--out", default=None, help="output directory (default: <adapter parent>/eval_<split>)")
+    p.add_argument("--out", default=None, type=os.path.expanduser,  # --out=~/x: no shell expands it there
+                   help="output directory (default: <adapter parent>/eval_<split>)")
     p.add_argument("--java-metrics", action="store_true",
                    help="caption tasks: CIDEr-D, BLEU-4 and ROUGE-L on coco-caption's PTB tokenisation, plus METEOR "
                         "(needs java on the PATH; default: Python tokenisation, no METEOR)")

@@ -78,7 +78,8 @@ def parse_args(argv=None):
                          "the cache, listed at the end (by default the first stops the extraction, the features "
                          "written before it kept); with --real: data.skip_bad_records=true does both")
     ap.add_argument("--pattern", default=None, help="--images: file name pattern with {id} (default: any image)")
-    ap.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed when present)")
+    ap.add_argument("--out", type=lambda p: Path(p).expanduser(), required=True,  # --out=~/x: no shell expands it
+                    help="cache folder (created; resumed when present)")
     ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
     ap.add_argument("--shard-size", type=int, default=512, help="ids per safetensors shard")
     ap.add_argument("--video", action="store_true", help="per-frame global embeddings (F, E)")

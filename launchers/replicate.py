@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", default="0", metavar="S",
                    help="train.seed of every row (default 0); several (0,1,2 or 0-4): each row once per seed, the "
                         "table over them (mean, ± sd) in --out and each seed's in --out/seed<S>/; at most 1000 seeds")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/replicate/table<N>)")
+    p.add_argument("--out", type=lambda p: Path(p).expanduser(), default=None,  # --out=~/x: no shell expands it
+                   help="output folder (default runs/replicate/table<N>)")
     p.add_argument("--steps", type=int, default=None, help="train.max_steps of every row (default: the preset's)")
     p.add_argument("--parallel", type=int, default=None, help="trainings at once (default: usable CPUs // threads)")
     p.add_argument("--threads-per-run", type=int, default=1, help="torch threads of each training (default 1)")

@@ -1689,12 +1689,17 @@ def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_pat
     assert {row["precision"] for row in json.loads(capsys.readouterr().out)["plan"]} == {"bf16", "fp32"}
 
 
-def test_write_config_and_plot_take_a_home_folder(launcher, monkeypatch, tmp_path):
+def test_output_paths_of_the_launchers_take_a_home_folder(launcher, monkeypatch, tmp_path):
     """--write-config=~/ds.json reaches Python unexpanded (bash expands NAME=~ words only): it wrote ./~/ds.json and
     printed 'train with: ... --deepspeed ~/ds.json', a file the shell reads in the home folder, where none was."""
     monkeypatch.setenv("HOME", str(tmp_path))
     args = launcher("profile_memory").parse_args(["--write-config=~/ds.json", "--plot=~/b.png", "--budget", "1GiB"])
     assert (args.write_config, args.plot) == (str(tmp_path / "ds.json"), str(tmp_path / "b.png"))
+    # the output folders of the others: each wrote a folder named '~' in the working directory, silently (the feature
+    # cache then not where data.feature_cache=~/cache, expanded, looks)
+    for name, argv in (("evaluate", ["--adapter", "a"]), ("extract_features", ["--synthetic"]),
+                       ("replicate", ["--table", "1"])):
+        assert str(launcher(name).parse_args([*argv, "--out=~/out"]).out) == str(tmp_path / "out"), name
 
 
 @pytest.mark.parametrize("argv, words", [
