@@ -55,7 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file "
                                                        "(default with --synthetic / --real: model.vision_pretrained)")
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, help="folder of images (or, with --video, of frame folders)")
+    src.add_argument("--images", type=lambda p: Path(p).expanduser(),
+                     help="folder of images (or, with --video, of frame folders)")
     src.add_argument("--synthetic", action="store_true", help="the synthetic world of --config")
     src.add_argument("--real", action="store_true",
                      help="the real datasets of --config (data.root): every split's images its image tasks name "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
-    which.add_argument("--adapter", default=None, help="a trained run's adapter/ directory: its model")
+    which.add_argument("--adapter", default=None, type=os.path.expanduser,  # --adapter=~/x: no shell expands it
+                       help="a trained run's adapter/ directory: its model")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = ap.parse_intermixed_args(argv)

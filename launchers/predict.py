@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,13 +38,14 @@ from vlscale.log import logs_to_console  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", required=True, help="an adapter/ directory written by launchers/train.py")
+    p.add_argument("--adapter", required=True, type=os.path.expanduser,  # --adapter=~/x: no shell expands it there
+                   help="an adapter/ directory written by launchers/train.py")
     p.add_argument("--task", required=True, help="vqa, gqa, nlvr2, caption, tvqa, how2qa, tvc or yc2c (one the "
                                                  "adapter was trained on)")
-    p.add_argument("--image", action="append", default=[], metavar="FILE",
+    p.add_argument("--image", action="append", default=[], metavar="FILE", type=os.path.expanduser,
                    help="an image file (any format PIL reads); nlvr2: give it twice, left then right")
-    p.add_argument("--video", metavar="PATH", help="video tasks: a folder of frame images, or a frame-features file "
-                                                   "(.npy, .npz, .safetensors)")
+    p.add_argument("--video", metavar="PATH", type=os.path.expanduser,
+                   help="video tasks: a folder of frame images, or a frame-features file (.npy, .npz, .safetensors)")
     p.add_argument("--text", default="", help="the question (vqa, gqa, tvqa, how2qa) or statement (nlvr2); none for "
                                               "caption, tvc, yc2c")
     p.add_argument("--option", action="append", default=[], metavar="TEXT",

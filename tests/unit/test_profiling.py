@@ -1689,7 +1689,7 @@ def test_launcher_plans_fp16_where_the_run_asks_for_it(capsys, launcher, tmp_pat
     assert {row["precision"] for row in json.loads(capsys.readouterr().out)["plan"]} == {"bf16", "fp32"}
 
 
-def test_output_paths_of_the_launchers_take_a_home_folder(launcher, monkeypatch, tmp_path):
+def test_paths_of_the_launchers_take_a_home_folder(launcher, monkeypatch, tmp_path, capsys):
     """--write-config=~/ds.json reaches Python unexpanded (bash expands NAME=~ words only): it wrote ./~/ds.json and
     printed 'train with: ... --deepspeed ~/ds.json', a file the shell reads in the home folder, where none was."""
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -1700,6 +1700,16 @@ def test_output_paths_of_the_launchers_take_a_home_folder(launcher, monkeypatch,
     for name, argv in (("evaluate", ["--adapter", "a"]), ("extract_features", ["--synthetic"]),
                        ("replicate", ["--table", "1"])):
         assert str(launcher(name).parse_args([*argv, "--out=~/out"]).out) == str(tmp_path / "out"), name
+    # and the paths they read: '~/run/adapter does not exist', of a folder that is there
+    home = str(tmp_path / "x")
+    for name, argv, key in (("evaluate", ["--adapter=~/x"], "adapter"),
+                            ("predict", ["--adapter=~/x", "--task", "vqa", "--video=~/x"], "video"),
+                            ("predict", ["--adapter=~/x", "--task", "vqa", "--image=~/x"], "image"),
+                            ("extract_features", ["--images=~/x", "--out", "o", "--vision", "RN50"], "images")):
+        args = vars(launcher(name).parse_args(argv))
+        assert str(args[key]) in (home, str([home])) and args.get("adapter", home) == home, (name, args)
+    assert launcher("inspect_model").main(["--adapter=~/x"]) == 2
+    assert f"error: {home} does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, words", [
