@@ -95,7 +95,7 @@ def make_feature_cache(extra, cache: Path, threads: int, fingerprint: str, log) 
     with open(log_path, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=subprocess_env(threads), stdout=f, stderr=subprocess.STDOUT,
                                 preexec_fn=stop_with_parent())
         with interruptible():  # SIGTERM as Ctrl-C: the extraction is stopped with this process, not orphaned
             try:

@@ -943,8 +943,8 @@ class Runner:
                 load = {g: sum(j.gpu == g for j in self.running if j is not job) for g in self.gpus}
                 job.gpu = min(self.gpus, key=load.get)
             env = dict(env, CUDA_VISIBLE_DEVICES=job.gpu)
-        job.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=job._log_file,
-                                    stderr=subprocess.STDOUT, preexec_fn=stop_with_parent())
+        job.proc = subprocess.Popen(cmd, env=env, stdout=job._log_file,  # in this working directory, where --set's
+                                    stderr=subprocess.STDOUT, preexec_fn=stop_with_parent())  # paths were checked
 
     @staticmethod
     def _poll(job: Job, wait: bool = False) -> Optional[int]:

@@ -130,19 +130,22 @@ def test_table3_counts_clip_in_its_headline_and_leaves_it_out_beside():
     assert headline_pct(frozen, get_table(1)) == frozen["updated_pct"]
 
 
-def test_a_rows_time_adds_up_over_invocations(tmp_path):
-    """A row trained over two invocations (stopped, resumed) is timed over both (results.json timed the last)."""
+def test_a_rows_time_adds_up_over_invocations(tmp_path, monkeypatch):
+    """A row trained over two invocations (stopped, resumed) is timed over both (results.json timed the last).
+    Its commands run in the working directory, where --set's relative paths were read (they ran in the checkout's)."""
     import sys
     from collections import deque
 
     from vlscale.replicate import Job, Runner, time_spent
 
+    monkeypatch.chdir(tmp_path)
     assert time_spent(tmp_path) == (None, None)
     for code in (130, 0):
         job = Job(row=get_table(1).rows[0], overrides=[], run_dir=tmp_path, commands=deque(
             [("train", [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
-                                           f"raise SystemExit({code})"])]))  # busy: CPU time to count
+                                           f"open('ran_here', 'w')\nraise SystemExit({code})"])]))  # busy: CPU time
         Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.05, echo=lambda m: None).run()
+    assert (tmp_path / "ran_here").is_file()
     lines = [json.loads(line) for line in (tmp_path / "replicate_segments.jsonl").read_text().splitlines()]
     assert [(s["phase"], s["exit"]) for s in lines] == [("train", 130), ("train", 0)]
     seconds, cpu = time_spent(tmp_path)
