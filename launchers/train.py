@@ -144,7 +144,10 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     try:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {e.strerror or e}"
+        from vlscale.files import dangling_link
+
+        why = dangling_link(cfg.output_dir) or e.strerror or e
+        return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {why}"
     if not os.access(cfg.output_dir, os.W_OK | os.X_OK):  # it exists, but this process cannot write in it
         return (f"CheckpointError: output_dir {str(cfg.output_dir)!r} cannot be written (its permissions, or a "
                 f"read-only file system); make it writable or choose another output_dir (output_dir=...)")

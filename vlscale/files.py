@@ -49,11 +49,22 @@ def write_text_atomic(path, text: str) -> Path:
     return path
 
 
+def dangling_link(folder) -> Optional[str]:
+    """Where ``folder`` or a folder above it is a symbolic link to nothing (``runs -> /scratch/me/runs`` after the
+    scratch space was purged), the words saying so: the OS's reason for not making a folder there is "File exists"."""
+    for p in (Path(folder), *Path(folder).parents):
+        if p.is_symlink() and not p.exists():
+            return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+    return None
+
+
 def folder_problem(folder) -> Optional[str]:
     """Why ``folder`` cannot be made or written in (the OS's reason), or None: found by making it (and the missing
     folders above it), then removing what was made, so a command refused for another reason afterwards leaves
     nothing; an existing folder must let this process write in it."""
     folder = Path(folder)
+    if link := dangling_link(folder):
+        return link
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, as they are removed
     there = folder.parents[len(made) - 1] if made else folder  # the nearest that exists
     if not there.is_dir():  # the OS says "File exists" or "Not a directory"

@@ -322,6 +322,16 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
     refusal = train.refused_before_start(cfg, False, "ds_configs/zero3.json")
     assert refusal == (f"CheckpointError: output_dir '{tmp_path / 'ro'}' cannot be written (its permissions, or a "
                        f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
+    # a symbolic link to nothing (a purged scratch folder) in the way: the OS's reason was "File exists"
+    (tmp_path / "runs").symlink_to(tmp_path / "purged")
+    out = tmp_path / "runs" / "a"
+    refusal = train.refused_before_start(load_config("tiny", [f"output_dir={out}"]), False, "ds_configs/zero3.json")
+    assert refusal == (f"FileExistsError: output_dir '{out}' cannot be created: {tmp_path / 'runs'} is a symbolic "
+                       f"link to {tmp_path / 'purged'}, which does not exist")
+    from vlscale.files import out_problem
+
+    assert out_problem(tmp_path / "runs" / "a").startswith(f"--out {tmp_path / 'runs' / 'a'} cannot be created or "
+                                                           f"written: {tmp_path / 'runs'} is a symbolic link to ")
 
 
 def test_more_ranks_than_gpus_is_refused_in_one_line_before_start(monkeypatch, launcher):
