@@ -362,7 +362,9 @@ def train_with(args, cfg, vision: str, pretrained) -> str:
     the cache refuses a run with others)."""
     words = []
     if cfg is not None:
-        words = ["python", "launchers/train.py"] + (["--config", args.config] if args.config else [])
+        from vlscale.files import launcher_path
+
+        words = ["python", launcher_path("train.py")] + (["--config", args.config] if args.config else [])
         words += [o for o in args.overrides  # the cache's own replace them
                   if o.split("=", 1)[0].strip() not in ("model.feature_source", "data.feature_cache")]
     if cfg is None or vision != cfg.model.vision:

@@ -402,8 +402,10 @@ def profile(args, json_out=None) -> int:
         print()
         print(format_table(options, out["budget"], args.top))
         if "written" in out:
-            print(f"wrote {args.write_config}; train with: deepspeed --num_gpus {args.world_size} launchers/train.py "
-                  f"--deepspeed {args.write_config} --config {args.config or 'default'} "
+            from vlscale.files import launcher_path
+
+            print(f"wrote {args.write_config}; train with: deepspeed --num_gpus {args.world_size} "
+                  f"{launcher_path('train.py')} --deepspeed {args.write_config} --config {args.config or 'default'} "
                   + " ".join(map(shlex.quote, out["written"]["overrides"])))
         elif out["settings_fit"]:  # a row's setting is no file ds_configs/ ships (zero2 with offload=opt_cpu ...)
             print("to train setting 1: add --write-config FILE.json (writes its DeepSpeed file and prints the "

@@ -217,7 +217,9 @@ def gpu_plan(args: argparse.Namespace, dist) -> tuple[int, str, str]:
 
     free, total = torch.cuda.mem_get_info(dist.device)
     gib = int((free + torch.cuda.memory_reserved(dist.device)) / 2 ** 30 * 10) / 10  # rounded down
-    cmd = ["python", "launchers/profile_memory.py", *(["--config", args.config] if args.config else []),
+    from vlscale.files import launcher_path
+
+    cmd = ["python", launcher_path("profile_memory.py"), *(["--config", args.config] if args.config else []),
            *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
            "--budget", f"{gib}GiB", *args.overrides]
     return (parse_size(f"{gib}GiB"), f"this process can have {gib} GiB of the GPU's {total / 2 ** 30:.2f} GiB",

@@ -123,6 +123,14 @@ def cwd_note(path) -> str:
             "absolute path)")
 
 
+def launcher_path(name: str) -> str:
+    """How a command printed for the user to type names ``launchers/<name>``: so, from the checkout (the README's
+    commands), else by its absolute path (launched from another folder, ``launchers/<name>`` is not there there);
+    so too where no checkout holds the package (an installed wheel)."""
+    there = Path(__file__).resolve().parent.parent / "launchers" / name
+    return str(there) if there.is_file() and Path("launchers", name).resolve() != there else f"launchers/{name}"
+
+
 def hold_lock(path, holder: str):
     """An exclusive lock on the file ``path`` (created; held while the returned file is open or the process lives),
     ``holder`` (who holds it: a pid, a time) written in it: (the open file, None), or (None, what the process

@@ -1738,7 +1738,7 @@ def test_launcher_real_reads_the_images_whatever_the_configs_feature_source(tmp_
     assert not (tmp_path / "later").exists()
 
 
-def test_the_train_with_line_names_the_clip_only_where_the_config_does_not(tmp_path):
+def test_the_train_with_line_names_the_clip_only_where_the_config_does_not(tmp_path, monkeypatch):
     """After --synthetic / --real the line is the training command with the config's own overrides, less the two the
     cache replaces (model.feature_source, data.feature_cache: a stale one would point the run at another cache),
     plus model.vision / model.vision_pretrained only where the features are of another CLIP than the config's."""
@@ -1754,6 +1754,11 @@ def test_the_train_with_line_names_the_clip_only_where_the_config_does_not(tmp_p
     assert shlex.split(launcher.train_with(args, cfg, cfg.model.vision, cfg.model.vision_pretrained)) == head + tail
     assert shlex.split(launcher.train_with(args, cfg, "tiny-clip-vit", "w.pt")) == head + [
         "model.vision=tiny-clip-vit", "model.vision_pretrained=w.pt", *tail]
+    # launched from another folder: the training command names train.py as it can be run from there
+    train = Path(launcher.__file__).resolve().parent / "train.py"
+    monkeypatch.chdir(tmp_path)
+    assert shlex.split(launcher.train_with(args, cfg, cfg.model.vision, cfg.model.vision_pretrained))[:2] == [
+        "python", str(train)]
 
 
 def test_launcher_fp16_stores_half_precision_features(tmp_path, weights):
