@@ -213,12 +213,11 @@ def gpu_plan(args: argparse.Namespace, dist) -> tuple[int, str, str]:
     size and overrides)."""
     import torch
 
+    from vlscale.files import launcher_path
     from vlscale.profiling.analytic import parse_size
 
     free, total = torch.cuda.mem_get_info(dist.device)
     gib = int((free + torch.cuda.memory_reserved(dist.device)) / 2 ** 30 * 10) / 10  # rounded down
-    from vlscale.files import launcher_path
-
     cmd = ["python", launcher_path("profile_memory.py"), *(["--config", args.config] if args.config else []),
            *(["--deepspeed", args.deepspeed] if args.deepspeed else []), "--world-size", str(dist.world_size),
            "--budget", f"{gib}GiB", *args.overrides]
