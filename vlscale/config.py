@@ -889,7 +889,7 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
     if str(path) in seen:
         raise ConfigError(f"preset {path} includes itself through 'base'")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(text := path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     except (OSError, UnicodeDecodeError) as e:
@@ -898,6 +898,7 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
         raise ConfigError(f"{path}: is empty (no settings); a preset names its base or at least one section")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of sections, got {type(data).__name__}")
+    _keep_text(data, yaml.load(text, Loader=yaml.BaseLoader))
     base = data.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: base={base!r} must be one preset name or YAML path")
@@ -907,6 +908,19 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
             base = str(beside)
         data = _deep_merge(_load_yaml(base, seen + (str(path),), named_by=path), data)
     return data
+
+
+def _keep_text(data: dict, text: dict, prefix: str = "") -> None:
+    """A string setting of a YAML file is its text (``text``: the file read with every scalar a string), as an
+    override's is: ``output_dir: 12:30`` trained into 750 (YAML 1.1's base 60), ``name: 007`` was 7. A null and the
+    other settings keep YAML's reading."""
+    for key, value in data.items():
+        raw = text.get(key) if isinstance(text, dict) else None  # absent where a key came by a merge (<<)
+        if isinstance(value, dict):
+            _keep_text(value, raw, f"{prefix}{key}.")
+        elif value is not None and not isinstance(value, str) and isinstance(raw, str) and _takes_text(
+                f"{prefix}{key}"):
+            data[key] = raw
 
 
 def _takes_text(key: str) -> bool:

@@ -198,7 +198,7 @@ def test_ranges_closed_at_zero_take_zero():
     assert (cfg.model.dropout, cfg.train.warmup_ratio) == (0.0, 0.0)
 
 
-def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse():
+def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse(tmp_path):
     """``output_dir=2024`` is YAML's int 2024 and ``description=[draft`` no YAML at all: both are the text given."""
     cfg = load_config("tiny", ["output_dir=2024", "description=[draft", "name=1.5"])
     assert (cfg.output_dir, cfg.description, cfg.name) == ("2024", "[draft", "1.5")
@@ -210,6 +210,12 @@ def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse():
     assert (cfg.output_dir, cfg.name, cfg.description, cfg.model.tokenizer, cfg.train.deepspeed) == (
         "12:30", "2024_01", "note: x", "007", "2024-01-05")
     assert (cfg.train.max_steps, cfg.model.backbone_path) == (1000, None)
+    # the same in a YAML file (it trained into 750 too)
+    (tmp_path / "c.yaml").write_text("base: tiny\noutput_dir: 12:30\nname: 007\nmodel:\n  tokenizer: 2024_01\n"
+                                     "  backbone_path: null\ntrain:\n  max_steps: 1_000\n")
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert (cfg.output_dir, cfg.name, cfg.model.tokenizer, cfg.train.max_steps, cfg.model.backbone_path) == (
+        "12:30", "007", "2024_01", 1000, None)
     assert parse_overrides(["data.hf_columns={image: img}", "peft.nope=7"]) == {
         "data": {"hf_columns": {"image": "img"}}, "peft": {"nope": 7}}
 
