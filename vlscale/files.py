@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -36,15 +37,24 @@ def fsync_tree(folder) -> None:
 
 def write_text_atomic(path, text: str) -> Path:
     """``text`` into ``path`` (its folder made) through a temporary file beside it, flushed to disk and renamed
-    over it (``os.replace``), then the folder flushed: a crash at any point leaves the old file or the new one."""
+    over it (``os.replace``), then the folder flushed: a crash at any point leaves the old file or the new one.
+    The temporary file is this write's own (``<name>.<random>.tmp``: two processes writing one file at once do not
+    write into one), removed where the write fails (a full disk), and given the mode a plain ``open`` gives (0666
+    less the umask; ``mkstemp`` makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_path(path.parent)
     return path
 

@@ -75,7 +75,7 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     and the folder after it; a crash before ``latest``'s rename leaves the old ``latest``."""
     engine, root = FilesEngine(), tmp_path / "checkpoints"
     ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, rank=0)
-    events, real_fsync, real_replace = [], os.fsync, os.replace
+    events, real_fsync, real_replace, pointer_text = [], os.fsync, os.replace, []
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -84,6 +84,7 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     def replace(src, dst):
         events.append(("replace", str(src), str(dst)))
         if Path(dst).name == ckpt.LATEST:
+            pointer_text.append(Path(src).read_text())
             raise KeyboardInterrupt  # the process dies before latest's rename
         return real_replace(src, dst)
 
@@ -103,7 +104,7 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     for name in ("model_states.pt", "client_state_rank0.json"):
         assert when(("fsync", str(root / ".tmp-step4" / "step4" / name))) < moved
     pointer = next(e for e in events if e[0] == "replace" and e[2] == str(root / ckpt.LATEST))
-    assert Path(pointer[1]).read_text() == "step4"  # the new pointer, written beside latest
+    assert pointer_text == ["step4"] and Path(pointer[1]).parent == root  # the new pointer, written beside latest
     assert moved < when(("fsync", str(root))) < when(("fsync", pointer[1])) < events.index(pointer)
 
     ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)  # the next save goes through
@@ -875,6 +876,60 @@ def test_write_text_atomic_flushes_the_whole_text_before_the_rename_and_the_fold
     assert Path(tmp).parent == path.parent and tmp != str(path)
     assert events == [("fsync", tmp, len(text)), ("replace", tmp, str(path)), ("fsync", str(path.parent), None)]
     assert path.read_text() == text and sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+
+
+def test_write_text_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk at the flush: the old metrics.json is whole and no temporary file is left beside it (a fixed
+    ``metrics.json.tmp`` was left behind, a file per failed write on a disk already full)."""
+    import errno
+
+    from vlscale.files import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "metrics.json", "old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_two_writers_of_one_file_at_once_each_write_their_own_temporary_file(tmp_path, monkeypatch):
+    """A second process writes the file while the first is between its write and its rename: each completes and
+    the file holds one whole text (a shared ``<name>.tmp`` was truncated and renamed away by the second, and the
+    first's rename failed with FileNotFoundError)."""
+    from vlscale.files import write_text_atomic
+
+    path, real_fsync, calls = tmp_path / "results.json", os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:  # the first writer's flush: the other writes the whole file meanwhile
+            write_text_atomic(path, "second")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_text_atomic(path, "first")
+    monkeypatch.undo()
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_write_text_atomic_gives_the_mode_a_plain_open_gives(tmp_path, umask):
+    """0666 less the umask, as ``open(path, "w")`` gives (a run's metrics shared with a group stay readable by it),
+    not the 0600 of the temporary file it is renamed from."""
+    from vlscale.files import write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "metrics.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("metrics.json", "plain.json")] == [0o666 & ~umask] * 2
 
 
 def test_fsync_tree_flushes_every_file_and_folder_and_leaves_links_alone(tmp_path, monkeypatch):

@@ -1192,7 +1192,6 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict, rank: int
             return
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (root / f"{LATEST}.tmp").unlink(missing_ok=True)
             _restore_replaced(root / tag)  # failed between the renames: the step's previous folder back in place
         kept = (f"the previous checkpoint {root / previous} is intact (--resume continues from it)" if previous
                 else "no earlier checkpoint exists")
