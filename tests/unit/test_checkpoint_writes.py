@@ -614,6 +614,43 @@ def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_resume
         ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)
 
 
+class DeepSpeedWriterEngine(FilesEngine):
+    """Writes its file through DeepSpeed's own TorchCheckpointEngine, as a real engine's save does."""
+
+    def __init__(self):
+        super().__init__()
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine = TorchCheckpointEngine()
+        self.checkpoint_engine.zipfile_serialization = True  # DeepSpeed's config default
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save(state_dict={"w": torch.zeros(100_000)}, path=str(folder / "optim_states.pt"))
+
+
+def test_a_file_size_limit_while_deepspeed_writes_names_the_file_and_the_os_reason(tmp_path):
+    """A real write refused past this process's file-size limit (``ulimit -f``; Python ignores SIGXFSZ, so the write
+    fails with EFBIG): torch's writer said "RuntimeError: ... unexpected pos 576 vs 534", neither the file nor the
+    reason; now the OS's reason and the file. The file written whole under no limit loads."""
+    import resource
+
+    engine, root = DeepSpeedWriterEngine(), tmp_path / "checkpoints"
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3}, rank=0)
+    assert torch.equal(torch.load(root / "step3" / "optim_states.pt")["w"], torch.zeros(100_000))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(ckpt.CheckpointError) as failed:
+            ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert (f"({os.strerror(27)}: {root / '.tmp-step6' / 'step6' / 'optim_states.pt'}; this process's file-size "
+            "limit (ulimit -f) is 100000 bytes)") in str(failed.value)
+    assert ckpt.latest_tag(root) == "step3" and sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
+
+
 ONE_RANK_FAILS_WORKER = r"""
 import json, os, sys, time, torch
 from vlscale.engine.distributed import init_distributed

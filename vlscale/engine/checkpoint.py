@@ -48,6 +48,7 @@ the few DeepSpeed classes its state dicts contain.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -1030,6 +1031,24 @@ def is_write_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(w in str(e) for w in WRITE_FAILURES))
 
 
+def _torch_save_naming_its_file(writer):
+    """DeepSpeed's ``TorchCheckpointEngine.save`` (``torch.save`` to a path) through a file Python opens: torch's
+    own writer on a full disk, a quota or a file-size limit said only "unexpected pos N vs M" (neither the file nor
+    the OS's reason); Python's write raises the OSError, raised again here with the file's path."""
+    def save(state_dict, path):
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=writer.zipfile_serialization)
+        except Exception as e:
+            cause = e
+            while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+    return save
+
+
 def write_failure_reason(e: BaseException, folder: Path) -> str:
     """A rank's failure during a save in one line; a failed write's (:func:`is_write_failure`) with the free space
     where it wrote."""
@@ -1040,6 +1059,12 @@ def write_failure_reason(e: BaseException, folder: Path) -> str:
         reason = f"{type(e).__name__}: {lines[0] if lines else ''}"
     if not is_write_failure(e):
         return reason
+    if isinstance(e, OSError) and e.errno == errno.EFBIG:  # the free space is beside the point
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return f"{reason}; this process's file-size limit (ulimit -f) is {limit} bytes"
     where = Path(folder)
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -1151,6 +1176,8 @@ class _Writes:
                     (engine, "_save_checkpoint"), (engine, "_save_zero_checkpoint"))
                    if obj is not None and hasattr(obj, name)]
         for obj, name, fn, _ in patched:
+            if obj is writer and name == "save" and type(writer).__name__ == "TorchCheckpointEngine":
+                fn = _torch_save_naming_its_file(writer)
             setattr(obj, name, self.guard(fn))
         alone = not (dist.is_initialized() and dist.get_world_size() > 1)
         try:
