@@ -446,6 +446,15 @@ def main(argv=None) -> int:
                 total[k] += stats[k]
     except DataError as e:
         raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
+    except OSError as e:  # a full disk, a quota, a file-size limit: a traceback through safetensors' writer
+        from vlscale.engine.checkpoint import write_failure_reason
+        from vlscale.files import DISK_REFUSED
+
+        if e.errno not in DISK_REFUSED:
+            raise
+        raise SystemExit(f"extract_features.py: writing the feature cache {args.out} failed "
+                         f"({write_failure_reason(e, args.out)}); the features written before it are kept: the same "
+                         "command goes on from them once it can write") from None
     for note in notes:
         print(f"--real: {note}")
     import json

@@ -23,7 +23,6 @@ runner's own status, killed by the signal at once, before the checkpoint: docs/s
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import shlex
 import signal
@@ -176,9 +175,6 @@ def auto_resume(output_dir) -> bool:
     return (Path(output_dir) / "checkpoints" / LATEST).exists()
 
 
-DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
-
-
 def last_checkpoint(out: Path | None) -> Path | None:
     """``out``'s latest checkpoint, None without one (or one ``latest`` does not name readably)."""
     from vlscale.engine.checkpoint import CheckpointError, latest_tag
@@ -195,6 +191,8 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
     reports its own: train_log.jsonl, TensorBoard's events, metrics.json, predictions/) as one line: the
     reason, the free space and the checkpoint left; None for any other error. It was a traceback through
     TensorBoard's writer thread ending in a bare "OSError: [Errno 28] No space left on device"."""
+    from vlscale.files import DISK_REFUSED
+
     if not (isinstance(e, OSError) and e.errno in DISK_REFUSED):
         return None
     from vlscale.engine.checkpoint import write_failure_reason

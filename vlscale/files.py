@@ -8,10 +8,14 @@ never a renamed but empty one (the page cache holds a rename and a file's bytes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
 
 
 def fsync_path(path) -> None:
@@ -114,11 +118,17 @@ def _umask() -> int:
 def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Path:
     """``safetensors.torch.save_file``, with the permissions any other file gets (0666 less the umask): the
     library creates its files 0600, so an adapter or a feature cache shared with colleagues could not be read
-    by them."""
+    by them. A write the OS refuses (a full disk, a quota, a file-size limit) is its OSError naming ``path``."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # SafetensorError("... I/O error: File too large (os error 27)"): the file unnamed
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
     os.chmod(path, 0o666 & ~_umask())
     return path
 

@@ -855,6 +855,26 @@ def test_safetensors_files_take_the_umask_like_every_other_file(tmp_path, umask)
         assert f.metadata() == {"format": "pt"}, "the metadata given is in the file"
 
 
+def test_a_safetensors_write_the_os_refuses_is_its_oserror_naming_the_file(tmp_path):
+    """Past this process's file-size limit (a real EFBIG: Python ignores SIGXFSZ) safetensors raised
+    "SafetensorError: Error while serializing: I/O error: File too large (os error 27)", naming no file, and
+    a launcher's check of a full disk (an OSError's errno) missed it; nothing of the file is left."""
+    import errno
+    import resource
+
+    from vlscale.files import save_safetensors
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limits[1]))
+    try:
+        with pytest.raises(OSError) as failed:
+            save_safetensors({"w": torch.zeros(10_000)}, tmp_path / "a.safetensors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert (failed.value.errno, failed.value.filename) == (errno.EFBIG, str(tmp_path / "a.safetensors"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("status", [OSError("no /proc"), "Name:\tpython\nPid:\t7\n", "Umask:\t?\n"])
 def test_safetensors_files_take_the_umask_where_proc_does_not_say_it(tmp_path, monkeypatch, status):
     """No /proc (macOS), a kernel before 4.7 (no Umask line), a line that does not parse: the umask is read by

@@ -752,6 +752,22 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
     assert sorted(FeatureCache(tmp_path / "f1").ids()) == ["y", "z"] and "y" in ImageFolder(tmp_path / "imgs")
     out = capsys.readouterr().out
     assert "of the 2 ids asked for, 2 written, 0 already there; the cache holds 2." in out and "left out" not in out
+    # a full disk at the shard's write: one line naming the file and the reason (a traceback through safetensors'
+    # writer), and the same command, once it can write, finishes the cache
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("safetensors.torch.save_file", full)
+        with pytest.raises(SystemExit, match=rf"^extract_features.py: writing the feature cache {tmp_path / 'f4'} "
+                                             rf"failed \(No space left on device: {tmp_path / 'f4'}/shard_00000"
+                                             r"\.safetensors\.tmp; [^\n]* free on its file system\); the features "
+                                             r"written before it are kept"):
+            launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
+    assert launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")]) == 0
+    assert sorted(FeatureCache(tmp_path / "f4").ids()) == ["y", "z"]
     with pytest.raises(SystemExit, match=r"--video: no sub-folders"):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--video", "--out", str(tmp_path / "f2")])
     assert not (tmp_path / "f2" / "index.json").exists()
