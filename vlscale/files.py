@@ -43,8 +43,8 @@ def write_text_atomic(path, text: str) -> Path:
     """``text`` into ``path`` (its folder made) through a temporary file beside it, flushed to disk and renamed
     over it (``os.replace``), then the folder flushed: a crash at any point leaves the old file or the new one.
     The temporary file is this write's own (``<name>.<random>.tmp``: two processes writing one file at once do not
-    write into one), removed where the write fails (a full disk), and given the mode a plain ``open`` gives (0666
-    less the umask; ``mkstemp`` makes it 0600)."""
+    write into one), removed where the write fails (a full disk: its OSError names ``path``), and given the mode a
+    plain ``open`` gives (0666 less the umask; ``mkstemp`` makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -55,9 +55,11 @@ def write_text_atomic(path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write's or a flush's error names no file
+            e.filename = str(path)
         raise
     fsync_path(path.parent)
     return path

@@ -937,7 +937,8 @@ def test_write_text_atomic_flushes_the_whole_text_before_the_rename_and_the_fold
 
 def test_write_text_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A full disk at the flush: the old metrics.json is whole and no temporary file is left beside it (a fixed
-    ``metrics.json.tmp`` was left behind, a file per failed write on a disk already full)."""
+    ``metrics.json.tmp`` was left behind, a file per failed write on a disk already full); the error names the
+    file (a write's error names none: a launcher's line said the reason without it)."""
     import errno
 
     from vlscale.files import write_text_atomic
@@ -948,9 +949,10 @@ def test_write_text_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as failed:
         write_text_atomic(path, "new")
     monkeypatch.undo()
+    assert failed.value.filename == str(path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
