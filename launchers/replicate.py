@@ -234,28 +234,39 @@ def _main(argv, held: list) -> int:
     elapsed, cpu = time.time() - start, children_cpu_s() - cpu_start
 
     # --- tables, plot: each seed's (in its folder), then over the seeds
-    command = "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    per_seed, earlier = {}, set()
-    for seed in seeds:
-        where = seed_dir(out, seed, seeds)
-        results = {}
-        for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
-            path = where / "runs" / r.name / RESULT_FILE
-            if path.exists():  # each was read when planned, or written whole since
-                results[r.name] = json.loads(path.read_text())
-        per_seed[seed] = results
-        earlier |= set(results) - {r.name for r in rows}
-        ran = [j.row.name for j in todo if j.seed in (seed, None)]
-        meta = {"steps": any_cfg.train.max_steps, "seed": seed, "test_examples": any_cfg.data.synthetic_eval,
-                "invocations": invocation_log(where, command, ran, elapsed, cpu, parallel, args.threads_per_run)}
-        written = write_outputs(table, where, results, meta)
-    if len(seeds) > 1:
-        results, partial = aggregate_seeds(per_seed)
-        meta = {"steps": any_cfg.train.max_steps, "seeds": seeds, "test_examples": any_cfg.data.synthetic_eval,
-                "partial_rows": partial,
-                "invocations": invocation_log(out, command, sorted({j.name for j in todo}), elapsed, cpu, parallel,
-                                              args.threads_per_run)}
-        written = write_outputs(table, out, results, meta)
+    try:
+        command = "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        per_seed, earlier = {}, set()
+        for seed in seeds:
+            where = seed_dir(out, seed, seeds)
+            results = {}
+            for r in table.rows:  # every finished row under --out: a rerun of some rows keeps the others in the table
+                path = where / "runs" / r.name / RESULT_FILE
+                if path.exists():  # each was read when planned, or written whole since
+                    results[r.name] = json.loads(path.read_text())
+            per_seed[seed] = results
+            earlier |= set(results) - {r.name for r in rows}
+            ran = [j.row.name for j in todo if j.seed in (seed, None)]
+            meta = {"steps": any_cfg.train.max_steps, "seed": seed, "test_examples": any_cfg.data.synthetic_eval,
+                    "invocations": invocation_log(where, command, ran, elapsed, cpu, parallel, args.threads_per_run)}
+            written = write_outputs(table, where, results, meta)
+        if len(seeds) > 1:
+            results, partial = aggregate_seeds(per_seed)
+            meta = {"steps": any_cfg.train.max_steps, "seeds": seeds, "test_examples": any_cfg.data.synthetic_eval,
+                    "partial_rows": partial,
+                    "invocations": invocation_log(out, command, sorted({j.name for j in todo}), elapsed, cpu, parallel,
+                                                  args.threads_per_run)}
+            written = write_outputs(table, out, results, meta)
+    except OSError as e:  # a full disk after hours of training: its traceback hid that nothing trained is lost
+        from vlscale.engine.checkpoint import write_failure_reason
+        from vlscale.files import DISK_REFUSED
+
+        if e.errno not in DISK_REFUSED:
+            raise
+        print(f"replicate: writing the tables in {out} failed ({write_failure_reason(e, out)}); every finished row's "
+              "result.json is kept and each table file is whole (the earlier one or the new): rerun the same command, "
+              "once it can write, to write them (nothing is trained again)", file=sys.stderr)
+        return 1
     if earlier:
         log(f"replicate: the table also holds {sorted(earlier)}, finished earlier under {out} (their own result.json)")
     print((out / f"table{table.number}.md").read_text())

@@ -8,6 +8,7 @@ results.json / the Markdown table / the PNG, then reruns the command to check th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import re
 import signal
@@ -379,6 +380,19 @@ def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, l
     assert "single_prompt: updated 5.12% " in capsys.readouterr().out  # and says the row is done
     assert replicate.main(args + ["--steps", "3"]) == 0
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"single_adapter", "single_prompt"}
+    # a full disk when the tables are written (after every training): one line naming the file, not a traceback
+    # through write_text_atomic; results.json as it was
+    before, _ = (out / "results.json").read_text(), capsys.readouterr()
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", full)
+        assert replicate.main(args + ["--steps", "3"]) == 1
+    assert capsys.readouterr().err.startswith(f"replicate: writing the tables in {out} failed (No space left on "
+                                              f"device: {out / 'results.json'}; ")
+    assert (out / "results.json").read_text() == before
     # the same rows under a moved --out (their overrides name the old feature cache), asked for with the
     # step count as a --set and a logging setting added: still the same settings, kept (each was refused)
     moved = tmp_path / "moved"
