@@ -181,7 +181,18 @@ def main(argv=None) -> int:
 
         dist = init_distributed()
         rank, world, device = dist.rank, dist.world_size, dist.device
-    code = evaluate_adapter(args, rank, world, device, dist)
+    try:
+        code = evaluate_adapter(args, rank, world, device, dist)
+    except OSError as e:  # a full disk, a quota, a file-size limit: it was a traceback after the generation
+        from vlscale.engine.checkpoint import write_failure_reason
+        from vlscale.files import DISK_REFUSED
+
+        if e.errno not in DISK_REFUSED:
+            raise
+        print(f"evaluate.py: rank {rank}: writing the evaluation's files failed "
+              f"({write_failure_reason(e, Path(e.filename or '.').parent)}); rerun the same command once it can write",
+              file=sys.stderr)
+        exit_after_error(1)  # other ranks may wait in a collective: not through the group's teardown
     if dist is not None:  # every rank leaves together: a group left to the interpreter's exit aborted a rank at
         from vlscale.engine.distributed import destroy  # times (gloo: "terminate called without an active exception")
 

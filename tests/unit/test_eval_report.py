@@ -83,6 +83,24 @@ def test_a_report_of_other_data_replaces_rather_than_merges(tmp_path):
     assert not (out / "predictions" / "caption.jsonl").exists()
 
 
+def test_a_write_the_disk_refuses_ends_evaluate_in_one_line_naming_the_file(tmp_path, launcher, monkeypatch, capsys):
+    """A full disk (a quota, a file-size limit) at the predictions' or eval_metrics.json's write was a traceback
+    after the generation; now one line with the file and the reason, exit 1. Any other OSError is still raised."""
+    evaluate = launcher("evaluate")
+    written = tmp_path / "eval" / "predictions.partial" / "vqa.jsonl"
+    for error in (OSError(28, "No space left on device", str(written)), OSError(5, "Input/output error")):
+        monkeypatch.setattr(evaluate, "evaluate_adapter", lambda *a, e=error: (_ for _ in ()).throw(e))
+        with pytest.raises(SystemExit if error.errno == 28 else OSError) as failed:
+            evaluate.main(["--adapter", str(tmp_path / "adapter"), "--no-progress"])
+        if error.errno == 28:
+            assert failed.value.code == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"evaluate.py: rank 0: writing the evaluation's files failed (No space left on "
+                                  f"device: {written}; ") and err.count("\n") == 1, err
+        else:
+            assert failed.value is error
+
+
 def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path, launcher, monkeypatch):
     from vlscale.metrics import captioning
 
