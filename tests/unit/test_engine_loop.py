@@ -486,6 +486,27 @@ def test_a_skipped_step_logs_no_gradient_norm_and_other_ranks_write_nothing(tmp_
     assert not (tmp_path / "rank1").exists() and other.writer.scalars == [] and other_bar.updates == 0
 
 
+def test_a_log_line_the_disk_refuses_names_train_log_jsonl(tmp_path):
+    """A write past this process's file-size limit (a real EFBIG, as a full disk's ENOSPC): the error names the file
+    (train.py's line said the output_dir and the reason only: the write's error names none)."""
+    import errno
+    import resource
+
+    from vlscale.engine.trainer import log_step
+
+    run = _log_run(tmp_path)
+    run.step, run.grad_norm = 1, 0.5
+    run.step_times.append(1.0)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10, limits[1]))
+    try:
+        with pytest.raises(OSError) as failed:
+            log_step(run, "vqa", 3.0, {"lr": 1e-3}, _Bar())
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert (failed.value.errno, failed.value.filename) == (errno.EFBIG, str(tmp_path / "train_log.jsonl"))
+
+
 def test_a_non_finite_gradient_norm_names_the_step_and_task(tmp_path):
     from vlscale.engine.trainer import NonFiniteLoss, log_step
 

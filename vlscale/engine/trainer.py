@@ -857,8 +857,13 @@ def log_step(run: Run, task: str, loss: float, lr: dict, bar) -> None:
         record["loss_scale"] = run.loss_scale
     if not run.is_main:
         return
-    with open(run.out / "train_log.jsonl", "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+    log = run.out / "train_log.jsonl"
+    try:
+        with open(log, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+    except OSError as e:  # a full disk: the write's error names no file
+        e.filename = e.filename or str(log)
+        raise
     bar.update(1)
     postfix = {"task": task, "loss": f"{loss:.4f}", "samples_s": f"{record['samples_per_s']:.1f}"}
     if "loss_scale" in record:
