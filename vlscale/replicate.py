@@ -533,9 +533,14 @@ def plot(table: Table, results: dict, path: Path) -> Optional[str]:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False, borderaxespad=0)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except BaseException:  # a full disk: the half-written plot is not left beside the earlier one
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return None
 
 

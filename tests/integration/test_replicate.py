@@ -1360,6 +1360,26 @@ def test_the_markdown_tables_rule_has_a_cell_per_column_and_the_note_says_whethe
         assert md.count("- Updated params:") == 1
 
 
+def test_a_plot_the_disk_refuses_leaves_the_earlier_one_and_no_half_written_file(tmp_path, monkeypatch):
+    """A full disk while the PNG is written: the earlier table1.png as it was, the half-written table1.tmp.png
+    removed (it was left beside it), the error raised (write_outputs' caller reports it)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from vlscale.replicate import plot
+
+    (tmp_path / "table1.png").write_bytes(b"earlier plot")
+
+    def full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        plot(TABLES[1], {"single_prompt": {"updated_pct": 0.5, "avg": 40.0}}, tmp_path / "table1.png")
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("table1.png", b"earlier plot")]
+
+
 def test_the_plot_puts_each_row_at_its_updated_pct_and_average_with_its_spread(tmp_path, monkeypatch):
     """One point per row (in the table's order) at (updated %, average score), on a log x axis, named in the legend
     with both figures; an error bar of ± the spread over seeds where a row has one; the PNG written whole."""
