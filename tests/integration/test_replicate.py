@@ -824,7 +824,8 @@ def test_a_training_stopped_alone_by_a_signal_is_interrupted_not_failed(tmp_path
     assert [j.phase for j in jobs] == ["interrupted", "interrupted", "interrupted", "interrupted", "failed", "done"]
     out, err = capsys.readouterr()  # its bar in a log file: whole lines (tqdm's in place of progress_bar survived)
     assert "\r" not in err and err.splitlines()[-1].startswith("trainings") and "6/6 [" in err, err
-    assert err.splitlines()[0].startswith("trainings:  17%|") and "1/6 [" in err, err  # the done row counts from the start
+    # the done row counts from the start
+    assert err.splitlines()[0].startswith("trainings:  17%|") and "1/6 [" in err, err
     assert "interrupted (train.log stopped by a signal (exit 130)); a rerun resumes it\n" in out  # tqdm.write's stdout
 
 
