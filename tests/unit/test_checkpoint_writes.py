@@ -956,6 +956,28 @@ def test_write_text_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+
+def test_write_text_atomic_whose_rename_fails_raises_the_renames_error_and_leaves_no_temporary_file(tmp_path,
+                                                                                                     monkeypatch):
+    """A folder where the file goes: the rename's own error (from the temporary file to the path), the temporary
+    file removed; where its removal fails too (a folder turned read-only), the write's error is still the one told."""
+    from vlscale.files import write_text_atomic
+
+    path = tmp_path / "metrics.json"
+    (path / "kept").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError) as failed:
+        write_text_atomic(path, "new")
+    assert failed.value.filename2 == str(path) and Path(failed.value.filename).parent == tmp_path
+    assert failed.value.filename != str(path) and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+    def unlink(what):
+        raise PermissionError(13, "Permission denied", str(what))
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(IsADirectoryError):
+        write_text_atomic(path, "new")
+
+
 def test_two_writers_of_one_file_at_once_each_write_their_own_temporary_file(tmp_path, monkeypatch):
     """A second process writes the file while the first is between its write and its rename: each completes and
     the file holds one whole text (a shared ``<name>.tmp`` was truncated and renamed away by the second, and the
