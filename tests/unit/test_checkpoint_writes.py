@@ -875,6 +875,16 @@ def test_a_safetensors_write_the_os_refuses_is_its_oserror_naming_the_file(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_a_safetensors_error_that_is_not_the_oss_is_raised_as_it_is(tmp_path):
+    """Tensors sharing memory are refused by safetensors before any write: its own error, not the OS's."""
+    from vlscale.files import save_safetensors
+
+    shared = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_safetensors({"a": shared, "b": shared}, tmp_path / "a.safetensors")
+
+
 @pytest.mark.parametrize("status", [OSError("no /proc"), "Name:\tpython\nPid:\t7\n", "Umask:\t?\n"])
 def test_safetensors_files_take_the_umask_where_proc_does_not_say_it(tmp_path, monkeypatch, status):
     """No /proc (macOS), a kernel before 4.7 (no Umask line), a line that does not parse: the umask is read by
