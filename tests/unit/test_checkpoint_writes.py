@@ -651,6 +651,37 @@ def test_a_file_size_limit_while_deepspeed_writes_names_the_file_and_the_os_reas
     assert ckpt.latest_tag(root) == "step3" and sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
 
 
+
+def test_deepspeeds_torch_writer_keeps_its_format_and_other_writers_and_errors_are_left_as_they_are(tmp_path):
+    """The save that names its file writes the format DeepSpeed's config asks for (the legacy, non-zip one where
+    its zipfile serialization is off), raises an error that is no write's as it is (a pickling error, an OSError
+    with no errno), and replaces only TorchCheckpointEngine's save: another checkpoint engine writes its own way."""
+    import zipfile
+
+    engine, root = DeepSpeedWriterEngine(), tmp_path / "checkpoints"
+    engine.checkpoint_engine.zipfile_serialization = False
+    ckpt.save_checkpoint(engine, tmp_path, 3, {"step": 3}, rank=0)
+    written = root / "step3" / "optim_states.pt"
+    assert not zipfile.is_zipfile(written) and torch.equal(torch.load(written)["w"], torch.zeros(100_000))
+    save = ckpt._torch_save_naming_its_file(engine.checkpoint_engine)
+    for error in (ValueError("not a write's"), OSError("no errno")):
+        class Refused:
+            def __reduce__(self, error=error):
+                raise error
+
+        with pytest.raises(type(error)) as failed:
+            save({"x": Refused()}, str(tmp_path / "x.pt"))
+        assert failed.value is error
+
+    class OtherWriter:  # DeepSpeed's decoupled or Nebula engines, say
+        def save(self, state_dict, path):
+            Path(path).write_bytes(b"its own format")
+
+    engine.checkpoint_engine = OtherWriter()
+    ckpt.save_checkpoint(engine, tmp_path, 6, {"step": 6}, rank=0)
+    assert (root / "step6" / "optim_states.pt").read_bytes() == b"its own format"
+
+
 ONE_RANK_FAILS_WORKER = r"""
 import json, os, sys, time, torch
 from vlscale.engine.distributed import init_distributed
@@ -1624,6 +1655,15 @@ def test_only_a_failed_write_is_told_with_the_free_space(tmp_path):
     CheckpointError is vlscale's own refusal, told as it is, even where it quotes a write's reason."""
     full = ckpt.write_failure_reason(OSError(28, "No space left on device", str(tmp_path / "f")), tmp_path / "a" / "b")
     assert full.startswith(f"No space left on device: {tmp_path / 'f'}; ") and full.endswith(" free on its file system")
+    # a file too large for its file system (FAT's 4 GiB) under no file-size limit: the free space, not "ulimit -f"
+    import resource
+
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resource, "getrlimit", lambda which: unlimited)
+        too_large = ckpt.write_failure_reason(OSError(27, "File too large", str(tmp_path / "f")), tmp_path)
+    assert too_large.startswith(f"File too large: {tmp_path / 'f'}; ")
+    assert too_large.endswith(" free on its file system")
     nested = ckpt.CheckpointError("the adapter could not be written to out/adapter (No space left on device)")
     assert ckpt.write_failure_reason(nested, tmp_path) == ("CheckpointError: the adapter could not be written to "
                                                            "out/adapter (No space left on device)")
