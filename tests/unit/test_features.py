@@ -768,6 +768,14 @@ def test_launcher_images_bad_input_is_one_line(tmp_path, weights, capsys):
             launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")])
     assert launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f4")]) == 0
     assert sorted(FeatureCache(tmp_path / "f4").ids()) == ["y", "z"]
+    # an OSError that is no refused write (an images folder it may not read) is raised as it is, not told as the
+    # cache's full disk
+    refused = PermissionError(13, "Permission denied", str(tmp_path / "imgs"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(launcher, "image_folder_jobs", lambda args: (_ for _ in ()).throw(refused))
+        with pytest.raises(PermissionError) as failed:
+            launcher.main(base + ["--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f5")])
+    assert failed.value is refused
     with pytest.raises(SystemExit, match=r"--video: no sub-folders"):
         launcher.main(base + ["--images", str(tmp_path / "imgs"), "--video", "--out", str(tmp_path / "f2")])
     assert not (tmp_path / "f2" / "index.json").exists()
