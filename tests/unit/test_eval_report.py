@@ -88,6 +88,8 @@ def test_a_write_the_disk_refuses_ends_evaluate_in_one_line_naming_the_file(tmp_
     after the generation; now one line with the file and the reason, exit 1. Any other OSError is still raised."""
     evaluate = launcher("evaluate")
     written = tmp_path / "eval" / "predictions.partial" / "vqa.jsonl"
+    measured, disk_usage = [], ckpt.shutil.disk_usage  # the free space told is the file's file system's
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda where: measured.append(where) or disk_usage(where))
     for error in (OSError(28, "No space left on device", str(written)), OSError(5, "Input/output error")):
         monkeypatch.setattr(evaluate, "evaluate_adapter", lambda *a, e=error: (_ for _ in ()).throw(e))
         with pytest.raises(SystemExit if error.errno == 28 else OSError) as failed:
@@ -97,6 +99,7 @@ def test_a_write_the_disk_refuses_ends_evaluate_in_one_line_naming_the_file(tmp_
             err = capsys.readouterr().err
             assert err.startswith(f"evaluate.py: rank 0: writing the evaluation's files failed (No space left on "
                                   f"device: {written}; ") and err.count("\n") == 1, err
+            assert len(measured) == 1 and measured[0] in written.parents, measured
         else:
             assert failed.value is error
 
