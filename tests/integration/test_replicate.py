@@ -393,6 +393,16 @@ def test_rows_finished_with_other_settings_are_not_kept_in_the_table(tmp_path, l
     assert capsys.readouterr().err.startswith(f"replicate: writing the tables in {out} failed (No space left on "
                                               f"device: {out / 'results.json'}; ")
     assert (out / "results.json").read_text() == before
+    # another OSError (a disk's EIO) is raised as it is, not told as a refused write
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", broken)
+        with pytest.raises(OSError, match="Input/output error"):
+            replicate.main(args + ["--steps", "3"])
+    assert (out / "results.json").read_text() == before
     # the same rows under a moved --out (their overrides name the old feature cache), asked for with the
     # step count as a --set and a logging setting added: still the same settings, kept (each was refused)
     moved = tmp_path / "moved"
