@@ -1390,6 +1390,15 @@ def test_a_plot_the_disk_refuses_leaves_the_earlier_one_and_no_half_written_file
         plot(TABLES[1], {"single_prompt": {"updated_pct": 0.5, "avg": 40.0}}, tmp_path / "table1.png")
     assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("table1.png", b"earlier plot")]
 
+    def interrupted(self, fname, *args, **kwargs):  # Ctrl-C while it writes: replicate.py's own stop
+        Path(fname).write_bytes(b"half a PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot(TABLES[1], {"single_prompt": {"updated_pct": 0.5, "avg": 40.0}}, tmp_path / "table1.png")
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("table1.png", b"earlier plot")]
+
 
 def test_the_plot_puts_each_row_at_its_updated_pct_and_average_with_its_spread(tmp_path, monkeypatch):
     """One point per row (in the table's order) at (updated %, average score), on a log x axis, named in the legend
