@@ -189,8 +189,12 @@ def main(argv=None) -> int:
 
         if e.errno not in DISK_REFUSED:
             raise
+        where = Path(e.filename or ".")
+        # eval_metrics.json is written after predictions/ is replaced: the new predictions beside the earlier scores
+        unmatched = (f"; {where.parent / 'predictions'} holds this evaluation's predictions, {where.name} is not "
+                     "theirs (the earlier one, if any)" if where.name == "eval_metrics.json" else "")
         print(f"evaluate.py: rank {rank}: writing the evaluation's files failed "
-              f"({write_failure_reason(e, Path(e.filename or '.').parent)}); rerun the same command once it can write",
+              f"({write_failure_reason(e, where.parent)}){unmatched}; rerun the same command once it can write",
               file=sys.stderr)
         exit_after_error(1)  # other ranks may wait in a collective: not through the group's teardown
     if dist is not None:  # every rank leaves together: a group left to the interpreter's exit aborted a rank at

@@ -102,6 +102,15 @@ def test_a_write_the_disk_refuses_ends_evaluate_in_one_line_naming_the_file(tmp_
             assert len(measured) == 1 and measured[0] in written.parents, measured
         else:
             assert failed.value is error
+    # eval_metrics.json refused after predictions/ was replaced: the line says the two do not match
+    report = tmp_path / "eval" / "eval_metrics.json"
+    monkeypatch.setattr(evaluate, "evaluate_adapter", lambda *a: (_ for _ in ()).throw(
+        OSError(28, "No space left on device", str(report))))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--adapter", str(tmp_path / "adapter"), "--no-progress"])
+    assert (f"free on its file system); {tmp_path / 'eval' / 'predictions'} holds this evaluation's predictions, "
+            "eval_metrics.json is not theirs (the earlier one, if any); rerun the same command once it can write\n"
+            ) in capsys.readouterr().err
 
 
 def test_java_metrics_without_java_is_refused_before_the_model_is_built(tmp_path, launcher, monkeypatch):
