@@ -347,7 +347,7 @@ def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
         if dist.is_main and not disk and not echo and not isinstance(e, user_errors()):
             traceback.print_exc()
         kept = ""
-        if run is not None:  # an unreadable image, a diverged loss: run_summary.json says why the run stopped
+        if run is not None:  # an unreadable image, a diverged loss, a refused write: run_summary.json says why
             try:
                 kept = trainer.record_stop(run, e)
             except Exception as err:  # noqa: BLE001 - the error's line is the report; the summary is extra

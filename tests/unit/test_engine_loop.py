@@ -627,6 +627,14 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     assert trainer.record_stop(run, trainer.NonFiniteLoss("loss is nan at step 4")) == ""  # its line says what is kept
     s = json.loads((tmp_path / "run_summary.json").read_text())
     assert s["stopped"]["reason"] == "NonFiniteLoss: loss is nan at step 4" and s["param_bytes_by_rank"] == [36, None]
+    # a write the disk refused (rank 0's train_log.jsonl): a resumed run's earlier summary said it completed
+    refused = OSError(28, "No space left on device", str(tmp_path / "train_log.jsonl"))
+    assert trainer.record_stop(run, refused) == ""  # the launcher's disk line says what is kept
+    s = json.loads((tmp_path / "run_summary.json").read_text())
+    assert (s["completed"], s["stopped"]["reason"]) == (False, f"OSError: {refused}")
+    run.dist.rank, run.is_main = 1, False
+    (tmp_path / "run_summary.json").unlink()
+    assert trainer.record_stop(run, refused) == "" and not (tmp_path / "run_summary.json").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")

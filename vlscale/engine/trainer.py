@@ -1063,14 +1063,19 @@ def stop_record(run: Run, reason: str) -> dict:
 
 def record_stop(run: Run, error: Exception) -> str:
     """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
-    image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation) or a
-    non-finite loss (rank 0: every rank stops on it); ``stopped``: :func:`stop_record` of the error's line. Not
+    image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation), a
+    non-finite loss (rank 0: every rank stops on it) or a write the disk refused (rank 0's: train_log.jsonl,
+    metrics.json, TensorBoard's events; a resumed run's earlier run_summary.json, completed true at the step it
+    resumed from, stayed; where this write is refused too, train.py's line says so); ``stopped``:
+    :func:`stop_record` of the error's line. Not
     gathered, as another rank may be waiting in a collective: others' figures are null. Written through a file of
     this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end its line
     (a non-finite loss's line says it already); else ''."""
     from vlscale.data.real import DataError
+    from vlscale.files import DISK_REFUSED
 
-    if not (isinstance(error, DataError) or isinstance(error, NonFiniteLoss) and run.is_main):
+    refused = isinstance(error, OSError) and error.errno in DISK_REFUSED
+    if not (isinstance(error, DataError) or (isinstance(error, NonFiniteLoss) or refused) and run.is_main):
         return ""
     run.stopped = stop_record(run, f"{type(error).__name__}: {error}")
     mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
