@@ -586,6 +586,24 @@ def test_a_missing_deepspeed_file_names_where_it_was_named(tmp_path, monkeypatch
     assert default_ds_file(cfg_with("train.deepspeed=~/mine.json")) == default_ds_file(None, "~/mine.json") == str(mine)
 
 
+def test_a_relative_deepspeed_file_is_the_working_directorys_then_the_checkouts_then_the_packages(tmp_path,
+                                                                                                    monkeypatch):
+    """resolve_ds_file: a relative file there from the working directory is that one, even where the checkout has one
+    of that name; an absolute path is as given (load_ds_file says it is not there, no folders tried); a relative one
+    the checkout lacks is the installed package's."""
+    from vlscale.engine import deepspeed_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3.json").write_text("{}")
+    assert deepspeed_config.resolve_ds_file("ds_configs/zero3.json") == "ds_configs/zero3.json"
+    assert deepspeed_config.resolve_ds_file(str(tmp_path / "gone.json")) == str(tmp_path / "gone.json")
+    monkeypatch.chdir(tmp_path / "ds_configs")
+    monkeypatch.setattr(deepspeed_config, "REPO_ROOT", tmp_path / "ds_configs")
+    monkeypatch.setattr(deepspeed_config, "PACKAGE_DIR", tmp_path)
+    assert deepspeed_config.resolve_ds_file("ds_configs/zero3.json") == str(tmp_path / "ds_configs" / "zero3.json")
+
+
 @pytest.mark.parametrize("key, value, ours, why", [
     ("train_micro_batch_size_per_gpu", 8, 16, "train.micro_batch_size"),
     ("gradient_accumulation_steps", 2, 1, "train.gradient_accumulation_steps"),
