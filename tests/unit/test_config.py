@@ -210,6 +210,11 @@ def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse(tmp_pa
     assert (cfg.output_dir, cfg.name, cfg.description, cfg.model.tokenizer, cfg.train.deepspeed) == (
         "12:30", "2024_01", "note: x", "007", "2024-01-05")
     assert (cfg.train.max_steps, cfg.model.backbone_path) == (1000, None)
+    # spaces around '=' are not the text (from Python: load_config("tiny", "output_dir = 12:30")); a key under no
+    # section is refused as unknown (a TypeError from the str-setting lookup would be a traceback)
+    assert parse_overrides(["output_dir = 12:30"]) == {"output_dir": "12:30"}
+    with pytest.raises(ConfigError, match=r"^unknown key nope; valid keys: "):
+        load_config("tiny", ["nope.a.b=7"])
     # the same in a YAML file (it trained into 750 too)
     (tmp_path / "c.yaml").write_text("base: tiny\noutput_dir: 12:30\nname: 007\nmodel:\n  tokenizer: 2024_01\n"
                                      "  backbone_path: null\ntrain:\n  max_steps: 1_000\n")
@@ -316,6 +321,9 @@ def test_an_override_with_a_hash_is_taken_as_written():
     assert load_config("tiny", ["output_dir=runs/é x/run #2"]).output_dir == "runs/é x/run #2"
     with pytest.raises(ConfigError, match=r"^train\.max_steps='5 #x' must be an integer$"):
         load_config("tiny", ["train.max_steps=5 #x"])
+    # a quoted or bracketed value after spaces keeps YAML's reading too (its comment dropped), as with none before it
+    assert parse_overrides(["model.tokenizer= 't #1'", "data.tasks=[vqa, gqa] #both"]) == {
+        "model": {"tokenizer": "t #1"}, "data": {"tasks": ["vqa", "gqa"]}}
 
 
 def test_overrides_from_python_take_one_string_or_a_dict():
