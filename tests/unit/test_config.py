@@ -221,6 +221,10 @@ def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse(tmp_pa
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert (cfg.output_dir, cfg.name, cfg.model.tokenizer, cfg.train.max_steps, cfg.model.backbone_path) == (
         "12:30", "007", "2024_01", 1000, None)
+    # a section or a string setting from a merge key (no text of its own in the file): YAML's reading, no traceback
+    (tmp_path / "m.yaml").write_text("base: tiny\n<<: {name: 7, train: {max_steps: 3}}\noutput_dir: 12:30\n")
+    cfg = load_config(str(tmp_path / "m.yaml"))
+    assert (cfg.name, cfg.train.max_steps, cfg.output_dir) == ("7", 3, "12:30")
     assert parse_overrides(["data.hf_columns={image: img}", "peft.nope=7"]) == {
         "data": {"hf_columns": {"image": "img"}}, "peft": {"nope": 7}}
 
