@@ -108,3 +108,6 @@ def test_train_prints_each_note_once_at_start_up(monkeypatch, tmp_path, launcher
     assert out[0].startswith(f"vlscale: tiny -> runs/é x/ (in {tmp_path}) | world_size=1 (cpu, gloo) | "), out
     for key in ("peft.reduction_factor=4", "peft.half_shared=up", "model.pool_size=9"):
         assert sum(line.startswith(f"vlscale: {key} ") for line in out) == 1, (key, out)
+    # an absolute one is where it says, with no working directory
+    launcher("train").main(["--no-progress", "--config", "tiny", f"output_dir={tmp_path / 'abs'}"])
+    assert capsys.readouterr().out.startswith(f"vlscale: tiny -> {tmp_path / 'abs'} | world_size=1 (cpu, gloo) | ")
