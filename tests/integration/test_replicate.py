@@ -862,13 +862,14 @@ def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, 
     import threading
 
     replicate = launcher("replicate")
-    started = []
+    started, cwds = [], []
     real_popen = subprocess.Popen
 
     def popen(cmd, **kw):  # the extraction, stood in for by a sleeping process
         assert kw["preexec_fn"] is not None  # it ends with replicate.py, however that ends (SIGKILL: orphaned)
         proc = real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kw)
         started.append(proc)
+        cwds.append(kw.get("cwd"))
         return proc
 
     monkeypatch.setattr(replicate.subprocess, "Popen", popen)
@@ -882,6 +883,7 @@ def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, 
             if proc.poll() is None:
                 proc.kill()
     assert len(started) == 1 and started[0].poll() == -signal.SIGTERM
+    assert cwds == [None]  # it runs in the working directory, where --set's relative paths were checked
     assert signal.getsignal(signal.SIGTERM) is original
 
 
