@@ -333,6 +333,13 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
 
     assert out_problem(tmp_path / "runs" / "a").startswith(f"--out {tmp_path / 'runs' / 'a'} cannot be created or "
                                                            f"written: {tmp_path / 'runs'} is a symbolic link to ")
+    # the folder itself a link to nothing, named as the link says (relative); a link to a folder there is no problem
+    from vlscale.files import dangling_link
+
+    (tmp_path / "rel").symlink_to("purged")
+    (tmp_path / "fine").symlink_to(tmp_path)
+    assert dangling_link(tmp_path / "rel") == f"{tmp_path / 'rel'} is a symbolic link to purged, which does not exist"
+    assert dangling_link(tmp_path / "fine" / "a") is None
 
 
 def test_more_ranks_than_gpus_is_refused_in_one_line_before_start(monkeypatch, launcher):
