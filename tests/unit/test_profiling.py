@@ -11,6 +11,7 @@ tests/integration/test_profile_measure.py.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -1640,7 +1641,7 @@ def test_fit_hint_in_gib_names_the_smallest_peak_and_a_budget_that_fits_it_and_n
         assert peak + room(fit) <= fit and peak + room(less) > less, need
 
 
-def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path):
+def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launcher, tmp_path, monkeypatch):
     """The train command --write-config prints (and --json's "written") carries the overrides the plan was made
     for (here another backbone and adapter size), the plan's own replacing those it sets: it printed the
     plan's alone, so the printed command trained the preset's model, not the one planned."""
@@ -1654,8 +1655,10 @@ def test_launcher_write_config_keeps_the_command_lines_overrides(capsys, launche
     run = load_config("tiny", written)
     assert (run.model.backbone, run.peft.reduction_factor, run.data.tasks) == ("tiny-bart", 8, ["vqa", "gqa"])
     assert run.train.micro_batch_size * run.train.gradient_accumulation_steps * 2 == 16
+    monkeypatch.chdir(tmp_path)  # launched from another folder: train.py as it runs from there
     assert profile_memory.main(argv) == 0
     command = capsys.readouterr().out.split("train with: ")[1]
+    assert command.startswith(f"deepspeed --num_gpus 2 {Path(profile_memory.__file__).resolve().parent / 'train.py'} ")
     assert "--config tiny model.backbone=tiny-bart peft.reduction_factor=8 'data.tasks=[vqa, gqa]' train.zero_stage=" \
         in command
 
@@ -1710,6 +1713,23 @@ def test_paths_of_the_launchers_take_a_home_folder(launcher, monkeypatch, tmp_pa
         assert str(args[key]) in (home, str([home])) and args.get("adapter", home) == home, (name, args)
     assert launcher("inspect_model").main(["--adapter=~/x"]) == 2
     assert f"error: {home} does not exist" in capsys.readouterr().err
+
+
+def test_the_out_of_memory_command_names_the_planner_as_it_runs_from_another_folder(launcher, monkeypatch, tmp_path):
+    """train.py's out-of-memory 'python launchers/profile_memory.py ...' named a file not there when launched from
+    another folder; a launcher no checkout holds (an installed wheel) keeps launchers/<name>."""
+    from vlscale.engine.distributed import DistInfo
+    from vlscale.files import launcher_path
+
+    here = Path(launcher("train").__file__).resolve().parent
+    monkeypatch.chdir(tmp_path)
+    assert launcher_path("nope.py") == "launchers/nope.py"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 ** 30, 2 ** 34))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    args = argparse.Namespace(config="tiny", deepspeed=None, overrides=[])
+    dist = DistInfo(0, 1, 0, torch.device("cuda:0"), "cuda", "nccl")
+    assert launcher("train").gpu_plan(args, dist)[2] == (f"python {here / 'profile_memory.py'} --config tiny "
+                                                        f"--world-size 1 --budget 1.0GiB")
 
 
 @pytest.mark.parametrize("argv, words", [
