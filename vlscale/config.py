@@ -840,6 +840,10 @@ def _preset_path(name_or_path: str) -> Path:
     q = PRESET_DIR / f"{name_or_path}.yaml"
     if q.exists():
         return q
+    if p.is_dir():  # a run's folder (--config runs/a) was "Is a directory"
+        own = p / "run_config.yaml"
+        raise ConfigError(f"{name_or_path!r} is a folder, not a preset or YAML file"
+                          + (f"; the settings of the run there are {own}" if own.is_file() else ""))
     if p.exists():
         return p
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:  # a file meant

@@ -187,6 +187,16 @@ def test_a_home_folder_in_a_config_path_is_expanded(tmp_path, monkeypatch):
     assert (cfg.train.max_steps, cfg.train.lr, cfg.model.backbone) == (7, 0.5, "tiny-t5")
 
 
+def test_a_config_that_is_a_folder_names_its_runs_settings(tmp_path):
+    """--config runs/a (a run's folder) was 'cannot be read as a YAML preset ([Errno 21] Is a directory)'."""
+    with pytest.raises(ConfigError, match=rf"^'{tmp_path}' is a folder, not a preset or YAML file$"):
+        load_config(str(tmp_path))
+    (tmp_path / "run_config.yaml").write_text("base: tiny\n")
+    with pytest.raises(ConfigError, match=rf"^'{tmp_path}' is a folder, not a preset or YAML file; the settings of "
+                                          rf"the run there are {tmp_path / 'run_config.yaml'}$"):
+        load_config(str(tmp_path))
+
+
 def test_a_config_file_that_is_not_there_names_the_working_directory(tmp_path, monkeypatch):
     """--config my.yaml (a file meant: a .yaml suffix or a folder in it) that is not there says so, with the
     working directory a relative one was read from; a bare name is still 'no preset or file'."""
