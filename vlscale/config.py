@@ -1004,6 +1004,8 @@ def _checked(cfg: RunConfig) -> RunConfig:
         value = getattr(owner, key)
         if isinstance(value, str) and value.startswith("~"):
             setattr(owner, key, os.path.expanduser(value))
+    if cfg.model.vision.startswith("local-dir:~"):  # open_clip reads the folder after the schema: './~/x' there
+        cfg.model.vision = "local-dir:" + os.path.expanduser(cfg.model.vision[len("local-dir:"):])
     cfg.data.check_source()
     cfg.model.check_backbone_path()
     return cfg

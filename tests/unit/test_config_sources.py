@@ -175,6 +175,8 @@ def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
     assert (cfg.output_dir, cfg.data.feature_cache, cfg.data.root, cfg.model.tokenizer) == (
         str(tmp_path / "runs/a"), str(tmp_path / "cache"), str(tmp_path / "data"), str(tmp_path / "tok"))
     assert cfg.model.vision_pretrained == "openai"
+    # an open_clip folder (model.vision=local-dir:~/clip): open_clip read './~/clip'
+    assert load_config("tiny", ["model.vision=local-dir:~/clip"]).model.vision == f"local-dir:{tmp_path / 'clip'}"
 
 
 def test_a_home_folder_in_a_config_path_is_expanded(tmp_path, monkeypatch):
