@@ -139,7 +139,7 @@ def _main(argv, held: list) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     import vlscale.replicate
     from vlscale.config import ConfigError
-    from vlscale.files import out_problem
+    from vlscale.files import launcher_path, out_problem
 
     vlscale.replicate.ROOT = ROOT  # the rows run this checkout's launchers (an installed vlscale has none beside it)
     from vlscale.replicate import (RESULT_FILE, ReplicationError, Runner, aggregate_seeds, backbone_fingerprint,
@@ -235,7 +235,7 @@ def _main(argv, held: list) -> int:
 
     # --- tables, plot: each seed's (in its folder), then over the seeds
     try:
-        command = "python launchers/replicate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = shlex.join(["python", launcher_path("replicate.py"), *(sys.argv[1:] if argv is None else argv)])
         per_seed, earlier = {}, set()
         for seed in seeds:
             where = seed_dir(out, seed, seeds)

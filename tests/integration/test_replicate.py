@@ -620,6 +620,7 @@ def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_pa
     monkeypatch.setattr(vlscale.replicate, "Runner", InterruptingRunner)
     replicate = launcher("replicate")
     monkeypatch.setattr(replicate, "make_feature_cache", lambda *a, **k: None)
+    monkeypatch.chdir(tmp_path)  # the command recorded names replicate.py as it runs from here
     code = replicate.main(["--table", "1", "--methods", f"{done},{stopped}", "--steps", "3", "--out", str(out),
                            "--no-progress"])
     printed, err = capsys.readouterr()
@@ -629,6 +630,7 @@ def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_pa
     assert f"rerun the same command to resume them ({out})" in err
     data = json.loads((out / "results.json").read_text())
     assert data["invocations"][-1]["rows_run_now"] == [done, stopped] and set(data["methods"]) == {done}
+    assert data["invocations"][-1]["command"].startswith(f"python {ROOT / 'launchers' / 'replicate.py'} --table 1 ")
 
 
 @needs_assets
