@@ -759,7 +759,7 @@ def test_an_out_lock_its_holder_removed_as_it_was_taken_is_taken_again(tmp_path,
     assert third is None and by.startswith("evaluate.py, pid ") and len(held) == 2
 
 
-def test_train_test_eval_takes_the_lock_evaluate_py_takes_on_eval_test(tmp_path, monkeypatch):
+def test_train_test_eval_takes_the_lock_evaluate_py_takes_on_eval_test(tmp_path, monkeypatch, launcher):
     """train.test_eval wrote RUN/eval_test/ without the lock evaluate.py takes on its --out: an `evaluate.py --adapter
     RUN/adapter --split test` (its default --out, RUN/eval_test) at the same moment shared its predictions.partial/.
     Now the training's test evaluation holds eval_test/'s lock (evaluate.py is refused meanwhile), and where another
@@ -780,9 +780,10 @@ def test_train_test_eval_takes_the_lock_evaluate_py_takes_on_eval_test(tmp_path,
         return {"vqa": {"vqa_score": 1.0}}
 
     monkeypatch.setattr(trainer, "_evaluate", evaluate)
-    monkeypatch.setattr(trainer, "write_eval_report", lambda out, *a, **k: seen.append(out))
+    # the report is written under the lock too (eval_metrics.json: an evaluate.py's rewrite lost the other's scores)
+    monkeypatch.setattr(trainer, "write_eval_report", lambda out, *a, **k: seen.append((out / LOCK_FILE).exists()))
     assert trainer.run_test_evaluation(run) == {"vqa": {"vqa_score": 1.0}}
-    assert seen[0].startswith("train.py's train.test_eval, pid ") and seen[1] == eval_test, seen
+    assert seen[0].startswith("train.py's train.test_eval, pid ") and seen[1] is True, seen
     assert not (eval_test / LOCK_FILE).exists()  # released
     held, _ = hold_lock(eval_test / LOCK_FILE, "evaluate.py, pid 4242, since 12:00")  # evaluate.py writing it
     with pytest.raises(ckpt.CheckpointError, match=rf"^{eval_test} is being written by another process \(evaluate.py, "
@@ -797,6 +798,14 @@ def test_train_test_eval_takes_the_lock_evaluate_py_takes_on_eval_test(tmp_path,
     with pytest.raises(ckpt.CheckpointError, match=r"being written by another process \(evaluate.py, pid 4242, "):
         trainer.run_test_evaluation(run)
     assert len(seen) == 2
+    # where rank 0 took it, rank 1 evaluates holding nothing: had it locked first, rank 0 would refuse itself
+    monkeypatch.setattr(trainer, "broadcast_object", lambda holder: None)
+    trainer.run_test_evaluation(run)
+    assert seen[2:] == [None], seen
+    held, _ = hold_lock(eval_test / LOCK_FILE, "evaluate.py, pid 4242, since 12:00")  # and so does evaluate.py's
+    with launcher("evaluate").out_locked(eval_test, writer=False):
+        pass
+    held.close()
 
 
 def test_the_digest_of_weights_that_record_no_step_is_reported_and_of_a_file_that_is_no_safetensors_none(tmp_path):
