@@ -2554,6 +2554,28 @@ def test_the_memory_warning_and_the_planner_agree_on_what_fits(monkeypatch, laun
         "the planner keeps free) and this process can have 0.5 GiB of the GPU's 23.69 GiB" in warned[1]), warned
 
 
+def test_the_memory_warning_is_the_planners_verdict_at_its_budgets_edge(monkeypatch, launcher):
+    """The planner's "fits" is peak + headroom <= the budget its command names (what the process can have, rounded
+    down to 0.1 GiB): a peak that fills that budget exactly is no warning, one byte more is, though it would fit the
+    unrounded 0.6 GiB + 60 MiB the process has."""
+    import argparse
+    from types import SimpleNamespace
+
+    import vlscale.profiling.analytic as analytic
+    from vlscale.profiling.planner import default_headroom
+
+    budget = analytic.parse_size("0.6GiB")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (budget + 59 * 2 ** 20, 25_438_715_904))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 ** 20)
+    dist = SimpleNamespace(device=torch.device("cuda:0"), world_size=2)
+    args = argparse.Namespace(config=None, deepspeed=None, overrides=[])
+    said = []
+    for peak in (budget - default_headroom(budget), budget - default_headroom(budget) + 1):
+        monkeypatch.setattr(analytic, "estimate_memory", lambda *a, **k: SimpleNamespace(components={"peak": peak}))
+        said.append(launcher("train").memory_warning(None, {}, args, dist))
+    assert said[0] is None and "this process can have 0.6 GiB of the GPU's" in said[1], said
+
+
 def test_a_fault_of_the_memory_estimate_is_said_not_dropped(monkeypatch, launcher):
     """memory_warning caught every exception of the estimate and said nothing: a setting the estimate does not model
     (a ValueError, ZeRO++ in the test above) is still no warning, and a fault of its own (a TypeError) one line
