@@ -1752,15 +1752,19 @@ def test_ctrl_c_in_the_first_seconds_is_the_start_up_line_not_a_traceback(resume
         signal.raise_signal(signum)
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(distributed, "quiet_library_warnings", interrupted)
-    try:
-        ended = launcher("train").main(["--config", "tiny", f"output_dir={tmp_path}"] + ["--resume"] * resume)
-    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt would stop pytest itself
-        ended = e
-    assert ended == 128 + signum
-    assert capsys.readouterr().err == (f"vlscale: rank 0: aborted ({signum.name} during start-up, before training "
-                                       f"began: {kept})\n")
-    assert signal.getsignal(signal.SIGTERM) == before  # the launcher's handler is gone with its main
+    train = launcher("train")
+    monkeypatch.setattr(train, "refused_before_start", lambda *a: None)  # --resume of nothing: refused
+    for where in ("quiet_library_warnings", "init_distributed"):  # torch's imports; the process group's rendezvous
+        monkeypatch.setattr(distributed, where, interrupted)
+        try:
+            ended = train.main(["--config", "tiny", f"output_dir={tmp_path}"] + ["--resume"] * resume)
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt would stop pytest itself
+            ended = e
+        assert ended == 128 + signum, where
+        assert capsys.readouterr().err == (f"vlscale: rank 0: aborted ({signum.name} during start-up, before "
+                                           f"training began: {kept})\n"), where
+        assert signal.getsignal(signal.SIGTERM) == before  # the launcher's handler is gone with its main
+        monkeypatch.setattr(distributed, where, lambda: None)
 
 
 @pytest.mark.parametrize("raised, code, said, traceback", [
