@@ -852,6 +852,8 @@ def test_its_lines_reach_a_log_file_when_written_as_the_bars_do(tmp_path, monkey
     args = ["--table", "5", "--methods", "projection_only", "--out", str(tmp_path / "t5"), "--dry-run"]
     assert launcher("replicate").main(args) == 0
     assert log.read_text().startswith("projection_only: updated "), "still in stdout's buffer"
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a stream with no reconfigure (a Jupyter kernel's) is left be
+    assert launcher("replicate").main(args[:3] + ["bogus"] + args[4:]) == 2  # a refused row: its line, no traceback
 
 
 def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, monkeypatch, launcher):
