@@ -365,6 +365,8 @@ def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
         code = 128 + signum
     # --- cleanup: the outcome is said; a SIGTERM from here (DeepSpeed's launch.py ending the ranks left once one
     # exits non-zero) ends the process at once, as before interruptible(), not with a traceback from a close
+    if run is not None and run.stop is not None:  # first: it gives back what it found, SIGTERM's start-up handler
+        run.stop.uninstall()
     release_sigterm()
     trainer.close(run)
     sys.stdout.flush()

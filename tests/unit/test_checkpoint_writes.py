@@ -1839,7 +1839,8 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
             signal.raise_signal(signal.SIGTERM)
         if raised in ("setup", "startup", "startup_resumed"):
             raise errors[raised]
-        runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None))
+        runs.append(SimpleNamespace(out=tmp_path / "run", dist=dist, stopped=None, watchdog=None, writer=None,
+                                    lock=None, stop=distributed.StopSignal().install()))  # as setup_run's last
         return runs[-1]
 
     def train(run, stop_after_steps=None):
@@ -1853,9 +1854,11 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
     monkeypatch.setattr(trainer, "setup_run", setup_run)
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
-    before = signal.getsignal(signal.SIGTERM)
+    before, real_close = signal.getsignal(signal.SIGTERM), trainer.close
 
     def close(run):  # a SIGTERM in the cleanup ends the process as it did before (it raised a traceback from here)
+        assert signal.getsignal(signal.SIGTERM) == before
+        real_close(run)  # the run's StopSignal gives back what it found: start-up's handler, set again in the close
         assert signal.getsignal(signal.SIGTERM) == before
 
     monkeypatch.setattr(trainer, "close", close)
@@ -1880,6 +1883,7 @@ def test_how_a_run_ends_sets_its_exit_code_and_its_last_line(raised, code, said,
         assert runs[0].stopped == {"reason": str(errors[raised]), "rank": 0, "checkpoint": None}
     assert said.format(out=tmp_path / "run") in out + err, (out, err)
     assert ("Traceback (most recent call last)" in err) == traceback, err
+    assert signal.getsignal(signal.SIGTERM) == before  # and after main: in the process group's teardown too
 
 
 def test_a_gpu_run_whose_memory_estimate_exceeds_its_gpu_is_warned_before_the_models_build(tmp_path, monkeypatch,
@@ -1896,7 +1900,7 @@ def test_a_gpu_run_whose_memory_estimate_exceeds_its_gpu_is_warned_before_the_mo
 
     built = []  # what was printed before the model's build
     monkeypatch.setattr(trainer, "setup_run",
-                        lambda *a, **k: built.append(capsys.readouterr().out) or SimpleNamespace())
+                        lambda *a, **k: built.append(capsys.readouterr().out) or SimpleNamespace(stop=None))
     monkeypatch.setattr(trainer, "train", lambda run, stop_after_steps=None: None)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: None)
     monkeypatch.setattr(trainer, "close", lambda run: None)
@@ -2040,7 +2044,7 @@ def test_the_launcher_hands_resume_and_stop_after_steps_to_the_run_and_says_whet
 
     def setup_run(cfg, ds_config, dist, resume, show_progress):
         seen["resume"] = resume
-        return SimpleNamespace(out=tmp_path / "run", dist=dist)
+        return SimpleNamespace(out=tmp_path / "run", dist=dist, stop=None)
 
     def train(run, stop_after_steps=None):
         seen["stop_after_steps"] = stop_after_steps
@@ -2443,7 +2447,7 @@ def test_a_failed_rank_of_several_leaves_through_os_exit(world, exits, tmp_path,
     monkeypatch.setattr(distributed, "init_distributed",
                         lambda *a, **k: distributed.DistInfo(world - 1, world, 0, torch.device("cpu"), "cpu", "gloo"))
     monkeypatch.setattr(distributed, "destroy", lambda: left.append("destroy"))
-    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: SimpleNamespace(out=tmp_path / "run"))
+    monkeypatch.setattr(trainer, "setup_run", lambda *a, **k: SimpleNamespace(out=tmp_path / "run", stop=None))
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "close", lambda run: None)
     assert launcher("train").main(["--config", "tiny", "--no-progress", f"output_dir={tmp_path / 'run'}"]) == 1
@@ -2482,7 +2486,7 @@ def test_a_rank_stopped_by_a_signal_waits_for_the_others_before_it_leaves(world,
     monkeypatch.setattr(distributed, "destroy", lambda: left.append("destroy"))
     monkeypatch.setattr(distributed, "barrier", lambda: left.append("barrier"))
     monkeypatch.setattr(trainer, "setup_run", lambda cfg, ds, dist, *a, **k: SimpleNamespace(
-        out=tmp_path / "run", dist=dist))
+        out=tmp_path / "run", dist=dist, stop=None))
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(trainer, "finish", lambda run, completed=True: left.append("finish"))
     monkeypatch.setattr(trainer, "close", lambda run: left.append("close"))
