@@ -264,11 +264,12 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with interruptible() as release:  # SIGTERM before the run's stop handler (imports, the model's build) ended it
-        return start_and_train(args, release)  # without a line
+    # SIGTERM, or SLURM's SIGUSR1, before the run's stop handler (imports, the model's build) ended it without a line
+    with interruptible((signal.SIGTERM, signal.SIGUSR1)) as release:
+        return start_and_train(args, release)
 
 
-def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
+def start_and_train(args: argparse.Namespace, release_signals) -> int:
     try:  # the first seconds, torch's and DeepSpeed's imports: Ctrl-C there was a traceback through an import
         from vlscale.engine.distributed import quiet_library_warnings, srun_without_launcher, watch_launcher
 
@@ -365,9 +366,9 @@ def start_and_train(args: argparse.Namespace, release_sigterm) -> int:
         code = 128 + signum
     # --- cleanup: the outcome is said; a SIGTERM from here (DeepSpeed's launch.py ending the ranks left once one
     # exits non-zero) ends the process at once, as before interruptible(), not with a traceback from a close
-    if run is not None and run.stop is not None:  # first: it gives back what it found, SIGTERM's start-up handler
+    if run is not None and run.stop is not None:  # first: it gives back what it found, start-up's handlers
         run.stop.uninstall()
-    release_sigterm()
+    release_signals()
     trainer.close(run)
     sys.stdout.flush()
     sys.stderr.flush()

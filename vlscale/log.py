@@ -123,7 +123,8 @@ def progress_bar(stream=None, interval_s: float = PROGRESS_LINE_S, **kwargs):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A SIGTERM raised as Ctrl-C's KeyboardInterrupt by :func:`interruptible`; ``signum`` says which signal."""
+    """A SIGTERM (or another of :func:`interruptible`'s signals) raised as Ctrl-C's KeyboardInterrupt; ``signum`` says
+    which signal."""
 
     def __init__(self, signum: int):
         super().__init__()
@@ -135,17 +136,17 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def interruptible():
-    """SIGTERM raises KeyboardInterrupt (:class:`Interrupted`) here, as Ctrl-C does (in the main thread; elsewhere
-    nothing changes). Yields a function that gives SIGTERM its previous handler back before the block ends (a
-    launcher's cleanup, once its outcome is said: the signal ends the process there, with no traceback)."""
-    previous = []
+def interruptible(signals=(signal.SIGTERM,)):
+    """``signals`` (SIGTERM) raise KeyboardInterrupt (:class:`Interrupted`) here, as Ctrl-C does (in the main thread;
+    elsewhere nothing changes). Yields a function that gives them their previous handlers back before the block ends
+    (a launcher's cleanup, once its outcome is said: the signal ends the process there, with no traceback)."""
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous.append(signal.signal(signal.SIGTERM, _interrupt))
+        previous = {sig: signal.signal(sig, _interrupt) for sig in signals}
 
     def release():
-        if previous:
-            signal.signal(signal.SIGTERM, previous.pop())
+        while previous:
+            signal.signal(*previous.popitem())
 
     try:
         yield release
