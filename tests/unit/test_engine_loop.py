@@ -604,7 +604,7 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     run = _summary_run(monkeypatch)
     run.out, run.dist.rank, run.is_main = tmp_path, 1, False
     monkeypatch.setattr("torch.distributed.all_gather_object", None)  # not called
-    for error in (ConfigError("x"), trainer.NonFiniteLoss("loss is nan")):
+    for error in (ConfigError("x"), trainer.NonFiniteLoss("loss is nan"), trainer.EvaluationLocked("x")):
         trainer.record_stop(run, error)
     assert not list(tmp_path.iterdir())
     (tmp_path / "checkpoints").mkdir()
@@ -635,6 +635,12 @@ def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monke
     run.dist.rank, run.is_main = 1, False
     (tmp_path / "run_summary.json").unlink()
     assert trainer.record_stop(run, refused) == "" and not (tmp_path / "run_summary.json").exists()
+    # train.test_eval's eval_test/ held by an evaluate.py: the run is complete, its summary was written by a --resume
+    run.dist.rank, run.is_main = 0, True
+    locked = trainer.EvaluationLocked(f"{tmp_path / 'eval_test'} is being written by another process (evaluate.py)")
+    assert trainer.record_stop(run, locked) == ""  # its line says what is kept
+    s = json.loads((tmp_path / "run_summary.json").read_text())
+    assert (s["completed"], s["stopped"]["reason"]) == (False, f"EvaluationLocked: {locked}")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")

@@ -76,6 +76,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss of a step is NaN or infinite; the run stops before applying the update."""
 
 
+class EvaluationLocked(ckpt.CheckpointError):
+    """train.test_eval's eval_test/ is being written by another process (evaluate.py): the run, complete and
+    checkpointed, stops before its test evaluation; --resume runs it again."""
+
+
 class RunStopped(Exception):
     """The run stopped early on request (signal or --stop-after-steps) after writing a checkpoint."""
 
@@ -951,7 +956,7 @@ def run_test_evaluation(run: Run) -> dict:
     with out_lock(out, "train.py's train.test_eval", writer=run.is_main) as holder:  # as evaluate.py's --out
         holder = broadcast_object(holder)
         if holder:  # every rank stops here: the evaluation is collective
-            raise ckpt.CheckpointError(
+            raise EvaluationLocked(
                 f"{out} is being written by another process ({holder}): the test split is not evaluated; the "
                 f"training is complete and checkpointed, and --resume runs the final evaluations again once it ends")
         run.test_scores = _evaluate(run, "test", out / "predictions")
@@ -1064,10 +1069,11 @@ def stop_record(run: Run, reason: str) -> dict:
 def record_stop(run: Run, error: Exception) -> str:
     """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
     image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation), a
-    non-finite loss (rank 0: every rank stops on it) or a write the disk refused (rank 0's: train_log.jsonl,
-    metrics.json, TensorBoard's events; a resumed run's earlier run_summary.json, completed true at the step it
-    resumed from, stayed; where this write is refused too, train.py's line says so); ``stopped``:
-    :func:`stop_record` of the error's line. Not
+    non-finite loss, train.test_eval's eval_test/ locked by another process (the training completed: run_summary.json
+    was written by the --resume after) or a write the disk refused (rank 0's: train_log.jsonl, metrics.json,
+    TensorBoard's events; a resumed run's earlier run_summary.json, completed true at the step it resumed from,
+    stayed; where this write is refused too, train.py's line says so) (rank 0: every rank stops on these);
+    ``stopped``: :func:`stop_record` of the error's line. Not
     gathered, as another rank may be waiting in a collective: others' figures are null. Written through a file of
     this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end its line
     (a non-finite loss's line says it already); else ''."""
@@ -1075,7 +1081,8 @@ def record_stop(run: Run, error: Exception) -> str:
     from vlscale.files import DISK_REFUSED
 
     refused = isinstance(error, OSError) and error.errno in DISK_REFUSED
-    if not (isinstance(error, DataError) or (isinstance(error, NonFiniteLoss) or refused) and run.is_main):
+    if not (isinstance(error, DataError) or (isinstance(error, (NonFiniteLoss, EvaluationLocked)) or refused)
+            and run.is_main):
         return ""
     run.stopped = stop_record(run, f"{type(error).__name__}: {error}")
     mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
