@@ -1069,14 +1069,13 @@ def stop_record(run: Run, reason: str) -> dict:
 def record_stop(run: Run, error: Exception) -> str:
     """run_summary.json (``completed`` false) after an error in the run's input stopped it mid-run: an unreadable
     image or other DataError (from the rank that met it, reading its share of a batch or of an evaluation), a
-    non-finite loss, train.test_eval's eval_test/ locked by another process (the training completed: run_summary.json
-    was written by the --resume after) or a write the disk refused (rank 0's: train_log.jsonl, metrics.json,
-    TensorBoard's events; a resumed run's earlier run_summary.json, completed true at the step it resumed from,
-    stayed; where this write is refused too, train.py's line says so) (rank 0: every rank stops on these);
-    ``stopped``: :func:`stop_record` of the error's line. Not
-    gathered, as another rank may be waiting in a collective: others' figures are null. Written through a file of
-    this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end its line
-    (a non-finite loss's line says it already); else ''."""
+    non-finite loss, train.test_eval's eval_test/ locked by another process once the training completed, or a write
+    the disk refused (train_log.jsonl, metrics.json, TensorBoard's events: a resumed run's earlier run_summary.json,
+    completed true at the step it resumed from, stayed; where this write is refused too, train.py's line says so)
+    (rank 0 for all but a DataError: every rank stops on them); ``stopped``: :func:`stop_record` of the error's
+    line. Not gathered, as another rank may be waiting in a collective: others' figures are null. Written through a
+    file of this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end
+    its line (the other errors' lines say it already); else ''."""
     from vlscale.data.real import DataError
     from vlscale.files import DISK_REFUSED
 
