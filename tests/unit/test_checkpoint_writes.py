@@ -658,7 +658,6 @@ def test_a_file_size_limit_while_deepspeed_writes_names_the_file_and_the_os_reas
     assert ckpt.latest_tag(root) == "step3" and sorted(p.name for p in root.iterdir()) == ["latest", "step3"]
 
 
-
 def test_deepspeeds_torch_writer_keeps_its_format_and_other_writers_and_errors_are_left_as_they_are(tmp_path):
     """The save that names its file writes the format DeepSpeed's config asks for (the legacy, non-zip one where
     its zipfile serialization is off), raises an error that is no write's as it is (a pickling error, an OSError
@@ -913,7 +912,6 @@ def test_a_safetensors_write_the_os_refuses_is_its_oserror_naming_the_file(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-
 def test_a_safetensors_error_that_is_not_the_oss_is_raised_as_it_is(tmp_path):
     """Tensors sharing memory are refused by safetensors before any write: its own error, not the OS's."""
     from vlscale.files import save_safetensors
@@ -1002,7 +1000,6 @@ def test_write_text_atomic_that_fails_keeps_the_old_file_and_leaves_no_temporary
     monkeypatch.undo()
     assert failed.value.filename == str(path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-
 
 
 def test_write_text_atomic_whose_rename_fails_raises_the_renames_error_and_leaves_no_temporary_file(tmp_path,
