@@ -265,7 +265,7 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM, or SLURM's SIGUSR1, before the run's stop handler (imports, the model's build) ended it without a line
-    with interruptible((signal.SIGTERM, signal.SIGUSR1)) as release:
+    with interruptible() as release:
         return start_and_train(args, release)
 
 

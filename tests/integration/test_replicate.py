@@ -634,9 +634,10 @@ def test_an_interrupted_row_exits_130_and_a_one_seed_run_records_its_rows(tmp_pa
 
 
 @needs_assets
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_replicate_stopped_by_a_signal_exits_128_plus_it(tmp_path, launcher, capsys, monkeypatch, signum):
-    """Ctrl-C (130) or SIGTERM (143, as train.py's): the status a scheduler reads; SIGTERM's was 130."""
+    """Ctrl-C (130), SIGTERM (143, as train.py's) or SLURM's SIGUSR1 warning (138; it ended replicate.py at once, its
+    trainings orphaned to their parent-death SIGTERM): the status a scheduler reads; SIGTERM's was 130."""
     import vlscale.replicate
     from vlscale.log import Interrupted
 
@@ -645,7 +646,7 @@ def test_replicate_stopped_by_a_signal_exits_128_plus_it(tmp_path, launcher, cap
             pass
 
         def run(self):
-            raise Interrupted(signum) if signum == signal.SIGTERM else KeyboardInterrupt
+            raise Interrupted(signum) if signum != signal.SIGINT else KeyboardInterrupt
 
     monkeypatch.setattr(vlscale.replicate, "Runner", StoppedRunner)
     replicate = launcher("replicate")

@@ -235,3 +235,30 @@ def test_a_progress_bar_in_a_jupyter_kernel_is_tqdm_auto_s(monkeypatch):
     assert not isinstance(vlog.progress_bar(io.StringIO(), total=3, disable=True), str)  # a stream given: drawn on
     monkeypatch.delitem(sys.modules, "ipykernel")
     assert not isinstance(vlog.progress_bar(total=3, desc="features", disable=True), str)  # tqdm's own
+
+
+def test_a_schedulers_stop_signals_are_ctrl_c_inside_interruptible_and_their_handlers_come_back():
+    """SIGTERM and SLURM's SIGUSR1 warning (whose default action ended train.py's start-up and replicate.py at once,
+    silently) raise KeyboardInterrupt saying which signal; release (a launcher's cleanup) gives the handlers back."""
+    import signal
+
+    import pytest
+
+    from vlscale.log import Interrupted, interruptible
+
+    def unhandled(signum, frame):  # a signal interruptible does not take fails the test, not ends pytest
+        raise AssertionError(f"{signal.Signals(signum).name} was not taken by interruptible")
+
+    original = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for sig in original:
+            with interruptible() as release:
+                with pytest.raises(Interrupted) as stopped:
+                    signal.raise_signal(sig)
+                assert isinstance(stopped.value, KeyboardInterrupt) and stopped.value.signum == sig
+                release()
+                assert all(signal.getsignal(s) is unhandled for s in original)
+            assert all(signal.getsignal(s) is unhandled for s in original)
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
