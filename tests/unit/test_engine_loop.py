@@ -934,6 +934,17 @@ def test_the_loop_logs_evaluates_and_saves_on_schedule(monkeypatch, capsys):
     assert run.step == 6 and len(run.step_times) == 6
 
 
+def test_the_loop_keeps_the_last_step_times_only(monkeypatch):
+    """run.step_times (run_summary's median, every checkpoint's client state) holds the last STEP_TIMES_KEPT steps':
+    a list of every step's grew with the run, each save writing it whole (1M steps: 21 MB of JSON per rank)."""
+
+    run, _ = _loop_run(monkeypatch)
+    monkeypatch.setattr(trainer, "STEP_TIMES_KEPT", 4, raising=False)
+    run.step_times = [9.0] * 3  # a resumed run's
+    trainer.train(run)
+    assert run.step == 6 and len(run.step_times) == 4 and 9.0 not in run.step_times
+
+
 def test_stop_after_steps_checkpoints_that_step_and_stops(monkeypatch):
 
     run, events = _loop_run(monkeypatch)

@@ -62,6 +62,10 @@ from vlscale.engine.half_precision import stage0_corrections, unscaled_grad_norm
 from vlscale.files import write_text_atomic
 
 IGNORE_INDEX = -100
+# run_summary's step_time_s is the median of the last STEP_TIMES_KEPT steps' times: each checkpoint's client state
+# holds them, and a list of every step's grew with the run (1M steps: 21 MB of JSON per rank in each save, 2.3 s)
+STEP_TIMES_KEPT = 10_000
+
 # Keys that may change between a run and its resumption. Where the frozen weights load from may (the
 # same files moved, another cache): the resume compares what it builds with the checkpoint's fingerprint.
 # The micro-batch, accumulation and train.global_batch_size may, as long as ranks x micro-batch x accumulation (the
@@ -737,6 +741,7 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
         sync_trained_buffers(run)
         run.step += 1
         run.step_times.append(time.perf_counter() - start)
+        del run.step_times[:-STEP_TIMES_KEPT]
         run.watchdog.beat(f"step {run.step}")
         log_step(run, batches[0]["task"], loss, lr, bar)
         evaluated = t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps
