@@ -39,9 +39,10 @@ def fsync_tree(folder) -> None:
         fsync_path(root)
 
 
-def write_text_atomic(path, text: str) -> Path:
-    """``text`` into ``path`` (its folder made) through a temporary file beside it, flushed to disk and renamed
-    over it (``os.replace``), then the folder flushed: a crash at any point leaves the old file or the new one.
+def write_text_atomic(path, text) -> Path:
+    """``text`` (a str, or an iterable of them, written as they come) into ``path`` (its folder made) through a
+    temporary file beside it, flushed to disk and renamed over it (``os.replace``), then the folder flushed: a crash
+    at any point leaves the old file or the new one.
     The temporary file is this write's own (``<name>.<random>.tmp``: two processes writing one file at once do not
     write into one), removed where the write fails (a full disk: its OSError names ``path``), and given the mode a
     plain ``open`` gives (0666 less the umask; ``mkstemp`` makes it 0600)."""
@@ -51,7 +52,7 @@ def write_text_atomic(path, text: str) -> Path:
     try:
         with open(fd, "w") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(text)
+            f.write(text) if isinstance(text, str) else f.writelines(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
