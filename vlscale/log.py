@@ -139,8 +139,9 @@ def _interrupt(signum, frame):
 def interruptible(signals=(signal.SIGTERM, signal.SIGUSR1)):
     """``signals`` (a scheduler's stop signals: SIGTERM, and SLURM's ``--signal=USR1`` warning before the time limit,
     whose default action ended the process at once) raise KeyboardInterrupt (:class:`Interrupted`) here, as Ctrl-C
-    does (in the main thread; elsewhere nothing changes). Yields a function that gives them their previous handlers back before the block ends
-    (a launcher's cleanup, once its outcome is said: the signal ends the process there, with no traceback)."""
+    does (in the main thread; elsewhere nothing changes). Yields a function that gives them their previous handlers
+    back before the block ends (a launcher's cleanup, once its outcome is said: the signal ends the process there,
+    with no traceback)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, _interrupt) for sig in signals}
