@@ -231,6 +231,23 @@ def test_a_resume_drops_the_log_lines_and_metrics_past_its_checkpoint(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == [{"step": 2, "vqa": 0.1}]
 
 
+def test_a_resume_ends_the_logs_last_record_with_its_newline(tmp_path, capsys):
+    """A write cut between a record and its newline leaves a whole last record: the resumed run's next append
+    starts a line of its own (joined to it, both would be one torn line, dropped at the next resume). A blank line
+    is no record, and not a torn one."""
+    import json
+
+    from vlscale.engine.trainer import _truncate_logs
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n\n" + json.dumps({"step": 2, "loss": 1.0}))
+    _truncate_logs(tmp_path, 2)
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2, 3]
+    assert capsys.readouterr().out == ""
+
+
 def test_a_resume_says_which_logged_steps_it_drops_to_train_again(tmp_path, capsys):
     """SIGKILL at step 6 after the checkpoint of step 4: steps 5-6 left train_log.jsonl without a word."""
     import json
