@@ -923,8 +923,14 @@ def _keep_text(data: dict, text: dict, prefix: str = "") -> None:
         if isinstance(value, dict):
             _keep_text(value, raw, f"{prefix}{key}.")
         elif value is not None and not isinstance(value, str) and isinstance(raw, str) and _takes_text(
-                f"{prefix}{key}"):
+                f"{prefix}{key}") or value is None and raw == "~" and _is_home_path(f"{prefix}{key}"):
             data[key] = raw
+
+
+def _is_home_path(key: str) -> bool:
+    """Whether the dotted ``key`` is a path setting (:data:`HOME_PATHS`), where a bare '~' is the home folder, not
+    YAML's null (``data.root=~``: no shell expands it there, and it was 'data.root is not set')."""
+    return key.strip() in {f"{section}.{name}" if section else name for section, name in HOME_PATHS}
 
 
 def _takes_text(key: str) -> bool:
@@ -956,6 +962,8 @@ def parse_overrides(overrides) -> dict:
                 value = raw  # output_dir="runs/run #2" was runs/run, output_dir=#2 null
             elif value is not None and not isinstance(value, str) and _takes_text(key):
                 value = raw.strip()  # output_dir=12:30 was 750 (YAML 1.1's base 60), =007 7, ="a: b" a mapping
+            elif value is None and raw.strip() == "~" and _is_home_path(key):
+                value = "~"  # the home folder (expanded with the other path settings), not YAML's null
             pairs.append((key, item, value))
     nested: dict = {}
     for key, item, value in pairs:

@@ -175,6 +175,11 @@ def test_a_home_folder_in_a_path_setting_is_expanded(tmp_path, monkeypatch):
     assert (cfg.output_dir, cfg.data.feature_cache, cfg.data.root, cfg.model.tokenizer) == (
         str(tmp_path / "runs/a"), str(tmp_path / "cache"), str(tmp_path / "data"), str(tmp_path / "tok"))
     assert cfg.model.vision_pretrained == "openai"
+    # a bare '~' (no shell expands data.root=~): YAML's null, 'data.root is not set'; a null elsewhere stays one
+    (tmp_path / "home.yaml").write_text("base: tiny\ndata:\n  source: real\n  root: ~\n")
+    for cfg in (load_config("tiny", ["data.source=real", "data.root=~", "train.deepspeed=~"]),
+                load_config(str(tmp_path / "home.yaml"), ["train.deepspeed=~"])):
+        assert (cfg.data.root, cfg.train.deepspeed) == (str(tmp_path), None)
     # an open_clip folder (model.vision=local-dir:~/clip): open_clip read './~/clip'
     assert load_config("tiny", ["model.vision=local-dir:~/clip"]).model.vision == f"local-dir:{tmp_path / 'clip'}"
 
