@@ -917,14 +917,29 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
 def _keep_text(data: dict, text: dict, prefix: str = "") -> None:
     """A string setting of a YAML file is its text (``text``: the file read with every scalar a string), as an
     override's is: ``output_dir: 12:30`` trained into 750 (YAML 1.1's base 60), ``name: 007`` was 7. A null and the
-    other settings keep YAML's reading."""
+    other settings keep YAML's reading. A key a merge (``<<:``) brought is read from the merged mapping's text (the
+    first of a list that holds it, as YAML merges)."""
     for key, value in data.items():
-        raw = text.get(key) if isinstance(text, dict) else None  # absent where a key came by a merge (<<)
+        raw = _text_of(text, key)
         if isinstance(value, dict):
             _keep_text(value, raw, f"{prefix}{key}.")
         elif value is not None and not isinstance(value, str) and isinstance(raw, str) and _takes_text(
                 f"{prefix}{key}") or value is None and raw == "~" and _is_home_path(f"{prefix}{key}"):
             data[key] = raw
+
+
+def _text_of(text, key: str):
+    """``key``'s text in a mapping read with every scalar a string (BaseLoader keeps a merge's ``<<`` as a key), or
+    None."""
+    if not isinstance(text, dict):
+        return None
+    if key in text:
+        return text[key]
+    merged = text.get("<<")
+    for source in merged if isinstance(merged, list) else [merged]:
+        if isinstance(source, dict) and key in source:
+            return source[key]
+    return None
 
 
 def _is_home_path(key: str) -> bool:

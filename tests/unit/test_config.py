@@ -221,10 +221,11 @@ def test_string_settings_take_what_yaml_reads_as_a_number_or_cannot_parse(tmp_pa
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert (cfg.output_dir, cfg.name, cfg.model.tokenizer, cfg.train.max_steps, cfg.model.backbone_path) == (
         "12:30", "007", "2024_01", 1000, None)
-    # a section or a string setting from a merge key (no text of its own in the file): YAML's reading, no traceback
-    (tmp_path / "m.yaml").write_text("base: tiny\n<<: {name: 7, train: {max_steps: 3}}\noutput_dir: 12:30\n")
+    # a section or a string setting from a merge key: the merged mapping's text (the first of a list that has it)
+    (tmp_path / "m.yaml").write_text("base: tiny\n<<: {name: 007, train: {max_steps: 3}}\noutput_dir: 12:30\n"
+                                     "model:\n  <<: [{tokenizer: 2024_01}, {tokenizer: 9}]\n")
     cfg = load_config(str(tmp_path / "m.yaml"))
-    assert (cfg.name, cfg.train.max_steps, cfg.output_dir) == ("7", 3, "12:30")
+    assert (cfg.name, cfg.train.max_steps, cfg.output_dir, cfg.model.tokenizer) == ("007", 3, "12:30", "2024_01")
     assert parse_overrides(["data.hf_columns={image: img}", "peft.nope=7"]) == {
         "data": {"hf_columns": {"image": "img"}}, "peft": {"nope": 7}}
 
