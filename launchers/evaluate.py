@@ -185,9 +185,9 @@ def main(argv=None) -> int:
         code = evaluate_adapter(args, rank, world, device, dist)
     except OSError as e:  # a full disk, a quota, a file-size limit: it was a traceback after the generation
         from vlscale.engine.checkpoint import write_failure_reason
-        from vlscale.files import DISK_REFUSED
+        from vlscale.files import disk_refused
 
-        if e.errno not in DISK_REFUSED:
+        if not disk_refused(e):
             raise
         where = Path(e.filename or ".")
         # eval_metrics.json is written after predictions/ is replaced: the new predictions beside the earlier scores

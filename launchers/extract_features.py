@@ -448,9 +448,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"extract_features.py: {type(e).__name__}: {e}") from None
     except OSError as e:  # a full disk, a quota, a file-size limit: a traceback through safetensors' writer
         from vlscale.engine.checkpoint import write_failure_reason
-        from vlscale.files import DISK_REFUSED
+        from vlscale.files import disk_refused
 
-        if e.errno not in DISK_REFUSED:
+        if not disk_refused(e):
             raise
         raise SystemExit(f"extract_features.py: writing the feature cache {args.out} failed "
                          f"({write_failure_reason(e, args.out)}); the features written before it are kept: the same "

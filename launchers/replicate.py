@@ -259,9 +259,9 @@ def _main(argv, held: list) -> int:
             written = write_outputs(table, out, results, meta)
     except OSError as e:  # a full disk after hours of training: its traceback hid that nothing trained is lost
         from vlscale.engine.checkpoint import write_failure_reason
-        from vlscale.files import DISK_REFUSED
+        from vlscale.files import disk_refused
 
-        if e.errno not in DISK_REFUSED:
+        if not disk_refused(e):
             raise
         print(f"replicate: writing the tables in {out} failed ({write_failure_reason(e, out)}); every finished row's "
               "result.json is kept and each table file is whole (the earlier one or the new): rerun the same command, "

@@ -191,9 +191,9 @@ def disk_failure(e: BaseException, out: Path) -> str | None:
     reports its own: train_log.jsonl, TensorBoard's events, metrics.json, predictions/) as one line: the
     reason, the free space and the checkpoint left; None for any other error. It was a traceback through
     TensorBoard's writer thread ending in a bare "OSError: [Errno 28] No space left on device"."""
-    from vlscale.files import DISK_REFUSED
+    from vlscale.files import disk_refused
 
-    if not (isinstance(e, OSError) and e.errno in DISK_REFUSED):
+    if not disk_refused(e):
         return None
     from vlscale.engine.checkpoint import write_failure_reason
 

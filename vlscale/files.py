@@ -18,6 +18,12 @@ from typing import Optional
 DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # writes that fail whatever the code does
 
 
+def disk_refused(e: BaseException) -> bool:
+    """Whether ``e`` is a write the disk refused (full, over quota, read-only, past the file-size limit:
+    :data:`DISK_REFUSED`), which a launcher says in one line rather than a traceback."""
+    return isinstance(e, OSError) and e.errno in DISK_REFUSED
+
+
 def fsync_path(path) -> None:
     """Flush ``path`` to disk: a file's bytes, or a folder's entries (the files made and renamed in it)."""
     fd = os.open(path, os.O_RDONLY)

@@ -1093,11 +1093,10 @@ def record_stop(run: Run, error: Exception) -> str:
     file of this rank's own, as two ranks may stop on bad images at once. -> for a DataError, what is kept, to end
     its line (the other errors' lines say it already); else ''."""
     from vlscale.data.real import DataError
-    from vlscale.files import DISK_REFUSED
+    from vlscale.files import disk_refused
 
-    refused = isinstance(error, OSError) and error.errno in DISK_REFUSED
-    if not (isinstance(error, DataError) or (isinstance(error, (NonFiniteLoss, EvaluationLocked)) or refused)
-            and run.is_main):
+    if not (isinstance(error, DataError) or (isinstance(error, (NonFiniteLoss, EvaluationLocked))
+                                             or disk_refused(error)) and run.is_main):
         return ""
     run.stopped = stop_record(run, f"{type(error).__name__}: {error}")
     mine = write_text_atomic(run.out / f"run_summary.rank{run.dist.rank}.json",
