@@ -752,14 +752,16 @@ def test_sigterm_stops_the_running_trainings(tmp_path):
     job = Job(row=get_table(1).rows[0], overrides=[], run_dir=tmp_path,
               commands=deque([("train", [sys.executable, "-c", "import time; time.sleep(20)"])]))
     original = signal.signal(signal.SIGTERM, unhandled)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     try:
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        timer.start()
         with pytest.raises(KeyboardInterrupt):
             Runner([job], 1, 1, on_done=lambda j: None, progress=False, poll_s=0.1, echo=lambda m: None).run()
         assert job.proc.poll() == -signal.SIGTERM  # the training got SIGTERM and ended
         assert json.loads((tmp_path / "replicate_segments.jsonl").read_text())["exit"] == -signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
     finally:
+        timer.cancel()  # a failure before it fired: no SIGTERM into the rest of the run
         signal.signal(signal.SIGTERM, original)
         if job.proc is not None and job.proc.poll() is None:
             job.proc.kill()
@@ -877,19 +879,25 @@ def test_sigterm_while_the_feature_cache_is_made_stops_the_extraction(tmp_path, 
         cwds.append(kw.get("cwd"))
         return proc
 
+    def unhandled(signum, frame):  # the timer's SIGTERM fails the test, not the whole pytest run
+        raise AssertionError("make_feature_cache left SIGTERM unhandled")
+
     monkeypatch.setattr(replicate.subprocess, "Popen", popen)
-    original = signal.getsignal(signal.SIGTERM)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    original = signal.signal(signal.SIGTERM, unhandled)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             replicate.make_feature_cache([], tmp_path / "features", 1, "fp", print)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
     finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, original)
         for proc in started:
             if proc.poll() is None:
                 proc.kill()
     assert len(started) == 1 and started[0].poll() == -signal.SIGTERM
     assert cwds == [None]  # it runs in the working directory, where --set's relative paths were checked
-    assert signal.getsignal(signal.SIGTERM) is original
 
 
 def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
