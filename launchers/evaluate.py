@@ -17,7 +17,8 @@ files moved). The frozen weights built, moved or not, are checked against the fi
 the adapter, else its checkpoint), as ``--resume`` does: files replaced since training are refused, naming them.
 
 Writes ``DIR/predictions/<task>.jsonl`` (uid, prediction, references; the folder replaced once every task is
-written, keeping the earlier set's other tasks: a Ctrl-C midway leaves the earlier set) and ``DIR/eval_metrics.json``
+written, keeping the earlier set's other tasks: a Ctrl-C midway leaves the earlier set, a kill between the swap's
+renames leaves it at ``predictions.old/``, put back by the next run) and ``DIR/eval_metrics.json``
 (scores, examples scored per task, and the settings they come from: the data, the precision, whether
 ``--java-metrics`` scored the captions, the ZeRO stage (null without ``--deepspeed``) and the number of ranks; a
 report there of the same adapter, split, step and settings keeps the tasks not evaluated now); ``DIR`` defaults
