@@ -10,16 +10,19 @@ keys and bad values raise :class:`ConfigError` naming the key and the valid choi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
 import importlib.util
+import inspect
 import json
 import logging
 import math
 import numbers
 import os
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -358,9 +361,13 @@ class PeftConfig:
     """Adapter non-linearity: ``gelu`` (exact) or ``gelu_tanh``."""
     # Hyperformer
     task_embedding_dim: int = 512
+    """Hyperformer: width of each task's embedding, one half of the hypernetwork's input."""
     layer_embedding_dim: int = 512
+    """Hyperformer: width of each layer's embedding, the other half of the hypernetwork's input."""
     hypernet_hidden_dim: int = 128
+    """Hyperformer: hidden width of the hypernetwork's projector (task + layer embedding -> this -> projected)."""
     hypernet_projected_dim: int = 8
+    """Hyperformer: width of the projected embedding the adapter weights are generated from."""
     # Compacter
     phm_dim: int = 2
     """Compacter: number n of Kronecker terms (W = sum_i A_i kron B_i)."""
@@ -369,10 +376,14 @@ class PeftConfig:
     factorized_phm: bool = False
     """Compacter: low-rank factorisation of the B_i matrices (off in the paper)."""
     phm_rank: int = 1
+    """Compacter: rank of each B_i with factorized_phm=true."""
     # LoRA
     lora_rank: int = 128
+    """LoRA: rank r of the update B A of each adapted q / v projection."""
     lora_alpha: float = 32.0
+    """LoRA: the update is scaled by lora_alpha / lora_rank."""
     lora_dropout: float = 0.1
+    """LoRA: dropout on the input of the low-rank path, in [0, 1)."""
     # Biases (HF PEFT's LoraConfig.bias)
     bias: str = "lora_only"
     """Which biases of the language model train besides the groups below: ``none``; ``lora_only``, the biases of
@@ -382,7 +393,9 @@ class PeftConfig:
     named "bias" under LoRA and no layer-norm weight (BENCHMARKS.md, updated parameters)."""
     # Prompt tuning
     n_prompts: int = 40
+    """Prompt tuning: number of prompt vectors prepended to the encoder's input."""
     prompt_hidden_dim: int = 800
+    """Prompt tuning: hidden width of the MLP the prompt vectors go through (Linear -> tanh -> Linear)."""
     extra_prompts: bool = False
     """Add task-specific encoder prompts on top of another method (adapters + prompts)."""
     # Trainable set
@@ -453,6 +466,7 @@ class DataConfig:
     """Tasks, where their data comes from, and how batches are drawn."""
 
     tasks: list[str] = field(default_factory=lambda: list(IMAGE_TASKS))
+    """Tasks trained together: image tasks (vqa, gqa, nlvr2, caption) or video tasks (tvqa, how2qa, tvc, yc2c)."""
     source: str = "synthetic"
     """``synthetic`` (the embedded world, no download) or ``real`` (files under ``root``)."""
     root: Optional[str] = None
@@ -472,7 +486,9 @@ class DataConfig:
     temperature: float = 1.0
     """``sampling=temperature`` only: p_t ∝ n_t^(1/T) (refused with ``proportional``, which would ignore it)."""
     max_input_length: int = 40
+    """Text input tokens per example (task prefix included); longer inputs are cut and counted."""
     max_target_length: int = 20
+    """Target tokens per example (end-of-sequence included); longer targets are cut and counted."""
     vqa_targets: str = "best"
     """VQA training targets: ``best``, the highest-scoring answer of each question's soft ``label`` at full
     weight; ``sampled``, as VL-T5 / VL-Adapter train VQA: each time a question is drawn, one answer drawn in
@@ -533,6 +549,7 @@ class TrainConfig:
     """Optimisation, precision and the loop's schedule."""
 
     max_steps: int = 300
+    """Optimizer steps of the run."""
     micro_batch_size: int = 16
     """Examples per rank per micro-batch."""
     gradient_accumulation_steps: Optional[int] = None
@@ -550,13 +567,19 @@ class TrainConfig:
     weights (LoRA's trained q/v biases too: they are the backbone's) keep ``train.lr``. ``None``: ``train.lr``
     for everything, as the paper trains. Both follow the same warm-up and decay."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     warmup_ratio: float = 0.05
+    """Linear warm-up over this fraction of max_steps, then linear decay to 0; in [0, 1)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2)."""
     adam_eps: float = 1e-6
+    """AdamW's epsilon."""
     clip_grad_norm: float = 5.0
     """Clip the global gradient norm to this (DeepSpeed's gradient_clipping; 0: no clipping)."""
     precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling): DeepSpeed's fp16 / bf16 blocks and the model's dtype."""
     gradient_checkpointing: bool = False
+    """Recompute the language model's activations in backward (HF's non-reentrant checkpointing)."""
     loss_reduction: str = "token"
     """``token``: the cross-entropy's mean over the global batch's target tokens; ``example``: each
     example's mean over its tokens, then the mean over the global batch's examples, as VL-T5 /
@@ -568,6 +591,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batch_size: int = 32
+    """Examples per rank per generation batch in evaluation."""
     eval_max_examples: Optional[int] = None
     """Score at most this many examples per task (``None``: all)."""
     test_eval: bool = False
@@ -625,8 +649,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"
+    """The run's folder: logs, metrics, run_config.yaml, adapter/, checkpoints/ (from the working directory)."""
     name: str = DEFAULT_PRESET
+    """The preset the run came from (--config's name, unless the file sets one); shown in logs and summaries."""
     description: str = ""
+    """Free text about the run."""
 
     def __post_init__(self):
         if not self.output_dir.strip():
@@ -1045,3 +1072,13 @@ def save_config(cfg: RunConfig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """The meaning of each field of config dataclass ``cls``: the docstring under it in this file (the one place
+    it is written), as one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: " ".join(after.value.value.split()) for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}

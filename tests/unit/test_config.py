@@ -1,11 +1,12 @@
 """Run configuration: presets, overrides, and errors that name the key at fault."""
 
+import dataclasses
 import re
 
 import pytest
 
-from vlscale.config import (ConfigError, RunConfig, config_from_dict, flat_settings, list_presets, load_config,
-                            parse_overrides, registry_backbones, registry_visions)
+from vlscale.config import (ConfigError, RunConfig, config_from_dict, field_docs, flat_settings, list_presets,
+                            load_config, parse_overrides, registry_backbones, registry_visions)
 
 
 def test_every_shipped_preset_loads():
@@ -421,3 +422,14 @@ def test_train_takes_the_local_rank_flag_its_launchers_pass(launcher):
     for flag in ("--local_rank=1", "--local-rank=1"):
         args = launcher("train").parse_args([flag, "--config", "tiny", "train.seed=1"])
         assert args.local_rank == 1 and args.overrides == ["train.seed=1"], flag
+
+
+def test_every_setting_has_its_meaning_written_beside_its_field():
+    """The docstring under each field is the one place a setting's meaning is written (launchers/train.py
+    --print-config reads it): a field added without one is caught. The sections' meaning is their class's docstring."""
+    sections = [f.default_factory for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)]
+    assert len(sections) == 4 and all(cls.__doc__ for cls in sections)
+    missing = [f"{cls.__name__}.{f.name}" for cls in [RunConfig, *sections] for f in dataclasses.fields(cls)
+               if f.default_factory not in sections and f.name not in field_docs(cls)]
+    assert missing == []
+    assert field_docs(RunConfig)["description"] == "Free text about the run."
