@@ -3,6 +3,7 @@
     deepspeed [--num_gpus N] launchers/train.py --deepspeed ds_configs/zero3.json [--config NAME|PATH] [key=value ...] [--resume]
     torchrun --nproc_per_node N launchers/train.py ...
     python launchers/train.py ...                      (one process)
+    python launchers/train.py --print-config [--config NAME|PATH] [key=value ...]   (the run's settings; starts nothing)
 
 Supports: every launcher above (multi-node through DeepSpeed's hostfile); no GPU (DeepSpeed's CPU
 accelerator with gloo, selected automatically); ZeRO stages 0-3 with CPU / NVMe offload
@@ -23,10 +24,12 @@ runner's own status, killed by the signal at once, before the checkpoint: docs/s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -49,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="K",
                    help="stop after optimizer step K as if interrupted, leaving a resumable checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (each with its meaning, type, default and where it was set: "
+                        "with no --config, the reference of every setting) and the DeepSpeed config, then exit; "
+                        "--config on the printed file trains the same")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
     args = p.parse_intermixed_args(argv)
@@ -261,9 +268,57 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
             f"docs/scaling.md); a setting that fits: {cmd} (--write-config FILE writes it)")
 
 
+def start_notes(cfg, ds_file, ds_config: dict, world_size: int) -> list[str]:
+    """The notes said before a run starts: a ZeRO stage the config overrides, ZeRO-3 on one process, the settings
+    given that the run does not read."""
+    from vlscale.engine.deepspeed_config import single_process_note, stage_override_note
+
+    notes = stage_override_note(ds_file, cfg), single_process_note(ds_config, world_size), *cfg.ignored_settings()
+    return [note for note in notes if note]
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """--print-config: the run's settings as YAML (``config_text``: ``--config`` on it trains the same), the
+    start-up notes, and the DeepSpeed config the run would build, on stdout; nothing started, built or written.
+    Under a launcher, rank 0 alone prints. A refusal is start-up's line."""
+    from vlscale.config import ConfigError, config_text, load_config, setting_sources
+    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, default_device_type,
+                                                 default_ds_file)
+    from vlscale.engine.distributed import launcher_world_size
+
+    rank = os.environ.get("RANK", "0")
+    world = launcher_world_size() or 1
+    device = default_device_type()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ds_file = default_ds_file(cfg, args.deepspeed)
+        ds_config = build_deepspeed_config(ds_file, cfg, world, device_type=device)
+    except (ConfigError, DeepSpeedConfigError) as e:
+        print(f"vlscale: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    if rank != "0":
+        return 0
+    given = shlex.join(["launchers/train.py", *(["--config", args.config] if args.config else []), *args.overrides])
+    ranks = "the launcher's WORLD_SIZE" if "RANK" in os.environ else "one process; under a launcher, its WORLD_SIZE"
+
+    def comment(*texts: str) -> str:
+        return "".join(f"{line}\n" for text in texts
+                       for line in textwrap.wrap(text, 118, initial_indent="# ", subsequent_indent="#   "))
+
+    print(comment(f"{given}: the resolved settings (--config on this file trains the same)",
+                  *start_notes(cfg, ds_file, ds_config, world)))
+    print(config_text(cfg, setting_sources(args.config, args.overrides)))
+    print(comment(f"The DeepSpeed config {ds_file} resolves to for world_size={world} ({ranks}), on {device}:"),
+          "".join(f"#   {line}\n" for line in json.dumps(ds_config, indent=2).splitlines()), sep="", end="",
+          flush=True)
+    return 0
+
+
 @logs_to_console
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     # SIGTERM, or SLURM's SIGUSR1, before the run's stop handler (imports, the model's build) ended it without a line
     with interruptible() as release:
         return start_and_train(args, release)
@@ -303,7 +358,7 @@ def start_and_train(args: argparse.Namespace, release_signals) -> int:
             print(f"vlscale: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
             return 1
         from vlscale.engine import trainer
-        from vlscale.engine.deepspeed_config import build_deepspeed_config, single_process_note, stage_override_note
+        from vlscale.engine.deepspeed_config import build_deepspeed_config
     except KeyboardInterrupt as e:  # the line a Ctrl-C or SIGTERM later in start-up gives (below)
         kept = "no new checkpoint was written" if args.resume else "no checkpoint was written"
         signum = getattr(e, "signum", signal.SIGINT)
@@ -324,8 +379,8 @@ def start_and_train(args: argparse.Namespace, release_signals) -> int:
                   f"{dist.world_size} x accumulation {ds_config['gradient_accumulation_steps']}) | "
                   f"{cfg.train.max_steps} steps | peft={cfg.peft.method}/"
                   f"{cfg.peft.sharing}", flush=True)
-            for note in (stage_override_note(ds_file, cfg), single_process_note(ds_config, dist.world_size),
-                         *cfg.ignored_settings(), memory_warning(cfg, ds_config, args, dist)):
+            for note in (*start_notes(cfg, ds_file, ds_config, dist.world_size),
+                         memory_warning(cfg, ds_config, args, dist)):
                 if note:
                     print(f"vlscale: {note}", flush=True)
         run = trainer.setup_run(cfg, ds_config, dist, resume=args.resume, show_progress=not args.no_progress)

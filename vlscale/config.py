@@ -910,7 +910,10 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{where}{what}" + (f" ({' '.join(context.split())})" if context else "")
 
 
-def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = None) -> dict:
+def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = None,
+               sources: Optional[dict] = None) -> dict:
+    """The settings of a preset and the chain of its ``base:`` files, merged; ``sources`` (where given) gets, for
+    each dotted key, the file that set it last (:func:`setting_sources`)."""
     try:
         path = _preset_path(name_or_path)
     except ConfigError as e:
@@ -937,8 +940,18 @@ def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = N
         beside = path.parent / str(base)  # a relative base is first looked up beside the file naming it
         if not Path(str(base)).is_absolute() and beside.is_file():
             base = str(beside)
-        data = _deep_merge(_load_yaml(base, seen + (str(path),), named_by=path), data)
-    return data
+        base_data = _load_yaml(base, seen + (str(path),), named_by=path, sources=sources)
+    if sources is not None:
+        sources.update(dict.fromkeys(flat_settings(data), _file_label(path)))
+    return _deep_merge(base_data, data) if base else data
+
+
+def _file_label(path: Path) -> str:
+    """``preset paper/clip_bart_single_adapter`` for a shipped preset, ``file PATH`` for another YAML file."""
+    try:
+        return f"preset {path.resolve().relative_to(PRESET_DIR.resolve()).with_suffix('')}"
+    except ValueError:
+        return f"file {path}"
 
 
 def _keep_text(data: dict, text: dict, prefix: str = "") -> None:
@@ -1074,6 +1087,16 @@ def save_config(cfg: RunConfig, path) -> None:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
+def setting_sources(name_or_path: Optional[str] = None, overrides=None) -> dict[str, str]:
+    """Where :func:`load_config` ``(name_or_path, overrides)`` takes each setting from: dotted key -> ``override``,
+    ``preset NAME`` or ``file PATH`` (the last of the ``base:`` chain to set it). A key absent keeps its default."""
+    sources: dict = {}
+    _load_yaml(name_or_path or DEFAULT_PRESET, sources=sources)
+    sources.setdefault("name", "--config")  # load_config's default for it
+    sources.update(dict.fromkeys(flat_settings(parse_overrides(overrides)), "override"))
+    return sources
+
+
 @functools.lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
     """The meaning of each field of config dataclass ``cls``: the docstring under it in this file (the one place
@@ -1082,3 +1105,47 @@ def field_docs(cls) -> dict[str, str]:
     return {node.target.id: " ".join(after.value.value.split()) for node, after in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
             and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)}
+
+
+def _type_name(tp) -> str:
+    tp, optional = _strip_optional(tp)
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    name = "mapping" if origin is dict else origin.__name__
+    name = f"list of {args[0].__name__}" if origin is list and args else name
+    return f"{name} or null" if optional else name
+
+
+def _yaml_value(value) -> str:
+    """``value`` as YAML that reads back as it, on one line (a string with a line break aside)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
+
+
+def config_text(cfg: RunConfig, sources: Optional[dict] = None, width: int = 120) -> str:
+    """``cfg`` as YAML that :func:`load_config` reads back as the same config: each section under its docstring,
+    each setting under its meaning (:func:`field_docs`) and ending with its type, its default, and where
+    ``sources`` (:func:`setting_sources`) says it was set (a key absent there: nowhere, it is the default)."""
+    sources = sources or {}
+    lines: list[str] = []
+
+    def comment(text: str, pad: str) -> list[str]:
+        return textwrap.wrap(text.replace("``", "`"), width - len(pad) - 2, initial_indent=f"{pad}# ",
+                             subsequent_indent=f"{pad}# ")
+
+    def section(obj, prefix: str, pad: str) -> None:
+        cls, docs = type(obj), field_docs(type(obj))
+        hints = typing.get_type_hints(cls)
+        for f in sorted(dataclasses.fields(cls), key=lambda f: dataclasses.is_dataclass(getattr(obj, f.name))):
+            value = getattr(obj, f.name)  # the top-level settings first, above the sections
+            if dataclasses.is_dataclass(value):
+                lines.extend(["", *comment(" ".join(inspect.getdoc(type(value)).split()), pad), f"{pad}{f.name}:"])
+                section(value, f"{prefix}{f.name}.", pad + "  ")
+                continue
+            where = sources.get(prefix + f.name)
+            default = _default(cls, f.name)
+            shown = "" if where is None and value == default else f" {_yaml_value(default)}"
+            lines.extend(comment(docs.get(f.name, ""), pad))
+            lines.append(f"{pad}{f.name}: {_yaml_value(value)}  # {_type_name(hints[f.name])}, default{shown}"
+                         + (f", set by {where}" if where else ""))
+
+    section(cfg, "", "")
+    return "\n".join(lines) + "\n"

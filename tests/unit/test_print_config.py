@@ -1,0 +1,65 @@
+"""launchers/train.py --print-config: the run a preset, its base: chain and overrides make, seen before it starts.
+The settings come out as YAML that --config reads back as the same run, each under its meaning (the docstring beside
+its field in vlscale/config.py, the one place it is written), with its type, default and where it was set; then the
+DeepSpeed config the run builds. Nothing starts, builds or is written; a bad setting is start-up's one-line refusal."""
+
+import json
+
+from vlscale.config import load_config
+from vlscale.engine.deepspeed_config import build_deepspeed_config, default_device_type, default_ds_file
+
+ARGS = ["--config", "paper/clip_bart_single_lora", "peft.lora_rank=4", "output_dir=12:30", "description=a\nb # c",
+        "train.adam_eps=1e-7"]
+
+
+def _print_config(launcher, capsys, argv):
+    code = launcher("train").main(["--print-config", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_printed_settings_load_back_as_the_same_run_and_start_nothing(launcher, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # output_dir=12:30 is not made here
+    code, out, err = _print_config(launcher, capsys, ARGS)
+    assert code == 0 and err == ""
+    assert not (tmp_path / "12:30").exists()
+    (tmp_path / "run.yaml").write_text(out)
+    want = load_config(ARGS[1], ARGS[2:])
+    assert load_config(str(tmp_path / "run.yaml")) == want
+    ds = json.loads("".join(line.removeprefix("#   ") for line in out[out.index("\n#   {\n"):].splitlines()))
+    assert ds == build_deepspeed_config(default_ds_file(want), want, 1, device_type=default_device_type())
+
+
+def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path):
+    """The last file of the base: chain to set a key is named (not its base), an override over both."""
+    (tmp_path / "mine.yaml").write_text("base: tiny\ntrain: {max_steps: 7, lr: 0.01}\n")
+    code, out, _ = _print_config(launcher, capsys, ["--config", str(tmp_path / "mine.yaml"), "train.lr=0.02",
+                                                    "peft.lora_rank=4"])
+    lines = out.splitlines()
+    assert code == 0
+    assert "# peft.lora_rank=4 has no effect: it is read only with peft.method=lora (this run: peft.method=adapter)" \
+        in lines  # start-up's notes
+    assert f"  max_steps: 7  # int, default 300, set by file {tmp_path / 'mine.yaml'}" in lines
+    assert "  lr: 0.02  # float or null, default null, set by override" in lines
+    assert "  backbone: tiny-t5  # str, default tiny-t5, set by preset tiny" in lines
+    assert "  max_frames: 64  # int, default" in lines
+    assert f"name: {tmp_path / 'mine.yaml'}  # str, default default, set by --config" in lines
+    assert "# Examples per rank per micro-batch." in [line.strip() for line in lines]
+
+
+def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
+    code, out, err = _print_config(launcher, capsys, ["--config", "tiny", "peft.methd=lora"])
+    assert (code, out) == (1, "")
+    assert err.startswith("vlscale: rank 0: ConfigError: unknown key peft.methd; did you mean 'method'?")
+    assert len(err.splitlines()) == 1
+
+
+def test_the_world_size_is_the_launchers_and_rank_0_alone_prints(launcher, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, out, _ = _print_config(launcher, capsys, ["--config", "tiny", "train.global_batch_size=64"])
+    heading = f"for world_size=4 (the launcher's WORLD_SIZE), on {default_device_type()}:"
+    assert code == 0 and heading in out.replace("\n#   ", " ")
+    assert '#     "gradient_accumulation_steps": 1,' in out.splitlines()  # 64 / (16 x 4)
+    monkeypatch.setenv("RANK", "1")
+    assert _print_config(launcher, capsys, ["--config", "tiny"]) == (0, "", "")
