@@ -1092,7 +1092,8 @@ def setting_sources(name_or_path: Optional[str] = None, overrides=None) -> dict[
     ``preset NAME`` or ``file PATH`` (the last of the ``base:`` chain to set it). A key absent keeps its default."""
     sources: dict = {}
     _load_yaml(name_or_path or DEFAULT_PRESET, sources=sources)
-    sources.setdefault("name", "--config")  # load_config's default for it
+    if name_or_path:
+        sources.setdefault("name", "--config")  # load_config's default for it
     sources.update(dict.fromkeys(flat_settings(parse_overrides(overrides)), "override"))
     return sources
 

@@ -45,6 +45,8 @@ def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path):
     assert "  max_frames: 64  # int, default" in lines
     assert f"name: {tmp_path / 'mine.yaml'}  # str, default default, set by --config" in lines
     assert "# Examples per rank per micro-batch." in [line.strip() for line in lines]
+    code, out, _ = _print_config(launcher, capsys, [])
+    assert "name: default  # str, default" in out.splitlines()  # no --config: the default's name
 
 
 def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
