@@ -294,7 +294,10 @@ def print_config(args: argparse.Namespace) -> int:
         ds_file = default_ds_file(cfg, args.deepspeed)
         ds_config = build_deepspeed_config(ds_file, cfg, world, device_type=device)
     except (ConfigError, DeepSpeedConfigError) as e:
-        print(f"vlscale: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # fp16 is refused on DeepSpeed's CPU accelerator: a GPU run previewed on a login node without a GPU
+        gpu = ("; to see a GPU run's config on a machine without one, set DS_ACCELERATOR=cuda"
+               if isinstance(e, DeepSpeedConfigError) and device == "cpu" else "")
+        print(f"vlscale: rank {rank}: {type(e).__name__}: {e}{gpu}", file=sys.stderr, flush=True)
         return 1
     if rank != "0":
         return 0

@@ -65,3 +65,16 @@ def test_the_world_size_is_the_launchers_and_rank_0_alone_prints(launcher, capsy
     assert '#     "gradient_accumulation_steps": 1,' in out.splitlines()  # 64 / (16 x 4)
     monkeypatch.setenv("RANK", "1")
     assert _print_config(launcher, capsys, ["--config", "tiny"]) == (0, "", "")
+
+
+def test_a_gpu_run_is_seen_on_a_machine_without_one(launcher, capsys, monkeypatch):
+    """fp16 is refused on DeepSpeed's CPU accelerator: the refusal says how to see the GPU run's config there."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    code, out, err = _print_config(launcher, capsys, ["--config", "tiny", "train.precision=fp16"])
+    assert (code, out) == (1, "") and len(err.splitlines()) == 1
+    assert err.rstrip().endswith("; to see a GPU run's config on a machine without one, set DS_ACCELERATOR=cuda")
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # nothing touches a GPU: the config is built, not run
+    code, out, err = _print_config(launcher, capsys, ["--config", "tiny", "train.precision=fp16"])
+    assert (code, err) == (0, "") and "on cuda:" in out.replace("\n#   ", " ")
+    ds = json.loads("".join(line.removeprefix("#   ") for line in out[out.index("\n#   {\n"):].splitlines()))
+    assert ds["fp16"]["enabled"] is True  # with its loss scaling
