@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import tempfile
@@ -127,12 +128,14 @@ def _umask() -> int:
 def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Path:
     """``safetensors.torch.save_file``, with the permissions any other file gets (0666 less the umask): the
     library creates its files 0600, so an adapter or a feature cache shared with colleagues could not be read
-    by them. A write the OS refuses (a full disk, a quota, a file-size limit) is its OSError naming ``path``."""
+    by them. A write the OS refuses (a full disk, a quota, a file-size limit) is its OSError naming ``path``.
+    The metadata is written in key order (:func:`_sort_metadata`): the same tensors give the same bytes."""
     from safetensors.torch import save_file
 
     path = Path(path)
     try:
         save_file(tensors, str(path), metadata=metadata)
+        _sort_metadata(path, metadata)
     except Exception as e:  # SafetensorError("... I/O error: File too large (os error 27)"): the file unnamed
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None:
@@ -140,6 +143,26 @@ def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> Pa
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
     os.chmod(path, 0o666 & ~_umask())
     return path
+
+
+def _sort_metadata(path: Path, metadata: Optional[dict]) -> None:
+    """Rewrite the file's ``__metadata__`` (the header's first entry) with its keys sorted, in place: safetensors
+    writes them in its hash map's order, which changes from one save to the next, so two runs that trained the same
+    weights wrote adapters of other bytes (another sha256; the adapter's format and step: 1 run in 2). The same
+    keys and values in another order have the same length; a header that does not read so is left as written."""
+    if not metadata or len(metadata) < 2:
+        return
+    ordered = json.dumps({"__metadata__": dict(sorted(metadata.items()))}, separators=(",", ":"),
+                         ensure_ascii=False).encode()[:-1]  # '{"__metadata__":{...}' without the closing brace
+    with open(path, "r+b") as f:
+        written = f.read(8 + len(ordered))[8:]
+        try:
+            same = json.loads(written + b"}") == json.loads(ordered + b"}")
+        except ValueError:
+            return
+        if same:
+            f.seek(8)
+            f.write(ordered)
 
 
 def cwd_note(path) -> str:

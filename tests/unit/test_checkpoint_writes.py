@@ -68,6 +68,21 @@ def test_a_save_that_dies_leaves_the_previous_checkpoint(tmp_path):
     assert (root / "step8" / "model_states.pt").read_bytes() == b"whole step8"
 
 
+def test_the_same_tensors_and_metadata_give_the_same_file(tmp_path):
+    """safetensors writes its metadata in a hash map's order, another at each save: two runs of the same weights
+    wrote adapter files of other bytes (sha256)."""
+    from safetensors import safe_open
+
+    from vlscale.files import save_safetensors
+
+    meta = {"format": ckpt.ADAPTER_FORMAT, "step": "30", "z": "\u00e9/\n"}
+    files = {save_safetensors({"b": torch.arange(3.0), "a": torch.ones(2, 2)}, tmp_path / f"{i}.safetensors",
+                              metadata=meta).read_bytes() for i in range(10)}
+    assert len(files) == 1
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), torch.arange(3.0))
+
+
 def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     """``latest`` was written with write_text and renamed over the old one with no fsync, and the checkpoint's
     files were renamed into place unflushed: after a power loss the page cache's rename could survive without the
