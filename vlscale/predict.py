@@ -340,6 +340,9 @@ class Predictor:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (inputs per forward pass)")
         self.device = torch.device(device or local_device_type())
         self.cfg, self.meta = load_run_config(adapter_dir, overrides)
+        from vlscale.provenance import print_version_note
+
+        print_version_note(self.meta, who)
         self.tasks = list(self.cfg.data.tasks)
         self.tokenizer = adapter_tokenizer(self.cfg, self.meta)
         self.dtype, same = inference_dtype(self.cfg, self.device, who)

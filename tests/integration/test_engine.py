@@ -88,6 +88,9 @@ def test_ctrl_c_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(runs
         assert (b["lr"], b["peft_lr"]) == pytest.approx((a["lr"], a["peft_lr"]), rel=1e-12)
     summary = h.read_json(out / "run_summary.json")
     assert (summary["completed"], summary["stopped"]) == (True, None)  # the resumed run completed: no stop to say
+    # how it was made: the start's record kept, and no second one for a resume under the same software and ranks
+    assert [p["world_size"] for p in summary["provenance"]] == [2]
+    assert summary["provenance"] == ckpt.read_adapter_config(out / "adapter")["provenance"]
     # TensorBoard, across the two processes' event files: each step once, the logged values
     tb = h.tb_scalars(out)
     for key in ("loss", "lr", "grad_norm"):
@@ -186,6 +189,9 @@ def test_a_resume_on_another_number_of_ranks_continues_the_run(runs, interrupted
     assert not list((one / "checkpoints").glob(".universal-*")), "the converted copy is removed after loading"
     # run_summary.json's step time is this world size's: it was the median over both parts' steps
     assert (got["times_resumed"], got["times"]) == (0, 6 - step)
+    # ... and its adapter says so: the start on 2 ranks, then this resume on 1
+    made = ckpt.read_adapter_config(one / "adapter")["provenance"]
+    assert [(p["world_size"], p.get("from_step")) for p in made] == [(2, None), (1, step)]
     assert json.loads((runs("single_2r") / "run_summary.json").read_text())["step_time_steps"] == 6
 
 
@@ -389,9 +395,20 @@ def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, caps
     for task in ("vqa", "coco"):
         shutil.copytree(h.ROOT / "tests/fixtures/real_data" / task, root / task)
     (root / "vqa" / "karpathy_val.json").rename(root / "vqa" / "minival.json")
-    assert launcher("evaluate").main(["--adapter", str(run / "adapter"), "--split", "minival", "--tasks", "vqa",
+    # ... of an adapter an earlier vlscale made: a note naming both versions, not a refusal
+    summary = h.read_json(run / "run_summary.json")
+    made = summary["provenance"]
+    assert [(p["world_size"], sum(p["devices"].values()), p["data_files"]) for p in made] == [(2, 2, None)]
+    old = shutil.copytree(run / "adapter", tmp_path / "old" / "adapter")
+    meta = ckpt.read_adapter_config(old)
+    assert meta["provenance"] == made
+    meta["provenance"][-1]["versions"]["vlscale"] = "0.0.1"
+    (old / ckpt.ADAPTER_CONFIG).write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert launcher("evaluate").main(["--adapter", str(old), "--split", "minival", "--tasks", "vqa",
                                       "--out", str(tmp_path / "minival"), "--no-progress", "data.source=real",
                                       f"data.root={root}"]) == 0
+    assert "evaluate.py: note: the adapter was trained with vlscale 0.0.1 (this is " in capsys.readouterr().err
     mine = (tmp_path / "minival" / "predictions" / "vqa.jsonl").read_text().splitlines()
     assert len(mine) == len(json.loads((root / "vqa" / "minival.json").read_text()))
 

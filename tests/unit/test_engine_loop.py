@@ -597,7 +597,7 @@ def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2
                                                                      gradient_checkpointing=False)),
                            ds_config={}, last_scores={"vqa": {"acc": 0.5}},
                            interrupted_evaluation={"step": 3, "split": "test", "task": "vqa", "batches_done": 1,
-                                                   "batches": 2}, stopped=None)
+                                                   "batches": 2}, stopped=None, provenance=[{"world_size": 2}])
 
 
 def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
@@ -611,6 +611,7 @@ def test_run_summary_reports_each_rank_s_bytes_and_the_largest(monkeypatch):
     assert s["optimizer_state_bytes_by_rank"] == [0, 1]
     assert (s["step_time_s"], s["step_time_steps"], s["steps"], s["completed"]) == (2.5, 4, 3, True)
     assert s["final_scores"] == {"vqa": {"acc": 0.5}} and s["interrupted_evaluation"]["split"] == "test"
+    assert s["provenance"] == [{"world_size": 2}]  # how the run was made (vlscale.provenance)
 
 
 def test_run_summary_holds_the_run_s_settings_and_counts(monkeypatch):

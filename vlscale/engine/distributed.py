@@ -147,11 +147,13 @@ def _single_process_env() -> str:
     """No launcher: a 1-rank group. -> its ``init_method``: a file store in a fresh temporary folder
     rather than a TCP port (runs started together, as replicate.py's rows are, could be handed the same
     "free" port, and one then failed with EADDRINUSE). The launcher variables are set as well
-    (DeepSpeed requires them)."""
+    (DeepSpeed requires them; :func:`launched_by` still says no launcher)."""
     import atexit
     import shutil
     import tempfile
 
+    global _NO_LAUNCHER
+    _NO_LAUNCHER = True
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -232,6 +234,14 @@ def declare_cpu_fp16() -> None:
 def _launched() -> bool:
     """A launcher (torchrun, deepspeed, MPI) started this process; otherwise it is a 1-rank group."""
     return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+_NO_LAUNCHER = False  # set by _single_process_env, which sets RANK & co itself
+
+
+def launched_by() -> bool:
+    """Whether a launcher started this process, also after :func:`init_distributed` set RANK for a 1-rank group."""
+    return _launched() and not _NO_LAUNCHER
 
 
 def local_gpu_problem() -> str | None:

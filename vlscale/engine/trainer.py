@@ -26,7 +26,7 @@ Half precision: ZeRO stage 0's fp16 / bf16 optimizer wrappers get the correction
 Files (rank 0): ``train_log.jsonl`` (per step: step, task, loss, lr, samples_per_s, grad_norm,
 skipped, and under fp16 loss_scale; see :func:`log_step`),
 ``metrics.json`` (per evaluation), ``predictions/<task>.jsonl`` (the final evaluation's),
-``run_summary.json``, ``run_config.yaml``, ``tensorboard/``,
+``run_summary.json`` (with :mod:`vlscale.provenance`'s record, as adapter/ has), ``run_config.yaml``, ``tensorboard/``,
 ``adapter/`` and ``checkpoints/`` (see :mod:`vlscale.engine.checkpoint`).
 """
 
@@ -48,6 +48,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from vlscale import provenance
 from vlscale.config import (ADAPTER_METHODS, ConfigError, RunConfig, config_from_dict, flat_settings, load_config,
                             save_config, torch_dtype)
 from vlscale.engine import checkpoint as ckpt
@@ -126,6 +127,7 @@ class Run:
     stoppable_evaluation: bool = False  # a stop request ends the evaluation running (checked per batch)
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
     stopped: Optional[dict] = None  # why the run stopped before it completed (stop_record; run_summary.json)
+    provenance: Optional[list] = None  # rank 0's: vlscale.provenance's segments (run_summary.json, adapter/)
 
     @property
     def model(self):
@@ -614,7 +616,12 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                   f"{out / 'checkpoints' / str(ckpt.latest_tag(out / 'checkpoints'))}", flush=True)
         if int(state.get("world_size") or dist.world_size) == dist.world_size:  # another number of ranks: another
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
+    devices = all_gather_object(provenance.device_name(dist.device))
     if run.is_main:
+        segment = provenance.provenance(cfg, dist.world_size, devices)
+        earlier = (ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("provenance")
+                   if resume and tag else None)
+        run.provenance = provenance.with_resumed(earlier, segment, run.step) if resume else [segment]
         out.mkdir(parents=True, exist_ok=True)
         save_config(batch_as_given(cfg), out / "run_config.yaml")
         if resume:
@@ -1007,11 +1014,13 @@ def save_training_state(run: Run) -> None:
     state = {"step": run.step, "loader": run.loader.state_dict(), "world_size": run.dist.world_size,
              "step_times": run.step_times, "frozen": run.frozen, "task_groups": run.task_steps is not None}
     if run.is_main:  # what a --resume is checked against (trainer.saved_settings, check_resumed_cache)
-        state.update(run_config=batch_as_given(run.cfg).to_dict(), feature_cache=run.feature_cache)
+        state.update(run_config=batch_as_given(run.cfg).to_dict(), feature_cache=run.feature_cache,
+                     provenance=run.provenance)
     ckpt.save_checkpoint(run.engine, run.out, run.step, state, run.dist.rank)
     ckpt.save_adapter(run.model, run.out / "adapter", run.cfg, run.tokenizer, rank=run.dist.rank,
                       # evaluate.py checks moved weights by "frozen"; Predictor its CLIP by "feature_cache"
-                      extra={"step": run.step, "frozen": run.frozen, "feature_cache": run.feature_cache})
+                      extra={"step": run.step, "frozen": run.frozen, "feature_cache": run.feature_cache,
+                             "provenance": run.provenance})
     run.watchdog.beat(f"saved checkpoint at step {run.step}")
 
 
@@ -1068,6 +1077,7 @@ def run_summary(run: Run, completed: bool = True, gather: bool = True) -> dict:
     # a stop request during the final evaluation: {step, split, task, batches_done, batches}; --resume evaluates
     summary["interrupted_evaluation"] = run.interrupted_evaluation
     summary["stopped"] = run.stopped  # why a run that did not complete stopped: {reason, rank, checkpoint}
+    summary["provenance"] = run.provenance  # versions, git, command lines, devices, data files (vlscale.provenance)
     return summary
 
 
