@@ -144,6 +144,13 @@ def test_training_clip_alone_is_something_to_train():
     check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.train_vision=true"]))
 
 
+def test_bitfit_alone_is_something_to_train_on_bart_not_on_t5():
+    """peft.bias=all trains every bias (BitFit's set): BART's linear layers have them; was refused as nothing."""
+    check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.bias=all", "model.backbone=tiny-bart"]))
+    with pytest.raises(ConfigError, match="nothing to train: .*peft.bias=all trains no bias of T5"):
+        check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.bias=all"]))
+
+
 def test_task_steps_update_only_the_shared_groups_and_those_of_the_step_s_task():
 
     from vlscale.engine.trainer import TaskSteps

@@ -201,10 +201,15 @@ NOTHING_TRAINS = ("peft.method=none adds no PEFT modules (nor peft.extra_prompts
 
 def check_something_trains(cfg: RunConfig) -> None:
     """Refuse a run that would train nothing, before data and model load (optimizer_groups checks the model)."""
+    from vlscale.modeling.backbones import LM_REGISTRY, canonical_lm_name
+
     p = cfg.peft
+    t5 = LM_REGISTRY[canonical_lm_name(cfg.model.backbone)]["model_type"] == "t5"  # no biases in its layers
+    bitfit = p.bias == "all" and not t5
     if p.method == "none" and not (p.extra_prompts or p.train_layer_norms or p.train_projection or p.train_lm
-                                   or p.train_vision):
-        raise ConfigError(f"nothing to train: {NOTHING_TRAINS}")
+                                   or p.train_vision or bitfit):
+        why = "; peft.bias=all trains no bias of T5, whose layers have none" if p.bias == "all" else ""
+        raise ConfigError(f"nothing to train: {NOTHING_TRAINS}{why}")
 
 
 class TaskSteps:
