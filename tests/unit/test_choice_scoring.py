@@ -321,7 +321,7 @@ def test_evaluate_decodes_in_eval_mode_and_gives_the_model_back_in_the_mode_it_f
     asked = []
 
     def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
-                          require_answers=True):
+                          require_answers=True, memo=None):
         asked.append((task, split, batch_size, rank, world_size, max_examples, require_answers))
         return _Batches(["q9", "q10", "q0"], [_tvqa_batch(["q10", "q0"], ["a1", "a0"]), _tvqa_batch(["q9"], ["a2"])])
 
@@ -440,7 +440,7 @@ def test_evaluate_reads_the_split_with_the_given_batch_size_and_cap_and_decodes_
     own = {"tvqa": [_tvqa_batch(["q0", "q1"], ["a0", "a2"])], "how2qa": [_tvqa_batch(["h0"], ["a1"], "how2qa")]}
 
     def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
-                          require_answers=True):
+                          require_answers=True, memo=None):
         asked.append((task, split, batch_size, max_examples))
         return _Batches([u for b in own[task] for u in b["uids"]],
                         [dict(b, pixel_values=torch.zeros(len(b["uids"]), 2)) for b in own[task]])
@@ -474,7 +474,7 @@ def test_predict_only_reads_the_split_without_answers_and_writes_each_example_s_
         examples = [SimpleNamespace(uid="q0", references=[]), SimpleNamespace(uid="q1", references=["a2"])]
 
     def fake_eval_batches(cfg_, tokenizer, task, split, batch_size, rank, world_size, max_examples,
-                          require_answers=True):
+                          require_answers=True, memo=None):
         asked.append(require_answers)
         return Batches([_tvqa_batch(["q1", "q0"], [[""], [""]])])
 

@@ -455,6 +455,27 @@ def test_the_splits_a_run_evaluates_are_checked_before_training(tmp_path):
         check_eval_data(load_config("tiny", real))
 
 
+def test_the_start_up_check_s_read_of_a_split_is_the_one_every_evaluation_batches(monkeypatch):
+    """A real split was read and parsed again at each periodic evaluation (~13 s and ~0.9 GB at a time for
+    200,000 VQA questions): the run's memo keeps what check_eval_data read, for every evaluation after it."""
+    import vlscale.data.real as real
+    from vlscale.data import eval_batches
+    from vlscale.engine.trainer import check_eval_data
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
+    cfg = load_config("tiny", ["data.source=real", f"data.root={root}", "data.tasks=[vqa]"])
+    reads, load = [], real.load_real_examples
+    monkeypatch.setattr(real, "load_real_examples", lambda cfg, task, split, *a: reads.append(split) or
+                        load(cfg, task, split, *a))
+    memo = {}
+    check_eval_data(cfg, memo)
+    for _ in range(2):  # (the batches, made as they are drawn, need no tokenizer for this)
+        assert [e.uid for e in eval_batches(cfg, None, "vqa", "val", 8, memo=memo).examples] == ["73001", "73002"]
+    assert reads == ["val"]
+    eval_batches(cfg, None, "vqa", "val", 8)  # without a memo: read again
+    assert reads == ["val", "val"]
+
+
 class _Bar:
     """tqdm's part log_step uses: the updates and the last postfix."""
 
@@ -768,7 +789,8 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
-                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
+                          eval_data={})
     # a stop, and a second SIGINT's KeyboardInterrupt (StopSignal: "aborting without a checkpoint")
     for error in (EvaluationInterrupted("val", "nlvr2", 0, 1), KeyboardInterrupt("second SIGINT")):
         with pytest.raises(type(error)):
@@ -815,7 +837,8 @@ def test_a_swap_of_predictions_killed_between_its_renames_keeps_the_last_whole_s
         monkeypatch.setattr(os, name, killed(getattr(os, name)))
     run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
-                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
+                          eval_data={})
     with pytest.raises(KeyboardInterrupt):
         trainer.run_evaluation(run, final=True)
     monkeypatch.undo()
@@ -857,7 +880,8 @@ def test_only_rank_0_touches_the_prediction_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     run = SimpleNamespace(step=16, is_main=False, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=2, rank=1, device=None), stage=3, cfg=None, model=None,
-                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None))
+                          tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
+                          eval_data={})
     assert trainer.run_evaluation(run, final=True) == {"vqa": {"acc": 0.5}}
     with pytest.raises(EvaluationInterrupted):
         trainer.run_evaluation(run, final=True)
@@ -1227,8 +1251,10 @@ def test_periodic_evaluation_syncs_generation_only_when_zero3_shards_over_severa
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: seen.update(kwargs, args=args) or {"vqa": {}})
     run = SimpleNamespace(dist=SimpleNamespace(world_size=world_size, rank=world_size - 1, device="cpu"), stage=stage,
                           stoppable_evaluation=False, stop=None, model="model", cfg="cfg", tokenizer="tok",
-                          dtype=torch.bfloat16, show_progress=False, watchdog=SimpleNamespace(beat="beat"))
+                          dtype=torch.bfloat16, show_progress=False, watchdog=SimpleNamespace(beat="beat"),
+                          eval_data={})
     assert trainer._evaluate(run, "val", Path("preds")) == {"vqa": {}}
+    assert seen.pop("memo") is run.eval_data  # each split read once per run
     assert seen.pop("args") == ("model", "cfg", "tok")
     assert seen == {"split": "val", "rank": world_size - 1, "world_size": world_size, "device": "cpu",
                     "float_dtype": torch.bfloat16, "synced_gpus": synced, "show_progress": False, "heartbeat": "beat",

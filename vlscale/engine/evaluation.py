@@ -377,7 +377,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
              batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
              predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None, java_metrics: bool = False,
-             predict_only: bool = False, submission_dir=None) -> dict[str, dict]:
+             predict_only: bool = False, submission_dir=None, memo: Optional[dict] = None) -> dict[str, dict]:
     """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
 
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
@@ -387,6 +387,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     ``predict_only``: records without answers are read too (a leaderboard's test split), nothing is scored,
     and the result is {task: {"examples": n, "submission": path or None}}, the path of the file
     :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).
+    ``memo``: each task's examples, read at the first call that needs them and reused by the next with the same
+    dict (:func:`vlscale.data.eval_examples`).
     """
     from vlscale.data import eval_batches
     from vlscale.engine.distributed import broadcast_object
@@ -401,7 +403,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     try:
         for task in tasks:
             batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
-                                   require_answers=not predict_only)
+                                   require_answers=not predict_only, memo=memo)
             bar = progress_bar(total=len(batches), desc=f"eval {task}/{split}",
                                disable=not (show_progress and rank == 0), leave=False, dynamic_ncols=True)
             try:

@@ -128,6 +128,7 @@ class Run:
     interrupted_evaluation: Optional[dict] = None  # what a stop request ended (run_summary.json)
     stopped: Optional[dict] = None  # why the run stopped before it completed (stop_record; run_summary.json)
     provenance: Optional[list] = None  # rank 0's: vlscale.provenance's segments (run_summary.json, adapter/)
+    eval_data: dict = field(default_factory=dict)  # the evaluated splits' examples, read once (eval_examples' memo)
 
     @property
     def model(self):
@@ -555,7 +556,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     tokenizer = build_tokenizer(cfg)
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
     universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
-    error, lock, tag = None, None, None
+    error, lock, tag, eval_data = None, None, None, {}
     if dist.is_main:
         try:
             lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
@@ -569,7 +570,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 _note_new_schedule(saved, cfg, ckpt.step_number(tag) if tag else None)
                 check_resumed_cache(out, tag, cfg)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
-            check_eval_data(cfg)
+            check_eval_data(cfg, eval_data)
         except (ckpt.CheckpointError, ValueError) as e:
             error = _as_input_error(e)
     _raise_on_every_rank(error)
@@ -609,7 +610,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     scale_loss = stage0_corrections(engine, cfg.train.precision)
     run = Run(cfg, ds_config, dist, tokenizer, engine, loader, out, dtype, show_progress=show_progress,
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
-              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache)
+              lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache,
+              eval_data=eval_data)
     if resume:
         _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen,
@@ -909,18 +911,18 @@ def log_step(run: Run, task: str, loss: float, lr: dict, bar) -> None:
         run.writer.add_scalar(f"train/loss_{task}", loss, run.step)
 
 
-def check_eval_data(cfg: RunConfig) -> None:
+def check_eval_data(cfg: RunConfig, memo: Optional[dict] = None) -> None:
     """Every task's validation split (and test split with ``train.test_eval``) loads, holds examples,
     and has every visual id it names, before training (``vlscale.data.eval_examples``): a missing or
     empty file would otherwise show at the first evaluation, possibly at the end of the run. The
-    synthetic world's images cannot be missing."""
+    synthetic world's images cannot be missing. ``memo`` keeps what was read for the evaluations."""
     from vlscale.data import eval_examples
 
     if cfg.data.source == "synthetic" and cfg.model.feature_source == "images":
         return
     for split in ("val", "test") if cfg.train.test_eval else ("val",):
         for task in cfg.data.tasks:
-            eval_examples(cfg, task, split, cfg.train.eval_max_examples)
+            eval_examples(cfg, task, split, cfg.train.eval_max_examples, memo=memo)
 
 
 def _check_task_groups(out: Path, task_groups: bool) -> None:
@@ -972,7 +974,7 @@ def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
         return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
                         world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
                         synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                        predictions_dir=partial, should_stop=should_stop)
+                        predictions_dir=partial, should_stop=should_stop, memo=run.eval_data)
 
 
 def run_test_evaluation(run: Run) -> dict:
