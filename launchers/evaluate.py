@@ -242,8 +242,9 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         if args.java_metrics and any(get_task(t).metric == "cider" for t in tasks):
             java_metrics_problem()
         check_split_found(cfg, tasks, args.split)  # every task's, before the model is built and the first is decoded
-        for task in tasks:  # ... and its records and images: a bad one was found after the tasks before it were decoded
-            eval_examples(cfg, task, args.split, cfg.train.eval_max_examples, require_answers=not args.predict_only)
+        examples = {}  # ... and its records and images (a bad one was found after the tasks before it were decoded),
+        for task in tasks:  # read once: evaluate() takes them from here
+            eval_examples(cfg, task, args.split, cfg.train.eval_max_examples, not args.predict_only, examples)
         tokenizer = adapter_tokenizer(cfg, meta)
         dtype, same_dtype = inference_dtype(cfg, device, "evaluate.py" if rank == 0 else None)
         stage, keep_alive = None, None  # the ZeRO stage the model runs under: None without DeepSpeed
@@ -275,7 +276,7 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                               device=device, float_dtype=dtype, show_progress=not args.no_progress,
                               predictions_dir=partial,
                               java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
-                              predict_only=args.predict_only, submission_dir=submission)
+                              predict_only=args.predict_only, submission_dir=submission, memo=examples)
             for done in scores.values() if args.predict_only else ():  # where each file is once renamed
                 if done.get("submission"):
                     done["submission"] = out / "submission" / Path(done["submission"]).relative_to(submission)

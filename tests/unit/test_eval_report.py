@@ -2,6 +2,7 @@
 of the same data; evaluate.py's --java-metrics refused up front without Java."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,30 @@ def test_the_report_says_which_caption_tokens_scored_when_the_ptb_tokenizer_fail
     assert set(report["tasks"]) == {"vqa", "caption"} and report["caption_tokens"] == {"caption": "ptb"}
     assert "PTB tokenizer failed" not in capsys.readouterr().out
 
+
+def test_evaluate_reads_each_task_s_records_once(tmp_path, launcher, monkeypatch):
+    """evaluate.py reads and checks every task's records before it builds the model, and the evaluation then read
+    and parsed them again (3.5 s to 5.7 s more for 100,000 VQA questions): it evaluates what the check read."""
+    import vlscale.data.real as real
+    import vlscale.predict
+    from vlscale.engine import evaluation
+
+    from vlscale.data import build_tokenizer
+
+    adapter, reads, load = tmp_path / "adapter", [], real.load_real_examples
+    cfg = load_config("tiny")
+    ckpt.save_adapter(torch.nn.Linear(1, 1), adapter, cfg, build_tokenizer(cfg), extra={"step": 2})
+    monkeypatch.setattr(real, "load_real_examples", lambda cfg, task, split, *a: reads.append(task) or
+                        load(cfg, task, split, *a))
+    monkeypatch.setattr(vlscale.predict, "load_trained_model", lambda *a: torch.nn.Linear(1, 1))  # not built
+    monkeypatch.setattr(evaluation, "predict_task", lambda model, tok, batches, task, **kw: [  # nor decoding
+        {"uid": str(e.uid), "prediction": e.target, "references": list(e.references)} for e in batches.examples])
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
+    out = tmp_path / "out"
+    assert launcher("evaluate").main(["--adapter", str(adapter), "--out", str(out), "--no-progress", "--tasks",
+                                      "vqa,nlvr2", "data.source=real", f"data.root={root}"]) == 0
+    assert reads == ["vqa", "nlvr2"]
+    assert json.loads((out / "eval_metrics.json").read_text())["examples"] == {"vqa": 2, "nlvr2": 2}
 
 def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, launcher, monkeypatch):
     """evaluate.py --deepspeed with a ZeRO-3 file evaluates a sharded model (in bf16 its linear layers round the
