@@ -7,7 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from vlscale.config import RunConfig, flat_settings, list_presets
+from vlscale.config import RunConfig, flat_settings, list_presets, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -90,3 +90,18 @@ def test_every_preset_named_exists():
                for m in re.finditer(r"(?<![\w./-])((?:paper|scale|mini)/\w*[a-z0-9])(?![\w{*/.-])", _text(doc))
                if m.group(1) not in presets}
     assert "scale/clip_t5_11b_single_adapter_8x24gb" in presets and not unknown, unknown
+
+
+def test_the_scale_presets_table_is_the_presets():
+    """docs/scaling.md's table of the scale presets, row by row, against each preset (its predicted peak: the one its
+    description gives, which test_scale_presets.py checks against the estimator)."""
+    rows = re.findall(r"^\| `(scale/\w+)` \| (.+) \+ (\S+) \| 8 x \d+GiB \| `(\S+)` \| (\d) \| (\d+) x (\d+) \| (on|off) "
+                      r"\| (\w+) \| ([\d.]+ GiB) \|$", _text(ROOT / "docs" / "scaling.md"), re.M)
+    assert sorted(r[0] for r in rows) == sorted(p for p in list_presets() if p.startswith("scale/"))
+    for name, backbone, vision, ds_file, stage, micro, accum, ckpt, precision, peak in rows:
+        cfg = load_config(name)
+        t = cfg.train
+        assert (cfg.model.backbone, cfg.model.vision, t.deepspeed, t.zero_stage, t.micro_batch_size,
+                t.global_batch_size // (t.micro_batch_size * 8), t.gradient_checkpointing, t.precision) == \
+            (backbone, vision, ds_file, int(stage), int(micro), int(accum), ckpt == "on", precision), name
+        assert f"predicted peak {peak}" in cfg.description, (name, cfg.description)
