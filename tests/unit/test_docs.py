@@ -105,3 +105,12 @@ def test_the_scale_presets_table_is_the_presets():
                 t.global_batch_size // (t.micro_batch_size * 8), t.gradient_checkpointing, t.precision) == \
             (backbone, vision, ds_file, int(stage), int(micro), int(accum), ckpt == "on", precision), name
         assert f"predicted peak {peak}" in cfg.description, (name, cfg.description)
+
+
+def test_every_file_named_exists():
+    """The scripts, configs, tests and results files the docs point to (``tests/unit/test_X.py``: a placeholder)."""
+    named = {m.group(1): doc.name for doc in DOCS for m in re.finditer(
+        r"(?<![\w./-])((?:launchers|benchmarks|scripts|tests|vlscale|ds_configs)/[\w/.-]*\.(?:py|json|jsonl|yaml|md))",
+        _text(doc))}
+    assert "launchers/train.py" in named and "benchmarks/results/replicate_table1.json" in named
+    assert not {f: doc for f, doc in named.items() if not (ROOT / f).exists() and "test_X" not in f}
