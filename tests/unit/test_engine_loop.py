@@ -463,7 +463,8 @@ def test_the_start_up_check_s_read_of_a_split_is_the_one_every_evaluation_batche
     from vlscale.engine.trainer import check_eval_data
 
     root = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
-    cfg = load_config("tiny", ["data.source=real", f"data.root={root}", "data.tasks=[vqa]"])
+    data = ["data.source=real", f"data.root={root}", "data.tasks=[vqa]"]
+    cfg = load_config("tiny", data)
     reads, load = [], real.load_real_examples
     monkeypatch.setattr(real, "load_real_examples", lambda cfg, task, split, *a: reads.append(split) or
                         load(cfg, task, split, *a))
@@ -474,6 +475,15 @@ def test_the_start_up_check_s_read_of_a_split_is_the_one_every_evaluation_batche
     assert reads == ["val"]
     eval_batches(cfg, None, "vqa", "val", 8)  # without a memo: read again
     assert reads == ["val", "val"]
+    # a run capped by train.eval_max_examples, with the test split: evaluate() asks for the cap check_eval_data read
+    capped, memo = load_config("tiny", data + ["train.eval_max_examples=1", "train.test_eval=true"]), {}
+    check_eval_data(capped, memo)
+    assert reads[2:] == ["val", "test"]
+    for split, uids in [("val", ["73001"]), ("test", ["74001"])] * 2:  # each split its own, cut as it was read
+        assert [e.uid for e in eval_batches(capped, None, "vqa", split, 8, max_examples=1, memo=memo).examples] == uids
+    assert reads[2:] == ["val", "test"]
+    assert len(eval_batches(capped, None, "vqa", "val", 8, memo=memo).examples) == 2  # another cap: another read
+    assert reads[2:] == ["val", "test", "val"]
 
 
 class _Bar:

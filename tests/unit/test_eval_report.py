@@ -226,6 +226,12 @@ def test_evaluate_reads_each_task_s_records_once(tmp_path, launcher, monkeypatch
                                       "vqa,nlvr2", "data.source=real", f"data.root={root}"]) == 0
     assert reads == ["vqa", "nlvr2"]
     assert json.loads((out / "eval_metrics.json").read_text())["examples"] == {"vqa": 2, "nlvr2": 2}
+    for extra in (["--split", "test", "train.eval_max_examples=1"], ["--predict-only"]):  # read as evaluate() asks
+        reads.clear()
+        assert launcher("evaluate").main(["--adapter", str(adapter), "--out", str(tmp_path / extra[0]), "--no-progress",
+                                          "--tasks", "vqa,nlvr2", "data.source=real", f"data.root={root}", *extra]) == 0
+        assert reads == ["vqa", "nlvr2"], extra
+
 
 def test_the_report_records_the_zero_stage_and_ranks_it_ran_under(tmp_path, launcher, monkeypatch):
     """evaluate.py --deepspeed with a ZeRO-3 file evaluates a sharded model (in bf16 its linear layers round the

@@ -1439,8 +1439,13 @@ def test_missing_images_fail_at_start_naming_task_split_ids_and_folder_or_are_sk
     # eval: the same check when the batches are made
     val = load_real_examples(cfg, "vqa", "val")
     (root / "coco" / "images" / f"{val[0].image_ids[0]}.jpg").unlink()
+    memo = {}  # (a training run's, eval_examples'): a split that fails its check is not kept to be served later
     with pytest.raises(DataError, match=r"vqa/val: 1 visual id"):
-        eval_batches(cfg, None, "vqa", "val", 2)
+        eval_batches(cfg, None, "vqa", "val", 2, memo=memo)
+    assert memo == {}
+    for _ in range(2):  # what the memo serves is the checked list: the example without its image dropped
+        made = eval_batches(make_cfg(root, skip_bad_records=True), None, "vqa", "train", 2, memo=memo)
+        assert [e.uid for e in made.examples] == ["9001", "42001"]
     with pytest.raises(DataError, match=r"task 'vqa' has no examples to evaluate in split 'val'.*all 1 dropped"):
         eval_batches(make_cfg(root, skip_bad_records=True), None, "vqa", "val", 2, max_examples=1)
     # every kind of source answers in bulk: NLVR2's two images, video feature folders
