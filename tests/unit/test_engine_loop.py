@@ -149,6 +149,10 @@ def test_bitfit_alone_is_something_to_train_on_bart_not_on_t5():
     check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.bias=all", "model.backbone=tiny-bart"]))
     with pytest.raises(ConfigError, match="nothing to train: .*peft.bias=all trains no bias of T5"):
         check_something_trains(load_config("tiny", TINY + NOTHING + ["peft.bias=all"]))
+    for bias in ("lora_only", "none"):  # lora_only: BART's LoRA projections' biases, and there is no LoRA
+        with pytest.raises(ConfigError, match=r"nothing to train: .*set one of them true$"):  # (nothing of T5)
+            check_something_trains(load_config("tiny", TINY + NOTHING + [f"peft.bias={bias}",
+                                                                         "model.backbone=tiny-bart"]))
 
 
 def test_task_steps_update_only_the_shared_groups_and_those_of_the_step_s_task():
