@@ -282,8 +282,8 @@ def print_config(args: argparse.Namespace) -> int:
     start-up notes, and the DeepSpeed config the run would build, on stdout; nothing started, built or written.
     Under a launcher, rank 0 alone prints. A refusal is start-up's line."""
     from vlscale.config import ConfigError, config_text, load_config, setting_sources
-    from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, default_device_type,
-                                                 default_ds_file)
+    from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
+                                                 default_device_type, default_ds_file)
     from vlscale.engine.distributed import launcher_world_size
 
     rank = os.environ.get("RANK", "0")
@@ -296,7 +296,7 @@ def print_config(args: argparse.Namespace) -> int:
     except (ConfigError, DeepSpeedConfigError) as e:
         # fp16 is refused on DeepSpeed's CPU accelerator: a GPU run previewed on a login node without a GPU
         gpu = ("; to see a GPU run's config on a machine without one, set DS_ACCELERATOR=cuda"
-               if isinstance(e, DeepSpeedConfigError) and device == "cpu" else "")
+               if CPU_FP16_ERROR in str(e) else "")
         print(f"vlscale: rank {rank}: {type(e).__name__}: {e}{gpu}", file=sys.stderr, flush=True)
         return 1
     if rank != "0":

@@ -78,3 +78,7 @@ def test_a_gpu_run_is_seen_on_a_machine_without_one(launcher, capsys, monkeypatc
     assert (code, err) == (0, "") and "on cuda:" in out.replace("\n#   ", " ")
     ds = json.loads("".join(line.removeprefix("#   ") for line in out[out.index("\n#   {\n"):].splitlines()))
     assert ds["fp16"]["enabled"] is True  # with its loss scaling
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # another refusal of the DeepSpeed config: the hint is not its fix
+    code, out, err = _print_config(launcher, capsys, ["--config", "tiny", "--deepspeed", "nowhere.json"])
+    assert (code, out) == (1, "") and "DeepSpeedConfigError: --deepspeed: DeepSpeed config file 'nowhere.json'" in err
+    assert "DS_ACCELERATOR" not in err
