@@ -593,7 +593,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     """Examples per rank per generation batch in evaluation."""
     eval_max_examples: Optional[int] = None
-    """Score at most this many examples per task (``None``: all)."""
+    """Score at most this many examples per task (``None``: all). Those examples are read once and held for the run
+    (~300 MiB for 200,000 VQA questions; docs/datasets.md)."""
     test_eval: bool = False
     """After the final validation, also evaluate the test split in the same process, writing what
     ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""
