@@ -281,7 +281,7 @@ def print_config(args: argparse.Namespace) -> int:
     """--print-config: the run's settings as YAML (``config_text``: ``--config`` on it trains the same), the
     start-up notes, and the DeepSpeed config the run would build, on stdout; nothing started, built or written.
     Under a launcher, rank 0 alone prints. A refusal is start-up's line."""
-    from vlscale.config import ConfigError, config_text, load_config, setting_sources
+    from vlscale.config import ConfigError, config_text, load_config, printable, setting_sources
     from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
                                                  default_device_type, default_ds_file)
     from vlscale.engine.distributed import launcher_world_size
@@ -306,7 +306,7 @@ def print_config(args: argparse.Namespace) -> int:
 
     def comment(*texts: str) -> str:
         return "".join(f"{line}\n" for text in texts
-                       for line in textwrap.wrap(text, 118, initial_indent="# ", subsequent_indent="#   "))
+                       for line in textwrap.wrap(printable(text), 118, initial_indent="# ", subsequent_indent="#   "))
 
     print(comment(f"{given}: the resolved settings (--config on this file trains the same)",
                   *start_notes(cfg, ds_file, ds_config, world)))

@@ -1122,6 +1122,12 @@ def _yaml_value(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("\n...\n").strip()
 
 
+def printable(text: str) -> str:
+    """``text`` with the characters a YAML comment may not hold (control characters) or reads as a line break
+    (U+2028, U+0085) escaped as Python writes them: a path or a value in --print-config's comments broke the file."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def config_text(cfg: RunConfig, sources: Optional[dict] = None, width: int = 120) -> str:
     """``cfg`` as YAML that :func:`load_config` reads back as the same config: each section under its docstring,
     each setting under its meaning (:func:`field_docs`) and ending with its type, its default, and where
@@ -1150,4 +1156,4 @@ def config_text(cfg: RunConfig, sources: Optional[dict] = None, width: int = 120
                          + (f", set by {where}" if where else ""))
 
     section(cfg, "", "")
-    return "\n".join(lines) + "\n"
+    return "".join(f"{printable(line)}\n" for line in lines)  # a --config path ends a line's comment

@@ -8,8 +8,8 @@ import json
 from vlscale.config import load_config
 from vlscale.engine.deepspeed_config import build_deepspeed_config, default_device_type, default_ds_file
 
-ARGS = ["--config", "paper/clip_bart_single_lora", "peft.lora_rank=4", "output_dir=12:30", "description=a\nb # c",
-        "train.adam_eps=1e-7"]
+ARGS = ["--config", "paper/clip_bart_single_lora", "peft.lora_rank=4", "output_dir=12:30",
+        "description=a\nb # c\u2028d\x85e\x1b", "train.adam_eps=1e-7"]  # YAML's line breaks and a control character
 
 
 def _print_config(launcher, capsys, argv):
@@ -23,6 +23,7 @@ def test_the_printed_settings_load_back_as_the_same_run_and_start_nothing(launch
     code, out, err = _print_config(launcher, capsys, ARGS)
     assert code == 0 and err == ""
     assert not (tmp_path / "12:30").exists()
+    assert "'description=a\\nb # c\\u2028d\\x85e\\x1b'" in out.replace("\n#   ", " ")  # escaped: it ended the comment
     (tmp_path / "run.yaml").write_text(out)
     want = load_config(ARGS[1], ARGS[2:])
     assert load_config(str(tmp_path / "run.yaml")) == want
@@ -47,6 +48,12 @@ def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path):
     assert "# Examples per rank per micro-batch." in [line.strip() for line in lines]
     code, out, _ = _print_config(launcher, capsys, [])
     assert "name: default  # str, default" in out.splitlines()  # no --config: the default's name
+    odd = tmp_path / "a\u2028b.yaml"  # a line break to YAML, in "set by file ..."'s comment
+    odd.write_text("base: tiny\ntrain: {max_steps: 7}\n")
+    code, out, _ = _print_config(launcher, capsys, ["--config", str(odd)])
+    assert f"  max_steps: 7  # int, default 300, set by file {tmp_path}/a\\u2028b.yaml" in out.splitlines()
+    (tmp_path / "printed.yaml").write_text(out)
+    assert load_config(str(tmp_path / "printed.yaml")) == load_config(str(odd))
 
 
 def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
