@@ -433,3 +433,4 @@ def test_every_setting_has_its_meaning_written_beside_its_field():
                if f.default_factory not in sections and f.name not in field_docs(cls)]
     assert missing == []
     assert field_docs(RunConfig)["description"] == "Free text about the run."
+    assert all("\n" not in doc and "  " not in doc for cls in sections for doc in field_docs(cls).values())  # 1 line

@@ -4,8 +4,11 @@ its field in vlscale/config.py, the one place it is written), with its type, def
 DeepSpeed config the run builds. Nothing starts, builds or is written; a bad setting is start-up's one-line refusal."""
 
 import json
+from pathlib import Path
 
-from vlscale.config import load_config
+import vlscale
+
+from vlscale.config import load_config, setting_sources
 from vlscale.engine.deepspeed_config import build_deepspeed_config, default_device_type, default_ds_file
 
 ARGS = ["--config", "paper/clip_bart_single_lora", "peft.lora_rank=4", "output_dir=12:30",
@@ -24,6 +27,12 @@ def test_the_printed_settings_load_back_as_the_same_run_and_start_nothing(launch
     assert code == 0 and err == ""
     assert not (tmp_path / "12:30").exists()
     assert "'description=a\\nb # c\\u2028d\\x85e\\x1b'" in out.replace("\n#   ", " ")  # escaped: it ended the comment
+    lines = out.splitlines()
+    assert lines[0].startswith("# launchers/train.py --config paper/clip_bart_single_lora peft.lora_rank=4 ")
+    assert max(len(line) for line in lines if line.lstrip().startswith("#")) <= 120  # the comment lines wrapped
+    assert "``" not in out  # rST's literals as Markdown's
+    assert [line for line in lines if line and not line.startswith("#")][0].startswith("output_dir: ")  # then sections
+    assert "# The V&L model: CLIP visual encoder, visual projection, encoder-decoder language model." in lines
     (tmp_path / "run.yaml").write_text(out)
     want = load_config(ARGS[1], ARGS[2:])
     assert load_config(str(tmp_path / "run.yaml")) == want
@@ -31,7 +40,7 @@ def test_the_printed_settings_load_back_as_the_same_run_and_start_nothing(launch
     assert ds == build_deepspeed_config(default_ds_file(want), want, 1, device_type=default_device_type())
 
 
-def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path):
+def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path, monkeypatch):
     """The last file of the base: chain to set a key is named (not its base), an override over both."""
     (tmp_path / "mine.yaml").write_text("base: tiny\ntrain: {max_steps: 7, lr: 0.01}\n")
     code, out, _ = _print_config(launcher, capsys, ["--config", str(tmp_path / "mine.yaml"), "train.lr=0.02",
@@ -46,14 +55,21 @@ def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path):
     assert "  max_frames: 64  # int, default" in lines
     assert f"name: {tmp_path / 'mine.yaml'}  # str, default default, set by --config" in lines
     assert "# Examples per rank per micro-batch." in [line.strip() for line in lines]
+    assert "# note: ZeRO-3 on one process without offload partitions nothing but still pays its per-module gather " \
+           "hooks (3-4x" in lines
+    assert "  tasks: [vqa, gqa, nlvr2, caption]  # list of str, default [vqa, gqa, nlvr2, caption], set by preset " \
+           "tiny" in lines and "  hf_columns: {}  # mapping, default" in lines
     code, out, _ = _print_config(launcher, capsys, [])
     assert "name: default  # str, default" in out.splitlines()  # no --config: the default's name
     odd = tmp_path / "a\u2028b.yaml"  # a line break to YAML, in "set by file ..."'s comment
-    odd.write_text("base: tiny\ntrain: {max_steps: 7}\n")
+    odd.write_text("base: tiny\nname: odd\ntrain: {max_steps: 7}\n")
     code, out, _ = _print_config(launcher, capsys, ["--config", str(odd)])
     assert f"  max_steps: 7  # int, default 300, set by file {tmp_path}/a\\u2028b.yaml" in out.splitlines()
+    assert f"name: odd  # str, default default, set by file {tmp_path}/a\\u2028b.yaml" in out.splitlines()
     (tmp_path / "printed.yaml").write_text(out)
     assert load_config(str(tmp_path / "printed.yaml")) == load_config(str(odd))
+    monkeypatch.chdir(Path(vlscale.__file__).parent)  # a shipped preset given by its path is named as a preset
+    assert setting_sources("configs/tiny.yaml")["model.backbone"] == "preset tiny"
 
 
 def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
@@ -66,10 +82,12 @@ def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
 def test_the_world_size_is_the_launchers_and_rank_0_alone_prints(launcher, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    code, out, _ = _print_config(launcher, capsys, ["--config", "tiny", "train.global_batch_size=64"])
+    code, out, _ = _print_config(launcher, capsys, ["--config", "tiny", "train.global_batch_size=64",
+                                                    "train.zero_stage=2"])
     heading = f"for world_size=4 (the launcher's WORLD_SIZE), on {default_device_type()}:"
     assert code == 0 and heading in out.replace("\n#   ", " ")
     assert '#     "gradient_accumulation_steps": 1,' in out.splitlines()  # 64 / (16 x 4)
+    assert "# note: train.zero_stage=2 (from the config) overrides zero_optimization.stage=3 of" in out.splitlines()
     monkeypatch.setenv("RANK", "1")
     assert _print_config(launcher, capsys, ["--config", "tiny"]) == (0, "", "")
 
