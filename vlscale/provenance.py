@@ -69,7 +69,7 @@ def launcher_argv() -> Optional[list]:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     except OSError:
         return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]  # each argument ends with a NUL
 
 
 def device_name(device) -> str:

@@ -1,7 +1,12 @@
 """vlscale.provenance: what run_summary.json and adapter_config.json record of how a run was made."""
 
+import os
+import platform
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +43,18 @@ def test_git_state_of_a_checkout(tmp_path):
     assert provenance.git_state(tmp_path) == {"commit": head, "dirty": False}
     (tmp_path / "f.py").write_text("a = 2\n")
     assert provenance.git_state(tmp_path) == {"commit": head, "dirty": True}
+    (tmp_path / "site-packages").mkdir()  # a wheel installed in a venv inside some checkout: not its commit
+    assert provenance.git_state(tmp_path / "site-packages") is None
 
 
-def test_real_data_files_are_fingerprinted(tmp_path):
+def test_versions_name_each_library_and_null_for_one_not_installed(monkeypatch):
+    assert list(provenance.versions()) == ["python", "torch", "cuda", "transformers", "deepspeed", "open_clip",
+                                           "safetensors", "numpy", "vlscale"]
+    monkeypatch.setitem(provenance.DISTRIBUTIONS, "absent", "vlscale-no-such-distribution")
+    assert provenance.versions()["absent"] is None
+
+
+def test_real_data_files_are_fingerprinted(tmp_path, monkeypatch):
     shutil.copytree(FIXTURES / "gqa", tmp_path / "gqa")
     shutil.copytree(FIXTURES / "tvc", tmp_path / "tvc")
     def names(files):
@@ -48,16 +62,29 @@ def test_real_data_files_are_fingerprinted(tmp_path):
 
     video = load_config("tiny", {"data": {"source": "real", "root": str(tmp_path), "tasks": ["tvc"]}})
     assert names(provenance.data_files(video)) == ["tvc/train.jsonl", "tvc/val.jsonl", "tvc/subtitles.jsonl"]
+    (tmp_path / "tvc" / "subtitles.jsonl").unlink()  # none: the run reads none
+    assert names(provenance.data_files(video)) == ["tvc/train.jsonl", "tvc/val.jsonl"]
     cfg = load_config("tiny", {"data": {"source": "real", "root": str(tmp_path), "tasks": ["gqa"]}})
-    files = provenance.provenance(cfg, 1, ["cpu: x"])["data_files"]
+    segment = provenance.provenance(cfg, 2, ["cpu: x", "cpu: x"])
+    assert (segment["world_size"], segment["devices"]) == (2, {"cpu: x": 2})
+    assert segment["argv"] == [sys.executable, *sys.argv] and "launcher_argv" in segment
+    files = segment["data_files"]
     assert names(files) == ["gqa/train.json", "gqa/valid.json"]
-    assert files[0]["size"] == (tmp_path / "gqa" / "train.json").stat().st_size and files[0]["mtime_ns"] > 0
+    st = (tmp_path / "gqa" / "train.json").stat()
+    assert (files[0]["size"], files[0]["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
     (tmp_path / "gqa" / "train.json").write_text((tmp_path / "gqa" / "train.json").read_text() + " ")
     again = provenance.data_files(cfg)
     assert again[0]["sha256"] != files[0]["sha256"] and again[1:] == files[1:]  # a replaced file shows
     cfg.train.test_eval = True
     assert names(provenance.data_files(cfg))[-1] == "gqa/testdev.json"
     assert provenance.data_files(load_config("tiny")) is None  # the synthetic world: its seed is in the settings
+    hf = load_config("tiny", {"data": {"source": "real", "root": str(tmp_path), "hf_dataset": "org/name"}})
+    assert provenance.data_files(hf) is None  # its name is in the settings
+    shutil.copytree(FIXTURES / "coco", tmp_path / "coco")
+    caption = load_config("tiny", {"data": {"source": "real", "root": str(tmp_path), "tasks": ["caption"]}})
+    assert names(provenance.data_files(caption)) == ["coco/dataset_coco.json"]  # train and val: one file, once
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded absolute
+    assert provenance.file_fingerprint("gqa/valid.json")["path"] == str((tmp_path / "gqa" / "valid.json").resolve())
 
 
 def test_a_resume_adds_a_segment_only_where_it_differs():
@@ -67,6 +94,9 @@ def test_a_resume_adds_a_segment_only_where_it_differs():
     other = dict(again, versions={"torch": "2.2.0"})
     assert provenance.with_resumed([first], other, 4) == [first, {**other, "from_step": 4}]
     assert provenance.with_resumed(None, again, 4) == [{**again, "from_step": 4}]  # a checkpoint of before this
+    # compared with the last segment, not the first; another launcher command line is no new segment either
+    resumed = [first, {**other, "from_step": 4}]
+    assert provenance.with_resumed(resumed, dict(other, launcher_argv=["torchrun", "t.py"]), 6) == resumed
 
 
 def test_an_adapter_of_another_vlscale_or_torch_major_gets_a_note(capsys):
@@ -79,6 +109,9 @@ def test_an_adapter_of_another_vlscale_or_torch_major_gets_a_note(capsys):
     assert note == (f"evaluate.py: note: the adapter was trained with vlscale 0.0.1 (this is {now['vlscale']}) and "
                     f"torch 1.13.1 (this is {now['torch']})")
     assert capsys.readouterr().err == note + "\n"
+    assert provenance.print_version_note({"provenance": [{"versions": {"python": "3.11"}}]}, "x") is None  # unsaid
+    assert provenance.print_version_note({"provenance": [*old["provenance"], {"versions": now}]}, "x") is None  # the
+    # last segment's versions trained the adapter's weights (a resume under this version)
 
 
 def test_launcher_argv_only_under_a_launcher(monkeypatch):
@@ -86,5 +119,45 @@ def test_launcher_argv_only_under_a_launcher(monkeypatch):
     monkeypatch.setattr(distributed, "_NO_LAUNCHER", True)  # set by a 1-rank group's own RANK
     assert provenance.launcher_argv() is None
     monkeypatch.setattr(distributed, "_NO_LAUNCHER", False)
-    if Path("/proc/self/cmdline").exists():  # the parent's command line (torchrun's, deepspeed's)
-        assert provenance.launcher_argv() and all(isinstance(a, str) for a in provenance.launcher_argv())
+    if not Path("/proc/self/cmdline").exists():
+        return
+    # the parent's command line (torchrun's, deepspeed's), an empty argument kept; None once it cannot be read
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "", "é"])
+    try:
+        monkeypatch.setattr(os, "getppid", lambda: parent.pid)
+        for _ in range(500):  # its cmdline can read empty for a moment after the exec here
+            if Path(f"/proc/{parent.pid}/cmdline").read_bytes():
+                break
+            time.sleep(0.002)
+        assert provenance.launcher_argv() == [sys.executable, "-c", "import time; time.sleep(60)", "", "é"]
+    finally:
+        parent.kill()
+        parent.wait()
+    assert provenance.launcher_argv() is None  # no /proc entry
+
+
+def test_a_one_process_group_is_not_a_launcher(monkeypatch, tmp_path):
+    """init_distributed sets RANK & co for a process started alone: launched_by still says no launcher (the
+    parent's command line is then the shell's, no launcher's)."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # what _single_process_env sets goes with it
+    monkeypatch.setattr(distributed, "_NO_LAUNCHER", False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    distributed._single_process_env()
+    assert os.environ["RANK"] == "0" and not distributed.launched_by()
+
+
+def test_device_names(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"NVIDIA H100 ({device})")
+    assert provenance.device_name(torch.device("cuda", 1)) == "NVIDIA H100 (cuda:1)"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "processor\t: 0\nmodel name\t: Some CPU @ 2GHz\n")
+    assert provenance.device_name(torch.device("cpu")) == "cpu: Some CPU @ 2GHz"
+
+    def no_proc(self, *a, **k):
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)  # macOS: no /proc
+    assert provenance.device_name(torch.device("cpu")) == "cpu: " + (platform.processor() or platform.machine())
