@@ -25,7 +25,7 @@ from typing import Optional
 CHECKOUT = Path(__file__).resolve().parent.parent
 DISTRIBUTIONS = {"transformers": "transformers", "deepspeed": "deepspeed", "open_clip": "open_clip_torch",
                  "safetensors": "safetensors", "numpy": "numpy"}
-RESUME_MAY_DIFFER = ("argv", "launcher_argv", "from_step")  # a --resume's command line always differs
+RESUME_MAY_DIFFER = ("argv", "launcher_argv")  # a --resume's command line always differs
 
 
 def versions() -> dict:
@@ -101,16 +101,13 @@ def data_files(cfg) -> Optional[list]:
     train.test_eval); None for the synthetic world or an HF dataset (its name is in the run's settings)."""
     if cfg.data.source != "real" or cfg.data.hf_dataset:
         return None
-    from vlscale.data.real import DataError, annotation_path, subtitle_path
+    from vlscale.data.real import annotation_path, subtitle_path
     from vlscale.data.tasks import get_task
 
     paths = []
     for task in cfg.data.tasks:
         for split in ("train", "val", "test") if cfg.train.test_eval else ("train", "val"):
-            try:
-                paths.append(annotation_path(cfg, task, split))
-            except DataError:  # not read by this run (a loader would have refused it already)
-                pass
+            paths.append(annotation_path(cfg, task, split))  # read by the loader and check_eval_data before this
         if get_task(task).modality == "video":
             paths.append(subtitle_path(cfg, task))
     return [file_fingerprint(p) for p in dict.fromkeys(p for p in paths if p is not None)]
