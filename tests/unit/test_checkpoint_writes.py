@@ -81,6 +81,25 @@ def test_the_same_tensors_and_metadata_give_the_same_file(tmp_path):
     assert len(files) == 1
     with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
         assert f.metadata() == meta and torch.equal(f.get_tensor("b"), torch.arange(3.0))
+    meta = {"format": ckpt.ADAPTER_FORMAT, "step": "30"}  # an adapter's two keys, given in either order
+    files = {save_safetensors({"a": torch.ones(2)}, tmp_path / f"{i}.safetensors", metadata=dict(items)).read_bytes()
+             for i, items in enumerate([list(meta.items())] * 5 + [list(meta.items())[::-1]] * 5)}
+    assert len(files) == 1
+
+
+def test_a_safetensors_header_of_another_layout_is_left_as_written(tmp_path):
+    """_sort_metadata rewrites the metadata in place only where the header's first bytes read back as the same
+    keys and values: another layout (the tensors first, other values) is left as the library wrote it."""
+    from vlscale.files import _sort_metadata
+
+    meta = {"step": "30", "format": "x"}
+    for first in ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": meta},
+                  {"__metadata__": {"step": "31", "format": "x"}}):
+        header = json.dumps(first, separators=(",", ":")).encode()
+        raw = len(header).to_bytes(8, "little") + header + bytes(4)
+        (tmp_path / "f").write_bytes(raw)
+        _sort_metadata(tmp_path / "f", meta)
+        assert (tmp_path / "f").read_bytes() == raw
 
 
 def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
