@@ -399,6 +399,7 @@ def test_evaluate_reproduces_training_predictions(runs, tmp_path, launcher, caps
     summary = h.read_json(run / "run_summary.json")
     made = summary["provenance"]
     assert [(p["world_size"], sum(p["devices"].values()), p["data_files"]) for p in made] == [(2, 2, None)]
+    assert made[0]["launcher_argv"][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     old = shutil.copytree(run / "adapter", tmp_path / "old" / "adapter")
     meta = ckpt.read_adapter_config(old)
     assert meta["provenance"] == made

@@ -625,7 +625,7 @@ def test_the_evaluation_ds_config_drops_the_files_training_only_keys(tmp_path, l
 
 
 def test_an_fp16_adapter_is_evaluated_on_a_cpu_in_fp32_without_its_fp16_fingerprint(tmp_path, launcher,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     """fp16 has no CPU kernels: the model is built in fp32, whose frozen weights are not the fp16 run's bit for
     bit, so the run's fingerprint (of fp16 weights) is not compared with them (it would refuse every such
     evaluation as 'files changed since training'); evaluate.py and the Predictor alike."""
@@ -639,7 +639,9 @@ def test_an_fp16_adapter_is_evaluated_on_a_cpu_in_fp32_without_its_fp16_fingerpr
     seed_everything(cfg.train.seed)
     model = build_model(cfg, vocab_size=len(tokenizer), dtype=torch.float16)
     adapter = tmp_path / "adapter"
-    ckpt.save_adapter(model, adapter, cfg, tokenizer, extra={"step": 2, "frozen": ckpt.frozen_fingerprint(model)})
+    old = [{"versions": {"vlscale": "0.0.1"}}]  # trained by another vlscale (vlscale.provenance): a note
+    ckpt.save_adapter(model, adapter, cfg, tokenizer, extra={"step": 2, "frozen": ckpt.frozen_fingerprint(model),
+                                                             "provenance": old})
     seen = []
     monkeypatch.setattr(evaluation, "evaluate", lambda model, cfg, tokenizer, *, tasks, float_dtype, **kw:
                         seen.append(float_dtype) or {task: {"score": 0.5} for task in tasks})
@@ -647,7 +649,9 @@ def test_an_fp16_adapter_is_evaluated_on_a_cpu_in_fp32_without_its_fp16_fingerpr
     assert seen == [torch.float32]
     from vlscale.predict import Predictor  # predict.py's model: the same rule
 
+    capsys.readouterr()
     assert Predictor(adapter, device="cpu").dtype == torch.float32
+    assert ": note: the adapter was trained with vlscale 0.0.1 (this is " in capsys.readouterr().err
     assert Predictor(adapter, device="cpu", batch_size=3).batch_size == 3  # the batches predict() answers in
 
 
