@@ -24,6 +24,7 @@ runner's own status, killed by the signal at once, before the checkpoint: docs/s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -308,12 +309,18 @@ def print_config(args: argparse.Namespace) -> int:
         return "".join(f"{line}\n" for text in texts
                        for line in textwrap.wrap(printable(text), 118, initial_indent="# ", subsequent_indent="#   "))
 
-    print(comment(f"{given}: the resolved settings (--config on this file trains the same)",
-                  *start_notes(cfg, ds_file, ds_config, world)))
-    print(config_text(cfg, setting_sources(args.config, args.overrides)))
-    print(comment(f"The DeepSpeed config {ds_file} resolves to for world_size={world} ({ranks}), on {device}:"),
-          "".join(f"#   {line}\n" for line in json.dumps(ds_config, indent=2).splitlines()), sep="", end="",
-          flush=True)
+    text = "\n".join([comment(f"{given}: the resolved settings (--config on this file trains the same)",
+                               *start_notes(cfg, ds_file, ds_config, world)),
+                       config_text(cfg, setting_sources(args.config, args.overrides)),
+                       comment(f"The DeepSpeed config {ds_file} resolves to for world_size={world} ({ranks}), "
+                               f"on {device}:")
+                       + "".join(f"#   {line}\n" for line in json.dumps(ds_config, indent=2).splitlines())])
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped (`--print-config | head`): what it read is what it wanted
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -87,7 +87,9 @@ def test_the_world_size_is_the_launchers_and_rank_0_alone_prints(launcher, capsy
     heading = f"for world_size=4 (the launcher's WORLD_SIZE), on {default_device_type()}:"
     assert code == 0 and heading in out.replace("\n#   ", " ")
     assert '#     "gradient_accumulation_steps": 1,' in out.splitlines()  # 64 / (16 x 4)
-    assert "# note: train.zero_stage=2 (from the config) overrides zero_optimization.stage=3 of" in out.splitlines()
+    # the note wraps where the checkout's path falls: read as one line
+    assert "# note: train.zero_stage=2 (from the config) overrides zero_optimization.stage=3 of" in \
+        out.replace("\n#   ", " ")
     monkeypatch.setenv("RANK", "1")
     assert _print_config(launcher, capsys, ["--config", "tiny"]) == (0, "", "")
 
@@ -107,3 +109,18 @@ def test_a_gpu_run_is_seen_on_a_machine_without_one(launcher, capsys, monkeypatc
     code, out, err = _print_config(launcher, capsys, ["--config", "tiny", "--deepspeed", "nowhere.json"])
     assert (code, out) == (1, "") and "DeepSpeedConfigError: --deepspeed: DeepSpeed config file 'nowhere.json'" in err
     assert "DS_ACCELERATOR" not in err
+
+
+def test_a_reader_that_stops_early_is_no_traceback(launcher, monkeypatch):
+    """`--print-config | head`: head leaves, the write fails with BrokenPipeError; it was a traceback."""
+    import sys
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise ValueError("no file")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert launcher("train").main(["--print-config", "--config", "tiny"]) == 0
