@@ -197,7 +197,7 @@ def optimizer_groups(model, tasks=(), peft_lr: Optional[float] = None) -> list[d
 
 NOTHING_TRAINS = ("peft.method=none adds no PEFT modules (nor peft.extra_prompts) and peft.train_layer_norms, "
                   "peft.train_projection, peft.train_lm and peft.train_vision are all false; choose a PEFT method or "
-                  "set one of them true")
+                  "set one of them true (or, on BART, peft.bias=all: its biases alone, BitFit)")
 
 
 def check_something_trains(cfg: RunConfig) -> None:
