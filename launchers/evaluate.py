@@ -62,7 +62,7 @@ from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--adapter", required=True, type=os.path.expanduser,  # --adapter=~/x: no shell expands it there
                    help="an adapter/ directory written by launchers/train.py")
     p.add_argument("--split", default="val",

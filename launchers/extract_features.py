@@ -48,7 +48,7 @@ from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--vision", help="open_clip model name (RN101, ViT-B-32, tiny-clip-rn, ...); "
                                      "default with --synthetic / --real: the config's model.vision")

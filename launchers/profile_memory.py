@@ -45,7 +45,7 @@ COMPONENTS = ("params", "grads", "optimizer", "activations", "buffers", "peak")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the embedded default)")
     p.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,

@@ -45,7 +45,7 @@ from vlscale.log import logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, choices=["1", "3", "5"], help="which of the paper's tables")
     p.add_argument("--methods", default=None, help="comma-separated rows (default: all rows of the table)")

@@ -40,7 +40,7 @@ from vlscale.log import interruptible, logs_to_console  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed", default=None, metavar="JSON",
                    help="DeepSpeed config file (default: the config's train.deepspeed, else ds_configs/zero3.json)")

@@ -8,6 +8,8 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
+
 from vlscale.config import RunConfig, flat_settings, list_presets, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,3 +119,15 @@ def test_every_file_named_exists():
         _text(doc))}
     assert "launchers/train.py" in named and "benchmarks/results/replicate_table1.json" in named
     assert not {f: doc for f, doc in named.items() if not (ROOT / f).exists() and "test_X" not in f}
+
+
+def test_every_launchers_help_works_without_docstrings(launcher, monkeypatch, capsys):
+    """``python -OO`` (or PYTHONOPTIMIZE=2) strips docstrings: six launchers built their --help from ``__doc__``
+    and failed with AttributeError before parsing anything."""
+    for path in sorted((ROOT / "launchers").glob("*.py")):
+        module = launcher(path.stem)
+        monkeypatch.setattr(module, "__doc__", None)
+        with pytest.raises(SystemExit) as stop:
+            module.main(["--help"])
+        assert stop.value.code == 0, path.name
+        assert "--" in capsys.readouterr().out, path.name
