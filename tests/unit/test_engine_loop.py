@@ -58,6 +58,21 @@ def test_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu_before_the_model_is_
         trainer.setup_run(bf16, {}, trainer.DistInfo(0, 1, 0, torch.device("cpu"), "cpu", "gloo"))
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_imports_the_model_code_before_rank_0s_checks(rank, monkeypatch, tmp_path):
+    """Rank 0's disk check builds the model on meta, importing transformers' modelling (~2.5 s); the other ranks
+    imported it only in the build, after waiting for those checks, while rank 0 waited for them (2 ranks, the
+    default: 2.5 s more to the first step)."""
+    calls = []
+    monkeypatch.setattr(trainer, "import_model_code", lambda cfg: calls.append("import"))
+    monkeypatch.setattr(trainer.ckpt, "lock_output_dir", lambda out: pytest.fail(f"rank 0 checks, having {calls}"))
+    monkeypatch.setattr(trainer, "_raise_on_every_rank", lambda error: pytest.fail(f"rank 1 waits, having {calls}"))
+    cfg = load_config("tiny", TINY + [f"output_dir={tmp_path}"])
+    with pytest.raises(pytest.fail.Exception, match=rf"rank {rank} \w+, having \['import'\]$"):
+        trainer.setup_run(cfg, {"train_batch_size": 2}, trainer.DistInfo(rank, 2, rank, torch.device("cpu"), "cpu",
+                                                                         "gloo"))
+
+
 def test_gradient_checkpointing_keeps_bart_lora_gradients_with_dropout():
     """BART with LoRA at the paper's dropout (0.1) and the model's dropout on: checkpointing recomputes each
     layer with the dropout masks of the first pass, so gradients equal those of a run without it
