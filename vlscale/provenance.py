@@ -87,12 +87,17 @@ def device_name(device) -> str:
 
 
 def file_fingerprint(path) -> dict:
+    """Path, size, mtime_ns and sha256 of a file the run read; a file gone or unreadable since (moved during the
+    start-up) is recorded with the OS's reason, not a traceback that ends a run whose data is already read."""
     path = Path(path).resolve()
-    st = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        st = path.stat()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        return {"path": str(path), "error": e.strerror or str(e)}
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
 
 

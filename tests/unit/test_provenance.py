@@ -161,3 +161,10 @@ def test_device_names(monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", no_proc)  # macOS: no /proc
     assert provenance.device_name(torch.device("cpu")) == "cpu: " + (platform.processor() or platform.machine())
+
+
+def test_a_data_file_gone_since_it_was_read_is_recorded_not_a_traceback(tmp_path):
+    gone = tmp_path / "val.json"
+    assert provenance.file_fingerprint(gone) == {"path": str(gone.resolve()), "error": "No such file or directory"}
+    gone.mkdir()  # unreadable as a file
+    assert provenance.file_fingerprint(gone)["error"] == "Is a directory"
