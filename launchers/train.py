@@ -282,7 +282,7 @@ def print_config(args: argparse.Namespace) -> int:
     """--print-config: the run's settings as YAML (``config_text``: ``--config`` on it trains the same), the
     start-up notes, and the DeepSpeed config the run would build, on stdout; nothing started, built or written.
     Under a launcher, rank 0 alone prints. A refusal is start-up's line."""
-    from vlscale.config import ConfigError, config_text, load_config, printable, setting_sources
+    from vlscale.config import ConfigError, config_text, load_config, printable
     from vlscale.engine.deepspeed_config import (CPU_FP16_ERROR, DeepSpeedConfigError, build_deepspeed_config,
                                                  default_device_type, default_ds_file)
     from vlscale.engine.distributed import launcher_world_size
@@ -291,7 +291,8 @@ def print_config(args: argparse.Namespace) -> int:
     world = launcher_world_size() or 1
     device = default_device_type()
     try:
-        cfg = load_config(args.config, args.overrides)
+        sources: dict = {}
+        cfg = load_config(args.config, args.overrides, sources)
         ds_file = default_ds_file(cfg, args.deepspeed)
         ds_config = build_deepspeed_config(ds_file, cfg, world, device_type=device)
     except (ConfigError, DeepSpeedConfigError) as e:
@@ -311,7 +312,7 @@ def print_config(args: argparse.Namespace) -> int:
 
     text = "\n".join([comment(f"{given}: the resolved settings (--config on this file trains the same)",
                                *start_notes(cfg, ds_file, ds_config, world)),
-                       config_text(cfg, setting_sources(args.config, args.overrides)),
+                       config_text(cfg, sources),
                        comment(f"The DeepSpeed config {ds_file} resolves to for world_size={world} ({ranks}), "
                                f"on {device}:")
                        + "".join(f"#   {line}\n" for line in json.dumps(ds_config, indent=2).splitlines())])

@@ -914,7 +914,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def _load_yaml(name_or_path: str, seen: tuple = (), named_by: Optional[Path] = None,
                sources: Optional[dict] = None) -> dict:
     """The settings of a preset and the chain of its ``base:`` files, merged; ``sources`` (where given) gets, for
-    each dotted key, the file that set it last (:func:`setting_sources`)."""
+    each dotted key, the file that set it last (:func:`load_config`'s ``sources``)."""
     try:
         path = _preset_path(name_or_path)
     except ConfigError as e:
@@ -1036,13 +1036,19 @@ def parse_overrides(overrides) -> dict:
     return nested
 
 
-def load_config(name_or_path: Optional[str] = None, overrides=None) -> RunConfig:
+def load_config(name_or_path: Optional[str] = None, overrides=None, sources: Optional[dict] = None) -> RunConfig:
     """Load a preset by name or path (default: the embedded default) and apply overrides: ``["key=value", ...]``
-    as the launchers take them, or a dict (see :func:`parse_overrides`)."""
+    as the launchers take them, or a dict (see :func:`parse_overrides`). ``sources`` (where given) gets where each
+    setting was taken from: dotted key -> ``override``, ``preset NAME`` or ``file PATH`` (the last of the ``base:``
+    chain to set it), ``--config`` for a ``name`` it gave; a key absent keeps its default."""
     name = name_or_path or DEFAULT_PRESET
-    from_file = _load_yaml(name)
+    from_file = _load_yaml(name, sources=sources)
     given = parse_overrides(overrides)
     data = _deep_merge(from_file, given)
+    if sources is not None:
+        if name_or_path and "name" not in data:
+            sources["name"] = "--config"
+        sources.update(dict.fromkeys(flat_settings(given), "override"))
     data.setdefault("name", str(name))
     try:
         cfg = _build(RunConfig, data)
@@ -1088,17 +1094,6 @@ def save_config(cfg: RunConfig, path) -> None:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
-def setting_sources(name_or_path: Optional[str] = None, overrides=None) -> dict[str, str]:
-    """Where :func:`load_config` ``(name_or_path, overrides)`` takes each setting from: dotted key -> ``override``,
-    ``preset NAME`` or ``file PATH`` (the last of the ``base:`` chain to set it). A key absent keeps its default."""
-    sources: dict = {}
-    _load_yaml(name_or_path or DEFAULT_PRESET, sources=sources)
-    if name_or_path:
-        sources.setdefault("name", "--config")  # load_config's default for it
-    sources.update(dict.fromkeys(flat_settings(parse_overrides(overrides)), "override"))
-    return sources
-
-
 @functools.lru_cache(maxsize=None)
 def field_docs(cls) -> dict[str, str]:
     """The meaning of each field of config dataclass ``cls``: the docstring under it in this file (the one place
@@ -1131,7 +1126,7 @@ def printable(text: str) -> str:
 def config_text(cfg: RunConfig, sources: Optional[dict] = None, width: int = 120) -> str:
     """``cfg`` as YAML that :func:`load_config` reads back as the same config: each section under its docstring,
     each setting under its meaning (:func:`field_docs`) and ending with its type, its default, and where
-    ``sources`` (:func:`setting_sources`) says it was set (a key absent there: nowhere, it is the default)."""
+    ``sources`` (:func:`load_config`'s) says it was set (a key absent there: nowhere, it is the default)."""
     sources = sources or {}
     lines: list[str] = []
 

@@ -92,13 +92,11 @@ def file_fingerprint(path) -> dict:
     path = Path(path).resolve()
     try:
         st = path.stat()
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()  # as evaluation's _adapter_sha256
     except OSError as e:
         return {"path": str(path), "error": e.strerror or str(e)}
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
 
 
 def data_files(cfg) -> Optional[list]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import vlscale
 
-from vlscale.config import load_config, setting_sources
+from vlscale.config import load_config
 from vlscale.engine.deepspeed_config import build_deepspeed_config, default_device_type, default_ds_file
 
 ARGS = ["--config", "paper/clip_bart_single_lora", "peft.lora_rank=4", "output_dir=12:30",
@@ -69,7 +69,9 @@ def test_each_setting_says_where_it_was_set(launcher, capsys, tmp_path, monkeypa
     (tmp_path / "printed.yaml").write_text(out)
     assert load_config(str(tmp_path / "printed.yaml")) == load_config(str(odd))
     monkeypatch.chdir(Path(vlscale.__file__).parent)  # a shipped preset given by its path is named as a preset
-    assert setting_sources("configs/tiny.yaml")["model.backbone"] == "preset tiny"
+    sources = {}
+    load_config("configs/tiny.yaml", sources=sources)
+    assert sources["model.backbone"] == "preset tiny"
 
 
 def test_a_bad_setting_is_the_refusal_start_up_gives(launcher, capsys):
