@@ -15,7 +15,8 @@ loss stopping the run. With no ``--config`` it trains the embedded default (the 
 CLIP-RN + mini BART, one shared adapter).
 
 Writes to ``output_dir``: train_log.jsonl, metrics.json, run_summary.json, run_config.yaml,
-tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR), checkpoints/.
+tensorboard/, adapter/ (evaluate it with launchers/evaluate.py --adapter DIR; train.init_adapter=DIR starts a new
+run from it), checkpoints/.
 Exit codes: 0 done (or stopped by --stop-after-steps), 1 error, 3 a hung rank (watchdog),
 130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint. (``deepspeed`` on one node: the
 runner's own status, killed by the signal at once, before the checkpoint: docs/scaling.md.)
@@ -76,8 +77,9 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     and a DeepSpeed file that is not JSON or holds an unknown key (output_dir not made), and weights the model's build
     would not find (a model.backbone_path or model.vision_pretrained that is not there, found after the data had
     loaded), and ZeRO-Infinity (``device: nvme``) without DeepSpeed's async_io op or with an nvme_path that is not a
-    writable folder (found after the process group started). The DeepSpeed config is built here as start-up builds it,
-    so a file that disagrees with the run config or holds a misspelt nested key is refused before the process group,
+    writable folder (found after the process group started), and a train.init_adapter that is missing, unreadable or
+    of another model or tasks (found after the data had loaded). The DeepSpeed config is built here as start-up builds
+    it, so a file that disagrees with the run config or holds a misspelt nested key is refused before the process group,
     DeepSpeed's engine and the output_dir: all the build reads is known here (the launcher's world size, the
     accelerator select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's
     check after start-up."""
@@ -123,6 +125,13 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
     except (CheckpointError, ConfigError) as e:  # ConfigError: a train.global_batch_size the ranks do not divide
         return f"{type(e).__name__}: {e}"
+    if cfg.train.init_adapter and not resume:  # a warm start from an adapter missing, unreadable or of another model
+        from vlscale.engine.checkpoint import check_init_adapter
+
+        try:
+            check_init_adapter(cfg)
+        except CheckpointError as e:
+            return f"{type(e).__name__}: {e}"
     if resume and stop_after_steps is not None:
         from vlscale.engine.checkpoint import latest_tag, step_number
 

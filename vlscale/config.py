@@ -585,6 +585,13 @@ class TrainConfig:
     example's mean over its tokens, then the mean over the global batch's examples, as VL-T5 /
     VL-Adapter's ``train_step`` reduces it (short targets weigh more). VL-Adapter's VQA loss also
     multiplies each example by its answer's soft score, which neither reduction does."""
+    init_adapter: Optional[str] = None
+    """A trained ``adapter/`` (another run's ``output_dir/adapter``) whose trainable tensors, and trained buffers, the
+    model takes after its build, before the first step (a warm start: multi-task then one task, or training on at
+    another learning rate); optimizer, schedule, step and data order start afresh. The adapter's model.* / peft.*
+    settings must be this run's, and its tasks too where it holds per-task weights (``peft.sharing=multiple``):
+    refused before the run starts. ``--resume`` does not read it (the checkpoint holds the weights). ``None``: the
+    freshly built weights. Relative paths are from the working directory."""
     seed: int = 0
     """Seeds python, numpy and torch (random frozen weights, dropout) and the multitask sampler; an integer
     in [0, 2**32)."""
@@ -631,6 +638,9 @@ class TrainConfig:
             _check_positive("train", name, getattr(self, name), allow_zero=True)
         _check_positive("train", "adam_eps", self.adam_eps)
         self.seed = _check_seed("train", "seed", self.seed)
+        if self.init_adapter is not None and not str(self.init_adapter).strip():
+            raise ConfigError(f"train.init_adapter={self.init_adapter!r} is empty; name an adapter directory (a "
+                              "run's output_dir/adapter), or null to start from the freshly built weights")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if self.zero_stage is not None:

@@ -8,6 +8,8 @@ that is not a git checkout or git is not there), ``argv`` (this process's), ``la
 line under a launcher: torchrun's, deepspeed's), ``world_size``, ``devices`` (device name -> ranks on it) and, for
 ``data.source=real``, ``data_files``: each annotation / subtitle file the run reads, with its size, mtime_ns and
 sha256 (0.23 s per 100 MB here, once per start: a fraction of the time the loader takes to parse the same file).
+A run started from a trained adapter (``train.init_adapter``) has ``init_adapter`` in its first segment: the folder,
+the step the adapter was saved at, and its weights file's size, mtime_ns and sha256 (:func:`init_adapter`).
 """
 
 from __future__ import annotations
@@ -116,11 +118,26 @@ def data_files(cfg) -> Optional[list]:
     return [file_fingerprint(p) for p in dict.fromkeys(p for p in paths if p is not None)]
 
 
-def provenance(cfg, world_size: int, devices: list) -> dict:
-    """This process's segment (rank 0 calls it; ``devices``: every rank's :func:`device_name`)."""
-    return {"versions": versions(), "git": git_state(), "argv": [sys.executable, *sys.argv],
-            "launcher_argv": launcher_argv(), "world_size": world_size, "devices": dict(Counter(devices)),
-            "data_files": data_files(cfg)}
+def init_adapter(folder, meta: dict) -> dict:
+    """What a warm start began from: the adapter ``folder`` (absolute), the step its ``meta`` (adapter_config.json)
+    records, and :func:`file_fingerprint`'s size, mtime_ns and sha256 of its weights file."""
+    from vlscale.engine.checkpoint import ADAPTER_WEIGHTS
+
+    folder = Path(folder).resolve()
+    weights = file_fingerprint(folder / ADAPTER_WEIGHTS)
+    return {"path": str(folder), "step": meta.get("step"), **{k: v for k, v in weights.items() if k != "path"}}
+
+
+def provenance(cfg, world_size: int, devices: list, init_meta: Optional[dict] = None) -> dict:
+    """This process's segment (rank 0 calls it; ``devices``: every rank's :func:`device_name`). ``init_meta``: the
+    adapter_config.json of the ``train.init_adapter`` the run started from (None: it started from none, or resumes:
+    the segment has no ``init_adapter`` then, and a resume's is not compared with the start's)."""
+    segment = {"versions": versions(), "git": git_state(), "argv": [sys.executable, *sys.argv],
+               "launcher_argv": launcher_argv(), "world_size": world_size, "devices": dict(Counter(devices)),
+               "data_files": data_files(cfg)}
+    if init_meta is not None:
+        segment["init_adapter"] = init_adapter(cfg.train.init_adapter, init_meta)
+    return segment
 
 
 def with_resumed(earlier: Optional[list], segment: dict, step: int) -> list:

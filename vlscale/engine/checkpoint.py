@@ -305,6 +305,8 @@ def read_adapter_config(adapter_dir) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    except OSError as e:  # its permissions
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from e
     if meta.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(f"{path}: format={meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
     if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
@@ -336,13 +338,18 @@ ADAPTER_FREE_SETTINGS = ("model.backbone_path", "model.vision_pretrained", "mode
 
 def adapter_settings_mismatch(model: torch.nn.Module, meta: dict) -> Optional[str]:
     """The first ``model.*`` / ``peft.*`` setting (but :data:`ADAPTER_FREE_SETTINGS`) in which the model was built
-    otherwise than the adapter's run, or None; None too for a model that carries no RunConfig. Names and shapes alone
-    let an adapter of google-t5/t5-base onto flan-t5-base, of RN101 onto RN50, or of lora_alpha 32 onto 8."""
+    otherwise than the adapter's run (:func:`settings_mismatch`), or None; None too for a model that carries no
+    RunConfig. Names and shapes alone let an adapter of google-t5/t5-base onto flan-t5-base, of RN101 onto RN50, or of
+    lora_alpha 32 onto 8."""
     from vlscale.config import RunConfig
 
     cfg = getattr(model, "cfg", None)
-    if not isinstance(cfg, RunConfig):
-        return None
+    return settings_mismatch(cfg, meta) if isinstance(cfg, RunConfig) else None
+
+
+def settings_mismatch(cfg, meta: dict) -> Optional[str]:
+    """The first ``model.*`` / ``peft.*`` setting (but :data:`ADAPTER_FREE_SETTINGS`) in which the RunConfig ``cfg``
+    builds its model otherwise than the adapter's run (``meta``: its adapter_config.json), or None."""
     from vlscale.modeling.backbones import canonical_lm_name
 
     def canonical(key: str, value):
@@ -454,6 +461,54 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, 
     with torch.no_grad():
         for name, b in (buffers.items() if with_buffers else ()):
             b.copy_(state[name].to(dtype=b.dtype, device=b.device))
+    return meta
+
+
+def check_init_adapter(cfg) -> dict:
+    """``train.init_adapter``'s adapter_config.json, checked against the run ``cfg`` before anything is built (a warm
+    start: :func:`load_adapter` loads it onto the freshly built model). Refused, naming ``train.init_adapter`` and
+    the folder: a folder that is missing or not an adapter (:func:`read_adapter_config`), a weights file missing or
+    unreadable, another model.* / peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter
+    that holds weights of each task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings,
+    per-task prompts), another set of ``data.tasks``, naming the tasks that differ: a task of the adapter's the run
+    lacks has weights to no purpose, and a task of the run's the adapter lacks none to start from. An adapter whose
+    weights are all shared by the tasks (``peft.sharing=single``) starts any tasks. Names and shapes are checked by
+    the load, after the build."""
+    from safetensors import SafetensorError, safe_open
+
+    from vlscale.peft.trainable import task_of
+
+    folder = Path(cfg.train.init_adapter)
+    where = f"train.init_adapter={str(folder)!r}"
+    try:
+        meta = read_adapter_config(folder)
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.exists():
+            raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
+        try:
+            with safe_open(str(weights), framework="pt") as f:  # its header only
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    config = folder / ADAPTER_CONFIG
+    problem = settings_mismatch(cfg, meta)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}; a warm start builds the model the adapter was trained with "
+                              f"(the run_config in {config})")
+    then, now = list((meta["run_config"].get("data") or {}).get("tasks") or []), list(cfg.data.tasks)
+    per_task = [n for n in (*meta.get("parameters", {}), *meta.get("buffers", {})) if task_of(n, then)]
+    if per_task and set(then) != set(now):
+        only_then, only_now = [t for t in then if t not in now], [t for t in now if t not in then]
+        differ = "; ".join(part for part in (
+            f"{only_then} only in the adapter (its weights would go unused)" if only_then else "",
+            f"{only_now} only in this run (no weights to start from)" if only_now else "") if part)
+        raise CheckpointError(
+            f"{where}: the adapter was trained with data.tasks={then!r}, this run has data.tasks={now!r}: {differ}. "
+            f"The adapter holds weights of each task (e.g. {per_task[0]}, peft.sharing="
+            f"{(meta['run_config'].get('peft') or {}).get('sharing')!r}), so a warm start from it trains the same "
+            f"tasks; one whose weights are all shared (peft.sharing=single, except Hyperformer) starts any ({config})")
     return meta
 
 

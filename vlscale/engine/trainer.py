@@ -74,7 +74,8 @@ STEP_TIMES_KEPT = 10_000
 RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "train.eval_every", "train.test_eval",
                      "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
                      "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained",
-                     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size")
+                     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size",
+                     "train.init_adapter")  # read at the run's start only: a resume continues the checkpoint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -525,6 +526,31 @@ def check_cache_vision(cfg: RunConfig) -> Optional[dict]:
     return cache
 
 
+def check_init_frozen(cfg: RunConfig, meta: dict, frozen: dict, announce: bool = True) -> None:
+    """After a warm start's load (``train.init_adapter``; ``meta``: its adapter_config.json): refuse frozen weights
+    built now (``frozen``: :func:`ckpt.frozen_fingerprint`, the same on every rank) that are not those the adapter was
+    trained on, as evaluate.py refuses them; its weights were trained on those. Fingerprints are of a run's precision:
+    an adapter of another ``train.precision`` is not compared, and (``announce``) a note says so and what the run
+    starts from (a bf16 run's adapter holds bf16 tensors: an fp32 run starts from those bf16-rounded weights)."""
+    then = (meta["run_config"].get("train") or {}).get("precision")
+    now = cfg.train.precision
+    where = f"train.init_adapter={str(cfg.train.init_adapter)!r}"
+    if then != now:
+        if announce:
+            held = f" (exact in {now})" if now == "fp32" else f", rounded to {now}"
+            print(f"vlscale: note: {where} was trained with train.precision={then}, this run has {now}: it starts "
+                  f"from the adapter's {then} weights{held}, and the frozen weights are not compared with the "
+                  f"adapter's run's (its fingerprint is of {then})", flush=True)
+        return
+    problem = ckpt.frozen_mismatch(meta.get("frozen"), frozen, then="in the adapter's run")
+    if problem:
+        seed = (meta["run_config"].get("train") or {}).get("seed")
+        hint = (f"; random frozen weights are drawn from train.seed, which is {cfg.train.seed} here and was {seed} in "
+                f"the adapter's run" if seed is not None and seed != cfg.train.seed else "")
+        raise ckpt.CheckpointError(f"{where}: the frozen weights built now are not those the adapter was trained on: "
+                                   f"{problem}{hint}; a warm start needs the adapter's frozen weights")
+
+
 def _as_input_error(e: Exception) -> Exception:
     """A check's failure as the error it reports: ConfigError, DataError, CheckpointError as they are,
     any other ValueError as a CheckpointError (the checkpoint is what does not fit)."""
@@ -568,7 +594,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
     universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
     import_model_code(cfg)
-    error, lock, tag, eval_data = None, None, None, {}
+    error, lock, tag, eval_data, init = None, None, None, {}, None
+    warm = bool(cfg.train.init_adapter) and not resume  # a --resume continues the checkpoint's weights
     if dist.is_main:
         try:
             lock = ckpt.lock_output_dir(out)  # held while this process lives: one run per output_dir
@@ -581,11 +608,15 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 _check_resumable(saved, cfg, source)
                 _note_new_schedule(saved, cfg, ckpt.step_number(tag) if tag else None)
                 check_resumed_cache(out, tag, cfg)
+            if warm:
+                init = ckpt.check_init_adapter(cfg)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg, eval_data)
         except (ckpt.CheckpointError, ValueError) as e:
             error = _as_input_error(e)
     _raise_on_every_rank(error)
+    if warm:  # rank 0's read: every rank loads the weights of the step it names (load_adapter)
+        init = broadcast_object(init)
     check_nvme_support(ds_config)  # launchers/train.py refuses it before start-up; this is for direct callers
     # the training data before the model: a bad file or id fails here, not after minutes of loading
     loader = build_train_loader(cfg, tokenizer, dist.rank, dist.world_size)
@@ -611,6 +642,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
         except ValueError as e:  # the same on every rank: each refuses before the build
             raise ConfigError(str(e)) from None
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
+    if init is not None:  # before the engine: its fp32 copies (and ZeRO's partitions of them) are made from these
+        ckpt.load_adapter(model, cfg.train.init_adapter, meta=init)  # collective under ZeRO-3
     if universal:
         ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
@@ -624,6 +657,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
               hf_ds_config=hf_ds, scale_loss=scale_loss, frozen=ckpt.frozen_fingerprint(engine.module, dist.device),
               lock=lock, task_steps=task_steps, lr_groups=logged_lr_groups(groups), feature_cache=feature_cache,
               eval_data=eval_data)
+    if init is not None:
+        check_init_frozen(cfg, init, run.frozen, announce=run.is_main)
     if resume:
         _check_task_groups(out, task_steps is not None)
         state = ckpt.load_checkpoint(engine, out, dist.rank, dist.world_size, frozen=run.frozen,
@@ -637,7 +672,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     devices = all_gather_object(provenance.device_name(dist.device))
     if run.is_main:
-        segment = provenance.provenance(cfg, dist.world_size, devices)
+        segment = provenance.provenance(cfg, dist.world_size, devices, init)
         earlier = (ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("provenance")
                    if resume and tag else None)
         run.provenance = provenance.with_resumed(earlier, segment, run.step) if resume else [segment]
