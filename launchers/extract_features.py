@@ -178,6 +178,26 @@ def synthetic_jobs(args, cfg):
     return jobs
 
 
+def image_file(source, image_id: str):
+    """The file an image folder (or the first of several, ``FirstOf``, holding it) reads ``image_id`` from; None
+    for another kind of source."""
+    sources = getattr(source, "sources", [source])
+    found = next((s for s in sources if image_id in s), None)
+    return found.path(image_id) if hasattr(found, "path") else None
+
+
+def other_image(first, source, image_id: str):
+    """``(file, other file)`` where ``source`` reads ``image_id`` from another image than ``first`` (the source
+    that named it first) does, else None: the cache keys features by image id alone."""
+    import filecmp
+    import os
+
+    a, b = image_file(first, image_id), image_file(source, image_id)
+    if a is None or b is None or os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False):
+        return None
+    return a, b
+
+
 def real_jobs(cfg, video_flag: bool = False):
     """([(source, ids, video)], notes) for --real: each task's and split's images (video tasks: videos), from the
     source training reads them from without a cache (``model.feature_source=images``, ``data.feature_cache``
@@ -193,7 +213,7 @@ def real_jobs(cfg, video_flag: bool = False):
     video = any(get_task(t).modality == "video" for t in cfg.data.tasks)  # a config holds one kind
     if video_flag and not video:
         raise DataError(f"--video, but data.tasks={cfg.data.tasks} are image tasks")
-    jobs, notes, seen = [], [], {}  # seen: id -> (task, source root) it is extracted from
+    jobs, notes, seen = [], [], {}  # seen: id -> (task, source root, source) it is extracted from
     for task in cfg.data.tasks:
         for split in SPLITS:
             try:
@@ -210,11 +230,21 @@ def real_jobs(cfg, video_flag: bool = False):
             # source: said where this task's own source is another folder (its frames or features not used)
             elsewhere = [seen[i] for i in named if i in seen and video and seen[i][1] != root]
             if elsewhere:
-                first = sorted({t for t, _ in elsewhere})
+                first = sorted({t for t, _, _ in elsewhere})
                 notes.append(f"{task}/{split}: {len(elsewhere)} video(s) also named by {', '.join(first)} are stored "
-                             f"once, from {', '.join(sorted({str(r) for _, r in elsewhere}))}, not from {root}; "
+                             f"once, from {', '.join(sorted({str(r) for _, r, _ in elsewhere}))}, not from {root}; "
                              f"training from this cache reads those for {task} too")
-            seen.update((i, (task, root)) for i in ids)
+            # an image id two tasks read from two different images (a custom task's own images, under ids of a
+            # built-in's): one would stand for the other in the cache
+            clash = next(((i, seen[i][0], files) for i in named if i in seen and not video and seen[i][2] is not source
+                          for files in [other_image(seen[i][2], source, i)] if files), None)
+            if clash:
+                i, first, (a, b) = clash
+                raise DataError(f"--real: image id {i!r} names {a} for {first} and another image, {b}, for "
+                                f"{task}/{split}; the feature cache keys features by image id alone, so one would "
+                                f"stand for the other: give {task}'s images ids of their own (file names and its "
+                                f"annotations), or link its images folder to {first}'s where they are the same images")
+            seen.update((i, (task, root, source)) for i in ids)
             if ids and getattr(source, "kind", None) == "features":  # precomputed frame features: copied whole
                 from vlscale.data.video import VideoFeatureFolder
 

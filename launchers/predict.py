@@ -40,8 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--adapter", required=True, type=os.path.expanduser,  # --adapter=~/x: no shell expands it there
                    help="an adapter/ directory written by launchers/train.py")
-    p.add_argument("--task", required=True, help="vqa, gqa, nlvr2, caption, tvqa, how2qa, tvc or yc2c (one the "
-                                                 "adapter was trained on)")
+    p.add_argument("--task", required=True, help="vqa, gqa, nlvr2, caption, tvqa, how2qa, tvc, yc2c or a custom task "
+                                                 "(one the adapter was trained on)")
     p.add_argument("--image", action="append", default=[], metavar="FILE", type=os.path.expanduser,
                    help="an image file (any format PIL reads); nlvr2: give it twice, left then right")
     p.add_argument("--video", metavar="PATH", type=os.path.expanduser,
@@ -68,12 +68,12 @@ def read_inputs(args, cfg):
     """The image arrays, or the video (frames or features), the command line names; refused in one line naming
     the flag before the model is built."""
     from vlscale.data.features import model_feature_dim
-    from vlscale.data.tasks import TASKS
+    from vlscale.data.tasks import get_task, is_task
     from vlscale.predict import check_request, read_image, read_video
 
-    if args.task not in TASKS:  # its line, not the flags' below: a video task's typo is no image task
+    if not is_task(args.task):  # its line, not the flags' below: a video task's typo is no image task
         check_request(cfg.data.tasks, args.task, len(args.image), args.text)
-    video = TASKS[args.task].modality == "video"
+    video = get_task(args.task).modality == "video"
     if video and (args.image or not args.video):
         raise ValueError(f"task {args.task!r} is a video task: give the video as --video (a folder of frame images "
                          f"or a frame-features file){', not --image' if args.image else ''}")

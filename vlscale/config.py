@@ -109,12 +109,16 @@ def missing_source(source: str) -> bool:
     return not os.path.exists(source) and (not is_hub_id(source) or bool(owner_here(source)))
 
 
+MAPPING_SETTINGS = ("hf_columns", "custom_tasks")
+"""The settings whose value is a mapping (``data.hf_columns``, ``data.custom_tasks``): one setting each."""
+
+
 def flat_settings(d: dict, prefix: str = "") -> dict:
-    """A config dict as ``{"train.max_steps": 300, ...}`` (``data.hf_columns`` kept whole: a mapping value)."""
+    """A config dict as ``{"train.max_steps": 300, ...}`` (:data:`MAPPING_SETTINGS` kept whole: a mapping value)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(flat_settings(v, key + ".") if isinstance(v, dict) and k != "hf_columns" else {key: v})
+        out.update(flat_settings(v, key + ".") if isinstance(v, dict) and k not in MAPPING_SETTINGS else {key: v})
     return out
 
 
@@ -466,7 +470,14 @@ class DataConfig:
     """Tasks, where their data comes from, and how batches are drawn."""
 
     tasks: list[str] = field(default_factory=lambda: list(IMAGE_TASKS))
-    """Tasks trained together: image tasks (vqa, gqa, nlvr2, caption) or video tasks (tvqa, how2qa, tvc, yc2c)."""
+    """Tasks trained together: image tasks (vqa, gqa, nlvr2, caption) or video tasks (tvqa, how2qa, tvc, yc2c),
+    and the custom tasks of ``custom_tasks``."""
+    custom_tasks: dict = field(default_factory=dict)
+    """Tasks of your own in a built-in task's format, trained beside the built-in ones (name them in ``tasks``):
+    ``{okvqa: {like: vqa, prefix: "okvqa:"}}`` reads ``root/okvqa/`` with VQA's file names (its images in
+    ``root/okvqa/images/``) and is trained, evaluated and scored as VQA is, as a task of its own (its own per-task
+    modules, prefix, scores). ``like``: a built-in task; ``prefix``: the text put before its inputs (default
+    ``"<name>:"``). Needs source=real with ``root`` (docs/datasets.md, "Your own task")."""
     source: str = "synthetic"
     """``synthetic`` (the embedded world, no download) or ``real`` (files under ``root``)."""
     root: Optional[str] = None
@@ -490,10 +501,10 @@ class DataConfig:
     max_target_length: int = 20
     """Target tokens per example (end-of-sequence included); longer targets are cut and counted."""
     vqa_targets: str = "best"
-    """VQA training targets: ``best``, the highest-scoring answer of each question's soft ``label`` at full
-    weight; ``sampled``, as VL-T5 / VL-Adapter train VQA: each time a question is drawn, one answer drawn in
-    proportion to its score, the example's loss multiplied by that score (no scored answer: weight 0).
-    Needs ``train.loss_reduction=example``. Questions without a ``label`` (the synthetic world's) keep
+    """VQA training targets (and those of custom tasks like vqa): ``best``, the highest-scoring answer of each
+    question's soft ``label`` at full weight; ``sampled``, as VL-T5 / VL-Adapter train VQA: each time a question is
+    drawn, one answer drawn in proportion to its score, the example's loss multiplied by that score (no scored answer:
+    weight 0). Needs ``train.loss_reduction=example``. Questions without a ``label`` (the synthetic world's) keep
     their target at weight 1."""
     skip_bad_records: bool = False
     """Skip malformed records (counted and reported) instead of failing."""
@@ -503,10 +514,15 @@ class DataConfig:
     """Column mapping for hf_dataset, e.g. {image: img, question: q, answer: a}."""
 
     def __post_init__(self):
+        if not isinstance(self.custom_tasks, dict):
+            raise ConfigError(f"data.custom_tasks={self.custom_tasks!r} must be a mapping (task name: {{like: ...}})")
         if not self.tasks:
             raise ConfigError("data.tasks is empty; name at least one of " + str(list(ALL_TASKS)))
         for t in self.tasks:
-            _check_choice("data", "tasks", t, ALL_TASKS)
+            if t not in ALL_TASKS + tuple(self.custom_tasks):
+                raise ConfigError(f"data.tasks={t!r} is not valid; choose one of {list(ALL_TASKS)}, or of the custom "
+                                  f"tasks declared in data.custom_tasks ({list(self.custom_tasks) or 'none'}; "
+                                  "docs/datasets.md, 'Your own task')")
         repeated = [t for i, t in enumerate(self.tasks) if t in self.tasks[:i]]
         if repeated:
             raise ConfigError(f"data.tasks={self.tasks} names {repeated[0]!r} twice; list each task once")
@@ -516,6 +532,8 @@ class DataConfig:
                 if getattr(self, name):
                     raise ConfigError(f"data.{name}={getattr(self, name)!r} is ignored with data.source=synthetic "
                                       f"(the embedded world); set data.source=real to train on it, or data.{name}=null")
+        if self.custom_tasks:
+            self._declare_custom_tasks()
         if self.hf_columns and not self.hf_dataset:
             raise ConfigError(f"data.hf_columns={self.hf_columns!r} is read only with data.hf_dataset (the columns of an "
                               f"HF dataset), which is not set; set data.hf_dataset, or data.hf_columns={{}}")
@@ -534,6 +552,38 @@ class DataConfig:
         if self.source == "synthetic" and self.image_size < SYNTHETIC_MIN_IMAGE_SIZE:
             raise ConfigError(f"data.image_size={self.image_size} is too small for the synthetic world: set an "
                               f"integer >= {SYNTHETIC_MIN_IMAGE_SIZE} (default 64)")
+
+    def _declare_custom_tasks(self) -> None:
+        """Check ``custom_tasks`` and make them known to ``vlscale.data.tasks.get_task`` in this process (its
+        docstring says why there)."""
+        names = list(self.custom_tasks)
+        if self.source == "synthetic":
+            raise ConfigError(f"data.custom_tasks declares {names}, but data.source=synthetic: the synthetic world "
+                              "generates its own tasks only and cannot generate a custom task; set data.source=real "
+                              "and data.root=DIR, or data.custom_tasks={}")
+        if self.hf_dataset:
+            raise ConfigError(f"data.custom_tasks declares {names}, which read files under data.root; "
+                              f"data.hf_dataset={self.hf_dataset!r} is one dataset read for the built-in tasks: "
+                              "drop one of the two")
+        from vlscale.data.tasks import declare_custom_tasks
+
+        try:
+            declare_custom_tasks(self.custom_tasks)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def format_of(self, task: str) -> str:
+        """The built-in task whose format ``task`` has: itself, or a custom task's ``like`` (its spec's ``format``;
+        imported only then, keeping this module's import light)."""
+        if task not in self.custom_tasks:
+            return task
+        from vlscale.data.tasks import get_task
+
+        return get_task(task).format
+
+    def is_video(self) -> bool:
+        """Whether the run's tasks are video tasks (a run holds one kind)."""
+        return self.format_of(self.tasks[0]) in VIDEO_TASKS
 
     def check_source(self) -> None:
         """data.source=real needs data.root or data.hf_dataset. Checked when a run's config is loaded
@@ -676,7 +726,7 @@ class RunConfig:
         if self.train.peft_lr is not None and self.peft.method == "none" and not self.peft.extra_prompts:
             raise ConfigError(f"train.peft_lr={self.train.peft_lr!r} sets the learning rate of the PEFT weights, and "
                               "peft.method=none adds none (nor peft.extra_prompts): drop train.peft_lr, or set train.lr")
-        video = [t for t in self.data.tasks if t in VIDEO_TASKS]
+        video = [t for t in self.data.tasks if self.data.format_of(t) in VIDEO_TASKS]
         if video and len(video) != len(self.data.tasks):
             raise ConfigError(f"data.tasks={self.data.tasks} mixes image and video tasks; train them separately")
         if self.data.vqa_targets == "sampled" and self.train.loss_reduction != "example":
@@ -727,14 +777,14 @@ class RunConfig:
                for k in ("lora_rank", "lora_alpha", "lora_dropout")},
             **{f"peft.{k}": (prompts, "peft.method=prompt or peft.extra_prompts=true", method + ", no extra_prompts")
                for k in ("n_prompts", "prompt_hidden_dim")},
-            "model.max_frames": (d.tasks[0] in VIDEO_TASKS, "video tasks", f"data.tasks={d.tasks}"),
+            "model.max_frames": (d.is_video(), "video tasks", f"data.tasks={d.tasks}"),
             **{f"data.{k}": (d.source == "synthetic", "data.source=synthetic", f"data.source={d.source}")
                for k in ("synthetic_train", "synthetic_eval", "synthetic_seed", "image_size")},
         }
 
     def _pool_size_unread(self) -> Optional[str]:
         """Why ``model.pool_size`` does not give pool_size x pool_size visual tokens in this run, or None."""
-        if self.data.tasks[0] in VIDEO_TASKS:
+        if self.data.is_video():
             return "has no effect: video tasks take model.max_frames frame features"
         if self.model.vision.startswith(CLIP_SCHEMAS):  # hf-hub: / local-dir: models: their grid is known once
             return None  # built (looking their config up here went to the hub, and raised offline)

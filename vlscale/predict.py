@@ -209,11 +209,11 @@ def check_request(tasks: Sequence[str], task: str, n_images: int, text: str,
     question, a caption with text (the run's captions are the prefix alone, a video's its subtitle); video QA
     (tvqa, how2qa) without its answer options (at least two, as the data's a0, a1, ...), options or a subtitle
     for a task whose inputs have none. ``n_images`` is not checked for a video task (one video per input)."""
-    from vlscale.data.tasks import TASKS
+    from vlscale.data.tasks import get_task, is_task
 
-    if task not in TASKS:
+    if not is_task(task):
         raise ValueError(f"unknown task {task!r}; this adapter was trained on {list(tasks)}")
-    spec = TASKS[task]
+    spec = get_task(task)
     if isinstance(options, str) and options:  # read one character per option ("": none, as [] is)
         raise ValueError(f"task {task!r}: options are a list of the answer options' texts, got one string {options!r}")
     if task not in tasks:
@@ -368,7 +368,7 @@ class Predictor:
         ``options`` its answer options and ``subtitle`` the video's subtitle text (lists of them with a list of
         strings). The answer is the prediction evaluation records (video QA: the option's name, "a2", when the
         model names one: :func:`chosen_option` gives its text)."""
-        from vlscale.data.tasks import TASKS
+        from vlscale.data.tasks import get_task, is_task
 
         single = isinstance(text, str)
         if not single and not isinstance(text, Iterable):  # a list, a tuple, an array of strings (pandas' .values)
@@ -380,7 +380,7 @@ class Predictor:
         if wrong:
             i, t = wrong[0]
             raise TypeError(f"text[{i}] must be a string (the question; '' for a caption), got {t!r}")
-        video = task in TASKS and TASKS[task].modality == "video"
+        video = is_task(task) and get_task(task).modality == "video"
         if not single and (isinstance(images, (str, Path)) or hasattr(images, "convert") or
                            len(getattr(images, "shape", ())) == (2 if video else 3)):  # one input's, not a list
             raise ValueError(f"{n} texts take a list of {n} image inputs (images[i]: the i-th text's), got one "

@@ -482,7 +482,8 @@ def paper_claims(table: Table, results: dict) -> list[dict]:
 
 def markdown_table(table: Table, results: dict, notes: Sequence[str] = ()) -> str:
     """The table as Markdown: method, updated params %, per-task scores, average."""
-    tasks = [t for t in TASKS if any(t in r["scores"] for r in results.values())]
+    scored = list(dict.fromkeys(t for r in results.values() for t in r["scores"]))
+    tasks = [t for t in TASKS if t in scored] + [t for t in scored if t not in TASKS]  # custom tasks after the paper's
     head = ["Method", "Updated params (%)"] + [TASK_HEADERS.get(t, t) for t in tasks] + ["Avg"]
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]

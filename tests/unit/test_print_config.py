@@ -126,3 +126,20 @@ def test_a_reader_that_stops_early_is_no_traceback(launcher, monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", Closed())
     assert launcher("train").main(["--print-config", "--config", "tiny"]) == 0
+
+
+def test_custom_tasks_print_as_one_mapping_setting_and_load_back(launcher, capsys, tmp_path):
+    """data.custom_tasks, declared in a file and added to by an override, prints as one mapping setting that
+    --config reads back as the same run."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"base: tiny\ndata:\n  source: real\n  root: {tmp_path}\n  tasks: [vqa, okvqa, flickr]\n"
+                    "  custom_tasks:\n    okvqa: {like: vqa, prefix: 'ok vqa:'}\n")
+    args = ["--config", str(mine), "data.custom_tasks.flickr={like: caption}"]
+    code, out, _ = _print_config(launcher, capsys, args)
+    assert code == 0
+    assert "  custom_tasks: {flickr: {like: caption}, okvqa: {like: vqa, prefix: 'ok vqa:'}}  # mapping, default {}, " \
+           "set by override" in out.splitlines()
+    (tmp_path / "printed.yaml").write_text(out)
+    printed = load_config(str(tmp_path / "printed.yaml"))
+    assert printed == load_config(args[1], args[2:])
+    assert printed.data.custom_tasks == {"okvqa": {"like": "vqa", "prefix": "ok vqa:"}, "flickr": {"like": "caption"}}

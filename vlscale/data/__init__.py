@@ -72,7 +72,7 @@ def check_split_found(cfg, tasks, split: str) -> None:
             problems[task] = str(e)
             continue
         try:
-            if task == "caption":
+            if get_task(task).format == "caption":
                 karpathy_split(path, split)
         except DataError as e:
             problems[task] = str(e)
@@ -226,13 +226,13 @@ def sampled_vqa_targets(examples, seed: int, step: int, copies: Optional[list[in
     return out, weights
 
 
-def _warn_unlabeled_vqa(examples) -> None:
+def _warn_unlabeled_vqa(task: str, examples) -> None:
     """Real VQA training examples without a soft ``label`` (a ``data.hf_dataset``'s rows carry none) train
     on their one target at weight 1 under ``data.vqa_targets=sampled``: said once, not silently."""
     unlabeled = sum(1 for e in examples if e.extra.get("label") is None)
     if unlabeled:
         where = getattr(examples, "source", None)
-        logger.warning(f"data.vqa_targets=sampled: {unlabeled} of {len(examples)} vqa training examples"
+        logger.warning(f"data.vqa_targets=sampled: {unlabeled} of {len(examples)} {task} training examples"
                        f"{' (' + str(where) + ')' if where else ''} have no soft 'label' (VL-T5's VQA files do; "
                        "data.hf_dataset rows without an answers column do not), so they train on their target at weight 1, as "
                        "data.vqa_targets=best does")
@@ -262,13 +262,15 @@ class TrainLoader:
             self.examples[t] = check_visual_ids(cfg, t, "train", ex, self.sources[t])
             if not self.examples[t]:
                 raise _no_examples(cfg, t, "train", self.examples[t], len(ex))
-        if cfg.data.vqa_targets == "sampled" and "vqa" in self.examples:
+        vqa_like = [t for t in cfg.data.tasks if get_task(t).format == "vqa"]
+        if cfg.data.vqa_targets == "sampled" and vqa_like:
             if cfg.data.source == "synthetic":  # no warning: nothing is lost, but said
                 logger.info("data.vqa_targets=sampled: the synthetic world's questions carry no soft 'label' (their "
                             "target is the majority of their 10 annotators' answers), so training draws that target "
                             "at weight 1, as data.vqa_targets=best does")
             else:
-                _warn_unlabeled_vqa(self.examples["vqa"])
+                for t in vqa_like:
+                    _warn_unlabeled_vqa(t, self.examples[t])
         self.collator = Collator(tokenizer, cfg, vision_transform)
         self.sampler = MultitaskSampler({t: len(ex) for t, ex in self.examples.items()},
                                         global_batch_size(cfg, world_size), seed=cfg.train.seed,
@@ -290,7 +292,7 @@ class TrainLoader:
         task, parts = self._current
         examples = [self.examples[task][i] for i, _ in parts[self._micro_index]]
         weights = None
-        if task == "vqa" and self.cfg.data.vqa_targets == "sampled":
+        if get_task(task).format == "vqa" and self.cfg.data.vqa_targets == "sampled":
             examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, self.step,
                                                     [copy for _, copy in parts[self._micro_index]])
         batch = self.collator(examples, fetch_visuals(self.sources[task], examples))

@@ -17,6 +17,8 @@ test-dev/test-std questions; another name is used as the file stem, e.g. ``split
     root/<video task>/{train,val,test}.jsonl       VALUE annotations (or <task>_<split>[_release].jsonl)
     root/<video task>/subtitles.jsonl              subtitles (or tv_/how2_/yc2_subtitles.jsonl)
     root/<video task>/features/<vid_name>.npy      per-video frame features, L x D (.npz, .safetensors too)
+    root/<custom task>/...                         a custom task (data.custom_tasks): its ``like``'s files, by the
+                                                   same names, in its own folder (images in its images/)
 
 Images go through ``vlscale.data.visual.ImageFolder``; with ``model.feature_source=cache`` (or,
 for video, ``data.feature_cache`` set) features come from ``vlscale.data.features.FeatureCache``.
@@ -342,6 +344,12 @@ def only_one(paths: list, what: str) -> Optional[Path]:
     return found[0] if found else None
 
 
+def task_folders(task: str) -> tuple:
+    """The folder names ``task``'s files may be in under data.root: a built-in image task's (:data:`FOLDERS`), or
+    the task's own name (a video task, a custom task)."""
+    return FOLDERS.get(task, (task,))
+
+
 def dataset_dir(root: Path, names: tuple) -> Path:
     """The one of ``root/<name>`` that exists (else the first, for the error message); two are refused."""
     found = only_one([root / name for name in names if (root / name).is_dir()], f"the {names[0]} data folder")
@@ -362,15 +370,16 @@ def video_annotation_candidates(task: str, split: str) -> list[str]:
 
 def annotation_path(cfg, task: str, split: str) -> Path:
     """The annotation file of ``task``/``split`` under ``data.root`` (must exist)."""
-    get_task(task)
+    fmt = get_task(task).format
     _check_split(split)
     root = _root(cfg)
-    if task in ANNOTATIONS:
-        name = ANNOTATIONS[task].get(split, f"{split}.json")
-        return require_file(dataset_dir(root, FOLDERS[task]) / name, f"{task} {split} annotations")
-    if task == "caption":
-        return require_file(dataset_dir(root, FOLDERS[task]) / "dataset_coco.json", "COCO Karpathy captions")
-    candidates = [root / task / n for n in video_annotation_candidates(task, split)]
+    if fmt in ANNOTATIONS:
+        name = ANNOTATIONS[fmt].get(split, f"{split}.json")
+        return require_file(dataset_dir(root, task_folders(task)) / name, f"{task} {split} annotations")
+    if fmt == "caption":
+        what = "COCO Karpathy captions" if task == fmt else f"{task} captions (COCO's Karpathy format)"
+        return require_file(dataset_dir(root, task_folders(task)) / "dataset_coco.json", what)
+    candidates = [root / task / n for n in video_annotation_candidates(fmt, split)]  # a custom task: its format's
     found = only_one([p for p in candidates if p.is_file()], f"{task} {split} annotations")
     if found is not None:
         return found
@@ -382,15 +391,15 @@ _WARNED_NO_SUBTITLES: set = set()
 
 
 def subtitle_path(cfg, task: str) -> Optional[Path]:
-    root = _root(cfg)
-    found = only_one([root / task / n for n in ("subtitles.jsonl", SUBTITLE_FILES[task]) if (root / task / n).is_file()],
+    root, other = _root(cfg), SUBTITLE_FILES[get_task(task).format]
+    found = only_one([root / task / n for n in ("subtitles.jsonl", other) if (root / task / n).is_file()],
                      f"{task} subtitles")
     if found is not None:
         return found
     if (root, task) not in _WARNED_NO_SUBTITLES:
         _WARNED_NO_SUBTITLES.add((root, task))
         logger.warning(f"{task}: no subtitles file ({root / task / 'subtitles.jsonl'} or "
-                       f"{SUBTITLE_FILES[task]}); inputs will have no subtitle text")
+                       f"{other}); inputs will have no subtitle text")
     return None
 
 
@@ -400,7 +409,7 @@ def load_real_examples(cfg, task: str, split: str, require_answers: bool = True)
     """Examples of ``task``/``split`` from the real data the config names (files or an HF dataset).
     ``require_answers=False`` (``evaluate.py --predict-only`` only): records without answers are read too
     (:meth:`Record.answers`; an HF dataset's rows with empty answer cells too)."""
-    get_task(task)  # unknown task -> KeyError listing the known ones
+    spec = get_task(task)  # unknown task -> KeyError listing the known ones
     _check_split(split)
     skip, need = cfg.data.skip_bad_records, require_answers
     if cfg.data.hf_dataset:
@@ -408,29 +417,34 @@ def load_real_examples(cfg, task: str, split: str, require_answers: bool = True)
 
         return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns, skip, need)[0]
     path = annotation_path(cfg, task, split)
-    if task == "vqa":
+    if spec.format == "vqa":
         from vlscale.data.vqa import load_vqa
 
-        return load_vqa(path, skip, need)
-    if task == "gqa":
+        examples = load_vqa(path, skip, need)
+    elif spec.format == "gqa":
         from vlscale.data.gqa import load_gqa
 
-        return load_gqa(path, skip, need)
-    if task == "nlvr2":
+        examples = load_gqa(path, skip, need)
+    elif spec.format == "nlvr2":
         from vlscale.data.nlvr2 import load_nlvr2
 
-        return load_nlvr2(path, skip, need)
-    if task == "caption":
+        examples = load_nlvr2(path, skip, need)
+    elif spec.format == "caption":
         from vlscale.data.caption import load_coco_karpathy
 
-        return load_coco_karpathy(path, split, skip, need)
-    from vlscale.data import video
+        examples = load_coco_karpathy(path, split, skip, need)
+    else:
+        from vlscale.data import video
 
-    subs = subtitle_path(cfg, task)
-    subtitles = video.load_subtitles(subs, skip) if subs else {}
-    if get_task(task).target == "choice":
-        return video.load_video_qa(task, path, subtitles, skip, need)
-    return video.load_video_captions(task, path, split, subtitles, skip, need)
+        subs = subtitle_path(cfg, task)
+        subtitles = video.load_subtitles(subs, skip) if subs else {}
+        if spec.target == "choice":
+            examples = video.load_video_qa(task, path, subtitles, skip, need)
+        else:
+            examples = video.load_video_captions(task, path, split, subtitles, skip, need)
+    for e in examples:  # a custom task's records, read by its format's loader, are its own examples
+        e.task = task
+    return examples
 
 
 def hf_row_source(cfg) -> Optional[str]:
@@ -494,8 +508,8 @@ def real_visual_source(cfg, task: str, split: str):
         # every row's images, answered or not (which rows are examples is load_real_examples' call)
         return load_hf_examples(task, cfg.data.hf_dataset, split, cfg.data.hf_columns,
                                 cfg.data.skip_bad_records, require_answers=False)[1]
-    names, pattern, subfolders = IMAGE_FOLDERS[task]
-    path = dataset_dir(_root(cfg), names) / "images"
+    names, pattern, subfolders = IMAGE_FOLDERS[spec.format]
+    path = dataset_dir(_root(cfg), names if task == spec.format else task_folders(task)) / "images"
     if not path.is_dir():
         raise DataFileNotFound(f"{task}: image folder {path} does not exist; layout: docs/datasets.md")
     from vlscale.data.visual import ImageFolder

@@ -22,11 +22,24 @@ turns examples into a batch dict (``vlscale.data.collate`` has the full layout):
     }
 
 The model pools grids and computes visual positions itself (no boxes in the batch).
+
+Custom tasks. A run may add tasks of its own in a built-in task's format (``data.custom_tasks`` in the run config,
+e.g. ``okvqa: {like: vqa}``): :func:`custom_task` makes the new task's spec, the built-in's with the new name and
+prefix, and ``format`` naming the built-in, whose loader, file names, evaluation and submission format every
+other module picks by ``get_task(name).format`` (never by the task's name). :func:`get_task` is the one place a
+name becomes a spec, for built-in and custom tasks alike. The run config's validation (``DataConfig``) declares its
+custom tasks here (:func:`declare_custom_tasks`), so the config need not be passed to the 60-odd callers: every
+process that reads a run's config (each rank of training, ``evaluate.py`` and ``predict.py`` from the adapter's
+``adapter_config.json``, ``replicate.py``'s rows) builds a ``RunConfig`` before it looks a task up. Declarations
+add up in a process (a later one of the same name replaces the earlier): a config loaded later that does not
+declare a name cannot drop it from under a run, and the config's own validation, not this registry, decides which
+names its ``data.tasks`` may hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 
@@ -45,6 +58,13 @@ class TaskSpec:
     (where the targets' tokenisations part) has the highest logit after one decoder step, as VL-T5 /
     VL-Adapter score NLVR2 (``true_logit > false_logit``). Listed so that a tie picks the reference's
     answer (argmax takes the first maximum; the reference says "false" on a tie)."""
+    format: str = ""
+    """The built-in task whose files, loader, evaluation and submission format this task uses: its own name for a
+    built-in (filled in), the ``like`` of a custom task."""
+
+    def __post_init__(self):
+        if not self.format:
+            object.__setattr__(self, "format", self.name)
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -66,11 +86,64 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+_CUSTOM: dict[str, TaskSpec] = {}
+"""The custom tasks declared in this process (:func:`declare_custom_tasks`)."""
+CUSTOM_KEYS = ("like", "prefix")
+"""What a custom task's declaration may set; everything else is its ``like``'s."""
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+"""A task name: a folder name under data.root and a part of parameter names (no dots, no path separators)."""
+
+
 def get_task(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+    """The spec of a built-in task or of a custom task a run config declared in this process."""
+    spec = TASKS.get(name) or _CUSTOM.get(name)
+    if spec is None:
+        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}"
+                       + (f", declared custom tasks: {sorted(_CUSTOM)}" if _CUSTOM else ""))
+    return spec
+
+
+def is_task(name) -> bool:
+    """Whether ``name`` is a built-in task or a custom task declared in this process."""
+    return isinstance(name, str) and (name in TASKS or name in _CUSTOM)
+
+
+def custom_task(name: str, declaration, declared=()) -> TaskSpec:
+    """The spec of custom task ``name`` declared as ``declaration`` (``{like: BUILTIN, prefix: "..."}``, prefix
+    defaulting to ``"<name>:"``): its ``like``'s spec under the new name and prefix; ``declared``: the names of the
+    custom tasks declared beside it (not a ``like``). Raises ValueError naming
+    ``data.custom_tasks.<name>`` and the value at fault."""
+    key = f"data.custom_tasks.{name}"
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name == "shared":
+        raise ValueError(f"data.custom_tasks: task name {name!r} is not usable: letters, digits, '_' and '-' "
+                         "(a folder under data.root and a part of parameter names; no dots), not 'shared'")
+    if name in TASKS:
+        raise ValueError(f"{key}: {name!r} is a built-in task; give the new task a name of its own "
+                         f"(built-in tasks: {sorted(TASKS)})")
+    if not isinstance(declaration, dict):
+        raise ValueError(f"{key}={declaration!r} must be a mapping, e.g. {{like: vqa, prefix: '{name}:'}}")
+    unknown = [k for k in declaration if k not in CUSTOM_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {key}.{unknown[0]}; valid keys: {list(CUSTOM_KEYS)}")
+    like = declaration.get("like")
+    if like is None:
+        raise ValueError(f"{key} needs 'like': the built-in task whose format it has, one of {list(TASKS)}")
+    if like not in TASKS:
+        why = " but a custom task: a custom task reads the files of a built-in one" \
+            if isinstance(like, str) and (like in declared or like in _CUSTOM) else ""
+        raise ValueError(f"{key}.like={like!r} is not a built-in task{why}; choose one of {list(TASKS)}")
+    prefix = declaration.get("prefix", f"{name}:")
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise ValueError(f"{key}.prefix={prefix!r} must be a non-empty string (default '{name}:')")
+    return replace(TASKS[like], name=name, prefix=prefix, format=like)
+
+
+def declare_custom_tasks(declarations: dict) -> dict[str, TaskSpec]:
+    """Check ``data.custom_tasks``' ``declarations`` and make them known to :func:`get_task` in this process
+    (replacing an earlier declaration of the same name); -> their specs."""
+    specs = {name: custom_task(name, d, declarations) for name, d in (declarations or {}).items()}
+    _CUSTOM.update(specs)
+    return specs
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from vlscale.data.tasks import get_task
+from vlscale.data.tasks import get_task, is_task
 from vlscale.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def score_records(task: str, records: list[dict], java_metrics: bool = False, ex
     if not records:
         raise ValueError(f"no {task} examples were evaluated")
     types = {str(e.uid): e.extra["answer_type"] for e in examples if "answer_type" in e.extra} \
-        if task == "vqa" else None
+        if get_task(task).format == "vqa" else None
     return score_task(task, preds, refs, groups=groups, java_metrics=java_metrics, answer_types=types or None)
 
 
@@ -227,7 +227,8 @@ SUBMISSION_FILES = {"vqa": "vqa.json", "gqa": "gqa.json", "nlvr2": "nlvr2.csv", 
                     "tvqa": "tvqa/tvqa_{split}_predictions.json", "how2qa": "how2qa/how2qa_{split}_predictions.json",
                     "tvc": "tvc/tvc_{split}_predictions.jsonl", "yc2c": "yc2c/yc2c_{split}_predictions.jsonl"}
 """Each task's submission file under ``submission/``: the image tasks' leaderboards take one file each; VALUE (the
-video tasks) takes one zip of ``<task>/<task>_<split>_predictions.json[l]`` for val and test together."""
+video tasks) takes one zip of ``<task>/<task>_<split>_predictions.json[l]`` for val and test together. A custom task
+writes its format's file under its own name (an OK-VQA like vqa: ``okvqa.json``)."""
 VALUE_SPLITS = {"test": {"how2qa": "test_public"}}
 """A split's name in VALUE's file names where it differs from ours (VALUE's scorer: How2QA's test is
 ``test_public``, the other three tasks' is ``test``); a split not listed keeps its own name."""
@@ -300,9 +301,10 @@ def _hf_row_uids(split: str) -> re.Pattern:
 def _warn_non_numeric_ids(task: str, ids: list, split: str) -> None:
     """Log a warning when ``task``'s submission holds ids (as written) that its leaderboard cannot read as
     integers; with a hint where they are an HF dataset's row ids (``<split>-<row>``, no ``data.hf_columns.id``)."""
-    if task not in NUMERIC_IDS:
+    fmt = get_task(task).format
+    if fmt not in NUMERIC_IDS:
         return
-    key, reader = NUMERIC_IDS[task]
+    key, reader = NUMERIC_IDS[fmt]
     bad = [i for i in ids if not isinstance(_number_or_text(str(i)), int)]
     if bad:
         rows = _hf_row_uids(split)
@@ -328,45 +330,48 @@ def write_submission(directory, task: str, records: list[dict], examples, split:
     - tvc, yc2c (VALUE): one JSON line per clip, ``{"vid_name", "clip_id", "ts", "descs": [{"desc"}]}`` for TVC,
       ``{"video_id", "clip_id", "descs": [{"desc"}]}`` for YC2C (VALUE's sample files)
 
-    ``split`` names the video tasks' files (VALUE's name for it: :data:`VALUE_SPLITS`)."""
-    name = SUBMISSION_FILES.get(task)
+    ``split`` names the video tasks' files (VALUE's name for it: :data:`VALUE_SPLITS`). A custom task is written as
+    its format (``get_task(task).format``) is, in a file named after it."""
+    fmt = get_task(task).format if is_task(task) else task
+    name = SUBMISSION_FILES.get(fmt)
     if name is None:
         return None
+    name = name.replace(fmt, task)
     by_uid = {str(e.uid): e for e in examples}
     missing = [r["uid"] for r in records if r["uid"] not in by_uid]
     if missing:
         raise ValueError(f"{task} submission: predictions for uids the split does not hold: first {missing[:3]}")
     rows = [(by_uid[r["uid"]], r["prediction"]) for r in records]
-    name = name.format(split=VALUE_SPLITS.get(split, {}).get(task, split))
-    if task == "nlvr2":
+    name = name.format(split=VALUE_SPLITS.get(split, {}).get(fmt, split))
+    if fmt == "nlvr2":
         text = "".join(f"{e.extra.get('identifier', e.uid)},{'True' if p == 'true' else 'False'}\n" for e, p in rows)
         ids: list = []  # identifiers are strings there
-    elif task in ("tvqa", "how2qa"):
+    elif fmt in ("tvqa", "how2qa"):
         picked = {str(e.uid): option_index(p, e.extra["candidates"]) for e, p in rows}
         unnamed = [uid for uid, k in picked.items() if k is None]
         if unnamed:
             logger.warning(f"{task} submission: {len(unnamed)} of {len(rows)} predictions name no option "
                            f"(first qids {unnamed[:3]}); written as option 0, as VL-Adapter's reference does")
         text, ids = json.dumps({uid: k or 0 for uid, k in picked.items()}), list(picked)
-    elif task in ("tvc", "yc2c"):
+    elif fmt in ("tvc", "yc2c"):
         def line(e, p):
             clip = _number_or_text(str(e.extra.get("clip_id", e.uid)))
-            if task == "tvc":
+            if fmt == "tvc":
                 return {"vid_name": e.image_ids[0], "clip_id": clip, "ts": e.extra.get("ts"), "descs": [{"desc": p}]}
             return {"video_id": e.image_ids[0], "clip_id": clip, "descs": [{"desc": p}]}
         lines = [line(e, p) for e, p in rows]
         text, ids = "".join(json.dumps(c) + "\n" for c in lines), [c["clip_id"] for c in lines]
     else:
-        if task == "vqa":
+        if fmt == "vqa":
             entries = [{"question_id": _number_or_text(str(e.uid)), "answer": p} for e, p in rows]
-        elif task == "gqa":
+        elif fmt == "gqa":
             entries = [{"questionId": str(e.uid), "prediction": p} for e, p in rows]
         else:  # an HF row's uid ends in its row number, no image's id: written whole, and warned of
             row = _hf_row_uids(split)
             entries = [{"image_id": e.extra["cocoid"] if isinstance(e.extra.get("cocoid"), int) else
                         str(e.uid) if row.fullmatch(str(e.uid)) else
                         _number_or_text(re.sub(r"^.*?(\d+)$", r"\1", str(e.uid))), "caption": p} for e, p in rows]
-        key = NUMERIC_IDS.get(task, (None,))[0]
+        key = NUMERIC_IDS.get(fmt, (None,))[0]
         text, ids = json.dumps(entries), [entry[key] for entry in entries] if key else []
     _warn_non_numeric_ids(task, ids, split)
     return write_text_atomic(Path(directory) / name, text)

@@ -109,7 +109,7 @@ def score_task(task: str, predictions: dict[Hashable, str], references: dict[Has
     elif spec.metric == "exact_match":
         out = {"exact_match": exact_match(predictions, refs)}
     elif spec.metric == "accuracy":
-        out = nlvr2_scores(predictions, refs, groups) if task == "nlvr2" else \
+        out = nlvr2_scores(predictions, refs, groups) if spec.format == "nlvr2" else \
             {"accuracy": accuracy(predictions, refs)}
     elif spec.metric == "cider":
         out = caption_scores(predictions, refs) if java_metrics else _fast_caption_scores(predictions, refs)

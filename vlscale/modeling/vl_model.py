@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vlscale.config import VIDEO_TASKS, RunConfig
+from vlscale.config import RunConfig
 from vlscale.modeling.backbones import build_lm
 from vlscale.modeling.projector import VisualProjector, frame_boxes, grid_boxes
 from vlscale.modeling.vision import build_vision_encoder, pool_grid, vision_dims
@@ -38,7 +38,7 @@ class VLModel(nn.Module):
         from vlscale.peft import apply_peft
 
         self.cfg = cfg
-        self.video = any(t in VIDEO_TASKS for t in cfg.data.tasks)
+        self.video = cfg.data.is_video()
         dims = vision_dims(cfg.model.vision)
         self.grid_side = dims["grid_side"]
         self.is_resnet = dims["is_resnet"]

@@ -41,7 +41,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
-from vlscale.config import (ADAPTER_METHODS, DTYPE_NAMES, PRECISION_BYTES, VIDEO_TASKS, RunConfig,
+from vlscale.config import (ADAPTER_METHODS, DTYPE_NAMES, PRECISION_BYTES, RunConfig,
                             check_run_config)
 
 GiB = 1024 ** 3
@@ -394,7 +394,7 @@ def run_shapes(cfg: RunConfig, vocab_size: int, micro_batch_size: Optional[int] 
 
     c = lm_config(cfg.model.backbone)
     dims = vision_dims(cfg.model.vision)
-    video = any(t in VIDEO_TASKS for t in cfg.data.tasks)
+    video = cfg.data.is_video()
     n_images = 1 if video else max(get_task(t).n_images for t in cfg.data.tasks)
     if video:
         per_image, feat_dim = cfg.model.max_frames, dims["embed_dim"]
