@@ -187,6 +187,18 @@ def _one_thread_beside_the_background_jobs(pytestconfig):
         torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _custom_tasks_end_with_the_test():
+    """The custom tasks a test's configs declare (data.custom_tasks: vlscale.data.tasks' registry, one a process)
+    are forgotten after it: another test's unknown task lists the built-in tasks alone, whatever ran before."""
+    from vlscale.data import tasks
+
+    declared = dict(tasks._CUSTOM)
+    yield
+    tasks._CUSTOM.clear()
+    tasks._CUSTOM.update(declared)
+
+
 @pytest.fixture(scope="session")
 def triton_interpreter(pytestconfig) -> dict:
     """Raw results of tests/unit/triton_interpreter_checks.py under ``TRITON_INTERPRET=1`` (one process,
