@@ -247,8 +247,6 @@ class ParamInventory:
     trainable: list[bool]
     groups: list[str]
     vocab_size: int
-    lm_head_numel: int = 0
-    """The output layer's weight (the tied embedding for T5 v1.0 / BART): gathered at the loss."""
     buffers: list[tuple[int, int]] = field(default_factory=list)
     """The module's persistent buffers (CLIP's batch-norm statistics...): (numel, bytes per element,
     0 for a floating buffer, which takes the run's precision)."""
@@ -335,13 +333,11 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
         ndims.append(len(getattr(prm, "ds_shape", prm.shape)))
         trainable.append(bool(prm.requires_grad))
         groups.append(group_of.get(id(prm), "lm"))
-    head = model.lm.get_output_embeddings()
     aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     buffers = [(t.numel(), 0 if t.is_floating_point() else t.element_size())
                for name, t in model.state_dict(keep_vars=True).items() if name not in aliases]
     inv = ParamInventory(names, numels, ndims, trainable, groups,
-                         int(model.lm.get_input_embeddings().num_embeddings),
-                         int(head.weight.numel()) if head is not None else 0, buffers, tuple(cfg.data.tasks),
+                         int(model.lm.get_input_embeddings().num_embeddings), buffers, tuple(cfg.data.tasks),
                          split_peft)
     _INVENTORY_CACHE[key] = inv
     return inv
