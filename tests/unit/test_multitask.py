@@ -302,7 +302,7 @@ def test_the_task_draws_depend_on_the_seed_and_differ_from_chunk_to_chunk():
     are not those of steps 0..4095 again."""
     def tasks(seed, start, n=4096):
         s = MultitaskSampler(SIZES, 8, seed=seed)
-        return [s.task_at(i) for i in range(start, start + n)]
+        return [s.step(i)[0] for i in range(start, start + n)]
 
     assert tasks(0, 0) != tasks(1, 0)
     assert tasks(0, 0) != tasks(0, 4096)
@@ -331,14 +331,6 @@ def test_sampler_state_records_the_seed_and_sampling_it_was_built_with(key, valu
     assert state[key] == value
     with pytest.raises(ValueError, match=rf"sampler differs .*'{key}': \({value!r}, {base[key]!r}\)"):
         MultitaskSampler(SIZES, 8, **base).load_state_dict(state)
-
-
-def test_task_at_is_the_task_of_that_step():
-    """``task_at(i)`` (the loader's current task) is the task ``step(i)`` draws, within and past the first chunk."""
-    s = MultitaskSampler(SIZES, 8, seed=7)
-    steps = list(range(60)) + [4095, 4096, 4097]
-    assert [s.task_at(i) for i in steps] == [MultitaskSampler(SIZES, 8, seed=7).step(i)[0] for i in steps]
-    assert len({s.task_at(i) for i in range(60)}) == 3
 
 
 def test_sampler_state_of_renamed_or_resized_tasks_says_what_changed_and_only_that():

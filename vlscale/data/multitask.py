@@ -89,11 +89,6 @@ class MultitaskSampler:
         chunk = self._draws[c * _CHUNK:i]
         return self._chunk_totals[c] + np.bincount(chunk, minlength=len(self.tasks))
 
-    def task_at(self, i: int) -> str:
-        self._check_step(i)
-        self._extend(i)
-        return self.tasks[int(self._draws[i])]
-
     # ------------------------------------------------------------------ indices
     def _perm(self, task: str, epoch: int) -> np.ndarray:
         key = (task, epoch)
