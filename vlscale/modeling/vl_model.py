@@ -202,22 +202,15 @@ class VLModel(nn.Module):
 
 
 def set_checkpointing(lm, on: bool) -> None:
-    """Non-reentrant activation checkpointing of the LM's layers on or off (transformers 5.x names it
-    ``activation_checkpointing_*`` and warns on 4.57's ``gradient_checkpointing_*``, which it still has)."""
-    if hasattr(lm, "activation_checkpointing_enable"):
-        if on:
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.activation_checkpointing_disable()
-    elif on:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Non-reentrant activation checkpointing of the LM's layers on or off."""
+    if on:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        lm.gradient_checkpointing_disable()
+        lm.activation_checkpointing_disable()
 
 
 def is_checkpointing(lm) -> bool:
-    return lm.is_activation_checkpointing if hasattr(type(lm), "is_activation_checkpointing") \
-        else lm.is_gradient_checkpointing
+    return lm.is_activation_checkpointing
 
 
 def checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
