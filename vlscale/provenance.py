@@ -60,12 +60,10 @@ def git_state(root: Path = CHECKOUT) -> Optional[dict]:
         return None
 
 
-def launcher_argv() -> Optional[list]:
-    """The command line of the launcher that started this process (its parent's), or None without a launcher or
-    where it cannot be read (no /proc)."""
-    from vlscale.engine.distributed import launched_by
-
-    if not launched_by():
+def launcher_argv(launched: bool) -> Optional[list]:
+    """The command line of the launcher that started this process (its parent's), or None without a launcher
+    (``launched``: the DistInfo's) or where it cannot be read (no /proc)."""
+    if not launched:
         return None
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
@@ -128,13 +126,13 @@ def init_adapter(folder, meta: dict) -> dict:
     return {"path": str(folder), "step": meta.get("step"), **{k: v for k, v in weights.items() if k != "path"}}
 
 
-def provenance(cfg, world_size: int, devices: list, init_meta: Optional[dict] = None) -> dict:
-    """This process's segment (rank 0 calls it; ``devices``: every rank's :func:`device_name`). ``init_meta``: the
-    adapter_config.json of the ``train.init_adapter`` the run started from (None: it started from none, or resumes:
-    the segment has no ``init_adapter`` then, and a resume's is not compared with the start's)."""
+def provenance(cfg, dist, devices: list, init_meta: Optional[dict] = None) -> dict:
+    """This process's segment (rank 0 calls it with its DistInfo; ``devices``: every rank's :func:`device_name`).
+    ``init_meta``: the adapter_config.json of the ``train.init_adapter`` the run started from (None: it started from
+    none, or resumes: the segment has no ``init_adapter`` then, and a resume's is not compared with the start's)."""
     segment = {"versions": versions(), "git": git_state(), "argv": [sys.executable, *sys.argv],
-               "launcher_argv": launcher_argv(), "world_size": world_size, "devices": dict(Counter(devices)),
-               "data_files": data_files(cfg)}
+               "launcher_argv": launcher_argv(dist.launched), "world_size": dist.world_size,
+               "devices": dict(Counter(devices)), "data_files": data_files(cfg)}
     if init_meta is not None:
         segment["init_adapter"] = init_adapter(cfg.train.init_adapter, init_meta)
     return segment

@@ -578,7 +578,8 @@ def test_a_starved_watchdog_ends_the_rank_at_its_first_look_past_the_timeout(mon
 def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_one(monkeypatch):
     """``python launchers/train.py``: init_distributed starts a 1-rank group (rank 0 of 1, through a file store);
     under torchrun or deepspeed (RANK, WORLD_SIZE, LOCAL_RANK set) the rendezvous is left to the launcher's
-    variables, and the rank's place is the group's, its local rank LOCAL_RANK; on the CPU over gloo."""
+    variables, and the rank's place is the group's, its local rank LOCAL_RANK; on the CPU over gloo. The DistInfo says
+    whether a launcher started the process: not for the 1-rank group, though RANK & co are set for it then."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -597,7 +598,7 @@ def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_on
     monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
 
     cpu = torch.device("cpu")
-    assert distributed.init_distributed() == distributed.DistInfo(0, 1, 0, cpu, "cpu", "gloo")
+    assert distributed.init_distributed() == distributed.DistInfo(0, 1, 0, cpu, "cpu", "gloo", launched=False)
     assert calls[-1]["rank"] == 0 and calls[-1]["world_size"] == 1 and calls[-1]["dist_backend"] == "gloo"
     assert calls[-1]["init_method"].startswith("file://")
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and os.environ["LOCAL_RANK"] == "0"
@@ -605,7 +606,7 @@ def test_a_ranks_place_is_one_rank_without_a_launcher_and_the_launchers_under_on
     for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
         os.environ[name] = value  # torchrun's (and the deepspeed launcher's) variables: rank 3 of 4, 2 a node
     group.update(rank=3, world=4)
-    assert distributed.init_distributed() == distributed.DistInfo(3, 4, 1, cpu, "cpu", "gloo")
+    assert distributed.init_distributed() == distributed.DistInfo(3, 4, 1, cpu, "cpu", "gloo", launched=True)
     assert calls[-1]["dist_backend"] == "gloo" and not {"init_method", "rank", "world_size"} & set(calls[-1])
 
 

@@ -5,11 +5,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlscale import provenance
 from vlscale.config import load_config
@@ -65,7 +65,8 @@ def test_real_data_files_are_fingerprinted(tmp_path, monkeypatch):
     (tmp_path / "tvc" / "subtitles.jsonl").unlink()  # none: the run reads none
     assert names(provenance.data_files(video)) == ["tvc/train.jsonl", "tvc/val.jsonl"]
     cfg = load_config("tiny", {"data": {"source": "real", "root": str(tmp_path), "tasks": ["gqa"]}})
-    segment = provenance.provenance(cfg, 2, ["cpu: x", "cpu: x"])
+    dist = distributed.DistInfo(0, 2, 0, torch.device("cpu"), "cpu", "gloo")
+    segment = provenance.provenance(cfg, dist, ["cpu: x", "cpu: x"])
     assert (segment["world_size"], segment["devices"]) == (2, {"cpu: x": 2})
     assert segment["argv"] == [sys.executable, *sys.argv] and "launcher_argv" in segment
     files = segment["data_files"]
@@ -115,10 +116,8 @@ def test_an_adapter_of_another_vlscale_or_torch_major_gets_a_note(capsys):
 
 
 def test_launcher_argv_only_under_a_launcher(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(distributed, "_NO_LAUNCHER", True)  # set by a 1-rank group's own RANK
-    assert provenance.launcher_argv() is None
-    monkeypatch.setattr(distributed, "_NO_LAUNCHER", False)
+    monkeypatch.setenv("RANK", "0")  # a 1-rank group's own RANK: the DistInfo says no launcher
+    assert provenance.launcher_argv(False) is None
     if not Path("/proc/self/cmdline").exists():
         return
     # the parent's command line (torchrun's, deepspeed's), an empty argument kept; None once it cannot be read
@@ -129,23 +128,11 @@ def test_launcher_argv_only_under_a_launcher(monkeypatch):
             if Path(f"/proc/{parent.pid}/cmdline").read_bytes():
                 break
             time.sleep(0.002)
-        assert provenance.launcher_argv() == [sys.executable, "-c", "import time; time.sleep(60)", "", "é"]
+        assert provenance.launcher_argv(True) == [sys.executable, "-c", "import time; time.sleep(60)", "", "é"]
     finally:
         parent.kill()
         parent.wait()
-    assert provenance.launcher_argv() is None  # no /proc entry
-
-
-def test_a_one_process_group_is_not_a_launcher(monkeypatch, tmp_path):
-    """init_distributed sets RANK & co for a process started alone: launched_by still says no launcher (the
-    parent's command line is then the shell's, no launcher's)."""
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # what _single_process_env sets goes with it
-    monkeypatch.setattr(distributed, "_NO_LAUNCHER", False)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    distributed._single_process_env()
-    assert os.environ["RANK"] == "0" and not distributed.launched_by()
+    assert provenance.launcher_argv(True) is None  # no /proc entry
 
 
 def test_device_names(monkeypatch):

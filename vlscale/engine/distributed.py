@@ -50,6 +50,9 @@ class DistInfo:
     device: torch.device
     device_type: str  # "cpu" or "cuda" (DeepSpeed's accelerator name)
     backend: str
+    launched: bool = False
+    """A launcher (torchrun, deepspeed, MPI) started this process; False for one started alone, whose 1-rank
+    group :func:`init_distributed` made (and set RANK & co for)."""
 
     @property
     def is_main(self) -> bool:
@@ -147,13 +150,11 @@ def _single_process_env() -> str:
     """No launcher: a 1-rank group. -> its ``init_method``: a file store in a fresh temporary folder
     rather than a TCP port (runs started together, as replicate.py's rows are, could be handed the same
     "free" port, and one then failed with EADDRINUSE). The launcher variables are set as well
-    (DeepSpeed requires them; :func:`launched_by` still says no launcher)."""
+    (DeepSpeed requires them; the DistInfo's ``launched`` still says no launcher)."""
     import atexit
     import shutil
     import tempfile
 
-    global _NO_LAUNCHER
-    _NO_LAUNCHER = True
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -236,14 +237,6 @@ def _launched() -> bool:
     return "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
-_NO_LAUNCHER = False  # set by _single_process_env, which sets RANK & co itself
-
-
-def launched_by() -> bool:
-    """Whether a launcher started this process, also after :func:`init_distributed` set RANK for a 1-rank group."""
-    return _launched() and not _NO_LAUNCHER
-
-
 def local_gpu_problem() -> str | None:
     """Why a rank cannot take its GPU, or None: its LOCAL_RANK names a GPU this machine does not show
     (``torchrun --nproc_per_node 8`` or ``deepspeed --num_gpus 8`` on 4 GPUs; or left in the environment of a run
@@ -307,9 +300,8 @@ def port_in_use_message() -> str:
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
-    single = {}
-    if not _launched():
-        single = {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
+    launched = _launched()
+    single = {} if launched else {"init_method": _single_process_env(), "rank": 0, "world_size": 1}
     import deepspeed
     import torch.distributed as dist
 
@@ -336,7 +328,7 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
 
         get_accelerator().set_device(local_rank)
         device = torch.device(get_accelerator().device_name(local_rank))
-    return DistInfo(rank, world, local_rank, device, device_type, dist.get_backend())
+    return DistInfo(rank, world, local_rank, device, device_type, dist.get_backend(), launched)
 
 
 def barrier() -> None:

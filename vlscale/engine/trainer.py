@@ -672,7 +672,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     devices = all_gather_object(provenance.device_name(dist.device))
     if run.is_main:
-        segment = provenance.provenance(cfg, dist.world_size, devices, init)
+        segment = provenance.provenance(cfg, dist, devices, init)
         earlier = (ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("provenance")
                    if resume and tag else None)
         run.provenance = provenance.with_resumed(earlier, segment, run.step) if resume else [segment]
