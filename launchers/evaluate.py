@@ -213,11 +213,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                                            write_eval_report)
     from vlscale.predict import (adapter_tokenizer, cache_changed_problem, inference_dtype, load_run_config,
                                  load_trained_model)
-    from vlscale.provenance import print_version_note
 
-    cfg, meta = load_run_config(args.adapter, args.overrides)
-    if rank == 0:
-        print_version_note(meta, "evaluate.py")
+    cfg, meta = load_run_config(args.adapter, args.overrides, who="evaluate.py" if rank == 0 else None)
     changed = cache_changed_problem(cfg, meta)
     if changed:
         raise ValueError(changed)

@@ -47,10 +47,13 @@ MODEL_SECTIONS = ("model", "peft")
 RELOCATABLE = (("model", "backbone_path"), ("model", "vision_pretrained"))
 
 
-def load_run_config(adapter_dir, overrides):
-    """The adapter's run config with evaluation overrides; refuses overrides that change the model."""
+def load_run_config(adapter_dir, overrides, who: Optional[str] = None):
+    """The adapter's run config with evaluation overrides; refuses overrides that change the model. With ``who``
+    (the program that will use the adapter), a note from it where the adapter was trained with another vlscale
+    version or torch major (:func:`vlscale.provenance.print_version_note`); None notes nothing."""
     from vlscale.config import _deep_merge, config_from_dict, parse_overrides
     from vlscale.engine.checkpoint import read_adapter_config
+    from vlscale.provenance import print_version_note
 
     meta = read_adapter_config(adapter_dir)
     saved = meta["run_config"]
@@ -65,6 +68,8 @@ def load_run_config(adapter_dir, overrides):
                     "drop the override: an adapter is evaluated on the model it was trained with")
             raise ValueError(f"override {section}.{key}={new[section][key]!r} would change the model the adapter "
                              f"was trained with ({section}.{key}={saved[section][key]!r}); {hint}")
+    if who is not None:
+        print_version_note(meta, who)
     return cfg, meta
 
 
@@ -339,10 +344,7 @@ class Predictor:
                                        or batch_size < 1):  # -1 answered nothing: a list of None
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer (inputs per forward pass)")
         self.device = torch.device(device or local_device_type())
-        self.cfg, self.meta = load_run_config(adapter_dir, overrides)
-        from vlscale.provenance import print_version_note
-
-        print_version_note(self.meta, who)
+        self.cfg, self.meta = load_run_config(adapter_dir, overrides, who)
         self.tasks = list(self.cfg.data.tasks)
         self.tokenizer = adapter_tokenizer(self.cfg, self.meta)
         self.dtype, same = inference_dtype(self.cfg, self.device, who)
