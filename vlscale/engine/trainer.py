@@ -560,12 +560,14 @@ def _as_input_error(e: Exception) -> Exception:
 
 
 def import_model_code(cfg: RunConfig) -> None:
-    """Import the modules the model's build runs: transformers' BART and T5 modelling (~2.5 s on a CPU), open_clip
-    when CLIP runs. :func:`setup_run` calls it on every rank before rank 0's checks, whose :func:`check_disk_space`
-    builds the model on the meta device: the other ranks import while rank 0 checks, not after, in the build, where
-    rank 0 waited for them (2 CPU ranks, the default: 2.5 s less to the first step)."""
-    from transformers import BartForConditionalGeneration, T5ForConditionalGeneration  # noqa: F401
+    """Import the modules the model's build runs: transformers' modelling of model.backbone's family, BART's or
+    T5's (the class the build takes: :func:`~vlscale.modeling.backbones.lm_class`), open_clip when CLIP runs.
+    :func:`setup_run` calls it on every rank before rank 0's checks, whose :func:`check_disk_space` builds the model
+    on the meta device: the other ranks import while rank 0 checks, not after, in the build, where rank 0 waited
+    for them (2 CPU ranks, the default: 2.5 s less to the first step, BART's and T5's imported then)."""
+    from vlscale.modeling.backbones import lm_class, lm_config
 
+    lm_class(lm_config(cfg.model.backbone))
     if cfg.model.feature_source == "images":
         import open_clip  # noqa: F401
 

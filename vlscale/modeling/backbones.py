@@ -206,10 +206,12 @@ def lm_class(config, own_head: bool = False):
     every build, so parameter counts, memory plans and vlscale's ZeRO-3 loading see and load it.
     ``own_head``: the same for a tied config whose checkpoint holds a head of its own
     (:func:`head_of_its_own`)."""
-    from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
-
     if config.model_type != "t5":
+        from transformers import BartForConditionalGeneration
+
         return with_own_head(BartForConditionalGeneration) if own_head else BartForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
+
     untied = own_head or not getattr(config, "scale_decoder_outputs", True)
     return with_own_head(T5ForConditionalGeneration) if untied else T5ForConditionalGeneration
 
