@@ -200,23 +200,6 @@ def test_the_counter_knows_every_c10d_collective_by_its_schema():
             assert arg.name.startswith(full[kind]), (name, kind, arg.name)
 
 
-def test_module_calls_take_a_leaf_unit_whole_and_partitioned_sizes():
-    """A ZeRO-3 leaf module is one call with every parameter under it (its submodules are not recorded), and a
-    partitioned parameter counts at its full size (ds_numel), not its local 0 elements."""
-    import torch
-
-    from vlscale.engine.comm import trace_module_calls
-
-    leaf = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-    leaf._z3_leaf = True
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), leaf)
-    model[0].weight.ds_numel = 1000
-    calls, info = trace_module_calls(model, torch.zeros(2, 4), forward=lambda m, b: m(b))
-    assert [(c.module, c.params) for c in calls] == [("0", ["0.weight", "0.bias"]),
-                                                    ("1", ["1.0.weight", "1.0.bias", "1.1.weight", "1.1.bias"])]
-    assert info["0.weight"].numel == 1000 and info["1.0.weight"].numel == 16
-
-
 def test_prediction_reads_auto_and_missing_zero3_settings_as_deepspeeds_defaults():
     """The shipped files leave ZeRO-3's thresholds to DeepSpeed ("auto" or absent): the re-use distance is then
     DeepSpeed's 1e9 and persistence its 1e5 elements, as if written out; prefetching needs a second rank."""
@@ -238,31 +221,19 @@ def test_prediction_reads_auto_and_missing_zero3_settings_as_deepspeeds_defaults
     assert predict_zero3_comm(cfg, missing, 1, vocab_size=700, model=model).detail["prefetch"] is False
 
 
-def test_meta_trace_of_the_real_model():
-    """The tiny default CLIP-T5 traced on the meta device: frozen parameters never reduce-scattered,
-    the vision tower and embeddings gathered in forward only, the backbone's linears in both."""
+def test_meta_prediction_of_the_real_model():
+    """The tiny default CLIP-T5 on the meta device: every trainable parameter reduce-scattered once, and frozen
+    ones gathered in backward too (the backbone's linears on the gradient's path); stage 2 is refused."""
     from vlscale.config import load_config
-    from vlscale.engine.comm import trace_module_calls
     from vlscale.engine.deepspeed_config import build_deepspeed_config
     from vlscale.modeling.vl_model import build_model
-    from vlscale.profiling.measure import synthetic_batch
 
     cfg = load_config("tiny", ["train.micro_batch_size=2"])
     model = build_model(cfg, vocab_size=700, device="meta")
-    calls, info = trace_module_calls(model, synthetic_batch(cfg, 1, 700, device="meta"))
-    by_module = {}
-    for c in calls:
-        by_module.setdefault(c.module, []).append(c.backward)
-    assert all(not any(v) for m, v in by_module.items() if m.startswith("vision."))
-    # the tied embedding: encoder and decoder token embeddings (no gradient), then the output layer
-    assert [c.backward for c in calls if "lm.shared.weight" in c.params] == [False, False, True]
-    assert [c.module for c in calls if "lm.shared.weight" in c.params][-1] == "lm.lm_head"
-    assert by_module["lm.encoder.block.0.layer.0.SelfAttention.relative_attention_bias"] == [False]
-    assert by_module["lm.encoder.block.0.layer.0.SelfAttention.q"] == [True]
     ds = build_deepspeed_config(str(ROOT / "ds_configs" / "zero3.json"), cfg, 2, device_type="cpu")
     ds["zero_optimization"]["stage3_max_reuse_distance"] = 0
     pred = predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model)
-    trainable = sum(2 * math.ceil(p.numel / 2) for p in info.values() if p.trainable)
+    trainable = sum(2 * math.ceil(p.numel() / 2) for p in model.parameters() if p.requires_grad)
     assert pred.reduce_scatter == 4 * trainable
     assert pred.detail["backward_all_gather"]["frozen"] > 0
     with pytest.raises(ValueError, match="stage"):
@@ -428,25 +399,24 @@ def test_counter_log_reset_and_snapshot():
     assert quiet.records == [] and quiet.bytes["all_reduce"] == 12
 
 
-def test_traces_leave_the_model_as_they_found_it():
-    """trace_module_calls and trace_zero3_step put the model back in its mode, keep the gradients it had (and add
-    none), and leave no hook or parameter-reading dict behind."""
+def test_the_step_trace_leaves_the_model_as_it_found_it():
+    """trace_zero3_step puts the model back in its mode, keeps the gradients it had (and adds none), and leaves no
+    hook or parameter-reading dict behind."""
     import torch
 
-    from vlscale.engine.comm import trace_module_calls, trace_zero3_step
+    from vlscale.engine.comm import trace_zero3_step
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
     model.eval()
     kept = torch.ones(3, 3)
     model[0].weight.grad = kept
-    for trace in (trace_module_calls, trace_zero3_step):
-        trace(model, torch.ones(2, 3))
-        assert not model.training and not any(m.training for m in model.modules()), trace.__name__
-        assert model[0].weight.grad is kept and torch.equal(kept, torch.ones(3, 3)), trace.__name__
-        assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight"), trace.__name__
-        for m in model.modules():
-            assert not m._forward_hooks and not m._forward_pre_hooks, (trace.__name__, m)
-            assert type(m._parameters) is dict, (trace.__name__, m)
+    trace_zero3_step(model, torch.ones(2, 3))
+    assert not model.training and not any(m.training for m in model.modules())
+    assert model[0].weight.grad is kept and torch.equal(kept, torch.ones(3, 3))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, m
+        assert type(m._parameters) is dict, m
 
 
 def test_reuse_distance_counts_parameter_elements_and_a_leaf_counts_recursively():
@@ -584,11 +554,10 @@ def test_the_step_trace_takes_full_sizes_and_waits_only_for_inputs_that_need_a_g
     """trace_zero3_step counts a partitioned parameter at its full size (``ds_numel``), and a unit's post-backward
     waits for the gradients of its input tensors that need one only, as DeepSpeed's counter does: a block called
     with an activation and a mask is released after its backward (waiting for the mask too, it never was, so with
-    re-use distance 0 its second call's backward found it still gathered). trace_module_calls marks a call for
-    backward when any of its outputs needs a gradient, a mask beside it or not."""
+    re-use distance 0 its second call's backward found it still gathered)."""
     import torch
 
-    from vlscale.engine.comm import Zero3Trace, trace_module_calls, trace_zero3_step
+    from vlscale.engine.comm import Zero3Trace, trace_zero3_step
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -618,8 +587,6 @@ def test_the_step_trace_takes_full_sizes_and_waits_only_for_inputs_that_need_a_g
                                                                           ("fetch", "backward")]
     pred = zero3_comm_accounting(trace, trace.info, 1, param_bytes=1, param_persistence_threshold=0)
     assert pred.detail["backward_all_gather"]["trainable"] == 2 * 4 + 1000 + 4  # the block's twice, then inp's
-    calls, _ = trace_module_calls(model, torch.ones(2, 4))
-    assert [(c.module, c.backward) for c in calls] == [("inp", True), ("block", True), ("block", True)]
 
 
 def test_prediction_without_a_model_builds_the_one_the_trainer_runs():

@@ -197,49 +197,6 @@ class _MetaScalars(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def trace_module_calls(model: torch.nn.Module, batch: dict, forward=None) -> tuple[list[ModuleCall], dict]:
-    """Forward only (the accounting traces forward and backward: :func:`trace_zero3_step`). Run one
-    training-mode forward (``forward(model, batch)``, default ``model(batch)``) and record
-    every call of a module with direct parameters. A ZeRO-3 leaf module (``set_z3_leaf_modules``, e.g.
-    an LM layer with ``train.zero3_leaf_layers``) is one call with all the parameters under it, and
-    its descendants are not recorded: DeepSpeed gathers the whole unit, in backward too when the
-    unit's output needs a gradient. -> (calls, {param name: ParamInfo}) with each shared parameter
-    under its first name, in ``named_parameters`` order."""
-    names: dict[int, str] = {}
-    info: dict[str, ParamInfo] = {}
-    for name, p in model.named_parameters():
-        names[id(p)] = name
-        info[name] = ParamInfo(int(getattr(p, "ds_numel", p.numel())), bool(p.requires_grad))
-    calls: list[ModuleCall] = []
-    mod_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)]
-    inside_leaf = {id(d) for m in leaves for d in m.modules() if d is not m}
-
-    def hook(mod, args, out):
-        if id(mod) in inside_leaf:
-            return
-        leaf = getattr(mod, "_z3_leaf", False)
-        own = [names[id(p)] for p in mod.parameters(recurse=leaf) if id(p) in names]
-        if not own:
-            return
-        flat, _ = tree_flatten(out)
-        needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
-        calls.append(ModuleCall(mod_names.get(id(mod), type(mod).__name__), own, needs_grad))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    was_training = model.training
-    model.train()
-    try:
-        ctx = _MetaScalars() if any(p.device.type == "meta" for p in model.parameters()) else contextlib.nullcontext()
-        with ctx:
-            (forward or (lambda m, b: m(b)))(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return calls, info
-
-
 # ----------------------------------------------------------------------------- the ZeRO-3 step trace
 
 @dataclass
