@@ -93,8 +93,6 @@ class PeftController(nn.Module):
                         "expected a tensor or a tuple whose first element is the hidden states")
 
     def _lora_hook(self, site_key: str, module: nn.Module, args, kwargs, output):
-        if self.lora.merged:
-            return None
         x = args[0] if args else kwargs["input"]
         return output + self.lora.forward(x, site_key, self._task, module.training)
 
@@ -107,10 +105,6 @@ class PeftController(nn.Module):
         """Select the per-task modules used by the next forwards (until the next call)."""
         if name not in self.tasks:
             raise KeyError(f"peft.set_task: unknown task {name!r}; known tasks: {list(self.tasks)}")
-        lora = getattr(self, "lora", None)
-        if lora is not None and lora.merged and self.sharing != "single" and lora.merged_task != name:
-            raise RuntimeError(f"peft.set_task({name!r}): the LoRA weights of task {lora.merged_task!r} are "
-                               "merged into the LM; call peft.unmerge_lora() first")
         self._task = name
 
     @contextlib.contextmanager
@@ -126,7 +120,7 @@ class PeftController(nn.Module):
             else:
                 self.set_task(previous)
 
-    # ------------------------------------------------------------------ prompts, LoRA merging
+    # ------------------------------------------------------------------ prompts
     def prompts(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         """(batch_size, n_prompts, d_model) encoder prompts of the current task, or None without prompts."""
         encoder = getattr(self, "prompt", None)
@@ -134,24 +128,8 @@ class PeftController(nn.Module):
             return None
         return encoder(batch_size, self._task, dtype)
 
-    def merge_lora(self) -> bool:
-        """Fold the current task's LoRA update into the q/v weights; False when the method is not LoRA."""
-        if self.method != "lora":
-            return False
-        self.lora.merge(self._lm("merge_lora"), self._task)
-        return True
-
-    def unmerge_lora(self) -> bool:
-        """Subtract the merged LoRA update again; False when the method is not LoRA."""
-        if self.method != "lora":
-            return False
-        self.lora.unmerge(self._lm("unmerge_lora"))
-        return True
-
     def remove(self) -> None:
-        """Unmerge LoRA and remove every hook: the LM computes as the bare backbone again."""
-        if self.method == "lora" and self.lora.merged:
-            self.unmerge_lora()
+        """Remove every hook: the LM computes as the bare backbone again."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -7,16 +7,12 @@ A frozen projection y = W x (+ b) gets a trainable low-rank update (rank r = pef
 LoRA sites are encoder self-attention, decoder self-attention and decoder cross-attention q and v
 (T5 ``.q``/``.v``; BART ``q_proj``/``v_proj``, whose biases train too with peft.bias=lora_only, the default,
 or all: decided in trainable.py). A starts as nn.Linear's default init and B at zero, so the update is
-zero at init. Dropout follows the hooked projection's train/eval mode. ``merge`` folds
-W <- W + (alpha/r) B A of the current task into the base weight (the sum in fp32, rounded once into
-W's dtype) and the hook stops adding the update; ``unmerge`` subtracts it again. Under ZeRO-3 both
-gather the parameters they touch.
+zero at init. Dropout follows the hooked projection's train/eval mode.
 Sharing: A is the "down" and B the "up" projection for ``sites.weight_keys``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -25,16 +21,6 @@ from torch import nn
 
 from vlscale.peft.adapter import init_linear_
 from vlscale.peft.sites import Site, param_shape, select_key, weight_keys, zero3_unused_anchor
-
-
-def gathered(params, modify: bool):
-    """DeepSpeed ZeRO-3 ``GatheredParameters`` over the partitioned ones among ``params``, else a no-op."""
-    params = [p for p in params if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 class LoRALinear(nn.Module):
@@ -69,19 +55,13 @@ class LoRALinear(nn.Module):
         anchor = zero3_unused_anchor(self, (a, b))
         return (out if anchor is None else out + anchor).to(x.dtype)
 
-    def delta_weight(self, task: Optional[str]) -> torch.Tensor:
-        """(alpha/r) B A in fp32 (fp64 for fp64 factors), shape (out, in): what merging adds to the base weight."""
-        a, b = self.factors(task)
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        return (b.to(dtype) @ a.to(dtype)) * self.scale
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}, "
                 f"dropout={self.dropout}, A={list(self.a_keys)}, B={list(self.b_keys)}")
 
 
 class LoRALayers(nn.Module):
-    """LoRA updates of every q/v projection; merging state for the whole model."""
+    """LoRA updates of every q/v projection."""
 
     def __init__(self, sites: Sequence[Site], cfg, tasks: Sequence[str], lm: nn.Module, device=None, dtype=None):
         super().__init__()
@@ -94,38 +74,6 @@ class LoRALayers(nn.Module):
                                        a_keys, b_keys, device, dtype)
         self.sites = nn.ModuleDict(layers)
         self.site_names = {s.key: s.name for s in sites}
-        self.merged_task: Optional[str] = None
-        self.merged = False
 
     def forward(self, x: torch.Tensor, site_key: str, task: Optional[str], training: bool = False):
         return self.sites[site_key](x, task, training)
-
-    @torch.no_grad()
-    def merge(self, lm: nn.Module, task: Optional[str]) -> None:
-        """W <- W + (alpha/r) B A for the task's weights at every site; the hooks then add nothing."""
-        if self.merged:
-            if task == self.merged_task or self._same_factors(task, self.merged_task):
-                return  # e.g. sharing=single: set_task lets the task change, the merged weights are the same
-            raise RuntimeError(f"lora: weights of task {self.merged_task!r} are merged; unmerge_lora() before "
-                               f"merging task {task!r}")
-        self._fold(lm, task, +1.0)
-        self.merged, self.merged_task = True, task
-
-    def _same_factors(self, task: Optional[str], other: Optional[str]) -> bool:
-        return all(x is y for layer in self.sites.values() for x, y in zip(layer.factors(task), layer.factors(other)))
-
-    @torch.no_grad()
-    def unmerge(self, lm: nn.Module) -> None:
-        """W <- W - (alpha/r) B A of the merged task; the hooks add the update again."""
-        if not self.merged:
-            return
-        self._fold(lm, self.merged_task, -1.0)
-        self.merged, self.merged_task = False, None
-
-    def _fold(self, lm: nn.Module, task: Optional[str], sign: float) -> None:
-        for key, layer in self.sites.items():
-            base = lm.get_submodule(self.site_names[key])
-            a, b = layer.factors(task)
-            with gathered([base.weight, a, b], modify=True):
-                delta = layer.delta_weight(task)
-                base.weight.add_(sign * delta)  # computed in fp32 (fp64), rounded once into the weight's dtype
