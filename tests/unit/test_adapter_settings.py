@@ -92,3 +92,17 @@ def test_where_the_weights_load_from_the_kernel_and_dropout_rates_may_differ(key
     assert meta["run_config"][section][name] != value
     meta["run_config"][section][name] = value
     assert ckpt.adapter_settings_mismatch(model, meta) is None
+
+
+def test_settings_the_model_does_not_read_may_differ_but_the_method_is_still_named():
+    """peft.lora_rank builds nothing under peft.method=adapter (a warm start from another preset carries other
+    methods' widths): not compared. An adapter of another method is refused naming peft.method, whichever of its
+    settings the model does not read."""
+    cfg = load_config("tiny", [])
+    meta = {"run_config": load_config("tiny", ["peft.lora_rank=64", "peft.phm_dim=4"]).to_dict()}
+    assert ckpt.settings_mismatch(cfg, meta) is None
+    meta = {"run_config": load_config("tiny", ["peft.method=lora", "peft.lora_rank=4"]).to_dict()}
+    assert ckpt.settings_mismatch(cfg, meta) == ("the adapter was trained with peft.method='lora', the model is "
+                                                 "built with peft.method='adapter'")
+    meta = {"run_config": load_config("tiny", ["peft.reduction_factor=2"]).to_dict()}
+    assert "peft.reduction_factor=2" in ckpt.settings_mismatch(cfg, meta)

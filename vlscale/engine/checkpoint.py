@@ -349,7 +349,10 @@ def adapter_settings_mismatch(model: torch.nn.Module, meta: dict) -> Optional[st
 
 def settings_mismatch(cfg, meta: dict) -> Optional[str]:
     """The first ``model.*`` / ``peft.*`` setting (but :data:`ADAPTER_FREE_SETTINGS`) in which the RunConfig ``cfg``
-    builds its model otherwise than the adapter's run (``meta``: its adapter_config.json), or None."""
+    builds its model otherwise than the adapter's run (``meta``: its adapter_config.json), or None. Settings ``cfg``
+    does not read (:meth:`RunConfig.unread_settings`: ``peft.lora_rank`` under ``peft.method=adapter``) are not
+    compared: they build nothing (a warm start from another preset carries its other methods' widths); where the
+    adapter's run read one, the setting that makes it unread (the method, the sharing) differs and is named."""
     from vlscale.modeling.backbones import canonical_lm_name
 
     def canonical(key: str, value):
@@ -360,11 +363,11 @@ def settings_mismatch(cfg, meta: dict) -> Optional[str]:
                 return value
         return value
 
-    now = cfg.to_dict()
+    now, unread = cfg.to_dict(), cfg.unread_settings()
     for section in ("model", "peft"):
         for name, value in (meta["run_config"].get(section) or {}).items():
             key = f"{section}.{name}"
-            if key in ADAPTER_FREE_SETTINGS or name not in now[section]:
+            if key in ADAPTER_FREE_SETTINGS or key in unread or name not in now[section]:
                 continue
             if canonical(key, now[section][name]) != canonical(key, value):
                 return f"the adapter was trained with {key}={value!r}, the model is built with {key}={now[section][name]!r}"
