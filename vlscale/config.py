@@ -737,8 +737,8 @@ class RunConfig:
     def ignored_settings(self) -> list[str]:
         """One line per setting given away from its default that this run does not read (a method's widths
         under another method, ``peft.half_shared`` without half_shared sharing, the synthetic world's sizes
-        with real data, ``model.pool_size`` on a ViT or past an RN's grid). launchers/train.py prints them as
-        notes at start-up, on rank 0. Noted, not refused: an override that switches the method or the sharing
+        with real data, ``model.pool_size`` on a ViT or past an RN's grid, a custom task ``data.tasks`` does not
+        name). launchers/train.py prints them as notes at start-up, on rank 0. Noted, not refused: an override that switches the method or the sharing
         keeps the preset's other values (``--config paper/clip_bart_half_shared_adapters peft.sharing=single``
         leaves ``half_shared: up``), override lists shared by every method carry each method's widths
         (the benchmarks; replicate.py's rows once), and saved run configs must keep loading."""
@@ -752,6 +752,10 @@ class RunConfig:
         pool = self.model.pool_size
         if pool != _default(ModelConfig, "pool_size"):
             notes += [f"model.pool_size={pool} {why}" for why in [self._pool_size_unread()] if why]
+        untrained = [t for t in self.data.custom_tasks if t not in self.data.tasks]
+        if untrained:
+            notes.append(f"data.custom_tasks declares {untrained}, which data.tasks={self.data.tasks} does not name: "
+                         "not trained or evaluated in this run")
         return notes
 
     def unread_settings(self) -> set[str]:

@@ -111,3 +111,14 @@ def test_train_prints_each_note_once_at_start_up(monkeypatch, tmp_path, launcher
     # an absolute one is where it says, with no working directory
     launcher("train").main(["--no-progress", "--config", "tiny", f"output_dir={tmp_path / 'abs'}"])
     assert capsys.readouterr().out.startswith(f"vlscale: tiny -> {tmp_path / 'abs'} | world_size=1 (cpu, gloo) | ")
+
+
+def test_a_custom_task_data_tasks_does_not_name_is_noted():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"
+    real = ["data.source=real", f"data.root={root}", "data.custom_tasks={okvqa: {like: vqa}, viz: {like: vqa}}"]
+    assert load_config("tiny", real + ["data.tasks=[vqa,okvqa,viz]"]).ignored_settings() == []
+    (note,) = load_config("tiny", real + ["data.tasks=[vqa,okvqa]"]).ignored_settings()
+    assert note == ("data.custom_tasks declares ['viz'], which data.tasks=['vqa', 'okvqa'] does not name: not "
+                    "trained or evaluated in this run")
