@@ -255,7 +255,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                 nonlocal keep_alive, stage
                 model, keep_alive, stage = build_sharded(cfg, ds_config, meta["vocab_size"], dtype)
                 return model
-        model = load_trained_model(cfg, meta, args.adapter, device, dtype, same_dtype, build)
+        model = load_trained_model(cfg, meta, args.adapter, device, dtype, same_dtype, build,
+                                   collective=world > 1)
         if args.deepspeed and rank == 0:
             held, total = held_parameters(model)
             why = ("ZeRO-1/2 partition only optimizer state and gradients, which evaluation has none of: " if stage

@@ -175,24 +175,26 @@ def inference_dtype(cfg, device, who: Optional[str] = None) -> tuple["torch.dtyp
 
 
 def load_trained_model(cfg, meta, adapter_dir, device, dtype, check_frozen: bool = True, build=None,
-                       who: str = "evaluate.py"):
+                       who: str = "evaluate.py", collective: bool = False):
     """The adapter's model: built as the run built it (``build``: a callable that builds it otherwise, e.g.
     evaluate.py's ZeRO-3 build; by default one process's model, on ``device``, the random frozen weights drawn
     from ``train.seed``), the adapter loaded strictly and, with ``check_frozen`` (the model in the run's
     dtype: :func:`inference_dtype`), the frozen weights checked against the run's fingerprint. A file that
-    does not fit is named before anything is built (on the meta device)."""
+    does not fit is named before anything is built (on the meta device). ``collective``: every rank of the process
+    group calls it (evaluate.py on several ranks): a rank that cannot read the adapter's files is refused on every
+    rank (:func:`vlscale.engine.checkpoint.load_adapter`)."""
     from vlscale.engine.checkpoint import load_adapter
     from vlscale.engine.trainer import seed_everything
     from vlscale.modeling.vl_model import build_model
 
     load_adapter(build_model(cfg, vocab_size=meta["vocab_size"], device="meta"), adapter_dir, check_only=True,
-                 meta=meta)
+                 meta=meta, collective=collective)
     if build is None:
         seed_everything(cfg.train.seed)  # the same frozen random weights as the training run built
         model = build_model(cfg, vocab_size=meta["vocab_size"], device="cpu", dtype=dtype).to(device)
     else:
         model = build()
-    load_adapter(model, adapter_dir, meta=meta)  # collective under ZeRO-3; weights of meta's step, or refused
+    load_adapter(model, adapter_dir, meta=meta, collective=collective)  # weights of meta's step, or refused
     if check_frozen:  # fingerprints are of the run's dtype; the files may have changed even where unmoved
         problem = frozen_weights_problem(model, adapter_dir, meta, device, who)
         if problem:

@@ -217,7 +217,7 @@ def test_evaluate_reads_each_task_s_records_once(tmp_path, launcher, monkeypatch
     ckpt.save_adapter(torch.nn.Linear(1, 1), adapter, cfg, build_tokenizer(cfg), extra={"step": 2})
     monkeypatch.setattr(real, "load_real_examples", lambda cfg, task, split, *a: reads.append(task) or
                         load(cfg, task, split, *a))
-    monkeypatch.setattr(vlscale.predict, "load_trained_model", lambda *a: torch.nn.Linear(1, 1))  # not built
+    monkeypatch.setattr(vlscale.predict, "load_trained_model", lambda *a, **k: torch.nn.Linear(1, 1))  # not built
     monkeypatch.setattr(evaluation, "predict_task", lambda model, tok, batches, task, **kw: [  # nor decoding
         {"uid": str(e.uid), "prediction": e.target, "references": list(e.references)} for e in batches.examples])
     root = Path(__file__).resolve().parents[1] / "fixtures" / "real_data"

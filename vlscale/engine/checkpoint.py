@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "vlscale-adapter"
 ADAPTER_FORMAT_VERSION = 2  # 2: the buffers of trained modules too (config key "buffers"); 1: parameters only
 LATEST = "latest"
+GATHER_CHUNK_ELEMENTS = 50_000_000  # elements of trainable parameters a save or a load gathers at once
 
 logger = logging.getLogger(__name__)
 
@@ -145,21 +147,31 @@ def _gathered(params: list, modifier_rank: Optional[int]):
     return deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank)
 
 
-def gather_trainable_state_dict(model: torch.nn.Module, rank: int = 0, chunk_elements: int = 50_000_000
+def _chunks(named: list[tuple[str, torch.nn.Parameter]], chunk_elements: int):
+    """``named`` in order, cut into runs of at most ``chunk_elements`` elements (full shapes; a parameter larger
+    than that is a run alone): what one ``GatheredParameters`` of a save or a load holds at once."""
+    chunk, size = [], 0
+    for name, p in named:
+        n = int(np.prod(full_shape(p)))
+        if chunk and size + n > chunk_elements:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, p))
+        size += n
+    if chunk:
+        yield chunk
+
+
+def gather_trainable_state_dict(model: torch.nn.Module, rank: int = 0, chunk_elements: int = GATHER_CHUNK_ELEMENTS
                                 ) -> dict[str, torch.Tensor]:
     """Full-shape CPU copies of the trainable parameters on rank 0 ({} elsewhere).
 
     A collective under ZeRO-3: every rank must call it. Parameters are gathered in chunks of at most
     ``chunk_elements`` elements so no rank ever holds more than one chunk beyond its partition.
     """
-    named = trainable_parameters(model)
     out: dict[str, torch.Tensor] = {}
-    chunk: list[tuple[str, torch.nn.Parameter]] = []
-    size = 0
-
-    def flush():
-        params = [p for _, p in chunk]
-        with _gathered(params, modifier_rank=None):
+    for chunk in _chunks(trainable_parameters(model), chunk_elements):
+        with _gathered([p for _, p in chunk], modifier_rank=None):
             if rank == 0:
                 for name, p in chunk:
                     t = p.detach().to("cpu", copy=True).contiguous()
@@ -167,16 +179,6 @@ def gather_trainable_state_dict(model: torch.nn.Module, rank: int = 0, chunk_ele
                         raise CheckpointError(f"parameter {name} gathered to shape {tuple(t.shape)}, expected "
                                               f"{full_shape(p)}; refusing to save a partitioned tensor")
                     out[name] = t
-
-    for name, p in named:
-        n = int(np.prod(full_shape(p)))
-        if chunk and size + n > chunk_elements:
-            flush()
-            chunk, size = [], 0
-        chunk.append((name, p))
-        size += n
-    if chunk:
-        flush()
     return out
 
 
@@ -318,12 +320,12 @@ def read_adapter_config(adapter_dir) -> dict:
     return meta
 
 
-def _check_earlier_layouts(state: dict, named: dict, weights: Path) -> None:
+def _check_earlier_layouts(names, named: dict, weights: Path) -> None:
     """Refuse, naming the cause, a file of a layout an earlier vlscale saved that today's model cannot take:
     Hyperformer's single hypernetwork with a site embedding (before 2026-12-03; today one per stack, the
     reference's), whose weights do not map onto the per-stack generators."""
     old = "peft.hyperformer.hypernet."
-    if any(n.startswith(old) for n in state) and not any(n.startswith(old) for n in named):
+    if any(n.startswith(old) for n in names) and not any(n.startswith(old) for n in named):
         raise CheckpointError(f"{weights}: a Hyperformer adapter of an earlier vlscale's layout (one hypernetwork "
                               "with a site embedding for every site, before 2026-12-03); this vlscale builds the "
                               "reference's layout (a hypernetwork per stack, a generator per sublayer kind), which "
@@ -374,7 +376,8 @@ def settings_mismatch(cfg, meta: dict) -> Optional[str]:
     return None
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, meta: Optional[dict] = None) -> dict:
+def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, meta: Optional[dict] = None,
+                 collective: bool = False, chunk_elements: int = GATHER_CHUNK_ELEMENTS) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
     the same buffers of trained modules, :func:`trained_buffers`; a model that carries its RunConfig, built
     with the adapter's run's model.* / peft.* settings, :func:`adapter_settings_mismatch`). ``check_only``: only compare names and
@@ -385,86 +388,170 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, 
     config of one step and the weights of a later one, same names and shapes, and reported them as the first step's.
     The weights file records its step (since this check): one of another step than ``meta`` is refused.
 
-    Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it).
+    Works on a plain model and on a ZeRO-3 partitioned one (collective then: every rank calls it). The names and
+    shapes are checked from the file's header; the trainable parameters are then gathered and set in chunks of at
+    most ``chunk_elements`` elements (as :func:`gather_trainable_state_dict` saves them), each tensor read from the
+    open file as its chunk is set, and under ZeRO-3 only by the rank that sets a partitioned parameter (rank 0: the
+    gather's exit gives its values to the others). A rank holds one chunk beyond its partition and one tensor of the
+    file, where it held the whole file and every trainable parameter gathered at once (for a full fine-tuning
+    adapter, ``peft.train_lm=true``, twice the model's trained weights on every rank).
+
+    Collective (``collective``, and always for a model with ZeRO-3 partitioned trainable parameters): every rank of
+    the process group calls it and opens the files itself; whether each could, and read the same names, shapes and
+    step, is agreed before the first gather, so a rank that cannot read them (another file system, permissions) is
+    the same :class:`CheckpointError` on every rank, naming the rank(s) and the path, where that rank raised alone
+    and the others waited in the gather until the process group's timeout. Callers whose every rank loads a model
+    that is not partitioned (evaluate.py on several ranks, a warm start: DeepSpeed's engine comes after) pass
+    ``collective=True``: their next collective would wait instead.
     An adapter of format_version 1 holds no buffers: the model keeps its freshly built ones, with a
     warning where it has buffers of trained modules. Returns the adapter's config dict.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     adapter_dir = Path(adapter_dir)
-    meta = meta if meta is not None else read_adapter_config(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
-    try:
-        with safe_open(str(weights), framework="pt") as f:  # its step and its tensors from one open file
-            step = (f.metadata() or {}).get("step")
-            state = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
-    if step is not None and "step" in meta and step != str(meta["step"]):
-        raise CheckpointError(f"{weights} holds the weights of step {step}, but the {ADAPTER_CONFIG} read with them "
-                              f"is of step {meta['step']}: the run writing {adapter_dir} replaced it while it was "
-                              f"read (it is still training); read it again, or evaluate a copy of it")
     named = dict(trainable_parameters(model))
-    _check_earlier_layouts(state, named, weights)
-    buffers = dict(trained_buffers(model))
-    with_buffers = "buffers" in meta  # format_version >= 2
-    from vlscale.peft.trainable import unused_vision_parameters
+    collective = collective or any(is_partitioned(p) for p in named.values())
+    with contextlib.ExitStack() as files:
+        meta, weights, f, shapes = _open_adapter(adapter_dir, meta, files, collective)
+        _check_earlier_layouts(shapes, named, weights)
+        buffers = dict(trained_buffers(model))
+        with_buffers = "buffers" in meta  # format_version >= 2
+        from vlscale.peft.trainable import unused_vision_parameters
 
-    unused = unused_vision_parameters(model)
-    never_run = sorted(n for n, p in model.named_parameters() if id(p) in unused and n in state)
-    if never_run and not check_only:  # an earlier vlscale trained them (CLIP's attention pool under image tasks) without effect
-        logger.warning(f"{weights} holds {len(never_run)} parameters the model's visual path never runs (e.g. "
-                       f"{never_run[:2]}), trained without effect by an earlier vlscale: left out")
-        state = {n: t for n, t in state.items() if n not in never_run}
+        unused = unused_vision_parameters(model)
+        never_run = sorted(n for n, p in model.named_parameters() if id(p) in unused and n in shapes)
+        if never_run and not check_only:  # an earlier vlscale trained them (CLIP's attention pool) to no effect
+            logger.warning(f"{weights} holds {len(never_run)} parameters the model's visual path never runs (e.g. "
+                           f"{never_run[:2]}), trained without effect by an earlier vlscale: left out")
+            shapes = {n: shape for n, shape in shapes.items() if n not in never_run}
+        _check_fits(model, meta, weights, shapes, named, buffers, with_buffers)
+        settings = adapter_settings_mismatch(model, meta)
+        if settings:  # the same names and shapes, another model: its outputs would not be the trained ones
+            raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {settings}. Build the model from the adapter's "
+                                  f"adapter_config.json run_config.")
+        if check_only:
+            return meta
+        if buffers and not with_buffers:
+            logger.warning(f"{adapter_dir} was written by an earlier vlscale (format_version "
+                           f"{meta.get('format_version', 0)}) that saved no buffers: the {len(buffers)} buffers of "
+                           f"trained modules (e.g. {list(buffers)[:3]}: BatchNorm statistics of a trained vision "
+                           f"tower) keep their freshly built values, so the outputs can differ from the trained "
+                           f"model's")
+        problem = None  # a read that fails on one rank: it goes on through the gathers, then every rank is told
+
+        def copy(name: str, t: torch.Tensor) -> None:
+            nonlocal problem
+            if problem is None:
+                try:
+                    t.copy_(f.get_tensor(name).to(dtype=t.dtype, device=t.device))
+                except (OSError, SafetensorError) as e:
+                    problem = CheckpointError(f"{weights}: {name} could not be read ({e})")
+
+        with torch.no_grad():
+            for chunk in _chunks(list(named.items()), chunk_elements):
+                with _gathered([p for _, p in chunk], modifier_rank=0):
+                    for name, p in chunk:
+                        if _sets_data(p):
+                            copy(name, p.data)
+            for name, b in (buffers.items() if with_buffers else ()):
+                copy(name, b)
+        _agree(problem, collective, weights)
+    return meta
+
+
+def _sets_data(p: torch.Tensor) -> bool:
+    """Whether this rank sets ``p`` in a load: a ZeRO-3 parameter is set by rank 0 of its group (the modifier rank of
+    its ``GatheredParameters``), whose values its exit gives to the others; any other tensor by every rank."""
+    import torch.distributed as dist
+
+    return not is_partitioned(p) or dist.get_rank(p.ds_process_group) == 0
+
+
+def _open_adapter(adapter_dir: Path, meta: Optional[dict], files: contextlib.ExitStack, collective: bool):
+    """(meta, the weights file's path, the file open in ``files``, {name: shape} from its header) for
+    :func:`load_adapter`: its config (``meta`` or read), the file's step checked against it. ``collective``: every
+    rank opens its own and the ranks agree (:func:`_agree`) that each could, with the same names, shapes and step."""
+    from safetensors import SafetensorError, safe_open
+
+    problem, f, shapes, weights, header = None, None, {}, adapter_dir / ADAPTER_WEIGHTS, None
+    try:
+        meta = meta if meta is not None else read_adapter_config(adapter_dir)
+        if not weights.is_file():
+            raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
+        try:
+            f = files.enter_context(safe_open(str(weights), framework="pt"))  # its header; the data as it is copied
+            step = (f.metadata() or {}).get("step")
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
+        if step is not None and "step" in meta and step != str(meta["step"]):
+            raise CheckpointError(f"{weights} holds the weights of step {step}, but the {ADAPTER_CONFIG} read with "
+                                  f"them is of step {meta['step']}: the run writing {adapter_dir} replaced it while "
+                                  f"it was read (it is still training); read it again, or evaluate a copy of it")
+        header = hashlib.sha256(json.dumps([step, sorted(shapes.items())]).encode()).hexdigest()
+    except CheckpointError as e:
+        problem = e
+    _agree(problem, collective, weights, header)
+    return meta, weights, f, shapes
+
+
+def _agree(problem: Optional[CheckpointError], collective: bool, weights: Path, header: Optional[str] = None) -> None:
+    """Raise ``problem`` (this rank's), or with ``collective`` (one all-gather) every rank's on every rank, naming the
+    ranks and ``weights``; and where ``header`` (a digest of the file's names, shapes and step) differs from rank 0's,
+    say which ranks read another file (each rank opens its own copy of the path)."""
+    from vlscale.engine.distributed import all_gather_object
+
+    mine = (None if problem is None else str(problem), header)
+    views = all_gather_object(mine) if collective else [mine]
+    if len(views) == 1:
+        if problem is not None:
+            raise problem
+        return
+    failed = [(r, why) for r, (why, _) in enumerate(views) if why is not None]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise CheckpointError(f"{weights} could not be read on rank{'s' if len(failed) > 1 else ''} {ranks} of "
+                              f"{len(views)}: " + "; ".join(f"rank {r}: {why.removeprefix(f'{weights}: ')}"
+                                                            for r, why in failed)) from problem
+    other = [str(r) for r, (_, seen) in enumerate(views) if seen != views[0][1]]
+    if other:
+        raise CheckpointError(f"{weights} holds other tensor names, shapes or another step on rank"
+                              f"{'s' if len(other) > 1 else ''} {', '.join(other)} than on rank 0: each rank reads "
+                              f"its own copy of the path, and they differ; every rank must read the same adapter")
+
+
+def _check_fits(model, meta: dict, weights: Path, shapes: dict, named: dict, buffers: dict, with_buffers: bool) -> None:
+    """Refuse a file (``shapes``: its names and shapes) whose tensors are not the model's trainable parameters
+    (``named``) and, since format_version 2, the buffers of its trained modules (``buffers``), naming what differs."""
     expected = {**named, **buffers} if with_buffers else named
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(shapes))
     missing_params = [n for n in missing if n in named]
     missing_buffers = [n for n in missing if n not in named]
-    unexpected = sorted(set(state) - set(expected))
-    bad_shape = [f"{n}: file {tuple(state[n].shape)} vs model {full_shape(expected[n])}"
-                 for n in sorted(set(expected) & set(state)) if tuple(state[n].shape) != full_shape(expected[n])]
-    empty = [n for n, t in state.items() if t.numel() == 0 and n in named and np.prod(full_shape(named[n])) != 0]
-    if missing or unexpected or bad_shape or empty:
-        parts = []
-        if missing_params:
-            parts.append(f"{len(missing_params)} trainable parameters missing from the file (e.g. {missing_params[:3]})")
-        if missing_buffers:
-            parts.append(f"{len(missing_buffers)} buffers of trained modules missing from the file "
-                         f"(e.g. {missing_buffers[:3]})")
-        if unexpected:
-            what = "trainable parameters or buffers of trained modules" if with_buffers else "trainable parameters"
-            parts.append(f"{len(unexpected)} tensors in the file that are not {what} of the model "
-                         f"(e.g. {unexpected[:3]})")
-        if bad_shape:
-            parts.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
-        if empty:
-            parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
-        settings = adapter_settings_mismatch(model, meta)
-        raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
-                              (f" ({settings})" if settings else "") +
-                              ". Build the model from the adapter's adapter_config.json run_config.")
+    unexpected = sorted(set(shapes) - set(expected))
+    bad_shape = [f"{n}: file {shapes[n]} vs model {full_shape(expected[n])}"
+                 for n in sorted(set(expected) & set(shapes)) if shapes[n] != full_shape(expected[n])]
+    empty = [n for n, shape in shapes.items()
+             if np.prod(shape) == 0 and n in named and np.prod(full_shape(named[n])) != 0]
+    if not (missing or unexpected or bad_shape or empty):
+        return
+    parts = []
+    if missing_params:
+        parts.append(f"{len(missing_params)} trainable parameters missing from the file (e.g. {missing_params[:3]})")
+    if missing_buffers:
+        parts.append(f"{len(missing_buffers)} buffers of trained modules missing from the file "
+                     f"(e.g. {missing_buffers[:3]})")
+    if unexpected:
+        what = "trainable parameters or buffers of trained modules" if with_buffers else "trainable parameters"
+        parts.append(f"{len(unexpected)} tensors in the file that are not {what} of the model "
+                     f"(e.g. {unexpected[:3]})")
+    if bad_shape:
+        parts.append(f"{len(bad_shape)} shape mismatches (e.g. {bad_shape[:3]})")
+    if empty:
+        parts.append(f"0-size tensors saved from a partitioned model (e.g. {empty[:3]})")
     settings = adapter_settings_mismatch(model, meta)
-    if settings:  # the same names and shapes, another model: its outputs would not be the trained ones
-        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {settings}. Build the model from the adapter's "
-                              f"adapter_config.json run_config.")
-    if check_only:
-        return meta
-    if buffers and not with_buffers:
-        logger.warning(f"{adapter_dir} was written by an earlier vlscale (format_version "
-                       f"{meta.get('format_version', 0)}) that saved no buffers: the {len(buffers)} buffers of "
-                       f"trained modules (e.g. {list(buffers)[:3]}: BatchNorm statistics of a trained vision "
-                       f"tower) keep their freshly built values, so the outputs can differ from the trained "
-                       f"model's")
-    params = list(named.values())
-    with torch.no_grad(), _gathered(params, modifier_rank=0):
-        for name, p in named.items():
-            p.data.copy_(state[name].to(dtype=p.dtype, device=p.device))
-    with torch.no_grad():
-        for name, b in (buffers.items() if with_buffers else ()):
-            b.copy_(state[name].to(dtype=b.dtype, device=b.device))
-    return meta
+    raise CheckpointError(f"{weights} does not fit the model: " + "; ".join(parts) +
+                          (f" ({settings})" if settings else "") +
+                          ". Build the model from the adapter's adapter_config.json run_config.")
 
 
 def check_init_adapter(cfg) -> dict:
