@@ -346,6 +346,3 @@ def contiguous_position_bias(lm) -> int:
         wrapped += 1
     return wrapped
 
-
-def list_backbones() -> list[str]:
-    return sorted(LM_REGISTRY)
