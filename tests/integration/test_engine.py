@@ -17,7 +17,6 @@ import torch
 
 from vlscale.config import config_from_dict, load_config
 from vlscale.engine import checkpoint as ckpt
-from vlscale.modeling.vl_model import is_checkpointing
 from vlscale.profiling.analytic import estimate_checkpoint, resolve_ds_config
 
 
@@ -630,7 +629,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(h):
                  for k, v in next(build_train_loader(cfg, tok, 0, 1)).items()}
         model(batch).loss.backward()
         grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad})
-        assert is_checkpointing(model.lm) == gc
+        assert model.lm.is_activation_checkpointing == gc
     exact, plain, ckpt = grads
     assert exact.keys() == plain.keys() == ckpt.keys() and len(plain) > 10
     err = max((plain[n] - exact[n]).abs().max() for n in exact)

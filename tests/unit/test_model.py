@@ -739,21 +739,19 @@ def test_a_checkpoint_folder_larger_than_the_tokenizer_keeps_its_rows(tmp_path):
 
 
 def test_gradient_checkpointing_is_on_and_the_cache_off():
-    from vlscale.modeling.vl_model import is_checkpointing
-
     model = build_model(_cfg("train.gradient_checkpointing=true"), vocab_size=VOCAB)
-    assert is_checkpointing(model.lm) and model.lm.config.use_cache is False
-    assert not is_checkpointing(build_model(_cfg(), vocab_size=VOCAB).lm)
+    assert model.lm.is_activation_checkpointing and model.lm.config.use_cache is False
+    assert not build_model(_cfg(), vocab_size=VOCAB).lm.is_activation_checkpointing
 
 
 def test_set_checkpointing_turns_it_off_again():
-    from vlscale.modeling.vl_model import is_checkpointing, set_checkpointing
+    from vlscale.modeling.vl_model import set_checkpointing
 
     lm = build_lm("tiny-t5", device="meta")
     set_checkpointing(lm, True)
-    assert is_checkpointing(lm)
+    assert lm.is_activation_checkpointing
     set_checkpointing(lm, False)
-    assert not is_checkpointing(lm)
+    assert not lm.is_activation_checkpointing
 
 
 def test_extra_prompts_count_against_barts_positions():

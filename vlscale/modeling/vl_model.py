@@ -209,10 +209,6 @@ def set_checkpointing(lm, on: bool) -> None:
         lm.activation_checkpointing_disable()
 
 
-def is_checkpointing(lm) -> bool:
-    return lm.is_activation_checkpointing
-
-
 def checkpoint_vocab_size(cfg: RunConfig) -> Optional[int]:
     """The ``vocab_size`` of a local model.backbone_path folder's config.json (what ``from_pretrained`` builds,
     which may differ from the registry's: embeddings resized for added tokens), or None."""
