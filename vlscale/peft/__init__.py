@@ -30,7 +30,7 @@ from vlscale.peft.hyperformer import HyperformerLayers
 from vlscale.peft.lora import LoRALayers
 from vlscale.peft.prompt import PromptEncoder
 from vlscale.peft.sites import (SHARED, Site, adapter_sites, backbone_family, check_tasks, lm_dtype_device,
-                                lora_sites, param_numel)
+                                lora_sites)
 from vlscale.peft.trainable import configure_trainable, count_parameters
 
 ADAPTER_LIKE = {"adapter": AdapterLayers, "hyperformer": HyperformerLayers, "compacter": CompacterLayers}
@@ -158,10 +158,6 @@ class PeftController(nn.Module):
             if bias is not None:
                 out.append((f"{site.name}.bias", bias))
         return out
-
-    def num_parameters(self) -> int:
-        """PEFT parameters (full sizes, also under ZeRO-3 partitioning or on the meta device)."""
-        return sum(param_numel(p) for p in self.parameters())
 
     def extra_repr(self) -> str:
         return f"method={self.method}, sharing={self.sharing}, tasks={list(self.tasks)}, sites={len(self._sites)}"
