@@ -436,12 +436,26 @@ def test_unknown_task_is_named():
         peft.set_task("nlvr2")
 
 
+def per_task_logits(lm, peft):
+    """Per-task adapters moved away from the identity, and each task's logits (they differ: the selected task
+    shows in the forward)."""
+    perturb(peft)
+    out = {}
+    for task in TASKS:
+        peft.set_task(task)
+        out[task] = logits(lm)
+    assert (out["vqa"] - out["gqa"]).abs().max() > 1e-3
+    return out
+
+
 def test_task_context_manager_restores():
-    peft = apply_peft(make_t5(), peft_cfg("adapter", "multiple"), TASKS)
+    lm = make_t5()
+    peft = apply_peft(lm, peft_cfg("adapter", "multiple"), TASKS)
+    by_task = per_task_logits(lm, peft)
     peft.set_task("vqa")
     with peft.task("gqa"):
-        assert peft.current_task == "gqa"
-    assert peft.current_task == "vqa"
+        torch.testing.assert_close(logits(lm), by_task["gqa"], rtol=0, atol=0)
+    torch.testing.assert_close(logits(lm), by_task["vqa"], rtol=0, atol=0)
 
 
 def test_task_context_manager_restores_no_task_and_after_an_error():
@@ -451,14 +465,14 @@ def test_task_context_manager_restores_no_task_and_after_an_error():
     peft = apply_peft(lm, peft_cfg("adapter", "multiple"), TASKS)
     with peft.task("gqa"):
         pass
-    assert peft.current_task is None
     with pytest.raises(RuntimeError, match="no task selected"):
         logits(lm)
+    by_task = per_task_logits(lm, peft)
     peft.set_task("vqa")
     with pytest.raises(ZeroDivisionError):
         with peft.task("gqa"):
             1 / 0
-    assert peft.current_task == "vqa"
+    torch.testing.assert_close(logits(lm), by_task["vqa"], rtol=0, atol=0)
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones():

@@ -97,10 +97,6 @@ class PeftController(nn.Module):
         return output + self.lora.forward(x, site_key, self._task, module.training)
 
     # ------------------------------------------------------------------ the task
-    @property
-    def current_task(self) -> Optional[str]:
-        return self._task
-
     def set_task(self, name: str) -> None:
         """Select the per-task modules used by the next forwards (until the next call)."""
         if name not in self.tasks:
