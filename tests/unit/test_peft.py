@@ -230,9 +230,6 @@ def test_identity_at_init_then_not(backbone, method, sharing):
     perturb(peft)
     peft.set_task("vqa")
     assert (logits(lm) - base).abs().max() > 1e-3
-    peft.remove()  # the bare backbone again
-    assert peft.sites == []
-    torch.testing.assert_close(logits(lm), base, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["adapter", "compacter", "compacter-shared-factorized", "hyperformer"])

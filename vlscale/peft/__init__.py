@@ -47,7 +47,6 @@ class PeftController(nn.Module):
         self.sharing = cfg.sharing
         self.tasks = check_tasks(tasks)
         self._task: Optional[str] = None
-        self._handles = []
         self._sites: list[Site] = []
         self._lm_ref = weakref.ref(lm)  # not a submodule: the LM's state_dict stays clean
         self.family = backbone_family(lm)
@@ -73,8 +72,7 @@ class PeftController(nn.Module):
     def _hook_sites(self, lm: nn.Module, sites: Sequence[Site], hook, with_kwargs: bool) -> None:
         for site in sites:
             module = lm.get_submodule(site.name)
-            self._handles.append(module.register_forward_hook(functools.partial(hook, site.key),
-                                                              with_kwargs=with_kwargs))
+            module.register_forward_hook(functools.partial(hook, site.key), with_kwargs=with_kwargs)
             self._sites.append(site)
 
     # The hooks run a container's ``forward`` as a plain call, not through ``__call__``: the containers
@@ -123,13 +121,6 @@ class PeftController(nn.Module):
         if encoder is None:
             return None
         return encoder(batch_size, self._task, dtype)
-
-    def remove(self) -> None:
-        """Remove every hook: the LM computes as the bare backbone again."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._sites.clear()
 
     def _lm(self, what: str) -> nn.Module:
         lm = self._lm_ref()
