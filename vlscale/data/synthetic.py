@@ -16,7 +16,7 @@ mirror the real ones, as :class:`~vlscale.data.tasks.Example` records:
 
 Answers are drawn first (uniformly over the question type's answer space) and the scene is built
 to match, so the text alone carries no information about the answer: the best answer-prior
-baseline (:func:`answer_prior_baseline`) stays at chance (:func:`chance_level`) while the image
+baseline (:func:`answer_prior_baseline`) stays at chance (a uniform guess) while the image
 determines the answer. Every example is seeded by (seed, task, split, index), so the first ``n``
 examples do not depend on how many are asked for. Generated splits are cached under
 ``$VLSCALE_CACHE/synthetic/<hash>`` (default ``~/.cache/vlscale``); the hash covers the generator's
@@ -60,7 +60,7 @@ GRID = 3
 BACKGROUND = (40, 40, 40)
 NLVR_STATEMENTS_PER_PAIR = 4
 
-# Answer space of each question type (what uniform guessing picks from; see chance_level).
+# Answer space of each question type (what uniform guessing picks from).
 ANSWER_SPACES = {
     "color": COLOR_NAMES, "shape": SHAPES, "count": ("0", "1", "2", "3"), "exist": ("yes", "no"),
     "rel_color": COLOR_NAMES, "rel_shape": SHAPES, "statement": ("true", "false"),
@@ -721,17 +721,3 @@ def answer_prior_baseline(train_examples: list[Example], test_examples: list[Exa
         results["content"] = _mean_score(task, preds, test_examples)
     return max(results.values())
 
-
-def chance_level(examples: list[Example], task: str) -> float:
-    """Expected score of guessing uniformly within each example's answer space (by question type)."""
-    scores = []
-    for e in examples:
-        space = ANSWER_SPACES.get(e.extra.get("qtype"))
-        if space is None:
-            raise ValueError(f"chance_level({task!r}): example {e.uid} has no known answer space "
-                             f"(extra['qtype']={e.extra.get('qtype')!r})")
-        if get_task(task).metric == "vqa_score":
-            scores.append(np.mean([_mean_score(task, [a], [e]) for a in space]))
-        else:
-            scores.append(1.0 / len(space))
-    return float(np.mean(scores))
