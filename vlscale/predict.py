@@ -374,6 +374,8 @@ class Predictor:
         model names one: :func:`chosen_option` gives its text)."""
         from vlscale.data.tasks import get_task, is_task
 
+        self._declare_custom_tasks(task)
+
         single = isinstance(text, str)
         if not single and not isinstance(text, Iterable):  # a list, a tuple, an array of strings (pandas' .values)
             raise TypeError(f"text must be a string (the question; '' for a caption) or a list of them, got "
@@ -428,6 +430,7 @@ class Predictor:
         from vlscale.data.video import qa_text
         from vlscale.modeling.vision import image_transform
 
+        self._declare_custom_tasks(task)
         transform = (image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
                      if self.encoder is not None else None)
         texts = [t.strip() for t in texts]  # as the loaders read a record's text
@@ -449,6 +452,16 @@ class Predictor:
         examples = [Example(task=task, uid=str(i), text=t, target="", image_ids=[f"image{k}" for k in range(len(v))])
                     for i, (t, v) in enumerate(zip(texts, visuals))]
         return self.collator(examples, visuals)
+
+    def _declare_custom_tasks(self, task: str) -> None:
+        """This adapter's ``data.custom_tasks`` as the process's declarations (vlscale.data.tasks' registry) before
+        a custom ``task`` is looked up: a Predictor loaded later (or any config) that declares the same name otherwise
+        (another prefix or like) replaced them, and this adapter's inputs would have been built as that one's. A
+        built-in task's spec is fixed (and the arguments' checks run before anything of the adapter is read)."""
+        from vlscale.data.tasks import TASKS, declare_custom_tasks
+
+        if task not in TASKS and self.cfg.data.custom_tasks:
+            declare_custom_tasks(self.cfg.data.custom_tasks)
 
     def _predict_batch(self, task: str, texts: list[str], images: list, options: list, subtitles: list) -> list[str]:
         from vlscale.engine.evaluation import predict_task

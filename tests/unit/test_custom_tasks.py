@@ -151,3 +151,24 @@ def test_the_feature_cache_refuses_one_image_id_naming_two_images(root, launcher
             extract.real_jobs(cfg)
     finally:
         image.write_bytes(saved)
+
+
+def test_two_predictors_declaring_one_name_otherwise_each_build_their_own_inputs(root, tmp_path):
+    """The registry is one a process: a Predictor of an adapter whose okvqa has another prefix, loaded later,
+    replaced the first one's declaration, and the first built its inputs with the second's prefix."""
+    from vlscale.data import build_tokenizer
+    from vlscale.engine.checkpoint import save_adapter
+    from vlscale.modeling.vl_model import build_model
+    from vlscale.predict import Predictor
+
+    predictors = []
+    for name, prefix in (("a", "okvqa:"), ("b", "outside knowledge:")):
+        cfg = load_config("tiny", [*TINY, "data.source=real", f"data.root={root}", "data.tasks=[okvqa]",
+                                   f"data.custom_tasks={{okvqa: {{like: vqa, prefix: '{prefix}'}}}}"])
+        tokenizer = build_tokenizer(cfg)
+        save_adapter(build_model(cfg, vocab_size=len(tokenizer)), tmp_path / name, cfg, tokenizer=tokenizer)
+        predictors.append(Predictor(tmp_path / name, device="cpu"))
+    image = root / "okvqa" / "images" / "COCO_val2014_000000000073.jpg"
+    for p, prefix in zip(predictors, ("okvqa:", "outside knowledge:")):
+        ids = p.batch("okvqa", ["what is this?"], [[image]])["input_ids"][0]
+        assert p.tokenizer.decode(ids, skip_special_tokens=True) == f"{prefix} what is this?"
