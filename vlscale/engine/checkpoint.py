@@ -602,6 +602,29 @@ def check_init_adapter(cfg) -> dict:
     return meta
 
 
+def redeclared_tasks_note(cfg, meta: dict) -> Optional[str]:
+    """A note for a warm start (``meta``: the adapter's adapter_config.json) whose run declares a custom task of the
+    adapter's run otherwise (another ``like`` or ``prefix``, ``data.custom_tasks``), or None. Allowed, as other
+    data.* settings are (a prompt or data ablation from trained weights), but said: the task's weights were trained
+    on inputs of the other prefix or format."""
+    from vlscale.data.tasks import get_task
+
+    def declared(custom: dict, name: str) -> dict:
+        d = custom[name]
+        return {"like": d.get("like"), "prefix": d.get("prefix", f"{name}:")}
+
+    then = (meta["run_config"].get("data") or {}).get("custom_tasks") or {}
+    changed = [(t, declared(then, t), {"like": get_task(t).format, "prefix": get_task(t).prefix})
+               for t in cfg.data.tasks if t in then and t in cfg.data.custom_tasks]
+    changed = [(t, a, b) for t, a, b in changed if a != b]
+    if not changed:
+        return None
+    told = "; ".join(f"{t}'s {k} is {b[k]!r} here, {a[k]!r} in the adapter's run" for t, a, b in changed
+                     for k in a if a[k] != b[k])
+    return (f"train.init_adapter={str(cfg.train.init_adapter)!r}: data.custom_tasks.{told} (its weights were trained "
+            f"on the other inputs; allowed, as another data.* setting is)")
+
+
 # ----------------------------------------------------------------------------- RNG and JSON state
 
 def _to_jsonable(obj: Any) -> Any:

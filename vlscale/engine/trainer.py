@@ -612,6 +612,9 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 check_resumed_cache(out, tag, cfg)
             if warm:
                 init = ckpt.check_init_adapter(cfg)
+                note = ckpt.redeclared_tasks_note(cfg, init)
+                if note:
+                    print(f"vlscale: note: {note}", flush=True)
             check_disk_space(cfg, ds_config, dist.world_size, len(tokenizer), out, resume, universal)
             check_eval_data(cfg, eval_data)
         except (ckpt.CheckpointError, ValueError) as e:
