@@ -172,3 +172,30 @@ def test_two_predictors_declaring_one_name_otherwise_each_build_their_own_inputs
     for p, prefix in zip(predictors, ("okvqa:", "outside knowledge:")):
         ids = p.batch("okvqa", ["what is this?"], [[image]])["input_ids"][0]
         assert p.tokenizer.decode(ids, skip_special_tokens=True) == f"{prefix} what is this?"
+
+
+def test_what_its_format_decides_beyond_loading_is_its_formats(root, tmp_path, caplog):
+    """Decided by get_task(task).format, not by the task's name (each was a surviving mutant): VQA's answer types
+    scored per type, sampled VQA targets with their loss weights, the submission's numeric-id warning, NLVR2's
+    consistency, a video task's subtitles file."""
+    from vlscale.data import build_tokenizer, build_train_loader
+    from vlscale.data.real import subtitle_path
+    from vlscale.engine.evaluation import score_records, write_submission
+    from vlscale.metrics import score_task
+
+    cfg = config(root, "[okvqa]", "data.vqa_targets=sampled", "train.loss_reduction=example")
+    examples = load_examples(cfg, "okvqa", "val")
+    records = [{"uid": e.uid, "prediction": "yes", "references": e.references} for e in examples]
+    assert {"vqa_score_yes_no", "vqa_score_other"} <= set(score_records("okvqa", records, examples=examples))
+    assert "loss_weights" in next(build_train_loader(cfg, build_tokenizer(cfg)))
+    with caplog.at_level("WARNING", logger="vlscale.engine.evaluation"):
+        write_submission(tmp_path, "okvqa", [{"uid": "q1", "prediction": "yes"}], [type(examples[0])(
+            task="okvqa", uid="q1", text="", target="", image_ids=[])])
+    assert "okvqa submission: 1 of 1 question_ids are not numbers" in caplog.text
+
+    shutil.copytree(REAL / "how2qa", tmp_path / "myqa")
+    video = load_config("tiny", ["data.source=real", f"data.root={tmp_path}", "data.tasks=[myqa]",
+                                 "data.custom_tasks={myqa: {like: how2qa}, mynlvr: {like: nlvr2}}"])
+    assert subtitle_path(video, "myqa") == tmp_path / "myqa" / "how2_subtitles.jsonl"
+    scores = score_task("mynlvr", {"a": "true", "b": "false"}, {"a": ["true"], "b": ["true"]}, {"a": "g", "b": "g"})
+    assert scores == {"accuracy": 0.5, "consistency": 0.0}

@@ -42,3 +42,16 @@ def test_a_custom_task_declared_otherwise_than_in_the_adapters_run_is_said(root)
                     "another data.* setting is)")
     note = ckpt.redeclared_tasks_note(warm(root, "{okvqa: {like: gqa}}"), then)
     assert "data.custom_tasks.okvqa's like is 'gqa' here, 'vqa' in the adapter's run" in note
+
+
+def test_provenance_records_a_relative_adapter_folder_as_an_absolute_path(tmp_path, monkeypatch):
+    import hashlib
+
+    from vlscale.provenance import init_adapter
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ckpt.ADAPTER_WEIGHTS).write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    record = init_adapter("a", {"step": 7})
+    assert record["path"] == str((tmp_path / "a").resolve()) and record["step"] == 7 and record["size"] == 7
+    assert record["sha256"] == hashlib.sha256(b"weights").hexdigest()
