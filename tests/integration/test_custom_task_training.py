@@ -66,3 +66,16 @@ def test_predict_answers_as_the_custom_task(run, launcher, capsys):
     assert launcher("predict").main(["--adapter", str(out / "adapter"), "--task", "okvqa", "--image", str(image),
                                      "--text", "what is this?", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "okvqa"
+
+
+def test_a_warm_start_with_the_tasks_in_another_order_and_another_prefix_says_so(run, h, tmp_path):
+    """From the run's per-task adapter: okvqa and vqa in the other order (allowed: the same tasks), okvqa with
+    another prefix (allowed, said at start-up naming both), one step."""
+    root, out = run
+    proc = h.launch(h.TINY + ["data.source=real", f"data.root={root}", "data.tasks=[okvqa,vqa]",
+                              "data.custom_tasks={okvqa: {like: vqa, prefix: 'outside knowledge:'}}",
+                              "peft.sharing=multiple", "train.micro_batch_size=2", "train.max_steps=1",
+                              "train.eval_every=0", "train.zero_stage=0", f"train.init_adapter={out / 'adapter'}",
+                              f"output_dir={tmp_path / 'warm'}"])
+    assert (f"vlscale: note: train.init_adapter={str(out / 'adapter')!r}: data.custom_tasks.okvqa's prefix is "
+            "'outside knowledge:' here, 'okvqa:' in the adapter's run") in proc.stdout, proc.stdout[-3000:]
