@@ -55,3 +55,17 @@ def test_provenance_records_a_relative_adapter_folder_as_an_absolute_path(tmp_pa
     record = init_adapter("a", {"step": 7})
     assert record["path"] == str((tmp_path / "a").resolve()) and record["step"] == 7 and record["size"] == 7
     assert record["sha256"] == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_an_adapter_per_task_refuses_a_run_of_none_of_its_tasks(tmp_path):
+    """Its per-task weights are found by the adapter's tasks (a run of [caption] names none of vqa, gqa)."""
+    from vlscale.data import build_tokenizer
+    from vlscale.modeling.vl_model import build_model
+
+    cfg = load_config("tiny", [*TINY, "peft.sharing=multiple", "data.tasks=[vqa,gqa]"])
+    tokenizer = build_tokenizer(cfg)
+    ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), tmp_path / "multi", cfg, tokenizer=tokenizer)
+    other = load_config("tiny", [*TINY, "peft.sharing=multiple", "data.tasks=[caption]",
+                                 f"train.init_adapter={tmp_path / 'multi'}"])
+    with pytest.raises(ckpt.CheckpointError, match=r"\['vqa', 'gqa'\] only in the adapter .*; \['caption'\] only in"):
+        ckpt.check_init_adapter(other)
