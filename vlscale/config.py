@@ -738,10 +738,11 @@ class RunConfig:
         """One line per setting given away from its default that this run does not read (a method's widths
         under another method, ``peft.half_shared`` without half_shared sharing, the synthetic world's sizes
         with real data, ``model.pool_size`` on a ViT or past an RN's grid, a custom task ``data.tasks`` does not
-        name). launchers/train.py prints them as notes at start-up, on rank 0. Noted, not refused: an override that switches the method or the sharing
-        keeps the preset's other values (``--config paper/clip_bart_half_shared_adapters peft.sharing=single``
-        leaves ``half_shared: up``), override lists shared by every method carry each method's widths
-        (the benchmarks; replicate.py's rows once), and saved run configs must keep loading."""
+        name). launchers/train.py prints them as notes at start-up, on rank 0. Noted, not refused: an override
+        that switches the method or the sharing keeps the preset's other values
+        (``--config paper/clip_bart_half_shared_adapters peft.sharing=single`` leaves ``half_shared: up``),
+        override lists shared by every method carry each method's widths (the benchmarks; replicate.py's rows
+        once), and saved run configs must keep loading."""
         notes = []
         for key, (is_read, needs, now) in self._reads().items():
             section, name = key.split(".")
