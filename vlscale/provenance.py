@@ -126,15 +126,16 @@ def init_adapter(folder, meta: dict) -> dict:
     return {"path": str(folder), "step": meta.get("step"), **{k: v for k, v in weights.items() if k != "path"}}
 
 
-def provenance(cfg, dist, devices: list, init_meta: Optional[dict] = None) -> dict:
+def provenance(cfg, dist, devices: list, started_from: Optional[dict] = None) -> dict:
     """This process's segment (rank 0 calls it with its DistInfo; ``devices``: every rank's :func:`device_name`).
-    ``init_meta``: the adapter_config.json of the ``train.init_adapter`` the run started from (None: it started from
-    none, or resumes: the segment has no ``init_adapter`` then, and a resume's is not compared with the start's)."""
+    ``started_from``: :func:`init_adapter`'s record of the ``train.init_adapter`` the run started from, taken before
+    its load (None: it started from none, or resumes: the segment has no ``init_adapter`` then, and a resume's is not
+    compared with the start's)."""
     segment = {"versions": versions(), "git": git_state(), "argv": [sys.executable, *sys.argv],
                "launcher_argv": launcher_argv(dist.launched), "world_size": dist.world_size,
                "devices": dict(Counter(devices)), "data_files": data_files(cfg)}
-    if init_meta is not None:
-        segment["init_adapter"] = init_adapter(cfg.train.init_adapter, init_meta)
+    if started_from is not None:
+        segment["init_adapter"] = started_from
     return segment
 
 

@@ -476,7 +476,7 @@ def _open_adapter(adapter_dir: Path, meta: Optional[dict], files: contextlib.Exi
     problem, f, shapes, weights, header = None, None, {}, adapter_dir / ADAPTER_WEIGHTS, None
     try:
         meta = meta if meta is not None else read_adapter_config(adapter_dir)
-        if not weights.is_file():
+        if not weights.exists():  # a folder of its name is not readable as one, below
             raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} is missing")
         try:
             f = files.enter_context(safe_open(str(weights), framework="pt"))  # its header; the data as it is copied
@@ -557,29 +557,20 @@ def _check_fits(model, meta: dict, weights: Path, shapes: dict, named: dict, buf
 def check_init_adapter(cfg) -> dict:
     """``train.init_adapter``'s adapter_config.json, checked against the run ``cfg`` before anything is built (a warm
     start: :func:`load_adapter` loads it onto the freshly built model). Refused, naming ``train.init_adapter`` and
-    the folder: a folder that is missing or not an adapter (:func:`read_adapter_config`), a weights file missing or
-    unreadable, another model.* / peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter
+    the folder: a folder that is missing or not an adapter (:func:`read_adapter_config`), a weights file missing,
+    unreadable or of another step than its config (:func:`_open_adapter`, as the load reads it), another model.* / peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter
     that holds weights of each task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings,
     per-task prompts), another set of ``data.tasks``, naming the tasks that differ: a task of the adapter's the run
     lacks has weights to no purpose, and a task of the run's the adapter lacks none to start from. An adapter whose
     weights are all shared by the tasks (``peft.sharing=single``) starts any tasks. Names and shapes are checked by
     the load, after the build."""
-    from safetensors import SafetensorError, safe_open
-
     from vlscale.peft.trainable import task_of
 
     folder = Path(cfg.train.init_adapter)
     where = f"train.init_adapter={str(folder)!r}"
     try:
-        meta = read_adapter_config(folder)
-        weights = folder / ADAPTER_WEIGHTS
-        if not weights.exists():
-            raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
-        try:
-            with safe_open(str(weights), framework="pt") as f:  # its header only
-                f.keys()
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+        with contextlib.ExitStack() as files:  # its config, and the weights file's header and step
+            meta = _open_adapter(folder, None, files, collective=False)[0]
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
     config = folder / ADAPTER_CONFIG

@@ -596,7 +596,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
     # another number of ranks' ZeRO partitions: read through DeepSpeed's universal format
     universal = resume and zero_stage(ds_config) > 0 and ckpt.needs_universal(out, dist.world_size)
     import_model_code(cfg)
-    error, lock, tag, eval_data, init = None, None, None, {}, None
+    error, lock, tag, eval_data, init, started_from = None, None, None, {}, None, None
     warm = bool(cfg.train.init_adapter) and not resume  # a --resume continues the checkpoint's weights
     if dist.is_main:
         try:
@@ -612,6 +612,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
                 check_resumed_cache(out, tag, cfg)
             if warm:
                 init = ckpt.check_init_adapter(cfg)
+                # its fingerprint before the load, which refuses a weights file of another step than this config's
+                started_from = provenance.init_adapter(cfg.train.init_adapter, init)
                 note = ckpt.redeclared_tasks_note(cfg, init)
                 if note:
                     print(f"vlscale: note: {note}", flush=True)
@@ -677,7 +679,7 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             run.step_times = list(state.get("step_times", []))  # step time; run_summary's median is of this one's
     devices = all_gather_object(provenance.device_name(dist.device))
     if run.is_main:
-        segment = provenance.provenance(cfg, dist, devices, init)
+        segment = provenance.provenance(cfg, dist, devices, started_from)
         earlier = (ckpt.read_client_state(out / "checkpoints" / tag / "client_state_rank0.json").get("provenance")
                    if resume and tag else None)
         run.provenance = provenance.with_resumed(earlier, segment, run.step) if resume else [segment]
