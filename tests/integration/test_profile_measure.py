@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+import cpu_adam_op
 import pytest
 
 from vlscale.config import load_config
@@ -49,8 +50,9 @@ def _measure(cases: dict, world: int, preloaded) -> dict:
     its ranks forked from the suite's preloaded server (the default launch, torchrun: test_measure_launch)."""
     from vlscale.profiling.measure import measure_memory_cases
 
-    def launch(args, world_size, env, cwd, timeout_s):
-        done = preloaded.run(args[0], args[1:], nproc=world_size, env=env, cwd=cwd, timeout=timeout_s)
+    def launch(args, world_size, env, cwd, timeout_s):  # the offload cases' optimizer op: tests/cpu_adam_op.py
+        done = preloaded.run(args[0], args[1:], nproc=world_size, env=dict(env, **{cpu_adam_op.ENV: "standin"}),
+                             cwd=cwd, timeout=timeout_s)
         return done.returncode, done.stdout
 
     results = measure_memory_cases([dict(cfg=cfg, ds_config=ds, steps=steps) for cfg, ds, steps in cases.values()],
