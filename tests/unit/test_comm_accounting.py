@@ -240,19 +240,32 @@ def test_meta_prediction_of_the_real_model():
         predict_zero3_comm(cfg, {"zero_optimization": {"stage": 2}}, 2, model=model)
 
 
-def test_counted_bytes_match_the_accounting_on_two_ranks(tmp_path, preloaded):
-    """A real ZeRO-3 run (2 CPU ranks, tiny CLIP-T5, one adapter, parameters released after each
-    use): all-gather and reduce-scatter bytes of steps 2-3 counted from the collectives equal the
-    accounting. (DeepSpeed's default re-use distance matches too: docs/scaling.md.) The ranks run
-    benchmarks/scale.py's worker, forked from the suite's preloaded server as its own torchrun would
-    start them (1 thread each)."""
-    out = tmp_path / "r.json"
+SCALE_ARGS = ["--model", "tiny-t5", "--vision", "tiny-clip-rn", "--steps", "3", "--reuse-distance", "0"]
+
+
+def _scale_run(preloaded, workdir: Path, *overrides: str) -> dict:
+    """benchmarks/scale.py's worker on 2 ranks, forked from the suite's preloaded server as its own torchrun would
+    start them (1 thread each): its result."""
+    out = workdir / "r.json"
     proc = preloaded.run(ROOT / "benchmarks" / "scale.py",
-                         ["--worker", "--result", out, "--workdir", tmp_path / "run", "--model", "tiny-t5", "--vision",
-                          "tiny-clip-rn", "--steps", "3", "--reuse-distance", "0", "--quiet"],
+                         ["--worker", "--result", out, "--workdir", workdir / "run", *SCALE_ARGS, "--quiet",
+                          *overrides],
                          nproc=2, env=dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120"), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    r = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def plain_run(preloaded, tmp_path_factory) -> dict:
+    """One 2-rank run without gradient checkpointing, for the tests that count its bytes or compare with them."""
+    return _scale_run(preloaded, tmp_path_factory.mktemp("plain"))
+
+
+def test_counted_bytes_match_the_accounting_on_two_ranks(plain_run):
+    """A real ZeRO-3 run (2 CPU ranks, tiny CLIP-T5, one adapter, parameters released after each
+    use): all-gather and reduce-scatter bytes of steps 2-3 counted from the collectives equal the
+    accounting. (DeepSpeed's default re-use distance matches too: docs/scaling.md.)"""
+    r = plain_run
     for kind in ("all_gather", "reduce_scatter"):
         counted = [step[kind] for step in r["comm_bytes_by_step"][1:]]
         predicted = r["predicted_comm_bytes_per_step"][kind]
@@ -331,41 +344,23 @@ def test_checkpointed_trace_of_the_real_model():
         predict_zero3_comm(cfg, ds, 2, vocab_size=700, model=model)
 
 
-def _scale_prediction(args: list[str]):
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    import scale
-
-    from vlscale.data import build_tokenizer
-
-    a = scale.parse_args(args)
-    cfg = scale.bench_config(a)
-    return predict_zero3_comm(cfg, scale.bench_ds_config(a, cfg, 2), 2, vocab_size=len(build_tokenizer(cfg)))
-
-
-def test_counted_bytes_match_the_accounting_with_gradient_checkpointing(tmp_path, preloaded):
+def test_counted_bytes_match_the_accounting_with_gradient_checkpointing(tmp_path, preloaded, plain_run):
     """As above with train.gradient_checkpointing=true (the 8 x 24 GiB ZeRO-3 presets' setting): in
     backward each checkpointed T5 block runs its forward again, and the adapters its sublayers call
     are gathered again for it, except one still gathered for its own backward; the embeddings'
     output needs a gradient (transformers' enable_input_require_grads), so they are gathered in
     backward too. Counted all-gather and reduce-scatter bytes of steps 2-3 equal the accounting."""
-    out = tmp_path / "r.json"
-    args = ["--model", "tiny-t5", "--vision", "tiny-clip-rn", "--steps", "3", "--reuse-distance", "0"]
-    proc = preloaded.run(ROOT / "benchmarks" / "scale.py",
-                         ["--worker", "--result", out, "--workdir", tmp_path / "run", *args, "--quiet",
-                          "train.gradient_checkpointing=true"],
-                         nproc=2, env=dict(preloaded.env, VLSCALE_DIST_TIMEOUT="120"), cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    r = json.loads(out.read_text())
+    r = _scale_run(preloaded, tmp_path, "train.gradient_checkpointing=true")
     predicted = r["predicted_comm_bytes_per_step"]
     for kind in ("all_gather", "reduce_scatter"):
         counted = [step[kind] for step in r["comm_bytes_by_step"][1:]]
         assert counted == [predicted[kind]] * len(counted), (kind, counted, predicted[kind])
     assert predicted["detail"]["gradient_checkpointing"]
     assert predicted["detail"]["recompute_all_gather"]["trainable"] > 0
-    without = _scale_prediction(args + ["--workdir", str(tmp_path / "plain")])
-    assert predicted["all_gather"] > without.all_gather  # the recompute's gathers are counted
-    assert predicted["reduce_scatter"] == without.reduce_scatter
+    without = plain_run["predicted_comm_bytes_per_step"]  # the same run without checkpointing
+    assert not without["detail"]["gradient_checkpointing"]
+    assert predicted["all_gather"] > without["all_gather"]  # the recompute's gathers are counted
+    assert predicted["reduce_scatter"] == without["reduce_scatter"]
 
 
 class _C10dOp:
