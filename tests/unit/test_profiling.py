@@ -1541,15 +1541,9 @@ def test_launcher_json(capsys, launcher):
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
     assert "disk: a checkpoint writes" in text and "(2 kept + the one written)" in text
     assert profile_memory.main(["--world-size", "0"]) == 2
-    # a plan: the global batch and each row's accumulation shown (a row's mbs alone hid a 4x larger batch),
-    # and in --json how many settings were searched and fit
+    # a plan: the global batch and each row's accumulation shown (a row's mbs alone hid a 4x larger batch); in
+    # --json, with how many settings were searched and fit: the --plot test's run of the same plan checks them
     capsys.readouterr()
-    assert profile_memory.main(["--world-size", "2", "--budget", "35MiB", "--headroom", "0", "--top", "3",
-                                "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert 0 < out["settings_fit"] < out["settings_searched"] == 140, out["settings_fit"]
-    assert all(o["micro_batch_size"] * o["gradient_accumulation_steps"] * 2 == o["global_batch"] == 32
-               for o in out["plan"])
     assert profile_memory.main(["--world-size", "2", "--budget", "1GiB", "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "global batch 32 = micro-batch (mbs) x accumulation (accum) x 2 ranks" in text
@@ -1572,7 +1566,10 @@ def test_launcher_plots_the_plans_fitting_settings_or_else_the_prediction(capsys
     assert pm.main(argv + ["--budget", "35MiB"]) == 0
     out = json.loads(capsys.readouterr().out)
     fit = [row["peak"] for row in out["plan"] if row["fits"]]
-    assert 0 < len(fit) < len(out["plan"]) == out["settings_searched"]
+    assert 0 < len(fit) < len(out["plan"]) == out["settings_searched"] == 140
+    assert out["settings_fit"] == len(fit)
+    assert all(o["micro_batch_size"] * o["gradient_accumulation_steps"] * 2 == o["global_batch"] == 32
+               for o in out["plan"])  # each row's global batch and accumulation (test_launcher_json: the table's)
     assert sorted(bar["peak"] for bar in drawn[0].values()) == sorted(fit)
     assert pm.main(argv + ["--budget", "1KiB"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -2051,11 +2048,12 @@ def test_launcher_plans_and_writes_from_its_deepspeed_file_for_its_device(capsys
     last = capsys.readouterr().out.splitlines()[-1]  # the command, not 'add --write-config' after it
     assert last.startswith(f"wrote {written}; train with: deepspeed --num_gpus 2 launchers/train.py --deepspeed "
                            f"{written} --config tiny train."), last
-    assert from_own == planned(ds_file=str(tmp_path / "own.json")) != planned()
+    default = planned()  # once: a plan searches 140 settings
+    assert from_own == planned(ds_file=str(tmp_path / "own.json")) != default
     z = json.loads(written.read_text())["zero_optimization"]
     assert z["reduce_bucket_size"] == 12_345_678 and z["stage"] == from_own[0][0]
     on_cpu = rows("--device", "cpu")
-    assert on_cpu == planned(device="cpu") != planned()
+    assert on_cpu == planned(device="cpu") != default
 
 
 def test_launcher_takes_agreeing_stages_and_refuses_a_batch_no_micro_batch_keeps(capsys, launcher, monkeypatch):
