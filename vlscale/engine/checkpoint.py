@@ -559,11 +559,11 @@ def check_init_adapter(cfg) -> dict:
     start: :func:`load_adapter` loads it onto the freshly built model). Refused, naming ``train.init_adapter`` and
     the folder: a folder that is missing or not an adapter (:func:`read_adapter_config`), a weights file missing,
     unreadable or of another step than its config (:func:`_open_adapter`, as the load reads it), another model.* /
-    peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter that holds weights of each task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings,
-    per-task prompts), another set of ``data.tasks``, naming the tasks that differ: a task of the adapter's the run
-    lacks has weights to no purpose, and a task of the run's the adapter lacks none to start from. An adapter whose
-    weights are all shared by the tasks (``peft.sharing=single``) starts any tasks. Names and shapes are checked by
-    the load, after the build."""
+    peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter that holds weights of each
+    task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings, per-task prompts), another set
+    of ``data.tasks``, naming the tasks that differ: a task of the adapter's the run lacks has weights to no purpose,
+    and a task of the run's the adapter lacks none to start from. An adapter whose weights are all shared by the
+    tasks (``peft.sharing=single``) starts any tasks. Names and shapes are checked by the load, after the build."""
     from vlscale.peft.trainable import task_of
 
     folder = Path(cfg.train.init_adapter)
