@@ -67,5 +67,5 @@ def test_an_adapter_per_task_refuses_a_run_of_none_of_its_tasks(tmp_path):
     ckpt.save_adapter(build_model(cfg, vocab_size=len(tokenizer)), tmp_path / "multi", cfg, tokenizer=tokenizer)
     other = load_config("tiny", [*TINY, "peft.sharing=multiple", "data.tasks=[caption]",
                                  f"train.init_adapter={tmp_path / 'multi'}"])
-    with pytest.raises(ckpt.CheckpointError, match=r"\['vqa', 'gqa'\] only in the adapter .*; \['caption'\] only in"):
+    with pytest.raises(ckpt.CheckpointError, match=r"\['caption'\] only in this run \(no weights to start from\)"):
         ckpt.check_init_adapter(other)

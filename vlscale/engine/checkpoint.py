@@ -377,7 +377,8 @@ def settings_mismatch(cfg, meta: dict) -> Optional[str]:
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, meta: Optional[dict] = None,
-                 collective: bool = False, chunk_elements: int = GATHER_CHUNK_ELEMENTS) -> dict:
+                 collective: bool = False, chunk_elements: int = GATHER_CHUNK_ELEMENTS,
+                 tasks: Optional[list] = None) -> dict:
     """Load ``adapter_dir`` onto a freshly built model (strict: the same trainable names and shapes, and
     the same buffers of trained modules, :func:`trained_buffers`; a model that carries its RunConfig, built
     with the adapter's run's model.* / peft.* settings, :func:`adapter_settings_mismatch`). ``check_only``: only compare names and
@@ -404,7 +405,10 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, 
     that is not partitioned (evaluate.py on several ranks, a warm start: DeepSpeed's engine comes after) pass
     ``collective=True``: their next collective would wait instead.
     An adapter of format_version 1 holds no buffers: the model keeps its freshly built ones, with a
-    warning where it has buffers of trained modules. Returns the adapter's config dict.
+    warning where it has buffers of trained modules. ``tasks``: the model's tasks where they are a subset of the
+    adapter's run's ``data.tasks`` (a warm start, :func:`check_init_adapter`): the file's weights of its other tasks
+    (``peft.sharing=multiple``/``half_shared``, Hyperformer's task embeddings, prompts) are left out, as the model has
+    none. Returns the adapter's config dict.
     """
     from safetensors import SafetensorError
 
@@ -413,6 +417,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, 
     collective = collective or any(is_partitioned(p) for p in named.values())
     with contextlib.ExitStack() as files:
         meta, weights, f, shapes = _open_adapter(adapter_dir, meta, files, collective)
+        if tasks is not None:
+            from vlscale.peft.trainable import task_of
+
+            then = list((meta["run_config"].get("data") or {}).get("tasks") or [])
+            shapes = {n: shape for n, shape in shapes.items() if task_of(n, then) in (None, *tasks)}
         _check_earlier_layouts(shapes, named, weights)
         buffers = dict(trained_buffers(model))
         with_buffers = "buffers" in meta  # format_version >= 2
@@ -560,10 +569,11 @@ def check_init_adapter(cfg) -> dict:
     the folder: a folder that is missing or not an adapter (:func:`read_adapter_config`), a weights file missing,
     unreadable or of another step than its config (:func:`_open_adapter`, as the load reads it), another model.* /
     peft.* setting (:func:`settings_mismatch`, naming both values), and, for an adapter that holds weights of each
-    task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings, per-task prompts), another set
-    of ``data.tasks``, naming the tasks that differ: a task of the adapter's the run lacks has weights to no purpose,
-    and a task of the run's the adapter lacks none to start from. An adapter whose weights are all shared by the
-    tasks (``peft.sharing=single``) starts any tasks. Names and shapes are checked by the load, after the build."""
+    task (``peft.sharing=multiple`` or ``half_shared``, Hyperformer's task embeddings, per-task prompts), a task in
+    ``data.tasks`` the adapter's run lacks (it has no weights to start from), naming it; a subset of the adapter's
+    tasks starts from their weights and the shared ones (the others' are left out: :func:`load_adapter`'s
+    ``tasks``). An adapter whose weights are all shared by the tasks (``peft.sharing=single``) starts any tasks.
+    Names and shapes are checked by the load, after the build."""
     from vlscale.peft.trainable import task_of
 
     folder = Path(cfg.train.init_adapter)
@@ -580,16 +590,15 @@ def check_init_adapter(cfg) -> dict:
                               f"(the run_config in {config})")
     then, now = list((meta["run_config"].get("data") or {}).get("tasks") or []), list(cfg.data.tasks)
     per_task = [n for n in (*meta.get("parameters", {}), *meta.get("buffers", {})) if task_of(n, then)]
-    if per_task and set(then) != set(now):
-        only_then, only_now = [t for t in then if t not in now], [t for t in now if t not in then]
-        differ = "; ".join(part for part in (
-            f"{only_then} only in the adapter (its weights would go unused)" if only_then else "",
-            f"{only_now} only in this run (no weights to start from)" if only_now else "") if part)
+    if per_task and not set(now) <= set(then):
+        only_now = [t for t in now if t not in then]
         raise CheckpointError(
-            f"{where}: the adapter was trained with data.tasks={then!r}, this run has data.tasks={now!r}: {differ}. "
+            f"{where}: the adapter was trained with data.tasks={then!r}, this run has data.tasks={now!r}: "
+            f"{only_now} only in this run (no weights to start from). "
             f"The adapter holds weights of each task (e.g. {per_task[0]}, peft.sharing="
-            f"{(meta['run_config'].get('peft') or {}).get('sharing')!r}), so a warm start from it trains the same "
-            f"tasks; one whose weights are all shared (peft.sharing=single, except Hyperformer) starts any ({config})")
+            f"{(meta['run_config'].get('peft') or {}).get('sharing')!r}), so a warm start from it trains its tasks "
+            f"or some of them; one whose weights are all shared (peft.sharing=single, except Hyperformer) starts any "
+            f"({config})")
     return meta
 
 

@@ -650,7 +650,8 @@ def setup_run(cfg: RunConfig, ds_config: dict, dist: DistInfo, *, resume: bool =
             raise ConfigError(str(e)) from None
     model, hf_ds = build_model_for_run(cfg, ds_config, len(tokenizer), dtype)
     if init is not None:  # before the engine: its fp32 copies (and ZeRO's partitions of them) are made from these
-        ckpt.load_adapter(model, cfg.train.init_adapter, meta=init, collective=True)  # every rank reads it
+        ckpt.load_adapter(model, cfg.train.init_adapter, meta=init, collective=True,  # every rank reads it
+                          tasks=list(cfg.data.tasks))  # the run's tasks: a subset of the adapter's leaves the rest
     if universal:
         ds_config = dict(ds_config, checkpoint=dict(ds_config.get("checkpoint") or {}, load_universal=True))
     schedule = lr_multiplier(cfg.train.max_steps, cfg.train.warmup_ratio)
