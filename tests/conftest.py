@@ -148,10 +148,14 @@ def _busy_jobs(config) -> int:
             + int(mate is not None and mate.running()))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """The lane (tests/lane.py, ``config._vlscale_lane``: other conftests queue runs on it at collection) goes on
     between unit tests and closes at the first other test; once it and the background jobs are done, the companion
-    session starts (it starts at the first integration test otherwise)."""
+    session starts (it starts at the first integration test otherwise). Last, after pytest's own teardown of the
+    test's fixtures: a run started here copies this process's environment, and before it took a test's
+    ``monkeypatch.setenv`` along (RANK alone, from test_log.py or test_provenance.py: the lane's 1-process run then
+    took itself for a launched rank and failed in DeepSpeed's MPI discovery, "No module named 'mpi4py'")."""
     if "/tests/unit/" in str(item.path) and nextitem is not None and "/tests/unit/" in str(nextitem.path):
         lane = item.config._vlscale_lane
         lane.advance()
