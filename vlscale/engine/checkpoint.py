@@ -349,6 +349,13 @@ def adapter_settings_mismatch(model: torch.nn.Module, meta: dict) -> Optional[st
     return settings_mismatch(cfg, meta) if isinstance(cfg, RunConfig) else None
 
 
+def trained_with(meta: dict, key: str):
+    """The value of setting ``key`` (``"data.tasks"``) in the run_config of an adapter's ``meta``
+    (adapter_config.json), or None where its run_config leaves it out."""
+    section, name = key.split(".")
+    return (meta["run_config"].get(section) or {}).get(name)
+
+
 def settings_mismatch(cfg, meta: dict) -> Optional[str]:
     """The first ``model.*`` / ``peft.*`` setting (but :data:`ADAPTER_FREE_SETTINGS`) in which the RunConfig ``cfg``
     builds its model otherwise than the adapter's run (``meta``: its adapter_config.json), or None. Settings ``cfg``
@@ -420,7 +427,7 @@ def load_adapter(model: torch.nn.Module, adapter_dir, check_only: bool = False, 
         if tasks is not None:
             from vlscale.peft.trainable import task_of
 
-            then = list((meta["run_config"].get("data") or {}).get("tasks") or [])
+            then = list(trained_with(meta, "data.tasks") or [])
             shapes = {n: shape for n, shape in shapes.items() if task_of(n, then) in (None, *tasks)}
         _check_earlier_layouts(shapes, named, weights)
         buffers = dict(trained_buffers(model))
@@ -588,7 +595,7 @@ def check_init_adapter(cfg) -> dict:
     if problem:
         raise CheckpointError(f"{where}: {problem}; a warm start builds the model the adapter was trained with "
                               f"(the run_config in {config})")
-    then, now = list((meta["run_config"].get("data") or {}).get("tasks") or []), list(cfg.data.tasks)
+    then, now = list(trained_with(meta, "data.tasks") or []), list(cfg.data.tasks)
     per_task = [n for n in (*meta.get("parameters", {}), *meta.get("buffers", {})) if task_of(n, then)]
     if per_task and not set(now) <= set(then):
         only_now = [t for t in now if t not in then]
@@ -596,7 +603,7 @@ def check_init_adapter(cfg) -> dict:
             f"{where}: the adapter was trained with data.tasks={then!r}, this run has data.tasks={now!r}: "
             f"{only_now} only in this run (no weights to start from). "
             f"The adapter holds weights of each task (e.g. {per_task[0]}, peft.sharing="
-            f"{(meta['run_config'].get('peft') or {}).get('sharing')!r}), so a warm start from it trains its tasks "
+            f"{trained_with(meta, 'peft.sharing')!r}), so a warm start from it trains its tasks "
             f"or some of them; one whose weights are all shared (peft.sharing=single, except Hyperformer) starts any "
             f"({config})")
     return meta
@@ -613,7 +620,7 @@ def redeclared_tasks_note(cfg, meta: dict) -> Optional[str]:
         d = custom[name]
         return {"like": d.get("like"), "prefix": d.get("prefix", f"{name}:")}
 
-    then = (meta["run_config"].get("data") or {}).get("custom_tasks") or {}
+    then = trained_with(meta, "data.custom_tasks") or {}
     changed = [(t, declared(then, t), {"like": get_task(t).format, "prefix": get_task(t).prefix})
                for t in cfg.data.tasks if t in then and t in cfg.data.custom_tasks]
     changed = [(t, a, b) for t, a, b in changed if a != b]

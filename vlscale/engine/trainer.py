@@ -532,7 +532,7 @@ def check_init_frozen(cfg: RunConfig, meta: dict, frozen: dict, announce: bool =
     trained on, as evaluate.py refuses them; its weights were trained on those. Fingerprints are of a run's precision:
     an adapter of another ``train.precision`` is not compared, and (``announce``) a note says so and what the run
     starts from (a bf16 run's adapter holds bf16 tensors: an fp32 run starts from those bf16-rounded weights)."""
-    then = (meta["run_config"].get("train") or {}).get("precision")
+    then = ckpt.trained_with(meta, "train.precision")
     now = cfg.train.precision
     where = f"train.init_adapter={str(cfg.train.init_adapter)!r}"
     if then != now:
@@ -544,7 +544,7 @@ def check_init_frozen(cfg: RunConfig, meta: dict, frozen: dict, announce: bool =
         return
     problem = ckpt.frozen_mismatch(meta.get("frozen"), frozen, then="in the adapter's run")
     if problem:
-        seed = (meta["run_config"].get("train") or {}).get("seed")
+        seed = ckpt.trained_with(meta, "train.seed")
         hint = (f"; random frozen weights are drawn from train.seed, which is {cfg.train.seed} here and was {seed} in "
                 f"the adapter's run" if seed is not None and seed != cfg.train.seed else "")
         raise ckpt.CheckpointError(f"{where}: the frozen weights built now are not those the adapter was trained on: "
