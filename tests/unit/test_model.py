@@ -233,6 +233,53 @@ def test_shipped_clip_configs_are_read_without_open_clip_as_open_clip_gives_them
     assert vision_dims("RN101")["grid_dim"] == 2048 and vision_dims("tiny-clip-rn")
 
 
+def _tower_spec(module: torch.nn.Module) -> dict:
+    """What a meta build has of a tower: every parameter's and buffer's name, shape and dtype, every submodule's class
+    (QuickGELU or GELU) and plain settings (a LayerNorm's eps, a ViT's pool_type, image_size, ...). Left out: the
+    train/eval mode, and the preprocessing create_model sets on the tower it returns (image_mean, image_std,
+    preprocess_cfg), which vlscale does not read (vision.normalisation gives the mean and std)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    skip = {"training", "image_mean", "image_std"}
+    return {"tensors": {n: (tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()]},
+            "modules": [(n, type(m).__name__, {k: v for k, v in vars(m).items()
+                                               if not k.startswith("_") and k not in skip and isinstance(v, plain)})
+                        for n, m in module.named_modules()]}
+
+
+def test_a_meta_build_is_open_clips_visual_tower_alone_for_every_clip_the_config_accepts():
+    """On meta, build_vision_encoder builds the visual tower alone (vision._meta_visual), not the whole CLIP it used
+    to keep the tower of: for every name model.vision accepts, the tower is open_clip.create_model(name,
+    device="meta").visual's (_tower_spec), and the image size and widths the encoder reports are the tower's. The
+    CLIPs with a Hugging Face text tower (roberta-ViT-B-32, nllb-clip-base, ...) do not build whole offline
+    (transformers fetches the text model's config): the reference swaps open_clip's default text tower in, which
+    the visual tower does not depend on."""
+    import logging
+
+    import open_clip
+
+    from vlscale.config import foreign_visions, registry_visions
+    from vlscale.modeling.vision import clip_config, register_tiny_models
+
+    register_tiny_models()
+    names = [v for v in registry_visions() if v not in foreign_visions()]
+    assert {"RN101", "ViT-L-14-quickgelu", "coca_ViT-L-14", "roberta-ViT-B-32", "tiny-clip-vit"} <= set(names)
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)  # open_clip warns of the random weights of every reference build
+    try:
+        for name in names:
+            enc = build_vision_encoder(name, device="meta")
+            hf_text = "hf_model_name" in clip_config(name)["text_cfg"]
+            with torch.device("meta"):
+                ref = open_clip.create_model(name, load_weights=False, device="meta",
+                                             **({"text_cfg": {}} if hf_text else {})).visual
+            assert _tower_spec(enc.visual) == _tower_spec(ref), name
+            size = ref.image_size if isinstance(ref.image_size, int) else ref.image_size[0]
+            width = ref.attnpool.c_proj.in_features if enc.is_resnet else ref.transformer.width
+            assert (enc.image_size, enc.grid_dim, enc.embed_dim) == (size, width, ref.output_dim), name
+    finally:
+        logging.root.setLevel(level)
+
+
 def test_every_registry_backbone_builds_on_meta_fast():
     for name in sorted(LM_REGISTRY):
         t = time.time()

@@ -187,11 +187,10 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     import open_clip
 
     register_tiny_models()
-    clip_config(name)  # clear error for unknown names
+    cfg = clip_config(name)  # clear error for unknown names
     pretrained = pretrained_weights(name, pretrained)
     if str(device) == "meta":
-        with torch.device("meta"), _quiet_open_clip(None):
-            model = open_clip.create_model(name, pretrained=None, load_weights=False, device="meta")
+        visual = _meta_visual(name, cfg)
     else:
         load_file = pretrained and Path(pretrained).exists()
         # Random towers are seeded so that every build of the same name is the same model: a
@@ -214,11 +213,32 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
                     + "a CLIP checkpoint file, or null for random weights") from None
         if load_file:
             _load_visual_checkpoint(model, pretrained, name)
-    enc = VisionEncoder(name, model.visual)  # its input is normalised by image_transform (normalisation())
-    del model
+        visual = model.visual
+        del model
+    enc = VisionEncoder(name, visual)  # its input is normalised by image_transform (normalisation())
     enc.requires_grad_(False).eval()
     enc = enc.to(device=device, dtype=dtype)  # a meta build too (in the dtype asked for, as build_lm's)
     return enc
+
+
+def _meta_visual(name: str, cfg: dict) -> nn.Module:
+    """The visual tower of ``name`` (model config ``cfg``, :func:`clip_config`) alone, on the meta device: what
+    ``open_clip.create_model(name, device="meta").visual`` is, without building the text tower (and, for a Hugging
+    Face text tower, fetching its config: offline that fails) that the tower is then taken from. Every open_clip model
+    class (CLIP, CustomTextCLIP, CoCa) builds its tower with ``_build_vision_tower(embed_dim, vision_cfg, quick_gelu,
+    cast_dtype)``, from the config's keys as create_model leaves them for a build without ``force_*`` arguments or
+    weights; ``cast_dtype`` is None at its default fp32 precision (the encoder is cast to the dtype asked for
+    afterwards, as a real build is). The other keys (``text_cfg``, ``custom_text``, ``multimodal_cfg``,
+    ``init_logit_bias``) do not reach the tower. ``_build_vision_tower`` is private to open_clip (3.3): where it is
+    gone, the whole model is built as before. tests/unit/test_model.py checks every accepted name against that."""
+    import open_clip
+    from open_clip import model as open_clip_model
+
+    build = getattr(open_clip_model, "_build_vision_tower", None)
+    with torch.device("meta"), _quiet_open_clip(None):
+        if build is None:
+            return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta").visual
+        return build(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False), None)
 
 
 class _quiet_open_clip:
