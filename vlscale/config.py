@@ -242,7 +242,8 @@ def common_visions() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def foreign_visions() -> dict[str, str]:
     """Model configs of :func:`registry_visions` whose tower is not open_clip's own ResNet or ViT (a timm model:
-    the SigLIP and ConvNeXt towers, ...) -> what builds it; vlscale reads the grid of those two only."""
+    the SigLIP and ConvNeXt towers, ...) or whose tokens are not its grid (CoCa's attentional pooler) -> what it is;
+    vlscale reads the grid of those two only."""
     out = {}
     for f in _clip_config_files():
         try:
@@ -251,6 +252,8 @@ def foreign_visions() -> dict[str, str]:
             continue
         if vision.get("timm_model_name"):
             out[f.stem] = f"timm's {vision['timm_model_name']!r}"
+        elif vision.get("attentional_pool"):
+            out[f.stem] = "a ViT whose tokens are CoCa's attentional pooler's learned queries, not its patch grid"
     return out
 
 

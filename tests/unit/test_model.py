@@ -1,6 +1,8 @@
 """The V&L model: visual tokens before the text, two-image and video inputs, loading, counting."""
 
+import contextlib
 import json
+import logging
 import re
 import time
 
@@ -246,36 +248,77 @@ def _tower_spec(module: torch.nn.Module) -> dict:
                         for n, m in module.named_modules()]}
 
 
-def test_a_meta_build_is_open_clips_visual_tower_alone_for_every_clip_the_config_accepts():
-    """On meta, build_vision_encoder builds the visual tower alone (vision._meta_visual), not the whole CLIP it used
-    to keep the tower of: for every name model.vision accepts, the tower is open_clip.create_model(name,
-    device="meta").visual's (_tower_spec), and the image size and widths the encoder reports are the tower's. The
-    CLIPs with a Hugging Face text tower (roberta-ViT-B-32, nllb-clip-base, ...) do not build whole offline
-    (transformers fetches the text model's config): the reference swaps open_clip's default text tower in, which
-    the visual tower does not depend on."""
-    import logging
+def _one_clip_per_config_shape() -> list[str]:
+    """One name model.vision accepts per shape of open_clip config: the vision_cfg keys and their values' types (a
+    ResNet's layers are a list), their bool and str values (pool types, attentional pooling, ...), quick_gelu and a
+    Hugging Face text tower; what differs within a shape is numbers only (widths, depths, sizes). The shipped tiny
+    and mini CLIPs are all kept."""
+    from vlscale.config import foreign_visions, registry_visions
+    from vlscale.modeling.vision import clip_config
 
+    accepted = [name for name in registry_visions() if name not in foreign_visions()]
+    smallest = {}  # the least wide and deep of each shape: the test runs every tower on meta
+    for name in accepted:
+        cfg = clip_config(name)
+        v = cfg["vision_cfg"]
+        shape = (tuple(sorted((k, type(x).__name__) for k, x in v.items())),
+                 tuple(sorted((k, x) for k, x in v.items() if isinstance(x, (bool, str)))),
+                 bool(cfg.get("quick_gelu")), "hf_model_name" in cfg["text_cfg"])
+        size = v["width"] * (sum(v["layers"]) if isinstance(v["layers"], list) else v["layers"])
+        smallest[shape] = min(smallest.get(shape, (size, name)), (size, name))
+    return sorted({name for _, name in smallest.values()} | {n for n in accepted if n.startswith(("tiny-", "mini-"))})
+
+
+def test_a_meta_build_is_open_clips_visual_tower_alone():
+    """On meta, build_vision_encoder builds the visual tower alone (vision._visual_tower), not the whole CLIP it used
+    to keep the tower of: for one name of every shape of config model.vision accepts, the tower is
+    open_clip.create_model(name, device="meta").visual's (_tower_spec), and the image size and widths the encoder
+    reports are the tower's. The CLIPs with a Hugging Face text tower (roberta-ViT-B-32, nllb-clip-base, ...) do not
+    build whole offline (transformers fetches the text model's config): the reference swaps open_clip's default text
+    tower in, which the visual tower does not depend on."""
     import open_clip
 
-    from vlscale.config import foreign_visions, registry_visions
     from vlscale.modeling.vision import clip_config, register_tiny_models
 
     register_tiny_models()
-    names = [v for v in registry_visions() if v not in foreign_visions()]
-    assert {"RN101", "ViT-L-14-quickgelu", "coca_ViT-L-14", "roberta-ViT-B-32", "tiny-clip-vit"} <= set(names)
+    names = _one_clip_per_config_shape()
+    assert {"RN50", "roberta-ViT-B-32", "tiny-clip-vit", "tiny-clip-rn", "ViT-L-14-CLIPA"} <= set(names), names
+    assert any(n.endswith("-quickgelu") for n in names)
+    for name in names:
+        enc = build_vision_encoder(name, device="meta")
+        hf_text = "hf_model_name" in clip_config(name)["text_cfg"]
+        with torch.device("meta"), _root_logger_quiet():  # open_clip warns of the random weights of the reference
+            ref = open_clip.create_model(name, load_weights=False, device="meta",
+                                         **({"text_cfg": {}} if hf_text else {})).visual
+        assert _tower_spec(enc.visual) == _tower_spec(ref), name
+        size = ref.image_size if isinstance(ref.image_size, int) else ref.image_size[0]
+        width = ref.attnpool.c_proj.in_features if enc.is_resnet else ref.transformer.width
+        assert (enc.image_size, enc.grid_dim, enc.embed_dim) == (size, width, ref.output_dim), name
+        grid = enc.encode_grid(torch.empty(1, 3, enc.image_size, enc.image_size, device="meta"))
+        assert tuple(grid.shape) == (1, enc.grid_side ** 2, enc.grid_dim), name  # what the projector is built for
+
+
+def test_a_random_tower_is_the_seeded_whole_clips_tower():
+    """A random tower (no model.vision_pretrained) is built alone, seeded: the same numbers as the tower of the whole
+    CLIP built from the same seed, as it was built before (open_clip builds the visual tower first), so feature
+    caches made from random towers stay valid."""
+    import open_clip
+
+    for name in ("tiny-clip-rn", "tiny-clip-vit"):
+        enc = build_vision_encoder(name)
+        with torch.random.fork_rng(devices=[]), _root_logger_quiet():
+            torch.manual_seed(0)
+            ref = open_clip.create_model(name).visual.state_dict()
+        got = enc.visual.state_dict()
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+
+
+@contextlib.contextmanager
+def _root_logger_quiet():
     level = logging.root.level
-    logging.root.setLevel(logging.ERROR)  # open_clip warns of the random weights of every reference build
+    logging.root.setLevel(logging.ERROR)
     try:
-        for name in names:
-            enc = build_vision_encoder(name, device="meta")
-            hf_text = "hf_model_name" in clip_config(name)["text_cfg"]
-            with torch.device("meta"):
-                ref = open_clip.create_model(name, load_weights=False, device="meta",
-                                             **({"text_cfg": {}} if hf_text else {})).visual
-            assert _tower_spec(enc.visual) == _tower_spec(ref), name
-            size = ref.image_size if isinstance(ref.image_size, int) else ref.image_size[0]
-            width = ref.attnpool.c_proj.in_features if enc.is_resnet else ref.transformer.width
-            assert (enc.image_size, enc.grid_dim, enc.embed_dim) == (size, width, ref.output_dim), name
+        yield
     finally:
         logging.root.setLevel(level)
 
@@ -476,11 +519,15 @@ def test_a_clip_tag_open_clip_cannot_fetch_names_the_key(monkeypatch):
     def offline(name, pretrained=None, **kw):
         raise RuntimeError(f"Failed to download weights for tag {pretrained!r}: no network" if pretrained else "a bug")
 
+    def bug(*args, **kw):
+        raise RuntimeError("a bug")
+
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(SourceError, match=r"^model\.vision_pretrained='openai' for RN50: open_clip cannot load it "
                                           r"\(Failed to download weights for tag 'openai': no network\); give one "
                                           r"of its tags \['openai', 'yfcc15m', 'cc12m'\]"):
         build_vision_encoder("RN50", pretrained="openai")
+    monkeypatch.setattr(open_clip.model, "_build_vision_tower", bug)  # a random tower is built alone
     with pytest.raises(RuntimeError, match="^a bug$"):  # without a tag: open_clip's own error, untouched
         build_vision_encoder("RN50")
 
@@ -993,7 +1040,8 @@ def test_image_transform_normalises_as_the_pretrained_tag_does(tmp_path):
 
 def test_towers_vlscale_does_not_read_are_refused_by_the_config():
     """A timm tower (the SigLIP and ConvNeXt configs: no grid of open_clip's own ResNet or ViT) stopped a run with
-    "KeyError: 'layers'"; the config refuses it naming the timm model, and vision_dims names the model."""
+    "KeyError: 'layers'", a CoCa tower with a shape mismatch; the config refuses them naming why, and vision_dims
+    names the model."""
     from vlscale.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"^model\.vision='ViT-B-16-SigLIP' is a tower vlscale does not read "
@@ -1002,6 +1050,13 @@ def test_towers_vlscale_does_not_read_are_refused_by_the_config():
         load_config("tiny", ["model.vision=ViT-B-16-SigLIP"])
     with pytest.raises(ValueError, match=r"^model\.vision='convnext_base': its tower is not open_clip's own"):
         vision_dims("convnext_base")
+    # CoCa's ViT returns its attentional pooler's 255 queries (512 wide for coca_ViT-B-32), where vision_dims said
+    # 49 patches of 768: the projector, built for the latter, failed at the first step
+    with pytest.raises(ConfigError, match=r"^model\.vision='coca_ViT-B-32' is a tower vlscale does not read \(a ViT "
+                                          r"whose tokens are CoCa's attentional pooler's learned queries"):
+        load_config("tiny", ["model.vision=coca_ViT-B-32"])
+    with pytest.raises(ValueError, match=r"^model\.vision='coca_ViT-L-14': its tower is not open_clip's own"):
+        vision_dims("coca_ViT-L-14")
     assert load_config("tiny", ["model.vision=ViT-L-14"]).model.vision == "ViT-L-14"
 
 

@@ -10,6 +10,7 @@ random (tests, counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -78,7 +79,8 @@ def vision_dims(name: str) -> dict:
     """Image size, grid/patch feature width and token count, global embedding width (offline)."""
     cfg = clip_config(name)
     v = cfg["vision_cfg"]
-    if "layers" not in v:  # a timm tower (SigLIP, ConvNeXt): refused by the config; a hf-hub: / local-dir: one here
+    # a timm tower (SigLIP, ConvNeXt), CoCa's pooled tokens: refused by the config; a hf-hub: / local-dir: one here
+    if "layers" not in v or v.get("attentional_pool"):
         raise ValueError(f"model.vision={name!r}: its tower is not open_clip's own ResNet or ViT (vision_cfg "
                          f"{sorted(v)}), whose grid vlscale reads")
     size = v["image_size"] if isinstance(v["image_size"], int) else v["image_size"][0]
@@ -189,30 +191,33 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     register_tiny_models()
     cfg = clip_config(name)  # clear error for unknown names
     pretrained = pretrained_weights(name, pretrained)
+    load_file = bool(pretrained) and Path(pretrained).exists()
     if str(device) == "meta":
-        visual = _meta_visual(name, cfg)
-    else:
-        load_file = pretrained and Path(pretrained).exists()
+        with torch.device("meta"):
+            visual = _visual_tower(name, cfg)
+    elif not pretrained or load_file:
         # Random towers are seeded so that every build of the same name is the same model: a
         # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
         # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
         # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
         # draws on the GPU would no longer follow train.seed
-        with _quiet_open_clip(pretrained and not load_file), torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(0)
+            visual = _visual_tower(name, cfg)
+        if load_file:
+            _load_visual_checkpoint(visual, pretrained, name)
+    else:  # an open_clip tag: open_clip loads the whole CLIP's weights (its cache, or the network)
+        with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(0)
             try:
-                model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
+                model = open_clip.create_model(name, pretrained=pretrained)
             except RuntimeError as e:  # open_clip: a tag it does not know for this model, or one it cannot fetch
-                if load_file or not pretrained:
-                    raise
                 tags = open_clip.list_pretrained_tags_by_model(name)
                 raise _source_error(
                     f"model.vision_pretrained={pretrained!r} for {name}: open_clip cannot load it "
                     f"({' '.join(str(e).split())}); give "
                     + (f"one of its tags {tags} (from the network or open_clip's local cache), " if tags else "")
                     + "a CLIP checkpoint file, or null for random weights") from None
-        if load_file:
-            _load_visual_checkpoint(model, pretrained, name)
         visual = model.visual
         del model
     enc = VisionEncoder(name, visual)  # its input is normalised by image_transform (normalisation())
@@ -221,41 +226,37 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     return enc
 
 
-def _meta_visual(name: str, cfg: dict) -> nn.Module:
-    """The visual tower of ``name`` (model config ``cfg``, :func:`clip_config`) alone, on the meta device: what
-    ``open_clip.create_model(name, device="meta").visual`` is, without building the text tower (and, for a Hugging
-    Face text tower, fetching its config: offline that fails) that the tower is then taken from. Every open_clip model
-    class (CLIP, CustomTextCLIP, CoCa) builds its tower with ``_build_vision_tower(embed_dim, vision_cfg, quick_gelu,
-    cast_dtype)``, from the config's keys as create_model leaves them for a build without ``force_*`` arguments or
-    weights; ``cast_dtype`` is None at its default fp32 precision (the encoder is cast to the dtype asked for
-    afterwards, as a real build is). The other keys (``text_cfg``, ``custom_text``, ``multimodal_cfg``,
+def _visual_tower(name: str, cfg: dict) -> nn.Module:
+    """The visual tower of ``name`` (model config ``cfg``, :func:`clip_config`) alone, on the current default device:
+    what ``open_clip.create_model(name).visual`` is, without building the text tower it is then taken from (for a
+    Hugging Face text tower that fetches the text model's config: offline it fails; for ViT-L-14 it drew 123 M
+    random numbers the build threw away). Every open_clip model class (CLIP, CustomTextCLIP, CoCa) builds its tower
+    first, with ``_build_vision_tower(embed_dim, vision_cfg, quick_gelu, cast_dtype)``, so a seeded build of the
+    tower alone draws the same numbers as the whole model's; ``create_model`` leaves those keys as they are without
+    ``force_*`` arguments, and ``cast_dtype`` is None at its default fp32 precision (the encoder is cast to the
+    dtype asked for afterwards). The other keys (``text_cfg``, ``custom_text``, ``multimodal_cfg``,
     ``init_logit_bias``) do not reach the tower. ``_build_vision_tower`` is private to open_clip (3.3): where it is
-    gone, the whole model is built as before. tests/unit/test_model.py checks every accepted name against that."""
+    gone, the whole model is built as before. tests/unit/test_model.py checks the towers against that."""
     import open_clip
     from open_clip import model as open_clip_model
 
     build = getattr(open_clip_model, "_build_vision_tower", None)
-    with torch.device("meta"), _quiet_open_clip(None):
-        if build is None:
-            return open_clip.create_model(name, pretrained=None, load_weights=False, device="meta").visual
+    if build is not None:
         return build(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False), None)
+    with _quiet_open_clip():  # create_model warns at the root logger of a build without weights
+        return open_clip.create_model(name, pretrained=None, load_weights=False,
+                                      device=torch.get_default_device()).visual
 
 
-class _quiet_open_clip:
-    """open_clip warns at the root logger when no weights are asked for: our intent for a random tower,
-    and misleading when a local checkpoint is loaded right after."""
-
-    def __init__(self, pretrained):
-        self.active = not pretrained
-
-    def __enter__(self):
-        if self.active:
-            self.level = logging.root.level
-            logging.root.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        if self.active:
-            logging.root.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip's create_model warns at the root logger when no weights are asked for: our intent here."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
 
 
 def _source_error(msg: str):
@@ -286,23 +287,23 @@ def _read_checkpoint(path: str) -> dict:
     return state
 
 
-def _load_visual_checkpoint(model: nn.Module, path: str, name: str = "") -> None:
-    """Load the ``visual.*`` tensors of a CLIP checkpoint (full, or visual tower only) into ``model.visual``.
+def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "") -> None:
+    """Load the ``visual.*`` tensors of a CLIP checkpoint (full, or visual tower only) into the tower ``visual``.
 
     Only the visual tower is kept, so the text tower of the file is not read. The file must be the
     visual tower of this architecture: a missing, extra or differently shaped tensor is an error
     naming the file (a checkpoint of another CLIP would otherwise load partly, or not at all)."""
     state = _read_checkpoint(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    if not visual:
+    tower = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if not tower:
         raise _source_error(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint (model.vision_pretrained)")
-    expected = model.visual.state_dict()
+    expected = visual.state_dict()
     optional = ("num_batches_tracked",)  # BatchNorm counters: not part of the model's function
-    missing = [k for k in expected if k not in visual and not k.endswith(optional)]
-    unexpected = [k for k in visual if k not in expected and not k.endswith(optional)]
+    missing = [k for k in expected if k not in tower and not k.endswith(optional)]
+    unexpected = [k for k in tower if k not in expected and not k.endswith(optional)]
     shapes = [f"visual.{k} {list(v.shape)} (model {list(expected[k].shape)})"
-              for k, v in visual.items() if k in expected and v.shape != expected[k].shape]
+              for k, v in tower.items() if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or shapes:
         what = "; ".join(f"{label}: {', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"
                          for label, items in (("shapes differ", shapes),
@@ -311,7 +312,7 @@ def _load_visual_checkpoint(model: nn.Module, path: str, name: str = "") -> None
                          if items)
         raise _source_error(f"model.vision_pretrained={path!r} is not a checkpoint of {name or 'this model'}'s "
                             f"visual tower ({what}); model.vision must name the architecture it was trained with")
-    model.visual.load_state_dict({k: v for k, v in visual.items() if k in expected}, strict=False)
+    visual.load_state_dict({k: v for k, v in tower.items() if k in expected}, strict=False)
 
 
 def normalisation(name: str, pretrained: Optional[str] = None) -> tuple[tuple, tuple]:
