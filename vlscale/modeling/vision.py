@@ -2,9 +2,10 @@
 
 RN models give the grid of the last conv stage (RN101 at 224 px: 7 x 7 x 2048), which the V&L
 model adaptive-max-pools to ``pool_size``^2 tokens; ViT models give their patch tokens; video
-frames use the CLIP image embedding (ViT-B/32: 512-d). Only the visual tower is kept. Weights load
-through open_clip's ``pretrained=`` (a tag, or a local checkpoint file); without it the tower is
-random (tests, counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (configs shipped in
+frames use the CLIP image embedding (ViT-B/32: 512-d). Only the visual tower is built (an open_clip
+tag builds the whole CLIP, to load its weights, and keeps the tower). Weights are an open_clip tag or a
+local checkpoint file (model.vision_pretrained); without them the tower is random and seeded (tests,
+counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (configs shipped in
 ``vlscale/registry/open_clip``) are registered with open_clip so they build by name like the real ones.
 """
 
