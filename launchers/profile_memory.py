@@ -108,11 +108,12 @@ def check_args(args) -> str | None:
     if args.zero_stage is not None and given is not None and given != args.zero_stage:
         return f"--zero-stage {args.zero_stage} and train.zero_stage={given} disagree; give one of them"
     if args.measure:  # read by the measured run's ranks: a traceback from each of them there
+        from vlscale.engine.deepspeed_config import cpu_fp16_enabled
         from vlscale.engine.distributed import dist_timeout_s
         from vlscale.kernels.adapter import env_backend
 
         try:
-            dist_timeout_s(), env_backend()
+            dist_timeout_s(), env_backend(), cpu_fp16_enabled()
         except ValueError as e:
             return str(e)
     return None

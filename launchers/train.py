@@ -85,13 +85,14 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     check after start-up."""
     from vlscale.engine.checkpoint import CheckpointError, check_output_dir
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
-                                                 global_batch_size, load_ds_file, resolve_ds_file, zero_stage)
+                                                 cpu_fp16_enabled, global_batch_size, load_ds_file, resolve_ds_file,
+                                                 zero_stage)
     from vlscale.engine.distributed import (dist_timeout_s, launcher_world_size, local_gpu_problem, select_accelerator,
                                             srun_without_launcher, watchdog_timeout_s)
     from vlscale.kernels.adapter import env_backend
 
-    try:  # vlscale's environment variables, read only after start-up (the first two a traceback there)
-        dist_timeout_s(), watchdog_timeout_s(), env_backend()
+    try:  # vlscale's environment variables, read only after start-up, each a traceback there
+        dist_timeout_s(), watchdog_timeout_s(), env_backend(), cpu_fp16_enabled()
     except ValueError as e:
         return str(e)
     if srun := srun_without_launcher():  # every task trained alone, the first holding output_dir's lock

@@ -505,7 +505,9 @@ def test_bad_environment_variables_are_refused_before_start(tmp_path, monkeypatc
             ("VLSCALE_DIST_TIMEOUT", "5min", "VLSCALE_DIST_TIMEOUT='5min' must be a number of seconds"),
             ("VLSCALE_WATCHDOG_TIMEOUT", "0", "VLSCALE_WATCHDOG_TIMEOUT='0' must be a number of seconds > 0 (inf: never)"),
             ("VLSCALE_ADAPTER_BACKEND", "fast",
-             "VLSCALE_ADAPTER_BACKEND='fast' is not valid; choose one of ['auto', 'triton', 'torch']")):
+             "VLSCALE_ADAPTER_BACKEND='fast' is not valid; choose one of ['auto', 'triton', 'torch']"),
+            # a traceback from the process group's set-up (init_distributed reads it on the CPU)
+            ("VLSCALE_CPU_FP16", "yes", "VLSCALE_CPU_FP16='yes' must be 0 or 1")):
         with monkeypatch.context() as m:
             m.setenv(name, raw)
             assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") == message

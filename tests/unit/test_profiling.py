@@ -1812,14 +1812,16 @@ def test_launcher_refuses_a_measured_run_on_another_device_than_predicted(capsys
 
 
 def test_measure_refuses_bad_environment_variables_before_the_run(capsys, launcher, monkeypatch):
-    """--measure with a VLSCALE_DIST_TIMEOUT that is no number (or a bad VLSCALE_ADAPTER_BACKEND) started the
-    measured ranks, each ending in a traceback, then torchrun's failure report and a RuntimeError traceback."""
+    """--measure with a VLSCALE_DIST_TIMEOUT that is no number (or a bad VLSCALE_ADAPTER_BACKEND or VLSCALE_CPU_FP16)
+    started the measured ranks, each ending in a traceback, then torchrun's failure report and a RuntimeError
+    traceback."""
     from vlscale.profiling import measure
 
     started = []
     monkeypatch.setattr(measure, "measure_memory", lambda *a, **k: started.append(a) or {"peak": 1})
     for name, raw, words in (("VLSCALE_DIST_TIMEOUT", "5min", "VLSCALE_DIST_TIMEOUT='5min' must be a number"),
-                             ("VLSCALE_ADAPTER_BACKEND", "fast", "VLSCALE_ADAPTER_BACKEND='fast' is not valid")):
+                             ("VLSCALE_ADAPTER_BACKEND", "fast", "VLSCALE_ADAPTER_BACKEND='fast' is not valid"),
+                             ("VLSCALE_CPU_FP16", "yes", "VLSCALE_CPU_FP16='yes' must be 0 or 1")):
         with monkeypatch.context() as m:
             m.setenv(name, raw)
             assert launcher("profile_memory").main(["--config", "tiny", "--measure"]) == 2
