@@ -68,9 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int | None = None) -> str | None:
     """Why this run must not start, found on every rank before the process group and DeepSpeed's engine: an output_dir
-    holding another run's checkpoint (without --resume), --resume with none, or with one written by another number of
-    ranks with another global batch or at a ZeRO stage that does not load into this run's, or an output_dir that cannot
-    be created, fails in a second instead of after start-up, and so does one that exists but cannot be written, and a
+    another run is still writing (its lock held), or holding another run's checkpoint (without --resume), --resume
+    with none, or with one written by another number of ranks with another global batch or at a ZeRO stage that does
+    not load into this run's, or an output_dir that cannot be created, fails in a second instead of after start-up,
+    and so does one that exists but cannot be written, and a
     --stop-after-steps K the resumed checkpoint is already at or past (the run trained on to the end), vlscale's
     environment variables with values it cannot use, and RANK without WORLD_SIZE, and a LOCAL_RANK past the machine's
     GPUs, and one of several srun tasks started with no launcher, and a data.root or annotation file that is not there,
@@ -83,7 +84,7 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     DeepSpeed's engine and the output_dir: all the build reads is known here (the launcher's world size, the
     accelerator select_accelerator picks, the environment). Ranks that see another filesystem are left to rank 0's
     check after start-up."""
-    from vlscale.engine.checkpoint import CheckpointError, check_output_dir
+    from vlscale.engine.checkpoint import CheckpointError, check_output_dir, in_use_error, lock_holder
     from vlscale.engine.deepspeed_config import (DeepSpeedConfigError, build_deepspeed_config, check_nvme_support,
                                                  cpu_fp16_enabled, global_batch_size, load_ds_file, resolve_ds_file,
                                                  zero_stage)
@@ -123,6 +124,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         if world is None:  # it was a TypeError here, then DeepSpeed looking for MPI
             return (f"RANK={os.environ.get('RANK')} is set but WORLD_SIZE is not: a launcher (deepspeed, torchrun) "
                     f"sets both; unset RANK to train as one process")
+        if holder := lock_holder(cfg.output_dir):  # a run still writing there: not what its checkpoints say
+            raise in_use_error(cfg.output_dir, holder)
         check_output_dir(cfg.output_dir, resume, world, global_batch_size(cfg, world), zero_stage=stage)
     except (CheckpointError, ConfigError) as e:  # ConfigError: a train.global_batch_size the ranks do not divide
         return f"{type(e).__name__}: {e}"

@@ -336,6 +336,30 @@ def test_one_run_per_output_dir_and_no_run_overwrites_another(tmp_path, monkeypa
         ckpt.check_output_dir("runs/a", resume=True)
 
 
+def test_an_output_dir_another_run_is_writing_is_refused_as_such_before_start(tmp_path, launcher):
+    """A start into the output_dir of a run still training was told "already holds a run's checkpoint ...; pass
+    --resume to continue it" (the checkpoint the other run is writing), and a --resume before its first save "no
+    checkpoint to resume ...; drop --resume to start a new run": each hint, followed, met the lock after start-up.
+    The lock is looked at first, before start-up; looking neither takes it nor makes the file."""
+    import os
+
+    from vlscale.config import load_config
+
+    out = tmp_path / "run"
+    train = launcher("train")
+    cfg = load_config("tiny", [f"output_dir={out}"])
+    held = ckpt.lock_output_dir(out)
+    in_use = f"CheckpointError: output_dir '{out}' is in use by another vlscale run (pid {os.getpid()} on "
+    assert train.refused_before_start(cfg, True, "ds_configs/zero3.json").startswith(in_use)  # before its first save
+    (out / "checkpoints" / "step2").mkdir(parents=True)
+    (out / "checkpoints" / ckpt.LATEST).write_text("step2")
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json").startswith(in_use)
+    held.close()
+    assert "already holds a run's checkpoint" in train.refused_before_start(cfg, False, "ds_configs/zero3.json")
+    ckpt.lock_output_dir(out).close()  # the looks left it free
+    assert ckpt.lock_holder(tmp_path / "fresh") is None and not (tmp_path / "fresh").exists()
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, launcher):
     """An existing output_dir the run cannot write in (chmod 500 for a non-root user, a read-only mount) was an
     OSError traceback from the lock file on rank 0, and a gloo "Connection closed by peer" on the other ranks

@@ -971,9 +971,32 @@ def lock_output_dir(output_dir):
                               f"{': ' + str(e.filename) if e.filename else ''}; make it writable or choose "
                               f"another output_dir (output_dir=...)") from None
     if f is None:
-        raise CheckpointError(f"output_dir {str(out)!r} is in use by another vlscale run ({holder}); wait for it "
-                              "to end or choose another output_dir (output_dir=...)")
+        raise in_use_error(out, holder)
     return f
+
+
+def lock_holder(output_dir) -> Optional[str]:
+    """Who holds ``output_dir``'s lock (what :func:`lock_output_dir` wrote: pid, host, time), or None where no run
+    does. It only looks (a shared lock for an instant, which the looks of a launch's other ranks share; the file is
+    not made), for the launcher's refusal before start-up: there the output_dir's checkpoints, which another run may
+    still be writing, would give another refusal, and a hint (--resume, or dropping it) that meets the lock."""
+    import fcntl
+
+    try:
+        f = open(Path(output_dir) / LOCK_FILE)
+    except OSError:  # no lock file (no run was here), or one this process cannot read: lock_output_dir says which
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+    return None
+
+
+def in_use_error(output_dir, holder: str) -> CheckpointError:
+    return CheckpointError(f"output_dir {str(output_dir)!r} is in use by another vlscale run ({holder}); wait for it "
+                           "to end or choose another output_dir (output_dir=...)")
 
 
 def check_output_dir(output_dir, resume: bool, world_size: Optional[int] = None,
