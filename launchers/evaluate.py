@@ -44,8 +44,10 @@ requiring answers (every other check stays; without the flag such a split is ref
 predicted as an evaluation predicts them, and not scored: ``DIR/predictions/<task>.jsonl`` as above and
 ``DIR/submission/`` in the leaderboards' formats (``vqa.json`` for EvalAI, ``gqa.json``, ``nlvr2.csv``,
 ``caption.json`` for the COCO server; VALUE's ``<task>/<task>_<split>_predictions.json[l]`` for the video tasks:
-vlscale.engine.evaluation.write_submission; replaced once whole, as predictions/ is). No ``eval_metrics.json`` is
-written or changed; ``DIR`` defaults to ``<adapter's parent>/predict_<split>``.
+vlscale.engine.evaluation.write_submission; replaced once whole, as predictions/ is, keeping the files this
+command does not write: other tasks', and another split's VALUE files, so ``--split val`` then ``--split test`` into
+one DIR make VALUE's zip). No ``eval_metrics.json`` is written or changed; ``DIR`` defaults to
+``<adapter's parent>/predict_<split>``.
 """
 
 from __future__ import annotations

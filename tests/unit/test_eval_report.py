@@ -560,6 +560,25 @@ def test_evaluate_replaces_its_predictions_only_once_every_task_is_written(tmp_p
     assert [p.name for p in (tmp_path / "first" / "predictions").iterdir()] == ["vqa.jsonl"]
 
 
+def test_a_second_split_predicted_into_one_out_keeps_the_first_splits_value_files(tmp_path):
+    """docs/datasets.md: VALUE scores one zip of val and test, made by ``--split val --out DIR`` then ``--split test
+    --out DIR``. The second replaced submission/tvqa/ (a folder the new set has too) whole: its
+    tvqa_val_predictions.json was gone from the zip. A file the new set does not write is kept at any depth; one it
+    writes is the new one."""
+    from vlscale.engine import evaluation
+
+    sub = tmp_path / "DIR" / "submission"
+    for split in ("val", "test"):
+        with evaluation.predictions_replaced_whole(sub, keep_others=True) as partial:
+            (partial / "tvqa").mkdir(parents=True)
+            (partial / "tvqa" / f"tvqa_{split}_predictions.json").write_text(f'{{"{split}": 1}}')
+            (partial / "vqa.json").write_text(split)
+    assert sorted(str(p.relative_to(sub)) for p in sub.rglob("*") if p.is_file()) == [
+        "tvqa/tvqa_test_predictions.json", "tvqa/tvqa_val_predictions.json", "vqa.json"]
+    assert (sub / "vqa.json").read_text() == "test"
+    assert (sub / "tvqa" / "tvqa_val_predictions.json").read_text() == '{"val": 1}'
+
+
 def test_the_split_asked_for_is_evaluated_reported_and_names_the_default_out(tmp_path, launcher, monkeypatch):
     """``--split test``: the test split is evaluated, eval_metrics.json says so, and the default folders are
     eval_test / predict_test (not the val split's)."""

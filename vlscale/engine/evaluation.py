@@ -193,8 +193,9 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     removed. The swap moves the earlier set to ``<predictions_dir>.old`` before renaming the new one into place
     (``vlscale.engine.checkpoint._replace_dir``): a process killed between the renames leaves the earlier set
     there, put back first by the next evaluation into the folder, as a ``.partial`` it left is cleared.
-    ``keep_others``: the earlier set's files (and folders) of the tasks not written now join the new set
-    (``evaluate.py --tasks`` on a subset). ``writer``: whether this process writes (rank 0); the other ranks'
+    ``keep_others``: the earlier set's files that the new set does not write join it, at any depth: the tasks not
+    written now (``evaluate.py --tasks`` on a subset), and in a submission/'s video folders (``tvqa/...``) another
+    split's files (VALUE's zip holds val and test). ``writer``: whether this process writes (rank 0); the other ranks'
     blocks touch no folder."""
     from vlscale.engine.checkpoint import _replace_dir, _restore_replaced
 
@@ -213,9 +214,11 @@ def predictions_replaced_whole(predictions_dir, writer: bool = True, keep_others
     if not partial.is_dir():  # nothing written
         return
     if keep_others and predictions_dir.is_dir():
-        for path in predictions_dir.iterdir():  # a submission/'s video tasks are folders (tvqa/...)
-            if not (partial / path.name).exists():
-                (shutil.copytree if path.is_dir() else shutil.copy2)(path, partial / path.name)
+        for path in sorted(predictions_dir.rglob("*")):  # file by file: tvqa/ holds tvqa_val_... and tvqa_test_...
+            kept = partial / path.relative_to(predictions_dir)
+            if path.is_file() and not kept.exists():
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, kept)
     try:
         _replace_dir(partial, predictions_dir)
     except BaseException:  # failed between the renames: the earlier set back in place
