@@ -162,14 +162,14 @@ def _main(argv, held: list) -> int:
         if problem:
             raise ReplicationError(problem)
         check_layout(out, seeds)
-        held += [] if args.dry_run else [lock_out(out)]  # until main returns
         cache = out / "features"  # the frozen CLIP's features: one cache for every seed
 
         def overrides(row, seed):
             return row_overrides(row, feature_cache=str(cache), seed=seed, steps=args.steps, extra=args.extra)
 
         plans = {(seed, r.name): overrides(r, seed) for seed in seeds for r in rows}
-        configs = {key: row_config(ov) for key, ov in plans.items()}
+        configs = {key: row_config(ov) for key, ov in plans.items()}  # a --set at fault: refused, --out not made
+        held += [] if args.dry_run else [lock_out(out)]  # until main returns; before the rows' folders are read
         fingerprints = {}  # a row's backbone weights (hashed from their files once): the same for every seed
 
         def fingerprint(row, cfg):

@@ -924,6 +924,16 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, launcher, capsys):
     held.close()
 
 
+def test_a_refused_set_leaves_no_out_behind(tmp_path, launcher, capsys):
+    """A mistyped --set key was refused after --out's lock was taken: a new --out was left holding only
+    .replicate.lock. The rows' settings are checked before the lock, which alone makes --out."""
+    out = tmp_path / "t1"
+    assert launcher("replicate").main(["--table", "1", "--methods", "single_adapter", "--set", "train.peft_lrr=3e-3",
+                                       "--out", str(out)]) == 2
+    assert "unknown key train.peft_lrr; did you mean 'peft_lr'?" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_parallel_jobs_share_out_the_gpus(tmp_path, monkeypatch):
     """Each job is a one-process run on its first visible GPU: on a machine with several, every parallel job
     ran on GPU 0 and the others idled. Jobs now get the least used GPU (CUDA_VISIBLE_DEVICES), kept for
