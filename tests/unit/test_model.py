@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,6 +312,27 @@ def test_a_random_tower_is_the_seeded_whole_clips_tower():
             ref = open_clip.create_model(name).visual.state_dict()
         got = enc.visual.state_dict()
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), name
+
+
+def test_a_local_dir_clip_loads_the_weights_its_folder_holds(tmp_path):
+    """model.vision=local-dir:PATH (open_clip_config.json and weights in one folder): open_clip loads the folder's
+    weights, which a tower built alone from the config (as a random one is) would not have."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from vlscale.modeling.vision import _REGISTRY_DIR
+
+    model_cfg = json.loads((Path(_REGISTRY_DIR) / "tiny-clip-rn.json").read_text())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    whole = build_vision_encoder("tiny-clip-rn")  # the seeded random tower, to differ from
+    with torch.random.fork_rng(devices=[]), _root_logger_quiet():
+        torch.manual_seed(1)
+        trained = open_clip.create_model("tiny-clip-rn").state_dict()
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp_path / "open_clip_model.safetensors"))
+    got = build_vision_encoder(f"local-dir:{tmp_path}").visual.state_dict()
+    ours = {k.removeprefix("visual."): v for k, v in trained.items() if k.startswith("visual.")}
+    assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
+    assert not torch.equal(got["conv1.weight"], whole.visual.state_dict()["conv1.weight"])
 
 
 @contextlib.contextmanager

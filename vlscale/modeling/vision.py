@@ -189,6 +189,8 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     """
     import open_clip
 
+    from vlscale.config import CLIP_SCHEMAS
+
     register_tiny_models()
     cfg = clip_config(name)  # clear error for unknown names
     pretrained = pretrained_weights(name, pretrained)
@@ -196,23 +198,16 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     if str(device) == "meta":
         with torch.device("meta"):
             visual = _visual_tower(name, cfg)
-    elif not pretrained or load_file:
-        # Random towers are seeded so that every build of the same name is the same model: a
-        # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
-        # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
-        # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
-        # draws on the GPU would no longer follow train.seed
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(0)
-            visual = _visual_tower(name, cfg)
-        if load_file:
-            _load_visual_checkpoint(visual, pretrained, name)
-    else:  # an open_clip tag: open_clip loads the whole CLIP's weights (its cache, or the network)
-        with torch.random.fork_rng(devices=[]):
+    elif (pretrained and not load_file) or name.startswith(CLIP_SCHEMAS):
+        # an open_clip tag, or a hf-hub:/local-dir: name (the weights its repo or folder holds): open_clip loads the
+        # whole CLIP's weights, the tower is taken from it
+        with _quiet_open_clip(active=load_file), torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(0)
             try:
-                model = open_clip.create_model(name, pretrained=pretrained)
+                model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
             except RuntimeError as e:  # open_clip: a tag it does not know for this model, or one it cannot fetch
+                if load_file or not pretrained:
+                    raise
                 tags = open_clip.list_pretrained_tags_by_model(name)
                 raise _source_error(
                     f"model.vision_pretrained={pretrained!r} for {name}: open_clip cannot load it "
@@ -221,6 +216,17 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
                     + "a CLIP checkpoint file, or null for random weights") from None
         visual = model.visual
         del model
+    else:
+        # Random towers are seeded so that every build of the same name is the same model: a
+        # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
+        # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
+        # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
+        # draws on the GPU would no longer follow train.seed
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(0)
+            visual = _visual_tower(name, cfg)
+    if load_file:
+        _load_visual_checkpoint(visual, pretrained, name)
     enc = VisionEncoder(name, visual)  # its input is normalised by image_transform (normalisation())
     enc.requires_grad_(False).eval()
     enc = enc.to(device=device, dtype=dtype)  # a meta build too (in the dtype asked for, as build_lm's)
@@ -250,8 +256,12 @@ def _visual_tower(name: str, cfg: dict) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet_open_clip():
-    """open_clip's create_model warns at the root logger when no weights are asked for: our intent here."""
+def _quiet_open_clip(active: bool = True):
+    """open_clip's create_model warns at the root logger when no weights are asked for: our intent where ``active``
+    (a random tower, or a checkpoint file loaded right after)."""
+    if not active:
+        yield
+        return
     level = logging.root.level
     logging.root.setLevel(logging.ERROR)
     try:
