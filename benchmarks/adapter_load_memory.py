@@ -17,9 +17,9 @@ reuse, hiding the load's), so ``RssAnon`` is what is live.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -44,7 +44,11 @@ class Peak(threading.Thread):
             time.sleep(0.001)
 
 
-def main(overrides: list[str]) -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides (after the defaults above)")
+    overrides = ap.parse_args(argv).overrides
+
     import torch
 
     from vlscale.config import load_config
@@ -100,4 +104,4 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -4,6 +4,8 @@ running for minutes and then reporting a failure (or a success over nothing)."""
 from __future__ import annotations
 
 import importlib.util
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,17 @@ def test_scale_check_needs_plan_presets(capsys):
     """``--check`` alone started the full default scale run (it only means something with --plan-presets)."""
     _refused(capsys, _bench("scale").parse_args, ["--check"], "--plan-presets")
     assert _bench("scale").parse_args(["--plan-presets", "--check"]).check
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_every_benchmarks_help_prints_and_exits_0(path, monkeypatch, capsys):
+    """Run as a script with ``--help``: adapter_load_memory.py took it for a key=value override and ended in a
+    ConfigError traceback, after starting its process group."""
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(path), run_name="__main__")
+    assert stop.value.code == 0, path.name
+    assert "usage:" in capsys.readouterr().out, path.name
 
 
 def test_gpu_suite_refuses_an_unknown_section_before_any_runs(capsys, tmp_path):
