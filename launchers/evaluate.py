@@ -211,8 +211,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
     from vlscale.config import parse_overrides
     from vlscale.data import check_split_found, eval_examples
     from vlscale.data.tasks import get_task
-    from vlscale.engine.evaluation import (eval_settings, evaluate, format_scores, predictions_replaced_whole,
-                                           write_eval_report)
+    from vlscale.engine.evaluation import (eval_settings, evaluate, format_predicted, format_scores,
+                                           predictions_replaced_whole, write_eval_report)
     from vlscale.predict import (adapter_tokenizer, cache_changed_problem, inference_dtype, load_run_config,
                                  load_trained_model)
 
@@ -283,9 +283,7 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
         # --- report
         if rank == 0 and args.predict_only:
             print(f"{args.split} predictions ({args.adapter}, step {meta.get('step')}; not scored):")
-            for task, done in scores.items():
-                print(f"  {task:8s} {done['examples']} examples: {out / 'predictions' / (task + '.jsonl')}; "
-                      f"{done['submission']}")
+            print(format_predicted(scores, out))
         elif rank == 0:
             write_eval_report(out, args.adapter, args.split, meta.get("step"), scores,
                               settings=eval_settings(cfg.to_dict(), java_metrics=args.java_metrics, zero_stage=stage,

@@ -325,6 +325,17 @@ def test_score_lines_put_each_tasks_headline_metric_first():
     assert text.splitlines() == ["  caption  cider=112.50  bleu4=25.00", "  nlvr2    accuracy=75.00  consistency=50.00"]
 
 
+def test_predicted_lines_count_one_example_in_the_singular(tmp_path):
+    """evaluate.py --predict-only's summary said "1 examples"."""
+    from vlscale.engine.evaluation import format_predicted
+
+    text = format_predicted({"vqa": {"examples": 1, "submission": str(tmp_path / "submission" / "vqa.json")},
+                             "gqa": {"examples": 2, "submission": str(tmp_path / "submission" / "gqa.json")}}, tmp_path)
+    assert text.splitlines() == [
+        f"  vqa      1 example: {tmp_path / 'predictions' / 'vqa.jsonl'}; {tmp_path / 'submission' / 'vqa.json'}",
+        f"  gqa      2 examples: {tmp_path / 'predictions' / 'gqa.jsonl'}; {tmp_path / 'submission' / 'gqa.json'}"]
+
+
 def test_predict_only_with_java_metrics_is_refused_on_the_command_line(launcher, capsys):
     """--java-metrics scores captions and --predict-only scores nothing: the pair is a usage error, not a run that
     silently ignores one flag."""

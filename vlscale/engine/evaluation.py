@@ -571,3 +571,11 @@ def format_scores(scores: dict[str, dict]) -> str:
         fell_back = "  (Python tokens, not coco-caption's: the PTB tokenizer failed)" if tokens.get(task) == "python" else ""
         lines.append(f"  {task:8s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered) + fell_back)
     return "\n".join(lines)
+
+
+def format_predicted(predicted: dict[str, dict], out: Path) -> str:
+    """One line per task of a ``predict_only`` :func:`evaluate`'s result: how many examples, the predictions file in
+    ``out`` and the submission file."""
+    return "\n".join(f"  {task:8s} {done['examples']} example{'' if done['examples'] == 1 else 's'}: "
+                     f"{out / 'predictions' / (task + '.jsonl')}; {done['submission']}"
+                     for task, done in predicted.items())
