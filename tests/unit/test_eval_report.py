@@ -336,6 +336,20 @@ def test_predicted_lines_count_one_example_in_the_singular(tmp_path):
         f"  gqa      2 examples: {tmp_path / 'predictions' / 'gqa.jsonl'}; {tmp_path / 'submission' / 'gqa.json'}"]
 
 
+def test_a_task_name_longer_than_8_characters_widens_the_task_column(tmp_path):
+    """A custom task named flickr30k (docs/datasets.md, "Your own task") pushed its row of the score table, and of
+    the predict-only summary, one column right of the others."""
+    from vlscale.data.tasks import declare_custom_tasks
+    from vlscale.engine.evaluation import format_predicted, format_scores
+
+    declare_custom_tasks({"flickr30k": {"like": "caption"}})
+    text = format_scores({"vqa": {"vqa_score": 0.5}, "flickr30k": {"cider": 0.25}})
+    assert text.splitlines() == ["  vqa       vqa_score=50.00", "  flickr30k cider=25.00"]
+    lines = format_predicted({"vqa": {"examples": 2, "submission": "s/vqa.json"},
+                              "flickr30k": {"examples": 2, "submission": "s/flickr30k.json"}}, tmp_path).splitlines()
+    assert [line.index(" 2 examples") for line in lines] == [len("  flickr30k")] * 2
+
+
 def test_predict_only_with_java_metrics_is_refused_on_the_command_line(launcher, capsys):
     """--java-metrics scores captions and --predict-only scores nothing: the pair is a usage error, not a run that
     silently ignores one flag."""

@@ -560,22 +560,29 @@ def caption_tokens(scores: dict[str, dict]) -> dict[str, str]:
     return {task: metrics.tokens for task, metrics in scores.items() if getattr(metrics, "tokens", None)}
 
 
+def _task_column(tasks) -> int:
+    """The width of the task-name column of the tables below: 8 (the paper's tasks' names fit), or the longest
+    name (a custom task's, such as ``flickr30k``) so that every row stays in line."""
+    return max([8, *map(len, tasks)])
+
+
 def format_scores(scores: dict[str, dict]) -> str:
     """One line per task: headline metric first, x100 like the papers (and where captions asked to be scored by
     the PTB tokenizer were not, that they were scored on Python tokens)."""
-    lines = []
+    lines, width = [], _task_column(scores)
     tokens = caption_tokens(scores)
     for task, metrics in scores.items():
         head = get_task(task).metric
         ordered = [head] + [k for k in metrics if k != head] if head in metrics else list(metrics)
         fell_back = "  (Python tokens, not coco-caption's: the PTB tokenizer failed)" if tokens.get(task) == "python" else ""
-        lines.append(f"  {task:8s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered) + fell_back)
+        lines.append(f"  {task:{width}s} " + "  ".join(f"{k}={100 * metrics[k]:.2f}" for k in ordered) + fell_back)
     return "\n".join(lines)
 
 
 def format_predicted(predicted: dict[str, dict], out: Path) -> str:
     """One line per task of a ``predict_only`` :func:`evaluate`'s result: how many examples, the predictions file in
     ``out`` and the submission file."""
-    return "\n".join(f"  {task:8s} {done['examples']} example{'' if done['examples'] == 1 else 's'}: "
+    width = _task_column(predicted)
+    return "\n".join(f"  {task:{width}s} {done['examples']} example{'' if done['examples'] == 1 else 's'}: "
                      f"{out / 'predictions' / (task + '.jsonl')}; {done['submission']}"
                      for task, done in predicted.items())
