@@ -70,8 +70,8 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
     """Why this run must not start, found on every rank before the process group and DeepSpeed's engine: an output_dir
     another run is still writing (its lock held), or holding another run's checkpoint (without --resume), --resume
     with none, or with one written by another number of ranks with another global batch or at a ZeRO stage that does
-    not load into this run's, or an output_dir that cannot be created, fails in a second instead of after start-up,
-    and so does one that exists but cannot be written, and a
+    not load into this run's, fails in a second instead of after start-up (an output_dir that cannot be created or
+    written is :func:`output_dir_refused`'s, once the process group is up), and so does a
     --stop-after-steps K the resumed checkpoint is already at or past (the run trained on to the end), vlscale's
     environment variables with values it cannot use, and RANK without WORLD_SIZE, and a LOCAL_RANK past the machine's
     GPUs, and one of several srun tasks started with no launcher, and a data.root or annotation file that is not there,
@@ -161,15 +161,21 @@ def refused_before_start(cfg, resume: bool, ds_file: str, stop_after_steps: int 
         return f"{type(e).__name__}: {e}"
     except Exception:  # another fault: the same build after start-up reports it, with its traceback
         pass
+    return None
+
+
+def output_dir_refused(output_dir) -> str | None:
+    """Why ``output_dir`` cannot be created, or written in: it is made here, once the process group is up (a run
+    refused before, its MASTER_PORT in use, leaves no output_dir behind), and before the model's build."""
     try:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         from vlscale.files import dangling_link
 
-        why = dangling_link(cfg.output_dir) or e.strerror or e
-        return f"{type(e).__name__}: output_dir {str(cfg.output_dir)!r} cannot be created: {why}"
-    if not os.access(cfg.output_dir, os.W_OK | os.X_OK):  # it exists, but this process cannot write in it
-        return (f"CheckpointError: output_dir {str(cfg.output_dir)!r} cannot be written (its permissions, or a "
+        why = dangling_link(output_dir) or e.strerror or e
+        return f"{type(e).__name__}: output_dir {str(output_dir)!r} cannot be created: {why}"
+    if not os.access(output_dir, os.W_OK | os.X_OK):  # it exists, but this process cannot write in it
+        return (f"CheckpointError: output_dir {str(output_dir)!r} cannot be written (its permissions, or a "
                 f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
     return None
 
@@ -380,6 +386,9 @@ def start_and_train(args: argparse.Namespace, release_signals) -> int:
             dist = init_distributed()
         except PortInUse as e:  # a second run of a sweep on the launcher's default port: torch's traceback: EADDRINUSE
             print(f"vlscale: rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
+            return 1
+        if refusal := cfg is not None and output_dir_refused(cfg.output_dir):
+            print(f"vlscale: rank {dist.rank}: {refusal}", file=sys.stderr, flush=True)
             return 1
         from vlscale.engine import trainer
         from vlscale.engine.deepspeed_config import build_deepspeed_config

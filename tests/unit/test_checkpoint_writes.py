@@ -363,7 +363,8 @@ def test_an_output_dir_another_run_is_writing_is_refused_as_such_before_start(tm
 def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, launcher):
     """An existing output_dir the run cannot write in (chmod 500 for a non-root user, a read-only mount) was an
     OSError traceback from the lock file on rank 0, and a gloo "Connection closed by peer" on the other ranks
-    (the error escaped before rank 0's refusal is shared). It is refused before start-up, and the lock's
+    (the error escaped before rank 0's refusal is shared). It is refused on every rank once the process group is
+    up (train.output_dir_refused), before the model's build, and the lock's
     failure is a CheckpointError naming the folder (shared with every rank by setup_run)."""
     from vlscale.config import load_config
 
@@ -378,13 +379,14 @@ def test_an_output_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path, m
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "ro")
                         else real_access(path, mode))
-    refusal = train.refused_before_start(cfg, False, "ds_configs/zero3.json")
+    assert train.refused_before_start(cfg, False, "ds_configs/zero3.json") is None  # made after the port is bound
+    refusal = train.output_dir_refused(cfg.output_dir)
     assert refusal == (f"CheckpointError: output_dir '{tmp_path / 'ro'}' cannot be written (its permissions, or a "
                        f"read-only file system); make it writable or choose another output_dir (output_dir=...)")
     # a symbolic link to nothing (a purged scratch folder) in the way: the OS's reason was "File exists"
     (tmp_path / "runs").symlink_to(tmp_path / "purged")
     out = tmp_path / "runs" / "a"
-    refusal = train.refused_before_start(load_config("tiny", [f"output_dir={out}"]), False, "ds_configs/zero3.json")
+    refusal = train.output_dir_refused(load_config("tiny", [f"output_dir={out}"]).output_dir)
     assert refusal == (f"FileExistsError: output_dir '{out}' cannot be created: {tmp_path / 'runs'} is a symbolic "
                        f"link to {tmp_path / 'purged'}, which does not exist")
     from vlscale.files import out_problem
@@ -1733,9 +1735,10 @@ def test_only_a_failed_write_is_told_with_the_free_space(tmp_path):
                                                            "out/adapter (No space left on device)")
 
 
-def test_an_output_dir_that_cannot_be_entered_is_refused_before_start(tmp_path, monkeypatch, launcher):
+def test_an_output_dir_that_cannot_be_entered_is_refused_at_start_up(tmp_path, monkeypatch, launcher):
     """Writing a file in a folder needs its execute (search) bit as well as its write bit: an output_dir that is
-    writable but not searchable (chmod 600) is refused before start-up, as a read-only one is."""
+    writable but not searchable (chmod 600) is refused at start-up (train.output_dir_refused), as a read-only one
+    is."""
     from vlscale.config import load_config
 
     out = tmp_path / "run"
@@ -1744,7 +1747,7 @@ def test_an_output_dir_that_cannot_be_entered_is_refused_before_start(tmp_path, 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK if str(path) == str(out)
                         else real_access(path, mode))
-    assert launcher("train").refused_before_start(cfg, False, "ds_configs/zero3.json") == (
+    assert launcher("train").output_dir_refused(cfg.output_dir) == (
         f"CheckpointError: output_dir '{out}' cannot be written (its permissions, or a read-only file system); "
         f"make it writable or choose another output_dir (output_dir=...)")
 

@@ -716,7 +716,8 @@ def test_a_master_port_another_job_holds_is_one_line_naming_it_and_how_to_choose
 
 def test_a_master_port_in_use_is_train_pys_one_line_and_exit_code_1(tmp_path, monkeypatch, launcher, capsys):
     """init_distributed's PortInUse (rank 0 of a second job on deepspeed's default port: the rank that listens) is
-    the rank's one line and exit code 1: it was torch's DistNetworkError traceback."""
+    the rank's one line and exit code 1: it was torch's DistNetworkError traceback. The run never started: its
+    output_dir is not made (it was, empty, by the checks before start-up)."""
     import vlscale.engine.distributed as distributed
 
     def in_use(*args, **kwargs):
@@ -725,5 +726,6 @@ def test_a_master_port_in_use_is_train_pys_one_line_and_exit_code_1(tmp_path, mo
     monkeypatch.setattr(distributed, "init_distributed", in_use)
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    assert launcher("train").main(["--config", "tiny", f"output_dir={tmp_path}"]) == 1
+    assert launcher("train").main(["--config", "tiny", f"output_dir={tmp_path / 'run' / 'x'}"]) == 1
     assert capsys.readouterr().err == "vlscale: rank 0: MASTER_PORT 29500 on 127.0.0.1 is in use\n"
+    assert not (tmp_path / "run").exists()
