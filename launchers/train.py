@@ -395,6 +395,9 @@ def start_and_train(args: argparse.Namespace, release_signals) -> int:
     except KeyboardInterrupt as e:  # the line a Ctrl-C or SIGTERM later in start-up gives (below)
         kept = "no new checkpoint was written" if args.resume else "no checkpoint was written"
         signum = getattr(e, "signum", signal.SIGINT)
+        distributed = sys.modules.get("vlscale.engine.distributed")  # None: the signal came in its imports
+        if signum == signal.SIGTERM and distributed is not None and distributed.sibling_ended():
+            return 128 + signum  # the launcher ending the ranks left: the rank that ended says why, in one line
         print(f"vlscale: rank {os.environ.get('RANK', '0')}: aborted ({signal.Signals(signum).name} during start-up, "
               f"before training began: {kept})", file=sys.stderr, flush=True)
         return 128 + signum

@@ -729,3 +729,39 @@ def test_a_master_port_in_use_is_train_pys_one_line_and_exit_code_1(tmp_path, mo
     assert launcher("train").main(["--config", "tiny", f"output_dir={tmp_path / 'run' / 'x'}"]) == 1
     assert capsys.readouterr().err == "vlscale: rank 0: MASTER_PORT 29500 on 127.0.0.1 is in use\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_the_launcher_ends_after_rank_0_refused_its_port_adds_no_line(tmp_path, monkeypatch, launcher, capsys):
+    """README: a second run on a port in use "stops with one line saying so", rank 0's. Rank 1, still starting when
+    rank 0 ended, got DeepSpeed's launch.py's SIGTERM there and said "aborted (SIGTERM during start-up, ...)" too.
+    A rank whose launcher has fewer ranks left than it started (one ended: its own line says why) ends quietly;
+    a SIGTERM with every rank there (a scheduler's) is still each rank's line."""
+    import psutil
+
+    import vlscale.engine.distributed as distributed
+
+    parent = _Parent(["/usr/bin/python3", "-m", "deepspeed.launcher.launch", "t.py"], os.getppid())
+    monkeypatch.setattr(psutil, "Process", lambda pid: parent if pid == os.getppid() else None)
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    parent.children = lambda: [_Proc(11)]  # rank 0 ended (reaped by the launcher), this rank left
+    assert distributed.sibling_ended()
+    parent.children = lambda: [_Proc(10), _Proc(11)]
+    assert not distributed.sibling_ended()
+    monkeypatch.delenv("LOCAL_SIZE")  # one rank on this machine: no sibling to end
+    assert not distributed.sibling_ended()
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+
+    def in_start_up():  # the launcher's SIGTERM while this rank starts
+        signal.raise_signal(signal.SIGTERM)
+
+    train = launcher("train")
+    monkeypatch.setattr(train, "refused_before_start", lambda *a: None)
+    monkeypatch.setattr(distributed, "init_distributed", in_start_up)
+    monkeypatch.setattr(distributed, "watch_launcher", lambda: None)  # no thread watching the stand-in
+    for children, said in (([_Proc(11)], ""), ([_Proc(10), _Proc(11)], "vlscale: rank 1: aborted (SIGTERM during "
+                                                "start-up, before training began: no checkpoint was written)\n")):
+        parent.children = lambda: children
+        assert train.main(["--config", "tiny", f"output_dir={tmp_path / 'run'}"]) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err == said
+    assert not (tmp_path / "run").exists()

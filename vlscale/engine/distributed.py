@@ -611,6 +611,18 @@ class LauncherWatch:
                 return
 
 
+def sibling_ended() -> bool:
+    """Whether a rank that this rank's launcher (DeepSpeed's launch.py, torchrun) started beside it on this machine
+    has ended: the launcher then ends the ranks left with SIGTERM, and the rank that ended has said why (rank 0 of a
+    run whose MASTER_PORT is in use). False where no such launcher is the parent, or it cannot be looked at."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    watch = LauncherWatch.for_this_process() if local > 1 else None
+    try:
+        return watch is not None and len(watch.launcher.children()) < local
+    except Exception:  # noqa: BLE001 - psutil's errors: a line too many rather than none
+        return False
+
+
 def watch_launcher() -> LauncherWatch | None:
     """Start a :class:`LauncherWatch` for this rank where a launcher is its parent (None elsewhere)."""
     watch = LauncherWatch.for_this_process()
