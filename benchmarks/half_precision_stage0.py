@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["VLSCALE_CPU_FP16"] = "1"  # before vlscale.engine.distributed selects the accelerator
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = ["model.backbone=tiny-t5", "model.vision=tiny-clip-rn", "model.pretrained=false",
              "model.vision_pretrained=null", "model.dropout=0.0", "model.feature_source=images",
@@ -75,6 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results here as JSON")
     args = ap.parse_args()
+    os.environ["VLSCALE_CPU_FP16"] = "1"  # before vlscale.engine.distributed selects the accelerator
     sys.path.insert(0, str(ROOT))
     from vlscale.engine.distributed import init_distributed
 

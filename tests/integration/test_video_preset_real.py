@@ -201,7 +201,8 @@ def test_predict_only_writes_the_value_submission_files(runs, tmp_path, launcher
              "tvc": "tvc/tvc_test_predictions.jsonl", "yc2c": "yc2c/yc2c_test_predictions.jsonl"}
     for task, name in files.items():
         predicted = [json.loads(line) for line in (out / "predictions" / f"{task}.jsonl").read_text().splitlines()]
-        assert f"{task:8s} {len(predicted)} examples: {out / 'predictions' / (task + '.jsonl')}; " \
+        many = "example" if len(predicted) == 1 else "examples"
+        assert f"{task:8s} {len(predicted)} {many}: {out / 'predictions' / (task + '.jsonl')}; " \
                f"{out / 'submission' / name}" in printed
         text = (out / "submission" / name).read_text()
         if task in ("tvqa", "how2qa"):

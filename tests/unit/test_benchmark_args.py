@@ -4,6 +4,7 @@ running for minutes and then reporting a failure (or a success over nothing)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -70,12 +71,22 @@ def test_scale_check_needs_plan_presets(capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
 def test_every_benchmarks_help_prints_and_exits_0(path, monkeypatch, capsys):
     """Run as a script with ``--help``: adapter_load_memory.py took it for a key=value override and ended in a
-    ConfigError traceback, after starting its process group."""
+    ConfigError traceback, after starting its process group. In this process, so a script must leave the
+    environment as it was (half_precision_stage0.py set VLSCALE_CPU_FP16=1 as it imported, and a later test of the
+    same process saw fp16 let through on the CPU)."""
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(str(path), run_name="__main__")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # scripts put the repository first
+    environ = dict(os.environ)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(str(path), run_name="__main__")
+        changed = sorted(k for k in {*environ, *os.environ} if environ.get(k) != os.environ.get(k))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     assert stop.value.code == 0, path.name
     assert "usage:" in capsys.readouterr().out, path.name
+    assert not changed, f"{path.name} --help changed the environment: {changed}"
 
 
 def test_gpu_suite_refuses_an_unknown_section_before_any_runs(capsys, tmp_path):
