@@ -270,27 +270,36 @@ def _one_clip_per_config_shape() -> list[str]:
     return sorted({name for _, name in smallest.values()} | {n for n in accepted if n.startswith(("tiny-", "mini-"))})
 
 
-def test_a_meta_build_is_open_clips_visual_tower_alone():
+def test_a_meta_build_is_open_clips_visual_tower_alone(monkeypatch):
     """On meta, build_vision_encoder builds the visual tower alone (vision._visual_tower), not the whole CLIP it used
     to keep the tower of: for one name of every shape of config model.vision accepts, the tower is
-    open_clip.create_model(name, device="meta").visual's (_tower_spec), and the image size and widths the encoder
-    reports are the tower's. The CLIPs with a Hugging Face text tower (roberta-ViT-B-32, nllb-clip-base, ...) do not
-    build whole offline (transformers fetches the text model's config): the reference swaps open_clip's default text
-    tower in, which the visual tower does not depend on."""
+    open_clip.create_model(name, device="meta").visual's (_tower_spec), the image size and widths the encoder
+    reports are the tower's, and its encode_grid gives the tokens and width vision_dims says. The CLIPs with a Hugging
+    Face text tower (roberta-ViT-B-32, nllb-clip-base, ...) do not build whole offline (transformers fetches the text
+    model's config): the reference swaps open_clip's default text tower in, which the visual tower does not depend
+    on. Every config is cut to one block a stage (the same keys; widths, sizes and so the grid unchanged): running
+    ViT-bigG's 48 blocks on meta took most of the test's time."""
     import open_clip
 
-    from vlscale.modeling.vision import clip_config, register_tiny_models
+    from vlscale.modeling import vision
 
-    register_tiny_models()
+    def shallow(cfg):
+        v = cfg["vision_cfg"]
+        return {**cfg, "vision_cfg": {**v, "layers": [1] * len(v["layers"]) if isinstance(v["layers"], list) else 1}}
+
+    vision.register_tiny_models()
     names = _one_clip_per_config_shape()
     assert {"RN50", "roberta-ViT-B-32", "tiny-clip-vit", "tiny-clip-rn", "ViT-L-14-CLIPA"} <= set(names), names
     assert any(n.endswith("-quickgelu") for n in names)
+    whole = vision.clip_config
+    monkeypatch.setattr(vision, "clip_config", lambda name: shallow(whole(name)))
     for name in names:
         enc = build_vision_encoder(name, device="meta")
-        hf_text = "hf_model_name" in clip_config(name)["text_cfg"]
+        cfg = vision.clip_config(name)
+        hf_text = {"text_cfg": {}} if "hf_model_name" in cfg["text_cfg"] else {}
         with torch.device("meta"), _root_logger_quiet():  # open_clip warns of the random weights of the reference
-            ref = open_clip.create_model(name, load_weights=False, device="meta",
-                                         **({"text_cfg": {}} if hf_text else {})).visual
+            ref = open_clip.create_model(name, load_weights=False, device="meta", vision_cfg=cfg["vision_cfg"],
+                                         **hf_text).visual
         assert _tower_spec(enc.visual) == _tower_spec(ref), name
         size = ref.image_size if isinstance(ref.image_size, int) else ref.image_size[0]
         width = ref.attnpool.c_proj.in_features if enc.is_resnet else ref.transformer.width
