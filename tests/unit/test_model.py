@@ -1,8 +1,6 @@
 """The V&L model: visual tokens before the text, two-image and video inputs, loading, counting."""
 
-import contextlib
 import json
-import logging
 import re
 import time
 from pathlib import Path
@@ -12,7 +10,7 @@ import torch
 
 from vlscale.config import load_config
 from vlscale.modeling.backbones import LM_REGISTRY, MissingWeights, build_lm, lm_config
-from vlscale.modeling.vision import build_vision_encoder, vision_dims
+from vlscale.modeling.vision import _quiet_open_clip, build_vision_encoder, vision_dims
 from vlscale.modeling.vl_model import build_model
 
 VOCAB = 120
@@ -297,7 +295,7 @@ def test_a_meta_build_is_open_clips_visual_tower_alone(monkeypatch):
         enc = build_vision_encoder(name, device="meta")
         cfg = vision.clip_config(name)
         hf_text = {"text_cfg": {}} if "hf_model_name" in cfg["text_cfg"] else {}
-        with torch.device("meta"), _root_logger_quiet():  # open_clip warns of the random weights of the reference
+        with torch.device("meta"), _quiet_open_clip():  # open_clip warns of the random weights of the reference
             ref = open_clip.create_model(name, load_weights=False, device="meta", vision_cfg=cfg["vision_cfg"],
                                          **hf_text).visual
         assert _tower_spec(enc.visual) == _tower_spec(ref), name
@@ -316,7 +314,7 @@ def test_a_random_tower_is_the_seeded_whole_clips_tower():
 
     for name in ("tiny-clip-rn", "tiny-clip-vit"):
         enc = build_vision_encoder(name)
-        with torch.random.fork_rng(devices=[]), _root_logger_quiet():
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
             torch.manual_seed(0)
             ref = open_clip.create_model(name).visual.state_dict()
         got = enc.visual.state_dict()
@@ -334,7 +332,7 @@ def test_a_local_dir_clip_loads_the_weights_its_folder_holds(tmp_path):
     model_cfg = json.loads((Path(_REGISTRY_DIR) / "tiny-clip-rn.json").read_text())
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
     whole = build_vision_encoder("tiny-clip-rn")  # the seeded random tower, to differ from
-    with torch.random.fork_rng(devices=[]), _root_logger_quiet():
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(1)
         trained = open_clip.create_model("tiny-clip-rn").state_dict()
     save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp_path / "open_clip_model.safetensors"))
@@ -342,16 +340,6 @@ def test_a_local_dir_clip_loads_the_weights_its_folder_holds(tmp_path):
     ours = {k.removeprefix("visual."): v for k, v in trained.items() if k.startswith("visual.")}
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
     assert not torch.equal(got["conv1.weight"], whole.visual.state_dict()["conv1.weight"])
-
-
-@contextlib.contextmanager
-def _root_logger_quiet():
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
 
 
 def test_every_registry_backbone_builds_on_meta_fast():
