@@ -195,8 +195,7 @@ def hold_lock(path, holder: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
-            held_by = f.read().strip() or "another process"
+            held_by = _holder(f)
             f.close()
             return None, held_by
         with contextlib.suppress(FileNotFoundError):
@@ -208,3 +207,27 @@ def hold_lock(path, holder: str):
     f.write(holder + "\n")
     f.flush()
     return f, None
+
+
+def lock_holder(path) -> Optional[str]:
+    """Who holds the lock :func:`hold_lock` takes on the file ``path`` (what it wrote), or None where no process
+    does or there is no such file. It only looks: a shared lock for an instant, which other lookers share; the file
+    is not made."""
+    import fcntl
+
+    try:
+        f = open(path)
+    except OSError:  # no lock file, or one this process cannot read: taking the lock says which
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _holder(f)
+    return None
+
+
+def _holder(f) -> str:
+    """What the holder of the lock on the open file ``f`` wrote in it."""
+    f.seek(0)
+    return f.read().strip() or "another process"

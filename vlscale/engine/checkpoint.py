@@ -977,21 +977,12 @@ def lock_output_dir(output_dir):
 
 def lock_holder(output_dir) -> Optional[str]:
     """Who holds ``output_dir``'s lock (what :func:`lock_output_dir` wrote: pid, host, time), or None where no run
-    does. It only looks (a shared lock for an instant, which the looks of a launch's other ranks share; the file is
-    not made), for the launcher's refusal before start-up: there the output_dir's checkpoints, which another run may
-    still be writing, would give another refusal, and a hint (--resume, or dropping it) that meets the lock."""
-    import fcntl
+    does, looked at without taking it (:func:`vlscale.files.lock_holder`), for the launcher's refusal before
+    start-up: there the output_dir's checkpoints, which another run may still be writing, would give another refusal,
+    and a hint (--resume, or dropping it) that meets the lock."""
+    from vlscale import files
 
-    try:
-        f = open(Path(output_dir) / LOCK_FILE)
-    except OSError:  # no lock file (no run was here), or one this process cannot read: lock_output_dir says which
-        return None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return f.read().strip() or "another process"
-    return None
+    return files.lock_holder(Path(output_dir) / LOCK_FILE)
 
 
 def in_use_error(output_dir, holder: str) -> CheckpointError:

@@ -188,6 +188,12 @@ def usable_cpu_count() -> int:
     return max(1, cores)
 
 
+def local_world_size() -> int:
+    """How many ranks the launcher started on this machine (torchrun's LOCAL_WORLD_SIZE, MPI's LOCAL_SIZE), 1
+    without a launcher."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def share_cpu_cores() -> int:
     """CPU ranks on one node split its cores (unless OMP_NUM_THREADS says otherwise): no oversubscription.
 
@@ -195,8 +201,7 @@ def share_cpu_cores() -> int:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    threads = max(1, usable_cpu_count() // max(1, local))
+    threads = max(1, usable_cpu_count() // max(1, local_world_size()))
     torch.set_num_threads(threads)
     return threads
 
@@ -615,7 +620,7 @@ def sibling_ended() -> bool:
     """Whether a rank that this rank's launcher (DeepSpeed's launch.py, torchrun) started beside it on this machine
     has ended: the launcher then ends the ranks left with SIGTERM, and the rank that ended has said why (rank 0 of a
     run whose MASTER_PORT is in use). False where no such launcher is the parent, or it cannot be looked at."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    local = local_world_size()
     watch = LauncherWatch.for_this_process() if local > 1 else None
     try:
         return watch is not None and len(watch.launcher.children()) < local
