@@ -89,10 +89,15 @@ def folder_problem(folder) -> Optional[str]:
     folder = Path(folder)
     if link := dangling_link(folder):
         return link
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, as they are removed
-    there = folder.parents[len(made) - 1] if made else folder  # the nearest that exists
-    if not there.is_dir():  # the OS says "File exists" or "Not a directory"
-        return f"{there} is a file, not a folder"
+    # looked at again where what was seen is gone: another process trying the same folder (each rank of a launch
+    # checks its --out) removed what it had made to try it
+    for _ in range(3):
+        made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first, as they are removed
+        there = folder.parents[len(made) - 1] if made else folder  # the nearest that exists
+        if there.is_dir():
+            break
+        if there.exists():  # the OS says "File exists" or "Not a directory"
+            return f"{there} is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1164,6 +1164,30 @@ def test_fsync_tree_closes_every_descriptor_it_opens(tmp_path, monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_folder_another_process_removes_while_it_is_tried_is_no_problem(tmp_path, monkeypatch):
+    """Each rank of ``evaluate.py`` on 2 ranks checks the one --out at once, making what is missing to try it and
+    removing it again: a rank that had seen the folder there, removed by the other before its next look, refused
+    it as "a file, not a folder" (test_evaluate_sharded, once in a slow hour). A file is still one."""
+    from vlscale.files import folder_problem
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_is_dir = Path.is_dir
+
+    def removed_meanwhile(self):
+        if self == out and out.exists():
+            out.rmdir()  # the other rank's removal, between this one's two looks
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", removed_meanwhile)
+    assert folder_problem(out) is None
+    assert not out.exists()  # tried by making it, and removed as this process made it
+    monkeypatch.undo()
+    (tmp_path / "f").write_text("")
+    assert folder_problem(tmp_path / "f" / "out") == f"{tmp_path / 'f'} is a file, not a folder"
+    assert folder_problem(tmp_path / "f") == f"{tmp_path / 'f'} is a file, not a folder"
+
+
 def test_files_are_written_through_a_linked_folder(tmp_path):
     """An output_dir that is a symbolic link (to a scratch disk) is written and flushed through the link."""
     from vlscale.files import fsync_path, write_text_atomic
