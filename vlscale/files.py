@@ -106,7 +106,7 @@ def folder_problem(folder) -> Optional[str]:
         for p in made:
             with contextlib.suppress(OSError):  # another process's files in it since: left as they are
                 p.rmdir()
-    if not made and not os.access(folder, os.W_OK | os.X_OK):
+    if not made and not os.access(folder, os.W_OK | os.X_OK) and folder.exists():  # (or removed since, as above)
         return "not writable (its permissions, or a read-only file system)"
     return None
 

@@ -1183,6 +1183,17 @@ def test_a_folder_another_process_removes_while_it_is_tried_is_no_problem(tmp_pa
     assert folder_problem(out) is None
     assert not out.exists()  # tried by making it, and removed as this process made it
     monkeypatch.undo()
+    out.mkdir()  # removed after this process's looks, before its check of the permissions: no problem either
+    real_access = os.access
+
+    def access_after_removal(path, mode):
+        if Path(path) == out and out.exists():
+            out.rmdir()
+        return real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", access_after_removal)
+    assert folder_problem(out) is None
+    monkeypatch.undo()
     (tmp_path / "f").write_text("")
     assert folder_problem(tmp_path / "f" / "out") == f"{tmp_path / 'f'} is a file, not a folder"
     assert folder_problem(tmp_path / "f") == f"{tmp_path / 'f'} is a file, not a folder"
