@@ -20,7 +20,18 @@ from preloaded import PreloadedServer, launch_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _keep_bytecode() -> None:
+    """Under ``PYTHONDONTWRITEBYTECODE=1`` (set on some machines, this project's CI machines among them) each pytest
+    session rewrote the asserts of its test modules again and each process the suite starts compiled vlscale
+    again: the suite's processes write their bytecode as Python does by default (``__pycache__`` folders, which git
+    ignores; a ``PYTHONPYCACHEPREFIX`` folder instead would hide the installed packages' own bytecode, and every
+    process compiled torch and transformers again)."""
+    if sys.dont_write_bytecode and os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        sys.dont_write_bytecode = False
+
+
 def pytest_configure(config):
+    _keep_bytecode()
     config.pluginmanager.register(companion, "vlscale_companion")  # tests/companion.py's hooks
     config._vlscale_lane = Lane(lambda: _busy_jobs(config))
     # Started before collection, so its imports overlap the suite's own (see tests/preloaded.py).
