@@ -39,6 +39,7 @@ COMPANION_FILES = ("test_adapter_buffers.py", "test_evaluate_sharded.py", "test_
                    "test_sharded_loading.py")
 SWITCH_ENV = "VLSCALE_TEST_COMPANION"  # "0": no companion session
 REPORT_ENV = "VLSCALE_COMPANION_REPORT"  # set in the companion session: where its reports go (JSON lines)
+SOCKET_ENV = "VLSCALE_PRELOADED_SOCKET"  # set in the companion session: the main session's preloaded server
 SHARED_FIXTURES = ("runs", "learning_job", "triton_interpreter")  # the main session's: never in the companion
 
 
@@ -60,6 +61,9 @@ class Companion:
         thread a process."""
         os.environ["OMP_NUM_THREADS"] = "1"  # read by tests/preloaded.py's launch_env for every later run
         env = dict(os.environ, **{REPORT_ENV: str(self.report_path)})
+        server = getattr(self.config, "_vlscale_preloaded", None)
+        if server is not None:  # its launched runs fork from this session's preloaded server (tests/conftest.py)
+            env[SOCKET_ENV] = server.sock_path
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(self.folder / "tmp"),
                "--rootdir", str(self.config.rootpath), *self.nodeids]
         with open(self.log_path, "w") as log:

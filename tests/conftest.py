@@ -36,7 +36,8 @@ def pytest_configure(config):
     config._vlscale_lane = Lane(lambda: _busy_jobs(config))
     # Started before collection, so its imports overlap the suite's own (see tests/preloaded.py).
     if not config.option.collectonly:
-        config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env())
+        config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env(),
+                                                    os.environ.get(companion.SOCKET_ENV))
 
 
 def pytest_unconfigure(config):

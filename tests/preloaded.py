@@ -276,15 +276,20 @@ class PreloadedRun:
 
 
 class PreloadedServer:
-    def __init__(self, folder: Path, env: dict):
+    def __init__(self, folder: Path, env: dict, sock_path: str | None = None):
+        """A new server, or with ``sock_path`` the running one listening there (the main session's, for the
+        companion session: ~16 s of one core's imports saved; the one that started a server closes it)."""
         self.folder, self.env = Path(folder), dict(env)
+        self._count, self.proc, self._log = 0, None, None
+        if sock_path is not None:
+            self.sock_path = sock_path
+            return
         self.sock_path = str(self.folder / "server.sock")
         if len(self.sock_path) > 100:  # AF_UNIX paths hold 107 bytes: a long TMPDIR falls back to /tmp
             self.sock_path = os.path.join(tempfile.mkdtemp(prefix="vlp_", dir="/tmp"), "server.sock")
         self._log = open(self.folder / "server.log", "w")
         self.proc = subprocess.Popen([sys.executable, __file__, self.sock_path], env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.folder)
-        self._count = 0
 
     def one_rank_env(self, **extra) -> dict:
         """The server's environment with a one-rank process group's variables (RANK 0 of WORLD_SIZE 1, a free
@@ -302,7 +307,7 @@ class PreloadedServer:
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not os.path.exists(self.sock_path):
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"the preloaded server exited ({self.proc.returncode}):\n"
                                    f"{(self.folder / 'server.log').read_text()[-4000:]}")
             if time.monotonic() > deadline:
@@ -343,6 +348,8 @@ class PreloadedServer:
         return subprocess.CompletedProcess(run.args, code, run.output())
 
     def close(self) -> None:
+        if self.proc is None:  # another session's server: it closes it
+            return
         if self.proc.poll() is None:
             try:
                 conn = self._connect()
