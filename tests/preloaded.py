@@ -23,6 +23,7 @@ of the launchers themselves (torchrun, DeepSpeed's launcher, plain ``python``) l
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -196,6 +197,10 @@ def _monitor(conn: socket.socket, req: dict) -> None:
 
 def serve(sock_path: str) -> None:
     _preload()
+    # What the imports made is never garbage: out of the collector's sight, a run's collections (DeepSpeed's
+    # gc.collect() as ZeRO-3 starts, Python's own) do not walk it nor write to its pages (copied on write)
+    gc.collect()
+    gc.freeze()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock_path + ".tmp")
     server.listen(16)
