@@ -276,7 +276,8 @@ def evaluate_adapter(args, rank: int, world: int, device, dist) -> int:
                               device=device, float_dtype=dtype, show_progress=not args.no_progress,
                               predictions_dir=partial,
                               java_metrics=args.java_metrics, synced_gpus=world > 1 and stage == 3,
-                              predict_only=args.predict_only, submission_dir=submission, memo=examples)
+                              predict_only=args.predict_only, submission_dir=submission, memo=examples,
+                              engine=keep_alive[0] if keep_alive else None)
             for done in scores.values() if args.predict_only else ():  # where each file is once renamed
                 if done.get("submission"):
                     done["submission"] = out / "submission" / Path(done["submission"]).relative_to(submission)

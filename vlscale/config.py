@@ -655,6 +655,10 @@ class TrainConfig:
     eval_max_examples: Optional[int] = None
     """Score at most this many examples per task (``None``: all). Those examples are read once and held for the run
     (~300 MiB for 200,000 VQA questions; docs/datasets.md)."""
+    eval_gather: str = "auto"
+    """Under ZeRO-3, generate with the model gathered whole on each rank (one all-gather per evaluation instead of
+    one per module per new token; :mod:`vlscale.engine.gathered`): ``auto`` where the weights fit in half of the
+    device's free memory, ``always``, or ``never`` (ZeRO-3's per-module gathers). No effect at other stages."""
     test_eval: bool = False
     """After the final validation, also evaluate the test split in the same process, writing what
     ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""
@@ -676,6 +680,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "loss_reduction", self.loss_reduction, ("token", "example"))
+        _check_choice("train", "eval_gather", self.eval_gather, ("auto", "always", "never"))
         _check_positive("train", "max_steps", self.max_steps)
         _check_positive("train", "micro_batch_size", self.micro_batch_size)
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)

@@ -189,8 +189,10 @@ RUN_SPECS = {
                  1, "preloaded"),
     "multi_2r": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2"], 2, "preloaded"),
     # single_2r's run on 2 nodes of one rank each: DeepSpeed's hostfile launch (runner -> pdsh -> launch.py
-    # on each node), the nodes being this machine (MULTINODE_BIN)
-    "single_2n": (SINGLE + ["train.micro_batch_size=2"], 2, "deepspeed_hostfile"),
+    # on each node), the nodes being this machine (MULTINODE_BIN); its evaluations decode under ZeRO-3's
+    # per-module gathers, single_2r's with the model gathered whole (train.eval_gather's default, auto)
+    "single_2n": (SINGLE + ["train.micro_batch_size=2", "train.eval_every=3", "train.eval_gather=never"], 2,
+                  "deepspeed_hostfile"),
     # pretrained miniature backbone loaded partitioned (transformers' ZeRO-3 path)
     # extra tokens: the pretrained vocabulary is resized (under ZeRO-3 inside zero.Init), as the paper presets do
     "mini_2r": (MINI + ["train.micro_batch_size=2", "model.extra_special_tokens=8"], 2, "preloaded"),

@@ -68,6 +68,21 @@ def test_two_nodes_through_a_hostfile_match_one_node(runs, h):
     assert summary["completed"] and summary["world_size"] == 2
 
 
+def test_generation_with_the_model_gathered_whole_decodes_what_the_per_module_gathers_decode(runs, h):
+    """single_2r evaluates (after step 3 and at the end) with the model gathered whole on each rank
+    (train.eval_gather=auto; vlscale.engine.gathered), single_2n under ZeRO-3's per-module gathers (never), on the
+    same 2 ranks: the same predictions and scores, and the same losses after the evaluation at step 3 (above)."""
+    gathered, per_module = runs("single_2r"), runs("single_2n")
+    assert "generating with the model gathered whole on each rank" in runs.procs["single_2r"].stdout
+    assert "gathered whole" not in runs.procs["single_2n"].stdout
+    val = [m for m in h.read_json(gathered / "metrics.json") if m["split"] == "val"]
+    assert val == h.read_json(per_module / "metrics.json") and [m["step"] for m in val] == [3, 6]
+    names = sorted(p.name for p in (gathered / "predictions").iterdir())
+    assert names == sorted(p.name for p in (per_module / "predictions").iterdir()) and len(names) == 2
+    for name in names:
+        assert (gathered / "predictions" / name).read_text() == (per_module / "predictions" / name).read_text(), name
+
+
 def test_multiple_adapters_same_losses_and_no_hang(runs, h):
     """Per-task adapters: 2 ranks (different examples per rank, same task per step)
     finish and match 1 process accumulating the same global batch in 2 micro-batches."""

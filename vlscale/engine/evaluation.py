@@ -385,7 +385,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
              batch_size: Optional[int] = None, max_examples: Optional[int] = None, show_progress: bool = True,
              predictions_dir=None, heartbeat: Optional[Callable[[str], None]] = None,
              should_stop: Optional[Callable[[], bool]] = None, java_metrics: bool = False,
-             predict_only: bool = False, submission_dir=None, memo: Optional[dict] = None) -> dict[str, dict]:
+             predict_only: bool = False, submission_dir=None, memo: Optional[dict] = None,
+             engine=None) -> dict[str, dict]:
     """Generate and score ``split`` for each task -> {task: metric dict} (the same on every rank).
 
     ``model`` is the VLModel (``engine.module`` under DeepSpeed). With ``predictions_dir``, rank 0
@@ -396,10 +397,13 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     and the result is {task: {"examples": n, "submission": path or None}}, the path of the file
     :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).
     ``memo``: each task's examples, read at the first call that needs them and reused by the next with the same
-    dict (:func:`vlscale.data.eval_examples`).
+    dict (:func:`vlscale.data.eval_examples`). ``engine``: the DeepSpeed engine of ``model``; under ZeRO-3 the
+    model is gathered whole for the evaluation where ``train.eval_gather`` says so
+    (:func:`vlscale.engine.gathered.gathered_for_generation`).
     """
     from vlscale.data import eval_batches
     from vlscale.engine.distributed import broadcast_object
+    from vlscale.engine.gathered import gathered_for_generation
     from vlscale.log import progress_bar
 
     tasks = list(tasks or cfg.data.tasks)
@@ -409,32 +413,33 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     model.eval()
     scores: dict[str, dict] = {}
     try:
-        for task in tasks:
-            batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
-                                   require_answers=not predict_only, memo=memo)
-            bar = progress_bar(total=len(batches), desc=f"eval {task}/{split}",
-                               disable=not (show_progress and rank == 0), leave=False, dynamic_ncols=True)
-            try:
-                records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
-                                       synced_gpus=synced_gpus, progress=bar, heartbeat=heartbeat,
-                                       should_stop=should_stop, split=split)
-            finally:
-                bar.close()
-            records = _gather_records(records, world_size)
-            if rank == 0:
-                position = {str(e.uid): i for i, e in enumerate(batches.examples)}  # the data's own order
-                records.sort(key=lambda r: position[r["uid"]])
-                if predict_only:  # the examples' ids and references (the batches carry neither)
-                    examples = {str(e.uid): e for e in batches.examples}
-                    for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
-                        r["references"] = list(examples[r["uid"]].references)
-                    path = write_submission(submission_dir, task, records, examples.values(), split) \
-                        if submission_dir is not None else None
-                    scores[task] = {"examples": len(records), "submission": str(path) if path else None}
-                else:
-                    scores[task] = score_records(task, records, java_metrics, batches.examples)
-                if predictions_dir is not None:
-                    write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
+        with gathered_for_generation(engine, cfg.train.eval_gather, device) as whole:
+            for task in tasks:
+                batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
+                                       require_answers=not predict_only, memo=memo)
+                bar = progress_bar(total=len(batches), desc=f"eval {task}/{split}",
+                                   disable=not (show_progress and rank == 0), leave=False, dynamic_ncols=True)
+                try:
+                    records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
+                                           synced_gpus=synced_gpus and not whole, progress=bar, heartbeat=heartbeat,
+                                           should_stop=should_stop, split=split)
+                finally:
+                    bar.close()
+                records = _gather_records(records, world_size)
+                if rank == 0:
+                    position = {str(e.uid): i for i, e in enumerate(batches.examples)}  # the data's own order
+                    records.sort(key=lambda r: position[r["uid"]])
+                    if predict_only:  # the examples' ids and references (the batches carry neither)
+                        examples = {str(e.uid): e for e in batches.examples}
+                        for r in records:  # an unlabeled example's are none (the collator's [target] is [""])
+                            r["references"] = list(examples[r["uid"]].references)
+                        path = write_submission(submission_dir, task, records, examples.values(), split) \
+                            if submission_dir is not None else None
+                        scores[task] = {"examples": len(records), "submission": str(path) if path else None}
+                    else:
+                        scores[task] = score_records(task, records, java_metrics, batches.examples)
+                    if predictions_dir is not None:
+                        write_predictions(Path(predictions_dir) / f"{task}.jsonl", records)
     finally:
         model.train(was_training)
     return broadcast_object(scores)

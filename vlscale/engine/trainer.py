@@ -1029,7 +1029,7 @@ def _evaluate(run: Run, split: str, predictions_dir: Optional[Path]) -> dict:
         return evaluate(run.model, run.cfg, run.tokenizer, split=split, rank=run.dist.rank,
                         world_size=run.dist.world_size, device=run.dist.device, float_dtype=run.dtype,
                         synced_gpus=synced, show_progress=run.show_progress, heartbeat=run.watchdog.beat,
-                        predictions_dir=partial, should_stop=should_stop, memo=run.eval_data)
+                        predictions_dir=partial, should_stop=should_stop, memo=run.eval_data, engine=run.engine)
 
 
 def run_test_evaluation(run: Run) -> dict:
