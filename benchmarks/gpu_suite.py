@@ -40,6 +40,9 @@ budget left is too small:
   loop_syncs   benchmarks/loop_overhead.py on the GPU (tiny preset, ZeRO 0 and 3): the training loop's
                host-device syncs per step by call site (the figure; its phase times are host-side only,
                the GPU runs ahead of them)
+  eval_gather  benchmarks/eval_gather.py on the GPU (train_bf16's model, one rank, random weights: decoding to
+               the token budget): each task's evaluation under ZeRO-3's per-module gathers against the model
+               gathered whole (train.eval_gather)
 Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it; the trainings'
 output_dirs go to DIR/runs/<start time>/<section>, so a second run into the same DIR is not refused by
 the first one's checkpoints (train.py keeps another run's output_dir from being overwritten).
@@ -207,7 +210,8 @@ def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
 # most wanted first (a section is skipped when the budget left is short): issue 6's kernel figures,
 # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
 SECTIONS = ("methods", "kernels", "cuda_tests", "train_fp16", "train_fp16_z0", "profiler", "profile_cli_fp16",
-            "saved_by_op", "resume", "zero3_init", "train_bf16", "train_bf16_unfused", "full_ft_ckpt", "loop_syncs")
+            "saved_by_op", "resume", "zero3_init", "train_bf16", "train_bf16_unfused", "full_ft_ckpt", "loop_syncs",
+            "eval_gather")
 CUDA_TEST_FILES = ("tests/unit/test_kernels.py", "tests/unit/test_kernels_edge_cases.py")
 
 
@@ -263,7 +267,8 @@ def main(argv=None) -> int:
         results["device_error"] = repr(e)
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 120, "cuda_tests": 40, "profiler": 60,
-             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40}
+             "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40,
+             "eval_gather": 45}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -302,6 +307,10 @@ def main(argv=None) -> int:
             elif name == "loop_syncs":
                 results["sections"][name] = _json_command(
                     [sys.executable, str(ROOT / "benchmarks/loop_overhead.py"), "--json", "--steps", "20"], left)
+            elif name == "eval_gather":
+                results["sections"][name] = _json_command(
+                    [sys.executable, str(ROOT / "benchmarks/eval_gather.py"), "--json", "--nproc", "1", "--rounds", "2",
+                     *COMMON, "train.precision=bf16"], left)
             elif name == "saved_by_op":
                 results["sections"][name] = _json_command([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")],
                                                           left)
