@@ -373,6 +373,11 @@ def profile(args, json_out=None) -> int:
               f"(stage3_max_reuse_distance {z.max_reuse_distance:.3g}, stage3_prefetch_bucket_size "
               f"{z.prefetch_bucket_size:.3g}, stage3_max_live_parameters {z.max_live_parameters:.3g}, LM layers "
               f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
+        if cfg.train.eval_gather != "never":
+            print(f"evaluation: generating with the model gathered whole holds {fmt_bytes(d['eval_gathered'])} per "
+                  f"rank beside the partitions (train.eval_gather={cfg.train.eval_gather}"
+                  + (": where that fits in half of the memory free then, else ZeRO-3's per-module gathers"
+                     if cfg.train.eval_gather == "auto" else "") + "; docs/scaling.md)")
     if est.host or est.nvme:
         to_cpu = "cpu" in (s["offload_optimizer"], s["offload_param"])
         print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}"

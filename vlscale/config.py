@@ -657,7 +657,7 @@ class TrainConfig:
     (~300 MiB for 200,000 VQA questions; docs/datasets.md)."""
     eval_gather: str = "auto"
     """Under ZeRO-3, generate with the model gathered whole on each rank (one all-gather per evaluation instead of
-    one per module per new token; :mod:`vlscale.engine.gathered`): ``auto`` where the weights fit in half of the
+    one per module per new token; :mod:`vlscale.engine.gathered`): ``auto`` where the whole model fits in half of the
     device's free memory, ``always``, or ``never`` (ZeRO-3's per-module gathers). No effect at other stages."""
     test_eval: bool = False
     """After the final validation, also evaluate the test split in the same process, writing what

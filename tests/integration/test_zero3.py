@@ -9,6 +9,7 @@ gradient scale or a lost micro-batch changes the losses by >1e-3 by step 2).
 """
 
 import json
+import re
 
 import pytest
 
@@ -81,6 +82,22 @@ def test_generation_with_the_model_gathered_whole_decodes_what_the_per_module_ga
     assert names == sorted(p.name for p in (per_module / "predictions").iterdir()) and len(names) == 2
     for name in names:
         assert (gathered / "predictions" / name).read_text() == (per_module / "predictions" / name).read_text(), name
+
+
+@pytest.mark.parametrize("name", ["single_2r", "single_2r_gc", "mini_2r"])
+def test_the_memory_estimate_of_the_gathered_evaluation_is_what_the_run_gathered(runs, h, name):
+    """The whole model the run logged its evaluation held per rank (vlscale.engine.gathered) is what the memory
+    estimate (detail eval_gathered, printed by launchers/profile_memory.py) predicts for its config: layers
+    gathered as units or module by module (persistent small parameters there), the random tiny model and the
+    pretrained miniature."""
+    from vlscale.config import load_config
+    from vlscale.profiling.analytic import estimate_memory, fmt_bytes
+
+    out = runs(name)
+    logged = re.search(r"gathered whole on each rank \(([\d.]+ \w+) a rank", runs.procs[name].stdout)
+    assert logged, runs.procs[name].stdout[-3000:]
+    estimate = estimate_memory(load_config(str(out / "run_config.yaml")), 2, device="cpu")
+    assert fmt_bytes(estimate.detail["eval_gathered"]) == logged.group(1)
 
 
 def test_multiple_adapters_same_losses_and_no_hang(runs, h):

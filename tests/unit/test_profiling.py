@@ -1539,6 +1539,14 @@ def test_launcher_json(capsys, launcher):
     assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.micro_batch_size=2"]) == 0
     text = capsys.readouterr().out
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
+    whole = analytic.fmt_bytes(out["predicted"]["detail"]["total_params"] * 4)  # the default: fp32
+    assert whole == analytic.fmt_bytes(out["predicted"]["detail"]["eval_gathered"])
+    assert (f"evaluation: generating with the model gathered whole holds {whole} per rank beside the partitions "
+            "(train.eval_gather=auto: where that fits in half of the memory free then") in text
+    assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.eval_gather=never"]) == 0
+    assert "evaluation: generating" not in capsys.readouterr().out
+    assert profile_memory.main(["--world-size", "2", "--zero-stage", "2", "train.micro_batch_size=2"]) == 0
+    assert "evaluation: generating" not in capsys.readouterr().out  # nothing partitioned: nothing to gather
     assert "disk: a checkpoint writes" in text and "(2 kept + the one written)" in text
     assert profile_memory.main(["--world-size", "0"]) == 2
     # a plan: the global batch and each row's accumulation shown (a row's mbs alone hid a 4x larger batch); in

@@ -7,7 +7,7 @@ decoder 20 times per batch, and on a CPU the hooks' own bookkeeping is most of a
 the hooks off for the block, and puts them back (and the partitions) after: an evaluation pays one gather.
 
 It costs the whole model's weights on every rank for the block, so ``train.eval_gather`` decides:
-``auto`` gathers where the weights not yet here take at most half of the memory free on the device (the rest
+``auto`` gathers where the whole model takes at most half of the memory free on the device (the rest
 is left to generation's activations and cache), ``always`` gathers regardless, ``never`` keeps the per-module
 gathers. The decision is collective (every rank must gather, or none), and logged once per process.
 """
@@ -35,12 +35,10 @@ def _zero3_offload(engine):
     return offload if offload is not None and hasattr(offload, "forward_hooks") else None
 
 
-def partitioned_bytes(module: torch.nn.Module) -> int:
-    """Bytes the parameters of ``module`` that are partitioned now (not whole here) take whole."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return sum(p.ds_numel * p.element_size() for p in module.parameters()
-               if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+def whole_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter of ``module`` that ZeRO-3 manages, whole: what each rank holds while the block
+    runs, beside its partitions (the memory estimate's ``eval_gathered``, :mod:`vlscale.profiling.analytic`)."""
+    return sum(p.ds_numel * p.element_size() for p in module.parameters() if hasattr(p, "ds_id"))
 
 
 def free_bytes(device) -> int:
@@ -76,7 +74,7 @@ def gathered_for_generation(engine, policy: str = "auto", device="cpu"):
     from vlscale.profiling.analytic import fmt_bytes
 
     module = offload.module
-    need, free = partitioned_bytes(module), free_bytes(device)
+    need, free = whole_bytes(module), free_bytes(device)
     fits = policy == "always" or need <= free // 2
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     everywhere = all_reduce_sum([float(fits)], device)[0] == world  # every rank gathers, or none

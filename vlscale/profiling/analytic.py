@@ -1600,6 +1600,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Union[dict, 
               "zero3_gathered": st.gathered, "zero3_gathered_backward": st.gathered_backward,
               "zero3_gather_transient": st.gather_transient,
               "zero3_persistent_params": st.persistent_params, "zero_infinity": st.detail["zero_infinity"],
+              # evaluation's generation with the model gathered whole (train.eval_gather, vlscale.engine.gathered):
+              # every parameter whole on each rank, beside the partitions
+              "eval_gathered": inv.total * b if z.stage == 3 else 0,
               "comm_buckets": st.comm_persistent + st.comm_backward, "step_transient": st.step_transient,
               "init_transient": st.init_transient, "vision_params": inv.vision_params,
               "vision_tokens": shapes.vision_tokens_per_image + (0 if shapes.vision_resnet else 1)}
