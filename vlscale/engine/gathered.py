@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 EVAL_GATHER = ("auto", "always", "never")
-_said: set[str] = set()
+_said: set[str] = set()  # the decisions logged
 
 
 def _zero3_offload(engine):
@@ -53,9 +53,10 @@ def free_bytes(device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _say(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
+def _say(decision: str, message: str) -> None:
+    """``message`` logged the first time this process takes ``decision`` (its figures change between evaluations)."""
+    if decision not in _said:
+        _said.add(decision)
         logger.info(message)
 
 
@@ -74,19 +75,19 @@ def gathered_for_generation(engine, policy: str = "auto", device="cpu"):
     from vlscale.profiling.analytic import fmt_bytes
 
     module = offload.module
-    need, free = whole_bytes(module), free_bytes(device)
-    fits = policy == "always" or need <= free // 2
+    whole, free = whole_bytes(module), free_bytes(device)
+    fits = policy == "always" or whole <= free // 2
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     everywhere = all_reduce_sum([float(fits)], device)[0] == world  # every rank gathers, or none
     if not everywhere:
         where = "here" if not fits else "on another rank"
-        _say(f"evaluation: generating under ZeRO-3's per-module gathers: the whole model ({fmt_bytes(need)} a rank) "
-             f"does not fit in half of the memory free {where} ({fmt_bytes(free)} here; train.eval_gather=always "
-             "gathers regardless)")
+        _say(f"{policy} per-module", "evaluation: generating under ZeRO-3's per-module gathers: the whole model "
+             f"({fmt_bytes(whole)} a rank) does not fit in half of the memory free {where} ({fmt_bytes(free)} here; "
+             "train.eval_gather=always gathers regardless)")
         yield False
         return
-    _say(f"evaluation: generating with the model gathered whole on each rank ({fmt_bytes(need)} a rank, "
-         f"{fmt_bytes(free)} free here; train.eval_gather={policy})")
+    _say(f"{policy} gathered", f"evaluation: generating with the model gathered whole on each rank "
+         f"({fmt_bytes(whole)} a rank, {fmt_bytes(free)} free here; train.eval_gather={policy})")
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
