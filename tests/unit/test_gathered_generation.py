@@ -175,3 +175,20 @@ def test_a_policy_that_is_none_of_the_three_is_refused():
     with pytest.raises(ValueError, match="train.eval_gather='sometimes' must be one of"):
         with gathered_for_generation(None, "sometimes"):
             pass
+
+
+def test_on_a_cpu_the_ranks_of_a_machine_share_its_free_memory(monkeypatch):
+    """DeepSpeed's CPU accelerator: every rank of the machine gathers its own whole copy into the same memory, so
+    each weighs the model against its share of what is available."""
+    import types
+
+    import psutil
+
+    from vlscale.engine.gathered import free_bytes
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=8 * 2 ** 30))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert free_bytes("cpu") == 2 * 2 ** 30
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert free_bytes("cpu") == 8 * 2 ** 30

@@ -42,15 +42,17 @@ def whole_bytes(module: torch.nn.Module) -> int:
 
 
 def free_bytes(device) -> int:
-    """Memory free for new tensors on ``device``: the CUDA allocator's free memory plus what it holds unused;
-    on a CPU the system's available memory."""
+    """Memory free for this rank's new tensors on ``device``: the CUDA allocator's free memory plus what it holds
+    unused; on a CPU the system's available memory, shared by the ranks on this machine."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    from vlscale.engine.distributed import local_world_size
+
+    return int(psutil.virtual_memory().available) // local_world_size()
 
 
 def _say(decision: str, message: str) -> None:
