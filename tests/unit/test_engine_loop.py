@@ -819,7 +819,7 @@ def test_a_final_evaluation_stopped_midway_leaves_no_earlier_step_s_predictions(
     run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
                           tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
-                          eval_data={})
+                          eval_data={}, engine=None)
     # a stop, and a second SIGINT's KeyboardInterrupt (StopSignal: "aborting without a checkpoint")
     for error in (EvaluationInterrupted("val", "nlvr2", 0, 1), KeyboardInterrupt("second SIGINT")):
         with pytest.raises(type(error)):
@@ -867,7 +867,7 @@ def test_a_swap_of_predictions_killed_between_its_renames_keeps_the_last_whole_s
     run = SimpleNamespace(step=16, is_main=True, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=1, rank=0, device=None), stage=3, cfg=None, model=None,
                           tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
-                          eval_data={})
+                          eval_data={}, engine=None)
     with pytest.raises(KeyboardInterrupt):
         trainer.run_evaluation(run, final=True)
     monkeypatch.undo()
@@ -910,7 +910,7 @@ def test_only_rank_0_touches_the_prediction_folders(tmp_path, monkeypatch):
     run = SimpleNamespace(step=16, is_main=False, out=tmp_path, writer=None, last_scores={}, stoppable_evaluation=False,
                           dist=SimpleNamespace(world_size=2, rank=1, device=None), stage=3, cfg=None, model=None,
                           tokenizer=None, dtype=None, show_progress=False, watchdog=SimpleNamespace(beat=None),
-                          eval_data={})
+                          eval_data={}, engine=None)
     assert trainer.run_evaluation(run, final=True) == {"vqa": {"acc": 0.5}}
     with pytest.raises(EvaluationInterrupted):
         trainer.run_evaluation(run, final=True)
@@ -1275,16 +1275,18 @@ def test_periodic_evaluation_syncs_generation_only_when_zero3_shards_over_severa
                                                                                        stage, synced):
     """Under ZeRO-3 on several ranks each generated token gathers parameters from every rank, so a rank whose batch
     finished early must keep joining the others' gathers (``synced_gpus``) or the run hangs; elsewhere syncing only
-    costs time. The evaluation runs on the run's rank, device, dtype, watchdog and stop request."""
+    costs time (and where the evaluation gathers the model whole, vlscale.engine.gathered, it decodes unsynced). The
+    evaluation runs on the run's rank, device, dtype, watchdog, stop request and engine (the one it gathers)."""
     seen = {}
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: seen.update(kwargs, args=args) or {"vqa": {}})
     run = SimpleNamespace(dist=SimpleNamespace(world_size=world_size, rank=world_size - 1, device="cpu"), stage=stage,
                           stoppable_evaluation=False, stop=None, model="model", cfg="cfg", tokenizer="tok",
                           dtype=torch.bfloat16, show_progress=False, watchdog=SimpleNamespace(beat="beat"),
-                          eval_data={})
+                          eval_data={}, engine="engine")
     assert trainer._evaluate(run, "val", Path("preds")) == {"vqa": {}}
     assert seen.pop("memo") is run.eval_data  # each split read once per run
     assert seen.pop("args") == ("model", "cfg", "tok")
     assert seen == {"split": "val", "rank": world_size - 1, "world_size": world_size, "device": "cpu",
                     "float_dtype": torch.bfloat16, "synced_gpus": synced, "show_progress": False, "heartbeat": "beat",
-                    "predictions_dir": Path("preds.partial"), "should_stop": None}  # renamed "preds" when whole
+                    "predictions_dir": Path("preds.partial"), "should_stop": None,  # renamed "preds" when whole
+                    "engine": "engine"}
