@@ -42,6 +42,7 @@ ADAPTER_METHODS = ("adapter", "hyperformer", "compacter")
 SHARING_MODES = ("multiple", "half_shared", "single")
 BIAS_CHOICES = ("none", "lora_only", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
+EVAL_GATHER = ("auto", "always", "never")  # train.eval_gather: vlscale.engine.gathered
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of each of :data:`PRECISIONS`."""
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -680,7 +681,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "loss_reduction", self.loss_reduction, ("token", "example"))
-        _check_choice("train", "eval_gather", self.eval_gather, ("auto", "always", "never"))
+        _check_choice("train", "eval_gather", self.eval_gather, EVAL_GATHER)
         _check_positive("train", "max_steps", self.max_steps)
         _check_positive("train", "micro_batch_size", self.micro_batch_size)
         _check_positive("train", "gradient_accumulation_steps", self.gradient_accumulation_steps)

@@ -19,9 +19,9 @@ import logging
 
 import torch
 
-logger = logging.getLogger(__name__)
+from vlscale.config import EVAL_GATHER
 
-EVAL_GATHER = ("auto", "always", "never")
+logger = logging.getLogger(__name__)
 _said: set[str] = set()  # the decisions logged
 
 
