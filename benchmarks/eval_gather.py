@@ -58,7 +58,7 @@ def measure(config: str, overrides: list[str], rounds: int, out_dir: str) -> dic
 
     coordinator.fetch_sub_module = counted
     times = {p: {t: [] for t in run.cfg.data.tasks} for p in POLICIES}
-    fetched, scores, examples = {p: {} for p in POLICIES}, {p: {} for p in POLICIES}, {}
+    fetched, scores = {p: {} for p in POLICIES}, {p: {} for p in POLICIES}
     try:
         for r in range(rounds + 1):  # round 0: the examples read, and everything warmed, untimed
             for task in run.cfg.data.tasks:
@@ -75,10 +75,10 @@ def measure(config: str, overrides: list[str], rounds: int, out_dir: str) -> dic
                     if r:
                         times[policy][task].append(time.perf_counter() - t0)
                         fetched[policy][task] = fetches[0] - n
-                    examples[task] = next((len(v[0]) for k, v in run.eval_data.items() if k[:2] == (task, "val")),
-                                          None)
     finally:
         trainer.close(run)
+    examples = {task: next((len(v[0]) for k, v in run.eval_data.items() if k[:2] == (task, "val")), None)
+                for task in run.cfg.data.tasks}  # the split's examples, read once (the memo)
     return {"world_size": dist.world_size, "device": str(dist.device), "precision": run.cfg.train.precision,
             "config": config, "overrides": overrides, "rounds": rounds, "examples": examples,
             "eval_batch_size": run.cfg.train.eval_batch_size, "seconds": times, "fetches": fetched,
@@ -138,17 +138,12 @@ def main(argv=None) -> None:
         script = [str(Path(__file__).resolve()), "--child", str(result_path), "--rounds", str(args.rounds),
                   "--config", args.config, "--threads", str(args.threads), *overrides]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
-        if args.nproc > 1:
-            from vlscale.engine.distributed import free_port
-
-            port = os.environ.get("MASTER_PORT") or str(free_port())
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", *script]
-        else:
-            cmd = [sys.executable, *script]
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] \
+            if args.nproc > 1 else []
+        proc = subprocess.run([sys.executable, *launch, *script], env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or not result_path.exists():
-            raise SystemExit(f"eval_gather: the run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+            raise SystemExit(f"eval_gather: the run failed (exit {proc.returncode}):\n"
+                             f"{(proc.stdout + proc.stderr)[-4000:]}")
         result = json.loads(result_path.read_text())
     result["load_average"] = list(os.getloadavg())
     print(json.dumps(result, indent=1) if args.json else table(result))
