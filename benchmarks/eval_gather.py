@@ -1,12 +1,13 @@
-"""Evaluation under ZeRO-3 with the model gathered whole (``train.eval_gather=auto``) against ZeRO-3's per-module
-gathers at every new token (``never``): the same evaluation code (``vlscale.engine.evaluation.evaluate``) on the
-same engine, the two alternating task by task for ``--rounds`` rounds.
+"""Evaluation under ZeRO-3 with the model gathered whole (``train.eval_gather=auto``, where it fits) and with its
+decoding parameters gathered around each batch's decoding (``decoder``) against ZeRO-3's per-module gathers at
+every new token (``never``): the same evaluation code (``vlscale.engine.evaluation.evaluate``) on the same engine,
+the three alternating task by task for ``--rounds`` rounds.
 
 A run of ``--config`` (the embedded default by default) is set up as training sets it up (``setup_run``, ZeRO-3,
 ``--nproc`` ranks under torch.distributed.run), with the trained weights of ``--adapter DIR`` where given
 (``train.init_adapter``: a trained adapter stops decoding at its answers' ``</s>``; random weights decode to the
 token budget). No training step runs. Per task and policy: the median seconds of its evaluation, examples/s, and
-how many module fetches DeepSpeed's coordinator made; the predictions of the two policies are compared.
+how many module fetches DeepSpeed's coordinator made; the predictions of the policies are compared.
 
     python benchmarks/eval_gather.py [--adapter DIR] [--nproc 2] [--rounds 3] [--config default] [--json]
         [key=value ...]
@@ -29,7 +30,7 @@ try:
     import vlscale  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
-POLICIES = ("never", "auto")
+POLICIES = ("never", "decoder", "auto")
 
 
 def measure(config: str, overrides: list[str], rounds: int, out_dir: str) -> dict:
@@ -62,7 +63,7 @@ def measure(config: str, overrides: list[str], rounds: int, out_dir: str) -> dic
     try:
         for r in range(rounds + 1):  # round 0: the examples read, and everything warmed, untimed
             for task in run.cfg.data.tasks:
-                for policy in POLICIES if r % 2 else POLICIES[::-1]:
+                for policy in POLICIES[r % 3:] + POLICIES[:r % 3]:  # each first in turn
                     run.cfg.train.eval_gather = policy
                     barrier()
                     n, t0 = fetches[0], time.perf_counter()
@@ -82,27 +83,29 @@ def measure(config: str, overrides: list[str], rounds: int, out_dir: str) -> dic
     return {"world_size": dist.world_size, "device": str(dist.device), "precision": run.cfg.train.precision,
             "config": config, "overrides": overrides, "rounds": rounds, "examples": examples,
             "eval_batch_size": run.cfg.train.eval_batch_size, "seconds": times, "fetches": fetched,
-            "same_scores": scores["never"] == scores["auto"], "scores": scores["auto"]}
+            "same_scores": all(scores[p] == scores["never"] for p in POLICIES), "scores": scores["auto"]}
 
 
 def table(result: dict) -> str:
-    lines = [f"{'task':10s} {'examples':>8s} " + " ".join(f"{p + ' s':>9s} {p + ' ex/s':>11s}" for p in POLICIES)
-             + f" {'never/auto':>10s} {'fetches never':>13s} {'fetches auto':>12s}"]
+    gathered = POLICIES[1:]
+    lines = [f"{'task':10s} {'examples':>8s} " + " ".join(f"{p + ' s':>9s} {p + ' ex/s':>12s}" for p in POLICIES)
+             + "".join(f" {'never/' + p:>13s}" for p in gathered)
+             + "".join(f" {'fetches ' + p:>15s}" for p in POLICIES)]
     total = {p: 0.0 for p in POLICIES}
     for task, n in result["examples"].items():
         med = {p: statistics.median(result["seconds"][p][task]) for p in POLICIES}
         for p in POLICIES:
             total[p] += med[p]
-        rate = {p: f"{n / med[p]:11.1f}" if n else f"{'?':>11s}" for p in POLICIES}
+        rate = {p: f"{n / med[p]:12.1f}" if n else f"{'?':>12s}" for p in POLICIES}
         lines.append(f"{task:10s} {n if n is not None else '?':>8} "
                      + " ".join(f"{med[p]:9.3f} {rate[p]}" for p in POLICIES)
-                     + f" {med['never'] / med['auto']:10.2f} {result['fetches']['never'][task]:13d}"
-                     f" {result['fetches']['auto'][task]:12d}")
-    lines.append(f"{'all':10s} {'':8s} " + " ".join(f"{total[p]:9.3f} {'':11s}" for p in POLICIES)
-                 + f" {total['never'] / total['auto']:10.2f}")
+                     + "".join(f" {med['never'] / med[p]:13.2f}" for p in gathered)
+                     + "".join(f" {result['fetches'][p][task]:15d}" for p in POLICIES))
+    lines.append(f"{'all':10s} {'':8s} " + " ".join(f"{total[p]:9.3f} {'':12s}" for p in POLICIES)
+                 + "".join(f" {total['never'] / total[p]:13.2f}" for p in gathered))
     lines.append(f"({result['world_size']} rank(s) on {result['device']}, {result['precision']}, medians of "
                  f"{result['rounds']} rounds, eval_batch_size {result['eval_batch_size']}; the same scores under "
-                 f"both: {result['same_scores']})")
+                 f"all three: {result['same_scores']})")
     return "\n".join(lines)
 
 

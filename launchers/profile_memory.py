@@ -373,11 +373,17 @@ def profile(args, json_out=None) -> int:
               f"(stage3_max_reuse_distance {z.max_reuse_distance:.3g}, stage3_prefetch_bucket_size "
               f"{z.prefetch_bucket_size:.3g}, stage3_max_live_parameters {z.max_live_parameters:.3g}, LM layers "
               f"gathered {'as units' if cfg.train.zero3_leaf_layers else 'module by module'}; docs/scaling.md)")
-        if cfg.train.eval_gather != "never":
-            print(f"evaluation: generating with the model gathered whole holds {fmt_bytes(d['eval_gathered'])} per "
-                  f"rank beside the partitions (train.eval_gather={cfg.train.eval_gather}"
-                  + (": where that fits in half of the memory free then, else ZeRO-3's per-module gathers"
-                     if cfg.train.eval_gather == "auto" else "") + "; docs/scaling.md)")
+        policy = cfg.train.eval_gather
+        whole, dec = fmt_bytes(d["eval_gathered"]), fmt_bytes(d["eval_gathered_decoder"])
+        if policy in ("auto", "always"):
+            print(f"evaluation: generating with the model gathered whole holds {whole} per rank beside the partitions"
+                  f", its decoding parameters alone {dec} (train.eval_gather={policy}"
+                  + (": the whole model where it fits in half of the memory free then, else the decoding parameters "
+                     "around each batch's decoding, else ZeRO-3's per-module gathers" if policy == "auto" else "")
+                  + "; docs/scaling.md)")
+        elif policy == "decoder":
+            print(f"evaluation: generating with the decoding parameters gathered around each batch's decoding holds "
+                  f"{dec} per rank beside the partitions (train.eval_gather=decoder; docs/scaling.md)")
     if est.host or est.nvme:
         to_cpu = "cpu" in (s["offload_optimizer"], s["offload_param"])
         print(f"offloaded per rank: host {fmt_bytes(est.host)}, nvme {fmt_bytes(est.nvme)}"

@@ -42,7 +42,7 @@ ADAPTER_METHODS = ("adapter", "hyperformer", "compacter")
 SHARING_MODES = ("multiple", "half_shared", "single")
 BIAS_CHOICES = ("none", "lora_only", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
-EVAL_GATHER = ("auto", "always", "never")  # train.eval_gather: vlscale.engine.gathered
+EVAL_GATHER = ("auto", "always", "decoder", "never")  # train.eval_gather: vlscale.engine.gathered
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of each of :data:`PRECISIONS`."""
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -658,8 +658,11 @@ class TrainConfig:
     (~300 MiB for 200,000 VQA questions; docs/datasets.md)."""
     eval_gather: str = "auto"
     """Under ZeRO-3, generate with the model gathered whole on each rank (one all-gather per evaluation instead of
-    one per module per new token; :mod:`vlscale.engine.gathered`): ``auto`` where the whole model fits in half of the
-    device's free memory, ``always``, or ``never`` (ZeRO-3's per-module gathers). No effect at other stages."""
+    one per module per new token; :mod:`vlscale.engine.gathered`), or with its decoding parameters gathered around
+    each batch's decoding (all but the encoder and the visual side: one all-gather of the decoder per batch):
+    ``auto`` the whole model where it fits in half of the device's free memory, else the decoding parameters where
+    they do, else neither; ``always`` (the whole model), ``decoder``, or ``never`` (ZeRO-3's per-module gathers).
+    No effect at other stages."""
     test_eval: bool = False
     """After the final validation, also evaluate the test split in the same process, writing what
     ``launchers/evaluate.py --split test`` writes (``output_dir/eval_test/``)."""

@@ -180,9 +180,10 @@ RUN_SPECS = {
     # norms' and the projection's, through ZeRO-3 partitioning, resume and the memory model)
     "single_1p": (SINGLE + ["train.micro_batch_size=4"], 1, "preloaded"),
     "single_2r": (SINGLE + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3"], 2, "torchrun"),
-    # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units
+    # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units; its final
+    # evaluation gathers the decoding parameters alone around each batch's decoding (train.eval_gather=decoder)
     "single_2r_gc": (SINGLE + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",
-                             "train.zero3_leaf_layers=false"], 2, "preloaded"),
+                             "train.zero3_leaf_layers=false", "train.eval_gather=decoder"], 2, "preloaded"),
     # one adapter per task: 1 process accumulating 2 micro-batches vs 2 ranks (DeepSpeed's launcher on one node:
     # test_runner_sigterm.py's 2 ranks)
     "multi_1p": (TINY + ["peft.sharing=multiple", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],

@@ -86,18 +86,22 @@ def test_generation_with_the_model_gathered_whole_decodes_what_the_per_module_ga
 
 @pytest.mark.parametrize("name", ["single_2r", "single_2r_gc", "mini_2r"])
 def test_the_memory_estimate_of_the_gathered_evaluation_is_what_the_run_gathered(runs, h, name):
-    """The whole model the run logged its evaluation held per rank (vlscale.engine.gathered) is what the memory
-    estimate (detail eval_gathered, printed by launchers/profile_memory.py) predicts for its config: layers
-    gathered as units or module by module (persistent small parameters there), the random tiny model and the
-    pretrained miniature."""
+    """What the run logged its evaluation held per rank (vlscale.engine.gathered) is what the memory estimate
+    (detail eval_gathered, eval_gathered_decoder: launchers/profile_memory.py prints them) predicts for its config:
+    the whole model (single_2r, mini_2r) or its decoding parameters (single_2r_gc, train.eval_gather=decoder),
+    layers gathered as units or module by module (persistent small parameters there), the random tiny model and
+    the pretrained miniature."""
     from vlscale.config import load_config
     from vlscale.profiling.analytic import estimate_memory, fmt_bytes
 
     out = runs(name)
-    logged = re.search(r"gathered whole on each rank \(([\d.]+ \w+) a rank", runs.procs[name].stdout)
+    decoder = name == "single_2r_gc"
+    what = "the decoding parameters gathered on each rank around each batch's decoding" if decoder else \
+        "the model gathered whole on each rank"
+    logged = re.search(rf"generating with {what} \(([\d.]+ \w+) a rank", runs.procs[name].stdout)
     assert logged, runs.procs[name].stdout[-3000:]
     estimate = estimate_memory(load_config(str(out / "run_config.yaml")), 2, device="cpu")
-    assert fmt_bytes(estimate.detail["eval_gathered"]) == logged.group(1)
+    assert fmt_bytes(estimate.detail["eval_gathered_decoder" if decoder else "eval_gathered"]) == logged.group(1)
 
 
 def test_multiple_adapters_same_losses_and_no_hang(runs, h):

@@ -436,15 +436,18 @@ def test_scale_reports_steady_steps_and_the_largest_rank(monkeypatch):
 
 def test_eval_gather_refuses_a_folder_without_an_adapter_and_tabulates_the_ratio(capsys, tmp_path):
     """benchmarks/eval_gather.py: ``--adapter`` that holds no adapter_config.json is refused before the ranks
-    start; the table's ratio is the per-module policy's median over the gathered one's, per task and in all."""
+    start; the table's ratios are the per-module policy's median over each gathering one's, per task and in all."""
     bench = _bench("eval_gather")
     _refused(capsys, bench.main, ["--adapter", str(tmp_path)], f"--adapter {tmp_path}: no adapter_config.json")
     result = {"world_size": 2, "device": "cpu", "precision": "fp32", "rounds": 3, "eval_batch_size": 50,
               "examples": {"vqa": 100, "caption": 100}, "same_scores": True,
               "seconds": {"never": {"vqa": [3.0, 2.0, 9.0], "caption": [4.0, 4.0, 4.0]},
+                          "decoder": {"vqa": [1.5, 1.5, 1.0], "caption": [2.0, 2.0, 5.0]},
                           "auto": {"vqa": [1.0, 1.0, 1.0], "caption": [2.0, 1.0, 3.0]}},
-              "fetches": {"never": {"vqa": 535, "caption": 500}, "auto": {"vqa": 0, "caption": 0}}}
+              "fetches": {"never": {"vqa": 535, "caption": 500}, "decoder": {"vqa": 40, "caption": 30},
+                          "auto": {"vqa": 0, "caption": 0}}}
     rows = {line.split()[0]: line.split() for line in bench.table(result).splitlines()[1:3]}
-    assert rows["vqa"][1:] == ["100", "3.000", "33.3", "1.000", "100.0", "3.00", "535", "0"]
-    assert rows["caption"][6] == "2.00"
-    assert bench.table(result).splitlines()[3].split() == ["all", "7.000", "3.000", "2.33"]
+    assert rows["vqa"][1:] == ["100", "3.000", "33.3", "1.500", "66.7", "1.000", "100.0", "2.00", "3.00", "535", "40",
+                               "0"]
+    assert rows["caption"][8:10] == ["2.00", "2.00"]
+    assert bench.table(result).splitlines()[3].split() == ["all", "7.000", "3.500", "3.000", "2.00", "2.33"]

@@ -84,7 +84,7 @@ class _RecordingModel:
     def __init__(self):
         self.budgets, self.searches = [], []
 
-    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False, decode_block=None):
         self.budgets.append(max_new_tokens)
         self.searches.append((num_beams, synced_gpus))
         return torch.zeros(inputs["input_ids"].shape[0], max_new_tokens, dtype=torch.long)
@@ -300,7 +300,7 @@ class _ModeRecordingModel(torch.nn.Module):
         super().__init__()
         self.modes = []
 
-    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+    def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False, decode_block=None):
         self.modes.append(self.training)
         return torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)
 
@@ -446,7 +446,7 @@ def test_evaluate_reads_the_split_with_the_given_batch_size_and_cap_and_decodes_
                         [dict(b, pixel_values=torch.zeros(len(b["uids"]), 2)) for b in own[task]])
 
     class Model(_ModeRecordingModel):
-        def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False):
+        def generate(self, inputs, max_new_tokens, num_beams, synced_gpus=False, decode_block=None):
             seen.append((inputs["pixel_values"].dtype, synced_gpus))
             return super().generate(inputs, max_new_tokens, num_beams, synced_gpus)
 

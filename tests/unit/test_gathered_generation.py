@@ -14,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# the V&L model of the worker's last part: prompts as well, so that every module of the visual side is there
+VL_OVERRIDES = ["data.tasks=[vqa]", "data.synthetic_eval=4", "peft.extra_prompts=true", "model.dropout=0.0"]
+
 WORKER = r'''
 import json, logging, sys
 sys.path.insert(0, sys.argv[1])
@@ -24,6 +27,7 @@ dist.init_process_group("gloo")
 import deepspeed, transformers
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from vlscale.engine import gathered
+VL_OVERRIDES = json.loads(sys.argv[3])
 
 rank = dist.get_rank()
 said = []
@@ -79,8 +83,8 @@ engine.module.eval()
 n = len(fetches); out["ids_per_module"] = generate(True); out["fetches_per_module"] = len(fetches) - n
 logits_before = logits()
 loss_before = engine(input_ids=inputs, labels=labels).loss.item()
-with gathered.gathered_for_generation(engine, "always", "cpu") as whole:
-    out["whole"] = whole
+with gathered.gathered_for_generation(engine, "always", "cpu") as plan:
+    out["whole"] = plan.gathered == "whole" and not plan.synced
     out["statuses_inside"], out["hooks_inside"] = statuses(), hooks()
     n = len(fetches); out["ids_gathered"] = generate(False); out["fetches_gathered"] = len(fetches) - n
     out["logits_gathered_equal"] = torch.equal(logits(), logits_before)
@@ -93,19 +97,47 @@ engine.step()
 engine.module.eval()
 stepped = logits()
 out["step_changed_logits"] = not torch.equal(stepped, logits_before)
-with gathered.gathered_for_generation(engine, "always", "cpu") as whole:
-    out["stepped_equal"] = whole and torch.equal(logits(), stepped)
+with gathered.gathered_for_generation(engine, "always", "cpu") as plan:
+    out["stepped_equal"] = plan.gathered == "whole" and torch.equal(logits(), stepped)
 
-with gathered.gathered_for_generation(engine, "never", "cpu") as whole:
-    out["never"] = whole
+# the decoding parameters alone, gathered around the decoding (the encoder ran before, under the per-module gathers)
+decoding = {id(p) for p in gathered.decoding_parameters(engine.module)}
+out["ids_stepped"] = generate(True)  # the per-module gathers' ids after the step
+with gathered.gathered_for_generation(engine, "decoder", "cpu") as plan:
+    out["decoder"], out["decoder_synced"] = plan.gathered, plan.synced
+    out["statuses_decoder_outside"] = statuses()  # nothing gathered outside the decoding
+    with torch.no_grad():
+        encoded = engine.module.get_encoder()(input_ids=inputs, return_dict=True)
+    with plan.decode_block():
+        out["decoding_statuses"] = sorted({p.ds_status.name for p in engine.module.parameters() if id(p) in decoding})
+        out["encoder_statuses"] = sorted({p.ds_status.name for p in engine.module.parameters()
+                                          if id(p) not in decoding})
+        out["hooks_decoding"] = hooks()
+        n = len(fetches)
+        out["ids_decoder"] = engine.module.generate(encoder_outputs=encoded, attention_mask=torch.ones_like(inputs),
+                                                    max_new_tokens=6, do_sample=False).tolist()
+        out["fetches_decoder"] = len(fetches) - n
+    out["statuses_after_decoder"], out["hooks_after_decoder"] = statuses(), hooks()
+out["decoding_share"] = sum(p.ds_numel for p in engine.module.parameters() if id(p) in decoding) / sum(
+    p.ds_numel for p in engine.module.parameters())
+
+with gathered.gathered_for_generation(engine, "never", "cpu") as plan:
+    out["never"], out["never_synced"] = plan.gathered, plan.synced
 said.clear()
 for _ in range(2):  # the second time not logged again
-    with gathered.gathered_for_generation(engine, "auto", "cpu") as whole:
-        out["auto_fits"] = whole
+    with gathered.gathered_for_generation(engine, "auto", "cpu") as plan:
+        out["auto_fits"] = plan.gathered
 free = gathered.free_bytes
+decoding_bytes = gathered._bytes(gathered.decoding_parameters(engine.module))
+gathered.free_bytes = lambda device: 2 * decoding_bytes  # room for the decoding parameters, not for the whole model
+with gathered.gathered_for_generation(engine, "auto", "cpu") as plan:
+    out["auto_tight"] = plan.gathered
+gathered.free_bytes = lambda device: 2 * decoding_bytes if rank == 0 else free(device)  # rank 0 tight: both decoder
+with gathered.gathered_for_generation(engine, "auto", "cpu") as plan:
+    out["auto_one_rank_tight"] = plan.gathered
 gathered.free_bytes = lambda device: 0 if rank == 1 else free(device)  # rank 1 has no room: neither gathers
-with gathered.gathered_for_generation(engine, "auto", "cpu") as whole:
-    out["auto_one_rank_short"] = whole
+with gathered.gathered_for_generation(engine, "auto", "cpu") as plan:
+    out["auto_one_rank_short"] = plan.gathered
     out["statuses_short"] = statuses()
 gathered.free_bytes = free
 out["said"] = said
@@ -115,9 +147,56 @@ plain = deepspeed.initialize(model=tiny_t5(), config=ds)[0]
 plain.module.eval()
 with torch.no_grad():
     whole_logits = plain.module(input_ids=inputs, decoder_input_ids=decoder).logits
-    with gathered.gathered_for_generation(plain, "always", "cpu") as whole:
-        out["plain_whole"] = whole and torch.equal(plain.module(input_ids=inputs, decoder_input_ids=decoder).logits,
-                                                   whole_logits)
+    with gathered.gathered_for_generation(plain, "always", "cpu") as plan:
+        out["plain_whole"] = plan.gathered == "whole" and torch.equal(
+            plain.module(input_ids=inputs, decoder_input_ids=decoder).logits, whole_logits)
+# the V&L model (vlscale's generate): tiny CLIP-RN, projection and prompts run once per batch, before the decoding
+from vlscale.config import load_config
+from vlscale.data import build_tokenizer, eval_batches
+from vlscale.engine.evaluation import generation_inputs
+from vlscale.modeling.vl_model import build_model
+
+cfg = load_config("tiny", VL_OVERRIDES)
+tokenizer = build_tokenizer(cfg)
+torch.manual_seed(0)
+vl = build_model(cfg, vocab_size=len(tokenizer))
+with torch.no_grad():  # the tiny T5's own init decodes only pads
+    for p in vl.lm.parameters():
+        p.normal_(0, 0.5) if p.dim() > 1 else None
+vl_engine = deepspeed.initialize(model=vl, optimizer=torch.optim.AdamW([p for p in vl.parameters() if p.requires_grad]),
+                                 config=ds)[0]
+vl_coordinator = vl_engine.optimizer.parameter_offload.get_param_coordinator()
+vl_fetch = vl_coordinator.fetch_sub_module
+def vl_counted(*a, **k):
+    fetches.append(1)
+    return vl_fetch(*a, **k)
+vl_coordinator.fetch_sub_module = vl_counted
+batch = generation_inputs(next(iter(eval_batches(cfg, tokenizer, "vqa", "val", 2, rank, 2))))
+vl_engine.module.eval()
+def vl_generate(synced, decode_block=None):
+    return vl_engine.module.generate(batch, max_new_tokens=8, min_new_tokens=8, synced_gpus=synced,
+                                     decode_block=decode_block).tolist()
+out["vl_ids_per_module"] = vl_generate(True)
+with gathered.gathered_for_generation(vl_engine, "always", "cpu") as plan:
+    out["vl_ids_whole"] = vl_generate(plan.synced)
+vl_decoding = {id(p) for p in gathered.decoding_parameters(vl_engine.module)}
+visual = [p for m in vl_engine.module.encoding_modules() for p in m.parameters()]
+out["vl_encoding_modules"] = sorted(type(m).__name__ for m in vl_engine.module.encoding_modules())
+with gathered.gathered_for_generation(vl_engine, "decoder", "cpu") as plan:
+    import contextlib
+    @contextlib.contextmanager
+    def watched():
+        with plan.decode_block():
+            out["vl_visual_statuses"] = sorted({p.ds_status.name for p in visual})
+            out["vl_visual_in_decoding"] = any(id(p) in vl_decoding for p in visual)
+            n = len(fetches)
+            yield
+            out["vl_fetches_decoding"] = len(fetches) - n
+    n = len(fetches)
+    out["vl_ids_decoder"] = vl_generate(plan.synced, watched)
+    out["vl_fetches_encoding"] = len(fetches) - n - out["vl_fetches_decoding"]
+out["vl_whole_bytes"] = gathered.whole_bytes(vl_engine.module)
+out["vl_decoding_bytes"] = gathered._bytes(gathered.decoding_parameters(vl_engine.module))
 json.dump(out, open(f"{sys.argv[2]}.{rank}", "w"))
 dist.destroy_process_group()
 '''
@@ -128,7 +207,8 @@ def ranks(tmp_path_factory, preloaded):
     tmp = tmp_path_factory.mktemp("gathered")
     script, result = tmp / "worker.py", tmp / "result.json"
     script.write_text(WORKER)
-    proc = preloaded.run(script, [ROOT, result], nproc=2, env=dict(preloaded.env, OMP_NUM_THREADS="1"), cwd=ROOT,
+    proc = preloaded.run(script, [ROOT, result, json.dumps(VL_OVERRIDES)], nproc=2,
+                         env=dict(preloaded.env, OMP_NUM_THREADS="1"), cwd=ROOT,
                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
@@ -158,18 +238,66 @@ def test_after_the_block_the_partitions_hooks_and_training_are_as_they_were(rank
         assert out["plain_whole"], "an engine without an optimizer (evaluate.py's) is gathered as well"
 
 
-def test_auto_gathers_only_where_every_rank_has_the_room_and_never_does_not(ranks):
+def test_the_decoding_parameters_alone_gathered_around_the_decoding_decode_the_same(ranks):
+    """``decoder``: outside the decoding nothing is gathered; inside it the decoding parameters are (the encoder's
+    stay partitioned), no hook but the root's is on, DeepSpeed fetches nothing, and the ids are the per-module
+    gathers'; after it the partitions and the hooks are as they were."""
+    for out in ranks:
+        assert out["decoder"] == "decoder" and out["decoder_synced"] is False
+        assert out["statuses_decoder_outside"] == ["NOT_AVAILABLE"]
+        assert out["decoding_statuses"] == ["AVAILABLE"] and out["encoder_statuses"] == ["NOT_AVAILABLE"]
+        assert out["hooks_decoding"] == out["hooks_inside"]
+        assert out["fetches_decoder"] == 0 and out["ids_decoder"] == out["ids_stepped"] != out["ids_per_module"]
+        assert out["statuses_after_decoder"] == ["NOT_AVAILABLE"] and out["hooks_after_decoder"] == out["hooks_before"]
+        assert 0.5 < out["decoding_share"] < 0.75, "the decoder, the shared embedding: not the encoder's layers"
+
+
+def test_the_v_and_l_model_decodes_the_same_every_way(ranks):
+    """vlscale's VLModel.generate: per-module gathers, the model gathered whole, and the decoding parameters
+    gathered around the decoding (CLIP, the projection, the prompts and the encoder run before it, fetched by
+    DeepSpeed, and are not gathered in it) decode the same ids."""
+    for out in ranks:
+        assert out["vl_ids_whole"] == out["vl_ids_per_module"] == out["vl_ids_decoder"]
+        assert all(len(ids) == 9 for ids in out["vl_ids_decoder"])  # the start token + 8 new ones
+        assert out["vl_encoding_modules"] == ["PromptEncoder", "VisionEncoder", "VisualProjector"]
+        assert out["vl_visual_statuses"] == ["NOT_AVAILABLE"] and not out["vl_visual_in_decoding"]
+        assert out["vl_fetches_encoding"] > 0 and out["vl_fetches_decoding"] == 0
+    assert ranks[0]["vl_ids_decoder"] != ranks[1]["vl_ids_decoder"], "each rank decoded its own examples"
+
+
+def test_the_memory_estimate_of_the_gathered_evaluation_is_what_the_model_gathers(ranks):
+    """The estimate's ``eval_gathered`` and ``eval_gathered_decoder`` (launchers/profile_memory.py prints them) are
+    the bytes the worker's V&L model gathers whole and for its decoding."""
+    from vlscale.config import load_config
+    from vlscale.profiling.analytic import estimate_memory
+
+    detail = estimate_memory(load_config("tiny", VL_OVERRIDES), 2, device="cpu").detail
+    for out in ranks:
+        assert (out["vl_whole_bytes"], out["vl_decoding_bytes"]) == (detail["eval_gathered"],
+                                                                     detail["eval_gathered_decoder"])
+        assert out["vl_decoding_bytes"] < out["vl_whole_bytes"]
+
+
+def test_auto_gathers_what_every_rank_has_the_room_for_and_never_does_not(ranks):
+    """``auto``: the whole model where it fits in half of the free memory on every rank, else the decoding
+    parameters where they fit on every rank, else neither."""
     for rank, out in enumerate(ranks):
-        assert out["never"] is False
-        assert out["auto_fits"] is True
-        assert out["auto_one_rank_short"] is False and out["statuses_short"] == ["NOT_AVAILABLE"]
-        assert [s for s in out["said"] if "gathered whole on each rank" in s and "eval_gather=auto" in s] == \
-            [out["said"][0]], "logged once, at the first evaluation"
+        assert out["never"] is None and out["never_synced"] is True
+        assert out["auto_fits"] == "whole"
+        assert out["auto_tight"] == out["auto_one_rank_tight"] == "decoder"
+        assert out["auto_one_rank_short"] is None and out["statuses_short"] == ["NOT_AVAILABLE"]
+        said = out["said"]
+        assert [s for s in said if "gathered whole on each rank" in s and "eval_gather=auto" in s] == [said[0]], \
+            "logged once, at the first evaluation"
+        decoder = [s for s in said if "decoding parameters gathered on each rank" in s]
+        assert len(decoder) == 1 and "the whole model" in decoder[0], said
+        assert "does not fit in half of the memory free here" in decoder[0], said
         where = "here" if rank == 1 else "on another rank"
-        assert any(f"does not fit in half of the memory free {where}" in s for s in out["said"]), out["said"]
+        assert any(s.startswith("evaluation: generating under ZeRO-3's per-module gathers: neither the whole model")
+                   and f"fit in half of the memory free {where}" in s for s in said), said
 
 
-def test_a_policy_that_is_none_of_the_three_is_refused():
+def test_a_policy_that_is_none_of_the_four_is_refused():
     from vlscale.engine.gathered import gathered_for_generation
 
     with pytest.raises(ValueError, match="train.eval_gather='sometimes' must be one of"):

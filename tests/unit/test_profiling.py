@@ -1541,8 +1541,14 @@ def test_launcher_json(capsys, launcher):
     assert "ZeRO-3 gathered parameters per rank" in text and "stage3_max_live_parameters 1e+09" in text
     whole = analytic.fmt_bytes(out["predicted"]["detail"]["total_params"] * 4)  # the default: fp32
     assert whole == analytic.fmt_bytes(out["predicted"]["detail"]["eval_gathered"])
-    assert (f"evaluation: generating with the model gathered whole holds {whole} per rank beside the partitions "
-            "(train.eval_gather=auto: where that fits in half of the memory free then") in text
+    dec = analytic.fmt_bytes(out["predicted"]["detail"]["eval_gathered_decoder"])
+    assert out["predicted"]["detail"]["eval_gathered_decoder"] < out["predicted"]["detail"]["eval_gathered"]
+    assert (f"evaluation: generating with the model gathered whole holds {whole} per rank beside the partitions, its "
+            f"decoding parameters alone {dec} (train.eval_gather=auto: the whole model where it fits in half of the "
+            "memory free then, else the decoding parameters") in text
+    assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.eval_gather=decoder"]) == 0
+    assert (f"evaluation: generating with the decoding parameters gathered around each batch's decoding holds {dec} "
+            "per rank") in capsys.readouterr().out
     assert profile_memory.main(["--world-size", "2", "--zero-stage", "3", "train.eval_gather=never"]) == 0
     assert "evaluation: generating" not in capsys.readouterr().out
     assert profile_memory.main(["--world-size", "2", "--zero-stage", "2", "train.micro_batch_size=2"]) == 0

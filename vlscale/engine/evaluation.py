@@ -107,9 +107,11 @@ def leading_target_tokens(tokenizer) -> int:
 @torch.no_grad()
 def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=None, synced_gpus: bool = False,
                  progress=None, heartbeat: Optional[Callable[[str], None]] = None,
-                 should_stop: Optional[Callable[[], bool]] = None, split: str = "val") -> list[dict]:
+                 should_stop: Optional[Callable[[], bool]] = None, split: str = "val",
+                 decode_block=None) -> list[dict]:
     """Decode this rank's batches -> [{uid, prediction, references[, group]}] for valid rows.
-    ``should_stop`` (collective when it is): asked before each batch; True raises EvaluationInterrupted."""
+    ``should_stop`` (collective when it is): asked before each batch; True raises EvaluationInterrupted.
+    ``decode_block``: :meth:`VLModel.generate`'s (the decoding parameters gathered around each batch's decoding)."""
     spec = get_task(task)
     if spec.choices:
         prefix, choice_ids = choice_tokens(tokenizer, spec.choices)
@@ -132,7 +134,7 @@ def predict_task(model, tokenizer, batches, task: str, *, device, float_dtype=No
             texts = [spec.choices[i] for i in picked]
         else:
             ids = model.generate(inputs, max_new_tokens=budget, num_beams=spec.num_beams,
-                                 synced_gpus=synced_gpus)
+                                 synced_gpus=synced_gpus, decode_block=decode_block)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for j, uid in enumerate(uids):
             if not valid[j]:
@@ -398,8 +400,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     :func:`write_submission` wrote into ``submission_dir`` (None without one, or for a task without a format).
     ``memo``: each task's examples, read at the first call that needs them and reused by the next with the same
     dict (:func:`vlscale.data.eval_examples`). ``engine``: the DeepSpeed engine of ``model``; under ZeRO-3 the
-    model is gathered whole for the evaluation where ``train.eval_gather`` says so
-    (:func:`vlscale.engine.gathered.gathered_for_generation`).
+    model is gathered whole for the evaluation, or its decoding parameters for each batch's decoding, where
+    ``train.eval_gather`` says so (:func:`vlscale.engine.gathered.gathered_for_generation`).
     """
     from vlscale.data import eval_batches
     from vlscale.engine.distributed import broadcast_object
@@ -413,7 +415,7 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
     model.eval()
     scores: dict[str, dict] = {}
     try:
-        with gathered_for_generation(engine, cfg.train.eval_gather, device) as whole:
+        with gathered_for_generation(engine, cfg.train.eval_gather, device) as plan:
             for task in tasks:
                 batches = eval_batches(cfg, tokenizer, task, split, batch_size, rank, world_size, max_examples,
                                        require_answers=not predict_only, memo=memo)
@@ -421,8 +423,8 @@ def evaluate(model, cfg, tokenizer, *, split: str = "val", tasks: Optional[Seque
                                    disable=not (show_progress and rank == 0), leave=False, dynamic_ncols=True)
                 try:
                     records = predict_task(model, tokenizer, batches, task, device=device, float_dtype=float_dtype,
-                                           synced_gpus=synced_gpus and not whole, progress=bar, heartbeat=heartbeat,
-                                           should_stop=should_stop, split=split)
+                                           synced_gpus=synced_gpus and plan.synced, progress=bar, heartbeat=heartbeat,
+                                           should_stop=should_stop, split=split, decode_block=plan.decode_block)
                 finally:
                     bar.close()
                 records = _gather_records(records, world_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -186,13 +186,24 @@ class VLModel(nn.Module):
         return out.logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, batch: dict, **generate_kwargs) -> torch.Tensor:
+    def generate(self, batch: dict, decode_block: Optional[Callable[[], ContextManager]] = None,
+                 **generate_kwargs) -> torch.Tensor:
         """Decoded token ids (B, T) for the batch's task (``labels`` unused); ``generate_kwargs`` go to the LM's
         ``generate`` (``max_new_tokens``, ``num_beams``, ...). ``tokenizer.batch_decode(ids, skip_special_tokens=True)``
-        gives the text."""
+        gives the text. ``decode_block``: the encoder runs first, then the decoding runs inside ``decode_block()``
+        (under ZeRO-3, :func:`vlscale.engine.gathered.gathered_for_generation`'s gather of the decoding parameters)."""
         self.peft.set_task(batch["task"])
         embeds, mask = self.encoder_inputs(batch)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        if decode_block is None:
+            return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        encoded = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        with decode_block():
+            return self.lm.generate(encoder_outputs=encoded, attention_mask=mask, **generate_kwargs)
+
+    def encoding_modules(self) -> list[nn.Module]:
+        """The modules besides the LM's encoder that ``generate`` runs once per batch, before the first new token
+        (the vision tower, the projection, the prompts); every other parameter is used at each new token."""
+        return [m for m in (self.vision, self.projector, getattr(self.peft, "prompt", None)) if m is not None]
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -254,6 +254,9 @@ class ParamInventory:
     """The run's tasks: each task's own PEFT weight sets form optimizer groups of their own."""
     split_peft: bool = False
     """``train.peft_lr`` is set: the PEFT weights form optimizer groups of their own."""
+    decoding: list[bool] = field(default_factory=list)
+    """Per parameter: ``generate`` uses it at each new token (:func:`vlscale.engine.gathered.decoding_parameters`:
+    all but the LM's encoder and the visual side)."""
 
     def buffer_bytes(self, b: int) -> int:
         return sum(n * (size or b) for n, size in self.buffers)
@@ -265,6 +268,10 @@ class ParamInventory:
     @property
     def n_trainable(self) -> int:
         return sum(n for n, t in zip(self.numels, self.trainable) if t)
+
+    @property
+    def decoding_params(self) -> int:
+        return sum(n for n, d in zip(self.numels, self.decoding) if d)
 
     @property
     def vision_params(self) -> int:
@@ -314,6 +321,7 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
     """
     import json
 
+    from vlscale.engine.gathered import decoding_parameters
     from vlscale.modeling.vl_model import build_model
     from vlscale.peft.trainable import parameter_groups
 
@@ -326,6 +334,7 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
     meta_cfg.train.gradient_checkpointing = False
     model = build_model(meta_cfg, vocab_size=vocab, device="meta")
     group_of = {id(prm): group for group, params in parameter_groups(model).items() for _, prm in params}
+    decoding = {id(prm) for prm in decoding_parameters(model)}
     names, numels, ndims, trainable, groups = [], [], [], [], []
     for name, prm in model.named_parameters():  # module order, shared parameters once
         names.append(name)
@@ -338,7 +347,7 @@ def parameter_inventory(cfg: RunConfig, vocab_size: Optional[int] = None) -> Par
                for name, t in model.state_dict(keep_vars=True).items() if name not in aliases]
     inv = ParamInventory(names, numels, ndims, trainable, groups,
                          int(model.lm.get_input_embeddings().num_embeddings), buffers, tuple(cfg.data.tasks),
-                         split_peft)
+                         split_peft, [id(prm) in decoding for _, prm in model.named_parameters()])
     _INVENTORY_CACHE[key] = inv
     return inv
 
@@ -1601,8 +1610,9 @@ def estimate_memory(cfg: RunConfig, world_size: int = 1, ds_config: Union[dict, 
               "zero3_gather_transient": st.gather_transient,
               "zero3_persistent_params": st.persistent_params, "zero_infinity": st.detail["zero_infinity"],
               # evaluation's generation with the model gathered whole (train.eval_gather, vlscale.engine.gathered):
-              # every parameter whole on each rank, beside the partitions
+              # every parameter whole on each rank, beside the partitions; or the decoding parameters alone
               "eval_gathered": inv.total * b if z.stage == 3 else 0,
+              "eval_gathered_decoder": inv.decoding_params * b if z.stage == 3 else 0,
               "comm_buckets": st.comm_persistent + st.comm_backward, "step_transient": st.step_transient,
               "init_transient": st.init_transient, "vision_params": inv.vision_params,
               "vision_tokens": shapes.vision_tokens_per_image + (0 if shapes.vision_resnet else 1)}
