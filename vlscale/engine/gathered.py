@@ -19,6 +19,7 @@ gather, or none), and logged once per process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -145,25 +146,46 @@ def gathered_for_generation(engine, policy: str = "auto", device="cpu"):
 
 @contextlib.contextmanager
 def _gathered(offload, params: list):
-    """``params`` gathered and every per-module hook off for the block; the hooks and the partitions back after.
-    What ZeRO-3 holds gathered or in flight before (a prefetch) is released first."""
+    """``params`` gathered and ZeRO-3's per-module hooks off for the block; the partitions and the same hooks back
+    after. What ZeRO-3 holds gathered or in flight before (a prefetch) is released first."""
     import deepspeed
 
     offload.empty_partition_cache()
-    with deepspeed.zero.GatheredParameters(params):
-        _remove_hooks(offload)
+    _gather_coalesced(params)
+    with deepspeed.zero.GatheredParameters(params):  # gathered already: it releases them after
+        restore = _hooks_off(offload)
         try:
             yield
         finally:
-            offload._register_deepspeed_module(offload.module)
+            restore()
 
-def _remove_hooks(offload) -> None:
-    """Takes ZeRO-3's per-module fetch/release hooks off (the root's start-of-forward hook, which only resets
-    the coordinator's step, stays); ``offload._register_deepspeed_module`` puts them back."""
-    for handle in (*offload.forward_hooks, *offload.backward_hooks):
-        handle.remove()
-    offload.forward_hooks.clear()
-    offload.backward_hooks.clear()
-    for p in offload.module.parameters():
-        if hasattr(p, "ds_active_sub_modules"):
-            p.ds_active_sub_modules.clear()
+
+def _gather_coalesced(params: list) -> None:
+    """All-gathers ``params`` in one flat collective per kind, as ZeRO-3's own fetches do (``GatheredParameters``
+    gathers them one by one: 188 all-gathers for the default model's decoder, 0.15 s on 2 CPU ranks)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    todo = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]  # all of them, on every rank
+    for group in ([p for p in todo if p.ds_secondary_tensor is not None],
+                  [p for p in todo if p.ds_secondary_tensor is None]):
+        if group:
+            group[0].all_gather_coalesced(group).wait()
+
+
+def _hooks_off(offload) -> Callable[[], None]:
+    """Takes ZeRO-3's per-module fetch/release hooks off every module (the root's start-of-forward hook, which
+    only resets the coordinator's step, and every other hook, PEFT's, stay) -> a function putting the same hooks
+    back in their places (the modules' own hook dicts, not registered again)."""
+    ours = {handle.id for handle in (*offload.forward_hooks, *offload.backward_hooks)}
+    saved = []
+    for m in offload.module.modules():
+        for name in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(m, name)
+            if not ours.isdisjoint(hooks):
+                saved.append((m, name, hooks))
+                setattr(m, name, collections.OrderedDict((k, h) for k, h in hooks.items() if k not in ours))
+
+    def restore():
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+    return restore
