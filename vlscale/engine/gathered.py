@@ -3,8 +3,9 @@
 Under ZeRO-3 every module's forward all-gathers its parameters and releases them after (DeepSpeed's
 per-module hooks), and ``generate`` runs the decoder once per new token: a caption of 20 tokens gathers the
 decoder 20 times per batch, and on a CPU the hooks' own bookkeeping is most of a small model's evaluation.
-:func:`gathered_for_generation` gathers every parameter once (``deepspeed.zero.GatheredParameters``), takes
-the hooks off for the block, and puts them back (and the partitions) after: an evaluation pays one gather.
+:func:`gathered_for_generation` gathers every parameter once (one flat all-gather, as ZeRO-3's own fetches; released
+by ``deepspeed.zero.GatheredParameters``), sets the hooks aside for the block, and puts them back (and the
+partitions) after: an evaluation pays one gather.
 
 That costs the whole model's weights on every rank. Where they do not fit, the decoding parameters alone (all
 but the LM's encoder, the vision tower, the projection and the prompts, which run once per batch before the
