@@ -163,7 +163,8 @@ def _gathered(offload, params: list):
 
 def _gather_coalesced(params: list) -> None:
     """All-gathers ``params`` in one flat collective per kind, as ZeRO-3's own fetches do (``GatheredParameters``
-    gathers them one by one: 188 all-gathers for the default model's decoder, 0.15 s on 2 CPU ranks)."""
+    gathers them one by one: 188 all-gathers for the default model's decoder; BENCHMARKS.md, "Evaluation with the
+    model gathered")."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     todo = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]  # all of them, on every rank
