@@ -12,7 +12,11 @@ given, the ``sys.argv`` and ``sys.path[0]`` of ``python SCRIPT ARGS`` or ``pytho
 stdout and stderr in a log file, ``OMP_NUM_THREADS`` applied, atexit handlers run at exit.
 ``nproc > 1`` starts the ranks as ``torchrun --standalone`` does (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, OMP_NUM_THREADS=1; when a rank fails the others get SIGTERM,
-then SIGKILL after 30 s). Variables read while modules import (``IMPORT_TIME_VARS``) are the
+then SIGKILL after 30 s). One process computes on one torch thread unless its environment sets
+``OMP_NUM_THREADS``: the suite's other work (the background jobs, the lane's runs, the companion session) keeps
+the other core busy, and two threads beside it oversubscribe the 2 cores, OpenMP's barriers then waiting on a
+descheduled thread (tests/unit/test_peft.py's ZeRO-3 probe: 97 s on two threads beside a busy core, 12.6 s on one;
+40-43 s in the suite). Variables read while modules import (``IMPORT_TIME_VARS``) are the
 server's: a run that does not set one gets the server's value, one asking for another is refused.
 ``sys.path`` past its first entry is the server's (its PYTHONPATH holds the repository root). Tests
 of the launchers themselves (torchrun, DeepSpeed's launcher, plain ``python``) launch those.
@@ -326,6 +330,8 @@ class PreloadedServer:
               log_path: Path | None = None) -> PreloadedRun:
         """``python SCRIPT ARGS`` (or ``python -m MODULE ARGS`` with script "-m" and the module first in args)."""
         env = dict(self.env if env is None else env)
+        if nproc == 1:  # one torch thread unless asked: beside the suite's other work (module docstring)
+            env.setdefault("OMP_NUM_THREADS", "1")
         for key in IMPORT_TIME_VARS:
             if key in env and env[key] != self.env.get(key):
                 raise ValueError(f"{key}={env[key]!r} differs from the preloaded server's "

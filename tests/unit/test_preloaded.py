@@ -72,6 +72,18 @@ def test_one_process_keeps_its_environment_and_dies_with_its_group(preloaded, sc
     assert run.wait(timeout=10) == -signal.SIGKILL
 
 
+def test_one_process_computes_on_one_thread_unless_asked(preloaded, script, tmp_path):
+    """A one-process run given no OMP_NUM_THREADS gets one torch thread (the suite's other work keeps the other core
+    busy); one given a number keeps it."""
+    seen = {}
+    for name, env in (("unset", {k: v for k, v in preloaded.env.items() if k != "OMP_NUM_THREADS"}),
+                      ("asked", dict(preloaded.env, OMP_NUM_THREADS="2"))):
+        done = preloaded.run(script, [tmp_path / name, "ok"], env=env, cwd=tmp_path, timeout=60)
+        assert done.returncode == 0, done.stdout
+        seen[name] = json.loads((tmp_path / f"{name}.0").read_text())["threads"]
+    assert seen == {"unset": 1, "asked": 2}
+
+
 def test_an_import_time_variable_cannot_change(preloaded, script, tmp_path):
     with pytest.raises(ValueError, match="DS_ACCELERATOR='cuda' differs"):
         preloaded.start(script, [tmp_path / "seen", "ok"], env=dict(preloaded.env, DS_ACCELERATOR="cuda"))
