@@ -41,8 +41,8 @@ budget left is too small:
                host-device syncs per step by call site (the figure; its phase times are host-side only,
                the GPU runs ahead of them)
   eval_gather  benchmarks/eval_gather.py on the GPU (train_bf16's model, one rank, random weights: decoding to
-               the token budget): each task's evaluation under ZeRO-3's per-module gathers against the model
-               gathered whole (train.eval_gather)
+               the token budget): each task's evaluation under ZeRO-3's per-module gathers against the decoding
+               parameters gathered around each batch's decoding and the model gathered whole (train.eval_gather)
 Writes DIR/gpu_results.json (DIR defaults to $OUT or ./runs/gpu_suite) and prints it; the trainings'
 output_dirs go to DIR/runs/<start time>/<section>, so a second run into the same DIR is not refused by
 the first one's checkpoints (train.py keeps another run's output_dir from being overwritten).
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 120, "cuda_tests": 40, "profiler": 60,
              "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40,
-             "eval_gather": 45}
+             "eval_gather": 60}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
