@@ -1,9 +1,12 @@
-"""Generation with the model gathered whole under ZeRO-3 (vlscale.engine.gathered, ``train.eval_gather``): on 2
-ranks of a tiny T5 partitioned by DeepSpeed, the block gathers every parameter once and DeepSpeed fetches nothing
-while it decodes, it decodes what the per-module gathers decode, and after it the partitions and the hooks are as
-they were: the next training step's loss is the one before, and a gather after the step has the updated weights.
-``auto`` gathers only where every rank has the room; ``never`` leaves ZeRO-3's gathers. The training runs that
-evaluate this way are compared with the per-module way in tests/integration/test_zero3.py (single_2n)."""
+"""Generation with the model gathered under ZeRO-3 (vlscale.engine.gathered, ``train.eval_gather``): on 2 ranks of a
+tiny T5 partitioned by DeepSpeed, the block gathers every parameter once and DeepSpeed fetches nothing while it
+decodes, it decodes what the per-module gathers decode, and after it the partitions and the hooks are as they were:
+the next training step's loss is the one before, and a gather after the step has the updated weights. ``decoder``
+gathers the decoding parameters alone around the decoding (the encoder runs before it under the per-module
+gathers), with the same ids, on the T5 and on a tiny V&L model (CLIP, projection, prompts: not gathered), whose
+gathered bytes are the memory estimate's. ``auto`` gathers what every rank has the room for; ``never`` leaves
+ZeRO-3's gathers. The training runs that evaluate these ways are compared with the per-module way in
+tests/integration/test_zero3.py (single_2n, single_2r_gc)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VL_OVERRIDES = ["data.tasks=[vqa]", "data.synthetic_eval=4", "peft.extra_prompts=true", "model.dropout=0.0"]
 
 WORKER = r'''
-import json, logging, sys
+import contextlib, json, logging, sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
 from vlscale.engine.distributed import skip_inference_shm_kernel
@@ -183,7 +186,6 @@ vl_decoding = {id(p) for p in gathered.decoding_parameters(vl_engine.module)}
 visual = [p for m in vl_engine.module.encoding_modules() for p in m.parameters()]
 out["vl_encoding_modules"] = sorted(type(m).__name__ for m in vl_engine.module.encoding_modules())
 with gathered.gathered_for_generation(vl_engine, "decoder", "cpu") as plan:
-    import contextlib
     @contextlib.contextmanager
     def watched():
         with plan.decode_block():
