@@ -55,11 +55,14 @@ optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]
 engine = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)[0]
 offload = engine.optimizer.parameter_offload
 fetches = []
-fetch = offload.get_param_coordinator().fetch_sub_module
-def counted(*a, **k):
-    fetches.append(1)
-    return fetch(*a, **k)
-offload.get_param_coordinator().fetch_sub_module = counted
+def count_fetches(coordinator):
+    """Every module fetch of ``coordinator`` (a ZeRO-3 engine's) appended to ``fetches``."""
+    fetch = coordinator.fetch_sub_module
+    def counted(*a, **k):
+        fetches.append(1)
+        return fetch(*a, **k)
+    coordinator.fetch_sub_module = counted
+count_fetches(offload.get_param_coordinator())
 
 g = torch.Generator().manual_seed(rank)  # each rank its own rows: the per-module gathers decode synced
 inputs = torch.randint(2, 64, (2, 7), generator=g)
@@ -168,12 +171,7 @@ with torch.no_grad():  # the tiny T5's own init decodes only pads
         p.normal_(0, 0.5) if p.dim() > 1 else None
 vl_engine = deepspeed.initialize(model=vl, optimizer=torch.optim.AdamW([p for p in vl.parameters() if p.requires_grad]),
                                  config=ds)[0]
-vl_coordinator = vl_engine.optimizer.parameter_offload.get_param_coordinator()
-vl_fetch = vl_coordinator.fetch_sub_module
-def vl_counted(*a, **k):
-    fetches.append(1)
-    return vl_fetch(*a, **k)
-vl_coordinator.fetch_sub_module = vl_counted
+count_fetches(vl_engine.optimizer.parameter_offload.get_param_coordinator())
 batch = generation_inputs(next(iter(eval_batches(cfg, tokenizer, "vqa", "val", 2, rank, 2))))
 vl_engine.module.eval()
 def vl_generate(synced, decode_block=None):
