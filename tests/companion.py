@@ -32,11 +32,13 @@ import pytest
 # ``runs``, ``learning_job`` and ``triton_interpreter`` fixtures). Balanced by measured time (timelines of the whole
 # suite, 2026-12-06): started with the first integration test and holding test_cache_vision, test_global_batch and
 # test_resume_data_early too (12 s in one session), the companion ended 20 s after the main session's own
-# integration tests; started earlier (below) and holding test_runner_sigterm too (26 s), it ends with them.
-COMPANION_FILES = ("test_adapter_buffers.py", "test_evaluate_sharded.py", "test_half_precision.py",
-                   "test_loss_reduction.py", "test_paper_preset_real.py", "test_predict_only.py", "test_replicate.py",
-                   "test_resume_errors.py", "test_resume_unstepped_tasks.py", "test_runner_sigterm.py",
-                   "test_sharded_loading.py")
+# integration tests; started earlier (below) and holding test_runner_sigterm too (26 s), it ended with them. With
+# more unit tests before it (2026-12-07) it ended 39 s before them (576 s against 537 s into the suite); with
+# test_cache_vision, test_custom_task_training and test_loop_syncs too (18 s), 1 s before (600 s against 599 s).
+COMPANION_FILES = ("test_adapter_buffers.py", "test_cache_vision.py", "test_custom_task_training.py",
+                   "test_evaluate_sharded.py", "test_half_precision.py", "test_loop_syncs.py", "test_loss_reduction.py",
+                   "test_paper_preset_real.py", "test_predict_only.py", "test_replicate.py", "test_resume_errors.py",
+                   "test_resume_unstepped_tasks.py", "test_runner_sigterm.py", "test_sharded_loading.py")
 SWITCH_ENV = "VLSCALE_TEST_COMPANION"  # "0": no companion session
 REPORT_ENV = "VLSCALE_COMPANION_REPORT"  # set in the companion session: where its reports go (JSON lines)
 SOCKET_ENV = "VLSCALE_PRELOADED_SOCKET"  # set in the companion session: the main session's preloaded server

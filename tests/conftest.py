@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import companion
 from lane import Lane
-from preloaded import PreloadedServer, launch_env
+from preloaded import TIMELINE_ENV, PreloadedServer, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,32 @@ def pytest_configure(config):
     if not config.option.collectonly:
         config._vlscale_preloaded = PreloadedServer(Path(tempfile.mkdtemp(prefix="vlscale_preloaded_")), launch_env(),
                                                     os.environ.get(companion.SOCKET_ENV))
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``'s first line: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``VLSCALE_TEST_TIMELINE=FILE`` (benchmarks/suite_time.py): a JSON line per test, its session, start,
+    wall time, this process's CPU time and the whole machine's busy time across it (a session nested in a test,
+    tests/unit/test_companion.py's, has another root and writes nothing; nor does the main session's stand-in
+    for a companion's test)."""
+    path = os.environ.get(TIMELINE_ENV)
+    if not path or isinstance(item, companion.CompanionItem) or item.config.rootpath != ROOT:
+        yield
+        return
+    t0, own0, busy0 = time.time(), time.process_time(), _machine_busy_s()
+    yield
+    line = {"kind": "test", "id": item.nodeid, "session": "companion" if companion.REPORT_ENV in os.environ else "main",
+            "t0": t0, "wall_s": time.time() - t0, "cpu_s": time.process_time() - own0,
+            "machine_busy_s": _machine_busy_s() - busy0}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def pytest_unconfigure(config):

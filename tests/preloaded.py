@@ -45,6 +45,8 @@ import cpu_adam_op
 IMPORT_TIME_VARS = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRITON_INTERPRET", "HF_HOME",
                     "HF_HUB_CACHE")
 READY_TIMEOUT_S = 180
+# each test and launched run adds a JSON line to this file (benchmarks/suite_time.py)
+TIMELINE_ENV = "VLSCALE_TEST_TIMELINE"
 KILL_GRACE_S = 30
 
 
@@ -174,7 +176,7 @@ def _monitor(conn: socket.socket, req: dict) -> None:
     os.close(log_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the ranks handle it; this process reports what they did
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    code = 0
+    code, cpu_s = 0, 0.0
     try:
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
         alive, deadline = set(ranks), None
@@ -183,11 +185,12 @@ def _monitor(conn: socket.socket, req: dict) -> None:
                 for pid in alive:
                     os.kill(pid, signal.SIGKILL)
                 deadline = float("inf")
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 time.sleep(0.05)
                 continue
             alive.discard(pid)
+            cpu_s += usage.ru_utime + usage.ru_stime
             rc = os.waitstatus_to_exitcode(status)
             if rc != 0 and code == 0:
                 code = rc  # the first failure, as torchrun reports it; the others are stopped
@@ -195,6 +198,11 @@ def _monitor(conn: socket.socket, req: dict) -> None:
                     os.kill(other, signal.SIGTERM)
                 deadline = time.monotonic() + KILL_GRACE_S
         conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+        timeline = req["env"].get(TIMELINE_ENV)
+        if timeline:  # benchmarks/suite_time.py: what each launched run cost
+            with open(timeline, "a") as f:
+                f.write(json.dumps({"kind": "run", "argv": req["argv"], "nproc": nproc, "cpu_s": round(cpu_s, 3),
+                                    "end": time.time()}) + "\n")
     finally:
         os._exit(0)
 

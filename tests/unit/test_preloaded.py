@@ -28,6 +28,10 @@ if mode == "fail" and rank == 1:
     sys.exit(3)
 if mode in ("fail", "sleep"):
     time.sleep(60)
+if mode == "spin":  # 0.3 s of CPU
+    t = time.process_time()
+    while time.process_time() - t < 0.3:
+        pass
 '''
 
 
@@ -52,6 +56,23 @@ def test_two_ranks_see_torchruns_variables(preloaded, script, tmp_path):
     assert seen[0]["env"]["MASTER_PORT"] == seen[1]["env"]["MASTER_PORT"]
     assert seen[0]["pgid"] == seen[1]["pgid"] != os.getpgid(0)
     assert "rank 0 says hello" in done.stdout and "rank 1 says hello" in done.stdout
+
+
+def test_each_run_writes_its_ranks_cpu_time_to_the_timeline(preloaded, script, tmp_path):
+    """With ``VLSCALE_TEST_TIMELINE`` in its environment a run appends one line: argv, ranks, both ranks' CPU time
+    (benchmarks/suite_time.py)."""
+    from preloaded import TIMELINE_ENV
+
+    timeline = tmp_path / "timeline.jsonl"
+    t0 = time.time()
+    done = preloaded.run(script, [tmp_path / "seen", "spin"], nproc=2, env=dict(preloaded.env, **{TIMELINE_ENV: str(
+        timeline)}), cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout
+    [line] = [json.loads(x) for x in timeline.read_text().splitlines()]
+    assert line["kind"] == "run" and line["argv"] == [str(script), str(tmp_path / "seen"), "spin"]
+    assert line["nproc"] == 2 and 0.6 <= line["cpu_s"] < 30 and t0 < line["end"] <= time.time()
+    done = preloaded.run(script, [tmp_path / "seen", "ok"], cwd=tmp_path, timeout=60)  # without: nothing written
+    assert done.returncode == 0 and len(timeline.read_text().splitlines()) == 1
 
 
 def test_a_failing_rank_stops_the_other_and_sets_the_code(preloaded, script, tmp_path):
