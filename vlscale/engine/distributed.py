@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import functools
 import math
 import os
 import signal
@@ -302,6 +303,32 @@ def port_in_use_message() -> str:
             f"MASTER_PORT=P where you set RANK / WORLD_SIZE yourself")
 
 
+def _signal_aware(call):
+    """``call()`` in a helper thread while this one waits in Python. A rank waiting in the rendezvous is inside
+    c10d's store (C++), where Python's signal handlers do not run: when rank 0 could not listen on MASTER_PORT, the
+    SIGTERM with which DeepSpeed's launch.py (or torchrun) ends the ranks left waited for the store's 30 s timeout,
+    then the launcher killed the rank (measured: 30 s between rank 0's line and the launcher's exit). Here the signal's
+    handler runs at once (start-up's line, launchers/train.py); the helper, a daemon, is left waiting as the process
+    ends. In the main thread only (elsewhere signals do not reach Python code anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = e
+
+    helper = threading.Thread(target=run, name="vlscale-rendezvous", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> DistInfo:
     """Initialise (or reuse) the default process group through DeepSpeed and return this rank's view."""
     device_type = select_accelerator()
@@ -317,8 +344,12 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
             declare_cpu_fp16()
     if not dist.is_initialized():
         try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=verbose,
-                                       timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
+            rendezvous = functools.partial(deepspeed.init_distributed, dist_backend=backend, verbose=verbose,
+                                           timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
+            if launched:  # a launched rank may wait for the others
+                _signal_aware(rendezvous)
+            else:
+                rendezvous()
         except dist.DistNetworkError as e:
             if "address already in use" not in str(e).lower():  # torch's libuv store and its older one say so
                 raise
