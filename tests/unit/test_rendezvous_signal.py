@@ -30,7 +30,7 @@ def test_sigterm_during_the_rendezvous_is_start_ups_line_at_once(preloaded, tmp_
         conn, _ = holder.accept()  # the rank is in the rendezvous
         time.sleep(0.5)
         t0 = time.monotonic()
-        os.killpg(run.pid, signal.SIGTERM)  # as DeepSpeed's launch.py ends the ranks left (the group's leader ignores it)
+        os.killpg(run.pid, signal.SIGTERM)  # as launch.py ends the ranks left (the group leader ignores it)
         code = run.wait(timeout=25)
         took = time.monotonic() - t0
     finally:
