@@ -197,12 +197,12 @@ def _monitor(conn: socket.socket, req: dict) -> None:
                 for other in alive:
                     os.kill(other, signal.SIGTERM)
                 deadline = time.monotonic() + KILL_GRACE_S
-        conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
         timeline = req["env"].get(TIMELINE_ENV)
-        if timeline:  # benchmarks/suite_time.py: what each launched run cost
+        if timeline:  # benchmarks/suite_time.py: what each launched run cost (written before the run is seen to end)
             with open(timeline, "a") as f:
                 f.write(json.dumps({"kind": "run", "argv": req["argv"], "nproc": nproc, "cpu_s": round(cpu_s, 3),
                                     "end": time.time()}) + "\n")
+        conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
     finally:
         os._exit(0)
 
