@@ -78,6 +78,7 @@ def _timeline(path: Path) -> Path:
 
 
 def test_the_summary_splits_the_machines_cpu_and_dates_the_phases(suite_time, tmp_path, capsys):
+    assert suite_time.TIMELINE_ENV == TIMELINE_ENV  # the variable the suite reads
     s = suite_time.summarise([json.loads(x) for x in _timeline(tmp_path / "t.jsonl").read_text().splitlines()], 2)
     assert s["wall_s"] == 52 and s["idle_pct"] == pytest.approx(100 * (1 - 100 / 104), abs=0.05)
     assert s["phases"]["main"] == {"first_test_s": 10, "last_end_s": 50, "tests": 3, "unit_end_s": 20}

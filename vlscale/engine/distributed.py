@@ -346,7 +346,9 @@ def init_distributed(timeout_s: float | None = None, verbose: bool = False) -> D
         try:
             rendezvous = functools.partial(deepspeed.init_distributed, dist_backend=backend, verbose=verbose,
                                            timeout=datetime.timedelta(seconds=timeout_s or dist_timeout_s()), **single)
-            if launched:  # a launched rank may wait for the others
+            # a launched rank may wait for the others; DeepSpeed's MPI discovery (mpirun without torch's variables:
+            # MPI_Init) stays in this thread
+            if launched and all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
                 _signal_aware(rendezvous)
             else:
                 rendezvous()
