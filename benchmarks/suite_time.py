@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMELINE_ENV = "VLSCALE_TEST_TIMELINE"  # tests/preloaded.py's
+sys.path.insert(0, str(ROOT / "tests"))
+from preloaded import TIMELINE_ENV, machine_busy_s  # noqa: E402  (the suite's own: standard library only)
 
 
 def parse_args(argv=None):
@@ -49,14 +50,8 @@ def parse_args(argv=None):
     return args
 
 
-def machine_busy_s() -> float:
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def run_suite(timeline: Path, clone: bool, pytest_args: list[str]) -> dict:
-    """The README's test command with the timeline on -> the run's own record (a first line of the timeline)."""
+def run_suite(timeline: Path, clone: bool, pytest_args: list[str]) -> None:
+    """The README's test command with the timeline on; its own record ("suite") is the timeline's last line."""
     where = ROOT
     if clone:
         where = Path(tempfile.mkdtemp(prefix="vlscale_suite_")) / "repo"
@@ -71,7 +66,6 @@ def run_suite(timeline: Path, clone: bool, pytest_args: list[str]) -> dict:
               "result": (proc.stdout.strip().splitlines() or [""])[-1]}
     with open(timeline, "a") as f:
         f.write(json.dumps(record) + "\n")
-    return record
 
 
 def run_name(argv: list[str]) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 import companion
 from lane import Lane
-from preloaded import TIMELINE_ENV, PreloadedServer, launch_env
+from preloaded import TIMELINE_ENV, PreloadedServer, launch_env, machine_busy_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +41,6 @@ def pytest_configure(config):
                                                     os.environ.get(companion.SOCKET_ENV))
 
 
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (``/proc/stat``'s first line: all but idle and iowait)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """With ``VLSCALE_TEST_TIMELINE=FILE`` (benchmarks/suite_time.py): a JSON line per test, its session, start,
@@ -58,11 +51,11 @@ def pytest_runtest_protocol(item, nextitem):
     if not path or isinstance(item, companion.CompanionItem) or item.config.rootpath != ROOT:
         yield
         return
-    t0, own0, busy0 = time.time(), time.process_time(), _machine_busy_s()
+    t0, own0, busy0 = time.time(), time.process_time(), machine_busy_s()
     yield
     line = {"kind": "test", "id": item.nodeid, "session": "companion" if companion.REPORT_ENV in os.environ else "main",
             "t0": t0, "wall_s": time.time() - t0, "cpu_s": time.process_time() - own0,
-            "machine_busy_s": _machine_busy_s() - busy0}
+            "machine_busy_s": machine_busy_s() - busy0}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 

@@ -50,6 +50,14 @@ TIMELINE_ENV = "VLSCALE_TEST_TIMELINE"
 KILL_GRACE_S = 30
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``'s first line: all but idle and iowait); for the
+    suite's timeline (tests/conftest.py, benchmarks/suite_time.py)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
