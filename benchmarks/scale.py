@@ -55,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 MODELS = {
     "t5-large": ("google-t5/t5-large", "RN101"),
     "t5-3b": ("google-t5/t5-3b", "RN101"),
-    "flan-t5-xl": ("google/flan-t5-xl", "ViT-L-14"),
+    "flan-t5-xl": ("google/flan-t5-xl", "ViT-L-14-quickgelu"),
     "t5-11b": ("google-t5/t5-11b", "RN101"),
-    "flan-t5-xxl": ("google/flan-t5-xxl", "ViT-L-14"),
+    "flan-t5-xxl": ("google/flan-t5-xxl", "ViT-L-14-quickgelu"),
 }
 HARDWARE = {"8x80gb": ("80GiB", 8), "8x24gb": ("24GiB", 8)}
 GLOBAL_BATCH = 512  # the paper's 500, rounded to a multiple of 8 GPUs x power-of-two micro-batches

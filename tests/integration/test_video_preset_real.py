@@ -47,10 +47,11 @@ def release_layout(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, launcher):
-    """(data root, feature cache) made as docs/datasets.md says, with the preset's own CLIP settings (ViT-B-32,
-    openai): the features are precomputed, so no CLIP may be built (its weights are not on this machine)."""
+    """(data root, feature cache) made as docs/datasets.md says, with the preset's own CLIP settings
+    (ViT-B-32-quickgelu, openai): the features are precomputed, so no CLIP may be built (its weights are not on this
+    machine)."""
     root = release_layout(tmp_path_factory.mktemp("video_real") / "data")
-    cache = root / "clip_features" / "ViT-B-32_frames"
+    cache = root / "clip_features" / "ViT-B-32-quickgelu_frames"
     extract = launcher("extract_features")
     built = []
     real_load, extract.load_encoder = extract.load_encoder, lambda *a: built.append(a)
@@ -73,13 +74,14 @@ def test_extract_real_copies_every_video_the_preset_reads(real):
     root, cache = real
     cfg = preset(root, f"data.feature_cache={cache}")
     wanted = {e.image_ids[0] for t in TASKS for s in ("train", "val", "test") for e in load_examples(cfg, t, s)}
-    features = FeatureCache(cache, vision="ViT-B-32", pretrained="openai", expect_kind="frames", expect_dim=512)
+    features = FeatureCache(cache, vision="ViT-B-32-quickgelu", pretrained="openai", expect_kind="frames",
+                            expect_dim=512)
     assert set(features.ids()) == wanted
     for vid in wanted:
         task = next(t for t in TASKS if vid in VideoFeatureFolder(root / t / "features"))
         assert torch.equal(features[vid], VideoFeatureFolder(root / task / "features")[vid])  # all frames
     assert {k: features.meta[k] for k in ("vision", "pretrained", "kind", "dim", "synthetic")} == {
-        "vision": "ViT-B-32", "pretrained": "openai", "kind": "frames", "dim": 512, "synthetic": None}
+        "vision": "ViT-B-32-quickgelu", "pretrained": "openai", "kind": "frames", "dim": 512, "synthetic": None}
 
 
 def test_extract_real_says_which_task_a_shared_video_is_stored_from(launcher):

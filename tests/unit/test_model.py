@@ -530,25 +530,106 @@ def test_a_clip_tag_open_clip_cannot_load_names_the_key(vision, tag, words):
 
 
 def test_a_clip_tag_open_clip_cannot_fetch_names_the_key(monkeypatch):
-    """A known tag whose weights are neither cached nor downloadable (offline): open_clip's RuntimeError, named."""
+    """A known tag whose weights are neither cached nor downloadable (offline): the fetch's error, named."""
     import open_clip
 
     from vlscale.config import SourceError
 
-    def offline(name, pretrained=None, **kw):
-        raise RuntimeError(f"Failed to download weights for tag {pretrained!r}: no network" if pretrained else "a bug")
+    def offline(cfg, **kw):
+        raise OSError("no network")
 
-    def bug(*args, **kw):
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(open_clip, "create_model", offline)
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
     with pytest.raises(SourceError, match=r"^model\.vision_pretrained='openai' for RN50: open_clip cannot load it "
-                                          r"\(Failed to download weights for tag 'openai': no network\); give one "
+                                          r"\(cannot fetch its weights: OSError: no network\); give one "
                                           r"of its tags \['openai', 'yfcc15m', 'cc12m'\]"):
         build_vision_encoder("RN50", pretrained="openai")
-    monkeypatch.setattr(open_clip.model, "_build_vision_tower", bug)  # a random tower is built alone
-    with pytest.raises(RuntimeError, match="^a bug$"):  # without a tag: open_clip's own error, untouched
-        build_vision_encoder("RN50")
+
+
+def _tag(monkeypatch, name: str, tag: str, file, **settings) -> None:
+    """Make ``tag`` an open_clip tag of ``name`` whose weights are ``file`` (open_clip's download_pretrained returns a
+    tag's ``file`` as it is)."""
+    import open_clip.pretrained
+
+    tags = {**open_clip.pretrained._PRETRAINED.get(name, {}),
+            tag: {"file": str(file), "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
+                  **settings}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, name, tags)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_a_clip_tag_loads_its_files_visual_tensors_into_the_tower_built_alone(monkeypatch, tmp_path, suffix):
+    """An open_clip tag's file holds the whole CLIP: its visual tensors are loaded into the tower, built alone as a
+    random one is; the CLIP (its text tower: ViT-L-14's is 123 M parameters) is never built on a rank."""
+    import open_clip
+    from open_clip import model as open_clip_model
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        torch.manual_seed(1)
+        trained = open_clip.create_model("tiny-clip-vit").state_dict()
+    file = tmp_path / f"open_clip_model{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in trained.items()}, str(file))
+    else:
+        torch.save({"state_dict": trained}, file)
+    _tag(monkeypatch, "tiny-clip-vit", "synthtag", file)
+    for whole in ("create_model", "create_model_and_transforms"):
+        monkeypatch.setattr(open_clip, whole, lambda *a, **kw: pytest.fail("the whole CLIP was built"))
+    monkeypatch.setattr(open_clip_model, "_build_text_tower", lambda *a, **kw: pytest.fail("a text tower was built"))
+    got = build_vision_encoder("tiny-clip-vit", pretrained="synthtag").visual.state_dict()
+    ours = {k.removeprefix("visual."): v for k, v in trained.items() if k.startswith("visual.")}
+    assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
+    random = build_vision_encoder("tiny-clip-vit").visual.state_dict()
+    assert not torch.equal(got["conv1.weight"], random["conv1.weight"])
+
+
+def test_a_tags_file_of_another_tower_names_the_tag_and_its_file(monkeypatch, tmp_path):
+    """A tag's file that is not the tower's (a broken cache entry, another model's): one line naming the tag and
+    the file, as a checkpoint file given by path does."""
+    from safetensors.torch import save_file
+
+    from vlscale.config import SourceError
+
+    file = tmp_path / "open_clip_model.safetensors"
+    save_file({"visual.conv1.weight": torch.zeros(2, 3, 4, 4)}, str(file))
+    _tag(monkeypatch, "tiny-clip-vit", "synthtag", file)
+    with pytest.raises(SourceError, match=rf"^model\.vision_pretrained='synthtag' \({re.escape(str(file))}\) is not "
+                                          r"a checkpoint of tiny-clip-vit's visual tower \(shapes differ: "):
+        build_vision_encoder("tiny-clip-vit", pretrained="synthtag")
+
+
+def test_a_vit_tag_trained_with_another_activation_is_refused(monkeypatch, tmp_path):
+    """OpenAI's CLIP ViTs were trained with QuickGELU; open_clip's ViT-B-32 builds GELU and only warns of a tag
+    trained otherwise, and the frozen tower's features would be off in every block (the video preset's ViT-B-32 and
+    the flan-t5 presets' ViT-L-14 had the 'openai' weights so). Refused before any weights are fetched, naming the
+    -quickgelu name that builds the same tower with QuickGELU; the other way round too. A ResNet tower has no such
+    activation (ModifiedResNet's blocks are ReLU): its tags go on to the fetch."""
+    import open_clip
+
+    from vlscale.config import SourceError
+
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, **kw: pytest.fail("fetched"))
+    for name in ("ViT-B-32", "ViT-L-14"):
+        with pytest.raises(SourceError, match=rf"^model\.vision='{name}' with model\.vision_pretrained='openai': those "
+                                              rf"weights were trained with QuickGELU, but {name}'s open_clip config "
+                                              rf"builds GELU, and every layer's features would be off; give "
+                                              rf"model\.vision={name}-quickgelu \(open_clip's name for the same tower "
+                                              r"with QuickGELU\)$"):
+            build_vision_encoder(name, pretrained="openai")
+    _tag(monkeypatch, "ViT-B-32-quickgelu", "gelutag", tmp_path / "none.safetensors")
+    with pytest.raises(SourceError, match=r"trained with GELU, but ViT-B-32-quickgelu's open_clip config builds "
+                                          r"QuickGELU.*; give a model\.vision whose open_clip config has "
+                                          r"quick_gelu=false$"):
+        build_vision_encoder("ViT-B-32-quickgelu", pretrained="gelutag")
+
+    def offline(cfg, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    for name in ("RN101", "ViT-B-32-quickgelu"):  # the activation is right: on to the fetch
+        with pytest.raises(SourceError, match=rf"^model\.vision_pretrained='openai' for {name}: open_clip cannot "
+                                              r"load it \(cannot fetch its weights"):
+            build_vision_encoder(name, pretrained="openai")
 
 
 def test_a_pool_size_beyond_the_grid_keeps_the_grid():

@@ -2,8 +2,9 @@
 
 RN models give the grid of the last conv stage (RN101 at 224 px: 7 x 7 x 2048), which the V&L
 model adaptive-max-pools to ``pool_size``^2 tokens; ViT models give their patch tokens; video
-frames use the CLIP image embedding (ViT-B/32: 512-d). Only the visual tower is built (an open_clip
-tag builds the whole CLIP, to load its weights, and keeps the tower). Weights are an open_clip tag or a
+frames use the CLIP image embedding (ViT-B/32: 512-d). Only the visual tower is built (of an open_clip
+tag's file, the whole CLIP's weights, only its visual tensors are read; a hf-hub:/local-dir: name builds the
+whole CLIP and keeps the tower). Weights are an open_clip tag or a
 local checkpoint file (model.vision_pretrained); without them the tower is random and seeded (tests,
 counting). The tiny models ``tiny-clip-rn`` / ``tiny-clip-vit`` (configs shipped in
 ``vlscale/registry/open_clip``) are registered with open_clip so they build by name like the real ones.
@@ -184,8 +185,11 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
                          dtype: torch.dtype = torch.float32) -> VisionEncoder:
     """Build the visual tower of an open_clip model by name.
 
-    ``pretrained``: an open_clip tag (needs the hub) or a local checkpoint file (offline); a full
-    CLIP checkpoint or one of only the visual tower (keys prefixed ``visual.``) both load.
+    ``pretrained``: an open_clip tag (its file from open_clip's cache, or the network) or a local checkpoint file
+    (offline); a full CLIP checkpoint or one of only the visual tower (keys prefixed ``visual.``) both load. A tag's
+    file is the whole CLIP's; only its ``visual.*`` tensors are read into the tower, built alone (the text tower is
+    never built: ViT-L-14's is 123 M parameters a rank). A ViT whose MLP activation is not the one the tag's weights
+    were trained with is refused (:func:`_check_activation`).
     """
     import open_clip
 
@@ -195,28 +199,29 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     cfg = clip_config(name)  # clear error for unknown names
     pretrained = pretrained_weights(name, pretrained)
     load_file = bool(pretrained) and Path(pretrained).exists()
+    tag = bool(pretrained) and not load_file and not name.startswith(CLIP_SCHEMAS)
+    if tag:
+        _check_activation(name, cfg, pretrained)
+    file = None
     if str(device) == "meta":
         with torch.device("meta"):
             visual = _visual_tower(name, cfg)
-    elif (pretrained and not load_file) or name.startswith(CLIP_SCHEMAS):
-        # an open_clip tag, or a hf-hub:/local-dir: name (the weights its repo or folder holds): open_clip loads the
-        # whole CLIP's weights, the tower is taken from it
+    elif name.startswith(CLIP_SCHEMAS):
+        # a hf-hub:/local-dir: name: open_clip builds the whole CLIP with the weights its repo or folder holds (or
+        # those of a tag, or a file loaded into the tower after), the tower is taken from it
+        file = pretrained if load_file else None
         with _quiet_open_clip(active=load_file), torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(0)
             try:
-                model = open_clip.create_model(name, pretrained=None if load_file else pretrained)
+                visual = open_clip.create_model(name, pretrained=None if load_file else pretrained).visual
             except RuntimeError as e:  # open_clip: a tag it does not know for this model, or one it cannot fetch
                 if load_file or not pretrained:
                     raise
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                raise _source_error(
-                    f"model.vision_pretrained={pretrained!r} for {name}: open_clip cannot load it "
-                    f"({' '.join(str(e).split())}); give "
-                    + (f"one of its tags {tags} (from the network or open_clip's local cache), " if tags else "")
-                    + "a CLIP checkpoint file, or null for random weights") from None
-        visual = model.visual
-        del model
+                raise _source_error(f"model.vision_pretrained={pretrained!r} for {name}: open_clip cannot load it "
+                                    f"({' '.join(str(e).split())}); give a CLIP checkpoint file, or null for the "
+                                    f"weights {name} names") from None
     else:
+        file = _tag_file(name, pretrained) if tag else pretrained
         # Random towers are seeded so that every build of the same name is the same model: a
         # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
         # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
@@ -225,12 +230,59 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(0)
             visual = _visual_tower(name, cfg)
-    if load_file:
-        _load_visual_checkpoint(visual, pretrained, name)
+    if file:
+        _load_visual_checkpoint(visual, file, name, f"model.vision_pretrained={pretrained!r} ({file})" if tag else "")
     enc = VisionEncoder(name, visual)  # its input is normalised by image_transform (normalisation())
     enc.requires_grad_(False).eval()
     enc = enc.to(device=device, dtype=dtype)  # a meta build too (in the dtype asked for, as build_lm's)
     return enc
+
+
+def _check_activation(name: str, cfg: dict, tag: str) -> None:
+    """Refuse a ViT tower whose MLP activation is not the one the open_clip ``tag``'s weights were trained with:
+    OpenAI's CLIPs (and a few others) use QuickGELU, and open_clip's plain names (``ViT-B-32``, ``ViT-L-14``) build
+    GELU; open_clip only warns, and the frozen tower's features would be off in every layer. Its ``-quickgelu``
+    names build the same tower with QuickGELU. A ResNet tower (ModifiedResNet) has no such activation: any tag
+    goes. An unknown tag is left to :func:`_tag_file`'s error."""
+    import open_clip
+
+    trained = open_clip.get_pretrained_cfg(name, tag)
+    if not trained or isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
+        return
+    want, have = bool(trained.get("quick_gelu")), bool(cfg.get("quick_gelu"))
+    if want == have:
+        return
+    act = {True: "QuickGELU", False: "GELU"}
+    other = f"{name}-quickgelu" if want else name.removesuffix("-quickgelu")
+    fix = (f"model.vision={other} (open_clip's name for the same tower with {act[want]})"
+           if open_clip.get_model_config(other) and open_clip.get_pretrained_cfg(other, tag) else
+           f"a model.vision whose open_clip config has quick_gelu={str(want).lower()}")
+    raise _source_error(f"model.vision={name!r} with model.vision_pretrained={tag!r}: those weights were trained "
+                        f"with {act[want]}, but {name}'s open_clip config builds {act[have]}, and every layer's "
+                        f"features would be off; give {fix}")
+
+
+def _tag_file(name: str, tag: str) -> str:
+    """The file of open_clip's ``tag`` for ``name`` (the whole CLIP's weights): from open_clip's cache (Hugging Face's)
+    or the network. An unknown tag, or one that cannot be fetched, is one line naming model.vision_pretrained."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    hint = ("give " + (f"one of its tags {tags} (from the network or open_clip's local cache), " if tags else "")
+            + "a CLIP checkpoint file, or null for random weights")
+    trained = open_clip.get_pretrained_cfg(name, tag)
+    if not trained:
+        raise _source_error(f"model.vision_pretrained={tag!r} for {name}: open_clip cannot load it (not a known tag "
+                            f"of {name}); {hint}")
+    try:
+        file = open_clip.download_pretrained(trained)
+    except Exception as e:  # huggingface_hub's offline / not-found errors, urllib's, OSError
+        raise _source_error(f"model.vision_pretrained={tag!r} for {name}: open_clip cannot load it (cannot fetch "
+                            f"its weights: {type(e).__name__}: {' '.join(str(e).split())}); {hint}") from None
+    if not file or not Path(file).is_file():
+        raise _source_error(f"model.vision_pretrained={tag!r} for {name}: open_clip cannot load it (its weights "
+                            f"came as {file!r}, not a file); {hint}")
+    return str(file)
 
 
 def _visual_tower(name: str, cfg: dict) -> nn.Module:
@@ -276,39 +328,44 @@ def _source_error(msg: str):
     return SourceError(msg)
 
 
-def _read_checkpoint(path: str) -> dict:
-    """The tensors of a checkpoint file; one line naming the file when it cannot be read."""
+def _read_checkpoint(path: str, source: str = "", keep=None) -> dict:
+    """The tensors of a checkpoint file (of a .safetensors file, only the names ``keep`` accepts are read); one
+    line naming ``source`` (default: model.vision_pretrained=PATH) when it cannot be read."""
+    source = source or f"model.vision_pretrained={path!r}"
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            state = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
     except Exception as e:  # safetensors' SafetensorError, pickle/zip errors of torch.load, OSError
         first = " ".join(str(e).split("\n")[0].split()) or repr(e)
-        raise _source_error(f"model.vision_pretrained={path!r}: cannot read the checkpoint "
+        raise _source_error(f"{source}: cannot read the checkpoint "
                             f"({type(e).__name__}: {first}); is the file truncated or corrupt? (a .safetensors "
                             f"file, or a .pt/.bin state dict torch.load reads with weights_only=True)") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _source_error(f"model.vision_pretrained={path!r}: not a state dict of tensors "
-                            f"(got {type(state).__name__})")
+        raise _source_error(f"{source}: not a state dict of tensors (got {type(state).__name__})")
     return state
 
 
-def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "") -> None:
+def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "", source: str = "") -> None:
     """Load the ``visual.*`` tensors of a CLIP checkpoint (full, or visual tower only) into the tower ``visual``.
 
-    Only the visual tower is kept, so the text tower of the file is not read. The file must be the
+    Only the visual tower is kept (of a .safetensors file only its tensors are read). The file must be the
     visual tower of this architecture: a missing, extra or differently shaped tensor is an error
-    naming the file (a checkpoint of another CLIP would otherwise load partly, or not at all)."""
-    state = _read_checkpoint(path)
+    naming ``source`` (default: model.vision_pretrained=PATH; a checkpoint of another CLIP would otherwise load
+    partly, or not at all)."""
+    state = _read_checkpoint(path, source, keep=lambda k: k.removeprefix("module.").startswith("visual."))
     state = {k.removeprefix("module."): v for k, v in state.items()}
     tower = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     if not tower:
-        raise _source_error(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint (model.vision_pretrained)")
+        raise _source_error(f"{path}: no 'visual.*' keys; not an open_clip CLIP checkpoint "
+                            f"({source or 'model.vision_pretrained'})")
+    source = source or f"model.vision_pretrained={path!r}"
     expected = visual.state_dict()
     optional = ("num_batches_tracked",)  # BatchNorm counters: not part of the model's function
     missing = [k for k in expected if k not in tower and not k.endswith(optional)]
@@ -321,7 +378,7 @@ def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "") -> Non
                                               ("missing", [f"visual.{k}" for k in missing]),
                                               ("not in the model", [f"visual.{k}" for k in unexpected]))
                          if items)
-        raise _source_error(f"model.vision_pretrained={path!r} is not a checkpoint of {name or 'this model'}'s "
+        raise _source_error(f"{source} is not a checkpoint of {name or 'this model'}'s "
                             f"visual tower ({what}); model.vision must name the architecture it was trained with")
     visual.load_state_dict({k: v for k, v in tower.items() if k in expected}, strict=False)
 
