@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# No test asks a model or dataset hub (the suite runs where there is none): set before anything imports
+# huggingface_hub, which reads them once. The README's test command then runs as .ci/run's does; without them a
+# lookup of a name that is not a local folder retried the hub ~20 s on a machine without network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import companion
 from lane import Lane
 from preloaded import TIMELINE_ENV, PreloadedServer, launch_env, machine_busy_s

@@ -1011,9 +1011,15 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
     relative data.root, data.feature_cache or data.hf_dataset there: the refusal names that working directory. A
     feature cache folder not there at all was 'meta.json is missing ...; make the cache' (evaluate.py's check of
     the cache's weights), as if the cache were there but unfinished (found by the bring-your-own-data audit)."""
+    import datasets
+
     from vlscale.data.features import FeatureCache, cache_weights
     from vlscale.data.hf_dataset import load_hf_examples
 
+    def offline(name, *a, **k):  # the hub is not asked: without HF_HUB_OFFLINE=1 and no network it retried ~20 s
+        raise ConnectionError(f"cannot reach the hub for {name!r}")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     monkeypatch.chdir(tmp_path)
     where = re.escape(f" (read from the working directory {tmp_path}: run from the folder it is relative to, "
                       f"or give its absolute path)")
@@ -1029,7 +1035,8 @@ def test_a_relative_path_not_there_is_named_with_the_working_directory_it_was_re
     # '~' is not expanded there (read as ./~/cache), so it is relative to the working directory too
     with pytest.raises(DataFileNotFound, match=rf"^feature cache folder ~/cache does not exist{where}; give data\."):
         FeatureCache("~/cache")
-    with pytest.raises(DataError, match=rf"^data\.hf_dataset='hf_data': not a local folder{where}, and "):
+    with pytest.raises(DataError, match=rf"^data\.hf_dataset='hf_data': not a local folder{where}, and datasets\."
+                                        r"load_dataset failed \(.*cannot reach the hub for 'hf_data'"):
         load_hf_examples("vqa", "hf_data", "train", {"image": "image", "question": "q", "answer": "a"})
 
 
