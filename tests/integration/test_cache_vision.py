@@ -92,3 +92,30 @@ def test_another_open_clip_tag_than_the_caches_is_refused_by_name(h, made, tmp_p
         assert trainer.check_cache_vision(load_config("tiny", [*uses_cache, f"model.vision_pretrained={same}"]))
     (cache / "meta.json").write_text(json.dumps(dict(meta, pretrained="/elsewhere/rn50.pt")))
     assert trainer.check_cache_vision(load_config("tiny", [*uses_cache, "model.vision_pretrained=yfcc15m"]))
+
+
+def test_a_cache_trained_vit_with_a_tag_of_another_activation_is_refused(h, tmp_path):
+    """A cache-trained run builds no tower for an open_clip tag, so the check a build makes (a ViT whose MLP activation
+    is not its tag's weights': ViT-L-14 with 'openai' builds GELU, the weights were trained with QuickGELU) is made at
+    start-up, with or without a fingerprint in the cache, naming the cache to extract again. The -quickgelu name
+    passes, and so does a ResNet (no such activation)."""
+    import json
+
+    cache = tmp_path / "features"
+    cache.mkdir()
+    uses_cache = [*h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}", "model.vision_pretrained=openai"]
+    for vision in ("ViT-L-14", "ViT-L-14-quickgelu", "RN101"):
+        (cache / "meta.json").write_text(json.dumps({"vision": vision, "pretrained": "openai"}))
+        cfg = load_config("tiny", [*uses_cache, f"model.vision={vision}"])
+        if vision != "ViT-L-14":
+            assert trainer.check_cache_vision(cfg) == {"folder": str(cache), "pretrained": "openai",
+                                                       "fingerprint": None}
+            continue
+        with pytest.raises(ConfigError) as e:
+            trainer.check_cache_vision(cfg)
+        assert str(e.value) == (
+            "model.vision='ViT-L-14' with model.vision_pretrained='openai': those weights were trained with "
+            "QuickGELU, but ViT-L-14's open_clip config builds GELU, and every layer's features would be off; give "
+            "model.vision=ViT-L-14-quickgelu (open_clip's name for the same tower with QuickGELU); "
+            f"data.feature_cache={str(cache)!r} holds features made by the tower named: extract them with the name "
+            "given (launchers/extract_features.py)")

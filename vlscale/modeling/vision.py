@@ -189,7 +189,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     (offline); a full CLIP checkpoint or one of only the visual tower (keys prefixed ``visual.``) both load. A tag's
     file is the whole CLIP's; only its ``visual.*`` tensors are read into the tower, built alone (the text tower is
     never built: ViT-L-14's is 123 M parameters a rank). A ViT whose MLP activation is not the one the tag's weights
-    were trained with is refused (:func:`_check_activation`).
+    were trained with is refused (:func:`check_tag_activation`).
     """
     import open_clip
 
@@ -201,7 +201,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     load_file = bool(pretrained) and Path(pretrained).exists()
     tag = bool(pretrained) and not load_file and not name.startswith(CLIP_SCHEMAS)
     if tag:
-        _check_activation(name, cfg, pretrained)
+        check_tag_activation(name, pretrained)
     file = None
     if str(device) == "meta":
         with torch.device("meta"):
@@ -238,14 +238,17 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     return enc
 
 
-def _check_activation(name: str, cfg: dict, tag: str) -> None:
+def check_tag_activation(name: str, tag: str, then: str = "") -> None:
     """Refuse a ViT tower whose MLP activation is not the one the open_clip ``tag``'s weights were trained with:
     OpenAI's CLIPs (and a few others) use QuickGELU, and open_clip's plain names (``ViT-B-32``, ``ViT-L-14``) build
     GELU; open_clip only warns, and the frozen tower's features would be off in every layer. Its ``-quickgelu``
     names build the same tower with QuickGELU. A ResNet tower (ModifiedResNet) has no such activation: any tag
-    goes. An unknown tag is left to :func:`_tag_file`'s error."""
+    goes. An unknown tag is left to :func:`_tag_file`'s error. ``then``: what the fix also needs (a cache-trained
+    run: a cache extracted with the name given)."""
     import open_clip
 
+    register_tiny_models()
+    cfg = clip_config(name)
     trained = open_clip.get_pretrained_cfg(name, tag)
     if not trained or isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         return
@@ -259,7 +262,7 @@ def _check_activation(name: str, cfg: dict, tag: str) -> None:
            f"a model.vision whose open_clip config has quick_gelu={str(want).lower()}")
     raise _source_error(f"model.vision={name!r} with model.vision_pretrained={tag!r}: those weights were trained "
                         f"with {act[want]}, but {name}'s open_clip config builds {act[have]}, and every layer's "
-                        f"features would be off; give {fix}")
+                        f"features would be off; give {fix}{then}")
 
 
 def _tag_file(name: str, tag: str) -> str:
