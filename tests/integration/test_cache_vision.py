@@ -103,7 +103,8 @@ def test_a_cache_trained_vit_with_a_tag_of_another_activation_is_refused(h, tmp_
 
     cache = tmp_path / "features"
     cache.mkdir()
-    uses_cache = [*h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}", "model.vision_pretrained=openai"]
+    uses_cache = [*h.TINY, "model.feature_source=cache", f"data.feature_cache={cache}",
+                  "model.vision_pretrained=openai"]
     for vision in ("ViT-L-14", "ViT-L-14-quickgelu", "RN101"):
         (cache / "meta.json").write_text(json.dumps({"vision": vision, "pretrained": "openai"}))
         cfg = load_config("tiny", [*uses_cache, f"model.vision={vision}"])
