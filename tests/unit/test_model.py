@@ -545,21 +545,24 @@ def test_a_clip_tag_open_clip_cannot_fetch_names_the_key(monkeypatch):
         build_vision_encoder("RN50", pretrained="openai")
 
 
-def _tag(monkeypatch, name: str, tag: str, file, **settings) -> None:
+def _tag(monkeypatch, name: str, tag: str, file=None, **settings) -> None:
     """Make ``tag`` an open_clip tag of ``name`` whose weights are ``file`` (open_clip's download_pretrained returns a
-    tag's ``file`` as it is)."""
+    tag's ``file`` as it is), or where ``settings`` say (``hf_hub="org/repo/"``: a Hugging Face repo)."""
     import open_clip.pretrained
 
+    where = {"file": str(file)} if file is not None else {"url": ""}
     tags = {**open_clip.pretrained._PRETRAINED.get(name, {}),
-            tag: {"file": str(file), "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
-                  **settings}}
+            tag: {**where, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD, **settings}}
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, name, tags)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
-def test_a_clip_tag_loads_its_files_visual_tensors_into_the_tower_built_alone(monkeypatch, tmp_path, suffix):
+@pytest.mark.parametrize("source", ["hub cache", ".bin file"])
+def test_a_clip_tag_loads_its_files_visual_tensors_into_the_tower_built_alone(monkeypatch, tmp_path, source):
     """An open_clip tag's file holds the whole CLIP: its visual tensors are loaded into the tower, built alone as a
-    random one is; the CLIP (its text tower: ViT-L-14's is 123 M parameters) is never built on a rank."""
+    random one is; the CLIP (its text tower: ViT-L-14's is 123 M parameters) is never built on a rank. The file is
+    found as open_clip finds it: in Hugging Face's cache, offline (a repo laid out as huggingface_hub keeps one),
+    or a tag's own file (a .bin state dict under "state_dict")."""
+    import huggingface_hub.constants
     import open_clip
     from open_clip import model as open_clip_model
     from safetensors.torch import save_file
@@ -567,12 +570,19 @@ def test_a_clip_tag_loads_its_files_visual_tensors_into_the_tower_built_alone(mo
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(1)
         trained = open_clip.create_model("tiny-clip-vit").state_dict()
-    file = tmp_path / f"open_clip_model{suffix}"
-    if suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in trained.items()}, str(file))
+    if source == "hub cache":
+        repo, revision = tmp_path / "models--vlscale-test--tiny-clip-vit", "0" * 40
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        save_file({k: v.contiguous() for k, v in trained.items()},
+                  str(repo / "snapshots" / revision / "open_clip_model.safetensors"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        _tag(monkeypatch, "tiny-clip-vit", "synthtag", hf_hub="vlscale-test/tiny-clip-vit/")
     else:
-        torch.save({"state_dict": trained}, file)
-    _tag(monkeypatch, "tiny-clip-vit", "synthtag", file)
+        torch.save({"state_dict": trained}, tmp_path / "open_clip_pytorch_model.bin")
+        _tag(monkeypatch, "tiny-clip-vit", "synthtag", tmp_path / "open_clip_pytorch_model.bin")
     for whole in ("create_model", "create_model_and_transforms"):
         monkeypatch.setattr(open_clip, whole, lambda *a, **kw: pytest.fail("the whole CLIP was built"))
     monkeypatch.setattr(open_clip_model, "_build_text_tower", lambda *a, **kw: pytest.fail("a text tower was built"))
