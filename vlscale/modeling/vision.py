@@ -222,14 +222,18 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
                                     f"weights {name} names") from None
     else:
         file = _tag_file(name, pretrained) if tag else pretrained
-        # Random towers are seeded so that every build of the same name is the same model: a
-        # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
-        # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
-        # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
-        # draws on the GPU would no longer follow train.seed
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(0)
-            visual = _visual_tower(name, cfg)
+        if file:  # built on meta: the file's tensors become the tower's (no random tower beside them)
+            with torch.device("meta"):
+                visual = _visual_tower(name, cfg)
+        else:
+            # Random towers are seeded so that every build of the same name is the same model: a
+            # feature cache made from a random tiny CLIP then matches encoding on the fly. Only the host's
+            # generator (the tower is built on the host; fork_rng restores only it): torch.manual_seed would
+            # also reseed every GPU's generator to 0, for good, and a run's dropout and its ZeRO-3 build's
+            # draws on the GPU would no longer follow train.seed
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(0)
+                visual = _visual_tower(name, cfg)
     if file:
         _load_visual_checkpoint(visual, file, name, f"model.vision_pretrained={pretrained!r} ({file})" if tag else "")
     enc = VisionEncoder(name, visual)  # its input is normalised by image_transform (normalisation())
@@ -383,7 +387,15 @@ def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "", source
                          if items)
         raise _source_error(f"{source} is not a checkpoint of {name or 'this model'}'s "
                             f"visual tower ({what}); model.vision must name the architecture it was trained with")
-    visual.load_state_dict({k: v for k, v in tower.items() if k in expected}, strict=False)
+    on_meta = any(t.is_meta for t in expected.values())
+    visual.load_state_dict({k: v for k, v in tower.items() if k in expected}, strict=False, assign=on_meta)
+    for module in visual.modules():  # a tower built on meta: what the file may leave out (BatchNorm's counters)
+        for key, buf in module.named_buffers(recurse=False):
+            if buf.is_meta and key == "num_batches_tracked":
+                setattr(module, key, torch.zeros((), dtype=buf.dtype))
+    left = [n for n, t in [*visual.named_parameters(), *visual.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: the tower's {left[:3]} were not loaded (built on meta for the file's tensors)")
 
 
 def normalisation(name: str, pretrained: Optional[str] = None) -> tuple[tuple, tuple]:
