@@ -289,11 +289,13 @@ def memory_warning(cfg, ds_config: dict, args: argparse.Namespace, dist) -> str 
 
 
 def start_notes(cfg, ds_file, ds_config: dict, world_size: int) -> list[str]:
-    """The notes said before a run starts: a ZeRO stage the config overrides, ZeRO-3 on one process, the settings
-    given that the run does not read."""
+    """The notes said before a run starts: a ZeRO stage the config overrides, ZeRO-3 on one process, fp16 on a
+    pretrained T5, the settings given that the run does not read."""
     from vlscale.engine.deepspeed_config import single_process_note, stage_override_note
+    from vlscale.modeling.backbones import fp16_note
 
-    notes = stage_override_note(ds_file, cfg), single_process_note(ds_config, world_size), *cfg.ignored_settings()
+    notes = (stage_override_note(ds_file, cfg), single_process_note(ds_config, world_size),
+             fp16_note(cfg.model.backbone, cfg.model.pretrained, cfg.train.precision), *cfg.ignored_settings())
     return [note for note in notes if note]
 
 

@@ -1309,3 +1309,27 @@ def test_readme_from_python_runs_as_written(capsys):
     exec(compile(code, "README.md (From Python)", "exec"), {})
     score = float(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= score <= 1.0
+
+
+def test_fp16_on_a_pretrained_t5_is_noted_before_the_run_starts(launcher):
+    """fp16 on a pretrained T5 (pretrained in bf16; NaN losses are reported from t5-large up, flan-t5 included) is
+    said among the start-up notes, with what to use instead; not for bf16 or fp32, BART, nor the project's own
+    miniatures (the fp16 tests train tiny-t5)."""
+    from vlscale.modeling.backbones import fp16_note
+
+    note = fp16_note("flan-t5-xl", True, "fp16")
+    assert note.startswith("note: train.precision=fp16 with google/flan-t5-xl: T5 was pretrained in bf16") and \
+        "train.precision=bf16 where the GPU has it (compute capability 8.0+" in note and "else fp32" in note
+    assert fp16_note("google-t5/t5-3b", True, "fp16").startswith("note: train.precision=fp16 with google-t5/t5-3b")
+    for backbone, pretrained, precision in [("flan-t5-xl", True, "bf16"), ("t5-large", True, "fp32"),
+                                            ("facebook/bart-base", True, "fp16"), ("mini-t5", True, "fp16"),
+                                            ("tiny-t5", False, "fp16"), ("t5-large", False, "fp16"),
+                                            ("not/a-registry-t5", True, "fp16")]:
+        assert fp16_note(backbone, pretrained, precision) is None, (backbone, pretrained, precision)
+    train = launcher("train")
+    cfg = load_config("scale/clip_t5_3b_single_adapter", ["train.precision=fp16"])
+    notes = train.start_notes(cfg, "ds_configs/zero3.json", {"zero_optimization": {"stage": 3}}, 8)
+    assert fp16_note(cfg.model.backbone, True, "fp16") in notes
+    cfg = load_config("scale/clip_t5_3b_single_adapter", ["train.precision=bf16"])
+    assert not [n for n in train.start_notes(cfg, "ds_configs/zero3.json", {"zero_optimization": {"stage": 3}}, 8)
+                if "fp16" in n]

@@ -179,6 +179,23 @@ def _missing_parameters(model, info: dict) -> list[str]:
     return sorted(k for k in info.get("missing_keys") or () if k in params)
 
 
+def fp16_note(backbone: str, pretrained: bool, precision: str) -> Optional[str]:
+    """A note for fp16 on a pretrained T5 (t5-*, flan-t5-*): T5 was pretrained on TPUs in bf16, and its activations
+    exceed fp16's range (65,504): NaN losses are reported from t5-large up, flan-t5 included (transformers#23918;
+    flan-t5's model cards advise bf16 or fp32), which transformers' clamping of T5's hidden states does not always
+    prevent. None for bf16 / fp32, BART, and the project's own tiny and mini backbones."""
+    try:
+        name = canonical_lm_name(backbone)
+    except KeyError:
+        return None
+    if precision != "fp16" or not pretrained or is_tiny(name) or "t5" not in name.split("/")[-1]:
+        return None
+    return (f"note: train.precision=fp16 with {name}: T5 was pretrained in bf16 and its activations can exceed fp16's "
+            f"range (NaN losses are reported from t5-large up, flan-t5 included); train.precision=bf16 where the GPU "
+            f"has it (compute capability 8.0+: A100, A10, RTX 30xx and later), else fp32 (a NaN or inf loss stops "
+            f"the run at its step, the last good checkpoint kept)")
+
+
 def is_tiny(name: str) -> bool:
     """The project's own small backbones (``tiny-*`` random, ``mini-*`` shipped pretrained): they
     use the synthetic world's tokenizer."""
