@@ -1333,3 +1333,34 @@ def test_fp16_on_a_pretrained_t5_is_noted_before_the_run_starts(launcher):
     cfg = load_config("scale/clip_t5_3b_single_adapter", ["train.precision=bf16"])
     assert not [n for n in train.start_notes(cfg, "ds_configs/zero3.json", {"zero_optimization": {"stage": 3}}, 8)
                 if "fp16" in n]
+
+
+def test_a_torchscript_clip_is_refused_naming_where_its_tensors_are(tmp_path):
+    """OpenAI's own CLIP files (RN101.pt, as the clip package downloads them) are TorchScript archives, which
+    torch.load refuses with weights_only=True: the line said "is the file truncated or corrupt?". Now it says what
+    the file is, that vlscale does not load one, and where open_clip's tensors of the same weights are (RN101's
+    Hugging Face repo)."""
+    from vlscale.config import SourceError
+
+    class Whole(torch.nn.Module):  # the archive's layout is what matters, not its model
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.visual(x)
+
+    with pytest.warns(FutureWarning):  # torch.jit.script is deprecated; OpenAI's files were made with it
+        traced = torch.jit.script(Whole())
+    path = tmp_path / "RN101.pt"
+    with pytest.warns(FutureWarning):  # and so is torch.jit.save
+        torch.jit.save(traced, str(path))
+    for name, repo in (("RN101", " (timm/resnet101_clip.openai)"), ("tiny-clip-rn", "")):
+        with pytest.raises(SourceError) as e:
+            build_vision_encoder(name, str(path))
+        assert str(e.value) == (
+            f"model.vision_pretrained={str(path)!r}: a TorchScript archive (OpenAI's own CLIP release, as the clip "
+            "package downloads it), which vlscale does not load (loading one loads its code); the same weights as "
+            "tensors are open_clip's: the tag 'openai' (from Hugging Face's cache or the network), or offline the "
+            "open_clip_model.safetensors (or open_clip_pytorch_model.bin) of the Hugging Face repo open_clip fetches "
+            f"for it{repo}")

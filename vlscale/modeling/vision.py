@@ -335,10 +335,37 @@ def _source_error(msg: str):
     return SourceError(msg)
 
 
-def _read_checkpoint(path: str, source: str = "", keep=None) -> dict:
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive: a zip holding the scripted model's code and constants (torch.load refuses it with
+    weights_only=True, as if the file were broken)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _openai_repo(name: str) -> str:
+    """`` (REPO)``: the Hugging Face repo of open_clip's 'openai' weights of ``name``, or "" where it has none."""
+    import open_clip
+
+    repo = (open_clip.get_pretrained_cfg(name, "openai") or {}).get("hf_hub", "").rstrip("/") if name else ""
+    return f" ({repo})" if repo else ""
+
+
+def _read_checkpoint(path: str, source: str = "", keep=None, name: str = "") -> dict:
     """The tensors of a checkpoint file (of a .safetensors file, only the names ``keep`` accepts are read); one
-    line naming ``source`` (default: model.vision_pretrained=PATH) when it cannot be read."""
+    line naming ``source`` (default: model.vision_pretrained=PATH) when it cannot be read (a TorchScript archive,
+    OpenAI's own release of the CLIP ``name``: where open_clip's tensors of the same weights are)."""
     source = source or f"model.vision_pretrained={path!r}"
+    if _is_torchscript(path):
+        raise _source_error(f"{source}: a TorchScript archive (OpenAI's own CLIP release, as the clip package "
+                            f"downloads it), which vlscale does not load (loading one loads its code); the same "
+                            f"weights as tensors are open_clip's: the tag 'openai' (from Hugging Face's cache or the "
+                            f"network), or offline the open_clip_model.safetensors (or open_clip_pytorch_model.bin) "
+                            f"of the Hugging Face repo open_clip fetches for it{_openai_repo(name)}")
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -366,7 +393,7 @@ def _load_visual_checkpoint(visual: nn.Module, path: str, name: str = "", source
     visual tower of this architecture: a missing, extra or differently shaped tensor is an error
     naming ``source`` (default: model.vision_pretrained=PATH; a checkpoint of another CLIP would otherwise load
     partly, or not at all)."""
-    state = _read_checkpoint(path, source, keep=lambda k: k.removeprefix("module.").startswith("visual."))
+    state = _read_checkpoint(path, source, keep=lambda k: k.removeprefix("module.").startswith("visual."), name=name)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     tower = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     if not tower:
