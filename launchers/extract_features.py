@@ -50,8 +50,9 @@ from vlscale.log import logs_to_console  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--vision", help="open_clip model name (RN101, ViT-B-32, tiny-clip-rn, ...); "
-                                     "default with --synthetic / --real: the config's model.vision")
+    ap.add_argument("--vision", help="open_clip model name (RN101, ViT-B-32-quickgelu: OpenAI's ViT weights were "
+                                     "trained with QuickGELU, tiny-clip-rn, ...); default with --synthetic / --real: "
+                                     "the config's model.vision")
     ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint file "
                                                        "(default with --synthetic / --real: model.vision_pretrained)")
     src = ap.add_mutually_exclusive_group(required=True)
