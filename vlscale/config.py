@@ -272,7 +272,8 @@ class ModelConfig:
     pretrained: bool = False
     """Load the backbone's pretrained weights (``from_pretrained``); False builds it randomly."""
     vision: str = "tiny-clip-rn"
-    """open_clip model name (``RN101``, ``ViT-B-32``, ``ViT-L-14``) or a tiny test name."""
+    """open_clip model name (``RN101``, ``ViT-B-32``, ``ViT-L-14``; a ViT with OpenAI's weights: its ``-quickgelu``
+    name, ``ViT-B-32-quickgelu``) or a tiny test name."""
     vision_pretrained: Optional[str] = None
     """open_clip ``pretrained=`` tag or local checkpoint file; ``None`` means random weights."""
     feature_source: str = "images"
