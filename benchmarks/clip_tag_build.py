@@ -31,7 +31,8 @@ name, file, how = {name!r}, {file!r}, {how!r}
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if how == "vlscale":
-    P._PRETRAINED[name] = {{**P._PRETRAINED.get(name, {{}}), "benchtag": {{"file": file, "quick_gelu": "quickgelu" in name}}}}
+    tag = {{"file": file, "quick_gelu": "quickgelu" in name}}
+    P._PRETRAINED[name] = {{**P._PRETRAINED.get(name, {{}}), "benchtag": tag}}
     tower = build_vision_encoder(name, "benchtag").visual
 else:
     tower = open_clip.create_model(name, pretrained=file).visual
@@ -39,8 +40,9 @@ with torch.no_grad():  # every tensor read once, as the first forward does (a fi
     total = sum(float(t.double().sum()) for t in tower.state_dict().values())
 took = time.perf_counter() - t0
 params = sum(p.numel() for p in tower.parameters())
-print(json.dumps({{"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "imports_rss_mib": base / 1024,
-                  "seconds": took, "tower_params": params}}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"peak_rss_mib": peak / 1024, "imports_rss_mib": base / 1024, "seconds": took,
+                  "tower_params": params}}))
 """
 
 
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{args.vision}: a tag's file of {size_mib:.0f} MiB (the whole CLIP), best of {args.repeat} fresh builds each")
+    print(f"{args.vision}: a tag's file of {size_mib:.0f} MiB (the whole CLIP), best of {args.repeat} fresh builds "
+          "each")
     for how, b in best.items():
         print(f"  {how:9s} peak RSS {b['peak_rss_mib']:7.0f} MiB ({extra[how]:6.0f} above the imports), "
               f"{b['seconds']:5.2f} s, tower {b['tower_params'] / 1e6:.1f} M parameters")
