@@ -83,6 +83,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=lambda p: Path(p).expanduser(), required=True,  # --out=~/x: no shell expands it
                     help="cache folder (created; resumed when present)")
     ap.add_argument("--batch-size", type=int, default=32, help="images (video: frames) per forward pass")
+    ap.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="threads reading and transforming images, the next batch's while one is encoded (default: "
+                         "this process's CPUs, at most 8)")
     ap.add_argument("--shard-size", type=int, default=512, help="ids per safetensors shard")
     ap.add_argument("--video", action="store_true", help="per-frame global embeddings (F, E)")
     ap.add_argument("--fp16", action="store_true", help="store features in fp16 (read back as fp32)")
@@ -118,8 +121,8 @@ def parse_args(argv=None):
         ap.error(problem)
     if not (args.synthetic or args.real) and not args.vision:
         ap.error("--vision is required (e.g. --vision RN101)")
-    for flag in ("batch_size", "shard_size"):
-        if getattr(args, flag) <= 0:
+    for flag in ("batch_size", "shard_size", "workers"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             ap.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.device != "cpu":
         from vlscale.engine.distributed import device_problem
@@ -471,7 +474,8 @@ def main(argv=None) -> int:
                                          pretrained=pretrained, video=video or args.video, batch_size=args.batch_size,
                                          shard_size=args.shard_size, dtype=dtype, progress=not args.quiet,
                                          device=args.device, synthetic=synthetic,
-                                         hf_rows=rows, skip_unreadable=skip, how_to_skip=how_to_skip)
+                                         hf_rows=rows, skip_unreadable=skip, how_to_skip=how_to_skip,
+                                         workers=args.workers)
             unreadable += stats["unreadable"]
             for k in total:
                 total[k] += stats[k]

@@ -420,6 +420,51 @@ def test_an_unreadable_image_stops_the_extraction_keeping_the_rest_or_is_left_ou
     assert [(b.total, b.n) for b in bars] == [(1, 1)]
 
 
+def test_threads_read_the_images_and_the_cache_is_what_one_thread_makes(encoder, tmp_path, capsys):
+    """Images are read and transformed in threads (extract_features' ``workers``), the next batch's while one is
+    encoded: with reads finishing out of order (later ids sooner), 4 threads write the same features under the same
+    ids, shard by shard, as 1; an unreadable id still stops the extraction at its batch, the batches before it kept
+    (the one after it was being read); --workers must be > 0."""
+    import threading
+    import time
+
+    from vlscale.data.features import default_workers
+    from vlscale.data.real import DataError
+
+    enc, tf = encoder
+    split = generate_split("vqa", "val", 8, image_size=16)
+    ids = list(split.visuals)
+    readers = set()
+
+    class Slow(SyntheticImages):
+        def __getitem__(self, i):
+            time.sleep(0.004 * (len(ids) - ids.index(i)))  # the later an id, the sooner it is read
+            readers.add(threading.current_thread().name)
+            if i == ids[5] and self.name == "cut":
+                raise DataError(f"image {i!r}: cannot read it")
+            return super().__getitem__(i)
+
+    more = dict(vision=VISION, batch_size=3, shard_size=2, progress=False)
+    for workers in (1, 4):
+        extract_features(enc, tf, Slow(split.visuals), ids, tmp_path / f"w{workers}", workers=workers, **more)
+    one, four = FeatureCache(tmp_path / "w1", vision=VISION), FeatureCache(tmp_path / "w4", vision=VISION)
+    assert one.ids() == four.ids() == ids and all(torch.equal(one[i], four[i]) for i in ids)
+    assert json.loads((tmp_path / "w1" / "index.json").read_text()) == json.loads(
+        (tmp_path / "w4" / "index.json").read_text())
+    assert {name.split("_")[0] for name in readers} == {"extract"}, readers  # read in the pool, not in the caller
+    with pytest.raises(DataError, match=rf"^image '{ids[5]}': cannot read it; the cache .* keeps the 3 ids done "):
+        extract_features(enc, tf, Slow(split.visuals, name="cut"), ids, tmp_path / "cut", workers=4, **more)
+    assert FeatureCache(tmp_path / "cut", vision=VISION).ids() == ids[:3]
+    assert 1 <= default_workers() <= 8
+    from extract_features import parse_args
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(["--vision", VISION, "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert capsys.readouterr().err.strip().endswith("error: --workers must be > 0, got 0")
+    assert parse_args(["--vision", VISION, "--images", str(tmp_path), "--out", str(tmp_path / "o")]).workers is None
+
+
 def test_the_extraction_s_progress_bar_writes_whole_lines_into_a_log_file(encoder, tmp_path, capsys):
     """extract_features.py > log 2>&1 (stderr no terminal): its bar wrote a carriage-return redraw per batch onto one
     line, as the trainer's did; it writes whole lines now (vlscale.log.progress_bar)."""

@@ -504,18 +504,47 @@ def read_or_skip(source, i: str, writer: FeatureWriter, stats: dict, skip: bool,
     try:
         return source[i]
     except DataError as e:
-        if not skip:
-            raise DataError(f"{e}; the cache {writer.root} keeps the {len(writer)} ids done before it, and the same "
-                            f"command goes on from there once it is replaced{how_to_skip}") from e
-        stats["unreadable"].append((i, str(e)))
-        return None
+        return _unreadable(i, e, writer, stats, skip, how_to_skip)
+
+
+def _unreadable(i: str, e: DataError, writer: FeatureWriter, stats: dict, skip: bool, how_to_skip: str) -> None:
+    if not skip:
+        raise DataError(f"{e}; the cache {writer.root} keeps the {len(writer)} ids done before it, and the same "
+                        f"command goes on from there once it is replaced{how_to_skip}") from e
+    stats["unreadable"].append((i, str(e)))
+    return None
+
+
+def default_workers() -> int:
+    """Threads that read and transform images for an extraction: this process's CPUs, at most 8 (decoding a JPEG and
+    resizing it release the GIL)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _prepared_chunks(source, transform: Callable, chunks: list, pool):
+    """Each chunk of ids as [(id, pixels (3, S, S) or the DataError reading it gave)], read and transformed in
+    ``pool``'s threads, the next chunk's while the caller encodes this one. Any other error reading an id is raised
+    when its chunk comes."""
+    def prepare(i):
+        try:
+            image = source[i]
+        except DataError as e:
+            return e
+        return transform([image])[0]
+
+    ahead = None
+    for k, chunk in enumerate(chunks):
+        current = ahead if ahead is not None else [(i, pool.submit(prepare, i)) for i in chunk]
+        ahead = [(i, pool.submit(prepare, i)) for i in chunks[k + 1]] if k + 1 < len(chunks) else None
+        yield [(i, future.result()) for i, future in current]
 
 
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
                      vision: str, pretrained: Optional[str] = None, video: bool = False,
                      batch_size: int = 32, dtype: str = "float32", shard_size: int = 512,
                      progress: bool = True, device="cpu", synthetic: Optional[dict] = None,
-                     hf_rows: Optional[str] = None, skip_unreadable: bool = False, how_to_skip: str = "") -> dict:
+                     hf_rows: Optional[str] = None, skip_unreadable: bool = False, how_to_skip: str = "",
+                     workers: Optional[int] = None) -> dict:
     """Encode ``source[id]`` for every id into the cache at ``out_dir``; ids already there are skipped.
 
     Images: ``encoder.encode_grid(transform(images))`` -> (T, D) each. Video (``video=True``):
@@ -529,7 +558,13 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     An id the source cannot read (a corrupt, half-written or empty image, a missing file: DataError) stops the
     extraction, the features written before it kept, with a DataError saying so (and ``how_to_skip``); with
     ``skip_unreadable`` it is left out and listed in the result's ``unreadable``: [(id, why)].
+
+    Images are read and transformed in ``workers`` threads (default :func:`default_workers`), the next batch's
+    while this one is encoded: the same features as one at a time (each image's transform is its own), in the same
+    order, and an error surfaces at its batch as it did.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from vlscale.engine.checkpoint import frozen_fingerprint
     from vlscale.log import progress_bar
 
@@ -573,16 +608,25 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                     group.append((vid, len(item)))
                     frames.extend(item)
         else:
-            for chunk in _batches(todo, batch_size):
-                images = {i: read(i) for i in chunk}
-                chunk = [i for i in chunk if images[i] is not None]
-                if not chunk:
-                    continue
-                feats = grid_features(encoder, transform, [images[i] for i in chunk], device)
-                for i, f in zip(chunk, feats):
-                    writer.add(i, f)
-                stats["written"] += len(chunk)
-                bar.update(len(chunk))
+            pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="extract")
+            try:
+                for prepared in _prepared_chunks(source, transform, list(_batches(todo, batch_size)), pool):
+                    kept = []
+                    for i, got in prepared:
+                        if isinstance(got, DataError):
+                            _unreadable(i, got, writer, stats, skip_unreadable, how_to_skip)
+                            bar.update(1)
+                        else:
+                            kept.append((i, got))
+                    if not kept:
+                        continue
+                    feats = grid_features(encoder, torch.stack, [pixels for _, pixels in kept], device)
+                    for (i, _), f in zip(kept, feats):
+                        writer.add(i, f)
+                    stats["written"] += len(kept)
+                    bar.update(len(kept))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         writer.close()
         bar.close()
