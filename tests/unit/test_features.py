@@ -452,6 +452,15 @@ def test_threads_read_the_images_and_the_cache_is_what_one_thread_makes(encoder,
     assert json.loads((tmp_path / "w1" / "index.json").read_text()) == json.loads(
         (tmp_path / "w4" / "index.json").read_text())
     assert {name.split("_")[0] for name in readers} == {"extract"}, readers  # read in the pool, not in the caller
+    videos = {f"v{k}": [split.visuals[i] for i in ids[:k % 3 + 1]] for k in range(6)}  # 1-3 frames a video
+    for workers in (1, 3):  # batches of 4 frames: a video that does not fit starts the next
+        extract_features(enc, tf, SyntheticImages(videos), list(videos), tmp_path / f"v{workers}", video=True,
+                         workers=workers, **dict(more, batch_size=4))
+    one, three = FeatureCache(tmp_path / "v1", vision=VISION), FeatureCache(tmp_path / "v3", vision=VISION)
+    assert one.ids() == three.ids() == list(videos)
+    assert all(torch.equal(one[v], three[v]) and len(one[v]) == len(videos[v]) for v in videos)
+    # the video's own embedding, encoded alone (its batch held others: equal up to the batch's float rounding)
+    assert torch.allclose(one["v2"], enc.encode_global(tf(videos["v2"])), rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match=rf"^image '{ids[5]}': cannot read it; the cache .* keeps the 3 ids done "):
         extract_features(enc, tf, Slow(split.visuals, name="cut"), ids, tmp_path / "cut", workers=4, **more)
     assert FeatureCache(tmp_path / "cut", vision=VISION).ids() == ids[:3]

@@ -521,22 +521,31 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _prepared_chunks(source, transform: Callable, chunks: list, pool):
-    """Each chunk of ids as [(id, pixels (3, S, S) or the DataError reading it gave)], read and transformed in
-    ``pool``'s threads, the next chunk's while the caller encodes this one. Any other error reading an id is raised
-    when its chunk comes."""
-    def prepare(i):
+def _read_ahead(prepare: Callable, ids: Sequence[str], pool, ahead: int):
+    """(id, ``prepare(id)`` or the DataError it raised) for each of ``ids`` in order, with up to ``ahead`` ids being
+    prepared in ``pool``'s threads beyond the one given. Any other error preparing an id is raised when its turn
+    comes, as a read in order would raise it."""
+    import collections
+
+    pending, rest = collections.deque(), iter(ids)
+
+    def task(i):
         try:
-            image = source[i]
+            return prepare(i)
         except DataError as e:
             return e
-        return transform([image])[0]
 
-    ahead = None
-    for k, chunk in enumerate(chunks):
-        current = ahead if ahead is not None else [(i, pool.submit(prepare, i)) for i in chunk]
-        ahead = [(i, pool.submit(prepare, i)) for i in chunks[k + 1]] if k + 1 < len(chunks) else None
-        yield [(i, future.result()) for i, future in current]
+    def submit():
+        for i in rest:
+            pending.append((i, pool.submit(task, i)))
+            return
+
+    for _ in range(max(1, ahead)):
+        submit()
+    while pending:
+        i, future = pending.popleft()
+        submit()
+        yield i, future.result()
 
 
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
@@ -582,52 +591,62 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     bar = progress_bar(total=len(todo), desc=f"features {vision} -> {out_dir}", unit="video" if video else "img",
                        disable=not progress)
 
-    def read(i):
-        item = read_or_skip(source, i, writer, stats, skip_unreadable, how_to_skip)
-        if item is None:
-            bar.update(1)
-        return item
+    def skip(i, e):  # an id the source cannot read: stops the extraction, or is left out and listed
+        _unreadable(i, e, writer, stats, skip_unreadable, how_to_skip)
+        bar.update(1)
 
-    try:
+    def prepare(i):  # in a thread: decoding and resizing release the GIL
+        item = source[i]
         if video:
-            group, frames = [], []
-            for vid in todo + [None]:
-                item = read(vid) if vid is not None else None
-                if vid is not None and item is None:
+            return transform(item) if len(item) else None
+        return transform([item])[0]
+
+    threads = max(1, workers or default_workers())
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="extract")
+    try:
+        stream = _read_ahead(prepare, todo, pool, ahead=2 * threads if video else batch_size + threads)
+        if video:
+            group, parts, frames = [], [], 0
+
+            def flush():
+                emb = frame_features(encoder, torch.cat, parts, device) if parts else None
+                start = 0
+                for gid, n in group:
+                    writer.add(gid, emb[start:start + n] if n else torch.empty(0, getattr(encoder, "embed_dim", 0)))
+                    start += n
+                stats["written"] += len(group)
+                bar.update(len(group))
+
+            for vid, got in stream:
+                if isinstance(got, DataError):
+                    skip(vid, got)
                     continue
-                if group and (vid is None or len(frames) + len(item) > batch_size):
-                    emb = frame_features(encoder, transform, frames, device)
-                    start = 0
-                    for gid, n in group:
-                        writer.add(gid, emb[start:start + n])
-                        start += n
-                    stats["written"] += len(group)
-                    bar.update(len(group))
-                    group, frames = [], []
-                if vid is not None:
-                    group.append((vid, len(item)))
-                    frames.extend(item)
+                n = 0 if got is None else len(got)
+                if group and frames + n > batch_size:
+                    flush()
+                    group, parts, frames = [], [], 0
+                group.append((vid, n))
+                parts += [got] if n else []
+                frames += n
+            if group:
+                flush()
         else:
-            pool = ThreadPoolExecutor(max(1, workers or default_workers()), thread_name_prefix="extract")
-            try:
-                for prepared in _prepared_chunks(source, transform, list(_batches(todo, batch_size)), pool):
-                    kept = []
-                    for i, got in prepared:
-                        if isinstance(got, DataError):
-                            _unreadable(i, got, writer, stats, skip_unreadable, how_to_skip)
-                            bar.update(1)
-                        else:
-                            kept.append((i, got))
-                    if not kept:
-                        continue
-                    feats = grid_features(encoder, torch.stack, [pixels for _, pixels in kept], device)
-                    for (i, _), f in zip(kept, feats):
-                        writer.add(i, f)
-                    stats["written"] += len(kept)
-                    bar.update(len(kept))
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for chunk in _batches(todo, batch_size):
+                kept = []
+                for i, got in (next(stream) for _ in chunk):
+                    if isinstance(got, DataError):
+                        skip(i, got)
+                    else:
+                        kept.append((i, got))
+                if not kept:
+                    continue
+                feats = grid_features(encoder, torch.stack, [pixels for _, pixels in kept], device)
+                for (i, _), f in zip(kept, feats):
+                    writer.add(i, f)
+                stats["written"] += len(kept)
+                bar.update(len(kept))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
         bar.close()
     return stats
