@@ -535,10 +535,10 @@ def _read_ahead(prepare: Callable, ids: Sequence[str], pool, ahead: int):
         except DataError as e:
             return e
 
-    def submit():
-        for i in rest:
+    def submit():  # the next id, if any is left
+        i = next(rest, None)
+        if i is not None:
             pending.append((i, pool.submit(task, i)))
-            return
 
     for _ in range(max(1, ahead)):
         submit()
