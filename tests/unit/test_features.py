@@ -1870,3 +1870,14 @@ def test_launcher_fp16_stores_half_precision_features(tmp_path, weights):
     assert json.loads((tmp_path / "full" / "meta.json").read_text())["dtype"] == "float32"
     assert half["a"].dtype == torch.float32
     torch.testing.assert_close(half["a"], full["a"].half().float())
+
+
+def test_the_extraction_throughput_benchmark_compares_one_thread_with_several(script, capsys):
+    """benchmarks/extract_throughput.py on a handful of made JPEGs: both thread counts extract every image, at a
+    rate, into equal caches (its figures are BENCHMARKS.md's)."""
+    bench = script("benchmarks/extract_throughput.py")
+    assert bench.main(["--images", "6", "--rounds", "2", "--workers", "3", "--batch-size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["features_equal"] is True and result["workers"] == 3 and result["images"] == 6
+    assert set(result["images_per_s"]) == {"1", "3"} and all(
+        len(rates) == 2 and all(r > 0 for r in rates) for rates in result["images_per_s"].values())
