@@ -516,9 +516,12 @@ def _unreadable(i: str, e: DataError, writer: FeatureWriter, stats: dict, skip: 
 
 
 def default_workers() -> int:
-    """Threads that read and transform images for an extraction: this process's CPUs, at most 8 (decoding a JPEG and
-    resizing it release the GIL)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Threads that read and transform images for an extraction: this process's CPUs
+    (:func:`~vlscale.engine.distributed.usable_cpu_count`), at most 8 (decoding a JPEG and resizing it release the
+    GIL)."""
+    from vlscale.engine.distributed import usable_cpu_count
+
+    return min(8, usable_cpu_count())
 
 
 def _read_ahead(prepare: Callable, ids: Sequence[str], pool, ahead: int):

@@ -498,13 +498,12 @@ def check_cache_vision(cfg: RunConfig) -> Optional[dict]:
     tags than the cache's is refused; building it could need the network), a cache without a fingerprint not at all.
     Returns what it read of the cache (:func:`~vlscale.data.features.cache_weights`; None: the run encodes its
     images), which the run records, so meta.json is read once for both."""
-    from vlscale.config import CLIP_SCHEMAS
     from vlscale.data.features import cache_encoder_problem, cache_weights
-    from vlscale.modeling.vision import build_vision_encoder, check_tag_activation
+    from vlscale.modeling.vision import build_vision_encoder, check_tag_activation, is_tag
 
     vp = cfg.model.vision_pretrained
     cache = cache_weights(cfg)
-    tag = not (vp in (None, "synthetic") or Path(vp).is_file() or cfg.model.vision.startswith(CLIP_SCHEMAS))
+    tag = is_tag(cfg.model.vision, vp)
     if cache and tag:  # the tower is not built here; its activation is checked as a build checks it
         check_tag_activation(cfg.model.vision, vp, then=f"; data.feature_cache={cache['folder']!r} holds features "
                                                          f"made by the tower named: extract them with the name given "

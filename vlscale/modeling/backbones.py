@@ -188,7 +188,7 @@ def fp16_note(backbone: str, pretrained: bool, precision: str) -> Optional[str]:
         name = canonical_lm_name(backbone)
     except KeyError:
         return None
-    if precision != "fp16" or not pretrained or is_tiny(name) or "t5" not in name.split("/")[-1]:
+    if precision != "fp16" or not pretrained or is_tiny(name) or LM_REGISTRY[name]["model_type"] != "t5":
         return None
     return (f"note: train.precision=fp16 with {name}: T5 was pretrained in bf16 and its activations can exceed fp16's "
             f"range (NaN losses are reported from t5-large up, flan-t5 included); train.precision=bf16 where the GPU "

@@ -155,6 +155,15 @@ class VisionEncoder(nn.Module):
         return next(self.visual.parameters()).dtype
 
 
+def is_tag(name: str, pretrained: Optional[str]) -> bool:
+    """``pretrained`` (model.vision_pretrained) names an open_clip tag of ``name``: not null, not the shipped
+    ``synthetic`` weights, not a file, and ``name`` not a hf-hub:/local-dir: model (whose own weights it loads)."""
+    from vlscale.config import CLIP_SCHEMAS
+
+    return (bool(pretrained) and pretrained != "synthetic" and not Path(pretrained).is_file()
+            and not name.startswith(CLIP_SCHEMAS))
+
+
 def pretrained_weights(name: str, pretrained: Optional[str]) -> Optional[str]:
     """``pretrained`` (model.vision_pretrained) as :func:`build_vision_encoder` reads it, the shipped file for
     ``synthetic``, checked without building (launchers/train.py asks before start-up): a shipped file that is
@@ -199,7 +208,7 @@ def build_vision_encoder(name: str, pretrained: Optional[str] = None, device="cp
     cfg = clip_config(name)  # clear error for unknown names
     pretrained = pretrained_weights(name, pretrained)
     load_file = bool(pretrained) and Path(pretrained).exists()
-    tag = bool(pretrained) and not load_file and not name.startswith(CLIP_SCHEMAS)
+    tag = is_tag(name, pretrained)
     if tag:
         check_tag_activation(name, pretrained)
     file = None
@@ -360,7 +369,7 @@ def _read_checkpoint(path: str, source: str = "", keep=None, name: str = "") -> 
     line naming ``source`` (default: model.vision_pretrained=PATH) when it cannot be read (a TorchScript archive,
     OpenAI's own release of the CLIP ``name``: where open_clip's tensors of the same weights are)."""
     source = source or f"model.vision_pretrained={path!r}"
-    if _is_torchscript(path):
+    if not path.endswith(".safetensors") and _is_torchscript(path):
         raise _source_error(f"{source}: a TorchScript archive (OpenAI's own CLIP release, as the clip package "
                             f"downloads it), which vlscale does not load (loading one loads its code); the same "
                             f"weights as tensors are open_clip's: the tag 'openai' (from Hugging Face's cache or the "
@@ -432,7 +441,7 @@ def normalisation(name: str, pretrained: Optional[str] = None) -> tuple[tuple, t
     import open_clip
 
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    if pretrained and pretrained != "synthetic" and not Path(pretrained).exists():
+    if is_tag(name, pretrained):
         tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
         mean, std = tag.get("mean") or mean, tag.get("std") or std
     return tuple(mean), tuple(std)
