@@ -517,6 +517,10 @@ class DataConfig:
     """Any HF ``datasets`` dataset (name or local path) with image and text columns; needs source=real."""
     hf_columns: dict = field(default_factory=dict)
     """Column mapping for hf_dataset, e.g. {image: img, question: q, answer: a}."""
+    read_ahead_threads: Optional[int] = None
+    """Threads that read and transform the images of the next batches (training and evaluation) while the current
+    one runs, per process; ``0`` reads them in the training thread. Default: the process's CPUs, at most 4. Batches
+    are the same either way. Cached features are read in the training thread (mapped, nothing to decode)."""
 
     def __post_init__(self):
         if not isinstance(self.custom_tasks, dict):
@@ -554,6 +558,7 @@ class DataConfig:
         _check_positive("data", "synthetic_eval", self.synthetic_eval)
         for name in ("image_size", "max_input_length", "max_target_length"):
             _check_positive("data", name, getattr(self, name))
+        _check_positive("data", "read_ahead_threads", self.read_ahead_threads, allow_zero=True)
         if self.source == "synthetic" and self.image_size < SYNTHETIC_MIN_IMAGE_SIZE:
             raise ConfigError(f"data.image_size={self.image_size} is too small for the synthetic world: set an "
                               f"integer >= {SYNTHETIC_MIN_IMAGE_SIZE} (default 64)")

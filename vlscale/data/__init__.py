@@ -28,6 +28,7 @@ import torch
 
 from vlscale.data.collate import Collator, fetch_visuals
 from vlscale.data.multitask import MultitaskSampler, check_state_keys, shard
+from vlscale.data.read_ahead import ReadAhead, default_threads
 from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
 from vlscale.data.tokenizer import build_tokenizer
 
@@ -238,6 +239,15 @@ def _warn_unlabeled_vqa(task: str, examples) -> None:
                        "data.vqa_targets=best does")
 
 
+def read_ahead_threads(cfg, sources) -> int:
+    """``data.read_ahead_threads`` (unset: :func:`~vlscale.data.read_ahead.default_threads`), 0 where none of
+    ``sources`` gives images to decode."""
+    if not any(s.kind == "images" for s in sources):
+        return 0
+    n = cfg.data.read_ahead_threads
+    return default_threads() if n is None else n
+
+
 class TrainLoader:
     """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
 
@@ -277,7 +287,8 @@ class TrainLoader:
                                         sampling=cfg.data.sampling, temperature=cfg.data.temperature)
         self.step = 0  # optimizer steps fully consumed
         self._micro_index = 0  # micro-batches of the current step already handed out
-        self._current: Optional[tuple[str, list[list[tuple[int, int]]]]] = None
+        self._parts: dict[int, tuple[str, list[list[tuple[int, int]]]]] = {}  # steps' parts, from the current on
+        self.read_ahead = ReadAhead(read_ahead_threads(cfg, self.sources.values()), "vlscale-train-images")
 
     @property
     def global_batch_size(self) -> int:
@@ -287,23 +298,50 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        if self._current is None:
-            self._current = self._step_parts(self.step)
-        task, parts = self._current
-        examples = [self.examples[task][i] for i, _ in parts[self._micro_index]]
-        weights = None
-        if get_task(task).format == "vqa" and self.cfg.data.vqa_targets == "sampled":
-            examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, self.step,
-                                                    [copy for _, copy in parts[self._micro_index]])
-        batch = self.collator(examples, fetch_visuals(self.sources[task], examples))
+        position = (self.step, self._micro_index)
+        task, examples, weights = self._micro_batch(*position)
+        visual_inputs = self.read_ahead.get(position, lambda: self._visual_inputs(task, examples), self._upcoming)
+        batch = self.collator(examples, visual_inputs=visual_inputs)
         if weights is not None:
             batch["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
         self._micro_index += 1
         if self._micro_index == self.accum:
             self.step += 1
             self._micro_index = 0
-            self._current = None
+            self._parts = {s: p for s, p in self._parts.items() if s >= self.step}
         return batch
+
+    def _micro_batch(self, step: int, micro_index: int) -> tuple[str, list, Optional[list[float]]]:
+        """Micro-batch ``micro_index`` of step ``step`` on this rank: its task, examples (VQA's sampled targets
+        drawn) and loss weights (None but for sampled targets)."""
+        if step not in self._parts:
+            self._parts[step] = self._step_parts(step)
+        task, parts = self._parts[step]
+        examples = [self.examples[task][i] for i, _ in parts[micro_index]]
+        weights = None
+        if get_task(task).format == "vqa" and self.cfg.data.vqa_targets == "sampled":
+            examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, step,
+                                                    [copy for _, copy in parts[micro_index]])
+        return task, examples, weights
+
+    def _visual_inputs(self, task: str, examples: list) -> dict:
+        return self.collator.visual_inputs(examples, fetch_visuals(self.sources[task], examples))
+
+    def _upcoming(self):
+        """(position, reading) of those of the next ``read_ahead.threads`` micro-batches whose images are read (not
+        cached features): what :class:`~vlscale.data.read_ahead.ReadAhead` starts ahead."""
+        step, micro = self.step, self._micro_index
+        for _ in range(self.read_ahead.threads):
+            micro += 1
+            if micro == self.accum:
+                step, micro = step + 1, 0
+            task, examples, _ = self._micro_batch(step, micro)
+            if self.sources[task].kind == "images":
+                yield (step, micro), (lambda task=task, examples=examples: self._visual_inputs(task, examples))
+
+    def close(self) -> None:
+        """Stop the threads reading ahead (the loader reads in its own thread afterwards)."""
+        self.read_ahead.close()
 
     def _step_parts(self, step: int) -> tuple[str, list[list[tuple[int, int]]]]:
         """Step ``step``'s task and this rank's micro-batches of (index, copy): copy counts the index's
@@ -332,9 +370,7 @@ class TrainLoader:
                              "or from a step boundary")
         self.step = int(state["step"])
         self._micro_index = int(state.get("micro_index", 0))
-        self._current = None
-        if self._micro_index:
-            self._current = self._step_parts(self.step)
+        self._parts = {}
 
 
 def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None) -> TrainLoader:
@@ -432,11 +468,23 @@ def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: i
     order = mine + [fill[k % len(fill)] for k in range(per_rank - len(mine))]
     valid = [True] * len(mine) + [False] * (per_rank - len(mine))
 
+    threads = read_ahead_threads(cfg, [source])
+
+    def reading(start: int):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        return lambda: collator.visual_inputs(chunk, fetch_visuals(source, chunk))
+
     def generate():
-        for start in range(0, per_rank, batch_size):
-            chunk = [examples[i] for i in order[start:start + batch_size]]
-            batch = collator(chunk, fetch_visuals(source, chunk))
-            batch["valid"] = torch.tensor(valid[start:start + batch_size], dtype=torch.bool)
-            yield batch
+        ahead = ReadAhead(threads, "vlscale-eval-images")
+        try:
+            for start in range(0, per_rank, batch_size):
+                chunk = [examples[i] for i in order[start:start + batch_size]]
+                later = range(start + batch_size, per_rank, batch_size)
+                inputs = ahead.get(start, reading(start), lambda: ((s, reading(s)) for s in later))
+                batch = collator(chunk, visual_inputs=inputs)
+                batch["valid"] = torch.tensor(valid[start:start + batch_size], dtype=torch.bool)
+                yield batch
+        finally:
+            ahead.close()
 
     return EvalBatches(examples, generate(), math.ceil(per_rank / batch_size))

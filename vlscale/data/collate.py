@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -52,15 +53,17 @@ class Collator:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self._transform = vision_transform
+        self._transform_lock = threading.Lock()  # made once, by whichever thread reading images comes first
         self.truncated = collections.Counter()  # (task, "max_input_length" | "max_target_length") -> examples cut
 
     @property
     def transform(self) -> Callable:
-        if self._transform is None:
-            from vlscale.modeling.vision import image_transform
+        with self._transform_lock:
+            if self._transform is None:
+                from vlscale.modeling.vision import image_transform
 
-            self._transform = image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
-        return self._transform
+                self._transform = image_transform(self.cfg.model.vision, self.cfg.model.vision_pretrained)
+            return self._transform
 
     # ------------------------------------------------------------------ text
     @contextlib.contextmanager
@@ -109,6 +112,30 @@ class Collator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
     # ------------------------------------------------------------------ visual
+    @staticmethod
+    def _task(examples: Sequence[Example]) -> str:
+        if not examples:
+            raise ValueError("Collator: empty batch")
+        task = examples[0].task
+        others = sorted({e.task for e in examples} - {task})
+        if others:
+            raise ValueError(f"Collator: a batch holds one task; got {task!r} and {others}")
+        return task
+
+    def visual_inputs(self, examples: Sequence[Example], visuals: Sequence[Sequence]) -> dict:
+        """The batch's visual part (``pixel_values`` or ``vis_feats``, video: and ``vis_mask``) from ``visuals``:
+        no tokenizer is used, so a thread reading ahead may make it."""
+        task = self._task(examples)
+        if len(visuals) != len(examples):
+            raise ValueError(f"Collator: {len(examples)} examples but {len(visuals)} visual inputs")
+        spec = get_task(task)
+        for e, items in zip(examples, visuals):
+            if len(e.image_ids) != spec.n_images or len(items) != spec.n_images:
+                raise ValueError(f"{task} example {e.uid!r}: needs {spec.n_images} image id(s), has "
+                                 f"{len(e.image_ids)} ids and {len(items)} visual inputs")
+        return self._video(examples, visuals) if spec.modality == "video" else self._images(examples, visuals,
+                                                                                            spec.n_images)
+
     def _images(self, examples, visuals, n_images: int) -> dict:
         flat = [item for items in visuals for item in items]
         if all(_is_features(x) for x in flat):
@@ -158,24 +185,16 @@ class Collator:
         return {"pixel_values": out, "vis_mask": mask}
 
     # ------------------------------------------------------------------ batch
-    def __call__(self, examples: Sequence[Example], visuals: Sequence[Sequence]) -> dict:
-        if not examples:
-            raise ValueError("Collator: empty batch")
-        if len(visuals) != len(examples):
-            raise ValueError(f"Collator: {len(examples)} examples but {len(visuals)} visual inputs")
-        task = examples[0].task
-        others = sorted({e.task for e in examples} - {task})
-        if others:
-            raise ValueError(f"Collator: a batch holds one task; got {task!r} and {others}")
-        spec = get_task(task)
-        for e, items in zip(examples, visuals):
-            if len(e.image_ids) != spec.n_images or len(items) != spec.n_images:
-                raise ValueError(f"{task} example {e.uid!r}: needs {spec.n_images} image id(s), has "
-                                 f"{len(e.image_ids)} ids and {len(items)} visual inputs")
+    def __call__(self, examples: Sequence[Example], visuals: Optional[Sequence[Sequence]] = None, *,
+                 visual_inputs: Optional[dict] = None) -> dict:
+        """The batch of ``examples``; its visual part from ``visuals`` or, made beforehand (in a thread reading
+        ahead), :meth:`visual_inputs`' result for these examples."""
+        task = self._task(examples)
+        if visual_inputs is None:
+            visual_inputs = self.visual_inputs(examples, visuals)
         batch = {"task": task}
         batch.update(self.encode_text(examples, task))
-        batch.update(self._video(examples, visuals) if spec.modality == "video"
-                     else self._images(examples, visuals, spec.n_images))
+        batch.update(visual_inputs)
         batch["uids"] = [e.uid for e in examples]
         batch["targets"] = [e.target for e in examples]
         batch["references"] = [list(e.references) or [e.target] for e in examples]

@@ -75,7 +75,8 @@ RESUMABLE_CHANGES = ("output_dir", "name", "description", "train.max_steps", "tr
                      "train.log_every", "train.save_every", "train.eval_batch_size", "train.eval_max_examples",
                      "train.zero3_leaf_layers", "model.backbone_path", "model.vision_pretrained",
                      "train.micro_batch_size", "train.gradient_accumulation_steps", "train.global_batch_size",
-                     "train.init_adapter")  # read at the run's start only: a resume continues the checkpoint
+                     "train.init_adapter",  # read at the run's start only: a resume continues the checkpoint
+                     "data.read_ahead_threads")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -817,45 +818,48 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
     bar = progress_bar(total=t.max_steps, initial=run.step, desc="train", dynamic_ncols=True,
                        disable=not (run.is_main and run.show_progress))
     first_step = run.step
-    while run.step < t.max_steps:
-        start = time.perf_counter()
-        batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
-        lrs = run.engine.get_lr()
-        lr = {key: None if i is None else lrs[i] for key, i in run.lr_groups.items()}
-        loss, stop = train_step(run, batches)
-        sync_trained_buffers(run)
-        run.step += 1
-        run.step_times.append(time.perf_counter() - start)
-        del run.step_times[:-STEP_TIMES_KEPT]
-        run.watchdog.beat(f"step {run.step}")
-        log_step(run, batches[0]["task"], loss, lr, bar)
-        evaluated = t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps
-        if evaluated:
-            run.stoppable_evaluation = True
-            try:
-                run_evaluation(run)
-            except EvaluationInterrupted as e:  # Ctrl-C/SIGTERM mid-evaluation: checkpoint the step and stop
-                run.last_scores = {}  # an earlier step's are no final scores (finish, run_summary.json)
+    try:
+        while run.step < t.max_steps:
+            start = time.perf_counter()
+            batches = [next(run.loader) for _ in range(t.gradient_accumulation_steps)]
+            lrs = run.engine.get_lr()
+            lr = {key: None if i is None else lrs[i] for key, i in run.lr_groups.items()}
+            loss, stop = train_step(run, batches)
+            sync_trained_buffers(run)
+            run.step += 1
+            run.step_times.append(time.perf_counter() - start)
+            del run.step_times[:-STEP_TIMES_KEPT]
+            run.watchdog.beat(f"step {run.step}")
+            log_step(run, batches[0]["task"], loss, lr, bar)
+            evaluated = t.eval_every and run.step % t.eval_every == 0 and run.step < t.max_steps
+            if evaluated:
+                run.stoppable_evaluation = True
+                try:
+                    run_evaluation(run)
+                except EvaluationInterrupted as e:  # Ctrl-C/SIGTERM mid-evaluation: checkpoint the step and stop
+                    run.last_scores = {}  # an earlier step's are no final scores (finish, run_summary.json)
+                    save_training_state(run)
+                    bar.close()
+                    agree_on_signal(run)
+                    raise RunStopped(run.step, f"{signal_name(run.stop.signum)} during the evaluation at step "
+                                               f"{run.step} ({e}); step {run.step} is checkpointed, and --resume "
+                                               f"continues training without that evaluation", run.stop.signum) from None
+                finally:
+                    run.stoppable_evaluation = False
+            saved = t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps
+            if saved:
                 save_training_state(run)
+            # a signal during that save or evaluation stops at this step: it had a step trained and saved again first
+            stop = stop or (saved or evaluated) and all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
+            if stop or run.step == stop_after_steps:
+                if not evaluated:  # they were an earlier step's, printed as "final scores (val, step <this one>)"
+                    run.last_scores = {}
+                if not saved:
+                    save_training_state(run)
                 bar.close()
-                agree_on_signal(run)
-                raise RunStopped(run.step, f"{signal_name(run.stop.signum)} during the evaluation at step {run.step} "
-                                           f"({e}); step {run.step} is checkpointed, and --resume continues "
-                                           f"training without that evaluation", run.stop.signum) from None
-            finally:
-                run.stoppable_evaluation = False
-        saved = t.save_every and run.step % t.save_every == 0 and run.step < t.max_steps
-        if saved:
-            save_training_state(run)
-        # a signal during that save or evaluation stops at this step: it had a step trained and saved again first
-        stop = stop or (saved or evaluated) and all_reduce_sum([float(run.stop.requested)], run.dist.device)[0] > 0
-        if stop or run.step == stop_after_steps:
-            if not evaluated:  # they were an earlier step's, printed as "final scores (val, step <this one>)"
-                run.last_scores = {}
-            if not saved:
-                save_training_state(run)
-            bar.close()
-            raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
+                raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
+    finally:
+        run.loader.close()  # its threads reading images ahead
     bar.close()
     if run.step > first_step or not _saved_at_this_step(run):
         save_training_state(run)
