@@ -129,7 +129,8 @@ def test_an_unreadable_image_read_ahead_stops_at_its_batch():
             return source[i]
 
     loader.sources["vqa"] = Failing()
-    assert [b["uids"][0] for b in _batches(loader, 2)] == order[:2]  # batch 3 was read ahead meanwhile
+    assert [b["uids"][0] for b in _batches(loader, 2)] == order[:2]
+    assert (2, 0) in loader.read_ahead._pending  # batch 3 was read ahead meanwhile, and failed there
     with pytest.raises(DataError, match=f"vqa example {order[2]!r}.*image {bad!r}: cannot identify"):
         next(loader)
     loader.close()

@@ -859,7 +859,9 @@ def train(run: Run, stop_after_steps: Optional[int] = None) -> dict:
                 bar.close()
                 raise RunStopped(run.step, "signal" if stop else "--stop-after-steps", agree_on_signal(run))
     finally:
-        run.loader.close()  # its threads reading images ahead
+        close = getattr(run.loader, "close", None)  # a TrainLoader's threads reading images ahead
+        if close is not None:
+            close()
     bar.close()
     if run.step > first_step or not _saved_at_this_step(run):
         save_training_state(run)
