@@ -40,11 +40,12 @@ def make_vqa_root(root: Path, n: int) -> None:
     (root / "vqa" / "karpathy_train.json").write_text(json.dumps(records))
 
 
-def one_round(cfg, tok, batches: int, step_s: float) -> tuple[float, float]:
-    """(ms per micro-batch, ms of it waiting for the loader) over ``batches`` micro-batches after two warm ones."""
+def one_round(cfg, tok, batches: int, step_s: float) -> tuple[float, float, list[float]]:
+    """(ms per micro-batch, ms of it waiting for the loader, each batch's pixel sum) over ``batches`` micro-batches
+    after two warm ones."""
     from vlscale.data import build_train_loader
 
-    loader = build_train_loader(cfg, tok)
+    loader, sums = build_train_loader(cfg, tok), []
     try:
         for _ in range(2):
             next(loader)
@@ -52,13 +53,14 @@ def one_round(cfg, tok, batches: int, step_s: float) -> tuple[float, float]:
         waited, start = 0.0, time.perf_counter()
         for _ in range(batches):
             t = time.perf_counter()
-            next(loader)
+            batch = next(loader)
             waited += time.perf_counter() - t
+            sums.append(float(batch["pixel_values"].double().sum()))
             time.sleep(step_s)
         total = time.perf_counter() - start
     finally:
         loader.close()
-    return 1e3 * total / batches, 1e3 * waited / batches
+    return 1e3 * total / batches, 1e3 * waited / batches, sums
 
 
 def main(argv=None) -> int:
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     from vlscale.data.read_ahead import default_threads
 
     threads = args.threads if args.threads is not None else default_threads()
-    times: dict[int, list[tuple[float, float]]] = {0: [], threads: []}
+    times: dict[int, list[tuple[float, float, list[float]]]] = {0: [], threads: []}
     with tempfile.TemporaryDirectory(prefix="read_ahead_") as tmp:
         make_vqa_root(Path(tmp), args.images)
         cfgs = {n: load_config("tiny", ["data.source=real", f"data.root={tmp}", "data.tasks=[vqa]",
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "batches": args.batches, "threads": threads,
               "ms_per_micro_batch": {str(n): median(n, 0) for n in times},
               "ms_waiting": {str(n): median(n, 1) for n in times},
-              "speedup": median(0, 0) / median(threads, 0)}
+              "speedup": median(0, 0) / median(threads, 0),
+              "batches_equal": all(t[2] == times[0][0][2] for n in times for t in times[n])}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
     print(f"{'read_ahead_threads':>18} {'ms / micro-batch':>17} {'ms waiting':>11}")
     for n in times:
         print(f"{n:>18} {median(n, 0):>17.1f} {median(n, 1):>11.1f}")
-    print(f"x{result['speedup']:.2f} micro-batches/s with {threads} threads reading ahead")
+    print(f"x{result['speedup']:.2f} micro-batches/s with {threads} threads reading ahead; the batches "
+          f"{'are the same' if result['batches_equal'] else 'DIFFER'}")
     return 0
 
 

@@ -185,3 +185,16 @@ def test_cached_features_are_read_in_the_training_thread():
         ahead |= {loader._micro_batch(*k)[0] for k in loader.read_ahead._pending}
     assert set(tasks) == {"vqa", "caption"} and ahead == {"vqa"}
     loader.close()
+
+
+def test_the_read_ahead_benchmark_compares_the_training_thread_with_threads(script, capsys):
+    """benchmarks/read_ahead.py on a handful of made JPEGs: both settings give a time and the same batches (its
+    figures are BENCHMARKS.md's)."""
+    import json
+
+    bench = script("benchmarks/read_ahead.py")
+    assert bench.main(["--images", "6", "--rounds", "1", "--batches", "3", "--micro-batch", "2", "--threads", "2",
+                       "--step-ms", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batches_equal"] is True and result["threads"] == 2
+    assert set(result["ms_per_micro_batch"]) == {"0", "2"} and all(v > 0 for v in result["ms_per_micro_batch"].values())
