@@ -161,6 +161,32 @@ def test_only_the_calling_thread_tokenises_and_eval_batches_read_ahead_alike():
     assert threads == {threading.current_thread().name}
 
 
+def test_video_frames_are_read_ahead_alike(tmp_path):
+    """A video task's frame images (``root/<task>/frames/<vid>/*.jpg``) read ahead: the same frames, masks and order."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "root"
+    shutil.copytree(ROOT / "tvqa", root / "tvqa", ignore=shutil.ignore_patterns("features"))
+    rng = np.random.default_rng(0)
+    for vid, frames in (("friends_s01e01_seg01_clip_00", 5), ("house_s02e03_seg02_clip_05", 3)):
+        (root / "tvqa" / "frames" / vid).mkdir(parents=True)
+        for k in range(frames):
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+                root / "tvqa" / "frames" / vid / f"{k:05d}.jpg")
+    args = [f"data.root={root}", "data.tasks=[tvqa]", "model.max_frames=4"]
+    inline, ahead = _cfg(0, *args), _cfg(2, *args)
+    tok = build_tokenizer(inline)
+    loader = build_train_loader(ahead, tok)
+    assert loader.read_ahead.threads == 2
+    for a, b in zip(_batches(loader, 6), _batches(build_train_loader(inline, tok), 6), strict=True):
+        assert a["pixel_values"].dim() == 6 and a["vis_mask"].sum() > 0
+        _same(a, b)
+    loader.close()
+
+
 def test_cached_features_are_read_in_the_training_thread():
     """The video fixtures are frame features (mapped, nothing to decode): no threads, whatever the setting. With
     one task's source a cache, only the other tasks' batches are read ahead."""
