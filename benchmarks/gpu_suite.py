@@ -40,6 +40,9 @@ budget left is too small:
   loop_syncs   benchmarks/loop_overhead.py on the GPU (tiny preset, ZeRO 0 and 3): the training loop's
                host-device syncs per step by call site (the figure; its phase times are host-side only,
                the GPU runs ahead of them)
+  read_ahead   train_bf16's run on 256 JPEGs 640x480 (a real VQA layout, benchmarks/read_ahead.py's) with the
+               images read in the training thread (data.read_ahead_threads=0) against the GPU default (the
+               CPUs' share, 1 to 4 threads): step times and their ratio, ``ahead_over_inline_step_time``
   eval_gather  benchmarks/eval_gather.py on the GPU (train_bf16's model, one rank, random weights: decoding to
                the token budget): each task's evaluation under ZeRO-3's per-module gathers against the decoding
                parameters gathered around each batch's decoding and the model gathered whole (train.eval_gather)
@@ -190,6 +193,22 @@ def run_resume(out_dir: Path, timeout: float) -> dict:
     return res
 
 
+def run_read_ahead(out_dir: Path, timeout: float) -> dict:
+    """``read_ahead``: train_bf16's run on made JPEGs, images read in the training thread and read ahead."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import read_ahead
+
+    root = out_dir / "read_ahead_data"
+    read_ahead.make_vqa_root(root, 256)
+    base = [*TRAIN_RUNS["train_bf16"], "data.source=real", f"data.root={root}", "data.tasks=[vqa]"]
+    sec = {"inline": run_training("read_ahead_inline", [*base, "data.read_ahead_threads=0"], out_dir, timeout / 2)}
+    sec["ahead"] = run_training("read_ahead_default", base, out_dir, timeout / 2)
+    inline, ahead = (sec[k].get("summary", {}).get("step_time_s") for k in ("inline", "ahead"))
+    if inline and ahead:
+        sec["ahead_over_inline_step_time"] = round(ahead / inline, 4)
+    return sec
+
+
 def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
     proc, res = _command([sys.executable, str(ROOT / "launchers/profile_memory.py"), "--measure", "--json",
                           "--steps", "3", "--deepspeed", str(ROOT / "ds_configs/zero3.json"), *COMMON, *extra],
@@ -211,7 +230,7 @@ def run_profile_cli(extra: list[str], timeout: float, train_peak) -> dict:
 # fp16 at ZeRO-3 and at stage 0, the profiler against the allocator, then the bf16 comparisons
 SECTIONS = ("methods", "kernels", "cuda_tests", "train_fp16", "train_fp16_z0", "profiler", "profile_cli_fp16",
             "saved_by_op", "resume", "zero3_init", "train_bf16", "train_bf16_unfused", "full_ft_ckpt", "loop_syncs",
-            "eval_gather")
+            "eval_gather", "read_ahead")
 CUDA_TEST_FILES = ("tests/unit/test_kernels.py", "tests/unit/test_kernels_edge_cases.py")
 
 
@@ -268,7 +287,7 @@ def main(argv=None) -> int:
     needs = {"train_fp16": 60, "train_fp16_z0": 40, "train_bf16": 45, "train_bf16_unfused": 45, "full_ft_ckpt": 40,
              "kernels": 120, "cuda_tests": 40, "profiler": 60,
              "profile_cli_fp16": 40, "saved_by_op": 30, "methods": 30, "resume": 75, "zero3_init": 30, "loop_syncs": 40,
-             "eval_gather": 60}
+             "eval_gather": 60, "read_ahead": 90}
 
     def save():
         (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=1))
@@ -311,6 +330,8 @@ def main(argv=None) -> int:
                 results["sections"][name] = _json_command(
                     [sys.executable, str(ROOT / "benchmarks/eval_gather.py"), "--json", "--nproc", "1", "--rounds", "2",
                      *COMMON, "train.precision=bf16"], left)
+            elif name == "read_ahead":
+                results["sections"][name] = run_read_ahead(runs_dir, left)
             elif name == "saved_by_op":
                 results["sections"][name] = _json_command([sys.executable, str(ROOT / "benchmarks/saved_by_op.py")],
                                                           left)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_vqa_root(root: Path, n: int) -> None:
-    """``root/vqa/karpathy_train.json`` with ``n`` questions, one per JPEG under ``root/coco/images``."""
+    """``root/vqa/karpathy_train.json`` with ``n`` questions, one per JPEG under ``root/coco/images``, and
+    ``karpathy_val.json`` with the first 32 of them (a training run's evaluation)."""
     from benchmarks.extract_throughput import make_jpegs
 
     images = root / "coco" / "images"
@@ -38,6 +39,7 @@ def make_vqa_root(root: Path, n: int) -> None:
     records = [{"img_id": f"COCO_train2014_{i:012d}", "sent": f"What colour is thing {i}?", "question_id": i,
                 "label": {"red": 1.0}, "answers": [{"answer": "red"}] * 10} for i in range(n)]
     (root / "vqa" / "karpathy_train.json").write_text(json.dumps(records))
+    (root / "vqa" / "karpathy_val.json").write_text(json.dumps(records[:32]))
 
 
 def one_round(cfg, tok, batches: int, step_s: float) -> tuple[float, float, list[float]]:
@@ -66,7 +68,8 @@ def one_round(cfg, tok, batches: int, step_s: float) -> tuple[float, float, list
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--images", type=int, default=256, help="JPEGs (and questions) made (default 256)")
-    ap.add_argument("--threads", type=int, default=None, help="threads to compare with 0 (default: the default's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads to compare with 0 (default: a GPU rank's default alone on this machine, 1 to 4)")
     ap.add_argument("--step-ms", type=float, default=80.0, help="the stand-in step after each micro-batch (default 80)")
     ap.add_argument("--batches", type=int, default=24, help="micro-batches timed per round (default 24)")
     ap.add_argument("--micro-batch", type=int, default=16, help="examples per micro-batch (default 16)")
@@ -77,9 +80,9 @@ def main(argv=None) -> int:
 
     from vlscale.config import load_config
     from vlscale.data import build_tokenizer
-    from vlscale.data.read_ahead import default_threads
+    from vlscale.engine.distributed import usable_cpu_count
 
-    threads = args.threads if args.threads is not None else default_threads()
+    threads = args.threads if args.threads is not None else max(1, min(4, usable_cpu_count()))
     times: dict[int, list[tuple[float, float, list[float]]]] = {0: [], threads: []}
     with tempfile.TemporaryDirectory(prefix="read_ahead_") as tmp:
         make_vqa_root(Path(tmp), args.images)

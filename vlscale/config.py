@@ -519,7 +519,8 @@ class DataConfig:
     """Column mapping for hf_dataset, e.g. {image: img, question: q, answer: a}."""
     read_ahead_threads: Optional[int] = None
     """Threads that read and transform the images of the next batches (training and evaluation) while the current
-    one runs, per process; ``0`` reads them in the training thread. Default: the process's CPUs, at most 4. Batches
+    one runs, per process; ``0`` reads them in the training thread. Default: on a GPU, this rank's share of the
+    machine's CPUs (CPUs / ranks on it), 1 to 4; on the CPU 0 (the ranks' compute keeps the cores busy). Batches
     are the same either way. Cached features are read in the training thread (mapped, nothing to decode)."""
 
     def __post_init__(self):

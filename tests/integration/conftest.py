@@ -179,7 +179,9 @@ RUN_SPECS = {
     # (the adapter's weights at 3x train.lr, train.peft_lr: their optimizer groups apart from the layer
     # norms' and the projection's, through ZeRO-3 partitioning, resume and the memory model)
     "single_1p": (SINGLE + ["train.micro_batch_size=4"], 1, "preloaded"),
-    "single_2r": (SINGLE + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3"], 2, "torchrun"),
+    # single_2r reads its images ahead in threads (training and evaluation), single_1p in the training thread
+    "single_2r": (SINGLE + ["train.micro_batch_size=2", "train.test_eval=true", "train.eval_every=3",
+                            "data.read_ahead_threads=2"], 2, "torchrun"),
     # ... with checkpointing, and DeepSpeed's module-by-module gathering instead of layers as units; its final
     # evaluation gathers the decoding parameters alone around each batch's decoding (train.eval_gather=decoder)
     "single_2r_gc": (SINGLE + ["train.micro_batch_size=2", "train.gradient_checkpointing=true",

@@ -30,9 +30,11 @@ def assert_same_curve(a, b, rel=REL):
 
 def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
     """... the 2 ranks evaluating after step 3 as well (train.eval_every=3): generation under ZeRO-3
-    between two training steps leaves the training as it was."""
+    between two training steps leaves the training as it was; and reading their images ahead in 2 threads
+    (data.read_ahead_threads=2; the one process reads in its training thread)."""
     one, two = h.losses(runs("single_1p")), h.losses(runs("single_2r"))
     assert_same_curve(one, two)
+    assert "read_ahead_threads: 2" in (runs("single_2r") / "run_config.yaml").read_text()
     evaluations = h.read_json(runs("single_2r") / "metrics.json")
     assert [(m["step"], m["split"]) for m in evaluations] == [(3, "val"), (6, "val")]
     assert [m["step"] for m in h.read_json(runs("single_1p") / "metrics.json")] == [6]  # the final one only

@@ -72,6 +72,22 @@ def test_read_ahead_hands_out_in_order_runs_ahead_in_threads_and_drops_a_jump():
         ReadAhead(-1)
 
 
+@pytest.mark.parametrize("device, cpus, ranks, threads", [("cuda", 2, None, 2), ("cuda", 16, "8", 2),
+                                                          ("cuda", 2, "2", 1), ("cuda", 2, "4", 1),
+                                                          ("cuda", 64, "1", 4), ("cpu", 16, "1", 0)])
+def test_the_default_is_this_ranks_share_of_the_cpus_on_a_gpu(monkeypatch, device, cpus, ranks, threads):
+    from vlscale.data import read_ahead
+
+    monkeypatch.setattr("vlscale.engine.distributed.local_device_type", lambda: device)
+    monkeypatch.setattr("vlscale.engine.distributed.usable_cpu_count", lambda: cpus)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    if ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    assert read_ahead.default_threads() == threads
+
+
 @pytest.mark.parametrize("value, why", [("-1", ">= 0"), ("1.5", "must be an integer")])
 def test_read_ahead_threads_setting_refused(value, why):
     with pytest.raises(ConfigError, match=f"data.read_ahead_threads.*{why}"):

@@ -18,11 +18,16 @@ from typing import Callable, Hashable, Iterable, Optional
 
 
 def default_threads() -> int:
-    """Threads reading ahead when ``data.read_ahead_threads`` is unset: this process's CPUs
-    (:func:`~vlscale.engine.distributed.usable_cpu_count`), at most 4."""
-    from vlscale.engine.distributed import usable_cpu_count
+    """Threads reading ahead when ``data.read_ahead_threads`` is unset. On a GPU: this rank's share of the CPUs it
+    may use (:func:`~vlscale.engine.distributed.usable_cpu_count` over the ranks started on this machine), at least 1,
+    at most 4 (8 ranks on 16 cores: 2 threads each). On the CPU none: the ranks' compute keeps the cores busy, and a
+    thread beside it slowed the embedded default's step by 2-5 % (BENCHMARKS.md, "Training on images: reading
+    ahead")."""
+    from vlscale.engine.distributed import local_device_type, local_world_size, usable_cpu_count
 
-    return min(4, usable_cpu_count())
+    if local_device_type() == "cpu":
+        return 0
+    return max(1, min(4, usable_cpu_count() // local_world_size()))
 
 
 class ReadAhead:
