@@ -524,31 +524,21 @@ def default_workers() -> int:
     return min(8, usable_cpu_count())
 
 
-def _read_ahead(prepare: Callable, ids: Sequence[str], pool, ahead: int):
-    """(id, ``prepare(id)`` or the DataError it raised) for each of ``ids`` in order, with up to ``ahead`` ids being
-    prepared in ``pool``'s threads beyond the one given. Any other error preparing an id is raised when its turn
-    comes, as a read in order would raise it."""
-    import collections
-
-    pending, rest = collections.deque(), iter(ids)
+def _read_ahead(prepare: Callable, ids: Sequence[str], reader):
+    """(id, ``prepare(id)`` or the DataError it raised) for each of ``ids`` in order, the next ids being prepared in
+    ``reader``'s threads (a :class:`~vlscale.data.read_ahead.ReadAhead`) meanwhile. Any other error preparing an id
+    is raised when its turn comes, as a read in order would raise it."""
 
     def task(i):
-        try:
-            return prepare(i)
-        except DataError as e:
-            return e
+        def run():
+            try:
+                return prepare(i)
+            except DataError as e:
+                return e
+        return run
 
-    def submit():  # the next id, if any is left
-        i = next(rest, None)
-        if i is not None:
-            pending.append((i, pool.submit(task, i)))
-
-    for _ in range(max(1, ahead)):
-        submit()
-    while pending:
-        i, future = pending.popleft()
-        submit()
-        yield i, future.result()
+    for k, i in enumerate(ids):
+        yield i, reader.get(k, task(i), lambda k=k: ((j, task(ids[j])) for j in range(k + 1, len(ids))))
 
 
 def extract_features(encoder, transform: Callable, source, ids: Sequence[str], out_dir, *,
@@ -575,8 +565,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
     while this one is encoded: the same features as one at a time (each image's transform is its own), in the same
     order, and an error surfaces at its batch as it did.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
+    from vlscale.data.read_ahead import ReadAhead
     from vlscale.engine.checkpoint import frozen_fingerprint
     from vlscale.log import progress_bar
 
@@ -605,9 +594,9 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
         return transform([item])[0]
 
     threads = max(1, workers or default_workers())
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="extract")
+    reader = ReadAhead(threads, "extract", ahead=2 * threads if video else batch_size + threads)
     try:
-        stream = _read_ahead(prepare, todo, pool, ahead=2 * threads if video else batch_size + threads)
+        stream = _read_ahead(prepare, todo, reader)
         if video:
             group, parts, frames = [], [], 0
 
@@ -649,7 +638,7 @@ def extract_features(encoder, transform: Callable, source, ids: Sequence[str], o
                 stats["written"] += len(kept)
                 bar.update(len(kept))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
         writer.close()
         bar.close()
     return stats

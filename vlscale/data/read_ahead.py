@@ -32,13 +32,14 @@ def default_threads() -> int:
 
 class ReadAhead:
     """``get(key, work, upcoming)`` -> ``work()``, computed ahead in a thread when it was started by an earlier
-    call's ``upcoming``; then the first ``threads`` of ``upcoming()`` ((key, work) pairs of the batches after this
-    one) are started. ``threads=0``: every ``work()`` runs in the calling thread, nothing ahead."""
+    call's ``upcoming``; then the first ``ahead`` (default ``threads``) of ``upcoming()`` ((key, work) pairs of the
+    items after this one) are started. ``threads=0``: every ``work()`` runs in the calling thread, nothing ahead."""
 
-    def __init__(self, threads: int, name: str = "vlscale-read-ahead"):
+    def __init__(self, threads: int, name: str = "vlscale-read-ahead", ahead: Optional[int] = None):
         if threads < 0:
             raise ValueError(f"ReadAhead: threads={threads} must be >= 0")
         self.threads = threads
+        self.ahead = threads if ahead is None else ahead
         self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(threads, thread_name_prefix=name) \
             if threads else None
         self._pending: collections.OrderedDict[Hashable, Future] = collections.OrderedDict()
@@ -47,7 +48,7 @@ class ReadAhead:
         if self._pool is None:
             return work()
         future = self._pending.pop(key, None)
-        ahead = list(itertools.islice(upcoming(), self.threads))
+        ahead = list(itertools.islice(upcoming(), self.ahead))
         wanted = {k for k, _ in ahead}
         for k in [k for k in self._pending if k not in wanted]:  # read ahead for a batch no longer coming
             self._pending.pop(k).cancel()
