@@ -12,6 +12,7 @@ import torch
 
 from vlscale.config import ConfigError, load_config
 from vlscale.data import build_tokenizer, build_train_loader, eval_batches
+from vlscale.data.collate import fetch_visuals
 from vlscale.data.read_ahead import ReadAhead
 from vlscale.data.real import DataError
 
@@ -177,8 +178,11 @@ def test_only_the_calling_thread_tokenises_and_eval_batches_read_ahead_alike():
     assert threads == {threading.current_thread().name}
 
 
-def test_video_frames_are_read_ahead_alike(tmp_path):
-    """A video task's frame images (``root/<task>/frames/<vid>/*.jpg``) read ahead: the same frames, masks and order."""
+def test_video_frames_are_read_ahead_alike(tmp_path, monkeypatch):
+    """A video task's frame images (``root/<task>/frames/<vid>/*.jpg``) read ahead: the same frames, masks and order;
+    of a video longer than model.max_frames only the frames the batch takes are decoded, and they are those a
+    folder read whole gives the collator."""
+    from vlscale.data import visual
     import shutil
 
     import numpy as np
@@ -187,7 +191,7 @@ def test_video_frames_are_read_ahead_alike(tmp_path):
     root = tmp_path / "root"
     shutil.copytree(ROOT / "tvqa", root / "tvqa", ignore=shutil.ignore_patterns("features"))
     rng = np.random.default_rng(0)
-    for vid, frames in (("friends_s01e01_seg01_clip_00", 5), ("house_s02e03_seg02_clip_05", 3)):
+    for vid, frames in (("friends_s01e01_seg01_clip_00", 9), ("house_s02e03_seg02_clip_05", 3)):
         (root / "tvqa" / "frames" / vid).mkdir(parents=True)
         for k in range(frames):
             Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
@@ -201,6 +205,19 @@ def test_video_frames_are_read_ahead_alike(tmp_path):
         assert a["pixel_values"].dim() == 6 and a["vis_mask"].sum() > 0
         _same(a, b)
     loader.close()
+
+    decoded = []
+    load_image = visual.load_image
+    monkeypatch.setattr(visual, "load_image", lambda p, *a: decoded.append(p.name) or load_image(p, *a))
+    inline = build_train_loader(inline, tok)
+    lengths = {"friends_s01e01_seg01_clip_00": 9, "house_s02e03_seg02_clip_05": 3}
+    examples = [next(e for e in inline.examples["tvqa"] if e.image_ids[0] == vid) for vid in lengths]
+    fetched = fetch_visuals(inline.sources["tvqa"], examples)
+    assert [len(v[0]) for v in fetched] == [4, 3] and len(decoded) == 7  # of 9 + 3 frames
+    whole = visual.ImageFolder(root / "tvqa" / "frames", pattern="{id}", video=True)  # every frame, as extraction
+    whole_frames = [[whole[e.image_ids[0]]] for e in examples]
+    assert [len(v[0]) for v in whole_frames] == [9, 3] and len(decoded) == 7 + 12
+    _same(inline.collator.visual_inputs(examples, fetched), inline.collator.visual_inputs(examples, whole_frames))
 
 
 def test_cached_features_are_read_in_the_training_thread():

@@ -494,7 +494,7 @@ def real_visual_source(cfg, task: str, split: str):
                                 "CLIP to encode them; make a cache (launchers/extract_features.py --real --config "
                                 "... data.root=... --out CACHE) and set data.feature_cache=CACHE, or set "
                                 "model.feature_source=images")
-            return ImageFolder(frames, pattern="{id}", video=True)
+            return ImageFolder(frames, pattern="{id}", video=True, max_frames=cfg.model.max_frames)
         raise DataFileNotFound(f"{task}: neither a frame-features folder {features} nor a frames folder "
                                f"{frames} exists, and data.feature_cache is not set; layout: docs/datasets.md")
     if cfg.model.feature_source == "cache":

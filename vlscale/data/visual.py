@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, runtime_checkable
+from typing import Iterable, Mapping, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -173,20 +173,22 @@ class ImageFolder:
     """Images in a folder: ``root / pattern.format(id=image_id)``, read with PIL as RGB uint8.
 
     With ``video=True`` the pattern names a folder of frame images (in :func:`frame_order`) and an
-    item is the list of frames. Suffixes match in any case (``{id}.jpg`` finds ``x.JPG``),
-    as launchers/extract_features.py names ``x.JPG`` id ``x``.
+    item is the list of frames; with ``max_frames`` only the frames a batch takes are read (those of
+    :func:`~vlscale.data.collate.frame_indices`: a video of 180 frames under ``model.max_frames=64`` decodes 64, not
+    180), as :class:`~vlscale.data.video.VideoFeatureFolder` reads its features. Suffixes match in any case
+    (``{id}.jpg`` finds ``x.JPG``), as launchers/extract_features.py names ``x.JPG`` id ``x``.
     """
 
     kind = "images"
 
-    def __init__(self, root, pattern: str = "{id}.jpg", video: bool = False):
+    def __init__(self, root, pattern: str = "{id}.jpg", video: bool = False, max_frames: Optional[int] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         if "{id}" not in pattern:
             raise ValueError(f"ImageFolder pattern {pattern!r} must contain '{{id}}'")
         self.pattern = pattern if not (video and pattern == "{id}.jpg") else "{id}"
-        self.video = video
+        self.video, self.max_frames = video, max_frames
         self._folded = None  # fold_suffix(file name) -> file name, listed on the first miss
 
     def _listing(self) -> tuple[set, dict]:
@@ -207,7 +209,12 @@ class ImageFolder:
     def __getitem__(self, image_id: str):
         path = self.path(image_id)
         if self.video:
-            return [load_image(p, f"video {image_id!r}") for p in frame_files(path, f"video {image_id!r}")]
+            files = frame_files(path, f"video {image_id!r}")
+            if self.max_frames and len(files) > self.max_frames:
+                from vlscale.data.collate import frame_indices
+
+                files = [files[k] for k in frame_indices(len(files), self.max_frames)]
+            return [load_image(p, f"video {image_id!r}") for p in files]
         if not path.is_file():
             raise DataFileNotFound(f"image {image_id!r}: file {path} does not exist")
         return load_image(path, f"image {image_id!r}")
