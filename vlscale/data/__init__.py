@@ -328,10 +328,10 @@ class TrainLoader:
         return self.collator.visual_inputs(examples, fetch_visuals(self.sources[task], examples))
 
     def _upcoming(self):
-        """(position, reading) of those of the next ``read_ahead.threads`` micro-batches whose images are read (not
+        """(position, reading) of those of the next ``read_ahead.ahead`` micro-batches whose images are read (not
         cached features): what :class:`~vlscale.data.read_ahead.ReadAhead` starts ahead."""
         step, micro = self.step, self._micro_index
-        for _ in range(self.read_ahead.threads):
+        for _ in range(self.read_ahead.ahead):
             micro += 1
             if micro == self.accum:
                 step, micro = step + 1, 0

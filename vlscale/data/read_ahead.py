@@ -11,7 +11,6 @@ and never asked for (a jump: a resume, the run's end) is dropped with its error.
 
 from __future__ import annotations
 
-import collections
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable, Iterable, Optional
@@ -42,7 +41,7 @@ class ReadAhead:
         self.ahead = threads if ahead is None else ahead
         self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(threads, thread_name_prefix=name) \
             if threads else None
-        self._pending: collections.OrderedDict[Hashable, Future] = collections.OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
 
     def get(self, key: Hashable, work: Callable, upcoming: Callable[[], Iterable[tuple[Hashable, Callable]]]):
         if self._pool is None:
