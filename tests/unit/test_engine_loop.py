@@ -203,6 +203,8 @@ def test_a_resume_may_change_the_resumable_settings():
     saved = load_config("tiny", TINY)
     _check_resumable(saved, load_config("tiny", TINY + ["train.max_steps=7", "output_dir=elsewhere"]), "run_config.yaml")
     assert "train.max_steps" in RESUMABLE_CHANGES
+    # how many threads read the images ahead changes no batch (tests/unit/test_read_ahead.py)
+    _check_resumable(saved, load_config("tiny", TINY + ["data.read_ahead_threads=3"]), "run_config.yaml")
     with pytest.raises(ConfigError, match=r"--resume: train\.seed=4 differs from the checkpointed run's train\.seed=3"):
         _check_resumable(saved, load_config("tiny", TINY + ["train.seed=4"]), "run_config.yaml")
 
