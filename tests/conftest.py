@@ -107,6 +107,24 @@ def launcher(script):
     return lambda name: script(f"launchers/{name}.py", f"launcher_{name}")
 
 
+@pytest.fixture(scope="session")
+def frame_folders():
+    """``frame_folders(task_dir, {"vid": n_frames, ...}, size=(h, w))``: ``task_dir/frames/<vid>/00000.jpg ...``,
+    random JPEG frames (seeded), as a video task laid out as frame images holds them."""
+    def write(task_dir: Path, videos: dict, size=(48, 64)) -> None:
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for vid, frames in videos.items():
+            (task_dir / "frames" / vid).mkdir(parents=True)
+            for k in range(frames):
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                    task_dir / "frames" / vid / f"{k:05d}.jpg")
+
+    return write
+
+
 # ----------------------------------------------------------------------------- background jobs
 # Long runs whose tests only read their results start as soon as collection is done, one thread each,
 # beside the serial suite: it leaves ~40% of 2 cores idle (single-threaded imports and unit tests).

@@ -16,7 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -103,19 +102,12 @@ def test_extract_real_says_which_task_a_shared_video_is_stored_from(launcher):
     assert sorted(n.split(":", 1)[0] for n in shared) == ["tvc/test", "tvc/train", "tvc/val"], shared
 
 
-def test_extract_real_encodes_frame_images_as_the_images_video_command(real, tmp_path, launcher):
+def test_extract_real_encodes_frame_images_as_the_images_video_command(real, tmp_path, launcher, frame_folders):
     """A task laid out as frame images (``root/<task>/frames/<vid_name>/*.jpg``) is encoded by ``--real`` into
     the same features ``--images DIR --video`` gives; a folder of videos of another width is refused."""
-    from PIL import Image
-
     root = tmp_path / "data"
     shutil.copytree(FIXTURE / "yc2c", root / "yc2c", ignore=shutil.ignore_patterns("features"))
-    rng = np.random.default_rng(0)
-    for vid, frames in (("yc_a", 5), ("yc_b", 3)):
-        (root / "yc2c" / "frames" / vid).mkdir(parents=True)
-        for k in range(frames):
-            Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
-                root / "yc2c" / "frames" / vid / f"{k:05d}.jpg")
+    frame_folders(root / "yc2c", {"yc_a": 5, "yc_b": 3}, size=(40, 60))
     extract = launcher("extract_features").main
     vision = ["model.vision=mini-clip-rn", "model.vision_pretrained=synthetic", "data.tasks=[yc2c]"]
     assert extract(["--real", "--config", PRESET, f"data.root={root}", *vision, "--out", str(tmp_path / "a"),

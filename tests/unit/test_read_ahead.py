@@ -178,24 +178,17 @@ def test_only_the_calling_thread_tokenises_and_eval_batches_read_ahead_alike():
     assert threads == {threading.current_thread().name}
 
 
-def test_video_frames_are_read_ahead_alike(tmp_path, monkeypatch):
+def test_video_frames_are_read_ahead_alike(tmp_path, monkeypatch, frame_folders):
     """A video task's frame images (``root/<task>/frames/<vid>/*.jpg``) read ahead: the same frames, masks and order;
     of a video longer than model.max_frames only the frames the batch takes are decoded, and they are those a
     folder read whole gives the collator."""
-    from vlscale.data import visual
     import shutil
 
-    import numpy as np
-    from PIL import Image
+    from vlscale.data import visual
 
     root = tmp_path / "root"
     shutil.copytree(ROOT / "tvqa", root / "tvqa", ignore=shutil.ignore_patterns("features"))
-    rng = np.random.default_rng(0)
-    for vid, frames in (("friends_s01e01_seg01_clip_00", 9), ("house_s02e03_seg02_clip_05", 3)):
-        (root / "tvqa" / "frames" / vid).mkdir(parents=True)
-        for k in range(frames):
-            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
-                root / "tvqa" / "frames" / vid / f"{k:05d}.jpg")
+    frame_folders(root / "tvqa", {"friends_s01e01_seg01_clip_00": 9, "house_s02e03_seg02_clip_05": 3})
     args = [f"data.root={root}", "data.tasks=[tvqa]", "model.max_frames=4"]
     inline, ahead = _cfg(0, *args), _cfg(2, *args)
     tok = build_tokenizer(inline)
