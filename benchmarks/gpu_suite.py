@@ -117,7 +117,7 @@ def run_training(name: str, extra: list[str], out_dir: Path, timeout: float, fla
     res["summary"] = {k: summary.get(k) for k in (
         "world_size", "zero_stage", "precision", "trainable_params", "total_params", "param_bytes_per_rank",
         "grad_bytes_per_rank", "optimizer_state_bytes_per_rank", "peak_memory_bytes", "step_time_s",
-        "gradient_checkpointing", "device", "final_scores", "skipped_steps")}
+        "read_ahead_threads", "gradient_checkpointing", "device", "final_scores", "skipped_steps")}
     res["stdout_tail"] = proc.stdout[-1500:]
     return res
 

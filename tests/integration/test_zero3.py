@@ -35,6 +35,8 @@ def test_single_adapter_same_losses_on_1_and_2_ranks(runs, h):
     one, two = h.losses(runs("single_1p")), h.losses(runs("single_2r"))
     assert_same_curve(one, two)
     assert "read_ahead_threads: 2" in (runs("single_2r") / "run_config.yaml").read_text()
+    assert [h.read_json(runs(r) / "run_summary.json")["read_ahead_threads"] for r in ("single_2r", "single_1p")] \
+        == [2, 0]  # set, and the CPU's default
     evaluations = h.read_json(runs("single_2r") / "metrics.json")
     assert [(m["step"], m["split"]) for m in evaluations] == [(3, "val"), (6, "val")]
     assert [m["step"] for m in h.read_json(runs("single_1p") / "metrics.json")] == [6]  # the final one only

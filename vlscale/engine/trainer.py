@@ -1138,6 +1138,9 @@ def run_summary(run: Run, completed: bool = True, gather: bool = True) -> dict:
                "step_time_s": statistics.median(run.step_times) if run.step_times else None,
                "step_time_steps": len(run.step_times),  # the steps that median is of (at this world_size)
                "gradient_checkpointing": run.cfg.train.gradient_checkpointing,
+               # the threads that read the training images ahead (data.read_ahead_threads, or the machine's default
+               # where unset: run_config.yaml holds null), which the step time depends on
+               "read_ahead_threads": getattr(getattr(run.loader, "read_ahead", None), "threads", 0),
                "device": run.dist.device_type,
                # the resolved ZeRO block (stage, buckets, persistence, offload devices): which DeepSpeed file the
                # run used is not in run_config.yaml (--deepspeed is a flag), and an offloaded run looked like a
