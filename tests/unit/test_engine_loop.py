@@ -652,6 +652,7 @@ def _summary_run(monkeypatch, stage=2, precision="fp32", step_times=(3.0, 1.0, 2
     return SimpleNamespace(model=model, engine=engine, memory={"grad_bytes_per_rank": 36}, step=3,
                            dist=SimpleNamespace(world_size=2, rank=0, device=torch.device("cpu"), device_type="cpu"),
                            stage=stage, global_batch=4, step_times=list(step_times),
+                           loader=SimpleNamespace(read_ahead=SimpleNamespace(threads=3)),
                            cfg=SimpleNamespace(train=SimpleNamespace(precision=precision,
                                                                      gradient_checkpointing=False)),
                            ds_config={}, last_scores={"vqa": {"acc": 0.5}},
@@ -682,10 +683,10 @@ def test_run_summary_holds_the_run_s_settings_and_counts(monkeypatch):
                             completed=False)
     assert {k: s[k] for k in ("world_size", "zero_stage", "precision", "trainable_params", "total_params",
                               "global_batch", "micro_batch_size", "gradient_accumulation_steps", "skipped_steps",
-                              "completed", "step_time_s", "step_time_steps")} == {
+                              "completed", "step_time_s", "step_time_steps", "read_ahead_threads")} == {
         "world_size": 2, "zero_stage": 3, "precision": "bf16", "trainable_params": 6, "total_params": 12,
         "global_batch": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "skipped_steps": 2,
-        "completed": False, "step_time_s": None, "step_time_steps": 0}
+        "completed": False, "step_time_s": None, "step_time_steps": 0, "read_ahead_threads": 3}
 
 
 def test_a_run_stopped_by_an_unreadable_image_says_why_in_run_summary_json(monkeypatch, tmp_path):
