@@ -166,12 +166,13 @@ def test_only_the_calling_thread_tokenises_and_eval_batches_read_ahead_alike():
 
     tok.__class__ = Recording
     try:
-        for task in ("vqa", "nlvr2", "caption"):
-            inline = list(eval_batches(cfg0, tok, task, "val", 1, rank=0, world_size=1))
-            ahead = list(eval_batches(cfg2, tok, task, "val", 1, rank=0, world_size=1))
+        for task, rank, world in (("vqa", 0, 1), ("nlvr2", 0, 1), ("caption", 0, 1), ("vqa", 2, 3)):
+            inline = list(eval_batches(cfg0, tok, task, "val", 1, rank=rank, world_size=world))
+            ahead = list(eval_batches(cfg2, tok, task, "val", 1, rank=rank, world_size=world))
             assert len(ahead) == len(inline) >= 1
             for a, b in zip(ahead, inline):
                 _same(a, b)
+        assert [bool(b["valid"]) for b in ahead] == [False]  # vqa's 2 val questions: rank 2 of 3 pads
         _batches(build_train_loader(cfg2, tok, 0, 1), 6)
     finally:
         tok.__class__ = Recording.__mro__[1]
