@@ -195,14 +195,17 @@ def run_resume(out_dir: Path, timeout: float) -> dict:
 
 def run_read_ahead(out_dir: Path, timeout: float) -> dict:
     """``read_ahead``: train_bf16's run on made JPEGs, images read in the training thread and read ahead."""
+    import tempfile
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import read_ahead
 
-    root = out_dir / "read_ahead_data"
-    read_ahead.make_vqa_root(root, 256)
-    base = [*TRAIN_RUNS["train_bf16"], "data.source=real", f"data.root={root}", "data.tasks=[vqa]"]
-    sec = {"inline": run_training("read_ahead_inline", [*base, "data.read_ahead_threads=0"], out_dir, timeout / 2)}
-    sec["ahead"] = run_training("read_ahead_default", base, out_dir, timeout / 2)
+    with tempfile.TemporaryDirectory(prefix="read_ahead_") as root:  # ~25 MB of JPEGs: not into $OUT
+        read_ahead.make_vqa_root(Path(root), 256)
+        base = [*TRAIN_RUNS["train_bf16"], "data.source=real", f"data.root={root}", "data.tasks=[vqa]"]
+        sec = {"inline": run_training("read_ahead_inline", [*base, "data.read_ahead_threads=0"], out_dir,
+                                      timeout / 2)}
+        sec["ahead"] = run_training("read_ahead_default", base, out_dir, timeout / 2)
     inline, ahead = (sec[k].get("summary", {}).get("step_time_s") for k in ("inline", "ahead"))
     if inline and ahead:
         sec["ahead_over_inline_step_time"] = round(ahead / inline, 4)
