@@ -14,7 +14,8 @@ Examples come from the synthetic world (``data.source=synthetic``, vlscale.data.
 real datasets (vlscale.data.real); the batch dict is documented in vlscale.data.collate. Before
 the first batch, :func:`check_visual_ids` checks that every example's visual ids resolve in its
 source (files exist, ids are in the cache index; nothing is decoded), so missing images or
-features stop the run at start-up, not mid-training.
+features stop the run at start-up, not mid-training. Images are decoded for the next batches in threads
+while the current one runs (``data.read_ahead_threads``; :mod:`vlscale.data.read_ahead`).
 """
 
 from __future__ import annotations
