@@ -113,6 +113,7 @@ def test_train_loader_reads_ahead_the_same_batches_on_real_images_and_resumes():
     got = _batches(ahead, 5)
     state = ahead.state_dict()  # mid-step: micro-batch 1 of step 2, three micro-batches read ahead
     assert state["micro_index"] == 1 and len(ahead.read_ahead._pending) == 3
+    assert set(ahead._micro_batches) == set(ahead.read_ahead._pending)  # drawn once, kept until handed out
     got += _batches(ahead, 7)
     for a, b in zip(got, sampled[:12], strict=True):
         _same(a, b)

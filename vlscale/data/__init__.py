@@ -289,6 +289,7 @@ class TrainLoader:
         self.step = 0  # optimizer steps fully consumed
         self._micro_index = 0  # micro-batches of the current step already handed out
         self._parts: dict[int, tuple[str, list[list[tuple[int, int]]]]] = {}  # steps' parts, from the current on
+        self._micro_batches: dict[tuple[int, int], tuple] = {}  # _micro_batch's, from the current position on
         self.read_ahead = ReadAhead(read_ahead_threads(cfg, self.sources.values()), "vlscale-train-images")
 
     @property
@@ -310,11 +311,16 @@ class TrainLoader:
             self.step += 1
             self._micro_index = 0
             self._parts = {s: p for s, p in self._parts.items() if s >= self.step}
+        self._micro_batches.pop(position, None)
         return batch
 
     def _micro_batch(self, step: int, micro_index: int) -> tuple[str, list, Optional[list[float]]]:
         """Micro-batch ``micro_index`` of step ``step`` on this rank: its task, examples (VQA's sampled targets
-        drawn) and loss weights (None but for sampled targets)."""
+        drawn) and loss weights (None but for sampled targets); kept from when it is read ahead until it is handed
+        out (drawing a micro-batch's 16 sampled targets took ~0.5 ms)."""
+        position = (step, micro_index)
+        if position in self._micro_batches:
+            return self._micro_batches[position]
         if step not in self._parts:
             self._parts[step] = self._step_parts(step)
         task, parts = self._parts[step]
@@ -323,6 +329,8 @@ class TrainLoader:
         if get_task(task).format == "vqa" and self.cfg.data.vqa_targets == "sampled":
             examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, step,
                                                     [copy for _, copy in parts[micro_index]])
+        if self.read_ahead.threads:
+            self._micro_batches[position] = task, examples, weights
         return task, examples, weights
 
     def _visual_inputs(self, task: str, examples: list) -> dict:
@@ -371,7 +379,7 @@ class TrainLoader:
                              "or from a step boundary")
         self.step = int(state["step"])
         self._micro_index = int(state.get("micro_index", 0))
-        self._parts = {}
+        self._parts, self._micro_batches = {}, {}
 
 
 def build_train_loader(cfg, tokenizer, rank: int = 0, world_size: int = 1, vision_transform=None) -> TrainLoader:
