@@ -180,6 +180,27 @@ def test_only_the_calling_thread_tokenises_and_eval_batches_read_ahead_alike():
     assert threads == {threading.current_thread().name}
 
 
+def test_an_hf_dataset_s_images_are_read_ahead_alike():
+    """``data.hf_dataset`` rows (images decoded from the dataset's columns, the columns opened on first use, here by
+    the threads): the same training and evaluation batches."""
+    hf = ROOT.parent / "hf_multi"
+    columns = ('data.hf_columns={image: image, image_id: image_name, question: question, answers: answers, '
+               'id: qid}')
+    args = ["data.root=null", f"data.hf_dataset={hf}", columns, "data.tasks=[vqa]",
+            "train.gradient_accumulation_steps=1"]
+    inline, ahead = _cfg(0, *args), _cfg(3, *args)
+    tok = build_tokenizer(inline)
+    loader = build_train_loader(ahead, tok)
+    assert loader.read_ahead.threads == 3
+    for a, b in zip(_batches(loader, 5), _batches(build_train_loader(inline, tok), 5), strict=True):
+        _same(a, b)
+    loader.close()
+    evaluated = list(eval_batches(ahead, tok, "vqa", "val", 1))
+    assert len(evaluated) >= 2 and "pixel_values" in evaluated[0]
+    for a, b in zip(evaluated, eval_batches(inline, tok, "vqa", "val", 1), strict=True):
+        _same(a, b)
+
+
 def test_video_frames_are_read_ahead_alike(tmp_path, monkeypatch, frame_folders):
     """A video task's frame images (``root/<task>/frames/<vid>/*.jpg``) read ahead: the same frames, masks and order;
     of a video longer than model.max_frames only the frames the batch takes are decoded, and they are those a
