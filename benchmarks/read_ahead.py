@@ -80,9 +80,9 @@ def main(argv=None) -> int:
 
     from vlscale.config import load_config
     from vlscale.data import build_tokenizer
-    from vlscale.engine.distributed import usable_cpu_count
+    from vlscale.data.read_ahead import default_threads
 
-    threads = args.threads if args.threads is not None else max(1, min(4, usable_cpu_count()))
+    threads = args.threads if args.threads is not None else default_threads("cuda")
     times: dict[int, list[tuple[float, float, list[float]]]] = {0: [], threads: []}
     with tempfile.TemporaryDirectory(prefix="read_ahead_") as tmp:
         make_vqa_root(Path(tmp), args.images)

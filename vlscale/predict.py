@@ -280,13 +280,12 @@ def read_video(video: Video, max_frames: int, expect_dim: Optional[int] = None, 
 
     from vlscale.data.collate import frame_indices
     from vlscale.data.video import VideoFeatureFolder, check_frame_features, read_frame_features
-    from vlscale.data.visual import frame_files, load_image
+    from vlscale.data.visual import read_frames
 
     if isinstance(video, (str, Path)):
         path = Path(video)
         if path.is_dir():
-            files = frame_files(path, f"{flag} {path}")
-            return [load_image(files[i], f"{flag} {path}") for i in frame_indices(len(files), max_frames)]
+            return read_frames(path, f"{flag} {path}", max_frames)
         if not path.exists():
             raise FileNotFoundError(f"{flag} {path}: no such folder or file")
         if path.suffix not in VideoFeatureFolder.SUFFIXES:

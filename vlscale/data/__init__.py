@@ -29,7 +29,7 @@ import torch
 
 from vlscale.data.collate import Collator, fetch_visuals
 from vlscale.data.multitask import MultitaskSampler, check_state_keys, shard
-from vlscale.data.read_ahead import ReadAhead, default_threads
+from vlscale.data.read_ahead import ReadAhead, read_ahead_threads
 from vlscale.data.tasks import TASKS, Example, TaskSpec, get_task
 from vlscale.data.tokenizer import build_tokenizer
 
@@ -240,15 +240,6 @@ def _warn_unlabeled_vqa(task: str, examples) -> None:
                        "data.vqa_targets=best does")
 
 
-def read_ahead_threads(cfg, sources) -> int:
-    """``data.read_ahead_threads`` (unset: :func:`~vlscale.data.read_ahead.default_threads`), 0 where none of
-    ``sources`` gives images to decode."""
-    if not any(s.kind == "images" for s in sources):
-        return 0
-    n = cfg.data.read_ahead_threads
-    return default_threads() if n is None else n
-
-
 class TrainLoader:
     """Iterator of this rank's micro-batches; one task per optimizer step, the same on every rank."""
 
@@ -329,8 +320,7 @@ class TrainLoader:
         if get_task(task).format == "vqa" and self.cfg.data.vqa_targets == "sampled":
             examples, weights = sampled_vqa_targets(examples, self.cfg.train.seed, step,
                                                     [copy for _, copy in parts[micro_index]])
-        if self.read_ahead.threads:
-            self._micro_batches[position] = task, examples, weights
+        self._micro_batches[position] = task, examples, weights
         return task, examples, weights
 
     def _visual_inputs(self, task: str, examples: list) -> dict:
@@ -477,20 +467,18 @@ def eval_batches(cfg, tokenizer, task: str, split: str, batch_size: int, rank: i
     order = mine + [fill[k % len(fill)] for k in range(per_rank - len(mine))]
     valid = [True] * len(mine) + [False] * (per_rank - len(mine))
 
-    threads = read_ahead_threads(cfg, [source])
+    starts = range(0, per_rank, batch_size)
+    chunks = [[examples[i] for i in order[start:start + batch_size]] for start in starts]
 
-    def reading(start: int):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        return lambda: collator.visual_inputs(chunk, fetch_visuals(source, chunk))
+    def reading(k: int):
+        return lambda: collator.visual_inputs(chunks[k], fetch_visuals(source, chunks[k]))
 
     def generate():
-        ahead = ReadAhead(threads, "vlscale-eval-images")
+        ahead = ReadAhead(read_ahead_threads(cfg, [source]), "vlscale-eval-images")
         try:
-            for start in range(0, per_rank, batch_size):
-                chunk = [examples[i] for i in order[start:start + batch_size]]
-                later = range(start + batch_size, per_rank, batch_size)
-                inputs = ahead.get(start, reading(start), lambda: ((s, reading(s)) for s in later))
-                batch = collator(chunk, visual_inputs=inputs)
+            for k, start in enumerate(starts):
+                inputs = ahead.get(k, reading(k), lambda k=k: ((j, reading(j)) for j in range(k + 1, len(chunks))))
+                batch = collator(chunks[k], visual_inputs=inputs)
                 batch["valid"] = torch.tensor(valid[start:start + batch_size], dtype=torch.bool)
                 yield batch
         finally:

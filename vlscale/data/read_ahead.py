@@ -16,17 +16,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable, Iterable, Optional
 
 
-def default_threads() -> int:
-    """Threads reading ahead when ``data.read_ahead_threads`` is unset. On a GPU: this rank's share of the CPUs it
-    may use (:func:`~vlscale.engine.distributed.usable_cpu_count` over the ranks started on this machine), at least 1,
-    at most 4 (8 ranks on 16 cores: 2 threads each). On the CPU none: the ranks' compute keeps the cores busy, and a
+def default_threads(device_type: Optional[str] = None) -> int:
+    """Threads reading ahead when ``data.read_ahead_threads`` is unset, for a process on ``device_type`` (default:
+    :func:`~vlscale.engine.distributed.local_device_type`). On a GPU: this rank's share of the CPUs it may use
+    (:func:`~vlscale.engine.distributed.usable_cpu_count` over the ranks started on this machine), at least 1, at
+    most 4 (8 ranks on 16 cores: 2 threads each). On the CPU none: the ranks' compute keeps the cores busy, and a
     thread beside it slowed the embedded default's step by 2-5 % (BENCHMARKS.md, "Training on images: reading
     ahead")."""
     from vlscale.engine.distributed import local_device_type, local_world_size, usable_cpu_count
 
-    if local_device_type() == "cpu":
+    if (device_type or local_device_type()) == "cpu":
         return 0
     return max(1, min(4, usable_cpu_count() // local_world_size()))
+
+
+def read_ahead_threads(cfg, sources) -> int:
+    """The threads a loader over ``sources`` reads ahead in: ``data.read_ahead_threads`` (unset:
+    :func:`default_threads`), 0 where none of ``sources`` gives images to decode."""
+    if not any(s.kind == "images" for s in sources):
+        return 0
+    n = cfg.data.read_ahead_threads
+    return default_threads() if n is None else n
 
 
 class ReadAhead:
@@ -52,7 +62,7 @@ class ReadAhead:
         for k in [k for k in self._pending if k not in wanted]:  # read ahead for a batch no longer coming
             self._pending.pop(k).cancel()
         for k, w in ahead:
-            if k not in self._pending and k != key:
+            if k not in self._pending:
                 self._pending[k] = self._pool.submit(w)
         return work() if future is None else future.result()
 

@@ -160,6 +160,17 @@ def frame_files(folder: Path, what: str) -> list[Path]:
     return frames
 
 
+def read_frames(folder: Path, what: str, max_frames: Optional[int] = None) -> list:
+    """A video's frame images (:func:`frame_files`) decoded; with ``max_frames`` only those
+    :func:`~vlscale.data.collate.frame_indices` takes (the frames a batch uses), the others not read."""
+    files = frame_files(folder, what)
+    if max_frames:
+        from vlscale.data.collate import frame_indices
+
+        files = [files[k] for k in frame_indices(len(files), max_frames)]
+    return [load_image(p, what) for p in files]
+
+
 def has_frames(folder: Path) -> bool:
     """Whether ``folder`` exists and holds a frame image (a file with one of IMAGE_SUFFIXES, any case)."""
     try:
@@ -209,12 +220,7 @@ class ImageFolder:
     def __getitem__(self, image_id: str):
         path = self.path(image_id)
         if self.video:
-            files = frame_files(path, f"video {image_id!r}")
-            if self.max_frames and len(files) > self.max_frames:
-                from vlscale.data.collate import frame_indices
-
-                files = [files[k] for k in frame_indices(len(files), self.max_frames)]
-            return [load_image(p, f"video {image_id!r}") for p in files]
+            return read_frames(path, f"video {image_id!r}", self.max_frames)
         if not path.is_file():
             raise DataFileNotFound(f"image {image_id!r}: file {path} does not exist")
         return load_image(path, f"image {image_id!r}")
